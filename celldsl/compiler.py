@@ -1,0 +1,172 @@
+"""The driver: cell text -> AST -> IR -> plan, cached on disk, plus the generated torch module.
+
+`compile_cell("cells/lstm.cell")` (a path, cell text, or an already compiled cell) returns a
+`CompiledCell`. Compiled plans are cached under $CELLDSL_CACHE (default ~/.cache/celldsl) keyed by
+the text, the file name and the compiler version; writes are atomic and a corrupt entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pickle
+import tempfile
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+from .errors import CellError, CellWarning, Source
+
+COMPILER_VERSION = "0.1.0-7"  # bump when the plan or the emitted code changes
+ZOO = Path(__file__).resolve().parent.parent / "cells"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CELLDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "celldsl")
+    return Path(root)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CompiledCell:
+    """A cell ready to run: its plan, its generated torch code, and helpers for the layers."""
+
+    def __init__(self, plan, key: str, diagnostics: list[str]):
+        self.plan = plan
+        self.ir = plan.ir
+        self.key = key
+        self.diagnostics = diagnostics  # warnings found when compiling (kept so cache hits repeat them)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for lazy in ("torch_module", "torch_loop"):
+            state.pop(lazy, None)
+        return state
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def states(self) -> list[str]:
+        return self.ir.states
+
+    def check_sizes(self, input_size: int, hidden_size: int) -> None:
+        """The cell's equations may need input size == hidden size (MUT1's tanh(x)); say so clearly."""
+        for name, loc in self.ir.needs_hidden_size.items():
+            if input_size != hidden_size:
+                raise CellError(
+                    f"input '{name}' is used elementwise with H-wide values here, so this cell needs "
+                    f"input_size == hidden_size (got input_size={input_size}, hidden_size={hidden_size})",
+                    self.ir.source,
+                    loc,
+                )
+
+    @cached_property
+    def torch_module(self):
+        from .emit.torch_source import torch_module_source
+
+        path = cache_dir() / self.key / "torch_cell.py"
+        source = torch_module_source(self.plan)
+        if not path.exists() or path.read_text() != source:
+            _atomic_write(path, source.encode())
+        spec = importlib.util.spec_from_file_location(f"celldsl_generated_{self.key[:16]}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    @cached_property
+    def torch_loop(self):
+        from .runtime.torch_loop import TorchLoop
+
+        return TorchLoop(self.plan, self.torch_module)
+
+    def explain(self) -> str:
+        from .explain import explain
+
+        return explain(self)
+
+
+def _read(cell) -> Source:
+    """A path (str or Path), a zoo name ("lstm"), cell text (str) or raw bytes -> Source."""
+    if isinstance(cell, str) and "\n" not in cell:
+        if not os.path.exists(cell) and (ZOO / f"{cell}.cell").exists():
+            cell = ZOO / f"{cell}.cell"
+        elif cell.endswith(".cell") or os.path.exists(cell):
+            cell = Path(cell)
+    if isinstance(cell, Path):
+        try:
+            data = cell.read_bytes()
+        except OSError as err:
+            raise CellError(f"cannot read {cell}: {err.strerror}", Source("", str(cell))) from None
+        return _decode(data, str(cell))
+    if isinstance(cell, bytes):
+        return _decode(cell, "<cell>")
+    if isinstance(cell, str):
+        return Source(cell, "<cell>")
+    raise TypeError(f"cell must be a path, cell text or a CompiledCell, not {type(cell).__name__}")
+
+
+def _decode(data: bytes, filename: str) -> Source:
+    try:
+        return Source(data.decode("utf-8"), filename)
+    except UnicodeDecodeError:
+        from .syntax import parse
+
+        parse(data, filename)  # raises a CellError that points at the first bad byte
+        raise AssertionError("unreachable") from None
+
+
+def compile_cell(cell, *, use_cache: bool = True) -> CompiledCell:
+    """Compile a cell file (path), cell text, or pass a CompiledCell through."""
+    if isinstance(cell, CompiledCell):
+        return cell
+    source = _read(cell)
+    key = hashlib.sha256(
+        "\0".join([COMPILER_VERSION, source.filename, source.text]).encode("utf-8", "surrogatepass")
+    ).hexdigest()[:32]
+    entry = cache_dir() / key / "plan.pkl"
+    if use_cache and entry.exists():
+        try:
+            compiled = pickle.loads(entry.read_bytes())
+            if isinstance(compiled, CompiledCell) and compiled.key == key:
+                for text in compiled.diagnostics:
+                    warnings.warn(text, CellWarning, stacklevel=2)
+                return compiled
+        except Exception:  # noqa: BLE001 - a corrupt or foreign cache entry is rebuilt, never fatal
+            pass
+    compiled = _compile(source, key)
+    if use_cache:
+        try:
+            _atomic_write(entry, pickle.dumps(compiled))
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return compiled
+
+
+def _compile(source: Source, key: str) -> CompiledCell:
+    from .ir import build_ir
+    from .plan import build_plan
+    from .syntax import parse
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CellWarning)
+        module = parse(source.text, source.filename)
+        ir = build_ir(module, source)
+        plan = build_plan(ir)
+    diagnostics = [str(w.message) for w in caught if issubclass(w.category, CellWarning)]
+    for text in diagnostics:
+        warnings.warn(text, CellWarning, stacklevel=3)
+    return CompiledCell(plan, key, diagnostics)

@@ -1,0 +1,61 @@
+"""Errors and warnings that point into a cell file: `file:line:col: error: message`, the line, a caret."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a cell file and the name to show in messages."""
+
+    text: str
+    filename: str = "<cell>"
+
+    def line(self, lineno: int) -> str:
+        lines = self.text.splitlines()
+        return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A position in a cell file (1-based line and column; end_column exclusive)."""
+
+    line: int
+    column: int
+    end_column: int | None = None
+
+
+def render(kind: str, message: str, source: Source | None, loc: Loc | None) -> str:
+    """Format a diagnostic the way compilers do, with the offending line and a caret under it."""
+    if source is None or loc is None:
+        where = f"{source.filename}: " if source is not None else ""
+        return f"{where}{kind}: {message}"
+    text = source.line(loc.line).expandtabs(1)
+    width = 1
+    if loc.end_column is not None and loc.end_column > loc.column:
+        width = loc.end_column - loc.column
+    width = max(1, min(width, max(1, len(text) - loc.column + 1)))
+    caret = " " * (loc.column - 1) + "^" + "~" * (width - 1)
+    return f"{source.filename}:{loc.line}:{loc.column}: {kind}: {message}\n    {text}\n    {caret}"
+
+
+class CellError(ValueError):
+    """A problem in a cell file. `str(err)` is the full diagnostic; `line`/`column` locate it."""
+
+    def __init__(self, message: str, source: Source | None = None, loc: Loc | None = None):
+        self.message = message
+        self.source = source
+        self.loc = loc
+        self.filename = source.filename if source else None
+        self.line = loc.line if loc else None
+        self.column = loc.column if loc else None
+        super().__init__(render("error", message, source, loc))
+
+
+class CellWarning(UserWarning):
+    """Something legal but probably unintended in a cell file (e.g. an unused parameter)."""
+
+
+def warning_text(message: str, source: Source | None, loc: Loc | None) -> str:
+    return render("warning", message, source, loc)

@@ -1,0 +1,103 @@
+"""Bach chorales from the music21 corpus as 88-key piano rolls, parsed once and cached.
+
+Conversion rule (`score_to_roll`), chosen to match the JSB Chorales data set of
+Boulanger-Lewandowski et al. 2012 that Chung et al. 2014 used (quarter-note frames, 88 keys):
+
+- the score is flattened (all parts together) and sampled on a quarter-note grid starting at
+  offset 0 of the flattened score (the first note, pickup included);
+- key k (MIDI pitch 21 + k, A0..C8) is on in frame t when a note of that pitch sounds at time t,
+  i.e. onset <= t < onset + duration (a tie's halves are separate notes; together they cover the
+  tied span). Notes that start and end between two grid points (an eighth-note passing tone on an
+  off-beat) are therefore not in the roll, as in sampling-based JSB versions;
+- grace notes (zero duration) and pitches outside A0..C8 are dropped; repeats are not expanded.
+
+Which chorales: `music21.corpus.chorales.Iterator()`, the 371 four-part chorales in
+Riemenschneider order. Parsing all of them takes about a minute or two (measured in
+docs/results/README.md), so the rolls are cached as one .npz under `files.cache_dir()`, written
+atomically and keyed by the conversion version and the music21 version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_save_with, cache_dir
+
+LOWEST_MIDI = 21  # A0
+KEYS = 88
+CONVERSION_VERSION = 1  # bump when the rule above changes: old caches are then ignored
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Chorale:
+    """One chorale: its Riemenschneider number, corpus name and roll [T, 88] (uint8, 0/1)."""
+
+    number: int
+    name: str
+    roll: np.ndarray
+
+
+def score_to_roll(score, step: float = 1.0) -> np.ndarray:
+    """A music21 Stream -> piano roll [T, 88] uint8, T = ceil(last note end / step) frames."""
+    notes = [n for n in score.flatten().notes if float(n.quarterLength) > 0]
+    end = max((float(n.offset) + float(n.quarterLength) for n in notes), default=0.0)
+    frames = math.ceil(end / step - EPS)
+    roll = np.zeros((frames, KEYS), dtype=np.uint8)
+    for n in notes:
+        onset = float(n.offset)
+        first = math.ceil(onset / step - EPS)
+        stop = math.ceil((onset + float(n.quarterLength)) / step - EPS)
+        for p in n.pitches:
+            key = p.midi - LOWEST_MIDI
+            if 0 <= key < KEYS and first < stop:
+                roll[first:stop, key] = 1
+    return roll
+
+
+def chorale_names() -> list[str]:
+    """Corpus names of the 371 chorales, in Riemenschneider order (index 0 is number 1)."""
+    from music21.corpus import chorales
+
+    return list(chorales.Iterator(returnType="filename"))
+
+
+def parse_chorale(name: str) -> np.ndarray:
+    from music21 import corpus
+
+    return score_to_roll(corpus.parse(name))
+
+
+def cache_path() -> Path:
+    import music21
+
+    return cache_dir() / f"jsb-music21-{music21.__version__}-v{CONVERSION_VERSION}.npz"
+
+
+def load_chorales(progress: bool = True) -> list[Chorale]:
+    """All chorales as rolls; parses the corpus on the first call and caches the result."""
+    path = cache_path()
+    if path.exists():
+        with np.load(path) as z:
+            rolls, lengths, names = z["rolls"], z["lengths"], [str(s) for s in z["names"]]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        return [Chorale(i + 1, names[i], rolls[bounds[i] : bounds[i + 1]]) for i in range(len(names))]
+
+    from tqdm import tqdm
+
+    names = chorale_names()
+    rolls = [parse_chorale(n) for n in tqdm(names, desc="parsing chorales (cached afterwards)", disable=not progress)]
+    atomic_save_with(
+        path,
+        lambda f: np.savez_compressed(
+            f,
+            rolls=np.concatenate(rolls),
+            lengths=np.array([len(r) for r in rolls]),
+            names=np.array(names),
+        ),
+    )
+    return [Chorale(i + 1, n, r) for i, (n, r) in enumerate(zip(names, rolls, strict=True))]

@@ -1,0 +1,111 @@
+"""Figures for the labs (PNG via matplotlib's object API: no global backend, no pyplot state).
+
+Every function takes plain data and an output path and returns the path it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .files import atomic_save_with
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    return atomic_save_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def learning_curve(history: list[dict], metric: str, title: str, path: Path) -> Path:
+    """Training loss (left) and the headline metric on each evaluation set (right) vs step."""
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    steps = [row["step"] for row in history]
+    ax_loss.plot(steps, [row["train_loss"] for row in history], label="training batches")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss (mean since last point)")
+    sets = sorted({k[: -len(metric) - 1] for row in history for k in row if k.endswith("_" + metric) and k != metric})
+    for s in sets:
+        ax_metric.plot(steps, [row.get(f"{s}_{metric}", np.nan) for row in history], label=s)
+    ax_metric.set(xlabel="step", ylabel=metric, title=metric)
+    ax_metric.legend()
+    fig.suptitle(title)
+    return _save(fig, Path(path))
+
+
+def compare_curves(curves: dict[str, list[list[dict]]], metric: str, title: str, path: Path) -> Path:
+    """Test metric vs step for every run: one colour per cell, one line per seed."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colours = [f"C{i}" for i in range(10)]
+    for i, (label, runs) in enumerate(curves.items()):
+        for k, history in enumerate(runs):
+            ax.plot(
+                [row["step"] for row in history],
+                [row.get(f"test_{metric}", np.nan) for row in history],
+                color=colours[i % 10],
+                alpha=0.9 if len(runs) == 1 else 0.6,
+                label=label if k == 0 else None,
+            )
+    ax.set(xlabel="training step", ylabel=f"test {metric}", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def copy_predictions(panels: Sequence[tuple[int, np.ndarray, np.ndarray]], path: Path) -> Path:
+    """For each length L: target bits [8, L] above the predicted probabilities [8, L]
+    (the layout of the lstm_copy_task README)."""
+    fig = Figure(figsize=(12, 1.9 * len(panels)))
+    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 1]})
+    for row, (L, target, pred) in enumerate(panels):
+        for col, (img, what) in enumerate(((target, "target"), (pred, "prediction"))):
+            ax = axes[row][col]
+            ax.imshow(np.asarray(img), aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set(title=f"length {L}: {what}", yticks=[], xlabel="output step" if row == len(panels) - 1 else None)
+    return _save(fig, Path(path))
+
+
+def adding_scatter(target, pred, tolerance: float, path: Path) -> Path:
+    """Prediction vs target at the end of each test sequence, with the |error| < tolerance band."""
+    target, pred = np.asarray(target), np.asarray(pred)
+    fig = Figure(figsize=(9, 4))
+    ax, ax_err = fig.subplots(1, 2)
+    ok = np.abs(pred - target) < tolerance
+    ax.scatter(target[ok], pred[ok], s=4, color="C2", label=f"|error| < {tolerance}")
+    ax.scatter(target[~ok], pred[~ok], s=4, color="C3", label="wrong")
+    ax.plot([0, 1], [0 - tolerance, 1 - tolerance], "k:", lw=0.8)
+    ax.plot([0, 1], [0 + tolerance, 1 + tolerance], "k:", lw=0.8)
+    ax.set(xlabel="target 0.5 + (X1+X2)/4", ylabel="prediction", title=f"solved {ok.mean():.1%} of {ok.size}")
+    ax.legend(loc="upper left")
+    ax_err.hist(pred - target, bins=60, color="C0")
+    ax_err.axvline(-tolerance, color="k", ls=":")
+    ax_err.axvline(tolerance, color="k", ls=":")
+    ax_err.set(xlabel="prediction - target", ylabel="sequences", title="error distribution")
+    return _save(fig, Path(path))
+
+
+def pianoroll_prediction(target, probs, name: str, path: Path) -> Path:
+    """Piano roll of a chorale [T, 88] above the model's next-frame probabilities [T, 88]."""
+    target, probs = np.asarray(target), np.asarray(probs)
+    keys = np.nonzero(target.any(0) | (probs.max(0) > 0.05))[0]
+    lo, hi = (keys.min(), keys.max() + 1) if keys.size else (0, 88)
+    fig = Figure(figsize=(10, 6))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, img, what in ((axes[0], target, "notes"), (axes[1], probs, "predicted P(note on | past)")):
+        ax.imshow(img[:, lo:hi].T, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1,
+                  extent=(-0.5, len(img) - 0.5, lo + 21 - 0.5, hi + 21 - 0.5), interpolation="nearest")
+        ax.set(ylabel="MIDI pitch", title=f"{name}: {what}")
+    axes[1].set(xlabel="quarter-note frame")
+    return _save(fig, Path(path))
+
+
+def position_accuracy(acc: dict[int, float], path: Path) -> Path:
+    """Next-character accuracy by position within the answer (0 = its first character)."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.bar(list(acc), list(acc.values()), color="C0")
+    ax.set(xlabel="position in the answer", ylabel="accuracy", ylim=(0, 1), title="arithmetic: accuracy by position")
+    return _save(fig, Path(path))

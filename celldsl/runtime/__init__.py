@@ -1,0 +1,1 @@
+"""Compiled cell -> running code: the time loops and the torch.autograd Functions around them."""
