@@ -1,0 +1,369 @@
+"""Hand-written PyTorch references for the cell zoo: the executable meaning of cells/*.cell.
+
+Written from the papers' equations (as collected in cell-equations.md), NOT from the .cell files:
+plain per-gate code, one step function per cell, so that a compiled cell can be checked against
+something that was derived independently.
+
+Every reference has the signature
+
+    ref_<stem>(p, x, state) -> (outputs [T, N, H], final_state)
+
+- ``p`` maps the cell file's individual parameter names ("W_ii", "b_f"; never group names such as
+  "weight_ih") to tensors. Matrices are [H, K] in torch's (out, in) layout, so the paper's ``W x``
+  is ``x @ W.T`` for a batch of row vectors (``lin`` below); vectors are [H].
+- ``x`` is [T, N, I].
+- ``state`` is the tuple of carried states, each [N, H], in the cell's ``state`` order, followed by
+  the extra states that ``prev(...)`` adds, in order of first appearance (FGR: c, y, i, f, o).
+- The return value is (the per-step outputs stacked [T, N, H], the final states in the same order).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sigmoid, tanh, relu, exp = torch.sigmoid, torch.tanh, torch.relu, torch.exp
+
+Params = dict[str, Tensor]
+State = tuple[Tensor, ...]
+Step = Callable[[Tensor, State], tuple[Tensor, State]]
+
+
+def lin(W: Tensor, v: Tensor) -> Tensor:
+    """The paper's ``W v`` for a batch of row vectors: W [H, K], v [N, K] -> [N, H]."""
+    return v @ W.T
+
+
+def run(step: Step, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Apply ``step(x_t, state) -> (output_t, state)`` along time: x [T, N, I] -> ([T, N, H], state)."""
+    outputs = []
+    for x_t in x:
+        y_t, state = step(x_t, state)
+        outputs.append(y_t)
+    return torch.stack(outputs), state
+
+
+# --- torch.nn layers (torch documentation) ---------------------------------------------------------
+
+def ref_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """torch.nn.LSTM, gate order i, f, g, o; state (h, c)."""
+    def step(x, state):
+        h, c = state
+        i = sigmoid(lin(p["W_ii"], x) + p["b_ii"] + lin(p["W_hi"], h) + p["b_hi"])
+        f = sigmoid(lin(p["W_if"], x) + p["b_if"] + lin(p["W_hf"], h) + p["b_hf"])
+        g = tanh(lin(p["W_ig"], x) + p["b_ig"] + lin(p["W_hg"], h) + p["b_hg"])
+        o = sigmoid(lin(p["W_io"], x) + p["b_io"] + lin(p["W_ho"], h) + p["b_ho"])
+        c = f * c + i * g
+        h = o * tanh(c)
+        return h, (h, c)
+    return run(step, x, state)
+
+
+def ref_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """torch.nn.GRU: reset applied after the recurrent matmul (b_hn inside), z keeps the old h."""
+    def step(x, state):
+        (h,) = state
+        r = sigmoid(lin(p["W_ir"], x) + p["b_ir"] + lin(p["W_hr"], h) + p["b_hr"])
+        z = sigmoid(lin(p["W_iz"], x) + p["b_iz"] + lin(p["W_hz"], h) + p["b_hz"])
+        n = tanh(lin(p["W_in"], x) + p["b_in"] + r * (lin(p["W_hn"], h) + p["b_hn"]))
+        h = (1 - z) * n + z * h
+        return h, (h,)
+    return run(step, x, state)
+
+
+def _torch_rnn(activation: Callable[[Tensor], Tensor]):
+    def ref(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+        def step(x, state):
+            (h,) = state
+            h = activation(lin(p["W_ih"], x) + p["b_ih"] + lin(p["W_hh"], h) + p["b_hh"])
+            return h, (h,)
+        return run(step, x, state)
+    return ref
+
+
+ref_rnn_tanh = _torch_rnn(tanh)    # torch.nn.RNN(nonlinearity="tanh")
+ref_rnn_relu = _torch_rnn(relu)    # torch.nn.RNN(nonlinearity="relu")
+
+
+# --- Greff et al. 2015, vanilla LSTM and its eight variants; state (c, y) --------------------------
+
+def ref_greff_vanilla(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Peepholes: i, f read c^{t-1}; o reads the new c^t."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"])
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_nig(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No input gate: i = 1."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = 1.0
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"])
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_nfg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No forget gate: f = 1."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = 1.0
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_nog(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No output gate: o = 1, y = tanh(c)."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"])
+        c = z * i + c * f
+        y = tanh(c)
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_niaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No input activation: z is its pre-activation."""
+    def step(x, state):
+        c, y = state
+        z = lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"]
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"])
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_noaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No output activation: y = c * o."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"])
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = c * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_np(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """No peepholes."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["b_i"])
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["b_f"])
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_cifg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Coupled input and forget gate: f = 1 - i (the input gate keeps its peephole)."""
+    def step(x, state):
+        c, y = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"])
+        f = 1 - i
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
+        y = tanh(c) * o
+        return y, (c, y)
+    return run(step, x, state)
+
+
+def ref_greff_fgr(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Full gate recurrence: R_ab feeds gate a of step t-1 (after the sigmoid) into gate b.
+
+    State (c, y, i, f, o): the previous gate activations are carried, zero at the start.
+    """
+    def step(x, state):
+        c, y, i_prev, f_prev, o_prev = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
+        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"]
+                    + lin(p["R_ii"], i_prev) + lin(p["R_fi"], f_prev) + lin(p["R_oi"], o_prev))
+        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"]
+                    + lin(p["R_if"], i_prev) + lin(p["R_ff"], f_prev) + lin(p["R_of"], o_prev))
+        c = z * i + c * f
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"]
+                    + lin(p["R_io"], i_prev) + lin(p["R_fo"], f_prev) + lin(p["R_oo"], o_prev))
+        y = tanh(c) * o
+        return y, (c, y, i, f, o)
+    return run(step, x, state)
+
+
+# --- Jozefowicz et al. 2015 MUT1-3: z weights the candidate; state (h,) -----------------------------
+
+def ref_mut1(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Un-weighted tanh(x) in the candidate: needs I == H."""
+    def step(x, state):
+        (h,) = state
+        z = sigmoid(lin(p["W_xz"], x) + p["b_z"])
+        r = sigmoid(lin(p["W_xr"], x) + lin(p["W_hr"], h) + p["b_r"])
+        h = tanh(lin(p["W_hh"], r * h) + tanh(x) + p["b"]) * z + h * (1 - z)
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_mut2(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Raw x in the reset gate: needs I == H."""
+    def step(x, state):
+        (h,) = state
+        z = sigmoid(lin(p["W_xz"], x) + lin(p["W_hz"], h) + p["b_z"])
+        r = sigmoid(x + lin(p["W_hr"], h) + p["b_r"])
+        h = tanh(lin(p["W_hh"], r * h) + lin(p["W_xh"], x) + p["b"]) * z + h * (1 - z)
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_mut3(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Update gate reads tanh(h)."""
+    def step(x, state):
+        (h,) = state
+        z = sigmoid(lin(p["W_xz"], x) + lin(p["W_hz"], tanh(h)) + p["b_z"])
+        r = sigmoid(lin(p["W_xr"], x) + lin(p["W_hr"], h) + p["b_r"])
+        h = tanh(lin(p["W_hh"], r * h) + lin(p["W_xh"], x) + p["b"]) * z + h * (1 - z)
+        return h, (h,)
+    return run(step, x, state)
+
+
+# --- other cells ------------------------------------------------------------------------------------
+
+def ref_gru_cho(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Cho et al. 2014 eqs. (5)-(8) with biases: reset before the matmul U (r h), z keeps the old h."""
+    def step(x, state):
+        (h,) = state
+        r = sigmoid(lin(p["W_r"], x) + lin(p["U_r"], h) + p["b_r"])
+        z = sigmoid(lin(p["W_z"], x) + lin(p["U_z"], h) + p["b_z"])
+        h_tilde = tanh(lin(p["W"], x) + lin(p["U"], r * h) + p["b"])
+        h = z * h + (1 - z) * h_tilde
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_vanilla_rnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """RecurrentArchitectures vanillaRNN.py: carries the sigmoid output y; state (y,)."""
+    def step(x, state):
+        (y,) = state
+        s = tanh(lin(p["U"], x) + lin(p["W"], y) + p["b1"])
+        y = sigmoid(lin(p["V"], s) + p["b2"])
+        return y, (y,)
+    return run(step, x, state)
+
+
+def ref_mingru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Feng et al. 2024 minGRU, plain form: gates read x only."""
+    def step(x, state):
+        (h,) = state
+        z = sigmoid(lin(p["W_z"], x) + p["b_z"])
+        h_tilde = lin(p["W_h"], x) + p["b_h"]
+        h = (1 - z) * h + z * h_tilde
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_minlstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Feng et al. 2024 minLSTM, plain form: f, i normalised to sum to one."""
+    def step(x, state):
+        (h,) = state
+        f = sigmoid(lin(p["W_f"], x) + p["b_f"])
+        i = sigmoid(lin(p["W_i"], x) + p["b_i"])
+        h_tilde = lin(p["W_h"], x) + p["b_h"]
+        f_norm, i_norm = f / (f + i), i / (f + i)
+        h = f_norm * h + i_norm * h_tilde
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_indrnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Li et al. 2018 eq. (2), ReLU: the recurrent weight u is elementwise."""
+    def step(x, state):
+        (h,) = state
+        h = relu(lin(p["W"], x) + p["u"] * h + p["b"])
+        return h, (h,)
+    return run(step, x, state)
+
+
+def ref_sru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Lei et al. 2018 SRU with v * c_{t-1} terms; carries c, outputs h; highway on raw x (I == H)."""
+    def step(x, state):
+        (c_prev,) = state
+        f = sigmoid(lin(p["W_f"], x) + p["v_f"] * c_prev + p["b_f"])
+        c = f * c_prev + (1 - f) * lin(p["W"], x)
+        r = sigmoid(lin(p["W_r"], x) + p["v_r"] * c_prev + p["b_r"])
+        h = r * c + (1 - r) * x
+        return h, (c,)
+    return run(step, x, state)
+
+
+def ref_slstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Beck et al. 2024 sLSTM, one head, sigmoid forget gate in log space; state (h, c, n, m)."""
+    def step(x, state):
+        h, c, n, m = state
+        z = tanh(lin(p["W_z"], x) + lin(p["R_z"], h) + p["b_z"])
+        i_tilde = lin(p["W_i"], x) + lin(p["R_i"], h) + p["b_i"]
+        f_tilde = lin(p["W_f"], x) + lin(p["R_f"], h) + p["b_f"]
+        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], h) + p["b_o"])
+        log_f = F.logsigmoid(f_tilde)
+        m_new = torch.maximum(log_f + m, i_tilde)
+        i = exp(i_tilde - m_new)               # stabilised input gate i'
+        f = exp(log_f + m - m_new)             # stabilised forget gate f'
+        c = f * c + i * z
+        n = f * n + i
+        h = o * c / n
+        return h, (h, c, n, m_new)
+    return run(step, x, state)
+
+
+REFERENCES = {
+    "lstm": ref_lstm,
+    "gru": ref_gru,
+    "rnn_tanh": ref_rnn_tanh,
+    "rnn_relu": ref_rnn_relu,
+    "greff_vanilla": ref_greff_vanilla,
+    "greff_nig": ref_greff_nig,
+    "greff_nfg": ref_greff_nfg,
+    "greff_nog": ref_greff_nog,
+    "greff_niaf": ref_greff_niaf,
+    "greff_noaf": ref_greff_noaf,
+    "greff_np": ref_greff_np,
+    "greff_cifg": ref_greff_cifg,
+    "greff_fgr": ref_greff_fgr,
+    "mut1": ref_mut1,
+    "mut2": ref_mut2,
+    "mut3": ref_mut3,
+    "gru_cho": ref_gru_cho,
+    "vanilla_rnn": ref_vanilla_rnn,
+    "mingru": ref_mingru,
+    "minlstm": ref_minlstm,
+    "indrnn": ref_indrnn,
+    "sru": ref_sru,
+    "slstm": ref_slstm,
+}
