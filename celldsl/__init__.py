@@ -2,7 +2,7 @@
 
 from .compiler import CompiledCell, compile_cell
 from .errors import CellError, CellWarning
-from .layers import Recurrent
+from .layers import GRU, LSTM, RNN, Recurrent
 
-__all__ = ["CellError", "CellWarning", "CompiledCell", "Recurrent", "compile_cell"]
+__all__ = ["GRU", "LSTM", "RNN", "CellError", "CellWarning", "CompiledCell", "Recurrent", "compile_cell"]
 __version__ = "0.1.0"

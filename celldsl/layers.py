@@ -7,8 +7,11 @@ Parameters are stored the way the cell file groups them (`param weight_ih = [W_i
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .compiler import CompiledCell, compile_cell
+from .compiler import ZOO, CompiledCell, compile_cell
 from .ir import H as HIDDEN
-from .runtime.function import CellSequence
+from .runtime.function import register
+from .runtime.ops import run
 
 BIAS_NAME = re.compile(r"^(b|bias)(_\w*|\d*)$")
 
@@ -64,9 +68,14 @@ class Recurrent(nn.Module):
         backend: "auto" (Triton for CUDA tensors when available, else torch), "torch" or "triton".
 
     forward(input, state=None) -> (output, final_state):
-        input [T, N, I] ([N, T, I] if batch_first), [T, I] unbatched, or a PackedSequence.
-        state and final_state: one tensor [L*D, N, H] for a one-state cell, else a tuple in the
-        order of the cell's `state` line (then any prev(...) states).
+        input [T, N, I] ([N, T, I] if batch_first), [T, I] unbatched, or a PackedSequence (output is
+        then packed the same way; each sequence runs over its own length only).
+        output [T, N, D*H] (D = 2 if bidirectional); state and final_state: one tensor [L*D, N, H]
+        ([L*D, H] unbatched) for a one-state cell, else a tuple in the order of the cell's `state` line,
+        optionally followed by the prev(...) states (they start at zero when left out).
+        Dropout (training only) acts on each layer's output but the last, as in torch.nn.LSTM.
+        Each layer and direction is one call of the registered op celldsl::cell_sequence
+        (runtime/ops.py), so torch.compile and DDP see an ordinary differentiable op.
 
     Example:
         >>> layer = Recurrent("cells/mut1.cell", 64, 64)
@@ -88,14 +97,22 @@ class Recurrent(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        sizes = (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers))
+        for name, value in sizes:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={dropout} acts between layers only (as in torch.nn.LSTM); with num_layers=1 it "
+                "does nothing",
+                stacklevel=2,
+            )
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.cell = compile_cell(cell)
+        register(self.cell)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.backend = bidirectional, backend
@@ -116,6 +133,13 @@ class Recurrent(nn.Module):
                         self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
                         self._store_names.append(name)
         self.reset_parameters()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register(self.cell)  # an unpickled layer's cell must be reachable from the ops again
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn.LSTM (there is no cuDNN weight buffer to compact)."""
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -170,93 +194,129 @@ class Recurrent(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def _weights(self, layer: int, direction: int):
-        """The Function's parameter arguments: concatenated GEMM weights, vectors, scalars."""
+    def _weights(self, layer: int, direction: int) -> list[torch.Tensor]:
+        """The op's flat parameter list: concatenated hoisted and step GEMM weights, vectors, scalars."""
         members = {}
         for store in self.stores:
             tensor = self._store_tensor(store, layer, direction)
             for m in store.members:
                 members[m] = (store, tensor)
 
+        def member(name):
+            store, tensor = members[name]
+            return self._member(store, name, tensor)
+
         def gemm_weight(gemm):
             store, tensor = members[gemm.params[0]]
             if store.members == gemm.params:
                 return tensor
-            return torch.cat([self._member(members[p][0], p, members[p][1]) for p in gemm.params])
+            return torch.cat([member(p) for p in gemm.params])
 
-        plan = self.cell.plan
-        hoisted = [gemm_weight(g) for g in plan.hoisted]
-        step = [gemm_weight(g) for g in plan.gemms]
-        loop = self.cell.torch_loop
-        vectors = [self._member(members[v][0], v, members[v][1]) for v in loop.vectors]
-        scalars = [self._member(members[v][0], v, members[v][1]) for v in loop.scalars]
-        return hoisted, step, vectors, scalars
+        plan, params = self.cell.plan, self.cell.ir.params  # the order of TorchLoop's arguments
+        return (
+            [gemm_weight(g) for g in plan.hoisted]
+            + [gemm_weight(g) for g in plan.gemms]
+            + [member(n) for n, p in params.items() if p.kind == "vector"]
+            + [member(n) for n, p in params.items() if p.kind == "scalar"]
+        )
 
     def forward(self, input, state=None):
-        if isinstance(input, PackedSequence):
-            raise NotImplementedError("PackedSequence input is not supported yet")
-        x, state, unbatched = self._check_input(input, state)
-        if self.batch_first:
-            x = x.transpose(0, 1)
-        x = x.contiguous()
-        T, N = x.shape[0], x.shape[1]
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_tensor(x, 2, "PackedSequence.data must be [sum(lengths), input_size]")
+            if x.shape[0] == 0:
+                raise ValueError("the PackedSequence is empty (no time steps); give at least one")
+            x, batch, unbatched = x.contiguous(), int(batch_sizes[0]), False
+            state = self._check_state(state, batch, False, x)
+            if state is not None and sorted_indices is not None:  # rows of the state follow the sort
+                state = [s.index_select(1, sorted_indices) for s in state]
+        else:
+            x, state, unbatched = self._check_input(input, state)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+            x, batch_sizes = x.contiguous(), None
+            batch = x.shape[1]
         n_states = len(self.cell.states)
         if state is None:
-            state = [x.new_zeros(self.num_layers * self.num_directions, N, self.hidden_size)] * n_states
+            shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+            state = [x.new_zeros(shape) for _ in range(n_states)]
+        backend = self._resolve_backend(x)
+        reverse = _packed_reversal(batch_sizes, x.device) if packed and self.bidirectional else None
         finals: list[list[torch.Tensor]] = [[] for _ in range(n_states)]
         layer_input = x
         for layer in range(self.num_layers):
             outs = []
             for direction in range(self.num_directions):
                 idx = layer * self.num_directions + direction
-                seq = layer_input if direction == 0 else layer_input.flip(0)
-                out, *last = self._run(seq, [s[idx] for s in state], layer, direction)
-                outs.append(out if direction == 0 else out.flip(0))
+                seq = layer_input if direction == 0 else _reversed(layer_input, reverse)
+                out, last = run(
+                    self.cell.key, backend, seq, [s[idx] for s in state], self._weights(layer, direction),
+                    batch_sizes,
+                )
+                outs.append(out if direction == 0 else _reversed(out, reverse))
                 for i, s in enumerate(last):
                     finals[i].append(s)
             layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        output = layer_input
         final = [torch.stack(f) for f in finals]
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if unbatched:
-            output = output.squeeze(1)
-            final = [f.squeeze(1) for f in final]
+        if packed:
+            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                final = [f.index_select(1, unsorted_indices) for f in final]
+        else:
+            output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+            if unbatched:
+                output = output.squeeze(0 if self.batch_first else 1)
+                final = [f.squeeze(1) for f in final]
         return output, (final[0] if n_states == 1 else tuple(final))
 
-    def _run(self, x, states, layer, direction):
-        hoisted, step, vectors, scalars = self._weights(layer, direction)
-        counts = (len(states), len(hoisted), len(step), len(vectors), len(scalars))
-        return CellSequence.apply(
-            self.cell.torch_loop, counts, x, *states, *hoisted, *step, *vectors, *scalars
-        )
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        """'auto' runs fused Triton kernels on CUDA tensors and the torch backend elsewhere."""
+        if self.backend == "torch":
+            return "torch"
+        if self.backend == "triton":
+            if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(
+                    "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
+                    f"CPU); the input is on {x.device}"
+                )
+            return "triton"
+        return "triton" if x.is_cuda and _triton_available() else "torch"
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def _check_tensor(self, x, dims, shape_text: str) -> None:
+        """x is a floating tensor of `dims` dims with input_size features, like the parameters."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"input must be a tensor or a PackedSequence, got {type(x).__name__}")
+        if x.dim() not in ((dims,) if isinstance(dims, int) else dims):
+            raise ValueError(f"{shape_text}, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        for name, p in self.named_parameters():
+            if x.dtype != p.dtype or x.device != p.device:
+                raise ValueError(
+                    f"input is {x.dtype} on {x.device} but parameter {name} is {p.dtype} on {p.device}; "
+                    "all must match: use layer.to(...) or convert the input"
+                )
 
     def _check_input(self, input, state):
-        if not isinstance(input, torch.Tensor):
-            raise ValueError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"input must be 3-D [{'N, T' if self.batch_first else 'T, N'}, input_size] or 2-D "
-                f"[T, input_size] (unbatched), got shape {tuple(input.shape)}"
-            )
-        if input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]} "
-                f"(input shape {tuple(input.shape)})"
-            )
-        if not input.is_floating_point():
-            raise ValueError(f"input must be a floating-point tensor, got dtype {input.dtype}")
-        ref = next(iter(self.parameters()), None)
-        if ref is not None and (input.dtype != ref.dtype or input.device != ref.device):
-            raise ValueError(
-                f"input is {input.dtype} on {input.device} but the parameters are {ref.dtype} on "
-                f"{ref.device}; use layer.to(...) or convert the input"
-            )
+        self._check_tensor(
+            input,
+            (2, 3),
+            f"input must be 3-D [{'N, T' if self.batch_first else 'T, N'}, input_size], 2-D [T, input_size] "
+            "(unbatched) or a PackedSequence",
+        )
         unbatched = input.dim() == 2
         if unbatched:
-            input = input.unsqueeze(1 if not self.batch_first else 0)
+            input = input.unsqueeze(0 if self.batch_first else 1)
         seq_len = input.shape[1] if self.batch_first else input.shape[0]
         batch = input.shape[0] if self.batch_first else input.shape[1]
         if seq_len == 0:
@@ -266,6 +326,7 @@ class Recurrent(nn.Module):
         return input, self._check_state(state, batch, unbatched, input), unbatched
 
     def _check_state(self, state, batch, unbatched, input):
+        """-> list of all carried states [L*D, N, H] (prev(...) states zero when not given), or None."""
         if state is None:
             return None
         names = self.cell.states
@@ -274,15 +335,20 @@ class Recurrent(nn.Module):
         if not isinstance(given, (tuple, list)) or not all(isinstance(s, torch.Tensor) for s in given):
             raise ValueError("state must be a tensor (one-state cells) or a tuple of tensors")
         if len(given) not in (declared, len(names)):
+            counts = f"{declared} or {len(names)}" if declared != len(names) else f"{declared}"
             raise ValueError(
-                f"cell {self.cell.name!r} carries {len(names)} state(s) {tuple(names)}; got {len(given)}"
+                f"cell {self.cell.name!r} carries {len(names)} state(s) {tuple(names)}: expected {counts} "
+                f"state tensor(s), got {len(given)}"
             )
         L = self.num_layers * self.num_directions
         expected = (L, self.hidden_size) if unbatched else (L, batch, self.hidden_size)
         out = []
         for name, s in zip(names, given, strict=False):
             if tuple(s.shape) != expected:
-                raise ValueError(f"state {name!r} must have shape {expected}, got {tuple(s.shape)}")
+                raise ValueError(
+                    f"state {name!r} must have shape {expected} (num_layers * num_directions, "
+                    f"{'' if unbatched else 'batch, '}hidden_size), got {tuple(s.shape)}"
+                )
             if s.dtype != input.dtype or s.device != input.device:
                 raise ValueError(
                     f"state {name!r} is {s.dtype} on {s.device} but input is {input.dtype} on {input.device}"
@@ -304,6 +370,94 @@ class Recurrent(nn.Module):
         if self.dropout:
             s += f", dropout={self.dropout}"
         return s
+
+
+class _TorchRNN(Recurrent):
+    """Shared base of LSTM/GRU/RNN: a zoo cell with torch.nn's constructor, forward and state_dict."""
+
+    mode = ""
+
+    def __init__(self, stem, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                 device, dtype, backend):
+        super().__init__(
+            ZOO / f"{stem}.cell", input_size, hidden_size, num_layers=num_layers, bias=bias,
+            batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, backend=backend,
+            device=device, dtype=dtype,
+        )
+        self.proj_size = 0
+
+    def forward(self, input, hx=None):
+        """input [T, N, I] ([N, T, I] if batch_first), [T, I] or a PackedSequence; hx as torch's."""
+        return super().forward(input, hx)
+
+
+class LSTM(_TorchRNN):
+    """torch.nn.LSTM built from cells/lstm.cell: same arguments, forward, state (h, c) and state_dict
+    keys (`weight_ih_l0`, `bias_hh_l1_reverse`, ...), so state_dicts load in both directions.
+
+    proj_size is not supported yet: any proj_size > 0 raises NotImplementedError.
+    `backend` (keyword only) is Recurrent's: "auto", "torch" or "triton".
+    """
+
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto"):
+        if proj_size != 0:
+            raise NotImplementedError(
+                f"celldsl.LSTM does not support proj_size yet (got proj_size={proj_size}); use proj_size=0"
+            )
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend)
+
+
+class GRU(_TorchRNN):
+    """torch.nn.GRU built from cells/gru.cell: same arguments, forward and state_dict keys."""
+
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, backend="auto"):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend)
+
+
+class RNN(_TorchRNN):
+    """torch.nn.RNN built from cells/rnn_tanh.cell or cells/rnn_relu.cell (`nonlinearity`): same
+    arguments (nonlinearity is the 4th positional one, as in torch), forward and state_dict keys."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 backend="auto"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device, dtype, backend)
+        self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+
+
+def _packed_reversal(batch_sizes: torch.Tensor, device) -> torch.Tensor:
+    """Row permutation of packed data that reverses every sequence within its own length: [rows].
+
+    Row r of step t (packed position offset_t + r) goes to step length_r - 1 - t; the reversed
+    sequences have the same lengths, so the result is packed with the same batch_sizes (an involution).
+    """
+    batch_sizes = batch_sizes.to("cpu", torch.int64)
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
+    row = torch.arange(int(batch_sizes.sum())) - offsets[step]
+    return (offsets[lengths[row] - 1 - step] + row).to(device)
+
+
+def _reversed(seq: torch.Tensor, packed_reversal: torch.Tensor | None) -> torch.Tensor:
+    """Time-reversed sequence: padded [T, N, K] flips time; packed [rows, K] reverses each sequence."""
+    return seq.flip(0) if packed_reversal is None else seq.index_select(0, packed_reversal)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _apply_init(view: torch.Tensor, init, default_bound: float) -> None:

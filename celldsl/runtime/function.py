@@ -1,69 +1,73 @@
-"""The torch.autograd.Function around a cell's time loop (forward and SymPy-derived backward)."""
+"""Glue between the registered ops (runtime/ops.py) and a cell's time loop (runtime/torch_loop.py).
+
+The ops' schemas carry only tensors, ints and strings, so a cell travels as its cache key: `register`
+records the compiled cell under that key and `loop_for(key, backend)` finds its loop again.
+Parameters travel as one flat list: hoisted GEMM weights, step GEMM weights, vectors, scalars.
+"""
 
 from __future__ import annotations
 
+import pickle
+
 import torch
-from torch.autograd.function import once_differentiable
+
+_CELLS: dict = {}  # cache key -> CompiledCell, for every cell a layer was built from in this process
 
 
-class CellSequence(torch.autograd.Function):
-    """out, *final_states = CellSequence.apply(loop, counts, x, *states, *hoisted_w, *step_w, *vectors, *scalars)
+def register(cell) -> None:
+    """Make `cell` reachable from the ops by its key (layers call this when built or unpickled)."""
+    _CELLS.setdefault(cell.key, cell)
 
-    `counts` = (states, hoisted weights, step weights, vectors, scalars): how to split the flat tail.
-    """
 
-    @staticmethod
-    def forward(ctx, loop, counts, x, *flat):
-        states, hw, sw, vecs, scal = _split(flat, counts)
-        out, finals, saved = loop.forward(x, states, hw, sw, vecs, scal)
-        tensors, layout = _flatten_saved(saved)
-        ctx.loop, ctx.counts, ctx.layout = loop, counts, layout
-        ctx.save_for_backward(x, *hw, *sw, *vecs, *scal, *tensors)
-        return (out, *finals)
+def cell_for(key: str):
+    cell = _CELLS.get(key)
+    if cell is None:  # e.g. a compiled graph replayed in a fresh process: try the on-disk cache
+        from ..compiler import CompiledCell, cache_dir
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, *grad_finals):
-        n_s, n_hw, n_sw, n_v, n_sc = ctx.counts
-        x, *rest = ctx.saved_tensors
-        hw, rest = rest[:n_hw], rest[n_hw:]
-        sw, rest = rest[:n_sw], rest[n_sw:]
-        vecs, rest = rest[:n_v], rest[n_v:]
-        scal, rest = rest[:n_sc], rest[n_sc:]
-        saved = _unflatten_saved(rest, ctx.layout)
-        dx, dstates, dhw, dsw, dvec, dscal = ctx.loop.backward(
-            x, hw, sw, vecs, scal, saved, grad_out, list(grad_finals)
+        entry = cache_dir() / key / "plan.pkl"
+        try:
+            cell = pickle.loads(entry.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            cell = None
+        if not isinstance(cell, CompiledCell) or cell.key != key:
+            raise ValueError(
+                f"no compiled cell with key {key!r} in this process; build the layer (or call "
+                "celldsl.runtime.function.register(compile_cell(...))) before running it"
+            )
+        register(cell)
+    return cell
+
+
+def loop_for(key: str, backend: str):
+    return cell_for(key).loop(backend)
+
+
+def split_params(loop, params):
+    """Flat parameter list -> (hoisted weights, step weights, vectors, scalars) of `loop`."""
+    counts = (len(loop.hoisted), len(loop.gemms), len(loop.vectors), len(loop.scalars))
+    if len(params) != sum(counts):
+        raise ValueError(
+            f"the cell takes {sum(counts)} parameter tensors (hoisted weights, step weights, vectors, "
+            f"scalars: {counts}), got {len(params)}"
         )
-        return (None, None, dx, *dstates, *dhw, *dsw, *dvec, *dscal)
-
-
-def _split(flat, counts):
     out, i = [], 0
     for n in counts:
-        out.append(list(flat[i : i + n]))
+        out.append(list(params[i : i + n]))
         i += n
     return out
 
 
-def _flatten_saved(saved: dict):
-    tensors, layout = [], {}
-    for key, value in saved.items():
-        if isinstance(value, dict):
-            layout[key] = ("dict", list(value))
-            tensors.extend(value.values())
-        else:
-            layout[key] = ("list", len(value))
-            tensors.extend(value)
-    return tensors, layout
-
-
-def _unflatten_saved(tensors, layout) -> dict:
-    saved, i = {}, 0
-    for key, (kind, spec) in layout.items():
-        if kind == "dict":
-            saved[key] = dict(zip(spec, tensors[i : i + len(spec)], strict=True))
-            i += len(spec)
-        else:
-            saved[key] = list(tensors[i : i + spec])
-            i += spec
-    return saved
+def unaliased(outputs: list[torch.Tensor], inputs: list) -> list[torch.Tensor]:
+    """Clone any output that shares memory with an input or an earlier output (custom ops may not
+    return aliases; a generated pointwise function may pass an argument straight through)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    fresh = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if ptr is not None:
+            seen.add(ptr)
+        fresh.append(t)
+    return fresh

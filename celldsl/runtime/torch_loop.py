@@ -3,8 +3,12 @@
 The backward runs the same loop in reverse with the SymPy-derived pointwise backward (not autograd
 through the forward). Weight gradients are one GEMM over all time steps per GEMM group.
 
-Shapes: x [T, N, I], states [N, H] each, hoisted weights [rows, I], step weights [rows, K],
-vectors [H], scalars [] (0-dim).
+Sequences are time-major and flat: step t owns the rows [offset_t, offset_t + b_t) of x [rows, I],
+where b_t = batch_sizes[t] (torch's PackedSequence order: sequences sorted by decreasing length, so
+the sequences still running at step t are the first b_t). A padded batch x [T, N, I] is the case
+b_t = N. Step t computes only its b_t rows; the other rows keep their state, so a sequence's final
+state is the one of its own last step. Shapes: states [N, H] each, hoisted weights [rows, I], step
+weights [rows, K], vectors [H], scalars [] (0-dim).
 """
 
 from __future__ import annotations
@@ -25,9 +29,35 @@ class Slot:
     block: int = 0
 
 
+def steps_of(x: torch.Tensor, batch_sizes, n: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(x as [rows, I], b_t per step, row offset of each step) for x [T, N, I] or packed x [rows, I]."""
+    if batch_sizes is None:
+        if x.dim() != 3:
+            raise ValueError(f"x must be [T, N, I] without batch_sizes, got shape {tuple(x.shape)}")
+        steps = [x.shape[1]] * x.shape[0]
+    else:
+        steps = batch_sizes.tolist() if isinstance(batch_sizes, torch.Tensor) else list(batch_sizes)
+        if x.dim() != 2 or sum(steps) != x.shape[0]:
+            raise ValueError(
+                f"packed x must be [sum(batch_sizes), I] = [{sum(steps)}, I], got shape {tuple(x.shape)}"
+            )
+    increasing = any(b < c for b, c in zip(steps, steps[1:], strict=False))
+    if not steps or steps[0] != n or increasing or steps[-1] <= 0:
+        raise ValueError(
+            f"batch_sizes must be positive, non-increasing and start at the state's batch size {n}; "
+            f"got {steps[:8]}{'...' if len(steps) > 8 else ''}"
+        )
+    offsets = [0]
+    for b in steps[:-1]:
+        offsets.append(offsets[-1] + b)
+    return x.reshape(-1, x.shape[-1]), steps, offsets
+
+
 class TorchLoop:
-    """Runs one compiled cell forward and backward over a whole sequence with a torch module of
-    pointwise functions (see emit/torch_source.py)."""
+    """Runs one compiled cell forward and backward over a whole sequence with a module of pointwise
+    functions (emit/torch_source.py; the Triton backend passes a module of kernels with the same
+    signatures: `stage{k}_forward(*args) -> tuple`, `stage{k}_backward(*args, *grads) -> tuple`
+    with None for a zero gradient)."""
 
     def __init__(self, plan: Plan, module):
         self.plan = plan
@@ -56,6 +86,7 @@ class TorchLoop:
                 where[g.operand.name] = Slot("operand", g.operand.name)
         self.where = where
         self.output_state = self.states.index(ir.output) if ir.output in self.states else None
+        self.operand_names = [name for name, slot in where.items() if slot.kind == "operand"]
         # per stage: (gemm indices, pointwise or None, forward fn, backward fn, argument slots)
         self.stages = []
         by_stage = {pw.stage: pw for pw in plan.pointwise}
@@ -81,6 +112,30 @@ class TorchLoop:
             self.hoist = (hp, module.hoist_forward, module.hoist_backward, [where[s.name] for s in hp.inputs])
         self.operand_of_hoisted = [g.operand.name for g in self.hoisted]
 
+    # ---- what the forward keeps for the backward -------------------------------------------------
+
+    def saved_shapes(self, rows: int, hidden: int, hoisted_w, step_w) -> list[tuple[int, int]]:
+        """Shapes of the tensors `forward` returns as `saved`, in order (for fake/meta kernels):
+        new states [rows, H] (all but the output state, which is `out`), per-step GEMM outputs
+        [rows, rows of W], per-step GEMM operands [rows, H], hoisted GEMM outputs [rows, rows of W]."""
+        n_news = len(self.states) - (self.output_state is not None)
+        return (
+            [(rows, hidden)] * n_news
+            + [(rows, w.shape[0]) for w in step_w]
+            + [(rows, hidden)] * len(self.operand_names)
+            + [(rows, w.shape[0]) for w in hoisted_w]
+        )
+
+    def _unpack_saved(self, saved, out, hidden):
+        saved = list(saved)
+        news = []
+        for i in range(len(self.states)):
+            news.append(out.reshape(-1, hidden) if i == self.output_state else saved.pop(0))
+        step_all = [saved.pop(0) for _ in self.gemms]
+        operands = {name: saved.pop(0) for name in self.operand_names}
+        hoisted_out = [saved.pop(0) for _ in self.hoisted]
+        return news, step_all, operands, hoisted_out
+
     # ---- helpers -----------------------------------------------------------------------------
 
     @staticmethod
@@ -88,7 +143,7 @@ class TorchLoop:
         return list(t.chunk(n, dim=-1)) if n > 1 else [t]
 
     def _hoisted_operands(self, x, vectors, scalars):
-        """Operand values of the hoisted GEMMs over the whole sequence: [T, N, K] each."""
+        """Operand values of the hoisted GEMMs over the whole sequence: [rows, K] each."""
         values = {}
         if self.hoist is not None:
             hp, fwd, _bwd, slots = self.hoist
@@ -108,27 +163,48 @@ class TorchLoop:
             return scalars[slot.index]
         raise AssertionError(slot)
 
+    def _arg(self, slot, rows, x, cur, vectors, scalars, hoisted_blocks, products, env_ops):
+        """The value of one pointwise argument at the step owning `rows` (a slice of the flat rows)."""
+        kind = slot.kind
+        if kind == "state":
+            return cur[slot.index]
+        if kind == "product":
+            return products[slot.index][slot.block]
+        if kind == "hoisted":
+            return hoisted_blocks[slot.index][slot.block][rows]
+        if kind == "vector":
+            return vectors[slot.index]
+        if kind == "scalar":
+            return scalars[slot.index]
+        if kind == "input":
+            return x[rows]
+        return env_ops[slot.index]
+
     # ---- forward -----------------------------------------------------------------------------
 
-    def forward(self, x, states, hoisted_w, step_w, vectors, scalars):
-        T, N = x.shape[0], x.shape[1]
-        hoisted_ops = self._hoisted_operands(x, vectors, scalars)
-        hoisted_out = [
-            torch.matmul(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)
-        ]
+    def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        """-> (out, final states [N, H] each, saved: list of tensors, see saved_shapes).
+
+        x [T, N, I] -> out [T, N, H]; packed x [rows, I] with batch_sizes -> out [rows, H].
+        """
+        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        hoisted_ops = self._hoisted_operands(X, vectors, scalars)
+        hoisted_out = [torch.matmul(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
         hoisted_blocks = [
             self._blocks(h, len(g.products)) for h, g in zip(hoisted_out, self.hoisted, strict=True)
         ]
         cur = list(states)
-        state_seq = [[s] for s in states]
+        news = [[] for _ in self.states]
         step_out = [[] for _ in self.gemms]
-        operand_seq = {name: [] for name, slot in self.where.items() if slot.kind == "operand"}
+        operand_seq = {name: [] for name in self.operand_names}
         outputs = []
         w_t = [w.t() for w in step_w]
-        for t in range(T):
+        for b, off in zip(steps, offsets, strict=True):
+            rows = slice(off, off + b)
+            if b < cur[0].shape[0]:  # sequences that ended keep their state; only the first b run on
+                cur = [s[:b] for s in cur]
             env_ops: dict[str, torch.Tensor] = {}
             products: dict[int, list[torch.Tensor]] = {}
-            results = None
             for gemm_ids, pw, fwd, _bwd, slots in self.stages:
                 for gi in gemm_ids:
                     g = self.gemms[gi]
@@ -139,169 +215,175 @@ class TorchLoop:
                     products[gi] = self._blocks(out, len(g.products))
                 if pw is None:
                     continue
-                args = [
-                    self._arg(s, t, x, cur, vectors, scalars, hoisted_blocks, products, env_ops) for s in slots
-                ]
-                results = fwd(*args)
-                for (name, _), r in zip(pw.outputs, results, strict=True):
+                args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
+                        for s in slots]
+                for (name, _), r in zip(pw.outputs, fwd(*args), strict=True):
                     env_ops[name] = r
-            for name in operand_seq:
-                operand_seq[name].append(env_ops[name])
+            for name, seq in operand_seq.items():
+                seq.append(env_ops[name])
             cur = [env_ops[s + "'"] for s in self.states]
-            for seq, value in zip(state_seq, cur, strict=True):
+            for seq, value in zip(news, cur, strict=True):
                 seq.append(value)
             if self.output_state is None:
                 outputs.append(env_ops[self.plan.ir.output])
-        states_all = [torch.stack(seq) for seq in state_seq]  # [T+1, N, H] each
-        if self.output_state is None:
-            out = torch.stack(outputs)
-        else:
-            out = states_all[self.output_state][1:]
-        saved = {
-            "states": states_all,
-            "step_out": [torch.stack(s) if s else None for s in step_out],
-            "operands": {k: torch.stack(v) for k, v in operand_seq.items()},
-            "hoisted_out": hoisted_out,
-            "hoisted_ops": hoisted_ops,
-        }
-        return out, [s[-1] for s in states_all], saved
-
-    def _arg(self, slot, t, x, cur, vectors, scalars, hoisted_blocks, products, env_ops):
-        kind = slot.kind
-        if kind == "state":
-            return cur[slot.index]
-        if kind == "product":
-            return products[slot.index][slot.block]
-        if kind == "hoisted":
-            return hoisted_blocks[slot.index][slot.block][t]
-        if kind == "vector":
-            return vectors[slot.index]
-        if kind == "scalar":
-            return scalars[slot.index]
-        if kind == "input":
-            return x[t]
-        return env_ops[slot.index]
+        # the final state of the sequences that end at step t is rows [b_{t+1}, b_t) of its new state
+        ends = [*steps[1:], 0]
+        finals = [
+            torch.cat([seq[t][ends[t] : steps[t]] for t in reversed(range(len(steps))) if ends[t] < steps[t]])
+            for seq in news
+        ]
+        news_all = [torch.cat(seq) for seq in news]  # [rows, H]
+        out = news_all[self.output_state] if self.output_state is not None else torch.cat(outputs)
+        saved = (
+            [s for i, s in enumerate(news_all) if i != self.output_state]
+            + [torch.cat(s) for s in step_out]
+            + [torch.cat(operand_seq[name]) for name in self.operand_names]
+            + hoisted_out
+        )
+        if batch_sizes is None:
+            out = out.view(x.shape[0], x.shape[1], -1)
+        return out, finals, saved
 
     # ---- backward ----------------------------------------------------------------------------
 
-    def backward(self, x, hoisted_w, step_w, vectors, scalars, saved, grad_out, grad_states):
-        T = x.shape[0]
-        states_all = saved["states"]
-        step_all = saved["step_out"]
+    def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
+                 batch_sizes=None):
+        """Gradients of everything `forward` took: (dx, d states, d hoisted_w, d step_w, d vectors,
+        d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero)."""
+        N, H = states[0].shape
+        X, steps, offsets = steps_of(x, batch_sizes, N)
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
         hoisted_blocks = [
-            self._blocks(h, len(g.products)) for h, g in zip(saved["hoisted_out"], self.hoisted, strict=True)
+            self._blocks(h, len(g.products)) for h, g in zip(hoisted_out, self.hoisted, strict=True)
         ]
-        H = states_all[0].shape[-1]
-        zeros = x.new_zeros(x.shape[1], H)
-        dcur = [g if g is not None else zeros for g in grad_states]
-        d_step = [[None] * T for _ in self.gemms]
-        d_hoisted = [[None] * T for _ in self.hoisted]
+        zeros = X.new_zeros(N, H)
+        g_out = grad_out.reshape(-1, H) if grad_out is not None else None
+        dstate = [g if g is not None else zeros for g in grad_states]  # d loss / d running state [N, H]
+        d_step = [[] for _ in self.gemms]  # per step, last step first
+        d_hoisted = [[] for _ in self.hoisted]
         d_vec = [[] for _ in self.vectors]
-        d_scal = [x.new_zeros(()) for _ in self.scalars]
-        dx_elem = []
-        for t in reversed(range(T)):
-            cur = [s[t] for s in states_all]
+        d_scal = [X.new_zeros(()) for _ in self.scalars]
+        dx_steps = []
+        for t in reversed(range(len(steps))):
+            b, off = steps[t], offsets[t]
+            rows = slice(off, off + b)
+            cur = [self._previous(i, t, states, news, steps, offsets) for i in range(len(self.states))]
             products = {
-                gi: self._blocks(step_all[gi][t], len(g.products)) for gi, g in enumerate(self.gemms)
+                gi: self._blocks(step_all[gi][rows], len(g.products)) for gi, g in enumerate(self.gemms)
             }
-            env_ops = {k: v[t] for k, v in saved["operands"].items()}
+            env_ops = {k: v[rows] for k, v in operands.items()}
             dprev: list = [None] * len(self.states)
             dprod: dict[tuple[int, int], torch.Tensor] = {}
             dhoist: dict[tuple[int, int], torch.Tensor] = {}
             dops: dict[str, torch.Tensor] = {}
             dx_t = None
-            final_grads = {s + "'": dcur[i] for i, s in enumerate(self.states)}
-            if self.output_state is not None:
-                s = self.states[self.output_state] + "'"
-                final_grads[s] = final_grads[s] + grad_out[t]
-            else:
-                final_grads[self.plan.ir.output] = grad_out[t]
+            final_grads = {s + "'": dstate[i][:b] for i, s in enumerate(self.states)}
+            if g_out is not None:
+                if self.output_state is not None:
+                    s = self.states[self.output_state] + "'"
+                    final_grads[s] = final_grads[s] + g_out[rows]
+                else:
+                    final_grads[self.plan.ir.output] = g_out[rows]
             for k in reversed(range(len(self.stages))):
                 gemm_ids, pw, _fwd, bwd, slots = self.stages[k]
                 if pw is not None:
-                    args = [
-                        self._arg(s, t, x, cur, vectors, scalars, hoisted_blocks, products, env_ops)
-                        for s in slots
-                    ]
+                    args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
+                            for s in slots]
                     grads = [final_grads[n] if n in final_grads else dops.pop(n, None) for n, _ in pw.outputs]
-                    grads = [g if g is not None else zeros for g in grads]
-                    res = bwd(*args, *grads)
-                    for sym, r in zip(pw.grad_inputs, res, strict=True):
+                    grads = [g if g is not None else zeros[:b] for g in grads]
+                    for sym, r in zip(pw.grad_inputs, bwd(*args, *grads), strict=True):
                         if r is None:
                             continue
                         slot = self.where[sym.name]
                         if slot.kind == "state":
-                            dprev[slot.index] = r if dprev[slot.index] is None else dprev[slot.index] + r
+                            dprev[slot.index] = _add(dprev[slot.index], r)
                         elif slot.kind == "product":
-                            key = (slot.index, slot.block)
-                            dprod[key] = r if key not in dprod else dprod[key] + r
+                            dprod[(slot.index, slot.block)] = _add(dprod.get((slot.index, slot.block)), r)
                         elif slot.kind == "hoisted":
-                            key = (slot.index, slot.block)
-                            dhoist[key] = r if key not in dhoist else dhoist[key] + r
+                            dhoist[(slot.index, slot.block)] = _add(dhoist.get((slot.index, slot.block)), r)
                         elif slot.kind == "vector":
-                            d_vec[slot.index].append(r)
+                            d_vec[slot.index].append(r.reshape(-1, r.shape[-1]))
                         elif slot.kind == "scalar":
                             d_scal[slot.index] = d_scal[slot.index] + r.sum()
                         elif slot.kind == "input":
-                            dx_t = r if dx_t is None else dx_t + r
+                            dx_t = _add(dx_t, r)
                 for gi in gemm_ids:
                     g = self.gemms[gi]
-                    blocks = [dprod.get((gi, j), zeros) for j in range(len(g.products))]
+                    blocks = [dprod.get((gi, j), zeros[:b]) for j in range(len(g.products))]
                     dP = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-                    d_step[gi][t] = dP
+                    d_step[gi].append(dP)
                     d_op = torch.mm(dP, step_w[gi])
                     slot = self.where[g.operand.name]
                     if slot.kind == "state":
-                        i = slot.index
-                        dprev[i] = d_op if dprev[i] is None else dprev[i] + d_op
+                        dprev[slot.index] = _add(dprev[slot.index], d_op)
                     else:
-                        name = g.operand.name
-                        dops[name] = d_op if name not in dops else dops[name] + d_op
+                        dops[g.operand.name] = _add(dops.get(g.operand.name), d_op)
             for gi, g in enumerate(self.hoisted):
-                blocks = [dhoist.get((gi, j), zeros) for j in range(len(g.products))]
-                d_hoisted[gi][t] = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-            dx_elem.append(dx_t)
-            dcur = [d if d is not None else zeros for d in dprev]
+                blocks = [dhoist.get((gi, j), zeros[:b]) for j in range(len(g.products))]
+                d_hoisted[gi].append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
+            dx_steps.append(dx_t)
+            # rows past b did not run at step t: their gradient passes through unchanged
+            dprev = [d if d is not None else zeros[:b] for d in dprev]
+            dstate = [d if b == N else torch.cat([d, ds[b:]]) for d, ds in zip(dprev, dstate, strict=True)]
 
         # weight gradients: one GEMM over all time steps per group
         d_step_w = []
         for gi, g in enumerate(self.gemms):
-            dP = torch.stack(d_step[gi])  # [T, N, rows]
+            dP = torch.cat(d_step[gi][::-1])  # [rows, rows of W]
             slot = self.where[g.operand.name]
-            opnd = states_all[slot.index][:-1] if slot.kind == "state" else saved["operands"][g.operand.name]
-            d_step_w.append(dP.flatten(0, 1).t().mm(opnd.flatten(0, 1)))
+            if slot.kind == "state":
+                opnd = self._previous_all(slot.index, states, news, steps, offsets)
+            else:
+                opnd = operands[g.operand.name]
+            d_step_w.append(dP.t().mm(opnd))
         dx = None
-        if any(d is not None for d in dx_elem):
-            dx = torch.stack([d if d is not None else x.new_zeros(x.shape[1:]) for d in reversed(dx_elem)])
+        if any(d is not None for d in dx_steps):
+            dx = torch.cat([d if d is not None else X.new_zeros(b, X.shape[1])
+                            for d, b in zip(dx_steps[::-1], steps, strict=True)])
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
+        hoisted_ops = self._hoisted_operands(X, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
-            dP = torch.stack(d_hoisted[gi])
-            opnd = saved["hoisted_ops"][gi]
-            d_hoisted_w.append(dP.flatten(0, 1).t().mm(opnd.flatten(0, 1)))
-            d_op = torch.matmul(dP, hoisted_w[gi])
+            dP = torch.cat(d_hoisted[gi][::-1])
+            d_hoisted_w.append(dP.t().mm(hoisted_ops[gi]))
             name = g.operand.name
-            d_hoist_ops[name] = d_op if name not in d_hoist_ops else d_hoist_ops[name] + d_op
-        d_vectors = [torch.stack(v).sum(dim=(0, 1)) if v else torch.zeros_like(vectors[i])
-                     for i, v in enumerate(d_vec)]
+            d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
+        d_vectors = [torch.cat(v).sum(0) if v else torch.zeros_like(vectors[i]) for i, v in enumerate(d_vec)]
         if self.hoist is not None:
             hp, _fwd, bwd, slots = self.hoist
-            args = [self._static(s, x, vectors, scalars) for s in slots]
+            args = [self._static(s, X, vectors, scalars) for s in slots]
             grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-            grads = [g if g is not None else torch.zeros_like(x[..., :1]).expand(*x.shape[:2], H) for g in grads]
+            grads = [g if g is not None else X.new_zeros(X.shape[0], H) for g in grads]
             for sym, r in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
                 if r is None:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    dx = r if dx is None else dx + r
+                    dx = _add(dx, r)
                 elif slot.kind == "vector":
-                    d_vectors[slot.index] = d_vectors[slot.index] + r.sum(dim=(0, 1))
+                    d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, r.shape[-1]).sum(0)
                 elif slot.kind == "scalar":
                     d_scal[slot.index] = d_scal[slot.index] + r.sum()
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
-                dx = d_op if dx is None else dx + d_op
-        if dx is None:
-            dx = torch.zeros_like(x)
-        return dx, dcur, d_hoisted_w, d_step_w, d_vectors, d_scal
+                dx = _add(dx, d_op)
+        dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
+        return dx, dstate, d_hoisted_w, d_step_w, d_vectors, d_scal
+
+    @staticmethod
+    def _previous(i, t, states, news, steps, offsets) -> torch.Tensor:
+        """State i as step t read it: [b_t, H]."""
+        b = steps[t]
+        if t == 0:
+            return states[i][:b]
+        return news[i][offsets[t - 1] : offsets[t - 1] + b]
+
+    def _previous_all(self, i, states, news, steps, offsets) -> torch.Tensor:
+        """State i as every step read it, flat like x: [rows, H]."""
+        if steps[-1] == steps[0]:  # padded: the initial state, then every new state but the last
+            return torch.cat([states[i], news[i][: -steps[0]]])
+        return torch.cat([self._previous(i, t, states, news, steps, offsets) for t in range(len(steps))])
+
+
+def _add(a, b):
+    return b if a is None else a + b

@@ -1,0 +1,108 @@
+"""The time loop as torch.library custom ops, so autograd, torch.compile and opcheck see one op.
+
+One generic pair for every cell (not one op per cell): the cell is a string argument, its cache key,
+so a compiled graph names the cell it runs and no op is registered at run time.
+
+    celldsl::cell_sequence(key, backend, x, states, params, batch_sizes)
+        -> [out, *final_states, *saved]
+    celldsl::cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved,
+                                    grad_out, grad_finals) -> [dx, *d_states, *d_params]
+
+x [T, N, I] with batch_sizes None (out [T, N, H]), or packed x [rows, I] with batch_sizes [T]
+(int64, CPU; out [rows, H]). states [N, H] each; params as in function.split_params. `saved` are
+the loop's intermediates for the backward (TorchLoop.saved_shapes); users never see them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .function import loop_for, split_params, unaliased
+
+
+@torch.library.custom_op("celldsl::cell_sequence", mutates_args=())
+def cell_sequence(
+    key: str, backend: str, x: Tensor, states: list[Tensor], params: list[Tensor], batch_sizes: Tensor | None
+) -> list[Tensor]:
+    loop = loop_for(key, backend)
+    out, finals, saved = loop.forward(x, states, *split_params(loop, params), batch_sizes)
+    return unaliased([out, *finals, *saved], [x, *states, *params])
+
+
+@cell_sequence.register_fake
+def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
+    loop = loop_for(key, backend)
+    hoisted_w, step_w, _vectors, _scalars = split_params(loop, params)
+    N, H = states[0].shape
+    if batch_sizes is None:
+        rows, out = x.shape[0] * x.shape[1], x.new_empty(x.shape[0], x.shape[1], H)
+    else:
+        rows, out = x.shape[0], x.new_empty(x.shape[0], H)
+    finals = [x.new_empty(N, H) for _ in states]
+    saved = [x.new_empty(shape) for shape in loop.saved_shapes(rows, H, hoisted_w, step_w)]
+    return [out, *finals, *saved]
+
+
+@torch.library.custom_op("celldsl::cell_sequence_backward", mutates_args=())
+def cell_sequence_backward(
+    key: str,
+    backend: str,
+    x: Tensor,
+    states: list[Tensor],
+    params: list[Tensor],
+    batch_sizes: Tensor | None,
+    out: Tensor,
+    saved: list[Tensor],
+    grad_out: Tensor | None,
+    grad_finals: list[Tensor | None],
+) -> list[Tensor]:
+    loop = loop_for(key, backend)
+    dx, dstates, *dparams = loop.backward(
+        x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes
+    )
+    flat = [dx, *dstates, *(d for group in dparams for d in group)]
+    inputs = [x, *states, *params, out, *saved, grad_out, *grad_finals]
+    return unaliased(flat, inputs)
+
+
+@cell_sequence_backward.register_fake
+def _cell_sequence_backward_fake(key, backend, x, states, params, *_saved_and_grads):
+    return [torch.empty_like(t) for t in (x, *states, *params)]
+
+
+def _setup_context(ctx, inputs, output):
+    key, backend, x, states, params, batch_sizes = inputs
+    n_finals = len(states)
+    ctx.key, ctx.backend, ctx.counts = key, backend, (len(states), len(params))
+    ctx.has_batch_sizes = batch_sizes is not None
+    ctx.mark_non_differentiable(*output[1 + n_finals :])
+    ctx.set_materialize_grads(False)
+    extra = [batch_sizes] if batch_sizes is not None else []
+    ctx.save_for_backward(x, *states, *params, *output[:1], *output[1 + n_finals :], *extra)
+
+
+def _backward(ctx, grads):
+    n_states, n_params = ctx.counts
+    tensors = list(ctx.saved_tensors)
+    batch_sizes = tensors.pop() if ctx.has_batch_sizes else None
+    x, tensors = tensors[0], tensors[1:]
+    states, tensors = tensors[:n_states], tensors[n_states:]
+    params, tensors = tensors[:n_params], tensors[n_params:]
+    out, saved = tensors[0], tensors[1:]
+    grad_out, grad_finals = grads[0], list(grads[1 : 1 + n_states])
+    if grad_out is None and all(g is None for g in grad_finals):
+        return None, None, None, [None] * n_states, [None] * n_params, None
+    flat = cell_sequence_backward(
+        ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals
+    )
+    return None, None, flat[0], flat[1 : 1 + n_states], flat[1 + n_states :], None
+
+
+torch.library.register_autograd("celldsl::cell_sequence", _backward, setup_context=_setup_context)
+
+
+def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
+    """(out, final states) of one direction of one layer; differentiable, traceable by torch.compile."""
+    result = cell_sequence(cell_key, backend, x, list(states), list(params), batch_sizes)
+    return result[0], result[1 : 1 + len(states)]
