@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import CellError, CellWarning, Source
 
-COMPILER_VERSION = "0.1.0-7"  # bump when the plan or the emitted code changes
+COMPILER_VERSION = "0.1.0-9"  # bump when the plan or the emitted code changes
 ZOO = Path(__file__).resolve().parent.parent / "cells"
 
 
@@ -51,7 +51,7 @@ class CompiledCell:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for lazy in ("torch_module", "torch_loop"):
+        for lazy in ("torch_module", "torch_loop", "triton_loop"):
             state.pop(lazy, None)
         return state
 
@@ -80,8 +80,12 @@ class CompiledCell:
 
         path = cache_dir() / self.key / "torch_cell.py"
         source = torch_module_source(self.plan)
-        if not path.exists() or path.read_text() != source:
-            _atomic_write(path, source.encode())
+        try:
+            if not path.exists() or path.read_text() != source:
+                _atomic_write(path, source.encode())
+        except OSError:  # an unwritable cache: the module still needs a file to live in
+            path = Path(tempfile.mkdtemp(prefix="celldsl-")) / "torch_cell.py"
+            path.write_text(source)
         spec = importlib.util.spec_from_file_location(f"celldsl_generated_{self.key[:16]}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -93,6 +97,18 @@ class CompiledCell:
 
         return TorchLoop(self.plan, self.torch_module)
 
+    @cached_property
+    def triton_loop(self):
+        """The same time loop, with each stage's pointwise step a fused Triton kernel."""
+        from .runtime.torch_loop import TorchLoop
+        from .runtime.triton_module import load_triton_module
+
+        return TorchLoop(self.plan, load_triton_module(self))
+
+    def loop(self, backend: str):
+        """The time loop for a resolved backend name ("torch" or "triton")."""
+        return self.triton_loop if backend == "triton" else self.torch_loop
+
     def explain(self) -> str:
         from .explain import explain
 
@@ -100,12 +116,19 @@ class CompiledCell:
 
 
 def _read(cell) -> Source:
-    """A path (str or Path), a zoo name ("lstm"), cell text (str) or raw bytes -> Source."""
+    """A path (str or Path), a zoo name ("lstm"), cell text (str) or raw bytes -> Source.
+
+    A str without a newline is a path or a zoo name (no cell fits on one line)."""
     if isinstance(cell, str) and "\n" not in cell:
         if not os.path.exists(cell) and (ZOO / f"{cell}.cell").exists():
             cell = ZOO / f"{cell}.cell"
-        elif cell.endswith(".cell") or os.path.exists(cell):
+        elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
+        else:
+            zoo = ", ".join(sorted(p.stem for p in ZOO.glob("*.cell")))
+            raise CellError(
+                f"no file '{cell}' and no zoo cell of that name (the zoo: {zoo})", Source("", cell)
+            )
     if isinstance(cell, Path):
         try:
             data = cell.read_bytes()
@@ -115,13 +138,13 @@ def _read(cell) -> Source:
     if isinstance(cell, bytes):
         return _decode(cell, "<cell>")
     if isinstance(cell, str):
-        return Source(cell, "<cell>")
+        return Source(cell.removeprefix("\ufeff"), "<cell>")
     raise TypeError(f"cell must be a path, cell text or a CompiledCell, not {type(cell).__name__}")
 
 
 def _decode(data: bytes, filename: str) -> Source:
     try:
-        return Source(data.decode("utf-8"), filename)
+        return Source(data.decode("utf-8").removeprefix("\ufeff"), filename)  # an editor's BOM is no error
     except UnicodeDecodeError:
         from .syntax import parse
 
@@ -138,14 +161,14 @@ def compile_cell(cell, *, use_cache: bool = True) -> CompiledCell:
         "\0".join([COMPILER_VERSION, source.filename, source.text]).encode("utf-8", "surrogatepass")
     ).hexdigest()[:32]
     entry = cache_dir() / key / "plan.pkl"
-    if use_cache and entry.exists():
+    if use_cache:
         try:
             compiled = pickle.loads(entry.read_bytes())
             if isinstance(compiled, CompiledCell) and compiled.key == key:
                 for text in compiled.diagnostics:
                     warnings.warn(text, CellWarning, stacklevel=2)
                 return compiled
-        except Exception:  # noqa: BLE001 - a corrupt or foreign cache entry is rebuilt, never fatal
+        except Exception:  # noqa: BLE001 - a missing, corrupt or foreign cache entry is rebuilt, never fatal
             pass
     compiled = _compile(source, key)
     if use_cache:

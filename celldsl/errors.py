@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -12,9 +13,22 @@ class Source:
     text: str
     filename: str = "<cell>"
 
+    @cached_property
+    def lines(self) -> list[str]:
+        """The lines as the parser counts them: split at newlines only (str.splitlines also splits
+        at form feeds and U+2028, which would shift every later line number)."""
+        return [line.removesuffix("\r") for line in self.text.split("\n")]
+
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.lines
         return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+
+    def __getstate__(self):  # the cached line list is not worth pickling
+        return {"text": self.text, "filename": self.filename}
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "text", state["text"])
+        object.__setattr__(self, "filename", state["filename"])
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,7 @@ def render(kind: str, message: str, source: Source | None, loc: Loc | None) -> s
     if source is None or loc is None:
         where = f"{source.filename}: " if source is not None else ""
         return f"{where}{kind}: {message}"
-    text = source.line(loc.line).expandtabs(1)
+    text = "".join(c if c.isprintable() or c == "\t" else "?" for c in source.line(loc.line)).expandtabs(1)
     width = 1
     if loc.end_column is not None and loc.end_column > loc.column:
         width = loc.end_column - loc.column

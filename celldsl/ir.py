@@ -19,6 +19,11 @@ from .errors import CellError, CellWarning, Loc, Source, warning_text
 from .functions import FUNCTIONS
 
 H = "H"  # the size of every value of the step except expressions of inputs only
+MAX_CONSTANT = 1e300  # beyond this a constant overflows float64 arithmetic
+# Resource guards: the backward is derived symbolically, and SymPy recurses over expressions and
+# costs time that grows with their size. Zoo cells reach depth 12 and 102 nodes.
+MAX_DEPTH = 60  # nesting depth of one value after inlining intermediates
+MAX_SIZE = 5000  # nodes of one value after inlining intermediates (shared subexpressions counted each time)
 
 
 def symbol(name: str) -> sp.Symbol:
@@ -34,6 +39,8 @@ class Param:
     operand_size: str | None = None  # matrices: "H" or the name of the input they read
     init: ast.InitValue | None = None
     used: bool = False
+    declared_kind: str | None = None  # "scalar" when declared so; other kinds are inferred
+    first_use: Loc | None = None  # matrices: where the operand size was fixed
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,12 @@ class _Builder:
         self.updates: dict[str, tuple[ast.Name, object]] = {}
         self.resolved: dict[str, tuple[sp.Expr, str]] = {}  # intermediate -> (expr, size)
         self.resolved_new: dict[str, tuple[sp.Expr, str]] = {}
-        self.in_progress: list[str] = []
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
         self.needs_hidden: dict[str, Loc] = {}
-        self.used_defs: set[str] = set()
+        self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
+        self.sizes: dict[sp.Basic, tuple[int, int]] = {}  # memo of measure()
+        self.applications: dict[str, int] = {}  # matrix -> index of its last product symbol
 
     def error(self, message: str, loc: Loc | None) -> CellError:
         return CellError(message, self.src, loc)
@@ -90,15 +98,25 @@ class _Builder:
 
     def declare(self) -> None:
         m = self.m
+        if not (m.name or m.inputs or m.states or m.params or m.definitions or m.updates):
+            raise self.error(
+                "the file holds no cell; a cell needs at least 'input x', 'state h' and an equation h' = ...",
+                Loc(1, 1),
+            )
         if not m.inputs:
             raise self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1))
         if not m.states:
             raise self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1))
+        if len(m.inputs) > 1:
+            raise self.error(
+                f"a cell has one input (the layer's input tensor); '{m.inputs[1].text}' is a second one",
+                m.inputs[1].loc,
+            )
         taken: dict[str, tuple[str, Loc]] = {}
 
         def claim(name: ast.Name, what: str) -> None:
             if name.text in FUNCTIONS or name.text == "prev":
-                raise self.error(f"'{name.text}' is a function name and cannot name a {what}", name.loc)
+                raise self.error(f"'{name.text}' is a function name and cannot name {what}", name.loc)
             if name.text in taken:
                 other, loc = taken[name.text]
                 raise self.error(
@@ -118,14 +136,14 @@ class _Builder:
             claim(n, "a parameter")
             if kind is not None and kind.text not in ("scalar", "vector", "matrix"):
                 raise self.error(
-                    f"unknown parameter kind '{kind.text}'; expected 'scalar' (vectors and matrices are "
-                    "inferred from use)",
+                    f"unknown parameter kind '{kind.text}'; expected 'scalar', 'vector' or 'matrix' (only "
+                    "scalars must be declared: vectors and matrices are inferred from use)",
                     kind.loc,
                 )
+            group_name = group.text if group else None
             self.params[n.text] = Param(
-                n.text, kind.text if kind else "", n.loc, group=group.text if group else None
+                n.text, "", n.loc, group=group_name, declared_kind=kind.text if kind else None
             )
-            self.params[n.text].declared_kind = kind.text if kind else None
         for name, expr in m.definitions:
             if name.text in taken and name.text not in self.defs:
                 what, loc = taken[name.text]
@@ -172,7 +190,9 @@ class _Builder:
                 v.loc,
             )
         if v.kind == "call" and v.name not in ("uniform", "normal"):
-            raise self.error(f"unknown initialiser '{v.name}(...)'; expected uniform(a) or normal(std)", v.loc)
+            raise self.error(
+                f"unknown initialiser '{v.name}(...)'; expected uniform(a) or normal(std)", v.loc
+            )
         if v.kind in ("constant", "call") and not math.isfinite(v.number):
             raise self.error("the initial value must be a finite number", v.loc)
 
@@ -190,47 +210,116 @@ class _Builder:
         """SymPy expression and size ('H', an input's name, or '1' for scalars) of an AST node."""
         if isinstance(node, ast.Num):
             value = float(node.text)
-            if not math.isfinite(value):
+            if not math.isfinite(value) or abs(value) > MAX_CONSTANT:
                 raise self.error(f"the number {node.text} is too large", node.loc)
             exact = "e" not in node.text.lower() and len(node.text) <= 16
-            return (sp.Rational(node.text) if exact else sp.Float(value)), "1"
+            number = sp.Rational(node.text) if exact else sp.Float(value)
+            self.constants.add(number)
+            return number, "1"
         if isinstance(node, ast.Var):
             return self.var(node)
         if isinstance(node, ast.NewVar):
             if node.name not in self.states:
                 raise self.error(f"'{node.name}' is not a state, so {node.name}' has no meaning", node.loc)
-            return self.resolve_new(node.name, node.loc)
+            return self.resolve_new(node.name)
         if isinstance(node, ast.Neg):
             value, size = self.expr(node.operand)
-            return -value, size
+            return self.fold(-value, value in self.constants, node.loc), size
         if isinstance(node, ast.Call):
             return self.call(node)
         if isinstance(node, ast.BinOp):
             if node.op == "@":
                 return self.matmul(node)
-            (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
-            size = self.join(sa, sb, node.loc)
-            if node.op == "+":
-                return a + b, size
-            if node.op == "-":
-                return a - b, size
-            if node.op == "*":
-                return a * b, size
-            if node.op == "/":
-                if b == 0:
-                    raise self.error("division by zero", node.loc)
-                return a / b, size
-            return sp.Pow(a, b), size
+            if node.op == "^":
+                (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
+                size = self.join([(sa, node.left.loc), (sb, node.right.loc)])
+                if a in self.constants and b in self.constants:
+                    return self.constant_power(a, b, node.loc), size
+                return sp.Pow(a, b), size
+            return self.chain(node)
         raise AssertionError(f"unexpected node {node!r}")
 
-    def join(self, sa: str, sb: str, loc: Loc) -> str:
-        """Size of an elementwise combination; an input meeting an H-wide value needs I == H."""
-        if sa == "1":
-            return sb
-        if sb == "1" or sa == sb:
-            return sa
-        for s in (sa, sb):
-            if s != H:
+    def chain(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
+        """a + b - c * d ...: the left spine of + - * / is walked in a loop, not recursively, and each
+        run of + - (or * /) becomes one SymPy Add (Mul), so a sum of thousands of terms costs linear
+        time and no stack (syntax.py's depth check does not count that spine)."""
+        spine = []
+        while isinstance(node, ast.BinOp) and node.op in "+-*/":
+            spine.append(node)
+            node = node.left
+        first, size = self.expr(node)
+        left_loc, group, terms = node.loc, None, [first]
+        for n in reversed(spine):
+            b, sb = self.expr(n.right)
+            size = self.join([(size, left_loc), (sb, n.right.loc)])
+            if n.op == "/" and b == 0:
+                raise self.error("division by zero", n.loc)
+            op_group = "+" if n.op in "+-" else "*"
+            if group is not None and op_group != group:
+                terms = [self.combine(group, terms, left_loc)]
+            group = op_group
+            if n.op == "-":
+                b = self.fold(-b, b in self.constants, n.right.loc)
+            elif n.op == "/":
+                b = self.fold(1 / b, b in self.constants, n.right.loc)
+            terms.append(b)
+            left_loc = n.loc
+        return self.combine(group, terms, left_loc), size
+
+    def combine(self, group: str | None, terms: list[sp.Expr], loc: Loc) -> sp.Expr:
+        """One Add or Mul of a run of terms; its constant terms are folded (and checked) first."""
+        if group is None:
+            return terms[0]
+        op = sp.Add if group == "+" else sp.Mul
+        consts = [t for t in terms if t in self.constants]
+        others = [t for t in terms if t not in self.constants]
+        if len(consts) > 1:
+            consts = [self.fold(op(*consts), True, loc)]
+        return self.fold(op(*consts, *others), not others, loc)
+
+    def fold(self, value: sp.Expr, const: bool, loc: Loc) -> sp.Expr:
+        """A constant must be a finite real number (log(0), sqrt(-1), 1e200^2 are errors); constants
+        that are not rational are folded to a float, so every backend prints a plain number."""
+        if not const:
+            return value
+        try:
+            number = complex(value)
+        except (TypeError, ValueError, OverflowError):
+            raise self.error("this constant is not a finite number", loc) from None
+        if math.isnan(number.real) or math.isnan(number.imag):
+            raise self.error("this constant is not a finite number (division by zero or log(0)?)", loc)
+        if number.imag != 0:
+            raise self.error("this constant is not a real number", loc)
+        if not math.isfinite(number.real) or abs(number.real) > MAX_CONSTANT:
+            raise self.error("this constant is too large", loc)
+        if not value.is_Rational:
+            value = sp.Float(number.real)
+        self.constants.add(value)
+        return value
+
+    def constant_power(self, a: sp.Expr, b: sp.Expr, loc: Loc) -> sp.Expr:
+        """a ^ b of two constants, sized up in floating point before SymPy computes it exactly
+        (2 ^ 10000000000 would take SymPy minutes)."""
+        try:
+            approx = math.pow(float(a), float(b))
+        except OverflowError:
+            raise self.error("this constant is too large", loc) from None
+        except (ValueError, ZeroDivisionError):
+            what = "0 to a negative power" if a == 0 else "not a real number"
+            raise self.error(f"this constant is {what}", loc) from None
+        exact = a.is_Rational and b.is_Integer and abs(b) <= 64
+        return self.fold(sp.Pow(a, b) if exact else sp.Float(approx), True, loc)
+
+    def join(self, parts: list[tuple[str, Loc]]) -> str:
+        """Size of an elementwise combination; an input meeting an H-wide value needs I == H (the
+        location of the input-sized operand is kept for the error check_sizes raises)."""
+        sizes = {s for s, _ in parts if s != "1"}
+        if not sizes:
+            return "1"
+        if len(sizes) == 1:
+            return sizes.pop()
+        for s, loc in parts:
+            if s not in (H, "1"):
                 self.needs_hidden.setdefault(s, loc)
         return H
 
@@ -246,16 +335,17 @@ class _Builder:
             if p.declared_kind == "scalar":
                 p.kind = "scalar"
                 return symbol(name), "1"
-            if p.kind == "matrix":
+            if p.kind == "matrix" or p.declared_kind == "matrix":
+                where = f"applied with @ on line {p.first_use.line}" if p.first_use else "declared so"
                 raise self.error(
-                    f"'{name}' is a matrix (applied with @ elsewhere) but is used elementwise here; "
-                    f"write {name} @ (...)",
+                    f"'{name}' is a matrix ({where}) but is used elementwise here; write {name} @ (...)",
                     node.loc,
                 )
             p.kind = "vector"
+            p.first_use = p.first_use or node.loc
             return symbol(name), H
         if name in self.defs:
-            return self.resolve(name, node.loc)
+            return self.resolve(name)
         if name in self.groups:
             raise self.error(
                 f"'{name}' is a parameter group (storage); use its members {', '.join(self.groups[name])}",
@@ -263,34 +353,64 @@ class _Builder:
             )
         raise self.error(self._unknown(name, "name", self.names_in_scope()), node.loc)
 
-    def resolve(self, name: str, loc: Loc) -> tuple[sp.Expr, str]:
+    def resolve(self, name: str) -> tuple[sp.Expr, str]:
+        """The value of intermediate `name`. `build` resolves equations in dependency order (see
+        `order`, which also reports cycles), so what this reads is resolved already."""
         if name in self.resolved:
             return self.resolved[name]
-        if name in self.in_progress:
-            cycle = self.in_progress[self.in_progress.index(name) :] + [name]
-            raise self.error(f"cycle among intermediates: {' -> '.join(cycle)}", self.defs[name][0].loc)
-        self.in_progress.append(name)
-        self.used_defs.add(name)
-        result = self.expr(self.defs[name][1])
-        self.in_progress.pop()
-        self.resolved[name] = result
-        return result
+        value, size = self.expr(self.defs[name][1])
+        self.check_cost(value, f"'{name}'", self.defs[name][0].loc)
+        self.resolved[name] = (value, size)
+        return value, size
 
-    def resolve_new(self, state: str, loc: Loc) -> tuple[sp.Expr, str]:
+    def resolve_new(self, state: str) -> tuple[sp.Expr, str]:
         key = state + "'"
         if key in self.resolved_new:
             return self.resolved_new[key]
-        if key in self.in_progress:
-            cycle = self.in_progress[self.in_progress.index(key) :] + [key]
-            raise self.error(f"cycle among equations: {' -> '.join(cycle)}", self.updates[state][0].loc)
-        self.in_progress.append(key)
-        value, size = self.expr(self.updates[state][1])
-        self.in_progress.pop()
+        name, node = self.updates[state]
+        value, size = self.expr(node)
+        self.check_cost(value, f"{state}'", name.loc)
         if size != H:
-            self.needs_hidden.setdefault(size, self.updates[state][0].loc) if size != "1" else None
+            if size != "1":
+                self.needs_hidden.setdefault(size, node.loc)
             size = H
         self.resolved_new[key] = (value, size)
         return value, size
+
+    def check_cost(self, value: sp.Expr, what: str, loc: Loc) -> None:
+        """Refuse values too deep or too large for SymPy to differentiate in reasonable time."""
+        size, depth = self.measure(value)
+        if depth > MAX_DEPTH:
+            raise self.error(
+                f"{what} is nested {depth} levels deep once intermediates are put in (the limit is "
+                f"{MAX_DEPTH}); the derivative of so deep an expression is not built",
+                loc,
+            )
+        if size > MAX_SIZE:
+            raise self.error(
+                f"{what} has {size} operations once intermediates are put in (the limit is {MAX_SIZE}); "
+                "the derivative of so large an expression is not built",
+                loc,
+            )
+        for atom in value.atoms():  # e.g. h * 1e200 * 1e200 written over two intermediates
+            if atom.is_number and not _plain_number(atom):
+                raise self.error(f"{what} has a coefficient that is not a finite number below 1e300", loc)
+
+    def measure(self, value: sp.Expr) -> tuple[int, int]:
+        """(tree size, depth) of a SymPy expression, memoised over shared subexpressions."""
+        memo = self.sizes
+        stack = [(value, False)]
+        while stack:
+            node, ready = stack.pop()
+            if node in memo:
+                continue
+            if ready:
+                kids = [memo[a] for a in node.args]
+                memo[node] = (1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0))
+            else:
+                stack.append((node, True))
+                stack.extend((a, False) for a in node.args if a not in memo)
+        return memo[value]
 
     def call(self, node: ast.Call) -> tuple[sp.Expr, str]:
         if node.func == "prev":
@@ -303,7 +423,6 @@ class _Builder:
                 )
             if target not in self.defs:
                 raise self.error(self._unknown(target, "intermediate", self.defs), node.args[0].loc)
-            self.used_defs.add(target)
             carried = self.prev_states.setdefault(target, f"prev({target})")
             return symbol(carried), H
         if node.func not in FUNCTIONS:
@@ -311,14 +430,11 @@ class _Builder:
         arity, make = FUNCTIONS[node.func]
         if len(node.args) != arity:
             plural = "argument" if arity == 1 else "arguments"
-            raise self.error(
-                f"{node.func} takes {arity} {plural}, got {len(node.args)}", node.loc
-            )
+            raise self.error(f"{node.func} takes {arity} {plural}, got {len(node.args)}", node.loc)
         args = [self.expr(a) for a in node.args]
-        size = args[0][1]
-        for _, s in args[1:]:
-            size = self.join(size, s, node.loc)
-        return make(*(a for a, _ in args)), size
+        size = self.join([(s, a.loc) for (_, s), a in zip(args, node.args, strict=True)])
+        const = all(a in self.constants for a, _ in args)
+        return self.fold(make(*(a for a, _ in args)), const, node.loc), size
 
     def matmul(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
         left = node.left
@@ -330,9 +446,12 @@ class _Builder:
         p = self.params[left.name]
         if p.declared_kind == "scalar":
             raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", left.loc)
+        if p.declared_kind == "vector":
+            raise self.error(f"'{p.name}' is declared a vector and cannot be applied with @", left.loc)
         if p.kind == "vector":
             raise self.error(
-                f"'{p.name}' is used elementwise elsewhere (a vector) and as a matrix here", left.loc
+                f"'{p.name}' is used elementwise on line {p.first_use.line} (a vector) and as a matrix here",
+                left.loc,
             )
         operand, size = self.expr(node.right)
         if size == "1":
@@ -343,55 +462,126 @@ class _Builder:
                 f"on line {p.first_use.line} and {_size_words(size)} here",
                 node.loc,
             )
-        if not operand.free_symbols:
-            raise self.error("the right side of @ does not depend on any input or state", node.right.loc)
+        if not any(s.name not in self.params for s in operand.free_symbols):
+            raise self.error(
+                "the right side of @ depends on parameters only; apply a matrix to a value computed from "
+                "the input or the state",
+                node.right.loc,
+            )
+        self.check_cost(operand, "the right side of @", node.right.loc)
         p.kind, p.used = "matrix", True
         if p.operand_size is None:
             p.operand_size, p.first_use = size, node.loc
         key = (p.name, operand)
         if key not in self.products:
-            index = sum(1 for k in self.products if k[0] == p.name)
+            index = self.applications[p.name] = self.applications.get(p.name, -1) + 1
             sym = symbol(f"{p.name}@{index}" if index else f"{p.name}@")
             self.products[key] = Product(sym, p.name, operand, node.loc)
         return self.products[key].symbol, H
+
+    # ---- evaluation order ----------------------------------------------------------------------
+
+    def dependencies(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """For each equation (intermediate `a` or next state `s'`): the equations its value needs,
+        and the ones it uses (those plus the targets of prev(...), which need no same-step value)."""
+        needs: dict[str, list[str]] = {}
+        uses: dict[str, list[str]] = {}
+        equations = [(n, e) for n, (_, e) in self.defs.items()]
+        equations += [(s + "'", e) for s, (_, e) in self.updates.items()]
+        for key, expr in equations:
+            need, prevs, stack = [], [], [expr]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, ast.Var) and node.name in self.defs:
+                    need.append(node.name)
+                elif isinstance(node, ast.NewVar) and node.name in self.updates:
+                    need.append(node.name + "'")
+                elif isinstance(node, ast.Call) and node.func == "prev":
+                    prevs.extend(a.name for a in node.args if isinstance(a, ast.Var) and a.name in self.defs)
+                else:
+                    stack.extend(reversed(ast.children(node)))
+            needs[key] = list(dict.fromkeys(need))
+            uses[key] = list(dict.fromkeys(need + prevs))
+        return needs, uses
+
+    def order(self, roots: list[str], needs: dict[str, list[str]]) -> list[str]:
+        """Equations reachable from `roots`, each after those it needs (iterative depth-first search,
+        so a 10,000-line chain of intermediates cannot overflow the stack); a cycle is an error."""
+        mark: dict[str, int] = {}  # 1: on the current path, 2: done
+        done: list[str] = []
+        for root in roots:
+            if root in mark:
+                continue
+            mark[root], path, stack = 1, [root], [iter(needs[root])]
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    stack.pop()
+                    key = path.pop()
+                    mark[key] = 2
+                    done.append(key)
+                elif mark.get(nxt) == 1:
+                    cycle = path[path.index(nxt) :] + [nxt]
+                    kind = "equations" if any(k.endswith("'") for k in cycle) else "intermediates"
+                    loc = self.updates[nxt[:-1]][0].loc if nxt.endswith("'") else self.defs[nxt][0].loc
+                    raise self.error(f"cycle among {kind}: {' -> '.join(cycle)}", loc)
+                elif nxt not in mark:
+                    mark[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(needs[nxt]))
+        return done
+
+    def evaluate(self, keys: list[str]) -> None:
+        for key in keys:
+            if key.endswith("'"):
+                self.resolve_new(key[:-1])
+            else:
+                self.resolve(key)
 
     # ---- the whole cell ----------------------------------------------------------------------
 
     def build(self) -> CellIR:
         self.declare()
-        new_states = {}
-        for s in self.m.states:
-            new_states[s.text] = self.resolve_new(s.text, s.loc)[0]
         out = self.m.output
-        if out is None:
-            if len(self.m.states) > 1:
-                raise self.error(
-                    "the cell has several states; say which is the output, e.g. 'output "
-                    f"{self.m.states[0].text}'",
-                    self.m.states[0].loc,
-                )
-            out_name, out_expr = self.m.states[0].text, new_states[self.m.states[0].text]
-        elif out.text in self.states:
-            out_name, out_expr = out.text, new_states[out.text]
-        elif out.text in self.defs:
-            out_name = out.text
-            out_expr, size = self.resolve(out.text, out.loc)
-            if size != H:
-                self.needs_hidden.setdefault(size, out.loc)
-        else:
+        if out is None and len(self.m.states) > 1:
+            raise self.error(
+                "the cell has several states; say which is the output, e.g. 'output "
+                f"{self.m.states[0].text}'",
+                self.m.states[0].loc,
+            )
+        if out is not None and out.text not in self.states and out.text not in self.defs:
             raise self.error(
                 self._unknown(out.text, "output (a state or an intermediate)", [*self.states, *self.defs]),
                 out.loc,
             )
-        # prev(v) states: their next value is v of this step (may create more prev states: loop)
-        done: set[str] = set()
-        while len(done) < len(self.prev_states):
-            for target, carried in list(self.prev_states.items()):
-                if carried not in done:
-                    new_states[carried] = self.resolve(target, self.defs[target][0].loc)[0]
-                    done.add(carried)
+        needs, uses = self.dependencies()
+        roots = [s.text + "'" for s in self.m.states]
+        if out is not None and out.text in self.defs:
+            roots.append(out.text)
+        used = _reachable(roots, uses)  # what the step's results reach, through prev(...) too
+        self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
+        # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
+        kept = (dict(self.needs_hidden), dict(self.products), dict(self.prev_states))
+        self.evaluate(self.order([d for d in self.defs if d not in used], needs))
+        self.needs_hidden, self.products, self.prev_states = (dict(k) for k in kept)
+
+        new_states = {s.text: self.resolved_new[s.text + "'"][0] for s in self.m.states}
+        if out is None or out.text in self.states:
+            out_name = self.m.states[0].text if out is None else out.text
+            out_expr = new_states[out_name]
+        else:
+            out_name = out.text
+            out_expr, size = self.resolved[out.text]
+            if size not in (H, "1"):
+                self.needs_hidden.setdefault(size, out.loc)
+        # prev(v) states: their next value is v of this step
+        for target, carried in self.prev_states.items():
+            value, size = self.resolved[target]
+            if size not in (H, "1"):
+                self.needs_hidden.setdefault(size, self.defs[target][0].loc)
+            new_states[carried] = value
         self._check_groups()
-        self._warn_unused()
+        self._warn_unused(used, [*new_states.values(), out_expr])
         ir_params = dict(self.params)
         for p in ir_params.values():
             if not p.kind:
@@ -417,17 +607,17 @@ class _Builder:
 
     def _check_groups(self) -> None:
         for group, members in self.groups.items():
-            kinds = {self.params[m].kind or "vector" for m in members if self.params[m].used}
-            sizes = {self.params[m].operand_size for m in members if self.params[m].used}
-            if len(kinds) > 1 or len(sizes) > 1:
-                first = self.params[members[0]]
+            used = [self.params[m] for m in members if self.params[m].used]
+            shapes = {(p.kind or "vector", p.operand_size) for p in used}
+            if len(shapes) > 1:
+                what = ", ".join(f"{p.name} {_shape_words(p)}" for p in used)
                 raise self.error(
-                    f"parameter group '{group}' mixes parameters of different kinds or shapes; a group is "
-                    "stored as one tensor, so its members must have the same shape",
-                    first.loc,
+                    f"parameter group '{group}' mixes shapes ({what}); a group is stored as one tensor, so "
+                    "its members must have the same shape",
+                    self.params[members[0]].loc,
                 )
 
-    def _warn_unused(self) -> None:
+    def _warn_unused(self, used: set[str], results: list[sp.Expr]) -> None:
         for p in self.params.values():
             if not p.used:
                 warnings.warn(
@@ -436,23 +626,42 @@ class _Builder:
                     stacklevel=4,
                 )
         for name, (n, _expr) in self.defs.items():
-            if name not in self.used_defs:
+            if name not in used:
                 warnings.warn(
                     warning_text(f"'{name}' is defined but never used", self.src, n.loc),
                     CellWarning,
                     stacklevel=4,
                 )
+        leaves: set[sp.Symbol] = set()
+        for e in [*results, *(p.operand for p in self.products.values())]:
+            leaves |= e.free_symbols
         for n in self.m.inputs:
-            if not any(
-                sp.Symbol(n.text, real=True) in e.free_symbols
-                for e in [*self.resolved.values(), *self.resolved_new.values()]
-                for e in [e[0]]
-            ) and not any(
-                symbol(n.text) in p.operand.free_symbols for p in self.products.values()
-            ):
-                warnings.warn(
-                    warning_text(f"input '{n.text}' is never used", self.src, n.loc), CellWarning, stacklevel=4
-                )
+            if symbol(n.text) not in leaves:
+                text = warning_text(f"input '{n.text}' is never used", self.src, n.loc)
+                warnings.warn(text, CellWarning, stacklevel=4)
+
+
+def _reachable(roots: list[str], edges: dict[str, list[str]]) -> set[str]:
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for nxt in edges[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _plain_number(atom: sp.Basic) -> bool:
+    try:
+        return abs(float(atom)) <= MAX_CONSTANT
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _shape_words(p: Param) -> str:
+    if p.kind == "matrix":
+        return "is H x H" if p.operand_size == H else f"is H x size of {p.operand_size}"
+    return "is a scalar" if p.kind == "scalar" else "is a vector"
 
 
 def _size_words(size: str) -> str:

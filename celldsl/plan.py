@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import CellError
-from .ir import H, CellIR, symbol
+from .ir import CellIR, H, symbol
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,17 @@ class Plan:
         """input | state | vector | scalar | hoisted | product | operand."""
         return self.roles[sym]
 
+    def saved_per_step(self) -> list[tuple[str, int]]:
+        """What the backward reads of each step, as (value, width in multiples of H): the new states,
+        every GEMM's output (hoisted ones included) and every computed GEMM operand. The pointwise
+        backward recomputes the rest of the forward from these (the torch loop saves exactly this)."""
+        saved = [(s + "'", 1) for s in self.ir.states]
+        for g in [*self.gemms, *self.hoisted]:
+            where = "hoisted " if g.stage == 0 else f"stage {g.stage} "
+            saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", len(g.params)))
+        saved += [(g.operand.name, 1) for g in self.gemms if self.roles.get(g.operand) == "operand"]
+        return saved
+
 
 def _ops(exprs) -> int:
     return int(sum(sp.count_ops(e) for e in exprs))
@@ -95,18 +106,23 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
     grad_inputs = tuple(s for s in inputs if differentiable(s))
     # Vector-Jacobian product: d input = sum_j grad_j * d output_j / d input. Differentiate the
     # CSE'd form so shared subexpressions are differentiated once (reverse mode over the temps).
-    adjoint: dict[sp.Symbol, sp.Expr] = {}
+    adjoint: dict[sp.Symbol, list[sp.Expr]] = {}  # leaf -> terms of its gradient, summed once
     for g, r in zip(grad_outputs, results, strict=True):
         _accumulate(adjoint, r, g)
     for t, e in reversed(temps):
         if t in adjoint:
-            _accumulate(adjoint, e, adjoint.pop(t))
-    backward = [adjoint.get(s, sp.Integer(0)) for s in grad_inputs]
-    # backward refers to temps t_i: substitute their definitions back, then CSE the whole backward
-    back_exprs = [sp.Integer(0) if b == 0 else b for b in backward]
-    defs = dict(temps)
-    back_full = [_inline(b, defs) for b in back_exprs]
-    btemps, bresults = sp.cse(back_full, symbols=sp.numbered_symbols("u", real=True), order="none")
+            _accumulate(adjoint, e, sp.Add(*adjoint.pop(t)))
+    backward = [sp.Add(*adjoint[s]) if s in adjoint else sp.Integer(0) for s in grad_inputs]
+    # The backward reads forward temps t_i: it recomputes those it needs (in order), then its own
+    # CSE'd temps u_j. (Inlining the t_i instead would unshare them: exponential on deep DAGs.)
+    btemps, bresults = sp.cse(backward, symbols=sp.numbered_symbols("u", real=True), order="none")
+    needed = set().union(*(e.free_symbols for e in [*bresults, *(e for _, e in btemps)]))
+    recompute = []
+    for t, e in reversed(temps):
+        if t in needed:
+            recompute.append((t, e))
+            needed |= e.free_symbols
+    btemps = recompute[::-1] + btemps
     return Pointwise(
         stage=stage,
         inputs=tuple(inputs),
@@ -121,20 +137,40 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
 
 
 def _accumulate(adjoint: dict, expr: sp.Expr, grad: sp.Expr) -> None:
-    for s in _leaves(expr):
-        d = sp.diff(expr, s)
-        if d != 0:
-            adjoint[s] = adjoint.get(s, sp.Integer(0)) + grad * d
+    """Reverse mode over one expression: append grad * d expr / d s to adjoint[s] for every leaf s.
+
+    The chain rule is applied node by node (Add, Mul, constant powers, functions by their `fdiff`),
+    so the cost is linear in the size of the expression; other nodes fall back to sp.diff."""
+    if isinstance(expr, sp.Symbol):
+        adjoint.setdefault(expr, []).append(grad)
+    elif not expr.free_symbols:
+        return
+    elif isinstance(expr, sp.Add):
+        for term in expr.args:
+            _accumulate(adjoint, term, grad)
+    elif isinstance(expr, sp.Mul):
+        factors = expr.args
+        for i, f in enumerate(factors):
+            if f.free_symbols:
+                _accumulate(adjoint, f, grad * sp.Mul(*factors[:i], *factors[i + 1 :]))
+    elif isinstance(expr, sp.Pow) and not expr.exp.free_symbols:
+        base, e = expr.args
+        _accumulate(adjoint, base, grad * e * base ** (e - 1))
+    elif isinstance(expr, sp.Function):
+        for i, arg in enumerate(expr.args):
+            if arg.free_symbols:
+                _accumulate(adjoint, arg, grad * expr.fdiff(i + 1))
+    else:
+        for s in _leaves(expr):
+            d = _numbers_as_floats(sp.diff(expr, s))
+            if d != 0:
+                adjoint.setdefault(s, []).append(grad * d)
 
 
-def _inline(expr: sp.Expr, defs: dict) -> sp.Expr:
-    # temps are in dependency order; substituting repeatedly until none remain is cheap at this size
-    for _ in range(len(defs) + 1):
-        present = [s for s in expr.free_symbols if s in defs]
-        if not present:
-            return expr
-        expr = expr.xreplace({s: defs[s] for s in present})
-    return expr
+def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
+    """log(2) in d(2^h)/dh, and any other constant that is not a plain number, becomes a float, so
+    the plan's expressions hold numbers only (as the IR's do: ir.py folds constants)."""
+    return expr.replace(lambda e: e.is_number and not e.is_Number and bool(e.args), lambda e: e.evalf(20))
 
 
 def build_plan(ir: CellIR) -> Plan:
@@ -150,34 +186,29 @@ def build_plan(ir: CellIR) -> Plan:
     state_syms = {symbol(s) for s in ir.states}
 
     # Level of each product: 0 = hoisted (operand of inputs only), k = k-th GEMM stage of the step.
+    # The IR lists products in creation order, operands before the products that read them, so one
+    # pass in that order sees every operand's products first (no recursion on long chains).
     level: dict[sp.Symbol, int] = {}
-
-    def level_of(sym: sp.Symbol) -> int:
-        if sym in level:
-            return level[sym]
-        operand = products[sym].operand
-        deps = _leaves(operand)
-        inner = [level_of(d) for d in deps if d in products]
+    for sym, product in products.items():
+        deps = _leaves(product.operand)
+        inner = [level[d] for d in deps if d in products]
         if deps & state_syms or any(inner):
             level[sym] = 1 + max(inner, default=0)
+        elif inner:
+            raise CellError(
+                "a matrix product of an input-only expression that itself contains a matrix product "
+                "(two chained input projections) is not supported; compute it outside the cell",
+                ir.source,
+                product.loc,
+            )
         else:
-            if any(d in products for d in deps):
-                raise CellError(
-                    "a matrix product of an input-only expression that itself contains a matrix product "
-                    "(two chained input projections) is not supported; compute it outside the cell",
-                    ir.source,
-                    products[sym].loc,
-                )
             level[sym] = 0
-        return level[sym]
 
     finals: list[tuple[str, sp.Expr]] = [(s + "'", ir.new_states[s]) for s in ir.states]
     if ir.output not in ir.states:
         finals.append((ir.output, ir.output_expr))
     needed = _needed_products(finals, products)
-    for sym in needed:
-        level_of(sym)
-    num_stages = max(level.values(), default=0)
+    num_stages = max((level[s] for s in needed), default=0)
 
     # GEMMs: one per (stage, operand); rows in parameter declaration order.
     param_order = {name: i for i, name in enumerate(ir.params)}
@@ -229,26 +260,48 @@ def build_plan(ir: CellIR) -> Plan:
 
 
 def _needed_products(finals, products) -> list[sp.Symbol]:
-    seen: list[sp.Symbol] = []
+    seen: dict[sp.Symbol, None] = {}  # ordered set
     stack = [e for _, e in finals]
     while stack:
         e = stack.pop()
         for s in sorted(_leaves(e), key=lambda s: s.name):
             if s in products and s not in seen:
-                seen.append(s)
+                seen[s] = None
                 stack.append(products[s].operand)
-    return seen
+    return list(seen)
 
 
 def _recurrence_kind(ir: CellIR, gemms: list[Gemm], state_syms: set) -> str:
     """'dense': a GEMM on the state every step. 'linear': s' = a*s + b with a, b free of states
-    (a parallel scan applies). 'elementwise': state only elementwise, but nonlinearly."""
+    (a parallel scan applies). 'elementwise': state only elementwise, but nonlinearly.
+
+    Linearity is decided on the structure (sums of terms, each a product with at most one factor
+    that holds a state, that factor linear itself), memoised over shared subexpressions: linear
+    time, where sp.expand can blow up exponentially. A form whose linearity only shows after
+    simplification is reported as elementwise, the safe side."""
     if gemms:
         return "dense"
-    for s in ir.states:
-        e = sp.expand(ir.new_states[s])
-        for t in state_syms:
-            coeff = sp.diff(e, t)
-            if coeff.free_symbols & state_syms:
-                return "elementwise"
-    return "linear"
+    has_state: dict[sp.Basic, bool] = {}
+    linear: dict[sp.Basic, bool] = {}
+
+    def holds_state(e: sp.Basic) -> bool:
+        if e not in has_state:
+            has_state[e] = e in state_syms or any(holds_state(a) for a in e.args)
+        return has_state[e]
+
+    def is_linear(e: sp.Basic) -> bool:
+        if e not in linear:
+            if not holds_state(e) or e in state_syms:
+                linear[e] = True
+            elif isinstance(e, sp.Add):
+                linear[e] = all(is_linear(a) for a in e.args)
+            elif isinstance(e, sp.Mul):
+                with_state = [a for a in e.args if holds_state(a)]
+                linear[e] = len(with_state) == 1 and is_linear(with_state[0])
+            else:
+                linear[e] = False
+        return linear[e]
+
+    if all(is_linear(ir.new_states[s]) for s in ir.states):
+        return "linear"
+    return "elementwise"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from . import ast
 from .errors import CellError, Loc, Source
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
-MAX_NESTING = 200  # parentheses and operator chains deeper than this are surely not a cell
+MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 
 TOKEN_WORDS = {
     "NAME": "a name",
@@ -77,19 +78,33 @@ def _loc(item) -> Loc:
     return Loc(meta.line, meta.column, end)
 
 
-OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "POW", "__ANON_0", "PRIME"}
+OPERATORS = {"STAR", "SLASH", "AT", "POW", "__ANON_0"}  # binary only (+ and - also start an expression)
+EXPRESSION_START = {"NAME", "NUMBER", "LPAR", "MINUS", "PLUS"}
+KEYWORDS = {"CELL", "DOC", "CITE", "INPUT", "STATE", "OUTPUT", "PARAM", "INIT"}
 
 
 def _expected_words(expected) -> str:
     """Say what the parser wanted, in words: 'an operator' rather than a list of eight symbols."""
-    words = set()
-    for t in expected:
-        if t in OPERATORS or _literal(t) in ("'⊙'",):
-            words.add("an operator")
-        else:
-            words.add(TOKEN_WORDS.get(t) or _literal(t))
-    order = sorted(words, key=lambda w: (w.startswith("'"), w))
-    return " or ".join(order) if len(order) <= 2 else ", ".join(order[:-1]) + " or " + order[-1]
+    expected = set(expected)
+    words: list[str] = []
+    if expected & KEYWORDS:
+        words.append("a statement")
+        expected -= KEYWORDS | {"NAME"}
+    if {"NAME", "NUMBER"} <= expected:
+        words.append("an expression")
+        expected -= EXPRESSION_START
+    if expected & OPERATORS:
+        words.append("an operator")
+        # after a name, '(' (a call) and "'" (a next value) are legal too; naming them only confuses
+        expected -= OPERATORS | {"PLUS", "MINUS", "LPAR", "PRIME"}
+    if "_NL" in expected:
+        words.append("the end of the line")
+        expected -= {"_NL", "$END"}
+    for t in sorted(expected):
+        words.append(TOKEN_WORDS.get(t) or _literal(t))
+    if not words:
+        return "something else"
+    return " or ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _literal(token_type: str) -> str:
@@ -104,7 +119,31 @@ def _describe(tok: Token) -> str:
         return "end of line"
     if tok.type == "$END":
         return "end of file"
+    if tok.type == "NAME":
+        return f"name '{tok.value}'"
+    if tok.type == "NUMBER":
+        return f"number '{tok.value}'"
+    if tok.type == "STRING":
+        return "quoted string"
     return f"'{tok.value}'"
+
+
+def _open_brackets(text: str, end: int) -> list[tuple[str, Loc]]:
+    """The brackets still open at offset `end` (outermost first), skipping strings and comments."""
+    stack: list[tuple[str, Loc]] = []
+    line, line_start = 1, 0
+    for m in _BRACKETS.finditer(text, 0, end):
+        c = m.group()
+        if c == "\n":
+            line, line_start = line + 1, m.end()
+        elif c in "([":
+            stack.append((c, Loc(line, m.start() - line_start + 1)))
+        elif c in ")]" and stack:
+            stack.pop()
+    return stack
+
+
+_BRACKETS = re.compile(r'"[^"\n]*"|#[^\n]*|[()\[\]\n]')
 
 
 class _ToAst(Transformer_NonRecursive):
@@ -122,7 +161,11 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def call(self, meta, items):
-        return ast.Call(str(items[0]), tuple(i for i in items[1:] if i is not None), _loc(items[0]))
+        # the caret starts at the function's name and underlines the whole call (when on one line)
+        name = items[0]
+        end = meta.end_column if meta.end_line == name.line else None
+        args = tuple(i for i in items[1:] if i is not None)
+        return ast.Call(str(name), args, Loc(name.line, name.column, end))
 
     def _bin(op):  # noqa: N805 - small factory for the binary-operator rules
         @v_args(meta=True)
@@ -213,7 +256,8 @@ def _op_loc(items, meta) -> Loc:
 
 
 def _check_depth(expr, source: Source) -> None:
-    """Reject absurdly deep expressions before any recursive pass sees them."""
+    """Reject absurdly deep expressions before any recursive pass sees them. The left spine of
+    + - * / (a + b + c + ...) is walked in a loop by ir.py, so it does not count as nesting."""
     stack = [(expr, 1)]
     while stack:
         node, depth = stack.pop()
@@ -223,7 +267,13 @@ def _check_depth(expr, source: Source) -> None:
                 source,
                 node.loc,
             )
-        stack.extend((child, depth + 1) for child in ast.children(node))
+        if isinstance(node, ast.BinOp) and node.op in "+-*/":
+            left = node.left
+            spine = isinstance(left, ast.BinOp) and left.op in "+-*/"
+            stack.append((left, depth if spine else depth + 1))
+            stack.append((node.right, depth + 1))
+        else:
+            stack.extend((child, depth + 1) for child in ast.children(node))
 
 
 def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
@@ -237,6 +287,7 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
             column = err.start - (before.rfind(b"\n") + 1) + 1
             safe = Source(text.decode("utf-8", errors="replace"), filename)
             raise CellError("the file is not valid UTF-8 text", safe, Loc(line, column)) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not part of the cell
     if "\x00" in text:
         before = text[: text.index("\x00")]
         loc = Loc(before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
@@ -255,28 +306,35 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
 
 
 def _syntax_error(err: UnexpectedInput, source: Source) -> CellError:
+    text = source.text
     if isinstance(err, UnexpectedCharacters):
-        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
-        what = repr(char) if char.isprintable() else f"character U+{ord(char):04X}"
-        return CellError(f"unexpected {what}", source, Loc(err.line, err.column))
+        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
+        what = f"character '{char}'" if char.isprintable() else f"character U+{ord(char):04X}"
+        hint = "; a string is written between double quotes on one line" if char == '"' else ""
+        return CellError(f"unexpected {what}{hint}", source, Loc(err.line, err.column))
     if isinstance(err, UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
-        loc = Loc(len(lines), len(lines[-1]) + 1)
-        return CellError(f"unexpected end of file; expected {_expected_words(err.expected)}", source, loc)
-    assert isinstance(err, UnexpectedToken)
-    tok = err.token
-    expected = err.expected
-    if tok.type == "$END" or tok.line is None or tok.line < 1:
-        lines = source.text.splitlines() or [""]
-        loc = Loc(len(lines), len(lines[-1]) + 1)
-    elif tok.type == "_NL":
-        loc = Loc(tok.line, tok.column)
+        tok, expected, pos = None, set(err.expected), len(text)
     else:
-        loc = _loc(tok)
-    hint = ""
-    if tok.type in ("NAME", "NUMBER", "LPAR") and "_NL" in expected and "PLUS" in expected:
-        hint = " (is an operator such as '*' or '@' missing?)"
-    return CellError(f"unexpected {_describe(tok)}; expected {_expected_words(expected)}{hint}", source, loc)
+        assert isinstance(err, UnexpectedToken)
+        tok, expected = err.token, set(err.accepts or err.expected)
+        pos = tok.start_pos if tok.type != "$END" and tok.start_pos is not None else len(text)
+    if tok is None or tok.type == "$END" or tok.line is None or tok.line < 1:
+        lines = source.lines[:-1] if len(source.lines) > 1 and text.endswith("\n") else source.lines
+        loc = Loc(len(lines), len(lines[-1]) + 1)
+        what = "end of file"
+    else:
+        loc = Loc(tok.line, tok.column) if tok.type == "_NL" else _loc(tok)
+        what = _describe(tok)
+    message = f"unexpected {what}; expected {_expected_words(expected)}"
+    if tok is not None and tok.type in ("NAME", "NUMBER", "LPAR") and expected & OPERATORS:
+        message += " (is an operator such as '*' or '@' missing?)"
+    still_open = _open_brackets(text, pos)
+    if tok is not None and tok.type in ("RPAR", "RSQB") and not still_open:
+        message += f"; this '{tok.value}' closes no bracket"
+    if still_open and (still_open[-1][1].line < loc.line or what == "end of file"):
+        bracket, where = still_open[-1]
+        message += f"; the '{bracket}' on line {where.line}, column {where.column} is never closed"
+    return CellError(message, source, loc)
 
 
 def _collect(statements, source: Source) -> ast.Module:
@@ -313,7 +371,7 @@ def _collect(statements, source: Source) -> ast.Module:
             module.definitions.append(payload)
         elif kind == "update":
             module.updates.append(payload)
-    for kind, payload, _loc_ in statements:
+    for kind, payload, _ in statements:
         if kind in ("define", "update"):
             _check_depth(payload[1], source)
     return module

@@ -1,0 +1,197 @@
+"""`celldsl explain`: the plan of a compiled cell as a person reads it.
+
+Shows the cell's inputs, states and parameters with their shapes in I (input size) and H (hidden
+size), the concatenated GEMMs per stage (hoisted ones run once over all time steps), the fused
+pointwise forward of every stage as it runs (CSE'd, products written `W@x`), the size of the derived
+backward and what it reads of each step, FLOPs per step, and the recurrence kind.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .ir import H as HIDDEN
+from .plan import Gemm, Plan
+
+I_SYM, H_SYM = sp.Symbol("I", positive=True), sp.Symbol("H", positive=True)
+EXAMPLE = {I_SYM: 256, H_SYM: 256}  # sizes for the worked FLOP numbers
+
+RECURRENCE_WORDS = {
+    "dense": "dense: a GEMM on the state every step",
+    "linear": "linear in the state: s' = a * s + b with a, b free of states (a parallel scan applies)",
+    "elementwise": "elementwise: the state enters only elementwise, but not linearly",
+}
+
+
+def explain(compiled) -> str:
+    """A multi-line description of `compiled.plan` (a CompiledCell)."""
+    plan: Plan = compiled.plan
+    ir = plan.ir
+    names = _display_names(plan)
+    out: list[str] = []
+    title = f"cell {ir.name}" + (f": {ir.doc}" if ir.doc else "")
+    out += [title, f"  file: {ir.source.filename}"]
+    if ir.cite:
+        out.append(f"  source: {ir.cite}")
+
+    out += ["", "inputs:"]
+    out += [f"  {x}  [{_width(x, ir)}]" for x in ir.inputs]
+    out += ["states (the layer's state tuple, in this order):"]
+    for i, s in enumerate(ir.states):
+        extra = "  (carried for prev(); starts at zero)" if i >= ir.declared_states else ""
+        out.append(f"  {s}  [H]{extra}")
+    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + "  [H]")
+    for name, loc in ir.needs_hidden_size.items():
+        where = f"line {loc.line}, column {loc.column}"
+        out.append(f"needs I == H: input '{name}' meets H-wide values elementwise ({where})")
+
+    out += ["", "parameters:"]
+    total = sp.Integer(0)
+    for store, members, kind, shape, size in _stores(ir):
+        total += size * len(members)
+        group = f" = [{', '.join(members)}]" if members != (store,) else ""
+        applied = ""
+        if kind == "matrix":
+            operand = ir.params[members[0]].operand_size
+            applied = ", applied to " + ("H-wide values" if operand == HIDDEN else f"input {operand}")
+        out.append(f"  {store}{group}  {shape}  ({kind}{applied})")
+    out.append(f"  total: {_poly(total)} numbers per layer and direction")
+
+    out += ["", "GEMMs (one per operand and stage; W stacks the rows of the listed parameters):"]
+    for g in plan.hoisted:
+        out.append(f"  hoisted (once over all T steps): {_gemm(g, plan)}")
+    for k in range(1, plan.num_stages + 1):
+        for g in plan.gemms_of_stage(k):
+            out.append(f"  stage {k}: {_gemm(g, plan)}")
+    if not plan.hoisted and not plan.gemms:
+        out.append("  none")
+    out.append(f"  {plan.num_stages} GEMM stage(s) per step")
+    out.append(f"recurrence: {RECURRENCE_WORDS.get(plan.recurrence, plan.recurrence)}")
+
+    out += ["", "forward, fused per stage (intermediates inlined, CSE'd; W@x is a row block of a GEMM):"]
+    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    for pw in stages:
+        where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        inputs = ", ".join(names.get(s, s.name) for s in pw.inputs)
+        out.append(f"  {where} (reads {inputs}):")
+        for t, e in pw.forward_temps:
+            out.append(f"    {t} = {_show(e, names)}")
+        for (name, _), e in zip(pw.outputs, pw.forward_results, strict=True):
+            out.append(f"    {name} = {_show(e, names)}")
+
+    fwd_ops = sum(pw.forward_ops() for pw in stages)
+    bwd_ops = sum(pw.backward_ops() for pw in stages)
+    out += ["", "derived backward (chain rule on the SymPy forward, CSE'd; recomputes forward temps):"]
+    for pw in stages:
+        where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        grads = ", ".join(names.get(s, s.name) for s in pw.grad_inputs)
+        out.append(
+            f"  {where}: {len(pw.backward_temps)} temps, {pw.backward_ops()} ops "
+            f"(forward {pw.forward_ops()} ops); gradients of {grads}"
+        )
+    out.append(f"  total: {bwd_ops} backward ops, {fwd_ops} forward ops")
+    saved = plan.saved_per_step()
+    width = sum(w for _, w in saved)
+    out.append(f"  saved per step for the backward ({width}H numbers per sequence):")
+    out += [f"    {what}  [{_times(w)}H]" for what, w in saved]
+
+    hoisted = sum(_gemm_flops(g, ir) for g in plan.hoisted)
+    step = sum(_gemm_flops(g, ir) for g in plan.gemms)
+    pointwise = sp.Integer(sum(pw.forward_ops() for pw in plan.pointwise)) * H_SYM
+    before = sp.Integer(plan.hoist_pointwise.forward_ops() if plan.hoist_pointwise else 0) * I_SYM
+    forward = hoisted + step + pointwise + before
+    out += ["", "FLOPs per step and sequence (a multiply-add is 2; a pointwise op or function is 1):"]
+    out.append(f"  hoisted GEMMs: {_poly(hoisted)}")
+    out.append(f"  step GEMMs: {_poly(step)}")
+    out.append(f"  pointwise: {_poly(pointwise + before)}")
+    out.append(f"  forward total: {_poly(forward)}  (at I = H = 256: {_mega(forward)})")
+    hoist_bwd = plan.hoist_pointwise.backward_ops() if plan.hoist_pointwise else 0
+    backward = 2 * (hoisted + step) + (bwd_ops - hoist_bwd) * H_SYM + hoist_bwd * I_SYM
+    out.append(
+        f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
+        f"at I = H = 256: {_mega(backward)})"
+    )
+    return "\n".join(out)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _width(name: str, ir) -> str:
+    return "I" if name == ir.inputs[0] else f"size of {name}"
+
+
+def _stores(ir):
+    """(stored name, members, kind, shape text, numbers per member as a polynomial in I, H)."""
+    seen, rows = set(), []
+    for name, p in ir.params.items():
+        if p.group is not None and p.group in seen:
+            continue
+        members = tuple(ir.groups[p.group]) if p.group is not None else (name,)
+        store = p.group if p.group is not None else name
+        seen.add(store)
+        n = len(members)
+        if p.kind == "matrix":
+            cols = H_SYM if p.operand_size == HIDDEN else I_SYM
+            shape, size = f"{_times(n)}H x {'H' if cols == H_SYM else 'I'}", H_SYM * cols
+        elif p.kind == "vector":
+            shape, size = f"{_times(n)}H", H_SYM
+        else:
+            shape, size = "1" if n == 1 else str(n), sp.Integer(1)
+        rows.append((store, members, p.kind, shape, size))
+    return rows
+
+
+def _gemm(g: Gemm, plan: Plan) -> str:
+    cols = "H" if g.operand_size == HIDDEN else "I"
+    operand = g.operand.name
+    text = f"[{', '.join(g.params)}] ({_times(len(g.params))}H x {cols}) @ {operand}"
+    if plan.roles.get(g.operand) == "operand":
+        text += f",  {operand} = {_operand_expr(g, plan)}"
+    return text
+
+
+def _operand_expr(g: Gemm, plan: Plan) -> str:
+    names = _display_names(plan)
+    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    for pw in stages:
+        for name, e in pw.outputs:
+            if name == g.operand.name:
+                return _show(e, names)
+    return "?"
+
+
+def _display_names(plan: Plan) -> dict[sp.Symbol, str]:
+    """Product symbols (`W@`, `W@1`) shown as `W@x`, `W@operand3`."""
+    names = {}
+    for g in [*plan.hoisted, *plan.gemms]:
+        for param, sym in zip(g.params, g.products, strict=True):
+            names[sym] = f"{param}@{g.operand.name}"
+    return names
+
+
+def _show(expr: sp.Expr, names: dict[sp.Symbol, str]) -> str:
+    shown = expr.xreplace({s: sp.Symbol(n) for s, n in names.items() if s in expr.free_symbols})
+    return sp.sstr(shown)
+
+
+def _times(n: int) -> str:
+    return "" if n == 1 else str(n)
+
+
+def _gemm_flops(g: Gemm, ir) -> sp.Expr:
+    cols = H_SYM if g.operand_size == HIDDEN else I_SYM
+    return 2 * len(g.params) * H_SYM * cols
+
+
+def _poly(e: sp.Expr) -> str:
+    e = sp.expand(e)
+    if e == 0:
+        return "0"
+    terms = sorted(sp.Add.make_args(e), key=lambda t: -sp.Poly(t, H_SYM, I_SYM).total_degree())
+    return " + ".join(sp.sstr(t).replace("**", "^") for t in terms)
+
+
+def _mega(e: sp.Expr) -> str:
+    return f"{float(e.subs(EXAMPLE)) / 1e6:.3g} MFLOP"
+

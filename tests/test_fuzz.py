@@ -1,0 +1,230 @@
+"""Fuzzing the front end: mutated zoo files, random token soups, random bytes, deep nesting and very
+long files. The only exception that may escape is CellError, with a file, line and column inside the
+text, and no input may hang (a hard alarm fails any compile that runs past its time).
+
+Example counts are bounded so the whole file runs in well under a minute on 2 cores.
+"""
+
+import contextlib
+import re
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from celldsl import compile_cell
+from celldsl.errors import CellError, CellWarning
+
+CELLS = Path(__file__).resolve().parents[1] / "cells"
+ZOO = {p.stem: p.read_text() for p in sorted(CELLS.glob("*.cell"))}
+TOKEN = re.compile(r"[^\W\d]\w*|\d+\.?\d*(?:[eE][-+]?\d+)?|\*\*|\n|\S")
+VOCAB = sorted({t for text in ZOO.values() for t in TOKEN.findall(text)}) + [
+    "prev", "max", "min", "^", "**", "⊙", "σ", "[", "]", ":", "scalar", "init", "uniform", "'", '"', "#",
+    "0", "1e309", "-1", ".5", "1/0", "(", ")", "@@", "\t", "\r\n", "\x00", "é", "ß", "∑",
+]  # fmt: skip
+FUZZ = settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fail instead of hanging: SIGALRM interrupts a compile that runs too long (Unix, main thread)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"compile ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compiles_or_cell_error(data: bytes | str, seconds: float = 20.0):
+    """Compile `data` with no cache; return the CompiledCell or the CellError, checking the error
+    points into the text. Any other exception fails the test."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        try:
+            with time_limit(seconds):
+                return compile_cell(raw, use_cache=False)
+        except CellError as err:
+            assert err.filename == "<cell>"
+            assert err.line is not None and err.column is not None, str(err)
+            lines = raw.count(b"\n") + 1
+            assert 1 <= err.line <= lines and err.column >= 1, (err.line, err.column, lines)
+            assert str(err).startswith(f"<cell>:{err.line}:{err.column}: error: ")
+            return err
+
+
+# ---- mutations of every zoo file ----------------------------------------------------------------------
+
+
+def _mutate_tokens(text: str, data) -> str:
+    tokens = TOKEN.findall(text)
+    for _ in range(data.draw(st.integers(1, 4), label="token edits")):
+        i = data.draw(st.integers(0, len(tokens) - 1), label="at")
+        op = data.draw(st.sampled_from(["delete", "insert", "swap", "duplicate", "replace"]), label="op")
+        if op == "delete" and len(tokens) > 1:
+            del tokens[i]
+        elif op == "insert":
+            tokens.insert(i, data.draw(st.sampled_from(VOCAB), label="token"))
+        elif op == "swap":
+            j = data.draw(st.integers(0, len(tokens) - 1), label="with")
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        elif op == "duplicate":
+            tokens.insert(i, tokens[i])
+        else:
+            tokens[i] = data.draw(st.sampled_from(VOCAB), label="token")
+    return " ".join(tokens).replace(" \n ", "\n")
+
+
+def _mutate_chars(text: str, data) -> str:
+    chars = list(text)
+    for _ in range(data.draw(st.integers(1, 4), label="char edits")):
+        i = data.draw(st.integers(0, len(chars) - 1), label="at")
+        op = data.draw(st.sampled_from(["delete", "insert", "swap", "replace"]), label="op")
+        if op == "delete" and len(chars) > 1:
+            del chars[i]
+        elif op == "insert":
+            chars.insert(i, data.draw(st.characters(codec="utf-8"), label="char"))
+        elif op == "swap" and i + 1 < len(chars):
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        else:
+            chars[i] = data.draw(st.sampled_from("()[]@*+-/^'=,:#\"\n x0h_"), label="char")
+    return "".join(chars)
+
+
+@pytest.mark.parametrize("cell", sorted(ZOO))
+@settings(FUZZ, max_examples=8)
+@given(data=st.data())
+def test_mutated_zoo_files_token_edits(cell, data):
+    compiles_or_cell_error(_mutate_tokens(ZOO[cell], data))
+
+
+@pytest.mark.parametrize("cell", sorted(ZOO))
+@settings(FUZZ, max_examples=8)
+@given(data=st.data())
+def test_mutated_zoo_files_character_edits(cell, data):
+    compiles_or_cell_error(_mutate_chars(ZOO[cell], data))
+
+
+@settings(FUZZ, max_examples=40)
+@given(cell=st.sampled_from(sorted(ZOO)), data=st.data())
+def test_mutated_zoo_lines_shuffled_and_dropped(cell, data):
+    lines = ZOO[cell].splitlines()
+    picked = data.draw(st.lists(st.sampled_from(lines), max_size=len(lines) + 5), label="lines")
+    compiles_or_cell_error("\n".join(picked) + "\n")
+
+
+@settings(FUZZ, max_examples=40)
+@given(cell=st.sampled_from(sorted(ZOO)), position=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_zoo_files_with_one_byte_replaced(cell, position, byte):
+    raw = bytearray(ZOO[cell].encode())
+    raw[position % len(raw)] = byte
+    compiles_or_cell_error(bytes(raw))
+
+
+# ---- random inputs ----------------------------------------------------------------------------------
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.binary(max_size=3000))
+def test_random_bytes(data):
+    compiles_or_cell_error(data)
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.text(max_size=2000))
+def test_random_unicode_text(text):
+    compiles_or_cell_error(text)
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.lists(st.sampled_from(VOCAB + ["\n"] * 8), max_size=300))
+def test_random_token_soup(tokens):
+    compiles_or_cell_error(" ".join(tokens))
+
+
+HEADER = "cell fuzz\ninput x\nstate h, c\noutput h\nparam W, U, V, b\nparam s : scalar\n"
+LEAVES = ["x", "h", "c", "b", "s", "0", "1", "2.5", "1e-3", "prev(a)"]
+FUNCS = ["sigmoid", "tanh", "relu", "exp", "log", "softplus", "abs", "sqrt", "logsigmoid", "max", "min", "σ"]
+
+
+def _expressions(*extra_leaves):
+    def extend(inner):
+        binary = st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "^", "⊙"]), inner).map(
+            lambda t: f"({t[0]} {t[1]} {t[2]})"
+        )
+        matmul = st.tuples(st.sampled_from(["W", "U", "V"]), inner).map(lambda t: f"{t[0]} @ ({t[1]})")
+        call = st.tuples(st.sampled_from(FUNCS), inner, inner).map(
+            lambda t: f"{t[0]}({t[1]}, {t[2]})" if t[0] in ("max", "min") else f"{t[0]}({t[1]})"
+        )
+        return binary | matmul | call | inner.map(lambda e: f"-{e}")
+
+    return st.recursive(st.sampled_from(LEAVES + list(extra_leaves)), extend, max_leaves=25)
+
+
+@settings(FUZZ, max_examples=80)
+@given(a=_expressions("c'"), h=_expressions("a", "c'"), c=_expressions("a"))
+def test_random_well_formed_cells(a, h, c):
+    """Syntactically valid cells with random equations: they compile, or fail with a located error."""
+    result = compiles_or_cell_error(f"{HEADER}a = {a}\nh' = {h}\nc' = {c}\n")
+    if not isinstance(result, CellError):
+        assert result.plan.num_stages >= 0 and result.ir.states[:2] == ["h", "c"]
+
+
+# ---- deep nesting and very long files ------------------------------------------------------------
+
+DEEP = {
+    "5000-parentheses": "h' = " + "(" * 5000 + "h" + ")" * 5000,
+    "5000-unclosed": "h' = " + "(" * 5000 + "h",
+    "5000-closing": "h' = h" + ")" * 5000,
+    "3000-brackets": "param G = " + "[" * 3000 + "W" + "]" * 3000,
+    "3000-minus": "h' = " + "-" * 3000 + "h",
+    "3000-calls": "h' = " + "tanh(" * 3000 + "h" + ")" * 3000,
+    "2000-powers": "h' = " + " ^ ".join(["h"] * 2000),
+    "2000-matmuls": "h' = " + " @ ".join(["W"] * 2000) + " @ h",
+    "alternating": "h' = " + "(-(+" * 1500 + "h" + "))" * 1500,
+}
+
+
+@pytest.mark.parametrize("body", list(DEEP.values()), ids=list(DEEP))
+def test_deeply_nested_expressions(body):
+    result = compiles_or_cell_error(f"cell t\ninput x\nstate h\nparam W\n{body}\n", seconds=10)
+    assert isinstance(result, CellError)
+
+
+def _chain(n):
+    return "a0 = h\n" + "".join(f"a{i} = a{i - 1} + h\n" for i in range(1, n)) + f"h' = a{n - 1} + W @ x\n"
+
+
+LONG = {
+    "10k-comment-lines": ("# a comment\n" * 10_000 + "h' = W @ x + h\n", True),
+    "10k-parameters": ("".join(f"param p{i}\n" for i in range(10_000)) + "h' = W @ x + h\n", True),
+    "10k-chained-intermediates": (_chain(10_000), True),
+    "10k-term-sum": ("h' = " + " + ".join(["h"] * 10_000) + " + W @ x\n", True),
+    "10k-repeated-equation": ("h' = W @ x + h\n" * 10_000, False),
+    "10k-unknown-names": ("".join(f"a{i} = q{i}\n" for i in range(10_000)) + "h' = h\n", False),
+    "one-200k-character-line": ("h' = h" + " + x * 0" * 25_000 + "\n", True),
+}
+
+
+@pytest.mark.parametrize(("body", "valid"), list(LONG.values()), ids=list(LONG))
+def test_very_long_files(body, valid):
+    result = compiles_or_cell_error(f"cell t\ninput x\nstate h\nparam W\n{body}", seconds=30)
+    assert isinstance(result, CellError) != valid, result
+
+
+@settings(FUZZ, max_examples=3)
+@given(cell=st.sampled_from(sorted(ZOO)), data=st.data())
+def test_long_files_of_mutated_zoo_text(cell, data):
+    text = _mutate_tokens(ZOO[cell], data)
+    compiles_or_cell_error(text * (10_000 // (text.count("\n") + 1) + 1), seconds=30)
