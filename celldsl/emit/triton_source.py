@@ -1,0 +1,447 @@
+"""Plan -> a Python module of Triton kernels with the torch module's function signatures.
+
+For every Pointwise of the plan the module holds a `@triton.jit` step function (pure math on register
+values, so a persistent kernel can inline it unchanged), one kernel for the forward and one for the
+derived backward, and host wrappers `stage{k}_forward(*inputs)` / `stage{k}_backward(*inputs,
+*grad_outputs)` (and `hoist_forward` / `hoist_backward`) that take and return exactly what the torch
+module's functions do (emit/torch_source.py), so runtime/torch_loop.py runs either unchanged.
+
+Math is fp32 (fp64 when the storage is fp64, so gradcheck works), whatever the storage dtype. Core
+`tl` has no tanh (and the interpreter has no libdevice), so the activations are written from `tl.exp`
+in forms that cannot overflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sympy as sp
+
+from ..plan import Plan, Pointwise
+from .printers import TargetPrinter, identifier
+
+TWO_D = ("input", "state", "hoisted", "product", "operand")  # [rows, width] tensors (a row stride each)
+RESERVED = {"tl", "triton", "torch", "os", "BLOCK", "COMPUTE"}
+
+
+class TritonPrinter(TargetPrinter):
+    functions = {
+        "sigmoid": "_sigmoid({})",
+        "tanh": "_tanh({})",
+        "relu": "tl.maximum({}, 0.0)",
+        "exp": "tl.exp({})",
+        "log": "tl.log({})",
+        "softplus": "_softplus({})",
+        "logsigmoid": "_logsigmoid({})",
+        "Abs": "tl.abs({})",
+        "sign": "_sign({})",
+        "sqrt": "tl.sqrt({})",
+        "step": "_step({})",
+        "maximum": "tl.maximum({}, {})",
+        "minimum": "tl.minimum({}, {})",
+        "pow": "_pow({}, {})",
+    }
+
+    def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
+        return repr(float(expr))
+
+    _print_Exp1 = _print_Pi = _print_NumberSymbol
+
+    def _print_Pow(self, expr, rational=False):
+        """`tl` tensors have no `**`: integer powers multiply out, others go through exp and log."""
+        base, exp = expr.args
+        if exp.is_Integer and 5 <= abs(int(exp)) <= 16:
+            b = self.parenthesize(base, 100)
+            prod = "(" + "*".join([b] * abs(int(exp))) + ")"
+            return prod if int(exp) > 0 else f"(1.0/{prod})"
+        if exp.is_Integer and abs(int(exp)) > 16:
+            b = self._print(base)
+            magnitude = f"tl.exp({float(exp)!r} * tl.log(tl.abs({b})))"
+            return magnitude if int(exp) % 2 == 0 else f"(_sign({b}) * {magnitude})"
+        return super()._print_Pow(expr, rational)
+
+
+def display_name(filename: str) -> str:
+    """The cell file as the generated header names it: `cells/<x>.cell` for a zoo cell, however it
+    was given (relative, absolute or by zoo name), so the output does not depend on the caller's cwd."""
+    from ..compiler import ZOO
+
+    try:
+        path = Path(filename).resolve()
+    except (OSError, RuntimeError):
+        return filename
+    if path.parent == ZOO and path.exists():
+        return f"cells/{path.name}"
+    return filename
+
+
+HELPERS = '''
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
+
+
+@triton.jit
+def _sigmoid(x):
+    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, r, e * r)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
+    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _log1p(u):
+    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
+    w = 1.0 + u
+    d = w - 1.0
+    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _logsigmoid(x):
+    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
+    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _step(x):
+    # 1 where x > 0, else 0: the derivative of relu and of max/min
+    return tl.where(x > 0, 1.0, 0.0)
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+
+
+@triton.jit
+def _pow(b, e):
+    # b ** e for a non-integer e: nan for b < 0, as torch.pow
+    return tl.exp(e * tl.log(b))
+
+
+# ---- host helpers ------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _rows(t):
+    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
+def _vec(t):
+    """A [H] vector with unit stride."""
+    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(kernel, ref, args, outs):
+    """One program per BLOCK elements of the flattened [rows, width] output."""
+    if ref.dtype not in _DTYPES:
+        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
+    numel = ref.numel()
+    if numel == 0:
+        return
+    if numel >= 2**31:
+        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
+    if _INTERPRET:
+        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
+    else:
+        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
+    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
+    grid = (triton.cdiv(numel, block),)
+    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
+        with torch.cuda.device(ref.device):
+            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
+    else:
+        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
+
+
+def _empty(ref, n):
+    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+'''
+
+
+class _Function:
+    """Names for one pointwise function (forward or backward) in its step, kernel and host wrapper."""
+
+    def __init__(self, prefix: str, pw: Pointwise, plan: Plan, backward: bool):
+        self.prefix, self.pw, self.backward = prefix, pw, backward
+        taken = set(RESERVED) | set(KNOWN_GLOBALS)
+        self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
+        self.names = {s: identifier(s.name, taken) for s in self.args}
+        self.kinds = [plan.role(s) for s in pw.inputs] + (["grad"] * len(pw.grad_outputs) if backward else [])
+        self.ptr = {s: identifier(self.names[s] + "_ptr", taken) for s in self.args}
+        self.stride = {
+            s: identifier(self.names[s] + "_stride", taken)
+            for s, k in zip(self.args, self.kinds, strict=True)
+            if k in TWO_D or k == "grad"
+        }
+        if backward:
+            self.temps, results = pw.backward_temps, pw.backward_results
+            self.result_names = [identifier("d_" + self.names[s], taken) for s in pw.grad_inputs]
+        else:
+            self.temps, results = pw.forward_temps, pw.forward_results
+            self.result_names = [identifier(name, taken) for name, _ in pw.outputs]
+        self.results = list(results)
+        # results that are zero (backward) return None; equal results are computed and stored once
+        # and returned as the same tensor, as the torch module does (gate pre-activation gradients
+        # usually serve a product, a hoisted product and a bias at once)
+        self.slot_of: dict[int, int] = {}
+        self.unique: list[int] = []  # index of the first result of each stored slot
+        first_of: dict[sp.Expr, int] = {}
+        for i, r in enumerate(self.results):
+            if backward and r == 0:
+                continue
+            if r not in first_of:
+                first_of[r] = len(self.unique)
+                self.unique.append(i)
+            self.slot_of[i] = first_of[r]
+        self.out_names = [identifier(self.result_names[i] + "_out", taken) for i in self.unique]
+        for t, _ in self.temps:
+            self.names[t] = identifier(t.name, taken)
+        self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
+        if self.ref is None:
+            raise NotImplementedError(
+                f"{prefix}: no input with a row per sequence (only vectors/scalars); nothing sets the shape"
+            )
+
+
+KNOWN_GLOBALS = {
+    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow",
+    "_DTYPES", "_rows", "_vec", "_launch", "_empty",
+}  # fmt: skip
+
+
+def _step_function(f: _Function) -> str:
+    """The pure-math `@triton.jit` function: register values in, tuple of results out."""
+    printer = TritonPrinter(f.names)
+    name = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
+    params = ", ".join(f.names[s] for s in f.args)
+    lines = ["@triton.jit", f"def {name}({params}):"]
+    what = "gradient of every input that needs one" if f.backward else "the outputs"
+    lines.append(f"    # -> {what}: ({', '.join(f.result_names[i] for i in f.unique)})")
+    for t, e in f.temps:
+        lines.append(f"    {f.names[t]} = {printer.doprint(e)}")
+    outs = []
+    ref = f.names[f.ref]  # a [BLOCK] value: the shape and compute dtype of a constant result
+    for i in f.unique:
+        r = f.results[i]
+        if not r.free_symbols:
+            outs.append(f"tl.full({ref}.shape, {float(r)!r}, {ref}.dtype)")
+        else:
+            outs.append(printer.doprint(r))
+    lines.append(f"    return ({', '.join(outs)},)" if outs else "    return ()")
+    return "\n".join(lines) + "\n"
+
+
+def _kernel(f: _Function) -> str:
+    """Loads each input at the flattened offset, runs the step function, stores the results."""
+    name = f"{f.prefix}_{'backward' if f.backward else 'forward'}_kernel"
+    params: list[str] = []
+    for s in f.args:
+        params.append(f.ptr[s])
+        if s in f.stride:
+            params.append(f.stride[s])
+    params += [o + "_ptr" for o in f.out_names]
+    params += ["numel", "width", "BLOCK: tl.constexpr", "COMPUTE: tl.constexpr"]
+    lines = ["@triton.jit", f"def {name}(", *[f"    {p}," for p in params], "):"]
+    lines += [
+        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = offs < numel",
+        "    row = (offs // width).to(tl.int64)",
+        "    col = offs % width",
+    ]
+    for s, k in zip(f.args, f.kinds, strict=True):
+        v, p = f.names[s], f.ptr[s]
+        if k == "vector":
+            lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
+        elif k == "scalar":
+            lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
+        else:
+            at = f"{p} + row * {f.stride[s]} + col"
+            lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
+    step = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
+    call = ", ".join(f.names[s] for s in f.args)
+    results = [f.result_names[i] for i in f.unique]
+    if results:
+        lines.append(f"    ({', '.join(results)},) = {step}({call})")
+    for r, o in zip(results, f.out_names, strict=True):
+        lines.append(f"    tl.store({o}_ptr + offs, {r}.to({o}_ptr.dtype.element_ty), mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+def _host(f: _Function, fn_name: str) -> str:
+    """The wrapper with the torch module's signature and return convention."""
+    kernel = f"{f.prefix}_{'backward' if f.backward else 'forward'}_kernel"
+    params = [f.names[s] for s in f.args]
+    shapes = []
+    for s, k in zip(f.args, f.kinds, strict=True):
+        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output"}.get(k, "[N, H]")
+        if k == "input":
+            shape = "[T, N, I]" if f.prefix == "hoist" else "[N, I]"
+        shapes.append(f"{f.names[s]} {shape}")
+    doc = f'    """{fn_name}({", ".join(shapes)})'
+    if f.backward:
+        doc += " -> one gradient per input of the forward that needs one (None where it is zero)"
+    else:
+        doc += f" -> ({', '.join(n for n, _ in f.pw.outputs)})"
+    lines = [f"def {fn_name}({', '.join(params)}):", doc + '"""']
+    ref = f.names[f.ref]
+    lines.append(f"    outs = _empty({ref}, {len(f.unique)})")
+    args = []
+    for s, k in zip(f.args, f.kinds, strict=True):
+        v = f.names[s]
+        if k == "vector":
+            lines.append(f"    {v} = _vec({v})")
+            args.append(v)
+        elif k == "scalar":
+            args.append(v)
+        else:
+            lines.append(f"    {v}, {f.stride[s]} = _rows({v})")
+            args += [v, f.stride[s]]
+    if f.unique:
+        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs)")
+    rets = [f"outs[{f.slot_of[i]}]" if i in f.slot_of else "None" for i in range(len(f.results))]
+    lines.append(f"    return ({', '.join(rets)},)")
+    return "\n".join(lines) + "\n"
+
+
+def _recomputes(pw: Pointwise) -> list[str]:
+    """The activations the backward evaluates again from its inputs (nothing else is saved)."""
+    seen: list[str] = []
+    for e in [e for _, e in pw.backward_temps] + list(pw.backward_results):
+        for fn in sorted(e.atoms(sp.Function), key=sp.default_sort_key):
+            text = sp.sstr(fn)
+            if text not in seen:
+                seen.append(text)
+    return seen
+
+
+def _describe(plan: Plan) -> str:
+    ir = plan.ir
+    lines = ["The equations, one step (primes mark next values, `W@` the product of W with its operand)", ""]
+    for s, e in ir.new_states.items():
+        lines.append(f"    {s}' = {sp.sstr(e)}")
+    if ir.output not in ir.states:
+        lines.append(f"    {ir.output} = {sp.sstr(ir.output_expr)}    (the output)")
+    lines += ["", "Gate layout: each GEMM stacks its weights' rows; block j of the [.., rows] result is", ""]
+    def size(g):
+        if g.operand_size == "H":
+            return "H"
+        return "I" if g.operand_size == ir.inputs[0] else f"size of {g.operand_size}"
+
+    def rows(g):
+        return "H" if len(g.params) == 1 else f"{len(g.params)}H"
+
+    for g in plan.hoisted:
+        lines.append(
+            f"    hoisted, all T steps at once: {g.operand.name} [T, N, {size(g)}] @ "
+            f"[{'; '.join(g.params)}].T -> [T, N, {rows(g)}]"
+        )
+    for g in plan.gemms:
+        lines.append(
+            f"    stage {g.stage}, every step: {g.operand.name} [N, {size(g)}] @ "
+            f"[{'; '.join(g.params)}].T -> [N, {rows(g)}]"
+        )
+    if not plan.hoisted and not plan.gemms:
+        lines.append("    (no GEMM)")
+    lines += ["", "Pointwise functions (a kernel each way; the loop runs the GEMMs between them)", ""]
+    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
+        (f"stage{pw.stage}", pw) for pw in plan.pointwise
+    ]
+    for prefix, pw in pws:
+        ins = ", ".join(f"{s.name} ({plan.role(s)})" for s in pw.inputs)
+        lines.append(f"    {prefix}: {ins}")
+        lines.append(f"        -> {', '.join(n for n, _ in pw.outputs)}")
+        lines.append(
+            f"        forward {pw.forward_ops()} ops, backward {pw.backward_ops()} ops; the backward "
+            f"recomputes: {', '.join(_recomputes(pw)) or 'nothing'}"
+        )
+    return "\n".join(lines)
+
+
+HEADER = '''"""Fused Triton kernels for the cell `{name}`, generated by celldsl from {filename}.
+
+Do not edit: `celldsl compile {filename} -o kernels/` rewrites this file (tests/test_kernels_fresh.py
+fails when it is stale).
+
+{description}
+
+How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
+backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
+functions below. Each pointwise function `P` comes as
+  * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
+    `@triton.jit` function a persistent kernel can inline unchanged;
+  * `P_forward_kernel`: one program per BLOCK elements of the flattened [rows, H] step: loads each
+    input (GEMM products are column blocks of the [N, rows] GEMM output, read with its row stride;
+    vectors [H] broadcast over rows; scalars broadcast), casts it to the compute dtype, calls
+    `P_step` and stores the outputs in the storage dtype;
+  * `P_step_grad` and `P_backward_kernel`: the vector-Jacobian product SymPy derived; it takes the
+    forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
+    above) instead of saving it;
+  * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
+    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
+    gradient that is zero, vector and scalar gradients per element (the loop reduces them).
+The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+'''
+
+
+def triton_module_source(plan: Plan) -> str:
+    """The whole generated module for a plan (deterministic: same plan, same text)."""
+    ir = plan.ir
+    parts = [
+        HEADER.format(name=ir.name, filename=display_name(ir.source.filename), description=_describe(plan)),
+        HELPERS,
+    ]
+    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
+        (f"stage{pw.stage}", pw) for pw in plan.pointwise
+    ]
+    for prefix, pw in pws:
+        parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
+        for backward in (False, True):
+            f = _Function(prefix, pw, plan, backward)
+            parts.append(_step_function(f))
+            parts.append(_kernel(f))
+            parts.append(_host(f, f"{prefix}_{'backward' if backward else 'forward'}"))
+    return "\n\n".join(p.strip("\n") + "\n" for p in parts)
+
+
+def kernel_names(plan: Plan) -> list[str]:
+    """The `@triton.jit` kernels of the module, in order (for ahead-of-time compilation)."""
+    names = []
+    if plan.hoist_pointwise is not None:
+        names += ["hoist_forward_kernel", "hoist_backward_kernel"]
+    for pw in plan.pointwise:
+        names += [f"stage{pw.stage}_forward_kernel", f"stage{pw.stage}_backward_kernel"]
+    return names

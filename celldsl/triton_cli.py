@@ -1,0 +1,172 @@
+"""`celldsl compile`: write the generated Triton source of cells, and compile its kernels ahead of time.
+
+    celldsl compile cells/*.cell -o kernels/                   # the zoo's kernels/ directory
+    celldsl compile cells/lstm.cell --target cuda:80 --target cuda:90   # PTX + cubin, no GPU needed
+
+Ahead-of-time compilation runs Triton's compiler (`triton.compile(ASTSource(...), target=GPUTarget(
+"cuda", cc, 32))`) for every kernel of the file without a GPU, so a kernel that does not compile for a
+target fails here and in CI rather than on first use. The main CLI calls `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGET = re.compile(r"^cuda:(\d{2,3})$")
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # storage dtype -> pointer type
+BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Built:
+    """One kernel compiled for one target."""
+
+    cell: str
+    kernel: str
+    target: str
+    dtype: str
+    ptx_bytes: int
+    cubin_bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        sizes = f"ptx {self.ptx_bytes / 1024:6.1f} KiB  cubin {self.cubin_bytes / 1024:6.1f} KiB"
+        name = f"{self.cell:16s} {self.kernel:28s} {self.target:8s} {self.dtype:9s}"
+        return f"{name} {sizes}  {self.seconds:5.2f} s"
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """"cuda:90" -> ("cuda", 90)."""
+    m = TARGET.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a target like cuda:80 or cuda:90, got {text!r}")
+    return "cuda", int(m.group(1))
+
+
+def write_sources(cells, out_dir) -> list[Path]:
+    """Write `<stem>.py` (the generated Triton module) for each cell into out_dir; returns the paths."""
+    from .compiler import compile_cell
+    from .emit.triton_source import triton_module_source
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cell in cells:
+        compiled = compile_cell(cell)
+        path = out / f"{Path(compiled.ir.source.filename).stem}.py"
+        text = triton_module_source(compiled.plan)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _source(fn, signature: dict[str, str], constexprs: dict[str, object]):
+    """ASTSource across Triton versions: 3.3+ takes `constexprs` and lists them in the signature as
+    "constexpr"; older releases take `constants` and a signature without them."""
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" in params:
+        return ASTSource(fn, signature, constexprs=constexprs)
+    plain = {k: v for k, v in signature.items() if v != "constexpr"}
+    return ASTSource(fn, plain, constants=constexprs)
+
+
+def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None = None) -> list[Built]:
+    """Compile every kernel of a cell's generated module for each (backend, capability) target.
+
+    `dtype` is the storage dtype the pointers get; the math is fp32 whatever it is."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from .compiler import compile_cell
+    from .emit.triton_source import kernel_names
+    from .runtime.triton_module import load_triton_module
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    compiled = compile_cell(cell)
+    module = load_triton_module(compiled).module(interpret=False)
+    stem = Path(compiled.ir.source.filename).stem
+    built = []
+    for name in kernels or kernel_names(compiled.plan):
+        fn = getattr(module, name)
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in ("BLOCK", "COMPUTE"):
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*" + DTYPES[dtype]
+            else:
+                signature[arg] = "i32"
+        src = _source(fn, signature, {"BLOCK": BLOCK, "COMPUTE": tl.float32})
+        for backend, capability in targets:
+            start = time.perf_counter()
+            kernel = triton.compile(src, target=GPUTarget(backend, capability, 32), options={"num_warps": 4})
+            seconds = time.perf_counter() - start
+            built.append(
+                Built(
+                    stem, name, f"{backend}:{capability}", dtype,
+                    len(kernel.asm["ptx"]), len(kernel.asm["cubin"]), seconds,
+                )
+            )  # fmt: skip
+    return built
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.output:
+            for path in write_sources(args.cells, args.output):
+                print(f"wrote {path}")
+        if args.target:
+            for cell in args.cells:
+                for dtype in args.dtype or ["float32"]:
+                    for b in aot_compile(cell, args.target, dtype):
+                        print(b.line())
+        if not args.output and not args.target:
+            print("celldsl compile: nothing to do: give -o DIR and/or --target cuda:CC", file=sys.stderr)
+            return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"celldsl compile: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `compile` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "compile",
+        help="write the Triton kernels of cells; optionally compile them to PTX/cubin",
+        description="Write the generated Triton source of each cell (<stem>.py) and/or compile every "
+        "kernel ahead of time for CUDA targets (no GPU needed).",
+    )
+    p.add_argument("cells", nargs="+", metavar="FILE", help=".cell files (or zoo names)")
+    p.add_argument("-o", "--output", metavar="DIR", help="directory for the generated <stem>.py files")
+    p.add_argument(
+        "--target", action="append", type=parse_target, metavar="cuda:CC",
+        help="compile every kernel for this target (repeatable), e.g. cuda:80, cuda:90",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", action="append", choices=sorted(DTYPES),
+        help="storage dtype of the compiled kernels' pointers (repeatable; default float32)",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celldsl")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
