@@ -1,0 +1,412 @@
+"""Plan -> C source: each stage's pointwise forward and derived backward as one loop over [n, H].
+
+The torch module (torch_source.py) stays the executable meaning of a cell. This file prints the same
+CSE'd SymPy expressions with SymPy's C99 printer, so that the CPU fused loop (runtime/cpu_fused.py)
+makes one call per stage and step instead of one torch call per operation (the per-op overhead, not
+the arithmetic, is what a step of a small cell costs on the CPU).
+
+Every kernel has the signature
+
+    void NAME_f32(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)   (and _f64)
+
+and computes rows 0..n-1, columns 0..H-1, the columns split over `nt` OpenMP threads when built with
+OpenMP (by columns, so that each thread owns its part of every vector accumulator). `p[k]` points at
+argument k of `KernelSpec.args`: a "rows" argument is element [i, j] at p[k][i * ld[k] + j]; a
+"vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double) receives the sum over
+rows (vectors) or over everything (scalars). NAME_f32_at(r, q, n, H, plan, nt) computes the pointers
+of a step itself (see CALL_AT), so the loop makes one cheap ctypes call per stage and step.
+A backward kernel writes each gradient with mode "=" when it is the first contribution to that
+destination within a step and "+=" after, and skips gradients equal to another one it writes
+(see `BackwardSchedule`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+
+from ..plan import Plan, Pointwise
+from .printers import identifier
+
+C_TYPES = {"f32": "float", "f64": "double"}
+
+# grad-input roles whose gradient is a [n, H] tensor (the rest are summed: vectors, scalars)
+ROW_ROLES = ("input", "state", "hoisted", "product", "operand")
+
+C_RESERVED = {
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
+    "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return",
+    "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void",
+    "volatile", "while", "n", "H", "p", "ld", "i", "j", "int64_t", "NAN", "INFINITY",
+}
+LIBM = ("exp", "tanh", "log", "log1p", "pow")
+
+
+@dataclass(frozen=True)
+class KernelArg:
+    """One entry of a kernel's pointer table.
+
+    part: "input" (a pointwise input, `name` its symbol), "output" (a forward result, `name` the
+    output's name: "h'" or an operand), "grad_output" (the gradient of output `name`), "grad_input"
+    (the gradient of input symbol `name`). kind: "rows" | "vector" | "scalar". mode (grad_input
+    only): "=", "+=" (rows), "acc" (vectors and scalars: a double accumulator, summed over rows) or
+    "same:NAME" (not written: equal to NAME's gradient; see BackwardSchedule).
+    """
+
+    part: str
+    name: str
+    kind: str
+    mode: str = ""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str  # e.g. "stage1_backward"; the C functions are name + "_f32" / "_f64"
+    stage: int
+    backward: bool
+    args: tuple[KernelArg, ...]
+
+
+def _kind(plan: Plan, sym: sp.Symbol) -> str:
+    role = plan.role(sym)
+    return role if role in ("vector", "scalar") else "rows"
+
+
+def _dest(plan: Plan, sym: sp.Symbol) -> tuple:
+    """Where the gradient of a pointwise input goes; two symbols with the same key add up."""
+    role = plan.role(sym)
+    if role == "state":
+        return ("state", plan.states.index(sym.name))
+    if role in ("hoisted", "product"):
+        return (role, sym.name)
+    if role == "input":
+        return ("input",)
+    return (role, sym.name)
+
+
+@dataclass
+class BackwardSchedule:
+    """How one reverse step writes its gradients, in the order the CPU loop runs it: pointwise S
+    backward, stage S GEMM backward, ..., pointwise 0 backward.
+
+    modes[stage][symbol name]: "=" (first contribution to that destination in the step), "+=",
+    "acc" (vectors, scalars: summed into a double accumulator), or "same:NAME" (equal to the gradient
+    of NAME in the same kernel, which is the only contribution to both: not written; the loop reuses
+    NAME's buffer or accumulator). first_gemm[stage]: indices (in plan.gemms) of the GEMMs whose
+    operand gradient is the first contribution to a state's gradient (`mm(out=)`, not `addmm_`).
+    hoisted_alias[i] = g: hoisted GEMM i's output gradient equals step GEMM g's, block by block (the
+    torch LSTM: d(W_ii@x) = d(W_hi@h)), so one buffer serves both.
+    """
+
+    modes: dict[int, dict[str, str]]
+    first_gemm: dict[int, set[int]]
+    hoisted_alias: dict[int, int]
+
+
+def backward_schedule(plan: Plan) -> BackwardSchedule:
+    written: set = set()
+    modes: dict[int, dict[str, str]] = {}
+    first_gemm: dict[int, set[int]] = {}
+    by_stage = {pw.stage: pw for pw in plan.pointwise}
+    for k in reversed(range(plan.num_stages + 1)):
+        pw = by_stage.get(k)
+        if pw is not None:
+            m = modes.setdefault(k, {})
+            for sym in pw.grad_inputs:
+                if _kind(plan, sym) != "rows":
+                    m[sym.name] = "acc"
+                    continue
+                key = _dest(plan, sym)
+                m[sym.name] = "+=" if key in written else "="
+                written.add(key)
+        first_gemm[k] = set()
+        for gi, g in enumerate(plan.gemms):
+            if g.stage != k or plan.role(g.operand) != "state":
+                continue
+            key = ("state", plan.states.index(g.operand.name))
+            if key not in written:
+                first_gemm[k].add(gi)
+                written.add(key)
+    hoisted_alias = _alias_gradients(plan, by_stage, modes)
+    return BackwardSchedule(modes, first_gemm, hoisted_alias)
+
+
+def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
+    """Mark gradients equal to another one of the same kernel as "same:NAME" (in `modes`): vectors
+    (summed once), and hoisted GEMM blocks when a whole hoisted GEMM matches a step GEMM."""
+    stages_of: dict[str, int] = {}
+    for pw in plan.pointwise:
+        for sym in pw.grad_inputs:
+            stages_of[sym.name] = stages_of.get(sym.name, 0) + 1
+    results: dict[str, tuple[int, sp.Expr]] = {}
+    for pw in plan.pointwise:
+        for sym, expr in zip(pw.grad_inputs, pw.backward_results, strict=True):
+            if stages_of[sym.name] == 1:  # one kernel writes it: its buffer holds exactly `expr`
+                results[sym.name] = (pw.stage, expr)
+    # vectors: the first vector with the same gradient expression accumulates for all of them
+    for pw in plan.pointwise:
+        first: dict[sp.Expr, str] = {}
+        for sym, expr in zip(pw.grad_inputs, pw.backward_results, strict=True):
+            if plan.role(sym) != "vector" or sym.name not in results or expr == 0:
+                continue
+            if expr in first:
+                modes[pw.stage][sym.name] = "same:" + first[expr]
+            else:
+                first[expr] = sym.name
+    hoisted_alias: dict[int, int] = {}
+    for hi, h in enumerate(plan.hoisted):
+        for gi, g in enumerate(plan.gemms):
+            if gi in hoisted_alias.values() or len(g.products) != len(h.products):
+                continue
+            pairs = list(zip(h.products, g.products, strict=True))
+            if all(p.name in results and q.name in results and results[p.name] == results[q.name]
+                   and modes[results[q.name][0]][q.name] == "=" for p, q in pairs):
+                hoisted_alias[hi] = gi
+                for p, q in pairs:
+                    modes[results[p.name][0]][p.name] = "same:" + q.name
+                break
+    return hoisted_alias
+
+
+def summed_products(plan: Plan) -> dict[int, tuple[int, int]]:
+    """Step GEMMs whose blocks the cell only ever uses added to hoisted blocks (LSTM's W_hi@h + W_ii@x).
+
+    Returns {step GEMM index g: (hoisted GEMM index, first block l)}: block j of g always appears as
+    q_j + p_j with p_j block l + j of that hoisted GEMM, in every forward and backward expression.
+    The CPU loop then computes S = p + q with one addmm per step (reading the hoisted rows inside
+    the GEMM) and binds the kernels' p_j to S and q_j to zero: every expression sees p + q = S, and
+    the kernels read one block where they read two.
+    """
+    exprs = []
+    for pw in plan.pointwise:
+        exprs += [e for _, e in pw.forward_temps] + list(pw.forward_results)
+        exprs += [e for _, e in pw.backward_temps] + list(pw.backward_results)
+    found: dict[int, tuple[int, int]] = {}
+    used: set[sp.Symbol] = set()  # a hoisted block joins one sum at most
+    for gi, g in enumerate(plan.gemms):
+        m = len(g.products)
+        for hi, h in enumerate(plan.hoisted):
+            for first in range(len(h.products) - m + 1):
+                pairs = list(zip(h.products[first : first + m], g.products, strict=True))
+                if used & {p for p, _ in pairs}:
+                    continue
+                total = {q: sp.Symbol(f"_sum{j}", real=True) - p for j, (p, q) in enumerate(pairs)}
+                hoisted = {p for p, _ in pairs}
+                if all(not (sp.sympify(e).xreplace(total).free_symbols & hoisted) for e in exprs):
+                    found[gi] = (hi, first)
+                    used |= hoisted
+                    break
+            if gi in found:
+                break
+    return found
+
+
+def kernel_specs(plan: Plan) -> list[KernelSpec]:
+    """The kernels of a plan's per-step pointwise stages (the hoisted pointwise stays in torch: it runs
+    once per sequence)."""
+    modes = backward_schedule(plan).modes
+    specs = []
+    for pw in plan.pointwise:
+        ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs)
+        outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
+        specs.append(KernelSpec(f"stage{pw.stage}_forward", pw.stage, False, ins + outs))
+        grads = tuple(KernelArg("grad_output", name, "rows") for name, _ in pw.outputs)
+        dsts = tuple(
+            KernelArg("grad_input", s.name, _kind(plan, s), modes[pw.stage][s.name]) for s in pw.grad_inputs
+        )
+        specs.append(KernelSpec(f"stage{pw.stage}_backward", pw.stage, True, ins + grads + dsts))
+    return specs
+
+
+class CPrinter(C99CodePrinter):
+    """SymPy -> C for one element type; cell functions print as the static helpers of `_helpers`."""
+
+    def __init__(self, names: dict[sp.Symbol, str], dtype: str):
+        self.dtype = dtype
+        helpers = {f: f"cd_{f}_{dtype}" for f in
+                   ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum")}
+        super().__init__({"type_aliases": {real: float32 if dtype == "f32" else float64},
+                          "user_functions": helpers})
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        return self.names[expr]
+
+    def _literal(self, value: float) -> str:
+        text = repr(float(value))
+        if "e" not in text and "." not in text and "inf" not in text and "nan" not in text:
+            text += ".0"
+        return text + ("f" if self.dtype == "f32" else "")
+
+    def _print_Rational(self, expr):
+        return self._literal(float(expr))
+
+    _print_Float = _print_Rational
+
+    def _print_Integer(self, expr):
+        return self._literal(int(expr))
+
+    def _print_Half(self, expr):
+        return self._literal(0.5)
+
+    def _print_Pow(self, expr):
+        base, exp = expr.args
+        if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
+            b = "(" + self._print(base) + ")"
+            prod = "*".join([b] * abs(int(exp)))
+            return f"({prod})" if exp > 0 else f"({self._literal(1)}/({prod}))"
+        return super()._print_Pow(expr)
+
+
+def _helpers(dtype: str) -> str:
+    """Cell functions with torch's definitions (softplus threshold 20, NaN-propagating max/min)."""
+    t = C_TYPES[dtype]
+    f = "f" if dtype == "f32" else ""
+    s = dtype
+    return f"""
+static inline {t} cd_sigmoid_{s}({t} x) {{ return 1 / (1 + exp{f}(-x)); }}
+static inline {t} cd_relu_{s}({t} x) {{ return x < 0 ? 0 : x; }}
+static inline {t} cd_softplus_{s}({t} x) {{ return x > 20 ? x : log1p{f}(exp{f}(x)); }}
+static inline {t} cd_logsigmoid_{s}({t} x) {{ return (x < 0 ? x : 0) - log1p{f}(exp{f}(-fabs{f}(x))); }}
+static inline {t} cd_step_{s}({t} x) {{ return x > 0 ? 1 : 0; }}
+static inline {t} cd_maximum_{s}({t} a, {t} b) {{ return (a != a || a > b) ? a : b; }}
+static inline {t} cd_minimum_{s}({t} a, {t} b) {{ return (a != a || a < b) ? a : b; }}
+"""
+
+
+def _simd_declarations() -> str:
+    """Declare libm's functions as having SIMD variants (glibc's libmvec) so that gcc vectorises the
+    row loops with them; compiled only with -DCELLDSL_LIBMVEC (see runtime/cpu_fused.py)."""
+    lines = ["#ifdef CELLDSL_LIBMVEC"]
+    for name in LIBM:
+        for t, suffix in (("float", "f"), ("double", "")):
+            args = f"{t}, {t}" if name == "pow" else t
+            lines.append("#pragma omp declare simd notinbranch")
+            lines.append(f"extern {t} {name}{suffix}({args});")
+    lines.append("#endif")
+    return "\n".join(lines)
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a C comment: printable ASCII, no comment end (file names come from users)."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text.replace("*/", "*?").replace("/*", "/?")
+
+
+def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
+    t = C_TYPES[dtype]
+    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in ("sigmoid", "relu", "softplus", "logsigmoid",
+                                                           "step", "maximum", "minimum")}
+    taken |= {f + suffix for f in LIBM + ("fabs", "sqrt") for suffix in ("", "f")}
+    names: dict[sp.Symbol, str] = {}
+    syms = {s.name: s for s in pw.inputs}
+    grads = dict(zip((n for n, _ in pw.outputs), pw.grad_outputs, strict=True))
+    pre, row_ptrs, loads, body, post, reductions = [], [], [], [], [], []
+    results = dict(zip(pw.grad_inputs, pw.backward_results, strict=True)) if spec.backward else \
+        dict(zip((n for n, _ in pw.outputs), pw.forward_results, strict=True))
+    temps = pw.backward_temps if spec.backward else pw.forward_temps
+    for k, arg in enumerate(spec.args):
+        if arg.part in ("input", "grad_output"):
+            sym = syms[arg.name] if arg.part == "input" else grads[arg.name]
+            names[sym] = var = identifier("v_" + sym.name, taken)  # v_: never a C keyword or macro
+            if arg.kind == "scalar":
+                pre.append(f"    const {t} {var} = *(const {t} *)p[{k}];  /* {_comment(sym.name)} */")
+            elif arg.kind == "vector":
+                row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}];")
+                loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+            else:
+                row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
+                loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+    for tmp, _ in temps:
+        names[tmp] = identifier("v_" + tmp.name, taken)
+    printer = CPrinter(names, dtype)
+    for tmp, e in temps:
+        body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
+    for k, arg in enumerate(spec.args):
+        if arg.part == "output":
+            value = printer.doprint(results[arg.name])
+            row_ptrs.append(f"        {t} *o{k} = ({t} *)p[{k}] + i * ld[{k}];")
+            body.append(f"            o{k}[j] = {value};  /* {_comment(arg.name)} */")
+        elif arg.part == "grad_input":
+            expr = results[syms[arg.name]]
+            if (expr == 0 and arg.mode != "=") or arg.mode.startswith("same:"):
+                continue
+            value = printer.doprint(expr)
+            if arg.kind == "rows":
+                row_ptrs.append(f"        {t} *o{k} = ({t} *)p[{k}] + i * ld[{k}];")
+                body.append(f"            o{k}[j] {arg.mode} {value};  /* d {_comment(arg.name)} */")
+            elif arg.kind == "vector":
+                row_ptrs.append(f"        double *o{k} = (double *)p[{k}];")
+                body.append(f"            o{k}[j] += (double)({value});  /* d {_comment(arg.name)} */")
+            else:
+                reductions.append(f"s{k}")
+                pre.append(f"    double s{k} = 0;  /* d {_comment(arg.name)} */")
+                body.append(f"            s{k} += (double)({value});")
+                post.append(f"    *(double *)p[{k}] += s{k};")
+    clause = f" reduction(+:{', '.join(reductions)})" if reductions else ""
+    lines = [
+        f"void {spec.name}_{dtype}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
+        "{",
+        *pre,
+        "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
+        f"#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static){clause}",
+        "    for (int64_t c = 0; c < nt; ++c) {",
+        "    const int64_t j0 = c * chunk, j1 = j0 + chunk < H ? j0 + chunk : H;",
+        "    for (int64_t i = 0; i < n; ++i) {",
+        *row_ptrs,
+        f"#pragma omp simd{clause}",
+        "        for (int64_t j = j0; j < j1; ++j) {",
+        *loads,
+        *body,
+        "        }",
+        "    }",
+        "    }",
+        *post,
+        "    (void)ld;",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+CALL_AT = """
+/* One step: the step's rows start at row r, the previous step's at row q (q < 0: the first step).
+   plan = base[m], row_bytes[m], first[m], ld[m], prev[m]: argument k points at base[k] + r *
+   row_bytes[k], or, when prev[k] (the previous state), at base[k] + q * row_bytes[k] (first[k] when
+   q < 0: the initial state). One ctypes call per stage and step, no pointer table built in Python. */
+typedef void (*cd_kernel)(int64_t, int64_t, void *const *, const int64_t *, int64_t);
+static void cd_call_at(cd_kernel f, int64_t m, int64_t r, int64_t q, int64_t n, int64_t H,
+                       const int64_t *plan, int64_t nt)
+{
+    void *p[m];
+    for (int64_t k = 0; k < m; ++k) {
+        const int64_t row = plan[4 * m + k] ? q : r;
+        p[k] = (void *)(intptr_t)(row < 0 ? plan[2 * m + k] : plan[k] + row * plan[m + k]);
+    }
+    f(n, H, p, plan + 3 * m, nt);
+}
+"""
+
+HEADER = """/* Generated by celldsl from {filename} (cell {name}): the pointwise stages of one step as C
+   loops over [n, H]; do not edit. The torch module of the same cell is its executable meaning. */
+#include <math.h>
+#include <stdint.h>
+"""
+
+
+def c_source(plan: Plan) -> str:
+    """One translation unit with a float and a double version of every kernel of `kernel_specs`."""
+    by_stage = {pw.stage: pw for pw in plan.pointwise}
+    header = HEADER.format(filename=_comment(plan.ir.source.filename), name=_comment(plan.ir.name))
+    parts = [header, _simd_declarations()]
+    parts.append(CALL_AT)
+    for dtype in C_TYPES:
+        parts.append(_helpers(dtype))
+        for spec in kernel_specs(plan):
+            parts.append(kernel_function(spec, by_stage[spec.stage], dtype))
+            fn, m = f"{spec.name}_{dtype}", len(spec.args)
+            parts.append(f"void {fn}_at(int64_t r, int64_t q, int64_t n, int64_t H, const int64_t *plan, "
+                         f"int64_t nt)\n{{ cd_call_at({fn}, {m}, r, q, n, H, plan, nt); }}\n")
+    return "\n".join(parts)

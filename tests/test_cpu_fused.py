@@ -1,0 +1,350 @@
+"""The CPU fused path (runtime/cpu_fused.py running emit/c_source.py's kernels) computes what the
+plain torch loop computes, and falls back to it when there is no compiler.
+
+- loop level, fused vs plain TorchLoop: outputs, final states, saved tensors and every gradient, in
+  float64 (to 1e-12) for padded and packed sequences, for zoo cells with one, two and no GEMM stages,
+  a stage-0 pointwise, prev(...) states and an output that is not a state, and for a test cell that
+  uses every function, scalar parameters and a hoisted pointwise;
+- float32: the fused result is as close to the float64 result as the plain one;
+- end to end: a layer on the fused loop equals the hand-written references (reference_cells.py),
+  outputs and input, state and parameter gradients; torch.autograd.gradcheck in float64;
+- OpenMP: kernels split over 2 threads give the 1-thread result;
+- fallback: no compiler, a failing compiler, or CELLDSL_CPU_FUSED=0 -> the plain TorchLoop;
+- arguments the kernels do not take (bfloat16) run the plain loop.
+"""
+
+import os
+import re
+import shutil
+import warnings
+
+import pytest
+import torch
+from reference_cells import REFERENCES
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from celldsl import Recurrent, compile_cell
+from celldsl.emit.c_source import backward_schedule, c_source
+from celldsl.runtime import cpu_fused
+from celldsl.runtime.cpu_fused import FusedCPULoop, build_library, cpu_loop
+from celldsl.runtime.function import cell_for, split_params
+from celldsl.runtime.torch_loop import TorchLoop
+
+HAVE_CC = cpu_fused.compiler() is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc or gcc) to build the kernels")
+
+ZOO = ["lstm", "gru", "greff_vanilla", "greff_fgr", "mut1", "mut3", "gru_cho", "slstm", "sru", "indrnn"]
+
+# Every cell function, two scalars, a hoisted pointwise (P @ tanh(x)), a stage-0 pointwise (the
+# operand r * h), a prev(...) state, non-integer powers and an output that is not a state.
+KITCHEN = """
+cell kitchen
+input x
+state h, c
+output y
+param W, U, V, P
+param a, b
+param s : scalar
+param k : scalar
+g = sigmoid(W @ x + U @ h + b)
+r = relu(a * h) + softplus(c) - logsigmoid(x) + P @ tanh(x)
+m = max(g, r) - min(c, h) + abs(c) * s
+c' = g * c + (1 - g) * tanh(V @ (r * h) + m) / (1 + exp(-k * prev(g)))
+h' = sqrt(c' * c' + 1) ^ 0.5 + exp(-abs(h)) * log(1 + g) + 0.25 * c
+y = h' * s + c' - k
+"""
+CELLS = [*ZOO, "kitchen"]
+
+
+def cell_text(stem: str) -> str:
+    if stem == "kitchen":
+        return KITCHEN
+    from celldsl.compiler import ZOO as ZOO_DIR
+
+    return (ZOO_DIR / f"{stem}.cell").read_text()
+
+
+def make_layer(stem: str, dtype=torch.float64, hidden: int = 5, tag: str = "") -> Recurrent:
+    """A layer on a private copy of the cell (its own cache key), so its loop can be replaced."""
+    text = cell_text(stem) + f"\n# test_cpu_fused {tag}\n"
+    input_size = hidden if compile_cell(text).ir.needs_hidden_size else 4
+    layer = Recurrent(text, input_size, hidden, dtype=dtype)
+    with torch.no_grad():  # keep sLSTM's exponentials and the kitchen's powers in a tame range
+        for p in layer.parameters():
+            p.mul_(0.8)
+    return layer
+
+
+def use_loop(layer: Recurrent, loop) -> None:
+    """Make the registered ops run `loop` for this layer's (private) cell."""
+    for cell in (cell_for(layer.cell.key), layer.cell):
+        cell.loop = lambda backend, loop=loop: loop
+
+
+def loop_args(layer, T=4, N=3, packed=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(layer.parameters()).dtype
+    params = split_params(layer.cell.torch_loop, layer._weights(0, 0))
+    states = [torch.randn(N, layer.hidden_size, generator=gen, dtype=dtype) for _ in layer.cell.states]
+    if packed:
+        batch_sizes = torch.tensor([N, N, N - 1, 1][:T])
+        x = torch.randn(int(batch_sizes.sum()), layer.input_size, generator=gen, dtype=dtype)
+    else:
+        batch_sizes = None
+        x = torch.randn(T, N, layer.input_size, generator=gen, dtype=dtype)
+    return x, states, params, batch_sizes
+
+
+def run_loop(loop, x, states, params, batch_sizes, seed=1, needs_dx=True):
+    """forward, then backward with random output and final-state gradients (some None).
+    -> ([out, *finals, *saved], [dx, *d states, *d hoisted_w, *d step_w, *d vectors, *d scalars])."""
+    with torch.no_grad():
+        out, finals, saved = loop.forward(x, states, *params, batch_sizes)
+        gen = torch.Generator().manual_seed(seed)
+        g_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        g_states = [torch.randn(s.shape, generator=gen, dtype=s.dtype) if i % 2 == 0 else None
+                    for i, s in enumerate(states)]
+        kwargs = {} if needs_dx else {"needs_dx": False}
+        grads = loop.backward(x, states, *params, out, saved, g_out, g_states, batch_sizes, **kwargs)
+    dx, dstates, dhw, dsw, dvec, dscal = grads
+    return [out, *finals, *saved], [dx, *dstates, *dhw, *dsw, *dvec, *dscal]
+
+
+def max_err(a, b):
+    """Largest difference between matching tensors of two lists (same shapes and dtypes)."""
+    assert len(a) == len(b)
+    for u, v in zip(a, b, strict=True):
+        assert u.shape == v.shape and u.dtype == v.dtype
+    return max(float((u - v).abs().max()) if u.numel() else 0.0 for u, v in zip(a, b, strict=True))
+
+
+def rel_err(a, b):
+    """max_err relative to the largest magnitude of `a` (sLSTM's gradients reach the hundreds)."""
+    return max_err(a, b) / max(1.0, max(float(u.abs().max()) for u in a if u.numel()))
+
+
+@needs_cc
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("stem", CELLS)
+def test_fused_equals_plain_float64(stem, packed):
+    layer = make_layer(stem)
+    fused = cpu_loop(layer.cell)
+    assert isinstance(fused, FusedCPULoop)
+    args = loop_args(layer, packed=packed)
+    fwd_p, bwd_p = run_loop(layer.cell.torch_loop, *args)
+    fwd_f, bwd_f = run_loop(fused, *args)
+    # saved step GEMM outputs that the fused loop keeps added to their hoisted blocks (S = p + q)
+    first_step = 1 + len(fused.states) + len(fused.states) - (fused.output_state is not None)
+    first_hoisted = first_step + len(fused.gemms) + len(fused.operand_names)
+    H = layer.hidden_size
+    for gi, (hi, first) in fused.summed.items():
+        P, hoisted = fwd_p[first_step + gi], fwd_p[first_hoisted + hi]
+        fwd_p[first_step + gi] = P + hoisted[:, first * H : first * H + P.shape[1]]
+    assert rel_err(fwd_p, fwd_f) < 1e-12
+    assert rel_err(bwd_p, bwd_f) < 1e-12
+    assert all(torch.isfinite(t).all() for t in fwd_f + bwd_f)
+
+
+@needs_cc
+@pytest.mark.parametrize("stem", ["lstm", "mut1", "kitchen"])
+def test_needs_dx_false_keeps_parameter_gradients(stem):
+    layer = make_layer(stem)
+    fused = cpu_loop(layer.cell)
+    args = loop_args(layer)
+    _, full = run_loop(fused, *args)
+    _, nodx = run_loop(fused, *args, needs_dx=False)
+    assert torch.equal(nodx[0], torch.zeros_like(full[0]))
+    assert max_err(full[1:], nodx[1:]) == 0.0
+
+
+@needs_cc
+@pytest.mark.parametrize("stem", CELLS)
+def test_fused_float32_as_accurate_as_plain(stem):
+    layer64 = make_layer(stem)
+    layer32 = make_layer(stem, dtype=torch.float32)
+    layer32.load_state_dict(layer64.state_dict())
+    args64 = loop_args(layer64)
+    args32 = (args64[0].float(), [s.float() for s in args64[1]], split_params(
+        layer32.cell.torch_loop, layer32._weights(0, 0)), None)
+    n = 1 + len(layer64.cell.states)  # out and final states (the saved tensors are the loops' own)
+    truth_fwd, truth_bwd = run_loop(layer64.cell.torch_loop, *args64)
+    truth_fwd, truth_bwd = [t.float() for t in truth_fwd[:n]], [t.float() for t in truth_bwd]
+    plain = run_loop(layer32.cell.torch_loop, *args32)
+    fused = run_loop(cpu_loop(layer32.cell), *args32)
+    for truth, p, f in ((truth_fwd, plain[0][:n], fused[0][:n]), (truth_bwd, plain[1], fused[1])):
+        scale = max(float(t.abs().max()) for t in truth)
+        assert max_err(truth, f) <= 4 * max_err(truth, p) + 1e-6 * scale
+
+
+@needs_cc
+@pytest.mark.parametrize("stem", ["lstm", "greff_fgr", "mut3", "slstm", "sru"])
+def test_fused_layer_matches_reference(stem):
+    """Independent check: the layer on the fused loop against the hand-written per-gate reference."""
+    torch.manual_seed(0)
+    layer = make_layer(stem, hidden=6)
+    use_loop(layer, cpu_loop(layer.cell))
+    T, N = 5, 3
+    x = torch.randn(T, N, layer.input_size, dtype=torch.float64, requires_grad=True)
+    states = tuple((torch.randn(1, N, 6, dtype=torch.float64) * 0.5).requires_grad_()
+                   for _ in layer.cell.states)
+    out, final = layer(x, states[0] if len(states) == 1 else states)
+    final = final if isinstance(final, tuple) else (final,)
+    p = {name: layer.cell_parameter(name) for name in layer.cell.ir.params}
+    ref_out, ref_final = REFERENCES[stem](p, x, tuple(s[0] for s in states))
+    assert (out - ref_out).abs().max() < 1e-10
+    for a, b in zip(final, ref_final, strict=True):
+        assert (a[0] - b).abs().max() < 1e-10
+    g = torch.randn_like(out)
+    wrt = [x, *states, *layer.parameters()]
+    ours = torch.autograd.grad((out * g).sum() + sum(f.sum() for f in final), wrt)
+    theirs = torch.autograd.grad((ref_out * g).sum() + sum(f.sum() for f in ref_final), wrt)
+    assert max_err(list(ours), list(theirs)) < 1e-10
+
+
+@needs_cc
+@pytest.mark.parametrize("stem", ["lstm", "mut1", "kitchen"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gradcheck_fused_layer(stem, packed):
+    torch.manual_seed(0)
+    layer = make_layer(stem, hidden=3, tag="gradcheck")
+    use_loop(layer, cpu_loop(layer.cell))
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+    x = torch.randn(3, 2, layer.input_size, dtype=torch.float64, requires_grad=True)
+    states = [(torch.randn(1, 2, 3, dtype=torch.float64) * 0.5).requires_grad_() for _ in layer.cell.states]
+    n = len(states)
+
+    def f(x, *rest):
+        inp = pack_padded_sequence(x, torch.tensor([3, 2]), enforce_sorted=False) if packed else x
+        out, final = functional_call(layer, dict(zip(names, rest[n:], strict=True)), (inp, tuple(rest[:n])))
+        out = out.data if packed else out
+        return (out, *(final if isinstance(final, tuple) else (final,)))
+
+    assert torch.autograd.gradcheck(f, (x, *states, *params))
+
+
+@needs_cc
+@pytest.mark.parametrize("stem", ["slstm", "mut1", "kitchen"])
+def test_two_threads_equal_one(stem, monkeypatch):
+    """The kernels split columns over OpenMP threads (H = 37: an uneven split) for any size here."""
+    monkeypatch.setattr(cpu_fused, "MIN_PARALLEL", 0)
+    layer = make_layer(stem, hidden=37)
+    args = loop_args(layer, N=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_loop(cpu_loop(layer.cell), *args)
+        torch.set_num_threads(2)
+        two = run_loop(cpu_loop(layer.cell), *args)
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(one[0], two[0]) < 1e-12 and rel_err(one[1], two[1]) < 1e-12
+
+
+@needs_cc
+def test_other_dtypes_run_the_plain_loop():
+    layer = make_layer("lstm", dtype=torch.bfloat16)
+    fused = cpu_loop(layer.cell)
+    assert isinstance(fused, FusedCPULoop)
+    args = loop_args(layer)
+    assert not fused.fused(args[0], args[1], *args[2])
+    plain_fwd, plain_bwd = run_loop(layer.cell.torch_loop, *args)
+    fused_fwd, fused_bwd = run_loop(fused, *args)
+    assert max_err(plain_fwd, fused_fwd) == 0.0 and max_err(plain_bwd, fused_bwd) == 0.0
+
+
+@needs_cc
+def test_library_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path))
+    layer = make_layer("gru", tag="cache")
+    lib, reason = build_library(layer.cell)
+    assert lib is not None, reason
+    built = list(tmp_path.glob(f"{layer.cell.key}/cpu_kernels_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    lib2, _ = build_library(layer.cell)
+    assert lib2 is not None and built[0].stat().st_mtime_ns == stamp
+
+
+def test_schedule_shares_the_lstm_gradient_buffers():
+    """torch's LSTM: d(W_ii@x) = d(W_hi@h) block by block, and b_ii, b_hi share one accumulator."""
+    cell = compile_cell("lstm")
+    schedule = backward_schedule(cell.plan)
+    assert schedule.hoisted_alias == {0: 0}
+    modes = schedule.modes[1]
+    assert modes["b_hi"] == "same:b_ii" or modes["b_ii"] == "same:b_hi"
+    assert "#pragma omp simd" in c_source(cell.plan)
+
+
+@pytest.mark.parametrize("how", ["missing", "failing", "disabled"])
+def test_fallback_without_a_compiler(how, tmp_path, monkeypatch):
+    """No compiler, a compiler that fails, or CELLDSL_CPU_FUSED=0: the plain loop, and it works."""
+    monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "_warned", set())
+    if how == "missing":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    elif how == "failing":
+        false = shutil.which("false")
+        if false is None:
+            pytest.skip("no `false` program to stand in for a failing compiler")
+        monkeypatch.setenv("CC", false)
+    else:
+        monkeypatch.setenv("CELLDSL_CPU_FUSED", "0")
+    layer = make_layer("mut1", tag=f"fallback-{how}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop = cpu_loop(layer.cell)
+    assert type(loop) is TorchLoop
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if how == "disabled":
+        assert messages == []
+    else:
+        assert len(messages) == 1 and ("no C compiler" in messages[0]) == (how == "missing")
+        assert ("failed" in messages[0]) == (how == "failing")
+    assert not list(tmp_path.glob("**/*.so"))
+    use_loop(layer, loop)
+    x = torch.randn(4, 2, layer.input_size, dtype=torch.float64)
+    out, h = layer(x)
+    p = {name: layer.cell_parameter(name) for name in layer.cell.ir.params}
+    ref_out, (ref_h,) = REFERENCES["mut1"](p, x, (torch.zeros(2, layer.hidden_size, dtype=torch.float64),))
+    assert (out - ref_out).abs().max() < 1e-10 and (h[0] - ref_h).abs().max() < 1e-10
+
+
+def test_compiler_respects_cc(monkeypatch, tmp_path):
+    monkeypatch.delenv("CELLDSL_CPU_FUSED", raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "nope"))
+    assert cpu_fused.compiler() is None
+    if HAVE_CC:
+        monkeypatch.delenv("CC")
+        assert os.path.exists(cpu_fused.compiler())
+
+
+@needs_cc
+def test_file_names_cannot_end_the_c_comments(tmp_path):
+    """The C header names the cell's file; a path containing */ must not close that comment."""
+    folder = tmp_path / "a*"
+    folder.mkdir()
+    path = folder / "evil.cell"  # .../a*/evil.cell
+    path.write_text(cell_text("rnn_tanh").replace("cell rnn_tanh", "cell evil"))
+    cell = compile_cell(str(path))
+    source = c_source(cell.plan)
+    assert "*/evil" not in source and source.count("/*") == source.count("*/")
+    lib, reason = build_library(cell)
+    assert lib is not None, reason
+
+
+@needs_cc
+def test_bad_shapes_raise_instead_of_reading_out_of_bounds():
+    layer = make_layer("lstm", tag="shapes")
+    fused = cpu_loop(layer.cell)
+    x, states, (hw, sw, vec, sc), _ = loop_args(layer)
+    bad = [
+        (x, [states[0], states[1][:, :-1]], hw, sw, vec, sc, "state 'c' must be"),
+        (x, states, hw, sw, [vec[0][:-1], *vec[1:]], sc, "vector 'b_ii' must have shape"),
+        (x, states, hw, [sw[0][:-1]], vec, sc, "must have 4 * H = 20 rows"),
+        (x[:, :2], states, hw, sw, vec, sc, "batch_sizes must be"),
+    ]
+    for x_, st, h, s, v, c, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fused.forward(x_, st, h, s, v, c)
