@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from .tasks import Task
@@ -34,7 +33,9 @@ class SequenceModel(nn.Module):
         return self.readout(h), state
 
 
-def build_model(cell_path: str | Path, task: Task, hidden: int, layers: int = 1, device=None) -> SequenceModel:
+def build_model(
+    cell_path: str | Path, task: Task, hidden: int, layers: int = 1, device=None
+) -> SequenceModel:
     """Recurrent layer from the .cell file plus a Linear readout (and an embedding for token tasks).
 
     Token tasks embed into `hidden` dimensions: cells such as Jozefowicz's MUT1/MUT2 add the

@@ -90,7 +90,10 @@ def load_chorales(progress: bool = True) -> list[Chorale]:
     from tqdm import tqdm
 
     names = chorale_names()
-    rolls = [parse_chorale(n) for n in tqdm(names, desc="parsing chorales (cached afterwards)", disable=not progress)]
+    rolls = [
+        parse_chorale(n)
+        for n in tqdm(names, desc="parsing chorales (cached afterwards)", disable=not progress)
+    ]
     atomic_save_with(
         path,
         lambda f: np.savez_compressed(

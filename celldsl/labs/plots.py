@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .files import atomic_save_with
 
@@ -19,16 +20,33 @@ def _save(fig: Figure, path: Path) -> Path:
     return atomic_save_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
+def _nan(v):
+    return np.nan if v is None else v
+
+
+def _zoom_past_start(ax, series: list[list[float]]) -> None:
+    """Set y-limits from the points after the first one: the untrained model's value (e.g. NLL 61
+    for 88 keys at p = 0.5) would otherwise flatten the part of the curve worth reading."""
+    later = np.array([v for ys in series for v in ys[1:] if v is not None and np.isfinite(v)], dtype=float)
+    if later.size:
+        lo, hi = later.min(), later.max()
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
 def learning_curve(history: list[dict], metric: str, title: str, path: Path) -> Path:
     """Training loss (left) and the headline metric on each evaluation set (right) vs step."""
     fig = Figure(figsize=(10, 3.8))
     ax_loss, ax_metric = fig.subplots(1, 2)
     steps = [row["step"] for row in history]
-    ax_loss.plot(steps, [row["train_loss"] for row in history], label="training batches")
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss (mean since last point)")
-    sets = sorted({k[: -len(metric) - 1] for row in history for k in row if k.endswith("_" + metric) and k != metric})
+    ax_loss.plot(steps, [_nan(row["batch_loss"]) for row in history], label="training batches")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss (mean over batches since last point)")
+    sets = sorted(
+        {k[: -len(metric) - 1] for row in history for k in row if k.endswith("_" + metric) and k != metric}
+    )
     for s in sets:
-        ax_metric.plot(steps, [row.get(f"{s}_{metric}", np.nan) for row in history], label=s)
+        ax_metric.plot(steps, [_nan(row.get(f"{s}_{metric}")) for row in history], label=s)
+    _zoom_past_start(ax_metric, [[row.get(f"{s}_{metric}") for row in history] for s in sets])
     ax_metric.set(xlabel="step", ylabel=metric, title=metric)
     ax_metric.legend()
     fig.suptitle(title)
@@ -44,11 +62,12 @@ def compare_curves(curves: dict[str, list[list[dict]]], metric: str, title: str,
         for k, history in enumerate(runs):
             ax.plot(
                 [row["step"] for row in history],
-                [row.get(f"test_{metric}", np.nan) for row in history],
+                [_nan(row.get(f"test_{metric}")) for row in history],
                 color=colours[i % 10],
                 alpha=0.9 if len(runs) == 1 else 0.6,
                 label=label if k == 0 else None,
             )
+    _zoom_past_start(ax, [[row.get(f"test_{metric}") for row in h] for runs in curves.values() for h in runs])
     ax.set(xlabel="training step", ylabel=f"test {metric}", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -64,7 +83,12 @@ def copy_predictions(panels: Sequence[tuple[int, np.ndarray, np.ndarray]], path:
         for col, (img, what) in enumerate(((target, "target"), (pred, "prediction"))):
             ax = axes[row][col]
             ax.imshow(np.asarray(img), aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.set(title=f"length {L}: {what}", yticks=[], xlabel="output step" if row == len(panels) - 1 else None)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(
+                title=f"length {L}: {what}",
+                yticks=[],
+                xlabel="output step" if row == len(panels) - 1 else None,
+            )
     return _save(fig, Path(path))
 
 
@@ -95,8 +119,16 @@ def pianoroll_prediction(target, probs, name: str, path: Path) -> Path:
     fig = Figure(figsize=(10, 6))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, img, what in ((axes[0], target, "notes"), (axes[1], probs, "predicted P(note on | past)")):
-        ax.imshow(img[:, lo:hi].T, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1,
-                  extent=(-0.5, len(img) - 0.5, lo + 21 - 0.5, hi + 21 - 0.5), interpolation="nearest")
+        ax.imshow(
+            img[:, lo:hi].T,
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            vmin=0,
+            vmax=1,
+            extent=(-0.5, len(img) - 0.5, lo + 21 - 0.5, hi + 21 - 0.5),
+            interpolation="nearest",
+        )
         ax.set(ylabel="MIDI pitch", title=f"{name}: {what}")
     axes[1].set(xlabel="quarter-note frame")
     return _save(fig, Path(path))
@@ -107,5 +139,10 @@ def position_accuracy(acc: dict[int, float], path: Path) -> Path:
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.bar(list(acc), list(acc.values()), color="C0")
-    ax.set(xlabel="position in the answer", ylabel="accuracy", ylim=(0, 1), title="arithmetic: accuracy by position")
+    ax.set(
+        xlabel="position in the answer",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title="arithmetic: accuracy by position",
+    )
     return _save(fig, Path(path))

@@ -1,7 +1,7 @@
 """The lab tasks by name, and `make_task` to build one from command-line options.
 
-    >>> make_task("adding", {"T": "500"}).T
-    500
+>>> make_task("adding", {"T": "500"}).T
+500
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ class Task:
     output: ClassVar[str]  # "bernoulli" (sigmoid + BCE), "gaussian" (linear + MSE), "categorical"
     tokens: ClassVar[bool] = False  # inputs are token ids: the model puts an embedding in front
     metric: ClassVar[str]  # the headline metric, reported in tables
+    also_report: ClassVar[tuple[str, ...]] = ()  # further test metrics that comparison tables show
     higher_is_better: ClassVar[bool] = False
     defaults: ClassVar[Defaults] = Defaults()
     reference: ClassVar[str] = ""  # what the papers report, printed next to comparison tables

@@ -63,7 +63,7 @@ class ChoralesTask(Task):
     name: ClassVar[str] = "chorales"
     output: ClassVar[str] = "bernoulli"
     metric: ClassVar[str] = "nll"
-    defaults: ClassVar[Defaults] = Defaults(hidden=36, steps=1000, batch=16, lr=3e-3, eval_every=100)
+    defaults: ClassVar[Defaults] = Defaults(hidden=36, steps=1000, batch=16, lr=1e-2, eval_every=100)
     reference: ClassVar[str] = (
         "Chung et al. 2014, Table 2, JSB Chorales, NLL per time step train/test: tanh 8.82/9.19, "
         "GRU 6.94/8.54, LSTM 8.15/8.67 (tanh 100 units, GRU 46, LSTM 36; about 20k parameters each; "
@@ -99,7 +99,9 @@ class ChoralesTask(Task):
             for name, chorales in self.splits().items():
                 # sorted by length so that batches carry little padding
                 rolls = sorted((c.roll for c in chorales), key=len)
-                sets[name] = [rolls_to_batch(rolls[i : i + EVAL_BATCH]) for i in range(0, len(rolls), EVAL_BATCH)]
+                sets[name] = [
+                    rolls_to_batch(rolls[i : i + EVAL_BATCH]) for i in range(0, len(rolls), EVAL_BATCH)
+                ]
             self._eval = sets
         return self._eval
 

@@ -1,0 +1,124 @@
+"""The `celldsl` command: `check` and `explain` here; `train`/`compare` (labs) and `compile` (Triton)
+register themselves.
+
+    celldsl check cells/*.cell       # exit 0 if every file compiles (warnings are printed), else 1
+    celldsl explain cells/lstm.cell  # the plan: shapes, GEMMs per stage, forward, backward, FLOPs
+
+A bad cell file prints `file:line:col: error: message`, the line and a caret on stderr, never a
+traceback (set CELLDSL_DEBUG=1 to get one for an internal error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .compiler import ZOO, compile_cell
+from .errors import CellError, CellWarning
+
+
+def _cell_path(name: str) -> Path:
+    """A file path; a bare zoo name ("lstm") when no such file exists."""
+    path = Path(name)
+    if not path.exists() and os.sep not in name and (ZOO / f"{name}.cell").exists():
+        return ZOO / f"{name}.cell"
+    return path
+
+
+def _compile(name: str):
+    """Compile one file -> (CompiledCell or None, warnings as text, error as text or None)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CellWarning)
+        try:
+            compiled, error = compile_cell(_cell_path(name)), None
+        except CellError as err:
+            compiled, error = None, str(err)
+        except Exception as err:  # noqa: BLE001 - a compiler bug still gets a message, not a traceback
+            if os.environ.get("CELLDSL_DEBUG"):
+                raise
+            compiled = None
+            error = (
+                f"{name}: internal error: {type(err).__name__}: {err} (this is a bug in celldsl; "
+                "CELLDSL_DEBUG=1 shows the traceback)"
+            )
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CellWarning)))
+    return compiled, notes, error
+
+
+def run_check(args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.files:
+        compiled, notes, error = _compile(name)
+        for note in notes:
+            print(note, file=sys.stderr)
+        if error is not None:
+            print(error, file=sys.stderr)
+            failed += 1
+        elif not args.quiet:
+            print(f"{name}: ok")
+    if failed and len(args.files) > 1:
+        print(f"{failed} of {len(args.files)} files have errors", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    compiled, notes, error = _compile(args.file)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 1
+    print(compiled.explain())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="celldsl",
+        description="A compiler for recurrent cells: equations in a .cell file -> fused kernels and "
+        "torch layers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "check", help="validate cell files", description="Compile each file; print its errors and warnings."
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help=".cell files (or zoo names such as lstm)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing for files without errors")
+    p.set_defaults(func=run_check)
+    p = sub.add_parser(
+        "explain",
+        help="show the compiled plan of a cell",
+        description="Inputs, states, parameter shapes, the GEMMs of every stage, the fused forward, the "
+        "size of the derived backward, FLOPs per step and the recurrence kind.",
+    )
+    p.add_argument("file", metavar="FILE", help="a .cell file (or a zoo name such as lstm)")
+    p.set_defaults(func=run_explain)
+
+    from .labs import cli as labs_cli
+
+    labs_cli.register(sub)
+    from . import triton_cli
+
+    triton_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # a cell's doc string may not fit the locale
+        except (AttributeError, ValueError):
+            pass
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `celldsl explain x | head`: stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""`celldsl train` and `celldsl compare`.
+
+    celldsl train copy --cell cells/lstm.cell --steps 2000 --out runs/copy-lstm
+    celldsl train adding --cell cells/gru.cell -o T=500
+    celldsl compare chorales cells/rnn_tanh.cell cells/gru.cell cells/lstm.cell --param-budget 20000
+
+The main CLI calls `register(subparsers)`; `python -m celldsl.labs.cli` runs these two commands
+on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .tasks import TASKS, parse_options
+
+TASK_HELP = "; ".join(
+    f"{name} ({cls.__doc__.split(chr(10))[0].removeprefix('Options: ').rstrip('.')})"
+    for name, cls in TASKS.items()
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=sorted(TASKS), help="the benchmark")
+    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
+    p.add_argument("--steps", type=int, help="training steps (default: the task's)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the task's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    p.add_argument("--optimizer", choices=("adam", "rmsprop"), default="adam")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default 1)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads, 0 = torch's default (default 1)"
+    )
+    p.add_argument("--out", help="output directory (default under runs/)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in the output directory"
+    )
+    p.add_argument(
+        "-o",
+        "--task-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help=f"task option, repeatable. {TASK_HELP}",
+    )
+    p.add_argument("--no-pictures", action="store_true", help="skip the plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _hidden_list(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or a comma-separated list, got {text!r}"
+        ) from None
+    if any(h < 1 for h in sizes):
+        raise argparse.ArgumentTypeError("hidden sizes must be positive")
+    return sizes
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    summary = train(
+        TrainConfig(
+            task=args.task,
+            cell=args.cell,
+            hidden=args.hidden,
+            layers=args.layers,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            out=args.out,
+            resume=args.resume,
+            eval_every=args.eval_every,
+            clip=args.clip,
+            optimizer=args.optimizer,
+            threads=args.threads,
+            task_options=parse_options(args.task_option),
+            pictures=not args.no_pictures,
+            progress=not args.quiet,
+        )
+    )
+    final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
+    name, params = summary["cell_name"], summary["parameters"]
+    print(f"{name} on {summary['task']}: {params} parameters, {summary['steps']} steps")
+    print(f"final: {final}")
+    print(f"wrote {summary['config']['out']}/metrics.json, metrics.csv, checkpoint.pt and plots")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+
+    result = compare(
+        CompareConfig(
+            task=args.task,
+            cells=args.cells,
+            hidden=args.hidden,
+            param_budget=args.param_budget,
+            seeds=args.seeds,
+            seed=args.seed,
+            layers=args.layers,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            device=args.device,
+            out=args.out,
+            resume=args.resume,
+            eval_every=args.eval_every,
+            clip=args.clip,
+            optimizer=args.optimizer,
+            threads=args.threads,
+            task_options=parse_options(args.task_option),
+            pictures=not args.no_pictures,
+            progress=not args.quiet,
+        )
+    )
+    print(result["table"])
+    print(f"wrote {result['plot']} and results.md / results.json next to it")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `train` and `compare` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "train", help="train one cell on a task", description="Train one cell on one task."
+    )
+    _common(p)
+    p.add_argument("--cell", required=True, help="the .cell file")
+    p.add_argument("--hidden", type=int, help="hidden size (default: the task's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_guard(run_train, "train"))
+
+    p = subparsers.add_parser(
+        "compare",
+        help="train several cells on a task and tabulate",
+        description="Train several cells on one task (optionally at a matched parameter budget) and write a "
+        "markdown table and a plot of every learning curve.",
+    )
+    _common(p)
+    p.add_argument("cells", nargs="+", metavar="FILE", help=".cell files")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--param-budget", type=int, metavar="P", help="pick each hidden size to fit P parameters"
+    )
+    size.add_argument(
+        "--hidden", type=_hidden_list, metavar="H", help="hidden size, or one per cell: 100,46,36"
+    )
+    p.add_argument(
+        "--seeds", type=int, default=1, metavar="K", help="runs per cell, seeds --seed .. --seed+K-1"
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.set_defaults(func=_guard(run_compare, "compare"))
+
+
+def _guard(func, name: str):
+    """Turn expected errors (bad options, a bad cell file, a mismatched checkpoint) into messages:
+    celldsl.CellError is a ValueError and already points into the file."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"celldsl {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celldsl", description="celldsl replication labs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Train several cells on one task and write a comparison: a markdown table and one plot.
+
+Hidden sizes come from `--hidden` (one value for all cells, or one per cell) or from a parameter
+budget, as Chung et al. 2014 did (about 20k parameters per model on the music data): each cell
+gets the largest hidden size whose whole model (recurrent layer + readout) fits the budget.
+
+Output directory layout:
+
+    DIR/<cell>/seed<k>/   one `train` run each (resumable)
+    DIR/results.md        the table, the settings and what the papers report
+    DIR/results.json      the same numbers, machine-readable
+    DIR/curves.png        test metric vs step for every run
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write_json, atomic_write_text
+from .model import hidden_for_budget
+from .tasks import make_task
+from .train import TrainConfig, train
+
+
+@dataclass
+class CompareConfig:
+    task: str
+    cells: list[str]
+    hidden: list[int] | None = None  # one for all, or one per cell
+    param_budget: int | None = None
+    seeds: int = 1
+    seed: int = 0  # seeds used: seed, seed+1, ..., seed+seeds-1
+    layers: int = 1
+    steps: int | None = None
+    batch: int | None = None
+    lr: float | None = None
+    device: str = "cpu"
+    out: str | None = None
+    resume: bool = False
+    eval_every: int | None = None
+    clip: float = 1.0
+    optimizer: str = "adam"
+    threads: int = 1
+    task_options: dict[str, Any] = field(default_factory=dict)
+    pictures: bool = True
+    progress: bool = True
+
+
+def labels_for(cells: list[str]) -> list[str]:
+    """File stems, made unique (lstm, gru, lstm-2) so runs do not share a directory."""
+    labels: list[str] = []
+    for c in cells:
+        stem, k = Path(c).stem, 1
+        label = stem
+        while label in labels:
+            k += 1
+            label = f"{stem}-{k}"
+        labels.append(label)
+    return labels
+
+
+def hidden_sizes(cfg: CompareConfig) -> list[int]:
+    task = make_task(cfg.task, cfg.task_options)
+    if cfg.hidden and cfg.param_budget:
+        raise ValueError("give either hidden sizes or a parameter budget, not both")
+    if cfg.param_budget:
+        return [hidden_for_budget(c, task, cfg.param_budget, cfg.layers) for c in cfg.cells]
+    if not cfg.hidden:
+        return [task.defaults.hidden] * len(cfg.cells)
+    if len(cfg.hidden) == 1:
+        return list(cfg.hidden) * len(cfg.cells)
+    if len(cfg.hidden) != len(cfg.cells):
+        raise ValueError(
+            f"{len(cfg.hidden)} hidden sizes for {len(cfg.cells)} cells: give one, or one per cell"
+        )
+    return list(cfg.hidden)
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every (cell, seed), then write results.md, results.json and curves.png."""
+    if cfg.seeds < 1:
+        raise ValueError("seeds must be at least 1")
+    out = Path(cfg.out or Path("runs") / f"compare-{cfg.task}")
+    sizes = hidden_sizes(cfg)
+    runs: dict[str, list[dict]] = {}
+    for cell, label, hidden in zip(cfg.cells, labels_for(cfg.cells), sizes, strict=True):
+        for k in range(cfg.seeds):
+            run = TrainConfig(
+                task=cfg.task,
+                cell=cell,
+                hidden=hidden,
+                layers=cfg.layers,
+                steps=cfg.steps,
+                batch=cfg.batch,
+                lr=cfg.lr,
+                seed=cfg.seed + k,
+                device=cfg.device,
+                out=str(out / label / f"seed{cfg.seed + k}"),
+                resume=cfg.resume,
+                eval_every=cfg.eval_every,
+                clip=cfg.clip,
+                optimizer=cfg.optimizer,
+                threads=cfg.threads,
+                task_options=cfg.task_options,
+                pictures=cfg.pictures,
+                progress=cfg.progress,
+            )
+            runs.setdefault(label, []).append(train(run))
+    return write_results(cfg, runs, out)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    if len(values) == 1:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def _num(x: float, digits: int) -> str:
+    """Significant digits, but never scientific notation for table-sized numbers."""
+    return f"{x:.0f}" if abs(x) >= 10 ** (digits - 1) else f"{x:.{digits}g}"
+
+
+def fmt(values: list[float]) -> str:
+    """'mean ± sample std' (or the value for one seed): 4 significant digits, std 2."""
+    if any(v is None for v in values):
+        return "n/a"
+    m, s = mean_std(values)
+    return _num(m, 4) if s is None else f"{_num(m, 4)} ± {_num(s, 2)}"
+
+
+def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) -> dict[str, Any]:
+    from .plots import compare_curves
+
+    task = make_task(cfg.task, cfg.task_options)
+    metric = task.metric
+    first = next(iter(runs.values()))[0]
+    sets = [k[: -len(metric) - 1] for k in first["final"] if k.endswith("_" + metric)]
+    extras = [k for k in first["extras"] if k.endswith(metric)]
+    has_valid = "best_valid" in first
+
+    also = [f"test_{m}" for m in task.also_report if f"test_{m}" in first["final"]]
+    header = ["cell", "hidden", "parameters"] + [f"{s} {metric}" for s in sets]
+    header += [a.replace("_", " ", 1) for a in also]
+    header += ([f"test {metric} at best valid"] if has_valid else []) + extras
+    header += ["time/step (ms)", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for label, summaries in runs.items():
+        row = {
+            "cell": label,
+            "file": summaries[0]["cell"],
+            "hidden": summaries[0]["hidden"],
+            "parameters": summaries[0]["parameters"],
+            **{f"{s}_{metric}": [r["final"][f"{s}_{metric}"] for r in summaries] for s in sets},
+            **{a: [r["final"][a] for r in summaries] for a in also},
+            **{e: [r["extras"][e] for r in summaries] for e in extras},
+            "time_per_step_ms": [
+                1000 * r["time_per_step_s"] if r["time_per_step_s"] else None for r in summaries
+            ],
+            "seeds": [r["config"]["seed"] for r in summaries],
+        }
+        if has_valid:
+            row["test_at_best_valid"] = [r["best_valid"][f"test_{metric}"] for r in summaries]
+        rows.append(row)
+        cells = [label, str(row["hidden"]), str(row["parameters"])] + [
+            fmt(row[f"{s}_{metric}"]) for s in sets
+        ]
+        cells += [fmt(row[a]) for a in also]
+        cells += ([fmt(row["test_at_best_valid"])] if has_valid else []) + [fmt(row[e]) for e in extras]
+        cells += [fmt(row["time_per_step_ms"]), str(len(summaries))]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    c = first["config"]
+    how = f"a parameter budget of {cfg.param_budget}" if cfg.param_budget else "--hidden"
+    better = "higher" if task.higher_is_better else "lower"
+    seeds = ", ".join(map(str, rows[0]["seeds"]))
+    text = "\n".join(
+        [
+            f"# {cfg.task}: {', '.join(runs)}",
+            "",
+            *lines,
+            "",
+            f"`{metric}`: {better} is better; mean ± sample std over seeds {seeds}; "
+            f"final values after {first['steps']} steps. Time/step: forward + backward + update on "
+            f"{first['device']} (torch {first['torch']}), data generation excluded.",
+            f"Settings: hidden sizes from {how}; {c['layers']} layer(s); batch {c['batch']}; "
+            f"{c['optimizer']} lr {c['lr']}; gradient-norm clip {c['clip']}; "
+            f"task options {c['task_options']}; {c['threads']} CPU thread(s).",
+            "",
+            f"Reference: {task.reference}",
+            "",
+        ]
+    )
+    atomic_write_text(out / "results.md", text)
+    plot = compare_curves(
+        {label: [r["history"] for r in s] for label, s in runs.items()},
+        metric,
+        f"{cfg.task}: test {metric}",
+        out / "curves.png",
+    )
+    result = {"task": cfg.task, "metric": metric, "rows": rows, "table": text, "plot": str(plot)}
+    atomic_write_json(out / "results.json", {k: v for k, v in result.items() if k != "table"})
+    return result
