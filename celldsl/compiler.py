@@ -51,7 +51,7 @@ class CompiledCell:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for lazy in ("torch_module", "torch_loop", "triton_loop"):
+        for lazy in ("torch_module", "torch_loop", "triton_loop", "cpu_loop"):
             state.pop(lazy, None)
         return state
 
@@ -105,9 +105,20 @@ class CompiledCell:
 
         return TorchLoop(self.plan, load_triton_module(self))
 
+    @cached_property
+    def cpu_loop(self):
+        """The time loop with each stage's pointwise step compiled to C (the torch loop when no C
+        compiler is available)."""
+        from .runtime.cpu_fused import cpu_loop
+
+        return cpu_loop(self)
+
     def loop(self, backend: str):
-        """The time loop for a resolved backend name ("torch" or "triton")."""
-        return self.triton_loop if backend == "triton" else self.torch_loop
+        """The time loop for a resolved backend name: "torch", "cpu" or "triton"."""
+        loops = {"torch": "torch_loop", "cpu": "cpu_loop", "triton": "triton_loop"}
+        if backend not in loops:
+            raise ValueError(f"backend must be one of {sorted(loops)}, got {backend!r}")
+        return getattr(self, loops[backend])
 
     def explain(self) -> str:
         from .explain import explain

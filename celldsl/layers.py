@@ -65,7 +65,8 @@ class Recurrent(nn.Module):
         cell: a .cell path, a zoo name ("lstm"), cell text, or a compiled cell.
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype:
             as in torch.nn.LSTM. `bias=False` leaves out the parameters named b, b_*, bias* (fixed 0).
-        backend: "auto" (Triton for CUDA tensors when available, else torch), "torch" or "triton".
+        backend: "auto" (Triton kernels for CUDA tensors, compiled C kernels for CPU tensors), "torch"
+            (the generated PyTorch code: the executable meaning of the cell), "cpu" or "triton".
 
     forward(input, state=None) -> (output, final_state):
         input [T, N, I] ([N, T, I] if batch_first), [T, I] unbatched, or a PackedSequence (output is
@@ -109,8 +110,8 @@ class Recurrent(nn.Module):
                 "does nothing",
                 stacklevel=2,
             )
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
         self.cell = compile_cell(cell)
         register(self.cell)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -273,9 +274,13 @@ class Recurrent(nn.Module):
         return output, (final[0] if n_states == 1 else tuple(final))
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
-        """'auto' runs fused Triton kernels on CUDA tensors and the torch backend elsewhere."""
+        """'auto' runs fused Triton kernels on CUDA tensors and fused C kernels on CPU tensors."""
         if self.backend == "torch":
             return "torch"
+        if self.backend == "cpu":
+            if x.device.type != "cpu":
+                raise ValueError(f"backend='cpu' needs CPU tensors; the input is on {x.device}")
+            return "cpu"
         if self.backend == "triton":
             if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError(
@@ -283,6 +288,8 @@ class Recurrent(nn.Module):
                     f"CPU); the input is on {x.device}"
                 )
             return "triton"
+        if x.device.type == "cpu":
+            return "cpu"
         return "triton" if x.is_cuda and _triton_available() else "torch"
 
     # ---- checks ------------------------------------------------------------------------------
@@ -396,7 +403,7 @@ class LSTM(_TorchRNN):
     keys (`weight_ih_l0`, `bias_hh_l1_reverse`, ...), so state_dicts load in both directions.
 
     proj_size is not supported yet: any proj_size > 0 raises NotImplementedError.
-    `backend` (keyword only) is Recurrent's: "auto", "torch" or "triton".
+    `backend` (keyword only) is Recurrent's: "auto", "torch", "cpu" or "triton".
     """
 
     mode = "LSTM"

@@ -35,12 +35,13 @@ def gradcheck_layer(layer, x, n_states, packed_lengths=None, fast_mode=False):
     assert torch.autograd.gradcheck(f, (x, *states, *params), fast_mode=fast_mode)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # generated torch code; fused C kernels
 @pytest.mark.parametrize("stem", sorted(REFERENCES))
-def test_gradcheck_zoo_cell(stem):
+def test_gradcheck_zoo_cell(stem, backend):
     cell = compile_cell(stem)
     i_size = H if cell.ir.needs_hidden_size else 2
     torch.manual_seed(0)
-    layer = Recurrent(stem, i_size, H, backend="torch", dtype=torch.float64)
+    layer = Recurrent(stem, i_size, H, backend=backend, dtype=torch.float64)
     x = torch.randn(T, N, i_size, dtype=torch.float64, requires_grad=True)
     gradcheck_layer(layer, x, len(cell.states))
 

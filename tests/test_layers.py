@@ -295,3 +295,40 @@ def test_mut1_trains_in_a_plain_pytorch_loop():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] / 3, (losses[0], losses[-1])
+
+
+CLAMPED = """
+cell clamped
+input x
+state h
+param W, U, b
+h' = max(tanh(W @ x + U @ h + b), 0.5 * h) - min(0.25, h)
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_max_and_min_of_a_tensor_and_a_number(backend):
+    """max/min with a constant argument (torch.maximum takes tensors only) against per-step torch."""
+    text = CLAMPED.replace("0.5 * h", "0.5")
+    torch.manual_seed(0)
+    layer = Recurrent(text, I, H, backend=backend, dtype=torch.float64)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    W, U, b = (layer.cell_parameter(n) for n in ("W", "U", "b"))
+    h, outs = torch.zeros(N, H, dtype=torch.float64), []
+    for t in range(T):
+        h = torch.clamp(torch.tanh(x[t] @ W.T + h @ U.T + b), min=0.5) - torch.clamp(h, max=0.25)
+        outs.append(h)
+    out, final = layer(x)
+    torch.testing.assert_close(out, torch.stack(outs), atol=1e-12, rtol=0)
+    torch.testing.assert_close(final[0], h, atol=1e-12, rtol=0)
+    g, g_ref = (torch.autograd.grad(o.square().sum(), x)[0] for o in (out, torch.stack(outs)))
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+
+
+def test_backend_names_are_checked_and_cpu_needs_cpu_tensors():
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'cpu' or 'triton'"):
+        Recurrent("gru", I, H, backend="c")
+    layer = Recurrent("gru", I, H, backend="cpu", device="meta")
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        layer(torch.empty(T, N, I, device="meta"))
+    assert Recurrent("gru", I, H)._resolve_backend(torch.empty(T, N, I)) == "cpu"

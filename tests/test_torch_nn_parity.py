@@ -31,11 +31,11 @@ CONFIGS = {  # name: (constructor kwargs, input form)
 LENGTHS = torch.tensor([3, 5, 1])  # unsorted, so sorted_indices / unsorted_indices are exercised
 
 
-def make_pair(kind, dtype, **kwargs):
+def make_pair(kind, dtype, backend="auto", **kwargs):
     torch_cls, ours_cls, extra = KINDS[kind]
     torch.manual_seed(0)
     ref = torch_cls(I, H, **extra, **kwargs, dtype=dtype)
-    ours = ours_cls(I, H, **extra, **kwargs, dtype=dtype)
+    ours = ours_cls(I, H, **extra, **kwargs, dtype=dtype, backend=backend)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -62,12 +62,13 @@ def run(module, x, hx, form, batch_first):
     return out, as_tuple(state)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])  # fused C kernels (auto on CPU); generated torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_matches_torch_nn(kind, config, dtype):
+def test_matches_torch_nn(kind, config, dtype, backend):
     kwargs, form = CONFIGS[config]
-    ref, ours = make_pair(kind, dtype, **kwargs)
+    ref, ours = make_pair(kind, dtype, backend, **kwargs)
     ref.eval(), ours.eval()
     batch_first = kwargs.get("batch_first", False)
     L = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)

@@ -17,6 +17,9 @@ from celldsl import Recurrent, compile_cell
 
 T, N, I, H = 5, 3, 4, 6
 ATOL = 1e-10
+# plus 1e-10 relative: sLSTM's exponential gates give gradients of ~1e4 after two layers, where the C
+# kernels' different summation order alone moves the last digits (measured: 3e-13 relative at most)
+RTOL = 1e-10
 LENGTHS = [3, 5, 2]
 CONFIGS = {  # cells that need input_size == hidden_size (MUT1, MUT2, SRU) cannot take a bidirectional
     # layer's 2H outputs as input: they run the packed bidirectional case with one layer
@@ -72,16 +75,17 @@ def random_loss(out, finals):
     return loss
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # generated torch code; fused C kernels
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("stem", sorted(REFERENCES))
-def test_zoo_cell_matches_reference(stem, config):
+def test_zoo_cell_matches_reference(stem, config, backend):
     cfg = CONFIGS[config]
     cell = compile_cell(stem)
     i_size = H if cell.ir.needs_hidden_size else I
     num_layers = 1 if cell.ir.needs_hidden_size and cfg["bidirectional"] else cfg["num_layers"]
     torch.manual_seed(0)
     layer = Recurrent(stem, i_size, H, num_layers=num_layers, bidirectional=cfg["bidirectional"],
-                      backend="torch", dtype=torch.float64)
+                      backend=backend, dtype=torch.float64)
     L = num_layers * (2 if cfg["bidirectional"] else 1)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, N, i_size, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -101,4 +105,4 @@ def test_zoo_cell_matches_reference(stem, config):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     names = ["x", *cell.states, *(n for n, _ in layer.named_parameters())]
     for name, a, b in zip(names, grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=f"gradient of {name}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=f"gradient of {name}")

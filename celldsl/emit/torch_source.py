@@ -25,8 +25,8 @@ class TorchPrinter(TargetPrinter):
         "sign": "torch.sign({})",
         "sqrt": "torch.sqrt({})",
         "step": "_step({})",
-        "maximum": "torch.maximum({}, {})",
-        "minimum": "torch.minimum({}, {})",
+        "maximum": "_maximum({}, {})",
+        "minimum": "_minimum({}, {})",
         "pow": "torch.pow({}, {})",
     }
 
@@ -42,11 +42,23 @@ import torch.nn.functional as F
 
 def _step(x):
     return (x > 0).to(x.dtype)
+
+
+def _maximum(a, b):  # max(h, 0.5): torch.maximum takes tensors only
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, min=b)
+
+
+def _minimum(a, b):
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
 '''
 
 
 def pointwise_function(fn_name: str, pw: Pointwise, backward: bool) -> str:
-    taken: set[str] = {"torch", "F", "_step"}
+    taken: set[str] = {"torch", "F", "_step", "_maximum", "_minimum"}
     names = {s: identifier(s.name, taken) for s in pw.inputs}
     args = [names[s] for s in pw.inputs]
     if backward:

@@ -382,7 +382,7 @@ class FusedCPULoop(TorchLoop):
         first layer's input needs none) and returns zeros for dx."""
         if not self.fused(x, states, hoisted_w, step_w, vectors, scalars):
             return super().backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
-                                    grad_states, batch_sizes)
+                                    grad_states, batch_sizes, needs_dx)
         with torch.no_grad():
             return self._backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
                                   grad_states, batch_sizes, needs_dx)

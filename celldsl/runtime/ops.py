@@ -6,7 +6,7 @@ so a compiled graph names the cell it runs and no op is registered at run time.
     celldsl::cell_sequence(key, backend, x, states, params, batch_sizes)
         -> [out, *final_states, *saved]
     celldsl::cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved,
-                                    grad_out, grad_finals) -> [dx, *d_states, *d_params]
+                                    grad_out, grad_finals, needs_dx) -> [dx, *d_states, *d_params]
 
 x [T, N, I] with batch_sizes None (out [T, N, H]), or packed x [rows, I] with batch_sizes [T]
 (int64, CPU; out [rows, H]). states [N, H] each; params as in function.split_params. `saved` are
@@ -56,10 +56,12 @@ def cell_sequence_backward(
     saved: list[Tensor],
     grad_out: Tensor | None,
     grad_finals: list[Tensor | None],
+    needs_dx: bool = True,
 ) -> list[Tensor]:
     loop = loop_for(key, backend)
     dx, dstates, *dparams = loop.backward(
-        x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes
+        x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
+        needs_dx=needs_dx,
     )
     flat = [dx, *dstates, *(d for group in dparams for d in group)]
     inputs = [x, *states, *params, out, *saved, grad_out, *grad_finals]
@@ -93,10 +95,11 @@ def _backward(ctx, grads):
     grad_out, grad_finals = grads[0], list(grads[1 : 1 + n_states])
     if grad_out is None and all(g is None for g in grad_finals):
         return None, None, None, [None] * n_states, [None] * n_params, None
+    needs_dx = ctx.needs_input_grad[2]  # a first layer's input usually needs no gradient
     flat = cell_sequence_backward(
-        ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals
+        ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals, needs_dx
     )
-    return None, None, flat[0], flat[1 : 1 + n_states], flat[1 + n_states :], None
+    return None, None, flat[0] if needs_dx else None, flat[1 : 1 + n_states], flat[1 + n_states :], None
 
 
 torch.library.register_autograd("celldsl::cell_sequence", _backward, setup_context=_setup_context)

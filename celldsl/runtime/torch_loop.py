@@ -247,9 +247,10 @@ class TorchLoop:
     # ---- backward ----------------------------------------------------------------------------
 
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
-                 batch_sizes=None):
+                 batch_sizes=None, needs_dx: bool = True):
         """Gradients of everything `forward` took: (dx, d states, d hoisted_w, d step_w, d vectors,
-        d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero)."""
+        d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero).
+        needs_dx=False skips the input's projection GEMM over all steps (dx is then not meaningful)."""
         N, H = states[0].shape
         X, steps, offsets = steps_of(x, batch_sizes, N)
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
@@ -347,7 +348,8 @@ class TorchLoop:
             dP = torch.cat(d_hoisted[gi][::-1])
             d_hoisted_w.append(dP.t().mm(hoisted_ops[gi]))
             name = g.operand.name
-            d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
+            if needs_dx or self.where[name].kind != "input":
+                d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
         d_vectors = [torch.cat(v).sum(0) if v else torch.zeros_like(vectors[i]) for i, v in enumerate(d_vec)]
         if self.hoist is not None:
             hp, _fwd, bwd, slots = self.hoist
