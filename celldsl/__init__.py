@@ -2,7 +2,15 @@
 
 from .compiler import CompiledCell, compile_cell
 from .errors import CellError, CellWarning
-from .layers import GRU, LSTM, RNN, Recurrent
 
 __all__ = ["GRU", "LSTM", "RNN", "CellError", "CellWarning", "CompiledCell", "Recurrent", "compile_cell"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The layers import torch (about a second): load them on first use, so `celldsl check` starts fast."""
+    if name in ("GRU", "LSTM", "RNN", "Recurrent"):
+        from . import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'celldsl' has no attribute {name!r}")
