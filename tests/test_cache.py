@@ -1,9 +1,9 @@
-"""The on-disk cache of compiled cells: cold compiles are fast enough, warm loads are fast, a corrupt
-entry is rebuilt, and concurrent writers never leave a broken entry.
+"""The on-disk cache of compiled cells: a fresh process compiles every zoo cell into an empty cache and
+a second fresh process loads them all without compiling, a corrupt entry is rebuilt, and concurrent
+writers never leave a broken entry.
 
-Timings run in fresh interpreters (nothing compiled or cached in memory, the Lark parser not yet
-built) with a fresh cache directory; the thresholds are the project's targets: < 2 s cold per zoo
-cell, < 100 ms warm.
+How fast cold compiles and warm loads are (targets: < 2 s cold, < 100 ms warm) is measured by
+bench/compile.py, not here: timings in tests fail on a loaded machine and prove nothing on a quiet one.
 """
 
 import json
@@ -21,66 +21,66 @@ from celldsl.compiler import CompiledCell, _atomic_write, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted(p.stem for p in (ROOT / "cells").glob("*.cell"))
-HEAVIEST_FIRST = ["slstm", "greff_fgr"]  # the most SymPy work: these pay for the cold parser build too
 
-TIMING_SCRIPT = r"""
-import json, sys, time, warnings
+COMPILE_SCRIPT = r"""
+import json, sys, warnings
 warnings.simplefilter("ignore")
 from celldsl.compiler import compile_cell
-cold, warm = {}, {}
-for name in sys.argv[1:]:
-    t0 = time.perf_counter(); compile_cell(name); cold[name] = time.perf_counter() - t0
-    t0 = time.perf_counter(); compile_cell(name); warm[name] = time.perf_counter() - t0
-print(json.dumps({"cold": cold, "warm": warm}))
+print(json.dumps({name: compile_cell(name).key for name in sys.argv[1:]}))
 """
 
-WARM_SCRIPT = r"""
-import json, sys, time, warnings
+# The second process must find every cell on disk: compiling is made to fail.
+LOAD_ONLY_SCRIPT = r"""
+import json, sys, warnings
 warnings.simplefilter("ignore")
-from celldsl.compiler import compile_cell
-warm = {}
-for name in sys.argv[1:]:
-    t0 = time.perf_counter(); compile_cell(name); warm[name] = time.perf_counter() - t0
-print(json.dumps(warm))
+from celldsl import compiler
+def no_compiling(source, key):
+    raise AssertionError(f"compiled {source.filename} again instead of loading it from the cache")
+compiler._compile = no_compiling
+loaded = {name: compiler.compile_cell(name) for name in sys.argv[1:]}
+print(json.dumps({name: [c.key, c.name, len(c.plan.gemms)] for name, c in loaded.items()}))
 """
 
 
 def _run(script: str, cache: Path, names: list[str]) -> dict:
     env = dict(os.environ, CELLDSL_CACHE=str(cache))
     command = [sys.executable, "-c", script, *names]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def timings(tmp_path_factory):
-    """Cold and warm compile times of every zoo cell in a fresh process and cache, and warm load
-    times in a second fresh process that finds the cache filled."""
+def filled_cache(tmp_path_factory):
+    """A fresh cache that a fresh process filled with every zoo cell: (cache dir, name -> key)."""
     cache = tmp_path_factory.mktemp("cold-cache")
-    order = HEAVIEST_FIRST + [n for n in ZOO if n not in HEAVIEST_FIRST]
-    first = _run(TIMING_SCRIPT, cache, order)
-    later = _run(WARM_SCRIPT, cache, order)
-    return first["cold"], first["warm"], later, cache
+    return cache, _run(COMPILE_SCRIPT, cache, ZOO)
 
 
-@pytest.mark.parametrize("cell", ZOO)
-def test_cold_compile_under_two_seconds(timings, cell):
-    cold, _, _, _ = timings
-    assert cold[cell] < 2.0, f"{cell}: {cold[cell]:.2f} s cold"
+def test_a_new_process_loads_every_zoo_cell_without_compiling(filled_cache):
+    cache, keys = filled_cache
+    loaded = _run(LOAD_ONLY_SCRIPT, cache, ZOO)
+    for name in ZOO:
+        key, cell_name, n_gemms = loaded[name]
+        assert key == keys[name]
+        assert cell_name == compile_cell(name).name and n_gemms == len(compile_cell(name).plan.gemms)
 
 
-@pytest.mark.parametrize("cell", ZOO)
-def test_warm_load_under_100_ms(timings, cell):
-    _, warm_same, warm_fresh, _ = timings
-    assert warm_same[cell] < 0.1, f"{cell}: {1000 * warm_same[cell]:.0f} ms warm"
-    assert warm_fresh[cell] < 0.1, f"{cell}: {1000 * warm_fresh[cell]:.0f} ms warm in a new process"
-
-
-def test_the_timed_compiles_left_one_entry_per_cell(timings):
-    *_, cache = timings
+def test_the_compiles_left_one_whole_entry_per_cell(filled_cache):
+    cache, keys = filled_cache
     entries = sorted(cache.glob("*/plan.pkl"))
-    assert len(entries) == len(ZOO)
+    assert sorted(e.parent.name for e in entries) == sorted(keys.values())
     assert not list(cache.glob("**/*.tmp"))
+
+
+def test_bench_compile_prints_a_row_per_cell():
+    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "compile.py"), "--cells", "gru,lstm"],
+                           capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr
+    rows = [line for line in bench.stdout.splitlines() if line.startswith("| ") and "cold" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["gru", "lstm"]
+    for row in rows:
+        assert all(float(v) > 0 for v in row.split("|")[2:5])
 
 
 # ---- corrupt entries -------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_two_processes_compiling_into_one_cache(tmp_path):
     cache = tmp_path / "shared"
     names = ["lstm", "gru", "mut1", "greff_fgr", "slstm", "sru"]
     env = dict(os.environ, CELLDSL_CACHE=str(cache))
-    command = [sys.executable, "-c", TIMING_SCRIPT, *names]
+    command = [sys.executable, "-c", COMPILE_SCRIPT, *names]
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         p.communicate(timeout=300)
