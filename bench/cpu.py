@@ -23,7 +23,6 @@ forced on a private copy of the cell; the last one is the reference of the ratio
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import statistics
@@ -221,19 +220,18 @@ class Impl:
 
 
 PATH_LABELS = {
-    None: "",
+    None: " [backend auto]",
     "plain": " [generated torch code]",
     "fused": " [C kernels]",
-    "fused-nodx": " [C kernels, no dx: prototype]",
 }
 
 
 def celldsl_layer(cell: str, I: int, H: int, path: str | None):
     """The celldsl layer of a zoo cell. path None: the layer as the library builds it. Otherwise the
     CPU loop is forced: "plain" (the generated torch module, runtime/torch_loop.py), "fused" (C
-    kernels, runtime/cpu_fused.py), "fused-nodx" (C kernels, skipping the input gradient as the
-    requested ops change would when x needs none). A forced path compiles a private copy of the cell
-    text (its own cache key), so that the paths run side by side in one process."""
+    kernels, runtime/cpu_fused.py: what backend="auto" runs on CPU tensors). A forced path compiles a
+    private copy of the cell text (its own cache key), so that the paths run side by side in one
+    process."""
     if path is None:
         if cell == "lstm" and hasattr(celldsl, "LSTM"):
             return celldsl.LSTM(I, H)
@@ -253,8 +251,6 @@ def celldsl_layer(cell: str, I: int, H: int, path: str | None):
         if not isinstance(loop, cpu_fused.FusedCPULoop):
             why = cpu_fused.build_library(compiled)[1]
             raise SystemExit(f"the fused CPU path is unavailable here: {why}")
-        if path == "fused-nodx":
-            loop.backward = functools.partial(loop.backward, needs_dx=False)
     for c in {id(compiled): compiled, id(layer.cell): layer.cell}.values():
         c.loop = lambda backend, loop=loop: loop
     return layer
@@ -331,11 +327,10 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cells", default=",".join(ALL_CELLS), help=f"comma-separated subset of {ALL_CELLS}")
-    ap.add_argument("--paths", default="plain,fused",
-                    help="celldsl rows, comma-separated: 'default' (the layer as the library builds it), "
-                         "'plain' (generated torch code), 'fused' (C kernels), 'fused-nodx' (C kernels "
-                         "without the input gradient: a prototype of a requested change). The last one is "
-                         "the reference of the ratios.")
+    ap.add_argument("--paths", default="plain,default",
+                    help="celldsl rows, comma-separated: 'default' (the layer as the library builds it: "
+                         "backend auto), 'plain' (generated torch code, backend torch), 'fused' (the C "
+                         "kernels forced). The last one is the reference of the ratios.")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as it is)")
     ap.add_argument("--stat", choices=tuple(STAT), default="median",
                     help="median of the repeats, or min (the least disturbed run, on a shared machine)")
@@ -350,7 +345,7 @@ def parse_args(argv):
     args.paths = [None if p == "default" else p for p in args.paths.split(",") if p]
     for p in args.paths:
         if p not in PATH_LABELS:
-            ap.error(f"unknown path {p!r}; choose from default, plain, fused, fused-nodx")
+            ap.error(f"unknown path {p!r}; choose from default, plain, fused")
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1 (CPU time adds up the threads)")
     return args

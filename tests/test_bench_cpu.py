@@ -21,14 +21,14 @@ def load_bench():
 
 def test_bench_prints_every_row(capsys):
     bench = load_bench()
-    paths = "plain,fused" if cpu_fused.compiler() is not None else "plain"
+    paths = "plain,fused,default" if cpu_fused.compiler() is not None else "plain,default"
     argv = ["--T", "3", "--N", "2", "--I", "4", "--H", "4", "--repeats", "1", "--warmup", "0"]
     argv += ["--paths", paths]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
     assert f"command: `python bench/cpu.py {' '.join(argv)}`" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| cell")]
-    labels = {"plain": "[generated torch code]", "fused": "[C kernels]"}
+    labels = {"plain": "[generated torch code]", "fused": "[C kernels]", "default": "[backend auto]"}
     expected = []
     for cell in bench.ALL_CELLS:
         title = bench.TITLE[cell]
