@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import CellError, CellWarning, Source
 
-COMPILER_VERSION = "0.1.0-9"  # bump when the plan or the emitted code changes
+COMPILER_VERSION = "0.1.0-10"  # bump when the plan or the emitted code changes
 ZOO = Path(__file__).resolve().parent.parent / "cells"
 
 
@@ -63,13 +63,17 @@ class CompiledCell:
     def states(self) -> list[str]:
         return self.ir.states
 
-    def check_sizes(self, input_size: int, hidden_size: int) -> None:
-        """The cell's equations may need input size == hidden size (MUT1's tanh(x)); say so clearly."""
+    def check_sizes(self, input_size: int, hidden_size: int, extra_sizes: dict | None = None) -> None:
+        """The cell's equations may need an input's size == hidden size (MUT1's tanh(x)); say so clearly.
+        input_size is the first input's; extra_sizes those of the other inputs, by name."""
+        first = self.ir.inputs[0]
         for name, loc in self.ir.needs_hidden_size.items():
-            if input_size != hidden_size:
+            size = input_size if name == first else (extra_sizes or {}).get(name, hidden_size)
+            if size != hidden_size:
+                what = "input_size" if name == first else f"input_sizes[{name!r}]"
                 raise CellError(
                     f"input '{name}' is used elementwise with H-wide values here, so this cell needs "
-                    f"input_size == hidden_size (got input_size={input_size}, hidden_size={hidden_size})",
+                    f"{what} == hidden_size (got {what}={size}, hidden_size={hidden_size})",
                     self.ir.source,
                     loc,
                 )

@@ -1,9 +1,10 @@
 """`celldsl explain`: the plan of a compiled cell as a person reads it.
 
-Shows the cell's inputs, states and parameters with their shapes in I (input size) and H (hidden
-size), the concatenated GEMMs per stage (hoisted ones run once over all time steps), the fused
-pointwise forward of every stage as it runs (CSE'd, products written `W@x`), the size of the derived
-backward and what it reads of each step, FLOPs per step, and the recurrence kind.
+Shows the cell's inputs, states and parameters with their shapes in I (input size), H (hidden
+size) and C_<name> (the size of each further input, e.g. C_ctx), the concatenated GEMMs per stage
+(hoisted ones run once over all time steps), the fused pointwise forward of every stage as it runs
+(CSE'd, products written `W@x`), the size of the derived backward and what it reads of each step,
+FLOPs per step, and the recurrence kind.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def explain(compiled) -> str:
     out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + "  [H]")
     for name, loc in ir.needs_hidden_size.items():
         where = f"line {loc.line}, column {loc.column}"
-        out.append(f"needs I == H: input '{name}' meets H-wide values elementwise ({where})")
+        size = _size_sym(name, ir)
+        out.append(f"needs {size} == H: input '{name}' meets H-wide values elementwise ({where})")
 
     out += ["", "parameters:"]
     total = sp.Integer(0)
@@ -104,12 +106,13 @@ def explain(compiled) -> str:
     out.append(f"  hoisted GEMMs: {_poly(hoisted)}")
     out.append(f"  step GEMMs: {_poly(step)}")
     out.append(f"  pointwise: {_poly(pointwise + before)}")
-    out.append(f"  forward total: {_poly(forward)}  (at I = H = 256: {_mega(forward)})")
+    at = " = ".join(["I", "H", *(f"C_{n}" for n in ir.inputs[1:])]) + " = 256"
+    out.append(f"  forward total: {_poly(forward)}  (at {at}: {_mega(forward)})")
     hoist_bwd = plan.hoist_pointwise.backward_ops() if plan.hoist_pointwise else 0
     backward = 2 * (hoisted + step) + (bwd_ops - hoist_bwd) * H_SYM + hoist_bwd * I_SYM
     out.append(
         f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
-        f"at I = H = 256: {_mega(backward)})"
+        f"at {at}: {_mega(backward)})"
     )
     return "\n".join(out)
 
@@ -117,8 +120,15 @@ def explain(compiled) -> str:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
+def _size_sym(name: str, ir) -> sp.Symbol:
+    """The size of an operand: H, I (the first input) or C_<name> (any further input)."""
+    if name == HIDDEN:
+        return H_SYM
+    return I_SYM if name == ir.inputs[0] else sp.Symbol(f"C_{name}", positive=True)
+
+
 def _width(name: str, ir) -> str:
-    return "I" if name == ir.inputs[0] else f"size of {name}"
+    return str(_size_sym(name, ir))
 
 
 def _stores(ir):
@@ -132,8 +142,8 @@ def _stores(ir):
         seen.add(store)
         n = len(members)
         if p.kind == "matrix":
-            cols = H_SYM if p.operand_size == HIDDEN else I_SYM
-            shape, size = f"{_times(n)}H x {'H' if cols == H_SYM else 'I'}", H_SYM * cols
+            cols = _size_sym(p.operand_size, ir)
+            shape, size = f"{_times(n)}H x {cols}", H_SYM * cols
         elif p.kind == "vector":
             shape, size = f"{_times(n)}H", H_SYM
         else:
@@ -143,7 +153,7 @@ def _stores(ir):
 
 
 def _gemm(g: Gemm, plan: Plan) -> str:
-    cols = "H" if g.operand_size == HIDDEN else "I"
+    cols = _size_sym(g.operand_size, plan.ir)
     operand = g.operand.name
     text = f"[{', '.join(g.params)}] ({_times(len(g.params))}H x {cols}) @ {operand}"
     if plan.roles.get(g.operand) == "operand":
@@ -180,18 +190,18 @@ def _times(n: int) -> str:
 
 
 def _gemm_flops(g: Gemm, ir) -> sp.Expr:
-    cols = H_SYM if g.operand_size == HIDDEN else I_SYM
-    return 2 * len(g.params) * H_SYM * cols
+    return 2 * len(g.params) * H_SYM * _size_sym(g.operand_size, ir)
 
 
 def _poly(e: sp.Expr) -> str:
     e = sp.expand(e)
     if e == 0:
         return "0"
-    terms = sorted(sp.Add.make_args(e), key=lambda t: -sp.Poly(t, H_SYM, I_SYM).total_degree())
+    gens = sorted(e.free_symbols | {H_SYM, I_SYM}, key=str)
+    terms = sorted(sp.Add.make_args(e), key=lambda t: -sp.Poly(t, *gens).total_degree())
     return " + ".join(sp.sstr(t).replace("**", "^") for t in terms)
 
 
 def _mega(e: sp.Expr) -> str:
-    return f"{float(e.subs(EXAMPLE)) / 1e6:.3g} MFLOP"
+    return f"{float(e.subs(EXAMPLE).subs({s: 256 for s in e.free_symbols})) / 1e6:.3g} MFLOP"
 

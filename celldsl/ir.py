@@ -107,11 +107,6 @@ class _Builder:
             raise self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1))
         if not m.states:
             raise self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1))
-        if len(m.inputs) > 1:
-            raise self.error(
-                f"a cell has one input (the layer's input tensor); '{m.inputs[1].text}' is a second one",
-                m.inputs[1].loc,
-            )
         taken: dict[str, tuple[str, Loc]] = {}
 
         def claim(name: ast.Name, what: str) -> None:

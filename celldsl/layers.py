@@ -36,10 +36,13 @@ class Store:
     kind: str  # matrix | vector | scalar
     operand_size: str | None  # matrices: "H" or an input's name
 
-    def shape(self, input_size: int, hidden_size: int) -> tuple[int, ...]:
+    def shape(self, input_size: int, hidden_size: int, extra_sizes: dict[str, int] | None = None
+              ) -> tuple[int, ...]:
+        """input_size: the first input's; extra_sizes: the other inputs' (by name)."""
         n = len(self.members)
         if self.kind == "matrix":
-            cols = hidden_size if self.operand_size == HIDDEN else input_size
+            extra = extra_sizes or {}
+            cols = hidden_size if self.operand_size == HIDDEN else extra.get(self.operand_size, input_size)
             return (n * hidden_size, cols)
         if self.kind == "vector":
             return (n * hidden_size,)
@@ -67,14 +70,21 @@ class Recurrent(nn.Module):
             as in torch.nn.LSTM. `bias=False` leaves out the parameters named b, b_*, bias* (fixed 0).
         backend: "auto" (Triton kernels for CUDA tensors, compiled C kernels for CPU tensors), "torch"
             (the generated PyTorch code: the executable meaning of the cell), "cpu" or "triton".
+        input_sizes: the size of every input after the first, by name, for a cell that declares
+            several (`input x, ctx`: input_sizes={"ctx": 32}). The first input is the sequence (layer
+            k > 0 reads the previous layer's output); every other one is fed to every layer as is.
 
-    forward(input, state=None) -> (output, final_state):
+    forward(input, state=None, **extra) -> (output, final_state):
         input [T, N, I] ([N, T, I] if batch_first), [T, I] unbatched, or a PackedSequence (output is
         then packed the same way; each sequence runs over its own length only).
         output [T, N, D*H] (D = 2 if bidirectional); state and final_state: one tensor [L*D, N, H]
         ([L*D, H] unbatched) for a one-state cell, else a tuple in the order of the cell's `state` line,
         optionally followed by the prev(...) states (they start at zero when left out).
         Dropout (training only) acts on each layer's output but the last, as in torch.nn.LSTM.
+        extra: one tensor per input after the first (`layer(x, ctx=c)`), shaped like input with its
+        own size C: [T, N, C] ([N, T, C] if batch_first, [T, C] unbatched), or one value per
+        sequence for every step: [N, C] ([C] unbatched). With a PackedSequence input, an extra is
+        padded [T, N, C] ([N, T, C] if batch_first) in the order of the unpacked sequences, or [N, C].
         Each layer and direction is one call of the registered op celldsl::cell_sequence
         (runtime/ops.py), so torch.compile and DDP see an ordinary differentiable op.
 
@@ -96,6 +106,7 @@ class Recurrent(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        input_sizes: dict[str, int] | None = None,
     ):
         super().__init__()
         sizes = (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers))
@@ -114,20 +125,21 @@ class Recurrent(nn.Module):
             raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
         self.cell = compile_cell(cell)
         register(self.cell)
+        self.input_sizes = _extra_sizes(self.cell, input_sizes)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.backend = bidirectional, backend
         self.num_directions = 2 if bidirectional else 1
         self.stores = stores_of(self.cell)
         for layer in range(num_layers):
-            self.cell.check_sizes(self._layer_input_size(layer), hidden_size)
+            self.cell.check_sizes(self._layer_input_size(layer), hidden_size, self.input_sizes)
         factory = {"device": device, "dtype": dtype}
         self._store_names = []
         for layer in range(num_layers):
             for direction in range(self.num_directions):
                 for store in self.stores:
                     name = self._param_name(store.name, layer, direction)
-                    shape = store.shape(self._layer_input_size(layer), hidden_size)
+                    shape = store.shape(self._layer_input_size(layer), hidden_size, self.input_sizes)
                     if not bias and BIAS_NAME.match(store.name):
                         self.register_buffer(name, torch.zeros(shape, **factory), persistent=False)
                     else:
@@ -221,7 +233,7 @@ class Recurrent(nn.Module):
             + [member(n) for n, p in params.items() if p.kind == "scalar"]
         )
 
-    def forward(self, input, state=None):
+    def forward(self, input, state=None, **extra):
         packed = isinstance(input, PackedSequence)
         if packed:
             x, batch_sizes, sorted_indices, unsorted_indices = input
@@ -242,6 +254,7 @@ class Recurrent(nn.Module):
         if state is None:
             shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
             state = [x.new_zeros(shape) for _ in range(n_states)]
+        extras = self._check_extras(extra, x, batch_sizes, sorted_indices if packed else None, unbatched)
         backend = self._resolve_backend(x)
         reverse = _packed_reversal(batch_sizes, x.device) if packed and self.bidirectional else None
         finals: list[list[torch.Tensor]] = [[] for _ in range(n_states)]
@@ -250,7 +263,8 @@ class Recurrent(nn.Module):
             outs = []
             for direction in range(self.num_directions):
                 idx = layer * self.num_directions + direction
-                seq = layer_input if direction == 0 else _reversed(layer_input, reverse)
+                seq = torch.cat([layer_input, *extras], dim=-1) if extras else layer_input
+                seq = seq if direction == 0 else _reversed(seq, reverse)
                 out, last = run(
                     self.cell.key, backend, seq, [s[idx] for s in state], self._weights(layer, direction),
                     batch_sizes,
@@ -365,6 +379,56 @@ class Recurrent(nn.Module):
             out.append(input.new_zeros(L, batch, self.hidden_size))
         return [s.contiguous() for s in out]
 
+    def _check_extras(self, extra: dict, x, batch_sizes, sorted_indices, unbatched) -> list[torch.Tensor]:
+        """The extra inputs the cell reads, time-major like x ([T, N, C], or packed [rows, C]), in
+        declaration order. x: the checked input, time-major (batched) or packed data."""
+        names = self.cell.ir.inputs[1:]
+        unknown = sorted(set(extra) - set(names))
+        missing = [n for n in names if n not in extra]
+        if unknown or missing:
+            wanted = ", ".join(f"{n}=" for n in names) or "none"
+            raise ValueError(
+                f"cell {self.cell.name!r} takes the extra inputs ({wanted}) as keywords; "
+                + (f"missing: {', '.join(missing)}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"unknown: {', '.join(unknown)}" if unknown else "")
+            )
+        packed = batch_sizes is not None
+        T, N = (len(batch_sizes), int(batch_sizes[0])) if packed else (x.shape[0], x.shape[1])
+        read = set(self.cell.plan.inputs_read())
+        out = []
+        for name in names:
+            e, C = extra[name], self.input_sizes[name]
+            if not isinstance(e, torch.Tensor):
+                raise ValueError(f"extra input {name!r} must be a tensor, got {type(e).__name__}")
+            lead = "N, T" if self.batch_first else "T, N"
+            seq = (N, T, C) if self.batch_first else (T, N, C)
+            forms = {2: (T, C), 1: (C,)} if unbatched else {3: seq, 2: (N, C)}
+            got = list(e.shape)
+            t_dim = 1 if self.batch_first else 0
+            if packed and e.dim() == 3 and got[t_dim] >= T:
+                got[t_dim] = T  # padded past the longest sequence (pad_packed_sequence's total_length)
+            if tuple(got) != forms.get(e.dim()):
+                words = " or ".join(str(f) for f in forms.values())
+                form = f"[T, {name} size] or [{name} size]" if unbatched else \
+                    f"[{lead}, {name} size] or [N, {name} size]"
+                raise ValueError(f"extra input {name!r} must be {form} = {words}, got shape {tuple(e.shape)}")
+            if e.dtype != x.dtype or e.device != x.device:
+                raise ValueError(
+                    f"extra input {name!r} is {e.dtype} on {e.device} but input is {x.dtype} on {x.device}"
+                )
+            if name not in read:
+                continue  # declared but never read by the equations: not passed to the op
+            if unbatched:
+                e = e.unsqueeze(-2)  # [T, 1, C] or [1, C]
+            elif e.dim() == 3 and self.batch_first:
+                e = e.transpose(0, 1)
+            if packed:
+                out.append(_pack_like(e, batch_sizes, sorted_indices))
+            else:
+                out.append((e.expand(T, N, C) if e.dim() == 2 else e).contiguous())
+        return out
+
     def extra_repr(self) -> str:
         s = f"{self.cell.name!r}, {self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
@@ -376,6 +440,8 @@ class Recurrent(nn.Module):
             s += ", bias=False"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.input_sizes:
+            s += f", input_sizes={self.input_sizes}"
         return s
 
 
@@ -442,6 +508,41 @@ class RNN(_TorchRNN):
                          dropout, bidirectional, device, dtype, backend)
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+
+
+def _extra_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
+    """Check `input_sizes` against the cell's inputs after the first: {name: positive int}."""
+    names = cell.ir.inputs[1:]
+    sizes = {} if sizes is None else sizes
+    if not isinstance(sizes, dict):
+        raise ValueError(f"input_sizes must be a dict {{input name: size}}, got {type(sizes).__name__}")
+    unknown = sorted(set(sizes) - set(names))
+    missing = [n for n in names if n not in sizes]
+    if unknown or missing:
+        declared = ", ".join(names) if names else "none"
+        raise ValueError(
+            f"cell {cell.name!r} declares the inputs {', '.join(cell.ir.inputs)}; input_sizes must give the "
+            f"size of each after the first ({declared})"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    for name in names:
+        v = sizes[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"input_sizes[{name!r}] must be a positive int, got {v!r}")
+    return {n: sizes[n] for n in names}
+
+
+def _pack_like(e: torch.Tensor, batch_sizes: torch.Tensor, sorted_indices) -> torch.Tensor:
+    """A padded extra input [T', N, C] (T' >= T) or a per-sequence one [N, C] -> packed rows
+    [sum(batch_sizes), C] in the order of a PackedSequence with these batch_sizes and sorting."""
+    batch_sizes = batch_sizes.to("cpu", torch.int64)
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
+    row = torch.arange(int(batch_sizes.sum())) - offsets[step]
+    seq = row if sorted_indices is None else sorted_indices.to("cpu")[row]
+    step, seq = step.to(e.device), seq.to(e.device)
+    return (e[seq] if e.dim() == 2 else e[step, seq]).contiguous()
 
 
 def _packed_reversal(batch_sizes: torch.Tensor, device) -> torch.Tensor:

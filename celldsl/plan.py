@@ -70,6 +70,13 @@ class Plan:
     def states(self) -> list[str]:
         return self.ir.states
 
+    def inputs_read(self) -> list[str]:
+        """The inputs one step reads (pointwise or as a GEMM operand), in declaration order; an input
+        read nowhere (only in unused equations) is left out of the x the loop takes."""
+        stages = [*self.pointwise, *([self.hoist_pointwise] if self.hoist_pointwise else [])]
+        read = {s.name for pw in stages for s in pw.inputs} | {g.operand.name for g in self.hoisted}
+        return [name for name in self.ir.inputs if name in read]
+
     def gemms_of_stage(self, k: int) -> list[Gemm]:
         return [g for g in self.gemms if g.stage == k]
 

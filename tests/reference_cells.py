@@ -15,6 +15,10 @@ Every reference has the signature
 - ``state`` is the tuple of carried states, each [N, H], in the cell's ``state`` order, followed by
   the extra states that ``prev(...)`` adds, in order of first appearance (FGR: c, y, i, f, o).
 - The return value is (the per-step outputs stacked [T, N, H], the final states in the same order).
+
+Cells with more inputs than x (an attention context) have references in EXTRA_INPUT_REFERENCES,
+``ref(p, x, state, **extras)`` with each extra [T, N, C] (one value per step); their cells are
+test-only (tests/*.cell), so the zoo's REFERENCES keep the one-input signature.
 """
 
 from collections.abc import Callable
@@ -366,4 +370,27 @@ REFERENCES = {
     "indrnn": ref_indrnn,
     "sru": ref_sru,
     "slstm": ref_slstm,
+}
+
+
+# --- cells with an extra input (test-only cells in tests/) ----------------------------------------
+
+def ref_lstm_context(p: Params, x: Tensor, state: State, ctx: Tensor) -> tuple[Tensor, State]:
+    """Show, Attend and Tell's decoder LSTM (Xu et al. 2015, eq. 1-3): every gate is an affine map of
+    [E y_{t-1}; h_{t-1}; z_t]; here x is E y_{t-1} and ctx [T, N, C] is z_t. State (h, c)."""
+    outputs = []
+    h, c = state
+    for x_t, z_t in zip(x, ctx, strict=True):
+        i = sigmoid(lin(p["W_xi"], x_t) + lin(p["W_hi"], h) + lin(p["Z_i"], z_t) + p["b_i"])
+        f = sigmoid(lin(p["W_xf"], x_t) + lin(p["W_hf"], h) + lin(p["Z_f"], z_t) + p["b_f"])
+        o = sigmoid(lin(p["W_xo"], x_t) + lin(p["W_ho"], h) + lin(p["Z_o"], z_t) + p["b_o"])
+        g = tanh(lin(p["W_xg"], x_t) + lin(p["W_hg"], h) + lin(p["Z_g"], z_t) + p["b_g"])
+        c = f * c + i * g
+        h = o * tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
+
+
+EXTRA_INPUT_REFERENCES = {
+    "lstm_context": ref_lstm_context,
 }

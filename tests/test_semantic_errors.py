@@ -95,7 +95,7 @@ CASES = [
     ("no-cell-at-all", "# nothing but a comment\n", "the file holds no cell", 1, 1),
     ("no-input", "cell t\nstate h\nh' = h\n", "the cell declares no input", 1, 1),
     ("no-state", "cell t\ninput x\n", "the cell declares no state", 1, 1),
-    ("second-input", "cell t\ninput x, y\nstate h\nh' = h + x + y\n", "'y' is a second one", 2, 10),
+    ("input-declared-twice", "cell t\ninput x, x\nstate h\nh' = h + x\n", "'x' is declared twice", 2, 10),
     ("several-states-no-output", "cell t\ninput x\nstate h, c\nh' = c + x\nc' = h\n",
      "the cell has several states; say which is the output", 3, 7),
     ("unknown-output", HDR + "output q\nh' = h + x\n",

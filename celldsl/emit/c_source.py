@@ -83,7 +83,7 @@ def _dest(plan: Plan, sym: sp.Symbol) -> tuple:
     if role in ("hoisted", "product"):
         return (role, sym.name)
     if role == "input":
-        return ("input",)
+        return ("input", sym.name)  # each input of a multi-input cell has its own gradient buffer
     return (role, sym.name)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..emit.c_source import backward_schedule, c_source, kernel_specs, summed_products
 from ..plan import Plan
-from .torch_loop import TorchLoop, steps_of
+from .torch_loop import TorchLoop, input_columns, steps_of
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wl,-z,defs"]
@@ -213,10 +213,11 @@ class FusedCPULoop(TorchLoop):
         touched |= {self.where[g.operand.name].index for g in self.gemms
                     if self.where[g.operand.name].kind == "state"}
         self.untouched_states = [i for i in range(len(self.states)) if i not in touched]
-        self.dx_from_kernels = any(self.where[s.name].kind == "input"
-                                   for pw in plan.pointwise for s in pw.grad_inputs)
-        self.input_elementwise = any(self.where[s.name].kind == "input"
-                                     for pw in plan.pointwise for s in pw.inputs)
+        # inputs whose gradient the kernels write, and inputs the kernels read (need width H)
+        self.dx_from_kernels = sorted({s.name for pw in plan.pointwise for s in pw.grad_inputs
+                                       if self.where[s.name].kind == "input"})
+        self.input_elementwise = sorted({s.name for pw in plan.pointwise for s in pw.inputs
+                                         if self.where[s.name].kind == "input"})
         # step GEMM g -> (hoisted GEMM, first block): its output is saved as hoisted + product (S)
         self.summed = summed_products(plan)
         self.summed_blocks: dict[str, tuple[int, int]] = {}  # hoisted symbol -> (step GEMM, block)
@@ -264,9 +265,15 @@ class FusedCPULoop(TorchLoop):
                 if w.dim() != 2 or w.shape[0] != len(g.products) * H:
                     raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {len(g.products)} * H "
                                      f"= {len(g.products) * H} rows, got {tuple(w.shape)}")
-        if self.input_elementwise and x.shape[-1] != H:
-            raise ValueError(f"this cell uses its input elementwise: x must have H = {H} features, "
-                             f"got {x.shape[-1]}")
+        if len(self.inputs) > 1:
+            cols = input_columns(self.plan, x.shape[-1], H, hoisted_w)
+            widths = {name: c.stop - c.start for name, c in cols.items()}
+        else:
+            widths = {self.inputs[0]: x.shape[-1]}
+        for name in self.input_elementwise:
+            if widths[name] != H:
+                raise ValueError(f"this cell uses its input {name!r} elementwise: it must have H = {H} "
+                                 f"features, got {widths[name]}")
 
     # ---- argument pointers ----------------------------------------------------------------------
 
@@ -295,7 +302,7 @@ class FusedCPULoop(TorchLoop):
         if slot.kind == "scalar":
             return _Arg.fixed(bufs["scalars"][slot.index])
         if slot.kind == "input":
-            return _Arg.rows(bufs["X"])
+            return _Arg.rows(bufs["xs"][name])
         return _Arg.rows(bufs["operands"][name])
 
     def _output(self, name: str, bufs: dict) -> _Arg:
@@ -321,14 +328,15 @@ class FusedCPULoop(TorchLoop):
         states = [s.contiguous() for s in states]
         vectors = [v.contiguous() for v in vectors]
         scalars = [s.contiguous() for s in scalars]
-        hoisted_ops = self._hoisted_operands(X, vectors, scalars)
+        xs = self.split_inputs(X, H, hoisted_w)
+        hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         hoisted_out = [torch.mm(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
         news = [X.new_empty(rows, H) for _ in self.states]
         out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, H)
         step_out = [X.new_empty(rows, w.shape[0]) for w in step_w]
         operands = {name: X.new_empty(rows, H) for name in self.operand_names}
-        bufs = {"H": H, "X": X, "states": states, "vectors": vectors, "scalars": scalars, "news": news,
-                "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands,
+        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
+                "news": news, "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands,
                 "zero": X.new_zeros(H)}
         calls = {}
         for k, (_gemm_ids, pw, *_rest) in enumerate(self.stages):
@@ -397,7 +405,8 @@ class FusedCPULoop(TorchLoop):
         vectors = [v.contiguous() for v in vectors]
         scalars = [s.contiguous() for s in scalars]
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
-        bufs = {"H": H, "X": X, "states": states, "vectors": vectors, "scalars": scalars,
+        xs = self.split_inputs(X, H, hoisted_w)
+        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
                 "news": [n.contiguous() for n in news], "step": [s.contiguous() for s in step_all],
                 "hoisted": [h.contiguous() for h in hoisted_out],
                 "operands": {k: v.contiguous() for k, v in operands.items()}, "zero": X.new_zeros(H)}
@@ -411,7 +420,7 @@ class FusedCPULoop(TorchLoop):
         alias = self.schedule.hoisted_alias
         d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
                    for i, w in enumerate(hoisted_w)]
-        dx_rows = X.new_empty(rows, X.shape[1]) if self.dx_from_kernels else None
+        dx_rows = {name: X.new_empty(rows, xs[name].shape[1]) for name in self.dx_from_kernels}
         acc_vec = [torch.zeros(H, dtype=torch.float64) for _ in self.vectors]
         acc_scal = [torch.zeros(1, dtype=torch.float64) for _ in self.scalars]
         dops = {name: X.new_empty(N, H) for name in self.operand_names}
@@ -440,7 +449,7 @@ class FusedCPULoop(TorchLoop):
                         arg.base += slot.block * H * X.element_size()
                         args.append(arg)
                     elif slot.kind == "input":
-                        args.append(_Arg.rows(dx_rows))
+                        args.append(_Arg.rows(dx_rows[a.name]))
                     elif slot.kind == "vector":
                         args.append(_Arg.fixed(acc_vec[slot.index]))
                     else:
@@ -491,10 +500,10 @@ class FusedCPULoop(TorchLoop):
                 d_step_w.append(dw)
             else:
                 d_step_w.append(torch.mm(dP.t(), self._previous_all(index, states, news, steps, offsets)))
-        dx = dx_rows
+        dx = dict(dx_rows)  # input name -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
-        hoisted_ops = self._hoisted_operands(X, vectors, scalars)
+        hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
             d_hoisted_w.append(torch.mm(d_hoist[gi].t(), hoisted_ops[gi]))
             name = g.operand.name
@@ -506,7 +515,7 @@ class FusedCPULoop(TorchLoop):
         d_scal = [a[0].to(X.dtype) for a in acc_scal]
         if self.hoist is not None:
             hp, _fwd, bwd, slots = self.hoist
-            args = [self._static(s, X, vectors, scalars) for s in slots]
+            args = [self._static(s, xs, vectors, scalars) for s in slots]
             grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
             grads = [g if g is not None else X.new_zeros(rows, H) for g in grads]
             for sym, res in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
@@ -514,13 +523,14 @@ class FusedCPULoop(TorchLoop):
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    dx = res if dx is None else dx + res
+                    dx[slot.index] = res if slot.index not in dx else dx[slot.index] + res
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + res.reshape(-1, res.shape[-1]).sum(0)
                 elif slot.kind == "scalar":
                     d_scal[slot.index] = d_scal[slot.index] + res.sum()
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
-                dx = d_op if dx is None else dx + d_op
+                dx[name] = d_op if name not in dx else dx[name] + d_op
+        dx = self.join_input_grads(dx, X, H, hoisted_w)
         dx = torch.zeros_like(x) if dx is None or not needs_dx else dx.reshape(x.shape)
         return dx, list(dstate), d_hoisted_w, d_step_w, d_vectors, d_scal

@@ -9,6 +9,11 @@ the sequences still running at step t are the first b_t). A padded batch x [T, N
 b_t = N. Step t computes only its b_t rows; the other rows keep their state, so a sequence's final
 state is the one of its own last step. Shapes: states [N, H] each, hoisted weights [rows, I], step
 weights [rows, K], vectors [H], scalars [] (0-dim).
+
+A cell with several inputs (`input x, ctx`) takes them as one x, concatenated along the features in
+the order declared: [x | ctx | ...]. `input_columns` recovers each input's columns from the weights
+(an extra input read by a matrix has that matrix's width, one read elementwise has H; one the cell
+never reads is not in x), so the ops keep one x tensor and only the layer knows the sizes.
 """
 
 from __future__ import annotations
@@ -53,6 +58,30 @@ def steps_of(x: torch.Tensor, batch_sizes, n: int) -> tuple[torch.Tensor, list[i
     return x.reshape(-1, x.shape[-1]), steps, offsets
 
 
+def input_columns(plan: Plan, width: int, hidden: int, hoisted_w) -> dict[str, slice]:
+    """Columns of the first input and of each extra input the plan reads inside the concatenated x
+    [rows, width]: an extra input's width is that of the hoisted weight applied to it, else H; the
+    first input has the rest. Raises ValueError when x is too narrow for them."""
+    first, read = plan.ir.inputs[0], plan.inputs_read()
+    widths = {}
+    for name in read:
+        if name != first:
+            by_matrix = [w.shape[1] for g, w in zip(plan.hoisted, hoisted_w, strict=True)
+                         if g.operand_size == name]
+            widths[name] = by_matrix[0] if by_matrix else hidden
+    rest = width - sum(widths.values())
+    if rest < 0:
+        raise ValueError(
+            f"x must hold the extra inputs {', '.join(widths)} ({sum(widths.values())} columns) after "
+            f"the first input '{first}', got {width} columns"
+        )
+    columns, start = {first: slice(0, rest)}, rest
+    for name, w in widths.items():
+        columns[name] = slice(start, start + w)
+        start += w
+    return columns
+
+
 class TorchLoop:
     """Runs one compiled cell forward and backward over a whole sequence with a module of pointwise
     functions (emit/torch_source.py; the Triton backend passes a module of kernels with the same
@@ -63,6 +92,7 @@ class TorchLoop:
         self.plan = plan
         ir = plan.ir
         self.states = list(ir.states)
+        self.inputs = list(ir.inputs)
         self.vectors = [n for n, p in ir.params.items() if p.kind == "vector"]
         self.scalars = [n for n, p in ir.params.items() if p.kind == "scalar"]
         self.hoisted = plan.hoisted
@@ -138,12 +168,32 @@ class TorchLoop:
 
     # ---- helpers -----------------------------------------------------------------------------
 
+    def split_inputs(self, X, hidden, hoisted_w) -> dict[str, torch.Tensor]:
+        """The concatenated x [rows, I] -> {input name: [rows, its width]} (contiguous copies of the
+        columns, so every backend reads plain rows); a one-input cell's x is its input as is."""
+        if len(self.inputs) == 1:
+            return {self.inputs[0]: X}
+        cols = input_columns(self.plan, X.shape[1], hidden, hoisted_w)
+        return {name: X[:, c].contiguous() for name, c in cols.items()}
+
+    def join_input_grads(self, parts: dict, X, hidden, hoisted_w):
+        """{input name: gradient [rows, its width] or None} -> the gradient of the concatenated x
+        [rows, I] (zero columns where an input got none), or None when no input got one."""
+        if len(self.inputs) == 1:
+            return parts.get(self.inputs[0])
+        if all(parts.get(n) is None for n in self.inputs):
+            return None
+        cols = input_columns(self.plan, X.shape[1], hidden, hoisted_w)
+        return torch.cat([parts[n] if parts.get(n) is not None else X.new_zeros(X.shape[0], c.stop - c.start)
+                          for n, c in cols.items()], dim=1)
+
     @staticmethod
     def _blocks(t: torch.Tensor, n: int) -> list[torch.Tensor]:
         return list(t.chunk(n, dim=-1)) if n > 1 else [t]
 
     def _hoisted_operands(self, x, vectors, scalars):
-        """Operand values of the hoisted GEMMs over the whole sequence: [rows, K] each."""
+        """Operand values of the hoisted GEMMs over the whole sequence: [rows, K] each (x: the
+        inputs by name, see split_inputs)."""
         values = {}
         if self.hoist is not None:
             hp, fwd, _bwd, slots = self.hoist
@@ -156,7 +206,7 @@ class TorchLoop:
     @staticmethod
     def _static(slot: Slot, x, vectors, scalars):
         if slot.kind == "input":
-            return x
+            return x[slot.index]
         if slot.kind == "vector":
             return vectors[slot.index]
         if slot.kind == "scalar":
@@ -177,7 +227,7 @@ class TorchLoop:
         if kind == "scalar":
             return scalars[slot.index]
         if kind == "input":
-            return x[rows]
+            return x[slot.index][rows]
         return env_ops[slot.index]
 
     # ---- forward -----------------------------------------------------------------------------
@@ -188,6 +238,7 @@ class TorchLoop:
         x [T, N, I] -> out [T, N, H]; packed x [rows, I] with batch_sizes -> out [rows, H].
         """
         X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        X = self.split_inputs(X, states[0].shape[1], hoisted_w)
         hoisted_ops = self._hoisted_operands(X, vectors, scalars)
         hoisted_out = [torch.matmul(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
         hoisted_blocks = [
@@ -252,18 +303,19 @@ class TorchLoop:
         d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero).
         needs_dx=False skips the input's projection GEMM over all steps (dx is then not meaningful)."""
         N, H = states[0].shape
-        X, steps, offsets = steps_of(x, batch_sizes, N)
+        Xf, steps, offsets = steps_of(x, batch_sizes, N)
+        X = self.split_inputs(Xf, H, hoisted_w)  # input name -> [rows, its width]
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
         hoisted_blocks = [
             self._blocks(h, len(g.products)) for h, g in zip(hoisted_out, self.hoisted, strict=True)
         ]
-        zeros = X.new_zeros(N, H)
+        zeros = Xf.new_zeros(N, H)
         g_out = grad_out.reshape(-1, H) if grad_out is not None else None
         dstate = [g if g is not None else zeros for g in grad_states]  # d loss / d running state [N, H]
         d_step = [[] for _ in self.gemms]  # per step, last step first
         d_hoisted = [[] for _ in self.hoisted]
         d_vec = [[] for _ in self.vectors]
-        d_scal = [X.new_zeros(()) for _ in self.scalars]
+        d_scal = [Xf.new_zeros(()) for _ in self.scalars]
         dx_steps = []
         for t in reversed(range(len(steps))):
             b, off = steps[t], offsets[t]
@@ -277,7 +329,7 @@ class TorchLoop:
             dprod: dict[tuple[int, int], torch.Tensor] = {}
             dhoist: dict[tuple[int, int], torch.Tensor] = {}
             dops: dict[str, torch.Tensor] = {}
-            dx_t = None
+            dx_t: dict[str, torch.Tensor] = {}  # input name -> its gradient at this step
             final_grads = {s + "'": dstate[i][:b] for i, s in enumerate(self.states)}
             if g_out is not None:
                 if self.output_state is not None:
@@ -307,7 +359,7 @@ class TorchLoop:
                         elif slot.kind == "scalar":
                             d_scal[slot.index] = d_scal[slot.index] + r.sum()
                         elif slot.kind == "input":
-                            dx_t = _add(dx_t, r)
+                            dx_t[slot.index] = _add(dx_t.get(slot.index), r)
                 for gi in gemm_ids:
                     g = self.gemms[gi]
                     blocks = [dprod.get((gi, j), zeros[:b]) for j in range(len(g.products))]
@@ -337,10 +389,10 @@ class TorchLoop:
             else:
                 opnd = operands[g.operand.name]
             d_step_w.append(dP.t().mm(opnd))
-        dx = None
-        if any(d is not None for d in dx_steps):
-            dx = torch.cat([d if d is not None else X.new_zeros(b, X.shape[1])
-                            for d, b in zip(dx_steps[::-1], steps, strict=True)])
+        dx = {}  # input name -> [rows, its width]
+        for name in {n for d in dx_steps for n in d}:
+            dx[name] = torch.cat([d[name] if name in d else Xf.new_zeros(b, X[name].shape[1])
+                                  for d, b in zip(dx_steps[::-1], steps, strict=True)])
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(X, vectors, scalars)
@@ -355,20 +407,21 @@ class TorchLoop:
             hp, _fwd, bwd, slots = self.hoist
             args = [self._static(s, X, vectors, scalars) for s in slots]
             grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-            grads = [g if g is not None else X.new_zeros(X.shape[0], H) for g in grads]
+            grads = [g if g is not None else Xf.new_zeros(Xf.shape[0], H) for g in grads]
             for sym, r in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
                 if r is None:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    dx = _add(dx, r)
+                    dx[slot.index] = _add(dx.get(slot.index), r)
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, r.shape[-1]).sum(0)
                 elif slot.kind == "scalar":
                     d_scal[slot.index] = d_scal[slot.index] + r.sum()
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
-                dx = _add(dx, d_op)
+                dx[name] = _add(dx.get(name), d_op)
+        dx = self.join_input_grads(dx, Xf, H, hoisted_w)
         dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
         return dx, dstate, d_hoisted_w, d_step_w, d_vectors, d_scal
 
