@@ -106,6 +106,7 @@ def implementations(cell: str, N: int, H: int, device, dtype, compile_backend: s
     if cell in ("lstm", "gru"):
         ref = (nn.LSTM if cell == "lstm" else nn.GRU)(H, H, device=device, dtype=dtype)
         ref.load_state_dict(layer.state_dict())
+        ref.flatten_parameters()  # one contiguous weight buffer, as cuDNN wants (else it compacts per call)
         impls["cuDNN"] = (lambda x: ref(x)[0], list(ref.parameters()))
     book = _textbook_classes()[cell](H, H).to(device=device, dtype=dtype)
     book.load_from(layer)

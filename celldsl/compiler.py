@@ -103,11 +103,13 @@ class CompiledCell:
 
     @cached_property
     def triton_loop(self):
-        """The same time loop, with each stage's pointwise step a fused Triton kernel."""
+        """The same time loop, with each stage's pointwise step a fused Triton kernel, replayed from
+        CUDA graphs on CUDA tensors (the host's launches, not the GPU, bound a step otherwise)."""
+        from .runtime.cuda_graph import GraphedLoop
         from .runtime.torch_loop import TorchLoop
         from .runtime.triton_module import load_triton_module
 
-        return TorchLoop(self.plan, load_triton_module(self))
+        return GraphedLoop(TorchLoop(self.plan, load_triton_module(self)))
 
     @cached_property
     def cpu_loop(self):
