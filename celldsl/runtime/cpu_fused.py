@@ -320,14 +320,18 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return self._forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
 
+    @staticmethod
+    def _contiguous(x, states, vectors, scalars, batch_sizes):
+        """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
+        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
+                [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
+
     def _forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
         N, H = states[0].shape
-        X, steps, offsets = steps_of(x, batch_sizes, N)
-        X = X.contiguous()
+        X, steps, offsets, states, vectors, scalars = self._contiguous(
+            x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
-        states = [s.contiguous() for s in states]
-        vectors = [v.contiguous() for v in vectors]
-        scalars = [s.contiguous() for s in scalars]
         xs = self.split_inputs(X, H, hoisted_w)
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         hoisted_out = [torch.mm(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
@@ -398,12 +402,9 @@ class FusedCPULoop(TorchLoop):
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx):
         N, H = states[0].shape
-        X, steps, offsets = steps_of(x, batch_sizes, N)
-        X = X.contiguous()
+        X, steps, offsets, states, vectors, scalars = self._contiguous(
+            x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
-        states = [s.contiguous() for s in states]
-        vectors = [v.contiguous() for v in vectors]
-        scalars = [s.contiguous() for s in scalars]
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
         xs = self.split_inputs(X, H, hoisted_w)
         bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
