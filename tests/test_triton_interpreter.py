@@ -88,6 +88,25 @@ def test_zoo_cell_triton_matches_torch_backend(cell, hidden):
     assert all(g is not None for g in g_t[:1]), "the input gets a gradient"
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (4, 1), (1, 1)], ids=["T1", "N1", "T1_N1"])
+@pytest.mark.parametrize("cell", ["lstm", "greff_fgr", "slstm"])
+def test_one_step_and_one_sequence(cell, shape):
+    """T = 1 and N = 1 (a single row per step) give the torch backend's outputs and gradients."""
+    steps, batch = shape
+    hidden = 7
+    input_size = input_size_for(cell, hidden)
+    ref, tri = pair(cell, input_size, hidden)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(steps, batch, input_size, generator=g)
+    states = tuple(0.5 * torch.randn(1, batch, hidden, generator=g) for _ in compile_cell(cell).states)
+    out_r, fin_r, g_r = run_with_grads(ref, x, states)
+    out_t, fin_t, g_t = run_with_grads(tri, x, states)
+    assert out_t.shape == (steps, batch, hidden)
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=1e-5)
+    assert_close_lists(fin_t, fin_r, 1e-4, "final state", rtol=1e-5)
+    assert_close_lists(g_t, g_r, 1e-4, "gradient", rtol=1e-5)
+
+
 TORCH_NN = {
     "lstm": (torch.nn.LSTM, celldsl.LSTM, {}),
     "gru": (torch.nn.GRU, celldsl.GRU, {}),
