@@ -75,7 +75,12 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMPILER_COMMANDS = ("check", "explain", "compile")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; for a compiler command alone, without the labs' commands (they import torch,
+    about a second of start-up that `celldsl check` does not need)."""
     parser = argparse.ArgumentParser(
         prog="celldsl",
         description="A compiler for recurrent cells: equations in a .cell file -> fused kernels and "
@@ -97,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="a .cell file (or a zoo name such as lstm)")
     p.set_defaults(func=run_explain)
 
-    from .labs import cli as labs_cli
+    if command not in COMPILER_COMMANDS:
+        from .labs import cli as labs_cli
 
-    labs_cli.register(sub)
+        labs_cli.register(sub)
     from . import triton_cli
 
     triton_cli.register(sub)
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")  # a cell's doc string may not fit the locale
         except (AttributeError, ValueError):
             pass
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
     except BrokenPipeError:  # `celldsl explain x | head`: stop quietly, as Python's docs advise

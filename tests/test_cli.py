@@ -183,3 +183,14 @@ def test_as_a_process_no_traceback(tmp_path):
     assert done.stderr.startswith(f"{bad}:4:8: error: the file is not valid UTF-8 text\n")
     assert "Traceback" not in done.stderr
     assert done.stdout == f"{ROOT / 'cells' / 'lstm.cell'}: ok\n"
+
+
+def test_check_and_explain_do_not_import_torch():
+    """The compiler commands start fast: neither they nor the compiler import torch (about 1 s)."""
+    script = ("import sys; from celldsl.cli import main; "
+              "codes = [main(['check', 'cells/lstm.cell']), main(['explain', 'cells/mut1.cell'])]; "
+              "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0] False"
