@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from .compiler import ZOO, compile_cell
-from .errors import CellError, CellWarning
+from .errors import CellError, CellWarning, printable
 
 
 def _cell_path(name: str) -> Path:
@@ -41,7 +41,8 @@ def _compile(name: str):
                 raise
             compiled = None
             error = (
-                f"{name}: internal error: {type(err).__name__}: {err} (this is a bug in celldsl; "
+                f"{printable(name)}: internal error: {type(err).__name__}: {printable(str(err))} (this is a "
+                "bug in celldsl; "
                 "CELLDSL_DEBUG=1 shows the traceback)"
             )
     notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CellWarning)))
@@ -58,7 +59,7 @@ def run_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
             failed += 1
         elif not args.quiet:
-            print(f"{name}: ok")
+            print(f"{printable(name)}: ok")
     if failed and len(args.files) > 1:
         print(f"{failed} of {len(args.files)} files have errors", file=sys.stderr)
     return 1 if failed else 0

@@ -1,43 +1,28 @@
-"""The driver: cell text -> AST -> IR -> plan, cached on disk, plus the generated torch module.
+"""The driver: cell text -> AST -> IR -> plan, plus the generated torch module.
 
-`compile_cell("cells/lstm.cell")` (a path, cell text, or an already compiled cell) returns a
-`CompiledCell`. Compiled plans are cached under $CELLDSL_CACHE (default ~/.cache/celldsl) keyed by
-the text, the file name and the compiler version; writes are atomic and a corrupt entry is rebuilt.
+`compile_cell("cells/lstm.cell")` (a path, a zoo name, cell text, or an already compiled cell) returns
+a `CompiledCell`. Compiling is fast (tens of milliseconds), so a compiled cell is kept in memory for
+the process and rebuilt from its text in the next one: nothing compiled is ever unpickled. What the
+compiler generates from a cell (the torch module, C kernels, Triton modules) goes to the cache folder
+of celldsl/cache.py, under the cell's key (its text, file name and the compiler's own source).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import json
 import os
-import pickle
-import tempfile
 import warnings
 from functools import cached_property
 from pathlib import Path
 
-from .errors import CellError, CellWarning, Source
+from . import cache
+from .errors import CellError, CellWarning, Source, printable
+from .syntax import MAX_FILE_BYTES
 
-COMPILER_VERSION = "0.1.0-10"  # bump when the plan or the emitted code changes
 ZOO = Path(__file__).resolve().parent.parent / "cells"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CELLDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "celldsl")
-    return Path(root)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this process
+_RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
 
 
 class CompiledCell:
@@ -49,11 +34,10 @@ class CompiledCell:
         self.key = key
         self.diagnostics = diagnostics  # warnings found when compiling (kept so cache hits repeat them)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        for lazy in ("torch_module", "torch_loop", "triton_loop", "cpu_loop"):
-            state.pop(lazy, None)
-        return state
+    def __reduce__(self):
+        """Pickled as its source (file name and text), compiled again when unpickled: a pickled layer
+        never carries a plan of another compiler version."""
+        return (compile_source, (self.ir.source.filename, self.ir.source.text))
 
     @property
     def name(self) -> str:
@@ -82,14 +66,8 @@ class CompiledCell:
     def torch_module(self):
         from .emit.torch_source import torch_module_source
 
-        path = cache_dir() / self.key / "torch_cell.py"
-        source = torch_module_source(self.plan)
-        try:
-            if not path.exists() or path.read_text() != source:
-                _atomic_write(path, source.encode())
-        except OSError:  # an unwritable cache: the module still needs a file to live in
-            path = Path(tempfile.mkdtemp(prefix="celldsl-")) / "torch_cell.py"
-            path.write_text(source)
+        path = cache.root() / self.key / "torch_cell.py"
+        cache.write_if_changed(path, torch_module_source(self.plan))
         spec = importlib.util.spec_from_file_location(f"celldsl_generated_{self.key[:16]}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -144,19 +122,30 @@ def _read(cell) -> Source:
         else:
             zoo = ", ".join(sorted(p.stem for p in ZOO.glob("*.cell")))
             raise CellError(
-                f"no file '{cell}' and no zoo cell of that name (the zoo: {zoo})", Source("", cell)
+                f"no file '{printable(cell)}' and no zoo cell of that name (the zoo: {zoo})",
+                Source("", cell),
             )
     if isinstance(cell, Path):
-        try:
-            data = cell.read_bytes()
-        except OSError as err:
-            raise CellError(f"cannot read {cell}: {err.strerror}", Source("", str(cell))) from None
-        return _decode(data, str(cell))
+        return _decode(read_cell_file(cell), str(cell))
     if isinstance(cell, bytes):
         return _decode(cell, "<cell>")
     if isinstance(cell, str):
         return Source(cell.removeprefix("\ufeff"), "<cell>")
     raise TypeError(f"cell must be a path, cell text or a CompiledCell, not {type(cell).__name__}")
+
+
+def read_cell_file(path: Path) -> bytes:
+    """The bytes of a cell file, at most MAX_FILE_BYTES of them (a device or a huge file is an error)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise CellError(f"cannot read {printable(str(path))}: {err.strerror}", Source("", str(path))) \
+            from None
+    if len(data) > MAX_FILE_BYTES:
+        raise CellError(f"the file is larger than {MAX_FILE_BYTES >> 10} kB; a cell file is a few lines of "
+                        "equations", Source("", str(path)))
+    return data
 
 
 def _decode(data: bytes, filename: str) -> Source:
@@ -170,29 +159,64 @@ def _decode(data: bytes, filename: str) -> Source:
 
 
 def compile_cell(cell, *, use_cache: bool = True) -> CompiledCell:
-    """Compile a cell file (path), cell text, or pass a CompiledCell through."""
+    """Compile a cell file (path), zoo name or cell text, or pass a CompiledCell through.
+
+    use_cache=False compiles again even when this process compiled the same text before."""
     if isinstance(cell, CompiledCell):
         return cell
-    source = _read(cell)
-    key = hashlib.sha256(
-        "\0".join([COMPILER_VERSION, source.filename, source.text]).encode("utf-8", "surrogatepass")
-    ).hexdigest()[:32]
-    entry = cache_dir() / key / "plan.pkl"
+    return _compiled(_read(cell), use_cache)
+
+
+def compile_source(filename: str, text: str) -> CompiledCell:
+    """Compile cell text that came from the file `filename` (the name appears in its messages)."""
+    return _compiled(Source(text, filename), use_cache=True)
+
+
+def _compiled(source: Source, use_cache: bool) -> CompiledCell:
+    key = cache.key(source.filename, source.text)
+    compiled = _COMPILED.get(key) if use_cache else None
+    if compiled is not None:
+        for text in compiled.diagnostics:  # a compile in memory repeats its warnings, as a fresh one would
+            warnings.warn(text, CellWarning, stacklevel=3)
+    else:
+        compiled = _compile(source, key)
     if use_cache:
-        try:
-            compiled = pickle.loads(entry.read_bytes())
-            if isinstance(compiled, CompiledCell) and compiled.key == key:
-                for text in compiled.diagnostics:
-                    warnings.warn(text, CellWarning, stacklevel=2)
-                return compiled
-        except Exception:  # noqa: BLE001 - a missing, corrupt or foreign cache entry is rebuilt, never fatal
-            pass
-    compiled = _compile(source, key)
-    if use_cache:
-        try:
-            _atomic_write(entry, pickle.dumps(compiled))
-        except OSError:
-            pass  # a read-only cache only costs speed
+        _COMPILED[key] = compiled
+        _record_source(source, key)
+    return compiled
+
+
+def _record_source(source: Source, key: str) -> None:
+    """Keep the text of a compiled cell under its key, so that a fresh process that meets only the key
+    (a torch.compile graph, an unpickled layer) can compile it again: see `compile_key`."""
+    try:
+        path = cache.root() / key / "cell.json"
+        if path not in _RECORDED:
+            cache.write_if_changed(path, json.dumps({"filename": source.filename, "text": source.text}))
+            _RECORDED.add(path)
+    except OSError:
+        pass  # costs only the ability to find the cell by key in another process
+
+
+def compile_key(key: str) -> CompiledCell | None:
+    """The compiled cell with this key: from memory, else compiled again from the text recorded in the
+    cache (verified: the text must give the same key). None when neither has it."""
+    if key in _COMPILED:
+        return _COMPILED[key]
+    try:
+        record = json.loads((cache.root() / key / "cell.json").read_text(encoding="utf-8"))
+        source = Source(record["text"], record["filename"])
+    except cache.UnsafeCacheError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(source.text, str) or not isinstance(source.filename, str) or \
+            cache.key(source.filename, source.text) != key:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        compiled = _compile(source, key)
+    _COMPILED[key] = compiled
     return compiled
 
 

@@ -40,10 +40,16 @@ class Loc:
     end_column: int | None = None
 
 
+def printable(text: str) -> str:
+    """Text safe to print on a terminal: control characters (ESC, BEL, ...), line breaks and lone
+    surrogates (undecodable bytes of a file name) are escaped as Python would write them."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text)
+
+
 def render(kind: str, message: str, source: Source | None, loc: Loc | None) -> str:
     """Format a diagnostic the way compilers do, with the offending line and a caret under it."""
     if source is None or loc is None:
-        where = f"{source.filename}: " if source is not None else ""
+        where = f"{printable(source.filename)}: " if source is not None else ""
         return f"{where}{kind}: {message}"
     text = "".join(c if c.isprintable() or c == "\t" else "?" for c in source.line(loc.line)).expandtabs(1)
     width = 1
@@ -51,7 +57,7 @@ def render(kind: str, message: str, source: Source | None, loc: Loc | None) -> s
         width = loc.end_column - loc.column
     width = max(1, min(width, max(1, len(text) - loc.column + 1)))
     caret = " " * (loc.column - 1) + "^" + "~" * (width - 1)
-    return f"{source.filename}:{loc.line}:{loc.column}: {kind}: {message}\n    {text}\n    {caret}"
+    return f"{printable(source.filename)}:{loc.line}:{loc.column}: {kind}: {message}\n    {text}\n    {caret}"
 
 
 class CellError(ValueError):

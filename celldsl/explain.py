@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .errors import printable
 from .ir import H as HIDDEN
 from .plan import Gemm, Plan
 
@@ -30,10 +31,10 @@ def explain(compiled) -> str:
     ir = plan.ir
     names = _display_names(plan)
     out: list[str] = []
-    title = f"cell {ir.name}" + (f": {ir.doc}" if ir.doc else "")
-    out += [title, f"  file: {ir.source.filename}"]
+    title = f"cell {ir.name}" + (f": {printable(ir.doc)}" if ir.doc else "")
+    out += [title, f"  file: {printable(ir.source.filename)}"]
     if ir.cite:
-        out.append(f"  source: {ir.cite}")
+        out.append(f"  source: {printable(ir.cite)}")
 
     out += ["", "inputs:"]
     out += [f"  {x}  [{_width(x, ir)}]" for x in ir.inputs]

@@ -1,43 +1,107 @@
-"""Activation functions as SymPy functions whose derivatives are written in terms of themselves.
+"""The functions of the cell language as SymPy functions whose derivatives are written in terms of
+themselves, with a float implementation for folding constants.
 
 `sigmoid(x).diff(x)` is `sigmoid(x)*(1 - sigmoid(x))`, so after CSE the backward reuses the forward's
 activations instead of recomputing exponentials. Every backend prints these by name (see printers).
+
+tanh, exp and log are celldsl's own classes, not SymPy's: SymPy's evaluate themselves on every
+construction (tanh(-x) -> -tanh(x), log(exp(x)) -> x, a search for imaginary coefficients), which
+changed the arithmetic a cell wrote and cost a millisecond per node, most of the time of compiling
+large cells. Ours are inert: the expression is what the cell file says.
 """
 
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 
 
-class sigmoid(sp.Function):  # noqa: N801 - named as written in cell files
+class CellFunction(sp.Function):
+    """A function of the cell language: inert (no automatic evaluation), differentiated by `fdiff`,
+    evaluated on plain floats by `numeric` when all its arguments are constants."""
+
+    @staticmethod
+    def numeric(*args: float) -> float:
+        raise NotImplementedError
+
+
+class sigmoid(CellFunction):  # noqa: N801 - named as written in cell files
     nargs = 1
 
     def fdiff(self, argindex=1):
         return self * (1 - self)
 
+    @staticmethod
+    def numeric(x):
+        return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
-class relu(sp.Function):  # noqa: N801
+
+class tanh(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 - self**2
+
+    numeric = staticmethod(math.tanh)
+
+
+class exp(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return self
+
+    numeric = staticmethod(math.exp)
+
+
+class log(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 / self.args[0]
+
+    @staticmethod
+    def numeric(x):
+        if x == 0:
+            raise ZeroDivisionError("log(0) is -inf")
+        return math.log(x)
+
+
+class relu(CellFunction):  # noqa: N801
     nargs = 1
 
     def fdiff(self, argindex=1):
         return step(self.args[0])
 
+    @staticmethod
+    def numeric(x):
+        return max(x, 0.0)
 
-class softplus(sp.Function):  # noqa: N801
+
+class softplus(CellFunction):  # noqa: N801
     nargs = 1
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
+    @staticmethod
+    def numeric(x):
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
-class logsigmoid(sp.Function):  # noqa: N801
+
+class logsigmoid(CellFunction):  # noqa: N801
     nargs = 1
 
     def fdiff(self, argindex=1):
         return sigmoid(-self.args[0])
 
+    @staticmethod
+    def numeric(x):
+        return min(x, 0.0) - math.log1p(math.exp(-abs(x)))
 
-class step(sp.Function):  # noqa: N801
+
+class step(CellFunction):  # noqa: N801
     """1 where the argument is > 0, else 0: the derivative of relu and of max/min."""
 
     nargs = 1
@@ -45,8 +109,12 @@ class step(sp.Function):  # noqa: N801
     def fdiff(self, argindex=1):
         return sp.Integer(0)
 
+    @staticmethod
+    def numeric(x):
+        return 1.0 if x > 0 else 0.0
 
-class maximum(sp.Function):  # noqa: N801
+
+class maximum(CellFunction):  # noqa: N801
     """Elementwise max of two values; the gradient goes to the larger one (to the first on ties)."""
 
     nargs = 2
@@ -55,13 +123,17 @@ class maximum(sp.Function):  # noqa: N801
         a, b = self.args
         return step(b - a) if argindex == 2 else 1 - step(b - a)
 
+    numeric = staticmethod(max)
 
-class minimum(sp.Function):  # noqa: N801
+
+class minimum(CellFunction):  # noqa: N801
     nargs = 2
 
     def fdiff(self, argindex=1):
         a, b = self.args
         return step(a - b) if argindex == 2 else 1 - step(a - b)
+
+    numeric = staticmethod(min)
 
 
 def _sqrt(x):
@@ -72,10 +144,10 @@ def _sqrt(x):
 FUNCTIONS = {
     "sigmoid": (1, sigmoid),
     "σ": (1, sigmoid),
-    "tanh": (1, sp.tanh),
+    "tanh": (1, tanh),
     "relu": (1, relu),
-    "exp": (1, sp.exp),
-    "log": (1, sp.log),
+    "exp": (1, exp),
+    "log": (1, log),
     "softplus": (1, softplus),
     "logsigmoid": (1, logsigmoid),
     "abs": (1, sp.Abs),
@@ -83,3 +155,30 @@ FUNCTIONS = {
     "max": (2, maximum),
     "min": (2, minimum),
 }
+
+
+def evaluate(expr: sp.Expr) -> float:
+    """The value of a constant expression in float64, as the kernels would compute it.
+
+    Raises OverflowError (too large for float64), ZeroDivisionError (infinite: 1/0, log(0)) or
+    ValueError (not real: log or square root of a negative number)."""
+    if expr.is_Number or isinstance(expr, sp.NumberSymbol):
+        return float(expr)
+    args = [evaluate(a) for a in expr.args]
+    if isinstance(expr, sp.Add):
+        value = math.fsum(args)
+    elif isinstance(expr, sp.Mul):
+        value = math.prod(args)
+    elif isinstance(expr, sp.Pow):
+        if args[0] == 0 and args[1] < 0:
+            raise ZeroDivisionError("0 to a negative power")
+        value = math.pow(*args)
+    elif isinstance(expr, sp.Abs):
+        value = abs(args[0])
+    elif isinstance(expr, CellFunction):
+        value = type(expr).numeric(*args)
+    else:
+        raise ValueError(f"cannot evaluate {type(expr).__name__}")
+    if not math.isfinite(value):
+        raise OverflowError("not a finite number")
+    return float(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,18 +17,39 @@ import sympy as sp
 
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, warning_text
-from .functions import FUNCTIONS
+from .functions import FUNCTIONS, evaluate
 
 H = "H"  # the size of every value of the step except expressions of inputs only
+NAME = re.compile(r"(?!\d)\w+")  # as grammars/cell.lark spells a name
 MAX_CONSTANT = 1e300  # beyond this a constant overflows float64 arithmetic
+FLOAT32_MAX = 3.4028234663852886e38
+# init values must give finite float32 parameters: uniform(a) draws from [-a, a) (torch needs 2a finite),
+# normal(std) draws values many std from 0
+INIT_LIMITS = {"constant": FLOAT32_MAX, "uniform": FLOAT32_MAX / 2, "normal": FLOAT32_MAX / 100}
 # Resource guards: the backward is derived symbolically, and SymPy recurses over expressions and
 # costs time that grows with their size. Zoo cells reach depth 12 and 102 nodes.
 MAX_DEPTH = 60  # nesting depth of one value after inlining intermediates
 MAX_SIZE = 5000  # nodes of one value after inlining intermediates (shared subexpressions counted each time)
+# distinct nodes of the whole step (every next state, the output, every GEMM operand): what compiling
+# costs grows with it (the derived backward and the C kernels are linear in it). The zoo's largest
+# cell has 150; at the bound `check` takes seconds and the C kernels compile in under 30 s.
+MAX_STEP_NODES = 6000
 
 
 def symbol(name: str) -> sp.Symbol:
     return sp.Symbol(name, real=True)
+
+
+def generated(name: str) -> sp.Symbol:
+    """A symbol the compiler makes (a GEMM operand, a CSE temporary): its name starts with '%', which
+    no name in a cell file can hold, so it can never be a user's symbol. The other generated symbols
+    are just as apart: products `W@`, `W@1`, carried `prev(v)`, gradients `grad[h']`."""
+    return sp.Symbol("%" + name, real=True)
+
+
+def generated_symbols(prefix: str):
+    """%t0, %t1, ...: an endless supply of generated symbols (for sp.cse)."""
+    return sp.numbered_symbols("%" + prefix, real=True)
 
 
 @dataclass
@@ -90,6 +112,7 @@ class _Builder:
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
         self.sizes: dict[sp.Basic, tuple[int, int]] = {}  # memo of measure()
         self.applications: dict[str, int] = {}  # matrix -> index of its last product symbol
+        self.step_nodes: set[sp.Basic] = set()  # distinct nodes of what the step computes (count_step)
 
     def error(self, message: str, loc: Loc | None) -> CellError:
         return CellError(message, self.src, loc)
@@ -175,6 +198,11 @@ class _Builder:
                 self._check_init(value)
                 targets = self.groups.get(n.text, [n.text])
                 for t in targets:
+                    first = self.params[t].init
+                    if first is not None:
+                        what = f"'{t}'" + (f" (in group '{n.text}')" if n.text != t else "")
+                        raise self.error(f"{what} is initialised twice (first on line {first.loc.line})",
+                                         n.loc)
                     self.params[t].init = value
 
     def _check_init(self, v: ast.InitValue) -> None:
@@ -190,6 +218,14 @@ class _Builder:
             )
         if v.kind in ("constant", "call") and not math.isfinite(v.number):
             raise self.error("the initial value must be a finite number", v.loc)
+        if v.kind == "call" and v.number < 0:
+            what = "the half-width a of uniform(a)" if v.name == "uniform" else "the standard deviation"
+            raise self.error(f"{what} must not be negative, got {v.number:g}", v.loc)
+        limit = INIT_LIMITS.get(v.name if v.kind == "call" else v.kind)
+        if limit is not None and abs(v.number) > limit:
+            raise self.error(
+                f"{v.number:g} is too large for an initial value here (at most {limit:.3g}): parameters are "
+                "float32 by default, whose largest number is 3.4e38", v.loc)
 
     def _unknown(self, name: str, what: str, pool) -> str:
         close = difflib.get_close_matches(name, list(pool), n=1)
@@ -278,17 +314,19 @@ class _Builder:
         if not const:
             return value
         try:
-            number = complex(value)
-        except (TypeError, ValueError, OverflowError):
-            raise self.error("this constant is not a finite number", loc) from None
-        if math.isnan(number.real) or math.isnan(number.imag):
-            raise self.error("this constant is not a finite number (division by zero or log(0)?)", loc)
-        if number.imag != 0:
-            raise self.error("this constant is not a real number", loc)
-        if not math.isfinite(number.real) or abs(number.real) > MAX_CONSTANT:
+            number = evaluate(value)
+        except OverflowError:
+            raise self.error("this constant is too large (it overflows float64)", loc) from None
+        except ZeroDivisionError:
+            raise self.error("this constant is not a finite number (division by zero or log(0)?)", loc) \
+                from None
+        except (ValueError, TypeError):
+            raise self.error("this constant is not a real number (the log or a root of a negative number?)",
+                             loc) from None
+        if abs(number) > MAX_CONSTANT:
             raise self.error("this constant is too large", loc)
         if not value.is_Rational:
-            value = sp.Float(number.real)
+            value = sp.Float(number)
         self.constants.add(value)
         return value
 
@@ -365,6 +403,7 @@ class _Builder:
         name, node = self.updates[state]
         value, size = self.expr(node)
         self.check_cost(value, f"{state}'", name.loc)
+        self.count_step(value, name.loc)
         if size != H:
             if size != "1":
                 self.needs_hidden.setdefault(size, node.loc)
@@ -472,6 +511,7 @@ class _Builder:
             index = self.applications[p.name] = self.applications.get(p.name, -1) + 1
             sym = symbol(f"{p.name}@{index}" if index else f"{p.name}@")
             self.products[key] = Product(sym, p.name, operand, node.loc)
+            self.count_step(operand, node.loc)
         return self.products[key].symbol, H
 
     # ---- evaluation order ----------------------------------------------------------------------
@@ -567,6 +607,7 @@ class _Builder:
         else:
             out_name = out.text
             out_expr, size = self.resolved[out.text]
+            self.count_step(out_expr, out.loc)
             if size not in (H, "1"):
                 self.needs_hidden.setdefault(size, out.loc)
         # prev(v) states: their next value is v of this step
@@ -581,6 +622,8 @@ class _Builder:
         for p in ir_params.values():
             if not p.kind:
                 p.kind = "vector"
+            if p.init is not None and p.init.name == "orthogonal" and p.kind != "matrix":
+                raise self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}", p.init.loc)
         return CellIR(
             name=self.m.name.text if self.m.name else _stem(self.src.filename),
             doc=self.m.doc,
@@ -599,6 +642,21 @@ class _Builder:
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},
         )
+
+    def count_step(self, value: sp.Expr, loc: Loc) -> None:
+        """Add a next state's, the output's or a GEMM operand's distinct nodes to the step's; refuse the
+        equation that takes the step past MAX_STEP_NODES (many large equations, each under MAX_SIZE)."""
+        todo = [value]
+        while todo:
+            e = todo.pop()
+            if e not in self.step_nodes:
+                self.step_nodes.add(e)
+                todo.extend(e.args)
+        if len(self.step_nodes) > MAX_STEP_NODES:
+            raise self.error(
+                f"with this the step has {len(self.step_nodes)} distinct operations once intermediates are "
+                f"put in (the limit is {MAX_STEP_NODES}); the derivative and kernels of so large a cell are "
+                "not built", loc)
 
     def _check_groups(self) -> None:
         for group, members in self.groups.items():
@@ -664,8 +722,11 @@ def _size_words(size: str) -> str:
 
 
 def _stem(filename: str) -> str:
+    """The cell's name when the file has no `cell NAME` line: the file's stem if it is a name the
+    language could spell, else "cell" (a file name may hold quotes, spaces, control characters)."""
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    return base[:-5] if base.endswith(".cell") else base
+    base = base[:-5] if base.endswith(".cell") else base
+    return base if NAME.fullmatch(base) else "cell"
 
 
 def build_ir(module: ast.Module, source: Source) -> CellIR:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import CellError
-from .ir import CellIR, H, symbol
+from .ir import CellIR, H, generated, generated_symbols, symbol
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class Plan:
         read = {s.name for pw in stages for s in pw.inputs} | {g.operand.name for g in self.hoisted}
         return [name for name in self.ir.inputs if name in read]
 
+    def pointwise_prefixes(self) -> list[str]:
+        """The names emitted code gives the pointwise functions: "hoist" (if any), "stage0", "stage1", ..."""
+        stages = [f"stage{pw.stage}" for pw in self.pointwise]
+        return (["hoist"] if self.hoist_pointwise is not None else []) + stages
+
     def gemms_of_stage(self, k: int) -> list[Gemm]:
         return [g for g in self.gemms if g.stage == k]
 
@@ -108,24 +113,25 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
     """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
     exprs = [e for _, e in outputs]
     inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
-    temps, results = sp.cse(exprs, symbols=sp.numbered_symbols("t", real=True), order="none")
+    temps, results = _cse(exprs, "t")
     grad_outputs = tuple(symbol(f"grad[{name}]") for name, _ in outputs)
     grad_inputs = tuple(s for s in inputs if differentiable(s))
     # Vector-Jacobian product: d input = sum_j grad_j * d output_j / d input. Differentiate the
     # CSE'd form so shared subexpressions are differentiated once (reverse mode over the temps).
-    adjoint: dict[sp.Symbol, list[sp.Expr]] = {}  # leaf -> terms of its gradient, summed once
+    reverse = _ReverseMode()
     for g, r in zip(grad_outputs, results, strict=True):
-        _accumulate(adjoint, r, g)
+        reverse.add(r, g)
     for t, e in reversed(temps):
-        if t in adjoint:
-            _accumulate(adjoint, e, sp.Add(*adjoint.pop(t)))
-    backward = [sp.Add(*adjoint[s]) if s in adjoint else sp.Integer(0) for s in grad_inputs]
-    # The backward reads forward temps t_i: it recomputes those it needs (in order), then its own
-    # CSE'd temps u_j. (Inlining the t_i instead would unshare them: exponential on deep DAGs.)
-    btemps, bresults = sp.cse(backward, symbols=sp.numbered_symbols("u", real=True), order="none")
+        if t in reverse.adjoint:
+            reverse.add(e, sp.Add(*reverse.adjoint.pop(t)))
+    backward = [sp.Add(*reverse.adjoint[s]) if s in reverse.adjoint else sp.Integer(0) for s in grad_inputs]
+    # The backward reads forward temps t_i and the partial products p_k of the product rule: it
+    # recomputes those it needs (in order), then its own CSE'd temps u_j. (Inlining the t_i instead
+    # would unshare them: exponential on deep DAGs.)
+    btemps, bresults = _cse(backward, "u")
     needed = set().union(*(e.free_symbols for e in [*bresults, *(e for _, e in btemps)]))
     recompute = []
-    for t, e in reversed(temps):
+    for t, e in reversed(temps + reverse.temps):
         if t in needed:
             recompute.append((t, e))
             needed |= e.free_symbols
@@ -143,35 +149,125 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
     )
 
 
-def _accumulate(adjoint: dict, expr: sp.Expr, grad: sp.Expr) -> None:
-    """Reverse mode over one expression: append grad * d expr / d s to adjoint[s] for every leaf s.
+SYMPY_CSE_MAX_NODES = 2000  # sp.cse finds more sharing, but its cost grows much faster than linearly
+
+
+def _cse(exprs: list[sp.Expr], prefix: str) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]]:
+    """Common subexpressions as temporaries %<prefix>0, %<prefix>1, ...: SymPy's cse, which also shares
+    parts of sums and products (every zoo cell), up to SYMPY_CSE_MAX_NODES distinct nodes; beyond, a
+    linear-time tree CSE (each repeated subtree once), so a large cell compiles in seconds, not minutes."""
+    if _distinct_nodes(exprs) <= SYMPY_CSE_MAX_NODES:
+        return sp.cse(exprs, symbols=generated_symbols(prefix), order="none")
+    return _tree_cse(exprs, generated_symbols(prefix))
+
+
+def _distinct_nodes(exprs) -> int:
+    seen, todo = set(), list(exprs)
+    while todo:
+        e = todo.pop()
+        if e not in seen:
+            seen.add(e)
+            todo.extend(e.args)
+    return len(seen)
+
+
+def _tree_cse(exprs, symbols):
+    """Every non-atomic subexpression that occurs more than once becomes a temporary (post-order, so
+    each temporary is defined before its first use)."""
+    count: dict[sp.Basic, int] = {}
+    todo = list(exprs)
+    while todo:
+        e = todo.pop()
+        if e.is_Atom:
+            continue
+        count[e] = count.get(e, 0) + 1
+        if count[e] == 1:
+            todo.extend(e.args)
+    temps, memo = [], {}
+    for root in exprs:
+        stack = [(root, False)]
+        while stack:
+            e, ready = stack.pop()
+            if e in memo:
+                continue
+            if e.is_Atom:
+                memo[e] = e
+            elif not ready:
+                stack.append((e, True))
+                stack.extend((a, False) for a in e.args if a not in memo)
+            else:
+                rebuilt = e.func(*(memo[a] for a in e.args))
+                if count[e] > 1:
+                    sym = next(symbols)
+                    temps.append((sym, rebuilt))
+                    rebuilt = sym
+                memo[e] = rebuilt
+    return temps, [memo[e] for e in exprs]
+
+
+PRODUCT_RULE_MIN = 4  # from this many factors, d(f_0 ... f_n)/d f_i uses partial products
+
+
+class _ReverseMode:
+    """Reverse mode over SymPy expressions: `add(expr, grad)` appends grad * d expr / d s to
+    adjoint[s] for every leaf s.
 
     The chain rule is applied node by node (Add, Mul, constant powers, functions by their `fdiff`),
-    so the cost is linear in the size of the expression; other nodes fall back to sp.diff."""
-    if isinstance(expr, sp.Symbol):
-        adjoint.setdefault(expr, []).append(grad)
-    elif not expr.free_symbols:
-        return
-    elif isinstance(expr, sp.Add):
-        for term in expr.args:
-            _accumulate(adjoint, term, grad)
-    elif isinstance(expr, sp.Mul):
-        factors = expr.args
-        for i, f in enumerate(factors):
-            if f.free_symbols:
-                _accumulate(adjoint, f, grad * sp.Mul(*factors[:i], *factors[i + 1 :]))
-    elif isinstance(expr, sp.Pow) and not expr.exp.free_symbols:
-        base, e = expr.args
-        _accumulate(adjoint, base, grad * e * base ** (e - 1))
-    elif isinstance(expr, sp.Function):
-        for i, arg in enumerate(expr.args):
-            if arg.free_symbols:
-                _accumulate(adjoint, arg, grad * expr.fdiff(i + 1))
-    else:
-        for s in _leaves(expr):
-            d = _numbers_as_floats(sp.diff(expr, s))
-            if d != 0:
-                adjoint.setdefault(s, []).append(grad * d)
+    so the cost is linear in the size of the expression; other nodes fall back to sp.diff. A product
+    of n >= PRODUCT_RULE_MIN factors would give n gradients of n - 1 factors each (quadratic: a
+    product of 1000 factors took minutes); instead the prefix products f_0 ... f_{i-1} and suffix
+    products f_{i+1} ... f_n become temporaries (`temps`, symbols %p0, %p1, ...), each one
+    multiplication from the last, and d/d f_i is prefix_i * suffix_i: linear in n, no division (so
+    a factor that is zero costs nothing)."""
+
+    def __init__(self):
+        self.adjoint: dict[sp.Symbol, list[sp.Expr]] = {}
+        self.temps: list[tuple[sp.Symbol, sp.Expr]] = []
+        self._names = generated_symbols("p")
+
+    def add(self, expr: sp.Expr, grad: sp.Expr) -> None:
+        if isinstance(expr, sp.Symbol):
+            self.adjoint.setdefault(expr, []).append(grad)
+        elif not expr.free_symbols:
+            return
+        elif isinstance(expr, sp.Add):
+            for term in expr.args:
+                self.add(term, grad)
+        elif isinstance(expr, sp.Mul):
+            self._product(expr.args, grad)
+        elif isinstance(expr, sp.Pow) and not expr.exp.free_symbols:
+            base, e = expr.args
+            self.add(base, grad * e * base ** (e - 1))
+        elif isinstance(expr, sp.Function):
+            for i, arg in enumerate(expr.args):
+                if arg.free_symbols:
+                    self.add(arg, grad * expr.fdiff(i + 1))
+        else:
+            for s in _leaves(expr):
+                d = _numbers_as_floats(sp.diff(expr, s))
+                if d != 0:
+                    self.adjoint.setdefault(s, []).append(grad * d)
+
+    def _product(self, factors: tuple, grad: sp.Expr) -> None:
+        varying = [f for f in factors if f.free_symbols]
+        if len(varying) < PRODUCT_RULE_MIN:
+            for i, f in enumerate(factors):
+                if f.free_symbols:
+                    self.add(f, grad * sp.Mul(*factors[:i], *factors[i + 1 :]))
+            return
+        grad = grad * sp.Mul(*(f for f in factors if not f.free_symbols))
+        prefix, suffix = self._partials(varying), self._partials(varying[::-1])[::-1]
+        for f, before, after in zip(varying, prefix, suffix, strict=True):
+            self.add(f, grad * before * after)
+
+    def _partials(self, factors: list[sp.Expr]) -> list[sp.Expr]:
+        """[1, f_0, f_0 f_1, ..., f_0 ... f_{n-2}], each product after the first a temporary."""
+        partials: list[sp.Expr] = [sp.Integer(1), factors[0]]
+        for f in factors[1:-1]:
+            sym = next(self._names)
+            self.temps.append((sym, partials[-1] * f))
+            partials.append(sym)
+        return partials
 
 
 def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
@@ -231,7 +327,7 @@ def build_plan(ir: CellIR) -> Plan:
         if isinstance(operand, sp.Symbol):
             operand_sym = operand
         else:
-            operand_sym = symbol(f"operand{index}")
+            operand_sym = generated(f"operand{index}")
             roles[operand_sym] = "operand"
             operand_outputs.setdefault(stage, []).append((operand_sym.name, operand))
         size = ir.params[products[syms[0]].param].operand_size

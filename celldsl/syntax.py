@@ -14,6 +14,7 @@ from .errors import CellError, Loc, Source
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
+MAX_FILE_BYTES = 512 << 10  # the zoo's files have 1-2 kB; parsing costs about a second per 200 kB
 
 TOKEN_WORDS = {
     "NAME": "a name",
@@ -25,7 +26,7 @@ TOKEN_WORDS = {
 }
 
 
-def _grammar_text() -> str:
+def grammar_text() -> str:
     if GRAMMAR.exists():
         return GRAMMAR.read_text()
     from importlib.resources import files  # installed without the source tree
@@ -57,12 +58,15 @@ class _TooDeep(Exception):
         self.token = token
 
 
-@lru_cache(maxsize=1)
-def parser() -> Lark:
+@lru_cache(maxsize=2)
+def parser(strict: bool = False) -> Lark:
+    """The LALR parser of the cell language. strict=True also proves the grammar has no shift/reduce
+    conflict and no colliding terminals (interegular; 0.3 s), which tests/test_syntax_errors.py checks
+    once; the parser used at run time is the same grammar built without those checks (0.07 s)."""
     return Lark(
-        _grammar_text(),
+        grammar_text(),
         parser="lalr",
-        strict=True,
+        strict=strict,
         propagate_positions=True,
         maybe_placeholders=False,
         postlex=_SkipNewlinesInBrackets(),
@@ -288,6 +292,9 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
             safe = Source(text.decode("utf-8", errors="replace"), filename)
             raise CellError("the file is not valid UTF-8 text", safe, Loc(line, column)) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not part of the cell
+    if len(text) > MAX_FILE_BYTES:
+        raise CellError(f"the file has {len(text)} characters; a cell file may have at most {MAX_FILE_BYTES}",
+                        Source(text[:1000], filename), Loc(1, 1))
     if "\x00" in text:
         before = text[: text.index("\x00")]
         loc = Loc(before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import printable
+
 TARGET = re.compile(r"^cuda:(\d{2,3})$")
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # storage dtype -> pointer type
 BLOCK = 1024
@@ -50,19 +52,39 @@ def parse_target(text: str) -> tuple[str, int]:
 
 
 def write_sources(cells, out_dir) -> list[Path]:
-    """Write `<stem>.py` (the generated Triton module) for each cell into out_dir; returns the paths."""
+    """Write `<stem>.py` (the generated Triton module) for each cell into out_dir; returns the paths.
+
+    Each file is written to a temporary file in out_dir and renamed over the old one, so a symlink
+    in out_dir is replaced, never followed out of it. Two cells with the same stem are an error
+    (one would silently overwrite the other); so is an out_dir that is not a writable folder."""
+    from . import cache
     from .compiler import compile_cell
     from .emit.triton_source import triton_module_source
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    compiled = list({c.key: c for c in map(compile_cell, cells)}.values())  # a file given twice is one
+    stems: dict[str, str] = {}
+    for c in compiled:
+        stem = Path(c.ir.source.filename).stem if c.ir.source.filename != "<cell>" else c.name
+        if stem in stems:
+            raise ValueError(f"{printable(stems[stem])} and {printable(c.ir.source.filename)} would both be "
+                             f"written to {printable(str(out / (stem + '.py')))}; rename one of them")
+        stems[stem] = c.ir.source.filename
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {printable(str(out))}: not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"-o {printable(str(out))}: cannot create the folder: {err.strerror}") from None
     written = []
-    for cell in cells:
-        compiled = compile_cell(cell)
-        path = out / f"{Path(compiled.ir.source.filename).stem}.py"
-        text = triton_module_source(compiled.plan)
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+    for c, stem in zip(compiled, stems, strict=True):
+        path = out / f"{stem}.py"
+        text = triton_module_source(c.plan)
+        try:
+            if path.is_symlink() or not path.is_file() or path.read_text(encoding="utf-8") != text:
+                cache.atomic_write(path, text.encode("utf-8"), shared=True)
+        except OSError as err:
+            raise ValueError(f"cannot write {printable(str(path))}: {err.strerror}") from None
         written.append(path)
     return written
 
@@ -122,10 +144,12 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
 
 
 def run(args: argparse.Namespace) -> int:
+    from .errors import CellError
+
     try:
         if args.output:
             for path in write_sources(args.cells, args.output):
-                print(f"wrote {path}")
+                print(f"wrote {printable(str(path))}")
         if args.target:
             for cell in args.cells:
                 for dtype in args.dtype or ["float32"]:
@@ -134,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.output and not args.target:
             print("celldsl compile: nothing to do: give -o DIR and/or --target cuda:CC", file=sys.stderr)
             return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"celldsl compile: error: {e}", file=sys.stderr)
+    except CellError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"celldsl compile: error: {printable(str(e))}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,14 +1,24 @@
-"""The on-disk cache of compiled cells: a fresh process compiles every zoo cell into an empty cache and
-a second fresh process loads them all without compiling, a corrupt entry is rebuilt, and concurrent
-writers never leave a broken entry.
+"""The on-disk cache (celldsl/cache.py) holds generated code only, and is trusted only when private.
 
-How fast cold compiles and warm loads are (targets: < 2 s cold, < 100 ms warm) is measured by
-bench/compile.py, not here: timings in tests fail on a loaded machine and prove nothing on a quiet one.
+- nothing is unpickled: a fresh process compiles cells from their text, finds a cell it only knows
+  by key from the text recorded under the key (verified against the key), and ignores a planted
+  pickle or a record whose text does not give the key;
+- keys follow the text, the file name and the compiler's own source (a cache written by another
+  version of celldsl is never read back);
+- a cache folder another user owns, or that others can write to (or a non-sticky parent they can
+  write to), is refused with UnsafeCacheError; one that cannot be written costs only speed;
+- the C kernels' .so is loaded only when it matches its recorded checksum: truncated, empty, garbage
+  or another cell's library is rebuilt (each case in a fresh process, where a bad load would crash);
+- concurrent writers never leave a broken file.
+
+How fast compiles are is measured by bench/compile.py, not here.
 """
 
 import json
 import os
 import pickle
+import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -16,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from celldsl import compile_cell
-from celldsl.compiler import CompiledCell, _atomic_write, cache_dir
+from celldsl import cache, compile_cell
+from celldsl.runtime import cpu_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted(p.stem for p in (ROOT / "cells").glob("*.cell"))
+needs_cc = pytest.mark.skipif(cpu_fused.compiler() is None, reason="needs a C compiler to build the kernels")
 
 COMPILE_SCRIPT = r"""
 import json, sys, warnings
@@ -29,112 +40,77 @@ from celldsl.compiler import compile_cell
 print(json.dumps({name: compile_cell(name).key for name in sys.argv[1:]}))
 """
 
-# The second process must find every cell on disk: compiling is made to fail.
-LOAD_ONLY_SCRIPT = r"""
+FIND_BY_KEY_SCRIPT = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from celldsl import compiler
-def no_compiling(source, key):
-    raise AssertionError(f"compiled {source.filename} again instead of loading it from the cache")
-compiler._compile = no_compiling
-loaded = {name: compiler.compile_cell(name) for name in sys.argv[1:]}
-print(json.dumps({name: [c.key, c.name, len(c.plan.gemms)] for name, c in loaded.items()}))
+from celldsl.compiler import compile_key
+found = {key: compile_key(key) for key in sys.argv[1:]}
+print(json.dumps({key: [c.name, len(c.plan.gemms)] if c else None for key, c in found.items()}))
 """
 
 
-def _run(script: str, cache: Path, names: list[str]) -> dict:
-    env = dict(os.environ, CELLDSL_CACHE=str(cache))
-    command = [sys.executable, "-c", script, *names]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+def _run(script: str, cache_root: Path, args: list[str]) -> dict:
+    env = dict(os.environ, CELLDSL_CACHE=str(cache_root))
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def filled_cache(tmp_path_factory):
-    """A fresh cache that a fresh process filled with every zoo cell: (cache dir, name -> key)."""
-    cache = tmp_path_factory.mktemp("cold-cache")
-    return cache, _run(COMPILE_SCRIPT, cache, ZOO)
-
-
-def test_a_new_process_loads_every_zoo_cell_without_compiling(filled_cache):
-    cache, keys = filled_cache
-    loaded = _run(LOAD_ONLY_SCRIPT, cache, ZOO)
-    for name in ZOO:
-        key, cell_name, n_gemms = loaded[name]
-        assert key == keys[name]
-        assert cell_name == compile_cell(name).name and n_gemms == len(compile_cell(name).plan.gemms)
-
-
-def test_the_compiles_left_one_whole_entry_per_cell(filled_cache):
-    cache, keys = filled_cache
-    entries = sorted(cache.glob("*/plan.pkl"))
-    assert sorted(e.parent.name for e in entries) == sorted(keys.values())
-    assert not list(cache.glob("**/*.tmp"))
-
-
-def test_bench_compile_prints_a_row_per_cell():
-    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "compile.py"), "--cells", "gru,lstm"],
-                           capture_output=True, text=True, timeout=300)
-    assert bench.returncode == 0, bench.stderr
-    rows = [line for line in bench.stdout.splitlines() if line.startswith("| ") and "cold" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["gru", "lstm"]
-    for row in rows:
-        assert all(float(v) > 0 for v in row.split("|")[2:5])
-
-
-# ---- corrupt entries -------------------------------------------------------------------------------
-
-
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def private(tmp_path, monkeypatch):
+    """A fresh, private cache folder for the test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("CELLDSL_CACHE", str(root))
+    return root
 
 
-def _entry(compiled: CompiledCell) -> Path:
-    return cache_dir() / compiled.key / "plan.pkl"
+def test_a_fresh_process_finds_every_zoo_cell_by_key(tmp_path):
+    keys = _run(COMPILE_SCRIPT, tmp_path, ZOO)
+    found = _run(FIND_BY_KEY_SCRIPT, tmp_path, list(keys.values()))
+    for name, key in keys.items():
+        assert found[key] == [compile_cell(name).name, len(compile_cell(name).plan.gemms)]
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
-CORRUPTIONS = {
-    "truncated": lambda data: data[: len(data) // 2],
-    "empty": lambda data: b"",
-    "garbage": lambda data: bytes(range(256)) * 4,
-    "flipped-bytes": lambda data: data[:40] + bytes(b ^ 0xFF for b in data[40:80]) + data[80:],
-    "foreign-object": lambda data: pickle.dumps({"not": "a compiled cell"}),
-}
+def test_the_cache_holds_no_pickles(private):
+    layer_cell = compile_cell("gru")
+    layer_cell.torch_module  # noqa: B018 - writes the generated module
+    if cpu_fused.compiler() is not None:
+        cpu_fused.build_library(layer_cell)
+    suffixes = {p.suffix for p in private.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".py", ".c", ".so", ".sha256"}, suffixes
 
 
-@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
-def test_corrupt_entry_is_rebuilt(cache, how):
-    first = compile_cell("gru")
-    entry = _entry(first)
-    entry.write_bytes(CORRUPTIONS[how](entry.read_bytes()))
-    again = compile_cell("gru")
-    assert isinstance(again, CompiledCell) and again.key == first.key
-    assert again.plan.num_stages == 1 and [g.params for g in again.plan.gemms] == [("W_hr", "W_hz", "W_hn")]
-    restored = pickle.loads(entry.read_bytes())  # the rebuilt entry replaced the bad one
-    assert isinstance(restored, CompiledCell) and restored.key == first.key
+def test_a_planted_pickle_is_never_loaded(private, tmp_path):
+    """An attacker's plan.pkl next to a cell's entry runs nothing: the compiler does not read it."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    key = compile_cell("lstm").key
+    (private / key / "plan.pkl").write_bytes(pickle.dumps(Payload()))
+    found = _run(FIND_BY_KEY_SCRIPT, private, [key])
+    assert found[key][0] == "lstm"
+    compile_cell("lstm", use_cache=False)
+    assert not marker.exists()
 
 
-def test_entry_of_another_key_is_not_trusted(cache):
+def test_a_record_whose_text_does_not_give_its_key_is_ignored(private):
     lstm, gru = compile_cell("lstm"), compile_cell("gru")
-    _entry(gru).write_bytes(_entry(lstm).read_bytes())  # a well-formed entry in the wrong place
-    again = compile_cell("gru")
-    assert again.name == "gru"
+    record = private / gru.key / "cell.json"
+    record.write_text((private / lstm.key / "cell.json").read_text())  # lstm's text under gru's key
+    assert _run(FIND_BY_KEY_SCRIPT, private, [gru.key])[gru.key] is None
+    record.write_text("{ not json")
+    assert _run(FIND_BY_KEY_SCRIPT, private, [gru.key])[gru.key] is None
+    record.write_text(json.dumps({"filename": 3, "text": ["not text"]}))
+    assert _run(FIND_BY_KEY_SCRIPT, private, [gru.key])[gru.key] is None
 
 
-def test_unwritable_cache_only_costs_speed(cache):
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text("a file where the cache directory should be")
-    compiled = compile_cell("rnn_tanh")
-    assert compiled.plan.num_stages == 1
-    assert hasattr(compiled.torch_module, "stage1_forward")  # the generated code lands elsewhere
-
-
-def test_key_depends_on_text_name_and_compiler_version(cache, tmp_path, monkeypatch):
-    from celldsl import compiler
-
+def test_key_depends_on_text_name_and_compiler_source(private, tmp_path, monkeypatch):
     text = (ROOT / "cells" / "lstm.cell").read_text()
     a, b = tmp_path / "a.cell", tmp_path / "b.cell"
     a.write_text(text)
@@ -142,20 +118,165 @@ def test_key_depends_on_text_name_and_compiler_version(cache, tmp_path, monkeypa
     ka = compile_cell(a).key
     assert compile_cell(a).key == ka
     assert compile_cell(b).key != ka  # the file name is part of every message, so of the entry
-    monkeypatch.setattr(compiler, "COMPILER_VERSION", compiler.COMPILER_VERSION + "-next")
+    monkeypatch.setattr(cache, "compiler_digest", lambda: "another version of the compiler")
     assert compile_cell(a).key != ka
     monkeypatch.undo()
     a.write_text(text + "\n# a comment\n")
     assert compile_cell(a).key != ka
 
 
-# ---- concurrent writers --------------------------------------------------------------------------------
+def test_the_compiler_digest_covers_its_own_source():
+    digest = cache.compiler_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    sources = {p.name for p in cache.PACKAGE.rglob("*.py") if "labs" not in p.parts}
+    assert {"plan.py", "ir.py", "c_source.py", "torch_loop.py"} <= sources
+
+
+def test_a_pickled_layer_cell_is_its_source():
+    """Pickling a compiled cell stores its file name and text, never a plan: unpickled, it is compiled
+    again by the current compiler."""
+    cell = compile_cell("mut1")
+    data = pickle.dumps(cell)
+    assert b"plan" not in data and b"sympy" not in data
+    again = pickle.loads(data)
+    assert again.key == cell.key and again.plan.num_stages == 2
+
+
+# ---- which folders are trusted ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o722])
+def test_a_cache_others_can_write_to_is_refused(private, mode):
+    private.mkdir(parents=True)
+    private.chmod(mode)
+    with pytest.raises(cache.UnsafeCacheError, match="other users can write to it"):
+        cache.root()
+    with pytest.raises(cache.UnsafeCacheError):
+        compile_cell("rnn_tanh").torch_module  # noqa: B018 - nothing is imported from such a folder
+
+
+def test_a_cache_below_a_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("CELLDSL_CACHE", str(shared / "mine"))
+    with pytest.raises(cache.UnsafeCacheError, match="above it"):
+        cache.root()
+    shared.chmod(0o777 | stat.S_ISVTX)  # like /tmp: others cannot rename or remove what is mine
+    assert cache.root() == shared / "mine"
+    assert stat.S_IMODE((shared / "mine").stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "getuid") or os.getuid() != 0, reason="changing a folder's owner needs root"
+)
+def test_a_cache_another_user_owns_is_refused(private):
+    private.mkdir(parents=True, mode=0o700)
+    os.chown(private, 12345, -1)
+    with pytest.raises(cache.UnsafeCacheError, match="belongs to another user"):
+        cache.root()
+
+
+def test_a_cache_owned_by_another_user_is_refused_as_any_user(private, monkeypatch):
+    """The same check without root: this process pretends to be another user."""
+    private.mkdir(parents=True, mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: private.stat().st_uid + 4242)
+    if private.stat().st_uid == 0:
+        pytest.skip("the folder belongs to root, which every user may trust")
+    with pytest.raises(cache.UnsafeCacheError, match="belongs to another user"):
+        cache.root()
+
+
+def test_an_unwritable_cache_costs_only_speed(private):
+    private.parent.mkdir(parents=True, exist_ok=True)
+    private.write_text("a file where the cache folder should be")
+    cache._private_root = None
+    with pytest.warns(RuntimeWarning, match="cannot use the cache folder"):
+        module = compile_cell("rnn_tanh", use_cache=False).torch_module
+    assert hasattr(module, "stage1_forward")  # the generated code lands in a private temporary folder
+    cache._private_root = None
+
+
+# ---- verified libraries ------------------------------------------------------------------------------------
+
+RUN_CPU_SCRIPT = r"""
+import sys, warnings, torch
+from celldsl import Recurrent
+from celldsl.runtime.cpu_fused import FusedCPULoop
+torch.manual_seed(0)
+with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # falling back to the torch loop would warn
+    fused = Recurrent(sys.argv[1], 5, 5, backend="cpu").double()
+    plain = Recurrent(sys.argv[1], 5, 5, backend="torch").double()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert isinstance(fused.cell.cpu_loop, FusedCPULoop)
+    print(float((fused(x)[0] - plain(x)[0]).abs().max()))
+"""
+
+CORRUPTIONS = {
+    "truncated": lambda data, other: data[: len(data) // 3],
+    "empty": lambda data, other: b"",
+    "garbage": lambda data, other: bytes(range(256)) * 64,
+    "another cell's library": lambda data, other: other,
+}
+
+
+def _library(cell_name: str, root: Path) -> Path:
+    (lib,) = [p for p in root.glob(f"{compile_cell(cell_name).key}/cpu_kernels_*.so")]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A cache holding the verified C kernels of two small cells, built once for the module."""
+    root = tmp_path_factory.mktemp("built-cache")
+    for name in ("rnn_tanh", "vanilla_rnn"):
+        lib, reason = cpu_fused.build_library(compile_cell(name), cache_root=root)
+        assert lib is not None, reason
+    return root
+
+
+@needs_cc
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_a_corrupt_library_is_rebuilt(built, private, how):
+    """Each corruption once crashed or slowed every later process (SIGBUS, SIGSEGV, a silent fallback to
+    the torch loop); now the next process verifies the bytes and rebuilds."""
+    shutil.copytree(built, private)
+    victim, other = _library("rnn_tanh", private), _library("vanilla_rnn", private)
+    victim.write_bytes(CORRUPTIONS[how](victim.read_bytes(), other.read_bytes()))
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_CPU_SCRIPT, "rnn_tanh"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr  # a signal would give a negative return code
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-12
+    assert cache.verified(_library("rnn_tanh", private))
+
+
+def test_verified_removes_what_does_not_match(tmp_path):
+    artifact = tmp_path / "lib.so"
+    artifact.write_bytes(b"built")
+    assert not cache.verified(artifact) and not artifact.exists()  # no checksum: not trusted
+    artifact.write_bytes(b"built")
+    cache.seal(artifact)
+    assert cache.verified(artifact)
+    artifact.write_bytes(b"built, then changed")
+    assert not cache.verified(artifact) and not artifact.exists()
+
+
+# ---- concurrent writers ------------------------------------------------------------------------------------
 
 
 def test_concurrent_atomic_writes_leave_one_whole_payload(tmp_path):
-    path = tmp_path / "entry" / "plan.pkl"
+    path = tmp_path / "entry" / "torch_cell.py"
     payloads = [bytes([i]) * (200_000 + i) for i in range(8)]
-    threads = [threading.Thread(target=_atomic_write, args=(path, p)) for p in payloads for _ in range(3)]
+    threads = [
+        threading.Thread(target=cache.atomic_write, args=(path, p)) for p in payloads for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -164,17 +285,32 @@ def test_concurrent_atomic_writes_leave_one_whole_payload(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
-def test_two_processes_compiling_into_one_cache(tmp_path):
-    cache = tmp_path / "shared"
-    names = ["lstm", "gru", "mut1", "greff_fgr", "slstm", "sru"]
-    env = dict(os.environ, CELLDSL_CACHE=str(cache))
-    command = [sys.executable, "-c", COMPILE_SCRIPT, *names]
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+def test_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    link = tmp_path / "out" / "lstm.py"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    cache.atomic_write(link, b"generated")
+    assert target.read_text() == "keep me"
+    assert not link.is_symlink() and link.read_bytes() == b"generated"
+
+
+@needs_cc
+def test_two_processes_building_into_one_cache(tmp_path):
+    env = dict(os.environ, CELLDSL_CACHE=str(tmp_path / "shared"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUN_CPU_SCRIPT, "rnn_tanh"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
-        p.communicate(timeout=300)
-        assert p.returncode == 0
-    entries = list(cache.glob("*/plan.pkl"))
-    assert len(entries) == len(names)
-    for entry in entries:
-        assert isinstance(pickle.loads(entry.read_bytes()), CompiledCell)
-    assert not list(cache.glob("**/*.tmp"))
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert float(out.strip().splitlines()[-1]) < 1e-12
+    assert not list((tmp_path / "shared").glob("**/*.tmp"))

@@ -124,7 +124,7 @@ def test_explain_lstm(capsys):
     assert "total: 4*H^2 + 4*H*I + 8*H numbers" in out
     assert "recurrence: dense" in out
     assert "hoisted GEMMs: 8*H*I" in out and "step GEMMs: 8*H^2" in out
-    assert "h' = tanh(t0)*sigmoid(W_ho@h + W_io@x + b_ho + b_io)" in out
+    assert "h' = tanh(%t0)*sigmoid(W_ho@h + W_io@x + b_ho + b_io)" in out
     assert "backward ops" in out and "saved per step for the backward (10H numbers per sequence)" in out
 
 
@@ -134,7 +134,7 @@ def test_explain_mut1_has_two_stages(capsys):
     assert "2 GEMM stage(s) per step" in out
     assert "hoisted (once over all T steps): [W_xz, W_xr] (2H x I) @ x" in out
     assert "stage 1: [W_hr] (H x H) @ h" in out
-    assert "stage 2: [W_hh] (H x H) @ operand" in out
+    assert "stage 2: [W_hh] (H x H) @ %operand" in out
     assert "needs I == H: input 'x' meets H-wide values elementwise (line 21, column 28)" in out
 
 

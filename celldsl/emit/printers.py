@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import re
 
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
+PYTHON_RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
 
-def identifier(name: str, taken: set[str]) -> str:
-    """A valid, unique Python identifier for a symbol name such as `W_f@`, `grad[c']`, `prev(i)`."""
+
+def identifier(name: str, taken: set[str], suffix: str = "") -> str:
+    """A valid, unique ASCII identifier for a symbol name such as `W_f@`, `grad[c']`, `prev(i)`, `%t3`.
+
+    `taken` holds what the scope already uses: the target's reserved words (keywords, builtins, the
+    generated code's own names, seeded by the emitter) and every identifier handed out before, so a
+    user's name can never become a keyword, shadow a helper or meet a generated name. ASCII only:
+    Python folds identifiers with NFKC, which would make distinct Unicode names one. A `suffix`
+    ("_ptr", "_stride") always ends the result, after any number that makes it unique."""
     base = name.replace("'", "_new").replace("@", "_mm")
     base = re.sub(r"\W", "_", base, flags=re.ASCII).strip("_") or "v"
     if base[0].isdigit():
         base = "v" + base
-    candidate, i = base, 1
+    candidate, i = base + suffix, 1
     while candidate in taken:
         i += 1
-        candidate = f"{base}_{i}"
+        candidate = f"{base}_{i}{suffix}"
     taken.add(candidate)
     return candidate
+
+
+def python_text(text: str, lines: bool = False) -> str:
+    """Text safe inside a generated Python docstring (lines=True keeps line breaks) or comment: printable
+    ASCII without backslashes or double quotes; anything else becomes '?'. Cell names and equations
+    reach generated source only this way (file names never do)."""
+    return "".join(c if (" " <= c <= "~" and c not in '\\"') or (lines and c == "\n") else "?" for c in text)
 
 
 class TargetPrinter(StrPrinter):

@@ -18,10 +18,11 @@ from pathlib import Path
 import sympy as sp
 
 from ..plan import Plan, Pointwise
-from .printers import TargetPrinter, identifier
+from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
 TWO_D = ("input", "state", "hoisted", "product", "operand")  # [rows, width] tensors (a row stride each)
 RESERVED = {"tl", "triton", "torch", "os", "BLOCK", "COMPUTE"}
+KERNEL_LOCALS = {"offs", "mask", "row", "col", "numel", "width", "outs"}  # names _kernel and _host write
 
 
 class TritonPrinter(TargetPrinter):
@@ -61,18 +62,20 @@ class TritonPrinter(TargetPrinter):
         return super()._print_Pow(expr, rational)
 
 
-def display_name(filename: str) -> str:
-    """The cell file as the generated header names it: `cells/<x>.cell` for a zoo cell, however it
-    was given (relative, absolute or by zoo name), so the output does not depend on the caller's cwd."""
+def origin(plan: Plan) -> str:
+    """What the generated header says the kernels come from: `cells/<x>.cell` for a zoo cell (so the
+    text does not depend on how the file was named), else just the cell's name. The file name itself
+    never enters generated source: it is whatever the user's file system allows."""
     from ..compiler import ZOO
 
+    filename, name = plan.ir.source.filename, python_text(plan.ir.name)
     try:
         path = Path(filename).resolve()
-    except (OSError, RuntimeError):
-        return filename
-    if path.parent == ZOO and path.exists():
-        return f"cells/{path.name}"
-    return filename
+        if path.parent == ZOO.resolve() and path.is_file() and path.stem == plan.ir.name:
+            return f"cells/{name}.cell"
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return f"the cell file of `{name}`"
 
 
 HELPERS = '''
@@ -190,13 +193,15 @@ class _Function:
 
     def __init__(self, prefix: str, pw: Pointwise, plan: Plan, backward: bool):
         self.prefix, self.pw, self.backward = prefix, pw, backward
-        taken = set(RESERVED) | set(KNOWN_GLOBALS)
+        # the scope of the step function, kernel and host wrapper: Python's reserved words, the module's
+        # helpers and functions, the kernel's locals, then every symbol's identifier as it is handed out
+        taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
         self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
         self.names = {s: identifier(s.name, taken) for s in self.args}
         self.kinds = [plan.role(s) for s in pw.inputs] + (["grad"] * len(pw.grad_outputs) if backward else [])
-        self.ptr = {s: identifier(self.names[s] + "_ptr", taken) for s in self.args}
+        self.ptr = {s: identifier(self.names[s], taken, "_ptr") for s in self.args}
         self.stride = {
-            s: identifier(self.names[s] + "_stride", taken)
+            s: identifier(self.names[s], taken, "_stride")
             for s, k in zip(self.args, self.kinds, strict=True)
             if k in TWO_D or k == "grad"
         }
@@ -220,7 +225,7 @@ class _Function:
                 first_of[r] = len(self.unique)
                 self.unique.append(i)
             self.slot_of[i] = first_of[r]
-        self.out_names = [identifier(self.result_names[i] + "_out", taken) for i in self.unique]
+        self.out_ptrs = [identifier(self.result_names[i], taken, "_out_ptr") for i in self.unique]
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
         self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
@@ -266,7 +271,7 @@ def _kernel(f: _Function) -> str:
         params.append(f.ptr[s])
         if s in f.stride:
             params.append(f.stride[s])
-    params += [o + "_ptr" for o in f.out_names]
+    params += f.out_ptrs
     params += ["numel", "width", "BLOCK: tl.constexpr", "COMPUTE: tl.constexpr"]
     lines = ["@triton.jit", f"def {name}(", *[f"    {p}," for p in params], "):"]
     lines += [
@@ -289,8 +294,8 @@ def _kernel(f: _Function) -> str:
     results = [f.result_names[i] for i in f.unique]
     if results:
         lines.append(f"    ({', '.join(results)},) = {step}({call})")
-    for r, o in zip(results, f.out_names, strict=True):
-        lines.append(f"    tl.store({o}_ptr + offs, {r}.to({o}_ptr.dtype.element_ty), mask=mask)")
+    for r, o in zip(results, f.out_ptrs, strict=True):
+        lines.append(f"    tl.store({o} + offs, {r}.to({o}.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
 
@@ -308,7 +313,7 @@ def _host(f: _Function, fn_name: str) -> str:
     if f.backward:
         doc += " -> one gradient per input of the forward that needs one (None where it is zero)"
     else:
-        doc += f" -> ({', '.join(n for n, _ in f.pw.outputs)})"
+        doc += f" -> ({python_text(', '.join(n for n, _ in f.pw.outputs))})"
     lines = [f"def {fn_name}({', '.join(params)}):", doc + '"""']
     ref = f.names[f.ref]
     lines.append(f"    outs = _empty({ref}, {len(f.unique)})")
@@ -384,10 +389,10 @@ def _describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-HEADER = '''"""Fused Triton kernels for the cell `{name}`, generated by celldsl from {filename}.
+HEADER = '''"""Fused Triton kernels for the cell `{name}`, generated by celldsl from {origin}.
 
-Do not edit: `celldsl compile {filename} -o kernels/` rewrites this file (tests/test_kernels_fresh.py
-fails when it is stale).
+Do not edit: `celldsl compile` rewrites this file (for the zoo, tests/test_kernels_fresh.py fails when
+kernels/ is stale).
 
 {description}
 
@@ -421,7 +426,8 @@ def triton_module_source(plan: Plan) -> str:
     """The whole generated module for a plan (deterministic: same plan, same text)."""
     ir = plan.ir
     parts = [
-        HEADER.format(name=ir.name, filename=display_name(ir.source.filename), description=_describe(plan)),
+        HEADER.format(name=python_text(ir.name), origin=origin(plan),
+                      description=python_text(_describe(plan), lines=True)),
         HELPERS,
     ]
     pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
@@ -435,6 +441,16 @@ def triton_module_source(plan: Plan) -> str:
             parts.append(_kernel(f))
             parts.append(_host(f, f"{prefix}_{'backward' if backward else 'forward'}"))
     return "\n\n".join(p.strip("\n") + "\n" for p in parts)
+
+
+def module_names(plan: Plan) -> list[str]:
+    """Every function the module defines per pointwise: step functions, kernels and host wrappers."""
+    names = []
+    for prefix in plan.pointwise_prefixes():
+        for way in ("forward", "backward"):
+            names += [f"{prefix}_{way}", f"{prefix}_{way}_kernel"]
+        names += [f"{prefix}_step", f"{prefix}_step_grad"]
+    return names
 
 
 def kernel_names(plan: Plan) -> list[str]:

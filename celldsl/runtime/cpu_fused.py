@@ -25,25 +25,42 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from .. import cache
 from ..emit.c_source import backward_schedule, c_source, kernel_specs, summed_products
 from ..plan import Plan
 from .torch_loop import TorchLoop, input_columns, steps_of
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wl,-z,defs"]
+BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Wl,-z,defs"]
 # first try: tuned for this CPU, OpenMP threads (torch's own libgomp: it is loaded already, and the
 # loader shares a library by its soname), glibc's vector math (libmvec); then plainer builds
+FAST = ["-O3", "-fopenmp-simd"]
 ATTEMPTS = (
-    ["-march=native", "-fopenmp", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
-    ["-march=native", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
-    ["-march=native", "-lm"],
-    ["-lm"],
+    [*FAST, "-march=native", "-fopenmp", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
+    [*FAST, "-march=native", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
+    [*FAST, "-march=native", "-lm"],
+    [*FAST, "-lm"],
 )
+# gcc's time grows faster than the source: vectorising a 180 kB file took 8 s at -O3, a 470 kB one
+# 76 s even at -O1. A large cell (few are: the zoo's C files have 10-40 kB) is built with less
+# optimisation, so any cell that passed `check` compiles in well under 30 s.
+LARGE_SOURCE, HUGE_SOURCE = 128 << 10, 256 << 10
+
+
+def attempts(source: str) -> tuple[list[str], ...]:
+    """The compiler flags to try in order, by the size of the C source."""
+    if len(source) <= LARGE_SOURCE:
+        return ATTEMPTS
+    return (["-O1", "-lm"],) if len(source) <= HUGE_SOURCE else (["-O0", "-lm"],)
+
+
+COMPILE_SECONDS = 60  # all attempts together: a safety net (see attempts())
 MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on one thread
 _lock = threading.Lock()
 _warned: set[str] = set()
@@ -72,55 +89,73 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + ":" + flags
 
 
-def build_library(cell, cache: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
     """Compile (or load from the cache) the C kernels of a compiled cell.
 
-    Returns (library, "") or (None, why not). Never raises for a missing or failing compiler.
+    Returns (library, "") or (None, why not). Never raises for a missing or failing compiler. A
+    library is loaded only after its bytes match the checksum recorded when it was built (a truncated
+    or replaced file would crash the process when mapped); anything else is rebuilt.
     """
-    from ..compiler import _atomic_write, cache_dir
-
     cc = compiler()
     if cc is None:
         reason = "CELLDSL_CPU_FUSED=0" if os.environ.get("CELLDSL_CPU_FUSED") == "0" else \
             "no C compiler found ($CC, cc, gcc)"
         return None, reason
     source = c_source(cell.plan)
-    digest = hashlib.sha256("\0".join([source, cc, _cpu_fingerprint(), repr(ATTEMPTS)]).encode()).hexdigest()
-    folder = (cache or cache_dir()) / cell.key
+    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(attempts(source))])
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    folder = (cache_root or cache.root()) / cell.key
     lib_path = folder / f"cpu_kernels_{digest[:20]}.so"
     with _lock:
-        if not lib_path.exists():
-            errors = []
+        for _attempt in range(2):  # a library that verifies but does not load is rebuilt once
+            if not cache.verified(lib_path):
+                error = _build(cc, source, folder, lib_path)
+                if error:
+                    return None, error
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                src_path = folder / f"cpu_kernels_{digest[:20]}.c"
-                _atomic_write(src_path, source.encode())
-                for extra in ATTEMPTS:
-                    err = _compile(cc, src_path, lib_path, extra)
-                    if err is None:
-                        break
-                    errors.append(err)
+                return ctypes.CDLL(str(lib_path)), ""
             except OSError as exc:
-                errors.append(str(exc))
-            if not lib_path.exists():
-                return None, f"the C compiler {cc} failed: {errors[-1] if errors else '?'}"
-        try:
-            return ctypes.CDLL(str(lib_path)), ""
-        except OSError as exc:
-            return None, f"cannot load {lib_path}: {exc}"
+                load_error = f"cannot load {lib_path}: {exc}"
+                lib_path.unlink(missing_ok=True)
+        return None, load_error
 
 
-def _compile(cc: str, src: Path, out: Path, extra: list[str]) -> str | None:
+def _build(cc: str, source: str, folder: Path, lib_path: Path) -> str:
+    """Compile `source` into `lib_path` and seal it; "" on success, else why it failed. The attempts
+    share one deadline (COMPILE_SECONDS), so a pathological file cannot hold the process for long."""
+    errors = []
+    try:
+        src_path = folder / (lib_path.stem + ".c")
+        cache.atomic_write(src_path, source.encode())
+        deadline = time.monotonic() + COMPILE_SECONDS
+        for extra in attempts(source):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                errors.append(f"gave up after {COMPILE_SECONDS} s")
+                break
+            err = _compile(cc, src_path, lib_path, extra, left)
+            if err is None:
+                cache.seal(lib_path)
+                return ""
+            errors.append(err)
+    except OSError as exc:
+        errors.append(str(exc))
+    return f"the C compiler {cc} failed: {errors[-1] if errors else '?'}"
+
+
+def _compile(cc: str, src: Path, out: Path, extra: list[str], seconds: float) -> str | None:
     """Compile to a temporary file and move it into place (atomic); None on success, else stderr."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)
     try:
         proc = subprocess.run([cc, *BASE_FLAGS, "-o", tmp, str(src), *extra],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=seconds)
         if proc.returncode != 0:
             return (proc.stderr or proc.stdout).strip()[-2000:]
         os.replace(tmp, out)
         return None
+    except subprocess.TimeoutExpired:
+        return f"timed out after {seconds:.0f} s"
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
     finally:

@@ -7,8 +7,6 @@ Parameters travel as one flat list: hoisted GEMM weights, step GEMM weights, vec
 
 from __future__ import annotations
 
-import pickle
-
 import torch
 
 _CELLS: dict = {}  # cache key -> CompiledCell, for every cell a layer was built from in this process
@@ -21,15 +19,11 @@ def register(cell) -> None:
 
 def cell_for(key: str):
     cell = _CELLS.get(key)
-    if cell is None:  # e.g. a compiled graph replayed in a fresh process: try the on-disk cache
-        from ..compiler import CompiledCell, cache_dir
+    if cell is None:  # e.g. a compiled graph replayed in a fresh process: compile it again from its text
+        from ..compiler import compile_key
 
-        entry = cache_dir() / key / "plan.pkl"
-        try:
-            cell = pickle.loads(entry.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            cell = None
-        if not isinstance(cell, CompiledCell) or cell.key != key:
+        cell = compile_key(key)
+        if cell is None:
             raise ValueError(
                 f"no compiled cell with key {key!r} in this process; build the layer (or call "
                 "celldsl.runtime.function.register(compile_cell(...))) before running it"

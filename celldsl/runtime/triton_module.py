@@ -16,7 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..compiler import ZOO, _atomic_write, cache_dir
+from .. import cache
+from ..compiler import ZOO
 
 KERNELS = ZOO.parent / "kernels"
 
@@ -45,9 +46,8 @@ def module_path(compiled, source: str | None = None) -> Path:
             pass
     digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:32]
     name = stem if stem.isidentifier() else "cell"
-    path = cache_dir() / "triton" / digest / f"{name}.py"
-    if not path.is_file() or path.read_text(encoding="utf-8") != source:
-        _atomic_write(path, source.encode("utf-8"))
+    path = cache.root() / "triton" / digest / f"{name}.py"
+    cache.write_if_changed(path, source)
     return path
 
 
