@@ -40,122 +40,18 @@ functions below. Each pointwise function `P` comes as
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
     and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
+imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from celldsl.runtime.triton_module import shared_helpers
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
-    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _logsigmoid(x):
-    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
-
-
-@triton.jit
-def _pow(b, e):
-    # b ** e for a non-integer e: nan for b < 0, as torch.pow
-    return tl.exp(e * tl.log(b))
-
-
-# ---- host helpers ------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _rows(t):
-    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0)
-
-
-def _vec(t):
-    """A [H] vector with unit stride."""
-    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
-    numel = ref.numel()
-    if numel == 0:
-        return
-    if numel >= 2**31:
-        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
-        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
-    else:
-        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
-    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-    else:
-        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-
-
-def _empty(ref, n):
-    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+lib = shared_helpers()
 
 
 # ---- stage1 -----------------------------------------------------------------------------------------
@@ -164,11 +60,11 @@ def _empty(ref, n):
 @triton.jit
 def stage1_step(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o):
     # -> the outputs: (c_new, y_new, prev_i__new, prev_f__new, prev_o__new)
-    t0 = _sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
-    t1 = _sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
-    t2 = t0*c + t1*_tanh(R_z_mm + W_z_mm + b_z)
-    t3 = _sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
-    return (t2, t3*_tanh(t2), t1, t0, t3,)
+    t0 = lib.sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
+    t1 = lib.sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
+    t2 = t0*c + t1*lib.tanh(R_z_mm + W_z_mm + b_z)
+    t3 = lib.sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
+    return (t2, t3*lib.tanh(t2), t1, t0, t3,)
 
 
 @triton.jit
@@ -265,51 +161,51 @@ def stage1_forward_kernel(
 
 def stage1_forward(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o):
     """stage1_forward(R_f_mm [N, H], R_ff_mm [N, H], R_fi_mm [N, H], R_fo_mm [N, H], R_i_mm [N, H], R_if_mm [N, H], R_ii_mm [N, H], R_io_mm [N, H], R_o_mm [N, H], R_of_mm [N, H], R_oi_mm [N, H], R_oo_mm [N, H], R_z_mm [N, H], W_f_mm [N, H], W_i_mm [N, H], W_o_mm [N, H], W_z_mm [N, H], b_f [H], b_i [H], b_o [H], b_z [H], c [N, H], p_f [H], p_i [H], p_o [H]) -> (c', y', prev(i)', prev(f)', prev(o)')"""
-    outs = _empty(R_f_mm, 5)
-    R_f_mm, R_f_mm_stride = _rows(R_f_mm)
-    R_ff_mm, R_ff_mm_stride = _rows(R_ff_mm)
-    R_fi_mm, R_fi_mm_stride = _rows(R_fi_mm)
-    R_fo_mm, R_fo_mm_stride = _rows(R_fo_mm)
-    R_i_mm, R_i_mm_stride = _rows(R_i_mm)
-    R_if_mm, R_if_mm_stride = _rows(R_if_mm)
-    R_ii_mm, R_ii_mm_stride = _rows(R_ii_mm)
-    R_io_mm, R_io_mm_stride = _rows(R_io_mm)
-    R_o_mm, R_o_mm_stride = _rows(R_o_mm)
-    R_of_mm, R_of_mm_stride = _rows(R_of_mm)
-    R_oi_mm, R_oi_mm_stride = _rows(R_oi_mm)
-    R_oo_mm, R_oo_mm_stride = _rows(R_oo_mm)
-    R_z_mm, R_z_mm_stride = _rows(R_z_mm)
-    W_f_mm, W_f_mm_stride = _rows(W_f_mm)
-    W_i_mm, W_i_mm_stride = _rows(W_i_mm)
-    W_o_mm, W_o_mm_stride = _rows(W_o_mm)
-    W_z_mm, W_z_mm_stride = _rows(W_z_mm)
-    b_f = _vec(b_f)
-    b_i = _vec(b_i)
-    b_o = _vec(b_o)
-    b_z = _vec(b_z)
-    c, c_stride = _rows(c)
-    p_f = _vec(p_f)
-    p_i = _vec(p_i)
-    p_o = _vec(p_o)
-    _launch(stage1_forward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_ff_mm, R_ff_mm_stride, R_fi_mm, R_fi_mm_stride, R_fo_mm, R_fo_mm_stride, R_i_mm, R_i_mm_stride, R_if_mm, R_if_mm_stride, R_ii_mm, R_ii_mm_stride, R_io_mm, R_io_mm_stride, R_o_mm, R_o_mm_stride, R_of_mm, R_of_mm_stride, R_oi_mm, R_oi_mm_stride, R_oo_mm, R_oo_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, p_f, p_i, p_o], outs)
+    outs = lib.empty(R_f_mm, 5)
+    R_f_mm, R_f_mm_stride = lib.rows(R_f_mm)
+    R_ff_mm, R_ff_mm_stride = lib.rows(R_ff_mm)
+    R_fi_mm, R_fi_mm_stride = lib.rows(R_fi_mm)
+    R_fo_mm, R_fo_mm_stride = lib.rows(R_fo_mm)
+    R_i_mm, R_i_mm_stride = lib.rows(R_i_mm)
+    R_if_mm, R_if_mm_stride = lib.rows(R_if_mm)
+    R_ii_mm, R_ii_mm_stride = lib.rows(R_ii_mm)
+    R_io_mm, R_io_mm_stride = lib.rows(R_io_mm)
+    R_o_mm, R_o_mm_stride = lib.rows(R_o_mm)
+    R_of_mm, R_of_mm_stride = lib.rows(R_of_mm)
+    R_oi_mm, R_oi_mm_stride = lib.rows(R_oi_mm)
+    R_oo_mm, R_oo_mm_stride = lib.rows(R_oo_mm)
+    R_z_mm, R_z_mm_stride = lib.rows(R_z_mm)
+    W_f_mm, W_f_mm_stride = lib.rows(W_f_mm)
+    W_i_mm, W_i_mm_stride = lib.rows(W_i_mm)
+    W_o_mm, W_o_mm_stride = lib.rows(W_o_mm)
+    W_z_mm, W_z_mm_stride = lib.rows(W_z_mm)
+    b_f = lib.vec(b_f)
+    b_i = lib.vec(b_i)
+    b_o = lib.vec(b_o)
+    b_z = lib.vec(b_z)
+    c, c_stride = lib.rows(c)
+    p_f = lib.vec(p_f)
+    p_i = lib.vec(p_i)
+    p_o = lib.vec(p_o)
+    lib.launch(stage1_forward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_ff_mm, R_ff_mm_stride, R_fi_mm, R_fi_mm_stride, R_fo_mm, R_fo_mm_stride, R_i_mm, R_i_mm_stride, R_if_mm, R_if_mm_stride, R_ii_mm, R_ii_mm_stride, R_io_mm, R_io_mm_stride, R_o_mm, R_o_mm_stride, R_of_mm, R_of_mm_stride, R_oi_mm, R_oi_mm_stride, R_oo_mm, R_oo_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, p_f, p_i, p_o], outs)
     return (outs[0], outs[1], outs[2], outs[3], outs[4],)
 
 
 @triton.jit
 def stage1_step_grad(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o, grad_c_new, grad_y_new, grad_prev_i__new, grad_prev_f__new, grad_prev_o__new):
     # -> gradient of every input that needs one: (d_R_f_mm, d_R_fi_mm, d_R_fo_mm, d_R_z_mm, d_c, d_p_f, d_p_i, d_p_o)
-    t0 = _sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
-    t1 = _sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
-    t2 = t0*c + t1*_tanh(R_z_mm + W_z_mm + b_z)
-    t3 = _sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
-    u0 = _sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
-    u1 = _tanh(t2)
-    u2 = _sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
+    t0 = lib.sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
+    t1 = lib.sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
+    t2 = t0*c + t1*lib.tanh(R_z_mm + W_z_mm + b_z)
+    t3 = lib.sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
+    u0 = lib.sigmoid(R_f_mm + R_ff_mm + R_if_mm + R_of_mm + W_f_mm + b_f + c*p_f)
+    u1 = lib.tanh(t2)
+    u2 = lib.sigmoid(R_fo_mm + R_io_mm + R_o_mm + R_oo_mm + W_o_mm + b_o + t2*p_o)
     u3 = u2*(1.0 - u2)*(grad_prev_o__new + u1*grad_y_new)
     u4 = grad_c_new + u3*p_o + t3*grad_y_new*(1.0 - (u1*u1))
     u5 = u0*(1.0 - u0)*(grad_prev_f__new + u4*c)
-    u6 = _sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
-    u7 = _tanh(R_z_mm + W_z_mm + b_z)
+    u6 = lib.sigmoid(R_fi_mm + R_i_mm + R_ii_mm + R_oi_mm + W_i_mm + b_i + c*p_i)
+    u7 = lib.tanh(R_z_mm + W_z_mm + b_z)
     u8 = u6*(1.0 - u6)*(grad_prev_i__new + u4*u7)
     u9 = t1*u4*(1.0 - (u7*u7))
     return (u5, u8, u3, u9, t0*u4 + u5*p_f + u8*p_i, u5*c, u8*c, t2*u3,)
@@ -430,36 +326,36 @@ def stage1_backward_kernel(
 
 def stage1_backward(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o, grad_c_new, grad_y_new, grad_prev_i__new, grad_prev_f__new, grad_prev_o__new):
     """stage1_backward(R_f_mm [N, H], R_ff_mm [N, H], R_fi_mm [N, H], R_fo_mm [N, H], R_i_mm [N, H], R_if_mm [N, H], R_ii_mm [N, H], R_io_mm [N, H], R_o_mm [N, H], R_of_mm [N, H], R_oi_mm [N, H], R_oo_mm [N, H], R_z_mm [N, H], W_f_mm [N, H], W_i_mm [N, H], W_o_mm [N, H], W_z_mm [N, H], b_f [H], b_i [H], b_o [H], b_z [H], c [N, H], p_f [H], p_i [H], p_o [H], grad_c_new like the output, grad_y_new like the output, grad_prev_i__new like the output, grad_prev_f__new like the output, grad_prev_o__new like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(R_f_mm, 8)
-    R_f_mm, R_f_mm_stride = _rows(R_f_mm)
-    R_ff_mm, R_ff_mm_stride = _rows(R_ff_mm)
-    R_fi_mm, R_fi_mm_stride = _rows(R_fi_mm)
-    R_fo_mm, R_fo_mm_stride = _rows(R_fo_mm)
-    R_i_mm, R_i_mm_stride = _rows(R_i_mm)
-    R_if_mm, R_if_mm_stride = _rows(R_if_mm)
-    R_ii_mm, R_ii_mm_stride = _rows(R_ii_mm)
-    R_io_mm, R_io_mm_stride = _rows(R_io_mm)
-    R_o_mm, R_o_mm_stride = _rows(R_o_mm)
-    R_of_mm, R_of_mm_stride = _rows(R_of_mm)
-    R_oi_mm, R_oi_mm_stride = _rows(R_oi_mm)
-    R_oo_mm, R_oo_mm_stride = _rows(R_oo_mm)
-    R_z_mm, R_z_mm_stride = _rows(R_z_mm)
-    W_f_mm, W_f_mm_stride = _rows(W_f_mm)
-    W_i_mm, W_i_mm_stride = _rows(W_i_mm)
-    W_o_mm, W_o_mm_stride = _rows(W_o_mm)
-    W_z_mm, W_z_mm_stride = _rows(W_z_mm)
-    b_f = _vec(b_f)
-    b_i = _vec(b_i)
-    b_o = _vec(b_o)
-    b_z = _vec(b_z)
-    c, c_stride = _rows(c)
-    p_f = _vec(p_f)
-    p_i = _vec(p_i)
-    p_o = _vec(p_o)
-    grad_c_new, grad_c_new_stride = _rows(grad_c_new)
-    grad_y_new, grad_y_new_stride = _rows(grad_y_new)
-    grad_prev_i__new, grad_prev_i__new_stride = _rows(grad_prev_i__new)
-    grad_prev_f__new, grad_prev_f__new_stride = _rows(grad_prev_f__new)
-    grad_prev_o__new, grad_prev_o__new_stride = _rows(grad_prev_o__new)
-    _launch(stage1_backward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_ff_mm, R_ff_mm_stride, R_fi_mm, R_fi_mm_stride, R_fo_mm, R_fo_mm_stride, R_i_mm, R_i_mm_stride, R_if_mm, R_if_mm_stride, R_ii_mm, R_ii_mm_stride, R_io_mm, R_io_mm_stride, R_o_mm, R_o_mm_stride, R_of_mm, R_of_mm_stride, R_oi_mm, R_oi_mm_stride, R_oo_mm, R_oo_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, p_f, p_i, p_o, grad_c_new, grad_c_new_stride, grad_y_new, grad_y_new_stride, grad_prev_i__new, grad_prev_i__new_stride, grad_prev_f__new, grad_prev_f__new_stride, grad_prev_o__new, grad_prev_o__new_stride], outs)
+    outs = lib.empty(R_f_mm, 8)
+    R_f_mm, R_f_mm_stride = lib.rows(R_f_mm)
+    R_ff_mm, R_ff_mm_stride = lib.rows(R_ff_mm)
+    R_fi_mm, R_fi_mm_stride = lib.rows(R_fi_mm)
+    R_fo_mm, R_fo_mm_stride = lib.rows(R_fo_mm)
+    R_i_mm, R_i_mm_stride = lib.rows(R_i_mm)
+    R_if_mm, R_if_mm_stride = lib.rows(R_if_mm)
+    R_ii_mm, R_ii_mm_stride = lib.rows(R_ii_mm)
+    R_io_mm, R_io_mm_stride = lib.rows(R_io_mm)
+    R_o_mm, R_o_mm_stride = lib.rows(R_o_mm)
+    R_of_mm, R_of_mm_stride = lib.rows(R_of_mm)
+    R_oi_mm, R_oi_mm_stride = lib.rows(R_oi_mm)
+    R_oo_mm, R_oo_mm_stride = lib.rows(R_oo_mm)
+    R_z_mm, R_z_mm_stride = lib.rows(R_z_mm)
+    W_f_mm, W_f_mm_stride = lib.rows(W_f_mm)
+    W_i_mm, W_i_mm_stride = lib.rows(W_i_mm)
+    W_o_mm, W_o_mm_stride = lib.rows(W_o_mm)
+    W_z_mm, W_z_mm_stride = lib.rows(W_z_mm)
+    b_f = lib.vec(b_f)
+    b_i = lib.vec(b_i)
+    b_o = lib.vec(b_o)
+    b_z = lib.vec(b_z)
+    c, c_stride = lib.rows(c)
+    p_f = lib.vec(p_f)
+    p_i = lib.vec(p_i)
+    p_o = lib.vec(p_o)
+    grad_c_new, grad_c_new_stride = lib.rows(grad_c_new)
+    grad_y_new, grad_y_new_stride = lib.rows(grad_y_new)
+    grad_prev_i__new, grad_prev_i__new_stride = lib.rows(grad_prev_i__new)
+    grad_prev_f__new, grad_prev_f__new_stride = lib.rows(grad_prev_f__new)
+    grad_prev_o__new, grad_prev_o__new_stride = lib.rows(grad_prev_o__new)
+    lib.launch(stage1_backward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_ff_mm, R_ff_mm_stride, R_fi_mm, R_fi_mm_stride, R_fo_mm, R_fo_mm_stride, R_i_mm, R_i_mm_stride, R_if_mm, R_if_mm_stride, R_ii_mm, R_ii_mm_stride, R_io_mm, R_io_mm_stride, R_o_mm, R_o_mm_stride, R_of_mm, R_of_mm_stride, R_oi_mm, R_oi_mm_stride, R_oo_mm, R_oo_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, p_f, p_i, p_o, grad_c_new, grad_c_new_stride, grad_y_new, grad_y_new_stride, grad_prev_i__new, grad_prev_i__new_stride, grad_prev_f__new, grad_prev_f__new_stride, grad_prev_o__new, grad_prev_o__new_stride], outs)
     return (outs[0], outs[0], outs[1], outs[2], outs[1], outs[0], outs[1], outs[2], outs[2], outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6], outs[7],)

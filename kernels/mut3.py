@@ -41,122 +41,18 @@ functions below. Each pointwise function `P` comes as
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
     and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
+imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from celldsl.runtime.triton_module import shared_helpers
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
-    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _logsigmoid(x):
-    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
-
-
-@triton.jit
-def _pow(b, e):
-    # b ** e for a non-integer e: nan for b < 0, as torch.pow
-    return tl.exp(e * tl.log(b))
-
-
-# ---- host helpers ------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _rows(t):
-    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0)
-
-
-def _vec(t):
-    """A [H] vector with unit stride."""
-    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
-    numel = ref.numel()
-    if numel == 0:
-        return
-    if numel >= 2**31:
-        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
-        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
-    else:
-        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
-    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-    else:
-        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-
-
-def _empty(ref, n):
-    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+lib = shared_helpers()
 
 
 # ---- stage0 -----------------------------------------------------------------------------------------
@@ -165,7 +61,7 @@ def _empty(ref, n):
 @triton.jit
 def stage0_step(h):
     # -> the outputs: (operand1)
-    return (_tanh(h),)
+    return (lib.tanh(h),)
 
 
 @triton.jit
@@ -189,16 +85,16 @@ def stage0_forward_kernel(
 
 def stage0_forward(h):
     """stage0_forward(h [N, H]) -> (%operand1)"""
-    outs = _empty(h, 1)
-    h, h_stride = _rows(h)
-    _launch(stage0_forward_kernel, h, [h, h_stride], outs)
+    outs = lib.empty(h, 1)
+    h, h_stride = lib.rows(h)
+    lib.launch(stage0_forward_kernel, h, [h, h_stride], outs)
     return (outs[0],)
 
 
 @triton.jit
 def stage0_step_grad(h, grad__operand1):
     # -> gradient of every input that needs one: (d_h)
-    return (grad__operand1*(1.0 - ((_tanh(h))*(_tanh(h)))),)
+    return (grad__operand1*(1.0 - ((lib.tanh(h))*(lib.tanh(h)))),)
 
 
 @triton.jit
@@ -225,10 +121,10 @@ def stage0_backward_kernel(
 
 def stage0_backward(h, grad__operand1):
     """stage0_backward(h [N, H], grad__operand1 like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(h, 1)
-    h, h_stride = _rows(h)
-    grad__operand1, grad__operand1_stride = _rows(grad__operand1)
-    _launch(stage0_backward_kernel, h, [h, h_stride, grad__operand1, grad__operand1_stride], outs)
+    outs = lib.empty(h, 1)
+    h, h_stride = lib.rows(h)
+    grad__operand1, grad__operand1_stride = lib.rows(grad__operand1)
+    lib.launch(stage0_backward_kernel, h, [h, h_stride, grad__operand1, grad__operand1_stride], outs)
     return (outs[0],)
 
 
@@ -238,7 +134,7 @@ def stage0_backward(h, grad__operand1):
 @triton.jit
 def stage1_step(W_hr_mm, W_xr_mm, b_r, h):
     # -> the outputs: (operand3)
-    return (h*_sigmoid(W_hr_mm + W_xr_mm + b_r),)
+    return (h*lib.sigmoid(W_hr_mm + W_xr_mm + b_r),)
 
 
 @triton.jit
@@ -270,19 +166,19 @@ def stage1_forward_kernel(
 
 def stage1_forward(W_hr_mm, W_xr_mm, b_r, h):
     """stage1_forward(W_hr_mm [N, H], W_xr_mm [N, H], b_r [H], h [N, H]) -> (%operand3)"""
-    outs = _empty(W_hr_mm, 1)
-    W_hr_mm, W_hr_mm_stride = _rows(W_hr_mm)
-    W_xr_mm, W_xr_mm_stride = _rows(W_xr_mm)
-    b_r = _vec(b_r)
-    h, h_stride = _rows(h)
-    _launch(stage1_forward_kernel, W_hr_mm, [W_hr_mm, W_hr_mm_stride, W_xr_mm, W_xr_mm_stride, b_r, h, h_stride], outs)
+    outs = lib.empty(W_hr_mm, 1)
+    W_hr_mm, W_hr_mm_stride = lib.rows(W_hr_mm)
+    W_xr_mm, W_xr_mm_stride = lib.rows(W_xr_mm)
+    b_r = lib.vec(b_r)
+    h, h_stride = lib.rows(h)
+    lib.launch(stage1_forward_kernel, W_hr_mm, [W_hr_mm, W_hr_mm_stride, W_xr_mm, W_xr_mm_stride, b_r, h, h_stride], outs)
     return (outs[0],)
 
 
 @triton.jit
 def stage1_step_grad(W_hr_mm, W_xr_mm, b_r, h, grad__operand3):
     # -> gradient of every input that needs one: (d_W_hr_mm, d_h)
-    u0 = _sigmoid(W_hr_mm + W_xr_mm + b_r)
+    u0 = lib.sigmoid(W_hr_mm + W_xr_mm + b_r)
     u1 = u0*grad__operand3
     u2 = u1*h*(1.0 - u0)
     return (u2, u1,)
@@ -322,13 +218,13 @@ def stage1_backward_kernel(
 
 def stage1_backward(W_hr_mm, W_xr_mm, b_r, h, grad__operand3):
     """stage1_backward(W_hr_mm [N, H], W_xr_mm [N, H], b_r [H], h [N, H], grad__operand3 like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(W_hr_mm, 2)
-    W_hr_mm, W_hr_mm_stride = _rows(W_hr_mm)
-    W_xr_mm, W_xr_mm_stride = _rows(W_xr_mm)
-    b_r = _vec(b_r)
-    h, h_stride = _rows(h)
-    grad__operand3, grad__operand3_stride = _rows(grad__operand3)
-    _launch(stage1_backward_kernel, W_hr_mm, [W_hr_mm, W_hr_mm_stride, W_xr_mm, W_xr_mm_stride, b_r, h, h_stride, grad__operand3, grad__operand3_stride], outs)
+    outs = lib.empty(W_hr_mm, 2)
+    W_hr_mm, W_hr_mm_stride = lib.rows(W_hr_mm)
+    W_xr_mm, W_xr_mm_stride = lib.rows(W_xr_mm)
+    b_r = lib.vec(b_r)
+    h, h_stride = lib.rows(h)
+    grad__operand3, grad__operand3_stride = lib.rows(grad__operand3)
+    lib.launch(stage1_backward_kernel, W_hr_mm, [W_hr_mm, W_hr_mm_stride, W_xr_mm, W_xr_mm_stride, b_r, h, h_stride, grad__operand3, grad__operand3_stride], outs)
     return (outs[0], outs[0], outs[0], outs[1],)
 
 
@@ -338,8 +234,8 @@ def stage1_backward(W_hr_mm, W_xr_mm, b_r, h, grad__operand3):
 @triton.jit
 def stage2_step(W_hh_mm, W_hz_mm, W_xh_mm, W_xz_mm, b, b_z, h):
     # -> the outputs: (h_new)
-    t0 = _sigmoid(W_hz_mm + W_xz_mm + b_z)
-    return (t0*_tanh(W_hh_mm + W_xh_mm + b) + h*(1.0 - t0),)
+    t0 = lib.sigmoid(W_hz_mm + W_xz_mm + b_z)
+    return (t0*lib.tanh(W_hh_mm + W_xh_mm + b) + h*(1.0 - t0),)
 
 
 @triton.jit
@@ -379,25 +275,25 @@ def stage2_forward_kernel(
 
 def stage2_forward(W_hh_mm, W_hz_mm, W_xh_mm, W_xz_mm, b, b_z, h):
     """stage2_forward(W_hh_mm [N, H], W_hz_mm [N, H], W_xh_mm [N, H], W_xz_mm [N, H], b [H], b_z [H], h [N, H]) -> (h')"""
-    outs = _empty(W_hh_mm, 1)
-    W_hh_mm, W_hh_mm_stride = _rows(W_hh_mm)
-    W_hz_mm, W_hz_mm_stride = _rows(W_hz_mm)
-    W_xh_mm, W_xh_mm_stride = _rows(W_xh_mm)
-    W_xz_mm, W_xz_mm_stride = _rows(W_xz_mm)
-    b = _vec(b)
-    b_z = _vec(b_z)
-    h, h_stride = _rows(h)
-    _launch(stage2_forward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_hz_mm, W_hz_mm_stride, W_xh_mm, W_xh_mm_stride, W_xz_mm, W_xz_mm_stride, b, b_z, h, h_stride], outs)
+    outs = lib.empty(W_hh_mm, 1)
+    W_hh_mm, W_hh_mm_stride = lib.rows(W_hh_mm)
+    W_hz_mm, W_hz_mm_stride = lib.rows(W_hz_mm)
+    W_xh_mm, W_xh_mm_stride = lib.rows(W_xh_mm)
+    W_xz_mm, W_xz_mm_stride = lib.rows(W_xz_mm)
+    b = lib.vec(b)
+    b_z = lib.vec(b_z)
+    h, h_stride = lib.rows(h)
+    lib.launch(stage2_forward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_hz_mm, W_hz_mm_stride, W_xh_mm, W_xh_mm_stride, W_xz_mm, W_xz_mm_stride, b, b_z, h, h_stride], outs)
     return (outs[0],)
 
 
 @triton.jit
 def stage2_step_grad(W_hh_mm, W_hz_mm, W_xh_mm, W_xz_mm, b, b_z, h, grad_h_new):
     # -> gradient of every input that needs one: (d_W_hh_mm, d_W_hz_mm, d_h)
-    t0 = _sigmoid(W_hz_mm + W_xz_mm + b_z)
-    u0 = _tanh(W_hh_mm + W_xh_mm + b)
+    t0 = lib.sigmoid(W_hz_mm + W_xz_mm + b_z)
+    u0 = lib.tanh(W_hh_mm + W_xh_mm + b)
     u1 = t0*grad_h_new*(1.0 - (u0*u0))
-    u2 = _sigmoid(W_hz_mm + W_xz_mm + b_z)
+    u2 = lib.sigmoid(W_hz_mm + W_xz_mm + b_z)
     u3 = u2*(1.0 - u2)*(u0*grad_h_new - grad_h_new*h)
     return (u1, u3, grad_h_new*(1.0 - t0),)
 
@@ -446,14 +342,14 @@ def stage2_backward_kernel(
 
 def stage2_backward(W_hh_mm, W_hz_mm, W_xh_mm, W_xz_mm, b, b_z, h, grad_h_new):
     """stage2_backward(W_hh_mm [N, H], W_hz_mm [N, H], W_xh_mm [N, H], W_xz_mm [N, H], b [H], b_z [H], h [N, H], grad_h_new like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(W_hh_mm, 3)
-    W_hh_mm, W_hh_mm_stride = _rows(W_hh_mm)
-    W_hz_mm, W_hz_mm_stride = _rows(W_hz_mm)
-    W_xh_mm, W_xh_mm_stride = _rows(W_xh_mm)
-    W_xz_mm, W_xz_mm_stride = _rows(W_xz_mm)
-    b = _vec(b)
-    b_z = _vec(b_z)
-    h, h_stride = _rows(h)
-    grad_h_new, grad_h_new_stride = _rows(grad_h_new)
-    _launch(stage2_backward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_hz_mm, W_hz_mm_stride, W_xh_mm, W_xh_mm_stride, W_xz_mm, W_xz_mm_stride, b, b_z, h, h_stride, grad_h_new, grad_h_new_stride], outs)
+    outs = lib.empty(W_hh_mm, 3)
+    W_hh_mm, W_hh_mm_stride = lib.rows(W_hh_mm)
+    W_hz_mm, W_hz_mm_stride = lib.rows(W_hz_mm)
+    W_xh_mm, W_xh_mm_stride = lib.rows(W_xh_mm)
+    W_xz_mm, W_xz_mm_stride = lib.rows(W_xz_mm)
+    b = lib.vec(b)
+    b_z = lib.vec(b_z)
+    h, h_stride = lib.rows(h)
+    grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
+    lib.launch(stage2_backward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_hz_mm, W_hz_mm_stride, W_xh_mm, W_xh_mm_stride, W_xz_mm, W_xz_mm_stride, b, b_z, h, h_stride, grad_h_new, grad_h_new_stride], outs)
     return (outs[0], outs[1], outs[0], outs[1], outs[0], outs[1], outs[2],)

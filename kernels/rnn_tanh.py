@@ -33,122 +33,18 @@ functions below. Each pointwise function `P` comes as
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
     and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
+imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from celldsl.runtime.triton_module import shared_helpers
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
-    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _logsigmoid(x):
-    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
-
-
-@triton.jit
-def _pow(b, e):
-    # b ** e for a non-integer e: nan for b < 0, as torch.pow
-    return tl.exp(e * tl.log(b))
-
-
-# ---- host helpers ------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _rows(t):
-    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0)
-
-
-def _vec(t):
-    """A [H] vector with unit stride."""
-    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
-    numel = ref.numel()
-    if numel == 0:
-        return
-    if numel >= 2**31:
-        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
-        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
-    else:
-        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
-    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-    else:
-        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-
-
-def _empty(ref, n):
-    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+lib = shared_helpers()
 
 
 # ---- stage1 -----------------------------------------------------------------------------------------
@@ -157,7 +53,7 @@ def _empty(ref, n):
 @triton.jit
 def stage1_step(W_hh_mm, W_ih_mm, b_hh, b_ih):
     # -> the outputs: (h_new)
-    return (_tanh(W_hh_mm + W_ih_mm + b_hh + b_ih),)
+    return (lib.tanh(W_hh_mm + W_ih_mm + b_hh + b_ih),)
 
 
 @triton.jit
@@ -188,19 +84,19 @@ def stage1_forward_kernel(
 
 def stage1_forward(W_hh_mm, W_ih_mm, b_hh, b_ih):
     """stage1_forward(W_hh_mm [N, H], W_ih_mm [N, H], b_hh [H], b_ih [H]) -> (h')"""
-    outs = _empty(W_hh_mm, 1)
-    W_hh_mm, W_hh_mm_stride = _rows(W_hh_mm)
-    W_ih_mm, W_ih_mm_stride = _rows(W_ih_mm)
-    b_hh = _vec(b_hh)
-    b_ih = _vec(b_ih)
-    _launch(stage1_forward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_ih_mm, W_ih_mm_stride, b_hh, b_ih], outs)
+    outs = lib.empty(W_hh_mm, 1)
+    W_hh_mm, W_hh_mm_stride = lib.rows(W_hh_mm)
+    W_ih_mm, W_ih_mm_stride = lib.rows(W_ih_mm)
+    b_hh = lib.vec(b_hh)
+    b_ih = lib.vec(b_ih)
+    lib.launch(stage1_forward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_ih_mm, W_ih_mm_stride, b_hh, b_ih], outs)
     return (outs[0],)
 
 
 @triton.jit
 def stage1_step_grad(W_hh_mm, W_ih_mm, b_hh, b_ih, grad_h_new):
     # -> gradient of every input that needs one: (d_W_hh_mm)
-    u0 = grad_h_new*(1.0 - ((_tanh(W_hh_mm + W_ih_mm + b_hh + b_ih))*(_tanh(W_hh_mm + W_ih_mm + b_hh + b_ih))))
+    u0 = grad_h_new*(1.0 - ((lib.tanh(W_hh_mm + W_ih_mm + b_hh + b_ih))*(lib.tanh(W_hh_mm + W_ih_mm + b_hh + b_ih))))
     return (u0,)
 
 
@@ -235,11 +131,11 @@ def stage1_backward_kernel(
 
 def stage1_backward(W_hh_mm, W_ih_mm, b_hh, b_ih, grad_h_new):
     """stage1_backward(W_hh_mm [N, H], W_ih_mm [N, H], b_hh [H], b_ih [H], grad_h_new like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(W_hh_mm, 1)
-    W_hh_mm, W_hh_mm_stride = _rows(W_hh_mm)
-    W_ih_mm, W_ih_mm_stride = _rows(W_ih_mm)
-    b_hh = _vec(b_hh)
-    b_ih = _vec(b_ih)
-    grad_h_new, grad_h_new_stride = _rows(grad_h_new)
-    _launch(stage1_backward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_ih_mm, W_ih_mm_stride, b_hh, b_ih, grad_h_new, grad_h_new_stride], outs)
+    outs = lib.empty(W_hh_mm, 1)
+    W_hh_mm, W_hh_mm_stride = lib.rows(W_hh_mm)
+    W_ih_mm, W_ih_mm_stride = lib.rows(W_ih_mm)
+    b_hh = lib.vec(b_hh)
+    b_ih = lib.vec(b_ih)
+    grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
+    lib.launch(stage1_backward_kernel, W_hh_mm, [W_hh_mm, W_hh_mm_stride, W_ih_mm, W_ih_mm_stride, b_hh, b_ih, grad_h_new, grad_h_new_stride], outs)
     return (outs[0], outs[0], outs[0], outs[0],)

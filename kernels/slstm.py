@@ -36,122 +36,18 @@ functions below. Each pointwise function `P` comes as
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
     and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
+imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from celldsl.runtime.triton_module import shared_helpers
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
-    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _logsigmoid(x):
-    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
-
-
-@triton.jit
-def _pow(b, e):
-    # b ** e for a non-integer e: nan for b < 0, as torch.pow
-    return tl.exp(e * tl.log(b))
-
-
-# ---- host helpers ------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _rows(t):
-    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0)
-
-
-def _vec(t):
-    """A [H] vector with unit stride."""
-    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
-    numel = ref.numel()
-    if numel == 0:
-        return
-    if numel >= 2**31:
-        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
-        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
-    else:
-        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
-    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-    else:
-        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-
-
-def _empty(ref, n):
-    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+lib = shared_helpers()
 
 
 # ---- stage1 -----------------------------------------------------------------------------------------
@@ -160,15 +56,15 @@ def _empty(ref, n):
 @triton.jit
 def stage1_step(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, m, n):
     # -> the outputs: (h_new, c_new, n_new, m_new)
-    t0 = m + _logsigmoid(R_f_mm + W_f_mm + b_f)
+    t0 = m + lib.logsigmoid(R_f_mm + W_f_mm + b_f)
     t1 = R_i_mm + W_i_mm + b_i
     t2 = tl.maximum(t0, t1)
     t3 = -t2
     t4 = tl.exp(t0 + t3)
     t5 = tl.exp(t1 + t3)
     t6 = t5 + t4*n
-    t7 = t4*c + t5*_tanh(R_z_mm + W_z_mm + b_z)
-    return (t7*_sigmoid(R_o_mm + W_o_mm + b_o)/t6, t7, t6, t2,)
+    t7 = t4*c + t5*lib.tanh(R_z_mm + W_z_mm + b_z)
+    return (t7*lib.sigmoid(R_o_mm + W_o_mm + b_o)/t6, t7, t6, t2,)
 
 
 @triton.jit
@@ -236,49 +132,49 @@ def stage1_forward_kernel(
 
 def stage1_forward(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, m, n):
     """stage1_forward(R_f_mm [N, H], R_i_mm [N, H], R_o_mm [N, H], R_z_mm [N, H], W_f_mm [N, H], W_i_mm [N, H], W_o_mm [N, H], W_z_mm [N, H], b_f [H], b_i [H], b_o [H], b_z [H], c [N, H], m [N, H], n [N, H]) -> (h', c', n', m')"""
-    outs = _empty(R_f_mm, 4)
-    R_f_mm, R_f_mm_stride = _rows(R_f_mm)
-    R_i_mm, R_i_mm_stride = _rows(R_i_mm)
-    R_o_mm, R_o_mm_stride = _rows(R_o_mm)
-    R_z_mm, R_z_mm_stride = _rows(R_z_mm)
-    W_f_mm, W_f_mm_stride = _rows(W_f_mm)
-    W_i_mm, W_i_mm_stride = _rows(W_i_mm)
-    W_o_mm, W_o_mm_stride = _rows(W_o_mm)
-    W_z_mm, W_z_mm_stride = _rows(W_z_mm)
-    b_f = _vec(b_f)
-    b_i = _vec(b_i)
-    b_o = _vec(b_o)
-    b_z = _vec(b_z)
-    c, c_stride = _rows(c)
-    m, m_stride = _rows(m)
-    n, n_stride = _rows(n)
-    _launch(stage1_forward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_i_mm, R_i_mm_stride, R_o_mm, R_o_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, m, m_stride, n, n_stride], outs)
+    outs = lib.empty(R_f_mm, 4)
+    R_f_mm, R_f_mm_stride = lib.rows(R_f_mm)
+    R_i_mm, R_i_mm_stride = lib.rows(R_i_mm)
+    R_o_mm, R_o_mm_stride = lib.rows(R_o_mm)
+    R_z_mm, R_z_mm_stride = lib.rows(R_z_mm)
+    W_f_mm, W_f_mm_stride = lib.rows(W_f_mm)
+    W_i_mm, W_i_mm_stride = lib.rows(W_i_mm)
+    W_o_mm, W_o_mm_stride = lib.rows(W_o_mm)
+    W_z_mm, W_z_mm_stride = lib.rows(W_z_mm)
+    b_f = lib.vec(b_f)
+    b_i = lib.vec(b_i)
+    b_o = lib.vec(b_o)
+    b_z = lib.vec(b_z)
+    c, c_stride = lib.rows(c)
+    m, m_stride = lib.rows(m)
+    n, n_stride = lib.rows(n)
+    lib.launch(stage1_forward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_i_mm, R_i_mm_stride, R_o_mm, R_o_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, m, m_stride, n, n_stride], outs)
     return (outs[0], outs[1], outs[2], outs[3],)
 
 
 @triton.jit
 def stage1_step_grad(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, m, n, grad_h_new, grad_c_new, grad_n_new, grad_m_new):
     # -> gradient of every input that needs one: (d_R_f_mm, d_R_i_mm, d_R_o_mm, d_R_z_mm, d_c, d_m, d_n)
-    t0 = m + _logsigmoid(R_f_mm + W_f_mm + b_f)
+    t0 = m + lib.logsigmoid(R_f_mm + W_f_mm + b_f)
     t1 = R_i_mm + W_i_mm + b_i
     t2 = tl.maximum(t0, t1)
     t3 = -t2
     t4 = tl.exp(t0 + t3)
     t5 = tl.exp(t1 + t3)
     t6 = t5 + t4*n
-    t7 = t4*c + t5*_tanh(R_z_mm + W_z_mm + b_z)
-    u0 = _step(t1 - t0)
-    u1 = _sigmoid(R_o_mm + W_o_mm + b_o)
+    t7 = t4*c + t5*lib.tanh(R_z_mm + W_z_mm + b_z)
+    u0 = lib.step(t1 - t0)
+    u1 = lib.sigmoid(R_o_mm + W_o_mm + b_o)
     u2 = u1*grad_h_new
     u3 = u2/t6
     u4 = u3 + grad_c_new
     u5 = grad_n_new - t7*u2/(t6*t6)
     u6 = (u4*c + u5*n)*tl.exp(t0 + t3)
-    u7 = _tanh(R_z_mm + W_z_mm + b_z)
+    u7 = lib.tanh(R_z_mm + W_z_mm + b_z)
     u8 = (u5 + u4*u7)*tl.exp(t1 + t3)
     u9 = grad_m_new - u6 - u8
     u10 = u6 + u9*(1.0 - u0)
-    u11 = u10*_sigmoid(-R_f_mm - W_f_mm - b_f)
+    u11 = u10*lib.sigmoid(-R_f_mm - W_f_mm - b_f)
     u12 = u8 + u0*u9
     u13 = t7*u3*(1.0 - u1)
     u14 = t5*u4*(1.0 - (u7*u7))
@@ -368,25 +264,25 @@ def stage1_backward_kernel(
 
 def stage1_backward(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, m, n, grad_h_new, grad_c_new, grad_n_new, grad_m_new):
     """stage1_backward(R_f_mm [N, H], R_i_mm [N, H], R_o_mm [N, H], R_z_mm [N, H], W_f_mm [N, H], W_i_mm [N, H], W_o_mm [N, H], W_z_mm [N, H], b_f [H], b_i [H], b_o [H], b_z [H], c [N, H], m [N, H], n [N, H], grad_h_new like the output, grad_c_new like the output, grad_n_new like the output, grad_m_new like the output) -> one gradient per input of the forward that needs one (None where it is zero)"""
-    outs = _empty(R_f_mm, 7)
-    R_f_mm, R_f_mm_stride = _rows(R_f_mm)
-    R_i_mm, R_i_mm_stride = _rows(R_i_mm)
-    R_o_mm, R_o_mm_stride = _rows(R_o_mm)
-    R_z_mm, R_z_mm_stride = _rows(R_z_mm)
-    W_f_mm, W_f_mm_stride = _rows(W_f_mm)
-    W_i_mm, W_i_mm_stride = _rows(W_i_mm)
-    W_o_mm, W_o_mm_stride = _rows(W_o_mm)
-    W_z_mm, W_z_mm_stride = _rows(W_z_mm)
-    b_f = _vec(b_f)
-    b_i = _vec(b_i)
-    b_o = _vec(b_o)
-    b_z = _vec(b_z)
-    c, c_stride = _rows(c)
-    m, m_stride = _rows(m)
-    n, n_stride = _rows(n)
-    grad_h_new, grad_h_new_stride = _rows(grad_h_new)
-    grad_c_new, grad_c_new_stride = _rows(grad_c_new)
-    grad_n_new, grad_n_new_stride = _rows(grad_n_new)
-    grad_m_new, grad_m_new_stride = _rows(grad_m_new)
-    _launch(stage1_backward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_i_mm, R_i_mm_stride, R_o_mm, R_o_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, m, m_stride, n, n_stride, grad_h_new, grad_h_new_stride, grad_c_new, grad_c_new_stride, grad_n_new, grad_n_new_stride, grad_m_new, grad_m_new_stride], outs)
+    outs = lib.empty(R_f_mm, 7)
+    R_f_mm, R_f_mm_stride = lib.rows(R_f_mm)
+    R_i_mm, R_i_mm_stride = lib.rows(R_i_mm)
+    R_o_mm, R_o_mm_stride = lib.rows(R_o_mm)
+    R_z_mm, R_z_mm_stride = lib.rows(R_z_mm)
+    W_f_mm, W_f_mm_stride = lib.rows(W_f_mm)
+    W_i_mm, W_i_mm_stride = lib.rows(W_i_mm)
+    W_o_mm, W_o_mm_stride = lib.rows(W_o_mm)
+    W_z_mm, W_z_mm_stride = lib.rows(W_z_mm)
+    b_f = lib.vec(b_f)
+    b_i = lib.vec(b_i)
+    b_o = lib.vec(b_o)
+    b_z = lib.vec(b_z)
+    c, c_stride = lib.rows(c)
+    m, m_stride = lib.rows(m)
+    n, n_stride = lib.rows(n)
+    grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
+    grad_c_new, grad_c_new_stride = lib.rows(grad_c_new)
+    grad_n_new, grad_n_new_stride = lib.rows(grad_n_new)
+    grad_m_new, grad_m_new_stride = lib.rows(grad_m_new)
+    lib.launch(stage1_backward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_i_mm, R_i_mm_stride, R_o_mm, R_o_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, m, m_stride, n, n_stride, grad_h_new, grad_h_new_stride, grad_c_new, grad_c_new_stride, grad_n_new, grad_n_new_stride, grad_m_new, grad_m_new_stride], outs)
     return (outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6],)

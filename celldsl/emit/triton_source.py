@@ -6,9 +6,8 @@ derived backward, and host wrappers `stage{k}_forward(*inputs)` / `stage{k}_back
 *grad_outputs)` (and `hoist_forward` / `hoist_backward`) that take and return exactly what the torch
 module's functions do (emit/torch_source.py), so runtime/torch_loop.py runs either unchanged.
 
-Math is fp32 (fp64 when the storage is fp64, so gradcheck works), whatever the storage dtype. Core
-`tl` has no tanh (and the interpreter has no libdevice), so the activations are written from `tl.exp`
-in forms that cannot overflow.
+Math is fp32 (fp64 when the storage is fp64, so gradcheck works), whatever the storage dtype. The
+activations and host helpers live once in runtime/triton_helpers.py, which every file imports as `lib`.
 """
 
 from __future__ import annotations
@@ -21,26 +20,26 @@ from ..plan import Plan, Pointwise
 from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
 TWO_D = ("input", "state", "hoisted", "product", "operand")  # [rows, width] tensors (a row stride each)
-RESERVED = {"tl", "triton", "torch", "os", "BLOCK", "COMPUTE"}
+RESERVED = {"tl", "triton", "torch", "lib", "shared_helpers", "BLOCK", "COMPUTE"}
 KERNEL_LOCALS = {"offs", "mask", "row", "col", "numel", "width", "outs"}  # names _kernel and _host write
 
 
 class TritonPrinter(TargetPrinter):
     functions = {
-        "sigmoid": "_sigmoid({})",
-        "tanh": "_tanh({})",
+        "sigmoid": "lib.sigmoid({})",
+        "tanh": "lib.tanh({})",
         "relu": "tl.maximum({}, 0.0)",
         "exp": "tl.exp({})",
         "log": "tl.log({})",
-        "softplus": "_softplus({})",
-        "logsigmoid": "_logsigmoid({})",
+        "softplus": "lib.softplus({})",
+        "logsigmoid": "lib.logsigmoid({})",
         "Abs": "tl.abs({})",
-        "sign": "_sign({})",
+        "sign": "lib.sign({})",
         "sqrt": "tl.sqrt({})",
-        "step": "_step({})",
+        "step": "lib.step({})",
         "maximum": "tl.maximum({}, {})",
         "minimum": "tl.minimum({}, {})",
-        "pow": "_pow({}, {})",
+        "pow": "lib.pow({}, {})",
     }
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
@@ -58,7 +57,7 @@ class TritonPrinter(TargetPrinter):
         if exp.is_Integer and abs(int(exp)) > 16:
             b = self._print(base)
             magnitude = f"tl.exp({float(exp)!r} * tl.log(tl.abs({b})))"
-            return magnitude if int(exp) % 2 == 0 else f"(_sign({b}) * {magnitude})"
+            return magnitude if int(exp) % 2 == 0 else f"(lib.sign({b}) * {magnitude})"
         return super()._print_Pow(expr, rational)
 
 
@@ -76,116 +75,6 @@ def origin(plan: Plan) -> str:
     except (OSError, RuntimeError, ValueError):
         pass
     return f"the cell file of `{name}`"
-
-
-HELPERS = '''
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) from e = exp(-|x|) <= 1, so nothing overflows for any x
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1 (no overflow); near 0, 1 - e cancels, so
-    # |x| < 1/16 takes the odd Taylor series through x^9 (relative error < 1e-14 there)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.0625, small, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u rounded
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _logsigmoid(x):
-    # -softplus(-x) = min(x, 0) - log1p(exp(-|x|))
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
-
-
-@triton.jit
-def _pow(b, e):
-    # b ** e for a non-integer e: nan for b < 0, as torch.pow
-    return tl.exp(e * tl.log(b))
-
-
-# ---- host helpers ------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _rows(t):
-    """A [..., K] tensor as a [rows, K] tensor with unit column stride, and its row stride."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0)
-
-
-def _vec(t):
-    """A [H] vector with unit stride."""
-    return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
-    numel = ref.numel()
-    if numel == 0:
-        return
-    if numel >= 2**31:
-        raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
-        block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
-    else:
-        block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
-    if ref.is_cuda and ref.device.index != torch.cuda.current_device():
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-    else:
-        kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
-
-
-def _empty(ref, n):
-    return [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
-'''
 
 
 class _Function:
@@ -235,10 +124,7 @@ class _Function:
             )
 
 
-KNOWN_GLOBALS = {
-    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow",
-    "_DTYPES", "_rows", "_vec", "_launch", "_empty",
-}  # fmt: skip
+KNOWN_GLOBALS = {"lib", "shared_helpers"}  # the module-level names every generated file binds
 
 
 def _step_function(f: _Function) -> str:
@@ -316,20 +202,20 @@ def _host(f: _Function, fn_name: str) -> str:
         doc += f" -> ({python_text(', '.join(n for n, _ in f.pw.outputs))})"
     lines = [f"def {fn_name}({', '.join(params)}):", doc + '"""']
     ref = f.names[f.ref]
-    lines.append(f"    outs = _empty({ref}, {len(f.unique)})")
+    lines.append(f"    outs = lib.empty({ref}, {len(f.unique)})")
     args = []
     for s, k in zip(f.args, f.kinds, strict=True):
         v = f.names[s]
         if k == "vector":
-            lines.append(f"    {v} = _vec({v})")
+            lines.append(f"    {v} = lib.vec({v})")
             args.append(v)
         elif k == "scalar":
             args.append(v)
         else:
-            lines.append(f"    {v}, {f.stride[s]} = _rows({v})")
+            lines.append(f"    {v}, {f.stride[s]} = lib.rows({v})")
             args += [v, f.stride[s]]
     if f.unique:
-        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs)")
+        lines.append(f"    lib.launch({kernel}, {ref}, [{', '.join(args)}], outs)")
     rets = [f"outs[{f.slot_of[i]}]" if i in f.slot_of else "None" for i in range(len(f.results))]
     lines.append(f"    return ({', '.join(rets)},)")
     return "\n".join(lines) + "\n"
@@ -411,14 +297,18 @@ functions below. Each pointwise function `P` comes as
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
     and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-The activations are written from tl.exp (core tl has no tanh and the interpreter no libdevice).
+`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
+imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from celldsl.runtime.triton_module import shared_helpers
+
+lib = shared_helpers()
 '''
 
 
@@ -428,7 +318,6 @@ def triton_module_source(plan: Plan) -> str:
     parts = [
         HEADER.format(name=python_text(ir.name), origin=origin(plan),
                       description=python_text(_describe(plan), lines=True)),
-        HELPERS,
     ]
     pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
         (f"stage{pw.stage}", pw) for pw in plan.pointwise

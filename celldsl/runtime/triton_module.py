@@ -20,9 +20,10 @@ from .. import cache
 from ..compiler import ZOO
 
 KERNELS = ZOO.parent / "kernels"
+HELPERS = Path(__file__).resolve().with_name("triton_helpers.py")
 
 _LOADED: dict[tuple[str, str, bool], object] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # reentrant: importing a generated file imports the shared helpers
 
 
 def interpreting() -> bool:
@@ -49,6 +50,12 @@ def module_path(compiled, source: str | None = None) -> Path:
     path = cache.root() / "triton" / digest / f"{name}.py"
     cache.write_if_changed(path, source)
     return path
+
+
+def shared_helpers():
+    """runtime/triton_helpers.py (activations, launch helpers) in the mode of TRITON_INTERPRET now: a
+    generated file calls this when it is imported, so its kernels call helpers of their own mode."""
+    return import_module(HELPERS, "shared-helpers", interpreting())
 
 
 def load_triton_module(compiled) -> TritonModule:
@@ -94,7 +101,8 @@ def import_module(path: Path, digest: str, interpret: bool):
     with _LOCK:
         module = _LOADED.get(key)
         if module is None:
-            name = f"celldsl_triton_{digest[:16]}_{'interpreted' if interpret else 'compiled'}"
+            stem = "helpers" if path == HELPERS else digest[:16]
+            name = f"celldsl_triton_{stem}_{'interpreted' if interpret else 'compiled'}"
             before = os.environ.get("TRITON_INTERPRET")
             os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
             try:
