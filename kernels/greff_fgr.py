@@ -359,3 +359,736 @@ def stage1_backward(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm,
     grad_prev_o__new, grad_prev_o__new_stride = lib.rows(grad_prev_o__new)
     lib.launch(stage1_backward_kernel, R_f_mm, [R_f_mm, R_f_mm_stride, R_ff_mm, R_ff_mm_stride, R_fi_mm, R_fi_mm_stride, R_fo_mm, R_fo_mm_stride, R_i_mm, R_i_mm_stride, R_if_mm, R_if_mm_stride, R_ii_mm, R_ii_mm_stride, R_io_mm, R_io_mm_stride, R_o_mm, R_o_mm_stride, R_of_mm, R_of_mm_stride, R_oi_mm, R_oi_mm_stride, R_oo_mm, R_oo_mm_stride, R_z_mm, R_z_mm_stride, W_f_mm, W_f_mm_stride, W_i_mm, W_i_mm_stride, W_o_mm, W_o_mm_stride, W_z_mm, W_z_mm_stride, b_f, b_i, b_o, b_z, c, c_stride, p_f, p_i, p_o, grad_c_new, grad_c_new_stride, grad_y_new, grad_y_new_stride, grad_prev_i__new, grad_prev_i__new_stride, grad_prev_f__new, grad_prev_f__new_stride, grad_prev_o__new, grad_prev_o__new_stride], outs)
     return (outs[0], outs[0], outs[1], outs[2], outs[1], outs[0], outs[1], outs[2], outs[2], outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6], outs[7],)
+
+
+# ---- dense schedules: persistent and fused_step ----------------------------------------------------------
+
+
+# The step of this cell as phases: each runs a stage's GEMMs (tl.dot of every H column of the operand
+# with this program's rows of the weights) and the stage's pointwise step, for a [BLOCK_N, BLOCK_H]
+# tile of (batch rows, hidden units); a grid barrier (persistent) or the end of the launch (fused_step)
+# separates phases, because the next GEMM multiplies what every program wrote. Sequences are flat:
+# step t owns rows step_offset[t] .. + step_rows[t] of every [rows, .] tensor (packed input: fewer).
+
+
+@triton.jit
+def persistent_forward_kernel(
+    hoisted0_ptr,
+    weight0_ptr,
+    weight1_ptr,
+    weight2_ptr,
+    weight3_ptr,
+    p_i_ptr,
+    p_f_ptr,
+    p_o_ptr,
+    b_z_ptr,
+    b_i_ptr,
+    b_f_ptr,
+    b_o_ptr,
+    c_init_ptr,
+    y_init_ptr,
+    prev_i_init_ptr,
+    prev_f_init_ptr,
+    prev_o_init_ptr,
+    c_seq_ptr,
+    y_seq_ptr,
+    prev_i_seq_ptr,
+    prev_f_seq_ptr,
+    prev_o_seq_ptr,
+    c_carry_ptr,
+    y_carry_ptr,
+    prev_i_carry_ptr,
+    prev_f_carry_ptr,
+    prev_o_carry_ptr,
+    gemm0_seq_ptr,
+    gemm1_seq_ptr,
+    gemm2_seq_ptr,
+    gemm3_seq_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    sync_ptr,
+    T,
+    N,
+    H,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Program (batch tile pid_n, hidden slice): every gate row of BLOCK_H hidden units. On the GPU
+    # each program owns one slice and keeps its weight tiles on chip for all T steps; SEQUENTIAL
+    # (the interpreter) runs one program per batch tile doing every slice in turn, phase by phase.
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
+    kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
+    if SEQUENTIAL:
+        first, last = 0, tl.cdiv(H, BLOCK_H)
+    else:
+        first, last = tl.program_id(1), tl.program_id(1) + 1
+    cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
+    # this slice's rows of every step weight, [BLOCK_K, BLOCK_H] per gate block, loaded once
+    w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
+    w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
+    w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
+    w0_3 = lib.weight_tile(weight0_ptr, 3, cols, kk, H)
+    w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
+    w1_1 = lib.weight_tile(weight1_ptr, 1, cols, kk, H)
+    w1_2 = lib.weight_tile(weight1_ptr, 2, cols, kk, H)
+    w2_0 = lib.weight_tile(weight2_ptr, 0, cols, kk, H)
+    w2_1 = lib.weight_tile(weight2_ptr, 1, cols, kk, H)
+    w2_2 = lib.weight_tile(weight2_ptr, 2, cols, kk, H)
+    w3_0 = lib.weight_tile(weight3_ptr, 0, cols, kk, H)
+    w3_1 = lib.weight_tile(weight3_ptr, 1, cols, kk, H)
+    w3_2 = lib.weight_tile(weight3_ptr, 2, cols, kk, H)
+    for t in range(T):
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = rows < rows_t
+        at = (step_offset + rows).to(tl.int64)
+        prev_at = (prev_offset + rows).to(tl.int64)
+        # ---- phase 1 of 1: stage-1 GEMMs, then pointwise 1
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
+                w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
+                w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
+                w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
+                w0_3 = lib.weight_tile(weight0_ptr, 3, cols, kk, H)
+                w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
+                w1_1 = lib.weight_tile(weight1_ptr, 1, cols, kk, H)
+                w1_2 = lib.weight_tile(weight1_ptr, 2, cols, kk, H)
+                w2_0 = lib.weight_tile(weight2_ptr, 0, cols, kk, H)
+                w2_1 = lib.weight_tile(weight2_ptr, 1, cols, kk, H)
+                w2_2 = lib.weight_tile(weight2_ptr, 2, cols, kk, H)
+                w3_0 = lib.weight_tile(weight3_ptr, 0, cols, kk, H)
+                w3_1 = lib.weight_tile(weight3_ptr, 1, cols, kk, H)
+                w3_2 = lib.weight_tile(weight3_ptr, 2, cols, kk, H)
+            operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
+            R_z_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_i_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_f_mm = tl.dot(operand_tile, w0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_o_mm = tl.dot(operand_tile, w0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            operand_tile = lib.load_previous(prev_i_init_ptr, prev_i_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
+            R_ii_mm = tl.dot(operand_tile, w1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_if_mm = tl.dot(operand_tile, w1_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_io_mm = tl.dot(operand_tile, w1_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            operand_tile = lib.load_previous(prev_f_init_ptr, prev_f_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
+            R_fi_mm = tl.dot(operand_tile, w2_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_ff_mm = tl.dot(operand_tile, w2_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_fo_mm = tl.dot(operand_tile, w2_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            operand_tile = lib.load_previous(prev_o_init_ptr, prev_o_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
+            R_oi_mm = tl.dot(operand_tile, w3_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_of_mm = tl.dot(operand_tile, w3_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_oo_mm = tl.dot(operand_tile, w3_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
+            lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
+            lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
+            lib.store_block(gemm0_seq_ptr, at, 4 * H, 3 * H + cols, R_o_mm, mask)
+            lib.store_block(gemm1_seq_ptr, at, 3 * H, 0 * H + cols, R_ii_mm, mask)
+            lib.store_block(gemm1_seq_ptr, at, 3 * H, 1 * H + cols, R_if_mm, mask)
+            lib.store_block(gemm1_seq_ptr, at, 3 * H, 2 * H + cols, R_io_mm, mask)
+            lib.store_block(gemm2_seq_ptr, at, 3 * H, 0 * H + cols, R_fi_mm, mask)
+            lib.store_block(gemm2_seq_ptr, at, 3 * H, 1 * H + cols, R_ff_mm, mask)
+            lib.store_block(gemm2_seq_ptr, at, 3 * H, 2 * H + cols, R_fo_mm, mask)
+            lib.store_block(gemm3_seq_ptr, at, 3 * H, 0 * H + cols, R_oi_mm, mask)
+            lib.store_block(gemm3_seq_ptr, at, 3 * H, 1 * H + cols, R_of_mm, mask)
+            lib.store_block(gemm3_seq_ptr, at, 3 * H, 2 * H + cols, R_oo_mm, mask)
+            W_f_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+            W_i_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+            W_o_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+            W_z_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+            b_f = lib.load_vector(b_f_ptr, cols, H).to(COMPUTE)
+            b_i = lib.load_vector(b_i_ptr, cols, H).to(COMPUTE)
+            b_o = lib.load_vector(b_o_ptr, cols, H).to(COMPUTE)
+            b_z = lib.load_vector(b_z_ptr, cols, H).to(COMPUTE)
+            c = lib.load_block(c_carry_ptr, rows, H, cols, mask)
+            p_f = lib.load_vector(p_f_ptr, cols, H).to(COMPUTE)
+            p_i = lib.load_vector(p_i_ptr, cols, H).to(COMPUTE)
+            p_o = lib.load_vector(p_o_ptr, cols, H).to(COMPUTE)
+            (c_new, y_new, prev_i__new, prev_f__new, prev_o__new,) = stage1_step(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o)
+            lib.store_block(c_seq_ptr, at, H, cols, c_new, mask)
+            lib.store_block(c_carry_ptr, rows, H, cols, c_new, mask)
+            lib.store_block(y_seq_ptr, at, H, cols, y_new, mask)
+            lib.store_block(y_carry_ptr, rows, H, cols, y_new, mask)
+            lib.store_block(prev_i_seq_ptr, at, H, cols, prev_i__new, mask)
+            lib.store_block(prev_i_carry_ptr, rows, H, cols, prev_i__new, mask)
+            lib.store_block(prev_f_seq_ptr, at, H, cols, prev_f__new, mask)
+            lib.store_block(prev_f_carry_ptr, rows, H, cols, prev_f__new, mask)
+            lib.store_block(prev_o_seq_ptr, at, H, cols, prev_o__new, mask)
+            lib.store_block(prev_o_carry_ptr, rows, H, cols, prev_o__new, mask)
+        lib.grid_barrier(sync_ptr + pid_n, (t * 1 + 1) * tl.num_programs(1), SEQUENTIAL)
+
+
+@triton.jit
+def persistent_backward_kernel(
+    hoisted0_ptr,
+    weight0_ptr,
+    weight1_ptr,
+    weight2_ptr,
+    weight3_ptr,
+    p_i_ptr,
+    p_f_ptr,
+    p_o_ptr,
+    b_z_ptr,
+    b_i_ptr,
+    b_f_ptr,
+    b_o_ptr,
+    c_init_ptr,
+    y_init_ptr,
+    prev_i_init_ptr,
+    prev_f_init_ptr,
+    prev_o_init_ptr,
+    c_seq_ptr,
+    y_seq_ptr,
+    prev_i_seq_ptr,
+    prev_f_seq_ptr,
+    prev_o_seq_ptr,
+    gemm0_seq_ptr,
+    gemm1_seq_ptr,
+    gemm2_seq_ptr,
+    gemm3_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_gemm1_ptr,
+    d_gemm2_ptr,
+    d_gemm3_ptr,
+    d_hoisted0_ptr,
+    d_p_i_ptr,
+    d_p_f_ptr,
+    d_p_o_ptr,
+    d_b_z_ptr,
+    d_b_i_ptr,
+    d_b_f_ptr,
+    d_b_o_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    sync_ptr,
+    T,
+    N,
+    H,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # the forward's tiling, in reverse time; dcarry [2, states, N, H] holds the gradient of the
+    # new states (d_new) and collects the gradient of the states step t read (d_old)
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    slices = tl.cdiv(H, BLOCK_H)
+    if SEQUENTIAL:
+        first, last = 0, slices
+    else:
+        first, last = tl.program_id(1), tl.program_id(1) + 1
+    cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
+    # this slice's columns of every step weight, [BLOCK_K, BLOCK_H] per gate block, loaded once
+    wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
+    wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
+    wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
+    wt0_3 = lib.weight_tile_t(weight0_ptr, 3, cols, kk, H)
+    wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
+    wt1_1 = lib.weight_tile_t(weight1_ptr, 1, cols, kk, H)
+    wt1_2 = lib.weight_tile_t(weight1_ptr, 2, cols, kk, H)
+    wt2_0 = lib.weight_tile_t(weight2_ptr, 0, cols, kk, H)
+    wt2_1 = lib.weight_tile_t(weight2_ptr, 1, cols, kk, H)
+    wt2_2 = lib.weight_tile_t(weight2_ptr, 2, cols, kk, H)
+    wt3_0 = lib.weight_tile_t(weight3_ptr, 0, cols, kk, H)
+    wt3_1 = lib.weight_tile_t(weight3_ptr, 1, cols, kk, H)
+    wt3_2 = lib.weight_tile_t(weight3_ptr, 2, cols, kk, H)
+    for tt in range(T):
+        t = T - 1 - tt
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = rows < rows_t
+        at = (step_offset + rows).to(tl.int64)
+        prev_at = (prev_offset + rows).to(tl.int64)
+        d_new = dcarry_ptr + (t % 2) * 5 * N * H
+        d_old = dcarry_ptr + ((t + 1) % 2) * 5 * N * H
+        # ---- phase 1 of 2: pointwise 1 backward
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            valid = (rows < N)[:, None] & (cols < H)[None, :]
+            R_f_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+            R_ff_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            R_fi_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            R_fo_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            R_i_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+            R_if_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            R_ii_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            R_io_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            R_o_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+            R_of_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            R_oi_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            R_oo_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            R_z_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+            W_f_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+            W_i_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+            W_o_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+            W_z_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+            b_f = lib.load_vector(b_f_ptr, cols, H).to(COMPUTE)
+            b_i = lib.load_vector(b_i_ptr, cols, H).to(COMPUTE)
+            b_o = lib.load_vector(b_o_ptr, cols, H).to(COMPUTE)
+            b_z = lib.load_vector(b_z_ptr, cols, H).to(COMPUTE)
+            c = lib.load_previous(c_init_ptr, c_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
+            p_f = lib.load_vector(p_f_ptr, cols, H).to(COMPUTE)
+            p_i = lib.load_vector(p_i_ptr, cols, H).to(COMPUTE)
+            p_o = lib.load_vector(p_o_ptr, cols, H).to(COMPUTE)
+            grad_c_new = lib.load_block(d_new + 0 * N * H, rows, H, cols, mask)
+            grad_y_new = lib.load_block(d_new + 1 * N * H, rows, H, cols, mask)
+            if HAS_GRAD_OUT:
+                grad_y_new += lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)
+            grad_prev_i__new = lib.load_block(d_new + 2 * N * H, rows, H, cols, mask)
+            grad_prev_f__new = lib.load_block(d_new + 3 * N * H, rows, H, cols, mask)
+            grad_prev_o__new = lib.load_block(d_new + 4 * N * H, rows, H, cols, mask)
+            (d_R_f_mm, d_R_fi_mm, d_R_fo_mm, d_R_z_mm, d_c, d_p_f, d_p_i, d_p_o,) = stage1_step_grad(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o, grad_c_new, grad_y_new, grad_prev_i__new, grad_prev_f__new, grad_prev_o__new)
+            lib.store_block(d_gemm0_ptr, at, 4 * H, 2 * H + cols, d_R_f_mm, mask)
+            lib.store_block(d_gemm2_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+            lib.store_block(d_gemm2_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+            lib.store_block(d_gemm2_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+            lib.store_block(d_gemm0_ptr, at, 4 * H, 1 * H + cols, d_R_fi_mm, mask)
+            lib.store_block(d_gemm1_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+            lib.store_block(d_gemm1_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+            lib.store_block(d_gemm1_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+            lib.store_block(d_gemm0_ptr, at, 4 * H, 3 * H + cols, d_R_fo_mm, mask)
+            lib.store_block(d_gemm3_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+            lib.store_block(d_gemm3_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+            lib.store_block(d_gemm3_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+            lib.store_block(d_gemm0_ptr, at, 4 * H, 0 * H + cols, d_R_z_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 4 * H, 2 * H + cols, d_R_f_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 4 * H, 1 * H + cols, d_R_fi_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 4 * H, 3 * H + cols, d_R_fo_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 4 * H, 0 * H + cols, d_R_z_mm, mask)
+            lib.add_vector(d_b_f_ptr + pid_n * H, cols, d_R_f_mm, mask, H)
+            lib.add_vector(d_b_i_ptr + pid_n * H, cols, d_R_fi_mm, mask, H)
+            lib.add_vector(d_b_o_ptr + pid_n * H, cols, d_R_fo_mm, mask, H)
+            lib.add_vector(d_b_z_ptr + pid_n * H, cols, d_R_z_mm, mask, H)
+            lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_c, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
+            lib.add_vector(d_p_f_ptr + pid_n * H, cols, d_p_f, mask, H)
+            lib.add_vector(d_p_i_ptr + pid_n * H, cols, d_p_i, mask, H)
+            lib.add_vector(d_p_o_ptr + pid_n * H, cols, d_p_o, mask, H)
+        lib.grid_barrier(sync_ptr + pid_n, (tt * 1 + 1) * tl.num_programs(1), SEQUENTIAL)
+        # ---- phase 2 of 2: operand gradients of the stage-1 GEMMs
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            valid = (rows < N)[:, None] & (cols < H)[None, :]
+            if SEQUENTIAL:
+                wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
+                wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
+                wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
+                wt0_3 = lib.weight_tile_t(weight0_ptr, 3, cols, kk, H)
+                wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
+                wt1_1 = lib.weight_tile_t(weight1_ptr, 1, cols, kk, H)
+                wt1_2 = lib.weight_tile_t(weight1_ptr, 2, cols, kk, H)
+                wt2_0 = lib.weight_tile_t(weight2_ptr, 0, cols, kk, H)
+                wt2_1 = lib.weight_tile_t(weight2_ptr, 1, cols, kk, H)
+                wt2_2 = lib.weight_tile_t(weight2_ptr, 2, cols, kk, H)
+                wt3_0 = lib.weight_tile_t(weight3_ptr, 0, cols, kk, H)
+                wt3_1 = lib.weight_tile_t(weight3_ptr, 1, cols, kk, H)
+                wt3_2 = lib.weight_tile_t(weight3_ptr, 2, cols, kk, H)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
+            d_y_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
+            d_y_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
+            d_y_gemm += tl.dot(grad_tile, wt0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 3, every H column
+            d_y_gemm += tl.dot(grad_tile, wt0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
+            d_prev_i__gemm = tl.dot(grad_tile, wt1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
+            d_prev_i__gemm += tl.dot(grad_tile, wt1_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
+            d_prev_i__gemm += tl.dot(grad_tile, wt1_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
+            d_prev_f__gemm = tl.dot(grad_tile, wt2_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
+            d_prev_f__gemm += tl.dot(grad_tile, wt2_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
+            d_prev_f__gemm += tl.dot(grad_tile, wt2_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
+            d_prev_o__gemm = tl.dot(grad_tile, wt3_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
+            d_prev_o__gemm += tl.dot(grad_tile, wt3_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
+            d_prev_o__gemm += tl.dot(grad_tile, wt3_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
+            lib.store_block(d_old + 2 * N * H, rows, H, cols, tl.where(mask, d_prev_i__gemm, lib.load_block(d_new + 2 * N * H, rows, H, cols, valid)), valid)
+            lib.store_block(d_old + 3 * N * H, rows, H, cols, tl.where(mask, d_prev_f__gemm, lib.load_block(d_new + 3 * N * H, rows, H, cols, valid)), valid)
+            lib.store_block(d_old + 4 * N * H, rows, H, cols, tl.where(mask, d_prev_o__gemm, lib.load_block(d_new + 4 * N * H, rows, H, cols, valid)), valid)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_forward_kernel_1(
+    hoisted0_ptr,
+    weight0_ptr,
+    weight1_ptr,
+    weight2_ptr,
+    weight3_ptr,
+    p_i_ptr,
+    p_f_ptr,
+    p_o_ptr,
+    b_z_ptr,
+    b_i_ptr,
+    b_f_ptr,
+    b_o_ptr,
+    c_init_ptr,
+    y_init_ptr,
+    prev_i_init_ptr,
+    prev_f_init_ptr,
+    prev_o_init_ptr,
+    c_seq_ptr,
+    y_seq_ptr,
+    prev_i_seq_ptr,
+    prev_f_seq_ptr,
+    prev_o_seq_ptr,
+    c_carry_ptr,
+    y_carry_ptr,
+    prev_i_carry_ptr,
+    prev_f_carry_ptr,
+    prev_o_carry_ptr,
+    gemm0_seq_ptr,
+    gemm1_seq_ptr,
+    gemm2_seq_ptr,
+    gemm3_seq_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # phase 1 of 1 of step t; program (batch tile, slice of BLOCK_H units)
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    R_z_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_i_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_f_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_o_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_ii_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_if_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_io_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_fi_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_ff_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_fo_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_oi_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_of_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_oo_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)
+        R_z_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_i_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_f_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_o_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        operand_tile = lib.load_previous(prev_i_init_ptr, prev_i_seq_ptr, rows, prev_at, t, kk, live, H)
+        R_ii_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_if_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_io_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        operand_tile = lib.load_previous(prev_f_init_ptr, prev_f_seq_ptr, rows, prev_at, t, kk, live, H)
+        R_fi_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_ff_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_fo_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        operand_tile = lib.load_previous(prev_o_init_ptr, prev_o_seq_ptr, rows, prev_at, t, kk, live, H)
+        R_oi_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_of_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_oo_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
+    lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
+    lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
+    lib.store_block(gemm0_seq_ptr, at, 4 * H, 3 * H + cols, R_o_mm, mask)
+    lib.store_block(gemm1_seq_ptr, at, 3 * H, 0 * H + cols, R_ii_mm, mask)
+    lib.store_block(gemm1_seq_ptr, at, 3 * H, 1 * H + cols, R_if_mm, mask)
+    lib.store_block(gemm1_seq_ptr, at, 3 * H, 2 * H + cols, R_io_mm, mask)
+    lib.store_block(gemm2_seq_ptr, at, 3 * H, 0 * H + cols, R_fi_mm, mask)
+    lib.store_block(gemm2_seq_ptr, at, 3 * H, 1 * H + cols, R_ff_mm, mask)
+    lib.store_block(gemm2_seq_ptr, at, 3 * H, 2 * H + cols, R_fo_mm, mask)
+    lib.store_block(gemm3_seq_ptr, at, 3 * H, 0 * H + cols, R_oi_mm, mask)
+    lib.store_block(gemm3_seq_ptr, at, 3 * H, 1 * H + cols, R_of_mm, mask)
+    lib.store_block(gemm3_seq_ptr, at, 3 * H, 2 * H + cols, R_oo_mm, mask)
+    W_f_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+    W_i_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+    W_o_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+    W_z_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+    b_f = lib.load_vector(b_f_ptr, cols, H).to(COMPUTE)
+    b_i = lib.load_vector(b_i_ptr, cols, H).to(COMPUTE)
+    b_o = lib.load_vector(b_o_ptr, cols, H).to(COMPUTE)
+    b_z = lib.load_vector(b_z_ptr, cols, H).to(COMPUTE)
+    c = lib.load_block(c_carry_ptr, rows, H, cols, mask)
+    p_f = lib.load_vector(p_f_ptr, cols, H).to(COMPUTE)
+    p_i = lib.load_vector(p_i_ptr, cols, H).to(COMPUTE)
+    p_o = lib.load_vector(p_o_ptr, cols, H).to(COMPUTE)
+    (c_new, y_new, prev_i__new, prev_f__new, prev_o__new,) = stage1_step(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o)
+    lib.store_block(c_seq_ptr, at, H, cols, c_new, mask)
+    lib.store_block(c_carry_ptr, rows, H, cols, c_new, mask)
+    lib.store_block(y_seq_ptr, at, H, cols, y_new, mask)
+    lib.store_block(y_carry_ptr, rows, H, cols, y_new, mask)
+    lib.store_block(prev_i_seq_ptr, at, H, cols, prev_i__new, mask)
+    lib.store_block(prev_i_carry_ptr, rows, H, cols, prev_i__new, mask)
+    lib.store_block(prev_f_seq_ptr, at, H, cols, prev_f__new, mask)
+    lib.store_block(prev_f_carry_ptr, rows, H, cols, prev_f__new, mask)
+    lib.store_block(prev_o_seq_ptr, at, H, cols, prev_o__new, mask)
+    lib.store_block(prev_o_carry_ptr, rows, H, cols, prev_o__new, mask)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_backward_kernel_1(
+    hoisted0_ptr,
+    weight0_ptr,
+    weight1_ptr,
+    weight2_ptr,
+    weight3_ptr,
+    p_i_ptr,
+    p_f_ptr,
+    p_o_ptr,
+    b_z_ptr,
+    b_i_ptr,
+    b_f_ptr,
+    b_o_ptr,
+    c_init_ptr,
+    y_init_ptr,
+    prev_i_init_ptr,
+    prev_f_init_ptr,
+    prev_o_init_ptr,
+    c_seq_ptr,
+    y_seq_ptr,
+    prev_i_seq_ptr,
+    prev_f_seq_ptr,
+    prev_o_seq_ptr,
+    gemm0_seq_ptr,
+    gemm1_seq_ptr,
+    gemm2_seq_ptr,
+    gemm3_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_gemm1_ptr,
+    d_gemm2_ptr,
+    d_gemm3_ptr,
+    d_hoisted0_ptr,
+    d_p_i_ptr,
+    d_p_f_ptr,
+    d_p_o_ptr,
+    d_b_z_ptr,
+    d_b_i_ptr,
+    d_b_f_ptr,
+    d_b_o_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # backward phase 1 of 2 of step t
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slices = tl.num_programs(1)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    d_new = dcarry_ptr + (t % 2) * 5 * N * H
+    d_old = dcarry_ptr + ((t + 1) % 2) * 5 * N * H
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    valid = (rows < N)[:, None] & (cols < H)[None, :]
+    R_f_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+    R_ff_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    R_fi_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    R_fo_mm = lib.load_block(gemm2_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    R_i_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+    R_if_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    R_ii_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    R_io_mm = lib.load_block(gemm1_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    R_o_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+    R_of_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    R_oi_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    R_oo_mm = lib.load_block(gemm3_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    R_z_mm = lib.load_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+    W_f_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 2 * H + cols, mask).to(COMPUTE)
+    W_i_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 1 * H + cols, mask).to(COMPUTE)
+    W_o_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 3 * H + cols, mask).to(COMPUTE)
+    W_z_mm = lib.load_block(hoisted0_ptr, at, 4 * H, 0 * H + cols, mask).to(COMPUTE)
+    b_f = lib.load_vector(b_f_ptr, cols, H).to(COMPUTE)
+    b_i = lib.load_vector(b_i_ptr, cols, H).to(COMPUTE)
+    b_o = lib.load_vector(b_o_ptr, cols, H).to(COMPUTE)
+    b_z = lib.load_vector(b_z_ptr, cols, H).to(COMPUTE)
+    c = lib.load_previous(c_init_ptr, c_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
+    p_f = lib.load_vector(p_f_ptr, cols, H).to(COMPUTE)
+    p_i = lib.load_vector(p_i_ptr, cols, H).to(COMPUTE)
+    p_o = lib.load_vector(p_o_ptr, cols, H).to(COMPUTE)
+    grad_c_new = lib.load_block(d_new + 0 * N * H, rows, H, cols, mask)
+    grad_y_new = lib.load_block(d_new + 1 * N * H, rows, H, cols, mask)
+    if HAS_GRAD_OUT:
+        grad_y_new += lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)
+    grad_prev_i__new = lib.load_block(d_new + 2 * N * H, rows, H, cols, mask)
+    grad_prev_f__new = lib.load_block(d_new + 3 * N * H, rows, H, cols, mask)
+    grad_prev_o__new = lib.load_block(d_new + 4 * N * H, rows, H, cols, mask)
+    (d_R_f_mm, d_R_fi_mm, d_R_fo_mm, d_R_z_mm, d_c, d_p_f, d_p_i, d_p_o,) = stage1_step_grad(R_f_mm, R_ff_mm, R_fi_mm, R_fo_mm, R_i_mm, R_if_mm, R_ii_mm, R_io_mm, R_o_mm, R_of_mm, R_oi_mm, R_oo_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, b_f, b_i, b_o, b_z, c, p_f, p_i, p_o, grad_c_new, grad_y_new, grad_prev_i__new, grad_prev_f__new, grad_prev_o__new)
+    lib.store_block(d_gemm0_ptr, at, 4 * H, 2 * H + cols, d_R_f_mm, mask)
+    lib.store_block(d_gemm2_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+    lib.store_block(d_gemm2_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+    lib.store_block(d_gemm2_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+    lib.store_block(d_gemm0_ptr, at, 4 * H, 1 * H + cols, d_R_fi_mm, mask)
+    lib.store_block(d_gemm1_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+    lib.store_block(d_gemm1_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+    lib.store_block(d_gemm1_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+    lib.store_block(d_gemm0_ptr, at, 4 * H, 3 * H + cols, d_R_fo_mm, mask)
+    lib.store_block(d_gemm3_ptr, at, 3 * H, 1 * H + cols, d_R_f_mm, mask)
+    lib.store_block(d_gemm3_ptr, at, 3 * H, 0 * H + cols, d_R_fi_mm, mask)
+    lib.store_block(d_gemm3_ptr, at, 3 * H, 2 * H + cols, d_R_fo_mm, mask)
+    lib.store_block(d_gemm0_ptr, at, 4 * H, 0 * H + cols, d_R_z_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 4 * H, 2 * H + cols, d_R_f_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 4 * H, 1 * H + cols, d_R_fi_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 4 * H, 3 * H + cols, d_R_fo_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 4 * H, 0 * H + cols, d_R_z_mm, mask)
+    lib.add_vector(d_b_f_ptr + pid_n * H, cols, d_R_f_mm, mask, H)
+    lib.add_vector(d_b_i_ptr + pid_n * H, cols, d_R_fi_mm, mask, H)
+    lib.add_vector(d_b_o_ptr + pid_n * H, cols, d_R_fo_mm, mask, H)
+    lib.add_vector(d_b_z_ptr + pid_n * H, cols, d_R_z_mm, mask, H)
+    lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_c, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
+    lib.add_vector(d_p_f_ptr + pid_n * H, cols, d_p_f, mask, H)
+    lib.add_vector(d_p_i_ptr + pid_n * H, cols, d_p_i, mask, H)
+    lib.add_vector(d_p_o_ptr + pid_n * H, cols, d_p_o, mask, H)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_backward_kernel_2(
+    hoisted0_ptr,
+    weight0_ptr,
+    weight1_ptr,
+    weight2_ptr,
+    weight3_ptr,
+    p_i_ptr,
+    p_f_ptr,
+    p_o_ptr,
+    b_z_ptr,
+    b_i_ptr,
+    b_f_ptr,
+    b_o_ptr,
+    c_init_ptr,
+    y_init_ptr,
+    prev_i_init_ptr,
+    prev_f_init_ptr,
+    prev_o_init_ptr,
+    c_seq_ptr,
+    y_seq_ptr,
+    prev_i_seq_ptr,
+    prev_f_seq_ptr,
+    prev_o_seq_ptr,
+    gemm0_seq_ptr,
+    gemm1_seq_ptr,
+    gemm2_seq_ptr,
+    gemm3_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_gemm1_ptr,
+    d_gemm2_ptr,
+    d_gemm3_ptr,
+    d_hoisted0_ptr,
+    d_p_i_ptr,
+    d_p_f_ptr,
+    d_p_o_ptr,
+    d_b_z_ptr,
+    d_b_i_ptr,
+    d_b_f_ptr,
+    d_b_o_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # backward phase 2 of 2 of step t
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slices = tl.num_programs(1)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    d_new = dcarry_ptr + (t % 2) * 5 * N * H
+    d_old = dcarry_ptr + ((t + 1) % 2) * 5 * N * H
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    valid = (rows < N)[:, None] & (cols < H)[None, :]
+    d_y_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    d_prev_i__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    d_prev_f__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    d_prev_o__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
+    lib.store_block(d_old + 2 * N * H, rows, H, cols, tl.where(mask, d_prev_i__gemm, lib.load_block(d_new + 2 * N * H, rows, H, cols, valid)), valid)
+    lib.store_block(d_old + 3 * N * H, rows, H, cols, tl.where(mask, d_prev_f__gemm, lib.load_block(d_new + 3 * N * H, rows, H, cols, valid)), valid)
+    lib.store_block(d_old + 4 * N * H, rows, H, cols, tl.where(mask, d_prev_o__gemm, lib.load_block(d_new + 4 * N * H, rows, H, cols, valid)), valid)

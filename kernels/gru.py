@@ -220,3 +220,424 @@ def stage1_backward(W_hn_mm, W_hr_mm, W_hz_mm, W_in_mm, W_ir_mm, W_iz_mm, b_hn, 
     grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
     lib.launch(stage1_backward_kernel, W_hn_mm, [W_hn_mm, W_hn_mm_stride, W_hr_mm, W_hr_mm_stride, W_hz_mm, W_hz_mm_stride, W_in_mm, W_in_mm_stride, W_ir_mm, W_ir_mm_stride, W_iz_mm, W_iz_mm_stride, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, h_stride, grad_h_new, grad_h_new_stride], outs)
     return (outs[0], outs[1], outs[2], outs[3], outs[1], outs[2], outs[0], outs[1], outs[2], outs[3], outs[1], outs[2], outs[4],)
+
+
+# ---- dense schedules: persistent and fused_step ----------------------------------------------------------
+
+
+# The step of this cell as phases: each runs a stage's GEMMs (tl.dot of every H column of the operand
+# with this program's rows of the weights) and the stage's pointwise step, for a [BLOCK_N, BLOCK_H]
+# tile of (batch rows, hidden units); a grid barrier (persistent) or the end of the launch (fused_step)
+# separates phases, because the next GEMM multiplies what every program wrote. Sequences are flat:
+# step t owns rows step_offset[t] .. + step_rows[t] of every [rows, .] tensor (packed input: fewer).
+
+
+@triton.jit
+def persistent_forward_kernel(
+    hoisted0_ptr,
+    weight0_ptr,
+    b_ir_ptr,
+    b_iz_ptr,
+    b_in_ptr,
+    b_hr_ptr,
+    b_hz_ptr,
+    b_hn_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    h_carry_ptr,
+    gemm0_seq_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    sync_ptr,
+    T,
+    N,
+    H,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Program (batch tile pid_n, hidden slice): every gate row of BLOCK_H hidden units. On the GPU
+    # each program owns one slice and keeps its weight tiles on chip for all T steps; SEQUENTIAL
+    # (the interpreter) runs one program per batch tile doing every slice in turn, phase by phase.
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
+    kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
+    if SEQUENTIAL:
+        first, last = 0, tl.cdiv(H, BLOCK_H)
+    else:
+        first, last = tl.program_id(1), tl.program_id(1) + 1
+    cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
+    # this slice's rows of every step weight, [BLOCK_K, BLOCK_H] per gate block, loaded once
+    w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
+    w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
+    w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
+    for t in range(T):
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = rows < rows_t
+        at = (step_offset + rows).to(tl.int64)
+        prev_at = (prev_offset + rows).to(tl.int64)
+        # ---- phase 1 of 1: stage-1 GEMMs, then pointwise 1
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
+                w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
+                w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
+                w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
+            operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
+            W_hr_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hz_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hn_mm = tl.dot(operand_tile, w0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            lib.store_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, W_hr_mm, mask)
+            lib.store_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, W_hz_mm, mask)
+            lib.store_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, W_hn_mm, mask)
+            W_in_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            W_ir_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            W_iz_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            b_hn = lib.load_vector(b_hn_ptr, cols, H).to(COMPUTE)
+            b_hr = lib.load_vector(b_hr_ptr, cols, H).to(COMPUTE)
+            b_hz = lib.load_vector(b_hz_ptr, cols, H).to(COMPUTE)
+            b_in = lib.load_vector(b_in_ptr, cols, H).to(COMPUTE)
+            b_ir = lib.load_vector(b_ir_ptr, cols, H).to(COMPUTE)
+            b_iz = lib.load_vector(b_iz_ptr, cols, H).to(COMPUTE)
+            h = lib.load_block(h_carry_ptr, rows, H, cols, mask)
+            (h_new,) = stage1_step(W_hn_mm, W_hr_mm, W_hz_mm, W_in_mm, W_ir_mm, W_iz_mm, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h)
+            lib.store_block(h_seq_ptr, at, H, cols, h_new, mask)
+            lib.store_block(h_carry_ptr, rows, H, cols, h_new, mask)
+        lib.grid_barrier(sync_ptr + pid_n, (t * 1 + 1) * tl.num_programs(1), SEQUENTIAL)
+
+
+@triton.jit
+def persistent_backward_kernel(
+    hoisted0_ptr,
+    weight0_ptr,
+    b_ir_ptr,
+    b_iz_ptr,
+    b_in_ptr,
+    b_hr_ptr,
+    b_hz_ptr,
+    b_hn_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    gemm0_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_hoisted0_ptr,
+    d_b_ir_ptr,
+    d_b_iz_ptr,
+    d_b_in_ptr,
+    d_b_hr_ptr,
+    d_b_hz_ptr,
+    d_b_hn_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    sync_ptr,
+    T,
+    N,
+    H,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # the forward's tiling, in reverse time; dcarry [2, states, N, H] holds the gradient of the
+    # new states (d_new) and collects the gradient of the states step t read (d_old)
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    slices = tl.cdiv(H, BLOCK_H)
+    if SEQUENTIAL:
+        first, last = 0, slices
+    else:
+        first, last = tl.program_id(1), tl.program_id(1) + 1
+    cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
+    # this slice's columns of every step weight, [BLOCK_K, BLOCK_H] per gate block, loaded once
+    wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
+    wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
+    wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
+    for tt in range(T):
+        t = T - 1 - tt
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = rows < rows_t
+        at = (step_offset + rows).to(tl.int64)
+        prev_at = (prev_offset + rows).to(tl.int64)
+        d_new = dcarry_ptr + (t % 2) * 1 * N * H
+        d_old = dcarry_ptr + ((t + 1) % 2) * 1 * N * H
+        # ---- phase 1 of 2: pointwise 1 backward
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            valid = (rows < N)[:, None] & (cols < H)[None, :]
+            W_hn_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            W_hr_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            W_hz_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            W_in_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+            W_ir_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+            W_iz_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+            b_hn = lib.load_vector(b_hn_ptr, cols, H).to(COMPUTE)
+            b_hr = lib.load_vector(b_hr_ptr, cols, H).to(COMPUTE)
+            b_hz = lib.load_vector(b_hz_ptr, cols, H).to(COMPUTE)
+            b_in = lib.load_vector(b_in_ptr, cols, H).to(COMPUTE)
+            b_ir = lib.load_vector(b_ir_ptr, cols, H).to(COMPUTE)
+            b_iz = lib.load_vector(b_iz_ptr, cols, H).to(COMPUTE)
+            h = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
+            grad_h_new = lib.load_block(d_new + 0 * N * H, rows, H, cols, mask)
+            if HAS_GRAD_OUT:
+                grad_h_new += lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)
+            (d_W_hn_mm, d_W_hr_mm, d_W_hz_mm, d_W_in_mm, d_h,) = stage1_step_grad(W_hn_mm, W_hr_mm, W_hz_mm, W_in_mm, W_ir_mm, W_iz_mm, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, grad_h_new)
+            lib.store_block(d_gemm0_ptr, at, 3 * H, 2 * H + cols, d_W_hn_mm, mask)
+            lib.store_block(d_gemm0_ptr, at, 3 * H, 0 * H + cols, d_W_hr_mm, mask)
+            lib.store_block(d_gemm0_ptr, at, 3 * H, 1 * H + cols, d_W_hz_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 3 * H, 2 * H + cols, d_W_in_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 3 * H, 0 * H + cols, d_W_hr_mm, mask)
+            lib.store_block(d_hoisted0_ptr, at, 3 * H, 1 * H + cols, d_W_hz_mm, mask)
+            lib.add_vector(d_b_hn_ptr + pid_n * H, cols, d_W_hn_mm, mask, H)
+            lib.add_vector(d_b_hr_ptr + pid_n * H, cols, d_W_hr_mm, mask, H)
+            lib.add_vector(d_b_hz_ptr + pid_n * H, cols, d_W_hz_mm, mask, H)
+            lib.add_vector(d_b_in_ptr + pid_n * H, cols, d_W_in_mm, mask, H)
+            lib.add_vector(d_b_ir_ptr + pid_n * H, cols, d_W_hr_mm, mask, H)
+            lib.add_vector(d_b_iz_ptr + pid_n * H, cols, d_W_hz_mm, mask, H)
+            lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
+        lib.grid_barrier(sync_ptr + pid_n, (tt * 1 + 1) * tl.num_programs(1), SEQUENTIAL)
+        # ---- phase 2 of 2: operand gradients of the stage-1 GEMMs
+        for s in range(first, last):
+            cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+            mask = live[:, None] & (cols < H)[None, :]
+            valid = (rows < N)[:, None] & (cols < H)[None, :]
+            if SEQUENTIAL:
+                wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
+                wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
+                wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
+            d_h_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
+            d_h_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
+            d_h_gemm += tl.dot(grad_tile, wt0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_forward_kernel_1(
+    hoisted0_ptr,
+    weight0_ptr,
+    b_ir_ptr,
+    b_iz_ptr,
+    b_in_ptr,
+    b_hr_ptr,
+    b_hz_ptr,
+    b_hn_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    h_carry_ptr,
+    gemm0_seq_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # phase 1 of 1 of step t; program (batch tile, slice of BLOCK_H units)
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    W_hr_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hz_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hn_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)
+        W_hr_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hz_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hn_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    lib.store_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, W_hr_mm, mask)
+    lib.store_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, W_hz_mm, mask)
+    lib.store_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, W_hn_mm, mask)
+    W_in_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    W_ir_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    W_iz_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    b_hn = lib.load_vector(b_hn_ptr, cols, H).to(COMPUTE)
+    b_hr = lib.load_vector(b_hr_ptr, cols, H).to(COMPUTE)
+    b_hz = lib.load_vector(b_hz_ptr, cols, H).to(COMPUTE)
+    b_in = lib.load_vector(b_in_ptr, cols, H).to(COMPUTE)
+    b_ir = lib.load_vector(b_ir_ptr, cols, H).to(COMPUTE)
+    b_iz = lib.load_vector(b_iz_ptr, cols, H).to(COMPUTE)
+    h = lib.load_block(h_carry_ptr, rows, H, cols, mask)
+    (h_new,) = stage1_step(W_hn_mm, W_hr_mm, W_hz_mm, W_in_mm, W_ir_mm, W_iz_mm, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h)
+    lib.store_block(h_seq_ptr, at, H, cols, h_new, mask)
+    lib.store_block(h_carry_ptr, rows, H, cols, h_new, mask)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_backward_kernel_1(
+    hoisted0_ptr,
+    weight0_ptr,
+    b_ir_ptr,
+    b_iz_ptr,
+    b_in_ptr,
+    b_hr_ptr,
+    b_hz_ptr,
+    b_hn_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    gemm0_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_hoisted0_ptr,
+    d_b_ir_ptr,
+    d_b_iz_ptr,
+    d_b_in_ptr,
+    d_b_hr_ptr,
+    d_b_hz_ptr,
+    d_b_hn_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # backward phase 1 of 2 of step t
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slices = tl.num_programs(1)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    d_new = dcarry_ptr + (t % 2) * 1 * N * H
+    d_old = dcarry_ptr + ((t + 1) % 2) * 1 * N * H
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    valid = (rows < N)[:, None] & (cols < H)[None, :]
+    W_hn_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    W_hr_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    W_hz_mm = lib.load_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    W_in_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
+    W_ir_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
+    W_iz_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 1 * H + cols, mask).to(COMPUTE)
+    b_hn = lib.load_vector(b_hn_ptr, cols, H).to(COMPUTE)
+    b_hr = lib.load_vector(b_hr_ptr, cols, H).to(COMPUTE)
+    b_hz = lib.load_vector(b_hz_ptr, cols, H).to(COMPUTE)
+    b_in = lib.load_vector(b_in_ptr, cols, H).to(COMPUTE)
+    b_ir = lib.load_vector(b_ir_ptr, cols, H).to(COMPUTE)
+    b_iz = lib.load_vector(b_iz_ptr, cols, H).to(COMPUTE)
+    h = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
+    grad_h_new = lib.load_block(d_new + 0 * N * H, rows, H, cols, mask)
+    if HAS_GRAD_OUT:
+        grad_h_new += lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)
+    (d_W_hn_mm, d_W_hr_mm, d_W_hz_mm, d_W_in_mm, d_h,) = stage1_step_grad(W_hn_mm, W_hr_mm, W_hz_mm, W_in_mm, W_ir_mm, W_iz_mm, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, grad_h_new)
+    lib.store_block(d_gemm0_ptr, at, 3 * H, 2 * H + cols, d_W_hn_mm, mask)
+    lib.store_block(d_gemm0_ptr, at, 3 * H, 0 * H + cols, d_W_hr_mm, mask)
+    lib.store_block(d_gemm0_ptr, at, 3 * H, 1 * H + cols, d_W_hz_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 3 * H, 2 * H + cols, d_W_in_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 3 * H, 0 * H + cols, d_W_hr_mm, mask)
+    lib.store_block(d_hoisted0_ptr, at, 3 * H, 1 * H + cols, d_W_hz_mm, mask)
+    lib.add_vector(d_b_hn_ptr + pid_n * H, cols, d_W_hn_mm, mask, H)
+    lib.add_vector(d_b_hr_ptr + pid_n * H, cols, d_W_hr_mm, mask, H)
+    lib.add_vector(d_b_hz_ptr + pid_n * H, cols, d_W_hz_mm, mask, H)
+    lib.add_vector(d_b_in_ptr + pid_n * H, cols, d_W_in_mm, mask, H)
+    lib.add_vector(d_b_ir_ptr + pid_n * H, cols, d_W_hr_mm, mask, H)
+    lib.add_vector(d_b_iz_ptr + pid_n * H, cols, d_W_hz_mm, mask, H)
+    lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
+
+
+@triton.jit(do_not_specialize=["t"])
+def fused_step_backward_kernel_2(
+    hoisted0_ptr,
+    weight0_ptr,
+    b_ir_ptr,
+    b_iz_ptr,
+    b_in_ptr,
+    b_hr_ptr,
+    b_hz_ptr,
+    b_hn_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    gemm0_seq_ptr,
+    grad_out_ptr,
+    dcarry_ptr,
+    d_gemm0_ptr,
+    d_hoisted0_ptr,
+    d_b_ir_ptr,
+    d_b_iz_ptr,
+    d_b_in_ptr,
+    d_b_hr_ptr,
+    d_b_hz_ptr,
+    d_b_hn_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    # backward phase 2 of 2 of step t
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slices = tl.num_programs(1)
+    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
+    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+    live = rows < rows_t
+    at = (step_offset + rows).to(tl.int64)
+    prev_at = (prev_offset + rows).to(tl.int64)
+    d_new = dcarry_ptr + (t % 2) * 1 * N * H
+    d_old = dcarry_ptr + ((t + 1) % 2) * 1 * N * H
+    cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
+    mask = live[:, None] & (cols < H)[None, :]
+    valid = (rows < N)[:, None] & (cols < H)[None, :]
+    d_h_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
+        kk = k0 + tl.arange(0, BLOCK_K)
+        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+    lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)

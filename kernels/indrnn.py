@@ -142,3 +142,105 @@ def stage0_backward(W_mm, b, h, u, grad_h_new):
     grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
     lib.launch(stage0_backward_kernel, W_mm, [W_mm, W_mm_stride, b, h, h_stride, u, grad_h_new, grad_h_new_stride], outs)
     return (outs[0], outs[0], outs[1], outs[2],)
+
+
+# ---- time_loop schedule ----------------------------------------------------------------------------
+
+
+# One program per BLOCK (batch row, hidden unit) columns; it loops over T with the states in
+# registers (no column reads another: no barrier). Step t owns rows step_offset[t] .. + step_rows[t]
+# of every [rows, .] sequence; a column whose sequence has ended keeps its state.
+
+
+@triton.jit
+def time_loop_forward_kernel(
+    hoisted0_ptr,
+    u_ptr,
+    b_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    h_final_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the states live in registers for all T steps
+    h_carried = tl.load(h_init_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    # parameters of this program's hidden units, loaded once
+    b = tl.load(b_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    u = tl.load(u_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for t in range(T):
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        W_mm = tl.load(hoisted0_ptr + at * 1 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        h = h_carried
+        (h_new,) = stage0_step(W_mm, b, h, u)
+        tl.store(h_seq_ptr + at * H + unit, h_new.to(h_seq_ptr.dtype.element_ty), mask=live)
+        h_carried = tl.where(live, h_new, h_carried)
+    tl.store(h_final_ptr + offs, h_carried.to(h_final_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def time_loop_backward_kernel(
+    hoisted0_ptr,
+    u_ptr,
+    b_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    grad_out_ptr,
+    h_d_final_ptr,
+    d_hoisted0_ptr,
+    d_u_ptr,
+    d_b_ptr,
+    h_d_init_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the gradients of the states, in registers for all T steps (from the final states' gradients)
+    d_h_carried = tl.load(h_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    d_b_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b
+    d_u_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d u
+    b = tl.load(b_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    u = tl.load(u_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for tt in range(T):
+        t = T - 1 - tt
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        prev_at = (tl.load(prev_offset_ptr + t) + batch).to(tl.int64)
+        W_mm = tl.load(hoisted0_ptr + at * 1 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        h = tl.load(h_init_ptr + offs, mask=live & (batch * 0 + t == 0), other=0.0).to(COMPUTE) + tl.load(h_seq_ptr + prev_at * H + unit, mask=live & (batch * 0 + t > 0), other=0.0).to(COMPUTE)
+        grad_h_new = d_h_carried
+        if HAS_GRAD_OUT:
+            grad_h_new += tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
+        (d_W_mm, d_h, d_u,) = stage0_step_grad(W_mm, b, h, u, grad_h_new)
+        tl.store(d_hoisted0_ptr + at * 1 * H + 0 * H + unit, d_W_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        d_b_sum += tl.where(live, d_W_mm, 0.0)
+        d_u_sum += tl.where(live, d_u, 0.0)
+        d_h_carried = tl.where(live, d_h, d_h_carried)
+    tl.store(d_b_ptr + offs, d_b_sum, mask=inside)
+    tl.store(d_u_ptr + offs, d_u_sum, mask=inside)
+    tl.store(h_d_init_ptr + offs, d_h_carried.to(h_d_init_ptr.dtype.element_ty), mask=inside)

@@ -154,3 +154,224 @@ def stage0_backward(W_h_mm, W_z_mm, b_h, b_z, h, grad_h_new):
     grad_h_new, grad_h_new_stride = lib.rows(grad_h_new)
     lib.launch(stage0_backward_kernel, W_h_mm, [W_h_mm, W_h_mm_stride, W_z_mm, W_z_mm_stride, b_h, b_z, h, h_stride, grad_h_new, grad_h_new_stride], outs)
     return (outs[0], outs[1], outs[0], outs[1], outs[2],)
+
+
+# ---- time_loop schedule ----------------------------------------------------------------------------
+
+
+# One program per BLOCK (batch row, hidden unit) columns; it loops over T with the states in
+# registers (no column reads another: no barrier). Step t owns rows step_offset[t] .. + step_rows[t]
+# of every [rows, .] sequence; a column whose sequence has ended keeps its state.
+
+
+@triton.jit
+def time_loop_forward_kernel(
+    hoisted0_ptr,
+    b_z_ptr,
+    b_h_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    h_final_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the states live in registers for all T steps
+    h_carried = tl.load(h_init_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    # parameters of this program's hidden units, loaded once
+    b_h = tl.load(b_h_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    b_z = tl.load(b_z_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for t in range(T):
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        W_h_mm = tl.load(hoisted0_ptr + at * 2 * H + 1 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_z_mm = tl.load(hoisted0_ptr + at * 2 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        h = h_carried
+        (h_new,) = stage0_step(W_h_mm, W_z_mm, b_h, b_z, h)
+        tl.store(h_seq_ptr + at * H + unit, h_new.to(h_seq_ptr.dtype.element_ty), mask=live)
+        h_carried = tl.where(live, h_new, h_carried)
+    tl.store(h_final_ptr + offs, h_carried.to(h_final_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def time_loop_backward_kernel(
+    hoisted0_ptr,
+    b_z_ptr,
+    b_h_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    grad_out_ptr,
+    h_d_final_ptr,
+    d_hoisted0_ptr,
+    d_b_z_ptr,
+    d_b_h_ptr,
+    h_d_init_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the gradients of the states, in registers for all T steps (from the final states' gradients)
+    d_h_carried = tl.load(h_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    d_b_h_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_h
+    d_b_z_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_z
+    b_h = tl.load(b_h_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    b_z = tl.load(b_z_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for tt in range(T):
+        t = T - 1 - tt
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        prev_at = (tl.load(prev_offset_ptr + t) + batch).to(tl.int64)
+        W_h_mm = tl.load(hoisted0_ptr + at * 2 * H + 1 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_z_mm = tl.load(hoisted0_ptr + at * 2 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        h = tl.load(h_init_ptr + offs, mask=live & (batch * 0 + t == 0), other=0.0).to(COMPUTE) + tl.load(h_seq_ptr + prev_at * H + unit, mask=live & (batch * 0 + t > 0), other=0.0).to(COMPUTE)
+        grad_h_new = d_h_carried
+        if HAS_GRAD_OUT:
+            grad_h_new += tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
+        (d_W_h_mm, d_W_z_mm, d_h,) = stage0_step_grad(W_h_mm, W_z_mm, b_h, b_z, h, grad_h_new)
+        tl.store(d_hoisted0_ptr + at * 2 * H + 1 * H + unit, d_W_h_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        tl.store(d_hoisted0_ptr + at * 2 * H + 0 * H + unit, d_W_z_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        d_b_h_sum += tl.where(live, d_W_h_mm, 0.0)
+        d_b_z_sum += tl.where(live, d_W_z_mm, 0.0)
+        d_h_carried = tl.where(live, d_h, d_h_carried)
+    tl.store(d_b_h_ptr + offs, d_b_h_sum, mask=inside)
+    tl.store(d_b_z_ptr + offs, d_b_z_sum, mask=inside)
+    tl.store(h_d_init_ptr + offs, d_h_carried.to(h_d_init_ptr.dtype.element_ty), mask=inside)
+
+
+# ---- scan schedule ---------------------------------------------------------------------------------
+
+
+# The same columns, T in chunks of CHUNK steps: tl.associative_scan composes a chunk's affine maps
+# s -> a s + b (fp32; no division, so no range problem: see docs/triton.md), and the state carries
+# from chunk to chunk. The backward scans the state gradients the same way in reverse time.
+
+
+@triton.jit
+def scan_coefficients(W_h_mm, W_z_mm, b_h, b_z):
+    # one step as s' = a * s + b for every state: a_h * h + b_h_2; (a, b) per state
+    t0_2 = lib.sigmoid(W_z_mm + b_z)
+    return (1.0 - t0_2, t0_2*(W_h_mm + b_h),)
+
+
+@triton.jit
+def scan_forward_kernel(
+    hoisted0_ptr,
+    b_z_ptr,
+    b_h_ptr,
+    h_init_ptr,
+    h_seq_ptr,
+    h_final_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    last_row = (tl.arange(0, CHUNK) == CHUNK - 1)[:, None]
+    # the state entering the chunk, carried from one chunk to the next
+    h_carried = tl.load(h_init_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    for t0 in range(0, T, CHUNK):
+        steps = t0 + tl.arange(0, CHUNK)
+        in_t = steps < T
+        step_offset = tl.load(step_offset_ptr + steps, mask=in_t, other=0)
+        rows_t = tl.load(step_rows_ptr + steps, mask=in_t, other=0)
+        live = in_t[:, None] & (batch[None, :] < rows_t[:, None]) & inside[None, :]  # [CHUNK, BLOCK]
+        at = (step_offset[:, None] + batch[None, :]).to(tl.int64)
+        W_h_mm = tl.load(hoisted0_ptr + at * 2 * H + 1 * H + unit[None, :], mask=live, other=0.0).to(COMPUTE)
+        W_z_mm = tl.load(hoisted0_ptr + at * 2 * H + 0 * H + unit[None, :], mask=live, other=0.0).to(COMPUTE)
+        b_h = tl.load(b_h_ptr + unit, mask=inside, other=0.0).to(COMPUTE)[None, :]
+        b_z = tl.load(b_z_ptr + unit, mask=inside, other=0.0).to(COMPUTE)[None, :]
+        (a_h, b_h_2,) = scan_coefficients(W_h_mm, W_z_mm, b_h, b_z)
+        # h_t = A_t * h_(t0 - 1) + B_t: the composition of this chunk's maps up to step t
+        a_h = tl.where(live, a_h, 1.0)  # a step that does not run keeps the state
+        b_h_2 = tl.where(live, b_h_2, 0.0)
+        a_h, b_h_2 = tl.associative_scan((a_h, b_h_2), 0, lib.compose_affine)
+        b_h_2 = a_h * h_carried[None, :] + b_h_2
+        tl.store(h_seq_ptr + at * H + unit[None, :], b_h_2.to(h_seq_ptr.dtype.element_ty), mask=live)
+        h_carried = tl.sum(tl.where(last_row, b_h_2, 0.0), axis=0)
+    tl.store(h_final_ptr + offs, h_carried.to(h_final_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def scan_backward_kernel(
+    hoisted0_ptr,
+    b_z_ptr,
+    b_h_ptr,
+    h_direct_ptr,
+    h_d_final_ptr,
+    h_lam_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    first_row = (tl.arange(0, CHUNK) == 0)[:, None]
+    # lambda_t = d loss / d s_t = a_(t+1) * lambda_(t+1) + c_t, c_t the gradient s_t gets directly
+    # (the output's, and the final state's at a sequence's last step); chunks from the last
+    d_h_carried = tl.zeros((BLOCK,), COMPUTE)  # lambda entering from the later chunk
+    n_chunks = tl.cdiv(T, CHUNK)
+    for ti in range(0, n_chunks):
+        steps = (n_chunks - 1 - ti) * CHUNK + tl.arange(0, CHUNK)
+        in_t = steps < T
+        step_offset = tl.load(step_offset_ptr + steps, mask=in_t, other=0)
+        rows_t = tl.load(step_rows_ptr + steps, mask=in_t, other=0)
+        live = in_t[:, None] & (batch[None, :] < rows_t[:, None]) & inside[None, :]
+        at = (step_offset[:, None] + batch[None, :]).to(tl.int64)
+        # step t + 1, whose coefficient a multiplies lambda_(t+1)
+        in_t = steps + 1 < T
+        step_offset = tl.load(step_offset_ptr + steps + 1, mask=in_t, other=0)
+        rows_t = tl.load(step_rows_ptr + steps + 1, mask=in_t, other=0)
+        live_next = in_t[:, None] & (batch[None, :] < rows_t[:, None]) & inside[None, :]
+        at_next = (step_offset[:, None] + batch[None, :]).to(tl.int64)
+        W_h_mm = tl.load(hoisted0_ptr + at_next * 2 * H + 1 * H + unit[None, :], mask=live_next, other=0.0).to(COMPUTE)
+        W_z_mm = tl.load(hoisted0_ptr + at_next * 2 * H + 0 * H + unit[None, :], mask=live_next, other=0.0).to(COMPUTE)
+        b_h = tl.load(b_h_ptr + unit, mask=inside, other=0.0).to(COMPUTE)[None, :]
+        b_z = tl.load(b_z_ptr + unit, mask=inside, other=0.0).to(COMPUTE)[None, :]
+        (a_h, b_h_2,) = scan_coefficients(W_h_mm, W_z_mm, b_h, b_z)
+        a_h = tl.where(live_next, a_h, 0.0)  # a sequence's last step: nothing comes after it
+        b_h_2 = tl.where(live, tl.load(h_direct_ptr + at * H + unit[None, :], mask=live, other=0.0).to(COMPUTE), 0.0)
+        b_h_2 += tl.where(live & ~live_next, tl.load(h_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)[None, :], 0.0)
+        a_h, b_h_2 = tl.associative_scan((a_h, b_h_2), 0, lib.compose_affine, reverse=True)
+        b_h_2 = a_h * d_h_carried[None, :] + b_h_2
+        tl.store(h_lam_ptr + at * H + unit[None, :], b_h_2.to(h_lam_ptr.dtype.element_ty), mask=live)
+        d_h_carried = tl.sum(tl.where(first_row, b_h_2, 0.0), axis=0)

@@ -203,3 +203,137 @@ def stage0_backward(W_mm, W_f_mm, W_r_mm, b_f, b_r, c, v_f, v_r, x, grad_c_new, 
     grad_h, grad_h_stride = lib.rows(grad_h)
     lib.launch(stage0_backward_kernel, W_mm, [W_mm, W_mm_stride, W_f_mm, W_f_mm_stride, W_r_mm, W_r_mm_stride, b_f, b_r, c, c_stride, v_f, v_r, x, x_stride, grad_c_new, grad_c_new_stride, grad_h, grad_h_stride], outs)
     return (outs[0], outs[1], outs[2], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6],)
+
+
+# ---- time_loop schedule ----------------------------------------------------------------------------
+
+
+# One program per BLOCK (batch row, hidden unit) columns; it loops over T with the states in
+# registers (no column reads another: no barrier). Step t owns rows step_offset[t] .. + step_rows[t]
+# of every [rows, .] sequence; a column whose sequence has ended keeps its state.
+
+
+@triton.jit
+def time_loop_forward_kernel(
+    x_ptr,
+    hoisted0_ptr,
+    v_f_ptr,
+    v_r_ptr,
+    b_f_ptr,
+    b_r_ptr,
+    c_init_ptr,
+    c_seq_ptr,
+    c_final_ptr,
+    out_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the states live in registers for all T steps
+    c_carried = tl.load(c_init_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    # parameters of this program's hidden units, loaded once
+    b_f = tl.load(b_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    b_r = tl.load(b_r_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    v_f = tl.load(v_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    v_r = tl.load(v_r_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for t in range(T):
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        W_mm = tl.load(hoisted0_ptr + at * 3 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_f_mm = tl.load(hoisted0_ptr + at * 3 * H + 1 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_r_mm = tl.load(hoisted0_ptr + at * 3 * H + 2 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        c = c_carried
+        x = tl.load(x_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
+        (c_new, h,) = stage0_step(W_mm, W_f_mm, W_r_mm, b_f, b_r, c, v_f, v_r, x)
+        tl.store(c_seq_ptr + at * H + unit, c_new.to(c_seq_ptr.dtype.element_ty), mask=live)
+        tl.store(out_ptr + at * H + unit, h.to(out_ptr.dtype.element_ty), mask=live)
+        c_carried = tl.where(live, c_new, c_carried)
+    tl.store(c_final_ptr + offs, c_carried.to(c_final_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def time_loop_backward_kernel(
+    x_ptr,
+    hoisted0_ptr,
+    v_f_ptr,
+    v_r_ptr,
+    b_f_ptr,
+    b_r_ptr,
+    c_init_ptr,
+    c_seq_ptr,
+    grad_out_ptr,
+    c_d_final_ptr,
+    d_hoisted0_ptr,
+    d_x_ptr,
+    d_v_f_ptr,
+    d_v_r_ptr,
+    d_b_f_ptr,
+    d_b_r_ptr,
+    c_d_init_ptr,
+    step_offset_ptr,
+    prev_offset_ptr,
+    step_rows_ptr,
+    T,
+    N,
+    H,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state
+    batch, unit = offs // H, offs % H
+    inside = offs < N * H
+    # the gradients of the states, in registers for all T steps (from the final states' gradients)
+    d_c_carried = tl.load(c_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
+    d_b_f_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_f
+    d_b_r_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_r
+    d_v_f_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d v_f
+    d_v_r_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d v_r
+    b_f = tl.load(b_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    b_r = tl.load(b_r_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    v_f = tl.load(v_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    v_r = tl.load(v_r_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
+    for tt in range(T):
+        t = T - 1 - tt
+        step_offset = tl.load(step_offset_ptr + t)
+        rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
+        live = inside & (batch < rows_t)
+        at = (step_offset + batch).to(tl.int64)
+        prev_at = (tl.load(prev_offset_ptr + t) + batch).to(tl.int64)
+        W_mm = tl.load(hoisted0_ptr + at * 3 * H + 0 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_f_mm = tl.load(hoisted0_ptr + at * 3 * H + 1 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        W_r_mm = tl.load(hoisted0_ptr + at * 3 * H + 2 * H + unit, mask=live, other=0.0).to(COMPUTE)
+        c = tl.load(c_init_ptr + offs, mask=live & (batch * 0 + t == 0), other=0.0).to(COMPUTE) + tl.load(c_seq_ptr + prev_at * H + unit, mask=live & (batch * 0 + t > 0), other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
+        grad_c_new = d_c_carried
+        if HAS_GRAD_OUT:
+            grad_h = tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
+        else:
+            grad_h = tl.zeros((BLOCK,), COMPUTE)
+        (d_W_mm, d_W_f_mm, d_W_r_mm, d_c, d_v_f, d_v_r, d_x,) = stage0_step_grad(W_mm, W_f_mm, W_r_mm, b_f, b_r, c, v_f, v_r, x, grad_c_new, grad_h)
+        tl.store(d_hoisted0_ptr + at * 3 * H + 0 * H + unit, d_W_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        tl.store(d_hoisted0_ptr + at * 3 * H + 1 * H + unit, d_W_f_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        tl.store(d_hoisted0_ptr + at * 3 * H + 2 * H + unit, d_W_r_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
+        d_b_f_sum += tl.where(live, d_W_f_mm, 0.0)
+        d_b_r_sum += tl.where(live, d_W_r_mm, 0.0)
+        d_v_f_sum += tl.where(live, d_v_f, 0.0)
+        d_v_r_sum += tl.where(live, d_v_r, 0.0)
+        tl.store(d_x_ptr + at * H + unit, d_x.to(d_x_ptr.dtype.element_ty), mask=live)
+        d_c_carried = tl.where(live, d_c, d_c_carried)
+    tl.store(d_b_f_ptr + offs, d_b_f_sum, mask=inside)
+    tl.store(d_b_r_ptr + offs, d_b_r_sum, mask=inside)
+    tl.store(d_v_f_ptr + offs, d_v_f_sum, mask=inside)
+    tl.store(d_v_r_ptr + offs, d_v_r_sum, mask=inside)
+    tl.store(c_d_init_ptr + offs, d_c_carried.to(c_d_init_ptr.dtype.element_ty), mask=inside)

@@ -36,7 +36,15 @@ from celldsl import compile_cell
 from celldsl.cli import main
 from celldsl.emit.c_source import C_RESERVED, c_source
 from celldsl.emit.torch_source import function_names, torch_module_source
-from celldsl.emit.triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, module_names, triton_module_source
+from celldsl.emit.triton_columns import COLUMN_LOCALS
+from celldsl.emit.triton_dense import DENSE_LOCALS
+from celldsl.emit.triton_source import (
+    KERNEL_LOCALS,
+    KNOWN_GLOBALS,
+    module_names,
+    schedule_names,
+    triton_module_source,
+)
 from celldsl.errors import CellError, CellWarning
 from celldsl.functions import FUNCTIONS
 from celldsl.runtime import cpu_fused
@@ -246,6 +254,7 @@ def forbidden_names() -> list[str]:
     generated = _identifiers(torch_module_source(plan) + triton_module_source(plan) + c_source(plan))
     pool = set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins)) | C_KEYWORDS | generated
     pool |= set(C_RESERVED) | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
+    pool |= DENSE_LOCALS | COLUMN_LOCALS  # the schedules' kernels (a dense sample cell has no column kernels)
     pool |= {
         "operand0",
         "operand1",
@@ -345,12 +354,13 @@ def test_the_forbidden_pool_holds_every_reserved_set():
 @pytest.mark.parametrize("chunk", range(len(_chunks())))
 def test_generated_sources_are_valid_for_forbidden_names(chunk, tmp_path):
     """For every forbidden name, in every role: the torch and Triton modules parse; in every function a
-    name is bound once (host wrappers aside, which rebind their arguments), and no parameter or local is
-    a Python keyword or builtin or shadows a module-level name (a helper, a kernel, another function);
-    the C source compiles."""
+    name is bound once (host wrappers aside, which rebind their arguments, and the schedules' kernels,
+    whose time loops rebind what they carry), and no parameter or local is a Python keyword or builtin
+    or shadows a module-level name (a helper, a kernel, another function); the C source compiles."""
     cell = _compile_quiet(_template(_assign(_chunks()[chunk])))
     reserved = set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins))
     hosts = {n for n in module_names(cell.plan) if n.endswith(("_forward", "_backward"))}
+    hosts |= set(schedule_names(cell.plan))
     sources = (
         (torch_module_source(cell.plan), set(function_names(cell.plan)), set()),
         (triton_module_source(cell.plan), set(module_names(cell.plan)), hosts),

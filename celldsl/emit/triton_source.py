@@ -329,17 +329,30 @@ def triton_module_source(plan: Plan) -> str:
             parts.append(_step_function(f))
             parts.append(_kernel(f))
             parts.append(_host(f, f"{prefix}_{'backward' if backward else 'forward'}"))
+    from .triton_columns import column_source
+    from .triton_dense import dense_source
+
+    parts += [p for p in (dense_source(plan), column_source(plan)) if p]
     return "\n\n".join(p.strip("\n") + "\n" for p in parts)
 
 
 def module_names(plan: Plan) -> list[str]:
-    """Every function the module defines per pointwise: step functions, kernels and host wrappers."""
+    """Every function the module defines: per pointwise its step functions, kernels and host wrappers,
+    then the kernels of the schedules that apply (schedule_names)."""
     names = []
     for prefix in plan.pointwise_prefixes():
         for way in ("forward", "backward"):
             names += [f"{prefix}_{way}", f"{prefix}_{way}_kernel"]
         names += [f"{prefix}_step", f"{prefix}_step_grad"]
-    return names
+    return names + schedule_names(plan)
+
+
+def schedule_names(plan: Plan) -> list[str]:
+    """The schedules' kernels the module defines (their time loops rebind the states they carry)."""
+    from .triton_columns import column_kernel_names
+    from .triton_dense import dense_kernel_names
+
+    return dense_kernel_names(plan) + column_kernel_names(plan)
 
 
 def kernel_names(plan: Plan) -> list[str]:

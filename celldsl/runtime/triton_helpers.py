@@ -80,6 +80,106 @@ def pow(b, e):  # reached as lib.pow: the spelling of a non-integer power
     return tl.exp(e * tl.log(b))
 
 
+# ---- tiles of the schedules' kernels ----------------------------------------------------------------
+# A tile is a [BLOCK_N, BLOCK_H] block of a row-major [rows, width] tensor: rows `at` (int64 row
+# indices) by columns `cols`. Masked elements load as zero and are never stored.
+
+
+@triton.jit
+def load_block(ptr, at, width, cols, mask):
+    return tl.load(ptr + at[:, None] * width + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def load_exchanged(ptr, at, width, cols, mask):
+    # a tile other programs of the same launch wrote: read from L2 (".cg"), because L1 is not
+    # coherent across multiprocessors and may hold a line read before the grid barrier
+    return tl.load(ptr + at[:, None] * width + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def store_block(ptr, at, width, cols, value, mask):
+    tl.store(ptr + at[:, None] * width + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_block(ptr, at, width, cols, value, mask):
+    # read-modify-write of a tile only this program owns (no other program touches these elements)
+    old = tl.load(ptr + at[:, None] * width + cols[None, :], mask=mask, other=0.0)
+    tl.store(ptr + at[:, None] * width + cols[None, :], (old + value).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_vector(ptr, cols, H):
+    # a [H] parameter as a [1, BLOCK_H] row that broadcasts over the tile's rows
+    return tl.load(ptr + cols, mask=cols < H, other=0.0)[None, :]
+
+
+@triton.jit
+def add_vector(ptr, cols, value, mask, H):
+    # the tile's column sums (over its live rows) added to this program's columns of a [H] accumulator
+    total = tl.sum(tl.where(mask, value, 0.0), axis=0)
+    tl.store(ptr + cols, tl.load(ptr + cols, mask=cols < H, other=0.0) + total, mask=cols < H)
+
+
+@triton.jit
+def add_scalar(ptr, value, mask):
+    # the tile's sum added to a scalar accumulator slot only this program owns
+    tl.store(ptr, tl.load(ptr) + tl.sum(tl.sum(tl.where(mask, value, 0.0), axis=1), axis=0))
+
+
+@triton.jit
+def weight_tile(w_ptr, block, cols, kk, H):
+    # [BLOCK_K, BLOCK_H] tile W[block * H + cols, kk]^T of a [G * H, H] stacked weight: the operand of
+    # `state [BLOCK_N, BLOCK_K] @ tile` for gate block `block` of this program's hidden units
+    mask = (kk < H)[:, None] & (cols < H)[None, :]
+    return tl.load(w_ptr + (block * H + cols)[None, :].to(tl.int64) * H + kk[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def weight_tile_t(w_ptr, block, cols, kk, H):
+    # [BLOCK_K, BLOCK_H] tile W[block * H + kk, cols]: the operand of `d_gates [BLOCK_N, BLOCK_K] @ tile`,
+    # the gradient of the GEMM's operand (its columns `cols`) from gate block `block`
+    mask = (kk < H)[:, None] & (cols < H)[None, :]
+    return tl.load(w_ptr + (block * H + kk)[:, None].to(tl.int64) * H + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def load_previous(init_ptr, seq_ptr, rows, prev_at, t, kk, live, H):
+    # [BLOCK_N, BLOCK_K] of the state step t reads: the initial state [N, H] at t = 0, else the new
+    # state step t - 1 wrote (rows prev_at of the [rows, H] sequence); from L2, as load_exchanged
+    step = rows * 0 + t  # t as a tensor: the interpreter takes no scalar flag in a mask
+    mask = live[:, None] & (kk < H)[None, :]
+    first = tl.load(init_ptr + rows[:, None] * H + kk[None, :], mask=mask & (step == 0)[:, None], other=0.0,
+                    cache_modifier=".cg")
+    later = tl.load(seq_ptr + prev_at[:, None] * H + kk[None, :], mask=mask & (step > 0)[:, None], other=0.0,
+                    cache_modifier=".cg")
+    return first + later
+
+
+@triton.jit
+def compose_affine(a1, b1, a2, b2):
+    # the map s -> a1 s + b1 followed by s -> a2 s + b2: the scan's associative combine
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def grid_barrier(counter_ptr, target, SEQUENTIAL: tl.constexpr):
+    """Wait until every program of this batch tile has arrived: `target` = (barriers passed so far,
+    this one included) * programs per tile, on a counter the host zeroed before the launch.
+
+    The CTA barrier orders this program's stores before one thread's release add, and that thread's
+    acquire spin before every later load of the program. Programs never skip a barrier (same trip
+    counts everywhere), and the launch is cooperative (all programs co-resident), so the spin always
+    ends. SEQUENTIAL (the interpreter, one program running every slice in turn) needs none."""
+    if not SEQUENTIAL:
+        tl.debug_barrier()
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+            pass
+        tl.debug_barrier()
+
+
 # ---- host helpers ------------------------------------------------------------------------------
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
