@@ -73,6 +73,11 @@ class Recurrent(nn.Module):
         input_sizes: the size of every input after the first, by name, for a cell that declares
             several (`input x, ctx`: input_sizes={"ctx": 32}). The first input is the sequence (layer
             k > 0 reads the previous layer's output); every other one is fed to every layer as is.
+        schedule: None (the backend's default), or a Triton schedule forced for the "triton" backend:
+            "graphed", "persistent", "fused_step", "time_loop", "scan", or "auto" (the compiler's choice
+            by the plan and sizes); ValueError when it does not apply to the cell. The schedules other
+            than graphed are opt-in until their gpu tests pass on hardware (runtime/triton_schedules.py;
+            `celldsl explain FILE --sizes N=16,H=768` shows the choice and why).
 
     forward(input, state=None, **extra) -> (output, final_state):
         input [T, N, I] ([N, T, I] if batch_first), [T, I] unbatched, or a PackedSequence (output is
@@ -107,6 +112,7 @@ class Recurrent(nn.Module):
         device=None,
         dtype=None,
         input_sizes: dict[str, int] | None = None,
+        schedule: str | None = None,
     ):
         super().__init__()
         sizes = (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers))
@@ -125,6 +131,13 @@ class Recurrent(nn.Module):
             raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
         self.cell = compile_cell(cell)
         register(self.cell)
+        if schedule is not None:
+            from .runtime.triton_schedules import check_schedule
+
+            if backend not in ("auto", "triton"):
+                raise ValueError(f"schedule={schedule!r} is a Triton schedule; backend={backend!r} has none")
+            check_schedule(self.cell.plan, schedule)
+        self.schedule = schedule
         self.input_sizes = _extra_sizes(self.cell, input_sizes)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
@@ -256,6 +269,11 @@ class Recurrent(nn.Module):
             state = [x.new_zeros(shape) for _ in range(n_states)]
         extras = self._check_extras(extra, x, batch_sizes, sorted_indices if packed else None, unbatched)
         backend = self._resolve_backend(x)
+        if self.schedule is not None:
+            if backend != "triton":
+                raise ValueError(f"schedule={self.schedule!r} runs on the Triton backend (CUDA tensors, or "
+                                 f"TRITON_INTERPRET=1); this input runs on {backend!r}")
+            backend = f"triton:{self.schedule}"
         reverse = _packed_reversal(batch_sizes, x.device) if packed and self.bidirectional else None
         finals: list[list[torch.Tensor]] = [[] for _ in range(n_states)]
         layer_input = x
@@ -451,11 +469,11 @@ class _TorchRNN(Recurrent):
     mode = ""
 
     def __init__(self, stem, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                 device, dtype, backend):
+                 device, dtype, backend, schedule=None):
         super().__init__(
             ZOO / f"{stem}.cell", input_size, hidden_size, num_layers=num_layers, bias=bias,
             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, backend=backend,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, schedule=schedule,
         )
         self.proj_size = 0
 
@@ -469,19 +487,19 @@ class LSTM(_TorchRNN):
     keys (`weight_ih_l0`, `bias_hh_l1_reverse`, ...), so state_dicts load in both directions.
 
     proj_size is not supported yet: any proj_size > 0 raises NotImplementedError.
-    `backend` (keyword only) is Recurrent's: "auto", "torch", "cpu" or "triton".
+    `backend` and `schedule` (keyword only) are Recurrent's.
     """
 
     mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto"):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", schedule=None):
         if proj_size != 0:
             raise NotImplementedError(
                 f"celldsl.LSTM does not support proj_size yet (got proj_size={proj_size}); use proj_size=0"
             )
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, backend)
+                         bidirectional, device, dtype, backend, schedule)
 
 
 class GRU(_TorchRNN):
@@ -490,9 +508,9 @@ class GRU(_TorchRNN):
     mode = "GRU"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None, *, backend="auto"):
+                 bidirectional=False, device=None, dtype=None, *, backend="auto", schedule=None):
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, backend)
+                         bidirectional, device, dtype, backend, schedule)
 
 
 class RNN(_TorchRNN):
@@ -501,11 +519,11 @@ class RNN(_TorchRNN):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 backend="auto"):
+                 backend="auto", schedule=None):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, device, dtype, backend)
+                         dropout, bidirectional, device, dtype, backend, schedule)
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
 

@@ -33,6 +33,12 @@ def cell_for(key: str):
 
 
 def loop_for(key: str, backend: str):
+    """The loop of a backend ("torch", "cpu", "triton") or of a Triton schedule ("triton:persistent",
+    ...: runtime/triton_schedules.py)."""
+    if backend.startswith("triton:"):
+        from .triton_schedules import schedule_loop
+
+        return schedule_loop(cell_for(key), backend.partition(":")[2])
     return cell_for(key).loop(backend)
 
 

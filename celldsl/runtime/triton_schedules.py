@@ -1,0 +1,509 @@
+"""The Triton schedules: how a cell's time loop runs on the GPU, chosen from the plan and the sizes.
+
+    graphed      every cell: per step a cuBLAS GEMM and a fused pointwise kernel per stage, the whole
+                 loop replayed from a CUDA graph (runtime/cuda_graph.py); today's CUDA default
+    persistent   dense recurrences: one launch per sequence and direction; each program keeps its
+                 slice of the step weights on chip and loops over T, a grid barrier per GEMM stage
+    fused_step   dense recurrences: one launch per GEMM stage and step, the recurrent GEMM (tl.dot,
+                 weights streamed from L2) fused with its pointwise step; replayed from a CUDA graph
+    time_loop    elementwise and linear recurrences: one launch per sequence; each program owns a
+                 block of (batch, hidden) columns and loops over T with the states in registers
+    scan         recurrences linear in the state (s' = a * s + b): a chunked parallel scan over T
+
+Every schedule has the torch loop's interface (forward/backward/saved_shapes of runtime/torch_loop.py,
+the same saved tensors), so the registered ops run any of them. `choose` names the schedule the
+compiler picks for a plan and sizes; a schedule other than graphed becomes the CUDA default only once
+its `gpu` tests have passed on hardware (VERIFIED_ON_HARDWARE, with the log under docs/results/gpu/).
+Until then the layers take it through `schedule=`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from ..emit.triton_dense import DenseLayout
+from .torch_loop import TorchLoop, steps_of
+from .triton_module import interpreting, load_triton_module
+
+SCHEDULES = ("graphed", "persistent", "fused_step", "time_loop", "scan")
+VERIFIED_ON_HARDWARE: frozenset[str] = frozenset({"graphed"})  # gpu tests passed on a GPU, log committed
+
+MIN_DOT = 16  # tl.dot's smallest tile side
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the schedule choice needs to know of a GPU."""
+
+    name: str
+    multiprocessors: int
+    shared_memory: int  # bytes a program may use (the opt-in maximum per block)
+    registers: int  # 32-bit registers per multiprocessor
+    capability: int  # 90 for sm_90
+
+    @classmethod
+    def of(cls, device: torch.device) -> Device:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        cap = torch.cuda.get_device_capability(index)
+        return cls(torch.cuda.get_device_name(index), props["multiprocessor_count"], props["max_shared_mem"],
+                   props["max_num_regs"], 10 * cap[0] + cap[1])
+
+
+# explain without a GPU: an H100/H200 (both have 132 multiprocessors and 227 KiB of shared memory per block)
+ASSUMED = Device("an H100/H200 (assumed: no GPU queried)", 132, 232448, 65536, 90)
+
+
+@dataclass
+class Config:
+    """A schedule at given sizes: whether it fits, why, and the launch it makes."""
+
+    schedule: str
+    fits: bool
+    why: str
+    grid: tuple[int, ...] = ()
+    blocks: dict[str, int] = field(default_factory=dict)  # BLOCK_N, BLOCK_H, BLOCK_K, ...
+    num_warps: int = 4
+    details: list[str] = field(default_factory=list)
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+# ---- which schedules apply to a plan -------------------------------------------------------------
+
+
+def declines(plan) -> dict[str, str | None]:
+    """For every schedule: None when it applies to the plan, else why not."""
+    from ..emit.triton_columns import ColumnLayout, ScanLayout
+
+    dense = DenseLayout.decline(plan)
+    return {
+        "graphed": None,
+        "persistent": dense,
+        "fused_step": dense,
+        "time_loop": ColumnLayout.decline(plan),
+        "scan": ScanLayout.decline(plan),
+    }
+
+
+def check_schedule(plan, schedule: str) -> None:
+    """ValueError unless `schedule` is a known schedule that applies to the plan."""
+    if schedule not in SCHEDULES and schedule != "auto":
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or 'auto', got {schedule!r}")
+    if schedule == "auto":
+        return
+    why = declines(plan)[schedule]
+    if why:
+        ok = ", ".join(s for s, w in declines(plan).items() if w is None)
+        raise ValueError(f"schedule {schedule!r} does not apply to cell {plan.ir.name!r}: {why}; "
+                         f"the schedules that do: {ok}")
+
+
+# ---- sizes -> launch configuration -----------------------------------------------------------------
+
+
+def configure(plan, schedule: str, N: int, H: int, T: int, dtype: torch.dtype, device: Device,
+              interpret: bool = False) -> Config:
+    """The launch `schedule` makes at these sizes on `device` (or why it does not fit)."""
+    why = declines(plan)[schedule]
+    if why:
+        return Config(schedule, False, why)
+    if schedule == "graphed":
+        return Config(schedule, True, "any cell, any size: cuBLAS GEMMs and one pointwise kernel per stage "
+                                      "and step, replayed from a CUDA graph")
+    if schedule == "persistent":
+        return _persistent(plan, N, H, T, dtype, device, interpret)
+    if schedule == "fused_step":
+        return _fused_step(plan, N, H, dtype, interpret)
+    from ..emit.triton_columns import column_config
+
+    return column_config(plan, schedule, N, H, T, dtype, interpret)
+
+
+def _persistent(plan, N, H, T, dtype, device: Device, interpret: bool) -> Config:
+    layout = DenseLayout(plan)
+    size = element_bytes(dtype)
+    block_n = _pow2(N, MIN_DOT) if N <= 16 else 32
+    block_k = _pow2(H, MIN_DOT)
+    tiles = triton.cdiv(N, block_n)
+    gate_rows = sum(layout.gemm_rows(i) for i in range(len(plan.gemms)))
+    budget = int(0.75 * device.shared_memory)
+    if interpret:
+        block_h = MIN_DOT
+    else:
+        block_h = MIN_DOT  # the smallest slice: the most programs, the least weight per program
+        while tiles * triton.cdiv(H, block_h) > device.multiprocessors and block_h < _pow2(H, MIN_DOT):
+            block_h *= 2
+    slices = triton.cdiv(H, block_h)
+    weights = gate_rows * block_h * block_k * size
+    operand = block_n * block_k * size
+    blocks = {"BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_K": block_k}
+    phases = len(layout.phases)
+    details = [
+        f"tiling: {tiles} batch tile(s) of {block_n} rows x {slices} slice(s) of {block_h} hidden units = "
+        f"{tiles * slices} programs, each owning every gate row ({gate_rows} per hidden unit) of its slice",
+        f"weights per program: {gate_rows} x {block_h} x {block_k} (H={H} padded to {block_k}) "
+        f"{str(dtype).removeprefix('torch.')} = {weights / 1024:.0f} KiB, loaded once and kept on chip "
+        f"(registers or shared memory, as Triton lays out tl.dot's operand); budget {budget / 1024:.0f} KiB "
+        f"(3/4 of the {device.shared_memory / 1024:.0f} KiB a program may use)",
+        f"operand tile per step: {block_n} x {block_k} = {operand / 1024:.0f} KiB, read from L2",
+        f"grid barriers per step: {phases} forward, {plan.num_stages} backward "
+        f"({T * phases} forward in all)",
+    ]
+    grid = (tiles, 1) if interpret else (tiles, slices)
+    if not interpret and tiles * slices > device.multiprocessors:
+        return Config("persistent", False, f"{tiles * slices} programs of at least {MIN_DOT} hidden units "
+                      f"cannot all be resident on {device.multiprocessors} multiprocessors (one each)",
+                      grid, blocks, 4, details)
+    if not interpret and weights > budget:
+        return Config("persistent", False, f"the weights of a slice ({weights / 1024:.0f} KiB) exceed the "
+                      f"on-chip budget ({budget / 1024:.0f} KiB)", grid, blocks, 4, details)
+    if T * phases * slices >= 2**31:
+        return Config("persistent", False, "too many barriers for a 32-bit counter", grid, blocks, 4, details)
+    num_warps = 8 if weights > 64 * 1024 else 4
+    return Config("persistent", True, f"the weights of a slice ({weights / 1024:.0f} KiB) fit on chip and "
+                  f"the {tiles * slices} programs fit on the {device.multiprocessors} multiprocessors",
+                  grid, blocks, num_warps, details)
+
+
+def _fused_step(plan, N, H, dtype, interpret: bool) -> Config:
+    block_n = min(64, _pow2(N, MIN_DOT))
+    block_h = MIN_DOT if interpret or H <= 16 else 32
+    block_k = min(64, _pow2(H, MIN_DOT))
+    tiles, slices = triton.cdiv(N, block_n), triton.cdiv(H, block_h)
+    layout = DenseLayout(plan)
+    backward = len(layout.phases) + (layout.phases[0].stage > 0)
+    details = [
+        f"tiling: {tiles} batch tile(s) of {block_n} rows x {slices} slice(s) of {block_h} hidden units "
+        f"per launch; the GEMM runs over H in chunks of {block_k}, weights read from L2 every step",
+        f"launches per step: {len(layout.phases)} forward, {backward} backward, replayed from a CUDA graph",
+    ]
+    blocks = {"BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_K": block_k}
+    return Config("fused_step", True, "any H: the recurrent GEMM and its pointwise step in one kernel per "
+                  "stage and step", (tiles, slices), blocks, 4, details)
+
+
+def choose(plan, N: int, H: int, T: int, dtype: torch.dtype, device: Device) -> tuple[str, list[Config]]:
+    """The schedule the compiler picks at these sizes, and every schedule's configuration (the why)."""
+    configs = [configure(plan, s, N, H, T, dtype, device) for s in SCHEDULES]
+    fits = {c.schedule: c for c in configs if c.fits}
+    for preferred in ("persistent", "scan", "time_loop", "fused_step"):
+        if preferred in fits:
+            return preferred, configs
+    return "graphed", configs
+
+
+# ---- running a dense schedule -----------------------------------------------------------------------
+
+
+def _cooperative_launch_supported() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in inspect.signature(CUDAOptions).parameters
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow torch's setting (TF32 only when torch allows it); other dtypes ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _steps_tensors(steps: list[int], offsets: list[int], device) -> dict:
+    prev = [0, *offsets[:-1]]
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return {"step_offset": as_int(offsets), "prev_offset": as_int(prev), "step_rows": as_int(steps)}
+
+
+class DenseLoop(TorchLoop):
+    """The persistent or fused-step schedule of a dense cell, with the torch loop's interface: the
+    hoisted GEMMs and the weight gradients stay large torch GEMMs, the time loop is Triton."""
+
+    def __init__(self, compiled, schedule: str):
+        self.kernels = load_triton_module(compiled)
+        super().__init__(compiled.plan, self.kernels)
+        self.layout = DenseLayout(compiled.plan)
+        self.schedule = schedule
+        self._resident: dict = {}  # (kernel, config) -> programs per multiprocessor
+
+    def config(self, N, H, T, dtype, device) -> Config:
+        interpret = interpreting() or device.type != "cuda"
+        dev = ASSUMED if interpret else Device.of(device)
+        c = configure(self.plan, self.schedule, N, H, T, dtype, dev, interpret)
+        if not c.fits:
+            raise ValueError(f"schedule {self.schedule!r} does not fit cell {self.plan.ir.name!r} at N={N}, "
+                             f"H={H}, T={T}, {str(dtype).removeprefix('torch.')}: {c.why}; use "
+                             "schedule='fused_step' (any H) or the default (graphed) path")
+        return c
+
+    def _hoisted(self, X, H, hoisted_w, vectors, scalars):
+        Xs = self.split_inputs(X, H, hoisted_w)
+        ops = self._hoisted_operands(Xs, vectors, scalars)
+        return Xs, [torch.matmul(op, w.t()).contiguous() for op, w in zip(ops, hoisted_w, strict=True)]
+
+    def _launch(self, name, grid, args, c: Config, dtype, extra=None, cooperative=False):
+        module = self.kernels.module()
+        kernel = getattr(module, name)
+        constexprs = dict(c.blocks, SEQUENTIAL=interpreting(), COMPUTE=_tl_compute(dtype),
+                          DOT_PRECISION=_dot_precision(dtype), **(extra or {}))
+        options = {"num_warps": c.num_warps}
+        if cooperative and not interpreting():
+            self._check_resident(kernel, grid, args, constexprs, options, args[0].device)
+            if _cooperative_launch_supported():
+                options["launch_cooperative_grid"] = True
+        kernel[grid](*args, **constexprs, **options)
+
+    def _check_resident(self, kernel, grid, args, constexprs, options, device):
+        """Every program of a persistent launch must be resident at once (they wait for each other):
+        the compiled kernel's registers and shared memory say how many fit on a multiprocessor."""
+        key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), str(device))
+        per_sm = self._resident.get(key)
+        if per_sm is None:
+            compiled = kernel.warmup(*args, grid=grid, **constexprs, **options)
+            compiled._init_handles()
+            dev = Device.of(device)
+            threads = 32 * options["num_warps"]
+            by_regs = dev.registers // max(1, compiled.n_regs * threads)
+            shared = compiled.metadata.shared
+            by_smem = dev.shared_memory // shared if shared else by_regs
+            per_sm = min(by_regs, by_smem)
+            self._resident[key] = per_sm
+        programs = grid[0] * grid[1]
+        dev = Device.of(device)
+        if programs > per_sm * dev.multiprocessors:
+            raise ValueError(f"the persistent kernel's {programs} programs cannot all be resident ({per_sm} "
+                             f"per multiprocessor x {dev.multiprocessors}); use schedule='fused_step'")
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        N, H = states[0].shape
+        X, steps, offsets = steps_of(x, batch_sizes, N)
+        T, rows, dtype, dev = len(steps), X.shape[0], x.dtype, x.device
+        c = self.config(N, H, T, dtype, dev)
+        Xs, hoisted_out = self._hoisted(X, H, hoisted_w, vectors, scalars)
+        L = self.layout
+        seq = [torch.empty(rows, H, dtype=dtype, device=dev) for _ in self.states]
+        carry = [s.to(_compute(dtype)).contiguous().clone() for s in states]
+        values = {("x", n): Xs[n].contiguous() for n in L.elementwise_inputs}
+        values |= {("hoisted", i): h for i, h in enumerate(hoisted_out)}
+        values |= {("weight", i): w.contiguous() for i, w in enumerate(step_w)}
+        values |= {("vector", i): v.contiguous() for i, v in enumerate(vectors)}
+        values |= {("scalar", i): s.contiguous() for i, s in enumerate(scalars)}
+        values |= {("init", i): s.contiguous() for i, s in enumerate(states)}
+        values |= {("seq", i): s for i, s in enumerate(seq)}
+        values |= {("carry", i): s for i, s in enumerate(carry)}
+        out = torch.empty(rows, H, dtype=dtype, device=dev) if L.output_state is None else None
+        values[("out", None)] = out
+        gemm_seq = [torch.empty(rows, w.shape[0], dtype=dtype, device=dev) for w in step_w]
+        values |= {("gemm_seq", i): g for i, g in enumerate(gemm_seq)}
+        operand_seq = {n: torch.empty(rows, H, dtype=dtype, device=dev) for n in L.operands}
+        values |= {("operand_seq", n): v for n, v in operand_seq.items()}
+        values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
+        values |= {("T", None): T, ("N", None): N, ("H", None): H}
+        if self.schedule == "persistent":
+            values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
+            args = [values[(a.kind, a.key)] for a in L.forward_args(fused=False)]
+            self._launch("persistent_forward_kernel", c.grid, args, c, dtype, cooperative=True)
+        else:
+            for t in range(T):
+                values[("t", None)] = t
+                args = [values[(a.kind, a.key)] for a in L.forward_args(fused=True)]
+                for n in range(len(L.phases)):
+                    self._launch(f"fused_step_forward_kernel_{n + 1}", c.grid, args, c, dtype)
+        finals = [s.to(dtype) for s in carry]
+        out = seq[L.output_state] if L.output_state is not None else out
+        saved = ([s for i, s in enumerate(seq) if i != L.output_state] + gemm_seq
+                 + [operand_seq[n] for n in self.operand_names] + hoisted_out)
+        if batch_sizes is None:
+            out = out.view(x.shape[0], x.shape[1], -1)
+        return out, finals, saved
+
+    # ---- backward -------------------------------------------------------------------------------
+
+    def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
+                 batch_sizes=None, needs_dx: bool = True):
+        N, H = states[0].shape
+        X, steps, offsets = steps_of(x, batch_sizes, N)
+        T, rows, dtype, dev = len(steps), X.shape[0], x.dtype, x.device
+        c = self.config(N, H, T, dtype, dev)
+        L = self.layout
+        Xs = self.split_inputs(X, H, hoisted_w)
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
+        compute = _compute(dtype)
+        dcarry = torch.zeros(2, len(self.states), N, H, dtype=compute, device=dev)
+        for i, g in enumerate(grad_states):
+            if g is not None:
+                dcarry[(T - 1) % 2, i] = g
+        slices = triton.cdiv(H, c.blocks["BLOCK_H"])
+        tiles = triton.cdiv(N, c.blocks["BLOCK_N"])
+        zeros = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
+        d_gemm = [zeros(rows, w.shape[0]) for w in step_w]
+        d_hoisted = [zeros(rows, w.shape[0]) for w in hoisted_w]
+        d_x = {n: zeros(rows, H) for n in L.elementwise_inputs}
+        d_vec = [zeros(tiles, H, dt=compute) for _ in vectors]
+        d_scal = [zeros(tiles, slices, dt=compute) for _ in scalars]
+        values = {("x", n): Xs[n].contiguous() for n in L.elementwise_inputs}
+        values |= {("hoisted", i): h.contiguous() for i, h in enumerate(hoisted_out)}
+        values |= {("weight", i): w.contiguous() for i, w in enumerate(step_w)}
+        values |= {("vector", i): v.contiguous() for i, v in enumerate(vectors)}
+        values |= {("scalar", i): s.contiguous() for i, s in enumerate(scalars)}
+        values |= {("init", i): s.contiguous() for i, s in enumerate(states)}
+        values |= {("seq", i): s.contiguous() for i, s in enumerate(news)}
+        values |= {("gemm_seq", i): g.contiguous() for i, g in enumerate(step_all)}
+        values |= {("operand_seq", n): operands[n].contiguous() for n in L.operands}
+        g_out = grad_out.reshape(rows, H).contiguous() if grad_out is not None else news[0]
+        values |= {("grad_out", None): g_out, ("dcarry", None): dcarry}
+        values |= {("d_gemm", i): d for i, d in enumerate(d_gemm)}
+        values |= {("d_hoisted", i): d for i, d in enumerate(d_hoisted)}
+        values |= {("d_x", n): d for n, d in d_x.items()}
+        values |= {("d_vector", i): d for i, d in enumerate(d_vec)}
+        values |= {("d_scalar", i): d for i, d in enumerate(d_scal)}
+        values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
+        values |= {("T", None): T, ("N", None): N, ("H", None): H}
+        extra = {"HAS_GRAD_OUT": grad_out is not None}
+        if self.schedule == "persistent":
+            values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
+            args = [values[(a.kind, a.key)] for a in L.backward_args(fused=False)]
+            self._launch("persistent_backward_kernel", c.grid, args, c, dtype, extra, cooperative=True)
+        else:
+            n_phases = len(L.phases) + (L.phases[0].stage > 0)
+            for t in reversed(range(T)):
+                values[("t", None)] = t
+                args = [values[(a.kind, a.key)] for a in L.backward_args(fused=True)]
+                for n in range(n_phases):
+                    self._launch(f"fused_step_backward_kernel_{n + 1}", c.grid, args, c, dtype, extra)
+        dstates = [dcarry[1, i].to(dtype) for i in range(len(self.states))]
+        d_vectors = [d.sum(0).to(dtype) for d in d_vec]
+        d_scalars = [d.sum().to(dtype) for d in d_scal]
+        return finish_backward(self, x, X, Xs, states, news, operands, steps, offsets, hoisted_w, step_w,
+                               vectors, scalars, d_gemm, d_hoisted, d_x, d_vectors, d_scalars, dstates,
+                               needs_dx)
+
+
+def finish_backward(loop: TorchLoop, x, X, Xs, states, news, operands, steps, offsets, hoisted_w, step_w,
+                    vectors, scalars, d_gemm, d_hoisted, d_x, d_vectors, d_scalars, dstates, needs_dx):
+    """What follows the reverse time loop, as the torch loop does it: the weight gradients and dx as a
+    few large GEMMs over all steps, and the hoisted pointwise function's backward."""
+    d_step_w = []
+    for gi, g in enumerate(loop.gemms):
+        slot = loop.where[g.operand.name]
+        if slot.kind == "state":
+            opnd = loop._previous_all(slot.index, states, news, steps, offsets)
+        else:
+            opnd = operands[g.operand.name]
+        d_step_w.append(d_gemm[gi].t().mm(opnd))
+    dx = dict(d_x)
+    d_hoisted_w, d_hoist_ops = [], {}
+    hoisted_ops = loop._hoisted_operands(Xs, vectors, scalars)
+    for gi, g in enumerate(loop.hoisted):
+        dP = d_hoisted[gi]
+        d_hoisted_w.append(dP.t().mm(hoisted_ops[gi]))
+        name = g.operand.name
+        if needs_dx or loop.where[name].kind != "input":
+            d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
+    d_vectors, d_scalars = list(d_vectors), list(d_scalars)
+    if loop.hoist is not None:
+        hp, _fwd, bwd, slots = loop.hoist
+        args = [loop._static(s, Xs, vectors, scalars) for s in slots]
+        H = states[0].shape[1]
+        grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
+        grads = [g if g is not None else X.new_zeros(X.shape[0], H) for g in grads]
+        for sym, r in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
+            if r is None:
+                continue
+            slot = loop.where[sym.name]
+            if slot.kind == "input":
+                dx[slot.index] = _add(dx.get(slot.index), r)
+            elif slot.kind == "vector":
+                d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, r.shape[-1]).sum(0)
+            elif slot.kind == "scalar":
+                d_scalars[slot.index] = d_scalars[slot.index] + r.sum()
+    for name, d_op in d_hoist_ops.items():
+        if loop.where[name].kind == "input":
+            dx[name] = _add(dx.get(name), d_op)
+    H = states[0].shape[1]
+    dx = loop.join_input_grads(dx, X, H, hoisted_w)
+    dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
+    return dx, dstates, d_hoisted_w, d_step_w, d_vectors, d_scalars
+
+
+def _add(a, b):
+    return b if a is None else a + b
+
+
+# ---- the loops, per (cell, schedule) -----------------------------------------------------------------
+
+_LOOPS: dict = {}
+
+
+class AutoLoop:
+    """schedule="auto": the schedule `choose` picks for each call's sizes, verified on hardware or not
+    (for benchmarks and tests; the layers' default stays the graphed path until it is verified)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.plan = compiled.plan
+        self.base = compiled.triton_loop  # saved_shapes and the argument split are the same everywhere
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def pick(self, x, states) -> str:
+        N, H = states[0].shape
+        T = x.shape[0] if x.dim() == 3 else 0
+        interpret = interpreting() or not x.is_cuda
+        device = ASSUMED if interpret else Device.of(x.device)
+        return choose(self.plan, N, H, T or 1, x.dtype, device)[0]
+
+    def forward(self, x, states, *args, **kwargs):
+        return schedule_loop(self.compiled, self.pick(x, states)).forward(x, states, *args, **kwargs)
+
+    def backward(self, x, states, *args, **kwargs):
+        return schedule_loop(self.compiled, self.pick(x, states)).backward(x, states, *args, **kwargs)
+
+
+def schedule_loop(compiled, schedule: str):
+    """The loop object of a schedule for a compiled cell (kept for the process, as the cell's own loops)."""
+    key = (compiled.key, schedule)
+    loop = _LOOPS.get(key)
+    if loop is None:
+        check_schedule(compiled.plan, schedule)
+        from .cuda_graph import GraphedLoop
+
+        if schedule == "auto":
+            loop = AutoLoop(compiled)
+        elif schedule == "graphed":
+            loop = compiled.triton_loop
+        elif schedule == "persistent":
+            loop = DenseLoop(compiled, schedule)
+        elif schedule == "fused_step":
+            loop = GraphedLoop(DenseLoop(compiled, schedule))
+        else:
+            from .triton_columns import ColumnLoop
+
+            loop = ColumnLoop(compiled, schedule)
+        _LOOPS[key] = loop
+    return loop
