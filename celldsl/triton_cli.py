@@ -27,7 +27,9 @@ BLOCK = 1024
 
 @dataclass(frozen=True)
 class Built:
-    """One kernel compiled for one target."""
+    """One kernel compiled for one target, with the resources ptxas gave it (None where the tools to
+    read them are missing): registers per thread, shared memory per program (Triton's dynamic
+    allocation plus static), and local memory per thread (spilled registers live there)."""
 
     cell: str
     kernel: str
@@ -36,11 +38,54 @@ class Built:
     ptx_bytes: int
     cubin_bytes: int
     seconds: float
+    registers: int | None = None
+    shared: int | None = None
+    local: int | None = None
+    schedule: str = "graphed"
+    note: str = ""
 
     def line(self) -> str:
         sizes = f"ptx {self.ptx_bytes / 1024:6.1f} KiB  cubin {self.cubin_bytes / 1024:6.1f} KiB"
-        name = f"{self.cell:16s} {self.kernel:28s} {self.target:8s} {self.dtype:9s}"
-        return f"{name} {sizes}  {self.seconds:5.2f} s"
+        name = f"{self.cell:16s} {self.schedule:10s} {self.kernel:30s} {self.target:8s} {self.dtype:9s}"
+        if self.registers is None:
+            used = "  regs ?  smem ?  spills ?"
+        else:
+            used = f"  regs {self.registers:3d}  smem {self.shared / 1024:6.1f} KiB  spills {self.local} B"
+        return f"{name} {sizes}{used}  {self.seconds:5.2f} s" + (f"  ({self.note})" if self.note else "")
+
+
+def resource_usage(cubin: bytes, kernel: str) -> dict[str, int] | None:
+    """{"REG", "SHARED", "LOCAL", "STACK"} of a kernel, read with the cuobjdump that Triton's wheel
+    ships (None when there is none): what a GPU driver would report, without a GPU."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = None
+    try:
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    except (ImportError, AttributeError, RuntimeError):
+        tool = shutil.which("cuobjdump")
+    if not tool:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    usage = None
+    for line in out.splitlines():
+        if line.strip().startswith("Function"):
+            usage = None if kernel not in line else {}
+        elif usage is not None and "REG:" in line:
+            usage = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            return usage
+    return None
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -101,10 +146,17 @@ def _source(fn, signature: dict[str, str], constexprs: dict[str, object]):
     return ASTSource(fn, plain, constants=constexprs)
 
 
-def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None = None) -> list[Built]:
-    """Compile every kernel of a cell's generated module for each (backend, capability) target.
+SIZES = {"N": 16, "H": 768, "T": 1024}  # the sizes the schedules' kernels are compiled at by default
+
+
+def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None = None,
+                schedules: bool = True, sizes: dict[str, int] | None = None) -> list[Built]:
+    """Compile every kernel of a cell's generated module for each (backend, capability) target: the
+    pointwise kernels of the graphed path, then (schedules=True) the kernels of every schedule that
+    applies, with the block sizes that schedule picks at `sizes` (N, H, T; default SIZES).
 
     `dtype` is the storage dtype the pointers get; the math is fp32 whatever it is."""
+    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -118,7 +170,7 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
     compiled = compile_cell(cell)
     module = load_triton_module(compiled).module(interpret=False)
     stem = Path(compiled.ir.source.filename).stem
-    built = []
+    jobs = []  # (schedule, kernel, signature, constexprs, num_warps, note)
     for name in kernels or kernel_names(compiled.plan):
         fn = getattr(module, name)
         signature = {}
@@ -129,18 +181,75 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
                 signature[arg] = "*" + DTYPES[dtype]
             else:
                 signature[arg] = "i32"
-        src = _source(fn, signature, {"BLOCK": BLOCK, "COMPUTE": tl.float32})
+        jobs.append(("graphed", name, signature, {"BLOCK": BLOCK, "COMPUTE": tl.float32}, 4, ""))
+    if schedules and not kernels:
+        jobs += schedule_jobs(compiled.plan, getattr(torch, dtype), {**SIZES, **(sizes or {})})
+    built = []
+    for schedule, name, signature, constexprs, num_warps, note in jobs:
+        fn = getattr(module, name)
+        src = _source(fn, signature, constexprs)
         for backend, capability in targets:
             start = time.perf_counter()
-            kernel = triton.compile(src, target=GPUTarget(backend, capability, 32), options={"num_warps": 4})
+            target = GPUTarget(backend, capability, 32)
+            kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
             seconds = time.perf_counter() - start
+            usage = resource_usage(kernel.asm["cubin"], name) or {}
+            shared = kernel.metadata.shared + usage.get("SHARED", 0) if usage else None
             built.append(
                 Built(
                     stem, name, f"{backend}:{capability}", dtype,
                     len(kernel.asm["ptx"]), len(kernel.asm["cubin"]), seconds,
+                    usage.get("REG"), shared, usage.get("LOCAL"), schedule, note,
                 )
             )  # fmt: skip
     return built
+
+
+def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
+    """(schedule, kernel, signature, constexprs, num_warps, note) for every schedule kernel of a plan,
+    with the configuration each schedule picks at `sizes` on an sm_90 device (runtime/triton_schedules)."""
+    import triton.language as tl
+
+    from .emit.triton_columns import ColumnLayout, ScanLayout
+    from .emit.triton_dense import DenseLayout, _backward_order
+    from .runtime.triton_schedules import ASSUMED, configure, declines
+
+    storage = "*" + DTYPES[str(dtype).removeprefix("torch.")]
+    types = {"storage": storage, "compute": "*fp32", "int32": "*i32", "i32": "i32"}
+    compute = {"COMPUTE": tl.float32}
+    jobs = []
+    why = declines(plan)
+    N, H, T = sizes["N"], sizes["H"], sizes["T"]
+    for schedule in ("persistent", "fused_step", "time_loop", "scan"):
+        if why[schedule]:
+            continue
+        c = configure(plan, schedule, N, H, T, dtype, ASSUMED)
+        note = f"N={N} H={H}: {'fits' if c.fits else 'does not fit: ' + c.why}"
+        if schedule in ("persistent", "fused_step"):
+            L = DenseLayout(plan)
+            fused = schedule == "fused_step"
+            base = dict(c.blocks, SEQUENTIAL=False, DOT_PRECISION="ieee", **compute)
+            forward = [f"fused_step_forward_kernel_{n + 1}" for n in range(len(L.phases))] if fused \
+                else ["persistent_forward_kernel"]
+            backward = [f"fused_step_backward_kernel_{n + 1}" for n in range(len(_backward_order(L)))] \
+                if fused else ["persistent_backward_kernel"]
+            for names, args, extra in ((forward, L.forward_args(fused), {}),
+                                       (backward, L.backward_args(fused), {"HAS_GRAD_OUT": True})):
+                for name in names:
+                    signature = {a.name: types[a.dtype] for a in args}
+                    consts = {**base, **extra}
+                    signature |= {k: "constexpr" for k in consts}
+                    jobs.append((schedule, name, signature, consts, c.num_warps, note))
+        else:
+            L = ScanLayout(plan) if schedule == "scan" else ColumnLayout(plan)
+            prefix = "scan" if schedule == "scan" else "time_loop"
+            for way, args, extra in (("forward", L.forward_args(), {}),
+                                     ("backward", L.backward_args(), {} if schedule == "scan" else
+                                      {"HAS_GRAD_OUT": True})):
+                consts = {**c.blocks, **compute, **extra}
+                signature = {a.name: types[a.dtype] for a in args} | {k: "constexpr" for k in consts}
+                jobs.append((schedule, f"{prefix}_{way}_kernel", signature, consts, c.num_warps, note))
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
