@@ -3,6 +3,7 @@ register themselves.
 
     celldsl check cells/*.cell       # exit 0 if every file compiles (warnings are printed), else 1
     celldsl explain cells/lstm.cell  # the plan: shapes, GEMMs per stage, forward, backward, FLOPs
+    celldsl explain cells/lstm.cell --sizes N=16,H=768   # ... and the Triton schedule at those sizes
 
 A bad cell file prints `file:line:col: error: message`, the line and a caret on stderr, never a
 traceback (set CELLDSL_DEBUG=1 to get one for an internal error).
@@ -72,11 +73,22 @@ def run_explain(args: argparse.Namespace) -> int:
     if error is not None:
         print(error, file=sys.stderr)
         return 1
-    print(compiled.explain())
+    from .explain import explain
+
+    print(explain(compiled, args.sizes))
     return 0
 
 
 COMPILER_COMMANDS = ("check", "explain", "compile")
+
+
+def _sizes(text: str) -> dict:
+    from .runtime.schedule_choice import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -101,6 +113,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "size of the derived backward, FLOPs per step and the recurrence kind.",
     )
     p.add_argument("file", metavar="FILE", help="a .cell file (or a zoo name such as lstm)")
+    p.add_argument("--sizes", type=_sizes, metavar="N=16,H=768",
+                   help="batch N and hidden size H (optionally T=steps, dtype=bfloat16): show the launch of "
+                   "every Triton schedule and the compiler's choice")
     p.set_defaults(func=run_explain)
 
     if command not in COMPILER_COMMANDS:

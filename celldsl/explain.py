@@ -4,7 +4,8 @@ Shows the cell's inputs, states and parameters with their shapes in I (input siz
 size) and C_<name> (the size of each further input, e.g. C_ctx), the concatenated GEMMs per stage
 (hoisted ones run once over all time steps), the fused pointwise forward of every stage as it runs
 (CSE'd, products written `W@x`), the size of the derived backward and what it reads of each step,
-FLOPs per step, and the recurrence kind.
+FLOPs per step, the recurrence kind, and the Triton schedules (with `sizes`, the launch of each and
+the compiler's choice).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ RECURRENCE_WORDS = {
 }
 
 
-def explain(compiled) -> str:
-    """A multi-line description of `compiled.plan` (a CompiledCell)."""
+def explain(compiled, sizes: dict | None = None) -> str:
+    """A multi-line description of `compiled.plan` (a CompiledCell); `sizes` ({"N", "H", "T", "dtype"})
+    adds the launch every Triton schedule would make at those sizes and the one the compiler picks."""
     plan: Plan = compiled.plan
     ir = plan.ir
     names = _display_names(plan)
@@ -115,6 +117,9 @@ def explain(compiled) -> str:
         f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
         f"at {at}: {_mega(backward)})"
     )
+    from .runtime.schedule_choice import describe
+
+    out += describe(plan, sizes)
     return "\n".join(out)
 
 

@@ -466,15 +466,13 @@ def scan_backward(L: ScanLayout) -> str:
 
 def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, interpret: bool):
     """The launch of the time_loop or scan schedule at these sizes (runtime/triton_schedules.Config)."""
-    import triton
-
-    from ..runtime.triton_schedules import Config, element_bytes
+    from ..runtime.schedule_choice import Config, _pow2, cdiv, element_bytes
 
     columns = N * H
     size = element_bytes(dtype)
     if schedule == "time_loop":
-        block = min(1024, triton.next_power_of_2(columns)) if interpret else 128
-        grid = (triton.cdiv(columns, block),)
+        block = min(1024, _pow2(columns)) if interpret else 128
+        grid = (cdiv(columns, block),)
         reads = sum(len(g.params) for g in plan.hoisted) + len(ColumnLayout(plan).elementwise_inputs)
         writes = len(plan.ir.states) + (plan.ir.output not in plan.ir.states)
         details = [
@@ -485,9 +483,9 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
         ]
         return Config("time_loop", True, "no column reads another: one launch per sequence, states in "
                       "registers", grid, {"BLOCK": block}, 4, details)
-    block = min(256, triton.next_power_of_2(columns)) if interpret else 32
+    block = min(256, _pow2(columns)) if interpret else 32
     chunk = 16 if interpret else 64
-    grid = (triton.cdiv(columns, block),)
+    grid = (cdiv(columns, block),)
     details = [
         f"{grid[0]} program(s) of {block} columns; T in chunks of {chunk} steps: tl.associative_scan of the "
         f"affine maps s -> a s + b inside a chunk ({chunk} x {block} tile), the state carried across chunks",

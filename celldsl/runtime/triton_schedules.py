@@ -20,187 +20,23 @@ Until then the layers take it through `schedule=`.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 import triton
 
 from ..emit.triton_dense import DenseLayout
+from .schedule_choice import ASSUMED, Config, Device, check_schedule, choose, configure
 from .torch_loop import TorchLoop, steps_of
 from .triton_module import interpreting, load_triton_module
 
-SCHEDULES = ("graphed", "persistent", "fused_step", "time_loop", "scan")
-VERIFIED_ON_HARDWARE: frozenset[str] = frozenset({"graphed"})  # gpu tests passed on a GPU, log committed
 
-MIN_DOT = 16  # tl.dot's smallest tile side
-
-
-@dataclass(frozen=True)
-class Device:
-    """What the schedule choice needs to know of a GPU."""
-
-    name: str
-    multiprocessors: int
-    shared_memory: int  # bytes a program may use (the opt-in maximum per block)
-    registers: int  # 32-bit registers per multiprocessor
-    capability: int  # 90 for sm_90
-
-    @classmethod
-    def of(cls, device: torch.device) -> Device:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        cap = torch.cuda.get_device_capability(index)
-        return cls(torch.cuda.get_device_name(index), props["multiprocessor_count"], props["max_shared_mem"],
-                   props["max_num_regs"], 10 * cap[0] + cap[1])
-
-
-# explain without a GPU: an H100/H200 (both have 132 multiprocessors and 227 KiB of shared memory per block)
-ASSUMED = Device("an H100/H200 (assumed: no GPU queried)", 132, 232448, 65536, 90)
-
-
-@dataclass
-class Config:
-    """A schedule at given sizes: whether it fits, why, and the launch it makes."""
-
-    schedule: str
-    fits: bool
-    why: str
-    grid: tuple[int, ...] = ()
-    blocks: dict[str, int] = field(default_factory=dict)  # BLOCK_N, BLOCK_H, BLOCK_K, ...
-    num_warps: int = 4
-    details: list[str] = field(default_factory=list)
-
-
-def element_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _pow2(n: int, least: int = 1) -> int:
-    return max(least, triton.next_power_of_2(n))
-
-
-# ---- which schedules apply to a plan -------------------------------------------------------------
-
-
-def declines(plan) -> dict[str, str | None]:
-    """For every schedule: None when it applies to the plan, else why not."""
-    from ..emit.triton_columns import ColumnLayout, ScanLayout
-
-    dense = DenseLayout.decline(plan)
-    return {
-        "graphed": None,
-        "persistent": dense,
-        "fused_step": dense,
-        "time_loop": ColumnLayout.decline(plan),
-        "scan": ScanLayout.decline(plan),
-    }
-
-
-def check_schedule(plan, schedule: str) -> None:
-    """ValueError unless `schedule` is a known schedule that applies to the plan."""
-    if schedule not in SCHEDULES and schedule != "auto":
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or 'auto', got {schedule!r}")
-    if schedule == "auto":
-        return
-    why = declines(plan)[schedule]
-    if why:
-        ok = ", ".join(s for s, w in declines(plan).items() if w is None)
-        raise ValueError(f"schedule {schedule!r} does not apply to cell {plan.ir.name!r}: {why}; "
-                         f"the schedules that do: {ok}")
-
-
-# ---- sizes -> launch configuration -----------------------------------------------------------------
-
-
-def configure(plan, schedule: str, N: int, H: int, T: int, dtype: torch.dtype, device: Device,
-              interpret: bool = False) -> Config:
-    """The launch `schedule` makes at these sizes on `device` (or why it does not fit)."""
-    why = declines(plan)[schedule]
-    if why:
-        return Config(schedule, False, why)
-    if schedule == "graphed":
-        return Config(schedule, True, "any cell, any size: cuBLAS GEMMs and one pointwise kernel per stage "
-                                      "and step, replayed from a CUDA graph")
-    if schedule == "persistent":
-        return _persistent(plan, N, H, T, dtype, device, interpret)
-    if schedule == "fused_step":
-        return _fused_step(plan, N, H, dtype, interpret)
-    from ..emit.triton_columns import column_config
-
-    return column_config(plan, schedule, N, H, T, dtype, interpret)
-
-
-def _persistent(plan, N, H, T, dtype, device: Device, interpret: bool) -> Config:
-    layout = DenseLayout(plan)
-    size = element_bytes(dtype)
-    block_n = _pow2(N, MIN_DOT) if N <= 16 else 32
-    block_k = _pow2(H, MIN_DOT)
-    tiles = triton.cdiv(N, block_n)
-    gate_rows = sum(layout.gemm_rows(i) for i in range(len(plan.gemms)))
-    budget = int(0.75 * device.shared_memory)
-    if interpret:
-        block_h = MIN_DOT
-    else:
-        block_h = MIN_DOT  # the smallest slice: the most programs, the least weight per program
-        while tiles * triton.cdiv(H, block_h) > device.multiprocessors and block_h < _pow2(H, MIN_DOT):
-            block_h *= 2
-    slices = triton.cdiv(H, block_h)
-    weights = gate_rows * block_h * block_k * size
-    operand = block_n * block_k * size
-    blocks = {"BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_K": block_k}
-    phases = len(layout.phases)
-    details = [
-        f"tiling: {tiles} batch tile(s) of {block_n} rows x {slices} slice(s) of {block_h} hidden units = "
-        f"{tiles * slices} programs, each owning every gate row ({gate_rows} per hidden unit) of its slice",
-        f"weights per program: {gate_rows} x {block_h} x {block_k} (H={H} padded to {block_k}) "
-        f"{str(dtype).removeprefix('torch.')} = {weights / 1024:.0f} KiB, loaded once and kept on chip "
-        f"(registers or shared memory, as Triton lays out tl.dot's operand); budget {budget / 1024:.0f} KiB "
-        f"(3/4 of the {device.shared_memory / 1024:.0f} KiB a program may use)",
-        f"operand tile per step: {block_n} x {block_k} = {operand / 1024:.0f} KiB, read from L2",
-        f"grid barriers per step: {phases} forward, {plan.num_stages} backward "
-        f"({T * phases} forward in all)",
-    ]
-    grid = (tiles, 1) if interpret else (tiles, slices)
-    if not interpret and tiles * slices > device.multiprocessors:
-        return Config("persistent", False, f"{tiles * slices} programs of at least {MIN_DOT} hidden units "
-                      f"cannot all be resident on {device.multiprocessors} multiprocessors (one each)",
-                      grid, blocks, 4, details)
-    if not interpret and weights > budget:
-        return Config("persistent", False, f"the weights of a slice ({weights / 1024:.0f} KiB) exceed the "
-                      f"on-chip budget ({budget / 1024:.0f} KiB)", grid, blocks, 4, details)
-    if T * phases * slices >= 2**31:
-        return Config("persistent", False, "too many barriers for a 32-bit counter", grid, blocks, 4, details)
-    num_warps = 8 if weights > 64 * 1024 else 4
-    return Config("persistent", True, f"the weights of a slice ({weights / 1024:.0f} KiB) fit on chip and "
-                  f"the {tiles * slices} programs fit on the {device.multiprocessors} multiprocessors",
-                  grid, blocks, num_warps, details)
-
-
-def _fused_step(plan, N, H, dtype, interpret: bool) -> Config:
-    block_n = min(64, _pow2(N, MIN_DOT))
-    block_h = MIN_DOT if interpret or H <= 16 else 32
-    block_k = min(64, _pow2(H, MIN_DOT))
-    tiles, slices = triton.cdiv(N, block_n), triton.cdiv(H, block_h)
-    layout = DenseLayout(plan)
-    backward = len(layout.phases) + (layout.phases[0].stage > 0)
-    details = [
-        f"tiling: {tiles} batch tile(s) of {block_n} rows x {slices} slice(s) of {block_h} hidden units "
-        f"per launch; the GEMM runs over H in chunks of {block_k}, weights read from L2 every step",
-        f"launches per step: {len(layout.phases)} forward, {backward} backward, replayed from a CUDA graph",
-    ]
-    blocks = {"BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_K": block_k}
-    return Config("fused_step", True, "any H: the recurrent GEMM and its pointwise step in one kernel per "
-                  "stage and step", (tiles, slices), blocks, 4, details)
-
-
-def choose(plan, N: int, H: int, T: int, dtype: torch.dtype, device: Device) -> tuple[str, list[Config]]:
-    """The schedule the compiler picks at these sizes, and every schedule's configuration (the why)."""
-    configs = [configure(plan, s, N, H, T, dtype, device) for s in SCHEDULES]
-    fits = {c.schedule: c for c in configs if c.fits}
-    for preferred in ("persistent", "scan", "time_loop", "fused_step"):
-        if preferred in fits:
-            return preferred, configs
-    return "graphed", configs
+def device_of(device: torch.device) -> Device:
+    """The schedule choice's view of a CUDA device (from Triton's driver)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    cap = torch.cuda.get_device_capability(index)
+    return Device(torch.cuda.get_device_name(index), props["multiprocessor_count"], props["max_shared_mem"],
+                  props["max_num_regs"], 10 * cap[0] + cap[1])
 
 
 # ---- running a dense schedule -----------------------------------------------------------------------
@@ -250,7 +86,7 @@ class DenseLoop(TorchLoop):
 
     def config(self, N, H, T, dtype, device) -> Config:
         interpret = interpreting() or device.type != "cuda"
-        dev = ASSUMED if interpret else Device.of(device)
+        dev = ASSUMED if interpret else device_of(device)
         c = configure(self.plan, self.schedule, N, H, T, dtype, dev, interpret)
         if not c.fits:
             raise ValueError(f"schedule {self.schedule!r} does not fit cell {self.plan.ir.name!r} at N={N}, "
@@ -283,7 +119,7 @@ class DenseLoop(TorchLoop):
         if per_sm is None:
             compiled = kernel.warmup(*args, grid=grid, **constexprs, **options)
             compiled._init_handles()
-            dev = Device.of(device)
+            dev = device_of(device)
             threads = 32 * options["num_warps"]
             by_regs = dev.registers // max(1, compiled.n_regs * threads)
             shared = compiled.metadata.shared
@@ -291,7 +127,7 @@ class DenseLoop(TorchLoop):
             per_sm = min(by_regs, by_smem)
             self._resident[key] = per_sm
         programs = grid[0] * grid[1]
-        dev = Device.of(device)
+        dev = device_of(device)
         if programs > per_sm * dev.multiprocessors:
             raise ValueError(f"the persistent kernel's {programs} programs cannot all be resident ({per_sm} "
                              f"per multiprocessor x {dev.multiprocessors}); use schedule='fused_step'")
@@ -475,7 +311,7 @@ class AutoLoop:
         N, H = states[0].shape
         T = x.shape[0] if x.dim() == 3 else 0
         interpret = interpreting() or not x.is_cuda
-        device = ASSUMED if interpret else Device.of(x.device)
+        device = ASSUMED if interpret else device_of(x.device)
         return choose(self.plan, N, H, T or 1, x.dtype, device)[0]
 
     def forward(self, x, states, *args, **kwargs):
