@@ -425,7 +425,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -469,22 +469,22 @@ def persistent_forward_kernel(
                 w3_1 = lib.weight_tile(weight3_ptr, 1, cols, kk, H)
                 w3_2 = lib.weight_tile(weight3_ptr, 2, cols, kk, H)
             operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            R_z_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_i_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_f_mm = tl.dot(operand_tile, w0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_o_mm = tl.dot(operand_tile, w0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_z_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
+            R_i_mm = lib.dot(operand_tile, w0_1, COMPUTE, DOT_PRECISION)
+            R_f_mm = lib.dot(operand_tile, w0_2, COMPUTE, DOT_PRECISION)
+            R_o_mm = lib.dot(operand_tile, w0_3, COMPUTE, DOT_PRECISION)
             operand_tile = lib.load_previous(prev_i_init_ptr, prev_i_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            R_ii_mm = tl.dot(operand_tile, w1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_if_mm = tl.dot(operand_tile, w1_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_io_mm = tl.dot(operand_tile, w1_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_ii_mm = lib.dot(operand_tile, w1_0, COMPUTE, DOT_PRECISION)
+            R_if_mm = lib.dot(operand_tile, w1_1, COMPUTE, DOT_PRECISION)
+            R_io_mm = lib.dot(operand_tile, w1_2, COMPUTE, DOT_PRECISION)
             operand_tile = lib.load_previous(prev_f_init_ptr, prev_f_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            R_fi_mm = tl.dot(operand_tile, w2_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_ff_mm = tl.dot(operand_tile, w2_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_fo_mm = tl.dot(operand_tile, w2_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_fi_mm = lib.dot(operand_tile, w2_0, COMPUTE, DOT_PRECISION)
+            R_ff_mm = lib.dot(operand_tile, w2_1, COMPUTE, DOT_PRECISION)
+            R_fo_mm = lib.dot(operand_tile, w2_2, COMPUTE, DOT_PRECISION)
             operand_tile = lib.load_previous(prev_o_init_ptr, prev_o_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            R_oi_mm = tl.dot(operand_tile, w3_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_of_mm = tl.dot(operand_tile, w3_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_oo_mm = tl.dot(operand_tile, w3_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_oi_mm = lib.dot(operand_tile, w3_0, COMPUTE, DOT_PRECISION)
+            R_of_mm = lib.dot(operand_tile, w3_1, COMPUTE, DOT_PRECISION)
+            R_oo_mm = lib.dot(operand_tile, w3_2, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
@@ -586,7 +586,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -700,31 +700,31 @@ def persistent_backward_kernel(
                 wt3_1 = lib.weight_tile_t(weight3_ptr, 1, cols, kk, H)
                 wt3_2 = lib.weight_tile_t(weight3_ptr, 2, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_y_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_2, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 3, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_3, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_prev_i__gemm = tl.dot(grad_tile, wt1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_i__gemm = lib.dot(grad_tile, wt1_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_prev_i__gemm += tl.dot(grad_tile, wt1_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_i__gemm += lib.dot(grad_tile, wt1_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_prev_i__gemm += tl.dot(grad_tile, wt1_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_i__gemm += lib.dot(grad_tile, wt1_2, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_prev_f__gemm = tl.dot(grad_tile, wt2_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_f__gemm = lib.dot(grad_tile, wt2_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_prev_f__gemm += tl.dot(grad_tile, wt2_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_f__gemm += lib.dot(grad_tile, wt2_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_prev_f__gemm += tl.dot(grad_tile, wt2_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_f__gemm += lib.dot(grad_tile, wt2_2, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_prev_o__gemm = tl.dot(grad_tile, wt3_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_o__gemm = lib.dot(grad_tile, wt3_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_prev_o__gemm += tl.dot(grad_tile, wt3_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_o__gemm += lib.dot(grad_tile, wt3_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_prev_o__gemm += tl.dot(grad_tile, wt3_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_prev_o__gemm += lib.dot(grad_tile, wt3_2, COMPUTE, DOT_PRECISION)
             lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
             lib.store_block(d_old + 2 * N * H, rows, H, cols, tl.where(mask, d_prev_i__gemm, lib.load_block(d_new + 2 * N * H, rows, H, cols, valid)), valid)
             lib.store_block(d_old + 3 * N * H, rows, H, cols, tl.where(mask, d_prev_f__gemm, lib.load_block(d_new + 3 * N * H, rows, H, cols, valid)), valid)
@@ -789,38 +789,38 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    R_z_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_i_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_f_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_o_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_ii_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_if_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_io_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_fi_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_ff_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_fo_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_oi_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_of_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_oo_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_z_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_i_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_f_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_o_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_ii_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_if_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_io_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_fi_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_ff_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_fo_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_oi_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_of_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_oo_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)
-        R_z_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_i_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_f_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_o_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_z_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_i_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_f_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_o_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 3, cols, kk, H), COMPUTE, DOT_PRECISION)
         operand_tile = lib.load_previous(prev_i_init_ptr, prev_i_seq_ptr, rows, prev_at, t, kk, live, H)
-        R_ii_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_if_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_io_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_ii_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_if_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_io_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
         operand_tile = lib.load_previous(prev_f_init_ptr, prev_f_seq_ptr, rows, prev_at, t, kk, live, H)
-        R_fi_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_ff_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_fo_mm += tl.dot(operand_tile, lib.weight_tile(weight2_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_fi_mm += lib.dot(operand_tile, lib.weight_tile(weight2_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_ff_mm += lib.dot(operand_tile, lib.weight_tile(weight2_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_fo_mm += lib.dot(operand_tile, lib.weight_tile(weight2_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
         operand_tile = lib.load_previous(prev_o_init_ptr, prev_o_seq_ptr, rows, prev_at, t, kk, live, H)
-        R_oi_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_of_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_oo_mm += tl.dot(operand_tile, lib.weight_tile(weight3_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_oi_mm += lib.dot(operand_tile, lib.weight_tile(weight3_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_of_mm += lib.dot(operand_tile, lib.weight_tile(weight3_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_oo_mm += lib.dot(operand_tile, lib.weight_tile(weight3_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
@@ -1063,31 +1063,31 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_y_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_y_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-    d_prev_i__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 3, cols, kk, H), COMPUTE, DOT_PRECISION)
+    d_prev_i__gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_i__gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-    d_prev_f__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+        d_prev_i__gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_i__gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_i__gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+    d_prev_f__gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_f__gemm += tl.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-    d_prev_o__gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+        d_prev_f__gemm += lib.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_f__gemm += lib.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_f__gemm += lib.dot(lib.load_exchanged(d_gemm2_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight2_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+    d_prev_o__gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_prev_o__gemm += tl.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_prev_o__gemm += lib.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_o__gemm += lib.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_prev_o__gemm += lib.dot(lib.load_exchanged(d_gemm3_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight3_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
     lib.store_block(d_old + 2 * N * H, rows, H, cols, tl.where(mask, d_prev_i__gemm, lib.load_block(d_new + 2 * N * H, rows, H, cols, valid)), valid)
     lib.store_block(d_old + 3 * N * H, rows, H, cols, tl.where(mask, d_prev_f__gemm, lib.load_block(d_new + 3 * N * H, rows, H, cols, valid)), valid)

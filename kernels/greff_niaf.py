@@ -311,7 +311,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -337,10 +337,10 @@ def persistent_forward_kernel(
                 w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
                 w0_3 = lib.weight_tile(weight0_ptr, 3, cols, kk, H)
             operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            R_z_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_i_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_f_mm = tl.dot(operand_tile, w0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            R_o_mm = tl.dot(operand_tile, w0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            R_z_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
+            R_i_mm = lib.dot(operand_tile, w0_1, COMPUTE, DOT_PRECISION)
+            R_f_mm = lib.dot(operand_tile, w0_2, COMPUTE, DOT_PRECISION)
+            R_o_mm = lib.dot(operand_tile, w0_3, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
@@ -412,7 +412,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -487,13 +487,13 @@ def persistent_backward_kernel(
                 wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
                 wt0_3 = lib.weight_tile_t(weight0_ptr, 3, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_y_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_2, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 3, every H column
-            d_y_gemm += tl.dot(grad_tile, wt0_3, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm += lib.dot(grad_tile, wt0_3, COMPUTE, DOT_PRECISION)
             lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
 
 
@@ -540,17 +540,17 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    R_z_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_i_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_f_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    R_o_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    R_z_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_i_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_f_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    R_o_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)
-        R_z_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_i_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_f_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        R_o_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        R_z_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_i_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_f_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+        R_o_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 3, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 0 * H + cols, R_z_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 1 * H + cols, R_i_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 4 * H, 2 * H + cols, R_f_mm, mask)
@@ -727,11 +727,11 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_y_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_y_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 3, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 4 * H, 3 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 3, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)

@@ -267,7 +267,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -291,9 +291,9 @@ def persistent_forward_kernel(
                 w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
                 w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
             operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            W_hr_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            W_hz_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            W_hn_mm = tl.dot(operand_tile, w0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hr_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
+            W_hz_mm = lib.dot(operand_tile, w0_1, COMPUTE, DOT_PRECISION)
+            W_hn_mm = lib.dot(operand_tile, w0_2, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, W_hr_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, W_hz_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, W_hn_mm, mask)
@@ -356,7 +356,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -422,11 +422,11 @@ def persistent_backward_kernel(
                 wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
                 wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_h_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_h_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm += lib.dot(grad_tile, wt0_1, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 2, every H column
-            d_h_gemm += tl.dot(grad_tile, wt0_2, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm += lib.dot(grad_tile, wt0_2, COMPUTE, DOT_PRECISION)
             lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)
 
 
@@ -469,15 +469,15 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    W_hr_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    W_hz_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    W_hn_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hr_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    W_hz_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    W_hn_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)
-        W_hr_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        W_hz_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        W_hn_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hr_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        W_hz_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        W_hn_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 3 * H, 0 * H + cols, W_hr_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 3 * H, 1 * H + cols, W_hz_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 3 * H, 2 * H + cols, W_hn_mm, mask)
@@ -634,10 +634,10 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_h_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_h_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 3 * H, 2 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 2, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)

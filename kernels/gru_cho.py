@@ -323,7 +323,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -346,8 +346,8 @@ def persistent_forward_kernel(
                 w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
                 w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
             operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            U_r_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            U_z_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            U_r_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
+            U_z_mm = lib.dot(operand_tile, w0_1, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, U_r_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, U_z_mm, mask)
             W_r_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
@@ -363,7 +363,7 @@ def persistent_forward_kernel(
             if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
                 w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
             operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: every H column
-            U_mm = tl.dot(operand_tile, w1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            U_mm = lib.dot(operand_tile, w1_0, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, U_mm, mask)
             U_z_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
             W_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
@@ -418,7 +418,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -470,7 +470,7 @@ def persistent_backward_kernel(
             if SEQUENTIAL:
                 wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d__operand2_gemm = tl.dot(grad_tile, wt1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d__operand2_gemm = lib.dot(grad_tile, wt1_0, COMPUTE, DOT_PRECISION)
             U_r_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, mask).to(COMPUTE)
             W_r_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
             b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
@@ -491,9 +491,9 @@ def persistent_backward_kernel(
                 wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
                 wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_h_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_h_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm += lib.dot(grad_tile, wt0_1, COMPUTE, DOT_PRECISION)
             lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)
 
 
@@ -536,13 +536,13 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    U_r_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    U_z_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    U_r_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    U_z_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)
-        U_r_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        U_z_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        U_r_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        U_z_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, U_r_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, U_z_mm, mask)
     W_r_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
@@ -591,11 +591,11 @@ def fused_step_forward_kernel_2(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    U_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    U_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])
-        U_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        U_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, U_mm, mask)
     U_z_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
     W_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 2 * H + cols, mask).to(COMPUTE)
@@ -730,10 +730,10 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d__operand2_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d__operand2_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d__operand2_gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d__operand2_gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     U_r_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, mask).to(COMPUTE)
     W_r_mm = lib.load_block(hoisted0_ptr, at, 3 * H, 0 * H + cols, mask).to(COMPUTE)
     b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
@@ -797,9 +797,9 @@ def fused_step_backward_kernel_3(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_h_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_h_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)

@@ -220,8 +220,8 @@ def time_loop_backward_kernel(
     inside = offs < N * H
     # the gradients of the states, in registers for all T steps (from the final states' gradients)
     d_h_carried = tl.load(h_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
-    d_b_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b
-    d_u_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d u
+    d_b_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b
+    d_u_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d u
     b = tl.load(b_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     u = tl.load(u_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     for tt in range(T):

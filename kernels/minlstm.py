@@ -265,9 +265,9 @@ def time_loop_backward_kernel(
     inside = offs < N * H
     # the gradients of the states, in registers for all T steps (from the final states' gradients)
     d_h_carried = tl.load(h_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
-    d_b_f_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_f
-    d_b_h_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_h
-    d_b_i_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_i
+    d_b_f_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b_f
+    d_b_h_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b_h
+    d_b_i_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b_i
     b_f = tl.load(b_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     b_h = tl.load(b_h_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     b_i = tl.load(b_i_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
@@ -362,7 +362,7 @@ def scan_forward_kernel(
         a_h, b_h_2 = tl.associative_scan((a_h, b_h_2), 0, lib.compose_affine)
         b_h_2 = a_h * h_carried[None, :] + b_h_2
         tl.store(h_seq_ptr + at * H + unit[None, :], b_h_2.to(h_seq_ptr.dtype.element_ty), mask=live)
-        h_carried = tl.sum(tl.where(last_row, b_h_2, 0.0), axis=0)
+        h_carried = lib.pick_row(b_h_2, last_row)
     tl.store(h_final_ptr + offs, h_carried.to(h_final_ptr.dtype.element_ty), mask=inside)
 
 
@@ -392,8 +392,8 @@ def scan_backward_kernel(
     first_row = (tl.arange(0, CHUNK) == 0)[:, None]
     # lambda_t = d loss / d s_t = a_(t+1) * lambda_(t+1) + c_t, c_t the gradient s_t gets directly
     # (the output's, and the final state's at a sequence's last step); chunks from the last
-    d_h_carried = tl.zeros((BLOCK,), COMPUTE)  # lambda entering from the later chunk
-    n_chunks = tl.cdiv(T, CHUNK)
+    d_h_carried = tl.full((BLOCK,), 0.0, COMPUTE)  # lambda entering from the later chunk
+    n_chunks = (T + CHUNK - 1) // CHUNK
     for ti in range(0, n_chunks):
         steps = (n_chunks - 1 - ti) * CHUNK + tl.arange(0, CHUNK)
         in_t = steps < T
@@ -420,4 +420,4 @@ def scan_backward_kernel(
         a_h, b_h_2 = tl.associative_scan((a_h, b_h_2), 0, lib.compose_affine, reverse=True)
         b_h_2 = a_h * d_h_carried[None, :] + b_h_2
         tl.store(h_lam_ptr + at * H + unit[None, :], b_h_2.to(h_lam_ptr.dtype.element_ty), mask=live)
-        d_h_carried = tl.sum(tl.where(first_row, b_h_2, 0.0), axis=0)
+        d_h_carried = lib.pick_row(b_h_2, first_row)

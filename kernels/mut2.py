@@ -324,7 +324,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -347,8 +347,8 @@ def persistent_forward_kernel(
                 w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
                 w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
             operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            W_hz_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-            W_hr_mm = tl.dot(operand_tile, w0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hz_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
+            W_hr_mm = lib.dot(operand_tile, w0_1, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, W_hz_mm, mask)
             lib.store_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, W_hr_mm, mask)
             b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
@@ -364,7 +364,7 @@ def persistent_forward_kernel(
             if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
                 w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
             operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: every H column
-            W_hh_mm = tl.dot(operand_tile, w1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hh_mm = lib.dot(operand_tile, w1_0, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, W_hh_mm, mask)
             W_hz_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, mask).to(COMPUTE)
             W_xh_mm = lib.load_block(hoisted0_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
@@ -421,7 +421,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -473,7 +473,7 @@ def persistent_backward_kernel(
             if SEQUENTIAL:
                 wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d__operand2_gemm = tl.dot(grad_tile, wt1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d__operand2_gemm = lib.dot(grad_tile, wt1_0, COMPUTE, DOT_PRECISION)
             W_hr_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
             b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
             h = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
@@ -494,9 +494,9 @@ def persistent_backward_kernel(
                 wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
                 wt0_1 = lib.weight_tile_t(weight0_ptr, 1, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_h_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 1, every H column
-            d_h_gemm += tl.dot(grad_tile, wt0_1, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm += lib.dot(grad_tile, wt0_1, COMPUTE, DOT_PRECISION)
             lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)
 
 
@@ -540,13 +540,13 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    W_hz_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
-    W_hr_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hz_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
+    W_hr_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)
-        W_hz_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        W_hr_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hz_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        W_hr_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, W_hz_mm, mask)
     lib.store_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, W_hr_mm, mask)
     b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
@@ -596,11 +596,11 @@ def fused_step_forward_kernel_2(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    W_hh_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hh_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])
-        W_hh_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hh_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, W_hh_mm, mask)
     W_hz_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 0 * H + cols, mask).to(COMPUTE)
     W_xh_mm = lib.load_block(hoisted0_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
@@ -739,10 +739,10 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d__operand2_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d__operand2_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d__operand2_gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d__operand2_gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     W_hr_mm = lib.load_block(gemm0_seq_ptr, at, 2 * H, 1 * H + cols, mask).to(COMPUTE)
     b_r = lib.load_vector(b_r_ptr, cols, H).to(COMPUTE)
     h = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, cols, live, H).to(COMPUTE)
@@ -808,9 +808,9 @@ def fused_step_backward_kernel_3(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_h_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_h_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 2 * H, 1 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 1, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)

@@ -182,7 +182,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -202,7 +202,7 @@ def persistent_forward_kernel(
             if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
                 w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
             operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            W_hh_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_hh_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, W_hh_mm, mask)
             W_ih_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
             b_hh = lib.load_vector(b_hh_ptr, cols, H).to(COMPUTE)
@@ -248,7 +248,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -292,7 +292,7 @@ def persistent_backward_kernel(
             if SEQUENTIAL:
                 wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_h_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_h_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
@@ -331,11 +331,11 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    W_hh_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_hh_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(h_init_ptr, h_seq_ptr, rows, prev_at, t, kk, live, H)
-        W_hh_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_hh_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, W_hh_mm, mask)
     W_ih_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
     b_hh = lib.load_vector(b_hh_ptr, cols, H).to(COMPUTE)
@@ -449,8 +449,8 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_h_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_h_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_h_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_h_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)

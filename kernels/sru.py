@@ -297,10 +297,10 @@ def time_loop_backward_kernel(
     inside = offs < N * H
     # the gradients of the states, in registers for all T steps (from the final states' gradients)
     d_c_carried = tl.load(c_d_final_ptr + offs, mask=inside, other=0.0).to(COMPUTE)
-    d_b_f_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_f
-    d_b_r_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d b_r
-    d_v_f_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d v_f
-    d_v_r_sum = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d v_r
+    d_b_f_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b_f
+    d_b_r_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d b_r
+    d_v_f_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d v_f
+    d_v_r_sum = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d v_r
     b_f = tl.load(b_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     b_r = tl.load(b_r_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
     v_f = tl.load(v_f_ptr + unit, mask=inside, other=0.0).to(COMPUTE)
@@ -321,7 +321,7 @@ def time_loop_backward_kernel(
         if HAS_GRAD_OUT:
             grad_h = tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)
         else:
-            grad_h = tl.zeros((BLOCK,), COMPUTE)
+            grad_h = tl.full((BLOCK,), 0.0, COMPUTE)
         (d_W_mm, d_W_f_mm, d_W_r_mm, d_c, d_v_f, d_v_r, d_x,) = stage0_step_grad(W_mm, W_f_mm, W_r_mm, b_f, b_r, c, v_f, v_r, x, grad_c_new, grad_h)
         tl.store(d_hoisted0_ptr + at * 3 * H + 0 * H + unit, d_W_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)
         tl.store(d_hoisted0_ptr + at * 3 * H + 1 * H + unit, d_W_f_mm.to(d_hoisted0_ptr.dtype.element_ty), mask=live)

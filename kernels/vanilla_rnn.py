@@ -264,7 +264,7 @@ def persistent_forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows
     kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)
     if SEQUENTIAL:
-        first, last = 0, tl.cdiv(H, BLOCK_H)
+        first, last = 0, (H + BLOCK_H - 1) // BLOCK_H
     else:
         first, last = tl.program_id(1), tl.program_id(1) + 1
     cols = first * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -285,7 +285,7 @@ def persistent_forward_kernel(
             if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
                 w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
             operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)  # [BLOCK_N, BLOCK_K]: every H column
-            W_mm = tl.dot(operand_tile, w0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            W_mm = lib.dot(operand_tile, w0_0, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, W_mm, mask)
             U_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
             b1 = lib.load_vector(b1_ptr, cols, H).to(COMPUTE)
@@ -299,7 +299,7 @@ def persistent_forward_kernel(
             if SEQUENTIAL:  # the interpreter: this slice's weights (the GPU loaded its own once)
                 w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
             operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: every H column
-            V_mm = tl.dot(operand_tile, w1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            V_mm = lib.dot(operand_tile, w1_0, COMPUTE, DOT_PRECISION)
             lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, V_mm, mask)
             b2 = lib.load_vector(b2_ptr, cols, H).to(COMPUTE)
             (y_new,) = stage2_step(V_mm, b2)
@@ -347,7 +347,7 @@ def persistent_backward_kernel(
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    slices = tl.cdiv(H, BLOCK_H)
+    slices = (H + BLOCK_H - 1) // BLOCK_H
     if SEQUENTIAL:
         first, last = 0, slices
     else:
@@ -388,7 +388,7 @@ def persistent_backward_kernel(
             if SEQUENTIAL:
                 wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d__operand2_gemm = tl.dot(grad_tile, wt1_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d__operand2_gemm = lib.dot(grad_tile, wt1_0, COMPUTE, DOT_PRECISION)
             U_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
             W_mm = lib.load_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
             b1 = lib.load_vector(b1_ptr, cols, H).to(COMPUTE)
@@ -406,7 +406,7 @@ def persistent_backward_kernel(
             if SEQUENTIAL:
                 wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
             grad_tile = lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :])  # [BLOCK_N, BLOCK_K]: gate block 0, every H column
-            d_y_gemm = tl.dot(grad_tile, wt0_0, out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+            d_y_gemm = lib.dot(grad_tile, wt0_0, COMPUTE, DOT_PRECISION)
             lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
@@ -448,11 +448,11 @@ def fused_step_forward_kernel_1(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    W_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    W_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_previous(y_init_ptr, y_seq_ptr, rows, prev_at, t, kk, live, H)
-        W_mm += tl.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        W_mm += lib.dot(operand_tile, lib.weight_tile(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, W_mm, mask)
     U_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
     b1 = lib.load_vector(b1_ptr, cols, H).to(COMPUTE)
@@ -498,11 +498,11 @@ def fused_step_forward_kernel_2(
     prev_at = (prev_offset + rows).to(tl.int64)
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
-    V_mm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    V_mm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time
         kk = k0 + tl.arange(0, BLOCK_K)
         operand_tile = lib.load_exchanged(operand2_seq_ptr, at, H, kk, live[:, None] & (kk < H)[None, :])
-        V_mm += tl.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        V_mm += lib.dot(operand_tile, lib.weight_tile(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(gemm1_seq_ptr, at, 1 * H, 0 * H + cols, V_mm, mask)
     b2 = lib.load_vector(b2_ptr, cols, H).to(COMPUTE)
     (y_new,) = stage2_step(V_mm, b2)
@@ -618,10 +618,10 @@ def fused_step_backward_kernel_2(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d__operand2_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d__operand2_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d__operand2_gemm += tl.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d__operand2_gemm += lib.dot(lib.load_exchanged(d_gemm1_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight1_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     U_mm = lib.load_block(hoisted0_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
     W_mm = lib.load_block(gemm0_seq_ptr, at, 1 * H, 0 * H + cols, mask).to(COMPUTE)
     b1 = lib.load_vector(b1_ptr, cols, H).to(COMPUTE)
@@ -681,8 +681,8 @@ def fused_step_backward_kernel_3(
     cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units
     mask = live[:, None] & (cols < H)[None, :]
     valid = (rows < N)[:, None] & (cols < H)[None, :]
-    d_y_gemm = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)
+    d_y_gemm = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)
     for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time
         kk = k0 + tl.arange(0, BLOCK_K)
-        d_y_gemm += tl.dot(lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), out_dtype=COMPUTE, input_precision=DOT_PRECISION)
+        d_y_gemm += lib.dot(lib.load_exchanged(d_gemm0_ptr, at, 1 * H, 0 * H + kk, live[:, None] & (kk < H)[None, :]), lib.weight_tile_t(weight0_ptr, 0, cols, kk, H), COMPUTE, DOT_PRECISION)
     lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)

@@ -280,7 +280,7 @@ def time_loop_backward(L: ColumnLayout) -> str:
         ptr = L.ptr[("d_final", i)]
         code(1, f"{L.d_carried[s]} = tl.load({ptr} + offs, mask=inside, other=0.0).to(COMPUTE)")
     for s, acc in L.accumulated.items():
-        code(1, f"{acc} = tl.zeros((BLOCK,), COMPUTE)  # this column's share of d {s.name}")
+        code(1, f"{acc} = tl.full((BLOCK,), 0.0, COMPUTE)  # this column's share of d {s.name}")
     fixed = [s for s in pw.inputs if plan.role(s) in ("vector", "scalar")]
     for s in fixed:
         code(1, f"{L.value[s]} = {_load(L, s, 'at', 'inside')}")
@@ -309,7 +309,7 @@ def time_loop_backward(L: ColumnLayout) -> str:
             code(2, "if HAS_GRAD_OUT:")
             code(3, f"{local} = tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)")
             code(2, "else:")
-            code(3, f"{local} = tl.zeros((BLOCK,), COMPUTE)")
+            code(3, f"{local} = tl.full((BLOCK,), 0.0, COMPUTE)")
     f = _Function("stage0", pw, plan, backward=True)
     new_grad = {}
     if f.unique:
@@ -415,7 +415,7 @@ def scan_forward(L: ScanLayout) -> str:
         code(2, f"{b} = {a} * {L.carried[s]}[None, :] + {b}")
         ptr = L.ptr[("seq", i)]
         code(2, f"tl.store({ptr} + at * H + unit[None, :], {b}.to({ptr}.dtype.element_ty), mask=live)")
-        code(2, f"{L.carried[s]} = tl.sum(tl.where(last_row, {b}, 0.0), axis=0)")
+        code(2, f"{L.carried[s]} = lib.pick_row({b}, last_row)")
     for i, s in enumerate(L.states):
         ptr = L.ptr[("final", i)]
         code(1, f"tl.store({ptr} + offs, {L.carried[s]}.to({ptr}.dtype.element_ty), mask=inside)")
@@ -430,8 +430,8 @@ def scan_backward(L: ScanLayout) -> str:
     code(1, "# lambda_t = d loss / d s_t = a_(t+1) * lambda_(t+1) + c_t, c_t the gradient s_t gets directly")
     code(1, "# (the output's, and the final state's at a sequence's last step); chunks from the last")
     for s in L.states:
-        code(1, f"{L.d_carried[s]} = tl.zeros((BLOCK,), COMPUTE)  # lambda entering from the later chunk")
-    code(1, "n_chunks = tl.cdiv(T, CHUNK)")
+        code(1, f"{L.d_carried[s]} = tl.full((BLOCK,), 0.0, COMPUTE)  # lambda entering from the later chunk")
+    code(1, "n_chunks = (T + CHUNK - 1) // CHUNK")
     code(1, "for ti in range(0, n_chunks):")
     code(2, "steps = (n_chunks - 1 - ti) * CHUNK + tl.arange(0, CHUNK)")
     code(2, "in_t = steps < T")
@@ -460,7 +460,7 @@ def scan_backward(L: ScanLayout) -> str:
         code(2, f"{b} = {a} * {L.d_carried[s]}[None, :] + {b}")
         ptr = L.ptr[("lam", i)]
         code(2, f"tl.store({ptr} + at * H + unit[None, :], {b}.to({ptr}.dtype.element_ty), mask=live)")
-        code(2, f"{L.d_carried[s]} = tl.sum(tl.where(first_row, {b}, 0.0), axis=0)")
+        code(2, f"{L.d_carried[s]} = lib.pick_row({b}, first_row)")
     return code.text()
 
 

@@ -287,7 +287,7 @@ class _Emitter:
         L = self.L
         if not phase.gemms:
             return
-        dot = "tl.dot({}, {}, out_dtype=COMPUTE, input_precision=DOT_PRECISION)"
+        dot = "lib.dot({}, {}, COMPUTE, DOT_PRECISION)"
         if not streamed:
             for gi in phase.gemms:
                 g = self.plan.gemms[gi]
@@ -297,7 +297,7 @@ class _Emitter:
             return
         for gi in phase.gemms:
             for p in self.plan.gemms[gi].products:
-                code(depth, f"{L.value[p]} = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)")
+                code(depth, f"{L.value[p]} = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)")
         code(depth, "for k0 in range(0, H, BLOCK_K):  # BLOCK_K columns of the operand at a time")
         code(depth + 1, "kk = k0 + tl.arange(0, BLOCK_K)")
         for gi in phase.gemms:
@@ -373,14 +373,14 @@ class _Emitter:
         L, plan = self.L, self.plan
         d_operand: dict[str, str] = {}  # operand or state name -> local holding its GEMM gradient
         if later is not None and later.gemms:
-            dot = "tl.dot({}, {}, out_dtype=COMPUTE, input_precision=DOT_PRECISION)"
+            dot = "lib.dot({}, {}, COMPUTE, DOT_PRECISION)"
             for gi in later.gemms:
                 name = plan.gemms[gi].operand.name
                 first = name not in d_operand
                 local = d_operand.setdefault(name, L.operand_grad[name])
                 if streamed:
                     if first:
-                        code(depth, f"{local} = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)")
+                        code(depth, f"{local} = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)")
                     code(depth, "for k0 in range(0, H, BLOCK_K):  # BLOCK_K gate columns at a time")
                     code(depth + 1, "kk = k0 + tl.arange(0, BLOCK_K)")
                 for j in range(L.gemm_rows(gi)):
@@ -415,7 +415,7 @@ class _Emitter:
                 code(depth, "if HAS_GRAD_OUT:")
                 code(depth + 1, f"{local} = lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)")
                 code(depth, "else:")
-                code(depth + 1, f"{local} = tl.zeros((BLOCK_N, BLOCK_H), COMPUTE)")
+                code(depth + 1, f"{local} = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)")
         f = _Function(f"stage{pw.stage}", pw, plan, backward=True)
         if not f.unique:
             return
@@ -500,7 +500,7 @@ def persistent_forward(L: DenseLayout) -> str:
     code(1, "rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # batch rows")
     code(1, "kk = tl.arange(0, BLOCK_K)  # the contraction: every column of a GEMM operand (H, padded)")
     code(1, "if SEQUENTIAL:")
-    code(2, "first, last = 0, tl.cdiv(H, BLOCK_H)")
+    code(2, "first, last = 0, (H + BLOCK_H - 1) // BLOCK_H")
     code(1, "else:")
     code(2, "first, last = tl.program_id(1), tl.program_id(1) + 1")
     code(1, "cols = first * BLOCK_H + tl.arange(0, BLOCK_H)")
@@ -563,7 +563,7 @@ def persistent_backward(L: DenseLayout) -> str:
     code(1, "pid_n = tl.program_id(0)")
     code(1, "rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
     code(1, "kk = tl.arange(0, BLOCK_K)")
-    code(1, "slices = tl.cdiv(H, BLOCK_H)")
+    code(1, "slices = (H + BLOCK_H - 1) // BLOCK_H")
     code(1, "if SEQUENTIAL:")
     code(2, "first, last = 0, slices")
     code(1, "else:")

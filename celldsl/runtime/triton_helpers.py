@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the mode this copy was imported in
+INTERPRETED = tl.constexpr(INTERPRET)  # the same, readable inside kernels
 
 
 # ---- activations written from tl.exp (no libdevice: they run on the interpreter and on any GPU) -----
@@ -116,16 +117,46 @@ def load_vector(ptr, cols, H):
 
 
 @triton.jit
+def add(a, b):
+    # the combine of the sums below (tl.reduce with it, not tl.sum: the standard library's jit
+    # functions are built in the mode triton was first imported in, so they fail under the
+    # interpreter when that was the compiled mode)
+    return a + b
+
+
+@triton.jit
+def column_sums(value, mask):
+    # [BLOCK_N, BLOCK_H] -> [BLOCK_H]: the sums over the rows where mask holds
+    return tl.reduce(tl.where(mask, value, 0.0), 0, add)
+
+
+@triton.jit
+def pick_row(value, row):
+    # [CHUNK, BLOCK] -> [BLOCK]: the row where the [CHUNK, 1] mask `row` holds
+    return tl.reduce(tl.where(row, value, 0.0), 0, add)
+
+
+@triton.jit
 def add_vector(ptr, cols, value, mask, H):
     # the tile's column sums (over its live rows) added to this program's columns of a [H] accumulator
-    total = tl.sum(tl.where(mask, value, 0.0), axis=0)
+    total = column_sums(value, mask)
     tl.store(ptr + cols, tl.load(ptr + cols, mask=cols < H, other=0.0) + total, mask=cols < H)
 
 
 @triton.jit
 def add_scalar(ptr, value, mask):
     # the tile's sum added to a scalar accumulator slot only this program owns
-    tl.store(ptr, tl.load(ptr) + tl.sum(tl.sum(tl.where(mask, value, 0.0), axis=1), axis=0))
+    tl.store(ptr, tl.load(ptr) + tl.reduce(column_sums(value, mask), 0, add))
+
+
+@triton.jit
+def dot(a, b, out_dtype: tl.constexpr, precision: tl.constexpr):
+    # a @ b accumulated in out_dtype. The interpreter's tl.dot gets bfloat16 operands wrong, so there
+    # they go in as fp32: the products of two bfloat16 numbers are exact in fp32, as on tensor cores.
+    if INTERPRETED and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=out_dtype, input_precision=precision)
 
 
 @triton.jit

@@ -1,0 +1,371 @@
+"""The Triton schedules (persistent, fused_step, time_loop, scan) on Triton's CPU interpreter, against
+the torch backend's loop (runtime/torch_loop.py, itself checked against hand-written references).
+
+What this proves: the schedules' tile math, indexing, masks and padding (H = 5, 16, 17, 33 against
+tiles of 16; batch rows against tiles of 16), the phase order of a step and of its backward, packed
+sequences (each column stops at its length), the saved tensors (exactly the torch loop's, so every
+backward reads every forward), the final states, every gradient, and the scan's chunks (T across
+several chunk boundaries, and T = 1000 at the GPU's chunk of 64).
+
+What it does not prove: the interpreter runs programs one after another, so the persistent kernels
+run their SEQUENTIAL form: one program per batch tile doing every hidden slice in turn, phase by
+phase, with the weights loaded per slice and no grid barrier. The same kernel source and tile math
+run on the GPU, but the barrier's memory ordering, the co-residency of the programs, the weights
+staying on chip, cooperative launch and every timing are checked only on hardware
+(tests/test_triton_schedules_gpu.py) and by reading the compiled PTX (tests/test_triton_aot.py).
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import celldsl
+from celldsl.compiler import ZOO, compile_cell
+from celldsl.runtime.function import split_params
+from celldsl.runtime.schedule_choice import ASSUMED, SCHEDULES, choose, declines
+from celldsl.runtime.triton_columns import ColumnLoop
+from celldsl.runtime.triton_schedules import DenseLoop
+
+ZOO_CELLS = sorted(p.stem for p in ZOO.glob("*.cell"))
+PAIRS = [(c, s) for c in ZOO_CELLS for s in SCHEDULES
+         if s != "graphed" and declines(compile_cell(c).plan)[s] is None]
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_loop(compiled, schedule):
+    dense = schedule in ("persistent", "fused_step")
+    return DenseLoop(compiled, schedule) if dense else ColumnLoop(compiled, schedule)
+
+
+def lengths_for(N, T, packed):
+    return [T] * N if not packed else [max(1, T - (i * T) // N) for i in range(N)]
+
+
+def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0):
+    """Forward and backward of the torch loop and the schedule's loop on the same inputs:
+    (outputs, final states, saved tensors, gradients) of each."""
+    compiled = compile_cell(cell)
+    I = H if compiled.ir.needs_hidden_size else H + 2
+    torch.manual_seed(seed)
+    layer = celldsl.Recurrent(cell, I, H, backend="torch", dtype=dtype)
+    ref, loop = compiled.torch_loop, make_loop(compiled, schedule)
+    if chunk is not None:
+        loop.chunk = chunk
+    hw, sw, vec, sc = split_params(ref, layer._weights(0, 0))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, N, I, generator=g, dtype=dtype)
+    states = [0.5 * torch.randn(N, H, generator=g, dtype=dtype) for _ in compiled.states]
+    batch_sizes = None
+    if packed:
+        lengths = lengths_for(N, T, True)
+        x = pack_padded_sequence(x, torch.tensor(lengths)).data
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    results = []
+    for lp in (ref, loop):
+        out, finals, saved = lp.forward(x, states, hw, sw, vec, sc, batch_sizes)
+        results.append([out, finals, saved])
+    go = torch.randn(results[0][0].shape, generator=g, dtype=dtype)
+    gs = [torch.randn(N, H, generator=g, dtype=dtype) for _ in compiled.states]
+    gs[-1] = None  # a final state without a gradient
+    for lp, r in zip((ref, loop), results, strict=True):
+        d = lp.backward(x, states, hw, sw, vec, sc, r[0], r[2], go, gs, batch_sizes)
+        r.append([d[0], *d[1], *d[2], *d[3], *d[4], *d[5]])
+    return results
+
+
+def assert_same(results, atol, rtol):
+    (out_r, fin_r, saved_r, grad_r), (out_s, fin_s, saved_s, grad_s) = results
+    torch.testing.assert_close(out_s, out_r, atol=atol, rtol=rtol)
+    pairs = (("final state", fin_s, fin_r), ("saved", saved_s, saved_r), ("gradient", grad_s, grad_r))
+    for what, a, b in pairs:
+        assert len(a) == len(b), what
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert u.shape == v.shape, f"{what}[{i}]: {u.shape} vs {v.shape}"
+            assert torch.isfinite(u).all(), f"{what}[{i}] has NaN or inf (an unwritten element?)"
+            torch.testing.assert_close(u, v, atol=atol, rtol=rtol,
+                                       msg=lambda m, w=what, i=i: f"{w}[{i}]: {m}")
+
+
+def test_every_dense_and_column_cell_has_its_schedules():
+    dense = {c for c in ZOO_CELLS if compile_cell(c).plan.recurrence == "dense"}
+    assert {c for c, s in PAIRS if s == "persistent"} == dense == {c for c, s in PAIRS if s == "fused_step"}
+    assert {c for c, s in PAIRS if s == "time_loop"} == {"indrnn", "sru", "mingru", "minlstm"}
+    assert {c for c, s in PAIRS if s == "scan"} == {"mingru", "minlstm"}
+    assert len(dense) == 19
+
+
+@pytest.mark.parametrize(("cell", "schedule"), PAIRS, ids=[f"{c}-{s}" for c, s in PAIRS])
+def test_schedule_matches_torch_loop_float64_packed(cell, schedule):
+    """H = 17 (two slices of 16, the second masked), two sequences of lengths 3 and 2."""
+    assert_same(run_both(cell, schedule, 17, 2, 3, torch.float64, packed=True), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("cell", "schedule"), PAIRS, ids=[f"{c}-{s}" for c, s in PAIRS])
+def test_schedule_matches_torch_loop_float32(cell, schedule):
+    """float32 storage and math, padded batch, H = 16 (one full slice). tl.dot sums in another order
+    than the torch loop's GEMMs: relative 1e-4 (sLSTM's input gradients reach ~20)."""
+    assert_same(run_both(cell, schedule, 16, 2, 2, torch.float32, packed=False), atol=1e-4, rtol=1e-4)
+
+
+SIZES = [(H, N, T) for H in (5, 16, 33) for N in (1, 3) for T in (1, 4)]
+
+
+@pytest.mark.parametrize(("H", "N", "T"), SIZES, ids=[f"H{h}-N{n}-T{t}" for h, n, t in SIZES])
+def test_persistent_lstm_at_every_size(H, N, T):
+    assert_same(run_both("lstm", "persistent", H, N, T, torch.float64, packed=N > 1), atol=1e-10, rtol=1e-9)
+
+
+REPRESENTATIVE = [("gru_cho", "persistent"), ("mut3", "fused_step"), ("sru", "time_loop"), ("mingru", "scan")]
+
+
+@pytest.mark.parametrize(("H", "N", "T"), [(5, 1, 1), (33, 3, 4)], ids=["H5-N1-T1", "H33-N3-T4"])
+@pytest.mark.parametrize(("cell", "schedule"), REPRESENTATIVE, ids=[f"{c}-{s}" for c, s in REPRESENTATIVE])
+def test_representative_schedules_at_the_extreme_sizes(cell, schedule, H, N, T):
+    """Two GEMM stages (gru_cho's U @ (r * h)), a stage-0 pointwise (mut3's tanh(h)), an output that
+    is not a state (sru), a scan."""
+    assert_same(run_both(cell, schedule, H, N, T, torch.float64, packed=N > 1), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_scan_across_chunk_boundaries(cell):
+    """T = 40 in chunks of 8: five chunks, the state and its gradient carried across four boundaries;
+    packed, so sequences end inside chunks."""
+    assert_same(run_both(cell, "scan", 5, 3, 40, torch.float64, packed=True, chunk=8), atol=1e-10, rtol=1e-9)
+
+
+def test_a_thousand_steps_at_the_gpu_chunk():
+    """T = 1000 with the GPU's chunk of 64 (16 chunks, the last one partial), float32: the scan's
+    rounding differs from the sequential loop's but stays at float32 level."""
+    assert_same(run_both("mingru", "scan", 5, 1, 1000, torch.float32, packed=False, chunk=64), atol=2e-5,
+                rtol=1e-5)
+
+
+# ---- through the layers -------------------------------------------------------------------------
+
+
+LAYER_CASES = [("lstm", "persistent"), ("gru_cho", "fused_step"), ("sru", "time_loop"), ("mingru", "scan"),
+               ("rnn_tanh", "auto"), ("minlstm", "auto")]
+
+
+@pytest.mark.parametrize(("cell", "schedule"), LAYER_CASES, ids=[f"{c}-{s}" for c, s in LAYER_CASES])
+def test_layer_schedule_two_layers_bidirectional_packed(cell, schedule):
+    """`schedule=` on Recurrent: 2 layers, bidirectional (SRU: one direction), packed, float32, against
+    backend="torch"."""
+    torch.manual_seed(0)
+    square = compile_cell(cell).ir.needs_hidden_size  # SRU's x meets h: every layer's input is H wide
+    I, both = (16, False) if square else (6, True)
+    ref = celldsl.Recurrent(cell, I, 16, num_layers=2, bidirectional=both, backend="torch")
+    tri = celldsl.Recurrent(cell, I, 16, num_layers=2, bidirectional=both, backend="triton",
+                            schedule=schedule)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, I, generator=torch.Generator().manual_seed(3))
+    results = []
+    for m in (ref, tri):
+        xx = x.clone().requires_grad_()
+        out, final = m(pack_padded_sequence(xx, torch.tensor([3, 2, 1])))
+        final = final if isinstance(final, tuple) else (final,)
+        loss = out.data.square().sum() + sum((f * f.detach().sign()).sum() for f in final)
+        results.append([out.data, *final, *torch.autograd.grad(loss, [xx, *m.parameters()])])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+GRADCHECK = [("lstm", "persistent"), ("sru", "time_loop"), ("minlstm", "scan")]
+
+
+@pytest.mark.parametrize(("cell", "schedule"), GRADCHECK, ids=[f"{c}-{s}" for c, s in GRADCHECK])
+def test_gradcheck_float64(cell, schedule):
+    """The schedules' backward kernels against finite differences of their own forward kernels (the
+    fused_step kernels run the persistent ones' phase bodies with a K loop; they are checked against
+    the torch loop, whose backward is gradchecked in tests/test_gradcheck.py)."""
+    hidden = 3
+    I = hidden if compile_cell(cell).ir.needs_hidden_size else 4
+    torch.manual_seed(0)
+    m = celldsl.Recurrent(cell, I, hidden, backend="triton", schedule=schedule, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(2, 2, I, dtype=torch.float64, requires_grad=True)
+    states = tuple((0.5 * torch.randn(1, 2, hidden, dtype=torch.float64)).requires_grad_()
+                   for _ in m.cell.states)
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+
+    def f(x, *rest):
+        st, ps = rest[: len(states)], rest[len(states):]
+        out, final = torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x, st))
+        return (out, *(final if isinstance(final, tuple) else (final,)))
+
+    assert torch.autograd.gradcheck(f, (x, *states, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_persistent_half_storage_computes_in_fp32(dtype):
+    """bf16/fp16 storage, fp32 tl.dot accumulation and pointwise math, the cell state carried in
+    fp32: within the storage dtype's rounding of the float32 torch loop on the same rounded weights."""
+    torch.manual_seed(0)
+    ref = celldsl.Recurrent("lstm", 6, 16, backend="torch")
+    tri = celldsl.Recurrent("lstm", 6, 16, backend="triton", schedule="persistent").to(dtype)
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in tri.state_dict().items()})
+    x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out_t, (h_t, c_t) = tri(x)
+    out_r, (h_r, c_r) = ref(x.float())
+    assert out_t.dtype == dtype
+    eps = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out_t.float(), out_r, atol=4 * eps, rtol=0)
+    torch.testing.assert_close(c_t.float(), c_r, atol=4 * eps, rtol=0)
+
+
+# ---- the choice and its errors ---------------------------------------------------------------------
+
+
+LINEAR_USER_CELL = """
+cell leaky_integrator
+input x
+state h, g
+output y
+param W, U, b, v
+param k : scalar
+a = sigmoid(W @ x + b)
+h' = a * h + (1 - a) * tanh(U @ x)
+g' = k * g + v * (U @ x)
+y = tanh(h') * v + g' * g'
+"""
+
+MIXED_USER_CELL = """
+cell mixed
+input x
+state h, g
+output h
+param W, b
+h' = 0.5 * h + 0.1 * g + W @ x
+g' = 0.3 * g + b
+"""
+
+
+def test_a_linear_user_cell_gets_the_scan(capsys):
+    """Linearity and the coefficients come from the SymPy form, not the name: a cell outside the zoo,
+    two states, an output that is not a state (its gradient reaches lambda through the state it
+    reads). explain names the scan as the choice; the scan matches the torch loop."""
+    from celldsl.cli import main
+    from celldsl.explain import explain
+
+    compiled = compile_cell(LINEAR_USER_CELL)
+    text = explain(compiled, {"N": 16, "H": 768})
+    assert "the compiler's choice: scan" in text
+    assert "the CUDA default: graphed" in text
+    assert choose(compiled.plan, 16, 768, 1024, "bfloat16", ASSUMED)[0] == "scan"
+    assert_same(run_both(LINEAR_USER_CELL, "scan", 5, 3, 10, torch.float64, packed=True, chunk=4),
+                atol=1e-10, rtol=1e-9)
+    assert main(["explain", "mingru", "--sizes", "N=16,H=768"]) == 0
+    assert "the compiler's choice: scan" in capsys.readouterr().out
+
+
+def test_a_linear_cell_that_mixes_states_gets_no_scan():
+    why = declines(compile_cell(MIXED_USER_CELL).plan)
+    assert why["scan"] and "reading the state(s) g" in why["scan"]
+    assert why["time_loop"] is None
+    assert_same(run_both(MIXED_USER_CELL, "time_loop", 5, 3, 4, torch.float64, packed=False), atol=1e-10,
+                rtol=1e-9)
+
+
+def test_dense_choice_follows_the_sizes():
+    plan = compile_cell("lstm").plan
+    assert choose(plan, 16, 768, 1024, "bfloat16", ASSUMED)[0] == "persistent"
+    assert choose(plan, 16, 2048, 1024, "bfloat16", ASSUMED)[0] == "fused_step"  # weights too large
+    assert choose(plan, 256, 1024, 128, "bfloat16", ASSUMED)[0] == "fused_step"  # too many programs
+    assert choose(plan, 16, 768, 1024, "float32", ASSUMED)[0] == "fused_step"  # fp32 weights: 256 KiB
+
+
+def test_schedules_that_do_not_apply_are_clear_errors():
+    with pytest.raises(ValueError, match="'scan' does not apply to cell 'lstm'.*graphed, persistent"):
+        celldsl.Recurrent("lstm", 4, 4, backend="triton", schedule="scan")
+    with pytest.raises(ValueError, match="schedule 'persistent' does not apply to cell 'mingru'"):
+        celldsl.GRU  # noqa: B018 - the classic layers take schedule= too
+        celldsl.Recurrent("mingru", 4, 4, schedule="persistent")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        celldsl.LSTM(4, 4, schedule="fastest")
+    with pytest.raises(ValueError, match="backend='torch' has none"):
+        celldsl.Recurrent("lstm", 4, 4, backend="torch", schedule="persistent")
+
+
+def test_a_forced_schedule_that_does_not_fit_says_what_to_use(monkeypatch):
+    """On the GPU path (not the interpreter) a persistent launch that cannot fit raises before it
+    launches anything; configure gives the reason on an assumed H100/H200."""
+    from celldsl.runtime.schedule_choice import configure
+
+    c = configure(compile_cell("lstm").plan, "persistent", 16, 2048, 1024, "bfloat16", ASSUMED)
+    assert not c.fits and "exceed the on-chip budget" in c.why
+    monkeypatch.delenv("TRITON_INTERPRET")
+    layer = celldsl.Recurrent("lstm", 4, 4, backend="triton", schedule="persistent")
+    with pytest.raises(ValueError, match="needs CUDA tensors|runs on the Triton backend"):
+        layer(torch.randn(2, 1, 4))
+
+
+def test_explain_without_sizes_lists_the_schedules_and_why_not(capsys):
+    from celldsl.cli import main
+
+    assert main(["explain", "sru"]) == 0
+    out = capsys.readouterr().out
+    assert "time_loop  applies" in out and "scan       does not apply: the recurrence is elementwise" in out
+    assert "persistent does not apply" in out
+    with pytest.raises(SystemExit):
+        main(["explain", "sru", "--sizes", "N=16"])
+    assert "--sizes needs H" in capsys.readouterr().err
+
+
+# ---- user names in the schedules' kernels ------------------------------------------------------------
+
+
+def _rename(text: str, names: dict[str, str]) -> str:
+    import re
+
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m.group(1)], text)
+
+
+DENSE_TWIN = """
+cell twin
+input x
+state h, c
+output h
+param W, U, R, b, v
+param k : scalar
+g = sigmoid(W @ x + U @ h + b + k)
+c' = g * c + (1 - g) * tanh(R @ (g * h) + v * c)
+h' = tanh(c') * g
+"""
+
+
+@pytest.mark.parametrize("schedule", ["persistent", "fused_step"])
+def test_dense_kernels_with_their_own_locals_as_user_names(schedule):
+    """States, parameters and inputs named after the dense kernels' own locals and arguments compute
+    what the plain names compute (the scope is seeded with every fixed name)."""
+    names = {"x": "rows", "h": "cols", "c": "kk", "W": "w0_0", "U": "weight0_ptr", "R": "mask", "b": "live",
+             "v": "t", "k": "BLOCK_N", "g": "lib"}
+    plain = run_both(DENSE_TWIN, schedule, 17, 3, 3, torch.float64, packed=True)
+    odd = run_both(_rename(DENSE_TWIN, names), schedule, 17, 3, 3, torch.float64, packed=True)
+    assert_same(odd, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(odd[1][0], plain[1][0])
+
+
+COLUMN_TWIN = """
+cell twin
+input x
+state h
+output h
+param W, V, b, v
+param k : scalar
+z = sigmoid(W @ x + b)
+h' = (1 - z) * h + z * (V @ x) * k + v
+"""
+
+
+@pytest.mark.parametrize("schedule", ["time_loop", "scan"])
+def test_column_kernels_with_their_own_locals_as_user_names(schedule):
+    names = {"x": "offs", "h": "unit", "W": "batch", "V": "inside", "b": "live", "v": "at", "k": "CHUNK",
+             "z": "scan_coefficients"}
+    plain = run_both(COLUMN_TWIN, schedule, 5, 3, 6, torch.float64, packed=True, chunk=4)
+    odd = run_both(_rename(COLUMN_TWIN, names), schedule, 5, 3, 6, torch.float64, packed=True, chunk=4)
+    assert_same(odd, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(odd[1][0], plain[1][0])
