@@ -2,10 +2,13 @@
 
     celldsl compile cells/*.cell -o kernels/                   # the zoo's kernels/ directory
     celldsl compile cells/lstm.cell --target cuda:80 --target cuda:90   # PTX + cubin, no GPU needed
+    celldsl compile cells/lstm.cell --target cuda:90 --dtype bfloat16 --sizes N=16,H=768   # + resources
 
 Ahead-of-time compilation runs Triton's compiler (`triton.compile(ASTSource(...), target=GPUTarget(
 "cuda", cc, 32))`) for every kernel of the file without a GPU, so a kernel that does not compile for a
-target fails here and in CI rather than on first use. The main CLI calls `register(subparsers)`.
+target fails here and in CI rather than on first use; the schedules' kernels compile with the tiles
+their schedule picks at --sizes, and each line reports registers, shared memory and spilled bytes.
+The main CLI calls `register(subparsers)`.
 """
 
 from __future__ import annotations
@@ -212,7 +215,7 @@ def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
 
     from .emit.triton_columns import ColumnLayout, ScanLayout
     from .emit.triton_dense import DenseLayout, _backward_order
-    from .runtime.triton_schedules import ASSUMED, configure, declines
+    from .runtime.schedule_choice import ASSUMED, configure, declines
 
     storage = "*" + DTYPES[str(dtype).removeprefix("torch.")]
     types = {"storage": storage, "compute": "*fp32", "int32": "*i32", "i32": "i32"}
@@ -262,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target:
             for cell in args.cells:
                 for dtype in args.dtype or ["float32"]:
-                    for b in aot_compile(cell, args.target, dtype):
+                    for b in aot_compile(cell, args.target, dtype, sizes=args.sizes):
                         print(b.line())
         if not args.output and not args.target:
             print("celldsl compile: nothing to do: give -o DIR and/or --target cuda:CC", file=sys.stderr)
@@ -294,7 +297,20 @@ def register(subparsers) -> None:
         "--dtype", action="append", choices=sorted(DTYPES),
         help="storage dtype of the compiled kernels' pointers (repeatable; default float32)",
     )  # fmt: skip
+    p.add_argument(
+        "--sizes", type=_sizes, metavar="N=16,H=768",
+        help="sizes whose tiles the schedules' kernels are compiled with (default N=16,H=768,T=1024)",
+    )  # fmt: skip
     p.set_defaults(func=run)
+
+
+def _sizes(text: str) -> dict:
+    from .runtime.schedule_choice import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

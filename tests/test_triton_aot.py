@@ -1,9 +1,13 @@
 """Ahead-of-time compilation of the generated kernels with Triton's compiler, no GPU needed.
 
-The default run compiles a representative subset (a one-stage cell with hoisted products and four
-gates, a cell with a stage-0 pointwise and three stages, an elementwise cell reading the input);
-the `slow` test compiles every kernel of every zoo cell for cuda:80 and cuda:90 (about a minute on
-2 cores). A fresh Triton cache per test, so it really compiles.
+The default run compiles a representative subset of the graphed path's kernels (a one-stage cell
+with hoisted products and four gates, a cell with a stage-0 pointwise and three stages, an
+elementwise cell reading the input) and every schedule's kernels of LSTM (persistent, fused_step, in
+bf16), minGRU (time_loop, scan) and SRU (time_loop) for cuda:80 and cuda:90, with the registers,
+shared memory and spills ptxas gave them; it reads the persistent kernel's PTX for the grid
+barrier's release add and acquire spin. The `slow` tests compile every kernel of every zoo cell for
+cuda:80 and cuda:90 (the graphed path, about a minute on 2 cores) and every schedule kernel of every
+zoo cell for cuda:90 (about four minutes). A fresh Triton cache per test, so it really compiles.
 """
 
 import pytest
@@ -22,26 +26,87 @@ def fresh_triton_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
 
 
-def check_built(cell, built, dtype="float32"):
+SMALL = {"N": 16, "H": 16, "T": 16}  # schedule kernels compile at the tiles of these sizes (fast)
+
+
+def check_built(cell, built, dtype="float32", targets=TARGETS):
     names = kernel_names(compile_cell(cell).plan)
-    assert [(b.kernel, b.target) for b in built] == [(n, f"cuda:{cc}") for n in names for _, cc in TARGETS]
+    assert [(b.kernel, b.target) for b in built] == [(n, f"cuda:{cc}") for n in names for _, cc in targets]
     for b in built:
         assert b.ptx_bytes > 0 and b.cubin_bytes > 0 and b.dtype == dtype
 
 
+def check_schedules(cell, built, targets=TARGETS):
+    """Every applicable schedule's kernels, for every target, with their resources read back."""
+    from celldsl.runtime.schedule_choice import declines
+
+    plan = compile_cell(cell).plan
+    wanted = {s for s, why in declines(plan).items() if why is None and s != "graphed"}
+    assert {b.schedule for b in built} - {"graphed"} == wanted
+    for schedule in wanted:
+        kernels = {b.kernel for b in built if b.schedule == schedule}
+        assert kernels and all(k.startswith(schedule) for k in kernels), (schedule, kernels)
+        for k in kernels:
+            assert {b.target for b in built if b.kernel == k} == {f"cuda:{cc}" for _, cc in targets}
+    for b in built:
+        assert b.ptx_bytes > 0 and b.cubin_bytes > 0
+        assert b.registers is not None and 0 < b.registers <= 255, b.line()
+        assert b.shared is not None and b.local is not None, b.line()
+
+
 @pytest.mark.parametrize("cell", SUBSET)
 def test_subset_compiles_for_sm80_and_sm90(cell):
-    check_built(cell, aot_compile(cell, TARGETS))
+    check_built(cell, aot_compile(cell, TARGETS, schedules=False))
 
 
 def test_bf16_storage_compiles():
-    check_built("slstm", aot_compile("slstm", TARGETS, "bfloat16"), "bfloat16")
+    check_built("slstm", aot_compile("slstm", TARGETS, "bfloat16", schedules=False), "bfloat16")
+
+
+@pytest.mark.parametrize(("cell", "dtype"), [("lstm", "bfloat16"), ("mingru", "float32"), ("sru", "float32")])
+def test_every_schedule_compiles_for_sm80_and_sm90(cell, dtype):
+    built = aot_compile(cell, TARGETS, dtype, sizes=SMALL)
+    check_schedules(cell, [b for b in built if b.schedule != "graphed"])
+    assert all(b.dtype == dtype for b in built)
+
+
+def test_persistent_kernel_ptx_has_the_grid_barrier():
+    """The barrier compiles to what docs/triton.md says: one thread's release add on the counter, an
+    acquire load in the spin, CTA barriers around both; the bf16 recurrent GEMM runs on tensor cores."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from celldsl.runtime.triton_module import load_triton_module
+    from celldsl.triton_cli import _source, schedule_jobs
+
+    plan = compile_cell("gru").plan
+    module = load_triton_module(compile_cell("gru")).module(interpret=False)
+    import torch
+
+    for _, name, signature, constexprs, warps, _ in schedule_jobs(plan, torch.bfloat16, SMALL):
+        if name != "persistent_forward_kernel":
+            continue
+        ptx = triton.compile(_source(getattr(module, name), signature, constexprs),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+        assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+        assert "bar.sync" in ptx
+        assert "mma.sync" in ptx or "wgmma" in ptx, "the recurrent GEMM runs on tensor cores"
+        return
+    raise AssertionError("no persistent_forward_kernel job")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", sorted(p.stem for p in ZOO.glob("*.cell")))
 def test_every_zoo_kernel_compiles_for_sm80_and_sm90(cell):
-    check_built(cell, aot_compile(cell, TARGETS))
+    check_built(cell, aot_compile(cell, TARGETS, schedules=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", sorted(p.stem for p in ZOO.glob("*.cell")))
+def test_every_zoo_schedule_kernel_compiles_for_sm90(cell):
+    built = aot_compile(cell, [("cuda", 90)], sizes=SMALL)
+    check_schedules(cell, [b for b in built if b.schedule != "graphed"], targets=[("cuda", 90)])
 
 
 def test_ptx_targets_the_requested_architecture():
@@ -65,10 +130,12 @@ def test_ptx_targets_the_requested_architecture():
 def test_cli_writes_sources_and_compiles(tmp_path, capsys):
     from celldsl.emit.triton_source import triton_module_source
 
-    assert main(["compile", "cells/gru.cell", "-o", str(tmp_path), "--target", "cuda:90"]) == 0
+    argv = ["compile", "cells/gru.cell", "-o", str(tmp_path), "--target", "cuda:90", "--sizes", "N=16,H=16"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'gru.py'}" in out
     assert "stage1_forward_kernel" in out and "stage1_backward_kernel" in out and "cuda:90" in out
+    assert "persistent_forward_kernel" in out and "regs" in out and "spills" in out
     assert (tmp_path / "gru.py").read_text() == triton_module_source(compile_cell("gru").plan)
 
 

@@ -93,8 +93,9 @@ def load_block(ptr, at, width, cols, mask):
 
 @triton.jit
 def load_exchanged(ptr, at, width, cols, mask):
-    # a tile other programs of the same launch wrote: read from L2 (".cg"), because L1 is not
-    # coherent across multiprocessors and may hold a line read before the grid barrier
+    # a tile other programs of the same launch wrote before the last grid barrier. What makes their
+    # stores visible is the barrier's acquire (then the CTA barrier): the memory model. ".cg" (read
+    # from L2, past the non-coherent L1) is a hint on top; Triton drops it on some paths
     return tl.load(ptr + at[:, None] * width + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
 
 
