@@ -284,8 +284,8 @@ def persistent_forward_kernel(
     w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
     w0_2 = lib.weight_tile(weight0_ptr, 2, cols, kk, H)
     for t in range(T):
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -377,8 +377,8 @@ def persistent_backward_kernel(
     wt0_2 = lib.weight_tile_t(weight0_ptr, 2, cols, kk, H)
     for tt in range(T):
         t = T - 1 - tt
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -438,7 +438,7 @@ def persistent_backward_kernel(
             lib.store_block(d_old + 1 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 1 * N * H, rows, H, cols, valid)), valid)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -454,9 +454,9 @@ def fused_step_forward_kernel_1(
     c_carry_ptr,
     y_carry_ptr,
     gemm0_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -471,9 +471,6 @@ def fused_step_forward_kernel_1(
     # phase 1 of 1 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -507,7 +504,7 @@ def fused_step_forward_kernel_1(
     lib.store_block(y_carry_ptr, rows, H, cols, y_new, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -530,9 +527,9 @@ def fused_step_backward_kernel_1(
     d_b_z_ptr,
     d_b_i_ptr,
     d_b_o_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -549,9 +546,6 @@ def fused_step_backward_kernel_1(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -591,7 +585,7 @@ def fused_step_backward_kernel_1(
     lib.add_vector(d_p_o_ptr + pid_n * H, cols, d_p_o, mask, H)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -614,9 +608,9 @@ def fused_step_backward_kernel_2(
     d_b_z_ptr,
     d_b_i_ptr,
     d_b_o_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -633,9 +627,6 @@ def fused_step_backward_kernel_2(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)

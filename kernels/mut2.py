@@ -333,8 +333,8 @@ def persistent_forward_kernel(
     w0_1 = lib.weight_tile(weight0_ptr, 1, cols, kk, H)
     w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
     for t in range(T):
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -433,8 +433,8 @@ def persistent_backward_kernel(
     wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
     for tt in range(T):
         t = T - 1 - tt
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -500,7 +500,7 @@ def persistent_backward_kernel(
             lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h_gemm, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_1(
     x_ptr,
     hoisted0_ptr,
@@ -515,9 +515,9 @@ def fused_step_forward_kernel_1(
     gemm0_seq_ptr,
     gemm1_seq_ptr,
     operand2_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -532,9 +532,6 @@ def fused_step_forward_kernel_1(
     # phase 1 of 2 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -556,7 +553,7 @@ def fused_step_forward_kernel_1(
     lib.store_block(operand2_seq_ptr, at, H, cols, operand2, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_2(
     x_ptr,
     hoisted0_ptr,
@@ -571,9 +568,9 @@ def fused_step_forward_kernel_2(
     gemm0_seq_ptr,
     gemm1_seq_ptr,
     operand2_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -588,9 +585,6 @@ def fused_step_forward_kernel_2(
     # phase 2 of 2 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -613,7 +607,7 @@ def fused_step_forward_kernel_2(
     lib.store_block(h_carry_ptr, rows, H, cols, h_new, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_1(
     x_ptr,
     hoisted0_ptr,
@@ -636,9 +630,9 @@ def fused_step_backward_kernel_1(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -655,9 +649,6 @@ def fused_step_backward_kernel_1(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -686,7 +677,7 @@ def fused_step_backward_kernel_1(
     lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_2(
     x_ptr,
     hoisted0_ptr,
@@ -709,9 +700,9 @@ def fused_step_backward_kernel_2(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -728,9 +719,6 @@ def fused_step_backward_kernel_2(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -755,7 +743,7 @@ def fused_step_backward_kernel_2(
     lib.store_block(d_x_ptr, at, H, cols, d_W_hr_mm, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_3(
     x_ptr,
     hoisted0_ptr,
@@ -778,9 +766,9 @@ def fused_step_backward_kernel_3(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -797,9 +785,6 @@ def fused_step_backward_kernel_3(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)

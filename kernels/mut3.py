@@ -412,8 +412,8 @@ def persistent_forward_kernel(
     w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
     w2_0 = lib.weight_tile(weight2_ptr, 0, cols, kk, H)
     for t in range(T):
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -523,8 +523,8 @@ def persistent_backward_kernel(
     wt2_0 = lib.weight_tile_t(weight2_ptr, 0, cols, kk, H)
     for tt in range(T):
         t = T - 1 - tt
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -594,7 +594,7 @@ def persistent_backward_kernel(
             lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -611,9 +611,9 @@ def fused_step_forward_kernel_1(
     gemm2_seq_ptr,
     operand1_seq_ptr,
     operand3_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -628,9 +628,6 @@ def fused_step_forward_kernel_1(
     # phase 1 of 3 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -641,7 +638,7 @@ def fused_step_forward_kernel_1(
     lib.store_block(operand1_seq_ptr, at, H, cols, operand1, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -658,9 +655,9 @@ def fused_step_forward_kernel_2(
     gemm2_seq_ptr,
     operand1_seq_ptr,
     operand3_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -675,9 +672,6 @@ def fused_step_forward_kernel_2(
     # phase 2 of 3 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -700,7 +694,7 @@ def fused_step_forward_kernel_2(
     lib.store_block(operand3_seq_ptr, at, H, cols, operand3, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_3(
     hoisted0_ptr,
     weight0_ptr,
@@ -717,9 +711,9 @@ def fused_step_forward_kernel_3(
     gemm2_seq_ptr,
     operand1_seq_ptr,
     operand3_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -734,9 +728,6 @@ def fused_step_forward_kernel_3(
     # phase 3 of 3 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -759,7 +750,7 @@ def fused_step_forward_kernel_3(
     lib.store_block(h_carry_ptr, rows, H, cols, h_new, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -784,9 +775,9 @@ def fused_step_backward_kernel_1(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -803,9 +794,6 @@ def fused_step_backward_kernel_1(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -834,7 +822,7 @@ def fused_step_backward_kernel_1(
     lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -859,9 +847,9 @@ def fused_step_backward_kernel_2(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -878,9 +866,6 @@ def fused_step_backward_kernel_2(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -905,7 +890,7 @@ def fused_step_backward_kernel_2(
     lib.add_block(d_old + 0 * N * H, rows, H, cols, d_h, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_3(
     hoisted0_ptr,
     weight0_ptr,
@@ -930,9 +915,9 @@ def fused_step_backward_kernel_3(
     d_b_z_ptr,
     d_b_r_ptr,
     d_b_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -949,9 +934,6 @@ def fused_step_backward_kernel_3(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)

@@ -189,8 +189,8 @@ def persistent_forward_kernel(
     # this slice's rows of every step weight, [BLOCK_K, BLOCK_H] per gate block, loaded once
     w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
     for t in range(T):
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -258,8 +258,8 @@ def persistent_backward_kernel(
     wt0_0 = lib.weight_tile_t(weight0_ptr, 0, cols, kk, H)
     for tt in range(T):
         t = T - 1 - tt
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -296,7 +296,7 @@ def persistent_backward_kernel(
             lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_h_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -306,9 +306,9 @@ def fused_step_forward_kernel_1(
     h_seq_ptr,
     h_carry_ptr,
     gemm0_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -323,9 +323,6 @@ def fused_step_forward_kernel_1(
     # phase 1 of 1 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -345,7 +342,7 @@ def fused_step_forward_kernel_1(
     lib.store_block(h_carry_ptr, rows, H, cols, h_new, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -360,9 +357,9 @@ def fused_step_backward_kernel_1(
     d_hoisted0_ptr,
     d_b_ih_ptr,
     d_b_hh_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -379,9 +376,6 @@ def fused_step_backward_kernel_1(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -404,7 +398,7 @@ def fused_step_backward_kernel_1(
     lib.add_vector(d_b_ih_ptr + pid_n * H, cols, d_W_hh_mm, mask, H)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -419,9 +413,9 @@ def fused_step_backward_kernel_2(
     d_hoisted0_ptr,
     d_b_ih_ptr,
     d_b_hh_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -438,9 +432,6 @@ def fused_step_backward_kernel_2(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)

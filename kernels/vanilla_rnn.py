@@ -272,8 +272,8 @@ def persistent_forward_kernel(
     w0_0 = lib.weight_tile(weight0_ptr, 0, cols, kk, H)
     w1_0 = lib.weight_tile(weight1_ptr, 0, cols, kk, H)
     for t in range(T):
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -358,8 +358,8 @@ def persistent_backward_kernel(
     wt1_0 = lib.weight_tile_t(weight1_ptr, 0, cols, kk, H)
     for tt in range(T):
         t = T - 1 - tt
-        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
+        step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences
+        prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)
         rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
         live = rows < rows_t
         at = (step_offset + rows).to(tl.int64)
@@ -410,7 +410,7 @@ def persistent_backward_kernel(
             lib.store_block(d_old + 0 * N * H, rows, H, cols, tl.where(mask, d_y_gemm, lib.load_block(d_new + 0 * N * H, rows, H, cols, valid)), valid)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -423,9 +423,9 @@ def fused_step_forward_kernel_1(
     gemm0_seq_ptr,
     gemm1_seq_ptr,
     operand2_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -440,9 +440,6 @@ def fused_step_forward_kernel_1(
     # phase 1 of 2 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -460,7 +457,7 @@ def fused_step_forward_kernel_1(
     lib.store_block(operand2_seq_ptr, at, H, cols, operand2, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_forward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -473,9 +470,9 @@ def fused_step_forward_kernel_2(
     gemm0_seq_ptr,
     gemm1_seq_ptr,
     operand2_seq_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -490,9 +487,6 @@ def fused_step_forward_kernel_2(
     # phase 2 of 2 of step t; program (batch tile, slice of BLOCK_H units)
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -510,7 +504,7 @@ def fused_step_forward_kernel_2(
     lib.store_block(y_carry_ptr, rows, H, cols, y_new, mask)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_1(
     hoisted0_ptr,
     weight0_ptr,
@@ -529,9 +523,9 @@ def fused_step_backward_kernel_1(
     d_hoisted0_ptr,
     d_b1_ptr,
     d_b2_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -548,9 +542,6 @@ def fused_step_backward_kernel_1(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -569,7 +560,7 @@ def fused_step_backward_kernel_1(
     lib.add_vector(d_b2_ptr + pid_n * H, cols, d_V_mm, mask, H)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_2(
     hoisted0_ptr,
     weight0_ptr,
@@ -588,9 +579,9 @@ def fused_step_backward_kernel_2(
     d_hoisted0_ptr,
     d_b1_ptr,
     d_b2_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -607,9 +598,6 @@ def fused_step_backward_kernel_2(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)
@@ -632,7 +620,7 @@ def fused_step_backward_kernel_2(
     lib.add_vector(d_b1_ptr + pid_n * H, cols, d_U_mm, mask, H)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["step_offset", "prev_offset", "rows_t", "t"])
 def fused_step_backward_kernel_3(
     hoisted0_ptr,
     weight0_ptr,
@@ -651,9 +639,9 @@ def fused_step_backward_kernel_3(
     d_hoisted0_ptr,
     d_b1_ptr,
     d_b2_ptr,
-    step_offset_ptr,
-    prev_offset_ptr,
-    step_rows_ptr,
+    step_offset,
+    prev_offset,
+    rows_t,
     T,
     N,
     H,
@@ -670,9 +658,6 @@ def fused_step_backward_kernel_3(
     pid_n, s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.num_programs(1)
-    step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences
-    prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)
-    rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)
     live = rows < rows_t
     at = (step_offset + rows).to(tl.int64)
     prev_at = (prev_offset + rows).to(tl.int64)

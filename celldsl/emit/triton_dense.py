@@ -210,11 +210,15 @@ class DenseLayout:
         return a
 
     def _steps(self, fused: bool) -> list[Arg]:
-        a = [Arg("step_offset_ptr", "step_offset", None, "int32"),
-             Arg("prev_offset_ptr", "prev_offset", None, "int32"),
-             Arg("step_rows_ptr", "step_rows", None, "int32")]
-        if not fused:
-            a.append(Arg("sync_ptr", "sync", None, "int32"))
+        """Where step t's rows are: arrays over all steps for the persistent kernels, the numbers of
+        step t for a fused-step launch (plain ints: no host-to-device copy in a captured graph)."""
+        if fused:
+            a = [Arg("step_offset", "step_offset_now", None, "i32"),
+                 Arg("prev_offset", "prev_offset_now", None, "i32"), Arg("rows_t", "rows_now", None, "i32")]
+        else:
+            a = [Arg("step_offset_ptr", "step_offset", None, "int32"),
+                 Arg("prev_offset_ptr", "prev_offset", None, "int32"),
+                 Arg("step_rows_ptr", "step_rows", None, "int32"), Arg("sync_ptr", "sync", None, "int32")]
         a += [Arg("T", "T", None, "i32"), Arg("N", "N", None, "i32"), Arg("H", "H", None, "i32")]
         if fused:
             a.append(Arg("t", "t", None, "i32"))
@@ -245,7 +249,8 @@ CONSTEXPRS = ("BLOCK_N", "BLOCK_H", "BLOCK_K", "SEQUENTIAL", "COMPUTE", "DOT_PRE
 
 
 def _signature(code: _Code, name: str, args: list[Arg], extra: tuple[str, ...], specialize_t: bool) -> None:
-    code(0, "@triton.jit(do_not_specialize=[\"t\"])" if not specialize_t else "@triton.jit")
+    ints = '["step_offset", "prev_offset", "rows_t", "t"]'
+    code(0, f"@triton.jit(do_not_specialize={ints})" if not specialize_t else "@triton.jit")
     code(0, f"def {name}(")
     for a in args:
         code(1, f"{a.name},")
@@ -254,10 +259,11 @@ def _signature(code: _Code, name: str, args: list[Arg], extra: tuple[str, ...], 
     code(0, "):")
 
 
-def _step_header(code: _Code, depth: int) -> None:
-    code(depth, "step_offset = tl.load(step_offset_ptr + t)  # first row of step t in [rows, .] sequences")
-    code(depth, "prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (not read at t = 0)")
-    code(depth, "rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)")
+def _step_header(code: _Code, depth: int, fused: bool = False) -> None:
+    if not fused:  # a fused-step launch gets these three as arguments
+        code(depth, "step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences")
+        code(depth, "prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)")
+        code(depth, "rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)")
     code(depth, "live = rows < rows_t")
     code(depth, "at = (step_offset + rows).to(tl.int64)")
     code(depth, "prev_at = (prev_offset + rows).to(tl.int64)")
@@ -534,7 +540,7 @@ def fused_step_forward(L: DenseLayout, n: int) -> str:
     code(1, f"# phase {n + 1} of {len(L.phases)} of step t; program (batch tile, slice of BLOCK_H units)")
     code(1, "pid_n, s = tl.program_id(0), tl.program_id(1)")
     code(1, "rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
-    _step_header(code, 1)
+    _step_header(code, 1, fused=True)
     _slice_header(code, 1)
     em.gemms(code, 1, phase, streamed=True)
     em.forward_pointwise(code, 1, phase)
@@ -612,7 +618,7 @@ def fused_step_backward(L: DenseLayout, n: int) -> str:
     code(1, "pid_n, s = tl.program_id(0), tl.program_id(1)")
     code(1, "rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
     code(1, "slices = tl.num_programs(1)")
-    _step_header(code, 1)
+    _step_header(code, 1, fused=True)
     code(1, f"d_new = dcarry_ptr + (t % 2) * {len(L.states)} * N * H")
     code(1, f"d_old = dcarry_ptr + ((t + 1) % 2) * {len(L.states)} * N * H")
     _slice_header(code, 1, with_valid=True)

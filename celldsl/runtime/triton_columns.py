@@ -13,7 +13,7 @@ import torch
 from ..emit.triton_columns import ColumnLayout, ScanLayout
 from .torch_loop import TorchLoop, steps_of
 from .triton_module import interpreting, load_triton_module
-from .triton_schedules import _compute, _steps_tensors, _tl_compute, configure, finish_backward
+from .triton_schedules import _compute, _steps_tensors, _tl_compute, configure, device_ints, finish_backward
 
 
 class ColumnLoop(TorchLoop):
@@ -210,4 +210,4 @@ def _args(args, values: dict) -> list:
 def _previous_rows(steps: list[int], offsets: list[int], device) -> torch.Tensor:
     """For every row of steps 1..T-1 (in order), the row of the same sequence at the step before."""
     index = [offsets[t - 1] + n for t in range(1, len(steps)) for n in range(steps[t])]
-    return torch.tensor(index, dtype=torch.int64, device=device)
+    return device_ints(index, device, torch.int64)

@@ -19,6 +19,7 @@ Until then the layers take it through `schedule=`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -33,6 +34,11 @@ from .triton_module import interpreting, load_triton_module
 def device_of(device: torch.device) -> Device:
     """The schedule choice's view of a CUDA device (from Triton's driver)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device(index)
+
+
+@functools.cache
+def _device(index: int) -> Device:
     props = triton.runtime.driver.active.utils.get_device_properties(index)
     cap = torch.cuda.get_device_capability(index)
     return Device(torch.cuda.get_device_name(index), props["multiprocessor_count"], props["max_shared_mem"],
@@ -67,10 +73,25 @@ def _tl_compute(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def device_ints(values: list[int], device, dtype=torch.int32) -> torch.Tensor:
+    """A host list on `device`; through pinned memory on CUDA, so the copy is asynchronous and can be
+    captured in a CUDA graph."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _steps_tensors(steps: list[int], offsets: list[int], device) -> dict:
     prev = [0, *offsets[:-1]]
-    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    return {"step_offset": as_int(offsets), "prev_offset": as_int(prev), "step_rows": as_int(steps)}
+    return {"step_offset": device_ints(offsets, device), "prev_offset": device_ints(prev, device),
+            "step_rows": device_ints(steps, device)}
+
+
+def _step_ints(t: int, steps: list[int], offsets: list[int]) -> dict:
+    """Step t's rows as a fused-step launch takes them."""
+    return {("step_offset_now", None): offsets[t], ("prev_offset_now", None): offsets[t - 1] if t else 0,
+            ("rows_now", None): steps[t], ("t", None): t}
 
 
 class DenseLoop(TorchLoop):
@@ -157,15 +178,15 @@ class DenseLoop(TorchLoop):
         values |= {("gemm_seq", i): g for i, g in enumerate(gemm_seq)}
         operand_seq = {n: torch.empty(rows, H, dtype=dtype, device=dev) for n in L.operands}
         values |= {("operand_seq", n): v for n, v in operand_seq.items()}
-        values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
         values |= {("T", None): T, ("N", None): N, ("H", None): H}
         if self.schedule == "persistent":
+            values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
             values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
             args = [values[(a.kind, a.key)] for a in L.forward_args(fused=False)]
             self._launch("persistent_forward_kernel", c.grid, args, c, dtype, cooperative=True)
         else:
             for t in range(T):
-                values[("t", None)] = t
+                values |= _step_ints(t, steps, offsets)
                 args = [values[(a.kind, a.key)] for a in L.forward_args(fused=True)]
                 for n in range(len(L.phases)):
                     self._launch(f"fused_step_forward_kernel_{n + 1}", c.grid, args, c, dtype)
@@ -217,17 +238,17 @@ class DenseLoop(TorchLoop):
         values |= {("d_x", n): d for n, d in d_x.items()}
         values |= {("d_vector", i): d for i, d in enumerate(d_vec)}
         values |= {("d_scalar", i): d for i, d in enumerate(d_scal)}
-        values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
         values |= {("T", None): T, ("N", None): N, ("H", None): H}
         extra = {"HAS_GRAD_OUT": grad_out is not None}
         if self.schedule == "persistent":
+            values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
             values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
             args = [values[(a.kind, a.key)] for a in L.backward_args(fused=False)]
             self._launch("persistent_backward_kernel", c.grid, args, c, dtype, extra, cooperative=True)
         else:
             n_phases = len(L.phases) + (L.phases[0].stage > 0)
             for t in reversed(range(T)):
-                values[("t", None)] = t
+                values |= _step_ints(t, steps, offsets)
                 args = [values[(a.kind, a.key)] for a in L.backward_args(fused=True)]
                 for n in range(n_phases):
                     self._launch(f"fused_step_backward_kernel_{n + 1}", c.grid, args, c, dtype, extra)
