@@ -1,6 +1,7 @@
-"""bench/gpu.py --dry-run on the CPU: every implementation of every cell runs (celldsl on the Triton
-interpreter, torch.nn, the textbook loop, torch.compile of its step with the eager backend) and agrees
-with celldsl, so the GPU benchmark's code paths are tested where there is no GPU. No timing is checked."""
+"""bench/gpu.py --dry-run on the CPU: every implementation of every suite runs (celldsl's graphed path and
+its schedules on the Triton interpreter, torch.nn for cuDNN's rows, the textbook loop) and agrees with
+the graphed path, so the GPU benchmark's code paths are tested where there is no GPU. No timing is
+checked."""
 
 import importlib.util
 import os
@@ -18,26 +19,35 @@ def load_bench():
     return module
 
 
-def test_dry_run_prints_one_full_table(capsys, monkeypatch):
+def test_dry_run_prints_one_row_per_case_and_implementation(capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bench = load_bench()
     assert bench.main(["--dry-run"]) == 0
     assert "TRITON_INTERPRET" not in os.environ, "the dry run restores the environment"
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     header, rows = lines[0], lines[1:]
-    for impl in bench.IMPLS:
-        assert f"{impl} fwd | {impl} fwd+bwd" in header
-    assert [r.split("|")[1].strip() for r in rows] == list(bench.CELLS)
-    for r in rows:
-        cols = [c.strip() for c in r.strip("|").split("|")]
-        times = cols[5:-1]
-        has_cudnn = cols[0] in ("lstm", "gru")
-        for i, t in enumerate(times):
-            if bench.IMPLS[i // 2] == "cuDNN" and not has_cudnn:
-                assert t == "-"
-            else:
-                assert float(t) > 0, r
-        assert float(cols[-1]) < 1e-5, f"an implementation disagrees with celldsl: {r}"
+    assert "fwd ms | fwd+bwd ms" in header and "TFLOP/s" in header
+    cols = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    seen = {(c[0], c[1], c[5]) for c in cols}
+    expected = set()
+    for suite, cases in bench.suites(dry=True).items():
+        for case in cases:
+            for impl in bench.impls_of(case, textbook=False):
+                if impl in bench.CUDNN and impl != "cuDNN fp32":
+                    continue  # the dry run is fp32 only
+                if impl == "textbook" and (case.layers > 1 or case.bidirectional):
+                    continue
+                expected.add((suite, case.name(), impl))
+    assert expected <= seen, f"missing rows: {sorted(expected - seen)}"
+    everything = {"graphed", "persistent", "fused_step", "time_loop", "scan", "auto", "cuDNN fp32",
+                  "textbook"}
+    assert {impl for _, _, impl in seen} >= everything
+    for c in cols:
+        if c[5] == "textbook" and "layers" in c[1]:
+            assert c[7] == "-" and "NotImplementedError" in c[-1]  # a row that says why it has no time
+            continue
+        assert float(c[7]) > 0 and float(c[8]) > 0, c
+        assert float(c[-2]) < 1e-5, f"an implementation disagrees with the graphed path: {c}"
 
 
 def test_bench_rows_compare_like_with_like():
@@ -47,12 +57,27 @@ def test_bench_rows_compare_like_with_like():
     bench = load_bench()
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        impls = bench.implementations("gru", 2, 8, torch.device("cpu"), torch.float32, "eager")
-        x = torch.randn(3, 2, 8)
+        case = bench.Case("columns", "mingru", 2, 3, 8)
+        x, _ = bench.inputs(case, torch.device("cpu"), torch.float32)
+        run_g, _ = bench.build(case, "graphed", torch.device("cpu"), torch.float32)
+        run_t, params = bench.build(case, "textbook", torch.device("cpu"), torch.float32)
         with torch.no_grad():
-            want = impls["celldsl"][0](x)
-            torch.testing.assert_close(impls["textbook"][0](x), want, atol=1e-5, rtol=0)
-            impls["textbook"][1][0].add_(0.1)  # perturb one textbook weight
-            assert (impls["textbook"][0](x) - want).abs().max() > 1e-3
+            want = run_g(x)
+            torch.testing.assert_close(run_t(x), want, atol=1e-5, rtol=0)
+            params[0].add_(0.1)  # perturb one weight of the textbook's layer only
+            assert (run_t(x) - want).abs().max() > 1e-3
     finally:
         del os.environ["TRITON_INTERPRET"]
+
+
+def test_targets_say_met_or_missed_by_how_much():
+    bench = load_bench()
+    lstm = bench.Case("dense", "lstm", 16, 1024, 768)
+    rows = [bench.Row(lstm, "persistent", "bfloat16", (1.0, 4.0)),
+            bench.Row(lstm, "cuDNN fp16", "float16", (2.0, 5.0)),
+            bench.Row(lstm, "graphed", "bfloat16", (7.0, 24.0)),
+            bench.Row(lstm, "auto", "bfloat16", (1.0, 30.0))]
+    text = "\n".join(bench.targets(rows, float("nan")))
+    assert "fwd no slower than cuDNN fp16 (same run): 1.00 ms vs 2.00 ms = x2.00: met" in text
+    assert "fwd+bwd no slower than cuDNN fp16 (same run): 4.00 ms vs 5.00 ms = x1.25: met" in text
+    assert "auto no slower than graphed (fwd+bwd): 30.00 ms vs 24.00 ms = x0.80: MISSED" in text
