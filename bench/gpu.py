@@ -443,7 +443,11 @@ def main(argv=None) -> int:
         else:
             warm_cache([(c, i, args.dtype) for c, impls in plan for i in impls if i in CELLDSL], args.jobs)
         copy_gbs, mm_tflops = ceilings(device)
-        rows = [r for c, impls in plan for r in bench_case(c, impls, device, dtype, warmup, repeats)]
+        rows = []
+        for c, impls in plan:  # progress on stderr, so a run cut short still says what it measured
+            rows += bench_case(c, impls, device, dtype, warmup, repeats)
+            done = table(rows[-len(impls):], copy_gbs).splitlines()[2:]
+            print("\n".join(done), file=sys.stderr, flush=True)
     finally:
         if before is None:
             os.environ.pop("TRITON_INTERPRET", None)
