@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from . import ast
-from .errors import CellError, CellWarning, Loc, Source, warning_text
+from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
 from .functions import FUNCTIONS, evaluate
 
 H = "H"  # the size of every value of the step except expressions of inputs only
@@ -34,6 +34,7 @@ MAX_SIZE = 5000  # nodes of one value after inlining intermediates (shared subex
 # costs grows with it (the derived backward and the C kernels are linear in it). The zoo's largest
 # cell has 150; at the bound `check` takes seconds and the C kernels compile in under 30 s.
 MAX_STEP_NODES = 6000
+MAX_ERRORS = 20  # a file stops being checked after this many errors
 
 
 def symbol(name: str) -> sp.Symbol:
@@ -113,6 +114,9 @@ class _Builder:
         self.sizes: dict[sp.Basic, tuple[int, int]] = {}  # memo of measure()
         self.applications: dict[str, int] = {}  # matrix -> index of its last product symbol
         self.step_nodes: set[sp.Basic] = set()  # distinct nodes of what the step computes (count_step)
+        self.errors: list[CellError] = []  # every problem found, reported together (raise_all)
+        self.failed: set[str] = set()  # equations that failed or read one that did
+        self.poisoned: set[str] = set()  # names whose declaration failed
 
     def error(self, message: str, loc: Loc | None) -> CellError:
         return CellError(message, self.src, loc)
@@ -120,6 +124,8 @@ class _Builder:
     # ---- declarations ------------------------------------------------------------------------
 
     def declare(self) -> None:
+        """Names, kinds and equations of the file. Each problem is reported (`attempt`) and the rest
+        is still checked; a name whose declaration failed is `poisoned`, so its uses say nothing more."""
         m = self.m
         if not (m.name or m.inputs or m.states or m.params or m.definitions or m.updates):
             raise self.error(
@@ -127,9 +133,9 @@ class _Builder:
                 Loc(1, 1),
             )
         if not m.inputs:
-            raise self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1))
+            self.report(self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1)))
         if not m.states:
-            raise self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1))
+            self.report(self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1)))
         taken: dict[str, tuple[str, Loc]] = {}
 
         def claim(name: ast.Name, what: str) -> None:
@@ -144,66 +150,92 @@ class _Builder:
             taken[name.text] = (what, name.loc)
 
         for n in m.inputs:
-            claim(n, "an input")
-        for n in m.states:
-            claim(n, "a state")
-        for group, _members in m.groups:
-            claim(group, "a parameter group")
-            self.groups[group.text] = [x.text for x in _members]
+            self.attempt(claim, n, "an input")
+        misdeclared = {n.text for n in m.states if not self.attempt(claim, n, "a state")}
+        for group, members in m.groups:
+            if self.attempt(claim, group, "a parameter group"):
+                self.groups[group.text] = [x.text for x in members]
         for n, kind, group in m.params:
-            claim(n, "a parameter")
-            if kind is not None and kind.text not in ("scalar", "vector", "matrix"):
-                raise self.error(
-                    f"unknown parameter kind '{kind.text}'; expected 'scalar', 'vector' or 'matrix' (only "
-                    "scalars must be declared: vectors and matrices are inferred from use)",
-                    kind.loc,
-                )
-            group_name = group.text if group else None
-            self.params[n.text] = Param(
-                n.text, "", n.loc, group=group_name, declared_kind=kind.text if kind else None
-            )
+            if not self.attempt(self._declare_param, n, kind, group, claim) and n.text not in self.params:
+                self.poisoned.add(n.text)
         for name, expr in m.definitions:
-            if name.text in taken and name.text not in self.defs:
-                what, loc = taken[name.text]
-                hint = f"; write {name.text}' = ... for its next value" if what == "a state" else ""
-                raise self.error(
-                    f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}", name.loc
-                )
-            if name.text in self.defs:
-                first = self.defs[name.text][0].loc
-                raise self.error(f"'{name.text}' is assigned twice (first on line {first.line})", name.loc)
-            if name.text in FUNCTIONS or name.text == "prev":
-                raise self.error(f"'{name.text}' is a function name and cannot be assigned", name.loc)
-            self.defs[name.text] = (name, expr)
+            if not self.attempt(self._declare_definition, name, expr, taken):
+                self.poisoned.add(name.text)
+                misdeclared.add(name.text)  # `h = ...` for a state h: no second error that h' is missing
         for name, expr in m.updates:
-            if name.text not in self.states:
-                raise self.error(
-                    f"'{name.text}' is not a state, so it has no next value {name.text}'; declare it with "
-                    f"'state {name.text}' or write '{name.text} = ...'",
-                    name.loc,
-                )
-            if name.text in self.updates:
-                first = self.updates[name.text][0].loc
-                raise self.error(f"'{name.text}'' is assigned twice (first on line {first.line})", name.loc)
-            self.updates[name.text] = (name, expr)
+            self.attempt(self._declare_update, name, expr)
         for s in m.states:
-            if s.text not in self.updates:
-                raise self.error(
-                    f"state '{s.text}' is never updated; add an equation {s.text}' = ...", s.loc
-                )
+            if s.text not in self.updates and s.text not in misdeclared:
+                self.report(self.error(f"state '{s.text}' is never updated; add an equation {s.text}' = ...",
+                                       s.loc))
         for names, value in m.inits:
             for n in names:
-                if n.text not in self.params and n.text not in self.groups:
-                    raise self.error(self._unknown(n.text, "parameter", self.params), n.loc)
-                self._check_init(value)
-                targets = self.groups.get(n.text, [n.text])
-                for t in targets:
-                    first = self.params[t].init
-                    if first is not None:
-                        what = f"'{t}'" + (f" (in group '{n.text}')" if n.text != t else "")
-                        raise self.error(f"{what} is initialised twice (first on line {first.loc.line})",
-                                         n.loc)
-                    self.params[t].init = value
+                self.attempt(self._declare_init, n, value)
+
+    def _declare_param(self, n: ast.Name, kind: ast.Name | None, group: ast.Name | None, claim) -> None:
+        claim(n, "a parameter")
+        group_name = group.text if group else None
+        self.params[n.text] = Param(n.text, "", n.loc, group=group_name,
+                                    declared_kind=kind.text if kind else None)
+        if kind is not None and kind.text not in ("scalar", "vector", "matrix"):
+            self.params[n.text].declared_kind = None
+            raise self.error(
+                f"unknown parameter kind '{kind.text}'; expected 'scalar', 'vector' or 'matrix' (only "
+                "scalars must be declared: vectors and matrices are inferred from use)",
+                kind.loc,
+            )
+
+    def _declare_definition(self, name: ast.Name, expr, taken: dict) -> None:
+        if name.text in taken and name.text not in self.defs:
+            what, loc = taken[name.text]
+            hint = f"; write {name.text}' = ... for its next value" if what == "a state" else ""
+            raise self.error(f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}",
+                             name.loc)
+        if name.text in self.defs:
+            first = self.defs[name.text][0].loc
+            raise self.error(f"'{name.text}' is assigned twice (first on line {first.line})", name.loc)
+        if name.text in FUNCTIONS or name.text == "prev":
+            raise self.error(f"'{name.text}' is a function name and cannot be assigned", name.loc)
+        self.defs[name.text] = (name, expr)
+
+    def _declare_update(self, name: ast.Name, expr) -> None:
+        if name.text not in self.states:
+            raise self.error(
+                f"'{name.text}' is not a state, so it has no next value {name.text}'; declare it with "
+                f"'state {name.text}' or write '{name.text} = ...'",
+                name.loc,
+            )
+        if name.text in self.updates:
+            first = self.updates[name.text][0].loc
+            raise self.error(f"'{name.text}'' is assigned twice (first on line {first.line})", name.loc)
+        self.updates[name.text] = (name, expr)
+
+    def _declare_init(self, n: ast.Name, value: ast.InitValue) -> None:
+        if n.text not in self.params and n.text not in self.groups:
+            raise self.error(self._unknown(n.text, "parameter", self.params), n.loc)
+        self._check_init(value)
+        for t in self.groups.get(n.text, [n.text]):
+            first = self.params[t].init
+            if first is not None:
+                what = f"'{t}'" + (f" (in group '{n.text}')" if n.text != t else "")
+                raise self.error(f"{what} is initialised twice (first on line {first.loc.line})", n.loc)
+            self.params[t].init = value
+
+    # ---- reporting every problem -----------------------------------------------------------------
+
+    def report(self, err: CellError) -> None:
+        self.errors.extend(err.errors)
+        if len(self.errors) >= MAX_ERRORS:  # as compilers stop: what follows is mostly noise
+            raise _Stop
+
+    def attempt(self, fn, *args) -> bool:
+        """Run one check; a CellError is reported, not raised, so the next independent check runs."""
+        try:
+            fn(*args)
+            return True
+        except CellError as err:
+            self.report(err)
+            return False
 
     def _check_init(self, v: ast.InitValue) -> None:
         if v.kind == "named" and v.name not in ("zeros", "ones", "orthogonal", "default"):
@@ -379,6 +411,8 @@ class _Builder:
             return symbol(name), H
         if name in self.defs:
             return self.resolve(name)
+        if name in self.poisoned:
+            raise _Skip(name)
         if name in self.groups:
             raise self.error(
                 f"'{name}' is a parameter group (storage); use its members {', '.join(self.groups[name])}",
@@ -391,6 +425,8 @@ class _Builder:
         `order`, which also reports cycles), so what this reads is resolved already."""
         if name in self.resolved:
             return self.resolved[name]
+        if name in self.failed:
+            raise _Skip(name)
         value, size = self.expr(self.defs[name][1])
         self.check_cost(value, f"'{name}'", self.defs[name][0].loc)
         self.resolved[name] = (value, size)
@@ -400,6 +436,8 @@ class _Builder:
         key = state + "'"
         if key in self.resolved_new:
             return self.resolved_new[key]
+        if key in self.failed or state not in self.updates:
+            raise _Skip(key)
         name, node = self.updates[state]
         value, size = self.expr(node)
         self.check_cost(value, f"{state}'", name.loc)
@@ -567,38 +605,60 @@ class _Builder:
         return done
 
     def evaluate(self, keys: list[str]) -> None:
+        """Evaluate equations in order; one that fails is reported and marked failed, and the equations
+        that read it are skipped (their errors would only repeat it)."""
         for key in keys:
-            if key.endswith("'"):
-                self.resolve_new(key[:-1])
-            else:
-                self.resolve(key)
+            try:
+                if key.endswith("'"):
+                    self.resolve_new(key[:-1])
+                else:
+                    self.resolve(key)
+            except _Skip:
+                self.failed.add(key)
+            except CellError as err:
+                self.report(err)
+                self.failed.add(key)
 
     # ---- the whole cell ----------------------------------------------------------------------
 
     def build(self) -> CellIR:
+        try:
+            return self._build()
+        except _Stop:
+            raise_all(self.errors)
+            raise
+
+    def _build(self) -> CellIR:
         self.declare()
         out = self.m.output
         if out is None and len(self.m.states) > 1:
-            raise self.error(
+            self.report(self.error(
                 "the cell has several states; say which is the output, e.g. 'output "
                 f"{self.m.states[0].text}'",
                 self.m.states[0].loc,
-            )
+            ))
         if out is not None and out.text not in self.states and out.text not in self.defs:
-            raise self.error(
-                self._unknown(out.text, "output (a state or an intermediate)", [*self.states, *self.defs]),
-                out.loc,
-            )
+            if out.text not in self.poisoned:
+                self.report(self.error(
+                    self._unknown(out.text, "output (a state or an intermediate)",
+                                  [*self.states, *self.defs]),
+                    out.loc,
+                ))
+            out = None
         needs, uses = self.dependencies()
-        roots = [s.text + "'" for s in self.m.states]
+        roots = [s.text + "'" for s in self.m.states if s.text in self.updates]
         if out is not None and out.text in self.defs:
             roots.append(out.text)
         used = _reachable(roots, uses)  # what the step's results reach, through prev(...) too
-        self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
-        # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
-        kept = (dict(self.needs_hidden), dict(self.products), dict(self.prev_states))
-        self.evaluate(self.order([d for d in self.defs if d not in used], needs))
-        self.needs_hidden, self.products, self.prev_states = (dict(k) for k in kept)
+        try:
+            self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
+            # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
+            kept = (dict(self.needs_hidden), dict(self.products), dict(self.prev_states))
+            self.evaluate(self.order([d for d in self.defs if d not in used], needs))
+            self.needs_hidden, self.products, self.prev_states = (dict(k) for k in kept)
+        except CellError as cycle:  # the evaluation order is meaningless past a cycle
+            self.report(cycle)
+        raise_all(self.errors)
 
         new_states = {s.text: self.resolved_new[s.text + "'"][0] for s in self.m.states}
         if out is None or out.text in self.states:
@@ -616,14 +676,16 @@ class _Builder:
             if size not in (H, "1"):
                 self.needs_hidden.setdefault(size, self.defs[target][0].loc)
             new_states[carried] = value
-        self._check_groups()
-        self._warn_unused(used, [*new_states.values(), out_expr])
+        self.attempt(self._check_groups)
         ir_params = dict(self.params)
         for p in ir_params.values():
             if not p.kind:
                 p.kind = "vector"
             if p.init is not None and p.init.name == "orthogonal" and p.kind != "matrix":
-                raise self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}", p.init.loc)
+                self.report(self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}",
+                                       p.init.loc))
+        raise_all(self.errors)
+        self._warn_unused(used, [*new_states.values(), out_expr])
         return CellIR(
             name=self.m.name.text if self.m.name else _stem(self.src.filename),
             doc=self.m.doc,
@@ -692,6 +754,14 @@ class _Builder:
             if symbol(n.text) not in leaves:
                 text = warning_text(f"input '{n.text}' is never used", self.src, n.loc)
                 warnings.warn(text, CellWarning, stacklevel=4)
+
+
+class _Skip(Exception):  # noqa: N818 - not an error: the equation reads one whose error was reported
+    """Raised where an equation reads a name whose own equation or declaration already failed."""
+
+
+class _Stop(Exception):  # noqa: N818
+    """Raised when MAX_ERRORS errors are reported: the file is not checked further."""
 
 
 def _reachable(roots: list[str], edges: dict[str, list[str]]) -> set[str]:

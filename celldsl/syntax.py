@@ -10,7 +10,7 @@ from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
-from .errors import CellError, Loc, Source
+from .errors import CellError, Loc, Source, raise_all
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
@@ -307,18 +307,62 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
             f"parentheses nested more than {MAX_NESTING} deep", source, _loc(deep.token)
         ) from None
     except UnexpectedInput as err:
-        raise _syntax_error(err, source) from None
+        raise_all(_every_syntax_error(source) or [_syntax_error(err, source)])
     statements = _ToAst().transform(tree)
     return _collect(statements, source)
 
 
-def _syntax_error(err: UnexpectedInput, source: Source) -> CellError:
+def _statements(text: str) -> list[tuple[int, str]]:
+    """The text cut into statements as the parser reads them: (lines before it, its text with its
+    line break). A statement ends at a line break outside ( ) and [ ]; strings and comments hold no
+    brackets. An unclosed bracket runs to the end of the file."""
+    chunks, depth, start, line, first = [], 0, 0, 0, 0
+    for m in _BRACKETS.finditer(text):
+        c = m.group()
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif c == "\n":
+            line += 1
+            if depth == 0:
+                chunks.append((first, text[start : m.end()]))
+                start, first = m.end(), line
+    if start < len(text):
+        chunks.append((first, text[start:]))
+    return chunks
+
+
+def _every_syntax_error(source: Source) -> list[CellError]:
+    """The first syntax error of every statement, so a file with several mistakes gets them all at once
+    (the parser itself stops at the first)."""
+    errors = []
+    for before, chunk in _statements(source.text):
+        try:
+            parser().parse(chunk)
+        except _TooDeep as deep:
+            loc = _loc(deep.token)
+            errors.append(CellError(f"parentheses nested more than {MAX_NESTING} deep", source,
+                                    Loc(loc.line + before, loc.column, loc.end_column)))
+        except UnexpectedInput as err:
+            errors.append(_syntax_error(err, Source(chunk, source.filename), before, source))
+    return errors
+
+
+def _syntax_error(err: UnexpectedInput, source: Source, before: int = 0, full: Source | None = None
+                  ) -> CellError:
+    """The error of a parse of `source`, reported at its place in `full` (the file), `before` lines on."""
     text = source.text
+    full = full or source
+
+    def at(loc: Loc) -> Loc:
+        return Loc(loc.line + before, loc.column, loc.end_column)
+
     if isinstance(err, UnexpectedCharacters):
         char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
         what = f"character '{char}'" if char.isprintable() else f"character U+{ord(char):04X}"
         hint = "; a string is written between double quotes on one line" if char == '"' else ""
-        return CellError(f"unexpected {what}{hint}", source, Loc(err.line, err.column))
+        return CellError(f"unexpected {what}{hint}", full, at(Loc(err.line, err.column)))
     if isinstance(err, UnexpectedEOF):
         tok, expected, pos = None, set(err.expected), len(text)
     else:
@@ -340,8 +384,8 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> CellError:
         message += f"; this '{tok.value}' closes no bracket"
     if still_open and (still_open[-1][1].line < loc.line or what == "end of file"):
         bracket, where = still_open[-1]
-        message += f"; the '{bracket}' on line {where.line}, column {where.column} is never closed"
-    return CellError(message, source, loc)
+        message += f"; the '{bracket}' on line {where.line + before}, column {where.column} is never closed"
+    return CellError(message, full, at(loc))
 
 
 def _collect(statements, source: Source) -> ast.Module:

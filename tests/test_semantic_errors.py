@@ -242,3 +242,44 @@ def test_cached_compile_repeats_the_warnings(tmp_path, monkeypatch):
     for _ in range(2):  # cold, then from the cache
         with pytest.warns(CellWarning, match="parameter 'b' is never used"):
             compile_cell(path)
+
+
+# ---- every error at once, in text order -----------------------------------------------------------
+
+
+def test_every_independent_error_is_reported_in_text_order():
+    """The issue's case (an unknown function on line 7, an undefined name on line 8: only line 8 was
+    reported) and more: declarations, initialisers and equations each report their own error; an
+    equation that reads a failed one says nothing more."""
+    text = (
+        "input x\nstate h, c\noutput h\nparam W, U, b\nparam K : blah\ninit b = normal(-1)\n"
+        "a = tanhh(W @ x)\nq = undefined_name + h\nd = a * 2\nh' = tanh(U @ h + b) + d\nc' = c * q\n"
+    )
+    with pytest.raises(CellError) as info:
+        compile_text(text)
+    err = info.value
+    got = [(e.line, e.column) for e in err.errors]
+    assert got == [(5, 11), (6, 10), (7, 5), (8, 5)]  # nothing for d, h', c': they read a and q
+    assert [e.message.split(";")[0] for e in err.errors] == [
+        "unknown parameter kind 'blah'", "the standard deviation must not be negative, got -1",
+        "unknown function 'tanhh'", "unknown name 'undefined_name'",
+    ]  # fmt: skip
+    assert str(err).count(": error: ") == 4 and str(err).startswith("bad.cell:5:11: error: ")
+    assert (err.line, err.column) == (5, 11)
+
+
+def test_every_syntax_error_is_reported_one_per_statement():
+    text = "input x\nstate h\nparam W, U\na = tanh(W @ x +)\nb = (x * * 2)\nh' = tanh(U @ h + a + b\n"
+    with pytest.raises(CellError) as info:
+        compile_text(text)
+    assert [(e.line, e.column) for e in info.value.errors] == [(4, 17), (5, 10), (6, 24)]
+    assert "the '(' on line 6, column 10 is never closed" in info.value.errors[2].message
+
+
+def test_a_flood_of_errors_stops_at_twenty():
+    text = "input x\nstate h\n" + "".join(f"a{i} = q{i}\n" for i in range(100)) + "h' = h\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        with pytest.raises(CellError) as info:
+            compile_text(text)
+    assert len(info.value.errors) == 20 and info.value.errors[0].line == 3
