@@ -47,7 +47,7 @@ class Call:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # one of + - * / ^ @
+    op: str  # one of + - * / ^ @ < <= > >=
     left: object
     right: object
     loc: Loc

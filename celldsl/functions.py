@@ -136,8 +136,77 @@ class minimum(CellFunction):  # noqa: N801
     numeric = staticmethod(min)
 
 
+class less(CellFunction):  # noqa: N801
+    """1 where a < b, else 0 (`a < b` and `b > a` in a cell file): flat, so its derivative is 0."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    @staticmethod
+    def numeric(a, b):
+        return 1.0 if a < b else 0.0
+
+
+class less_equal(CellFunction):  # noqa: N801
+    """1 where a <= b, else 0 (`a <= b`, `b >= a`)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    @staticmethod
+    def numeric(a, b):
+        return 1.0 if a <= b else 0.0
+
+
+class where(CellFunction):  # noqa: N801
+    """a where the condition is nonzero, else b; the gradient goes to the branch taken."""
+
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        c = self.args[0]
+        if argindex == 1:
+            return sp.Integer(0)
+        return where(c, 1, 0) if argindex == 2 else where(c, 0, 1)
+
+    @staticmethod
+    def numeric(c, a, b):
+        return a if c != 0 else b
+
+
+class floor(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    numeric = staticmethod(math.floor)
+
+
+class mod(CellFunction):  # noqa: N801
+    """a - b * floor(a / b): the remainder with the sign of b, as torch.remainder and Python's %."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sp.Integer(1) if argindex == 1 else -floor(a / b)
+
+    @staticmethod
+    def numeric(a, b):
+        return a - b * math.floor(a / b)
+
+
 def _sqrt(x):
     return sp.sqrt(x)
+
+
+def _clip(v, lo, hi):
+    return minimum(maximum(v, lo), hi)
 
 
 # name in a cell file -> (arity, SymPy constructor)
@@ -154,7 +223,12 @@ FUNCTIONS = {
     "sqrt": (1, _sqrt),
     "max": (2, maximum),
     "min": (2, minimum),
+    "where": (3, where),
+    "mod": (2, mod),
+    "floor": (1, floor),
+    "clip": (3, _clip),
 }
+CONSTANTS = {"pi": sp.pi, "e": sp.E}  # names a cell may use for these when it declares no such name
 
 
 def evaluate(expr: sp.Expr) -> float:

@@ -17,9 +17,10 @@ import sympy as sp
 
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
-from .functions import FUNCTIONS, evaluate
+from .functions import CONSTANTS, FUNCTIONS, evaluate, less, less_equal
 
 H = "H"  # the size of every value of the step except expressions of inputs only
+COMPARISONS = ("<", "<=", ">", ">=")
 NAME = re.compile(r"(?!\d)\w+")  # as grammars/cell.lark spells a name
 MAX_CONSTANT = 1e300  # beyond this a constant overflows float64 arithmetic
 FLOAT32_MAX = 3.4028234663852886e38
@@ -293,6 +294,8 @@ class _Builder:
         if isinstance(node, ast.BinOp):
             if node.op == "@":
                 return self.matmul(node)
+            if node.op in COMPARISONS:
+                return self.compare(node)
             if node.op == "^":
                 (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
                 size = self.join([(sa, node.left.loc), (sb, node.right.loc)])
@@ -301,6 +304,15 @@ class _Builder:
                 return sp.Pow(a, b), size
             return self.chain(node)
         raise AssertionError(f"unexpected node {node!r}")
+
+    def compare(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
+        """a < b (a > b is b < a): 1 where it holds, else 0."""
+        (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
+        size = self.join([(sa, node.left.loc), (sb, node.right.loc)])
+        if node.op in (">", ">="):
+            a, b = b, a
+        make = less if node.op in ("<", ">") else less_equal
+        return self.fold(make(a, b), a in self.constants and b in self.constants, node.loc), size
 
     def chain(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
         """a + b - c * d ...: the left spine of + - * / is walked in a loop, not recursively, and each
@@ -413,6 +425,8 @@ class _Builder:
             return self.resolve(name)
         if name in self.poisoned:
             raise _Skip(name)
+        if name in CONSTANTS:
+            return self.fold(CONSTANTS[name], True, node.loc), "1"
         if name in self.groups:
             raise self.error(
                 f"'{name}' is a parameter group (storage); use its members {', '.join(self.groups[name])}",
@@ -505,6 +519,8 @@ class _Builder:
             raise self.error(f"{node.func} takes {arity} {plural}, got {len(node.args)}", node.loc)
         args = [self.expr(a) for a in node.args]
         size = self.join([(s, a.loc) for (_, s), a in zip(args, node.args, strict=True)])
+        if node.func == "where" and args[0][0] in self.constants:  # a constant condition picks a branch
+            return args[1][0] if args[0][0] != 0 else args[2][0], size
         const = all(a in self.constants for a, _ in args)
         return self.fold(make(*(a for a, _ in args)), const, node.loc), size
 

@@ -82,7 +82,7 @@ def _loc(item) -> Loc:
     return Loc(meta.line, meta.column, end)
 
 
-OPERATORS = {"STAR", "SLASH", "AT", "POW", "__ANON_0"}  # binary only (+ and - also start an expression)
+OPERATORS = {"STAR", "SLASH", "AT", "POW", "COMPARE", "__ANON_0"}  # binary only (+ and - also start an expression)
 EXPRESSION_START = {"NAME", "NUMBER", "LPAR", "MINUS", "PLUS"}
 KEYWORDS = {"CELL", "DOC", "CITE", "INPUT", "STATE", "OUTPUT", "PARAM", "INIT"}
 
@@ -180,6 +180,10 @@ class _ToAst(Transformer_NonRecursive):
 
     add, sub, mul, div, matmul = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@")
     pow = _bin("^")
+
+    @v_args(meta=True)
+    def compare(self, meta, items):
+        return ast.BinOp(str(items[1]), items[0], items[2], _loc(meta))
 
     @v_args(meta=True)
     def neg(self, meta, items):

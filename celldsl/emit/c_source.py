@@ -44,6 +44,9 @@ C_RESERVED = {
     "volatile", "while", "n", "H", "p", "ld", "i", "j", "int64_t", "NAN", "INFINITY",
 }
 LIBM = ("exp", "tanh", "log", "log1p", "pow")
+# cell functions with a static C helper cd_<name>_<dtype> (see _helpers)
+HELPERS = ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_equal",
+           "where", "floor", "mod")
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,7 @@ class CPrinter(C99CodePrinter):
 
     def __init__(self, names: dict[sp.Symbol, str], dtype: str):
         self.dtype = dtype
-        helpers = {f: f"cd_{f}_{dtype}" for f in
-                   ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum")}
+        helpers = {f: f"cd_{f}_{dtype}" for f in HELPERS}
         super().__init__({"type_aliases": {real: float32 if dtype == "f32" else float64},
                           "user_functions": helpers})
         self.names = names
@@ -275,6 +277,11 @@ static inline {t} cd_logsigmoid_{s}({t} x) {{ return (x < 0 ? x : 0) - log1p{f}(
 static inline {t} cd_step_{s}({t} x) {{ return x > 0 ? 1 : 0; }}
 static inline {t} cd_maximum_{s}({t} a, {t} b) {{ return (a != a || a > b) ? a : b; }}
 static inline {t} cd_minimum_{s}({t} a, {t} b) {{ return (a != a || a < b) ? a : b; }}
+static inline {t} cd_less_{s}({t} a, {t} b) {{ return a < b ? 1 : 0; }}
+static inline {t} cd_less_equal_{s}({t} a, {t} b) {{ return a <= b ? 1 : 0; }}
+static inline {t} cd_where_{s}({t} c, {t} a, {t} b) {{ return c != 0 ? a : b; }}
+static inline {t} cd_floor_{s}({t} x) {{ return floor{f}(x); }}
+static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
 """
 
 
@@ -299,8 +306,7 @@ def _comment(text: str) -> str:
 
 def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     t = C_TYPES[dtype]
-    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in ("sigmoid", "relu", "softplus", "logsigmoid",
-                                                           "step", "maximum", "minimum")}
+    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in HELPERS}
     taken |= {f + suffix for f in LIBM + ("fabs", "sqrt") for suffix in ("", "f")}
     names: dict[sp.Symbol, str] = {}
     syms = {s.name: s for s in pw.inputs}

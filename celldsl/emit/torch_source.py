@@ -28,6 +28,11 @@ class TorchPrinter(TargetPrinter):
         "maximum": "_maximum({}, {})",
         "minimum": "_minimum({}, {})",
         "pow": "torch.pow({}, {})",
+        "less": "_less({}, {})",
+        "less_equal": "_less_equal({}, {})",
+        "where": "_where({}, {}, {})",
+        "floor": "torch.floor({})",
+        "mod": "torch.remainder({}, {})",
     }
 
 
@@ -54,10 +59,28 @@ def _minimum(a, b):
     if not isinstance(a, torch.Tensor):
         a, b = b, a
     return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
+
+
+def _like(r, a, b):  # a comparison's 0/1 in the dtype of its tensor operand
+    return r.to((a if isinstance(a, torch.Tensor) else b).dtype)
+
+
+def _less(a, b):
+    return _like(a < b, a, b)
+
+
+def _less_equal(a, b):
+    return _like(a <= b, a, b)
+
+
+def _where(c, a, b):  # a where c is nonzero: c is 0/1 from a comparison, or any value
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        a = torch.full_like(c, a)
+    return torch.where(c != 0, a, b)
 '''
 
 
-HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum"}
+HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum", "_like", "_less", "_less_equal", "_where"}
 
 
 def function_names(plan: Plan) -> list[str]:

@@ -41,6 +41,11 @@ class TritonPrinter(TargetPrinter):
         "maximum": "tl.maximum({}, {})",
         "minimum": "tl.minimum({}, {})",
         "pow": "_pow({}, {})",
+        "less": "tl.where({} < {}, 1.0, 0.0)",
+        "less_equal": "tl.where({} <= {}, 1.0, 0.0)",
+        "where": "tl.where({} != 0, {}, {})",
+        "floor": "tl.floor({})",
+        "mod": "_mod({}, {})",
     }
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
@@ -134,6 +139,12 @@ def _step(x):
 @triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+
+
+@triton.jit
+def _mod(a, b):
+    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    return a - b * tl.floor(a / b)
 
 
 @triton.jit
@@ -236,7 +247,7 @@ class _Function:
 
 
 KNOWN_GLOBALS = {
-    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow",
+    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow", "_mod",
     "_DTYPES", "_rows", "_vec", "_launch", "_empty",
 }  # fmt: skip
 
