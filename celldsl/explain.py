@@ -9,6 +9,8 @@ FLOPs per step, and the recurrence kind.
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from .errors import printable
@@ -41,12 +43,15 @@ def explain(compiled) -> str:
     out += ["states (the layer's state tuple, in this order):"]
     for i, s in enumerate(ir.states):
         extra = "  (carried for prev(); starts at zero)" if i >= ir.declared_states else ""
-        out.append(f"  {s}  [H]{extra}")
-    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + "  [H]")
-    for name, loc in ir.needs_hidden_size.items():
-        where = f"line {loc.line}, column {loc.column}"
-        size = _size_sym(name, ir)
-        out.append(f"needs {size} == H: input '{name}' meets H-wide values elementwise ({where})")
+        out.append(f"  {s}  [{_width(ir.width(s), ir)}]{extra}")
+    output_width = _width(ir.width(ir.output), ir)
+    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + f"  [{output_width}]")
+    for (a, b), loc in ir.same_widths.items():
+        where = f"line {loc.line}, column {loc.column}" if loc else "?"
+        first, second = (b, a) if a == HIDDEN else (a, b)
+        what = f"input '{first}'" if first in ir.inputs else f"{first}-wide values"
+        out.append(f"needs {_size_sym(first, ir)} == {_size_sym(second, ir)}: {what} meets "
+                   f"{_width_words(second, ir)} elementwise ({where})")
 
     out += ["", "parameters:"]
     total = sp.Integer(0)
@@ -121,11 +126,20 @@ def explain(compiled) -> str:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def _size_sym(name: str, ir) -> sp.Symbol:
-    """The size of an operand: H, I (the first input) or C_<name> (any further input)."""
+def _size_sym(name: str, ir) -> sp.Expr:
+    """The size of a width: H, I (the first input), C_<name> (any further input), 1 (one value per
+    sequence) or a width the cell declares (P)."""
     if name == HIDDEN:
         return H_SYM
-    return I_SYM if name == ir.inputs[0] else sp.Symbol(f"C_{name}", positive=True)
+    if name == "row":
+        return sp.Integer(1)
+    if name in ir.inputs:
+        return I_SYM if name == ir.inputs[0] else sp.Symbol(f"C_{name}", positive=True)
+    return sp.Symbol(name, positive=True)
+
+
+def _width_words(name: str, ir) -> str:
+    return "H-wide values" if name == HIDDEN else f"input '{name}'" if name in ir.inputs else f"{name}-wide values"
 
 
 def _width(name: str, ir) -> str:
@@ -134,7 +148,7 @@ def _width(name: str, ir) -> str:
 
 def _stores(ir):
     """(stored name, members, kind, shape text, numbers per member as a polynomial in I, H)."""
-    seen, rows = set(), []
+    seen, found = set(), []
     for name, p in ir.params.items():
         if p.group is not None and p.group in seen:
             continue
@@ -143,20 +157,23 @@ def _stores(ir):
         seen.add(store)
         n = len(members)
         if p.kind == "matrix":
-            cols = _size_sym(p.operand_size, ir)
-            shape, size = f"{_times(n)}H x {cols}", H_SYM * cols
+            rows, cols = _size_sym(p.rows, ir), _size_sym(p.operand_size, ir)
+            heads = f" in {p.heads} heads (block-diagonal)" if p.heads else ""
+            shape, size = f"{_times(n)}{rows} x {cols}{heads}", rows * cols / (p.heads or 1)
         elif p.kind == "vector":
-            shape, size = f"{_times(n)}H", H_SYM
+            width = _size_sym(p.rows, ir)
+            shape, size = f"{_times(n)}{width}", width
         else:
             shape, size = "1" if n == 1 else str(n), sp.Integer(1)
-        rows.append((store, members, p.kind, shape, size))
-    return rows
+        found.append((store, members, p.kind, shape, size))
+    return found
 
 
 def _gemm(g: Gemm, plan: Plan) -> str:
     cols = _size_sym(g.operand_size, plan.ir)
     operand = g.operand.name
-    text = f"[{', '.join(g.params)}] ({_times(len(g.params))}H x {cols}) @ {operand}"
+    rows = re.sub(r"(\d)\*", r"\1", sp.sstr(_rows(g, plan.ir)))  # 4H, H + P
+    text = f"[{', '.join(g.params)}] ({rows} x {cols}) @ {operand}"
     if plan.roles.get(g.operand) == "operand":
         text += f",  {operand} = {_operand_expr(g, plan)}"
     return text
@@ -190,8 +207,12 @@ def _times(n: int) -> str:
     return "" if n == 1 else str(n)
 
 
+def _rows(g: Gemm, ir) -> sp.Expr:
+    return sum((_size_sym(w, ir) for w in g.widths), sp.Integer(0))
+
+
 def _gemm_flops(g: Gemm, ir) -> sp.Expr:
-    return 2 * len(g.params) * H_SYM * _size_sym(g.operand_size, ir)
+    return 2 * _rows(g, ir) * _size_sym(g.operand_size, ir)
 
 
 def _poly(e: sp.Expr) -> str:

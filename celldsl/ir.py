@@ -11,13 +11,14 @@ import difflib
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
 from .functions import CONSTANTS, FUNCTIONS, evaluate, less, less_equal
+from .widths import BROADCAST, Widths, width_words
 
 H = "H"  # the size of every value of the step except expressions of inputs only
 COMPARISONS = ("<", "<=", ">", ">=")
@@ -60,21 +61,40 @@ class Param:
     kind: str  # "matrix" | "vector" | "scalar"
     loc: Loc
     group: str | None = None
-    operand_size: str | None = None  # matrices: "H" or the name of the input they read
+    operand_size: str | None = None  # matrices: the width of the values it reads (its columns)
     init: ast.InitValue | None = None
     used: bool = False
     declared_kind: str | None = None  # "scalar" when declared so; other kinds are inferred
     first_use: Loc | None = None  # matrices: where the operand size was fixed
+    rows: str | None = None  # matrices: the width of what it gives (its rows); vectors: their width
+    heads: int | None = None  # `heads(n)`: a block-diagonal matrix of n square blocks
+
+
+@dataclass(frozen=True)
+class MatrixTerm:
+    """coef * W (or its transpose, or the identity "eye") in a combination `(W - Wᵀ - g * eye) @ h`."""
+
+    coef: sp.Expr  # a number, or an expression of scalar parameters
+    matrix: str  # a matrix parameter, or EYE
+    transposed: bool = False
+
+
+EYE = "eye"
 
 
 @dataclass(frozen=True)
 class Product:
-    """`param @ operand`: one block of rows of a concatenated GEMM."""
+    """`param @ operand`: one block of rows of a concatenated GEMM. For a combination of matrices
+    (`(W - Wᵀ) @ h`), `param` is its display name and `terms` its parts; the layer builds the
+    weight from them once per call, and autograd takes its gradient through them."""
 
     symbol: sp.Symbol
     param: str
     operand: sp.Expr
     loc: Loc
+    rows: str = "H"  # the product's width
+    cols: str = "H"  # the operand's width
+    terms: tuple[MatrixTerm, ...] | None = None
 
 
 @dataclass
@@ -92,8 +112,18 @@ class CellIR:
     groups: dict[str, list[str]]  # stored tensors holding several parameters, rows in this order
     new_states: dict[str, sp.Expr]  # state -> its value at the end of the step, in leaf symbols
     products: dict[sp.Symbol, Product]
-    needs_hidden_size: dict[str, Loc] = field(default_factory=dict)  # input -> a use that needs I == H
+    widths: dict[str, str] = field(default_factory=dict)  # state, input, vector -> its width (widths.py)
+    same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
+
+    @property
+    def needs_hidden_size(self) -> dict[str, Loc]:
+        """input -> a use that needs its size == H (the constraints between an input and H)."""
+        return {a if b == H else b: loc for (a, b), loc in self.same_widths.items()
+                if H in (a, b) and ({a, b} - {H}) <= set(self.inputs)}
+
+    def width(self, name: str) -> str:
+        return self.widths[name]
 
 
 class _Builder:
@@ -110,7 +140,8 @@ class _Builder:
         self.resolved_new: dict[str, tuple[sp.Expr, str]] = {}
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
-        self.needs_hidden: dict[str, Loc] = {}
+        self.widths = Widths(list(self.inputs))
+        self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
         self.sizes: dict[sp.Basic, tuple[int, int]] = {}  # memo of measure()
         self.applications: dict[str, int] = {}  # matrix -> index of its last product symbol
@@ -153,6 +184,8 @@ class _Builder:
         for n in m.inputs:
             self.attempt(claim, n, "an input")
         misdeclared = {n.text for n in m.states if not self.attempt(claim, n, "a state")}
+        for n in [*m.inputs, *m.states]:
+            self.attempt(self._declare_width, n)
         for group, members in m.groups:
             if self.attempt(claim, group, "a parameter group"):
                 self.groups[group.text] = [x.text for x in members]
@@ -173,17 +206,44 @@ class _Builder:
             for n in names:
                 self.attempt(self._declare_init, n, value)
 
-    def _declare_param(self, n: ast.Name, kind: ast.Name | None, group: ast.Name | None, claim) -> None:
+    def _declare_width(self, n: ast.Name) -> None:
+        """An input's width is its own name (its size is the layer's input size) unless declared `: 1`;
+        a state's is H unless declared (`state h : P`, or `: 1` for one value per sequence)."""
+        is_input = n.text in self.inputs
+        default = n.text if is_input else H
+        declared = self.m.widths.get(n.text)
+        self.width_of.setdefault(n.text, default)
+        if declared is None:
+            return
+        if declared.text == "1":
+            self.width_of[n.text] = "row"
+        elif is_input or not NAME.fullmatch(declared.text):
+            what = "an input's width is the size the layer is given, so only ': 1' (one value per " \
+                   "sequence) can be declared" if is_input else "a width is a name such as P, or 1"
+            raise self.error(f"'{declared.text}' cannot be a width here; {what}", declared.loc)
+        else:
+            self.width_of[n.text] = declared.text
+
+    def _declare_param(self, n: ast.Name, kind: ast.ParamKind | None, group: ast.Name | None, claim) -> None:
         claim(n, "a parameter")
         group_name = group.text if group else None
-        self.params[n.text] = Param(n.text, "", n.loc, group=group_name,
-                                    declared_kind=kind.text if kind else None)
-        if kind is not None and kind.text not in ("scalar", "vector", "matrix"):
-            self.params[n.text].declared_kind = None
+        p = self.params[n.text] = Param(n.text, "", n.loc, group=group_name)
+        if kind is None:
+            return
+        word, count = kind.name.text, kind.count
+        if word == "heads" and count is not None:
+            heads = float(count)
+            if heads != int(heads) or heads < 1:
+                raise self.error(f"heads({count}): the number of heads is a positive whole number", kind.name.loc)
+            p.declared_kind, p.heads = "matrix", int(heads)
+        elif word in ("scalar", "vector", "matrix") and count is None:
+            p.declared_kind = word
+        else:
             raise self.error(
-                f"unknown parameter kind '{kind.text}'; expected 'scalar', 'vector' or 'matrix' (only "
-                "scalars must be declared: vectors and matrices are inferred from use)",
-                kind.loc,
+                f"unknown parameter kind '{word}{f'({count})' if count else ''}'; expected 'scalar', 'vector', "
+                "'matrix' or 'heads(n)' (only scalars must be declared: vectors and matrices are inferred from "
+                "use)",
+                kind.name.loc,
             )
 
     def _declare_definition(self, name: ast.Name, expr, taken: dict) -> None:
@@ -388,24 +448,14 @@ class _Builder:
         return self.fold(sp.Pow(a, b) if exact else sp.Float(approx), True, loc)
 
     def join(self, parts: list[tuple[str, Loc]]) -> str:
-        """Size of an elementwise combination; an input meeting an H-wide value needs I == H (the
-        location of the input-sized operand is kept for the error check_sizes raises)."""
-        sizes = {s for s, _ in parts if s != "1"}
-        if not sizes:
-            return "1"
-        if len(sizes) == 1:
-            return sizes.pop()
-        for s, loc in parts:
-            if s not in (H, "1"):
-                self.needs_hidden.setdefault(s, loc)
-        return H
+        """The width of an elementwise combination (widths.py): unknowns are fixed by it, and two named
+        widths meeting (an input and H) must be equal at run time, checked at the place they met."""
+        return self.widths.join(parts)
 
     def var(self, node: ast.Var) -> tuple[sp.Expr, str]:
         name = node.name
-        if name in self.inputs:
-            return symbol(name), name
-        if name in self.states:
-            return symbol(name), H
+        if name in self.inputs or name in self.states:
+            return symbol(name), self.widths.named(self.width_of.get(name, H), node.loc)
         if name in self.params:
             p = self.params[name]
             p.used = True
@@ -420,7 +470,8 @@ class _Builder:
                 )
             p.kind = "vector"
             p.first_use = p.first_use or node.loc
-            return symbol(name), H
+            p.rows = p.rows or self.widths.unknown(name)
+            return symbol(name), p.rows
         if name in self.defs:
             return self.resolve(name)
         if name in self.poisoned:
@@ -456,12 +507,11 @@ class _Builder:
         value, size = self.expr(node)
         self.check_cost(value, f"{state}'", name.loc)
         self.count_step(value, name.loc)
-        if size != H:
-            if size != "1":
-                self.needs_hidden.setdefault(size, node.loc)
-            size = H
-        self.resolved_new[key] = (value, size)
-        return value, size
+        width = self.widths.named(self.width_of.get(state, H), name.loc)
+        if size not in BROADCAST:
+            width = self.widths.unify(width, size, node.loc)
+        self.resolved_new[key] = (value, width)
+        return value, width
 
     def check_cost(self, value: sp.Expr, what: str, loc: Loc) -> None:
         """Refuse values too deep or too large for SymPy to differentiate in reasonable time."""
@@ -510,7 +560,7 @@ class _Builder:
             if target not in self.defs:
                 raise self.error(self._unknown(target, "intermediate", self.defs), node.args[0].loc)
             carried = self.prev_states.setdefault(target, f"prev({target})")
-            return symbol(carried), H
+            return symbol(carried), self.widths.unknown(carried)
         if node.func not in FUNCTIONS:
             raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
         arity, make = FUNCTIONS[node.func]
@@ -525,31 +575,13 @@ class _Builder:
         return self.fold(make(*(a for a, _ in args)), const, node.loc), size
 
     def matmul(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
-        left = node.left
-        if not isinstance(left, ast.Var) or left.name not in self.params:
-            what = f"'{left.name}'" if isinstance(left, ast.Var) else "this expression"
-            raise self.error(
-                f"the left side of @ must be a matrix parameter declared with 'param', not {what}", left.loc
-            )
-        p = self.params[left.name]
-        if p.declared_kind == "scalar":
-            raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", left.loc)
-        if p.declared_kind == "vector":
-            raise self.error(f"'{p.name}' is declared a vector and cannot be applied with @", left.loc)
-        if p.kind == "vector":
-            raise self.error(
-                f"'{p.name}' is used elementwise on line {p.first_use.line} (a vector) and as a matrix here",
-                left.loc,
-            )
+        """`M @ v`: M is a matrix parameter, its transpose (`Wᵀ`, `W^T`), the identity (`eye`, `I`), or
+        a sum of those times numbers and scalar parameters (`(W - Wᵀ - gamma * eye) @ h`)."""
+        terms = self.matrix_terms(node.left)
         operand, size = self.expr(node.right)
-        if size == "1":
-            raise self.error("the right side of @ must be an input or H-wide value, not a scalar", node.loc)
-        if p.operand_size is not None and p.operand_size != size:
-            raise self.error(
-                f"'{p.name}' is applied to operands of different sizes: {_size_words(p.operand_size)} "
-                f"on line {p.first_use.line} and {_size_words(size)} here",
-                node.loc,
-            )
+        if size in BROADCAST:
+            raise self.error("the right side of @ must be an input or a vector-wide value, not a scalar or "
+                             "one value per sequence", node.loc)
         if not any(s.name not in self.params for s in operand.free_symbols):
             raise self.error(
                 "the right side of @ depends on parameters only; apply a matrix to a value computed from "
@@ -557,16 +589,123 @@ class _Builder:
                 node.right.loc,
             )
         self.check_cost(operand, "the right side of @", node.right.loc)
-        p.kind, p.used = "matrix", True
-        if p.operand_size is None:
-            p.operand_size, p.first_use = size, node.loc
-        key = (p.name, operand)
+        out = None
+        for term in terms:
+            if term.matrix == EYE:
+                reads, gives = size, size
+            else:
+                p = self.params[term.matrix]
+                p.kind, p.used = "matrix", True
+                p.rows = p.rows or self.widths.unknown(p.name + ".rows")
+                if p.operand_size is None:
+                    p.operand_size, p.first_use = self.widths.unknown(p.name + ".cols"), node.loc
+                reads, gives = (p.rows, p.operand_size) if term.transposed else (p.operand_size, p.rows)
+                if not self.widths.same(reads, size):
+                    raise self.error(
+                        f"'{p.name}' is applied to operands of different sizes: "
+                        f"{width_words(self.widths.resolve(reads), list(self.inputs))} on line "
+                        f"{p.first_use.line} and {width_words(self.widths.resolve(size), list(self.inputs))} here",
+                        node.loc,
+                    )
+            if out is not None and not self.widths.same(out, gives):
+                raise self.error("the matrices of this combination have different numbers of rows", node.left.loc)
+            out = gives
+        plain = len(terms) == 1 and terms[0].coef == 1 and not terms[0].transposed and terms[0].matrix != EYE
+        name = terms[0].matrix if plain else _combination_name(terms)
+        key = (name, operand)
         if key not in self.products:
-            index = self.applications[p.name] = self.applications.get(p.name, -1) + 1
-            sym = symbol(f"{p.name}@{index}" if index else f"{p.name}@")
-            self.products[key] = Product(sym, p.name, operand, node.loc)
+            index = self.applications[name] = self.applications.get(name, -1) + 1
+            sym = symbol(f"{name}@{index}" if index else f"{name}@")
+            self.products[key] = Product(sym, name, operand, node.loc, rows=out, cols=size,
+                                         terms=None if plain else tuple(terms))
             self.count_step(operand, node.loc)
-        return self.products[key].symbol, H
+        return self.products[key].symbol, out
+
+    def matrix_terms(self, node) -> list[MatrixTerm]:
+        """The left side of @ as a sum of coef * matrix terms, like terms merged, in a canonical order."""
+        merged: dict[tuple[str, bool], sp.Expr] = {}
+        for term in self._terms(node, sp.Integer(1)):
+            key = (term.matrix, term.transposed)
+            merged[key] = merged.get(key, sp.Integer(0)) + term.coef
+        terms = [MatrixTerm(coef, m, t) for (m, t), coef in sorted(merged.items()) if coef != 0]
+        if not terms:
+            raise self.error("this combination of matrices is zero", node.loc)
+        return terms
+
+    def _terms(self, node, coef: sp.Expr) -> list[MatrixTerm]:
+        if isinstance(node, ast.Var):
+            return [self._matrix_leaf(node, coef)]
+        if isinstance(node, ast.BinOp) and node.op == "^" and isinstance(node.right, ast.Var) \
+                and node.right.name == "T" and "T" not in self.names_in_scope() and isinstance(node.left, ast.Var):
+            leaf = self._matrix_leaf(node.left, coef)
+            return [MatrixTerm(coef, leaf.matrix, not leaf.transposed)]
+        if isinstance(node, ast.Neg):
+            return self._terms(node.operand, -coef)
+        if isinstance(node, ast.BinOp) and node.op in "+-":
+            right = self._terms(node.right, -coef if node.op == "-" else coef)
+            return self._terms(node.left, coef) + right
+        if isinstance(node, ast.BinOp) and node.op in "*/":
+            sides = [(node.left, node.right), (node.right, node.left)] if node.op == "*" else [(node.left, node.right)]
+            for matrix, scale in sides:
+                if self._mentions_matrix(matrix) and not self._mentions_matrix(scale):
+                    value = self._scalar_coefficient(scale)
+                    return self._terms(matrix, coef * (1 / value if node.op == "/" else value))
+        if isinstance(node, ast.Call) and node.func not in FUNCTIONS and node.func != "prev":
+            raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
+        raise self.error(
+            "the left side of @ must be a matrix parameter, its transpose (Wᵀ or W^T), eye, or a sum of those "
+            "times numbers or scalar parameters; not this expression", node.loc)
+
+    def _matrix_leaf(self, node: ast.Var, coef: sp.Expr) -> MatrixTerm:
+        name, transposed = node.name, False
+        if name not in self.names_in_scope() and name.endswith("ᵀ") and name[:-1] in self.params:
+            name, transposed = name[:-1], True
+        if name in ("eye", "I") and name not in self.names_in_scope():
+            return MatrixTerm(coef, EYE)
+        if name in self.poisoned:
+            raise _Skip(name)
+        if name not in self.params:
+            what = f"'{name}'" if name in self.names_in_scope() else self._unknown(name, "matrix", self.params)
+            raise self.error(f"the left side of @ must be a matrix parameter declared with 'param', not {what}",
+                             node.loc)
+        p = self.params[name]
+        if p.declared_kind == "scalar":
+            raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", node.loc)
+        if p.declared_kind == "vector":
+            raise self.error(f"'{p.name}' is declared a vector and cannot be applied with @", node.loc)
+        if p.kind == "vector":
+            raise self.error(
+                f"'{p.name}' is used elementwise on line {p.first_use.line} (a vector) and as a matrix here",
+                node.loc,
+            )
+        if p.heads is not None and transposed:
+            raise self.error(f"'{p.name}' has heads: its transpose is not supported", node.loc)
+        return MatrixTerm(coef, name, transposed)
+
+    def _mentions_matrix(self, node) -> bool:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, ast.Var):
+                name = n.name.removesuffix("ᵀ") if n.name not in self.names_in_scope() else n.name
+                if name in ("eye", "I") and name not in self.names_in_scope():
+                    return True
+                p = self.params.get(name)
+                if p is not None and p.declared_kind not in ("scalar", "vector") and p.kind not in ("scalar", "vector"):
+                    return True
+            stack.extend(ast.children(n))
+        return False
+
+    def _scalar_coefficient(self, node) -> sp.Expr:
+        value, size = self.expr(node)
+        scalars_only = all(self.params.get(s.name) is not None and self.params[s.name].kind == "scalar"
+                           for s in value.free_symbols)
+        if size != "1" or not scalars_only:
+            raise self.error("a matrix may be scaled by a number or a scalar parameter only (declare it with "
+                             "'param NAME : scalar')", node.loc)
+        if value == 0:
+            raise self.error("a matrix scaled by zero", node.loc)
+        return value
 
     # ---- evaluation order ----------------------------------------------------------------------
 
@@ -669,9 +808,10 @@ class _Builder:
         try:
             self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
             # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
-            kept = (dict(self.needs_hidden), dict(self.products), dict(self.prev_states))
+            kept = (self.widths.snapshot(), dict(self.products), dict(self.prev_states))
             self.evaluate(self.order([d for d in self.defs if d not in used], needs))
-            self.needs_hidden, self.products, self.prev_states = (dict(k) for k in kept)
+            self.widths.restore(kept[0])
+            self.products, self.prev_states = dict(kept[1]), dict(kept[2])
         except CellError as cycle:  # the evaluation order is meaningless past a cycle
             self.report(cycle)
         raise_all(self.errors)
@@ -684,14 +824,15 @@ class _Builder:
             out_name = out.text
             out_expr, size = self.resolved[out.text]
             self.count_step(out_expr, out.loc)
-            if size not in (H, "1"):
-                self.needs_hidden.setdefault(size, out.loc)
-        # prev(v) states: their next value is v of this step
+            self.width_of[out_name] = size
+        # prev(v) states: their next value is v of this step, so their width is v's
         for target, carried in self.prev_states.items():
             value, size = self.resolved[target]
-            if size not in (H, "1"):
-                self.needs_hidden.setdefault(size, self.defs[target][0].loc)
+            self.width_of[carried] = self.widths.unknown(carried)
+            if size not in BROADCAST:
+                self.widths.unify(self.width_of[carried], size, self.defs[target][0].loc)
             new_states[carried] = value
+        widths = self._resolve_widths()
         self.attempt(self._check_groups)
         ir_params = dict(self.params)
         for p in ir_params.values():
@@ -716,7 +857,8 @@ class _Builder:
             groups=dict(self.groups),
             new_states=new_states,
             products={p.symbol: p for p in self.products.values()},
-            needs_hidden_size=dict(self.needs_hidden),
+            widths=widths,
+            same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},
         )
@@ -736,10 +878,27 @@ class _Builder:
                 f"put in (the limit is {MAX_STEP_NODES}); the derivative and kernels of so large a cell are "
                 "not built", loc)
 
+    def _resolve_widths(self) -> dict[str, str]:
+        """Give every width its final name (an unknown nothing fixed is H): parameters' rows and
+        columns, products', and the widths of inputs, states and vectors, returned by name."""
+        resolve = self.widths.resolve
+        for p in self.params.values():
+            if p.rows is not None:
+                p.rows = resolve(p.rows)
+            if p.operand_size is not None:
+                p.operand_size = resolve(p.operand_size)
+        self.products = {k: replace(v, rows=resolve(v.rows), cols=resolve(v.cols)) for k, v in self.products.items()}
+        widths = {n: resolve(w) for n, w in self.width_of.items()}
+        widths.update({n: p.rows for n, p in self.params.items() if p.kind == "vector"})
+        return widths
+
+    def _constraints(self) -> dict[tuple[str, str], Loc]:
+        return {pair: loc for pair, loc in self.widths.constraints.items() if pair[0] != pair[1]}
+
     def _check_groups(self) -> None:
         for group, members in self.groups.items():
             used = [self.params[m] for m in members if self.params[m].used]
-            shapes = {(p.kind or "vector", p.operand_size) for p in used}
+            shapes = {(p.kind or "vector", p.rows, p.operand_size, p.heads) for p in used}
             if len(shapes) > 1:
                 what = ", ".join(f"{p.name} {_shape_words(p)}" for p in used)
                 raise self.error(
@@ -799,12 +958,8 @@ def _plain_number(atom: sp.Basic) -> bool:
 
 def _shape_words(p: Param) -> str:
     if p.kind == "matrix":
-        return "is H x H" if p.operand_size == H else f"is H x size of {p.operand_size}"
-    return "is a scalar" if p.kind == "scalar" else "is a vector"
-
-
-def _size_words(size: str) -> str:
-    return "H-wide values" if size == H else f"input '{size}'"
+        return f"is {p.rows} x {p.operand_size}" + (f" in {p.heads} heads" if p.heads else "")
+    return "is a scalar" if p.kind == "scalar" else f"is a vector of width {p.rows}"
 
 
 def _stem(filename: str) -> str:

@@ -24,9 +24,10 @@ class Gemm:
 
     stage: int  # 0: hoisted over all time steps; k >= 1: the k-th GEMM stage of a step
     operand: sp.Symbol  # the value multiplied: an input, a state, or an output of the previous pointwise
-    operand_size: str  # "H" or the name of an input
-    params: tuple[str, ...]
+    operand_size: str  # the operand's width: "H", a declared width, or an input's name
+    params: tuple[str, ...]  # per block: a matrix parameter, or a combination's name (ir.Product.terms)
     products: tuple[sp.Symbol, ...]
+    widths: tuple[str, ...] = ()  # per block: its number of rows (a width)
 
 
 @dataclass
@@ -313,25 +314,33 @@ def build_plan(ir: CellIR) -> Plan:
     needed = _needed_products(finals, products)
     num_stages = max((level[s] for s in needed), default=0)
 
-    # GEMMs: one per (stage, operand); rows in parameter declaration order.
-    param_order = {name: i for i, name in enumerate(ir.params)}
+    # GEMMs: one per (stage, operand); rows in parameter declaration order (a combination of matrices
+    # goes where its first matrix is declared, after that matrix's own block).
+    declared = {name: i for i, name in enumerate(ir.params)}
+
+    def order(sym: sp.Symbol) -> tuple[int, int]:
+        product = products[sym]
+        first = product.param if product.terms is None else next(
+            (t.matrix for t in product.terms if t.matrix in declared), None)
+        return (declared.get(first, len(declared)), product.terms is not None)
+
     by_operand: dict[tuple[int, sp.Expr], list[sp.Symbol]] = {}
     for sym in needed:
         by_operand.setdefault((level[sym], products[sym].operand), []).append(sym)
     hoisted, gemms = [], []
     operand_outputs: dict[int, list[tuple[str, sp.Expr]]] = {}  # stage k -> operands it computes
     for index, ((stage, operand), syms) in enumerate(sorted(
-        by_operand.items(), key=lambda kv: (kv[0][0], min(param_order[products[s].param] for s in kv[1]))
+        by_operand.items(), key=lambda kv: (kv[0][0], min(order(s) for s in kv[1]))
     )):
-        syms.sort(key=lambda s: param_order[products[s].param])
+        syms.sort(key=order)
         if isinstance(operand, sp.Symbol):
             operand_sym = operand
         else:
             operand_sym = generated(f"operand{index}")
             roles[operand_sym] = "operand"
             operand_outputs.setdefault(stage, []).append((operand_sym.name, operand))
-        size = ir.params[products[syms[0]].param].operand_size
-        gemm = Gemm(stage, operand_sym, size or H, tuple(products[s].param for s in syms), tuple(syms))
+        gemm = Gemm(stage, operand_sym, products[syms[0]].cols, tuple(products[s].param for s in syms),
+                    tuple(syms), tuple(products[s].rows for s in syms))
         (hoisted if stage == 0 else gemms).append(gemm)
         for s in syms:
             roles[s] = "hoisted" if stage == 0 else "product"

@@ -221,11 +221,18 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def input_decl(self, meta, items):
-        return ("input", items[0], _loc(meta))
+        return ("input", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
 
     @v_args(meta=True)
     def state_decl(self, meta, items):
-        return ("state", items[0], _loc(meta))
+        return ("state", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
+
+    def width(self, items):
+        return ast.Name(str(items[0]), _loc(items[0]))
+
+    def param_kind(self, items):
+        kind = ast.Name(str(items[0]), _loc(items[0]))
+        return ast.ParamKind(kind, str(items[1]) if len(items) > 1 else None)
 
     @v_args(meta=True)
     def output_decl(self, meta, items):
@@ -233,8 +240,7 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def param_decl(self, meta, items):
-        kind = ast.Name(str(items[1]), _loc(items[1])) if len(items) > 1 else None
-        return ("param", (items[0], kind), _loc(meta))
+        return ("param", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
 
     @v_args(meta=True)
     def param_group(self, meta, items):
@@ -407,10 +413,11 @@ def _collect(statements, source: Source) -> ast.Module:
             module.doc = payload
         elif kind == "cite":
             module.cite = payload
-        elif kind == "input":
-            module.inputs.extend(payload)
-        elif kind == "state":
-            module.states.extend(payload)
+        elif kind in ("input", "state"):
+            names, width = payload
+            (module.inputs if kind == "input" else module.states).extend(names)
+            if width is not None:
+                module.widths.update({n.text: width for n in names})
         elif kind == "output":
             module.output = payload
         elif kind == "param":

@@ -135,7 +135,7 @@ def test_explain_mut1_has_two_stages(capsys):
     assert "hoisted (once over all T steps): [W_xz, W_xr] (2H x I) @ x" in out
     assert "stage 1: [W_hr] (H x H) @ h" in out
     assert "stage 2: [W_hh] (H x H) @ %operand" in out
-    assert "needs I == H: input 'x' meets H-wide values elementwise (line 21, column 28)" in out
+    assert "needs I == H: input 'x' meets H-wide values elementwise (line 21, column 33)" in out
 
 
 @pytest.mark.parametrize(

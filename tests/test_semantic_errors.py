@@ -84,11 +84,11 @@ CASES = [
      "'v' is declared a vector and cannot be applied with @", 5, 6),
     ("scalar-applied-with-at", HDR + "param a : scalar\nh' = a @ h + x\n", "'a' is declared scalar", 5, 6),
     ("at-on-a-number", HDR_W + "h' = W @ 2 + x\n",
-     "the right side of @ must be an input or H-wide value", 5, 6),
+     "the right side of @ must be an input or a vector-wide value", 5, 6),
     ("at-on-parameters-only", HDR_W + "h' = W @ b + h + x\n",
      "the right side of @ depends on parameters only", 5, 10),
     ("group-mixes-shapes", HDR + "param G = [A, c]\nh' = A @ h + c * h + x\n",
-     "parameter group 'G' mixes shapes (A is H x H, c is a vector)", 4, 12),
+     "parameter group 'G' mixes shapes (A is H x H, c is a vector of width H)", 4, 12),
     ("chained-input-projections", HDR_W + "param V\nh' = V @ tanh(W @ x) + h\n",
      "two chained input projections", 6, 6),
     # declarations
@@ -158,7 +158,7 @@ def test_caret_underlines_the_whole_culprit():
 
 NEEDS_I_EQ_H = [
     # (cell, line, column of the input-sized operand that meets H-wide values)
-    ("mut1", 21, 28),  # tanh(x) in h' = tanh(W_hh @ (r * h) + tanh(x) + b) * z + ...
+    ("mut1", 21, 33),  # the x of tanh(x) in h' = tanh(W_hh @ (r * h) + tanh(x) + b) * z + ...
     ("mut2", 20, 13),  # x in r = sigmoid(x + W_hr @ h + b_r)
     ("sru", 27, 24),  # x in h = r * c' + (1 - r) * x
 ]
@@ -179,7 +179,7 @@ def test_input_size_must_equal_hidden_size_where_the_equations_need_it(cell, lin
 def test_layer_reports_input_size_mismatch_at_the_use():
     from celldsl import Recurrent
 
-    with pytest.raises(CellError, match=r"mut1\.cell:21:28: error: input 'x' is used elementwise"):
+    with pytest.raises(CellError, match=r"mut1\.cell:21:33: error: input 'x' is used elementwise"):
         Recurrent("mut1", 3, 5)
 
 
@@ -190,9 +190,11 @@ def test_sizes_of_other_cells_are_free():
 
 def test_input_size_use_through_an_intermediate_and_prev():
     ir = compile_text(HDR + "a = x * 2\nh' = prev(a) + h\n").ir
-    assert ir.needs_hidden_size["x"].line == 4  # a's value, carried as prev(a), is I wide
+    assert ir.needs_hidden_size["x"].line == 4  # a's value, carried as prev(a), is I wide and meets h
+    ir = compile_text(HDR + "output o\na = x * 2\no = prev(a)\nh' = h\n").ir
+    assert ir.widths["prev(a)"] == ir.widths["o"] == "x" and ir.needs_hidden_size == {}  # a state I wide
     ir = compile_text(HDR + "output o\no = x * 2\nh' = h\n").ir
-    assert ir.needs_hidden_size["x"].line == 4  # the output `o` is I wide
+    assert ir.widths["o"] == "x" and ir.needs_hidden_size == {}  # the output `o` is I wide: no condition
 
 
 # ---- warnings ---------------------------------------------------------------------------------
