@@ -77,9 +77,10 @@ def explain(compiled) -> str:
     out.append(f"recurrence: {RECURRENCE_WORDS.get(plan.recurrence, plan.recurrence)}")
 
     out += ["", "forward, fused per stage (intermediates inlined, CSE'd; W@x is a row block of a GEMM):"]
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    stages = plan.all_pointwise()
     for pw in stages:
         where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        where += f" [{_width(pw.width, ir)}]" if len(plan.pointwise_of_stage(pw.stage)) > 1 else ""
         inputs = ", ".join(names.get(s, s.name) for s in pw.inputs)
         out.append(f"  {where} (reads {inputs}):")
         for t, e in pw.forward_temps:
@@ -92,6 +93,7 @@ def explain(compiled) -> str:
     out += ["", "derived backward (chain rule on the SymPy forward, CSE'd; recomputes forward temps):"]
     for pw in stages:
         where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        where += f" [{_width(pw.width, ir)}]" if len(plan.pointwise_of_stage(pw.stage)) > 1 else ""
         grads = ", ".join(names.get(s, s.name) for s in pw.grad_inputs)
         out.append(
             f"  {where}: {len(pw.backward_temps)} temps, {pw.backward_ops()} ops "
@@ -106,7 +108,7 @@ def explain(compiled) -> str:
     hoisted = sum(_gemm_flops(g, ir) for g in plan.hoisted)
     step = sum(_gemm_flops(g, ir) for g in plan.gemms)
     pointwise = sp.Integer(sum(pw.forward_ops() for pw in plan.pointwise)) * H_SYM
-    before = sp.Integer(plan.hoist_pointwise.forward_ops() if plan.hoist_pointwise else 0) * I_SYM
+    before = sp.Integer(sum(pw.forward_ops() for pw in plan.hoist_pointwise)) * I_SYM
     forward = hoisted + step + pointwise + before
     out += ["", "FLOPs per step and sequence (a multiply-add is 2; a pointwise op or function is 1):"]
     out.append(f"  hoisted GEMMs: {_poly(hoisted)}")
@@ -114,7 +116,7 @@ def explain(compiled) -> str:
     out.append(f"  pointwise: {_poly(pointwise + before)}")
     at = " = ".join(["I", "H", *(f"C_{n}" for n in ir.inputs[1:])]) + " = 256"
     out.append(f"  forward total: {_poly(forward)}  (at {at}: {_mega(forward)})")
-    hoist_bwd = plan.hoist_pointwise.backward_ops() if plan.hoist_pointwise else 0
+    hoist_bwd = sum(pw.backward_ops() for pw in plan.hoist_pointwise)
     backward = 2 * (hoisted + step) + (bwd_ops - hoist_bwd) * H_SYM + hoist_bwd * I_SYM
     out.append(
         f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
@@ -181,7 +183,7 @@ def _gemm(g: Gemm, plan: Plan) -> str:
 
 def _operand_expr(g: Gemm, plan: Plan) -> str:
     names = _display_names(plan)
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    stages = plan.all_pointwise()
     for pw in stages:
         for name, e in pw.outputs:
             if name == g.operand.name:

@@ -37,6 +37,7 @@ MAX_SIZE = 5000  # nodes of one value after inlining intermediates (shared subex
 # cell has 150; at the bound `check` takes seconds and the C kernels compile in under 30 s.
 MAX_STEP_NODES = 6000
 MAX_ERRORS = 20  # a file stops being checked after this many errors
+MAX_SHIFT = 64  # prev(x, k): how far back an input may be read
 
 
 def symbol(name: str) -> sp.Symbol:
@@ -113,6 +114,7 @@ class CellIR:
     new_states: dict[str, sp.Expr]  # state -> its value at the end of the step, in leaf symbols
     products: dict[sp.Symbol, Product]
     widths: dict[str, str] = field(default_factory=dict)  # state, input, vector -> its width (widths.py)
+    shifted: dict[str, tuple[str, int]] = field(default_factory=dict)  # "prev(x)" -> (input x, steps back)
     same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
 
@@ -140,6 +142,7 @@ class _Builder:
         self.resolved_new: dict[str, tuple[sp.Expr, str]] = {}
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
+        self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
         self.widths = Widths(list(self.inputs))
         self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
@@ -550,9 +553,15 @@ class _Builder:
 
     def call(self, node: ast.Call) -> tuple[sp.Expr, str]:
         if node.func == "prev":
-            if len(node.args) != 1 or not isinstance(node.args[0], ast.Var):
-                raise self.error("prev takes one name: prev(v) for an intermediate v", node.loc)
+            if not node.args or not isinstance(node.args[0], ast.Var):
+                raise self.error("prev takes a name: prev(v) for an intermediate or input v, prev(x, k) for "
+                                 "an input k steps back", node.loc)
             target = node.args[0].name
+            if target in self.inputs:
+                return self.prev_input(node, target)
+            if len(node.args) != 1:
+                raise self.error(f"prev({target}, k) reaches back k steps for inputs only; '{target}' is not an "
+                                 "input (write prev(prev_v) with an intermediate for two steps)", node.loc)
             if target in self.states:
                 raise self.error(
                     f"'{target}' is a state: its previous value is just '{target}'", node.args[0].loc
@@ -573,6 +582,21 @@ class _Builder:
             return args[1][0] if args[0][0] != 0 else args[2][0], size
         const = all(a in self.constants for a, _ in args)
         return self.fold(make(*(a for a, _ in args)), const, node.loc), size
+
+    def prev_input(self, node: ast.Call, target: str) -> tuple[sp.Expr, str]:
+        """prev(x) or prev(x, k): input x of k steps before, zero at the first k steps of a sequence
+        (a shifted read of x; the GEMMs that read it are still hoisted out of the loop)."""
+        k = 1
+        if len(node.args) > 2:
+            raise self.error("prev takes one or two arguments: prev(x) or prev(x, k)", node.loc)
+        if len(node.args) == 2:
+            value, _ = self.expr(node.args[1])
+            if value not in self.constants or not value.is_Integer or not 1 <= int(value) <= MAX_SHIFT:
+                raise self.error(f"k in prev(x, k) must be a whole number from 1 to {MAX_SHIFT}", node.args[1].loc)
+            k = int(value)
+        name = f"prev({target})" if k == 1 else f"prev({target}, {k})"
+        self.shifted[name] = (target, k)
+        return symbol(name), self.widths.named(self.width_of.get(target, target), node.loc)
 
     def matmul(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
         """`M @ v`: M is a matrix parameter, its transpose (`Wᵀ`, `W^T`), the identity (`eye`, `I`), or
@@ -808,10 +832,10 @@ class _Builder:
         try:
             self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
             # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
-            kept = (self.widths.snapshot(), dict(self.products), dict(self.prev_states))
+            kept = (self.widths.snapshot(), dict(self.products), dict(self.prev_states), dict(self.shifted))
             self.evaluate(self.order([d for d in self.defs if d not in used], needs))
             self.widths.restore(kept[0])
-            self.products, self.prev_states = dict(kept[1]), dict(kept[2])
+            self.products, self.prev_states, self.shifted = dict(kept[1]), dict(kept[2]), dict(kept[3])
         except CellError as cycle:  # the evaluation order is meaningless past a cycle
             self.report(cycle)
         raise_all(self.errors)
@@ -858,6 +882,7 @@ class _Builder:
             new_states=new_states,
             products={p.symbol: p for p in self.products.values()},
             widths=widths,
+            shifted=dict(self.shifted),
             same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import CellError
-from .ir import CellIR, H, generated, generated_symbols, symbol
+from .ir import CellIR, generated, generated_symbols, symbol
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Pointwise:
     grad_inputs: tuple[sp.Symbol, ...]  # inputs that get a gradient, in `inputs` order
     backward_temps: list[tuple[sp.Symbol, sp.Expr]]
     backward_results: list[sp.Expr]
+    name: str = ""  # what the emitted code calls it: "hoist", "stage0", "stage1", "stage1_1", ...
+    width: str = "H"  # the width of its outputs: a kernel runs over [rows, width]
 
     def forward_ops(self) -> int:
         return _ops([e for _, e in self.forward_temps] + self.forward_results)
@@ -60,9 +62,9 @@ class Pointwise:
 class Plan:
     ir: CellIR
     hoisted: list[Gemm]  # input projections, one GEMM per operand over all time steps
-    hoist_pointwise: Pointwise | None  # computes hoisted operands that are expressions of inputs
+    hoist_pointwise: list[Pointwise]  # computes hoisted operands that are expressions of inputs
     gemms: list[Gemm]  # per-step GEMMs, by stage
-    pointwise: list[Pointwise]  # per-step pointwise functions, by stage (0..S)
+    pointwise: list[Pointwise]  # per-step pointwise functions, by stage (0..S); one per output width
     num_stages: int  # S: GEMM stages per step
     recurrence: str  # "linear" (scan applies), "elementwise" (no GEMM on the state), "dense"
     roles: dict[sp.Symbol, str] = field(default_factory=dict)  # leaf symbol -> role
@@ -74,17 +76,37 @@ class Plan:
     def inputs_read(self) -> list[str]:
         """The inputs one step reads (pointwise or as a GEMM operand), in declaration order; an input
         read nowhere (only in unused equations) is left out of the x the loop takes."""
-        stages = [*self.pointwise, *([self.hoist_pointwise] if self.hoist_pointwise else [])]
+        stages = self.all_pointwise()
         read = {s.name for pw in stages for s in pw.inputs} | {g.operand.name for g in self.hoisted}
+        read |= {self.ir.shifted[name][0] for name in read if name in self.ir.shifted}  # prev(x) reads x
         return [name for name in self.ir.inputs if name in read]
 
     def pointwise_prefixes(self) -> list[str]:
         """The names emitted code gives the pointwise functions: "hoist" (if any), "stage0", "stage1", ..."""
-        stages = [f"stage{pw.stage}" for pw in self.pointwise]
-        return (["hoist"] if self.hoist_pointwise is not None else []) + stages
+        return [pw.name for pw in self.all_pointwise()]
+
+    def all_pointwise(self) -> list[Pointwise]:
+        """The hoisted pointwise functions (run once over all steps), then the per-step ones by stage."""
+        return [*self.hoist_pointwise, *self.pointwise]
+
+    def pointwise_of_stage(self, k: int) -> list[Pointwise]:
+        return [pw for pw in self.pointwise if pw.stage == k]
 
     def gemms_of_stage(self, k: int) -> list[Gemm]:
         return [g for g in self.gemms if g.stage == k]
+
+    def width(self, sym: sp.Symbol) -> str:
+        """The width (widths.py) of a leaf of the pointwise functions: "1" for scalars, "row" for an
+        input of one value per sequence, else the width its values have."""
+        role, ir = self.roles[sym], self.ir
+        if role == "scalar":
+            return "1"
+        if role in ("hoisted", "product"):
+            return next(w for g in [*self.hoisted, *self.gemms] for p, w in zip(g.products, g.widths, strict=True)
+                        if p == sym)
+        if role == "operand":
+            return next(g.operand_size for g in self.gemms if g.operand == sym)
+        return ir.width(ir.shifted.get(sym.name, (sym.name,))[0])
 
     def role(self, sym: sp.Symbol) -> str:
         """input | state | vector | scalar | hoisted | product | operand."""
@@ -110,7 +132,8 @@ def _leaves(expr: sp.Expr) -> set[sp.Symbol]:
     return {s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
 
 
-def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiable) -> Pointwise:
+def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "",
+                   width: str = "H") -> Pointwise:
     """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
     exprs = [e for _, e in outputs]
     inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
@@ -147,6 +170,8 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
         grad_inputs=grad_inputs,
         backward_temps=btemps,
         backward_results=bresults,
+        name=name or (f"stage{stage}" if stage >= 0 else "hoist"),
+        width=width,
     )
 
 
@@ -280,7 +305,7 @@ def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
 def build_plan(ir: CellIR) -> Plan:
     products = ir.products
     roles: dict[sp.Symbol, str] = {}
-    for name in ir.inputs:
+    for name in [*ir.inputs, *ir.shifted]:
         roles[symbol(name)] = "input"
     for name in ir.states:
         roles[symbol(name)] = "state"
@@ -348,9 +373,23 @@ def build_plan(ir: CellIR) -> Plan:
     def differentiable(s: sp.Symbol) -> bool:
         return roles.get(s) in ("input", "state", "vector", "scalar", "hoisted", "product")
 
-    hoist_pointwise = None
-    if operand_outputs.get(0):
-        hoist_pointwise = make_pointwise(-1, operand_outputs[0], differentiable)
+    operand_width = {g.operand.name: g.operand_size for g in [*hoisted, *gemms]}
+
+    def width(output: str) -> str:
+        if output in operand_width:
+            return operand_width[output]
+        return ir.width(output[:-1] if output.endswith("'") else output)
+
+    def pointwise_of(stage: int, outs: list, base: str) -> list[Pointwise]:
+        """One fused function per width of its outputs (a kernel runs over [rows, width]): a stage whose
+        outputs have two widths (lstm_proj: c is H wide, h P wide) is two functions, base and base_1."""
+        by_width: dict[str, list] = {}
+        for out in outs:
+            by_width.setdefault(width(out[0]), []).append(out)
+        return [make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
+                for i, (w, group) in enumerate(by_width.items())]
+
+    hoist_pointwise = pointwise_of(-1, operand_outputs[0], "hoist") if operand_outputs.get(0) else []
     pointwise = []
     for k in range(num_stages + 1):
         outs = list(operand_outputs.get(k + 1, []))
@@ -358,7 +397,7 @@ def build_plan(ir: CellIR) -> Plan:
             outs += finals
         if k == 0 and not outs:
             continue  # stage-1 operands are plain states: nothing to compute before the first GEMM
-        pointwise.append(make_pointwise(k, outs, differentiable))
+        pointwise += pointwise_of(k, outs, f"stage{k}")
     return Plan(
         ir=ir,
         hoisted=hoisted,

@@ -11,8 +11,8 @@ width and a matrix's rows and columns are classes without a name until their use
 and an elementwise operation merges the classes of its operands. A class nothing names is H.
 
 Two named widths that meet elementwise (MUT1's tanh(x) next to the state: the input's width meets H)
-must be equal when the layer is built. `constraints` keeps, for each such pair, the place where the
-less usual width (the input's) entered, and CompiledCell.check_sizes raises there when the sizes
+must be equal when the layer is built. `constraints` keeps, for each such pair, the first place in
+the text where the less usual width (the input's) entered, and CompiledCell.check_sizes raises there when the sizes
 given differ; the merged class is named by the usual one (H before a declared width before an
 input's).
 """
@@ -67,7 +67,10 @@ class Widths:
         if na is not None and nb is not None and na != nb:
             keep, other = (a, b) if self._rank(na) <= self._rank(nb) else (b, a)
             pair = tuple(sorted((na, nb)))
-            self.constraints.setdefault(pair, self.origin.get(other) or loc)
+            where = self.origin.get(other) or loc
+            first = self.constraints.get(pair)
+            if first is None or (where is not None and (where.line, where.column) < (first.line, first.column)):
+                self.constraints[pair] = where  # the first place in the text where they meet
         else:
             keep, other = (a, b) if na is not None or nb is None else (b, a)
         self.parent[other] = keep

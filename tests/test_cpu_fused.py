@@ -272,7 +272,7 @@ def test_schedule_shares_the_lstm_gradient_buffers():
     cell = compile_cell("lstm")
     schedule = backward_schedule(cell.plan)
     assert schedule.hoisted_alias == {0: 0}
-    modes = schedule.modes[1]
+    modes = schedule.modes["stage1"]
     assert modes["b_hi"] == "same:b_ii" or modes["b_ii"] == "same:b_hi"
     assert "#pragma omp simd" in c_source(cell.plan)
 

@@ -346,7 +346,7 @@ def test_one_input_cell_rejects_extra_keywords():
 def test_elementwise_extra_input_needs_hidden_size(tmp_path):
     path = tmp_path / "gate.cell"
     path.write_text(GATE)
-    with pytest.raises(CellError, match=r"gate\.cell:5:46: error: input 'm' is used elementwise with H-wide "
+    with pytest.raises(CellError, match=r"gate\.cell:5:54: error: input 'm' is used elementwise with H-wide "
                                         r"values here, so this cell needs input_sizes\['m'\] == hidden_size "
                                         r"\(got input_sizes\['m'\]=5, hidden_size=4\)"):
         celldsl.Recurrent(str(path), I, H, input_sizes={"m": 5})

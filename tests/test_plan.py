@@ -52,7 +52,7 @@ def test_lstm_one_hoisted_4HxI_gemm_and_one_recurrent_4HxH_gemm():
     assert step.operand.name == "h" and step.operand_size == "H"
     assert plan.num_stages == 1
     assert [pw.stage for pw in plan.pointwise] == [1]
-    assert plan.hoist_pointwise is None
+    assert plan.hoist_pointwise == []
 
 
 @pytest.mark.parametrize(("cell", "stages"), [("gru", 1), ("rnn_tanh", 1), ("lstm", 1), ("greff_vanilla", 1)])
@@ -100,7 +100,7 @@ def test_stages_are_minimal_and_gemms_grouped_by_operand(cell):
     stage_of = {p: g.stage for g in [*plan.hoisted, *plan.gemms] for p in g.products}
     states = {sp.Symbol(s, real=True) for s in plan.states}
     operand_value = {}
-    for pw in ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise:
+    for pw in plan.all_pointwise():
         operand_value.update({sp.Symbol(n, real=True): e for n, e in pw.outputs if n.startswith("operand")})
     seen = set()
     for g in [*plan.hoisted, *plan.gemms]:
@@ -143,8 +143,8 @@ def test_input_expressions_are_hoisted_with_their_own_pointwise():
     plan = plan_of_text("cell t\ninput x\nstate h\nparam W, R\nh' = tanh(W @ tanh(x) + R @ h)\n")
     (hoisted,) = plan.hoisted
     assert plan.role(hoisted.operand) == "operand"
-    assert plan.hoist_pointwise is not None and plan.hoist_pointwise.stage == -1
-    assert [str(e) for _, e in plan.hoist_pointwise.outputs] == ["tanh(x)"]
+    (hoist,) = plan.hoist_pointwise
+    assert hoist.stage == -1 and [str(e) for _, e in hoist.outputs] == ["tanh(x)"]
 
 
 def test_lstm_saves_new_states_and_gemm_outputs_per_step():
@@ -266,7 +266,7 @@ def _check_pointwise(pw, rng, points=2):
 def test_derived_backward_matches_finite_differences_of_the_forward(cell):
     plan = plan_of(cell)
     rng = random.Random(f"{cell}-backward")
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise
+    stages = plan.all_pointwise()
     for pw in stages:
         assert set(pw.grad_inputs) == set(pw.inputs), "every pointwise input is differentiable"
         _check_pointwise(pw, rng)
@@ -284,7 +284,7 @@ def test_derived_backward_matches_finite_differences_of_the_forward(cell):
 def test_derived_backward_of_every_function(equation):
     plan = plan_of_text(f"cell t\ninput x\nstate h\nparam W, R\n{equation}\n")
     rng = random.Random(equation)
-    for pw in ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise:
+    for pw in plan.all_pointwise():
         _check_pointwise(pw, rng, points=3)
 
 

@@ -203,7 +203,7 @@ q' = x / (abs(q) + 2) - 1
 def test_hoisted_operand_and_scalar_match_torch_backend():
     """`W @ (k * tanh(x) + v)` runs in hoist_forward/hoist_backward over all steps at once."""
     compiled = compile_cell(HOISTED_CELL)
-    assert compiled.plan.hoist_pointwise is not None
+    assert compiled.plan.hoist_pointwise
     ref, tri = pair(HOISTED_CELL, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         for m in (ref, tri):

@@ -125,11 +125,8 @@ def torch_module_source(plan: Plan) -> str:
     header = HEADER.format(name=python_text(ir.name), equations=equations)
     names = set(function_names(plan))
     parts = [header]
-    if plan.hoist_pointwise is not None:
-        parts.append(pointwise_function("hoist_forward", plan.hoist_pointwise, False, names))
-        parts.append(pointwise_function("hoist_backward", plan.hoist_pointwise, True, names))
-    for pw in plan.pointwise:
-        parts.append(pointwise_function(f"stage{pw.stage}_forward", pw, False, names))
-        parts.append(pointwise_function(f"stage{pw.stage}_backward", pw, True, names))
+    for pw in plan.all_pointwise():
+        parts.append(pointwise_function(f"{pw.name}_forward", pw, False, names))
+        parts.append(pointwise_function(f"{pw.name}_backward", pw, True, names))
     return "\n\n".join(parts)
 

@@ -386,9 +386,7 @@ def _describe(plan: Plan) -> str:
     if not plan.hoisted and not plan.gemms:
         lines.append("    (no GEMM)")
     lines += ["", "Pointwise functions (a kernel each way; the loop runs the GEMMs between them)", ""]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         ins = ", ".join(f"{s.name} ({plan.role(s)})" for s in pw.inputs)
         lines.append(f"    {prefix}: {ins}")
@@ -441,9 +439,7 @@ def triton_module_source(plan: Plan) -> str:
                       description=python_text(_describe(plan), lines=True)),
         HELPERS,
     ]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
         for backward in (False, True):
@@ -466,9 +462,4 @@ def module_names(plan: Plan) -> list[str]:
 
 def kernel_names(plan: Plan) -> list[str]:
     """The `@triton.jit` kernels of the module, in order (for ahead-of-time compilation)."""
-    names = []
-    if plan.hoist_pointwise is not None:
-        names += ["hoist_forward_kernel", "hoist_backward_kernel"]
-    for pw in plan.pointwise:
-        names += [f"stage{pw.stage}_forward_kernel", f"stage{pw.stage}_backward_kernel"]
-    return names
+    return [f"{pw.name}_{way}_kernel" for pw in plan.all_pointwise() for way in ("forward", "backward")]

@@ -33,14 +33,15 @@ def cell_sequence(
 @cell_sequence.register_fake
 def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
     loop = loop_for(key, backend)
-    hoisted_w, step_w, _vectors, _scalars = split_params(loop, params)
-    N, H = states[0].shape
+    hoisted_w, step_w, vectors, _scalars = split_params(loop, params)
+    sizes = loop.sizes(states, vectors, hoisted_w, step_w)
+    width = loop.output_width(sizes)
     if batch_sizes is None:
-        rows, out = x.shape[0] * x.shape[1], x.new_empty(x.shape[0], x.shape[1], H)
+        rows, out = x.shape[0] * x.shape[1], x.new_empty(x.shape[0], x.shape[1], width)
     else:
-        rows, out = x.shape[0], x.new_empty(x.shape[0], H)
-    finals = [x.new_empty(N, H) for _ in states]
-    saved = [x.new_empty(shape) for shape in loop.saved_shapes(rows, H, hoisted_w, step_w)]
+        rows, out = x.shape[0], x.new_empty(x.shape[0], width)
+    finals = [x.new_empty(s.shape) for s in states]
+    saved = [x.new_empty(shape) for shape in loop.saved_shapes(rows, sizes, hoisted_w, step_w)]
     return [out, *finals, *saved]
 
 
