@@ -17,9 +17,9 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import CellError, CellWarning, Source
+from .resources import ZOO, zoo_names
 
 COMPILER_VERSION = "0.1.0-10"  # bump when the plan or the emitted code changes
-ZOO = Path(__file__).resolve().parent.parent / "cells"
 
 
 def cache_dir() -> Path:
@@ -142,7 +142,7 @@ def _read(cell) -> Source:
         elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
         else:
-            zoo = ", ".join(sorted(p.stem for p in ZOO.glob("*.cell")))
+            zoo = ", ".join(zoo_names())
             raise CellError(
                 f"no file '{cell}' and no zoo cell of that name (the zoo: {zoo})", Source("", cell)
             )

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from pathlib import Path
 
 from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
 from .errors import CellError, Loc, Source
+from .resources import GRAMMAR
 
-GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 
 TOKEN_WORDS = {
@@ -26,11 +25,7 @@ TOKEN_WORDS = {
 
 
 def _grammar_text() -> str:
-    if GRAMMAR.exists():
-        return GRAMMAR.read_text()
-    from importlib.resources import files  # installed without the source tree
-
-    return (files("celldsl") / "cell.lark").read_text()
+    return GRAMMAR.read_text(encoding="utf-8")
 
 
 class _SkipNewlinesInBrackets:

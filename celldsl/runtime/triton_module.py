@@ -16,9 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..compiler import ZOO, _atomic_write, cache_dir
-
-KERNELS = ZOO.parent / "kernels"
+from ..compiler import _atomic_write, cache_dir
+from ..resources import KERNELS
 
 _LOADED: dict[tuple[str, str, bool], object] = {}
 _LOCK = threading.Lock()
