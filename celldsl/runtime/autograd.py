@@ -40,7 +40,7 @@ def gradients(key, backend, x, states, params, batch_sizes, out, saved, grad_out
 def differentiable_gradients(key, x, states, params, batch_sizes, grad_out, grad_finals):
     """The derived backward as differentiable torch code: the generated torch loop's forward
     recomputed under autograd, then its backward on the recomputed intermediates."""
-    if states[0].shape[0] == 0:  # an empty batch: every gradient is zero
+    if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
         zeros = [torch.zeros_like(t) for t in (x, *states, *params)]
         return zeros[0], zeros[1 : 1 + len(states)], zeros[1 + len(states) :]
     loop = loop_for(key, "torch")

@@ -11,7 +11,8 @@ so a compiled graph names the cell it runs and no op is registered at run time.
 x [T, N, I] with batch_sizes None (out [T, N, H]), or packed x [rows, I] with batch_sizes [T]
 (int64, CPU; out [rows, H]). states [N, H] each; params as in function.split_params. `saved` are
 the loop's intermediates for the backward (TorchLoop.saved_shapes); users never see them. An empty
-batch (N = 0) runs nothing: empty results, zero gradients.
+batch (N = 0) or zero-width states (H = 0, as torch's cells allow) run nothing: empty results, zero
+gradients.
 
 Autograd: runtime/autograd.py (first order fused, higher orders through the generated torch code);
 vmap: runtime/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
@@ -33,7 +34,7 @@ def cell_sequence(
     key: str, backend: str, x: Tensor, states: list[Tensor], params: list[Tensor], batch_sizes: Tensor | None
 ) -> list[Tensor]:
     loop = loop_for(key, backend)
-    if states[0].shape[0] == 0:  # an empty batch: nothing to run
+    if states[0].numel() == 0:  # an empty batch (N = 0) or zero-width states (H = 0): nothing to run
         return _outputs(loop, x, states, params, batch_sizes, x.new_zeros)
     out, finals, saved = loop.forward(x, states, *split_params(loop, params), batch_sizes)
     return unaliased([out, *finals, *saved], [x, *states, *params])
@@ -71,7 +72,7 @@ def cell_sequence_backward(
     grad_finals: list[Tensor | None],
     needs_dx: bool = True,
 ) -> list[Tensor]:
-    if states[0].shape[0] == 0:  # an empty batch: every gradient is zero
+    if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
         return [torch.zeros_like(t) for t in (x, *states, *params)]
     loop = loop_for(key, backend)
     dx, dstates, *dparams = loop.backward(
