@@ -124,5 +124,8 @@ batching.register(cell_sequence, cell_sequence_backward)
 def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
     """(out, final states) of one direction of one layer: differentiable to any order, traceable by
     torch.compile, and under torch.func transforms (vmap, grad, jacrev)."""
-    result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params)):
+        result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
+    else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
+        result = cell_sequence(cell_key, backend, x, list(states), list(params), batch_sizes)
     return result[0], list(result[1 : 1 + len(states)])
