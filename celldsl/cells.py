@@ -168,7 +168,8 @@ class Cell(_Step, nn.Module):
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
         self.compiled.check_sizes(input_size, hidden_size, self.input_sizes)
-        self.input_size, self.hidden_size, self.bias, self.backend = input_size, hidden_size, bias, backend
+        # no `bias` attribute: a cell file may name a parameter group `bias` (torch's cells keep the flag)
+        self.input_size, self.hidden_size, self.backend = input_size, hidden_size, backend
         for store in stores_of(self.compiled):
             if bias or not store.is_bias:
                 shape = store.shape(input_size, hidden_size, self.input_sizes)
@@ -177,13 +178,13 @@ class Cell(_Step, nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def sharing(cls, compiled, input_size: int, hidden_size: int, bias: bool, backend: str,
-                input_sizes: dict[str, int], parameters: dict[str, nn.Parameter]) -> Cell:
+    def sharing(cls, compiled, input_size: int, hidden_size: int, backend: str, input_sizes: dict[str, int],
+                parameters: dict[str, nn.Parameter]) -> Cell:
         """A Cell whose parameters are the given ones, not copies (Recurrent.cell(k))."""
         step = cls.__new__(cls)
         nn.Module.__init__(step)
         step.compiled, step.input_sizes = compiled, dict(input_sizes)
-        step.input_size, step.hidden_size, step.bias, step.backend = input_size, hidden_size, bias, backend
+        step.input_size, step.hidden_size, step.backend = input_size, hidden_size, backend
         for name, p in parameters.items():
             step.register_parameter(name, p)
         return step
@@ -215,7 +216,7 @@ class Cell(_Step, nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.compiled.name!r}, {self.input_size}, {self.hidden_size}"
-        if not self.bias:
+        if any(getattr(self, st.name, None) is None for st in stores_of(self.compiled) if st.is_bias):
             s += ", bias=False"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"

@@ -121,8 +121,8 @@ class Recurrent(RecurrentStack, nn.Module):
             p = getattr(self, self._param_name(store.name, layer, direction), None)
             if p is not None:
                 parameters[store.name] = p
-        return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.bias,
-                            self.backend, self.input_sizes, parameters)
+        return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
+                            self.input_sizes, parameters)
 
     def forward(self, input, state=None, **extra):
         return self._run(input, state, extra)

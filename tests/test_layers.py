@@ -353,3 +353,37 @@ def test_backend_names_are_checked_and_cpu_needs_cpu_tensors():
     with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
         layer(torch.empty(T, N, I, device="meta"))
     assert Recurrent("gru", I, H)._resolve_backend(torch.empty(T, N, I)) == "cpu"
+
+
+# --- torch.nn's API on any cell -------------------------------------------------------------------
+
+def test_an_empty_batch_runs_forward_and_backward_like_torch():
+    """N = 0: outputs [T, 0, D*H] and [L*D, 0, H], and zero parameter gradients, as torch.nn.LSTM's."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True)
+    layers = [celldsl.LSTM(I, H, num_layers=2, bidirectional=True),
+              Recurrent("slstm", I, H, num_layers=2, bidirectional=True, batch_first=True)]
+    for layer in [ref, *layers]:
+        x = torch.randn(0, T, I) if layer.batch_first else torch.randn(T, 0, I)
+        x.requires_grad_()
+        out, final = layer(x)
+        assert out.shape == ((0, T, 2 * H) if layer.batch_first else (T, 0, 2 * H))
+        assert all(f.shape == (4, 0, H) for f in final)
+        (out.sum() + sum(f.sum() for f in final)).backward()
+        assert x.grad.shape == x.shape
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
+
+
+def test_recurrent_repr_to_and_bias_false_follow_torch():
+    layer = Recurrent("gru", I, H, num_layers=2, bias=False, batch_first=True, dropout=0.5,
+                      bidirectional=True)
+    assert repr(layer) == ("Recurrent('gru', 4, 6, num_layers=2, bias=False, batch_first=True, dropout=0.5, "
+                           "bidirectional=True)")
+    assert list(layer.buffers()) == [] and all("bias" not in n for n, _ in layer.named_parameters())
+    assert layer.to(torch.float64) is layer and all(p.dtype == torch.float64 for p in layer.parameters())
+    out, h = layer(torch.randn(N, T, I, dtype=torch.float64))  # runs in the new dtype
+    assert out.dtype == torch.float64 and h.shape == (4, N, H)
+    meta = Recurrent("gru", I, H, device="meta", dtype=torch.float16)
+    assert all(p.is_meta and p.dtype == torch.float16 for p in meta.parameters())
+    with pytest.raises(ValueError, match=r"bias=False: the layer has no parameter 'b_ir'"):
+        layer.cell_parameter("b_ir")
