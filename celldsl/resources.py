@@ -1,8 +1,10 @@
 """Where celldsl's data lives: the zoo's cells, the grammar, the zoo's generated Triton kernels.
 
 A source checkout keeps them at the top level (cells/, grammars/, kernels/); an installed wheel
-carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/cells/ and
-so on). importlib.resources finds the installed copy; a checkout falls back to its own folders.
+carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/ (not
+celldsl/cells/: that name is the module celldsl/cells.py), grammars/ at celldsl/grammars/, kernels/
+at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
+folders.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-def folder(name: str) -> Path:
-    """The data folder `name` ("cells", "grammars" or "kernels")."""
-    shipped = files("celldsl") / name
-    if shipped.is_dir():
-        return Path(str(shipped))
-    return CHECKOUT / name
+def folder(checkout: str, shipped: str) -> Path:
+    """A data folder: `shipped` inside the installed package, else `checkout` at the checkout's top."""
+    inside = files("celldsl") / shipped
+    if inside.is_dir():
+        return Path(str(inside))
+    return CHECKOUT / checkout
 
 
-ZOO = folder("cells")
-GRAMMAR = folder("grammars") / "cell.lark"
-KERNELS = folder("kernels")
+ZOO = folder("cells", "zoo")
+GRAMMAR = folder("grammars", "grammars") / "cell.lark"
+KERNELS = folder("kernels", "kernels")
 
 
 def zoo_names() -> list[str]:

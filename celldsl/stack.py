@@ -65,7 +65,7 @@ class RecurrentStack:
 
     @property
     def stores(self):
-        """The cell's stored tensors of one layer and direction, as parameters.Store."""
+        """How the cell's parameters are stored: one parameters.Store per group or ungrouped parameter."""
         return stores_of(self.compiled)
 
     @property

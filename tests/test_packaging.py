@@ -19,10 +19,12 @@ def test_pyproject_lists_every_package_and_maps_the_data_folders():
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     code = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "celldsl").rglob("__init__.py")}
-    data = {"celldsl.cells": "cells", "celldsl.grammars": "grammars", "celldsl.kernels": "kernels"}
+    data = {"celldsl.zoo": "cells", "celldsl.grammars": "grammars", "celldsl.kernels": "kernels"}
     assert set(config["packages"]) == code | set(data), "pyproject's packages must list every package"
     assert config["package-dir"] == data
-    assert config["package-data"] == {"celldsl.cells": ["*.cell"], "celldsl.grammars": ["*.lark"]}
+    assert config["package-data"] == {"celldsl.zoo": ["*.cell"], "celldsl.grammars": ["*.lark"]}
+    modules = {p.stem for p in (ROOT / "celldsl").glob("*.py")}
+    assert not modules & {name.split(".")[1] for name in data}, "a data folder would shadow a module"
 
 
 def test_resources_in_a_checkout_are_the_top_level_folders():
@@ -32,12 +34,12 @@ def test_resources_in_a_checkout_are_the_top_level_folders():
 
 
 def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
-    """resources.folder prefers celldsl/<name>/ inside the package (where the wheel puts it)."""
+    """resources.folder prefers the copy inside the package (where the wheel puts it)."""
     shipped = tmp_path / "celldsl"
-    (shipped / "cells").mkdir(parents=True)
+    (shipped / "zoo").mkdir(parents=True)
     monkeypatch.setattr(resources, "files", lambda package: shipped)
-    assert resources.folder("cells") == shipped / "cells"
-    assert resources.folder("kernels") == resources.CHECKOUT / "kernels"  # not shipped: the checkout's
+    assert resources.folder("cells", "zoo") == shipped / "zoo"
+    assert resources.folder("kernels", "kernels") == resources.CHECKOUT / "kernels"  # not shipped
 
 
 def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
