@@ -175,6 +175,18 @@ def test_factory_kwargs(kind, dtype, training):
         assert_parameters_are(construct(sample, device="meta", dtype=dtype).train(training), "meta", dtype)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_to(kind):
+    """TestNN.test_to (there on nn.Linear): .to() returns the module itself, converts the parameters
+    and refuses copy=True."""
+    for sample in samples_of(kind):
+        m = construct(sample)
+        assert m.to("cpu") is m and m.to("cpu", dtype=torch.float32) is m
+        assert m.double() is m.to(torch.float64) and all(p.dtype == torch.float64 for p in m.parameters())
+        with pytest.raises(RuntimeError):
+            m.to("cpu", copy=True)
+
+
 @pytest.mark.parametrize("kind, dtype, training", cases([torch.float32]))
 def test_repr(kind, dtype, training):
     """TestModule.test_repr: repr and str work (and equal torch's class's)."""
