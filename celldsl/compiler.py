@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import cache
 from .errors import CellError, CellWarning, Source, printable
+from .resources import ZOO, zoo_names
 from .syntax import MAX_FILE_BYTES
 
-ZOO = Path(__file__).resolve().parent.parent / "cells"
 _COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this process
 _RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
 
@@ -153,7 +153,7 @@ def _read(cell) -> Source:
         elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
         else:
-            zoo = ", ".join(sorted(p.stem for p in ZOO.glob("*.cell")))
+            zoo = ", ".join(zoo_names())
             raise CellError(
                 f"no file '{printable(cell)}' and no zoo cell of that name (the zoo: {zoo})",
                 Source("", cell),

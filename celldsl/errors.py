@@ -104,3 +104,8 @@ class CellWarning(UserWarning):
 
 def warning_text(message: str, source: Source | None, loc: Loc | None) -> str:
     return render("warning", message, source, loc)
+
+
+class CellTensorError(ValueError, RuntimeError):
+    """A tensor a layer cannot take (its shape, dtype or device). torch.nn raises RuntimeError for
+    these and earlier celldsl raised ValueError; this is both, so code written for either catches it."""

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from pathlib import Path
 
 from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
 from .errors import CellError, Loc, Source, raise_all
+from .resources import GRAMMAR
 
-GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 MAX_FILE_BYTES = 512 << 10  # the zoo's files have 1-2 kB; parsing costs about a second per 200 kB
 
@@ -27,11 +26,7 @@ TOKEN_WORDS = {
 
 
 def grammar_text() -> str:
-    if GRAMMAR.exists():
-        return GRAMMAR.read_text()
-    from importlib.resources import files  # installed without the source tree
-
-    return (files("celldsl") / "cell.lark").read_text()
+    return GRAMMAR.read_text(encoding="utf-8")
 
 
 class _SkipNewlinesInBrackets:

@@ -109,6 +109,12 @@ def _sign(x):
 
 
 @triton.jit
+def _mod(a, b):
+    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    return a - b * tl.floor(a / b)
+
+
+@triton.jit
 def _pow(b, e):
     # b ** e for a non-integer e: nan for b < 0, as torch.pow
     return tl.exp(e * tl.log(b))

@@ -249,7 +249,7 @@ def test_context_gradient_when_the_input_needs_none(backend):
 def test_cpu_backend_runs_the_fused_kernels(name):
     """The compiled C kernels take multi-input cells (no fallback to the plain loop)."""
     layer = make(name, "cpu")
-    loop = layer.cell.cpu_loop
+    loop = layer.compiled.cpu_loop
     assert isinstance(loop, FusedCPULoop)
     x, extra, state = data(name, 1, 1)
     xx = torch.cat([x, extra], dim=-1).reshape(T * N, -1)
@@ -393,7 +393,7 @@ def test_opcheck_with_concatenated_inputs():
     x, extra, state = data("ctx_gate", 1, 1)
     xx = torch.cat([x, extra], dim=-1).requires_grad_()
     params = [p.detach().requires_grad_() for p in layer._weights(0, 0)]
-    args = (layer.cell.key, "cpu", xx, [s[0].requires_grad_() for s in state], params, None)
+    args = (layer.compiled.key, "cpu", xx, [s[0].requires_grad_() for s in state], params, None)
     torch.library.opcheck(ops.cell_sequence, args)
 
 

@@ -66,7 +66,7 @@ CASES = [
     ("too-many-arguments", HDR + "h' = tanh(h, x)\n", "tanh takes 1 argument, got 2", 4, 6),
     ("prev-of-state", HDR + "h' = prev(h) + x\n", "'h' is a state: its previous value is just 'h'", 4, 11),
     ("prev-of-unknown", HDR + "h' = prev(q) + x\n", "unknown intermediate 'q'", 4, 11),
-    ("prev-of-expression", HDR + "h' = prev(h + x)\n", "prev takes one name", 4, 6),
+    ("prev-of-expression", HDR + "h' = prev(h + x)\n", "prev takes a name", 4, 6),
     # matrices and sizes
     ("operands-of-different-sizes", HDR_W + "h' = W @ x + W @ h\n",
      "'W' is applied to operands of different sizes: input 'x' on line 5 and H-wide values here", 5, 14),

@@ -157,7 +157,7 @@ def test_gradcheck_float64(cell):
     names = [n for n, _ in m.named_parameters()]
     x = torch.randn(3, 2, input_size, dtype=torch.float64, requires_grad=True)
     states = tuple(
-        (0.5 * torch.randn(1, 2, hidden, dtype=torch.float64)).requires_grad_() for _ in m.cell.states
+        (0.5 * torch.randn(1, 2, hidden, dtype=torch.float64)).requires_grad_() for _ in m.compiled.states
     )
     params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
 

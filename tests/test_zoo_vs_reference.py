@@ -40,7 +40,7 @@ def reference_stack(stem, layer, x, states, lengths):
     for lay in range(layer.num_layers):
         outs = []
         for d in range(D):
-            p = {name: layer.cell_parameter(name, lay, d) for name in layer.cell.ir.params}
+            p = {name: layer.cell_parameter(name, lay, d) for name in layer.compiled.ir.params}
             idx = lay * D + d
             columns, last = [], []
             for n, length in enumerate(lengths):
