@@ -41,11 +41,18 @@ def check_backend(backend) -> None:
 
 
 def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
-    """Check `input_sizes` against the cell's inputs after the first: {name: positive int}."""
+    """Check `input_sizes` against the cell's inputs after the first: {name: positive int}. An input
+    declared `: 1` (one value per sequence) has size 1 without being given."""
     names = cell.ir.inputs[1:]
     sizes = {} if sizes is None else sizes
     if not isinstance(sizes, dict):
         raise TypeError(f"input_sizes must be a dict {{input name: size}}, got {type(sizes).__name__}")
+    ones = {n for n in names if cell.ir.width(n) == "row"}
+    for n in ones:
+        if sizes.get(n, 1) != 1:
+            raise ValueError(f"input {n!r} is declared ': 1' (one value per sequence); input_sizes[{n!r}] must be "
+                             f"1, got {sizes[n]!r}")
+    sizes = {n: 1 for n in ones} | dict(sizes)
     unknown = sorted(set(sizes) - set(names))
     missing = [n for n in names if n not in sizes]
     if unknown or missing:
@@ -61,3 +68,32 @@ def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"input_sizes[{name!r}] must be a positive int, got {v!r}")
     return {n: sizes[n] for n in names}
+
+
+def declared_width_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
+    """Check `sizes` against the widths the cell declares (`state h : P`): {width: positive int}."""
+    declared = sorted({w for w in cell.ir.widths.values()} - {"H", "row", *cell.ir.inputs})
+    sizes = {} if sizes is None else sizes
+    if not isinstance(sizes, dict):
+        raise TypeError(f"sizes must be a dict {{width: size}}, got {type(sizes).__name__}")
+    unknown = sorted(set(sizes) - set(declared))
+    missing = [w for w in declared if w not in sizes]
+    if unknown or missing:
+        raise ValueError(
+            f"cell {cell.name!r} declares the widths {', '.join(declared) or '(none)'}; sizes must give the "
+            "size of each" + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    for w in declared:
+        v = sizes[w]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"sizes[{w!r}] must be a positive int, got {v!r}")
+    return {w: sizes[w] for w in declared}
+
+
+def check_heads(cell: CompiledCell, sizes: dict[str, int]) -> None:
+    """A matrix with heads(n) splits its rows and columns into n equal blocks: both must divide by n."""
+    for name, p in cell.ir.params.items():
+        if p.heads and (sizes[p.rows] % p.heads or sizes[p.operand_size] % p.heads):
+            raise ValueError(f"parameter {name!r} has {p.heads} heads, so its sizes ({sizes[p.rows]} x "
+                             f"{sizes[p.operand_size]}) must divide by {p.heads}")

@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arguments import check_backend, check_layer_arguments, extra_input_sizes
+from .arguments import (
+    check_backend,
+    check_heads,
+    check_layer_arguments,
+    declared_width_sizes,
+    extra_input_sizes,
+)
 from .compiler import compile_cell
 from .errors import CellTensorError
 from .parameters import initialize, member, op_params, stores_of
@@ -29,9 +35,14 @@ class _Step:
         for store in stores_of(self.compiled):
             tensor = getattr(self, store.name, None)
             if tensor is None:
-                tensor = like.new_zeros(store.shape(self.input_size, self.hidden_size, self.input_sizes))
+                tensor = like.new_zeros(store.shape(self._sizes()))
             tensors[store.name] = tensor
         return tensors
+
+    def _sizes(self) -> dict[str, int]:
+        """The size of every width of the cell (CompiledCell.sizes)."""
+        return self.compiled.sizes(self.input_size, self.hidden_size, self.input_sizes,
+                                   getattr(self, "width_sizes", None))
 
     def _state_label(self, i: int) -> str:
         return "hidden" if len(self.compiled.states) == 1 else f"hx[{i}]"
@@ -55,11 +66,11 @@ class _Step:
         x = input.unsqueeze(0) if unbatched else input
         states = [s.unsqueeze(0) if unbatched else s for s in given or []]
         self._check(x, states)
-        N, H = x.shape[0], self.hidden_size
+        N, sizes = x.shape[0], self._sizes()
         states = [s.contiguous() for s in states]
-        states += [x.new_zeros(N, H) for _ in range(len(self.compiled.states) - len(states))]
+        states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
-        params = op_params(self.compiled, self._stored(like=x), H)
+        params = op_params(self.compiled, self._stored(like=x), sizes)
         out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
         out = out[0]
         if unbatched:
@@ -80,10 +91,12 @@ class _Step:
         if x.shape[1] != self.input_size:
             raise CellTensorError(f"input has inconsistent input_size: got {x.shape[1]} expected "
                                   f"{self.input_size}")
+        sizes = self._sizes()
         for i, s in enumerate(states):
-            if s.shape[1] != self.hidden_size:
+            width = sizes[self.compiled.ir.width(self.compiled.states[i])]
+            if s.shape[1] != width:
                 raise CellTensorError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected "
-                                      f"{self.hidden_size}")
+                                      f"{width}")
             if s.shape[0] != x.shape[0]:
                 raise CellTensorError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size "
                                       f"{s.shape[0]}")
@@ -161,29 +174,33 @@ class Cell(_Step, nn.Module):
     """
 
     def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
-                 device=None, dtype=None, input_sizes: dict[str, int] | None = None):
+                 device=None, dtype=None, input_sizes: dict[str, int] | None = None,
+                 sizes: dict[str, int] | None = None):
         super().__init__()
         check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
         self.compiled = compile_cell(cell)
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
-        self.compiled.check_sizes(input_size, hidden_size, self.input_sizes)
+        self.width_sizes = declared_width_sizes(self.compiled, sizes)
+        self.compiled.check_sizes(input_size, hidden_size, self.input_sizes, self.width_sizes)
         # no `bias` attribute: a cell file may name a parameter group `bias` (torch's cells keep the flag)
         self.input_size, self.hidden_size, self.backend = input_size, hidden_size, backend
+        check_heads(self.compiled, self._sizes())
         for store in stores_of(self.compiled):
             if bias or not store.is_bias:
-                shape = store.shape(input_size, hidden_size, self.input_sizes)
+                shape = store.shape(self._sizes())
                 tensor = torch.empty(shape, device=device, dtype=dtype)
                 self.register_parameter(store.name, nn.Parameter(tensor))
         self.reset_parameters()
 
     @classmethod
     def sharing(cls, compiled, input_size: int, hidden_size: int, backend: str, input_sizes: dict[str, int],
-                parameters: dict[str, nn.Parameter]) -> Cell:
+                parameters: dict[str, nn.Parameter], width_sizes: dict[str, int] | None = None) -> Cell:
         """A Cell whose parameters are the given ones, not copies (Recurrent.cell(k))."""
         step = cls.__new__(cls)
         nn.Module.__init__(step)
         step.compiled, step.input_sizes = compiled, dict(input_sizes)
+        step.width_sizes = dict(width_sizes or {})
         step.input_size, step.hidden_size, step.backend = input_size, hidden_size, backend
         for name, p in parameters.items():
             step.register_parameter(name, p)
@@ -197,7 +214,7 @@ class Cell(_Step, nn.Module):
         """torch's U(-1/sqrt(H), 1/sqrt(H)) everywhere, then the cell file's `init` lines."""
         stored = [(s, getattr(self, s.name)) for s in stores_of(self.compiled) if getattr(self, s.name, None)
                   is not None]
-        initialize(self.compiled, stored, self.hidden_size)
+        initialize(self.compiled, stored, self._sizes())
 
     def cell_parameter(self, name: str) -> torch.Tensor:
         """The parameter the cell file names (e.g. "b_f", "U_z") as a view sharing storage."""
@@ -206,7 +223,7 @@ class Cell(_Step, nn.Module):
                 tensor = getattr(self, store.name, None)
                 if tensor is None:
                     raise ValueError(f"bias=False: the cell has no parameter {name!r} (it is fixed at 0)")
-                return member(store, name, tensor, self.hidden_size)
+                return member(store, name, tensor, self._sizes())
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
 

@@ -39,7 +39,7 @@ def explain(compiled) -> str:
         out.append(f"  source: {printable(ir.cite)}")
 
     out += ["", "inputs:"]
-    out += [f"  {x}  [{_width(x, ir)}]" for x in ir.inputs]
+    out += [f"  {x}  [{_width(ir.width(x), ir)}]" for x in ir.inputs]
     out += ["states (the layer's state tuple, in this order):"]
     for i, s in enumerate(ir.states):
         extra = "  (carried for prev(); starts at zero)" if i >= ir.declared_states else ""
@@ -61,7 +61,7 @@ def explain(compiled) -> str:
         applied = ""
         if kind == "matrix":
             operand = ir.params[members[0]].operand_size
-            applied = ", applied to " + ("H-wide values" if operand == HIDDEN else f"input {operand}")
+            applied = ", applied to " + (f"input {operand}" if operand in ir.inputs else _width_words(operand, ir))
         out.append(f"  {store}{group}  {shape}  ({kind}{applied})")
     out.append(f"  total: {_poly(total)} numbers per layer and direction")
 
@@ -100,10 +100,10 @@ def explain(compiled) -> str:
             f"(forward {pw.forward_ops()} ops); gradients of {grads}"
         )
     out.append(f"  total: {bwd_ops} backward ops, {fwd_ops} forward ops")
-    saved = plan.saved_per_step()
-    width = sum(w for _, w in saved)
-    out.append(f"  saved per step for the backward ({width}H numbers per sequence):")
-    out += [f"    {what}  [{_times(w)}H]" for what, w in saved]
+    saved = [(what, sum((_size_sym(w, ir) for w in widths), sp.Integer(0))) for what, widths in plan.saved_per_step()]
+    total = _compact(sum((w for _, w in saved), sp.Integer(0)))
+    out.append(f"  saved per step for the backward ({total} numbers per sequence):")
+    out += [f"    {what}  [{_compact(w)}]" for what, w in saved]
 
     hoisted = sum(_gemm_flops(g, ir) for g in plan.hoisted)
     step = sum(_gemm_flops(g, ir) for g in plan.gemms)
@@ -174,7 +174,7 @@ def _stores(ir):
 def _gemm(g: Gemm, plan: Plan) -> str:
     cols = _size_sym(g.operand_size, plan.ir)
     operand = g.operand.name
-    rows = re.sub(r"(\d)\*", r"\1", sp.sstr(_rows(g, plan.ir)))  # 4H, H + P
+    rows = _compact(_rows(g, plan.ir))
     text = f"[{', '.join(g.params)}] ({rows} x {cols}) @ {operand}"
     if plan.roles.get(g.operand) == "operand":
         text += f",  {operand} = {_operand_expr(g, plan)}"
@@ -207,6 +207,11 @@ def _show(expr: sp.Expr, names: dict[sp.Symbol, str]) -> str:
 
 def _times(n: int) -> str:
     return "" if n == 1 else str(n)
+
+
+def _compact(e: sp.Expr) -> str:
+    """A size as papers write it: 4H, 3H + P."""
+    return re.sub(r"(\d)\*", r"\1", sp.sstr(e))
 
 
 def _rows(g: Gemm, ir) -> sp.Expr:

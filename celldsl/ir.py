@@ -96,6 +96,7 @@ class Product:
     rows: str = "H"  # the product's width
     cols: str = "H"  # the operand's width
     terms: tuple[MatrixTerm, ...] | None = None
+    heads: int | None = None  # a block-diagonal matrix of this many blocks (runtime/gemm.py)
 
 
 @dataclass
@@ -635,13 +636,18 @@ class _Builder:
                 raise self.error("the matrices of this combination have different numbers of rows", node.left.loc)
             out = gives
         plain = len(terms) == 1 and terms[0].coef == 1 and not terms[0].transposed and terms[0].matrix != EYE
+        heads = {self.params[t.matrix].heads for t in terms if t.matrix != EYE}
+        if not plain and heads - {None}:
+            raise self.error("a matrix with heads cannot be scaled, transposed or combined with others; apply "
+                             "it alone", node.left.loc)
         name = terms[0].matrix if plain else _combination_name(terms)
         key = (name, operand)
         if key not in self.products:
             index = self.applications[name] = self.applications.get(name, -1) + 1
             sym = symbol(f"{name}@{index}" if index else f"{name}@")
             self.products[key] = Product(sym, name, operand, node.loc, rows=out, cols=size,
-                                         terms=None if plain else tuple(terms))
+                                         terms=None if plain else tuple(terms),
+                                         heads=self.params[name].heads if plain else None)
             self.count_step(operand, node.loc)
         return self.products[key].symbol, out
 
@@ -985,6 +991,17 @@ def _shape_words(p: Param) -> str:
     if p.kind == "matrix":
         return f"is {p.rows} x {p.operand_size}" + (f" in {p.heads} heads" if p.heads else "")
     return "is a scalar" if p.kind == "scalar" else f"is a vector of width {p.rows}"
+
+
+def _combination_name(terms: list[MatrixTerm]) -> str:
+    """How a combination of matrices is shown (and named in the plan): `(W - Wᵀ - 0.01*eye)`."""
+    parts = []
+    for t in terms:
+        matrix = t.matrix + ("ᵀ" if t.transposed else "")
+        coef = repr(float(t.coef)) if t.coef.is_Number else sp.sstr(t.coef)
+        text = matrix if t.coef == 1 else f"-{matrix}" if t.coef == -1 else f"{coef}*{matrix}"
+        parts.append(text)
+    return "(" + " + ".join(parts).replace("+ -", "- ") + ")"
 
 
 def _stem(filename: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arguments import check_layer_arguments, extra_input_sizes
+from .arguments import check_heads, check_layer_arguments, declared_width_sizes, extra_input_sizes
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
 from .compiler import compile_cell
 from .parameters import initialize, stores_of
@@ -71,22 +71,26 @@ class Recurrent(RecurrentStack, nn.Module):
         device=None,
         dtype=None,
         input_sizes: dict[str, int] | None = None,
+        sizes: dict[str, int] | None = None,
     ):
         super().__init__()
         check_layer_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, backend)
         self.compiled = compile_cell(cell)
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
+        self.width_sizes = declared_width_sizes(self.compiled, sizes)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.backend = bidirectional, backend
         for layer in range(num_layers):
-            self.compiled.check_sizes(self._layer_input_size(layer), hidden_size, self.input_sizes)
+            self.compiled.check_sizes(self._layer_input_size(layer), hidden_size, self.input_sizes,
+                                      self.width_sizes, layer=layer)
         for layer in range(num_layers):
+            check_heads(self.compiled, self._sizes(layer))
             for direction in range(self.num_directions):
                 for store in stores_of(self.compiled):
                     if bias or not store.is_bias:
-                        shape = store.shape(self._layer_input_size(layer), hidden_size, self.input_sizes)
+                        shape = store.shape(self._sizes(layer))
                         tensor = torch.empty(shape, device=device, dtype=dtype)
                         self.register_parameter(self._param_name(store.name, layer, direction),
                                                 nn.Parameter(tensor))
@@ -110,7 +114,7 @@ class Recurrent(RecurrentStack, nn.Module):
                 tensor = getattr(self, self._param_name(store.name, layer, direction), None)
                 if tensor is not None:
                     stored.append((store, tensor))
-        initialize(self.compiled, stored, self.hidden_size)
+        initialize(self.compiled, stored, self._sizes(0))
 
     def cell(self, layer: int = 0, direction: int = 0) -> Cell:
         """Layer `layer`'s one-step Cell (direction 1: the reverse one) whose parameters are this
@@ -122,7 +126,7 @@ class Recurrent(RecurrentStack, nn.Module):
             if p is not None:
                 parameters[store.name] = p
         return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
-                            self.input_sizes, parameters)
+                            self.input_sizes, parameters, self.width_sizes)
 
     def forward(self, input, state=None, **extra):
         return self._run(input, state, extra)
@@ -144,4 +148,6 @@ class Recurrent(RecurrentStack, nn.Module):
             s += f", backend={self.backend!r}"
         if self.input_sizes:
             s += f", input_sizes={self.input_sizes}"
+        if self.width_sizes:
+            s += f", sizes={self.width_sizes}"
         return s

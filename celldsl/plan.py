@@ -28,6 +28,7 @@ class Gemm:
     params: tuple[str, ...]  # per block: a matrix parameter, or a combination's name (ir.Product.terms)
     products: tuple[sp.Symbol, ...]
     widths: tuple[str, ...] = ()  # per block: its number of rows (a width)
+    heads: int | None = None  # every block block-diagonal with this many square blocks (runtime/gemm.py)
 
 
 @dataclass
@@ -112,15 +113,15 @@ class Plan:
         """input | state | vector | scalar | hoisted | product | operand."""
         return self.roles[sym]
 
-    def saved_per_step(self) -> list[tuple[str, int]]:
-        """What the backward reads of each step, as (value, width in multiples of H): the new states,
-        every GEMM's output (hoisted ones included) and every computed GEMM operand. The pointwise
-        backward recomputes the rest of the forward from these (the torch loop saves exactly this)."""
-        saved = [(s + "'", 1) for s in self.ir.states]
+    def saved_per_step(self) -> list[tuple[str, tuple[str, ...]]]:
+        """What the backward reads of each step, as (value, its widths): the new states, every GEMM's
+        output (hoisted ones included) and every computed GEMM operand. The pointwise backward
+        recomputes the rest of the forward from these (the torch loop saves exactly this)."""
+        saved = [(s + "'", (self.ir.width(s),)) for s in self.ir.states]
         for g in [*self.gemms, *self.hoisted]:
             where = "hoisted " if g.stage == 0 else f"stage {g.stage} "
-            saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", len(g.params)))
-        saved += [(g.operand.name, 1) for g in self.gemms if self.roles.get(g.operand) == "operand"]
+            saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", g.widths))
+        saved += [(g.operand.name, (g.operand_size,)) for g in self.gemms if self.roles.get(g.operand) == "operand"]
         return saved
 
 
@@ -349,12 +350,12 @@ def build_plan(ir: CellIR) -> Plan:
             (t.matrix for t in product.terms if t.matrix in declared), None)
         return (declared.get(first, len(declared)), product.terms is not None)
 
-    by_operand: dict[tuple[int, sp.Expr], list[sp.Symbol]] = {}
-    for sym in needed:
-        by_operand.setdefault((level[sym], products[sym].operand), []).append(sym)
+    by_operand: dict[tuple[int, sp.Expr, int], list[sp.Symbol]] = {}
+    for sym in needed:  # blocks with heads (block-diagonal) make GEMMs of their own, one per head count
+        by_operand.setdefault((level[sym], products[sym].operand, products[sym].heads or 0), []).append(sym)
     hoisted, gemms = [], []
     operand_outputs: dict[int, list[tuple[str, sp.Expr]]] = {}  # stage k -> operands it computes
-    for index, ((stage, operand), syms) in enumerate(sorted(
+    for index, ((stage, operand, heads), syms) in enumerate(sorted(
         by_operand.items(), key=lambda kv: (kv[0][0], min(order(s) for s in kv[1]))
     )):
         syms.sort(key=order)
@@ -365,7 +366,7 @@ def build_plan(ir: CellIR) -> Plan:
             roles[operand_sym] = "operand"
             operand_outputs.setdefault(stage, []).append((operand_sym.name, operand))
         gemm = Gemm(stage, operand_sym, products[syms[0]].cols, tuple(products[s].param for s in syms),
-                    tuple(syms), tuple(products[s].rows for s in syms))
+                    tuple(syms), tuple(products[s].rows for s in syms), heads or None)
         (hoisted if stage == 0 else gemms).append(gemm)
         for s in syms:
             roles[s] = "hoisted" if stage == 0 else "product"

@@ -73,7 +73,17 @@ class RecurrentStack:
         return 2 if self.bidirectional else 1
 
     def _layer_input_size(self, layer: int) -> int:
-        return self.input_size if layer == 0 else self.hidden_size * self.num_directions
+        """Layer 0 reads the input; layer k > 0 the outputs of layer k - 1's directions, side by side."""
+        if layer == 0:
+            return self.input_size
+        previous = self._sizes(layer - 1)
+        return previous[self.compiled.ir.width(self.compiled.ir.output)] * self.num_directions
+
+    def _sizes(self, layer: int = 0) -> dict[str, int]:
+        """The size of every width of the cell in one layer (CompiledCell.sizes): H, the inputs', and
+        the widths the cell declares (`state h : P`), given to the layer as sizes={"P": ...}."""
+        return self.compiled.sizes(self._layer_input_size(layer), self.hidden_size, self.input_sizes,
+                                   getattr(self, "width_sizes", None))
 
     @staticmethod
     def _param_name(store: str, layer: int, direction: int) -> str:
@@ -95,7 +105,7 @@ class RecurrentStack:
             tensor = getattr(self, self._param_name(store.name, layer, direction), None)
             if tensor is None:
                 ref = like if like is not None else next(self.parameters())
-                shape = store.shape(self._layer_input_size(layer), self.hidden_size, self.input_sizes)
+                shape = store.shape(self._sizes(layer))
                 tensor = ref.new_zeros(shape)
             tensors[store.name] = tensor
         return tensors
@@ -111,13 +121,13 @@ class RecurrentStack:
                 tensor = getattr(self, self._param_name(store.name, layer, direction), None)
                 if tensor is None:
                     raise ValueError(f"bias=False: the layer has no parameter {name!r} (it is fixed at 0)")
-                return member(store, name, tensor, self.hidden_size)
+                return member(store, name, tensor, self._sizes(layer))
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
 
     def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The op's flat parameter list for one layer and direction."""
-        return op_params(self.compiled, self._stored(layer, direction, like), self.hidden_size)
+        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer))
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -260,12 +270,14 @@ class RecurrentStack:
             )
 
     def _initial_states(self, given, x, batch: int, unbatched: bool) -> list[torch.Tensor]:
-        """All carried states [L*D, N, H]: the given ones checked (unbatched ones get N = 1), the
-        rest (all, or the prev(...) states) zero."""
-        L, H = self.num_layers * self.num_directions, self.hidden_size
-        expected = (L, batch, H)
+        """All carried states [L*D, N, width]: the given ones checked (unbatched ones get N = 1), the
+        rest (all, or the prev(...) states) zero. Every layer's state has the same width (a state of
+        an input's width would differ between layers: such a cell has one layer)."""
+        L, sizes = self.num_layers * self.num_directions, self._sizes(0)
+        shapes = [(L, batch, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states]
         states = []
         for i, s in enumerate(given or []):
+            expected = shapes[i]
             s = s.unsqueeze(1) if unbatched else s
             if tuple(s.shape) != expected:
                 label = "hidden" if len(self.compiled.states) == 1 else f"hidden[{i}]"
@@ -282,7 +294,7 @@ class RecurrentStack:
                                       "have the input's dtype")
             states.append(s.contiguous())
         while len(states) < len(self.compiled.states):
-            states.append(x.new_zeros(expected))
+            states.append(x.new_zeros(shapes[len(states)]))
         return states
 
     def _check_extras(self, extra: dict, x, batch_sizes, sorted_indices, unbatched) -> list[torch.Tensor]:

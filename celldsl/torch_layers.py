@@ -17,16 +17,10 @@ from __future__ import annotations
 from torch import nn
 
 from .arguments import check_backend
-from .cells import GRUCell, LSTMCell, RNNCell
+from .cells import Cell, GRUCell, LSTMCell, RNNCell
 from .stack import RecurrentStack, zoo_cell
 
-# proj_size waits for states of another width than H (the language's second edition, issue 13).
-# The torch tests to port then: test_nn.py's test_projections_lstm_args_check,
-# test_projections_lstm_initial_hidden_state, test_projections_errors_on_gru_and_rnn (passes now:
-# torch's own check), test_variable_sequence with proj_size=2, test_rnn_weight_norm's weight_hr_l0
-# case, and test_modules.py over module_db's LSTM samples with proj_size=2 (common_modules.py's
-# module_inputs_torch_nn_LSTM). Their GPU-only ones: test_projections_lstm_check_device and the
-# proj_size parts of _test_RNN_cpu_vs_cudnn and test_cudnn_weight_format.
+# proj_size runs cells/lstm_proj.cell, whose state h is P = proj_size wide (`state h : P`).
 
 
 class _TorchRNN(RecurrentStack):
@@ -37,7 +31,14 @@ class _TorchRNN(RecurrentStack):
 
     @property
     def stem(self) -> str:
+        if self.mode == "LSTM" and getattr(self, "proj_size", 0) > 0:
+            return "lstm_proj"
         return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[self.mode]
+
+    @property
+    def width_sizes(self) -> dict[str, int]:
+        """lstm_proj.cell's declared width P is torch's proj_size."""
+        return {"P": self.proj_size} if self.stem == "lstm_proj" else {}
 
     @property
     def compiled(self):
@@ -55,8 +56,14 @@ class _TorchRNN(RecurrentStack):
 
     def cell(self, layer: int = 0, direction: int = 0):
         """Layer `layer`'s step as torch's cell class (LSTMCell for LSTM, ...), whose parameters are
-        this layer's own (direction 1: the reverse direction's)."""
+        this layer's own (direction 1: the reverse direction's). With proj_size (torch has no such
+        cell class) a celldsl.Cell of cells/lstm_proj.cell."""
         self._check_position(layer, direction)
+        if self.stem == "lstm_proj":
+            parameters = {s.name: getattr(self, self._param_name(s.name, layer, direction))
+                          for s in self.stores if hasattr(self, self._param_name(s.name, layer, direction))}
+            return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
+                                {}, parameters, self.width_sizes)
         step = self._make_cell(self._layer_input_size(layer))
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             p = getattr(self, self._param_name(name, layer, direction), None)
@@ -70,7 +77,8 @@ class _TorchRNN(RecurrentStack):
 
 
 class LSTM(_TorchRNN, nn.LSTM):
-    """torch.nn.LSTM running cells/lstm.cell. proj_size > 0 raises NotImplementedError (pending)."""
+    """torch.nn.LSTM running cells/lstm.cell, or cells/lstm_proj.cell with proj_size > 0 (h is then
+    proj_size wide and weight_hr_l{k} projects it, as torch's)."""
 
     cell_class = LSTMCell
 
@@ -79,11 +87,6 @@ class LSTM(_TorchRNN, nn.LSTM):
         super().__init__(*args, **kwargs)
         self.backend = backend
         zoo_cell(self.stem)
-        if self.proj_size > 0:
-            raise NotImplementedError(
-                f"celldsl.LSTM does not support proj_size yet (got proj_size={self.proj_size}): it needs "
-                "states of another width than hidden_size; use proj_size=0"
-            )
 
 
 class GRU(_TorchRNN, nn.GRU):

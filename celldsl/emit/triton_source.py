@@ -209,12 +209,14 @@ class _Function:
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
         self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
         self.names = {s: identifier(s.name, taken) for s in self.args}
-        self.kinds = [plan.role(s) for s in pw.inputs] + (["grad"] * len(pw.grad_outputs) if backward else [])
+        # rowscalar: an input of one value per sequence ([rows, 1], `input t : 1`), the same in every column
+        self.kinds = [("rowscalar" if plan.width(s) == "row" else plan.role(s)) for s in pw.inputs]
+        self.kinds += ["grad"] * len(pw.grad_outputs) if backward else []
         self.ptr = {s: identifier(self.names[s], taken, "_ptr") for s in self.args}
         self.stride = {
             s: identifier(self.names[s], taken, "_stride")
             for s, k in zip(self.args, self.kinds, strict=True)
-            if k in TWO_D or k == "grad"
+            if k in TWO_D or k in ("grad", "rowscalar")
         }
         if backward:
             self.temps, results = pw.backward_temps, pw.backward_results
@@ -297,6 +299,8 @@ def _kernel(f: _Function) -> str:
             lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
         elif k == "scalar":
             lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
+        elif k == "rowscalar":
+            lines.append(f"    {v} = tl.load({p} + row * {f.stride[s]}, mask=mask, other=0.0).to(COMPUTE)")
         else:
             at = f"{p} + row * {f.stride[s]} + col"
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
@@ -316,7 +320,7 @@ def _host(f: _Function, fn_name: str) -> str:
     params = [f.names[s] for s in f.args]
     shapes = []
     for s, k in zip(f.args, f.kinds, strict=True):
-        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output"}.get(k, "[N, H]")
+        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output", "rowscalar": "[N, 1]"}.get(k, "[N, H]")
         if k == "input":
             shape = "[T, N, I]" if f.prefix == "hoist" else "[N, I]"
         shapes.append(f"{f.names[s]} {shape}")
