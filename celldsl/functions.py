@@ -201,6 +201,33 @@ class mod(CellFunction):  # noqa: N801
         return a - b * math.floor(a / b)
 
 
+class Reduction(CellFunction):
+    """A reduction over the elements of a value (its width: the hidden units), one value per row that
+    broadcasts back over them. Linear, so reverse mode sends an adjoint g back as the same reduction
+    of g (plan._ReverseMode): d/dv_k of sum_j g_j * mean(v) is mean(g). Every backend computes it
+    within the stage's kernel: a second pass over the row (C), a row per program (Triton)."""
+
+    nargs = 1
+
+
+class rowmean(Reduction):  # noqa: N801 - `mean(v)` in a cell file
+    pass
+
+
+class rowsum(Reduction):  # noqa: N801 - `sum(v)` in a cell file
+    pass
+
+
+LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def layernorm(v):
+    """(v - mean(v)) / sqrt(mean((v - mean(v))^2) + eps): no affine part (the cell writes its own gain
+    and bias as vectors, as Ba et al. do); eps as torch.nn.LayerNorm's."""
+    centred = v - rowmean(v)
+    return centred / sp.sqrt(rowmean(centred**2) + sp.Float(LAYERNORM_EPS))
+
+
 def _sqrt(x):
     return sp.sqrt(x)
 
@@ -227,7 +254,11 @@ FUNCTIONS = {
     "mod": (2, mod),
     "floor": (1, floor),
     "clip": (3, _clip),
+    "mean": (1, rowmean),
+    "sum": (1, rowsum),
+    "layernorm": (1, layernorm),
 }
+REDUCTIONS = ("mean", "sum", "layernorm")  # functions over a value's elements, not elementwise
 CONSTANTS = {"pi": sp.pi, "e": sp.E}  # names a cell may use for these when it declares no such name
 
 

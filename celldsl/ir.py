@@ -17,7 +17,7 @@ import sympy as sp
 
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
-from .functions import CONSTANTS, FUNCTIONS, evaluate, less, less_equal
+from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, Reduction, evaluate, less, less_equal
 from .widths import BROADCAST, Widths, width_words
 
 H = "H"  # the size of every value of the step except expressions of inputs only
@@ -116,6 +116,7 @@ class CellIR:
     products: dict[sp.Symbol, Product]
     widths: dict[str, str] = field(default_factory=dict)  # state, input, vector -> its width (widths.py)
     shifted: dict[str, tuple[str, int]] = field(default_factory=dict)  # "prev(x)" -> (input x, steps back)
+    reduced: dict[sp.Basic, tuple[str, Loc]] = field(default_factory=dict)  # mean(v) -> (v's width, place)
     same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
 
@@ -144,6 +145,7 @@ class _Builder:
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
         self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
+        self.reduced: dict[sp.Basic, tuple[str, Loc]] = {}  # mean(v)/sum(v) -> (v's width class, place)
         self.widths = Widths(list(self.inputs))
         self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
@@ -578,11 +580,24 @@ class _Builder:
             plural = "argument" if arity == 1 else "arguments"
             raise self.error(f"{node.func} takes {arity} {plural}, got {len(node.args)}", node.loc)
         args = [self.expr(a) for a in node.args]
+        if node.func in REDUCTIONS:
+            return self.reduction(node, make, *args[0])
         size = self.join([(s, a.loc) for (_, s), a in zip(args, node.args, strict=True)])
         if node.func == "where" and args[0][0] in self.constants:  # a constant condition picks a branch
             return args[1][0] if args[0][0] != 0 else args[2][0], size
         const = all(a in self.constants for a, _ in args)
         return self.fold(make(*(a for a, _ in args)), const, node.loc), size
+
+    def reduction(self, node: ast.Call, make, value: sp.Expr, width: str) -> tuple[sp.Expr, str]:
+        """mean(v), sum(v): one value per row (width "row"); layernorm(v): v's width. v must have a
+        width to reduce over (not a number, a scalar or one value per row)."""
+        if width in BROADCAST:
+            raise self.error(f"{node.func}(...) reduces over the elements of a vector-wide value; this one is "
+                             f"{'a constant or scalar' if width == '1' else 'one value per sequence'}", node.args[0].loc)
+        result = make(value)
+        for r in result.atoms(Reduction):
+            self.reduced.setdefault(r, (width, node.loc))
+        return result, (width if node.func == "layernorm" else "row")
 
     def prev_input(self, node: ast.Call, target: str) -> tuple[sp.Expr, str]:
         """prev(x) or prev(x, k): input x of k steps before, zero at the first k steps of a sequence
@@ -889,6 +904,7 @@ class _Builder:
             products={p.symbol: p for p in self.products.values()},
             widths=widths,
             shifted=dict(self.shifted),
+            reduced={r: (self.widths.resolve(w), loc) for r, (w, loc) in self.reduced.items()},
             same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},

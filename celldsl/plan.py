@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import CellError
+from .functions import Reduction
 from .ir import CellIR, generated, generated_symbols, symbol
 
 
@@ -265,6 +266,8 @@ class _ReverseMode:
         elif isinstance(expr, sp.Pow) and not expr.exp.free_symbols:
             base, e = expr.args
             self.add(base, grad * e * base ** (e - 1))
+        elif isinstance(expr, Reduction):  # linear and symmetric: mean's adjoint is the mean of the adjoint
+            self.add(expr.args[0], type(expr)(grad))
         elif isinstance(expr, sp.Function):
             for i, arg in enumerate(expr.args):
                 if arg.free_symbols:
@@ -383,10 +386,17 @@ def build_plan(ir: CellIR) -> Plan:
 
     def pointwise_of(stage: int, outs: list, base: str) -> list[Pointwise]:
         """One fused function per width of its outputs (a kernel runs over [rows, width]): a stage whose
-        outputs have two widths (lstm_proj: c is H wide, h P wide) is two functions, base and base_1."""
+        outputs have two widths (lstm_proj: c is H wide, h P wide) is two functions, base and base_1.
+        A mean or sum in a function must be over values of the function's width."""
         by_width: dict[str, list] = {}
         for out in outs:
             by_width.setdefault(width(out[0]), []).append(out)
+        for w, group in by_width.items():
+            for r in set().union(*(e.atoms(Reduction) for _, e in group)):
+                over, loc = ir.reduced.get(r, (w, None))
+                if over != w and w != "row":
+                    raise CellError(f"a mean or sum over {over}-wide values is used here by {w}-wide values in the "
+                                    "same step stage: not supported (a kernel runs over one width)", ir.source, loc)
         return [make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
                 for i, (w, group) in enumerate(by_width.items())]
 
@@ -433,6 +443,9 @@ def _recurrence_kind(ir: CellIR, gemms: list[Gemm], state_syms: set) -> str:
     simplification is reported as elementwise, the safe side."""
     if gemms:
         return "dense"
+    for e in ir.new_states.values():  # a mean or sum over a state couples its units as a GEMM does
+        if any(r.free_symbols & state_syms for r in e.atoms(Reduction)):
+            return "dense"
     has_state: dict[sp.Basic, bool] = {}
     linear: dict[sp.Basic, bool] = {}
 

@@ -432,6 +432,52 @@ def ref_phased_lstm(p: Params, x: Tensor, state: State, t: Tensor) -> tuple[Tens
     return torch.stack(outputs), (c, h)
 
 
+def _layer_norm(v: Tensor) -> Tensor:
+    """(v - mean) / sqrt(var + 1e-5) over the last dimension, no affine part (torch.nn.LayerNorm's eps)."""
+    return F.layer_norm(v, v.shape[-1:], eps=1e-5)
+
+
+def ref_ln_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Ba et al. 2016 LN-LSTM: LN over the whole 4H-wide W_h h and W_x x (gate order f, i, o, g), a
+    gain per row, one bias; LN(c) with gain and bias. State (h, c)."""
+    gates = ("f", "i", "o", "g")
+    W_h = torch.cat([p[f"W_h{k}"] for k in gates])
+    W_x = torch.cat([p[f"W_x{k}"] for k in gates])
+    a_h = torch.cat([p[f"a_h{k}"] for k in gates])
+    a_x = torch.cat([p[f"a_x{k}"] for k in gates])
+    b = torch.cat([p[f"b_{k}"] for k in gates])
+
+    def step(x, state):
+        h, c = state
+        pre = a_h * _layer_norm(lin(W_h, h)) + a_x * _layer_norm(lin(W_x, x)) + b
+        f, i, o, g = pre.chunk(4, dim=-1)
+        c = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h = sigmoid(o) * tanh(p["a_c"] * _layer_norm(c) + p["beta_c"])
+        return h, (h, c)
+    return run(step, x, state)
+
+
+def ref_ln_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Haste's LayerNormGRU: torch.nn.GRU with LN over the 3H-wide W_x x and W_h h (gates r, z, n), a
+    gain per row. State (h,)."""
+    gates = ("r", "z", "n")
+    W_x = torch.cat([p[f"W_x{k}"] for k in gates])
+    W_h = torch.cat([p[f"W_h{k}"] for k in gates])
+    g_x = torch.cat([p[f"g_x{k}"] for k in gates])
+    g_h = torch.cat([p[f"g_h{k}"] for k in gates])
+
+    def step(x, state):
+        (h,) = state
+        a_r, a_z, a_n = (g_x * _layer_norm(lin(W_x, x))).chunk(3, dim=-1)
+        u_r, u_z, u_n = (g_h * _layer_norm(lin(W_h, h))).chunk(3, dim=-1)
+        r = sigmoid(a_r + u_r + p["b_r"])
+        z = sigmoid(a_z + u_z + p["b_z"])
+        n = tanh(a_n + p["b_in"] + r * (u_n + p["b_hn"]))
+        h = (1 - z) * n + z * h
+        return h, (h,)
+    return run(step, x, state)
+
+
 REFERENCES = {
     "lstm": ref_lstm,
     "gru": ref_gru,
@@ -461,6 +507,8 @@ REFERENCES = {
     "qrnn_f": ref_qrnn_f,
     "lstm_proj": ref_lstm_proj,
     "slstm_heads": ref_slstm_heads,
+    "ln_lstm": ref_ln_lstm,
+    "ln_gru": ref_ln_gru,
 }
 
 

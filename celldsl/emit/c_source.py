@@ -28,6 +28,7 @@ import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
+from ..functions import Reduction, rowmean
 from ..ir import generated
 from ..plan import Plan, Pointwise
 from .printers import identifier
@@ -333,9 +334,21 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             else:
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+    temps, results, passes = _reduction_passes(temps, results)
     for tmp, _ in temps:
         names[tmp] = identifier("v_" + tmp.name, taken)
+    for red, _kind, _arg, _temps in passes:
+        names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
+    passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
+    for red, kind, arg, needed in passes:
+        acc = f"m_{names[red]}"
+        passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
+                        f"#pragma omp simd reduction(+:{acc})",
+                        "        for (int64_t j = j0; j < j1; ++j) {", *loads,
+                        *[f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in needed],
+                        f"            {acc} += (double)({printer.doprint(arg)});", "        }",
+                        f"        const {t} {names[red]} = ({t})({acc}{' / (double)H' if kind == 'mean' else ''});"]
     for tmp, e in temps:
         body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
     for k, arg in enumerate(spec.args):
@@ -370,7 +383,8 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     lines = [
         f"void {spec.name}_{dtype}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
         "{",
-        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"] if row_sums else []),
+        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"]
+          if row_sums or passes else []),
         *pre,
         "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
         f"#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static){clause}",
@@ -378,6 +392,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "    const int64_t j0 = c * chunk, j1 = j0 + chunk < H ? j0 + chunk : H;",
         "    for (int64_t i = 0; i < n; ++i) {",
         *row_ptrs,
+        *passes_code,
         f"#pragma omp simd{simd}",
         "        for (int64_t j = j0; j < j1; ++j) {",
         *loads,
@@ -391,6 +406,52 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _reduction_passes(temps, results):
+    """Means and sums over a row's columns (functions.Reduction) need the whole row first: each becomes
+    a symbol computed by a pass of its own, in order of nesting (layernorm's variance reads its mean).
+    Returns (temps, results) with every reduction replaced by its symbol, and per reduction (its
+    symbol, "mean" | "sum", its argument, the temps that argument needs, in order)."""
+    nodes = []
+    for e in [*(e for _, e in temps), *(results.values() if isinstance(results, dict) else results)]:
+        for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
+            if r not in nodes:
+                nodes.append(r)
+    if not nodes:
+        return temps, results, []
+    by_depth = sorted(nodes, key=lambda r: len(r.args[0].atoms(Reduction)))  # inner reductions first
+    sub = {r: generated(f"red{i}") for i, r in enumerate(by_depth)}
+
+    def replace(e):
+        return e.xreplace(sub)
+
+    temps = [(tmp, replace(e)) for tmp, e in temps]
+    results = {k: replace(v) for k, v in results.items()}
+    defined = dict(temps)
+    order = {tmp: i for i, (tmp, _) in enumerate(temps)}
+    passes, done = [], set()
+    pending = list(by_depth)
+    while pending:
+        for r in pending:
+            arg = r.args[0].xreplace({k: v for k, v in sub.items() if k != r})
+            needed, todo = set(), list(arg.free_symbols)
+            while todo:
+                s = todo.pop()
+                if s in defined and s not in needed:
+                    needed.add(s)
+                    todo.extend(defined[s].free_symbols)
+            reds = {s for s in needed | arg.free_symbols if s in sub.values()} | \
+                {s for tmp in needed for s in defined[tmp].free_symbols if s in sub.values()}
+            if reds <= done:  # every reduction it reads is computed by an earlier pass
+                kind = "mean" if isinstance(r, rowmean) else "sum"
+                passes.append((sub[r], kind, arg, [(tmp, defined[tmp]) for tmp in sorted(needed, key=order.get)]))
+                done.add(sub[r])
+                pending.remove(r)
+                break
+        else:
+            raise AssertionError("reductions that read each other")
+    return temps, results, passes
 
 
 CALL_AT = """

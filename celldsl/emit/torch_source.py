@@ -33,6 +33,8 @@ class TorchPrinter(TargetPrinter):
         "where": "_where({}, {}, {})",
         "floor": "torch.floor({})",
         "mod": "torch.remainder({}, {})",
+        "rowmean": "_rowmean({})",
+        "rowsum": "_rowsum({})",
     }
 
 
@@ -61,6 +63,14 @@ def _minimum(a, b):
     return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
 
 
+def _rowmean(x):  # the mean over a row's elements, kept as a column so it broadcasts back
+    return x.mean(-1, keepdim=True)
+
+
+def _rowsum(x):
+    return x.sum(-1, keepdim=True)
+
+
 def _like(r, a, b):  # a comparison's 0/1 in the dtype of its tensor operand
     return r.to((a if isinstance(a, torch.Tensor) else b).dtype)
 
@@ -80,7 +90,8 @@ def _where(c, a, b):  # a where c is nonzero: c is 0/1 from a comparison, or any
 '''
 
 
-HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum", "_like", "_less", "_less_equal", "_where"}
+HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum", "_like", "_less", "_less_equal", "_where", "_rowmean",
+                "_rowsum"}
 
 
 def function_names(plan: Plan) -> list[str]:

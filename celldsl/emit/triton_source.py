@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from ..functions import Reduction
 from ..plan import Plan, Pointwise
 from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
@@ -46,6 +47,8 @@ class TritonPrinter(TargetPrinter):
         "where": "tl.where({} != 0, {}, {})",
         "floor": "tl.floor({})",
         "mod": "_mod({}, {})",
+        "rowmean": "_rowmean({}, mask, width)",
+        "rowsum": "_rowsum({}, mask)",
     }
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
@@ -148,6 +151,24 @@ def _mod(a, b):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _rowsum(x, mask):
+    # the sum over a row's columns (a program holds the whole row; masked lanes are padding). tl.reduce
+    # with our own combine, not tl.sum: the standard library's jit functions do not run on the
+    # interpreter when TRITON_INTERPRET is set after triton is imported, as the tests do
+    return tl.reduce(tl.where(mask, x, 0.0), 0, _add)
+
+
+@triton.jit
+def _rowmean(x, mask, width):
+    return _rowsum(x, mask) / width
+
+
+@triton.jit
 def _pow(b, e):
     # b ** e for a non-integer e: nan for b < 0, as torch.pow
     return tl.exp(e * tl.log(b))
@@ -172,8 +193,9 @@ def _vec(t):
     return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
+def _launch(kernel, ref, args, outs, whole_rows=False):
+    """One program per BLOCK elements of the flattened [rows, width] output; with whole_rows (a step
+    that takes means or sums over a row) one program per row, BLOCK the row's width rounded up."""
     if ref.dtype not in _DTYPES:
         raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
     numel = ref.numel()
@@ -181,12 +203,14 @@ def _launch(kernel, ref, args, outs):
         return
     if numel >= 2**31:
         raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
+    if whole_rows:
+        block = triton.next_power_of_2(ref.shape[-1])
+    elif _INTERPRET:
         block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
     else:
         block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
     compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
+    grid = (numel // ref.shape[-1] if whole_rows else triton.cdiv(numel, block),)
     if ref.is_cuda and ref.device.index != torch.cuda.current_device():
         with torch.cuda.device(ref.device):
             kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
@@ -242,6 +266,7 @@ class _Function:
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
         self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
+        self.reduces = any(e.atoms(Reduction) for e in [*(e for _, e in self.temps), *self.results])
         if self.ref is None:
             raise NotImplementedError(
                 f"{prefix}: no input with a row per sequence (only vectors/scalars); nothing sets the shape"
@@ -250,6 +275,7 @@ class _Function:
 
 KNOWN_GLOBALS = {
     "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow", "_mod",
+    "_rowmean", "_rowsum", "_add",
     "_DTYPES", "_rows", "_vec", "_launch", "_empty",
 }  # fmt: skip
 
@@ -258,7 +284,7 @@ def _step_function(f: _Function) -> str:
     """The pure-math `@triton.jit` function: register values in, tuple of results out."""
     printer = TritonPrinter(f.names)
     name = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    params = ", ".join(f.names[s] for s in f.args)
+    params = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     lines = ["@triton.jit", f"def {name}({params}):"]
     what = "gradient of every input that needs one" if f.backward else "the outputs"
     lines.append(f"    # -> {what}: ({', '.join(f.result_names[i] for i in f.unique)})")
@@ -287,12 +313,20 @@ def _kernel(f: _Function) -> str:
     params += f.out_ptrs
     params += ["numel", "width", "BLOCK: tl.constexpr", "COMPUTE: tl.constexpr"]
     lines = ["@triton.jit", f"def {name}(", *[f"    {p}," for p in params], "):"]
-    lines += [
-        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = offs < numel",
-        "    row = (offs // width).to(tl.int64)",
-        "    col = offs % width",
-    ]
+    if f.reduces:  # means and sums over a row: one program holds a whole row
+        lines += [
+            "    row = tl.program_id(0).to(tl.int64)",
+            "    col = tl.arange(0, BLOCK)",
+            "    mask = col < width",
+            "    offs = row * width + col",
+        ]
+    else:
+        lines += [
+            "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+            "    mask = offs < numel",
+            "    row = (offs // width).to(tl.int64)",
+            "    col = offs % width",
+        ]
     for s, k in zip(f.args, f.kinds, strict=True):
         v, p = f.names[s], f.ptr[s]
         if k == "vector":
@@ -305,7 +339,7 @@ def _kernel(f: _Function) -> str:
             at = f"{p} + row * {f.stride[s]} + col"
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
     step = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    call = ", ".join(f.names[s] for s in f.args)
+    call = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     results = [f.result_names[i] for i in f.unique]
     if results:
         lines.append(f"    ({', '.join(results)},) = {step}({call})")
@@ -344,7 +378,8 @@ def _host(f: _Function, fn_name: str) -> str:
             lines.append(f"    {v}, {f.stride[s]} = _rows({v})")
             args += [v, f.stride[s]]
     if f.unique:
-        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs)")
+        whole_rows = ", whole_rows=True" if f.reduces else ""
+        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs{whole_rows})")
     rets = [f"outs[{f.slot_of[i]}]" if i in f.slot_of else "None" for i in range(len(f.results))]
     lines.append(f"    return ({', '.join(rets)},)")
     return "\n".join(lines) + "\n"
