@@ -45,7 +45,8 @@ def explain(compiled) -> str:
         extra = "  (carried for prev(); starts at zero)" if i >= ir.declared_states else ""
         out.append(f"  {s}  [{_width(ir.width(s), ir)}]{extra}")
     output_width = _width(ir.width(ir.output), ir)
-    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + f"  [{output_width}]")
+    note = "" if ir.output_declared else "  (no output line: the cell's one state)"
+    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + f"  [{output_width}]{note}")
     for (a, b), loc in ir.same_widths.items():
         where = f"line {loc.line}, column {loc.column}" if loc else "?"
         first, second = (b, a) if a == HIDDEN else (a, b)

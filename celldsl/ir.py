@@ -108,7 +108,8 @@ class CellIR:
     inputs: list[str]
     states: list[str]  # declared states, then one extra state per prev(v), in order of first use
     declared_states: int
-    output: str  # name of a state (its new value) or of an intermediate
+    output: str  # name of a state (its new value) or of an intermediate; without an `output` line the
+    # (only) state
     output_expr: sp.Expr
     params: dict[str, Param]
     groups: dict[str, list[str]]  # stored tensors holding several parameters, rows in this order
@@ -119,6 +120,7 @@ class CellIR:
     reduced: dict[sp.Basic, tuple[str, Loc]] = field(default_factory=dict)  # mean(v) -> (v's width, place)
     same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
+    output_declared: bool = True  # False: no `output` line, so the output is the cell's one state
 
     @property
     def needs_hidden_size(self) -> dict[str, Loc]:
@@ -144,6 +146,7 @@ class _Builder:
         self.resolved_new: dict[str, tuple[sp.Expr, str]] = {}
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
+        self.prev_uses: dict[str, Loc] = {}  # intermediate -> its first prev(...) in the text
         self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
         self.reduced: dict[sp.Basic, tuple[str, Loc]] = {}  # mean(v)/sum(v) -> (v's width class, place)
         self.widths = Widths(list(self.inputs))
@@ -394,7 +397,12 @@ class _Builder:
             b, sb = self.expr(n.right)
             size = self.join([(size, left_loc), (sb, n.right.loc)])
             if n.op == "/" and b == 0:
-                raise self.error("division by zero", n.loc)
+                divisor = n.right
+                if isinstance(divisor, ast.Var) and divisor.name in self.defs:  # the definition is the cause
+                    name = self.defs[divisor.name][0]
+                    raise self.error(f"division by zero: '{divisor.name}' is zero (it is divided by on line "
+                                     f"{divisor.loc.line})", name.loc)
+                raise self.error("division by zero", divisor.loc)
             op_group = "+" if n.op in "+-" else "*"
             if group is not None and op_group != group:
                 terms = [self.combine(group, terms, left_loc)]
@@ -572,6 +580,9 @@ class _Builder:
             if target not in self.defs:
                 raise self.error(self._unknown(target, "intermediate", self.defs), node.args[0].loc)
             carried = self.prev_states.setdefault(target, f"prev({target})")
+            first = self.prev_uses.get(target)
+            if first is None or (node.loc.line, node.loc.column) < (first.line, first.column):
+                self.prev_uses[target] = node.loc  # the carried states come in the order the text uses them
             return symbol(carried), self.widths.unknown(carried)
         if node.func not in FUNCTIONS:
             raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
@@ -690,9 +701,11 @@ class _Builder:
             right = self._terms(node.right, -coef if node.op == "-" else coef)
             return self._terms(node.left, coef) + right
         if isinstance(node, ast.BinOp) and node.op in "*/":
-            sides = [(node.left, node.right), (node.right, node.left)] if node.op == "*" else [(node.left, node.right)]
+            # papers write the coefficient first (gamma * eye, beta * (M - Mᵀ)): the right factor is the
+            # matrix when it can be one
+            sides = [(node.right, node.left), (node.left, node.right)] if node.op == "*" else [(node.left, node.right)]
             for matrix, scale in sides:
-                if self._mentions_matrix(matrix) and not self._mentions_matrix(scale):
+                if self._mentions_matrix(matrix):
                     value = self._scalar_coefficient(scale)
                     return self._terms(matrix, coef * (1 / value if node.op == "/" else value))
         if isinstance(node, ast.Call) and node.func not in FUNCTIONS and node.func != "prev":
@@ -870,7 +883,10 @@ class _Builder:
             out_expr, size = self.resolved[out.text]
             self.count_step(out_expr, out.loc)
             self.width_of[out_name] = size
-        # prev(v) states: their next value is v of this step, so their width is v's
+        # prev(v) states, in the order the text first uses them: their next value is v of this step, so
+        # their width is v's
+        self.prev_states = dict(sorted(self.prev_states.items(),
+                                       key=lambda kv: (self.prev_uses[kv[0]].line, self.prev_uses[kv[0]].column)))
         for target, carried in self.prev_states.items():
             value, size = self.resolved[target]
             self.width_of[carried] = self.widths.unknown(carried)
@@ -903,6 +919,7 @@ class _Builder:
             new_states=new_states,
             products={p.symbol: p for p in self.products.values()},
             widths=widths,
+            output_declared=self.m.output is not None,
             shifted=dict(self.shifted),
             reduced={r: (self.widths.resolve(w), loc) for r, (w, loc) in self.reduced.items()},
             same_widths={pair: loc for pair, loc in self._constraints().items()},
@@ -972,8 +989,9 @@ class _Builder:
         leaves: set[sp.Symbol] = set()
         for e in [*results, *(p.operand for p in self.products.values())]:
             leaves |= e.free_symbols
+        read = {symbol(target) for target, _k in self.shifted.values()}  # prev(x) reads x
         for n in self.m.inputs:
-            if symbol(n.text) not in leaves:
+            if symbol(n.text) not in leaves and symbol(n.text) not in read:
                 text = warning_text(f"input '{n.text}' is never used", self.src, n.loc)
                 warnings.warn(text, CellWarning, stacklevel=4)
 

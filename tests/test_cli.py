@@ -35,7 +35,7 @@ def test_check_passes_every_zoo_cell(capsys):
     assert code == 0
     assert err == ""  # no errors and no warnings in the zoo
     assert out.splitlines() == [f"{f}: ok" for f in ZOO_FILES]
-    assert len(ZOO_FILES) == 23
+    assert len(ZOO_FILES) == 31
 
 
 def test_check_bad_file_prints_position_line_and_caret(tmp_path, capsys):

@@ -45,10 +45,10 @@ def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
 def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == resources.zoo_names() and len(names) == 23
+    assert names == resources.zoo_names() and len(names) == 31
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 23
+    assert len(lines) == 31
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
 

@@ -108,7 +108,9 @@ CASES = [
     ("unknown-initialiser-call", HDR_W + "init W = xavier(2)\nh' = W @ x + b\n",
      "unknown initialiser 'xavier(...)'", 5, 10),
     # constants
-    ("division-by-zero", HDR + "h' = h / (1 - 1) + x\n", "division by zero", 4, 6),
+    ("division-by-zero", HDR + "h' = h / (1 - 1) + x\n", "division by zero", 4, 11),
+    ("division-by-a-zero-intermediate", HDR + "z = 1 - 1\nh' = h / z + x\n",
+     "division by zero: 'z' is zero (it is divided by on line 5)", 4, 1),
     ("log-of-zero", HDR + "h' = h * log(0) + x\n", "this constant is not a finite number", 4, 10),
     ("sqrt-of-negative", HDR + "h' = h * sqrt(-4) + x\n", "this constant is not a real number", 4, 10),
     ("fractional-power-of-negative", HDR + "h' = h * (-8) ^ 0.5 + x\n",

@@ -42,14 +42,21 @@ class TritonPrinter(TargetPrinter):
         "maximum": "tl.maximum({}, {})",
         "minimum": "tl.minimum({}, {})",
         "pow": "_pow({}, {})",
-        "less": "tl.where({} < {}, 1.0, 0.0)",
-        "less_equal": "tl.where({} <= {}, 1.0, 0.0)",
-        "where": "tl.where({} != 0, {}, {})",
+        "where": "tl.where(({0}) != 0, {1}, {2}).to(({0}).dtype)",
         "floor": "tl.floor({})",
         "mod": "_mod({}, {})",
         "rowmean": "_rowmean({}, mask, width)",
         "rowsum": "_rowsum({}, mask)",
     }
+
+    def _print_less(self, expr, op="<"):
+        """1 where a < b, else 0, in the dtype of the operand that is a tensor (a float literal is fp32)."""
+        a, b = (self._print(x) for x in expr.args)
+        tensor = b if expr.args[0].is_Number else a
+        return f"tl.where({a} {op} {b}, 1.0, 0.0).to(({tensor}).dtype)"
+
+    def _print_less_equal(self, expr):
+        return self._print_less(expr, "<=")
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
         return repr(float(expr))
@@ -135,13 +142,14 @@ def _logsigmoid(x):
 
 @triton.jit
 def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
+    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
+    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
+    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
 
 
 @triton.jit
 def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+    return (tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)).to(x.dtype)
 
 
 @triton.jit
