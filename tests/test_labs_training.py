@@ -71,7 +71,7 @@ def test_run_writes_metrics_csv_json_checkpoint_and_pictures(tmp_path):
         "metrics.csv",
         "metrics.json",
         "learning_curve.png",
-        "copy_predictions.png",
+        *(f"copy_len{L}.png" for L in (10, 20, 40, 120)),
     } <= names
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final"] == summary["final"] and saved["parameters"] == summary["parameters"]

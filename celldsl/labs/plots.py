@@ -5,7 +5,6 @@ Every function takes plain data and an output path and returns the path it wrote
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,21 +73,19 @@ def compare_curves(curves: dict[str, list[list[dict]]], metric: str, title: str,
     return _save(fig, Path(path))
 
 
-def copy_predictions(panels: Sequence[tuple[int, np.ndarray, np.ndarray]], path: Path) -> Path:
-    """For each length L: target bits [8, L] above the predicted probabilities [8, L]
-    (the layout of the lstm_copy_task README)."""
-    fig = Figure(figsize=(12, 1.9 * len(panels)))
-    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 1]})
-    for row, (L, target, pred) in enumerate(panels):
-        for col, (img, what) in enumerate(((target, "target"), (pred, "prediction"))):
-            ax = axes[row][col]
-            ax.imshow(np.asarray(img), aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set(
-                title=f"length {L}: {what}",
-                yticks=[],
-                xlabel="output step" if row == len(panels) - 1 else None,
-            )
+def copy_prediction(target, pred, title: str, path: Path) -> Path:
+    """Target [bits, T] (top) above the predicted probabilities [bits, T] (bottom), time left to
+    right: the layout of the lstm_copy_task README's pictures."""
+    target, pred = np.asarray(target), np.asarray(pred)
+    T = target.shape[1]
+    fig = Figure(figsize=(min(2.5 + 0.12 * T, 16), 3.6))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, img, what in ((axes[0], target, "target"), (axes[1], pred, "prediction")):
+        ax.imshow(img, aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(ylabel=what, yticks=[])
+    axes[1].set(xlabel="time step")
+    fig.suptitle(title)
     return _save(fig, Path(path))
 
 
