@@ -42,7 +42,10 @@ class CompareConfig:
     resume: bool = False
     eval_every: int | None = None
     clip: float = 1.0
+    clip_value: float = 0.0
     optimizer: str = "adam"
+    weight_noise: float = 0.0
+    patience: int = 0
     threads: int = 1
     task_options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
@@ -102,7 +105,10 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 resume=cfg.resume,
                 eval_every=cfg.eval_every,
                 clip=cfg.clip,
+                clip_value=cfg.clip_value,
                 optimizer=cfg.optimizer,
+                weight_noise=cfg.weight_noise,
+                patience=cfg.patience,
                 threads=cfg.threads,
                 task_options=cfg.task_options,
                 pictures=cfg.pictures,
@@ -129,6 +135,26 @@ def fmt(values: list[float]) -> str:
         return "n/a"
     m, s = mean_std(values)
     return _num(m, 4) if s is None else f"{_num(m, 4)} ± {_num(s, 2)}"
+
+
+def _settings_line(c: dict, how: str) -> str:
+    """One sentence with every training setting of a run's config `c`."""
+    clipping = [f"gradient-norm clip {c['clip']}" if c["clip"] else "no gradient-norm clip"]
+    if c.get("clip_value"):
+        clipping.append(f"elementwise gradient clip ±{c['clip_value']}")
+    parts = [
+        f"hidden sizes from {how}",
+        f"{c['layers']} layer(s)",
+        f"batch {c['batch']}",
+        f"{c['optimizer']} lr {c['lr']}",
+        *clipping,
+    ]
+    if c.get("weight_noise"):
+        parts.append(f"weight noise std {c['weight_noise']}")
+    if c.get("patience"):
+        parts.append(f"early stopping after {c['patience']} evaluations without a better valid metric")
+    parts += [f"task options {c['task_options']}", f"{c['threads']} CPU thread(s)"]
+    return "Settings: " + "; ".join(parts) + "."
 
 
 def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) -> dict[str, Any]:
@@ -186,9 +212,7 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
             f"`{metric}`: {better} is better; mean ± sample std over seeds {seeds}; "
             f"final values after {first['steps']} steps. Time/step: forward + backward + update on "
             f"{first['device']} (torch {first['torch']}), data generation excluded.",
-            f"Settings: hidden sizes from {how}; {c['layers']} layer(s); batch {c['batch']}; "
-            f"{c['optimizer']} lr {c['lr']}; gradient-norm clip {c['clip']}; "
-            f"task options {c['task_options']}; {c['threads']} CPU thread(s).",
+            _settings_line(c, how),
             "",
             f"Reference: {task.reference}",
             "",
