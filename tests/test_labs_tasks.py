@@ -133,7 +133,7 @@ def test_task_options_are_checked():
         make_task("nope")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["T"])
-    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic"}
+    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic", "translate"}
 
 
 def test_chorale_split_rule_gives_the_documented_sizes():

@@ -63,9 +63,9 @@ def hidden_for_budget(cell_path: str | Path, task: Task, budget: int, layers: in
 
     def size(h: int) -> int:
         try:  # no memory, no initialisation work
-            return count_parameters(build_model(cell_path, task, h, layers, device="meta"))
+            return count_parameters(task.build_model(str(cell_path), h, layers, device="meta"))
         except (NotImplementedError, RuntimeError):  # an initialiser that cannot run on "meta"
-            return count_parameters(build_model(cell_path, task, h, layers))
+            return count_parameters(task.build_model(str(cell_path), h, layers))
 
     if size(1) > budget:
         raise ValueError(f"{cell_path}: even hidden size 1 has {size(1)} parameters, more than {budget}")

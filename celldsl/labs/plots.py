@@ -143,3 +143,29 @@ def position_accuracy(acc: dict[int, float], path: Path) -> Path:
         title="arithmetic: accuracy by position",
     )
     return _save(fig, Path(path))
+
+
+def attention_matrices(panels, path: Path) -> Path:
+    """For each (source words, output words, weights [outputs, sources]): the attention matrix,
+    source along the top, output down the side (as Bahdanau et al. 2014, Fig. 3)."""
+    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (src, out, weights) in zip(axes, panels, strict=True):
+        ax.imshow(np.asarray(weights), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(len(src)), src, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(out)), out, fontsize=8)
+        ax.xaxis.tick_top()
+    fig.suptitle("attention (greedy decoding): output word (rows) vs source word (columns)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def bleu_by_beam(bleu: dict[int, float], alpha: float, path: Path) -> Path:
+    """Test BLEU against the beam width (width 1 = greedy)."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    widths = sorted(bleu)
+    ax.plot(widths, [bleu[w] for w in widths], "o-")
+    ax.set(xlabel="beam width (1 = greedy)", ylabel="test BLEU", title=f"BLEU vs beam width (alpha {alpha})")
+    ax.set_xticks(widths)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .files import atomic_write_json, atomic_write_text
-from .model import build_model, count_parameters
+from .model import count_parameters
 from .optim import make_optimizer
 from .tasks import Task, evaluate, make_task
 
@@ -105,7 +105,9 @@ def _write_csv(history: list[dict], path: Path) -> None:
 def _eval_all(task: Task, model, device) -> dict[str, float]:
     row = {}
     for set_name, batches in task.eval_sets().items():
-        for k, v in evaluate(task, model, batches, device).items():
+        scores = evaluate(task, model, batches, device)
+        scores.update(task.corpus_scores(model, batches, device))
+        for k, v in scores.items():
             row[f"{set_name}_{k}"] = v
     return row
 
@@ -123,7 +125,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_gen = seed_everything(cfg.seed)
-    model = build_model(cfg.cell, task, cfg.hidden, cfg.layers, device=device)
+    model = task.build_model(cfg.cell, cfg.hidden, cfg.layers, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     step, history, train_seconds = 0, [], 0.0
     loss_sum, loss_count = 0.0, 0
