@@ -125,6 +125,16 @@ def test_model_is_recurrent_plus_readout_and_embeds_tokens():
     assert out.shape == (7, 2, arith.output_size) and h.shape == (1, 2, 6)
 
 
+def test_a_cell_that_needs_input_as_wide_as_hidden_gets_an_input_projection():
+    mut1 = str(ROOT / "cells" / "mut1.cell")
+    adding = make_task("adding")
+    model = build_model(mut1, adding, 6)
+    assert isinstance(model.projection, torch.nn.Linear) and model.projection.in_features == 2
+    out, _ = model(torch.zeros(5, 3, 2))
+    assert out.shape == (5, 3, 1)
+    assert build_model(LSTM, adding, 6).projection is None  # other cells read the input directly
+
+
 @pytest.mark.parametrize("cell", [LSTM, GRU, TANH])
 def test_param_budget_picks_the_largest_hidden_size_that_fits(cell):
     task = make_task("chorales")  # 88 in, 88 out; the data is not loaded to count parameters
