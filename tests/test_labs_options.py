@@ -111,3 +111,40 @@ def test_early_stopping_ends_the_run_when_valid_stops_improving(tmp_path, monkey
     best = int(np.argmin(valid))
     assert summary["steps"] == best + 1 + 2 < 200  # stopped 2 evaluations after the best
     assert summary["best_valid"]["step"] == best + 1
+
+
+def test_welch_t_test_matches_scipy_and_a_hand_computed_case():
+    from scipy import stats as sp
+
+    from celldsl.labs.stats import against_reference, welch
+
+    a, b = [1.0, 2.0, 3.0, 4.5], [2.0, 3.1, 5.0, 6.0, 7.0]
+    t, df, p = welch(a, b)
+    ref = sp.ttest_ind(a, b, equal_var=False)
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    # by hand: var(a)/4 = 2.0625/4, var(b)/5 = 4.163/5; Welch-Satterthwaite df
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 5
+    assert t == pytest.approx((np.mean(a) - np.mean(b)) / np.sqrt(va + vb))
+    assert df == pytest.approx((va + vb) ** 2 / (va**2 / 3 + vb**2 / 4))
+    # Bonferroni: with 2 comparisons, p must be below 0.025
+    scores = {"ref": [0.0, 0.1, -0.1], "far": [5.0, 5.1, 4.9], "near": [0.05, 0.15, -0.05]}
+    res = {c.cell: c for c in against_reference(scores)}
+    assert res["far"].significant and not res["near"].significant
+    assert res["far"].p < 0.025 and res["far"].difference == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        welch([1.0], [2.0, 3.0])
+
+
+def test_compare_with_seeds_reports_significance_and_draws_the_scores(tmp_path):
+    from celldsl.labs.compare import CompareConfig, compare
+
+    result = compare(
+        CompareConfig(
+            task="copy", cells=[LSTM, GRU], hidden=[3], seeds=2, steps=2, batch=4, eval_every=1,
+            task_options={"max_len": 3, "test_size": 8}, out=str(tmp_path), pictures=False, progress=False,
+        )
+    )  # fmt: skip
+    text = (tmp_path / "results.md").read_text()
+    assert "Welch's t-test" in text and "| gru |" in text.split("Significance")[1]
+    assert (tmp_path / "scores.png").exists()
+    assert [c["cell"] for c in result["significance"]] == ["gru"]

@@ -169,3 +169,22 @@ def bleu_by_beam(bleu: dict[int, float], alpha: float, path: Path) -> Path:
     ax.set_xticks(widths)
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
+
+
+def score_boxes(scores: dict[str, list[float]], ylabel: str, title: str, path: Path) -> Path:
+    """One box per cell over its runs' scores, with every run as a point (Greff et al. 2015, Fig. 3)."""
+    labels = list(scores)
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2))
+    ax = fig.subplots()
+    ax.boxplot([scores[k] for k in labels], widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)  # fixed jitter: the same picture every time
+    for i, k in enumerate(labels, start=1):
+        x = i + rng.uniform(-0.12, 0.12, len(scores[k]))
+        ax.plot(x, scores[k], "o", color="C0", alpha=0.8, markersize=4)
+    if len(labels) > 4:
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    else:
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
