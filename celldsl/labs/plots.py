@@ -188,3 +188,32 @@ def score_boxes(scores: dict[str, list[float]], ylabel: str, title: str, path: P
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))
+
+
+def copy_learning_curve(sequences, curves: dict, graves: tuple, path: Path) -> Path:
+    """Cost per sequence (bits, log scale) vs sequences seen, with Graves et al.'s approximate LSTM
+    points; beside it, if given, lstm_copy_task's loss (BCE over all steps) with its floor."""
+    has_bce = "bce_all" in curves
+    fig = Figure(figsize=(11 if has_bce else 6, 4))
+    axes = fig.subplots(1, 2 if has_bce else 1, squeeze=False)[0]
+    ax = axes[0]
+    for name, ys in curves["bits"].items():
+        ax.plot(sequences, [_nan(y) for y in ys], label=f"{name} (lengths 1..20)")
+    ax.plot(*zip(*graves, strict=True), "k*", markersize=9, label="Graves et al. 2014 Fig. 3 LSTM (approx.)")
+    ax.set_yscale("log")
+    ax.set(xlabel="sequences seen", ylabel="cost per sequence (bits)", title="copy: bits per sequence")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if has_bce:
+        ax = axes[1]
+        for name, ys in curves["bce_all"].items():
+            ax.plot(sequences, [_nan(y) for y in ys], label=name)
+        if curves.get("floor"):
+            floor = curves["floor"]
+            ax.axhline(floor, color="k", ls=":", label=f"floor (targets' entropy) {floor:.4f}")
+        ax.axhline(0.01, color="C3", ls="--", lw=0.8, label="0.01")
+        ax.set_yscale("log")
+        ax.set(xlabel="sequences seen", ylabel="BCE over all steps", title="lstm_copy_task's loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))

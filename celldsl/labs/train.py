@@ -321,6 +321,7 @@ def _finish(task: Task, cfg: TrainConfig, model, history, train_seconds: float, 
         title = f"{cfg.task}: {Path(cfg.cell).stem}, hidden {cfg.hidden}, seed {cfg.seed}"
         paths = [learning_curve(history, task.metric, title, out / "learning_curve.png")]
         paths += task.pictures(model, out, device)
+        paths += task.history_pictures(history, out)
         summary["pictures"] = [str(p) for p in paths]
     atomic_write_json(out / "metrics.json", summary)
     return summary

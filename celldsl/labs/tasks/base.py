@@ -123,6 +123,10 @@ class Task:
         """Task-specific figures written into `out_dir`; returns their paths."""
         return []
 
+    def history_pictures(self, history: list[dict], out_dir: Path) -> list[Path]:
+        """Task-specific figures of the learning history (one row per evaluation); returns their paths."""
+        return []
+
     # -- options ----------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]

@@ -52,6 +52,9 @@ from .base import Batch, Defaults, Sums, Task, evaluate, split_batches
 
 PICTURE_LENGTHS = (10, 20, 40, 120)
 TEST_SEED = 20141020  # fixed: every run is tested on the same sequences
+# Graves et al. 2014, Fig. 3, LSTM: (sequences seen, cost per sequence in bits), digitised from the
+# plot in our reference notes (approximate)
+GRAVES_LSTM_CURVE = ((100_000, 4.8), (600_000, 0.5))
 ENCODINGS = ("ntm", "lstm_copy_task")
 LOW = 0.001  # lstm_copy_task: every "0" (padding, pattern zeros, unset markers) is 0.001
 CLIP_LOW_1, CLIP_LOW_0, CLIP_HIGH = 1e-6, 1e-10, 0.9999  # lstm_copy_task's clipping of p in the loss
@@ -215,3 +218,18 @@ class CopyTask(Task):
             paths.append(copy_prediction(target, pred, title, Path(out_dir) / f"copy_len{L}.png"))
         model.train(was_training)
         return paths
+
+    def history_pictures(self, history: list[dict], out_dir: Path) -> list[Path]:
+        """copy_learning_curve.png: test cost per sequence vs sequences seen, as Graves et al. Fig. 3
+        (their LSTM's approximate points marked), and, for the lstm_copy_task encoding, that
+        project's loss with its floor."""
+        from ..plots import copy_learning_curve
+
+        rows = [r for r in history if r.get("test_bits_per_seq") is not None]
+        seqs = [r["sequences"] for r in rows]
+        curves = {"bits": {s: [r.get(f"{s}_bits_per_seq") for r in rows] for s in ("train", "test")}}
+        if self.encoding == "lstm_copy_task":
+            curves["bce_all"] = {s: [r.get(f"{s}_bce_all") for r in rows] for s in ("train", "test")}
+            curves["floor"] = rows[-1].get("test_bce_all_floor")
+        path = Path(out_dir) / "copy_learning_curve.png"
+        return [copy_learning_curve(seqs, curves, GRAVES_LSTM_CURVE, path)]
