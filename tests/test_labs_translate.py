@@ -236,7 +236,9 @@ def test_tiny_translate_compare_writes_a_table_bleu_and_an_attention_picture(tmp
         assert {"attention.png", "bleu_by_beam.png", "translations.txt", "learning_curve.png"} <= {
             p.name for p in run.iterdir()
         }
-        widths = json.loads((run / "bleu_by_beam.json").read_text())["bleu"]
-        assert set(widths) == {"1", "2", "3", "5", "8", "12"}
-        assert all(0 <= v <= 100 for v in widths.values())
+        by_set = json.loads((run / "bleu_by_beam.json").read_text())["bleu"]
+        assert set(by_set) == {"test", "long"}
+        for widths in by_set.values():
+            assert set(widths) == {"1", "2", "3", "5", "8", "12"}
+            assert all(0 <= v <= 100 for v in widths.values())
     assert [r["cell"] for r in result["rows"]] == ["lstm", "gru"]

@@ -159,15 +159,17 @@ def attention_matrices(panels, path: Path) -> Path:
     return _save(fig, Path(path))
 
 
-def bleu_by_beam(bleu: dict[int, float], alpha: float, path: Path) -> Path:
-    """Test BLEU against the beam width (width 1 = greedy)."""
+def bleu_by_beam(bleu: dict[str, dict[int, float]], alpha: float, path: Path) -> Path:
+    """BLEU against the beam width (width 1 = greedy), one line per evaluation set."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    widths = sorted(bleu)
-    ax.plot(widths, [bleu[w] for w in widths], "o-")
-    ax.set(xlabel="beam width (1 = greedy)", ylabel="test BLEU", title=f"BLEU vs beam width (alpha {alpha})")
-    ax.set_xticks(widths)
+    for name, by_width in bleu.items():
+        widths = sorted(by_width)
+        ax.plot(widths, [by_width[w] for w in widths], "o-", label=name)
+    ax.set(xlabel="beam width (1 = greedy)", ylabel="BLEU", title=f"BLEU vs beam width (alpha {alpha})")
+    ax.set_xticks(sorted({w for by_width in bleu.values() for w in by_width}))
     ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, Path(path))
 
 

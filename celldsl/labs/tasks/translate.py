@@ -222,11 +222,13 @@ class TranslateTask(Task):
         from ..seq2seq.decode import greedy
 
         out_dir = Path(out_dir)
-        test = self.eval_sets()["test"]
-        by_width = {}
-        for w in BEAM_WIDTHS:
-            hyps, refs = self.translations(model, test, device, w)
-            by_width[w] = corpus_bleu(hyps, refs)
+        sets = self.eval_sets()
+        test = sets["test"]
+        by_width = {name: {} for name in ("test", "long")}
+        for name, widths in by_width.items():
+            for w in BEAM_WIDTHS:
+                hyps, refs = self.translations(model, sets[name], device, w)
+                widths[w] = corpus_bleu(hyps, refs)
         paths = [
             bleu_by_beam(by_width, self.alpha, out_dir / "bleu_by_beam.png"),
             atomic_write_json(out_dir / "bleu_by_beam.json", {"alpha": self.alpha, "bleu": by_width}),
