@@ -243,7 +243,7 @@ def celldsl_layer(cell: str, I: int, H: int, path: str | None):
 
     text = (ROOT / "cells" / f"{cell}.cell").read_text() + f"\n# bench/cpu.py: {path} path\n"
     layer = celldsl.Recurrent(text, I, H)
-    compiled = cell_for(layer.cell.key)  # the cell object the registered ops look up
+    compiled = cell_for(layer.compiled.key)  # the cell object the registered ops look up
     if path == "plain":
         loop = compiled.torch_loop
     else:
@@ -251,7 +251,7 @@ def celldsl_layer(cell: str, I: int, H: int, path: str | None):
         if not isinstance(loop, cpu_fused.FusedCPULoop):
             why = cpu_fused.build_library(compiled)[1]
             raise SystemExit(f"the fused CPU path is unavailable here: {why}")
-    for c in {id(compiled): compiled, id(layer.cell): layer.cell}.values():
+    for c in {id(compiled): compiled, id(layer.compiled): layer.compiled}.values():
         c.loop = lambda backend, loop=loop: loop
     return layer
 

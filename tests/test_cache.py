@@ -210,7 +210,7 @@ with warnings.catch_warnings():
     plain = Recurrent(sys.argv[1], 5, 5, backend="torch").double()
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(4, 3, 5, dtype=torch.float64)
-    assert isinstance(fused.cell.cpu_loop, FusedCPULoop)
+    assert isinstance(fused.compiled.cpu_loop, FusedCPULoop)
     print(float((fused(x)[0] - plain(x)[0]).abs().max()))
 """
 

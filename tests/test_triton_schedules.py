@@ -91,11 +91,14 @@ def assert_same(results, atol, rtol):
 
 
 def test_every_dense_and_column_cell_has_its_schedules():
-    dense = {c for c in ZOO_CELLS if compile_cell(c).plan.recurrence == "dense"}
+    """The zoo's language-v2 cells the tiles cannot hold (emit/triton_dense.tile_decline) aside."""
+    refused = {"ln_gru", "ln_lstm", "lstm_proj", "phased_lstm", "slstm_heads"}
+    dense = {c for c in ZOO_CELLS if compile_cell(c).plan.recurrence == "dense"} - refused
     assert {c for c, s in PAIRS if s == "persistent"} == dense == {c for c, s in PAIRS if s == "fused_step"}
-    assert {c for c, s in PAIRS if s == "time_loop"} == {"indrnn", "sru", "mingru", "minlstm"}
-    assert {c for c, s in PAIRS if s == "scan"} == {"mingru", "minlstm"}
-    assert len(dense) == 19
+    columns = {"indrnn", "sru", "mingru", "minlstm", "qrnn", "qrnn_f"}
+    assert {c for c, s in PAIRS if s == "time_loop"} == columns
+    assert {c for c, s in PAIRS if s == "scan"} == columns - {"indrnn", "sru"}
+    assert len(dense) == 20
 
 
 @pytest.mark.parametrize(("cell", "schedule"), PAIRS, ids=[f"{c}-{s}" for c, s in PAIRS])
@@ -189,7 +192,7 @@ def test_gradcheck_float64(cell, schedule):
     names = [n for n, _ in m.named_parameters()]
     x = torch.randn(2, 2, I, dtype=torch.float64, requires_grad=True)
     states = tuple((0.5 * torch.randn(1, 2, hidden, dtype=torch.float64)).requires_grad_()
-                   for _ in m.cell.states)
+                   for _ in m.compiled.states)
     params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
 
     def f(x, *rest):

@@ -69,7 +69,7 @@ def _inputs(module, I, dtype, T=6, N=5):
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(T, N, I, generator=g, device="cuda").to(dtype)
     states = tuple((0.5 * torch.randn(1, N, module.hidden_size, generator=g, device="cuda")).to(dtype)
-                   for _ in module.cell.states)
+                   for _ in module.compiled.states)
     return x, states
 
 
@@ -140,8 +140,8 @@ def test_persistent_lstm_at_flashrnn_size():
     with torch.no_grad():
         out_a, (h_a, c_a) = auto(x)
         out_g, (h_g, c_g) = graphed(x)
-    pick = loop_for(auto.cell.key, "triton:auto").pick(x, [h_a[0]])
-    assert pick == "persistent" and isinstance(loop_for(auto.cell.key, "triton:persistent"), DenseLoop)
+    pick = loop_for(auto.compiled.key, "triton:auto").pick(x, [h_a[0]])
+    assert pick == "persistent" and isinstance(loop_for(auto.compiled.key, "triton:persistent"), DenseLoop)
     torch.testing.assert_close(out_a.float(), out_g.float(), atol=3e-2, rtol=0)
     torch.testing.assert_close(c_a.float(), c_g.float(), atol=6e-2, rtol=0)
 

@@ -28,6 +28,7 @@ import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
+from ..functions import Reduction, rowmean
 from ..ir import generated
 from ..plan import Plan, Pointwise
 from .printers import identifier
@@ -44,6 +45,9 @@ C_RESERVED = {
     "volatile", "while", "n", "H", "p", "ld", "i", "j", "int64_t", "NAN", "INFINITY",
 }
 LIBM = ("exp", "tanh", "log", "log1p", "pow")
+# cell functions with a static C helper cd_<name>_<dtype> (see _helpers)
+HELPERS = ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_equal",
+           "where", "floor", "mod")
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,15 @@ class KernelSpec:
     stage: int
     backward: bool
     args: tuple[KernelArg, ...]
+    pointwise: str = ""  # the Pointwise it runs (its name: "stage1", "stage1_1", ...)
 
 
 def _kind(plan: Plan, sym: sp.Symbol) -> str:
+    """"vector", "scalar", "rowscalar" (one value per row: an input declared `: 1`) or "rows"."""
     role = plan.role(sym)
-    return role if role in ("vector", "scalar") else "rows"
+    if role in ("vector", "scalar"):
+        return role
+    return "rowscalar" if plan.width(sym) == "row" else "rows"
 
 
 def _dest(plan: Plan, sym: sp.Symbol) -> tuple:
@@ -93,7 +101,7 @@ class BackwardSchedule:
     """How one reverse step writes its gradients, in the order the CPU loop runs it: pointwise S
     backward, stage S GEMM backward, ..., pointwise 0 backward.
 
-    modes[stage][symbol name]: "=" (first contribution to that destination in the step), "+=",
+    modes[pointwise name][symbol name]: "=" (first contribution to that destination in the step), "+=",
     "acc" (vectors, scalars: summed into a double accumulator), or "same:NAME" (equal to the gradient
     of NAME in the same kernel, which is the only contribution to both: not written; the loop reuses
     NAME's buffer or accumulator). first_gemm[stage]: indices (in plan.gemms) of the GEMMs whose
@@ -111,13 +119,11 @@ def backward_schedule(plan: Plan) -> BackwardSchedule:
     written: set = set()
     modes: dict[int, dict[str, str]] = {}
     first_gemm: dict[int, set[int]] = {}
-    by_stage = {pw.stage: pw for pw in plan.pointwise}
     for k in reversed(range(plan.num_stages + 1)):
-        pw = by_stage.get(k)
-        if pw is not None:
-            m = modes.setdefault(k, {})
+        for pw in plan.pointwise_of_stage(k):
+            m = modes.setdefault(pw.name, {})
             for sym in pw.grad_inputs:
-                if _kind(plan, sym) != "rows":
+                if _kind(plan, sym) not in ("rows", "rowscalar"):
                     m[sym.name] = "acc"
                     continue
                 key = _dest(plan, sym)
@@ -131,11 +137,11 @@ def backward_schedule(plan: Plan) -> BackwardSchedule:
             if key not in written:
                 first_gemm[k].add(gi)
                 written.add(key)
-    hoisted_alias = _alias_gradients(plan, by_stage, modes)
+    hoisted_alias = _alias_gradients(plan, modes)
     return BackwardSchedule(modes, first_gemm, hoisted_alias)
 
 
-def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
+def _alias_gradients(plan: Plan, modes: dict) -> dict[int, int]:
     """Mark gradients equal to another one of the same kernel as "same:NAME" (in `modes`): vectors
     (summed once), and hoisted GEMM blocks when a whole hoisted GEMM matches a step GEMM."""
     stages_of: dict[str, int] = {}
@@ -146,7 +152,7 @@ def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
     for pw in plan.pointwise:
         for sym, expr in zip(pw.grad_inputs, pw.backward_results, strict=True):
             if stages_of[sym.name] == 1:  # one kernel writes it: its buffer holds exactly `expr`
-                results[sym.name] = (pw.stage, expr)
+                results[sym.name] = (pw.name, expr)
     # vectors: the first vector with the same gradient expression accumulates for all of them
     for pw in plan.pointwise:
         first: dict[sp.Expr, str] = {}
@@ -154,7 +160,7 @@ def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
             if plan.role(sym) != "vector" or sym.name not in results or expr == 0:
                 continue
             if expr in first:
-                modes[pw.stage][sym.name] = "same:" + first[expr]
+                modes[pw.name][sym.name] = "same:" + first[expr]
             else:
                 first[expr] = sym.name
     hoisted_alias: dict[int, int] = {}
@@ -213,12 +219,12 @@ def kernel_specs(plan: Plan) -> list[KernelSpec]:
     for pw in plan.pointwise:
         ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs)
         outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
-        specs.append(KernelSpec(f"stage{pw.stage}_forward", pw.stage, False, ins + outs))
+        specs.append(KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name))
         grads = tuple(KernelArg("grad_output", name, "rows") for name, _ in pw.outputs)
         dsts = tuple(
-            KernelArg("grad_input", s.name, _kind(plan, s), modes[pw.stage][s.name]) for s in pw.grad_inputs
+            KernelArg("grad_input", s.name, _kind(plan, s), modes[pw.name][s.name]) for s in pw.grad_inputs
         )
-        specs.append(KernelSpec(f"stage{pw.stage}_backward", pw.stage, True, ins + grads + dsts))
+        specs.append(KernelSpec(f"{pw.name}_backward", pw.stage, True, ins + grads + dsts, pw.name))
     return specs
 
 
@@ -227,8 +233,7 @@ class CPrinter(C99CodePrinter):
 
     def __init__(self, names: dict[sp.Symbol, str], dtype: str):
         self.dtype = dtype
-        helpers = {f: f"cd_{f}_{dtype}" for f in
-                   ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum")}
+        helpers = {f: f"cd_{f}_{dtype}" for f in HELPERS}
         super().__init__({"type_aliases": {real: float32 if dtype == "f32" else float64},
                           "user_functions": helpers})
         self.names = names
@@ -275,6 +280,11 @@ static inline {t} cd_logsigmoid_{s}({t} x) {{ return (x < 0 ? x : 0) - log1p{f}(
 static inline {t} cd_step_{s}({t} x) {{ return x > 0 ? 1 : 0; }}
 static inline {t} cd_maximum_{s}({t} a, {t} b) {{ return (a != a || a > b) ? a : b; }}
 static inline {t} cd_minimum_{s}({t} a, {t} b) {{ return (a != a || a < b) ? a : b; }}
+static inline {t} cd_less_{s}({t} a, {t} b) {{ return a < b ? 1 : 0; }}
+static inline {t} cd_less_equal_{s}({t} a, {t} b) {{ return a <= b ? 1 : 0; }}
+static inline {t} cd_where_{s}({t} c, {t} a, {t} b) {{ return c != 0 ? a : b; }}
+static inline {t} cd_floor_{s}({t} x) {{ return floor{f}(x); }}
+static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
 """
 
 
@@ -299,13 +309,13 @@ def _comment(text: str) -> str:
 
 def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     t = C_TYPES[dtype]
-    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in ("sigmoid", "relu", "softplus", "logsigmoid",
-                                                           "step", "maximum", "minimum")}
+    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in HELPERS}
     taken |= {f + suffix for f in LIBM + ("fabs", "sqrt") for suffix in ("", "f")}
     names: dict[sp.Symbol, str] = {}
     syms = {s.name: s for s in pw.inputs}
     grads = dict(zip((n for n, _ in pw.outputs), pw.grad_outputs, strict=True))
-    pre, row_ptrs, loads, body, post, reductions = [], [], [], [], [], []
+    pre, row_ptrs, loads, body, row_post, post, reductions = [], [], [], [], [], [], []
+    row_sums: list[str] = []  # per-row accumulators (gradients of one value per row)
     results = dict(zip(pw.grad_inputs, pw.backward_results, strict=True)) if spec.backward else \
         dict(zip((n for n, _ in pw.outputs), pw.forward_results, strict=True))
     temps = pw.backward_temps if spec.backward else pw.forward_temps
@@ -318,12 +328,27 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             elif arg.kind == "vector":
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+            elif arg.kind == "rowscalar":  # one value per row, the same for every column
+                row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
+                loads.append(f"            const {t} {var} = a{k}[0];  /* {_comment(sym.name)} */")
             else:
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+    temps, results, passes = _reduction_passes(temps, results)
     for tmp, _ in temps:
         names[tmp] = identifier("v_" + tmp.name, taken)
+    for red, _kind, _arg, _temps in passes:
+        names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
+    passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
+    for red, kind, arg, needed in passes:
+        acc = f"m_{names[red]}"
+        passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
+                        f"#pragma omp simd reduction(+:{acc})",
+                        "        for (int64_t j = j0; j < j1; ++j) {", *loads,
+                        *[f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in needed],
+                        f"            {acc} += (double)({printer.doprint(arg)});", "        }",
+                        f"        const {t} {names[red]} = ({t})({acc}{' / (double)H' if kind == 'mean' else ''});"]
     for tmp, e in temps:
         body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
     for k, arg in enumerate(spec.args):
@@ -342,15 +367,24 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             elif arg.kind == "vector":
                 row_ptrs.append(f"        double *o{k} = (double *)p[{k}];")
                 body.append(f"            o{k}[j] += (double)({value});  /* d {_comment(arg.name)} */")
+            elif arg.kind == "rowscalar":  # summed over the row's columns, then written once per row
+                row_sums.append(f"r{k}")
+                row_ptrs.append(f"        {t} *o{k} = ({t} *)p[{k}] + i * ld[{k}];")
+                row_ptrs.append(f"        double r{k} = 0;  /* d {_comment(arg.name)} */")
+                body.append(f"            r{k} += (double)({value});")
+                row_post.append(f"        o{k}[0] {arg.mode} ({t})r{k};")
             else:
                 reductions.append(f"s{k}")
                 pre.append(f"    double s{k} = 0;  /* d {_comment(arg.name)} */")
                 body.append(f"            s{k} += (double)({value});")
                 post.append(f"    *(double *)p[{k}] += s{k};")
     clause = f" reduction(+:{', '.join(reductions)})" if reductions else ""
+    simd = f" reduction(+:{', '.join(reductions + row_sums)})" if reductions or row_sums else ""
     lines = [
         f"void {spec.name}_{dtype}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
         "{",
+        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"]
+          if row_sums or passes else []),
         *pre,
         "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
         f"#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static){clause}",
@@ -358,11 +392,13 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "    const int64_t j0 = c * chunk, j1 = j0 + chunk < H ? j0 + chunk : H;",
         "    for (int64_t i = 0; i < n; ++i) {",
         *row_ptrs,
-        f"#pragma omp simd{clause}",
+        *passes_code,
+        f"#pragma omp simd{simd}",
         "        for (int64_t j = j0; j < j1; ++j) {",
         *loads,
         *body,
         "        }",
+        *row_post,
         "    }",
         "    }",
         *post,
@@ -370,6 +406,52 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _reduction_passes(temps, results):
+    """Means and sums over a row's columns (functions.Reduction) need the whole row first: each becomes
+    a symbol computed by a pass of its own, in order of nesting (layernorm's variance reads its mean).
+    Returns (temps, results) with every reduction replaced by its symbol, and per reduction (its
+    symbol, "mean" | "sum", its argument, the temps that argument needs, in order)."""
+    nodes = []
+    for e in [*(e for _, e in temps), *(results.values() if isinstance(results, dict) else results)]:
+        for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
+            if r not in nodes:
+                nodes.append(r)
+    if not nodes:
+        return temps, results, []
+    by_depth = sorted(nodes, key=lambda r: len(r.args[0].atoms(Reduction)))  # inner reductions first
+    sub = {r: generated(f"red{i}") for i, r in enumerate(by_depth)}
+
+    def replace(e):
+        return e.xreplace(sub)
+
+    temps = [(tmp, replace(e)) for tmp, e in temps]
+    results = {k: replace(v) for k, v in results.items()}
+    defined = dict(temps)
+    order = {tmp: i for i, (tmp, _) in enumerate(temps)}
+    passes, done = [], set()
+    pending = list(by_depth)
+    while pending:
+        for r in pending:
+            arg = r.args[0].xreplace({k: v for k, v in sub.items() if k != r})
+            needed, todo = set(), list(arg.free_symbols)
+            while todo:
+                s = todo.pop()
+                if s in defined and s not in needed:
+                    needed.add(s)
+                    todo.extend(defined[s].free_symbols)
+            reds = {s for s in needed | arg.free_symbols if s in sub.values()} | \
+                {s for tmp in needed for s in defined[tmp].free_symbols if s in sub.values()}
+            if reds <= done:  # every reduction it reads is computed by an earlier pass
+                kind = "mean" if isinstance(r, rowmean) else "sum"
+                passes.append((sub[r], kind, arg, [(tmp, defined[tmp]) for tmp in sorted(needed, key=order.get)]))
+                done.add(sub[r])
+                pending.remove(r)
+                break
+        else:
+            raise AssertionError("reductions that read each other")
+    return temps, results, passes
 
 
 CALL_AT = """
@@ -399,14 +481,14 @@ HEADER = """/* Generated by celldsl for the cell {name}: the pointwise stages of
 
 def c_source(plan: Plan) -> str:
     """One translation unit with a float and a double version of every kernel of `kernel_specs`."""
-    by_stage = {pw.stage: pw for pw in plan.pointwise}
+    by_name = {pw.name: pw for pw in plan.pointwise}
     header = HEADER.format(name=_comment(plan.ir.name))
     parts = [header, _simd_declarations()]
     parts.append(CALL_AT)
     for dtype in C_TYPES:
         parts.append(_helpers(dtype))
         for spec in kernel_specs(plan):
-            parts.append(kernel_function(spec, by_stage[spec.stage], dtype))
+            parts.append(kernel_function(spec, by_name[spec.pointwise], dtype))
             fn, m = f"{spec.name}_{dtype}", len(spec.args)
             parts.append(f"void {fn}_at(int64_t r, int64_t q, int64_t n, int64_t H, const int64_t *plan, "
                          f"int64_t nt)\n{{ cd_call_at({fn}, {m}, r, q, n, H, plan, nt); }}\n")

@@ -20,7 +20,7 @@ import sympy as sp
 
 from ..plan import Plan, _cse
 from .printers import PYTHON_RESERVED, identifier
-from .triton_dense import Arg, _Code
+from .triton_dense import Arg, _Code, tile_decline
 from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, TritonPrinter, _Function, module_names
 
 ROLES = ("input", "state", "vector", "scalar", "hoisted")
@@ -44,6 +44,9 @@ class ColumnLayout:
             return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
         if [pw.stage for pw in plan.pointwise] != [0]:
             return "the step is not one pointwise function of the previous states"
+        why = tile_decline(plan)
+        if why:
+            return why
         (pw,) = plan.pointwise
         for s in pw.inputs:
             if plan.roles.get(s) not in ROLES:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from ..functions import Reduction
 from ..plan import Plan, Pointwise
 from .printers import PYTHON_RESERVED, identifier, python_text
 from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, _Function, module_names
@@ -38,6 +39,41 @@ DENSE_LOCALS = {
     "T", "N", "H", "BLOCK_N", "BLOCK_H", "BLOCK_K", "SEQUENTIAL", "COMPUTE", "DOT_PRECISION",
     "HAS_GRAD_OUT", "out_ptr", "operand_tile", "grad_tile",
 }  # fmt: skip
+
+
+def tile_decline(plan: Plan) -> str | None:
+    """Why the schedules' kernels (dense and column) cannot hold this plan's values (None when they
+    can). Their tiles are [rows, H] slices of values H wide, one hidden unit per column, so they refuse
+    what the language's second edition adds beyond that, rather than compute it wrong: other widths,
+    block-diagonal GEMMs (heads), reductions over a row, inputs of one value per sequence, and
+    earlier inputs (prev(x)) read by the step itself. The graphed path runs all of these."""
+    ir = plan.ir
+    for g in [*plan.hoisted, *plan.gemms]:
+        if g.heads:
+            return (f"the GEMM [{', '.join(g.params)}] @ {g.operand.name} is block-diagonal "
+                    f"({g.heads} heads): the kernels multiply full weights")
+    for s in ir.states:
+        if ir.width(s) != "H":
+            return f"the state {s} is {ir.width(s)} wide, not H: the kernels tile every value H wide"
+    for g in plan.gemms:
+        if g.operand_size != "H":
+            return f"a step GEMM multiplies an operand of width {g.operand_size}, not H"
+    for g in [*plan.hoisted, *plan.gemms]:
+        wide = [w for w in g.widths if w != "H"]
+        if wide:
+            return f"the GEMM [{', '.join(g.params)}] has blocks {wide[0]} wide, not H"
+    for pw in plan.pointwise:
+        if pw.width != "H":
+            return f"the step function {pw.name} runs over values {pw.width} wide, not H"
+        if any(e.atoms(Reduction) for e in [*(e for _, e in pw.forward_temps), *pw.forward_results]):
+            return (f"the step function {pw.name} takes a mean or sum over a row: the kernels' programs hold "
+                    "slices of a row, not whole rows")
+        for sym in pw.inputs:
+            if sym.name in ir.shifted:
+                return f"the step reads {sym.name} itself (only hoisted GEMMs may read earlier inputs here)"
+            if plan.width(sym) == "row":  # other inputs the step reads are H wide (widths.py unifies them)
+                return f"the step reads {sym.name}, one value per sequence (`: 1`), not H values"
+    return None
 
 
 def _fixed_names(plan: Plan) -> set[str]:
@@ -158,10 +194,12 @@ class DenseLayout:
         """Why the dense schedules cannot run this plan (None when they can)."""
         if plan.recurrence != "dense":
             return f"the recurrence is {plan.recurrence}, not dense (no GEMM on the state every step)"
-        for g in plan.gemms:
-            if g.operand_size != "H":
-                return f"a step GEMM multiplies an operand of the size of input {g.operand_size}, not H"
-        for pw in [*plan.pointwise, *([plan.hoist_pointwise] if plan.hoist_pointwise else [])]:
+        if not plan.gemms:
+            return "no GEMM on the state every step (a reduction over the state couples its units instead)"
+        why = tile_decline(plan)
+        if why:
+            return why
+        for pw in plan.pointwise:
             for s in pw.inputs:
                 if plan.roles.get(s) not in ROLES:
                     return f"the pointwise step reads {s.name} as {plan.roles.get(s)!r}, which no tile holds"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from ..functions import Reduction
 from ..plan import Plan, Pointwise
 from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
@@ -40,7 +41,21 @@ class TritonPrinter(TargetPrinter):
         "maximum": "tl.maximum({}, {})",
         "minimum": "tl.minimum({}, {})",
         "pow": "lib.pow({}, {})",
+        "where": "tl.where(({0}) != 0, {1}, {2}).to(({0}).dtype)",
+        "floor": "tl.floor({})",
+        "mod": "lib.mod({}, {})",
+        "rowmean": "lib.rowmean({}, mask, width)",
+        "rowsum": "lib.rowsum({}, mask)",
     }
+
+    def _print_less(self, expr, op="<"):
+        """1 where a < b, else 0, in the dtype of the operand that is a tensor (a float literal is fp32)."""
+        a, b = (self._print(x) for x in expr.args)
+        tensor = b if expr.args[0].is_Number else a
+        return f"tl.where({a} {op} {b}, 1.0, 0.0).to(({tensor}).dtype)"
+
+    def _print_less_equal(self, expr):
+        return self._print_less(expr, "<=")
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
         return repr(float(expr))
@@ -87,12 +102,14 @@ class _Function:
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
         self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
         self.names = {s: identifier(s.name, taken) for s in self.args}
-        self.kinds = [plan.role(s) for s in pw.inputs] + (["grad"] * len(pw.grad_outputs) if backward else [])
+        # rowscalar: an input of one value per sequence ([rows, 1], `input t : 1`), the same in every column
+        self.kinds = [("rowscalar" if plan.width(s) == "row" else plan.role(s)) for s in pw.inputs]
+        self.kinds += ["grad"] * len(pw.grad_outputs) if backward else []
         self.ptr = {s: identifier(self.names[s], taken, "_ptr") for s in self.args}
         self.stride = {
             s: identifier(self.names[s], taken, "_stride")
             for s, k in zip(self.args, self.kinds, strict=True)
-            if k in TWO_D or k == "grad"
+            if k in TWO_D or k in ("grad", "rowscalar")
         }
         if backward:
             self.temps, results = pw.backward_temps, pw.backward_results
@@ -118,6 +135,7 @@ class _Function:
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
         self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
+        self.reduces = any(e.atoms(Reduction) for e in [*(e for _, e in self.temps), *self.results])
         if self.ref is None:
             raise NotImplementedError(
                 f"{prefix}: no input with a row per sequence (only vectors/scalars); nothing sets the shape"
@@ -131,7 +149,7 @@ def _step_function(f: _Function) -> str:
     """The pure-math `@triton.jit` function: register values in, tuple of results out."""
     printer = TritonPrinter(f.names)
     name = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    params = ", ".join(f.names[s] for s in f.args)
+    params = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     lines = ["@triton.jit", f"def {name}({params}):"]
     what = "gradient of every input that needs one" if f.backward else "the outputs"
     lines.append(f"    # -> {what}: ({', '.join(f.result_names[i] for i in f.unique)})")
@@ -160,23 +178,33 @@ def _kernel(f: _Function) -> str:
     params += f.out_ptrs
     params += ["numel", "width", "BLOCK: tl.constexpr", "COMPUTE: tl.constexpr"]
     lines = ["@triton.jit", f"def {name}(", *[f"    {p}," for p in params], "):"]
-    lines += [
-        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = offs < numel",
-        "    row = (offs // width).to(tl.int64)",
-        "    col = offs % width",
-    ]
+    if f.reduces:  # means and sums over a row: one program holds a whole row
+        lines += [
+            "    row = tl.program_id(0).to(tl.int64)",
+            "    col = tl.arange(0, BLOCK)",
+            "    mask = col < width",
+            "    offs = row * width + col",
+        ]
+    else:
+        lines += [
+            "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+            "    mask = offs < numel",
+            "    row = (offs // width).to(tl.int64)",
+            "    col = offs % width",
+        ]
     for s, k in zip(f.args, f.kinds, strict=True):
         v, p = f.names[s], f.ptr[s]
         if k == "vector":
             lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
         elif k == "scalar":
             lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
+        elif k == "rowscalar":
+            lines.append(f"    {v} = tl.load({p} + row * {f.stride[s]}, mask=mask, other=0.0).to(COMPUTE)")
         else:
             at = f"{p} + row * {f.stride[s]} + col"
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
     step = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    call = ", ".join(f.names[s] for s in f.args)
+    call = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     results = [f.result_names[i] for i in f.unique]
     if results:
         lines.append(f"    ({', '.join(results)},) = {step}({call})")
@@ -191,7 +219,7 @@ def _host(f: _Function, fn_name: str) -> str:
     params = [f.names[s] for s in f.args]
     shapes = []
     for s, k in zip(f.args, f.kinds, strict=True):
-        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output"}.get(k, "[N, H]")
+        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output", "rowscalar": "[N, 1]"}.get(k, "[N, H]")
         if k == "input":
             shape = "[T, N, I]" if f.prefix == "hoist" else "[N, I]"
         shapes.append(f"{f.names[s]} {shape}")
@@ -215,7 +243,8 @@ def _host(f: _Function, fn_name: str) -> str:
             lines.append(f"    {v}, {f.stride[s]} = lib.rows({v})")
             args += [v, f.stride[s]]
     if f.unique:
-        lines.append(f"    lib.launch({kernel}, {ref}, [{', '.join(args)}], outs)")
+        whole_rows = ", whole_rows=True" if f.reduces else ""
+        lines.append(f"    lib.launch({kernel}, {ref}, [{', '.join(args)}], outs{whole_rows})")
     rets = [f"outs[{f.slot_of[i]}]" if i in f.slot_of else "None" for i in range(len(f.results))]
     lines.append(f"    return ({', '.join(rets)},)")
     return "\n".join(lines) + "\n"
@@ -261,9 +290,7 @@ def _describe(plan: Plan) -> str:
     if not plan.hoisted and not plan.gemms:
         lines.append("    (no GEMM)")
     lines += ["", "Pointwise functions (a kernel each way; the loop runs the GEMMs between them)", ""]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         ins = ", ".join(f"{s.name} ({plan.role(s)})" for s in pw.inputs)
         lines.append(f"    {prefix}: {ins}")
@@ -319,9 +346,7 @@ def triton_module_source(plan: Plan) -> str:
         HEADER.format(name=python_text(ir.name), origin=origin(plan),
                       description=python_text(_describe(plan), lines=True)),
     ]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
         for backward in (False, True):
@@ -357,9 +382,4 @@ def schedule_names(plan: Plan) -> list[str]:
 
 def kernel_names(plan: Plan) -> list[str]:
     """The `@triton.jit` kernels of the module, in order (for ahead-of-time compilation)."""
-    names = []
-    if plan.hoist_pointwise is not None:
-        names += ["hoist_forward_kernel", "hoist_backward_kernel"]
-    for pw in plan.pointwise:
-        names += [f"stage{pw.stage}_forward_kernel", f"stage{pw.stage}_backward_kernel"]
-    return names
+    return [f"{pw.name}_{way}_kernel" for pw in plan.all_pointwise() for way in ("forward", "backward")]

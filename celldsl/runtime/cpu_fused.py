@@ -34,7 +34,7 @@ import torch
 from .. import cache
 from ..emit.c_source import backward_schedule, c_source, kernel_specs, summed_products
 from ..plan import Plan
-from .torch_loop import TorchLoop, input_columns, steps_of
+from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Wl,-z,defs"]
@@ -234,11 +234,12 @@ class FusedCPULoop(TorchLoop):
     """TorchLoop's forward and backward with compiled pointwise kernels, padded or packed sequences:
     same arguments, results and saved shapes. One difference in what is saved: the output of a step
     GEMM of `summed_products` holds hoisted + product (what the kernels read), so this loop's
-    backward takes this loop's forward only."""
+    backward takes this loop's forward only. Each kernel runs over [rows, its width]; a GEMM's blocks
+    sit at the offsets their widths give (`_block_offsets`)."""
 
     def __init__(self, plan: Plan, module, lib):
         super().__init__(plan, module)
-        self.kernels = {(s.stage, s.backward): _Kernel(lib, s) for s in kernel_specs(plan)}
+        self.kernels = {(s.pointwise, s.backward): _Kernel(lib, s) for s in kernel_specs(plan)}
         self.schedule = backward_schedule(plan)
         self.same_vectors = {self.vectors.index(name): self.vectors.index(mode[5:])
                              for modes in self.schedule.modes.values() for name, mode in modes.items()
@@ -248,11 +249,9 @@ class FusedCPULoop(TorchLoop):
         touched |= {self.where[g.operand.name].index for g in self.gemms
                     if self.where[g.operand.name].kind == "state"}
         self.untouched_states = [i for i in range(len(self.states)) if i not in touched]
-        # inputs whose gradient the kernels write, and inputs the kernels read (need width H)
+        # inputs whose gradient the kernels write
         self.dx_from_kernels = sorted({s.name for pw in plan.pointwise for s in pw.grad_inputs
                                        if self.where[s.name].kind == "input"})
-        self.input_elementwise = sorted({s.name for pw in plan.pointwise for s in pw.inputs
-                                         if self.where[s.name].kind == "input"})
         # step GEMM g -> (hoisted GEMM, first block): its output is saved as hoisted + product (S)
         self.summed = summed_products(plan)
         self.summed_blocks: dict[str, tuple[int, int]] = {}  # hoisted symbol -> (step GEMM, block)
@@ -266,13 +265,16 @@ class FusedCPULoop(TorchLoop):
                               for g in self.gemms]
 
     def fused(self, x, states, hoisted_w, step_w, vectors, scalars) -> bool:
-        """Whether the compiled kernels handle these arguments (else the plain loop runs them).
-        Raises ValueError for shapes the kernels would read out of bounds."""
+        """Whether the compiled kernels handle these arguments (else the plain loop runs them): CPU
+        tensors of float32 or float64, GEMMs without heads. Raises ValueError for shapes the kernels
+        would read out of bounds."""
         if x.device.type != "cpu" or x.dtype not in DTYPES:
             return False
         if not all(t.device.type == "cpu" and t.dtype == x.dtype
                    for t in (*states, *hoisted_w, *step_w, *vectors, *scalars)):
             return False
+        if any(w.dim() != 2 for w in (*hoisted_w, *step_w)):
+            return False  # block-diagonal GEMMs (heads) run in the plain loop
         self._check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         return True
 
@@ -285,41 +287,65 @@ class FusedCPULoop(TorchLoop):
                 f"and {len(self.gemms)} step weights, {len(self.vectors)} vectors, {len(self.scalars)} "
                 f"scalars; got {len(states)}, {len(hoisted_w)}, {len(step_w)}, {len(vectors)}, "
                 f"{len(scalars)}")
-        N, H = states[0].shape if states[0].dim() == 2 else (None, None)
+        ir = self.plan.ir
+        if states[0].dim() != 2:
+            raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        N = states[0].shape[0]
         for name, s in zip(self.states, states, strict=True):
-            if tuple(s.shape) != (N, H):
-                raise ValueError(f"state {name!r} must be [N, H] like the first state, got {tuple(s.shape)}")
+            if tuple(s.shape) != (N, sizes[ir.width(name)]):
+                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = {(N, sizes[ir.width(name)])}, "
+                                 f"got {tuple(s.shape)}")
         for name, v in zip(self.vectors, vectors, strict=True):
-            if tuple(v.shape) != (H,):
-                raise ValueError(f"vector {name!r} must have shape ({H},), got {tuple(v.shape)}")
+            if tuple(v.shape) != (sizes[ir.width(name)],):
+                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), got {tuple(v.shape)}")
         for name, v in zip(self.scalars, scalars, strict=True):
             if v.numel() != 1:
                 raise ValueError(f"scalar {name!r} must have one element, got shape {tuple(v.shape)}")
         for kind, ws, gemms in (("hoisted", hoisted_w, self.hoisted), ("step", step_w, self.gemms)):
             for w, g in zip(ws, gemms, strict=True):
-                if w.dim() != 2 or w.shape[0] != len(g.products) * H:
-                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {len(g.products)} * H "
-                                     f"= {len(g.products) * H} rows, got {tuple(w.shape)}")
+                rows = sum(sizes[b] for b in g.widths)
+                if w.dim() != 2 or w.shape[0] != rows:
+                    counts = {w: g.widths.count(w) for w in dict.fromkeys(g.widths)}
+                    widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
+                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {widths} = {rows} rows, "
+                                     f"got {tuple(w.shape)}")
         if len(self.inputs) > 1:
-            cols = input_columns(self.plan, x.shape[-1], H, hoisted_w)
+            cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
             widths = {name: c.stop - c.start for name, c in cols.items()}
         else:
             widths = {self.inputs[0]: x.shape[-1]}
-        for name in self.input_elementwise:
-            if widths[name] != H:
-                raise ValueError(f"this cell uses its input {name!r} elementwise: it must have H = {H} "
-                                 f"features, got {widths[name]}")
+        for pw in self.plan.pointwise:
+            for sym in pw.inputs:
+                name = self.shifted.get(sym.name, (sym.name,))[0]
+                if self.where[sym.name].kind != "input" or ir.width(name) == "row":
+                    continue
+                if widths[name] != sizes[pw.width]:
+                    raise ValueError(f"this cell uses its input {name!r} elementwise with {pw.width}-wide values: "
+                                     f"it must have {pw.width} = {sizes[pw.width]} features, got {widths[name]}")
 
     # ---- argument pointers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _block_offsets(gemms, sizes) -> list[list[int]]:
+        """Per GEMM, the first column of each block in its output (blocks have their own widths)."""
+        offsets = []
+        for g in gemms:
+            starts, at = [], 0
+            for w in g.widths:
+                starts.append(at)
+                at += sizes[w]
+            offsets.append(starts)
+        return offsets
 
     def _input(self, name: str, bufs: dict) -> _Arg:
         """A pointwise input of the forward (and the backward, which reads the same values)."""
         slot = self.where[name]
-        H, isz = bufs["H"], bufs["X"].element_size()
+        isz = bufs["X"].element_size()
         if name in self.summed_blocks:  # hoisted + product, saved in the step GEMM's output
             gi, j = self.summed_blocks[name]
             arg = _Arg.rows(bufs["step"][gi])
-            arg.base += j * H * isz
+            arg.base += bufs["step_blocks"][gi][j] * isz
             return arg
         if name in self.zero_blocks:
             return _Arg.fixed(bufs["zero"])
@@ -329,8 +355,9 @@ class FusedCPULoop(TorchLoop):
             arg.first, arg.prev = bufs["states"][slot.index].data_ptr(), True
             return arg
         if slot.kind in ("hoisted", "product"):
-            arg = _Arg.rows((bufs["hoisted"] if slot.kind == "hoisted" else bufs["step"])[slot.index])
-            arg.base += slot.block * H * isz
+            hoisted = slot.kind == "hoisted"
+            arg = _Arg.rows((bufs["hoisted"] if hoisted else bufs["step"])[slot.index])
+            arg.base += (bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"])[slot.index][slot.block] * isz
             return arg
         if slot.kind == "vector":
             return _Arg.fixed(bufs["vectors"][slot.index])
@@ -362,32 +389,39 @@ class FusedCPULoop(TorchLoop):
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
+    def _buffers(self, X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes) -> dict:
+        """What every kernel argument points into, for one call (see _input)."""
+        return {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
+                "vectors": vectors, "scalars": scalars, "zero": X.new_zeros(max(sizes.values())),
+                "hoisted_blocks": self._block_offsets(self.hoisted, sizes),
+                "step_blocks": self._block_offsets(self.gemms, sizes)}
+
     def _forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
-        N, H = states[0].shape
-        X, steps, offsets, states, vectors, scalars = self._contiguous(
-            x, states, vectors, scalars, batch_sizes)
+        N = states[0].shape[0]
+        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
-        xs = self.split_inputs(X, H, hoisted_w)
-        hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
+        ir = self.plan.ir
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
+        hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
         hoisted_out = [torch.mm(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
-        news = [X.new_empty(rows, H) for _ in self.states]
-        out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, H)
+        news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
+        out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
         step_out = [X.new_empty(rows, w.shape[0]) for w in step_w]
-        operands = {name: X.new_empty(rows, H) for name in self.operand_names}
-        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "news": news, "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands,
-                "zero": X.new_zeros(H)}
+        operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
+        bufs |= {"news": news, "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands}
         calls = {}
-        for k, (_gemm_ids, pw, *_rest) in enumerate(self.stages):
-            if pw is not None:
-                kernel = self.kernels[(pw.stage, False)]
+        for k, (_gemm_ids, steps_k) in enumerate(self.stages):
+            for i, st in enumerate(steps_k):
+                kernel = self.kernels[(st.pw.name, False)]
                 args = [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
                         for a in kernel.spec.args]
-                calls[k] = _Bound(kernel, DTYPES[X.dtype], H, args)
+                calls[(k, i)] = _Bound(kernel, DTYPES[X.dtype], sizes[st.pw.width], args)
         w_t = [w.t().contiguous() for w in step_w]  # [K, rows]: MKL is a little faster on this layout
+        hoisted_starts = bufs["hoisted_blocks"]
         q = -1
         for b, r in zip(steps, offsets, strict=True):
-            for k, (gemm_ids, _pw, *_rest) in enumerate(self.stages):
+            for k, (gemm_ids, steps_k) in enumerate(self.stages):
                 for gi in gemm_ids:
                     is_state, index = self.gemm_operands[gi]
                     if not is_state:
@@ -396,13 +430,14 @@ class FusedCPULoop(TorchLoop):
                         opnd = states[index][:b] if q < 0 else news[index][q : q + b]
                     if gi in self.summed:  # S = hoisted rows + opnd @ W.T, in one GEMM call
                         hi, first = self.summed[gi]
-                        cols = slice(first * H, first * H + w_t[gi].shape[1])
+                        start = hoisted_starts[hi][first]
+                        cols = slice(start, start + w_t[gi].shape[1])
                         torch.addmm(hoisted_out[hi][r : r + b, cols], opnd, w_t[gi],
                                     out=step_out[gi][r : r + b])
                     else:
                         torch.mm(opnd, w_t[gi], out=step_out[gi][r : r + b])
-                if k in calls:
-                    calls[k](r, q, b)
+                for i in range(len(steps_k)):
+                    calls[(k, i)](r, q, b)
             q = r
         # the final state of the sequences that end at step t is rows [b_{t+1}, b_t) of its new state
         if steps[-1] == N:
@@ -418,7 +453,7 @@ class FusedCPULoop(TorchLoop):
             + hoisted_out
         )
         if batch_sizes is None:
-            out = out.view(x.shape[0], x.shape[1], H)
+            out = out.view(x.shape[0], x.shape[1], -1)
         return out, finals, saved
 
     # ---- backward -------------------------------------------------------------------------------
@@ -436,33 +471,37 @@ class FusedCPULoop(TorchLoop):
 
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx):
-        N, H = states[0].shape
-        X, steps, offsets, states, vectors, scalars = self._contiguous(
-            x, states, vectors, scalars, batch_sizes)
+        N = states[0].shape[0]
+        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
-        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
-        xs = self.split_inputs(X, H, hoisted_w)
-        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "news": [n.contiguous() for n in news], "step": [s.contiguous() for s in step_all],
-                "hoisted": [h.contiguous() for h in hoisted_out],
-                "operands": {k: v.contiguous() for k, v in operands.items()}, "zero": X.new_zeros(H)}
-        news, operands = bufs["news"], bufs["operands"]
-        g_out = grad_out.reshape(rows, H).contiguous() if grad_out is not None else None
-        zeros = X.new_zeros(N, H)
+        ir = self.plan.ir
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
+        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
+        bufs |= {"news": [n.contiguous() for n in news], "step": [s.contiguous() for s in step_all],
+                 "hoisted": [h.contiguous() for h in hoisted_out],
+                 "operands": {k: v.contiguous() for k, v in operands.items()}}
+        news, operands, xs = bufs["news"], bufs["operands"], bufs["xs"]
+        out_width = self.output_width(sizes)
+        g_out = grad_out.reshape(rows, out_width).contiguous() if grad_out is not None else None
+        zeros = X.new_zeros(N, out_width)
         # d loss / d (state i's new value) at the current step: B[i]; its old value, being written: A[i]
-        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, H) for g in grad_states]
-        A = [X.new_empty(N, H) for _ in self.states]
+        widths = [sizes[ir.width(s)] for s in self.states]
+        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w) for g, w in zip(grad_states, widths,
+                                                                                             strict=True)]
+        A = [X.new_empty(N, w) for w in widths]
         d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
         alias = self.schedule.hoisted_alias
         d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
                    for i, w in enumerate(hoisted_w)]
         dx_rows = {name: X.new_empty(rows, xs[name].shape[1]) for name in self.dx_from_kernels}
-        acc_vec = [torch.zeros(H, dtype=torch.float64) for _ in self.vectors]
+        acc_vec = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
         acc_scal = [torch.zeros(1, dtype=torch.float64) for _ in self.scalars]
-        dops = {name: X.new_empty(N, H) for name in self.operand_names}
+        dops = {name: X.new_empty(N, sizes[self.width_of[name]]) for name in self.operand_names}
+        isz = X.element_size()
 
         def bind(pw, A, B) -> _Bound:
-            kernel = self.kernels[(pw.stage, True)]
+            kernel = self.kernels[(pw.name, True)]
             args = []
             for a in kernel.spec.args:
                 if a.part == "input":
@@ -481,8 +520,10 @@ class FusedCPULoop(TorchLoop):
                     if slot.kind == "state":
                         args.append(_Arg.fixed(A[slot.index]))
                     elif slot.kind in ("hoisted", "product"):
-                        arg = _Arg.rows((d_hoist if slot.kind == "hoisted" else d_step)[slot.index])
-                        arg.base += slot.block * H * X.element_size()
+                        hoisted = slot.kind == "hoisted"
+                        arg = _Arg.rows((d_hoist if hoisted else d_step)[slot.index])
+                        starts = bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"]
+                        arg.base += starts[slot.index][slot.block] * isz
                         args.append(arg)
                     elif slot.kind == "input":
                         args.append(_Arg.rows(dx_rows[a.name]))
@@ -490,11 +531,11 @@ class FusedCPULoop(TorchLoop):
                         args.append(_Arg.fixed(acc_vec[slot.index]))
                     else:
                         args.append(_Arg.fixed(acc_scal[slot.index]))
-            return _Bound(kernel, DTYPES[X.dtype], H, args)
+            return _Bound(kernel, DTYPES[X.dtype], sizes[pw.width], args)
 
         # kernels bound for both parities of the (A, B) swap
-        calls = [{k: bind(pw, a, b) for k, (_g, pw, *_r) in enumerate(self.stages) if pw is not None}
-                 for a, b in ((A, B), (B, A))]
+        calls = [{(k, i): bind(st.pw, a, b) for k, (_g, steps_k) in enumerate(self.stages)
+                  for i, st in enumerate(steps_k)} for a, b in ((A, B), (B, A))]
         add_out = g_out is not None and self.output_state is not None
         for t in reversed(range(len(steps))):
             b, r = steps[t], offsets[t]
@@ -504,9 +545,9 @@ class FusedCPULoop(TorchLoop):
             if add_out:
                 cur_B[self.output_state][:b].add_(g_out[r : r + b])
             for k in reversed(range(len(self.stages))):
-                gemm_ids, pw = self.stages[k][0], self.stages[k][1]
-                if pw is not None:
-                    calls[parity][k](r, q, b)
+                gemm_ids, steps_k = self.stages[k]
+                for i in range(len(steps_k)):
+                    calls[parity][(k, i)](r, q, b)
                 for gi in gemm_ids:
                     dP = d_step[gi][r : r + b]
                     is_state, index = self.gemm_operands[gi]
@@ -536,29 +577,30 @@ class FusedCPULoop(TorchLoop):
                 d_step_w.append(dw)
             else:
                 d_step_w.append(torch.mm(dP.t(), self._previous_all(index, states, news, steps, offsets)))
-        dx = dict(dx_rows)  # input name -> [rows, its width]
+        dx = {name: _to_width(d, xs[name]) for name, d in dx_rows.items()}  # input name -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
             d_hoisted_w.append(torch.mm(d_hoist[gi].t(), hoisted_ops[gi]))
             name = g.operand.name
-            if not needs_dx and self.hoist is None:
-                continue  # the operand is x itself
+            if not needs_dx and not self.hoist and self.where[name].kind == "input":
+                continue  # the operand is an input itself
             d_op = torch.mm(d_hoist[gi], hoisted_w[gi])
             d_hoist_ops[name] = d_op if name not in d_hoist_ops else d_hoist_ops[name] + d_op
         d_vectors = [acc_vec[self.same_vectors.get(i, i)].to(X.dtype) for i in range(len(acc_vec))]
         d_scal = [a[0].to(X.dtype) for a in acc_scal]
-        if self.hoist is not None:
-            hp, _fwd, bwd, slots = self.hoist
-            args = [self._static(s, xs, vectors, scalars) for s in slots]
-            grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-            grads = [g if g is not None else X.new_zeros(rows, H) for g in grads]
-            for sym, res in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
+        for st in self.hoist:
+            args = [self._static(s, xs, vectors, scalars) for s in st.slots]
+            grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
+            grads = [g if g is not None else X.new_zeros(rows, sizes[self.width_of[n]])
+                     for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
+            for sym, res in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
                 if res is None:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
+                    res = _to_width(res, xs[slot.index])
                     dx[slot.index] = res if slot.index not in dx else dx[slot.index] + res
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + res.reshape(-1, res.shape[-1]).sum(0)
@@ -567,6 +609,6 @@ class FusedCPULoop(TorchLoop):
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
                 dx[name] = d_op if name not in dx else dx[name] + d_op
-        dx = self.join_input_grads(dx, X, H, hoisted_w)
+        dx = self.join_input_grads(dx, X, sizes, hoisted_w, steps, offsets)
         dx = torch.zeros_like(x) if dx is None or not needs_dx else dx.reshape(x.shape)
         return dx, list(dstate), d_hoisted_w, d_step_w, d_vectors, d_scal

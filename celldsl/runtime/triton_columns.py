@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..emit.triton_columns import ColumnLayout, ScanLayout
+from . import gemm
 from .torch_loop import TorchLoop, steps_of
 from .triton_module import interpreting, load_triton_module
 from .triton_schedules import _compute, _steps_tensors, _tl_compute, configure, device_ints, finish_backward
@@ -39,10 +40,10 @@ class ColumnLoop(TorchLoop):
     def _common(self, x, states, hoisted_w, vectors, scalars, batch_sizes, hoisted_out=None):
         N, H = states[0].shape
         X, steps, offsets = steps_of(x, batch_sizes, N)
-        Xs = self.split_inputs(X, H, hoisted_w)
+        Xs = self.split_inputs(X, self.sizes(states, vectors, hoisted_w, []), hoisted_w, steps, offsets)
         if hoisted_out is None:
             ops = self._hoisted_operands(Xs, vectors, scalars)
-            hoisted_out = [torch.matmul(op, w.t()).contiguous() for op, w in zip(ops, hoisted_w, strict=True)]
+            hoisted_out = [gemm.matmul(op, w).contiguous() for op, w in zip(ops, hoisted_w, strict=True)]
         L = self.layout
         values = {("x", n): Xs[n].contiguous() for n in L.elementwise_inputs}
         values |= {("hoisted", i): h.contiguous() for i, h in enumerate(hoisted_out)}
@@ -87,22 +88,22 @@ class ColumnLoop(TorchLoop):
             if slot.kind == "state":
                 args.append(self._previous_all(slot.index, states, news, steps, offsets))
             elif slot.kind == "hoisted":
-                blocks = self._blocks(hoisted_out[slot.index], len(self.hoisted[slot.index].products))
-                args.append(blocks[slot.block])
+                g = self.hoisted[slot.index]
+                args.append(self._blocks(hoisted_out[slot.index], g, {"H": states[0].shape[1]})[slot.block])
             else:
                 args.append(self._static(slot, Xs, vectors, scalars))
         return args
 
     def _pointwise_forward(self, news, states, X, Xs, hoisted_out, vectors, scalars, steps, offsets):
         args = self._pointwise_args(news, states, Xs, hoisted_out, vectors, scalars, steps, offsets)
-        _, _, fwd, _, _ = self.stages[0]
+        fwd = self.stages[0][1][0].forward
         return {name: r for (name, _), r in zip(self.layout.pw.outputs, fwd(*args), strict=True)}
 
     # ---- backward -------------------------------------------------------------------------------
 
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                  batch_sizes=None, needs_dx: bool = True):
-        news, _, _, hoisted_out = self._unpack_saved(saved, out, states[0].shape[1])
+        news, _, _, hoisted_out = self._unpack_saved(saved, out, self.sizes(states, vectors, hoisted_w, []))
         N, H, X, Xs, steps, offsets, hoisted_out, values = self._common(
             x, states, hoisted_w, vectors, scalars, batch_sizes, hoisted_out)
         rows, dtype, dev = X.shape[0], x.dtype, x.device
@@ -147,7 +148,7 @@ class ColumnLoop(TorchLoop):
         N, H = states[0].shape
         pw = L.pw
         args = self._pointwise_args(news, states, Xs, hoisted_out, vectors, scalars, steps, offsets)
-        _, _, _, bwd, _ = self.stages[0]
+        bwd = self.stages[0][1][0].backward
         direct = [torch.zeros(rows, H, dtype=dtype, device=dev) for _ in self.states]
         if g_out is not None:
             if L.output_state is not None:

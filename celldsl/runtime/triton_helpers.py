@@ -66,13 +66,20 @@ def logsigmoid(x):
 
 @triton.jit
 def step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
+    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
+    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
+    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
 
 
 @triton.jit
 def sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+    return (tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)).to(x.dtype)
+
+
+@triton.jit
+def mod(a, b):
+    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    return a - b * tl.floor(a / b)
 
 
 @triton.jit
@@ -129,6 +136,18 @@ def add(a, b):
 def column_sums(value, mask):
     # [BLOCK_N, BLOCK_H] -> [BLOCK_H]: the sums over the rows where mask holds
     return tl.reduce(tl.where(mask, value, 0.0), 0, add)
+
+
+@triton.jit
+def rowsum(x, mask):
+    # the sum over a row's columns (a program of a pointwise kernel holds the whole row; masked lanes
+    # are padding)
+    return tl.reduce(tl.where(mask, x, 0.0), 0, add)
+
+
+@triton.jit
+def rowmean(x, mask, width):
+    return rowsum(x, mask) / width
 
 
 @triton.jit
@@ -249,19 +268,22 @@ def on_device(ref, launch):
     return launch()
 
 
-def launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
+def launch(kernel, ref, args, outs, whole_rows=False):
+    """One program per BLOCK elements of the flattened [rows, width] output; with whole_rows (a step
+    that takes means or sums over a row) one program per row, BLOCK the row's width rounded up."""
     check_dtype(ref)
     numel = ref.numel()
     if numel == 0:
         return
     if numel >= 2**31:
         raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if INTERPRET:
+    if whole_rows:
+        block = triton.next_power_of_2(ref.shape[-1])
+    elif INTERPRET:
         block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
     else:
         block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
-    grid = (triton.cdiv(numel, block),)
+    grid = (numel // ref.shape[-1] if whole_rows else triton.cdiv(numel, block),)
     on_device(ref, lambda: kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block,
                                         COMPUTE=compute_dtype(ref), num_warps=4))
 

@@ -17,9 +17,8 @@ import threading
 from pathlib import Path
 
 from .. import cache
-from ..compiler import ZOO
+from ..resources import KERNELS
 
-KERNELS = ZOO.parent / "kernels"
 HELPERS = Path(__file__).resolve().with_name("triton_helpers.py")
 
 _LOADED: dict[tuple[str, str, bool], object] = {}

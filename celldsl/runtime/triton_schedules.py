@@ -26,6 +26,7 @@ import torch
 import triton
 
 from ..emit.triton_dense import DenseLayout
+from . import gemm
 from .schedule_choice import ASSUMED, Config, Device, check_schedule, choose, configure
 from .torch_loop import TorchLoop, steps_of
 from .triton_module import interpreting, load_triton_module
@@ -115,10 +116,10 @@ class DenseLoop(TorchLoop):
                              "schedule='fused_step' (any H) or the default (graphed) path")
         return c
 
-    def _hoisted(self, X, H, hoisted_w, vectors, scalars):
-        Xs = self.split_inputs(X, H, hoisted_w)
+    def _hoisted(self, X, sizes, hoisted_w, vectors, scalars, steps, offsets):
+        Xs = self.split_inputs(X, sizes, hoisted_w, steps, offsets)
         ops = self._hoisted_operands(Xs, vectors, scalars)
-        return Xs, [torch.matmul(op, w.t()).contiguous() for op, w in zip(ops, hoisted_w, strict=True)]
+        return Xs, [gemm.matmul(op, w).contiguous() for op, w in zip(ops, hoisted_w, strict=True)]
 
     def _launch(self, name, grid, args, c: Config, dtype, extra=None, cooperative=False):
         module = self.kernels.module()
@@ -160,7 +161,8 @@ class DenseLoop(TorchLoop):
         X, steps, offsets = steps_of(x, batch_sizes, N)
         T, rows, dtype, dev = len(steps), X.shape[0], x.dtype, x.device
         c = self.config(N, H, T, dtype, dev)
-        Xs, hoisted_out = self._hoisted(X, H, hoisted_w, vectors, scalars)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        Xs, hoisted_out = self._hoisted(X, sizes, hoisted_w, vectors, scalars, steps, offsets)
         L = self.layout
         seq = [torch.empty(rows, H, dtype=dtype, device=dev) for _ in self.states]
         carry = [s.to(_compute(dtype)).contiguous().clone() for s in states]
@@ -207,8 +209,9 @@ class DenseLoop(TorchLoop):
         T, rows, dtype, dev = len(steps), X.shape[0], x.dtype, x.device
         c = self.config(N, H, T, dtype, dev)
         L = self.layout
-        Xs = self.split_inputs(X, H, hoisted_w)
-        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        Xs = self.split_inputs(X, sizes, hoisted_w, steps, offsets)
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
         compute = _compute(dtype)
         dcarry = torch.zeros(2, len(self.states), N, H, dtype=compute, device=dev)
         for i, g in enumerate(grad_states):
@@ -271,24 +274,24 @@ def finish_backward(loop: TorchLoop, x, X, Xs, states, news, operands, steps, of
             opnd = loop._previous_all(slot.index, states, news, steps, offsets)
         else:
             opnd = operands[g.operand.name]
-        d_step_w.append(d_gemm[gi].t().mm(opnd))
+        d_step_w.append(gemm.weight_grad(d_gemm[gi], opnd, step_w[gi]))
     dx = dict(d_x)
     d_hoisted_w, d_hoist_ops = [], {}
     hoisted_ops = loop._hoisted_operands(Xs, vectors, scalars)
     for gi, g in enumerate(loop.hoisted):
         dP = d_hoisted[gi]
-        d_hoisted_w.append(dP.t().mm(hoisted_ops[gi]))
+        d_hoisted_w.append(gemm.weight_grad(dP, hoisted_ops[gi], hoisted_w[gi]))
         name = g.operand.name
         if needs_dx or loop.where[name].kind != "input":
-            d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
+            d_hoist_ops[name] = _add(d_hoist_ops.get(name), gemm.input_grad(dP, hoisted_w[gi]))
     d_vectors, d_scalars = list(d_vectors), list(d_scalars)
-    if loop.hoist is not None:
-        hp, _fwd, bwd, slots = loop.hoist
-        args = [loop._static(s, Xs, vectors, scalars) for s in slots]
-        H = states[0].shape[1]
-        grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-        grads = [g if g is not None else X.new_zeros(X.shape[0], H) for g in grads]
-        for sym, r in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
+    sizes = loop.sizes(states, vectors, hoisted_w, step_w)
+    for st in loop.hoist:  # the hoisted pointwise functions' backward, over all steps at once
+        args = [loop._static(s, Xs, vectors, scalars) for s in st.slots]
+        grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
+        grads = [g if g is not None else X.new_zeros(X.shape[0], sizes[loop.width_of[n]])
+                 for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
+        for sym, r in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
             if r is None:
                 continue
             slot = loop.where[sym.name]
@@ -301,8 +304,7 @@ def finish_backward(loop: TorchLoop, x, X, Xs, states, news, operands, steps, of
     for name, d_op in d_hoist_ops.items():
         if loop.where[name].kind == "input":
             dx[name] = _add(dx.get(name), d_op)
-    H = states[0].shape[1]
-    dx = loop.join_input_grads(dx, X, H, hoisted_w)
+    dx = loop.join_input_grads(dx, X, sizes, hoisted_w, steps, offsets)
     dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
     return dx, dstates, d_hoisted_w, d_step_w, d_vectors, d_scalars
 
