@@ -1,14 +1,18 @@
-"""bench/gpu.py --dry-run on the CPU: every implementation of every suite runs (celldsl's graphed path and
-its schedules on the Triton interpreter, torch.nn for cuDNN's rows, the textbook loop) and agrees with
-the graphed path, so the GPU benchmark's code paths are tested where there is no GPU. No timing is
-checked."""
+"""bench/gpu_session.sh dry and bench/gpu.py --dry-run on the CPU: the session script's plumbing, and
+every implementation of every suite (celldsl's graphed path and its schedules on the Triton
+interpreter, torch.nn for cuDNN's rows, the textbook loop) runs and agrees with the graphed path, so
+the GPU session's code paths are tested where there is no GPU. No timing is checked."""
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+SESSION = BENCH.parent / "gpu_session.sh"
 
 
 def load_bench():
@@ -19,12 +23,25 @@ def load_bench():
     return module
 
 
-def test_dry_run_prints_one_row_per_case_and_implementation(capsys, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.fixture(scope="module")
+def session_log(tmp_path_factory):
+    """bench/gpu_session.sh, the one script a GPU session runs, in its `dry` stage: the same setup
+    (environment, caches, versions header, log folder from $OUT) and, instead of the GPU work, the
+    gpu tests collected and bench/gpu.py --dry-run. -> (its exit status, output, the log's text)."""
+    out = tmp_path_factory.mktemp("session")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(out)}
+    done = subprocess.run(["bash", str(SESSION), "dry"], env=env, capture_output=True, text=True, timeout=900)
+    log = out / "dry_run.log"
+    return done.returncode, done.stdout[-3000:] + done.stderr[-3000:], log.read_text() if log.exists() else ""
+
+
+def test_dry_run_prints_one_row_per_case_and_implementation(session_log):
+    status, output, log = session_log
+    assert status == 0, output
     bench = load_bench()
-    assert bench.main(["--dry-run"]) == 0
-    assert "TRITON_INTERPRET" not in os.environ, "the dry run restores the environment"
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    table = log[log.index("| suite | case"):]  # the progress lines before it go to stderr, also logged
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     header, rows = lines[0], lines[1:]
     assert "fwd ms | fwd+bwd ms" in header and "TFLOP/s" in header
     cols = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
@@ -81,3 +98,16 @@ def test_targets_say_met_or_missed_by_how_much():
     assert "fwd no slower than cuDNN fp16 (same run): 1.00 ms vs 2.00 ms = x2.00: met" in text
     assert "fwd+bwd no slower than cuDNN fp16 (same run): 4.00 ms vs 5.00 ms = x1.25: met" in text
     assert "auto no slower than graphed (fwd+bwd): 30.00 ms vs 24.00 ms = x0.80: MISSED" in text
+
+
+
+def test_gpu_session_script_dry_stage_writes_its_log(session_log):
+    """The log starts with the versions, holds the collected gpu tests and ends with the exit status;
+    a wrong stage is a usage error."""
+    status, output, log = session_log
+    assert status == 0, output
+    assert log.startswith("# ") and "bash bench/gpu_session.sh dry" in log and "# torch" in log
+    assert "tests collected" in log
+    assert "| graphed " in log and log.rstrip().endswith("exit 0")
+    bad = subprocess.run(["bash", str(SESSION), "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
