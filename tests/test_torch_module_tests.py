@@ -79,7 +79,8 @@ def layer_samples() -> list[Sample]:
             if kind == "LSTM":  # proj_size=2: h is 2 wide, c 3
                 proj = {**base, "hidden_size": 3, "proj_size": 2}
                 samples.append(Sample(kind, proj, lambda make: (make((2, 2)),), with_hx=False))
-                samples.append(Sample(kind, proj, lambda make, L=L: (make((3, 2)), (make((L, 2)), make((L, 3))))))
+                proj_hx = lambda make, L=L: (make((3, 2)), (make((L, 2)), make((L, 3))))  # noqa: E731
+                samples.append(Sample(kind, proj, proj_hx))
     return samples
 
 

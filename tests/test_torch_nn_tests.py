@@ -255,7 +255,10 @@ def test_cudnn_forward_exception():
     """TestNN.test_cudnn_forward_exception (runs on the CPU too), with its proj_size=10 LSTM."""
     rnns = [
         (celldsl.LSTM(10, 20, batch_first=True), (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19))),
-        (celldsl.LSTM(10, 20, batch_first=True, proj_size=10), (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19))),
+        (
+            celldsl.LSTM(10, 20, batch_first=True, proj_size=10),
+            (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19)),
+        ),
         (celldsl.GRU(10, 20, batch_first=True), torch.zeros(1, 2, 19)),
         (celldsl.RNN(10, 20, batch_first=True), torch.zeros(1, 2, 19)),
     ]
