@@ -185,14 +185,19 @@ void cd_pack_{dt}(int64_t groups, int64_t n, int64_t K, const {t} *w, int64_t s_
     const int64_t np = (n + CD_NR_{dt} - 1) / CD_NR_{dt};
 #pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
     for (int64_t gp = 0; gp < groups * np; ++gp) {{
-        const int64_t g = gp / np, p = gp % np;
-        const {t} *src = w + g * s_group;
+        const int64_t g = gp / np, col0 = gp % np * CD_NR_{dt}, cols = CD_MIN(CD_NR_{dt}, n - col0);
+        const {t} *src = w + g * s_group + col0 * s_n;
         {t} *dst = panels + gp * K * CD_NR_{dt};
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = 0; j < CD_NR_{dt}; ++j) {{
-                const int64_t col = p * CD_NR_{dt} + j;
-                dst[k * CD_NR_{dt} + j] = col < n ? src[col * s_n + k * s_k] : 0;
-            }}
+        if (cols < CD_NR_{dt})
+            memset(dst, 0, K * CD_NR_{dt} * sizeof({t}));
+        if (s_k == 1)  /* B = W.T: read W's rows in order */
+            for (int64_t j = 0; j < cols; ++j)
+                for (int64_t k = 0; k < K; ++k)
+                    dst[k * CD_NR_{dt} + j] = src[j * s_n + k];
+        else  /* B = W: read each row's NR columns in order */
+            for (int64_t k = 0; k < K; ++k)
+                for (int64_t j = 0; j < cols; ++j)
+                    dst[k * CD_NR_{dt} + j] = src[j * s_n + k * s_k];
     }}
 }}
 

@@ -236,6 +236,15 @@ class _Arg:
         return Rows(self.base, self.row_bytes, self.first, self.ld, int(self.prev))
 
 
+def _step_arrays(steps: list[int], offsets: list[int], padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """b_t and the first row of each step as the int64 arrays the native loop reads (torch.tensor
+    builds them 2x faster than ctypes; a padded batch's, an arithmetic progression, 20x faster)."""
+    if padded:
+        n = torch.full((len(steps),), steps[0], dtype=torch.int64)
+        return n, torch.arange(len(steps), dtype=torch.int64) * steps[0]
+    return torch.tensor(steps, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+
+
 def _rows_array(args: list[_Arg]):
     return (Rows * len(args))(*[a.c() for a in args])
 
@@ -447,7 +456,13 @@ class FusedCPULoop(TorchLoop):
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
         """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
-        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        n = states[0].shape[0]
+        if batch_sizes is None and x.dim() == 3 and x.shape[0] > 0 and x.shape[1] == n:
+            # padded: every step has n rows (steps_of checks the same, in Python, step by step)
+            T = x.shape[0]
+            X, steps, offsets = x.reshape(-1, x.shape[-1]), [n] * T, list(range(0, T * n, n))
+        else:
+            X, steps, offsets = steps_of(x, batch_sizes, n)
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
@@ -467,7 +482,8 @@ class FusedCPULoop(TorchLoop):
         step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
         operands = {name: X.new_empty(rows, H) for name in self.operand_names}
         bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "news": news, "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands}
+                "padded": batch_sizes is None, "news": news, "out": out, "step": step_out,
+                "hoisted": hoisted_out, "operands": operands}
         args = {pw.stage: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
                            for a in self.kernels[(pw.stage, False)].spec.args] for pw in self.plan.pointwise}
         if self.runs_native("step", X.dtype, N, step_w):
@@ -515,7 +531,7 @@ class FusedCPULoop(TorchLoop):
                                   panels=panels[-1].data_ptr(), K=w.shape[1],
                                   blocks=len(self.gemms[gi].products)))
         kernels = [_rows_array(args[pw.stage]) for pw in self.plan.pointwise]
-        native.forward(steps, offsets, N, H, nt, gemms, kernels)
+        native.forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels)
 
     def _forward_python(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
         H, X = bufs["H"], bufs["X"]
@@ -599,7 +615,8 @@ class FusedCPULoop(TorchLoop):
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
         xs = self.split_inputs(X, H, hoisted_w)
         bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "news": [n.contiguous() for n in news], "step": [s.contiguous() for s in step_all],
+                "padded": batch_sizes is None, "news": [n.contiguous() for n in news],
+                "step": [s.contiguous() for s in step_all],
                 "hoisted": [h.contiguous() for h in hoisted_out],
                 "operands": {k: v.contiguous() for k, v in operands.items()}}
         news, operands = bufs["news"], bufs["operands"]
@@ -708,8 +725,8 @@ class FusedCPULoop(TorchLoop):
         out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
         state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
         untouched = [int(i in self.untouched_states) for i in range(len(self.states))]
-        native.backward(steps, offsets, N, H, nt, gemms, kernels, state_grads, untouched, out_state,
-                        grads["out"])
+        native.backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels, state_grads,
+                        untouched, out_state, grads["out"])
 
     def _backward_python(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
         H, X = bufs["H"], bufs["X"]

@@ -63,9 +63,10 @@ class NativeLoop:
         self.openmp = bool(lib.cd_openmp())
 
     def _loop(self, keep, steps, offsets, n, hidden, nt, cls, gemms, kernels) -> Loop:
-        return Loop(T=len(steps), N=n, H=hidden, nt=nt, steps=keep.i64(steps), offsets=keep.i64(offsets),
-                    gemms=keep.array(cls, gemms), kernels=keep.pointers(kernels), out_state=-1,
-                    tiles=self.tiles, width=self.gemm.width)
+        return Loop(T=len(steps), N=n, H=hidden, nt=nt, steps=keep.tensor(steps),
+                    offsets=keep.tensor(offsets), gemms=keep.array(cls, gemms),
+                    kernels=keep.pointers(kernels),
+                    out_state=-1, tiles=self.tiles, width=self.gemm.width)
 
     def threads(self, n: int, hidden: int, step_macs: int, rows: int) -> int:
         """Threads for a sequence: torch's, unless the work is too small to share (a barrier per GEMM
@@ -78,7 +79,8 @@ class NativeLoop:
         return max(1, nt)
 
     def forward(self, steps, offsets, n, hidden, nt, gemms, kernels) -> None:
-        """gemms: [StepGemm] in plan order; kernels: [Rows array] per pointwise stage."""
+        """steps, offsets: int64 tensors [T]; gemms: [StepGemm] in plan order; kernels: [Rows array] per
+        pointwise stage."""
         keep = _Keep()
         self._forward(ctypes.byref(self._loop(keep, steps, offsets, n, hidden, nt, StepGemm, gemms, kernels)))
 
@@ -103,6 +105,11 @@ class _Keep:
     def _hold(self, obj) -> int:
         self.held.append(obj)
         return ctypes.addressof(obj)
+
+    def tensor(self, t: torch.Tensor) -> int:
+        """An int64 tensor (steps, offsets), contiguous."""
+        self.held.append(t)
+        return t.data_ptr()
 
     def i64(self, values) -> int:
         return self._hold((I64 * max(1, len(values)))(*values))
