@@ -304,6 +304,9 @@ class FusedCPULoop(TorchLoop):
         self.gemm_operands = [(self.where[g.operand.name].kind == "state", self.where[g.operand.name].index)
                               for g in self.gemms]
         self._natives: dict[torch.dtype, NativeLoop] = {}
+        # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
+        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
+        self.ran: dict[str, tuple[str, ...] | str] = {}
 
     def native(self, dtype: torch.dtype) -> NativeLoop:
         if dtype not in self._natives:
@@ -443,6 +446,7 @@ class FusedCPULoop(TorchLoop):
             s = cpu_gemm.site(kind, dtype, n, w.shape[1], w.shape[0])
             products.append(cpu_gemm.TorchProduct(cpu_gemm.choose(s, self.lib, native=False, force=self.gemm),
                                                   kind, w, n))
+        self.ran["forward" if kind == "step" else "backward"] = tuple(p.backend for p in products)
         return products
 
     # ---- forward --------------------------------------------------------------------------------
@@ -531,6 +535,7 @@ class FusedCPULoop(TorchLoop):
                                   panels=panels[-1].data_ptr(), K=w.shape[1],
                                   blocks=len(self.gemms[gi].products)))
         kernels = [_rows_array(args[pw.stage]) for pw in self.plan.pointwise]
+        self.ran["forward"] = "native"
         native.forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels)
 
     def _forward_python(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
@@ -722,6 +727,7 @@ class FusedCPULoop(TorchLoop):
                                   accumulate=int(accumulate), panels=panels[-1].data_ptr(),
                                   blocks=len(self.gemms[gi].products)))
         kernels = [_rows_array(a) for pw in self.plan.pointwise for a in args[pw.stage]]
+        self.ran["backward"] = "native"
         out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
         state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
         untouched = [int(i in self.untouched_states) for i in range(len(self.states))]
