@@ -7,8 +7,9 @@ loop) or as a Python loop over the steps with a torch GEMM per step product ("mm
 the generated torch code (TorchLoop, the executable meaning of a cell), in float64 to 1e-12:
 
 - loop level: outputs, final states and every gradient, padded and packed sequences, batch 1 and 3
-  (one tile of rows) and 7 (a full tile of 6 rows and one more), hidden sizes 5 (a partial panel)
-  and 37 (three panels), for cells with one and two GEMM stages, a GEMM operand computed in the
+  (one tile of rows; N <= 4 is the small batch: matrix-vector products from the rows of W, not
+  packed) and 7 (a full tile of 6 rows and one more), hidden sizes 5 (a partial panel), 16 (whole
+  panels: the small batch's backward reads W in place) and 37 (several panels), for cells with one and two GEMM stages, a GEMM operand computed in the
   step, folded biases on hoisted and step GEMMs, no state GEMM (elementwise and linear), scalars
   and a hoisted pointwise; the backend that ran is the one forced;
 - either backward takes either forward (they save the same tensors);
@@ -96,7 +97,8 @@ def check_ran(loop, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stem", CELLS)
 def test_every_backend_equals_the_torch_backend_float64(stem, backend):
-    for hidden, N, packed in ((5, 3, False), (5, 1, True), (37, 7, True)):
+    # H = 16: whole panels, so the small batch (N <= 4) reads W's rows as they are, forward and back
+    for hidden, N, packed in ((5, 3, False), (5, 1, True), (16, 2, True), (37, 7, True)):
         torch.manual_seed(hidden + N)  # the layer's initial weights
         layer = make_layer(stem, hidden=hidden, tag="native")
         loop = fused_loop(layer)

@@ -50,7 +50,7 @@ CACHE_FILE = "cpu_gemm.json"
 FORMAT = 1
 BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
 SECONDS_PER_TIMING = 2e-3  # one timing repeats a product for at least this long
-ROUNDS = 3  # interleaved rounds; the minimum of the rounds is kept (the least disturbed run)
+ROUNDS = 5  # interleaved rounds; the minimum of the rounds is kept (the least disturbed run)
 ONEDNN_SCHEMAS = {
     "_linear_pointwise": "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, "
                          "Scalar?[] scalars, str? algorithm) -> Tensor Y",
