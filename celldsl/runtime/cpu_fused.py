@@ -41,7 +41,9 @@ from .cpu_gemm import DTYPES
 from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
 from .torch_loop import TorchLoop, input_columns, steps_of
 
-BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Wl,-z,defs"]
+# -fno-trapping-math (as torch is built): without it gcc leaves a loop with relu, step, max or min
+# scalar ("control flow in loop"); no program here reads floating-point traps
+BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-Wl,-z,defs"]
 # first try: tuned for this CPU, OpenMP threads (torch's own libgomp: it is loaded already, and the
 # loader shares a library by its soname), glibc's vector math (libmvec); then plainer builds
 FAST = ["-O3", "-fopenmp-simd"]
@@ -119,7 +121,7 @@ def _library(source: str, folder: Path, stem: str) -> tuple[ctypes.CDLL | None, 
         reason = "CELLDSL_CPU_FUSED=0" if os.environ.get("CELLDSL_CPU_FUSED") == "0" else \
             "no C compiler found ($CC, cc, gcc)"
         return None, reason
-    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(attempts(source))])
+    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     lib_path = folder / f"{stem}_{digest[:20]}.so"
     with _lock:
