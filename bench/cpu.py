@@ -255,7 +255,7 @@ class ReferenceTextbook(nn.Module):
     def __init__(self, cell: str, layer):
         super().__init__()
         self.cell = cell
-        names = list(compiled_of(layer).ir.params)
+        names = list(layer.compiled.ir.params)
         self.params = nn.ParameterList([nn.Parameter(layer.cell_parameter(n).detach().clone())
                                         for n in names])
         self.names = names
@@ -286,12 +286,6 @@ class Impl:
         self.times: dict[str, list[float]] = {"fwd": [], "fwdbwd": []}
 
 
-def compiled_of(layer):
-    """The layer's compiled cell (`layer.cell` here; `layer.compiled` where the layers renamed it)."""
-    compiled = getattr(layer, "compiled", None)
-    return compiled if compiled is not None else layer.cell
-
-
 def cell_text(cell: str) -> str:
     return (ZOO / f"{cell}.cell").read_text()
 
@@ -311,7 +305,7 @@ def python_loop_layer(cell: str, I: int, H: int):
     from celldsl.runtime.function import cell_for
 
     layer = celldsl.Recurrent(cell_text(cell) + "\n# bench/cpu.py: the Python loop\n", I, H)
-    compiled = compiled_of(layer)
+    compiled = layer.compiled
     loop = cell_for(compiled.key).loop("cpu")
     if not isinstance(loop, cpu_fused.FusedCPULoop):
         raise SystemExit(f"the C kernels are unavailable here: {cpu_fused.build_library(compiled)[1]}")
@@ -339,7 +333,7 @@ def impls_for(cell: str, I: int, H: int, N: int, rows: tuple[str, ...]) -> list[
         copy.load_state_dict(layer.state_dict())
         impls.append(Impl(f"{name}, Python loop (torch.mm + C per step)", lambda x, m=copy: m(x)[0],
                           copy.parameters(), "python"))
-    n_states = len(compiled_of(layer).ir.states)
+    n_states = len(layer.compiled.ir.states)
     zeros = tuple(torch.zeros(N, H) for _ in range(n_states))
     for kind in ("textbook", "compiled"):
         if kind not in rows:
@@ -456,7 +450,11 @@ def nn_tables(args, clock, report: Report) -> None:
 
 
 def zoo_cells() -> list[str]:
-    return sorted(p.stem for p in ZOO.glob("*.cell"))
+    """The zoo cells a generic layer builds (tests/zoo.py's GENERIC: lstm_proj, slstm_heads and
+    phased_lstm need sizes, heads or an extra input the table does not give)."""
+    from zoo import GENERIC
+
+    return list(GENERIC)
 
 
 def needs_i_equal_h(cell: str) -> bool:

@@ -47,7 +47,7 @@ class Call:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # one of + - * / ^ @
+    op: str  # one of + - * / ^ @ < <= > >=
     left: object
     right: object
     loc: Loc
@@ -76,6 +76,14 @@ def children(expr) -> tuple:
 
 
 @dataclass(frozen=True)
+class ParamKind:
+    """`scalar`, `vector`, `matrix`, or `heads(4)` (the number in parentheses, as written)."""
+
+    name: Name
+    count: str | None = None
+
+
+@dataclass(frozen=True)
 class InitValue:
     kind: str  # "constant" | "named" | "call"
     name: str | None
@@ -92,8 +100,9 @@ class Module:
     cite: str | None = None
     inputs: list[Name] = field(default_factory=list)
     states: list[Name] = field(default_factory=list)
+    widths: dict[str, Name] = field(default_factory=dict)  # state or input -> its declared width
     output: Name | None = None
-    params: list[tuple[Name, str | None, Name | None]] = field(default_factory=list)  # (name, kind, group)
+    params: list[tuple[Name, ParamKind | None, Name | None]] = field(default_factory=list)  # (name, kind, group)
     groups: list[tuple[Name, list[Name]]] = field(default_factory=list)
     inits: list[tuple[list[Name], InitValue]] = field(default_factory=list)
     definitions: list[tuple[Name, object]] = field(default_factory=list)  # intermediates

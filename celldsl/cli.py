@@ -1,8 +1,10 @@
-"""The `celldsl` command: `check` and `explain` here; `train`/`compare` (labs) and `compile` (Triton)
-register themselves.
+"""The `celldsl` command: `check`, `explain` and `list` here; `train`/`compare` (labs) and `compile`
+(Triton) register themselves.
 
     celldsl check cells/*.cell       # exit 0 if every file compiles (warnings are printed), else 1
+    celldsl check mut1 gru           # zoo cells by name
     celldsl explain cells/lstm.cell  # the plan: shapes, GEMMs per stage, forward, backward, FLOPs
+    celldsl list                     # the zoo: name and doc line of every shipped cell
 
 A bad cell file prints `file:line:col: error: message`, the line and a caret on stderr, never a
 traceback (set CELLDSL_DEBUG=1 to get one for an internal error).
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from .compiler import ZOO, compile_cell
 from .errors import CellError, CellWarning, printable
+from .resources import zoo_names
 
 
 def _cell_path(name: str) -> Path:
@@ -76,7 +79,23 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPILER_COMMANDS = ("check", "explain", "compile")
+def run_list(args: argparse.Namespace) -> int:
+    """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line."""
+    from .syntax import parse
+
+    names = zoo_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        if args.names:
+            print(name)
+            continue
+        path = ZOO / f"{name}.cell"
+        doc = parse(path.read_text(encoding="utf-8"), str(path)).doc or ""
+        print(f"{name:{width}s}  {doc}")
+    return 0
+
+
+COMPILER_COMMANDS = ("check", "explain", "compile", "list")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -102,6 +121,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE", help="a .cell file (or a zoo name such as lstm)")
     p.set_defaults(func=run_explain)
+    p = sub.add_parser("list", help="list the zoo's cells", description="The cells shipped with celldsl, "
+                       "by the name Recurrent(...) and `celldsl check` accept, with their doc lines.")
+    p.add_argument("--names", action="store_true", help="names only, one per line")
+    p.set_defaults(func=run_list)
 
     if command not in COMPILER_COMMANDS:
         from .labs import cli as labs_cli

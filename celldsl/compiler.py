@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import cache
 from .errors import CellError, CellWarning, Source, printable
+from .resources import ZOO, zoo_names
 from .syntax import MAX_FILE_BYTES
 
-ZOO = Path(__file__).resolve().parent.parent / "cells"
 _COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this process
 _RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
 
@@ -47,20 +47,53 @@ class CompiledCell:
     def states(self) -> list[str]:
         return self.ir.states
 
-    def check_sizes(self, input_size: int, hidden_size: int, extra_sizes: dict | None = None) -> None:
-        """The cell's equations may need an input's size == hidden size (MUT1's tanh(x)); say so clearly.
-        input_size is the first input's; extra_sizes those of the other inputs, by name."""
+    def sizes(self, input_size: int, hidden_size: int, extra_sizes: dict | None = None,
+              widths: dict | None = None) -> dict[str, int]:
+        """The size of every width the cell uses (widths.py): H, each input's, each declared width's.
+        input_size is the first input's, extra_sizes the other inputs' by name, widths the declared
+        widths' (`state h : P` needs widths={"P": ...})."""
+        sizes = {"H": hidden_size, "row": 1, self.ir.inputs[0]: input_size}
+        sizes.update({n: (extra_sizes or {}).get(n, hidden_size) for n in self.ir.inputs[1:]})
+        declared = sorted({w for w in self.ir.widths.values() if w not in sizes})
+        missing = [w for w in declared if w not in (widths or {})]
+        if missing:
+            raise ValueError(f"cell {self.name!r} declares the width(s) {', '.join(missing)}; give their sizes, "
+                             f"e.g. sizes={{{', '.join(repr(w) + ': 16' for w in missing)}}}")
+        sizes.update({w: widths[w] for w in declared})
+        return sizes
+
+    def check_sizes(self, input_size: int, hidden_size: int, extra_sizes: dict | None = None,
+                    widths: dict | None = None, layer: int = 0) -> None:
+        """Widths the equations make equal (MUT1's tanh(x) needs I == H) must have equal sizes; say so at
+        the place they meet. `layer` > 0: the first input is the previous layer's output."""
+        sizes = self.sizes(input_size, hidden_size, extra_sizes, widths)
         first = self.ir.inputs[0]
-        for name, loc in self.ir.needs_hidden_size.items():
-            size = input_size if name == first else (extra_sizes or {}).get(name, hidden_size)
-            if size != hidden_size:
-                what = "input_size" if name == first else f"input_sizes[{name!r}]"
-                raise CellError(
-                    f"input '{name}' is used elementwise with H-wide values here, so this cell needs "
-                    f"{what} == hidden_size (got {what}={size}, hidden_size={hidden_size})",
-                    self.ir.source,
-                    loc,
-                )
+
+        def words(w: str) -> tuple[str, str]:
+            if w == "H":
+                return "H-wide values", "hidden_size"
+            if w == first:
+                return f"input '{w}'", "input_size"
+            if w in self.ir.inputs:
+                return f"input '{w}'", f"input_sizes[{w!r}]"
+            return f"{w}-wide values", f"sizes[{w!r}]"
+
+        for (a, b), loc in self.ir.same_widths.items():
+            if sizes[a] == sizes[b]:
+                continue
+            x, y = (b, a) if a == "H" or (b != "H" and b in self.ir.inputs) else (a, b)  # H, inputs last
+            (wx, nx), (wy, ny) = words(x), words(y)
+            used = "is used elementwise with" if x in self.ir.inputs else "meet"
+            context = ""
+            if layer > 0 and first in (a, b):
+                context = (f"; layer {layer} reads the {input_size}-wide output of layer {layer - 1} as its "
+                           f"input '{first}'")
+            raise CellError(
+                f"{wx} {used} {wy} here, so this cell needs {nx} == {ny} (got {nx}={sizes[x]}, "
+                f"{ny}={sizes[y]}){context}",
+                self.ir.source,
+                loc,
+            )
 
     @cached_property
     def torch_module(self):
@@ -120,7 +153,7 @@ def _read(cell) -> Source:
         elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
         else:
-            zoo = ", ".join(sorted(p.stem for p in ZOO.glob("*.cell")))
+            zoo = ", ".join(zoo_names())
             raise CellError(
                 f"no file '{printable(cell)}' and no zoo cell of that name (the zoo: {zoo})",
                 Source("", cell),

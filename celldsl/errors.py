@@ -70,7 +70,32 @@ class CellError(ValueError):
         self.filename = source.filename if source else None
         self.line = loc.line if loc else None
         self.column = loc.column if loc else None
+        self.errors = [self]
         super().__init__(render("error", message, source, loc))
+
+
+class CellErrors(CellError):
+    """Several independent problems in one cell file. `errors` holds them in text order; `str()` lists
+    every diagnostic, and `line`/`column`/`message` are the first's, so code that handles one
+    CellError handles this too."""
+
+    def __init__(self, errors: list[CellError]):
+        ordered = sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
+        first = ordered[0]
+        super().__init__(first.message, first.source, first.loc)
+        self.errors = ordered
+        self.args = ("\n".join(str(e) for e in ordered),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def raise_all(errors: list[CellError]) -> None:
+    """Raise the one error, or every error at once (in text order); nothing when there is none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise CellErrors(errors)
 
 
 class CellWarning(UserWarning):
@@ -79,3 +104,8 @@ class CellWarning(UserWarning):
 
 def warning_text(message: str, source: Source | None, loc: Loc | None) -> str:
     return render("warning", message, source, loc)
+
+
+class CellTensorError(ValueError, RuntimeError):
+    """A tensor a layer cannot take (its shape, dtype or device). torch.nn raises RuntimeError for
+    these and earlier celldsl raised ValueError; this is both, so code written for either catches it."""

@@ -9,6 +9,8 @@ FLOPs per step, and the recurrence kind.
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from .errors import printable
@@ -37,16 +39,20 @@ def explain(compiled) -> str:
         out.append(f"  source: {printable(ir.cite)}")
 
     out += ["", "inputs:"]
-    out += [f"  {x}  [{_width(x, ir)}]" for x in ir.inputs]
+    out += [f"  {x}  [{_width(ir.width(x), ir)}]" for x in ir.inputs]
     out += ["states (the layer's state tuple, in this order):"]
     for i, s in enumerate(ir.states):
         extra = "  (carried for prev(); starts at zero)" if i >= ir.declared_states else ""
-        out.append(f"  {s}  [H]{extra}")
-    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + "  [H]")
-    for name, loc in ir.needs_hidden_size.items():
-        where = f"line {loc.line}, column {loc.column}"
-        size = _size_sym(name, ir)
-        out.append(f"needs {size} == H: input '{name}' meets H-wide values elementwise ({where})")
+        out.append(f"  {s}  [{_width(ir.width(s), ir)}]{extra}")
+    output_width = _width(ir.width(ir.output), ir)
+    note = "" if ir.output_declared else "  (no output line: the cell's one state)"
+    out.append(f"output: {ir.output}" + ("'" if ir.output in ir.states else "") + f"  [{output_width}]{note}")
+    for (a, b), loc in ir.same_widths.items():
+        where = f"line {loc.line}, column {loc.column}" if loc else "?"
+        first, second = (b, a) if a == HIDDEN else (a, b)
+        what = f"input '{first}'" if first in ir.inputs else f"{first}-wide values"
+        out.append(f"needs {_size_sym(first, ir)} == {_size_sym(second, ir)}: {what} meets "
+                   f"{_width_words(second, ir)} elementwise ({where})")
 
     out += ["", "parameters:"]
     total = sp.Integer(0)
@@ -56,7 +62,7 @@ def explain(compiled) -> str:
         applied = ""
         if kind == "matrix":
             operand = ir.params[members[0]].operand_size
-            applied = ", applied to " + ("H-wide values" if operand == HIDDEN else f"input {operand}")
+            applied = ", applied to " + (f"input {operand}" if operand in ir.inputs else _width_words(operand, ir))
         out.append(f"  {store}{group}  {shape}  ({kind}{applied})")
     out.append(f"  total: {_poly(total)} numbers per layer and direction")
 
@@ -72,9 +78,10 @@ def explain(compiled) -> str:
     out.append(f"recurrence: {RECURRENCE_WORDS.get(plan.recurrence, plan.recurrence)}")
 
     out += ["", "forward, fused per stage (intermediates inlined, CSE'd; W@x is a row block of a GEMM):"]
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    stages = plan.all_pointwise()
     for pw in stages:
         where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        where += f" [{_width(pw.width, ir)}]" if len(plan.pointwise_of_stage(pw.stage)) > 1 else ""
         inputs = ", ".join(names.get(s, s.name) for s in pw.inputs)
         out.append(f"  {where} (reads {inputs}):")
         for t, e in pw.forward_temps:
@@ -87,21 +94,22 @@ def explain(compiled) -> str:
     out += ["", "derived backward (chain rule on the SymPy forward, CSE'd; recomputes forward temps):"]
     for pw in stages:
         where = "before the loop" if pw.stage < 0 else f"pointwise {pw.stage}"
+        where += f" [{_width(pw.width, ir)}]" if len(plan.pointwise_of_stage(pw.stage)) > 1 else ""
         grads = ", ".join(names.get(s, s.name) for s in pw.grad_inputs)
         out.append(
             f"  {where}: {len(pw.backward_temps)} temps, {pw.backward_ops()} ops "
             f"(forward {pw.forward_ops()} ops); gradients of {grads}"
         )
     out.append(f"  total: {bwd_ops} backward ops, {fwd_ops} forward ops")
-    saved = plan.saved_per_step()
-    width = sum(w for _, w in saved)
-    out.append(f"  saved per step for the backward ({width}H numbers per sequence):")
-    out += [f"    {what}  [{_times(w)}H]" for what, w in saved]
+    saved = [(what, sum((_size_sym(w, ir) for w in widths), sp.Integer(0))) for what, widths in plan.saved_per_step()]
+    total = _compact(sum((w for _, w in saved), sp.Integer(0)))
+    out.append(f"  saved per step for the backward ({total} numbers per sequence):")
+    out += [f"    {what}  [{_compact(w)}]" for what, w in saved]
 
     hoisted = sum(_gemm_flops(g, ir) for g in plan.hoisted)
     step = sum(_gemm_flops(g, ir) for g in plan.gemms)
     pointwise = sp.Integer(sum(pw.forward_ops() for pw in plan.pointwise)) * H_SYM
-    before = sp.Integer(plan.hoist_pointwise.forward_ops() if plan.hoist_pointwise else 0) * I_SYM
+    before = sp.Integer(sum(pw.forward_ops() for pw in plan.hoist_pointwise)) * I_SYM
     forward = hoisted + step + pointwise + before
     out += ["", "FLOPs per step and sequence (a multiply-add is 2; a pointwise op or function is 1):"]
     out.append(f"  hoisted GEMMs: {_poly(hoisted)}")
@@ -109,7 +117,7 @@ def explain(compiled) -> str:
     out.append(f"  pointwise: {_poly(pointwise + before)}")
     at = " = ".join(["I", "H", *(f"C_{n}" for n in ir.inputs[1:])]) + " = 256"
     out.append(f"  forward total: {_poly(forward)}  (at {at}: {_mega(forward)})")
-    hoist_bwd = plan.hoist_pointwise.backward_ops() if plan.hoist_pointwise else 0
+    hoist_bwd = sum(pw.backward_ops() for pw in plan.hoist_pointwise)
     backward = 2 * (hoisted + step) + (bwd_ops - hoist_bwd) * H_SYM + hoist_bwd * I_SYM
     out.append(
         f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
@@ -121,11 +129,20 @@ def explain(compiled) -> str:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def _size_sym(name: str, ir) -> sp.Symbol:
-    """The size of an operand: H, I (the first input) or C_<name> (any further input)."""
+def _size_sym(name: str, ir) -> sp.Expr:
+    """The size of a width: H, I (the first input), C_<name> (any further input), 1 (one value per
+    sequence) or a width the cell declares (P)."""
     if name == HIDDEN:
         return H_SYM
-    return I_SYM if name == ir.inputs[0] else sp.Symbol(f"C_{name}", positive=True)
+    if name == "row":
+        return sp.Integer(1)
+    if name in ir.inputs:
+        return I_SYM if name == ir.inputs[0] else sp.Symbol(f"C_{name}", positive=True)
+    return sp.Symbol(name, positive=True)
+
+
+def _width_words(name: str, ir) -> str:
+    return "H-wide values" if name == HIDDEN else f"input '{name}'" if name in ir.inputs else f"{name}-wide values"
 
 
 def _width(name: str, ir) -> str:
@@ -134,7 +151,7 @@ def _width(name: str, ir) -> str:
 
 def _stores(ir):
     """(stored name, members, kind, shape text, numbers per member as a polynomial in I, H)."""
-    seen, rows = set(), []
+    seen, found = set(), []
     for name, p in ir.params.items():
         if p.group is not None and p.group in seen:
             continue
@@ -143,20 +160,23 @@ def _stores(ir):
         seen.add(store)
         n = len(members)
         if p.kind == "matrix":
-            cols = _size_sym(p.operand_size, ir)
-            shape, size = f"{_times(n)}H x {cols}", H_SYM * cols
+            rows, cols = _size_sym(p.rows, ir), _size_sym(p.operand_size, ir)
+            heads = f" in {p.heads} heads (block-diagonal)" if p.heads else ""
+            shape, size = f"{_times(n)}{rows} x {cols}{heads}", rows * cols / (p.heads or 1)
         elif p.kind == "vector":
-            shape, size = f"{_times(n)}H", H_SYM
+            width = _size_sym(p.rows, ir)
+            shape, size = f"{_times(n)}{width}", width
         else:
             shape, size = "1" if n == 1 else str(n), sp.Integer(1)
-        rows.append((store, members, p.kind, shape, size))
-    return rows
+        found.append((store, members, p.kind, shape, size))
+    return found
 
 
 def _gemm(g: Gemm, plan: Plan) -> str:
     cols = _size_sym(g.operand_size, plan.ir)
     operand = g.operand.name
-    text = f"[{', '.join(g.params)}] ({_times(len(g.params))}H x {cols}) @ {operand}"
+    rows = _compact(_rows(g, plan.ir))
+    text = f"[{', '.join(g.params)}] ({rows} x {cols}) @ {operand}"
     if plan.roles.get(g.operand) == "operand":
         text += f",  {operand} = {_operand_expr(g, plan)}"
     return text
@@ -164,7 +184,7 @@ def _gemm(g: Gemm, plan: Plan) -> str:
 
 def _operand_expr(g: Gemm, plan: Plan) -> str:
     names = _display_names(plan)
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + list(plan.pointwise)
+    stages = plan.all_pointwise()
     for pw in stages:
         for name, e in pw.outputs:
             if name == g.operand.name:
@@ -190,8 +210,17 @@ def _times(n: int) -> str:
     return "" if n == 1 else str(n)
 
 
+def _compact(e: sp.Expr) -> str:
+    """A size as papers write it: 4H, 3H + P."""
+    return re.sub(r"(\d)\*", r"\1", sp.sstr(e))
+
+
+def _rows(g: Gemm, ir) -> sp.Expr:
+    return sum((_size_sym(w, ir) for w in g.widths), sp.Integer(0))
+
+
 def _gemm_flops(g: Gemm, ir) -> sp.Expr:
-    return 2 * len(g.params) * H_SYM * _size_sym(g.operand_size, ir)
+    return 2 * _rows(g, ir) * _size_sym(g.operand_size, ir)
 
 
 def _poly(e: sp.Expr) -> str:

@@ -136,8 +136,104 @@ class minimum(CellFunction):  # noqa: N801
     numeric = staticmethod(min)
 
 
+class less(CellFunction):  # noqa: N801
+    """1 where a < b, else 0 (`a < b` and `b > a` in a cell file): flat, so its derivative is 0."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    @staticmethod
+    def numeric(a, b):
+        return 1.0 if a < b else 0.0
+
+
+class less_equal(CellFunction):  # noqa: N801
+    """1 where a <= b, else 0 (`a <= b`, `b >= a`)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    @staticmethod
+    def numeric(a, b):
+        return 1.0 if a <= b else 0.0
+
+
+class where(CellFunction):  # noqa: N801
+    """a where the condition is nonzero, else b; the gradient goes to the branch taken."""
+
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        c = self.args[0]
+        if argindex == 1:
+            return sp.Integer(0)
+        return where(c, 1, 0) if argindex == 2 else where(c, 0, 1)
+
+    @staticmethod
+    def numeric(c, a, b):
+        return a if c != 0 else b
+
+
+class floor(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+    numeric = staticmethod(math.floor)
+
+
+class mod(CellFunction):  # noqa: N801
+    """a - b * floor(a / b): the remainder with the sign of b, as torch.remainder and Python's %."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sp.Integer(1) if argindex == 1 else -floor(a / b)
+
+    @staticmethod
+    def numeric(a, b):
+        return a - b * math.floor(a / b)
+
+
+class Reduction(CellFunction):
+    """A reduction over the elements of a value (its width: the hidden units), one value per row that
+    broadcasts back over them. Linear, so reverse mode sends an adjoint g back as the same reduction
+    of g (plan._ReverseMode): d/dv_k of sum_j g_j * mean(v) is mean(g). Every backend computes it
+    within the stage's kernel: a second pass over the row (C), a row per program (Triton)."""
+
+    nargs = 1
+
+
+class rowmean(Reduction):  # noqa: N801 - `mean(v)` in a cell file
+    pass
+
+
+class rowsum(Reduction):  # noqa: N801 - `sum(v)` in a cell file
+    pass
+
+
+LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def layernorm(v):
+    """(v - mean(v)) / sqrt(mean((v - mean(v))^2) + eps): no affine part (the cell writes its own gain
+    and bias as vectors, as Ba et al. do); eps as torch.nn.LayerNorm's."""
+    centred = v - rowmean(v)
+    return centred / sp.sqrt(rowmean(centred**2) + sp.Float(LAYERNORM_EPS))
+
+
 def _sqrt(x):
     return sp.sqrt(x)
+
+
+def _clip(v, lo, hi):
+    return minimum(maximum(v, lo), hi)
 
 
 # name in a cell file -> (arity, SymPy constructor)
@@ -154,7 +250,16 @@ FUNCTIONS = {
     "sqrt": (1, _sqrt),
     "max": (2, maximum),
     "min": (2, minimum),
+    "where": (3, where),
+    "mod": (2, mod),
+    "floor": (1, floor),
+    "clip": (3, _clip),
+    "mean": (1, rowmean),
+    "sum": (1, rowsum),
+    "layernorm": (1, layernorm),
 }
+REDUCTIONS = ("mean", "sum", "layernorm")  # functions over a value's elements, not elementwise
+CONSTANTS = {"pi": sp.pi, "e": sp.E}  # names a cell may use for these when it declares no such name
 
 
 def evaluate(expr: sp.Expr) -> float:

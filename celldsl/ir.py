@@ -11,15 +11,17 @@ import difflib
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
 from . import ast
-from .errors import CellError, CellWarning, Loc, Source, warning_text
-from .functions import FUNCTIONS, evaluate
+from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
+from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, Reduction, evaluate, less, less_equal
+from .widths import BROADCAST, Widths, width_words
 
 H = "H"  # the size of every value of the step except expressions of inputs only
+COMPARISONS = ("<", "<=", ">", ">=")
 NAME = re.compile(r"(?!\d)\w+")  # as grammars/cell.lark spells a name
 MAX_CONSTANT = 1e300  # beyond this a constant overflows float64 arithmetic
 FLOAT32_MAX = 3.4028234663852886e38
@@ -34,6 +36,8 @@ MAX_SIZE = 5000  # nodes of one value after inlining intermediates (shared subex
 # costs grows with it (the derived backward and the C kernels are linear in it). The zoo's largest
 # cell has 150; at the bound `check` takes seconds and the C kernels compile in under 30 s.
 MAX_STEP_NODES = 6000
+MAX_ERRORS = 20  # a file stops being checked after this many errors
+MAX_SHIFT = 64  # prev(x, k): how far back an input may be read
 
 
 def symbol(name: str) -> sp.Symbol:
@@ -58,21 +62,41 @@ class Param:
     kind: str  # "matrix" | "vector" | "scalar"
     loc: Loc
     group: str | None = None
-    operand_size: str | None = None  # matrices: "H" or the name of the input they read
+    operand_size: str | None = None  # matrices: the width of the values it reads (its columns)
     init: ast.InitValue | None = None
     used: bool = False
     declared_kind: str | None = None  # "scalar" when declared so; other kinds are inferred
     first_use: Loc | None = None  # matrices: where the operand size was fixed
+    rows: str | None = None  # matrices: the width of what it gives (its rows); vectors: their width
+    heads: int | None = None  # `heads(n)`: a block-diagonal matrix of n square blocks
+
+
+@dataclass(frozen=True)
+class MatrixTerm:
+    """coef * W (or its transpose, or the identity "eye") in a combination `(W - Wᵀ - g * eye) @ h`."""
+
+    coef: sp.Expr  # a number, or an expression of scalar parameters
+    matrix: str  # a matrix parameter, or EYE
+    transposed: bool = False
+
+
+EYE = "eye"
 
 
 @dataclass(frozen=True)
 class Product:
-    """`param @ operand`: one block of rows of a concatenated GEMM."""
+    """`param @ operand`: one block of rows of a concatenated GEMM. For a combination of matrices
+    (`(W - Wᵀ) @ h`), `param` is its display name and `terms` its parts; the layer builds the
+    weight from them once per call, and autograd takes its gradient through them."""
 
     symbol: sp.Symbol
     param: str
     operand: sp.Expr
     loc: Loc
+    rows: str = "H"  # the product's width
+    cols: str = "H"  # the operand's width
+    terms: tuple[MatrixTerm, ...] | None = None
+    heads: int | None = None  # a block-diagonal matrix of this many blocks (runtime/gemm.py)
 
 
 @dataclass
@@ -84,14 +108,28 @@ class CellIR:
     inputs: list[str]
     states: list[str]  # declared states, then one extra state per prev(v), in order of first use
     declared_states: int
-    output: str  # name of a state (its new value) or of an intermediate
+    output: str  # name of a state (its new value) or of an intermediate; without an `output` line the
+    # (only) state
     output_expr: sp.Expr
     params: dict[str, Param]
     groups: dict[str, list[str]]  # stored tensors holding several parameters, rows in this order
     new_states: dict[str, sp.Expr]  # state -> its value at the end of the step, in leaf symbols
     products: dict[sp.Symbol, Product]
-    needs_hidden_size: dict[str, Loc] = field(default_factory=dict)  # input -> a use that needs I == H
+    widths: dict[str, str] = field(default_factory=dict)  # state, input, vector -> its width (widths.py)
+    shifted: dict[str, tuple[str, int]] = field(default_factory=dict)  # "prev(x)" -> (input x, steps back)
+    reduced: dict[sp.Basic, tuple[str, Loc]] = field(default_factory=dict)  # mean(v) -> (v's width, place)
+    same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
+    output_declared: bool = True  # False: no `output` line, so the output is the cell's one state
+
+    @property
+    def needs_hidden_size(self) -> dict[str, Loc]:
+        """input -> a use that needs its size == H (the constraints between an input and H)."""
+        return {a if b == H else b: loc for (a, b), loc in self.same_widths.items()
+                if H in (a, b) and ({a, b} - {H}) <= set(self.inputs)}
+
+    def width(self, name: str) -> str:
+        return self.widths[name]
 
 
 class _Builder:
@@ -108,11 +146,18 @@ class _Builder:
         self.resolved_new: dict[str, tuple[sp.Expr, str]] = {}
         self.products: dict[tuple[str, sp.Expr], Product] = {}
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
-        self.needs_hidden: dict[str, Loc] = {}
+        self.prev_uses: dict[str, Loc] = {}  # intermediate -> its first prev(...) in the text
+        self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
+        self.reduced: dict[sp.Basic, tuple[str, Loc]] = {}  # mean(v)/sum(v) -> (v's width class, place)
+        self.widths = Widths(list(self.inputs))
+        self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
         self.sizes: dict[sp.Basic, tuple[int, int]] = {}  # memo of measure()
         self.applications: dict[str, int] = {}  # matrix -> index of its last product symbol
         self.step_nodes: set[sp.Basic] = set()  # distinct nodes of what the step computes (count_step)
+        self.errors: list[CellError] = []  # every problem found, reported together (raise_all)
+        self.failed: set[str] = set()  # equations that failed or read one that did
+        self.poisoned: set[str] = set()  # names whose declaration failed
 
     def error(self, message: str, loc: Loc | None) -> CellError:
         return CellError(message, self.src, loc)
@@ -120,6 +165,8 @@ class _Builder:
     # ---- declarations ------------------------------------------------------------------------
 
     def declare(self) -> None:
+        """Names, kinds and equations of the file. Each problem is reported (`attempt`) and the rest
+        is still checked; a name whose declaration failed is `poisoned`, so its uses say nothing more."""
         m = self.m
         if not (m.name or m.inputs or m.states or m.params or m.definitions or m.updates):
             raise self.error(
@@ -127,9 +174,9 @@ class _Builder:
                 Loc(1, 1),
             )
         if not m.inputs:
-            raise self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1))
+            self.report(self.error("the cell declares no input; add a line such as 'input x'", Loc(1, 1)))
         if not m.states:
-            raise self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1))
+            self.report(self.error("the cell declares no state; add a line such as 'state h'", Loc(1, 1)))
         taken: dict[str, tuple[str, Loc]] = {}
 
         def claim(name: ast.Name, what: str) -> None:
@@ -144,66 +191,121 @@ class _Builder:
             taken[name.text] = (what, name.loc)
 
         for n in m.inputs:
-            claim(n, "an input")
-        for n in m.states:
-            claim(n, "a state")
-        for group, _members in m.groups:
-            claim(group, "a parameter group")
-            self.groups[group.text] = [x.text for x in _members]
+            self.attempt(claim, n, "an input")
+        misdeclared = {n.text for n in m.states if not self.attempt(claim, n, "a state")}
+        for n in [*m.inputs, *m.states]:
+            self.attempt(self._declare_width, n)
+        for group, members in m.groups:
+            if self.attempt(claim, group, "a parameter group"):
+                self.groups[group.text] = [x.text for x in members]
         for n, kind, group in m.params:
-            claim(n, "a parameter")
-            if kind is not None and kind.text not in ("scalar", "vector", "matrix"):
-                raise self.error(
-                    f"unknown parameter kind '{kind.text}'; expected 'scalar', 'vector' or 'matrix' (only "
-                    "scalars must be declared: vectors and matrices are inferred from use)",
-                    kind.loc,
-                )
-            group_name = group.text if group else None
-            self.params[n.text] = Param(
-                n.text, "", n.loc, group=group_name, declared_kind=kind.text if kind else None
-            )
+            if not self.attempt(self._declare_param, n, kind, group, claim) and n.text not in self.params:
+                self.poisoned.add(n.text)
         for name, expr in m.definitions:
-            if name.text in taken and name.text not in self.defs:
-                what, loc = taken[name.text]
-                hint = f"; write {name.text}' = ... for its next value" if what == "a state" else ""
-                raise self.error(
-                    f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}", name.loc
-                )
-            if name.text in self.defs:
-                first = self.defs[name.text][0].loc
-                raise self.error(f"'{name.text}' is assigned twice (first on line {first.line})", name.loc)
-            if name.text in FUNCTIONS or name.text == "prev":
-                raise self.error(f"'{name.text}' is a function name and cannot be assigned", name.loc)
-            self.defs[name.text] = (name, expr)
+            if not self.attempt(self._declare_definition, name, expr, taken):
+                self.poisoned.add(name.text)
+                misdeclared.add(name.text)  # `h = ...` for a state h: no second error that h' is missing
         for name, expr in m.updates:
-            if name.text not in self.states:
-                raise self.error(
-                    f"'{name.text}' is not a state, so it has no next value {name.text}'; declare it with "
-                    f"'state {name.text}' or write '{name.text} = ...'",
-                    name.loc,
-                )
-            if name.text in self.updates:
-                first = self.updates[name.text][0].loc
-                raise self.error(f"'{name.text}'' is assigned twice (first on line {first.line})", name.loc)
-            self.updates[name.text] = (name, expr)
+            self.attempt(self._declare_update, name, expr)
         for s in m.states:
-            if s.text not in self.updates:
-                raise self.error(
-                    f"state '{s.text}' is never updated; add an equation {s.text}' = ...", s.loc
-                )
+            if s.text not in self.updates and s.text not in misdeclared:
+                self.report(self.error(f"state '{s.text}' is never updated; add an equation {s.text}' = ...",
+                                       s.loc))
         for names, value in m.inits:
             for n in names:
-                if n.text not in self.params and n.text not in self.groups:
-                    raise self.error(self._unknown(n.text, "parameter", self.params), n.loc)
-                self._check_init(value)
-                targets = self.groups.get(n.text, [n.text])
-                for t in targets:
-                    first = self.params[t].init
-                    if first is not None:
-                        what = f"'{t}'" + (f" (in group '{n.text}')" if n.text != t else "")
-                        raise self.error(f"{what} is initialised twice (first on line {first.loc.line})",
-                                         n.loc)
-                    self.params[t].init = value
+                self.attempt(self._declare_init, n, value)
+
+    def _declare_width(self, n: ast.Name) -> None:
+        """An input's width is its own name (its size is the layer's input size) unless declared `: 1`;
+        a state's is H unless declared (`state h : P`, or `: 1` for one value per sequence)."""
+        is_input = n.text in self.inputs
+        default = n.text if is_input else H
+        declared = self.m.widths.get(n.text)
+        self.width_of.setdefault(n.text, default)
+        if declared is None:
+            return
+        if declared.text == "1":
+            self.width_of[n.text] = "row"
+        elif is_input or not NAME.fullmatch(declared.text):
+            what = "an input's width is the size the layer is given, so only ': 1' (one value per " \
+                   "sequence) can be declared" if is_input else "a width is a name such as P, or 1"
+            raise self.error(f"'{declared.text}' cannot be a width here; {what}", declared.loc)
+        else:
+            self.width_of[n.text] = declared.text
+
+    def _declare_param(self, n: ast.Name, kind: ast.ParamKind | None, group: ast.Name | None, claim) -> None:
+        claim(n, "a parameter")
+        group_name = group.text if group else None
+        p = self.params[n.text] = Param(n.text, "", n.loc, group=group_name)
+        if kind is None:
+            return
+        word, count = kind.name.text, kind.count
+        if word == "heads" and count is not None:
+            heads = float(count)
+            if heads != int(heads) or heads < 1:
+                raise self.error(f"heads({count}): the number of heads is a positive whole number", kind.name.loc)
+            p.declared_kind, p.heads = "matrix", int(heads)
+        elif word in ("scalar", "vector", "matrix") and count is None:
+            p.declared_kind = word
+        else:
+            raise self.error(
+                f"unknown parameter kind '{word}{f'({count})' if count else ''}'; expected 'scalar', 'vector', "
+                "'matrix' or 'heads(n)' (only scalars must be declared: vectors and matrices are inferred from "
+                "use)",
+                kind.name.loc,
+            )
+
+    def _declare_definition(self, name: ast.Name, expr, taken: dict) -> None:
+        if name.text in taken and name.text not in self.defs:
+            what, loc = taken[name.text]
+            hint = f"; write {name.text}' = ... for its next value" if what == "a state" else ""
+            raise self.error(f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}",
+                             name.loc)
+        if name.text in self.defs:
+            first = self.defs[name.text][0].loc
+            raise self.error(f"'{name.text}' is assigned twice (first on line {first.line})", name.loc)
+        if name.text in FUNCTIONS or name.text == "prev":
+            raise self.error(f"'{name.text}' is a function name and cannot be assigned", name.loc)
+        self.defs[name.text] = (name, expr)
+
+    def _declare_update(self, name: ast.Name, expr) -> None:
+        if name.text not in self.states:
+            raise self.error(
+                f"'{name.text}' is not a state, so it has no next value {name.text}'; declare it with "
+                f"'state {name.text}' or write '{name.text} = ...'",
+                name.loc,
+            )
+        if name.text in self.updates:
+            first = self.updates[name.text][0].loc
+            raise self.error(f"'{name.text}'' is assigned twice (first on line {first.line})", name.loc)
+        self.updates[name.text] = (name, expr)
+
+    def _declare_init(self, n: ast.Name, value: ast.InitValue) -> None:
+        if n.text not in self.params and n.text not in self.groups:
+            raise self.error(self._unknown(n.text, "parameter", self.params), n.loc)
+        self._check_init(value)
+        for t in self.groups.get(n.text, [n.text]):
+            first = self.params[t].init
+            if first is not None:
+                what = f"'{t}'" + (f" (in group '{n.text}')" if n.text != t else "")
+                raise self.error(f"{what} is initialised twice (first on line {first.loc.line})", n.loc)
+            self.params[t].init = value
+
+    # ---- reporting every problem -----------------------------------------------------------------
+
+    def report(self, err: CellError) -> None:
+        self.errors.extend(err.errors)
+        if len(self.errors) >= MAX_ERRORS:  # as compilers stop: what follows is mostly noise
+            raise _Stop
+
+    def attempt(self, fn, *args) -> bool:
+        """Run one check; a CellError is reported, not raised, so the next independent check runs."""
+        try:
+            fn(*args)
+            return True
+        except CellError as err:
+            self.report(err)
+            return False
 
     def _check_init(self, v: ast.InitValue) -> None:
         if v.kind == "named" and v.name not in ("zeros", "ones", "orthogonal", "default"):
@@ -261,6 +363,8 @@ class _Builder:
         if isinstance(node, ast.BinOp):
             if node.op == "@":
                 return self.matmul(node)
+            if node.op in COMPARISONS:
+                return self.compare(node)
             if node.op == "^":
                 (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
                 size = self.join([(sa, node.left.loc), (sb, node.right.loc)])
@@ -269,6 +373,15 @@ class _Builder:
                 return sp.Pow(a, b), size
             return self.chain(node)
         raise AssertionError(f"unexpected node {node!r}")
+
+    def compare(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
+        """a < b (a > b is b < a): 1 where it holds, else 0."""
+        (a, sa), (b, sb) = self.expr(node.left), self.expr(node.right)
+        size = self.join([(sa, node.left.loc), (sb, node.right.loc)])
+        if node.op in (">", ">="):
+            a, b = b, a
+        make = less if node.op in ("<", ">") else less_equal
+        return self.fold(make(a, b), a in self.constants and b in self.constants, node.loc), size
 
     def chain(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
         """a + b - c * d ...: the left spine of + - * / is walked in a loop, not recursively, and each
@@ -284,7 +397,12 @@ class _Builder:
             b, sb = self.expr(n.right)
             size = self.join([(size, left_loc), (sb, n.right.loc)])
             if n.op == "/" and b == 0:
-                raise self.error("division by zero", n.loc)
+                divisor = n.right
+                if isinstance(divisor, ast.Var) and divisor.name in self.defs:  # the definition is the cause
+                    name = self.defs[divisor.name][0]
+                    raise self.error(f"division by zero: '{divisor.name}' is zero (it is divided by on line "
+                                     f"{divisor.loc.line})", name.loc)
+                raise self.error("division by zero", divisor.loc)
             op_group = "+" if n.op in "+-" else "*"
             if group is not None and op_group != group:
                 terms = [self.combine(group, terms, left_loc)]
@@ -344,24 +462,14 @@ class _Builder:
         return self.fold(sp.Pow(a, b) if exact else sp.Float(approx), True, loc)
 
     def join(self, parts: list[tuple[str, Loc]]) -> str:
-        """Size of an elementwise combination; an input meeting an H-wide value needs I == H (the
-        location of the input-sized operand is kept for the error check_sizes raises)."""
-        sizes = {s for s, _ in parts if s != "1"}
-        if not sizes:
-            return "1"
-        if len(sizes) == 1:
-            return sizes.pop()
-        for s, loc in parts:
-            if s not in (H, "1"):
-                self.needs_hidden.setdefault(s, loc)
-        return H
+        """The width of an elementwise combination (widths.py): unknowns are fixed by it, and two named
+        widths meeting (an input and H) must be equal at run time, checked at the place they met."""
+        return self.widths.join(parts)
 
     def var(self, node: ast.Var) -> tuple[sp.Expr, str]:
         name = node.name
-        if name in self.inputs:
-            return symbol(name), name
-        if name in self.states:
-            return symbol(name), H
+        if name in self.inputs or name in self.states:
+            return symbol(name), self.widths.named(self.width_of.get(name, H), node.loc)
         if name in self.params:
             p = self.params[name]
             p.used = True
@@ -376,9 +484,14 @@ class _Builder:
                 )
             p.kind = "vector"
             p.first_use = p.first_use or node.loc
-            return symbol(name), H
+            p.rows = p.rows or self.widths.unknown(name)
+            return symbol(name), p.rows
         if name in self.defs:
             return self.resolve(name)
+        if name in self.poisoned:
+            raise _Skip(name)
+        if name in CONSTANTS:
+            return self.fold(CONSTANTS[name], True, node.loc), "1"
         if name in self.groups:
             raise self.error(
                 f"'{name}' is a parameter group (storage); use its members {', '.join(self.groups[name])}",
@@ -391,6 +504,8 @@ class _Builder:
         `order`, which also reports cycles), so what this reads is resolved already."""
         if name in self.resolved:
             return self.resolved[name]
+        if name in self.failed:
+            raise _Skip(name)
         value, size = self.expr(self.defs[name][1])
         self.check_cost(value, f"'{name}'", self.defs[name][0].loc)
         self.resolved[name] = (value, size)
@@ -400,16 +515,17 @@ class _Builder:
         key = state + "'"
         if key in self.resolved_new:
             return self.resolved_new[key]
+        if key in self.failed or state not in self.updates:
+            raise _Skip(key)
         name, node = self.updates[state]
         value, size = self.expr(node)
         self.check_cost(value, f"{state}'", name.loc)
         self.count_step(value, name.loc)
-        if size != H:
-            if size != "1":
-                self.needs_hidden.setdefault(size, node.loc)
-            size = H
-        self.resolved_new[key] = (value, size)
-        return value, size
+        width = self.widths.named(self.width_of.get(state, H), name.loc)
+        if size not in BROADCAST:
+            width = self.widths.unify(width, size, node.loc)
+        self.resolved_new[key] = (value, width)
+        return value, width
 
     def check_cost(self, value: sp.Expr, what: str, loc: Loc) -> None:
         """Refuse values too deep or too large for SymPy to differentiate in reasonable time."""
@@ -448,9 +564,15 @@ class _Builder:
 
     def call(self, node: ast.Call) -> tuple[sp.Expr, str]:
         if node.func == "prev":
-            if len(node.args) != 1 or not isinstance(node.args[0], ast.Var):
-                raise self.error("prev takes one name: prev(v) for an intermediate v", node.loc)
+            if not node.args or not isinstance(node.args[0], ast.Var):
+                raise self.error("prev takes a name: prev(v) for an intermediate or input v, prev(x, k) for "
+                                 "an input k steps back", node.loc)
             target = node.args[0].name
+            if target in self.inputs:
+                return self.prev_input(node, target)
+            if len(node.args) != 1:
+                raise self.error(f"prev({target}, k) reaches back k steps for inputs only; '{target}' is not an "
+                                 "input (write prev(prev_v) with an intermediate for two steps)", node.loc)
             if target in self.states:
                 raise self.error(
                     f"'{target}' is a state: its previous value is just '{target}'", node.args[0].loc
@@ -458,7 +580,10 @@ class _Builder:
             if target not in self.defs:
                 raise self.error(self._unknown(target, "intermediate", self.defs), node.args[0].loc)
             carried = self.prev_states.setdefault(target, f"prev({target})")
-            return symbol(carried), H
+            first = self.prev_uses.get(target)
+            if first is None or (node.loc.line, node.loc.column) < (first.line, first.column):
+                self.prev_uses[target] = node.loc  # the carried states come in the order the text uses them
+            return symbol(carried), self.widths.unknown(carried)
         if node.func not in FUNCTIONS:
             raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
         arity, make = FUNCTIONS[node.func]
@@ -466,36 +591,48 @@ class _Builder:
             plural = "argument" if arity == 1 else "arguments"
             raise self.error(f"{node.func} takes {arity} {plural}, got {len(node.args)}", node.loc)
         args = [self.expr(a) for a in node.args]
+        if node.func in REDUCTIONS:
+            return self.reduction(node, make, *args[0])
         size = self.join([(s, a.loc) for (_, s), a in zip(args, node.args, strict=True)])
+        if node.func == "where" and args[0][0] in self.constants:  # a constant condition picks a branch
+            return args[1][0] if args[0][0] != 0 else args[2][0], size
         const = all(a in self.constants for a, _ in args)
         return self.fold(make(*(a for a, _ in args)), const, node.loc), size
 
+    def reduction(self, node: ast.Call, make, value: sp.Expr, width: str) -> tuple[sp.Expr, str]:
+        """mean(v), sum(v): one value per row (width "row"); layernorm(v): v's width. v must have a
+        width to reduce over (not a number, a scalar or one value per row)."""
+        if width in BROADCAST:
+            raise self.error(f"{node.func}(...) reduces over the elements of a vector-wide value; this one is "
+                             f"{'a constant or scalar' if width == '1' else 'one value per sequence'}", node.args[0].loc)
+        result = make(value)
+        for r in result.atoms(Reduction):
+            self.reduced.setdefault(r, (width, node.loc))
+        return result, (width if node.func == "layernorm" else "row")
+
+    def prev_input(self, node: ast.Call, target: str) -> tuple[sp.Expr, str]:
+        """prev(x) or prev(x, k): input x of k steps before, zero at the first k steps of a sequence
+        (a shifted read of x; the GEMMs that read it are still hoisted out of the loop)."""
+        k = 1
+        if len(node.args) > 2:
+            raise self.error("prev takes one or two arguments: prev(x) or prev(x, k)", node.loc)
+        if len(node.args) == 2:
+            value, _ = self.expr(node.args[1])
+            if value not in self.constants or not value.is_Integer or not 1 <= int(value) <= MAX_SHIFT:
+                raise self.error(f"k in prev(x, k) must be a whole number from 1 to {MAX_SHIFT}", node.args[1].loc)
+            k = int(value)
+        name = f"prev({target})" if k == 1 else f"prev({target}, {k})"
+        self.shifted[name] = (target, k)
+        return symbol(name), self.widths.named(self.width_of.get(target, target), node.loc)
+
     def matmul(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
-        left = node.left
-        if not isinstance(left, ast.Var) or left.name not in self.params:
-            what = f"'{left.name}'" if isinstance(left, ast.Var) else "this expression"
-            raise self.error(
-                f"the left side of @ must be a matrix parameter declared with 'param', not {what}", left.loc
-            )
-        p = self.params[left.name]
-        if p.declared_kind == "scalar":
-            raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", left.loc)
-        if p.declared_kind == "vector":
-            raise self.error(f"'{p.name}' is declared a vector and cannot be applied with @", left.loc)
-        if p.kind == "vector":
-            raise self.error(
-                f"'{p.name}' is used elementwise on line {p.first_use.line} (a vector) and as a matrix here",
-                left.loc,
-            )
+        """`M @ v`: M is a matrix parameter, its transpose (`Wᵀ`, `W^T`), the identity (`eye`, `I`), or
+        a sum of those times numbers and scalar parameters (`(W - Wᵀ - gamma * eye) @ h`)."""
+        terms = self.matrix_terms(node.left)
         operand, size = self.expr(node.right)
-        if size == "1":
-            raise self.error("the right side of @ must be an input or H-wide value, not a scalar", node.loc)
-        if p.operand_size is not None and p.operand_size != size:
-            raise self.error(
-                f"'{p.name}' is applied to operands of different sizes: {_size_words(p.operand_size)} "
-                f"on line {p.first_use.line} and {_size_words(size)} here",
-                node.loc,
-            )
+        if size in BROADCAST:
+            raise self.error("the right side of @ must be an input or a vector-wide value, not a scalar or "
+                             "one value per sequence", node.loc)
         if not any(s.name not in self.params for s in operand.free_symbols):
             raise self.error(
                 "the right side of @ depends on parameters only; apply a matrix to a value computed from "
@@ -503,16 +640,130 @@ class _Builder:
                 node.right.loc,
             )
         self.check_cost(operand, "the right side of @", node.right.loc)
-        p.kind, p.used = "matrix", True
-        if p.operand_size is None:
-            p.operand_size, p.first_use = size, node.loc
-        key = (p.name, operand)
+        out = None
+        for term in terms:
+            if term.matrix == EYE:
+                reads, gives = size, size
+            else:
+                p = self.params[term.matrix]
+                p.kind, p.used = "matrix", True
+                p.rows = p.rows or self.widths.unknown(p.name + ".rows")
+                if p.operand_size is None:
+                    p.operand_size, p.first_use = self.widths.unknown(p.name + ".cols"), node.loc
+                reads, gives = (p.rows, p.operand_size) if term.transposed else (p.operand_size, p.rows)
+                if not self.widths.same(reads, size):
+                    raise self.error(
+                        f"'{p.name}' is applied to operands of different sizes: "
+                        f"{width_words(self.widths.resolve(reads), list(self.inputs))} on line "
+                        f"{p.first_use.line} and {width_words(self.widths.resolve(size), list(self.inputs))} here",
+                        node.loc,
+                    )
+            if out is not None and not self.widths.same(out, gives):
+                raise self.error("the matrices of this combination have different numbers of rows", node.left.loc)
+            out = gives
+        plain = len(terms) == 1 and terms[0].coef == 1 and not terms[0].transposed and terms[0].matrix != EYE
+        heads = {self.params[t.matrix].heads for t in terms if t.matrix != EYE}
+        if not plain and heads - {None}:
+            raise self.error("a matrix with heads cannot be scaled, transposed or combined with others; apply "
+                             "it alone", node.left.loc)
+        name = terms[0].matrix if plain else _combination_name(terms)
+        key = (name, operand)
         if key not in self.products:
-            index = self.applications[p.name] = self.applications.get(p.name, -1) + 1
-            sym = symbol(f"{p.name}@{index}" if index else f"{p.name}@")
-            self.products[key] = Product(sym, p.name, operand, node.loc)
+            index = self.applications[name] = self.applications.get(name, -1) + 1
+            sym = symbol(f"{name}@{index}" if index else f"{name}@")
+            self.products[key] = Product(sym, name, operand, node.loc, rows=out, cols=size,
+                                         terms=None if plain else tuple(terms),
+                                         heads=self.params[name].heads if plain else None)
             self.count_step(operand, node.loc)
-        return self.products[key].symbol, H
+        return self.products[key].symbol, out
+
+    def matrix_terms(self, node) -> list[MatrixTerm]:
+        """The left side of @ as a sum of coef * matrix terms, like terms merged, in a canonical order."""
+        merged: dict[tuple[str, bool], sp.Expr] = {}
+        for term in self._terms(node, sp.Integer(1)):
+            key = (term.matrix, term.transposed)
+            merged[key] = merged.get(key, sp.Integer(0)) + term.coef
+        terms = [MatrixTerm(coef, m, t) for (m, t), coef in sorted(merged.items()) if coef != 0]
+        if not terms:
+            raise self.error("this combination of matrices is zero", node.loc)
+        return terms
+
+    def _terms(self, node, coef: sp.Expr) -> list[MatrixTerm]:
+        if isinstance(node, ast.Var):
+            return [self._matrix_leaf(node, coef)]
+        if isinstance(node, ast.BinOp) and node.op == "^" and isinstance(node.right, ast.Var) \
+                and node.right.name == "T" and "T" not in self.names_in_scope() and isinstance(node.left, ast.Var):
+            leaf = self._matrix_leaf(node.left, coef)
+            return [MatrixTerm(coef, leaf.matrix, not leaf.transposed)]
+        if isinstance(node, ast.Neg):
+            return self._terms(node.operand, -coef)
+        if isinstance(node, ast.BinOp) and node.op in "+-":
+            right = self._terms(node.right, -coef if node.op == "-" else coef)
+            return self._terms(node.left, coef) + right
+        if isinstance(node, ast.BinOp) and node.op in "*/":
+            # papers write the coefficient first (gamma * eye, beta * (M - Mᵀ)): the right factor is the
+            # matrix when it can be one
+            sides = [(node.right, node.left), (node.left, node.right)] if node.op == "*" else [(node.left, node.right)]
+            for matrix, scale in sides:
+                if self._mentions_matrix(matrix):
+                    value = self._scalar_coefficient(scale)
+                    return self._terms(matrix, coef * (1 / value if node.op == "/" else value))
+        if isinstance(node, ast.Call) and node.func not in FUNCTIONS and node.func != "prev":
+            raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
+        raise self.error(
+            "the left side of @ must be a matrix parameter, its transpose (Wᵀ or W^T), eye, or a sum of those "
+            "times numbers or scalar parameters; not this expression", node.loc)
+
+    def _matrix_leaf(self, node: ast.Var, coef: sp.Expr) -> MatrixTerm:
+        name, transposed = node.name, False
+        if name not in self.names_in_scope() and name.endswith("ᵀ") and name[:-1] in self.params:
+            name, transposed = name[:-1], True
+        if name in ("eye", "I") and name not in self.names_in_scope():
+            return MatrixTerm(coef, EYE)
+        if name in self.poisoned:
+            raise _Skip(name)
+        if name not in self.params:
+            what = f"'{name}'" if name in self.names_in_scope() else self._unknown(name, "matrix", self.params)
+            raise self.error(f"the left side of @ must be a matrix parameter declared with 'param', not {what}",
+                             node.loc)
+        p = self.params[name]
+        if p.declared_kind == "scalar":
+            raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", node.loc)
+        if p.declared_kind == "vector":
+            raise self.error(f"'{p.name}' is declared a vector and cannot be applied with @", node.loc)
+        if p.kind == "vector":
+            raise self.error(
+                f"'{p.name}' is used elementwise on line {p.first_use.line} (a vector) and as a matrix here",
+                node.loc,
+            )
+        if p.heads is not None and transposed:
+            raise self.error(f"'{p.name}' has heads: its transpose is not supported", node.loc)
+        return MatrixTerm(coef, name, transposed)
+
+    def _mentions_matrix(self, node) -> bool:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, ast.Var):
+                name = n.name.removesuffix("ᵀ") if n.name not in self.names_in_scope() else n.name
+                if name in ("eye", "I") and name not in self.names_in_scope():
+                    return True
+                p = self.params.get(name)
+                if p is not None and p.declared_kind not in ("scalar", "vector") and p.kind not in ("scalar", "vector"):
+                    return True
+            stack.extend(ast.children(n))
+        return False
+
+    def _scalar_coefficient(self, node) -> sp.Expr:
+        value, size = self.expr(node)
+        scalars_only = all(self.params.get(s.name) is not None and self.params[s.name].kind == "scalar"
+                           for s in value.free_symbols)
+        if size != "1" or not scalars_only:
+            raise self.error("a matrix may be scaled by a number or a scalar parameter only (declare it with "
+                             "'param NAME : scalar')", node.loc)
+        if value == 0:
+            raise self.error("a matrix scaled by zero", node.loc)
+        return value
 
     # ---- evaluation order ----------------------------------------------------------------------
 
@@ -567,38 +818,61 @@ class _Builder:
         return done
 
     def evaluate(self, keys: list[str]) -> None:
+        """Evaluate equations in order; one that fails is reported and marked failed, and the equations
+        that read it are skipped (their errors would only repeat it)."""
         for key in keys:
-            if key.endswith("'"):
-                self.resolve_new(key[:-1])
-            else:
-                self.resolve(key)
+            try:
+                if key.endswith("'"):
+                    self.resolve_new(key[:-1])
+                else:
+                    self.resolve(key)
+            except _Skip:
+                self.failed.add(key)
+            except CellError as err:
+                self.report(err)
+                self.failed.add(key)
 
     # ---- the whole cell ----------------------------------------------------------------------
 
     def build(self) -> CellIR:
+        try:
+            return self._build()
+        except _Stop:
+            raise_all(self.errors)
+            raise
+
+    def _build(self) -> CellIR:
         self.declare()
         out = self.m.output
         if out is None and len(self.m.states) > 1:
-            raise self.error(
+            self.report(self.error(
                 "the cell has several states; say which is the output, e.g. 'output "
                 f"{self.m.states[0].text}'",
                 self.m.states[0].loc,
-            )
+            ))
         if out is not None and out.text not in self.states and out.text not in self.defs:
-            raise self.error(
-                self._unknown(out.text, "output (a state or an intermediate)", [*self.states, *self.defs]),
-                out.loc,
-            )
+            if out.text not in self.poisoned:
+                self.report(self.error(
+                    self._unknown(out.text, "output (a state or an intermediate)",
+                                  [*self.states, *self.defs]),
+                    out.loc,
+                ))
+            out = None
         needs, uses = self.dependencies()
-        roots = [s.text + "'" for s in self.m.states]
+        roots = [s.text + "'" for s in self.m.states if s.text in self.updates]
         if out is not None and out.text in self.defs:
             roots.append(out.text)
         used = _reachable(roots, uses)  # what the step's results reach, through prev(...) too
-        self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
-        # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
-        kept = (dict(self.needs_hidden), dict(self.products), dict(self.prev_states))
-        self.evaluate(self.order([d for d in self.defs if d not in used], needs))
-        self.needs_hidden, self.products, self.prev_states = (dict(k) for k in kept)
+        try:
+            self.evaluate(self.order([k for k in roots + list(self.defs) if k in used], needs))
+            # every equation is checked, also unused ones, but an unused one leaves no trace in the IR
+            kept = (self.widths.snapshot(), dict(self.products), dict(self.prev_states), dict(self.shifted))
+            self.evaluate(self.order([d for d in self.defs if d not in used], needs))
+            self.widths.restore(kept[0])
+            self.products, self.prev_states, self.shifted = dict(kept[1]), dict(kept[2]), dict(kept[3])
+        except CellError as cycle:  # the evaluation order is meaningless past a cycle
+            self.report(cycle)
+        raise_all(self.errors)
 
         new_states = {s.text: self.resolved_new[s.text + "'"][0] for s in self.m.states}
         if out is None or out.text in self.states:
@@ -608,22 +882,28 @@ class _Builder:
             out_name = out.text
             out_expr, size = self.resolved[out.text]
             self.count_step(out_expr, out.loc)
-            if size not in (H, "1"):
-                self.needs_hidden.setdefault(size, out.loc)
-        # prev(v) states: their next value is v of this step
+            self.width_of[out_name] = size
+        # prev(v) states, in the order the text first uses them: their next value is v of this step, so
+        # their width is v's
+        self.prev_states = dict(sorted(self.prev_states.items(),
+                                       key=lambda kv: (self.prev_uses[kv[0]].line, self.prev_uses[kv[0]].column)))
         for target, carried in self.prev_states.items():
             value, size = self.resolved[target]
-            if size not in (H, "1"):
-                self.needs_hidden.setdefault(size, self.defs[target][0].loc)
+            self.width_of[carried] = self.widths.unknown(carried)
+            if size not in BROADCAST:
+                self.widths.unify(self.width_of[carried], size, self.defs[target][0].loc)
             new_states[carried] = value
-        self._check_groups()
-        self._warn_unused(used, [*new_states.values(), out_expr])
+        widths = self._resolve_widths()
+        self.attempt(self._check_groups)
         ir_params = dict(self.params)
         for p in ir_params.values():
             if not p.kind:
                 p.kind = "vector"
             if p.init is not None and p.init.name == "orthogonal" and p.kind != "matrix":
-                raise self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}", p.init.loc)
+                self.report(self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}",
+                                       p.init.loc))
+        raise_all(self.errors)
+        self._warn_unused(used, [*new_states.values(), out_expr])
         return CellIR(
             name=self.m.name.text if self.m.name else _stem(self.src.filename),
             doc=self.m.doc,
@@ -638,7 +918,11 @@ class _Builder:
             groups=dict(self.groups),
             new_states=new_states,
             products={p.symbol: p for p in self.products.values()},
-            needs_hidden_size=dict(self.needs_hidden),
+            widths=widths,
+            output_declared=self.m.output is not None,
+            shifted=dict(self.shifted),
+            reduced={r: (self.widths.resolve(w), loc) for r, (w, loc) in self.reduced.items()},
+            same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},
         )
@@ -658,10 +942,27 @@ class _Builder:
                 f"put in (the limit is {MAX_STEP_NODES}); the derivative and kernels of so large a cell are "
                 "not built", loc)
 
+    def _resolve_widths(self) -> dict[str, str]:
+        """Give every width its final name (an unknown nothing fixed is H): parameters' rows and
+        columns, products', and the widths of inputs, states and vectors, returned by name."""
+        resolve = self.widths.resolve
+        for p in self.params.values():
+            if p.rows is not None:
+                p.rows = resolve(p.rows)
+            if p.operand_size is not None:
+                p.operand_size = resolve(p.operand_size)
+        self.products = {k: replace(v, rows=resolve(v.rows), cols=resolve(v.cols)) for k, v in self.products.items()}
+        widths = {n: resolve(w) for n, w in self.width_of.items()}
+        widths.update({n: p.rows for n, p in self.params.items() if p.kind == "vector"})
+        return widths
+
+    def _constraints(self) -> dict[tuple[str, str], Loc]:
+        return {pair: loc for pair, loc in self.widths.constraints.items() if pair[0] != pair[1]}
+
     def _check_groups(self) -> None:
         for group, members in self.groups.items():
             used = [self.params[m] for m in members if self.params[m].used]
-            shapes = {(p.kind or "vector", p.operand_size) for p in used}
+            shapes = {(p.kind or "vector", p.rows, p.operand_size, p.heads) for p in used}
             if len(shapes) > 1:
                 what = ", ".join(f"{p.name} {_shape_words(p)}" for p in used)
                 raise self.error(
@@ -688,10 +989,19 @@ class _Builder:
         leaves: set[sp.Symbol] = set()
         for e in [*results, *(p.operand for p in self.products.values())]:
             leaves |= e.free_symbols
+        read = {symbol(target) for target, _k in self.shifted.values()}  # prev(x) reads x
         for n in self.m.inputs:
-            if symbol(n.text) not in leaves:
+            if symbol(n.text) not in leaves and symbol(n.text) not in read:
                 text = warning_text(f"input '{n.text}' is never used", self.src, n.loc)
                 warnings.warn(text, CellWarning, stacklevel=4)
+
+
+class _Skip(Exception):  # noqa: N818 - not an error: the equation reads one whose error was reported
+    """Raised where an equation reads a name whose own equation or declaration already failed."""
+
+
+class _Stop(Exception):  # noqa: N818
+    """Raised when MAX_ERRORS errors are reported: the file is not checked further."""
 
 
 def _reachable(roots: list[str], edges: dict[str, list[str]]) -> set[str]:
@@ -713,12 +1023,19 @@ def _plain_number(atom: sp.Basic) -> bool:
 
 def _shape_words(p: Param) -> str:
     if p.kind == "matrix":
-        return "is H x H" if p.operand_size == H else f"is H x size of {p.operand_size}"
-    return "is a scalar" if p.kind == "scalar" else "is a vector"
+        return f"is {p.rows} x {p.operand_size}" + (f" in {p.heads} heads" if p.heads else "")
+    return "is a scalar" if p.kind == "scalar" else f"is a vector of width {p.rows}"
 
 
-def _size_words(size: str) -> str:
-    return "H-wide values" if size == H else f"input '{size}'"
+def _combination_name(terms: list[MatrixTerm]) -> str:
+    """How a combination of matrices is shown (and named in the plan): `(W - Wᵀ - 0.01*eye)`."""
+    parts = []
+    for t in terms:
+        matrix = t.matrix + ("ᵀ" if t.transposed else "")
+        coef = repr(float(t.coef)) if t.coef.is_Number else sp.sstr(t.coef)
+        text = matrix if t.coef == 1 else f"-{matrix}" if t.coef == -1 else f"{coef}*{matrix}"
+        parts.append(text)
+    return "(" + " + ".join(parts).replace("+ -", "- ") + ")"
 
 
 def _stem(filename: str) -> str:

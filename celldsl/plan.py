@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import CellError
-from .ir import CellIR, H, generated, generated_symbols, symbol
+from .functions import Reduction
+from .ir import CellIR, generated, generated_symbols, symbol
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,11 @@ class Gemm:
 
     stage: int  # 0: hoisted over all time steps; k >= 1: the k-th GEMM stage of a step
     operand: sp.Symbol  # the value multiplied: an input, a state, or an output of the previous pointwise
-    operand_size: str  # "H" or the name of an input
-    params: tuple[str, ...]
+    operand_size: str  # the operand's width: "H", a declared width, or an input's name
+    params: tuple[str, ...]  # per block: a matrix parameter, or a combination's name (ir.Product.terms)
     products: tuple[sp.Symbol, ...]
+    widths: tuple[str, ...] = ()  # per block: its number of rows (a width)
+    heads: int | None = None  # every block block-diagonal with this many square blocks (runtime/gemm.py)
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Pointwise:
     grad_inputs: tuple[sp.Symbol, ...]  # inputs that get a gradient, in `inputs` order
     backward_temps: list[tuple[sp.Symbol, sp.Expr]]
     backward_results: list[sp.Expr]
+    name: str = ""  # what the emitted code calls it: "hoist", "stage0", "stage1", "stage1_1", ...
+    width: str = "H"  # the width of its outputs: a kernel runs over [rows, width]
 
     def forward_ops(self) -> int:
         return _ops([e for _, e in self.forward_temps] + self.forward_results)
@@ -59,9 +64,9 @@ class Pointwise:
 class Plan:
     ir: CellIR
     hoisted: list[Gemm]  # input projections, one GEMM per operand over all time steps
-    hoist_pointwise: Pointwise | None  # computes hoisted operands that are expressions of inputs
+    hoist_pointwise: list[Pointwise]  # computes hoisted operands that are expressions of inputs
     gemms: list[Gemm]  # per-step GEMMs, by stage
-    pointwise: list[Pointwise]  # per-step pointwise functions, by stage (0..S)
+    pointwise: list[Pointwise]  # per-step pointwise functions, by stage (0..S); one per output width
     num_stages: int  # S: GEMM stages per step
     recurrence: str  # "linear" (scan applies), "elementwise" (no GEMM on the state), "dense"
     roles: dict[sp.Symbol, str] = field(default_factory=dict)  # leaf symbol -> role
@@ -73,31 +78,51 @@ class Plan:
     def inputs_read(self) -> list[str]:
         """The inputs one step reads (pointwise or as a GEMM operand), in declaration order; an input
         read nowhere (only in unused equations) is left out of the x the loop takes."""
-        stages = [*self.pointwise, *([self.hoist_pointwise] if self.hoist_pointwise else [])]
+        stages = self.all_pointwise()
         read = {s.name for pw in stages for s in pw.inputs} | {g.operand.name for g in self.hoisted}
+        read |= {self.ir.shifted[name][0] for name in read if name in self.ir.shifted}  # prev(x) reads x
         return [name for name in self.ir.inputs if name in read]
 
     def pointwise_prefixes(self) -> list[str]:
         """The names emitted code gives the pointwise functions: "hoist" (if any), "stage0", "stage1", ..."""
-        stages = [f"stage{pw.stage}" for pw in self.pointwise]
-        return (["hoist"] if self.hoist_pointwise is not None else []) + stages
+        return [pw.name for pw in self.all_pointwise()]
+
+    def all_pointwise(self) -> list[Pointwise]:
+        """The hoisted pointwise functions (run once over all steps), then the per-step ones by stage."""
+        return [*self.hoist_pointwise, *self.pointwise]
+
+    def pointwise_of_stage(self, k: int) -> list[Pointwise]:
+        return [pw for pw in self.pointwise if pw.stage == k]
 
     def gemms_of_stage(self, k: int) -> list[Gemm]:
         return [g for g in self.gemms if g.stage == k]
+
+    def width(self, sym: sp.Symbol) -> str:
+        """The width (widths.py) of a leaf of the pointwise functions: "1" for scalars, "row" for an
+        input of one value per sequence, else the width its values have."""
+        role, ir = self.roles[sym], self.ir
+        if role == "scalar":
+            return "1"
+        if role in ("hoisted", "product"):
+            return next(w for g in [*self.hoisted, *self.gemms] for p, w in zip(g.products, g.widths, strict=True)
+                        if p == sym)
+        if role == "operand":
+            return next(g.operand_size for g in self.gemms if g.operand == sym)
+        return ir.width(ir.shifted.get(sym.name, (sym.name,))[0])
 
     def role(self, sym: sp.Symbol) -> str:
         """input | state | vector | scalar | hoisted | product | operand."""
         return self.roles[sym]
 
-    def saved_per_step(self) -> list[tuple[str, int]]:
-        """What the backward reads of each step, as (value, width in multiples of H): the new states,
-        every GEMM's output (hoisted ones included) and every computed GEMM operand. The pointwise
-        backward recomputes the rest of the forward from these (the torch loop saves exactly this)."""
-        saved = [(s + "'", 1) for s in self.ir.states]
+    def saved_per_step(self) -> list[tuple[str, tuple[str, ...]]]:
+        """What the backward reads of each step, as (value, its widths): the new states, every GEMM's
+        output (hoisted ones included) and every computed GEMM operand. The pointwise backward
+        recomputes the rest of the forward from these (the torch loop saves exactly this)."""
+        saved = [(s + "'", (self.ir.width(s),)) for s in self.ir.states]
         for g in [*self.gemms, *self.hoisted]:
             where = "hoisted " if g.stage == 0 else f"stage {g.stage} "
-            saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", len(g.params)))
-        saved += [(g.operand.name, 1) for g in self.gemms if self.roles.get(g.operand) == "operand"]
+            saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", g.widths))
+        saved += [(g.operand.name, (g.operand_size,)) for g in self.gemms if self.roles.get(g.operand) == "operand"]
         return saved
 
 
@@ -109,7 +134,8 @@ def _leaves(expr: sp.Expr) -> set[sp.Symbol]:
     return {s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
 
 
-def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiable) -> Pointwise:
+def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "",
+                   width: str = "H") -> Pointwise:
     """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
     exprs = [e for _, e in outputs]
     inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
@@ -146,6 +172,8 @@ def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiabl
         grad_inputs=grad_inputs,
         backward_temps=btemps,
         backward_results=bresults,
+        name=name or (f"stage{stage}" if stage >= 0 else "hoist"),
+        width=width,
     )
 
 
@@ -238,6 +266,8 @@ class _ReverseMode:
         elif isinstance(expr, sp.Pow) and not expr.exp.free_symbols:
             base, e = expr.args
             self.add(base, grad * e * base ** (e - 1))
+        elif isinstance(expr, Reduction):  # linear and symmetric: mean's adjoint is the mean of the adjoint
+            self.add(expr.args[0], type(expr)(grad))
         elif isinstance(expr, sp.Function):
             for i, arg in enumerate(expr.args):
                 if arg.free_symbols:
@@ -279,7 +309,7 @@ def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
 def build_plan(ir: CellIR) -> Plan:
     products = ir.products
     roles: dict[sp.Symbol, str] = {}
-    for name in ir.inputs:
+    for name in [*ir.inputs, *ir.shifted]:
         roles[symbol(name)] = "input"
     for name in ir.states:
         roles[symbol(name)] = "state"
@@ -313,25 +343,33 @@ def build_plan(ir: CellIR) -> Plan:
     needed = _needed_products(finals, products)
     num_stages = max((level[s] for s in needed), default=0)
 
-    # GEMMs: one per (stage, operand); rows in parameter declaration order.
-    param_order = {name: i for i, name in enumerate(ir.params)}
-    by_operand: dict[tuple[int, sp.Expr], list[sp.Symbol]] = {}
-    for sym in needed:
-        by_operand.setdefault((level[sym], products[sym].operand), []).append(sym)
+    # GEMMs: one per (stage, operand); rows in parameter declaration order (a combination of matrices
+    # goes where its first matrix is declared, after that matrix's own block).
+    declared = {name: i for i, name in enumerate(ir.params)}
+
+    def order(sym: sp.Symbol) -> tuple[int, int]:
+        product = products[sym]
+        first = product.param if product.terms is None else next(
+            (t.matrix for t in product.terms if t.matrix in declared), None)
+        return (declared.get(first, len(declared)), product.terms is not None)
+
+    by_operand: dict[tuple[int, sp.Expr, int], list[sp.Symbol]] = {}
+    for sym in needed:  # blocks with heads (block-diagonal) make GEMMs of their own, one per head count
+        by_operand.setdefault((level[sym], products[sym].operand, products[sym].heads or 0), []).append(sym)
     hoisted, gemms = [], []
     operand_outputs: dict[int, list[tuple[str, sp.Expr]]] = {}  # stage k -> operands it computes
-    for index, ((stage, operand), syms) in enumerate(sorted(
-        by_operand.items(), key=lambda kv: (kv[0][0], min(param_order[products[s].param] for s in kv[1]))
+    for index, ((stage, operand, heads), syms) in enumerate(sorted(
+        by_operand.items(), key=lambda kv: (kv[0][0], min(order(s) for s in kv[1]))
     )):
-        syms.sort(key=lambda s: param_order[products[s].param])
+        syms.sort(key=order)
         if isinstance(operand, sp.Symbol):
             operand_sym = operand
         else:
             operand_sym = generated(f"operand{index}")
             roles[operand_sym] = "operand"
             operand_outputs.setdefault(stage, []).append((operand_sym.name, operand))
-        size = ir.params[products[syms[0]].param].operand_size
-        gemm = Gemm(stage, operand_sym, size or H, tuple(products[s].param for s in syms), tuple(syms))
+        gemm = Gemm(stage, operand_sym, products[syms[0]].cols, tuple(products[s].param for s in syms),
+                    tuple(syms), tuple(products[s].rows for s in syms), heads or None)
         (hoisted if stage == 0 else gemms).append(gemm)
         for s in syms:
             roles[s] = "hoisted" if stage == 0 else "product"
@@ -339,9 +377,30 @@ def build_plan(ir: CellIR) -> Plan:
     def differentiable(s: sp.Symbol) -> bool:
         return roles.get(s) in ("input", "state", "vector", "scalar", "hoisted", "product")
 
-    hoist_pointwise = None
-    if operand_outputs.get(0):
-        hoist_pointwise = make_pointwise(-1, operand_outputs[0], differentiable)
+    operand_width = {g.operand.name: g.operand_size for g in [*hoisted, *gemms]}
+
+    def width(output: str) -> str:
+        if output in operand_width:
+            return operand_width[output]
+        return ir.width(output[:-1] if output.endswith("'") else output)
+
+    def pointwise_of(stage: int, outs: list, base: str) -> list[Pointwise]:
+        """One fused function per width of its outputs (a kernel runs over [rows, width]): a stage whose
+        outputs have two widths (lstm_proj: c is H wide, h P wide) is two functions, base and base_1.
+        A mean or sum in a function must be over values of the function's width."""
+        by_width: dict[str, list] = {}
+        for out in outs:
+            by_width.setdefault(width(out[0]), []).append(out)
+        for w, group in by_width.items():
+            for r in set().union(*(e.atoms(Reduction) for _, e in group)):
+                over, loc = ir.reduced.get(r, (w, None))
+                if over != w and w != "row":
+                    raise CellError(f"a mean or sum over {over}-wide values is used here by {w}-wide values in the "
+                                    "same step stage: not supported (a kernel runs over one width)", ir.source, loc)
+        return [make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
+                for i, (w, group) in enumerate(by_width.items())]
+
+    hoist_pointwise = pointwise_of(-1, operand_outputs[0], "hoist") if operand_outputs.get(0) else []
     pointwise = []
     for k in range(num_stages + 1):
         outs = list(operand_outputs.get(k + 1, []))
@@ -349,7 +408,7 @@ def build_plan(ir: CellIR) -> Plan:
             outs += finals
         if k == 0 and not outs:
             continue  # stage-1 operands are plain states: nothing to compute before the first GEMM
-        pointwise.append(make_pointwise(k, outs, differentiable))
+        pointwise += pointwise_of(k, outs, f"stage{k}")
     return Plan(
         ir=ir,
         hoisted=hoisted,
@@ -384,6 +443,9 @@ def _recurrence_kind(ir: CellIR, gemms: list[Gemm], state_syms: set) -> str:
     simplification is reported as elementwise, the safe side."""
     if gemms:
         return "dense"
+    for e in ir.new_states.values():  # a mean or sum over a state couples its units as a GEMM does
+        if any(r.free_symbols & state_syms for r in e.atoms(Reduction)):
+            return "dense"
     has_state: dict[sp.Basic, bool] = {}
     linear: dict[sp.Basic, bool] = {}
 

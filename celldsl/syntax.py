@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from pathlib import Path
 
 from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
-from .errors import CellError, Loc, Source
+from .errors import CellError, Loc, Source, raise_all
+from .resources import GRAMMAR
 
-GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "cell.lark"
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 MAX_FILE_BYTES = 512 << 10  # the zoo's files have 1-2 kB; parsing costs about a second per 200 kB
 
@@ -27,11 +26,7 @@ TOKEN_WORDS = {
 
 
 def grammar_text() -> str:
-    if GRAMMAR.exists():
-        return GRAMMAR.read_text()
-    from importlib.resources import files  # installed without the source tree
-
-    return (files("celldsl") / "cell.lark").read_text()
+    return GRAMMAR.read_text(encoding="utf-8")
 
 
 class _SkipNewlinesInBrackets:
@@ -82,7 +77,7 @@ def _loc(item) -> Loc:
     return Loc(meta.line, meta.column, end)
 
 
-OPERATORS = {"STAR", "SLASH", "AT", "POW", "__ANON_0"}  # binary only (+ and - also start an expression)
+OPERATORS = {"STAR", "SLASH", "AT", "POW", "COMPARE", "__ANON_0"}  # binary only (+ and - also start an expression)
 EXPRESSION_START = {"NAME", "NUMBER", "LPAR", "MINUS", "PLUS"}
 KEYWORDS = {"CELL", "DOC", "CITE", "INPUT", "STATE", "OUTPUT", "PARAM", "INIT"}
 
@@ -182,6 +177,10 @@ class _ToAst(Transformer_NonRecursive):
     pow = _bin("^")
 
     @v_args(meta=True)
+    def compare(self, meta, items):
+        return ast.BinOp(str(items[1]), items[0], items[2], _loc(meta))
+
+    @v_args(meta=True)
     def neg(self, meta, items):
         return ast.Neg(items[0], _loc(meta))
 
@@ -217,11 +216,18 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def input_decl(self, meta, items):
-        return ("input", items[0], _loc(meta))
+        return ("input", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
 
     @v_args(meta=True)
     def state_decl(self, meta, items):
-        return ("state", items[0], _loc(meta))
+        return ("state", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
+
+    def width(self, items):
+        return ast.Name(str(items[0]), _loc(items[0]))
+
+    def param_kind(self, items):
+        kind = ast.Name(str(items[0]), _loc(items[0]))
+        return ast.ParamKind(kind, str(items[1]) if len(items) > 1 else None)
 
     @v_args(meta=True)
     def output_decl(self, meta, items):
@@ -229,8 +235,7 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def param_decl(self, meta, items):
-        kind = ast.Name(str(items[1]), _loc(items[1])) if len(items) > 1 else None
-        return ("param", (items[0], kind), _loc(meta))
+        return ("param", (items[0], items[1] if len(items) > 1 else None), _loc(meta))
 
     @v_args(meta=True)
     def param_group(self, meta, items):
@@ -307,18 +312,62 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
             f"parentheses nested more than {MAX_NESTING} deep", source, _loc(deep.token)
         ) from None
     except UnexpectedInput as err:
-        raise _syntax_error(err, source) from None
+        raise_all(_every_syntax_error(source) or [_syntax_error(err, source)])
     statements = _ToAst().transform(tree)
     return _collect(statements, source)
 
 
-def _syntax_error(err: UnexpectedInput, source: Source) -> CellError:
+def _statements(text: str) -> list[tuple[int, str]]:
+    """The text cut into statements as the parser reads them: (lines before it, its text with its
+    line break). A statement ends at a line break outside ( ) and [ ]; strings and comments hold no
+    brackets. An unclosed bracket runs to the end of the file."""
+    chunks, depth, start, line, first = [], 0, 0, 0, 0
+    for m in _BRACKETS.finditer(text):
+        c = m.group()
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif c == "\n":
+            line += 1
+            if depth == 0:
+                chunks.append((first, text[start : m.end()]))
+                start, first = m.end(), line
+    if start < len(text):
+        chunks.append((first, text[start:]))
+    return chunks
+
+
+def _every_syntax_error(source: Source) -> list[CellError]:
+    """The first syntax error of every statement, so a file with several mistakes gets them all at once
+    (the parser itself stops at the first)."""
+    errors = []
+    for before, chunk in _statements(source.text):
+        try:
+            parser().parse(chunk)
+        except _TooDeep as deep:
+            loc = _loc(deep.token)
+            errors.append(CellError(f"parentheses nested more than {MAX_NESTING} deep", source,
+                                    Loc(loc.line + before, loc.column, loc.end_column)))
+        except UnexpectedInput as err:
+            errors.append(_syntax_error(err, Source(chunk, source.filename), before, source))
+    return errors
+
+
+def _syntax_error(err: UnexpectedInput, source: Source, before: int = 0, full: Source | None = None
+                  ) -> CellError:
+    """The error of a parse of `source`, reported at its place in `full` (the file), `before` lines on."""
     text = source.text
+    full = full or source
+
+    def at(loc: Loc) -> Loc:
+        return Loc(loc.line + before, loc.column, loc.end_column)
+
     if isinstance(err, UnexpectedCharacters):
         char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
         what = f"character '{char}'" if char.isprintable() else f"character U+{ord(char):04X}"
         hint = "; a string is written between double quotes on one line" if char == '"' else ""
-        return CellError(f"unexpected {what}{hint}", source, Loc(err.line, err.column))
+        return CellError(f"unexpected {what}{hint}", full, at(Loc(err.line, err.column)))
     if isinstance(err, UnexpectedEOF):
         tok, expected, pos = None, set(err.expected), len(text)
     else:
@@ -340,8 +389,8 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> CellError:
         message += f"; this '{tok.value}' closes no bracket"
     if still_open and (still_open[-1][1].line < loc.line or what == "end of file"):
         bracket, where = still_open[-1]
-        message += f"; the '{bracket}' on line {where.line}, column {where.column} is never closed"
-    return CellError(message, source, loc)
+        message += f"; the '{bracket}' on line {where.line + before}, column {where.column} is never closed"
+    return CellError(message, full, at(loc))
 
 
 def _collect(statements, source: Source) -> ast.Module:
@@ -359,10 +408,11 @@ def _collect(statements, source: Source) -> ast.Module:
             module.doc = payload
         elif kind == "cite":
             module.cite = payload
-        elif kind == "input":
-            module.inputs.extend(payload)
-        elif kind == "state":
-            module.states.extend(payload)
+        elif kind in ("input", "state"):
+            names, width = payload
+            (module.inputs if kind == "input" else module.states).extend(names)
+            if width is not None:
+                module.widths.update({n.text: width for n in names})
         elif kind == "output":
             module.output = payload
         elif kind == "param":

@@ -104,6 +104,30 @@ def _sign(x):
 
 
 @triton.jit
+def _mod(a, b):
+    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    return a - b * tl.floor(a / b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _rowsum(x, mask):
+    # the sum over a row's columns (a program holds the whole row; masked lanes are padding). tl.reduce
+    # with our own combine, not tl.sum: the standard library's jit functions do not run on the
+    # interpreter when TRITON_INTERPRET is set after triton is imported, as the tests do
+    return tl.reduce(tl.where(mask, x, 0.0), 0, _add)
+
+
+@triton.jit
+def _rowmean(x, mask, width):
+    return _rowsum(x, mask) / width
+
+
+@triton.jit
 def _pow(b, e):
     # b ** e for a non-integer e: nan for b < 0, as torch.pow
     return tl.exp(e * tl.log(b))
@@ -128,8 +152,9 @@ def _vec(t):
     return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
+def _launch(kernel, ref, args, outs, whole_rows=False):
+    """One program per BLOCK elements of the flattened [rows, width] output; with whole_rows (a step
+    that takes means or sums over a row) one program per row, BLOCK the row's width rounded up."""
     if ref.dtype not in _DTYPES:
         raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
     numel = ref.numel()
@@ -137,12 +162,14 @@ def _launch(kernel, ref, args, outs):
         return
     if numel >= 2**31:
         raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
+    if whole_rows:
+        block = triton.next_power_of_2(ref.shape[-1])
+    elif _INTERPRET:
         block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
     else:
         block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
     compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
+    grid = (numel // ref.shape[-1] if whole_rows else triton.cdiv(numel, block),)
     if ref.is_cuda and ref.device.index != torch.cuda.current_device():
         with torch.cuda.device(ref.device):
             kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)

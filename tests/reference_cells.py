@@ -346,6 +346,138 @@ def ref_slstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     return run(step, x, state)
 
 
+# --- the language's second edition (issue 13) --------------------------------------------------------
+
+def ref_antisymmetric_rnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Chang et al. 2019, gated AntisymmetricRNN with gamma = eps = 0.01; state (h,)."""
+    H = p["W"].shape[0]
+
+    def step(x, state):
+        (h,) = state
+        A = p["W"] - p["W"].T - 0.01 * torch.eye(H, dtype=x.dtype)
+        z = sigmoid(lin(A, h) + lin(p["V_z"], x) + p["b_z"])
+        h = h + 0.01 * z * tanh(lin(A, h) + lin(p["V_h"], x) + p["b_h"])
+        return h, (h,)
+    return run(step, x, state)
+
+
+def _with_previous(x: Tensor) -> Tensor:
+    """[T, N, I] -> [T, N, 2I]: x_{t-1} (zero at t = 0) beside x_t, the QRNN's window of 2."""
+    return torch.cat([torch.cat([torch.zeros_like(x[:1]), x[:-1]]), x], dim=-1)
+
+
+def ref_qrnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Bradbury et al. 2017, window 2, fo-pooling; state (c,), output h = o * c."""
+    def step(xx, state):
+        (c,) = state
+        prev, x_t = xx.chunk(2, dim=-1)
+        z = tanh(lin(p["W_z1"], prev) + lin(p["W_z2"], x_t) + p["b_z"])
+        f = sigmoid(lin(p["W_f1"], prev) + lin(p["W_f2"], x_t) + p["b_f"])
+        o = sigmoid(lin(p["W_o1"], prev) + lin(p["W_o2"], x_t) + p["b_o"])
+        c = f * c + (1 - f) * z
+        return o * c, (c,)
+    return run(step, _with_previous(x), state)
+
+
+def ref_qrnn_f(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Bradbury et al. 2017, window 2, f-pooling; state (h,)."""
+    def step(xx, state):
+        (h,) = state
+        prev, x_t = xx.chunk(2, dim=-1)
+        z = tanh(lin(p["W_z1"], prev) + lin(p["W_z2"], x_t) + p["b_z"])
+        f = sigmoid(lin(p["W_f1"], prev) + lin(p["W_f2"], x_t) + p["b_f"])
+        h = f * h + (1 - f) * z
+        return h, (h,)
+    return run(step, _with_previous(x), state)
+
+
+def ref_lstm_proj(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """torch.nn.LSTM with proj_size: h [N, P] = W_hr (o * tanh c), c [N, H]; state (h, c)."""
+    def step(x, state):
+        h, c = state
+        i = sigmoid(lin(p["W_ii"], x) + p["b_ii"] + lin(p["W_hi"], h) + p["b_hi"])
+        f = sigmoid(lin(p["W_if"], x) + p["b_if"] + lin(p["W_hf"], h) + p["b_hf"])
+        g = tanh(lin(p["W_ig"], x) + p["b_ig"] + lin(p["W_hg"], h) + p["b_hg"])
+        o = sigmoid(lin(p["W_io"], x) + p["b_io"] + lin(p["W_ho"], h) + p["b_ho"])
+        c = f * c + i * g
+        h = lin(p["weight_hr"], o * tanh(c))
+        return h, (h, c)
+    return run(step, x, state)
+
+
+def ref_slstm_heads(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """sLSTM with block-diagonal recurrent matrices: R_* stored [NH, d, d], head k maps h's k-th block
+    of d units to the gate's k-th block (xLSTM); otherwise as ref_slstm. State (h, c, n, m)."""
+    blocks = {k: torch.block_diag(*p[k]) for k in ("R_z", "R_i", "R_f", "R_o")}
+    return ref_slstm({**p, **blocks}, x, state)
+
+
+def ref_phased_lstm(p: Params, x: Tensor, state: State, t: Tensor) -> tuple[Tensor, State]:
+    """Neil, Pfeiffer, Liu 2016, Phased LSTM (eqs. 6-11) over the peephole LSTM; t [T, N, 1] holds
+    each step's time stamp. State (c, h)."""
+    outputs = []
+    c, h = state
+    for x_t, t_t in zip(x, t, strict=True):
+        i = sigmoid(lin(p["W_xi"], x_t) + lin(p["W_hi"], h) + p["w_ci"] * c + p["b_i"])
+        f = sigmoid(lin(p["W_xf"], x_t) + lin(p["W_hf"], h) + p["w_cf"] * c + p["b_f"])
+        c_tilde = f * c + i * tanh(lin(p["W_xc"], x_t) + lin(p["W_hc"], h) + p["b_c"])
+        o = sigmoid(lin(p["W_xo"], x_t) + lin(p["W_ho"], h) + p["w_co"] * c_tilde + p["b_o"])
+        h_tilde = o * tanh(c_tilde)
+        phi = torch.remainder(t_t - p["s"], p["tau"]) / p["tau"]
+        r_on = p["r_on"]
+        k = torch.where(phi < r_on / 2, 2 * phi / r_on, torch.where(phi < r_on, 2 - 2 * phi / r_on, 0.001 * phi))
+        c = k * c_tilde + (1 - k) * c
+        h = k * h_tilde + (1 - k) * h
+        outputs.append(h)
+    return torch.stack(outputs), (c, h)
+
+
+def _layer_norm(v: Tensor) -> Tensor:
+    """(v - mean) / sqrt(var + 1e-5) over the last dimension, no affine part (torch.nn.LayerNorm's eps)."""
+    return F.layer_norm(v, v.shape[-1:], eps=1e-5)
+
+
+def ref_ln_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Ba et al. 2016 LN-LSTM: LN over the whole 4H-wide W_h h and W_x x (gate order f, i, o, g), a
+    gain per row, one bias; LN(c) with gain and bias. State (h, c)."""
+    gates = ("f", "i", "o", "g")
+    W_h = torch.cat([p[f"W_h{k}"] for k in gates])
+    W_x = torch.cat([p[f"W_x{k}"] for k in gates])
+    a_h = torch.cat([p[f"a_h{k}"] for k in gates])
+    a_x = torch.cat([p[f"a_x{k}"] for k in gates])
+    b = torch.cat([p[f"b_{k}"] for k in gates])
+
+    def step(x, state):
+        h, c = state
+        pre = a_h * _layer_norm(lin(W_h, h)) + a_x * _layer_norm(lin(W_x, x)) + b
+        f, i, o, g = pre.chunk(4, dim=-1)
+        c = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h = sigmoid(o) * tanh(p["a_c"] * _layer_norm(c) + p["beta_c"])
+        return h, (h, c)
+    return run(step, x, state)
+
+
+def ref_ln_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Haste's LayerNormGRU: torch.nn.GRU with LN over the 3H-wide W_x x and W_h h (gates r, z, n), a
+    gain per row. State (h,)."""
+    gates = ("r", "z", "n")
+    W_x = torch.cat([p[f"W_x{k}"] for k in gates])
+    W_h = torch.cat([p[f"W_h{k}"] for k in gates])
+    g_x = torch.cat([p[f"g_x{k}"] for k in gates])
+    g_h = torch.cat([p[f"g_h{k}"] for k in gates])
+
+    def step(x, state):
+        (h,) = state
+        a_r, a_z, a_n = (g_x * _layer_norm(lin(W_x, x))).chunk(3, dim=-1)
+        u_r, u_z, u_n = (g_h * _layer_norm(lin(W_h, h))).chunk(3, dim=-1)
+        r = sigmoid(a_r + u_r + p["b_r"])
+        z = sigmoid(a_z + u_z + p["b_z"])
+        n = tanh(a_n + p["b_in"] + r * (u_n + p["b_hn"]))
+        h = (1 - z) * n + z * h
+        return h, (h,)
+    return run(step, x, state)
+
+
 REFERENCES = {
     "lstm": ref_lstm,
     "gru": ref_gru,
@@ -370,6 +502,13 @@ REFERENCES = {
     "indrnn": ref_indrnn,
     "sru": ref_sru,
     "slstm": ref_slstm,
+    "antisymmetric_rnn": ref_antisymmetric_rnn,
+    "qrnn": ref_qrnn,
+    "qrnn_f": ref_qrnn_f,
+    "lstm_proj": ref_lstm_proj,
+    "slstm_heads": ref_slstm_heads,
+    "ln_lstm": ref_ln_lstm,
+    "ln_gru": ref_ln_gru,
 }
 
 
@@ -393,4 +532,5 @@ def ref_lstm_context(p: Params, x: Tensor, state: State, ctx: Tensor) -> tuple[T
 
 EXTRA_INPUT_REFERENCES = {
     "lstm_context": ref_lstm_context,
+    "phased_lstm": ref_phased_lstm,
 }

@@ -71,7 +71,7 @@ def test_large_cells_build_their_c_kernels_in_bounded_time(name, tmp_path, monke
         warnings.simplefilter("error", RuntimeWarning)  # a failed or timed-out build would warn and fall back
         fused = celldsl.Recurrent(BOMBS[name][0], 3, 3, backend="cpu", dtype=torch.float64)
         start = time.monotonic()
-        loop = fused.cell.cpu_loop
+        loop = fused.compiled.cpu_loop
         assert time.monotonic() - start < BUILD_BOUND
     assert isinstance(loop, FusedCPULoop)
     plain = celldsl.Recurrent(BOMBS[name][0], 3, 3, backend="torch", dtype=torch.float64)

@@ -35,7 +35,7 @@ def test_check_passes_every_zoo_cell(capsys):
     assert code == 0
     assert err == ""  # no errors and no warnings in the zoo
     assert out.splitlines() == [f"{f}: ok" for f in ZOO_FILES]
-    assert len(ZOO_FILES) == 23
+    assert len(ZOO_FILES) == 31
 
 
 def test_check_bad_file_prints_position_line_and_caret(tmp_path, capsys):
@@ -135,7 +135,7 @@ def test_explain_mut1_has_two_stages(capsys):
     assert "hoisted (once over all T steps): [W_xz, W_xr] (2H x I) @ x" in out
     assert "stage 1: [W_hr] (H x H) @ h" in out
     assert "stage 2: [W_hh] (H x H) @ %operand" in out
-    assert "needs I == H: input 'x' meets H-wide values elementwise (line 21, column 28)" in out
+    assert "needs I == H: input 'x' meets H-wide values elementwise (line 21, column 33)" in out
 
 
 @pytest.mark.parametrize(

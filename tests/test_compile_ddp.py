@@ -2,7 +2,9 @@
 
 - opcheck: schema, autograd registration, fake (meta) kernels and AOT dispatch with dynamic shapes,
   for padded and packed input and for cells whose output is a state or an intermediate.
-- torch.compile(layer) (fullgraph: the op is one node) equals eager, forward and backward.
+- torch.compile(layer) (fullgraph: the op is one node) equals eager, forward and backward. Dynamo
+  refuses every nn.RNN/GRU/LSTM module unless torch._dynamo.config.allow_rnn is set, celldsl.LSTM
+  (a torch.nn.LSTM) included, as torch.nn.LSTM itself; Recurrent compiles without the flag.
 - DistributedDataParallel, two CPU processes with gloo: after backward each rank holds the mean of the
   two ranks' single-process gradients.
 """
@@ -78,7 +80,23 @@ def test_torch_compile_aot_eager_matches_eager():
     """aot_eager traces the fake kernels and the registered autograd: the parts torch.compile needs."""
     torch.manual_seed(0)
     layer = celldsl.LSTM(3, H, num_layers=2, bidirectional=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compare_compiled(layer, (T, N, 3), "aot_eager")
+
+
+def test_torch_compile_recurrent_needs_no_flag():
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent("lstm", 3, H, num_layers=2, bidirectional=True)
     compare_compiled(layer, (T, N, 3), "aot_eager")
+
+
+@pytest.mark.parametrize("cls", [torch.nn.LSTM, celldsl.LSTM])
+def test_dynamo_refuses_lstm_modules_without_allow_rnn(cls):
+    """The cost of celldsl.LSTM being a torch.nn.LSTM: Dynamo's RNN rule applies to it as to torch's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(cls(3, H), backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Attempted to wrap RNN, GRU, or LSTM"):
+        compiled(torch.randn(T, N, 3))
 
 
 def test_torch_compile_packed_input_matches_eager():
@@ -87,7 +105,7 @@ def test_torch_compile_packed_input_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = celldsl.GRU(3, H, bidirectional=True)
-    compiled = torch.compile(layer, backend="aot_eager")
+    compiled = torch.compile(layer, backend="aot_eager")  # without allow_rnn: eager behind a graph break
     for t in (4, 6):
         x = torch.randn(t, N, 3)
         packed = pack_padded_sequence(x, torch.tensor([2, t, 3]), enforce_sorted=False)
@@ -99,7 +117,8 @@ def test_torch_compile_packed_input_matches_eager():
 def test_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     layer = celldsl.LSTM(3, H, batch_first=True)
-    compare_compiled(layer, (N, T, 3), "inductor")
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compare_compiled(layer, (N, T, 3), "inductor")
 
 
 # --- DistributedDataParallel --------------------------------------------------------------------

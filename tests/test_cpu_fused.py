@@ -78,15 +78,15 @@ def make_layer(stem: str, dtype=torch.float64, hidden: int = 5, tag: str = "") -
 
 def use_loop(layer: Recurrent, loop) -> None:
     """Make the registered ops run `loop` for this layer's (private) cell."""
-    for cell in (cell_for(layer.cell.key), layer.cell):
+    for cell in (cell_for(layer.compiled.key), layer.compiled):
         cell.loop = lambda backend, loop=loop: loop
 
 
 def loop_args(layer, T=4, N=3, packed=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dtype = next(layer.parameters()).dtype
-    params = split_params(layer.cell.torch_loop, layer._weights(0, 0))
-    states = [torch.randn(N, layer.hidden_size, generator=gen, dtype=dtype) for _ in layer.cell.states]
+    params = split_params(layer.compiled.torch_loop, layer._weights(0, 0))
+    states = [torch.randn(N, layer.hidden_size, generator=gen, dtype=dtype) for _ in layer.compiled.states]
     if packed:
         batch_sizes = torch.tensor([N, N, N - 1, 1][:T])
         x = torch.randn(int(batch_sizes.sum()), layer.input_size, generator=gen, dtype=dtype)
@@ -129,10 +129,10 @@ def rel_err(a, b):
 @pytest.mark.parametrize("stem", CELLS)
 def test_fused_equals_plain_float64(stem, packed):
     layer = make_layer(stem)
-    fused = cpu_loop(layer.cell)
+    fused = cpu_loop(layer.compiled)
     assert isinstance(fused, FusedCPULoop)
     args = loop_args(layer, packed=packed)
-    fwd_p, bwd_p = run_loop(layer.cell.torch_loop, *args)
+    fwd_p, bwd_p = run_loop(layer.compiled.torch_loop, *args)
     fwd_f, bwd_f = run_loop(fused, *args)
     # what the fused loop saves differently (Folding): summed step GEMM outputs added onto their
     # hoisted blocks in place (S = p + q; their own entry empty), folded vectors inside GEMM outputs
@@ -157,7 +157,7 @@ def test_fused_equals_plain_float64(stem, packed):
 @pytest.mark.parametrize("stem", ["lstm", "mut1", "kitchen"])
 def test_needs_dx_false_keeps_parameter_gradients(stem):
     layer = make_layer(stem)
-    fused = cpu_loop(layer.cell)
+    fused = cpu_loop(layer.compiled)
     args = loop_args(layer)
     _, full = run_loop(fused, *args)
     _, nodx = run_loop(fused, *args, needs_dx=False)
@@ -173,12 +173,12 @@ def test_fused_float32_as_accurate_as_plain(stem):
     layer32.load_state_dict(layer64.state_dict())
     args64 = loop_args(layer64)
     args32 = (args64[0].float(), [s.float() for s in args64[1]], split_params(
-        layer32.cell.torch_loop, layer32._weights(0, 0)), None)
-    n = 1 + len(layer64.cell.states)  # out and final states (the saved tensors are the loops' own)
-    truth_fwd, truth_bwd = run_loop(layer64.cell.torch_loop, *args64)
+        layer32.compiled.torch_loop, layer32._weights(0, 0)), None)
+    n = 1 + len(layer64.compiled.states)  # out and final states (the saved tensors are the loops' own)
+    truth_fwd, truth_bwd = run_loop(layer64.compiled.torch_loop, *args64)
     truth_fwd, truth_bwd = [t.float() for t in truth_fwd[:n]], [t.float() for t in truth_bwd]
-    plain = run_loop(layer32.cell.torch_loop, *args32)
-    fused = run_loop(cpu_loop(layer32.cell), *args32)
+    plain = run_loop(layer32.compiled.torch_loop, *args32)
+    fused = run_loop(cpu_loop(layer32.compiled), *args32)
     for truth, p, f in ((truth_fwd, plain[0][:n], fused[0][:n]), (truth_bwd, plain[1], fused[1])):
         scale = max(float(t.abs().max()) for t in truth)
         assert max_err(truth, f) <= 4 * max_err(truth, p) + 1e-6 * scale
@@ -190,14 +190,14 @@ def test_fused_layer_matches_reference(stem):
     """Independent check: the layer on the fused loop against the hand-written per-gate reference."""
     torch.manual_seed(0)
     layer = make_layer(stem, hidden=6)
-    use_loop(layer, cpu_loop(layer.cell))
+    use_loop(layer, cpu_loop(layer.compiled))
     T, N = 5, 3
     x = torch.randn(T, N, layer.input_size, dtype=torch.float64, requires_grad=True)
     states = tuple((torch.randn(1, N, 6, dtype=torch.float64) * 0.5).requires_grad_()
-                   for _ in layer.cell.states)
+                   for _ in layer.compiled.states)
     out, final = layer(x, states[0] if len(states) == 1 else states)
     final = final if isinstance(final, tuple) else (final,)
-    p = {name: layer.cell_parameter(name) for name in layer.cell.ir.params}
+    p = {name: layer.cell_parameter(name) for name in layer.compiled.ir.params}
     ref_out, ref_final = REFERENCES[stem](p, x, tuple(s[0] for s in states))
     assert (out - ref_out).abs().max() < 1e-10
     for a, b in zip(final, ref_final, strict=True):
@@ -215,11 +215,12 @@ def test_fused_layer_matches_reference(stem):
 def test_gradcheck_fused_layer(stem, packed):
     torch.manual_seed(0)
     layer = make_layer(stem, hidden=3, tag="gradcheck")
-    use_loop(layer, cpu_loop(layer.cell))
+    use_loop(layer, cpu_loop(layer.compiled))
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
     x = torch.randn(3, 2, layer.input_size, dtype=torch.float64, requires_grad=True)
-    states = [(torch.randn(1, 2, 3, dtype=torch.float64) * 0.5).requires_grad_() for _ in layer.cell.states]
+    states = [(torch.randn(1, 2, 3, dtype=torch.float64) * 0.5).requires_grad_()
+              for _ in layer.compiled.states]
     n = len(states)
 
     def f(x, *rest):
@@ -241,9 +242,9 @@ def test_two_threads_equal_one(stem, monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_loop(cpu_loop(layer.cell), *args)
+        one = run_loop(cpu_loop(layer.compiled), *args)
         torch.set_num_threads(2)
-        two = run_loop(cpu_loop(layer.cell), *args)
+        two = run_loop(cpu_loop(layer.compiled), *args)
     finally:
         torch.set_num_threads(before)
     assert rel_err(one[0], two[0]) < 1e-12 and rel_err(one[1], two[1]) < 1e-12
@@ -252,11 +253,11 @@ def test_two_threads_equal_one(stem, monkeypatch):
 @needs_cc
 def test_other_dtypes_run_the_plain_loop():
     layer = make_layer("lstm", dtype=torch.bfloat16)
-    fused = cpu_loop(layer.cell)
+    fused = cpu_loop(layer.compiled)
     assert isinstance(fused, FusedCPULoop)
     args = loop_args(layer)
     assert not fused.fused(args[0], args[1], *args[2])
-    plain_fwd, plain_bwd = run_loop(layer.cell.torch_loop, *args)
+    plain_fwd, plain_bwd = run_loop(layer.compiled.torch_loop, *args)
     fused_fwd, fused_bwd = run_loop(fused, *args)
     assert max_err(plain_fwd, fused_fwd) == 0.0 and max_err(plain_bwd, fused_bwd) == 0.0
 
@@ -265,12 +266,12 @@ def test_other_dtypes_run_the_plain_loop():
 def test_library_is_built_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path))
     layer = make_layer("gru", tag="cache")
-    lib, reason = build_library(layer.cell)
+    lib, reason = build_library(layer.compiled)
     assert lib is not None, reason
-    built = list(tmp_path.glob(f"{layer.cell.key}/cpu_kernels_*.so"))
+    built = list(tmp_path.glob(f"{layer.compiled.key}/cpu_kernels_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    lib2, _ = build_library(layer.cell)
+    lib2, _ = build_library(layer.compiled)
     assert lib2 is not None and built[0].stat().st_mtime_ns == stamp
 
 
@@ -279,7 +280,7 @@ def test_schedule_shares_the_lstm_gradient_buffers():
     cell = compile_cell("lstm")
     schedule = backward_schedule(cell.plan)
     assert schedule.hoisted_alias == {0: 0}
-    modes = schedule.modes[1]
+    modes = schedule.modes["stage1"]
     assert modes["b_hi"] == "same:b_ii" or modes["b_ii"] == "same:b_hi"
     assert "#pragma omp simd" in c_source(cell.plan)
 
@@ -301,7 +302,7 @@ def test_fallback_without_a_compiler(how, tmp_path, monkeypatch):
     layer = make_layer("mut1", tag=f"fallback-{how}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loop = cpu_loop(layer.cell)
+        loop = cpu_loop(layer.compiled)
     assert type(loop) is TorchLoop
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if how == "disabled":
@@ -313,7 +314,7 @@ def test_fallback_without_a_compiler(how, tmp_path, monkeypatch):
     use_loop(layer, loop)
     x = torch.randn(4, 2, layer.input_size, dtype=torch.float64)
     out, h = layer(x)
-    p = {name: layer.cell_parameter(name) for name in layer.cell.ir.params}
+    p = {name: layer.cell_parameter(name) for name in layer.compiled.ir.params}
     ref_out, (ref_h,) = REFERENCES["mut1"](p, x, (torch.zeros(2, layer.hidden_size, dtype=torch.float64),))
     assert (out - ref_out).abs().max() < 1e-10 and (h[0] - ref_h).abs().max() < 1e-10
 
@@ -344,7 +345,7 @@ def test_file_names_cannot_end_the_c_comments(tmp_path):
 @needs_cc
 def test_bad_shapes_raise_instead_of_reading_out_of_bounds():
     layer = make_layer("lstm", tag="shapes")
-    fused = cpu_loop(layer.cell)
+    fused = cpu_loop(layer.compiled)
     x, states, (hw, sw, vec, sc), _ = loop_args(layer)
     bad = [
         (x, [states[0], states[1][:, :-1]], hw, sw, vec, sc, "state 'c' must be"),

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 from test_cpu_fused import make_layer, rel_err, run_loop
-from test_cpu_native import args_for, compiled_of, fused_loop
+from test_cpu_native import args_for, fused_loop
 
 from celldsl.runtime import cpu_fused, cpu_gemm
 
@@ -149,7 +149,7 @@ def test_without_mkldnn(private_cache, monkeypatch):
         loop = fused_loop(layer)
         loop.gemm = None
         args = args_for(layer, N=2)
-        want = run_loop(compiled_of(layer).torch_loop, *args)
+        want = run_loop(layer.compiled.torch_loop, *args)
         got = run_loop(loop, *args)
         assert loop.ran == {"forward": ("mm",), "backward": ("mm",)}
         assert rel_err(want[0][:3], got[0][:3]) < 1e-5 and rel_err(want[1], got[1]) < 1e-5

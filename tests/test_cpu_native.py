@@ -9,9 +9,10 @@ the generated torch code (TorchLoop, the executable meaning of a cell), in float
 - loop level: outputs, final states and every gradient, padded and packed sequences, batch 1 and 3
   (one tile of rows; N <= 4 is the small batch: matrix-vector products from the rows of W, not
   packed) and 7 (a full tile of 6 rows and one more), hidden sizes 5 (a partial panel), 16 (whole
-  panels: the small batch's backward reads W in place) and 37 (several panels), for cells with one and two GEMM stages, a GEMM operand computed in the
-  step, folded biases on hoisted and step GEMMs, no state GEMM (elementwise and linear), scalars
-  and a hoisted pointwise; the backend that ran is the one forced;
+  panels: the small batch's backward reads W in place) and 37 (several panels), for cells with one
+  and two GEMM stages, a GEMM operand computed in the step, folded biases on hoisted and step GEMMs,
+  no state GEMM (elementwise and linear), scalars and a hoisted pointwise; the backend that ran is
+  the one forced;
 - either backward takes either forward (they save the same tensors);
 - 2 threads (each owning a part of the hidden units, a barrier per GEMM stage) equal 1 thread;
 - float32: every backend is as close to the float64 result as the torch backend;
@@ -42,14 +43,8 @@ CELLS = ["lstm", "gru", "mut1", "mut3", "slstm", "indrnn", "mingru", "kitchen"]
 # every test sets loop.gemm itself: the layers of one stem share a cell (tag "native"), built once
 
 
-def compiled_of(layer):
-    """The layer's compiled cell (`layer.cell` here; other branches call it `layer.compiled`)."""
-    compiled = getattr(layer, "compiled", None)
-    return compiled if compiled is not None else layer.cell
-
-
 def fused_loop(layer) -> FusedCPULoop:
-    loop = cpu_loop(compiled_of(layer))
+    loop = cpu_loop(layer.compiled)
     assert isinstance(loop, FusedCPULoop) and loop.lib is not None, "the native GEMM library did not build"
     return loop
 
@@ -57,7 +52,7 @@ def fused_loop(layer) -> FusedCPULoop:
 def args_for(layer, T=4, N=3, packed=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dtype = next(layer.parameters()).dtype
-    compiled = compiled_of(layer)
+    compiled = layer.compiled
     params = split_params(compiled.torch_loop, layer._weights(0, 0))
     states = [torch.randn(N, layer.hidden_size, generator=gen, dtype=dtype) for _ in compiled.states]
     if packed:
@@ -105,7 +100,7 @@ def test_every_backend_equals_the_torch_backend_float64(stem, backend):
         loop.gemm = backend
         args = args_for(layer, N=N, packed=packed, seed=hidden + N)
         n = 1 + len(loop.states)  # out and final states: the saved tensors differ by design
-        fwd_t, bwd_t = run_loop(compiled_of(layer).torch_loop, *args)
+        fwd_t, bwd_t = run_loop(layer.compiled.torch_loop, *args)
         fwd_f, bwd_f = run_loop(loop, *args)
         check_ran(loop, backend, torch.float64)
         # other summation orders (GEMM tiles, column sums of folded biases); sLSTM's exponentials
@@ -168,11 +163,11 @@ def test_float32_every_backend_as_accurate_as_the_torch_backend(stem, backend):
     layer32.load_state_dict(layer64.state_dict())
     args64 = args_for(layer64, N=5)
     args32 = (args64[0].float(), [s.float() for s in args64[1]],
-              split_params(compiled_of(layer32).torch_loop, layer32._weights(0, 0)), None)
-    n = 1 + len(compiled_of(layer64).states)
-    truth_fwd, truth_bwd = run_loop(compiled_of(layer64).torch_loop, *args64)
+              split_params(layer32.compiled.torch_loop, layer32._weights(0, 0)), None)
+    n = 1 + len(layer64.compiled.states)
+    truth_fwd, truth_bwd = run_loop(layer64.compiled.torch_loop, *args64)
     truth_fwd, truth_bwd = [t.float() for t in truth_fwd[:n]], [t.float() for t in truth_bwd]
-    plain = run_loop(compiled_of(layer32).torch_loop, *args32)
+    plain = run_loop(layer32.compiled.torch_loop, *args32)
     loop = fused_loop(layer32)
     loop.gemm = backend
     fused = run_loop(loop, *args32)
@@ -223,7 +218,7 @@ def test_gradcheck_through_each_loop(stem, backend):
     params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
     x = torch.randn(3, 2, layer.input_size, dtype=torch.float64, requires_grad=True)
     states = [(torch.randn(1, 2, 3, dtype=torch.float64) * 0.5).requires_grad_()
-              for _ in compiled_of(layer).states]
+              for _ in layer.compiled.states]
     n = len(states)
 
     def f(x, *rest):
@@ -234,3 +229,4 @@ def test_gradcheck_through_each_loop(stem, backend):
     assert torch.autograd.gradcheck(f, (x, *states, *params))
     want = "native" if backend == "native" else ("mm",) * len(loop.gemms)
     assert loop.ran["forward"] == want and loop.ran["backward"] == want
+

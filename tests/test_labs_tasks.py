@@ -133,7 +133,7 @@ def test_task_options_are_checked():
         make_task("nope")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["T"])
-    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic"}
+    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic", "translate"}
 
 
 def test_chorale_split_rule_gives_the_documented_sizes():
@@ -196,3 +196,58 @@ def test_chorale_cache_is_written_once_and_read_back(tmp_path, monkeypatch):
     for x, y in zip(first, second, strict=True):
         assert np.array_equal(x.roll, y.roll)
     assert [p.name for p in tmp_path.iterdir()] == [pianoroll.cache_path().name]  # no temp files left
+
+
+# -- copy in the lstm_copy_task encoding (the graves preset) ----------------------------------------
+
+
+def test_copy_lstm_copy_task_encoding_matches_that_project_step_by_step():
+    task = make_task("copy", {"encoding": "lstm_copy_task"})
+    assert task.input_size == 10 and task.output_size == 8
+    b = task.train_batch(gen(5), 32)
+    assert b.inputs.shape == (42, 32, 10) and b.targets.shape == (42, 32, 8)  # fixed 2 * 20 + 2 steps
+    values = torch.cat([b.inputs.unique(), b.targets.unique()]).unique()
+    assert torch.equal(values, torch.tensor([0.001, 1.0]))  # every 0 is 0.001
+    for j in range(32):
+        L = int(b.mask[:, j].sum())
+        x, y = b.inputs[:, j], b.targets[:, j]
+        assert (x[:, 1] == 1).nonzero().flatten().tolist() == [0]  # start marker, channel 1, step 0
+        assert (x[:, 0] == 1).nonzero().flatten().tolist() == [L + 1]  # end marker, channel 0
+        pattern = x[1 : L + 1, 2:]
+        assert torch.equal(y[L + 2 : 2 * L + 2], pattern)  # the answer, one step after the end marker
+        assert b.mask[:, j].nonzero().flatten().tolist() == list(range(L + 2, 2 * L + 2))
+        low = torch.tensor(0.001)
+        assert torch.all(x[L + 2 :] == low) and torch.all(x[1 : L + 1, :2] == low)
+        assert torch.all(y[: L + 2] == low) and torch.all(y[2 * L + 2 :] == low)
+
+
+def test_copy_lstm_copy_task_loss_is_the_clipped_bce_over_every_step_and_bit():
+    task = make_task("copy", {"encoding": "lstm_copy_task"})
+    b = task.train_batch(gen(6), 8)
+    out = torch.randn(b.targets.shape, generator=gen(7)) * 4
+    p, t = torch.sigmoid(out).double().numpy(), b.targets.double().numpy()
+    by_hand = -(t * np.log(np.clip(p, 1e-6, 0.9999)) + (1 - t) * np.log(1 - np.clip(p, 1e-10, 0.9999)))
+    assert float(task.loss(out, b)) == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    m = {k: s / w for k, (s, w) in task.score(out, b).items()}
+    assert m["bce_all"] == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    # the floor is the targets' entropy: 0.001 costs H(0.001), 1.0 costs -log(0.9999)
+    h = -(0.001 * np.log(0.001) + 0.999 * np.log(0.999))
+    ones = float((b.targets == 1).sum())
+    expected_floor = (ones * -np.log(0.9999) + (b.targets.numel() - ones) * h) / b.targets.numel()
+    assert m["bce_all_floor"] == pytest.approx(expected_floor, rel=1e-4)
+    perfect = {k: s / w for k, (s, w) in task.score(torch.logit(b.targets), b).items()}
+    assert perfect["bce_all"] == pytest.approx(perfect["bce_all_floor"], rel=1e-4)
+    assert perfect["bit_errors_per_seq"] == 0
+
+
+def test_copy_fixed_length_batches_are_as_long_as_they_need_to_be():
+    for encoding, extra in (("ntm", 1), ("lstm_copy_task", 2)):
+        task = make_task("copy", {"encoding": encoding})
+        for L in (10, 40):
+            b = task.fixed_length(L, 3, seed=1)
+            assert b.inputs.shape[0] == 2 * L + extra and (b.mask.sum(0) == L).all()
+
+
+def test_copy_rejects_an_unknown_encoding():
+    with pytest.raises(ValueError, match="encoding"):
+        make_task("copy", {"encoding": "graves"})

@@ -71,7 +71,7 @@ def test_run_writes_metrics_csv_json_checkpoint_and_pictures(tmp_path):
         "metrics.csv",
         "metrics.json",
         "learning_curve.png",
-        "copy_predictions.png",
+        *(f"copy_len{L}.png" for L in (10, 20, 40, 120)),
     } <= names
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final"] == summary["final"] and saved["parameters"] == summary["parameters"]
@@ -123,6 +123,16 @@ def test_model_is_recurrent_plus_readout_and_embeds_tokens():
     model = build_model(GRU, arith, 6)
     out, h = model(torch.zeros(7, 2, dtype=torch.long))
     assert out.shape == (7, 2, arith.output_size) and h.shape == (1, 2, 6)
+
+
+def test_a_cell_that_needs_input_as_wide_as_hidden_gets_an_input_projection():
+    mut1 = str(ROOT / "cells" / "mut1.cell")
+    adding = make_task("adding")
+    model = build_model(mut1, adding, 6)
+    assert isinstance(model.projection, torch.nn.Linear) and model.projection.in_features == 2
+    out, _ = model(torch.zeros(5, 3, 2))
+    assert out.shape == (5, 3, 1)
+    assert build_model(LSTM, adding, 6).projection is None  # other cells read the input directly
 
 
 @pytest.mark.parametrize("cell", [LSTM, GRU, TANH])

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
-from celldsl import Recurrent, compile_cell
+from celldsl import CellTensorError, Recurrent, compile_cell
 from celldsl.runtime.function import split_params
 from celldsl.runtime.torch_loop import TorchLoop
 
@@ -194,49 +194,64 @@ def test_packed_output_keeps_the_input_order():
 
 
 # --- bad input --------------------------------------------------------------------------------
+# torch.nn's exception types and wording where torch.nn checks (tests/test_torch_nn_module_tests.py
+# runs torch's own error tests); celldsl's messages elsewhere. CellTensorError is a RuntimeError (what
+# torch raises) and a ValueError (what celldsl raised before).
 
 def lstm():
     return celldsl.LSTM(I, H, num_layers=2)
 
 
 @pytest.mark.parametrize(
-    "make_call, message",
+    "make_call, error, message",
     [
-        (lambda m: m(torch.randn(T, N, I + 1)), r"input\.size\(-1\) must be input_size=4, got 5"),
-        (lambda m: m(torch.randn(T, N, I, 2)), r"input must be 3-D \[T, N, input_size\]"),
-        (lambda m: m(torch.randn(0, N, I)), "empty sequence"),
-        (lambda m: m(torch.randn(T, 0, I)), "batch size 0"),
-        (lambda m: m(torch.ones(T, N, I, dtype=torch.int64)), "floating-point"),
-        (lambda m: m(torch.randn(T, N, I, dtype=torch.float64)), r"input is torch\.float64.*parameter"),
-        (lambda m: m([[1.0] * I] * T), "input must be a tensor or a PackedSequence"),
-        (lambda m: m(torch.randn(T, N, I), (torch.zeros(2, N, H),)), r"expected 2 state tensor\(s\), got 1"),
-        (lambda m: m(torch.randn(T, N, I), torch.zeros(2, N, H)), r"expected 2 state tensor\(s\), got 1"),
-        (lambda m: m(torch.randn(T, N, I), (torch.zeros(1, N, H), torch.zeros(2, N, H))),
-         r"state 'h' must have shape \(2, 3, 6\)"),
-        (lambda m: m(torch.randn(T, I), (torch.zeros(2, N, H), torch.zeros(2, N, H))),
-         r"state 'h' must have shape \(2, 6\)"),
+        (lambda m: m(torch.randn(T, N, I + 1)), RuntimeError,
+         r"input\.size\(-1\) must be equal to input_size\. Expected 4, got 5"),
+        (lambda m: m(torch.randn(T, N, I, 2)), ValueError,
+         r"LSTM: Expected input to be 2D or 3D, got 4D instead"),
+        (lambda m: m(torch.randn(0, N, I)), RuntimeError,
+         "Expected sequence length to be larger than 0 in RNN"),
+        (lambda m: m(torch.ones(T, N, I, dtype=torch.int64)), ValueError,
+         r"RNN input dtype \(torch\.int64\) does not match weight dtype \(torch\.float32\)"),
+        (lambda m: m(torch.randn(T, N, I, dtype=torch.float64)), ValueError,
+         r"Convert input: input\.to\(torch\.float32\), or convert model: model\.to\(torch\.float64\)"),
+        (lambda m: m([[1.0] * I] * T), TypeError, "input must be a Tensor or a PackedSequence, got list"),
+        (lambda m: m(torch.randn(T, N, I), (torch.zeros(2, N, H),)), RuntimeError,
+         r"expected 2 state tensor\(s\), got 1"),
+        (lambda m: m(torch.randn(T, N, I), torch.zeros(2, N, H)), RuntimeError,
+         r"LSTM carries 2 states \(h, c\): give them as a tuple of 2 tensors, got one tensor"),
+        (lambda m: m(torch.randn(T, N, I), (torch.zeros(1, N, H), torch.zeros(2, N, H))), RuntimeError,
+         r"Expected hidden\[0\] size \(2, 3, 6\), got \[1, 3, 6\] \(state 'h'\)"),
+        (lambda m: m(torch.randn(T, I), (torch.zeros(2, N, H), torch.zeros(2, N, H))), RuntimeError,
+         r"For unbatched 2-D input, hx and cx should also be 2-D but got \(3-D, 3-D\) tensors"),
+        (lambda m: m(torch.randn(T, N, I), (torch.zeros(2, H), torch.zeros(2, N, H))), RuntimeError,
+         r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors"),
         (lambda m: m(torch.randn(T, N, I), (torch.zeros(2, N, H), torch.zeros(2, N, H, dtype=torch.float64))),
-         r"state 'c' is torch\.float64.*input is torch\.float32"),
+         RuntimeError, r"hidden\[1\] \(state 'c'\) is torch\.float64 but the input is torch\.float32"),
         (lambda m: m(torch.randn(T, N, I), (torch.zeros(2, N, H), torch.zeros(2, N, H, device="meta"))),
-         r"state 'c' is torch\.float32 on meta"),
-        (lambda m: m(pack_padded_sequence(torch.randn(T, N, I + 1), torch.tensor([5, 2, 1]))),
-         r"input_size=4, got 5"),
+         RuntimeError, r"Input and hidden tensors are not at the same device, found input tensor at cpu and "
+         r"hidden tensor at meta"),
+        (lambda m: m(pack_padded_sequence(torch.randn(T, N, I + 1), torch.tensor([5, 2, 1]))), RuntimeError,
+         r"input_size\. Expected 4, got 5"),
         (lambda m: m(pack_padded_sequence(torch.randn(T, N, I), torch.tensor([5, 2, 1])),
-                     (torch.zeros(2, 2, H), torch.zeros(2, 2, H))), r"state 'h' must have shape \(2, 3, 6\)"),
+                     (torch.zeros(2, 2, H), torch.zeros(2, 2, H))), RuntimeError,
+         r"Expected hidden\[0\] size \(2, 3, 6\), got \[2, 2, 6\]"),
     ],
-    ids=["features", "dims", "empty", "no_batch", "int", "dtype_vs_params", "not_tensor", "state_count",
-         "one_tensor_for_two_states", "state_shape", "unbatched_state_shape", "state_dtype", "state_device",
-         "packed_features", "packed_state_shape"],
+    ids=["features", "dims", "empty", "int", "dtype_vs_params", "not_tensor", "state_count",
+         "one_tensor_for_two_states", "state_shape", "unbatched_state_dims", "batched_state_dims",
+         "state_dtype", "state_device", "packed_features", "packed_state_shape"],
 )
-def test_bad_input_raises_value_error_saying_what_was_expected(make_call, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_input_raises_what_torch_raises(make_call, error, message):
+    with pytest.raises(error, match=message) as info:
         make_call(lstm())
+    if error is RuntimeError:  # celldsl's tensor errors are ValueErrors too, as before
+        assert isinstance(info.value, CellTensorError) and isinstance(info.value, ValueError)
 
 
 def test_parameters_of_mixed_dtype_are_reported():
     layer = lstm()
     layer.weight_hh_l1.data = layer.weight_hh_l1.data.double()
-    with pytest.raises(ValueError, match="parameter weight_hh_l1 is torch.float64"):
+    with pytest.raises(RuntimeError, match="parameter weight_hh_l1 is torch.float64"):
         layer(torch.randn(T, N, I))
 
 
@@ -251,14 +266,20 @@ def test_bad_batch_sizes_reach_the_loop_as_value_errors():
         cell.torch_loop.forward(torch.randn(4, I), state, *params, [2, 1])
 
 
-def test_constructor_arguments_are_checked():
-    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+def test_constructor_arguments_are_checked_as_torch_checks_them():
+    with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
         Recurrent("gru", I, 0)
-    with pytest.raises(ValueError, match="dropout must be a number in"):
+    with pytest.raises(TypeError, match="input_size should be of type int, got: float"):
+        Recurrent("gru", 3.0, H)
+    with pytest.raises(TypeError, match="batch_first should be of type bool, got: str"):
+        Recurrent("gru", I, H, batch_first="False")
+    with pytest.raises(TypeError, match="num_layers should be of type int, got: float"):
+        Recurrent("gru", I, H, num_layers=1.5)
+    with pytest.raises(ValueError, match=r"dropout should be a number in range \[0, 1\]"):
         Recurrent("gru", I, H, dropout=1.5)
     with pytest.raises(ValueError, match="backend must be"):
         Recurrent("gru", I, H, backend="cuda")
-    with pytest.warns(UserWarning, match="between layers only"):
+    with pytest.warns(UserWarning, match="dropout option adds dropout after all but last recurrent layer"):
         Recurrent("gru", I, H, dropout=0.5)
 
 
@@ -332,3 +353,37 @@ def test_backend_names_are_checked_and_cpu_needs_cpu_tensors():
     with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
         layer(torch.empty(T, N, I, device="meta"))
     assert Recurrent("gru", I, H)._resolve_backend(torch.empty(T, N, I)) == "cpu"
+
+
+# --- torch.nn's API on any cell -------------------------------------------------------------------
+
+def test_an_empty_batch_runs_forward_and_backward_like_torch():
+    """N = 0: outputs [T, 0, D*H] and [L*D, 0, H], and zero parameter gradients, as torch.nn.LSTM's."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True)
+    layers = [celldsl.LSTM(I, H, num_layers=2, bidirectional=True),
+              Recurrent("slstm", I, H, num_layers=2, bidirectional=True, batch_first=True)]
+    for layer in [ref, *layers]:
+        x = torch.randn(0, T, I) if layer.batch_first else torch.randn(T, 0, I)
+        x.requires_grad_()
+        out, final = layer(x)
+        assert out.shape == ((0, T, 2 * H) if layer.batch_first else (T, 0, 2 * H))
+        assert all(f.shape == (4, 0, H) for f in final)
+        (out.sum() + sum(f.sum() for f in final)).backward()
+        assert x.grad.shape == x.shape
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
+
+
+def test_recurrent_repr_to_and_bias_false_follow_torch():
+    layer = Recurrent("gru", I, H, num_layers=2, bias=False, batch_first=True, dropout=0.5,
+                      bidirectional=True)
+    assert repr(layer) == ("Recurrent('gru', 4, 6, num_layers=2, bias=False, batch_first=True, dropout=0.5, "
+                           "bidirectional=True)")
+    assert list(layer.buffers()) == [] and all("bias" not in n for n, _ in layer.named_parameters())
+    assert layer.to(torch.float64) is layer and all(p.dtype == torch.float64 for p in layer.parameters())
+    out, h = layer(torch.randn(N, T, I, dtype=torch.float64))  # runs in the new dtype
+    assert out.dtype == torch.float64 and h.shape == (4, N, H)
+    meta = Recurrent("gru", I, H, device="meta", dtype=torch.float16)
+    assert all(p.is_meta and p.dtype == torch.float16 for p in meta.parameters())
+    with pytest.raises(ValueError, match=r"bias=False: the layer has no parameter 'b_ir'"):
+        layer.cell_parameter("b_ir")

@@ -249,7 +249,7 @@ def test_context_gradient_when_the_input_needs_none(backend):
 def test_cpu_backend_runs_the_fused_kernels(name):
     """The compiled C kernels take multi-input cells (no fallback to the plain loop)."""
     layer = make(name, "cpu")
-    loop = layer.cell.cpu_loop
+    loop = layer.compiled.cpu_loop
     assert isinstance(loop, FusedCPULoop)
     x, extra, state = data(name, 1, 1)
     xx = torch.cat([x, extra], dim=-1).reshape(T * N, -1)
@@ -346,7 +346,7 @@ def test_one_input_cell_rejects_extra_keywords():
 def test_elementwise_extra_input_needs_hidden_size(tmp_path):
     path = tmp_path / "gate.cell"
     path.write_text(GATE)
-    with pytest.raises(CellError, match=r"gate\.cell:5:46: error: input 'm' is used elementwise with H-wide "
+    with pytest.raises(CellError, match=r"gate\.cell:5:54: error: input 'm' is used elementwise with H-wide "
                                         r"values here, so this cell needs input_sizes\['m'\] == hidden_size "
                                         r"\(got input_sizes\['m'\]=5, hidden_size=4\)"):
         celldsl.Recurrent(str(path), I, H, input_sizes={"m": 5})
@@ -393,7 +393,7 @@ def test_opcheck_with_concatenated_inputs():
     x, extra, state = data("ctx_gate", 1, 1)
     xx = torch.cat([x, extra], dim=-1).requires_grad_()
     params = [p.detach().requires_grad_() for p in layer._weights(0, 0)]
-    args = (layer.cell.key, "cpu", xx, [s[0].requires_grad_() for s in state], params, None)
+    args = (layer.compiled.key, "cpu", xx, [s[0].requires_grad_() for s in state], params, None)
     torch.library.opcheck(ops.cell_sequence, args)
 
 

@@ -34,7 +34,7 @@ def plan_of_text(text: str):
 
 
 def test_the_zoo_is_all_there():
-    assert len(ZOO) == 23
+    assert len(ZOO) == 31
 
 
 # ---- GEMM grouping and stages -------------------------------------------------------------------
@@ -52,7 +52,7 @@ def test_lstm_one_hoisted_4HxI_gemm_and_one_recurrent_4HxH_gemm():
     assert step.operand.name == "h" and step.operand_size == "H"
     assert plan.num_stages == 1
     assert [pw.stage for pw in plan.pointwise] == [1]
-    assert plan.hoist_pointwise is None
+    assert plan.hoist_pointwise == []
 
 
 @pytest.mark.parametrize(("cell", "stages"), [("gru", 1), ("rnn_tanh", 1), ("lstm", 1), ("greff_vanilla", 1)])
@@ -100,7 +100,7 @@ def test_stages_are_minimal_and_gemms_grouped_by_operand(cell):
     stage_of = {p: g.stage for g in [*plan.hoisted, *plan.gemms] for p in g.products}
     states = {sp.Symbol(s, real=True) for s in plan.states}
     operand_value = {}
-    for pw in ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise:
+    for pw in plan.all_pointwise():
         operand_value.update({sp.Symbol(n, real=True): e for n, e in pw.outputs if n.startswith("operand")})
     seen = set()
     for g in [*plan.hoisted, *plan.gemms]:
@@ -143,19 +143,20 @@ def test_input_expressions_are_hoisted_with_their_own_pointwise():
     plan = plan_of_text("cell t\ninput x\nstate h\nparam W, R\nh' = tanh(W @ tanh(x) + R @ h)\n")
     (hoisted,) = plan.hoisted
     assert plan.role(hoisted.operand) == "operand"
-    assert plan.hoist_pointwise is not None and plan.hoist_pointwise.stage == -1
-    assert [str(e) for _, e in plan.hoist_pointwise.outputs] == ["tanh(x)"]
+    (hoist,) = plan.hoist_pointwise
+    assert hoist.stage == -1 and [str(e) for _, e in hoist.outputs] == ["tanh(x)"]
 
 
 def test_lstm_saves_new_states_and_gemm_outputs_per_step():
     saved = plan_of("lstm").saved_per_step()
-    assert [w for _, w in saved] == [1, 1, 4, 4]
+    assert [w for _, w in saved] == [("H",), ("H",), ("H",) * 4, ("H",) * 4]
     assert saved[0][0] == "h'" and saved[1][0] == "c'"
 
 
 # ---- recurrence kinds and prev() states -----------------------------------------------------------
 
-KINDS = {"mingru": "linear", "minlstm": "linear", "indrnn": "elementwise", "sru": "elementwise"}
+KINDS = {"mingru": "linear", "minlstm": "linear", "indrnn": "elementwise", "sru": "elementwise", "qrnn": "linear",
+         "qrnn_f": "linear"}
 
 
 @pytest.mark.parametrize("cell", ZOO)
@@ -206,6 +207,14 @@ MP = {
     "logsigmoid": lambda v: -mpmath.log1p(mpmath.exp(-v)),
     "maximum": lambda a, b: a if a >= b else b,
     "minimum": lambda a, b: a if a <= b else b,
+    "less": lambda a, b: mpmath.mpf(1) if a < b else mpmath.mpf(0),
+    "less_equal": lambda a, b: mpmath.mpf(1) if a <= b else mpmath.mpf(0),
+    "where": lambda c, a, b: a if c != 0 else b,
+    "mod": lambda a, b: a - b * mpmath.floor(a / b),
+    # a reduction over a row of one element is that element (here every value is a single number);
+    # reductions over real rows are checked by the cells that use them (tests/test_language2.py)
+    "rowmean": lambda v: v,
+    "rowsum": lambda v: v,
 }
 MODULES = [MP, "mpmath"]
 
@@ -266,7 +275,7 @@ def _check_pointwise(pw, rng, points=2):
 def test_derived_backward_matches_finite_differences_of_the_forward(cell):
     plan = plan_of(cell)
     rng = random.Random(f"{cell}-backward")
-    stages = ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise
+    stages = plan.all_pointwise()
     for pw in stages:
         assert set(pw.grad_inputs) == set(pw.inputs), "every pointwise input is differentiable"
         _check_pointwise(pw, rng)
@@ -284,7 +293,7 @@ def test_derived_backward_matches_finite_differences_of_the_forward(cell):
 def test_derived_backward_of_every_function(equation):
     plan = plan_of_text(f"cell t\ninput x\nstate h\nparam W, R\n{equation}\n")
     rng = random.Random(equation)
-    for pw in ([plan.hoist_pointwise] if plan.hoist_pointwise else []) + plan.pointwise:
+    for pw in plan.all_pointwise():
         _check_pointwise(pw, rng, points=3)
 
 

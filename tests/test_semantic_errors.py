@@ -66,7 +66,7 @@ CASES = [
     ("too-many-arguments", HDR + "h' = tanh(h, x)\n", "tanh takes 1 argument, got 2", 4, 6),
     ("prev-of-state", HDR + "h' = prev(h) + x\n", "'h' is a state: its previous value is just 'h'", 4, 11),
     ("prev-of-unknown", HDR + "h' = prev(q) + x\n", "unknown intermediate 'q'", 4, 11),
-    ("prev-of-expression", HDR + "h' = prev(h + x)\n", "prev takes one name", 4, 6),
+    ("prev-of-expression", HDR + "h' = prev(h + x)\n", "prev takes a name", 4, 6),
     # matrices and sizes
     ("operands-of-different-sizes", HDR_W + "h' = W @ x + W @ h\n",
      "'W' is applied to operands of different sizes: input 'x' on line 5 and H-wide values here", 5, 14),
@@ -84,11 +84,11 @@ CASES = [
      "'v' is declared a vector and cannot be applied with @", 5, 6),
     ("scalar-applied-with-at", HDR + "param a : scalar\nh' = a @ h + x\n", "'a' is declared scalar", 5, 6),
     ("at-on-a-number", HDR_W + "h' = W @ 2 + x\n",
-     "the right side of @ must be an input or H-wide value", 5, 6),
+     "the right side of @ must be an input or a vector-wide value", 5, 6),
     ("at-on-parameters-only", HDR_W + "h' = W @ b + h + x\n",
      "the right side of @ depends on parameters only", 5, 10),
     ("group-mixes-shapes", HDR + "param G = [A, c]\nh' = A @ h + c * h + x\n",
-     "parameter group 'G' mixes shapes (A is H x H, c is a vector)", 4, 12),
+     "parameter group 'G' mixes shapes (A is H x H, c is a vector of width H)", 4, 12),
     ("chained-input-projections", HDR_W + "param V\nh' = V @ tanh(W @ x) + h\n",
      "two chained input projections", 6, 6),
     # declarations
@@ -108,7 +108,9 @@ CASES = [
     ("unknown-initialiser-call", HDR_W + "init W = xavier(2)\nh' = W @ x + b\n",
      "unknown initialiser 'xavier(...)'", 5, 10),
     # constants
-    ("division-by-zero", HDR + "h' = h / (1 - 1) + x\n", "division by zero", 4, 6),
+    ("division-by-zero", HDR + "h' = h / (1 - 1) + x\n", "division by zero", 4, 11),
+    ("division-by-a-zero-intermediate", HDR + "z = 1 - 1\nh' = h / z + x\n",
+     "division by zero: 'z' is zero (it is divided by on line 5)", 4, 1),
     ("log-of-zero", HDR + "h' = h * log(0) + x\n", "this constant is not a finite number", 4, 10),
     ("sqrt-of-negative", HDR + "h' = h * sqrt(-4) + x\n", "this constant is not a real number", 4, 10),
     ("fractional-power-of-negative", HDR + "h' = h * (-8) ^ 0.5 + x\n",
@@ -158,7 +160,7 @@ def test_caret_underlines_the_whole_culprit():
 
 NEEDS_I_EQ_H = [
     # (cell, line, column of the input-sized operand that meets H-wide values)
-    ("mut1", 21, 28),  # tanh(x) in h' = tanh(W_hh @ (r * h) + tanh(x) + b) * z + ...
+    ("mut1", 21, 33),  # the x of tanh(x) in h' = tanh(W_hh @ (r * h) + tanh(x) + b) * z + ...
     ("mut2", 20, 13),  # x in r = sigmoid(x + W_hr @ h + b_r)
     ("sru", 27, 24),  # x in h = r * c' + (1 - r) * x
 ]
@@ -179,7 +181,7 @@ def test_input_size_must_equal_hidden_size_where_the_equations_need_it(cell, lin
 def test_layer_reports_input_size_mismatch_at_the_use():
     from celldsl import Recurrent
 
-    with pytest.raises(CellError, match=r"mut1\.cell:21:28: error: input 'x' is used elementwise"):
+    with pytest.raises(CellError, match=r"mut1\.cell:21:33: error: input 'x' is used elementwise"):
         Recurrent("mut1", 3, 5)
 
 
@@ -190,9 +192,11 @@ def test_sizes_of_other_cells_are_free():
 
 def test_input_size_use_through_an_intermediate_and_prev():
     ir = compile_text(HDR + "a = x * 2\nh' = prev(a) + h\n").ir
-    assert ir.needs_hidden_size["x"].line == 4  # a's value, carried as prev(a), is I wide
+    assert ir.needs_hidden_size["x"].line == 4  # a's value, carried as prev(a), is I wide and meets h
+    ir = compile_text(HDR + "output o\na = x * 2\no = prev(a)\nh' = h\n").ir
+    assert ir.widths["prev(a)"] == ir.widths["o"] == "x" and ir.needs_hidden_size == {}  # a state I wide
     ir = compile_text(HDR + "output o\no = x * 2\nh' = h\n").ir
-    assert ir.needs_hidden_size["x"].line == 4  # the output `o` is I wide
+    assert ir.widths["o"] == "x" and ir.needs_hidden_size == {}  # the output `o` is I wide: no condition
 
 
 # ---- warnings ---------------------------------------------------------------------------------
@@ -242,3 +246,44 @@ def test_cached_compile_repeats_the_warnings(tmp_path, monkeypatch):
     for _ in range(2):  # cold, then from the cache
         with pytest.warns(CellWarning, match="parameter 'b' is never used"):
             compile_cell(path)
+
+
+# ---- every error at once, in text order -----------------------------------------------------------
+
+
+def test_every_independent_error_is_reported_in_text_order():
+    """The issue's case (an unknown function on line 7, an undefined name on line 8: only line 8 was
+    reported) and more: declarations, initialisers and equations each report their own error; an
+    equation that reads a failed one says nothing more."""
+    text = (
+        "input x\nstate h, c\noutput h\nparam W, U, b\nparam K : blah\ninit b = normal(-1)\n"
+        "a = tanhh(W @ x)\nq = undefined_name + h\nd = a * 2\nh' = tanh(U @ h + b) + d\nc' = c * q\n"
+    )
+    with pytest.raises(CellError) as info:
+        compile_text(text)
+    err = info.value
+    got = [(e.line, e.column) for e in err.errors]
+    assert got == [(5, 11), (6, 10), (7, 5), (8, 5)]  # nothing for d, h', c': they read a and q
+    assert [e.message.split(";")[0] for e in err.errors] == [
+        "unknown parameter kind 'blah'", "the standard deviation must not be negative, got -1",
+        "unknown function 'tanhh'", "unknown name 'undefined_name'",
+    ]  # fmt: skip
+    assert str(err).count(": error: ") == 4 and str(err).startswith("bad.cell:5:11: error: ")
+    assert (err.line, err.column) == (5, 11)
+
+
+def test_every_syntax_error_is_reported_one_per_statement():
+    text = "input x\nstate h\nparam W, U\na = tanh(W @ x +)\nb = (x * * 2)\nh' = tanh(U @ h + a + b\n"
+    with pytest.raises(CellError) as info:
+        compile_text(text)
+    assert [(e.line, e.column) for e in info.value.errors] == [(4, 17), (5, 10), (6, 24)]
+    assert "the '(' on line 6, column 10 is never closed" in info.value.errors[2].message
+
+
+def test_a_flood_of_errors_stops_at_twenty():
+    text = "input x\nstate h\n" + "".join(f"a{i} = q{i}\n" for i in range(100)) + "h' = h\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        with pytest.raises(CellError) as info:
+            compile_text(text)
+    assert len(info.value.errors) == 20 and info.value.errors[0].line == 3

@@ -126,11 +126,40 @@ def test_positional_arguments_follow_torch():
     assert celldsl.GRU(I, H, 1, False).state_dict().keys() == torch.nn.GRU(I, H, 1, False).state_dict().keys()
 
 
-def test_proj_size_and_nonlinearity_are_checked():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        celldsl.LSTM(I, H, proj_size=2)
+def test_nonlinearity_and_proj_size_are_checked_as_torch_does():
     with pytest.raises(ValueError, match="nonlinearity"):
         celldsl.RNN(I, H, nonlinearity="sigmoid")
+    for bad in (-1, H, H + 1):  # torch's own checks: 0 <= proj_size < hidden_size
+        with pytest.raises(ValueError, match="proj_size"):
+            celldsl.LSTM(I, H, proj_size=bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(("layers", "bidirectional", "batch_first"), [(1, False, False), (2, True, True)])
+def test_lstm_with_proj_size_matches_torch(backend, layers, bidirectional, batch_first):
+    """torch.nn.LSTM(proj_size=P) and celldsl.LSTM(proj_size=P) with one state_dict (h is P wide, c H
+    wide, weight_hr_l{k} P x H): outputs, final states and every gradient, float64; packed too."""
+    P = 3
+    torch.manual_seed(0)
+    kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, proj_size=P)
+    ref = torch.nn.LSTM(I, H, **kw).double()
+    ours = celldsl.LSTM(I, H, backend=backend, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    D = 2 if bidirectional else 1
+    x = torch.randn((N, T, I) if batch_first else (T, N, I), dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(layers * D, N, P, dtype=torch.float64), torch.randn(layers * D, N, H, dtype=torch.float64))
+    for packed in (False, True):
+        results = []
+        for m in (ref, ours):
+            inp = pack_padded_sequence(x, [2, T, 1], batch_first=batch_first, enforce_sorted=False) if packed else x
+            out, (h, c) = m(inp, state)
+            out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+            loss = (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum() + h.sum() \
+                + (c * 2).sum()
+            results.append([out, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=0)
 
 
 def test_dropout_between_layers_matches_torch_rng():

@@ -48,7 +48,7 @@ def _pair(cell, dtype):
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(6, 5, I, generator=g, device="cuda").to(dtype)
     states = tuple(
-        (0.5 * torch.randn(1, 5, H, generator=g, device="cuda")).to(dtype) for _ in tri.cell.states
+        (0.5 * torch.randn(1, 5, H, generator=g, device="cuda")).to(dtype) for _ in tri.compiled.states
     )
     return ref, tri, x, states
 
@@ -111,7 +111,7 @@ def test_compiled_kernels_not_interpreted():
 
     layer = celldsl.Recurrent("gru", 8, 8, device="cuda", backend="triton")
     layer(torch.randn(2, 2, 8, device="cuda"))
-    assert isinstance(load_triton_module(layer.cell).module().stage1_forward_kernel, JITFunction)
+    assert isinstance(load_triton_module(layer.compiled).module().stage1_forward_kernel, JITFunction)
 
 
 # ---- CUDA graphs (runtime/cuda_graph.py) ------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_cuda_graph_replay_equals_the_eager_loop(monkeypatch, packed):
     from celldsl.runtime.function import cell_for
 
     layer = celldsl.LSTM(8, 24, num_layers=2, backend="triton", device="cuda")
-    loop = cell_for(layer.cell.key).triton_loop  # the cell object the registered ops run
+    loop = cell_for(layer.compiled.key).triton_loop  # the cell object the registered ops run
     for seed in (1, 2):
         g = torch.Generator(device="cuda").manual_seed(seed)
         x = torch.randn(6, 3, 8, generator=g, device="cuda", requires_grad=True)

@@ -30,6 +30,9 @@ and per cell cd_forward_f32 / cd_backward_f32 (and _f64), which list its stages 
 
 from __future__ import annotations
 
+import sympy as sp
+
+from ..functions import Reduction
 from ..plan import Plan
 from .c_gemm import C_TYPES
 
@@ -196,16 +199,43 @@ void cd_backward_{dt}(const cd_loop *L)
 INDENT = " " * 12
 
 
-def kernel_order(plan: Plan) -> list[int]:
-    """The stages that have a pointwise kernel, in the order of the `kernels` table (plan.pointwise)."""
-    return [pw.stage for pw in plan.pointwise]
+def native_blocker(plan: Plan) -> str:
+    """Why this loop cannot run the plan ("" when it can). It splits the H columns of every value over
+    the threads, so every per-step value must be H wide, and no kernel may need a whole row: cells
+    with other widths, one value per row, means or sums over a row, or heads run the Python loop of
+    runtime/cpu_fused.py (or torch's), which handles them."""
+    for pw in plan.pointwise:
+        if pw.width != "H":
+            return f"{pw.name} computes values of width {pw.width} (the native loop has H-wide values only)"
+        exprs = [e for _, e in pw.forward_temps] + list(pw.forward_results)
+        if any(sp.sympify(e).atoms(Reduction) for e in exprs):
+            return f"{pw.name} has a mean or sum over a row (the native loop splits rows over threads)"
+        for sym in pw.inputs:
+            width = plan.width(sym)
+            if plan.role(sym) == "input" and width != "row":
+                continue  # read elementwise by an H-wide function: H wide (cpu_fused checks it per call)
+            if width not in ("H", "1"):
+                kind = "one value per row" if width == "row" else f"width {width}"
+                return f"{pw.name} reads {sym.name} of {kind} (the native loop has H-wide values only)"
+    for s in plan.states:
+        if plan.ir.width(s) != "H":
+            return f"state {s} has width {plan.ir.width(s)} (the native loop has H-wide states only)"
+    for g in [*plan.hoisted, *plan.gemms]:
+        if g.heads is not None:
+            return f"the GEMM [{', '.join(g.params)}] has heads (block-diagonal)"
+    for g in plan.gemms:
+        if g.operand_size != "H" or any(w != "H" for w in g.widths):
+            return f"the step GEMM [{', '.join(g.params)}] has blocks or an operand not H wide"
+    return ""
 
 
 def loop_source(plan: Plan, specs, dtype: str) -> str:
     """cd_forward_T and cd_backward_T of this plan, with the shared types and helpers before the
-    first element type. `specs`: c_source.kernel_specs(plan)."""
+    first element type (nothing for a plan with a `native_blocker`). `specs`: c_source.kernel_specs(plan)."""
+    if native_blocker(plan):
+        return ""
     t = C_TYPES[dtype]
-    kernel_of = {stage: i for i, stage in enumerate(kernel_order(plan))}
+    kernel_of = {pw.stage: i for i, pw in enumerate(plan.pointwise)}  # one per stage (no other widths)
     names = {(s.stage, s.backward): f"{s.name}_{dtype}" for s in specs}
     forward, backward = [], []
     for stage in range(plan.num_stages + 1):

@@ -11,10 +11,14 @@ Every kernel is one function over rows 0..n-1 and a range of columns,
                               int64_t slot)                                              (and _f64)
 
 `p[k]` points at argument k of `KernelSpec.args`: a "rows" argument is element [i, j] at
-p[k][i * ld[k] + j]; a "vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double)
-receives the sum over rows (vectors: per column, so threads that own different columns never share
-one) or over everything (scalars: into ((double *)p[k])[slot], one slot per thread, summed by the
-caller). Around it:
+p[k][i * ld[k] + j]; a "rowscalar" (one value per row: an input declared `: 1`) is p[k][i * ld[k]];
+a "vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double) receives the sum
+over rows (vectors: per column, so threads that own different columns never share one) or over
+everything (scalars: into ((double *)p[k])[slot], one slot per thread, summed by the caller). H is
+the width of the kernel's Pointwise (one kernel per stage and output width). A kernel with means or
+sums over a row (`_reduction_passes`) or a row-scalar gradient needs whole rows: NAME runs it on one
+thread over every column, and the native loop, which splits the columns over threads, never runs it
+(runtime/cpu_fused.native_blocker). Around it:
 
 - NAME_f32(n, H, p, ld, nt): all columns, split over `nt` OpenMP threads (built with OpenMP);
 - NAME_f32_at(r, q, n, H, args, nt): the same, with the pointers of a step computed from its rows
@@ -34,6 +38,7 @@ import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
+from ..functions import Reduction, rowmean
 from ..ir import generated
 from ..plan import Plan, Pointwise
 from .c_loop import loop_source
@@ -52,6 +57,9 @@ C_RESERVED = {
     "int64_t", "intptr_t", "NAN", "INFINITY",
 }
 LIBM = ("exp", "tanh", "log", "log1p", "pow")
+# cell functions with a static C helper cd_<name>_<dtype> (see _helpers)
+HELPERS = ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_equal",
+           "where", "floor", "mod")
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,16 @@ class KernelSpec:
     stage: int
     backward: bool
     args: tuple[KernelArg, ...]
+    pointwise: str = ""  # the Pointwise it runs (its name: "stage1", "stage1_1", ...)
     zero: tuple[str, ...] = ()  # pointwise inputs read as 0 (Folding.zero): not arguments
 
 
 def _kind(plan: Plan, sym: sp.Symbol) -> str:
+    """"vector", "scalar", "rowscalar" (one value per row: an input declared `: 1`) or "rows"."""
     role = plan.role(sym)
-    return role if role in ("vector", "scalar") else "rows"
+    if role in ("vector", "scalar"):
+        return role
+    return "rowscalar" if plan.width(sym) == "row" else "rows"
 
 
 def _dest(plan: Plan, sym: sp.Symbol) -> tuple:
@@ -103,7 +115,7 @@ class BackwardSchedule:
     """How one reverse step writes its gradients, in the order the CPU loop runs it: pointwise S
     backward, stage S GEMM backward, ..., pointwise 0 backward.
 
-    modes[stage][symbol name]: "=" (first contribution to that destination in the step), "+=",
+    modes[pointwise name][symbol name]: "=" (first contribution to that destination in the step), "+=",
     "acc" (vectors, scalars: summed into a double accumulator), or "same:NAME" (equal to the gradient
     of NAME in the same kernel, which is the only contribution to both: not written; the loop reuses
     NAME's buffer or accumulator). first_gemm[stage]: indices (in plan.gemms) of the GEMMs whose
@@ -121,13 +133,11 @@ def backward_schedule(plan: Plan) -> BackwardSchedule:
     written: set = set()
     modes: dict[int, dict[str, str]] = {}
     first_gemm: dict[int, set[int]] = {}
-    by_stage = {pw.stage: pw for pw in plan.pointwise}
     for k in reversed(range(plan.num_stages + 1)):
-        pw = by_stage.get(k)
-        if pw is not None:
-            m = modes.setdefault(k, {})
+        for pw in plan.pointwise_of_stage(k):
+            m = modes.setdefault(pw.name, {})
             for sym in pw.grad_inputs:
-                if _kind(plan, sym) != "rows":
+                if _kind(plan, sym) not in ("rows", "rowscalar"):
                     m[sym.name] = "acc"
                     continue
                 key = _dest(plan, sym)
@@ -141,11 +151,11 @@ def backward_schedule(plan: Plan) -> BackwardSchedule:
             if key not in written:
                 first_gemm[k].add(gi)
                 written.add(key)
-    hoisted_alias = _alias_gradients(plan, by_stage, modes)
+    hoisted_alias = _alias_gradients(plan, modes)
     return BackwardSchedule(modes, first_gemm, hoisted_alias)
 
 
-def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
+def _alias_gradients(plan: Plan, modes: dict) -> dict[int, int]:
     """Mark gradients equal to another one of the same kernel as "same:NAME" (in `modes`): vectors
     (summed once), and hoisted GEMM blocks when a whole hoisted GEMM matches a step GEMM."""
     stages_of: dict[str, int] = {}
@@ -156,7 +166,7 @@ def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
     for pw in plan.pointwise:
         for sym, expr in zip(pw.grad_inputs, pw.backward_results, strict=True):
             if stages_of[sym.name] == 1:  # one kernel writes it: its buffer holds exactly `expr`
-                results[sym.name] = (pw.stage, expr)
+                results[sym.name] = (pw.name, expr)
     # vectors: the first vector with the same gradient expression accumulates for all of them
     for pw in plan.pointwise:
         first: dict[sp.Expr, str] = {}
@@ -164,7 +174,7 @@ def _alias_gradients(plan: Plan, by_stage: dict, modes: dict) -> dict[int, int]:
             if plan.role(sym) != "vector" or sym.name not in results or expr == 0:
                 continue
             if expr in first:
-                modes[pw.stage][sym.name] = "same:" + first[expr]
+                modes[pw.name][sym.name] = "same:" + first[expr]
             else:
                 first[expr] = sym.name
     hoisted_alias: dict[int, int] = {}
@@ -235,7 +245,7 @@ class Folding:
 
 
 def _expressions(plan: Plan, hoist: bool = False) -> list[sp.Expr]:
-    stages = [*plan.pointwise, *([plan.hoist_pointwise] if hoist and plan.hoist_pointwise else [])]
+    stages = [*plan.pointwise, *(plan.hoist_pointwise if hoist else [])]
     exprs = []
     for pw in stages:
         exprs += [e for _, e in pw.forward_temps] + list(pw.forward_results)
@@ -300,14 +310,14 @@ def kernel_specs(plan: Plan) -> list[KernelSpec]:
         ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs if s.name not in fold.zero)
         outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
         zero = tuple(s.name for s in pw.inputs if s.name in fold.zero)
-        specs.append(KernelSpec(f"stage{pw.stage}_forward", pw.stage, False, ins + outs, zero))
+        specs.append(KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name, zero))
         grads = tuple(KernelArg("grad_output", name, "rows") for name, _ in pw.outputs)
         dsts = tuple(
             KernelArg("grad_input", s.name, _kind(plan, s),
-                      "fold" if s.name in fold.biases else modes[pw.stage][s.name])
+                      "fold" if s.name in fold.biases else modes[pw.name][s.name])
             for s in pw.grad_inputs
         )
-        specs.append(KernelSpec(f"stage{pw.stage}_backward", pw.stage, True, ins + grads + dsts, zero))
+        specs.append(KernelSpec(f"{pw.name}_backward", pw.stage, True, ins + grads + dsts, pw.name, zero))
     return specs
 
 
@@ -316,8 +326,7 @@ class CPrinter(C99CodePrinter):
 
     def __init__(self, names: dict[sp.Symbol, str], dtype: str):
         self.dtype = dtype
-        helpers = {f: f"cd_{f}_{dtype}" for f in
-                   ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum")}
+        helpers = {f: f"cd_{f}_{dtype}" for f in HELPERS}
         super().__init__({"type_aliases": {real: float32 if dtype == "f32" else float64},
                           "user_functions": helpers})
         self.names = names
@@ -364,6 +373,11 @@ static inline {t} cd_logsigmoid_{s}({t} x) {{ return (x < 0 ? x : 0) - log1p{f}(
 static inline {t} cd_step_{s}({t} x) {{ return x > 0 ? 1 : 0; }}
 static inline {t} cd_maximum_{s}({t} a, {t} b) {{ return (a != a || a > b) ? a : b; }}
 static inline {t} cd_minimum_{s}({t} a, {t} b) {{ return (a != a || a < b) ? a : b; }}
+static inline {t} cd_less_{s}({t} a, {t} b) {{ return a < b ? 1 : 0; }}
+static inline {t} cd_less_equal_{s}({t} a, {t} b) {{ return a <= b ? 1 : 0; }}
+static inline {t} cd_where_{s}({t} c, {t} a, {t} b) {{ return c != 0 ? a : b; }}
+static inline {t} cd_floor_{s}({t} x) {{ return floor{f}(x); }}
+static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
 """
 
 
@@ -390,13 +404,13 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     """The C of one kernel: NAME_cols (the loop over rows and a column range), NAME (all columns over
     `nt` threads), NAME_at (a step of the Python loop) and NAME_rows (a step of the native loop)."""
     t = C_TYPES[dtype]
-    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in ("sigmoid", "relu", "softplus", "logsigmoid",
-                                                           "step", "maximum", "minimum")}
+    taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in HELPERS}
     taken |= {f + suffix for f in LIBM + ("fabs", "sqrt") for suffix in ("", "f")}
     names: dict[sp.Symbol, str] = {}
     syms = {s.name: s for s in pw.inputs}
     grads = dict(zip((n for n, _ in pw.outputs), pw.grad_outputs, strict=True))
-    pre, row_ptrs, loads, body, post, reductions = [], [], [], [], [], []
+    pre, row_ptrs, loads, body, row_post, post, reductions = [], [], [], [], [], [], []
+    row_sums: list[str] = []  # per-row accumulators (gradients of one value per row)
     results = dict(zip(pw.grad_inputs, pw.backward_results, strict=True)) if spec.backward else \
         dict(zip((n for n, _ in pw.outputs), pw.forward_results, strict=True))
     temps = pw.backward_temps if spec.backward else pw.forward_temps
@@ -413,12 +427,28 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             elif arg.kind == "vector":
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+            elif arg.kind == "rowscalar":  # one value per row, the same for every column
+                row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
+                loads.append(f"            const {t} {var} = a{k}[0];  /* {_comment(sym.name)} */")
             else:
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
+    temps, results, passes = _reduction_passes(temps, results)
     for tmp, _ in temps:
         names[tmp] = identifier("v_" + tmp.name, taken)
+    for red, _kind, _arg, _temps in passes:
+        names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
+    passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
+    mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
+    for red, kind, arg, needed in passes:
+        acc = f"m_{names[red]}"
+        passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
+                        f"#pragma omp simd reduction(+:{acc})",
+                        "        for (int64_t j = j0; j < j1; ++j) {", *loads,
+                        *[f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in needed],
+                        f"            {acc} += (double)({printer.doprint(arg)});", "        }",
+                        f"        const {t} {names[red]} = ({t})({acc}{mean if kind == 'mean' else ''});"]
     for tmp, e in temps:
         body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
     for k, arg in enumerate(spec.args):
@@ -437,12 +467,18 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             elif arg.kind == "vector":
                 row_ptrs.append(f"        double *o{k} = (double *)p[{k}];")
                 body.append(f"            o{k}[j] += (double)({value});  /* d {_comment(arg.name)} */")
+            elif arg.kind == "rowscalar":  # summed over the row's columns, then written once per row
+                row_sums.append(f"r{k}")
+                row_ptrs.append(f"        {t} *o{k} = ({t} *)p[{k}] + i * ld[{k}];")
+                row_ptrs.append(f"        double r{k} = 0;  /* d {_comment(arg.name)} */")
+                body.append(f"            r{k} += (double)({value});")
+                row_post.append(f"        o{k}[0] {arg.mode} ({t})r{k};")
             else:
                 reductions.append(f"s{k}")
                 pre.append(f"    double s{k} = 0;  /* d {_comment(arg.name)} */")
                 body.append(f"            s{k} += (double)({value});")
                 post.append(f"    ((double *)p[{k}])[slot] += s{k};")
-    clause = f" reduction(+:{', '.join(reductions)})" if reductions else ""
+    simd = f" reduction(+:{', '.join(reductions + row_sums)})" if reductions or row_sums else ""
     fn, m = f"{spec.name}_{dtype}", len(spec.args)
     lines = [
         f"static void {fn}_cols(int64_t n, void *const *p, const int64_t *ld, int64_t j0, int64_t j1, "
@@ -451,11 +487,13 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         *pre,
         "    for (int64_t i = 0; i < n; ++i) {",
         *row_ptrs,
-        f"#pragma omp simd{clause}",
+        *passes_code,
+        f"#pragma omp simd{simd}",
         "        for (int64_t j = j0; j < j1; ++j) {",
         *loads,
         *body,
         "        }",
+        *row_post,
         "    }",
         *post,
         "    (void)p; (void)ld; (void)slot;",
@@ -463,6 +501,8 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "",
         f"void {fn}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
         "{",
+        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"]
+          if row_sums or passes else []),
         "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
         "#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)",
         "    for (int64_t c = 0; c < nt; ++c)",
@@ -487,6 +527,52 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _reduction_passes(temps, results):
+    """Means and sums over a row's columns (functions.Reduction) need the whole row first: each becomes
+    a symbol computed by a pass of its own, in order of nesting (layernorm's variance reads its mean).
+    Returns (temps, results) with every reduction replaced by its symbol, and per reduction (its
+    symbol, "mean" | "sum", its argument, the temps that argument needs, in order)."""
+    nodes = []
+    for e in [*(e for _, e in temps), *(results.values() if isinstance(results, dict) else results)]:
+        for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
+            if r not in nodes:
+                nodes.append(r)
+    if not nodes:
+        return temps, results, []
+    by_depth = sorted(nodes, key=lambda r: len(r.args[0].atoms(Reduction)))  # inner reductions first
+    sub = {r: generated(f"red{i}") for i, r in enumerate(by_depth)}
+
+    def replace(e):
+        return e.xreplace(sub)
+
+    temps = [(tmp, replace(e)) for tmp, e in temps]
+    results = {k: replace(v) for k, v in results.items()}
+    defined = dict(temps)
+    order = {tmp: i for i, (tmp, _) in enumerate(temps)}
+    passes, done = [], set()
+    pending = list(by_depth)
+    while pending:
+        for r in pending:
+            arg = r.args[0].xreplace({k: v for k, v in sub.items() if k != r})
+            needed, todo = set(), list(arg.free_symbols)
+            while todo:
+                s = todo.pop()
+                if s in defined and s not in needed:
+                    needed.add(s)
+                    todo.extend(defined[s].free_symbols)
+            reds = {s for s in needed | arg.free_symbols if s in sub.values()} | \
+                {s for tmp in needed for s in defined[tmp].free_symbols if s in sub.values()}
+            if reds <= done:  # every reduction it reads is computed by an earlier pass
+                kind = "mean" if isinstance(r, rowmean) else "sum"
+                passes.append((sub[r], kind, arg, [(tmp, defined[tmp]) for tmp in sorted(needed, key=order.get)]))
+                done.add(sub[r])
+                pending.remove(r)
+                break
+        else:
+            raise AssertionError("reductions that read each other")
+    return temps, results, passes
 
 
 CALL_AT = """
@@ -533,13 +619,13 @@ def c_source(plan: Plan) -> str:
     """One translation unit with a float and a double version of every kernel of `kernel_specs` and
     the native time loop over them and the GEMM (emit/c_loop.py; the GEMM, emit/c_gemm.py, is its
     own library)."""
-    by_stage = {pw.stage: pw for pw in plan.pointwise}
+    by_name = {pw.name: pw for pw in plan.pointwise}
     header = HEADER.format(name=_comment(plan.ir.name))
     specs = kernel_specs(plan)
     parts = [header, _simd_declarations(), CALL_AT]
     for dtype in C_TYPES:
         parts.append(_helpers(dtype))
         for spec in specs:
-            parts.append(kernel_function(spec, by_stage[spec.stage], dtype))
+            parts.append(kernel_function(spec, by_name[spec.pointwise], dtype))
         parts.append(loop_source(plan, specs, dtype))
     return "\n".join(parts)

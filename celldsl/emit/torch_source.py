@@ -28,6 +28,13 @@ class TorchPrinter(TargetPrinter):
         "maximum": "_maximum({}, {})",
         "minimum": "_minimum({}, {})",
         "pow": "torch.pow({}, {})",
+        "less": "_less({}, {})",
+        "less_equal": "_less_equal({}, {})",
+        "where": "_where({}, {}, {})",
+        "floor": "torch.floor({})",
+        "mod": "torch.remainder({}, {})",
+        "rowmean": "_rowmean({})",
+        "rowsum": "_rowsum({})",
     }
 
 
@@ -54,10 +61,37 @@ def _minimum(a, b):
     if not isinstance(a, torch.Tensor):
         a, b = b, a
     return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
+
+
+def _rowmean(x):  # the mean over a row's elements, kept as a column so it broadcasts back
+    return x.mean(-1, keepdim=True)
+
+
+def _rowsum(x):
+    return x.sum(-1, keepdim=True)
+
+
+def _like(r, a, b):  # a comparison's 0/1 in the dtype of its tensor operand
+    return r.to((a if isinstance(a, torch.Tensor) else b).dtype)
+
+
+def _less(a, b):
+    return _like(a < b, a, b)
+
+
+def _less_equal(a, b):
+    return _like(a <= b, a, b)
+
+
+def _where(c, a, b):  # a where c is nonzero: c is 0/1 from a comparison, or any value
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        a = torch.full_like(c, a)
+    return torch.where(c != 0, a, b)
 '''
 
 
-HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum"}
+HELPER_NAMES = {"torch", "F", "_step", "_maximum", "_minimum", "_like", "_less", "_less_equal", "_where", "_rowmean",
+                "_rowsum"}
 
 
 def function_names(plan: Plan) -> list[str]:
@@ -102,11 +136,8 @@ def torch_module_source(plan: Plan) -> str:
     header = HEADER.format(name=python_text(ir.name), equations=equations)
     names = set(function_names(plan))
     parts = [header]
-    if plan.hoist_pointwise is not None:
-        parts.append(pointwise_function("hoist_forward", plan.hoist_pointwise, False, names))
-        parts.append(pointwise_function("hoist_backward", plan.hoist_pointwise, True, names))
-    for pw in plan.pointwise:
-        parts.append(pointwise_function(f"stage{pw.stage}_forward", pw, False, names))
-        parts.append(pointwise_function(f"stage{pw.stage}_backward", pw, True, names))
+    for pw in plan.all_pointwise():
+        parts.append(pointwise_function(f"{pw.name}_forward", pw, False, names))
+        parts.append(pointwise_function(f"{pw.name}_backward", pw, True, names))
     return "\n\n".join(parts)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from ..functions import Reduction
 from ..plan import Plan, Pointwise
 from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
@@ -41,7 +42,21 @@ class TritonPrinter(TargetPrinter):
         "maximum": "tl.maximum({}, {})",
         "minimum": "tl.minimum({}, {})",
         "pow": "_pow({}, {})",
+        "where": "tl.where(({0}) != 0, {1}, {2}).to(({0}).dtype)",
+        "floor": "tl.floor({})",
+        "mod": "_mod({}, {})",
+        "rowmean": "_rowmean({}, mask, width)",
+        "rowsum": "_rowsum({}, mask)",
     }
+
+    def _print_less(self, expr, op="<"):
+        """1 where a < b, else 0, in the dtype of the operand that is a tensor (a float literal is fp32)."""
+        a, b = (self._print(x) for x in expr.args)
+        tensor = b if expr.args[0].is_Number else a
+        return f"tl.where({a} {op} {b}, 1.0, 0.0).to(({tensor}).dtype)"
+
+    def _print_less_equal(self, expr):
+        return self._print_less(expr, "<=")
 
     def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
         return repr(float(expr))
@@ -127,13 +142,38 @@ def _logsigmoid(x):
 
 @triton.jit
 def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
+    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
+    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
+    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
 
 
 @triton.jit
 def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+    return (tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)).to(x.dtype)
+
+
+@triton.jit
+def _mod(a, b):
+    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    return a - b * tl.floor(a / b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _rowsum(x, mask):
+    # the sum over a row's columns (a program holds the whole row; masked lanes are padding). tl.reduce
+    # with our own combine, not tl.sum: the standard library's jit functions do not run on the
+    # interpreter when TRITON_INTERPRET is set after triton is imported, as the tests do
+    return tl.reduce(tl.where(mask, x, 0.0), 0, _add)
+
+
+@triton.jit
+def _rowmean(x, mask, width):
+    return _rowsum(x, mask) / width
 
 
 @triton.jit
@@ -161,8 +201,9 @@ def _vec(t):
     return t if t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(kernel, ref, args, outs):
-    """One program per BLOCK elements of the flattened [rows, width] output."""
+def _launch(kernel, ref, args, outs, whole_rows=False):
+    """One program per BLOCK elements of the flattened [rows, width] output; with whole_rows (a step
+    that takes means or sums over a row) one program per row, BLOCK the row's width rounded up."""
     if ref.dtype not in _DTYPES:
         raise ValueError(f"the Triton backend stores float32, bfloat16, float16 or float64, got {ref.dtype}")
     numel = ref.numel()
@@ -170,12 +211,14 @@ def _launch(kernel, ref, args, outs):
         return
     if numel >= 2**31:
         raise ValueError(f"a step of {numel} elements is too large for 32-bit offsets (< 2**31 expected)")
-    if _INTERPRET:
+    if whole_rows:
+        block = triton.next_power_of_2(ref.shape[-1])
+    elif _INTERPRET:
         block = min(triton.next_power_of_2(numel), 1 << 16)  # few, wide programs: the interpreter is slow
     else:
         block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(numel, 264))))
     compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(numel, block),)
+    grid = (numel // ref.shape[-1] if whole_rows else triton.cdiv(numel, block),)
     if ref.is_cuda and ref.device.index != torch.cuda.current_device():
         with torch.cuda.device(ref.device):
             kernel[grid](*args, *outs, numel, ref.shape[-1], BLOCK=block, COMPUTE=compute, num_warps=4)
@@ -198,12 +241,14 @@ class _Function:
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
         self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
         self.names = {s: identifier(s.name, taken) for s in self.args}
-        self.kinds = [plan.role(s) for s in pw.inputs] + (["grad"] * len(pw.grad_outputs) if backward else [])
+        # rowscalar: an input of one value per sequence ([rows, 1], `input t : 1`), the same in every column
+        self.kinds = [("rowscalar" if plan.width(s) == "row" else plan.role(s)) for s in pw.inputs]
+        self.kinds += ["grad"] * len(pw.grad_outputs) if backward else []
         self.ptr = {s: identifier(self.names[s], taken, "_ptr") for s in self.args}
         self.stride = {
             s: identifier(self.names[s], taken, "_stride")
             for s, k in zip(self.args, self.kinds, strict=True)
-            if k in TWO_D or k == "grad"
+            if k in TWO_D or k in ("grad", "rowscalar")
         }
         if backward:
             self.temps, results = pw.backward_temps, pw.backward_results
@@ -229,6 +274,7 @@ class _Function:
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
         self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
+        self.reduces = any(e.atoms(Reduction) for e in [*(e for _, e in self.temps), *self.results])
         if self.ref is None:
             raise NotImplementedError(
                 f"{prefix}: no input with a row per sequence (only vectors/scalars); nothing sets the shape"
@@ -236,7 +282,8 @@ class _Function:
 
 
 KNOWN_GLOBALS = {
-    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow",
+    "_INTERPRET", "_sigmoid", "_tanh", "_log1p", "_softplus", "_logsigmoid", "_step", "_sign", "_pow", "_mod",
+    "_rowmean", "_rowsum", "_add",
     "_DTYPES", "_rows", "_vec", "_launch", "_empty",
 }  # fmt: skip
 
@@ -245,7 +292,7 @@ def _step_function(f: _Function) -> str:
     """The pure-math `@triton.jit` function: register values in, tuple of results out."""
     printer = TritonPrinter(f.names)
     name = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    params = ", ".join(f.names[s] for s in f.args)
+    params = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     lines = ["@triton.jit", f"def {name}({params}):"]
     what = "gradient of every input that needs one" if f.backward else "the outputs"
     lines.append(f"    # -> {what}: ({', '.join(f.result_names[i] for i in f.unique)})")
@@ -274,23 +321,33 @@ def _kernel(f: _Function) -> str:
     params += f.out_ptrs
     params += ["numel", "width", "BLOCK: tl.constexpr", "COMPUTE: tl.constexpr"]
     lines = ["@triton.jit", f"def {name}(", *[f"    {p}," for p in params], "):"]
-    lines += [
-        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = offs < numel",
-        "    row = (offs // width).to(tl.int64)",
-        "    col = offs % width",
-    ]
+    if f.reduces:  # means and sums over a row: one program holds a whole row
+        lines += [
+            "    row = tl.program_id(0).to(tl.int64)",
+            "    col = tl.arange(0, BLOCK)",
+            "    mask = col < width",
+            "    offs = row * width + col",
+        ]
+    else:
+        lines += [
+            "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+            "    mask = offs < numel",
+            "    row = (offs // width).to(tl.int64)",
+            "    col = offs % width",
+        ]
     for s, k in zip(f.args, f.kinds, strict=True):
         v, p = f.names[s], f.ptr[s]
         if k == "vector":
             lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
         elif k == "scalar":
             lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
+        elif k == "rowscalar":
+            lines.append(f"    {v} = tl.load({p} + row * {f.stride[s]}, mask=mask, other=0.0).to(COMPUTE)")
         else:
             at = f"{p} + row * {f.stride[s]} + col"
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
     step = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
-    call = ", ".join(f.names[s] for s in f.args)
+    call = ", ".join([*(f.names[s] for s in f.args), *(["mask", "width"] if f.reduces else [])])
     results = [f.result_names[i] for i in f.unique]
     if results:
         lines.append(f"    ({', '.join(results)},) = {step}({call})")
@@ -305,7 +362,7 @@ def _host(f: _Function, fn_name: str) -> str:
     params = [f.names[s] for s in f.args]
     shapes = []
     for s, k in zip(f.args, f.kinds, strict=True):
-        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output"}.get(k, "[N, H]")
+        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output", "rowscalar": "[N, 1]"}.get(k, "[N, H]")
         if k == "input":
             shape = "[T, N, I]" if f.prefix == "hoist" else "[N, I]"
         shapes.append(f"{f.names[s]} {shape}")
@@ -329,7 +386,8 @@ def _host(f: _Function, fn_name: str) -> str:
             lines.append(f"    {v}, {f.stride[s]} = _rows({v})")
             args += [v, f.stride[s]]
     if f.unique:
-        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs)")
+        whole_rows = ", whole_rows=True" if f.reduces else ""
+        lines.append(f"    _launch({kernel}, {ref}, [{', '.join(args)}], outs{whole_rows})")
     rets = [f"outs[{f.slot_of[i]}]" if i in f.slot_of else "None" for i in range(len(f.results))]
     lines.append(f"    return ({', '.join(rets)},)")
     return "\n".join(lines) + "\n"
@@ -375,9 +433,7 @@ def _describe(plan: Plan) -> str:
     if not plan.hoisted and not plan.gemms:
         lines.append("    (no GEMM)")
     lines += ["", "Pointwise functions (a kernel each way; the loop runs the GEMMs between them)", ""]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         ins = ", ".join(f"{s.name} ({plan.role(s)})" for s in pw.inputs)
         lines.append(f"    {prefix}: {ins}")
@@ -430,9 +486,7 @@ def triton_module_source(plan: Plan) -> str:
                       description=python_text(_describe(plan), lines=True)),
         HELPERS,
     ]
-    pws = ([("hoist", plan.hoist_pointwise)] if plan.hoist_pointwise else []) + [
-        (f"stage{pw.stage}", pw) for pw in plan.pointwise
-    ]
+    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
     for prefix, pw in pws:
         parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
         for backward in (False, True):
@@ -455,9 +509,4 @@ def module_names(plan: Plan) -> list[str]:
 
 def kernel_names(plan: Plan) -> list[str]:
     """The `@triton.jit` kernels of the module, in order (for ahead-of-time compilation)."""
-    names = []
-    if plan.hoist_pointwise is not None:
-        names += ["hoist_forward_kernel", "hoist_backward_kernel"]
-    for pw in plan.pointwise:
-        names += [f"stage{pw.stage}_forward_kernel", f"stage{pw.stage}_backward_kernel"]
-    return names
+    return [f"{pw.name}_{way}_kernel" for pw in plan.all_pointwise() for way in ("forward", "backward")]

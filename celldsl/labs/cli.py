@@ -1,6 +1,7 @@
 """`celldsl train` and `celldsl compare`.
 
     celldsl train copy --cell cells/lstm.cell --steps 2000 --out runs/copy-lstm
+    celldsl train copy --cell cells/lstm.cell --preset graves
     celldsl train adding --cell cells/gru.cell -o T=500
     celldsl compare chorales cells/rnn_tanh.cell cells/gru.cell cells/lstm.cell --param-budget 20000
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .optim import OPTIMIZERS
+from .presets import PRESETS, apply_preset, preset_names
 from .tasks import TASKS, parse_options
 
 TASK_HELP = "; ".join(
@@ -23,12 +26,26 @@ TASK_HELP = "; ".join(
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="the benchmark")
-    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
+    p.add_argument(
+        "--preset",
+        choices=preset_names(),
+        help="a paper's settings; options given here override them: "
+        + "; ".join(f"{n} ({PRESETS[n].task})" for n in preset_names()),
+    )
+    p.add_argument("--layers", type=int, help="stacked recurrent layers (default 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the task's)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the task's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the task's)")
-    p.add_argument("--optimizer", choices=("adam", "rmsprop"), default="adam")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default 1)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
+    p.add_argument("--clip", type=float, help="gradient-norm clip, 0 for none (default 1)")
+    p.add_argument("--clip-value", type=float, help="elementwise gradient clip to [-v, v], 0 for none")
+    p.add_argument("--weight-noise", type=float, help="std of Gaussian weight noise per step (default 0)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        metavar="K",
+        help="early stopping after K evaluations without a better valid metric",
+    )
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
@@ -62,31 +79,32 @@ def _hidden_list(text: str) -> list[int]:
     return sizes
 
 
+# settings shared by train and compare, with their values when neither the command line nor a
+# preset gives one (None: the task's default)
+SHARED = {
+    "layers": 1, "steps": None, "batch": None, "lr": None, "optimizer": "adam", "clip": 1.0,
+    "clip_value": 0.0, "weight_noise": 0.0, "patience": 0, "eval_every": None, "device": "cpu",
+    "threads": 1, "out": None, "resume": False,
+}  # fmt: skip
+
+
+def settings(args: argparse.Namespace, extra: tuple[str, ...]) -> dict:
+    """The run's settings: the command line, then the preset, then the defaults above."""
+    given = {k: getattr(args, k) for k in (*SHARED, *extra)}
+    given["task_options"] = parse_options(args.task_option)
+    out = apply_preset(args.preset, args.task, given)
+    for k, default in SHARED.items():
+        if out.get(k) is None:
+            out[k] = default
+    out.update(task=args.task, pictures=not args.no_pictures, progress=not args.quiet)
+    return out
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    summary = train(
-        TrainConfig(
-            task=args.task,
-            cell=args.cell,
-            hidden=args.hidden,
-            layers=args.layers,
-            steps=args.steps,
-            batch=args.batch,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            out=args.out,
-            resume=args.resume,
-            eval_every=args.eval_every,
-            clip=args.clip,
-            optimizer=args.optimizer,
-            threads=args.threads,
-            task_options=parse_options(args.task_option),
-            pictures=not args.no_pictures,
-            progress=not args.quiet,
-        )
-    )
+    s = settings(args, ("hidden",))
+    summary = train(TrainConfig(cell=args.cell, seed=args.seed, **s))
     final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
     name, params = summary["cell_name"], summary["parameters"]
     print(f"{name} on {summary['task']}: {params} parameters, {summary['steps']} steps")
@@ -98,30 +116,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, compare
 
-    result = compare(
-        CompareConfig(
-            task=args.task,
-            cells=args.cells,
-            hidden=args.hidden,
-            param_budget=args.param_budget,
-            seeds=args.seeds,
-            seed=args.seed,
-            layers=args.layers,
-            steps=args.steps,
-            batch=args.batch,
-            lr=args.lr,
-            device=args.device,
-            out=args.out,
-            resume=args.resume,
-            eval_every=args.eval_every,
-            clip=args.clip,
-            optimizer=args.optimizer,
-            threads=args.threads,
-            task_options=parse_options(args.task_option),
-            pictures=not args.no_pictures,
-            progress=not args.quiet,
-        )
-    )
+    s = settings(args, ("hidden", "param_budget"))
+    if isinstance(s["hidden"], int):  # a preset's single size
+        s["hidden"] = [s["hidden"]]
+    if args.hidden or args.param_budget:  # the command line's choice replaces the preset's
+        s["hidden"], s["param_budget"] = args.hidden, args.param_budget
+    result = compare(CompareConfig(cells=args.cells, seeds=args.seeds, seed=args.seed, **s))
     print(result["table"])
     print(f"wrote {result['plot']} and results.md / results.json next to it")
     return 0

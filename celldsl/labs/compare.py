@@ -10,6 +10,10 @@ Output directory layout:
     DIR/results.md        the table, the settings and what the papers report
     DIR/results.json      the same numbers, machine-readable
     DIR/curves.png        test metric vs step for every run
+    DIR/scores.png        each run's test score per cell (box and points), as Greff et al. Fig. 3
+
+With two or more seeds per cell, results.md also says which cells differ significantly from the
+first one (stats.py: Welch's t-test, Bonferroni-corrected, as Greff et al. 2015).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ class CompareConfig:
     resume: bool = False
     eval_every: int | None = None
     clip: float = 1.0
+    clip_value: float = 0.0
     optimizer: str = "adam"
+    weight_noise: float = 0.0
+    patience: int = 0
     threads: int = 1
     task_options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
@@ -102,7 +109,10 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 resume=cfg.resume,
                 eval_every=cfg.eval_every,
                 clip=cfg.clip,
+                clip_value=cfg.clip_value,
                 optimizer=cfg.optimizer,
+                weight_noise=cfg.weight_noise,
+                patience=cfg.patience,
                 threads=cfg.threads,
                 task_options=cfg.task_options,
                 pictures=cfg.pictures,
@@ -131,8 +141,29 @@ def fmt(values: list[float]) -> str:
     return _num(m, 4) if s is None else f"{_num(m, 4)} ± {_num(s, 2)}"
 
 
+def _settings_line(c: dict, how: str) -> str:
+    """One sentence with every training setting of a run's config `c`."""
+    clipping = [f"gradient-norm clip {c['clip']}" if c["clip"] else "no gradient-norm clip"]
+    if c.get("clip_value"):
+        clipping.append(f"elementwise gradient clip ±{c['clip_value']}")
+    parts = [
+        f"hidden sizes from {how}",
+        f"{c['layers']} layer(s)",
+        f"batch {c['batch']}",
+        f"{c['optimizer']} lr {c['lr']}",
+        *clipping,
+    ]
+    if c.get("weight_noise"):
+        parts.append(f"weight noise std {c['weight_noise']}")
+    if c.get("patience"):
+        parts.append(f"early stopping after {c['patience']} evaluations without a better valid metric")
+    parts += [f"task options {c['task_options']}", f"{c['threads']} CPU thread(s)"]
+    return "Settings: " + "; ".join(parts) + "."
+
+
 def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) -> dict[str, Any]:
-    from .plots import compare_curves
+    from .plots import compare_curves, score_boxes
+    from .stats import against_reference, markdown
 
     task = make_task(cfg.task, cfg.task_options)
     metric = task.metric
@@ -145,7 +176,8 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
     header = ["cell", "hidden", "parameters"] + [f"{s} {metric}" for s in sets]
     header += [a.replace("_", " ", 1) for a in also]
     header += ([f"test {metric} at best valid"] if has_valid else []) + extras
-    header += ["time/step (ms)", "seeds"]
+    steps_differ = len({r["steps"] for s in runs.values() for r in s}) > 1
+    header += (["steps"] if steps_differ else []) + ["time/step (ms)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for label, summaries in runs.items():
@@ -170,6 +202,8 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
         ]
         cells += [fmt(row[a]) for a in also]
         cells += ([fmt(row["test_at_best_valid"])] if has_valid else []) + [fmt(row[e]) for e in extras]
+        row["steps"] = [r["steps"] for r in summaries]
+        cells += [fmt(row["steps"])] if steps_differ else []
         cells += [fmt(row["time_per_step_ms"]), str(len(summaries))]
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -177,6 +211,16 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
     how = f"a parameter budget of {cfg.param_budget}" if cfg.param_budget else "--hidden"
     better = "higher" if task.higher_is_better else "lower"
     seeds = ", ".join(map(str, rows[0]["seeds"]))
+    score_key = "test_at_best_valid" if has_valid else f"test_{metric}"
+    what = f"test {metric}" + (" at the best validation point" if has_valid else "")
+    scores = {row["cell"]: row[score_key] for row in rows}
+    enough = len(rows) > 1 and all(len(v) > 1 and None not in v for v in scores.values())
+    comparisons = against_reference(scores) if enough else []
+    ending = (
+        "final values at the end of each run (early stopping: see the steps column)"
+        if steps_differ
+        else f"final values after {first['steps']} steps"
+    )
     text = "\n".join(
         [
             f"# {cfg.task}: {', '.join(runs)}",
@@ -184,12 +228,12 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
             *lines,
             "",
             f"`{metric}`: {better} is better; mean ± sample std over seeds {seeds}; "
-            f"final values after {first['steps']} steps. Time/step: forward + backward + update on "
+            f"{ending}. Time/step: forward + backward + update on "
             f"{first['device']} (torch {first['torch']}), data generation excluded.",
-            f"Settings: hidden sizes from {how}; {c['layers']} layer(s); batch {c['batch']}; "
-            f"{c['optimizer']} lr {c['lr']}; gradient-norm clip {c['clip']}; "
-            f"task options {c['task_options']}; {c['threads']} CPU thread(s).",
+            _settings_line(c, how),
             "",
+            *markdown(comparisons, what),
+            *([""] if comparisons else []),
             f"Reference: {task.reference}",
             "",
         ]
@@ -201,6 +245,10 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
         f"{cfg.task}: test {metric}",
         out / "curves.png",
     )
-    result = {"task": cfg.task, "metric": metric, "rows": rows, "table": text, "plot": str(plot)}
+    boxes = score_boxes(scores, f"{what} ({better} is better)", f"{cfg.task}: {what}", out / "scores.png")
+    result = {
+        "task": cfg.task, "metric": metric, "rows": rows, "table": text, "plot": str(plot),
+        "scores_plot": str(boxes), "significance": [vars(c) for c in comparisons],
+    }  # fmt: skip
     atomic_write_json(out / "results.json", {k: v for k, v in result.items() if k != "table"})
     return result

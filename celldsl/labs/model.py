@@ -1,4 +1,5 @@
-"""The network the labs train: [embedding] -> celldsl.Recurrent -> linear readout at every step.
+"""The network the labs train: [embedding or input projection] -> celldsl.Recurrent -> linear
+readout at every step.
 
 One place builds it (`build_model`), so swapping the recurrent layer is a one-line change, and
 the parameter budget of Chung et al. (about 20k parameters per model, counted over the whole
@@ -21,14 +22,23 @@ class SequenceModel(nn.Module):
     loss applies the sigmoid / softmax.
     """
 
-    def __init__(self, rnn: nn.Module, readout: nn.Linear, embedding: nn.Embedding | None = None):
+    def __init__(
+        self,
+        rnn: nn.Module,
+        readout: nn.Linear,
+        embedding: nn.Embedding | None = None,
+        projection: nn.Linear | None = None,
+    ):
         super().__init__()
         self.embedding = embedding
+        self.projection = projection
         self.rnn = rnn
         self.readout = readout
 
     def forward(self, inputs: Tensor, state=None):
         x = self.embedding(inputs) if self.embedding is not None else inputs
+        if self.projection is not None:
+            x = self.projection(x)
         h, state = self.rnn(x, state)
         return self.readout(h), state
 
@@ -39,18 +49,30 @@ def build_model(
     """Recurrent layer from the .cell file plus a Linear readout (and an embedding for token tasks).
 
     Token tasks embed into `hidden` dimensions: cells such as Jozefowicz's MUT1/MUT2 add the
-    input to H-wide values unweighted and so need input size == hidden size.
+    input to H-wide values unweighted and so need input size == hidden size. For the same reason a
+    real-valued task whose input is narrower than such a cell's hidden size gets a Linear(I, H)
+    input projection (other cells read the input directly).
     """
     import celldsl
 
-    embedding = None
+    embedding = projection = None
     input_size = task.input_size
     if task.tokens:
         embedding = nn.Embedding(task.input_size, hidden, device=device)
         input_size = hidden
+    elif input_size != hidden and _needs_input_as_wide_as_hidden(cell_path):
+        projection = nn.Linear(input_size, hidden, device=device)
+        input_size = hidden
     rnn = celldsl.Recurrent(str(cell_path), input_size, hidden, num_layers=layers, device=device)
     readout = nn.Linear(hidden, task.output_size, device=device)
-    return SequenceModel(rnn, readout, embedding)
+    return SequenceModel(rnn, readout, embedding, projection)
+
+
+def _needs_input_as_wide_as_hidden(cell_path) -> bool:
+    import celldsl
+
+    cell = celldsl.compile_cell(str(cell_path))
+    return cell.ir.inputs[0] in cell.ir.needs_hidden_size
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -63,9 +85,9 @@ def hidden_for_budget(cell_path: str | Path, task: Task, budget: int, layers: in
 
     def size(h: int) -> int:
         try:  # no memory, no initialisation work
-            return count_parameters(build_model(cell_path, task, h, layers, device="meta"))
+            return count_parameters(task.build_model(str(cell_path), h, layers, device="meta"))
         except (NotImplementedError, RuntimeError):  # an initialiser that cannot run on "meta"
-            return count_parameters(build_model(cell_path, task, h, layers))
+            return count_parameters(task.build_model(str(cell_path), h, layers))
 
     if size(1) > budget:
         raise ValueError(f"{cell_path}: even hidden size 1 has {size(1)} parameters, more than {budget}")

@@ -5,7 +5,6 @@ Every function takes plain data and an output path and returns the path it wrote
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,21 +73,19 @@ def compare_curves(curves: dict[str, list[list[dict]]], metric: str, title: str,
     return _save(fig, Path(path))
 
 
-def copy_predictions(panels: Sequence[tuple[int, np.ndarray, np.ndarray]], path: Path) -> Path:
-    """For each length L: target bits [8, L] above the predicted probabilities [8, L]
-    (the layout of the lstm_copy_task README)."""
-    fig = Figure(figsize=(12, 1.9 * len(panels)))
-    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 1]})
-    for row, (L, target, pred) in enumerate(panels):
-        for col, (img, what) in enumerate(((target, "target"), (pred, "prediction"))):
-            ax = axes[row][col]
-            ax.imshow(np.asarray(img), aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set(
-                title=f"length {L}: {what}",
-                yticks=[],
-                xlabel="output step" if row == len(panels) - 1 else None,
-            )
+def copy_prediction(target, pred, title: str, path: Path) -> Path:
+    """Target [bits, T] (top) above the predicted probabilities [bits, T] (bottom), time left to
+    right: the layout of the lstm_copy_task README's pictures."""
+    target, pred = np.asarray(target), np.asarray(pred)
+    T = target.shape[1]
+    fig = Figure(figsize=(min(2.5 + 0.12 * T, 16), 3.6))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, img, what in ((axes[0], target, "target"), (axes[1], pred, "prediction")):
+        ax.imshow(img, aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(ylabel=what, yticks=[])
+    axes[1].set(xlabel="time step")
+    fig.suptitle(title)
     return _save(fig, Path(path))
 
 
@@ -145,4 +142,80 @@ def position_accuracy(acc: dict[int, float], path: Path) -> Path:
         ylim=(0, 1),
         title="arithmetic: accuracy by position",
     )
+    return _save(fig, Path(path))
+
+
+def attention_matrices(panels, path: Path) -> Path:
+    """For each (source words, output words, weights [outputs, sources]): the attention matrix,
+    source along the top, output down the side (as Bahdanau et al. 2014, Fig. 3)."""
+    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (src, out, weights) in zip(axes, panels, strict=True):
+        ax.imshow(np.asarray(weights), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(len(src)), src, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(out)), out, fontsize=8)
+        ax.xaxis.tick_top()
+    fig.suptitle("attention (greedy decoding): output word (rows) vs source word (columns)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def bleu_by_beam(bleu: dict[str, dict[int, float]], alpha: float, path: Path) -> Path:
+    """BLEU against the beam width (width 1 = greedy), one line per evaluation set."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for name, by_width in bleu.items():
+        widths = sorted(by_width)
+        ax.plot(widths, [by_width[w] for w in widths], "o-", label=name)
+    ax.set(xlabel="beam width (1 = greedy)", ylabel="BLEU", title=f"BLEU vs beam width (alpha {alpha})")
+    ax.set_xticks(sorted({w for by_width in bleu.values() for w in by_width}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def score_boxes(scores: dict[str, list[float]], ylabel: str, title: str, path: Path) -> Path:
+    """One box per cell over its runs' scores, with every run as a point (Greff et al. 2015, Fig. 3)."""
+    labels = list(scores)
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2))
+    ax = fig.subplots()
+    ax.boxplot([scores[k] for k in labels], widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)  # fixed jitter: the same picture every time
+    for i, k in enumerate(labels, start=1):
+        x = i + rng.uniform(-0.12, 0.12, len(scores[k]))
+        ax.plot(x, scores[k], "o", color="C0", alpha=0.8, markersize=4)
+    if len(labels) > 4:
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    else:
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def copy_learning_curve(sequences, curves: dict, graves: tuple, path: Path) -> Path:
+    """Cost per sequence (bits, log scale) vs sequences seen, with Graves et al.'s approximate LSTM
+    points; beside it, if given, lstm_copy_task's loss (BCE over all steps) with its floor."""
+    has_bce = "bce_all" in curves
+    fig = Figure(figsize=(11 if has_bce else 6, 4))
+    axes = fig.subplots(1, 2 if has_bce else 1, squeeze=False)[0]
+    ax = axes[0]
+    for name, ys in curves["bits"].items():
+        ax.plot(sequences, [_nan(y) for y in ys], label=f"{name} (lengths 1..20)")
+    ax.plot(*zip(*graves, strict=True), "k*", markersize=9, label="Graves et al. 2014 Fig. 3 LSTM (approx.)")
+    ax.set_yscale("log")
+    ax.set(xlabel="sequences seen", ylabel="cost per sequence (bits)", title="copy: bits per sequence")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if has_bce:
+        ax = axes[1]
+        for name, ys in curves["bce_all"].items():
+            ax.plot(sequences, [_nan(y) for y in ys], label=name)
+        if curves.get("floor"):
+            floor = curves["floor"]
+            ax.axhline(floor, color="k", ls=":", label=f"floor (targets' entropy) {floor:.4f}")
+        ax.axhline(0.01, color="C3", ls="--", lw=0.8, label="0.01")
+        ax.set_yscale("log")
+        ax.set(xlabel="sequences seen", ylabel="BCE over all steps", title="lstm_copy_task's loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     return _save(fig, Path(path))

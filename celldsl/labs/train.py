@@ -19,7 +19,7 @@ import io
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .files import atomic_write_json, atomic_write_text
-from .model import build_model, count_parameters
+from .model import count_parameters
+from .optim import make_optimizer
 from .tasks import Task, evaluate, make_task
 
 
@@ -47,8 +48,11 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     eval_every: int | None = None
-    clip: float = 1.0  # gradient-norm clipping (Chung et al. rescale the norm to 1)
-    optimizer: str = "adam"  # "adam" or "rmsprop" (the papers' choice; momentum 0.9 as in Graves et al.)
+    clip: float = 1.0  # gradient-norm clipping (Chung et al. rescale the norm to 1); 0 = none
+    clip_value: float = 0.0  # elementwise clipping to [-v, v] (Graves et al. 2014: 10); 0 = none
+    optimizer: str = "adam"  # see optim.OPTIMIZERS
+    weight_noise: float = 0.0  # std of Gaussian noise added to every weight per step (Chung et al.: 0.075)
+    patience: int = 0  # stop after this many evaluations without a better validation metric; 0 = never
     # torch CPU threads. 1 by default: the labs' models are tiny, so threads only add
     # synchronisation, and on a busy 2-core machine a copy step took 49 ms with 1 thread and
     # 605 ms with 2 (median of 35 steps). 0 leaves torch's default.
@@ -74,15 +78,11 @@ class TrainConfig:
 
 
 # settings that must match between a checkpoint and the run resuming from it
-IDENTITY = ("task", "cell", "hidden", "layers", "batch", "lr", "seed", "optimizer", "clip", "task_options")
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r} (adam or rmsprop)")
+IDENTITY = (
+    "task", "cell", "hidden", "layers", "batch", "lr", "seed", "optimizer", "clip", "clip_value",
+    "weight_noise", "task_options",
+)  # fmt: skip
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def _headline(task: Task, row: dict[str, Any]) -> str:
@@ -105,7 +105,9 @@ def _write_csv(history: list[dict], path: Path) -> None:
 def _eval_all(task: Task, model, device) -> dict[str, float]:
     row = {}
     for set_name, batches in task.eval_sets().items():
-        for k, v in evaluate(task, model, batches, device).items():
+        scores = evaluate(task, model, batches, device)
+        scores.update(task.corpus_scores(model, batches, device))
+        for k, v in scores.items():
             row[f"{set_name}_{k}"] = v
     return row
 
@@ -123,7 +125,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_gen = seed_everything(cfg.seed)
-    model = build_model(cfg.cell, task, cfg.hidden, cfg.layers, device=device)
+    model = task.build_model(cfg.cell, cfg.hidden, cfg.layers, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     step, history, train_seconds = 0, [], 0.0
     loss_sum, loss_count = 0.0, 0
@@ -131,7 +133,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         old = ckpt["config"]
-        diff = [k for k in IDENTITY if old.get(k) != asdict(cfg).get(k)]
+        diff = [k for k in IDENTITY if old.get(k, _DEFAULTS.get(k)) != asdict(cfg).get(k)]
         if diff:
             raise ValueError(f"cannot resume {out}: the checkpoint was made with different {', '.join(diff)}")
         model.load_state_dict(ckpt["model"])
@@ -172,18 +174,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     if not history:
         record()
-    bar = _progress(cfg, step)
+    progress = Progress(cfg, step)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not _patience_spent(task, cfg, history):
             batch = task.train_batch(data_gen, cfg.batch).to(device)
             t0 = time.perf_counter()
+            noise = _add_weight_noise(params, cfg.weight_noise)
             outputs, _ = model(batch.inputs)
             loss = task.loss(outputs, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _remove_weight_noise(params, noise)
+            if cfg.clip_value:
+                torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
             if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -193,29 +200,92 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss is {value} at step {step}; try a smaller --lr")
-            bar.update(1)
-            bar.set_postfix_str(f"loss {value:.4g}, {cfg.batch * step / max(train_seconds, 1e-9):.0f} seq/s")
+            progress.step(value, cfg.batch * step / max(train_seconds, 1e-9))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row = record()
-                if cfg.progress:
-                    bar.write(f"step {step}: batch loss {row['batch_loss']:.4g}, {_headline(task, row)}")
+                progress.evaluation(step, row, _headline(task, row))
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
-        bar.close()
+        progress.close()
         print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
         raise
-    bar.close()
+    progress.close()
+    if step < cfg.steps and cfg.progress:
+        print(f"early stop at step {step}: no better valid {task.metric} in {cfg.patience} evaluations")
     return _finish(task, cfg, model, history, train_seconds, device)
 
 
-def _progress(cfg: TrainConfig, step: int):
-    from tqdm import tqdm
+def _add_weight_noise(params: list[torch.Tensor], std: float) -> list[torch.Tensor] | None:
+    """Perturb every weight by N(0, std^2) for this step (Graves 2011 "weight noise", as Chung et
+    al. 2014 used it): the gradient is taken at the noisy weights and applied to the clean ones.
+    Returns the clean weights, which `_remove_weight_noise` puts back exactly."""
+    if not std:
+        return None
+    with torch.no_grad():
+        clean = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=std)
+    return clean
 
-    desc = f"{cfg.task} {Path(cfg.cell).stem} h={cfg.hidden} seed={cfg.seed}"
-    return tqdm(
-        total=cfg.steps, initial=step, desc=desc, unit="step", disable=not cfg.progress, dynamic_ncols=True
-    )
+
+def _remove_weight_noise(params: list[torch.Tensor], clean: list[torch.Tensor] | None) -> None:
+    if clean is not None:
+        with torch.no_grad():
+            for p, c in zip(params, clean, strict=True):
+                p.copy_(c)
+
+
+def _patience_spent(task: Task, cfg: TrainConfig, history: list[dict]) -> bool:
+    """Early stopping: True once `patience` evaluations have passed without a better validation
+    metric than the best so far (the untrained row at step 0 does not count)."""
+    key = f"valid_{task.metric}"
+    rows = [r for r in history[1:] if r.get(key) is not None]
+    if not cfg.patience or not rows:
+        return False
+    values = [r[key] for r in rows]
+    best = (max if task.higher_is_better else min)(range(len(values)), key=values.__getitem__)
+    return len(values) - 1 - best >= cfg.patience
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise (output redirected to a log) one plain line per
+    evaluation, so that a log holds what a reader wants and not carriage-return updates."""
+
+    def __init__(self, cfg: TrainConfig, step: int):
+        from tqdm import tqdm
+
+        self.enabled = cfg.progress
+        self.interactive = cfg.progress and sys.stderr.isatty()
+        self.total, self.started = cfg.steps, time.perf_counter()
+        self.seq_per_s = 0.0
+        self.desc = f"{cfg.task} {Path(cfg.cell).stem} h={cfg.hidden} seed={cfg.seed}"
+        self.bar = tqdm(
+            total=cfg.steps, initial=step, desc=self.desc, unit="step", disable=not self.interactive,
+            dynamic_ncols=True, file=sys.stderr,
+        )  # fmt: skip
+        if self.enabled and not self.interactive:
+            print(f"{self.desc}: step {step} of {cfg.steps}", flush=True)
+
+    def step(self, loss: float, seq_per_s: float) -> None:
+        self.seq_per_s = seq_per_s
+        if self.interactive:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.4g}, {seq_per_s:.0f} seq/s", refresh=False)
+
+    def evaluation(self, step: int, row: dict, headline: str) -> None:
+        if not self.enabled:
+            return
+        text = f"step {step}: batch loss {row['batch_loss']:.4g}, {headline}"
+        if self.interactive:
+            self.bar.write(text)
+        else:
+            elapsed = time.perf_counter() - self.started
+            speed = f"{self.seq_per_s:.0f} seq/s, {elapsed:.0f} s elapsed"
+            print(f"{self.desc} {text}, {speed} ({step}/{self.total})", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _finish(task: Task, cfg: TrainConfig, model, history, train_seconds: float, device) -> dict[str, Any]:
@@ -251,6 +321,7 @@ def _finish(task: Task, cfg: TrainConfig, model, history, train_seconds: float, 
         title = f"{cfg.task}: {Path(cfg.cell).stem}, hidden {cfg.hidden}, seed {cfg.seed}"
         paths = [learning_curve(history, task.metric, title, out / "learning_curve.png")]
         paths += task.pictures(model, out, device)
+        paths += task.history_pictures(history, out)
         summary["pictures"] = [str(p) for p in paths]
     atomic_write_json(out / "metrics.json", summary)
     return summary

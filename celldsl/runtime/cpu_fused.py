@@ -34,12 +34,13 @@ import torch
 
 from .. import cache
 from ..emit.c_gemm import gemm_source
+from ..emit.c_loop import native_blocker
 from ..emit.c_source import backward_schedule, c_source, folding, kernel_specs
 from ..plan import Plan
 from . import cpu_gemm
 from .cpu_gemm import DTYPES
 from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
-from .torch_loop import TorchLoop, input_columns, steps_of
+from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
 
 # -fno-trapping-math (as torch is built): without it gcc leaves a loop with relu, step, max or min
 # scalar ("control flow in loop"); no program here reads floating-point traps
@@ -270,9 +271,12 @@ class FusedCPULoop(TorchLoop):
     """TorchLoop's forward and backward with compiled kernels, padded or packed sequences: same
     arguments and results. Each sequence runs either as one native call (emit/c_loop.py: the GEMMs
     and the pointwise kernels of every step in C) or as a Python loop over the steps with a torch
-    GEMM (torch.mm or oneDNN) and one C call per stage; runtime/cpu_gemm.py chooses by measuring the
-    step products at this shape. Both keep the same intermediates, so either backward takes either
-    forward.
+    GEMM (torch.mm or oneDNN) and one C call per pointwise function; runtime/cpu_gemm.py chooses by
+    measuring the step products at this shape. Both keep the same intermediates, so either backward
+    takes either forward. The native loop needs every per-step value H wide and no reduction over a
+    row (`native_blocker`, kept in `self.native_blocker`); other cells always run the Python loop,
+    where each kernel runs over [rows, its width] and a GEMM's blocks sit at the offsets their widths
+    give (`_block_offsets`). GEMMs with heads (block-diagonal weights) run TorchLoop's plain loop.
 
     What is saved differs from TorchLoop's: the output of a step GEMM of `Folding.summed` is added
     onto its hoisted rows in place (which then hold hoisted + product, what the kernels read; its
@@ -284,7 +288,8 @@ class FusedCPULoop(TorchLoop):
         self.lib = gemm_lib  # the native GEMM (emit/c_gemm.py); None: torch GEMMs only
         self.gemm: str | None = None  # a backend forced for this loop (benchmarks, tests): cpu_gemm.choose
         self.cell_lib = lib
-        self.kernels = {(s.stage, s.backward): _Kernel(lib, s) for s in kernel_specs(plan)}
+        self.native_blocker = native_blocker(plan)  # why the native loop cannot run this cell, or ""
+        self.kernels = {(s.pointwise, s.backward): _Kernel(lib, s) for s in kernel_specs(plan)}
         self.schedule = backward_schedule(plan)
         self.folding = folding(plan)
         self.summed = self.folding.summed
@@ -297,11 +302,9 @@ class FusedCPULoop(TorchLoop):
         touched |= {self.where[g.operand.name].index for g in self.gemms
                     if self.where[g.operand.name].kind == "state"}
         self.untouched_states = [i for i in range(len(self.states)) if i not in touched]
-        # inputs whose gradient the kernels write, and inputs the kernels read (need width H)
+        # inputs whose gradient the kernels write
         self.dx_from_kernels = sorted({s.name for pw in plan.pointwise for s in pw.grad_inputs
                                        if self.where[s.name].kind == "input"})
-        self.input_elementwise = sorted({s.name for pw in plan.pointwise for s in pw.inputs
-                                         if self.where[s.name].kind == "input"})
         # per GEMM: (operand is a state, state index or operand name)
         self.gemm_operands = [(self.where[g.operand.name].kind == "state", self.where[g.operand.name].index)
                               for g in self.gemms]
@@ -315,8 +318,8 @@ class FusedCPULoop(TorchLoop):
             self._natives[dtype] = NativeLoop(self.cell_lib, self.lib, dtype)
         return self._natives[dtype]
 
-    def saved_shapes(self, rows: int, hidden: int, hoisted_w, step_w) -> list[tuple[int, int]]:
-        shapes = super().saved_shapes(rows, hidden, hoisted_w, step_w)
+    def saved_shapes(self, rows: int, sizes: dict[str, int], hoisted_w, step_w) -> list[tuple[int, int]]:
+        shapes = super().saved_shapes(rows, sizes, hoisted_w, step_w)
         if step_w and step_w[0].device.type == "cpu" and step_w[0].dtype in DTYPES:
             first = len(self.states) - (self.output_state is not None)
             for gi in self.summed:  # its products are inside the hoisted rows
@@ -324,13 +327,16 @@ class FusedCPULoop(TorchLoop):
         return shapes
 
     def fused(self, x, states, hoisted_w, step_w, vectors, scalars) -> bool:
-        """Whether the compiled kernels handle these arguments (else the plain loop runs them).
-        Raises ValueError for shapes the kernels would read out of bounds."""
+        """Whether the compiled kernels handle these arguments (else the plain loop runs them): CPU
+        tensors of float32 or float64, GEMMs without heads. Raises ValueError for shapes the kernels
+        would read out of bounds."""
         if x.device.type != "cpu" or x.dtype not in DTYPES:
             return False
         if not all(t.device.type == "cpu" and t.dtype == x.dtype
                    for t in (*states, *hoisted_w, *step_w, *vectors, *scalars)):
             return False
+        if any(w.dim() != 2 for w in (*hoisted_w, *step_w)):
+            return False  # block-diagonal GEMMs (heads) run in the plain loop
         self._check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         return True
 
@@ -343,50 +349,76 @@ class FusedCPULoop(TorchLoop):
                 f"and {len(self.gemms)} step weights, {len(self.vectors)} vectors, {len(self.scalars)} "
                 f"scalars; got {len(states)}, {len(hoisted_w)}, {len(step_w)}, {len(vectors)}, "
                 f"{len(scalars)}")
-        N, H = states[0].shape if states[0].dim() == 2 else (None, None)
+        ir = self.plan.ir
+        if states[0].dim() != 2:
+            raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        N = states[0].shape[0]
         for name, s in zip(self.states, states, strict=True):
-            if tuple(s.shape) != (N, H):
-                raise ValueError(f"state {name!r} must be [N, H] like the first state, got {tuple(s.shape)}")
+            if tuple(s.shape) != (N, sizes[ir.width(name)]):
+                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = {(N, sizes[ir.width(name)])}, "
+                                 f"got {tuple(s.shape)}")
         for name, v in zip(self.vectors, vectors, strict=True):
-            if tuple(v.shape) != (H,):
-                raise ValueError(f"vector {name!r} must have shape ({H},), got {tuple(v.shape)}")
+            if tuple(v.shape) != (sizes[ir.width(name)],):
+                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), got {tuple(v.shape)}")
         for name, v in zip(self.scalars, scalars, strict=True):
             if v.numel() != 1:
                 raise ValueError(f"scalar {name!r} must have one element, got shape {tuple(v.shape)}")
         for kind, ws, gemms in (("hoisted", hoisted_w, self.hoisted), ("step", step_w, self.gemms)):
             for w, g in zip(ws, gemms, strict=True):
-                if w.dim() != 2 or w.shape[0] != len(g.products) * H:
-                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {len(g.products)} * H "
-                                     f"= {len(g.products) * H} rows, got {tuple(w.shape)}")
+                rows = sum(sizes[b] for b in g.widths)
+                if w.dim() != 2 or w.shape[0] != rows:
+                    counts = {w: g.widths.count(w) for w in dict.fromkeys(g.widths)}
+                    widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
+                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {widths} = {rows} rows, "
+                                     f"got {tuple(w.shape)}")
         for w, g in zip(step_w, self.gemms, strict=True):
-            if w.shape[1] != H:
-                raise ValueError(f"step weight [{', '.join(g.params)}] must have H = {H} columns, "
+            k = sizes.get(g.operand_size)
+            if k is not None and w.shape[1] != k:
+                raise ValueError(f"step weight [{', '.join(g.params)}] must have {g.operand_size} = {k} columns, "
                                  f"got {tuple(w.shape)}")
         if len(self.inputs) > 1:
-            cols = input_columns(self.plan, x.shape[-1], H, hoisted_w)
+            cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
             widths = {name: c.stop - c.start for name, c in cols.items()}
         else:
             widths = {self.inputs[0]: x.shape[-1]}
-        for name in self.input_elementwise:
-            if widths[name] != H:
-                raise ValueError(f"this cell uses its input {name!r} elementwise: it must have H = {H} "
-                                 f"features, got {widths[name]}")
+        for pw in self.plan.pointwise:
+            for sym in pw.inputs:
+                name = self.shifted.get(sym.name, (sym.name,))[0]
+                if self.where[sym.name].kind != "input" or ir.width(name) == "row":
+                    continue
+                if widths[name] != sizes[pw.width]:
+                    raise ValueError(f"this cell uses its input {name!r} elementwise with {pw.width}-wide values: "
+                                     f"it must have {pw.width} = {sizes[pw.width]} features, got {widths[name]}")
 
     # ---- argument pointers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _block_offsets(gemms, sizes) -> list[list[int]]:
+        """Per GEMM, the first column of each block in its output (blocks have their own widths)."""
+        offsets = []
+        for g in gemms:
+            starts, at = [], 0
+            for w in g.widths:
+                starts.append(at)
+                at += sizes[w]
+            offsets.append(starts)
+        return offsets
 
     def _input(self, name: str, bufs: dict) -> _Arg:
         """A pointwise input of the forward (and the backward, which reads the same values). A hoisted
         block of a summed GEMM holds hoisted + product (see Folding)."""
         slot = self.where[name]
-        H, isz = bufs["H"], bufs["X"].element_size()
+        isz = bufs["X"].element_size()
         if slot.kind == "state":  # the previous state: the initial one at the first step
             news = bufs["news"][slot.index]
             arg = _Arg.rows(news)
             arg.first, arg.prev = bufs["states"][slot.index].data_ptr(), True
             return arg
         if slot.kind in ("hoisted", "product"):
-            arg = _Arg.rows((bufs["hoisted"] if slot.kind == "hoisted" else bufs["step"])[slot.index])
-            arg.base += slot.block * H * isz
+            hoisted = slot.kind == "hoisted"
+            arg = _Arg.rows((bufs["hoisted"] if hoisted else bufs["step"])[slot.index])
+            arg.base += (bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"])[slot.index][slot.block] * isz
             return arg
         if slot.kind == "vector":
             return _Arg.fixed(bufs["vectors"][slot.index])
@@ -413,24 +445,26 @@ class FusedCPULoop(TorchLoop):
         arg.first, arg.prev = bufs["states"][index].data_ptr(), True
         return arg
 
-    def _biases(self, vectors, H: int, hoisted_w, step_w):
+    def _biases(self, vectors, bufs: dict, hoisted_w, step_w):
         """The folded vectors added up per GEMM: ([rows of W] or None per hoisted GEMM, per step GEMM)."""
         biases = {"hoisted": [None] * len(hoisted_w), "step": [None] * len(step_w)}
         for i, (kind, gi, block) in self.folded.items():
             w = (hoisted_w if kind == "hoisted" else step_w)[gi]
             if biases[kind][gi] is None:
                 biases[kind][gi] = w.new_zeros(w.shape[0])
-            biases[kind][gi][block * H : (block + 1) * H] += vectors[i]
+            start = bufs[f"{kind}_blocks"][gi][block]
+            biases[kind][gi][start : start + vectors[i].shape[0]] += vectors[i]
         return biases["hoisted"], biases["step"]
 
     # ---- which loop runs a sequence ---------------------------------------------------------------
 
     def runs_native(self, kind: str, dtype: torch.dtype, n: int, step_w) -> bool:
-        """Whether the native loop runs this sequence: a cell without a state GEMM always (unless a
-        torch backend is forced), else when the native GEMM is the fastest on the step products
-        (kind "step" or "step_backward"; cpu_gemm measures it once per shape)."""
+        """Whether the native loop runs this sequence: never for a cell it cannot express
+        (`self.native_blocker`) or without the GEMM library; a cell without a state GEMM always
+        (unless a torch backend is forced), else when the native GEMM is the fastest on the step
+        products (kind "step" or "step_backward"; cpu_gemm measures it once per shape)."""
         force = self.gemm or cpu_gemm.forced()
-        if self.lib is None:
+        if self.lib is None or self.native_blocker:
             return False
         if force is not None or not step_w:
             return force in (None, "native")
@@ -472,26 +506,33 @@ class FusedCPULoop(TorchLoop):
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
+    def _buffers(self, X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes) -> dict:
+        """What every kernel argument points into, for one call (see _input)."""
+        return {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
+                "vectors": vectors, "scalars": scalars, "sizes": sizes,
+                "hoisted_blocks": self._block_offsets(self.hoisted, sizes),
+                "step_blocks": self._block_offsets(self.gemms, sizes)}
+
     def _forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
-        N, H = states[0].shape
-        X, steps, offsets, states, vectors, scalars = self._contiguous(
-            x, states, vectors, scalars, batch_sizes)
+        N = states[0].shape[0]
+        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
+        ir = self.plan.ir
         step_w = [w.contiguous() for w in step_w]
-        xs = self.split_inputs(X, H, hoisted_w)
-        hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
-        hoisted_bias, step_bias = self._biases(vectors, H, hoisted_w, step_w)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
+        hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
+        hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
         hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, self.gemm)
                        for op, w, bias in zip(hoisted_ops, hoisted_w, hoisted_bias, strict=True)]
-        news = [X.new_empty(rows, H) for _ in self.states]
-        out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, H)
+        news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
+        out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
         step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
-        operands = {name: X.new_empty(rows, H) for name in self.operand_names}
-        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "padded": batch_sizes is None, "news": news, "out": out, "step": step_out,
-                "hoisted": hoisted_out, "operands": operands}
-        args = {pw.stage: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
-                           for a in self.kernels[(pw.stage, False)].spec.args] for pw in self.plan.pointwise}
+        operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
+        bufs |= {"padded": batch_sizes is None, "news": news, "out": out, "step": step_out,
+                 "hoisted": hoisted_out, "operands": operands}
+        args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
+                          for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
         if self.runs_native("step", X.dtype, N, step_w):
             self._forward_native(bufs, args, steps, offsets, N, step_w, step_bias)
         else:
@@ -510,7 +551,7 @@ class FusedCPULoop(TorchLoop):
             + hoisted_out
         )
         if batch_sizes is None:
-            out = out.view(x.shape[0], x.shape[1], H)
+            out = out.view(x.shape[0], x.shape[1], -1)
         return out, finals, saved
 
     def _step_output(self, gi: int, bufs: dict) -> tuple[_Arg, int]:
@@ -518,12 +559,12 @@ class FusedCPULoop(TorchLoop):
         if gi in self.summed:
             hi, first = self.summed[gi]
             arg = _Arg.rows(bufs["hoisted"][hi])
-            arg.base += first * bufs["H"] * bufs["X"].element_size()
+            arg.base += bufs["hoisted_blocks"][hi][first] * bufs["X"].element_size()
             return arg, 1
         return _Arg.rows(bufs["step"][gi]), 2 if bufs["step_bias"][gi] is not None else 0
 
     def _forward_native(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
-        H, dtype = bufs["H"], bufs["X"].dtype
+        H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
         native = self.native(dtype)
         nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
         bufs["step_bias"] = step_bias
@@ -536,19 +577,21 @@ class FusedCPULoop(TorchLoop):
                                   bias=bias.data_ptr() if bias is not None else None,
                                   panels=panels[-1].data_ptr(), K=w.shape[1],
                                   blocks=len(self.gemms[gi].products)))
-        kernels = [_rows_array(args[pw.stage]) for pw in self.plan.pointwise]
+        kernels = [_rows_array(args[pw.name]) for pw in self.plan.pointwise]
         self.ran["forward"] = "native"
         native.forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels)
 
     def _forward_python(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
-        H, X = bufs["H"], bufs["X"]
+        X, sizes = bufs["X"], bufs["sizes"]
         bufs["step_bias"] = step_bias
-        calls = {k: _Bound(self.kernels[(k, False)], DTYPES[X.dtype], H, a) for k, a in args.items()}
+        dtype = DTYPES[X.dtype]
+        calls = [[_Bound(self.kernels[(st.pw.name, False)], dtype, sizes[st.pw.width], args[st.pw.name])
+                  for st in steps_k] for _gemm_ids, steps_k in self.stages]
         products = self._products("step", X.dtype, N, step_w)
         states, news, operands = bufs["states"], bufs["news"], bufs["operands"]
         q = -1
         for b, r in zip(steps, offsets, strict=True):
-            for k, (gemm_ids, _pw, *_rest) in enumerate(self.stages):
+            for k, (gemm_ids, _steps_k) in enumerate(self.stages):
                 for gi in gemm_ids:
                     is_state, index = self.gemm_operands[gi]
                     if not is_state:
@@ -557,13 +600,14 @@ class FusedCPULoop(TorchLoop):
                         opnd = states[index][:b] if q < 0 else news[index][q : q + b]
                     if gi in self.summed:  # S = hoisted rows + opnd @ W.T, in place
                         hi, first = self.summed[gi]
-                        cols = slice(first * H, first * H + step_w[gi].shape[0])
+                        start = bufs["hoisted_blocks"][hi][first]
+                        cols = slice(start, start + step_w[gi].shape[0])
                         products[gi](opnd, bufs["hoisted"][hi][r : r + b, cols], 1)
                     else:
                         bias = step_bias[gi]
                         products[gi](opnd, bufs["step"][gi][r : r + b], 0 if bias is None else 2, bias)
-                if k in calls:
-                    calls[k](r, q, b)
+                for call in calls[k]:
+                    call(r, q, b)
             q = r
 
     # ---- backward -------------------------------------------------------------------------------
@@ -580,10 +624,10 @@ class FusedCPULoop(TorchLoop):
                                   grad_states, batch_sizes, needs_dx)
 
     def _bind_backward(self, pw, A, B, bufs, grads) -> list[_Arg]:
-        """The arguments of stage pw's backward kernel when A holds d old states and B d new states."""
-        H, X = bufs["H"], bufs["X"]
+        """The arguments of pw's backward kernel when A holds d old states and B d new states."""
+        isz = bufs["X"].element_size()
         args = []
-        for a in self.kernels[(pw.stage, True)].spec.args:
+        for a in self.kernels[(pw.name, True)].spec.args:
             if a.part == "input":
                 args.append(self._input(a.name, bufs))
             elif a.part == "grad_output":
@@ -601,8 +645,10 @@ class FusedCPULoop(TorchLoop):
                 if slot.kind == "state":
                     args.append(_Arg.fixed(A[slot.index]))
                 elif slot.kind in ("hoisted", "product"):
-                    arg = _Arg.rows(grads[slot.kind if slot.kind == "hoisted" else "step"][slot.index])
-                    arg.base += slot.block * H * X.element_size()
+                    hoisted = slot.kind == "hoisted"
+                    arg = _Arg.rows(grads["hoisted" if hoisted else "step"][slot.index])
+                    starts = bufs["hoisted_blocks" if hoisted else "step_blocks"][slot.index]
+                    arg.base += starts[slot.block] * isz
                     args.append(arg)
                 elif slot.kind == "input":
                     args.append(_Arg.rows(grads["x"][a.name]))
@@ -614,35 +660,38 @@ class FusedCPULoop(TorchLoop):
 
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx):
-        N, H = states[0].shape
-        X, steps, offsets, states, vectors, scalars = self._contiguous(
-            x, states, vectors, scalars, batch_sizes)
+        N = states[0].shape[0]
+        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
+        ir = self.plan.ir
         step_w = [w.contiguous() for w in step_w]
-        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
-        xs = self.split_inputs(X, H, hoisted_w)
-        bufs = {"H": H, "X": X, "xs": xs, "states": states, "vectors": vectors, "scalars": scalars,
-                "padded": batch_sizes is None, "news": [n.contiguous() for n in news],
-                "step": [s.contiguous() for s in step_all],
-                "hoisted": [h.contiguous() for h in hoisted_out],
-                "operands": {k: v.contiguous() for k, v in operands.items()}}
-        news, operands = bufs["news"], bufs["operands"]
-        g_out = grad_out.reshape(rows, H).contiguous() if grad_out is not None else None
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
+        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
+        bufs |= {"padded": batch_sizes is None, "news": [n.contiguous() for n in news],
+                 "step": [s.contiguous() for s in step_all],
+                 "hoisted": [h.contiguous() for h in hoisted_out],
+                 "operands": {k: v.contiguous() for k, v in operands.items()}}
+        news, operands, xs = bufs["news"], bufs["operands"], bufs["xs"]
+        out_width = self.output_width(sizes)
+        g_out = grad_out.reshape(rows, out_width).contiguous() if grad_out is not None else None
         # d loss / d (state i's new value) at the current step: B[i]; its old value, being written: A[i]
-        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, H) for g in grad_states]
-        A = [X.new_empty(N, H) for _ in self.states]
+        widths = [sizes[ir.width(s)] for s in self.states]
+        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w) for g, w in zip(grad_states, widths,
+                                                                                             strict=True)]
+        A = [X.new_empty(N, w) for w in widths]
         d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
         alias = self.schedule.hoisted_alias
         d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
                    for i, w in enumerate(hoisted_w)]
         slots = max(1, torch.get_num_threads())  # per-thread accumulators of the scalar gradients
-        grads = {"out": g_out, "zeros": X.new_zeros(N, H),
-                 "ops": {name: X.new_empty(N, H) for name in self.operand_names},
+        grads = {"out": g_out, "zeros": X.new_zeros(N, out_width),
+                 "ops": {name: X.new_empty(N, sizes[self.width_of[name]]) for name in self.operand_names},
                  "step": d_step, "hoisted": d_hoist,
                  "x": {name: X.new_empty(rows, xs[name].shape[1]) for name in self.dx_from_kernels},
-                 "vectors": [torch.zeros(H, dtype=torch.float64) for _ in self.vectors],
+                 "vectors": [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors],
                  "scalars": [torch.zeros(slots, dtype=torch.float64) for _ in self.scalars]}
-        args = {pw.stage: [self._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
+        args = {pw.name: [self._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
                 for pw in self.plan.pointwise}
         if self.runs_native("step_backward", X.dtype, N, step_w):
             self._backward_native(bufs, grads, args, A, B, steps, offsets, N, step_w)
@@ -663,31 +712,32 @@ class FusedCPULoop(TorchLoop):
                 d_step_w.append(dw)
             else:
                 d_step_w.append(torch.mm(dP.t(), self._previous_all(index, states, news, steps, offsets)))
-        dx = dict(grads["x"])  # input name -> [rows, its width]
+        dx = {name: _to_width(d, xs[name]) for name, d in grads["x"].items()}  # input -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
             d_hoisted_w.append(torch.mm(d_hoist[gi].t(), hoisted_ops[gi]))
             name = g.operand.name
-            if not needs_dx and self.hoist is None:
-                continue  # the operand is x itself
+            if not needs_dx and not self.hoist and self.where[name].kind == "input":
+                continue  # the operand is an input itself
             d_op = cpu_gemm.matmul(d_hoist[gi], hoisted_w[gi], self.lib, self.gemm)
             d_hoist_ops[name] = d_op if name not in d_hoist_ops else d_hoist_ops[name] + d_op
         sums: dict = {}  # column sums of the GEMM gradients folded vectors read, one pass per buffer
-        d_vectors = [self._vector_grad(i, grads["vectors"], d_hoist, d_step, H, sums).to(X.dtype)
+        d_vectors = [self._vector_grad(i, grads["vectors"], d_hoist, d_step, bufs, sums).to(X.dtype)
                      for i in range(len(self.vectors))]
         d_scal = [a.sum().to(X.dtype) for a in grads["scalars"]]
-        if self.hoist is not None:
-            hp, _fwd, bwd, hoist_slots = self.hoist
-            hoist_args = [self._static(s, xs, vectors, scalars) for s in hoist_slots]
-            hoist_grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-            hoist_grads = [g if g is not None else X.new_zeros(rows, H) for g in hoist_grads]
-            for sym, res in zip(hp.grad_inputs, bwd(*hoist_args, *hoist_grads), strict=True):
+        for st in self.hoist:
+            hoist_args = [self._static(s, xs, vectors, scalars) for s in st.slots]
+            hoist_grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
+            hoist_grads = [g if g is not None else X.new_zeros(rows, sizes[self.width_of[n]])
+                           for g, (n, _) in zip(hoist_grads, st.pw.outputs, strict=True)]
+            for sym, res in zip(st.pw.grad_inputs, st.backward(*hoist_args, *hoist_grads), strict=True):
                 if res is None:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
+                    res = _to_width(res, xs[slot.index])
                     dx[slot.index] = res if slot.index not in dx else dx[slot.index] + res
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + res.reshape(-1, res.shape[-1]).sum(0)
@@ -696,23 +746,24 @@ class FusedCPULoop(TorchLoop):
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
                 dx[name] = d_op if name not in dx else dx[name] + d_op
-        dx = self.join_input_grads(dx, X, H, hoisted_w)
+        dx = self.join_input_grads(dx, X, sizes, hoisted_w, steps, offsets)
         dx = torch.zeros_like(x) if dx is None or not needs_dx else dx.reshape(x.shape)
         return dx, list(dstate), d_hoisted_w, d_step_w, d_vectors, d_scal
 
-    def _vector_grad(self, i: int, accumulators, d_hoist, d_step, H: int, sums: dict) -> torch.Tensor:
+    def _vector_grad(self, i: int, accumulators, d_hoist, d_step, bufs: dict, sums: dict) -> torch.Tensor:
         """Vector i's gradient: a column sum of its block's gradient (folded), the accumulator of the
         vector with the same gradient ("same:"), or its own accumulator."""
         if i in self.folded:
             kind, gi, block = self.folded[i]
             if (kind, gi) not in sums:
                 sums[(kind, gi)] = (d_hoist if kind == "hoisted" else d_step)[gi].sum(0)
-            return sums[(kind, gi)][block * H : (block + 1) * H]
+            start = bufs[f"{kind}_blocks"][gi][block]
+            return sums[(kind, gi)][start : start + bufs["vectors"][i].shape[0]]
         j = self.same_vectors.get(i, i)
-        return self._vector_grad(j, accumulators, d_hoist, d_step, H, sums) if j != i else accumulators[i]
+        return self._vector_grad(j, accumulators, d_hoist, d_step, bufs, sums) if j != i else accumulators[i]
 
     def _backward_native(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
-        H, dtype = bufs["H"], bufs["X"].dtype
+        H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
         native = self.native(dtype)
         nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
         panels, gemms = [], []
@@ -728,7 +779,7 @@ class FusedCPULoop(TorchLoop):
             gemms.append(BackGemm(grad=_Arg.rows(grads["step"][gi]).c(), dest=(Rows * 2)(*dest),
                                   accumulate=int(accumulate), panels=panels[-1].data_ptr(),
                                   blocks=len(self.gemms[gi].products)))
-        kernels = [_rows_array(a) for pw in self.plan.pointwise for a in args[pw.stage]]
+        kernels = [_rows_array(a) for pw in self.plan.pointwise for a in args[pw.name]]
         self.ran["backward"] = "native"
         out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
         state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
@@ -737,10 +788,11 @@ class FusedCPULoop(TorchLoop):
                         untouched, out_state, grads["out"])
 
     def _backward_python(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
-        H, X = bufs["H"], bufs["X"]
+        X, sizes = bufs["X"], bufs["sizes"]
         dtype = DTYPES[X.dtype]
-        calls = [{stage: _Bound(self.kernels[(stage, True)], dtype, H, pair[parity])
-                  for stage, pair in args.items()} for parity in (0, 1)]
+        # per parity of the (A, B) swap, per stage: its kernels, one per output width
+        calls = [[[_Bound(self.kernels[(st.pw.name, True)], dtype, sizes[st.pw.width], args[st.pw.name][p])
+                   for st in steps_k] for _gemm_ids, steps_k in self.stages] for p in (0, 1)]
         products = self._products("step_backward", X.dtype, N, step_w)
         g_out, d_step, dops = grads["out"], grads["step"], grads["ops"]
         add_out = g_out is not None and self.output_state is not None
@@ -752,10 +804,9 @@ class FusedCPULoop(TorchLoop):
             if add_out:
                 cur_B[self.output_state][:b].add_(g_out[r : r + b])
             for k in reversed(range(len(self.stages))):
-                gemm_ids, pw = self.stages[k][0], self.stages[k][1]
-                if pw is not None:
-                    calls[parity][k](r, q, b)
-                for gi in gemm_ids:
+                for call in calls[parity][k]:
+                    call(r, q, b)
+                for gi in self.stages[k][0]:
                     dP = d_step[gi][r : r + b]
                     is_state, index = self.gemm_operands[gi]
                     if not is_state:

@@ -10,7 +10,13 @@ so a compiled graph names the cell it runs and no op is registered at run time.
 
 x [T, N, I] with batch_sizes None (out [T, N, H]), or packed x [rows, I] with batch_sizes [T]
 (int64, CPU; out [rows, H]). states [N, H] each; params as in function.split_params. `saved` are
-the loop's intermediates for the backward (TorchLoop.saved_shapes); users never see them.
+the loop's intermediates for the backward (TorchLoop.saved_shapes); users never see them. An empty
+batch (N = 0) or zero-width states (H = 0, as torch's cells allow) run nothing: empty results, zero
+gradients.
+
+Autograd: runtime/autograd.py (first order fused, higher orders through the generated torch code);
+vmap: runtime/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
+torch.func transforms work too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import batching
+from .autograd import CellSequence, gradients
 from .function import loop_for, split_params, unaliased
 
 
@@ -26,22 +34,29 @@ def cell_sequence(
     key: str, backend: str, x: Tensor, states: list[Tensor], params: list[Tensor], batch_sizes: Tensor | None
 ) -> list[Tensor]:
     loop = loop_for(key, backend)
+    if states[0].numel() == 0:  # an empty batch (N = 0) or zero-width states (H = 0): nothing to run
+        return _outputs(loop, x, states, params, batch_sizes, x.new_zeros)
     out, finals, saved = loop.forward(x, states, *split_params(loop, params), batch_sizes)
     return unaliased([out, *finals, *saved], [x, *states, *params])
 
 
+def _outputs(loop, x, states, params, batch_sizes, new):
+    """Tensors shaped like the op's results, made by `new(*shape)`."""
+    hoisted_w, step_w, vectors, _scalars = split_params(loop, params)
+    sizes = loop.sizes(states, vectors, hoisted_w, step_w)
+    width = loop.output_width(sizes)
+    if batch_sizes is None:
+        rows, out = x.shape[0] * x.shape[1], new(x.shape[0], x.shape[1], width)
+    else:
+        rows, out = x.shape[0], new(x.shape[0], width)
+    finals = [new(*s.shape) for s in states]
+    saved = [new(*shape) for shape in loop.saved_shapes(rows, sizes, hoisted_w, step_w)]
+    return [out, *finals, *saved]
+
+
 @cell_sequence.register_fake
 def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
-    loop = loop_for(key, backend)
-    hoisted_w, step_w, _vectors, _scalars = split_params(loop, params)
-    N, H = states[0].shape
-    if batch_sizes is None:
-        rows, out = x.shape[0] * x.shape[1], x.new_empty(x.shape[0], x.shape[1], H)
-    else:
-        rows, out = x.shape[0], x.new_empty(x.shape[0], H)
-    finals = [x.new_empty(N, H) for _ in states]
-    saved = [x.new_empty(shape) for shape in loop.saved_shapes(rows, H, hoisted_w, step_w)]
-    return [out, *finals, *saved]
+    return _outputs(loop_for(key, backend), x, states, params, batch_sizes, x.new_empty)
 
 
 @torch.library.custom_op("celldsl::cell_sequence_backward", mutates_args=())
@@ -58,6 +73,8 @@ def cell_sequence_backward(
     grad_finals: list[Tensor | None],
     needs_dx: bool = True,
 ) -> list[Tensor]:
+    if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
+        return [torch.zeros_like(t) for t in (x, *states, *params)]
     loop = loop_for(key, backend)
     dx, dstates, *dparams = loop.backward(
         x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
@@ -96,16 +113,20 @@ def _backward(ctx, grads):
     if grad_out is None and all(g is None for g in grad_finals):
         return None, None, None, [None] * n_states, [None] * n_params, None
     needs_dx = ctx.needs_input_grad[2]  # a first layer's input usually needs no gradient
-    flat = cell_sequence_backward(
-        ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals, needs_dx
-    )
-    return None, None, flat[0] if needs_dx else None, flat[1 : 1 + n_states], flat[1 + n_states :], None
+    dx, dstates, dparams = gradients(ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved,
+                                     grad_out, grad_finals, needs_dx)
+    return None, None, dx, dstates, dparams, None
 
 
 torch.library.register_autograd("celldsl::cell_sequence", _backward, setup_context=_setup_context)
+batching.register(cell_sequence, cell_sequence_backward)
 
 
 def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
-    """(out, final states) of one direction of one layer; differentiable, traceable by torch.compile."""
-    result = cell_sequence(cell_key, backend, x, list(states), list(params), batch_sizes)
-    return result[0], result[1 : 1 + len(states)]
+    """(out, final states) of one direction of one layer: differentiable to any order, traceable by
+    torch.compile, and under torch.func transforms (vmap, grad, jacrev)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params)):
+        result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
+    else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
+        result = cell_sequence(cell_key, backend, x, list(states), list(params), batch_sizes)
+    return result[0], list(result[1 : 1 + len(states)])

@@ -7,13 +7,17 @@ Sequences are time-major and flat: step t owns the rows [offset_t, offset_t + b_
 where b_t = batch_sizes[t] (torch's PackedSequence order: sequences sorted by decreasing length, so
 the sequences still running at step t are the first b_t). A padded batch x [T, N, I] is the case
 b_t = N. Step t computes only its b_t rows; the other rows keep their state, so a sequence's final
-state is the one of its own last step. Shapes: states [N, H] each, hoisted weights [rows, I], step
-weights [rows, K], vectors [H], scalars [] (0-dim).
+state is the one of its own last step. Shapes: state s [N, width of s] (H unless the cell declares
+another), hoisted weights [rows, I], step weights [rows, K] (or [G, NH, dh, dh] with heads, see
+gemm.py), vectors [their width], scalars [] (0-dim). The sizes of the widths (widths.py) are read
+off the tensors at every call (`sizes`).
 
 A cell with several inputs (`input x, ctx`) takes them as one x, concatenated along the features in
-the order declared: [x | ctx | ...]. `input_columns` recovers each input's columns from the weights
-(an extra input read by a matrix has that matrix's width, one read elementwise has H; one the cell
-never reads is not in x), so the ops keep one x tensor and only the layer knows the sizes.
+the order declared: [x | ctx | ...]. `input_columns` recovers each input's columns (an extra input
+read by a matrix has that matrix's width, one declared `: 1` has 1, one read elementwise has the
+width it meets; one the cell never reads is not in x), so the ops keep one x tensor and only the
+layer knows the sizes. `prev(x)` (x of the step before, zero at the first step of each sequence) is
+a shifted copy of x's rows, made once per call (`shifted_rows`): hoisted GEMMs read it like x.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, Pointwise
+from . import gemm
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,16 @@ class Slot:
     kind: str  # input | state | vector | scalar | hoisted | product | operand
     index: int | str
     block: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pointwise function of the plan with the generated functions that run it and its arguments."""
+
+    pw: Pointwise
+    forward: object
+    backward: object
+    slots: list[Slot]
 
 
 def steps_of(x: torch.Tensor, batch_sizes, n: int) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -58,17 +73,35 @@ def steps_of(x: torch.Tensor, batch_sizes, n: int) -> tuple[torch.Tensor, list[i
     return x.reshape(-1, x.shape[-1]), steps, offsets
 
 
-def input_columns(plan: Plan, width: int, hidden: int, hoisted_w) -> dict[str, slice]:
+def shifted_rows(steps: list[int], offsets: list[int], k: int, device) -> torch.Tensor:
+    """For every row of step t, the row of the same sequence at step t - k, or -1 when t < k: [rows].
+    (Packed order keeps sequence r at position r of every step it runs in.)"""
+    index = []
+    for t, (b, off) in enumerate(zip(steps, offsets, strict=True)):
+        index.append(torch.arange(b) + offsets[t - k] if t >= k else torch.full((b,), -1))
+    return torch.cat(index).to(device)
+
+
+def input_columns(plan: Plan, width: int, sizes: dict[str, int], hoisted_w) -> dict[str, slice]:
     """Columns of the first input and of each extra input the plan reads inside the concatenated x
-    [rows, width]: an extra input's width is that of the hoisted weight applied to it, else H; the
-    first input has the rest. Raises ValueError when x is too narrow for them."""
-    first, read = plan.ir.inputs[0], plan.inputs_read()
+    [rows, width]: an extra input's width is that of the hoisted weight applied to it, 1 for one
+    declared `: 1`, else the size of the width it meets; the first input has the rest. Raises
+    ValueError when x is too narrow for them."""
+    ir = plan.ir
+    first, read = ir.inputs[0], plan.inputs_read()
     widths = {}
     for name in read:
-        if name != first:
-            by_matrix = [w.shape[1] for g, w in zip(plan.hoisted, hoisted_w, strict=True)
-                         if g.operand_size == name]
-            widths[name] = by_matrix[0] if by_matrix else hidden
+        if name == first:
+            continue
+        by_matrix = [w.shape[1] if w.dim() == 2 else w.shape[1] * w.shape[3]
+                     for g, w in zip(plan.hoisted, hoisted_w, strict=True) if g.operand_size == name]
+        if by_matrix:
+            widths[name] = by_matrix[0]
+        elif ir.width(name) == "row":
+            widths[name] = 1
+        else:
+            met = [b if a == name else a for a, b in ir.same_widths if name in (a, b)]
+            widths[name] = next((sizes[w] for w in met if w in sizes), sizes["H"])
     rest = width - sum(widths.values())
     if rest < 0:
         raise ValueError(
@@ -85,14 +118,15 @@ def input_columns(plan: Plan, width: int, hidden: int, hoisted_w) -> dict[str, s
 class TorchLoop:
     """Runs one compiled cell forward and backward over a whole sequence with a module of pointwise
     functions (emit/torch_source.py; the Triton backend passes a module of kernels with the same
-    signatures: `stage{k}_forward(*args) -> tuple`, `stage{k}_backward(*args, *grads) -> tuple`
-    with None for a zero gradient)."""
+    signatures: `<name>_forward(*args) -> tuple`, `<name>_backward(*args, *grads) -> tuple` with
+    None for a zero gradient, one pair per Pointwise of the plan)."""
 
     def __init__(self, plan: Plan, module):
         self.plan = plan
         ir = plan.ir
         self.states = list(ir.states)
         self.inputs = list(ir.inputs)
+        self.shifted = dict(ir.shifted)  # "prev(x)" -> ("x", 1)
         self.vectors = [n for n, p in ir.params.items() if p.kind == "vector"]
         self.scalars = [n for n, p in ir.params.items() if p.kind == "scalar"]
         self.hoisted = plan.hoisted
@@ -100,7 +134,7 @@ class TorchLoop:
         where: dict[str, Slot] = {}
         for i, s in enumerate(self.states):
             where[s] = Slot("state", i)
-        for name in ir.inputs:
+        for name in [*ir.inputs, *self.shifted]:
             where[name] = Slot("input", name)
         for i, v in enumerate(self.vectors):
             where[v] = Slot("vector", i)
@@ -117,88 +151,114 @@ class TorchLoop:
         self.where = where
         self.output_state = self.states.index(ir.output) if ir.output in self.states else None
         self.operand_names = [name for name, slot in where.items() if slot.kind == "operand"]
-        # per stage: (gemm indices, pointwise or None, forward fn, backward fn, argument slots)
-        self.stages = []
-        by_stage = {pw.stage: pw for pw in plan.pointwise}
-        for k in range(plan.num_stages + 1):
-            gemm_ids = [i for i, g in enumerate(self.gemms) if g.stage == k]
-            pw = by_stage.get(k)
-            if pw is None:
-                self.stages.append((gemm_ids, None, None, None, None))
-                continue
-            slots = [where[s.name] for s in pw.inputs]
-            self.stages.append(
-                (
-                    gemm_ids,
-                    pw,
-                    getattr(module, f"stage{k}_forward"),
-                    getattr(module, f"stage{k}_backward"),
-                    slots,
-                )
-            )
-        hp = plan.hoist_pointwise
-        self.hoist = None
-        if hp is not None:
-            self.hoist = (hp, module.hoist_forward, module.hoist_backward, [where[s.name] for s in hp.inputs])
+
+        def step(pw: Pointwise) -> Step:
+            fwd, bwd = getattr(module, f"{pw.name}_forward"), getattr(module, f"{pw.name}_backward")
+            return Step(pw, fwd, bwd, [where[s.name] for s in pw.inputs])
+
+        # per stage k = 0..S: (indices of its GEMMs, its pointwise functions: one per output width)
+        self.stages = [([i for i, g in enumerate(self.gemms) if g.stage == k], [step(pw) for pw in
+                        plan.pointwise_of_stage(k)]) for k in range(plan.num_stages + 1)]
+        self.hoist = [step(pw) for pw in plan.hoist_pointwise]
         self.operand_of_hoisted = [g.operand.name for g in self.hoisted]
+        # the width (a name, widths.py) of everything a pointwise function outputs, and of operands
+        self.width_of = {s + "'": ir.width(s) for s in self.states} | {ir.output: ir.width(ir.output)}
+        self.width_of |= {g.operand.name: g.operand_size for g in [*self.gemms, *self.hoisted]}
 
-    # ---- what the forward keeps for the backward -------------------------------------------------
+    # ---- sizes -------------------------------------------------------------------------------------
 
-    def saved_shapes(self, rows: int, hidden: int, hoisted_w, step_w) -> list[tuple[int, int]]:
+    def sizes(self, states, vectors, hoisted_w, step_w) -> dict[str, int]:
+        """The size of every width of the cell, read off the tensors of one call."""
+        ir = self.plan.ir
+        sizes = {"row": 1}
+        for name, s in zip(self.states, states, strict=True):
+            sizes.setdefault(ir.width(name), s.shape[-1])
+        for name, v in zip(self.vectors, vectors, strict=True):
+            sizes.setdefault(ir.width(name), v.shape[-1])
+        for g, w in [*zip(self.gemms, step_w, strict=True), *zip(self.hoisted, hoisted_w, strict=True)]:
+            unknown = [x for x in g.widths if x not in sizes]
+            if unknown and len(set(unknown)) == 1:
+                known = sum(sizes[x] for x in g.widths if x in sizes)
+                sizes[unknown[0]] = (gemm.rows_of(w) - known) // len(unknown)
+        sizes.setdefault("H", states[0].shape[-1])
+        return sizes
+
+    def _blocks(self, t: torch.Tensor, g, sizes) -> list[torch.Tensor]:
+        """A GEMM's output [rows, sum of its blocks' widths] -> one view per block."""
+        if len(g.products) == 1:
+            return [t]
+        return list(t.split([sizes[w] for w in g.widths], dim=-1))
+
+    def saved_shapes(self, rows: int, sizes: dict[str, int], hoisted_w, step_w) -> list[tuple[int, int]]:
         """Shapes of the tensors `forward` returns as `saved`, in order (for fake/meta kernels):
-        new states [rows, H] (all but the output state, which is `out`), per-step GEMM outputs
-        [rows, rows of W], per-step GEMM operands [rows, H], hoisted GEMM outputs [rows, rows of W]."""
-        n_news = len(self.states) - (self.output_state is not None)
+        new states [rows, width] (all but the output state, which is `out`), per-step GEMM outputs
+        [rows, rows of W], per-step GEMM operands [rows, width], hoisted GEMM outputs [rows, rows of W]."""
+        ir = self.plan.ir
         return (
-            [(rows, hidden)] * n_news
-            + [(rows, w.shape[0]) for w in step_w]
-            + [(rows, hidden)] * len(self.operand_names)
-            + [(rows, w.shape[0]) for w in hoisted_w]
+            [(rows, sizes[ir.width(s)]) for i, s in enumerate(self.states) if i != self.output_state]
+            + [(rows, gemm.rows_of(w)) for w in step_w]
+            + [(rows, sizes[self.width_of[n]]) for n in self.operand_names]
+            + [(rows, gemm.rows_of(w)) for w in hoisted_w]
         )
 
-    def _unpack_saved(self, saved, out, hidden):
+    def output_width(self, sizes: dict[str, int]) -> int:
+        return sizes[self.plan.ir.width(self.plan.ir.output)]
+
+    def _unpack_saved(self, saved, out, sizes):
         saved = list(saved)
         news = []
         for i in range(len(self.states)):
-            news.append(out.reshape(-1, hidden) if i == self.output_state else saved.pop(0))
+            news.append(out.reshape(-1, self.output_width(sizes)) if i == self.output_state else saved.pop(0))
         step_all = [saved.pop(0) for _ in self.gemms]
         operands = {name: saved.pop(0) for name in self.operand_names}
         hoisted_out = [saved.pop(0) for _ in self.hoisted]
         return news, step_all, operands, hoisted_out
 
-    # ---- helpers -----------------------------------------------------------------------------
+    # ---- inputs ----------------------------------------------------------------------------------
 
-    def split_inputs(self, X, hidden, hoisted_w) -> dict[str, torch.Tensor]:
+    def split_inputs(self, X, sizes, hoisted_w, steps, offsets) -> dict[str, torch.Tensor]:
         """The concatenated x [rows, I] -> {input name: [rows, its width]} (contiguous copies of the
-        columns, so every backend reads plain rows); a one-input cell's x is its input as is."""
+        columns, so every backend reads plain rows), and each prev(x, k) the cell reads."""
         if len(self.inputs) == 1:
-            return {self.inputs[0]: X}
-        cols = input_columns(self.plan, X.shape[1], hidden, hoisted_w)
-        return {name: X[:, c].contiguous() for name, c in cols.items()}
+            parts = {self.inputs[0]: X}
+        else:
+            cols = input_columns(self.plan, X.shape[1], sizes, hoisted_w)
+            parts = {name: X[:, c].contiguous() for name, c in cols.items()}
+        for name, (source, k) in self.shifted.items():
+            src = shifted_rows(steps, offsets, k, X.device)
+            value = parts[source]
+            parts[name] = torch.where((src >= 0)[:, None], value[src.clamp(min=0)], value.new_zeros(()))
+        return parts
 
-    def join_input_grads(self, parts: dict, X, hidden, hoisted_w):
+    def join_input_grads(self, parts: dict, X, sizes, hoisted_w, steps, offsets):
         """{input name: gradient [rows, its width] or None} -> the gradient of the concatenated x
-        [rows, I] (zero columns where an input got none), or None when no input got one."""
+        [rows, I] (zero columns where an input got none), or None when no input got one. The
+        gradient of prev(x, k) goes back k steps, to the rows of x it read."""
+        parts = dict(parts)
+        for name, (source, k) in self.shifted.items():
+            d = parts.pop(name, None)
+            if d is None:
+                continue
+            src = shifted_rows(steps, offsets, k, X.device)
+            keep = src >= 0
+            base = parts.get(source)
+            base = torch.zeros_like(d) if base is None else base.clone()
+            parts[source] = base.index_add_(0, src[keep], d[keep])
         if len(self.inputs) == 1:
             return parts.get(self.inputs[0])
         if all(parts.get(n) is None for n in self.inputs):
             return None
-        cols = input_columns(self.plan, X.shape[1], hidden, hoisted_w)
+        cols = input_columns(self.plan, X.shape[1], sizes, hoisted_w)
         return torch.cat([parts[n] if parts.get(n) is not None else X.new_zeros(X.shape[0], c.stop - c.start)
                           for n, c in cols.items()], dim=1)
-
-    @staticmethod
-    def _blocks(t: torch.Tensor, n: int) -> list[torch.Tensor]:
-        return list(t.chunk(n, dim=-1)) if n > 1 else [t]
 
     def _hoisted_operands(self, x, vectors, scalars):
         """Operand values of the hoisted GEMMs over the whole sequence: [rows, K] each (x: the
         inputs by name, see split_inputs)."""
         values = {}
-        if self.hoist is not None:
-            hp, fwd, _bwd, slots = self.hoist
-            args = [self._static(s, x, vectors, scalars) for s in slots]
-            for (name, _), r in zip(hp.outputs, fwd(*args), strict=True):
+        for st in self.hoist:
+            args = [self._static(s, x, vectors, scalars) for s in st.slots]
+            for (name, _), r in zip(st.pw.outputs, st.forward(*args), strict=True):
                 values[name] = r
         return [values[n] if n in values else self._static(self.where[n], x, vectors, scalars)
                 for n in self.operand_of_hoisted]
@@ -233,43 +293,41 @@ class TorchLoop:
     # ---- forward -----------------------------------------------------------------------------
 
     def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
-        """-> (out, final states [N, H] each, saved: list of tensors, see saved_shapes).
+        """-> (out, final states [N, width] each, saved: list of tensors, see saved_shapes).
 
-        x [T, N, I] -> out [T, N, H]; packed x [rows, I] with batch_sizes -> out [rows, H].
+        x [T, N, I] -> out [T, N, width of the output]; packed x [rows, I] with batch_sizes -> out
+        [rows, width of the output].
         """
-        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
-        X = self.split_inputs(X, states[0].shape[1], hoisted_w)
+        Xf, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        X = self.split_inputs(Xf, sizes, hoisted_w, steps, offsets)
         hoisted_ops = self._hoisted_operands(X, vectors, scalars)
-        hoisted_out = [torch.matmul(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
-        hoisted_blocks = [
-            self._blocks(h, len(g.products)) for h, g in zip(hoisted_out, self.hoisted, strict=True)
-        ]
+        hoisted_out = [gemm.matmul(op, w) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
+        hoisted_blocks = [self._blocks(h, g, sizes) for h, g in zip(hoisted_out, self.hoisted, strict=True)]
         cur = list(states)
         news = [[] for _ in self.states]
         step_out = [[] for _ in self.gemms]
         operand_seq = {name: [] for name in self.operand_names}
         outputs = []
-        w_t = [w.t() for w in step_w]
         for b, off in zip(steps, offsets, strict=True):
             rows = slice(off, off + b)
             if b < cur[0].shape[0]:  # sequences that ended keep their state; only the first b run on
                 cur = [s[:b] for s in cur]
             env_ops: dict[str, torch.Tensor] = {}
             products: dict[int, list[torch.Tensor]] = {}
-            for gemm_ids, pw, fwd, _bwd, slots in self.stages:
+            for gemm_ids, steps_of_stage in self.stages:
                 for gi in gemm_ids:
                     g = self.gemms[gi]
                     slot = self.where[g.operand.name]
                     opnd = cur[slot.index] if slot.kind == "state" else env_ops[g.operand.name]
-                    out = torch.mm(opnd, w_t[gi])
+                    out = gemm.matmul(opnd, step_w[gi])
                     step_out[gi].append(out)
-                    products[gi] = self._blocks(out, len(g.products))
-                if pw is None:
-                    continue
-                args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
-                        for s in slots]
-                for (name, _), r in zip(pw.outputs, fwd(*args), strict=True):
-                    env_ops[name] = r
+                    products[gi] = self._blocks(out, g, sizes)
+                for st in steps_of_stage:
+                    args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
+                            for s in st.slots]
+                    for (name, _), r in zip(st.pw.outputs, st.forward(*args), strict=True):
+                        env_ops[name] = r
             for name, seq in operand_seq.items():
                 seq.append(env_ops[name])
             cur = [env_ops[s + "'"] for s in self.states]
@@ -283,7 +341,7 @@ class TorchLoop:
             torch.cat([seq[t][ends[t] : steps[t]] for t in reversed(range(len(steps))) if ends[t] < steps[t]])
             for seq in news
         ]
-        news_all = [torch.cat(seq) for seq in news]  # [rows, H]
+        news_all = [torch.cat(seq) for seq in news]  # [rows, width]
         out = news_all[self.output_state] if self.output_state is not None else torch.cat(outputs)
         saved = (
             [s for i, s in enumerate(news_all) if i != self.output_state]
@@ -302,16 +360,24 @@ class TorchLoop:
         """Gradients of everything `forward` took: (dx, d states, d hoisted_w, d step_w, d vectors,
         d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero).
         needs_dx=False skips the input's projection GEMM over all steps (dx is then not meaningful)."""
-        N, H = states[0].shape
+        N = states[0].shape[0]
         Xf, steps, offsets = steps_of(x, batch_sizes, N)
-        X = self.split_inputs(Xf, H, hoisted_w)  # input name -> [rows, its width]
-        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, H)
-        hoisted_blocks = [
-            self._blocks(h, len(g.products)) for h, g in zip(hoisted_out, self.hoisted, strict=True)
-        ]
-        zeros = Xf.new_zeros(N, H)
-        g_out = grad_out.reshape(-1, H) if grad_out is not None else None
-        dstate = [g if g is not None else zeros for g in grad_states]  # d loss / d running state [N, H]
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        X = self.split_inputs(Xf, sizes, hoisted_w, steps, offsets)  # input name -> [rows, its width]
+        news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
+        hoisted_blocks = [self._blocks(h, g, sizes) for h, g in zip(hoisted_out, self.hoisted, strict=True)]
+        zero_rows: dict[int, torch.Tensor] = {}
+
+        def zeros(b: int, width: str) -> torch.Tensor:
+            """[b, size of width] zeros (views of one buffer per size)."""
+            n = sizes[width]
+            if n not in zero_rows:
+                zero_rows[n] = Xf.new_zeros(N, n)
+            return zero_rows[n][:b]
+
+        g_out = grad_out.reshape(-1, self.output_width(sizes)) if grad_out is not None else None
+        dstate = [g if g is not None else zeros(N, self.plan.ir.width(s))  # d loss / d running state
+                  for g, s in zip(grad_states, self.states, strict=True)]
         d_step = [[] for _ in self.gemms]  # per step, last step first
         d_hoisted = [[] for _ in self.hoisted]
         d_vec = [[] for _ in self.vectors]
@@ -321,9 +387,7 @@ class TorchLoop:
             b, off = steps[t], offsets[t]
             rows = slice(off, off + b)
             cur = [self._previous(i, t, states, news, steps, offsets) for i in range(len(self.states))]
-            products = {
-                gi: self._blocks(step_all[gi][rows], len(g.products)) for gi, g in enumerate(self.gemms)
-            }
+            products = {gi: self._blocks(step_all[gi][rows], g, sizes) for gi, g in enumerate(self.gemms)}
             env_ops = {k: v[rows] for k, v in operands.items()}
             dprev: list = [None] * len(self.states)
             dprod: dict[tuple[int, int], torch.Tensor] = {}
@@ -337,14 +401,14 @@ class TorchLoop:
                     final_grads[s] = final_grads[s] + g_out[rows]
                 else:
                     final_grads[self.plan.ir.output] = g_out[rows]
-            for k in reversed(range(len(self.stages))):
-                gemm_ids, pw, _fwd, bwd, slots = self.stages[k]
-                if pw is not None:
+            for gemm_ids, steps_of_stage in reversed(self.stages):
+                for st in steps_of_stage:
                     args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
-                            for s in slots]
-                    grads = [final_grads[n] if n in final_grads else dops.pop(n, None) for n, _ in pw.outputs]
-                    grads = [g if g is not None else zeros[:b] for g in grads]
-                    for sym, r in zip(pw.grad_inputs, bwd(*args, *grads), strict=True):
+                            for s in st.slots]
+                    grads = [final_grads[n] if n in final_grads else dops.pop(n, None) for n, _ in st.pw.outputs]
+                    grads = [g if g is not None else zeros(b, self.width_of[n])
+                             for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
+                    for sym, r in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
                         if r is None:
                             continue
                         slot = self.where[sym.name]
@@ -359,24 +423,25 @@ class TorchLoop:
                         elif slot.kind == "scalar":
                             d_scal[slot.index] = d_scal[slot.index] + r.sum()
                         elif slot.kind == "input":
-                            dx_t[slot.index] = _add(dx_t.get(slot.index), r)
+                            dx_t[slot.index] = _add(dx_t.get(slot.index), _to_width(r, X[slot.index]))
                 for gi in gemm_ids:
                     g = self.gemms[gi]
-                    blocks = [dprod.get((gi, j), zeros[:b]) for j in range(len(g.products))]
+                    blocks = [dprod.get((gi, j), zeros(b, g.widths[j])) for j in range(len(g.products))]
                     dP = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
                     d_step[gi].append(dP)
-                    d_op = torch.mm(dP, step_w[gi])
+                    d_op = gemm.input_grad(dP, step_w[gi])
                     slot = self.where[g.operand.name]
                     if slot.kind == "state":
                         dprev[slot.index] = _add(dprev[slot.index], d_op)
                     else:
                         dops[g.operand.name] = _add(dops.get(g.operand.name), d_op)
             for gi, g in enumerate(self.hoisted):
-                blocks = [dhoist.get((gi, j), zeros[:b]) for j in range(len(g.products))]
+                blocks = [dhoist.get((gi, j), zeros(b, g.widths[j])) for j in range(len(g.products))]
                 d_hoisted[gi].append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
             dx_steps.append(dx_t)
             # rows past b did not run at step t: their gradient passes through unchanged
-            dprev = [d if d is not None else zeros[:b] for d in dprev]
+            dprev = [d if d is not None else zeros(b, self.plan.ir.width(s)) for d, s in zip(dprev, self.states,
+                                                                                               strict=True)]
             dstate = [d if b == N else torch.cat([d, ds[b:]]) for d, ds in zip(dprev, dstate, strict=True)]
 
         # weight gradients: one GEMM over all time steps per group
@@ -388,7 +453,7 @@ class TorchLoop:
                 opnd = self._previous_all(slot.index, states, news, steps, offsets)
             else:
                 opnd = operands[g.operand.name]
-            d_step_w.append(dP.t().mm(opnd))
+            d_step_w.append(gemm.weight_grad(dP, opnd, step_w[gi]))
         dx = {}  # input name -> [rows, its width]
         for name in {n for d in dx_steps for n in d}:
             dx[name] = torch.cat([d[name] if name in d else Xf.new_zeros(b, X[name].shape[1])
@@ -398,22 +463,22 @@ class TorchLoop:
         hoisted_ops = self._hoisted_operands(X, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
             dP = torch.cat(d_hoisted[gi][::-1])
-            d_hoisted_w.append(dP.t().mm(hoisted_ops[gi]))
+            d_hoisted_w.append(gemm.weight_grad(dP, hoisted_ops[gi], hoisted_w[gi]))
             name = g.operand.name
             if needs_dx or self.where[name].kind != "input":
-                d_hoist_ops[name] = _add(d_hoist_ops.get(name), torch.mm(dP, hoisted_w[gi]))
+                d_hoist_ops[name] = _add(d_hoist_ops.get(name), gemm.input_grad(dP, hoisted_w[gi]))
         d_vectors = [torch.cat(v).sum(0) if v else torch.zeros_like(vectors[i]) for i, v in enumerate(d_vec)]
-        if self.hoist is not None:
-            hp, _fwd, bwd, slots = self.hoist
-            args = [self._static(s, X, vectors, scalars) for s in slots]
-            grads = [d_hoist_ops.pop(n, None) for n, _ in hp.outputs]
-            grads = [g if g is not None else Xf.new_zeros(Xf.shape[0], H) for g in grads]
-            for sym, r in zip(hp.grad_inputs, bwd(*args, *grads), strict=True):
+        for st in self.hoist:
+            args = [self._static(s, X, vectors, scalars) for s in st.slots]
+            grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
+            grads = [g if g is not None else Xf.new_zeros(Xf.shape[0], sizes[self.width_of[n]])
+                     for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
+            for sym, r in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
                 if r is None:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    dx[slot.index] = _add(dx.get(slot.index), r)
+                    dx[slot.index] = _add(dx.get(slot.index), _to_width(r, X[slot.index]))
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, r.shape[-1]).sum(0)
                 elif slot.kind == "scalar":
@@ -421,20 +486,20 @@ class TorchLoop:
         for name, d_op in d_hoist_ops.items():
             if self.where[name].kind == "input":
                 dx[name] = _add(dx.get(name), d_op)
-        dx = self.join_input_grads(dx, Xf, H, hoisted_w)
+        dx = self.join_input_grads(dx, Xf, sizes, hoisted_w, steps, offsets)
         dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
         return dx, dstate, d_hoisted_w, d_step_w, d_vectors, d_scal
 
     @staticmethod
     def _previous(i, t, states, news, steps, offsets) -> torch.Tensor:
-        """State i as step t read it: [b_t, H]."""
+        """State i as step t read it: [b_t, width]."""
         b = steps[t]
         if t == 0:
             return states[i][:b]
         return news[i][offsets[t - 1] : offsets[t - 1] + b]
 
     def _previous_all(self, i, states, news, steps, offsets) -> torch.Tensor:
-        """State i as every step read it, flat like x: [rows, H]."""
+        """State i as every step read it, flat like x: [rows, width]."""
         if steps[-1] == steps[0]:  # padded: the initial state, then every new state but the last
             return torch.cat([states[i], news[i][: -steps[0]]])
         return torch.cat([self._previous(i, t, states, news, steps, offsets) for t in range(len(steps))])
@@ -442,3 +507,11 @@ class TorchLoop:
 
 def _add(a, b):
     return b if a is None else a + b
+
+
+def _to_width(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The gradient of an input from its elementwise one: summed over the columns for an input of one
+    value per sequence ([rows, 1], broadcast over the step's width)."""
+    if value.shape[-1] == 1 and grad.shape[-1] != 1:
+        return grad.sum(-1, keepdim=True)
+    return grad

@@ -17,9 +17,7 @@ import threading
 from pathlib import Path
 
 from .. import cache
-from ..compiler import ZOO
-
-KERNELS = ZOO.parent / "kernels"
+from ..resources import KERNELS
 
 _LOADED: dict[tuple[str, str, bool], object] = {}
 _LOCK = threading.Lock()

@@ -13,8 +13,11 @@ from .arithmetic import ArithmeticTask
 from .base import Batch, Defaults, Task, evaluate
 from .chorales import ChoralesTask
 from .copy import CopyTask
+from .translate import TranslateTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CopyTask, AddingTask, ChoralesTask, ArithmeticTask)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (CopyTask, AddingTask, ChoralesTask, ArithmeticTask, TranslateTask)
+}
 
 __all__ = ["TASKS", "Batch", "Defaults", "Task", "evaluate", "make_task", "parse_options"]
 

@@ -101,6 +101,19 @@ class Task:
         """Metric sums for one batch (see `Sums`)."""
         raise NotImplementedError
 
+    def corpus_scores(self, model: torch.nn.Module, batches: list[Batch], device) -> dict[str, float]:
+        """Metrics of a whole evaluation set that do not add up over batches (e.g. corpus BLEU);
+        reported next to `score`'s at every evaluation."""
+        return {}
+
+    # -- the model ----------------------------------------------------------------------------
+    def build_model(self, cell: str, hidden: int, layers: int = 1, device=None) -> torch.nn.Module:
+        """The network trained on this task: by default `model.build_model` ([embedding] ->
+        celldsl.Recurrent -> linear readout); a task with another architecture overrides this."""
+        from ..model import build_model
+
+        return build_model(cell, self, hidden, layers, device=device)
+
     # -- end-of-run reports -----------------------------------------------------------------
     def extras(self, model: torch.nn.Module, device: torch.device | str) -> dict[str, float]:
         """Extra numbers measured once at the end of a run (e.g. copy at unseen lengths)."""
@@ -108,6 +121,10 @@ class Task:
 
     def pictures(self, model: torch.nn.Module, out_dir: Path, device: torch.device | str) -> list[Path]:
         """Task-specific figures written into `out_dir`; returns their paths."""
+        return []
+
+    def history_pictures(self, history: list[dict], out_dir: Path) -> list[Path]:
+        """Task-specific figures of the learning history (one row per evaluation); returns their paths."""
         return []
 
     # -- options ----------------------------------------------------------------------------

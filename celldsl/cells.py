@@ -1,0 +1,315 @@
+"""One step of a cell: `Cell` for any cell file, `LSTMCell`/`GRUCell`/`RNNCell` as torch.nn's.
+
+A step is one call of the time-loop op with T = 1, so it runs the layers' fused kernels (no Python
+loop over gates) and its backward is the cell's derived backward. Step-by-step decoders (attention,
+beam search) call it once per token; `layer.cell(k)` gives layer k's step with the layer's own
+parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arguments import (
+    check_backend,
+    check_heads,
+    check_layer_arguments,
+    declared_width_sizes,
+    extra_input_sizes,
+)
+from .compiler import compile_cell
+from .errors import CellTensorError
+from .parameters import initialize, member, op_params, stores_of
+from .runtime.function import register
+from .runtime.ops import run
+from .stack import resolve_backend, zoo_cell
+
+
+class _Step:
+    """Mixin for an nn.Module with `compiled`, input_size, hidden_size, backend, input_sizes and its
+    parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
+
+    def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for store in stores_of(self.compiled):
+            tensor = getattr(self, store.name, None)
+            if tensor is None:
+                tensor = like.new_zeros(store.shape(self._sizes()))
+            tensors[store.name] = tensor
+        return tensors
+
+    def _sizes(self) -> dict[str, int]:
+        """The size of every width of the cell (CompiledCell.sizes)."""
+        return self.compiled.sizes(self.input_size, self.hidden_size, self.input_sizes,
+                                   getattr(self, "width_sizes", None))
+
+    def _state_label(self, i: int) -> str:
+        return "hidden" if len(self.compiled.states) == 1 else f"hx[{i}]"
+
+    def _step(self, input, given: list[torch.Tensor] | None, extra: dict):
+        """-> (output [N, H], all new states [N, H]); [H] each for unbatched input [I]."""
+        name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise CellTensorError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        for i, s in enumerate(given or []):
+            if s.dim() not in (1, 2):
+                label = self._state_label(i)
+                raise CellTensorError(f"{name}: Expected {label} to be 1D or 2D, got {s.dim()}D instead")
+            if s.dim() != input.dim():
+                kind = "unbatched 1-D" if input.dim() == 1 else "batched 2-D"
+                raise CellTensorError(f"For {kind} input, {self._state_label(i)} should also be "
+                                      f"{input.dim()}-D but got {s.dim()}-D")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        states = [s.unsqueeze(0) if unbatched else s for s in given or []]
+        self._check(x, states)
+        N, sizes = x.shape[0], self._sizes()
+        states = [s.contiguous() for s in states]
+        states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
+        seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
+        params = op_params(self.compiled, self._stored(like=x), sizes)
+        out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
+        out = out[0]
+        if unbatched:
+            out, finals = out[0], [f[0] for f in finals]
+        return out, finals
+
+    def _check(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """torch.nn's cell checks and wording (input [N, I], states [N, H])."""
+        name = type(self).__name__
+        weights = list(self.parameters())
+        if weights and x.dtype != weights[0].dtype:
+            w = weights[0].dtype
+            raise CellTensorError(f"{name} input dtype ({x.dtype}) does not match weight dtype ({w}). "
+                                  f"Convert input: input.to({w}), or convert model: model.to({x.dtype})")
+        if weights and x.device != weights[0].device:
+            raise CellTensorError("Input and parameter tensors are not at the same device, found input "
+                                  f"tensor at {x.device} and parameter tensor at {weights[0].device}")
+        if x.shape[1] != self.input_size:
+            raise CellTensorError(f"input has inconsistent input_size: got {x.shape[1]} expected "
+                                  f"{self.input_size}")
+        sizes = self._sizes()
+        for i, s in enumerate(states):
+            width = sizes[self.compiled.ir.width(self.compiled.states[i])]
+            if s.shape[1] != width:
+                raise CellTensorError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected "
+                                      f"{width}")
+            if s.shape[0] != x.shape[0]:
+                raise CellTensorError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size "
+                                      f"{s.shape[0]}")
+            if s.device != x.device:
+                raise CellTensorError("Input and hidden tensors are not at the same device, found input "
+                                      f"tensor at {x.device} and hidden tensor at {s.device}")
+            if s.dtype != x.dtype:
+                raise CellTensorError(f"{self._state_label(i)} is {s.dtype} but the input is {x.dtype}: the "
+                                      "states must have the input's dtype")
+
+    def _extras(self, extra: dict, x: torch.Tensor, unbatched: bool) -> list[torch.Tensor]:
+        """The extra inputs the cell reads, [N, C] each, in declaration order."""
+        names = self.compiled.ir.inputs[1:]
+        unknown, missing = sorted(set(extra) - set(names)), [n for n in names if n not in extra]
+        if unknown or missing:
+            wanted = ", ".join(f"{n}=" for n in names) or "none"
+            raise ValueError(f"cell {self.compiled.name!r} takes the extra inputs ({wanted}) as keywords"
+                             + (f"; missing: {', '.join(missing)}" if missing else "")
+                             + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        read, out = set(self.compiled.plan.inputs_read()), []
+        for name in names:
+            e, C = extra[name], self.input_sizes[name]
+            want = (C,) if unbatched else (x.shape[0], C)
+            if not isinstance(e, torch.Tensor) or tuple(e.shape) != want:
+                got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+                raise CellTensorError(f"extra input {name!r} must have shape {want}, got {got}")
+            if e.dtype != x.dtype or e.device != x.device:
+                raise CellTensorError(f"extra input {name!r} is {e.dtype} on {e.device} but the input is "
+                                      f"{x.dtype} on {x.device}")
+            if name in read:
+                out.append(e.unsqueeze(0) if unbatched else e)
+        return out
+
+    def _state_list(self, state) -> list[torch.Tensor] | None:
+        """The caller's state (a tensor for a one-state cell, else a tuple; prev(...) states may be
+        left out) as a list."""
+        if state is None:
+            return None
+        names, declared = self.compiled.states, self.compiled.ir.declared_states
+        if isinstance(state, torch.Tensor) and declared == 1:
+            return [state]
+        if not isinstance(state, (tuple, list)) or not all(isinstance(s, torch.Tensor) for s in state):
+            raise TypeError(f"{type(self).__name__}: the state must be a tuple of {declared} tensors "
+                            f"({', '.join(names[:declared])}), got {type(state).__name__}")
+        if len(state) not in (declared, len(names)):
+            counts = f"{declared} or {len(names)}" if declared != len(names) else f"{declared}"
+            raise CellTensorError(f"cell {self.compiled.name!r} carries {len(names)} state(s) "
+                                  f"({', '.join(names)}): expected {counts} state tensor(s), got "
+                                  f"{len(state)}")
+        return list(state)
+
+
+class Cell(_Step, nn.Module):
+    """One step of any cell, with the parameters of one layer of Recurrent.
+
+    Args:
+        cell: a .cell path, a zoo name ("lstm"), cell text, or a compiled cell.
+        input_size, hidden_size, bias, device, dtype: as in torch.nn.LSTMCell (bias=False leaves out
+            the parameters named b, b_*, bias*: fixed at 0).
+        backend: "auto", "torch", "cpu" or "triton", as for Recurrent.
+        input_sizes: the size of every input after the first, by name (cells with `input x, ctx`).
+
+    forward(input, state=None, **extra) -> (output, new_state):
+        input [N, I], or [I] unbatched. state: one tensor [N, H] for a one-state cell, else a tuple in
+        the order of the cell's `state` line, optionally followed by the prev(...) states (zero when
+        left out, as are all states when state is None). output [N, H]; new_state: a tensor for a
+        one-state cell, else the tuple of all carried states, ready for the next step. extra: one
+        tensor [N, C] ([C] unbatched) per input after the first (`cell(x_t, state, ctx=c)`).
+
+    Parameters are named by the cell file's groups (weight_ih, ...) and views of them come from
+    cell_parameter("W_hh"). Example:
+        >>> step = Cell("gru", 8, 16)
+        >>> y, h = step(torch.randn(4, 8))
+        >>> y, h = step(torch.randn(4, 8), h)
+    """
+
+    def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
+                 device=None, dtype=None, input_sizes: dict[str, int] | None = None,
+                 sizes: dict[str, int] | None = None):
+        super().__init__()
+        check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
+        self.compiled = compile_cell(cell)
+        register(self.compiled)
+        self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
+        self.width_sizes = declared_width_sizes(self.compiled, sizes)
+        self.compiled.check_sizes(input_size, hidden_size, self.input_sizes, self.width_sizes)
+        # no `bias` attribute: a cell file may name a parameter group `bias` (torch's cells keep the flag)
+        self.input_size, self.hidden_size, self.backend = input_size, hidden_size, backend
+        check_heads(self.compiled, self._sizes())
+        for store in stores_of(self.compiled):
+            if bias or not store.is_bias:
+                shape = store.shape(self._sizes())
+                tensor = torch.empty(shape, device=device, dtype=dtype)
+                self.register_parameter(store.name, nn.Parameter(tensor))
+        self.reset_parameters()
+
+    @classmethod
+    def sharing(cls, compiled, input_size: int, hidden_size: int, backend: str, input_sizes: dict[str, int],
+                parameters: dict[str, nn.Parameter], width_sizes: dict[str, int] | None = None) -> Cell:
+        """A Cell whose parameters are the given ones, not copies (Recurrent.cell(k))."""
+        step = cls.__new__(cls)
+        nn.Module.__init__(step)
+        step.compiled, step.input_sizes = compiled, dict(input_sizes)
+        step.width_sizes = dict(width_sizes or {})
+        step.input_size, step.hidden_size, step.backend = input_size, hidden_size, backend
+        for name, p in parameters.items():
+            step.register_parameter(name, p)
+        return step
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register(self.compiled)  # an unpickled cell must be reachable from the ops again
+
+    def reset_parameters(self) -> None:
+        """torch's U(-1/sqrt(H), 1/sqrt(H)) everywhere, then the cell file's `init` lines."""
+        stored = [(s, getattr(self, s.name)) for s in stores_of(self.compiled) if getattr(self, s.name, None)
+                  is not None]
+        initialize(self.compiled, stored, self._sizes())
+
+    def cell_parameter(self, name: str) -> torch.Tensor:
+        """The parameter the cell file names (e.g. "b_f", "U_z") as a view sharing storage."""
+        for store in stores_of(self.compiled):
+            if name in store.members:
+                tensor = getattr(self, store.name, None)
+                if tensor is None:
+                    raise ValueError(f"bias=False: the cell has no parameter {name!r} (it is fixed at 0)")
+                return member(store, name, tensor, self._sizes())
+        names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
+        raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
+
+    def forward(self, input, state=None, **extra):
+        out, finals = self._step(input, self._state_list(state), extra)
+        return out, (finals[0] if len(finals) == 1 else tuple(finals))
+
+    def extra_repr(self) -> str:
+        s = f"{self.compiled.name!r}, {self.input_size}, {self.hidden_size}"
+        if any(getattr(self, st.name, None) is None for st in stores_of(self.compiled) if st.is_bias):
+            s += ", bias=False"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        if self.input_sizes:
+            s += f", input_sizes={self.input_sizes}"
+        return s
+
+
+class _TorchCell(_Step):
+    """LSTMCell/GRUCell/RNNCell: torch.nn's class (constructor, parameters, state_dict, repr) with a
+    forward that runs the zoo cell. `backend` is keyword only."""
+
+    stem = ""
+    input_sizes: dict = {}
+
+    @property
+    def compiled(self):
+        return zoo_cell(self.stem)
+
+    def _init_backend(self, backend: str) -> None:
+        check_backend(backend)
+        self.backend = backend
+        if getattr(self, "nonlinearity", "tanh") in ("tanh", "relu"):
+            zoo_cell(self.stem)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "nonlinearity", "tanh") in ("tanh", "relu"):
+            zoo_cell(self.stem)
+
+
+class LSTMCell(_TorchCell, nn.LSTMCell):
+    """torch.nn.LSTMCell running cells/lstm.cell: forward(input, hx=None) -> (h', c')."""
+
+    stem = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self._init_backend(backend)
+
+    def forward(self, input, hx=None):
+        if hx is not None and not isinstance(hx, (tuple, list)):
+            raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
+        _out, (h, c) = self._step(input, self._state_list(hx), {})
+        return h, c
+
+
+class GRUCell(_TorchCell, nn.GRUCell):
+    """torch.nn.GRUCell running cells/gru.cell: forward(input, hx=None) -> h'."""
+
+    stem = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self._init_backend(backend)
+
+    def forward(self, input, hx=None):
+        return self._step(input, self._state_list(hx), {})[0]
+
+
+class RNNCell(_TorchCell, nn.RNNCell):
+    """torch.nn.RNNCell running cells/rnn_tanh.cell or cells/rnn_relu.cell: forward(input, hx=None)
+    -> h'. As in torch, nonlinearity is checked when the cell runs."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype)
+        self._init_backend(backend)
+
+    @property
+    def stem(self) -> str:
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return f"rnn_{self.nonlinearity}"
+
+    def forward(self, input, hx=None):
+        return self._step(input, self._state_list(hx), {})[0]

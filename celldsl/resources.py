@@ -1,0 +1,33 @@
+"""Where celldsl's data lives: the zoo's cells, the grammar, the zoo's generated Triton kernels.
+
+A source checkout keeps them at the top level (cells/, grammars/, kernels/); an installed wheel
+carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/ (not
+celldsl/cells/: that name is the module celldsl/cells.py), grammars/ at celldsl/grammars/, kernels/
+at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
+folders.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def folder(checkout: str, shipped: str) -> Path:
+    """A data folder: `shipped` inside the installed package, else `checkout` at the checkout's top."""
+    inside = files("celldsl") / shipped
+    if inside.is_dir():
+        return Path(str(inside))
+    return CHECKOUT / checkout
+
+
+ZOO = folder("cells", "zoo")
+GRAMMAR = folder("grammars", "grammars") / "cell.lark"
+KERNELS = folder("kernels", "kernels")
+
+
+def zoo_names() -> list[str]:
+    """The zoo's cells by name ("lstm", "mut1", ...), sorted."""
+    return sorted(p.stem for p in ZOO.glob("*.cell"))

@@ -1,0 +1,380 @@
+"""The forward of a stack of recurrent layers over one compiled cell, shared by Recurrent (any cell)
+and LSTM/GRU/RNN (torch.nn's own classes): input forms, torch.nn's checks with torch.nn's wording,
+initial states, directions and dropout between layers. Each layer and direction is one call of the
+registered op (runtime/ops.py), so torch.compile, DDP and torch.func see an ordinary op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from .compiler import CompiledCell, compile_cell
+from .errors import CellTensorError
+from .parameters import member, op_params, stores_of
+from .resources import ZOO
+from .runtime.function import register
+from .runtime.ops import run
+
+_ZOO_CELLS: dict[str, CompiledCell] = {}
+
+
+def zoo_cell(stem: str) -> CompiledCell:
+    """A zoo cell compiled once per process and reachable from the ops. LSTM/GRU/RNN and the cell
+    classes look their cell up here, so they pickle without it; they call this when built or
+    unpickled, so torch.compile, tracing a forward, finds the cell in the dict (it cannot trace the
+    compiler's file reads)."""
+    cell = _ZOO_CELLS.get(stem)
+    if cell is None:
+        cell = _ZOO_CELLS[stem] = compile_cell(ZOO / f"{stem}.cell")
+        register(cell)
+    return cell
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'auto' runs fused Triton kernels on CUDA tensors and fused C kernels on CPU tensors."""
+    if backend == "torch":
+        return "torch"
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise CellTensorError(f"backend='cpu' needs CPU tensors; the input is on {x.device}")
+        return "cpu"
+    if backend == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise CellTensorError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
+                f"CPU); the input is on {x.device}"
+            )
+        return "triton"
+    if x.device.type == "cpu":
+        return "cpu"
+    return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+
+
+class RecurrentStack:
+    """Mixin for an nn.Module that has `compiled` (the CompiledCell), input_size, hidden_size,
+    num_layers, bidirectional, batch_first, dropout, backend and input_sizes (the sizes of the inputs
+    after the first, by name), and stores parameters as `{store}_l{layer}` (`_reverse` for direction
+    1), torch.nn's names. A store it does not have (bias=False) runs as zeros."""
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    @property
+    def stores(self):
+        """How the cell's parameters are stored: one parameters.Store per group or ungrouped parameter."""
+        return stores_of(self.compiled)
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _layer_input_size(self, layer: int) -> int:
+        """Layer 0 reads the input; layer k > 0 the outputs of layer k - 1's directions, side by side."""
+        if layer == 0:
+            return self.input_size
+        previous = self._sizes(layer - 1)
+        return previous[self.compiled.ir.width(self.compiled.ir.output)] * self.num_directions
+
+    def _sizes(self, layer: int = 0) -> dict[str, int]:
+        """The size of every width of the cell in one layer (CompiledCell.sizes): H, the inputs', and
+        the widths the cell declares (`state h : P`), given to the layer as sizes={"P": ...}."""
+        return self.compiled.sizes(self._layer_input_size(layer), self.hidden_size, self.input_sizes,
+                                   getattr(self, "width_sizes", None))
+
+    @staticmethod
+    def _param_name(store: str, layer: int, direction: int) -> str:
+        return f"{store}_l{layer}" + ("_reverse" if direction == 1 else "")
+
+    def _check_position(self, layer: int, direction: int) -> None:
+        if not (0 <= layer < self.num_layers) or not (0 <= direction < self.num_directions):
+            raise ValueError(
+                f"layer must be in [0, {self.num_layers}) and direction in [0, {self.num_directions}), got "
+                f"layer={layer}, direction={direction}"
+            )
+
+    def _stored(self, layer: int, direction: int, like: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The stored tensors of one layer and direction by store name (zeros for one left out).
+        getattr, not the parameter dict, so weight_norm, parametrizations and functional_call apply."""
+        tensors = {}
+        for store in stores_of(self.compiled):
+            tensor = getattr(self, self._param_name(store.name, layer, direction), None)
+            if tensor is None:
+                ref = like if like is not None else next(self.parameters())
+                shape = store.shape(self._sizes(layer))
+                tensor = ref.new_zeros(shape)
+            tensors[store.name] = tensor
+        return tensors
+
+    def cell_parameter(self, name: str, layer: int = 0, direction: int = 0) -> torch.Tensor:
+        """The parameter the cell file names (e.g. "b_f", "U_z"), as a view sharing storage.
+
+        Matrices are [H, K] (torch's out x in layout), vectors [H], scalars [].
+        """
+        self._check_position(layer, direction)
+        for store in stores_of(self.compiled):
+            if name in store.members:
+                tensor = getattr(self, self._param_name(store.name, layer, direction), None)
+                if tensor is None:
+                    raise ValueError(f"bias=False: the layer has no parameter {name!r} (it is fixed at 0)")
+                return member(store, name, tensor, self._sizes(layer))
+        names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
+        raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
+
+    def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The op's flat parameter list for one layer and direction."""
+        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer))
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _run(self, input, state, extra: dict):
+        """-> (output, final states as given: one tensor for a one-state cell, else a tuple)."""
+        name = type(self).__name__
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = batch_sizes = None
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            unbatched, batch = False, int(batch_sizes[0])
+            given = self._given_states(state, 3, packed=True)
+        else:
+            if not isinstance(input, torch.Tensor):
+                kind = type(input).__name__
+                raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {kind}")
+            if input.dim() not in (2, 3):
+                raise CellTensorError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            unbatched = input.dim() == 2
+            given = self._given_states(state, 2 if unbatched else 3, packed=False)
+            x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
+            x = x.transpose(0, 1) if self.batch_first else x
+            batch = x.shape[1]
+        self._check_input(x, batch_sizes)
+        states = self._initial_states(given, x, batch, unbatched)
+        if x.shape[0] == 0:
+            raise CellTensorError("Expected sequence length to be larger than 0 in RNN")
+        if sorted_indices is not None:  # the rows of a packed batch's states follow its sort
+            states = [s.index_select(1, sorted_indices) for s in states]
+        extras = self._check_extras(extra, x, batch_sizes, sorted_indices, unbatched)
+        out, final = self._layers(x.contiguous(), states, extras, batch_sizes)
+        if packed:
+            output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                final = [f.index_select(1, unsorted_indices) for f in final]
+        else:
+            output = out.transpose(0, 1) if self.batch_first else out
+            if unbatched:
+                output = output.squeeze(0 if self.batch_first else 1)
+                final = [f.squeeze(1) for f in final]
+        return output, (final[0] if len(final) == 1 else tuple(final))
+
+    def _layers(self, x, states, extras, batch_sizes):
+        """x time-major [T, N, I] (or packed rows) -> (last layer's output, final states [L*D, N, H])."""
+        backend = self._resolve_backend(x)
+        packed = batch_sizes is not None
+        reverse = _packed_reversal(batch_sizes, x.device) if packed and self.bidirectional else None
+        finals: list[list[torch.Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(self.num_directions):
+                idx = layer * self.num_directions + direction
+                seq = torch.cat([layer_input, *extras], dim=-1) if extras else layer_input
+                seq = seq if direction == 0 else _reversed(seq, reverse)
+                out, last = run(self.compiled.key, backend, seq, [s[idx] for s in states],
+                                self._weights(layer, direction, like=x), batch_sizes)
+                outs.append(out if direction == 0 else _reversed(out, reverse))
+                for i, s in enumerate(last):
+                    finals[i].append(s)
+            layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        return layer_input, [torch.stack(f) for f in finals]
+
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        return resolve_backend(self.backend, x)
+
+    # ---- checks (torch.nn's order and wording where torch.nn checks) -------------------------------
+
+    def _state_label(self, i: int | None = None) -> str:
+        """How messages name state i (None: all of them): torch's hx / hidden[i]."""
+        names = self.compiled.states
+        if len(names) == 1:
+            return "hx"
+        if i is not None:
+            return f"hidden[{i}]"
+        return "hx and cx" if names == ["h", "c"] else f"the states ({', '.join(names)})"
+
+    def _state_name(self, i: int) -> str:
+        names = self.compiled.states
+        return f" (state {names[i]!r})" if len(names) > 1 else ""
+
+    def _given_states(self, state, dims: int, packed: bool) -> list[torch.Tensor] | None:
+        """The states the caller gave, as a list, checked for structure and dimensions."""
+        if state is None:
+            return None
+        names, declared = self.compiled.states, self.compiled.ir.declared_states
+        if isinstance(state, torch.Tensor):
+            if declared > 1:
+                raise CellTensorError(
+                    f"{type(self).__name__} carries {declared} states ({', '.join(names[:declared])}): give "
+                    f"them as a tuple of {declared} tensors, got one tensor"
+                )
+            given = [state]
+        elif isinstance(state, (tuple, list)) and all(isinstance(s, torch.Tensor) for s in state):
+            given = list(state)
+        else:
+            raise TypeError(f"the state must be a tensor (one-state cells) or a tuple of tensors, got "
+                            f"{type(state).__name__}")
+        if len(given) not in (declared, len(names)):
+            counts = f"{declared} or {len(names)}" if declared != len(names) else f"{declared}"
+            raise CellTensorError(
+                f"cell {self.compiled.name!r} carries {len(names)} state(s) ({', '.join(names)}): expected "
+                f"{counts} state tensor(s), got {len(given)}"
+            )
+        if not packed and any(s.dim() != dims for s in given):
+            kind = "batched 3-D" if dims == 3 else "unbatched 2-D"
+            got = ", ".join(f"{s.dim()}-D" for s in given)
+            got = f"{got} tensor" if len(given) == 1 else f"({got}) tensors"
+            label = self._state_label()
+            raise CellTensorError(f"For {kind} input, {label} should also be {dims}-D but got {got}")
+        return given
+
+    def _check_input(self, x: torch.Tensor, batch_sizes) -> None:
+        """x: time-major padded [T, N, I] or packed [rows, I]; like torch.nn.RNNBase.check_input."""
+        params = list(self.named_parameters())
+        if params:
+            w = params[0][1]
+            if x.dtype != w.dtype:
+                raise CellTensorError(
+                    f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert input: "
+                    f"input.to({w.dtype}), or convert model: model.to({x.dtype})"
+                )
+        for pname, p in params:
+            if p.dtype != x.dtype:
+                raise CellTensorError(f"parameter {pname} is {p.dtype} but the input and {params[0][0]} are "
+                                      f"{x.dtype}: use layer.to(dtype) so all parameters match")
+            if p.device != x.device:
+                raise CellTensorError(
+                    "Input and parameter tensors are not at the same device, found input tensor at "
+                    f"{x.device} and parameter tensor at {p.device} ({pname})"
+                )
+        dims = 2 if batch_sizes is not None else 3
+        if x.dim() != dims:
+            raise CellTensorError(f"input must have {dims} dimensions, got {x.dim()}")
+        if x.shape[-1] != self.input_size:
+            raise CellTensorError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+
+    def _initial_states(self, given, x, batch: int, unbatched: bool) -> list[torch.Tensor]:
+        """All carried states [L*D, N, width]: the given ones checked (unbatched ones get N = 1), the
+        rest (all, or the prev(...) states) zero. Every layer's state has the same width (a state of
+        an input's width would differ between layers: such a cell has one layer)."""
+        L, sizes = self.num_layers * self.num_directions, self._sizes(0)
+        shapes = [(L, batch, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states]
+        states = []
+        for i, s in enumerate(given or []):
+            expected = shapes[i]
+            s = s.unsqueeze(1) if unbatched else s
+            if tuple(s.shape) != expected:
+                label = "hidden" if len(self.compiled.states) == 1 else f"hidden[{i}]"
+                raise CellTensorError(f"Expected {label} size {expected}, got {list(s.shape)}"
+                                      + self._state_name(i))
+            if s.device != x.device:
+                raise CellTensorError(
+                    "Input and hidden tensors are not at the same device, found input tensor at "
+                    f"{x.device} and hidden tensor at {s.device}"
+                )
+            if s.dtype != x.dtype:
+                label = self._state_label(i) + self._state_name(i)
+                raise CellTensorError(f"{label} is {s.dtype} but the input is {x.dtype}: the states must "
+                                      "have the input's dtype")
+            states.append(s.contiguous())
+        while len(states) < len(self.compiled.states):
+            states.append(x.new_zeros(shapes[len(states)]))
+        return states
+
+    def _check_extras(self, extra: dict, x, batch_sizes, sorted_indices, unbatched) -> list[torch.Tensor]:
+        """The extra inputs the cell reads, time-major like x ([T, N, C], or packed [rows, C]), in
+        declaration order. x: the checked input, time-major (batched) or packed data."""
+        names = self.compiled.ir.inputs[1:]
+        unknown = sorted(set(extra) - set(names))
+        missing = [n for n in names if n not in extra]
+        if unknown or missing:
+            wanted = ", ".join(f"{n}=" for n in names) or "none"
+            raise ValueError(
+                f"cell {self.compiled.name!r} takes the extra inputs ({wanted}) as keywords; "
+                + (f"missing: {', '.join(missing)}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"unknown: {', '.join(unknown)}" if unknown else "")
+            )
+        packed = batch_sizes is not None
+        T, N = (len(batch_sizes), int(batch_sizes[0])) if packed else (x.shape[0], x.shape[1])
+        read = set(self.compiled.plan.inputs_read())
+        out = []
+        for name in names:
+            e, C = extra[name], self.input_sizes[name]
+            if not isinstance(e, torch.Tensor):
+                raise ValueError(f"extra input {name!r} must be a tensor, got {type(e).__name__}")
+            lead = "N, T" if self.batch_first else "T, N"
+            seq = (N, T, C) if self.batch_first else (T, N, C)
+            forms = {2: (T, C), 1: (C,)} if unbatched else {3: seq, 2: (N, C)}
+            got = list(e.shape)
+            t_dim = 1 if self.batch_first else 0
+            if packed and e.dim() == 3 and got[t_dim] >= T:
+                got[t_dim] = T  # padded past the longest sequence (pad_packed_sequence's total_length)
+            if tuple(got) != forms.get(e.dim()):
+                words = " or ".join(str(f) for f in forms.values())
+                form = f"[T, {name} size] or [{name} size]" if unbatched else \
+                    f"[{lead}, {name} size] or [N, {name} size]"
+                raise CellTensorError(f"extra input {name!r} must be {form} = {words}, got shape "
+                                      f"{tuple(e.shape)}")
+            if e.dtype != x.dtype or e.device != x.device:
+                raise CellTensorError(
+                    f"extra input {name!r} is {e.dtype} on {e.device} but input is {x.dtype} on {x.device}"
+                )
+            if name not in read:
+                continue  # declared but never read by the equations: not passed to the op
+            if unbatched:
+                e = e.unsqueeze(-2)  # [T, 1, C] or [1, C]
+            elif e.dim() == 3 and self.batch_first:
+                e = e.transpose(0, 1)
+            if packed:
+                out.append(_pack_like(e, batch_sizes, sorted_indices))
+            else:
+                out.append((e.expand(T, N, C) if e.dim() == 2 else e).contiguous())
+        return out
+
+
+def _pack_like(e: torch.Tensor, batch_sizes: torch.Tensor, sorted_indices) -> torch.Tensor:
+    """A padded extra input [T', N, C] (T' >= T) or a per-sequence one [N, C] -> packed rows
+    [sum(batch_sizes), C] in the order of a PackedSequence with these batch_sizes and sorting."""
+    batch_sizes = batch_sizes.to("cpu", torch.int64)
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
+    row = torch.arange(int(batch_sizes.sum())) - offsets[step]
+    seq = row if sorted_indices is None else sorted_indices.to("cpu")[row]
+    step, seq = step.to(e.device), seq.to(e.device)
+    return (e[seq] if e.dim() == 2 else e[step, seq]).contiguous()
+
+
+def _packed_reversal(batch_sizes: torch.Tensor, device) -> torch.Tensor:
+    """Row permutation of packed data that reverses every sequence within its own length: [rows].
+
+    Row r of step t (packed position offset_t + r) goes to step length_r - 1 - t; the reversed
+    sequences have the same lengths, so the result is packed with the same batch_sizes (an involution).
+    """
+    batch_sizes = batch_sizes.to("cpu", torch.int64)
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
+    row = torch.arange(int(batch_sizes.sum())) - offsets[step]
+    return (offsets[lengths[row] - 1 - step] + row).to(device)
+
+
+def _reversed(seq: torch.Tensor, packed_reversal: torch.Tensor | None) -> torch.Tensor:
+    """Time-reversed sequence: padded [T, N, K] flips time; packed [rows, K] reverses each sequence."""
+    return seq.flip(0) if packed_reversal is None else seq.index_select(0, packed_reversal)

@@ -1,0 +1,117 @@
+"""LSTM, GRU and RNN: torch.nn's own classes, running the zoo's cells (cells/lstm.cell, gru.cell,
+rnn_tanh.cell, rnn_relu.cell) through celldsl's op.
+
+They subclass torch.nn.LSTM/GRU/RNN and replace forward, so everything else is torch's by
+construction: the constructor and its checks, the parameters and their names (bias=False has none),
+state_dict, _flat_weights, all_weights, check_forward_args, repr, weight_norm, pickling, and every
+`isinstance(m, nn.LSTM)` in other code. The price: Dynamo refuses nn.RNN/GRU/LSTM modules unless
+torch._dynamo.config.allow_rnn is set, so torch.compile graph-breaks at celldsl.LSTM exactly as at
+torch.nn.LSTM; with allow_rnn=True it compiles to one graph (celldsl.Recurrent("lstm", ...) does
+without the flag).
+
+`backend` ("auto", "torch", "cpu", "triton") is a keyword-only argument on top of torch's.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .arguments import check_backend
+from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .stack import RecurrentStack, zoo_cell
+
+# proj_size runs cells/lstm_proj.cell, whose state h is P = proj_size wide (`state h : P`).
+
+
+class _TorchRNN(RecurrentStack):
+    """What LSTM/GRU/RNN add to torch's class: the zoo cell, the backend, forward and cell(k)."""
+
+    input_sizes: dict = {}  # torch's cells have one input
+    cell_class: type = nn.Module
+
+    @property
+    def stem(self) -> str:
+        if self.mode == "LSTM" and getattr(self, "proj_size", 0) > 0:
+            return "lstm_proj"
+        return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[self.mode]
+
+    @property
+    def width_sizes(self) -> dict[str, int]:
+        """lstm_proj.cell's declared width P is torch's proj_size."""
+        return {"P": self.proj_size} if self.stem == "lstm_proj" else {}
+
+    @property
+    def compiled(self):
+        return zoo_cell(self.stem)
+
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        zoo_cell(self.stem)
+
+    def forward(self, input, hx=None):
+        """input [T, N, I] ([N, T, I] if batch_first), [T, I] or a PackedSequence; hx as torch's."""
+        self._update_flat_weights()
+        return self._run(input, hx, {})
+
+    def cell(self, layer: int = 0, direction: int = 0):
+        """Layer `layer`'s step as torch's cell class (LSTMCell for LSTM, ...), whose parameters are
+        this layer's own (direction 1: the reverse direction's). With proj_size (torch has no such
+        cell class) a celldsl.Cell of cells/lstm_proj.cell."""
+        self._check_position(layer, direction)
+        if self.stem == "lstm_proj":
+            parameters = {s.name: getattr(self, self._param_name(s.name, layer, direction))
+                          for s in self.stores if hasattr(self, self._param_name(s.name, layer, direction))}
+            return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
+                                {}, parameters, self.width_sizes)
+        step = self._make_cell(self._layer_input_size(layer))
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(self, self._param_name(name, layer, direction), None)
+            if p is not None:
+                setattr(step, name, p)
+        return step
+
+    def _make_cell(self, input_size: int):
+        return self.cell_class(input_size, self.hidden_size, bias=self.bias, device="meta",
+                               backend=self.backend)
+
+
+class LSTM(_TorchRNN, nn.LSTM):
+    """torch.nn.LSTM running cells/lstm.cell, or cells/lstm_proj.cell with proj_size > 0 (h is then
+    proj_size wide and weight_hr_l{k} projects it, as torch's)."""
+
+    cell_class = LSTMCell
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        check_backend(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        zoo_cell(self.stem)
+
+
+class GRU(_TorchRNN, nn.GRU):
+    """torch.nn.GRU running cells/gru.cell."""
+
+    cell_class = GRUCell
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        check_backend(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        zoo_cell(self.stem)
+
+
+class RNN(_TorchRNN, nn.RNN):
+    """torch.nn.RNN running cells/rnn_tanh.cell or cells/rnn_relu.cell (its `nonlinearity`)."""
+
+    cell_class = RNNCell
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        check_backend(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        zoo_cell(self.stem)
+
+    def _make_cell(self, input_size: int):
+        return RNNCell(input_size, self.hidden_size, bias=self.bias, nonlinearity=self.nonlinearity,
+                       device="meta", backend=self.backend)

@@ -1,0 +1,58 @@
+"""The installed package: pyproject ships every package and the data folders, resources.py finds the
+data, and the zoo is reachable by name (`celldsl list`, `celldsl check mut1`, Recurrent("mut1")).
+
+.ci/run builds the wheel and runs it in a fresh venv outside the checkout (.ci/wheel_smoke.py); these
+tests check the parts a checkout can see.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from celldsl import resources
+from celldsl.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_lists_every_package_and_maps_the_data_folders():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    code = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "celldsl").rglob("__init__.py")}
+    data = {"celldsl.zoo": "cells", "celldsl.grammars": "grammars", "celldsl.kernels": "kernels"}
+    assert set(config["packages"]) == code | set(data), "pyproject's packages must list every package"
+    assert config["package-dir"] == data
+    assert config["package-data"] == {"celldsl.zoo": ["*.cell"], "celldsl.grammars": ["*.lark"]}
+    modules = {p.stem for p in (ROOT / "celldsl").glob("*.py")}
+    assert not modules & {name.split(".")[1] for name in data}, "a data folder would shadow a module"
+
+
+def test_resources_in_a_checkout_are_the_top_level_folders():
+    assert resources.ZOO == ROOT / "cells" and resources.KERNELS == ROOT / "kernels"
+    assert resources.GRAMMAR == ROOT / "grammars" / "cell.lark" and resources.GRAMMAR.is_file()
+    assert resources.zoo_names() == sorted(p.stem for p in (ROOT / "cells").glob("*.cell"))
+
+
+def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
+    """resources.folder prefers the copy inside the package (where the wheel puts it)."""
+    shipped = tmp_path / "celldsl"
+    (shipped / "zoo").mkdir(parents=True)
+    monkeypatch.setattr(resources, "files", lambda package: shipped)
+    assert resources.folder("cells", "zoo") == shipped / "zoo"
+    assert resources.folder("kernels", "kernels") == resources.CHECKOUT / "kernels"  # not shipped
+
+
+def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
+    assert main(["list", "--names"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == resources.zoo_names() and len(names) == 31
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 31
+    lstm = lines[names.index("lstm")].split(None, 1)
+    assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
+
+
+def test_celldsl_check_takes_zoo_names(capsys):
+    assert main(["check", "mut1", "gru"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["mut1: ok", "gru: ok"]
