@@ -17,7 +17,10 @@ the generated torch code (TorchLoop, the executable meaning of a cell), in float
 - 2 threads (each owning a part of the hidden units, a barrier per GEMM stage) equal 1 thread;
 - float32: every backend is as close to the float64 result as the torch backend;
 - layers: bidirectional, packed sequences, every backend, against backend="torch", with gradients;
-- torch.autograd.gradcheck in float64 through the native loop and the Python loop.
+- torch.autograd.gradcheck in float64 through the native loop and the Python loop;
+- every zoo cell, on the native loop and on the Python loop, against backend="torch" (the cells the
+  native loop cannot express, with its reason: widths other than H, reductions over a row, one
+  value per row, heads, run the Python loop or TorchLoop's).
 """
 
 import pytest
@@ -25,8 +28,9 @@ import torch
 from test_cpu_fused import cell_text, make_layer, max_err, rel_err, run_loop, use_loop
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import ZOO
 
-from celldsl import Recurrent
+from celldsl import Recurrent, compile_cell
 from celldsl.runtime import cpu_fused, cpu_gemm
 from celldsl.runtime.cpu_fused import FusedCPULoop, cpu_loop
 from celldsl.runtime.function import split_params
@@ -230,3 +234,58 @@ def test_gradcheck_through_each_loop(stem, backend):
     want = "native" if backend == "native" else ("mm",) * len(loop.gemms)
     assert loop.ran["forward"] == want and loop.ran["backward"] == want
 
+
+# ---- the whole zoo on both loops ----------------------------------------------------------------
+
+# the cells the native loop cannot express run the Python loop (or, with heads, TorchLoop's plain
+# loop), each with its reason (emit/c_loop.native_blocker)
+NOT_NATIVE = {"ln_gru": "mean or sum over a row", "ln_lstm": "mean or sum over a row",
+              "lstm_proj": "width P", "phased_lstm": "one value per row", "slstm_heads": "heads"}
+ZOO_LAYERS = {"lstm_proj": (6, {"sizes": {"P": 3}}), "slstm_heads": (8, {})}  # stem -> (H, layer args)
+
+
+@pytest.mark.parametrize("stem", ZOO)
+def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatch):
+    """backend="cpu" with the native loop and with the Python loop forced (CELLDSL_CPU_GEMM), against
+    backend="torch": packed sequences of three lengths, outputs, final states and every gradient, in
+    float64. What ran is checked: the native loop where the cell allows it, else the Python loop, and
+    the reason the native loop was refused is the expected one."""
+    from celldsl.runtime.function import cell_for
+
+    hidden, kwargs = ZOO_LAYERS.get(stem, (5, {}))
+    input_size = hidden if compile_cell(stem).ir.needs_hidden_size else 4
+    torch.manual_seed(0)
+    ref = Recurrent(stem, input_size, hidden, backend="torch", dtype=torch.float64, **kwargs)
+    cpu = Recurrent(stem, input_size, hidden, backend="cpu", dtype=torch.float64, **kwargs)
+    cpu.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, input_size, generator=gen, dtype=torch.float64)
+    t = torch.rand(5, 3, 1, generator=gen, dtype=torch.float64) * 30  # phased_lstm's time stamps
+    extra = {"t": t} if stem == "phased_lstm" else {}
+    lengths = torch.tensor([5, 2, 4])
+
+    def run(layer):
+        xg = x.clone().requires_grad_()
+        out, final = layer(pack_padded_sequence(xg, lengths, enforce_sorted=False), **extra)
+        final = final if isinstance(final, tuple) else (final,)
+        weights = torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)
+        loss = (out.data * weights).sum() + sum((f * f).sum() for f in final)
+        grads = torch.autograd.grad(loss, [xg, *layer.parameters()])
+        return [t.detach() for t in (out.data, *final, *grads)]
+
+    want = run(ref)
+    loop = cell_for(cpu.compiled.key).loop("cpu")
+    assert isinstance(loop, FusedCPULoop)
+    assert (stem in NOT_NATIVE) == bool(loop.native_blocker), loop.native_blocker
+    if stem in NOT_NATIVE:
+        assert NOT_NATIVE[stem] in loop.native_blocker
+    for path in ("native", "mm"):
+        monkeypatch.setenv("CELLDSL_CPU_GEMM", path)
+        loop.ran = {}
+        assert max_err(run(cpu), want) < 1e-10, path
+        if stem == "slstm_heads":  # block-diagonal GEMMs: TorchLoop's plain loop, no kernels ran
+            assert loop.ran == {}, loop.ran
+        elif path == "native" and stem not in NOT_NATIVE:
+            assert loop.ran["forward"] == loop.ran["backward"] == "native", loop.ran
+        else:
+            assert loop.ran["forward"] != "native" and loop.ran["backward"] != "native", loop.ran
