@@ -125,8 +125,11 @@ class CellIR:
     @property
     def needs_hidden_size(self) -> dict[str, Loc]:
         """input -> a use that needs its size == H (the constraints between an input and H)."""
-        return {a if b == H else b: loc for (a, b), loc in self.same_widths.items()
-                if H in (a, b) and ({a, b} - {H}) <= set(self.inputs)}
+        return {
+            a if b == H else b: loc
+            for (a, b), loc in self.same_widths.items()
+            if H in (a, b) and ({a, b} - {H}) <= set(self.inputs)
+        }
 
     def width(self, name: str) -> str:
         return self.widths[name]
@@ -209,8 +212,9 @@ class _Builder:
             self.attempt(self._declare_update, name, expr)
         for s in m.states:
             if s.text not in self.updates and s.text not in misdeclared:
-                self.report(self.error(f"state '{s.text}' is never updated; add an equation {s.text}' = ...",
-                                       s.loc))
+                self.report(
+                    self.error(f"state '{s.text}' is never updated; add an equation {s.text}' = ...", s.loc)
+                )
         for names, value in m.inits:
             for n in names:
                 self.attempt(self._declare_init, n, value)
@@ -227,8 +231,12 @@ class _Builder:
         if declared.text == "1":
             self.width_of[n.text] = "row"
         elif is_input or not NAME.fullmatch(declared.text):
-            what = "an input's width is the size the layer is given, so only ': 1' (one value per " \
-                   "sequence) can be declared" if is_input else "a width is a name such as P, or 1"
+            what = (
+                "an input's width is the size the layer is given, so only ': 1' (one value per "
+                "sequence) can be declared"
+                if is_input
+                else "a width is a name such as P, or 1"
+            )
             raise self.error(f"'{declared.text}' cannot be a width here; {what}", declared.loc)
         else:
             self.width_of[n.text] = declared.text
@@ -243,15 +251,17 @@ class _Builder:
         if word == "heads" and count is not None:
             heads = float(count)
             if heads != int(heads) or heads < 1:
-                raise self.error(f"heads({count}): the number of heads is a positive whole number", kind.name.loc)
+                raise self.error(
+                    f"heads({count}): the number of heads is a positive whole number", kind.name.loc
+                )
             p.declared_kind, p.heads = "matrix", int(heads)
         elif word in ("scalar", "vector", "matrix") and count is None:
             p.declared_kind = word
         else:
             raise self.error(
-                f"unknown parameter kind '{word}{f'({count})' if count else ''}'; expected 'scalar', 'vector', "
-                "'matrix' or 'heads(n)' (only scalars must be declared: vectors and matrices are inferred from "
-                "use)",
+                f"unknown parameter kind '{word}{f'({count})' if count else ''}'; expected 'scalar', "
+                "'vector', 'matrix' or 'heads(n)' (only scalars must be declared: vectors and matrices are "
+                "inferred from use)",
                 kind.name.loc,
             )
 
@@ -259,8 +269,9 @@ class _Builder:
         if name.text in taken and name.text not in self.defs:
             what, loc = taken[name.text]
             hint = f"; write {name.text}' = ... for its next value" if what == "a state" else ""
-            raise self.error(f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}",
-                             name.loc)
+            raise self.error(
+                f"'{name.text}' is {what} (line {loc.line}) and cannot be assigned{hint}", name.loc
+            )
         if name.text in self.defs:
             first = self.defs[name.text][0].loc
             raise self.error(f"'{name.text}' is assigned twice (first on line {first.line})", name.loc)
@@ -327,7 +338,9 @@ class _Builder:
         if limit is not None and abs(v.number) > limit:
             raise self.error(
                 f"{v.number:g} is too large for an initial value here (at most {limit:.3g}): parameters are "
-                "float32 by default, whose largest number is 3.4e38", v.loc)
+                "float32 by default, whose largest number is 3.4e38",
+                v.loc,
+            )
 
     def _unknown(self, name: str, what: str, pool) -> str:
         close = difflib.get_close_matches(name, list(pool), n=1)
@@ -400,8 +413,11 @@ class _Builder:
                 divisor = n.right
                 if isinstance(divisor, ast.Var) and divisor.name in self.defs:  # the definition is the cause
                     name = self.defs[divisor.name][0]
-                    raise self.error(f"division by zero: '{divisor.name}' is zero (it is divided by on line "
-                                     f"{divisor.loc.line})", name.loc)
+                    raise self.error(
+                        f"division by zero: '{divisor.name}' is zero (it is divided by on line "
+                        f"{divisor.loc.line})",
+                        name.loc,
+                    )
                 raise self.error("division by zero", divisor.loc)
             op_group = "+" if n.op in "+-" else "*"
             if group is not None and op_group != group:
@@ -436,11 +452,13 @@ class _Builder:
         except OverflowError:
             raise self.error("this constant is too large (it overflows float64)", loc) from None
         except ZeroDivisionError:
-            raise self.error("this constant is not a finite number (division by zero or log(0)?)", loc) \
-                from None
+            raise self.error(
+                "this constant is not a finite number (division by zero or log(0)?)", loc
+            ) from None
         except (ValueError, TypeError):
-            raise self.error("this constant is not a real number (the log or a root of a negative number?)",
-                             loc) from None
+            raise self.error(
+                "this constant is not a real number (the log or a root of a negative number?)", loc
+            ) from None
         if abs(number) > MAX_CONSTANT:
             raise self.error("this constant is too large", loc)
         if not value.is_Rational:
@@ -565,14 +583,20 @@ class _Builder:
     def call(self, node: ast.Call) -> tuple[sp.Expr, str]:
         if node.func == "prev":
             if not node.args or not isinstance(node.args[0], ast.Var):
-                raise self.error("prev takes a name: prev(v) for an intermediate or input v, prev(x, k) for "
-                                 "an input k steps back", node.loc)
+                raise self.error(
+                    "prev takes a name: prev(v) for an intermediate or input v, prev(x, k) for "
+                    "an input k steps back",
+                    node.loc,
+                )
             target = node.args[0].name
             if target in self.inputs:
                 return self.prev_input(node, target)
             if len(node.args) != 1:
-                raise self.error(f"prev({target}, k) reaches back k steps for inputs only; '{target}' is not an "
-                                 "input (write prev(prev_v) with an intermediate for two steps)", node.loc)
+                raise self.error(
+                    f"prev({target}, k) reaches back k steps for inputs only; '{target}' is not an "
+                    "input (write prev(prev_v) with an intermediate for two steps)",
+                    node.loc,
+                )
             if target in self.states:
                 raise self.error(
                     f"'{target}' is a state: its previous value is just '{target}'", node.args[0].loc
@@ -603,8 +627,11 @@ class _Builder:
         """mean(v), sum(v): one value per row (width "row"); layernorm(v): v's width. v must have a
         width to reduce over (not a number, a scalar or one value per row)."""
         if width in BROADCAST:
-            raise self.error(f"{node.func}(...) reduces over the elements of a vector-wide value; this one is "
-                             f"{'a constant or scalar' if width == '1' else 'one value per sequence'}", node.args[0].loc)
+            raise self.error(
+                f"{node.func}(...) reduces over the elements of a vector-wide value; this one is "
+                f"{'a constant or scalar' if width == '1' else 'one value per sequence'}",
+                node.args[0].loc,
+            )
         result = make(value)
         for r in result.atoms(Reduction):
             self.reduced.setdefault(r, (width, node.loc))
@@ -619,7 +646,9 @@ class _Builder:
         if len(node.args) == 2:
             value, _ = self.expr(node.args[1])
             if value not in self.constants or not value.is_Integer or not 1 <= int(value) <= MAX_SHIFT:
-                raise self.error(f"k in prev(x, k) must be a whole number from 1 to {MAX_SHIFT}", node.args[1].loc)
+                raise self.error(
+                    f"k in prev(x, k) must be a whole number from 1 to {MAX_SHIFT}", node.args[1].loc
+                )
             k = int(value)
         name = f"prev({target})" if k == 1 else f"prev({target}, {k})"
         self.shifted[name] = (target, k)
@@ -631,8 +660,11 @@ class _Builder:
         terms = self.matrix_terms(node.left)
         operand, size = self.expr(node.right)
         if size in BROADCAST:
-            raise self.error("the right side of @ must be an input or a vector-wide value, not a scalar or "
-                             "one value per sequence", node.loc)
+            raise self.error(
+                "the right side of @ must be an input or a vector-wide value, not a scalar or "
+                "one value per sequence",
+                node.loc,
+            )
         if not any(s.name not in self.params for s in operand.free_symbols):
             raise self.error(
                 "the right side of @ depends on parameters only; apply a matrix to a value computed from "
@@ -655,25 +687,37 @@ class _Builder:
                     raise self.error(
                         f"'{p.name}' is applied to operands of different sizes: "
                         f"{width_words(self.widths.resolve(reads), list(self.inputs))} on line "
-                        f"{p.first_use.line} and {width_words(self.widths.resolve(size), list(self.inputs))} here",
+                        f"{p.first_use.line} and "
+                        f"{width_words(self.widths.resolve(size), list(self.inputs))} here",
                         node.loc,
                     )
             if out is not None and not self.widths.same(out, gives):
-                raise self.error("the matrices of this combination have different numbers of rows", node.left.loc)
+                raise self.error(
+                    "the matrices of this combination have different numbers of rows", node.left.loc
+                )
             out = gives
         plain = len(terms) == 1 and terms[0].coef == 1 and not terms[0].transposed and terms[0].matrix != EYE
         heads = {self.params[t.matrix].heads for t in terms if t.matrix != EYE}
         if not plain and heads - {None}:
-            raise self.error("a matrix with heads cannot be scaled, transposed or combined with others; apply "
-                             "it alone", node.left.loc)
+            raise self.error(
+                "a matrix with heads cannot be scaled, transposed or combined with others; apply it alone",
+                node.left.loc,
+            )
         name = terms[0].matrix if plain else _combination_name(terms)
         key = (name, operand)
         if key not in self.products:
             index = self.applications[name] = self.applications.get(name, -1) + 1
             sym = symbol(f"{name}@{index}" if index else f"{name}@")
-            self.products[key] = Product(sym, name, operand, node.loc, rows=out, cols=size,
-                                         terms=None if plain else tuple(terms),
-                                         heads=self.params[name].heads if plain else None)
+            self.products[key] = Product(
+                sym,
+                name,
+                operand,
+                node.loc,
+                rows=out,
+                cols=size,
+                terms=None if plain else tuple(terms),
+                heads=self.params[name].heads if plain else None,
+            )
             self.count_step(operand, node.loc)
         return self.products[key].symbol, out
 
@@ -691,8 +735,14 @@ class _Builder:
     def _terms(self, node, coef: sp.Expr) -> list[MatrixTerm]:
         if isinstance(node, ast.Var):
             return [self._matrix_leaf(node, coef)]
-        if isinstance(node, ast.BinOp) and node.op == "^" and isinstance(node.right, ast.Var) \
-                and node.right.name == "T" and "T" not in self.names_in_scope() and isinstance(node.left, ast.Var):
+        if (
+            isinstance(node, ast.BinOp)
+            and node.op == "^"
+            and isinstance(node.right, ast.Var)
+            and node.right.name == "T"
+            and "T" not in self.names_in_scope()
+            and isinstance(node.left, ast.Var)
+        ):
             leaf = self._matrix_leaf(node.left, coef)
             return [MatrixTerm(coef, leaf.matrix, not leaf.transposed)]
         if isinstance(node, ast.Neg):
@@ -703,7 +753,11 @@ class _Builder:
         if isinstance(node, ast.BinOp) and node.op in "*/":
             # papers write the coefficient first (gamma * eye, beta * (M - Mᵀ)): the right factor is the
             # matrix when it can be one
-            sides = [(node.right, node.left), (node.left, node.right)] if node.op == "*" else [(node.left, node.right)]
+            sides = (
+                [(node.right, node.left), (node.left, node.right)]
+                if node.op == "*"
+                else [(node.left, node.right)]
+            )
             for matrix, scale in sides:
                 if self._mentions_matrix(matrix):
                     value = self._scalar_coefficient(scale)
@@ -711,8 +765,10 @@ class _Builder:
         if isinstance(node, ast.Call) and node.func not in FUNCTIONS and node.func != "prev":
             raise self.error(self._unknown(node.func, "function", [*FUNCTIONS, "prev"]), node.loc)
         raise self.error(
-            "the left side of @ must be a matrix parameter, its transpose (Wᵀ or W^T), eye, or a sum of those "
-            "times numbers or scalar parameters; not this expression", node.loc)
+            "the left side of @ must be a matrix parameter, its transpose (Wᵀ or W^T), eye, or a sum of "
+            "those times numbers or scalar parameters; not this expression",
+            node.loc,
+        )
 
     def _matrix_leaf(self, node: ast.Var, coef: sp.Expr) -> MatrixTerm:
         name, transposed = node.name, False
@@ -723,9 +779,12 @@ class _Builder:
         if name in self.poisoned:
             raise _Skip(name)
         if name not in self.params:
-            what = f"'{name}'" if name in self.names_in_scope() else self._unknown(name, "matrix", self.params)
-            raise self.error(f"the left side of @ must be a matrix parameter declared with 'param', not {what}",
-                             node.loc)
+            what = (
+                f"'{name}'" if name in self.names_in_scope() else self._unknown(name, "matrix", self.params)
+            )
+            raise self.error(
+                f"the left side of @ must be a matrix parameter declared with 'param', not {what}", node.loc
+            )
         p = self.params[name]
         if p.declared_kind == "scalar":
             raise self.error(f"'{p.name}' is declared scalar and cannot be applied with @", node.loc)
@@ -749,18 +808,27 @@ class _Builder:
                 if name in ("eye", "I") and name not in self.names_in_scope():
                     return True
                 p = self.params.get(name)
-                if p is not None and p.declared_kind not in ("scalar", "vector") and p.kind not in ("scalar", "vector"):
+                if (
+                    p is not None
+                    and p.declared_kind not in ("scalar", "vector")
+                    and p.kind not in ("scalar", "vector")
+                ):
                     return True
             stack.extend(ast.children(n))
         return False
 
     def _scalar_coefficient(self, node) -> sp.Expr:
         value, size = self.expr(node)
-        scalars_only = all(self.params.get(s.name) is not None and self.params[s.name].kind == "scalar"
-                           for s in value.free_symbols)
+        scalars_only = all(
+            self.params.get(s.name) is not None and self.params[s.name].kind == "scalar"
+            for s in value.free_symbols
+        )
         if size != "1" or not scalars_only:
-            raise self.error("a matrix may be scaled by a number or a scalar parameter only (declare it with "
-                             "'param NAME : scalar')", node.loc)
+            raise self.error(
+                "a matrix may be scaled by a number or a scalar parameter only (declare it with "
+                "'param NAME : scalar')",
+                node.loc,
+            )
         if value == 0:
             raise self.error("a matrix scaled by zero", node.loc)
         return value
@@ -845,18 +913,23 @@ class _Builder:
         self.declare()
         out = self.m.output
         if out is None and len(self.m.states) > 1:
-            self.report(self.error(
-                "the cell has several states; say which is the output, e.g. 'output "
-                f"{self.m.states[0].text}'",
-                self.m.states[0].loc,
-            ))
+            self.report(
+                self.error(
+                    "the cell has several states; say which is the output, e.g. 'output "
+                    f"{self.m.states[0].text}'",
+                    self.m.states[0].loc,
+                )
+            )
         if out is not None and out.text not in self.states and out.text not in self.defs:
             if out.text not in self.poisoned:
-                self.report(self.error(
-                    self._unknown(out.text, "output (a state or an intermediate)",
-                                  [*self.states, *self.defs]),
-                    out.loc,
-                ))
+                self.report(
+                    self.error(
+                        self._unknown(
+                            out.text, "output (a state or an intermediate)", [*self.states, *self.defs]
+                        ),
+                        out.loc,
+                    )
+                )
             out = None
         needs, uses = self.dependencies()
         roots = [s.text + "'" for s in self.m.states if s.text in self.updates]
@@ -885,8 +958,12 @@ class _Builder:
             self.width_of[out_name] = size
         # prev(v) states, in the order the text first uses them: their next value is v of this step, so
         # their width is v's
-        self.prev_states = dict(sorted(self.prev_states.items(),
-                                       key=lambda kv: (self.prev_uses[kv[0]].line, self.prev_uses[kv[0]].column)))
+        self.prev_states = dict(
+            sorted(
+                self.prev_states.items(),
+                key=lambda kv: (self.prev_uses[kv[0]].line, self.prev_uses[kv[0]].column),
+            )
+        )
         for target, carried in self.prev_states.items():
             value, size = self.resolved[target]
             self.width_of[carried] = self.widths.unknown(carried)
@@ -900,8 +977,9 @@ class _Builder:
             if not p.kind:
                 p.kind = "vector"
             if p.init is not None and p.init.name == "orthogonal" and p.kind != "matrix":
-                self.report(self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}",
-                                       p.init.loc))
+                self.report(
+                    self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}", p.init.loc)
+                )
         raise_all(self.errors)
         self._warn_unused(used, [*new_states.values(), out_expr])
         return CellIR(
@@ -940,7 +1018,9 @@ class _Builder:
             raise self.error(
                 f"with this the step has {len(self.step_nodes)} distinct operations once intermediates are "
                 f"put in (the limit is {MAX_STEP_NODES}); the derivative and kernels of so large a cell are "
-                "not built", loc)
+                "not built",
+                loc,
+            )
 
     def _resolve_widths(self) -> dict[str, str]:
         """Give every width its final name (an unknown nothing fixed is H): parameters' rows and
@@ -951,7 +1031,9 @@ class _Builder:
                 p.rows = resolve(p.rows)
             if p.operand_size is not None:
                 p.operand_size = resolve(p.operand_size)
-        self.products = {k: replace(v, rows=resolve(v.rows), cols=resolve(v.cols)) for k, v in self.products.items()}
+        self.products = {
+            k: replace(v, rows=resolve(v.rows), cols=resolve(v.cols)) for k, v in self.products.items()
+        }
         widths = {n: resolve(w) for n, w in self.width_of.items()}
         widths.update({n: p.rows for n, p in self.params.items() if p.kind == "vector"})
         return widths

@@ -104,8 +104,12 @@ class Plan:
         if role == "scalar":
             return "1"
         if role in ("hoisted", "product"):
-            return next(w for g in [*self.hoisted, *self.gemms] for p, w in zip(g.products, g.widths, strict=True)
-                        if p == sym)
+            return next(
+                w
+                for g in [*self.hoisted, *self.gemms]
+                for p, w in zip(g.products, g.widths, strict=True)
+                if p == sym
+            )
         if role == "operand":
             return next(g.operand_size for g in self.gemms if g.operand == sym)
         return ir.width(ir.shifted.get(sym.name, (sym.name,))[0])
@@ -122,7 +126,9 @@ class Plan:
         for g in [*self.gemms, *self.hoisted]:
             where = "hoisted " if g.stage == 0 else f"stage {g.stage} "
             saved.append((f"{where}GEMM [{', '.join(g.params)}] @ {g.operand.name}", g.widths))
-        saved += [(g.operand.name, (g.operand_size,)) for g in self.gemms if self.roles.get(g.operand) == "operand"]
+        saved += [
+            (g.operand.name, (g.operand_size,)) for g in self.gemms if self.roles.get(g.operand) == "operand"
+        ]
         return saved
 
 
@@ -134,8 +140,9 @@ def _leaves(expr: sp.Expr) -> set[sp.Symbol]:
     return {s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
 
 
-def make_pointwise(stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "",
-                   width: str = "H") -> Pointwise:
+def make_pointwise(
+    stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "", width: str = "H"
+) -> Pointwise:
     """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
     exprs = [e for _, e in outputs]
     inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
@@ -349,8 +356,11 @@ def build_plan(ir: CellIR) -> Plan:
 
     def order(sym: sp.Symbol) -> tuple[int, int]:
         product = products[sym]
-        first = product.param if product.terms is None else next(
-            (t.matrix for t in product.terms if t.matrix in declared), None)
+        first = (
+            product.param
+            if product.terms is None
+            else next((t.matrix for t in product.terms if t.matrix in declared), None)
+        )
         return (declared.get(first, len(declared)), product.terms is not None)
 
     by_operand: dict[tuple[int, sp.Expr, int], list[sp.Symbol]] = {}
@@ -358,9 +368,9 @@ def build_plan(ir: CellIR) -> Plan:
         by_operand.setdefault((level[sym], products[sym].operand, products[sym].heads or 0), []).append(sym)
     hoisted, gemms = [], []
     operand_outputs: dict[int, list[tuple[str, sp.Expr]]] = {}  # stage k -> operands it computes
-    for index, ((stage, operand, heads), syms) in enumerate(sorted(
-        by_operand.items(), key=lambda kv: (kv[0][0], min(order(s) for s in kv[1]))
-    )):
+    for index, ((stage, operand, heads), syms) in enumerate(
+        sorted(by_operand.items(), key=lambda kv: (kv[0][0], min(order(s) for s in kv[1])))
+    ):
         syms.sort(key=order)
         if isinstance(operand, sp.Symbol):
             operand_sym = operand
@@ -368,8 +378,15 @@ def build_plan(ir: CellIR) -> Plan:
             operand_sym = generated(f"operand{index}")
             roles[operand_sym] = "operand"
             operand_outputs.setdefault(stage, []).append((operand_sym.name, operand))
-        gemm = Gemm(stage, operand_sym, products[syms[0]].cols, tuple(products[s].param for s in syms),
-                    tuple(syms), tuple(products[s].rows for s in syms), heads or None)
+        gemm = Gemm(
+            stage,
+            operand_sym,
+            products[syms[0]].cols,
+            tuple(products[s].param for s in syms),
+            tuple(syms),
+            tuple(products[s].rows for s in syms),
+            heads or None,
+        )
         (hoisted if stage == 0 else gemms).append(gemm)
         for s in syms:
             roles[s] = "hoisted" if stage == 0 else "product"
@@ -395,10 +412,16 @@ def build_plan(ir: CellIR) -> Plan:
             for r in set().union(*(e.atoms(Reduction) for _, e in group)):
                 over, loc = ir.reduced.get(r, (w, None))
                 if over != w and w != "row":
-                    raise CellError(f"a mean or sum over {over}-wide values is used here by {w}-wide values in the "
-                                    "same step stage: not supported (a kernel runs over one width)", ir.source, loc)
-        return [make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
-                for i, (w, group) in enumerate(by_width.items())]
+                    raise CellError(
+                        f"a mean or sum over {over}-wide values is used here by {w}-wide values in the "
+                        "same step stage: not supported (a kernel runs over one width)",
+                        ir.source,
+                        loc,
+                    )
+        return [
+            make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
+            for i, (w, group) in enumerate(by_width.items())
+        ]
 
     hoist_pointwise = pointwise_of(-1, operand_outputs[0], "hoist") if operand_outputs.get(0) else []
     pointwise = []

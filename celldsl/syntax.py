@@ -77,7 +77,14 @@ def _loc(item) -> Loc:
     return Loc(meta.line, meta.column, end)
 
 
-OPERATORS = {"STAR", "SLASH", "AT", "POW", "COMPARE", "__ANON_0"}  # binary only (+ and - also start an expression)
+OPERATORS = {
+    "STAR",
+    "SLASH",
+    "AT",
+    "POW",
+    "COMPARE",
+    "__ANON_0",
+}  # binary only (+ and - also start an expression)
 EXPRESSION_START = {"NAME", "NUMBER", "LPAR", "MINUS", "PLUS"}
 KEYWORDS = {"CELL", "DOC", "CITE", "INPUT", "STATE", "OUTPUT", "PARAM", "INIT"}
 
@@ -298,8 +305,11 @@ def parse(text: str | bytes, filename: str = "<cell>") -> ast.Module:
             raise CellError("the file is not valid UTF-8 text", safe, Loc(line, column)) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not part of the cell
     if len(text) > MAX_FILE_BYTES:
-        raise CellError(f"the file has {len(text)} characters; a cell file may have at most {MAX_FILE_BYTES}",
-                        Source(text[:1000], filename), Loc(1, 1))
+        raise CellError(
+            f"the file has {len(text)} characters; a cell file may have at most {MAX_FILE_BYTES}",
+            Source(text[:1000], filename),
+            Loc(1, 1),
+        )
     if "\x00" in text:
         before = text[: text.index("\x00")]
         loc = Loc(before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
@@ -347,15 +357,21 @@ def _every_syntax_error(source: Source) -> list[CellError]:
             parser().parse(chunk)
         except _TooDeep as deep:
             loc = _loc(deep.token)
-            errors.append(CellError(f"parentheses nested more than {MAX_NESTING} deep", source,
-                                    Loc(loc.line + before, loc.column, loc.end_column)))
+            errors.append(
+                CellError(
+                    f"parentheses nested more than {MAX_NESTING} deep",
+                    source,
+                    Loc(loc.line + before, loc.column, loc.end_column),
+                )
+            )
         except UnexpectedInput as err:
             errors.append(_syntax_error(err, Source(chunk, source.filename), before, source))
     return errors
 
 
-def _syntax_error(err: UnexpectedInput, source: Source, before: int = 0, full: Source | None = None
-                  ) -> CellError:
+def _syntax_error(
+    err: UnexpectedInput, source: Source, before: int = 0, full: Source | None = None
+) -> CellError:
     """The error of a parse of `source`, reported at its place in `full` (the file), `before` lines on."""
     text = source.text
     full = full or source

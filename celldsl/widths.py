@@ -12,9 +12,9 @@ and an elementwise operation merges the classes of its operands. A class nothing
 
 Two named widths that meet elementwise (MUT1's tanh(x) next to the state: the input's width meets H)
 must be equal when the layer is built. `constraints` keeps, for each such pair, the first place in
-the text where the less usual width (the input's) entered, and CompiledCell.check_sizes raises there when the sizes
-given differ; the merged class is named by the usual one (H before a declared width before an
-input's).
+the text where the less usual width (the input's) entered, and CompiledCell.check_sizes raises
+there when the sizes given differ; the merged class is named by the usual one (H before a declared
+width before an input's).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class Widths:
             pair = tuple(sorted((na, nb)))
             where = self.origin.get(other) or loc
             first = self.constraints.get(pair)
-            if first is None or (where is not None and (where.line, where.column) < (first.line, first.column)):
+            if first is None or (
+                where is not None and (where.line, where.column) < (first.line, first.column)
+            ):
                 self.constraints[pair] = where  # the first place in the text where they meet
         else:
             keep, other = (a, b) if na is not None or nb is None else (b, a)

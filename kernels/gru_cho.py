@@ -95,13 +95,14 @@ def _logsigmoid(x):
 
 @triton.jit
 def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
+    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
+    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
+    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
 
 
 @triton.jit
 def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+    return (tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)).to(x.dtype)
 
 
 @triton.jit

@@ -92,13 +92,14 @@ def _logsigmoid(x):
 
 @triton.jit
 def _step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min
-    return tl.where(x > 0, 1.0, 0.0)
+    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
+    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
+    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
 
 
 @triton.jit
 def _sign(x):
-    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+    return (tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)).to(x.dtype)
 
 
 @triton.jit
@@ -187,7 +188,7 @@ def stage1_step(W_hc_mm, W_hf_mm, W_hi_mm, W_ho_mm, W_xc_mm, W_xf_mm, W_xi_mm, W
     # -> the outputs: (c_new, h_new)
     t0 = _mod(t - s, tau)/tau
     t1 = 2.0*t0/r_on
-    t2 = tl.where(tl.where(t0 < r_on/2.0, 1.0, 0.0) != 0, t1, tl.where(tl.where(t0 < r_on, 1.0, 0.0) != 0, 2.0 - t1, t0/1000.0))
+    t2 = tl.where((tl.where(t0 < r_on/2.0, 1.0, 0.0).to((t0).dtype)) != 0, t1, tl.where((tl.where(t0 < r_on, 1.0, 0.0).to((t0).dtype)) != 0, 2.0 - t1, t0/1000.0).to((tl.where(t0 < r_on, 1.0, 0.0).to((t0).dtype)).dtype)).to((tl.where(t0 < r_on/2.0, 1.0, 0.0).to((t0).dtype)).dtype)
     t3 = 1.0 - t2
     t4 = c*_sigmoid(W_hf_mm + W_xf_mm + b_f + c*w_cf) + _sigmoid(W_hi_mm + W_xi_mm + b_i + c*w_ci)*_tanh(W_hc_mm + W_xc_mm + b_c)
     return (t2*t4 + t3*c, t3*h + t2*_sigmoid(W_ho_mm + W_xo_mm + b_o + t4*w_co)*_tanh(t4),)
@@ -297,7 +298,7 @@ def stage1_step_grad(W_hc_mm, W_hf_mm, W_hi_mm, W_ho_mm, W_xc_mm, W_xf_mm, W_xi_
     # -> gradient of every input that needs one: (d_W_hc_mm, d_W_hf_mm, d_W_hi_mm, d_W_ho_mm, d_c, d_h, d_r_on, d_s, d_t, d_tau, d_w_cf, d_w_ci, d_w_co)
     t0 = _mod(t - s, tau)/tau
     t1 = 2.0*t0/r_on
-    t2 = tl.where(tl.where(t0 < r_on/2.0, 1.0, 0.0) != 0, t1, tl.where(tl.where(t0 < r_on, 1.0, 0.0) != 0, 2.0 - t1, t0/1000.0))
+    t2 = tl.where((tl.where(t0 < r_on/2.0, 1.0, 0.0).to((t0).dtype)) != 0, t1, tl.where((tl.where(t0 < r_on, 1.0, 0.0).to((t0).dtype)) != 0, 2.0 - t1, t0/1000.0).to((tl.where(t0 < r_on, 1.0, 0.0).to((t0).dtype)).dtype)).to((tl.where(t0 < r_on/2.0, 1.0, 0.0).to((t0).dtype)).dtype)
     t3 = 1.0 - t2
     t4 = c*_sigmoid(W_hf_mm + W_xf_mm + b_f + c*w_cf) + _sigmoid(W_hi_mm + W_xi_mm + b_i + c*w_ci)*_tanh(W_hc_mm + W_xc_mm + b_c)
     u0 = _tanh(W_hc_mm + W_xc_mm + b_c)
@@ -317,12 +318,12 @@ def stage1_step_grad(W_hc_mm, W_hf_mm, W_hi_mm, W_ho_mm, W_xc_mm, W_xf_mm, W_xi_
     u14 = u13*c
     u15 = u0*u8*(1.0 - u7)
     u16 = u4 + t4*grad_c_new - c*grad_c_new - grad_h_new*h
-    u17 = tl.where(t0 < r_on/2.0, 1.0, 0.0)
-    u18 = tl.where(t0 < r_on, 1.0, 0.0)
-    u19 = u16*tl.where(u17 != 0, 0.0, 1.0)
-    u20 = -2.0*u19*tl.where(u18 != 0, 1.0, 0.0) + 2.0*u16*tl.where(u17 != 0, 1.0, 0.0)
+    u17 = tl.where(t0 < r_on/2.0, 1.0, 0.0).to((t0).dtype)
+    u18 = tl.where(t0 < r_on, 1.0, 0.0).to((t0).dtype)
+    u19 = u16*tl.where((u17) != 0, 0.0, 1.0).to((u17).dtype)
+    u20 = -2.0*u19*tl.where((u18) != 0, 1.0, 0.0).to((u18).dtype) + 2.0*u16*tl.where((u17) != 0, 1.0, 0.0).to((u17).dtype)
     u21 = (1.0/(tau))
-    u22 = u20/r_on + u19*tl.where(u18 != 0, 0.0, 1.0)/1000.0
+    u22 = u20/r_on + u19*tl.where((u18) != 0, 0.0, 1.0).to((u18).dtype)/1000.0
     u23 = u21*u22
     u24 = t - s
     return (u9, u14, u15, u5, u12 + t3*grad_c_new + u10*u13 + u15*w_ci, t3*grad_h_new, -t0*u20/(r_on*r_on), -u23, u23, -u23*tl.floor(u21*u24) - u22*_mod(u24, tau)/(tau*tau), u13*(c*c), u15*c, t4*u5,)

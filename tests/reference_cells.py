@@ -50,8 +50,10 @@ def run(step: Step, x: Tensor, state: State) -> tuple[Tensor, State]:
 
 # --- torch.nn layers (torch documentation) ---------------------------------------------------------
 
+
 def ref_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """torch.nn.LSTM, gate order i, f, g, o; state (h, c)."""
+
     def step(x, state):
         h, c = state
         i = sigmoid(lin(p["W_ii"], x) + p["b_ii"] + lin(p["W_hi"], h) + p["b_hi"])
@@ -61,11 +63,13 @@ def ref_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         c = f * c + i * g
         h = o * tanh(c)
         return h, (h, c)
+
     return run(step, x, state)
 
 
 def ref_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """torch.nn.GRU: reset applied after the recurrent matmul (b_hn inside), z keeps the old h."""
+
     def step(x, state):
         (h,) = state
         r = sigmoid(lin(p["W_ir"], x) + p["b_ir"] + lin(p["W_hr"], h) + p["b_hr"])
@@ -73,6 +77,7 @@ def ref_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         n = tanh(lin(p["W_in"], x) + p["b_in"] + r * (lin(p["W_hn"], h) + p["b_hn"]))
         h = (1 - z) * n + z * h
         return h, (h,)
+
     return run(step, x, state)
 
 
@@ -82,18 +87,22 @@ def _torch_rnn(activation: Callable[[Tensor], Tensor]):
             (h,) = state
             h = activation(lin(p["W_ih"], x) + p["b_ih"] + lin(p["W_hh"], h) + p["b_hh"])
             return h, (h,)
+
         return run(step, x, state)
+
     return ref
 
 
-ref_rnn_tanh = _torch_rnn(tanh)    # torch.nn.RNN(nonlinearity="tanh")
-ref_rnn_relu = _torch_rnn(relu)    # torch.nn.RNN(nonlinearity="relu")
+ref_rnn_tanh = _torch_rnn(tanh)  # torch.nn.RNN(nonlinearity="tanh")
+ref_rnn_relu = _torch_rnn(relu)  # torch.nn.RNN(nonlinearity="relu")
 
 
 # --- Greff et al. 2015, vanilla LSTM and its eight variants; state (c, y) --------------------------
 
+
 def ref_greff_vanilla(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Peepholes: i, f read c^{t-1}; o reads the new c^t."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -103,11 +112,13 @@ def ref_greff_vanilla(p: Params, x: Tensor, state: State) -> tuple[Tensor, State
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_nig(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No input gate: i = 1."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -117,11 +128,13 @@ def ref_greff_nig(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_nfg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No forget gate: f = 1."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -131,11 +144,13 @@ def ref_greff_nfg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_nog(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No output gate: o = 1, y = tanh(c)."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -144,11 +159,13 @@ def ref_greff_nog(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         c = z * i + c * f
         y = tanh(c)
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_niaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No input activation: z is its pre-activation."""
+
     def step(x, state):
         c, y = state
         z = lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"]
@@ -158,11 +175,13 @@ def ref_greff_niaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_noaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No output activation: y = c * o."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -172,11 +191,13 @@ def ref_greff_noaf(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = c * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_np(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """No peepholes."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -186,11 +207,13 @@ def ref_greff_np(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
 def ref_greff_cifg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Coupled input and forget gate: f = 1 - i (the input gate keeps its peephole)."""
+
     def step(x, state):
         c, y = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
@@ -200,6 +223,7 @@ def ref_greff_cifg(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"])
         y = tanh(c) * o
         return y, (c, y)
+
     return run(step, x, state)
 
 
@@ -208,60 +232,92 @@ def ref_greff_fgr(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
 
     State (c, y, i, f, o): the previous gate activations are carried, zero at the start.
     """
+
     def step(x, state):
         c, y, i_prev, f_prev, o_prev = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], y) + p["b_z"])
-        i = sigmoid(lin(p["W_i"], x) + lin(p["R_i"], y) + p["p_i"] * c + p["b_i"]
-                    + lin(p["R_ii"], i_prev) + lin(p["R_fi"], f_prev) + lin(p["R_oi"], o_prev))
-        f = sigmoid(lin(p["W_f"], x) + lin(p["R_f"], y) + p["p_f"] * c + p["b_f"]
-                    + lin(p["R_if"], i_prev) + lin(p["R_ff"], f_prev) + lin(p["R_of"], o_prev))
+        i = sigmoid(
+            lin(p["W_i"], x)
+            + lin(p["R_i"], y)
+            + p["p_i"] * c
+            + p["b_i"]
+            + lin(p["R_ii"], i_prev)
+            + lin(p["R_fi"], f_prev)
+            + lin(p["R_oi"], o_prev)
+        )
+        f = sigmoid(
+            lin(p["W_f"], x)
+            + lin(p["R_f"], y)
+            + p["p_f"] * c
+            + p["b_f"]
+            + lin(p["R_if"], i_prev)
+            + lin(p["R_ff"], f_prev)
+            + lin(p["R_of"], o_prev)
+        )
         c = z * i + c * f
-        o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], y) + p["p_o"] * c + p["b_o"]
-                    + lin(p["R_io"], i_prev) + lin(p["R_fo"], f_prev) + lin(p["R_oo"], o_prev))
+        o = sigmoid(
+            lin(p["W_o"], x)
+            + lin(p["R_o"], y)
+            + p["p_o"] * c
+            + p["b_o"]
+            + lin(p["R_io"], i_prev)
+            + lin(p["R_fo"], f_prev)
+            + lin(p["R_oo"], o_prev)
+        )
         y = tanh(c) * o
         return y, (c, y, i, f, o)
+
     return run(step, x, state)
 
 
 # --- Jozefowicz et al. 2015 MUT1-3: z weights the candidate; state (h,) -----------------------------
 
+
 def ref_mut1(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Un-weighted tanh(x) in the candidate: needs I == H."""
+
     def step(x, state):
         (h,) = state
         z = sigmoid(lin(p["W_xz"], x) + p["b_z"])
         r = sigmoid(lin(p["W_xr"], x) + lin(p["W_hr"], h) + p["b_r"])
         h = tanh(lin(p["W_hh"], r * h) + tanh(x) + p["b"]) * z + h * (1 - z)
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_mut2(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Raw x in the reset gate: needs I == H."""
+
     def step(x, state):
         (h,) = state
         z = sigmoid(lin(p["W_xz"], x) + lin(p["W_hz"], h) + p["b_z"])
         r = sigmoid(x + lin(p["W_hr"], h) + p["b_r"])
         h = tanh(lin(p["W_hh"], r * h) + lin(p["W_xh"], x) + p["b"]) * z + h * (1 - z)
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_mut3(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Update gate reads tanh(h)."""
+
     def step(x, state):
         (h,) = state
         z = sigmoid(lin(p["W_xz"], x) + lin(p["W_hz"], tanh(h)) + p["b_z"])
         r = sigmoid(lin(p["W_xr"], x) + lin(p["W_hr"], h) + p["b_r"])
         h = tanh(lin(p["W_hh"], r * h) + lin(p["W_xh"], x) + p["b"]) * z + h * (1 - z)
         return h, (h,)
+
     return run(step, x, state)
 
 
 # --- other cells ------------------------------------------------------------------------------------
 
+
 def ref_gru_cho(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Cho et al. 2014 eqs. (5)-(8) with biases: reset before the matmul U (r h), z keeps the old h."""
+
     def step(x, state):
         (h,) = state
         r = sigmoid(lin(p["W_r"], x) + lin(p["U_r"], h) + p["b_r"])
@@ -269,32 +325,38 @@ def ref_gru_cho(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         h_tilde = tanh(lin(p["W"], x) + lin(p["U"], r * h) + p["b"])
         h = z * h + (1 - z) * h_tilde
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_vanilla_rnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """RecurrentArchitectures vanillaRNN.py: carries the sigmoid output y; state (y,)."""
+
     def step(x, state):
         (y,) = state
         s = tanh(lin(p["U"], x) + lin(p["W"], y) + p["b1"])
         y = sigmoid(lin(p["V"], s) + p["b2"])
         return y, (y,)
+
     return run(step, x, state)
 
 
 def ref_mingru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Feng et al. 2024 minGRU, plain form: gates read x only."""
+
     def step(x, state):
         (h,) = state
         z = sigmoid(lin(p["W_z"], x) + p["b_z"])
         h_tilde = lin(p["W_h"], x) + p["b_h"]
         h = (1 - z) * h + z * h_tilde
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_minlstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Feng et al. 2024 minLSTM, plain form: f, i normalised to sum to one."""
+
     def step(x, state):
         (h,) = state
         f = sigmoid(lin(p["W_f"], x) + p["b_f"])
@@ -303,20 +365,24 @@ def ref_minlstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         f_norm, i_norm = f / (f + i), i / (f + i)
         h = f_norm * h + i_norm * h_tilde
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_indrnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Li et al. 2018 eq. (2), ReLU: the recurrent weight u is elementwise."""
+
     def step(x, state):
         (h,) = state
         h = relu(lin(p["W"], x) + p["u"] * h + p["b"])
         return h, (h,)
+
     return run(step, x, state)
 
 
 def ref_sru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Lei et al. 2018 SRU with v * c_{t-1} terms; carries c, outputs h; highway on raw x (I == H)."""
+
     def step(x, state):
         (c_prev,) = state
         f = sigmoid(lin(p["W_f"], x) + p["v_f"] * c_prev + p["b_f"])
@@ -324,11 +390,13 @@ def ref_sru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         r = sigmoid(lin(p["W_r"], x) + p["v_r"] * c_prev + p["b_r"])
         h = r * c + (1 - r) * x
         return h, (c,)
+
     return run(step, x, state)
 
 
 def ref_slstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Beck et al. 2024 sLSTM, one head, sigmoid forget gate in log space; state (h, c, n, m)."""
+
     def step(x, state):
         h, c, n, m = state
         z = tanh(lin(p["W_z"], x) + lin(p["R_z"], h) + p["b_z"])
@@ -337,16 +405,18 @@ def ref_slstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o"], x) + lin(p["R_o"], h) + p["b_o"])
         log_f = F.logsigmoid(f_tilde)
         m_new = torch.maximum(log_f + m, i_tilde)
-        i = exp(i_tilde - m_new)               # stabilised input gate i'
-        f = exp(log_f + m - m_new)             # stabilised forget gate f'
+        i = exp(i_tilde - m_new)  # stabilised input gate i'
+        f = exp(log_f + m - m_new)  # stabilised forget gate f'
         c = f * c + i * z
         n = f * n + i
         h = o * c / n
         return h, (h, c, n, m_new)
+
     return run(step, x, state)
 
 
 # --- the language's second edition (issue 13) --------------------------------------------------------
+
 
 def ref_antisymmetric_rnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Chang et al. 2019, gated AntisymmetricRNN with gamma = eps = 0.01; state (h,)."""
@@ -358,6 +428,7 @@ def ref_antisymmetric_rnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, S
         z = sigmoid(lin(A, h) + lin(p["V_z"], x) + p["b_z"])
         h = h + 0.01 * z * tanh(lin(A, h) + lin(p["V_h"], x) + p["b_h"])
         return h, (h,)
+
     return run(step, x, state)
 
 
@@ -368,6 +439,7 @@ def _with_previous(x: Tensor) -> Tensor:
 
 def ref_qrnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Bradbury et al. 2017, window 2, fo-pooling; state (c,), output h = o * c."""
+
     def step(xx, state):
         (c,) = state
         prev, x_t = xx.chunk(2, dim=-1)
@@ -376,11 +448,13 @@ def ref_qrnn(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         o = sigmoid(lin(p["W_o1"], prev) + lin(p["W_o2"], x_t) + p["b_o"])
         c = f * c + (1 - f) * z
         return o * c, (c,)
+
     return run(step, _with_previous(x), state)
 
 
 def ref_qrnn_f(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """Bradbury et al. 2017, window 2, f-pooling; state (h,)."""
+
     def step(xx, state):
         (h,) = state
         prev, x_t = xx.chunk(2, dim=-1)
@@ -388,11 +462,13 @@ def ref_qrnn_f(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         f = sigmoid(lin(p["W_f1"], prev) + lin(p["W_f2"], x_t) + p["b_f"])
         h = f * h + (1 - f) * z
         return h, (h,)
+
     return run(step, _with_previous(x), state)
 
 
 def ref_lstm_proj(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
     """torch.nn.LSTM with proj_size: h [N, P] = W_hr (o * tanh c), c [N, H]; state (h, c)."""
+
     def step(x, state):
         h, c = state
         i = sigmoid(lin(p["W_ii"], x) + p["b_ii"] + lin(p["W_hi"], h) + p["b_hi"])
@@ -402,6 +478,7 @@ def ref_lstm_proj(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         c = f * c + i * g
         h = lin(p["weight_hr"], o * tanh(c))
         return h, (h, c)
+
     return run(step, x, state)
 
 
@@ -425,7 +502,9 @@ def ref_phased_lstm(p: Params, x: Tensor, state: State, t: Tensor) -> tuple[Tens
         h_tilde = o * tanh(c_tilde)
         phi = torch.remainder(t_t - p["s"], p["tau"]) / p["tau"]
         r_on = p["r_on"]
-        k = torch.where(phi < r_on / 2, 2 * phi / r_on, torch.where(phi < r_on, 2 - 2 * phi / r_on, 0.001 * phi))
+        k = torch.where(
+            phi < r_on / 2, 2 * phi / r_on, torch.where(phi < r_on, 2 - 2 * phi / r_on, 0.001 * phi)
+        )
         c = k * c_tilde + (1 - k) * c
         h = k * h_tilde + (1 - k) * h
         outputs.append(h)
@@ -454,6 +533,7 @@ def ref_ln_lstm(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         c = sigmoid(f) * c + sigmoid(i) * tanh(g)
         h = sigmoid(o) * tanh(p["a_c"] * _layer_norm(c) + p["beta_c"])
         return h, (h, c)
+
     return run(step, x, state)
 
 
@@ -475,6 +555,7 @@ def ref_ln_gru(p: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
         n = tanh(a_n + p["b_in"] + r * (u_n + p["b_hn"]))
         h = (1 - z) * n + z * h
         return h, (h,)
+
     return run(step, x, state)
 
 
@@ -513,6 +594,7 @@ REFERENCES = {
 
 
 # --- cells with an extra input (test-only cells in tests/) ----------------------------------------
+
 
 def ref_lstm_context(p: Params, x: Tensor, state: State, ctx: Tensor) -> tuple[Tensor, State]:
     """Show, Attend and Tell's decoder LSTM (Xu et al. 2015, eq. 1-3): every gate is an affine map of

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from zoo import GENERIC
 
 import celldsl
 from celldsl import compile_cell
-from zoo import GENERIC
 
 F64 = torch.float64
 BACKENDS = ["torch", "cpu"]

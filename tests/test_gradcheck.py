@@ -8,10 +8,9 @@ and intermediate GEMM operands.
 
 import pytest
 import torch
-from reference_cells import REFERENCES
-from zoo import GENERIC
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import GENERIC
 
 from celldsl import Recurrent, compile_cell
 

@@ -41,8 +41,9 @@ def backend(request, monkeypatch):
 
 def layer_of(cell, backend, hidden, **kwargs):
     torch.manual_seed(0)
-    layer = celldsl.Recurrent(cell, kwargs.pop("input_size", I), hidden, backend=backend, dtype=torch.float64,
-                              **kwargs)
+    layer = celldsl.Recurrent(
+        cell, kwargs.pop("input_size", I), hidden, backend=backend, dtype=torch.float64, **kwargs
+    )
     with torch.no_grad():  # away from the default init, so that gains and shifts matter
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -65,7 +66,11 @@ def outputs_and_grads(out, finals, tensors):
     g = torch.Generator().manual_seed(5)
     loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
     loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in finals)
-    return [out.detach(), *(f.detach() for f in finals), *torch.autograd.grad(loss, tensors, allow_unused=True)]
+    return [
+        out.detach(),
+        *(f.detach() for f in finals),
+        *torch.autograd.grad(loss, tensors, allow_unused=True),
+    ]
 
 
 def assert_all_close(got, expected, atol=1e-10):
@@ -82,8 +87,12 @@ def assert_all_close(got, expected, atol=1e-10):
 SPECIAL = {  # stem -> (hidden size, layer arguments, extra inputs maker, reference)
     "lstm_proj": (6, {"sizes": {"P": 3}}, None, REFERENCES["lstm_proj"]),
     "slstm_heads": (8, {}, None, REFERENCES["slstm_heads"]),
-    "phased_lstm": (6, {}, lambda T, N: {"t": torch.rand(T, N, 1, dtype=torch.float64) * 30},
-                    EXTRA_INPUT_REFERENCES["phased_lstm"]),
+    "phased_lstm": (
+        6,
+        {},
+        lambda T, N: {"t": torch.rand(T, N, 1, dtype=torch.float64) * 30},
+        EXTRA_INPUT_REFERENCES["phased_lstm"],
+    ),
 }
 
 
@@ -94,15 +103,18 @@ def test_special_zoo_cell_matches_its_reference(stem, backend):
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
     extra = extras(T, N) if extras else {}
     sizes = layer._sizes(0)
-    state = tuple(torch.randn(N, sizes[layer.compiled.ir.width(s)], dtype=torch.float64) * 0.5
-                  for s in layer.compiled.states)
+    state = tuple(
+        torch.randn(N, sizes[layer.compiled.ir.width(s)], dtype=torch.float64) * 0.5
+        for s in layer.compiled.states
+    )
     params = list(layer.parameters())
-    got = outputs_and_grads(*layer(x, tuple(s[None] for s in state) if len(state) > 1 else state[0][None],
-                                   **extra), [x, *params])
+    got = outputs_and_grads(
+        *layer(x, tuple(s[None] for s in state) if len(state) > 1 else state[0][None], **extra), [x, *params]
+    )
     p = params_of(layer)
     ref_out, ref_final = reference(p, x, state, **extra)
     expected = outputs_and_grads(ref_out, ref_final, [x, *params])
-    got[1:1 + len(state)] = [f[0] for f in got[1:1 + len(state)]]
+    got[1 : 1 + len(state)] = [f[0] for f in got[1 : 1 + len(state)]]
     assert_all_close(got, expected)
 
 
@@ -131,8 +143,10 @@ def test_special_zoo_cell_two_bidirectional_packed_layers(stem, backend):
             for d in range(2):
                 p = params_of(layer, lay, d)
                 sizes = layer._sizes(lay)
-                state = tuple(torch.zeros(1, sizes[layer.compiled.ir.width(s)], dtype=torch.float64)
-                              for s in layer.compiled.states)
+                state = tuple(
+                    torch.zeros(1, sizes[layer.compiled.ir.width(s)], dtype=torch.float64)
+                    for s in layer.compiled.states
+                )
                 e = {k: v.flip(0) if d else v for k, v in ex.items()}
                 o, _ = reference(p, seq.flip(0) if d else seq, state, **e)
                 directions.append(o.flip(0) if d else o)
@@ -170,7 +184,9 @@ def test_lstm_proj_explains_its_widths():
 
 
 def test_a_declared_width_needs_its_size():
-    with pytest.raises(ValueError, match="declares the widths P; sizes must give the size of each; missing: P"):
+    with pytest.raises(
+        ValueError, match="declares the widths P; sizes must give the size of each; missing: P"
+    ):
         celldsl.Recurrent("lstm_proj", 4, 6)
     with pytest.raises(ValueError, match="unknown: Q"):
         celldsl.Recurrent("lstm_proj", 4, 6, sizes={"P": 3, "Q": 2})
@@ -221,6 +237,7 @@ def ref_lipschitz(p, x, state):
         (h,) = state
         h = h + eps * (lin(A, h) + tanh(lin(p["V"], x) + p["b"]))
         return h, (h,)
+
     return run(step, x, state)
 
 
@@ -238,11 +255,15 @@ def ref_transposed(p, x, state):
         (h,) = state
         h = tanh(lin(p["W"].T, x) + lin(p["U"], h)) + 0.5 * lin(p["U"].T, h)
         return h, (h,)
+
     return run(step, x, state)
 
 
-@pytest.mark.parametrize(("text", "reference"), [(LIPSCHITZ, ref_lipschitz), (TRANSPOSED, ref_transposed)],
-                         ids=["lipschitz", "transposed"])
+@pytest.mark.parametrize(
+    ("text", "reference"),
+    [(LIPSCHITZ, ref_lipschitz), (TRANSPOSED, ref_transposed)],
+    ids=["lipschitz", "transposed"],
+)
 def test_combined_and_transposed_matrices_match_their_reference(text, reference, backend):
     layer = layer_of(text, backend, 5)
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
@@ -251,8 +272,9 @@ def test_combined_and_transposed_matrices_match_their_reference(text, reference,
     ref_out, ref_final = reference(params_of(layer), x, (torch.zeros(N, 5, dtype=torch.float64),))
     assert_all_close(got, outputs_and_grads(ref_out, ref_final, [x, *params]))
     torch.manual_seed(1)
-    assert torch.autograd.gradcheck(lambda x: layer(x)[0], (torch.randn(2, 2, I, dtype=torch.float64,
-                                                                       requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        lambda x: layer(x)[0], (torch.randn(2, 2, I, dtype=torch.float64, requires_grad=True),)
+    )
 
 
 def test_a_transposed_matrix_is_stored_in_its_own_shape():
@@ -305,9 +327,14 @@ def ref_normed(p, x, state):
         a = ln(lin(p["W"], x)) * p["g"] + ln(lin(p["U"], h)) + p["b"]
         c = sigmoid(a) * c + tanh(a) * 0.5
         mean = h.mean(-1, keepdim=True)
-        h = tanh(ln(c) + p["bc"]) + mean * 0.3 - c.sum(-1, keepdim=True) * 0.01 + \
-            h.var(-1, unbiased=False, keepdim=True)
+        h = (
+            tanh(ln(c) + p["bc"])
+            + mean * 0.3
+            - c.sum(-1, keepdim=True) * 0.01
+            + h.var(-1, unbiased=False, keepdim=True)
+        )
         return h, (h, c)
+
     return run(step, x, state)
 
 
@@ -319,7 +346,8 @@ param W, U, b, tau
 a = W @ x + U @ h + b
 phi = mod(a + 3.5, tau) / tau
 k = where(phi < 0.25, 4 * phi, where(phi <= 0.5, 2 - 4 * phi, 0.001 * phi))
-h' = k * tanh(a) + (1 - k) * h + clip(h, -0.5, 0.5) * floor(a) * 0.1 + (h >= 0) * (pi / e) * 0.01 + (a > h) * 0.02
+steps = (h >= 0) * (pi / e) * 0.01 + (a > h) * 0.02
+h' = k * tanh(a) + (1 - k) * h + clip(h, -0.5, 0.5) * floor(a) * 0.1 + steps
 """
 
 
@@ -329,14 +357,23 @@ def ref_piecewise(p, x, state):
         a = lin(p["W"], x) + lin(p["U"], h) + p["b"]
         phi = torch.remainder(a + 3.5, p["tau"]) / p["tau"]
         k = torch.where(phi < 0.25, 4 * phi, torch.where(phi <= 0.5, 2 - 4 * phi, 0.001 * phi))
-        h = k * tanh(a) + (1 - k) * h + h.clamp(-0.5, 0.5) * torch.floor(a) * 0.1 + \
-            (h >= 0).to(h.dtype) * (torch.pi / torch.e) * 0.01 + (a > h).to(h.dtype) * 0.02
+        h = (
+            k * tanh(a)
+            + (1 - k) * h
+            + h.clamp(-0.5, 0.5) * torch.floor(a) * 0.1
+            + (h >= 0).to(h.dtype) * (torch.pi / torch.e) * 0.01
+            + (a > h).to(h.dtype) * 0.02
+        )
         return h, (h,)
+
     return run(step, x, state)
 
 
-@pytest.mark.parametrize(("text", "reference", "states"), [(NORMED, ref_normed, 2), (PIECEWISE, ref_piecewise, 1)],
-                         ids=["reductions", "piecewise"])
+@pytest.mark.parametrize(
+    ("text", "reference", "states"),
+    [(NORMED, ref_normed, 2), (PIECEWISE, ref_piecewise, 1)],
+    ids=["reductions", "piecewise"],
+)
 def test_reductions_and_piecewise_functions_match_their_reference(text, reference, states, backend):
     layer = layer_of(text, backend, 6)
     if "tau" in text:
@@ -356,7 +393,8 @@ def test_reductions_gradcheck(backend):
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
     x = torch.randn(2, 2, I, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, *ps: functional_call(layer, dict(zip(names, ps, strict=True)), (x,))[0], (x, *params))
+        lambda x, *ps: functional_call(layer, dict(zip(names, ps, strict=True)), (x,))[0], (x, *params)
+    )
 
 
 def test_a_mean_over_the_state_makes_the_recurrence_dense():
@@ -459,7 +497,9 @@ def test_explain_shows_declared_widths_and_one_value_per_sequence():
 
 
 def test_carried_states_come_in_text_order():
-    text = "input x\nstate c\nparam W, U\nzz = tanh(U @ c)\naa = sigmoid(W @ x)\nc' = prev(zz) * aa + prev(aa)\n"
+    text = (
+        "input x\nstate c\nparam W, U\nzz = tanh(U @ c)\naa = sigmoid(W @ x)\nc' = prev(zz) * aa + prev(aa)\n"
+    )
     assert compile_cell(text).ir.states == ["c", "prev(zz)", "prev(aa)"]  # evaluation order had aa first
 
 
@@ -471,4 +511,3 @@ def test_a_multi_layer_size_error_names_the_layer():
 def test_explain_says_when_the_output_is_the_only_state():
     text = compile_cell("input x\nstate h\nparam W\nh' = tanh(W @ x + h)\n").explain()
     assert "(no output line: the cell's one state)" in text
-

@@ -155,8 +155,14 @@ def test_lstm_saves_new_states_and_gemm_outputs_per_step():
 
 # ---- recurrence kinds and prev() states -----------------------------------------------------------
 
-KINDS = {"mingru": "linear", "minlstm": "linear", "indrnn": "elementwise", "sru": "elementwise", "qrnn": "linear",
-         "qrnn_f": "linear"}
+KINDS = {
+    "mingru": "linear",
+    "minlstm": "linear",
+    "indrnn": "elementwise",
+    "sru": "elementwise",
+    "qrnn": "linear",
+    "qrnn_f": "linear",
+}
 
 
 @pytest.mark.parametrize("cell", ZOO)

@@ -19,19 +19,28 @@ from zoo import GENERIC, ZOO
 CELLS = Path(__file__).resolve().parents[1] / "cells"
 T, N, I, H = 5, 3, 4, 6
 ATOL = 1e-10
-NEEDS_I_EQ_H = {"mut1", "mut2", "sru"}   # raw x used elementwise with H-wide values
+NEEDS_I_EQ_H = {"mut1", "mut2", "sru"}  # raw x used elementwise with H-wide values
 
-TORCH_LAYOUT = {   # torch.nn state_dict groups (without the _l0 suffix), rows in torch's gate order
-    "lstm": {"weight_ih": ["W_ii", "W_if", "W_ig", "W_io"], "weight_hh": ["W_hi", "W_hf", "W_hg", "W_ho"],
-             "bias_ih": ["b_ii", "b_if", "b_ig", "b_io"], "bias_hh": ["b_hi", "b_hf", "b_hg", "b_ho"]},
-    "gru": {"weight_ih": ["W_ir", "W_iz", "W_in"], "weight_hh": ["W_hr", "W_hz", "W_hn"],
-            "bias_ih": ["b_ir", "b_iz", "b_in"], "bias_hh": ["b_hr", "b_hz", "b_hn"]},
+TORCH_LAYOUT = {  # torch.nn state_dict groups (without the _l0 suffix), rows in torch's gate order
+    "lstm": {
+        "weight_ih": ["W_ii", "W_if", "W_ig", "W_io"],
+        "weight_hh": ["W_hi", "W_hf", "W_hg", "W_ho"],
+        "bias_ih": ["b_ii", "b_if", "b_ig", "b_io"],
+        "bias_hh": ["b_hi", "b_hf", "b_hg", "b_ho"],
+    },
+    "gru": {
+        "weight_ih": ["W_ir", "W_iz", "W_in"],
+        "weight_hh": ["W_hr", "W_hz", "W_hn"],
+        "bias_ih": ["b_ir", "b_iz", "b_in"],
+        "bias_hh": ["b_hr", "b_hz", "b_hn"],
+    },
     "rnn_tanh": {"weight_ih": ["W_ih"], "weight_hh": ["W_hh"], "bias_ih": ["b_ih"], "bias_hh": ["b_hh"]},
     "rnn_relu": {"weight_ih": ["W_ih"], "weight_hh": ["W_hh"], "bias_ih": ["b_ih"], "bias_hh": ["b_hh"]},
 }
 
 
 # --- reading what a test needs from a cell file (names only; the compiler does the real parsing) ---
+
 
 def read_cell(stem: str) -> dict:
     """states, prev-states, output, param groups and param kinds of cells/<stem>.cell."""
@@ -59,10 +68,20 @@ def read_cell(stem: str) -> dict:
             kinds[name] = "matrix_h"
         else:
             kinds[name] = "vector"
-    inputs = {n.strip() for ln in lines if ln.startswith("input ") for n in ln.split(None, 1)[1].split(":")[0].split(",")}
+    inputs = {
+        n.strip()
+        for ln in lines
+        if ln.startswith("input ")
+        for n in ln.split(None, 1)[1].split(":")[0].split(",")
+    }
     prevs = [v for v in dict.fromkeys(re.findall(r"\bprev\(\s*(\w+)\s*\)", equations)) if v not in inputs]
-    return {"states": [s.strip() for s in states.split(",")], "prevs": prevs, "output": output.strip(),
-            "groups": groups, "kinds": kinds}
+    return {
+        "states": [s.strip() for s in states.split(",")],
+        "prevs": prevs,
+        "output": output.strip(),
+        "groups": groups,
+        "kinds": kinds,
+    }
 
 
 def sizes(stem: str) -> tuple[int, int]:
@@ -73,8 +92,10 @@ def random_params(stem: str, gen: torch.Generator, scale: float = 0.5) -> dict[s
     """Every parameter of the cell file, U(-scale, scale), float64, in torch's (out, in) layout."""
     i_size, h_size = sizes(stem)
     shape = {"matrix_x": (h_size, i_size), "matrix_h": (h_size, h_size), "vector": (h_size,)}
-    return {name: (torch.rand(shape[kind], generator=gen, dtype=torch.float64) * 2 - 1) * scale
-            for name, kind in read_cell(stem)["kinds"].items()}
+    return {
+        name: (torch.rand(shape[kind], generator=gen, dtype=torch.float64) * 2 - 1) * scale
+        for name, kind in read_cell(stem)["kinds"].items()
+    }
 
 
 def random_inputs(stem: str, gen: torch.Generator, n_states: int):
@@ -100,6 +121,7 @@ def gen():
 
 # --- every cell file has a reference that agrees with it on names and states ------------------------
 
+
 def test_every_cell_file_has_a_reference():
     assert ZOO == sorted([*REFERENCES, *(c for c in EXTRA_INPUT_REFERENCES if c in ZOO)])
 
@@ -124,7 +146,7 @@ def test_reference_reads_exactly_the_cell_params_and_returns_its_states(stem, ge
     assert p.read == set(p)
     assert out.shape == (T, N, H) and len(final) == n_states
     assert all(s.shape == (N, H) for s in final)
-    if cell["output"] in cell["states"]:    # the output is a state's new value
+    if cell["output"] in cell["states"]:  # the output is a state's new value
         assert_same(out[-1], final[cell["states"].index(cell["output"])])
 
 
@@ -135,10 +157,14 @@ def test_torch_cell_files_group_params_like_torch_state_dict(stem):
 
 # --- torch cells equal torch.nn ---------------------------------------------------------------------
 
+
 def torch_module(stem: str) -> torch.nn.Module:
-    make = {"lstm": lambda: torch.nn.LSTM(I, H), "gru": lambda: torch.nn.GRU(I, H),
-            "rnn_tanh": lambda: torch.nn.RNN(I, H, nonlinearity="tanh"),
-            "rnn_relu": lambda: torch.nn.RNN(I, H, nonlinearity="relu")}[stem]
+    make = {
+        "lstm": lambda: torch.nn.LSTM(I, H),
+        "gru": lambda: torch.nn.GRU(I, H),
+        "rnn_tanh": lambda: torch.nn.RNN(I, H, nonlinearity="tanh"),
+        "rnn_relu": lambda: torch.nn.RNN(I, H, nonlinearity="relu"),
+    }[stem]
     return make().double()
 
 
@@ -184,6 +210,7 @@ def test_indrnn_equals_torch_relu_rnn_with_diagonal_recurrent_weight(gen):
 
 # --- Greff variants against the vanilla LSTM --------------------------------------------------------
 
+
 def params_of(stem: str, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of ``p`` that cells/<stem>.cell declares."""
     return {k: v for k, v in p.items() if k in read_cell(stem)["kinds"]}
@@ -202,10 +229,11 @@ def test_greff_np_equals_vanilla_with_zero_peepholes(gen):
     assert_same(vanilla, np_)
 
 
-@pytest.mark.parametrize("variant, saturated_bias", [
-    ("greff_nig", "b_i"), ("greff_nfg", "b_f"), ("greff_nog", "b_o")])
+@pytest.mark.parametrize(
+    "variant, saturated_bias", [("greff_nig", "b_i"), ("greff_nfg", "b_f"), ("greff_nog", "b_o")]
+)
 def test_greff_gate_removed_equals_vanilla_with_that_gate_saturated_open(variant, saturated_bias, gen):
-    vanilla, removed = vanilla_vs_variant(variant, gen, **{saturated_bias: 50.0})   # sigmoid(50) = 1 - 2e-22
+    vanilla, removed = vanilla_vs_variant(variant, gen, **{saturated_bias: 50.0})  # sigmoid(50) = 1 - 2e-22
     assert_same(vanilla, removed)
 
 
@@ -242,7 +270,7 @@ def test_greff_fgr_feeds_back_the_previous_gates(gen):
     assert_same(out[0], vanilla_out[0])
     assert (out[1] - vanilla_out[1]).abs().max() > 1e-3
     _, (_, _, i, f, o) = REFERENCES["greff_fgr"](p, x[:1], state + zeros)
-    assert ((0 < i) & (i < 1) & (0 < f) & (f < 1) & (0 < o) & (o < 1)).all()   # carried post-sigmoid
+    assert ((0 < i) & (i < 1) & (0 < f) & (f < 1) & (0 < o) & (o < 1)).all()  # carried post-sigmoid
 
 
 @pytest.mark.parametrize("a", "ifo")
@@ -271,13 +299,22 @@ def test_greff_fgr_R_ab_feeds_gate_a_of_the_previous_step_into_gate_b(a, b, gen)
 
 # --- GRU forms --------------------------------------------------------------------------------------
 
+
 def test_gru_cho_equals_torch_gru_when_reset_is_one(gen):
     # With r = 1 the reset's place (before/after the matmul) no longer matters; b = b_in + b_hn.
     t = random_params("gru", gen)
     t["b_hr"] = torch.full((H,), 50.0, dtype=torch.float64)
-    cho = {"W_r": t["W_ir"], "U_r": t["W_hr"], "b_r": t["b_ir"] + t["b_hr"],
-           "W_z": t["W_iz"], "U_z": t["W_hz"], "b_z": t["b_iz"] + t["b_hz"],
-           "W": t["W_in"], "U": t["W_hn"], "b": t["b_in"] + t["b_hn"]}
+    cho = {
+        "W_r": t["W_ir"],
+        "U_r": t["W_hr"],
+        "b_r": t["b_ir"] + t["b_hr"],
+        "W_z": t["W_iz"],
+        "U_z": t["W_hz"],
+        "b_z": t["b_iz"] + t["b_hz"],
+        "W": t["W_in"],
+        "U": t["W_hn"],
+        "b": t["b_in"] + t["b_hn"],
+    }
     x, state = random_inputs("gru", gen, 1)
     assert_same(REFERENCES["gru"](t, x, state), REFERENCES["gru_cho"](cho, x, state))
 
@@ -287,9 +324,17 @@ def test_gru_cho_equals_mut3_without_recurrent_update_gate(gen):
     # MUT3's 1 - z (weights the candidate) when its parameters are negated.
     m = random_params("mut3", gen)
     m["W_hz"] = torch.zeros(H, H, dtype=torch.float64)
-    cho = {"W_r": m["W_xr"], "U_r": m["W_hr"], "b_r": m["b_r"],
-           "W_z": -m["W_xz"], "U_z": m["W_hz"], "b_z": -m["b_z"],
-           "W": m["W_xh"], "U": m["W_hh"], "b": m["b"]}
+    cho = {
+        "W_r": m["W_xr"],
+        "U_r": m["W_hr"],
+        "b_r": m["b_r"],
+        "W_z": -m["W_xz"],
+        "U_z": m["W_hz"],
+        "b_z": -m["b_z"],
+        "W": m["W_xh"],
+        "U": m["W_hh"],
+        "b": m["b"],
+    }
     x, state = random_inputs("mut3", gen, 1)
     assert_same(REFERENCES["mut3"](m, x, state), REFERENCES["gru_cho"](cho, x, state))
 
@@ -297,9 +342,17 @@ def test_gru_cho_equals_mut3_without_recurrent_update_gate(gen):
 def test_gru_cho_differs_from_torch_gru_in_general(gen):
     # The two reset placements are not equivalent (cell-equations.md, Sec. 12.1).
     t = random_params("gru", gen, scale=1.0)
-    cho = {"W_r": t["W_ir"], "U_r": t["W_hr"], "b_r": t["b_ir"] + t["b_hr"],
-           "W_z": t["W_iz"], "U_z": t["W_hz"], "b_z": t["b_iz"] + t["b_hz"],
-           "W": t["W_in"], "U": t["W_hn"], "b": t["b_in"] + t["b_hn"]}
+    cho = {
+        "W_r": t["W_ir"],
+        "U_r": t["W_hr"],
+        "b_r": t["b_ir"] + t["b_hr"],
+        "W_z": t["W_iz"],
+        "U_z": t["W_hz"],
+        "b_z": t["b_iz"] + t["b_hz"],
+        "W": t["W_in"],
+        "U": t["W_hn"],
+        "b": t["b_in"] + t["b_hn"],
+    }
     x, state = random_inputs("gru", gen, 1)
     out, _ = REFERENCES["gru"](t, x, state)
     cho_out, _ = REFERENCES["gru_cho"](cho, x, state)
@@ -308,9 +361,17 @@ def test_gru_cho_differs_from_torch_gru_in_general(gen):
 
 # --- cells whose gate closes onto the old state -----------------------------------------------------
 
-@pytest.mark.parametrize("stem, biases", [
-    ("mut1", {"b_z": -50.0}), ("mut2", {"b_z": -50.0}), ("mut3", {"b_z": -50.0}),
-    ("mingru", {"b_z": -50.0}), ("minlstm", {"b_f": 50.0, "b_i": -50.0})])
+
+@pytest.mark.parametrize(
+    "stem, biases",
+    [
+        ("mut1", {"b_z": -50.0}),
+        ("mut2", {"b_z": -50.0}),
+        ("mut3", {"b_z": -50.0}),
+        ("mingru", {"b_z": -50.0}),
+        ("minlstm", {"b_f": 50.0, "b_i": -50.0}),
+    ],
+)
 def test_update_gate_shut_keeps_the_state(stem, biases, gen):
     # MUTs and minGRU: z weights the candidate, so z = 0 keeps h; minLSTM: f' = 1, i' = 0.
     p = random_params(stem, gen)
@@ -330,6 +391,7 @@ def test_mingru_update_gate_open_takes_the_candidate(gen):
 
 
 # --- SRU, sLSTM -------------------------------------------------------------------------------------
+
 
 def test_sru_equals_asappresearch_elementwise_recurrence(gen):
     # asappresearch/sru ops.py elementwise_recurrence_naive, identity g, scale_x = 1:
@@ -375,7 +437,7 @@ def test_slstm_stabiliser_leaves_h_unchanged(gen):
 
 def test_slstm_stays_finite_where_the_naive_form_overflows(gen):
     p = random_params("slstm", gen)
-    p["b_i"] = torch.full((H,), 800.0, dtype=torch.float64)   # exp(800) overflows float64
+    p["b_i"] = torch.full((H,), 800.0, dtype=torch.float64)  # exp(800) overflows float64
     x, (h0,) = random_inputs("slstm", gen, 1)
     zeros = torch.zeros(N, H, dtype=torch.float64)
     out, final = REFERENCES["slstm"](p, x, (h0, zeros, zeros, zeros))

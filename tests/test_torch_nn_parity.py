@@ -86,8 +86,11 @@ def test_matches_torch_nn(kind, config, dtype, backend):
             loss = loss + (s * torch.randn(s.shape, generator=weights, dtype=dtype)).sum()
         params = dict(module.named_parameters())
         grads = torch.autograd.grad(loss, [x, *h0, *params.values()])
-        results[name] = (out, state, dict(zip(["x", *(f"h0[{i}]" for i in range(n_states)), *params], grads,
-                                              strict=True)))
+        results[name] = (
+            out,
+            state,
+            dict(zip(["x", *(f"h0[{i}]" for i in range(n_states)), *params], grads, strict=True)),
+        )
     (r_out, r_state, r_grads), (o_out, o_state, o_grads) = results["ref"], results["ours"]
     tol = TOL[dtype]
     torch.testing.assert_close(o_out, r_out, atol=tol, rtol=0)
@@ -148,15 +151,25 @@ def test_lstm_with_proj_size_matches_torch(backend, layers, bidirectional, batch
     assert ours.state_dict().keys() == ref.state_dict().keys()
     D = 2 if bidirectional else 1
     x = torch.randn((N, T, I) if batch_first else (T, N, I), dtype=torch.float64, requires_grad=True)
-    state = (torch.randn(layers * D, N, P, dtype=torch.float64), torch.randn(layers * D, N, H, dtype=torch.float64))
+    state = (
+        torch.randn(layers * D, N, P, dtype=torch.float64),
+        torch.randn(layers * D, N, H, dtype=torch.float64),
+    )
     for packed in (False, True):
         results = []
         for m in (ref, ours):
-            inp = pack_padded_sequence(x, [2, T, 1], batch_first=batch_first, enforce_sorted=False) if packed else x
+            inp = (
+                pack_padded_sequence(x, [2, T, 1], batch_first=batch_first, enforce_sorted=False)
+                if packed
+                else x
+            )
             out, (h, c) = m(inp, state)
             out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
-            loss = (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum() + h.sum() \
+            loss = (
+                (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum()
+                + h.sum()
                 + (c * 2).sum()
+            )
             results.append([out, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])])
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(b, a, atol=1e-10, rtol=0)

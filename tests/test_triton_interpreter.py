@@ -11,9 +11,9 @@ itself checked against the hand-written references in tests/test_references.py.
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import GENERIC
 
 import celldsl
-from zoo import GENERIC
 from celldsl.compiler import ZOO, compile_cell
 
 ZOO_CELLS = GENERIC  # the others: tests/test_language2.py

@@ -11,8 +11,8 @@ reads each sequence backwards), so the reference knows nothing of packing.
 import pytest
 import torch
 from reference_cells import REFERENCES
-from zoo import GENERIC
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from zoo import GENERIC
 
 from celldsl import Recurrent, compile_cell
 

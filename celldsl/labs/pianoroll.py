@@ -87,13 +87,16 @@ def load_chorales(progress: bool = True) -> list[Chorale]:
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         return [Chorale(i + 1, names[i], rolls[bounds[i] : bounds[i + 1]]) for i in range(len(names))]
 
+    import sys
+
     from tqdm import tqdm
 
     names = chorale_names()
-    rolls = [
-        parse_chorale(n)
-        for n in tqdm(names, desc="parsing chorales (cached afterwards)", disable=not progress)
-    ]
+    if progress and not sys.stderr.isatty():  # a log gets one line, not carriage-return updates
+        print(f"parsing {len(names)} chorales (about a minute; cached afterwards)", file=sys.stderr)
+    interactive = progress and sys.stderr.isatty()
+    bar = tqdm(names, desc="parsing chorales (cached afterwards)", disable=not interactive)
+    rolls = [parse_chorale(n) for n in bar]
     atomic_save_with(
         path,
         lambda f: np.savez_compressed(
