@@ -62,7 +62,7 @@ def read_cell(stem: str) -> dict:
     equations = "\n".join(ln for ln in lines if "=" in ln and ln.split()[0] not in ("param", "init"))
     kinds = {}
     for name in names:
-        if re.search(rf"\b{name}\s*@\s*x\b", equations):
+        if re.search(rf"\b{name}\s*@\s*(prev\(\s*)?x\b", equations):  # x or an earlier x
             kinds[name] = "matrix_x"
         elif re.search(rf"\b{name}\s*@", equations):
             kinds[name] = "matrix_h"

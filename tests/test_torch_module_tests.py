@@ -20,7 +20,6 @@ test_LSTM_grad_and_gradgrad).
 Not ported: test_check_inplace (no module here has `inplace`); test_if_train_and_eval_modes_differ
 (it checks module_db's train_and_eval_differ flag, not the module). GPU-only:
 test_multiple_device_transfer, test_cpu_gpu_parity.
-Pending proj_size (issue 13): module_db's LSTM samples with proj_size=2 (celldsl/torch_layers.py).
 """
 
 import io
@@ -59,8 +58,8 @@ class Sample:
 
 
 def layer_samples() -> list[Sample]:
-    """module_inputs_torch_nn_RNN_GRU (RNN: also nonlinearity) and module_inputs_torch_nn_LSTM with
-    proj_size=0."""
+    """module_inputs_torch_nn_RNN_GRU (RNN: also nonlinearity) and module_inputs_torch_nn_LSTM (also
+    proj_size=2)."""
     samples = []
     for kind in ("RNN", "GRU", "LSTM"):
         nonlinearities = ("relu", "tanh") if kind == "RNN" else (None,)
@@ -77,6 +76,11 @@ def layer_samples() -> list[Sample]:
             samples.append(Sample(kind, {**base, "hidden_size": 3 if kind == "LSTM" else 2},
                                   lambda make, shape=no_hx: (make(shape),), with_hx=False))
             samples.append(Sample(kind, {**base, "hidden_size": 3}, hx))
+            if kind == "LSTM":  # proj_size=2: h is 2 wide, c 3
+                proj = {**base, "hidden_size": 3, "proj_size": 2}
+                samples.append(Sample(kind, proj, lambda make: (make((2, 2)),), with_hx=False))
+                proj_hx = lambda make, L=L: (make((3, 2)), (make((L, 2)), make((L, 3))))  # noqa: E731
+                samples.append(Sample(kind, proj, proj_hx))
     return samples
 
 

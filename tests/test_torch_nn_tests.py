@@ -14,7 +14,7 @@ test_pack_sequence_batch_sizes_throw. The CUDA halves of test_RNN_dropout, test_
 test_RNN_change_dropout and test_error_RNN_seq_len_zero (their CPU halves are below).
 Not ported: test/nn/test_packed_sequence.py tests torch.nn.utils.rnn (pack, pad), not the modules;
 test_variable_sequence below runs packed sequences through the modules.
-Pending proj_size (issue 13): the list is in celldsl/torch_layers.py.
+proj_size: torch's cases of the tests above are ported with them (cells/lstm_proj.cell).
 """
 
 import io
@@ -134,7 +134,7 @@ def test_RNN_nonlinearity_passed_as_arg():
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_rnn_weight_norm():
-    """TestNN.test_rnn_weight_norm (its proj_size=16 case waits for proj_size)."""
+    """TestNN.test_rnn_weight_norm, with its proj_size=16 case."""
     def check_weight_norm(m, name, num_params):
         m = torch.nn.utils.weight_norm(m, name=name)
         assert sum(isinstance(p, torch.nn.Parameter) for p in m._flat_weights) == num_params - 1
@@ -147,6 +147,7 @@ def test_rnn_weight_norm():
         assert name + "_g" not in dict(m.named_parameters())
 
     check_weight_norm(celldsl.LSTM(32, 32), "weight_ih_l0", 4)
+    check_weight_norm(celldsl.LSTM(32, 32, proj_size=16), "weight_hr_l0", 5)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
@@ -204,10 +205,60 @@ def test_rnn_args_check(mode):
     test(correct_input_shape, update_shape(correct_hidden_shape, 0, bad_size))  # hidden[0]
 
 
+def test_projections_lstm_args_check():
+    """TestNN.test_projections_lstm_args_check: wrong sizes of h (proj_size wide) or c raise, as
+    torch's class raises (the control)."""
+    input_size, hidden_size, proj_size, num_layers, batch_size, seq_len = 3, 5, 2, 2, 4, 6
+    bad_size = 7
+    inp = (seq_len, batch_size, input_size)
+    h = (num_layers, batch_size, proj_size)
+    c = (num_layers, batch_size, hidden_size)
+
+    def update_shape(shape, dim, new_dim_size):
+        shape = list(shape)
+        shape[dim] = new_dim_size
+        return tuple(shape)
+
+    cases = [
+        (update_shape(inp, 1, bad_size), h, c),  # input batch size
+        (update_shape(inp, 2, bad_size), h, c),  # input size
+        (inp, update_shape(h, 1, bad_size), c),  # h batch size
+        (inp, update_shape(h, 2, bad_size), c),  # h size (proj_size)
+        (inp, update_shape(h, 0, bad_size), c),  # h layers
+        (inp, h, update_shape(c, 1, bad_size)),  # c batch size
+        (inp, h, update_shape(c, 2, bad_size)),  # c size
+        (inp, h, update_shape(c, 0, bad_size)),  # c layers
+        (inp, c, c),  # h given hidden_size wide
+    ]
+    for input_shape, h_shape, c_shape in cases:
+        args = torch.randn(input_shape), (torch.randn(h_shape), torch.randn(c_shape))
+        for cls in (celldsl.LSTM, nn.LSTM):
+            with pytest.raises(RuntimeError):
+                cls(input_size, hidden_size, num_layers, proj_size=proj_size)(*args)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projections_lstm_initial_hidden_state(bidirectional):
+    """TestNN.test_projections_lstm_initial_hidden_state: zeros given equal zeros by default."""
+    rnn = celldsl.LSTM(30, 20, 2, bidirectional=bidirectional, proj_size=10)
+    num_dirs = 2 if bidirectional else 1
+    input = torch.randn(10, 32, 30)
+    hidden = (torch.zeros(2 * num_dirs, 32, 10), torch.zeros(2 * num_dirs, 32, 20))
+    output1, hidden1 = rnn(input, hidden)
+    output2, hidden2 = rnn(input)
+    assert output1.shape == (10, 32, 10 * num_dirs) and hidden1[0].shape == (2 * num_dirs, 32, 10)
+    assert_equal(output1, output2)
+    assert_equal(hidden1, hidden2)
+
+
 def test_cudnn_forward_exception():
-    """TestNN.test_cudnn_forward_exception (runs on the CPU too; its proj_size=10 LSTM waits)."""
+    """TestNN.test_cudnn_forward_exception (runs on the CPU too), with its proj_size=10 LSTM."""
     rnns = [
         (celldsl.LSTM(10, 20, batch_first=True), (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19))),
+        (
+            celldsl.LSTM(10, 20, batch_first=True, proj_size=10),
+            (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19)),
+        ),
         (celldsl.GRU(10, 20, batch_first=True), torch.zeros(1, 2, 19)),
         (celldsl.RNN(10, 20, batch_first=True), torch.zeros(1, 2, 19)),
     ]
@@ -417,7 +468,7 @@ def test_LSTM_differentiable_backward():
 
 
 def test_variable_sequence():
-    """TestNNDeviceType.test_variable_sequence (float32; its proj_size=2 cases wait): a packed batch
+    """TestNNDeviceType.test_variable_sequence (float32, with its proj_size=2 cases): a packed batch
     equals each sequence run alone, forward and backward."""
     dtype, prec = torch.float, 1e-5  # torch's dtype2prec_DONTUSE[torch.float]
 
@@ -431,17 +482,20 @@ def test_variable_sequence():
             return None
         return tuple(maybe_tuple_of_tensors[j][:, index:index + 1, :].contiguous() for j in range(2))
 
-    def check_lengths(lengths, enforce_sorted, use_default_hiddens):
+    def check_lengths(lengths, enforce_sorted, use_default_hiddens, proj_size):
         input_size, hidden_size, num_layers, bidirectional = 3, 4, 2, True
         max_length = max(lengths)
         x_leaf = torch.randn(max_length, len(lengths), input_size, dtype=dtype, requires_grad=True)
         num_directions = 2 if bidirectional else 1
-        lstm = celldsl.LSTM(input_size, hidden_size, bidirectional=bidirectional, num_layers=num_layers)
+        lstm = celldsl.LSTM(
+            input_size, hidden_size, bidirectional=bidirectional, num_layers=num_layers, proj_size=proj_size
+        )
         lstm2 = deepcopy(lstm)
         x = x_leaf
         hidden0 = None
         if not use_default_hiddens:
-            hidden0 = (torch.randn(num_directions * num_layers, len(lengths), hidden_size, dtype=dtype),
+            h_out = proj_size if proj_size > 0 else hidden_size
+            hidden0 = (torch.randn(num_directions * num_layers, len(lengths), h_out, dtype=dtype),
                        torch.randn(num_directions * num_layers, len(lengths), hidden_size, dtype=dtype))
         seq_outs, seq_hiddens = [], []  # each sequence alone
         for i, length in enumerate(lengths):
@@ -469,7 +523,8 @@ def test_variable_sequence():
     torch.manual_seed(0)
     for enforce_sorted, seq_lens in tests:
         for use_default_hiddens in (True, False):
-            check_lengths(seq_lens, enforce_sorted, use_default_hiddens)
+            for proj_size in (0, 2):
+                check_lengths(seq_lens, enforce_sorted, use_default_hiddens, proj_size)
 
 
 def test_save_lstm_compatibility():
