@@ -1,23 +1,35 @@
-"""CPU speed of the torch backend: celldsl vs torch.nn (oneDNN) vs a textbook per-gate PyTorch cell.
+"""CPU speed: celldsl vs torch.nn (oneDNN), the textbook per-gate PyTorch cell and torch.compile of it.
 
-Run from the repository root (prints the command, a markdown table and the targets):
+Run from the repository root; it prints the command, the machine, one markdown table per size and
+the targets (met or missed, by how much):
 
-    .venv/bin/python bench/cpu.py                       # T=100, N=32, I=128, H=256, torch's threads
-    .venv/bin/python bench/cpu.py --threads 1 --clock cpu    # steadier on a busy machine
-    .venv/bin/python bench/cpu.py --T 4 --N 2 --I 8 --H 8 --repeats 1 --warmup 0   # smoke size
+    .venv/bin/python bench/cpu.py --threads 1 --clock cpu     # 1 thread, this process's CPU time
+    .venv/bin/python bench/cpu.py --threads 2                 # 2 threads, wall clock
+    .venv/bin/python bench/cpu.py --tables nn --repeats 5     # one group of tables
+    .venv/bin/python bench/cpu.py --smoke                     # tiny sizes, one run (tests/test_bench_cpu.py)
 
-Every implementation of a cell runs with the same weights (torch.nn.LSTM/GRU's state_dict is loaded
-into the celldsl layer; the textbook cells copy celldsl's `cell_parameter`s), and the table's last
-column is the largest output difference from celldsl, so the rows compare like with like.
-"textbook" is what one writes from the paper: one nn.Linear per gate and operand, applied every
-step, autograd for the backward. Timings are interleaved (each repeat runs every implementation once,
-in turn) and the median is reported, so slow drifts of the machine hit all rows alike.
+Tables (--tables, comma-separated):
+    nn    celldsl.LSTM / GRU vs torch.nn.LSTM / GRU at (T=100, N=32, I=128, H=256), the LSTM at N=1 and
+          at (T=100, N=128, I=H=512) (issue 9)
+    zoo   every zoo cell at (T=100, N=32, I=128, H=256; I = H where the cell needs it): celldsl vs its
+          textbook loop and torch.compile of the textbook step (issue 9)
+    long  the cells without a state GEMM (indrnn, sru: elementwise; mingru, minlstm: linear) at T=1000,
+          I=64, H=128, N=1 and N=32 (issue 11)
 
-forward: inference under torch.no_grad(). forward+backward: forward with autograd, then
-`output.backward(g)` for a fixed random g, parameter gradients set to None before each run; the
-input needs no gradient (a first layer). Threads: torch's default unless --threads (printed).
-celldsl rows (--paths): the generated torch code and the C kernels of runtime/cpu_fused.py, each
-forced on a private copy of the cell; the last one is the reference of the ratio column.
+Rows: "celldsl" is the layer as the library builds it (backend auto: on CPU tensors the C kernels of
+runtime/cpu_fused.py, the native loop or the Python loop, whichever runtime/cpu_gemm.py measured
+faster); "celldsl, Python loop" forces the per-step Python loop on torch.mm (the loop celldsl shipped
+before the native one) on a private copy of the cell. "textbook" is what one writes from the paper:
+one nn.Linear per gate and operand, applied every step, autograd for the backward (for the cells
+without a class below, the per-gate step of tests/reference_cells.py, `x @ W.T + b`); "torch.compile"
+is the same loop with its step compiled by torch.compile (compiled once, in the warm-up runs).
+
+Every implementation of a cell runs with the same weights (the torch.nn state_dict is loaded into the
+celldsl layer; the textbook copies celldsl's `cell_parameter`s); the last column is the largest
+output difference from celldsl. forward: under torch.no_grad(). forward+backward: forward with
+autograd, then `output.backward(g)` for a fixed random g, parameter gradients set to None before each
+run, the input needing no gradient (a first layer). Timings are interleaved (each repeat runs every
+row once, in turn) and the median is reported, so drifts of a shared machine hit all rows alike.
 """
 
 from __future__ import annotations
@@ -36,13 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "tests"):  # run as a script from a checkout; tests/ has reference_cells
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import reference_cells  # noqa: E402
 
 import celldsl  # noqa: E402
+from celldsl.compiler import ZOO  # noqa: E402
 
-ZOO_CELLS = ("greff_vanilla", "mut1", "slstm")
-ALL_CELLS = ("lstm", "gru", *ZOO_CELLS)
+TABLES = ("nn", "zoo", "long")
+LONG_CELLS = ("indrnn", "sru", "mingru", "minlstm")
 
 
 # ---- textbook cells: one nn.Linear per gate and operand, one Python step per time step --------------
@@ -50,28 +66,44 @@ ALL_CELLS = ("lstm", "gru", *ZOO_CELLS)
 class Textbook(nn.Module):
     """A cell written from its paper: `step(x_t, state) -> (y_t, state)` applied T times.
 
-    x [T, N, I] -> (y [T, N, H], final state tuple of [N, H]).
+    x [T, N, I] -> (y [T, N, H], final state tuple of [N, H]). `compiled=True` runs the step through
+    torch.compile.
     """
 
-    def __init__(self, linears: dict[str, tuple[int, int, bool]], vectors: tuple[str, ...], hidden: int):
+    linears: dict[str, tuple[str, str, bool]] = {}  # name -> (in "I" | "H", parameter, bias name or "")
+    vectors: tuple[str, ...] = ()
+
+    def __init__(self, I: int, H: int):
         super().__init__()
-        self.lin = nn.ModuleDict({k: nn.Linear(i, o, bias=b) for k, (i, o, b) in linears.items()})
-        self.vec = nn.ParameterDict({k: nn.Parameter(torch.zeros(hidden)) for k in vectors})
-        self.hidden = hidden
+        size = {"I": I, "H": H}
+        self.lin = nn.ModuleDict({k: nn.Linear(size[i], H, bias=bool(b))
+                                  for k, (i, _w, b) in self.linears.items()})
+        self.vec = nn.ParameterDict({k: nn.Parameter(torch.zeros(H)) for k in self.vectors})
+        self.step_fn = self.step
+
+    def compile_step(self) -> None:
+        self.step_fn = torch.compile(self.step, dynamic=False)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
         ys = []
         for x_t in x:
-            y, state = self.step(x_t, state)
+            y, state = self.step_fn(x_t, state)
             ys.append(y)
         return torch.stack(ys), state
+
+    def load_from(self, layer) -> None:
+        for k, (_i, w, b) in self.linears.items():
+            self.lin[k].weight.data.copy_(layer.cell_parameter(w))
+            if b:
+                self.lin[k].bias.data.copy_(layer.cell_parameter(b))
+        for k in self.vectors:
+            self.vec[k].data.copy_(layer.cell_parameter(k))
 
 
 class TextbookLSTM(Textbook):
     """torch.nn.LSTM's equations (gates i, f, g, o; biases b_i* and b_h*)."""
 
-    def __init__(self, I: int, H: int):
-        super().__init__({f"{w}{g}": (I if w == "i" else H, H, True) for w in "ih" for g in "ifgo"}, (), H)
+    linears = {f"{w}{g}": ("I" if w == "i" else "H", f"W_{w}{g}", f"b_{w}{g}") for w in "ih" for g in "ifgo"}
 
     def step(self, x, state):
         h, c = state
@@ -84,18 +116,11 @@ class TextbookLSTM(Textbook):
         h = o * torch.tanh(c)
         return h, (h, c)
 
-    def load_from(self, layer) -> None:
-        for w in "ih":
-            for g in "ifgo":
-                self.lin[f"{w}{g}"].weight.data.copy_(layer.cell_parameter(f"W_{w}{g}"))
-                self.lin[f"{w}{g}"].bias.data.copy_(layer.cell_parameter(f"b_{w}{g}"))
-
 
 class TextbookGRU(Textbook):
     """torch.nn.GRU's equations: reset applied after the recurrent product."""
 
-    def __init__(self, I: int, H: int):
-        super().__init__({f"{w}{g}": (I if w == "i" else H, H, True) for w in "ih" for g in "rzn"}, (), H)
+    linears = {f"{w}{g}": ("I" if w == "i" else "H", f"W_{w}{g}", f"b_{w}{g}") for w in "ih" for g in "rzn"}
 
     def step(self, x, state):
         (h,) = state
@@ -106,19 +131,16 @@ class TextbookGRU(Textbook):
         h = (1 - z) * n + z * h
         return h, (h,)
 
-    def load_from(self, layer) -> None:
-        for w in "ih":
-            for g in "rzn":
-                self.lin[f"{w}{g}"].weight.data.copy_(layer.cell_parameter(f"W_{w}{g}"))
-                self.lin[f"{w}{g}"].bias.data.copy_(layer.cell_parameter(f"b_{w}{g}"))
+
+GREFF_LINEARS = {f"W_{g}": ("I", f"W_{g}", f"b_{g}") for g in "zifo"} | {
+    f"R_{g}": ("H", f"R_{g}", "") for g in "zifo"}  # W_* on x with biases, R_* on the state
 
 
 class TextbookGreffVanilla(Textbook):
     """Greff et al. 2015 vanilla LSTM: peepholes p_i, p_f on c^{t-1}, p_o on c^t; state (c, y)."""
 
-    def __init__(self, I: int, H: int):
-        lin = {f"W_{g}": (I, H, True) for g in "zifo"} | {f"R_{g}": (H, H, False) for g in "zifo"}
-        super().__init__(lin, ("p_i", "p_f", "p_o"), H)
+    linears = GREFF_LINEARS
+    vectors = ("p_i", "p_f", "p_o")
 
     def step(self, x, state):
         c, y = state
@@ -131,21 +153,12 @@ class TextbookGreffVanilla(Textbook):
         y = torch.tanh(c) * o
         return y, (c, y)
 
-    def load_from(self, layer) -> None:
-        for g in "zifo":
-            self.lin[f"W_{g}"].weight.data.copy_(layer.cell_parameter(f"W_{g}"))
-            self.lin[f"W_{g}"].bias.data.copy_(layer.cell_parameter(f"b_{g}"))
-            self.lin[f"R_{g}"].weight.data.copy_(layer.cell_parameter(f"R_{g}"))
-        for g in "ifo":
-            self.vec[f"p_{g}"].data.copy_(layer.cell_parameter(f"p_{g}"))
-
 
 class TextbookMUT1(Textbook):
     """Jozefowicz et al. 2015 MUT1: z from the input only, un-weighted tanh(x) (needs I == H)."""
 
-    def __init__(self, I: int, H: int):
-        lin = {"xz": (I, H, True), "xr": (I, H, True), "hr": (H, H, False), "hh": (H, H, True)}
-        super().__init__(lin, (), H)
+    linears = {"xz": ("I", "W_xz", "b_z"), "xr": ("I", "W_xr", "b_r"), "hr": ("H", "W_hr", ""),
+               "hh": ("H", "W_hh", "b")}
 
     def step(self, x, state):
         (h,) = state
@@ -155,19 +168,11 @@ class TextbookMUT1(Textbook):
         h = torch.tanh(L["hh"](r * h) + torch.tanh(x)) * z + h * (1 - z)
         return h, (h,)
 
-    def load_from(self, layer) -> None:
-        for k, b in (("xz", "b_z"), ("xr", "b_r"), ("hr", None), ("hh", "b")):
-            self.lin[k].weight.data.copy_(layer.cell_parameter(f"W_{k}"))
-            if b is not None:
-                self.lin[k].bias.data.copy_(layer.cell_parameter(b))
-
 
 class TextbookSLSTM(Textbook):
     """Beck et al. 2024 sLSTM, one head, stabilised exponential input gate; state (h, c, n, m)."""
 
-    def __init__(self, I: int, H: int):
-        lin = {f"W_{g}": (I, H, True) for g in "zifo"} | {f"R_{g}": (H, H, False) for g in "zifo"}
-        super().__init__(lin, (), H)
+    linears = GREFF_LINEARS
 
     def step(self, x, state):
         h, c, n, m = state
@@ -185,98 +190,164 @@ class TextbookSLSTM(Textbook):
         h = o * c / n
         return h, (h, c, n, m_new)
 
-    def load_from(self, layer) -> None:
-        for g in "zifo":
-            self.lin[f"W_{g}"].weight.data.copy_(layer.cell_parameter(f"W_{g}"))
-            self.lin[f"W_{g}"].bias.data.copy_(layer.cell_parameter(f"b_{g}"))
-            self.lin[f"R_{g}"].weight.data.copy_(layer.cell_parameter(f"R_{g}"))
+
+class TextbookIndRNN(Textbook):
+    """Li et al. 2018 eq. (2): h' = relu(W x + u * h + b)."""
+
+    linears = {"W": ("I", "W", "b")}
+    vectors = ("u",)
+
+    def step(self, x, state):
+        (h,) = state
+        h = torch.relu(self.lin["W"](x) + self.vec["u"] * h)
+        return h, (h,)
 
 
-TEXTBOOK = {
-    "lstm": TextbookLSTM,
-    "gru": TextbookGRU,
-    "greff_vanilla": TextbookGreffVanilla,
-    "mut1": TextbookMUT1,
-    "slstm": TextbookSLSTM,
-}
-TITLE = {
-    "lstm": "LSTM",
-    "gru": "GRU",
-    "greff_vanilla": "Greff vanilla LSTM (peepholes)",
-    "mut1": "MUT1",
-    "slstm": "sLSTM (1 head)",
-}
-N_STATES = {"lstm": 2, "gru": 1, "greff_vanilla": 2, "mut1": 1, "slstm": 4}
+class TextbookSRU(Textbook):
+    """Lei et al. 2018 SRU with v * c_{t-1}; carries c, outputs h; highway on raw x (I == H)."""
+
+    linears = {"W": ("I", "W", ""), "W_f": ("I", "W_f", "b_f"), "W_r": ("I", "W_r", "b_r")}
+    vectors = ("v_f", "v_r")
+
+    def step(self, x, state):
+        (c,) = state
+        L, v = self.lin, self.vec
+        f = torch.sigmoid(L["W_f"](x) + v["v_f"] * c)
+        r = torch.sigmoid(L["W_r"](x) + v["v_r"] * c)
+        c_new = f * c + (1 - f) * L["W"](x)
+        h = r * c_new + (1 - r) * x
+        return h, (c_new,)
 
 
-# ---- the implementations of one cell ------------------------------------------------------------
+class TextbookMinGRU(Textbook):
+    """Feng et al. 2024 minGRU, plain form."""
+
+    linears = {"z": ("I", "W_z", "b_z"), "h": ("I", "W_h", "b_h")}
+
+    def step(self, x, state):
+        (h,) = state
+        z = torch.sigmoid(self.lin["z"](x))
+        h = (1 - z) * h + z * self.lin["h"](x)
+        return h, (h,)
+
+
+class TextbookMinLSTM(Textbook):
+    """Feng et al. 2024 minLSTM, plain form: f, i normalised to sum to one."""
+
+    linears = {"f": ("I", "W_f", "b_f"), "i": ("I", "W_i", "b_i"), "h": ("I", "W_h", "b_h")}
+
+    def step(self, x, state):
+        (h,) = state
+        f, i = torch.sigmoid(self.lin["f"](x)), torch.sigmoid(self.lin["i"](x))
+        h = f / (f + i) * h + i / (f + i) * self.lin["h"](x)
+        return h, (h,)
+
+
+TEXTBOOK = {"lstm": TextbookLSTM, "gru": TextbookGRU, "greff_vanilla": TextbookGreffVanilla,
+            "mut1": TextbookMUT1, "slstm": TextbookSLSTM, "indrnn": TextbookIndRNN, "sru": TextbookSRU,
+            "mingru": TextbookMinGRU, "minlstm": TextbookMinLSTM}
+
+
+class ReferenceTextbook(nn.Module):
+    """The per-gate step of tests/reference_cells.py (written from the papers, `x @ W.T + b`), for the
+    cells without a Textbook class; its parameters are copies of the layer's."""
+
+    def __init__(self, cell: str, layer):
+        super().__init__()
+        self.cell = cell
+        names = list(layer.compiled.ir.params)
+        self.params = nn.ParameterList([nn.Parameter(layer.cell_parameter(n).detach().clone())
+                                        for n in names])
+        self.names = names
+        self.compiled = False
+
+    def compile_step(self) -> None:
+        self.compiled = True
+
+    def forward(self, x, state):
+        p = dict(zip(self.names, self.params, strict=True))
+        if not self.compiled:
+            return reference_cells.REFERENCES[self.cell](p, x, state)
+        run = reference_cells.run
+        reference_cells.run = lambda step, x, state: run(torch.compile(step, dynamic=False), x, state)
+        try:  # torch.compile keys its cache on the step's code: compiled once, in the warm-up
+            return reference_cells.REFERENCES[self.cell](p, x, state)
+        finally:
+            reference_cells.run = run
+
+
+# ---- the rows of one table ------------------------------------------------------------------------------
 
 class Impl:
     """One row: `run(x) -> output [T, N, H]` with parameters `params` (for zeroing gradients)."""
 
-    def __init__(self, label: str, run: Callable[[torch.Tensor], torch.Tensor], params):
-        self.label, self.run, self.params = label, run, list(params)
+    def __init__(self, label: str, run: Callable[[torch.Tensor], torch.Tensor], params, kind: str):
+        self.label, self.run, self.params, self.kind = label, run, list(params), kind
         self.times: dict[str, list[float]] = {"fwd": [], "fwdbwd": []}
 
 
-PATH_LABELS = {
-    None: " [backend auto]",
-    "plain": " [generated torch code]",
-    "fused": " [C kernels]",
-}
+def cell_text(cell: str) -> str:
+    return (ZOO / f"{cell}.cell").read_text()
 
 
-def celldsl_layer(cell: str, I: int, H: int, path: str | None):
-    """The celldsl layer of a zoo cell. path None: the layer as the library builds it. Otherwise the
-    CPU loop is forced: "plain" (the generated torch module, runtime/torch_loop.py), "fused" (C
-    kernels, runtime/cpu_fused.py: what backend="auto" runs on CPU tensors). A forced path compiles a
-    private copy of the cell text (its own cache key), so that the paths run side by side in one
-    process."""
-    if path is None:
-        if cell == "lstm" and hasattr(celldsl, "LSTM"):
-            return celldsl.LSTM(I, H)
-        if cell == "gru" and hasattr(celldsl, "GRU"):
-            return celldsl.GRU(I, H)
-        return celldsl.Recurrent(cell, I, H)
+def library_layer(cell: str, I: int, H: int):
+    """The layer as the library builds it."""
+    if cell == "lstm":
+        return celldsl.LSTM(I, H)
+    if cell == "gru":
+        return celldsl.GRU(I, H)
+    return celldsl.Recurrent(cell, I, H)
+
+
+def python_loop_layer(cell: str, I: int, H: int):
+    """A private copy of the cell (its own cache key and loop) forced onto the Python loop on torch.mm."""
     from celldsl.runtime import cpu_fused
     from celldsl.runtime.function import cell_for
 
-    text = (ROOT / "cells" / f"{cell}.cell").read_text() + f"\n# bench/cpu.py: {path} path\n"
-    layer = celldsl.Recurrent(text, I, H)
-    compiled = cell_for(layer.compiled.key)  # the cell object the registered ops look up
-    if path == "plain":
-        loop = compiled.torch_loop
-    else:
-        loop = cpu_fused.cpu_loop(compiled)
-        if not isinstance(loop, cpu_fused.FusedCPULoop):
-            why = cpu_fused.build_library(compiled)[1]
-            raise SystemExit(f"the fused CPU path is unavailable here: {why}")
-    for c in {id(compiled): compiled, id(layer.compiled): layer.compiled}.values():
-        c.loop = lambda backend, loop=loop: loop
+    layer = celldsl.Recurrent(cell_text(cell) + "\n# bench/cpu.py: the Python loop\n", I, H)
+    compiled = layer.compiled
+    loop = cell_for(compiled.key).loop("cpu")
+    if not isinstance(loop, cpu_fused.FusedCPULoop):
+        raise SystemExit(f"the C kernels are unavailable here: {cpu_fused.build_library(compiled)[1]}")
+    loop.gemm = "mm"
     return layer
 
 
-def impls_for(cell: str, I: int, H: int, N: int, paths) -> list[Impl]:
+def impls_for(cell: str, I: int, H: int, N: int, rows: tuple[str, ...]) -> list[Impl]:
+    """rows: a subset of nn, celldsl, python, textbook, compiled, in the order wanted."""
     torch.manual_seed(0)
     impls: list[Impl] = []
-    if cell in ("lstm", "gru"):
+    ref = None
+    if "nn" in rows:
         ref = (nn.LSTM if cell == "lstm" else nn.GRU)(I, H)
         onednn = " (oneDNN)" if torch.backends.mkldnn.is_available() else ""
-        impls.append(Impl(f"torch.nn.{cell.upper()}{onednn}", lambda x, m=ref: m(x)[0], ref.parameters()))
-    layers = []
-    for path in paths:
-        layer = celldsl_layer(cell, I, H, path)
-        if cell in ("lstm", "gru"):
-            layer.load_state_dict(ref.state_dict())
-        elif layers:
-            layer.load_state_dict(layers[0].state_dict())
-        layers.append(layer)
-        name = {"lstm": "celldsl.LSTM", "gru": "celldsl.GRU"}.get(cell, f"celldsl {cell}.cell")
-        impls.append(Impl(name + PATH_LABELS[path], lambda x, m=layer: m(x)[0], layer.parameters()))
-    book = TEXTBOOK[cell](I, H)
-    book.load_from(layers[0])
-    zeros = tuple(torch.zeros(N, H) for _ in range(N_STATES[cell]))
-    impls.append(Impl("textbook per-gate (autograd)", lambda x, m=book: m(x, zeros)[0], book.parameters()))
+        impls.append(Impl(f"torch.nn.{cell.upper()}{onednn}", lambda x, m=ref: m(x)[0], ref.parameters(),
+                          "nn"))
+    layer = library_layer(cell, I, H)
+    if ref is not None:
+        layer.load_state_dict(ref.state_dict())
+    name = {"lstm": "celldsl.LSTM", "gru": "celldsl.GRU"}.get(cell, f"celldsl {cell}.cell")
+    impls.append(Impl(name, lambda x, m=layer: m(x)[0], layer.parameters(), "celldsl"))
+    if "python" in rows:
+        copy = python_loop_layer(cell, I, H)
+        copy.load_state_dict(layer.state_dict())
+        impls.append(Impl(f"{name}, Python loop (torch.mm + C per step)", lambda x, m=copy: m(x)[0],
+                          copy.parameters(), "python"))
+    n_states = len(layer.compiled.ir.states)
+    zeros = tuple(torch.zeros(N, H) for _ in range(n_states))
+    for kind in ("textbook", "compiled"):
+        if kind not in rows:
+            continue
+        if cell in TEXTBOOK:
+            book = TEXTBOOK[cell](I, H)
+            book.load_from(layer)
+        else:
+            book = ReferenceTextbook(cell, layer)
+        label = "textbook per-gate (autograd)" if cell in TEXTBOOK else "textbook, tests/reference_cells.py"
+        if kind == "compiled":
+            book.compile_step()
+            label = "torch.compile of the textbook step"
+        impls.append(Impl(label, lambda x, m=book: m(x, zeros)[0], book.parameters(), kind))
     return impls
 
 
@@ -292,10 +363,11 @@ def time_once(impl: Impl, x: torch.Tensor, g: torch.Tensor, backward: bool, cloc
     return clock() - start
 
 
-def measure(impls: list[Impl], x: torch.Tensor, repeats: int, warmup: int, clock) -> None:
+def measure(impls: list[Impl], x: torch.Tensor, repeats: int, warmup: int, clock, modes) -> None:
     with torch.no_grad():
-        g = torch.randn_like(impls[-1].run(x))
-    for backward, key in ((False, "fwd"), (True, "fwdbwd")):
+        g = torch.randn_like(impls[0].run(x))
+    for key in modes:
+        backward = key == "fwdbwd"
         for _ in range(warmup):
             for impl in impls:
                 time_once(impl, x, g, backward, clock)
@@ -310,44 +382,174 @@ def max_diff(impls: list[Impl], x: torch.Tensor, base: Impl) -> dict[str, float]
         return {i.label: float((i.run(x) - want).abs().max()) for i in impls}
 
 
-STAT = {"median": statistics.median, "min": min}
-_stat = statistics.median
+def ms(impl: Impl, key: str) -> float:
+    times = impl.times[key]
+    return 1000.0 * statistics.median(times) if times else float("nan")
 
 
-def ms(seconds: list[float]) -> float:
-    return 1000.0 * _stat(seconds)
+# ---- the tables -------------------------------------------------------------------------------------------
+
+class Report:
+    """The targets, as lines: measured value, target, met or missed by how much."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def at_most(self, what: str, value: float, target: float) -> None:
+        verdict = "met" if value <= target else f"MISSED by {100 * (value / target - 1):.0f}%"
+        self.lines.append(f"- {what}: {value:.2f} (target <= {target}): {verdict}")
+
+    def at_least(self, what: str, value: float, target: float) -> None:
+        verdict = "met" if value >= target else f"MISSED by {100 * (1 - value / target):.0f}%"
+        self.lines.append(f"- {what}: {value:.2f}x (target >= {target}x): {verdict}")
+
+
+def size_text(T, N, I, H) -> str:
+    return f"T={T} N={N} I={I} H={H}"
+
+
+def table(title: str, impls: list[Impl], diffs: dict[str, float], base: Impl) -> None:
+    """One markdown table: times, and ratios to `base` (torch.nn, or celldsl)."""
+    print(f"\n{title}\n")
+    print(f"| implementation | forward ms | forward+backward ms | fwd / {base.kind} | fwd+bwd / {base.kind} "
+          "| max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for impl in impls:
+        print(f"| {impl.label} | {ms(impl, 'fwd'):.2f} | {ms(impl, 'fwdbwd'):.2f} "
+              f"| {ms(impl, 'fwd') / ms(base, 'fwd'):.2f} | {ms(impl, 'fwdbwd') / ms(base, 'fwdbwd'):.2f} "
+              f"| {diffs[impl.label]:.1e} |")
+
+
+def run_rows(cell, T, N, I, H, rows, args, clock):
+    impls = impls_for(cell, I, H, N, rows)
+    x = torch.randn(T, N, I)
+    measure(impls, x, args.repeats, args.warmup, clock, ("fwd", "fwdbwd"))
+    ours = next(i for i in impls if i.kind == "celldsl")
+    return impls, max_diff(impls, x, ours), ours
+
+
+def nn_tables(args, clock, report: Report) -> None:
+    sizes = [("lstm", *args.size), ("gru", *args.size), ("lstm", args.size[0], 1, *args.size[2:]),
+             ("lstm", *args.big)]
+    for cell, T, N, I, H in sizes:
+        rows = ("nn", "celldsl", "python", "textbook")
+        impls, diffs, ours = run_rows(cell, T, N, I, H, rows, args, clock)
+        base = impls[0]
+        table(f"{cell.upper()}, {size_text(T, N, I, H)}", impls, diffs, base)
+        fwd, fwdbwd = ms(ours, "fwd") / ms(base, "fwd"), ms(ours, "fwdbwd") / ms(base, "fwdbwd")
+        what = f"{ours.label} / {base.label} at {size_text(T, N, I, H)}"
+        if cell == "gru":
+            report.at_most(f"{what}, forward+backward", fwdbwd, 0.7)
+        elif N == 1:
+            report.at_most(f"{what}, forward", fwd, 1.1)
+        elif (N, I, H) == tuple(args.size[1:]):
+            report.at_most(f"{what}, forward+backward", fwdbwd, 0.9)
+            report.at_most(f"{what}, forward", fwd, 1.2)
+        else:
+            report.at_most(f"{what}, forward+backward", fwdbwd, 0.9)
+
+
+def zoo_cells() -> list[str]:
+    """The zoo cells a generic layer builds (tests/zoo.py's GENERIC: lstm_proj, slstm_heads and
+    phased_lstm need sizes, heads or an extra input the table does not give)."""
+    from zoo import GENERIC
+
+    return list(GENERIC)
+
+
+def needs_i_equal_h(cell: str) -> bool:
+    return bool(celldsl.compile_cell(cell).ir.needs_hidden_size)
+
+
+def zoo_tables(args, clock, report: Report) -> None:
+    T, N, I, H = args.size
+    rows = ("celldsl", "textbook") + (("compiled",) if args.compile else ())
+    print(f"\nEvery zoo cell, {size_text(T, N, I, H)} (I = H = {H} for the cells that need it)\n")
+    print("| cell | celldsl fwd ms | celldsl fwd+bwd ms | textbook fwd+bwd ms | textbook / celldsl "
+          "| torch.compile fwd+bwd ms | torch.compile / celldsl | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cell in args.cells or zoo_cells():
+        width = H if needs_i_equal_h(cell) else I
+        impls, diffs, ours = run_rows(cell, T, N, width, H, rows, args, clock)
+        book = next(i for i in impls if i.kind == "textbook")
+        comp = next((i for i in impls if i.kind == "compiled"), None)
+        vs_book = ms(book, "fwdbwd") / ms(ours, "fwdbwd")
+        vs_comp = ms(comp, "fwdbwd") / ms(ours, "fwdbwd") if comp else float("nan")
+        source = "" if cell in TEXTBOOK else " (reference_cells)"
+        print(f"| {cell}{source} | {ms(ours, 'fwd'):.2f} | {ms(ours, 'fwdbwd'):.2f} "
+              f"| {ms(book, 'fwdbwd'):.2f} | {vs_book:.2f} "
+              f"| {ms(comp, 'fwdbwd') if comp else float('nan'):.2f} | {vs_comp:.2f} "
+              f"| {max(diffs.values()):.1e} |")
+        report.at_least(f"{cell}: textbook / celldsl, forward+backward", vs_book, 2.0)
+        if comp:
+            report.at_least(f"{cell}: torch.compile / celldsl, forward+backward", vs_comp, 1.5)
+
+
+def long_tables(args, clock, report: Report) -> None:
+    T, I, H = args.long
+    rows = ("celldsl", "python", "textbook") + (("compiled",) if args.compile else ())
+    for N in (1, 32) if not args.smoke else (1, 2):
+        for cell in LONG_CELLS:
+            width = H if needs_i_equal_h(cell) else I
+            impls, diffs, ours = run_rows(cell, T, N, width, H, rows, args, clock)
+            table(f"{cell}, {size_text(T, N, width, H)}", impls, diffs, ours)
+            book = next(i for i in impls if i.kind == "textbook")
+            shipped = next(i for i in impls if i.kind == "python")
+            ratio = ms(book, "fwdbwd") / ms(ours, "fwdbwd")
+            if N == 1 and cell in ("mingru", "indrnn"):
+                report.at_least(f"{cell} N=1: textbook / celldsl, forward+backward", ratio,
+                                15.0 if cell == "mingru" else 7.0)
+            if N != 1:
+                report.at_most(f"{cell} N={N}: celldsl / the Python loop, forward+backward",
+                               ms(ours, "fwdbwd") / ms(shipped, "fwdbwd"), 1.0)
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with its vector extensions (the GEMMs' choice depends on them)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    model = info.get("model name", platform.processor() or platform.machine())
+    family = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info else ""
+    return f"{model}{family}, {simd}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--T", type=int, default=100)
-    ap.add_argument("--N", type=int, default=32)
-    ap.add_argument("--I", type=int, default=128)
-    ap.add_argument("--H", type=int, default=256)
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {TABLES}")
+    ap.add_argument("--cells", default="", help="zoo table: comma-separated cells (default: every zoo cell)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--cells", default=",".join(ALL_CELLS), help=f"comma-separated subset of {ALL_CELLS}")
-    ap.add_argument("--paths", default="plain,default",
-                    help="celldsl rows, comma-separated: 'default' (the layer as the library builds it: "
-                         "backend auto), 'plain' (generated torch code, backend torch), 'fused' (the C "
-                         "kernels forced). The last one is the reference of the ratios.")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as it is)")
-    ap.add_argument("--stat", choices=tuple(STAT), default="median",
-                    help="median of the repeats, or min (the least disturbed run, on a shared machine)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time. cpu: this process's CPU time, steadier on a shared machine "
                          "and meaningful only with --threads 1")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="leave out the torch.compile rows (compiling a step takes seconds per cell)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, one run, no warm-up, no torch.compile: checks that every row runs")
     args = ap.parse_args(argv)
+    args.tables = [t for t in args.tables.split(",") if t]
+    for t in args.tables:
+        if t not in TABLES:
+            ap.error(f"unknown table {t!r}; choose from {TABLES}")
     args.cells = [c for c in args.cells.split(",") if c]
     for c in args.cells:
-        if c not in ALL_CELLS:
-            ap.error(f"unknown cell {c!r}; choose from {ALL_CELLS}")
-    args.paths = [None if p == "default" else p for p in args.paths.split(",") if p]
-    for p in args.paths:
-        if p not in PATH_LABELS:
-            ap.error(f"unknown path {p!r}; choose from default, plain, fused")
+        if c not in zoo_cells():
+            ap.error(f"unknown cell {c!r}; the zoo: {', '.join(zoo_cells())}")
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1 (CPU time adds up the threads)")
+    args.size, args.big, args.long = (100, 32, 128, 256), (100, 128, 512, 512), (1000, 64, 128)
+    if args.smoke:
+        args.size, args.big, args.long = (3, 2, 4, 4), (3, 3, 5, 5), (4, 3, 4)
+        args.repeats, args.warmup, args.compile = 1, 0, False
     return args
 
 
@@ -356,42 +558,20 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    global _stat
-    _stat = STAT[args.stat]
     torch.set_grad_enabled(True)
     command = " ".join(["python bench/cpu.py", *(sys.argv[1:] if argv is None else argv)])
     load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"command: `{command}`\n")
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load} at start), "
-          f"torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, float32, T={args.T} N={args.N} I={args.I} H={args.H}; "
-          f"{args.clock} clock, {args.stat} of {args.repeats} interleaved runs after {args.warmup} warm-up "
-          "runs; "
-          "forward under no_grad, forward+backward with parameter gradients only\n")
-    print("| cell | implementation | forward ms | forward+backward ms | fwd+bwd / celldsl | max abs diff |")
-    print("|---|---|---:|---:|---:|---:|")
-    summary = []
-    for cell in args.cells:
-        I = args.H if cell == "mut1" else args.I  # MUT1's un-weighted tanh(x) needs I == H
-        impls = impls_for(cell, I, args.H, args.N, args.paths)
-        x = torch.randn(args.T, args.N, I)
-        measure(impls, x, args.repeats, args.warmup, clock)
-        ref = [i for i in impls if i.label.startswith("celldsl")][-1]
-        diffs = max_diff(impls, x, ref)
-        title = TITLE[cell] + (f" (I=H={args.H})" if I != args.I else "")
-        for impl in impls:
-            ratio = ms(impl.times["fwdbwd"]) / ms(ref.times["fwdbwd"])
-            print(f"| {title} | {impl.label} | {ms(impl.times['fwd']):.1f} | {ms(impl.times['fwdbwd']):.1f} "
-                  f"| {ratio:.2f} | {diffs[impl.label]:.1e} |")
-        if cell == "lstm":
-            tnn = impls[0]
-            r = ms(ref.times["fwdbwd"]) / ms(tnn.times["fwdbwd"])
-            summary.append(f"- LSTM forward+backward, {ref.label} / {tnn.label}: {r:.2f} (target <= 1.3)")
-        if cell in ZOO_CELLS:
-            r = ms(impls[-1].times["fwdbwd"]) / ms(ref.times["fwdbwd"])
-            summary.append(f"- {TITLE[cell]} forward+backward, textbook / {ref.label}: {r:.2f}x "
-                           "(target >= 1.5)")
-    print("\n" + "\n".join(summary))
+    print(f"{cpu_model()}; {os.cpu_count()} CPUs, load average {load} at start; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32; {args.clock} clock, median of {args.repeats} "
+          f"interleaved runs after {args.warmup} warm-up runs")
+    report = Report()
+    for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables)):
+        if name in args.tables:
+            run(args, clock, report)
+    end = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"\nTargets (load average {end} at the end):\n")
+    print("\n".join(report.lines))
     return 0
 
 

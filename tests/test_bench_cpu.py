@@ -1,13 +1,12 @@
-"""bench/cpu.py at a tiny size: it prints the command, every row of its table and the targets, and its
-rows compute the same thing (the table's max-abs-diff column is the output difference from celldsl)."""
+"""bench/cpu.py at tiny sizes (--smoke): it prints the command, the CPU, every table with every row,
+and every target line; its rows compute the same thing (the max-abs-diff column is the output
+difference from celldsl)."""
 
 import importlib.util
 import re
 from pathlib import Path
 
 import pytest
-
-from celldsl.runtime import cpu_fused
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "cpu.py"
 
@@ -19,37 +18,39 @@ def load_bench():
     return module
 
 
-def test_bench_prints_every_row(capsys):
+def table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith(("| implementation |", "| cell |"))]
+
+
+def test_bench_prints_every_table_row_and_target(capsys):
     bench = load_bench()
-    paths = "plain,fused,default" if cpu_fused.compiler() is not None else "plain,default"
-    argv = ["--T", "3", "--N", "2", "--I", "4", "--H", "4", "--repeats", "1", "--warmup", "0"]
-    argv += ["--paths", paths]
+    argv = ["--smoke", "--cells", "lstm,mut1,indrnn"]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
     assert f"command: `python bench/cpu.py {' '.join(argv)}`" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| cell")]
-    labels = {"plain": "[generated torch code]", "fused": "[C kernels]", "default": "[backend auto]"}
-    expected = []
-    for cell in bench.ALL_CELLS:
-        title = bench.TITLE[cell]
-        if cell in ("lstm", "gru"):
-            expected.append((title, f"torch.nn.{cell.upper()}"))
-        for path in paths.split(","):
-            expected.append((title, labels[path]))
-        expected.append((title, "textbook per-gate"))
-    assert len(rows) == len(expected)
-    for row, (title, label) in zip(rows, expected, strict=True):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[0].startswith(title) and label in cells[1], row
-        fwd, fwdbwd, ratio, diff = (float(c) for c in cells[2:6])
-        assert fwd > 0 and fwdbwd > 0 and ratio > 0
+    assert "load average" in text and "torch CPU capability" in text
+    titles = re.findall(r"^(LSTM|GRU|indrnn|sru|mingru|minlstm), T=\d+ N=\d+", text, flags=re.M)
+    assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2
+    rows = table_rows(text)
+    nn_rows, zoo_rows, long_rows = rows[:16], rows[16:19], rows[19:]
+    labels = ["torch.nn.", "celldsl.", "Python loop", "textbook"]
+    for i, row in enumerate(nn_rows):
+        assert labels[i % 4] in row[0], row
+    assert [r[0] for r in zoo_rows] == ["lstm", "mut1", "indrnn"]
+    assert len(long_rows) == 3 * 2 * len(bench.LONG_CELLS)
+    for row in nn_rows + long_rows:
+        fwd, fwdbwd, r1, r2, diff = (float(c) for c in row[-5:])
+        assert fwd > 0 and fwdbwd > 0 and r1 > 0 and r2 > 0
         assert diff < 1e-4, row  # the same weights and equations: the same outputs
-    for target in ("LSTM forward+backward", "Greff vanilla", "MUT1 forward+backward", "sLSTM"):
-        assert re.search(rf"- {re.escape(target)}.*: \d+\.\d\d", text), target
+    for row in zoo_rows:
+        assert float(row[-1]) < 1e-4, row
+    targets = re.findall(r"^- .*: (met|MISSED by \d+%)$", text, flags=re.M)
+    assert len(targets) == 5 + 3 + 2 + 4
 
 
-def test_bench_rejects_unknown_cells_and_paths():
+def test_bench_rejects_unknown_tables_cells_and_clocks():
     bench = load_bench()
-    for argv in (["--cells", "lstm,nope"], ["--paths", "fast"], ["--clock", "cpu", "--threads", "2"]):
+    for argv in (["--tables", "nn,gpu"], ["--cells", "lstm,nope"], ["--clock", "cpu", "--threads", "2"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)

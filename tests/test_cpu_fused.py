@@ -134,13 +134,20 @@ def test_fused_equals_plain_float64(stem, packed):
     args = loop_args(layer, packed=packed)
     fwd_p, bwd_p = run_loop(layer.compiled.torch_loop, *args)
     fwd_f, bwd_f = run_loop(fused, *args)
-    # saved step GEMM outputs that the fused loop keeps added to their hoisted blocks (S = p + q)
+    # what the fused loop saves differently (Folding): summed step GEMM outputs added onto their
+    # hoisted blocks in place (S = p + q; their own entry empty), folded vectors inside GEMM outputs
     first_step = 1 + len(fused.states) + len(fused.states) - (fused.output_state is not None)
     first_hoisted = first_step + len(fused.gemms) + len(fused.operand_names)
     H = layer.hidden_size
+    vectors = {name: v.detach() for name, v in zip(fused.vectors, args[2][2], strict=True)}
+    for name, (kind, gi, block) in fused.folding.biases.items():
+        at = (first_hoisted if kind == "hoisted" else first_step) + gi
+        fwd_p[at] = fwd_p[at].clone()
+        fwd_p[at][:, block * H : (block + 1) * H] += vectors[name]
     for gi, (hi, first) in fused.summed.items():
-        P, hoisted = fwd_p[first_step + gi], fwd_p[first_hoisted + hi]
-        fwd_p[first_step + gi] = P + hoisted[:, first * H : first * H + P.shape[1]]
+        P, hoisted = fwd_p[first_step + gi], fwd_p[first_hoisted + hi].clone()
+        hoisted[:, first * H : first * H + P.shape[1]] += P
+        fwd_p[first_step + gi], fwd_p[first_hoisted + hi] = P[:0], hoisted
     assert rel_err(fwd_p, fwd_f) < 1e-12
     assert rel_err(bwd_p, bwd_f) < 1e-12
     assert all(torch.isfinite(t).all() for t in fwd_f + bwd_f)

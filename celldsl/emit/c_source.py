@@ -1,23 +1,33 @@
 """Plan -> C source: each stage's pointwise forward and derived backward as one loop over [n, H].
 
 The torch module (torch_source.py) stays the executable meaning of a cell. This file prints the same
-CSE'd SymPy expressions with SymPy's C99 printer, so that the CPU fused loop (runtime/cpu_fused.py)
-makes one call per stage and step instead of one torch call per operation (the per-op overhead, not
-the arithmetic, is what a step of a small cell costs on the CPU).
+CSE'd SymPy expressions with SymPy's C99 printer, so that the CPU loops (runtime/cpu_fused.py) run
+a stage of a step as one C function instead of one torch call per operation (the per-op overhead,
+not the arithmetic, is what a step of a small cell costs on the CPU).
 
-Every kernel has the signature
+Every kernel is one function over rows 0..n-1 and a range of columns,
 
-    void NAME_f32(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)   (and _f64)
+    static void NAME_f32_cols(int64_t n, void *const *p, const int64_t *ld, int64_t j0, int64_t j1,
+                              int64_t slot)                                              (and _f64)
 
-and computes rows 0..n-1, columns 0..H-1, the columns split over `nt` OpenMP threads when built with
-OpenMP (by columns, so that each thread owns its part of every vector accumulator). `p[k]` points at
-argument k of `KernelSpec.args`: a "rows" argument is element [i, j] at p[k][i * ld[k] + j]; a
-"vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double) receives the sum over
-rows (vectors) or over everything (scalars). NAME_f32_at(r, q, n, H, plan, nt) computes the pointers
-of a step itself (see CALL_AT), so the loop makes one cheap ctypes call per stage and step.
+`p[k]` points at argument k of `KernelSpec.args`: a "rows" argument is element [i, j] at
+p[k][i * ld[k] + j]; a "rowscalar" (one value per row: an input declared `: 1`) is p[k][i * ld[k]];
+a "vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double) receives the sum
+over rows (vectors: per column, so threads that own different columns never share one) or over
+everything (scalars: into ((double *)p[k])[slot], one slot per thread, summed by the caller). H is
+the width of the kernel's Pointwise (one kernel per stage and output width). A kernel with means or
+sums over a row (`_reduction_passes`) or a row-scalar gradient needs whole rows: NAME runs it on one
+thread over every column, and the native loop, which splits the columns over threads, never runs it
+(runtime/cpu_fused.native_blocker). Around it:
+
+- NAME_f32(n, H, p, ld, nt): all columns, split over `nt` OpenMP threads (built with OpenMP);
+- NAME_f32_at(r, q, n, H, args, nt): the same, with the pointers of a step computed from its rows
+  (`cd_rows`, see CALL_AT): the Python loop makes one cheap ctypes call per stage and step;
+- NAME_f32_rows(args, r, q, n, j0, j1, slot): what the native time loop (emit/c_loop.py) calls.
+
 A backward kernel writes each gradient with mode "=" when it is the first contribution to that
 destination within a step and "+=" after, and skips gradients equal to another one it writes
-(see `BackwardSchedule`).
+(see `BackwardSchedule`) or summed after the loop (`Folding`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from sympy.printing.c import C99CodePrinter
 from ..functions import Reduction, rowmean
 from ..ir import generated
 from ..plan import Plan, Pointwise
+from .c_loop import loop_source
 from .printers import identifier
 
 C_TYPES = {"f32": "float", "f64": "double"}
@@ -42,7 +53,8 @@ C_RESERVED = {
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
     "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return",
     "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void",
-    "volatile", "while", "n", "H", "p", "ld", "i", "j", "int64_t", "NAN", "INFINITY",
+    "volatile", "while", "n", "H", "p", "ld", "i", "j", "j0", "j1", "slot", "c", "chunk", "args",
+    "int64_t", "intptr_t", "NAN", "INFINITY",
 }
 LIBM = ("exp", "tanh", "log", "log1p", "pow")
 # cell functions with a static C helper cd_<name>_<dtype> (see _helpers)
@@ -57,8 +69,9 @@ class KernelArg:
     part: "input" (a pointwise input, `name` its symbol), "output" (a forward result, `name` the
     output's name: "h'" or an operand), "grad_output" (the gradient of output `name`), "grad_input"
     (the gradient of input symbol `name`). kind: "rows" | "vector" | "scalar". mode (grad_input
-    only): "=", "+=" (rows), "acc" (vectors and scalars: a double accumulator, summed over rows) or
-    "same:NAME" (not written: equal to NAME's gradient; see BackwardSchedule).
+    only): "=", "+=" (rows), "acc" (vectors and scalars: a double accumulator, summed over rows),
+    "same:NAME" (not written: equal to NAME's gradient; see BackwardSchedule) or "fold" (not
+    written: a folded vector, see Folding).
     """
 
     part: str
@@ -74,6 +87,7 @@ class KernelSpec:
     backward: bool
     args: tuple[KernelArg, ...]
     pointwise: str = ""  # the Pointwise it runs (its name: "stage1", "stage1_1", ...)
+    zero: tuple[str, ...] = ()  # pointwise inputs read as 0 (Folding.zero): not arguments
 
 
 def _kind(plan: Plan, sym: sp.Symbol) -> str:
@@ -211,20 +225,99 @@ def summed_products(plan: Plan) -> dict[int, tuple[int, int]]:
     return found
 
 
+@dataclass(frozen=True)
+class Folding:
+    """What the CPU loops compute inside the GEMMs instead of in the kernels of every step.
+
+    summed: step GEMM g -> (hoisted GEMM, first block), see `summed_products`: g's output is added
+    onto those hoisted rows in place, so the kernels read one block (S = p + q) where they read two.
+    biases: vector name -> (GEMM kind "hoisted" or "step", GEMM index, block): a vector that every
+    expression reads only as `block + vector` (LSTM's b_ii and b_hi, GRU's b_hn) is added to that
+    GEMM's output once (its bias) before or while the loop runs, and its gradient, equal to the
+    block's, is one column sum of the block's gradient after the loop.
+    zero: the symbols the kernels read as 0 because their value is inside another block (summed
+    products, folded vectors); they are not kernel arguments.
+    """
+
+    summed: dict[int, tuple[int, int]]
+    biases: dict[str, tuple[str, int, int]]
+    zero: frozenset[str]
+
+
+def _expressions(plan: Plan, hoist: bool = False) -> list[sp.Expr]:
+    stages = [*plan.pointwise, *(plan.hoist_pointwise if hoist else [])]
+    exprs = []
+    for pw in stages:
+        exprs += [e for _, e in pw.forward_temps] + list(pw.forward_results)
+        exprs += [e for _, e in pw.backward_temps] + list(pw.backward_results)
+    return [sp.sympify(e) for e in exprs]
+
+
+def folding(plan: Plan) -> Folding:
+    """Find the summed products and the foldable vectors of a plan (decided symbolically on every
+    forward and backward expression, so a cell that reads a bias any other way keeps it)."""
+    summed = summed_products(plan)
+    exprs = _expressions(plan, hoist=True)
+    partner: dict[sp.Symbol, sp.Symbol] = {}  # hoisted block -> the step product summed with it
+    for gi, (hi, first) in summed.items():
+        for j, q in enumerate(plan.gemms[gi].products):
+            partner[plan.hoisted[hi].products[first + j]] = q
+    blocks: dict[sp.Symbol, tuple[str, int, int]] = {}  # the block the kernels read -> where it is
+    for hi, g in enumerate(plan.hoisted):
+        for j, p in enumerate(g.products):
+            blocks[p] = ("hoisted", hi, j)
+    for gi, g in enumerate(plan.gemms):
+        for j, q in enumerate(g.products):
+            if q not in partner.values():
+                blocks[q] = ("step", gi, j)
+    # candidates: the blocks that are direct terms of a sum that also has the vector as a term
+    terms: dict[sp.Symbol, list[sp.Symbol]] = {}
+    owner = {q: p for p, q in partner.items()}
+    for e in exprs:
+        for add in e.atoms(sp.Add):
+            args = set(add.args)
+            for v in args:
+                if isinstance(v, sp.Symbol) and plan.roles.get(v) == "vector":
+                    for s in args:
+                        block = owner.get(s, s)
+                        if block in blocks and block not in terms.setdefault(v, []):
+                            terms[v].append(block)
+    folded: dict[sp.Symbol, list[sp.Symbol]] = {}
+    biases: dict[str, tuple[str, int, int]] = {}
+    total = generated("folded")
+    for v, candidates in terms.items():
+        for block in sorted(candidates, key=lambda b: blocks[b][0] != "hoisted"):  # hoisted: added once
+            group = [*folded.get(block, []), v]
+            others = [partner[block]] if block in partner else []
+            gone = {block, *group, *others}
+            value = total - sp.Add(*group) - sp.Add(*others)
+            if all(not (e.xreplace({block: value}).free_symbols & gone) for e in exprs):
+                folded.setdefault(block, []).append(v)
+                biases[v.name] = blocks[block]
+                break
+    zero = frozenset({q.name for q in partner.values()} | set(biases))
+    return Folding(summed, biases, zero)
+
+
 def kernel_specs(plan: Plan) -> list[KernelSpec]:
     """The kernels of a plan's per-step pointwise stages (the hoisted pointwise stays in torch: it runs
-    once per sequence)."""
+    once per sequence). Symbols of `Folding.zero` are no arguments (the kernel reads them as 0); the
+    gradient of a folded vector has mode "fold" (not written: a column sum after the loop)."""
     modes = backward_schedule(plan).modes
+    fold = folding(plan)
     specs = []
     for pw in plan.pointwise:
-        ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs)
+        ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs if s.name not in fold.zero)
         outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
-        specs.append(KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name))
+        zero = tuple(s.name for s in pw.inputs if s.name in fold.zero)
+        specs.append(KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name, zero))
         grads = tuple(KernelArg("grad_output", name, "rows") for name, _ in pw.outputs)
         dsts = tuple(
-            KernelArg("grad_input", s.name, _kind(plan, s), modes[pw.name][s.name]) for s in pw.grad_inputs
+            KernelArg("grad_input", s.name, _kind(plan, s),
+                      "fold" if s.name in fold.biases else modes[pw.name][s.name])
+            for s in pw.grad_inputs
         )
-        specs.append(KernelSpec(f"{pw.name}_backward", pw.stage, True, ins + grads + dsts, pw.name))
+        specs.append(KernelSpec(f"{pw.name}_backward", pw.stage, True, ins + grads + dsts, pw.name, zero))
     return specs
 
 
@@ -308,6 +401,8 @@ def _comment(text: str) -> str:
 
 
 def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
+    """The C of one kernel: NAME_cols (the loop over rows and a column range), NAME (all columns over
+    `nt` threads), NAME_at (a step of the Python loop) and NAME_rows (a step of the native loop)."""
     t = C_TYPES[dtype]
     taken = set(C_RESERVED) | {f"cd_{f}_{dtype}" for f in HELPERS}
     taken |= {f + suffix for f in LIBM + ("fabs", "sqrt") for suffix in ("", "f")}
@@ -319,6 +414,10 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     results = dict(zip(pw.grad_inputs, pw.backward_results, strict=True)) if spec.backward else \
         dict(zip((n for n, _ in pw.outputs), pw.forward_results, strict=True))
     temps = pw.backward_temps if spec.backward else pw.forward_temps
+    zero = {syms[name]: sp.Integer(0) for name in spec.zero}  # their value is inside another block
+    if zero:
+        results = {k: sp.sympify(e).xreplace(zero) for k, e in results.items()}
+        temps = [(tmp, sp.sympify(e).xreplace(zero)) for tmp, e in temps]
     for k, arg in enumerate(spec.args):
         if arg.part in ("input", "grad_output"):
             sym = syms[arg.name] if arg.part == "input" else grads[arg.name]
@@ -341,6 +440,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
     passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
+    mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
     for red, kind, arg, needed in passes:
         acc = f"m_{names[red]}"
         passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
@@ -348,7 +448,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
                         "        for (int64_t j = j0; j < j1; ++j) {", *loads,
                         *[f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in needed],
                         f"            {acc} += (double)({printer.doprint(arg)});", "        }",
-                        f"        const {t} {names[red]} = ({t})({acc}{' / (double)H' if kind == 'mean' else ''});"]
+                        f"        const {t} {names[red]} = ({t})({acc}{mean if kind == 'mean' else ''});"]
     for tmp, e in temps:
         body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
     for k, arg in enumerate(spec.args):
@@ -358,7 +458,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             body.append(f"            o{k}[j] = {value};  /* {_comment(arg.name)} */")
         elif arg.part == "grad_input":
             expr = results[syms[arg.name]]
-            if (expr == 0 and arg.mode != "=") or arg.mode.startswith("same:"):
+            if (expr == 0 and arg.mode != "=") or arg.mode.startswith("same:") or arg.mode == "fold":
                 continue
             value = printer.doprint(expr)
             if arg.kind == "rows":
@@ -377,19 +477,14 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
                 reductions.append(f"s{k}")
                 pre.append(f"    double s{k} = 0;  /* d {_comment(arg.name)} */")
                 body.append(f"            s{k} += (double)({value});")
-                post.append(f"    *(double *)p[{k}] += s{k};")
-    clause = f" reduction(+:{', '.join(reductions)})" if reductions else ""
+                post.append(f"    ((double *)p[{k}])[slot] += s{k};")
     simd = f" reduction(+:{', '.join(reductions + row_sums)})" if reductions or row_sums else ""
+    fn, m = f"{spec.name}_{dtype}", len(spec.args)
     lines = [
-        f"void {spec.name}_{dtype}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
+        f"static void {fn}_cols(int64_t n, void *const *p, const int64_t *ld, int64_t j0, int64_t j1, "
+        "int64_t slot)",
         "{",
-        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"]
-          if row_sums or passes else []),
         *pre,
-        "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
-        f"#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static){clause}",
-        "    for (int64_t c = 0; c < nt; ++c) {",
-        "    const int64_t j0 = c * chunk, j1 = j0 + chunk < H ? j0 + chunk : H;",
         "    for (int64_t i = 0; i < n; ++i) {",
         *row_ptrs,
         *passes_code,
@@ -400,9 +495,35 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "        }",
         *row_post,
         "    }",
-        "    }",
         *post,
-        "    (void)ld;",
+        "    (void)p; (void)ld; (void)slot;",
+        "}",
+        "",
+        f"void {fn}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
+        "{",
+        *(["    nt = 1;  /* per-row sums over the columns: one thread owns every column */"]
+          if row_sums or passes else []),
+        "    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;  /* columns per thread */",
+        "#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)",
+        "    for (int64_t c = 0; c < nt; ++c)",
+        f"        {fn}_cols(n, p, ld, CD_MIN(c * chunk, H), CD_MIN(c * chunk + chunk, H), c);",
+        "}",
+        "",
+        f"void {fn}_at(int64_t r, int64_t q, int64_t n, int64_t H, const cd_rows *args, int64_t nt)",
+        "{",
+        f"    void *p[{m}];",
+        f"    int64_t ld[{m}];",
+        f"    cd_pointers(args, {m}, r, q, p, ld);",
+        f"    {fn}(n, H, p, ld, nt);",
+        "}",
+        "",
+        f"static void {fn}_rows(const cd_rows *args, int64_t r, int64_t q, int64_t n, int64_t j0, "
+        "int64_t j1, int64_t slot)",
+        "{",
+        f"    void *p[{m}];",
+        f"    int64_t ld[{m}];",
+        f"    cd_pointers(args, {m}, r, q, p, ld);",
+        f"    {fn}_cols(n, p, ld, j0, j1, slot);",
         "}",
     ]
     return "\n".join(lines) + "\n"
@@ -455,41 +576,56 @@ def _reduction_passes(temps, results):
 
 
 CALL_AT = """
-/* One step: the step's rows start at row r, the previous step's at row q (q < 0: the first step).
-   plan = base[m], row_bytes[m], first[m], ld[m], prev[m]: argument k points at base[k] + r *
-   row_bytes[k], or, when prev[k] (the previous state), at base[k] + q * row_bytes[k] (first[k] when
-   q < 0: the initial state). One ctypes call per stage and step, no pointer table built in Python. */
-typedef void (*cd_kernel)(int64_t, int64_t, void *const *, const int64_t *, int64_t);
-static void cd_call_at(cd_kernel f, int64_t m, int64_t r, int64_t q, int64_t n, int64_t H,
-                       const int64_t *plan, int64_t nt)
+/* Where the arguments of a step are: the step's rows start at row r, the previous step's at row q
+   (q < 0: the first step). Argument k points at base + r * row_bytes or, when prev (a previous
+   state), at base + q * row_bytes (first when q < 0: the initial state); its rows are ld elements
+   apart. A vector, scalar or [N, H] buffer has row_bytes 0. */
+typedef struct { int64_t base, row_bytes, first, ld, prev; } cd_rows;
+#define CD_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+static inline void *cd_at(const cd_rows *a, int64_t r, int64_t q)
 {
-    void *p[m];
+    const int64_t row = a->prev ? q : r;
+    return (void *)(intptr_t)(row < 0 ? a->first : a->base + row * a->row_bytes);
+}
+
+static inline void cd_pointers(const cd_rows *args, int64_t m, int64_t r, int64_t q, void **p, int64_t *ld)
+{
     for (int64_t k = 0; k < m; ++k) {
-        const int64_t row = plan[4 * m + k] ? q : r;
-        p[k] = (void *)(intptr_t)(row < 0 ? plan[2 * m + k] : plan[k] + row * plan[m + k]);
+        p[k] = cd_at(&args[k], r, q);
+        ld[k] = args[k].ld;
     }
-    f(n, H, p, plan + 3 * m, nt);
+}
+
+int64_t cd_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 """
 
 HEADER = """/* Generated by celldsl for the cell {name}: the pointwise stages of one step as C loops over
-   [n, H]; do not edit. The torch module of the same cell is its executable meaning. */
+   [n, H], a GEMM and the time loop over both; do not edit. The torch module of the same cell is its
+   executable meaning. */
 #include <math.h>
 #include <stdint.h>
 """
 
 
 def c_source(plan: Plan) -> str:
-    """One translation unit with a float and a double version of every kernel of `kernel_specs`."""
+    """One translation unit with a float and a double version of every kernel of `kernel_specs` and
+    the native time loop over them and the GEMM (emit/c_loop.py; the GEMM, emit/c_gemm.py, is its
+    own library)."""
     by_name = {pw.name: pw for pw in plan.pointwise}
     header = HEADER.format(name=_comment(plan.ir.name))
-    parts = [header, _simd_declarations()]
-    parts.append(CALL_AT)
+    specs = kernel_specs(plan)
+    parts = [header, _simd_declarations(), CALL_AT]
     for dtype in C_TYPES:
         parts.append(_helpers(dtype))
-        for spec in kernel_specs(plan):
+        for spec in specs:
             parts.append(kernel_function(spec, by_name[spec.pointwise], dtype))
-            fn, m = f"{spec.name}_{dtype}", len(spec.args)
-            parts.append(f"void {fn}_at(int64_t r, int64_t q, int64_t n, int64_t H, const int64_t *plan, "
-                         f"int64_t nt)\n{{ cd_call_at({fn}, {m}, r, q, n, H, plan, nt); }}\n")
+        parts.append(loop_source(plan, specs, dtype))
     return "\n".join(parts)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -32,12 +33,18 @@ from pathlib import Path
 import torch
 
 from .. import cache
-from ..emit.c_source import backward_schedule, c_source, kernel_specs, summed_products
+from ..emit.c_gemm import gemm_source
+from ..emit.c_loop import native_blocker
+from ..emit.c_source import backward_schedule, c_source, folding, kernel_specs
 from ..plan import Plan
+from . import cpu_gemm
+from .cpu_gemm import DTYPES
+from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
 from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
 
-DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Wl,-z,defs"]
+# -fno-trapping-math (as torch is built): without it gcc leaves a loop with relu, step, max or min
+# scalar ("control flow in loop"); no program here reads floating-point traps
+BASE_FLAGS = ["-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-Wl,-z,defs"]
 # first try: tuned for this CPU, OpenMP threads (torch's own libgomp: it is loaded already, and the
 # loader shares a library by its soname), glibc's vector math (libmvec); then plainer builds
 FAST = ["-O3", "-fopenmp-simd"]
@@ -62,8 +69,9 @@ def attempts(source: str) -> tuple[list[str], ...]:
 
 COMPILE_SECONDS = 60  # all attempts together: a safety net (see attempts())
 MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on one thread
-_lock = threading.Lock()
+_lock = threading.RLock()
 _warned: set[str] = set()
+_gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
 
 
 # ---- building the kernels ---------------------------------------------------------------------
@@ -96,16 +104,27 @@ def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | N
     library is loaded only after its bytes match the checksum recorded when it was built (a truncated
     or replaced file would crash the process when mapped); anything else is rebuilt.
     """
+    return _library(c_source(cell.plan), (cache_root or cache.root()) / cell.key, "cpu_kernels")
+
+
+def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """The native GEMM (emit/c_gemm.py), one library for every cell: (library, "") or (None, why)."""
+    root = cache_root or cache.root()
+    key = (str(root), compiler())
+    if key not in _gemm_libraries:
+        _gemm_libraries[key] = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm")
+    return _gemm_libraries[key]
+
+
+def _library(source: str, folder: Path, stem: str) -> tuple[ctypes.CDLL | None, str]:
     cc = compiler()
     if cc is None:
         reason = "CELLDSL_CPU_FUSED=0" if os.environ.get("CELLDSL_CPU_FUSED") == "0" else \
             "no C compiler found ($CC, cc, gcc)"
         return None, reason
-    source = c_source(cell.plan)
-    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(attempts(source))])
+    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
     digest = hashlib.sha256(recipe.encode()).hexdigest()
-    folder = (cache_root or cache.root()) / cell.key
-    lib_path = folder / f"cpu_kernels_{digest[:20]}.so"
+    lib_path = folder / f"{stem}_{digest[:20]}.so"
     with _lock:
         for _attempt in range(2):  # a library that verifies but does not load is rebuilt once
             if not cache.verified(lib_path):
@@ -174,10 +193,12 @@ def cpu_loop(cell) -> TorchLoop:
             warnings.warn(f"celldsl: CPU kernels unavailable ({reason}); running the generated torch "
                           "code instead (slower)", RuntimeWarning, stacklevel=2)
         return cell.torch_loop
-    return FusedCPULoop(cell.plan, cell.torch_module, lib)
+    gemm_lib, _why = build_gemm_library()  # without it the native loop is off: the Python loop runs
+    return FusedCPULoop(cell.plan, cell.torch_module, lib, gemm_lib)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
+
 
 class _Kernel:
     """One stage's C function (its `_at` entry: pointers computed in C) for both dtypes, and its
@@ -191,7 +212,6 @@ class _Kernel:
             fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64]
             fn.restype = None
             self.fns[dt] = fn
-        self.plan = ctypes.c_int64 * (5 * len(spec.args))
 
 
 class _Arg:
@@ -214,6 +234,23 @@ class _Arg:
         """The same memory at every step: an [N, H] buffer (rows 0..n-1) or a vector (every row)."""
         return _Arg(0 if t is None else t.data_ptr(), 0, t.stride(0) if t is not None and t.dim() == 2 else 0)
 
+    def c(self) -> Rows:
+        """The cd_rows struct the C side reads."""
+        return Rows(self.base, self.row_bytes, self.first, self.ld, int(self.prev))
+
+
+def _step_arrays(steps: list[int], offsets: list[int], padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """b_t and the first row of each step as the int64 arrays the native loop reads (torch.tensor
+    builds them 2x faster than ctypes; a padded batch's, an arithmetic progression, 20x faster)."""
+    if padded:
+        n = torch.full((len(steps),), steps[0], dtype=torch.int64)
+        return n, torch.arange(len(steps), dtype=torch.int64) * steps[0]
+    return torch.tensor(steps, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+
+
+def _rows_array(args: list[_Arg]):
+    return (Rows * len(args))(*[a.c() for a in args])
+
 
 class _Bound:
     """A kernel with its arguments bound for one sequence; call(r, q, n) runs one step."""
@@ -221,29 +258,45 @@ class _Bound:
     def __init__(self, kernel: _Kernel, dtype: str, hidden: int, args: list[_Arg]):
         self.fn = kernel.fns[dtype]
         self.hidden = hidden
-        self.plan = kernel.plan(*[a.base for a in args], *[a.row_bytes for a in args],
-                                *[a.first for a in args], *[a.ld for a in args], *[int(a.prev) for a in args])
+        self.args = _rows_array(args)
+        self.address = ctypes.addressof(self.args)
         self.threads = torch.get_num_threads()
 
     def __call__(self, r: int, q: int, n: int) -> None:
         threads = self.threads if n * self.hidden >= MIN_PARALLEL else 1
-        self.fn(r, q, n, self.hidden, self.plan, threads)
+        self.fn(r, q, n, self.hidden, self.address, threads)
 
 
 class FusedCPULoop(TorchLoop):
-    """TorchLoop's forward and backward with compiled pointwise kernels, padded or packed sequences:
-    same arguments, results and saved shapes. One difference in what is saved: the output of a step
-    GEMM of `summed_products` holds hoisted + product (what the kernels read), so this loop's
-    backward takes this loop's forward only. Each kernel runs over [rows, its width]; a GEMM's blocks
-    sit at the offsets their widths give (`_block_offsets`)."""
+    """TorchLoop's forward and backward with compiled kernels, padded or packed sequences: same
+    arguments and results. Each sequence runs either as one native call (emit/c_loop.py: the GEMMs
+    and the pointwise kernels of every step in C) or as a Python loop over the steps with a torch
+    GEMM (torch.mm or oneDNN) and one C call per pointwise function; runtime/cpu_gemm.py chooses by
+    measuring the step products at this shape. Both keep the same intermediates, so either backward
+    takes either forward. The native loop needs every per-step value H wide and no reduction over a
+    row (`native_blocker`, kept in `self.native_blocker`); other cells always run the Python loop,
+    where each kernel runs over [rows, its width] and a GEMM's blocks sit at the offsets their widths
+    give (`_block_offsets`). GEMMs with heads (block-diagonal weights) run TorchLoop's plain loop.
 
-    def __init__(self, plan: Plan, module, lib):
+    What is saved differs from TorchLoop's: the output of a step GEMM of `Folding.summed` is added
+    onto its hoisted rows in place (which then hold hoisted + product, what the kernels read; its
+    own saved entry is empty), and folded vectors are inside the GEMM outputs; so this loop's
+    backward takes this loop's forward only (`saved_shapes` says so to the fake kernels)."""
+
+    def __init__(self, plan: Plan, module, lib, gemm_lib=None):
         super().__init__(plan, module)
+        self.lib = gemm_lib  # the native GEMM (emit/c_gemm.py); None: torch GEMMs only
+        self.gemm: str | None = None  # a backend forced for this loop (benchmarks, tests): cpu_gemm.choose
+        self.cell_lib = lib
+        self.native_blocker = native_blocker(plan)  # why the native loop cannot run this cell, or ""
         self.kernels = {(s.pointwise, s.backward): _Kernel(lib, s) for s in kernel_specs(plan)}
         self.schedule = backward_schedule(plan)
+        self.folding = folding(plan)
+        self.summed = self.folding.summed
         self.same_vectors = {self.vectors.index(name): self.vectors.index(mode[5:])
                              for modes in self.schedule.modes.values() for name, mode in modes.items()
                              if mode.startswith("same:") and name in self.vectors}
+        self.folded = {self.vectors.index(name): where for name, where in self.folding.biases.items()}
         touched = {self.where[s.name].index for pw in plan.pointwise for s in pw.grad_inputs
                    if self.where[s.name].kind == "state"}
         touched |= {self.where[g.operand.name].index for g in self.gemms
@@ -252,17 +305,26 @@ class FusedCPULoop(TorchLoop):
         # inputs whose gradient the kernels write
         self.dx_from_kernels = sorted({s.name for pw in plan.pointwise for s in pw.grad_inputs
                                        if self.where[s.name].kind == "input"})
-        # step GEMM g -> (hoisted GEMM, first block): its output is saved as hoisted + product (S)
-        self.summed = summed_products(plan)
-        self.summed_blocks: dict[str, tuple[int, int]] = {}  # hoisted symbol -> (step GEMM, block)
-        self.zero_blocks: set[str] = set()  # product symbols read as 0 (their value is inside S)
-        for gi, (hi, first) in self.summed.items():
-            for j, q in enumerate(self.gemms[gi].products):
-                self.summed_blocks[self.hoisted[hi].products[first + j].name] = (gi, j)
-                self.zero_blocks.add(q.name)
         # per GEMM: (operand is a state, state index or operand name)
         self.gemm_operands = [(self.where[g.operand.name].kind == "state", self.where[g.operand.name].index)
                               for g in self.gemms]
+        self._natives: dict[torch.dtype, NativeLoop] = {}
+        # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
+        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
+        self.ran: dict[str, tuple[str, ...] | str] = {}
+
+    def native(self, dtype: torch.dtype) -> NativeLoop:
+        if dtype not in self._natives:
+            self._natives[dtype] = NativeLoop(self.cell_lib, self.lib, dtype)
+        return self._natives[dtype]
+
+    def saved_shapes(self, rows: int, sizes: dict[str, int], hoisted_w, step_w) -> list[tuple[int, int]]:
+        shapes = super().saved_shapes(rows, sizes, hoisted_w, step_w)
+        if step_w and step_w[0].device.type == "cpu" and step_w[0].dtype in DTYPES:
+            first = len(self.states) - (self.output_state is not None)
+            for gi in self.summed:  # its products are inside the hoisted rows
+                shapes[first + gi] = (0, step_w[gi].shape[0])
+        return shapes
 
     def fused(self, x, states, hoisted_w, step_w, vectors, scalars) -> bool:
         """Whether the compiled kernels handle these arguments (else the plain loop runs them): CPU
@@ -310,6 +372,11 @@ class FusedCPULoop(TorchLoop):
                     widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
                     raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {widths} = {rows} rows, "
                                      f"got {tuple(w.shape)}")
+        for w, g in zip(step_w, self.gemms, strict=True):
+            k = sizes.get(g.operand_size)
+            if k is not None and w.shape[1] != k:
+                raise ValueError(f"step weight [{', '.join(g.params)}] must have {g.operand_size} = {k} columns, "
+                                 f"got {tuple(w.shape)}")
         if len(self.inputs) > 1:
             cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
             widths = {name: c.stop - c.start for name, c in cols.items()}
@@ -339,16 +406,10 @@ class FusedCPULoop(TorchLoop):
         return offsets
 
     def _input(self, name: str, bufs: dict) -> _Arg:
-        """A pointwise input of the forward (and the backward, which reads the same values)."""
+        """A pointwise input of the forward (and the backward, which reads the same values). A hoisted
+        block of a summed GEMM holds hoisted + product (see Folding)."""
         slot = self.where[name]
         isz = bufs["X"].element_size()
-        if name in self.summed_blocks:  # hoisted + product, saved in the step GEMM's output
-            gi, j = self.summed_blocks[name]
-            arg = _Arg.rows(bufs["step"][gi])
-            arg.base += bufs["step_blocks"][gi][j] * isz
-            return arg
-        if name in self.zero_blocks:
-            return _Arg.fixed(bufs["zero"])
         if slot.kind == "state":  # the previous state: the initial one at the first step
             news = bufs["news"][slot.index]
             arg = _Arg.rows(news)
@@ -374,6 +435,56 @@ class FusedCPULoop(TorchLoop):
             return _Arg.rows(bufs["news"][self.states.index(name[:-1])])
         return _Arg.rows(bufs["out"])
 
+    def _operand(self, gi: int, bufs: dict) -> _Arg:
+        """The rows step GEMM gi multiplies: a previous state (the initial one at the first step) or
+        an operand computed in the step."""
+        is_state, index = self.gemm_operands[gi]
+        if not is_state:
+            return _Arg.rows(bufs["operands"][index])
+        arg = _Arg.rows(bufs["news"][index])
+        arg.first, arg.prev = bufs["states"][index].data_ptr(), True
+        return arg
+
+    def _biases(self, vectors, bufs: dict, hoisted_w, step_w):
+        """The folded vectors added up per GEMM: ([rows of W] or None per hoisted GEMM, per step GEMM)."""
+        biases = {"hoisted": [None] * len(hoisted_w), "step": [None] * len(step_w)}
+        for i, (kind, gi, block) in self.folded.items():
+            w = (hoisted_w if kind == "hoisted" else step_w)[gi]
+            if biases[kind][gi] is None:
+                biases[kind][gi] = w.new_zeros(w.shape[0])
+            start = bufs[f"{kind}_blocks"][gi][block]
+            biases[kind][gi][start : start + vectors[i].shape[0]] += vectors[i]
+        return biases["hoisted"], biases["step"]
+
+    # ---- which loop runs a sequence ---------------------------------------------------------------
+
+    def runs_native(self, kind: str, dtype: torch.dtype, n: int, step_w) -> bool:
+        """Whether the native loop runs this sequence: never for a cell it cannot express
+        (`self.native_blocker`) or without the GEMM library; a cell without a state GEMM always
+        (unless a torch backend is forced), else when the native GEMM is the fastest on the step
+        products (kind "step" or "step_backward"; cpu_gemm measures it once per shape)."""
+        force = self.gemm or cpu_gemm.forced()
+        if self.lib is None or self.native_blocker:
+            return False
+        if force is not None or not step_w:
+            return force in (None, "native")
+        native = other = 0.0
+        for w in step_w:
+            seconds = cpu_gemm.timings(cpu_gemm.site(kind, dtype, n, w.shape[1], w.shape[0]), self.lib)
+            native += seconds.get("native", math.inf)
+            other += min(s for name, s in seconds.items() if name != "native")
+        return native <= other
+
+    def _products(self, kind: str, dtype: torch.dtype, n: int, step_w) -> list[cpu_gemm.TorchProduct]:
+        """The torch GEMM of each step product for the Python loop, chosen per shape."""
+        products = []
+        for w in step_w:
+            s = cpu_gemm.site(kind, dtype, n, w.shape[1], w.shape[0])
+            products.append(cpu_gemm.TorchProduct(cpu_gemm.choose(s, self.lib, native=False, force=self.gemm),
+                                                  kind, w, n))
+        self.ran["forward" if kind == "step" else "backward"] = tuple(p.backend for p in products)
+        return products
+
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
@@ -385,14 +496,20 @@ class FusedCPULoop(TorchLoop):
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
         """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
-        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        n = states[0].shape[0]
+        if batch_sizes is None and x.dim() == 3 and x.shape[0] > 0 and x.shape[1] == n:
+            # padded: every step has n rows (steps_of checks the same, in Python, step by step)
+            T = x.shape[0]
+            X, steps, offsets = x.reshape(-1, x.shape[-1]), [n] * T, list(range(0, T * n, n))
+        else:
+            X, steps, offsets = steps_of(x, batch_sizes, n)
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
     def _buffers(self, X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes) -> dict:
         """What every kernel argument points into, for one call (see _input)."""
         return {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
-                "vectors": vectors, "scalars": scalars, "zero": X.new_zeros(max(sizes.values())),
+                "vectors": vectors, "scalars": scalars, "sizes": sizes,
                 "hoisted_blocks": self._block_offsets(self.hoisted, sizes),
                 "step_blocks": self._block_offsets(self.gemms, sizes)}
 
@@ -401,44 +518,25 @@ class FusedCPULoop(TorchLoop):
         X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
         ir = self.plan.ir
+        step_w = [w.contiguous() for w in step_w]
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
         hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
-        hoisted_out = [torch.mm(op, w.t()) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
+        hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
+        hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, self.gemm)
+                       for op, w, bias in zip(hoisted_ops, hoisted_w, hoisted_bias, strict=True)]
         news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
         out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
-        step_out = [X.new_empty(rows, w.shape[0]) for w in step_w]
+        step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
         operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
-        bufs |= {"news": news, "out": out, "step": step_out, "hoisted": hoisted_out, "operands": operands}
-        calls = {}
-        for k, (_gemm_ids, steps_k) in enumerate(self.stages):
-            for i, st in enumerate(steps_k):
-                kernel = self.kernels[(st.pw.name, False)]
-                args = [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
-                        for a in kernel.spec.args]
-                calls[(k, i)] = _Bound(kernel, DTYPES[X.dtype], sizes[st.pw.width], args)
-        w_t = [w.t().contiguous() for w in step_w]  # [K, rows]: MKL is a little faster on this layout
-        hoisted_starts = bufs["hoisted_blocks"]
-        q = -1
-        for b, r in zip(steps, offsets, strict=True):
-            for k, (gemm_ids, steps_k) in enumerate(self.stages):
-                for gi in gemm_ids:
-                    is_state, index = self.gemm_operands[gi]
-                    if not is_state:
-                        opnd = operands[index][r : r + b]
-                    else:
-                        opnd = states[index][:b] if q < 0 else news[index][q : q + b]
-                    if gi in self.summed:  # S = hoisted rows + opnd @ W.T, in one GEMM call
-                        hi, first = self.summed[gi]
-                        start = hoisted_starts[hi][first]
-                        cols = slice(start, start + w_t[gi].shape[1])
-                        torch.addmm(hoisted_out[hi][r : r + b, cols], opnd, w_t[gi],
-                                    out=step_out[gi][r : r + b])
-                    else:
-                        torch.mm(opnd, w_t[gi], out=step_out[gi][r : r + b])
-                for i in range(len(steps_k)):
-                    calls[(k, i)](r, q, b)
-            q = r
+        bufs |= {"padded": batch_sizes is None, "news": news, "out": out, "step": step_out,
+                 "hoisted": hoisted_out, "operands": operands}
+        args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
+                          for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
+        if self.runs_native("step", X.dtype, N, step_w):
+            self._forward_native(bufs, args, steps, offsets, N, step_w, step_bias)
+        else:
+            self._forward_python(bufs, args, steps, offsets, N, step_w, step_bias)
         # the final state of the sequences that end at step t is rows [b_{t+1}, b_t) of its new state
         if steps[-1] == N:
             finals = [n[rows - N :].clone() for n in news]
@@ -456,6 +554,62 @@ class FusedCPULoop(TorchLoop):
             out = out.view(x.shape[0], x.shape[1], -1)
         return out, finals, saved
 
+    def _step_output(self, gi: int, bufs: dict) -> tuple[_Arg, int]:
+        """Where step GEMM gi writes, and how (1: adds onto its hoisted rows; 2: = bias +; 0: =)."""
+        if gi in self.summed:
+            hi, first = self.summed[gi]
+            arg = _Arg.rows(bufs["hoisted"][hi])
+            arg.base += bufs["hoisted_blocks"][hi][first] * bufs["X"].element_size()
+            return arg, 1
+        return _Arg.rows(bufs["step"][gi]), 2 if bufs["step_bias"][gi] is not None else 0
+
+    def _forward_native(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
+        H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
+        native = self.native(dtype)
+        nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
+        bufs["step_bias"] = step_bias
+        panels, gemms = [], []
+        for gi, w in enumerate(step_w):
+            panels.append(native.gemm.pack_transposed(w, len(self.gemms[gi].products), nt))
+            output, init = self._step_output(gi, bufs)
+            bias = step_bias[gi]
+            gemms.append(StepGemm(operand=self._operand(gi, bufs).c(), output=output.c(), init=init,
+                                  bias=bias.data_ptr() if bias is not None else None,
+                                  panels=panels[-1].data_ptr(), K=w.shape[1],
+                                  blocks=len(self.gemms[gi].products)))
+        kernels = [_rows_array(args[pw.name]) for pw in self.plan.pointwise]
+        self.ran["forward"] = "native"
+        native.forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels)
+
+    def _forward_python(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
+        X, sizes = bufs["X"], bufs["sizes"]
+        bufs["step_bias"] = step_bias
+        dtype = DTYPES[X.dtype]
+        calls = [[_Bound(self.kernels[(st.pw.name, False)], dtype, sizes[st.pw.width], args[st.pw.name])
+                  for st in steps_k] for _gemm_ids, steps_k in self.stages]
+        products = self._products("step", X.dtype, N, step_w)
+        states, news, operands = bufs["states"], bufs["news"], bufs["operands"]
+        q = -1
+        for b, r in zip(steps, offsets, strict=True):
+            for k, (gemm_ids, _steps_k) in enumerate(self.stages):
+                for gi in gemm_ids:
+                    is_state, index = self.gemm_operands[gi]
+                    if not is_state:
+                        opnd = operands[index][r : r + b]
+                    else:
+                        opnd = states[index][:b] if q < 0 else news[index][q : q + b]
+                    if gi in self.summed:  # S = hoisted rows + opnd @ W.T, in place
+                        hi, first = self.summed[gi]
+                        start = bufs["hoisted_blocks"][hi][first]
+                        cols = slice(start, start + step_w[gi].shape[0])
+                        products[gi](opnd, bufs["hoisted"][hi][r : r + b, cols], 1)
+                    else:
+                        bias = step_bias[gi]
+                        products[gi](opnd, bufs["step"][gi][r : r + b], 0 if bias is None else 2, bias)
+                for call in calls[k]:
+                    call(r, q, b)
+            q = r
+
     # ---- backward -------------------------------------------------------------------------------
 
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
@@ -469,22 +623,58 @@ class FusedCPULoop(TorchLoop):
             return self._backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
                                   grad_states, batch_sizes, needs_dx)
 
+    def _bind_backward(self, pw, A, B, bufs, grads) -> list[_Arg]:
+        """The arguments of pw's backward kernel when A holds d old states and B d new states."""
+        isz = bufs["X"].element_size()
+        args = []
+        for a in self.kernels[(pw.name, True)].spec.args:
+            if a.part == "input":
+                args.append(self._input(a.name, bufs))
+            elif a.part == "grad_output":
+                if a.name in grads["ops"]:
+                    args.append(_Arg.fixed(grads["ops"][a.name]))
+                elif a.name.endswith("'") and a.name[:-1] in self.states:
+                    args.append(_Arg.fixed(B[self.states.index(a.name[:-1])]))
+                else:  # the per-step output, not a state
+                    g_out = grads["out"]
+                    args.append(_Arg.rows(g_out) if g_out is not None else _Arg.fixed(grads["zeros"]))
+            elif a.mode.startswith("same:") or a.mode == "fold":  # not written by the kernel
+                args.append(_Arg.fixed(None))
+            else:
+                slot = self.where[a.name]
+                if slot.kind == "state":
+                    args.append(_Arg.fixed(A[slot.index]))
+                elif slot.kind in ("hoisted", "product"):
+                    hoisted = slot.kind == "hoisted"
+                    arg = _Arg.rows(grads["hoisted" if hoisted else "step"][slot.index])
+                    starts = bufs["hoisted_blocks" if hoisted else "step_blocks"][slot.index]
+                    arg.base += starts[slot.block] * isz
+                    args.append(arg)
+                elif slot.kind == "input":
+                    args.append(_Arg.rows(grads["x"][a.name]))
+                elif slot.kind == "vector":
+                    args.append(_Arg.fixed(grads["vectors"][slot.index]))
+                else:
+                    args.append(_Arg.fixed(grads["scalars"][slot.index]))
+        return args
+
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx):
         N = states[0].shape[0]
         X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
         rows = X.shape[0]
         ir = self.plan.ir
+        step_w = [w.contiguous() for w in step_w]
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
         bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
-        bufs |= {"news": [n.contiguous() for n in news], "step": [s.contiguous() for s in step_all],
+        bufs |= {"padded": batch_sizes is None, "news": [n.contiguous() for n in news],
+                 "step": [s.contiguous() for s in step_all],
                  "hoisted": [h.contiguous() for h in hoisted_out],
                  "operands": {k: v.contiguous() for k, v in operands.items()}}
         news, operands, xs = bufs["news"], bufs["operands"], bufs["xs"]
         out_width = self.output_width(sizes)
         g_out = grad_out.reshape(rows, out_width).contiguous() if grad_out is not None else None
-        zeros = X.new_zeros(N, out_width)
         # d loss / d (state i's new value) at the current step: B[i]; its old value, being written: A[i]
         widths = [sizes[ir.width(s)] for s in self.states]
         B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w) for g, w in zip(grad_states, widths,
@@ -494,74 +684,19 @@ class FusedCPULoop(TorchLoop):
         alias = self.schedule.hoisted_alias
         d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
                    for i, w in enumerate(hoisted_w)]
-        dx_rows = {name: X.new_empty(rows, xs[name].shape[1]) for name in self.dx_from_kernels}
-        acc_vec = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
-        acc_scal = [torch.zeros(1, dtype=torch.float64) for _ in self.scalars]
-        dops = {name: X.new_empty(N, sizes[self.width_of[name]]) for name in self.operand_names}
-        isz = X.element_size()
-
-        def bind(pw, A, B) -> _Bound:
-            kernel = self.kernels[(pw.name, True)]
-            args = []
-            for a in kernel.spec.args:
-                if a.part == "input":
-                    args.append(self._input(a.name, bufs))
-                elif a.part == "grad_output":
-                    if a.name in dops:
-                        args.append(_Arg.fixed(dops[a.name]))
-                    elif a.name.endswith("'") and a.name[:-1] in self.states:
-                        args.append(_Arg.fixed(B[self.states.index(a.name[:-1])]))
-                    else:  # the per-step output, not a state
-                        args.append(_Arg.rows(g_out) if g_out is not None else _Arg.fixed(zeros))
-                elif a.mode.startswith("same:"):  # not written by the kernel
-                    args.append(_Arg.fixed(None))
-                else:
-                    slot = self.where[a.name]
-                    if slot.kind == "state":
-                        args.append(_Arg.fixed(A[slot.index]))
-                    elif slot.kind in ("hoisted", "product"):
-                        hoisted = slot.kind == "hoisted"
-                        arg = _Arg.rows((d_hoist if hoisted else d_step)[slot.index])
-                        starts = bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"]
-                        arg.base += starts[slot.index][slot.block] * isz
-                        args.append(arg)
-                    elif slot.kind == "input":
-                        args.append(_Arg.rows(dx_rows[a.name]))
-                    elif slot.kind == "vector":
-                        args.append(_Arg.fixed(acc_vec[slot.index]))
-                    else:
-                        args.append(_Arg.fixed(acc_scal[slot.index]))
-            return _Bound(kernel, DTYPES[X.dtype], sizes[pw.width], args)
-
-        # kernels bound for both parities of the (A, B) swap
-        calls = [{(k, i): bind(st.pw, a, b) for k, (_g, steps_k) in enumerate(self.stages)
-                  for i, st in enumerate(steps_k)} for a, b in ((A, B), (B, A))]
-        add_out = g_out is not None and self.output_state is not None
-        for t in reversed(range(len(steps))):
-            b, r = steps[t], offsets[t]
-            q = offsets[t - 1] if t > 0 else -1
-            parity = (len(steps) - 1 - t) % 2
-            cur_A, cur_B = (A, B) if parity == 0 else (B, A)
-            if add_out:
-                cur_B[self.output_state][:b].add_(g_out[r : r + b])
-            for k in reversed(range(len(self.stages))):
-                gemm_ids, steps_k = self.stages[k]
-                for i in range(len(steps_k)):
-                    calls[parity][(k, i)](r, q, b)
-                for gi in gemm_ids:
-                    dP = d_step[gi][r : r + b]
-                    is_state, index = self.gemm_operands[gi]
-                    if not is_state:
-                        torch.mm(dP, step_w[gi], out=dops[index][:b])
-                    elif gi in self.schedule.first_gemm[k]:
-                        torch.mm(dP, step_w[gi], out=cur_A[index][:b])
-                    else:
-                        cur_A[index][:b].addmm_(dP, step_w[gi])
-            for i in self.untouched_states:
-                cur_A[i][:b].zero_()
-            if b < N:  # rows past b did not run at step t: their gradient passes through unchanged
-                for a_i, b_i in zip(cur_A, cur_B, strict=True):
-                    a_i[b:].copy_(b_i[b:])
+        slots = max(1, torch.get_num_threads())  # per-thread accumulators of the scalar gradients
+        grads = {"out": g_out, "zeros": X.new_zeros(N, out_width),
+                 "ops": {name: X.new_empty(N, sizes[self.width_of[name]]) for name in self.operand_names},
+                 "step": d_step, "hoisted": d_hoist,
+                 "x": {name: X.new_empty(rows, xs[name].shape[1]) for name in self.dx_from_kernels},
+                 "vectors": [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors],
+                 "scalars": [torch.zeros(slots, dtype=torch.float64) for _ in self.scalars]}
+        args = {pw.name: [self._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
+                for pw in self.plan.pointwise}
+        if self.runs_native("step_backward", X.dtype, N, step_w):
+            self._backward_native(bufs, grads, args, A, B, steps, offsets, N, step_w)
+        else:
+            self._backward_python(bufs, grads, args, A, B, steps, offsets, N, step_w)
         dstate = A if len(steps) % 2 == 1 else B  # the buffers written last: the initial states' gradients
 
         d_step_w = []
@@ -577,7 +712,7 @@ class FusedCPULoop(TorchLoop):
                 d_step_w.append(dw)
             else:
                 d_step_w.append(torch.mm(dP.t(), self._previous_all(index, states, news, steps, offsets)))
-        dx = {name: _to_width(d, xs[name]) for name, d in dx_rows.items()}  # input name -> [rows, its width]
+        dx = {name: _to_width(d, xs[name]) for name, d in grads["x"].items()}  # input -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
@@ -586,16 +721,18 @@ class FusedCPULoop(TorchLoop):
             name = g.operand.name
             if not needs_dx and not self.hoist and self.where[name].kind == "input":
                 continue  # the operand is an input itself
-            d_op = torch.mm(d_hoist[gi], hoisted_w[gi])
+            d_op = cpu_gemm.matmul(d_hoist[gi], hoisted_w[gi], self.lib, self.gemm)
             d_hoist_ops[name] = d_op if name not in d_hoist_ops else d_hoist_ops[name] + d_op
-        d_vectors = [acc_vec[self.same_vectors.get(i, i)].to(X.dtype) for i in range(len(acc_vec))]
-        d_scal = [a[0].to(X.dtype) for a in acc_scal]
+        sums: dict = {}  # column sums of the GEMM gradients folded vectors read, one pass per buffer
+        d_vectors = [self._vector_grad(i, grads["vectors"], d_hoist, d_step, bufs, sums).to(X.dtype)
+                     for i in range(len(self.vectors))]
+        d_scal = [a.sum().to(X.dtype) for a in grads["scalars"]]
         for st in self.hoist:
-            args = [self._static(s, xs, vectors, scalars) for s in st.slots]
-            grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
-            grads = [g if g is not None else X.new_zeros(rows, sizes[self.width_of[n]])
-                     for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
-            for sym, res in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
+            hoist_args = [self._static(s, xs, vectors, scalars) for s in st.slots]
+            hoist_grads = [d_hoist_ops.pop(n, None) for n, _ in st.pw.outputs]
+            hoist_grads = [g if g is not None else X.new_zeros(rows, sizes[self.width_of[n]])
+                           for g, (n, _) in zip(hoist_grads, st.pw.outputs, strict=True)]
+            for sym, res in zip(st.pw.grad_inputs, st.backward(*hoist_args, *hoist_grads), strict=True):
                 if res is None:
                     continue
                 slot = self.where[sym.name]
@@ -612,3 +749,72 @@ class FusedCPULoop(TorchLoop):
         dx = self.join_input_grads(dx, X, sizes, hoisted_w, steps, offsets)
         dx = torch.zeros_like(x) if dx is None or not needs_dx else dx.reshape(x.shape)
         return dx, list(dstate), d_hoisted_w, d_step_w, d_vectors, d_scal
+
+    def _vector_grad(self, i: int, accumulators, d_hoist, d_step, bufs: dict, sums: dict) -> torch.Tensor:
+        """Vector i's gradient: a column sum of its block's gradient (folded), the accumulator of the
+        vector with the same gradient ("same:"), or its own accumulator."""
+        if i in self.folded:
+            kind, gi, block = self.folded[i]
+            if (kind, gi) not in sums:
+                sums[(kind, gi)] = (d_hoist if kind == "hoisted" else d_step)[gi].sum(0)
+            start = bufs[f"{kind}_blocks"][gi][block]
+            return sums[(kind, gi)][start : start + bufs["vectors"][i].shape[0]]
+        j = self.same_vectors.get(i, i)
+        return self._vector_grad(j, accumulators, d_hoist, d_step, bufs, sums) if j != i else accumulators[i]
+
+    def _backward_native(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
+        H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
+        native = self.native(dtype)
+        nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
+        panels, gemms = [], []
+        for gi, w in enumerate(step_w):
+            panels.append(native.gemm.pack_plain(w, nt))
+            is_state, index = self.gemm_operands[gi]
+            if is_state:
+                dest = (_Arg.fixed(A[index]).c(), _Arg.fixed(B[index]).c())
+                accumulate = gi not in self.schedule.first_gemm[self.gemms[gi].stage]
+            else:
+                dest = (_Arg.fixed(grads["ops"][index]).c(),) * 2
+                accumulate = False
+            gemms.append(BackGemm(grad=_Arg.rows(grads["step"][gi]).c(), dest=(Rows * 2)(*dest),
+                                  accumulate=int(accumulate), panels=panels[-1].data_ptr(),
+                                  blocks=len(self.gemms[gi].products)))
+        kernels = [_rows_array(a) for pw in self.plan.pointwise for a in args[pw.name]]
+        self.ran["backward"] = "native"
+        out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
+        state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
+        untouched = [int(i in self.untouched_states) for i in range(len(self.states))]
+        native.backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels, state_grads,
+                        untouched, out_state, grads["out"])
+
+    def _backward_python(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
+        X, sizes = bufs["X"], bufs["sizes"]
+        dtype = DTYPES[X.dtype]
+        # per parity of the (A, B) swap, per stage: its kernels, one per output width
+        calls = [[[_Bound(self.kernels[(st.pw.name, True)], dtype, sizes[st.pw.width], args[st.pw.name][p])
+                   for st in steps_k] for _gemm_ids, steps_k in self.stages] for p in (0, 1)]
+        products = self._products("step_backward", X.dtype, N, step_w)
+        g_out, d_step, dops = grads["out"], grads["step"], grads["ops"]
+        add_out = g_out is not None and self.output_state is not None
+        for t in reversed(range(len(steps))):
+            b, r = steps[t], offsets[t]
+            q = offsets[t - 1] if t > 0 else -1
+            parity = (len(steps) - 1 - t) % 2
+            cur_A, cur_B = (A, B) if parity == 0 else (B, A)
+            if add_out:
+                cur_B[self.output_state][:b].add_(g_out[r : r + b])
+            for k in reversed(range(len(self.stages))):
+                for call in calls[parity][k]:
+                    call(r, q, b)
+                for gi in self.stages[k][0]:
+                    dP = d_step[gi][r : r + b]
+                    is_state, index = self.gemm_operands[gi]
+                    if not is_state:
+                        products[gi](dP, dops[index][:b])
+                    else:
+                        products[gi](dP, cur_A[index][:b], 0 if gi in self.schedule.first_gemm[k] else 1)
+            for i in self.untouched_states:
+                cur_A[i][:b].zero_()
+            if b < N:  # rows past b did not run at step t: their gradient passes through unchanged
+                for a_i, b_i in zip(cur_A, cur_B, strict=True):
+                    a_i[b:].copy_(b_i[b:])

@@ -1,0 +1,264 @@
+"""Plan -> C: the whole time loop of a layer and direction as one native call, forward and backward.
+
+The loop is the Python loop of runtime/cpu_fused.py (and runtime/torch_loop.py) written in C: per
+step, per stage, the stage's GEMMs (emit/c_gemm.py, on weights packed once per call) and then its
+pointwise kernel (emit/c_source.py). What the Python loop does with torch calls and one ctypes call
+per stage and step happens here without leaving C, so a step costs its arithmetic only: that is what
+matters at small batch (N = 1: a step is a few microseconds of work) and for cells without a state
+GEMM (IndRNN, SRU, minGRU, minLSTM: a step is [N, H] elementwise work).
+
+Threads: one OpenMP team for the whole sequence. Thread k owns the hidden units [u0, u1) (whole
+panels of the GEMM), so it computes the GEMM columns of every gate block of its units and then the
+pointwise step of those units, with its share of the weights in its own cache from step to step. A
+stage's GEMM reads the whole operand (all units of the previous state), so a barrier precedes each
+GEMM stage; nothing else is shared between threads (vector gradients are per column, scalar ones per
+thread slot). A cell without a state GEMM has no barrier at all: each thread runs its columns through
+all T steps.
+
+Shared by every cell (per element type):
+
+    cd_loop       T, N, H, nt, steps [T] (b_t), offsets [T] (first row of step t), gemms, kernels,
+                  and for the backward the state gradients A_i, B_i (swapped every step, as in the
+                  Python loop), which states no one writes (zeroed), the output state and d out
+    cd_step_gemm  the forward GEMM of one step: output (=, +=, = bias +) operand @ W.T
+    cd_back_gemm  the backward GEMM of one step: d operand (= or +=) d product @ W
+
+The GEMM itself is cd_tiles_T of the GEMM library (emit/c_gemm.py), passed in cd_loop.
+
+and per cell cd_forward_f32 / cd_backward_f32 (and _f64), which list its stages in order.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from ..functions import Reduction
+from ..plan import Plan
+from .c_gemm import C_TYPES
+
+TYPES = """
+/* ---- the native time loop (emit/c_loop.py) ---- */
+typedef struct {
+    int64_t T, N, H, nt;
+    const int64_t *steps, *offsets;  /* b_t, and the first row of step t */
+    const void *gemms;               /* cd_step_gemm[] (forward) or cd_back_gemm[] (backward), plan order */
+    const cd_rows *const *kernels;   /* arguments of each pointwise kernel (backward: two per kernel,
+                                        for the parity of the step) */
+    void *const *grads;              /* backward: A_0, B_0, A_1, B_1, ...: [N, H] state gradients */
+    const int64_t *untouched;        /* backward: per state, 1 when nothing writes its gradient */
+    int64_t n_states, out_state;     /* backward: the state that is the output (-1: none) */
+    const void *g_out;               /* backward: [rows, H] d loss / d out, or NULL */
+    const void *tiles;               /* cd_tiles_T of the GEMM library (emit/c_gemm.py) */
+    int64_t width;                   /* its panel width NR */
+} cd_loop;
+
+typedef struct {
+    cd_rows operand;                 /* [b, K]: a previous state, or an operand computed in the step */
+    cd_rows output;                  /* [b, blocks * H]: the products, or the hoisted rows they add to */
+    int64_t init;                    /* output 0: =, 1: += (onto the hoisted rows), 2: = bias + */
+    const void *bias;                /* [blocks * H] (init 2) */
+    const void *panels;              /* W [blocks * H, K] packed block by block (cd_pack, groups = blocks) */
+    int64_t K, blocks;
+} cd_step_gemm;
+
+typedef struct {
+    cd_rows grad;                    /* [b, blocks * H]: d products of the step */
+    cd_rows dest[2];                 /* [b, K]: d operand, at even and odd steps (the states swap buffers) */
+    int64_t accumulate;              /* += (the operand's gradient already has a contribution) */
+    const void *panels;              /* W [blocks * H, K] packed for d operand = d product @ W */
+    int64_t blocks;
+} cd_back_gemm;
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* This thread's hidden units: whole panels of `width` columns, split evenly over the team. */
+typedef struct { int64_t u0, u1, slot; } cd_part;
+
+static cd_part cd_part_of(int64_t H, int64_t width)
+{
+    int64_t tid = 0, team = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    const int64_t panels = (H + width - 1) / width;
+    const cd_part part = {CD_MIN(panels * tid / team * width, H),
+                          CD_MIN(panels * (tid + 1) / team * width, H), tid};
+    return part;
+}
+"""
+
+HELPERS = """
+typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *panel, {t} *c,
+                              int64_t ldc, int64_t ncols, int init, const {t} *bias);
+
+/* The forward GEMM of one step, this thread's columns of every block. */
+static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b, int64_t r, int64_t q,
+                              cd_part P)
+{{
+    const cd_tiles_{dt} tiles = (cd_tiles_{dt})(intptr_t)L->tiles;
+    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR;
+    const {t} *a = (const {t} *)cd_at(&g->operand, r, q);
+    {t} *c = ({t} *)cd_at(&g->output, r, q);
+    const {t} *bias = (const {t} *)g->bias;
+    for (int64_t j = 0; j < g->blocks; ++j)
+        for (int64_t col = P.u0; col < P.u1; col += NR) {{
+            const {t} *panel = (const {t} *)g->panels + (j * np + col / NR) * g->K * NR;
+            tiles(b, g->K, a, g->operand.ld, panel, c + j * H + col, g->output.ld, CD_MIN(NR, H - col),
+                  (int)g->init, bias ? bias + j * H + col : 0);
+        }}
+}}
+
+/* The backward GEMM of one step: this thread's columns (units) of d operand, all of d product. */
+static void cd_back_gemm_{dt}(const cd_loop *L, const cd_back_gemm *g, int64_t b, int64_t r, int64_t parity,
+                              cd_part P)
+{{
+    const cd_tiles_{dt} tiles = (cd_tiles_{dt})(intptr_t)L->tiles;
+    const int64_t H = L->H, NR = L->width, K = g->blocks * H;
+    const {t} *a = (const {t} *)cd_at(&g->grad, r, -1);
+    {t} *c = ({t} *)cd_at(&g->dest[parity], 0, -1);
+    for (int64_t col = P.u0; col < P.u1; col += NR)
+        tiles(b, K, a, g->grad.ld, (const {t} *)g->panels + col / NR * K * NR, c + col, g->dest[parity].ld,
+              CD_MIN(NR, H - col), g->accumulate ? 1 : 0, 0);
+}}
+
+/* State i's gradients at a step: A (being written: d old state) and B (d new state). */
+#define CD_GRAD_A(L, i, parity) (({t} *)(L)->grads[2 * (i) + (parity)])
+#define CD_GRAD_B(L, i, parity) (({t} *)(L)->grads[2 * (i) + 1 - (parity)])
+
+/* The output is a state: d loss / d out of the step adds to that state's gradient. */
+static void cd_add_output_grad_{dt}(const cd_loop *L, int64_t b, int64_t r, int64_t parity, cd_part P)
+{{
+    {t} *B = CD_GRAD_B(L, L->out_state, parity);
+    const {t} *g = (const {t} *)L->g_out + r * L->H;
+    for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = P.u0; j < P.u1; ++j)
+            B[i * L->H + j] += g[i * L->H + j];
+}}
+
+/* End of a reverse step: a gradient no one wrote is zero; rows b..N did not run at this step, so
+   their gradient passes through unchanged. */
+static void cd_finish_step_{dt}(const cd_loop *L, int64_t b, int64_t parity, cd_part P)
+{{
+    for (int64_t s = 0; s < L->n_states; ++s) {{
+        {t} *A = CD_GRAD_A(L, s, parity);
+        const {t} *B = CD_GRAD_B(L, s, parity);
+        if (L->untouched[s])
+            for (int64_t i = 0; i < b; ++i)
+                for (int64_t j = P.u0; j < P.u1; ++j)
+                    A[i * L->H + j] = 0;
+        for (int64_t i = b; i < L->N; ++i)
+            for (int64_t j = P.u0; j < P.u1; ++j)
+                A[i * L->H + j] = B[i * L->H + j];
+    }}
+}}
+#undef CD_GRAD_A
+#undef CD_GRAD_B
+"""
+
+FORWARD = """
+void cd_forward_{dt}(const cd_loop *L)
+{{
+    const cd_step_gemm *g = (const cd_step_gemm *)L->gemms;
+    const cd_rows *const *k = L->kernels;
+    (void)g;
+#pragma omp parallel num_threads(L->nt) if(L->nt > 1)
+    {{
+        const cd_part P = cd_part_of(L->H, L->width);
+        for (int64_t t = 0; t < L->T; ++t) {{
+            const int64_t b = L->steps[t], r = L->offsets[t], q = t > 0 ? L->offsets[t - 1] : -1;
+{body}
+        }}
+    }}
+}}
+"""
+
+BACKWARD = """
+void cd_backward_{dt}(const cd_loop *L)
+{{
+    const cd_back_gemm *g = (const cd_back_gemm *)L->gemms;
+    const cd_rows *const *k = L->kernels;
+    (void)g;
+#pragma omp parallel num_threads(L->nt) if(L->nt > 1)
+    {{
+        const cd_part P = cd_part_of(L->H, L->width);
+        for (int64_t t = L->T - 1; t >= 0; --t) {{
+            const int64_t b = L->steps[t], r = L->offsets[t], q = t > 0 ? L->offsets[t - 1] : -1;
+            const int64_t parity = (L->T - 1 - t) & 1;
+            if (L->out_state >= 0 && L->g_out)
+                cd_add_output_grad_{dt}(L, b, r, parity, P);
+{body}
+            cd_finish_step_{dt}(L, b, parity, P);
+        }}
+    }}
+}}
+"""
+
+INDENT = " " * 12
+
+
+def native_blocker(plan: Plan) -> str:
+    """Why this loop cannot run the plan ("" when it can). It splits the H columns of every value over
+    the threads, so every per-step value must be H wide, and no kernel may need a whole row: cells
+    with other widths, one value per row, means or sums over a row, or heads run the Python loop of
+    runtime/cpu_fused.py (or torch's), which handles them."""
+    for pw in plan.pointwise:
+        if pw.width != "H":
+            return f"{pw.name} computes values of width {pw.width} (the native loop has H-wide values only)"
+        exprs = [e for _, e in pw.forward_temps] + list(pw.forward_results)
+        if any(sp.sympify(e).atoms(Reduction) for e in exprs):
+            return f"{pw.name} has a mean or sum over a row (the native loop splits rows over threads)"
+        for sym in pw.inputs:
+            width = plan.width(sym)
+            if plan.role(sym) == "input" and width != "row":
+                continue  # read elementwise by an H-wide function: H wide (cpu_fused checks it per call)
+            if width not in ("H", "1"):
+                kind = "one value per row" if width == "row" else f"width {width}"
+                return f"{pw.name} reads {sym.name} of {kind} (the native loop has H-wide values only)"
+    for s in plan.states:
+        if plan.ir.width(s) != "H":
+            return f"state {s} has width {plan.ir.width(s)} (the native loop has H-wide states only)"
+    for g in [*plan.hoisted, *plan.gemms]:
+        if g.heads is not None:
+            return f"the GEMM [{', '.join(g.params)}] has heads (block-diagonal)"
+    for g in plan.gemms:
+        if g.operand_size != "H" or any(w != "H" for w in g.widths):
+            return f"the step GEMM [{', '.join(g.params)}] has blocks or an operand not H wide"
+    return ""
+
+
+def loop_source(plan: Plan, specs, dtype: str) -> str:
+    """cd_forward_T and cd_backward_T of this plan, with the shared types and helpers before the
+    first element type (nothing for a plan with a `native_blocker`). `specs`: c_source.kernel_specs(plan)."""
+    if native_blocker(plan):
+        return ""
+    t = C_TYPES[dtype]
+    kernel_of = {pw.stage: i for i, pw in enumerate(plan.pointwise)}  # one per stage (no other widths)
+    names = {(s.stage, s.backward): f"{s.name}_{dtype}" for s in specs}
+    forward, backward = [], []
+    for stage in range(plan.num_stages + 1):
+        gemms = [gi for gi, g in enumerate(plan.gemms) if g.stage == stage]
+        if gemms:
+            forward.append(f"/* stage {stage}: its GEMMs read the whole operand: wait for every thread */")
+            forward.append("#pragma omp barrier")
+            forward += [f"cd_step_gemm_{dtype}(L, &g[{gi}], b, r, q, P);" for gi in gemms]
+        if stage in kernel_of:
+            forward.append(f"{names[(stage, False)]}_rows(k[{kernel_of[stage]}], r, q, b, "
+                           "P.u0, P.u1, P.slot);")
+    for stage in reversed(range(plan.num_stages + 1)):
+        gemms = [gi for gi, g in enumerate(plan.gemms) if g.stage == stage]
+        if stage in kernel_of:
+            backward.append(f"{names[(stage, True)]}_rows(k[{2 * kernel_of[stage]} + parity], r, q, b, "
+                            "P.u0, P.u1, P.slot);")
+        if gemms:
+            backward.append(f"/* stage {stage}: its GEMMs read the d products of every unit: wait */")
+            backward.append("#pragma omp barrier")
+            backward += [f"cd_back_gemm_{dtype}(L, &g[{gi}], b, r, parity, P);" for gi in gemms]
+    parts = [TYPES] if dtype == next(iter(C_TYPES)) else []
+    parts.append(HELPERS.format(t=t, dt=dtype))
+    for template, body in ((FORWARD, forward), (BACKWARD, backward)):
+        text = "\n".join(INDENT + line if not line.startswith("#") else line for line in body)
+        parts.append(template.format(t=t, dt=dtype, body=text))
+    return "\n".join(parts)

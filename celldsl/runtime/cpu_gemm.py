@@ -1,0 +1,413 @@
+"""Which GEMM runs each product of the CPU loops, chosen per shape by measurement and cached on disk.
+
+The fastest GEMM depends on the machine: on this project's AMD EPYC (AVX2) celldsl's own kernel
+(emit/c_gemm.py) beats MKL (torch.mm) and oneDNN on the per-step shapes; on an Intel CPU MKL takes
+its AVX-512 path and may win. So, as cuDNN's "find" does, the first use of a product at a (kind,
+shape, dtype, threads) times every backend available for it a few times and keeps the fastest, in
+$CELLDSL_CACHE/cpu_gemm.json (JSON, never pickle; a missing, corrupt or foreign file is measured
+again and rewritten).
+
+Kinds of products (w is the weight as the layer stores it, [n, k]):
+
+    step           out[b, n] (=, +=, = bias +) a[b, k] @ w.T    every time step (forward)
+    step_backward  out[b, k] (=, +=) d[b, n] @ w                 every time step (backward)
+    hoisted        out[rows, n] = bias + x[rows, k] @ w.T        once per call (input projection)
+    input_grad     out[rows, k] = d[rows, n] @ w                 once per call (d x)
+
+Weight gradients (d.T @ x) always run torch.mm: MKL's transposed-A GEMM was 3-4x faster than the
+native kernel, which packs only B (measured; docs/benchmarks.md).
+
+Backends: "native" (celldsl's kernel; for the step kinds it means the whole time loop runs in C,
+runtime/cpu_native.py), "mm" (torch.mm/addmm: MKL or OpenBLAS), "onednn" (torch.ops.mkldnn's
+_linear_pointwise on the plain weight) and "onednn_packed" (the weight reordered once per call by
+_reorder_linear_weight). The oneDNN ops are torch internals: they are used only when
+torch.backends.mkldnn.is_available(), for float32, when their schema is the one this code was
+written against, and after they computed a small product right; else they are not candidates.
+
+CELLDSL_CPU_GEMM=<backend> forces a backend wherever it is available (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import cache
+from ..emit.c_gemm import gemm_source
+
+BACKENDS = ("native", "mm", "onednn", "onednn_packed")
+KINDS = ("step", "step_backward", "hoisted", "input_grad")
+CACHE_FILE = "cpu_gemm.json"
+FORMAT = 1
+BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
+SECONDS_PER_TIMING = 2e-3  # one timing repeats a product for at least this long
+ROUNDS = 5  # interleaved rounds; the minimum of the rounds is kept (the least disturbed run)
+ONEDNN_SCHEMAS = {
+    "_linear_pointwise": "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, "
+                         "Scalar?[] scalars, str? algorithm) -> Tensor Y",
+    "_linear_pointwise.binary": "mkldnn::_linear_pointwise.binary(Tensor X, Tensor other, Tensor W, "
+                                "Tensor? B, str attr) -> Tensor Y",
+    "_reorder_linear_weight": "mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
+}
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.RLock()
+_choices: dict[str, dict] = {}  # this process's view of the cache file: site key -> entry
+_loaded = False
+_onednn: bool | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One product of the loop at one shape: m rows (the batch b, or all rows), k, n as above."""
+
+    kind: str
+    dtype: torch.dtype
+    m: int
+    k: int
+    n: int
+    threads: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{DTYPES[self.dtype]}/{self.m}x{self.k}x{self.n}/t{self.threads}"
+
+
+def site(kind: str, dtype: torch.dtype, m: int, k: int, n: int) -> Site:
+    """The site of a product at the current thread count; products over all rows are measured at a
+    representative row count (their cost per row is flat beyond a few thousand)."""
+    if kind in ("hoisted", "input_grad"):
+        m = min(BIG_ROWS, 1 << max(0, math.ceil(math.log2(max(m, 1)))))
+    return Site(kind, dtype, m, k, n, torch.get_num_threads())
+
+
+# ---- oneDNN through torch internals, guarded ----------------------------------------------------------
+
+def onednn_available() -> bool:
+    """True when torch's oneDNN linear ops exist with the expected schemas and compute a small
+    product right (checked once per process)."""
+    global _onednn
+    if _onednn is None:
+        _onednn = _check_onednn()
+    return _onednn and torch.backends.mkldnn.is_available()
+
+
+def _check_onednn() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        ops = torch.ops.mkldnn
+        for name, schema in ONEDNN_SCHEMAS.items():
+            base, _, overload = name.partition(".")
+            if str(getattr(getattr(ops, base), overload or "default")._schema) != schema:
+                return False
+        gen = torch.Generator().manual_seed(0)
+        a, w = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen)
+        bias, other = torch.randn(5, generator=gen), torch.randn(3, 5, generator=gen)
+        want = torch.addmm(bias, a, w.t())
+        packed = ops._reorder_linear_weight(w, 3)
+        got = [ops._linear_pointwise(a, w, bias, "none", [], ""),
+               ops._linear_pointwise(a, packed, bias, "none", [], ""),
+               ops._linear_pointwise.binary(a, other, packed, bias, "add") - other]
+        return all(torch.allclose(g, want, rtol=1e-4, atol=1e-4) for g in got)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def candidates(kind: str, dtype: torch.dtype, native: bool) -> list[str]:
+    """The backends that can run a product of this kind and dtype here."""
+    names = ["native"] if native and dtype in DTYPES else []
+    names.append("mm")
+    if dtype == torch.float32 and onednn_available():
+        if kind in ("step", "step_backward"):
+            names += ["onednn", "onednn_packed"]
+        elif kind == "hoisted":
+            names.append("onednn")
+    return names
+
+
+# ---- the products, per backend --------------------------------------------------------------------------
+
+class NativeGemm:
+    """The native kernel of a built cell library (emit/c_gemm.py) for one dtype."""
+
+    def __init__(self, lib, dtype: torch.dtype):
+        dt = DTYPES[dtype]
+        self.dtype = dtype
+        self.width = int(getattr(lib, f"cd_panel_width_{dt}")())
+        self._pack = getattr(lib, f"cd_pack_{dt}")
+        self._gemm = getattr(lib, f"cd_gemm_{dt}")
+        self._repeat = getattr(lib, f"cd_gemm_repeat_{dt}")
+        for fn, n in ((self._pack, 9), (self._gemm, 11), (self._repeat, 12)):
+            fn.argtypes = [ctypes.c_int64] * n
+            fn.restype = None
+
+    def panels(self, n: int) -> int:
+        return -(-n // self.width)
+
+    def pack(self, w: torch.Tensor, groups: int, n: int, k: int, s_n: int, s_k: int, s_group: int,
+             threads: int = 1) -> torch.Tensor:
+        """B(k, c) = w[g * s_group + c * s_n + k * s_k] (c < n) in panels, for each group g."""
+        out = torch.empty(groups * self.panels(n) * self.width * k, dtype=self.dtype)
+        self._pack(groups, n, k, w.data_ptr(), s_n, s_k, s_group, out.data_ptr(), threads)
+        return out
+
+    def pack_transposed(self, w: torch.Tensor, groups: int = 1, threads: int = 1) -> torch.Tensor:
+        """Panels of B = w.T for w [groups * n, k] contiguous: out (+)= a @ w.T, group by group."""
+        n, k = w.shape[0] // groups, w.shape[1]
+        return self.pack(w, groups, n, k, k, 1, n * k, threads)
+
+    def pack_plain(self, w: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Panels of B = w for w [k, n] contiguous: out (+)= d @ w."""
+        k, n = w.shape
+        return self.pack(w, 1, n, k, 1, n, 0, threads)
+
+    def gemm(self, a: torch.Tensor, panels: torch.Tensor, out: torch.Tensor, init: int = 0,
+             bias: torch.Tensor | None = None, threads: int = 1, reps: int = 0) -> None:
+        """out (init 0: =, 1: +=, 2: = bias +) a @ B; a [M, K] and out [M, n] with unit column stride."""
+        M, K = a.shape
+        args = (M, out.shape[1], K, a.data_ptr(), a.stride(0), panels.data_ptr(), out.data_ptr(),
+                out.stride(0), init, bias.data_ptr() if bias is not None else 0, threads)
+        if reps:
+            self._repeat(reps, *args)
+        else:
+            self._gemm(*args)
+
+
+def _mkldnn():
+    return torch.ops.mkldnn
+
+
+class TorchProduct:
+    """out (=, +=, = bias +) a @ w.T (kind "step", "hoisted") or a @ w (kind "step_backward",
+    "input_grad") with torch: the weight prepared once (transposed, reordered) for the calls to come."""
+
+    def __init__(self, backend: str, kind: str, w: torch.Tensor, batch: int | None = None):
+        self.backend = backend
+        transposed = kind in ("step", "hoisted")  # out = a @ w.T
+        if backend == "mm":
+            # MKL is a little faster on [k, n] contiguous than on the transposed view (measured)
+            self.w = w.t().contiguous() if transposed else w
+        else:
+            w_nk = w if transposed else w.t().contiguous()  # oneDNN computes a @ W.T for W [n, k]
+            self.w = _mkldnn()._reorder_linear_weight(w_nk, batch) if backend == "onednn_packed" else w_nk
+
+    def __call__(self, a: torch.Tensor, out: torch.Tensor, init: int = 0, bias: torch.Tensor | None = None):
+        if self.backend == "mm":
+            if init == 1:
+                out.addmm_(a, self.w)
+            elif init == 2:
+                torch.addmm(bias, a, self.w, out=out)
+            else:
+                torch.mm(a, self.w, out=out)
+            return
+        ops = _mkldnn()
+        if init == 1 and out.is_contiguous():
+            out.copy_(ops._linear_pointwise.binary(a, out, self.w, None, "add"))
+        else:
+            y = ops._linear_pointwise(a, self.w, bias if init == 2 else None, "none", [], "")
+            out.add_(y) if init == 1 else out.copy_(y)
+
+
+# ---- measuring and remembering ------------------------------------------------------------------------
+
+def _machine() -> str:
+    """What a measurement is valid for: the CPU, torch and the native kernel's source."""
+    from .cpu_fused import _cpu_fingerprint
+
+    text = "\0".join([_cpu_fingerprint(), torch.__version__, gemm_source()])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _path():
+    return cache.root() / CACHE_FILE
+
+
+def _read_file() -> dict[str, dict]:
+    """The entries of the cache file, or {} when it is missing, unreadable, corrupt or foreign."""
+    try:
+        data = json.loads(_path().read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("machine") != _machine():
+        return {}
+    sites = data.get("sites")
+    if not isinstance(sites, dict):
+        return {}
+    return {k: v for k, v in sites.items() if isinstance(k, str) and _valid(v)}
+
+
+def _valid(entry) -> bool:
+    if not isinstance(entry, dict) or entry.get("choice") not in BACKENDS:
+        return False
+    seconds = entry.get("seconds")
+    return isinstance(seconds, dict) and all(
+        name in BACKENDS and isinstance(s, int | float) and s > 0 for name, s in seconds.items())
+
+
+def _remember(key: str, entry: dict) -> None:
+    _choices[key] = entry
+    try:  # merge with what other processes wrote meanwhile; a write that fails costs a re-measure
+        merged = {**_read_file(), **_choices}
+        data = {"format": FORMAT, "machine": _machine(), "sites": merged}
+        cache.atomic_write(_path(), json.dumps(data, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass
+
+
+def timings(s: Site, lib, native: bool = True) -> dict[str, float]:
+    """Seconds per call of each backend available for site `s` (measured once, then cached)."""
+    global _loaded
+    names = candidates(s.kind, s.dtype, native and lib is not None)
+    with _lock:
+        if not _loaded:
+            _choices.update(_read_file())
+            _loaded = True
+        entry = _choices.get(s.key)
+        if entry is None or not set(names) <= set(entry["seconds"]):
+            seconds = measure(s, lib, names)
+            entry = {"choice": min(seconds, key=seconds.get), "seconds": seconds}
+            _remember(s.key, entry)
+    return {name: entry["seconds"][name] for name in names if name in entry["seconds"]}
+
+
+def forced() -> str | None:
+    name = os.environ.get("CELLDSL_CPU_GEMM", "").strip()
+    if name and name not in BACKENDS:
+        raise ValueError(f"CELLDSL_CPU_GEMM must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name or None
+
+
+def choose(s: Site, lib, native: bool = True, force: str | None = None) -> str:
+    """The backend for site `s`: `force` (or $CELLDSL_CPU_GEMM) when available for it, else the
+    fastest measured."""
+    force = force or forced()
+    names = candidates(s.kind, s.dtype, native and lib is not None)
+    if force in names:
+        return force
+    if force is not None and force != "native":  # e.g. onednn without mkldnn: the measured choice
+        names = [n for n in names if n != "native"]
+    if len(names) == 1:
+        return names[0]
+    seconds = timings(s, lib, native)
+    return min(names, key=lambda n: seconds.get(n, math.inf))
+
+
+def measure(s: Site, lib, names: list[str]) -> dict[str, float]:
+    """Time each backend on random data of the site's shape: interleaved rounds, the minimum kept
+    (process CPU time of this thread at one thread, wall time beyond). A backend that fails or
+    computes a wrong product is left out."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=s.dtype)  # noqa: E731
+    transposed = s.kind in ("step", "hoisted")
+    w = rand(s.n, s.k)
+    a = rand(s.m, s.k if transposed else s.n)
+    bias = rand(s.n) if s.kind == "hoisted" else None
+    want = torch.addmm(bias, a, w.t()) if bias is not None else (a @ w.t() if transposed else a @ w)
+    runs = {}
+    for name in names:
+        try:
+            run = _runner(name, s, lib, a, w, bias)
+            got = run(1)
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6):
+                continue
+            runs[name] = run
+        except (RuntimeError, ValueError, TypeError, OSError, AttributeError):
+            continue
+    clock = time.thread_time if s.threads == 1 else time.perf_counter
+    reps = {}
+    for name, run in runs.items():
+        start = clock()
+        run(1)
+        reps[name] = max(1, min(1000, int(SECONDS_PER_TIMING / max(clock() - start, 1e-7))))
+    best = {name: math.inf for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            start = clock()
+            run(reps[name])
+            best[name] = min(best[name], (clock() - start) / reps[name])
+    return {name: max(t, 1e-9) for name, t in best.items()} or {"mm": 1.0}
+
+
+def _runner(name, s: Site, lib, a, w, bias):
+    """run(reps) -> the product (of the last repeat), for one backend at the site's shape."""
+    if s.kind == "hoisted":
+        return lambda reps: [_linear_with(name, a, w, bias, lib) for _ in range(reps)][-1]
+    if s.kind == "input_grad":
+        return lambda reps: [_matmul_with(name, a, w, lib) for _ in range(reps)][-1]
+    transposed = s.kind == "step"
+    out = a.new_empty(s.m, s.n if transposed else s.k)
+    if name == "native":
+        native = native_gemm(lib, s.dtype)
+        panels = native.pack_transposed(w, 1, s.threads) if transposed else native.pack_plain(w, s.threads)
+
+        def run(reps):
+            native.gemm(a, panels, out, 0, None, s.threads, reps=reps)
+            return out
+        return run
+    product = TorchProduct(name, s.kind, w, s.m)
+
+    def run(reps):
+        for _ in range(reps):
+            product(a, out)
+        return out
+    return run
+
+
+@functools.cache
+def native_gemm(lib, dtype: torch.dtype) -> NativeGemm:
+    return NativeGemm(lib, dtype)
+
+
+def _linear_with(backend: str, a, w, bias, lib):
+    if backend == "native":
+        native, threads = native_gemm(lib, a.dtype), torch.get_num_threads()
+        out = a.new_empty(a.shape[0], w.shape[0])
+        panels = native.pack_transposed(w.contiguous(), 1, threads)
+        native.gemm(a, panels, out, 0 if bias is None else 2, bias, threads)
+        return out
+    if backend == "onednn":
+        return _mkldnn()._linear_pointwise(a, w.contiguous(), bias, "none", [], "")
+    return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
+
+
+def _matmul_with(backend: str, d, w, lib):
+    if backend == "native":
+        native, threads = native_gemm(lib, d.dtype), torch.get_num_threads()
+        out = d.new_empty(d.shape[0], w.shape[1])
+        native.gemm(d, native.pack_plain(w.contiguous(), threads), out, 0, None, threads)
+        return out
+    return torch.mm(d, w)
+
+
+def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, force: str | None = None):
+    """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with the backend
+    chosen for its shape."""
+    a = a.contiguous()
+    backend = choose(site("hoisted", a.dtype, a.shape[0], a.shape[1], w.shape[0]), lib, force=force)
+    return _linear_with(backend, a, w, bias, lib)
+
+
+def matmul(d: torch.Tensor, w: torch.Tensor, lib, force: str | None = None):
+    """d [rows, n] @ w [n, k] as a new tensor (the input gradient), with the backend chosen for its shape."""
+    d = d.contiguous()
+    backend = choose(site("input_grad", d.dtype, d.shape[0], w.shape[1], w.shape[0]), lib, force=force)
+    return _matmul_with(backend, d, w, lib)
+
+
+def reset() -> None:
+    """Forget this process's view of the cache and of oneDNN's availability (tests)."""
+    global _loaded, _onednn
+    with _lock:
+        _choices.clear()
+        _loaded = False
+        _onednn = None

@@ -1,0 +1,174 @@
+"""The GEMM backends of the CPU loops and how one is chosen (runtime/cpu_gemm.py).
+
+- each backend's product (native kernel, torch.mm, oneDNN plain and packed) equals a @ w.T or
+  d @ w computed by torch, for every kind of product, =, += and = bias +, at shapes with partial
+  tiles and panels, float32 and float64;
+- the choice is measured once per site and written to cpu_gemm.json in the cache folder; a corrupt,
+  truncated, foreign or ill-typed file is measured again and rewritten (never trusted, never fatal);
+- a backend that computes a wrong product is not chosen;
+- without mkldnn (torch.backends.mkldnn.is_available() False, monkeypatched) or with an unexpected
+  op schema (a torch version this code was not written for), oneDNN is no candidate, a forced
+  oneDNN falls back to the measured torch backend, and a layer still computes the torch result;
+- CELLDSL_CPU_GEMM forces a backend and rejects unknown names.
+"""
+
+import json
+
+import pytest
+import torch
+from test_cpu_fused import make_layer, rel_err, run_loop
+from test_cpu_native import args_for, fused_loop
+
+from celldsl.runtime import cpu_fused, cpu_gemm
+
+HAVE_CC = cpu_fused.compiler() is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc or gcc) for the native GEMM")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh cache folder and a fresh in-process view of the choices."""
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setenv("CELLDSL_CACHE", str(folder))
+    monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
+    cpu_gemm.reset()
+    yield folder
+    cpu_gemm.reset()
+
+
+def gemm_lib():
+    lib, why = cpu_fused.build_gemm_library()
+    assert lib is not None, why
+    return lib
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_products_equal_torch(dtype):
+    native = cpu_gemm.native_gemm(gemm_lib(), dtype)
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in ((1, 5, 3), (2, 37, 40), (7, 64, 33), (13, 8, 2 * native.width)):
+        a = torch.randn(m, k, generator=gen, dtype=dtype)
+        w = torch.randn(n, k, generator=gen, dtype=dtype)
+        bias = torch.randn(n, generator=gen, dtype=dtype)
+        c0 = torch.randn(m, n, generator=gen, dtype=dtype)
+        tol = 1e-5 if dtype == torch.float32 else 1e-13
+        for init, want in ((0, a @ w.t()), (1, c0 + a @ w.t()), (2, bias + a @ w.t())):
+            out = c0.clone()
+            native.gemm(a, native.pack_transposed(w), out, init, bias)
+            assert rel_err([want], [out]) < tol, (m, k, n, init)
+        d = torch.randn(m, n, generator=gen, dtype=dtype)  # d @ w, the backward products
+        out = torch.empty(m, k, dtype=dtype)
+        native.gemm(d, native.pack_plain(w), out)
+        assert rel_err([d @ w], [out]) < tol, (m, k, n)
+        wide = torch.zeros(m, n + 3, dtype=dtype)  # an output with a row stride of its own
+        native.gemm(a, native.pack_transposed(w), wide[:, 1 : n + 1])
+        assert rel_err([a @ w.t()], [wide[:, 1 : n + 1]]) < tol
+        assert not wide[:, 0].any() and not wide[:, -2:].any()
+
+
+@pytest.mark.parametrize("backend", ["mm", "onednn", "onednn_packed"])
+@pytest.mark.parametrize("kind", ["step", "step_backward"])
+def test_torch_products_equal_torch(backend, kind):
+    if backend != "mm" and not cpu_gemm.onednn_available():
+        pytest.skip("torch has no usable mkldnn here (test_without_mkldnn covers this case)")
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 5, generator=gen)
+    a = torch.randn(3, 5 if kind == "step" else 12, generator=gen)
+    product = cpu_gemm.TorchProduct(backend, kind, w, 3)
+    want = a @ w.t() if kind == "step" else a @ w
+    bias = torch.randn(want.shape[1], generator=gen)
+    base = torch.randn(6, want.shape[1], generator=gen)
+    for init, expected in ((0, want), (1, base[1:4] + want), (2, bias + want)):
+        buffer = base.clone()
+        product(a, buffer[1:4], init, bias)
+        assert torch.allclose(buffer[1:4], expected, atol=1e-5), (init, backend, kind)
+        assert torch.equal(buffer[0], base[0]) and torch.equal(buffer[4:], base[4:])  # nothing else written
+
+
+def read_choices(folder):
+    return json.loads((folder / cpu_gemm.CACHE_FILE).read_text())["sites"]
+
+
+@needs_cc
+def test_choice_is_measured_once_and_cached_as_json(private_cache, monkeypatch):
+    site = cpu_gemm.site("step", torch.float32, 3, 8, 32)
+    lib = gemm_lib()
+    calls = []
+    measure = cpu_gemm.measure
+    monkeypatch.setattr(cpu_gemm, "measure", lambda *a: calls.append(a) or measure(*a))
+    first = cpu_gemm.choose(site, lib)
+    assert first in cpu_gemm.candidates("step", torch.float32, True) and len(calls) == 1
+    entry = read_choices(private_cache)[site.key]
+    assert entry["choice"] == first
+    assert set(entry["seconds"]) == set(cpu_gemm.candidates("step", torch.float32, True))
+    cpu_gemm.reset()  # a new process: reads the file, measures nothing
+    assert cpu_gemm.choose(site, lib) == first and len(calls) == 1
+
+
+@needs_cc
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'{"format": 1}',
+                                     b'{"format": 1, "machine": "elsewhere", "sites": {}}', "ill-typed"])
+def test_a_bad_cache_file_is_measured_again_and_rewritten(private_cache, content):
+    site = cpu_gemm.site("step_backward", torch.float64, 2, 5, 20)
+    path = private_cache / cpu_gemm.CACHE_FILE
+    if content == "ill-typed":  # this machine's header, entries of the wrong types
+        sites = {site.key: {"choice": "os.system", "seconds": {"mm": "fast"}}, "x": [1]}
+        header = {"format": cpu_gemm.FORMAT, "machine": cpu_gemm._machine()}
+        content = json.dumps({**header, "sites": sites}).encode()
+    path.write_bytes(content)
+    choice = cpu_gemm.choose(site, gemm_lib())
+    assert choice in ("native", "mm")
+    entry = read_choices(private_cache)[site.key]  # valid JSON again, with this site measured
+    assert entry["choice"] == choice and all(s > 0 for s in entry["seconds"].values())
+
+
+@needs_cc
+def test_a_wrong_backend_is_never_chosen(private_cache, monkeypatch):
+    """measure() checks every backend's product against torch before timing it."""
+    def wrong(self, a, out, init=0, bias=None):
+        out.fill_(0.5)
+
+    monkeypatch.setattr(cpu_gemm.TorchProduct, "__call__", wrong)
+    seconds = cpu_gemm.timings(cpu_gemm.site("step", torch.float32, 4, 16, 48), gemm_lib())
+    assert set(seconds) == {"native"}
+
+
+def test_without_mkldnn(private_cache, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not cpu_gemm.onednn_available()
+    for kind in cpu_gemm.KINDS:
+        assert not {"onednn", "onednn_packed"} & set(cpu_gemm.candidates(kind, torch.float32, True))
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "onednn_packed")
+    site = cpu_gemm.site("step", torch.float32, 2, 6, 24)
+    lib = gemm_lib() if HAVE_CC else None
+    assert cpu_gemm.choose(site, lib, native=False) == "mm"
+    if HAVE_CC:  # the whole loop: the Python loop on torch.mm, the torch backend's result
+        layer = make_layer("lstm", hidden=6, dtype=torch.float32, tag="native")
+        loop = fused_loop(layer)
+        loop.gemm = None
+        args = args_for(layer, N=2)
+        want = run_loop(layer.compiled.torch_loop, *args)
+        got = run_loop(loop, *args)
+        assert loop.ran == {"forward": ("mm",), "backward": ("mm",)}
+        assert rel_err(want[0][:3], got[0][:3]) < 1e-5 and rel_err(want[1], got[1]) < 1e-5
+
+
+def test_onednn_with_another_schema_is_not_used(private_cache, monkeypatch):
+    """The oneDNN ops are torch internals: a schema other than the expected one disables them."""
+    schemas = dict(cpu_gemm.ONEDNN_SCHEMAS)
+    schemas["_linear_pointwise"] = schemas["_linear_pointwise"].replace("str attr", "str attribute")
+    monkeypatch.setattr(cpu_gemm, "ONEDNN_SCHEMAS", schemas)
+    assert not cpu_gemm.onednn_available()
+    assert cpu_gemm.candidates("step", torch.float32, False) == ["mm"]
+
+
+def test_forcing_a_backend(monkeypatch, private_cache):
+    site = cpu_gemm.site("step", torch.float64, 1, 4, 8)
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "mm")
+    assert cpu_gemm.choose(site, None) == "mm"
+    assert not (private_cache / cpu_gemm.CACHE_FILE).exists()  # forced: nothing measured
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "blas")
+    with pytest.raises(ValueError, match="CELLDSL_CPU_GEMM must be one of native, mm, onednn"):
+        cpu_gemm.choose(site, None)
