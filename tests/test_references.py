@@ -64,7 +64,7 @@ def read_cell(stem: str) -> dict:
     for name in names:
         if re.search(rf"\b{name}\s*@\s*(prev\(\s*)?x\b", equations):  # x or an earlier x
             kinds[name] = "matrix_x"
-        elif re.search(rf"\b{name}\s*@", equations):
+        elif re.search(rf"\b{name}\s*@|\([^()]*\b{name}\b[^()]*\)\s*@", equations):  # W @ or (W - Wᵀ) @
             kinds[name] = "matrix_h"
         else:
             kinds[name] = "vector"
