@@ -20,7 +20,7 @@ import sympy as sp
 
 from ..plan import Plan, _cse
 from .printers import PYTHON_RESERVED, identifier
-from .triton_dense import Arg, _Code, tile_decline
+from .triton_dense import Arg, _Code, _signature, parameter_pointers, tile_decline
 from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, TritonPrinter, _Function, module_names
 
 ROLES = ("input", "state", "vector", "scalar", "hoisted")
@@ -79,16 +79,7 @@ class ColumnLayout:
         self.d_carried = {s: identifier("d_" + s + "_carried", taken) for s in self.states}
         self.accumulated = {s: identifier("d_" + s.name + "_sum", taken) for s in pw.grad_inputs
                             if plan.role(s) in ("vector", "scalar")}
-        self.ptr = {}
-        for n in self.elementwise_inputs:
-            self.ptr[("x", n)] = identifier(n, taken, "_ptr")
-            self.ptr[("d_x", n)] = identifier("d_" + n, taken, "_ptr")
-        for i, v in enumerate(self.vectors):
-            self.ptr[("vector", i)] = identifier(v, taken, "_ptr")
-            self.ptr[("d_vector", i)] = identifier("d_" + v, taken, "_ptr")
-        for i, v in enumerate(self.scalars):
-            self.ptr[("scalar", i)] = identifier(v, taken, "_ptr")
-            self.ptr[("d_scalar", i)] = identifier("d_" + v, taken, "_ptr")
+        self.ptr = parameter_pointers(self.elementwise_inputs, self.vectors, self.scalars, taken)
         for i, s in enumerate(self.states):
             for kind in ("init", "seq", "final", "d_final", "d_init", "direct", "lam"):
                 self.ptr[(kind, i)] = identifier(s, taken, f"_{kind}_ptr")
@@ -192,16 +183,6 @@ def coefficients(plan: Plan) -> dict[str, tuple[sp.Expr, sp.Expr]]:
 
 
 # ---- emission ----------------------------------------------------------------------------------
-
-
-def _signature(code: _Code, name: str, args: list[Arg], constexprs: tuple[str, ...]) -> None:
-    code(0, "@triton.jit")
-    code(0, f"def {name}(")
-    for a in args:
-        code(1, f"{a.name},")
-    for c in constexprs:
-        code(1, f"{c}: tl.constexpr,")
-    code(0, "):")
 
 
 def _columns(code: _Code) -> None:

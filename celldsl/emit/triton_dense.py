@@ -105,6 +105,22 @@ class Phase:
     pointwise: Pointwise | None
 
 
+def parameter_pointers(inputs: list[str], vectors: list[str], scalars: list[str], taken: set[str]) -> dict:
+    """The kernel parameters of what both the dense and the column kernels read and grade: each
+    elementwise input, vector and scalar and its gradient, keyed by (kind, name or index)."""
+    ptr = {}
+    for n in inputs:
+        ptr[("x", n)] = identifier(n, taken, "_ptr")
+        ptr[("d_x", n)] = identifier("d_" + n, taken, "_ptr")
+    for i, v in enumerate(vectors):
+        ptr[("vector", i)] = identifier(v, taken, "_ptr")
+        ptr[("d_vector", i)] = identifier("d_" + v, taken, "_ptr")
+    for i, v in enumerate(scalars):
+        ptr[("scalar", i)] = identifier(v, taken, "_ptr")
+        ptr[("d_scalar", i)] = identifier("d_" + v, taken, "_ptr")
+    return ptr
+
+
 class DenseLayout:
     """What the dense kernels of one plan read and write, and their names."""
 
@@ -163,16 +179,8 @@ class DenseLayout:
         for g in plan.gemms:
             if g.operand.name not in self.operand_grad:
                 self.operand_grad[g.operand.name] = identifier("d_" + g.operand.name + "_gemm", taken)
-        self.ptr = {}  # (kind, key) -> parameter name
-        for n in self.elementwise_inputs:
-            self.ptr[("x", n)] = identifier(n, taken, "_ptr")
-            self.ptr[("d_x", n)] = identifier("d_" + n, taken, "_ptr")
-        for i, v in enumerate(self.vectors):
-            self.ptr[("vector", i)] = identifier(v, taken, "_ptr")
-            self.ptr[("d_vector", i)] = identifier("d_" + v, taken, "_ptr")
-        for i, v in enumerate(self.scalars):
-            self.ptr[("scalar", i)] = identifier(v, taken, "_ptr")
-            self.ptr[("d_scalar", i)] = identifier("d_" + v, taken, "_ptr")
+        # (kind, key) -> parameter name
+        self.ptr = parameter_pointers(self.elementwise_inputs, self.vectors, self.scalars, taken)
         for i, s in enumerate(self.states):
             self.ptr[("init", i)] = identifier(s, taken, "_init_ptr")
             self.ptr[("seq", i)] = identifier(s, taken, "_seq_ptr")
@@ -211,7 +219,8 @@ class DenseLayout:
 
     # ---- argument lists ----------------------------------------------------------------------
 
-    def forward_args(self, fused: bool) -> list[Arg]:
+    def _reads(self) -> list[Arg]:
+        """The first arguments of the forward and the backward kernels: what both read."""
         a = [Arg(self.ptr[("x", n)], "x", n, "storage") for n in self.elementwise_inputs]
         a += [Arg(self.ptr[("hoisted", i)], "hoisted", i, "storage") for i in range(len(self.plan.hoisted))]
         a += [Arg(self.ptr[("weight", i)], "weight", i, "storage") for i in range(len(self.plan.gemms))]
@@ -219,6 +228,10 @@ class DenseLayout:
         a += [Arg(self.ptr[("scalar", i)], "scalar", i, "storage") for i in range(len(self.scalars))]
         a += [Arg(self.ptr[("init", i)], "init", i, "storage") for i in range(len(self.states))]
         a += [Arg(self.ptr[("seq", i)], "seq", i, "storage") for i in range(len(self.states))]
+        return a
+
+    def forward_args(self, fused: bool) -> list[Arg]:
+        a = self._reads()
         a += [Arg(self.ptr[("carry", i)], "carry", i, "compute") for i in range(len(self.states))]
         if self.output_state is None:
             a.append(Arg("out_ptr", "out", None, "storage"))
@@ -228,13 +241,7 @@ class DenseLayout:
         return a
 
     def backward_args(self, fused: bool) -> list[Arg]:
-        a = [Arg(self.ptr[("x", n)], "x", n, "storage") for n in self.elementwise_inputs]
-        a += [Arg(self.ptr[("hoisted", i)], "hoisted", i, "storage") for i in range(len(self.plan.hoisted))]
-        a += [Arg(self.ptr[("weight", i)], "weight", i, "storage") for i in range(len(self.plan.gemms))]
-        a += [Arg(self.ptr[("vector", i)], "vector", i, "storage") for i in range(len(self.vectors))]
-        a += [Arg(self.ptr[("scalar", i)], "scalar", i, "storage") for i in range(len(self.scalars))]
-        a += [Arg(self.ptr[("init", i)], "init", i, "storage") for i in range(len(self.states))]
-        a += [Arg(self.ptr[("seq", i)], "seq", i, "storage") for i in range(len(self.states))]
+        a = self._reads()
         a += [Arg(self.ptr[("gemm_seq", i)], "gemm_seq", i, "storage") for i in range(len(self.plan.gemms))]
         a += [Arg(self.ptr[("operand_seq", n)], "operand_seq", n, "storage") for n in self.operands]
         a += [Arg("grad_out_ptr", "grad_out", None, "storage"), Arg("dcarry_ptr", "dcarry", None, "compute")]
@@ -286,7 +293,11 @@ class _Code:
 CONSTEXPRS = ("BLOCK_N", "BLOCK_H", "BLOCK_K", "SEQUENTIAL", "COMPUTE", "DOT_PRECISION")
 
 
-def _signature(code: _Code, name: str, args: list[Arg], extra: tuple[str, ...], specialize_t: bool) -> None:
+def _signature(
+    code: _Code, name: str, args: list[Arg], extra: tuple[str, ...], specialize_t: bool = True
+) -> None:
+    """A kernel's decorator and parameters. A fused-step launch gets step t's rows as ints that
+    change every launch (specialize_t=False: not specialised on, or each step would compile)."""
     ints = '["step_offset", "prev_offset", "rows_t", "t"]'
     code(0, f"@triton.jit(do_not_specialize={ints})" if not specialize_t else "@triton.jit")
     code(0, f"def {name}(")
@@ -535,7 +546,7 @@ def _weights(code: _Code, depth: int, L: DenseLayout, backward: bool) -> None:
 def persistent_forward(L: DenseLayout) -> str:
     code, em = _Code(), _Emitter(L)
     name = "persistent_forward_kernel"
-    _signature(code, name, L.forward_args(fused=False), CONSTEXPRS, specialize_t=True)
+    _signature(code, name, L.forward_args(fused=False), CONSTEXPRS)
     phases = L.phases
     code(1, "# Program (batch tile pid_n, hidden slice): every gate row of BLOCK_H hidden units. On the GPU")
     code(1, "# each program owns one slice and keeps its weight tiles on chip for all T steps; SEQUENTIAL")
@@ -599,7 +610,7 @@ def _backward_order(L: DenseLayout) -> list[tuple[Phase, Phase | None]]:
 def persistent_backward(L: DenseLayout) -> str:
     code, em = _Code(), _Emitter(L)
     name = "persistent_backward_kernel"
-    _signature(code, name, L.backward_args(fused=False), (*CONSTEXPRS, "HAS_GRAD_OUT"), specialize_t=True)
+    _signature(code, name, L.backward_args(fused=False), (*CONSTEXPRS, "HAS_GRAD_OUT"))
     order = _backward_order(L)
     barriers = [n for n, (phase, _) in enumerate(order) if phase.gemms]
     code(1, "# the forward's tiling, in reverse time; dcarry [2, states, N, H] holds the gradient of the")
