@@ -506,21 +506,27 @@ class FusedCPULoop(TorchLoop):
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
-    def _buffers(self, X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes) -> dict:
-        """What every kernel argument points into, for one call (see _input)."""
-        return {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
-                "vectors": vectors, "scalars": scalars, "sizes": sizes,
+    def _buffers(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
+        """One call's contiguous tensors and what every kernel argument points into (see _input), as
+        (bufs, steps, offsets, step_w, sizes); the forward and the backward both start here."""
+        X, steps, offsets, states, vectors, scalars = self._contiguous(
+            x, states, vectors, scalars, batch_sizes
+        )
+        step_w = [w.contiguous() for w in step_w]
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        bufs = {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
+                "vectors": vectors, "scalars": scalars, "sizes": sizes, "padded": batch_sizes is None,
                 "hoisted_blocks": self._block_offsets(self.hoisted, sizes),
                 "step_blocks": self._block_offsets(self.gemms, sizes)}
+        return bufs, steps, offsets, step_w, sizes
 
     def _forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
         N = states[0].shape[0]
-        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
+        bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
+                                                            batch_sizes)
+        X, states, vectors, scalars = bufs["X"], bufs["states"], bufs["vectors"], bufs["scalars"]
         rows = X.shape[0]
         ir = self.plan.ir
-        step_w = [w.contiguous() for w in step_w]
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
-        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
         hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
         hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
         hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, self.gemm)
@@ -529,7 +535,7 @@ class FusedCPULoop(TorchLoop):
         out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
         step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
         operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
-        bufs |= {"padded": batch_sizes is None, "news": news, "out": out, "step": step_out,
+        bufs |= {"news": news, "out": out, "step": step_out,
                  "hoisted": hoisted_out, "operands": operands}
         args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
                           for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
@@ -661,14 +667,13 @@ class FusedCPULoop(TorchLoop):
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx):
         N = states[0].shape[0]
-        X, steps, offsets, states, vectors, scalars = self._contiguous(x, states, vectors, scalars, batch_sizes)
+        bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
+                                                            batch_sizes)
+        X, states, vectors, scalars = bufs["X"], bufs["states"], bufs["vectors"], bufs["scalars"]
         rows = X.shape[0]
         ir = self.plan.ir
-        step_w = [w.contiguous() for w in step_w]
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
-        bufs = self._buffers(X, steps, offsets, states, vectors, scalars, hoisted_w, step_w, sizes)
-        bufs |= {"padded": batch_sizes is None, "news": [n.contiguous() for n in news],
+        bufs |= {"news": [n.contiguous() for n in news],
                  "step": [s.contiguous() for s in step_all],
                  "hoisted": [h.contiguous() for h in hoisted_out],
                  "operands": {k: v.contiguous() for k, v in operands.items()}}
