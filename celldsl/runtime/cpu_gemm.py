@@ -221,10 +221,10 @@ class TorchProduct:
 # ---- measuring and remembering ------------------------------------------------------------------------
 
 def _machine() -> str:
-    """What a measurement is valid for: the CPU, torch and the native kernel's source."""
-    from .cpu_fused import _cpu_fingerprint
+    """What a measurement is valid for: the CPU, torch, the native kernel's source and its build flags."""
+    from .cpu_fused import ATTEMPTS, BASE_FLAGS, _cpu_fingerprint
 
-    text = "\0".join([_cpu_fingerprint(), torch.__version__, gemm_source()])
+    text = "\0".join([_cpu_fingerprint(), torch.__version__, gemm_source(), repr(BASE_FLAGS), repr(ATTEMPTS)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
