@@ -439,18 +439,35 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     for red, _kind, _arg, _temps in passes:
         names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
+    plan_rows = materialized(temps, passes, list(results.values()))
+    slot_of = {tmp: k for k, tmp in enumerate(plan_rows.kept)}
+
+    def temp_lines(computed, loaded):
+        """The temps of one loop over a row's columns: kept ones read from the scratch row, the others
+        computed (and written to the scratch row when a later loop reads them)."""
+        lines = []
+        for tmp, e in temps:
+            if tmp in loaded:
+                lines.append(f"            const {t} {names[tmp]} = cd_kept[{slot_of[tmp]} * (j1 - j0) + j - j0];")
+            elif tmp in computed:
+                lines.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
+                if tmp in slot_of:
+                    lines.append(f"            cd_kept[{slot_of[tmp]} * (j1 - j0) + j - j0] = {names[tmp]};")
+        return lines
+
     passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
     mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
-    for red, kind, arg, needed in passes:
+    for (red, kind, arg, _needed), (computed, loaded) in zip(passes, plan_rows.passes, strict=True):
         acc = f"m_{names[red]}"
         passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
                         f"#pragma omp simd reduction(+:{acc})",
-                        "        for (int64_t j = j0; j < j1; ++j) {", *loads,
-                        *[f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in needed],
+                        "        for (int64_t j = j0; j < j1; ++j) {", *loads, *temp_lines(computed, loaded),
                         f"            {acc} += (double)({printer.doprint(arg)});", "        }",
                         f"        const {t} {names[red]} = ({t})({acc}{mean if kind == 'mean' else ''});"]
-    for tmp, e in temps:
-        body.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
+    if passes:
+        body += temp_lines(*plan_rows.body)
+    else:
+        body += [f"            const {t} {names[tmp]} = {printer.doprint(e)};" for tmp, e in temps]
     for k, arg in enumerate(spec.args):
         if arg.part == "output":
             value = printer.doprint(results[arg.name])
@@ -485,6 +502,8 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "int64_t slot)",
         "{",
         *pre,
+        *([f"    {t} *cd_kept = ({t} *)cd_scratch({len(plan_rows.kept)} * (j1 - j0) * sizeof({t}));"]
+          if plan_rows.kept else []),
         "    for (int64_t i = 0; i < n; ++i) {",
         *row_ptrs,
         *passes_code,
@@ -496,6 +515,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         *row_post,
         "    }",
         *post,
+        *(["    free(cd_kept);"] if plan_rows.kept else []),
         "    (void)p; (void)ld; (void)slot;",
         "}",
         "",
@@ -527,6 +547,50 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which temps each loop over a row's columns computes and which it reads back.
+
+    A kernel with means or sums over a row runs one loop per reduction, then its body; a temp that
+    several of those loops need (a gate's sigmoid, say) is computed by the first and kept in a scratch
+    row (`cd_kept`, one row of the temp per kept temp) for the others, instead of being computed again
+    by each: ln_lstm's backward has 20 such loops. passes: (computed, loaded) per reduction, in order;
+    body: the same for the body; kept: the temps some later loop loads, in slot order."""
+
+    passes: list[tuple[set, set]]
+    body: tuple[set, set]
+    kept: list
+
+
+def materialized(temps, passes, results) -> RowPlan:
+    """The RowPlan of a kernel: each loop computes the temps its expressions need that no earlier loop
+    computed, and loads those an earlier loop did."""
+    defined = dict(temps)
+    done: set = set()  # temps some earlier loop computed
+
+    def need(exprs):
+        computed, loaded, todo = set(), set(), [s for e in exprs for s in sp.sympify(e).free_symbols]
+        while todo:
+            s = todo.pop()
+            if s not in defined or s in computed or s in loaded:
+                continue
+            if s in done:
+                loaded.add(s)
+            else:
+                computed.add(s)
+                todo.extend(defined[s].free_symbols)
+        return computed, loaded
+
+    per_pass = []
+    for _red, _kind, arg, _needed in passes:
+        computed, loaded = need([arg])
+        per_pass.append((computed, loaded))
+        done |= computed
+    body = need(results)
+    loads = set().union(body[1], *(ld for _, ld in per_pass))
+    return RowPlan(per_pass, body, [tmp for tmp, _ in temps if tmp in loads])
 
 
 def _reduction_passes(temps, results):
@@ -597,6 +661,18 @@ static inline void cd_pointers(const cd_rows *args, int64_t m, int64_t r, int64_
     }
 }
 
+/* The scratch rows of a kernel with reductions (see RowPlan): a few kB per call. Out of memory
+   here is out of memory everywhere; there is no result to return instead of one computed wrong. */
+static void *cd_scratch(size_t bytes)
+{
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fputs("celldsl: out of memory for a kernel's scratch rows\\n", stderr);
+        abort();
+    }
+    return p;
+}
+
 int64_t cd_openmp(void)
 {
 #ifdef _OPENMP
@@ -612,6 +688,9 @@ HEADER = """/* Generated by celldsl for the cell {name}: the pointwise stages of
    executable meaning. */
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
 """
 
 
