@@ -249,7 +249,8 @@ def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatc
     """backend="cpu" with the native loop and with the Python loop forced (CELLDSL_CPU_GEMM), against
     backend="torch": packed sequences of three lengths, outputs, final states and every gradient, in
     float64. What ran is checked: the native loop where the cell allows it, else the Python loop, and
-    the reason the native loop was refused is the expected one."""
+    the reason the native loop was refused is the expected one; forcing "native" on a cell the native
+    loop cannot express runs the Python loop on the native GEMM."""
     from celldsl.runtime.function import cell_for
 
     hidden, kwargs = ZOO_LAYERS.get(stem, (5, {}))
@@ -287,5 +288,8 @@ def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatc
             assert loop.ran == {}, loop.ran
         elif path == "native" and stem not in NOT_NATIVE:
             assert loop.ran["forward"] == loop.ran["backward"] == "native", loop.ran
+        elif path == "native":  # the Python loop, with the native GEMM called once per step product
+            want = ("native",) * len(loop.gemms)
+            assert loop.ran["forward"] == loop.ran["backward"] == want, loop.ran
         else:
             assert loop.ran["forward"] != "native" and loop.ran["backward"] != "native", loop.ran

@@ -218,6 +218,30 @@ class TorchProduct:
             out.add_(y) if init == 1 else out.copy_(y)
 
 
+class NativeProduct:
+    """The same products with celldsl's kernel, for the Python loop (cells the native loop cannot
+    express: layernorm, a projection): the weight packed into panels once per call, one ctypes
+    call per step. a and out need unit column stride (rows of the loop's buffers have it)."""
+
+    backend = "native"
+
+    def __init__(self, lib, kind: str, w: torch.Tensor, threads: int):
+        self.native, self.threads = native_gemm(lib, w.dtype), threads
+        w = w.contiguous()
+        self.panels = self.native.pack_transposed(w, 1, threads) if kind in ("step", "hoisted") else \
+            self.native.pack_plain(w, threads)
+
+    def __call__(self, a: torch.Tensor, out: torch.Tensor, init: int = 0, bias: torch.Tensor | None = None):
+        self.native.gemm(a, self.panels, out, init, bias.contiguous() if init == 2 else None, self.threads)
+
+
+def product(backend: str, kind: str, w: torch.Tensor, batch: int, lib) -> TorchProduct | NativeProduct:
+    """A step product of `kind` with weight w run by `backend` (what `choose` returned)."""
+    if backend == "native":
+        return NativeProduct(lib, kind, w, torch.get_num_threads())
+    return TorchProduct(backend, kind, w, batch)
+
+
 # ---- measuring and remembering ------------------------------------------------------------------------
 
 def _machine() -> str:
