@@ -245,6 +245,18 @@ ZOO_LAYERS = {"lstm_proj": (6, {"sizes": {"P": 3}}), "slstm_heads": (8, {})}  # 
 
 
 @pytest.mark.parametrize("stem", ZOO)
+def test_explain_names_the_cpu_loop_and_why(stem):
+    """`celldsl explain` says which CPU loop runs the cell and, when it is not the native one, why."""
+    section = compile_cell(stem).explain().split("CPU loop")[1].split("\nschedules")[0]
+    if stem == "slstm_heads":
+        assert "the generic torch loop" in section and "heads" in section
+    elif stem in NOT_NATIVE:
+        assert "the Python loop" in section and NOT_NATIVE[stem] in section, section
+    else:
+        assert "the native loop" in section and "not the native loop" not in section, section
+
+
+@pytest.mark.parametrize("stem", ZOO)
 def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatch):
     """backend="cpu" with the native loop and with the Python loop forced (CELLDSL_CPU_GEMM), against
     backend="torch": packed sequences of three lengths, outputs, final states and every gradient, in
