@@ -233,12 +233,14 @@ def test_gradcheck_fused_layer(stem, packed):
 
 
 @needs_cc
-@pytest.mark.parametrize("stem", ["slstm", "mut1", "kitchen"])
+@pytest.mark.parametrize("stem", ["slstm", "mut1", "kitchen", "ln_lstm", "ln_gru"])
 def test_two_threads_equal_one(stem, monkeypatch):
-    """The kernels split columns over OpenMP threads (H = 37: an uneven split) for any size here."""
+    """The kernels split columns over OpenMP threads (H = 37: an uneven split) for any size here;
+    the kernels with means over a row (ln_*) split rows instead (N = 3: two rows and one), with the
+    vector gradients of each thread summed apart and added."""
     monkeypatch.setattr(cpu_fused, "MIN_PARALLEL", 0)
     layer = make_layer(stem, hidden=37)
-    args = loop_args(layer, N=2)
+    args = loop_args(layer, N=3 if stem.startswith("ln_") else 2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
