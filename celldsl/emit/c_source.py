@@ -16,11 +16,12 @@ a "vector" is [H]; a "scalar" is one value; an accumulator ("acc" mode, double) 
 over rows (vectors: per column, so threads that own different columns never share one) or over
 everything (scalars: into ((double *)p[k])[slot], one slot per thread, summed by the caller). H is
 the width of the kernel's Pointwise (one kernel per stage and output width). A kernel with means or
-sums over a row (`_reduction_passes`) or a row-scalar gradient needs whole rows: NAME runs it on one
-thread over every column, and the native loop, which splits the columns over threads, never runs it
-(runtime/cpu_fused.native_blocker). Around it:
+sums over a row (`_reduction_passes`) or a row-scalar gradient needs whole rows: NAME splits its
+rows, not its columns, over the threads (`_split_rows`: threads past the first sum their vector
+gradients into private columns, added at the end), and the native loop, which splits the columns
+over threads, never runs it (runtime/cpu_fused.native_blocker). Around it:
 
-- NAME_f32(n, H, p, ld, nt): all columns, split over `nt` OpenMP threads (built with OpenMP);
+- NAME_f32(n, H, p, ld, nt): every row and column, split over `nt` OpenMP threads (built with OpenMP);
 - NAME_f32_at(r, q, n, H, args, nt): the same, with the pointers of a step computed from its rows
   (`cd_rows`, see CALL_AT): the Python loop makes one cheap ctypes call per stage and step;
 - NAME_f32_rows(args, r, q, n, j0, j1, slot): what the native time loop (emit/c_loop.py) calls.
@@ -437,7 +438,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     temps, results, passes = _reduction_passes(temps, results)
     for tmp, _ in temps:
         names[tmp] = identifier("v_" + tmp.name, taken)
-    for red, _kind, _arg, _temps in passes:
+    for red, _kind, _arg in passes:
         names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
     plan_rows = materialized(temps, passes, list(results.values()))
@@ -448,17 +449,18 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         computed (and written to the scratch row when a later loop reads them)."""
         lines = []
         for tmp, e in temps:
+            kept = f"cd_kept[{slot_of[tmp]} * (j1 - j0) + j - j0]" if tmp in slot_of else None
             if tmp in loaded:
-                lines.append(f"            const {t} {names[tmp]} = cd_kept[{slot_of[tmp]} * (j1 - j0) + j - j0];")
+                lines.append(f"            const {t} {names[tmp]} = {kept};")
             elif tmp in computed:
                 lines.append(f"            const {t} {names[tmp]} = {printer.doprint(e)};")
-                if tmp in slot_of:
-                    lines.append(f"            cd_kept[{slot_of[tmp]} * (j1 - j0) + j - j0] = {names[tmp]};")
+                if kept:
+                    lines.append(f"            {kept} = {names[tmp]};")
         return lines
 
     passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
     mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
-    for (red, kind, arg, _needed), (computed, loaded) in zip(passes, plan_rows.passes, strict=True):
+    for (red, kind, arg), (computed, loaded) in zip(passes, plan_rows.passes, strict=True):
         acc = f"m_{names[red]}"
         passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
                         f"#pragma omp simd reduction(+:{acc})",
@@ -619,7 +621,7 @@ def materialized(temps, passes, results) -> RowPlan:
         return computed, loaded
 
     per_pass = []
-    for _red, _kind, arg, _needed in passes:
+    for _red, _kind, arg in passes:
         computed, loaded = need([arg])
         per_pass.append((computed, loaded))
         done |= computed
@@ -631,8 +633,9 @@ def materialized(temps, passes, results) -> RowPlan:
 def _reduction_passes(temps, results):
     """Means and sums over a row's columns (functions.Reduction) need the whole row first: each becomes
     a symbol computed by a pass of its own, in order of nesting (layernorm's variance reads its mean).
-    Returns (temps, results) with every reduction replaced by its symbol, and per reduction (its
-    symbol, "mean" | "sum", its argument, the temps that argument needs, in order)."""
+    Returns (temps, results) with every reduction replaced by its symbol, and per reduction, in an
+    order where each pass reads only earlier ones: (its symbol, "mean" | "sum", its argument). Which
+    temps each pass computes or reads back is `materialized`'s answer."""
     nodes = []
     for e in [*(e for _, e in temps), *(results.values() if isinstance(results, dict) else results)]:
         for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
@@ -649,7 +652,6 @@ def _reduction_passes(temps, results):
     temps = [(tmp, replace(e)) for tmp, e in temps]
     results = {k: replace(v) for k, v in results.items()}
     defined = dict(temps)
-    order = {tmp: i for i, (tmp, _) in enumerate(temps)}
     passes, done = [], set()
     pending = list(by_depth)
     while pending:
@@ -665,7 +667,7 @@ def _reduction_passes(temps, results):
                 {s for tmp in needed for s in defined[tmp].free_symbols if s in sub.values()}
             if reds <= done:  # every reduction it reads is computed by an earlier pass
                 kind = "mean" if isinstance(r, rowmean) else "sum"
-                passes.append((sub[r], kind, arg, [(tmp, defined[tmp]) for tmp in sorted(needed, key=order.get)]))
+                passes.append((sub[r], kind, arg))
                 done.add(sub[r])
                 pending.remove(r)
                 break
