@@ -371,11 +371,10 @@ def _runner(name, s: Site, lib, a, w, bias):
     transposed = s.kind == "step"
     out = a.new_empty(s.m, s.n if transposed else s.k)
     if name == "native":
-        native = native_gemm(lib, s.dtype)
-        panels = native.pack_transposed(w, 1, s.threads) if transposed else native.pack_plain(w, s.threads)
+        product = NativeProduct(lib, s.kind, w, s.threads)
 
         def run(reps):
-            native.gemm(a, panels, out, 0, None, s.threads, reps=reps)
+            product.native.gemm(a, product.panels, out, 0, None, product.threads, reps=reps)
             return out
         return run
     product = TorchProduct(name, s.kind, w, s.m)
