@@ -145,11 +145,13 @@ def cpu_loop_lines(plan: Plan) -> list[str]:
                 "  measured fastest at its shape (celldsl's, MKL or oneDNN; runtime/cpu_gemm.py)",
                 f"  not the native loop: {blocker}"]
     elif not plan.gemms:
-        out.append("  the native loop: the whole sequence in one C call (no step GEMM: the columns are independent)")
+        out.append("  the native loop: the whole sequence in one C call "
+                   "(no step GEMM: the columns are independent)")
     else:
         out += ["  the native loop: every step's GEMMs and pointwise kernels in one C call per layer and",
                 "  direction, when celldsl's GEMM measures fastest on the step products at the shape (else a",
-                "  Python loop over the steps on the fastest torch GEMM; runtime/cpu_gemm.py caches the measurement)"]
+                "  Python loop over the steps on the fastest torch GEMM; "
+                "runtime/cpu_gemm.py caches the measurement)"]
     return out
 
 
