@@ -68,6 +68,27 @@ def test_native_products_equal_torch(dtype):
         assert not wide[:, 0].any() and not wide[:, -2:].any()
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_products_are_the_same_on_any_number_of_threads(dtype):
+    # rows in several L2-sized chunks (K = 512, 600), and fewer panels than threads (n <= 16: the
+    # threads split the chunks instead): every element is computed by the same tile in the same order
+    native = cpu_gemm.native_gemm(gemm_lib(), dtype)
+    gen = torch.Generator().manual_seed(1)
+    for m, k, n in ((128, 512, 40), (300, 600, 16), (2, 600, 3 * native.width + 1)):
+        a = torch.randn(m, k, generator=gen, dtype=dtype)
+        w = torch.randn(n, k, generator=gen, dtype=dtype)
+        panels = native.pack_transposed(w)
+        outs = []
+        for threads in (1, 2, 3, 5):
+            outs.append(torch.full((m, n), float("nan"), dtype=dtype))
+            native.gemm(a, panels, outs[-1], threads=threads)
+        tol = 1e-5 if dtype == torch.float32 else 1e-13
+        assert rel_err([a @ w.t()], [outs[0]]) < tol, (m, k, n)
+        for threads, out in zip((2, 3, 5), outs[1:], strict=True):
+            assert torch.equal(out, outs[0]), (m, k, n, threads)
+
+
 @pytest.mark.parametrize("backend", ["mm", "onednn", "onednn_packed"])
 @pytest.mark.parametrize("kind", ["step", "step_backward"])
 def test_torch_products_equal_torch(backend, kind):

@@ -201,20 +201,39 @@ void cd_pack_{dt}(int64_t groups, int64_t n, int64_t K, const {t} *w, int64_t s_
     }}
 }}
 
-/* The whole product, split over nt threads by (row chunk, panel): a chunk of A small enough to stay
-   in the L2 cache while every panel passes over it. */
+/* The whole product over nt threads: each thread takes a contiguous share of the panels (of the
+   row chunks when there are fewer panels than threads) and runs its share chunk by chunk, a chunk of A
+   small enough to stay in the L2 cache while the thread's panels pass over it. Chunks are of equal
+   size (whole tiles). Splitting the (chunk, panel) items instead gave a thread all of a 126-row chunk
+   and the other the 2 rows left (M = 128, K = 512): no speed-up from the second thread. */
 void cd_gemm_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, const {t} *panels,
                   {t} *c, int64_t ldc, int64_t init, const {t} *bias, int64_t nt)
 {{
     const int64_t np = (n + CD_NR_{dt} - 1) / CD_NR_{dt};
     int64_t rows = CD_L2_BYTES / (int64_t)sizeof({t}) / (K > 0 ? K : 1) / CD_MR * CD_MR;
     rows = rows < CD_MR ? CD_MR : rows;
-    const int64_t chunks = (M + rows - 1) / rows;
-#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
-    for (int64_t item = 0; item < chunks * np; ++item) {{
-        const int64_t i = item / np * rows, p = item % np, col = p * CD_NR_{dt};
-        cd_tiles_{dt}(CD_MIN(rows, M - i), K, a + i * lda, lda, panels + p * K * CD_NR_{dt},
-                      c + i * ldc + col, ldc, CD_MIN(CD_NR_{dt}, n - col), (int)init, bias ? bias + col : 0);
+    int64_t chunks = (M + rows - 1) / rows;
+    if (chunks == 0)
+        return;
+    rows = ((M + chunks - 1) / chunks + CD_MR - 1) / CD_MR * CD_MR;
+    chunks = (M + rows - 1) / rows;
+#pragma omp parallel num_threads(nt) if(nt > 1)
+    {{
+        int64_t tid = 0, team = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        team = omp_get_num_threads();
+#endif
+        const int by_panels = np >= team;
+        const int64_t p0 = by_panels ? np * tid / team : 0, p1 = by_panels ? np * (tid + 1) / team : np;
+        const int64_t c0 = by_panels ? 0 : chunks * tid / team, c1 = by_panels ? chunks : chunks * (tid + 1) / team;
+        for (int64_t chunk = c0; chunk < c1; ++chunk)
+            for (int64_t p = p0; p < p1; ++p) {{
+                const int64_t i = chunk * rows, col = p * CD_NR_{dt};
+                cd_tiles_{dt}(CD_MIN(rows, M - i), K, a + i * lda, lda, panels + p * K * CD_NR_{dt},
+                              c + i * ldc + col, ldc, CD_MIN(CD_NR_{dt}, n - col), (int)init,
+                              bias ? bias + col : 0);
+            }}
     }}
 }}
 
