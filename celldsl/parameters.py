@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass
 
 import sympy as sp
@@ -49,7 +50,19 @@ class Store:
         return () if n == 1 else (n,)
 
 
-def stores_of(cell: CompiledCell) -> list[Store]:
+def stores_of(cell: CompiledCell) -> tuple[Store, ...]:
+    """The cell's stores in the order of its parameters; computed once per compiled cell (a layer asks
+    at every call)."""
+    stores = _STORES.get(cell)
+    if stores is None:
+        stores = _STORES[cell] = tuple(_stores(cell))
+    return stores
+
+
+_STORES: weakref.WeakKeyDictionary[CompiledCell, tuple[Store, ...]] = weakref.WeakKeyDictionary()
+
+
+def _stores(cell: CompiledCell) -> list[Store]:
     ir, stores, seen = cell.ir, [], set()
     for name, p in ir.params.items():
         if p.group is None:

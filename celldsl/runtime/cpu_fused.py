@@ -302,6 +302,9 @@ class FusedCPULoop(TorchLoop):
                              for modes in self.schedule.modes.values() for name, mode in modes.items()
                              if mode.startswith("same:") and name in self.vectors}
         self.folded = {self.vectors.index(name): where for name, where in self.folding.biases.items()}
+        self.folded_blocks: dict[tuple[str, int], dict[int, list[int]]] = {}  # (kind, gemm) -> block -> vectors
+        for i, (kind, gi, block) in self.folded.items():
+            self.folded_blocks.setdefault((kind, gi), {}).setdefault(block, []).append(i)
         touched = {self.where[s.name].index for pw in plan.pointwise for s in pw.grad_inputs
                    if self.where[s.name].kind == "state"}
         touched |= {self.where[g.operand.name].index for g in self.gemms
@@ -453,12 +456,14 @@ class FusedCPULoop(TorchLoop):
     def _biases(self, vectors, bufs: dict, hoisted_w, step_w):
         """The folded vectors added up per GEMM: ([rows of W] or None per hoisted GEMM, per step GEMM)."""
         biases = {"hoisted": [None] * len(hoisted_w), "step": [None] * len(step_w)}
-        for i, (kind, gi, block) in self.folded.items():
+        for (kind, gi), blocks in self.folded_blocks.items():
             w = (hoisted_w if kind == "hoisted" else step_w)[gi]
-            if biases[kind][gi] is None:
-                biases[kind][gi] = w.new_zeros(w.shape[0])
-            start = bufs[f"{kind}_blocks"][gi][block]
-            biases[kind][gi][start : start + vectors[i].shape[0]] += vectors[i]
+            starts = [*bufs[f"{kind}_blocks"][gi], w.shape[0]]
+            parts = []  # one add per block (b_ih + b_hh): a few large ops, not one per vector
+            for b in range(len(starts) - 1):
+                vs = [vectors[i] for i in blocks.get(b, ())]
+                parts.append(sum(vs[1:], vs[0]) if vs else w.new_zeros(starts[b + 1] - starts[b]))
+            biases[kind][gi] = torch.cat(parts) if len(parts) > 1 else parts[0]
         return biases["hoisted"], biases["step"]
 
     # ---- which loop runs a sequence ---------------------------------------------------------------
