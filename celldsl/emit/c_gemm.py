@@ -226,7 +226,8 @@ void cd_gemm_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, co
 #endif
         const int by_panels = np >= team;
         const int64_t p0 = by_panels ? np * tid / team : 0, p1 = by_panels ? np * (tid + 1) / team : np;
-        const int64_t c0 = by_panels ? 0 : chunks * tid / team, c1 = by_panels ? chunks : chunks * (tid + 1) / team;
+        const int64_t c0 = by_panels ? 0 : chunks * tid / team;
+        const int64_t c1 = by_panels ? chunks : chunks * (tid + 1) / team;
         for (int64_t chunk = c0; chunk < c1; ++chunk)
             for (int64_t p = p0; p < p1; ++p) {{
                 const int64_t i = chunk * rows, col = p * CD_NR_{dt};

@@ -302,7 +302,8 @@ class FusedCPULoop(TorchLoop):
                              for modes in self.schedule.modes.values() for name, mode in modes.items()
                              if mode.startswith("same:") and name in self.vectors}
         self.folded = {self.vectors.index(name): where for name, where in self.folding.biases.items()}
-        self.folded_blocks: dict[tuple[str, int], dict[int, list[int]]] = {}  # (kind, gemm) -> block -> vectors
+        # (kind, gemm) -> block -> the vectors folded into it
+        self.folded_blocks: dict[tuple[str, int], dict[int, list[int]]] = {}
         for i, (kind, gi, block) in self.folded.items():
             self.folded_blocks.setdefault((kind, gi), {}).setdefault(block, []).append(i)
         touched = {self.where[s.name].index for pw in plan.pointwise for s in pw.grad_inputs
