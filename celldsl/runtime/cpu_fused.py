@@ -37,7 +37,7 @@ from ..emit.c_gemm import gemm_source
 from ..emit.c_loop import native_blocker
 from ..emit.c_source import backward_schedule, c_source, folding, kernel_specs
 from ..plan import Plan
-from . import cpu_gemm
+from . import cpu_gemm, scratch
 from .cpu_gemm import DTYPES
 from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
 from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
@@ -637,9 +637,9 @@ class FusedCPULoop(TorchLoop):
         if not self.fused(x, states, hoisted_w, step_w, vectors, scalars):
             return super().backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
                                     grad_states, batch_sizes, needs_dx)
-        with torch.no_grad():
+        with torch.no_grad(), scratch.buffers() as take:
             return self._backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
-                                  grad_states, batch_sizes, needs_dx)
+                                  grad_states, batch_sizes, needs_dx, take)
 
     def _bind_backward(self, pw, A, B, bufs, grads) -> list[_Arg]:
         """The arguments of pw's backward kernel when A holds d old states and B d new states."""
@@ -677,7 +677,8 @@ class FusedCPULoop(TorchLoop):
         return args
 
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
-                  batch_sizes, needs_dx):
+                  batch_sizes, needs_dx, take):
+        """`take`: scratch.buffers' for the [rows, ...] gradients no result aliases (d products)."""
         N = states[0].shape[0]
         bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
                                                             batch_sizes)
@@ -697,9 +698,9 @@ class FusedCPULoop(TorchLoop):
         B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w) for g, w in zip(grad_states, widths,
                                                                                              strict=True)]
         A = [X.new_empty(N, w) for w in widths]
-        d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
+        d_step = [take(rows, w.shape[0], X.dtype) for w in step_w]
         alias = self.schedule.hoisted_alias
-        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
+        d_hoist = [d_step[alias[i]] if i in alias else take(rows, w.shape[0], X.dtype)
                    for i, w in enumerate(hoisted_w)]
         slots = max(1, torch.get_num_threads())  # per-thread accumulators of the scalar gradients
         grads = {"out": g_out, "zeros": X.new_zeros(N, out_width),
