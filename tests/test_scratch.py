@@ -4,8 +4,11 @@
   buffers computes: every element it reads it wrote first (native and Python loops, padded and packed
   sequences, cells with one, two and no GEMM stages and the kitchen cell of test_cpu_fused);
 - buffers taken at the same time are distinct; one given back is handed out again for the same size;
-- what is kept stays within MAX_BUFFER_BYTES per buffer and MAX_BYTES in all.
+- what is kept stays within MAX_BUFFER_BYTES per buffer and MAX_BYTES in all;
+- two threads running backwards of one layer at once get the results of one thread.
 """
+
+import threading
 
 import pytest
 import torch
@@ -76,3 +79,26 @@ def test_buffers_are_given_back_when_the_backward_raises(fresh_scratch):
         take(2, 2, torch.float32)
         raise RuntimeError("a failing kernel")
     assert scratch._kept_bytes == 16
+
+
+@needs_cc
+def test_backwards_in_two_threads_at_once_each_get_their_own_buffers(fresh_scratch):
+    layer = make_layer("gru", hidden=7, tag="scratch threads")
+    loop = fused_loop(layer)
+    args = [args_for(layer, T=6, N=4, packed=packed, seed=seed) for seed, packed in ((0, False), (1, True))]
+    want = [run_loop(loop, *a)[1] for a in args]
+    results: dict[int, list] = {0: [], 1: []}
+
+    def work(k: int) -> None:
+        for _ in range(8):
+            results[k].append(run_loop(loop, *args[k])[1])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        assert len(results[k]) == 8
+        for got in results[k]:
+            assert all(torch.equal(a, b) for a, b in zip(want[k], got, strict=True)), k

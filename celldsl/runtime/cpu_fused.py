@@ -678,7 +678,7 @@ class FusedCPULoop(TorchLoop):
 
     def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                   batch_sizes, needs_dx, take):
-        """`take`: scratch.buffers' for the [rows, ...] gradients no result aliases (d products)."""
+        """`take` (from scratch.buffers) makes the [rows, ...] gradients no result aliases: the d products."""
         N = states[0].shape[0]
         bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
                                                             batch_sizes)

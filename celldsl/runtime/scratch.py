@@ -65,7 +65,7 @@ def _give_back(taken: list[torch.Tensor]) -> None:
 
 
 def clear() -> None:
-    """Drop every kept buffer (tests)."""
+    """Drop every kept buffer, handing its memory back (a process done training; tests)."""
     global _kept_bytes
     with _lock:
         _free.clear()
