@@ -57,6 +57,48 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
     )
 
 
+def test_set_lr_on_resume_scales_the_next_update_and_is_kept_by_later_resumes(tmp_path):
+    import shutil
+
+    a, b = 1e-2, 2.5e-3
+    train(tiny(tmp_path / "base", steps=2, eval_every=1, lr=a))
+    shutil.copytree(tmp_path / "base", tmp_path / "same")
+    shutil.copytree(tmp_path / "base", tmp_path / "drop")
+    before = load_checkpoint(tmp_path / "base")["model"]
+    train(tiny(tmp_path / "same", steps=3, eval_every=1, lr=a, resume=True))
+    dropped = train(tiny(tmp_path / "drop", steps=3, eval_every=1, lr=a, resume=True, set_lr=b))
+    same, drop = load_checkpoint(tmp_path / "same")["model"], load_checkpoint(tmp_path / "drop")["model"]
+    # Adam's step from one state and one gradient is lr times the same direction
+    for k in before:
+        step_a, step_b = same[k] - before[k], drop[k] - before[k]
+        big = step_a.abs() > 1e-4
+        assert big.any()
+        torch.testing.assert_close(step_b[big], step_a[big] * (b / a), rtol=1e-3, atol=1e-7)
+    assert dropped["lr_schedule"] == [[0, a], [2, b]]
+    assert [row["lr"] for row in dropped["history"]] == [a, a, a, b]
+    later = train(tiny(tmp_path / "drop", steps=4, eval_every=1, lr=a, resume=True))
+    assert later["lr_schedule"] == [[0, a], [2, b]] and later["history"][-1]["lr"] == b
+    assert load_checkpoint(tmp_path / "drop")["optimizer"]["param_groups"][0]["lr"] == b
+
+
+def test_set_lr_equal_to_the_current_rate_changes_nothing(tmp_path):
+    straight = train(tiny(tmp_path / "straight", steps=4, lr=1e-2))
+    train(tiny(tmp_path / "resumed", steps=2, lr=1e-2))
+    resumed = train(tiny(tmp_path / "resumed", steps=4, lr=1e-2, resume=True, set_lr=1e-2))
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
+    assert resumed["lr_schedule"] == [[0, 1e-2]]
+
+
+def test_set_lr_needs_a_checkpoint_to_resume(tmp_path):
+    with pytest.raises(ValueError, match="--set-lr changes the learning rate of a resumed run"):
+        train(tiny(tmp_path, set_lr=1e-3))
+    with pytest.raises(ValueError, match="--set-lr changes the learning rate of a resumed run"):
+        train(tiny(tmp_path, set_lr=1e-3, resume=True))
+    train(tiny(tmp_path, steps=2))
+    with pytest.raises(ValueError, match="positive"):
+        train(tiny(tmp_path, steps=4, resume=True, set_lr=-1.0))
+
+
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
     train(tiny(tmp_path, steps=2))
     with pytest.raises(ValueError, match="hidden"):
@@ -173,6 +215,11 @@ def test_commands_run_and_report_bad_options(tmp_path, capsys):
         cli.main(["train", "copy", "--cell", LSTM, "--hidden", "3", "--out", out, "--resume", *common]) == 0
     )
     assert "2 steps" in capsys.readouterr().out
+    more = [a if a != "2" else "3" for a in common[:2]] + common[2:]  # --steps 3
+    drop = ["train", "copy", "--cell", LSTM, "--hidden", "3", "--out", out, "--resume", "--set-lr", "1e-4"]
+    assert cli.main([*drop, *more]) == 0
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["lr_schedule"][-1] == [2, 1e-4]
+    capsys.readouterr()
     assert cli.main(["train", "copy", "--cell", LSTM, "-o", "nope=1", "--out", out]) == 2
     assert "no option 'nope'" in capsys.readouterr().err
     budget = ["compare", "copy", LSTM, GRU, "--param-budget", "400", "--out", str(tmp_path / "c"), *common]

@@ -3,6 +3,7 @@
     celldsl train copy --cell cells/lstm.cell --steps 2000 --out runs/copy-lstm
     celldsl train copy --cell cells/lstm.cell --preset graves
     celldsl train adding --cell cells/gru.cell -o T=500
+    celldsl train copy --cell cells/lstm.cell --steps 4000 --resume --set-lr 3e-5
     celldsl compare chorales cells/rnn_tanh.cell cells/gru.cell cells/lstm.cell --param-budget 20000
 
 The main CLI calls `register(subparsers)`; `python -m celldsl.labs.cli` runs these two commands
@@ -103,7 +104,7 @@ def settings(args: argparse.Namespace, extra: tuple[str, ...]) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    s = settings(args, ("hidden",))
+    s = settings(args, ("hidden", "set_lr"))
     summary = train(TrainConfig(cell=args.cell, seed=args.seed, **s))
     final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
     name, params = summary["cell_name"], summary["parameters"]
@@ -136,6 +137,13 @@ def register(subparsers) -> None:
     p.add_argument("--cell", required=True, help="the .cell file")
     p.add_argument("--hidden", type=int, help="hidden size (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set-lr",
+        type=float,
+        metavar="LR",
+        help="with --resume: go on at this learning rate from the checkpoint's step (a drop by hand; "
+        "--lr stays the rate the run started at; metrics.json's lr_schedule records it)",
+    )
     p.set_defaults(func=_guard(run_train, "train"))
 
     p = subparsers.add_parser(

@@ -47,6 +47,10 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None
     resume: bool = False
+    # on resume: go on at this learning rate from the checkpoint's step (a drop by hand); `lr`
+    # stays the rate the run started at, and `lr_schedule` in the checkpoint and metrics.json says
+    # which rate trained from which step on
+    set_lr: float | None = None
     eval_every: int | None = None
     clip: float = 1.0  # gradient-norm clipping (Chung et al. rescale the norm to 1); 0 = none
     clip_value: float = 0.0  # elementwise clipping to [-v, v] (Graves et al. 2014: 10); 0 = none
@@ -129,6 +133,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     step, history, train_seconds = 0, [], 0.0
     loss_sum, loss_count = 0.0, 0
+    lr_schedule = [[0, cfg.lr]]
 
     ckpt = load_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
@@ -141,8 +146,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
         set_rng_state(ckpt["rng"], data_gen)
         step, history, train_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
         loss_sum, loss_count = ckpt["loss_sum"], ckpt["loss_count"]
+        lr_schedule = ckpt.get("lr_schedule", lr_schedule)
     elif cfg.resume:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+    if cfg.set_lr is not None:
+        if ckpt is None:
+            raise ValueError(
+                "--set-lr changes the learning rate of a resumed run (with --resume and a "
+                "checkpoint); to start at a learning rate, use --lr"
+            )
+        if cfg.set_lr <= 0:
+            raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
+        if cfg.set_lr != lr_schedule[-1][1]:
+            lr_schedule = [*lr_schedule, [step, cfg.set_lr]]
+            if cfg.progress:
+                print(
+                    f"learning rate {lr_schedule[-2][1]:g} -> {cfg.set_lr:g} from step {step}",
+                    file=sys.stderr,
+                )
+    for group in optimizer.param_groups:
+        group["lr"] = lr_schedule[-1][1]
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -156,6 +179,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             train_seconds=train_seconds,
             loss_sum=loss_sum,
             loss_count=loss_count,
+            lr_schedule=lr_schedule,
         )
 
     def record() -> dict:
@@ -165,6 +189,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "sequences": step * cfg.batch,
             "batch_loss": loss_sum / loss_count if loss_count else None,  # training batches since last row
             "time_per_step_s": train_seconds / step if step else None,
+            "lr": lr_schedule[-1][1],  # the rate of the steps since the last row
             **_eval_all(task, model, device),
         }
         loss_sum, loss_count = 0.0, 0
@@ -213,7 +238,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     progress.close()
     if step < cfg.steps and cfg.progress:
         print(f"early stop at step {step}: no better valid {task.metric} in {cfg.patience} evaluations")
-    return _finish(task, cfg, model, history, train_seconds, device)
+    return _finish(task, cfg, model, history, train_seconds, device, lr_schedule)
 
 
 def _add_weight_noise(params: list[torch.Tensor], std: float) -> list[torch.Tensor] | None:
@@ -288,11 +313,13 @@ class Progress:
         self.bar.close()
 
 
-def _finish(task: Task, cfg: TrainConfig, model, history, train_seconds: float, device) -> dict[str, Any]:
+def _finish(
+    task: Task, cfg: TrainConfig, model, history, train_seconds: float, device, lr_schedule: list
+) -> dict[str, Any]:
     from .plots import learning_curve
 
     out = Path(cfg.out)
-    final = {k: v for k, v in history[-1].items() if k not in ("step", "sequences", "time_per_step_s")}
+    final = {k: v for k, v in history[-1].items() if k not in ("step", "sequences", "time_per_step_s", "lr")}
     steps_done = history[-1]["step"]
     summary: dict[str, Any] = {
         "task": cfg.task,
@@ -311,6 +338,7 @@ def _finish(task: Task, cfg: TrainConfig, model, history, train_seconds: float, 
         "device": str(device),
         "torch": torch.__version__,
         "config": asdict(cfg),
+        "lr_schedule": lr_schedule,  # [step, learning rate from that step on]
         "history": history,
     }
     if any("valid_" + task.metric in row for row in history):
