@@ -15,6 +15,8 @@ Tables (--tables, comma-separated):
           textbook loop and torch.compile of the textbook step (issue 9)
     long  the cells without a state GEMM (indrnn, sru: elementwise; mingru, minlstm: linear) at T=1000,
           I=64, H=128, N=1 and N=32 (issue 11)
+    step  one step: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell at N=32 and N=1, I=128,
+          H=256 (a decoder's call; no issue sets a target: it shows the fixed cost of one call)
 
 Rows: "celldsl" is the layer as the library builds it (backend auto: on CPU tensors the C kernels of
 runtime/cpu_fused.py, the native loop or the Python loop, whichever runtime/cpu_gemm.py measured
@@ -57,7 +59,7 @@ import reference_cells  # noqa: E402
 import celldsl  # noqa: E402
 from celldsl.compiler import ZOO  # noqa: E402
 
-TABLES = ("nn", "zoo", "long")
+TABLES = ("nn", "zoo", "long", "step")
 LONG_CELLS = ("indrnn", "sru", "mingru", "minlstm")
 
 
@@ -504,6 +506,26 @@ def long_tables(args, clock, report: Report) -> None:
                                ms(ours, "fwdbwd") / ms(shipped, "fwdbwd"), 1.0)
 
 
+def step_tables(args, clock, report: Report) -> None:
+    """One step of a cell module (no target: see the module doc)."""
+    I, H = args.size[2:]
+    for cell, N in (("lstm", args.size[1]), ("gru", args.size[1]), ("lstm", 1)):
+        torch.manual_seed(0)
+        name = {"lstm": "LSTMCell", "gru": "GRUCell"}[cell]
+        ref, ours = getattr(nn, name)(I, H), getattr(celldsl, name)(I, H)
+        ours.load_state_dict(ref.state_dict())
+
+        def first(result):
+            return result[0] if isinstance(result, tuple) else result  # LSTMCell: (h, c)
+
+        impls = [Impl(f"torch.nn.{name}", lambda x, m=ref: first(m(x)), ref.parameters(), "nn"),
+                 Impl(f"celldsl.{name}", lambda x, m=ours: first(m(x)), ours.parameters(), "celldsl")]
+        x = torch.randn(N, I)
+        measure(impls, x, args.repeats * 20, args.warmup * 20, clock, ("fwd", "fwdbwd"))
+        table(f"{name}, one step, N={N} I={I} H={H} (median of {args.repeats * 20})", impls,
+              max_diff(impls, x, impls[1]), impls[0])
+
+
 def cpu_model() -> str:
     """The CPU as /proc/cpuinfo names it, with its vector extensions (the GEMMs' choice depends on them)."""
     info: dict[str, str] = {}
@@ -566,7 +588,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, float32; {args.clock} clock, median of {args.repeats} "
           f"interleaved runs after {args.warmup} warm-up runs")
     report = Report()
-    for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables)):
+    for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables), ("step", step_tables)):
         if name in args.tables:
             run(args, clock, report)
     end = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

@@ -33,13 +33,18 @@ def test_bench_prints_every_table_row_and_target(capsys):
     titles = re.findall(r"^(LSTM|GRU|indrnn|sru|mingru|minlstm), T=\d+ N=\d+", text, flags=re.M)
     assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2
     rows = table_rows(text)
-    nn_rows, zoo_rows, long_rows = rows[:16], rows[16:19], rows[19:]
+    nn_rows, zoo_rows, long_rows, step_rows = rows[:16], rows[16:19], rows[19:-6], rows[-6:]
     labels = ["torch.nn.", "celldsl.", "Python loop", "textbook"]
     for i, row in enumerate(nn_rows):
         assert labels[i % 4] in row[0], row
     assert [r[0] for r in zoo_rows] == ["lstm", "mut1", "indrnn"]
     assert len(long_rows) == 3 * 2 * len(bench.LONG_CELLS)
-    for row in nn_rows + long_rows:
+    assert re.findall(r"^(\w+), one step, N=(\d+)", text, flags=re.M) == [
+        ("LSTMCell", "2"), ("GRUCell", "2"), ("LSTMCell", "1")]
+    assert [r[0] for r in step_rows] == [
+        f"{lib}.{name}" for name in ("LSTMCell", "GRUCell", "LSTMCell") for lib in ("torch.nn", "celldsl")
+    ]
+    for row in nn_rows + long_rows + step_rows:
         fwd, fwdbwd, r1, r2, diff = (float(c) for c in row[-5:])
         assert fwd > 0 and fwdbwd > 0 and r1 > 0 and r2 > 0
         assert diff < 1e-4, row  # the same weights and equations: the same outputs
