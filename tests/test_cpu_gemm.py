@@ -68,6 +68,35 @@ def test_native_products_equal_torch(dtype):
         assert not wide[:, 0].any() and not wide[:, -2:].any()
 
 
+def panels_reference(w, groups, n, k, s_n, s_k, s_group, width):
+    """The packed layout, element by element: panel p of group g holds B(k, c) = w[g * s_group +
+    c * s_n + k * s_k] for its columns c = p * width + j, zero beyond n."""
+    flat, panels = w.reshape(-1), -(-n // width)
+    out = torch.zeros(groups, panels, k, width, dtype=w.dtype)
+    for g in range(groups):
+        for c in range(n):
+            out[g, c // width, :, c % width] = flat[g * s_group + c * s_n + torch.arange(k) * s_k]
+    return out.reshape(-1)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_panels_hold_every_element_where_the_tiles_read_it(dtype):
+    # transposed (s_k = 1: the blocks the register transpose takes, and the columns and rows left
+    # over) and plain; rows with a stride of their own; several groups
+    native = cpu_gemm.native_gemm(gemm_lib(), dtype)
+    W = native.width
+    gen = torch.Generator().manual_seed(2)
+    for groups, n, k in ((1, 2 * W, 16), (4, 2 * W, 19), (2, W + 3, 8), (3, 5, 3), (1, 3 * W + 1, 40)):
+        big = torch.randn(groups * n, k + 5, generator=gen, dtype=dtype)
+        cases = [(big, k + 5, 1, n * (k + 5)),  # B = W.T of the [n, k] blocks of a wider matrix
+                 (big.t().contiguous(), 1, groups * n, n)]  # B = W: a [k, n] row-major view
+        for w, s_n, s_k, s_group in cases:
+            got = native.pack(w, groups, n, k, s_n, s_k, s_group)
+            want = panels_reference(w, groups, n, k, s_n, s_k, s_group, W)
+            assert torch.equal(got, want), (groups, n, k, s_n, s_k)
+
+
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_products_are_the_same_on_any_number_of_threads(dtype):
