@@ -304,3 +304,18 @@ def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatc
             assert loop.ran["forward"] == loop.ran["backward"] == ("native",) * len(loop.gemms), loop.ran
         else:
             assert loop.ran["forward"] != "native" and loop.ran["backward"] != "native", loop.ran
+
+
+def test_the_native_loop_is_chosen_unless_torch_gemms_win_by_more_than_a_python_step(monkeypatch):
+    # the choice the micro-benchmark makes for one LSTM step product, with its timings replaced:
+    # at a tie (38.1 against 37.3 us, measured at N = 1) the Python loop would cost a step of its
+    # own on top, so the native loop runs; a torch GEMM faster by more than that wins
+    layer = make_layer("lstm", torch.float32, 16, "choice")
+    loop = fused_loop(layer)
+    monkeypatch.setattr(loop, "gemm", None)
+    monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
+    step_w = [torch.zeros(64, 16)]
+    for native, mm, want in ((38.1e-6, 37.3e-6, True), (300e-6, 290e-6, True),
+                             (300e-6, 300e-6 - 2 * cpu_fused.PYTHON_STEP_SECONDS, False)):
+        monkeypatch.setattr(cpu_gemm, "timings", lambda s, lib, n=native, m=mm: {"native": n, "mm": m})
+        assert loop.runs_native("step", torch.float32, 1, step_w) is want, (native, mm)

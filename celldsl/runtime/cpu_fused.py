@@ -74,6 +74,13 @@ def attempts(source: str) -> tuple[list[str], ...]:
 
 COMPILE_SECONDS = 60  # all attempts together: a safety net (see attempts())
 MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on one thread
+# What a step of the Python loop costs beyond its GEMMs (a C call per pointwise stage, the loop's
+# bookkeeping), which the native loop does not pay and the GEMM micro-benchmark does not see:
+# forced onto the Python loop, the LSTM at T=100 N=1 took 9.55 ms against the native loop's 5.20
+# (43 us a step) while the micro-benchmark had the two step GEMMs within 1 us of each other (38.1
+# and 37.3 us), and chose the Python loop. Counted at about half of that, to stay on the safe side
+# for a faster machine.
+PYTHON_STEP_SECONDS = 20e-6
 _lock = threading.RLock()
 _warned: set[str] = set()
 _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
@@ -473,13 +480,14 @@ class FusedCPULoop(TorchLoop):
         """Whether the native loop runs this sequence: never for a cell it cannot express
         (`self.native_blocker`) or without the GEMM library; a cell without a state GEMM always
         (unless a torch backend is forced), else when the native GEMM is the fastest on the step
-        products (kind "step" or "step_backward"; cpu_gemm measures it once per shape)."""
+        products (kind "step" or "step_backward"; cpu_gemm measures it once per shape) once the
+        Python loop's own cost per step (PYTHON_STEP_SECONDS) is counted."""
         force = self.gemm or cpu_gemm.forced()
         if self.lib is None or self.native_blocker:
             return False
         if force is not None or not step_w:
             return force in (None, "native")
-        native = other = 0.0
+        native, other = 0.0, PYTHON_STEP_SECONDS
         for w in step_w:
             seconds = cpu_gemm.timings(cpu_gemm.site(kind, dtype, n, w.shape[1], w.shape[0]), self.lib)
             native += seconds.get("native", math.inf)
