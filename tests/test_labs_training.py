@@ -81,6 +81,23 @@ def test_set_lr_on_resume_scales_the_next_update_and_is_kept_by_later_resumes(tm
     assert load_checkpoint(tmp_path / "drop")["optimizer"]["param_groups"][0]["lr"] == b
 
 
+def test_rows_from_before_the_lr_column_get_their_rate_and_changes_are_marked(tmp_path):
+    from celldsl.labs.checkpoint import save_checkpoint
+    from celldsl.labs.plots import lr_changes
+
+    train(tiny(tmp_path, steps=2, eval_every=1, lr=1e-2))
+    old = load_checkpoint(tmp_path)  # as a checkpoint of a run from before lr_schedule existed
+    del old["lr_schedule"]
+    for row in old["history"]:
+        del row["lr"]
+    save_checkpoint(tmp_path, **old)
+    resumed = train(tiny(tmp_path, steps=3, eval_every=1, lr=1e-2, resume=True, set_lr=1e-3))
+    assert [row["lr"] for row in resumed["history"]] == [1e-2, 1e-2, 1e-2, 1e-3]
+    steps = [row["step"] for row in resumed["history"]]
+    assert lr_changes(steps, resumed["history"]) == [(2, 1e-3)]  # at the last row of the old rate
+    assert lr_changes(steps, resumed["history"][:3]) == []
+
+
 def test_set_lr_equal_to_the_current_rate_changes_nothing(tmp_path):
     straight = train(tiny(tmp_path / "straight", steps=4, lr=1e-2))
     train(tiny(tmp_path / "resumed", steps=2, lr=1e-2))

@@ -33,6 +33,31 @@ def _zoom_past_start(ax, series: list[list[float]]) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
+def lr_changes(xs: list, history: list[dict]) -> list[tuple]:
+    """(x, new rate) where the learning rate changed (`--set-lr`): a row's "lr" is the rate of the
+    steps that led to it, so a change shows at the last row of the old rate."""
+    return [
+        (xs[i - 1], b["lr"])
+        for i, (a, b) in enumerate(zip(history, history[1:], strict=False), 1)
+        if a.get("lr") is not None and b.get("lr") is not None and a["lr"] != b["lr"]
+    ]
+
+
+def _mark_lr_changes(ax, marks: list[tuple]) -> None:
+    for x, lr in marks:
+        ax.axvline(x, color="0.45", ls="-.", lw=0.8)
+        ax.annotate(
+            f"lr {lr:g}",
+            (x, 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="bottom",
+            ha="right",
+            fontsize=7,
+            color="0.3",
+        )
+
+
 def learning_curve(history: list[dict], metric: str, title: str, path: Path) -> Path:
     """Training loss (left) and the headline metric on each evaluation set (right) vs step."""
     fig = Figure(figsize=(10, 3.8))
@@ -48,6 +73,8 @@ def learning_curve(history: list[dict], metric: str, title: str, path: Path) -> 
     _zoom_past_start(ax_metric, [[row.get(f"{s}_{metric}") for row in history] for s in sets])
     ax_metric.set(xlabel="step", ylabel=metric, title=metric)
     ax_metric.legend()
+    for ax in (ax_loss, ax_metric):
+        _mark_lr_changes(ax, lr_changes(steps, history))
     fig.suptitle(title)
     return _save(fig, Path(path))
 
@@ -192,9 +219,10 @@ def score_boxes(scores: dict[str, list[float]], ylabel: str, title: str, path: P
     return _save(fig, Path(path))
 
 
-def copy_learning_curve(sequences, curves: dict, graves: tuple, path: Path) -> Path:
+def copy_learning_curve(sequences, curves: dict, graves: tuple, path: Path, lr_marks=()) -> Path:
     """Cost per sequence (bits, log scale) vs sequences seen, with Graves et al.'s approximate LSTM
-    points; beside it, if given, lstm_copy_task's loss (BCE over all steps) with its floor."""
+    points; beside it, if given, lstm_copy_task's loss (BCE over all steps) with its floor.
+    lr_marks: (sequences, new rate) where the learning rate changed."""
     has_bce = "bce_all" in curves
     fig = Figure(figsize=(11 if has_bce else 6, 4))
     axes = fig.subplots(1, 2 if has_bce else 1, squeeze=False)[0]
@@ -218,4 +246,6 @@ def copy_learning_curve(sequences, curves: dict, graves: tuple, path: Path) -> P
         ax.set(xlabel="sequences seen", ylabel="BCE over all steps", title="lstm_copy_task's loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    for ax in axes:
+        _mark_lr_changes(ax, lr_marks)
     return _save(fig, Path(path))

@@ -147,6 +147,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step, history, train_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
         loss_sum, loss_count = ckpt["loss_sum"], ckpt["loss_count"]
         lr_schedule = ckpt.get("lr_schedule", lr_schedule)
+        for row in history:  # rows written before rows said their rate
+            row.setdefault("lr", _rate_before(lr_schedule, row["step"]))
     elif cfg.resume:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
     if cfg.set_lr is not None:
@@ -239,6 +241,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if step < cfg.steps and cfg.progress:
         print(f"early stop at step {step}: no better valid {task.metric} in {cfg.patience} evaluations")
     return _finish(task, cfg, model, history, train_seconds, device, lr_schedule)
+
+
+def _rate_before(lr_schedule: list, step: int) -> float:
+    """The learning rate of the steps that led to `step` (of step 0: the first rate)."""
+    rates = [lr for start, lr in lr_schedule if start < step]
+    return rates[-1] if rates else lr_schedule[0][1]
 
 
 def _add_weight_noise(params: list[torch.Tensor], std: float) -> list[torch.Tensor] | None:

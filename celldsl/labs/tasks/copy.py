@@ -223,7 +223,7 @@ class CopyTask(Task):
         """copy_learning_curve.png: test cost per sequence vs sequences seen, as Graves et al. Fig. 3
         (their LSTM's approximate points marked), and, for the lstm_copy_task encoding, that
         project's loss with its floor."""
-        from ..plots import copy_learning_curve
+        from ..plots import copy_learning_curve, lr_changes
 
         rows = [r for r in history if r.get("test_bits_per_seq") is not None]
         seqs = [r["sequences"] for r in rows]
@@ -232,4 +232,4 @@ class CopyTask(Task):
             curves["bce_all"] = {s: [r.get(f"{s}_bce_all") for r in rows] for s in ("train", "test")}
             curves["floor"] = rows[-1].get("test_bce_all_floor")
         path = Path(out_dir) / "copy_learning_curve.png"
-        return [copy_learning_curve(seqs, curves, GRAVES_LSTM_CURVE, path)]
+        return [copy_learning_curve(seqs, curves, GRAVES_LSTM_CURVE, path, lr_changes(seqs, rows))]
