@@ -87,6 +87,10 @@ IDENTITY = (
     "weight_noise", "task_options",
 )  # fmt: skip
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_SET_LR_NEEDS_RESUME = (
+    "--set-lr changes the learning rate of a resumed run (with --resume and a checkpoint); to start "
+    "at a learning rate, use --lr"
+)
 
 
 def _headline(task: Task, row: dict[str, Any]) -> str:
@@ -120,6 +124,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or continue) one training run; returns the summary also written to metrics.json."""
     task = make_task(config.task, config.task_options)
     cfg = config.resolved(task)
+    if cfg.set_lr is not None and not cfg.resume:
+        raise ValueError(_SET_LR_NEEDS_RESUME)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -153,10 +159,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
     if cfg.set_lr is not None:
         if ckpt is None:
-            raise ValueError(
-                "--set-lr changes the learning rate of a resumed run (with --resume and a "
-                "checkpoint); to start at a learning rate, use --lr"
-            )
+            raise ValueError(_SET_LR_NEEDS_RESUME)
         if cfg.set_lr <= 0:
             raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
         if cfg.set_lr != lr_schedule[-1][1]:
