@@ -509,15 +509,14 @@ def long_tables(args, clock, report: Report) -> None:
 def step_tables(args, clock, report: Report) -> None:
     """One step of a cell module (no target: see the module doc)."""
     I, H = args.size[2:]
-    for cell, N in (("lstm", args.size[1]), ("gru", args.size[1]), ("lstm", 1)):
+
+    def first(result):
+        return result[0] if isinstance(result, tuple) else result  # LSTMCell: (h, c)
+
+    for name, N in (("LSTMCell", args.size[1]), ("GRUCell", args.size[1]), ("LSTMCell", 1)):
         torch.manual_seed(0)
-        name = {"lstm": "LSTMCell", "gru": "GRUCell"}[cell]
         ref, ours = getattr(nn, name)(I, H), getattr(celldsl, name)(I, H)
         ours.load_state_dict(ref.state_dict())
-
-        def first(result):
-            return result[0] if isinstance(result, tuple) else result  # LSTMCell: (h, c)
-
         impls = [Impl(f"torch.nn.{name}", lambda x, m=ref: first(m(x)), ref.parameters(), "nn"),
                  Impl(f"celldsl.{name}", lambda x, m=ours: first(m(x)), ours.parameters(), "celldsl")]
         x = torch.randn(N, I)

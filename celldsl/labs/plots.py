@@ -73,8 +73,9 @@ def learning_curve(history: list[dict], metric: str, title: str, path: Path) -> 
     _zoom_past_start(ax_metric, [[row.get(f"{s}_{metric}") for row in history] for s in sets])
     ax_metric.set(xlabel="step", ylabel=metric, title=metric)
     ax_metric.legend()
+    marks = lr_changes(steps, history)
     for ax in (ax_loss, ax_metric):
-        _mark_lr_changes(ax, lr_changes(steps, history))
+        _mark_lr_changes(ax, marks)
     fig.suptitle(title)
     return _save(fig, Path(path))
 

@@ -126,6 +126,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     cfg = config.resolved(task)
     if cfg.set_lr is not None and not cfg.resume:
         raise ValueError(_SET_LR_NEEDS_RESUME)
+    if cfg.set_lr is not None and cfg.set_lr <= 0:
+        raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -160,8 +162,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if cfg.set_lr is not None:
         if ckpt is None:
             raise ValueError(_SET_LR_NEEDS_RESUME)
-        if cfg.set_lr <= 0:
-            raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
         if cfg.set_lr != lr_schedule[-1][1]:
             lr_schedule = [*lr_schedule, [step, cfg.set_lr]]
             if cfg.progress:
