@@ -5,8 +5,7 @@
 
 Each row is one product at one shape, measured the way runtime/cpu_gemm.py measures when it chooses
 (fresh here: the cache file is neither read nor written): random data, every backend's product
-checked against torch first, interleaved rounds, the minimum per call. GFLOP/s = 2 m k n / time. The
-weight gradient (d.T @ x over all rows) has no choice, torch.mm runs it; it is timed for comparison.
+checked against torch first, interleaved rounds, the minimum per call. GFLOP/s = 2 m k n / time.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,8 @@ if str(ROOT) not in sys.path:
 from celldsl.runtime import cpu_fused, cpu_gemm  # noqa: E402
 
 # (kind, m, k, n): the per-step products of an LSTM at (N=32, H=256), N=1 and (N=128, H=512), a GRU's,
-# and the products over all rows at T=100 (hoisted: x @ W_ih.T, input_grad: d @ W_ih)
+# and the products over all rows at T=100 (hoisted: x @ W_ih.T, input_grad: d @ W_ih, weight_grad:
+# d.T @ h for W_hh, d.T @ x for W_ih, the GRU's W_hh and the large LSTM's W_hh)
 SHAPES = [
     ("step", 32, 256, 1024), ("step_backward", 32, 256, 1024),
     ("step", 32, 256, 768), ("step_backward", 32, 256, 768),
@@ -35,20 +34,9 @@ SHAPES = [
     ("step", 4, 256, 1024),
     ("step", 128, 512, 2048), ("step_backward", 128, 512, 2048),
     ("hoisted", 3200, 128, 1024), ("hoisted", 100, 128, 1024), ("input_grad", 3200, 128, 1024),
+    ("weight_grad", 3200, 256, 1024), ("weight_grad", 3200, 128, 1024), ("weight_grad", 3200, 256, 768),
+    ("weight_grad", 12800, 512, 2048),
 ]
-WEIGHT_GRADS = [(3200, 1024, 256), (3200, 1024, 128), (3200, 768, 256)]  # rows, n (= kH), k
-
-
-def weight_grad_seconds(rows: int, n: int, k: int, threads: int) -> float:
-    d, x = torch.randn(rows, n), torch.randn(rows, k)
-    clock = time.thread_time if threads == 1 else time.perf_counter
-    torch.mm(d.t(), x)
-    best = float("inf")
-    for _ in range(cpu_gemm.ROUNDS):
-        start = clock()
-        torch.mm(d.t(), x)
-        best = min(best, clock() - start)
-    return best
 
 
 def main(argv=None) -> int:
@@ -75,11 +63,6 @@ def main(argv=None) -> int:
         cells = [f"{seconds[b] * 1e6:.0f} us, {2 * m * k * n / seconds[b] / 1e9:.0f} GF/s"
                  if b in seconds else "-" for b in cpu_gemm.BACKENDS]
         print(f"| {kind} | {m} x {k} x {n} | " + " | ".join(cells) + f" | {min(seconds, key=seconds.get)} |")
-    print("\nWeight gradients, torch.mm (d.T @ x):\n")
-    print("| rows x n x k | torch.mm |\n|---|---:|")
-    for rows, n, k in WEIGHT_GRADS:
-        s = weight_grad_seconds(rows, n, k, args.threads)
-        print(f"| {rows} x {n} x {k} | {s * 1e3:.1f} ms, {2 * rows * n * k / s / 1e9:.0f} GF/s |")
     return 0
 
 

@@ -118,6 +118,52 @@ def test_native_products_are_the_same_on_any_number_of_threads(dtype):
             assert torch.equal(out, outs[0]), (m, k, n, threads)
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_transpose_moves_every_element(dtype):
+    # whole register blocks, 64 x 64 tiles and the rows and columns left over; a source with a row
+    # stride of its own
+    native = cpu_gemm.native_gemm(gemm_lib(), dtype)
+    gen = torch.Generator().manual_seed(3)
+    for rows, cols in ((1, 1), (8, 8), (3, 17), (64, 64), (70, 129), (200, 9)):
+        big = torch.randn(rows, cols + 4, generator=gen, dtype=dtype)
+        src = big[:, 2 : cols + 2]
+        for threads in (1, 3):
+            got = native.transpose(src, threads)
+            assert got.is_contiguous() and torch.equal(got, src.t()), (rows, cols, threads)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_weight_gradients_equal_torch(dtype):
+    # rows over several chunks (and a chunk's remainder), row ranges of one d (a state operand's
+    # initial state, then its new states) summed into one result, any number of threads
+    lib = gemm_lib()
+    chunk = cpu_gemm.WEIGHT_GRAD_CHUNK_BYTES // torch.empty(0, dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    for rows, n, k in ((1, 5, 3), (37, 40, 33), (2 * chunk + 5, 70, 20)):
+        d = torch.randn(rows, n, generator=gen, dtype=dtype)
+        a = torch.randn(rows, k, generator=gen, dtype=dtype)
+        want = d.t() @ a
+        first = min(3, rows)
+        results, before = [], torch.get_num_threads()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                grads = cpu_gemm.WeightGrads(d, lib, force="native")
+                whole = grads(a)
+                split = grads(a[:first])
+                grads(a[first:], start=first, out=split)
+            finally:
+                torch.set_num_threads(before)
+            assert rel_err([want], [whole]) < tol and rel_err([want], [split]) < tol, (rows, n, k, threads)
+            results.append(whole)
+        assert torch.equal(results[0], results[1]), (rows, n, k)  # the same tiles in the same order
+        by_mm = cpu_gemm.WeightGrads(d, lib, force="mm")
+        assert rel_err([want], [by_mm(a)]) < tol
+
+
 @pytest.mark.parametrize("backend", ["mm", "onednn", "onednn_packed"])
 @pytest.mark.parametrize("kind", ["step", "step_backward"])
 def test_torch_products_equal_torch(backend, kind):

@@ -22,6 +22,8 @@ Entry points, for T in float (_f32) and double (_f64):
     cd_gemm_T(M, n, K, a, lda, panels, c, ldc, init, bias, nt)
         c[i, j] (init 0: =, 1: +=, 2: = bias[j] +) sum_k a[i * lda + k] * B(k, j), i < M, j < n
     cd_gemm_repeat_T(reps, ...)              the same `reps` times (the micro-benchmark's clock)
+    cd_transpose_matrix_T(rows, cols, src, lds, dst, ldd, nt)
+        dst[j * ldd + i] = src[i * lds + j]: d.T for a weight gradient d.T @ a (runtime/cpu_gemm.py)
 
     cd_tiles_T(M, K, a, lda, panel, c, ldc, ncols, init, bias)
         rows 0..M of one panel: what the native loop of a cell (emit/c_loop.py) calls per step
@@ -282,6 +284,34 @@ void cd_gemm_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, co
                               c + i * ldc + col, ldc, CD_MIN(CD_NR_{dt}, n - col), (int)init,
                               bias ? bias + col : 0);
             }}
+    }}
+}}
+
+/* dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: blocks of 64 x 64 (they stay in the L1
+   cache), each in register transposes. A weight gradient d.T @ a needs d.T's rows contiguous (the
+   tiles read rows of A); torch's copy of a transposed view ran at a sixth of this speed. */
+void cd_transpose_matrix_{dt}(int64_t rows, int64_t cols, const {t} *src, int64_t lds, {t} *dst,
+                              int64_t ldd, int64_t nt)
+{{
+    const int64_t B = 64, nb = (rows + B - 1) / B;
+#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
+    for (int64_t ib = 0; ib < nb; ++ib) {{
+        const int64_t i0 = ib * B, i1 = CD_MIN(rows, i0 + B);
+        for (int64_t j0 = 0; j0 < cols; j0 += B) {{
+            const int64_t j1 = CD_MIN(cols, j0 + B);
+            int64_t i = i0, j = j0;
+#ifdef CD_TRANSPOSE
+            for (; i + CD_TB_{dt} <= i1; i += CD_TB_{dt})
+                for (j = j0; j + CD_TB_{dt} <= j1; j += CD_TB_{dt})
+                    cd_transpose_{dt}(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+            for (int64_t ii = i0; ii < i; ++ii)  /* the columns right of the blocks */
+                for (int64_t jj = j; jj < j1; ++jj)
+                    dst[jj * ldd + ii] = src[ii * lds + jj];
+#endif
+            for (; i < i1; ++i)  /* the rows below them (all rows without register transposes) */
+                for (j = j0; j < j1; ++j)
+                    dst[j * ldd + i] = src[i * lds + j];
+        }}
     }}
 }}
 

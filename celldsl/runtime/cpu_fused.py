@@ -725,25 +725,34 @@ class FusedCPULoop(TorchLoop):
             self._backward_python(bufs, grads, args, A, B, steps, offsets, N, step_w)
         dstate = A if len(steps) % 2 == 1 else B  # the buffers written last: the initial states' gradients
 
+        # weight gradients d.T @ operand; a GEMM gradient shared by two GEMMs (hoisted_alias) is
+        # transposed once for both
+        weight_grads: dict[int, cpu_gemm.WeightGrads] = {}
+
+        def grads_of(d):
+            if id(d) not in weight_grads:
+                weight_grads[id(d)] = cpu_gemm.WeightGrads(d, self.lib, self.gemm)
+            return weight_grads[id(d)]
+
         d_step_w = []
         for gi in range(len(self.gemms)):
-            dP = d_step[gi]
+            dP = grads_of(d_step[gi])
             is_state, index = self.gemm_operands[gi]
             if not is_state:
-                d_step_w.append(torch.mm(dP.t(), operands[index]))
+                d_step_w.append(dP(operands[index]))
             elif steps[-1] == N:  # operand rows: the initial state, then every new state but the last
-                dw = torch.mm(dP[:N].t(), states[index])
+                dw = dP(states[index])
                 if rows > N:
-                    dw.addmm_(dP[N:].t(), news[index][: rows - N])
+                    dP(news[index][: rows - N], start=N, out=dw)
                 d_step_w.append(dw)
             else:
-                d_step_w.append(torch.mm(dP.t(), self._previous_all(index, states, news, steps, offsets)))
+                d_step_w.append(dP(self._previous_all(index, states, news, steps, offsets)))
         dx = {name: _to_width(d, xs[name]) for name, d in grads["x"].items()}  # input -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
         for gi, g in enumerate(self.hoisted):
-            d_hoisted_w.append(torch.mm(d_hoist[gi].t(), hoisted_ops[gi]))
+            d_hoisted_w.append(grads_of(d_hoist[gi])(hoisted_ops[gi]))
             name = g.operand.name
             if not needs_dx and not self.hoist and self.where[name].kind == "input":
                 continue  # the operand is an input itself

@@ -13,9 +13,12 @@ Kinds of products (w is the weight as the layer stores it, [n, k]):
     step_backward  out[b, k] (=, +=) d[b, n] @ w                 every time step (backward)
     hoisted        out[rows, n] = bias + x[rows, k] @ w.T        once per call (input projection)
     input_grad     out[rows, k] = d[rows, n] @ w                 once per call (d x)
+    weight_grad    out[n, k] (=, +=) d[rows, n].T @ a[rows, k]   once per call and weight (d W)
 
-Weight gradients (d.T @ x) always run torch.mm: MKL's transposed-A GEMM was 3-4x faster than the
-native kernel, which packs only B (measured; docs/benchmarks.md).
+The native weight gradient transposes d first (its tiles read rows of A, and d.T's rows are d's
+columns) and runs the rows in chunks, each packed as B, summed into out: on an AMD EPYC with
+AVX-512 it reached ~145 GFLOP/s at (3200 x 1024 x 256) where MKL's transposed-A GEMM took its AVX2
+path at ~83 (bench/cpu_gemm.py).
 
 Backends: "native" (celldsl's kernel; for the step kinds it means the whole time loop runs in C,
 runtime/cpu_native.py), "mm" (torch.mm/addmm: MKL or OpenBLAS), "onednn" (torch.ops.mkldnn's
@@ -45,10 +48,13 @@ from .. import cache
 from ..emit.c_gemm import gemm_source
 
 BACKENDS = ("native", "mm", "onednn", "onednn_packed")
-KINDS = ("step", "step_backward", "hoisted", "input_grad")
+KINDS = ("step", "step_backward", "hoisted", "input_grad", "weight_grad")
 CACHE_FILE = "cpu_gemm.json"
 FORMAT = 1
 BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
+# rows of a weight gradient per chunk, in bytes of a row of d.T: 1024 floats (a panel of 32 columns,
+# 128 kB, stays in the L2 cache); 256 and 512 ran 5-15% slower at (12800 x 2048 x 512), one thread
+WEIGHT_GRAD_CHUNK_BYTES = 4096
 SECONDS_PER_TIMING = 2e-3  # one timing repeats a product for at least this long
 ROUNDS = 5  # interleaved rounds; the minimum of the rounds is kept (the least disturbed run)
 ONEDNN_SCHEMAS = {
@@ -85,7 +91,7 @@ class Site:
 def site(kind: str, dtype: torch.dtype, m: int, k: int, n: int) -> Site:
     """The site of a product at the current thread count; products over all rows are measured at a
     representative row count (their cost per row is flat beyond a few thousand)."""
-    if kind in ("hoisted", "input_grad"):
+    if kind in ("hoisted", "input_grad", "weight_grad"):
         m = min(BIG_ROWS, 1 << max(0, math.ceil(math.log2(max(m, 1)))))
     return Site(kind, dtype, m, k, n, torch.get_num_threads())
 
@@ -147,7 +153,8 @@ class NativeGemm:
         self._pack = getattr(lib, f"cd_pack_{dt}")
         self._gemm = getattr(lib, f"cd_gemm_{dt}")
         self._repeat = getattr(lib, f"cd_gemm_repeat_{dt}")
-        for fn, n in ((self._pack, 9), (self._gemm, 11), (self._repeat, 12)):
+        self._transpose = getattr(lib, f"cd_transpose_matrix_{dt}")
+        for fn, n in ((self._pack, 9), (self._gemm, 11), (self._repeat, 12), (self._transpose, 7)):
             fn.argtypes = [ctypes.c_int64] * n
             fn.restype = None
 
@@ -181,6 +188,30 @@ class NativeGemm:
             self._repeat(reps, *args)
         else:
             self._gemm(*args)
+
+
+    def transpose(self, t: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """t.T as a new contiguous tensor; t [r, c] with unit column stride."""
+        out = t.new_empty(t.shape[1], t.shape[0])
+        self._transpose(t.shape[0], t.shape[1], t.data_ptr(), t.stride(0), out.data_ptr(), out.stride(0),
+                        threads)
+        return out
+
+    def weight_grad(self, d_t: torch.Tensor, a: torch.Tensor, out: torch.Tensor, accumulate: bool = False,
+                    threads: int = 1) -> None:
+        """out [n, k] (= or +=) d_t [n, rows] @ a [rows, k] (d_t: d transposed, unit column stride), the
+        rows in chunks of WEIGHT_GRAD_CHUNK_BYTES per row of d_t: each chunk's panels stay in cache,
+        and out is read and written once per chunk."""
+        n, rows = d_t.shape
+        chunk = max(1, WEIGHT_GRAD_CHUNK_BYTES // d_t.element_size())
+        if rows == 0 and not accumulate:
+            out.zero_()
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            panels = self.pack(a[r0:r1], 1, a.shape[1], r1 - r0, 1, a.stride(0), 0, threads)
+            init = int(accumulate or r0 > 0)  # the first chunk sets out, the others add to it
+            self._gemm(n, a.shape[1], r1 - r0, d_t.data_ptr() + r0 * d_t.element_size(), d_t.stride(0),
+                       panels.data_ptr(), out.data_ptr(), out.stride(0), init, 0, threads)
 
 
 def _mkldnn():
@@ -333,10 +364,13 @@ def measure(s: Site, lib, names: list[str]) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=s.dtype)  # noqa: E731
     transposed = s.kind in ("step", "hoisted")
-    w = rand(s.n, s.k)
+    w = rand(s.m, s.k) if s.kind == "weight_grad" else rand(s.n, s.k)  # weight_grad: w is the operand
     a = rand(s.m, s.k if transposed else s.n)
     bias = rand(s.n) if s.kind == "hoisted" else None
-    want = torch.addmm(bias, a, w.t()) if bias is not None else (a @ w.t() if transposed else a @ w)
+    if s.kind == "weight_grad":
+        want = a.t() @ w
+    else:
+        want = torch.addmm(bias, a, w.t()) if bias is not None else (a @ w.t() if transposed else a @ w)
     runs = {}
     for name in names:
         try:
@@ -368,6 +402,8 @@ def _runner(name, s: Site, lib, a, w, bias):
         return lambda reps: [_linear_with(name, a, w, bias, lib) for _ in range(reps)][-1]
     if s.kind == "input_grad":
         return lambda reps: [_matmul_with(name, a, w, lib) for _ in range(reps)][-1]
+    if s.kind == "weight_grad":
+        return lambda reps: [WeightGrads(a, lib, force=name)(w) for _ in range(reps)][-1]
     transposed = s.kind == "step"
     out = a.new_empty(s.m, s.n if transposed else s.k)
     if name == "native":
@@ -425,6 +461,32 @@ def matmul(d: torch.Tensor, w: torch.Tensor, lib, force: str | None = None):
     d = d.contiguous()
     backend = choose(site("input_grad", d.dtype, d.shape[0], w.shape[1], w.shape[0]), lib, force=force)
     return _matmul_with(backend, d, w, lib)
+
+
+class WeightGrads:
+    """The weight gradients d.T @ a of one GEMM gradient d [rows, n], one per operand a (or per row
+    range of d: a state operand is the initial state for the first N rows, then the new states), each
+    with the backend chosen for its shape. The native backend transposes d once for all of them."""
+
+    def __init__(self, d: torch.Tensor, lib, force: str | None = None):
+        self.d, self.lib, self.force = d, lib, force
+        self._d_t = None
+
+    def __call__(self, a: torch.Tensor, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """d[start : start + rows of a].T @ a, as a new [n, k] tensor, or added onto `out`."""
+        d, rows = self.d, a.shape[0]
+        backend = choose(site("weight_grad", d.dtype, d.shape[0], a.shape[1], d.shape[1]), self.lib,
+                         force=self.force)
+        if backend != "native":
+            part = d[start : start + rows].t()
+            return torch.mm(part, a) if out is None else out.addmm_(part, a)
+        native, threads = native_gemm(self.lib, d.dtype), torch.get_num_threads()
+        if self._d_t is None:
+            self._d_t = native.transpose(d.contiguous() if d.stride(-1) != 1 else d, threads)
+        result = out if out is not None else d.new_empty(d.shape[1], a.shape[1])
+        native.weight_grad(self._d_t[:, start : start + rows], a.contiguous(), result, out is not None,
+                           threads)
+        return result
 
 
 def reset() -> None:
