@@ -28,10 +28,10 @@ def gradients(key, backend, x, states, params, batch_sizes, out, saved, grad_out
         dx, dstates, dparams = differentiable_gradients(key, x, states, params, batch_sizes, grad_out,
                                                         grad_finals)
     else:
-        from .ops import cell_sequence_backward
+        from .ops import call, cell_sequence_backward
 
-        flat = cell_sequence_backward(key, backend, x, list(states), list(params), batch_sizes, out,
-                                      list(saved), grad_out, grad_finals, needs_dx)
+        flat = call(cell_sequence_backward, key, backend, x, list(states), list(params), batch_sizes, out,
+                    list(saved), grad_out, grad_finals, needs_dx)
         n = len(states)
         dx, dstates, dparams = flat[0], flat[1 : 1 + n], flat[1 + n :]
     return (dx if needs_dx else None), list(dstates), list(dparams)
@@ -72,10 +72,10 @@ class CellSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(key, backend, n_states, batch_sizes, x, *states_and_params):
-        from .ops import cell_sequence
+        from .ops import call, cell_sequence
 
         states, params = states_and_params[:n_states], states_and_params[n_states:]
-        return tuple(cell_sequence(key, backend, x, list(states), list(params), batch_sizes))
+        return tuple(call(cell_sequence, key, backend, x, list(states), list(params), batch_sizes))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -17,6 +17,10 @@ gradients.
 Autograd: runtime/autograd.py (first order fused, higher orders through the generated torch code);
 vmap: runtime/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
 torch.func transforms work too.
+
+`call` runs an op's implementation without the dispatcher when nothing but autograd could see the
+op (`plain_eager`): the dispatcher's path to a Python custom op costs ~0.05-0.1 ms a call, most of
+a step's arithmetic at batch 1 (a decoder stepping token by token pays it every token).
 """
 
 from __future__ import annotations
@@ -29,15 +33,43 @@ from .autograd import CellSequence, gradients
 from .function import loop_for, split_params, unaliased
 
 
-@torch.library.custom_op("celldsl::cell_sequence", mutates_args=())
-def cell_sequence(
-    key: str, backend: str, x: Tensor, states: list[Tensor], params: list[Tensor], batch_sizes: Tensor | None
-) -> list[Tensor]:
+def plain_eager(tensors) -> bool:
+    """Whether an op called on `tensors` here would go straight to its CPU or CUDA implementation:
+    no torch.compile or jit tracing, no torch.func transform, no dispatch or function mode (fake
+    tensors, tools built on TorchDispatchMode), no autocast, no profiler, and plain tensors
+    (torch.Tensor or nn.Parameter: no subclass, no meta tensor). Only then may `call` skip it."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled() or torch._C._is_any_autocast_enabled() or \
+            torch.autograd.profiler._is_profiler_enabled:
+        return False
+    return all(t is None or (type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+               for t in tensors)
+
+
+def call(op, *args):
+    """op(*args): its implementation directly where `plain_eager` (the tensor arguments and lists of
+    tensors are checked), else through the dispatcher. Autograd needs no dispatcher here: the ops
+    are called inside autograd.CellSequence, or with nothing to differentiate."""
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a])
+               if t is None or isinstance(t, Tensor)]
+    return IMPLEMENTATIONS[op](*args) if plain_eager(tensors) else op(*args)
+
+
+def _cell_sequence(key, backend, x, states, params, batch_sizes) -> list[Tensor]:
     loop = loop_for(key, backend)
     if states[0].numel() == 0:  # an empty batch (N = 0) or zero-width states (H = 0): nothing to run
         return _outputs(loop, x, states, params, batch_sizes, x.new_zeros)
     out, finals, saved = loop.forward(x, states, *split_params(loop, params), batch_sizes)
     return unaliased([out, *finals, *saved], [x, *states, *params])
+
+
+@torch.library.custom_op("celldsl::cell_sequence", mutates_args=())
+def cell_sequence(
+    key: str, backend: str, x: Tensor, states: list[Tensor], params: list[Tensor], batch_sizes: Tensor | None
+) -> list[Tensor]:
+    return _cell_sequence(key, backend, x, states, params, batch_sizes)
 
 
 def _outputs(loop, x, states, params, batch_sizes, new):
@@ -59,6 +91,20 @@ def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
     return _outputs(loop_for(key, backend), x, states, params, batch_sizes, x.new_empty)
 
 
+def _cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals,
+                            needs_dx=True) -> list[Tensor]:
+    if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
+        return [torch.zeros_like(t) for t in (x, *states, *params)]
+    loop = loop_for(key, backend)
+    dx, dstates, *dparams = loop.backward(
+        x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
+        needs_dx=needs_dx,
+    )
+    flat = [dx, *dstates, *(d for group in dparams for d in group)]
+    inputs = [x, *states, *params, out, *saved, grad_out, *grad_finals]
+    return unaliased(flat, inputs)
+
+
 @torch.library.custom_op("celldsl::cell_sequence_backward", mutates_args=())
 def cell_sequence_backward(
     key: str,
@@ -73,16 +119,11 @@ def cell_sequence_backward(
     grad_finals: list[Tensor | None],
     needs_dx: bool = True,
 ) -> list[Tensor]:
-    if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
-        return [torch.zeros_like(t) for t in (x, *states, *params)]
-    loop = loop_for(key, backend)
-    dx, dstates, *dparams = loop.backward(
-        x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
-        needs_dx=needs_dx,
-    )
-    flat = [dx, *dstates, *(d for group in dparams for d in group)]
-    inputs = [x, *states, *params, out, *saved, grad_out, *grad_finals]
-    return unaliased(flat, inputs)
+    return _cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved, grad_out,
+                                   grad_finals, needs_dx)
+
+
+IMPLEMENTATIONS = {cell_sequence: _cell_sequence, cell_sequence_backward: _cell_sequence_backward}
 
 
 @cell_sequence_backward.register_fake
@@ -128,5 +169,5 @@ def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params)):
         result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
     else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
-        result = cell_sequence(cell_key, backend, x, list(states), list(params), batch_sizes)
+        result = call(cell_sequence, cell_key, backend, x, list(states), list(params), batch_sizes)
     return result[0], list(result[1 : 1 + len(states)])
