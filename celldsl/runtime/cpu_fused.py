@@ -731,7 +731,7 @@ class FusedCPULoop(TorchLoop):
 
         def grads_of(d):
             if id(d) not in weight_grads:
-                weight_grads[id(d)] = cpu_gemm.WeightGrads(d, self.lib, self.gemm)
+                weight_grads[id(d)] = cpu_gemm.WeightGrads(d, self.lib, self.gemm, take)
             return weight_grads[id(d)]
 
         d_step_w = []

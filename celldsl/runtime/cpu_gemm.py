@@ -162,9 +162,11 @@ class NativeGemm:
         return -(-n // self.width)
 
     def pack(self, w: torch.Tensor, groups: int, n: int, k: int, s_n: int, s_k: int, s_group: int,
-             threads: int = 1) -> torch.Tensor:
-        """B(k, c) = w[g * s_group + c * s_n + k * s_k] (c < n) in panels, for each group g."""
-        out = torch.empty(groups * self.panels(n) * self.width * k, dtype=self.dtype)
+             threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+        """B(k, c) = w[g * s_group + c * s_n + k * s_k] (c < n) in panels, for each group g (into the
+        first elements of `out` when given)."""
+        size = groups * self.panels(n) * self.width * k
+        out = torch.empty(size, dtype=self.dtype) if out is None else out.view(-1)[:size]
         self._pack(groups, n, k, w.data_ptr(), s_n, s_k, s_group, out.data_ptr(), threads)
         return out
 
@@ -190,25 +192,29 @@ class NativeGemm:
             self._gemm(*args)
 
 
-    def transpose(self, t: torch.Tensor, threads: int = 1) -> torch.Tensor:
-        """t.T as a new contiguous tensor; t [r, c] with unit column stride."""
-        out = t.new_empty(t.shape[1], t.shape[0])
+    def transpose(self, t: torch.Tensor, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+        """t.T, contiguous (into `out` [c, r] when given); t [r, c] with unit column stride."""
+        out = t.new_empty(t.shape[1], t.shape[0]) if out is None else out
         self._transpose(t.shape[0], t.shape[1], t.data_ptr(), t.stride(0), out.data_ptr(), out.stride(0),
                         threads)
         return out
 
     def weight_grad(self, d_t: torch.Tensor, a: torch.Tensor, out: torch.Tensor, accumulate: bool = False,
-                    threads: int = 1) -> None:
+                    threads: int = 1, take=None) -> None:
         """out [n, k] (= or +=) d_t [n, rows] @ a [rows, k] (d_t: d transposed, unit column stride), the
         rows in chunks of WEIGHT_GRAD_CHUNK_BYTES per row of d_t: each chunk's panels stay in cache,
-        and out is read and written once per chunk."""
+        and out is read and written once per chunk. take(rows, cols, dtype): where the panels go
+        (scratch.buffers; None: a new tensor)."""
         n, rows = d_t.shape
         chunk = max(1, WEIGHT_GRAD_CHUNK_BYTES // d_t.element_size())
         if rows == 0 and not accumulate:
             out.zero_()
+        space = None
+        if rows and take is not None:
+            space = take(min(rows, chunk), self.panels(a.shape[1]) * self.width, a.dtype)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
-            panels = self.pack(a[r0:r1], 1, a.shape[1], r1 - r0, 1, a.stride(0), 0, threads)
+            panels = self.pack(a[r0:r1], 1, a.shape[1], r1 - r0, 1, a.stride(0), 0, threads, space)
             init = int(accumulate or r0 > 0)  # the first chunk sets out, the others add to it
             self._gemm(n, a.shape[1], r1 - r0, d_t.data_ptr() + r0 * d_t.element_size(), d_t.stride(0),
                        panels.data_ptr(), out.data_ptr(), out.stride(0), init, 0, threads)
@@ -466,10 +472,12 @@ def matmul(d: torch.Tensor, w: torch.Tensor, lib, force: str | None = None):
 class WeightGrads:
     """The weight gradients d.T @ a of one GEMM gradient d [rows, n], one per operand a (or per row
     range of d: a state operand is the initial state for the first N rows, then the new states), each
-    with the backend chosen for its shape. The native backend transposes d once for all of them."""
+    with the backend chosen for its shape. The native backend transposes d once for all of them.
+    take(rows, cols, dtype): where its temporaries go (scratch.buffers: fresh pages fault on their
+    first write, a third of the transpose's time at [3200, 768]); None: new tensors."""
 
-    def __init__(self, d: torch.Tensor, lib, force: str | None = None):
-        self.d, self.lib, self.force = d, lib, force
+    def __init__(self, d: torch.Tensor, lib, force: str | None = None, take=None):
+        self.d, self.lib, self.force, self.take = d, lib, force, take
         self._d_t = None
 
     def __call__(self, a: torch.Tensor, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -482,10 +490,11 @@ class WeightGrads:
             return torch.mm(part, a) if out is None else out.addmm_(part, a)
         native, threads = native_gemm(self.lib, d.dtype), torch.get_num_threads()
         if self._d_t is None:
-            self._d_t = native.transpose(d.contiguous() if d.stride(-1) != 1 else d, threads)
+            space = self.take(d.shape[1], d.shape[0], d.dtype) if self.take is not None else None
+            self._d_t = native.transpose(d.contiguous() if d.stride(-1) != 1 else d, threads, space)
         result = out if out is not None else d.new_empty(d.shape[1], a.shape[1])
         native.weight_grad(self._d_t[:, start : start + rows], a.contiguous(), result, out is not None,
-                           threads)
+                           threads, self.take)
         return result
 
 
