@@ -46,11 +46,12 @@ import torch
 
 from .. import cache
 from ..emit.c_gemm import gemm_source
+from . import scratch
 
 BACKENDS = ("native", "mm", "onednn", "onednn_packed")
 KINDS = ("step", "step_backward", "hoisted", "input_grad", "weight_grad")
 CACHE_FILE = "cpu_gemm.json"
-FORMAT = 1
+FORMAT = 2  # 2: weight_grad sites, measured with a scratch pool (entries of 1 are measured again)
 BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
 # rows of a weight gradient per chunk, in bytes of a row of d.T: 1024 floats (a panel of 32 columns,
 # 128 kB, stays in the L2 cache); 256 and 512 ran 5-15% slower at (12800 x 2048 x 512), one thread
@@ -408,8 +409,13 @@ def _runner(name, s: Site, lib, a, w, bias):
         return lambda reps: [_linear_with(name, a, w, bias, lib) for _ in range(reps)][-1]
     if s.kind == "input_grad":
         return lambda reps: [_matmul_with(name, a, w, lib) for _ in range(reps)][-1]
-    if s.kind == "weight_grad":
-        return lambda reps: [WeightGrads(a, lib, force=name)(w) for _ in range(reps)][-1]
+    if s.kind == "weight_grad":  # its temporaries from a scratch pool, as in the backward
+        def run(reps):
+            for _ in range(reps):
+                with scratch.buffers() as take:
+                    out = WeightGrads(a, lib, force=name, take=take)(w)
+            return out
+        return run
     transposed = s.kind == "step"
     out = a.new_empty(s.m, s.n if transposed else s.k)
     if name == "native":
