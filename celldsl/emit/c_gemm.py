@@ -1,8 +1,9 @@
 """C source of the CPU GEMM the native time loop uses: C (=, +=, = bias +) A @ B on packed panels.
 
-Why our own: on this project's CPU (AMD EPYC, AVX2) MKL and oneDNN both reach ~60-70 GFLOP/s per
-core on the per-step shapes of a recurrent layer ([N, H] @ [H, kH]), while this register-tiled
-kernel, written with GCC's vector extensions, reaches ~85 (bench/cpu.py, docs/benchmarks.md). More
+Why our own: on the per-step shapes of a recurrent layer ([N, H] @ [H, kH]) this register-tiled
+kernel, written with GCC's vector extensions, reached ~85 GFLOP/s per core on an AMD EPYC with AVX2
+(Zen 3) where MKL and oneDNN reached ~60-70, and ~180-210 on one with AVX-512 (Zen 5) where oneDNN
+reached ~135-170 and MKL, on its AVX2 path there, ~70 (bench/cpu_gemm.py, docs/benchmarks.md). More
 important, it is plain C: the whole time loop can run in one native call, with no Python or
 dispatcher per step, and each thread keeps its share of the weights in its own cache from step to
 step. Whether it is used is decided per shape by measurement (runtime/cpu_gemm.py), so a machine

@@ -17,8 +17,8 @@ Kinds of products (w is the weight as the layer stores it, [n, k]):
 
 The native weight gradient transposes d first (its tiles read rows of A, and d.T's rows are d's
 columns) and runs the rows in chunks, each packed as B, summed into out: on an AMD EPYC with
-AVX-512 it reached ~145 GFLOP/s at (3200 x 1024 x 256) where MKL's transposed-A GEMM took its AVX2
-path at ~83 (bench/cpu_gemm.py).
+AVX-512 (Zen 5) it reached 158-196 GFLOP/s where MKL's transposed-A GEMM takes its AVX2 path at
+81-97 (bench/cpu_gemm.py, docs/results/cpu/bench_gemm_1thread.md).
 
 Backends: "native" (celldsl's kernel; for the step kinds it means the whole time loop runs in C,
 runtime/cpu_native.py), "mm" (torch.mm/addmm: MKL or OpenBLAS), "onednn" (torch.ops.mkldnn's
