@@ -268,3 +268,19 @@ def test_forcing_a_backend(monkeypatch, private_cache):
     monkeypatch.setenv("CELLDSL_CPU_GEMM", "blas")
     with pytest.raises(ValueError, match="CELLDSL_CPU_GEMM must be one of native, mm, onednn"):
         cpu_gemm.choose(site, None)
+
+
+@needs_cc
+@pytest.mark.parametrize("force", [None, "native", "mm"])
+def test_a_layers_weight_gradients_run_on_the_chosen_backend(private_cache, force):
+    # measured (None) or forced: the weight gradients of the backward equal the torch backend's,
+    # and a measured run records its weight_grad sites in the cache file
+    layer = make_layer("lstm", hidden=6, dtype=torch.float64, tag="native")
+    loop = fused_loop(layer)
+    loop.gemm = force
+    args = args_for(layer, N=3)
+    want = run_loop(layer.compiled.torch_loop, *args)
+    got = run_loop(loop, *args)
+    assert rel_err(want[0][:3], got[0][:3]) < 1e-12 and rel_err(want[1], got[1]) < 1e-12
+    if force is None:
+        assert any(key.startswith("weight_grad/f64/") for key in read_choices(private_cache))

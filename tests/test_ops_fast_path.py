@@ -98,3 +98,18 @@ def test_subclasses_and_meta_tensors_get_the_op():
     assert ops.plain_eager([x, torch.nn.Parameter(torch.randn(3)), None])
     assert not ops.plain_eager([x, x.as_subclass(Tagged)])
     assert not ops.plain_eager([x, torch.empty(2, device="meta")])
+
+
+def test_inference_mode_takes_the_fast_path_and_matches_torch(monkeypatch):
+    torch.manual_seed(1)
+    layer = celldsl.LSTM(4, 5)
+    reference = torch.nn.LSTM(4, 5)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 2, 4)
+    calls = counting(monkeypatch)
+    with torch.inference_mode():
+        out, (h, c) = layer(x)
+        want, (h_want, c_want) = reference(x)
+    assert calls["forward"] == 1 and out.is_inference()
+    for got, expected in ((out, want), (h, h_want), (c, c_want)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

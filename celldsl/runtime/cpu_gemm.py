@@ -192,7 +192,6 @@ class NativeGemm:
         else:
             self._gemm(*args)
 
-
     def transpose(self, t: torch.Tensor, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
         """t.T, contiguous (into `out` [c, r] when given); t [r, c] with unit column stride."""
         out = t.new_empty(t.shape[1], t.shape[0]) if out is None else out
