@@ -106,6 +106,16 @@ static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b
     for (int64_t j = 0; j < g->blocks; ++j)
         for (int64_t col = P.u0; col < P.u1; col += NR) {{
             const {t} *panel = (const {t} *)g->panels + (j * np + col / NR) * g->K * NR;
+            /* Ask for the next panel's output rows, for writing: each step writes rows of a buffer of
+               T steps (the hoisted rows the products add to), out of cache, and stores to such lines
+               stall the tiles (a 32 x 256 x 1024 product took 100 us a step into moving rows, 80 into
+               fixed ones). A step ahead is too far: the weight's panels stream through the L2 cache
+               in between. The LSTM forward at N=32 ran 3-8% faster (A/B in one process). */
+            const int64_t nj = col + NR < P.u1 ? j : j + 1, ncol = col + NR < P.u1 ? col + NR : P.u0;
+            if (nj < g->blocks)
+                for (int64_t i = 0; i < b; ++i)
+                    for (int64_t u = 0; u < CD_MIN(NR, H - ncol); u += 64 / (int64_t)sizeof({t}))
+                        __builtin_prefetch(c + i * g->output.ld + nj * H + ncol + u, 1, 3);
             tiles(b, g->K, a, g->operand.ld, panel, c + j * H + col, g->output.ld, CD_MIN(NR, H - col),
                   (int)g->init, bias ? bias + j * H + col : 0);
         }}
