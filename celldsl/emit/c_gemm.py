@@ -222,6 +222,43 @@ void cd_tiles_{dt}(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *p
     }}
 }}
 
+/* dst[j * ldd + i] = src[i * lds + j] for i0 <= i < i1, j < cols: blocks of 64 columns (with at most
+   64 rows they stay in the L1 cache), each in register transposes. cd_pack's B = W.T is this for one
+   panel's rows of W. */
+CD_INLINE void cd_transpose_rows_{dt}(int64_t i0, int64_t i1, int64_t cols, const {t} *src, int64_t lds,
+                                     {t} *dst, int64_t ldd)
+{{
+    for (int64_t j0 = 0; j0 < cols; j0 += 64) {{
+        const int64_t j1 = CD_MIN(cols, j0 + 64);
+        int64_t i_end = i0, j_end = j0;  /* where the whole register blocks end */
+#ifdef CD_TRANSPOSE
+        i_end = i0 + (i1 - i0) / CD_TB_{dt} * CD_TB_{dt};
+        j_end = j0 + (j1 - j0) / CD_TB_{dt} * CD_TB_{dt};
+        for (int64_t i = i0; i < i_end; i += CD_TB_{dt})
+            for (int64_t j = j0; j < j_end; j += CD_TB_{dt})
+                cd_transpose_{dt}(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+#endif
+        for (int64_t i = i0; i < i_end; ++i)  /* the columns right of the blocks */
+            for (int64_t j = j_end; j < j1; ++j)
+                dst[j * ldd + i] = src[i * lds + j];
+        for (int64_t i = i_end; i < i1; ++i)  /* the rows below them (all rows without them) */
+            for (int64_t j = j0; j < j1; ++j)
+                dst[j * ldd + i] = src[i * lds + j];
+    }}
+}}
+
+/* The whole transpose, 64 rows per item over nt threads. A weight gradient d.T @ a needs d.T's rows
+   contiguous (the tiles read rows of A); torch's copy of a transposed view ran at a sixth of this
+   speed. */
+void cd_transpose_matrix_{dt}(int64_t rows, int64_t cols, const {t} *src, int64_t lds, {t} *dst,
+                              int64_t ldd, int64_t nt)
+{{
+    const int64_t nb = (rows + 63) / 64;
+#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
+    for (int64_t ib = 0; ib < nb; ++ib)
+        cd_transpose_rows_{dt}(ib * 64, CD_MIN(rows, ib * 64 + 64), cols, src, lds, dst, ldd);
+}}
+
 void cd_pack_{dt}(int64_t groups, int64_t n, int64_t K, const {t} *w, int64_t s_n, int64_t s_k,
                   int64_t s_group, {t} *panels, int64_t nt)
 {{
@@ -233,18 +270,9 @@ void cd_pack_{dt}(int64_t groups, int64_t n, int64_t K, const {t} *w, int64_t s_
         {t} *dst = panels + gp * K * CD_NR_{dt};
         if (cols < CD_NR_{dt})
             memset(dst, 0, K * CD_NR_{dt} * sizeof({t}));
-        if (s_k == 1) {{  /* B = W.T: blocks of W's rows transposed, then the columns left one by one */
-            int64_t k0 = 0;
-#ifdef CD_TRANSPOSE
-            if (cols == CD_NR_{dt})
-                for (; k0 + CD_TB_{dt} <= K; k0 += CD_TB_{dt})
-                    for (int64_t j = 0; j < CD_NR_{dt}; j += CD_TB_{dt})
-                        cd_transpose_{dt}(src + j * s_n + k0, s_n, dst + k0 * CD_NR_{dt} + j, CD_NR_{dt});
-#endif
-            for (int64_t j = 0; j < cols; ++j)
-                for (int64_t k = k0; k < K; ++k)
-                    dst[k * CD_NR_{dt} + j] = src[j * s_n + k];
-        }} else  /* B = W: read each row's NR columns in order */
+        if (s_k == 1)  /* B = W.T: the panel's rows of W transposed */
+            cd_transpose_rows_{dt}(0, cols, K, src, s_n, dst, CD_NR_{dt});
+        else  /* B = W: read each row's NR columns in order */
             for (int64_t k = 0; k < K; ++k)
                 for (int64_t j = 0; j < cols; ++j)
                     dst[k * CD_NR_{dt} + j] = src[j * s_n + k * s_k];
@@ -285,34 +313,6 @@ void cd_gemm_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, co
                               c + i * ldc + col, ldc, CD_MIN(CD_NR_{dt}, n - col), (int)init,
                               bias ? bias + col : 0);
             }}
-    }}
-}}
-
-/* dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: blocks of 64 x 64 (they stay in the L1
-   cache), each in register transposes. A weight gradient d.T @ a needs d.T's rows contiguous (the
-   tiles read rows of A); torch's copy of a transposed view ran at a sixth of this speed. */
-void cd_transpose_matrix_{dt}(int64_t rows, int64_t cols, const {t} *src, int64_t lds, {t} *dst,
-                              int64_t ldd, int64_t nt)
-{{
-    const int64_t B = 64, nb = (rows + B - 1) / B;
-#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
-    for (int64_t ib = 0; ib < nb; ++ib) {{
-        const int64_t i0 = ib * B, i1 = CD_MIN(rows, i0 + B);
-        for (int64_t j0 = 0; j0 < cols; j0 += B) {{
-            const int64_t j1 = CD_MIN(cols, j0 + B);
-            int64_t i = i0, j = j0;
-#ifdef CD_TRANSPOSE
-            for (; i + CD_TB_{dt} <= i1; i += CD_TB_{dt})
-                for (j = j0; j + CD_TB_{dt} <= j1; j += CD_TB_{dt})
-                    cd_transpose_{dt}(src + i * lds + j, lds, dst + j * ldd + i, ldd);
-            for (int64_t ii = i0; ii < i; ++ii)  /* the columns right of the blocks */
-                for (int64_t jj = j; jj < j1; ++jj)
-                    dst[jj * ldd + ii] = src[ii * lds + jj];
-#endif
-            for (; i < i1; ++i)  /* the rows below them (all rows without register transposes) */
-                for (j = j0; j < j1; ++j)
-                    dst[j * ldd + i] = src[i * lds + j];
-        }}
     }}
 }}
 
