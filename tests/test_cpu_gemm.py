@@ -183,6 +183,16 @@ def test_torch_products_equal_torch(backend, kind):
         assert torch.equal(buffer[0], base[0]) and torch.equal(buffer[4:], base[4:])  # nothing else written
 
 
+def lstm_against_torch(dtype, N, gemm):
+    """A small LSTM's fused loop with `gemm` forced (None: measured), and the results of the torch
+    loop and of it on the same arguments: (loop, torch's (forward, backward), the fused loop's)."""
+    layer = make_layer("lstm", hidden=6, dtype=dtype, tag="native")
+    loop = fused_loop(layer)
+    loop.gemm = gemm
+    args = args_for(layer, N=N)
+    return loop, run_loop(layer.compiled.torch_loop, *args), run_loop(loop, *args)
+
+
 def read_choices(folder):
     return json.loads((folder / cpu_gemm.CACHE_FILE).read_text())["sites"]
 
@@ -241,12 +251,7 @@ def test_without_mkldnn(private_cache, monkeypatch):
     lib = gemm_lib() if HAVE_CC else None
     assert cpu_gemm.choose(site, lib, native=False) == "mm"
     if HAVE_CC:  # the whole loop: the Python loop on torch.mm, the torch backend's result
-        layer = make_layer("lstm", hidden=6, dtype=torch.float32, tag="native")
-        loop = fused_loop(layer)
-        loop.gemm = None
-        args = args_for(layer, N=2)
-        want = run_loop(layer.compiled.torch_loop, *args)
-        got = run_loop(loop, *args)
+        loop, want, got = lstm_against_torch(torch.float32, N=2, gemm=None)
         assert loop.ran == {"forward": ("mm",), "backward": ("mm",)}
         assert rel_err(want[0][:3], got[0][:3]) < 1e-5 and rel_err(want[1], got[1]) < 1e-5
 
@@ -275,12 +280,7 @@ def test_forcing_a_backend(monkeypatch, private_cache):
 def test_a_layers_weight_gradients_run_on_the_chosen_backend(private_cache, force):
     # measured (None) or forced: the weight gradients of the backward equal the torch backend's,
     # and a measured run records its weight_grad sites in the cache file
-    layer = make_layer("lstm", hidden=6, dtype=torch.float64, tag="native")
-    loop = fused_loop(layer)
-    loop.gemm = force
-    args = args_for(layer, N=3)
-    want = run_loop(layer.compiled.torch_loop, *args)
-    got = run_loop(loop, *args)
+    _loop, want, got = lstm_against_torch(torch.float64, N=3, gemm=force)
     assert rel_err(want[0][:3], got[0][:3]) < 1e-12 and rel_err(want[1], got[1]) < 1e-12
     if force is None:
         assert any(key.startswith("weight_grad/f64/") for key in read_choices(private_cache))
