@@ -309,6 +309,8 @@ class RecurrentStack:
         """The extra inputs the cell reads, time-major like x ([T, N, C], or packed [rows, C]), in
         declaration order. x: the checked input, time-major (batched) or packed data."""
         names = self.compiled.ir.inputs[1:]
+        if not names and not extra:
+            return []
         unknown = sorted(set(extra) - set(names))
         missing = [n for n in names if n not in extra]
         if unknown or missing:

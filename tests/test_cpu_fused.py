@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from celldsl import Recurrent, compile_cell
 from celldsl.emit.c_source import backward_schedule, c_source
-from celldsl.runtime import cpu_fused
+from celldsl.runtime import cpu_fused, cpu_gemm
 from celldsl.runtime.cpu_fused import FusedCPULoop, build_library, cpu_loop
 from celldsl.runtime.function import cell_for, split_params
 from celldsl.runtime.torch_loop import TorchLoop
@@ -383,3 +383,54 @@ def test_bad_shapes_raise_instead_of_reading_out_of_bounds():
     for x_, st, h, s, v, c, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             fused.forward(x_, st, h, s, v, c)
+        with pytest.raises(ValueError, match=re.escape(message)):  # a failed check is not remembered
+            fused.forward(x_, st, h, s, v, c)
+    out, _, _ = fused.forward(x, states, hw, sw, vec, sc)  # the good shapes still run
+    assert out.shape == (x.shape[0], x.shape[1], layer.hidden_size)
+
+
+@needs_cc
+def test_call_plan_is_made_once_per_signature(monkeypatch):
+    """A call plan (the checks, sizes and the forward's loop and GEMM choices) is made at a
+    signature's first call and reused; a new shape, thread count, forced backend or GEMM measurement
+    makes a new one, and a reused plan gives bitwise the results of a new one."""
+    layer = make_layer("lstm", tag="plans")
+    fused = cpu_loop(layer.compiled)
+    made = []
+    make = fused._make_call_plan
+    monkeypatch.setattr(fused, "_make_call_plan", lambda *a: made.append(a[0].shape) or make(*a))
+    x, states, params, _ = loop_args(layer, T=3, N=2)
+    for _ in range(2):  # the first call measures the GEMMs of its shapes (the plan after it is kept)
+        run_loop(fused, x, states, params, None)
+    assert made, "no call plan was made"
+    made.clear()
+    first = run_loop(fused, x, states, params, None)
+    again = run_loop(fused, x, states, params, None)  # forward and backward share the plan
+    assert made == []
+    assert max_err(first[0], again[0]) == 0.0 and max_err(first[1], again[1]) == 0.0
+    fused.forward(loop_args(layer, T=5, N=2)[0], states, *params)  # another length: another plan
+    assert len(made) == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        fused.forward(x, states, *params)
+    finally:
+        torch.set_num_threads(before)
+    assert len(made) == 2
+    monkeypatch.setattr(fused, "gemm", "mm")  # a forced backend: the Python loop
+    fused.forward(x, states, *params)
+    assert len(made) == 3 and fused.ran["forward"] == ("mm",)
+    monkeypatch.setattr(fused, "gemm", None)
+    cpu_gemm.reset()  # the choices may change: plans made before are not used
+    fused.forward(x, states, *params)
+    assert len(made) == 4
+
+
+@needs_cc
+def test_call_plans_are_bounded():
+    layer = make_layer("gru", tag="plan bound")
+    fused = cpu_loop(layer.compiled)
+    _, states, params, _ = loop_args(layer, N=1)
+    for T in range(1, cpu_fused.CALL_PLANS + 10):
+        fused.forward(torch.randn(T, 1, layer.input_size, dtype=torch.float64), states, *params)
+    assert 0 < len(fused._plans) <= cpu_fused.CALL_PLANS

@@ -18,6 +18,7 @@ weights [rows, I], step weights [rows, K], vectors [H], scalars [].
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,6 +83,7 @@ MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on o
 # and 37.3 us), and chose the Python loop. Counted at about half of that, to stay on the safe side
 # for a faster machine.
 PYTHON_STEP_SECONDS = 20e-6
+CALL_PLANS = 64  # signatures a loop remembers the call plan of
 _lock = threading.RLock()
 _warned: set[str] = set()
 _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
@@ -253,11 +256,16 @@ class _Arg:
 
 def _step_arrays(steps: list[int], offsets: list[int], padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """b_t and the first row of each step as the int64 arrays the native loop reads (torch.tensor
-    builds them 2x faster than ctypes; a padded batch's, an arithmetic progression, 20x faster)."""
+    builds them 2x faster than ctypes); a padded batch's are the same at every call of its shape."""
     if padded:
-        n = torch.full((len(steps),), steps[0], dtype=torch.int64)
-        return n, torch.arange(len(steps), dtype=torch.int64) * steps[0]
+        return _padded_steps(len(steps), steps[0])
     return torch.tensor(steps, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_steps(T: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_step_arrays of T steps of n rows each (only read, by C)."""
+    return torch.full((T,), n, dtype=torch.int64), torch.arange(T, dtype=torch.int64) * n
 
 
 def _rows_array(args: list[_Arg]):
@@ -277,6 +285,20 @@ class _Bound:
     def __call__(self, r: int, q: int, n: int) -> None:
         threads = self.threads if n * self.hidden >= MIN_PARALLEL else 1
         self.fn(r, q, n, self.hidden, self.address, threads)
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """What the shapes of a call decide, worked out at its signature's first call (`_call_plan`):
+    that the kernels handle it (checked), every width's size, where each GEMM's blocks start, and the
+    forward's loop (native or Python) and hoisted GEMM backends. At batch 1 the Python of a
+    call cost as much as a hundred steps' arithmetic, and these were a third of it."""
+
+    sizes: dict[str, int]
+    hoisted_blocks: list[list[int]]
+    step_blocks: list[list[int]]
+    native: bool  # the forward runs the native loop
+    hoisted: list[str]  # the backend of each hoisted GEMM
 
 
 class FusedCPULoop(TorchLoop):
@@ -325,6 +347,7 @@ class FusedCPULoop(TorchLoop):
         self.gemm_operands = [(self.where[g.operand.name].kind == "state", self.where[g.operand.name].index)
                               for g in self.gemms]
         self._natives: dict[torch.dtype, NativeLoop] = {}
+        self._plans: dict[tuple, _CallPlan | None] = {}  # signature -> call plan (see _call_plan)
         # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
         # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
         self.ran: dict[str, tuple[str, ...] | str] = {}
@@ -346,6 +369,38 @@ class FusedCPULoop(TorchLoop):
         """Whether the compiled kernels handle these arguments (else the plain loop runs them): CPU
         tensors of float32 or float64, GEMMs without heads. Raises ValueError for shapes the kernels
         would read out of bounds."""
+        return self._call_plan(x, states, hoisted_w, step_w, vectors, scalars) is not None
+
+    def _call_plan(self, x, states, hoisted_w, step_w, vectors, scalars) -> _CallPlan | None:
+        """The call plan of these arguments' signature (None: the kernels do not handle them, see
+        `fused`), made at the signature's first call; shapes the kernels would read out of bounds
+        raise ValueError at every call (a failed check is not remembered)."""
+        tensors = (x, *states, *hoisted_w, *step_w, *vectors, *scalars)
+        signature = (tuple((t.shape, t.dtype, t.is_cpu) for t in tensors),
+                     (len(states), len(hoisted_w), len(step_w), len(vectors)),
+                     torch.get_num_threads(), self.gemm, cpu_gemm.forced())
+        try:
+            return self._plans[signature, cpu_gemm.generation()]
+        except KeyError:
+            pass
+        plan = None
+        if self._kernels_handle(x, states, hoisted_w, step_w, vectors, scalars):
+            plan = self._make_call_plan(x, states, hoisted_w, step_w, vectors)
+        if len(self._plans) >= CALL_PLANS:  # e.g. a new sequence length every call: start again
+            self._plans.clear()
+        self._plans[signature, cpu_gemm.generation()] = plan  # after the choices it measured
+        return plan
+
+    def _make_call_plan(self, x, states, hoisted_w, step_w, vectors) -> _CallPlan:
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        rows = x.numel() // max(1, x.shape[-1])
+        hoisted = [cpu_gemm.choose(cpu_gemm.site("hoisted", x.dtype, rows, w.shape[1], w.shape[0]), self.lib,
+                                   force=self.gemm) for w in hoisted_w]
+        return _CallPlan(sizes, self._block_offsets(self.hoisted, sizes), self._block_offsets(self.gemms, sizes),
+                         self.runs_native("step", x.dtype, states[0].shape[0], step_w), hoisted)
+
+    def _kernels_handle(self, x, states, hoisted_w, step_w, vectors, scalars) -> bool:
+        """`fused`, worked out."""
         if x.device.type != "cpu" or x.dtype not in DTYPES:
             return False
         if not all(t.device.type == "cpu" and t.dtype == x.dtype
@@ -508,10 +563,11 @@ class FusedCPULoop(TorchLoop):
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
-        if not self.fused(x, states, hoisted_w, step_w, vectors, scalars):
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None:
             return super().forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
         with torch.no_grad():
-            return self._forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
+            return self._forward(plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
 
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
@@ -526,31 +582,31 @@ class FusedCPULoop(TorchLoop):
         return (X.contiguous(), steps, offsets, [s.contiguous() for s in states],
                 [v.contiguous() for v in vectors], [s.contiguous() for s in scalars])
 
-    def _buffers(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
+    def _buffers(self, plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
         """One call's contiguous tensors and what every kernel argument points into (see _input), as
         (bufs, steps, offsets, step_w, sizes); the forward and the backward both start here."""
         X, steps, offsets, states, vectors, scalars = self._contiguous(
             x, states, vectors, scalars, batch_sizes
         )
         step_w = [w.contiguous() for w in step_w]
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        sizes = plan.sizes
         bufs = {"X": X, "xs": self.split_inputs(X, sizes, hoisted_w, steps, offsets), "states": states,
                 "vectors": vectors, "scalars": scalars, "sizes": sizes, "padded": batch_sizes is None,
-                "hoisted_blocks": self._block_offsets(self.hoisted, sizes),
-                "step_blocks": self._block_offsets(self.gemms, sizes)}
+                "hoisted_blocks": plan.hoisted_blocks, "step_blocks": plan.step_blocks}
         return bufs, steps, offsets, step_w, sizes
 
-    def _forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
+    def _forward(self, plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
         N = states[0].shape[0]
-        bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
-                                                            batch_sizes)
+        bufs, steps, offsets, step_w, sizes = self._buffers(plan, x, states, hoisted_w, step_w, vectors,
+                                                            scalars, batch_sizes)
         X, states, vectors, scalars = bufs["X"], bufs["states"], bufs["vectors"], bufs["scalars"]
         rows = X.shape[0]
         ir = self.plan.ir
         hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
         hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
-        hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, self.gemm)
-                       for op, w, bias in zip(hoisted_ops, hoisted_w, hoisted_bias, strict=True)]
+        hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, backend=backend)
+                       for op, w, bias, backend in zip(hoisted_ops, hoisted_w, hoisted_bias, plan.hoisted,
+                                                       strict=True)]
         news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
         out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
         step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
@@ -559,7 +615,7 @@ class FusedCPULoop(TorchLoop):
                  "hoisted": hoisted_out, "operands": operands}
         args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
                           for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
-        if self.runs_native("step", X.dtype, N, step_w):
+        if plan.native:
             self._forward_native(bufs, args, steps, offsets, N, step_w, step_bias)
         else:
             self._forward_python(bufs, args, steps, offsets, N, step_w, step_bias)
@@ -642,11 +698,12 @@ class FusedCPULoop(TorchLoop):
                  batch_sizes=None, needs_dx: bool = True):
         """As TorchLoop.backward. needs_dx=False skips the input gradient's GEMM over all steps (a
         first layer's input needs none) and returns zeros for dx."""
-        if not self.fused(x, states, hoisted_w, step_w, vectors, scalars):
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None:
             return super().backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
                                     grad_states, batch_sizes, needs_dx)
         with torch.no_grad(), scratch.buffers() as take:
-            return self._backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
+            return self._backward(plan, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
                                   grad_states, batch_sizes, needs_dx, take)
 
     def _bind_backward(self, pw, A, B, bufs, grads) -> list[_Arg]:
@@ -684,12 +741,12 @@ class FusedCPULoop(TorchLoop):
                     args.append(_Arg.fixed(grads["scalars"][slot.index]))
         return args
 
-    def _backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
-                  batch_sizes, needs_dx, take):
+    def _backward(self, plan, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
+                  grad_states, batch_sizes, needs_dx, take):
         """`take` (from scratch.buffers) makes the [rows, ...] gradients no result aliases: the d products."""
         N = states[0].shape[0]
-        bufs, steps, offsets, step_w, sizes = self._buffers(x, states, hoisted_w, step_w, vectors, scalars,
-                                                            batch_sizes)
+        bufs, steps, offsets, step_w, sizes = self._buffers(plan, x, states, hoisted_w, step_w, vectors,
+                                                            scalars, batch_sizes)
         X, states, vectors, scalars = bufs["X"], bufs["states"], bufs["vectors"], bufs["scalars"]
         rows = X.shape[0]
         ir = self.plan.ir

@@ -71,6 +71,7 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.RLock()
 _choices: dict[str, dict] = {}  # this process's view of the cache file: site key -> entry
 _loaded = False
+_generation = 0  # counts the changes to _choices: what a choice remembered elsewhere was made under
 _onednn: bool | None = None
 
 
@@ -317,7 +318,9 @@ def _valid(entry) -> bool:
 
 
 def _remember(key: str, entry: dict) -> None:
+    global _generation
     _choices[key] = entry
+    _generation += 1
     try:  # merge with what other processes wrote meanwhile; a write that fails costs a re-measure
         merged = {**_read_file(), **_choices}
         data = {"format": FORMAT, "machine": _machine(), "sites": merged}
@@ -460,11 +463,13 @@ def _matmul_with(backend: str, d, w, lib):
     return torch.mm(d, w)
 
 
-def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, force: str | None = None):
-    """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with the backend
-    chosen for its shape."""
+def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, force: str | None = None,
+           backend: str | None = None):
+    """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with `backend`, or
+    the one chosen for its shape."""
     a = a.contiguous()
-    backend = choose(site("hoisted", a.dtype, a.shape[0], a.shape[1], w.shape[0]), lib, force=force)
+    if backend is None:
+        backend = choose(site("hoisted", a.dtype, a.shape[0], a.shape[1], w.shape[0]), lib, force=force)
     return _linear_with(backend, a, w, bias, lib)
 
 
@@ -512,8 +517,15 @@ class WeightGrads:
 
 def reset() -> None:
     """Forget this process's view of the cache and of oneDNN's availability (tests)."""
-    global _loaded, _onednn
+    global _loaded, _onednn, _generation
     with _lock:
         _choices.clear()
         _loaded = False
         _onednn = None
+        _generation += 1
+
+
+def generation() -> int:
+    """A number that changes whenever a choice may change (a measurement, `reset`): callers that keep
+    a choice (runtime/cpu_fused.py's call plans) key it on this."""
+    return _generation
