@@ -396,8 +396,9 @@ class FusedCPULoop(TorchLoop):
         rows = x.numel() // max(1, x.shape[-1])
         hoisted = [cpu_gemm.choose(cpu_gemm.site("hoisted", x.dtype, rows, w.shape[1], w.shape[0]), self.lib,
                                    force=self.gemm) for w in hoisted_w]
-        return _CallPlan(sizes, self._block_offsets(self.hoisted, sizes), self._block_offsets(self.gemms, sizes),
-                         self.runs_native("step", x.dtype, states[0].shape[0], step_w), hoisted)
+        native = self.runs_native("step", x.dtype, states[0].shape[0], step_w)
+        blocks = (self._block_offsets(self.hoisted, sizes), self._block_offsets(self.gemms, sizes))
+        return _CallPlan(sizes, *blocks, native, hoisted)
 
     def _kernels_handle(self, x, states, hoisted_w, step_w, vectors, scalars) -> bool:
         """`fused`, worked out."""
