@@ -7,6 +7,7 @@ import torch
 from celldsl.labs.tasks import TASKS, make_task, parse_options
 from celldsl.labs.tasks.arithmetic import VOCAB, decode
 from celldsl.labs.tasks.chorales import rolls_to_batch, split_of
+from celldsl.labs.tasks.copy import TEST_SEED
 
 
 def gen(seed=0):
@@ -28,9 +29,21 @@ def test_generated_batches_are_deterministic_given_the_generator(name):
 def test_eval_sets_are_fixed_and_differ_between_train_and_test(name):
     a, b = make_task(name, {"test_size": "20"}), make_task(name, {"test_size": "20"})
     sa, sb = a.eval_sets(), b.eval_sets()
-    assert set(sa) == {"train", "test"}
-    assert same_batch(sa["test"][0], sb["test"][0])
+    assert set(sa) == ({"train", "test", "valid"} if name == "copy" else {"train", "test"})
+    for split in sa:
+        assert same_batch(sa[split][0], sb[split][0])
     assert not same_batch(sa["train"][0], sa["test"][0])
+    if "valid" in sa:  # held out from both
+        assert not same_batch(sa["valid"][0], sa["test"][0]) and not same_batch(sa["valid"][0], sa["train"][0])
+
+
+def test_copy_eval_sets_keep_their_sequences():
+    """The valid set came after train and test: those are the sequences earlier runs were scored on."""
+    task = make_task("copy", {"test_size": "4"})
+    sets = task.eval_sets()
+    for k, split in enumerate(("train", "test")):
+        want = task.train_batch(torch.Generator().manual_seed(TEST_SEED + k), 4)
+        assert same_batch(sets[split][0], want)
 
 
 def test_copy_target_is_the_input_pattern_after_the_delimiter():

@@ -57,6 +57,19 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
     )
 
 
+def test_a_run_begun_without_a_valid_set_resumes_and_picks_its_best_valid_row_after(tmp_path):
+    """Copy runs checkpointed before copy had a valid set: their rows have no valid metrics."""
+    from celldsl.labs.checkpoint import save_checkpoint
+
+    train(tiny(tmp_path, steps=2))
+    ckpt = load_checkpoint(tmp_path)
+    ckpt["history"] = [{k: v for k, v in r.items() if not k.startswith("valid_")} for r in ckpt["history"]]
+    save_checkpoint(tmp_path, **ckpt)
+    summary = train(tiny(tmp_path, steps=6, resume=True))
+    assert [("valid_bits_per_seq" in r) for r in summary["history"]] == [False, False, True, True]
+    assert summary["best_valid"]["step"] in (4, 6)
+
+
 def test_set_lr_on_resume_scales_the_next_update_and_is_kept_by_later_resumes(tmp_path):
     import shutil
 

@@ -352,9 +352,10 @@ def _finish(
         "lr_schedule": lr_schedule,  # [step, learning rate from that step on]
         "history": history,
     }
-    if any("valid_" + task.metric in row for row in history):
+    valid = [r for r in history[1:] or history if r.get("valid_" + task.metric) is not None]
+    if valid:  # rows of a run begun before its task had a valid set have none
         pick = max if task.higher_is_better else min
-        best = pick(history[1:] or history, key=lambda r: r["valid_" + task.metric])
+        best = pick(valid, key=lambda r: r["valid_" + task.metric])
         summary["best_valid"] = {k: v for k, v in best.items() if k != "time_per_step_s"}
     if cfg.pictures:
         title = f"{cfg.task}: {Path(cfg.cell).stem}, hidden {cfg.hidden}, seed {cfg.seed}"

@@ -35,6 +35,10 @@ Metrics (both encodings):
 - `bce_per_bit`: the same per answer bit, in nats;
 - `bit_errors_per_seq`: answer bits wrong after thresholding the output at 0.5;
 - `bce_all` (lstm_copy_task encoding): the training loss above, the number the project reports.
+
+Evaluation sets (fixed, the same for every run): `train` and `test`, and `valid`, drawn like `test`
+with another seed, so that a learning-rate schedule or a stopping point (`--patience`) can be chosen
+without looking at the test set; `compare` then reports the test metric at the best valid point.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from torch import Tensor
 from .base import Batch, Defaults, Sums, Task, evaluate, split_batches
 
 PICTURE_LENGTHS = (10, 20, 40, 120)
-TEST_SEED = 20141020  # fixed: every run is tested on the same sequences
+TEST_SEED = 20141020  # fixed: every run is evaluated on the same sequences (+0 train, +1 test, +2 valid)
 # Graves et al. 2014, Fig. 3, LSTM: (sequences seen, cost per sequence in bits), digitised from the
 # plot in our reference notes (approximate)
 GRAVES_LSTM_CURVE = ((100_000, 4.8), (600_000, 0.5))
@@ -152,7 +156,7 @@ class CopyTask(Task):
     def eval_sets(self) -> dict[str, list[Batch]]:
         if not hasattr(self, "_eval"):
             sets = {}
-            for k, name in enumerate(("train", "test")):
+            for k, name in enumerate(("train", "test", "valid")):  # seeds fixed by position
                 gen = torch.Generator().manual_seed(TEST_SEED + k)
                 sets[name] = split_batches(lambda m, g=gen: self.train_batch(g, m), self.test_size, 256)
             self._eval = sets
