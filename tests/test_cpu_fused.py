@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from celldsl import Recurrent, compile_cell
+from celldsl.emit import c_source as c_source_module
 from celldsl.emit.c_source import backward_schedule, c_source
 from celldsl.runtime import cpu_fused, cpu_gemm
 from celldsl.runtime.cpu_fused import FusedCPULoop, build_library, cpu_loop
@@ -367,6 +368,39 @@ def test_kernels_with_row_reductions_compute_each_temp_once(stem):
             assert stored == loaded and stored, name  # every kept temp is written once and read again
             assert "cd_scratch(" in body and "free(cd_kept);" in body
     assert kept_somewhere
+
+
+@pytest.mark.parametrize("stem", ["ln_lstm", "ln_gru"])
+def test_reductions_of_one_level_share_a_loop(stem):
+    """Means that read no other mean (a layer norm's four gate means) are summed in one loop over the
+    columns, those that read them (the variances) in the next: one loop per level, each level
+    reading only earlier ones."""
+    plan = compile_cell(stem).plan
+    for pw in plan.pointwise:
+        for temps, results in ((pw.forward_temps, pw.forward_results), (pw.backward_temps, pw.backward_results)):
+            results = dict(enumerate(results))
+            temps, _, passes = c_source_module._reduction_passes(temps, results)
+            if not passes:
+                continue
+            groups = c_source_module.levels(temps, passes)
+            assert sorted(k for g in groups for k in g) == list(range(len(passes)))
+            assert len(groups) < len(passes)  # some share a loop
+            defined, level_of = dict(temps), {passes[k][0]: n for n, g in enumerate(groups) for k in g}
+            for n, group in enumerate(groups):
+                for k in group:
+                    seen, todo = set(), list(passes[k][2].free_symbols)
+                    while todo:
+                        sym = todo.pop()
+                        if sym in level_of:
+                            assert level_of[sym] < n, (stem, passes[k][0], sym)
+                        elif sym in defined and sym not in seen:
+                            seen.add(sym)
+                            todo.extend(defined[sym].free_symbols)
+    source = c_source(plan)
+    for body in re.split(r"static void \w+_cols\(", source)[1:]:
+        body = body.split("\n}\n")[0]
+        loops = len(re.findall(r"double m_\w+ = 0;", body))
+        assert loops == 0 or body.count("#pragma omp simd reduction(+:m_") < loops
 
 
 @needs_cc

@@ -460,13 +460,17 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
 
     passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
     mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
-    for (red, kind, arg), (computed, loaded) in zip(passes, plan_rows.passes, strict=True):
-        acc = f"m_{names[red]}"
-        passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */",
-                        f"#pragma omp simd reduction(+:{acc})",
-                        "        for (int64_t j = j0; j < j1; ++j) {", *loads, *temp_lines(computed, loaded),
-                        f"            {acc} += (double)({printer.doprint(arg)});", "        }",
-                        f"        const {t} {names[red]} = ({t})({acc}{mean if kind == 'mean' else ''});"]
+    for group, (computed, loaded) in zip(levels(temps, passes), plan_rows.passes, strict=True):
+        level = [(f"m_{names[passes[k][0]]}", *passes[k]) for k in group]  # (accumulator, red, kind, arg)
+        passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */"
+                        for acc, _red, kind, arg in level]
+        passes_code += [f"#pragma omp simd reduction(+:{', '.join(acc for acc, *_ in level)})",
+                        "        for (int64_t j = j0; j < j1; ++j) {", *loads, *temp_lines(computed, loaded)]
+        passes_code += [f"            {acc} += (double)({printer.doprint(arg)});"
+                        for acc, _red, _kind, arg in level]
+        passes_code.append("        }")
+        passes_code += [f"        const {t} {names[red]} = ({t})({acc}{mean if kind == 'mean' else ''});"
+                        for acc, red, kind, _arg in level]
     if passes:
         body += temp_lines(*plan_rows.body)
     else:
@@ -590,20 +594,42 @@ def _split_rows(fn: str, t: str, m: int, vector_sums: list[int]) -> list[str]:
 class RowPlan:
     """Which temps each loop over a row's columns computes and which it reads back.
 
-    A kernel with means or sums over a row runs one loop per reduction, then its body; a temp that
-    several of those loops need (a gate's sigmoid, say) is computed by the first and kept in a scratch
-    row (`cd_kept`, one row of the temp per kept temp) for the others, instead of being computed again
-    by each: ln_lstm's backward has 20 such loops. passes: (computed, loaded) per reduction, in order;
-    body: the same for the body; kept: the temps some later loop loads, in slot order."""
+    A kernel with means or sums over a row runs one loop per level of reductions (`levels`), then its
+    body; a temp that several of those loops need (a gate's sigmoid, say) is computed by the first and
+    kept in a scratch row (`cd_kept`, one row of the temp per kept temp) for the others, instead of
+    being computed again by each. passes: (computed, loaded) per level, in order; body: the same for
+    the body; kept: the temps some later loop loads, in slot order."""
 
     passes: list[tuple[set, set]]
     body: tuple[set, set]
     kept: list
 
 
+def levels(temps, passes) -> list[list[int]]:
+    """The passes (indices, in order) grouped by level: a pass's level is one more than the highest
+    level of the reductions it reads, directly or through temps, so the passes of a level read only
+    earlier levels and share one loop over the columns. ln_lstm's backward has 24 reductions in 5
+    levels: one loop each made its backward kernel the largest part of its time after the GEMMs."""
+    defined, level = dict(temps), {}
+    for red, _kind, arg in passes:
+        seen, todo, reads = set(), list(arg.free_symbols), set()
+        while todo:
+            s = todo.pop()
+            if s in level:
+                reads.add(s)
+            elif s in defined and s not in seen:
+                seen.add(s)
+                todo.extend(defined[s].free_symbols)
+        level[red] = 1 + max((level[r] for r in reads), default=-1)
+    groups: dict[int, list[int]] = {}
+    for k, (red, _kind, _arg) in enumerate(passes):
+        groups.setdefault(level[red], []).append(k)
+    return [groups[n] for n in sorted(groups)]
+
+
 def materialized(temps, passes, results) -> RowPlan:
-    """The RowPlan of a kernel: each loop computes the temps its expressions need that no earlier loop
-    computed, and loads those an earlier loop did."""
+    """The RowPlan of a kernel: each loop (a level of passes, `levels`) computes the temps its
+    expressions need that no earlier loop computed, and loads those an earlier loop did."""
     defined = dict(temps)
     done: set = set()  # temps some earlier loop computed
 
@@ -621,8 +647,8 @@ def materialized(temps, passes, results) -> RowPlan:
         return computed, loaded
 
     per_pass = []
-    for _red, _kind, arg in passes:
-        computed, loaded = need([arg])
+    for group in levels(temps, passes):
+        computed, loaded = need([passes[k][2] for k in group])
         per_pass.append((computed, loaded))
         done |= computed
     body = need(results)
