@@ -608,7 +608,7 @@ class RowPlan:
 def levels(temps, passes) -> list[list[int]]:
     """The passes (indices, in order) grouped by level: a pass's level is one more than the highest
     level of the reductions it reads, directly or through temps, so the passes of a level read only
-    earlier levels and share one loop over the columns. ln_lstm's backward has 24 reductions in 5
+    earlier levels and share one loop over the columns. ln_lstm's backward has 24 reductions in 8
     levels: one loop each made its backward kernel the largest part of its time after the GEMMs."""
     defined, level = dict(temps), {}
     for red, _kind, arg in passes:
