@@ -608,8 +608,9 @@ class RowPlan:
 def levels(temps, passes) -> list[list[int]]:
     """The passes (indices, in order) grouped by level: a pass's level is one more than the highest
     level of the reductions it reads, directly or through temps, so the passes of a level read only
-    earlier levels and share one loop over the columns. ln_lstm's backward has 24 reductions in 8
-    levels: one loop each made its backward kernel the largest part of its time after the GEMMs."""
+    earlier levels and share one loop over the columns: ln_lstm's forward has 18 reductions in 4
+    levels (its kernel's share of a forward+backward 4.2% -> 3.4% in a perf profile), its backward 24
+    in 8 (whose time is mostly in the body, which this does not change)."""
     defined, level = dict(temps), {}
     for red, _kind, arg in passes:
         seen, todo, reads = set(), list(arg.free_symbols), set()
