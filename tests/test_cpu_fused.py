@@ -377,7 +377,8 @@ def test_reductions_of_one_level_share_a_loop(stem):
     reading only earlier ones."""
     plan = compile_cell(stem).plan
     for pw in plan.pointwise:
-        for temps, results in ((pw.forward_temps, pw.forward_results), (pw.backward_temps, pw.backward_results)):
+        for temps, results in ((pw.forward_temps, pw.forward_results),
+                               (pw.backward_temps, pw.backward_results)):
             results = dict(enumerate(results))
             temps, _, passes = c_source_module._reduction_passes(temps, results)
             if not passes:

@@ -120,6 +120,34 @@ def test_native_products_are_the_same_on_any_number_of_threads(dtype):
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_products_with_streaming_stores_equal_the_cached_ones(dtype):
+    # an output of at least CD_STREAM_BYTES (8 MB) is written with streaming stores unless it is
+    # added to (init 1): the same tiles in the same order, so bitwise what the product gives in
+    # row halves small enough to be written through the caches; rows whose start is not aligned
+    # for a vector store (ldc odd) and the narrow last panel go through the plain stores
+    native = cpu_gemm.native_gemm(gemm_lib(), dtype)
+    gen = torch.Generator().manual_seed(2)
+    n = 4 * native.width + 3
+    m = (8 << 20) // (n * torch.empty(0, dtype=dtype).element_size()) + 5
+    a = torch.randn(m, 7, generator=gen, dtype=dtype)
+    w = torch.randn(n, 7, generator=gen, dtype=dtype)
+    bias = torch.randn(n, generator=gen, dtype=dtype)
+    panels = native.pack_transposed(w)
+    for ld in (n, n + 1):  # aligned rows (mostly) and rows at odd offsets
+        for init in (0, 1, 2):
+            start = torch.randn(m, ld, generator=gen, dtype=dtype)
+            whole, halves = start.clone(), start.clone()
+            native.gemm(a, panels, whole[:, :n], init, bias, threads=2)
+            half = m // 2 // 12 * 12  # a multiple of the tile height (MR: 12 or 6), as the chunks are
+            for rows in (slice(0, half), slice(half, m)):
+                native.gemm(a[rows], panels, halves[rows, :n], init, bias, threads=2)
+            assert torch.equal(whole, halves), (ld, init)  # columns past n untouched in both
+            want = {0: a @ w.t(), 1: start[:, :n] + a @ w.t(), 2: bias + a @ w.t()}[init]
+            assert rel_err([want], [whole[:, :n]]) < (1e-5 if dtype == torch.float32 else 1e-13), (ld, init)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_transpose_moves_every_element(dtype):
     # whole register blocks, 64 x 64 tiles and the rows and columns left over; a source with a row
     # stride of its own

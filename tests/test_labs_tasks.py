@@ -34,7 +34,8 @@ def test_eval_sets_are_fixed_and_differ_between_train_and_test(name):
         assert same_batch(sa[split][0], sb[split][0])
     assert not same_batch(sa["train"][0], sa["test"][0])
     if "valid" in sa:  # held out from both
-        assert not same_batch(sa["valid"][0], sa["test"][0]) and not same_batch(sa["valid"][0], sa["train"][0])
+        assert not same_batch(sa["valid"][0], sa["test"][0])
+        assert not same_batch(sa["valid"][0], sa["train"][0])
 
 
 def test_copy_eval_sets_keep_their_sequences():
