@@ -435,13 +435,13 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
             else:
                 row_ptrs.append(f"        const {t} *a{k} = (const {t} *)p[{k}] + i * ld[{k}];")
                 loads.append(f"            const {t} {var} = a{k}[j];  /* {_comment(sym.name)} */")
-    temps, results, passes = _reduction_passes(temps, results)
+    temps, results, passes, levels = _reduction_passes(temps, results)
     for tmp, _ in temps:
         names[tmp] = identifier("v_" + tmp.name, taken)
     for red, _kind, _arg in passes:
         names[red] = identifier("v_" + red.name, taken)
     printer = CPrinter(names, dtype)
-    plan_rows = materialized(temps, passes, list(results.values()))
+    plan_rows = materialized(temps, passes, levels, list(results.values()))
     slot_of = {tmp: k for k, tmp in enumerate(plan_rows.kept)}
 
     def temp_lines(computed, loaded):
@@ -460,7 +460,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
 
     passes_code = []  # per row: a pass over the columns for each level of means and sums, then the body
     mean = " / (double)(j1 - j0)"  # a kernel with reductions always gets whole rows (see the docstring)
-    for group, (computed, loaded) in zip(levels(temps, passes), plan_rows.passes, strict=True):
+    for group, (computed, loaded) in zip(levels, plan_rows.passes, strict=True):
         level = [(f"m_{names[passes[k][0]]}", *passes[k]) for k in group]  # (accumulator, red, kind, arg)
         passes_code += [f"        double {acc} = 0;  /* {kind} of {_comment(sp.sstr(arg))[:60]} */"
                         for acc, _red, kind, arg in level]
@@ -594,43 +594,20 @@ def _split_rows(fn: str, t: str, m: int, vector_sums: list[int]) -> list[str]:
 class RowPlan:
     """Which temps each loop over a row's columns computes and which it reads back.
 
-    A kernel with means or sums over a row runs one loop per level of reductions (`levels`), then its
-    body; a temp that several of those loops need (a gate's sigmoid, say) is computed by the first and
-    kept in a scratch row (`cd_kept`, one row of the temp per kept temp) for the others, instead of
-    being computed again by each. passes: (computed, loaded) per level, in order; body: the same for
-    the body; kept: the temps some later loop loads, in slot order."""
+    A kernel with means or sums over a row runs one loop per level of reductions (`_reduction_passes`),
+    then its body; a temp that several of those loops need (a gate's sigmoid, say) is computed by the
+    first and kept in a scratch row (`cd_kept`, one row of the temp per kept temp) for the others,
+    instead of being computed again by each. passes: (computed, loaded) per level, in order; body:
+    the same for the body; kept: the temps some later loop loads, in slot order."""
 
     passes: list[tuple[set, set]]
     body: tuple[set, set]
     kept: list
 
 
-def levels(temps, passes) -> list[list[int]]:
-    """The passes (indices, in order) grouped by level: a pass's level is one more than the highest
-    level of the reductions it reads, directly or through temps, so the passes of a level read only
-    earlier levels and share one loop over the columns: ln_lstm's forward has 18 reductions in 4
-    levels (its kernel's share of a forward+backward 4.2% -> 3.4% in a perf profile), its backward 24
-    in 8 (whose time is mostly in the body, which this does not change)."""
-    defined, level = dict(temps), {}
-    for red, _kind, arg in passes:
-        seen, todo, reads = set(), list(arg.free_symbols), set()
-        while todo:
-            s = todo.pop()
-            if s in level:
-                reads.add(s)
-            elif s in defined and s not in seen:
-                seen.add(s)
-                todo.extend(defined[s].free_symbols)
-        level[red] = 1 + max((level[r] for r in reads), default=-1)
-    groups: dict[int, list[int]] = {}
-    for k, (red, _kind, _arg) in enumerate(passes):
-        groups.setdefault(level[red], []).append(k)
-    return [groups[n] for n in sorted(groups)]
-
-
-def materialized(temps, passes, results) -> RowPlan:
-    """The RowPlan of a kernel: each loop (a level of passes, `levels`) computes the temps its
-    expressions need that no earlier loop computed, and loads those an earlier loop did."""
+def materialized(temps, passes, levels, results) -> RowPlan:
+    """The RowPlan of a kernel: each loop (a level of passes, `_reduction_passes`) computes the temps
+    its expressions need that no earlier loop computed, and loads those an earlier loop did."""
     defined = dict(temps)
     done: set = set()  # temps some earlier loop computed
 
@@ -648,7 +625,7 @@ def materialized(temps, passes, results) -> RowPlan:
         return computed, loaded
 
     per_pass = []
-    for group in levels(temps, passes):
+    for group in levels:
         computed, loaded = need([passes[k][2] for k in group])
         per_pass.append((computed, loaded))
         done |= computed
@@ -660,16 +637,20 @@ def materialized(temps, passes, results) -> RowPlan:
 def _reduction_passes(temps, results):
     """Means and sums over a row's columns (functions.Reduction) need the whole row first: each becomes
     a symbol computed by a pass of its own, in order of nesting (layernorm's variance reads its mean).
-    Returns (temps, results) with every reduction replaced by its symbol, and per reduction, in an
-    order where each pass reads only earlier ones: (its symbol, "mean" | "sum", its argument). Which
-    temps each pass computes or reads back is `materialized`'s answer."""
+    Returns (temps, results) with every reduction replaced by its symbol; per reduction, in an order
+    where each pass reads only earlier ones, (its symbol, "mean" | "sum", its argument); and the
+    passes (indices) grouped by level, a pass's level one more than the highest of the reductions it
+    reads, so that the passes of a level share one loop over the columns: ln_lstm's forward has 18
+    reductions in 4 levels (its kernel's share of a forward+backward 4.2% -> 3.4% in a perf profile),
+    its backward 24 in 8 (whose time is mostly in the body, which this does not change). Which temps
+    each loop computes or reads back is `materialized`'s answer."""
     nodes = []
     for e in [*(e for _, e in temps), *(results.values() if isinstance(results, dict) else results)]:
         for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
             if r not in nodes:
                 nodes.append(r)
     if not nodes:
-        return temps, results, []
+        return temps, results, [], []
     by_depth = sorted(nodes, key=lambda r: len(r.args[0].atoms(Reduction)))  # inner reductions first
     sub = {r: generated(f"red{i}") for i, r in enumerate(by_depth)}
 
@@ -679,7 +660,7 @@ def _reduction_passes(temps, results):
     temps = [(tmp, replace(e)) for tmp, e in temps]
     results = {k: replace(v) for k, v in results.items()}
     defined = dict(temps)
-    passes, done = [], set()
+    passes, level = [], {}  # reduction symbol -> its level, once a pass computes it
     pending = list(by_depth)
     while pending:
         for r in pending:
@@ -692,15 +673,18 @@ def _reduction_passes(temps, results):
                     todo.extend(defined[s].free_symbols)
             reds = {s for s in needed | arg.free_symbols if s in sub.values()} | \
                 {s for tmp in needed for s in defined[tmp].free_symbols if s in sub.values()}
-            if reds <= done:  # every reduction it reads is computed by an earlier pass
+            if reds <= level.keys():  # every reduction it reads is computed by an earlier pass
                 kind = "mean" if isinstance(r, rowmean) else "sum"
                 passes.append((sub[r], kind, arg))
-                done.add(sub[r])
+                level[sub[r]] = 1 + max((level[s] for s in reds), default=-1)
                 pending.remove(r)
                 break
         else:
             raise AssertionError("reductions that read each other")
-    return temps, results, passes
+    groups: dict[int, list[int]] = {}
+    for k, (red, _kind, _arg) in enumerate(passes):
+        groups.setdefault(level[red], []).append(k)
+    return temps, results, passes, [groups[n] for n in sorted(groups)]
 
 
 CALL_AT = """
