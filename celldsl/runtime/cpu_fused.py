@@ -393,7 +393,7 @@ class FusedCPULoop(TorchLoop):
 
     def _make_call_plan(self, x, states, hoisted_w, step_w, vectors) -> _CallPlan:
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
-        rows = x.numel() // max(1, x.shape[-1])
+        rows = math.prod(x.shape[:-1])  # of every hoisted operand: T * N, or a packed batch's
         hoisted = [cpu_gemm.choose(cpu_gemm.site("hoisted", x.dtype, rows, w.shape[1], w.shape[0]), self.lib,
                                    force=self.gemm) for w in hoisted_w]
         native = self.runs_native("step", x.dtype, states[0].shape[0], step_w)
@@ -605,7 +605,7 @@ class FusedCPULoop(TorchLoop):
         ir = self.plan.ir
         hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
         hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
-        hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, backend=backend)
+        hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, backend)
                        for op, w, bias, backend in zip(hoisted_ops, hoisted_w, hoisted_bias, plan.hoisted,
                                                        strict=True)]
         news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]

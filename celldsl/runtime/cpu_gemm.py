@@ -463,14 +463,10 @@ def _matmul_with(backend: str, d, w, lib):
     return torch.mm(d, w)
 
 
-def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, force: str | None = None,
-           backend: str | None = None):
-    """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with `backend`, or
-    the one chosen for its shape."""
-    a = a.contiguous()
-    if backend is None:
-        backend = choose(site("hoisted", a.dtype, a.shape[0], a.shape[1], w.shape[0]), lib, force=force)
-    return _linear_with(backend, a, w, bias, lib)
+def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, backend: str):
+    """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with `backend`: the
+    one chosen for its site, `choose(site("hoisted", ...))` (runtime/cpu_fused.py's call plan)."""
+    return _linear_with(backend, a.contiguous(), w, bias, lib)
 
 
 def matmul(d: torch.Tensor, w: torch.Tensor, lib, force: str | None = None):
