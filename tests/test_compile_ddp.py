@@ -48,15 +48,21 @@ def test_opcheck_forward_op(stem, packed):
     torch.library.opcheck(ops.cell_sequence, op_args(stem, packed))
 
 
+@pytest.mark.parametrize("needs_dx", [True, False], ids=["dx", "no_dx"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_backward_op(packed):
+def test_opcheck_backward_op(packed, needs_dx):
     key, backend, x, states, params, batch_sizes = op_args("slstm", packed, requires_grad=False)
     result = ops.cell_sequence(key, backend, x, states, params, batch_sizes)
     out, saved = result[0], result[1 + len(states) :]
     grad_out = torch.randn_like(out)
     grad_finals = [torch.randn_like(states[0]), None, torch.randn_like(states[0]), None]
-    args = (key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals)
+    args = (key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals, needs_dx)
     torch.library.opcheck(ops.cell_sequence_backward, args)
+    grads = ops.cell_sequence_backward(*args)
+    full = ops.cell_sequence_backward(*args[:-1], True)
+    # without dx: an empty one (no pass over [T, N, I] to zero it), the other gradients the same
+    assert grads[0].shape == ((0,) if not needs_dx else x.shape)
+    assert all(torch.equal(a, b) for a, b in zip(grads[1:], full[1:], strict=True))
 
 
 def compare_compiled(layer, shape, backend):

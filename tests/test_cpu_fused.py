@@ -162,7 +162,7 @@ def test_needs_dx_false_keeps_parameter_gradients(stem):
     args = loop_args(layer)
     _, full = run_loop(fused, *args)
     _, nodx = run_loop(fused, *args, needs_dx=False)
-    assert torch.equal(nodx[0], torch.zeros_like(full[0]))
+    assert nodx[0] is None and full[0].abs().max() > 0
     assert max_err(full[1:], nodx[1:]) == 0.0
 
 

@@ -698,7 +698,7 @@ class FusedCPULoop(TorchLoop):
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                  batch_sizes=None, needs_dx: bool = True):
         """As TorchLoop.backward. needs_dx=False skips the input gradient's GEMM over all steps (a
-        first layer's input needs none) and returns zeros for dx."""
+        first layer's input needs none) and returns None for dx (zeros cost a pass over [T, N, I])."""
         plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
         if plan is None:
             return super().backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
@@ -840,7 +840,10 @@ class FusedCPULoop(TorchLoop):
             if self.where[name].kind == "input":
                 dx[name] = d_op if name not in dx else dx[name] + d_op
         dx = self.join_input_grads(dx, X, sizes, hoisted_w, steps, offsets)
-        dx = torch.zeros_like(x) if dx is None or not needs_dx else dx.reshape(x.shape)
+        if not needs_dx:
+            dx = None
+        else:  # no kernel read the input (a cell that ignores it): zeros
+            dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
         return dx, list(dstate), d_hoisted_w, d_step_w, d_vectors, d_scal
 
     def _vector_grad(self, i: int, accumulators, d_hoist, d_step, bufs: dict, sums: dict) -> torch.Tensor:

@@ -7,6 +7,7 @@ so a compiled graph names the cell it runs and no op is registered at run time.
         -> [out, *final_states, *saved]
     celldsl::cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved,
                                     grad_out, grad_finals, needs_dx) -> [dx, *d_states, *d_params]
+        (dx empty, shape [0], when needs_dx is False: a first layer's input needs none)
 
 x [T, N, I] with batch_sizes None (out [T, N, H]), or packed x [rows, I] with batch_sizes [T]
 (int64, CPU; out [rows, H]). states [N, H] each; params as in function.split_params. `saved` are
@@ -94,12 +95,14 @@ def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
 def _cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals,
                             needs_dx=True) -> list[Tensor]:
     if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
-        return [torch.zeros_like(t) for t in (x, *states, *params)]
+        zeros = [torch.zeros_like(t) for t in (x, *states, *params)]
+        return [_dx(x, zeros[0], needs_dx), *zeros[1:]]
     loop = loop_for(key, backend)
     dx, dstates, *dparams = loop.backward(
         x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
         needs_dx=needs_dx,
     )
+    dx = _dx(x, dx, needs_dx)
     flat = [dx, *dstates, *(d for group in dparams for d in group)]
     inputs = [x, *states, *params, out, *saved, grad_out, *grad_finals]
     return unaliased(flat, inputs)
@@ -126,9 +129,15 @@ def cell_sequence_backward(
 IMPLEMENTATIONS = {cell_sequence: _cell_sequence, cell_sequence_backward: _cell_sequence_backward}
 
 
+def _dx(x: Tensor, dx: Tensor | None, needs_dx: bool) -> Tensor:
+    """The op's dx: an empty tensor when none was asked for (what the loop computed is not it)."""
+    return dx if needs_dx else x.new_empty(0)
+
+
 @cell_sequence_backward.register_fake
-def _cell_sequence_backward_fake(key, backend, x, states, params, *_saved_and_grads):
-    return [torch.empty_like(t) for t in (x, *states, *params)]
+def _cell_sequence_backward_fake(key, backend, x, states, params, batch_sizes, out, saved, grad_out,
+                                 grad_finals, needs_dx=True):
+    return [_dx(x, torch.empty_like(x), needs_dx), *(torch.empty_like(t) for t in (*states, *params))]
 
 
 def _setup_context(ctx, inputs, output):
