@@ -39,7 +39,7 @@ from ..emit.c_gemm import gemm_source
 from ..emit.c_loop import native_blocker
 from ..emit.c_source import backward_schedule, c_source, folding, kernel_specs
 from ..plan import Plan
-from . import cpu_gemm, scratch
+from . import cpu_gemm, memory, scratch
 from .cpu_gemm import DTYPES
 from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
 from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
@@ -209,6 +209,7 @@ def cpu_loop(cell) -> TorchLoop:
                           "code instead (slower)", RuntimeWarning, stacklevel=2)
         return cell.torch_loop
     gemm_lib, _why = build_gemm_library()  # without it the native loop is off: the Python loop runs
+    memory.keep_freed_memory()  # a call's buffers then stay mapped for the next (runtime/memory.py)
     return FusedCPULoop(cell.plan, cell.torch_module, lib, gemm_lib)
 
 
