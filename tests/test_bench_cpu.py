@@ -59,3 +59,23 @@ def test_bench_rejects_unknown_tables_cells_and_clocks():
     for argv in (["--tables", "nn,gpu"], ["--cells", "lstm,nope"], ["--clock", "cpu", "--threads", "2"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def test_gemm_ab_bench_runs_both_libraries_on_the_same_layer(capsys):
+    """bench/cpu_gemm_ab.py --smoke: one row per case, both timed, the same outputs from A (HEAD's
+    GEMM, built in its own cache folder) and B (the working tree's)."""
+    from celldsl import cache
+
+    path = BENCH.parent / "cpu_gemm_ab.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_gemm_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.main(["--smoke", "--rev", "HEAD"]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| T |")]
+    assert [r[4] for r in rows] == ["forward", "forward+backward"]
+    assert any((cache.root() / "cpu_gemm_ab").glob("*.so"))
+    for row in rows:
+        a_ms, b_ms, ratio, diff = float(row[5]), float(row[6]), float(row[7]), float(row[9])
+        assert a_ms > 0 and b_ms > 0 and ratio > 0
+        assert diff < 1e-5, row  # two builds of (nearly) the same GEMM: the same LSTM
