@@ -164,7 +164,7 @@ CD_INLINE void cd_tile_store_{dt}(const int R, cd_vec_{dt} acc[][2], {t} *c, int
 
 /* acc += c for init 1, after the products (as BLIS's kernels do): loaded before them, the output's
    rows made every multiply-add chain wait for them, and in the native loop they are rows of a buffer
-   of T steps, out of cache. The step product 32 x 256 x 1024 into such rows took 0.93-0.97x as long
+   of T steps, out of cache. The step product 32 x 256 x 1024 into such rows took 0.91-0.97x as long
    (a C harness alternating both builds); the LSTM forward at N=32, 0.97-1.00x. */
 CD_INLINE void cd_tile_add_output_{dt}(const int R, cd_vec_{dt} acc[][2], const {t} *c, int64_t ldc,
                                       int64_t ncols, int init)
