@@ -27,10 +27,11 @@ needs_cc = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc o
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
-    """A fresh cache folder and a fresh in-process view of the choices."""
+    """A fresh folder for the choices' file (cpu_gemm.json) and a fresh in-process view of them. The
+    compiled libraries stay in the session's cache: building them again per test cost ~3 s each."""
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
-    monkeypatch.setenv("CELLDSL_CACHE", str(folder))
+    monkeypatch.setattr(cpu_gemm, "_path", lambda: folder / cpu_gemm.CACHE_FILE)
     monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
     cpu_gemm.reset()
     yield folder
