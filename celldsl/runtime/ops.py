@@ -95,8 +95,8 @@ def _cell_sequence_fake(key, backend, x, states, params, batch_sizes):
 def _cell_sequence_backward(key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals,
                             needs_dx=True) -> list[Tensor]:
     if states[0].numel() == 0:  # an empty batch or zero-width states: every gradient is zero
-        zeros = [torch.zeros_like(t) for t in (x, *states, *params)]
-        return [_dx(x, zeros[0], needs_dx), *zeros[1:]]
+        dx = torch.zeros_like(x) if needs_dx else None  # x is not empty when only the states are
+        return [_dx(x, dx, needs_dx), *(torch.zeros_like(t) for t in (*states, *params))]
     loop = loop_for(key, backend)
     dx, dstates, *dparams = loop.backward(
         x, states, *split_params(loop, params), out, saved, grad_out, list(grad_finals), batch_sizes,
