@@ -44,12 +44,13 @@ def gemm_source_at(rev: str) -> str:
     """emit/c_gemm.py's gemm_source() as it was at `rev`."""
     text = subprocess.run(["git", "show", f"{rev}:celldsl/emit/c_gemm.py"], capture_output=True, text=True,
                           check=True, cwd=ROOT).stdout
-    path = Path(tempfile.mkdtemp()) / "c_gemm_at_rev.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("c_gemm_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.gemm_source()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c_gemm_at_rev.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("c_gemm_at_rev", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.gemm_source()
 
 
 def lstm_with(lib, tag: str, I: int, H: int):
