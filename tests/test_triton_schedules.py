@@ -80,7 +80,9 @@ def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0):
     return results
 
 
-def assert_same(results, atol, rtol):
+def assert_same(results, atol, rtol, normwise=False):
+    """normwise: atol scales with the reference tensor's largest entry (at least 1), because a float32
+    sum's rounding error scales with its largest terms, not with the result."""
     (out_r, fin_r, saved_r, grad_r), (out_s, fin_s, saved_s, grad_s) = results
     torch.testing.assert_close(out_s, out_r, atol=atol, rtol=rtol)
     pairs = (("final state", fin_s, fin_r), ("saved", saved_s, saved_r), ("gradient", grad_s, grad_r))
@@ -89,7 +91,8 @@ def assert_same(results, atol, rtol):
         for i, (u, v) in enumerate(zip(a, b, strict=True)):
             assert u.shape == v.shape, f"{what}[{i}]: {u.shape} vs {v.shape}"
             assert torch.isfinite(u).all(), f"{what}[{i}] has NaN or inf (an unwritten element?)"
-            torch.testing.assert_close(u, v, atol=atol, rtol=rtol,
+            scale = max(1.0, v.abs().max().item()) if normwise else 1.0
+            torch.testing.assert_close(u, v, atol=atol * scale, rtol=rtol,
                                        msg=lambda m, w=what, i=i: f"{w}[{i}]: {m}")
 
 
@@ -179,8 +182,11 @@ FLOAT32 = [("lstm", "persistent"), ("slstm", "persistent"), ("gru_cho", "fused_s
 def test_schedule_matches_torch_loop_float32(cell, schedule):
     """float32 storage and math, padded batch, H = 16 (one full slice), one cell per schedule and kind
     (sLSTM's exponential gates, AntisymmetricRNN's combined weight, QRNN's prev(x)). tl.dot sums in
-    another order than the torch loop's GEMMs: relative 1e-4 (sLSTM's input gradients reach ~20)."""
-    assert_same(run_both(cell, schedule, 16, 2, 2, torch.float32, packed=False), atol=1e-4, rtol=1e-4)
+    another order than the torch loop's GEMMs: 1e-4 relative to each tensor's largest entry. sLSTM's
+    exponential gates make its weight gradients reach ~160 at this seed, with terms that cancel: CI's
+    CPU once missed a plain 1e-4 by 2.4e-4 on an entry of 1.4 in a tensor whose largest is 157."""
+    assert_same(run_both(cell, schedule, 16, 2, 2, torch.float32, packed=False), atol=1e-4, rtol=1e-4,
+                normwise=True)
 
 
 # every H (one partial slice, one full, three with the last partial), N and T at least once
