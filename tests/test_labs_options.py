@@ -148,3 +148,62 @@ def test_compare_with_seeds_reports_significance_and_draws_the_scores(tmp_path):
     assert "Welch's t-test" in text and "| gru |" in text.split("Significance")[1]
     assert (tmp_path / "scores.png").exists()
     assert [c["cell"] for c in result["significance"]] == ["gru"]
+
+
+def test_plateau_rule_counts_from_the_best_or_the_last_change_of_rate():
+    from celldsl.labs.tasks import make_task
+    from celldsl.labs.train import _plateau_reached
+
+    task = make_task("copy", {})  # valid bits_per_seq, lower is better
+    cfg = TrainConfig(task="copy", cell=GRU, lr_plateau=2)
+
+    def history(values):
+        return [{"step": 0}] + [{"step": 10 * (i + 1), "valid_bits_per_seq": v} for i, v in enumerate(values)]
+
+    one_rate = [[0, 1e-3]]
+    assert not _plateau_reached(task, cfg, history([5, 4, 4.5]), one_rate)  # one evaluation since the best
+    assert _plateau_reached(task, cfg, history([5, 4, 4.5, 4.2]), one_rate)  # two
+    assert not _plateau_reached(task, cfg, history([5, 4, 4.5, 3.9]), one_rate)  # a new best
+    # after a change at step 40 the new rate gets two evaluations of its own, even with no new best
+    changed = [[0, 1e-3], [40, 3e-4]]
+    assert not _plateau_reached(task, cfg, history([5, 4, 4.5, 4.2, 4.3]), changed)
+    assert _plateau_reached(task, cfg, history([5, 4, 4.5, 4.2, 4.3, 4.1]), changed)
+    assert not _plateau_reached(task, TrainConfig(task="copy", cell=GRU), history([5, 4, 9, 9, 9]), one_rate)
+
+
+def test_plateau_drops_the_rate_in_the_run_records_it_and_resumes_with_it(tmp_path, monkeypatch):
+    from celldsl.labs.checkpoint import load_checkpoint
+    from celldsl.labs.pianoroll import Chorale
+    from celldsl.labs.tasks import chorales
+
+    rng = np.random.default_rng(0)
+    fake = [Chorale(n, f"fake{n}", (rng.random((6 + n, 88)) < 0.05).astype(np.uint8)) for n in range(1, 11)]
+    monkeypatch.setattr(chorales, "load_chorales", lambda: fake)
+    # lr so large that the validation NLL gets worse after the first steps: the rule must fire
+    base = dict(task="chorales", cell=GRU, hidden=4, batch=4, eval_every=1, lr=3.0, lr_plateau=2,
+                lr_factor=0.5, out=str(tmp_path), pictures=False, progress=False)  # fmt: skip
+    summary = train(TrainConfig(steps=12, **base))
+    schedule = summary["lr_schedule"]
+    assert len(schedule) >= 2 and schedule[0] == [0, 3.0]
+    for (_, before), (_, after) in zip(schedule, schedule[1:]):
+        assert after == pytest.approx(before * 0.5)
+    # every change happened where the rule says, on the history as it stood at that evaluation
+    from celldsl.labs.tasks import make_task
+    from celldsl.labs.train import _plateau_reached
+
+    task, cfg, hist = make_task("chorales", {}), TrainConfig(**{**base, "steps": 12}), summary["history"]
+    fired = [r["step"] for i, r in enumerate(hist[1:], 1)
+             if _plateau_reached(task, cfg, hist[: i + 1], [s for s in schedule if s[0] < r["step"]])]
+    assert fired == [s for s, _ in schedule[1:]]
+    # the rows say the rate they trained at, and the optimizer was left at the last one
+    assert [r["lr"] for r in hist[1:]] == [[lr for s, lr in schedule if s < r["step"]][-1] for r in hist[1:]]
+    assert load_checkpoint(tmp_path)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(schedule[-1][1])
+    resumed = train(TrainConfig(steps=14, resume=True, **base))
+    assert resumed["lr_schedule"][: len(schedule)] == schedule
+
+
+def test_plateau_options_are_checked():
+    with pytest.raises(ValueError, match="--lr-factor must be between 0 and 1"):
+        train(TrainConfig(task="copy", cell=GRU, lr_plateau=2, lr_factor=2.0, pictures=False, progress=False))
+    with pytest.raises(ValueError, match="--lr-plateau must be 0"):
+        train(TrainConfig(task="copy", cell=GRU, lr_plateau=-1, pictures=False, progress=False))

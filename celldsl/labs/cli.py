@@ -47,6 +47,16 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="early stopping after K evaluations without a better valid metric",
     )
+    p.add_argument(
+        "--lr-plateau",
+        type=int,
+        metavar="K",
+        help="multiply the learning rate by --lr-factor after K evaluations without a better valid "
+        "metric (counted again from each change); default 0, never",
+    )
+    p.add_argument(
+        "--lr-factor", type=float, metavar="F", help="the factor of --lr-plateau (default 10^-0.5 = 0.316)"
+    )
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
@@ -84,7 +94,8 @@ def _hidden_list(text: str) -> list[int]:
 # preset gives one (None: the task's default)
 SHARED = {
     "layers": 1, "steps": None, "batch": None, "lr": None, "optimizer": "adam", "clip": 1.0,
-    "clip_value": 0.0, "weight_noise": 0.0, "patience": 0, "eval_every": None, "device": "cpu",
+    "clip_value": 0.0, "weight_noise": 0.0, "patience": 0, "lr_plateau": 0, "lr_factor": 10**-0.5,
+    "eval_every": None, "device": "cpu",
     "threads": 1, "out": None, "resume": False,
 }  # fmt: skip
 

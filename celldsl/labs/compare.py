@@ -50,6 +50,8 @@ class CompareConfig:
     optimizer: str = "adam"
     weight_noise: float = 0.0
     patience: int = 0
+    lr_plateau: int = 0
+    lr_factor: float = 10**-0.5
     threads: int = 1
     task_options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
@@ -113,6 +115,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 optimizer=cfg.optimizer,
                 weight_noise=cfg.weight_noise,
                 patience=cfg.patience,
+                lr_plateau=cfg.lr_plateau,
+                lr_factor=cfg.lr_factor,
                 threads=cfg.threads,
                 task_options=cfg.task_options,
                 pictures=cfg.pictures,
@@ -157,6 +161,10 @@ def _settings_line(c: dict, how: str) -> str:
         parts.append(f"weight noise std {c['weight_noise']}")
     if c.get("patience"):
         parts.append(f"early stopping after {c['patience']} evaluations without a better valid metric")
+    if c.get("lr_plateau"):
+        parts.append(
+            f"learning rate times {c['lr_factor']:.3g} after {c['lr_plateau']} evaluations without a better valid metric"
+        )
     parts += [f"task options {c['task_options']}", f"{c['threads']} CPU thread(s)"]
     return "Settings: " + "; ".join(parts) + "."
 

@@ -57,6 +57,12 @@ class TrainConfig:
     optimizer: str = "adam"  # see optim.OPTIMIZERS
     weight_noise: float = 0.0  # std of Gaussian noise added to every weight per step (Chung et al.: 0.075)
     patience: int = 0  # stop after this many evaluations without a better validation metric; 0 = never
+    # a learning-rate schedule chosen by the validation set, not by hand or by the test curve:
+    # multiply the rate by `lr_factor` once `lr_plateau` evaluations have passed without a better
+    # validation metric, counted from the best or from the last change of rate, whichever is later
+    # (torch's ReduceLROnPlateau with cooldown 0, on the evaluations); 0 = never
+    lr_plateau: int = 0
+    lr_factor: float = 10**-0.5  # 1e-4, 3.2e-5, 1e-5, ...: the steps of the hand-dropped LSTM run
     # torch CPU threads. 1 by default: the labs' models are tiny, so threads only add
     # synchronisation, and on a busy 2-core machine a copy step took 49 ms with 1 thread and
     # 605 ms with 2 (median of 35 steps). 0 leaves torch's default.
@@ -128,6 +134,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(_SET_LR_NEEDS_RESUME)
     if cfg.set_lr is not None and cfg.set_lr <= 0:
         raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
+    if cfg.lr_plateau < 0:
+        raise ValueError(f"--lr-plateau must be 0 (never) or a number of evaluations, got {cfg.lr_plateau}")
+    if not 0 < cfg.lr_factor < 1:
+        raise ValueError(f"--lr-factor must be between 0 and 1 (a drop), got {cfg.lr_factor}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -234,6 +244,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row = record()
                 progress.evaluation(step, row, _headline(task, row))
+                if _plateau_reached(task, cfg, history, lr_schedule):
+                    lr_schedule = [*lr_schedule, [step, lr_schedule[-1][1] * cfg.lr_factor]]
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_schedule[-1][1]
+                    if cfg.progress:
+                        print(
+                            f"learning rate {lr_schedule[-2][1]:.3g} -> {lr_schedule[-1][1]:.3g} from step "
+                            f"{step}: no better valid {task.metric} in {cfg.lr_plateau} evaluations",
+                            file=sys.stderr,
+                        )
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
@@ -272,16 +292,33 @@ def _remove_weight_noise(params: list[torch.Tensor], clean: list[torch.Tensor] |
                 p.copy_(c)
 
 
-def _patience_spent(task: Task, cfg: TrainConfig, history: list[dict]) -> bool:
-    """Early stopping: True once `patience` evaluations have passed without a better validation
-    metric than the best so far (the untrained row at step 0 does not count)."""
+def _valid_rows(task: Task, history: list[dict]) -> tuple[list[dict], int]:
+    """The evaluated rows with a validation metric (the untrained row at step 0 does not count),
+    and the index of the best of them (the first, on ties)."""
     key = f"valid_{task.metric}"
     rows = [r for r in history[1:] if r.get(key) is not None]
-    if not cfg.patience or not rows:
-        return False
     values = [r[key] for r in rows]
-    best = (max if task.higher_is_better else min)(range(len(values)), key=values.__getitem__)
-    return len(values) - 1 - best >= cfg.patience
+    best = (max if task.higher_is_better else min)(range(len(values)), key=values.__getitem__, default=-1)
+    return rows, best
+
+
+def _patience_spent(task: Task, cfg: TrainConfig, history: list[dict]) -> bool:
+    """Early stopping: True once `patience` evaluations have passed without a better validation
+    metric than the best so far."""
+    rows, best = _valid_rows(task, history)
+    return bool(cfg.patience and rows) and len(rows) - 1 - best >= cfg.patience
+
+
+def _plateau_reached(task: Task, cfg: TrainConfig, history: list[dict], lr_schedule: list) -> bool:
+    """True once `lr_plateau` evaluations have passed without a better validation metric, counted
+    from the best row or from the last row at the old rate, whichever is later: after a change,
+    the new rate gets `lr_plateau` evaluations of its own."""
+    rows, best = _valid_rows(task, history)
+    if not cfg.lr_plateau or not rows:
+        return False
+    last_change = lr_schedule[-1][0]
+    at_change = sum(r["step"] <= last_change for r in rows) - 1  # -1 when the rate never changed
+    return len(rows) - 1 - max(best, at_change) >= cfg.lr_plateau
 
 
 class Progress:
