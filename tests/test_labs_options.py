@@ -1,6 +1,7 @@
 """Training options of the labs: presets, TensorFlow's RMSProp, elementwise clipping, weight noise,
 early stopping, and the progress output when stdout is not a terminal."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -185,15 +186,18 @@ def test_plateau_drops_the_rate_in_the_run_records_it_and_resumes_with_it(tmp_pa
     summary = train(TrainConfig(steps=12, **base))
     schedule = summary["lr_schedule"]
     assert len(schedule) >= 2 and schedule[0] == [0, 3.0]
-    for (_, before), (_, after) in zip(schedule, schedule[1:]):
+    for (_, before), (_, after) in itertools.pairwise(schedule):
         assert after == pytest.approx(before * 0.5)
     # every change happened where the rule says, on the history as it stood at that evaluation
     from celldsl.labs.tasks import make_task
     from celldsl.labs.train import _plateau_reached
 
     task, cfg, hist = make_task("chorales", {}), TrainConfig(**{**base, "steps": 12}), summary["history"]
-    fired = [r["step"] for i, r in enumerate(hist[1:], 1)
-             if _plateau_reached(task, cfg, hist[: i + 1], [s for s in schedule if s[0] < r["step"]])]
+    fired = [
+        r["step"]
+        for i, r in enumerate(hist[1:], 1)
+        if _plateau_reached(task, cfg, hist[: i + 1], [s for s in schedule if s[0] < r["step"]])
+    ]
     assert fired == [s for s, _ in schedule[1:]]
     # the rows say the rate they trained at, and the optimizer was left at the last one
     assert [r["lr"] for r in hist[1:]] == [[lr for s, lr in schedule if s < r["step"]][-1] for r in hist[1:]]
@@ -207,3 +211,28 @@ def test_plateau_options_are_checked():
         train(TrainConfig(task="copy", cell=GRU, lr_plateau=2, lr_factor=2.0, pictures=False, progress=False))
     with pytest.raises(ValueError, match="--lr-plateau must be 0"):
         train(TrainConfig(task="copy", cell=GRU, lr_plateau=-1, pictures=False, progress=False))
+
+
+def test_sigterm_stops_a_run_with_a_checkpoint_at_the_step_reached(tmp_path):
+    """`kill` (SIGTERM) acts as Ctrl-C does; a shell's background job has SIGINT ignored, so SIGTERM is
+    how it is stopped. The run is in a child process started with SIGINT ignored, as such a job is."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from celldsl.labs.checkpoint import load_checkpoint
+
+    argv = [sys.executable, "-m", "celldsl.labs.cli", "train", "copy", "--cell", GRU, "--hidden", "4",
+            "--batch", "2", "--steps", "1000000", "--eval-every", "1", "-o", "max_len=2", "-o", "test_size=4",
+            "--no-pictures", "--out", str(tmp_path)]  # fmt: skip
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    reached = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert reached >= 1 and load_checkpoint(tmp_path)["step"] == reached

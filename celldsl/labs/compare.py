@@ -163,7 +163,8 @@ def _settings_line(c: dict, how: str) -> str:
         parts.append(f"early stopping after {c['patience']} evaluations without a better valid metric")
     if c.get("lr_plateau"):
         parts.append(
-            f"learning rate times {c['lr_factor']:.3g} after {c['lr_plateau']} evaluations without a better valid metric"
+            f"learning rate times {c['lr_factor']:.3g} after {c['lr_plateau']} evaluations "
+            "without a better valid metric"
         )
     parts += [f"task options {c['task_options']}", f"{c['threads']} CPU thread(s)"]
     return "Settings: " + "; ".join(parts) + "."

@@ -17,8 +17,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -217,53 +220,64 @@ def train(config: TrainConfig) -> dict[str, Any]:
     progress = Progress(cfg, step)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        while step < cfg.steps and not _patience_spent(task, cfg, history):
-            batch = task.train_batch(data_gen, cfg.batch).to(device)
-            t0 = time.perf_counter()
-            noise = _add_weight_noise(params, cfg.weight_noise)
-            outputs, _ = model(batch.inputs)
-            loss = task.loss(outputs, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _remove_weight_noise(params, noise)
-            if cfg.clip_value:
-                torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_seconds += time.perf_counter() - t0
-            step += 1
-            value = loss.detach().item()
-            loss_sum, loss_count = loss_sum + value, loss_count + 1
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss is {value} at step {step}; try a smaller --lr")
-            progress.step(value, cfg.batch * step / max(train_seconds, 1e-9))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                row = record()
-                progress.evaluation(step, row, _headline(task, row))
-                if _plateau_reached(task, cfg, history, lr_schedule):
-                    lr_schedule = [*lr_schedule, [step, lr_schedule[-1][1] * cfg.lr_factor]]
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_schedule[-1][1]
-                    if cfg.progress:
-                        print(
-                            f"learning rate {lr_schedule[-2][1]:.3g} -> {lr_schedule[-1][1]:.3g} from step "
-                            f"{step}: no better valid {task.metric} in {cfg.lr_plateau} evaluations",
-                            file=sys.stderr,
-                        )
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        progress.close()
-        print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
-        raise
+    with _sigterm_as_interrupt():
+        try:
+            while step < cfg.steps and not _patience_spent(task, cfg, history):
+                batch = task.train_batch(data_gen, cfg.batch).to(device)
+                t0 = time.perf_counter()
+                noise = _add_weight_noise(params, cfg.weight_noise)
+                outputs, _ = model(batch.inputs)
+                loss = task.loss(outputs, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _remove_weight_noise(params, noise)
+                if cfg.clip_value:
+                    torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+                if cfg.clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_seconds += time.perf_counter() - t0
+                step += 1
+                value = loss.detach().item()
+                loss_sum, loss_count = loss_sum + value, loss_count + 1
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss is {value} at step {step}; try a smaller --lr")
+                progress.step(value, cfg.batch * step / max(train_seconds, 1e-9))
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    row = record()
+                    progress.evaluation(step, row, _headline(task, row))
+                    lr_schedule = _drop_on_plateau(task, cfg, history, lr_schedule, optimizer, step)
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            progress.close()
+            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
+            raise
     progress.close()
     if step < cfg.steps and cfg.progress:
         print(f"early stop at step {step}: no better valid {task.metric} in {cfg.patience} evaluations")
     return _finish(task, cfg, model, history, train_seconds, device, lr_schedule)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Let `kill` (SIGTERM, what job schedulers send first) stop a run as Ctrl-C does, with a
+    checkpoint at the step reached. It is also the only way to stop a run started in the
+    background by a non-interactive shell, which starts it with SIGINT ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _rate_before(lr_schedule: list, step: int) -> float:
@@ -307,6 +321,23 @@ def _patience_spent(task: Task, cfg: TrainConfig, history: list[dict]) -> bool:
     metric than the best so far."""
     rows, best = _valid_rows(task, history)
     return bool(cfg.patience and rows) and len(rows) - 1 - best >= cfg.patience
+
+
+def _drop_on_plateau(task: Task, cfg: TrainConfig, history, lr_schedule: list, optimizer, step: int) -> list:
+    """The schedule after this evaluation: one more entry, and the optimizer at the new rate, when
+    `_plateau_reached`."""
+    if not _plateau_reached(task, cfg, history, lr_schedule):
+        return lr_schedule
+    old, new = lr_schedule[-1][1], lr_schedule[-1][1] * cfg.lr_factor
+    for group in optimizer.param_groups:
+        group["lr"] = new
+    if cfg.progress:
+        print(
+            f"learning rate {old:.3g} -> {new:.3g} from step {step}: "
+            f"no better valid {task.metric} in {cfg.lr_plateau} evaluations",
+            file=sys.stderr,
+        )
+    return [*lr_schedule, [step, new]]
 
 
 def _plateau_reached(task: Task, cfg: TrainConfig, history: list[dict], lr_schedule: list) -> bool:
