@@ -211,6 +211,9 @@ def test_plateau_options_are_checked():
         train(TrainConfig(task="copy", cell=GRU, lr_plateau=2, lr_factor=2.0, pictures=False, progress=False))
     with pytest.raises(ValueError, match="--lr-plateau must be 0"):
         train(TrainConfig(task="copy", cell=GRU, lr_plateau=-1, pictures=False, progress=False))
+    for option in ({"lr_plateau": 3}, {"patience": 3}):  # they would watch nothing
+        with pytest.raises(ValueError, match="adding has none \\(its sets: train, test\\)"):
+            train(TrainConfig(task="adding", cell=GRU, pictures=False, progress=False, **option))
 
 
 def test_sigterm_stops_a_run_with_a_checkpoint_at_the_step_reached(tmp_path):

@@ -141,6 +141,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--lr-plateau must be 0 (never) or a number of evaluations, got {cfg.lr_plateau}")
     if not 0 < cfg.lr_factor < 1:
         raise ValueError(f"--lr-factor must be between 0 and 1 (a drop), got {cfg.lr_factor}")
+    if (cfg.patience or cfg.lr_plateau) and "valid" not in task.eval_sets():
+        raise ValueError(
+            f"--patience and --lr-plateau watch the valid set, and {cfg.task} has none "
+            f"(its sets: {', '.join(task.eval_sets())})"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
