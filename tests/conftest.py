@@ -10,6 +10,7 @@ warn_only: no op is refused, non-deterministic ones only warn.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,15 @@ def nan_filled_allocations_one_thread():
     yield
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_chorales(monkeypatch):
+    """Ten small random piano rolls in place of JSB Chorales, so that the labs' chorale tests do not
+    load music21's corpus."""
+    from celldsl.labs.pianoroll import Chorale
+    from celldsl.labs.tasks import chorales
+
+    rng = np.random.default_rng(0)
+    fake = [Chorale(n, f"fake{n}", (rng.random((6 + n, 88)) < 0.05).astype(np.uint8)) for n in range(1, 11)]
+    monkeypatch.setattr(chorales, "load_chorales", lambda: fake)

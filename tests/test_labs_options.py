@@ -97,13 +97,7 @@ def test_weight_noise_is_taken_off_exactly():
     assert _add_weight_noise(params, 0.0) is None
 
 
-def test_early_stopping_ends_the_run_when_valid_stops_improving(tmp_path, monkeypatch):
-    from celldsl.labs.pianoroll import Chorale
-    from celldsl.labs.tasks import chorales
-
-    rng = np.random.default_rng(0)
-    fake = [Chorale(n, f"fake{n}", (rng.random((6 + n, 88)) < 0.05).astype(np.uint8)) for n in range(1, 11)]
-    monkeypatch.setattr(chorales, "load_chorales", lambda: fake)
+def test_early_stopping_ends_the_run_when_valid_stops_improving(tmp_path, fake_chorales):
     # lr so large that the validation NLL gets worse after the first steps
     cfg = TrainConfig(task="chorales", cell=GRU, hidden=4, steps=200, batch=4, eval_every=1, lr=3.0,
                       patience=2, out=str(tmp_path), pictures=False, progress=False)  # fmt: skip
@@ -172,14 +166,9 @@ def test_plateau_rule_counts_from_the_best_or_the_last_change_of_rate():
     assert not _plateau_reached(task, TrainConfig(task="copy", cell=GRU), history([5, 4, 9, 9, 9]), one_rate)
 
 
-def test_plateau_drops_the_rate_in_the_run_records_it_and_resumes_with_it(tmp_path, monkeypatch):
+def test_plateau_drops_the_rate_in_the_run_records_it_and_resumes_with_it(tmp_path, fake_chorales):
     from celldsl.labs.checkpoint import load_checkpoint
-    from celldsl.labs.pianoroll import Chorale
-    from celldsl.labs.tasks import chorales
 
-    rng = np.random.default_rng(0)
-    fake = [Chorale(n, f"fake{n}", (rng.random((6 + n, 88)) < 0.05).astype(np.uint8)) for n in range(1, 11)]
-    monkeypatch.setattr(chorales, "load_chorales", lambda: fake)
     # lr so large that the validation NLL gets worse after the first steps: the rule must fire
     base = dict(task="chorales", cell=GRU, hidden=4, batch=4, eval_every=1, lr=3.0, lr_plateau=2,
                 lr_factor=0.5, out=str(tmp_path), pictures=False, progress=False)  # fmt: skip

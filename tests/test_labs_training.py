@@ -173,13 +173,7 @@ def test_every_task_trains_end_to_end_with_its_pictures(tmp_path, task, options,
     assert pictures <= {p.name for p in tmp_path.iterdir()}
 
 
-def test_chorales_train_on_piano_rolls_and_pick_the_best_valid_point(tmp_path, monkeypatch):
-    from celldsl.labs.pianoroll import Chorale
-    from celldsl.labs.tasks import chorales
-
-    rng = np.random.default_rng(0)
-    fake = [Chorale(n, f"fake{n}", (rng.random((6 + n, 88)) < 0.05).astype(np.uint8)) for n in range(1, 11)]
-    monkeypatch.setattr(chorales, "load_chorales", lambda: fake)
+def test_chorales_train_on_piano_rolls_and_pick_the_best_valid_point(tmp_path, fake_chorales):
     summary = train(tiny(tmp_path, task="chorales", task_options={}, pictures=True))
     assert {"train_nll", "valid_nll", "test_nll"} <= set(summary["final"])
     assert summary["final"]["test_nll"] > 0
