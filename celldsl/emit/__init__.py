@@ -1,1 +1,0 @@
-"""Plan -> source code: one printer per target (torch, triton), each a table of function spellings."""

@@ -1,1 +1,0 @@
-"""Compiled cell -> running code: the time loops and the torch.autograd Functions around them."""
