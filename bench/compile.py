@@ -90,7 +90,7 @@ BUILD_SCRIPT = r"""
 import sys, time, warnings, torch
 warnings.simplefilter("error", RuntimeWarning)
 import celldsl
-from celldsl.runtime.cpu_fused import FusedCPULoop
+from celldsl.targets.c.fused import FusedCPULoop
 layer = celldsl.Recurrent(sys.argv[1], 3, 3, backend="cpu")
 t0 = time.perf_counter(); loop = layer.compiled.cpu_loop; seconds = time.perf_counter() - t0
 print(seconds if isinstance(loop, FusedCPULoop) else -1)

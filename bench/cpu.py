@@ -303,8 +303,8 @@ def library_layer(cell: str, I: int, H: int):
 
 def python_loop_layer(cell: str, I: int, H: int):
     """A private copy of the cell (its own cache key and loop) forced onto the Python loop on torch.mm."""
-    from celldsl.runtime import cpu_fused
-    from celldsl.runtime.function import cell_for
+    from celldsl.ops.function import cell_for
+    from celldsl.targets.c import fused as cpu_fused
 
     layer = celldsl.Recurrent(cell_text(cell) + "\n# bench/cpu.py: the Python loop\n", I, H)
     compiled = layer.compiled

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from celldsl.runtime import cpu_fused, cpu_gemm  # noqa: E402
+from celldsl.targets.c import fused as cpu_fused  # noqa: E402
+from celldsl.targets.c import gemm as cpu_gemm  # noqa: E402
 
 # (kind, m, k, n): the per-step products of an LSTM at (N=32, H=256), N=1 and (N=128, H=512), a GRU's,
 # and the products over all rows at T=100 (hoisted: x @ W_ih.T, input_grad: d @ W_ih, weight_grad:

@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 import celldsl  # noqa: E402
 from celldsl import cache  # noqa: E402
-from celldsl.runtime import cpu_fused  # noqa: E402
-from celldsl.runtime.function import cell_for  # noqa: E402
+from celldsl.ops.function import cell_for  # noqa: E402
+from celldsl.targets.c import fused as cpu_fused  # noqa: E402
 
 # (T, N, I, H, backward): issue 9's sizes
 CASES = [(100, 32, 128, 256, False), (100, 32, 128, 256, True), (100, 1, 128, 256, False),

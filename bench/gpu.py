@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 import celldsl  # noqa: E402
 from celldsl.compiler import ZOO, compile_cell  # noqa: E402
-from celldsl.runtime.schedule_choice import declines  # noqa: E402
+from celldsl.targets.triton.applies import declines  # noqa: E402
 
 CELLDSL = ("graphed", "persistent", "fused_step", "time_loop", "scan", "auto")
 CUDNN = ("cuDNN fp16", "cuDNN bf16", "cuDNN fp32")

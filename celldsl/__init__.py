@@ -1,7 +1,7 @@
 """celldsl: recurrent cells written as equations, compiled to fused kernels and drop-in torch layers."""
 
 from .compiler import CompiledCell, compile_cell
-from .errors import CellError, CellTensorError, CellWarning
+from .lang.errors import CellError, CellTensorError, CellWarning
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Cell", "CellError", "CellTensorError", "CellWarning", "CompiledCell", "GRUCell",
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """The layers import torch (about a second): load them on first use, so `celldsl check` starts fast."""
     if name in ("GRU", "LSTM", "RNN", "Recurrent", "Cell", "GRUCell", "LSTMCell", "RNNCell"):
-        from . import layers
+        from .nn import layers
 
         return getattr(layers, name)
     raise AttributeError(f"module 'celldsl' has no attribute {name!r}")

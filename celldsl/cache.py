@@ -25,7 +25,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import printable
+from .lang.errors import printable
 
 PACKAGE = Path(__file__).resolve().parent
 _private_root: Path | None = None  # a fallback for the process when the configured folder is unwritable
@@ -108,7 +108,7 @@ def compiler_digest() -> str:
     files = sorted(p for p in PACKAGE.rglob("*.py") if "labs" not in p.relative_to(PACKAGE).parts)
     for p in files:
         h.update(str(p.relative_to(PACKAGE)).encode() + b"\0" + p.read_bytes() + b"\0")
-    from .syntax import grammar_text
+    from .lang.syntax import grammar_text
 
     h.update(grammar_text().encode())
     return h.hexdigest()

@@ -9,7 +9,6 @@ of celldsl/cache.py, under the cell's key (its text, file name and the compiler'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import warnings
@@ -17,9 +16,9 @@ from functools import cached_property
 from pathlib import Path
 
 from . import cache
-from .errors import CellError, CellWarning, Source, printable
+from .lang.errors import CellError, CellWarning, Source, printable
+from .lang.syntax import MAX_FILE_BYTES
 from .resources import ZOO, zoo_names
-from .syntax import MAX_FILE_BYTES
 
 _COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this process
 _RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
@@ -97,38 +96,32 @@ class CompiledCell:
 
     @cached_property
     def torch_module(self):
-        from .emit.torch_source import torch_module_source
+        """The generated torch module (targets/torch/), imported from its file in the cache."""
+        from .targets import target
 
-        path = cache.root() / self.key / "torch_cell.py"
-        cache.write_if_changed(path, torch_module_source(self.plan))
-        spec = importlib.util.spec_from_file_location(f"celldsl_generated_{self.key[:16]}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return target("torch").load(self)
 
     @cached_property
     def torch_loop(self):
-        from .runtime.torch_loop import TorchLoop
+        from .targets import target
 
-        return TorchLoop(self.plan, self.torch_module)
+        return target("torch").loop(self)
 
     @cached_property
     def triton_loop(self):
         """The same time loop, with each stage's pointwise step a fused Triton kernel, replayed from
         CUDA graphs on CUDA tensors (the host's launches, not the GPU, bound a step otherwise)."""
-        from .runtime.cuda_graph import GraphedLoop
-        from .runtime.torch_loop import TorchLoop
-        from .runtime.triton_module import load_triton_module
+        from .targets import target
 
-        return GraphedLoop(TorchLoop(self.plan, load_triton_module(self)))
+        return target("triton").loop(self)
 
     @cached_property
     def cpu_loop(self):
         """The time loop with each stage's pointwise step compiled to C (the torch loop when no C
         compiler is available)."""
-        from .runtime.cpu_fused import cpu_loop
+        from .targets import target
 
-        return cpu_loop(self)
+        return target("cpu").loop(self)
 
     def loop(self, backend: str):
         """The time loop for a resolved backend name: "torch", "cpu" or "triton"."""
@@ -138,7 +131,7 @@ class CompiledCell:
         return getattr(self, loops[backend])
 
     def explain(self) -> str:
-        from .explain import explain
+        from .cli.explain import explain
 
         return explain(self)
 
@@ -185,7 +178,7 @@ def _decode(data: bytes, filename: str) -> Source:
     try:
         return Source(data.decode("utf-8").removeprefix("\ufeff"), filename)  # an editor's BOM is no error
     except UnicodeDecodeError:
-        from .syntax import parse
+        from .lang.syntax import parse
 
         parse(data, filename)  # raises a CellError that points at the first bad byte
         raise AssertionError("unreachable") from None
@@ -254,9 +247,9 @@ def compile_key(key: str) -> CompiledCell | None:
 
 
 def _compile(source: Source, key: str) -> CompiledCell:
-    from .ir import build_ir
+    from .lang.ir import build_ir
+    from .lang.syntax import parse
     from .plan import build_plan
-    from .syntax import parse
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CellWarning)

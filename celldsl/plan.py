@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .errors import CellError
-from .functions import Reduction
-from .ir import CellIR, generated, generated_symbols, symbol
+from .lang.errors import CellError
+from .lang.functions import Reduction
+from .lang.ir import CellIR, generated, generated_symbols, symbol
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def make_pointwise(
     """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
     exprs = [e for _, e in outputs]
     inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
-    temps, results = _cse(exprs, "t")
+    temps, results = cse(exprs, "t")
     grad_outputs = tuple(symbol(f"grad[{name}]") for name, _ in outputs)
     grad_inputs = tuple(s for s in inputs if differentiable(s))
     # Vector-Jacobian product: d input = sum_j grad_j * d output_j / d input. Differentiate the
@@ -161,7 +161,7 @@ def make_pointwise(
     # The backward reads forward temps t_i and the partial products p_k of the product rule: it
     # recomputes those it needs (in order), then its own CSE'd temps u_j. (Inlining the t_i instead
     # would unshare them: exponential on deep DAGs.)
-    btemps, bresults = _cse(backward, "u")
+    btemps, bresults = cse(backward, "u")
     needed = set().union(*(e.free_symbols for e in [*bresults, *(e for _, e in btemps)]))
     recompute = []
     for t, e in reversed(temps + reverse.temps):
@@ -187,7 +187,7 @@ def make_pointwise(
 SYMPY_CSE_MAX_NODES = 2000  # sp.cse finds more sharing, but its cost grows much faster than linearly
 
 
-def _cse(exprs: list[sp.Expr], prefix: str) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]]:
+def cse(exprs: list[sp.Expr], prefix: str) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]]:
     """Common subexpressions as temporaries %<prefix>0, %<prefix>1, ...: SymPy's cse, which also shares
     parts of sums and products (every zoo cell), up to SYMPY_CSE_MAX_NODES distinct nodes; beyond, a
     linear-time tree CSE (each repeated subtree once), so a large cell compiles in seconds, not minutes."""

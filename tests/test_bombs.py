@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import celldsl
-from celldsl.runtime import cpu_fused
-from celldsl.runtime.cpu_fused import FusedCPULoop
+from celldsl.targets.c import fused as cpu_fused
+from celldsl.targets.c.fused import FusedCPULoop
 
 CHECK_BOUND = 60.0  # seconds; the target is 5 (bench/compile.py --bombs measures it)
 BUILD_BOUND = 120.0  # seconds; the target is 30

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from celldsl import cache, compile_cell
-from celldsl.runtime import cpu_fused
+from celldsl.targets.c import fused as cpu_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted(p.stem for p in (ROOT / "cells").glob("*.cell"))
@@ -203,7 +203,7 @@ def test_an_unwritable_cache_costs_only_speed(private):
 RUN_CPU_SCRIPT = r"""
 import sys, warnings, torch
 from celldsl import Recurrent
-from celldsl.runtime.cpu_fused import FusedCPULoop
+from celldsl.targets.c.fused import FusedCPULoop
 torch.manual_seed(0)
 with warnings.catch_warnings():
     warnings.simplefilter("error", RuntimeWarning)  # falling back to the torch loop would warn

@@ -17,7 +17,7 @@ from torch_testing import CELLS, assert_equal, pair
 
 import celldsl
 from celldsl import Cell, Recurrent
-from celldsl.errors import CellTensorError
+from celldsl.lang.errors import CellTensorError
 
 F64 = torch.float64
 T, N, I, H = 4, 3, 3, 4
@@ -174,7 +174,7 @@ def test_torch_layer_cell_is_a_torch_cell_with_the_layers_weights():
 
 def test_a_step_is_one_fused_op_call(monkeypatch):
     """The step calls the time-loop op once, with T = 1, on the fused C kernels for CPU tensors."""
-    import celldsl.cells as cells
+    import celldsl.nn.cells as cells
 
     calls = []
     real = cells.run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from celldsl.cli import main
+from celldsl.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_FILES = sorted(str(p) for p in (ROOT / "cells").glob("*.cell"))
@@ -27,7 +27,7 @@ def run(capsys, *argv):
 
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert scripts.get("celldsl") == "celldsl.cli:main"
+    assert scripts.get("celldsl") == "celldsl.cli.main:main"
 
 
 def test_check_passes_every_zoo_cell(capsys):
@@ -99,7 +99,7 @@ def test_check_accepts_zoo_names(capsys):
 
 
 def test_internal_error_is_a_message_not_a_traceback(capsys, monkeypatch):
-    import celldsl.cli as cli
+    import celldsl.cli.main as cli
 
     def broken(path):
         raise RuntimeError("boom")

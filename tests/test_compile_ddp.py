@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import celldsl
-from celldsl.runtime import ops
-from celldsl.runtime.function import register
+from celldsl.ops import op as ops
+from celldsl.ops.function import register
 
 T, N, H = 4, 3, 5
 

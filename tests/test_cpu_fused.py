@@ -25,12 +25,13 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from celldsl import Recurrent, compile_cell
-from celldsl.emit import c_source as c_source_module
-from celldsl.emit.c_source import backward_schedule, c_source
-from celldsl.runtime import cpu_fused, cpu_gemm
-from celldsl.runtime.cpu_fused import FusedCPULoop, build_library, cpu_loop
-from celldsl.runtime.function import cell_for, split_params
-from celldsl.runtime.torch_loop import TorchLoop
+from celldsl.ops.function import cell_for, split_params
+from celldsl.targets.c import emit as c_source_module
+from celldsl.targets.c import fused as cpu_fused
+from celldsl.targets.c import gemm as cpu_gemm
+from celldsl.targets.c.emit import backward_schedule, c_source
+from celldsl.targets.c.fused import FusedCPULoop, build_library, cpu_loop
+from celldsl.targets.loop import TorchLoop
 
 HAVE_CC = cpu_fused.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc or gcc) to build the kernels")

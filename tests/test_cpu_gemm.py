@@ -19,7 +19,8 @@ import torch
 from test_cpu_fused import make_layer, rel_err, run_loop
 from test_cpu_native import args_for, fused_loop
 
-from celldsl.runtime import cpu_fused, cpu_gemm
+from celldsl.targets.c import fused as cpu_fused
+from celldsl.targets.c import gemm as cpu_gemm
 
 HAVE_CC = cpu_fused.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc or gcc) for the native GEMM")

@@ -31,9 +31,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from zoo import ZOO
 
 from celldsl import Recurrent, compile_cell
-from celldsl.runtime import cpu_fused, cpu_gemm
-from celldsl.runtime.cpu_fused import FusedCPULoop, cpu_loop
-from celldsl.runtime.function import split_params
+from celldsl.ops.function import split_params
+from celldsl.targets.c import fused as cpu_fused
+from celldsl.targets.c import gemm as cpu_gemm
+from celldsl.targets.c.fused import FusedCPULoop, cpu_loop
 
 HAVE_CC = cpu_fused.compiler() is not None
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler ($CC, cc or gcc) for the kernels")
@@ -138,7 +139,7 @@ def test_either_backward_takes_either_forward(stem):
 def test_native_two_threads_equal_one(stem, monkeypatch):
     """Each thread owns whole panels of hidden units (H = 37: five float64 panels of 8, the last one
     partial, split 2 + 3); the scalar gradients add up per thread."""
-    from celldsl.runtime import cpu_native
+    from celldsl.targets.c import native as cpu_native
 
     monkeypatch.setattr(cpu_native, "MIN_STEP_WORK", 0)
     monkeypatch.setattr(cpu_native, "MIN_ELEMENTWISE_WORK", 0)
@@ -263,7 +264,7 @@ def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatc
     float64. What ran is checked: the native loop where the cell allows it, else the Python loop, and
     the reason the native loop was refused is the expected one; forcing "native" on a cell the native
     loop cannot express runs the Python loop on the native GEMM."""
-    from celldsl.runtime.function import cell_for
+    from celldsl.ops.function import cell_for
 
     hidden, kwargs = ZOO_LAYERS.get(stem, (5, {}))
     input_size = hidden if compile_cell(stem).ir.needs_hidden_size else 4

@@ -3,7 +3,7 @@ wraps runs unchanged on CPU tensors (the Triton interpreter tests drive the same
 
 import torch
 
-from celldsl.runtime.cuda_graph import GraphedLoop, _flatten, _signature, _unflatten
+from celldsl.targets.triton.cuda_graph import GraphedLoop, _flatten, _signature, _unflatten
 
 
 def test_flatten_round_trips_nested_arguments_with_none():

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celldsl import compile_cell
-from celldsl.errors import CellError, CellWarning
+from celldsl.lang.errors import CellError, CellWarning
 
 CELLS = Path(__file__).resolve().parents[1] / "cells"
 ZOO = {p.stem: p.read_text() for p in sorted(CELLS.glob("*.cell"))}

@@ -2,8 +2,8 @@
 lives there: regenerate with `celldsl compile cells/*.cell -o kernels/` when this fails."""
 
 from celldsl.compiler import ZOO, compile_cell
-from celldsl.emit.triton_source import triton_module_source
-from celldsl.runtime.triton_module import KERNELS
+from celldsl.targets.triton.emit import triton_module_source
+from celldsl.targets.triton.module import KERNELS
 
 FIX = "regenerate with: celldsl compile cells/*.cell -o kernels/"
 

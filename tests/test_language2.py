@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
 from celldsl import CellError, compile_cell
-from celldsl.runtime import cpu_fused
+from celldsl.targets.c import fused as cpu_fused
 
 BACKENDS = ["torch", "cpu", "triton"]
 T, N, I = 5, 3, 4

@@ -15,8 +15,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
 from celldsl import CellTensorError, Recurrent, compile_cell
-from celldsl.runtime.function import split_params
-from celldsl.runtime.torch_loop import TorchLoop
+from celldsl.ops.function import split_params
+from celldsl.targets.loop import TorchLoop
 
 T, N, I, H = 5, 3, 4, 6
 

@@ -18,13 +18,13 @@ import sys
 import pytest
 from test_cpu_fused import needs_cc
 
-from celldsl.runtime import memory
+from celldsl.targets.c import memory
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's thresholds are glibc's")
 
 FAULTS = """
 import json, resource, torch, celldsl
-from celldsl.runtime import memory
+from celldsl.targets.c import memory
 torch.set_num_threads(1)
 layer = celldsl.Recurrent("indrnn", 128, 256)
 x, g = torch.randn(100, 32, 128), torch.randn(100, 32, 256)

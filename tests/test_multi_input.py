@@ -16,8 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
 from celldsl.compiler import compile_cell
-from celldsl.errors import CellError
-from celldsl.runtime.cpu_fused import FusedCPULoop, compiler
+from celldsl.lang.errors import CellError
+from celldsl.targets.c.fused import FusedCPULoop, compiler
 
 CONTEXT = str(Path(__file__).resolve().parent / "lstm_context.cell")
 GATE = """cell ctx_gate
@@ -257,7 +257,7 @@ def test_cpu_backend_runs_the_fused_kernels(name):
 
 
 def loop_params(layer, loop):
-    from celldsl.runtime.function import split_params
+    from celldsl.ops.function import split_params
 
     return split_params(loop, layer._weights(0, 0))
 
@@ -387,7 +387,7 @@ def test_unused_extra_input_is_warned_and_left_out():
 
 def test_opcheck_with_concatenated_inputs():
     """The one registered op takes [x | ctx] as its x: schema, autograd and fake kernel check out."""
-    from celldsl.runtime import ops
+    from celldsl.ops import op as ops
 
     layer = make("ctx_gate", "cpu")
     x, extra, state = data("ctx_gate", 1, 1)

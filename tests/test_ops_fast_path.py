@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import celldsl
-from celldsl.runtime import ops
+from celldsl.ops import op as ops
 
 
 class OpLog(TorchDispatchMode):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from celldsl import resources
-from celldsl.cli import main
+from celldsl.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

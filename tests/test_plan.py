@@ -14,10 +14,10 @@ import pytest
 import sympy as sp
 
 from celldsl import compile_cell
-from celldsl.errors import CellWarning, Source
-from celldsl.ir import build_ir
+from celldsl.lang.errors import CellWarning, Source
+from celldsl.lang.ir import build_ir
+from celldsl.lang.syntax import parse
 from celldsl.plan import build_plan
-from celldsl.syntax import parse
 
 CELLS = Path(__file__).resolve().parents[1] / "cells"
 ZOO = sorted(p.stem for p in CELLS.glob("*.cell"))

@@ -15,7 +15,7 @@ import torch
 from test_cpu_fused import make_layer, needs_cc, run_loop
 from test_cpu_native import args_for, fused_loop
 
-from celldsl.runtime import scratch
+from celldsl.targets.c import scratch
 
 
 @pytest.fixture

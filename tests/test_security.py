@@ -33,21 +33,17 @@ from hypothesis import strategies as st
 
 import celldsl
 from celldsl import compile_cell
-from celldsl.cli import main
-from celldsl.emit.c_source import C_RESERVED, c_source
-from celldsl.emit.torch_source import function_names, torch_module_source
-from celldsl.emit.triton_columns import COLUMN_LOCALS
-from celldsl.emit.triton_dense import DENSE_LOCALS
-from celldsl.emit.triton_source import (
-    KERNEL_LOCALS,
-    KNOWN_GLOBALS,
-    module_names,
-    schedule_names,
-    triton_module_source,
-)
-from celldsl.errors import CellError, CellWarning
-from celldsl.functions import FUNCTIONS
-from celldsl.runtime import cpu_fused
+from celldsl.cli.main import main
+from celldsl.lang.errors import CellError, CellWarning
+from celldsl.lang.functions import FUNCTIONS
+from celldsl.targets.c import fused as cpu_fused
+from celldsl.targets.c.emit import C_RESERVED, c_source
+from celldsl.targets.torch.emit import function_names, torch_module_source
+from celldsl.targets.triton.applies import schedule_names
+from celldsl.targets.triton.emit import triton_module_source
+from celldsl.targets.triton.emit_columns import COLUMN_LOCALS
+from celldsl.targets.triton.emit_dense import DENSE_LOCALS
+from celldsl.targets.triton.emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, module_names
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_CC = cpu_fused.compiler() is not None

@@ -10,10 +10,10 @@ import warnings
 import pytest
 
 from celldsl import compile_cell
-from celldsl.errors import CellError, CellWarning, Source
-from celldsl.ir import MAX_DEPTH, MAX_SIZE, build_ir
+from celldsl.lang.errors import CellError, CellWarning, Source
+from celldsl.lang.ir import MAX_DEPTH, MAX_SIZE, build_ir
+from celldsl.lang.syntax import parse
 from celldsl.plan import build_plan
-from celldsl.syntax import parse
 
 HDR = "cell t\ninput x\nstate h\n"  # the first statement after it is on line 4
 HDR_W = HDR + "param W, b\n"  # ... on line 5

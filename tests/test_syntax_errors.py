@@ -7,8 +7,8 @@ its check is removed (another check would word it differently or point elsewhere
 
 import pytest
 
-from celldsl.errors import CellError
-from celldsl.syntax import MAX_NESTING, parse
+from celldsl.lang.errors import CellError
+from celldsl.lang.syntax import MAX_NESTING, parse
 
 HDR = "cell t\ninput x\nstate h\nparam W, b\n"  # equations start on line 5
 

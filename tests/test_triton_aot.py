@@ -21,9 +21,9 @@ import os
 
 import pytest
 
+from celldsl.cli.compile import aot_compile, main, parse_target
 from celldsl.compiler import ZOO, compile_cell
-from celldsl.emit.triton_source import kernel_names
-from celldsl.triton_cli import aot_compile, main, parse_target
+from celldsl.targets.triton.emit import kernel_names
 
 TARGETS = [("cuda", 80), ("cuda", 90)]
 SUBSET = ["lstm", "mut3", "sru"]
@@ -47,7 +47,7 @@ def check_built(cell, built, dtype="float32", targets=TARGETS):
 
 def check_schedules(cell, built, targets=TARGETS):
     """Every applicable schedule's kernels, for every target, with their resources read back."""
-    from celldsl.runtime.schedule_choice import declines
+    from celldsl.targets.triton.applies import declines
 
     plan = compile_cell(cell).plan
     wanted = {s for s, why in declines(plan).items() if why is None and s != "graphed"}
@@ -89,8 +89,8 @@ def test_persistent_kernel_ptx_has_the_grid_barrier():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from celldsl.runtime.triton_module import load_triton_module
-    from celldsl.triton_cli import _source, schedule_jobs
+    from celldsl.cli.compile import _source, schedule_jobs
+    from celldsl.targets.triton.module import load_triton_module
 
     plan = compile_cell("gru").plan
     module = load_triton_module(compile_cell("gru")).module(interpret=False)
@@ -129,8 +129,8 @@ def test_ptx_targets_the_requested_architecture():
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from celldsl.runtime.triton_module import load_triton_module
-    from celldsl.triton_cli import _source
+    from celldsl.cli.compile import _source
+    from celldsl.targets.triton.module import load_triton_module
 
     module = load_triton_module(compile_cell("gru")).module(interpret=False)
     fn = module.stage1_forward_kernel
@@ -143,7 +143,7 @@ def test_ptx_targets_the_requested_architecture():
 
 
 def test_cli_writes_sources_and_compiles(tmp_path, capsys):
-    from celldsl.emit.triton_source import triton_module_source
+    from celldsl.targets.triton.emit import triton_module_source
 
     argv = ["compile", "cells/gru.cell", "-o", str(tmp_path), "--target", "cuda:90", "--sizes", "N=16,H=16"]
     assert main(argv) == 0

@@ -107,7 +107,7 @@ def test_compiled_kernels_not_interpreted():
     """With TRITON_INTERPRET unset the loop runs JIT-compiled kernels."""
     from triton.runtime.jit import JITFunction
 
-    from celldsl.runtime.triton_module import load_triton_module
+    from celldsl.targets.triton.module import load_triton_module
 
     layer = celldsl.Recurrent("gru", 8, 8, device="cuda", backend="triton")
     layer(torch.randn(2, 2, 8, device="cuda"))
@@ -131,7 +131,7 @@ def test_cuda_graph_replay_equals_the_eager_loop(monkeypatch, packed):
         return [out, h, c, *torch.autograd.grad(loss, [x, *layer.parameters()])]
 
     torch.manual_seed(0)
-    from celldsl.runtime.function import cell_for
+    from celldsl.ops.function import cell_for
 
     layer = celldsl.LSTM(8, 24, num_layers=2, backend="triton", device="cuda")
     loop = cell_for(layer.compiled.key).triton_loop  # the cell object the registered ops run

@@ -219,7 +219,7 @@ def test_hoisted_operand_and_scalar_match_torch_backend():
 
 def _call_both(cell, args):
     """Run every stage function of the cell's single pointwise on both modules."""
-    from celldsl.runtime.triton_module import load_triton_module
+    from celldsl.targets.triton.module import load_triton_module
 
     compiled = compile_cell(cell)
     (pw,) = compiled.plan.pointwise
@@ -342,7 +342,7 @@ def test_strided_and_expanded_arguments():
     _, fwd_t, fwd_r, _, _ = _call_both("lstm", args)
     for t, r in zip(fwd_t, fwd_r, strict=True):
         torch.testing.assert_close(t, r, atol=1e-6, rtol=0)
-    from celldsl.runtime.triton_module import load_triton_module
+    from celldsl.targets.triton.module import load_triton_module
 
     grads = [torch.ones(1, 1).expand(N, H), torch.arange(float(H)).expand(N, H)]
     bwd_t = load_triton_module(compiled).stage1_backward(*args, *grads)
@@ -358,12 +358,12 @@ def test_zero_gradient_is_none_and_constant_output_is_filled(tmp_path):
 
     import sympy as sp
 
-    from celldsl.emit.torch_source import torch_module_source
-    from celldsl.emit.triton_source import triton_module_source
-    from celldsl.functions import step
-    from celldsl.ir import symbol
+    from celldsl.lang.functions import step
+    from celldsl.lang.ir import symbol
     from celldsl.plan import make_pointwise
-    from celldsl.runtime.triton_module import _import, import_module
+    from celldsl.targets.torch.emit import torch_module_source
+    from celldsl.targets.triton.emit import triton_module_source
+    from celldsl.targets.triton.module import _import, import_module
 
     compiled = compile_cell("indrnn")
     plan = compiled.plan
@@ -387,9 +387,9 @@ def test_zero_gradient_is_none_and_constant_output_is_filled(tmp_path):
 def test_module_choice_kernels_dir_for_zoo_cells_cache_for_others(tmp_path, monkeypatch):
     """A zoo cell loads kernels/<stem>.py (current); a changed cell of the same name gets a
     content-addressed file under the cache directory, and its kernels run."""
-    from celldsl.emit.triton_source import triton_module_source
-    from celldsl.runtime import triton_module
-    from celldsl.runtime.triton_module import load_triton_module, module_path
+    from celldsl.targets.triton import module as triton_module
+    from celldsl.targets.triton.emit import triton_module_source
+    from celldsl.targets.triton.module import load_triton_module, module_path
 
     monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
     kernels = tmp_path / "kernels"  # a current kernels/ (whether the real one is: test_kernels_fresh.py)
@@ -413,7 +413,7 @@ def test_runs_in_the_mode_of_the_call(monkeypatch):
     unset the same file is imported again as compiled kernels (never the interpreted ones)."""
     from triton.runtime.jit import JITFunction
 
-    from celldsl.runtime.triton_module import load_triton_module
+    from celldsl.targets.triton.module import load_triton_module
 
     tmod = load_triton_module(compile_cell("gru"))
     assert not isinstance(tmod.module().stage1_forward_kernel, JITFunction)

@@ -24,10 +24,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import celldsl
 from celldsl.compiler import ZOO, compile_cell
-from celldsl.runtime.function import split_params
-from celldsl.runtime.schedule_choice import ASSUMED, SCHEDULES, choose, declines
-from celldsl.runtime.triton_columns import ColumnLoop
-from celldsl.runtime.triton_schedules import DenseLoop
+from celldsl.ops.function import split_params
+from celldsl.targets.triton.applies import SCHEDULES, declines
+from celldsl.targets.triton.choice import ASSUMED, choose
+from celldsl.targets.triton.columns import ColumnLoop
+from celldsl.targets.triton.schedules import DenseLoop
 
 ZOO_CELLS = sorted(p.stem for p in ZOO.glob("*.cell"))
 PAIRS = [(c, s) for c in ZOO_CELLS for s in SCHEDULES
@@ -146,7 +147,7 @@ def test_what_the_tiles_cannot_hold_is_refused_with_the_reason(cell, capsys):
     """Widths other than H, heads, row reductions and one-value-per-sequence inputs: every schedule but
     graphed declines with the reason, explain --sizes shows it and picks graphed, and forcing one is
     a ValueError that says why (never a kernel that computes something else)."""
-    from celldsl.cli import main
+    from celldsl.cli.main import main
 
     why = declines(compile_cell(cell).plan)
     assert why["graphed"] is None
@@ -327,8 +328,8 @@ def test_a_linear_user_cell_gets_the_scan(capsys):
     """Linearity and the coefficients come from the SymPy form, not the name: a cell outside the zoo,
     two states, an output that is not a state (its gradient reaches lambda through the state it
     reads). explain names the scan as the choice; the scan matches the torch loop."""
-    from celldsl.cli import main
-    from celldsl.explain import explain
+    from celldsl.cli.explain import explain
+    from celldsl.cli.main import main
 
     compiled = compile_cell(LINEAR_USER_CELL)
     text = explain(compiled, {"N": 16, "H": 768})
@@ -372,7 +373,7 @@ def test_schedules_that_do_not_apply_are_clear_errors():
 def test_a_forced_schedule_that_does_not_fit_says_what_to_use(monkeypatch):
     """On the GPU path (not the interpreter) a persistent launch that cannot fit raises before it
     launches anything; configure gives the reason on an assumed H100/H200."""
-    from celldsl.runtime.schedule_choice import configure
+    from celldsl.targets.triton.choice import configure
 
     c = configure(compile_cell("lstm").plan, "persistent", 16, 2048, 1024, "bfloat16", ASSUMED)
     assert not c.fits and "exceed the on-chip budget" in c.why
@@ -383,7 +384,7 @@ def test_a_forced_schedule_that_does_not_fit_says_what_to_use(monkeypatch):
 
 
 def test_explain_without_sizes_lists_the_schedules_and_why_not(capsys):
-    from celldsl.cli import main
+    from celldsl.cli.main import main
 
     assert main(["explain", "sru"]) == 0
     out = capsys.readouterr().out

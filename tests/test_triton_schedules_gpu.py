@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import celldsl
 from celldsl.compiler import ZOO, compile_cell
-from celldsl.runtime.schedule_choice import SCHEDULES, declines
+from celldsl.targets.triton.applies import SCHEDULES, declines
 
 pytestmark = [
     pytest.mark.gpu,
@@ -129,8 +129,8 @@ def test_repeated_runs_agree_bitwise(cell, schedule):
 def test_persistent_lstm_at_flashrnn_size():
     """N=16, H=768, bf16: the compiler picks persistent (48 programs, 128 KiB of weights each), the
     cooperative launch fits, and the result matches the graphed path's."""
-    from celldsl.runtime.function import loop_for
-    from celldsl.runtime.triton_schedules import DenseLoop
+    from celldsl.ops.function import loop_for
+    from celldsl.targets.triton.schedules import DenseLoop
 
     torch.manual_seed(0)
     auto = celldsl.LSTM(768, 768, backend="triton", schedule="auto", device="cuda", dtype=torch.bfloat16)

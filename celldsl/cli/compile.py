@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import printable
+from ..lang.errors import printable
 
 TARGET = re.compile(r"^cuda:(\d{2,3})$")
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # storage dtype -> pointer type
@@ -105,9 +105,9 @@ def write_sources(cells, out_dir) -> list[Path]:
     Each file is written to a temporary file in out_dir and renamed over the old one, so a symlink
     in out_dir is replaced, never followed out of it. Two cells with the same stem are an error
     (one would silently overwrite the other); so is an out_dir that is not a writable folder."""
-    from . import cache
-    from .compiler import compile_cell
-    from .emit.triton_source import triton_module_source
+    from .. import cache
+    from ..compiler import compile_cell
+    from ..targets.triton.emit import triton_module_source
 
     out = Path(out_dir)
     compiled = list({c.key: c for c in map(compile_cell, cells)}.values())  # a file given twice is one
@@ -164,9 +164,9 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from .compiler import compile_cell
-    from .emit.triton_source import kernel_names
-    from .runtime.triton_module import load_triton_module
+    from ..compiler import compile_cell
+    from ..targets.triton.emit import kernel_names
+    from ..targets.triton.module import load_triton_module
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -213,9 +213,10 @@ def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
     with the configuration each schedule picks at `sizes` on an sm_90 device (runtime/triton_schedules)."""
     import triton.language as tl
 
-    from .emit.triton_columns import ColumnLayout, ScanLayout
-    from .emit.triton_dense import DenseLayout, _backward_order
-    from .runtime.schedule_choice import ASSUMED, configure, declines
+    from ..targets.triton.applies import declines
+    from ..targets.triton.choice import ASSUMED, configure
+    from ..targets.triton.emit_columns import ColumnLayout, ScanLayout
+    from ..targets.triton.emit_dense import DenseLayout, backward_order
 
     storage = "*" + DTYPES[str(dtype).removeprefix("torch.")]
     types = {"storage": storage, "compute": "*fp32", "int32": "*i32", "i32": "i32"}
@@ -234,7 +235,7 @@ def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
             base = dict(c.blocks, SEQUENTIAL=False, DOT_PRECISION="ieee", **compute)
             forward = [f"fused_step_forward_kernel_{n + 1}" for n in range(len(L.phases))] if fused \
                 else ["persistent_forward_kernel"]
-            backward = [f"fused_step_backward_kernel_{n + 1}" for n in range(len(_backward_order(L)))] \
+            backward = [f"fused_step_backward_kernel_{n + 1}" for n in range(len(backward_order(L)))] \
                 if fused else ["persistent_backward_kernel"]
             for names, args, extra in ((forward, L.forward_args(fused), {}),
                                        (backward, L.backward_args(fused), {"HAS_GRAD_OUT": True})):
@@ -256,7 +257,7 @@ def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import CellError
+    from ..lang.errors import CellError
 
     try:
         if args.output:
@@ -305,7 +306,7 @@ def register(subparsers) -> None:
 
 
 def _sizes(text: str) -> dict:
-    from .runtime.schedule_choice import parse_sizes
+    from ..targets.triton.choice import parse_sizes
 
     try:
         return parse_sizes(text)

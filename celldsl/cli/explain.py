@@ -14,9 +14,9 @@ import re
 
 import sympy as sp
 
-from .errors import printable
-from .ir import H as HIDDEN
-from .plan import Gemm, Plan
+from ..lang.errors import printable
+from ..lang.ir import H as HIDDEN
+from ..plan import Gemm, Plan
 
 I_SYM, H_SYM = sp.Symbol("I", positive=True), sp.Symbol("H", positive=True)
 EXAMPLE = {I_SYM: 256, H_SYM: 256}  # sizes for the worked FLOP numbers
@@ -125,34 +125,11 @@ def explain(compiled, sizes: dict | None = None) -> str:
         f"  backward: {_poly(backward)}  (GEMMs twice: input and weight gradients; "
         f"at {at}: {_mega(backward)})"
     )
-    from .runtime.schedule_choice import describe
+    from ..targets import NAMES, target
 
-    out += cpu_loop_lines(plan)
-    out += describe(plan, sizes)
+    for name in NAMES:  # what each target runs, and at `sizes` how (the torch target adds nothing)
+        out += target(name).describe(plan, sizes)
     return "\n".join(out)
-
-
-def cpu_loop_lines(plan: Plan) -> list[str]:
-    """Which loop runs the cell on CPU tensors (float32 and float64; runtime/cpu_fused.py), and why."""
-    from .emit.c_loop import native_blocker
-
-    out = ["", "CPU loop (backend cpu or auto on CPU tensors, with a C compiler; runtime/cpu_fused.py):"]
-    blocker = native_blocker(plan)
-    if any(g.heads is not None for g in [*plan.hoisted, *plan.gemms]):
-        out.append(f"  the generic torch loop (runtime/torch_loop.py): {blocker}; the C kernels take 2-D weights only")
-    elif blocker:
-        out += ["  the Python loop: one C call per pointwise stage and step, each step product on the GEMM",
-                "  measured fastest at its shape (celldsl's, MKL or oneDNN; runtime/cpu_gemm.py)",
-                f"  not the native loop: {blocker}"]
-    elif not plan.gemms:
-        out.append("  the native loop: the whole sequence in one C call "
-                   "(no step GEMM: the columns are independent)")
-    else:
-        out += ["  the native loop: every step's GEMMs and pointwise kernels in one C call per layer and",
-                "  direction, when celldsl's GEMM measures fastest on the step products at the shape (else a",
-                "  Python loop over the steps on the fastest torch GEMM; "
-                "runtime/cpu_gemm.py caches the measurement)"]
-    return out
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .compiler import ZOO, compile_cell
-from .errors import CellError, CellWarning, printable
-from .resources import zoo_names
+from ..compiler import ZOO, compile_cell
+from ..lang.errors import CellError, CellWarning, printable
+from ..resources import zoo_names
 
 
 def _cell_path(name: str) -> Path:
@@ -84,7 +84,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line."""
-    from .syntax import parse
+    from ..lang.syntax import parse
 
     names = zoo_names()
     width = max(len(n) for n in names)
@@ -102,7 +102,7 @@ COMPILER_COMMANDS = ("check", "explain", "compile", "list")
 
 
 def _sizes(text: str) -> dict:
-    from .runtime.schedule_choice import parse_sizes
+    from ..targets.triton.choice import parse_sizes
 
     try:
         return parse_sizes(text)
@@ -142,10 +142,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=run_list)
 
     if command not in COMPILER_COMMANDS:
-        from .labs import cli as labs_cli
+        from ..labs import cli as labs_cli
 
         labs_cli.register(sub)
-    from . import triton_cli
+    from . import compile as triton_cli
 
     triton_cli.register(sub)
     return parser

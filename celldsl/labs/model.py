@@ -12,8 +12,6 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .tasks import Task
-
 
 class SequenceModel(nn.Module):
     """inputs [T, N, I] (or [T, N] token ids) -> (outputs [T, N, O], final recurrent state).
@@ -44,9 +42,10 @@ class SequenceModel(nn.Module):
 
 
 def build_model(
-    cell_path: str | Path, task: Task, hidden: int, layers: int = 1, device=None
+    cell_path: str | Path, task, hidden: int, layers: int = 1, device=None
 ) -> SequenceModel:
-    """Recurrent layer from the .cell file plus a Linear readout (and an embedding for token tasks).
+    """Recurrent layer from the .cell file plus a Linear readout (and an embedding for token tasks),
+    sized for `task` (a labs/tasks/base.Task: its input_size, output_size and tokens).
 
     Token tasks embed into `hidden` dimensions: cells such as Jozefowicz's MUT1/MUT2 add the
     input to H-wide values unweighted and so need input size == hidden size. For the same reason a
@@ -79,7 +78,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def hidden_for_budget(cell_path: str | Path, task: Task, budget: int, layers: int = 1) -> int:
+def hidden_for_budget(cell_path: str | Path, task, budget: int, layers: int = 1) -> int:
     """The largest hidden size whose whole model has at most `budget` parameters (binary search;
     the count grows with the hidden size). Raises ValueError if even hidden=1 is over budget."""
 

@@ -8,9 +8,9 @@ from functools import lru_cache
 from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from ..resources import GRAMMAR
 from . import ast
 from .errors import CellError, Loc, Source, raise_all
-from .resources import GRAMMAR
 
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 MAX_FILE_BYTES = 512 << 10  # the zoo's files have 1-2 kB; parsing costs about a second per 200 kB

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 import warnings
 
-from .compiler import CompiledCell
+from ..compiler import CompiledCell
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -42,9 +42,9 @@ def check_schedule_argument(compiled: CompiledCell, backend, schedule) -> str | 
         return None
     if backend not in ("auto", "triton"):
         raise ValueError(f"schedule={schedule!r} is a Triton schedule; backend={backend!r} has none")
-    from .runtime.schedule_choice import check_schedule
+    from ..targets import target
 
-    check_schedule(compiled.plan, schedule)
+    target("triton").check_schedule(compiled.plan, schedule)
     return schedule
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compiler import compile_cell
+from ..lang.errors import CellTensorError
+from ..ops import run
+from ..ops.function import register
 from .arguments import (
     check_backend,
     check_heads,
@@ -18,11 +22,7 @@ from .arguments import (
     declared_width_sizes,
     extra_input_sizes,
 )
-from .compiler import compile_cell
-from .errors import CellTensorError
 from .parameters import initialize, member, op_params, stores_of
-from .runtime.function import register
-from .runtime.ops import run
 from .stack import resolve_backend, zoo_cell
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compiler import compile_cell
+from ..ops.function import register
 from .arguments import (
     check_heads,
     check_layer_arguments,
@@ -19,9 +21,7 @@ from .arguments import (
     extra_input_sizes,
 )
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
-from .compiler import compile_cell
 from .parameters import initialize, stores_of
-from .runtime.function import register
 from .stack import RecurrentStack
 from .torch_layers import GRU, LSTM, RNN
 

@@ -16,8 +16,8 @@ import sympy as sp
 import torch
 from torch import nn
 
-from .compiler import CompiledCell
-from .ir import EYE
+from ..compiler import CompiledCell
+from ..lang.ir import EYE
 
 BIAS_NAME = re.compile(r"^(b|bias)(_\w*|\d*)$")  # what bias=False leaves out (fixed at 0)
 

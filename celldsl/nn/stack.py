@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .compiler import CompiledCell, compile_cell
-from .errors import CellTensorError
+from ..compiler import CompiledCell, compile_cell
+from ..lang.errors import CellTensorError
+from ..ops import run
+from ..ops.function import register
+from ..resources import ZOO
 from .parameters import member, op_params, stores_of
-from .resources import ZOO
-from .runtime.function import register
-from .runtime.ops import run
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 

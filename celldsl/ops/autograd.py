@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .function import loop_for, split_params
+from .op import call, cell_sequence, cell_sequence_backward
 
 
 def gradients(key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals, needs_dx):
@@ -28,8 +29,6 @@ def gradients(key, backend, x, states, params, batch_sizes, out, saved, grad_out
         dx, dstates, dparams = differentiable_gradients(key, x, states, params, batch_sizes, grad_out,
                                                         grad_finals)
     else:
-        from .ops import call, cell_sequence_backward
-
         flat = call(cell_sequence_backward, key, backend, x, list(states), list(params), batch_sizes, out,
                     list(saved), grad_out, grad_finals, needs_dx)
         n = len(states)
@@ -72,8 +71,6 @@ class CellSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(key, backend, n_states, batch_sizes, x, *states_and_params):
-        from .ops import call, cell_sequence
-
         states, params = states_and_params[:n_states], states_and_params[n_states:]
         return tuple(call(cell_sequence, key, backend, x, list(states), list(params), batch_sizes))
 
@@ -104,3 +101,37 @@ class CellSequence(torch.autograd.Function):
         dx, dstates, dparams = gradients(ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved,
                                          grad_out, grad_finals, needs_dx=ctx.needs_input_grad[4])
         return (None, None, None, None, dx, *dstates, *dparams)
+
+
+# ---- the op's own autograd formula (first order; the layers go through CellSequence) ----------
+
+
+def _setup_context(ctx, inputs, output):
+    key, backend, x, states, params, batch_sizes = inputs
+    n_finals = len(states)
+    ctx.key, ctx.backend, ctx.counts = key, backend, (len(states), len(params))
+    ctx.has_batch_sizes = batch_sizes is not None
+    ctx.mark_non_differentiable(*output[1 + n_finals :])
+    ctx.set_materialize_grads(False)
+    extra = [batch_sizes] if batch_sizes is not None else []
+    ctx.save_for_backward(x, *states, *params, *output[:1], *output[1 + n_finals :], *extra)
+
+
+def _backward(ctx, grads):
+    n_states, n_params = ctx.counts
+    tensors = list(ctx.saved_tensors)
+    batch_sizes = tensors.pop() if ctx.has_batch_sizes else None
+    x, tensors = tensors[0], tensors[1:]
+    states, tensors = tensors[:n_states], tensors[n_states:]
+    params, tensors = tensors[:n_params], tensors[n_params:]
+    out, saved = tensors[0], tensors[1:]
+    grad_out, grad_finals = grads[0], list(grads[1 : 1 + n_states])
+    if grad_out is None and all(g is None for g in grad_finals):
+        return None, None, None, [None] * n_states, [None] * n_params, None
+    needs_dx = ctx.needs_input_grad[2]  # a first layer's input usually needs no gradient
+    dx, dstates, dparams = gradients(ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved,
+                                     grad_out, grad_finals, needs_dx)
+    return None, None, dx, dstates, dparams, None
+
+
+torch.library.register_autograd("celldsl::cell_sequence", _backward, setup_context=_setup_context)

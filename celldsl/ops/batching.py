@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .op import cell_sequence, cell_sequence_backward
+
 
 def _flat_dims(in_dims):
     """in_dims mirrors the arguments (a list for a list argument) -> one flat list of Optional[int]."""
@@ -52,7 +54,7 @@ def _unfold(t: torch.Tensor, batch: int, at: int) -> torch.Tensor:
 
 
 def cell_sequence_vmap(info, in_dims, key, backend, x, states, params, batch_sizes):
-    from .ops import cell_sequence
+    from .op import cell_sequence
 
     _k, _b, x_dim, state_dims, param_dims, sizes_dim = in_dims
     args = (key, backend, x, states, params, batch_sizes)
@@ -73,13 +75,12 @@ def cell_sequence_vmap(info, in_dims, key, backend, x, states, params, batch_siz
 
 def cell_sequence_backward_vmap(info, in_dims, key, backend, x, states, params, batch_sizes, out, saved,
                                 grad_out, grad_finals, needs_dx=True):
-    from .ops import cell_sequence_backward
+    from .op import cell_sequence_backward
 
     args = (key, backend, x, states, params, batch_sizes, out, saved, grad_out, grad_finals, needs_dx)
     dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     return _per_sample(cell_sequence_backward, info, dims, args)
 
 
-def register(cell_sequence, cell_sequence_backward) -> None:
-    torch.library.register_vmap(cell_sequence, cell_sequence_vmap)
-    torch.library.register_vmap(cell_sequence_backward, cell_sequence_backward_vmap)
+torch.library.register_vmap(cell_sequence, cell_sequence_vmap)
+torch.library.register_vmap(cell_sequence_backward, cell_sequence_backward_vmap)

@@ -33,12 +33,13 @@ def cell_for(key: str):
 
 
 def loop_for(key: str, backend: str):
-    """The loop of a backend ("torch", "cpu", "triton") or of a Triton schedule ("triton:persistent",
-    ...: runtime/triton_schedules.py)."""
-    if backend.startswith("triton:"):
-        from .triton_schedules import schedule_loop
+    """The loop of a backend ("torch", "cpu", "triton") or of a target's schedule ("triton:persistent",
+    ...), asked of the target (celldsl/targets/)."""
+    name, _, schedule = backend.partition(":")
+    if schedule:
+        from ..targets import target
 
-        return schedule_loop(cell_for(key), backend.partition(":")[2])
+        return target(name).loop(cell_for(key), schedule)
     return cell_for(key).loop(backend)
 
 

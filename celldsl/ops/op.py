@@ -29,8 +29,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import batching
-from .autograd import CellSequence, gradients
 from .function import loop_for, split_params, unaliased
 
 
@@ -138,45 +136,3 @@ def _dx(x: Tensor, dx: Tensor | None, needs_dx: bool) -> Tensor:
 def _cell_sequence_backward_fake(key, backend, x, states, params, batch_sizes, out, saved, grad_out,
                                  grad_finals, needs_dx=True):
     return [_dx(x, torch.empty_like(x), needs_dx), *(torch.empty_like(t) for t in (*states, *params))]
-
-
-def _setup_context(ctx, inputs, output):
-    key, backend, x, states, params, batch_sizes = inputs
-    n_finals = len(states)
-    ctx.key, ctx.backend, ctx.counts = key, backend, (len(states), len(params))
-    ctx.has_batch_sizes = batch_sizes is not None
-    ctx.mark_non_differentiable(*output[1 + n_finals :])
-    ctx.set_materialize_grads(False)
-    extra = [batch_sizes] if batch_sizes is not None else []
-    ctx.save_for_backward(x, *states, *params, *output[:1], *output[1 + n_finals :], *extra)
-
-
-def _backward(ctx, grads):
-    n_states, n_params = ctx.counts
-    tensors = list(ctx.saved_tensors)
-    batch_sizes = tensors.pop() if ctx.has_batch_sizes else None
-    x, tensors = tensors[0], tensors[1:]
-    states, tensors = tensors[:n_states], tensors[n_states:]
-    params, tensors = tensors[:n_params], tensors[n_params:]
-    out, saved = tensors[0], tensors[1:]
-    grad_out, grad_finals = grads[0], list(grads[1 : 1 + n_states])
-    if grad_out is None and all(g is None for g in grad_finals):
-        return None, None, None, [None] * n_states, [None] * n_params, None
-    needs_dx = ctx.needs_input_grad[2]  # a first layer's input usually needs no gradient
-    dx, dstates, dparams = gradients(ctx.key, ctx.backend, x, states, params, batch_sizes, out, saved,
-                                     grad_out, grad_finals, needs_dx)
-    return None, None, dx, dstates, dparams, None
-
-
-torch.library.register_autograd("celldsl::cell_sequence", _backward, setup_context=_setup_context)
-batching.register(cell_sequence, cell_sequence_backward)
-
-
-def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
-    """(out, final states) of one direction of one layer: differentiable to any order, traceable by
-    torch.compile, and under torch.func transforms (vmap, grad, jacrev)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params)):
-        result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
-    else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
-        result = call(cell_sequence, cell_key, backend, x, list(states), list(params), batch_sizes)
-    return result[0], list(result[1 : 1 + len(states)])

@@ -423,7 +423,7 @@ class TorchLoop:
                         elif slot.kind == "scalar":
                             d_scal[slot.index] = d_scal[slot.index] + r.sum()
                         elif slot.kind == "input":
-                            dx_t[slot.index] = _add(dx_t.get(slot.index), _to_width(r, X[slot.index]))
+                            dx_t[slot.index] = _add(dx_t.get(slot.index), to_width(r, X[slot.index]))
                 for gi in gemm_ids:
                     g = self.gemms[gi]
                     blocks = [dprod.get((gi, j), zeros(b, g.widths[j])) for j in range(len(g.products))]
@@ -478,7 +478,7 @@ class TorchLoop:
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    dx[slot.index] = _add(dx.get(slot.index), _to_width(r, X[slot.index]))
+                    dx[slot.index] = _add(dx.get(slot.index), to_width(r, X[slot.index]))
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, r.shape[-1]).sum(0)
                 elif slot.kind == "scalar":
@@ -509,7 +509,7 @@ def _add(a, b):
     return b if a is None else a + b
 
 
-def _to_width(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def to_width(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The gradient of an input from its elementwise one: summed over the columns for an input of one
     value per sequence ([rows, 1], broadcast over the step's width)."""
     if value.shape[-1] == 1 and grad.shape[-1] != 1:

@@ -39,11 +39,11 @@ import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
-from ..functions import Reduction, rowmean
-from ..ir import generated
-from ..plan import Plan, Pointwise
-from .c_loop import loop_source
-from .printers import identifier
+from ...lang.functions import Reduction, rowmean
+from ...lang.ir import generated
+from ...plan import Plan, Pointwise
+from ..printers import identifier
+from .emit_loop import loop_source
 
 C_TYPES = {"f32": "float", "f64": "double"}
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..functions import Reduction
-from ..plan import Plan
-from .c_gemm import C_TYPES
+from ...lang.functions import Reduction
+from ...plan import Plan
+from .emit_gemm import C_TYPES
 
 TYPES = """
 /* ---- the native time loop (emit/c_loop.py) ---- */

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import math
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -34,32 +33,18 @@ from pathlib import Path
 
 import torch
 
-from .. import cache
-from ..emit.c_gemm import gemm_source
-from ..emit.c_loop import native_blocker
-from ..emit.c_source import backward_schedule, c_source, folding, kernel_specs
-from ..plan import Plan
-from . import cpu_gemm, memory, scratch
-from .cpu_gemm import DTYPES
-from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
-from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
+from ... import cache
+from ...plan import Plan
+from ..loop import TorchLoop, input_columns, steps_of, to_width
+from . import gemm as cpu_gemm
+from . import memory, scratch
+from .emit import backward_schedule, c_source, folding, kernel_specs
+from .emit_gemm import gemm_source
+from .emit_loop import native_blocker
+from .flags import ATTEMPTS, BASE_FLAGS, cpu_fingerprint
+from .gemm import DTYPES
+from .native import BackGemm, NativeLoop, Rows, StepGemm
 
-# -fno-trapping-math (as torch is built): without it gcc leaves a loop with relu, step, max or min
-# scalar ("control flow in loop"); no program here reads floating-point traps.
-# -ffp-contract=fast: -std=c99 (ISO C) turns gcc's default contraction off, and then `acc += x * b`
-# is a multiply and an add instead of one FMA: the GEMM ran at 66-75 GFLOP/s instead of 80-86 on
-# this project's CPU (32x256x1024, one thread). torch's own kernels contract too.
-BASE_FLAGS = ["-std=c99", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
-              "-Wl,-z,defs"]
-# first try: tuned for this CPU, OpenMP threads (torch's own libgomp: it is loaded already, and the
-# loader shares a library by its soname), glibc's vector math (libmvec); then plainer builds
-FAST = ["-O3", "-fopenmp-simd"]
-ATTEMPTS = (
-    [*FAST, "-march=native", "-fopenmp", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
-    [*FAST, "-march=native", "-DCELLDSL_LIBMVEC", "-lmvec", "-lm"],
-    [*FAST, "-march=native", "-lm"],
-    [*FAST, "-lm"],
-)
 # gcc's time grows faster than the source: vectorising a 180 kB file took 8 s at -O3, a 470 kB one
 # 76 s even at -O1. A large cell (few are: the zoo's C files have 10-40 kB) is built with less
 # optimisation, so any cell that passed `check` compiles in well under 30 s. ln_lstm's C (194 kB, both
@@ -101,17 +86,6 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _cpu_fingerprint() -> str:
-    """-march=native builds are only valid on the same kind of CPU: the cache key includes it."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return platform.machine() + ":" + flags
-
-
 def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
     """Compile (or load from the cache) the C kernels of a compiled cell.
 
@@ -137,7 +111,7 @@ def _library(source: str, folder: Path, stem: str) -> tuple[ctypes.CDLL | None, 
         reason = "CELLDSL_CPU_FUSED=0" if os.environ.get("CELLDSL_CPU_FUSED") == "0" else \
             "no C compiler found ($CC, cc, gcc)"
         return None, reason
-    recipe = "\0".join([source, cc, _cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
+    recipe = "\0".join([source, cc, cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     lib_path = folder / f"{stem}_{digest[:20]}.so"
     with _lock:
@@ -806,7 +780,7 @@ class FusedCPULoop(TorchLoop):
                 d_step_w.append(dw)
             else:
                 d_step_w.append(dP(self._previous_all(index, states, news, steps, offsets)))
-        dx = {name: _to_width(d, xs[name]) for name, d in grads["x"].items()}  # input -> [rows, its width]
+        dx = {name: to_width(d, xs[name]) for name, d in grads["x"].items()}  # input -> [rows, its width]
         d_hoisted_w = []
         d_hoist_ops: dict[str, torch.Tensor] = {}
         hoisted_ops = self._hoisted_operands(xs, vectors, scalars)
@@ -831,7 +805,7 @@ class FusedCPULoop(TorchLoop):
                     continue
                 slot = self.where[sym.name]
                 if slot.kind == "input":
-                    res = _to_width(res, xs[slot.index])
+                    res = to_width(res, xs[slot.index])
                     dx[slot.index] = res if slot.index not in dx else dx[slot.index] + res
                 elif slot.kind == "vector":
                     d_vectors[slot.index] = d_vectors[slot.index] + res.reshape(-1, res.shape[-1]).sum(0)

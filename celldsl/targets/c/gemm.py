@@ -44,9 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import cache
-from ..emit.c_gemm import gemm_source
+from ... import cache
 from . import scratch
+from .emit_gemm import gemm_source
+from .flags import ATTEMPTS, BASE_FLAGS, cpu_fingerprint
 
 BACKENDS = ("native", "mm", "onednn", "onednn_packed")
 KINDS = ("step", "step_backward", "hoisted", "input_grad", "weight_grad")
@@ -285,9 +286,7 @@ def product(backend: str, kind: str, w: torch.Tensor, batch: int, lib) -> TorchP
 
 def _machine() -> str:
     """What a measurement is valid for: the CPU, torch, the native kernel's source and its build flags."""
-    from .cpu_fused import ATTEMPTS, BASE_FLAGS, _cpu_fingerprint
-
-    text = "\0".join([_cpu_fingerprint(), torch.__version__, gemm_source(), repr(BASE_FLAGS), repr(ATTEMPTS)])
+    text = "\0".join([cpu_fingerprint(), torch.__version__, gemm_source(), repr(BASE_FLAGS), repr(ATTEMPTS)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

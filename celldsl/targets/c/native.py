@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from .cpu_gemm import DTYPES, native_gemm
+from .gemm import DTYPES, native_gemm
 
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 MIN_STEP_WORK = 1 << 16  # multiply-adds of a step below which the native loop runs on one thread

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..plan import Plan, Pointwise
-from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
+from ...plan import Plan, Pointwise
+from ..printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
 
 
 class TorchPrinter(TargetPrinter):

@@ -1,6 +1,6 @@
 """Which Triton schedule runs a cell, and how: from the plan and the sizes, without torch or a GPU.
 
-`declines(plan)` says which schedules apply (and why the others do not), `configure` the launch a
+`declines(plan)` (applies.py) says which schedules apply (and why the others do not), `configure` the launch a
 schedule makes at given sizes on a device (tiling, weights per program, barriers, or why it does not
 fit), `choose` the compiler's pick. `celldsl explain FILE --sizes N=16,H=768` prints all three;
 runtime/triton_schedules.py runs them. The schedules themselves are described there.
@@ -8,11 +8,13 @@ runtime/triton_schedules.py runs them. The schedules themselves are described th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..emit.triton_dense import DenseLayout
+from .applies import SCHEDULES, declines
+from .emit_columns import column_config
+from .emit_dense import DenseLayout
+from .tiles import BYTES, Config, cdiv, dtype_name, element_bytes, pow2
 
-SCHEDULES = ("graphed", "persistent", "fused_step", "time_loop", "scan")
 VERIFIED_ON_HARDWARE: frozenset[str] = frozenset({"graphed"})  # gpu tests passed on a GPU, log committed
 
 MIN_DOT = 16  # tl.dot's smallest tile side
@@ -31,59 +33,6 @@ class Device:
 
 # explain without a GPU: an H100/H200 (both have 132 multiprocessors and 227 KiB of shared memory per block)
 ASSUMED = Device("an H100/H200 (assumed: no GPU queried)", 132, 232448, 65536, 90)
-
-
-@dataclass
-class Config:
-    """A schedule at given sizes: whether it fits, why, and the launch it makes."""
-
-    schedule: str
-    fits: bool
-    why: str
-    grid: tuple[int, ...] = ()
-    blocks: dict[str, int] = field(default_factory=dict)  # BLOCK_N, BLOCK_H, BLOCK_K, ...
-    num_warps: int = 4
-    details: list[str] = field(default_factory=list)
-
-
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
-def dtype_name(dtype) -> str:
-    """"bfloat16" for torch.bfloat16 or "bfloat16" (this module imports no torch: explain stays fast)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def element_bytes(dtype) -> int:
-    return BYTES[dtype_name(dtype)]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int, least: int = 1) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return max(least, p)
-
-
-# ---- which schedules apply to a plan -------------------------------------------------------------
-
-
-def declines(plan) -> dict[str, str | None]:
-    """For every schedule: None when it applies to the plan, else why not."""
-    from ..emit.triton_columns import ColumnLayout, ScanLayout
-
-    dense = DenseLayout.decline(plan)
-    return {
-        "graphed": None,
-        "persistent": dense,
-        "fused_step": dense,
-        "time_loop": ColumnLayout.decline(plan),
-        "scan": ScanLayout.decline(plan),
-    }
 
 
 def check_schedule(plan, schedule: str) -> None:
@@ -115,16 +64,14 @@ def configure(plan, schedule: str, N: int, H: int, T: int, dtype, device: Device
         return _persistent(plan, N, H, T, dtype, device, interpret)
     if schedule == "fused_step":
         return _fused_step(plan, N, H, dtype, interpret)
-    from ..emit.triton_columns import column_config
-
     return column_config(plan, schedule, N, H, T, dtype, interpret)
 
 
 def _persistent(plan, N, H, T, dtype, device: Device, interpret: bool) -> Config:
     layout = DenseLayout(plan)
     size = element_bytes(dtype)
-    block_n = _pow2(N, MIN_DOT) if N <= 16 else 32
-    block_k = _pow2(H, MIN_DOT)
+    block_n = pow2(N, MIN_DOT) if N <= 16 else 32
+    block_k = pow2(H, MIN_DOT)
     tiles = cdiv(N, block_n)
     gate_rows = sum(layout.gemm_rows(i) for i in range(len(plan.gemms)))
     budget = int(0.75 * device.shared_memory)
@@ -132,7 +79,7 @@ def _persistent(plan, N, H, T, dtype, device: Device, interpret: bool) -> Config
         block_h = MIN_DOT
     else:
         block_h = MIN_DOT  # the smallest slice: the most programs, the least weight per program
-        while tiles * cdiv(H, block_h) > device.multiprocessors and block_h < _pow2(H, MIN_DOT):
+        while tiles * cdiv(H, block_h) > device.multiprocessors and block_h < pow2(H, MIN_DOT):
             block_h *= 2
     slices = cdiv(H, block_h)
     weights = gate_rows * block_h * block_k * size
@@ -167,9 +114,9 @@ def _persistent(plan, N, H, T, dtype, device: Device, interpret: bool) -> Config
 
 
 def _fused_step(plan, N, H, dtype, interpret: bool) -> Config:
-    block_n = min(64, _pow2(N, MIN_DOT))
+    block_n = min(64, pow2(N, MIN_DOT))
     block_h = MIN_DOT if interpret or H <= 16 else 32
-    block_k = min(64, _pow2(H, MIN_DOT))
+    block_k = min(64, pow2(H, MIN_DOT))
     tiles, slices = cdiv(N, block_n), cdiv(H, block_h)
     layout = DenseLayout(plan)
     backward = len(layout.phases) + (layout.phases[0].stage > 0)

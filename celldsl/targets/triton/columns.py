@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..emit.triton_columns import ColumnLayout, ScanLayout
-from . import gemm
-from .torch_loop import TorchLoop, steps_of
-from .triton_module import interpreting, load_triton_module
-from .triton_schedules import _compute, _steps_tensors, _tl_compute, configure, device_ints, finish_backward
+from .. import gemm
+from ..loop import TorchLoop, steps_of
+from .choice import ASSUMED, configure
+from .emit_columns import ColumnLayout, ScanLayout
+from .module import interpreting, load_triton_module
+from .schedules import compute_dtype, device_ints, finish_backward, steps_tensors, tl_compute_dtype
 
 
 class ColumnLoop(TorchLoop):
@@ -26,8 +27,6 @@ class ColumnLoop(TorchLoop):
         self.chunk = None  # tests may set a scan chunk (a power of two >= 2) to cross its boundaries
 
     def config(self, N, H, T, dtype):
-        from .triton_schedules import ASSUMED
-
         c = configure(self.plan, self.schedule, N, H, T, dtype, ASSUMED, interpreting())
         if self.chunk is not None and "CHUNK" in c.blocks:
             c.blocks["CHUNK"] = self.chunk
@@ -35,7 +34,7 @@ class ColumnLoop(TorchLoop):
 
     def _launch(self, name, c, args, dtype, **extra):
         kernel = getattr(self.kernels.module(), name)
-        kernel[c.grid](*args, **c.blocks, COMPUTE=_tl_compute(dtype), num_warps=c.num_warps, **extra)
+        kernel[c.grid](*args, **c.blocks, COMPUTE=tl_compute_dtype(dtype), num_warps=c.num_warps, **extra)
 
     def _common(self, x, states, hoisted_w, vectors, scalars, batch_sizes, hoisted_out=None):
         N, H = states[0].shape
@@ -50,7 +49,7 @@ class ColumnLoop(TorchLoop):
         values |= {("vector", i): v.contiguous() for i, v in enumerate(vectors)}
         values |= {("scalar", i): s.contiguous() for i, s in enumerate(scalars)}
         values |= {("init", i): s.contiguous() for i, s in enumerate(states)}
-        values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, x.device).items()}
+        values |= {(k, None): v for k, v in steps_tensors(steps, offsets, x.device).items()}
         values |= {("T", None): len(steps), ("N", None): N, ("H", None): H}
         return N, H, X, Xs, steps, offsets, hoisted_out, values
 
@@ -122,7 +121,7 @@ class ColumnLoop(TorchLoop):
                             values, g_out, c, needs_dx):
         rows, dtype, dev, L = X.shape[0], x.dtype, x.device, self.layout
         N, H = states[0].shape
-        compute = _compute(dtype)
+        compute = compute_dtype(dtype)
         zeros = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
         d_hoisted = [zeros(rows, w.shape[0]) for w in hoisted_w]
         d_x = {n: zeros(rows, H) for n in L.elementwise_inputs}

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..plan import Plan, _cse
-from .printers import PYTHON_RESERVED, identifier
-from .triton_dense import Arg, _Code, _signature, parameter_pointers, tile_decline
-from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, TritonPrinter, _Function, module_names
-
-ROLES = ("input", "state", "vector", "scalar", "hoisted")
+from ...plan import Plan, cse
+from ..printers import PYTHON_RESERVED, identifier
+from .applies import coefficients, column_decline, scan_decline
+from .emit_dense import Arg, Code, parameter_pointers, signature
+from .emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, Function, TritonPrinter, module_names
+from .tiles import Config, cdiv, element_bytes, pow2
 
 COLUMN_LOCALS = {
     "pid", "offs", "batch", "unit", "inside", "t", "tt", "t0", "ti", "steps", "in_t", "step_offset",
@@ -38,20 +38,7 @@ COLUMN_LOCALS = {
 class ColumnLayout:
     """The time-loop kernels' names and arguments for one plan (elementwise or linear recurrence)."""
 
-    @staticmethod
-    def decline(plan: Plan) -> str | None:
-        if plan.gemms:
-            return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
-        if [pw.stage for pw in plan.pointwise] != [0]:
-            return "the step is not one pointwise function of the previous states"
-        why = tile_decline(plan)
-        if why:
-            return why
-        (pw,) = plan.pointwise
-        for s in pw.inputs:
-            if plan.roles.get(s) not in ROLES:
-                return f"the pointwise step reads {s.name} as {plan.roles.get(s)!r}, which no column holds"
-        return None
+    decline = staticmethod(column_decline)
 
     def __init__(self, plan: Plan):
         reason = self.decline(plan)
@@ -126,18 +113,7 @@ class ColumnLayout:
 class ScanLayout(ColumnLayout):
     """The scan kernels of a recurrence linear in each state alone: s' = a * s + b."""
 
-    @staticmethod
-    def decline(plan: Plan) -> str | None:
-        why = ColumnLayout.decline(plan)
-        if why:
-            return why
-        if plan.recurrence != "linear":
-            return f"the recurrence is {plan.recurrence}, not linear in the state"
-        try:
-            coefficients(plan)
-        except ValueError as err:
-            return str(err)
-        return None
+    decline = staticmethod(scan_decline)
 
     def __init__(self, plan: Plan):
         reason = self.decline(plan)
@@ -159,33 +135,10 @@ class ScanLayout(ColumnLayout):
                 + self._per_state("lam") + self._steps())
 
 
-def coefficients(plan: Plan) -> dict[str, tuple[sp.Expr, sp.Expr]]:
-    """(a, b) of every new state s' = a * s + b, from the pointwise function's SymPy outputs: a is
-    d s'/d s and b is s' at s = 0. ValueError when a or b holds a state (a new state that reads
-    another state is linear, but not a scan of independent columns)."""
-    (pw,) = plan.pointwise
-    outputs = dict(pw.outputs)
-    states = {s.name: s for s in pw.inputs if plan.role(s) == "state"}
-    result = {}
-    for name in plan.ir.states:
-        expr = outputs[name + "'"]
-        s = states.get(name)
-        if s is None:  # the new state does not read the old one: a = 0
-            a, b = sp.Integer(0), expr
-        else:
-            a, b = sp.diff(expr, s), expr.xreplace({s: sp.Integer(0)})
-        held = {x.name for x in (a.free_symbols | b.free_symbols) if x.name in states}
-        if held:
-            raise ValueError(f"the new state {name}' = a * {name} + b has a or b reading the state(s) "
-                             f"{', '.join(sorted(held))}: not a scan of independent columns")
-        result[name] = (a, b)
-    return result
-
-
 # ---- emission ----------------------------------------------------------------------------------
 
 
-def _columns(code: _Code) -> None:
+def _columns(code: Code) -> None:
     code(1, "pid = tl.program_id(0)")
     code(1, "offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state")
     code(1, "batch, unit = offs // H, offs % H")
@@ -208,7 +161,7 @@ def _load(L: ColumnLayout, s: sp.Symbol, at: str, mask: str, unit: str = "unit")
     raise AssertionError(role)
 
 
-def _step_header(code: _Code, depth: int) -> None:
+def _step_header(code: Code, depth: int) -> None:
     code(depth, "step_offset = tl.load(step_offset_ptr + t)")
     code(depth, "rows_t = tl.load(step_rows_ptr + t)  # sequences still running at step t (packed input)")
     code(depth, "live = inside & (batch < rows_t)")
@@ -216,8 +169,8 @@ def _step_header(code: _Code, depth: int) -> None:
 
 
 def time_loop_forward(L: ColumnLayout) -> str:
-    code, pw = _Code(), L.pw
-    _signature(code, "time_loop_forward_kernel", L.forward_args(), ("BLOCK", "COMPUTE"))
+    code, pw = Code(), L.pw
+    signature(code, "time_loop_forward_kernel", L.forward_args(), ("BLOCK", "COMPUTE"))
     _columns(code)
     code(1, "# the states live in registers for all T steps")
     for i, s in enumerate(L.states):
@@ -235,7 +188,7 @@ def time_loop_forward(L: ColumnLayout) -> str:
             code(2, f"{L.value[s]} = {L.carried[s.name]}")
         elif role not in ("vector", "scalar"):
             code(2, f"{L.value[s]} = {_load(L, s, 'at', 'live')}")
-    f = _Function("stage0", pw, L.plan, backward=False)
+    f = Function("stage0", pw, L.plan, backward=False)
     outs = [L.result[pw.outputs[i][0]] for i in f.unique]
     code(2, f"({', '.join(outs)},) = stage0_step({', '.join(L.value[s] for s in pw.inputs)})")
     for i, (name, _) in enumerate(pw.outputs):
@@ -256,8 +209,8 @@ def time_loop_forward(L: ColumnLayout) -> str:
 
 
 def time_loop_backward(L: ColumnLayout) -> str:
-    code, pw, plan = _Code(), L.pw, L.plan
-    _signature(code, "time_loop_backward_kernel", L.backward_args(), ("BLOCK", "COMPUTE", "HAS_GRAD_OUT"))
+    code, pw, plan = Code(), L.pw, L.plan
+    signature(code, "time_loop_backward_kernel", L.backward_args(), ("BLOCK", "COMPUTE", "HAS_GRAD_OUT"))
     _columns(code)
     code(1, "# the gradients of the states, in registers for all T steps (from the final states' gradients)")
     for i, s in enumerate(L.states):
@@ -294,7 +247,7 @@ def time_loop_backward(L: ColumnLayout) -> str:
             code(3, f"{local} = tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)")
             code(2, "else:")
             code(3, f"{local} = tl.full((BLOCK,), 0.0, COMPUTE)")
-    f = _Function("stage0", pw, plan, backward=True)
+    f = Function("stage0", pw, plan, backward=True)
     new_grad = {}
     if f.unique:
         uniq = [L.grad_of[pw.grad_inputs[i]] for i in f.unique]
@@ -333,13 +286,13 @@ def time_loop_backward(L: ColumnLayout) -> str:
 def scan_coefficients_function(L: ScanLayout) -> str:
     """`scan_coefficients(inputs) -> (a, b) per state`: the affine map of one step, pure math."""
     exprs = [e for s in L.states for e in L.coef[s]]
-    temps, results = _cse(exprs, "t")
+    temps, results = cse(exprs, "t")
     names = dict(L.value)
     taken = set(L.taken)
     for t, _ in temps:
         names[t] = identifier(t.name, taken)
     printer = TritonPrinter(names)
-    code = _Code()
+    code = Code()
     code(0, "@triton.jit")
     code(0, f"def scan_coefficients({', '.join(L.value[s] for s in L.coef_inputs)}):")
     pairs = ", ".join(f"{a} * {s} + {b}" for s, (a, b) in ((s, L.coef_names[s]) for s in L.states))
@@ -357,7 +310,7 @@ def scan_coefficients_function(L: ScanLayout) -> str:
     return code.text()
 
 
-def _chunk_loads(code: _Code, L: ScanLayout, depth: int, at: str, live: str) -> None:
+def _chunk_loads(code: Code, L: ScanLayout, depth: int, at: str, live: str) -> None:
     for s in L.coef_inputs:
         role = L.plan.role(s)
         if role == "scalar":
@@ -374,8 +327,8 @@ def _coefficients_call(L: ScanLayout) -> str:
 
 
 def scan_forward(L: ScanLayout) -> str:
-    code = _Code()
-    _signature(code, "scan_forward_kernel", L.forward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
+    code = Code()
+    signature(code, "scan_forward_kernel", L.forward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
     _columns(code)
     code(1, "last_row = (tl.arange(0, CHUNK) == CHUNK - 1)[:, None]")
     code(1, "# the state entering the chunk, carried from one chunk to the next")
@@ -407,8 +360,8 @@ def scan_forward(L: ScanLayout) -> str:
 
 
 def scan_backward(L: ScanLayout) -> str:
-    code = _Code()
-    _signature(code, "scan_backward_kernel", L.backward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
+    code = Code()
+    signature(code, "scan_backward_kernel", L.backward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
     _columns(code)
     code(1, "first_row = (tl.arange(0, CHUNK) == 0)[:, None]")
     code(1, "# lambda_t = d loss / d s_t = a_(t+1) * lambda_(t+1) + c_t, c_t the gradient s_t gets directly")
@@ -450,12 +403,10 @@ def scan_backward(L: ScanLayout) -> str:
 
 def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, interpret: bool):
     """The launch of the time_loop or scan schedule at these sizes (runtime/triton_schedules.Config)."""
-    from ..runtime.schedule_choice import Config, _pow2, cdiv, element_bytes
-
     columns = N * H
     size = element_bytes(dtype)
     if schedule == "time_loop":
-        block = min(1024, _pow2(columns)) if interpret else 128
+        block = min(1024, pow2(columns)) if interpret else 128
         grid = (cdiv(columns, block),)
         reads = sum(len(g.params) for g in plan.hoisted) + len(ColumnLayout(plan).elementwise_inputs)
         writes = len(plan.ir.states) + (plan.ir.output not in plan.ir.states)
@@ -467,7 +418,7 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
         ]
         return Config("time_loop", True, "no column reads another: one launch per sequence, states in "
                       "registers", grid, {"BLOCK": block}, 4, details)
-    block = min(256, _pow2(columns)) if interpret else 32
+    block = min(256, pow2(columns)) if interpret else 32
     chunk = 16 if interpret else 64
     grid = (cdiv(columns, block),)
     details = [
@@ -480,22 +431,13 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
                   {"BLOCK": block, "CHUNK": chunk}, 4, details)
 
 
-def column_kernel_names(plan: Plan) -> list[str]:
-    names = []
-    if not ColumnLayout.decline(plan):
-        names += ["time_loop_forward_kernel", "time_loop_backward_kernel"]
-    if not ScanLayout.decline(plan):
-        names += ["scan_coefficients", "scan_forward_kernel", "scan_backward_kernel"]
-    return names
-
-
 def column_source(plan: Plan) -> str:
     parts = []
-    if not ColumnLayout.decline(plan):
+    if not column_decline(plan):
         L = ColumnLayout(plan)
         parts += [f"# ---- time_loop schedule {'-' * 76}", TIME_LOOP_DOC.strip("\n") + "\n",
                   time_loop_forward(L), time_loop_backward(L)]
-    if not ScanLayout.decline(plan):
+    if not scan_decline(plan):
         S = ScanLayout(plan)
         parts += [f"# ---- scan schedule {'-' * 81}", SCAN_DOC.strip("\n") + "\n",
                   scan_coefficients_function(S), scan_forward(S), scan_backward(S)]

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..functions import Reduction
-from ..plan import Plan, Pointwise
-from .printers import PYTHON_RESERVED, identifier, python_text
-from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, _Function, module_names
-
-ROLES = ("input", "state", "vector", "scalar", "hoisted", "product", "operand")
+from ...plan import Plan, Pointwise
+from ..printers import PYTHON_RESERVED, identifier, python_text
+from .applies import dense_decline
+from .emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, Function, module_names
 
 # every name the dense kernels bind that does not come from the cell (kept out of user identifiers)
 DENSE_LOCALS = {
@@ -39,41 +37,6 @@ DENSE_LOCALS = {
     "T", "N", "H", "BLOCK_N", "BLOCK_H", "BLOCK_K", "SEQUENTIAL", "COMPUTE", "DOT_PRECISION",
     "HAS_GRAD_OUT", "out_ptr", "operand_tile", "grad_tile",
 }  # fmt: skip
-
-
-def tile_decline(plan: Plan) -> str | None:
-    """Why the schedules' kernels (dense and column) cannot hold this plan's values (None when they
-    can). Their tiles are [rows, H] slices of values H wide, one hidden unit per column, so they refuse
-    what the language's second edition adds beyond that, rather than compute it wrong: other widths,
-    block-diagonal GEMMs (heads), reductions over a row, inputs of one value per sequence, and
-    earlier inputs (prev(x)) read by the step itself. The graphed path runs all of these."""
-    ir = plan.ir
-    for g in [*plan.hoisted, *plan.gemms]:
-        if g.heads:
-            return (f"the GEMM [{', '.join(g.params)}] @ {g.operand.name} is block-diagonal "
-                    f"({g.heads} heads): the kernels multiply full weights")
-    for s in ir.states:
-        if ir.width(s) != "H":
-            return f"the state {s} is {ir.width(s)} wide, not H: the kernels tile every value H wide"
-    for g in plan.gemms:
-        if g.operand_size != "H":
-            return f"a step GEMM multiplies an operand of width {g.operand_size}, not H"
-    for g in [*plan.hoisted, *plan.gemms]:
-        wide = [w for w in g.widths if w != "H"]
-        if wide:
-            return f"the GEMM [{', '.join(g.params)}] has blocks {wide[0]} wide, not H"
-    for pw in plan.pointwise:
-        if pw.width != "H":
-            return f"the step function {pw.name} runs over values {pw.width} wide, not H"
-        if any(e.atoms(Reduction) for e in [*(e for _, e in pw.forward_temps), *pw.forward_results]):
-            return (f"the step function {pw.name} takes a mean or sum over a row: the kernels' programs hold "
-                    "slices of a row, not whole rows")
-        for sym in pw.inputs:
-            if sym.name in ir.shifted:
-                return f"the step reads {sym.name} itself (only hoisted GEMMs may read earlier inputs here)"
-            if plan.width(sym) == "row":  # other inputs the step reads are H wide (widths.py unifies them)
-                return f"the step reads {sym.name}, one value per sequence (`: 1`), not H values"
-    return None
 
 
 def _fixed_names(plan: Plan) -> set[str]:
@@ -197,25 +160,7 @@ class DenseLayout:
 
     # ---- applicability -----------------------------------------------------------------------
 
-    @staticmethod
-    def decline(plan: Plan) -> str | None:
-        """Why the dense schedules cannot run this plan (None when they can)."""
-        if plan.recurrence != "dense":
-            return f"the recurrence is {plan.recurrence}, not dense (no GEMM on the state every step)"
-        if not plan.gemms:
-            return "no GEMM on the state every step (a reduction over the state couples its units instead)"
-        why = tile_decline(plan)
-        if why:
-            return why
-        for pw in plan.pointwise:
-            for s in pw.inputs:
-                if plan.roles.get(s) not in ROLES:
-                    return f"the pointwise step reads {s.name} as {plan.roles.get(s)!r}, which no tile holds"
-        for pw in plan.pointwise:
-            for s in pw.inputs:
-                if plan.roles.get(s) == "operand" and s.name not in [g.operand.name for g in plan.gemms]:
-                    return f"the pointwise step reads the operand {s.name}, which no GEMM multiplies"
-        return None
+    decline = staticmethod(dense_decline)  # why the dense schedules cannot run a plan (None: they can)
 
     # ---- argument lists ----------------------------------------------------------------------
 
@@ -279,7 +224,7 @@ class DenseLayout:
 # ---- emission ----------------------------------------------------------------------------------
 
 
-class _Code:
+class Code:
     def __init__(self):
         self.lines: list[str] = []
 
@@ -293,8 +238,8 @@ class _Code:
 CONSTEXPRS = ("BLOCK_N", "BLOCK_H", "BLOCK_K", "SEQUENTIAL", "COMPUTE", "DOT_PRECISION")
 
 
-def _signature(
-    code: _Code, name: str, args: list[Arg], extra: tuple[str, ...], specialize_t: bool = True
+def signature(
+    code: Code, name: str, args: list[Arg], extra: tuple[str, ...], specialize_t: bool = True
 ) -> None:
     """A kernel's decorator and parameters. A fused-step launch gets step t's rows as ints that
     change every launch (specialize_t=False: not specialised on, or each step would compile)."""
@@ -308,7 +253,7 @@ def _signature(
     code(0, "):")
 
 
-def _step_header(code: _Code, depth: int, fused: bool = False) -> None:
+def _step_header(code: Code, depth: int, fused: bool = False) -> None:
     if not fused:  # a fused-step launch gets these three as arguments
         code(depth, "step_offset = tl.load(step_offset_ptr + t)  # first row of step t in the sequences")
         code(depth, "prev_offset = tl.load(prev_offset_ptr + t)  # first row of step t - 1 (unread at t = 0)")
@@ -337,7 +282,7 @@ class _Emitter:
         ptr = L.ptr[("operand_seq", g.operand.name)]
         return f"lib.load_exchanged({ptr}, at, H, {kk}, live[:, None] & ({kk} < H)[None, :])"
 
-    def gemms(self, code: _Code, depth: int, phase: Phase, streamed: bool) -> None:
+    def gemms(self, code: Code, depth: int, phase: Phase, streamed: bool) -> None:
         """The stage's products for this slice, [BLOCK_N, BLOCK_H] each, in COMPUTE."""
         L = self.L
         if not phase.gemms:
@@ -363,7 +308,7 @@ class _Emitter:
                 code(depth + 1, f"{L.value[p]} += {dot.format('operand_tile', w)}")
 
     # -- loads of a pointwise function's inputs for this slice
-    def load_input(self, code: _Code, depth: int, s: sp.Symbol, phase_stage: int, backward: bool) -> None:
+    def load_input(self, code: Code, depth: int, s: sp.Symbol, phase_stage: int, backward: bool) -> None:
         L, role = self.L, self.plan.role(s)
         v = L.value[s]
         if role == "product":
@@ -397,7 +342,7 @@ class _Emitter:
             code(depth, f"{v} = lib.load_block({ptr}, at, H, cols, mask).to(COMPUTE)")
 
     # -- forward pointwise: loads, the step function, stores
-    def forward_pointwise(self, code: _Code, depth: int, phase: Phase) -> None:
+    def forward_pointwise(self, code: Code, depth: int, phase: Phase) -> None:
         L, pw = self.L, phase.pointwise
         for gi in phase.gemms:  # the saved GEMM outputs (the backward's inputs)
             for j, p in enumerate(self.plan.gemms[gi].products):
@@ -407,7 +352,7 @@ class _Emitter:
             return
         for s in pw.inputs:
             self.load_input(code, depth, s, phase.stage, backward=False)
-        f = _Function(f"stage{pw.stage}", pw, self.plan, backward=False)
+        f = Function(f"stage{pw.stage}", pw, self.plan, backward=False)
         outs = [L.result[pw.outputs[i][0]] for i in f.unique]
         call = ", ".join(L.value[s] for s in pw.inputs)
         code(depth, f"({', '.join(outs)},) = stage{pw.stage}_step({call})")
@@ -423,7 +368,7 @@ class _Emitter:
                 code(depth, f"lib.store_block(out_ptr, at, H, cols, {value}, mask)")
 
     # -- backward: operand gradient of stage k+1 GEMMs, then pointwise k backward
-    def backward_phase(self, code: _Code, depth: int, phase: Phase, later: Phase | None, streamed: bool,
+    def backward_phase(self, code: Code, depth: int, phase: Phase, later: Phase | None, streamed: bool,
                        init: set) -> None:
         L, plan = self.L, self.plan
         d_operand: dict[str, str] = {}  # operand or state name -> local holding its GEMM gradient
@@ -471,7 +416,7 @@ class _Emitter:
                 code(depth + 1, f"{local} = lib.load_block(grad_out_ptr, at, H, cols, mask).to(COMPUTE)")
                 code(depth, "else:")
                 code(depth + 1, f"{local} = tl.full((BLOCK_N, BLOCK_H), 0.0, COMPUTE)")
-        f = _Function(f"stage{pw.stage}", pw, plan, backward=True)
+        f = Function(f"stage{pw.stage}", pw, plan, backward=True)
         if not f.unique:
             return
         uniq = [L.grad_of[pw.grad_inputs[i]] for i in f.unique]
@@ -528,14 +473,14 @@ class _Emitter:
                             f"lib.load_block(d_new + {si} * N * H, rows, H, cols, valid)), valid)")
 
 
-def _slice_header(code: _Code, depth: int, with_valid: bool = False) -> None:
+def _slice_header(code: Code, depth: int, with_valid: bool = False) -> None:
     code(depth, "cols = s * BLOCK_H + tl.arange(0, BLOCK_H)  # this slice's hidden units")
     code(depth, "mask = live[:, None] & (cols < H)[None, :]")
     if with_valid:
         code(depth, "valid = (rows < N)[:, None] & (cols < H)[None, :]")
 
 
-def _weights(code: _Code, depth: int, L: DenseLayout, backward: bool) -> None:
+def _weights(code: Code, depth: int, L: DenseLayout, backward: bool) -> None:
     fn = "weight_tile_t" if backward else "weight_tile"
     prefix = "wt" if backward else "w"
     for gi in range(len(L.plan.gemms)):
@@ -544,9 +489,9 @@ def _weights(code: _Code, depth: int, L: DenseLayout, backward: bool) -> None:
 
 
 def persistent_forward(L: DenseLayout) -> str:
-    code, em = _Code(), _Emitter(L)
+    code, em = Code(), _Emitter(L)
     name = "persistent_forward_kernel"
-    _signature(code, name, L.forward_args(fused=False), CONSTEXPRS)
+    signature(code, name, L.forward_args(fused=False), CONSTEXPRS)
     phases = L.phases
     code(1, "# Program (batch tile pid_n, hidden slice): every gate row of BLOCK_H hidden units. On the GPU")
     code(1, "# each program owns one slice and keeps its weight tiles on chip for all T steps; SEQUENTIAL")
@@ -582,9 +527,9 @@ def persistent_forward(L: DenseLayout) -> str:
 
 
 def fused_step_forward(L: DenseLayout, n: int) -> str:
-    code, em = _Code(), _Emitter(L)
+    code, em = Code(), _Emitter(L)
     phase = L.phases[n]
-    _signature(code, f"fused_step_forward_kernel_{n + 1}", L.forward_args(fused=True), CONSTEXPRS,
+    signature(code, f"fused_step_forward_kernel_{n + 1}", L.forward_args(fused=True), CONSTEXPRS,
                specialize_t=False)
     code(1, f"# phase {n + 1} of {len(L.phases)} of step t; program (batch tile, slice of BLOCK_H units)")
     code(1, "pid_n, s = tl.program_id(0), tl.program_id(1)")
@@ -596,7 +541,7 @@ def fused_step_forward(L: DenseLayout, n: int) -> str:
     return code.text()
 
 
-def _backward_order(L: DenseLayout) -> list[tuple[Phase, Phase | None]]:
+def backward_order(L: DenseLayout) -> list[tuple[Phase, Phase | None]]:
     """(phase, the phase after it) from the last phase to the first: phase k's backward starts with the
     operand gradient of the next phase's GEMMs."""
     phases = L.phases
@@ -608,10 +553,10 @@ def _backward_order(L: DenseLayout) -> list[tuple[Phase, Phase | None]]:
 
 
 def persistent_backward(L: DenseLayout) -> str:
-    code, em = _Code(), _Emitter(L)
+    code, em = Code(), _Emitter(L)
     name = "persistent_backward_kernel"
-    _signature(code, name, L.backward_args(fused=False), (*CONSTEXPRS, "HAS_GRAD_OUT"))
-    order = _backward_order(L)
+    signature(code, name, L.backward_args(fused=False), (*CONSTEXPRS, "HAS_GRAD_OUT"))
+    order = backward_order(L)
     barriers = [n for n, (phase, _) in enumerate(order) if phase.gemms]
     code(1, "# the forward's tiling, in reverse time; dcarry [2, states, N, H] holds the gradient of the")
     code(1, "# new states (d_new) and collects the gradient of the states step t read (d_old)")
@@ -658,10 +603,10 @@ def persistent_backward(L: DenseLayout) -> str:
 
 
 def fused_step_backward(L: DenseLayout, n: int) -> str:
-    code, em = _Code(), _Emitter(L)
-    order = _backward_order(L)
+    code, em = Code(), _Emitter(L)
+    order = backward_order(L)
     phase, later = order[n]
-    _signature(code, f"fused_step_backward_kernel_{n + 1}", L.backward_args(fused=True),
+    signature(code, f"fused_step_backward_kernel_{n + 1}", L.backward_args(fused=True),
                (*CONSTEXPRS, "HAS_GRAD_OUT"), specialize_t=False)
     code(1, f"# backward phase {n + 1} of {len(order)} of step t")
     code(1, "pid_n, s = tl.program_id(0), tl.program_id(1)")
@@ -682,30 +627,19 @@ def fused_step_backward(L: DenseLayout, n: int) -> str:
 
 def _mark_written(L: DenseLayout, step: tuple[Phase, Phase | None], init: set) -> None:
     """The gradient tiles a backward phase writes first (so later phases add to them)."""
-    sink = _Code()
+    sink = Code()
     _Emitter(L).backward_phase(sink, 0, step[0], step[1], streamed=True, init=init)
-
-
-def dense_kernel_names(plan: Plan) -> list[str]:
-    """The dense schedules' kernels in a generated module (empty when they do not apply)."""
-    if DenseLayout.decline(plan):
-        return []
-    n_forward = len(plan.pointwise)
-    n_backward = n_forward + (0 if any(pw.stage == 0 for pw in plan.pointwise) else 1)
-    return (["persistent_forward_kernel", "persistent_backward_kernel"]
-            + [f"fused_step_forward_kernel_{i + 1}" for i in range(n_forward)]
-            + [f"fused_step_backward_kernel_{i + 1}" for i in range(n_backward)])
 
 
 def dense_source(plan: Plan) -> str:
     """The dense schedules' section of a generated module ("" when they do not apply)."""
-    if DenseLayout.decline(plan):
+    if dense_decline(plan):
         return ""
     L = DenseLayout(plan)
     parts = [f"# ---- dense schedules: persistent and fused_step {'-' * 58}", DENSE_DOC.strip("\n") + "\n",
              persistent_forward(L), persistent_backward(L)]
     parts += [fused_step_forward(L, n) for n in range(len(L.phases))]
-    parts += [fused_step_backward(L, n) for n in range(len(_backward_order(L)))]
+    parts += [fused_step_backward(L, n) for n in range(len(backward_order(L)))]
     return "\n\n".join(p.strip("\n") + "\n" for p in parts)
 
 

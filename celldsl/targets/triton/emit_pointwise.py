@@ -12,13 +12,12 @@ activations and host helpers live once in runtime/triton_helpers.py, which every
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sympy as sp
 
-from ..functions import Reduction
-from ..plan import Plan, Pointwise
-from .printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
+from ...lang.functions import Reduction
+from ...plan import Plan, Pointwise
+from ..printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
+from .applies import schedule_names
 
 TWO_D = ("input", "state", "hoisted", "product", "operand")  # [rows, width] tensors (a row stride each)
 RESERVED = {"tl", "triton", "torch", "lib", "shared_helpers", "BLOCK", "COMPUTE"}
@@ -76,23 +75,7 @@ class TritonPrinter(TargetPrinter):
         return super()._print_Pow(expr, rational)
 
 
-def origin(plan: Plan) -> str:
-    """What the generated header says the kernels come from: `cells/<x>.cell` for a zoo cell (so the
-    text does not depend on how the file was named), else just the cell's name. The file name itself
-    never enters generated source: it is whatever the user's file system allows."""
-    from ..compiler import ZOO
-
-    filename, name = plan.ir.source.filename, python_text(plan.ir.name)
-    try:
-        path = Path(filename).resolve()
-        if path.parent == ZOO.resolve() and path.is_file() and path.stem == plan.ir.name:
-            return f"cells/{name}.cell"
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return f"the cell file of `{name}`"
-
-
-class _Function:
+class Function:
     """Names for one pointwise function (forward or backward) in its step, kernel and host wrapper."""
 
     def __init__(self, prefix: str, pw: Pointwise, plan: Plan, backward: bool):
@@ -145,7 +128,7 @@ class _Function:
 KNOWN_GLOBALS = {"lib", "shared_helpers"}  # the module-level names every generated file binds
 
 
-def _step_function(f: _Function) -> str:
+def _step_function(f: Function) -> str:
     """The pure-math `@triton.jit` function: register values in, tuple of results out."""
     printer = TritonPrinter(f.names)
     name = f"{f.prefix}_step_grad" if f.backward else f"{f.prefix}_step"
@@ -167,7 +150,7 @@ def _step_function(f: _Function) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _kernel(f: _Function) -> str:
+def _kernel(f: Function) -> str:
     """Loads each input at the flattened offset, runs the step function, stores the results."""
     name = f"{f.prefix}_{'backward' if f.backward else 'forward'}_kernel"
     params: list[str] = []
@@ -213,7 +196,7 @@ def _kernel(f: _Function) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _host(f: _Function, fn_name: str) -> str:
+def _host(f: Function, fn_name: str) -> str:
     """The wrapper with the torch module's signature and return convention."""
     kernel = f"{f.prefix}_{'backward' if f.backward else 'forward'}_kernel"
     params = [f.names[s] for s in f.args]
@@ -250,117 +233,6 @@ def _host(f: _Function, fn_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _recomputes(pw: Pointwise) -> list[str]:
-    """The activations the backward evaluates again from its inputs (nothing else is saved)."""
-    seen: list[str] = []
-    for e in [e for _, e in pw.backward_temps] + list(pw.backward_results):
-        for fn in sorted(e.atoms(sp.Function), key=sp.default_sort_key):
-            text = sp.sstr(fn)
-            if text not in seen:
-                seen.append(text)
-    return seen
-
-
-def _describe(plan: Plan) -> str:
-    ir = plan.ir
-    lines = ["The equations, one step (primes mark next values, `W@` the product of W with its operand)", ""]
-    for s, e in ir.new_states.items():
-        lines.append(f"    {s}' = {sp.sstr(e)}")
-    if ir.output not in ir.states:
-        lines.append(f"    {ir.output} = {sp.sstr(ir.output_expr)}    (the output)")
-    lines += ["", "Gate layout: each GEMM stacks its weights' rows; block j of the [.., rows] result is", ""]
-    def size(g):
-        if g.operand_size == "H":
-            return "H"
-        return "I" if g.operand_size == ir.inputs[0] else f"size of {g.operand_size}"
-
-    def rows(g):
-        return "H" if len(g.params) == 1 else f"{len(g.params)}H"
-
-    for g in plan.hoisted:
-        lines.append(
-            f"    hoisted, all T steps at once: {g.operand.name} [T, N, {size(g)}] @ "
-            f"[{'; '.join(g.params)}].T -> [T, N, {rows(g)}]"
-        )
-    for g in plan.gemms:
-        lines.append(
-            f"    stage {g.stage}, every step: {g.operand.name} [N, {size(g)}] @ "
-            f"[{'; '.join(g.params)}].T -> [N, {rows(g)}]"
-        )
-    if not plan.hoisted and not plan.gemms:
-        lines.append("    (no GEMM)")
-    lines += ["", "Pointwise functions (a kernel each way; the loop runs the GEMMs between them)", ""]
-    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
-    for prefix, pw in pws:
-        ins = ", ".join(f"{s.name} ({plan.role(s)})" for s in pw.inputs)
-        lines.append(f"    {prefix}: {ins}")
-        lines.append(f"        -> {', '.join(n for n, _ in pw.outputs)}")
-        lines.append(
-            f"        forward {pw.forward_ops()} ops, backward {pw.backward_ops()} ops; the backward "
-            f"recomputes: {', '.join(_recomputes(pw)) or 'nothing'}"
-        )
-    return "\n".join(lines)
-
-
-HEADER = '''"""Fused Triton kernels for the cell `{name}`, generated by celldsl from {origin}.
-
-Do not edit: `celldsl compile` rewrites this file (for the zoo, tests/test_kernels_fresh.py fails when
-kernels/ is stale).
-
-{description}
-
-How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
-backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
-functions below. Each pointwise function `P` comes as
-  * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
-    `@triton.jit` function a persistent kernel can inline unchanged;
-  * `P_forward_kernel`: one program per BLOCK elements of the flattened [rows, H] step: loads each
-    input (GEMM products are column blocks of the [N, rows] GEMM output, read with its row stride;
-    vectors [H] broadcast over rows; scalars broadcast), casts it to the compute dtype, calls
-    `P_step` and stores the outputs in the storage dtype;
-  * `P_step_grad` and `P_backward_kernel`: the vector-Jacobian product SymPy derived; it takes the
-    forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
-    above) instead of saving it;
-  * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
-    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
-    gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
-from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
-imported in this file's mode (interpreted while TRITON_INTERPRET=1).
-"""
-
-import torch
-import triton
-import triton.language as tl
-
-from celldsl.runtime.triton_module import shared_helpers
-
-lib = shared_helpers()
-'''
-
-
-def triton_module_source(plan: Plan) -> str:
-    """The whole generated module for a plan (deterministic: same plan, same text)."""
-    ir = plan.ir
-    parts = [
-        HEADER.format(name=python_text(ir.name), origin=origin(plan),
-                      description=python_text(_describe(plan), lines=True)),
-    ]
-    pws = [(pw.name, pw) for pw in plan.all_pointwise()]
-    for prefix, pw in pws:
-        parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
-        for backward in (False, True):
-            f = _Function(prefix, pw, plan, backward)
-            parts.append(_step_function(f))
-            parts.append(_kernel(f))
-            parts.append(_host(f, f"{prefix}_{'backward' if backward else 'forward'}"))
-    from .triton_columns import column_source
-    from .triton_dense import dense_source
-
-    parts += [p for p in (dense_source(plan), column_source(plan)) if p]
-    return "\n\n".join(p.strip("\n") + "\n" for p in parts)
-
-
 def module_names(plan: Plan) -> list[str]:
     """Every function the module defines: per pointwise its step functions, kernels and host wrappers,
     then the kernels of the schedules that apply (schedule_names)."""
@@ -372,14 +244,15 @@ def module_names(plan: Plan) -> list[str]:
     return names + schedule_names(plan)
 
 
-def schedule_names(plan: Plan) -> list[str]:
-    """The schedules' kernels the module defines (their time loops rebind the states they carry)."""
-    from .triton_columns import column_kernel_names
-    from .triton_dense import dense_kernel_names
-
-    return dense_kernel_names(plan) + column_kernel_names(plan)
-
-
-def kernel_names(plan: Plan) -> list[str]:
-    """The `@triton.jit` kernels of the module, in order (for ahead-of-time compilation)."""
-    return [f"{pw.name}_{way}_kernel" for pw in plan.all_pointwise() for way in ("forward", "backward")]
+def pointwise_sections(plan: Plan) -> list[str]:
+    """The module's part for every pointwise function: step functions, kernels and host wrappers."""
+    parts = []
+    for pw in plan.all_pointwise():
+        prefix = pw.name
+        parts.append(f"# ---- {prefix} " + "-" * (95 - len(prefix)))
+        for backward in (False, True):
+            f = Function(prefix, pw, plan, backward)
+            parts.append(_step_function(f))
+            parts.append(_kernel(f))
+            parts.append(_host(f, f"{prefix}_{'backward' if backward else 'forward'}"))
+    return parts

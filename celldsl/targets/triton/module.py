@@ -16,10 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .. import cache
-from ..resources import KERNELS
+from ... import cache
+from ...resources import KERNELS
 
-HELPERS = Path(__file__).resolve().with_name("triton_helpers.py")
+HELPERS = Path(__file__).resolve().with_name("helpers.py")
 
 _LOADED: dict[tuple[str, str, bool], object] = {}
 _LOCK = threading.RLock()  # reentrant: importing a generated file imports the shared helpers
@@ -32,7 +32,7 @@ def interpreting() -> bool:
 
 def module_path(compiled, source: str | None = None) -> Path:
     """Where the generated source of `compiled` lives: kernels/<stem>.py if it is current, else the cache."""
-    from ..emit.triton_source import triton_module_source
+    from .emit import triton_module_source
 
     if source is None:
         source = triton_module_source(compiled.plan)
@@ -59,7 +59,7 @@ def shared_helpers():
 
 def load_triton_module(compiled) -> TritonModule:
     """The generated Triton functions of a CompiledCell (`stage{k}_forward`/`_backward`, `hoist_*`)."""
-    from ..emit.triton_source import triton_module_source
+    from .emit import triton_module_source
 
     source = triton_module_source(compiled.plan)
     return TritonModule(module_path(compiled, source), hashlib.sha256(source.encode("utf-8")).hexdigest())

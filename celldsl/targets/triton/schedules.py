@@ -25,11 +25,11 @@ import inspect
 import torch
 import triton
 
-from ..emit.triton_dense import DenseLayout
-from . import gemm
-from .schedule_choice import ASSUMED, Config, Device, check_schedule, choose, configure
-from .torch_loop import TorchLoop, steps_of
-from .triton_module import interpreting, load_triton_module
+from .. import gemm
+from ..loop import TorchLoop, steps_of
+from .choice import ASSUMED, Config, Device, configure
+from .emit_dense import DenseLayout
+from .module import interpreting, load_triton_module
 
 
 def device_of(device: torch.device) -> Device:
@@ -64,11 +64,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _compute(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tl_compute(dtype: torch.dtype):
+def tl_compute_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -83,7 +83,7 @@ def device_ints(values: list[int], device, dtype=torch.int32) -> torch.Tensor:
     return t
 
 
-def _steps_tensors(steps: list[int], offsets: list[int], device) -> dict:
+def steps_tensors(steps: list[int], offsets: list[int], device) -> dict:
     prev = [0, *offsets[:-1]]
     return {"step_offset": device_ints(offsets, device), "prev_offset": device_ints(prev, device),
             "step_rows": device_ints(steps, device)}
@@ -124,7 +124,7 @@ class DenseLoop(TorchLoop):
     def _launch(self, name, grid, args, c: Config, dtype, extra=None, cooperative=False):
         module = self.kernels.module()
         kernel = getattr(module, name)
-        constexprs = dict(c.blocks, SEQUENTIAL=interpreting(), COMPUTE=_tl_compute(dtype),
+        constexprs = dict(c.blocks, SEQUENTIAL=interpreting(), COMPUTE=tl_compute_dtype(dtype),
                           DOT_PRECISION=_dot_precision(dtype), **(extra or {}))
         options = {"num_warps": c.num_warps}
         if cooperative and not interpreting():
@@ -165,7 +165,7 @@ class DenseLoop(TorchLoop):
         Xs, hoisted_out = self._hoisted(X, sizes, hoisted_w, vectors, scalars, steps, offsets)
         L = self.layout
         seq = [torch.empty(rows, H, dtype=dtype, device=dev) for _ in self.states]
-        carry = [s.to(_compute(dtype)).contiguous().clone() for s in states]
+        carry = [s.to(compute_dtype(dtype)).contiguous().clone() for s in states]
         values = {("x", n): Xs[n].contiguous() for n in L.elementwise_inputs}
         values |= {("hoisted", i): h for i, h in enumerate(hoisted_out)}
         values |= {("weight", i): w.contiguous() for i, w in enumerate(step_w)}
@@ -182,7 +182,7 @@ class DenseLoop(TorchLoop):
         values |= {("operand_seq", n): v for n, v in operand_seq.items()}
         values |= {("T", None): T, ("N", None): N, ("H", None): H}
         if self.schedule == "persistent":
-            values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
+            values |= {(k, None): v for k, v in steps_tensors(steps, offsets, dev).items()}
             values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
             args = [values[(a.kind, a.key)] for a in L.forward_args(fused=False)]
             self._launch("persistent_forward_kernel", c.grid, args, c, dtype, cooperative=True)
@@ -212,7 +212,7 @@ class DenseLoop(TorchLoop):
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         Xs = self.split_inputs(X, sizes, hoisted_w, steps, offsets)
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
-        compute = _compute(dtype)
+        compute = compute_dtype(dtype)
         dcarry = torch.zeros(2, len(self.states), N, H, dtype=compute, device=dev)
         for i, g in enumerate(grad_states):
             if g is not None:
@@ -244,7 +244,7 @@ class DenseLoop(TorchLoop):
         values |= {("T", None): T, ("N", None): N, ("H", None): H}
         extra = {"HAS_GRAD_OUT": grad_out is not None}
         if self.schedule == "persistent":
-            values |= {(k, None): v for k, v in _steps_tensors(steps, offsets, dev).items()}
+            values |= {(k, None): v for k, v in steps_tensors(steps, offsets, dev).items()}
             values[("sync", None)] = torch.zeros(c.grid[0], dtype=torch.int32, device=dev)
             args = [values[(a.kind, a.key)] for a in L.backward_args(fused=False)]
             self._launch("persistent_backward_kernel", c.grid, args, c, dtype, extra, cooperative=True)
@@ -311,58 +311,3 @@ def finish_backward(loop: TorchLoop, x, X, Xs, states, news, operands, steps, of
 
 def _add(a, b):
     return b if a is None else a + b
-
-
-# ---- the loops, per (cell, schedule) -----------------------------------------------------------------
-
-_LOOPS: dict = {}
-
-
-class AutoLoop:
-    """schedule="auto": the schedule `choose` picks for each call's sizes, verified on hardware or not
-    (for benchmarks and tests; the layers' default stays the graphed path until it is verified)."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self.plan = compiled.plan
-        self.base = compiled.triton_loop  # saved_shapes and the argument split are the same everywhere
-
-    def __getattr__(self, name):
-        return getattr(self.base, name)
-
-    def pick(self, x, states) -> str:
-        N, H = states[0].shape
-        T = x.shape[0] if x.dim() == 3 else 0
-        interpret = interpreting() or not x.is_cuda
-        device = ASSUMED if interpret else device_of(x.device)
-        return choose(self.plan, N, H, T or 1, x.dtype, device)[0]
-
-    def forward(self, x, states, *args, **kwargs):
-        return schedule_loop(self.compiled, self.pick(x, states)).forward(x, states, *args, **kwargs)
-
-    def backward(self, x, states, *args, **kwargs):
-        return schedule_loop(self.compiled, self.pick(x, states)).backward(x, states, *args, **kwargs)
-
-
-def schedule_loop(compiled, schedule: str):
-    """The loop object of a schedule for a compiled cell (kept for the process, as the cell's own loops)."""
-    key = (compiled.key, schedule)
-    loop = _LOOPS.get(key)
-    if loop is None:
-        check_schedule(compiled.plan, schedule)
-        from .cuda_graph import GraphedLoop
-
-        if schedule == "auto":
-            loop = AutoLoop(compiled)
-        elif schedule == "graphed":
-            loop = compiled.triton_loop
-        elif schedule == "persistent":
-            loop = DenseLoop(compiled, schedule)
-        elif schedule == "fused_step":
-            loop = GraphedLoop(DenseLoop(compiled, schedule))
-        else:
-            from .triton_columns import ColumnLoop
-
-            loop = ColumnLoop(compiled, schedule)
-        _LOOPS[key] = loop
-    return loop

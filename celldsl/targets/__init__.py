@@ -1,0 +1,30 @@
+"""The targets: a plan -> generated code -> a running time loop, one folder per target.
+
+    torch/   the generated torch module (every cell, every device; differentiable to any order)
+    c/       C kernels built with the system compiler, the native time loop, the CPU GEMM choice
+    triton/  Triton kernels and the GPU schedules (graphed, persistent, fused_step, time_loop, scan)
+
+Shared by all of them: loop.py (the time loop over any target's pointwise functions), gemm.py (the
+loop's GEMMs), printers.py (identifiers and Python text for the emitters). Everything else asks a
+target through `target(name)` and the interface in base.py; adding a target is adding a folder with
+a `TARGET` and a line here.
+"""
+
+from __future__ import annotations
+
+from .base import Target
+
+NAMES = ("torch", "cpu", "triton")  # the backend names, as the layers take them
+
+
+def target(name: str) -> Target:
+    """The target of a backend name: "torch", "cpu" (the C target) or "triton"."""
+    if name == "torch":
+        from .torch import TARGET
+    elif name == "cpu":
+        from .c import TARGET
+    elif name == "triton":
+        from .triton import TARGET
+    else:
+        raise ValueError(f"backend must be one of {sorted(NAMES)}, got {name!r}")
+    return TARGET

@@ -1,0 +1,38 @@
+"""The torch target: each pointwise function of the plan as plain torch code (emit.py), run by the
+shared time loop (targets/loop.py). Runs every cell on every device, and is the code autograd
+differentiates again for higher-order gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ... import cache
+from ..base import Target
+
+
+class TorchTarget(Target):
+    name = "torch"
+
+    def source(self, plan) -> str:
+        from .emit import torch_module_source
+
+        return torch_module_source(plan)
+
+    def load(self, compiled):
+        """The generated module, written under the cell's cache key and imported from that file."""
+        path = cache.root() / compiled.key / "torch_cell.py"
+        cache.write_if_changed(path, self.source(compiled.plan))
+        spec = importlib.util.spec_from_file_location(f"celldsl_generated_{compiled.key[:16]}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def loop(self, compiled, schedule: str | None = None):
+        from ..loop import TorchLoop
+
+        if schedule is not None:
+            self.check_schedule(compiled.plan, schedule)
+        return TorchLoop(compiled.plan, compiled.torch_module)
+
+
+TARGET = TorchTarget()
