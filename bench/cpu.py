@@ -19,7 +19,7 @@ Tables (--tables, comma-separated):
           H=256 (a decoder's call; no issue sets a target: it shows the fixed cost of one call)
 
 Rows: "celldsl" is the layer as the library builds it (backend auto: on CPU tensors the C kernels of
-runtime/cpu_fused.py, the native loop or the Python loop, whichever runtime/cpu_gemm.py measured
+targets/c/fused.py, the native loop or the Python loop, whichever targets/c/gemm.py measured
 faster); "celldsl, Python loop" forces the per-step Python loop on torch.mm (the loop celldsl shipped
 before the native one) on a private copy of the cell. "textbook" is what one writes from the paper:
 one nn.Linear per gate and operand, applied every step, autograd for the backward (for the cells

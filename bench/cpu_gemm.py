@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu_gemm.py --threads 1        # 1 thread, this thread's CPU time
     .venv/bin/python bench/cpu_gemm.py --threads 2        # 2 threads, wall clock
 
-Each row is one product at one shape, measured the way runtime/cpu_gemm.py measures when it chooses
+Each row is one product at one shape, measured the way targets/c/gemm.py measures when it chooses
 (fresh here: the cache file is neither read nor written): random data, every backend's product
 checked against torch first, interleaved rounds, the minimum per call. GFLOP/s = 2 m k n / time.
 """

@@ -9,7 +9,7 @@ more than a change to the GEMM is worth. Here A and B are two private copies of 
 own cache keys and loops), identical but for the GEMM library their loop calls; they run alternately
 (the order swapped every repeat), and each row prints the medians and the median of the per-repeat
 ratios B/A with its range. Both loops use the GEMM choices measured for the working tree's library
-(runtime/cpu_gemm.py's cache), so a row compares the kernels, not the choices.
+(targets/c/gemm.py's cache), so a row compares the kernels, not the choices.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ SMOKE = [(3, 2, 8, 16, False), (3, 2, 8, 16, True)]
 
 
 def gemm_source_at(rev: str) -> str:
-    """emit/c_gemm.py's gemm_source() as it was at `rev`."""
-    text = subprocess.run(["git", "show", f"{rev}:celldsl/emit/c_gemm.py"], capture_output=True, text=True,
+    """targets/c/emit_gemm.py's gemm_source() as it was at `rev`."""
+    text = subprocess.run(["git", "show", f"{rev}:celldsl/targets/c/emit_gemm.py"], capture_output=True, text=True,
                           check=True, cwd=ROOT).stdout
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c_gemm_at_rev.py"

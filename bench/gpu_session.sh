@@ -9,7 +9,7 @@
 # Each writes its log, with the machine's versions first, to $OUT (the folder a device command's files
 # come back from) or, without $OUT, to docs/results/gpu/session/. Commit the logs under
 # docs/results/gpu/ with this command, and only then make a schedule a CUDA default
-# (VERIFIED_ON_HARDWARE in celldsl/runtime/schedule_choice.py) for the tests that passed.
+# (VERIFIED_ON_HARDWARE in celldsl/targets/triton/choice.py) for the tests that passed.
 # STAGE_SECONDS (default 270) bounds each stage, so that both fit a 15-minute device budget with the
 # machine's start-up; a stage that runs out says so in its log ("exit 124") with what it had done.
 #

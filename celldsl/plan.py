@@ -29,7 +29,7 @@ class Gemm:
     params: tuple[str, ...]  # per block: a matrix parameter, or a combination's name (ir.Product.terms)
     products: tuple[sp.Symbol, ...]
     widths: tuple[str, ...] = ()  # per block: its number of rows (a width)
-    heads: int | None = None  # every block block-diagonal with this many square blocks (runtime/gemm.py)
+    heads: int | None = None  # every block block-diagonal with this many square blocks (targets/gemm.py)
 
 
 @dataclass

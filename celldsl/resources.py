@@ -2,7 +2,7 @@
 
 A source checkout keeps them at the top level (cells/, grammars/, kernels/); an installed wheel
 carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/ (not
-celldsl/cells/: that name is the module celldsl/cells.py), grammars/ at celldsl/grammars/, kernels/
+celldsl/cells/: that name is the module celldsl/nn/cells.py), grammars/ at celldsl/grammars/, kernels/
 at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
 folders.
 """

@@ -19,7 +19,7 @@ Pointwise functions (a kernel each way; the loop runs the GEMMs between them)
         -> c', y'
         forward 23 ops, backward 64 ops; the backward recomputes: tanh(R_z@ + W_z@ + b_z), sigmoid(R_f@ + W_f@ + b_f + c*p_f), sigmoid(R_i@ + W_i@ + b_i + c*p_i), sigmoid(%u0 + R_f@ + W_f@ + b_f), tanh(%t0), sigmoid(%t0*p_o + R_o@ + W_o@ + b_o)
 
-How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
+How to read this file. The time loop (celldsl/targets/loop.py) is the same for every cell and
 backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
 functions below. Each pointwise function `P` comes as
   * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
@@ -32,9 +32,9 @@ functions below. Each pointwise function `P` comes as
     forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
     above) instead of saving it;
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
-    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
+    and return conventions of the torch module (celldsl/targets/torch/emit.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+`lib` is celldsl/targets/triton/helpers.py, shared by every generated file: the activations (written
 from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
 imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from celldsl.runtime.triton_module import shared_helpers
+from celldsl.targets.triton.module import shared_helpers
 
 lib = shared_helpers()
 

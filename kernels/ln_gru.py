@@ -18,7 +18,7 @@ Pointwise functions (a kernel each way; the loop runs the GEMMs between them)
         -> h'
         forward 79 ops, backward 222 ops; the backward recomputes: rowmean(W_hn@), rowmean(W_hr@), rowmean(W_hz@), rowmean(%t1**2), rowmean(%t2**2), rowmean(%t3**2), rowmean(W_xn@), rowmean(W_xr@), rowmean(W_xz@), rowmean(%t6**2), rowmean(%t7**2), rowmean(%t8**2), sigmoid(%t3*%t4*g_hz + %t8*%t9*g_xz + b_z), sigmoid(%t3*%u0 + %t8*%u1 + b_z), sigmoid(%t2*%u4 + %t7*%u5 + b_r), tanh(%t6*%u8 + %u7 + b_in), rowmean((-%u11*g_hz/2 - %u14*g_hn/2 - %u16*g_hr/2)/(3*(rowmean(%t1**2)/3 + rowmean(%t2**2)/3 + rowmean(%t3**2)/3 + 1.0e-5)**(3/2))), rowmean(-%t2*%u20 - %t3*%u20 - 2*%u18/3 - %u19/3 - %u21/3 - %u22/3), rowmean((-%u25*g_xn/2 - %u26*g_xz/2 - %u27*g_xr/2)/(3*(rowmean(%t6**2)/3 + rowmean(%t7**2)/3 + rowmean(%t8**2)/3 + 1.0e-5)**(3/2))), rowmean(-%t7*%u31 - %t8*%u31 - 2*%u29/3 - %u30/3 - %u32/3 - %u33/3)
 
-How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
+How to read this file. The time loop (celldsl/targets/loop.py) is the same for every cell and
 backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
 functions below. Each pointwise function `P` comes as
   * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
@@ -31,9 +31,9 @@ functions below. Each pointwise function `P` comes as
     forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
     above) instead of saving it;
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
-    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
+    and return conventions of the torch module (celldsl/targets/torch/emit.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+`lib` is celldsl/targets/triton/helpers.py, shared by every generated file: the activations (written
 from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
 imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from celldsl.runtime.triton_module import shared_helpers
+from celldsl.targets.triton.module import shared_helpers
 
 lib = shared_helpers()
 

@@ -19,7 +19,7 @@ Pointwise functions (a kernel each way; the loop runs the GEMMs between them)
         -> h', c'
         forward 111 ops, backward 321 ops; the backward recomputes: rowmean(W_hf@), rowmean(W_hg@), rowmean(W_hi@), rowmean(W_ho@), rowmean(%t1**2), rowmean(%t2**2), rowmean(%t3**2), rowmean(%t4**2), rowmean(W_xf@), rowmean(W_xg@), rowmean(W_xi@), rowmean(W_xo@), rowmean(%t10**2), rowmean(%t7**2), rowmean(%t8**2), rowmean(%t9**2), tanh(%t11*%t8*a_xg + %t2*%t5*a_hg + b_g), sigmoid(%t1*%t5*a_hf + %t11*%t7*a_xf + b_f), sigmoid(%t11*%t9*a_xi + %t3*%t5*a_hi + b_i), rowmean(%t12), tanh(%t2*%u1 + %t8*%u0 + b_g), rowmean(%t13**2), tanh(%t13*%u5 + beta_c), sigmoid(%t10*%u7 + %t4*%u8 + b_o), rowmean(-%u12*a_c/(2*%u3**(3/2))), rowmean(-%u13), sigmoid(%t3*%u16 + %t9*%u15 + b_i), sigmoid(%t1*%u21 + %t7*%u22 + b_f), rowmean((-%u20*a_hg/2 - %u26*a_hf/2 - %u28*a_hi/2 - %u30*a_ho/2)/(4*(rowmean(%t1**2)/4 + rowmean(%t2**2)/4 + rowmean(%t3**2)/4 + rowmean(%t4**2)/4 + 1.0e-5)**(3/2))), rowmean(-%t2*%u34 - %t3*%u34 - %t4*%u34 - %u32/2 - %u33/4 - %u35/4 - %u36/4 - %u37/4), rowmean((-%u40*a_xg/2 - %u41*a_xo/2 - %u42*a_xf/2 - %u43*a_xi/2)/(4*(rowmean(%t10**2)/4 + rowmean(%t7**2)/4 + rowmean(%t8**2)/4 + rowmean(%t9**2)/4 + 1.0e-5)**(3/2))), rowmean(-%t10*%u47 - %t8*%u47 - %t9*%u47 - %u45/2 - %u46/4 - %u48/4 - %u49/4 - %u50/4)
 
-How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
+How to read this file. The time loop (celldsl/targets/loop.py) is the same for every cell and
 backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
 functions below. Each pointwise function `P` comes as
   * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
@@ -32,9 +32,9 @@ functions below. Each pointwise function `P` comes as
     forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
     above) instead of saving it;
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
-    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
+    and return conventions of the torch module (celldsl/targets/torch/emit.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+`lib` is celldsl/targets/triton/helpers.py, shared by every generated file: the activations (written
 from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
 imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from celldsl.runtime.triton_module import shared_helpers
+from celldsl.targets.triton.module import shared_helpers
 
 lib = shared_helpers()
 

@@ -18,7 +18,7 @@ Pointwise functions (a kernel each way; the loop runs the GEMMs between them)
         -> c', h
         forward 16 ops, backward 45 ops; the backward recomputes: sigmoid(W_f@ + b_f + c*v_f), sigmoid(W_r@ + b_r + c*v_r)
 
-How to read this file. The time loop (celldsl/runtime/torch_loop.py) is the same for every cell and
+How to read this file. The time loop (celldsl/targets/loop.py) is the same for every cell and
 backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
 functions below. Each pointwise function `P` comes as
   * `P_step`: the forward as pure math on register values (fp32; fp64 when the storage is fp64), a
@@ -31,9 +31,9 @@ functions below. Each pointwise function `P` comes as
     forward's inputs plus one gradient per output and recomputes what it needs of the forward (listed
     above) instead of saving it;
   * host wrappers `P_forward(*inputs)` and `P_backward(*inputs, *grad_outputs)` with the signatures
-    and return conventions of the torch module (celldsl/emit/torch_source.py): tuples, None for a
+    and return conventions of the torch module (celldsl/targets/torch/emit.py): tuples, None for a
     gradient that is zero, vector and scalar gradients per element (the loop reduces them).
-`lib` is celldsl/runtime/triton_helpers.py, shared by every generated file: the activations (written
+`lib` is celldsl/targets/triton/helpers.py, shared by every generated file: the activations (written
 from tl.exp: core tl has no tanh and the interpreter no libdevice) and the host launch helpers,
 imported in this file's mode (interpreted while TRITON_INTERPRET=1).
 """
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from celldsl.runtime.triton_module import shared_helpers
+from celldsl.targets.triton.module import shared_helpers
 
 lib = shared_helpers()
 

@@ -121,3 +121,23 @@ def test_the_graph_sees_imports():
     edges = graph()
     assert sum(len(v) for v in edges.values()) > 50
     assert "celldsl.compiler" in edges["celldsl"]
+
+
+TARGETS = ("torch", "c", "triton")
+
+
+def test_targets_are_reached_through_their_interface():
+    """A target's modules are imported only inside its folder, by the registry (celldsl.targets) and
+    by the command line (celldsl compile is the Triton target's own tool); a target never imports
+    another target, nor the layers, the op or the driver."""
+    bad = []
+    for a, bs in graph().items():
+        own = next((t for t in TARGETS if a.startswith(f"celldsl.targets.{t}")), None)
+        for b in bs:
+            into = next((t for t in TARGETS if b.startswith(f"celldsl.targets.{t}")), None)
+            if into and into != own and a != "celldsl.targets" and not a.startswith("celldsl.cli."):
+                bad.append(f"{a} imports {b}")
+            if a.startswith("celldsl.targets") and b.startswith(
+                    ("celldsl.nn", "celldsl.ops", "celldsl.compiler", "celldsl.cli")):
+                bad.append(f"{a} imports {b}")
+    assert not bad, "a target reached past its interface:\n" + "\n".join(bad)

@@ -129,7 +129,7 @@ def test_the_compiler_digest_covers_its_own_source():
     digest = cache.compiler_digest()
     assert len(digest) == 64 and int(digest, 16) >= 0
     sources = {p.name for p in cache.PACKAGE.rglob("*.py") if "labs" not in p.parts}
-    assert {"plan.py", "ir.py", "c_source.py", "torch_loop.py"} <= sources
+    assert {"plan.py", "ir.py", "emit.py", "loop.py"} <= sources
 
 
 def test_a_pickled_layer_cell_is_its_source():

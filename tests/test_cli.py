@@ -187,7 +187,7 @@ def test_as_a_process_no_traceback(tmp_path):
 
 def test_check_and_explain_do_not_import_torch():
     """The compiler commands start fast: neither they nor the compiler import torch (about 1 s)."""
-    script = ("import sys; from celldsl.cli import main; "
+    script = ("import sys; from celldsl.cli.main import main; "
               "codes = [main(['check', 'cells/lstm.cell']), main(['explain', 'cells/mut1.cell'])]; "
               "print(codes, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,

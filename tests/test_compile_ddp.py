@@ -1,4 +1,4 @@
-"""The registered ops (celldsl/runtime/ops.py) under torch.library.opcheck, torch.compile and DDP.
+"""The registered ops (celldsl/ops/op.py) under torch.library.opcheck, torch.compile and DDP.
 
 - opcheck: schema, autograd registration, fake (meta) kernels and AOT dispatch with dynamic shapes,
   for padded and packed input and for cells whose output is a state or an intermediate.

@@ -1,4 +1,4 @@
-"""The CPU fused path (runtime/cpu_fused.py running emit/c_source.py's kernels) computes what the
+"""The CPU fused path (targets/c/fused.py running targets/c/emit.py's kernels) computes what the
 plain torch loop computes, and falls back to it when there is no compiler.
 
 - loop level, fused vs plain TorchLoop: outputs, final states, saved tensors and every gradient, in

@@ -1,4 +1,4 @@
-"""The GEMM backends of the CPU loops and how one is chosen (runtime/cpu_gemm.py).
+"""The GEMM backends of the CPU loops and how one is chosen (targets/c/gemm.py).
 
 - each backend's product (native kernel, torch.mm, oneDNN plain and packed) equals a @ w.T or
   d @ w computed by torch, for every kind of product, =, += and = bias +, at shapes with partial

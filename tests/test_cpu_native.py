@@ -1,9 +1,9 @@
 """Every way the CPU loop can run a sequence computes what the torch backend computes.
 
-FusedCPULoop runs a sequence as one native call (emit/c_loop.py, on celldsl's GEMM: "native"; at
+FusedCPULoop runs a sequence as one native call (targets/c/emit_loop.py, on celldsl's GEMM: "native"; at
 N <= 4 this is the small-batch path, matrix-vector products and the pointwise step in the same C
 loop) or as a Python loop over the steps with a torch GEMM per step product ("mm", "onednn",
-"onednn_packed"; runtime/cpu_gemm.py chooses by measurement, these tests force each one). Against
+"onednn_packed"; targets/c/gemm.py chooses by measurement, these tests force each one). Against
 the generated torch code (TorchLoop, the executable meaning of a cell), in float64 to 1e-12:
 
 - loop level: outputs, final states and every gradient, padded and packed sequences, batch 1 and 3

@@ -1,4 +1,4 @@
-"""runtime/cuda_graph.py's argument flattening (the part that runs without a GPU), and that the loop it
+"""targets/triton/cuda_graph.py's argument flattening (the part that runs without a GPU), and that the loop it
 wraps runs unchanged on CPU tensors (the Triton interpreter tests drive the same wrapper)."""
 
 import torch

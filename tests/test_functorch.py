@@ -1,4 +1,4 @@
-"""torch.func and higher derivatives through celldsl's layers (runtime/batching.py, runtime/autograd.py).
+"""torch.func and higher derivatives through celldsl's layers (ops/batching.py, ops/autograd.py).
 
 - vmap of a layer equals a Python loop over the vmapped dim: padded and packed input, batched
   states only, batched parameters (an ensemble).

@@ -1,4 +1,4 @@
-"""glibc's thresholds raised once when the CPU kernels are first built (runtime/memory.py).
+"""glibc's thresholds raised once when the CPU kernels are first built (targets/c/memory.py).
 
 Each case runs in a fresh interpreter: the setting is per process and once.
 - building a cell's CPU loop sets them ("kept"), and after that a forward+backward of indrnn
@@ -65,7 +65,7 @@ def test_a_cpu_layer_keeps_freed_memory_and_stops_faulting():
                                        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"},
                                         "off: the environment sets GLIBC_TUNABLES")])
 def test_the_user_can_keep_glibcs_own_settings(env, why):
-    code = ("import json; from celldsl.runtime import memory; "
+    code = ("import json; from celldsl.targets.c import memory; "
             "print(json.dumps({'first': memory.keep_freed_memory(), 'again': memory.keep_freed_memory()}))")
     assert run_python(code, **env) == {"first": why, "again": why}
 

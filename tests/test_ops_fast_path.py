@@ -1,4 +1,4 @@
-"""The layers' fast path past the dispatcher (runtime/ops.py `call`, `plain_eager`).
+"""The layers' fast path past the dispatcher (ops/op.py `call`, `plain_eager`).
 
 - in plain eager mode the layers run the ops' implementations directly, forward and backward;
 - whatever could see the op (a dispatch mode, a function mode, torch.func, autocast, the profiler, a

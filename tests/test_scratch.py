@@ -1,4 +1,4 @@
-"""The scratch buffers the CPU backward reuses from call to call (runtime/scratch.py).
+"""The scratch buffers the CPU backward reuses from call to call (targets/c/scratch.py).
 
 - a backward whose scratch holds NaN from "earlier calls" computes exactly what a backward on fresh
   buffers computes: every element it reads it wrote first (native and Python loops, padded and packed

@@ -100,7 +100,7 @@ def test_windows_line_endings_parse():
 
 
 def test_exponent_binds_tighter_than_at_and_takes_a_sign():
-    from celldsl import ast
+    from celldsl.lang import ast
 
     module = parse(HDR + "h' = h ^ -2 * W @ x\n")
     expr = module.updates[0][1]

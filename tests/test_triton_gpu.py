@@ -114,7 +114,7 @@ def test_compiled_kernels_not_interpreted():
     assert isinstance(load_triton_module(layer.compiled).module().stage1_forward_kernel, JITFunction)
 
 
-# ---- CUDA graphs (runtime/cuda_graph.py) ------------------------------------------------------------
+# ---- CUDA graphs (targets/triton/cuda_graph.py) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

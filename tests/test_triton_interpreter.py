@@ -2,9 +2,9 @@
 standard cells against torch.nn, gradcheck in float64, every function spelling at extreme inputs.
 
 TRITON_INTERPRET=1 is set per test (the `interpret` fixture), not for the session: the generated
-modules are imported once per mode at call time (runtime/triton_module.py), so these tests need no
+modules are imported once per mode at call time (targets/triton/module.py), so these tests need no
 subprocess, and other test files still see the variable unset (backend="triton" on CPU is an error
-there). The torch backend (runtime/torch_loop.py + emit/torch_source.py) is the reference; it is
+there). The torch backend (targets/loop.py + targets/torch/emit.py) is the reference; it is
 itself checked against the hand-written references in tests/test_references.py.
 """
 

@@ -1,5 +1,5 @@
 """The Triton schedules (persistent, fused_step, time_loop, scan) on Triton's CPU interpreter, against
-the torch backend's loop (runtime/torch_loop.py, itself checked against hand-written references).
+the torch backend's loop (targets/loop.py, itself checked against hand-written references).
 
 What this proves: the schedules' tile math, indexing, masks and padding (H = 5, 16, 17, 33 against
 tiles of 16; batch rows against tiles of 16), the phase order of a step and of its backward, packed

@@ -210,7 +210,7 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
 
 def schedule_jobs(plan, dtype, sizes: dict[str, int]) -> list[tuple]:
     """(schedule, kernel, signature, constexprs, num_warps, note) for every schedule kernel of a plan,
-    with the configuration each schedule picks at `sizes` on an sm_90 device (runtime/triton_schedules)."""
+    with the configuration each schedule picks at `sizes` on an sm_90 device (targets/triton/schedules.py)."""
     import triton.language as tl
 
     from ..targets.triton.applies import declines

@@ -96,7 +96,7 @@ class Product:
     rows: str = "H"  # the product's width
     cols: str = "H"  # the operand's width
     terms: tuple[MatrixTerm, ...] | None = None
-    heads: int | None = None  # a block-diagonal matrix of this many blocks (runtime/gemm.py)
+    heads: int | None = None  # a block-diagonal matrix of this many blocks (targets/gemm.py)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Drop-in torch layers: `Recurrent(cell, ...)` for any cell file; LSTM/GRU/RNN (torch.nn's own
-classes running the zoo's cells, celldsl/torch_layers.py) and the one-step Cell classes
-(celldsl/cells.py) are importable from here too.
+classes running the zoo's cells, celldsl/nn/torch_layers.py) and the one-step Cell classes
+(celldsl/nn/cells.py) are importable from here too.
 
 Parameters are stored the way the cell file groups them (`param weight_ih = [W_ii, ...]` is one tensor
 `weight_ih_l0`), so torch.nn state_dicts load unchanged; `cell_parameter("b_f")` returns a view.
@@ -44,7 +44,7 @@ class Recurrent(RecurrentStack, nn.Module):
         schedule: None (the backend's default), or a Triton schedule forced for the "triton" backend:
             "graphed", "persistent", "fused_step", "time_loop", "scan", or "auto" (the compiler's choice
             by the plan and sizes); ValueError when it does not apply to the cell. The schedules other
-            than graphed are opt-in until their gpu tests pass on hardware (runtime/triton_schedules.py;
+            than graphed are opt-in until their gpu tests pass on hardware (targets/triton/schedules.py;
             `celldsl explain FILE --sizes N=16,H=768` shows the choice and why).
 
     forward(input, state=None, **extra) -> (output, final_state):

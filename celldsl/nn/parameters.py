@@ -90,7 +90,7 @@ def op_params(cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[
     """The op's flat parameter list (concatenated hoisted and step GEMM weights, vectors, scalars:
     TorchLoop's argument order) from the stored tensors by store name. A combination of matrices
     (`(W - Wᵀ - gamma * eye) @ h`) is built here from its parts, so autograd takes the weight's
-    gradient through it; blocks with heads stack to [G, NH, d, d] (runtime/gemm.py)."""
+    gradient through it; blocks with heads stack to [G, NH, d, d] (targets/gemm.py)."""
     members = {m: (store, tensors[store.name]) for store in stores_of(cell) for m in store.members}
     products = {p.symbol: p for p in cell.ir.products.values()}
 

@@ -1,7 +1,7 @@
 """The forward of a stack of recurrent layers over one compiled cell, shared by Recurrent (any cell)
 and LSTM/GRU/RNN (torch.nn's own classes): input forms, torch.nn's checks with torch.nn's wording,
 initial states, directions and dropout between layers. Each layer and direction is one call of the
-registered op (runtime/ops.py), so torch.compile, DDP and torch.func see an ordinary op.
+registered op (ops/op.py), so torch.compile, DDP and torch.func see an ordinary op.
 """
 
 from __future__ import annotations

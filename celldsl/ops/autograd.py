@@ -9,7 +9,7 @@ to any order. The fused loops' saved tensors are not functions autograd can see,
 
 `CellSequence` is the autograd.Function the layers call. Custom ops' own autograd registration
 does not support torch.func transforms (torch 2.13 asks for a `setup_context`-style Function), so
-the Function wraps the op; vmap reaches the op's batching rules (runtime/batching.py) through
+the Function wraps the op; vmap reaches the op's batching rules (ops/batching.py) through
 `generate_vmap_rule`.
 """
 

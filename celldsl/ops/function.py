@@ -1,4 +1,4 @@
-"""Glue between the registered ops (runtime/ops.py) and a cell's time loop (runtime/torch_loop.py).
+"""Glue between the registered ops (ops/op.py) and a cell's time loop (targets/loop.py).
 
 The ops' schemas carry only tensors, ints and strings, so a cell travels as its cache key: `register`
 records the compiled cell under that key and `loop_for(key, backend)` finds its loop again.

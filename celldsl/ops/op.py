@@ -15,8 +15,8 @@ the loop's intermediates for the backward (TorchLoop.saved_shapes); users never 
 batch (N = 0) or zero-width states (H = 0, as torch's cells allow) run nothing: empty results, zero
 gradients.
 
-Autograd: runtime/autograd.py (first order fused, higher orders through the generated torch code);
-vmap: runtime/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
+Autograd: ops/autograd.py (first order fused, higher orders through the generated torch code);
+vmap: ops/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
 torch.func transforms work too.
 
 `call` runs an op's implementation without the dispatcher when nothing but autograd could see the

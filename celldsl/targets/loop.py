@@ -117,7 +117,7 @@ def input_columns(plan: Plan, width: int, sizes: dict[str, int], hoisted_w) -> d
 
 class TorchLoop:
     """Runs one compiled cell forward and backward over a whole sequence with a module of pointwise
-    functions (emit/torch_source.py; the Triton backend passes a module of kernels with the same
+    functions (targets/torch/emit.py; the Triton backend passes a module of kernels with the same
     signatures: `<name>_forward(*args) -> tuple`, `<name>_backward(*args, *grads) -> tuple` with
     None for a zero gradient, one pair per Pointwise of the plan)."""
 

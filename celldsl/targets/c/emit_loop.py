@@ -1,8 +1,8 @@
 """Plan -> C: the whole time loop of a layer and direction as one native call, forward and backward.
 
-The loop is the Python loop of runtime/cpu_fused.py (and runtime/torch_loop.py) written in C: per
-step, per stage, the stage's GEMMs (emit/c_gemm.py, on weights packed once per call) and then its
-pointwise kernel (emit/c_source.py). What the Python loop does with torch calls and one ctypes call
+The loop is the Python loop of targets/c/fused.py (and targets/loop.py) written in C: per
+step, per stage, the stage's GEMMs (targets/c/emit_gemm.py, on weights packed once per call) and then its
+pointwise kernel (targets/c/emit.py). What the Python loop does with torch calls and one ctypes call
 per stage and step happens here without leaving C, so a step costs its arithmetic only: that is what
 matters at small batch (N = 1: a step is a few microseconds of work) and for cells without a state
 GEMM (IndRNN, SRU, minGRU, minLSTM: a step is [N, H] elementwise work).
@@ -23,7 +23,7 @@ Shared by every cell (per element type):
     cd_step_gemm  the forward GEMM of one step: output (=, +=, = bias +) operand @ W.T
     cd_back_gemm  the backward GEMM of one step: d operand (= or +=) d product @ W
 
-The GEMM itself is cd_tiles_T of the GEMM library (emit/c_gemm.py), passed in cd_loop.
+The GEMM itself is cd_tiles_T of the GEMM library (targets/c/emit_gemm.py), passed in cd_loop.
 
 and per cell cd_forward_f32 / cd_backward_f32 (and _f64), which list its stages in order.
 """
@@ -37,7 +37,7 @@ from ...plan import Plan
 from .emit_gemm import C_TYPES
 
 TYPES = """
-/* ---- the native time loop (emit/c_loop.py) ---- */
+/* ---- the native time loop (targets/c/emit_loop.py) ---- */
 typedef struct {
     int64_t T, N, H, nt;
     const int64_t *steps, *offsets;  /* b_t, and the first row of step t */
@@ -48,7 +48,7 @@ typedef struct {
     const int64_t *untouched;        /* backward: per state, 1 when nothing writes its gradient */
     int64_t n_states, out_state;     /* backward: the state that is the output (-1: none) */
     const void *g_out;               /* backward: [rows, H] d loss / d out, or NULL */
-    const void *tiles;               /* cd_tiles_T of the GEMM library (emit/c_gemm.py) */
+    const void *tiles;               /* cd_tiles_T of the GEMM library (targets/c/emit_gemm.py) */
     int64_t width;                   /* its panel width NR */
 } cd_loop;
 
@@ -213,7 +213,7 @@ def native_blocker(plan: Plan) -> str:
     """Why this loop cannot run the plan ("" when it can). It splits the H columns of every value over
     the threads, so every per-step value must be H wide, and no kernel may need a whole row: cells
     with other widths, one value per row, means or sums over a row, or heads run the Python loop of
-    runtime/cpu_fused.py (or torch's), which handles them."""
+    targets/c/fused.py (or torch's), which handles them."""
     for pw in plan.pointwise:
         if pw.width != "H":
             return f"{pw.name} computes values of width {pw.width} (the native loop has H-wide values only)"

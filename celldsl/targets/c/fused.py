@@ -1,4 +1,4 @@
-"""The CPU time loop with each stage's pointwise step one compiled C call (emit/c_source.py).
+"""The CPU time loop with each stage's pointwise step one compiled C call (targets/c/emit.py).
 
 The generated torch module spends most of a small step in per-operation overhead (an LSTM step is
 ~25 torch calls forward and ~40 backward, each a few microseconds over [N, H]). Here a step is its
@@ -97,7 +97,7 @@ def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | N
 
 
 def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
-    """The native GEMM (emit/c_gemm.py), one library for every cell: (library, "") or (None, why)."""
+    """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why)."""
     root = cache_root or cache.root()
     key = (str(root), compiler())
     if key not in _gemm_libraries:
@@ -183,7 +183,7 @@ def cpu_loop(cell) -> TorchLoop:
                           "code instead (slower)", RuntimeWarning, stacklevel=2)
         return cell.torch_loop
     gemm_lib, _why = build_gemm_library()  # without it the native loop is off: the Python loop runs
-    memory.keep_freed_memory()  # a call's buffers then stay mapped for the next (runtime/memory.py)
+    memory.keep_freed_memory()  # a call's buffers then stay mapped for the next (targets/c/memory.py)
     return FusedCPULoop(cell.plan, cell.torch_module, lib, gemm_lib)
 
 
@@ -278,9 +278,9 @@ class _CallPlan:
 
 class FusedCPULoop(TorchLoop):
     """TorchLoop's forward and backward with compiled kernels, padded or packed sequences: same
-    arguments and results. Each sequence runs either as one native call (emit/c_loop.py: the GEMMs
+    arguments and results. Each sequence runs either as one native call (targets/c/emit_loop.py: the GEMMs
     and the pointwise kernels of every step in C) or as a Python loop over the steps with a torch
-    GEMM (torch.mm or oneDNN) and one C call per pointwise function; runtime/cpu_gemm.py chooses by
+    GEMM (torch.mm or oneDNN) and one C call per pointwise function; targets/c/gemm.py chooses by
     measuring the step products at this shape. Both keep the same intermediates, so either backward
     takes either forward. The native loop needs every per-step value H wide and no reduction over a
     row (`native_blocker`, kept in `self.native_blocker`); other cells always run the Python loop,
@@ -294,7 +294,7 @@ class FusedCPULoop(TorchLoop):
 
     def __init__(self, plan: Plan, module, lib, gemm_lib=None):
         super().__init__(plan, module)
-        self.lib = gemm_lib  # the native GEMM (emit/c_gemm.py); None: torch GEMMs only
+        self.lib = gemm_lib  # the native GEMM (targets/c/emit_gemm.py); None: torch GEMMs only
         self.gemm: str | None = None  # a backend forced for this loop (benchmarks, tests): cpu_gemm.choose
         self.cell_lib = lib
         self.native_blocker = native_blocker(plan)  # why the native loop cannot run this cell, or ""

@@ -1,7 +1,7 @@
 """Which GEMM runs each product of the CPU loops, chosen per shape by measurement and cached on disk.
 
 The fastest GEMM depends on the machine: on this project's AMD EPYC (AVX2) celldsl's own kernel
-(emit/c_gemm.py) beats MKL (torch.mm) and oneDNN on the per-step shapes; on an Intel CPU MKL takes
+(targets/c/emit_gemm.py) beats MKL (torch.mm) and oneDNN on the per-step shapes; on an Intel CPU MKL takes
 its AVX-512 path and may win. So, as cuDNN's "find" does, the first use of a product at a (kind,
 shape, dtype, threads) times every backend available for it a few times and keeps the fastest, in
 $CELLDSL_CACHE/cpu_gemm.json (JSON, never pickle; a missing, corrupt or foreign file is measured
@@ -21,7 +21,7 @@ AVX-512 (Zen 5) it reached 158-196 GFLOP/s where MKL's transposed-A GEMM takes i
 81-97 (bench/cpu_gemm.py, docs/results/cpu/bench_gemm_1thread.md).
 
 Backends: "native" (celldsl's kernel; for the step kinds it means the whole time loop runs in C,
-runtime/cpu_native.py), "mm" (torch.mm/addmm: MKL or OpenBLAS), "onednn" (torch.ops.mkldnn's
+targets/c/native.py), "mm" (torch.mm/addmm: MKL or OpenBLAS), "onednn" (torch.ops.mkldnn's
 _linear_pointwise on the plain weight) and "onednn_packed" (the weight reordered once per call by
 _reorder_linear_weight). The oneDNN ops are torch internals: they are used only when
 torch.backends.mkldnn.is_available(), for float32, when their schema is the one this code was
@@ -148,7 +148,7 @@ def candidates(kind: str, dtype: torch.dtype, native: bool) -> list[str]:
 # ---- the products, per backend --------------------------------------------------------------------------
 
 class NativeGemm:
-    """The native kernel of a built cell library (emit/c_gemm.py) for one dtype."""
+    """The native kernel of a built cell library (targets/c/emit_gemm.py) for one dtype."""
 
     def __init__(self, lib, dtype: torch.dtype):
         dt = DTYPES[dtype]
@@ -464,7 +464,7 @@ def _matmul_with(backend: str, d, w, lib):
 
 def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lib, backend: str):
     """a [rows, k] @ w[n, k].T (+ bias) as a new tensor (the hoisted projection), with `backend`: the
-    one chosen for its site, `choose(site("hoisted", ...))` (runtime/cpu_fused.py's call plan)."""
+    one chosen for its site, `choose(site("hoisted", ...))` (targets/c/fused.py's call plan)."""
     return _linear_with(backend, a.contiguous(), w, bias, lib)
 
 
@@ -522,5 +522,5 @@ def reset() -> None:
 
 def generation() -> int:
     """A number that changes whenever a choice may change (a measurement, `reset`): callers that keep
-    a choice (runtime/cpu_fused.py's call plans) key it on this."""
+    a choice (targets/c/fused.py's call plans) key it on this."""
     return _generation

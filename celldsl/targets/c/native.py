@@ -1,6 +1,6 @@
-"""Calls the native time loop of a cell (emit/c_loop.py): the structures it reads, built with ctypes.
+"""Calls the native time loop of a cell (targets/c/emit_loop.py): the structures it reads, built with ctypes.
 
-FusedCPULoop (runtime/cpu_fused.py) allocates the buffers and binds every kernel argument to its
+FusedCPULoop (targets/c/fused.py) allocates the buffers and binds every kernel argument to its
 rows exactly as for its Python loop; this module packs the step weights for the native GEMM (once
 per call: the weights may change between calls, in place, without torch telling) and hands the whole
 sequence to cd_forward_T / cd_backward_T in one call. Layouts mirror the C structs field by field
@@ -51,7 +51,7 @@ class NativeLoop:
     """The native forward and backward entry points of one built library, for one dtype."""
 
     def __init__(self, lib, gemm_lib, dtype: torch.dtype):
-        """lib: the cell's library (emit/c_source.py); gemm_lib: the GEMM's (emit/c_gemm.py)."""
+        """lib: the cell's library (targets/c/emit.py); gemm_lib: the GEMM's (targets/c/emit_gemm.py)."""
         dt = DTYPES[dtype]
         self.gemm = native_gemm(gemm_lib, dtype)
         self.tiles = ctypes.cast(getattr(gemm_lib, f"cd_tiles_{dt}"), PTR).value

@@ -1,7 +1,7 @@
 """Plan -> a Python module of torch functions: each stage's pointwise forward and derived backward.
 
 The module is the executable meaning of the cell: plain torch, one line per CSE temporary. The time
-loop that calls it lives in runtime/torch_loop.py and is the same for every cell.
+loop that calls it lives in targets/loop.py and is the same for every cell.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `declines(plan)` (applies.py) says which schedules apply (and why the others do not), `configure` the launch a
 schedule makes at given sizes on a device (tiling, weights per program, barriers, or why it does not
 fit), `choose` the compiler's pick. `celldsl explain FILE --sizes N=16,H=768` prints all three;
-runtime/triton_schedules.py runs them. The schedules themselves are described there.
+targets/triton/schedules.py runs them. The schedules themselves are described there.
 """
 
 from __future__ import annotations

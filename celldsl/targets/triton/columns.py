@@ -1,4 +1,4 @@
-"""The time_loop and scan schedules (emit/triton_columns.py) with the torch loop's interface.
+"""The time_loop and scan schedules (targets/triton/emit_columns.py) with the torch loop's interface.
 
 The hoisted GEMMs stay torch GEMMs over all steps; the time loop is one Triton launch per sequence
 and direction (forward) and one more for the backward. The scan's backward is its reverse scan of the

@@ -402,7 +402,7 @@ def scan_backward(L: ScanLayout) -> str:
 
 
 def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, interpret: bool):
-    """The launch of the time_loop or scan schedule at these sizes (runtime/triton_schedules.Config)."""
+    """The launch of the time_loop or scan schedule at these sizes (tiles.Config)."""
     columns = N * H
     size = element_bytes(dtype)
     if schedule == "time_loop":

@@ -13,7 +13,7 @@ after a barrier; the weight gradients are large GEMMs on the host afterwards, ne
 registers across steps.
 
 `DenseLayout(plan)` decides whether the schedules apply (`DenseLayout.decline(plan)` says why not)
-and fixes the kernels' argument lists (`Arg`), which the runtime (runtime/triton_schedules.py) fills
+and fixes the kernels' argument lists (`Arg`), which the runtime (targets/triton/schedules.py) fills
 in the same order. User names reach the source only through `identifier`, in a scope seeded with
 every fixed name the kernels use (DENSE_LOCALS).
 """

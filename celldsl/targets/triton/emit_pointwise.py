@@ -4,10 +4,10 @@ For every Pointwise of the plan the module holds a `@triton.jit` step function (
 values, so a persistent kernel can inline it unchanged), one kernel for the forward and one for the
 derived backward, and host wrappers `stage{k}_forward(*inputs)` / `stage{k}_backward(*inputs,
 *grad_outputs)` (and `hoist_forward` / `hoist_backward`) that take and return exactly what the torch
-module's functions do (emit/torch_source.py), so runtime/torch_loop.py runs either unchanged.
+module's functions do (targets/torch/emit.py), so targets/loop.py runs either unchanged.
 
 Math is fp32 (fp64 when the storage is fp64, so gradcheck works), whatever the storage dtype. The
-activations and host helpers live once in runtime/triton_helpers.py, which every file imports as `lib`.
+activations and host helpers live once in targets/triton/helpers.py, which every file imports as `lib`.
 """
 
 from __future__ import annotations

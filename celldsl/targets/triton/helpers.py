@@ -2,7 +2,7 @@
 
 Generated files (kernels/<cell>.py and the cache's copies) do not repeat these; each reaches them as
 `lib`, this file imported in the generated file's own mode (`shared_helpers()` in
-runtime/triton_module.py): interpreted while TRITON_INTERPRET=1, compiled otherwise, because
+targets/triton/module.py): interpreted while TRITON_INTERPRET=1, compiled otherwise, because
 `@triton.jit` decides which when a file is imported and a kernel may only call helpers of its mode.
 
 Core `tl` has no tanh (and the interpreter has no libdevice), so the activations are written from

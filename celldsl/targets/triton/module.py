@@ -52,7 +52,7 @@ def module_path(compiled, source: str | None = None) -> Path:
 
 
 def shared_helpers():
-    """runtime/triton_helpers.py (activations, launch helpers) in the mode of TRITON_INTERPRET now: a
+    """targets/triton/helpers.py (activations, launch helpers) in the mode of TRITON_INTERPRET now: a
     generated file calls this when it is imported, so its kernels call helpers of their own mode."""
     return import_module(HELPERS, "shared-helpers", interpreting())
 

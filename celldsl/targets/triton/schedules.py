@@ -1,7 +1,7 @@
 """The Triton schedules: how a cell's time loop runs on the GPU, chosen from the plan and the sizes.
 
     graphed      every cell: per step a cuBLAS GEMM and a fused pointwise kernel per stage, the whole
-                 loop replayed from a CUDA graph (runtime/cuda_graph.py); today's CUDA default
+                 loop replayed from a CUDA graph (targets/triton/cuda_graph.py); today's CUDA default
     persistent   dense recurrences: one launch per sequence and direction; each program keeps its
                  slice of the step weights on chip and loops over T, a grid barrier per GEMM stage
     fused_step   dense recurrences: one launch per GEMM stage and step, the recurrent GEMM (tl.dot,
@@ -10,7 +10,7 @@
                  block of (batch, hidden) columns and loops over T with the states in registers
     scan         recurrences linear in the state (s' = a * s + b): a chunked parallel scan over T
 
-Every schedule has the torch loop's interface (forward/backward/saved_shapes of runtime/torch_loop.py,
+Every schedule has the torch loop's interface (forward/backward/saved_shapes of targets/loop.py,
 the same saved tensors), so the registered ops run any of them. `choose` names the schedule the
 compiler picks for a plan and sizes; a schedule other than graphed becomes the CUDA default only once
 its `gpu` tests have passed on hardware (VERIFIED_ON_HARDWARE, with the log under docs/results/gpu/).
