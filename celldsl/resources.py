@@ -1,9 +1,8 @@
 """Where celldsl's data lives: the zoo's cells, the grammar, the zoo's generated Triton kernels.
 
 A source checkout keeps them at the top level (cells/, grammars/, kernels/); an installed wheel
-carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/ (not
-celldsl/cells/: that name is the module celldsl/nn/cells.py), grammars/ at celldsl/grammars/, kernels/
-at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
+carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/,
+grammars/ at celldsl/grammars/, kernels/ at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
 folders.
 """
 

@@ -239,7 +239,7 @@ def test_gradcheck_through_each_loop(stem, backend):
 # ---- the whole zoo on both loops ----------------------------------------------------------------
 
 # the cells the native loop cannot express run the Python loop (or, with heads, TorchLoop's plain
-# loop), each with its reason (emit/c_loop.native_blocker)
+# loop), each with its reason (targets/c/emit_loop.native_blocker)
 NOT_NATIVE = {"ln_gru": "mean or sum over a row", "ln_lstm": "mean or sum over a row",
               "lstm_proj": "width P", "phased_lstm": "one value per row", "slstm_heads": "heads"}
 ZOO_LAYERS = {"lstm_proj": (6, {"sizes": {"P": 3}}), "slstm_heads": (8, {})}  # stem -> (H, layer args)

@@ -97,7 +97,7 @@ def assert_same(results, atol, rtol, normwise=False):
                                        msg=lambda m, w=what, i=i: f"{w}[{i}]: {m}")
 
 
-# What the schedules' tiles cannot hold (emit/triton_dense.tile_decline), by zoo cell: each is refused
+# What the schedules' tiles cannot hold (targets/triton/applies.tile_decline), by zoo cell: each is refused
 # with its reason, and runs on the graphed path (tests/test_language2.py checks it there).
 REFUSED = {
     "ln_gru": "takes a mean or sum over a row",

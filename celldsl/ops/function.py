@@ -26,7 +26,7 @@ def cell_for(key: str):
         if cell is None:
             raise ValueError(
                 f"no compiled cell with key {key!r} in this process; build the layer (or call "
-                "celldsl.runtime.function.register(compile_cell(...))) before running it"
+                "celldsl.ops.function.register(compile_cell(...))) before running it"
             )
         register(cell)
     return cell

@@ -19,7 +19,7 @@ the width of the kernel's Pointwise (one kernel per stage and output width). A k
 sums over a row (`_reduction_passes`) or a row-scalar gradient needs whole rows: NAME splits its
 rows, not its columns, over the threads (`_split_rows`: threads past the first sum their vector
 gradients into private columns, added at the end), and the native loop, which splits the columns
-over threads, never runs it (runtime/cpu_fused.native_blocker). Around it:
+over threads, never runs it (emit_loop.native_blocker). Around it:
 
 - NAME_f32(n, H, p, ld, nt): every row and column, split over `nt` OpenMP threads (built with OpenMP);
 - NAME_f32_at(r, q, n, H, args, nt): the same, with the pointers of a step computed from its rows

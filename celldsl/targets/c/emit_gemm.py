@@ -30,7 +30,7 @@ Entry points, for T in float (_f32) and double (_f64):
     cd_tiles_T(M, K, a, lda, panel, c, ldc, ncols, init, bias)
         rows 0..M of one panel: what the native loop of a cell (targets/c/emit_loop.py) calls per step
 
-It is its own library, built once per machine (runtime/cpu_fused.build_gemm_library), not part of
+It is its own library, built once per machine (fused.build_gemm_library), not part of
 every cell's: it is the slowest part to compile.
 """
 

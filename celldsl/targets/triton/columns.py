@@ -203,7 +203,7 @@ class ColumnLoop(TorchLoop):
 
 
 def _args(args, values: dict) -> list:
-    """The kernel's arguments in its parameter order (emit/triton_dense.Arg: kind and key)."""
+    """The kernel's arguments in its parameter order (emit_dense.Arg: kind and key)."""
     return [values[(a.kind, a.key)] for a in args]
 
 
