@@ -146,8 +146,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         labs_cli.register(sub)
     from . import triton_cli
+    from .export import cli as export_cli
 
     triton_cli.register(sub)
+    export_cli.register(sub)
     return parser
 
 

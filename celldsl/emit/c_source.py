@@ -382,6 +382,11 @@ static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
 """
 
 
+def helper_functions(dtype: str) -> str:
+    """The static helpers the kernels call, for sources built outside this module (celldsl/export/)."""
+    return _helpers(dtype)
+
+
 def _simd_declarations() -> str:
     """Declare libm's functions as having SIMD variants (glibc's libmvec) so that gcc vectorises the
     row loops with them; compiled only with -DCELLDSL_LIBMVEC (see runtime/cpu_fused.py)."""
