@@ -20,7 +20,7 @@ from .arguments import (
 )
 from .compiler import compile_cell
 from .errors import CellTensorError
-from .parameters import initialize, member, op_params, stores_of
+from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .runtime.function import register
 from .runtime.ops import run
 from .stack import resolve_backend, zoo_cell
@@ -31,12 +31,10 @@ class _Step:
     parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
 
     def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        tensors = {}
+        tensors, sizes = {}, self._sizes()
         for store in stores_of(self.compiled):
             tensor = getattr(self, store.name, None)
-            if tensor is None:
-                tensor = like.new_zeros(store.shape(self._sizes()))
-            tensors[store.name] = tensor
+            tensors[store.name] = checked_shape(store.name, tensor, store.shape(sizes), like)
         return tensors
 
     def _sizes(self) -> dict[str, int]:
@@ -70,7 +68,7 @@ class _Step:
         states = [s.contiguous() for s in states]
         states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
-        params = op_params(self.compiled, self._stored(like=x), sizes)
+        params = op_params(self.compiled, self._stored(like=x), sizes, like=x)
         out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
         out = out[0]
         if unbatched:

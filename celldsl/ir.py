@@ -970,6 +970,7 @@ class _Builder:
             if size not in BROADCAST:
                 self.widths.unify(self.width_of[carried], size, self.defs[target][0].loc)
             new_states[carried] = value
+        self._settle_unused()
         widths = self._resolve_widths()
         self.attempt(self._check_groups)
         ir_params = dict(self.params)
@@ -1037,6 +1038,22 @@ class _Builder:
         widths = {n: resolve(w) for n, w in self.width_of.items()}
         widths.update({n: p.rows for n, p in self.params.items() if p.kind == "vector"})
         return widths
+
+    def _settle_unused(self) -> None:
+        """A parameter no equation reads (a warning) still gets a shape, so that a layer stores it (its
+        gradient is zero): its group's shape, else its declared kind (a vector if undeclared) of width
+        H, as a parameter read only by an unused equation gets."""
+        for p in self.params.values():
+            if p.used:
+                continue
+            mates = [self.params[m] for m in self.groups.get(p.group, []) if self.params[m].used]
+            if mates:
+                q = mates[0]
+                p.kind, p.rows, p.operand_size, p.heads = q.kind, q.rows, q.operand_size, q.heads
+            else:
+                p.kind = p.declared_kind or "vector"
+                p.rows = None if p.kind == "scalar" else H
+                p.operand_size = H if p.kind == "matrix" else None
 
     def _constraints(self) -> dict[tuple[str, str], Loc]:
         return {pair: loc for pair, loc in self.widths.constraints.items() if pair[0] != pair[1]}

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .compiler import CompiledCell, compile_cell
 from .errors import CellTensorError
-from .parameters import member, op_params, stores_of
+from .parameters import checked_shape, member, op_params, stores_of
 from .resources import ZOO
 from .runtime.function import register
 from .runtime.ops import run
@@ -100,15 +100,21 @@ class RecurrentStack:
                 ) -> dict[str, torch.Tensor]:
         """The stored tensors of one layer and direction by store name (zeros for one left out).
         getattr, not the parameter dict, so weight_norm, parametrizations and functional_call apply."""
-        tensors = {}
+        tensors, like, sizes = {}, self._like(like), self._sizes(layer)
         for store in stores_of(self.compiled):
-            tensor = getattr(self, self._param_name(store.name, layer, direction), None)
-            if tensor is None:
-                ref = like if like is not None else next(self.parameters())
-                shape = store.shape(self._sizes(layer))
-                tensor = ref.new_zeros(shape)
-            tensors[store.name] = tensor
+            name = self._param_name(store.name, layer, direction)
+            tensor = getattr(self, name, None)
+            tensors[store.name] = checked_shape(name, tensor, store.shape(sizes), like)
         return tensors
+
+    def _like(self, like: torch.Tensor | None) -> torch.Tensor:
+        """What gives dtype and device to the tensors the layer makes: the input, else the first
+        parameter, else (a cell without parameters, called with no input) the default dtype on CPU."""
+        if like is not None:
+            return like
+        for p in self.parameters():
+            return p
+        return torch.empty(0)
 
     def cell_parameter(self, name: str, layer: int = 0, direction: int = 0) -> torch.Tensor:
         """The parameter the cell file names (e.g. "b_f", "U_z"), as a view sharing storage.
@@ -127,7 +133,8 @@ class RecurrentStack:
 
     def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The op's flat parameter list for one layer and direction."""
-        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer))
+        like = self._like(like)
+        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer), like)
 
     # ---- forward -----------------------------------------------------------------------------
 
