@@ -20,7 +20,7 @@ import sympy as sp
 
 from ..plan import Plan, _cse
 from .printers import PYTHON_RESERVED, identifier
-from .triton_dense import Arg, _Code, _signature, parameter_pointers, tile_decline
+from .triton_dense import Arg, _Code, _signature, parameter_pointers, step_parameters, tile_decline
 from .triton_source import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, TritonPrinter, _Function, module_names
 
 ROLES = ("input", "state", "vector", "scalar", "hoisted")
@@ -42,11 +42,11 @@ class ColumnLayout:
     def decline(plan: Plan) -> str | None:
         if plan.gemms:
             return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
-        if [pw.stage for pw in plan.pointwise] != [0]:
-            return "the step is not one pointwise function of the previous states"
-        why = tile_decline(plan)
+        why = tile_decline(plan)  # first: its reasons (a `: 1` state, a width) say more than the next one
         if why:
             return why
+        if [pw.stage for pw in plan.pointwise] != [0]:
+            return "the step is not one pointwise function of the previous states"
         (pw,) = plan.pointwise
         for s in pw.inputs:
             if plan.roles.get(s) not in ROLES:
@@ -66,6 +66,7 @@ class ColumnLayout:
         self.scalars = [n for n, p in ir.params.items() if p.kind == "scalar"]
         self.hoisted_of = {p: (gi, j) for gi, g in enumerate(plan.hoisted) for j, p in enumerate(g.products)}
         self.elementwise_inputs = [n for n in ir.inputs if any(s.name == n for s in self.pw.inputs)]
+        self.step_vectors, self.step_scalars = step_parameters([self.pw], self.vectors, self.scalars)
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | COLUMN_LOCALS
         taken |= set(module_names(plan))
         taken |= {f"hoisted{i}_ptr" for i in range(len(plan.hoisted))}
