@@ -116,16 +116,32 @@ h' = tanh(W @ tanh(x) + U @ h + b)
 y = 2 * h'
 """
 
+# every function a cell file may call, in one step (the torch backend is the reference)
+KITCHEN = """cell kitchen
+input x
+state h
+output h
+param weight_ih = [W]
+param weight_hh = [U]
+param b, g
+param s : scalar
+a = W @ x + U @ h + b
+u = where(a < 0.5, tanh(a), sigmoid(a)) * clip(a, -1, 1) + abs(a)^1.5 * 0.1 + sqrt(softplus(a)) * 0.1
+v = logsigmoid(a) * 0.1 + mod(a, 0.7) + floor(a) * 0.01 + max(a, g) - min(a, 0) + (a >= 0) * s
+w = sum(a) * 0.01 + exp(-abs(a)) * log(1 + a*a) + (a <= 0.1) * relu(a) + 1 / (2 + a*a) + mean(a) ^ 2
+h' = u + v + w
+"""
+
 # lstm, gru; prev(x) (qrnn); an input of one value per step (phased_lstm's `t : 1`); a declared width
 # (lstm_proj); means over a row (ln_lstm); heads (slstm_heads); prev(...) states (greff_fgr); two GEMM
 # stages (mut1, which reads x elementwise: I = H); a hoisted pointwise stage and an output not a state.
 CELLS = [("lstm", 5, {}), ("gru", 5, {}), ("qrnn", 5, {}), ("phased_lstm", 5, {}),
          ("lstm_proj", 5, {"sizes": "P=3"}), ("ln_lstm", 5, {}), ("slstm_heads", 5, {}), ("greff_fgr", 5, {}),
-         ("mut1", 8, {}), (HOISTED, 5, {})]
+         ("mut1", 8, {}), (HOISTED, 5, {}), (KITCHEN, 5, {})]
 
 
 @needs_cc
-@pytest.mark.parametrize("name,I,extra", CELLS, ids=[c if len(c) < 20 else "hoisted" for c, _, _ in CELLS])
+@pytest.mark.parametrize("name,I,extra", CELLS, ids=[c if len(c) < 20 else c.split()[1] for c, _, _ in CELLS])
 def test_c_library_matches_torch_backend(tmp_path, name, I, extra):
     cell = load_cell(name, I, 8, seed=3, **extra)
     T, N = 6, 3
