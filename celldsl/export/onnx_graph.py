@@ -31,41 +31,71 @@ BUILT = ("softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_e
 
 
 class Graph:
-    """Nodes of one ONNX graph with fresh value names and cached constants."""
+    """Nodes of one ONNX graph (protobuf) with fresh value names and cached constants. The printer and
+    the builder see only `node`, `const`, `input`, `output` and `finish`: IRGraph (torch_onnx.py) is
+    the same interface over onnx_ir, for torch.onnx.export's translation of the layers' op."""
 
     def __init__(self, dtype: str, counter: list[int]):
         self.np_type = DTYPES[dtype]
         self.nodes = []
+        self.inputs, self.outputs = [], []
         self.counter = counter  # shared by the main graph and the body: names never meet
-        self.consts: dict[tuple, str] = {}
+        self.consts: dict[tuple, object] = {}
 
     def fresh(self) -> str:
         self.counter[0] += 1
         return f"v{self.counter[0]}"
 
-    def node(self, op: str, inputs: list[str], **attrs) -> str:
+    def node(self, op: str, inputs: list, outputs: int = 1, **attrs):
+        """The output of a new node (a list of them when outputs > 1)."""
         from onnx import helper
 
-        out = self.fresh()
-        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
-        return out
+        outs = [self.fresh() for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
+        return outs if outputs > 1 else outs[0]
 
-    def const(self, value, integer: bool = False) -> str:
+    def tensor(self, array: np.ndarray):
+        """A tensor attribute's value."""
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(array)
+
+    def const(self, value, integer: bool = False):
         """A constant: a float scalar of the graph's dtype, or (integer) an int64 vector."""
-        from onnx import helper, numpy_helper
-
         key = (integer, tuple(value) if integer else float(value))
         if key not in self.consts:
-            array = numpy_helper.from_array(np.array(value, dtype=np.int64 if integer else self.np_type))
-            out = self.fresh()
-            self.nodes.append(helper.make_node("Constant", [], [out], value=array))
-            self.consts[key] = out
+            array = np.array(value, dtype=np.int64 if integer else self.np_type)
+            self.consts[key] = self.node("Constant", [], value=self.tensor(array))
         return self.consts[key]
 
-    def columns(self, value: str, start: int, stop: int) -> str:
+    def columns(self, value, start: int, stop: int):
         """value[:, start:stop]."""
         return self.node("Slice", [value, self.const([start], True), self.const([stop], True),
                                    self.const([1], True)])
+
+    def input(self, shape: list, name: str | None = None):
+        from onnx import helper
+
+        name = name or self.fresh()
+        self.inputs.append(helper.make_tensor_value_info(name, self.elem(), shape))
+        return name
+
+    def output(self, value, shape: list, name: str | None = None) -> None:
+        from onnx import helper
+
+        if name is None:
+            name = self.node("Identity", [value])
+        self.outputs.append(helper.make_tensor_value_info(name, self.elem(), shape))
+
+    def elem(self) -> int:
+        from onnx import helper
+
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.np_type))
+
+    def finish(self, name: str, initializers=()):
+        from onnx import helper
+
+        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, initializer=list(initializers))
 
 
 class OnnxPrinter:
@@ -178,57 +208,46 @@ def _negated(e) -> bool:
     return isinstance(e, sp.Mul) and e.as_coeff_Mul()[0] == -1
 
 
-def _rows(w: torch.Tensor) -> int:
-    return w.shape[0] if w.dim() == 2 else w.shape[0] * w.shape[1] * w.shape[2]
+class StepBuilder:
+    """The Scan over a cell's steps, on a graph backend: `scan(main, x, states, weights)` adds the
+    prev(x) shifts and the Scan node to `main` and returns (final states, out)."""
 
+    def __init__(self, cell: ExportCell, dtype: str, graph_class=Graph, counter=None):
+        self.cell, self.dtype, self.graph_class = cell, dtype, graph_class
+        self.counter = counter if counter is not None else [0]
 
-class _Builder:
-    def __init__(self, cell: ExportCell, dtype: str):
-        self.cell, self.dtype = cell, dtype
-        self.np_type = DTYPES[dtype]
-        self.counter = [0]
-        self.initializers = []
-
-    def weight(self, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        name = f"w{len(self.initializers)}"
-        array = np.ascontiguousarray(array, dtype=self.np_type)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def gemm(self, g: Graph, v: str, w: torch.Tensor, name: str) -> str:
-        """v [N, K] @ W.T -> [N, rows]; heads: block-diagonal per head (runtime/gemm.py)."""
+    @staticmethod
+    def gemm(g, v, w: torch.Tensor, weight):
+        """v [N, K] @ W.T -> [N, rows] with `weight` as `gemm_layout` lays it out; heads: block-diagonal
+        per head (runtime/gemm.py)."""
         if w.dim() == 2:
-            return g.node("MatMul", [v, name])
+            return g.node("MatMul", [v, weight])
         G, NH, dh, _ = w.shape
         heads = g.node("Transpose", [g.node("Reshape", [v, g.const([0, NH, dh], True)])], perm=[1, 0, 2])
-        prod = g.node("MatMul", [heads, name])  # [NH, N, G dh]
+        prod = g.node("MatMul", [heads, weight])  # [NH, N, G dh]
         prod = g.node("Reshape", [prod, g.const([NH, -1, G, dh], True)])
         prod = g.node("Transpose", [prod], perm=[1, 2, 0, 3])  # [N, G, NH, dh]
         return g.node("Reshape", [prod, g.const([0, G * NH * dh], True)])
 
-    def gemm_weight(self, w: torch.Tensor) -> str:
+    @staticmethod
+    def gemm_layout(g, w: torch.Tensor, value):
+        """A GEMM weight as the op holds it -> the layout `gemm` multiplies by: W.T [K, rows]; with heads
+        [NH, dh, G dh], W'[h, d, g dh + e] = W[g, h, e, d]."""
         if w.dim() == 2:
-            return self.weight(w.t().numpy())
-        G, NH, dh, _ = w.shape  # W'[h, d, g dh + e] = W[g, h, e, d]
-        return self.weight(w.permute(1, 3, 0, 2).reshape(NH, dh, G * dh).numpy())
+            return g.node("Transpose", [value], perm=[1, 0])
+        G, NH, dh, _ = w.shape
+        return g.node("Reshape", [g.node("Transpose", [value], perm=[1, 3, 0, 2]),
+                                  g.const([NH, dh, G * dh], True)])
 
-    def body(self):
-        """The Scan body: (graph, the names of its state inputs, its scan inputs)."""
-        from onnx import helper
-
+    def body(self, weights: list):
+        """The Scan body reading `weights` (the op's flat list, GEMM weights in `gemm_layout`) from the
+        outer scope: (graph, number of prev(x) scan inputs)."""
         cell, plan, ir, sizes = self.cell, self.cell.plan, self.cell.ir, self.cell.sizes
-        g = Graph(self.dtype, self.counter)
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.np_type))
-        states = [g.fresh() for _ in ir.states]
-        x_t = g.fresh()
-        shifts = {name: g.fresh() for name in ir.shifted}
-        inputs = [helper.make_tensor_value_info(s, elem, ["N", w]) for s, w in
-                  zip(states, cell.state_widths(), strict=True)]
-        inputs.append(helper.make_tensor_value_info(x_t, elem, ["N", cell.input_size]))
-        inputs += [helper.make_tensor_value_info(v, elem, ["N", cell.input_size]) for v in shifts.values()]
-        values: dict[str, str] = dict(zip(ir.states, states, strict=True))
+        g = self.graph_class(self.dtype, self.counter)
+        states = [g.input(["N", w]) for w in cell.state_widths()]
+        x_t = g.input(["N", cell.input_size])
+        shifts = {name: g.input(["N", cell.input_size]) for name in ir.shifted}
+        values: dict = dict(zip(ir.states, states, strict=True))
         for name, c in cell.columns.items():
             whole = (c.start, c.stop) == (0, cell.input_size)
             values[name] = x_t if whole else g.columns(x_t, c.start, c.stop)
@@ -236,12 +255,11 @@ class _Builder:
             c = cell.columns[source]
             values[name] = shifts[name] if (c.start, c.stop) == (0, cell.input_size) else \
                 g.columns(shifts[name], c.start, c.stop)
+        nh, ng = len(plan.hoisted), len(plan.gemms)
+        hoisted_w, step_w = weights[:nh], weights[nh:nh + ng]
         vec = [n for n, p in ir.params.items() if p.kind == "vector"]
         sca = [n for n, p in ir.params.items() if p.kind == "scalar"]
-        values |= {n: self.weight(v.numpy()) for n, v in zip(vec, cell.vectors, strict=True)}
-        values |= {n: self.weight(v.numpy()) for n, v in zip(sca, cell.scalars, strict=True)}
-        hoisted_w = [self.gemm_weight(w) for w in cell.hoisted_w]
-        step_w = [self.gemm_weight(w) for w in cell.step_w]
+        values |= dict(zip(vec + sca, weights[nh + ng:], strict=True))
         rows = g.node("Shape", [x_t], start=0, end=1)
 
         def run(pw):
@@ -261,7 +279,7 @@ class _Builder:
                 else:
                     values[name] = printer.value(r)
 
-        def products(gemm, out, w):
+        def products(gemm, out):
             if len(gemm.products) == 1:
                 values[gemm.products[0].name] = out
                 return
@@ -272,66 +290,78 @@ class _Builder:
 
         for pw in plan.hoist_pointwise:
             run(pw)
-        for gemm, w, name in zip(plan.hoisted, cell.hoisted_w, hoisted_w, strict=True):
-            products(gemm, self.gemm(g, values[gemm.operand.name], w, name), w)
+        for gemm, w, weight in zip(plan.hoisted, cell.hoisted_w, hoisted_w, strict=True):
+            products(gemm, self.gemm(g, values[gemm.operand.name], w, weight))
         for k in range(plan.num_stages + 1):
-            for gemm, w, name in zip(plan.gemms, cell.step_w, step_w, strict=True):
+            for gemm, w, weight in zip(plan.gemms, cell.step_w, step_w, strict=True):
                 if gemm.stage == k:
-                    products(gemm, self.gemm(g, values[gemm.operand.name], w, name), w)
+                    products(gemm, self.gemm(g, values[gemm.operand.name], w, weight))
             for pw in plan.pointwise_of_stage(k):
                 run(pw)
-        outs = []
         news = [values[s + "'"] for s in ir.states]
         result = news[ir.states.index(ir.output)] if ir.output in ir.states else values[ir.output]
         for v, w in [*zip(news, cell.state_widths(), strict=True), (result, cell.output_width())]:
-            name = g.node("Identity", [v])
-            outs.append(helper.make_tensor_value_info(name, elem, ["N", w]))
-        graph = helper.make_graph(g.nodes, "step", inputs, outs)
-        return graph, len(shifts)
+            g.output(v, ["N", w])
+        return g.finish("step"), len(shifts)
+
+    def scan(self, main, x, states: list, weights: list, outputs: list | None = None):
+        """Add the time loop to graph `main`: x [T, N, I], states [N, width] each, the op's flat
+        weights as the op holds them -> (final states, out [T, N, width])."""
+        cell, ir, plan = self.cell, self.cell.ir, self.cell.plan
+        n_gemms = len(plan.hoisted) + len(plan.gemms)
+        ws = [*cell.hoisted_w, *cell.step_w]
+        laid = [self.gemm_layout(main, w, v) for w, v in zip(ws, weights[:n_gemms], strict=True)]
+        body, n_shifted = self.body(laid + list(weights[n_gemms:]))
+        scan_in = [x]
+        for _name, (_source, k) in ir.shifted.items():  # prev(x, k): x k steps back, 0 before the first
+            shape = main.node("Concat", [main.const([k], True), main.node("Shape", [x], start=1)], axis=0)
+            zeros = main.node("ConstantOfShape", [shape], value=main.tensor(np.zeros(1, main.np_type)))
+            steps = main.node("Shape", [x], start=0, end=1)
+            padded = main.node("Concat", [zeros, x], axis=0)
+            scan_in.append(main.node("Slice", [padded, main.const([0], True), steps, main.const([0], True)]))
+        n = len(ir.states) + 1
+        if outputs is not None:  # protobuf: the model's output names
+            from onnx import helper
+
+            main.nodes.append(helper.make_node("Scan", [*states, *scan_in], outputs, body=body,
+                                               num_scan_inputs=1 + n_shifted))
+            outs = outputs
+        else:
+            outs = main.node("Scan", [*states, *scan_in], outputs=n, body=body, num_scan_inputs=1 + n_shifted)
+            outs = outs if n > 1 else [outs]
+        return list(outs[:-1]), outs[-1]
 
     def model(self):
-        from onnx import helper
+        """The standalone model: weights as initializers, inputs x and state_in_k."""
+        from onnx import helper, numpy_helper
 
         cell, ir = self.cell, self.cell.ir
-        body, n_shifted = self.body()
-        g = Graph(self.dtype, self.counter)
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.np_type))
-        states = [f"state_in_{k}" for k in range(len(ir.states))]
-        inputs = [helper.make_tensor_value_info("x", elem, ["T", "N", cell.input_size])]
-        inputs += [helper.make_tensor_value_info(s, elem, ["N", w])
-                   for s, w in zip(states, cell.state_widths(), strict=True)]
-        scan_in = ["x"]
-        for _name, (_source, k) in ir.shifted.items():  # prev(x, k): x k steps back, 0 before the first
-            shape = g.node("Concat", [g.const([k], True), g.node("Shape", ["x"], start=1)], axis=0)
-            zeros = g.node("ConstantOfShape", [shape], value=_tensor(np.zeros(1, self.np_type)))
-            steps = g.node("Shape", ["x"], start=0, end=1)
-            padded = g.node("Concat", [zeros, "x"], axis=0)
-            scan_in.append(g.node("Slice", [padded, g.const([0], True), steps, g.const([0], True)]))
+        main = Graph(self.dtype, self.counter)
+        x = main.input(["T", "N", cell.input_size], "x")
+        states = [main.input(["N", w], f"state_in_{k}") for k, w in enumerate(cell.state_widths())]
+        initializers, weights = [], []
+        for k, (_label, w) in enumerate(cell.weights()):
+            weights.append(f"w{k}")
+            array = np.ascontiguousarray(w.numpy(), main.np_type)
+            initializers.append(numpy_helper.from_array(array, f"w{k}"))
         outs = [f"state_out_{k}" for k in range(len(ir.states))] + ["out"]
-        from onnx import helper as h
-
-        g.nodes.append(h.make_node("Scan", states + scan_in, outs, body=body, num_scan_inputs=1 + n_shifted))
-        outputs = [h.make_tensor_value_info(s, elem, ["N", w])
-                   for s, w in zip(outs[:-1], cell.state_widths(), strict=True)]
-        outputs.append(h.make_tensor_value_info("out", elem, ["T", "N", cell.output_width()]))
-        graph = h.make_graph(g.nodes, "celldsl", inputs, outputs, initializer=self.initializers)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="celldsl")
+        self.scan(main, x, states, weights, outs)
+        for name, w in zip(outs[:-1], cell.state_widths(), strict=True):
+            main.output(name, ["N", w], name)
+        main.output("out", ["T", "N", cell.output_width()], "out")
+        graph = main.finish("celldsl", initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="celldsl")
         model.doc_string = (f"celldsl cell {ir.name}: states {', '.join(ir.states)} "
                             f"(state_in_k / state_out_k in this order), output {ir.output}")
         return model
-
-
-def _tensor(array: np.ndarray):
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(array)
 
 
 def onnx_model(cell: ExportCell, dtype: str = "f32"):
     """The checked onnx.ModelProto of one layer of the cell."""
     import onnx
 
-    model = _Builder(cell, dtype).model()
+    model = StepBuilder(cell, dtype).model()
     onnx.checker.check_model(model)
     return model
 
