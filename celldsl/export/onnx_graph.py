@@ -35,6 +35,8 @@ class Graph:
     the builder see only `node`, `const`, `input`, `output` and `finish`: IRGraph (torch_onnx.py) is
     the same interface over onnx_ir, for torch.onnx.export's translation of the layers' op."""
 
+    opset = OPSET
+
     def __init__(self, dtype: str, counter: list[int]):
         self.np_type = DTYPES[dtype]
         self.nodes = []
@@ -186,6 +188,8 @@ class OnnxPrinter:
         if name == "sqrt":
             return g.node("Sqrt", args)
         if isinstance(e, rowmean):
+            if g.opset >= 18:  # the axes became an input
+                return g.node("ReduceMean", [args[0], g.const([-1], True)], keepdims=1)
             return g.node("ReduceMean", args, axes=[-1], keepdims=1)
         if isinstance(e, rowsum):
             return g.node("ReduceSum", [args[0], g.const([-1], True)], keepdims=1)
