@@ -386,3 +386,58 @@ def test_an_unsafe_cache_is_one_line_from_python_m_celldsl_labs_cli(tmp_path):
                           cwd=ROOT, timeout=300)  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "cache folder" in one_error_line(done.stderr)
+
+
+def test_a_bad_cell_file_is_reported_as_the_compiler_reports_it(tmp_path, capsys):
+    bad = tmp_path / "bad.cell"
+    bad.write_text("cell x\ninput x\nstate h\nh = tanh(\n")
+    code, err = run_cli(capsys, "train", "copy", "--cell", str(bad), "--out", str(tmp_path / "r"), *CLI_TINY)
+    assert code == 1 and err.startswith(f"{bad}:4:10: error: ") and "Traceback" not in err
+
+
+# --- the chorale cache only saves time: damaged, not private or unwritable costs a re-parse ------
+
+
+@pytest.fixture
+def two_chorales(tmp_path, monkeypatch):
+    from celldsl.labs import pianoroll
+
+    monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pianoroll, "chorale_names", lambda: ["a", "b"])
+    rolls = {"a": np.eye(88, dtype=np.uint8)[:3], "b": np.eye(88, dtype=np.uint8)[5:10]}
+    calls = []
+    monkeypatch.setattr(pianoroll, "parse_chorale", lambda n: calls.append(n) or rolls[n])
+    return pianoroll, rolls, calls
+
+
+@pytest.mark.parametrize("fault", ["truncated", "writable by others"])
+def test_a_bad_chorale_cache_is_parsed_again_with_a_warning(two_chorales, capsys, fault):
+    pianoroll, rolls, calls = two_chorales
+    pianoroll.load_chorales(progress=False)
+    path = pianoroll.cache_path()
+    if fault == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    else:
+        path.chmod(0o666)
+    again = pianoroll.load_chorales(progress=False)
+    assert calls == ["a", "b", "a", "b"]
+    assert all(np.array_equal(c.roll, rolls[c.name]) for c in again)
+    assert "warning: ignoring the chorale cache" in capsys.readouterr().err
+    pianoroll.load_chorales(progress=False)  # written again: read from the cache
+    assert len(calls) == 4
+
+
+def test_a_full_disk_for_the_chorale_cache_is_a_warning(two_chorales, monkeypatch, capsys):
+    pianoroll, rolls, calls = two_chorales
+    real_fsync = os.fsync
+
+    def full(fd):
+        if ".jsb-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    chorales = pianoroll.load_chorales(progress=False)
+    assert [c.name for c in chorales] == ["a", "b"]
+    assert "No space left on device" in capsys.readouterr().err
+    assert not pianoroll.cache_path().exists()

@@ -240,15 +240,15 @@ def register(subparsers) -> None:
 
 def _guard(func, parser: argparse.ArgumentParser):
     """Turn what a run refuses (a bad cell file, a mismatched or damaged checkpoint, a run folder in
-    use or not ours, an unsafe cache, a full disk) into one `celldsl: error: ...` line and exit
-    status 1, never a traceback; Ctrl-C or `kill` exits 130. A bad command line is a usage error
-    (argparse's message, exit 2). celldsl.CellError is a ValueError and already points into the file."""
+    use or not ours, an unsafe cache, a full disk) into one `celldsl: error: ...` line (a cell
+    file's error as the compiler writes it) and exit status 1, never a traceback; Ctrl-C or `kill`
+    exits 130. A bad command line is a usage error (argparse's message, exit 2)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args, parser.error)
         except (ValueError, OSError, ArithmeticError) as err:
-            print(f"celldsl: error: {error_line(err)}", file=sys.stderr)
+            print(error_line(err), file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
@@ -257,8 +257,8 @@ def _guard(func, parser: argparse.ArgumentParser):
 
 
 def error_line(err: BaseException) -> str:
-    """The message of an expected error: a cell file's (line and caret included) as it is, any
-    other on one line."""
+    """The message of an expected error: a cell file's as the compiler writes it (`file:line:col:
+    error: ...`, line and caret included), any other as one `celldsl: error: ...` line."""
     from ..errors import CellError
 
     if isinstance(err, CellError):
@@ -267,7 +267,7 @@ def error_line(err: BaseException) -> str:
         text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     else:
         text = str(err) or type(err).__name__
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return "celldsl: error: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

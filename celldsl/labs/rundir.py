@@ -38,19 +38,24 @@ def _name(path: Path) -> str:
     return printable(str(path))
 
 
-def check_private(path: Path, st: os.stat_result | None = None, what: str = "run folder") -> None:
+def check_private(
+    path: Path,
+    st: os.stat_result | None = None,
+    what: str = "run folder",
+    advice: str = "choose another --out",
+) -> None:
     """Refuse a folder (or file) that is not ours or that group or others may write to."""
     st = st or os.stat(path)
     uid = os.getuid()
     if st.st_uid != uid:
         raise UnsafeRunFolderError(
             f"refusing {what} {_name(path)}: it belongs to uid {st.st_uid}, not to you (uid {uid}); "
-            "a run folder and its files must be your own (choose another --out)"
+            f"it must be your own ({advice})"
         )
     if stat.S_IMODE(st.st_mode) & 0o022:
         raise UnsafeRunFolderError(
             f"refusing {what} {_name(path)}: others can write to it (mode "
-            f"{stat.S_IMODE(st.st_mode):o}); make it private (chmod go-w) or choose another --out"
+            f"{stat.S_IMODE(st.st_mode):o}); make it private (chmod go-w) or {advice}"
         )
 
 
