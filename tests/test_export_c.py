@@ -14,6 +14,7 @@ import torch
 from celldsl.cli import main
 from celldsl.export.c_library import c_name, c_sources, write_c
 from celldsl.export.model import ExportError, load_cell
+from celldsl.resources import zoo_names
 
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH (the test compiles the export)")
@@ -183,11 +184,10 @@ def test_c_library_from_a_state_dict_and_the_command_line(tmp_path, capsys):
 
 def test_cell_name_reaches_the_c_source_only_as_an_identifier(tmp_path):
     text = (Path(__file__).parents[1] / "cells" / "rnn_tanh.cell").read_text()
-    text = text.replace("cell rnn_tanh", 'cell evil')
-    cell = load_cell(text, 3, 4)
+    cell = load_cell(text.replace("cell rnn_tanh", "cell Ωmega_é"), 3, 4)
     name, source, header = c_sources(cell)
-    assert name == "celldsl_evil"
-    assert all(ord(c) < 128 for c in source + header)
+    assert name == "celldsl_mega"  # an ASCII identifier after the prefix
+    assert all(ord(c) < 128 for c in source + header) and "Ω" not in source + header
 
 
 def test_bad_weights_file_is_one_line_error(tmp_path, capsys):
@@ -210,3 +210,33 @@ def test_two_layer_state_dict_is_refused(tmp_path):
     torch.save(celldsl.Recurrent("gru", 4, 6, num_layers=2, backend="torch").state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ExportError, match="one layer and one direction"):
         load_cell("gru", 4, 6, weights=tmp_path / "sd.pt")
+
+
+@needs_cc
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo_names())
+def test_every_zoo_cell_in_c(tmp_path, name):
+    """Every zoo cell, in double precision (cells that read x elementwise need I = H)."""
+    elementwise = {"mut1", "mut2", "mut3", "indrnn", "mingru", "minlstm", "sru", "qrnn_f",
+                   "antisymmetric_rnn"}
+    cell = load_cell(name, 8 if name in elementwise else 5, 8, seed=4,
+                     sizes="P=3" if name == "lstm_proj" else None)
+    x, states = inputs(cell, 5, 2)
+    want_out, want_final = reference(cell, x, states)
+    out, finals = run_c(build(cell, tmp_path, "f64"), cell, tmp_path, "f64", x, states)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(finals, want_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cell_errors_print_as_check_prints_them(tmp_path, capsys):
+    bad = tmp_path / "bad.cell"
+    bad.write_text("cell bad\ninput x\nstate h\noutput h\nh' = tanh(q)\n")
+    assert main(["export", str(bad), "--c", str(tmp_path / "o"), "--input-size", "3",
+                 "--hidden-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:5:11: error: unknown name 'q'" in err and not (tmp_path / "o").exists()
+    assert main(["export", "qrnn", "--c", str(tmp_path / "o"), "--input-size", "3", "--hidden-size", "4",
+                 "--sizes", "P=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("celldsl: error: cell 'qrnn' declares") and err.count("\n") == 1

@@ -76,11 +76,12 @@ def test_time_loop_is_a_scan_with_dynamic_t_and_n(tmp_path):
     torch.testing.assert_close(out, reference(cell, x, states)[0], rtol=2e-4, atol=2e-4)
 
 
-def test_weights_from_a_state_dict(tmp_path):
+@pytest.mark.parametrize("bias", [True, False])
+def test_weights_from_a_state_dict(tmp_path, bias):
     import celldsl
 
     torch.manual_seed(5)
-    trained = celldsl.Recurrent("gru", 4, 6, backend="torch")
+    trained = celldsl.Recurrent("gru", 4, 6, bias=bias, backend="torch")
     torch.save(trained.state_dict(), tmp_path / "sd.pt")
     assert main(["export", "gru", "--onnx", str(tmp_path / "g.onnx"), "--input-size", "4",
                  "--hidden-size", "6", "--weights", str(tmp_path / "sd.pt"), "--float64"]) == 0

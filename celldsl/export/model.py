@@ -115,7 +115,8 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     except CellError:
         raise
     except (ValueError, TypeError) as err:
-        raise ExportError(f"cell {compiled.name!r}: {err}") from None
+        where = "" if str(err).startswith("cell ") else f"cell {compiled.name!r}: "
+        raise ExportError(f"{where}{err}") from None
     if state is not None:
         try:
             layer.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
