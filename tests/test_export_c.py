@@ -38,6 +38,7 @@ static real *load(const char *path, long count)
 int main(int argc, char **argv)
 {
     long T = atol(argv[4]), N = atol(argv[5]);
+    (void)argc;
     long nx = T * N * UP_INPUT_SIZE, ns = N * UP_STATE_SIZE, no = T * N * UP_OUTPUT_SIZE;
     real *w = load(argv[1], UP_WEIGHT_COUNT), *in = load(argv[2], nx + ns);
     real *out = malloc((size_t)(no + ns) * sizeof(real));
@@ -59,8 +60,9 @@ def build(cell, directory: Path, dtype: str) -> Path:
     harness = HARNESS.replace("NAME", name).replace("UP_", name.upper() + "_").replace("REAL", real)
     (directory / "harness.c").write_text(harness)
     exe = directory / "harness"
-    subprocess.run([CC, "-std=c99", "-O1", "-o", str(exe), str(directory / "harness.c"), str(paths[0]),
-                    "-lm"],
+    # warnings are errors: the library must build cleanly in a user's strict build
+    subprocess.run([CC, "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    str(directory / "harness.c"), str(paths[0]), "-lm"],
                    check=True, capture_output=True, text=True)
     return exe
 

@@ -121,6 +121,13 @@ def _gemm_call(w: torch.Tensor, w_at: int, out: str, ld_out: int, v: str, ld_v: 
     return f"cd_gemm_heads(N, {G}, {NH}, {dh}, {v}, {ld_v}, W + {w_at}, {out}, {ld_out});"
 
 
+# What the CPU backend's kernels leave that a standalone build would warn about, silenced for this file
+PRAGMAS = """#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  /* the kernels' OpenMP hints, without -fopenmp */
+#pragma GCC diagnostic ignored "-Wunused-function"  /* each kernel's other entry points */
+#pragma GCC diagnostic ignored "-Wunused-variable"  /* loads a pass over a row does not read */
+#endif"""
+
 GEMMS = """
 /* out[i, r] = sum_k v[i, k] W[r, k]: rows i < n, r < R (v's rows ldv apart, out's ldo). */
 static void cd_gemm(int64_t n, int64_t R, int64_t K, const {t} *v, int64_t ldv, const {t} *W, {t} *out,
@@ -325,6 +332,7 @@ def c_sources(cell: ExportCell, dtype: str = "f32") -> tuple[str, str, str]:
         "#include <stdlib.h>",
         "#include <string.h>",
         f'#include "{name}.h"',
+        PRAGMAS,
         _static(CALL_AT),
         helper_functions(dtype),
         GEMMS.format(t=t),
