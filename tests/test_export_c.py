@@ -135,12 +135,26 @@ w = sum(a) * 0.01 + exp(-abs(a)) * log(1 + a*a) + (a <= 0.1) * relu(a) + 1 / (2 
 h' = u + v + w
 """
 
+# A state of one value per sequence (`: 1`), updated from a mean over the row.
+ROW_STATE = """cell rowstate
+input x
+state h
+state n : 1
+output h
+param weight_ih = [W]
+param weight_hh = [U]
+param b
+a = tanh(W @ x + U @ h + b)
+n' = 0.9 * n + mean(a)
+h' = a * sigmoid(n)
+"""
+
 # lstm, gru; prev(x) (qrnn); an input of one value per step (phased_lstm's `t : 1`); a declared width
 # (lstm_proj); means over a row (ln_lstm); heads (slstm_heads); prev(...) states (greff_fgr); two GEMM
 # stages (mut1, which reads x elementwise: I = H); a hoisted pointwise stage and an output not a state.
 CELLS = [("lstm", 5, {}), ("gru", 5, {}), ("qrnn", 5, {}), ("phased_lstm", 5, {}),
          ("lstm_proj", 5, {"sizes": "P=3"}), ("ln_lstm", 5, {}), ("slstm_heads", 5, {}), ("greff_fgr", 5, {}),
-         ("mut1", 8, {}), (HOISTED, 5, {}), (KITCHEN, 5, {})]
+         ("mut1", 8, {}), (HOISTED, 5, {}), (KITCHEN, 5, {}), (ROW_STATE, 5, {})]
 
 
 @needs_cc

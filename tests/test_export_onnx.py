@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_c import HOISTED, KITCHEN, inputs, reference
+from test_export_c import HOISTED, KITCHEN, ROW_STATE, inputs, reference
 
 from celldsl.cli import main
 from celldsl.export.model import ExportError, load_cell
@@ -55,7 +55,8 @@ def test_onnx_float64_matches_closely(name):
     check(cell_of(name), "f64", 1e-10)
 
 
-@pytest.mark.parametrize("text", [KITCHEN, HOISTED], ids=["every_function", "hoisted_pointwise"])
+@pytest.mark.parametrize("text", [KITCHEN, HOISTED, ROW_STATE], ids=["every_function", "hoisted_pointwise",
+                                                                     "row_state"])
 def test_user_cells(text):
     cell = load_cell(text, 5, 8, seed=2)
     check(cell, "f64", 1e-10)

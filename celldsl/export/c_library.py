@@ -44,8 +44,12 @@ def _spec(cell: ExportCell, pw) -> KernelSpec:
             return role
         return "rowscalar" if plan.width(sym) == "row" else "rows"
 
+    def out_kind(name):  # a `: 1` state's new value in an H-wide function: one value per row
+        row = getattr(pw, "is_row_output", None)
+        return "rowscalar" if row is not None and row(name) else "rows"
+
     ins = tuple(KernelArg("input", s.name, kind(s)) for s in pw.inputs)
-    outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
+    outs = tuple(KernelArg("output", name, out_kind(name)) for name, _ in pw.outputs)
     return KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name)
 
 
