@@ -256,3 +256,11 @@ def test_cell_errors_print_as_check_prints_them(tmp_path, capsys):
                  "--sizes", "P=3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("celldsl: error: cell 'qrnn' declares") and err.count("\n") == 1
+
+
+def test_a_row_state_is_written_once_per_row():
+    """The `: 1` state's buffer is one column wide: a write per column would run into the next rows
+    (with equal values, so only the source shows it)."""
+    _, source, _ = c_sources(load_cell(ROW_STATE, 3, 4))
+    writes = [line for line in source.splitlines() if line.rstrip().endswith("/* n' */")]
+    assert writes and all("[0] = " in line and "[j] = " not in line for line in writes)
