@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .arguments import (
+    check_first_input,
     check_heads,
     check_layer_arguments,
     check_schedule_argument,
@@ -99,6 +100,7 @@ class Recurrent(RecurrentStack, nn.Module):
             self.compiled.check_sizes(self._layer_input_size(layer), hidden_size, self.input_sizes,
                                       self.width_sizes, layer=layer)
         for layer in range(num_layers):
+            check_first_input(self.compiled, self._layer_input_size(layer), layer)
             check_heads(self.compiled, self._sizes(layer))
             for direction in range(self.num_directions):
                 for store in stores_of(self.compiled):

@@ -217,3 +217,33 @@ def test_a_wrong_shape_in_a_parameter_of_a_custom_cell_is_refused(backend):
     layer.g_l1.data = torch.randn(2 * H - 1)
     with pytest.raises(RuntimeError, match=r"size mismatch for g_l1: .*\[12\].*\[11\]"):
         layer(torch.randn(T, N, I))
+
+
+# ---- found by the fuzz test: a first input declared `: 1` -------------------------------------------
+
+ROW_FIRST = """cell row_first
+input t : 1
+input x
+state h
+output h
+param W, U, b, w
+h' = tanh(W @ x + U @ h + b + w * t)
+"""
+
+
+def test_a_first_input_of_one_value_per_sequence_must_be_one_wide(backend):
+    """input_size 3 for `input t : 1` was taken: cpu ran with it (the kernels read one value a row),
+    torch failed inside its generated code. It is refused where the layer is built."""
+    with pytest.raises(ValueError, match=r"input 't' is declared ': 1' .*input_size must be 1, got 3"):
+        celldsl.Recurrent(ROW_FIRST, 3, H, backend=backend, input_sizes={"x": I})
+    with pytest.raises(ValueError, match=r"layer 1 reads the 6-wide output of layer 0 as its input 't'"):
+        celldsl.Recurrent(ROW_FIRST, 1, H, num_layers=2, backend=backend, input_sizes={"x": I})
+    with pytest.raises(ValueError, match=r"input_size must be 1, got 2"):
+        celldsl.Cell(ROW_FIRST, 2, H, backend=backend, input_sizes={"x": I})
+    layer = celldsl.Recurrent(ROW_FIRST, 1, H, backend=backend, input_sizes={"x": I}, dtype=torch.float64)
+    t, x = torch.randn(T, N, 1, dtype=torch.float64), torch.randn(T, N, I, dtype=torch.float64)
+    out, _ = layer(t, x=x)
+    h = torch.zeros(N, H, dtype=torch.float64)
+    for k in range(T):
+        h = torch.tanh(x[k] @ layer.W_l0.T + h @ layer.U_l0.T + layer.b_l0 + layer.w_l0 * t[k])
+        torch.testing.assert_close(out[k], h)
