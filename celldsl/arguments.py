@@ -113,9 +113,9 @@ def check_first_input(cell: CompiledCell, input_size: int, layer: int = 0) -> No
     if layer == 0:
         raise ValueError(f"input {first!r} is declared ': 1' (one value per sequence); input_size must be 1, "
                          f"got {input_size}")
-    raise ValueError(f"input {first!r} is declared ': 1' (one value per sequence), but layer {layer} reads the "
-                     f"{input_size}-wide output of layer {layer - 1} as its input {first!r}: such a cell has "
-                     "one layer (or hidden_size 1)")
+    raise ValueError(f"input {first!r} is declared ': 1' (one value per sequence), but layer {layer} reads "
+                     f"the {input_size}-wide output of layer {layer - 1} as its input {first!r}: such a cell "
+                     "has one layer (or hidden_size 1)")
 
 
 def check_heads(cell: CompiledCell, sizes: dict[str, int]) -> None:
