@@ -42,7 +42,7 @@ from ..plan import Plan
 from . import cpu_gemm, memory, scratch
 from .cpu_gemm import DTYPES
 from .cpu_native import BackGemm, NativeLoop, Rows, StepGemm
-from .torch_loop import TorchLoop, _to_width, input_columns, steps_of
+from .torch_loop import TorchLoop, _to_width, fit_gradient, input_columns, steps_of
 
 # -fno-trapping-math (as torch is built): without it gcc leaves a loop with relu, step, max or min
 # scalar ("control flow in loop"); no program here reads floating-point traps.
@@ -393,7 +393,7 @@ class FusedCPULoop(TorchLoop):
         return plan
 
     def _make_call_plan(self, x, states, hoisted_w, step_w, vectors) -> _CallPlan:
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
         rows = math.prod(x.shape[:-1])  # of every hoisted operand: T * N, or a packed batch's
         hoisted = [cpu_gemm.choose(cpu_gemm.site("hoisted", x.dtype, rows, w.shape[1], w.shape[0]), self.lib,
                                    force=self.gemm) for w in hoisted_w]
@@ -425,7 +425,7 @@ class FusedCPULoop(TorchLoop):
         ir = self.plan.ir
         if states[0].dim() != 2:
             raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
         N = states[0].shape[0]
         for name, s in zip(self.states, states, strict=True):
             if tuple(s.shape) != (N, sizes[ir.width(name)]):
@@ -829,6 +829,7 @@ class FusedCPULoop(TorchLoop):
             for sym, res in zip(st.pw.grad_inputs, st.backward(*hoist_args, *hoist_grads), strict=True):
                 if res is None:
                     continue
+                res = fit_gradient(res, st.pw.kinds[sym.name], rows, sizes[st.pw.width])
                 slot = self.where[sym.name]
                 if slot.kind == "input":
                     res = _to_width(res, xs[slot.index])
