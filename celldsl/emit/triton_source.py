@@ -207,9 +207,9 @@ def _kernel(f: _Function) -> str:
             lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
         elif k == "scalar":
             lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
-        elif k in ("rowscalar", "rowgrad"):  # + col * 0: a [BLOCK] of the row's value (row is one number
-            # when a program holds a whole row)
-            at = f"{p} + row * {f.stride[s]} + col * 0"
+        elif k in ("rowscalar", "rowgrad"):  # + col * 0: a [BLOCK] of the row's value where row is one
+            # number (a program holds a whole row)
+            at = f"{p} + row * {f.stride[s]}" + (" + col * 0" if f.reduces else "")
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
         else:
             at = f"{p} + row * {f.stride[s]} + col"
