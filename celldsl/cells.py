@@ -19,9 +19,11 @@ from .arguments import (
     declared_width_sizes,
     extra_input_sizes,
 )
+from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .compiler import compile_cell
 from .errors import CellTensorError
 from .parameters import checked_shape, initialize, member, op_params, stores_of
+from .quantization import WarnsWhenNotQuantized
 from .runtime.function import register
 from .runtime.ops import run
 from .stack import resolve_backend, zoo_cell
@@ -30,6 +32,8 @@ from .stack import resolve_backend, zoo_cell
 class _Step:
     """Mixin for an nn.Module with `compiled`, input_size, hidden_size, backend, input_sizes and its
     parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
+
+    autocast_keeps_input_dtype = True  # under CPU autocast, as torch.nn.LSTMCell/GRUCell (autocasting.py)
 
     def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         tensors, sizes = {}, self._sizes()
@@ -64,23 +68,33 @@ class _Step:
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         states = [s.unsqueeze(0) if unbatched else s for s in given or []]
-        self._check(x, states)
+        input_dtype, cast = x.dtype, autocast_dtype(x)
+        if cast is not None:  # torch.autocast: the op runs in its dtype (celldsl/autocasting.py)
+            x, states = x.to(cast), [s.to(cast) for s in states]
+            extra = {k: v.to(cast) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        self._check(x, states, autocast=cast is not None)
         N, sizes = x.shape[0], self._sizes()
         states = [s.contiguous() for s in states]
         states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
         params = op_params(self.compiled, self._stored(like=x), sizes, like=x)
-        out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
+        params = [p if p.dtype == x.dtype else p.to(x.dtype) for p in params]  # differs only under autocast
+        with without_autocast(x, cast):
+            out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
         out = out[0]
+        if cast is not None:
+            dtype = result_dtype(input_dtype, cast, x.device.type, self.autocast_keeps_input_dtype)
+            out, finals = out.to(dtype), [f.to(dtype) for f in finals]
         if unbatched:
             out, finals = out[0], [f[0] for f in finals]
         return out, finals
 
-    def _check(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """torch.nn's cell checks and wording (input [N, I], states [N, H])."""
+    def _check(self, x: torch.Tensor, states: list[torch.Tensor], autocast: bool = False) -> None:
+        """torch.nn's cell checks and wording (input [N, I], states [N, H]); under autocast the
+        weights are cast to x's dtype, so theirs is not checked."""
         name = type(self).__name__
         weights = list(self.parameters())
-        if weights and x.dtype != weights[0].dtype:
+        if weights and x.dtype != weights[0].dtype and not autocast:
             w = weights[0].dtype
             raise CellTensorError(f"{name} input dtype ({x.dtype}) does not match weight dtype ({w}). "
                                   f"Convert input: input.to({w}), or convert model: model.to({x.dtype})")
@@ -242,7 +256,7 @@ class Cell(_Step, nn.Module):
         return s
 
 
-class _TorchCell(_Step):
+class _TorchCell(WarnsWhenNotQuantized, _Step):
     """LSTMCell/GRUCell/RNNCell: torch.nn's class (constructor, parameters, state_dict, repr) with a
     forward that runs the zoo cell. `backend` is keyword only."""
 
@@ -299,6 +313,8 @@ class GRUCell(_TorchCell, nn.GRUCell):
 class RNNCell(_TorchCell, nn.RNNCell):
     """torch.nn.RNNCell running cells/rnn_tanh.cell or cells/rnn_relu.cell: forward(input, hx=None)
     -> h'. As in torch, nonlinearity is checked when the cell runs."""
+
+    autocast_keeps_input_dtype = False  # torch.nn.RNNCell returns autocast's dtype
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, *, backend: str = "auto"):

@@ -19,12 +19,13 @@ from torch import nn
 
 from .arguments import check_backend, check_schedule_argument
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .quantization import WarnsWhenNotQuantized
 from .stack import RecurrentStack, zoo_cell
 
 # proj_size runs cells/lstm_proj.cell, whose state h is P = proj_size wide (`state h : P`).
 
 
-class _TorchRNN(RecurrentStack):
+class _TorchRNN(WarnsWhenNotQuantized, RecurrentStack):
     """What LSTM/GRU/RNN add to torch's class: the zoo cell, the backend, forward and cell(k)."""
 
     input_sizes: dict = {}  # torch's cells have one input
@@ -94,6 +95,7 @@ class GRU(_TorchRNN, nn.GRU):
     """torch.nn.GRU running cells/gru.cell."""
 
     cell_class = GRUCell
+    autocast_keeps_input_dtype = True  # as torch.nn.GRU under CPU autocast
 
     def __init__(self, *args, backend: str = "auto", schedule: str | None = None, **kwargs):
         check_backend(backend)
