@@ -9,7 +9,6 @@ of celldsl/cache.py, under the cell's key (its text, file name and the compiler'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from . import cache
 from .errors import CellError, CellWarning, Source, printable
+from .files import read_regular
 from .resources import ZOO, zoo_names
 from .syntax import MAX_FILE_BYTES
 
@@ -101,10 +101,7 @@ class CompiledCell:
 
         path = cache.root() / self.key / "torch_cell.py"
         cache.write_if_changed(path, torch_module_source(self.plan))
-        spec = importlib.util.spec_from_file_location(f"celldsl_generated_{self.key[:16]}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return cache.import_file(path, f"celldsl_generated_{self.key[:16]}")
 
     @cached_property
     def torch_loop(self):
@@ -169,9 +166,8 @@ def _read(cell) -> Source:
 
 def read_cell_file(path: Path) -> bytes:
     """The bytes of a cell file, at most MAX_FILE_BYTES of them (a device or a huge file is an error)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+    try:  # a FIFO or a device is refused before it is read (a FIFO without a writer never ends)
+        data = read_regular(path, MAX_FILE_BYTES + 1)
     except OSError as err:
         raise CellError(f"cannot read {printable(str(path))}: {err.strerror}", Source("", str(path))) \
             from None
@@ -237,7 +233,7 @@ def compile_key(key: str) -> CompiledCell | None:
     if key in _COMPILED:
         return _COMPILED[key]
     try:
-        record = json.loads((cache.root() / key / "cell.json").read_text(encoding="utf-8"))
+        record = json.loads(cache.read_trusted(cache.root() / key / "cell.json").decode("utf-8"))
         source = Source(record["text"], record["filename"])
     except cache.UnsafeCacheError:
         raise
