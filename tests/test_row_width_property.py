@@ -23,7 +23,7 @@ from celldsl.runtime import cpu_fused
 T, N, I, H = 3, 3, 2, 3
 LENGTHS = [3, 1, 2]
 F64 = torch.float64
-EXAMPLES = 8
+EXAMPLES = 10
 
 # An expression is a tuple: ("leaf", name), ("num", c), (op, a[, b]) with op in add, mul, tanh, mean, sum.
 # Wide leaves are [N, H] (states, products) or [H] (vectors); row leaves [N, 1] (`: 1` states) or [] (the

@@ -142,8 +142,10 @@ class _Function:
         self.out_ptrs = [identifier(self.result_names[i], taken, "_out_ptr") for i in self.unique]
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
-        # the input whose [rows, width] every result has: plan gives each function one (Pointwise.ref)
-        self.ref = pw.ref
+        # the input whose [rows, width] every result has: build_plan gives each function one
+        # (Pointwise.ref); a Pointwise made otherwise takes its first [rows, width] input
+        rows = (s for s, k in zip(self.args, self.kinds, strict=False) if k in TWO_D)
+        self.ref = pw.ref or next(rows, None)
         self.reduces = any(e.atoms(Reduction) for e in [*(e for _, e in self.temps), *self.results])
         if self.ref is None:
             raise NotImplementedError(
