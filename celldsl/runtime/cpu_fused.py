@@ -110,7 +110,7 @@ def compiler_command() -> tuple[list[str] | None, str]:
         return None, f"$CC={cc!r} names no program"
     program = shutil.which(words[0])
     if program is None:
-        return None, f"$CC={cc!r}: the program {words[0]!r} is not found (or not executable)"
+        return None, f"no C compiler: the program {words[0]!r} of $CC={cc!r} is not found (or not executable)"
     return [program, *words[1:]], ""
 
 
