@@ -446,8 +446,9 @@ def test_folders_are_private_whatever_the_umask(tmp_path, monkeypatch):
     assert not list(home.rglob("__pycache__")) and not list(home.rglob("*.pyc"))
 
 
-def test_a_full_disk_is_a_clear_error(private, monkeypatch):
-    """Finding 10 (cache side): ENOSPC once ended in a bare traceback from deep in the cache."""
+@pytest.fixture
+def full_disk(private, monkeypatch):
+    """Every write of a file fails with ENOSPC, as on a full disk (reads still work)."""
     import errno
 
     real_fdopen = os.fdopen
@@ -468,9 +469,24 @@ def test_a_full_disk_is_a_clear_error(private, monkeypatch):
     cache.root()
     monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a: Full(fd, mode) if "w" in mode else
                         real_fdopen(fd, mode, *a))
+    return private
+
+
+def test_a_full_disk_is_a_clear_error(full_disk):
+    """Finding 10 (cache side): ENOSPC once ended in a bare traceback from deep in the cache."""
+    import errno
+
     with pytest.raises(cache.CacheWriteError) as info:
         compile_cell("rnn_tanh", use_cache=False).torch_module  # noqa: B018
     message = str(info.value)
-    assert message.startswith(f"cannot write {private}") and "No space left on device" in message
+    assert message.startswith(f"cannot write {full_disk}") and "No space left on device" in message
     assert "CELLDSL_CACHE" in message and info.value.errno == errno.ENOSPC
-    assert not list(private.rglob("*.tmp"))
+    assert not list(full_disk.rglob("*.tmp"))
+
+
+@needs_cc
+def test_a_full_disk_during_a_c_build_is_a_reason_not_a_traceback(full_disk):
+    """The C path keeps its design for a failed build: (None, why), which cpu_loop turns into a warning
+    and the torch loop; the reason names the disk, not a failing compiler."""
+    lib, why = cpu_fused.build_library(compile_cell("rnn_tanh", use_cache=False))
+    assert lib is None and why.startswith("cannot build in ") and "No space left on device" in why, why
