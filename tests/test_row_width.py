@@ -322,3 +322,22 @@ def test_finding22_every_offending_reduction_is_reported_in_text_order(tmp_path)
     assert [line.split(":")[1] for line in lines] == [str(n) for n in range(5, 11)]
     assert all("a mean or sum over x-wide values is used here by H-wide values" in line for line in lines)
     assert text.count("^") == 6  # each with its line and caret
+
+
+@pytest.mark.parametrize("text", [ROW0, ROW_SUM, MEAN_OUT], ids=["row0", "row_sum", "mean_out"])
+def test_gradcheck_float64(text, backend):
+    """The derived backward against finite differences of the forward, every input at once."""
+    layer = layer_of(text, backend)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(3, 2, I, dtype=F64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    widths = [1 if layer.compiled.ir.width(s) == "row" else H for s in layer.compiled.states]
+    states = tuple((0.5 * torch.randn(1, 2, w, dtype=F64)).requires_grad_() for w in widths)
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def f(x, *rest):
+        st, ps = rest[: len(states)], rest[len(states) :]
+        out, final = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)),
+                                                (x, st if len(st) > 1 else st[0]))
+        return (out, *(final if isinstance(final, tuple) else (final,)))
+
+    assert torch.autograd.gradcheck(f, (x, *states, *params), fast_mode=True)
