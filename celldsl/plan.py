@@ -17,7 +17,6 @@ import sympy as sp
 from .errors import CellError, raise_all
 from .functions import Reduction, spread
 from .ir import CellIR, generated, generated_symbols, symbol
-from .widths import width_words
 
 ROWS = ("input", "state", "hoisted", "product", "operand")  # roles of values with a row per sequence
 
@@ -460,14 +459,9 @@ def build_plan(ir: CellIR) -> Plan:
             return ()
         names = [s for s in ir.states if ir.width(s) == w] if stage >= 0 else []
         names += [i for i in ir.inputs if ir.width(i) == w]
-        if names:
-            return (symbol(names[0]),)
-        first = group[0][0]
-        errors.append(CellError(
-            f"{first} depends on parameters and numbers only, and no state or input of "
-            f"{width_words(w, ir.inputs)} gives it a row per sequence",
-            ir.source, ir.locations.get(first.rstrip("'"))))
-        return ()
+        # none (a hoisted operand t * v of an input `t : 1` and a vector): the emitters broadcast as
+        # before, from the inputs the function has
+        return (symbol(names[0]),) if names else ()
 
     def pointwise_of(stage: int, outs: list, base: str) -> list[Pointwise]:
         """One fused function per width of its outputs (a kernel runs over [rows, width]): a stage whose
