@@ -234,18 +234,25 @@ LOCATED = re.compile(r"^(?P<file>.+):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|
 def test_check_command_on_mutated_zoo_files(tmp_path):
     """`celldsl check` in a subprocess on a few mutants of every kind: exit 0 or 1, never a
     traceback, every message `file:line:col: error|warning: ...`, done within the timeout (start-up
-    of a fresh interpreter on a loaded machine, plus SECONDS per file)."""
+    of a fresh interpreter on a loaded machine, plus SECONDS per file), and the same output under
+    two hash seeds."""
     files = []
     for k, cell in enumerate(sorted(ZOO)[::4]):
         op, text = seeded_mutants(cell, count=1)[k % len(EDITS)]
         path = tmp_path / f"{k:02d}_{cell}_{op}.cell"
         path.write_bytes(text.encode("utf-8", "surrogatepass"))
         files.append(path)
-    done = subprocess.run(
-        [sys.executable, "-m", "celldsl.cli", "check", *map(str, files)],
-        capture_output=True, text=True, timeout=60 + SECONDS * len(files),
-        env={"CELLDSL_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-m", "celldsl.cli", "check", *map(str, files)],
+            capture_output=True, text=True, timeout=60 + SECONDS * len(files),
+            env={"CELLDSL_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": seed},
+        )
+        for seed in ("1", "2")
+    ]
+    done = runs[0]
+    # the same messages in the same order whatever the hash seed (issue 24: errors are deterministic)
+    assert (runs[1].returncode, runs[1].stdout, runs[1].stderr) == (done.returncode, done.stdout, done.stderr)
     assert done.returncode in (0, 1), done.stderr
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     failed = ok = 0
