@@ -6,7 +6,10 @@
 - keys follow the text, the file name and the compiler's own source (a cache written by another
   version of celldsl is never read back);
 - a cache folder another user owns, or that others can write to (or a non-sticky parent they can
-  write to), is refused with UnsafeCacheError; one that cannot be written costs only speed;
+  write to), is refused with UnsafeCacheError, checked where it resolves (a symlink changes nothing);
+  so is an entry folder inside it; a file of another user or one others can write is replaced, never
+  loaded; folders are 0700 whatever the umask; one that cannot be written costs only speed; a full
+  disk is an error that says so;
 - the C kernels' .so is loaded only when it matches its recorded checksum: truncated, empty, garbage
   or another cell's library is rebuilt (each case in a fresh process, where a bad load would crash);
 - concurrent writers never leave a broken file.
