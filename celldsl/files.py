@@ -39,7 +39,8 @@ def open_regular(path, follow: bool = True) -> tuple[int, os.stat_result]:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFileError(errno.EINVAL, f"it is {kind(info.st_mode)}, not a regular file", str(path))
+            what = f"it is {kind(info.st_mode)}, not a regular file"
+            raise NotRegularFileError(errno.EINVAL, what, str(path))
     except BaseException:
         os.close(fd)
         raise

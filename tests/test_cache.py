@@ -351,7 +351,8 @@ def test_a_library_in_an_entry_folder_another_user_owns_is_never_loaded(private,
     marker = tmp_path / "constructor-ran"
     src = tmp_path / "planted.c"
     src.write_text(CONSTRUCTOR_C)
-    subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(victim), str(src)], check=True)
+    build = ["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(victim), str(src)]
+    subprocess.run(build, check=True)
     cache.seal(victim)  # the checksum matches the planted bytes
     entry = victim.parent
     entry.chmod(0o755)

@@ -3,7 +3,6 @@ a $CC that cannot be split, and a "compiler" whose library lacks the kernels eac
 says what was wrong, and the torch loop computes instead (the existing fallback for a missing compiler),
 never a traceback or a silently different number."""
 
-import os
 import shutil
 import stat
 import warnings
@@ -65,7 +64,8 @@ def test_a_cc_whose_library_lacks_the_kernels_falls_back_with_a_warning(monkeypa
     empty = tmp_path / "empty.c"
     empty.write_text("int nothing_here(void) { return 0; }\n")
     fake = tmp_path / "fake-cc"
-    fake.write_text(f'#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\nexec {GCC} -shared -fPIC -o "$2" {empty}\n')
+    fake.write_text(f'#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'
+                    f'exec {GCC} -shared -fPIC -o "$2" {empty}\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(fake))
     # a key of its own: no other test has built (and kept) a loop for this cell in this process

@@ -207,12 +207,14 @@ def test_check_on_a_fifo_is_a_located_error_not_a_hang(tmp_path):
     done = subprocess.run([sys.executable, "-m", "celldsl.cli", "check", str(fifo)], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, CELLDSL_CACHE=str(tmp_path / "c")))
     assert done.returncode == 1
-    assert done.stderr == f"{fifo}: error: cannot read {fifo}: it is a FIFO (named pipe), not a regular file\n"
+    said = "it is a FIFO (named pipe), not a regular file"
+    assert done.stderr == f"{fifo}: error: cannot read {fifo}: {said}\n"
 
 
 def test_check_on_a_folder_says_so(tmp_path, capsys):
     code, _, err = run(capsys, "check", str(tmp_path))
-    assert code == 1 and err == f"{tmp_path}: error: cannot read {tmp_path}: it is a folder, not a regular file\n"
+    said = "it is a folder, not a regular file"
+    assert code == 1 and err == f"{tmp_path}: error: cannot read {tmp_path}: {said}\n"
 
 
 def test_train_with_an_unsafe_cache_is_one_line(tmp_path):
@@ -225,14 +227,16 @@ def test_train_with_an_unsafe_cache_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "celldsl.cli", *argv], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, CELLDSL_CACHE=str(unsafe)))
     assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith(f"celldsl: error: refusing the cache folder {unsafe}: other users can write")
+    said = f"celldsl: error: refusing the cache folder {unsafe}: other users can write"
+    assert done.stderr.startswith(said)
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("error", "line"), [
     (PermissionError(13, "Permission denied", "/x/y"), "celldsl: error: /x/y: Permission denied"),
     (FileNotFoundError(2, "No such file or directory"), "celldsl: error: No such file or directory"),
-    (ValueError("--lr must be positive\nand \x1b[2J"), "celldsl: error: --lr must be positive\\nand \\x1b[2J"),
+    (ValueError("--lr must be positive\nand \x1b[2J"),
+     "celldsl: error: --lr must be positive\\nand \\x1b[2J"),
     (RuntimeError("boom"), "celldsl: internal error: RuntimeError: boom (this is a bug in celldsl; "
                            "CELLDSL_DEBUG=1 shows the traceback)"),
 ])

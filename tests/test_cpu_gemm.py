@@ -330,7 +330,8 @@ def test_a_cache_file_that_is_not_a_private_regular_file_is_measured_again(priva
     lib = gemm_lib()
     names = cpu_gemm.candidates("step", torch.float32, True)
     header = {"format": cpu_gemm.FORMAT, "machine": cpu_gemm._machine()}
-    valid = json.dumps({**header, "sites": {site.key: {"choice": "mm", "seconds": dict.fromkeys(names, 123.0)}}})
+    planted_entry = {"choice": "mm", "seconds": dict.fromkeys(names, 123.0)}
+    valid = json.dumps({**header, "sites": {site.key: planted_entry}})
     if planted == "fifo":
         os.mkfifo(path, 0o600)
     elif planted == "symlink":
