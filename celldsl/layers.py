@@ -64,6 +64,12 @@ class Recurrent(RecurrentStack, nn.Module):
 
     cell(layer=0, direction=0) is that layer's one-step Cell, sharing these parameters.
 
+    A parameter the equations never read (`celldsl check` warns) is still stored, with its group's
+    shape, else its declared kind (a vector of width H if undeclared), and gets a zero gradient (None
+    for an unused matrix, as torch gives an unused parameter). A parameter replaced by one of another
+    shape (`layer.bias_hh_l0 = nn.Parameter(...)`, `.data = ...`) is refused at forward with a
+    RuntimeError naming it and both shapes; load_state_dict refuses it as torch does.
+
     Example:
         >>> layer = Recurrent("mut1", 64, 64)
         >>> out, h = layer(torch.randn(10, 3, 64))
