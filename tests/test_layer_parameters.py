@@ -7,6 +7,7 @@ hand-written torch loop of the equations.
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_unused_parameters_are_stored_warned_about_and_get_no_gradient(backend):
         assert torch.count_nonzero(grads[name]) == 0, name
     assert torch.count_nonzero(grads["weight_ih_l0"][:H]) == 0 and torch.count_nonzero(grads["g_l0"][:H]) == 0
     params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
-    ref_out, ref_h = unused_reference(type("P", (), {k: v for k, v in params.items()}), x, h0[0])
+    ref_out, ref_h = unused_reference(SimpleNamespace(**params), x, h0[0])
     (ref_out.square().sum() + ref_h.sum()).backward()
     for name in ("U_l0", "b_l0", "weight_ih_l0", "g_l0"):
         torch.testing.assert_close(grads[name], params[name].grad, msg=name)
