@@ -9,7 +9,7 @@ parameters.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .arguments import (
     check_backend,
@@ -26,6 +26,7 @@ from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .quantization import WarnsWhenNotQuantized
 from .runtime.function import register
 from .runtime.ops import run
+from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
 
 
@@ -256,9 +257,11 @@ class Cell(_Step, nn.Module):
         return s
 
 
-class _TorchCell(WarnsWhenNotQuantized, _Step):
+class _TorchCell(WarnsWhenNotQuantized, ScriptableCell, _Step):
     """LSTMCell/GRUCell/RNNCell: torch.nn's class (constructor, parameters, state_dict, repr) with a
     forward that runs the zoo cell. `backend` is keyword only."""
+
+    __jit_unused_properties__ = ["compiled", "stem", "qconfig"]  # torch.jit.script: scripting.py
 
     stem = ""
     input_sizes: dict = {}
@@ -289,7 +292,11 @@ class LSTMCell(_TorchCell, nn.LSTMCell):
         super().__init__(input_size, hidden_size, bias, device, dtype)
         self._init_backend(backend)
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            h, c = self.script_step(input, [] if hx is None else [hx[0], hx[1]])
+            return h, c
         if hx is not None and not isinstance(hx, (tuple, list)):
             raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
         _out, (h, c) = self._step(input, self._state_list(hx), {})
@@ -306,7 +313,9 @@ class GRUCell(_TorchCell, nn.GRUCell):
         super().__init__(input_size, hidden_size, bias, device, dtype)
         self._init_backend(backend)
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            return self.script_step(input, [] if hx is None else [hx])[0]
         return self._step(input, self._state_list(hx), {})[0]
 
 
@@ -327,5 +336,7 @@ class RNNCell(_TorchCell, nn.RNNCell):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return f"rnn_{self.nonlinearity}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            return self.script_step(input, [] if hx is None else [hx])[0]
         return self._step(input, self._state_list(hx), {})[0]
