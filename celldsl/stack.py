@@ -33,6 +33,7 @@ def zoo_cell(stem: str) -> CompiledCell:
     if cell is None:
         cell = _ZOO_CELLS[stem] = compile_cell(ZOO / f"{stem}.cell")
         register(cell)
+        stores_of(cell)  # cached now: computed inside torch.export's trace, it is a side effect there
     return cell
 
 
