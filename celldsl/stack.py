@@ -65,6 +65,10 @@ class RecurrentStack:
 
     autocast_keeps_input_dtype = False  # under CPU autocast: torch.nn.GRU's results keep it (autocasting.py)
 
+    def _autocast_keeps_input_dtype(self, packed: bool) -> bool:
+        """Whether torch.nn's class returns the input's dtype under CPU autocast (autocasting.py)."""
+        return self.autocast_keeps_input_dtype
+
     # ---- parameters --------------------------------------------------------------------------
 
     @property
@@ -176,7 +180,8 @@ class RecurrentStack:
         with without_autocast(x, cast):
             out, final = self._layers(x.contiguous(), states, extras, batch_sizes)
         if cast is not None:
-            dtype = result_dtype(input_dtype, cast, x.device.type, self.autocast_keeps_input_dtype)
+            keeps = self._autocast_keeps_input_dtype(packed)
+            dtype = result_dtype(input_dtype, cast, x.device.type, keeps)
             out, final = out.to(dtype), [f.to(dtype) for f in final]
         if packed:
             output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)

@@ -95,6 +95,11 @@ class LSTM(_TorchRNN, nn.LSTM):
         self.backend = backend
         self.schedule = check_schedule_argument(zoo_cell(self.stem), backend, schedule)
 
+    def _autocast_keeps_input_dtype(self, packed: bool) -> bool:
+        """torch.nn.LSTM on a PackedSequence (without proj_size) returns the input's dtype under CPU
+        autocast; on padded input autocast's."""
+        return packed and self.proj_size == 0
+
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)

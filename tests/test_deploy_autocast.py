@@ -105,3 +105,20 @@ def test_autocast_states_from_a_previous_bfloat16_call():
         ref_out, _ = ref(x, ref(x)[1])
     assert out.dtype == ref_out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_2layer_bidir", "gru", "rnn_tanh"])
+def test_autocast_packed_sequence_matches_torch_nn(name):
+    """On a PackedSequence torch.nn.LSTM returns float32 under CPU autocast (bfloat16 on padded input)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, ours, x = _pair(name)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]))
+    got = []
+    for module in (ref, ours):
+        with torch.autocast(**AC):
+            out, state = module(packed)
+        got.append([out.data, *(state if isinstance(state, tuple) else (state,))])
+    assert [t.dtype for t in got[1]] == [t.dtype for t in got[0]]
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
