@@ -196,3 +196,34 @@ def test_trace_any_cell():
     for a, b in zip(_flat(layer(x)) + _flat(step(x[0])), _flat(traced_layer(x)) + _flat(traced_step(x[0])),
                     strict=True):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_saved_script_and_trace_load_in_a_fresh_process(tmp_path):
+    """torch.jit.load finds celldsl's op after `import celldsl` alone, in another process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    ref, ours = _pair()
+    x = torch.randn(3, 6, 4)
+    torch.jit.save(torch.jit.script(ours), tmp_path / "scripted.pt")
+    torch.jit.save(torch.jit.trace(ours, (x,)), tmp_path / "traced.pt")
+    torch.save({"x": x, "expected": ref(x)}, tmp_path / "io.pt")
+    code = textwrap.dedent("""
+        import torch
+        import celldsl
+        io = torch.load("io.pt")
+        ok = []
+        for name in ("scripted.pt", "traced.pt"):
+            got = torch.jit.load(name)(io["x"])
+            ok.append(all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, io["expected"])))
+        print(ok)
+    """)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[True, True]"
