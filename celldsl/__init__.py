@@ -6,7 +6,8 @@ from .errors import CellError, CellTensorError, CellWarning
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Cell", "CellError", "CellTensorError", "CellWarning", "CompiledCell", "GRUCell",
-    "LSTMCell", "RNNCell", "Recurrent", "compile_cell", "load_program", "safe_globals", "save_program",
+    "LSTMCell", "RNNCell", "Recurrent", "compile_cell", "load_program", "load_torchscript", "safe_globals",
+    "save_program", "save_torchscript",
 ]
 __version__ = "0.1.0"
 
@@ -36,7 +37,7 @@ def __getattr__(name: str):
         from . import layers
 
         return getattr(layers, name)
-    if name in ("save_program", "load_program"):
+    if name in ("save_program", "load_program", "save_torchscript", "load_torchscript"):
         from . import programs
 
         return getattr(programs, name)

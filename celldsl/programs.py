@@ -1,10 +1,12 @@
-"""torch.export programs that carry their cells: `save_program` and `load_program`.
+"""torch.export programs and TorchScript modules that carry their cells: `save_program` and
+`load_program`, `save_torchscript` and `load_torchscript`.
 
 A program calls celldsl::cell_sequence with a cell's cache key. The key digests celldsl's own source,
 so another celldsl version, or another machine's cache, does not know it (plain `torch.export.load`
 then works only where the cache still has the cell). `save_program` writes each cell's file name and
 text beside the program (torch.export's extra_files); `load_program` compiles those texts again
-and registers them under the recorded keys. The text is parsed, never executed.
+and registers them under the recorded keys. The text is parsed, never executed. The TorchScript pair
+does the same through torch.jit.save's `_extra_files`.
 """
 
 from __future__ import annotations
@@ -63,3 +65,38 @@ def _register_cells(text: str) -> None:
                 and isinstance(record.get("text"), str)):
             raise ValueError(f"{CELLS_FILE}: the cell under key {key!r} has no file name and text")
         register(compile_source(record["filename"], record["text"]), key=key)
+
+
+def torchscript_cell_keys(module: torch.jit.ScriptModule) -> list[str]:
+    """The keys of the cells a scripted (`_script_key` attributes) or traced (constants in its graphs)
+    module runs."""
+    keys = []
+    for sub in module.modules():
+        key = getattr(sub, "_script_key", None)
+        graphs = [sub.graph] if hasattr(sub, "graph") else []
+        found = [key] if isinstance(key, str) else []
+        for graph in graphs:
+            for node in graph.findAllNodes("celldsl::cell_sequence"):
+                value = node.inputsAt(0).toIValue()
+                if isinstance(value, str):
+                    found.append(value)
+        keys.extend(k for k in found if k not in keys)
+    return keys
+
+
+def save_torchscript(module: torch.jit.ScriptModule, f) -> None:
+    """torch.jit.save(module, f) with the text of every cell it runs (CELLS_FILE)."""
+    cells = {}
+    for key in torchscript_cell_keys(module):
+        source = cell_for(key).ir.source
+        cells[key] = {"filename": source.filename, "text": source.text}
+    torch.jit.save(module, f, _extra_files={CELLS_FILE: json.dumps(cells)})
+
+
+def load_torchscript(f, map_location=None) -> torch.jit.ScriptModule:
+    """torch.jit.load(f), then the cells save_torchscript stored, registered under their keys."""
+    extra = {CELLS_FILE: ""}
+    module = torch.jit.load(f, map_location=map_location, _extra_files=extra)
+    text = extra[CELLS_FILE]
+    _register_cells(text.decode("utf-8") if isinstance(text, bytes) else text)
+    return module

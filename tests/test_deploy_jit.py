@@ -227,3 +227,41 @@ def test_saved_script_and_trace_load_in_a_fresh_process(tmp_path):
                           timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[True, True]"
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_save_torchscript_carries_its_cells(tmp_path):
+    """save_torchscript/load_torchscript: scripted and traced models (a Recurrent over a cell
+    torch.nn lacks among them) run where the cache has never seen their cells."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from celldsl.programs import save_torchscript
+
+    ref, ours = _pair()
+    torch.manual_seed(1)
+    any_cell = celldsl.Recurrent("mut1", 4, 4)
+    x = torch.randn(3, 6, 4)
+    save_torchscript(torch.jit.script(ours), tmp_path / "scripted.pt")
+    save_torchscript(torch.jit.trace(ours, (x,)), tmp_path / "traced.pt")
+    save_torchscript(torch.jit.trace(any_cell, (x,)), tmp_path / "any.pt")
+    torch.save({"x": x, "expected": ref(x), "any": any_cell(x)}, tmp_path / "io.pt")
+    code = textwrap.dedent("""
+        import torch
+        import celldsl
+        io = torch.load("io.pt")
+        ok = []
+        for name, key in (("scripted.pt", "expected"), ("traced.pt", "expected"), ("any.pt", "any")):
+            got = celldsl.load_torchscript(name)(io["x"])
+            ok.append(all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, io[key])))
+        print(ok)
+    """)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "CELLDSL_CACHE": str(tmp_path / "empty_cache")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[True, True, True]"
