@@ -265,3 +265,21 @@ def test_save_torchscript_carries_its_cells(tmp_path):
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[True, True, True]"
+
+
+
+def test_scripted_layer_output_takes_inplace_writes():
+    """Scripted, the layer runs the op with its own autograd, which keeps its own copy of out too."""
+    torch.manual_seed(0)
+    ref, ours = nn.GRU(3, 4, dtype=torch.float64), celldsl.GRU(3, 4, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for module in (ref, torch.jit.script(ours)):
+        xs = x.clone().requires_grad_()
+        out, _ = module(xs)
+        out[-1].zero_()
+        (out * out).sum().backward()
+        grads.append([xs.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)

@@ -148,7 +148,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1 + n_finals :])
     ctx.set_materialize_grads(False)
     extra = [batch_sizes] if batch_sizes is not None else []
-    ctx.save_for_backward(x, *states, *params, *output[:1], *output[1 + n_finals :], *extra)
+    history = output[0].clone()  # the backward's own copy of out: the caller may write into out
+    ctx.save_for_backward(x, *states, *params, history, *output[1 + n_finals :], *extra)
 
 
 def _backward(ctx, grads):
