@@ -1,13 +1,34 @@
 """celldsl: recurrent cells written as equations, compiled to fused kernels and drop-in torch layers."""
 
+from . import torch_hook
 from .compiler import CompiledCell, compile_cell
 from .lang.errors import CellError, CellTensorError, CellWarning
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Cell", "CellError", "CellTensorError", "CellWarning", "CompiledCell", "GRUCell",
-    "LSTMCell", "RNNCell", "Recurrent", "compile_cell",
+    "LSTMCell", "RNNCell", "Recurrent", "compile_cell", "load_program", "load_torchscript", "safe_globals",
+    "save_program", "save_torchscript",
 ]
 __version__ = "0.1.0"
+
+torch_hook.install()  # the torch ops, for saved torch.export programs: now, or when torch is imported
+
+
+def safe_globals() -> list:
+    """What `torch.load(..., weights_only=True)` must allow to load a whole saved model holding
+    celldsl's layers: their classes, and `compile_source`, which a Recurrent or Cell over any cell
+    calls with its cell's file name and text (LSTM/GRU/RNN and their cells pickle no cell: theirs
+    are the zoo's). Safe to allow: their state is tensors, numbers and strings, and cell text is
+    parsed, never executed (docs/security.md).
+
+        with torch.serialization.safe_globals([*celldsl.safe_globals(), MyModel, nn.Linear]):
+            model = torch.load(path, weights_only=True)
+    """
+    from . import layers
+    from .compiler import compile_source
+
+    return [layers.LSTM, layers.GRU, layers.RNN, layers.LSTMCell, layers.GRUCell, layers.RNNCell,
+            layers.Recurrent, layers.Cell, compile_source]
 
 
 def __getattr__(name: str):
@@ -16,4 +37,8 @@ def __getattr__(name: str):
         from .nn import layers
 
         return getattr(layers, name)
+    if name in ("save_program", "load_program", "save_torchscript", "load_torchscript"):
+        from . import programs
+
+        return getattr(programs, name)
     raise AttributeError(f"module 'celldsl' has no attribute {name!r}")

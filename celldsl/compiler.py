@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import cache
+from .files import read_regular
 from .lang.errors import CellError, CellWarning, Source, printable
 from .lang.syntax import MAX_FILE_BYTES
 from .resources import ZOO, zoo_names
@@ -162,9 +163,8 @@ def _read(cell) -> Source:
 
 def read_cell_file(path: Path) -> bytes:
     """The bytes of a cell file, at most MAX_FILE_BYTES of them (a device or a huge file is an error)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+    try:  # a FIFO or a device is refused before it is read (a FIFO without a writer never ends)
+        data = read_regular(path, MAX_FILE_BYTES + 1)
     except OSError as err:
         raise CellError(f"cannot read {printable(str(path))}: {err.strerror}", Source("", str(path))) \
             from None
@@ -230,7 +230,7 @@ def compile_key(key: str) -> CompiledCell | None:
     if key in _COMPILED:
         return _COMPILED[key]
     try:
-        record = json.loads((cache.root() / key / "cell.json").read_text(encoding="utf-8"))
+        record = json.loads(cache.read_trusted(cache.root() / key / "cell.json").decode("utf-8"))
         source = Source(record["text"], record["filename"])
     except cache.UnsafeCacheError:
         raise

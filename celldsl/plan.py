@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .lang.errors import CellError
-from .lang.functions import Reduction
+from .lang.errors import CellError, raise_all
+from .lang.functions import Reduction, spread
 from .lang.ir import CellIR, generated, generated_symbols, symbol
+
+ROWS = ("input", "state", "hoisted", "product", "operand")  # roles of values with a row per sequence
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,16 @@ class Pointwise:
     backward_results: list[sp.Expr]
     name: str = ""  # what the emitted code calls it: "hoist", "stage0", "stage1", "stage1_1", ...
     width: str = "H"  # the width of its outputs: a kernel runs over [rows, width]
+    # how each input (by name) is laid out: "full" ([rows, width]), "row" (one value per row, [rows, 1],
+    # broadcast over the columns: its gradient is the sum over them), "vector" ([width]), "scalar"
+    kinds: dict[str, str] = field(default_factory=dict)
+    # outputs of one value per row in a function of another width (a `: 1` state updated from a mean
+    # over H-wide values): stored as [rows, 1]; their gradients enter the backward as spread(g)
+    row_outputs: tuple[str, ...] = ()
+    ref: sp.Symbol | None = None  # the first "full" input: the shape of what the function returns
+
+    def is_row_output(self, name: str) -> bool:
+        return name in self.row_outputs
 
     def forward_ops(self) -> int:
         return _ops([e for _, e in self.forward_temps] + self.forward_results)
@@ -100,19 +112,7 @@ class Plan:
     def width(self, sym: sp.Symbol) -> str:
         """The width (widths.py) of a leaf of the pointwise functions: "1" for scalars, "row" for an
         input of one value per sequence, else the width its values have."""
-        role, ir = self.roles[sym], self.ir
-        if role == "scalar":
-            return "1"
-        if role in ("hoisted", "product"):
-            return next(
-                w
-                for g in [*self.hoisted, *self.gemms]
-                for p, w in zip(g.products, g.widths, strict=True)
-                if p == sym
-            )
-        if role == "operand":
-            return next(g.operand_size for g in self.gemms if g.operand == sym)
-        return ir.width(ir.shifted.get(sym.name, (sym.name,))[0])
+        return _leaf_width(sym, self.roles, self.ir, [*self.hoisted, *self.gemms])
 
     def role(self, sym: sp.Symbol) -> str:
         """input | state | vector | scalar | hoisted | product | operand."""
@@ -132,6 +132,17 @@ class Plan:
         return saved
 
 
+def _leaf_width(sym: sp.Symbol, roles: dict, ir: CellIR, gemms: list[Gemm]) -> str:
+    role = roles[sym]
+    if role == "scalar":
+        return "1"
+    if role in ("hoisted", "product"):
+        return next(w for g in gemms for p, w in zip(g.products, g.widths, strict=True) if p == sym)
+    if role == "operand":
+        return next(g.operand_size for g in gemms if g.operand == sym)
+    return ir.width(ir.shifted.get(sym.name, (sym.name,))[0])
+
+
 def _ops(exprs) -> int:
     return int(sum(sp.count_ops(e) for e in exprs))
 
@@ -141,19 +152,26 @@ def _leaves(expr: sp.Expr) -> set[sp.Symbol]:
 
 
 def make_pointwise(
-    stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "", width: str = "H"
+    stage: int, outputs: list[tuple[str, sp.Expr]], differentiable, name: str = "", width: str = "H",
+    row_outputs: tuple[str, ...] = (), extra_inputs: tuple[sp.Symbol, ...] = (),
 ) -> Pointwise:
-    """Build the fused function and derive its backward symbolically (chain rule + CSE)."""
+    """Build the fused function and derive its backward symbolically (chain rule + CSE).
+
+    `row_outputs` are outputs of one value per row in a function of another width: their gradients
+    are seeded as spread(g) (functions.spread), so that the sums over the columns that the backward
+    takes (of a broadcast value, of a sum) give g. `extra_inputs` are inputs no output reads (a
+    state that gives the function its shape, see build_plan)."""
     exprs = [e for _, e in outputs]
-    inputs = sorted(set().union(*(_leaves(e) for e in exprs)) if exprs else set(), key=lambda s: s.name)
+    leaves = set().union(*(_leaves(e) for e in exprs)) if exprs else set()
+    inputs = sorted(leaves | set(extra_inputs), key=lambda s: s.name)
     temps, results = cse(exprs, "t")
     grad_outputs = tuple(symbol(f"grad[{name}]") for name, _ in outputs)
     grad_inputs = tuple(s for s in inputs if differentiable(s))
     # Vector-Jacobian product: d input = sum_j grad_j * d output_j / d input. Differentiate the
     # CSE'd form so shared subexpressions are differentiated once (reverse mode over the temps).
     reverse = _ReverseMode()
-    for g, r in zip(grad_outputs, results, strict=True):
-        reverse.add(r, g)
+    for (out, _), g, r in zip(outputs, grad_outputs, results, strict=True):
+        reverse.add(r, spread(g) if out in row_outputs else g)
     for t, e in reversed(temps):
         if t in reverse.adjoint:
             reverse.add(e, sp.Add(*reverse.adjoint.pop(t)))
@@ -181,6 +199,7 @@ def make_pointwise(
         backward_results=bresults,
         name=name or (f"stage{stage}" if stage >= 0 else "hoist"),
         width=width,
+        row_outputs=tuple(n for n, _ in outputs if n in row_outputs),
     )
 
 
@@ -395,33 +414,72 @@ def build_plan(ir: CellIR) -> Plan:
         return roles.get(s) in ("input", "state", "vector", "scalar", "hoisted", "product")
 
     operand_width = {g.operand.name: g.operand_size for g in [*hoisted, *gemms]}
+    all_gemms = [*hoisted, *gemms]
+    errors: list[CellError] = []
 
     def width(output: str) -> str:
         if output in operand_width:
             return operand_width[output]
         return ir.width(output[:-1] if output.endswith("'") else output)
 
+    def group_width(output: str, expr: sp.Expr) -> str:
+        """The width of the function that computes an output: its own, except for one value per row
+        computed by means or sums, which runs over the columns they reduce (H before others)."""
+        w = width(output)
+        if w != "row":
+            return w
+        over = {ir.reduced[r][0] for r in expr.atoms(Reduction) if r in ir.reduced}
+        return min(over, key=lambda v: (v != "H", v), default="row")
+
+    def check_reductions(w: str, group: list) -> None:
+        """A mean or sum in a function must be over values of the function's width: every offending
+        place is reported (in text order, by raise_all)."""
+        for _name, e in group:
+            for r in sorted(e.atoms(Reduction), key=sp.default_sort_key):
+                over, locs = ir.reduced.get(r, (w, ()))
+                if over == w:
+                    continue
+                for loc in locs:
+                    errors.append(CellError(
+                        f"a mean or sum over {over}-wide values is used here by {w}-wide values in the same "
+                        "step stage: not supported (a kernel runs over one width)", ir.source, loc))
+
+    def leaf_kind(sym: sp.Symbol, w: str) -> str:
+        role = roles[sym]
+        if role in ("vector", "scalar"):
+            return role
+        return "row" if w != "row" and _leaf_width(sym, roles, ir, all_gemms) == "row" else "full"
+
+    def shape_input(stage: int, w: str, group: list) -> tuple[sp.Symbol, ...]:
+        """A function whose outputs read nothing with a row per sequence of its width (`h' = 0.5 * b`,
+        `n' = 0.5 * n` with n declared `: 1`... ) still returns [rows, width]: it takes the previous value
+        of a state of that width (or an input) as an extra input that sets the shape."""
+        leaves = set().union(*(_leaves(e) for _, e in group))
+        if any(roles.get(s) in ROWS and _leaf_width(s, roles, ir, all_gemms) == w for s in leaves):
+            return ()
+        names = [s for s in ir.states if ir.width(s) == w] if stage >= 0 else []
+        names += [i for i in ir.inputs if ir.width(i) == w]
+        # none (a hoisted operand t * v of an input `t : 1` and a vector): the emitters broadcast as
+        # before, from the inputs the function has
+        return (symbol(names[0]),) if names else ()
+
     def pointwise_of(stage: int, outs: list, base: str) -> list[Pointwise]:
         """One fused function per width of its outputs (a kernel runs over [rows, width]): a stage whose
         outputs have two widths (lstm_proj: c is H wide, h P wide) is two functions, base and base_1.
-        A mean or sum in a function must be over values of the function's width."""
+        One value per row computed by a mean or sum joins the function of the width it reduces."""
         by_width: dict[str, list] = {}
         for out in outs:
-            by_width.setdefault(width(out[0]), []).append(out)
-        for w, group in by_width.items():
-            for r in set().union(*(e.atoms(Reduction) for _, e in group)):
-                over, loc = ir.reduced.get(r, (w, None))
-                if over != w and w != "row":
-                    raise CellError(
-                        f"a mean or sum over {over}-wide values is used here by {w}-wide values in the "
-                        "same step stage: not supported (a kernel runs over one width)",
-                        ir.source,
-                        loc,
-                    )
-        return [
-            make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w)
-            for i, (w, group) in enumerate(by_width.items())
-        ]
+            by_width.setdefault(group_width(*out), []).append(out)
+        made = []
+        for i, (w, group) in enumerate(by_width.items()):
+            check_reductions(w, group)
+            rows = tuple(n for n, _ in group if w != "row" and width(n) == "row")
+            pw = make_pointwise(stage, group, differentiable, base if i == 0 else f"{base}_{i}", w, rows,
+                                shape_input(stage, w, group))
+            pw.kinds = {s.name: leaf_kind(s, w) for s in pw.inputs}
+            pw.ref = next((s for s in pw.inputs if pw.kinds[s.name] == "full" and roles[s] in ROWS), None)
+            made.append(pw)
+        return made
 
     hoist_pointwise = pointwise_of(-1, operand_outputs[0], "hoist") if operand_outputs.get(0) else []
     pointwise = []
@@ -432,6 +490,8 @@ def build_plan(ir: CellIR) -> Plan:
         if k == 0 and not outs:
             continue  # stage-1 operands are plain states: nothing to compute before the first GEMM
         pointwise += pointwise_of(k, outs, f"stage{k}")
+    unique = {(e.line, e.column, e.message): e for e in errors}  # one place may offend in several functions
+    raise_all(list(unique.values()))
     return Plan(
         ir=ir,
         hoisted=hoisted,

@@ -6,7 +6,10 @@
 - keys follow the text, the file name and the compiler's own source (a cache written by another
   version of celldsl is never read back);
 - a cache folder another user owns, or that others can write to (or a non-sticky parent they can
-  write to), is refused with UnsafeCacheError; one that cannot be written costs only speed;
+  write to), is refused with UnsafeCacheError, checked where it resolves (a symlink changes nothing);
+  so is an entry folder inside it; a file of another user or one others can write is replaced, never
+  loaded; folders are 0700 whatever the umask; one that cannot be written costs only speed; a full
+  disk is an error that says so;
 - the C kernels' .so is loaded only when it matches its recorded checksum: truncated, empty, garbage
   or another cell's library is rebuilt (each case in a fresh process, where a bad load would crash);
 - concurrent writers never leave a broken file.
@@ -212,7 +215,7 @@ with warnings.catch_warnings():
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     assert isinstance(fused.compiled.cpu_loop, FusedCPULoop)
-    print(float((fused(x)[0] - plain(x)[0]).abs().max()))
+    print(fused.compiled.key, float((fused(x)[0] - plain(x)[0]).abs().max()))
 """
 
 CORRUPTIONS = {
@@ -254,7 +257,9 @@ def test_a_corrupt_library_is_rebuilt(built, private, how):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr  # a signal would give a negative return code
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-12
+    key, diff = out.stdout.strip().splitlines()[-1].split()
+    assert key == compile_cell("rnn_tanh").key, "celldsl's source changed while the test ran: run it again"
+    assert float(diff) < 1e-12
     assert cache.verified(_library("rnn_tanh", private))
 
 
@@ -313,5 +318,179 @@ def test_two_processes_building_into_one_cache(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        assert float(out.strip().splitlines()[-1]) < 1e-12
+        assert float(out.strip().splitlines()[-1].split()[-1]) < 1e-12
     assert not list((tmp_path / "shared").glob("**/*.tmp"))
+
+
+# ---- issue 24: the resolved folder, entry folders and files, the umask, a full disk ---------------------
+
+as_root = pytest.mark.skipif(
+    not hasattr(os, "getuid") or os.getuid() != 0, reason="giving a folder to another user needs root"
+)
+OTHER_UID = 12345  # "another user": any uid that is neither this process's nor root's
+
+CONSTRUCTOR_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("ran", f); fclose(f); }
+}
+"""
+
+
+@as_root
+@needs_cc
+def test_a_library_in_an_entry_folder_another_user_owns_is_never_loaded(private, tmp_path):
+    """Issue 24, finding 4: the cache root is ours (0755), the entry folder is another user's, and the
+    library there has a matching checksum: its constructor once ran. Now the folder is refused."""
+    cell = compile_cell("rnn_tanh")
+    lib, why = cpu_fused.build_library(cell)
+    assert lib is not None, why
+    private.chmod(0o755)
+    (victim,) = private.glob(f"{cell.key}/cpu_kernels_*.so")
+    marker = tmp_path / "constructor-ran"
+    src = tmp_path / "planted.c"
+    src.write_text(CONSTRUCTOR_C)
+    build = ["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(victim), str(src)]
+    subprocess.run(build, check=True)
+    cache.seal(victim)  # the checksum matches the planted bytes
+    entry = victim.parent
+    entry.chmod(0o755)
+    for path in [entry, *entry.iterdir()]:
+        os.chown(path, OTHER_UID, -1)
+    cpu_fused._gemm_libraries.clear()
+    with pytest.raises(cache.UnsafeCacheError, match=f"belongs to another user \\(uid {OTHER_UID}\\)"):
+        cpu_fused.build_library(cell)
+    assert not marker.exists()
+
+
+@as_root
+def test_a_cache_file_another_user_owns_is_replaced_not_loaded(private):
+    """A file of another user in our own entry folder (a hard link, say) could change after it was
+    checked: it is replaced by a file of ours before it is imported, even when it holds the right text."""
+    cell = compile_cell("rnn_tanh", use_cache=False)
+    cell.torch_module  # noqa: B018 - writes torch_cell.py
+    planted = private / cell.key / "torch_cell.py"
+    os.chown(planted, OTHER_UID, -1)
+    assert compile_cell("rnn_tanh", use_cache=False).torch_module.stage1_forward
+    assert planted.stat().st_uid == os.getuid()
+
+
+def test_a_cache_file_others_can_write_to_is_replaced_not_loaded(private):
+    cell = compile_cell("rnn_tanh", use_cache=False)
+    cell.torch_module  # noqa: B018
+    planted = private / cell.key / "torch_cell.py"
+    planted.chmod(0o666)
+    assert compile_cell("rnn_tanh", use_cache=False).torch_module.stage1_forward
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+
+
+def test_a_symlink_to_a_cache_others_can_write_above_is_refused(tmp_path, monkeypatch):
+    """Finding 5: the symlink once passed where the folder it names, given directly, was refused (only
+    the path as written and its own parents were checked)."""
+    shared = tmp_path / "shared"
+    (shared / "cache").mkdir(parents=True, mode=0o700)
+    shared.chmod(0o777)
+    (tmp_path / "home").mkdir(mode=0o700)
+    link = tmp_path / "home" / "cache"
+    link.symlink_to(shared / "cache")
+    for given in (shared / "cache", link):
+        monkeypatch.setenv("CELLDSL_CACHE", str(given))
+        with pytest.raises(cache.UnsafeCacheError, match="shared.* above it"):
+            cache.root()
+    with pytest.raises(cache.UnsafeCacheError):
+        compile_cell("rnn_tanh", use_cache=False).torch_module  # noqa: B018
+
+
+def test_a_symlink_to_a_cache_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "open")
+    monkeypatch.setenv("CELLDSL_CACHE", str(link))
+    with pytest.raises(cache.UnsafeCacheError, match="open it resolves to \\(mode 777\\)"):
+        cache.root()
+
+
+def test_a_symlink_to_a_private_cache_is_used_by_the_folder_it_names(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    monkeypatch.setenv("CELLDSL_CACHE", str(link))
+    assert cache.root() == (tmp_path / "real").resolve()  # a later swap of the link changes nothing
+
+
+@pytest.mark.parametrize("via", ["root", "entry"])
+def test_an_entry_folder_others_can_write_to_is_refused(private, via):
+    cell = compile_cell("rnn_tanh", use_cache=False)
+    cell.torch_module  # noqa: B018
+    (private / cell.key).chmod(0o777 if via == "entry" else 0o700)
+    if via == "root":
+        private.chmod(0o777)
+    with pytest.raises(cache.UnsafeCacheError, match="other users can write"):
+        compile_cell("rnn_tanh", use_cache=False).torch_module  # noqa: B018
+
+
+def test_folders_are_private_whatever_the_umask(tmp_path, monkeypatch):
+    """Finding 6: with umask 002 ~/.cache was made 0775 (then refused as group-writable); so was every
+    folder made on the way (triton/, __pycache__/). Each is now 0700, and no .pyc is written."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("CELLDSL_CACHE", str(home / ".cache" / "celldsl"))
+    before = os.umask(0o002)
+    try:
+        root = cache.root()
+        cache.atomic_write(root / "triton" / "abc" / "cell.py", b"x = 1\n")
+        module = compile_cell("rnn_tanh", use_cache=False).torch_module
+    finally:
+        os.umask(before)
+    assert hasattr(module, "stage1_forward")
+    folders = [home / ".cache", *[p for p in (home / ".cache").rglob("*") if p.is_dir()]]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}, folders
+    assert not list(home.rglob("__pycache__")) and not list(home.rglob("*.pyc"))
+
+
+@pytest.fixture
+def full_disk(private, monkeypatch):
+    """Every write of a file fails with ENOSPC, as on a full disk (reads still work)."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cache.root()
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a: Full(fd, mode) if "w" in mode else
+                        real_fdopen(fd, mode, *a))
+    return private
+
+
+def test_a_full_disk_is_a_clear_error(full_disk):
+    """Finding 10 (cache side): ENOSPC once ended in a bare traceback from deep in the cache."""
+    import errno
+
+    with pytest.raises(cache.CacheWriteError) as info:
+        compile_cell("rnn_tanh", use_cache=False).torch_module  # noqa: B018
+    message = str(info.value)
+    assert message.startswith(f"cannot write {full_disk}") and "No space left on device" in message
+    assert "CELLDSL_CACHE" in message and info.value.errno == errno.ENOSPC
+    assert not list(full_disk.rglob("*.tmp"))
+
+
+@needs_cc
+def test_a_full_disk_during_a_c_build_is_a_reason_not_a_traceback(full_disk):
+    """The C path keeps its design for a failed build: (None, why), which cpu_loop turns into a warning
+    and the torch loop; the reason names the disk, not a failing compiler."""
+    lib, why = cpu_fused.build_library(compile_cell("rnn_tanh", use_cache=False))
+    assert lib is None and why.startswith("cannot build in ") and "No space left on device" in why, why

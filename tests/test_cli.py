@@ -1,5 +1,6 @@
 """The `celldsl` command: `check` and `explain`, exit codes, and error output without tracebacks."""
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -194,3 +195,67 @@ def test_check_and_explain_do_not_import_torch():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[0, 0] False"
+
+
+# ---- issue 24: one line per error, no hang on a FIFO -------------------------------------------------
+
+
+def test_check_on_a_fifo_is_a_located_error_not_a_hang(tmp_path):
+    """Finding 12: `celldsl check` on a FIFO without a writer once waited forever."""
+    fifo = tmp_path / "pipe.cell"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "celldsl.cli", "check", str(fifo)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, CELLDSL_CACHE=str(tmp_path / "c")))
+    assert done.returncode == 1
+    said = "it is a FIFO (named pipe), not a regular file"
+    assert done.stderr == f"{fifo}: error: cannot read {fifo}: {said}\n"
+
+
+def test_check_on_a_folder_says_so(tmp_path, capsys):
+    code, _, err = run(capsys, "check", str(tmp_path))
+    said = "it is a folder, not a regular file"
+    assert code == 1 and err == f"{tmp_path}: error: cannot read {tmp_path}: {said}\n"
+
+
+def test_train_with_an_unsafe_cache_is_one_line(tmp_path):
+    """Finding 14: UnsafeCacheError once reached the user as a traceback."""
+    unsafe = tmp_path / "cache"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    argv = ["train", "adding", "--cell", str(ROOT / "cells" / "lstm.cell"), "--steps", "1", "--hidden", "3",
+            "--out", str(tmp_path / "run"), "--quiet", "--no-pictures"]
+    done = subprocess.run([sys.executable, "-m", "celldsl.cli", *argv], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, CELLDSL_CACHE=str(unsafe)))
+    assert done.returncode == 1, done.stderr
+    said = f"celldsl: error: refusing the cache folder {unsafe}: other users can write"
+    assert done.stderr.startswith(said)
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (PermissionError(13, "Permission denied", "/x/y"), "celldsl: error: /x/y: Permission denied"),
+    (FileNotFoundError(2, "No such file or directory"), "celldsl: error: No such file or directory"),
+    (ValueError("--lr must be positive\nand \x1b[2J"),
+     "celldsl: error: --lr must be positive\\nand \\x1b[2J"),
+    (RuntimeError("boom"), "celldsl: internal error: RuntimeError: boom (this is a bug in celldsl; "
+                           "CELLDSL_DEBUG=1 shows the traceback)"),
+])
+def test_every_error_that_reaches_main_is_one_line(monkeypatch, capsys, error, line):
+    import celldsl.cli.main as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.delenv("CELLDSL_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "run_list", fail)
+    code, out, err = run(capsys, "list")
+    assert code == 1 and out == "" and err == line + "\n"
+    monkeypatch.setenv("CELLDSL_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(type(error)):
+        main(["list"])
+
+
+def test_a_usage_error_exits_with_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check"])
+    assert info.value.code == 2

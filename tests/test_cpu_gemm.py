@@ -314,3 +314,39 @@ def test_a_layers_weight_gradients_run_on_the_chosen_backend(private_cache, forc
     assert rel_err(want[0][:3], got[0][:3]) < 1e-12 and rel_err(want[1], got[1]) < 1e-12
     if force is None:
         assert any(key.startswith("weight_grad/f64/") for key in read_choices(private_cache))
+
+
+@needs_cc
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "group-writable"])
+def test_a_cache_file_that_is_not_a_private_regular_file_is_measured_again(private_cache, tmp_path, planted):
+    """Issue 24, finding 12: a FIFO in place of cpu_gemm.json once blocked the first GEMM forever (no
+    writer). Now it is opened without blocking, refused, measured again and replaced by a regular file;
+    so is a symlink or a file others could write to."""
+    import os
+    import stat
+    import threading
+
+    path = private_cache / cpu_gemm.CACHE_FILE
+    site = cpu_gemm.site("step", torch.float32, 2, 5, 20)
+    lib = gemm_lib()
+    names = cpu_gemm.candidates("step", torch.float32, True)
+    header = {"format": cpu_gemm.FORMAT, "machine": cpu_gemm._machine()}
+    planted_entry = {"choice": "mm", "seconds": dict.fromkeys(names, 123.0)}
+    valid = json.dumps({**header, "sites": {site.key: planted_entry}})
+    if planted == "fifo":
+        os.mkfifo(path, 0o600)
+    elif planted == "symlink":
+        (tmp_path / "elsewhere.json").write_text(valid)
+        path.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        path.write_text(valid)
+        path.chmod(0o666)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(cpu_gemm.choose(site, lib)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "cpu_gemm.choose blocked on the planted cache file"
+    info = path.lstat()
+    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    entry = read_choices(private_cache)[site.key]  # measured here, not read from the planted file
+    assert entry["choice"] == done[0] and 123.0 not in entry["seconds"].values()

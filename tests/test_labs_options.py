@@ -64,8 +64,9 @@ def test_train_command_with_the_graves_preset_writes_its_settings(tmp_path, caps
     assert "\r" not in text  # not a terminal: plain lines, one per evaluation
     assert [line for line in text.splitlines() if " step 1: " in line or " step 2: " in line]
     assert "seq/s" in text
-    assert cli.main(["train", "adding", "--cell", LSTM, "--preset", "graves", "--out", str(out)]) == 2
-    assert "for the copy task" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["train", "adding", "--cell", LSTM, "--preset", "graves", "--out", str(out)])
+    assert usage.value.code == 2 and "for the copy task" in capsys.readouterr().err
 
 
 def test_elementwise_clipping_bounds_every_gradient_entry(tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def test_task_options_are_checked():
         make_task("nope")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["T"])
-    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic", "translate"}
+    assert set(TASKS) == {"copy", "adding", "chorales", "arithmetic", "translate", "mqar"}
 
 
 def test_chorale_split_rule_gives_the_documented_sizes():

@@ -244,8 +244,9 @@ def test_commands_run_and_report_bad_options(tmp_path, capsys):
     assert cli.main([*drop, *more]) == 0
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["lr_schedule"][-1] == [2, 1e-4]
     capsys.readouterr()
-    assert cli.main(["train", "copy", "--cell", LSTM, "-o", "nope=1", "--out", out]) == 2
-    assert "no option 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a bad option is a usage error
+        cli.main(["train", "copy", "--cell", LSTM, "-o", "nope=1", "--out", out])
+    assert usage.value.code == 2 and "no option 'nope'" in capsys.readouterr().err
     budget = ["compare", "copy", LSTM, GRU, "--param-budget", "400", "--out", str(tmp_path / "c"), *common]
     assert cli.main(budget) == 0
     assert "a parameter budget of 400" in (tmp_path / "c" / "results.md").read_text()

@@ -162,6 +162,42 @@ def test_what_the_tiles_cannot_hold_is_refused_with_the_reason(cell, capsys):
         celldsl.Recurrent(cell, 8, 8, backend="triton", schedule="persistent")
 
 
+ROW_STATE_DENSE = """
+cell row_state_dense
+input x
+state h
+state n : 1
+output h
+param W, U
+n' = 0.5 * n
+h' = tanh(W @ prev(x) + U @ h) + n'
+"""
+
+ROW_STATE_COLUMN = """
+cell row_state_column
+input x
+state h
+state n : 1
+output h
+param W
+n' = 0.5 * n
+h' = 0.5 * h + W @ prev(x) + n'
+"""
+
+
+@pytest.mark.parametrize("text", [ROW_STATE_DENSE, ROW_STATE_COLUMN], ids=["dense", "column"])
+def test_a_row_state_is_refused_by_every_schedule_with_the_reason(text):
+    """A `: 1` state (one value per sequence) fits no [rows, H] tile: every schedule the recurrence
+    could take says so (the column ones before their own reasons), and forcing one is a ValueError."""
+    why = declines(compile_cell(text).plan)
+    assert why["graphed"] is None
+    kinds = ("persistent", "fused_step") if text is ROW_STATE_DENSE else ("time_loop", "scan")
+    for s in kinds:
+        assert why[s] and "the state n is one value per sequence (`: 1`)" in why[s], why
+        with pytest.raises(ValueError, match=re.escape("the state n is one value per sequence")):
+            celldsl.Recurrent(text, 3, 4, backend="triton", schedule=s)
+
+
 def test_torch_lstm_with_proj_size_refuses_the_dense_schedules():
     """celldsl.LSTM(proj_size=P) runs cells/lstm_proj.cell, whose h is P wide."""
     with pytest.raises(ValueError, match="the state h is P wide"):

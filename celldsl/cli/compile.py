@@ -274,9 +274,9 @@ def run(args: argparse.Namespace) -> int:
     except CellError as e:
         print(e, file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
-        print(f"celldsl compile: error: {printable(str(e))}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # one line, as every error of the `celldsl` command (cli.py)
+        print(f"celldsl: error: {printable(str(e))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,8 +7,9 @@
     celldsl explain cells/lstm.cell --sizes N=16,H=768   # ... and the Triton schedule at those sizes
     celldsl list                     # the zoo: name and doc line of every shipped cell
 
-A bad cell file prints `file:line:col: error: message`, the line and a caret on stderr, never a
-traceback (set CELLDSL_DEBUG=1 to get one for an internal error).
+A bad cell file prints `file:line:col: error: message`, the line and a caret on stderr; any other
+error is one line, `celldsl: error: ...` (exit code 1; 2 for a usage error), never a traceback (set
+CELLDSL_DEBUG=1 to get one).
 """
 
 from __future__ import annotations
@@ -146,8 +147,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         labs_cli.register(sub)
     from . import compile as triton_cli
+    from ..export import cli as export_cli
 
     triton_cli.register(sub)
+    export_cli.register(sub)
     return parser
 
 
@@ -158,12 +161,34 @@ def main(argv: list[str] | None = None) -> int:
         except (AttributeError, ValueError):
             pass
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)  # a usage error exits with 2
     try:
         return args.func(args)
     except BrokenPipeError:  # `celldsl explain x | head`: stop quietly, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error the user sees is one line (see error_line)
+        if os.environ.get("CELLDSL_DEBUG"):
+            raise
+        print(error_line(err), file=sys.stderr)
+        return 1
+
+
+def error_line(err: Exception) -> str:
+    """What `celldsl` prints for an error that reached it: a cell file's located error as it is; a
+    refused cache, a file that cannot be read or written (OSError) and a refused value (ValueError) as
+    `celldsl: error: ...`; anything else is a bug, said so."""
+    if isinstance(err, CellError):
+        return str(err)
+    if isinstance(err, OSError | ValueError):
+        text = str(err)
+        if isinstance(err, OSError) and err.strerror and type(err).__str__ is OSError.__str__:
+            text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror  # no "[Errno 2]"
+        return f"celldsl: error: {printable(text)}"
+    return (f"celldsl: internal error: {type(err).__name__}: {printable(str(err))} (this is a bug in "
+            "celldsl; CELLDSL_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ on their own.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .optim import OPTIMIZERS
@@ -25,6 +26,41 @@ TASK_HELP = "; ".join(
 )
 
 
+def _number(kind, low: float, low_ok: bool, high: float | None = None, what: str = ""):
+    """An argparse type: a finite number of `kind` above `low` (or equal to it, with `low_ok`) and below
+    `high`; anything else is a usage error that says the range, never a silent default."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        inside = (value >= low if low_ok else value > low) and (high is None or value < high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 0, False, what="a positive integer")
+COUNT = _number(int, 0, True, what="an integer, 0 or more")
+POSITIVE = _number(float, 0, False, what="a positive number")
+NOT_NEGATIVE = _number(float, 0, True, what="a number, 0 or more")
+FRACTION = _number(float, 0, False, 1, what="a number between 0 and 1")
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="the benchmark")
     p.add_argument(
@@ -33,38 +69,47 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="a paper's settings; options given here override them: "
         + "; ".join(f"{n} ({PRESETS[n].task})" for n in preset_names()),
     )
-    p.add_argument("--layers", type=int, help="stacked recurrent layers (default 1)")
-    p.add_argument("--steps", type=int, help="training steps (default: the task's)")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the task's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    p.add_argument("--layers", type=POSITIVE_INT, help="stacked recurrent layers (default 1)")
+    p.add_argument("--steps", type=COUNT, help="training steps (default: the task's)")
+    p.add_argument("--batch", type=POSITIVE_INT, help="sequences per step (default: the task's)")
+    p.add_argument("--lr", type=POSITIVE, help="learning rate (default: the task's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
-    p.add_argument("--clip", type=float, help="gradient-norm clip, 0 for none (default 1)")
-    p.add_argument("--clip-value", type=float, help="elementwise gradient clip to [-v, v], 0 for none")
-    p.add_argument("--weight-noise", type=float, help="std of Gaussian weight noise per step (default 0)")
+    p.add_argument("--clip", type=NOT_NEGATIVE, help="gradient-norm clip, 0 for none (default 1)")
+    p.add_argument("--clip-value", type=NOT_NEGATIVE, help="elementwise gradient clip to [-v, v], 0 for none")
+    p.add_argument(
+        "--weight-noise", type=NOT_NEGATIVE, help="std of Gaussian weight noise per step (default 0)"
+    )
     p.add_argument(
         "--patience",
-        type=int,
+        type=COUNT,
         metavar="K",
         help="early stopping after K evaluations without a better valid metric",
     )
     p.add_argument(
         "--lr-plateau",
-        type=int,
+        type=COUNT,
         metavar="K",
         help="multiply the learning rate by --lr-factor after K evaluations without a better valid "
         "metric (counted again from each change); default 0, never",
     )
     p.add_argument(
-        "--lr-factor", type=float, metavar="F", help="the factor of --lr-plateau (default 10^-0.5 = 0.316)"
+        "--lr-factor", type=FRACTION, metavar="F", help="the factor of --lr-plateau (default 10^-0.5 = 0.316)"
     )
-    p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--eval-every", type=POSITIVE_INT, help="steps between evaluations and checkpoints")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads, 0 = torch's default (default 1)"
+        "--threads", type=COUNT, default=1, help="torch CPU threads, 0 = torch's default (default 1)"
     )
     p.add_argument("--out", help="output directory (default under runs/)")
-    p.add_argument(
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint in the output directory"
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the output directory (without this or --resume, such a "
+        "folder is refused)",
     )
     p.add_argument(
         "-o",
@@ -96,7 +141,7 @@ SHARED = {
     "layers": 1, "steps": None, "batch": None, "lr": None, "optimizer": "adam", "clip": 1.0,
     "clip_value": 0.0, "weight_noise": 0.0, "patience": 0, "lr_plateau": 0, "lr_factor": 10**-0.5,
     "eval_every": None, "device": "cpu",
-    "threads": 1, "out": None, "resume": False,
+    "threads": 1, "out": None, "resume": False, "overwrite": False,
 }  # fmt: skip
 
 
@@ -112,10 +157,24 @@ def settings(args: argparse.Namespace, extra: tuple[str, ...]) -> dict:
     return out
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+def _checked_settings(args: argparse.Namespace, extra: tuple[str, ...], usage) -> dict:
+    """settings(), with a bad preset or task option reported as a usage error (exit 2)."""
+    from .tasks import make_task
 
-    s = settings(args, ("hidden", "set_lr"))
+    try:
+        s = settings(args, extra)
+        make_task(s["task"], s["task_options"])
+    except ValueError as err:
+        usage(str(err))
+    return s
+
+
+def run_train(args: argparse.Namespace, usage) -> int:
+    from .train import SET_LR_NEEDS_RESUME, TrainConfig, train
+
+    s = _checked_settings(args, ("hidden", "set_lr"), usage)
+    if s["set_lr"] is not None and not s["resume"]:
+        usage(SET_LR_NEEDS_RESUME)
     summary = train(TrainConfig(cell=args.cell, seed=args.seed, **s))
     final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
     name, params = summary["cell_name"], summary["parameters"]
@@ -125,10 +184,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(args: argparse.Namespace, usage) -> int:
     from .compare import CompareConfig, compare
 
-    s = settings(args, ("hidden", "param_budget"))
+    s = _checked_settings(args, ("hidden", "param_budget"), usage)
     if isinstance(s["hidden"], int):  # a preset's single size
         s["hidden"] = [s["hidden"]]
     if args.hidden or args.param_budget:  # the command line's choice replaces the preset's
@@ -146,16 +205,16 @@ def register(subparsers) -> None:
     )
     _common(p)
     p.add_argument("--cell", required=True, help="the .cell file")
-    p.add_argument("--hidden", type=int, help="hidden size (default: the task's)")
+    p.add_argument("--hidden", type=POSITIVE_INT, help="hidden size (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--set-lr",
-        type=float,
+        type=POSITIVE,
         metavar="LR",
         help="with --resume: go on at this learning rate from the checkpoint's step (a drop by hand; "
         "--lr stays the rate the run started at; metrics.json's lr_schedule records it)",
     )
-    p.set_defaults(func=_guard(run_train, "train"))
+    p.set_defaults(func=_guard(run_train, p))
 
     p = subparsers.add_parser(
         "compare",
@@ -167,32 +226,48 @@ def register(subparsers) -> None:
     p.add_argument("cells", nargs="+", metavar="FILE", help=".cell files")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
-        "--param-budget", type=int, metavar="P", help="pick each hidden size to fit P parameters"
+        "--param-budget", type=POSITIVE_INT, metavar="P", help="pick each hidden size to fit P parameters"
     )
     size.add_argument(
         "--hidden", type=_hidden_list, metavar="H", help="hidden size, or one per cell: 100,46,36"
     )
     p.add_argument(
-        "--seeds", type=int, default=1, metavar="K", help="runs per cell, seeds --seed .. --seed+K-1"
+        "--seeds", type=POSITIVE_INT, default=1, metavar="K", help="runs per cell, seeds --seed .. --seed+K-1"
     )
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.set_defaults(func=_guard(run_compare, "compare"))
+    p.set_defaults(func=_guard(run_compare, p))
 
 
-def _guard(func, name: str):
-    """Turn expected errors (bad options, a bad cell file, a mismatched checkpoint) into messages:
-    celldsl.CellError is a ValueError and already points into the file."""
+def _guard(func, parser: argparse.ArgumentParser):
+    """Turn what a run refuses (a bad cell file, a mismatched or damaged checkpoint, a run folder in
+    use or not ours, an unsafe cache, a full disk) into one `celldsl: error: ...` line (a cell
+    file's error as the compiler writes it) and exit status 1, never a traceback; Ctrl-C or `kill`
+    exits 130. A bad command line is a usage error (argparse's message, exit 2)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return func(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"celldsl {name}: error: {e}", file=sys.stderr)
-            return 2
+            return func(args, parser.error)
+        except (ValueError, OSError, ArithmeticError) as err:
+            print(error_line(err), file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 130
 
     return run
+
+
+def error_line(err: BaseException) -> str:
+    """The message of an expected error: a cell file's as the compiler writes it (`file:line:col:
+    error: ...`, line and caret included), any other as one `celldsl: error: ...` line."""
+    from ..lang.errors import CellError
+
+    if isinstance(err, CellError):
+        return str(err)
+    if isinstance(err, OSError) and type(err).__str__ is OSError.__str__ and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return "celldsl: error: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

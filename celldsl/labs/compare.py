@@ -44,6 +44,7 @@ class CompareConfig:
     device: str = "cpu"
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False  # replace the runs already in the folders (see train.TrainConfig)
     eval_every: int | None = None
     clip: float = 1.0
     clip_value: float = 0.0
@@ -109,6 +110,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 device=cfg.device,
                 out=str(out / label / f"seed{cfg.seed + k}"),
                 resume=cfg.resume,
+                overwrite=cfg.overwrite,
                 eval_every=cfg.eval_every,
                 clip=cfg.clip,
                 clip_value=cfg.clip_value,

@@ -17,23 +17,54 @@ from typing import Any
 
 import torch
 
+from ..lang.errors import printable
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a folder turned read-only); the previous version of
+    the file, if any, is still there and complete. `str()` is one line for the user."""
+
+    def __str__(self) -> str:
+        name = printable(str(self.filename))
+        return f"cannot write {name}: {self.strerror}; the previous {Path(name).name}, if any, is kept"
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so that a crash never leaves a half-written file behind."""
+    """Write `data` to `path` so that a crash never leaves a half-written file behind: a temporary
+    file beside it, flushed to disk, then renamed over it. Raises WriteError (the old file kept)
+    when the disk is full or the folder cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise WriteError(err.errno, err.strerror or str(err), str(path)) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: some file systems refuse to fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

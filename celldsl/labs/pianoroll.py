@@ -14,18 +14,24 @@ Boulanger-Lewandowski et al. 2012 that Chung et al. 2014 used (quarter-note fram
 Which chorales: `music21.corpus.chorales.Iterator()`, the 371 four-part chorales in
 Riemenschneider order. Parsing all of them takes about a minute or two (measured in
 docs/results/README.md), so the rolls are cached as one .npz under `files.cache_dir()`, written
-atomically and keyed by the conversion version and the music21 version.
+atomically and keyed by the conversion version and the music21 version. The cache only saves
+time: a cache file that is damaged, not ours or writable by others is parsed again instead (it is
+data, read with numpy's pickle-free loader, but a planted one would change the data), and one that
+cannot be written (a full disk) is a warning.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_save_with, cache_dir
+from ..lang.errors import printable
+from .files import WriteError, atomic_save_with, cache_dir
+from .rundir import check_private
 
 LOWEST_MIDI = 21  # A0
 KEYS = 88
@@ -82,12 +88,9 @@ def load_chorales(progress: bool = True) -> list[Chorale]:
     """All chorales as rolls; parses the corpus on the first call and caches the result."""
     path = cache_path()
     if path.exists():
-        with np.load(path) as z:
-            rolls, lengths, names = z["rolls"], z["lengths"], [str(s) for s in z["names"]]
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        return [Chorale(i + 1, names[i], rolls[bounds[i] : bounds[i + 1]]) for i in range(len(names))]
-
-    import sys
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
 
     from tqdm import tqdm
 
@@ -97,13 +100,37 @@ def load_chorales(progress: bool = True) -> list[Chorale]:
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(names, desc="parsing chorales (cached afterwards)", disable=not interactive)
     rolls = [parse_chorale(n) for n in bar]
-    atomic_save_with(
-        path,
-        lambda f: np.savez_compressed(
-            f,
-            rolls=np.concatenate(rolls),
-            lengths=np.array([len(r) for r in rolls]),
-            names=np.array(names),
-        ),
-    )
+    try:
+        atomic_save_with(
+            path,
+            lambda f: np.savez_compressed(
+                f,
+                rolls=np.concatenate(rolls),
+                lengths=np.array([len(r) for r in rolls]),
+                names=np.array(names),
+            ),
+        )
+    except WriteError as err:
+        print(
+            f"celldsl: warning: the chorales are not cached ({err}); they will be parsed again",
+            file=sys.stderr,
+        )
     return [Chorale(i + 1, n, r) for i, (n, r) in enumerate(zip(names, rolls, strict=True))]
+
+
+def _read_cache(path: Path) -> list[Chorale] | None:
+    """The cached chorales, or None (with a warning) when the file is not to be used."""
+    try:
+        check_private(path, what="chorale cache", advice="delete it")
+        with np.load(path, allow_pickle=False) as z:
+            rolls, lengths, names = z["rolls"], z["lengths"], [str(s) for s in z["names"]]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        if bounds[-1] != len(rolls) or rolls.ndim != 2 or rolls.shape[1] != KEYS:
+            raise ValueError("its arrays do not fit together")
+        return [Chorale(i + 1, names[i], rolls[bounds[i] : bounds[i + 1]]) for i in range(len(names))]
+    except PermissionError as err:
+        why = str(err)
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for a damaged file
+        why = f"cannot read {printable(str(path))}: {type(err).__name__}"
+    print(f"celldsl: warning: ignoring the chorale cache: {why}; parsing again", file=sys.stderr)
+    return None

@@ -28,10 +28,18 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .files import atomic_write_json, atomic_write_text
 from .model import count_parameters
 from .optim import make_optimizer
+from .rundir import run_folder
 from .tasks import Task, evaluate, make_task
 
 
@@ -50,6 +58,7 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False  # replace the run already in `out` (without it, and without resume: refused)
     # on resume: go on at this learning rate from the checkpoint's step (a drop by hand); `lr`
     # stays the rate the run started at, and `lr_schedule` in the checkpoint and metrics.json says
     # which rate trained from which step on
@@ -78,11 +87,11 @@ class TrainConfig:
         d = task.defaults
         cfg = replace(
             self,
-            hidden=self.hidden or d.hidden,
-            steps=self.steps if self.steps is not None else d.steps,
-            batch=self.batch or d.batch,
-            lr=self.lr or d.lr,
-            eval_every=self.eval_every or d.eval_every,
+            hidden=d.hidden if self.hidden is None else self.hidden,
+            steps=d.steps if self.steps is None else self.steps,
+            batch=d.batch if self.batch is None else self.batch,
+            lr=d.lr if self.lr is None else self.lr,
+            eval_every=d.eval_every if self.eval_every is None else self.eval_every,
             task_options=task.options(),
         )
         if cfg.out is None:
@@ -96,7 +105,7 @@ IDENTITY = (
     "weight_noise", "task_options",
 )  # fmt: skip
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-_SET_LR_NEEDS_RESUME = (
+SET_LR_NEEDS_RESUME = (
     "--set-lr changes the learning rate of a resumed run (with --resume and a checkpoint); to start "
     "at a learning rate, use --lr"
 )
@@ -129,29 +138,52 @@ def _eval_all(task: Task, model, device) -> dict[str, float]:
     return row
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or continue) one training run; returns the summary also written to metrics.json."""
-    task = make_task(config.task, config.task_options)
-    cfg = config.resolved(task)
+# settings that must be positive (sizes, rates) or at least 0 (counts where 0 means "off"/"none")
+_POSITIVE = ("hidden", "layers", "batch", "lr", "eval_every")
+_NOT_NEGATIVE = ("steps", "clip", "clip_value", "weight_noise", "patience", "lr_plateau", "threads")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse a setting out of its range rather than train with something else: a value given is
+    used as given, or refused here (ValueError, one line)."""
+    for name in (*_POSITIVE, *_NOT_NEGATIVE):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+        if value < 0 or (value == 0 and name in _POSITIVE):
+            bound = "positive" if name in _POSITIVE else "0 or more"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
     if cfg.set_lr is not None and not cfg.resume:
-        raise ValueError(_SET_LR_NEEDS_RESUME)
-    if cfg.set_lr is not None and cfg.set_lr <= 0:
+        raise ValueError(SET_LR_NEEDS_RESUME)
+    if cfg.set_lr is not None and not (cfg.set_lr > 0 and math.isfinite(cfg.set_lr)):
         raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
-    if cfg.lr_plateau < 0:
-        raise ValueError(f"--lr-plateau must be 0 (never) or a number of evaluations, got {cfg.lr_plateau}")
     if not 0 < cfg.lr_factor < 1:
         raise ValueError(f"--lr-factor must be between 0 and 1 (a drop), got {cfg.lr_factor}")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or continue) one training run; returns the summary also written to metrics.json.
+
+    The output folder is held for the run (rundir.run_folder): checked to be ours, locked against a
+    second run, and refused when it holds a run and neither `resume` nor `overwrite` is set."""
+    task = make_task(config.task, config.task_options)
+    cfg = config.resolved(task)
+    if cfg.lr_plateau < 0:
+        raise ValueError(f"--lr-plateau must be 0 (never) or a number of evaluations, got {cfg.lr_plateau}")
+    check_settings(cfg)
     if (cfg.patience or cfg.lr_plateau) and "valid" not in task.eval_sets():
         raise ValueError(
             f"--patience and --lr-plateau watch the valid set, and {cfg.task} has none "
             f"(its sets: {', '.join(task.eval_sets())})"
         )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    with run_folder(cfg.out, cfg.resume, cfg.overwrite) as out:
+        return _train(task, cfg, out, device)
 
+
+def _train(task: Task, cfg: TrainConfig, out: Path, device: torch.device) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_gen = seed_everything(cfg.seed)
@@ -163,13 +195,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     ckpt = load_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        old = ckpt["config"]
+        old = ckpt.get("config")
+        if not isinstance(old, dict):
+            raise CheckpointError(f"cannot resume {out}: checkpoint.pt has no run configuration")
         diff = [k for k in IDENTITY if old.get(k, _DEFAULTS.get(k)) != asdict(cfg).get(k)]
         if diff:
             raise ValueError(f"cannot resume {out}: the checkpoint was made with different {', '.join(diff)}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], data_gen)
+        _restore(ckpt, model, optimizer, data_gen, out)
         step, history, train_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
         loss_sum, loss_count = ckpt["loss_sum"], ckpt["loss_count"]
         lr_schedule = ckpt.get("lr_schedule", lr_schedule)
@@ -179,7 +211,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
     if cfg.set_lr is not None:
         if ckpt is None:
-            raise ValueError(_SET_LR_NEEDS_RESUME)
+            raise ValueError(SET_LR_NEEDS_RESUME)
         if cfg.set_lr != lr_schedule[-1][1]:
             lr_schedule = [*lr_schedule, [step, cfg.set_lr]]
             if cfg.progress:
@@ -220,14 +252,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _write_csv(history, out / "metrics.csv")
         return row
 
-    if not history:
-        record()
     progress = Progress(cfg, step)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    with _sigterm_as_interrupt():
+    with _stop_between_steps() as stop:
         try:
-            while step < cfg.steps and not _patience_spent(task, cfg, history):
+            if not history:
+                record()
+            while step < cfg.steps and not _patience_spent(task, cfg, history) and not stop.requested:
                 batch = task.train_batch(data_gen, cfg.batch).to(device)
                 t0 = time.perf_counter()
                 noise = _add_weight_noise(params, cfg.weight_noise)
@@ -255,34 +287,90 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     progress.evaluation(step, row, _headline(task, row))
                     lr_schedule = _drop_on_plateau(task, cfg, history, lr_schedule, optimizer, step)
                     checkpoint()
+            if stop.requested:
+                # between two steps: the state every periodic checkpoint is taken in, so a resumed
+                # run goes on exactly as the uninterrupted one
+                checkpoint()
+                progress.close()
+                saved = f"\ninterrupted at step {step}; checkpoint saved, continue with --resume"
+                print(saved, file=sys.stderr)
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
-            checkpoint()
             progress.close()
-            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
+            if not stop.requested or stop.count > 1:
+                kept = f"\nstopped during step {step + 1}; checkpoint.pt keeps the last one saved"
+                print(kept, file=sys.stderr)
             raise
     progress.close()
     if step < cfg.steps and cfg.progress:
         print(f"early stop at step {step}: no better valid {task.metric} in {cfg.patience} evaluations")
-    return _finish(task, cfg, model, history, train_seconds, device, lr_schedule)
+    return _finish(task, cfg, out, model, history, train_seconds, device, lr_schedule)
+
+
+def _restore(ckpt: dict, model, optimizer, data_gen: torch.Generator, out: Path) -> None:
+    """Load a checkpoint's states into the run, or say in one line why it does not fit."""
+    where = f"cannot resume {out}: checkpoint.pt"
+    try:
+        weights = ckpt["model"]
+        mine = model.state_dict()
+        for key in sorted(set(mine) | set(weights)):
+            if key not in weights or key not in mine:
+                side = "lacks" if key not in weights else "has an extra"
+                raise CheckpointError(f"{where} {side} weight {key} (was it made with another cell file?)")
+            theirs = getattr(weights[key], "shape", None)
+            if theirs != mine[key].shape:
+                raise CheckpointError(
+                    f"{where} has {key} of shape {list(theirs or [])}, this model {list(mine[key].shape)} "
+                    "(was it made with another cell file or size?)"
+                )
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], data_gen)
+        for key in ("step", "history", "train_seconds", "loss_sum", "loss_count"):
+            ckpt[key]  # noqa: B018 - present, or the KeyError below says which is missing
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        raise CheckpointError(f"{where} lacks {err}: not a complete celldsl checkpoint") from None
+    except (ValueError, TypeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{where} does not fit this run: {first}") from None
+
+
+class _StopRequest:
+    requested: bool = False
+    count: int = 0
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """Let `kill` (SIGTERM, what job schedulers send first) stop a run as Ctrl-C does, with a
-    checkpoint at the step reached. It is also the only way to stop a run started in the
-    background by a non-interactive shell, which starts it with SIGINT ignored."""
+def _stop_between_steps():
+    """Let Ctrl-C (SIGINT) and `kill` (SIGTERM, what job schedulers send first; also the only way to
+    stop a background job of a non-interactive shell, which has SIGINT ignored) stop a run with a
+    checkpoint. The signal only asks: the loop stops after the step in progress (and its
+    evaluation and checkpoint), so the checkpoint is one the uninterrupted run passes through too.
+    Stopping mid-step instead left a batch drawn, or an update made, that the step count did not
+    include, and the resumed run differed. A second signal stops at once (KeyboardInterrupt), with
+    the last checkpoint written kept. A SIGINT that is ignored stays ignored."""
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def ask(signum, frame):
+        stop.count += 1
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, ask)
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _rate_before(lr_schedule: list, step: int) -> float:
@@ -398,11 +486,10 @@ class Progress:
 
 
 def _finish(
-    task: Task, cfg: TrainConfig, model, history, train_seconds: float, device, lr_schedule: list
+    task: Task, cfg: TrainConfig, out: Path, model, history, train_seconds: float, device, lr_schedule: list
 ) -> dict[str, Any]:
     from .plots import learning_curve
 
-    out = Path(cfg.out)
     final = {k: v for k, v in history[-1].items() if k not in ("step", "sequences", "time_per_step_s", "lr")}
     steps_done = history[-1]["step"]
     summary: dict[str, Any] = {

@@ -218,6 +218,16 @@ class rowsum(Reduction):  # noqa: N801 - `sum(v)` in a cell file
     pass
 
 
+class spread(CellFunction):  # noqa: N801 - made by plan.make_pointwise, never written in a cell file
+    """The gradient g of a value of one per row (a `: 1` state's next value, a mean a cell outputs) as it
+    enters the backward of a function that runs over W columns: g / W in every column. In that backward
+    a sum over the columns gives g back: the gradient of a value broadcast over the columns (a `: 1`
+    state read by them) and of a sum over them; and a mean gives g / W, as d mean(v) / d v_j is 1 / W.
+    Each backend prints it with its function's width (plan.Pointwise: row outputs)."""
+
+    nargs = 1
+
+
 LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 
 

@@ -117,7 +117,8 @@ class CellIR:
     products: dict[sp.Symbol, Product]
     widths: dict[str, str] = field(default_factory=dict)  # state, input, vector -> its width (widths.py)
     shifted: dict[str, tuple[str, int]] = field(default_factory=dict)  # "prev(x)" -> (input x, steps back)
-    reduced: dict[sp.Basic, tuple[str, Loc]] = field(default_factory=dict)  # mean(v) -> (v's width, place)
+    # mean(v) -> (v's width, every place in the text that writes it, in text order)
+    reduced: dict[sp.Basic, tuple[str, tuple[Loc, ...]]] = field(default_factory=dict)
     same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
     output_declared: bool = True  # False: no `output` line, so the output is the cell's one state
@@ -151,7 +152,7 @@ class _Builder:
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
         self.prev_uses: dict[str, Loc] = {}  # intermediate -> its first prev(...) in the text
         self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
-        self.reduced: dict[sp.Basic, tuple[str, Loc]] = {}  # mean(v)/sum(v) -> (v's width class, place)
+        self.reduced: dict[sp.Basic, tuple[str, list[Loc]]] = {}  # mean(v) -> (v's width class, places)
         self.widths = Widths(list(self.inputs))
         self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
         self.constants: set[sp.Expr] = set()  # values that are numbers (folded and checked)
@@ -540,6 +541,13 @@ class _Builder:
         self.check_cost(value, f"{state}'", name.loc)
         self.count_step(value, name.loc)
         width = self.widths.named(self.width_of.get(state, H), name.loc)
+        if width == "row" and size not in BROADCAST:  # unify would make the state's "row" a class name
+            raise self.error(
+                f"'{state}' is declared ': 1' (one value per sequence), but {state}' here has "
+                f"{width_words(self.widths.resolve(size), list(self.inputs))}; reduce it to one value with "
+                "mean(...) or sum(...)",
+                node.loc,
+            )
         if size not in BROADCAST:
             width = self.widths.unify(width, size, node.loc)
         self.resolved_new[key] = (value, width)
@@ -633,8 +641,10 @@ class _Builder:
                 node.args[0].loc,
             )
         result = make(value)
-        for r in result.atoms(Reduction):
-            self.reduced.setdefault(r, (width, node.loc))
+        for r in sorted(result.atoms(Reduction), key=sp.default_sort_key):
+            places = self.reduced.setdefault(r, (width, []))[1]
+            if node.loc not in places:
+                places.append(node.loc)
         return result, (width if node.func == "layernorm" else "row")
 
     def prev_input(self, node: ast.Call, target: str) -> tuple[sp.Expr, str]:
@@ -955,7 +965,7 @@ class _Builder:
             out_name = out.text
             out_expr, size = self.resolved[out.text]
             self.count_step(out_expr, out.loc)
-            self.width_of[out_name] = size
+            self.width_of[out_name] = H if size == "1" else size  # numbers and scalars: as wide as a state
         # prev(v) states, in the order the text first uses them: their next value is v of this step, so
         # their width is v's
         self.prev_states = dict(
@@ -970,6 +980,7 @@ class _Builder:
             if size not in BROADCAST:
                 self.widths.unify(self.width_of[carried], size, self.defs[target][0].loc)
             new_states[carried] = value
+        self._settle_unused()
         widths = self._resolve_widths()
         self.attempt(self._check_groups)
         ir_params = dict(self.params)
@@ -999,7 +1010,10 @@ class _Builder:
             widths=widths,
             output_declared=self.m.output is not None,
             shifted=dict(self.shifted),
-            reduced={r: (self.widths.resolve(w), loc) for r, (w, loc) in self.reduced.items()},
+            reduced={
+                r: (self.widths.resolve(w), tuple(sorted(locs, key=lambda loc: (loc.line, loc.column))))
+                for r, (w, locs) in self.reduced.items()
+            },
             same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
             | {n: p.loc for n, p in self.params.items()},
@@ -1037,6 +1051,22 @@ class _Builder:
         widths = {n: resolve(w) for n, w in self.width_of.items()}
         widths.update({n: p.rows for n, p in self.params.items() if p.kind == "vector"})
         return widths
+
+    def _settle_unused(self) -> None:
+        """A parameter no equation reads (a warning) still gets a shape, so that a layer stores it (its
+        gradient is zero): its group's shape, else its declared kind (a vector if undeclared) of width
+        H, as a parameter read only by an unused equation gets."""
+        for p in self.params.values():
+            if p.used:
+                continue
+            mates = [self.params[m] for m in self.groups.get(p.group, []) if self.params[m].used]
+            if mates:
+                q = mates[0]
+                p.kind, p.rows, p.operand_size, p.heads = q.kind, q.rows, q.operand_size, q.heads
+            else:
+                p.kind = p.declared_kind or "vector"
+                p.rows = None if p.kind == "scalar" else H
+                p.operand_size = H if p.kind == "matrix" else None
 
     def _constraints(self) -> dict[tuple[str, str], Loc]:
         return {pair: loc for pair, loc in self.widths.constraints.items() if pair[0] != pair[1]}

@@ -104,6 +104,20 @@ def declared_width_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     return {w: sizes[w] for w in declared}
 
 
+def check_first_input(cell: CompiledCell, input_size: int, layer: int = 0) -> None:
+    """A first input declared `: 1` (one value per sequence) is 1 wide: the kernels read one value of
+    each row of it, so a wider input would be cut silently (cpu) or fail inside them (torch)."""
+    first = cell.ir.inputs[0]
+    if cell.ir.width(first) != "row" or input_size == 1:
+        return
+    if layer == 0:
+        raise ValueError(f"input {first!r} is declared ': 1' (one value per sequence); input_size must be 1, "
+                         f"got {input_size}")
+    raise ValueError(f"input {first!r} is declared ': 1' (one value per sequence), but layer {layer} reads "
+                     f"the {input_size}-wide output of layer {layer - 1} as its input {first!r}: such a cell "
+                     "has one layer (or hidden_size 1)")
+
+
 def check_heads(cell: CompiledCell, sizes: dict[str, int]) -> None:
     """A matrix with heads(n) splits its rows and columns into n equal blocks: both must divide by n."""
     for name, p in cell.ir.params.items():

@@ -9,20 +9,24 @@ parameters.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..compiler import compile_cell
-from ..lang.errors import CellTensorError
-from ..ops import run
-from ..ops.function import register
 from .arguments import (
     check_backend,
+    check_first_input,
     check_heads,
     check_layer_arguments,
     declared_width_sizes,
     extra_input_sizes,
 )
-from .parameters import initialize, member, op_params, stores_of
+from ..compiler import compile_cell
+from ..lang.errors import CellTensorError
+from ..ops import run
+from ..ops.function import register
+from .autocasting import autocast_dtype, result_dtype, without_autocast
+from .parameters import checked_shape, initialize, member, op_params, stores_of
+from .quantization import WarnsWhenNotQuantized
+from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
 
 
@@ -30,13 +34,13 @@ class _Step:
     """Mixin for an nn.Module with `compiled`, input_size, hidden_size, backend, input_sizes and its
     parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
 
+    autocast_keeps_input_dtype = True  # under CPU autocast, as torch.nn.LSTMCell/GRUCell (autocasting.py)
+
     def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        tensors = {}
+        tensors, sizes = {}, self._sizes()
         for store in stores_of(self.compiled):
             tensor = getattr(self, store.name, None)
-            if tensor is None:
-                tensor = like.new_zeros(store.shape(self._sizes()))
-            tensors[store.name] = tensor
+            tensors[store.name] = checked_shape(store.name, tensor, store.shape(sizes), like)
         return tensors
 
     def _sizes(self) -> dict[str, int]:
@@ -65,23 +69,33 @@ class _Step:
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         states = [s.unsqueeze(0) if unbatched else s for s in given or []]
-        self._check(x, states)
+        input_dtype, cast = x.dtype, autocast_dtype(x)
+        if cast is not None:  # torch.autocast: the op runs in its dtype (celldsl/nn/autocasting.py)
+            x, states = x.to(cast), [s.to(cast) for s in states]
+            extra = {k: v.to(cast) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        self._check(x, states, autocast=cast is not None)
         N, sizes = x.shape[0], self._sizes()
         states = [s.contiguous() for s in states]
         states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
-        params = op_params(self.compiled, self._stored(like=x), sizes)
-        out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
+        params = op_params(self.compiled, self._stored(like=x), sizes, like=x)
+        params = [p if p.dtype == x.dtype else p.to(x.dtype) for p in params]  # differs only under autocast
+        with without_autocast(x, cast):
+            out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
         out = out[0]
+        if cast is not None:
+            dtype = result_dtype(input_dtype, cast, x.device.type, self.autocast_keeps_input_dtype)
+            out, finals = out.to(dtype), [f.to(dtype) for f in finals]
         if unbatched:
             out, finals = out[0], [f[0] for f in finals]
         return out, finals
 
-    def _check(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """torch.nn's cell checks and wording (input [N, I], states [N, H])."""
+    def _check(self, x: torch.Tensor, states: list[torch.Tensor], autocast: bool = False) -> None:
+        """torch.nn's cell checks and wording (input [N, I], states [N, H]); under autocast the
+        weights are cast to x's dtype, so theirs is not checked."""
         name = type(self).__name__
         weights = list(self.parameters())
-        if weights and x.dtype != weights[0].dtype:
+        if weights and x.dtype != weights[0].dtype and not autocast:
             w = weights[0].dtype
             raise CellTensorError(f"{name} input dtype ({x.dtype}) does not match weight dtype ({w}). "
                                   f"Convert input: input.to({w}), or convert model: model.to({x.dtype})")
@@ -185,6 +199,7 @@ class Cell(_Step, nn.Module):
         self.compiled.check_sizes(input_size, hidden_size, self.input_sizes, self.width_sizes)
         # no `bias` attribute: a cell file may name a parameter group `bias` (torch's cells keep the flag)
         self.input_size, self.hidden_size, self.backend = input_size, hidden_size, backend
+        check_first_input(self.compiled, input_size)
         check_heads(self.compiled, self._sizes())
         for store in stores_of(self.compiled):
             if bias or not store.is_bias:
@@ -242,9 +257,11 @@ class Cell(_Step, nn.Module):
         return s
 
 
-class _TorchCell(_Step):
+class _TorchCell(WarnsWhenNotQuantized, ScriptableCell, _Step):
     """LSTMCell/GRUCell/RNNCell: torch.nn's class (constructor, parameters, state_dict, repr) with a
     forward that runs the zoo cell. `backend` is keyword only."""
+
+    __jit_unused_properties__ = ["compiled", "stem", "qconfig"]  # torch.jit.script: scripting.py
 
     stem = ""
     input_sizes: dict = {}
@@ -275,7 +292,11 @@ class LSTMCell(_TorchCell, nn.LSTMCell):
         super().__init__(input_size, hidden_size, bias, device, dtype)
         self._init_backend(backend)
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            h, c = self.script_step(input, [] if hx is None else [hx[0], hx[1]])
+            return h, c
         if hx is not None and not isinstance(hx, (tuple, list)):
             raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
         _out, (h, c) = self._step(input, self._state_list(hx), {})
@@ -292,13 +313,17 @@ class GRUCell(_TorchCell, nn.GRUCell):
         super().__init__(input_size, hidden_size, bias, device, dtype)
         self._init_backend(backend)
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            return self.script_step(input, [] if hx is None else [hx])[0]
         return self._step(input, self._state_list(hx), {})[0]
 
 
 class RNNCell(_TorchCell, nn.RNNCell):
     """torch.nn.RNNCell running cells/rnn_tanh.cell or cells/rnn_relu.cell: forward(input, hx=None)
     -> h'. As in torch, nonlinearity is checked when the cell runs."""
+
+    autocast_keeps_input_dtype = False  # torch.nn.RNNCell returns autocast's dtype
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, *, backend: str = "auto"):
@@ -311,5 +336,7 @@ class RNNCell(_TorchCell, nn.RNNCell):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return f"rnn_{self.nonlinearity}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            return self.script_step(input, [] if hx is None else [hx])[0]
         return self._step(input, self._state_list(hx), {})[0]

@@ -14,6 +14,7 @@ from torch import nn
 from ..compiler import compile_cell
 from ..ops.function import register
 from .arguments import (
+    check_first_input,
     check_heads,
     check_layer_arguments,
     check_schedule_argument,
@@ -63,6 +64,12 @@ class Recurrent(RecurrentStack, nn.Module):
 
     cell(layer=0, direction=0) is that layer's one-step Cell, sharing these parameters.
 
+    A parameter the equations never read (`celldsl check` warns) is still stored, with its group's
+    shape, else its declared kind (a vector of width H if undeclared), and gets a zero gradient (None
+    for an unused matrix, as torch gives an unused parameter). A parameter replaced by one of another
+    shape (`layer.bias_hh_l0 = nn.Parameter(...)`, `.data = ...`) is refused at forward with a
+    RuntimeError naming it and both shapes; load_state_dict refuses it as torch does.
+
     Example:
         >>> layer = Recurrent("mut1", 64, 64)
         >>> out, h = layer(torch.randn(10, 3, 64))
@@ -99,6 +106,7 @@ class Recurrent(RecurrentStack, nn.Module):
             self.compiled.check_sizes(self._layer_input_size(layer), hidden_size, self.input_sizes,
                                       self.width_sizes, layer=layer)
         for layer in range(num_layers):
+            check_first_input(self.compiled, self._layer_input_size(layer), layer)
             check_heads(self.compiled, self._sizes(layer))
             for direction in range(self.num_directions):
                 for store in stores_of(self.compiled):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..compiler import CompiledCell
+from ..lang.errors import CellTensorError
 from ..lang.ir import EYE
 
 BIAS_NAME = re.compile(r"^(b|bias)(_\w*|\d*)$")  # what bias=False leaves out (fixed at 0)
@@ -86,11 +87,28 @@ def member(store: Store, name: str, tensor: torch.Tensor, sizes: dict[str, int])
     return tensor[j * n : (j + 1) * n]
 
 
-def op_params(cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int]) -> list[torch.Tensor]:
+def checked_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
+                  ) -> torch.Tensor:
+    """A layer's stored tensor `name` as the op takes it: zeros of `shape` (like `like`) for one the
+    layer leaves out (bias=False), else the tensor, which must have `shape`. A parameter assigned
+    directly (`layer.bias_hh_l0 = nn.Parameter(...)`, `.data = ...`) skips load_state_dict's size
+    check; without this the kernels would read the wrong rows of it."""
+    if tensor is None:
+        return like.new_zeros(shape)
+    if tuple(tensor.shape) != shape:
+        raise CellTensorError(f"size mismatch for {name}: the layer needs shape {torch.Size(shape)}, the "
+                              f"parameter has shape {tensor.shape}")
+    return tensor
+
+
+def op_params(
+    cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int], like: torch.Tensor
+) -> list[torch.Tensor]:
     """The op's flat parameter list (concatenated hoisted and step GEMM weights, vectors, scalars:
     TorchLoop's argument order) from the stored tensors by store name. A combination of matrices
     (`(W - Wᵀ - gamma * eye) @ h`) is built here from its parts, so autograd takes the weight's
-    gradient through it; blocks with heads stack to [G, NH, d, d] (targets/gemm.py)."""
+    gradient through it; blocks with heads stack to [G, NH, d, d] (targets/gemm.py). `like` (the
+    input) gives the identity's dtype and device: a cell may have no stored tensor at all."""
     members = {m: (store, tensors[store.name]) for store in stores_of(cell) for m in store.members}
     products = {p.symbol: p for p in cell.ir.products.values()}
 
@@ -106,7 +124,7 @@ def op_params(cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[
         total = None
         for term in product.terms:
             if term.matrix == EYE:
-                part = torch.eye(sizes[product.cols], dtype=scalars_like.dtype, device=scalars_like.device)
+                part = torch.eye(sizes[product.cols], dtype=like.dtype, device=like.device)
             else:
                 part = view(term.matrix).t() if term.transposed else view(term.matrix)
             part = part * coefficient(term.coef, scalars) if term.coef != 1 else part
@@ -120,7 +138,6 @@ def op_params(cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[
         blocks = [weight(products[sym]) for sym in gemm.products]
         return torch.stack(blocks) if blocks[0].dim() == 3 else torch.cat(blocks)
 
-    scalars_like = next(iter(tensors.values()))
     plan, params = cell.plan, cell.ir.params
     return (
         [gemm_weight(g) for g in plan.hoisted]

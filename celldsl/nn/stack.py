@@ -18,7 +18,8 @@ from ..lang.errors import CellTensorError
 from ..ops import run
 from ..ops.function import register
 from ..resources import ZOO
-from .parameters import member, op_params, stores_of
+from .autocasting import autocast_dtype, result_dtype, without_autocast
+from .parameters import checked_shape, member, op_params, stores_of
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 
@@ -32,6 +33,7 @@ def zoo_cell(stem: str) -> CompiledCell:
     if cell is None:
         cell = _ZOO_CELLS[stem] = compile_cell(ZOO / f"{stem}.cell")
         register(cell)
+        stores_of(cell)  # cached now: computed inside torch.export's trace, it is a side effect there
     return cell
 
 
@@ -60,6 +62,12 @@ class RecurrentStack:
     num_layers, bidirectional, batch_first, dropout, backend and input_sizes (the sizes of the inputs
     after the first, by name), and stores parameters as `{store}_l{layer}` (`_reverse` for direction
     1), torch.nn's names. A store it does not have (bias=False) runs as zeros."""
+
+    autocast_keeps_input_dtype = False  # under CPU autocast: torch.nn.GRU's results keep it (autocasting.py)
+
+    def _autocast_keeps_input_dtype(self, packed: bool) -> bool:
+        """Whether torch.nn's class returns the input's dtype under CPU autocast (autocasting.py)."""
+        return self.autocast_keeps_input_dtype
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -100,15 +108,21 @@ class RecurrentStack:
                 ) -> dict[str, torch.Tensor]:
         """The stored tensors of one layer and direction by store name (zeros for one left out).
         getattr, not the parameter dict, so weight_norm, parametrizations and functional_call apply."""
-        tensors = {}
+        tensors, like, sizes = {}, self._like(like), self._sizes(layer)
         for store in stores_of(self.compiled):
-            tensor = getattr(self, self._param_name(store.name, layer, direction), None)
-            if tensor is None:
-                ref = like if like is not None else next(self.parameters())
-                shape = store.shape(self._sizes(layer))
-                tensor = ref.new_zeros(shape)
-            tensors[store.name] = tensor
+            name = self._param_name(store.name, layer, direction)
+            tensor = getattr(self, name, None)
+            tensors[store.name] = checked_shape(name, tensor, store.shape(sizes), like)
         return tensors
+
+    def _like(self, like: torch.Tensor | None) -> torch.Tensor:
+        """What gives dtype and device to the tensors the layer makes: the input, else the first
+        parameter, else (a cell without parameters, called with no input) the default dtype on CPU."""
+        if like is not None:
+            return like
+        for p in self.parameters():
+            return p
+        return torch.empty(0)
 
     def cell_parameter(self, name: str, layer: int = 0, direction: int = 0) -> torch.Tensor:
         """The parameter the cell file names (e.g. "b_f", "U_z"), as a view sharing storage.
@@ -127,7 +141,8 @@ class RecurrentStack:
 
     def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The op's flat parameter list for one layer and direction."""
-        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer))
+        like = self._like(like)
+        return op_params(self.compiled, self._stored(layer, direction, like), self._sizes(layer), like)
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -151,14 +166,23 @@ class RecurrentStack:
             x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
             x = x.transpose(0, 1) if self.batch_first else x
             batch = x.shape[1]
-        self._check_input(x, batch_sizes)
+        input_dtype, cast = x.dtype, autocast_dtype(x)
+        if cast is not None:  # torch.autocast: the op runs in its dtype (celldsl/nn/autocasting.py)
+            x, given = x.to(cast), given and [s.to(cast) for s in given]
+            extra = {k: v.to(cast) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        self._check_input(x, batch_sizes, autocast=cast is not None)
         states = self._initial_states(given, x, batch, unbatched)
         if x.shape[0] == 0:
             raise CellTensorError("Expected sequence length to be larger than 0 in RNN")
         if sorted_indices is not None:  # the rows of a packed batch's states follow its sort
             states = [s.index_select(1, sorted_indices) for s in states]
         extras = self._check_extras(extra, x, batch_sizes, sorted_indices, unbatched)
-        out, final = self._layers(x.contiguous(), states, extras, batch_sizes)
+        with without_autocast(x, cast):
+            out, final = self._layers(x.contiguous(), states, extras, batch_sizes)
+        if cast is not None:
+            keeps = self._autocast_keeps_input_dtype(packed)
+            dtype = result_dtype(input_dtype, cast, x.device.type, keeps)
+            out, final = out.to(dtype), [f.to(dtype) for f in final]
         if packed:
             output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -183,8 +207,10 @@ class RecurrentStack:
                 idx = layer * self.num_directions + direction
                 seq = torch.cat([layer_input, *extras], dim=-1) if extras else layer_input
                 seq = seq if direction == 0 else _reversed(seq, reverse)
-                out, last = run(self.compiled.key, backend, seq, [s[idx] for s in states],
-                                self._weights(layer, direction, like=x), batch_sizes)
+                weights = self._weights(layer, direction, like=x)  # cast only under autocast:
+                weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]  # else checked
+                out, last = run(self.compiled.key, backend, seq, [s[idx] for s in states], weights,
+                                batch_sizes)
                 outs.append(out if direction == 0 else _reversed(out, reverse))
                 for i, s in enumerate(last):
                     finals[i].append(s)
@@ -250,10 +276,11 @@ class RecurrentStack:
             raise CellTensorError(f"For {kind} input, {label} should also be {dims}-D but got {got}")
         return given
 
-    def _check_input(self, x: torch.Tensor, batch_sizes) -> None:
-        """x: time-major padded [T, N, I] or packed [rows, I]; like torch.nn.RNNBase.check_input."""
+    def _check_input(self, x: torch.Tensor, batch_sizes, autocast: bool = False) -> None:
+        """x: time-major padded [T, N, I] or packed [rows, I]; like torch.nn.RNNBase.check_input.
+        Under autocast the weights are cast to x's dtype, so their dtype is not checked."""
         params = list(self.named_parameters())
-        if params:
+        if params and not autocast:
             w = params[0][1]
             if x.dtype != w.dtype:
                 raise CellTensorError(
@@ -261,7 +288,7 @@ class RecurrentStack:
                     f"input.to({w.dtype}), or convert model: model.to({x.dtype})"
                 )
         for pname, p in params:
-            if p.dtype != x.dtype:
+            if p.dtype != x.dtype and not autocast:
                 raise CellTensorError(f"parameter {pname} is {p.dtype} but the input and {params[0][0]} are "
                                       f"{x.dtype}: use layer.to(dtype) so all parameters match")
             if p.device != x.device:

@@ -15,17 +15,23 @@ are keyword-only arguments on top of torch's.
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .arguments import check_backend, check_schedule_argument
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .quantization import WarnsWhenNotQuantized
+from .scripting import ScriptableStack
 from .stack import RecurrentStack, zoo_cell
 
 # proj_size runs cells/lstm_proj.cell, whose state h is P = proj_size wide (`state h : P`).
 
 
-class _TorchRNN(RecurrentStack):
+class _TorchRNN(WarnsWhenNotQuantized, ScriptableStack, RecurrentStack):
     """What LSTM/GRU/RNN add to torch's class: the zoo cell, the backend, forward and cell(k)."""
+
+    __jit_unused_properties__ = ["all_weights", "compiled", "stem", "width_sizes", "stores", "num_directions",
+                                 "qconfig"]  # Python only: torch.jit.script compiles forward's script branch
 
     input_sizes: dict = {}  # torch's cells have one input
     cell_class: type = nn.Module
@@ -89,17 +95,36 @@ class LSTM(_TorchRNN, nn.LSTM):
         self.backend = backend
         self.schedule = check_schedule_argument(zoo_cell(self.stem), backend, schedule)
 
+    def _autocast_keeps_input_dtype(self, packed: bool) -> bool:
+        """torch.nn.LSTM on a PackedSequence (without proj_size) returns the input's dtype under CPU
+        autocast; on padded input autocast's."""
+        return packed and self.proj_size == 0
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            out, finals = self.script_forward(input, [] if hx is None else [hx[0], hx[1]])
+            return out, (finals[0], finals[1])
+        return super().forward(input, hx)
+
 
 class GRU(_TorchRNN, nn.GRU):
     """torch.nn.GRU running cells/gru.cell."""
 
     cell_class = GRUCell
+    autocast_keeps_input_dtype = True  # as torch.nn.GRU under CPU autocast
 
     def __init__(self, *args, backend: str = "auto", schedule: str | None = None, **kwargs):
         check_backend(backend)
         super().__init__(*args, **kwargs)
         self.backend = backend
         self.schedule = check_schedule_argument(zoo_cell(self.stem), backend, schedule)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            out, finals = self.script_forward(input, [] if hx is None else [hx])
+            return out, finals[0]
+        return super().forward(input, hx)
 
 
 class RNN(_TorchRNN, nn.RNN):
@@ -112,6 +137,12 @@ class RNN(_TorchRNN, nn.RNN):
         super().__init__(*args, **kwargs)
         self.backend = backend
         self.schedule = check_schedule_argument(zoo_cell(self.stem), backend, schedule)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (scripting.py)
+            out, finals = self.script_forward(input, [] if hx is None else [hx])
+            return out, finals[0]
+        return super().forward(input, hx)
 
     def _make_cell(self, input_size: int):
         return RNNCell(input_size, self.hidden_size, bias=self.bias, nonlinearity=self.nonlinearity,

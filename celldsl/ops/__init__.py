@@ -22,7 +22,8 @@ from .op import call, cell_sequence
 def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
     """(out, final states) of one direction of one layer: differentiable to any order, traceable by
     torch.compile, and under torch.func transforms (vmap, grad, jacrev)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params)):
+    traced = torch._C._get_tracing_state() is not None  # jit.trace: the op itself (its own autograd)
+    if torch.is_grad_enabled() and not traced and any(t.requires_grad for t in (x, *states, *params)):
         result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
     else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
         result = call(cell_sequence, cell_key, backend, x, list(states), list(params), batch_sizes)

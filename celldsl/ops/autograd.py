@@ -63,16 +63,18 @@ def _legacy_batched(*tensors) -> bool:
 
 
 class CellSequence(torch.autograd.Function):
-    """apply(key, backend, n_states, batch_sizes, x, *states, *params) -> (out, *finals, *saved):
-    celldsl::cell_sequence with its tensor lists flattened (autograd.Function tracks tensors only
-    when they are direct arguments)."""
+    """apply(key, backend, n_states, batch_sizes, x, *states, *params) -> (out, *finals, *saved,
+    history): celldsl::cell_sequence with its tensor lists flattened (autograd.Function tracks tensors
+    only when they are direct arguments). `history` is a copy of out that the backward reads (out is
+    the output state's history), so the caller may write in place into out, as into torch.nn's."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(key, backend, n_states, batch_sizes, x, *states_and_params):
         states, params = states_and_params[:n_states], states_and_params[n_states:]
-        return tuple(call(cell_sequence, key, backend, x, list(states), list(params), batch_sizes))
+        result = call(cell_sequence, key, backend, x, list(states), list(params), batch_sizes)
+        return (*result, result[0].clone())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -80,14 +82,14 @@ class CellSequence(torch.autograd.Function):
         ctx.key, ctx.backend, ctx.n_states = key, backend, n_states
         ctx.n_params = len(states_and_params) - n_states
         ctx.has_batch_sizes = batch_sizes is not None
-        saved = output[1 + n_states :]
-        ctx.mark_non_differentiable(*saved)
+        *saved, history = output[1 + n_states :]
+        ctx.mark_non_differentiable(*saved, history)
         ctx.set_materialize_grads(False)
         extra = [batch_sizes] if batch_sizes is not None else []
-        ctx.save_for_backward(x, *states_and_params, output[0], *saved, *extra)
+        ctx.save_for_backward(x, *states_and_params, history, *saved, *extra)
 
     @staticmethod
-    def backward(ctx, grad_out, *grads):
+    def backward(ctx, grad_out, *grads):  # grads: the finals', then None for saved and history
         n_states, n_params = ctx.n_states, ctx.n_params
         grad_finals = list(grads[:n_states])
         nothing = (None,) * (5 + n_states + n_params)
@@ -114,7 +116,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1 + n_finals :])
     ctx.set_materialize_grads(False)
     extra = [batch_sizes] if batch_sizes is not None else []
-    ctx.save_for_backward(x, *states, *params, *output[:1], *output[1 + n_finals :], *extra)
+    history = output[0].clone()  # the backward's own copy of out: the caller may write into out
+    ctx.save_for_backward(x, *states, *params, history, *output[1 + n_finals :], *extra)
 
 
 def _backward(ctx, grads):

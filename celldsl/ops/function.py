@@ -12,9 +12,11 @@ import torch
 _CELLS: dict = {}  # cache key -> CompiledCell, for every cell a layer was built from in this process
 
 
-def register(cell) -> None:
-    """Make `cell` reachable from the ops by its key (layers call this when built or unpickled)."""
-    _CELLS.setdefault(cell.key, cell)
+def register(cell, key: str | None = None) -> None:
+    """Make `cell` reachable from the ops by its key (layers call this when built or unpickled), or by
+    `key`: the key a saved program recorded, which another celldsl version computes differently
+    (celldsl/export/programs.py)."""
+    _CELLS.setdefault(cell.key if key is None else key, cell)
 
 
 def cell_for(key: str):
@@ -60,7 +62,10 @@ def split_params(loop, params):
 
 def unaliased(outputs: list[torch.Tensor], inputs: list) -> list[torch.Tensor]:
     """Clone any output that shares memory with an input or an earlier output (custom ops may not
-    return aliases; a generated pointwise function may pass an argument straight through)."""
+    return aliases; a generated pointwise function may pass an argument straight through), and hand
+    back a view of a private buffer (`buf.view(T, N, H)`) as a plain tensor over the same memory:
+    autograd marks a view returned by an autograd.Function as one of "multiple views", and then
+    refuses in-place writes on it (`out[-1].zero_()`, `GRUCell(x).relu_()`), which torch.nn allows."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
     fresh = []
     for t in outputs:
@@ -70,5 +75,13 @@ def unaliased(outputs: list[torch.Tensor], inputs: list) -> list[torch.Tensor]:
             ptr = t.untyped_storage().data_ptr()
         if ptr is not None:
             seen.add(ptr)
-        fresh.append(t)
+        fresh.append(_not_a_view(t))
     return fresh
+
+
+def _not_a_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or (a view) a new tensor over the same memory that autograd does not see as a view.
+    Only the op's implementations call this, on tensors they made: nothing else holds their base."""
+    if not t._is_view() or t.requires_grad:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())

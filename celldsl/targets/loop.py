@@ -167,8 +167,9 @@ class TorchLoop:
 
     # ---- sizes -------------------------------------------------------------------------------------
 
-    def sizes(self, states, vectors, hoisted_w, step_w) -> dict[str, int]:
-        """The size of every width of the cell, read off the tensors of one call."""
+    def sizes(self, states, vectors, hoisted_w, step_w, x=None) -> dict[str, int]:
+        """The size of every width of the cell, read off the tensors of one call (with x, the
+        concatenated input, also the widths only an input has: see input_sizes)."""
         ir = self.plan.ir
         sizes = {"row": 1}
         for name, s in zip(self.states, states, strict=True):
@@ -181,6 +182,19 @@ class TorchLoop:
                 known = sum(sizes[x] for x in g.widths if x in sizes)
                 sizes[unknown[0]] = (gemm.rows_of(w) - known) // len(unknown)
         sizes.setdefault("H", states[0].shape[-1])
+        if x is not None:
+            if len(self.inputs) == 1:
+                sizes.setdefault(ir.width(self.inputs[0]), x.shape[-1])
+            else:
+                for name, c in input_columns(self.plan, x.shape[-1], sizes, hoisted_w).items():
+                    sizes.setdefault(ir.width(name), c.stop - c.start)
+        return sizes
+
+    def input_sizes(self, sizes: dict[str, int], X: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Add the widths only an input has (a mean over x where x meets no other value) to `sizes`."""
+        for name in self.inputs:
+            if name in X:
+                sizes.setdefault(self.plan.ir.width(name), X[name].shape[-1])
         return sizes
 
     def _blocks(self, t: torch.Tensor, g, sizes) -> list[torch.Tensor]:
@@ -301,6 +315,7 @@ class TorchLoop:
         Xf, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         X = self.split_inputs(Xf, sizes, hoisted_w, steps, offsets)
+        self.input_sizes(sizes, X)
         hoisted_ops = self._hoisted_operands(X, vectors, scalars)
         hoisted_out = [gemm.matmul(op, w) for op, w in zip(hoisted_ops, hoisted_w, strict=True)]
         hoisted_blocks = [self._blocks(h, g, sizes) for h, g in zip(hoisted_out, self.hoisted, strict=True)]
@@ -364,6 +379,7 @@ class TorchLoop:
         Xf, steps, offsets = steps_of(x, batch_sizes, N)
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         X = self.split_inputs(Xf, sizes, hoisted_w, steps, offsets)  # input name -> [rows, its width]
+        self.input_sizes(sizes, X)
         news, step_all, operands, hoisted_out = self._unpack_saved(saved, out, sizes)
         hoisted_blocks = [self._blocks(h, g, sizes) for h, g in zip(hoisted_out, self.hoisted, strict=True)]
         zero_rows: dict[int, torch.Tensor] = {}
@@ -408,9 +424,11 @@ class TorchLoop:
                     grads = [final_grads[n] if n in final_grads else dops.pop(n, None) for n, _ in st.pw.outputs]
                     grads = [g if g is not None else zeros(b, self.width_of[n])
                              for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
+                    width = sizes[st.pw.width]
                     for sym, r in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
                         if r is None:
                             continue
+                        r = fit_gradient(r, st.pw.kinds[sym.name], b, width)
                         slot = self.where[sym.name]
                         if slot.kind == "state":
                             dprev[slot.index] = _add(dprev[slot.index], r)
@@ -476,6 +494,7 @@ class TorchLoop:
             for sym, r in zip(st.pw.grad_inputs, st.backward(*args, *grads), strict=True):
                 if r is None:
                     continue
+                r = fit_gradient(r, st.pw.kinds[sym.name], Xf.shape[0], sizes[st.pw.width])
                 slot = self.where[sym.name]
                 if slot.kind == "input":
                     dx[slot.index] = _add(dx.get(slot.index), to_width(r, X[slot.index]))
@@ -509,6 +528,18 @@ def _add(a, b):
     return b if a is None else a + b
 
 
+def fit_gradient(grad: torch.Tensor, kind: str, rows: int, width: int) -> torch.Tensor:
+    """A gradient a pointwise backward returned, as its input takes it. The backward of a function
+    that runs over [rows, width] (plan.Pointwise) computes the gradient of each input per element,
+    where a value that does not vary along a row may come back as [rows, 1] or a number (the torch
+    module broadcasts lazily): it counts once in every column. An input of one value per row
+    (kind "row") broadcast over the columns gets their sum (the backward of a broadcast); the
+    others get [rows, width] (vectors and scalars are summed by the loop)."""
+    if grad.dim() != 2 or grad.shape[0] != rows or grad.shape[1] != width:
+        grad = torch.broadcast_to(grad, (rows, width))
+    if kind == "row" and width != 1:
+        grad = grad.sum(-1, keepdim=True)
+    return grad
 def to_width(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The gradient of an input from its elementwise one: summed over the columns for an input of one
     value per sequence ([rows, 1], broadcast over the step's width)."""

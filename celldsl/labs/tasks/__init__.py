@@ -13,10 +13,11 @@ from .arithmetic import ArithmeticTask
 from .base import Batch, Defaults, Task, evaluate
 from .chorales import ChoralesTask
 from .copy import CopyTask
+from .mqar import MQARTask
 from .translate import TranslateTask
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (CopyTask, AddingTask, ChoralesTask, ArithmeticTask, TranslateTask)
+    t.name: t for t in (CopyTask, AddingTask, ChoralesTask, ArithmeticTask, TranslateTask, MQARTask)
 }
 
 __all__ = ["TASKS", "Batch", "Defaults", "Task", "evaluate", "make_task", "parse_options"]

@@ -309,10 +309,13 @@ def kernel_specs(plan: Plan) -> list[KernelSpec]:
     specs = []
     for pw in plan.pointwise:
         ins = tuple(KernelArg("input", s.name, _kind(plan, s)) for s in pw.inputs if s.name not in fold.zero)
-        outs = tuple(KernelArg("output", name, "rows") for name, _ in pw.outputs)
+        # one value per row in a function of another width (plan.Pointwise.row_outputs): [rows, 1]
+        out_kinds = ["rowscalar" if pw.is_row_output(name) else "rows" for name, _ in pw.outputs]
+        outs = tuple(KernelArg("output", name, k) for (name, _), k in zip(pw.outputs, out_kinds, strict=True))
         zero = tuple(s.name for s in pw.inputs if s.name in fold.zero)
         specs.append(KernelSpec(f"{pw.name}_forward", pw.stage, False, ins + outs, pw.name, zero))
-        grads = tuple(KernelArg("grad_output", name, "rows") for name, _ in pw.outputs)
+        grads = tuple(KernelArg("grad_output", name, k)
+                      for (name, _), k in zip(pw.outputs, out_kinds, strict=True))
         dsts = tuple(
             KernelArg("grad_input", s.name, _kind(plan, s),
                       "fold" if s.name in fold.biases else modes[pw.name][s.name])
@@ -352,6 +355,10 @@ class CPrinter(C99CodePrinter):
     def _print_Half(self, expr):
         return self._literal(0.5)
 
+    def _print_spread(self, expr):
+        """functions.spread: the kernel has whole rows (it has means or sums), so j1 - j0 is the width."""
+        return f"({self._print(expr.args[0])} / ({C_TYPES[self.dtype]})(j1 - j0))"
+
     def _print_Pow(self, expr):
         base, exp = expr.args
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
@@ -380,6 +387,11 @@ static inline {t} cd_where_{s}({t} c, {t} a, {t} b) {{ return c != 0 ? a : b; }}
 static inline {t} cd_floor_{s}({t} x) {{ return floor{f}(x); }}
 static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
 """
+
+
+def helper_functions(dtype: str) -> str:
+    """The static helpers the kernels call, for sources built outside this module (celldsl/export/)."""
+    return _helpers(dtype)
 
 
 def _simd_declarations() -> str:
@@ -412,6 +424,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
     grads = dict(zip((n for n, _ in pw.outputs), pw.grad_outputs, strict=True))
     pre, row_ptrs, loads, body, row_post, post, reductions = [], [], [], [], [], [], []
     row_sums: list[str] = []  # per-row accumulators (gradients of one value per row)
+    whole_rows = False  # a kernel that writes one value per row, or sums over a row, takes whole rows
     vector_sums: list[int] = []  # arguments that receive a vector gradient summed over rows
     results = dict(zip(pw.grad_inputs, pw.backward_results, strict=True)) if spec.backward else \
         dict(zip((n for n, _ in pw.outputs), pw.forward_results, strict=True))
@@ -479,7 +492,11 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         if arg.part == "output":
             value = printer.doprint(results[arg.name])
             row_ptrs.append(f"        {t} *o{k} = ({t} *)p[{k}] + i * ld[{k}];")
-            body.append(f"            o{k}[j] = {value};  /* {_comment(arg.name)} */")
+            if arg.kind == "rowscalar":  # one value per row, the same in every column: written once
+                whole_rows = True
+                body.append(f"            if (j == j0) o{k}[0] = {value};  /* {_comment(arg.name)} */")
+            else:
+                body.append(f"            o{k}[j] = {value};  /* {_comment(arg.name)} */")
         elif arg.part == "grad_input":
             expr = results[syms[arg.name]]
             if (expr == 0 and arg.mode != "=") or arg.mode.startswith("same:") or arg.mode == "fold":
@@ -529,7 +546,7 @@ def kernel_function(spec: KernelSpec, pw: Pointwise, dtype: str) -> str:
         "",
         f"void {fn}(int64_t n, int64_t H, void *const *p, const int64_t *ld, int64_t nt)",
         "{",
-        *(_split_rows(fn, t, m, vector_sums) if row_sums or passes else _split_columns(fn)),
+        *(_split_rows(fn, t, m, vector_sums) if row_sums or passes or whole_rows else _split_columns(fn)),
         "}",
         "",
         f"void {fn}_at(int64_t r, int64_t q, int64_t n, int64_t H, const cd_rows *args, int64_t nt)",

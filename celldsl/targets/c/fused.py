@@ -22,6 +22,8 @@ import functools
 import hashlib
 import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +37,7 @@ import torch
 
 from ... import cache
 from ...plan import Plan
-from ..loop import TorchLoop, input_columns, steps_of, to_width
+from ..loop import TorchLoop, fit_gradient, input_columns, steps_of, to_width
 from . import gemm as cpu_gemm
 from . import memory, scratch
 from .emit import backward_schedule, c_source, folding, kernel_specs
@@ -76,14 +78,32 @@ _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm
 
 # ---- building the kernels ---------------------------------------------------------------------
 
-def compiler() -> str | None:
-    """The C compiler to use: $CC if set (None when it does not exist), else `cc` or `gcc` on PATH."""
+def compiler_command() -> tuple[list[str] | None, str]:
+    """The C compiler command and "" , or (None, why there is none). $CC is split as make and the shell
+    split it, a program and its arguments ("gcc -O2", "ccache gcc"); unset or empty: `cc`, else `gcc`."""
     if os.environ.get("CELLDSL_CPU_FUSED", "1") == "0":
-        return None
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc)
-    return shutil.which("cc") or shutil.which("gcc")
+        return None, "CELLDSL_CPU_FUSED=0"
+    cc = os.environ.get("CC", "")
+    if not cc.strip():
+        found = shutil.which("cc") or shutil.which("gcc")
+        return ([found], "") if found else (None, "no C compiler found: $CC is not set and neither cc nor "
+                                                  "gcc is on PATH")
+    try:
+        words = shlex.split(cc)
+    except ValueError as err:
+        return None, f"cannot read $CC={cc!r}: {err}"
+    if not words:
+        return None, f"$CC={cc!r} names no program"
+    program = shutil.which(words[0])
+    if program is None:
+        return None, f"no C compiler: the program {words[0]!r} of $CC={cc!r} is not found (or not executable)"
+    return [program, *words[1:]], ""
+
+
+def compiler() -> str | None:
+    """The C compiler's program (the first word of $CC, found on PATH), or None when there is none."""
+    command, _why = compiler_command()
+    return command[0] if command else None
 
 
 def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
@@ -91,27 +111,41 @@ def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | N
 
     Returns (library, "") or (None, why not). Never raises for a missing or failing compiler. A
     library is loaded only after its bytes match the checksum recorded when it was built (a truncated
-    or replaced file would crash the process when mapped); anything else is rebuilt.
+    or replaced file would crash the process when mapped), and used only when it has every function
+    the loop calls; anything else is rebuilt or refused.
     """
-    return _library(c_source(cell.plan), (cache_root or cache.root()) / cell.key, "cpu_kernels")
+    return _library(c_source(cell.plan), (cache_root or cache.root()) / cell.key, "cpu_kernels",
+                    cell_symbols(cell.plan))
+
+
+def cell_symbols(plan: Plan) -> list[str]:
+    """The functions FusedCPULoop and NativeLoop call in a cell's library."""
+    names = [f"{spec.name}_{dt}_at" for spec in kernel_specs(plan) for dt in DTYPES.values()]
+    if not native_blocker(plan):
+        names += [f"cd_{way}_{dt}" for way in ("forward", "backward") for dt in DTYPES.values()]
+    return ["cd_openmp", *names]
+
+
+GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
+                for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles")]
 
 
 def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
     """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why)."""
     root = cache_root or cache.root()
-    key = (str(root), compiler())
+    key = (str(root), repr(compiler_command()))
     if key not in _gemm_libraries:
-        _gemm_libraries[key] = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm")
+        _gemm_libraries[key] = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm", GEMM_SYMBOLS)
     return _gemm_libraries[key]
 
 
-def _library(source: str, folder: Path, stem: str) -> tuple[ctypes.CDLL | None, str]:
-    cc = compiler()
+def _library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.CDLL | None, str]:
+    """Build or load a library; (None, why not) when there is no compiler, it fails, or the library it
+    made lacks one of `symbols` ($CC is no C compiler, or one that left the kernels out)."""
+    cc, why = compiler_command()
     if cc is None:
-        reason = "CELLDSL_CPU_FUSED=0" if os.environ.get("CELLDSL_CPU_FUSED") == "0" else \
-            "no C compiler found ($CC, cc, gcc)"
-        return None, reason
-    recipe = "\0".join([source, cc, cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
+        return None, why
+    recipe = "\0".join([source, *cc, cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     lib_path = folder / f"{stem}_{digest[:20]}.so"
     with _lock:
@@ -121,14 +155,22 @@ def _library(source: str, folder: Path, stem: str) -> tuple[ctypes.CDLL | None, 
                 if error:
                     return None, error
             try:
-                return ctypes.CDLL(str(lib_path)), ""
+                lib = ctypes.CDLL(str(lib_path))
             except OSError as exc:
                 load_error = f"cannot load {lib_path}: {exc}"
                 lib_path.unlink(missing_ok=True)
+                continue
+            missing = [name for name in symbols if not hasattr(lib, name)]
+            if missing:
+                lib_path.unlink(missing_ok=True)  # a later, working $CC builds under another name anyway
+                return None, (f"the library built by $CC ({shlex.join(cc)}) lacks the kernel function "
+                              f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                              "is $CC a C compiler that honours -shared and -o?")
+            return lib, ""
         return None, load_error
 
 
-def _build(cc: str, source: str, folder: Path, lib_path: Path) -> str:
+def _build(cc: list[str], source: str, folder: Path, lib_path: Path) -> str:
     """Compile `source` into `lib_path` and seal it; "" on success, else why it failed. The attempts
     share one deadline (COMPILE_SECONDS), so a pathological file cannot hold the process for long."""
     errors = []
@@ -146,17 +188,17 @@ def _build(cc: str, source: str, folder: Path, lib_path: Path) -> str:
                 cache.seal(lib_path)
                 return ""
             errors.append(err)
-    except OSError as exc:
-        errors.append(str(exc))
-    return f"the C compiler {cc} failed: {errors[-1] if errors else '?'}"
+    except OSError as exc:  # the cache, not the compiler: a full disk, say (cache.CacheWriteError)
+        return f"cannot build in {folder}: {exc}"
+    return f"the C compiler {shlex.join(cc)} failed: {errors[-1] if errors else '?'}"
 
 
-def _compile(cc: str, src: Path, out: Path, extra: list[str], seconds: float) -> str | None:
+def _compile(cc: list[str], src: Path, out: Path, extra: list[str], seconds: float) -> str | None:
     """Compile to a temporary file and move it into place (atomic); None on success, else stderr."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *BASE_FLAGS, "-o", tmp, str(src), *extra],
+        proc = subprocess.run([*cc, *BASE_FLAGS, "-o", tmp, str(src), *extra],
                               capture_output=True, text=True, timeout=seconds)
         if proc.returncode != 0:
             return (proc.stderr or proc.stdout).strip()[-2000:]
@@ -367,7 +409,7 @@ class FusedCPULoop(TorchLoop):
         return plan
 
     def _make_call_plan(self, x, states, hoisted_w, step_w, vectors) -> _CallPlan:
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
         rows = math.prod(x.shape[:-1])  # of every hoisted operand: T * N, or a packed batch's
         hoisted = [cpu_gemm.choose(cpu_gemm.site("hoisted", x.dtype, rows, w.shape[1], w.shape[0]), self.lib,
                                    force=self.gemm) for w in hoisted_w]
@@ -399,7 +441,7 @@ class FusedCPULoop(TorchLoop):
         ir = self.plan.ir
         if states[0].dim() != 2:
             raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
-        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
         N = states[0].shape[0]
         for name, s in zip(self.states, states, strict=True):
             if tuple(s.shape) != (N, sizes[ir.width(name)]):
@@ -803,6 +845,7 @@ class FusedCPULoop(TorchLoop):
             for sym, res in zip(st.pw.grad_inputs, st.backward(*hoist_args, *hoist_grads), strict=True):
                 if res is None:
                     continue
+                res = fit_gradient(res, st.pw.kinds[sym.name], rows, sizes[st.pw.width])
                 slot = self.where[sym.name]
                 if slot.kind == "input":
                     res = to_width(res, xs[slot.index])

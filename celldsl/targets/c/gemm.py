@@ -295,9 +295,12 @@ def _path():
 
 
 def _read_file() -> dict[str, dict]:
-    """The entries of the cache file, or {} when it is missing, unreadable, corrupt or foreign."""
+    """The entries of the cache file, or {} when it is missing, unreadable, corrupt or foreign (or not a
+    regular file of ours: a FIFO there would block the read forever; see cache.read_trusted)."""
     try:
-        data = json.loads(_path().read_text())
+        data = json.loads(cache.read_trusted(_path()).decode("utf-8"))
+    except cache.UnsafeCacheError:
+        raise
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("machine") != _machine():
@@ -324,6 +327,8 @@ def _remember(key: str, entry: dict) -> None:
         merged = {**_read_file(), **_choices}
         data = {"format": FORMAT, "machine": _machine(), "sites": merged}
         cache.atomic_write(_path(), json.dumps(data, indent=1, sort_keys=True).encode())
+    except cache.UnsafeCacheError:
+        raise
     except OSError:
         pass
 

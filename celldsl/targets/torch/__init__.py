@@ -4,8 +4,6 @@ differentiates again for higher-order gradients."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from ... import cache
 from ..base import Target
 
@@ -22,10 +20,7 @@ class TorchTarget(Target):
         """The generated module, written under the cell's cache key and imported from that file."""
         path = cache.root() / compiled.key / "torch_cell.py"
         cache.write_if_changed(path, self.source(compiled.plan))
-        spec = importlib.util.spec_from_file_location(f"celldsl_generated_{compiled.key[:16]}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return cache.import_file(path, f"celldsl_generated_{compiled.key[:16]}")
 
     def loop(self, compiled, schedule: str | None = None):
         from ..loop import TorchLoop

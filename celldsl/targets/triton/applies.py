@@ -39,6 +39,9 @@ def tile_decline(plan: Plan) -> str | None:
             return (f"the GEMM [{', '.join(g.params)}] @ {g.operand.name} is block-diagonal "
                     f"({g.heads} heads): the kernels multiply full weights")
     for s in ir.states:
+        if ir.width(s) == "row":
+            return (f"the state {s} is one value per sequence (`: 1`), not H values: the kernels tile every "
+                    "value H wide")
         if ir.width(s) != "H":
             return f"the state {s} is {ir.width(s)} wide, not H: the kernels tile every value H wide"
     for g in plan.gemms:
@@ -86,11 +89,11 @@ def column_decline(plan: Plan) -> str | None:
     """Why the time_loop schedule cannot run this plan (None when it can)."""
     if plan.gemms:
         return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
-    if [pw.stage for pw in plan.pointwise] != [0]:
-        return "the step is not one pointwise function of the previous states"
-    why = tile_decline(plan)
+    why = tile_decline(plan)  # first: its reasons (a `: 1` state, a width) say more than the next one
     if why:
         return why
+    if [pw.stage for pw in plan.pointwise] != [0]:
+        return "the step is not one pointwise function of the previous states"
     (pw,) = plan.pointwise
     for s in pw.inputs:
         if plan.roles.get(s) not in COLUMN_ROLES:

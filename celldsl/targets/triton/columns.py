@@ -15,7 +15,14 @@ from ..loop import TorchLoop, steps_of
 from .choice import ASSUMED, configure
 from .emit_columns import ColumnLayout, ScanLayout
 from .module import interpreting, load_triton_module
-from .schedules import compute_dtype, device_ints, finish_backward, steps_tensors, tl_compute_dtype
+from .schedules import (
+    compute_dtype,
+    device_ints,
+    finish_backward,
+    step_sums,
+    steps_tensors,
+    tl_compute_dtype,
+)
 
 
 class ColumnLoop(TorchLoop):
@@ -125,8 +132,9 @@ class ColumnLoop(TorchLoop):
         zeros = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
         d_hoisted = [zeros(rows, w.shape[0]) for w in hoisted_w]
         d_x = {n: zeros(rows, H) for n in L.elementwise_inputs}
-        d_vec = [torch.empty(N, H, dtype=compute, device=dev) for _ in vectors]
-        d_scal = [torch.empty(N, H, dtype=compute, device=dev) for _ in scalars]
+        # zeros: the kernel stores only the sums of what the step grades (step_parameters)
+        d_vec = [torch.zeros(N, H, dtype=compute, device=dev) for _ in vectors]
+        d_scal = [torch.zeros(N, H, dtype=compute, device=dev) for _ in scalars]
         d_init = [torch.empty(N, H, dtype=dtype, device=dev) for _ in states]
         values |= {("grad_out", None): g_out if g_out is not None else news[0]}
         values |= {("d_hoisted", i): d for i, d in enumerate(d_hoisted)}
@@ -136,8 +144,7 @@ class ColumnLoop(TorchLoop):
         values |= {("d_init", i): d for i, d in enumerate(d_init)}
         self._launch("time_loop_backward_kernel", c, _args(L.backward_args(), values), dtype,
                      HAS_GRAD_OUT=g_out is not None)
-        d_vectors = [d.sum(0).to(dtype) for d in d_vec]
-        d_scalars = [d.sum().to(dtype) for d in d_scal]
+        d_vectors, d_scalars = step_sums(L, d_vec, d_scal, vectors, scalars, dtype)
         return finish_backward(self, x, X, Xs, states, news, {}, steps, offsets, hoisted_w, step_w, vectors,
                                scalars, [], d_hoisted, d_x, d_vectors, d_scalars, d_init, needs_dx)
 

@@ -21,7 +21,7 @@ import sympy as sp
 from ...plan import Plan, cse
 from ..printers import PYTHON_RESERVED, identifier
 from .applies import coefficients, column_decline, scan_decline
-from .emit_dense import Arg, Code, parameter_pointers, signature
+from .emit_dense import Arg, Code, parameter_pointers, signature, step_parameters
 from .emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, Function, TritonPrinter, module_names
 from .tiles import Config, cdiv, element_bytes, pow2
 
@@ -53,6 +53,7 @@ class ColumnLayout:
         self.scalars = [n for n, p in ir.params.items() if p.kind == "scalar"]
         self.hoisted_of = {p: (gi, j) for gi, g in enumerate(plan.hoisted) for j, p in enumerate(g.products)}
         self.elementwise_inputs = [n for n in ir.inputs if any(s.name == n for s in self.pw.inputs)]
+        self.step_vectors, self.step_scalars = step_parameters([self.pw], self.vectors, self.scalars)
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | COLUMN_LOCALS
         taken |= set(module_names(plan))
         taken |= {f"hoisted{i}_ptr" for i in range(len(plan.hoisted))}

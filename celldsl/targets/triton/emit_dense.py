@@ -68,6 +68,15 @@ class Phase:
     pointwise: Pointwise | None
 
 
+def step_parameters(pws: list[Pointwise], vectors: list[str], scalars: list[str]) -> tuple[set, set]:
+    """Indices of the vectors and scalars the step functions read: the kernels grade only these (H wide,
+    tile_decline sees to it). A parameter read only by the hoisted function before the loop (RWKV's
+    token-shift mix `W @ (mu * x + (1 - mu) * prev(x))`, mu I wide) gets its whole gradient from that
+    function's backward after the loop, never from the kernels' [.., H] buffers."""
+    read = {s.name for pw in pws for s in pw.inputs}
+    return ({i for i, v in enumerate(vectors) if v in read}, {i for i, v in enumerate(scalars) if v in read})
+
+
 def parameter_pointers(inputs: list[str], vectors: list[str], scalars: list[str], taken: set[str]) -> dict:
     """The kernel parameters of what both the dense and the column kernels read and grade: each
     elementwise input, vector and scalar and its gradient, keyed by (kind, name or index)."""
@@ -115,6 +124,7 @@ class DenseLayout:
         pws = [pw for pw in plan.pointwise]
         self.elementwise_inputs = [n for n in ir.inputs
                                    if any(s.name == n for pw in pws for s in pw.inputs)]
+        self.step_vectors, self.step_scalars = step_parameters(pws, self.vectors, self.scalars)
         # the kernels' scope: reserved words, the module's names, the fixed locals, then the cell's names
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | DENSE_LOCALS
         taken |= set(module_names(plan)) | _fixed_names(plan)

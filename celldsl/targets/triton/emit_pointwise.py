@@ -45,6 +45,7 @@ class TritonPrinter(TargetPrinter):
         "mod": "lib.mod({}, {})",
         "rowmean": "lib.rowmean({}, mask, width)",
         "rowsum": "lib.rowsum({}, mask)",
+        "spread": "(({}) / width)",  # functions.spread: its function reduces, so it has the width
     }
 
     def _print_less(self, expr, op="<"):
@@ -85,14 +86,17 @@ class Function:
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | set(module_names(plan))
         self.args = list(pw.inputs) + (list(pw.grad_outputs) if backward else [])
         self.names = {s: identifier(s.name, taken) for s in self.args}
-        # rowscalar: an input of one value per sequence ([rows, 1], `input t : 1`), the same in every column
-        self.kinds = [("rowscalar" if plan.width(s) == "row" else plan.role(s)) for s in pw.inputs]
-        self.kinds += ["grad"] * len(pw.grad_outputs) if backward else []
+        # rowscalar: an input of one value per sequence ([rows, 1], `input t : 1`, `state n : 1`), the same
+        # in every column of a function of another width (plan.Pointwise.kinds); rowgrad: the gradient of
+        # an output of one value per row there
+        self.kinds = [("rowscalar" if pw.kinds.get(s.name) == "row" else plan.role(s)) for s in pw.inputs]
+        if backward:
+            self.kinds += ["rowgrad" if pw.is_row_output(n) else "grad" for n, _ in pw.outputs]
         self.ptr = {s: identifier(self.names[s], taken, "_ptr") for s in self.args}
         self.stride = {
             s: identifier(self.names[s], taken, "_stride")
             for s, k in zip(self.args, self.kinds, strict=True)
-            if k in TWO_D or k in ("grad", "rowscalar")
+            if k in TWO_D or k in ("grad", "rowscalar", "rowgrad")
         }
         if backward:
             self.temps, results = pw.backward_temps, pw.backward_results
@@ -101,23 +105,30 @@ class Function:
             self.temps, results = pw.forward_temps, pw.forward_results
             self.result_names = [identifier(name, taken) for name, _ in pw.outputs]
         self.results = list(results)
+        # forward results of one value per row (plan.Pointwise.row_outputs) are stored as [rows, 1]
+        self.per_row = [False] * len(self.results)
+        if not backward:
+            self.per_row = [pw.is_row_output(n) for n, _ in pw.outputs]
         # results that are zero (backward) return None; equal results are computed and stored once
         # and returned as the same tensor, as the torch module does (gate pre-activation gradients
         # usually serve a product, a hoisted product and a bias at once)
         self.slot_of: dict[int, int] = {}
         self.unique: list[int] = []  # index of the first result of each stored slot
-        first_of: dict[sp.Expr, int] = {}
+        first_of: dict[tuple, int] = {}
         for i, r in enumerate(self.results):
             if backward and r == 0:
                 continue
-            if r not in first_of:
-                first_of[r] = len(self.unique)
+            if (r, self.per_row[i]) not in first_of:
+                first_of[(r, self.per_row[i])] = len(self.unique)
                 self.unique.append(i)
-            self.slot_of[i] = first_of[r]
+            self.slot_of[i] = first_of[(r, self.per_row[i])]
         self.out_ptrs = [identifier(self.result_names[i], taken, "_out_ptr") for i in self.unique]
         for t, _ in self.temps:
             self.names[t] = identifier(t.name, taken)
-        self.ref = next((s for s, k in zip(self.args, self.kinds, strict=True) if k in TWO_D), None)
+        # the input whose [rows, width] every result has: build_plan gives each function one
+        # (Pointwise.ref); a Pointwise made otherwise takes its first [rows, width] input
+        rows = (s for s, k in zip(self.args, self.kinds, strict=False) if k in TWO_D)
+        self.ref = pw.ref or next(rows, None)
         self.reduces = any(e.atoms(Reduction) for e in [*(e for _, e in self.temps), *self.results])
         if self.ref is None:
             raise NotImplementedError(
@@ -181,8 +192,10 @@ def _kernel(f: Function) -> str:
             lines.append(f"    {v} = tl.load({p} + col, mask=mask, other=0.0).to(COMPUTE)")
         elif k == "scalar":
             lines.append(f"    {v} = tl.load({p}).to(COMPUTE)")
-        elif k == "rowscalar":
-            lines.append(f"    {v} = tl.load({p} + row * {f.stride[s]}, mask=mask, other=0.0).to(COMPUTE)")
+        elif k in ("rowscalar", "rowgrad"):  # + col * 0: a [BLOCK] of the row's value where row is one
+            # number (a program holds a whole row)
+            at = f"{p} + row * {f.stride[s]}" + (" + col * 0" if f.reduces else "")
+            lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
         else:
             at = f"{p} + row * {f.stride[s]} + col"
             lines.append(f"    {v} = tl.load({at}, mask=mask, other=0.0).to(COMPUTE)")
@@ -191,8 +204,13 @@ def _kernel(f: Function) -> str:
     results = [f.result_names[i] for i in f.unique]
     if results:
         lines.append(f"    ({', '.join(results)},) = {step}({call})")
-    for r, o in zip(results, f.out_ptrs, strict=True):
-        lines.append(f"    tl.store({o} + offs, {r}.to({o}.dtype.element_ty), mask=mask)")
+    for i, r, o in zip(f.unique, results, f.out_ptrs, strict=True):
+        if f.per_row[i]:  # one value per row: column 0 stores it into [rows, 1]
+            value = f"({r} + (col * 0).to(COMPUTE))"  # a [BLOCK] even where r is one number
+            at, stored = f"{o} + row + col * 0", f"{value}.to({o}.dtype.element_ty)"
+            lines.append(f"    tl.store({at}, {stored}, mask=mask & (col == 0))")
+        else:
+            lines.append(f"    tl.store({o} + offs, {r}.to({o}.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +220,8 @@ def _host(f: Function, fn_name: str) -> str:
     params = [f.names[s] for s in f.args]
     shapes = []
     for s, k in zip(f.args, f.kinds, strict=True):
-        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output", "rowscalar": "[N, 1]"}.get(k, "[N, H]")
+        shape = {"vector": "[H]", "scalar": "[]", "grad": "like the output", "rowscalar": "[N, 1]",
+                 "rowgrad": "[N, 1]"}.get(k, "[N, H]")
         if k == "input":
             shape = "[T, N, I]" if f.prefix == "hoist" else "[N, I]"
         shapes.append(f"{f.names[s]} {shape}")
@@ -214,6 +233,9 @@ def _host(f: Function, fn_name: str) -> str:
     lines = [f"def {fn_name}({', '.join(params)}):", doc + '"""']
     ref = f.names[f.ref]
     lines.append(f"    outs = lib.empty({ref}, {len(f.unique)})")
+    for slot, i in enumerate(f.unique):
+        if f.per_row[i]:
+            lines.append(f"    outs[{slot}] = {ref}.new_empty(({ref}.shape[0], 1))")
     args = []
     for s, k in zip(f.args, f.kinds, strict=True):
         v = f.names[s]

@@ -10,9 +10,7 @@ matches TRITON_INTERPRET at call time (the CPU interpreter when it is "1").
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -116,12 +114,4 @@ def import_module(path: Path, digest: str, interpret: bool):
 
 
 def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # triton resolves a kernel's globals through its module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return cache.import_file(path, name)  # from the source only: no .pyc is written or read

@@ -256,11 +256,21 @@ class DenseLoop(TorchLoop):
                 for n in range(n_phases):
                     self._launch(f"fused_step_backward_kernel_{n + 1}", c.grid, args, c, dtype, extra)
         dstates = [dcarry[1, i].to(dtype) for i in range(len(self.states))]
-        d_vectors = [d.sum(0).to(dtype) for d in d_vec]
-        d_scalars = [d.sum().to(dtype) for d in d_scal]
+        d_vectors, d_scalars = step_sums(L, d_vec, d_scal, vectors, scalars, dtype)
         return finish_backward(self, x, X, Xs, states, news, operands, steps, offsets, hoisted_w, step_w,
                                vectors, scalars, d_gemm, d_hoisted, d_x, d_vectors, d_scalars, dstates,
                                needs_dx)
+
+
+def step_sums(layout, d_vec, d_scal, vectors, scalars, dtype) -> tuple[list, list]:
+    """The kernels' per-tile vector and scalar gradients summed, for the parameters the step reads
+    (layout.step_vectors / step_scalars); the others start from zeros of their own shape, and
+    finish_backward adds what the hoisted function gives them (an I-wide mu in `W @ (mu * x)`)."""
+    d_vectors = [d.sum(0).to(dtype) if i in layout.step_vectors else torch.zeros_like(v)
+                 for i, (d, v) in enumerate(zip(d_vec, vectors, strict=True))]
+    d_scalars = [d.sum().to(dtype) if i in layout.step_scalars else torch.zeros_like(s)
+                 for i, (d, s) in enumerate(zip(d_scal, scalars, strict=True))]
+    return d_vectors, d_scalars
 
 
 def finish_backward(loop: TorchLoop, x, X, Xs, states, news, operands, steps, offsets, hoisted_w, step_w,
