@@ -5,7 +5,7 @@ from .lang.errors import CellError, CellTensorError, CellWarning
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Cell", "CellError", "CellTensorError", "CellWarning", "CompiledCell", "GRUCell",
-    "LSTMCell", "RNNCell", "Recurrent", "compile_cell",
+    "LSTMCell", "MatrixRecurrent", "RNNCell", "Recurrent", "compile_cell",
 ]
 __version__ = "0.1.0"
 
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from .nn import layers
 
         return getattr(layers, name)
+    if name == "MatrixRecurrent":
+        from .nn.matrix import MatrixRecurrent
+
+        return MatrixRecurrent
     raise AttributeError(f"module 'celldsl' has no attribute {name!r}")
