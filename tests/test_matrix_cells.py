@@ -34,7 +34,7 @@ def _ref_params(layer, cell):
 
 
 REFERENCES = {
-    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=False),
+    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=True),
     "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
     "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
     "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
@@ -110,7 +110,7 @@ def test_auto_runs_torch():
 
 def test_compile_cell_gives_a_matrix_cell():
     compiled = compile_cell("mlstm")  # a zoo name finds cells/matrix/
-    assert isinstance(compiled, CompiledMatrixCell) and compiled.states == ["C", "n"]
+    assert isinstance(compiled, CompiledMatrixCell) and compiled.states == ["C", "n", "m"]
     assert "a (V, K) matrix per head" in compiled.explain()
 
 
