@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_mlstm
+from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
 
 import celldsl
 from celldsl.compiler import CompiledMatrixCell, compile_cell
@@ -21,7 +21,9 @@ def _ref_params(layer, cell):
     p = {}
     for name, t in layer.named_parameters():
         kind = layer.ir.kinds[name]
-        if kind.cols != "1":  # a matrix per head [heads, rows, I] -> [heads * rows, I]
+        if name == "W":  # M2RNN's V x V weight: [heads, V, V] in both
+            p[name] = t
+        elif kind.cols != "1":  # a matrix per head [heads, rows, I] -> [heads * rows, I]
             p[name] = t.reshape(-1, t.shape[-1])
         elif kind.rows not in ("1", "x"):  # a K- or V-vector per head -> [heads * K]
             p[name] = t.reshape(-1)
@@ -38,6 +40,8 @@ REFERENCES = {
     "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
     "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
     "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
+    "hgrn2": lambda p, x, s: ref_hgrn2(p, x, s, heads=HEADS),
+    "m2rnn": lambda p, x, s: ref_m2rnn(p, x, s, heads=HEADS),
 }
 
 
