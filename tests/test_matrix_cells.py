@@ -139,3 +139,24 @@ def test_recurrent_and_cell_point_at_matrix_recurrent(make):
 
 def test_matrix_recurrent_is_exported():
     assert celldsl.MatrixRecurrent is MatrixRecurrent
+
+
+def test_the_docs_example_is_the_zoo_cell():
+    """docs/language.md's matrix-memory example is cells/matrix/mlstm.cell's statements, comments aside."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "language.md").read_text()
+    block = doc.split("## Matrix memories")[1].split("```")[1]
+
+    def statements(text):
+        lines = (line.split("#")[0].strip() for line in text.splitlines())
+        return [" ".join(line.split()) for line in lines if line and not line.startswith(("doc ", "cite "))]
+
+    assert statements(block) == statements((root / "cells" / "matrix" / "mlstm.cell").read_text())
+
+
+def test_the_docs_layer_shapes():
+    layer = celldsl.MatrixRecurrent("mlstm", 64, sizes={"heads": 4, "K": 16, "V": 32})
+    out, (C, n, m) = layer(torch.randn(3, 2, 64))
+    assert out.shape == (3, 2, 128) and C.shape == (2, 4, 32, 16) and n.shape == (2, 4, 16) and m.shape == (2, 4)
