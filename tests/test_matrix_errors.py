@@ -46,6 +46,9 @@ CASES = [
      "unknown function 'softmax' in a matrix-memory cell", 12, 10),
     ("unknown-name", HDR + "S' = S + u @ kᵀ\no = S' @ q\n", "unknown name 'u'", 12, 10),
     ("cycle", HDR + "a = bb\nbb = a\nS' = S + a * v @ kᵀ\no = S' @ q\n", "depends on itself", 12, 5),
+    ("two-inputs", HDR.replace("input x", "input x, ctx") + OK, "a matrix-memory cell reads one input for now", 2, 10),
+    ("no-state", "cell t\ninput x\nparam b : 1 per head\no = b\noutput o\n",
+     "a matrix-memory cell needs a state", 1, 6),
     ("no-update", HDR + "o = S @ q\n", "state 'S' has no update: write S' = ...", 3, 7),
 ]
 

@@ -126,6 +126,12 @@ class _Builder:
         m = self.m
         if m.name is None:
             self.error("the file must start with 'cell NAME'", Loc(1, 1))
+        if len(m.inputs) != 1:
+            where = m.inputs[1].loc if m.inputs else (m.name.loc if m.name else Loc(1, 1))
+            self.error("a matrix-memory cell reads one input for now (input x); extra inputs run on "
+                       "elementwise cells only", where)
+        if not m.states:
+            self.error("a matrix-memory cell needs a state: 'state C : (V, K) per head'", m.name.loc)
         for n in m.inputs:
             w = m.widths.get(n.text)
             if isinstance(w, ast.PerHead):
