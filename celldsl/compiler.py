@@ -159,7 +159,7 @@ class CompiledMatrixCell:
     def torch_loop(self):
         from .targets import matrix_loop
 
-        return matrix_loop(self.ir)
+        return matrix_loop(self)
 
     def loop(self, backend: str):
         """torch's loop; "cpu" and "triton" raise CellError at the first matrix state."""

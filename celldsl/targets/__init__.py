@@ -42,8 +42,8 @@ def refuse_matrix(ir, backend: str) -> None:
                     f"{ir.kinds[first].words()}); use backend='torch'", ir.source, ir.state_locs[first])
 
 
-def matrix_loop(ir):
+def matrix_loop(compiled):
     """The loop of a matrix-memory cell: the torch target's (targets/torch/matrix.py), the only one."""
-    from .torch.matrix import MatrixLoop
+    from .torch import TARGET
 
-    return MatrixLoop(ir)
+    return TARGET.matrix_loop(compiled)

@@ -1,0 +1,114 @@
+"""A matrix-memory cell's IR (lang/tensors.py) -> a Python module of plain torch: its step and the step's
+derived backward, one line per node (v0, v1, ...). Values are [N, heads or 1, rows, cols] tensors, so
+`@` is a batched matmul. No name from the cell reaches the source: states, parameters and widths are
+passed as lists in the IR's order (python_text puts the cell's name in the docstring only)."""
+
+from __future__ import annotations
+
+from ...lang.tensors import TensorIR
+from ..printers import python_text
+from .emit import HEADER, TorchPrinter
+
+MATRIX_HELPERS = '''
+
+def _sum_to(d, like):  # the backward of a broadcast: d summed over the axes where `like` has 1
+    d = d.expand(torch.broadcast_shapes(d.shape, like.shape))
+    dims = [i for i, (a, b) in enumerate(zip(d.shape, like.shape)) if b == 1 and a != 1]
+    return d.sum(dims, keepdim=True) if dims else d
+
+
+def _add(g, i, d, like):
+    d = _sum_to(d, like)
+    g[i] = d if g[i] is None else g[i] + d
+'''
+
+
+def size_names(ir: TensorIR) -> list[str]:
+    """The widths the step reads as numbers or as the identity's size, in the order `dims` passes them."""
+    return sorted({n.name for n in ir.nodes if n.op in ("size", "eye") and n.name})
+
+
+def matrix_module_source(ir: TensorIR) -> str:
+    states = ", ".join(ir.states)
+    header = HEADER.format(name=python_text(ir.name),
+                           equations=python_text(f"A matrix-memory cell; states {states}.", lines=True))
+    dims = {w: j for j, w in enumerate(size_names(ir))}
+    state_index = {s: j for j, s in enumerate(ir.states)}
+    param_index = {p: j for j, p in enumerate(ir.params)}
+    fwd = ["def step(x, states, params, dims):",
+           "    like = dict(dtype=x.dtype, device=x.device)"]
+    bwd = ["def step_backward(vals, grads):",
+           "    g = list(grads)"]
+    for i, node in enumerate(ir.nodes):
+        a = [f"v{j}" for j in node.args]
+        if node.op == "input":
+            e = "x[:, None, :, None]"
+        elif node.op == "state":
+            e = f"states[{state_index[node.name]}]"
+        elif node.op == "param":
+            e = f"params[{param_index[node.name]}]"
+        elif node.op == "const":
+            e = f"torch.full((1, 1, 1, 1), {float(node.value)!r}, **like)"
+        elif node.op == "size":
+            e = f"torch.full((1, 1, 1, 1), float(dims[{dims[node.name]}]), **like)"
+        elif node.op == "eye" and node.name is None:  # an identity before its size was known: unused
+            e = "None"
+        elif node.op == "eye":
+            e = f"torch.eye(dims[{dims[node.name]}], **like)[None, None]"
+        elif node.op == "pointwise":
+            names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
+            e = TorchPrinter(names).doprint(node.expr)
+        elif node.op == "matmul":
+            e = f"{a[0]} @ {a[1]}"
+        elif node.op == "transpose":
+            e = f"{a[0]}.transpose(-1, -2)"
+        elif node.op in ("sum", "mean"):
+            e = f"{a[0]}.{node.op}((-2, -1), keepdim=True)"
+        elif node.op == "diag":
+            e = f"torch.diag_embed({a[0]}[..., 0])"
+        else:
+            raise AssertionError(node.op)
+        fwd.append(f"    v{i} = {e}")
+    fwd.append(f"    return [{', '.join(f'v{i}' for i in range(len(ir.nodes)))}]")
+    bwd.append(f"    {', '.join(f'v{i}' for i in range(len(ir.nodes)))}, = vals")
+    fixed = {i for i, n in enumerate(ir.nodes) if n.op in ("const", "size", "eye")}
+    for i in range(len(ir.nodes) - 1, -1, -1):
+        node = ir.nodes[i]
+        if not node.args:
+            continue
+        lines = []
+        a = [f"v{j}" for j in node.args]
+        if node.op == "pointwise":
+            names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
+            printer = TorchPrinter(names)
+            for k, j in enumerate(node.args):
+                if j in fixed or node.grads[k] == 0:
+                    continue
+                lines.append(f"_add(g, {j}, g[{i}] * ({printer.doprint(node.grads[k])}), v{j})")
+        elif node.op == "matmul":
+            j0, j1 = node.args
+            if j0 not in fixed:
+                lines.append(f"_add(g, {j0}, g[{i}] @ {a[1]}.transpose(-1, -2), v{j0})")
+            if j1 not in fixed:
+                lines.append(f"_add(g, {j1}, {a[0]}.transpose(-1, -2) @ g[{i}], v{j1})")
+        elif node.op == "transpose":
+            lines.append(f"_add(g, {node.args[0]}, g[{i}].transpose(-1, -2), v{node.args[0]})")
+        elif node.op == "sum":
+            lines.append(f"_add(g, {node.args[0]}, g[{i}], v{node.args[0]})")
+        elif node.op == "mean":
+            j = node.args[0]
+            lines.append(f"_add(g, {j}, g[{i}] / (v{j}.shape[-1] * v{j}.shape[-2]), v{j})")
+        elif node.op == "diag":
+            j = node.args[0]
+            lines.append(f"_add(g, {j}, torch.diagonal(g[{i}], dim1=-2, dim2=-1)[..., None], v{j})")
+        if lines:
+            bwd.append(f"    if g[{i}] is not None:")
+            bwd += [f"        {line}" for line in lines]
+    bwd.append("    return g")
+    return header + MATRIX_HELPERS + "\n\n" + "\n".join(fwd) + "\n\n\n" + "\n".join(bwd) + "\n"
+
+
+def _symbols(node) -> list:
+    import sympy as sp
+
+    return list(sp.symbols(f"a0:{len(node.args)}", real=True))
