@@ -13,7 +13,7 @@ from celldsl.compiler import CompiledMatrixCell, compile_cell
 from celldsl.lang.errors import CellError
 from celldsl.nn.matrix import MatrixRecurrent
 
-HEADS, K, V, I, T, N = 3, 4, 5, 6, 5, 2  # K != V != heads != I
+HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
 
 
 def _ref_params(layer, cell):
@@ -21,7 +21,7 @@ def _ref_params(layer, cell):
     p = {}
     for name, t in layer.named_parameters():
         kind = layer.ir.kinds[name]
-        if name == "W":  # M2RNN's V x V weight: [heads, V, V] in both
+        if name == "W" or not kind.head:  # M2RNN's [heads, V, V]; GLA's shared W_a1 [R, I]: as stored
             p[name] = t
         elif kind.cols != "1":  # a matrix per head [heads, rows, I] -> [heads * rows, I]
             p[name] = t.reshape(-1, t.shape[-1])
@@ -29,9 +29,6 @@ def _ref_params(layer, cell):
             p[name] = t.reshape(-1)
         else:  # w_i : x per head is [heads, I], b_i : 1 per head is [heads], as the references
             p[name] = t
-    if cell == "gla":  # the reference's low-rank gate with rank I and W_a1 = identity is the full W_a
-        p["W_a1"] = torch.eye(I, dtype=torch.float64)
-        p["W_a2"], p["b_a"] = p.pop("W_a"), p.pop("b_a")
     return p
 
 
@@ -47,7 +44,7 @@ REFERENCES = {
 
 def _layer(cell, seed=0):
     torch.manual_seed(seed)
-    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, dtype=torch.float64)
+    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
@@ -98,7 +95,7 @@ def test_backward_does_not_run_autograd_through_the_loop():
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
 def test_cpu_and_triton_refuse_matrix_states(cell, backend):
     with pytest.raises(CellError) as err:
-        MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, backend=backend)
+        MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend=backend)
     text = str(err.value)
     assert f"cells/matrix/{cell}.cell:" in text and f"the {backend} backend does not run matrix states yet" in text
     assert err.value.line == next(i for i, line in enumerate(open(f"cells/matrix/{cell}.cell"), 1)
@@ -106,8 +103,8 @@ def test_cpu_and_triton_refuse_matrix_states(cell, backend):
 
 
 def test_auto_runs_torch():
-    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V}, backend="auto")
-    assert layer.loop is layer.compiled.torch_loop
+    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    assert layer.loop is layer.compiled.torch_loop and layer.W_a1.shape == (R, I)
     out, (S,) = layer(torch.randn(T, N, I))
     assert out.shape == (T, N, HEADS * V) and S.shape == (N, HEADS, K, V)
 
@@ -120,10 +117,10 @@ def test_compile_cell_gives_a_matrix_cell():
 
 def test_layer_arguments():
     with pytest.raises(ValueError, match="needs the sizes 'V'"):
-        MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3})
+        MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "R": 2})
     with pytest.raises(ValueError, match="no matrix state; use celldsl.Recurrent"):
         MatrixRecurrent("cells/lstm.cell", I, {"heads": 2})
-    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "V": 4})
+    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2})
     with pytest.raises(ValueError, match=r"x must be \[T, N, 6\]"):
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="state must be 1 tensor"):

@@ -70,6 +70,15 @@ def test_every_independent_error_in_text_order():
     assert [(e.line, e.column) for e in info.value.errors] == [(12, 5), (13, 6)]
 
 
+def test_a_matrix_shared_by_the_heads():
+    """`param U : (R, x)` (no `per head`) is one matrix for every head: stored [R, I], not per head."""
+    ir = build(HDR + "param U : (R, x)\nparam W_r : (K, R) per head\nr = W_r @ (U @ x)\n"
+               "S' = S + v @ rᵀ\no = S' @ q\n")
+    assert not ir.kinds["U"].head and ir.kinds["W_r"].head
+    assert ir.param_shape("U", {"heads": 3, "R": 2, "x": 6}) == (2, 6)
+    assert ir.param_shape("W_r", {"heads": 3, "R": 2, "K": 4}) == (3, 4, 2)
+
+
 def test_a_good_cell_builds_and_is_a_matrix_cell():
     ir = build(HDR + OK)
     assert is_matrix_cell(parse(HDR + OK)) and ir.states == ["S"] and ir.widths == ["K", "V"]

@@ -91,6 +91,7 @@ class PerHead:
     rows: str
     cols: str | None
     loc: Loc
+    head: bool = True  # False: `param W : (R, x)`, one matrix shared by the heads
 
 
 @dataclass(frozen=True)

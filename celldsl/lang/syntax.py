@@ -244,6 +244,10 @@ class _ToAst(Transformer_NonRecursive):
     def per_head_matrix(self, meta, items):
         return ast.PerHead(str(items[0]), str(items[1]), _loc(meta))
 
+    @v_args(meta=True)
+    def shared_matrix(self, meta, items):
+        return ast.PerHead(str(items[0]), str(items[1]), _loc(meta), head=False)
+
     def param_kind(self, items):
         if isinstance(items[0], ast.PerHead):
             return items[0]

@@ -78,9 +78,10 @@ class TensorIR:
     widths: list[str] = field(default_factory=list)  # width names the layer must size
 
     def param_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
-        """How a parameter is stored: [heads, rows, cols] without its "1" axes."""
+        """How a parameter is stored: [heads, rows, cols] without its "1" axes; [rows, cols] when the
+        heads share it."""
         k = self.kinds[name]
-        return (sizes["heads"], *[sizes[w] for w in (k.rows, k.cols) if w != ONE])
+        return (*[sizes["heads"]] * k.head, *[sizes[w] for w in (k.rows, k.cols) if w != ONE])
 
     def state_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
         """A state per sequence: [heads, rows, cols] without its "1" axes (batch in front at run time)."""
@@ -89,13 +90,13 @@ class TensorIR:
 
 def is_matrix_cell(module: ast.Module) -> bool:
     """A cell is a matrix-memory cell when it declares any value `per head`."""
-    return any(isinstance(w, ast.PerHead) for w in module.widths.values()) or any(
+    return any(isinstance(w, ast.PerHead) for w in module.widths.values()) or any(  # (R, x) too
         isinstance(kind, ast.PerHead) for _, kind, _ in module.params
     )
 
 
 def _kind(per: ast.PerHead) -> Kind:
-    return Kind(per.rows, per.cols or ONE, True)
+    return Kind(per.rows, per.cols or ONE, per.head)
 
 
 class _Builder:

@@ -2,7 +2,7 @@
 
 One layer, one direction, [T, N, I] inputs. Parameters are named as the cell names them and stored
 [heads, rows, cols] without "1" axes (W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is
-[heads]). Only the torch target runs these cells: backend="auto" picks it on every device (the cpu
+[heads]; a matrix the heads share, W_a1 : (R, x), is [R, I]). Only the torch target runs these cells: backend="auto" picks it on every device (the cpu
 and triton targets decline every matrix-memory cell, so there is nothing to choose), and
 backend="cpu" or "triton" raises the located CellError of targets.refuse_matrix.
 """

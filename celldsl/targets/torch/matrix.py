@@ -33,7 +33,7 @@ class MatrixLoop:
     def as4(self, name: str, t: torch.Tensor, batch: bool) -> torch.Tensor:
         """A stored state ([N, heads, ...]) or parameter ([heads, ...]) as [N or 1, heads, rows, cols]."""
         k = self.ir.kinds[name]
-        shape = list(t.shape) if batch else [1, *t.shape]
+        shape = list(t.shape) if batch else [1, *t.shape] if k.head else [1, 1, *t.shape]
         if k.rows == ONE:
             shape.insert(2, 1)
         if k.cols == ONE:
