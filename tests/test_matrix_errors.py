@@ -1,9 +1,11 @@
 """Mistakes in matrix-memory cells (lang/tensors.py): each gives `file:line:col: error: message` with a
 hint, at the culprit. A row fails if its check is removed (the cell compiles, or fails elsewhere)."""
 
+import warnings
+
 import pytest
 
-from celldsl.lang.errors import CellError, Source
+from celldsl.lang.errors import CellError, CellWarning, Source
 from celldsl.lang.syntax import parse
 from celldsl.lang.tensors import build_tensor_ir, is_matrix_cell
 
@@ -83,3 +85,15 @@ def test_a_good_cell_builds_and_is_a_matrix_cell():
     ir = build(HDR + OK)
     assert is_matrix_cell(parse(HDR + OK)) and ir.states == ["S"] and ir.widths == ["K", "V"]
     assert not is_matrix_cell(parse("cell t\ninput x\nstate h\nh' = h\n"))
+
+
+def test_unused_names_warn_at_their_place():
+    text = HDR.replace("param b : 1 per head", "param b : 1 per head\nparam u : K per head") + "a = q * 2\n" + OK
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CellWarning)
+        build(text)
+    got = [str(w.message).split("\n")[0] for w in caught if issubclass(w.category, CellWarning)]
+    assert got == ["bad.cell:7:7: warning: parameter 'w_b' is never used",
+                   "bad.cell:8:7: warning: parameter 'b' is never used",
+                   "bad.cell:9:7: warning: parameter 'u' is never used",
+                   "bad.cell:13:1: warning: 'a' is defined but never used"]

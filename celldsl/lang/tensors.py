@@ -17,12 +17,13 @@ time every value is a tensor [N, heads or 1, rows, cols], so the operations are 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import sympy as sp
 
 from . import ast
-from .errors import CellError, Loc, Source, raise_all
+from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
 from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, evaluate
 
 ONE = "1"
@@ -334,6 +335,23 @@ def _less_equal(a, b):
 FUNCTIONS_LESS = (_less, _less_equal)
 
 
+def _warn_unused(b: _Builder, results: list[int], source: Source) -> None:
+    """A parameter, input or intermediate that no next state and not the output reads: a warning at it."""
+    seen, stack = set(), list(results)
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(b.nodes[i].args)
+    unused = [(n.loc, f"parameter '{n.text}' is never used") for n, _, _ in b.m.params
+              if b.leaf[n.text] not in seen]
+    unused += [(n.loc, f"input '{n.text}' is never used") for n in b.m.inputs if b.leaf[n.text] not in seen]
+    unused += [(n.loc, f"'{name}' is defined but never used") for name, (n, _) in b.defs.items()
+               if b.built.get(name) not in seen]
+    for loc, message in sorted(unused, key=lambda u: (u[0].line, u[0].column)):
+        warnings.warn(warning_text(message, source, loc), CellWarning, stacklevel=4)
+
+
 def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     """The matrix-memory IR of a parsed cell (see the module docstring); CellError on any mistake."""
     b = _Builder(module, source)
@@ -382,6 +400,7 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     if ko.cols != ONE and ko.rows != ONE:
         b.error(f"the output must be a vector per head (the layer concatenates the heads), not {ko.words()}; "
                 "read the matrix with a query (C @ q)", m.output.loc if m.output else Loc(1, 1))
+    _warn_unused(b, [*new_state.values(), out], source)
     widths = sorted({w for k in b.kinds.values() for w in (k.rows, k.cols)} - {ONE, *[n.text for n in m.inputs]})
     return TensorIR(
         name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
