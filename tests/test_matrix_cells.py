@@ -19,7 +19,8 @@ HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's 
 def _ref_params(layer, cell):
     """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
     p = {}
-    for name, t in layer.named_parameters():
+    for stored, t in layer.named_parameters():
+        name = stored.removesuffix("_l0")
         kind = layer.ir.kinds[name]
         if name == "W" or not kind.head:  # M2RNN's [heads, V, V]; GLA's shared W_a1 [R, I]: as stored
             p[name] = t
@@ -52,10 +53,11 @@ def _layer(cell, seed=0):
 def test_matches_reference(cell, steps):
     layer = _layer(cell)
     x = torch.randn(steps, N, I, dtype=torch.float64, requires_grad=True)
-    state0 = tuple(torch.randn(N, *layer.ir.state_shape(s, layer.sizes), dtype=torch.float64,
+    state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
                                requires_grad=True) for s in layer.ir.states)
     out, finals = layer(x, state0)
-    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer, cell), x, state0)
+    finals = [f[0] for f in finals]
+    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer, cell), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -71,13 +73,13 @@ def test_matches_reference(cell, steps):
 def test_gradcheck(cell):
     layer = _layer(cell, seed=1)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
-    state0 = tuple(torch.randn(2, *layer.ir.state_shape(s, layer.sizes), dtype=torch.float64,
+    state0 = tuple(torch.randn(2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
                                requires_grad=True) for s in layer.ir.states)
     params = list(layer.parameters())
 
     def f(x, *rest):
         states, ps = rest[: len(state0)], rest[len(state0):]
-        out, finals = layer.loop.run(x, list(states), list(ps), layer.sizes)
+        out, finals = layer.loop.run(x, list(states), list(ps), layer.layer_sizes[0])
         return (out, *finals)
 
     assert torch.autograd.gradcheck(f, (x, *state0, *[p.detach().clone().requires_grad_() for p in params]))
@@ -104,9 +106,9 @@ def test_cpu_and_triton_refuse_matrix_states(cell, backend):
 
 def test_auto_runs_torch():
     layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
-    assert layer.loop is layer.compiled.torch_loop and layer.W_a1.shape == (R, I)
+    assert layer.loop is layer.compiled.torch_loop and layer.W_a1_l0.shape == (R, I)
     out, (S,) = layer(torch.randn(T, N, I))
-    assert out.shape == (T, N, HEADS * V) and S.shape == (N, HEADS, K, V)
+    assert out.shape == (T, N, HEADS * V) and S.shape == (1, N, HEADS, K, V)
 
 
 def test_compile_cell_gives_a_matrix_cell():
@@ -124,7 +126,7 @@ def test_layer_arguments():
     with pytest.raises(ValueError, match=r"x must be \[T, N, 6\]"):
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="state must be 1 tensor"):
-        layer(torch.randn(2, 3, I), (torch.zeros(3, 2, 4, 3),))
+        layer(torch.randn(2, 3, I), (torch.zeros(3, 2, 3, 4),))
 
 
 @pytest.mark.parametrize("make", [lambda: celldsl.Recurrent("mlstm", 4, 8), lambda: celldsl.Cell("gla", 4, 8)])
@@ -156,4 +158,80 @@ def test_the_docs_example_is_the_zoo_cell():
 def test_the_docs_layer_shapes():
     layer = celldsl.MatrixRecurrent("mlstm", 64, sizes={"heads": 4, "K": 16, "V": 32})
     out, (C, n, m) = layer(torch.randn(3, 2, 64))
-    assert out.shape == (3, 2, 128) and C.shape == (2, 4, 32, 16) and n.shape == (2, 4, 16) and m.shape == (2, 4)
+    assert out.shape == (3, 2, 128) and C.shape == (1, 2, 4, 32, 16) and n.shape == (1, 2, 4, 16)
+    assert m.shape == (1, 2, 4)
+
+
+def _params_of(layer, cell, layer_index, direction):
+    """One layer and direction's parameters in the references' layout."""
+    suffix = f"_l{layer_index}" + ("_reverse" if direction else "")
+    p = {}
+    for name in layer.ir.params:
+        t = getattr(layer, name + suffix)
+        kind = layer.ir.kinds[name]
+        if name == "W" or not kind.head:
+            p[name] = t
+        elif kind.cols != "1":
+            p[name] = t.reshape(-1, t.shape[-1])
+        elif kind.rows not in ("1", "x"):
+            p[name] = t.reshape(-1)
+        else:
+            p[name] = t
+    return p
+
+
+@pytest.mark.parametrize("cell", ["deltanet", "mlstm"])
+def test_two_layers_bidirectional_batch_first(cell):
+    """Layer 1 reads both directions of layer 0 side by side; the reverse direction reads time backwards."""
+    torch.manual_seed(2)
+    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, num_layers=2,
+                            bidirectional=True, batch_first=True, dtype=torch.float64)
+    x = torch.randn(N, T, I, dtype=torch.float64, requires_grad=True)
+    out, finals = layer(x)
+    seq, want_finals = x.transpose(0, 1), []
+    for k in range(2):
+        fwd, sf = REFERENCES[cell](_params_of(layer, cell, k, 0), seq, None)
+        bwd, sb = REFERENCES[cell](_params_of(layer, cell, k, 1), seq.flip(0), None)
+        seq = torch.cat([fwd, bwd.flip(0)], -1)
+        want_finals += [sf, sb]
+    torch.testing.assert_close(out, seq.transpose(0, 1), rtol=1e-10, atol=1e-10)
+    for i, f in enumerate(finals):
+        torch.testing.assert_close(f, torch.stack([s[i] for s in want_finals]), rtol=1e-10, atol=1e-10)
+    wrt = [x, *layer.parameters()]
+    got = torch.autograd.grad(out.square().sum() + finals[0].sum(), wrt)
+    want = torch.autograd.grad(seq.square().sum() + torch.stack([s[0] for s in want_finals]).sum(), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", ["gla", "m2rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequences_run_each_sequence_over_its_own_length(cell, bidirectional):
+    from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+                            bidirectional=bidirectional, dtype=torch.float64)
+    seqs = [torch.randn(n, I, dtype=torch.float64, requires_grad=True) for n in (3, 5, 1)]
+    out, finals = layer(pack_sequence(seqs, enforce_sorted=False))
+    padded, lengths = pad_packed_sequence(out)
+    assert lengths.tolist() == [3, 5, 1]
+    loss = padded.square().sum() + sum(f.square().sum() for f in finals)
+    got = torch.autograd.grad(loss, [*seqs, *layer.parameters()])
+    want_loss = 0
+    for j, s in enumerate(seqs):
+        parts = []
+        for d in range(layer.num_directions):
+            seq = s[:, None] if d == 0 else s.flip(0)[:, None]
+            o, st = REFERENCES[cell](_params_of(layer, cell, 0, d), seq, None)
+            parts.append(o[:, 0] if d == 0 else o[:, 0].flip(0))
+            for f, r in zip(finals, st, strict=True):
+                torch.testing.assert_close(f[d, j], r[0], rtol=1e-10, atol=1e-10)
+            want_loss = want_loss + sum(r.square().sum() for r in st)
+        o = torch.cat(parts, -1)
+        torch.testing.assert_close(padded[: len(s), j], o, rtol=1e-10, atol=1e-10)
+        assert padded[len(s):, j].abs().max().item() == 0 if len(s) < 5 else True
+        want_loss = want_loss + o.square().sum()
+    want = torch.autograd.grad(want_loss, [*seqs, *layer.parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -40,23 +40,35 @@ class MatrixLoop:
             shape.insert(3, 1)
         return t.reshape(shape)
 
-    def forward(self, x, states, params, sizes):
-        """x [T, N, I]; states and params as stored. -> (outputs [T, N, heads * width], final states,
-        the state before every step)."""
+    @staticmethod
+    def masks(x, lengths):
+        """Per step, [N, 1, 1, 1]: 1 for the sequences still running (None: every sequence runs)."""
+        if lengths is None:
+            return [None] * x.shape[0]
+        t = torch.arange(x.shape[0], device=x.device)[:, None]
+        return list((t < lengths.to(x.device)[None, :]).to(x.dtype)[..., None, None, None])
+
+    def forward(self, x, states, params, sizes, lengths=None):
+        """x [T, N, I]; states and params as stored; lengths [N] (a sequence's state stops at its own
+        last step, its outputs after it are 0) or None. -> (outputs [T, N, heads * width], final
+        states, the state before every step)."""
         ir, dims = self.ir, [sizes[w] for w in self.size_names]
         s4 = [self.as4(n, s, True) for n, s in zip(ir.states, states, strict=True)]
         p4 = [self.as4(n, p, False) for n, p in zip(ir.params, params, strict=True)]
         outs, saved = [], []
-        for t in range(x.shape[0]):
+        for t, mask in enumerate(self.masks(x, lengths)):
             saved.append(s4)
             vals = self.module.step(x[t], s4, p4, dims)
-            s4 = [vals[ir.new_state[n]].expand_as(s) for n, s in zip(ir.states, s4, strict=True)]
+            new = [vals[ir.new_state[n]].expand_as(s) for n, s in zip(ir.states, s4, strict=True)]
+            s4 = new if mask is None else [torch.where(mask > 0, v, s) for s, v in zip(s4, new, strict=True)]
             out = vals[ir.output_node]
-            outs.append(out.expand(x.shape[1], sizes["heads"], *out.shape[2:]).reshape(x.shape[1], -1))
+            out = out.expand(x.shape[1], sizes["heads"], *out.shape[2:])
+            out = out if mask is None else torch.where(mask > 0, out, 0.0)
+            outs.append(out.reshape(x.shape[1], -1))
         finals = [s.reshape(st.shape) for s, st in zip(s4, states, strict=True)]
         return torch.stack(outs), finals, saved
 
-    def backward(self, x, saved, params, sizes, d_out, d_finals):
+    def backward(self, x, saved, params, sizes, d_out, d_finals, lengths=None):
         """The gradients of x, the initial states and the parameters, walking time backwards."""
         ir, dims = self.ir, [sizes[w] for w in self.size_names]
         p4 = [self.as4(n, p, False) for n, p in zip(ir.params, params, strict=True)]
@@ -65,20 +77,26 @@ class MatrixLoop:
         d_params = [torch.zeros_like(p) for p in p4]
         dx = torch.zeros_like(x)
         N, heads = x.shape[1], sizes["heads"]
+        masks = self.masks(x, lengths)
         for t in range(x.shape[0] - 1, -1, -1):
+            mask = masks[t]
             vals = self.module.step(x[t], saved[t], p4, dims)
             grads = [None] * len(vals)
             for n, d in zip(ir.states, d_state, strict=True):
                 i = ir.new_state[n]
-                d = sum_to(d, vals[i].shape)
+                d = sum_to(d if mask is None else d * mask, vals[i].shape)
                 grads[i] = d if grads[i] is None else grads[i] + d
             if d_out is not None:
                 o = ir.output_node
-                g_out = sum_to(d_out[t].reshape(N, heads, *vals[o].shape[2:]), vals[o].shape)
+                g_out = d_out[t].reshape(N, heads, *vals[o].shape[2:])
+                g_out = sum_to(g_out if mask is None else g_out * mask, vals[o].shape)
                 grads[o] = g_out if grads[o] is None else grads[o] + g_out
             adj = self.module.step_backward(vals, grads)
+            kept = d_state  # a finished sequence's state passes through its padded steps unchanged
             d_state = [adj[leaves[n]].expand_as(saved[t][k]) if adj[leaves[n]] is not None
                        else torch.zeros_like(saved[t][k]) for k, n in enumerate(ir.states)]
+            if mask is not None:
+                d_state = [d + (1 - mask) * k for d, k in zip(d_state, kept, strict=True)]
             for k, n in enumerate(ir.params):
                 if adj[leaves[n]] is not None:
                     d_params[k] += adj[leaves[n]]
@@ -87,18 +105,19 @@ class MatrixLoop:
                 dx[t] += sum_to(g.expand(N, *g.shape[1:]), (N, 1, x.shape[2], 1)).reshape(N, -1)
         return dx, d_state, d_params
 
-    def run(self, x, states, params, sizes):
-        """(outputs [T, N, heads * width], final states) with the derived backward."""
-        out = _Function.apply(self, sizes, len(states), x, *states, *params)
+    def run(self, x, states, params, sizes, lengths=None):
+        """(outputs [T, N, heads * width], final states) with the derived backward; lengths as forward."""
+        out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
         return out[0], tuple(out[1:])
 
 
 class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, loop, sizes, n_states, x, *tensors):
+    def forward(ctx, loop, sizes, lengths, n_states, x, *tensors):
         states, params = list(tensors[:n_states]), list(tensors[n_states:])
-        out, finals, saved = loop.forward(x, states, params, sizes)
+        out, finals, saved = loop.forward(x, states, params, sizes, lengths)
         ctx.loop, ctx.sizes, ctx.saved, ctx.shapes = loop, sizes, saved, [s.shape for s in states]
+        ctx.lengths = lengths
         ctx.save_for_backward(x, *params)
         return (out, *finals)
 
@@ -108,7 +127,7 @@ class _Function(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
                     for d, shape in zip(d_finals, ctx.shapes, strict=True)]
-        dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals)
+        dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals, ctx.lengths)
         d_state = [d.reshape(shape) for d, shape in zip(d_state, ctx.shapes, strict=True)]
         d_params = [d.reshape(p.shape) for d, p in zip(d_params, params, strict=True)]
-        return (None, None, None, dx, *d_state, *d_params)
+        return (None, None, None, None, dx, *d_state, *d_params)
