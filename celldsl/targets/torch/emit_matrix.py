@@ -17,6 +17,20 @@ def _sum_to(d, like):  # the backward of a broadcast: d summed over the axes whe
     return d.sum(dims, keepdim=True) if dims else d
 
 
+def _mm(a, b, like=None):  # a @ b on [N or 1, heads or 1, r, k] x [N or 1, heads or 1, k, c], never
+    # copying an operand over the other's rows; with `like` of one row, also summed over the rows
+    h = max(a.shape[1], b.shape[1])
+    a, b = a.expand(a.shape[0], h, *a.shape[2:]), b.expand(b.shape[0], h, *b.shape[2:])
+    rows = like is None or like.shape[0] != 1
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        return a @ b
+    if a.shape[0] == 1:
+        return torch.einsum("hrk,nhkc->nhrc", a[0], b) if rows else torch.einsum("hrk,nhkc->hrc", a[0], b)[None]
+    if b.shape[0] == 1:
+        return torch.einsum("nhrk,hkc->nhrc", a, b[0]) if rows else torch.einsum("nhrk,hkc->hrc", a, b[0])[None]
+    return a @ b if rows else torch.einsum("nhrk,nhkc->hrc", a, b)[None]
+
+
 def _add(g, i, d, like):
     d = _sum_to(d, like)
     g[i] = d if g[i] is None else g[i] + d
@@ -28,21 +42,47 @@ def size_names(ir: TensorIR) -> list[str]:
     return sorted({n.name for n in ir.nodes if n.op in ("size", "eye") and n.name})
 
 
+def varying(ir: TensorIR) -> list[bool]:
+    """Per node: does it depend on a state? The others (the input's projections, the parameters' own
+    arithmetic) are hoisted: computed for every step at once before the loop, one GEMM per product."""
+    out = []
+    for node in ir.nodes:
+        out.append(node.op == "state" or any(out[j] for j in node.args))
+    return out
+
+
 def matrix_module_source(ir: TensorIR) -> str:
     states = ", ".join(ir.states)
     header = HEADER.format(name=python_text(ir.name),
                            equations=python_text(f"A matrix-memory cell; states {states}.", lines=True))
+    moving = varying(ir)
+    n = len(ir.nodes)
+    hoist = ["def hoist(x, params, dims):  # x [rows, I]: every step's rows at once",
+             "    like = dict(dtype=x.dtype, device=x.device)"]
+    hoist += [f"    {line}" for line in _forward_lines(ir, [not m for m in moving], "x")]
+    hoist.append(f"    return [{', '.join('None' if moving[i] else f'v{i}' for i in range(n))}]")
+    step = ["def step(h, states):  # h: hoist's values at this step's rows",
+            "    like = dict(dtype=states[0].dtype, device=states[0].device)"]
+    step += [f"    v{i} = h[{i}]" for i in range(n) if not moving[i]]
+    step += [f"    {line}" for line in _forward_lines(ir, moving, None)]
+    step.append(f"    return [{', '.join(f'v{i}' for i in range(n))}]")
+    parts = [header + MATRIX_HELPERS, "\n".join(hoist), "\n".join(step),
+             "\n".join(_backward_lines(ir, moving, "step_backward")),
+             "\n".join(_backward_lines(ir, [not m for m in moving], "hoist_backward"))]
+    return "\n\n\n".join(parts) + "\n"
+
+
+def _forward_lines(ir: TensorIR, selected: list[bool], x: str | None) -> list[str]:
     dims = {w: j for j, w in enumerate(size_names(ir))}
     state_index = {s: j for j, s in enumerate(ir.states)}
     param_index = {p: j for j, p in enumerate(ir.params)}
-    fwd = ["def step(x, states, params, dims):",
-           "    like = dict(dtype=x.dtype, device=x.device)"]
-    bwd = ["def step_backward(vals, grads):",
-           "    g = list(grads)"]
+    lines = []
     for i, node in enumerate(ir.nodes):
+        if not selected[i]:
+            continue
         a = [f"v{j}" for j in node.args]
         if node.op == "input":
-            e = "x[:, None, :, None]"
+            e = f"{x}[:, None, :, None]"
         elif node.op == "state":
             e = f"states[{state_index[node.name]}]"
         elif node.op == "param":
@@ -59,7 +99,7 @@ def matrix_module_source(ir: TensorIR) -> str:
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             e = TorchPrinter(names).doprint(node.expr)
         elif node.op == "matmul":
-            e = f"{a[0]} @ {a[1]}"
+            e = f"_mm({a[0]}, {a[1]})"
         elif node.op == "transpose":
             e = f"{a[0]}.transpose(-1, -2)"
         elif node.op in ("sum", "mean"):
@@ -68,13 +108,19 @@ def matrix_module_source(ir: TensorIR) -> str:
             e = f"torch.diag_embed({a[0]}[..., 0])"
         else:
             raise AssertionError(node.op)
-        fwd.append(f"    v{i} = {e}")
-    fwd.append(f"    return [{', '.join(f'v{i}' for i in range(len(ir.nodes)))}]")
-    bwd.append(f"    {', '.join(f'v{i}' for i in range(len(ir.nodes)))}, = vals")
-    fixed = {i for i, n in enumerate(ir.nodes) if n.op in ("const", "size", "eye")}
-    for i in range(len(ir.nodes) - 1, -1, -1):
+        lines.append(f"v{i} = {e}")
+    return lines
+
+
+def _backward_lines(ir: TensorIR, selected: list[bool], name: str) -> list[str]:
+    """Reverse mode through the selected nodes: g[i] is node i's adjoint (None for zero)."""
+    n = len(ir.nodes)
+    out = [f"def {name}(vals, grads):", "    g = list(grads)",
+           f"    {', '.join(f'v{i}' for i in range(n))}, = vals"]
+    fixed = {i for i, node in enumerate(ir.nodes) if node.op in ("const", "size", "eye")}
+    for i in range(n - 1, -1, -1):
         node = ir.nodes[i]
-        if not node.args:
+        if not node.args or not selected[i]:
             continue
         lines = []
         a = [f"v{j}" for j in node.args]
@@ -88,9 +134,9 @@ def matrix_module_source(ir: TensorIR) -> str:
         elif node.op == "matmul":
             j0, j1 = node.args
             if j0 not in fixed:
-                lines.append(f"_add(g, {j0}, g[{i}] @ {a[1]}.transpose(-1, -2), v{j0})")
+                lines.append(f"_add(g, {j0}, _mm(g[{i}], {a[1]}.transpose(-1, -2), v{j0}), v{j0})")
             if j1 not in fixed:
-                lines.append(f"_add(g, {j1}, {a[0]}.transpose(-1, -2) @ g[{i}], v{j1})")
+                lines.append(f"_add(g, {j1}, _mm({a[0]}.transpose(-1, -2), g[{i}], v{j1}), v{j1})")
         elif node.op == "transpose":
             lines.append(f"_add(g, {node.args[0]}, g[{i}].transpose(-1, -2), v{node.args[0]})")
         elif node.op == "sum":
@@ -102,10 +148,10 @@ def matrix_module_source(ir: TensorIR) -> str:
             j = node.args[0]
             lines.append(f"_add(g, {j}, torch.diagonal(g[{i}], dim1=-2, dim2=-1)[..., None], v{j})")
         if lines:
-            bwd.append(f"    if g[{i}] is not None:")
-            bwd += [f"        {line}" for line in lines]
-    bwd.append("    return g")
-    return header + MATRIX_HELPERS + "\n\n" + "\n".join(fwd) + "\n\n\n" + "\n".join(bwd) + "\n"
+            out.append(f"    if g[{i}] is not None:")
+            out += [f"        {line}" for line in lines]
+    out.append("    return g")
+    return out
 
 
 def _symbols(node) -> list:

@@ -2,7 +2,9 @@
 the forward over time, and the backward as a reverse-time recurrence for the states' gradients (dC),
 not autograd through the loop.
 
-Every value is a tensor [N, heads or 1, rows, cols]. The forward keeps the state before every step;
+Every value is a tensor [N, heads or 1, rows, cols]. What depends on no state (the input's
+projections) is hoisted: computed for all steps at once before the loop, its gradient sent back once
+after it. The forward keeps the state before every step;
 the backward walks time backwards, recomputes step t's values from the state before it and runs the
 step's generated backward: a pointwise node by its SymPy derivatives, a broadcast by a sum back to the
 operand's shape, `A @ B` by `dY @ Bᵀ` and `Aᵀ @ dY`, a sum by a broadcast. Parameter gradients add up
@@ -48,39 +50,52 @@ class MatrixLoop:
         t = torch.arange(x.shape[0], device=x.device)[:, None]
         return list((t < lengths.to(x.device)[None, :]).to(x.dtype)[..., None, None, None])
 
+    def hoisted(self, x, p4, sizes):
+        """The values that depend on no state, for every step at once (rows = T * N)."""
+        dims = [sizes[w] for w in self.size_names]
+        return self.module.hoist(x.reshape(-1, x.shape[-1]), p4, dims)
+
+    @staticmethod
+    def rows(hoisted, t: int, n: int) -> list:
+        """Step t's rows of the hoisted values (those with one row, parameters' own arithmetic, whole)."""
+        return [v if v is None or v.shape[0] == 1 else v[t * n:(t + 1) * n] for v in hoisted]
+
     def forward(self, x, states, params, sizes, lengths=None):
         """x [T, N, I]; states and params as stored; lengths [N] (a sequence's state stops at its own
         last step, its outputs after it are 0) or None. -> (outputs [T, N, heads * width], final
         states, the state before every step)."""
-        ir, dims = self.ir, [sizes[w] for w in self.size_names]
+        ir, N = self.ir, x.shape[1]
         s4 = [self.as4(n, s, True) for n, s in zip(ir.states, states, strict=True)]
         p4 = [self.as4(n, p, False) for n, p in zip(ir.params, params, strict=True)]
+        hoisted = self.hoisted(x, p4, sizes)
         outs, saved = [], []
         for t, mask in enumerate(self.masks(x, lengths)):
             saved.append(s4)
-            vals = self.module.step(x[t], s4, p4, dims)
+            vals = self.module.step(self.rows(hoisted, t, N), s4)
             new = [vals[ir.new_state[n]].expand_as(s) for n, s in zip(ir.states, s4, strict=True)]
             s4 = new if mask is None else [torch.where(mask > 0, v, s) for s, v in zip(s4, new, strict=True)]
             out = vals[ir.output_node]
-            out = out.expand(x.shape[1], sizes["heads"], *out.shape[2:])
+            out = out.expand(N, sizes["heads"], *out.shape[2:])
             out = out if mask is None else torch.where(mask > 0, out, 0.0)
-            outs.append(out.reshape(x.shape[1], -1))
+            outs.append(out.reshape(N, -1))
         finals = [s.reshape(st.shape) for s, st in zip(s4, states, strict=True)]
         return torch.stack(outs), finals, saved
 
     def backward(self, x, saved, params, sizes, d_out, d_finals, lengths=None):
-        """The gradients of x, the initial states and the parameters, walking time backwards."""
-        ir, dims = self.ir, [sizes[w] for w in self.size_names]
+        """The gradients of x, the initial states and the parameters, walking time backwards; the
+        hoisted values' gradients are gathered over the steps and sent back once, for all rows."""
+        ir = self.ir
+        T, N = x.shape[0], x.shape[1]
         p4 = [self.as4(n, p, False) for n, p in zip(ir.params, params, strict=True)]
+        hoisted = self.hoisted(x, p4, sizes)
+        G = [None] * len(hoisted)
         leaves = {n.name: i for i, n in enumerate(ir.nodes) if n.op in ("state", "param", "input")}
         d_state = [self.as4(n, d, True) for n, d in zip(ir.states, d_finals, strict=True)]
-        d_params = [torch.zeros_like(p) for p in p4]
-        dx = torch.zeros_like(x)
-        N, heads = x.shape[1], sizes["heads"]
+        heads = sizes["heads"]
         masks = self.masks(x, lengths)
-        for t in range(x.shape[0] - 1, -1, -1):
+        for t in range(T - 1, -1, -1):
             mask = masks[t]
-            vals = self.module.step(x[t], saved[t], p4, dims)
+            vals = self.module.step(self.rows(hoisted, t, N), saved[t])
             grads = [None] * len(vals)
             for n, d in zip(ir.states, d_state, strict=True):
                 i = ir.new_state[n]
@@ -97,12 +112,20 @@ class MatrixLoop:
                        else torch.zeros_like(saved[t][k]) for k, n in enumerate(ir.states)]
             if mask is not None:
                 d_state = [d + (1 - mask) * k for d, k in zip(d_state, kept, strict=True)]
-            for k, n in enumerate(ir.params):
-                if adj[leaves[n]] is not None:
-                    d_params[k] += adj[leaves[n]]
-            g = adj[leaves[ir.inputs[0]]]
-            if g is not None:
-                dx[t] += sum_to(g.expand(N, *g.shape[1:]), (N, 1, x.shape[2], 1)).reshape(N, -1)
+            for i, v in enumerate(hoisted):
+                if v is None or adj[i] is None:
+                    continue
+                if v.shape[0] == 1:
+                    G[i] = adj[i] if G[i] is None else G[i] + adj[i]
+                else:
+                    if G[i] is None:
+                        G[i] = torch.zeros_like(v)
+                    G[i][t * N:(t + 1) * N] += adj[i]
+        adj = self.module.hoist_backward(hoisted, G)
+        d_params = [adj[leaves[n]] if adj[leaves[n]] is not None else torch.zeros_like(p)
+                    for n, p in zip(ir.params, p4, strict=True)]
+        g = adj[leaves[ir.inputs[0]]]
+        dx = torch.zeros_like(x) if g is None else g.sum((1, 3)).reshape(x.shape)
         return dx, d_state, d_params
 
     def run(self, x, states, params, sizes, lengths=None):
