@@ -235,3 +235,39 @@ def test_packed_sequences_run_each_sequence_over_its_own_length(cell, bidirectio
     want = torch.autograd.grad(want_loss, [*seqs, *layer.parameters()])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+MIXED = """cell mixed
+input x
+state S : (V, K) per head
+state u : x per head
+output o
+param W_k : (K, x) per head
+param W_v : (V, x) per head
+param U : (V, V) per head
+param c : 1 per head
+k = W_k @ x
+v = W_v @ x
+u' = tanh(u * c + x)
+S' = diag(sigmoid(U @ v)) @ S + (sum(u') / 3) * v @ kᵀ
+o = S' @ k + mean(x) * (U @ v)
+"""
+
+
+@pytest.mark.parametrize(("steps", "batch"), [(1, 1), (4, 3)])
+def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
+    """x read by a state's update (its gradient gathered over the steps into the hoisted backward), a
+    vector state of the input's width, sum/mean/diag: the derived backward against finite differences,
+    T = N = 1 too (m2rnn covers a parameter read per step)."""
+    torch.manual_seed(4)
+    layer = MatrixRecurrent(MIXED, 3, {"heads": 2, "K": 2, "V": 3}, dtype=torch.float64)
+    x = torch.randn(steps, batch, 3, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(batch, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+
+    def f(x, *rest):
+        out, finals = layer.loop.run(x, list(rest[:2]), list(rest[2:]), layer.layer_sizes[0])
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(f, (x, *state0, *params))
