@@ -271,3 +271,17 @@ def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
         return (out, *finals)
 
     assert torch.autograd.gradcheck(f, (x, *state0, *params))
+
+
+def test_the_command_line(capsys, tmp_path):
+    """check and explain work on matrix cells; compile (the Triton target's tool) refuses at the state."""
+    from celldsl.cli.main import main
+
+    assert main(["check", "cells/matrix/gla.cell", "cells/matrix/deltanet.cell"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["cells/matrix/gla.cell: ok", "cells/matrix/deltanet.cell: ok"]
+    assert main(["explain", "cells/matrix/deltanet.cell"]) == 0
+    assert "S  [a (V, K) matrix per head]" in capsys.readouterr().out
+    assert main(["compile", "cells/matrix/deltanet.cell", "-o", str(tmp_path / "k")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cells/matrix/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
+    assert not (tmp_path / "k").exists()
