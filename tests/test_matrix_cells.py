@@ -250,14 +250,14 @@ k = W_k @ x
 v = W_v @ x
 u' = tanh(u * c + x)
 S' = diag(sigmoid(U @ v)) @ S + (sum(u') / 3) * v @ kᵀ
-o = S' @ k + mean(x) * (U @ v)
+o = S' @ k / norm(k) + mean(x) * (U @ v)
 """
 
 
 @pytest.mark.parametrize(("steps", "batch"), [(1, 1), (4, 3)])
 def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
     """x read by a state's update (its gradient gathered over the steps into the hoisted backward), a
-    vector state of the input's width, sum/mean/diag: the derived backward against finite differences,
+    vector state of the input's width, sum/mean/norm/diag: the derived backward against finite differences,
     T = N = 1 too (m2rnn covers a parameter read per step)."""
     torch.manual_seed(4)
     layer = MatrixRecurrent(MIXED, 3, {"heads": 2, "K": 2, "V": 3}, dtype=torch.float64)
