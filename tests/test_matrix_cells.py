@@ -250,14 +250,14 @@ k = W_k @ x
 v = W_v @ x
 u' = tanh(u * c + x)
 S' = diag(sigmoid(U @ v)) @ S + (sum(u') / 3) * v @ kᵀ
-o = S' @ k / norm(k) + mean(x) * (U @ v)
+o = S' @ k / norm(k) + mean(x) * (U @ v) + max(S') - min(u')
 """
 
 
 @pytest.mark.parametrize(("steps", "batch"), [(1, 1), (4, 3)])
 def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
     """x read by a state's update (its gradient gathered over the steps into the hoisted backward), a
-    vector state of the input's width, sum/mean/norm/diag: the derived backward against finite differences,
+    vector state of the input's width, sum/mean/norm/max/min/diag: the derived backward against finite differences,
     T = N = 1 too (m2rnn covers a parameter read per step)."""
     torch.manual_seed(4)
     layer = MatrixRecurrent(MIXED, 3, {"heads": 2, "K": 2, "V": 3}, dtype=torch.float64)
@@ -285,3 +285,27 @@ def test_the_command_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("cells/matrix/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
     assert not (tmp_path / "k").exists()
+
+
+def test_reductions_over_a_width_against_a_hand_loop():
+    """sum, mean, max, min and norm of one head's vector, and of the input (shared by the heads)."""
+    text = """cell r
+input x
+state s : 1 per head
+output o
+param W : (V, x) per head
+v = W @ x
+s' = s + max(v) - min(v) + mean(v) * sum(x)
+o = v / norm(v) * s'
+"""
+    torch.manual_seed(5)
+    layer = MatrixRecurrent(text, 4, {"heads": 2, "V": 3}, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    out, (s_final,) = layer(x)
+    W, s, outs = layer.W_l0, torch.zeros(2, 2, dtype=torch.float64), []
+    for x_t in x:
+        v = torch.einsum("hvi,ni->nhv", W, x_t)
+        s = s + v.amax(-1) - v.amin(-1) + v.mean(-1) * x_t.sum(-1, keepdim=True)
+        outs.append((v / v.norm(dim=-1, keepdim=True) * s[..., None]).reshape(2, -1))
+    torch.testing.assert_close(out, torch.stack(outs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_final[0], s, rtol=1e-12, atol=1e-12)

@@ -10,7 +10,8 @@ time every value is a tensor [N, heads or 1, rows, cols], so the operations are 
   backward of the broadcast is a sum back to the operand's shape;
 - `matmul` (`@`): rows x inner times inner x cols; `v @ kᵀ` is the outer product, `kᵀ @ q` the dot
   product, `C @ q` and `qᵀ @ S` a matrix times a vector; `diag(a)` and the identity `I` are matrices;
-- `transpose` (`kᵀ`), `sum` (over all of a value's elements: one number per head), `diag`.
+- `transpose` (`kᵀ`), `sum`, `mean`, `max`, `min` (over all of a value's elements: one number per
+  head), `diag`.
 
 `build_tensor_ir` checks the kinds and reports every mistake at its place, with a hint.
 """
@@ -53,7 +54,8 @@ class Kind:
 
 @dataclass
 class Node:
-    op: str  # input | state | param | const | size | eye | pointwise | matmul | transpose | sum | mean | diag
+    op: str  # input | state | param | const | size | eye | pointwise | matmul | transpose | sum | mean | max
+    # | min | diag
     args: tuple
     kind: Kind
     loc: Loc | None
@@ -241,6 +243,9 @@ class _Builder:
         raise AssertionError(type(e))
 
     def call(self, e: ast.Call) -> int:
+        if e.func in ("max", "min") and len(e.args) == 1:  # over a value's elements; max(a, b) is elementwise
+            a = self.expr(e.args[0])
+            return self.add(Node(e.func, (a,), Kind(ONE, ONE, self.nodes[a].kind.head), e.loc))
         if e.func in ("diag", "norm", "sum", "mean"):
             if len(e.args) != 1:
                 self.error(f"{e.func}() takes 1 argument, got {len(e.args)}", e.loc)

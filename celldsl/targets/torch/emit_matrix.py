@@ -104,6 +104,8 @@ def _forward_lines(ir: TensorIR, selected: list[bool], x: str | None) -> list[st
             e = f"{a[0]}.transpose(-1, -2)"
         elif node.op in ("sum", "mean"):
             e = f"{a[0]}.{node.op}((-2, -1), keepdim=True)"
+        elif node.op in ("max", "min"):
+            e = f"{a[0]}.a{node.op}((-2, -1), keepdim=True)"
         elif node.op == "diag":
             e = f"torch.diag_embed({a[0]}[..., 0])"
         else:
@@ -144,6 +146,10 @@ def _backward_lines(ir: TensorIR, selected: list[bool], name: str) -> list[str]:
         elif node.op == "mean":
             j = node.args[0]
             lines.append(f"_add(g, {j}, g[{i}] / (v{j}.shape[-1] * v{j}.shape[-2]), v{j})")
+        elif node.op in ("max", "min"):  # to the elements that reach it, shared evenly on ties (as amax)
+            j = node.args[0]
+            lines.append(f"hit = (v{j} == v{i}).to(v{j}.dtype)")
+            lines.append(f"_add(g, {j}, g[{i}] * hit / hit.sum((-2, -1), keepdim=True), v{j})")
         elif node.op == "diag":
             j = node.args[0]
             lines.append(f"_add(g, {j}, torch.diagonal(g[{i}], dim1=-2, dim2=-1)[..., None], v{j})")
