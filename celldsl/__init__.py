@@ -6,8 +6,8 @@ from .lang.errors import CellError, CellTensorError, CellWarning
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Cell", "CellError", "CellTensorError", "CellWarning", "CompiledCell", "GRUCell",
-    "LSTMCell", "RNNCell", "Recurrent", "compile_cell", "load_program", "load_torchscript", "safe_globals",
-    "save_program", "save_torchscript",
+    "LSTMCell", "MatrixRecurrent", "RNNCell", "Recurrent", "compile_cell", "load_program", "load_torchscript",
+    "safe_globals", "save_program", "save_torchscript",
 ]
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ def safe_globals() -> list:
         with torch.serialization.safe_globals([*celldsl.safe_globals(), MyModel, nn.Linear]):
             model = torch.load(path, weights_only=True)
     """
-    from . import layers
+    from .nn import layers
     from .compiler import compile_source
 
     return [layers.LSTM, layers.GRU, layers.RNN, layers.LSTMCell, layers.GRUCell, layers.RNNCell,
@@ -38,7 +38,11 @@ def __getattr__(name: str):
 
         return getattr(layers, name)
     if name in ("save_program", "load_program", "save_torchscript", "load_torchscript"):
-        from . import programs
+        from .export import programs
 
         return getattr(programs, name)
+    if name == "MatrixRecurrent":
+        from .nn.matrix import MatrixRecurrent
+
+        return MatrixRecurrent
     raise AttributeError(f"module 'celldsl' has no attribute {name!r}")

@@ -137,6 +137,49 @@ class CompiledCell:
         return explain(self)
 
 
+class CompiledMatrixCell:
+    """A matrix-memory cell (lang/tensors.py): its IR and the one loop that runs it, torch's.
+
+    The cpu and triton targets refuse it with a located reason (targets/__init__.refuse_matrix)."""
+
+    def __init__(self, ir, key: str, diagnostics: list[str]):
+        self.ir, self.key, self.diagnostics = ir, key, diagnostics
+
+    def __reduce__(self):
+        return (compile_source, (self.ir.source.filename, self.ir.source.text))
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def states(self) -> list[str]:
+        return self.ir.states
+
+    @cached_property
+    def torch_loop(self):
+        from .targets import matrix_loop
+
+        return matrix_loop(self)
+
+    def loop(self, backend: str):
+        """torch's loop; "cpu" and "triton" raise CellError at the first matrix state."""
+        from .targets import refuse_matrix
+
+        if backend == "torch":
+            return self.torch_loop
+        refuse_matrix(self.ir, backend)
+
+    def explain(self) -> str:
+        ir = self.ir
+        lines = [f"cell {ir.name}: a matrix-memory cell", f"  file: {printable(ir.source.filename)}",
+                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):"]
+        lines += [f"  {s}  [{ir.kinds[s].words()}]" for s in ir.states]
+        lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
+        lines += ["backends: torch (the einsum loop; cpu and triton do not run matrix states yet)"]
+        return "\n".join(lines)
+
+
 def _read(cell) -> Source:
     """A path (str or Path), a zoo name ("lstm"), cell text (str) or raw bytes -> Source.
 
@@ -144,6 +187,8 @@ def _read(cell) -> Source:
     if isinstance(cell, str) and "\n" not in cell:
         if not os.path.exists(cell) and (ZOO / f"{cell}.cell").exists():
             cell = ZOO / f"{cell}.cell"
+        elif not os.path.exists(cell) and (ZOO / "matrix" / f"{cell}.cell").exists():
+            cell = ZOO / "matrix" / f"{cell}.cell"  # the matrix-memory cells run on torch only, for now
         elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
         else:
@@ -184,11 +229,11 @@ def _decode(data: bytes, filename: str) -> Source:
         raise AssertionError("unreachable") from None
 
 
-def compile_cell(cell, *, use_cache: bool = True) -> CompiledCell:
+def compile_cell(cell, *, use_cache: bool = True) -> CompiledCell | CompiledMatrixCell:
     """Compile a cell file (path), zoo name or cell text, or pass a CompiledCell through.
 
     use_cache=False compiles again even when this process compiled the same text before."""
-    if isinstance(cell, CompiledCell):
+    if isinstance(cell, CompiledCell | CompiledMatrixCell):
         return cell
     return _compiled(_read(cell), use_cache)
 
@@ -246,17 +291,23 @@ def compile_key(key: str) -> CompiledCell | None:
     return compiled
 
 
-def _compile(source: Source, key: str) -> CompiledCell:
+def _compile(source: Source, key: str) -> CompiledCell | CompiledMatrixCell:
     from .lang.ir import build_ir
     from .lang.syntax import parse
+    from .lang.tensors import build_tensor_ir, is_matrix_cell
     from .plan import build_plan
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CellWarning)
         module = parse(source.text, source.filename)
-        ir = build_ir(module, source)
-        plan = build_plan(ir)
+        if is_matrix_cell(module):
+            ir, plan = build_tensor_ir(module, source), None
+        else:
+            ir = build_ir(module, source)
+            plan = build_plan(ir)
     diagnostics = [str(w.message) for w in caught if issubclass(w.category, CellWarning)]
     for text in diagnostics:
         warnings.warn(text, CellWarning, stacklevel=3)
+    if plan is None:
+        return CompiledMatrixCell(ir, key, diagnostics)
     return CompiledCell(plan, key, diagnostics)

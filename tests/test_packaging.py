@@ -22,7 +22,7 @@ def test_pyproject_lists_every_package_and_maps_the_data_folders():
     data = {"celldsl.zoo": "cells", "celldsl.grammars": "grammars", "celldsl.kernels": "kernels"}
     assert set(config["packages"]) == code | set(data), "pyproject's packages must list every package"
     assert config["package-dir"] == data
-    assert config["package-data"] == {"celldsl.zoo": ["*.cell"], "celldsl.grammars": ["*.lark"]}
+    assert config["package-data"] == {"celldsl.zoo": ["*.cell", "matrix/*.cell"], "celldsl.grammars": ["*.lark"]}
     modules = {p.stem for p in (ROOT / "celldsl").glob("*.py")}
     assert not modules & {name.split(".")[1] for name in data}, "a data folder would shadow a module"
 

@@ -99,6 +99,15 @@ def parse_target(text: str) -> tuple[str, int]:
     return "cuda", int(m.group(1))
 
 
+def _refuse_matrix_cells(compiled) -> None:
+    """The Triton target has no kernels for matrix-memory cells yet: a located CellError, not a crash."""
+    from ..targets import refuse_matrix
+
+    for c in compiled:
+        if getattr(c, "plan", None) is None:
+            refuse_matrix(c.ir, "triton")
+
+
 def write_sources(cells, out_dir) -> list[Path]:
     """Write `<stem>.py` (the generated Triton module) for each cell into out_dir; returns the paths.
 
@@ -111,6 +120,7 @@ def write_sources(cells, out_dir) -> list[Path]:
 
     out = Path(out_dir)
     compiled = list({c.key: c for c in map(compile_cell, cells)}.values())  # a file given twice is one
+    _refuse_matrix_cells(compiled)
     stems: dict[str, str] = {}
     for c in compiled:
         stem = Path(c.ir.source.filename).stem if c.ir.source.filename != "<cell>" else c.name
@@ -171,6 +181,7 @@ def aot_compile(cell, targets, dtype: str = "float32", kernels: list[str] | None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     compiled = compile_cell(cell)
+    _refuse_matrix_cells([compiled])
     module = load_triton_module(compiled).module(interpret=False)
     stem = Path(compiled.ir.source.filename).stem
     jobs = []  # (schedule, kernel, signature, constexprs, num_warps, note)

@@ -31,6 +31,8 @@ RECURRENCE_WORDS = {
 def explain(compiled, sizes: dict | None = None) -> str:
     """A multi-line description of `compiled.plan` (a CompiledCell); `sizes` ({"N", "H", "T", "dtype"})
     adds the launch every Triton schedule would make at those sizes and the one the compiler picks."""
+    if getattr(compiled, "plan", None) is None:  # a matrix-memory cell (compiler.CompiledMatrixCell)
+        return compiled.explain()
     plan: Plan = compiled.plan
     ir = plan.ir
     names = _display_names(plan)

@@ -84,6 +84,17 @@ class ParamKind:
 
 
 @dataclass(frozen=True)
+class PerHead:
+    """`K per head`, `(V, K) per head` or `1 per head`: a value of a matrix-memory cell, one per head.
+    rows and cols are width names ("1" for one number); cols is None for a vector."""
+
+    rows: str
+    cols: str | None
+    loc: Loc
+    head: bool = True  # False: `param W : (R, x)`, one matrix shared by the heads
+
+
+@dataclass(frozen=True)
 class InitValue:
     kind: str  # "constant" | "named" | "call"
     name: str | None
@@ -100,9 +111,9 @@ class Module:
     cite: str | None = None
     inputs: list[Name] = field(default_factory=list)
     states: list[Name] = field(default_factory=list)
-    widths: dict[str, Name] = field(default_factory=dict)  # state or input -> its declared width
+    widths: dict[str, Name | PerHead] = field(default_factory=dict)  # state or input -> its declared width
     output: Name | None = None
-    params: list[tuple[Name, ParamKind | None, Name | None]] = field(default_factory=list)  # (name, kind, group)
+    params: list[tuple[Name, ParamKind | PerHead | None, Name | None]] = field(default_factory=list)  # (name, kind, group)
     groups: list[tuple[Name, list[Name]]] = field(default_factory=list)
     inits: list[tuple[list[Name], InitValue]] = field(default_factory=list)
     definitions: list[tuple[Name, object]] = field(default_factory=list)  # intermediates

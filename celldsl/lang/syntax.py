@@ -96,8 +96,12 @@ def _expected_words(expected) -> str:
     if expected & KEYWORDS:
         words.append("a statement")
         expected -= KEYWORDS | {"NAME"}
-    if {"NAME", "NUMBER"} <= expected:
+    shape = {"NAME", "NUMBER", "LPAR"} <= expected and "MINUS" not in expected  # `param a :`, `state C :`
+    if {"NAME", "NUMBER"} <= expected and not shape:
         words.append("an expression")
+        expected -= EXPRESSION_START
+    elif shape:
+        words.append("a name or a shape per head such as (V, K) per head")
         expected -= EXPRESSION_START
     if expected & OPERATORS:
         words.append("an operator")
@@ -232,7 +236,21 @@ class _ToAst(Transformer_NonRecursive):
     def width(self, items):
         return ast.Name(str(items[0]), _loc(items[0]))
 
+    @v_args(meta=True)
+    def per_head(self, meta, items):
+        return ast.PerHead(str(items[0]), None, _loc(meta))
+
+    @v_args(meta=True)
+    def per_head_matrix(self, meta, items):
+        return ast.PerHead(str(items[0]), str(items[1]), _loc(meta))
+
+    @v_args(meta=True)
+    def shared_matrix(self, meta, items):
+        return ast.PerHead(str(items[0]), str(items[1]), _loc(meta), head=False)
+
     def param_kind(self, items):
+        if isinstance(items[0], ast.PerHead):
+            return items[0]
         kind = ast.Name(str(items[0]), _loc(items[0]))
         return ast.ParamKind(kind, str(items[1]) if len(items) > 1 else None)
 

@@ -124,3 +124,11 @@ def check_heads(cell: CompiledCell, sizes: dict[str, int]) -> None:
         if p.heads and (sizes[p.rows] % p.heads or sizes[p.operand_size] % p.heads):
             raise ValueError(f"parameter {name!r} has {p.heads} heads, so its sizes ({sizes[p.rows]} x "
                              f"{sizes[p.operand_size]}) must divide by {p.heads}")
+
+
+def check_not_matrix(cell) -> None:
+    """Recurrent and Cell run the plan of an elementwise cell; a matrix-memory cell has its own layer."""
+    if getattr(cell, "plan", None) is None:
+        widths = ", ".join(f"{w!r}: 16" for w in ["heads", *cell.ir.widths])
+        raise ValueError(f"cell {cell.name!r} has matrix states (one matrix per head); run it with "
+                         f"celldsl.MatrixRecurrent(cell, input_size, sizes={{{widths}}})")

@@ -16,6 +16,7 @@ from .arguments import (
     check_first_input,
     check_heads,
     check_layer_arguments,
+    check_not_matrix,
     declared_width_sizes,
     extra_input_sizes,
 )
@@ -193,6 +194,7 @@ class Cell(_Step, nn.Module):
         super().__init__()
         check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
         self.compiled = compile_cell(cell)
+        check_not_matrix(self.compiled)
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
         self.width_sizes = declared_width_sizes(self.compiled, sizes)

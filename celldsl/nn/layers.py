@@ -17,6 +17,7 @@ from .arguments import (
     check_first_input,
     check_heads,
     check_layer_arguments,
+    check_not_matrix,
     check_schedule_argument,
     declared_width_sizes,
     extra_input_sizes,
@@ -95,6 +96,7 @@ class Recurrent(RecurrentStack, nn.Module):
         super().__init__()
         check_layer_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, backend)
         self.compiled = compile_cell(cell)
+        check_not_matrix(self.compiled)
         register(self.compiled)
         self.schedule = check_schedule_argument(self.compiled, backend, schedule)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)

@@ -28,3 +28,22 @@ def target(name: str) -> Target:
     else:
         raise ValueError(f"backend must be one of {sorted(NAMES)}, got {name!r}")
     return TARGET
+
+
+def refuse_matrix(ir, backend: str) -> None:
+    """The cpu and triton targets do not run matrix-memory cells yet: a CellError at the first matrix
+    state (or the first state) saying so, never a wrong run."""
+    from ..lang.errors import CellError
+
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {sorted(NAMES)}, got {backend!r}")
+    first = next((s for s in ir.states if ir.kinds[s].rows != "1" and ir.kinds[s].cols != "1"), ir.states[0])
+    raise CellError(f"the {backend} backend does not run matrix states yet (state '{first}' is "
+                    f"{ir.kinds[first].words()}); use backend='torch'", ir.source, ir.state_locs[first])
+
+
+def matrix_loop(compiled):
+    """The loop of a matrix-memory cell: the torch target's (targets/torch/matrix.py), the only one."""
+    from .torch import TARGET
+
+    return TARGET.matrix_loop(compiled)

@@ -29,5 +29,18 @@ class TorchTarget(Target):
             self.check_schedule(compiled.plan, schedule)
         return TorchLoop(compiled.plan, compiled.torch_module)
 
+    def matrix_loop(self, compiled):
+        """A matrix-memory cell's loop (matrix.py) on its generated module (emit_matrix.py), written
+        under the cell's cache key and imported from that file."""
+        from .emit_matrix import matrix_module_source
+        from .matrix import MatrixLoop
+
+        path = cache.root() / compiled.key / "torch_matrix.py"
+        cache.write_if_changed(path, matrix_module_source(compiled.ir))
+        spec = importlib.util.spec_from_file_location(f"celldsl_generated_matrix_{compiled.key[:16]}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return MatrixLoop(compiled.ir, module)
+
 
 TARGET = TorchTarget()

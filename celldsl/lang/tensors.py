@@ -1,0 +1,414 @@
+"""The IR of a matrix-memory cell: every value is a small matrix per head, with named axes.
+
+A value of a matrix-memory cell (mLSTM, GLA, DeltaNet) has a `Kind`: its rows and columns, each a
+width name ("K", "V", an input's name) or "1", and whether it is one per head. A K-vector is (K, 1), its
+transpose `kᵀ` is (1, K), a state `C : (V, K) per head` is (V, K), a number per head is (1, 1). At run
+time every value is a tensor [N, heads or 1, rows, cols], so the operations are few and explicit:
+
+- `pointwise`: elementwise, on operands of one kind or with a (1, 1) operand that broadcasts; its
+  SymPy expression (built from the syntax tree, never from text) gives the local derivatives, and the
+  backward of the broadcast is a sum back to the operand's shape;
+- `matmul` (`@`): rows x inner times inner x cols; `v @ kᵀ` is the outer product, `kᵀ @ q` the dot
+  product, `C @ q` and `qᵀ @ S` a matrix times a vector; `diag(a)` and the identity `I` are matrices;
+- `transpose` (`kᵀ`), `sum`, `mean`, `max`, `min` (over all of a value's elements: one number per
+  head), `diag`.
+
+`build_tensor_ir` checks the kinds and reports every mistake at its place, with a hint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import ast
+from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
+from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, evaluate
+
+ONE = "1"
+TRANSPOSE = "ᵀ"
+
+
+@dataclass(frozen=True)
+class Kind:
+    rows: str
+    cols: str
+    head: bool
+
+    @property
+    def scalar(self) -> bool:
+        return self.rows == ONE and self.cols == ONE
+
+    def words(self) -> str:
+        per = " per head" if self.head else ""
+        if self.scalar:
+            return f"one number{per}"
+        if self.cols == ONE:
+            return f"a {self.rows}-vector{per}"
+        if self.rows == ONE:
+            return f"a transposed {self.cols}-vector{per}"
+        return f"a ({self.rows}, {self.cols}) matrix{per}"
+
+
+@dataclass
+class Node:
+    op: str  # input | state | param | const | size | eye | pointwise | matmul | transpose | sum | mean | max
+    # | min | diag
+    args: tuple
+    kind: Kind
+    loc: Loc | None
+    name: str | None = None
+    value: float | None = None
+    expr: sp.Expr | None = None  # pointwise: in the symbols a0, a1, ... of its arguments
+    grads: tuple = ()  # pointwise: d expr / d a_i
+
+
+@dataclass
+class TensorIR:
+    name: str
+    source: Source
+    inputs: list[str]
+    states: list[str]
+    state_locs: dict[str, Loc]
+    kinds: dict[str, Kind]  # declared states and parameters
+    params: list[str]
+    output: str
+    nodes: list[Node] = field(default_factory=list)
+    new_state: dict[str, int] = field(default_factory=dict)  # state -> node of its next value
+    output_node: int = 0
+    widths: list[str] = field(default_factory=list)  # width names the layer must size
+
+    def param_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
+        """How a parameter is stored: [heads, rows, cols] without its "1" axes; [rows, cols] when the
+        heads share it."""
+        k = self.kinds[name]
+        return (*[sizes["heads"]] * k.head, *[sizes[w] for w in (k.rows, k.cols) if w != ONE])
+
+    def state_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
+        """A state per sequence: [heads, rows, cols] without its "1" axes (batch in front at run time)."""
+        return self.param_shape(name, sizes)
+
+
+def is_matrix_cell(module: ast.Module) -> bool:
+    """A cell is a matrix-memory cell when it declares any value `per head`."""
+    return any(isinstance(w, ast.PerHead) for w in module.widths.values()) or any(  # (R, x) too
+        isinstance(kind, ast.PerHead) for _, kind, _ in module.params
+    )
+
+
+def _kind(per: ast.PerHead) -> Kind:
+    return Kind(per.rows, per.cols or ONE, per.head)
+
+
+class _Builder:
+    def __init__(self, module: ast.Module, source: Source):
+        self.m, self.source = module, source
+        self.errors: list[CellError] = []
+        self.nodes: list[Node] = []
+        self.kinds: dict[str, Kind] = {}
+        self.leaf: dict[str, int] = {}
+        self.defs = {n.text: (n, e) for n, e in module.definitions}
+        self.updates = {n.text: (n, e) for n, e in module.updates}
+        self.built: dict[str, int] = {}
+        self.building: set[str] = set()
+        shapes = [*module.widths.values(), *(k for _, k, _ in module.params)]
+        self.width_names = {w for s in shapes if isinstance(s, ast.PerHead) for w in (s.rows, s.cols)} - {ONE, None}
+        self.width_names -= {n.text for n in module.inputs}
+
+    def error(self, message: str, loc: Loc | None) -> None:
+        raise CellError(message, self.source, loc)
+
+    def add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # ---- declarations ------------------------------------------------------------------------
+
+    def declare(self) -> None:
+        m = self.m
+        if m.name is None:
+            self.error("the file must start with 'cell NAME'", Loc(1, 1))
+        if len(m.inputs) != 1:
+            where = m.inputs[1].loc if m.inputs else (m.name.loc if m.name else Loc(1, 1))
+            self.error("a matrix-memory cell reads one input for now (input x); extra inputs run on "
+                       "elementwise cells only", where)
+        if not m.states:
+            self.error("a matrix-memory cell needs a state: 'state C : (V, K) per head'", m.name.loc)
+        for n in m.inputs:
+            w = m.widths.get(n.text)
+            if isinstance(w, ast.PerHead):
+                self.error(f"input '{n.text}' is one per sequence, shared by the heads; declare it without "
+                           "'per head' (its projections are per head: W_q @ x with W_q : (K, I) per head)", w.loc)
+            if w is not None:
+                self.error(f"a matrix-memory cell reads its input '{n.text}' whole; remove ': {w.text}'", w.loc)
+            self.kinds[n.text] = Kind(n.text, ONE, False)
+            self.leaf[n.text] = self.add(Node("input", (), self.kinds[n.text], n.loc, name=n.text))
+        for n in m.states:
+            w = m.widths.get(n.text)
+            if not isinstance(w, ast.PerHead):
+                self.error(f"state '{n.text}' needs its shape in a matrix-memory cell: 'state {n.text} : "
+                           "(V, K) per head' (a matrix), ': K per head' (a vector) or ': 1 per head'",
+                           n.loc if w is None else w.loc)
+            self.kinds[n.text] = _kind(w)
+            self.leaf[n.text] = self.add(Node("state", (), self.kinds[n.text], n.loc, name=n.text))
+        for n, kind, group in m.params:
+            if group is not None:
+                self.error("parameter groups are not supported in a matrix-memory cell; declare each "
+                           "parameter with its shape", group.loc)
+            if not isinstance(kind, ast.PerHead):
+                self.error(f"parameter '{n.text}' needs its shape in a matrix-memory cell: 'param {n.text} "
+                           ": (K, I) per head' (a matrix), ': K per head' (a vector) or ': 1 per head'",
+                           n.loc if kind is None else kind.name.loc)
+            self.kinds[n.text] = _kind(kind)
+            self.leaf[n.text] = self.add(Node("param", (), self.kinds[n.text], n.loc, name=n.text))
+        seen: dict[str, Loc] = {}
+        for n in [*m.inputs, *m.states, *(p for p, _, _ in m.params), *(d for d, _ in m.definitions)]:
+            if n.text in seen:
+                self.error(f"'{n.text}' is declared twice (first on line {seen[n.text].line})", n.loc)
+            seen[n.text] = n.loc
+        for w in [*m.widths.values(), *(k for _, k, _ in m.params if isinstance(k, ast.PerHead))]:
+            for width in (w.rows, w.cols) if isinstance(w, ast.PerHead) else ():
+                if width not in (None, ONE) and not width.isidentifier():
+                    self.error(f"a width is a name (K, V) or 1, not '{width}'", w.loc)
+        if m.inits:
+            self.error("init is not supported in a matrix-memory cell yet", m.inits[0][1].loc)
+
+    # ---- expressions -------------------------------------------------------------------------
+
+    def value(self, name: str, loc: Loc) -> int:
+        if name in self.leaf:
+            return self.leaf[name]
+        if name in self.defs:
+            if name in self.built:
+                return self.built[name]
+            if name in self.building:
+                self.error(f"'{name}' depends on itself", loc)
+            self.building.add(name)
+            try:
+                self.built[name] = self.expr(self.defs[name][1])
+            finally:
+                self.building.discard(name)
+            return self.built[name]
+        if name.endswith(TRANSPOSE) and len(name) > 1:
+            inner = self.value(name[:-1], loc)
+            k = self.nodes[inner].kind
+            return self.add(Node("transpose", (inner,), Kind(k.cols, k.rows, k.head), loc))
+        if name in self.width_names:  # a width read as a number: the paper's 1 / sqrt(d_k)
+            return self.add(Node("size", (), Kind(ONE, ONE, False), loc, name=name))
+        if name in ("I", "eye"):
+            return self.add(Node("eye", (), Kind("?", "?", False), loc))
+        if name in CONSTANTS:
+            return self.const(float(CONSTANTS[name]), loc)
+        self.error(f"unknown name '{name}'", loc)
+
+    def const(self, value: float, loc: Loc) -> int:
+        return self.add(Node("const", (), Kind(ONE, ONE, False), loc, value=value))
+
+    def expr(self, e) -> int:
+        if isinstance(e, ast.Num):
+            return self.const(float(e.text), e.loc)
+        if isinstance(e, ast.Var):
+            return self.value(e.name, e.loc)
+        if isinstance(e, ast.NewVar):
+            if e.name not in self.updates:
+                self.error(f"'{e.name}'' is not a state with an update", e.loc)
+            if e.name in self.building:
+                self.error(f"'{e.name}'' depends on itself", e.loc)
+            key = e.name + "'"
+            if key not in self.built:
+                self.building.add(e.name)
+                try:
+                    self.built[key] = self.expr(self.updates[e.name][1])
+                finally:
+                    self.building.discard(e.name)
+            return self.built[key]
+        if isinstance(e, ast.Neg):
+            return self.pointwise(lambda a: -a, [self.expr(e.operand)], e.loc)
+        if isinstance(e, ast.BinOp):
+            if e.op == "^" and isinstance(e.right, ast.Var) and e.right.name == "T" and "T" not in self.leaf:
+                inner = self.expr(e.left)
+                k = self.nodes[inner].kind
+                return self.add(Node("transpose", (inner,), Kind(k.cols, k.rows, k.head), e.loc))
+            if e.op == "@":
+                return self.matmul(self.expr(e.left), self.expr(e.right), e.loc)
+            ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+                   "/": lambda a, b: a / b, "^": lambda a, b: a**b,
+                   "<": lambda a, b: FUNCTIONS_LESS[0](a, b), "<=": lambda a, b: FUNCTIONS_LESS[1](a, b),
+                   ">": lambda a, b: FUNCTIONS_LESS[0](b, a), ">=": lambda a, b: FUNCTIONS_LESS[1](b, a)}
+            return self.pointwise(ops[e.op], [self.expr(e.left), self.expr(e.right)], e.loc)
+        if isinstance(e, ast.Call):
+            return self.call(e)
+        raise AssertionError(type(e))
+
+    def call(self, e: ast.Call) -> int:
+        if e.func in ("max", "min") and len(e.args) == 1:  # over a value's elements; max(a, b) is elementwise
+            a = self.expr(e.args[0])
+            return self.add(Node(e.func, (a,), Kind(ONE, ONE, self.nodes[a].kind.head), e.loc))
+        if e.func in ("diag", "norm", "sum", "mean"):
+            if len(e.args) != 1:
+                self.error(f"{e.func}() takes 1 argument, got {len(e.args)}", e.loc)
+            a = self.expr(e.args[0])
+            k = self.nodes[a].kind
+            if e.func == "diag":
+                if k.cols != ONE or k.rows == ONE:
+                    self.error(f"diag() takes a vector, got {k.words()}", e.loc)
+                return self.add(Node("diag", (a,), Kind(k.rows, k.rows, k.head), e.loc))
+            if e.func == "norm":
+                sq = self.pointwise(lambda x: x * x, [a], e.loc)
+                return self.pointwise(sp.sqrt, [self.add(Node("sum", (sq,), Kind(ONE, ONE, k.head), e.loc))], e.loc)
+            return self.add(Node(e.func, (a,), Kind(ONE, ONE, k.head), e.loc))
+        if e.func not in FUNCTIONS or e.func in REDUCTIONS:
+            known = sorted({*FUNCTIONS, "diag", "norm"} - {"layernorm"})
+            self.error(f"unknown function '{e.func}' in a matrix-memory cell (known: {', '.join(known)})", e.loc)
+        arity, fn = FUNCTIONS[e.func]
+        if len(e.args) != arity:
+            self.error(f"{e.func}() takes {arity} argument{'s' * (arity > 1)}, got {len(e.args)}", e.loc)
+        return self.pointwise(fn, [self.expr(a) for a in e.args], e.loc)
+
+    def resolve_eye(self, i: int, width: str, loc: Loc) -> int:
+        node = self.nodes[i]
+        if node.op == "eye" and node.kind.rows == "?":
+            return self.add(Node("eye", (), Kind(width, width, False), node.loc, name=width))
+        return i
+
+    def pointwise(self, fn, args: list[int], loc: Loc) -> int:
+        kinds = [self.nodes[a].kind for a in args]
+        shaped = [k for k in kinds if not k.scalar and k.rows != "?"]
+        if any(k.rows == "?" for k in kinds):
+            if not shaped or shaped[0].rows != shaped[0].cols:
+                self.error("the identity I is a square matrix; its size comes from the square matrix it is "
+                           "added to (I - β k @ kᵀ) or multiplied with (S @ I)", loc)
+            args = [self.resolve_eye(a, shaped[0].rows, loc) for a in args]
+            kinds = [self.nodes[a].kind for a in args]
+        shape = next((k for k in kinds if not k.scalar), None)
+        for k in kinds:
+            if not k.scalar and (k.rows, k.cols) != (shape.rows, shape.cols):
+                hint = ""
+                if shape.cols == ONE and k.cols != ONE or k.cols == ONE and shape.cols != ONE:
+                    hint = ("; to scale a matrix's rows write diag(a) @ S, for an outer product v @ kᵀ, "
+                            "for a dot product kᵀ @ q")
+                self.error(f"elementwise operation on {shape.words()} and {k.words()}: elementwise "
+                           f"operands have one shape, or one of them is one number{hint}", loc)
+        head = any(k.head for k in kinds)
+        kind = Kind(shape.rows, shape.cols, head) if shape else Kind(ONE, ONE, head)
+        symbols = sp.symbols(f"a0:{len(args)}", real=True)
+        if all(self.nodes[a].op == "const" for a in args):  # folded: 1 / 16 is a number
+            try:
+                value = evaluate(fn(*[sp.Float(self.nodes[a].value) for a in args]))
+            except (ArithmeticError, ValueError):
+                self.error("this constant expression has no finite real value", loc)
+            return self.const(value, loc)
+        expr = fn(*symbols)
+        grads = tuple(sp.diff(expr, s) for s in symbols)
+        return self.add(Node("pointwise", tuple(args), kind, loc, expr=expr, grads=grads))
+
+    def matmul(self, a: int, b: int, loc: Loc) -> int:
+        ka, kb = self.nodes[a].kind, self.nodes[b].kind
+        if ka.rows == "?" and kb.rows == "?":
+            self.error("I @ I: the identity's size comes from a matrix it meets", loc)
+        if ka.rows == "?":
+            a, ka = self.resolve_eye(a, kb.rows, loc), Kind(kb.rows, kb.rows, False)
+        if kb.rows == "?":
+            b, kb = self.resolve_eye(b, ka.cols, loc), Kind(ka.cols, ka.cols, False)
+        if ka.scalar and self.nodes[a].op == "const" or kb.scalar and self.nodes[b].op == "const":
+            self.error("@ multiplies matrices and vectors; write * for a number", loc)
+        if ka.cols != kb.rows:
+            hint = ""
+            if ka.cols == ONE and kb.rows != ONE:
+                hint = f"; did you mean {'a transposed vector' if ka.rows != ONE else 'a vector'} on the left (kᵀ @ q)?"
+            elif kb.rows == ONE and ka.cols != ONE:
+                hint = "; for an outer product write v @ kᵀ"
+            self.error(f"@ needs the left side's columns to match the right side's rows: {ka.words()} @ "
+                       f"{kb.words()}{hint}", loc)
+        return self.add(Node("matmul", (a, b), Kind(ka.rows, kb.cols, ka.head or kb.head), loc))
+
+
+def _less(a, b):
+    from .functions import less
+
+    return less(a, b)
+
+
+def _less_equal(a, b):
+    from .functions import less_equal
+
+    return less_equal(a, b)
+
+
+FUNCTIONS_LESS = (_less, _less_equal)
+
+
+def _warn_unused(b: _Builder, results: list[int], source: Source) -> None:
+    """A parameter, input or intermediate that no next state and not the output reads: a warning at it."""
+    seen, stack = set(), list(results)
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(b.nodes[i].args)
+    unused = [(n.loc, f"parameter '{n.text}' is never used") for n, _, _ in b.m.params
+              if b.leaf[n.text] not in seen]
+    unused += [(n.loc, f"input '{n.text}' is never used") for n in b.m.inputs if b.leaf[n.text] not in seen]
+    unused += [(n.loc, f"'{name}' is defined but never used") for name, (n, _) in b.defs.items()
+               if b.built.get(name) not in seen]
+    for loc, message in sorted(unused, key=lambda u: (u[0].line, u[0].column)):
+        warnings.warn(warning_text(message, source, loc), CellWarning, stacklevel=4)
+
+
+def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
+    """The matrix-memory IR of a parsed cell (see the module docstring); CellError on any mistake."""
+    b = _Builder(module, source)
+    b.declare()
+    m = module
+    states = [n.text for n in m.states]
+    locs = {n.text: n.loc for n in m.states}
+    missing = [n for n in m.states if n.text not in b.updates]
+    if missing:
+        raise_all([CellError(f"state '{n.text}' has no update: write {n.text}' = ...", source, n.loc)
+                   for n in missing])
+    for name, (n, _) in b.updates.items():
+        if name not in b.kinds or name not in states:
+            b.error(f"'{name}'' updates '{name}', which is not a declared state", n.loc)
+    new_state = {}
+    for s in states:
+        n, e = b.updates[s]
+        try:
+            i = b.expr(e) if s + "'" not in b.built else b.built[s + "'"]
+        except CellError as err:
+            b.errors.append(err)
+            continue
+        b.built[s + "'"] = i
+        got, want = b.nodes[i].kind, b.kinds[s]
+        if (got.rows, got.cols) != (want.rows, want.cols) and not got.scalar:
+            b.errors.append(CellError(f"{s}' is {got.words()}, but state '{s}' is declared {want.words()}",
+                                      source, n.loc))
+        new_state[s] = i
+    for name, (n, _) in b.defs.items():  # every equation is checked, also one nothing reads
+        try:
+            b.value(name, n.loc)
+        except CellError as err:
+            b.errors.append(err)
+    unique = {(e.line, e.column, e.message): e for e in b.errors}  # an equation read twice fails once
+    raise_all([unique[k] for k in sorted(unique, key=lambda k: (k[0] or 0, k[1] or 0, k[2]))])
+    if m.output is None:
+        if len(states) != 1:
+            b.error("a cell with several states must say which is its output: 'output NAME'", Loc(1, 1))
+        output = states[0] + "'"
+    else:
+        output = m.output.text + ("'" if m.output.text in states else "")
+        if output not in b.built and m.output.text not in b.defs:
+            b.error(f"output '{m.output.text}' is neither a state nor an intermediate", m.output.loc)
+    out = b.built[output] if output in b.built else b.value(m.output.text, m.output.loc)
+    ko = b.nodes[out].kind
+    if ko.cols != ONE and ko.rows != ONE:
+        b.error(f"the output must be a vector per head (the layer concatenates the heads), not {ko.words()}; "
+                "read the matrix with a query (C @ q)", m.output.loc if m.output else Loc(1, 1))
+    _warn_unused(b, [*new_state.values(), out], source)
+    widths = sorted({w for k in b.kinds.values() for w in (k.rows, k.cols)} - {ONE, *[n.text for n in m.inputs]})
+    return TensorIR(
+        name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
+        kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=b.nodes,
+        new_state=new_state, output_node=out, widths=widths,
+    )

@@ -1,0 +1,116 @@
+"""`MatrixRecurrent`: the layer of a matrix-memory cell (mLSTM, GLA, DeltaNet; lang/tensors.py).
+
+Layers, directions, batch_first and PackedSequence as torch.nn.LSTM. Parameters are named as the cell
+names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols] without "1" axes
+(W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is [heads]; a matrix the heads share,
+W_a1 : (R, x), is [R, I]). Only the torch target runs these cells: backend="auto" picks it on every
+device (the cpu and triton targets decline every matrix-memory cell, so there is nothing to choose),
+and backend="cpu" or "triton" raises the located CellError of targets.refuse_matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..compiler import CompiledMatrixCell, compile_cell
+
+
+class MatrixRecurrent(nn.Module):
+    """forward(x, state=None) -> (output, final states).
+
+    x: [T, N, I] ([N, T, I] with batch_first) or a PackedSequence; output [T, N, D * heads * width of
+    the output] (D = 2 if bidirectional), packed like x. state: a tuple in the order of the cell's
+    `state` line, each [L * D, N, heads, rows, cols] without its "1" axes (C : (V, K) per head is
+    [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads"."""
+
+    def __init__(self, cell, input_size: int, sizes: dict[str, int], *, num_layers: int = 1,
+                 bidirectional: bool = False, batch_first: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        compiled = compile_cell(cell)
+        if not isinstance(compiled, CompiledMatrixCell):
+            raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
+        self.compiled, self.ir = compiled, compiled.ir
+        missing = [w for w in ["heads", *self.ir.widths] if w not in sizes]
+        if missing:
+            raise ValueError(f"cell {self.ir.name!r} needs the sizes {', '.join(map(repr, missing))}, e.g. "
+                             f"sizes={{{', '.join(repr(w) + ': 4' for w in ['heads', *self.ir.widths])}}}")
+        bad = {w: v for w, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        for name, value in (("input_size", input_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad[name] = value
+        if bad:
+            raise ValueError(f"sizes, input_size and num_layers must be positive integers, got {bad}")
+        self.input_size, self.num_layers = input_size, num_layers
+        self.num_directions = 2 if bidirectional else 1
+        self.bidirectional, self.batch_first = bidirectional, batch_first
+        self.loop = compiled.loop("torch" if backend == "auto" else backend)  # CellError for cpu, triton
+        out = self.ir.nodes[self.ir.output_node].kind
+        width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
+        self.output_size = sizes["heads"] * (1 if width == "1" else sizes.get(width, input_size))
+        first = self.ir.inputs[0]
+        self.layer_sizes = [{**sizes, first: input_size if k == 0 else self.output_size * self.num_directions}
+                            for k in range(num_layers)]
+        for k in range(num_layers):
+            for d in range(self.num_directions):
+                for name in self.ir.params:
+                    shape = self.ir.param_shape(name, self.layer_sizes[k])
+                    bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
+                    p = torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)
+                    self.register_parameter(self.param_name(name, k, d), nn.Parameter(p))
+
+    @staticmethod
+    def param_name(name: str, layer: int, direction: int) -> str:
+        return f"{name}_l{layer}" + ("_reverse" if direction else "")
+
+    def forward(self, x, state=None):
+        packed = isinstance(x, PackedSequence)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(x)
+        elif self.batch_first and isinstance(x, torch.Tensor):
+            x = x.transpose(0, 1)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
+                             f"or a PackedSequence, got {got}")
+        N, LD = x.shape[1], self.num_layers * self.num_directions
+        shapes = [(LD, N, *self.ir.state_shape(s, self.layer_sizes[0])) for s in self.ir.states]
+        if state is None:
+            state = tuple(x.new_zeros(s) for s in shapes)
+        state = tuple(state) if isinstance(state, tuple | list) else (state,)
+        if len(state) != len(shapes) or any(tuple(s.shape) != sh for s, sh in zip(state, shapes, strict=False)):
+            raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
+                             f"{[tuple(s.shape) for s in state]}")
+        finals = [[] for _ in self.ir.states]
+        for k in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                i = k * self.num_directions + d
+                params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
+                seq = x if d == 0 else _reverse(x, lengths)
+                out, last = self.loop.run(seq, [s[i] for s in state], params, self.layer_sizes[k], lengths)
+                outs.append(out if d == 0 else _reverse(out, lengths))
+                for f, s in zip(finals, last, strict=True):
+                    f.append(s)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        finals = tuple(torch.stack(f) for f in finals)
+        if packed:
+            x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        return x, finals
+
+
+def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:
+    """Each sequence of x [T, N, F] reversed within its own length (padding stays at the end)."""
+    if lengths is None:
+        return x.flip(0)
+    T = x.shape[0]
+    t = torch.arange(T)[:, None]
+    index = torch.where(t < lengths[None, :], lengths[None, :] - 1 - t, t).to(x.device)
+    return x.gather(0, index[..., None].expand_as(x))

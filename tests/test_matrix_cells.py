@@ -1,0 +1,311 @@
+"""The matrix-memory zoo cells (issue 26) on the torch target against the einsum references of
+tests/matrix_references.py (written from the papers): outputs, final states and gradients in float64,
+gradcheck of the derived reverse-time backward, and the cpu/triton refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
+
+import celldsl
+from celldsl.compiler import CompiledMatrixCell, compile_cell
+from celldsl.lang.errors import CellError
+from celldsl.nn.matrix import MatrixRecurrent
+
+HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
+
+
+def _ref_params(layer, cell):
+    """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
+    p = {}
+    for stored, t in layer.named_parameters():
+        name = stored.removesuffix("_l0")
+        kind = layer.ir.kinds[name]
+        if name == "W" or not kind.head:  # M2RNN's [heads, V, V]; GLA's shared W_a1 [R, I]: as stored
+            p[name] = t
+        elif kind.cols != "1":  # a matrix per head [heads, rows, I] -> [heads * rows, I]
+            p[name] = t.reshape(-1, t.shape[-1])
+        elif kind.rows not in ("1", "x"):  # a K- or V-vector per head -> [heads * K]
+            p[name] = t.reshape(-1)
+        else:  # w_i : x per head is [heads, I], b_i : 1 per head is [heads], as the references
+            p[name] = t
+    return p
+
+
+REFERENCES = {
+    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=True),
+    "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
+    "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
+    "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
+    "hgrn2": lambda p, x, s: ref_hgrn2(p, x, s, heads=HEADS),
+    "m2rnn": lambda p, x, s: ref_m2rnn(p, x, s, heads=HEADS),
+}
+
+
+def _layer(cell, seed=0):
+    torch.manual_seed(seed)
+    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("steps", [1, T])
+def test_matches_reference(cell, steps):
+    layer = _layer(cell)
+    x = torch.randn(steps, N, I, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    out, finals = layer(x, state0)
+    finals = [f[0] for f in finals]
+    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer, cell), x, tuple(s[0] for s in state0))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for a, b in zip(finals, ref_finals, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    wrt = [x, *state0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + sum((s * s).sum() for s in finals), wrt)
+    want = torch.autograd.grad((ref_out * g).sum() + sum((s * s).sum() for s in ref_finals), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", sorted(REFERENCES))
+def test_gradcheck(cell):
+    layer = _layer(cell, seed=1)
+    x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    params = list(layer.parameters())
+
+    def f(x, *rest):
+        states, ps = rest[: len(state0)], rest[len(state0):]
+        out, finals = layer.loop.run(x, list(states), list(ps), layer.layer_sizes[0])
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(f, (x, *state0, *[p.detach().clone().requires_grad_() for p in params]))
+
+
+def test_backward_does_not_run_autograd_through_the_loop():
+    """The derived backward (a reverse-time recurrence) gives first-order gradients; the output's
+    graph is one node, not T steps of torch ops."""
+    layer = _layer("deltanet")
+    out, _ = layer(torch.randn(T, N, I, dtype=torch.float64, requires_grad=True))
+    assert type(out.grad_fn).__name__ == "_FunctionBackward"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("cell", sorted(REFERENCES))
+def test_cpu_and_triton_refuse_matrix_states(cell, backend):
+    with pytest.raises(CellError) as err:
+        MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend=backend)
+    text = str(err.value)
+    assert f"cells/matrix/{cell}.cell:" in text and f"the {backend} backend does not run matrix states yet" in text
+    assert err.value.line == next(i for i, line in enumerate(open(f"cells/matrix/{cell}.cell"), 1)
+                                  if line.startswith("state "))
+
+
+def test_auto_runs_torch():
+    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    assert layer.loop is layer.compiled.torch_loop and layer.W_a1_l0.shape == (R, I)
+    out, (S,) = layer(torch.randn(T, N, I))
+    assert out.shape == (T, N, HEADS * V) and S.shape == (1, N, HEADS, K, V)
+
+
+def test_compile_cell_gives_a_matrix_cell():
+    compiled = compile_cell("mlstm")  # a zoo name finds cells/matrix/
+    assert isinstance(compiled, CompiledMatrixCell) and compiled.states == ["C", "n", "m"]
+    assert "a (V, K) matrix per head" in compiled.explain()
+
+
+def test_layer_arguments():
+    with pytest.raises(ValueError, match="needs the sizes 'V'"):
+        MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "R": 2})
+    with pytest.raises(ValueError, match="no matrix state; use celldsl.Recurrent"):
+        MatrixRecurrent("cells/lstm.cell", I, {"heads": 2})
+    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2})
+    with pytest.raises(ValueError, match=r"x must be \[T, N, 6\]"):
+        layer(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="state must be 1 tensor"):
+        layer(torch.randn(2, 3, I), (torch.zeros(3, 2, 3, 4),))
+
+
+@pytest.mark.parametrize("make", [lambda: celldsl.Recurrent("mlstm", 4, 8), lambda: celldsl.Cell("gla", 4, 8)])
+def test_recurrent_and_cell_point_at_matrix_recurrent(make):
+    with pytest.raises(ValueError, match=r"has matrix states \(one matrix per head\); run it with "
+                                         r"celldsl.MatrixRecurrent\(cell, input_size, sizes=\{'heads': 16"):
+        make()
+
+
+def test_matrix_recurrent_is_exported():
+    assert celldsl.MatrixRecurrent is MatrixRecurrent
+
+
+def test_the_docs_example_is_the_zoo_cell():
+    """docs/language.md's matrix-memory example is cells/matrix/mlstm.cell's statements, comments aside."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "language.md").read_text()
+    block = doc.split("## Matrix memories")[1].split("```")[1]
+
+    def statements(text):
+        lines = (line.split("#")[0].strip() for line in text.splitlines())
+        return [" ".join(line.split()) for line in lines if line and not line.startswith(("doc ", "cite "))]
+
+    assert statements(block) == statements((root / "cells" / "matrix" / "mlstm.cell").read_text())
+
+
+def test_the_docs_layer_shapes():
+    layer = celldsl.MatrixRecurrent("mlstm", 64, sizes={"heads": 4, "K": 16, "V": 32})
+    out, (C, n, m) = layer(torch.randn(3, 2, 64))
+    assert out.shape == (3, 2, 128) and C.shape == (1, 2, 4, 32, 16) and n.shape == (1, 2, 4, 16)
+    assert m.shape == (1, 2, 4)
+
+
+def _params_of(layer, cell, layer_index, direction):
+    """One layer and direction's parameters in the references' layout."""
+    suffix = f"_l{layer_index}" + ("_reverse" if direction else "")
+    p = {}
+    for name in layer.ir.params:
+        t = getattr(layer, name + suffix)
+        kind = layer.ir.kinds[name]
+        if name == "W" or not kind.head:
+            p[name] = t
+        elif kind.cols != "1":
+            p[name] = t.reshape(-1, t.shape[-1])
+        elif kind.rows not in ("1", "x"):
+            p[name] = t.reshape(-1)
+        else:
+            p[name] = t
+    return p
+
+
+@pytest.mark.parametrize("cell", ["deltanet", "mlstm"])
+def test_two_layers_bidirectional_batch_first(cell):
+    """Layer 1 reads both directions of layer 0 side by side; the reverse direction reads time backwards."""
+    torch.manual_seed(2)
+    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, num_layers=2,
+                            bidirectional=True, batch_first=True, dtype=torch.float64)
+    x = torch.randn(N, T, I, dtype=torch.float64, requires_grad=True)
+    out, finals = layer(x)
+    seq, want_finals = x.transpose(0, 1), []
+    for k in range(2):
+        fwd, sf = REFERENCES[cell](_params_of(layer, cell, k, 0), seq, None)
+        bwd, sb = REFERENCES[cell](_params_of(layer, cell, k, 1), seq.flip(0), None)
+        seq = torch.cat([fwd, bwd.flip(0)], -1)
+        want_finals += [sf, sb]
+    torch.testing.assert_close(out, seq.transpose(0, 1), rtol=1e-10, atol=1e-10)
+    for i, f in enumerate(finals):
+        torch.testing.assert_close(f, torch.stack([s[i] for s in want_finals]), rtol=1e-10, atol=1e-10)
+    wrt = [x, *layer.parameters()]
+    got = torch.autograd.grad(out.square().sum() + finals[0].sum(), wrt)
+    want = torch.autograd.grad(seq.square().sum() + torch.stack([s[0] for s in want_finals]).sum(), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", ["gla", "m2rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequences_run_each_sequence_over_its_own_length(cell, bidirectional):
+    from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+                            bidirectional=bidirectional, dtype=torch.float64)
+    seqs = [torch.randn(n, I, dtype=torch.float64, requires_grad=True) for n in (3, 5, 1)]
+    out, finals = layer(pack_sequence(seqs, enforce_sorted=False))
+    padded, lengths = pad_packed_sequence(out)
+    assert lengths.tolist() == [3, 5, 1]
+    loss = padded.square().sum() + sum(f.square().sum() for f in finals)
+    got = torch.autograd.grad(loss, [*seqs, *layer.parameters()])
+    want_loss = 0
+    for j, s in enumerate(seqs):
+        parts = []
+        for d in range(layer.num_directions):
+            seq = s[:, None] if d == 0 else s.flip(0)[:, None]
+            o, st = REFERENCES[cell](_params_of(layer, cell, 0, d), seq, None)
+            parts.append(o[:, 0] if d == 0 else o[:, 0].flip(0))
+            for f, r in zip(finals, st, strict=True):
+                torch.testing.assert_close(f[d, j], r[0], rtol=1e-10, atol=1e-10)
+            want_loss = want_loss + sum(r.square().sum() for r in st)
+        o = torch.cat(parts, -1)
+        torch.testing.assert_close(padded[: len(s), j], o, rtol=1e-10, atol=1e-10)
+        assert padded[len(s):, j].abs().max().item() == 0 if len(s) < 5 else True
+        want_loss = want_loss + o.square().sum()
+    want = torch.autograd.grad(want_loss, [*seqs, *layer.parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+MIXED = """cell mixed
+input x
+state S : (V, K) per head
+state u : x per head
+output o
+param W_k : (K, x) per head
+param W_v : (V, x) per head
+param U : (V, V) per head
+param c : 1 per head
+k = W_k @ x
+v = W_v @ x
+u' = tanh(u * c + x)
+S' = diag(sigmoid(U @ v)) @ S + (sum(u') / 3) * v @ kᵀ
+o = S' @ k / norm(k) + mean(x) * (U @ v) + max(S') - min(u')
+"""
+
+
+@pytest.mark.parametrize(("steps", "batch"), [(1, 1), (4, 3)])
+def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
+    """x read by a state's update (its gradient gathered over the steps into the hoisted backward), a
+    vector state of the input's width, sum/mean/norm/max/min/diag: the derived backward against finite differences,
+    T = N = 1 too (m2rnn covers a parameter read per step)."""
+    torch.manual_seed(4)
+    layer = MatrixRecurrent(MIXED, 3, {"heads": 2, "K": 2, "V": 3}, dtype=torch.float64)
+    x = torch.randn(steps, batch, 3, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(batch, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+
+    def f(x, *rest):
+        out, finals = layer.loop.run(x, list(rest[:2]), list(rest[2:]), layer.layer_sizes[0])
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(f, (x, *state0, *params))
+
+
+def test_the_command_line(capsys, tmp_path):
+    """check and explain work on matrix cells; compile (the Triton target's tool) refuses at the state."""
+    from celldsl.cli.main import main
+
+    assert main(["check", "cells/matrix/gla.cell", "cells/matrix/deltanet.cell"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["cells/matrix/gla.cell: ok", "cells/matrix/deltanet.cell: ok"]
+    assert main(["explain", "cells/matrix/deltanet.cell"]) == 0
+    assert "S  [a (V, K) matrix per head]" in capsys.readouterr().out
+    assert main(["compile", "cells/matrix/deltanet.cell", "-o", str(tmp_path / "k")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cells/matrix/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
+    assert not (tmp_path / "k").exists()
+
+
+def test_reductions_over_a_width_against_a_hand_loop():
+    """sum, mean, max, min and norm of one head's vector, and of the input (shared by the heads)."""
+    text = """cell r
+input x
+state s : 1 per head
+output o
+param W : (V, x) per head
+v = W @ x
+s' = s + max(v) - min(v) + mean(v) * sum(x)
+o = v / norm(v) * s'
+"""
+    torch.manual_seed(5)
+    layer = MatrixRecurrent(text, 4, {"heads": 2, "V": 3}, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    out, (s_final,) = layer(x)
+    W, s, outs = layer.W_l0, torch.zeros(2, 2, dtype=torch.float64), []
+    for x_t in x:
+        v = torch.einsum("hvi,ni->nhv", W, x_t)
+        s = s + v.amax(-1) - v.amin(-1) + v.mean(-1) * x_t.sum(-1, keepdim=True)
+        outs.append((v / v.norm(dim=-1, keepdim=True) * s[..., None]).reshape(2, -1))
+    torch.testing.assert_close(out, torch.stack(outs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_final[0], s, rtol=1e-12, atol=1e-12)
