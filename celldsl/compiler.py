@@ -163,11 +163,14 @@ class CompiledMatrixCell:
         return matrix_loop(self)
 
     def loop(self, backend: str):
-        """torch's loop; "cpu" and "triton" raise CellError at the first matrix state."""
-        from .targets import refuse_matrix
+        """torch's loop, the C target's ("cpu"; "auto": C on CPU float tensors, else torch); "triton"
+        raises CellError at the first matrix state."""
+        from .targets import refuse_matrix, target
 
         if backend == "torch":
             return self.torch_loop
+        if backend in ("cpu", "auto"):
+            return target("cpu").matrix_loop(self, self.torch_loop if backend == "auto" else None)
         refuse_matrix(self.ir, backend)
 
     def explain(self) -> str:
@@ -176,7 +179,7 @@ class CompiledMatrixCell:
                  "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):"]
         lines += [f"  {s}  [{ir.kinds[s].words()}]" for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
-        lines += ["backends: torch (the einsum loop; cpu and triton do not run matrix states yet)"]
+        lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py); triton does not run matrix states yet"]
         return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ class MatrixRecurrent(nn.Module):
         self.input_size, self.num_layers = input_size, num_layers
         self.num_directions = 2 if bidirectional else 1
         self.bidirectional, self.batch_first = bidirectional, batch_first
-        self.loop = compiled.loop("torch" if backend == "auto" else backend)  # CellError for cpu, triton
+        self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for triton
         out = self.ir.nodes[self.ir.output_node].kind
         width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
         self.output_size = sizes["heads"] * (1 if width == "1" else sizes.get(width, input_size))

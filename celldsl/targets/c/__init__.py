@@ -29,6 +29,13 @@ class CTarget(Target):
             self.check_schedule(compiled.plan, schedule)
         return cpu_loop(compiled)
 
+    def matrix_loop(self, compiled, fallback=None):
+        """A matrix-memory cell's fused C loop (matrix_loop.py); CellError where the emitter cannot run
+        it, unless a `fallback` loop (backend="auto") takes it."""
+        from .matrix_loop import CMatrixLoop
+
+        return CMatrixLoop(compiled, fallback)
+
     def schedules(self, plan) -> dict[str, str | None]:
         """The native loop (the whole sequence in one C call) or the Python loop over the steps."""
         from .emit_loop import native_blocker

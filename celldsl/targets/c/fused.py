@@ -139,6 +139,12 @@ def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | No
     return _gemm_libraries[key]
 
 
+def build_source_library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.CDLL | None, str]:
+    """Build or load any generated source with this module's compiler, flags and trusted cache
+    (matrix_loop.py's libraries): (library, "") or (None, why not)."""
+    return _library(source, folder, stem, symbols)
+
+
 def _library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.CDLL | None, str]:
     """Build or load a library; (None, why not) when there is no compiler, it fails, or the library it
     made lacks one of `symbols` ($CC is no C compiler, or one that left the kernels out)."""

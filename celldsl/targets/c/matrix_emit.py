@@ -1,0 +1,330 @@
+"""A matrix-memory cell's IR (lang/tensors.py) -> C: the fused time loop, forward and backward.
+
+The products with the input (`W @ x`, chains of them) and the leaves (parameters, constants, the
+identity) are computed by torch before the loop for every step at once ("host" nodes, matrix_loop.py);
+everything else runs here, one (sequence, head) at a time with time inside, so that state's tile
+stays in cache. Sizes are compiled in (one library per cell and sizes), so every value is a fixed
+array. The backward walks time in reverse, recomputing the states of each segment of `every` steps
+from the forward's checkpoint, and sends the host nodes' adjoints back to torch. The source holds
+no text of the cell: nodes are v0, v1, ..., and the cell's name only reaches a sanitised comment.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from ...lang.tensors import ONE, TensorIR
+from .emit import C_TYPES, CPrinter, helper_functions
+
+FIXED = ("const", "size", "eye")  # host nodes without a gradient
+LEAVES = ("input", "param", *FIXED)
+C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
+
+
+def host_nodes(ir: TensorIR) -> list[bool]:
+    """Per node: computed by torch before the loop (leaves, and products/transposes of host nodes that
+    depend on no state) rather than in the C loop."""
+    out: list[bool] = []
+    for node in ir.nodes:
+        out.append(node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args)))
+    return out
+
+
+def blocker(ir: TensorIR) -> str:
+    """Why the C loop cannot run this cell ("" when it can)."""
+    host = host_nodes(ir)
+    for i, node in enumerate(ir.nodes):
+        if not host[i] and node.op not in C_OPS:
+            return f"its operation {node.op!r} has no C form"
+        if node.op == "eye" and node.name is None and any(i in n.args for n in ir.nodes):
+            return "an identity of unknown size"
+    for s, i in ir.new_state.items():
+        if host[i]:
+            return f"state {s}'s next value depends on no state"
+    if host[ir.output_node]:
+        return "its output depends on no state"
+    return ""
+
+
+def used_host(ir: TensorIR) -> list[int]:
+    """The host nodes the C loop reads, in node order."""
+    host = host_nodes(ir)
+    return sorted({j for i, n in enumerate(ir.nodes) if not host[i] for j in n.args if host[j]})
+
+
+def _size(w: str, dims: dict[str, int]) -> int:
+    return 1 if w == ONE else dims[w]
+
+
+class _Emitter:
+    def __init__(self, ir: TensorIR, dims: dict[str, int], dtype: str):
+        self.ir, self.dims, self.dt = ir, dims, dtype
+        self.t = C_TYPES[dtype]
+        self.host = host_nodes(ir)
+        self.c_nodes = [i for i in range(len(ir.nodes)) if not self.host[i]]
+        self.state_node = {n.name: i for i, n in enumerate(ir.nodes) if n.op == "state"}
+
+    def shape(self, i: int) -> tuple[int, int]:
+        k = self.ir.nodes[i].kind
+        return _size(k.rows, self.dims), _size(k.cols, self.dims)
+
+    def size(self, i: int) -> int:
+        r, c = self.shape(i)
+        return r * c
+
+    def ref(self, j: int) -> str:
+        return f"h[{j}]" if self.host[j] else f"V->v{j}"
+
+    def gref(self, j: int) -> str | None:
+        if self.host[j]:
+            return None if self.ir.nodes[j].op in FIXED else f"gh[{j}]"
+        return f"G->v{j}"
+
+    def struct(self) -> str:
+        fields = "".join(f" {self.t} v{i}[{self.size(i)}];" for i in self.c_nodes)
+        return f"typedef struct {{{fields} }} cd_mx_vals_{self.dt};"
+
+    def literal(self, e: str, j: int, out_size: int) -> str:
+        return f"{self.ref(j)}[{e if self.size(j) == out_size and out_size > 1 else '0'}]"
+
+    def printer(self, node, out_size: int, e: str = "e") -> CPrinter:
+        syms = sp.symbols(f"a0:{len(node.args)}", real=True)
+        return CPrinter({s: self.literal(e, j, out_size) for s, j in zip(syms, node.args, strict=True)}, self.dt)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def step(self) -> str:
+        """Every C node's value from the host pointers h and the states st."""
+        ir, t = self.ir, self.t
+        lines = [f"static inline void cd_mx_step_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
+                 f"const {t} *const *h, const {t} *const *st)", "{"]
+        state_index = {s: k for k, s in enumerate(ir.states)}
+        for i in self.c_nodes:
+            node = ir.nodes[i]
+            S, (r, c) = self.size(i), self.shape(i)
+            out, a = f"V->v{i}", [self.ref(j) for j in node.args]
+            if node.op == "state":
+                lines.append(f"    memcpy({out}, st[{state_index[node.name]}], sizeof({out}));")
+            elif node.op == "pointwise":
+                expr = self.printer(node, S).doprint(node.expr)
+                lines.append(f"    for (int e = 0; e < {S}; ++e) {out}[e] = {expr};")
+            elif node.op == "matmul":
+                lines += self.matmul(i, out, a)
+            elif node.op == "transpose":
+                rr, cc = self.shape(node.args[0])
+                lines.append(f"    for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) "
+                             f"{out}[b * {rr} + a] = {a[0]}[a * {cc} + b];")
+            elif node.op in ("sum", "mean"):
+                n = self.size(node.args[0])
+                div = f" / ({t}){n}" if node.op == "mean" else ""
+                lines.append(f"    {{ {t} acc = 0; for (int e = 0; e < {n}; ++e) acc += {a[0]}[e]; "
+                             f"{out}[0] = acc{div}; }}")
+            elif node.op in ("max", "min"):
+                n, cmp = self.size(node.args[0]), ">" if node.op == "max" else "<"
+                lines.append(f"    {{ {t} acc = {a[0]}[0]; for (int e = 1; e < {n}; ++e) "
+                             f"if ({a[0]}[e] {cmp} acc || {a[0]}[e] != {a[0]}[e]) acc = {a[0]}[e]; {out}[0] = acc; }}")
+            elif node.op == "diag":
+                lines.append(f"    memset({out}, 0, sizeof({out})); "
+                             f"for (int e = 0; e < {r}; ++e) {out}[e * {r} + e] = {a[0]}[e];")
+        lines.append("}")
+        return "\n".join(lines)
+
+    def matmul(self, i: int, out: str, a: list[str]) -> list[str]:
+        j0, j1 = self.ir.nodes[i].args
+        r, m = self.shape(j0)
+        _, c = self.shape(j1)
+        if c == 1:  # a matrix times a vector: dot products along the contiguous rows
+            return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; for (int q = 0; q < {m}; ++q) "
+                    f"acc += {a[0]}[a * {m} + q] * {a[1]}[q]; {out}[a] = acc; }}"]
+        return [f"    memset({out}, 0, sizeof({out}));",
+                f"    for (int a = 0; a < {r}; ++a) for (int q = 0; q < {m}; ++q) {{ "
+                f"const {self.t} w = {a[0]}[a * {m} + q]; "
+                f"for (int b = 0; b < {c}; ++b) {out}[a * {c} + b] += w * {a[1]}[q * {c} + b]; }}"]
+
+    # ---- backward ------------------------------------------------------------------------
+
+    def step_backward(self) -> str:
+        """Adjoints of one step, C nodes in reverse: into G (C nodes) or gh (host nodes)."""
+        ir, t = self.ir, self.t
+        lines = [f"static inline void cd_mx_back_{self.dt}(const cd_mx_vals_{self.dt} *restrict V, "
+                 f"cd_mx_vals_{self.dt} *restrict G, const {t} *const *h, {t} *const *gh)", "{"]
+        for i in reversed(self.c_nodes):
+            node = ir.nodes[i]
+            if node.op == "state":
+                continue
+            S, (r, c) = self.size(i), self.shape(i)
+            g, a = f"G->v{i}", [self.ref(j) for j in node.args]
+            body: list[str] = []
+            if node.op == "pointwise":
+                for k, j in enumerate(node.args):
+                    dj = self.gref(j)
+                    if dj is None or node.grads[k] == 0:
+                        continue
+                    d = self.printer(node, S).doprint(node.grads[k])
+                    if self.size(j) == 1 and S > 1:
+                        body.append(f"{{ {t} acc = 0; for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
+                                    f"{dj}[0] += acc; }}")
+                    else:
+                        body.append(f"for (int e = 0; e < {S}; ++e) {dj}[e] += {g}[e] * ({d});")
+            elif node.op == "matmul":
+                j0, j1 = node.args
+                rr, m = self.shape(j0)
+                d0, d1 = self.gref(j0), self.gref(j1)
+                if d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
+                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ {t} acc = 0; "
+                                f"for (int b = 0; b < {c}; ++b) acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
+                                f"{d0}[a * {m} + q] += acc; }}")
+                if d1:  # dB[q, b] += sum_a A[a, q] dC[a, b]
+                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
+                                f"const {t} w = {a[0]}[a * {m} + q]; "
+                                f"for (int b = 0; b < {c}; ++b) {d1}[q * {c} + b] += w * {g}[a * {c} + b]; }}")
+            elif node.op == "transpose":
+                rr, cc = self.shape(node.args[0])
+                d0 = self.gref(node.args[0])
+                if d0:
+                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) "
+                                f"{d0}[a * {cc} + b] += {g}[b * {rr} + a];")
+            elif node.op in ("sum", "mean"):
+                d0, n = self.gref(node.args[0]), self.size(node.args[0])
+                div = f" / ({t}){n}" if node.op == "mean" else ""
+                if d0:
+                    body.append(f"for (int e = 0; e < {n}; ++e) {d0}[e] += {g}[0]{div};")
+            elif node.op in ("max", "min"):  # shared evenly among the elements equal to the result
+                d0, n = self.gref(node.args[0]), self.size(node.args[0])
+                if d0:
+                    body.append(f"{{ {t} cnt = 0; for (int e = 0; e < {n}; ++e) cnt += {a[0]}[e] == V->v{i}[0]; "
+                                f"for (int e = 0; e < {n}; ++e) if ({a[0]}[e] == V->v{i}[0]) {d0}[e] += {g}[0] / cnt; }}")
+            elif node.op == "diag":
+                d0 = self.gref(node.args[0])
+                if d0:
+                    body.append(f"for (int e = 0; e < {r}; ++e) {d0}[e] += {g}[e * {r} + e];")
+            lines += [f"    {b}" for b in body]
+        lines.append("}")
+        return "\n".join(lines)
+
+    # ---- the loops -----------------------------------------------------------------------
+
+    def common(self) -> str:
+        """Pointers of the host nodes (and their adjoints) at step t of sequence n, head hh."""
+        t = self.t
+        used = used_host(self.ir)
+        sets = "".join(f" h[{j}] = hv[{j}] + (t * N + n) * rs[{j}] + hh * hs[{j}];" for j in used)
+        gsets = "".join(
+            f" if (gb[{j}]) gh[{j}] = gb[{j}] + ((rs[{j}] ? t * N + n : n) * {self.dims['heads']} + hh) * {self.size(j)};"
+            for j in used if self.ir.nodes[j].op not in FIXED)
+        return (f"static inline void cd_mx_at_{self.dt}(const {t} **h, const {t} *const *hv, const int64_t *rs, "
+                f"const int64_t *hs, int64_t t, int64_t N, int64_t n, int64_t hh)\n{{{sets}\n}}\n"
+                f"static inline void cd_mx_gat_{self.dt}({t} **gh, {t} *const *gb, const int64_t *rs, "
+                f"int64_t t, int64_t N, int64_t n, int64_t hh)\n{{{gsets}\n}}")
+
+    def loops(self) -> str:
+        ir, t, dt = self.ir, self.t, self.dt
+        H = self.dims["heads"]
+        nn_ = len(ir.nodes)
+        sz = [self.size(ir.new_state[s]) for s in ir.states]
+        total = sum(sz)
+        off = [sum(sz[:k]) for k in range(len(sz))]
+        o = ir.output_node
+        ow = self.size(o)
+        copy_new = "".join(f" memcpy(st + {off[k]}, V->v{ir.new_state[s]}, sizeof V->v{ir.new_state[s]});"
+                           for k, s in enumerate(ir.states))
+        st_ptrs = "{" + ", ".join(f"st + {off[k]}" for k in range(len(sz))) + "}"
+        fwd = f"""
+int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int64_t *rs, const int64_t *hs,
+                          {t} *const *s0, {t} *const *s1, {t} *out, const int64_t *lengths, int64_t every,
+                          {t} *const *ck)
+{{
+    cd_mx_vals_{dt} *V = malloc(sizeof *V);
+    if (!V) return 1;
+    const {t} *h[{nn_}] = {{0}};
+    {t} st[{total}];
+    const {t} *stp[{len(sz)}] = {st_ptrs};
+    for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
+{self.per_state("        memcpy(st + {off}, s0[{k}] + (n * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+        const int64_t L = lengths ? lengths[n] : T;
+        for (int64_t t = 0; t < L; ++t) {{
+            if (every && t % every == 0) {{
+{self.per_state("                memcpy(ck[{k}] + ((t / every * N + n) * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
+            }}
+            cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
+            cd_mx_step_{dt}(V, h, stp);
+            memcpy(out + ((t * N + n) * {H} + hh) * {ow}, V->v{o}, sizeof V->v{o});{copy_new}
+        }}
+{self.per_state("        memcpy(s1[{k}] + (n * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
+    }}
+    free(V);
+    return 0;
+}}
+"""
+        d_new = "".join(f" for (int e = 0; e < {sz[k]}; ++e) G->v{ir.new_state[s]}[e] += ds[{off[k]} + e];"
+                        for k, s in enumerate(ir.states))
+        d_prev = "".join(
+            (f" memcpy(ds + {off[k]}, G->v{self.state_node[s]}, {sz[k]} * sizeof({t}));" if s in self.state_node
+             else f" memset(ds + {off[k]}, 0, {sz[k]} * sizeof({t}));") for k, s in enumerate(ir.states))
+        bwd = f"""
+int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int64_t *rs, const int64_t *hs,
+                           const {t} *const *ck, const int64_t *lengths, int64_t every, const {t} *dout,
+                           const {t} *const *dfin, {t} *const *dinit, {t} *const *gb)
+{{
+    cd_mx_vals_{dt} *V = malloc(sizeof *V), *G = malloc(sizeof *G);
+    {t} *seg = malloc((size_t)every * {total} * sizeof({t}));
+    if (!V || !G || !seg) {{ free(V); free(G); free(seg); return 1; }}
+    const {t} *h[{nn_}] = {{0}};
+    {t} *gh[{nn_}] = {{0}};
+    {t} ds[{total}];
+    const {t} *stp[{len(sz)}];
+    for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
+{self.per_state("        memcpy(ds + {off}, dfin[{k}] + (n * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+        const int64_t L = lengths ? lengths[n] : T;
+        for (int64_t s = (L + every - 1) / every - 1; s >= 0; --s) {{
+            const int64_t t0 = s * every, t1 = t0 + every < L ? t0 + every : L;
+{self.per_state("            memcpy(seg + {off}, ck[{k}] + ((s * N + n) * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+            for (int64_t t = t0; t + 1 < t1; ++t) {{
+                {t} *st = seg + (t - t0) * {total}, *nx = st + {total};
+{self.per_state("                stp[{k}] = st + {off};", off, sz)}
+                cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
+                cd_mx_step_{dt}(V, h, stp);
+{"".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, sizeof V->v{ir.new_state[s]});" + chr(10) for k, s in enumerate(ir.states))}            }}
+            for (int64_t t = t1 - 1; t >= t0; --t) {{
+                {t} *st = seg + (t - t0) * {total};
+{self.per_state("                stp[{k}] = st + {off};", off, sz)}
+                cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
+                cd_mx_gat_{dt}(gh, gb, rs, t, N, n, hh);
+                cd_mx_step_{dt}(V, h, stp);
+                memset(G, 0, sizeof *G);{d_new}
+                for (int e = 0; e < {ow}; ++e) G->v{o}[e] += dout[((t * N + n) * {H} + hh) * {ow} + e];
+                cd_mx_back_{dt}(V, G, h, gh);{d_prev}
+            }}
+        }}
+{self.per_state("        memcpy(dinit[{k}] + (n * " + str(H) + " + hh) * {sz}, ds + {off}, {sz} * sizeof({t}));", off, sz)}
+    }}
+    free(V); free(G); free(seg);
+    return 0;
+}}
+"""
+        return fwd + bwd
+
+    def per_state(self, template: str, off: list[int], sz: list[int]) -> str:
+        return "\n".join(template.format(k=k, off=off[k], sz=sz[k], t=self.t) for k in range(len(sz)))
+
+
+HEADER = """/* Generated by celldsl: a matrix-memory cell's fused time loop, forward and backward, one
+   (sequence, head) at a time with time inside; sizes compiled in. Do not edit. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+"""
+
+
+def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
+    """The C source of one cell at the sizes `dims` (every width, the input's and "heads"), float and
+    double. The caller checks `blocker(ir)` first."""
+    parts = [HEADER]
+    for dt in C_TYPES:
+        em = _Emitter(ir, dims, dt)
+        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.step_backward(), em.loops()]
+    return "\n".join(parts) + "\n"
+
+
+SYMBOLS = [f"cd_mx_{way}_{dt}" for way in ("forward", "backward") for dt in C_TYPES]

@@ -1,0 +1,195 @@
+"""The C target's loop for a matrix-memory cell: torch computes the products with the input for all
+steps at once (GEMMs, differentiated by autograd); the generated C (matrix_emit.py) runs the rest, the
+whole sequence in one call, forward and the derived reverse-time backward.
+
+Memory: without gradients the forward keeps nothing but the outputs and final states; with them it
+keeps the states every EVERY steps (T / EVERY checkpoints), and the backward recomputes each segment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from ... import cache
+from ...lang.errors import CellError
+from ...lang.tensors import ONE
+from .fused import build_source_library
+from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
+
+EVERY = 32  # steps between the forward's checkpoints of the states
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def refusal(ir, why: str) -> CellError:
+    """A located reason: at the first matrix state."""
+    first = next((s for s in ir.states if ir.kinds[s].rows != ONE and ir.kinds[s].cols != ONE), ir.states[0])
+    return CellError(f"the cpu backend cannot run this matrix-memory cell: {why}; use backend='torch'",
+                     ir.source, ir.state_locs[first])
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b on [rows or 1, heads or 1, r, k] x [.., k, c], one GEMM, never copying a parameter over rows."""
+    if a.shape[0] == 1 and b.shape[0] > 1 and b.shape[1] == 1:
+        return torch.einsum("hrk,nkc->nhrc", a[0], b[:, 0])
+    if a.shape[0] == 1 and b.shape[0] > 1:
+        h = max(a.shape[1], b.shape[1])
+        return torch.einsum("hrk,nhkc->nhrc", a[0].expand(h, *a.shape[2:]), b)
+    return a @ b
+
+
+class CMatrixLoop:
+    """run(x, states, params, sizes, lengths) as the torch target's MatrixLoop, on the C loop. With a
+    `fallback` (backend="auto"), tensors the C loop does not take (not CPU, not float32/64) run there."""
+
+    def __init__(self, compiled, fallback=None):
+        self.ir, self.key, self.fallback = compiled.ir, compiled.key, fallback
+        why = blocker(self.ir)
+        if why and fallback is None:
+            raise refusal(self.ir, why)
+        self.why = why
+        self.host = host_nodes(self.ir)
+        self.used = used_host(self.ir)
+        self.libs: dict = {}
+
+    def library(self, dims: dict[str, int]):
+        k = tuple(sorted(dims.items()))
+        if k not in self.libs:
+            lib, why = build_source_library(matrix_c_source(self.ir, dims), cache.root() / self.key,
+                                            "cpu_matrix", SYMBOLS)
+            self.libs[k] = (lib, why)
+        return self.libs[k]
+
+    def as4(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A parameter ([heads, ...] or shared) as [1, heads or 1, rows, cols]."""
+        k = self.ir.kinds[name]
+        shape = [1, *t.shape] if k.head else [1, 1, *t.shape]
+        if k.rows == ONE:
+            shape.insert(2, 1)
+        if k.cols == ONE:
+            shape.insert(3, 1)
+        return t.reshape(shape)
+
+    def hoist(self, x, params, dims) -> list[torch.Tensor]:
+        """The host nodes the C loop reads, as contiguous [T*N or 1, heads or 1, rows, cols] tensors."""
+        ir, vals = self.ir, {}
+        like = dict(dtype=x.dtype, device=x.device)
+        p = dict(zip(ir.params, params, strict=True))
+        for i, node in enumerate(ir.nodes):
+            if not self.host[i]:
+                continue
+            a = [vals.get(j) for j in node.args]
+            if node.op == "input":
+                v = x.reshape(-1, x.shape[-1])[:, None, :, None]
+            elif node.op == "param":
+                v = self.as4(node.name, p[node.name])
+            elif node.op == "const":
+                v = torch.full((1, 1, 1, 1), float(node.value), **like)
+            elif node.op == "size":
+                v = torch.full((1, 1, 1, 1), float(dims[node.name]), **like)
+            elif node.op == "eye":
+                v = torch.eye(dims[node.name], **like)[None, None] if node.name else None
+            elif node.op == "matmul":
+                v = _mm(a[0], a[1])
+            else:  # transpose
+                v = a[0].transpose(-1, -2)
+            vals[i] = v
+        return [vals[j].contiguous() for j in self.used]
+
+    def run(self, x, states, params, sizes, lengths=None):
+        """(outputs [T, N, heads * width], final states), differentiable once."""
+        if self.fallback is not None and (self.why or x.device.type != "cpu" or x.dtype not in DTYPES):
+            return self.fallback.run(x, states, params, sizes, lengths)
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs CPU tensors, got x on {x.device}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"backend='cpu' runs float32 and float64 tensors, got {x.dtype}")
+        dims = {**sizes, self.ir.inputs[0]: x.shape[-1]}
+        lib, why = self.library(dims)
+        if lib is None:
+            if self.fallback is not None:
+                return self.fallback.run(x, states, params, sizes, lengths)
+            raise RuntimeError(f"backend='cpu' could not build the matrix loop: {why}")
+        host = self.hoist(x, params, dims)
+        out = _Function.apply(self, lib, dims, lengths, len(states), x.shape[0], x.shape[1], *states, *host)
+        return out[0], tuple(out[1:])
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def _ints(values) -> ctypes.Array:
+    return (ctypes.c_int64 * max(1, len(values)))(*values)
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loop, lib, dims, lengths, n_states, T, N, *tensors):
+        ir = loop.ir
+        states = [s.contiguous() for s in tensors[:n_states]]
+        host = list(tensors[n_states:])
+        dt = DTYPES[host[0].dtype] if host else "f64"
+        dtype = states[0].dtype
+        nodes = len(ir.nodes)
+        hv, rs, hs = [None] * nodes, [0] * nodes, [0] * nodes
+        for j, h in zip(loop.used, host, strict=True):
+            hv[j] = h
+            rs[j] = h.shape[1] * h.shape[2] * h.shape[3] if h.shape[0] > 1 else 0
+            hs[j] = h.shape[2] * h.shape[3] if h.shape[1] > 1 else 0
+        H = dims["heads"]
+        ow = math.prod(_shape(ir.nodes[ir.output_node].kind, dims))
+        out = torch.zeros(T, N, H * ow, dtype=dtype)
+        finals = [torch.empty_like(s) for s in states]
+        every = EVERY if any(ctx.needs_input_grad[7:]) else 0
+        nseg = -(-T // EVERY)
+        ck = [s.new_empty((nseg, *s.shape)) for s in states] if every else []
+        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
+        rc = getattr(lib, f"cd_mx_forward_{dt}")(
+            ctypes.c_int64(N), ctypes.c_int64(T), _ptrs(hv), _ints(rs), _ints(hs), _ptrs(states),
+            _ptrs(finals), ctypes.c_void_p(out.data_ptr()), None if lens is None else ctypes.c_void_p(lens.data_ptr()),
+            ctypes.c_int64(every), _ptrs(ck))
+        if rc:
+            raise MemoryError("the matrix loop could not allocate its step values")
+        ctx.loop, ctx.lib, ctx.dims, ctx.lens, ctx.T, ctx.N, ctx.dt = loop, lib, dims, lens, T, N, dt
+        ctx.hv, ctx.rs, ctx.hs, ctx.ck = hv, rs, hs, ck
+        ctx.host = host
+        ctx.state_shapes = [s.shape for s in states]
+        return (out, *finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, *d_finals):
+        loop, ir, H, T, N = ctx.loop, ctx.loop.ir, ctx.dims["heads"], ctx.T, ctx.N
+        dtype = ctx.host[0].dtype if ctx.host else torch.float64
+        d_out = torch.zeros(T, N, 1, dtype=dtype) if d_out is None else d_out
+        ow = math.prod(_shape(ir.nodes[ir.output_node].kind, ctx.dims))
+        d_out = d_out.expand(T, N, H * ow).contiguous()
+        dfin = [torch.zeros(sh, dtype=dtype) if d is None else d.contiguous()
+                for d, sh in zip(d_finals, ctx.state_shapes, strict=True)]
+        dinit = [torch.empty(sh, dtype=dtype) for sh in ctx.state_shapes]
+        gb = [None] * len(ir.nodes)
+        for j, h in zip(loop.used, ctx.host, strict=True):
+            if ir.nodes[j].op not in FIXED:
+                gb[j] = torch.zeros(T * N if h.shape[0] > 1 else N, H, h.shape[2], h.shape[3], dtype=dtype)
+        lens = ctx.lens
+        rc = getattr(ctx.lib, f"cd_mx_backward_{ctx.dt}")(
+            ctypes.c_int64(N), ctypes.c_int64(T), _ptrs(ctx.hv), _ints(ctx.rs), _ints(ctx.hs), _ptrs(ctx.ck),
+            None if lens is None else ctypes.c_void_p(lens.data_ptr()), ctypes.c_int64(EVERY),
+            ctypes.c_void_p(d_out.data_ptr()), _ptrs(dfin), _ptrs(dinit), _ptrs(gb))
+        if rc:
+            raise MemoryError("the matrix loop could not allocate its step values")
+        d_host = []
+        for j, h in zip(loop.used, ctx.host, strict=True):
+            g = gb[j]
+            if g is not None:
+                g = g.sum(0, keepdim=True) if h.shape[0] == 1 else g
+                g = g.sum(1, keepdim=True) if h.shape[1] == 1 else g
+            d_host.append(g)
+        return (None,) * 7 + (*dinit, *d_host)
+
+
+def _shape(kind, dims) -> tuple[int, int]:
+    return tuple(1 if w == ONE else dims[w] for w in (kind.rows, kind.cols))
