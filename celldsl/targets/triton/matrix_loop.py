@@ -1,0 +1,137 @@
+"""The Triton loop of a matrix-memory cell: matrix_emit.py's kernels, launched one program per
+(sequence, head), under a torch.autograd.Function.
+
+OPT-IN: no GPU has run these kernels yet (MATRIX_SCHEDULE is not in choice.VERIFIED_ON_HARDWARE), so
+only backend="triton" reaches them; backend="auto" keeps the torch loop on every device. On the CPU
+they run under TRITON_INTERPRET=1. The forward keeps the states every `checkpoint` steps (not T
+matrices); the backward recomputes each segment from its checkpoint in a scratch of `checkpoint`
+matrices per program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ... import cache
+from ...lang.tensors import ONE, TensorIR
+from .matrix_emit import matrix_triton_source, widths
+from .module import import_module, interpreting
+
+MATRIX_SCHEDULE = "matrix_recurrent"
+CHECKPOINT = 16  # steps between stored states (the backward's scratch holds this many per program)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+class TritonMatrixLoop:
+    """Forward and backward of one matrix-memory cell over [T, N, I] inputs on Triton kernels."""
+
+    def __init__(self, ir: TensorIR, checkpoint: int = CHECKPOINT):
+        if not isinstance(checkpoint, int) or isinstance(checkpoint, bool) or checkpoint < 1:
+            raise ValueError(f"checkpoint must be a positive integer, got {checkpoint!r}")
+        self.ir, self.checkpoint = ir, checkpoint
+        self.source = matrix_triton_source(ir)  # CellError here for what the emitter cannot express
+        self.digest = hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+        name = ir.name if ir.name.isidentifier() else "cell"
+        self.path = cache.root() / "triton" / self.digest[:32] / f"{name}_matrix.py"
+        cache.write_if_changed(self.path, self.source)
+        self.widths = widths(ir)
+
+    def module(self):
+        return import_module(self.path, self.digest, interpreting())
+
+    def constexprs(self, sizes: dict[str, int], dtype) -> dict:
+        import triton.language as tl
+
+        out = {}
+        for j, w in enumerate(self.widths):
+            out[f"D{j}"] = sizes[w]
+            out[f"B{j}"] = _pow2(sizes[w])
+        out["COMPUTE"] = tl.float64 if dtype == torch.float64 else tl.float32
+        return out
+
+    def numel(self, name: str, sizes: dict[str, int]) -> int:
+        k = self.ir.kinds[name]
+        return (1 if k.rows == ONE else sizes[k.rows]) * (1 if k.cols == ONE else sizes[k.cols])
+
+    def run(self, x, states, params, sizes, lengths=None):
+        """(outputs [T, N, heads * width], final states), differentiable once (as the torch loop)."""
+        out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
+        return out[0], tuple(out[1:])
+
+    def launch_forward(self, x, states, params, sizes, lengths):
+        ir, T, N, H = self.ir, x.shape[0], x.shape[1], sizes["heads"]
+        k = self.checkpoint
+        nc = max(-(-T // k), 1)
+        out_kind = ir.nodes[ir.output_node].kind
+        width = (1 if out_kind.rows == ONE else sizes[out_kind.rows]) * (1 if out_kind.cols == ONE else sizes[out_kind.cols])
+        x = x.contiguous()
+        out = x.new_empty((T, N, H * width))
+        s_in = [s.contiguous() for s in states]
+        s_out = [torch.empty_like(s) for s in s_in]
+        ckpt = [x.new_zeros((N, H, nc, self.numel(s, sizes))) for s in ir.states]
+        p = [q.contiguous() for q in params]
+        lens = _lengths(lengths, T, N, x.device)
+        if T > 0:
+            self.module().matrix_forward_kernel[(N, H)](
+                x, lens, out, *s_in, *s_out, *ckpt, *p, T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
+        else:
+            out.zero_()
+            s_out = [s.clone() for s in s_in]
+        return out, s_out, ckpt
+
+    def launch_backward(self, x, ckpt, params, sizes, lengths, d_out, d_finals):
+        ir, T, N, H = self.ir, x.shape[0], x.shape[1], sizes["heads"]
+        k = self.checkpoint
+        nc = ckpt[0].shape[2]
+        d_state = [d.contiguous().clone() for d in d_finals]
+        scratch = [x.new_empty((N, H, k, self.numel(s, sizes))) for s in ir.states]
+        dx = x.new_zeros((T, N, H, x.shape[2]))
+        dp = [x.new_zeros((N, H, self.numel(n, sizes))) for n in ir.params]
+        p = [q.contiguous() for q in params]
+        lens = _lengths(lengths, T, N, x.device)
+        if T > 0:
+            self.module().matrix_backward_kernel[(N, H)](
+                x.contiguous(), lens, d_out.contiguous(), dx, *ckpt, *scratch, *d_state, *p, *dp,
+                T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
+        d_params = []
+        for name, g, q in zip(ir.params, dp, params, strict=True):
+            g = g.sum(0)  # over the sequences
+            g = g if ir.kinds[name].head else g.sum(0)  # shared by the heads: over the heads too
+            d_params.append(g.reshape(q.shape))
+        return dx.sum(2), d_state, d_params
+
+
+def _lengths(lengths, T: int, N: int, device) -> torch.Tensor:
+    """Each sequence's length as int32 on the device (T for every sequence when not packed)."""
+    if lengths is None:
+        return torch.full((N,), T, dtype=torch.int32, device=device)
+    return torch.as_tensor(lengths).to(device=device, dtype=torch.int32)
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loop, sizes, lengths, n_states, x, *tensors):
+        states, params = list(tensors[:n_states]), list(tensors[n_states:])
+        out, finals, ckpt = loop.launch_forward(x, states, params, sizes, lengths)
+        ctx.loop, ctx.sizes, ctx.lengths, ctx.shapes = loop, sizes, lengths, [s.shape for s in states]
+        ctx.save_for_backward(x, *ckpt, *params)
+        ctx.n_states, ctx.out_shape = n_states, out.shape
+        return (out, *finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, *d_finals):
+        x, *rest = ctx.saved_tensors
+        ckpt, params = rest[:ctx.n_states], rest[ctx.n_states:]
+        if d_out is None:
+            d_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
+        d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
+                    for d, shape in zip(d_finals, ctx.shapes, strict=True)]
+        dx, d_state, d_params = ctx.loop.launch_backward(x, list(ckpt), params, ctx.sizes, ctx.lengths,
+                                                         d_out, d_finals)
+        return (None, None, None, None, dx, *d_state, *d_params)
