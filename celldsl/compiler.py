@@ -171,6 +171,10 @@ class CompiledMatrixCell:
             return self.torch_loop
         if backend in ("cpu", "auto"):
             return target("cpu").matrix_loop(self, self.torch_loop if backend == "auto" else None)
+        if backend == "triton":  # opt-in: "auto" never picks it (targets/triton/matrix_loop.py)
+            from .targets import triton_matrix_loop
+
+            return triton_matrix_loop(self)
         refuse_matrix(self.ir, backend)
 
     def explain(self) -> str:

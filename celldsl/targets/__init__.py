@@ -47,3 +47,11 @@ def matrix_loop(compiled):
     from .torch import TARGET
 
     return TARGET.matrix_loop(compiled)
+
+
+def triton_matrix_loop(compiled):
+    """The opt-in Triton loop of a matrix-memory cell (targets/triton/matrix_loop.py); CellError at
+    what its emitter cannot express."""
+    from .triton.matrix_loop import TritonMatrixLoop
+
+    return TritonMatrixLoop(compiled.ir)
