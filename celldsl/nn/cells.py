@@ -8,6 +8,8 @@ parameters.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -23,12 +25,18 @@ from .arguments import (
 from ..compiler import compile_cell
 from ..lang.errors import CellTensorError
 from ..ops import run
-from ..ops.function import register
+from ..ops.function import loop_for, register, split_params
+from ..ops.op import plain_eager
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .quantization import WarnsWhenNotQuantized
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
+
+
+# module -> (key, PreparedStep or None) of its last call without autograd (`_Step._replayed`); kept out
+# of the module's __dict__, so pickling, deepcopy and state_dict never see it
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Step:
@@ -52,8 +60,69 @@ class _Step:
     def _state_label(self, i: int) -> str:
         return "hidden" if len(self.compiled.states) == 1 else f"hx[{i}]"
 
+    def flatten_parameters(self) -> None:
+        """Forget the prepared step (see `_replayed`). Not needed after anything torch counts
+        (optimizer steps, in-place ops, `.data =`, load_state_dict, `.to()`); call it after writing
+        the weights' memory behind torch's back (through numpy, ctypes or shared memory)."""
+        _PREPARED.pop(self, None)
+
+    def _replayed(self, input, given: list[torch.Tensor] | None):
+        """(output, new states) of a call without autograd from the loop's prepared step (weights
+        packed, biases added, kernel arguments bound: targets/c/fused.PreparedStep), or None: then the
+        full path runs, with all its checks. The step is made by that full path's checks and kept
+        while the call's shapes, dtypes, devices and the parameters (object, storage, strides and
+        `_version`, which every in-place write and optimizer step bumps) stay the same, so a call
+        that repeats the last one's signature skips the checks it already passed."""
+        tensors = [input, *given] if given else [input]
+        if not plain_eager(tensors):
+            return None
+        try:
+            key = (self.backend, self.input_size, self.hidden_size, getattr(self, "nonlinearity", None),
+                   torch.get_num_threads(),
+                   *[(t.shape, t.dtype, t.device) for t in tensors],
+                   *[p if p is None else (id(p), p.data_ptr(), p._version, p.shape, p.stride())
+                     for p in self._parameters.values()])
+        except RuntimeError:  # inference tensors have no version counter: no prepared step for them
+            return None
+        entry = _PREPARED.get(self)
+        if entry is None or entry[0] != key:
+            entry = _PREPARED[self] = (key, self._prepare(input, given))
+        step = entry[1]
+        if step is None:
+            return None
+        if input.dim() == 1:
+            out, finals = step(input[None, None], [s[None] for s in tensors[1:]])
+            return out[0], [f[0] for f in finals]
+        return step(input[None], tensors[1:])
+
+    def _prepare(self, input, given):
+        """The prepared step for these arguments, or None (they fail a check, or the loop has none)."""
+        compiled = self.compiled
+        if len(compiled.ir.inputs) != 1 or input.dim() not in (1, 2) or \
+                any(s.dim() != input.dim() for s in given or []):
+            return None
+        x = input[None] if input.dim() == 1 else input
+        states = [s[None] if input.dim() == 1 else s for s in given or []]
+        try:
+            self._check(x, states)
+            backend = resolve_backend(self.backend, x)
+            sizes = self._sizes()
+            params = op_params(compiled, self._stored(like=x), sizes, like=x)
+            loop = loop_for(compiled.key, backend)
+            prepare = getattr(loop, "prepare_step", None)
+            if prepare is None:
+                return None
+            zeros = [x.new_zeros(x.shape[0], sizes[compiled.ir.width(n)]) for n in compiled.states[len(states):]]
+            return prepare(x[None], [*states, *zeros], *split_params(loop, params))
+        except (CellTensorError, ValueError, TypeError):
+            return None  # the full path raises it again, with its message
+
     def _step(self, input, given: list[torch.Tensor] | None, extra: dict):
         """-> (output [N, H], all new states [N, H]); [H] each for unbatched input [I]."""
+        if not extra and not torch.is_grad_enabled():
+            replayed = self._replayed(input, given)
+            if replayed is not None:
+                return replayed
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")

@@ -593,6 +593,17 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return self._forward(plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
 
+    def prepare_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedStep | None:
+        """A PreparedStep for one step (x [1, N, I]) of these arguments' shapes and weights, or None
+        where it does not apply (the op then runs as usual): the Python loop chosen, extra inputs or
+        prev(x) or hoisted operands computed from x, an empty batch. Checks the shapes as `forward`."""
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None or not plan.native or x.dim() != 3 or x.shape[0] != 1 or states[0].numel() == 0 \
+                or len(self.inputs) != 1 or self.shifted or self.hoist:
+            return None
+        with torch.no_grad():
+            return PreparedStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
+
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
         """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
@@ -669,7 +680,9 @@ class FusedCPULoop(TorchLoop):
             return arg, 1
         return _Arg.rows(bufs["step"][gi]), 2 if bufs["step_bias"][gi] is not None else 0
 
-    def _forward_native(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
+    def _forward_native(self, bufs, args, steps, offsets, N, step_w, step_bias, run: bool = True):
+        """Runs the native loop (unless run=False) -> (NativeLoop, its prepared call, the packed
+        panels the call reads)."""
         H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
         native = self.native(dtype)
         nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
@@ -685,7 +698,11 @@ class FusedCPULoop(TorchLoop):
                                   blocks=len(self.gemms[gi].products)))
         kernels = [_rows_array(args[pw.name]) for pw in self.plan.pointwise]
         self.ran["forward"] = "native"
-        native.forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels)
+        prepared = native.prepare_forward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms,
+                                          kernels)
+        if run:
+            native.run_forward(prepared)
+        return native, prepared, panels
 
     def _forward_python(self, bufs, args, steps, offsets, N, step_w, step_bias) -> None:
         X, sizes = bufs["X"], bufs["sizes"]
@@ -938,3 +955,72 @@ class FusedCPULoop(TorchLoop):
             if b < N:  # rows past b did not run at step t: their gradient passes through unchanged
                 for a_i, b_i in zip(cur_A, cur_B, strict=True):
                     a_i[b:].copy_(b_i[b:])
+
+
+class PreparedStep:
+    """One step (T = 1) of a cell bound once to its own buffers, for a decoder that calls a cell once
+    per token: the step weights packed, the biases added up and every kernel argument bound when it
+    is made, so a call copies x and the states in, runs the hoisted GEMMs and one native call, and
+    returns copies of the results. No autograd. It reads the weights as they were when it was made:
+    its owner (nn/cells.py) makes a new one when a weight's version, storage or shape changes."""
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        self.x = torch.empty(x.shape, dtype=x.dtype)
+        self.states = [torch.empty(s.shape, dtype=s.dtype) for s in states]
+        bufs, steps, offsets, step_w, sizes = loop._buffers(plan, self.x, self.states, hoisted_w, step_w,
+                                                            vectors, scalars, None)
+        X, N = bufs["X"], self.x.shape[1]
+        hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
+        operands = loop._hoisted_operands(bufs["xs"], bufs["vectors"], bufs["scalars"])
+        self.hoisted = [_HoistedInto(op, w.contiguous(), bias, X.new_empty(N, w.shape[0]), loop.lib, backend)
+                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, plan.hoisted,
+                                                        strict=True)]
+        ir = loop.plan.ir
+        self.news = [X.new_empty(N, sizes[ir.width(s)]) for s in loop.states]
+        out = self.news[loop.output_state] if loop.output_state is not None else \
+            X.new_empty(N, loop.output_width(sizes))
+        self.out = out
+        step_out = [X.new_empty(0 if gi in loop.summed else N, w.shape[0]) for gi, w in enumerate(step_w)]
+        named = {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names}
+        bufs |= {"news": self.news, "out": out, "step": step_out, "operands": named,
+                 "hoisted": [h.out for h in self.hoisted]}
+        args = {pw.name: [loop._input(a.name, bufs) if a.part == "input" else loop._output(a.name, bufs)
+                          for a in loop.kernels[(pw.name, False)].spec.args] for pw in loop.plan.pointwise}
+        self.native, self.prepared, panels = loop._forward_native(bufs, args, steps, offsets, N, step_w,
+                                                                  step_bias, run=False)
+        self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
+
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
+        shapes and dtype it was made for -> (out [N, width], new states)."""
+        self.x.copy_(x)
+        for buf, s in zip(self.states, states):
+            buf.copy_(s)
+        for buf in self.states[len(states):]:
+            buf.zero_()
+        for h in self.hoisted:
+            h()
+        self.native.run_forward(self.prepared)
+        return self.out.clone(), [n.clone() for n in self.news]
+
+
+class _HoistedInto:
+    """out = a @ w.T (+ bias) into a fixed buffer, with the GEMM the call plan chose (the native one
+    packs w once), so the numbers are those of cpu_gemm.linear."""
+
+    def __init__(self, a, w, bias, out, lib, backend: str):
+        self.a, self.w, self.bias, self.out, self.lib, self.backend = a, w, bias, out, lib, backend
+        if backend == "native":
+            self.threads = torch.get_num_threads()
+            self.gemm = cpu_gemm.native_gemm(lib, a.dtype)
+            self.panels = self.gemm.pack_transposed(w, 1, self.threads)
+
+    def __call__(self) -> None:
+        if self.backend == "native":
+            self.gemm.gemm(self.a, self.panels, self.out, 0 if self.bias is None else 2, self.bias, self.threads)
+        elif self.backend == "onednn":
+            self.out.copy_(cpu_gemm.linear(self.a, self.w, self.bias, self.lib, self.backend))
+        elif self.bias is None:  # as cpu_gemm.linear's torch GEMM
+            torch.mm(self.a, self.w.t(), out=self.out)
+        else:
+            torch.addmm(self.bias, self.a, self.w.t(), out=self.out)

@@ -81,8 +81,17 @@ class NativeLoop:
     def forward(self, steps, offsets, n, hidden, nt, gemms, kernels) -> None:
         """steps, offsets: int64 tensors [T]; gemms: [StepGemm] in plan order; kernels: [Rows array] per
         pointwise stage."""
+        self.run_forward(self.prepare_forward(steps, offsets, n, hidden, nt, gemms, kernels))
+
+    def prepare_forward(self, steps, offsets, n, hidden, nt, gemms, kernels):
+        """forward's argument, built once: a replayed step (fused.PreparedStep) calls run_forward on
+        it again and again, over the same buffers."""
         keep = _Keep()
-        self._forward(ctypes.byref(self._loop(keep, steps, offsets, n, hidden, nt, StepGemm, gemms, kernels)))
+        loop = self._loop(keep, steps, offsets, n, hidden, nt, StepGemm, gemms, kernels)
+        return loop, keep, ctypes.byref(loop)
+
+    def run_forward(self, prepared) -> None:
+        self._forward(prepared[2])
 
     def backward(self, steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched, out_state,
                  g_out) -> None:
