@@ -54,7 +54,8 @@ class CompiledCell:
         widths' (`state h : P` needs widths={"P": ...})."""
         sizes = {"H": hidden_size, "row": 1, self.ir.inputs[0]: input_size}
         sizes.update({n: (extra_sizes or {}).get(n, hidden_size) for n in self.ir.inputs[1:]})
-        declared = sorted({w for w in self.ir.widths.values() if w not in sizes})
+        declared = sorted({*(w for w in self.ir.widths.values() if w not in sizes),
+                           *(w for w in getattr(self.ir, "init_sizes", ()) if w not in sizes)})
         missing = [w for w in declared if w not in (widths or {})]
         if missing:
             raise ValueError(f"cell {self.name!r} declares the width(s) {', '.join(missing)}; give their sizes, "

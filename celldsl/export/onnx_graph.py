@@ -25,7 +25,7 @@ DTYPES = {"f32": np.float32, "f64": np.float64}
 
 # cell function -> ONNX operator of one argument (the rest are built in OnnxPrinter._function)
 UNARY = {"sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp", "log": "Log", "relu": "Relu", "Abs": "Abs",
-         "sign": "Sign", "floor": "Floor"}
+         "sign": "Sign", "floor": "Floor", "sin": "Sin", "cos": "Cos"}
 BUILT = ("softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_equal", "where", "mod",
          "sqrt", "pow", "rowmean", "rowsum")
 

@@ -96,10 +96,11 @@ class PerHead:
 
 @dataclass(frozen=True)
 class InitValue:
-    kind: str  # "constant" | "named" | "call"
+    kind: str  # "constant" | "named" | "call" | "expr"
     name: str | None
     number: float | None
     loc: Loc
+    expr: object = None  # kind "expr": the expression (uniform(a, b), sizes, parameters above)
 
 
 @dataclass

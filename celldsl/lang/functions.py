@@ -68,6 +68,24 @@ class log(CellFunction):  # noqa: N801
         return math.log(x)
 
 
+class sin(CellFunction):  # noqa: N801 - LRU's complex diagonal as real and imaginary parts
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return cos(self.args[0])
+
+    numeric = staticmethod(math.sin)
+
+
+class cos(CellFunction):  # noqa: N801
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return -sin(self.args[0])
+
+    numeric = staticmethod(math.cos)
+
+
 class relu(CellFunction):  # noqa: N801
     nargs = 1
 
@@ -254,6 +272,8 @@ FUNCTIONS = {
     "relu": (1, relu),
     "exp": (1, exp),
     "log": (1, log),
+    "sin": (1, sin),
+    "cos": (1, cos),
     "softplus": (1, softplus),
     "logsigmoid": (1, logsigmoid),
     "abs": (1, sp.Abs),

@@ -18,6 +18,7 @@ import sympy as sp
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
 from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, Reduction, evaluate, less, less_equal
+from .inits import InitReads, check_init_expr
 from .widths import BROADCAST, Widths, width_words
 
 H = "H"  # the size of every value of the step except expressions of inputs only
@@ -122,6 +123,7 @@ class CellIR:
     same_widths: dict[tuple[str, str], Loc] = field(default_factory=dict)  # must be equal at run time
     locations: dict[str, Loc] = field(default_factory=dict)
     output_declared: bool = True  # False: no `output` line, so the output is the cell's one state
+    init_sizes: tuple[str, ...] = ()  # sizes only init expressions read (chrono's T_max): the layer's sizes=
 
     @property
     def needs_hidden_size(self) -> dict[str, Loc]:
@@ -162,6 +164,7 @@ class _Builder:
         self.errors: list[CellError] = []  # every problem found, reported together (raise_all)
         self.failed: set[str] = set()  # equations that failed or read one that did
         self.poisoned: set[str] = set()  # names whose declaration failed
+        self.init_reads: dict[str, InitReads] = {}  # init line's name -> what its expression reads
 
     def error(self, message: str, loc: Loc | None) -> CellError:
         return CellError(message, self.src, loc)
@@ -295,7 +298,15 @@ class _Builder:
     def _declare_init(self, n: ast.Name, value: ast.InitValue) -> None:
         if n.text not in self.params and n.text not in self.groups:
             raise self.error(self._unknown(n.text, "parameter", self.params), n.loc)
+        if value.kind == "named" and value.name in self.params:  # init b_i = b_f: a parameter's value
+            value = ast.InitValue("expr", None, None, value.loc, ast.Var(value.name, value.loc))
         self._check_init(value)
+        if value.kind == "expr":
+            declared = {w.text for w in self.m.widths.values() if isinstance(w, ast.Name)}
+            reads = check_init_expr(
+                value.expr, params=self.params, initialised={p for p, v in self.params.items() if v.init},
+                widths={H, "I", *self.inputs, *declared}, error=self.error)
+            self.init_reads[n.text] = reads
         for t in self.groups.get(n.text, [n.text]):
             first = self.params[t].init
             if first is not None:
@@ -991,6 +1002,14 @@ class _Builder:
                 self.report(
                     self.error(f"orthogonal initialises a matrix, but '{p.name}' is a {p.kind}", p.init.loc)
                 )
+        for target, reads in self.init_reads.items():  # an init expression reads values of its shape
+            for t in self.groups.get(target, [target]):
+                for name, loc in reads.params:
+                    kind, other = ir_params[t].kind, ir_params[name].kind
+                    if other != "scalar" and other != kind:
+                        self.report(self.error(f"'{t}' is a {kind}, but its init expression reads '{name}', a "
+                                               f"{other}; an init expression reads values of its shape or "
+                                               "scalars", loc))
         raise_all(self.errors)
         self._warn_unused(used, [*new_states.values(), out_expr])
         return CellIR(
@@ -1009,6 +1028,7 @@ class _Builder:
             products={p.symbol: p for p in self.products.values()},
             widths=widths,
             output_declared=self.m.output is not None,
+            init_sizes=tuple(dict.fromkeys(w for r in self.init_reads.values() for w in r.sizes)),
             shifted=dict(self.shifted),
             reduced={
                 r: (self.widths.resolve(w), tuple(sorted(locs, key=lambda loc: (loc.line, loc.column))))

@@ -11,6 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from ..resources import GRAMMAR
 from . import ast
 from .errors import CellError, Loc, Source, raise_all
+from .functions import FUNCTIONS
 
 MAX_NESTING = 100  # parentheses and expression nesting deeper than this are surely not a cell
 MAX_FILE_BYTES = 512 << 10  # the zoo's files have 1-2 kB; parsing costs about a second per 200 kB
@@ -66,6 +67,29 @@ def parser(strict: bool = False) -> Lark:
         maybe_placeholders=False,
         postlex=_SkipNewlinesInBrackets(),
     )
+
+
+def _number(e) -> float | None:
+    """The value of a number or a negated number, else None."""
+    if isinstance(e, ast.Num):
+        return float(e.text)
+    if isinstance(e, ast.Neg):
+        inner = _number(e.operand)
+        return None if inner is None else -inner
+    return None
+
+
+def init_value(e) -> ast.InitValue:
+    """An `init` line's value: the fixed forms (a number, zeros, uniform(a), normal(std)) as before;
+    anything else is an init expression (`log(uniform(1, T_max - 1))`), checked by the IR."""
+    if _number(e) is not None:
+        return ast.InitValue("constant", None, _number(e), e.loc)
+    if isinstance(e, ast.Var):
+        return ast.InitValue("named", e.name, None, e.loc)
+    known = e.func in ("uniform", "normal") or e.func not in FUNCTIONS if isinstance(e, ast.Call) else False
+    if known and len(e.args) == 1 and _number(e.args[0]) is not None:  # xavier(2): unknown initialiser
+        return ast.InitValue("call", e.func, _number(e.args[0]), e.loc)
+    return ast.InitValue("expr", None, None, e.loc, e)
 
 
 def _loc(item) -> Loc:
@@ -198,21 +222,6 @@ class _ToAst(Transformer_NonRecursive):
     def name_list(self, items):
         return [ast.Name(str(t), _loc(t)) for t in items]
 
-    def signed_number(self, items):
-        return float("".join(str(t) for t in items))
-
-    @v_args(meta=True)
-    def init_constant(self, meta, items):
-        return ast.InitValue("constant", None, items[0], _loc(meta))
-
-    @v_args(meta=True)
-    def init_named(self, meta, items):
-        return ast.InitValue("named", str(items[0]), None, _loc(meta))
-
-    @v_args(meta=True)
-    def init_call(self, meta, items):
-        return ast.InitValue("call", str(items[0]), items[1], _loc(meta))
-
     @v_args(meta=True)
     def cell_decl(self, meta, items):
         return ("cell", ast.Name(str(items[0]), _loc(items[0])), _loc(meta))
@@ -268,7 +277,7 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def init_decl(self, meta, items):
-        return ("init", (items[0], items[1]), _loc(meta))
+        return ("init", (items[0], init_value(items[1])), _loc(meta))
 
     @v_args(meta=True)
     def define(self, meta, items):

@@ -85,7 +85,7 @@ def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
 
 def declared_width_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     """Check `sizes` against the widths the cell declares (`state h : P`): {width: positive int}."""
-    declared = sorted({w for w in cell.ir.widths.values()} - {"H", "row", *cell.ir.inputs})
+    declared = sorted({*cell.ir.widths.values(), *getattr(cell.ir, "init_sizes", ())} - {"H", "row", *cell.ir.inputs})
     sizes = {} if sizes is None else sizes
     if not isinstance(sizes, dict):
         raise TypeError(f"sizes must be a dict {{width: size}}, got {type(sizes).__name__}")

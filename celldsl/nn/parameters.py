@@ -19,6 +19,7 @@ from torch import nn
 from ..compiler import CompiledCell
 from ..lang.errors import CellTensorError
 from ..lang.ir import EYE
+from .inits import init_value
 
 BIAS_NAME = re.compile(r"^(b|bias)(_\w*|\d*)$")  # what bias=False leaves out (fixed at 0)
 
@@ -175,11 +176,28 @@ def initialize(cell: CompiledCell, stored: list[tuple[Store, torch.Tensor]], siz
     bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
     for _store, tensor in stored:
         tensor.uniform_(-bound, bound)
+    sizes = {"I": sizes[cell.ir.inputs[0]], **sizes}  # init expressions name the input's size I
+    positions, seen = [[]], set()  # every layer and direction: one list of stores each
     for store, tensor in stored:
-        for name in store.members:
-            init = cell.ir.params[name].init
-            if init is not None:
-                _apply_init(member(store, name, tensor, sizes), init, bound)
+        if store.name in seen:
+            positions.append([])
+            seen = set()
+        seen.add(store.name)
+        positions[-1].append((store, tensor))
+    for position in positions:
+        views = {name: member(store, name, tensor, sizes) for store, tensor in position for name in store.members}
+        computed = []
+        for store, _tensor in position:
+            for name in store.members:
+                init = cell.ir.params[name].init
+                if init is not None and init.kind == "expr":
+                    computed.append(name)
+                elif init is not None:
+                    _apply_init(views[name], init, bound)
+        # init expressions in text order: each reads the parameters earlier lines set
+        for name in sorted(computed, key=lambda n: (cell.ir.params[n].init.loc.line, cell.ir.params[n].init.loc.column)):
+            view = views[name]
+            view.copy_(init_value(cell.ir.params[name].init.expr, view, sizes, views, f"parameter {name!r}"))
 
 
 def _apply_init(view: torch.Tensor, init, default_bound: float) -> None:

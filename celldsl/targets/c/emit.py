@@ -60,7 +60,7 @@ C_RESERVED = {
 LIBM = ("exp", "tanh", "log", "log1p", "pow")
 # cell functions with a static C helper cd_<name>_<dtype> (see _helpers)
 HELPERS = ("sigmoid", "relu", "softplus", "logsigmoid", "step", "maximum", "minimum", "less", "less_equal",
-           "where", "floor", "mod")
+           "where", "floor", "mod", "sin", "cos")
 
 
 @dataclass(frozen=True)
@@ -386,6 +386,8 @@ static inline {t} cd_less_equal_{s}({t} a, {t} b) {{ return a <= b ? 1 : 0; }}
 static inline {t} cd_where_{s}({t} c, {t} a, {t} b) {{ return c != 0 ? a : b; }}
 static inline {t} cd_floor_{s}({t} x) {{ return floor{f}(x); }}
 static inline {t} cd_mod_{s}({t} a, {t} b) {{ return a - b * floor{f}(a / b); }}
+static inline {t} cd_sin_{s}({t} x) {{ return sin{f}(x); }}
+static inline {t} cd_cos_{s}({t} x) {{ return cos{f}(x); }}
 """
 
 

@@ -20,6 +20,8 @@ class TorchPrinter(TargetPrinter):
         "relu": "torch.relu({})",
         "exp": "torch.exp({})",
         "log": "torch.log({})",
+        "sin": "torch.sin({})",
+        "cos": "torch.cos({})",
         "softplus": "F.softplus({})",
         "logsigmoid": "F.logsigmoid({})",
         "Abs": "torch.abs({})",

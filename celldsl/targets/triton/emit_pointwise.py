@@ -31,6 +31,8 @@ class TritonPrinter(TargetPrinter):
         "relu": "tl.maximum({}, 0.0)",
         "exp": "tl.exp({})",
         "log": "tl.log({})",
+        "sin": "tl.sin({})",
+        "cos": "tl.cos({})",
         "softplus": "lib.softplus({})",
         "logsigmoid": "lib.logsigmoid({})",
         "Abs": "tl.abs({})",

@@ -1,0 +1,187 @@
+"""Issue 26's zoo cells that need the new language parts: lru (sin/cos, ring init), chrono_lstm (init
+expressions), against tests/matrix_references.py's loops written from the papers, in float64: outputs,
+final states, gradients, gradcheck; sin and cos on every printer; init expressions' located errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from matrix_references import chrono_init, ref_chrono_lstm, ref_lru
+
+import celldsl
+from celldsl.lang.errors import CellError, CellWarning
+
+I, P, T, N = 4, 3, 5, 2
+
+
+def _params(layer):
+    return {n.removesuffix("_l0"): t for n, t in layer.named_parameters()}
+
+
+def _compare(layer, ref, x, state0):
+    out, finals = layer(x, state0)
+    ref_out, ref_finals = ref(_params(layer), x, tuple(s[0] for s in state0))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for a, b in zip(finals, ref_finals, strict=True):
+        torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    wrt = [x, *state0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + sum((s * s).sum() for s in finals), wrt)
+    want = torch.autograd.grad((ref_out * g).sum() + sum((s * s).sum() for s in ref_finals), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def _states(*widths):
+    return tuple(torch.randn(1, N, w, dtype=torch.float64, requires_grad=True) for w in widths)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("steps", [1, T])
+def test_lru_matches_reference(backend, steps):
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent("lru", I, I, sizes={"P": P}, dtype=torch.float64, backend=backend)
+    with torch.no_grad():  # away from the ring, so cos and sin of every phase are exercised
+        layer.theta_log_l0.copy_(torch.tensor([-1.0, 0.5, 1.5], dtype=torch.float64))
+    x = torch.randn(steps, N, I, dtype=torch.float64, requires_grad=True)
+    _compare(layer, ref_lru, x, _states(P, P))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lru_gradcheck(backend):
+    torch.manual_seed(1)
+    layer = celldsl.Recurrent("lru", I, I, sizes={"P": P}, dtype=torch.float64, backend=backend)
+    x = torch.randn(3, N, I, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: torch.func.functional_call(
+            layer, {n: v for (n, _), v in zip(layer.named_parameters(), ps, strict=True)}, (x,))[0],
+        (x, *ps))
+
+
+def test_lru_ring_initialisation():
+    """Sec. 3.3 / Appendix A: |λ|² uniform on [r_min², r_max²], φ = exp(θ_log) uniform on [0, 2π],
+    γ = sqrt(1 - |λ|²) exactly; B ~ N(0, 1/(2I)), C ~ N(0, 1/P), D ~ N(0, 1)."""
+    torch.manual_seed(0)
+    big = 4000
+    layer = celldsl.Recurrent("lru", 50, 50, sizes={"P": big}, dtype=torch.float64)
+    p = _params(layer)
+    mod_sq = torch.exp(-2 * torch.exp(p["nu_log"]))
+    assert mod_sq.min() >= 0.9**2 - 1e-12 and mod_sq.max() <= 0.999**2 + 1e-12
+    assert abs(mod_sq.mean().item() - (0.9**2 + 0.999**2) / 2) < 0.01
+    phase = torch.exp(p["theta_log"])
+    assert phase.min() >= 0 and phase.max() <= 2 * math.pi and abs(phase.mean().item() - math.pi) < 0.1
+    torch.testing.assert_close(torch.exp(p["gamma_log"]), torch.sqrt(1 - mod_sq))
+    assert abs(p["B_re"].std().item() - math.sqrt(1 / 100)) < 0.005
+    assert abs(p["C_im"].std().item() - math.sqrt(1 / big)) < 0.001
+    assert abs(p["D"].std().item() - 1) < 0.3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_chrono_lstm_matches_reference(backend):
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent("chrono_lstm", I, 5, sizes={"T_max": 40}, dtype=torch.float64, backend=backend)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    _compare(layer, ref_chrono_lstm, x, _states(5, 5))
+
+
+def test_chrono_initialisation():
+    """Tallec and Ollivier Sec. 4: b_f = log(U[1, T_max - 1]), b_i = -b_f, the other bias zero; the
+    draw is chrono_init's (same generator state, same numbers)."""
+    H, T_max = 3000, 100.0
+    torch.manual_seed(5)
+    layer = celldsl.Recurrent("chrono_lstm", 2, H, sizes={"T_max": int(T_max)}, dtype=torch.float64)
+    b = layer.b_ih_l0.detach()
+    b_i, b_f = b[:H], b[H:2 * H]
+    assert torch.equal(b_i, -b_f) and torch.equal(layer.b_hh_l0.detach(), torch.zeros(4 * H, dtype=torch.float64))
+    assert b_f.min() >= 0 and b_f.max() <= math.log(T_max - 1)
+    assert abs(torch.exp(b_f).mean().item() - T_max / 2) < 2  # U[1, T_max - 1] has mean T_max / 2
+    # the same numbers as the reference's chrono_init from the generator state the draw starts at: after
+    # the default U(-1/sqrt(H), 1/sqrt(H)) of the four stored tensors
+    torch.manual_seed(5)
+    for shape in [(4 * H, 2), (4 * H, H), (4 * H,), (4 * H,)]:
+        torch.empty(shape, dtype=torch.float64).uniform_()
+    want_i, want_f = chrono_init(H, T_max)
+    torch.testing.assert_close(b_f, want_f, rtol=0, atol=1e-15)
+    torch.testing.assert_close(b_i, want_i, rtol=0, atol=1e-15)
+
+
+def test_chrono_needs_t_max():
+    with pytest.raises(ValueError, match="T_max"):
+        celldsl.Recurrent("chrono_lstm", 2, 3)
+
+
+HDR = "cell t\ninput x\nstate h\nparam W, b\n"
+
+
+@pytest.mark.parametrize(("init", "fragment", "column"), [
+    ("init b = -W", "'b' is a vector, but its init expression reads 'W', a matrix", 11),
+    ("init b = log(uniform(1, 2, 3))", "uniform() in an init expression takes 1 or 2 arguments", 14),
+    ("init b = glorot(b, 2)", "unknown function 'glorot' in an init expression", 10),
+    ("init b = 2 * W @ b", "'@' is not allowed in an init expression", 14),
+    ("init b = exp(W)", "reads parameter 'W', which no earlier init line sets", 14),
+    ("init b = sin(1, 2)", "sin() takes 1 argument, got 2", 10),
+], ids=["kind", "uniform-arity", "unknown-function", "matmul", "not-initialised-above", "arity"])
+def test_init_expression_errors_are_located(init, fragment, column):
+    text = HDR + ("init W = zeros\n" if "reads 'W', a matrix" in fragment else "") + init + "\nh' = tanh(W @ x + b * h)\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        with pytest.raises(CellError) as info:
+            celldsl.compile_cell(text)
+    err = info.value
+    assert fragment in err.message, err.message
+    assert err.line == text.count("\n", 0, text.index(init)) + 1 and err.column == column, str(err)
+
+
+def test_sin_cos_derivatives_and_every_printer(tmp_path):
+    """sin and cos in an elementwise cell: torch and cpu against a hand loop with gradients; Triton's
+    and ONNX's printers spell them (the ONNX graph runs in onnxruntime against torch)."""
+    text = "cell sc\ninput x\nstate h\nparam W, U, b\nh' = sin(W @ x + b) * cos(U @ h) + cos(h)\n"
+    for backend in ("torch", "cpu"):
+        torch.manual_seed(2)
+        layer = celldsl.Recurrent(text, 3, 4, dtype=torch.float64, backend=backend)
+        x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+        out, _ = layer(x)
+        h, want = torch.zeros(2, 4, dtype=torch.float64), []
+        p = _params(layer)
+        for x_t in x:
+            h = torch.sin(x_t @ p["W"].T + p["b"]) * torch.cos(h @ p["U"].T) + torch.cos(h)
+            want.append(h)
+        want = torch.stack(want)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        a = torch.autograd.grad((out * g).sum(), [x, *layer.parameters()])
+        b = torch.autograd.grad((want * g).sum(), [x, *layer.parameters()])
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    from celldsl.compiler import compile_cell
+    from celldsl.targets import target
+
+    source = target("triton").source(compile_cell(text).plan)
+    assert "tl.sin(" in source and "tl.cos(" in source
+    c_source = target("cpu").source(compile_cell(text).plan)
+    assert "cd_sin_f64(" in c_source and "cd_cos_f64(" in c_source
+    from test_export_onnx import check
+
+    from celldsl.export.model import load_cell
+
+    check(load_cell(text, 3, 4, seed=1), "f64", 1e-10)
+
+
+def test_sin_cos_on_the_triton_interpreter(monkeypatch):
+    """Triton's spelling of sin and cos runs (the interpreter, float64) and matches the torch backend."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    text = "cell sc\ninput x\nstate h\nparam W, U, b\nh' = sin(W @ x + b) * cos(U @ h) + cos(h)\n"
+    torch.manual_seed(2)
+    tri = celldsl.Recurrent(text, 3, 4, dtype=torch.float64, backend="triton")
+    ref = celldsl.Recurrent(text, 3, 4, dtype=torch.float64, backend="torch")
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    a, b = tri(x)[0], ref(x)[0]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(a)
+    torch.testing.assert_close(torch.autograd.grad((a * g).sum(), x)[0], torch.autograd.grad((b * g).sum(), x)[0])
