@@ -1,6 +1,6 @@
 """The matrix-memory zoo cells (issue 26) on the torch target against the einsum references of
 tests/matrix_references.py (written from the papers): outputs, final states and gradients in float64,
-gradcheck of the derived reverse-time backward, and the cpu/triton refusals."""
+gradcheck of the derived reverse-time backward, and the triton refusal."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ REFERENCES = {
 
 def _layer(cell, seed=0):
     torch.manual_seed(seed)
-    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64)
+    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64,
+                           backend="torch")  # the cpu backend: tests/test_matrix_cpu.py
 
 
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
@@ -93,9 +94,9 @@ def test_backward_does_not_run_autograd_through_the_loop():
     assert type(out.grad_fn).__name__ == "_FunctionBackward"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
-def test_cpu_and_triton_refuse_matrix_states(cell, backend):
+def test_triton_refuses_matrix_states(cell, backend):
     with pytest.raises(CellError) as err:
         MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend=backend)
     text = str(err.value)
@@ -104,9 +105,10 @@ def test_cpu_and_triton_refuse_matrix_states(cell, backend):
                                   if line.startswith("state "))
 
 
-def test_auto_runs_torch():
+def test_auto_runs_the_c_loop_with_torch_behind_it():
     layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
-    assert layer.loop is layer.compiled.torch_loop and layer.W_a1_l0.shape == (R, I)
+    assert type(layer.loop).__name__ == "CMatrixLoop" and layer.loop.fallback is layer.compiled.torch_loop
+    assert layer.W_a1_l0.shape == (R, I)
     out, (S,) = layer(torch.randn(T, N, I))
     assert out.shape == (T, N, HEADS * V) and S.shape == (1, N, HEADS, K, V)
 

@@ -30,20 +30,20 @@ def host_nodes(ir: TensorIR) -> list[bool]:
     return out
 
 
-def blocker(ir: TensorIR) -> str:
-    """Why the C loop cannot run this cell ("" when it can)."""
+def blocker(ir: TensorIR) -> tuple[str, int | None]:
+    """Why the C loop cannot run this cell ("" when it can), and the node to point at (or None)."""
     host = host_nodes(ir)
     for i, node in enumerate(ir.nodes):
         if not host[i] and node.op not in C_OPS:
-            return f"its operation {node.op!r} has no C form"
+            return f"its operation {node.op!r} has no C form", i
         if node.op == "eye" and node.name is None and any(i in n.args for n in ir.nodes):
-            return "an identity of unknown size"
+            return "an identity of unknown size", i
     for s, i in ir.new_state.items():
         if host[i]:
-            return f"state {s}'s next value depends on no state"
+            return f"state {s}'s next value depends on no state", i
     if host[ir.output_node]:
-        return "its output depends on no state"
-    return ""
+        return "its output depends on no state", ir.output_node
+    return "", None
 
 
 def used_host(ir: TensorIR) -> list[int]:

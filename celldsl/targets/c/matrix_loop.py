@@ -23,11 +23,12 @@ EVERY = 32  # steps between the forward's checkpoints of the states
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def refusal(ir, why: str) -> CellError:
-    """A located reason: at the first matrix state."""
+def refusal(ir, why: str, node: int | None) -> CellError:
+    """A located reason: at the node it is about, else at the first matrix state."""
     first = next((s for s in ir.states if ir.kinds[s].rows != ONE and ir.kinds[s].cols != ONE), ir.states[0])
+    loc = ir.nodes[node].loc if node is not None and ir.nodes[node].loc is not None else ir.state_locs[first]
     return CellError(f"the cpu backend cannot run this matrix-memory cell: {why}; use backend='torch'",
-                     ir.source, ir.state_locs[first])
+                     ir.source, loc)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +47,9 @@ class CMatrixLoop:
 
     def __init__(self, compiled, fallback=None):
         self.ir, self.key, self.fallback = compiled.ir, compiled.key, fallback
-        why = blocker(self.ir)
+        why, node = blocker(self.ir)
         if why and fallback is None:
-            raise refusal(self.ir, why)
+            raise refusal(self.ir, why, node)
         self.why = why
         self.host = host_nodes(self.ir)
         self.used = used_host(self.ir)
