@@ -44,6 +44,7 @@ class _Step:
     parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
 
     autocast_keeps_input_dtype = True  # under CPU autocast, as torch.nn.LSTMCell/GRUCell (autocasting.py)
+    _distinct_output = True  # forward returns both the output and the states: never one tensor twice
 
     def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         tensors, sizes = {}, self._sizes()
@@ -77,7 +78,7 @@ class _Step:
         if not plain_eager(tensors):
             return None
         try:
-            key = (self.backend, self.input_size, self.hidden_size, getattr(self, "nonlinearity", None),
+            key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(),
                    *[(t.shape, t.dtype, t.device) for t in tensors],
                    *[p if p is None else (id(p), p.data_ptr(), p._version, p.shape, p.stride())
@@ -91,9 +92,9 @@ class _Step:
         if step is None:
             return None
         if input.dim() == 1:
-            out, finals = step(input[None, None], [s[None] for s in tensors[1:]])
+            out, finals = step(input[None, None], [s[None] for s in tensors[1:]], self._distinct_output)
             return out[0], [f[0] for f in finals]
-        return step(input[None], tensors[1:])
+        return step(input[None], tensors[1:], self._distinct_output)
 
     def _prepare(self, input, given):
         """The prepared step for these arguments, or None (they fail a check, or the loop has none)."""
@@ -336,6 +337,7 @@ class _TorchCell(WarnsWhenNotQuantized, ScriptableCell, _Step):
 
     stem = ""
     input_sizes: dict = {}
+    _distinct_output = False  # forward returns the output or the states, not both
 
     @property
     def compiled(self):

@@ -972,14 +972,17 @@ class PreparedStep:
         X, N = bufs["X"], self.x.shape[1]
         hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
         operands = loop._hoisted_operands(bufs["xs"], bufs["vectors"], bufs["scalars"])
+        # the GEMM for a step's product, not the call plan's hoisted one: that one pays the packing
+        # of the weights at every call, this one once (at N = 1 the native GEMV wins by ~3x then)
+        backends = [cpu_gemm.choose(cpu_gemm.site("step", x.dtype, N, w.shape[1], w.shape[0]), loop.lib,
+                                    force=loop.gemm) for w in hoisted_w]
         self.hoisted = [_HoistedInto(op, w.contiguous(), bias, X.new_empty(N, w.shape[0]), loop.lib, backend)
-                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, plan.hoisted,
-                                                        strict=True)]
+                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, backends, strict=True)]
         ir = loop.plan.ir
         self.news = [X.new_empty(N, sizes[ir.width(s)]) for s in loop.states]
         out = self.news[loop.output_state] if loop.output_state is not None else \
             X.new_empty(N, loop.output_width(sizes))
-        self.out = out
+        self.out, self.output_state = out, loop.output_state
         step_out = [X.new_empty(0 if gi in loop.summed else N, w.shape[0]) for gi, w in enumerate(step_w)]
         named = {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names}
         bufs |= {"news": self.news, "out": out, "step": step_out, "operands": named,
@@ -990,9 +993,11 @@ class PreparedStep:
                                                                   step_bias, run=False)
         self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
 
-    def __call__(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
-        shapes and dtype it was made for -> (out [N, width], new states)."""
+        shapes and dtype it was made for -> (out [N, width], new states). distinct_out=False: out may
+        be the new state it equals (for a caller that returns only one of them)."""
         self.x.copy_(x)
         for buf, s in zip(self.states, states):
             buf.copy_(s)
@@ -1001,7 +1006,10 @@ class PreparedStep:
         for h in self.hoisted:
             h()
         self.native.run_forward(self.prepared)
-        return self.out.clone(), [n.clone() for n in self.news]
+        news = [n.clone() for n in self.news]
+        if not distinct_out and self.output_state is not None:
+            return news[self.output_state], news
+        return self.out.clone(), news
 
 
 class _HoistedInto:
