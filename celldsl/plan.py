@@ -517,14 +517,17 @@ def _needed_products(finals, products) -> list[sp.Symbol]:
 
 
 def _recurrence_kind(ir: CellIR, gemms: list[Gemm], state_syms: set) -> str:
-    """'dense': a GEMM on the state every step. 'linear': s' = a*s + b with a, b free of states
-    (a parallel scan applies). 'elementwise': state only elementwise, but nonlinearly.
+    """'dense': a GEMM on the state every step. 'linear': every new state is a * s + b where a holds
+    no state (b may read other states: `coupled_states` says which). 'elementwise': the states enter
+    only elementwise, but not linearly. A per-step GEMM that only the output reads (an output
+    projection `y = V @ h'`) is no GEMM on the state: the states' recurrence is what is classified.
 
     Linearity is decided on the structure (sums of terms, each a product with at most one factor
     that holds a state, that factor linear itself), memoised over shared subexpressions: linear
     time, where sp.expand can blow up exponentially. A form whose linearity only shows after
     simplification is reported as elementwise, the safe side."""
-    if gemms:
+    step_products = {p for g in gemms for p in g.products}
+    if step_products & set(_needed_products(list(ir.new_states.items()), ir.products)):
         return "dense"
     for e in ir.new_states.values():  # a mean or sum over a state couples its units as a GEMM does
         if any(r.free_symbols & state_syms for r in e.atoms(Reduction)):
@@ -553,3 +556,17 @@ def _recurrence_kind(ir: CellIR, gemms: list[Gemm], state_syms: set) -> str:
     if all(is_linear(ir.new_states[s]) for s in ir.states):
         return "linear"
     return "elementwise"
+
+
+def coupled_states(plan: Plan) -> dict[str, list[str]]:
+    """For a linear recurrence, each state whose new value reads other states (s' = a * s + b with b
+    holding them, e.g. h' = 0.5 h + 0.1 g): state -> the states it reads. Empty when every state is
+    a scan of its own (a parallel scan applies)."""
+    states = {symbol(s): s for s in plan.ir.states}
+    found = {}
+    for name in plan.ir.states:
+        others = sorted(states[s] for s in plan.ir.new_states[name].free_symbols
+                        if s in states and states[s] != name)
+        if others:
+            found[name] = others
+    return found

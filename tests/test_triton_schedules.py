@@ -49,11 +49,11 @@ def lengths_for(N, T, packed):
     return [T] * N if not packed else [max(1, T - (i * T) // N) for i in range(N)]
 
 
-def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0):
+def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0, I=None):
     """Forward and backward of the torch loop and the schedule's loop on the same inputs:
-    (outputs, final states, saved tensors, gradients) of each."""
+    (outputs, final states, saved tensors, gradients) of each. I: the concatenated input's width."""
     compiled = compile_cell(cell)
-    I = H if compiled.ir.needs_hidden_size else H + 2
+    I = I or (H if compiled.ir.needs_hidden_size else H + 2)
     torch.manual_seed(seed)
     layer = celldsl.Recurrent(cell, I, H, backend="torch", dtype=dtype)
     ref, loop = compiled.torch_loop, make_loop(compiled, schedule)
@@ -61,7 +61,8 @@ def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0):
         loop.chunk = chunk
     hw, sw, vec, sc = split_params(ref, layer._weights(0, 0))
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(T, N, I, generator=g, dtype=dtype)
+    rows = sum(compiled.ir.width(n) == "row" for n in compiled.ir.inputs)  # `: 1` inputs follow x's I columns
+    x = torch.randn(T, N, I + rows, generator=g, dtype=dtype)
     states = [0.5 * torch.randn(N, H, generator=g, dtype=dtype) for _ in compiled.states]
     batch_sizes = None
     if packed:
@@ -485,3 +486,164 @@ def test_column_kernels_with_their_own_locals_as_user_names(schedule):
     odd = run_both(_rename(COLUMN_TWIN, names), schedule, 5, 3, 6, torch.float64, packed=True, chunk=4)
     assert_same(odd, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(odd[1][0], plain[1][0])
+
+
+# ---- issue 26, item 5: the column schedules where the dense kernels' tiles do not reach -------------------
+
+
+SUM_STEP = """
+cell sum_step
+input x
+state h
+output h
+param W, U, b
+z = W @ x
+a = sigmoid(U @ x + b)
+h' = a * h + (1 - a) * (z - mean(z)) + 0.1 * sum(z)
+"""
+
+ROW_INPUT = """
+cell row_input
+input x
+input dt : 1
+state h
+output h
+param W, b
+param k : scalar
+a = exp(-softplus(b) * dt)
+h' = a * h + (1 - a) * tanh(W @ x) + k * dt
+"""
+
+HEADS_INPUT = """
+cell heads_input
+input x
+state h
+output h
+param W : heads(2)
+param U, b
+a = sigmoid(U @ x + b)
+h' = a * h + (1 - a) * (W @ x)
+"""
+
+# elementwise (not linear) with a mean in the step whose backward reduces too, and an output that is no
+# state: time_loop only
+SUM_ELEMENTWISE = """
+cell sum_elementwise
+input x
+state h
+output y
+param W, v
+z = W @ x
+h' = tanh(h + z - mean(z * v))
+y = h' * sum(z)
+"""
+
+# (cell, H, I or None): H = 17 puts a masked tail in the whole-row programs (BLOCK 32); heads need I = H even
+CHEAP = {"sum_step": (SUM_STEP, 17, None), "row_input": (ROW_INPUT, 5, 8), "heads_input": (HEADS_INPUT, 6, 6),
+         "sum_elementwise": (SUM_ELEMENTWISE, 17, None)}
+CHEAP_PAIRS = [(c, s) for c in CHEAP for s in ("time_loop", "scan") if (c, s) != ("sum_elementwise", "scan")]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(("cell", "schedule"), CHEAP_PAIRS, ids=[f"{c}-{s}" for c, s in CHEAP_PAIRS])
+def test_cheap_schedules_keep_sum_row_inputs_and_heads(cell, schedule, packed):
+    """A mean or sum in the step (programs that hold whole rows), a `: 1` input (one load per row; its
+    gradient the sum over the row) and heads on an input projection (a torch GEMM before the loop) keep
+    time_loop and scan: the same forward, final states, saved tensors and every gradient as the torch
+    loop in float64, padded and packed, T = 6 across two scan chunks of 4."""
+    text, H, I = CHEAP[cell]
+    why = declines(compile_cell(text).plan)
+    assert why[schedule] is None, why
+    assert why["persistent"], "the dense kernels still refuse these (their tiles hold slices of a row)"
+    assert_same(run_both(text, schedule, H, 3, 6, torch.float64, packed=packed, chunk=4, I=I), atol=1e-10,
+                rtol=1e-9)
+
+
+def test_an_elementwise_sum_cell_has_no_scan():
+    assert "not linear" in declines(compile_cell(SUM_ELEMENTWISE).plan)["scan"]
+
+
+@pytest.mark.parametrize("schedule", ["time_loop", "scan"])
+def test_cheap_schedule_gradcheck_through_the_layer(schedule):
+    """A `: 1` input and a mean in one step, through Recurrent: gradcheck of the schedule's own backward
+    kernels against finite differences of its forward kernels."""
+    text = """
+cell both
+input x
+input dt : 1
+state h
+output h
+param W, U, b
+z = W @ x
+a = sigmoid(U @ x + b) * exp(-dt * dt)
+h' = a * h + (1 - a) * (z - mean(z))
+"""
+    torch.manual_seed(0)
+    m = celldsl.Recurrent(text, 3, 3, backend="triton", schedule=schedule, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    dt = torch.rand(3, 2, 1, dtype=torch.float64).requires_grad_()
+    h0 = (0.5 * torch.randn(1, 2, 3, dtype=torch.float64)).requires_grad_()
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+
+    def f(x, dt, h0, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x, h0), {"dt": dt})
+
+    assert torch.autograd.gradcheck(f, (x, dt, h0, *params), fast_mode=True)
+
+
+OUTPUT_PROJECTION = """
+cell output_projection
+input x
+state h
+output y
+param W, U, V, b
+a = sigmoid(U @ x + b)
+h' = a * h + (1 - a) * tanh(W @ x)
+y = tanh(V @ h')
+"""
+
+
+def test_an_output_projection_is_not_a_gemm_on_the_state(capsys, tmp_path):
+    """y = V @ h' is the only per-step GEMM: the recurrence is linear (explain says the GEMM is an output
+    projection, not 'a GEMM on the state every step'); the dense schedules still run it (checked
+    against the torch loop); the column schedules refuse it with that reason (docs/triton.md)."""
+    from celldsl.cli.main import main
+
+    plan = compile_cell(OUTPUT_PROJECTION).plan
+    assert plan.recurrence == "linear"
+    why = declines(plan)
+    assert why["persistent"] is None and why["fused_step"] is None
+    for s in ("time_loop", "scan"):
+        assert "the output reads the per-step GEMM [V]" in why[s]
+        with pytest.raises(ValueError, match=re.escape("the output reads the per-step GEMM [V]")):
+            celldsl.Recurrent(OUTPUT_PROJECTION, 4, 4, backend="triton", schedule=s)
+    assert_same(run_both(OUTPUT_PROJECTION, "persistent", 5, 3, 4, torch.float64, packed=True), atol=1e-10,
+                rtol=1e-9)
+    path = tmp_path / "output_projection.cell"
+    path.write_text(OUTPUT_PROJECTION)
+    assert main(["explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(s for s in out.splitlines() if s.startswith("recurrence:"))
+    assert "dense" not in line and "a GEMM on the state every step" not in line
+    assert line.startswith("recurrence: linear in the state") and "[V] is an output projection" in line
+
+
+def test_explain_says_a_coupled_linear_recurrence_has_no_scan(capsys, tmp_path):
+    """h' = 0.5 h + 0.1 g + W x reads g: linear, but no scan of independent columns. explain's recurrence
+    line says so, agreeing with its scan line (it once said '(a parallel scan applies)' above 'scan does
+    not apply'); a cell whose states are each their own scan still says so."""
+    from celldsl.cli.main import main
+
+    path = tmp_path / "mixed.cell"
+    path.write_text(MIXED_USER_CELL)
+    assert main(["explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(s for s in out.splitlines() if s.startswith("recurrence:"))
+    assert "coupled" in line and "h' reads g" in line and "scan applies" not in line
+    assert "scan of its own" not in line
+    assert "scan       does not apply: the new state h' = a * h + b has a or b reading the state(s) g" in out
+    assert main(["explain", "mingru"]) == 0
+    out = capsys.readouterr().out
+    words = "recurrence: linear in the state: s' = a * s + b with a, b free of states (each state is a scan"
+    assert words in out and "scan       applies" in out

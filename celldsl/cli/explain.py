@@ -16,16 +16,34 @@ import sympy as sp
 
 from ..lang.errors import printable
 from ..lang.ir import H as HIDDEN
-from ..plan import Gemm, Plan
+from ..plan import Gemm, Plan, coupled_states
 
 I_SYM, H_SYM = sp.Symbol("I", positive=True), sp.Symbol("H", positive=True)
 EXAMPLE = {I_SYM: 256, H_SYM: 256}  # sizes for the worked FLOP numbers
 
 RECURRENCE_WORDS = {
     "dense": "dense: a GEMM on the state every step",
-    "linear": "linear in the state: s' = a * s + b with a, b free of states (a parallel scan applies)",
+    "linear": "linear in the state: s' = a * s + b with a, b free of states "
+              "(each state is a scan of its own)",
+    "coupled": "linear in the states, but coupled: s' = a * s + b with b reading another state ({reads}), "
+               "so not a scan of independent columns",
     "elementwise": "elementwise: the state enters only elementwise, but not linearly",
 }
+
+
+def recurrence_words(plan: Plan) -> str:
+    """The recurrence kind as a sentence. A linear recurrence is called a scan of independent
+    columns only when no state's update reads another state, and a per-step GEMM that only the
+    output reads (an output projection) is named as such, not as a GEMM on the state."""
+    words = RECURRENCE_WORDS.get(plan.recurrence, plan.recurrence)
+    coupled = coupled_states(plan) if plan.recurrence == "linear" else {}
+    if coupled:
+        reads = "; ".join(f"{s}' reads {', '.join(o)}" for s, o in coupled.items())
+        words = RECURRENCE_WORDS["coupled"].format(reads=reads)
+    if plan.gemms and plan.recurrence != "dense":
+        names = ", ".join(p for g in plan.gemms for p in g.params)
+        words += f"; the per-step GEMM [{names}] is an output projection: only the output reads it, no state"
+    return words
 
 
 def explain(compiled, sizes: dict | None = None) -> str:
@@ -79,7 +97,7 @@ def explain(compiled, sizes: dict | None = None) -> str:
     if not plan.hoisted and not plan.gemms:
         out.append("  none")
     out.append(f"  {plan.num_stages} GEMM stage(s) per step")
-    out.append(f"recurrence: {RECURRENCE_WORDS.get(plan.recurrence, plan.recurrence)}")
+    out.append(f"recurrence: {recurrence_words(plan)}")
 
     out += ["", "forward, fused per stage (intermediates inlined, CSE'd; W@x is a row block of a GEMM):"]
     stages = plan.all_pointwise()

@@ -27,15 +27,18 @@ def declines(plan) -> dict[str, str | None]:
     }
 
 
-def tile_decline(plan: Plan) -> str | None:
-    """Why the schedules' kernels (dense and column) cannot hold this plan's values (None when they
-    can). Their tiles are [rows, H] slices of values H wide, one hidden unit per column, so they refuse
-    what the language's second edition adds beyond that, rather than compute it wrong: other widths,
-    block-diagonal GEMMs (heads), reductions over a row, inputs of one value per sequence, and
-    earlier inputs (prev(x)) read by the step itself. The graphed path runs all of these."""
+def tile_decline(plan: Plan, columns: bool = False) -> str | None:
+    """Why the schedules' kernels (dense, or with `columns` the time_loop and scan ones) cannot hold
+    this plan's values (None when they can). Their tiles are [rows, H] slices of values H wide, one
+    hidden unit per column, so they refuse other widths and earlier inputs (prev(x)) read by the step
+    itself rather than compute them wrong. The dense kernels also refuse block-diagonal GEMMs (heads),
+    reductions over a row and inputs of one value per sequence; the column kernels run those: their
+    input projections are torch GEMMs before the loop (heads included), a `: 1` input is one load per
+    row broadcast over its units, and a step that reduces over a row gets programs that hold whole
+    rows (emit_columns.py). The graphed path runs all of these."""
     ir = plan.ir
     for g in [*plan.hoisted, *plan.gemms]:
-        if g.heads:
+        if g.heads and not (columns and g.stage == 0):
             return (f"the GEMM [{', '.join(g.params)}] @ {g.operand.name} is block-diagonal "
                     f"({g.heads} heads): the kernels multiply full weights")
     for s in ir.states:
@@ -54,22 +57,29 @@ def tile_decline(plan: Plan) -> str | None:
     for pw in plan.pointwise:
         if pw.width != "H":
             return f"the step function {pw.name} runs over values {pw.width} wide, not H"
-        if any(e.atoms(Reduction) for e in [*(e for _, e in pw.forward_temps), *pw.forward_results]):
-            return (f"the step function {pw.name} takes a mean or sum over a row: the kernels' programs hold "
-                    "slices of a row, not whole rows")
+        if not columns and any(e.atoms(Reduction) for e in [*(e for _, e in pw.forward_temps),
+                                                             *pw.forward_results]):
+            return (f"the step function {pw.name} takes a mean or sum over a row: the dense kernels' "
+                    "programs hold slices of a row, not whole rows")
         for sym in pw.inputs:
             if sym.name in ir.shifted:
                 return f"the step reads {sym.name} itself (only hoisted GEMMs may read earlier inputs here)"
-            if plan.width(sym) == "row":  # other inputs the step reads are H wide (widths.py unifies them)
+            if not columns and plan.width(sym) == "row":  # other inputs the step reads are H wide
                 return f"the step reads {sym.name}, one value per sequence (`: 1`), not H values"
     return None
 
 
+def whole_rows(plan: Plan) -> bool:
+    """Whether the step reduces over a row (a mean or sum), so a column program must hold whole rows."""
+    return any(e.atoms(Reduction) for pw in plan.pointwise
+               for e in [*(e for _, e in pw.forward_temps), *pw.forward_results])
+
+
 def dense_decline(plan: Plan) -> str | None:
     """Why the dense schedules cannot run this plan (None when they can)."""
-    if plan.recurrence != "dense":
-        return f"the recurrence is {plan.recurrence}, not dense (no GEMM on the state every step)"
     if not plan.gemms:
+        if plan.recurrence != "dense":
+            return f"the recurrence is {plan.recurrence}, not dense (no GEMM in the step)"
         return "no GEMM on the state every step (a reduction over the state couples its units instead)"
     why = tile_decline(plan)
     if why:
@@ -87,9 +97,14 @@ def dense_decline(plan: Plan) -> str | None:
 
 def column_decline(plan: Plan) -> str | None:
     """Why the time_loop schedule cannot run this plan (None when it can)."""
-    if plan.gemms:
+    if plan.recurrence == "dense":
         return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
-    why = tile_decline(plan)  # first: its reasons (a `: 1` state, a width) say more than the next one
+    if plan.gemms:
+        g = plan.gemms[0]
+        return (f"the output reads the per-step GEMM [{', '.join(g.params)}] @ {g.operand.name} "
+                "(no state goes through it): the column kernels hold no GEMM and do not yet split the "
+                "output from the states' recurrence; persistent and fused_step run it")
+    why = tile_decline(plan, columns=True)  # first: its reasons (a `: 1` state, a width) say more
     if why:
         return why
     if [pw.stage for pw in plan.pointwise] != [0]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import gemm
-from ..loop import TorchLoop, steps_of
+from ..loop import TorchLoop, fit_gradient, steps_of
 from .choice import ASSUMED, configure
 from .emit_columns import ColumnLayout, ScanLayout
 from .module import interpreting, load_triton_module
@@ -130,7 +130,7 @@ class ColumnLoop(TorchLoop):
         N, H = states[0].shape
         compute = compute_dtype(dtype)
         zeros = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
-        d_hoisted = [zeros(rows, w.shape[0]) for w in hoisted_w]
+        d_hoisted = [zeros(rows, gemm.rows_of(w)) for w in hoisted_w]
         d_x = {n: zeros(rows, H) for n in L.elementwise_inputs}
         # zeros: the kernel stores only the sums of what the step grades (step_parameters)
         d_vec = [torch.zeros(N, H, dtype=compute, device=dev) for _ in vectors]
@@ -144,6 +144,8 @@ class ColumnLoop(TorchLoop):
         values |= {("d_init", i): d for i, d in enumerate(d_init)}
         self._launch("time_loop_backward_kernel", c, _args(L.backward_args(), values), dtype,
                      HAS_GRAD_OUT=g_out is not None)
+        for n in L.row_inputs:  # stored per column: an input of one value per row gets their sum
+            d_x[n] = d_x[n].sum(1, keepdim=True)
         d_vectors, d_scalars = step_sums(L, d_vec, d_scal, vectors, scalars, dtype)
         return finish_backward(self, x, X, Xs, states, news, {}, steps, offsets, hoisted_w, step_w, vectors,
                                scalars, [], d_hoisted, d_x, d_vectors, d_scalars, d_init, needs_dx)
@@ -179,7 +181,7 @@ class ColumnLoop(TorchLoop):
             else:
                 grads.append(g_out if g_out is not None else torch.zeros(rows, H, dtype=dtype, device=dev))
         results = bwd(*args, *grads)
-        d_hoisted = [torch.zeros(rows, w.shape[0], dtype=dtype, device=dev) for w in hoisted_w]
+        d_hoisted = [torch.zeros(rows, gemm.rows_of(w), dtype=dtype, device=dev) for w in hoisted_w]
         d_x, d_vectors = {}, [torch.zeros_like(v) for v in vectors]
         d_scalars = [torch.zeros_like(s) for s in scalars]
         d_init = [torch.zeros(N, H, dtype=dtype, device=dev) for _ in states]
@@ -189,7 +191,8 @@ class ColumnLoop(TorchLoop):
             slot = self.where[sym.name]
             if slot.kind == "hoisted":
                 d_hoisted[slot.index][:, slot.block * H:(slot.block + 1) * H] += r
-            elif slot.kind == "input":
+            elif slot.kind == "input":  # a `: 1` input's gradient is the sum over its row
+                r = fit_gradient(r, pw.kinds[sym.name], rows, H)
                 d_x[slot.index] = r if slot.index not in d_x else d_x[slot.index] + r
             elif slot.kind == "vector":
                 d_vectors[slot.index] = d_vectors[slot.index] + r.reshape(-1, H).sum(0)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ...lang.functions import Reduction
 from ...plan import Plan, cse
 from ..printers import PYTHON_RESERVED, identifier
-from .applies import coefficients, column_decline, scan_decline
+from .applies import coefficients, column_decline, scan_decline, whole_rows
 from .emit_dense import Arg, Code, parameter_pointers, signature, step_parameters
 from .emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, Function, TritonPrinter, module_names
 from .tiles import Config, cdiv, element_bytes, pow2
@@ -53,6 +54,11 @@ class ColumnLayout:
         self.scalars = [n for n, p in ir.params.items() if p.kind == "scalar"]
         self.hoisted_of = {p: (gi, j) for gi, g in enumerate(plan.hoisted) for j, p in enumerate(g.products)}
         self.elementwise_inputs = [n for n in ir.inputs if any(s.name == n for s in self.pw.inputs)]
+        # inputs of one value per sequence (`: 1`): one load per row, broadcast over its units; their
+        # gradient is stored per column ([rows, H]) and summed over the row by the host
+        self.row_inputs = {n for n in self.elementwise_inputs if ir.width(n) == "row"}
+        self.whole_rows = whole_rows(plan)  # a mean or sum over a row: one program per batch row
+        self.reduces = {way: Function("stage0", self.pw, plan, backward=way).reduces for way in (False, True)}
         self.step_vectors, self.step_scalars = step_parameters([self.pw], self.vectors, self.scalars)
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | COLUMN_LOCALS
         taken |= set(module_names(plan))
@@ -124,6 +130,7 @@ class ScanLayout(ColumnLayout):
         self.coef = coefficients(plan)  # state -> (a, b)
         leaves = set().union(*(a.free_symbols | b.free_symbols for a, b in self.coef.values()))
         self.coef_inputs = [s for s in self.pw.inputs if s in leaves]
+        self.coef_reduces = any(e.atoms(Reduction) for pair in self.coef.values() for e in pair)
         self.coef_names = {s: (identifier("a_" + s, self.taken), identifier("b_" + s, self.taken))
                            for s in self.states}
 
@@ -139,8 +146,14 @@ class ScanLayout(ColumnLayout):
 # ---- emission ----------------------------------------------------------------------------------
 
 
-def _columns(code: Code) -> None:
+def _columns(code: Code, L: ColumnLayout) -> None:
     code(1, "pid = tl.program_id(0)")
+    if L.whole_rows:  # the step reduces over a row: this program holds all H units of batch row pid
+        code(1, "unit = tl.arange(0, BLOCK)  # BLOCK >= H: the whole row")
+        code(1, "batch = pid + unit * 0")
+        code(1, "inside = unit < H")
+        code(1, "offs = batch * H + unit")
+        return
     code(1, "offs = pid * BLOCK + tl.arange(0, BLOCK)  # columns of the flattened [N, H] state")
     code(1, "batch, unit = offs // H, offs % H")
     code(1, "inside = offs < N * H")
@@ -152,6 +165,8 @@ def _load(L: ColumnLayout, s: sp.Symbol, at: str, mask: str, unit: str = "unit")
         gi, j = L.hoisted_of[s]
         return (f"tl.load({L.ptr[('hoisted', gi)]} + {at} * {L.hoisted_rows(gi)} * H + {j} * H + {unit}, "
                 f"mask={mask}, other=0.0).to(COMPUTE)")
+    if role == "input" and s.name in L.row_inputs:  # [rows, 1]: the row's one value in each of its units
+        return f"tl.load({L.ptr[('x', s.name)]} + {at}, mask={mask}, other=0.0).to(COMPUTE)"
     if role == "input":
         return f"tl.load({L.ptr[('x', s.name)]} + {at} * H + {unit}, mask={mask}, other=0.0).to(COMPUTE)"
     if role == "vector":
@@ -172,7 +187,7 @@ def _step_header(code: Code, depth: int) -> None:
 def time_loop_forward(L: ColumnLayout) -> str:
     code, pw = Code(), L.pw
     signature(code, "time_loop_forward_kernel", L.forward_args(), ("BLOCK", "COMPUTE"))
-    _columns(code)
+    _columns(code, L)
     code(1, "# the states live in registers for all T steps")
     for i, s in enumerate(L.states):
         code(1, f"{L.carried[s]} = tl.load({L.ptr[('init', i)]} + offs, mask=inside, other=0.0).to(COMPUTE)")
@@ -191,7 +206,8 @@ def time_loop_forward(L: ColumnLayout) -> str:
             code(2, f"{L.value[s]} = {_load(L, s, 'at', 'live')}")
     f = Function("stage0", pw, L.plan, backward=False)
     outs = [L.result[pw.outputs[i][0]] for i in f.unique]
-    code(2, f"({', '.join(outs)},) = stage0_step({', '.join(L.value[s] for s in pw.inputs)})")
+    row_args = ["live", "H"] if L.reduces[False] else []  # a mean or sum over the row's live units
+    code(2, f"({', '.join(outs)},) = stage0_step({', '.join([*(L.value[s] for s in pw.inputs), *row_args])})")
     for i, (name, _) in enumerate(pw.outputs):
         value = L.result[pw.outputs[f.unique[f.slot_of[i]]][0]]
         if name.endswith("'") and name[:-1] in L.states:
@@ -212,7 +228,7 @@ def time_loop_forward(L: ColumnLayout) -> str:
 def time_loop_backward(L: ColumnLayout) -> str:
     code, pw, plan = Code(), L.pw, L.plan
     signature(code, "time_loop_backward_kernel", L.backward_args(), ("BLOCK", "COMPUTE", "HAS_GRAD_OUT"))
-    _columns(code)
+    _columns(code, L)
     code(1, "# the gradients of the states, in registers for all T steps (from the final states' gradients)")
     for i, s in enumerate(L.states):
         ptr = L.ptr[("d_final", i)]
@@ -252,8 +268,9 @@ def time_loop_backward(L: ColumnLayout) -> str:
     new_grad = {}
     if f.unique:
         uniq = [L.grad_of[pw.grad_inputs[i]] for i in f.unique]
+        row_args = ["live", "H"] if L.reduces[True] else []
         code(2, f"({', '.join(uniq)},) = stage0_step_grad("
-                f"{', '.join(L.value[s] for s in [*pw.inputs, *pw.grad_outputs])})")
+                f"{', '.join([*(L.value[s] for s in [*pw.inputs, *pw.grad_outputs]), *row_args])})")
         for i, s in enumerate(pw.grad_inputs):
             if i not in f.slot_of:
                 continue
@@ -292,10 +309,11 @@ def scan_coefficients_function(L: ScanLayout) -> str:
     taken = set(L.taken)
     for t, _ in temps:
         names[t] = identifier(t.name, taken)
-    printer = TritonPrinter(names)
+    printer = ChunkPrinter(names)
     code = Code()
     code(0, "@triton.jit")
-    code(0, f"def scan_coefficients({', '.join(L.value[s] for s in L.coef_inputs)}):")
+    row_args = ["live", "H"] if L.coef_reduces else []
+    code(0, f"def scan_coefficients({', '.join([*(L.value[s] for s in L.coef_inputs), *row_args])}):")
     pairs = ", ".join(f"{a} * {s} + {b}" for s, (a, b) in ((s, L.coef_names[s]) for s in L.states))
     code(1, f"# one step as s' = a * s + b for every state: {pairs}; (a, b) per state")
     for t, e in temps:
@@ -322,15 +340,25 @@ def _chunk_loads(code: Code, L: ScanLayout, depth: int, at: str, live: str) -> N
             code(depth, f"{L.value[s]} = {_load(L, s, at, live, 'unit[None, :]')}")
 
 
-def _coefficients_call(L: ScanLayout) -> str:
+def _coefficients_call(L: ScanLayout, live: str) -> str:
     pairs = ", ".join(f"{a}, {b}" for a, b in (L.coef_names[s] for s in L.states))
-    return f"({pairs},) = scan_coefficients({', '.join(L.value[s] for s in L.coef_inputs)})"
+    row_args = [live, "H"] if L.coef_reduces else []  # the live units a mean or sum runs over
+    return f"({pairs},) = scan_coefficients({', '.join([*(L.value[s] for s in L.coef_inputs), *row_args])})"
+
+
+class ChunkPrinter(TritonPrinter):
+    """The scan's coefficients run on [CHUNK, BLOCK] tiles whose rows are steps: a mean or sum over a
+    batch row's units is over axis 1 (the program holds whole rows), kept as [CHUNK, 1]."""
+
+    functions = {**TritonPrinter.functions,
+                 "rowsum": "tl.reduce(tl.where(live, {}, 0.0), 1, lib.add)[:, None]",
+                 "rowmean": "(tl.reduce(tl.where(live, {}, 0.0), 1, lib.add)[:, None] / H)"}
 
 
 def scan_forward(L: ScanLayout) -> str:
     code = Code()
     signature(code, "scan_forward_kernel", L.forward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
-    _columns(code)
+    _columns(code, L)
     code(1, "last_row = (tl.arange(0, CHUNK) == CHUNK - 1)[:, None]")
     code(1, "# the state entering the chunk, carried from one chunk to the next")
     for i, s in enumerate(L.states):
@@ -343,7 +371,7 @@ def scan_forward(L: ScanLayout) -> str:
     code(2, "live = in_t[:, None] & (batch[None, :] < rows_t[:, None]) & inside[None, :]  # [CHUNK, BLOCK]")
     code(2, "at = (step_offset[:, None] + batch[None, :]).to(tl.int64)")
     _chunk_loads(code, L, 2, "at", "live")
-    code(2, _coefficients_call(L))
+    code(2, _coefficients_call(L, "live"))
     for i, s in enumerate(L.states):
         a, b = L.coef_names[s]
         code(2, f"# {s}_t = A_t * {s}_(t0 - 1) + B_t: the composition of this chunk's maps up to step t")
@@ -363,7 +391,7 @@ def scan_forward(L: ScanLayout) -> str:
 def scan_backward(L: ScanLayout) -> str:
     code = Code()
     signature(code, "scan_backward_kernel", L.backward_args(), ("BLOCK", "CHUNK", "COMPUTE"))
-    _columns(code)
+    _columns(code, L)
     code(1, "first_row = (tl.arange(0, CHUNK) == 0)[:, None]")
     code(1, "# lambda_t = d loss / d s_t = a_(t+1) * lambda_(t+1) + c_t, c_t the gradient s_t gets directly")
     code(1, "# (the output's, and the final state's at a sequence's last step); chunks from the last")
@@ -384,7 +412,7 @@ def scan_backward(L: ScanLayout) -> str:
     code(2, "live_next = in_t[:, None] & (batch[None, :] < rows_t[:, None]) & inside[None, :]")
     code(2, "at_next = (step_offset[:, None] + batch[None, :]).to(tl.int64)")
     _chunk_loads(code, L, 2, "at_next", "live_next")
-    code(2, _coefficients_call(L))
+    code(2, _coefficients_call(L, "live_next"))
     for i, s in enumerate(L.states):
         a, b = L.coef_names[s]
         direct = L.ptr[("direct", i)]
@@ -406,9 +434,10 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
     """The launch of the time_loop or scan schedule at these sizes (tiles.Config)."""
     columns = N * H
     size = element_bytes(dtype)
+    rows = whole_rows(plan)  # a mean or sum over a row: one program per batch row, all H units
     if schedule == "time_loop":
-        block = min(1024, pow2(columns)) if interpret else 128
-        grid = (cdiv(columns, block),)
+        block = pow2(H) if rows else min(1024, pow2(columns)) if interpret else 128
+        grid = (N,) if rows else (cdiv(columns, block),)
         reads = sum(len(g.params) for g in plan.hoisted) + len(ColumnLayout(plan).elementwise_inputs)
         writes = len(plan.ir.states) + (plan.ir.output not in plan.ir.states)
         details = [
@@ -419,9 +448,11 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
         ]
         return Config("time_loop", True, "no column reads another: one launch per sequence, states in "
                       "registers", grid, {"BLOCK": block}, 4, details)
-    block = min(256, pow2(columns)) if interpret else 32
+    block = pow2(H) if rows else min(256, pow2(columns)) if interpret else 32
     chunk = 16 if interpret else 64
-    grid = (cdiv(columns, block),)
+    if rows:  # a [CHUNK, whole row] tile: at most 4096 numbers per state
+        chunk = max(2, min(chunk, 4096 // block))
+    grid = (N,) if rows else (cdiv(columns, block),)
     details = [
         f"{grid[0]} program(s) of {block} columns; T in chunks of {chunk} steps: tl.associative_scan of the "
         f"affine maps s -> a s + b inside a chunk ({chunk} x {block} tile), the state carried across chunks",
