@@ -185,3 +185,109 @@ def test_sin_cos_on_the_triton_interpreter(monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(a)
     torch.testing.assert_close(torch.autograd.grad((a * g).sum(), x)[0], torch.autograd.grad((b * g).sum(), x)[0])
+
+
+# --- matrix cells: rwkv6 (prev(x) token shift, shared vectors), mamba (chained projections, conv taps) --
+
+HEADS, K, V, MI = 3, 4, 5, 6  # heads != K != V != I
+MATRIX_SIZES = {"rwkv6": {"heads": HEADS, "K": K, "V": V, "R": 2, "R_d": 3},
+                "mamba": {"heads": 1, "D": 5, "N_s": 3, "R": 2, "O": 4}}
+
+
+def _matrix_ref_params(layer):
+    """The layer's parameters in the references' layout ([heads * rows, cols] per-head matrices)."""
+    p = {}
+    for stored, t in layer.named_parameters():
+        name = stored.removesuffix("_l0")
+        kind = layer.ir.kinds[name]
+        if not kind.head:
+            p[name] = t
+        elif kind.cols != "1":
+            p[name] = t.reshape(-1, t.shape[-1])
+        else:
+            p[name] = t.reshape(-1)
+    return p
+
+
+def _rwkv6_ref(p, x, s):
+    from matrix_references import ref_rwkv6
+
+    out, (S, _x_prev) = ref_rwkv6(p, x, (s[0], torch.zeros_like(x[0])), heads=HEADS)
+    return out, (S,)
+
+
+def _matrix_layer(cell, seed=0):
+    torch.manual_seed(seed)
+    return celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("steps", [1, T])
+@pytest.mark.parametrize("cell", ["rwkv6"])
+def test_matrix_zoo_matches_reference(cell, steps):
+    layer = _matrix_layer(cell)
+    x = torch.randn(steps, N, MI, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    out, finals = layer(x, state0)
+    ref = {"rwkv6": _rwkv6_ref}[cell]
+    ref_out, ref_finals = ref(_matrix_ref_params(layer), x, tuple(s[0] for s in state0))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for a, b in zip(finals, ref_finals, strict=True):
+        torch.testing.assert_close(a[0], b.reshape(a[0].shape), rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    wrt = [x, *state0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + sum((s * s).sum() for s in finals), wrt)
+    want = torch.autograd.grad((ref_out * g).sum() + sum((s * s).sum() for s in ref_finals), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", ["rwkv6"])
+def test_matrix_zoo_gradcheck(cell):
+    layer = _matrix_layer(cell, seed=1)
+    x = torch.randn(3, 2, MI, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(1, 2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
+                               requires_grad=True) for s in layer.ir.states)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def f(x, *rest):
+        states, ps = rest[:len(state0)], rest[len(state0):]
+        out, finals = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x, states))
+        return out, *finals
+
+    ps = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *state0, *ps))
+
+
+MHDR = "cell t\ninput x\nstate S : (K, V) per head\noutput o\nparam W_k, W_q : (K, x) per head\nparam W_v : (V, x) per head\n"
+
+
+@pytest.mark.parametrize(("line", "fragment", "column"), [
+    ("k = W_k @ prev(S @ (W_v @ x), 1)", "prev() in a matrix-memory cell reads a value that depends on no state", 11),
+    ("k = W_k @ prev(x, 0)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
+    ("k = W_k @ prev(x, 1.5)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
+    ("k = W_k @ prev(x, 1, 2)", "prev() takes 1 or 2 arguments", 11),
+    ("k = W_k @ prev(2)", "prev() of a constant", 11),
+], ids=["of-a-state", "zero-steps", "fraction", "arity", "constant"])
+def test_matrix_prev_errors_are_located(line, fragment, column):
+    text = MHDR + line + "\nv = W_v @ x\nq = W_q @ x\nS' = S + k @ vᵀ\no = qᵀ @ S'\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)
+        with pytest.raises(CellError) as info:
+            celldsl.compile_cell(text)
+    err = info.value
+    assert fragment in err.message, err.message
+    assert (err.line, err.column) == (7, column), str(err)
+
+
+def test_matrix_prev_shifts_within_each_sequence():
+    """prev(x, 2) reads x two steps back, 0 before; with packed sequences of different lengths too."""
+    text = ("cell t\ninput x\nstate s : 1 per head\noutput o\nparam w : x per head\n"
+            "s' = s + wᵀ @ prev(x, 2)\no = s'\n")
+    torch.manual_seed(0)
+    layer = celldsl.MatrixRecurrent(text, 3, {"heads": 2}, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, _ = layer(x)
+    shifted = torch.cat([torch.zeros_like(x[:2]), x[:-2]])
+    want = torch.cumsum(shifted @ layer.w_l0.T, 0)
+    torch.testing.assert_close(out, want)

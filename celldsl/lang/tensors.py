@@ -29,6 +29,7 @@ from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, evaluate
 
 ONE = "1"
 TRANSPOSE = "ᵀ"
+MAX_SHIFT = 64  # prev(v, k): how far back, as the elementwise language's prev(x, k)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Kind:
 @dataclass
 class Node:
     op: str  # input | state | param | const | size | eye | pointwise | matmul | transpose | sum | mean | max
-    # | min | diag
+    # | min | diag | shift (prev(v, k): args (v,), value k; v depends on no state, so it is hoisted)
     args: tuple
     kind: Kind
     loc: Loc | None
@@ -116,9 +117,16 @@ class _Builder:
         shapes = [*module.widths.values(), *(k for _, k, _ in module.params)]
         self.width_names = {w for s in shapes if isinstance(s, ast.PerHead) for w in (s.rows, s.cols)} - {ONE, None}
         self.width_names -= {n.text for n in module.inputs}
+        self.width_names |= {k.name.text for _, k, _ in module.params if isinstance(k, ast.ParamKind)
+                             and k.count is None and k.name.text not in ("scalar", "vector", "matrix")
+                             and k.name.text.isidentifier() and k.name.text not in {n.text for n in module.inputs}}
 
     def error(self, message: str, loc: Loc | None) -> None:
         raise CellError(message, self.source, loc)
+
+    def is_width(self, name: str) -> bool:
+        """A width name of the cell (K, V, R) or an input's name: `param mu : x` is a shared vector."""
+        return name in self.width_names or name in {n.text for n in self.m.inputs}
 
     def add(self, node: Node) -> int:
         self.nodes.append(node)
@@ -157,6 +165,11 @@ class _Builder:
             if group is not None:
                 self.error("parameter groups are not supported in a matrix-memory cell; declare each "
                            "parameter with its shape", group.loc)
+            if isinstance(kind, ast.ParamKind) and kind.count is None and self.is_width(kind.name.text):
+                # `param mu_x : x`: one vector shared by the heads (RWKV-6's token-shift mixes)
+                self.kinds[n.text] = Kind(kind.name.text, ONE, False)
+                self.leaf[n.text] = self.add(Node("param", (), self.kinds[n.text], n.loc, name=n.text))
+                continue
             if not isinstance(kind, ast.PerHead):
                 self.error(f"parameter '{n.text}' needs its shape in a matrix-memory cell: 'param {n.text} "
                            ": (K, I) per head' (a matrix), ': K per head' (a vector) or ': 1 per head'",
@@ -242,7 +255,41 @@ class _Builder:
             return self.call(e)
         raise AssertionError(type(e))
 
+    def depends_on_state(self, i: int) -> bool:
+        stack, seen = [i], set()
+        while stack:
+            j = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if self.nodes[j].op == "state":
+                return True
+            stack.extend(self.nodes[j].args)
+        return False
+
+    def prev(self, e: ast.Call) -> int:
+        """`prev(v)`, `prev(v, k)`: v of k steps before (0 before the first step), for a value that depends
+        on no state (the input, its projections: RWKV-6's token shift, Mamba's causal conv taps)."""
+        if len(e.args) not in (1, 2):
+            self.error(f"prev() takes 1 or 2 arguments (prev(x), prev(x, k)), got {len(e.args)}", e.loc)
+        steps = 1
+        if len(e.args) == 2:
+            k = e.args[1]
+            if not isinstance(k, ast.Num) or not k.text.isdigit() or not 1 <= int(k.text) <= MAX_SHIFT:
+                self.error(f"prev(v, k) takes a whole number of steps k from 1 to {MAX_SHIFT}",
+                           getattr(k, "loc", e.loc))
+            steps = int(k.text)
+        a = self.expr(e.args[0])
+        if self.depends_on_state(a):
+            self.error("prev() in a matrix-memory cell reads a value that depends on no state (the input or "
+                       "its projections); a state's previous value is the state itself", e.loc)
+        if self.nodes[a].op in ("const", "size", "eye"):
+            self.error("prev() of a constant: write the constant (it is the same at every step)", e.loc)
+        return self.add(Node("shift", (a,), self.nodes[a].kind, e.loc, value=steps))
+
     def call(self, e: ast.Call) -> int:
+        if e.func == "prev":
+            return self.prev(e)
         if e.func in ("max", "min") and len(e.args) == 1:  # over a value's elements; max(a, b) is elementwise
             a = self.expr(e.args[0])
             return self.add(Node(e.func, (a,), Kind(ONE, ONE, self.nodes[a].kind.head), e.loc))
@@ -260,7 +307,7 @@ class _Builder:
                 return self.pointwise(sp.sqrt, [self.add(Node("sum", (sq,), Kind(ONE, ONE, k.head), e.loc))], e.loc)
             return self.add(Node(e.func, (a,), Kind(ONE, ONE, k.head), e.loc))
         if e.func not in FUNCTIONS or e.func in REDUCTIONS:
-            known = sorted({*FUNCTIONS, "diag", "norm"} - {"layernorm"})
+            known = sorted({*FUNCTIONS, "diag", "norm", "prev"} - {"layernorm"})
             self.error(f"unknown function '{e.func}' in a matrix-memory cell (known: {', '.join(known)})", e.loc)
         arity, fn = FUNCTIONS[e.func]
         if len(e.args) != arity:

@@ -31,6 +31,15 @@ def _mm(a, b, like=None):  # a @ b on [N or 1, heads or 1, r, k] x [N or 1, head
     return a @ b if rows else torch.einsum("nhrk,nhkc->hrc", a, b)[None]
 
 
+def _shift(v, k, n, rows):  # prev(v, k): rows are step-major (t * n + sequence), so k steps is k * n rows
+    v = v.expand(rows, *v.shape[1:])
+    return torch.cat([torch.zeros_like(v[:k * n]), v[:max(rows - k * n, 0)]])[:rows]
+
+
+def _unshift(d, k, n):  # the backward of _shift: step t's gradient goes to step t - k
+    return torch.cat([d[k * n:], torch.zeros_like(d[:k * n])])[:d.shape[0]]
+
+
 def _add(g, i, d, like):
     d = _sum_to(d, like)
     g[i] = d if g[i] is None else g[i] + d
@@ -57,7 +66,7 @@ def matrix_module_source(ir: TensorIR) -> str:
                            equations=python_text(f"A matrix-memory cell; states {states}.", lines=True))
     moving = varying(ir)
     n = len(ir.nodes)
-    hoist = ["def hoist(x, params, dims):  # x [rows, I]: every step's rows at once",
+    hoist = ["def hoist(x, params, dims, n=1):  # x [rows, I]: every step's rows at once, n per step",
              "    like = dict(dtype=x.dtype, device=x.device)"]
     hoist += [f"    {line}" for line in _forward_lines(ir, [not m for m in moving], "x")]
     hoist.append(f"    return [{', '.join('None' if moving[i] else f'v{i}' for i in range(n))}]")
@@ -68,7 +77,7 @@ def matrix_module_source(ir: TensorIR) -> str:
     step.append(f"    return [{', '.join(f'v{i}' for i in range(n))}]")
     parts = [header + MATRIX_HELPERS, "\n".join(hoist), "\n".join(step),
              "\n".join(_backward_lines(ir, moving, "step_backward")),
-             "\n".join(_backward_lines(ir, [not m for m in moving], "hoist_backward"))]
+             "\n".join(_backward_lines(ir, [not m for m in moving], "hoist_backward", "n=1"))]
     return "\n\n\n".join(parts) + "\n"
 
 
@@ -108,16 +117,18 @@ def _forward_lines(ir: TensorIR, selected: list[bool], x: str | None) -> list[st
             e = f"{a[0]}.a{node.op}((-2, -1), keepdim=True)"
         elif node.op == "diag":
             e = f"torch.diag_embed({a[0]}[..., 0])"
+        elif node.op == "shift":  # only in hoist: it depends on no state
+            e = f"_shift({a[0]}, {int(node.value)}, n, x.shape[0])"
         else:
             raise AssertionError(node.op)
         lines.append(f"v{i} = {e}")
     return lines
 
 
-def _backward_lines(ir: TensorIR, selected: list[bool], name: str) -> list[str]:
+def _backward_lines(ir: TensorIR, selected: list[bool], name: str, extra: str = "") -> list[str]:
     """Reverse mode through the selected nodes: g[i] is node i's adjoint (None for zero)."""
     n = len(ir.nodes)
-    out = [f"def {name}(vals, grads):", "    g = list(grads)",
+    out = [f"def {name}(vals, grads{', ' + extra if extra else ''}):", "    g = list(grads)",
            f"    {', '.join(f'v{i}' for i in range(n))}, = vals"]
     fixed = {i for i, node in enumerate(ir.nodes) if node.op in ("const", "size", "eye")}
     for i in range(n - 1, -1, -1):
@@ -153,6 +164,9 @@ def _backward_lines(ir: TensorIR, selected: list[bool], name: str) -> list[str]:
         elif node.op == "diag":
             j = node.args[0]
             lines.append(f"_add(g, {j}, torch.diagonal(g[{i}], dim1=-2, dim2=-1)[..., None], v{j})")
+        elif node.op == "shift":
+            j = node.args[0]
+            lines.append(f"_add(g, {j}, _unshift(g[{i}], {int(node.value)}, n), v{j})")
         if lines:
             out.append(f"    if g[{i}] is not None:")
             out += [f"        {line}" for line in lines]

@@ -53,7 +53,7 @@ class MatrixLoop:
     def hoisted(self, x, p4, sizes):
         """The values that depend on no state, for every step at once (rows = T * N)."""
         dims = [sizes[w] for w in self.size_names]
-        return self.module.hoist(x.reshape(-1, x.shape[-1]), p4, dims)
+        return self.module.hoist(x.reshape(-1, x.shape[-1]), p4, dims, x.shape[1])
 
     @staticmethod
     def rows(hoisted, t: int, n: int) -> list:
@@ -121,7 +121,7 @@ class MatrixLoop:
                     if G[i] is None:
                         G[i] = torch.zeros_like(v)
                     G[i][t * N:(t + 1) * N] += adj[i]
-        adj = self.module.hoist_backward(hoisted, G)
+        adj = self.module.hoist_backward(hoisted, G, N)
         d_params = [adj[leaves[n]] if adj[leaves[n]] is not None else torch.zeros_like(p)
                     for n, p in zip(ir.params, p4, strict=True)]
         g = adj[leaves[ir.inputs[0]]]
