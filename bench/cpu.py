@@ -15,8 +15,9 @@ Tables (--tables, comma-separated):
           textbook loop and torch.compile of the textbook step (issue 9)
     long  the cells without a state GEMM (indrnn, sru: elementwise; mingru, minlstm: linear) at T=1000,
           I=64, H=128, N=1 and N=32 (issue 11)
-    step  one step: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell at N=32 and N=1, I=128,
-          H=256 (a decoder's call; no issue sets a target: it shows the fixed cost of one call)
+    step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell
+          at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
+          runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
 
 Rows: "celldsl" is the layer as the library builds it (backend auto: on CPU tensors the C kernels of
 targets/c/fused.py, the native loop or the Python loop, whichever targets/c/gemm.py measured
@@ -507,22 +508,29 @@ def long_tables(args, clock, report: Report) -> None:
 
 
 def step_tables(args, clock, report: Report) -> None:
-    """One step of a cell module (no target: see the module doc)."""
-    I, H = args.size[2:]
+    """One step of a cell module with its state in and out (no target: see the module doc)."""
+    H = args.size[3]
 
     def first(result):
         return result[0] if isinstance(result, tuple) else result  # LSTMCell: (h, c)
 
-    for name, N in (("LSTMCell", args.size[1]), ("GRUCell", args.size[1]), ("LSTMCell", 1)):
-        torch.manual_seed(0)
-        ref, ours = getattr(nn, name)(I, H), getattr(celldsl, name)(I, H)
-        ours.load_state_dict(ref.state_dict())
-        impls = [Impl(f"torch.nn.{name}", lambda x, m=ref: first(m(x)), ref.parameters(), "nn"),
-                 Impl(f"celldsl.{name}", lambda x, m=ours: first(m(x)), ours.parameters(), "celldsl")]
-        x = torch.randn(N, I)
-        measure(impls, x, args.repeats * 20, args.warmup * 20, clock, ("fwd", "fwdbwd"))
-        table(f"{name}, one step, N={N} I={I} H={H} (median of {args.repeats * 20})", impls,
-              max_diff(impls, x, impls[1]), impls[0])
+    for name in ("LSTMCell", "GRUCell"):
+        for N in (args.size[1], 1):
+            torch.manual_seed(0)
+            ref, ours = getattr(nn, name)(H, H), getattr(celldsl, name)(H, H)
+            ours.load_state_dict(ref.state_dict())
+            h = torch.randn(N, H)
+            state = (h, torch.randn(N, H)) if name == "LSTMCell" else h
+            impls = [Impl(f"torch.nn.{name}", lambda x, m=ref, s=state: first(m(x, s)), ref.parameters(), "nn"),
+                     Impl(f"celldsl.{name}", lambda x, m=ours, s=state: first(m(x, s)), ours.parameters(),
+                          "celldsl")]
+            x = torch.randn(N, H)
+            measure(impls, x, args.repeats * 20, args.warmup * 20, clock, ("fwd", "fwdbwd"))
+            table(f"{name}, one step with state in and out, N={N} I={H} H={H} (median of {args.repeats * 20})",
+                  impls, max_diff(impls, x, impls[1]), impls[0])
+            for key, what in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+                report.at_most(f"{name} step N={N}: celldsl / torch.nn, {what}",
+                               ms(impls[1], key) / ms(impls[0], key), 1.0)
 
 
 def cpu_model() -> str:
