@@ -265,7 +265,7 @@ def test_a_thousand_steps_at_the_gpu_chunk():
 
 
 LAYER_CASES = [("lstm", "persistent"), ("rnn_tanh", "fused_step"), ("sru", "time_loop"), ("mingru", "scan"),
-               ("minlstm", "auto")]
+               ("minlstm", "auto"), ("sum_step", "scan")]
 
 
 @pytest.mark.parametrize(("cell", "schedule"), LAYER_CASES, ids=[f"{c}-{s}" for c, s in LAYER_CASES])
@@ -273,6 +273,7 @@ def test_layer_schedule_two_layers_bidirectional_packed(cell, schedule):
     """`schedule=` on Recurrent: 2 layers, bidirectional (SRU: one direction), packed, float32, against
     backend="torch"."""
     torch.manual_seed(0)
+    cell = SUM_STEP if cell == "sum_step" else cell  # a mean in the step: whole-row programs (issue 26)
     square = compile_cell(cell).ir.needs_hidden_size  # SRU's x meets h: every layer's input is H wide
     I, both = (16, False) if square else (6, True)
     ref = celldsl.Recurrent(cell, I, 16, num_layers=2, bidirectional=both, backend="torch")

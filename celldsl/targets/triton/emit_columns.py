@@ -440,8 +440,10 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
         grid = (N,) if rows else (cdiv(columns, block),)
         reads = sum(len(g.params) for g in plan.hoisted) + len(ColumnLayout(plan).elementwise_inputs)
         writes = len(plan.ir.states) + (plan.ir.output not in plan.ir.states)
+        held = f"a whole batch row (H = {H} in {block} lanes: the step takes a mean or sum over it)" if rows \
+            else f"{block} (batch, hidden) columns"
         details = [
-            f"{grid[0]} program(s) of {block} (batch, hidden) columns, each looping over the {T} steps with "
+            f"{grid[0]} program(s) of {held}, each looping over the {T} steps with "
             f"the {len(plan.ir.states)} state(s) in registers; no barrier",
             f"memory per step: reads {reads}H, writes {writes}H numbers per sequence ({size}-byte "
             "storage): the floor is bandwidth",
