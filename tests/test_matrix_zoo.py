@@ -216,20 +216,32 @@ def _rwkv6_ref(p, x, s):
     return out, (S,)
 
 
+def _mamba_ref(p, x, s):
+    """The block of ref_mamba: W_in is [W_in_u; W_in_z], conv_w [D, 4] the four taps (oldest first)."""
+    from matrix_references import ref_mamba
+
+    p = dict(p)
+    p["W_in"] = torch.cat([p.pop("W_in_u"), p.pop("W_in_z")])
+    p["conv_w"] = torch.stack([p.pop(f"conv_w{j}") for j in range(4)], -1)
+    h0 = s[0].reshape(x.shape[1], *p["A_log"].shape)  # heads = 1: [N, 1, D, N_s] -> [N, D, N_s]
+    out, (h, _window) = ref_mamba(p, x, (h0, x.new_zeros(x.shape[1], p["A_log"].shape[0], 3)))
+    return out, (h,)
+
+
 def _matrix_layer(cell, seed=0):
     torch.manual_seed(seed)
     return celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("steps", [1, T])
-@pytest.mark.parametrize("cell", ["rwkv6"])
+@pytest.mark.parametrize("cell", ["rwkv6", "mamba"])
 def test_matrix_zoo_matches_reference(cell, steps):
     layer = _matrix_layer(cell)
     x = torch.randn(steps, N, MI, dtype=torch.float64, requires_grad=True)
     state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
                                requires_grad=True) for s in layer.ir.states)
     out, finals = layer(x, state0)
-    ref = {"rwkv6": _rwkv6_ref}[cell]
+    ref = {"rwkv6": _rwkv6_ref, "mamba": _mamba_ref}[cell]
     ref_out, ref_finals = ref(_matrix_ref_params(layer), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
@@ -242,7 +254,7 @@ def test_matrix_zoo_matches_reference(cell, steps):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("cell", ["rwkv6"])
+@pytest.mark.parametrize("cell", ["rwkv6", "mamba"])
 def test_matrix_zoo_gradcheck(cell):
     layer = _matrix_layer(cell, seed=1)
     x = torch.randn(3, 2, MI, dtype=torch.float64, requires_grad=True)
