@@ -22,11 +22,18 @@ C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min
 
 
 def host_nodes(ir: TensorIR) -> list[bool]:
-    """Per node: computed by torch before the loop (leaves, and products/transposes of host nodes that
-    depend on no state) rather than in the C loop."""
+    """Per node: computed by torch before the loop rather than in the C loop: the leaves, and the
+    projections (a product of host nodes, one of them free of the input: `W @ x`, `W2 @ (W1 @ x)`)
+    and their transposes. A product of two input-dependent values (`k @ vᵀ`) runs in the loop: hoisted
+    it would be a matrix per step."""
     out: list[bool] = []
+    inputs: list[bool] = []
     for node in ir.nodes:
-        out.append(node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args)))
+        inputs.append(node.op == "input" or any(inputs[j] for j in node.args))
+        host = node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args))
+        if node.op == "matmul" and all(inputs[j] for j in node.args):
+            host = False
+        out.append(host)
     return out
 
 
@@ -61,8 +68,21 @@ class _Emitter:
         self.ir, self.dims, self.dt = ir, dims, dtype
         self.t = C_TYPES[dtype]
         self.host = host_nodes(ir)
-        self.c_nodes = [i for i in range(len(ir.nodes)) if not self.host[i]]
+        self.diag = self.scaling_diags()
+        self.c_nodes = [i for i in range(len(ir.nodes)) if not self.host[i] and i not in self.diag]
         self.state_node = {n.name: i for i, n in enumerate(ir.nodes) if n.op == "state"}
+
+    def scaling_diags(self) -> set[int]:
+        """diag(a) nodes only ever multiplied with a non-diagonal matrix: never built, the product
+        scales rows (diag(a) @ S) or columns (S @ diag(a)) instead of a K x K x V product."""
+        ir = self.ir
+        diags = {i for i, n in enumerate(ir.nodes) if n.op == "diag" and not self.host[i]}
+        for n in ir.nodes:
+            for j in n.args:
+                if j in diags and (n.op != "matmul" or any(ir.nodes[a].op == "diag" for a in n.args if a != j)
+                                   or n.args[0] == n.args[1]):
+                    diags.discard(j)
+        return diags - {ir.output_node, *ir.new_state.values()}
 
     def shape(self, i: int) -> tuple[int, int]:
         k = self.ir.nodes[i].kind
@@ -133,6 +153,14 @@ class _Emitter:
         j0, j1 = self.ir.nodes[i].args
         r, m = self.shape(j0)
         _, c = self.shape(j1)
+        if j0 in self.diag:  # diag(d) @ B: B's rows scaled
+            d = self.ref(self.ir.nodes[j0].args[0])
+            return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
+                    f"{out}[a * {c} + b] = {d}[a] * {a[1]}[a * {c} + b];"]
+        if j1 in self.diag:  # A @ diag(d): A's columns scaled
+            d = self.ref(self.ir.nodes[j1].args[0])
+            return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
+                    f"{out}[a * {c} + b] = {a[0]}[a * {c} + b] * {d}[b];"]
         if c == 1:  # a matrix times a vector: dot products along the contiguous rows
             return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; for (int q = 0; q < {m}; ++q) "
                     f"acc += {a[0]}[a * {m} + q] * {a[1]}[q]; {out}[a] = acc; }}"]
@@ -170,11 +198,13 @@ class _Emitter:
                 j0, j1 = node.args
                 rr, m = self.shape(j0)
                 d0, d1 = self.gref(j0), self.gref(j1)
-                if d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
+                if j0 in self.diag or j1 in self.diag:
+                    body += self.diag_backward(node, g)
+                elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ {t} acc = 0; "
                                 f"for (int b = 0; b < {c}; ++b) acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
                                 f"{d0}[a * {m} + q] += acc; }}")
-                if d1:  # dB[q, b] += sum_a A[a, q] dC[a, b]
+                if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                                 f"const {t} w = {a[0]}[a * {m} + q]; "
                                 f"for (int b = 0; b < {c}; ++b) {d1}[q * {c} + b] += w * {g}[a * {c} + b]; }}")
@@ -201,6 +231,24 @@ class _Emitter:
             lines += [f"    {b}" for b in body]
         lines.append("}")
         return "\n".join(lines)
+
+    def diag_backward(self, node, g: str) -> list[str]:
+        """diag(d) @ B: dd[a] += sum_b dC[a, b] B[a, b], dB[a, b] += d[a] dC[a, b]; A @ diag(d) alike."""
+        j0, j1 = node.args
+        left = j0 in self.diag
+        dn, other = (j0, j1) if left else (j1, j0)
+        d, gd = self.ref(self.ir.nodes[dn].args[0]), self.gref(self.ir.nodes[dn].args[0])
+        o, go = self.ref(other), self.gref(other)
+        r, c = self.shape(other)
+        at = "a" if left else "b"
+        out = []
+        if gd:
+            out.append(f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
+                       f"{gd}[{at}] += {g}[a * {c} + b] * {o}[a * {c} + b];")
+        if go:
+            out.append(f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
+                       f"{go}[a * {c} + b] += {d}[{at}] * {g}[a * {c} + b];")
+        return out
 
     # ---- the loops -----------------------------------------------------------------------
 
