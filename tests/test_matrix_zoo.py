@@ -303,3 +303,41 @@ def test_matrix_prev_shifts_within_each_sequence():
     shifted = torch.cat([torch.zeros_like(x[:2]), x[:-2]])
     want = torch.cumsum(shifted @ layer.w_l0.T, 0)
     torch.testing.assert_close(out, want)
+
+
+def test_recurrent_runs_matrix_cells():
+    """celldsl.Recurrent(matrix cell, input_size, hidden_size, sizes=...) is the cell's MatrixRecurrent: the
+    same parameters and numbers; widths not given are hidden_size / heads (heads defaults to 1)."""
+    torch.manual_seed(0)
+    a = celldsl.Recurrent("mlstm", 6, 12, sizes={"heads": 3, "K": 2}, dtype=torch.float64)
+    torch.manual_seed(0)
+    b = celldsl.MatrixRecurrent("mlstm", 6, {"heads": 3, "K": 2, "V": 4}, dtype=torch.float64)
+    assert isinstance(a, celldsl.MatrixRecurrent) and a.hidden_size == 12
+    x = torch.randn(4, 2, 6, dtype=torch.float64)
+    torch.testing.assert_close(a(x)[0], b(x)[0], rtol=0, atol=0)
+    c = celldsl.Recurrent(cell="gla", input_size=6, hidden_size=8, num_layers=2, batch_first=True)
+    assert c.layer_sizes[0] == {"heads": 1, "K": 8, "R": 8, "V": 8, "x": 6} and c(torch.randn(2, 3, 6))[0].shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"sizes": {"heads": 3, "V": 2}}, "its output is heads x its width = 6 wide with these sizes, but hidden_size is 12"),
+    ({"dropout": 0.5}, "does not take dropout= yet"),
+    ({"sizes": {"Q": 3}}, "unknown: Q"),
+    ({"sizes": {"heads": 5}}, "must be a positive int that divides hidden_size 12"),
+], ids=["hidden-size", "dropout", "unknown-size", "heads"])
+def test_recurrent_matrix_cell_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        celldsl.Recurrent("mlstm", 6, 12, **kwargs)
+
+
+def test_labs_train_a_matrix_cell(tmp_path):
+    """The labs build their layer with celldsl.Recurrent(cell path, ...): a matrix cell trains (MQAR)."""
+    import json
+
+    from celldsl.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["train", "mqar", "--cell", "cells/matrix/mlstm.cell", "--steps", "3", "--hidden", "8",
+                 "--batch", "4", "--eval-every", "3", "--out", str(out), "--no-pictures", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test_acc" in json.dumps(metrics)

@@ -48,10 +48,13 @@ def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
 def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == resources.zoo_names() and len(names) == 31
+    matrix = sorted(p.stem for p in (resources.ZOO / "matrix").glob("*.cell"))  # issue 26's zoo, after
+    assert names == resources.zoo_names() + matrix and len(names) == 31 + 10
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 31
+    assert len(lines) == 41
+    assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state: torch backend only] mLSTM")
+    assert "[matrix" not in lines[names.index("lru")]  # an elementwise cell: every backend
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
 

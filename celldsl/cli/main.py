@@ -84,18 +84,20 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line."""
+    """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line; then
+    cells/matrix/'s (issue 26's zoo), those with matrix states marked: only the torch backend runs them."""
     from ..lang.syntax import parse
+    from ..lang.tensors import is_matrix_cell
 
-    names = zoo_names()
-    width = max(len(n) for n in names)
-    for name in names:
+    paths = [ZOO / f"{name}.cell" for name in zoo_names()] + sorted((ZOO / "matrix").glob("*.cell"))
+    width = max(len(p.stem) for p in paths)
+    for path in paths:
         if args.names:
-            print(name)
+            print(path.stem)
             continue
-        path = ZOO / f"{name}.cell"
-        doc = parse(path.read_text(encoding="utf-8"), str(path)).doc or ""
-        print(f"{name:{width}s}  {doc}")
+        module = parse(path.read_text(encoding="utf-8"), str(path))
+        mark = "[matrix state: torch backend only] " if is_matrix_cell(module) else ""
+        print(f"{path.stem:{width}s}  {mark}{module.doc or ''}")
     return 0
 
 

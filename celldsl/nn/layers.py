@@ -23,6 +23,7 @@ from .arguments import (
     extra_input_sizes,
 )
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .matrix import matrix_recurrent
 from .parameters import initialize, stores_of
 from .stack import RecurrentStack
 from .torch_layers import GRU, LSTM, RNN
@@ -75,6 +76,20 @@ class Recurrent(RecurrentStack, nn.Module):
         >>> layer = Recurrent("mut1", 64, 64)
         >>> out, h = layer(torch.randn(10, 3, 64))
     """
+
+    def __new__(cls, *args, **kwargs):
+        """Recurrent(matrix-memory cell, ...) is that cell's MatrixRecurrent (nn/matrix.py): one API for
+        both kinds of cells; its sizes ("heads", K, V) come from sizes=, the rest from hidden_size."""
+        if cls is Recurrent and (args or "cell" in kwargs):
+            cell = args[0] if args else kwargs["cell"]
+            compiled = compile_cell(cell)
+            if getattr(compiled, "plan", None) is None:
+                rest = dict(zip(("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                                 "bidirectional", "backend", "device", "dtype", "input_sizes", "sizes",
+                                 "schedule"), args[1:], strict=False))
+                rest.update({k: v for k, v in kwargs.items() if k != "cell"})
+                return matrix_recurrent(compiled, **rest)
+        return super().__new__(cls)
 
     def __init__(
         self,

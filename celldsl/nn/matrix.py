@@ -114,3 +114,44 @@ def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:
     t = torch.arange(T)[:, None]
     index = torch.where(t < lengths[None, :], lengths[None, :] - 1 - t, t).to(x.device)
     return x.gather(0, index[..., None].expand_as(x))
+
+
+def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
+    """The sizes of a matrix-memory cell built by celldsl.Recurrent(cell, input_size, hidden_size): what
+    `sizes` gives ("heads", K, V, ...); "heads" defaults to 1 and every other width to hidden_size /
+    heads, so the output (heads x its width) is hidden_size wide unless `sizes` says otherwise."""
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - {"heads", *ir.widths})
+    if unknown:
+        raise ValueError(f"cell {ir.name!r} has the sizes heads, {', '.join(ir.widths) or '(no widths)'}; "
+                         f"unknown: {', '.join(unknown)}")
+    heads = sizes.setdefault("heads", 1)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or hidden_size % heads:
+        raise ValueError(f"sizes['heads'] must be a positive int that divides hidden_size {hidden_size}, got {heads!r}")
+    for w in ir.widths:
+        sizes.setdefault(w, hidden_size // heads)
+    return sizes
+
+
+def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int = 1, bias: bool = True,
+                     batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                     backend: str = "auto", device=None, dtype=None, input_sizes=None, sizes=None,
+                     schedule=None) -> MatrixRecurrent:
+    """celldsl.Recurrent for a matrix-memory cell: a MatrixRecurrent whose output is hidden_size wide
+    (checked); the arguments a matrix layer does not have yet are refused, not ignored."""
+    compiled = compile_cell(cell)
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+    refused = {"bias": bias is not True, "dropout": dropout != 0, "input_sizes": bool(input_sizes),
+               "schedule": schedule is not None}
+    for name, bad in refused.items():
+        if bad:
+            raise ValueError(f"cell {compiled.name!r} has matrix states; its layer does not take {name}= yet")
+    layer = MatrixRecurrent(compiled, input_size, matrix_sizes(compiled.ir, hidden_size, sizes),
+                            num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
+                            backend=backend, device=device, dtype=dtype)
+    if layer.output_size != hidden_size:
+        raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {layer.output_size} wide with "
+                         f"these sizes, but hidden_size is {hidden_size}; give hidden_size={layer.output_size}")
+    layer.hidden_size = hidden_size
+    return layer
