@@ -18,6 +18,10 @@ Tables (--tables, comma-separated):
     step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell
           at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
           runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
+    matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/matrix/) at T=1024
+          (--matrix-T), N=8, 4 heads, K=V=64, I=256: celldsl.MatrixRecurrent on backend="cpu" (the
+          fused C loop, targets/c/matrix_loop.py) vs the textbook einsum loop of
+          tests/matrix_references.py (autograd) and torch.compile of that loop's step (issue 26)
 
 Rows: "celldsl" is the layer as the library builds it (backend auto: on CPU tensors the C kernels of
 targets/c/fused.py, the native loop or the Python loop, whichever targets/c/gemm.py measured
@@ -60,7 +64,9 @@ import reference_cells  # noqa: E402
 import celldsl  # noqa: E402
 from celldsl.compiler import ZOO  # noqa: E402
 
-TABLES = ("nn", "zoo", "long", "step")
+TABLES = ("nn", "zoo", "long", "step", "matrix")
+DEFAULT_TABLES = ("nn", "zoo", "long", "step")  # matrix: named explicitly (it compiles three T=1 loops)
+MATRIX_CELLS = ("mlstm", "gla", "deltanet")
 LONG_CELLS = ("indrnn", "sru", "mingru", "minlstm")
 
 
@@ -533,6 +539,75 @@ def step_tables(args, clock, report: Report) -> None:
                                ms(impls[1], key) / ms(impls[0], key), 1.0)
 
 
+def matrix_reference(cell: str, heads: int):
+    """The textbook einsum loop of tests/matrix_references.py: (p, x, state) -> (out, state)."""
+    import matrix_references as mr
+
+    return {"mlstm": lambda p, x, s: mr.ref_mlstm(p, x, s, heads=heads, stabilized=True),
+            "gla": lambda p, x, s: mr.ref_gla(p, x, s, heads=heads),
+            "deltanet": lambda p, x, s: mr.ref_deltanet(p, x, s, heads=heads)}[cell]
+
+
+def reference_params(layer) -> dict[str, torch.Tensor]:
+    """A MatrixRecurrent's parameters in the references' layout ([heads * rows, I], head-major)."""
+    p = {}
+    for stored, t in layer.named_parameters():
+        name = stored.removesuffix("_l0")
+        kind = layer.ir.kinds[name]
+        if not kind.head or (kind.rows in ("1", "x") and kind.cols == "1"):
+            p[name] = t
+        else:
+            p[name] = t.reshape(-1, t.shape[-1]) if kind.cols != "1" else t.reshape(-1)
+    return p
+
+
+class CompiledSteps:
+    """The reference loop one step at a time, the step (the reference at T = 1) through torch.compile:
+    the textbook step compiled, the loop in Python as the textbook's."""
+
+    def __init__(self, ref, p):
+        self.ref, self.p = ref, p
+        self.step = torch.compile(ref, dynamic=False)
+
+    def __call__(self, x):
+        out, state = self.ref(self.p, x[:1], None)  # the zero state, as the reference makes it
+        outs = [out]
+        for t in range(1, x.shape[0]):
+            out, state = self.step(self.p, x[t:t + 1], state)
+            outs.append(out)
+        return torch.cat(outs)
+
+
+def matrix_tables(args, clock, report: Report) -> None:
+    from celldsl.nn.matrix import MatrixRecurrent
+
+    T, N, heads, K, I = args.matrix
+    sizes = {"heads": heads, "K": K, "V": K, "R": 16}
+    text = f"T={T} N={N} heads={heads} K=V={K} I={I}"
+    for cell in MATRIX_CELLS:
+        torch.manual_seed(0)
+        layer = MatrixRecurrent(str(ROOT / "cells" / "matrix" / f"{cell}.cell"), I, sizes, backend="cpu")
+        ref, p = matrix_reference(cell, heads), reference_params(layer)
+        impls = [Impl(f"celldsl {cell}.cell, backend cpu (fused C loop)", lambda x, m=layer: m(x)[0],
+                      layer.parameters(), "celldsl"),
+                 Impl("textbook einsum loop, tests/matrix_references.py (autograd)",
+                      lambda x, r=ref, p=p: r(p, x, None)[0], layer.parameters(), "textbook")]
+        if args.compile:
+            try:
+                steps = CompiledSteps(ref, p)
+                steps(torch.randn(2, N, I)).sum().backward()  # compile now, outside the timings
+                impls.append(Impl("torch.compile of the textbook step", steps, layer.parameters(), "compiled"))
+            except Exception as exc:  # noqa: BLE001 - say why the row is missing, keep the others
+                print(f"\n(torch.compile does not run here: {type(exc).__name__}: {str(exc)[:200]})")
+        x = torch.randn(T, N, I)
+        measure(impls, x, args.repeats, args.warmup, clock, ("fwd", "fwdbwd"))
+        ours = impls[0]
+        table(f"{cell} (matrix memory), {text}", impls, max_diff(impls, x, ours), ours)
+        for impl, target in ((impls[1], 3.0), *(((impls[2], 2.0),) if len(impls) > 2 else ())):
+            report.at_least(f"{cell}: {impl.label} / celldsl cpu, forward+backward",
+                            ms(impl, "fwdbwd") / ms(ours, "fwdbwd"), target)
+
+
 def cpu_model() -> str:
     """The CPU as /proc/cpuinfo names it, with its vector extensions (the GEMMs' choice depends on them)."""
     info: dict[str, str] = {}
@@ -552,7 +627,9 @@ def cpu_model() -> str:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {TABLES}")
+    ap.add_argument("--tables", default=",".join(DEFAULT_TABLES),
+                    help=f"comma-separated subset of {TABLES} (default: {','.join(DEFAULT_TABLES)})")
+    ap.add_argument("--matrix-T", type=int, default=1024, help="matrix table: the sequence length")
     ap.add_argument("--cells", default="", help="zoo table: comma-separated cells (default: every zoo cell)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -576,8 +653,10 @@ def parse_args(argv):
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1 (CPU time adds up the threads)")
     args.size, args.big, args.long = (100, 32, 128, 256), (100, 128, 512, 512), (1000, 64, 128)
+    args.matrix = (args.matrix_T, 8, 4, 64, 256)  # T, N, heads, K = V, I
     if args.smoke:
         args.size, args.big, args.long = (3, 2, 4, 4), (3, 3, 5, 5), (4, 3, 4)
+        args.matrix = (3, 2, 2, 3, 4)
         args.repeats, args.warmup, args.compile = 1, 0, False
     return args
 
@@ -595,7 +674,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, float32; {args.clock} clock, median of {args.repeats} "
           f"interleaved runs after {args.warmup} warm-up runs")
     report = Report()
-    for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables), ("step", step_tables)):
+    for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables), ("step", step_tables),
+                      ("matrix", matrix_tables)):
         if name in args.tables:
             run(args, clock, report)
     end = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

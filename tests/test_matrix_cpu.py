@@ -257,3 +257,20 @@ def test_random_cells_cpu_matches_torch(tmp_path, update, readout, feature, norm
     for a, b in zip(grads(out, finals, [x, *cpu.parameters()], g),
                     grads(out_t, finals_t, [x, *ref.parameters()], g), strict=True):
         close(a, b, 1e-9)
+
+
+def test_bench_matrix_table_smoke(capsys):
+    """bench/cpu.py's matrix table at tiny sizes: every row runs and computes the same outputs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_matrix", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--tables", "matrix"]) == 0
+    text = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| implementation |")]
+    assert [r[0].split(".cell")[0] for r in rows[::2]] == ["celldsl mlstm", "celldsl gla", "celldsl deltanet"]
+    assert all(float(r[-1]) < 1e-5 for r in rows)
