@@ -16,6 +16,7 @@ import sympy as sp
 from ...lang.tensors import ONE, TensorIR
 from .emit import C_TYPES, CPrinter, helper_functions
 
+SIMD_SUM = '_Pragma("omp simd reduction(+:acc)") '  # a sum vectorised (-fopenmp-simd)
 FIXED = ("const", "size", "eye")  # host nodes without a gradient
 LEAVES = ("input", "param", *FIXED)
 C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
@@ -137,7 +138,7 @@ class _Emitter:
             elif node.op in ("sum", "mean"):
                 n = self.size(node.args[0])
                 div = f" / ({t}){n}" if node.op == "mean" else ""
-                lines.append(f"    {{ {t} acc = 0; for (int e = 0; e < {n}; ++e) acc += {a[0]}[e]; "
+                lines.append(f"    {{ {t} acc = 0; {SIMD_SUM}for (int e = 0; e < {n}; ++e) acc += {a[0]}[e]; "
                              f"{out}[0] = acc{div}; }}")
             elif node.op in ("max", "min"):
                 n, cmp = self.size(node.args[0]), ">" if node.op == "max" else "<"
@@ -162,7 +163,7 @@ class _Emitter:
             return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
                     f"{out}[a * {c} + b] = {a[0]}[a * {c} + b] * {d}[b];"]
         if c == 1:  # a matrix times a vector: dot products along the contiguous rows
-            return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; for (int q = 0; q < {m}; ++q) "
+            return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; {SIMD_SUM}for (int q = 0; q < {m}; ++q) "
                     f"acc += {a[0]}[a * {m} + q] * {a[1]}[q]; {out}[a] = acc; }}"]
         return [f"    memset({out}, 0, sizeof({out}));",
                 f"    for (int a = 0; a < {r}; ++a) for (int q = 0; q < {m}; ++q) {{ "
@@ -190,7 +191,7 @@ class _Emitter:
                         continue
                     d = self.printer(node, S).doprint(node.grads[k])
                     if self.size(j) == 1 and S > 1:
-                        body.append(f"{{ {t} acc = 0; for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
+                        body.append(f"{{ {t} acc = 0; {SIMD_SUM}for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
                                     f"{dj}[0] += acc; }}")
                     else:
                         body.append(f"for (int e = 0; e < {S}; ++e) {dj}[e] += {g}[e] * ({d});")
@@ -201,7 +202,7 @@ class _Emitter:
                 if j0 in self.diag or j1 in self.diag:
                     body += self.diag_backward(node, g)
                 elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
-                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ {t} acc = 0; "
+                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ {t} acc = 0; {SIMD_SUM}"
                                 f"for (int b = 0; b < {c}; ++b) acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
                                 f"{d0}[a * {m} + q] += acc; }}")
                 if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
