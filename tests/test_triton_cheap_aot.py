@@ -43,3 +43,31 @@ def test_cheap_column_kernels_compile_for_sm90(H):
     for b in built:
         assert b.target == "cuda:90" and b.ptx_bytes > 0 and b.cubin_bytes > 0, b.line()
         assert b.registers is not None and 0 < b.registers <= 255 and b.local == 0, b.line()
+
+
+PROJECTED = """
+cell projected
+input x
+state h
+output y
+param W, U, V, b
+a = sigmoid(U @ x + b)
+h' = a * h + (1 - a) * (W @ x - mean(W @ x))
+y = tanh(V @ h')
+"""
+
+
+def test_output_projection_column_kernels_compile_for_sm90():
+    """An output projection: the column kernels of the states' plan (with their direct gradients) and
+    the states' pointwise kernels the scan's backward runs over all steps."""
+    why = declines(compile_cell(PROJECTED).plan)
+    assert why["time_loop"] is None and why["scan"] is None, why
+    states = ["stage_states0_forward_kernel", "stage_states0_backward_kernel"]
+    built = aot_compile(PROJECTED, [("cuda", 90)], "float32", kernels=states)
+    built += [b for b in aot_compile(PROJECTED, [("cuda", 90)], "float32", sizes={"N": 16, "H": 256, "T": 64})
+              if b.schedule in ("time_loop", "scan")]
+    wanted = [*states, "time_loop_forward_kernel", "time_loop_backward_kernel", "scan_forward_kernel",
+              "scan_backward_kernel"]
+    assert sorted(b.kernel for b in built) == sorted(wanted)
+    for b in built:
+        assert b.ptx_bytes > 0 and b.cubin_bytes > 0 and b.registers is not None and b.local == 0, b.line()

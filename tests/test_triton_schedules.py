@@ -265,7 +265,7 @@ def test_a_thousand_steps_at_the_gpu_chunk():
 
 
 LAYER_CASES = [("lstm", "persistent"), ("rnn_tanh", "fused_step"), ("sru", "time_loop"), ("mingru", "scan"),
-               ("minlstm", "auto"), ("sum_step", "scan")]
+               ("minlstm", "auto"), ("sum_step", "scan"), ("output_projection", "time_loop")]
 
 
 @pytest.mark.parametrize(("cell", "schedule"), LAYER_CASES, ids=[f"{c}-{s}" for c, s in LAYER_CASES])
@@ -273,7 +273,8 @@ def test_layer_schedule_two_layers_bidirectional_packed(cell, schedule):
     """`schedule=` on Recurrent: 2 layers, bidirectional (SRU: one direction), packed, float32, against
     backend="torch"."""
     torch.manual_seed(0)
-    cell = SUM_STEP if cell == "sum_step" else cell  # a mean in the step: whole-row programs (issue 26)
+    # issue 26: a mean in the step (whole-row programs), an output projection (the states' kernels first)
+    cell = {"sum_step": SUM_STEP, "output_projection": OUTPUT_PROJECTION}.get(cell, cell)
     square = compile_cell(cell).ir.needs_hidden_size  # SRU's x meets h: every layer's input is H wide
     I, both = (16, False) if square else (6, True)
     ref = celldsl.Recurrent(cell, I, 16, num_layers=2, bidirectional=both, backend="torch")
@@ -604,23 +605,85 @@ h' = a * h + (1 - a) * tanh(W @ x)
 y = tanh(V @ h')
 """
 
+# two states, two output GEMMs (one on a product of a new and an old state), an input projection both the
+# states and the output read
+OUTPUT_PROJECTION_2 = """
+cell output_projection2
+input x
+state h, c
+output y
+param W, U, V, R, b
+param k : scalar
+a = sigmoid(U @ x + b)
+c' = a * c + (1 - a) * tanh(W @ x)
+h' = 0.9 * h + k * (W @ x)
+y = tanh(V @ (c' * h) + R @ h') * (U @ x)
+"""
 
-def test_an_output_projection_is_not_a_gemm_on_the_state(capsys, tmp_path):
-    """y = V @ h' is the only per-step GEMM: the recurrence is linear (explain says the GEMM is an output
-    projection, not 'a GEMM on the state every step'); the dense schedules still run it (checked
-    against the torch loop); the column schedules refuse it with that reason (docs/triton.md)."""
+# elementwise, a mean in the step (whole-row programs) and an output reading the old state too
+OUTPUT_PROJECTION_MEAN = """
+cell output_projection_mean
+input x
+state h
+output y
+param W, V, v
+h' = tanh(h + W @ x - mean(W @ x))
+y = V @ (h' * v) + h
+"""
+
+PROJECTED = {"output_projection": OUTPUT_PROJECTION, "output_projection2": OUTPUT_PROJECTION_2,
+             "output_projection_mean": OUTPUT_PROJECTION_MEAN}
+PROJECTED_PAIRS = [(c, s) for c in PROJECTED for s in ("time_loop", "scan")
+                   if (c, s) != ("output_projection_mean", "scan")]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(("cell", "schedule"), PROJECTED_PAIRS, ids=[f"{c}-{s}" for c, s in PROJECTED_PAIRS])
+def test_an_output_projection_keeps_the_column_schedules(cell, schedule, packed):
+    """A per-step GEMM only the output reads: the states' plan runs in the column kernels, then the output
+    of every step at once from the previous states; the output's gradient of each previous state enters
+    the states' backward kernels as a direct gradient. Forward, final states, saved tensors (the torch
+    loop's) and every gradient against the torch loop in float64, T = 6 across two scan chunks."""
+    text = PROJECTED[cell]
+    plan = compile_cell(text).plan
+    assert plan.gemms and plan.recurrence != "dense"
+    assert declines(plan)[schedule] is None, declines(plan)
+    assert_same(run_both(text, schedule, 17, 3, 6, torch.float64, packed=packed, chunk=4), atol=1e-10,
+                rtol=1e-9)
+
+
+def test_an_output_projection_of_an_input_the_states_do_not_read_is_refused():
+    text = OUTPUT_PROJECTION.replace("param W, U, V, b", "param W, U, V, b, Z").replace(
+        "y = tanh(V @ h')", "y = tanh(V @ h' + Z @ x)")
+    why = declines(compile_cell(text).plan)
+    assert why["persistent"] is None
+    for s in ("time_loop", "scan"):
+        assert "the output reads an input projection the states do not" in why[s], why
+        with pytest.raises(ValueError, match="the output reads an input projection the states do not"):
+            celldsl.Recurrent(text, 4, 4, backend="triton", schedule=s)
+
+
+@pytest.mark.parametrize("schedule", ["time_loop", "scan"])
+def test_output_projection_gradcheck_through_the_layer(schedule):
+    torch.manual_seed(0)
+    m = celldsl.Recurrent(OUTPUT_PROJECTION_2, 4, 3, backend="triton", schedule=schedule, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    states = tuple((0.5 * torch.randn(1, 2, 3, dtype=torch.float64)).requires_grad_() for _ in range(2))
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+
+    def f(x, h0, c0, *ps):
+        out, final = torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x, (h0, c0)))
+        return (out, *final)
+
+    assert torch.autograd.gradcheck(f, (x, *states, *params), fast_mode=True)
+
+
+def test_explain_calls_an_output_projection_no_gemm_on_the_state(capsys, tmp_path):
+    """y = V @ h' is the only per-step GEMM: the recurrence is linear, and explain names the GEMM as an
+    output projection (it once said 'dense: a GEMM on the state every step'); every schedule applies."""
     from celldsl.cli.main import main
 
-    plan = compile_cell(OUTPUT_PROJECTION).plan
-    assert plan.recurrence == "linear"
-    why = declines(plan)
-    assert why["persistent"] is None and why["fused_step"] is None
-    for s in ("time_loop", "scan"):
-        assert "the output reads the per-step GEMM [V]" in why[s]
-        with pytest.raises(ValueError, match=re.escape("the output reads the per-step GEMM [V]")):
-            celldsl.Recurrent(OUTPUT_PROJECTION, 4, 4, backend="triton", schedule=s)
-    assert_same(run_both(OUTPUT_PROJECTION, "persistent", 5, 3, 4, torch.float64, packed=True), atol=1e-10,
-                rtol=1e-9)
     path = tmp_path / "output_projection.cell"
     path.write_text(OUTPUT_PROJECTION)
     assert main(["explain", str(path)]) == 0
@@ -628,6 +691,12 @@ def test_an_output_projection_is_not_a_gemm_on_the_state(capsys, tmp_path):
     line = next(s for s in out.splitlines() if s.startswith("recurrence:"))
     assert "dense" not in line and "a GEMM on the state every step" not in line
     assert line.startswith("recurrence: linear in the state") and "[V] is an output projection" in line
+    for s in ("persistent", "fused_step", "time_loop ", "scan      "):
+        assert f"{s} applies" in out, s
+    # its per-step GEMM leaves the loop on the column schedules (one GEMM over all steps): the choice
+    assert choose(compile_cell(OUTPUT_PROJECTION).plan, 16, 768, 1024, "bfloat16", ASSUMED)[0] == "scan"
+    assert_same(run_both(OUTPUT_PROJECTION, "persistent", 5, 3, 4, torch.float64, packed=True), atol=1e-10,
+                rtol=1e-9)
 
 
 def test_explain_says_a_coupled_linear_recurrence_has_no_scan(capsys, tmp_path):

@@ -99,11 +99,9 @@ def column_decline(plan: Plan) -> str | None:
     """Why the time_loop schedule cannot run this plan (None when it can)."""
     if plan.recurrence == "dense":
         return "the state goes through a GEMM every step (a dense recurrence): no column is independent"
-    if plan.gemms:
-        g = plan.gemms[0]
-        return (f"the output reads the per-step GEMM [{', '.join(g.params)}] @ {g.operand.name} "
-                "(no state goes through it): the column kernels hold no GEMM and do not yet split the "
-                "output from the states' recurrence; persistent and fused_step run it")
+    if plan.gemms:  # an output projection: the kernels run the states' plan, the output follows
+        states, why = states_plan(plan)
+        return why if states is None else column_decline(states)
     why = tile_decline(plan, columns=True)  # first: its reasons (a `: 1` state, a width) say more
     if why:
         return why
@@ -121,6 +119,8 @@ def scan_decline(plan: Plan) -> str | None:
     why = column_decline(plan)
     if why:
         return why
+    if plan.gemms:
+        plan = states_plan(plan)[0]
     if plan.recurrence != "linear":
         return f"the recurrence is {plan.recurrence}, not linear in the state"
     try:
@@ -128,6 +128,45 @@ def scan_decline(plan: Plan) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+_STATES_PLANS: dict[int, tuple[Plan, Plan | None, str | None]] = {}
+
+
+def states_plan(plan: Plan) -> tuple[Plan | None, str | None]:
+    """For a plan whose per-step GEMMs only the output reads (an output projection): the plan of the
+    states' recurrence alone (the same IR with the first state as its output), whose pointwise
+    functions are named stage0_states... so they sit beside the plan's own in one module; or None and
+    why the column schedules cannot split it. The column loop runs this plan's kernels, then the
+    output of every step at once from the previous states (columns.py)."""
+    import dataclasses
+
+    from ...plan import build_plan
+
+    key = id(plan)
+    if key in _STATES_PLANS and _STATES_PLANS[key][0] is plan:
+        return _STATES_PLANS[key][1:]
+    ir = plan.ir
+    g = plan.gemms[0]
+    lead = (f"the output reads the per-step GEMM [{', '.join(g.params)}] @ {g.operand.name} (no state "
+            "goes through it)")
+    states, why = None, None
+    if ir.shifted:
+        why = f"{lead} and the step reads earlier inputs (prev): the output is not split from the states"
+    else:
+        first = ir.states[0]
+        states = build_plan(dataclasses.replace(ir, output=first, output_expr=ir.new_states[first]))
+        if [(h.params, h.operand, h.heads) for h in states.hoisted] != \
+                [(h.params, h.operand, h.heads) for h in plan.hoisted]:
+            states, why = None, (f"{lead} and the output reads an input projection the states do not: "
+                                 "the output is not split from the states")
+        else:
+            for pw in states.hoist_pointwise:
+                pw.name = "hoist_states" + pw.name[len("hoist"):]
+            for pw in states.pointwise:
+                pw.name = pw.name.replace("stage", "stage_states", 1)
+    _STATES_PLANS[key] = (plan, states, why)
+    return states, why
 
 
 def coefficients(plan: Plan) -> dict[str, tuple[sp.Expr, sp.Expr]]:
@@ -174,6 +213,8 @@ def dense_kernel_names(plan: Plan) -> list[str]:
 
 def column_kernel_names(plan: Plan) -> list[str]:
     names = []
+    if plan.gemms and not column_decline(plan):  # an output projection: the states' plan's kernels
+        return column_kernel_names(states_plan(plan)[0])
     if not column_decline(plan):
         names += ["time_loop_forward_kernel", "time_loop_backward_kernel"]
     if not scan_decline(plan):

@@ -134,7 +134,10 @@ def choose(plan, N: int, H: int, T: int, dtype, device: Device) -> tuple[str, li
     """The schedule the compiler picks at these sizes, and every schedule's configuration (the why)."""
     configs = [configure(plan, s, N, H, T, dtype, device) for s in SCHEDULES]
     fits = {c.schedule: c for c in configs if c.fits}
-    for preferred in ("persistent", "scan", "time_loop", "fused_step"):
+    order = ("persistent", "scan", "time_loop", "fused_step")
+    if plan.recurrence != "dense":  # an output projection: the column schedules take its GEMM out of the loop
+        order = ("scan", "time_loop", "persistent", "fused_step")
+    for preferred in order:
         if preferred in fits:
             return preferred, configs
     return "graphed", configs

@@ -12,6 +12,7 @@ import torch
 
 from .. import gemm
 from ..loop import TorchLoop, fit_gradient, steps_of
+from .applies import states_plan
 from .choice import ASSUMED, configure
 from .emit_columns import ColumnLayout, ScanLayout
 from .module import interpreting, load_triton_module
@@ -26,12 +27,35 @@ from .schedules import (
 
 
 class ColumnLoop(TorchLoop):
-    def __init__(self, compiled, schedule: str):
+    """The column schedules' loop. For a cell whose per-step GEMMs only the output reads (an output
+    projection), `states` is the loop of the states' plan (applies.states_plan): its kernels run the
+    recurrence, then this loop (the torch loop of the whole plan) computes every step's output at
+    once, as one step of all rows from their previous states; the backward sends the output's
+    gradient of each previous state to the states' kernels as a direct gradient."""
+
+    def __init__(self, compiled, schedule: str, plan=None):
         self.kernels = load_triton_module(compiled)
-        super().__init__(compiled.plan, self.kernels)
+        plan = plan or compiled.plan
+        super().__init__(plan, self.kernels)
         self.schedule = schedule
-        self.layout = ScanLayout(compiled.plan) if schedule == "scan" else ColumnLayout(compiled.plan)
+        self.states_loop = None
+        if plan.gemms:
+            self.states_loop = ColumnLoop(compiled, schedule, states_plan(plan)[0])
+            return
+        direct = plan is not compiled.plan
+        self.layout = ScanLayout(plan, direct) if schedule == "scan" else ColumnLayout(plan, direct)
         self.chunk = None  # tests may set a scan chunk (a power of two >= 2) to cross its boundaries
+
+    @property
+    def chunk(self):
+        return self.states_loop.chunk if self.states_loop is not None else self._chunk
+
+    @chunk.setter
+    def chunk(self, value):
+        if self.states_loop is not None:
+            self.states_loop.chunk = value
+        else:
+            self._chunk = value
 
     def config(self, N, H, T, dtype):
         c = configure(self.plan, self.schedule, N, H, T, dtype, ASSUMED, interpreting())
@@ -63,6 +87,8 @@ class ColumnLoop(TorchLoop):
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        if self.states_loop is not None:
+            return self._projected_forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
         N, H, X, Xs, steps, offsets, hoisted_out, values = self._common(
             x, states, hoisted_w, vectors, scalars, batch_sizes)
         rows, dtype, dev, L = X.shape[0], x.dtype, x.device, self.layout
@@ -107,8 +133,65 @@ class ColumnLoop(TorchLoop):
 
     # ---- backward -------------------------------------------------------------------------------
 
+    # ---- an output projection: the states' kernels, then the output of all steps at once -------------
+
+    def _one_step(self, x, states, batch_sizes):
+        """x as [rows, I], the steps, and every row's previous states: the output of all steps is one
+        step of the whole plan over `rows` sequences (nothing the output computes feeds back)."""
+        X, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
+        return X, steps, offsets, torch.tensor([X.shape[0]])
+
+    def _projected_forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
+        inner = self.states_loop
+        first, finals, saved = inner.forward(x, states, hoisted_w, [], vectors, scalars, batch_sizes)
+        X, steps, offsets, one = self._one_step(x, states, batch_sizes)
+        news = [first.reshape(X.shape[0], -1), *saved[: len(self.states) - 1]]
+        prev = [self._previous_all(i, states, news, steps, offsets) for i in range(len(self.states))]
+        out, _, saved = TorchLoop.forward(self, X, prev, hoisted_w, step_w, vectors, scalars, one)
+        if batch_sizes is None:
+            out = out.view(x.shape[0], x.shape[1], -1)
+        return out, finals, saved
+
+    def _projected_backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out,
+                            grad_states, batch_sizes, needs_dx):
+        inner = self.states_loop
+        X, steps, offsets, one = self._one_step(x, states, batch_sizes)
+        rows, N = X.shape[0], states[0].shape[0]
+        sizes = self.sizes(states, vectors, hoisted_w, step_w)
+        flat_out = out.reshape(rows, -1)
+        news, _, _, hoisted_out = self._unpack_saved(saved, flat_out, sizes)
+        prev = [self._previous_all(i, states, news, steps, offsets) for i in range(len(self.states))]
+        g_out = grad_out.reshape(rows, -1) if grad_out is not None else None
+        dx, d_prev, d_hw, d_sw, d_vec, d_sc = TorchLoop.backward(
+            self, X, prev, hoisted_w, step_w, vectors, scalars, flat_out, saved, g_out,
+            [None] * len(self.states), one, needs_dx)
+        # the previous state of a row at step t >= 1 is the new state of its sequence at step t - 1
+        direct = [torch.zeros_like(n) for n in news]
+        d_first = [torch.zeros_like(s) for s in states]
+        index = _previous_rows(steps, offsets, X.device)
+        for i, d in enumerate(d_prev):
+            if d is None:
+                continue
+            d_first[i] = d_first[i] + d[:N]
+            if len(steps) > 1:
+                direct[i].index_add_(0, index, d[steps[0]:])
+        first = news[0] if batch_sizes is not None else news[0].view(x.shape[0], x.shape[1], -1)
+        inner_saved = [*news[1:], *hoisted_out]
+        d = inner.backward(x, states, hoisted_w, [], vectors, scalars, first, inner_saved, None, grad_states,
+                           batch_sizes, needs_dx, direct=direct)
+        total = lambda a, b: b if a is None else a if b is None else a + b  # noqa: E731
+        dx = total(d[0], dx.reshape(d[0].shape) if dx is not None else None)
+        return (dx, [total(a, b) for a, b in zip(d[1], d_first, strict=True)],
+                [total(a, b) for a, b in zip(d[2], d_hw, strict=True)], d_sw,
+                [total(a, b) for a, b in zip(d[4], d_vec, strict=True)],
+                [total(a, b) for a, b in zip(d[5], d_sc, strict=True)])
+
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
-                 batch_sizes=None, needs_dx: bool = True):
+                 batch_sizes=None, needs_dx: bool = True, direct=None):
+        """direct: per state, a gradient [rows, H] each new state gets from outside the recurrence."""
+        if self.states_loop is not None:
+            return self._projected_backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved,
+                                            grad_out, grad_states, batch_sizes, needs_dx)
         news, _, _, hoisted_out = self._unpack_saved(saved, out, self.sizes(states, vectors, hoisted_w, []))
         N, H, X, Xs, steps, offsets, hoisted_out, values = self._common(
             x, states, hoisted_w, vectors, scalars, batch_sizes, hoisted_out)
@@ -119,10 +202,13 @@ class ColumnLoop(TorchLoop):
                    for g in grad_states]
         values |= {("d_final", i): g for i, g in enumerate(d_final)}
         values |= {("seq", i): s.contiguous() for i, s in enumerate(news)}
+        if self.layout.direct:
+            direct = direct or [torch.zeros(rows, H, dtype=dtype, device=dev) for _ in self.states]
+            values |= {("direct", i): d.contiguous() for i, d in enumerate(direct)}
         common = (x, X, Xs, states, news, steps, offsets, hoisted_w, step_w, vectors, scalars)
         if self.schedule == "time_loop":
             return self._time_loop_backward(*common, values, g_out, c, needs_dx)
-        return self._scan_backward(*common, hoisted_out, values, g_out, c, needs_dx)
+        return self._scan_backward(*common, hoisted_out, values, g_out, c, needs_dx, direct)
 
     def _time_loop_backward(self, x, X, Xs, states, news, steps, offsets, hoisted_w, step_w, vectors, scalars,
                             values, g_out, c, needs_dx):
@@ -151,7 +237,7 @@ class ColumnLoop(TorchLoop):
                                scalars, [], d_hoisted, d_x, d_vectors, d_scalars, d_init, needs_dx)
 
     def _scan_backward(self, x, X, Xs, states, news, steps, offsets, hoisted_w, step_w, vectors, scalars,
-                       hoisted_out, values, g_out, c, needs_dx):
+                       hoisted_out, values, g_out, c, needs_dx, extra=None):
         rows, dtype, dev, L = X.shape[0], x.dtype, x.device, self.layout
         N, H = states[0].shape
         pw = L.pw
@@ -169,6 +255,8 @@ class ColumnLoop(TorchLoop):
                 for i, d in by_state.items():
                     if d is not None and len(steps) > 1:
                         direct[i].index_add_(0, prev, d[steps[0]:])
+        for i, d in enumerate(extra or []):  # an output projection's share (see _projected_backward)
+            direct[i] += d
         lam = [torch.empty(rows, H, dtype=dtype, device=dev) for _ in self.states]
         values |= {("direct", i): d for i, d in enumerate(direct)}
         values |= {("lam", i): v for i, v in enumerate(lam)}

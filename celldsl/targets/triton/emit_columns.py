@@ -21,9 +21,17 @@ import sympy as sp
 from ...lang.functions import Reduction
 from ...plan import Plan, cse
 from ..printers import PYTHON_RESERVED, identifier
-from .applies import coefficients, column_decline, scan_decline, whole_rows
+from .applies import coefficients, column_decline, scan_decline, states_plan, whole_rows
 from .emit_dense import Arg, Code, parameter_pointers, signature, step_parameters
-from .emit_pointwise import KERNEL_LOCALS, KNOWN_GLOBALS, RESERVED, Function, TritonPrinter, module_names
+from .emit_pointwise import (
+    KERNEL_LOCALS,
+    KNOWN_GLOBALS,
+    RESERVED,
+    Function,
+    TritonPrinter,
+    module_names,
+    pointwise_sections,
+)
 from .tiles import Config, cdiv, element_bytes, pow2
 
 COLUMN_LOCALS = {
@@ -41,11 +49,16 @@ class ColumnLayout:
 
     decline = staticmethod(column_decline)
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, direct: bool = False):
         reason = self.decline(plan)
         if reason:
             raise ValueError(reason)
+        if plan.gemms:  # an output projection: the kernels are those of the states' plan
+            plan, direct = states_plan(plan)[0], True
         self.plan = plan
+        # direct: the backward also takes, per state, the gradient each new state gets from outside the
+        # states' recurrence (an output projection's, computed after the loop: columns.py)
+        self.direct = direct
         ir = plan.ir
         (self.pw,) = plan.pointwise
         self.states = list(ir.states)
@@ -58,7 +71,8 @@ class ColumnLayout:
         # gradient is stored per column ([rows, H]) and summed over the row by the host
         self.row_inputs = {n for n in self.elementwise_inputs if ir.width(n) == "row"}
         self.whole_rows = whole_rows(plan)  # a mean or sum over a row: one program per batch row
-        self.reduces = {way: Function("stage0", self.pw, plan, backward=way).reduces for way in (False, True)}
+        self.reduces = {way: Function(self.pw.name, self.pw, plan, backward=way).reduces
+                        for way in (False, True)}
         self.step_vectors, self.step_scalars = step_parameters([self.pw], self.vectors, self.scalars)
         taken = set(PYTHON_RESERVED) | RESERVED | KNOWN_GLOBALS | KERNEL_LOCALS | COLUMN_LOCALS
         taken |= set(module_names(plan))
@@ -114,6 +128,7 @@ class ColumnLayout:
         a += [Arg(self.ptr[("d_x", n)], "d_x", n, "storage") for n in self.elementwise_inputs]
         a += [Arg(self.ptr[("d_vector", i)], "d_vector", i, "compute") for i in range(len(self.vectors))]
         a += [Arg(self.ptr[("d_scalar", i)], "d_scalar", i, "compute") for i in range(len(self.scalars))]
+        a += self._per_state("direct") if self.direct else []
         return a + self._per_state("d_init") + self._steps()
 
 
@@ -122,12 +137,12 @@ class ScanLayout(ColumnLayout):
 
     decline = staticmethod(scan_decline)
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, direct: bool = False):
         reason = self.decline(plan)
         if reason:
             raise ValueError(reason)
-        super().__init__(plan)
-        self.coef = coefficients(plan)  # state -> (a, b)
+        super().__init__(plan, direct)
+        self.coef = coefficients(self.plan)  # state -> (a, b)
         leaves = set().union(*(a.free_symbols | b.free_symbols for a, b in self.coef.values()))
         self.coef_inputs = [s for s in self.pw.inputs if s in leaves]
         self.coef_reduces = any(e.atoms(Reduction) for pair in self.coef.values() for e in pair)
@@ -204,10 +219,11 @@ def time_loop_forward(L: ColumnLayout) -> str:
             code(2, f"{L.value[s]} = {L.carried[s.name]}")
         elif role not in ("vector", "scalar"):
             code(2, f"{L.value[s]} = {_load(L, s, 'at', 'live')}")
-    f = Function("stage0", pw, L.plan, backward=False)
+    f = Function(pw.name, pw, L.plan, backward=False)
     outs = [L.result[pw.outputs[i][0]] for i in f.unique]
     row_args = ["live", "H"] if L.reduces[False] else []  # a mean or sum over the row's live units
-    code(2, f"({', '.join(outs)},) = stage0_step({', '.join([*(L.value[s] for s in pw.inputs), *row_args])})")
+    args = ", ".join([*(L.value[s] for s in pw.inputs), *row_args])
+    code(2, f"({', '.join(outs)},) = {pw.name}_step({args})")
     for i, (name, _) in enumerate(pw.outputs):
         value = L.result[pw.outputs[f.unique[f.slot_of[i]]][0]]
         if name.endswith("'") and name[:-1] in L.states:
@@ -256,6 +272,9 @@ def time_loop_backward(L: ColumnLayout) -> str:
         if name.endswith("'") and name[:-1] in L.states:
             si = L.states.index(name[:-1])
             code(2, f"{local} = {L.d_carried[name[:-1]]}")
+            if L.direct:
+                ptr = L.ptr[("direct", si)]
+                code(2, f"{local} += tl.load({ptr} + at * H + unit, mask=live, other=0.0).to(COMPUTE)")
             if si == L.output_state:
                 code(2, "if HAS_GRAD_OUT:")
                 code(3, f"{local} += tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)")
@@ -264,12 +283,12 @@ def time_loop_backward(L: ColumnLayout) -> str:
             code(3, f"{local} = tl.load(grad_out_ptr + at * H + unit, mask=live, other=0.0).to(COMPUTE)")
             code(2, "else:")
             code(3, f"{local} = tl.full((BLOCK,), 0.0, COMPUTE)")
-    f = Function("stage0", pw, plan, backward=True)
+    f = Function(pw.name, pw, plan, backward=True)
     new_grad = {}
     if f.unique:
         uniq = [L.grad_of[pw.grad_inputs[i]] for i in f.unique]
         row_args = ["live", "H"] if L.reduces[True] else []
-        code(2, f"({', '.join(uniq)},) = stage0_step_grad("
+        code(2, f"({', '.join(uniq)},) = {pw.name}_step_grad("
                 f"{', '.join([*(L.value[s] for s in [*pw.inputs, *pw.grad_outputs]), *row_args])})")
         for i, s in enumerate(pw.grad_inputs):
             if i not in f.slot_of:
@@ -434,6 +453,8 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
     """The launch of the time_loop or scan schedule at these sizes (tiles.Config)."""
     columns = N * H
     size = element_bytes(dtype)
+    if plan.gemms:  # an output projection: the kernels are those of the states' plan
+        plan = states_plan(plan)[0]
     rows = whole_rows(plan)  # a mean or sum over a row: one program per batch row, all H units
     if schedule == "time_loop":
         block = pow2(H) if rows else min(1024, pow2(columns)) if interpret else 128
@@ -467,12 +488,17 @@ def column_config(plan: Plan, schedule: str, N: int, H: int, T: int, dtype, inte
 
 def column_source(plan: Plan) -> str:
     parts = []
+    projected = bool(plan.gemms) and not column_decline(plan)
+    if projected:  # an output projection: the states' plan's functions, then its kernels
+        plan = states_plan(plan)[0]
+        parts += [f"# ---- the states' recurrence alone (the output projection runs after it) {'-' * 27}",
+                  *pointwise_sections(plan)]
     if not column_decline(plan):
-        L = ColumnLayout(plan)
+        L = ColumnLayout(plan, direct=projected)
         parts += [f"# ---- time_loop schedule {'-' * 76}", TIME_LOOP_DOC.strip("\n") + "\n",
                   time_loop_forward(L), time_loop_backward(L)]
     if not scan_decline(plan):
-        S = ScanLayout(plan)
+        S = ScanLayout(plan, direct=projected)
         parts += [f"# ---- scan schedule {'-' * 81}", SCAN_DOC.strip("\n") + "\n",
                   scan_coefficients_function(S), scan_forward(S), scan_backward(S)]
     return "\n\n".join(p.strip("\n") + "\n" for p in parts)
