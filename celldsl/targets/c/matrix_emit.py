@@ -115,12 +115,21 @@ class _Emitter:
     # ---- forward -------------------------------------------------------------------------
 
     def step(self) -> str:
-        """Every C node's value from the host pointers h and the states st."""
-        ir, t = self.ir, self.t
+        """Every C node's value from the host pointers h and the states st (the backward reads them)."""
+        t = self.t
         lines = [f"static inline void cd_mx_step_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
                  f"const {t} *const *h, const {t} *const *st)", "{"]
+        lines += [line for line in self.step_body() if not line.startswith("@")]
+        lines.append("}")
+        return "\n".join(lines)
+
+    def step_body(self) -> list[str]:
+        """step()'s lines, each node's after a line "@<node>"."""
+        ir, t = self.ir, self.t
+        lines = []
         state_index = {s: k for k, s in enumerate(ir.states)}
         for i in self.c_nodes:
+            lines.append(f"@{i}")
             node = ir.nodes[i]
             S, (r, c) = self.size(i), self.shape(i)
             out, a = f"V->v{i}", [self.ref(j) for j in node.args]
@@ -147,8 +156,101 @@ class _Emitter:
             elif node.op == "diag":
                 lines.append(f"    memset({out}, 0, sizeof({out})); "
                              f"for (int e = 0; e < {r}; ++e) {out}[e * {r} + e] = {a[0]}[e];")
+        return lines
+
+    def fusable(self, i: int) -> tuple[int, int] | None:
+        """The (rows, cols) of a matrix node the fast step computes element by element in one loop
+        with its neighbours (pointwise on same-shaped or one-number operands, or an outer product)."""
+        node, (r, c) = self.ir.nodes[i], self.shape(i)
+        if r == 1 or c == 1:
+            return None
+        if node.op == "pointwise" and all(self.size(j) in (1, r * c) for j in node.args):
+            return r, c
+        if node.op == "matmul" and not set(node.args) & self.diag and self.shape(node.args[0])[1] == 1:
+            return r, c
+        return None
+
+    def fast_step(self) -> str:
+        """The forward's step (and the backward's state rebuild): as `step`, but the states read in
+        place and each run of matrix nodes of one shape fused into one loop over the elements, its
+        values kept in registers unless a later node, the output or a next state reads them."""
+        ir, t = self.ir, self.t
+        state_index = {s: k for k, s in enumerate(ir.states)}
+        refs = {i: f"st[{state_index[ir.nodes[i].name]}]" for i in self.c_nodes if ir.nodes[i].op == "state"}
+        users: dict[int, set[int]] = {}
+        for i in self.c_nodes:
+            for j in ir.nodes[i].args:
+                users.setdefault(j, set()).add(i)
+        keep = {ir.output_node, *ir.new_state.values()}
+        lines = [f"static inline void cd_mx_fast_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
+                 f"const {t} *const *h, const {t} *const *st)", "{"]
+        group: list[int] = []
+        shape: tuple[int, int] | None = None
+
+        def ref(j: int) -> str:
+            return refs.get(j, self.ref(j))
+
+        def flush():
+            if not group:
+                return
+            r, c = shape
+            members = set(group)
+            body = []
+            for i in group:
+                node = ir.nodes[i]
+                if node.op == "matmul":
+                    j0, j1 = node.args
+                    a0 = f"t{j0}" if j0 in members else f"{ref(j0)}[a]"
+                    a1 = f"t{j1}" if j1 in members else f"{ref(j1)}[b]"
+                    expr = f"{a0} * {a1}"
+                else:
+                    syms = sp.symbols(f"a0:{len(node.args)}", real=True)
+                    names = {sym: (f"t{j}" if j in members else f"{ref(j)}[{'e' if self.size(j) > 1 else '0'}]")
+                             for sym, j in zip(syms, node.args, strict=True)}
+                    expr = CPrinter(names, self.dt).doprint(node.expr)
+                body.append(f"const {t} t{i} = {expr};")
+                if i in keep or users.get(i, set()) - members:
+                    body.append(f"V->v{i}[e] = t{i};")
+            lines.append(f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") for (int b = 0; b < {c}; ++b) "
+                         f"{{ const int e = a * {c} + b; {' '.join(body)} }} }}")
+            group.clear()
+
+        per_node = self.step_lines()
+        for i in self.c_nodes:
+            node = ir.nodes[i]
+            if node.op == "state":
+                continue
+            f = self.fusable(i)
+            if f is not None and (not group or f == shape):
+                group.append(i)
+                shape = f
+                continue
+            if group and (f is not None or set(node.args) & set(group)):
+                flush()
+                if f is not None:
+                    group.append(i)
+                    shape = f
+                    continue
+            lines += [self.with_refs(line, refs) for line in per_node[i]]
+        flush()
         lines.append("}")
         return "\n".join(lines)
+
+    def with_refs(self, line: str, refs: dict[int, str]) -> str:
+        for i, r in refs.items():
+            line = line.replace(f"V->v{i}[", f"{r}[")
+        return line
+
+    def step_lines(self) -> dict[int, list[str]]:
+        """step()'s lines, by node."""
+        out, current = {}, None
+        for line in self.step_body():
+            if line.startswith("@"):
+                current = int(line[1:])
+                out[current] = []
+            else:
+                out[current].append(line)
+        return out
 
     def matmul(self, i: int, out: str, a: list[str]) -> list[str]:
         j0, j1 = self.ir.nodes[i].args
@@ -296,7 +398,7 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
 {self.per_state("                memcpy(ck[{k}] + ((t / every * N + n) * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
             }}
             cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
-            cd_mx_step_{dt}(V, h, stp);
+            cd_mx_fast_{dt}(V, h, stp);
             memcpy(out + ((t * N + n) * {H} + hh) * {ow}, V->v{o}, sizeof V->v{o});{copy_new}
         }}
 {self.per_state("        memcpy(s1[{k}] + (n * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
@@ -332,7 +434,7 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                 {t} *st = seg + (t - t0) * {total}, *nx = st + {total};
 {self.per_state("                stp[{k}] = st + {off};", off, sz)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
-                cd_mx_step_{dt}(V, h, stp);
+                cd_mx_fast_{dt}(V, h, stp);
 {"".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, sizeof V->v{ir.new_state[s]});" + chr(10) for k, s in enumerate(ir.states))}            }}
             for (int64_t t = t1 - 1; t >= t0; --t) {{
                 {t} *st = seg + (t - t0) * {total};
@@ -372,7 +474,7 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
     parts = [HEADER]
     for dt in C_TYPES:
         em = _Emitter(ir, dims, dt)
-        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.step_backward(), em.loops()]
+        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.fast_step(), em.step_backward(), em.loops()]
     return "\n".join(parts) + "\n"
 
 
