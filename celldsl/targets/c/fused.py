@@ -74,6 +74,8 @@ CALL_PLANS = 64  # signatures a loop remembers the call plan of
 _lock = threading.RLock()
 _warned: set[str] = set()
 _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
+_gemm_builds: dict[tuple, threading.Thread] = {}  # the same key -> its background build (gemm_library_soon)
+_path_locks: dict[str, threading.RLock] = {}  # a library file -> the lock its build and load hold
 
 
 # ---- building the kernels ---------------------------------------------------------------------
@@ -131,12 +133,54 @@ GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
 
 
 def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
-    """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why)."""
+    """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why).
+    Waits for a build that gemm_library_soon started."""
     root = cache_root or cache.root()
     key = (str(root), repr(compiler_command()))
     if key not in _gemm_libraries:
-        _gemm_libraries[key] = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm", GEMM_SYMBOLS)
+        result = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm", GEMM_SYMBOLS)
+        with _lock:
+            _gemm_libraries.setdefault(key, result)
     return _gemm_libraries[key]
+
+
+def gemm_library_soon(cache_root: Path | None = None):
+    """(library, "") when the GEMM library is loaded or in the cache, else (None, key) after starting its
+    build (5 s at -O3, half of a new cell's cold first call) in a background thread: meanwhile the
+    cell runs its Python loop on torch's GEMMs, and `gemm_library_ready(key)` hands the library over
+    once built. The build is build_gemm_library's: the same cache, checks and per-file lock, so a
+    load of that file waits for it. CELLDSL_BACKGROUND_BUILD=0 builds it here and now."""
+    root = cache_root or cache.root()
+    key = (str(root), repr(compiler_command()))
+    if key in _gemm_libraries or os.environ.get("CELLDSL_BACKGROUND_BUILD", "1") == "0":
+        return build_gemm_library(cache_root)
+    source = gemm_source()
+    path = _library_path(source, root / "cpu_gemm", "cpu_gemm")
+    with _lock:
+        started = key in _gemm_builds
+        if not started and path is not None and _is_built(path):
+            started = None  # in the cache: load it now
+        elif not started:
+            _gemm_builds[key] = threading.Thread(target=build_gemm_library, args=(cache_root,),
+                                                 name="celldsl-gemm-build")  # not a daemon: exit waits for it (no half-built file left)
+            _gemm_builds[key].start()
+    if started is None:
+        return build_gemm_library(cache_root)
+    return None, key
+
+
+def gemm_library_ready(key) -> tuple[bool, ctypes.CDLL | None]:
+    """(done, library or None when its build failed) of a build gemm_library_soon started."""
+    thread = _gemm_builds.get(key)
+    if thread is not None and thread.is_alive():
+        return False, None
+    lib, _why = _gemm_libraries.get(key, (None, "the build thread ended without a result"))
+    return True, lib
+
+
+def _is_built(path: Path) -> bool:
+    with _path_lock(path):
+        return cache.verified(path)
 
 
 def build_source_library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.CDLL | None, str]:
@@ -151,10 +195,8 @@ def _library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.C
     cc, why = compiler_command()
     if cc is None:
         return None, why
-    recipe = "\0".join([source, *cc, cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
-    digest = hashlib.sha256(recipe.encode()).hexdigest()
-    lib_path = folder / f"{stem}_{digest[:20]}.so"
-    with _lock:
+    lib_path = _library_path(source, folder, stem)
+    with _path_lock(lib_path):  # one build or load of a file at a time; other files go on meanwhile
         for _attempt in range(2):  # a library that verifies but does not load is rebuilt once
             if not cache.verified(lib_path):
                 error = _build(cc, source, folder, lib_path)
@@ -174,6 +216,21 @@ def _library(source: str, folder: Path, stem: str, symbols=()) -> tuple[ctypes.C
                               "is $CC a C compiler that honours -shared and -o?")
             return lib, ""
         return None, load_error
+
+
+def _library_path(source: str, folder: Path, stem: str) -> Path | None:
+    """Where the library of `source` is cached (its name: the recipe's digest); None without a compiler."""
+    cc, _why = compiler_command()
+    if cc is None:
+        return None
+    recipe = "\0".join([source, *cc, cpu_fingerprint(), repr(BASE_FLAGS), repr(attempts(source))])
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    return folder / f"{stem}_{digest[:20]}.so"
+
+
+def _path_lock(path: Path) -> threading.RLock:
+    with _lock:
+        return _path_locks.setdefault(str(path), threading.RLock())
 
 
 def _build(cc: list[str], source: str, folder: Path, lib_path: Path) -> str:
@@ -230,9 +287,14 @@ def cpu_loop(cell) -> TorchLoop:
             warnings.warn(f"celldsl: CPU kernels unavailable ({reason}); running the generated torch "
                           "code instead (slower)", RuntimeWarning, stacklevel=2)
         return cell.torch_loop
-    gemm_lib, _why = build_gemm_library()  # without it the native loop is off: the Python loop runs
+    # without the GEMM library the native loop is off: the Python loop runs (on torch's GEMMs) until
+    # its background build is done (a cold cache), and the loop takes it then (FusedCPULoop.waiting)
+    gemm_lib, waiting = gemm_library_soon()
     memory.keep_freed_memory()  # a call's buffers then stay mapped for the next (targets/c/memory.py)
-    return FusedCPULoop(cell.plan, cell.torch_module, lib, gemm_lib)
+    loop = FusedCPULoop(cell.plan, cell.torch_module, lib, gemm_lib)
+    if gemm_lib is None and isinstance(waiting, tuple):
+        loop.waiting = waiting
+    return loop
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -374,6 +436,18 @@ class FusedCPULoop(TorchLoop):
         # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
         # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
         self.ran: dict[str, tuple[str, ...] | str] = {}
+        self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
+
+    def _take_gemm_library(self) -> None:
+        """Use the GEMM library once its background build is done (between two calls: a call runs on
+        the GEMMs it started with; either loop's backward takes either's forward). The choices made
+        without it are dropped, so the next call measures the native GEMM too."""
+        done, lib = gemm_library_ready(self.waiting)
+        if done:
+            self.waiting = None
+            if lib is not None:
+                self.lib, self._natives = lib, {}
+                self._plans.clear()
 
     def native(self, dtype: torch.dtype) -> NativeLoop:
         if dtype not in self._natives:
@@ -398,6 +472,8 @@ class FusedCPULoop(TorchLoop):
         """The call plan of these arguments' signature (None: the kernels do not handle them, see
         `fused`), made at the signature's first call; shapes the kernels would read out of bounds
         raise ValueError at every call (a failed check is not remembered)."""
+        if self.waiting is not None:
+            self._take_gemm_library()
         tensors = (x, *states, *hoisted_w, *step_w, *vectors, *scalars)
         signature = (tuple((t.shape, t.dtype, t.is_cpu) for t in tensors),
                      (len(states), len(hoisted_w), len(step_w), len(vectors)),

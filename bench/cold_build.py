@@ -1,0 +1,127 @@
+"""The cold first call of a new cell on the CPU (issue 27 item 7): fresh process, empty cache.
+
+Each row runs a child process per run with its own empty CELLDSL_CACHE, one thread, and times (wall
+clock) `compile_cell` + the layer's construction ("compile"), then the layer's first forward and
+backward on CPU tensors ("first call": the C build of the cell's kernels, the shared GEMM library's
+when the cache lacks it, the GEMM choices measured for the call's shapes, the call). Two settings:
+
+    empty   the cache is empty: the GEMM library (once per machine and compiler) is built too
+    gemm    the cache holds only the GEMM library and its measurements, made beforehand by another
+            process (what a researcher editing a cell meets: the library is built once)
+
+Run from the repository root (the machine is shared: take the median of several runs):
+
+    .venv/bin/python bench/cold_build.py --runs 3                 # every zoo cell, both settings
+    .venv/bin/python bench/cold_build.py --cells lstm,gru --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_SECONDS = 3.0
+
+CHILD = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+import celldsl
+from celldsl.compiler import compile_cell
+stem, I, H = sys.argv[1], 16, 16
+t0 = time.perf_counter()
+compiled = compile_cell(stem)
+layer = celldsl.Recurrent(compiled, I, H, backend="cpu")
+t1 = time.perf_counter()
+x = torch.randn(5, 2, I)
+out = layer(x)[0]
+out.sum().backward()
+t2 = time.perf_counter()
+print(json.dumps({"compile": t1 - t0, "first": t2 - t1}))
+"""
+
+
+def zoo_cells() -> list[str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from zoo import GENERIC
+
+    return list(GENERIC)
+
+
+def child(stem: str, cache: Path) -> dict:
+    env = dict(os.environ, CELLDSL_CACHE=str(cache), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD, stem], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{stem}: the child failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(stem: str, setting: str, runs: int) -> tuple[float, float]:
+    """Medians of (compile, first call) seconds over `runs` fresh processes and caches."""
+    compile_s, first_s = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="celldsl-cold-") as tmp:
+            cache = Path(tmp) / "cache"
+            if setting == "gemm":  # another process builds the GEMM library (and measures) first
+                child("rnn_tanh", cache)
+                for entry in cache.iterdir():
+                    if entry.is_dir() and entry.name != "cpu_gemm":
+                        subprocess.run(["rm", "-rf", str(entry)], check=True)
+            result = child(stem, cache)
+            compile_s.append(result["compile"])
+            first_s.append(result["first"])
+    return statistics.median(compile_s), statistics.median(first_s)
+
+
+def cpu_family() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {}
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+        return f"{info.get('model name', '?')} (cpu family {info.get('cpu family', '?')})"
+    except OSError:
+        return "?"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", default="", help="comma-separated zoo cells (default: every generic zoo cell)")
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per row (the median is reported)")
+    ap.add_argument("--settings", default="empty,gemm", help="comma-separated subset of empty,gemm")
+    args = ap.parse_args(argv)
+    cells = [c for c in args.cells.split(",") if c] or zoo_cells()
+    settings = [s for s in args.settings.split(",") if s]
+    command = " ".join(["python bench/cold_build.py", *(sys.argv[1:] if argv is None else argv)])
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"command: `{command}`\n")
+    print(f"{cpu_family()}; {os.cpu_count()} CPUs, load average {load} at start; one thread; wall clock, "
+          f"median of {args.runs} fresh processes, each with its own empty cache\n")
+    header = "| cell | " + " | ".join(f"{s}: compile s | {s}: first call s" for s in settings) + " |"
+    print(header)
+    print("|---|" + "---:|---:|" * len(settings))
+    missed = []
+    for stem in cells:
+        cols = []
+        for s in settings:
+            c, f = run(stem, s, args.runs)
+            cols += [f"{c:.2f}", f"{f:.2f}"]
+            if f > TARGET_SECONDS:
+                missed.append(f"{stem} ({s}): {f:.1f} s")
+        print(f"| {stem} | " + " | ".join(cols) + " |", flush=True)
+    print(f"\nTarget: first call within {TARGET_SECONDS:.0f} s of the compile: "
+          + ("met for every row" if not missed else "MISSED for " + ", ".join(missed)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The cold build (issue 27 item 7): with a cache that lacks the shared GEMM library, a new cell's
+loop runs at once on its Python loop (torch's GEMMs, the cell's C kernels) while the GEMM library
+builds in a background thread, and takes the library between two calls once it is built. Reference:
+the generated torch loop (backend="torch") with the same weights. Timing lives in bench/cold_build.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import celldsl
+from celldsl.compiler import compile_cell
+from celldsl.nn.parameters import op_params, stores_of
+from celldsl.ops.function import split_params
+from celldsl.targets.c import fused
+
+
+@pytest.fixture
+def cold(tmp_path, monkeypatch):
+    """An empty cache of this process's own, and no GEMM library loaded or building."""
+    monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CELLDSL_BACKGROUND_BUILD", raising=False)
+    monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
+    monkeypatch.setattr(fused, "_gemm_libraries", {})
+    monkeypatch.setattr(fused, "_gemm_builds", {})
+    if fused.compiler() is None:
+        pytest.fail("no C compiler: the CPU kernels cannot be tested")
+    return tmp_path
+
+
+def layer_pair(stem: str):
+    torch.manual_seed(0)
+    return celldsl.Recurrent(stem, 6, 8, backend="torch"), compile_cell(stem)
+
+
+def run(loop, ref, x):
+    """out and the gradients of the loop's forward + backward, on ref's parameters (a fresh copy)."""
+    layer = celldsl.Recurrent(ref.compiled, 6, 8, backend="torch")
+    layer.load_state_dict(ref.state_dict())
+    stored = {s.name: getattr(layer, f"{s.name}_l0") for s in stores_of(layer.compiled)}
+    params = op_params(layer.compiled, stored, layer.compiled.sizes(6, 8, {}, None), like=x)
+    split = split_params(loop, params)
+    states = [torch.zeros(x.shape[1], 8) for _ in layer.compiled.states]
+    out, finals, saved = loop.forward(x, states, *split)
+    g = torch.ones_like(out)
+    grads = loop.backward(x, states, *split, out, saved, g, [None] * len(states))
+    return out, grads[0]
+
+
+@pytest.mark.parametrize("stem", ["lstm", "gru"])
+def test_python_loop_first_then_the_native_loop_once_built(cold, stem):
+    ref, compiled = layer_pair(stem)
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    want = ref(x)[0]
+    want_dx, = torch.autograd.grad(want.sum(), x)
+    loop = fused.cpu_loop(compiled)
+    assert loop.lib is None and loop.waiting is not None  # the GEMM library builds in the background
+    first, first_dx = run(loop, ref, x.detach())
+    assert loop.ran["forward"] != "native"
+    fused._gemm_builds[loop.waiting].join(timeout=120)
+    second, second_dx = run(loop, ref, x.detach())  # takes the library between two calls
+    assert loop.waiting is None and loop.lib is not None and loop.ran["forward"] == "native"
+    for out, dx in ((first, first_dx), (second, second_dx)):
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)
+    # a second cell in the same process finds the library built: no waiting
+    assert fused.cpu_loop(compile_cell("rnn_tanh")).lib is not None
+
+
+def test_a_failed_background_build_leaves_the_python_loop_working(cold, monkeypatch):
+    monkeypatch.setattr(fused, "gemm_source", lambda: "this is not C;\n")
+    ref, compiled = layer_pair("lstm")
+    x = torch.randn(4, 2, 6, requires_grad=True)
+    want = ref(x)[0]
+    want_dx, = torch.autograd.grad(want.sum(), x)
+    loop = fused.cpu_loop(compiled)
+    assert loop.waiting is not None
+    fused._gemm_builds[loop.waiting].join(timeout=120)
+    assert fused.gemm_library_ready(loop.waiting) == (True, None)
+    for _ in range(2):
+        out, dx = run(loop, ref, x.detach())
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)
+        assert loop.lib is None and loop.waiting is None and loop.ran["forward"] != "native"
+
+
+def test_no_background_build_when_asked_or_when_cached(cold, monkeypatch):
+    monkeypatch.setenv("CELLDSL_BACKGROUND_BUILD", "0")
+    loop = fused.cpu_loop(compile_cell("gru"))
+    assert loop.lib is not None and loop.waiting is None and not fused._gemm_builds
+    monkeypatch.delenv("CELLDSL_BACKGROUND_BUILD")
+    monkeypatch.setattr(fused, "_gemm_libraries", {})  # a new process: the library is in the cache
+    loop = fused.cpu_loop(compile_cell("lstm"))
+    assert loop.lib is not None and loop.waiting is None and not fused._gemm_builds
