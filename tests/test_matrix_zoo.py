@@ -341,3 +341,40 @@ def test_labs_train_a_matrix_cell(tmp_path):
                  "--batch", "4", "--eval-every", "3", "--out", str(out), "--no-pictures", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test_acc" in json.dumps(metrics)
+
+
+def test_matrix_init_expressions():
+    """mamba's dt init: softplus(b_dt) = exp(U[log 0.001, log 0.1]); an init line of a matrix cell with a
+    size the layer is given, a parameter set above, and fixed forms."""
+    torch.manual_seed(0)
+    layer = celldsl.MatrixRecurrent("mamba", 3, {"heads": 1, "D": 2000, "N_s": 2, "R": 2, "O": 3}, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(layer.b_dt_l0.detach())
+    assert dt.min() >= 0.001 - 1e-12 and dt.max() <= 0.1 + 1e-12
+    assert abs(torch.log(dt).mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.1
+    text = ("cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\nparam c : 1 per head\n"
+            "param w : x per head\ninit a = uniform(Q, Q + 1)\ninit b = 2 * a + K\ninit c = 3\n"
+            "s' = a * s + b + c * (wᵀ @ x)\n")
+    layer = celldsl.MatrixRecurrent(text, 2, {"heads": 2, "K": 3, "Q": 5}, dtype=torch.float64)
+    a, b = layer.a_l0.detach(), layer.b_l0.detach()
+    assert a.min() >= 5 and a.max() <= 6
+    torch.testing.assert_close(b, 2 * a + 3)
+    assert torch.equal(layer.c_l0.detach(), torch.full((2,), 3.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'Q'"):
+        celldsl.MatrixRecurrent(text, 2, {"heads": 2, "K": 3})
+
+
+@pytest.mark.parametrize(("line", "fragment", "column"), [
+    ("init b = a", "reads parameter 'a', which no earlier init line sets", 10),
+    ("init W = 1\ninit b = 2 * W", "'b' is a K-vector per head, but its init expression reads 'W', a (K, x) matrix", 14),
+    ("init a = glorot", "unknown initialiser 'glorot' in a matrix-memory cell", 10),
+    ("init z = zeros", "init of 'z', which is not a parameter of this cell", 6),
+    ("init a = 1\ninit a = 2", "'a' is initialised twice (first on line 8)", 6),
+], ids=["not-above", "shape", "unknown", "not-a-parameter", "twice"])
+def test_matrix_init_errors_are_located(line, fragment, column):
+    text = ("cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\nparam W : (K, x) per head\n"
+            "\n" + line + "\ns' = a * s + b + W @ x\n")
+    with pytest.raises(CellError) as info:
+        celldsl.compile_cell(text)
+    err = info.value
+    assert fragment in err.message, err.message
+    assert (err.line, err.column) == (7 + line.count("\n") + 1, column), str(err)

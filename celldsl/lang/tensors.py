@@ -18,6 +18,7 @@ time every value is a tensor [N, heads or 1, rows, cols], so the operations are 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import sympy as sp
 from . import ast
 from .errors import CellError, CellWarning, Loc, Source, raise_all, warning_text
 from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, evaluate
+from .inits import check_init_expr
 
 ONE = "1"
 TRANSPOSE = "ᵀ"
@@ -80,6 +82,8 @@ class TensorIR:
     new_state: dict[str, int] = field(default_factory=dict)  # state -> node of its next value
     output_node: int = 0
     widths: list[str] = field(default_factory=list)  # width names the layer must size
+    inits: dict = field(default_factory=dict)  # parameter -> ast.InitValue of its `init` line, text order
+    init_sizes: list[str] = field(default_factory=list)  # sizes only init expressions read (sizes= gives them)
 
     def param_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
         """How a parameter is stored: [heads, rows, cols] without its "1" axes; [rows, cols] when the
@@ -107,6 +111,8 @@ class _Builder:
     def __init__(self, module: ast.Module, source: Source):
         self.m, self.source = module, source
         self.errors: list[CellError] = []
+        self.inits: dict[str, ast.InitValue] = {}  # parameter -> its init line's value, in text order
+        self.init_sizes: list[str] = []  # names only init expressions read: the layer's sizes give them
         self.nodes: list[Node] = []
         self.kinds: dict[str, Kind] = {}
         self.leaf: dict[str, int] = {}
@@ -185,8 +191,43 @@ class _Builder:
             for width in (w.rows, w.cols) if isinstance(w, ast.PerHead) else ():
                 if width not in (None, ONE) and not width.isidentifier():
                     self.error(f"a width is a name (K, V) or 1, not '{width}'", w.loc)
-        if m.inits:
-            self.error("init is not supported in a matrix-memory cell yet", m.inits[0][1].loc)
+        self.declare_inits()
+
+    def declare_inits(self) -> None:
+        """`init` lines: the fixed forms (a number, zeros, ones, default, uniform(a), normal(std)) or an init
+        expression (lang/inits.py) over the parameters set above, the widths, "heads" and `I`."""
+        params = {n.text for n, _, _ in self.m.params}
+        for names, value in self.m.inits:
+            for n in names:
+                if n.text not in params:
+                    self.error(f"init of '{n.text}', which is not a parameter of this cell", n.loc)
+                if n.text in self.inits:
+                    self.error(f"'{n.text}' is initialised twice (first on line {self.inits[n.text].loc.line})", n.loc)
+                if value.kind == "named" and value.name in params:  # init b = a: a parameter's value
+                    value = ast.InitValue("expr", None, None, value.loc, ast.Var(value.name, value.loc))
+                if value.kind == "named" and value.name not in ("zeros", "ones", "default"):
+                    self.error(f"unknown initialiser '{value.name}' in a matrix-memory cell; expected a number, "
+                               "zeros, ones, default, uniform(a), normal(std) or an init expression", value.loc)
+                if value.kind == "call" and value.name not in ("uniform", "normal"):
+                    self.error(f"unknown initialiser '{value.name}(...)'; expected uniform(a) or normal(std)", value.loc)
+                if value.kind in ("constant", "call") and not math.isfinite(value.number):
+                    self.error("the initial value must be a finite number", value.loc)
+                if value.kind == "call" and value.number < 0:
+                    self.error(f"{value.name}'s argument must not be negative, got {value.number:g}", value.loc)
+                if value.kind == "expr":
+                    reads = check_init_expr(
+                        value.expr, params=params, initialised=set(self.inits),
+                        widths={*self.width_names, *(i.text for i in self.m.inputs), "I", "heads"},
+                        error=lambda message, loc: CellError(message, self.source, loc))
+                    mine = self.kinds[n.text]
+                    for name, loc in reads.params:
+                        other = self.kinds[name]
+                        if not other.scalar and other != mine:
+                            self.error(f"'{n.text}' is {mine.words()}, but its init expression reads '{name}', "
+                                       f"{other.words()}; an init expression reads values of its shape or "
+                                       "numbers", loc)
+                    self.init_sizes.extend(w for w in reads.sizes if w not in self.init_sizes)
+                self.inits[n.text] = value
 
     # ---- expressions -------------------------------------------------------------------------
 
@@ -457,5 +498,5 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     return TensorIR(
         name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
         kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=b.nodes,
-        new_state=new_state, output_node=out, widths=widths,
+        new_state=new_state, output_node=out, widths=widths, inits=b.inits, init_sizes=b.init_sizes,
     )

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..compiler import CompiledMatrixCell, compile_cell
+from .inits import init_value
 
 
 class MatrixRecurrent(nn.Module):
@@ -35,10 +36,11 @@ class MatrixRecurrent(nn.Module):
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
         self.compiled, self.ir = compiled, compiled.ir
-        missing = [w for w in ["heads", *self.ir.widths] if w not in sizes]
+        needed = ["heads", *self.ir.widths, *self.ir.init_sizes]
+        missing = [w for w in needed if w not in sizes]
         if missing:
             raise ValueError(f"cell {self.ir.name!r} needs the sizes {', '.join(map(repr, missing))}, e.g. "
-                             f"sizes={{{', '.join(repr(w) + ': 4' for w in ['heads', *self.ir.widths])}}}")
+                             f"sizes={{{', '.join(repr(w) + ': 4' for w in needed)}}}")
         bad = {w: v for w, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         for name, value in (("input_size", input_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -62,6 +64,23 @@ class MatrixRecurrent(nn.Module):
                     bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
                     p = torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)
                     self.register_parameter(self.param_name(name, k, d), nn.Parameter(p))
+                self._initialise(k, d)
+
+    @torch.no_grad()
+    def _initialise(self, layer: int, direction: int) -> None:
+        """The cell's `init` lines, in text order, on one layer and direction's parameters."""
+        views = {n: getattr(self, self.param_name(n, layer, direction)) for n in self.ir.params}
+        sizes = {"I": self.layer_sizes[layer][self.ir.inputs[0]], **self.layer_sizes[layer]}
+        for name, init in self.ir.inits.items():
+            view = views[name]
+            if init.kind == "expr":
+                view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
+            elif init.kind == "constant":
+                view.fill_(init.number)
+            elif init.kind == "call":
+                view.uniform_(-init.number, init.number) if init.name == "uniform" else view.normal_(0.0, init.number)
+            elif init.name in ("zeros", "ones"):
+                view.fill_(float(init.name == "ones"))
 
     @staticmethod
     def param_name(name: str, layer: int, direction: int) -> str:
@@ -121,7 +140,7 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
     `sizes` gives ("heads", K, V, ...); "heads" defaults to 1 and every other width to hidden_size /
     heads, so the output (heads x its width) is hidden_size wide unless `sizes` says otherwise."""
     sizes = dict(sizes or {})
-    unknown = sorted(set(sizes) - {"heads", *ir.widths})
+    unknown = sorted(set(sizes) - {"heads", *ir.widths, *ir.init_sizes})
     if unknown:
         raise ValueError(f"cell {ir.name!r} has the sizes heads, {', '.join(ir.widths) or '(no widths)'}; "
                          f"unknown: {', '.join(unknown)}")
