@@ -191,7 +191,8 @@ def test_located_refusal(tmp_path):
                                          "cell: its output depends on no state")
         layer = MatrixRecurrent(str(path), 3, {"heads": 2, "K": 2, "V": 3})
         x = torch.randn(2, 2, 3)
-        torch.testing.assert_close(layer(x)[0], torch.einsum("hvi,tni->tnhv", layer.W_v_l0, x).reshape(2, 2, 6))
+        want = torch.einsum("hvi,tni->tnhv", layer.W_v_l0, x).reshape(2, 2, 6)
+        torch.testing.assert_close(layer(x)[0], want)
 
 
 def test_generated_c_holds_no_cell_text():

@@ -110,7 +110,8 @@ class _Emitter:
 
     def printer(self, node, out_size: int, e: str = "e") -> CPrinter:
         syms = sp.symbols(f"a0:{len(node.args)}", real=True)
-        return CPrinter({s: self.literal(e, j, out_size) for s, j in zip(syms, node.args, strict=True)}, self.dt)
+        names = {s: self.literal(e, j, out_size) for s, j in zip(syms, node.args, strict=True)}
+        return CPrinter(names, self.dt)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class _Emitter:
         for i in self.c_nodes:
             lines.append(f"@{i}")
             node = ir.nodes[i]
-            S, (r, c) = self.size(i), self.shape(i)
+            S, (r, _c) = self.size(i), self.shape(i)
             out, a = f"V->v{i}", [self.ref(j) for j in node.args]
             if node.op == "state":
                 lines.append(f"    memcpy({out}, st[{state_index[node.name]}], sizeof({out}));")
@@ -152,7 +153,8 @@ class _Emitter:
             elif node.op in ("max", "min"):
                 n, cmp = self.size(node.args[0]), ">" if node.op == "max" else "<"
                 lines.append(f"    {{ {t} acc = {a[0]}[0]; for (int e = 1; e < {n}; ++e) "
-                             f"if ({a[0]}[e] {cmp} acc || {a[0]}[e] != {a[0]}[e]) acc = {a[0]}[e]; {out}[0] = acc; }}")
+                             f"if ({a[0]}[e] {cmp} acc || {a[0]}[e] != {a[0]}[e]) acc = {a[0]}[e]; "
+                             f"{out}[0] = acc; }}")
             elif node.op == "diag":
                 lines.append(f"    memset({out}, 0, sizeof({out})); "
                              f"for (int e = 0; e < {r}; ++e) {out}[e * {r} + e] = {a[0]}[e];")
@@ -205,13 +207,14 @@ class _Emitter:
                     expr = f"{a0} * {a1}"
                 else:
                     syms = sp.symbols(f"a0:{len(node.args)}", real=True)
-                    names = {sym: (f"t{j}" if j in members else f"{ref(j)}[{'e' if self.size(j) > 1 else '0'}]")
+                    names = {sym: f"t{j}" if j in members else f"{ref(j)}[{'e' if self.size(j) > 1 else '0'}]"
                              for sym, j in zip(syms, node.args, strict=True)}
                     expr = CPrinter(names, self.dt).doprint(node.expr)
                 body.append(f"const {t} t{i} = {expr};")
                 if i in keep or users.get(i, set()) - members:
                     body.append(f"V->v{i}[e] = t{i};")
-            lines.append(f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") for (int b = 0; b < {c}; ++b) "
+            lines.append(f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") "
+                         f"for (int b = 0; b < {c}; ++b) "
                          f"{{ const int e = a * {c} + b; {' '.join(body)} }} }}")
             group.clear()
 
@@ -265,7 +268,8 @@ class _Emitter:
             return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
                     f"{out}[a * {c} + b] = {a[0]}[a * {c} + b] * {d}[b];"]
         if c == 1:  # a matrix times a vector: dot products along the contiguous rows
-            return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; {SIMD_SUM}for (int q = 0; q < {m}; ++q) "
+            return [f"    for (int a = 0; a < {r}; ++a) {{ {self.t} acc = 0; "
+                    f"{SIMD_SUM}for (int q = 0; q < {m}; ++q) "
                     f"acc += {a[0]}[a * {m} + q] * {a[1]}[q]; {out}[a] = acc; }}"]
         return [f"    memset({out}, 0, sizeof({out}));",
                 f"    for (int a = 0; a < {r}; ++a) for (int q = 0; q < {m}; ++q) {{ "
@@ -293,7 +297,8 @@ class _Emitter:
                         continue
                     d = self.printer(node, S).doprint(node.grads[k])
                     if self.size(j) == 1 and S > 1:
-                        body.append(f"{{ {t} acc = 0; {SIMD_SUM}for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
+                        body.append(f"{{ {t} acc = 0; {SIMD_SUM}"
+                                    f"for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
                                     f"{dj}[0] += acc; }}")
                     else:
                         body.append(f"for (int e = 0; e < {S}; ++e) {dj}[e] += {g}[e] * ({d});")
@@ -304,13 +309,16 @@ class _Emitter:
                 if j0 in self.diag or j1 in self.diag:
                     body += self.diag_backward(node, g)
                 elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
-                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ {t} acc = 0; {SIMD_SUM}"
-                                f"for (int b = 0; b < {c}; ++b) acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
+                    body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) "
+                                f"{{ {t} acc = 0; {SIMD_SUM}"
+                                f"for (int b = 0; b < {c}; ++b) "
+                                f"acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
                                 f"{d0}[a * {m} + q] += acc; }}")
                 if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                                 f"const {t} w = {a[0]}[a * {m} + q]; "
-                                f"for (int b = 0; b < {c}; ++b) {d1}[q * {c} + b] += w * {g}[a * {c} + b]; }}")
+                                f"for (int b = 0; b < {c}; ++b) "
+                                f"{d1}[q * {c} + b] += w * {g}[a * {c} + b]; }}")
             elif node.op == "transpose":
                 rr, cc = self.shape(node.args[0])
                 d0 = self.gref(node.args[0])
@@ -325,8 +333,10 @@ class _Emitter:
             elif node.op in ("max", "min"):  # shared evenly among the elements equal to the result
                 d0, n = self.gref(node.args[0]), self.size(node.args[0])
                 if d0:
-                    body.append(f"{{ {t} cnt = 0; for (int e = 0; e < {n}; ++e) cnt += {a[0]}[e] == V->v{i}[0]; "
-                                f"for (int e = 0; e < {n}; ++e) if ({a[0]}[e] == V->v{i}[0]) {d0}[e] += {g}[0] / cnt; }}")
+                    body.append(f"{{ {t} cnt = 0; for (int e = 0; e < {n}; ++e) "
+                                f"cnt += {a[0]}[e] == V->v{i}[0]; "
+                                f"for (int e = 0; e < {n}; ++e) "
+                                f"if ({a[0]}[e] == V->v{i}[0]) {d0}[e] += {g}[0] / cnt; }}")
             elif node.op == "diag":
                 d0 = self.gref(node.args[0])
                 if d0:
@@ -361,9 +371,11 @@ class _Emitter:
         used = used_host(self.ir)
         sets = "".join(f" h[{j}] = hv[{j}] + (t * N + n) * rs[{j}] + hh * hs[{j}];" for j in used)
         gsets = "".join(
-            f" if (gb[{j}]) gh[{j}] = gb[{j}] + ((rs[{j}] ? t * N + n : n) * {self.dims['heads']} + hh) * {self.size(j)};"
+            f" if (gb[{j}]) gh[{j}] = gb[{j}] + "
+            f"((rs[{j}] ? t * N + n : n) * {self.dims['heads']} + hh) * {self.size(j)};"
             for j in used if self.ir.nodes[j].op not in FIXED)
-        return (f"static inline void cd_mx_at_{self.dt}(const {t} **h, const {t} *const *hv, const int64_t *rs, "
+        return (f"static inline void cd_mx_at_{self.dt}(const {t} **h, const {t} *const *hv, "
+                f"const int64_t *rs, "
                 f"const int64_t *hs, int64_t t, int64_t N, int64_t n, int64_t hh)\n{{{sets}\n}}\n"
                 f"static inline void cd_mx_gat_{self.dt}({t} **gh, {t} *const *gb, const int64_t *rs, "
                 f"int64_t t, int64_t N, int64_t n, int64_t hh)\n{{{gsets}\n}}")
@@ -391,26 +403,32 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
     {t} st[{total}];
     const {t} *stp[{len(sz)}] = {st_ptrs};
     for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
-{self.per_state("        memcpy(st + {off}, s0[{k}] + (n * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(st + {off}, s0[{k}] + (n * {H} + hh) * {sz}, {sz} * sizeof({t}));",
+                        off, sz, 8)}
         const int64_t L = lengths ? lengths[n] : T;
         for (int64_t t = 0; t < L; ++t) {{
             if (every && t % every == 0) {{
-{self.per_state("                memcpy(ck[{k}] + ((t / every * N + n) * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(ck[{k}] + ((t / every * N + n) * {H} + hh) * {sz}, st + {off}, {sz} * sizeof({t}));",
+                        off, sz, 16)}
             }}
             cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
             cd_mx_fast_{dt}(V, h, stp);
             memcpy(out + ((t * N + n) * {H} + hh) * {ow}, V->v{o}, sizeof V->v{o});{copy_new}
         }}
-{self.per_state("        memcpy(s1[{k}] + (n * " + str(H) + " + hh) * {sz}, st + {off}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(s1[{k}] + (n * {H} + hh) * {sz}, st + {off}, {sz} * sizeof({t}));",
+                        off, sz, 8)}
     }}
     free(V);
     return 0;
 }}
 """
+        rebuild = "".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, "
+                          f"sizeof V->v{ir.new_state[s]});\n" for k, s in enumerate(ir.states))
         d_new = "".join(f" for (int e = 0; e < {sz[k]}; ++e) G->v{ir.new_state[s]}[e] += ds[{off[k]} + e];"
                         for k, s in enumerate(ir.states))
         d_prev = "".join(
-            (f" memcpy(ds + {off[k]}, G->v{self.state_node[s]}, {sz[k]} * sizeof({t}));" if s in self.state_node
+            (f" memcpy(ds + {off[k]}, G->v{self.state_node[s]}, {sz[k]} * sizeof({t}));"
+             if s in self.state_node
              else f" memset(ds + {off[k]}, 0, {sz[k]} * sizeof({t}));") for k, s in enumerate(ir.states))
         bwd = f"""
 int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int64_t *rs, const int64_t *hs,
@@ -425,20 +443,24 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
     {t} ds[{total}];
     const {t} *stp[{len(sz)}];
     for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
-{self.per_state("        memcpy(ds + {off}, dfin[{k}] + (n * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(ds + {off}, dfin[{k}] + (n * {H} + hh) * {sz}, {sz} * sizeof({t}));",
+                        off, sz, 8)}
         const int64_t L = lengths ? lengths[n] : T;
         for (int64_t s = (L + every - 1) / every - 1; s >= 0; --s) {{
             const int64_t t0 = s * every, t1 = t0 + every < L ? t0 + every : L;
-{self.per_state("            memcpy(seg + {off}, ck[{k}] + ((s * N + n) * " + str(H) + " + hh) * {sz}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(seg + {off}, ck[{k}] + ((s * N + n) * {H} + hh) * {sz}, {sz} * sizeof({t}));",
+                        off, sz, 12)}
             for (int64_t t = t0; t + 1 < t1; ++t) {{
                 {t} *st = seg + (t - t0) * {total}, *nx = st + {total};
-{self.per_state("                stp[{k}] = st + {off};", off, sz)}
+{self.per_state("stp[{k}] = st + {off};",
+                        off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
                 cd_mx_fast_{dt}(V, h, stp);
-{"".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, sizeof V->v{ir.new_state[s]});" + chr(10) for k, s in enumerate(ir.states))}            }}
+{rebuild}            }}
             for (int64_t t = t1 - 1; t >= t0; --t) {{
                 {t} *st = seg + (t - t0) * {total};
-{self.per_state("                stp[{k}] = st + {off};", off, sz)}
+{self.per_state("stp[{k}] = st + {off};",
+                        off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
                 cd_mx_gat_{dt}(gh, gb, rs, t, N, n, hh);
                 cd_mx_step_{dt}(V, h, stp);
@@ -447,7 +469,8 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                 cd_mx_back_{dt}(V, G, h, gh);{d_prev}
             }}
         }}
-{self.per_state("        memcpy(dinit[{k}] + (n * " + str(H) + " + hh) * {sz}, ds + {off}, {sz} * sizeof({t}));", off, sz)}
+{self.per_state("memcpy(dinit[{k}] + (n * {H} + hh) * {sz}, ds + {off}, {sz} * sizeof({t}));",
+                        off, sz, 8)}
     }}
     free(V); free(G); free(seg);
     return 0;
@@ -455,8 +478,11 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
 """
         return fwd + bwd
 
-    def per_state(self, template: str, off: list[int], sz: list[int]) -> str:
-        return "\n".join(template.format(k=k, off=off[k], sz=sz[k], t=self.t) for k in range(len(sz)))
+    def per_state(self, template: str, off: list[int], sz: list[int], indent: int = 0) -> str:
+        """One line per state: template with {k} (its index), {off}, {sz}, {t} (the type), {H}."""
+        H = self.dims["heads"]
+        return "\n".join(" " * indent + template.format(k=k, off=off[k], sz=sz[k], t=self.t, H=H)
+                         for k in range(len(sz)))
 
 
 HEADER = """/* Generated by celldsl: a matrix-memory cell's fused time loop, forward and backward, one
@@ -474,7 +500,8 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
     parts = [HEADER]
     for dt in C_TYPES:
         em = _Emitter(ir, dims, dt)
-        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.fast_step(), em.step_backward(), em.loops()]
+        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.fast_step(),
+                  em.step_backward(), em.loops()]
     return "\n".join(parts) + "\n"
 
 

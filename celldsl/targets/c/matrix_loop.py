@@ -150,7 +150,8 @@ class _Function(torch.autograd.Function):
         lens = None if lengths is None else lengths.to(torch.int64).contiguous()
         rc = getattr(lib, f"cd_mx_forward_{dt}")(
             ctypes.c_int64(N), ctypes.c_int64(T), _ptrs(hv), _ints(rs), _ints(hs), _ptrs(states),
-            _ptrs(finals), ctypes.c_void_p(out.data_ptr()), None if lens is None else ctypes.c_void_p(lens.data_ptr()),
+            _ptrs(finals), ctypes.c_void_p(out.data_ptr()),
+            None if lens is None else ctypes.c_void_p(lens.data_ptr()),
             ctypes.c_int64(every), _ptrs(ck))
         if rc:
             raise MemoryError("the matrix loop could not allocate its step values")
