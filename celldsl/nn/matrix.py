@@ -3,9 +3,8 @@
 Layers, directions, batch_first and PackedSequence as torch.nn.LSTM. Parameters are named as the cell
 names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols] without "1" axes
 (W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is [heads]; a matrix the heads share,
-W_a1 : (R, x), is [R, I]). Only the torch target runs these cells: backend="auto" picks it on every
-device (the cpu and triton targets decline every matrix-memory cell, so there is nothing to choose),
-and backend="cpu" or "triton" raises the located CellError of targets.refuse_matrix.
+W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
+tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise.
 """
 
 from __future__ import annotations
