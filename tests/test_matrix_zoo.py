@@ -230,7 +230,7 @@ def _mamba_ref(p, x, s):
 
 def _matrix_layer(cell, seed=0):
     torch.manual_seed(seed)
-    return celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], dtype=torch.float64)
+    return celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], dtype=torch.float64, backend="torch")
 
 
 @pytest.mark.parametrize("steps", [1, T])
@@ -378,3 +378,23 @@ def test_matrix_init_errors_are_located(line, fragment, column):
     err = info.value
     assert fragment in err.message, err.message
     assert (err.line, err.column) == (7 + line.count("\n") + 1, column), str(err)
+
+
+@pytest.mark.parametrize("cell", ["rwkv6", "mamba"])
+def test_prev_with_packed_sequences_two_layers_bidirectional(cell):
+    """prev() shifts within each sequence: a packed batch of lengths 5 and 3, 2 layers, both directions,
+    gives each sequence what it gives alone (whose single-direction runs match the references above)."""
+    from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    layer = celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], num_layers=2, bidirectional=True,
+                                    dtype=torch.float64, backend="torch")
+    seqs = [torch.randn(5, MI, dtype=torch.float64), torch.randn(3, MI, dtype=torch.float64)]
+    out, finals = layer(pack_sequence(seqs))
+    out, _ = pad_packed_sequence(out)
+    for n, s in enumerate(seqs):
+        alone, alone_finals = layer(s[:, None])
+        torch.testing.assert_close(out[:len(s), n], alone[:, 0], rtol=1e-10, atol=1e-10)
+        assert out[len(s):, n].abs().max() == 0 if len(s) < out.shape[0] else True
+        for f, a in zip(finals, alone_finals, strict=True):
+            torch.testing.assert_close(f[:, n], a[:, 0], rtol=1e-10, atol=1e-10)
