@@ -59,8 +59,10 @@ def test_lru_gradcheck(backend):
     ps = [p.detach().clone().requires_grad_() for p in params]
     assert torch.autograd.gradcheck(
         lambda x, *ps: torch.func.functional_call(
-            layer, {n: v for (n, _), v in zip(layer.named_parameters(), ps, strict=True)}, (x,))[0],
-        (x, *ps))
+            layer, {n: v for (n, _), v in zip(layer.named_parameters(), ps, strict=True)}, (x,)
+        )[0],
+        (x, *ps),
+    )
 
 
 def test_lru_ring_initialisation():
@@ -96,8 +98,10 @@ def test_chrono_initialisation():
     torch.manual_seed(5)
     layer = celldsl.Recurrent("chrono_lstm", 2, H, sizes={"T_max": int(T_max)}, dtype=torch.float64)
     b = layer.b_ih_l0.detach()
-    b_i, b_f = b[:H], b[H:2 * H]
-    assert torch.equal(b_i, -b_f) and torch.equal(layer.b_hh_l0.detach(), torch.zeros(4 * H, dtype=torch.float64))
+    b_i, b_f = b[:H], b[H : 2 * H]
+    assert torch.equal(b_i, -b_f) and torch.equal(
+        layer.b_hh_l0.detach(), torch.zeros(4 * H, dtype=torch.float64)
+    )
     assert b_f.min() >= 0 and b_f.max() <= math.log(T_max - 1)
     assert abs(torch.exp(b_f).mean().item() - T_max / 2) < 2  # U[1, T_max - 1] has mean T_max / 2
     # the same numbers as the reference's chrono_init from the generator state the draw starts at: after
@@ -118,16 +122,25 @@ def test_chrono_needs_t_max():
 HDR = "cell t\ninput x\nstate h\nparam W, b\n"
 
 
-@pytest.mark.parametrize(("init", "fragment", "column"), [
-    ("init b = -W", "'b' is a vector, but its init expression reads 'W', a matrix", 11),
-    ("init b = log(uniform(1, 2, 3))", "uniform() in an init expression takes 1 or 2 arguments", 14),
-    ("init b = glorot(b, 2)", "unknown function 'glorot' in an init expression", 10),
-    ("init b = 2 * W @ b", "'@' is not allowed in an init expression", 14),
-    ("init b = exp(W)", "reads parameter 'W', which no earlier init line sets", 14),
-    ("init b = sin(1, 2)", "sin() takes 1 argument, got 2", 10),
-], ids=["kind", "uniform-arity", "unknown-function", "matmul", "not-initialised-above", "arity"])
+@pytest.mark.parametrize(
+    ("init", "fragment", "column"),
+    [
+        ("init b = -W", "'b' is a vector, but its init expression reads 'W', a matrix", 11),
+        ("init b = log(uniform(1, 2, 3))", "uniform() in an init expression takes 1 or 2 arguments", 14),
+        ("init b = glorot(b, 2)", "unknown function 'glorot' in an init expression", 10),
+        ("init b = 2 * W @ b", "'@' is not allowed in an init expression", 14),
+        ("init b = exp(W)", "reads parameter 'W', which no earlier init line sets", 14),
+        ("init b = sin(1, 2)", "sin() takes 1 argument, got 2", 10),
+    ],
+    ids=["kind", "uniform-arity", "unknown-function", "matmul", "not-initialised-above", "arity"],
+)
 def test_init_expression_errors_are_located(init, fragment, column):
-    text = HDR + ("init W = zeros\n" if "reads 'W', a matrix" in fragment else "") + init + "\nh' = tanh(W @ x + b * h)\n"
+    text = (
+        HDR
+        + ("init W = zeros\n" if "reads 'W', a matrix" in fragment else "")
+        + init
+        + "\nh' = tanh(W @ x + b * h)\n"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CellWarning)
         with pytest.raises(CellError) as info:
@@ -184,14 +197,18 @@ def test_sin_cos_on_the_triton_interpreter(monkeypatch):
     a, b = tri(x)[0], ref(x)[0]
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(a)
-    torch.testing.assert_close(torch.autograd.grad((a * g).sum(), x)[0], torch.autograd.grad((b * g).sum(), x)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad((a * g).sum(), x)[0], torch.autograd.grad((b * g).sum(), x)[0]
+    )
 
 
 # --- matrix cells: rwkv6 (prev(x) token shift, shared vectors), mamba (chained projections, conv taps) --
 
 HEADS, K, V, MI = 3, 4, 5, 6  # heads != K != V != I
-MATRIX_SIZES = {"rwkv6": {"heads": HEADS, "K": K, "V": V, "R": 2, "R_d": 3},
-                "mamba": {"heads": 1, "D": 5, "N_s": 3, "R": 2, "O": 4}}
+MATRIX_SIZES = {
+    "rwkv6": {"heads": HEADS, "K": K, "V": V, "R": 2, "R_d": 3},
+    "mamba": {"heads": 1, "D": 5, "N_s": 3, "R": 2, "O": 4},
+}
 
 
 def _matrix_ref_params(layer):
@@ -238,8 +255,12 @@ def _matrix_layer(cell, seed=0):
 def test_matrix_zoo_matches_reference(cell, steps):
     layer = _matrix_layer(cell)
     x = torch.randn(steps, N, MI, dtype=torch.float64, requires_grad=True)
-    state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
-                               requires_grad=True) for s in layer.ir.states)
+    state0 = tuple(
+        torch.randn(
+            1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64, requires_grad=True
+        )
+        for s in layer.ir.states
+    )
     out, finals = layer(x, state0)
     ref = {"rwkv6": _rwkv6_ref, "mamba": _mamba_ref}[cell]
     ref_out, ref_finals = ref(_matrix_ref_params(layer), x, tuple(s[0] for s in state0))
@@ -258,12 +279,16 @@ def test_matrix_zoo_matches_reference(cell, steps):
 def test_matrix_zoo_gradcheck(cell):
     layer = _matrix_layer(cell, seed=1)
     x = torch.randn(3, 2, MI, dtype=torch.float64, requires_grad=True)
-    state0 = tuple(torch.randn(1, 2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
-                               requires_grad=True) for s in layer.ir.states)
+    state0 = tuple(
+        torch.randn(
+            1, 2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64, requires_grad=True
+        )
+        for s in layer.ir.states
+    )
     names = [n for n, _ in layer.named_parameters()]
 
     def f(x, *rest):
-        states, ps = rest[:len(state0)], rest[len(state0):]
+        states, ps = rest[: len(state0)], rest[len(state0) :]
         out, finals = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x, states))
         return out, *finals
 
@@ -271,16 +296,25 @@ def test_matrix_zoo_gradcheck(cell):
     assert torch.autograd.gradcheck(f, (x, *state0, *ps))
 
 
-MHDR = "cell t\ninput x\nstate S : (K, V) per head\noutput o\nparam W_k, W_q : (K, x) per head\nparam W_v : (V, x) per head\n"
+MHDR = ("cell t\ninput x\nstate S : (K, V) per head\noutput o\nparam W_k, W_q : (K, x) per head\n"
+        "param W_v : (V, x) per head\n")
 
 
-@pytest.mark.parametrize(("line", "fragment", "column"), [
-    ("k = W_k @ prev(S @ (W_v @ x), 1)", "prev() in a matrix-memory cell reads a value that depends on no state", 11),
-    ("k = W_k @ prev(x, 0)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
-    ("k = W_k @ prev(x, 1.5)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
-    ("k = W_k @ prev(x, 1, 2)", "prev() takes 1 or 2 arguments", 11),
-    ("k = W_k @ prev(2)", "prev() of a constant", 11),
-], ids=["of-a-state", "zero-steps", "fraction", "arity", "constant"])
+@pytest.mark.parametrize(
+    ("line", "fragment", "column"),
+    [
+        (
+            "k = W_k @ prev(S @ (W_v @ x), 1)",
+            "prev() in a matrix-memory cell reads a value that depends on no state",
+            11,
+        ),
+        ("k = W_k @ prev(x, 0)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
+        ("k = W_k @ prev(x, 1.5)", "prev(v, k) takes a whole number of steps k from 1 to 64", 19),
+        ("k = W_k @ prev(x, 1, 2)", "prev() takes 1 or 2 arguments", 11),
+        ("k = W_k @ prev(2)", "prev() of a constant", 11),
+    ],
+    ids=["of-a-state", "zero-steps", "fraction", "arity", "constant"],
+)
 def test_matrix_prev_errors_are_located(line, fragment, column):
     text = MHDR + line + "\nv = W_v @ x\nq = W_q @ x\nS' = S + k @ vᵀ\no = qᵀ @ S'\n"
     with warnings.catch_warnings():
@@ -294,8 +328,10 @@ def test_matrix_prev_errors_are_located(line, fragment, column):
 
 def test_matrix_prev_shifts_within_each_sequence():
     """prev(x, 2) reads x two steps back, 0 before; with packed sequences of different lengths too."""
-    text = ("cell t\ninput x\nstate s : 1 per head\noutput o\nparam w : x per head\n"
-            "s' = s + wᵀ @ prev(x, 2)\no = s'\n")
+    text = (
+        "cell t\ninput x\nstate s : 1 per head\noutput o\nparam w : x per head\n"
+        "s' = s + wᵀ @ prev(x, 2)\no = s'\n"
+    )
     torch.manual_seed(0)
     layer = celldsl.MatrixRecurrent(text, 3, {"heads": 2}, dtype=torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
@@ -316,15 +352,24 @@ def test_recurrent_runs_matrix_cells():
     x = torch.randn(4, 2, 6, dtype=torch.float64)
     torch.testing.assert_close(a(x)[0], b(x)[0], rtol=0, atol=0)
     c = celldsl.Recurrent(cell="gla", input_size=6, hidden_size=8, num_layers=2, batch_first=True)
-    assert c.layer_sizes[0] == {"heads": 1, "K": 8, "R": 8, "V": 8, "x": 6} and c(torch.randn(2, 3, 6))[0].shape == (2, 3, 8)
+    assert c.layer_sizes[0] == {"heads": 1, "K": 8, "R": 8, "V": 8, "x": 6} and c(torch.randn(2, 3, 6))[
+        0
+    ].shape == (2, 3, 8)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"sizes": {"heads": 3, "V": 2}}, "its output is heads x its width = 6 wide with these sizes, but hidden_size is 12"),
-    ({"dropout": 0.5}, "does not take dropout= yet"),
-    ({"sizes": {"Q": 3}}, "unknown: Q"),
-    ({"sizes": {"heads": 5}}, "must be a positive int that divides hidden_size 12"),
-], ids=["hidden-size", "dropout", "unknown-size", "heads"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"sizes": {"heads": 3, "V": 2}},
+            "its output is heads x its width = 6 wide with these sizes, but hidden_size is 12",
+        ),
+        ({"dropout": 0.5}, "does not take dropout= yet"),
+        ({"sizes": {"Q": 3}}, "unknown: Q"),
+        ({"sizes": {"heads": 5}}, "must be a positive int that divides hidden_size 12"),
+    ],
+    ids=["hidden-size", "dropout", "unknown-size", "heads"],
+)
 def test_recurrent_matrix_cell_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         celldsl.Recurrent("mlstm", 6, 12, **kwargs)
@@ -337,8 +382,29 @@ def test_labs_train_a_matrix_cell(tmp_path):
     from celldsl.cli.main import main
 
     out = tmp_path / "run"
-    assert main(["train", "mqar", "--cell", "cells/matrix/mlstm.cell", "--steps", "3", "--hidden", "8",
-                 "--batch", "4", "--eval-every", "3", "--out", str(out), "--no-pictures", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "mqar",
+                "--cell",
+                "cells/matrix/mlstm.cell",
+                "--steps",
+                "3",
+                "--hidden",
+                "8",
+                "--batch",
+                "4",
+                "--eval-every",
+                "3",
+                "--out",
+                str(out),
+                "--no-pictures",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test_acc" in json.dumps(metrics)
 
@@ -347,13 +413,17 @@ def test_matrix_init_expressions():
     """mamba's dt init: softplus(b_dt) = exp(U[log 0.001, log 0.1]); an init line of a matrix cell with a
     size the layer is given, a parameter set above, and fixed forms."""
     torch.manual_seed(0)
-    layer = celldsl.MatrixRecurrent("mamba", 3, {"heads": 1, "D": 2000, "N_s": 2, "R": 2, "O": 3}, dtype=torch.float64)
+    layer = celldsl.MatrixRecurrent(
+        "mamba", 3, {"heads": 1, "D": 2000, "N_s": 2, "R": 2, "O": 3}, dtype=torch.float64
+    )
     dt = torch.nn.functional.softplus(layer.b_dt_l0.detach())
     assert dt.min() >= 0.001 - 1e-12 and dt.max() <= 0.1 + 1e-12
     assert abs(torch.log(dt).mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.1
-    text = ("cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\nparam c : 1 per head\n"
-            "param w : x per head\ninit a = uniform(Q, Q + 1)\ninit b = 2 * a + K\ninit c = 3\n"
-            "s' = a * s + b + c * (wᵀ @ x)\n")
+    text = (
+        "cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\nparam c : 1 per head\n"
+        "param w : x per head\ninit a = uniform(Q, Q + 1)\ninit b = 2 * a + K\ninit c = 3\n"
+        "s' = a * s + b + c * (wᵀ @ x)\n"
+    )
     layer = celldsl.MatrixRecurrent(text, 2, {"heads": 2, "K": 3, "Q": 5}, dtype=torch.float64)
     a, b = layer.a_l0.detach(), layer.b_l0.detach()
     assert a.min() >= 5 and a.max() <= 6
@@ -363,16 +433,27 @@ def test_matrix_init_expressions():
         celldsl.MatrixRecurrent(text, 2, {"heads": 2, "K": 3})
 
 
-@pytest.mark.parametrize(("line", "fragment", "column"), [
-    ("init b = a", "reads parameter 'a', which no earlier init line sets", 10),
-    ("init W = 1\ninit b = 2 * W", "'b' is a K-vector per head, but its init expression reads 'W', a (K, x) matrix", 14),
-    ("init a = glorot", "unknown initialiser 'glorot' in a matrix-memory cell", 10),
-    ("init z = zeros", "init of 'z', which is not a parameter of this cell", 6),
-    ("init a = 1\ninit a = 2", "'a' is initialised twice (first on line 8)", 6),
-], ids=["not-above", "shape", "unknown", "not-a-parameter", "twice"])
+@pytest.mark.parametrize(
+    ("line", "fragment", "column"),
+    [
+        ("init b = a", "reads parameter 'a', which no earlier init line sets", 10),
+        (
+            "init W = 1\ninit b = 2 * W",
+            "'b' is a K-vector per head, but its init expression reads 'W', a (K, x) matrix",
+            14,
+        ),
+        ("init a = glorot", "unknown initialiser 'glorot' in a matrix-memory cell", 10),
+        ("init z = zeros", "init of 'z', which is not a parameter of this cell", 6),
+        ("init a = 1\ninit a = 2", "'a' is initialised twice (first on line 8)", 6),
+    ],
+    ids=["not-above", "shape", "unknown", "not-a-parameter", "twice"],
+)
 def test_matrix_init_errors_are_located(line, fragment, column):
-    text = ("cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\nparam W : (K, x) per head\n"
-            "\n" + line + "\ns' = a * s + b + W @ x\n")
+    text = (
+        "cell t\ninput x\nstate s : K per head\noutput s\nparam a, b : K per head\n"
+        "param W : (K, x) per head\n"
+        "\n" + line + "\ns' = a * s + b + W @ x\n"
+    )
     with pytest.raises(CellError) as info:
         celldsl.compile_cell(text)
     err = info.value
@@ -387,14 +468,15 @@ def test_prev_with_packed_sequences_two_layers_bidirectional(cell):
     from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
     torch.manual_seed(3)
-    layer = celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], num_layers=2, bidirectional=True,
-                                    dtype=torch.float64, backend="torch")
+    layer = celldsl.MatrixRecurrent(
+        cell, MI, MATRIX_SIZES[cell], num_layers=2, bidirectional=True, dtype=torch.float64, backend="torch"
+    )
     seqs = [torch.randn(5, MI, dtype=torch.float64), torch.randn(3, MI, dtype=torch.float64)]
     out, finals = layer(pack_sequence(seqs))
     out, _ = pad_packed_sequence(out)
     for n, s in enumerate(seqs):
         alone, alone_finals = layer(s[:, None])
-        torch.testing.assert_close(out[:len(s), n], alone[:, 0], rtol=1e-10, atol=1e-10)
-        assert out[len(s):, n].abs().max() == 0 if len(s) < out.shape[0] else True
+        torch.testing.assert_close(out[: len(s), n], alone[:, 0], rtol=1e-10, atol=1e-10)
+        assert out[len(s) :, n].abs().max() == 0 if len(s) < out.shape[0] else True
         for f, a in zip(finals, alone_finals, strict=True):
             torch.testing.assert_close(f[:, n], a[:, 0], rtol=1e-10, atol=1e-10)

@@ -53,7 +53,7 @@ def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 41
-    assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state: torch backend only] mLSTM")
+    assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state] mLSTM")
     assert "[matrix" not in lines[names.index("lru")]  # an elementwise cell: every backend
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]

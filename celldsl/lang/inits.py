@@ -18,6 +18,8 @@ from .errors import CellError, Loc
 from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS
 
 DRAWS = {"uniform": (1, 2), "normal": (1, 2)}  # random draws of the parameter's shape: their arities
+USAGE = {"uniform": "uniform(a): U(-a, a); uniform(a, b): U(a, b)",
+         "normal": "normal(std) or normal(mean, std)"}
 OPERATORS = ("+", "-", "*", "/", "^")
 
 
@@ -43,15 +45,20 @@ def check_init_expr(expr, *, params: dict, initialised: set[str], widths: set[st
             return
         if isinstance(e, ast.BinOp):
             if e.op not in OPERATORS:
-                raise error(f"'{e.op}' is not allowed in an init expression (use + - * / ^ and functions)", e.loc)
+                raise error(
+                    f"'{e.op}' is not allowed in an init expression (use + - * / ^ and functions)", e.loc
+                )
             walk(e.left)
             walk(e.right)
             return
         if isinstance(e, ast.Var):
             if e.name in params:
                 if e.name not in initialised:
-                    raise error(f"the init expression reads parameter '{e.name}', which no earlier init line "
-                                f"sets; initialise '{e.name}' on a line above this one", e.loc)
+                    raise error(
+                        f"the init expression reads parameter '{e.name}', which no earlier init line "
+                        f"sets; initialise '{e.name}' on a line above this one",
+                        e.loc,
+                    )
                 reads.append((e.name, e.loc))
             elif e.name in widths or e.name in CONSTANTS:
                 pass
@@ -63,13 +70,18 @@ def check_init_expr(expr, *, params: dict, initialised: set[str], widths: set[st
             if e.func in DRAWS:
                 lo, hi = DRAWS[e.func]
                 if not lo <= len(e.args) <= hi:
-                    raise error(f"{e.func}() in an init expression takes 1 or 2 arguments "
-                                f"({'uniform(a): U(-a, a); uniform(a, b): U(a, b)' if e.func == 'uniform' else 'normal(std) or normal(mean, std)'}), "
-                                f"got {len(e.args)}", e.loc)
+                    raise error(
+                        f"{e.func}() in an init expression takes 1 or 2 arguments "
+                        f"({USAGE[e.func]}), "
+                        f"got {len(e.args)}",
+                        e.loc,
+                    )
                 draws[0] += 1
             elif e.func not in FUNCTIONS or e.func in REDUCTIONS:
                 known = sorted({*FUNCTIONS, *DRAWS} - set(REDUCTIONS))
-                raise error(f"unknown function '{e.func}' in an init expression (known: {', '.join(known)})", e.loc)
+                raise error(
+                    f"unknown function '{e.func}' in an init expression (known: {', '.join(known)})", e.loc
+                )
             elif len(e.args) != FUNCTIONS[e.func][0]:
                 arity = FUNCTIONS[e.func][0]
                 raise error(f"{e.func}() takes {arity} argument{'s' * (arity > 1)}, got {len(e.args)}", e.loc)
@@ -77,8 +89,10 @@ def check_init_expr(expr, *, params: dict, initialised: set[str], widths: set[st
                 walk(a)
             return
         if isinstance(e, ast.NewVar):
-            raise error(f"'{e.name}'' is a next state; an init expression reads sizes, numbers, draws and "
-                        "parameters", e.loc)
+            raise error(
+                f"'{e.name}'' is a next state; an init expression reads sizes, numbers, draws and parameters",
+                e.loc,
+            )
         raise error("this is not allowed in an init expression", getattr(e, "loc", None))
 
     walk(expr)

@@ -1007,9 +1007,9 @@ class _Builder:
                 for name, loc in reads.params:
                     kind, other = ir_params[t].kind, ir_params[name].kind
                     if other != "scalar" and other != kind:
-                        self.report(self.error(f"'{t}' is a {kind}, but its init expression reads '{name}', a "
-                                               f"{other}; an init expression reads values of its shape or "
-                                               "scalars", loc))
+                        self.report(self.error(
+                            f"'{t}' is a {kind}, but its init expression reads '{name}', a {other}; an init "
+                            "expression reads values of its shape or scalars", loc))
         raise_all(self.errors)
         self._warn_unused(used, [*new_states.values(), out_expr])
         return CellIR(

@@ -202,18 +202,22 @@ class _Builder:
                 if n.text not in params:
                     self.error(f"init of '{n.text}', which is not a parameter of this cell", n.loc)
                 if n.text in self.inits:
-                    self.error(f"'{n.text}' is initialised twice (first on line {self.inits[n.text].loc.line})", n.loc)
+                    first = self.inits[n.text].loc.line
+                    self.error(f"'{n.text}' is initialised twice (first on line {first})", n.loc)
                 if value.kind == "named" and value.name in params:  # init b = a: a parameter's value
                     value = ast.InitValue("expr", None, None, value.loc, ast.Var(value.name, value.loc))
                 if value.kind == "named" and value.name not in ("zeros", "ones", "default"):
-                    self.error(f"unknown initialiser '{value.name}' in a matrix-memory cell; expected a number, "
-                               "zeros, ones, default, uniform(a), normal(std) or an init expression", value.loc)
+                    self.error(f"unknown initialiser '{value.name}' in a matrix-memory cell; expected a "
+                               "number, zeros, ones, default, uniform(a), normal(std) or an init expression",
+                               value.loc)
                 if value.kind == "call" and value.name not in ("uniform", "normal"):
-                    self.error(f"unknown initialiser '{value.name}(...)'; expected uniform(a) or normal(std)", value.loc)
+                    self.error(f"unknown initialiser '{value.name}(...)'; expected uniform(a) or normal(std)",
+                               value.loc)
                 if value.kind in ("constant", "call") and not math.isfinite(value.number):
                     self.error("the initial value must be a finite number", value.loc)
                 if value.kind == "call" and value.number < 0:
-                    self.error(f"{value.name}'s argument must not be negative, got {value.number:g}", value.loc)
+                    self.error(f"{value.name}'s argument must not be negative, got {value.number:g}",
+                               value.loc)
                 if value.kind == "expr":
                     reads = check_init_expr(
                         value.expr, params=params, initialised=set(self.inits),
@@ -223,9 +227,9 @@ class _Builder:
                     for name, loc in reads.params:
                         other = self.kinds[name]
                         if not other.scalar and other != mine:
-                            self.error(f"'{n.text}' is {mine.words()}, but its init expression reads '{name}', "
-                                       f"{other.words()}; an init expression reads values of its shape or "
-                                       "numbers", loc)
+                            self.error(f"'{n.text}' is {mine.words()}, but its init expression reads "
+                                       f"'{name}', {other.words()}; an init expression reads values of its "
+                                       "shape or numbers", loc)
                     self.init_sizes.extend(w for w in reads.sizes if w not in self.init_sizes)
                 self.inits[n.text] = value
 

@@ -8,21 +8,32 @@ earlier init lines gave them.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..lang import ast
 from ..lang.functions import CONSTANTS
 
-UNARY = {"sigmoid": torch.sigmoid, "σ": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp,
-         "log": torch.log, "sin": torch.sin, "cos": torch.cos, "abs": torch.abs, "sqrt": torch.sqrt,
-         "floor": torch.floor, "softplus": torch.nn.functional.softplus,
-         "logsigmoid": torch.nn.functional.logsigmoid}
+UNARY = {
+    "sigmoid": torch.sigmoid,
+    "σ": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "exp": torch.exp,
+    "log": torch.log,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "abs": torch.abs,
+    "sqrt": torch.sqrt,
+    "floor": torch.floor,
+    "softplus": torch.nn.functional.softplus,
+    "logsigmoid": torch.nn.functional.logsigmoid,
+}
 BINARY = {"max": torch.maximum, "min": torch.minimum, "mod": torch.remainder}
 
 
-def init_value(expr, like: torch.Tensor, sizes: dict[str, int], params: dict[str, torch.Tensor],
-               what: str) -> torch.Tensor:
+def init_value(
+    expr, like: torch.Tensor, sizes: dict[str, int], params: dict[str, torch.Tensor], what: str
+) -> torch.Tensor:
     """The value of an init expression for a parameter shaped like `like` (float64, then cast)."""
     opts = {"dtype": torch.float64, "device": like.device}
 
@@ -36,7 +47,9 @@ def init_value(expr, like: torch.Tensor, sizes: dict[str, int], params: dict[str
             return -walk(e.operand)
         if isinstance(e, ast.BinOp):
             a, b = walk(e.left), walk(e.right)
-            return {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow}[e.op](a, b)
+            return {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow}[e.op](
+                a, b
+            )
         if isinstance(e, ast.Var):
             if e.name in params:
                 return params[e.name].detach().to(**opts)
@@ -44,7 +57,9 @@ def init_value(expr, like: torch.Tensor, sizes: dict[str, int], params: dict[str
                 return num(sizes[e.name])
             if e.name in CONSTANTS:
                 return num(float(CONSTANTS[e.name]))
-            raise ValueError(f"{what}: its init expression reads '{e.name}'; give its size, e.g. sizes={{'{e.name}': ...}}")
+            raise ValueError(
+                f"{what}: its init expression reads '{e.name}'; give its size, e.g. sizes={{'{e.name}': ...}}"
+            )
         if isinstance(e, ast.Call):
             args = [walk(a) for a in e.args]
             if e.func == "uniform":
@@ -66,8 +81,10 @@ def init_value(expr, like: torch.Tensor, sizes: dict[str, int], params: dict[str
     try:
         value = torch.broadcast_to(value, like.shape)
     except RuntimeError:
-        raise ValueError(f"{what}: its init expression gives shape {tuple(value.shape)}, but the parameter is "
-                         f"{tuple(like.shape)}") from None
+        raise ValueError(
+            f"{what}: its init expression gives shape {tuple(value.shape)}, but the parameter is "
+            f"{tuple(like.shape)}"
+        ) from None
     if not torch.isfinite(value).all():
         raise ValueError(f"{what}: its init expression gives values that are not finite (log of 0 or less?)")
     if value.numel() and value.abs().max() > torch.finfo(like.dtype).max:

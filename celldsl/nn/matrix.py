@@ -76,8 +76,10 @@ class MatrixRecurrent(nn.Module):
                 view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
             elif init.kind == "constant":
                 view.fill_(init.number)
+            elif init.kind == "call" and init.name == "uniform":
+                view.uniform_(-init.number, init.number)
             elif init.kind == "call":
-                view.uniform_(-init.number, init.number) if init.name == "uniform" else view.normal_(0.0, init.number)
+                view.normal_(0.0, init.number)
             elif init.name in ("zeros", "ones"):
                 view.fill_(float(init.name == "ones"))
 
@@ -145,7 +147,8 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
                          f"unknown: {', '.join(unknown)}")
     heads = sizes.setdefault("heads", 1)
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or hidden_size % heads:
-        raise ValueError(f"sizes['heads'] must be a positive int that divides hidden_size {hidden_size}, got {heads!r}")
+        raise ValueError(f"sizes['heads'] must be a positive int that divides hidden_size {hidden_size}, "
+                         f"got {heads!r}")
     for w in ir.widths:
         sizes.setdefault(w, hidden_size // heads)
     return sizes
@@ -169,7 +172,8 @@ def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int
                             num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
                             backend=backend, device=device, dtype=dtype)
     if layer.output_size != hidden_size:
-        raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {layer.output_size} wide with "
-                         f"these sizes, but hidden_size is {hidden_size}; give hidden_size={layer.output_size}")
+        raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {layer.output_size} "
+                         f"wide with these sizes, but hidden_size is {hidden_size}; give "
+                         f"hidden_size={layer.output_size}")
     layer.hidden_size = hidden_size
     return layer

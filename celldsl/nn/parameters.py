@@ -185,7 +185,8 @@ def initialize(cell: CompiledCell, stored: list[tuple[Store, torch.Tensor]], siz
         seen.add(store.name)
         positions[-1].append((store, tensor))
     for position in positions:
-        views = {name: member(store, name, tensor, sizes) for store, tensor in position for name in store.members}
+        views = {name: member(store, name, tensor, sizes)
+                 for store, tensor in position for name in store.members}
         computed = []
         for store, _tensor in position:
             for name in store.members:
@@ -195,7 +196,11 @@ def initialize(cell: CompiledCell, stored: list[tuple[Store, torch.Tensor]], siz
                 elif init is not None:
                     _apply_init(views[name], init, bound)
         # init expressions in text order: each reads the parameters earlier lines set
-        for name in sorted(computed, key=lambda n: (cell.ir.params[n].init.loc.line, cell.ir.params[n].init.loc.column)):
+        def place(name):
+            loc = cell.ir.params[name].init.loc
+            return loc.line, loc.column
+
+        for name in sorted(computed, key=place):
             view = views[name]
             view.copy_(init_value(cell.ir.params[name].init.expr, view, sizes, views, f"parameter {name!r}"))
 
