@@ -283,16 +283,17 @@ class _Emitter:
         ir, t = self.ir, self.t
         lines = [f"static inline void cd_mx_back_{self.dt}(const cd_mx_vals_{self.dt} *restrict V, "
                  f"cd_mx_vals_{self.dt} *restrict G, const {t} *const *h, {t} *const *gh)", "{"]
+        self.written = {ir.output_node, *ir.new_state.values()}  # the loop zeroes and fills these
         for i in reversed(self.c_nodes):
             node = ir.nodes[i]
-            if node.op == "state":
+            if node.op == "state" or i not in self.written:  # a leaf, or nothing reached it: zero
                 continue
             S, (r, c) = self.size(i), self.shape(i)
             g, a = f"G->v{i}", [self.ref(j) for j in node.args]
             body: list[str] = []
             if node.op == "pointwise":
                 for k, j in enumerate(node.args):
-                    dj = self.gref(j)
+                    dj = self.target(j, body)
                     if dj is None or node.grads[k] == 0:
                         continue
                     d = self.printer(node, S).doprint(node.grads[k])
@@ -305,7 +306,7 @@ class _Emitter:
             elif node.op == "matmul":
                 j0, j1 = node.args
                 rr, m = self.shape(j0)
-                d0, d1 = self.gref(j0), self.gref(j1)
+                d0, d1 = self.target(j0, body), self.target(j1, body)
                 if j0 in self.diag or j1 in self.diag:
                     body += self.diag_backward(node, g)
                 elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
@@ -321,40 +322,52 @@ class _Emitter:
                                 f"{d1}[q * {c} + b] += w * {g}[a * {c} + b]; }}")
             elif node.op == "transpose":
                 rr, cc = self.shape(node.args[0])
-                d0 = self.gref(node.args[0])
+                d0 = self.target(node.args[0], body)
                 if d0:
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) "
                                 f"{d0}[a * {cc} + b] += {g}[b * {rr} + a];")
             elif node.op in ("sum", "mean"):
-                d0, n = self.gref(node.args[0]), self.size(node.args[0])
+                d0, n = self.target(node.args[0], body), self.size(node.args[0])
                 div = f" / ({t}){n}" if node.op == "mean" else ""
                 if d0:
                     body.append(f"for (int e = 0; e < {n}; ++e) {d0}[e] += {g}[0]{div};")
             elif node.op in ("max", "min"):  # shared evenly among the elements equal to the result
-                d0, n = self.gref(node.args[0]), self.size(node.args[0])
+                d0, n = self.target(node.args[0], body), self.size(node.args[0])
                 if d0:
                     body.append(f"{{ {t} cnt = 0; for (int e = 0; e < {n}; ++e) "
                                 f"cnt += {a[0]}[e] == V->v{i}[0]; "
                                 f"for (int e = 0; e < {n}; ++e) "
                                 f"if ({a[0]}[e] == V->v{i}[0]) {d0}[e] += {g}[0] / cnt; }}")
             elif node.op == "diag":
-                d0 = self.gref(node.args[0])
+                d0 = self.target(node.args[0], body)
                 if d0:
                     body.append(f"for (int e = 0; e < {r}; ++e) {d0}[e] += {g}[e * {r} + e];")
             lines += [f"    {b}" for b in body]
+        lines += [f"    memset(G->v{i}, 0, sizeof G->v{i});" for i in self.state_node.values()
+                  if i not in self.written and not self.host[i]]  # a state nothing reads: gradient 0
         lines.append("}")
         return "\n".join(lines)
+
+    def target(self, j: int, body: list[str]) -> str | None:
+        """Where node j's adjoint adds up (gref); a C node's array is zeroed before its first use
+        (only the arrays the step reaches, each while it is in cache, instead of all of G)."""
+        if j in self.diag:  # never built: diag_backward sends its adjoint to its argument
+            return None
+        if not self.host[j] and j not in self.written:
+            self.written.add(j)
+            body.append(f"memset(G->v{j}, 0, sizeof G->v{j});")
+        return self.gref(j)
 
     def diag_backward(self, node, g: str) -> list[str]:
         """diag(d) @ B: dd[a] += sum_b dC[a, b] B[a, b], dB[a, b] += d[a] dC[a, b]; A @ diag(d) alike."""
         j0, j1 = node.args
         left = j0 in self.diag
         dn, other = (j0, j1) if left else (j1, j0)
-        d, gd = self.ref(self.ir.nodes[dn].args[0]), self.gref(self.ir.nodes[dn].args[0])
-        o, go = self.ref(other), self.gref(other)
+        out: list[str] = []
+        d, gd = self.ref(self.ir.nodes[dn].args[0]), self.target(self.ir.nodes[dn].args[0], out)
+        o, go = self.ref(other), self.target(other, out)
         r, c = self.shape(other)
         at = "a" if left else "b"
-        out = []
         if gd:
             out.append(f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
                        f"{gd}[{at}] += {g}[a * {c} + b] * {o}[a * {c} + b];")
@@ -424,6 +437,7 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
 """
         rebuild = "".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, "
                           f"sizeof V->v{ir.new_state[s]});\n" for k, s in enumerate(ir.states))
+        zero = "".join(f" memset(G->v{i}, 0, sizeof G->v{i});" for i in sorted({o, *ir.new_state.values()}))
         d_new = "".join(f" for (int e = 0; e < {sz[k]}; ++e) G->v{ir.new_state[s]}[e] += ds[{off[k]} + e];"
                         for k, s in enumerate(ir.states))
         d_prev = "".join(
@@ -464,7 +478,7 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
                 cd_mx_gat_{dt}(gh, gb, rs, t, N, n, hh);
                 cd_mx_step_{dt}(V, h, stp);
-                memset(G, 0, sizeof *G);{d_new}
+               {zero}{d_new}
                 for (int e = 0; e < {ow}; ++e) G->v{o}[e] += dout[((t * N + n) * {H} + hh) * {ow} + e];
                 cd_mx_back_{dt}(V, G, h, gh);{d_prev}
             }}
