@@ -275,3 +275,24 @@ def test_bench_matrix_table_smoke(capsys):
             if line.startswith("| ") and not line.startswith("| implementation |")]
     assert [r[0].split(".cell")[0] for r in rows[::2]] == ["celldsl mlstm", "celldsl gla", "celldsl deltanet"]
     assert all(float(r[-1]) < 1e-5 for r in rows)
+
+
+def test_forward_keeps_checkpoints_no_larger_than_the_outputs():
+    """With autograd the forward keeps the states every `every` steps, spaced so that they take no more
+    memory than the outputs and one state (K = 40 >> V = 3 spreads them beyond 32 steps); the backward recomputes
+    each segment and still matches torch's loop, which keeps every state."""
+    sizes = {"heads": 2, "K": 40, "V": 3}
+    torch.manual_seed(0)
+    cpu = MatrixRecurrent("cells/matrix/mlstm.cell", I, sizes, backend="cpu", dtype=torch.float64)
+    ref = MatrixRecurrent("cells/matrix/mlstm.cell", I, sizes, backend="torch", dtype=torch.float64)
+    ref.load_state_dict(cpu.state_dict())
+    x = torch.randn(150, 2, I, dtype=torch.float64, requires_grad=True)
+    out, finals = cpu(x)
+    kept = sum(c.numel() for c in out.grad_fn.ck)  # the first checkpoint is the initial state
+    assert out.grad_fn.every > 32 and kept <= out.numel() + sum(f.numel() for f in finals)
+    out_t, finals_t = ref(x)
+    close(out, out_t, 1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(grads(out, finals, [x, *cpu.parameters()], g),
+                    grads(out_t, finals_t, [x, *ref.parameters()], g), strict=True):
+        close(a, b, 1e-9)

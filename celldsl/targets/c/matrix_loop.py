@@ -3,7 +3,11 @@ steps at once (GEMMs, differentiated by autograd); the generated C (matrix_emit.
 whole sequence in one call, forward and the derived reverse-time backward.
 
 Memory: without gradients the forward keeps nothing but the outputs and final states; with them it
-keeps the states every EVERY steps (T / EVERY checkpoints), and the backward recomputes each segment.
+keeps the states every `every` steps, and the backward recomputes each segment: at least EVERY steps
+apart, and far enough apart that the checkpoints take no more memory than the outputs and one state
+(a state of K x V numbers per head against V outputs per step: every >= K). Beyond the outputs and checkpoints
+the forward keeps the hoisted projections (q, k, v: a few numbers per step and head, as the outputs),
+which the GEMMs' backward reads.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ...lang.tensors import ONE
 from .fused import build_source_library
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
 
-EVERY = 32  # steps between the forward's checkpoints of the states
+EVERY = 32  # the fewest steps between the forward's checkpoints of the states
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -144,8 +148,10 @@ class _Function(torch.autograd.Function):
         ow = math.prod(_shape(ir.nodes[ir.output_node].kind, dims))
         out = torch.zeros(T, N, H * ow, dtype=dtype)
         finals = [torch.empty_like(s) for s in states]
-        every = EVERY if any(ctx.needs_input_grad[7:]) else 0
-        nseg = -(-T // EVERY)
+        state_numbers = sum(s[0].numel() for s in states) if N else 1  # one sequence's, every head
+        spacing = max(EVERY, -(-state_numbers // (H * ow)))  # checkpoints <= outputs in memory
+        every = spacing if any(ctx.needs_input_grad[7:]) else 0
+        nseg = -(-T // spacing)
         ck = [s.new_empty((nseg, *s.shape)) for s in states] if every else []
         lens = None if lengths is None else lengths.to(torch.int64).contiguous()
         rc = getattr(lib, f"cd_mx_forward_{dt}")(
@@ -156,7 +162,7 @@ class _Function(torch.autograd.Function):
         if rc:
             raise MemoryError("the matrix loop could not allocate its step values")
         ctx.loop, ctx.lib, ctx.dims, ctx.lens, ctx.T, ctx.N, ctx.dt = loop, lib, dims, lens, T, N, dt
-        ctx.hv, ctx.rs, ctx.hs, ctx.ck = hv, rs, hs, ck
+        ctx.hv, ctx.rs, ctx.hs, ctx.ck, ctx.every = hv, rs, hs, ck, spacing
         ctx.host = host
         ctx.state_shapes = [s.shape for s in states]
         return (out, *finals)
@@ -179,7 +185,7 @@ class _Function(torch.autograd.Function):
         lens = ctx.lens
         rc = getattr(ctx.lib, f"cd_mx_backward_{ctx.dt}")(
             ctypes.c_int64(N), ctypes.c_int64(T), _ptrs(ctx.hv), _ints(ctx.rs), _ints(ctx.hs), _ptrs(ctx.ck),
-            None if lens is None else ctypes.c_void_p(lens.data_ptr()), ctypes.c_int64(EVERY),
+            None if lens is None else ctypes.c_void_p(lens.data_ptr()), ctypes.c_int64(ctx.every),
             ctypes.c_void_p(d_out.data_ptr()), _ptrs(dfin), _ptrs(dinit), _ptrs(gb))
         if rc:
             raise MemoryError("the matrix loop could not allocate its step values")
