@@ -279,8 +279,8 @@ def test_bench_matrix_table_smoke(capsys):
 
 def test_forward_keeps_checkpoints_no_larger_than_the_outputs():
     """With autograd the forward keeps the states every `every` steps, spaced so that they take no more
-    memory than the outputs and one state (K = 40 >> V = 3 spreads them beyond 32 steps); the backward recomputes
-    each segment and still matches torch's loop, which keeps every state."""
+    memory than the outputs and one state (K = 40 >> V = 3 spreads them beyond 32 steps); the backward
+    recomputes each segment and still matches torch's loop, which keeps every state."""
     sizes = {"heads": 2, "K": 40, "V": 3}
     torch.manual_seed(0)
     cpu = MatrixRecurrent("cells/matrix/mlstm.cell", I, sizes, backend="cpu", dtype=torch.float64)
