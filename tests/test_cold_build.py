@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import celldsl
+from celldsl import compiler
 from celldsl.compiler import compile_cell
 from celldsl.nn.parameters import op_params, stores_of
 from celldsl.ops.function import split_params
@@ -23,6 +24,9 @@ def cold(tmp_path, monkeypatch):
     monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
     monkeypatch.setattr(fused, "_gemm_libraries", {})
     monkeypatch.setattr(fused, "_gemm_builds", {})
+    monkeypatch.setattr(fused, "_cell_builds", {})
+    monkeypatch.setattr(compiler, "_COMPILED", {})  # cells compiled here stay here (their cache is this one)
+    monkeypatch.setattr(compiler, "_RECORDED", set())
     if fused.compiler() is None:
         pytest.fail("no C compiler: the CPU kernels cannot be tested")
     return tmp_path
@@ -92,3 +96,41 @@ def test_no_background_build_when_asked_or_when_cached(cold, monkeypatch):
     monkeypatch.setattr(fused, "_gemm_libraries", {})  # a new process: the library is in the cache
     loop = fused.cpu_loop(compile_cell("lstm"))
     assert loop.lib is not None and loop.waiting is None and not fused._gemm_builds
+
+
+def test_the_cells_quick_build_is_replaced_by_its_full_build(cold):
+    """A new cell's kernels are built at -O1 first and at -O3 in the background; the loop swaps the
+    library between two calls, with the same numbers (the same source)."""
+    ref, compiled = layer_pair("gru")
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    want = ref(x)[0]
+    want_dx, = torch.autograd.grad(want.sum(), x)
+    loop = fused.cpu_loop(compiled)
+    assert loop.cell_waiting is not None
+    quick = loop.cell_lib
+    first, first_dx = run(loop, ref, x.detach())
+    fused._cell_builds[loop.cell_waiting][0].join(timeout=120)
+    second, second_dx = run(loop, ref, x.detach())
+    assert loop.cell_waiting is None and loop.cell_lib is not quick
+    assert loop.cell_lib._name != quick._name  # another file: the -O3 build
+    for out, dx in ((first, first_dx), (second, second_dx)):
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)
+    # the -O3 library is in the cache now: a new process loads it, with no quick build
+    fused._cell_builds.clear()
+    assert fused.cpu_loop(compile_cell("gru")).cell_waiting is None
+
+
+def test_a_failed_full_cell_build_keeps_the_quick_one(cold, monkeypatch):
+    monkeypatch.setattr(fused, "build_library", lambda cell, cache_root=None: (None, "the -O3 build failed"))
+    ref, compiled = layer_pair("lstm")
+    x = torch.randn(4, 2, 6, requires_grad=True)
+    want = ref(x)[0]
+    loop = fused.cpu_loop(compiled)
+    assert loop.cell_waiting is not None
+    fused._cell_builds[loop.cell_waiting][0].join(timeout=120)
+    quick = loop.cell_lib
+    for _ in range(2):
+        out, _dx = run(loop, ref, x.detach())
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+    assert loop.cell_waiting is None and loop.cell_lib is quick
