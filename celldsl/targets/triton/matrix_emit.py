@@ -37,6 +37,10 @@ def refuse(ir: TensorIR) -> None:
                             "is not per head: declare it 'per head' or use backend='torch'",
                             ir.source, ir.state_locs[s])
     for node in ir.nodes:
+        if node.op == "shift":
+            raise CellError("the triton matrix schedule does not run prev() yet (a program holds one step of the "
+                            "input; an earlier step's projection would need its own recompute and gradient); "
+                            "use backend='torch' or 'cpu'", ir.source, node.loc)
         if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "matmul",
                            "transpose", "sum", "mean", "max", "min", "diag"):
             raise CellError(f"the triton matrix schedule cannot express '{node.op}'; use backend='torch'",
@@ -113,18 +117,17 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             e = f"tl.where({m}, {TritonPrinter(names).doprint(node.expr)}, 0.0).to(COMPUTE)"
         elif node.op == "matmul":
-            e = f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
+            e = f"tl.reduce({a[0]}[:, :, None] * {a[1]}[None, :, :], 1, combine_add)"
         elif node.op == "transpose":
             e = f"tl.trans({a[0]})"
         elif node.op in ("sum", "mean"):
-            e = f"tl.sum(tl.sum({a[0]}, axis=1, keep_dims=True), axis=0, keep_dims=True)"
+            e = _total(a[0])
             if node.op == "mean":
                 e += f" / {tiles.numel(ir.nodes[node.args[0]].kind)}"
         elif node.op in ("max", "min"):
             inner = ir.nodes[node.args[0]].kind
             pad = "-float('inf')" if node.op == "max" else "float('inf')"
-            e = (f"tl.{node.op}(tl.{node.op}(tl.where({tiles.mask(inner)}, {a[0]}, {pad}), axis=1, keep_dims=True),"
-                 " axis=0, keep_dims=True)")
+            e = _total(f"tl.where({tiles.mask(inner)}, {a[0]}, {pad})", f"combine_{node.op}")
         elif node.op == "diag":
             _, ri, _ = tiles.axis(k.rows)
             e = f"tl.where({ri}[:, None] == {ri}[None, :], {a[0]}, 0.0)"
@@ -134,10 +137,17 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
     return lines
 
 
+def _total(expr: str, combine: str = "combine_add") -> str:
+    """A tile reduced over all its elements to a (1, 1) tile. tl.reduce with the module's own combine
+    functions, not tl.sum: the standard library's jit functions exist in the mode triton was first
+    imported in only (see helpers.add)."""
+    return f"tl.reduce(tl.reduce({expr}, 1, {combine}, keep_dims=True), 0, {combine}, keep_dims=True)"
+
+
 def _sum_to(expr: str, node_kind, arg_kind) -> str:
     """The backward of a broadcast: a (1, 1) operand of a larger node gets the sum of its gradient."""
     if arg_kind.scalar and not node_kind.scalar:
-        return f"tl.sum(tl.sum({expr}, axis=1, keep_dims=True), axis=0, keep_dims=True)"
+        return _total(expr)
     return expr
 
 
@@ -168,8 +178,8 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
                 add(j, _sum_to(contrib, k, ir.nodes[j].kind))
         elif node.op == "matmul":
             j0, j1 = node.args
-            add(j0, f"tl.sum({g}[:, None, :] * v{j1}[None, :, :], axis=2)")
-            add(j1, f"tl.sum(v{j0}[:, :, None] * {g}[:, None, :], axis=0)")
+            add(j0, f"tl.reduce({g}[:, None, :] * v{j1}[None, :, :], 2, combine_add)")
+            add(j1, f"tl.reduce(v{j0}[:, :, None] * {g}[:, None, :], 0, combine_add)")
         elif node.op == "transpose":
             add(node.args[0], f"tl.trans({g})")
         elif node.op in ("sum", "mean"):
@@ -181,11 +191,11 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
             j = node.args[0]
             inner = ir.nodes[j].kind
             lines.append(f"hit{i} = tl.where({tiles.mask(inner)} & (v{j} == v{i}), 1.0, 0.0).to(COMPUTE)")
-            add(j, f"{g} * hit{i} / tl.sum(tl.sum(hit{i}, axis=1, keep_dims=True), axis=0, keep_dims=True)")
+            add(j, f"{g} * hit{i} / {_total(f'hit{i}')}")
         elif node.op == "diag":
             j = node.args[0]
             _, ri, _ = tiles.axis(k.rows)
-            add(j, f"tl.sum(tl.where({ri}[:, None] == {ri}[None, :], {g}, 0.0), axis=1, keep_dims=True)")
+            add(j, f"tl.reduce(tl.where({ri}[:, None] == {ri}[None, :], {g}, 0.0), 1, combine_add, keep_dims=True)")
     return lines, have
 
 
@@ -252,7 +262,7 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
         at = _state_at(ir, tiles, j, f"ds{j}_ptr + nh * {tiles.numel(k)}")
         body.append(f"d_s{j} = tl.load({at}, mask={tiles.mask(k)}, other=0.0).to(COMPUTE)")
     for j, p in enumerate(ir.params):
-        body.append(f"d_p{j} = tl.zeros({tiles.shape(ir.kinds[p])}, COMPUTE)")
+        body.append(f"d_p{j} = tl.full({tiles.shape(ir.kinds[p])}, 0.0, COMPUTE)")
     fwd = _forward_lines(ir, tiles)
     # 1. recompute the segment's states from its checkpoint into the scratch w{j}
     seg = ["t0 = c * CKPT", "L = tl.minimum(CKPT, T - t0)"]
@@ -304,7 +314,7 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     xi = leaf[ir.inputs[0]]
     kx = ir.nodes[xi].kind
     at = f"dx_ptr + (xrow * H + h) * {tiles.axis(kx.rows)[0]} + {tiles.offs(kx)}"
-    value = f"g{xi}" if xi in have else f"tl.zeros({tiles.shape(kx)}, COMPUTE)"
+    value = f"g{xi}" if xi in have else f"tl.full({tiles.shape(kx)}, 0.0, COMPUTE)"
     rev.append(f"tl.store({at}, {value}.to(dx_ptr.dtype.element_ty), mask={tiles.mask(kx)})")
     seg.append("for jj in range(0, L):")
     seg += [f"    {line}" for line in rev]
@@ -341,4 +351,7 @@ def matrix_triton_source(ir: TensorIR) -> str:
                       lines=True)
     header = (f'"""{doc}\n"""\n\nimport triton\nimport triton.language as tl\n\n'
               "from celldsl.targets.triton.module import shared_helpers\n\nlib = shared_helpers()\n")
-    return "\n\n".join([header, _forward_kernel(ir, tiles), _backward_kernel(ir, tiles)])
+    combine = ("@triton.jit\ndef combine_add(a, b):\n    return a + b\n\n\n"
+               "@triton.jit\ndef combine_max(a, b):\n    return tl.maximum(a, b)\n\n\n"
+               "@triton.jit\ndef combine_min(a, b):\n    return tl.minimum(a, b)\n")
+    return "\n\n".join([header, combine, _forward_kernel(ir, tiles), _backward_kernel(ir, tiles)])

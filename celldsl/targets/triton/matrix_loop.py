@@ -135,3 +135,26 @@ class _Function(torch.autograd.Function):
         dx, d_state, d_params = ctx.loop.launch_backward(x, list(ckpt), params, ctx.sizes, ctx.lengths,
                                                          d_out, d_finals)
         return (None, None, None, None, dx, *d_state, *d_params)
+
+
+def aot_jobs(loop: TritonMatrixLoop, sizes: dict[str, int], dtype: str = "float32") -> list[tuple]:
+    """(kernel name, jit function, signature, constexprs) of both kernels at these sizes, for
+    triton.compile with a GPUTarget (no GPU needed): the storage dtype's pointers, int32 lengths."""
+    pointer = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16", "float16": "*fp16"}[dtype]
+    module = import_module(loop.path, loop.digest, False)
+    constexprs = loop.constexprs(sizes, getattr(torch, dtype))
+    jobs = []
+    for name in ("matrix_forward_kernel", "matrix_backward_kernel"):
+        fn = getattr(module, name)
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg == "len_ptr":
+                signature[arg] = "*i32"
+            elif arg.endswith("_ptr"):
+                signature[arg] = pointer
+            else:
+                signature[arg] = "i32"
+        jobs.append((name, fn, signature, constexprs))
+    return jobs
