@@ -104,15 +104,16 @@ def rows(dry: bool, cells, warmup: int, repeats: int) -> list[tuple]:
         for impl, m in impls.items():
             got = m(x)[0].detach()
             diff = (got - want).abs().max().item()
-            fwd = timed(lambda m=m: m(x), device, warmup, repeats)
+            fwd = timed(lambda m=m, x=x: m(x), device, warmup, repeats)
             xg = x.clone().requires_grad_()
-            both = timed(lambda m=m: m(xg)[0].sum().backward(), device, warmup, repeats)
+            both = timed(lambda m=m, xg=xg: m(xg)[0].sum().backward(), device, warmup, repeats)
             out.append((cell, impl, fwd, both, diff))
         if cell in FLA and not dry and have_fla():
             diff = (fla_run(cell, ref, x) - want).abs().max().item()
-            fwd = timed(lambda: fla_run(cell, ref, x), device, warmup, repeats)
+            fwd = timed(lambda c=cell, r=ref, x=x: fla_run(c, r, x), device, warmup, repeats)
             xg = x.clone().requires_grad_()
-            both = timed(lambda: fla_run(cell, ref, xg).sum().backward(), device, warmup, repeats)
+            both = timed(lambda c=cell, r=ref, xg=xg: fla_run(c, r, xg).sum().backward(), device,
+                         warmup, repeats)
             out.append((cell, "fla fused_recurrent", fwd, both, diff))
         elif cell in FLA:
             why = "dry run" if dry else "fla not installed"
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         args.warmup, args.repeats = 0, 1
     elif not torch.cuda.is_available():
-        print("bench/gpu_matrix.py needs a CUDA GPU (use --dry-run to exercise it on the CPU)", file=sys.stderr)
+        print("bench/gpu_matrix.py needs a CUDA GPU (use --dry-run to exercise it on the CPU)",
+              file=sys.stderr)
         return 2
     print(table(rows(args.dry_run, cells, args.warmup, args.repeats), args.dry_run))
     return 0

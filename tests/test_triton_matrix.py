@@ -10,8 +10,6 @@ they pass there the schedule stays opt-in: backend="triton" only)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm

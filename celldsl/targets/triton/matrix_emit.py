@@ -38,9 +38,9 @@ def refuse(ir: TensorIR) -> None:
                             ir.source, ir.state_locs[s])
     for node in ir.nodes:
         if node.op == "shift":
-            raise CellError("the triton matrix schedule does not run prev() yet (a program holds one step of the "
-                            "input; an earlier step's projection would need its own recompute and gradient); "
-                            "use backend='torch' or 'cpu'", ir.source, node.loc)
+            raise CellError("the triton matrix schedule does not run prev() yet (a program holds one step "
+                            "of the input; an earlier step's projection would need its own recompute and "
+                            "gradient); use backend='torch' or 'cpu'", ir.source, node.loc)
         if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "matmul",
                            "transpose", "sum", "mean", "max", "min", "diag"):
             raise CellError(f"the triton matrix schedule cannot express '{node.op}'; use backend='torch'",
@@ -84,7 +84,8 @@ def _symbols(node) -> list:
 
 
 def _names(ir: TensorIR, tiles: _Tiles) -> dict:
-    return {"state": {s: j for j, s in enumerate(ir.states)}, "param": {p: j for j, p in enumerate(ir.params)},
+    return {"state": {s: j for j, s in enumerate(ir.states)},
+            "param": {p: j for j, p in enumerate(ir.params)},
             "input": tiles.axis(ir.inputs[0])}
 
 
@@ -99,7 +100,8 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
             continue  # an identity whose size came later: a resolved copy is the one read
         m = tiles.mask(k) if k.rows != "?" else None
         if node.op == "input":
-            e = f"tl.load(x_ptr + xrow * {idx['input'][0]} + {tiles.offs(k)}, mask={m}, other=0.0).to(COMPUTE)"
+            at = f"x_ptr + xrow * {idx['input'][0]} + {tiles.offs(k)}"
+            e = f"tl.load({at}, mask={m}, other=0.0).to(COMPUTE)"
         elif node.op == "state":
             e = f"s{idx['state'][node.name]}"
         elif node.op == "param":
@@ -195,14 +197,15 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
         elif node.op == "diag":
             j = node.args[0]
             _, ri, _ = tiles.axis(k.rows)
-            add(j, f"tl.reduce(tl.where({ri}[:, None] == {ri}[None, :], {g}, 0.0), 1, combine_add, keep_dims=True)")
+            on_diagonal = f"tl.where({ri}[:, None] == {ri}[None, :], {g}, 0.0)"
+            add(j, f"tl.reduce({on_diagonal}, 1, combine_add, keep_dims=True)")
     return lines, have
 
 
 def _prologue(ir: TensorIR, tiles: _Tiles) -> list[str]:
     lines = ["n = tl.program_id(0)", "h = tl.program_id(1)", "nh = n * H + h",
              "one_i = tl.arange(0, 1)", "one_m = one_i < 1", "length = tl.load(len_ptr + n)"]
-    for w, j in tiles.index.items():
+    for j in tiles.index.values():
         lines += [f"i{j} = tl.arange(0, B{j})", f"m{j} = i{j} < D{j}"]
     return lines
 
@@ -219,7 +222,8 @@ def _constexprs(tiles: _Tiles) -> list[str]:
 
 def _forward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     S, P = len(ir.states), len(ir.params)
-    params = (["x_ptr", "len_ptr", "out_ptr"] + [f"s{j}_in_ptr" for j in range(S)] + [f"s{j}_out_ptr" for j in range(S)]
+    params = (["x_ptr", "len_ptr", "out_ptr"] + [f"s{j}_in_ptr" for j in range(S)]
+              + [f"s{j}_out_ptr" for j in range(S)]
               + [f"c{j}_ptr" for j in range(S)] + [f"p{j}_ptr" for j in range(P)]
               + ["T", "N", "H", "CKPT", "NC"] + _constexprs(tiles))
     body = _prologue(ir, tiles)

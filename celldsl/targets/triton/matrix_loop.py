@@ -68,7 +68,8 @@ class TritonMatrixLoop:
         k = self.checkpoint
         nc = max(-(-T // k), 1)
         out_kind = ir.nodes[ir.output_node].kind
-        width = (1 if out_kind.rows == ONE else sizes[out_kind.rows]) * (1 if out_kind.cols == ONE else sizes[out_kind.cols])
+        width = ((1 if out_kind.rows == ONE else sizes[out_kind.rows])
+                 * (1 if out_kind.cols == ONE else sizes[out_kind.cols]))
         x = x.contiguous()
         out = x.new_empty((T, N, H * width))
         s_in = [s.contiguous() for s in states]
