@@ -184,7 +184,8 @@ class CompiledMatrixCell:
                  "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):"]
         lines += [f"  {s}  [{ir.kinds[s].words()}]" for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
-        lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py); triton does not run matrix states yet"]
+        lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py), "
+                  "triton (opt-in: backend='triton')"]
         return "\n".join(lines)
 
 
