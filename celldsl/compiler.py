@@ -139,9 +139,8 @@ class CompiledCell:
 
 
 class CompiledMatrixCell:
-    """A matrix-memory cell (lang/tensors.py): its IR and the one loop that runs it, torch's.
-
-    The cpu and triton targets refuse it with a located reason (targets/__init__.refuse_matrix)."""
+    """A matrix-memory cell (lang/tensors.py): its IR and the loops that run it (torch, cpu, and the
+    opt-in triton loop); what a target cannot run is refused with a located reason."""
 
     def __init__(self, ir, key: str, diagnostics: list[str]):
         self.ir, self.key, self.diagnostics = ir, key, diagnostics
@@ -164,8 +163,8 @@ class CompiledMatrixCell:
         return matrix_loop(self)
 
     def loop(self, backend: str):
-        """torch's loop, the C target's ("cpu"; "auto": C on CPU float tensors, else torch); "triton"
-        raises CellError at the first matrix state."""
+        """torch's loop, the C target's ("cpu"; "auto": C on CPU float tensors, else torch); "triton":
+        the opt-in generated Triton loop (CellError at what its emitter cannot express)."""
         from .targets import refuse_matrix, target
 
         if backend == "torch":
