@@ -4,7 +4,8 @@ Layers, directions, batch_first and PackedSequence as torch.nn.LSTM. Parameters 
 names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols] without "1" axes
 (W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is [heads]; a matrix the heads share,
 W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
-tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise.
+tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise; backend="triton" (opt-in,
+never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
 """
 
 from __future__ import annotations
