@@ -296,3 +296,17 @@ def test_forward_keeps_checkpoints_no_larger_than_the_outputs():
     for a, b in zip(grads(out, finals, [x, *cpu.parameters()], g),
                     grads(out_t, finals_t, [x, *ref.parameters()], g), strict=True):
         close(a, b, 1e-9)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_layer_deepcopies_and_pickles(backend):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = MatrixRecurrent("cells/matrix/gla.cell", I, SIZES, backend=backend)
+    x = torch.randn(4, 2, I)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(other.loop).__name__ == "CMatrixLoop"
+        assert (other.loop.fallback is None) == (backend == "cpu")
+        torch.testing.assert_close(other(x)[0], layer(x)[0])

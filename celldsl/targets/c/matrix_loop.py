@@ -50,7 +50,7 @@ class CMatrixLoop:
     `fallback` (backend="auto"), tensors the C loop does not take (not CPU, not float32/64) run there."""
 
     def __init__(self, compiled, fallback=None):
-        self.ir, self.key, self.fallback = compiled.ir, compiled.key, fallback
+        self.compiled, self.ir, self.key, self.fallback = compiled, compiled.ir, compiled.key, fallback
         why, node = blocker(self.ir)
         if why and fallback is None:
             raise refusal(self.ir, why, node)
@@ -58,6 +58,11 @@ class CMatrixLoop:
         self.host = host_nodes(self.ir)
         self.used = used_host(self.ir)
         self.libs: dict = {}
+
+    def __reduce__(self):
+        """Pickled (deepcopy, torch.save of a layer) as its cell and whether it is "auto": the
+        libraries and torch's loop are made again where it is loaded."""
+        return (_rebuild, (self.compiled, self.fallback is not None))
 
     def library(self, dims: dict[str, int]):
         k = tuple(sorted(dims.items()))
@@ -120,6 +125,10 @@ class CMatrixLoop:
         host = self.hoist(x, params, dims)
         out = _Function.apply(self, lib, dims, lengths, len(states), x.shape[0], x.shape[1], *states, *host)
         return out[0], tuple(out[1:])
+
+
+def _rebuild(compiled, auto: bool) -> CMatrixLoop:
+    return CMatrixLoop(compiled, compiled.torch_loop if auto else None)
 
 
 def _ptrs(tensors) -> ctypes.Array:
