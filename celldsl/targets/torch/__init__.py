@@ -39,9 +39,7 @@ class TorchTarget(Target):
 
         path = cache.root() / compiled.key / "torch_matrix.py"
         cache.write_if_changed(path, matrix_module_source(compiled.ir))
-        spec = importlib.util.spec_from_file_location(f"celldsl_generated_matrix_{compiled.key[:16]}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = cache.import_file(path, f"celldsl_generated_matrix_{compiled.key[:16]}")
         return MatrixLoop(compiled.ir, module)
 
 
