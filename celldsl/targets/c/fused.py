@@ -138,7 +138,7 @@ def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, tuple | None]:
     if os.environ.get("CELLDSL_BACKGROUND_BUILD", "1") == "0" or full is None or \
             list(quick) == list(attempts(source)) or _is_built(full):
         return (*build_library(cell), None)
-    lib, why = _library(source, folder, "cpu_kernels", cell_symbols(cell.plan), tries=quick)
+    lib, why = _library(source, folder, "quick_kernels", cell_symbols(cell.plan), tries=quick)
     if lib is None:
         return (*build_library(cell), None)
     key = str(full)
