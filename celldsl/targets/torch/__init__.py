@@ -4,8 +4,6 @@ differentiates again for higher-order gradients."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from ... import cache
 from ..base import Target
 
