@@ -24,8 +24,8 @@ def safe_globals() -> list:
         with torch.serialization.safe_globals([*celldsl.safe_globals(), MyModel, nn.Linear]):
             model = torch.load(path, weights_only=True)
     """
-    from .nn import layers
     from .compiler import compile_source
+    from .nn import layers
 
     return [layers.LSTM, layers.GRU, layers.RNN, layers.LSTMCell, layers.GRUCell, layers.RNNCell,
             layers.Recurrent, layers.Cell, compile_source]

@@ -10,7 +10,6 @@ from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgr
 
 import celldsl
 from celldsl.compiler import CompiledMatrixCell, compile_cell
-from celldsl.lang.errors import CellError
 from celldsl.nn.matrix import MatrixRecurrent
 
 HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank

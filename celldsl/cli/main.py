@@ -148,8 +148,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from ..labs import cli as labs_cli
 
         labs_cli.register(sub)
-    from . import compile as triton_cli
     from ..export import cli as export_cli
+    from . import compile as triton_cli
 
     triton_cli.register(sub)
     export_cli.register(sub)

@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from ..compiler import compile_source
 from .. import ops  # noqa: F401  (registers the ops cell_keys looks for)
+from ..compiler import compile_source
 from ..ops.function import cell_for, register
 
 CELLS_FILE = "celldsl_cells.json"

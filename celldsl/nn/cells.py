@@ -13,6 +13,11 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..compiler import compile_cell
+from ..lang.errors import CellTensorError
+from ..ops import run
+from ..ops.function import loop_for, register, split_params
+from ..ops.op import plain_eager
 from .arguments import (
     check_backend,
     check_first_input,
@@ -22,17 +27,11 @@ from .arguments import (
     declared_width_sizes,
     extra_input_sizes,
 )
-from ..compiler import compile_cell
-from ..lang.errors import CellTensorError
-from ..ops import run
-from ..ops.function import loop_for, register, split_params
-from ..ops.op import plain_eager
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .quantization import WarnsWhenNotQuantized
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
-
 
 # module -> (key, PreparedStep or None) of its last call without autograd (`_Step._replayed`); kept out
 # of the module's __dict__, so pickling, deepcopy and state_dict never see it

@@ -12,8 +12,6 @@ activations and host helpers live once in targets/triton/helpers.py, which every
 
 from __future__ import annotations
 
-import sympy as sp
-
 from ...lang.functions import Reduction
 from ...plan import Plan, Pointwise
 from ..printers import PYTHON_RESERVED, TargetPrinter, identifier, python_text
