@@ -17,8 +17,13 @@ from celldsl.targets.c import fused
 
 
 @pytest.fixture
-def cold(tmp_path, monkeypatch):
-    """An empty cache of this process's own, and no GEMM library loaded or building."""
+def cold(tmp_path, monkeypatch, request):
+    """An empty cache of this process's own, and no GEMM library loaded or building; torch's
+    deterministic mode off (the suite's conftest turns it on, which builds every library up front)."""
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False)
+    request.addfinalizer(lambda: torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1]))
     monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CELLDSL_BACKGROUND_BUILD", raising=False)
     monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)
@@ -96,6 +101,15 @@ def test_no_background_build_when_asked_or_when_cached(cold, monkeypatch):
     monkeypatch.setattr(fused, "_gemm_libraries", {})  # a new process: the library is in the cache
     loop = fused.cpu_loop(compile_cell("lstm"))
     assert loop.lib is not None and loop.waiting is None and not fused._gemm_builds
+
+
+def test_deterministic_mode_builds_every_library_up_front(cold):
+    """torch.use_deterministic_algorithms(True) asks for the same numbers from the same inputs: no
+    quicker path whose sums could round otherwise runs before a library is swapped in."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    loop = fused.cpu_loop(compile_cell("gru"))
+    assert loop.lib is not None and loop.waiting is None and loop.cell_waiting is None
+    assert not fused._gemm_builds and not fused._cell_builds
 
 
 def test_the_cells_quick_build_is_replaced_by_its_full_build(cold):

@@ -121,6 +121,17 @@ def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | N
                     cell_symbols(cell.plan))
 
 
+def background_builds() -> bool:
+    """Whether libraries missing from the cache may build in the background while a quicker path runs
+    (the Python loop on torch's GEMMs, the -O1 kernels). Its results agree with the final library's
+    only up to the order of sums, so the same call could give other last bits once a library is
+    swapped in: not with `torch.use_deterministic_algorithms(True)`, which asks for the same numbers
+    from the same inputs, nor with CELLDSL_BACKGROUND_BUILD=0."""
+    if os.environ.get("CELLDSL_BACKGROUND_BUILD", "1") == "0":
+        return False
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def quick_attempts(source: str) -> tuple[list[str], ...]:
     """attempts(source) at -O1: the same code and flags but the optimisation level, built in a
     fraction of the time (ln_lstm's kernels: ~3x faster to build, ~3x slower to run)."""
@@ -135,7 +146,7 @@ def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, tuple | None]:
     source, folder = c_source(cell.plan), cache.root() / cell.key
     quick = quick_attempts(source)
     full = _library_path(source, folder, "cpu_kernels")
-    if os.environ.get("CELLDSL_BACKGROUND_BUILD", "1") == "0" or full is None or \
+    if not background_builds() or full is None or \
             list(quick) == list(attempts(source)) or _is_built(full):
         return (*build_library(cell), None)
     lib, why = _library(source, folder, "quick_kernels", cell_symbols(cell.plan), tries=quick)
@@ -192,7 +203,7 @@ def gemm_library_soon(cache_root: Path | None = None):
     load of that file waits for it. CELLDSL_BACKGROUND_BUILD=0 builds it here and now."""
     root = cache_root or cache.root()
     key = (str(root), repr(compiler_command()))
-    if key in _gemm_libraries or os.environ.get("CELLDSL_BACKGROUND_BUILD", "1") == "0":
+    if key in _gemm_libraries or not background_builds():
         return build_gemm_library(cache_root)
     source = gemm_source()
     path = _library_path(source, root / "cpu_gemm", "cpu_gemm")
