@@ -19,7 +19,7 @@ from . import cache
 from .files import read_regular
 from .lang.errors import CellError, CellWarning, Source, printable
 from .lang.syntax import MAX_FILE_BYTES
-from .resources import ZOO, zoo_names
+from .resources import ZOO, zoo_file, zoo_names  # noqa: F401  (ZOO: re-exported, celldsl.compiler.ZOO)
 
 _COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this process
 _RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
@@ -193,10 +193,8 @@ def _read(cell) -> Source:
 
     A str without a newline is a path or a zoo name (no cell fits on one line)."""
     if isinstance(cell, str) and "\n" not in cell:
-        if not os.path.exists(cell) and (ZOO / f"{cell}.cell").exists():
-            cell = ZOO / f"{cell}.cell"
-        elif not os.path.exists(cell) and (ZOO / "matrix" / f"{cell}.cell").exists():
-            cell = ZOO / "matrix" / f"{cell}.cell"  # the matrix-memory cells run on torch only, for now
+        if not os.path.exists(cell) and zoo_file(cell) is not None:
+            cell = zoo_file(cell)
         elif os.path.exists(cell) or cell.endswith(".cell"):
             cell = Path(cell)
         else:

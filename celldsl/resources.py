@@ -27,6 +27,15 @@ GRAMMAR = folder("grammars", "grammars") / "cell.lark"
 KERNELS = folder("kernels", "kernels")
 
 
+def zoo_file(name: str) -> Path | None:
+    """The shipped cell of a zoo name ("lstm", or a matrix-memory cell of cells/matrix/ such as
+    "mlstm"), or None."""
+    for path in (ZOO / f"{name}.cell", ZOO / "matrix" / f"{name}.cell"):
+        if path.is_file():
+            return path
+    return None
+
+
 def zoo_names() -> list[str]:
     """The zoo's cells by name ("lstm", "mut1", ...), sorted."""
     return sorted(p.stem for p in ZOO.glob("*.cell"))

@@ -62,3 +62,13 @@ def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
 def test_celldsl_check_takes_zoo_names(capsys):
     assert main(["check", "mut1", "gru"]) == 0
     assert capsys.readouterr().out.splitlines() == ["mut1: ok", "gru: ok"]
+
+
+def test_celldsl_check_takes_every_name_celldsl_list_prints(capsys):
+    """CI checks the installed zoo with `celldsl check $(celldsl list --names)`: every listed name,
+    the matrix-memory cells of cells/matrix/ included, resolves to its shipped file."""
+    assert main(["list", "--names"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "mlstm" in names and "lstm" in names
+    assert main(["check", "-q", *names]) == 0, capsys.readouterr().err
+    assert all(resources.zoo_file(name) is not None for name in names)

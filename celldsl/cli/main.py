@@ -22,14 +22,14 @@ from pathlib import Path
 
 from ..compiler import ZOO, compile_cell
 from ..lang.errors import CellError, CellWarning, printable
-from ..resources import zoo_names
+from ..resources import zoo_file, zoo_names
 
 
 def _cell_path(name: str) -> Path:
     """A file path; a bare zoo name ("lstm") when no such file exists."""
     path = Path(name)
-    if not path.exists() and os.sep not in name and (ZOO / f"{name}.cell").exists():
-        return ZOO / f"{name}.cell"
+    if not path.exists() and os.sep not in name and zoo_file(name) is not None:
+        return zoo_file(name)
     return path
 
 
