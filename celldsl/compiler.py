@@ -25,14 +25,12 @@ _COMPILED: dict[str, CompiledCell] = {}  # key -> compiled cell, for this proces
 _RECORDED: set[Path] = set()  # the cell.json files this process wrote (or found up to date)
 
 
-class CompiledCell:
-    """A cell ready to run: its plan, its generated torch code, and helpers for the layers."""
+class CompiledSource:
+    """What every compiled cell holds: its IR, cache key and diagnostics (warnings found when
+    compiling, kept so cache hits repeat them)."""
 
-    def __init__(self, plan, key: str, diagnostics: list[str]):
-        self.plan = plan
-        self.ir = plan.ir
-        self.key = key
-        self.diagnostics = diagnostics  # warnings found when compiling (kept so cache hits repeat them)
+    def __init__(self, ir, key: str, diagnostics: list[str]):
+        self.ir, self.key, self.diagnostics = ir, key, diagnostics
 
     def __reduce__(self):
         """Pickled as its source (file name and text), compiled again when unpickled: a pickled layer
@@ -46,6 +44,14 @@ class CompiledCell:
     @property
     def states(self) -> list[str]:
         return self.ir.states
+
+
+class CompiledCell(CompiledSource):
+    """A cell ready to run: its plan, its generated torch code, and helpers for the layers."""
+
+    def __init__(self, plan, key: str, diagnostics: list[str]):
+        super().__init__(plan.ir, key, diagnostics)
+        self.plan = plan
 
     def sizes(self, input_size: int, hidden_size: int, extra_sizes: dict | None = None,
               widths: dict | None = None) -> dict[str, int]:
@@ -138,23 +144,9 @@ class CompiledCell:
         return explain(self)
 
 
-class CompiledMatrixCell:
+class CompiledMatrixCell(CompiledSource):
     """A matrix-memory cell (lang/tensors.py): its IR and the loops that run it (torch, cpu, and the
     opt-in triton loop); what a target cannot run is refused with a located reason."""
-
-    def __init__(self, ir, key: str, diagnostics: list[str]):
-        self.ir, self.key, self.diagnostics = ir, key, diagnostics
-
-    def __reduce__(self):
-        return (compile_source, (self.ir.source.filename, self.ir.source.text))
-
-    @property
-    def name(self) -> str:
-        return self.ir.name
-
-    @property
-    def states(self) -> list[str]:
-        return self.ir.states
 
     @cached_property
     def torch_loop(self):
