@@ -29,12 +29,14 @@ from .arguments import (
 )
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, initialize, member, op_params, stores_of
+from .prepared import Layout, PreparedCall
 from .quantization import WarnsWhenNotQuantized
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
 
-# module -> (key, PreparedStep or None) of its last call without autograd (`_Step._replayed`); kept out
-# of the module's __dict__, so pickling, deepcopy and state_dict never see it
+# module -> {under autograd: (key, prepared step or None)} of its last call without and with autograd
+# (`_Step._replayed`); kept out of the module's __dict__, so pickling, deepcopy and state_dict never
+# see it
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -67,36 +69,60 @@ class _Step:
         _PREPARED.pop(self, None)
 
     def _replayed(self, input, given: list[torch.Tensor] | None):
-        """(output, new states) of a call without autograd from the loop's prepared step (weights
-        packed, biases added, kernel arguments bound: targets/c/fused.PreparedStep), or None: then the
-        full path runs, with all its checks. The step is made by that full path's checks and kept
-        while the call's shapes, dtypes, devices and the parameters (object, storage, strides and
-        `_version`, which every in-place write and optimizer step bumps) stay the same, so a call
-        that repeats the last one's signature skips the checks it already passed."""
+        """(output, new states) of a call from the loop's prepared step (weights packed, biases added,
+        kernel arguments bound: targets/c/fused.PreparedStep; under autograd PreparedTrainStep, its
+        backward prepared too, through nn/prepared.PreparedCall), or None: then the full path runs,
+        with all its checks. The step is made by that full path's checks and kept while the call's
+        shapes, dtypes, devices, which tensors need a gradient, and the parameters (object,
+        storage, strides and `_version`, which every in-place write and optimizer step bumps) stay
+        the same, so a call that repeats the last one's signature skips the checks it already
+        passed."""
         tensors = [input, *given] if given else [input]
         if not plain_eager(tensors):
             return None
+        params = self._parameters.values()
+        train = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
+                                             any(p is not None and p.requires_grad for p in params))
         try:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(),
-                   *[(t.shape, t.dtype, t.device) for t in tensors],
-                   *[p if p is None else (id(p), p.data_ptr(), p._version, p.shape, p.stride())
-                     for p in self._parameters.values()])
+                   *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
+                   *[p if p is None else (id(p), p.data_ptr(), p._version, p.shape, p.stride(), p.requires_grad)
+                     for p in params])
         except RuntimeError:  # inference tensors have no version counter: no prepared step for them
             return None
-        entry = _PREPARED.get(self)
+        entries = _PREPARED.get(self)
+        if entries is None:
+            entries = _PREPARED[self] = {}
+        entry = entries.get(train)
         if entry is None or entry[0] != key:
-            entry = _PREPARED[self] = (key, self._prepare(input, given))
+            entry = entries[train] = (key, self._prepare(input, given, train))
         step = entry[1]
         if step is None:
             return None
+        if train:
+            return self._train_call(*step, input, tensors[1:])
         if input.dim() == 1:
             out, finals = step(input[None, None], [s[None] for s in tensors[1:]], self._distinct_output)
             return out[0], [f[0] for f in finals]
         return step(input[None], tensors[1:], self._distinct_output)
 
-    def _prepare(self, input, given):
-        """The prepared step for these arguments, or None (they fail a check, or the loop has none)."""
+    def _train_call(self, step, layout, names, input, given):
+        """_replayed under autograd: one PreparedCall."""
+        stored = [self._parameters[n] for n in names]
+        distinct = self._distinct_output or step.output_state is None
+        outs = PreparedCall.apply(step, layout, self._full_step, len(given), distinct, input, *given, *stored)
+        news = list(outs[: len(step.news)])
+        return (outs[-1] if distinct else news[step.output_state]), news
+
+    def _full_step(self, input, given):
+        """The full path's (new states..., out): PreparedCall's backward differentiates it."""
+        out, news = self._step(input, given, {}, prepared=False)
+        return [*news, out]
+
+    def _prepare(self, input, given, train: bool = False):
+        """The prepared step for these arguments, or None (they fail a check, or the loop has none);
+        under autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters)."""
         compiled = self.compiled
         if len(compiled.ir.inputs) != 1 or input.dim() not in (1, 2) or \
                 any(s.dim() != input.dim() for s in given or []):
@@ -109,17 +135,27 @@ class _Step:
             sizes = self._sizes()
             params = op_params(compiled, self._stored(like=x), sizes, like=x)
             loop = loop_for(compiled.key, backend)
-            prepare = getattr(loop, "prepare_step", None)
+            prepare = getattr(loop, "prepare_train_step" if train else "prepare_step", None)
             if prepare is None:
                 return None
             zeros = [x.new_zeros(x.shape[0], sizes[compiled.ir.width(n)]) for n in compiled.states[len(states):]]
-            return prepare(x[None], [*states, *zeros], *split_params(loop, params))
+            split = split_params(loop, params)
+            step = prepare(x[None], [*states, *zeros], *split)
+            if not train or step is None:
+                return step
+            names = [s.name for s in stores_of(compiled) if self._parameters.get(s.name) is not None]
+            stored = [self._parameters[n] for n in names]
+            if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
+                return None  # a parameter the cell does not read, or scalars
+            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources)
+            return None if layout is None else (step, layout, names)
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message
 
-    def _step(self, input, given: list[torch.Tensor] | None, extra: dict):
-        """-> (output [N, H], all new states [N, H]); [H] each for unbatched input [I]."""
-        if not extra and not torch.is_grad_enabled():
+    def _step(self, input, given: list[torch.Tensor] | None, extra: dict, prepared: bool = True):
+        """-> (output [N, H], all new states [N, H]); [H] each for unbatched input [I]. prepared=False:
+        the full path, never the prepared step."""
+        if not extra and prepared and isinstance(input, torch.Tensor):
             replayed = self._replayed(input, given)
             if replayed is not None:
                 return replayed

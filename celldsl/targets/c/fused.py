@@ -747,6 +747,22 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return PreparedStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
 
+    def prepare_train_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedTrainStep | None:
+        """A PreparedTrainStep (a step whose backward is prepared too), or None where it does not
+        apply: where prepare_step does not, and for cells with scalar parameters, an input read
+        elementwise (its gradient comes from the kernels), a hoisted GEMM on anything but the input,
+        or the Python loop chosen for the backward."""
+        if self.scalars or self.dx_from_kernels or \
+                any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
+            return None
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None or not plan.native or x.dim() != 3 or x.shape[0] != 1 or states[0].numel() == 0 \
+                or len(self.inputs) != 1 or self.shifted or self.hoist or \
+                not self.runs_native("step_backward", x.dtype, states[0].shape[0], step_w):
+            return None
+        with torch.no_grad():
+            return PreparedTrainStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
+
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
         """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
@@ -1042,7 +1058,9 @@ class FusedCPULoop(TorchLoop):
         j = self.same_vectors.get(i, i)
         return self._vector_grad(j, accumulators, d_hoist, d_step, bufs, sums) if j != i else accumulators[i]
 
-    def _backward_native(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
+    def _backward_native(self, bufs, grads, args, A, B, steps, offsets, N, step_w, run: bool = True):
+        """Runs the native backward (unless run=False) -> (NativeLoop, its prepared call, the packed
+        panels the call reads)."""
         H, dtype = bufs["sizes"]["H"], bufs["X"].dtype  # every value is H wide (native_blocker)
         native = self.native(dtype)
         nt = native.threads(N, H, N * sum(w.numel() for w in step_w), bufs["X"].shape[0])
@@ -1064,8 +1082,11 @@ class FusedCPULoop(TorchLoop):
         out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
         state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
         untouched = [int(i in self.untouched_states) for i in range(len(self.states))]
-        native.backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels, state_grads,
-                        untouched, out_state, grads["out"])
+        prepared = native.prepare_backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels,
+                                           state_grads, untouched, out_state, grads["out"])
+        if run:
+            native.run_backward(prepared)
+        return native, prepared, panels
 
     def _backward_python(self, bufs, grads, args, A, B, steps, offsets, N, step_w) -> None:
         X, sizes = bufs["X"], bufs["sizes"]
@@ -1135,12 +1156,11 @@ class PreparedStep:
         self.native, self.prepared, panels = loop._forward_native(bufs, args, steps, offsets, N, step_w,
                                                                   step_bias, run=False)
         self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
+        self._steps = (steps, offsets, args)
 
-    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
-        shapes and dtype it was made for -> (out [N, width], new states). distinct_out=False: out may
-        be the new state it equals (for a caller that returns only one of them)."""
+    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """The step on x and the given states (copied in; x and the states may also be [I] and [H]
+        each, of an unbatched call at N = 1), into the bound buffers."""
         self.x.copy_(x)
         for buf, s in zip(self.states, states):
             buf.copy_(s)
@@ -1149,10 +1169,129 @@ class PreparedStep:
         for h in self.hoisted:
             h()
         self.native.run_forward(self.prepared)
+
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
+        shapes and dtype it was made for -> (out [N, width], new states). distinct_out=False: out may
+        be the new state it equals (for a caller that returns only one of them)."""
+        self._run(x, states)
         news = [n.clone() for n in self.news]
         if not distinct_out and self.output_state is not None:
             return news[self.output_state], news
         return self.out.clone(), news
+
+
+class PreparedTrainStep(PreparedStep):
+    """A PreparedStep for a call under autograd: `forward` also hands back copies of what the
+    backward reads (the hoisted rows, the step products, the in-step operands), and the backward is
+    bound once too, to buffers of its own: a call copies the gradients in (and the forward's values,
+    unless the buffers still hold them: the backward of the latest forward), runs one native call,
+    then one GEMM per weight gradient and the input's. The gradients are those of the op's
+    parameters (hoisted weights, step weights, vectors by `vector_sources`); nn/prepared.py makes
+    the module's from them."""
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
+        bufs, _panels, step_w, _step_bias, _hoisted_bias = self._held
+        steps, offsets, _args = self._steps
+        X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
+        widths = [s.shape[1] for s in self.states]
+        A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
+        d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
+        alias = loop.schedule.hoisted_alias
+        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0]) for i, w in enumerate(hoisted_w)]
+        self.g_out = X.new_zeros(N, loop.output_width(sizes))
+        accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
+        grads = {"out": self.g_out, "zeros": self.g_out, "step": d_step, "hoisted": d_hoist, "x": {},
+                 "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
+                 "vectors": accumulators, "scalars": []}
+        args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
+                for pw in loop.plan.pointwise}
+        self.back_native, self.back_prepared, back_panels = loop._backward_native(
+            bufs, grads, args, A, B, steps, offsets, N, step_w, run=False)
+        self._held_back = (grads, args, back_panels)
+        # at T = 1 a state GEMM's d operand is d initial state only: skipped where none is needed
+        state_gemms = [gi for gi, (is_state, _i) in enumerate(loop.gemm_operands) if is_state]
+        self.back_stateless = self.back_native.skipping(self.back_prepared, len(step_w), state_gemms) \
+            if state_gemms else self.back_prepared
+        self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
+        # the accumulators the kernels add into (zeroed per call); the others are GEMM columns' sums
+        self.accumulated = [accumulators[i] for i in range(len(vectors))
+                            if i not in loop.folded and i not in loop.same_vectors]
+        self.accumulators = accumulators
+        self.step_operands = [self.states[i] if is_state else bufs["operands"][i]
+                              for is_state, i in loop.gemm_operands]
+        self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
+        # what a backward reads besides x, the initial states and the new states
+        self.kept = [*bufs["hoisted"], *[s for s in bufs["step"] if s.numel()], *bufs["operands"].values()]
+        self.calls = 0  # forwards so far: the buffers hold the values of forward number `calls`
+
+    @staticmethod
+    def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
+        """Where vector i's gradient is: (("hoisted" or "step", GEMM), first column) of a GEMM
+        gradient's column sums, or (("acc", j), 0): accumulator j."""
+        i = loop.same_vectors.get(i, i)
+        if i in loop.folded:
+            kind, gi, block = loop.folded[i]
+            return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
+        return ("acc", i), 0
+
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list, int]:
+        """Runs the step -> (copies of the new states, copies of what the backward reads, the token
+        the backward takes)."""
+        self._run(x, states)
+        self.calls += 1
+        return [n.clone() for n in self.news], [k.clone() for k in self.kept], self.calls
+
+    def output(self) -> torch.Tensor:
+        """A copy of the latest forward's output."""
+        return self.out.clone()
+
+    def backward(self, token: int, x, states, news, kept, grad_out, grad_news, needs_dx: bool, needs_states):
+        """The gradients of forward number `token` (x, the given states, the new states and `kept`
+        as it ran), for grad_out (None: zero) and the new states' gradients (None: zero) -> (dx or
+        None, [d initial state or None, per needs_states], [d hoisted weight], [d step weight],
+        {vector source: its values})."""
+        if token != self.calls:  # another forward ran since: its values are in the buffers
+            self.x.copy_(x)
+            for buf, s in zip(self.states, states):
+                buf.copy_(s)
+            for buf in self.states[len(states):]:
+                buf.zero_()
+            for buf, n in zip(self.news, news, strict=True):
+                buf.copy_(n)
+            for buf, k in zip(self.kept, kept, strict=True):
+                buf.copy_(k)
+        for buf, g in zip(self.B, grad_news, strict=True):
+            if g is None:
+                buf.zero_()
+            else:
+                buf.copy_(g)
+        if grad_out is None:
+            self.g_out.zero_()
+        else:
+            self.g_out.copy_(grad_out)
+        for acc in self.accumulated:
+            acc.zero_()
+        self.back_native.run_backward(self.back_prepared if any(needs_states) else self.back_stateless)
+        d_step_w = [torch.mm(d.t(), a) for d, a in zip(self.d_step, self.step_operands, strict=True)]
+        d_hoisted_w = [torch.mm(d.t(), h.a) for d, h in zip(self.d_hoist, self.hoisted, strict=True)]
+        dx = None
+        if needs_dx:
+            for d, h in zip(self.d_hoist, self.hoisted, strict=True):
+                dx = torch.mm(d, h.w) if dx is None else dx.addmm_(d, h.w)
+            if dx is None:
+                dx = torch.zeros_like(self.x[0])
+        sources = {}
+        for key, _start in self.vector_sources:
+            if key not in sources:
+                if key[0] == "acc":
+                    sources[key] = self.accumulators[key[1]].to(self.x.dtype, copy=True)
+                else:
+                    sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
+        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states)]
+        return dx, dstates, d_hoisted_w, d_step_w, sources
 
 
 class _HoistedInto:

@@ -96,13 +96,36 @@ class NativeLoop:
     def backward(self, steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched, out_state,
                  g_out) -> None:
         """kernels: [Rows array] per pointwise stage and parity (even, odd); grads: [A_0, B_0, ...]."""
+        self.run_backward(self.prepare_backward(steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched,
+                                                out_state, g_out))
+
+    def prepare_backward(self, steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched, out_state,
+                         g_out):
+        """backward's argument, built once (fused.PreparedTrainStep replays it over the same buffers)."""
         keep = _Keep()
         loop = self._loop(keep, steps, offsets, n, hidden, nt, BackGemm, gemms, kernels)
         loop.grads = keep.i64([g.data_ptr() for g in grads])
         loop.untouched = keep.i64(untouched)
         loop.n_states, loop.out_state = len(untouched), out_state
         loop.g_out = g_out.data_ptr() if g_out is not None else None
-        self._backward(ctypes.byref(loop))
+        return loop, keep, ctypes.byref(loop)
+
+    def run_backward(self, prepared) -> None:
+        self._backward(prepared[2])
+
+    @staticmethod
+    def skipping(prepared, gemms: int, skipped: list[int]):
+        """A copy of a prepared backward (of `gemms` GEMMs) whose GEMMs `skipped` do nothing (K = 0):
+        for a step whose initial states need no gradient, the d operand nothing reads."""
+        loop, keep, _ = prepared
+        copies = [BackGemm.from_buffer_copy(g) for g in (BackGemm * gemms).from_address(loop.gemms)]
+        for i in skipped:
+            copies[i].blocks = 0
+        held = _Keep()
+        held.held.append(keep)
+        copy = Loop.from_buffer_copy(loop)
+        copy.gemms = held.array(BackGemm, copies)
+        return copy, held, ctypes.byref(copy)
 
 
 class _Keep:

@@ -1,0 +1,143 @@
+"""The streaming step under autograd: a prepared step (targets/c/fused.PreparedTrainStep) as an
+autograd.Function, so a decoder or a step-by-step training loop that calls a Cell once per token pays
+one native call per step, forward and backward, instead of the op's full path (its checks, the
+parameter list, packing the weights, binding every kernel argument, at every call).
+
+The Function takes the module's own parameters (weight_ih, ...), not the op's views of them, so
+autograd records one node per step; `Layout` makes each parameter's gradient from the op's
+gradients. A backward that autograd records (create_graph=True) or that torch's older vmap batches
+runs the module's full path again and differentiates it, so higher orders are those of the full path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Layout:
+    """Where each module parameter's gradient comes from: the op's parameters (op_params) are the
+    parameters themselves or views of them (row blocks, vectors), each with its gradient: a hoisted
+    or step weight's, or a run of a vector source's values (PreparedTrainStep.vector_sources).
+    Adjacent runs of one source merge, so a bias whose vectors are one GEMM's blocks in order takes
+    one slice of that GEMM gradient's column sums."""
+
+    def __init__(self, stored: list[Tensor], runs: list[list[tuple]]):
+        self.stored, self.runs = stored, runs
+
+    @classmethod
+    def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources) -> Layout | None:
+        """The layout, or None where the op's parameters are not plain views partitioning the stored
+        tensors (a weight combination, tied weights, a non-contiguous parameter): the full path then."""
+        runs: list[list[tuple]] = [[] for _ in stored]
+        sources = [*[("hoisted", gi) for gi in range(len(hoisted_w))], *[("step", gi) for gi in range(len(step_w))],
+                   *[("vector", *vector_sources[i]) for i in range(len(vectors))]]
+        for q, source in zip([*hoisted_w, *step_w, *vectors], sources, strict=True):
+            base = q if q._base is None else q._base
+            j = next((j for j, p in enumerate(stored) if p is base), None)
+            if j is None:
+                if q.requires_grad:
+                    return None
+                continue  # zeros for a parameter the module leaves out (bias=False)
+            if not (base.is_contiguous() and q.is_contiguous()):
+                return None
+            runs[j].append((q.storage_offset() - base.storage_offset(), q.numel(), source))
+        for j, p in enumerate(stored):
+            rs, at = sorted(runs[j], key=lambda r: r[0]), 0
+            for offset, n, _source in rs:
+                if offset != at:
+                    return None  # a gap or an overlap
+                at += n
+            if at != p.numel():
+                return None
+            runs[j] = cls._merged(rs)
+        return cls(stored, runs)
+
+    @staticmethod
+    def _merged(rs: list[tuple]) -> list[tuple]:
+        out: list[tuple] = []
+        for offset, n, source in rs:
+            if out and source[0] == "vector" and out[-1][2][0] == "vector":
+                o, m, last = out[-1]
+                if last[1] == source[1] and last[2] + m == source[2]:
+                    out[-1] = (o, m + n, last)
+                    continue
+            out.append((offset, n, source))
+        return out
+
+    def grads(self, needs, d_hoisted: list[Tensor], d_step: list[Tensor], sums: dict) -> list[Tensor | None]:
+        """The stored tensors' gradients (None where not needed)."""
+        def value(source, n):
+            if source[0] == "hoisted":
+                return d_hoisted[source[1]]
+            if source[0] == "step":
+                return d_step[source[1]]
+            return sums[source[1]][source[2] : source[2] + n]
+
+        out = []
+        for p, rs, need in zip(self.stored, self.runs, needs, strict=True):
+            if not need:
+                out.append(None)
+            elif len(rs) == 1:
+                out.append(value(rs[0][2], rs[0][1]).view(p.shape))
+            else:
+                g = p.new_empty(p.shape)
+                flat = g.view(-1)
+                for offset, n, source in rs:
+                    flat[offset : offset + n].copy_(value(source, n).reshape(-1))
+                out.append(g)
+        return out
+
+
+class PreparedCall(torch.autograd.Function):
+    """apply(step, layout, full, n_given, distinct, x, *given states, *stored) -> (*new states, out if
+    distinct): one call of a PreparedTrainStep. `full(x, given)` runs the module's full path (the
+    same outputs), for a backward that autograd records."""
+
+    @staticmethod
+    def forward(ctx, step, layout, full, n_given, distinct, x, *tensors):
+        given = tensors[:n_given]
+        unbatched = x.dim() == 1
+        news, kept, token = step.forward(x, given)
+        outs = [*news, step.output()] if distinct else news
+        if unbatched:
+            outs = [o[0] for o in outs]  # views of fresh tensors, made plain below
+            outs = [o.clone() for o in outs]
+        ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.token, ctx.kept = step, layout, full, n_given, token, kept
+        ctx.n_news, ctx.distinct = len(news), distinct
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, *tensors, *outs[: len(news)])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n_given, n_news = ctx.n_given, ctx.n_news
+        if all(g is None for g in grads):
+            return (None,) * len(ctx.needs_input_grad)
+        saved = ctx.saved_tensors
+        x, rest = saved[0], saved[1:]
+        given, stored, news = rest[:n_given], rest[n_given : len(rest) - n_news], rest[len(rest) - n_news :]
+        needs = ctx.needs_input_grad[5:]
+        if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
+                                          for g in grads):
+            return (None,) * 5 + _differentiated(ctx.full, x, given, stored, needs, grads)
+        grad_out = grads[n_news] if ctx.distinct else None
+        needs_given = needs[1 : 1 + n_given]
+        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.token, x, given, news, ctx.kept, grad_out,
+                                                                 grads[:n_news], needs[0], needs_given)
+        if dx is not None:
+            dx = dx.view(x.shape)
+        dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given)]
+        return (None,) * 5 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], d_hoisted, d_step, sums))
+
+
+def _differentiated(full, x, given, stored, needs, grads) -> tuple:
+    """The gradients by autograd through the module's full path, recorded (create_graph)."""
+    inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
+    with torch.enable_grad():
+        outs = full(x, list(given))
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    found = iter(found)
+    return tuple(next(found) if need else None for need in needs)
