@@ -50,7 +50,8 @@ def cpu_loop(cell):
 def test_replayed_step_is_the_full_path_and_skips_the_op(name, monkeypatch):
     ref, ours = pair(name)
     x, h = torch.randn(N, I), state(name)
-    full = ours(x, h)  # autograd on: the full path
+    out, finals = ours._step(x, list(as_tuple(h)), {}, prepared=False)  # the full path
+    full = tuple(finals) if name == "LSTMCell" else out
     loop = cpu_loop(ours)
     with torch.no_grad():
         first = ours(x, h)  # makes the prepared step
@@ -152,3 +153,181 @@ def test_any_cell_with_prev_states_left_out():
         zero = step(x)
         torch.testing.assert_close(zero[0], step(x, (torch.zeros(N, H), torch.zeros(N, H)))[0])
     np.testing.assert_allclose(out.numpy(), want[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- under autograd: the prepared step's backward (fused.PreparedTrainStep, nn/prepared.py) ---------
+
+
+def refuse_the_op(monkeypatch, cell):
+    """From now on the op's loop must not run: every call replays the prepared step."""
+    loop = cpu_loop(cell)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the op's loop ran: the prepared step was not replayed")
+
+    monkeypatch.setattr(loop, "forward", refuse)
+    monkeypatch.setattr(loop, "backward", refuse)
+
+
+def pair64(name: str, n_in: int = I, hidden: int = H):
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(n_in, hidden, dtype=torch.float64)
+    ours = getattr(celldsl, name)(n_in, hidden, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def bptt(model, name, xs, h0, c0, weights):
+    """A loss over T steps of the cell (the state carried), and its gradients by autograd."""
+    s = (h0, c0) if name == "LSTMCell" else h0
+    loss = 0
+    for t in range(xs.shape[0]):
+        s = model(xs[t], s)
+        h = s[0] if isinstance(s, tuple) else s
+        loss = loss + (h * weights).sum() + (s[1].cos().sum() if isinstance(s, tuple) else 0)
+    return loss, torch.autograd.grad(loss, [xs, h0, *model.parameters()])
+
+
+@pytest.mark.parametrize("batch", [1, N])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_training_steps_match_torch_and_the_full_path(name, batch, monkeypatch):
+    """T steps, then one backward through all of them (each backward but the last one's restores
+    its forward's values), float64: the gradients of the inputs, the initial state and every
+    parameter equal torch.nn's with the same weights, and the full path's."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")  # the native loop at any size (else it is measured)
+    ref, ours = pair64(name)
+    xs = torch.randn(4, batch, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(batch, H, dtype=torch.float64, requires_grad=True)
+    c0, weights = torch.randn(batch, H, dtype=torch.float64), torch.randn(H, dtype=torch.float64)
+    full_loss, full = bptt(ours, name, xs, h0, c0, weights)  # first calls: the full path makes the step
+    refuse_the_op(monkeypatch, ours)
+    loss, grads = bptt(ours, name, xs, h0, c0, weights)
+    ref_loss, want = bptt(ref, name, xs, h0, c0, weights)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, w, f in zip(grads, want, full, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+def test_backwards_out_of_order_and_twice(name, monkeypatch):
+    """Two calls, then the first one's backward twice (retain_graph) and the second's: each
+    gradient is that call's, whatever ran in between."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    ref, ours = pair64(name)
+    xs = [torch.randn(N, I, dtype=torch.float64) for _ in range(2)]
+    hs = [torch.randn(N, H, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    cs = [torch.randn(N, H, dtype=torch.float64) for _ in range(2)]
+
+    def call(model, k):
+        s = (hs[k], cs[k]) if name == "LSTMCell" else hs[k]
+        r = model(xs[k], s)
+        return (r[0] * 2 + r[1]).sum() if isinstance(r, tuple) else r.sin().sum()
+
+    ours(xs[0], (hs[0], cs[0]) if name == "LSTMCell" else hs[0])  # makes the step
+    refuse_the_op(monkeypatch, ours)
+    first, second = call(ours, 0), call(ours, 1)
+    g1 = torch.autograd.grad(first, [hs[0], *ours.parameters()], retain_graph=True)
+    g1_again = torch.autograd.grad(first, [hs[0], *ours.parameters()])
+    g2 = torch.autograd.grad(second, [hs[1], *ours.parameters()])
+    w1 = torch.autograd.grad(call(ref, 0), [hs[0], *ref.parameters()])
+    w2 = torch.autograd.grad(call(ref, 1), [hs[1], *ref.parameters()])
+    for got, want in ((g1, w1), (g1_again, w1), (g2, w2)):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+def test_training_with_an_optimizer_and_load_state_dict(name, monkeypatch):
+    """Step-by-step training (Adam after every few steps: in-place writes into every parameter)
+    follows torch.nn's, and a load_state_dict between calls is seen, under autograd too."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    ref, ours = pair64(name)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (ref, ours)]
+    torch.manual_seed(1)
+    data = torch.randn(6, 3, N, I, dtype=torch.float64)
+    for k, xs in enumerate(data):
+        for model, opt in zip((ref, ours), opts, strict=True):
+            opt.zero_grad()
+            s = None
+            loss = 0
+            for x in xs:
+                s = model(x, s)
+                loss = loss + (s[0] if isinstance(s, tuple) else s).square().mean()
+            loss.backward()
+            opt.step()
+        for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+        if k == 2:
+            other = getattr(nn, name)(I, H, dtype=torch.float64)
+            ref.load_state_dict(other.state_dict())
+            ours.load_state_dict(other.state_dict())
+
+
+def test_a_weight_written_between_forward_and_backward_is_refused(monkeypatch):
+    """As torch.nn: autograd's own error for a saved tensor modified in place."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    _ref, ours = pair64("LSTMCell")
+    x = torch.randn(N, I, dtype=torch.float64)
+    ours(x)
+    h, _c = ours(x)
+    with torch.no_grad():
+        ours.weight_hh.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+
+
+def test_gradcheck_and_gradgradcheck_of_the_prepared_step(monkeypatch):
+    """float64: gradcheck through the prepared backward; gradgradcheck, whose backward autograd
+    records, through the full path it falls back to."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    _ref, ours = pair64("GRUCell", 3, 4)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in ours.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    backward = cpu_loop(ours).backward
+    ran = []
+
+    def f(x, h, *ps):  # the parameters passed in (new tensors at each call: a new prepared step)
+        ran.append(celldsl.nn.cells._PREPARED.get(ours, {}).get(True))
+        return torch.func.functional_call(ours, dict(zip(names, ps, strict=True)), (x, h))
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the op's backward ran: the prepared one was not")
+
+    cpu_loop(ours).backward = no_backward
+    try:
+        assert torch.autograd.gradcheck(f, (x, h, *params), check_batched_grad=False)
+    finally:
+        cpu_loop(ours).backward = backward
+    assert torch.autograd.gradgradcheck(f, (x, h, *params), check_batched_grad=False)
+
+
+def test_any_cell_unbatched_and_a_frozen_weight_under_autograd(monkeypatch):
+    """Cell (output and states both returned), unbatched input, and a parameter that needs no
+    gradient: the same gradients as the full path's."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    step = celldsl.Cell("lstm", I, H, dtype=torch.float64)
+    step.weight_ih.requires_grad_(False)
+    x = torch.randn(I, dtype=torch.float64, requires_grad=True)
+    h, c = torch.randn(H, dtype=torch.float64, requires_grad=True), torch.randn(H, dtype=torch.float64)
+
+    def grads(prepared: bool):
+        if prepared:
+            out, (h1, c1) = step(x, (h, c))
+        else:
+            out, (h1, c1) = step._step(x, [h, c], {}, prepared=False)
+        loss = (out * 3).sum() + h1.sin().sum() + c1.square().sum()
+        return [out, h1, c1, *torch.autograd.grad(loss, [x, h, *[p for p in step.parameters() if p.requires_grad]])]
+
+    step(x, (h, c))
+    refuse_the_op(monkeypatch, step)
+    got = grads(True)
+    monkeypatch.undo()
+    want = grads(False)
+    assert got[0].shape == (H,) and got[3].shape == (I,)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    got[0].add_(1)  # outputs are plain tensors, writable in place (as torch.nn's)

@@ -135,7 +135,7 @@ def _differentiated(full, x, given, stored, needs, grads) -> tuple:
     """The gradients by autograd through the module's full path, recorded (create_graph)."""
     inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
     with torch.enable_grad():
-        outs = full(x, list(given))
+        outs = full(x, list(given))[: len(grads)]  # (new states..., out): out only when returned
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)

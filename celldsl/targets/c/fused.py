@@ -751,8 +751,8 @@ class FusedCPULoop(TorchLoop):
         """A PreparedTrainStep (a step whose backward is prepared too), or None where it does not
         apply: where prepare_step does not, and for cells with scalar parameters, an input read
         elementwise (its gradient comes from the kernels), a hoisted GEMM on anything but the input,
-        or the Python loop chosen for the backward."""
-        if self.scalars or self.dx_from_kernels or \
+        a step GEMM on anything but a state, or the Python loop chosen for the backward."""
+        if self.scalars or self.dx_from_kernels or not all(is_state for is_state, _i in self.gemm_operands) or \
                 any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
             return None
         plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
@@ -1183,19 +1183,51 @@ class PreparedStep:
 
 
 class PreparedTrainStep(PreparedStep):
-    """A PreparedStep for a call under autograd: `forward` also hands back copies of what the
-    backward reads (the hoisted rows, the step products, the in-step operands), and the backward is
-    bound once too, to buffers of its own: a call copies the gradients in (and the forward's values,
-    unless the buffers still hold them: the backward of the latest forward), runs one native call,
-    then one GEMM per weight gradient and the input's. The gradients are those of the op's
-    parameters (hoisted weights, step weights, vectors by `vector_sources`); nn/prepared.py makes
-    the module's from them."""
+    """A PreparedStep for a call under autograd. Its buffers and kernel arguments are bound once,
+    forward and backward, but it reads the weights live: the GEMMs are torch's on the tensors it was
+    given (the module's parameters or views of them), the biases added up again at every call, so a
+    write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
+    torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
+    products, the in-step operands); a backward copies the gradients in (and its forward's values,
+    unless the buffers still hold them), runs one native call (the kernels), then one GEMM per weight
+    gradient, the input's, and the initial states' where needed. The gradients are those of the op's
+    parameters (hoisted weights, step weights, vectors by `vector_sources`); nn/prepared.py makes the
+    module's from them. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
-        bufs, _panels, step_w, _step_bias, _hoisted_bias = self._held
+        bufs, _panels, _step_w, _step_bias, _hoisted_bias = self._held
         steps, offsets, _args = self._steps
         X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
+        self.hoisted_w, self.step_w = list(hoisted_w), list(step_w)  # live: not copies
+        every = list(range(len(step_w)))
+        self.forward_call = self.native.skipping(self.prepared, StepGemm, len(step_w), every)
+        self.hoisted_out = [h.out for h in self.hoisted]
+        self.hoisted_x = [h.a for h in self.hoisted]
+        # per GEMM: (a live vector covering its bias or None, [(its output's columns, a live vector)])
+        biases = {key: self._bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out)
+                  for key, out in [*[(("hoisted", gi), o) for gi, o in enumerate(self.hoisted_out)],
+                                   *[(("step", gi), o) for gi, o in enumerate(bufs["step"])]]
+                  if key in loop.folded_blocks}
+        # the GEMMs' (operand, W.T (a live view), output, bias, added columns, whether it adds on):
+        # the hoisted ones, then the step ones (whose operands are the initial states)
+        self.products = []
+        for gi, (a, w, out) in enumerate(zip(self.hoisted_x, hoisted_w, self.hoisted_out, strict=True)):
+            self.products.append((a, w.t(), out, *biases.get(("hoisted", gi), (None, [])), False))
+        self.step_operands = []
+        for gi, w in enumerate(step_w):
+            operand = self.states[loop.gemm_operands[gi][1]]
+            self.step_operands.append(operand)
+            if gi in loop.summed:
+                hi, first = loop.summed[gi]
+                start = plan.hoisted_blocks[hi][first]
+                out = self.hoisted_out[hi][:, start : start + w.shape[0]]
+                first, added = biases.get(("step", gi), (None, []))
+                added = [(out, first), *added] if first is not None else added
+                self.products.append((operand, w.t(), out, None, added, True))
+            else:
+                self.products.append((operand, w.t(), bufs["step"][gi], *biases.get(("step", gi), (None, [])), False))
+
         widths = [s.shape[1] for s in self.states]
         A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
         d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
@@ -1208,24 +1240,81 @@ class PreparedTrainStep(PreparedStep):
                  "vectors": accumulators, "scalars": []}
         args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
                 for pw in loop.plan.pointwise}
-        self.back_native, self.back_prepared, back_panels = loop._backward_native(
-            bufs, grads, args, A, B, steps, offsets, N, step_w, run=False)
+        self.back_native, prepared, back_panels = loop._backward_native(
+            bufs, grads, args, A, B, steps, offsets, N, _step_w, run=False)
+        # the state GEMMs' d operands (d initial states) run here, with torch, where needed: at
+        # T = 1 the backward's GEMMs only add onto the d initial states, so the native call runs none
+        self.backward_call = self.back_native.skipping(prepared, BackGemm, len(step_w), every)
         self._held_back = (grads, args, back_panels)
-        # at T = 1 a state GEMM's d operand is d initial state only: skipped where none is needed
-        state_gemms = [gi for gi, (is_state, _i) in enumerate(loop.gemm_operands) if is_state]
-        self.back_stateless = self.back_native.skipping(self.back_prepared, len(step_w), state_gemms) \
-            if state_gemms else self.back_prepared
         self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
+        self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
         # the accumulators the kernels add into (zeroed per call); the others are GEMM columns' sums
         self.accumulated = [accumulators[i] for i in range(len(vectors))
                             if i not in loop.folded and i not in loop.same_vectors]
         self.accumulators = accumulators
-        self.step_operands = [self.states[i] if is_state else bufs["operands"][i]
-                              for is_state, i in loop.gemm_operands]
+        self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
         self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
         # what a backward reads besides x, the initial states and the new states
         self.kept = [*bufs["hoisted"], *[s for s in bufs["step"] if s.numel()], *bufs["operands"].values()]
-        self.calls = 0  # forwards so far: the buffers hold the values of forward number `calls`
+        self.calls = 0  # forwards so far
+        self.holds = 0  # the forward whose values the buffers hold
+
+    @staticmethod
+    def _bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out) -> tuple:
+        """(a live vector that is the whole bias, or None; [(columns of `out`, a live vector)] added
+        after the GEMM): the folded vectors of one GEMM, added at each call. Vectors that lie next to
+        each other in one tensor, in the order of the blocks they go to, are one term (torch's
+        bias_ih: one add)."""
+        kind, gi = key
+        w = (hoisted_w if kind == "hoisted" else step_w)[gi]
+        starts = bufs[f"{kind}_blocks"][gi]
+        terms = sorted(((starts[b], vectors[i]) for b, ids in loop.folded_blocks[key].items() for i in ids),
+                       key=lambda t: (t[1].untyped_storage().data_ptr(), t[1].storage_offset(), t[0]))
+        merged: list[list] = []
+        for start, v in terms:
+            if merged:
+                s0, parts = merged[-1]
+                last = parts[-1]
+                if start == s0 + sum(p.numel() for p in parts) and v.is_contiguous() and last.is_contiguous() \
+                        and v.untyped_storage().data_ptr() == last.untyped_storage().data_ptr() \
+                        and v.storage_offset() == last.storage_offset() + last.numel():
+                    parts.append(v)
+                    continue
+            merged.append([start, [v]])
+        first, added = None, []
+        for start, parts in merged:
+            n = sum(p.numel() for p in parts)
+            base = parts[0]._base if parts[0]._base is not None else parts[0]
+            # one view over adjacent vectors (live: a view of the parameter)
+            source = parts[0] if len(parts) == 1 else \
+                base.view(-1)[parts[0].storage_offset() - base.storage_offset():][:n]
+            if first is None and n == w.shape[0]:
+                first = source
+            else:
+                added.append((out[:, start : start + n], source))
+        return first, added
+
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list, int]:
+        """Runs the step -> (copies of the new states, copies of what the backward reads, the token
+        the backward takes)."""
+        self.x.copy_(x)
+        for buf, s in zip(self.states, states):
+            buf.copy_(s)
+        for buf in self.states[len(states):]:
+            buf.zero_()
+        for a, w_t, out, bias, added, adds in self.products:
+            if adds:
+                out.addmm_(a, w_t)
+            elif bias is None:
+                torch.mm(a, w_t, out=out)
+            else:
+                torch.addmm(bias, a, w_t, out=out)
+            for cols, v in added:
+                cols.add_(v)
+        self.native.run_forward(self.forward_call)
+        self.calls += 1
+        self.holds = self.calls
+        return [n.clone() for n in self.news], [k.clone() for k in self.kept], self.calls
 
     @staticmethod
     def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
@@ -1237,13 +1326,6 @@ class PreparedTrainStep(PreparedStep):
             return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
         return ("acc", i), 0
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list, int]:
-        """Runs the step -> (copies of the new states, copies of what the backward reads, the token
-        the backward takes)."""
-        self._run(x, states)
-        self.calls += 1
-        return [n.clone() for n in self.news], [k.clone() for k in self.kept], self.calls
-
     def output(self) -> torch.Tensor:
         """A copy of the latest forward's output."""
         return self.out.clone()
@@ -1253,7 +1335,8 @@ class PreparedTrainStep(PreparedStep):
         as it ran), for grad_out (None: zero) and the new states' gradients (None: zero) -> (dx or
         None, [d initial state or None, per needs_states], [d hoisted weight], [d step weight],
         {vector source: its values})."""
-        if token != self.calls:  # another forward ran since: its values are in the buffers
+        if token != self.holds:  # another forward ran since, or another's backward restored its values
+            self.holds = token
             self.x.copy_(x)
             for buf, s in zip(self.states, states):
                 buf.copy_(s)
@@ -1274,13 +1357,16 @@ class PreparedTrainStep(PreparedStep):
             self.g_out.copy_(grad_out)
         for acc in self.accumulated:
             acc.zero_()
-        self.back_native.run_backward(self.back_prepared if any(needs_states) else self.back_stateless)
-        d_step_w = [torch.mm(d.t(), a) for d, a in zip(self.d_step, self.step_operands, strict=True)]
-        d_hoisted_w = [torch.mm(d.t(), h.a) for d, h in zip(self.d_hoist, self.hoisted, strict=True)]
+        self.back_native.run_backward(self.backward_call)
+        if any(needs_states):
+            for d, w, i in zip(self.d_step, self.step_w, self.state_of_gemm, strict=True):
+                self.A[i].addmm_(d, w)
+        d_step_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_step_t, self.step_operands, strict=True)]
+        d_hoisted_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_hoist_t, self.hoisted_x, strict=True)]
         dx = None
         if needs_dx:
-            for d, h in zip(self.d_hoist, self.hoisted, strict=True):
-                dx = torch.mm(d, h.w) if dx is None else dx.addmm_(d, h.w)
+            for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
+                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
             if dx is None:
                 dx = torch.zeros_like(self.x[0])
         sources = {}

@@ -114,17 +114,18 @@ class NativeLoop:
         self._backward(prepared[2])
 
     @staticmethod
-    def skipping(prepared, gemms: int, skipped: list[int]):
-        """A copy of a prepared backward (of `gemms` GEMMs) whose GEMMs `skipped` do nothing (K = 0):
-        for a step whose initial states need no gradient, the d operand nothing reads."""
+    def skipping(prepared, cls, gemms: int, skipped: list[int]):
+        """A copy of a prepared forward (cls StepGemm) or backward (BackGemm) of `gemms` GEMMs whose
+        GEMMs `skipped` do nothing (no blocks: the forward leaves the output as it is; the backward
+        writes zeros, or adds nothing): for a caller that runs those products itself."""
         loop, keep, _ = prepared
-        copies = [BackGemm.from_buffer_copy(g) for g in (BackGemm * gemms).from_address(loop.gemms)]
+        copies = [cls.from_buffer_copy(g) for g in (cls * gemms).from_address(loop.gemms)]
         for i in skipped:
             copies[i].blocks = 0
         held = _Keep()
         held.held.append(keep)
         copy = Loop.from_buffer_copy(loop)
-        copy.gemms = held.array(BackGemm, copies)
+        copy.gemms = held.array(cls, copies)
         return copy, held, ctypes.byref(copy)
 
 
