@@ -331,3 +331,21 @@ def test_any_cell_unbatched_and_a_frozen_weight_under_autograd(monkeypatch):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     got[0].add_(1)  # outputs are plain tensors, writable in place (as torch.nn's)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+def test_writes_torch_does_not_count_are_seen_under_autograd(name, monkeypatch):
+    """Manual SGD through `.data` (no version bump) between training steps: the prepared step
+    reads the weights live, so the numbers follow torch.nn's without flatten_parameters()."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    ref, ours = pair64(name)
+    x, h = torch.randn(N, I, dtype=torch.float64), torch.randn(N, H, dtype=torch.float64)
+    for _ in range(4):
+        for model in (ref, ours):
+            model.zero_grad()
+            r = model(x, (h, h) if name == "LSTMCell" else h)
+            (r[0] if isinstance(r, tuple) else r).square().sum().backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.1)
+        for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
