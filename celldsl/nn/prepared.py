@@ -105,8 +105,12 @@ class PreparedCall(torch.autograd.Function):
             outs = [o.clone() for o in outs]
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.token, ctx.kept = step, layout, full, n_given, token, kept
         ctx.n_news, ctx.distinct = len(news), distinct
+        ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: kept has its copy)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, *tensors, *outs[: len(news)])
+        # the states and the weights as torch.nn's cells save them (a write into one of them before
+        # the backward is autograd's error); the outputs, x and the biases are not saved: writing
+        # into them after the call is allowed, as in torch.nn
+        ctx.save_for_backward(*given, *[p for p in ctx.stored if p.dim() > 1])
         return tuple(outs)
 
     @staticmethod
@@ -114,16 +118,15 @@ class PreparedCall(torch.autograd.Function):
         n_given, n_news = ctx.n_given, ctx.n_news
         if all(g is None for g in grads):
             return (None,) * len(ctx.needs_input_grad)
-        saved = ctx.saved_tensors
-        x, rest = saved[0], saved[1:]
-        given, stored, news = rest[:n_given], rest[n_given : len(rest) - n_news], rest[len(rest) - n_news :]
+        given = ctx.saved_tensors[:n_given]  # unpacked: autograd checks their versions
+        x = ctx.x
         needs = ctx.needs_input_grad[5:]
         if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
                                           for g in grads):
-            return (None,) * 5 + _differentiated(ctx.full, x, given, stored, needs, grads)
+            return (None,) * 5 + _differentiated(ctx.full, x, given, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
-        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.token, x, given, news, ctx.kept, grad_out,
+        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.token, given, ctx.kept, grad_out,
                                                                  grads[:n_news], needs[0], needs_given)
         if dx is not None:
             dx = dx.view(x.shape)

@@ -1254,8 +1254,9 @@ class PreparedTrainStep(PreparedStep):
         self.accumulators = accumulators
         self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
         self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
-        # what a backward reads besides x, the initial states and the new states
-        self.kept = [*bufs["hoisted"], *[s for s in bufs["step"] if s.numel()], *bufs["operands"].values()]
+        # what a backward reads besides the initial states (x: a copy, the caller may write into x)
+        self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
+                     *bufs["operands"].values()]
         self.calls = 0  # forwards so far
         self.holds = 0  # the forward whose values the buffers hold
 
@@ -1330,20 +1331,17 @@ class PreparedTrainStep(PreparedStep):
         """A copy of the latest forward's output."""
         return self.out.clone()
 
-    def backward(self, token: int, x, states, news, kept, grad_out, grad_news, needs_dx: bool, needs_states):
-        """The gradients of forward number `token` (x, the given states, the new states and `kept`
-        as it ran), for grad_out (None: zero) and the new states' gradients (None: zero) -> (dx or
-        None, [d initial state or None, per needs_states], [d hoisted weight], [d step weight],
-        {vector source: its values})."""
+    def backward(self, token: int, states, kept, grad_out, grad_news, needs_dx: bool, needs_states):
+        """The gradients of forward number `token` (the given states and `kept` as it ran), for
+        grad_out (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial
+        state or None, per needs_states], [d hoisted weight], [d step weight], {vector source: its
+        values}). At T = 1 the backward reads the initial states, not the new ones."""
         if token != self.holds:  # another forward ran since, or another's backward restored its values
             self.holds = token
-            self.x.copy_(x)
             for buf, s in zip(self.states, states):
                 buf.copy_(s)
             for buf in self.states[len(states):]:
                 buf.zero_()
-            for buf, n in zip(self.news, news, strict=True):
-                buf.copy_(n)
             for buf, k in zip(self.kept, kept, strict=True):
                 buf.copy_(k)
         for buf, g in zip(self.B, grad_news, strict=True):
