@@ -74,9 +74,9 @@ class _Step:
         backward prepared too, through nn/prepared.PreparedCall), or None: then the full path runs,
         with all its checks. The step is made by that full path's checks and kept while the call's
         shapes, dtypes, devices, which tensors need a gradient, and the parameters (object,
-        storage, strides and `_version`, which every in-place write and optimizer step bumps) stay
-        the same, so a call that repeats the last one's signature skips the checks it already
-        passed."""
+        storage, strides and, without autograd, `_version`, which every in-place write and
+        optimizer step bumps: the step under autograd reads the weights live) stay the same, so a
+        call that repeats the last one's signature skips the checks it already passed."""
         tensors = [input, *given] if given else [input]
         if not plain_eager(tensors):
             return None
@@ -87,7 +87,8 @@ class _Step:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(),
                    *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
-                   *[p if p is None else (id(p), p.data_ptr(), p._version, p.shape, p.stride(), p.requires_grad)
+                   *[p if p is None else (id(p), p.data_ptr(), 0 if train else p._version, p.shape, p.stride(),
+                                          p.requires_grad)
                      for p in params])
         except RuntimeError:  # inference tensors have no version counter: no prepared step for them
             return None

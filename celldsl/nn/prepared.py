@@ -72,14 +72,16 @@ class Layout:
                 return d_hoisted[source[1]]
             if source[0] == "step":
                 return d_step[source[1]]
-            return sums[source[1]][source[2] : source[2] + n]
+            whole = sums[source[1]]
+            return whole if source[2] == 0 and n == whole.shape[0] else whole[source[2] : source[2] + n]
 
         out = []
         for p, rs, need in zip(self.stored, self.runs, needs, strict=True):
             if not need:
                 out.append(None)
             elif len(rs) == 1:
-                out.append(value(rs[0][2], rs[0][1]).view(p.shape))
+                g = value(rs[0][2], rs[0][1])
+                out.append(g if g.shape == p.shape else g.view(p.shape))
             else:
                 g = p.new_empty(p.shape)
                 flat = g.view(-1)
@@ -98,14 +100,14 @@ class PreparedCall(torch.autograd.Function):
     def forward(ctx, step, layout, full, n_given, distinct, x, *tensors):
         given = tensors[:n_given]
         unbatched = x.dim() == 1
-        news, kept, token = step.forward(x, given)
+        news, record = step.forward(x, given)
         outs = [*news, step.output()] if distinct else news
         if unbatched:
             outs = [o[0] for o in outs]  # views of fresh tensors, made plain below
             outs = [o.clone() for o in outs]
-        ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.token, ctx.kept = step, layout, full, n_given, token, kept
+        ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct = len(news), distinct
-        ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: kept has its copy)
+        ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
@@ -126,8 +128,8 @@ class PreparedCall(torch.autograd.Function):
             return (None,) * 5 + _differentiated(ctx.full, x, given, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
-        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.token, given, ctx.kept, grad_out,
-                                                                 grads[:n_news], needs[0], needs_given)
+        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news],
+                                                                 needs[0], needs_given)
         if dx is not None:
             dx = dx.view(x.shape)
         dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given)]

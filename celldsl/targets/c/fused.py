@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -753,6 +754,7 @@ class FusedCPULoop(TorchLoop):
         elementwise (its gradient comes from the kernels), a hoisted GEMM on anything but the input,
         a step GEMM on anything but a state, or the Python loop chosen for the backward."""
         if self.scalars or self.dx_from_kernels or not all(is_state for is_state, _i in self.gemm_operands) or \
+                not all(v.is_contiguous() for v in vectors) or \
                 any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
             return None
         plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
@@ -1234,6 +1236,7 @@ class PreparedTrainStep(PreparedStep):
         alias = loop.schedule.hoisted_alias
         d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0]) for i, w in enumerate(hoisted_w)]
         self.g_out = X.new_zeros(N, loop.output_width(sizes))
+        self.g_out_zero = True
         accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
         grads = {"out": self.g_out, "zeros": self.g_out, "step": d_step, "hoisted": d_hoist, "x": {},
                  "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
@@ -1257,8 +1260,7 @@ class PreparedTrainStep(PreparedStep):
         # what a backward reads besides the initial states (x: a copy, the caller may write into x)
         self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
                      *bufs["operands"].values()]
-        self.calls = 0  # forwards so far
-        self.holds = 0  # the forward whose values the buffers hold
+        self.holds = _dead  # the Record of the call whose values the buffers hold
 
     @staticmethod
     def _bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out) -> tuple:
@@ -1295,9 +1297,11 @@ class PreparedTrainStep(PreparedStep):
                 added.append((out[:, start : start + n], source))
         return first, added
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list, int]:
-        """Runs the step -> (copies of the new states, copies of what the backward reads, the token
-        the backward takes)."""
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], Record]:
+        """Runs the step -> (copies of the new states, the Record its backward takes). The buffers
+        are about to be overwritten: the previous call's values are copied into its Record first,
+        if that Record is still held (its backward may yet run)."""
+        self._spill()
         self.x.copy_(x)
         for buf, s in zip(self.states, states):
             buf.copy_(s)
@@ -1313,9 +1317,9 @@ class PreparedTrainStep(PreparedStep):
             for cols, v in added:
                 cols.add_(v)
         self.native.run_forward(self.forward_call)
-        self.calls += 1
-        self.holds = self.calls
-        return [n.clone() for n in self.news], [k.clone() for k in self.kept], self.calls
+        record = Record()
+        self.holds = weakref.ref(record)
+        return [n.clone() for n in self.news], record
 
     @staticmethod
     def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
@@ -1331,28 +1335,38 @@ class PreparedTrainStep(PreparedStep):
         """A copy of the latest forward's output."""
         return self.out.clone()
 
-    def backward(self, token: int, states, kept, grad_out, grad_news, needs_dx: bool, needs_states):
-        """The gradients of forward number `token` (the given states and `kept` as it ran), for
-        grad_out (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial
-        state or None, per needs_states], [d hoisted weight], [d step weight], {vector source: its
-        values}). At T = 1 the backward reads the initial states, not the new ones."""
-        if token != self.holds:  # another forward ran since, or another's backward restored its values
-            self.holds = token
+    def _spill(self) -> None:
+        """Copies the buffers' values into the Record of the call they belong to, before they are
+        overwritten, if that call's backward may yet run (its Record is alive) and has no copy yet."""
+        held = self.holds()
+        if held is not None and held.values is None:
+            held.values = [k.clone() for k in self.kept]
+
+    def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
+        """The gradients of the forward that made `record` (given the states it took), for grad_out
+        (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial state or
+        None, per needs_states], [d hoisted weight], [d step weight], {vector source: its values}).
+        At T = 1 the backward reads the initial states, not the new ones."""
+        if self.holds() is not record:  # another forward ran since, or another's backward restored its values
+            self._spill()
+            self.holds = weakref.ref(record)
             for buf, s in zip(self.states, states):
                 buf.copy_(s)
             for buf in self.states[len(states):]:
                 buf.zero_()
-            for buf, k in zip(self.kept, kept, strict=True):
+            for buf, k in zip(self.kept, record.values, strict=True):
                 buf.copy_(k)
         for buf, g in zip(self.B, grad_news, strict=True):
             if g is None:
                 buf.zero_()
             else:
                 buf.copy_(g)
-        if grad_out is None:
-            self.g_out.zero_()
-        else:
+        if grad_out is not None:
             self.g_out.copy_(grad_out)
+            self.g_out_zero = False
+        elif not self.g_out_zero:  # the native call only reads it
+            self.g_out.zero_()
+            self.g_out_zero = True
         for acc in self.accumulated:
             acc.zero_()
         self.back_native.run_backward(self.backward_call)
@@ -1376,6 +1390,20 @@ class PreparedTrainStep(PreparedStep):
                     sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
         dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states)]
         return dx, dstates, d_hoisted_w, d_step_w, sources
+
+
+class Record:
+    """One PreparedTrainStep call, for its backward: `values` holds copies of what the backward
+    reads once a later call overwrote the step's buffers (None while they still hold them)."""
+
+    __slots__ = ("values", "__weakref__")
+
+    def __init__(self):
+        self.values = None
+
+
+def _dead():
+    return None
 
 
 class _HoistedInto:
