@@ -15,7 +15,8 @@ Tables (--tables, comma-separated):
           textbook loop and torch.compile of the textbook step (issue 9)
     long  the cells without a state GEMM (indrnn, sru: elementwise; mingru, minlstm: linear) at T=1000,
           I=64, H=128, N=1 and N=32 (issue 11)
-    step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell
+    step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell,
+          and celldsl.LSTM / GRU on T = 1 vs torch.nn.LSTM / GRU
           at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
           runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
     matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/matrix/) at T=1024
@@ -520,20 +521,22 @@ def step_tables(args, clock, report: Report) -> None:
     def first(result):
         return result[0] if isinstance(result, tuple) else result  # LSTMCell: (h, c)
 
-    for name in ("LSTMCell", "GRUCell"):
+    for name in ("LSTMCell", "GRUCell", "LSTM", "GRU"):  # a layer on T = 1: input [1, N, I], hx [1, N, H]
+        layer = not name.endswith("Cell")
         for N in (args.size[1], 1):
             torch.manual_seed(0)
             ref, ours = getattr(nn, name)(H, H), getattr(celldsl, name)(H, H)
             ours.load_state_dict(ref.state_dict())
-            h = torch.randn(N, H)
-            state = (h, torch.randn(N, H)) if name == "LSTMCell" else h
+            h = torch.randn(1, N, H) if layer else torch.randn(N, H)
+            state = (h, torch.randn_like(h)) if name.startswith("LSTM") else h
             impls = [Impl(f"torch.nn.{name}", lambda x, m=ref, s=state: first(m(x, s)), ref.parameters(), "nn"),
                      Impl(f"celldsl.{name}", lambda x, m=ours, s=state: first(m(x, s)), ours.parameters(),
                           "celldsl")]
-            x = torch.randn(N, H)
+            x = torch.randn(1, N, H) if layer else torch.randn(N, H)
             measure(impls, x, args.repeats * 20, args.warmup * 20, clock, ("fwd", "fwdbwd"))
-            table(f"{name}, one step with state in and out, N={N} I={H} H={H} (median of {args.repeats * 20})",
-                  impls, max_diff(impls, x, impls[1]), impls[0])
+            what = "T=1, " if layer else ""
+            table(f"{name}, one step with state in and out, {what}N={N} I={H} H={H} (median of "
+                  f"{args.repeats * 20})", impls, max_diff(impls, x, impls[1]), impls[0])
             for key, what in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
                 report.at_most(f"{name} step N={N}: celldsl / torch.nn, {what}",
                                ms(impls[1], key) / ms(impls[0], key), 1.0)

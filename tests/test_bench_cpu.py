@@ -33,16 +33,17 @@ def test_bench_prints_every_table_row_and_target(capsys):
     titles = re.findall(r"^(LSTM|GRU|indrnn|sru|mingru|minlstm), T=\d+ N=\d+", text, flags=re.M)
     assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2
     rows = table_rows(text)
-    nn_rows, zoo_rows, long_rows, step_rows = rows[:16], rows[16:19], rows[19:-8], rows[-8:]
+    nn_rows, zoo_rows, long_rows, step_rows = rows[:16], rows[16:19], rows[19:-16], rows[-16:]
     labels = ["torch.nn.", "celldsl.", "Python loop", "textbook"]
     for i, row in enumerate(nn_rows):
         assert labels[i % 4] in row[0], row
     assert [r[0] for r in zoo_rows] == ["lstm", "mut1", "indrnn"]
     assert len(long_rows) == 3 * 2 * len(bench.LONG_CELLS)
-    assert re.findall(r"^(\w+), one step with state in and out, N=(\d+)", text, flags=re.M) == [
-        ("LSTMCell", "2"), ("LSTMCell", "1"), ("GRUCell", "2"), ("GRUCell", "1")]
+    steps = ("LSTMCell", "GRUCell", "LSTM", "GRU")  # cells, then layers on T = 1
+    assert re.findall(r"^(\w+), one step with state in and out, (?:T=1, )?N=(\d+)", text, flags=re.M) == [
+        (name, n) for name in steps for n in ("2", "1")]
     assert [r[0] for r in step_rows] == [
-        f"{lib}.{name}" for name in ("LSTMCell",) * 2 + ("GRUCell",) * 2 for lib in ("torch.nn", "celldsl")
+        f"{lib}.{name}" for name in steps for _ in range(2) for lib in ("torch.nn", "celldsl")
     ]
     for row in nn_rows + long_rows + step_rows:
         fwd, fwdbwd, r1, r2, diff = (float(c) for c in row[-5:])
@@ -51,7 +52,7 @@ def test_bench_prints_every_table_row_and_target(capsys):
     for row in zoo_rows:
         assert float(row[-1]) < 1e-4, row
     targets = re.findall(r"^- .*: (met|MISSED by \d+%)$", text, flags=re.M)
-    assert len(targets) == 5 + 3 + 2 + 4 + 8  # the step table: 2 cells x 2 batches x fwd, fwd+bwd
+    assert len(targets) == 5 + 3 + 2 + 4 + 16  # the step table: 4 modules x 2 batches x fwd, fwd+bwd
 
 
 def test_bench_rejects_unknown_tables_cells_and_clocks():

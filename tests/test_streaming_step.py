@@ -349,3 +349,53 @@ def test_writes_torch_does_not_count_are_seen_under_autograd(name, monkeypatch):
                 p.data.add_(p.grad, alpha=-0.1)
         for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+
+
+# ---- a layer on T = 1: each layer's prepared step (torch_layers._streamed) ----------------------
+
+
+@pytest.mark.parametrize("layers, batch_first", [(1, False), (2, True)])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_a_layer_on_one_step_replays_its_cells_steps(name, layers, batch_first, monkeypatch):
+    """T = 1, stacked or not, batch_first or not, float64, under autograd and without: torch.nn's
+    outputs and gradients, with the op's loop never running after the first call."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    kw = {"num_layers": layers, "batch_first": batch_first, "dtype": torch.float64}
+    ref, ours = getattr(nn, name)(I, H, **kw), getattr(celldsl, name)(I, H, **kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*((N, 1) if batch_first else (1, N)), I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers, N, H, dtype=torch.float64, requires_grad=True)
+    hx = (h0, torch.randn(layers, N, H, dtype=torch.float64)) if name == "LSTM" else h0
+
+    def run(model):
+        out, s = model(x, hx)
+        h = s[0] if isinstance(s, tuple) else s
+        loss = out.sin().sum() + (h * 2).sum() + (s[1].cos().sum() if isinstance(s, tuple) else 0)
+        with torch.no_grad():
+            again = model(x, hx)[0]
+        return [out, h, again, *torch.autograd.grad(loss, [x, h0, *model.parameters()])]
+
+    run(ours)  # makes the steps
+    for k in range(layers):
+        refuse_the_op(monkeypatch, ours.cell(k))
+    for g, w in zip(run(ours), run(ref), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_keeps_its_messages_and_other_calls_take_the_full_path():
+    """A wrong hidden state gets the layer's message (not a cell's); T = 2 and unbatched calls
+    are the full path's."""
+    torch.manual_seed(0)
+    ref, ours = nn.LSTM(I, H), celldsl.LSTM(I, H)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, N, I)
+    ours(x)
+    bad = (torch.randn(1, N + 1, H), torch.randn(1, N, H))
+    with pytest.raises(RuntimeError) as want:
+        ref(x, bad)
+    with pytest.raises(RuntimeError) as got:
+        ours(x, bad)
+    assert str(got.value).startswith(str(want.value))  # the layer's full path's message
+    for inp in (torch.randn(2, N, I), torch.randn(1, I)):
+        torch.testing.assert_close(ours(inp)[0], ref(inp)[0], rtol=1e-5, atol=1e-6)
