@@ -320,7 +320,8 @@ def test_any_cell_unbatched_and_a_frozen_weight_under_autograd(monkeypatch):
         else:
             out, (h1, c1) = step._step(x, [h, c], {}, prepared=False)
         loss = (out * 3).sum() + h1.sin().sum() + c1.square().sum()
-        return [out, h1, c1, *torch.autograd.grad(loss, [x, h, *[p for p in step.parameters() if p.requires_grad]])]
+        trained = [p for p in step.parameters() if p.requires_grad]
+        return [out, h1, c1, *torch.autograd.grad(loss, [x, h, *trained])]
 
     step(x, (h, c))
     refuse_the_op(monkeypatch, step)

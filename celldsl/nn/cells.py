@@ -87,8 +87,8 @@ class _Step:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(),
                    *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
-                   *[p if p is None else (id(p), p.data_ptr(), 0 if train else p._version, p.shape, p.stride(),
-                                          p.requires_grad)
+                   *[p if p is None else (id(p), p.data_ptr(), 0 if train else p._version, p.shape,
+                                          p.stride(), p.requires_grad)
                      for p in params])
         except RuntimeError:  # inference tensors have no version counter: no prepared step for them
             return None

@@ -30,7 +30,8 @@ class Layout:
         """The layout, or None where the op's parameters are not plain views partitioning the stored
         tensors (a weight combination, tied weights, a non-contiguous parameter): the full path then."""
         runs: list[list[tuple]] = [[] for _ in stored]
-        sources = [*[("hoisted", gi) for gi in range(len(hoisted_w))], *[("step", gi) for gi in range(len(step_w))],
+        sources = [*[("hoisted", gi) for gi in range(len(hoisted_w))],
+                   *[("step", gi) for gi in range(len(step_w))],
                    *[("vector", *vector_sources[i]) for i in range(len(vectors))]]
         for q, source in zip([*hoisted_w, *step_w, *vectors], sources, strict=True):
             base = q if q._base is None else q._base
@@ -132,7 +133,7 @@ class PreparedCall(torch.autograd.Function):
                                                                  needs[0], needs_given)
         if dx is not None:
             dx = dx.view(x.shape)
-        dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given)]
+        dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given, strict=False)]
         return (None,) * 5 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], d_hoisted, d_step, sums))
 
 

@@ -75,16 +75,16 @@ class _TorchRNN(WarnsWhenNotQuantized, ScriptableStack, RecurrentStack):
         projection, no dropout running) from each layer's prepared step (nn/cells.py `_replayed`:
         with or without autograd), or None: then the full path runs, with its checks and messages
         (a layer's step refuses what its cell's checks refuse)."""
-        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[1 if self.batch_first else 0] != 1 \
-                or self.bidirectional or self.proj_size or self.schedule is not None \
+        if not isinstance(input, Tensor) or input.dim() != 3 \
+                or input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional or self.proj_size or self.schedule is not None \
                 or (self.dropout and self.training and self.num_layers > 1):
             return None
         lstm = isinstance(self, nn.LSTM)
         given = None
         if hx is not None:
             given = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
-            if len(given) != (2 if lstm else 1) or \
-                    not all(isinstance(s, Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers for s in given):
+            if len(given) != (2 if lstm else 1) or not all(
+                    isinstance(s, Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers for s in given):
                 return None
         ids = tuple(id(p) for p in self._flat_weights)
         entry = _STEPS.get(self)

@@ -753,7 +753,8 @@ class FusedCPULoop(TorchLoop):
         apply: where prepare_step does not, and for cells with scalar parameters, an input read
         elementwise (its gradient comes from the kernels), a hoisted GEMM on anything but the input,
         a step GEMM on anything but a state, or the Python loop chosen for the backward."""
-        if self.scalars or self.dx_from_kernels or not all(is_state for is_state, _i in self.gemm_operands) or \
+        if self.scalars or self.dx_from_kernels or \
+                not all(is_state for is_state, _i in self.gemm_operands) or \
                 not all(v.is_contiguous() for v in vectors) or \
                 any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
             return None
@@ -1084,8 +1085,8 @@ class FusedCPULoop(TorchLoop):
         out_state = self.output_state if grads["out"] is not None and self.output_state is not None else -1
         state_grads = [t for pair in zip(A, B, strict=True) for t in pair]
         untouched = [int(i in self.untouched_states) for i in range(len(self.states))]
-        prepared = native.prepare_backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms, kernels,
-                                           state_grads, untouched, out_state, grads["out"])
+        prepared = native.prepare_backward(*_step_arrays(steps, offsets, bufs["padded"]), N, H, nt, gemms,
+                                           kernels, state_grads, untouched, out_state, grads["out"])
         if run:
             native.run_backward(prepared)
         return native, prepared, panels
@@ -1164,7 +1165,7 @@ class PreparedStep:
         """The step on x and the given states (copied in; x and the states may also be [I] and [H]
         each, of an unbatched call at N = 1), into the bound buffers."""
         self.x.copy_(x)
-        for buf, s in zip(self.states, states):
+        for buf, s in zip(self.states, states, strict=False):
             buf.copy_(s)
         for buf in self.states[len(states):]:
             buf.zero_()
@@ -1228,13 +1229,15 @@ class PreparedTrainStep(PreparedStep):
                 added = [(out, first), *added] if first is not None else added
                 self.products.append((operand, w.t(), out, None, added, True))
             else:
-                self.products.append((operand, w.t(), bufs["step"][gi], *biases.get(("step", gi), (None, [])), False))
+                first, added = biases.get(("step", gi), (None, []))
+                self.products.append((operand, w.t(), bufs["step"][gi], first, added, False))
 
         widths = [s.shape[1] for s in self.states]
         A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
         d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
         alias = loop.schedule.hoisted_alias
-        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0]) for i, w in enumerate(hoisted_w)]
+        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0])
+                   for i, w in enumerate(hoisted_w)]
         self.g_out = X.new_zeros(N, loop.output_width(sizes))
         self.g_out_zero = True
         accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
@@ -1278,7 +1281,8 @@ class PreparedTrainStep(PreparedStep):
             if merged:
                 s0, parts = merged[-1]
                 last = parts[-1]
-                if start == s0 + sum(p.numel() for p in parts) and v.is_contiguous() and last.is_contiguous() \
+                if start == s0 + sum(p.numel() for p in parts) and v.is_contiguous() \
+                        and last.is_contiguous() \
                         and v.untyped_storage().data_ptr() == last.untyped_storage().data_ptr() \
                         and v.storage_offset() == last.storage_offset() + last.numel():
                     parts.append(v)
@@ -1303,7 +1307,7 @@ class PreparedTrainStep(PreparedStep):
         if that Record is still held (its backward may yet run)."""
         self._spill()
         self.x.copy_(x)
-        for buf, s in zip(self.states, states):
+        for buf, s in zip(self.states, states, strict=False):
             buf.copy_(s)
         for buf in self.states[len(states):]:
             buf.zero_()
@@ -1350,7 +1354,7 @@ class PreparedTrainStep(PreparedStep):
         if self.holds() is not record:  # another forward ran since, or another's backward restored its values
             self._spill()
             self.holds = weakref.ref(record)
-            for buf, s in zip(self.states, states):
+            for buf, s in zip(self.states, states, strict=False):
                 buf.copy_(s)
             for buf in self.states[len(states):]:
                 buf.zero_()
@@ -1388,7 +1392,7 @@ class PreparedTrainStep(PreparedStep):
                     sources[key] = self.accumulators[key[1]].to(self.x.dtype, copy=True)
                 else:
                     sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
-        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states)]
+        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
         return dx, dstates, d_hoisted_w, d_step_w, sources
 
 

@@ -96,8 +96,8 @@ class NativeLoop:
     def backward(self, steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched, out_state,
                  g_out) -> None:
         """kernels: [Rows array] per pointwise stage and parity (even, odd); grads: [A_0, B_0, ...]."""
-        self.run_backward(self.prepare_backward(steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched,
-                                                out_state, g_out))
+        self.run_backward(self.prepare_backward(steps, offsets, n, hidden, nt, gemms, kernels, grads,
+                                                untouched, out_state, g_out))
 
     def prepare_backward(self, steps, offsets, n, hidden, nt, gemms, kernels, grads, untouched, out_state,
                          g_out):
