@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, initialize, member, op_params, stores_of
-from .prepared import Layout, PreparedCall
+from .prepared import Layout, apply_prepared
 from .quantization import WarnsWhenNotQuantized
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
@@ -112,7 +112,7 @@ class _Step:
         """_replayed under autograd: one PreparedCall."""
         stored = [self._parameters[n] for n in names]
         distinct = self._distinct_output or step.output_state is None
-        outs = PreparedCall.apply(step, layout, self._full_step, len(given), distinct, input, *given, *stored)
+        outs = apply_prepared(step, layout, self._full_step, len(given), distinct, input, *given, *stored)
         news = list(outs[: len(step.news)])
         return (outs[-1] if distinct else news[step.output_state]), news
 

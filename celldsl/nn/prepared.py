@@ -137,6 +137,12 @@ class PreparedCall(torch.autograd.Function):
         return (None,) * 5 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], d_hoisted, d_step, sums))
 
 
+# PreparedCall.apply without torch.autograd.Function.apply's Python layer (unwrapping functorch's dead
+# wrappers, binding default arguments): its callers have checked that no torch.func transform is
+# active and that every tensor is a plain one (ops/op.plain_eager). ~1.5 us of a ~50 us call.
+apply_prepared = super(torch.autograd.Function, PreparedCall).apply
+
+
 def _differentiated(full, x, given, stored, needs, grads) -> tuple:
     """The gradients by autograd through the module's full path, recorded (create_graph)."""
     inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
