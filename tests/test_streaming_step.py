@@ -400,3 +400,31 @@ def test_a_layer_keeps_its_messages_and_other_calls_take_the_full_path():
     assert str(got.value).startswith(str(want.value))  # the layer's full path's message
     for inp in (torch.randn(2, N, I), torch.randn(1, I)):
         torch.testing.assert_close(ours(inp)[0], ref(inp)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_recurrent_on_one_step_replays_its_cells_steps(layers, monkeypatch):
+    """celldsl.Recurrent (any cell; here the zoo's lstm) on T = 1: the full path's outputs, final
+    states and gradients (float64), with the op's loop never running after the first call; a
+    one-tensor state for a two-state cell gets the full path's error."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent("lstm", I, H, num_layers=layers, dtype=torch.float64)
+    x = torch.randn(1, N, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers, N, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(layers, N, H, dtype=torch.float64)
+
+    def run(model, streamed: bool):
+        out, (h, c) = model(x, (h0, c0)) if streamed else model._run(x, (h0, c0), {})
+        loss = out.sin().sum() + (h * 2).sum() + c.cos().sum()
+        return [out, h, c, *torch.autograd.grad(loss, [x, h0, *model.parameters()])]
+
+    run(layer, True)  # makes the steps
+    want = run(layer, False)
+    for k in range(layers):
+        refuse_the_op(monkeypatch, layer.cell(k))
+    for g, w in zip(run(layer, True), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    monkeypatch.undo()
+    with pytest.raises(CellTensorError, match="give them as a tuple"):
+        layer(x, h0)

@@ -167,7 +167,8 @@ class Recurrent(RecurrentStack, nn.Module):
                             self.input_sizes, parameters, self.width_sizes)
 
     def forward(self, input, state=None, **extra):
-        return self._run(input, state, extra)
+        streamed = None if extra else self._streamed(input, state)
+        return streamed if streamed is not None else self._run(input, state, extra)
 
     def extra_repr(self) -> str:
         """torch.nn.LSTM's repr after the cell's name."""

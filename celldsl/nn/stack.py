@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,10 @@ from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, member, op_params, stores_of
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
+
+# layer -> (its parameters' ids, one cell per layer sharing them): the one-step path (`_streamed`); kept
+# out of the module (a submodule attribute would enter state_dict, pickles and deepcopies)
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def zoo_cell(stem: str) -> CompiledCell:
@@ -68,6 +73,41 @@ class RecurrentStack:
     def _autocast_keeps_input_dtype(self, packed: bool) -> bool:
         """Whether torch.nn's class returns the input's dtype under CPU autocast (autocasting.py)."""
         return self.autocast_keeps_input_dtype
+
+    def _streamed(self, input, state):
+        """(output, final states) of a one-step call (T = 1, batched, padded, unidirectional, no
+        projection, no dropout running, no extra input) from each layer's prepared step (its
+        `cell(k)`'s `_replayed` in nn/cells.py: with or without autograd), or None: then the full
+        path runs, with its checks and messages (a layer's step refuses what its cell's checks
+        refuse)."""
+        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
+                or input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional \
+                or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
+                or (self.dropout and self.training and self.num_layers > 1):
+            return None
+        given = None
+        if state is not None:  # the shapes _given_states accepts, else its message
+            declared, names = self.compiled.ir.declared_states, self.compiled.states
+            given = [state] if isinstance(state, torch.Tensor) and declared == 1 else \
+                list(state) if isinstance(state, (tuple, list)) and declared > 1 else []
+            if len(given) not in (declared, len(names)) or not all(
+                    isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers for s in given):
+                return None
+        params = tuple(id(p) for p in self._parameters.values())
+        entry = _STEPS.get(self)
+        if entry is None or entry[0] != params:
+            entry = _STEPS[self] = (params, [self.cell(k) for k in range(self.num_layers)])
+        x = input[:, 0] if self.batch_first else input[0]
+        finals = []
+        for k, step in enumerate(entry[1]):
+            replayed = step._replayed(x, None if given is None else [s[k] for s in given])
+            if replayed is None:
+                return None
+            x, news = replayed
+            finals.append(news)
+        output = x.unsqueeze(1 if self.batch_first else 0)
+        final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
+        return output, (final[0] if len(final) == 1 else tuple(final))
 
     # ---- parameters --------------------------------------------------------------------------
 

@@ -15,8 +15,6 @@ are keyword-only arguments on top of torch's.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
 
@@ -27,10 +25,6 @@ from .scripting import ScriptableStack
 from .stack import RecurrentStack, zoo_cell
 
 # proj_size runs cells/lstm_proj.cell, whose state h is P = proj_size wide (`state h : P`).
-
-# layer -> (its parameters' ids, one cell per layer sharing them): the one-step path (`_streamed`); kept
-# out of the module (a submodule attribute would enter state_dict, pickles and deepcopies)
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _TorchRNN(WarnsWhenNotQuantized, ScriptableStack, RecurrentStack):
@@ -69,38 +63,6 @@ class _TorchRNN(WarnsWhenNotQuantized, ScriptableStack, RecurrentStack):
         if streamed is not None:
             return streamed
         return self._run(input, hx, {})
-
-    def _streamed(self, input, hx):
-        """(output, final states) of a one-step call (T = 1, batched, padded, unidirectional, no
-        projection, no dropout running) from each layer's prepared step (nn/cells.py `_replayed`:
-        with or without autograd), or None: then the full path runs, with its checks and messages
-        (a layer's step refuses what its cell's checks refuse)."""
-        if not isinstance(input, Tensor) or input.dim() != 3 \
-                or input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional or self.proj_size or self.schedule is not None \
-                or (self.dropout and self.training and self.num_layers > 1):
-            return None
-        lstm = isinstance(self, nn.LSTM)
-        given = None
-        if hx is not None:
-            given = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
-            if len(given) != (2 if lstm else 1) or not all(
-                    isinstance(s, Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers for s in given):
-                return None
-        ids = tuple(id(p) for p in self._flat_weights)
-        entry = _STEPS.get(self)
-        if entry is None or entry[0] != ids:
-            entry = _STEPS[self] = (ids, [self.cell(k) for k in range(self.num_layers)])
-        x = input[:, 0] if self.batch_first else input[0]
-        finals = []
-        for k, step in enumerate(entry[1]):
-            replayed = step._replayed(x, None if given is None else [s[k] for s in given])
-            if replayed is None:
-                return None
-            x, news = replayed
-            finals.append(news)
-        output = x.unsqueeze(1 if self.batch_first else 0)
-        final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
-        return output, (tuple(final) if lstm else final[0])
 
     def cell(self, layer: int = 0, direction: int = 0):
         """Layer `layer`'s step as torch's cell class (LSTMCell for LSTM, ...), whose parameters are
