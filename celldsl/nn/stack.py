@@ -91,7 +91,8 @@ class RecurrentStack:
             given = [state] if isinstance(state, torch.Tensor) and declared == 1 else \
                 list(state) if isinstance(state, (tuple, list)) and declared > 1 else []
             if len(given) not in (declared, len(names)) or not all(
-                    isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers for s in given):
+                    isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers
+                    for s in given):
                 return None
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
