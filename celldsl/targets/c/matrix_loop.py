@@ -22,6 +22,7 @@ from ...lang.errors import CellError
 from ...lang.tensors import ONE
 from .fused import build_source_library
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
+from .matrix_rewrite import rewrite
 
 EVERY = 32  # the fewest steps between the forward's checkpoints of the states
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -50,7 +51,8 @@ class CMatrixLoop:
     `fallback` (backend="auto"), tensors the C loop does not take (not CPU, not float32/64) run there."""
 
     def __init__(self, compiled, fallback=None):
-        self.compiled, self.ir, self.key, self.fallback = compiled, compiled.ir, compiled.key, fallback
+        self.compiled, self.key, self.fallback = compiled, compiled.key, fallback
+        self.ir = rewrite(compiled.ir)  # the same values in fewer operations (matrix_rewrite.py)
         why, node = blocker(self.ir)
         if why and fallback is None:
             raise refusal(self.ir, why, node)
