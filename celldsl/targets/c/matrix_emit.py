@@ -11,6 +11,8 @@ no text of the cell: nodes are v0, v1, ..., and the cell's name only reaches a s
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from ...lang.tensors import ONE, TensorIR
@@ -19,6 +21,7 @@ from .emit import C_TYPES, CPrinter, helper_functions
 SIMD_SUM = '_Pragma("omp simd reduction(+:acc)") '  # a sum vectorised (-fopenmp-simd)
 FIXED = ("const", "size", "eye")  # host nodes without a gradient
 LEAVES = ("input", "param", *FIXED)
+ONCE = "+=\x01"  # a backward loop that adds to every element of its target once (assign_first_writes)
 C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
 
 
@@ -58,6 +61,23 @@ def used_host(ir: TensorIR) -> list[int]:
     """The host nodes the C loop reads, in node order."""
     host = host_nodes(ir)
     return sorted({j for i, n in enumerate(ir.nodes) if not host[i] for j in n.args if host[j]})
+
+
+def assign_first_writes(lines: list[str]) -> list[str]:
+    """A target zeroed (memset) and then first written by a loop that adds to each of its elements once
+    (marked ONCE): the loop assigns instead and the memset goes (one pass over the array, not three)."""
+    out: list[str] = []
+    for line in lines:
+        found = re.search(r"(G->v\d+)\[[^\]]*\] " + re.escape(ONCE), line)
+        if found:  # (a host node's adjoint, gh[j], torch zeroes: it adds up over the steps)
+            target = found.group(1)
+            mentions = re.compile(re.escape(target) + r"(?!\d)")
+            last = next((k for k in range(len(out) - 1, -1, -1) if mentions.search(out[k])), None)
+            if last is not None and out[last].strip() == f"memset({target}, 0, sizeof {target});":
+                del out[last]
+                line = line.replace(ONCE, "=")
+        out.append(line.replace(ONCE, "+="))
+    return out
 
 
 def _size(w: str, dims: dict[str, int]) -> int:
@@ -172,19 +192,25 @@ class _Emitter:
             return r, c
         return None
 
-    def fast_step(self) -> str:
+    def state_refs(self) -> dict[int, str]:
+        """The state nodes, read in place from the loop's state pointers st."""
+        state_index = {s: k for k, s in enumerate(self.ir.states)}
+        return {i: f"st[{state_index[self.ir.nodes[i].name]}]" for i in self.c_nodes
+                if self.ir.nodes[i].op == "state"}
+
+    def fast_step(self, name: str = "fast", keep: set[int] | None = None) -> str:
         """The forward's step (and the backward's state rebuild): as `step`, but the states read in
         place and each run of matrix nodes of one shape fused into one loop over the elements, its
-        values kept in registers unless a later node, the output or a next state reads them."""
+        values kept in registers unless a later node or `keep` (default: the output and the next
+        states) reads them. The backward's step ("bstep") keeps the values its adjoints read."""
         ir, t = self.ir, self.t
-        state_index = {s: k for k, s in enumerate(ir.states)}
-        refs = {i: f"st[{state_index[ir.nodes[i].name]}]" for i in self.c_nodes if ir.nodes[i].op == "state"}
+        refs = self.state_refs()
         users: dict[int, set[int]] = {}
         for i in self.c_nodes:
             for j in ir.nodes[i].args:
                 users.setdefault(j, set()).add(i)
-        keep = {ir.output_node, *ir.new_state.values()}
-        lines = [f"static inline void cd_mx_fast_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
+        keep = {ir.output_node, *ir.new_state.values()} if keep is None else keep
+        lines = [f"static inline void cd_mx_{name}_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
                  f"const {t} *const *h, const {t} *const *st)", "{"]
         group: list[int] = []
         shape: tuple[int, int] | None = None
@@ -282,10 +308,16 @@ class _Emitter:
         """Adjoints of one step, C nodes in reverse: into G (C nodes) or gh (host nodes)."""
         ir, t = self.ir, self.t
         lines = [f"static inline void cd_mx_back_{self.dt}(const cd_mx_vals_{self.dt} *restrict V, "
-                 f"cd_mx_vals_{self.dt} *restrict G, const {t} *const *h, {t} *const *gh)", "{"]
+                 f"cd_mx_vals_{self.dt} *restrict G, const {t} *const *h, {t} *const *gh, "
+                 f"const {t} *const *st)", "{"]
         self.written = {ir.output_node, *ir.new_state.values()}  # the loop zeroes and fills these
+        member_of = {i: g for g in self.groups() for i in g}
         for i in reversed(self.c_nodes):
             node = ir.nodes[i]
+            if i in member_of:  # a fused group's adjoints: one pass at its last node
+                if i == member_of[i][-1]:
+                    lines += [f"    {b}" for b in self.group_backward(member_of[i])]
+                continue
             if node.op == "state" or i not in self.written:  # a leaf, or nothing reached it: zero
                 continue
             S, (r, c) = self.size(i), self.shape(i)
@@ -302,7 +334,7 @@ class _Emitter:
                                     f"for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
                                     f"{dj}[0] += acc; }}")
                     else:
-                        body.append(f"for (int e = 0; e < {S}; ++e) {dj}[e] += {g}[e] * ({d});")
+                        body.append(f"for (int e = 0; e < {S}; ++e) {dj}[e] {ONCE} {g}[e] * ({d});")
             elif node.op == "matmul":
                 j0, j1 = node.args
                 rr, m = self.shape(j0)
@@ -314,7 +346,7 @@ class _Emitter:
                                 f"{{ {t} acc = 0; {SIMD_SUM}"
                                 f"for (int b = 0; b < {c}; ++b) "
                                 f"acc += {g}[a * {c} + b] * {a[1]}[q * {c} + b]; "
-                                f"{d0}[a * {m} + q] += acc; }}")
+                                f"{d0}[a * {m} + q] {ONCE} acc; }}")
                 if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                                 f"const {t} w = {a[0]}[a * {m} + q]; "
@@ -325,12 +357,12 @@ class _Emitter:
                 d0 = self.target(node.args[0], body)
                 if d0:
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) "
-                                f"{d0}[a * {cc} + b] += {g}[b * {rr} + a];")
+                                f"{d0}[a * {cc} + b] {ONCE} {g}[b * {rr} + a];")
             elif node.op in ("sum", "mean"):
                 d0, n = self.target(node.args[0], body), self.size(node.args[0])
                 div = f" / ({t}){n}" if node.op == "mean" else ""
                 if d0:
-                    body.append(f"for (int e = 0; e < {n}; ++e) {d0}[e] += {g}[0]{div};")
+                    body.append(f"for (int e = 0; e < {n}; ++e) {d0}[e] {ONCE} {g}[0]{div};")
             elif node.op in ("max", "min"):  # shared evenly among the elements equal to the result
                 d0, n = self.target(node.args[0], body), self.size(node.args[0])
                 if d0:
@@ -345,8 +377,109 @@ class _Emitter:
             lines += [f"    {b}" for b in body]
         lines += [f"    memset(G->v{i}, 0, sizeof G->v{i});" for i in self.state_node.values()
                   if i not in self.written and not self.host[i]]  # a state nothing reads: gradient 0
+        lines = [self.with_refs(line, self.state_refs()) for line in assign_first_writes(lines)]
         lines.append("}")
+        self.read = {int(m) for line in lines for m in re.findall(r"V->v(\d+)\[", line)}
         return "\n".join(lines)
+
+    def groups(self) -> list[list[int]]:
+        """The runs of matrix nodes fast_step fuses into one loop, in node order (the same walk)."""
+        out: list[list[int]] = []
+        group: list[int] = []
+        shape = None
+        for i in self.c_nodes:
+            node = self.ir.nodes[i]
+            if node.op == "state":
+                continue
+            f = self.fusable(i)
+            if f is not None and (not group or f == shape):
+                group.append(i)
+                shape = f
+                continue
+            if group and (f is not None or set(node.args) & set(group)):
+                out.append(group)
+                group = []
+                if f is not None:
+                    group, shape = [i], f
+        if group:
+            out.append(group)
+        return out
+
+    def group_backward(self, group: list[int]) -> list[str]:
+        """The adjoints of a fused group (pointwise nodes and outer products of one r x c shape) in one
+        pass over its elements, the members' adjoints in registers: their users outside the group all
+        come later in node order (fast_step ends a group before a node that reads it), so their
+        adjoints are complete in G when the reverse walk reaches the group's last node."""
+        ir, t = self.ir, self.t
+        members = set(group)
+        r, c = self.shape(group[0])
+        S = r * c
+        pre: list[str] = []  # zeroing, accumulators: before the loops
+        inner: list[str] = []  # per element
+        row: list[tuple[str, str]] = []  # (accumulator, target[a]): sums over b, per row a
+        scalars: list[tuple[str, str]] = []  # (accumulator, target[0]): sums over every element
+        mats: dict[int, list[str]] = {}  # non-member matrix targets (C or host nodes): their terms
+        contrib: dict[int, list[str]] = {i: [] for i in group}
+        external = {i for i in group if i in self.written}
+        reached = set(external)
+
+        def value(j: int) -> str:  # an argument's value at element e (an outer product: recomputed)
+            n = ir.nodes[j]
+            if j in members and n.op == "matmul":
+                return f"({self.ref(n.args[0])}[a] * {self.ref(n.args[1])}[b])"
+            return self.literal("e", j, S)
+
+        for i in reversed(group):
+            if i not in reached:
+                continue
+            node, gi = ir.nodes[i], f"g{i}"
+            terms = ([f"G->v{i}[e]"] if i in external else []) + contrib[i]
+            inner.append(f"const {t} {gi} = {' + '.join(terms)};")
+            if node.op == "matmul":  # u @ wᵀ: du[a] += sum_b g[a, b] w[b]; dw[b] += sum_a u[a] g[a, b]
+                u, w = node.args
+                du, dw = self.target(u, pre), self.target(w, pre)
+                if du:
+                    row.append((f"r{i}", f"{du}[a]"))
+                    inner.append(f"r{i} += {gi} * {self.ref(w)}[b];")
+                if dw:
+                    inner.append(f"{dw}[b] += {self.ref(u)}[a] * {gi};")
+                continue
+            syms = sp.symbols(f"a0:{len(node.args)}", real=True)
+            printer = CPrinter({sy: value(j) for sy, j in zip(syms, node.args, strict=True)}, self.dt)
+            for k, j in enumerate(node.args):
+                if node.grads[k] == 0 or j in self.diag:
+                    continue
+                term = f"{gi} * ({printer.doprint(node.grads[k])})"
+                if j in members:
+                    contrib[j].append(term)
+                    reached.add(j)
+                elif self.size(j) == 1:
+                    dj = self.target(j, pre)
+                    if dj:
+                        scalars.append((f"s{i}_{k}", f"{dj}[0]"))
+                        inner.append(f"s{i}_{k} += {term};")
+                elif self.host[j]:
+                    if self.gref(j):
+                        mats.setdefault(j, []).append(term)
+                else:
+                    mats.setdefault(j, []).append(term)
+        for j, terms in mats.items():
+            if self.host[j] or j in self.written:
+                inner.append(f"{self.gref(j)}[e] += {' + '.join(terms)};")
+            else:  # the first write of this adjoint: every element once, no zeroing
+                self.written.add(j)
+                inner.append(f"{self.gref(j)}[e] = {' + '.join(terms)};")
+        if not inner:
+            return pre
+        accs = [v for v, _ in scalars] + [v for v, _ in row]
+        red = f'_Pragma("omp simd reduction(+:{",".join(accs)})") ' if accs else '_Pragma("omp simd") '
+        out = pre + [f"{t} {v} = 0;" for v, _ in scalars]
+        out.append(f"for (int a = 0; a < {r}; ++a) {{ "
+                   + "".join(f"{t} {v} = 0; " for v, _ in row)
+                   + f"{red}for (int b = 0; b < {c}; ++b) {{ const int e = a * {c} + b; {' '.join(inner)} }} "
+                   + "".join(f"{dst} += {v}; " for v, dst in row) + "}")
+        out += [f"{dst} += {v};" for v, dst in scalars]
+        return out
 
     def target(self, j: int, body: list[str]) -> str | None:
         """Where node j's adjoint adds up (gref); a C node's array is zeroed before its first use
@@ -437,9 +570,16 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
 """
         rebuild = "".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, "
                           f"sizeof V->v{ir.new_state[s]});\n" for k, s in enumerate(ir.states))
-        zero = "".join(f" memset(G->v{i}, 0, sizeof G->v{i});" for i in sorted({o, *ir.new_state.values()}))
-        d_new = "".join(f" for (int e = 0; e < {sz[k]}; ++e) G->v{ir.new_state[s]}[e] += ds[{off[k]} + e];"
-                        for k, s in enumerate(ir.states))
+        seeds, seeded = [], set()  # the adjoints of the next states and the output: copied, then added
+        for k, s in enumerate(ir.states):
+            i = ir.new_state[s]
+            seeds.append(f" memcpy(G->v{i}, ds + {off[k]}, sizeof G->v{i});" if i not in seeded else
+                         f" for (int e = 0; e < {sz[k]}; ++e) G->v{i}[e] += ds[{off[k]} + e];")
+            seeded.add(i)
+        at = f"dout + ((t * N + n) * {H} + hh) * {ow}"
+        seeds.append(f" memcpy(G->v{o}, {at}, sizeof G->v{o});" if o not in seeded else
+                     f" for (int e = 0; e < {ow}; ++e) G->v{o}[e] += {at}[e];")
+        seed = "".join(seeds)
         d_prev = "".join(
             (f" memcpy(ds + {off[k]}, G->v{self.state_node[s]}, {sz[k]} * sizeof({t}));"
              if s in self.state_node
@@ -477,10 +617,9 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                         off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
                 cd_mx_gat_{dt}(gh, gb, rs, t, N, n, hh);
-                cd_mx_step_{dt}(V, h, stp);
-               {zero}{d_new}
-                for (int e = 0; e < {ow}; ++e) G->v{o}[e] += dout[((t * N + n) * {H} + hh) * {ow} + e];
-                cd_mx_back_{dt}(V, G, h, gh);{d_prev}
+                cd_mx_bstep_{dt}(V, h, stp);
+               {seed}
+                cd_mx_back_{dt}(V, G, h, gh, stp);{d_prev}
             }}
         }}
 {self.per_state("memcpy(dinit[{k}] + (n * {H} + hh) * {sz}, ds + {off}, {sz} * sizeof({t}));",
@@ -514,8 +653,9 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
     parts = [HEADER]
     for dt in C_TYPES:
         em = _Emitter(ir, dims, dt)
-        parts += [helper_functions(dt), em.struct(), em.common(), em.step(), em.fast_step(),
-                  em.step_backward(), em.loops()]
+        back = em.step_backward()  # first: bstep keeps the values it reads (em.read)
+        parts += [helper_functions(dt), em.struct(), em.common(), em.fast_step(),
+                  em.fast_step("bstep", em.read), back, em.loops()]
     return "\n".join(parts) + "\n"
 
 

@@ -38,6 +38,11 @@ def refusal(ir, why: str, node: int | None) -> CellError:
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b on [rows or 1, heads or 1, r, k] x [.., k, c], one GEMM, never copying a parameter over rows."""
+    if a.shape[0] == 1 and b.shape[0] > 1 and b.shape[1] == 1 and b.shape[3] == 1:
+        # W @ x for every step and head: one [rows, k] x [k, heads * r] GEMM whose result is already
+        # [rows, heads, r, 1] in memory (an einsum's batched product leaves it permuted: a copy)
+        h, r, k = a.shape[1:4]
+        return (b[:, 0, :, 0] @ a[0].reshape(h * r, k).T).view(b.shape[0], h, r, 1)
     if a.shape[0] == 1 and b.shape[0] > 1 and b.shape[1] == 1:
         return torch.einsum("hrk,nkc->nhrc", a[0], b[:, 0])
     if a.shape[0] == 1 and b.shape[0] > 1:
