@@ -190,6 +190,8 @@ class _Emitter:
             return r, c
         if node.op == "matmul" and not set(node.args) & self.diag and self.shape(node.args[0])[1] == 1:
             return r, c
+        if node.op == "matmul" and len(set(node.args) & self.diag) == 1:  # diag(d) @ S, S @ diag(d)
+            return r, c
         return None
 
     def state_refs(self) -> dict[int, str]:
@@ -226,7 +228,13 @@ class _Emitter:
             body = []
             for i in group:
                 node = ir.nodes[i]
-                if node.op == "matmul":
+                if node.op == "matmul" and set(node.args) & self.diag:  # a row or column scaling
+                    j0, j1 = node.args
+                    left = j0 in self.diag
+                    d = f"{ref(ir.nodes[j0 if left else j1].args[0])}[{'a' if left else 'b'}]"
+                    o = j1 if left else j0
+                    expr = f"{d} * {f't{o}' if o in members else f'{ref(o)}[e]'}"
+                elif node.op == "matmul":
                     j0, j1 = node.args
                     a0 = f"t{j0}" if j0 in members else f"{ref(j0)}[a]"
                     a1 = f"t{j1}" if j1 in members else f"{ref(j1)}[b]"
@@ -309,7 +317,7 @@ class _Emitter:
         ir, t = self.ir, self.t
         lines = [f"static inline void cd_mx_back_{self.dt}(const cd_mx_vals_{self.dt} *restrict V, "
                  f"cd_mx_vals_{self.dt} *restrict G, const {t} *const *h, {t} *const *gh, "
-                 f"const {t} *const *st)", "{"]
+                 f"const {t} *const *st, const {t} *const *nx)", "{"]
         self.written = {ir.output_node, *ir.new_state.values()}  # the loop zeroes and fills these
         member_of = {i: g for g in self.groups() for i in g}
         for i in reversed(self.c_nodes):
@@ -341,6 +349,23 @@ class _Emitter:
                 d0, d1 = self.target(j0, body), self.target(j1, body)
                 if j0 in self.diag or j1 in self.diag:
                     body += self.diag_backward(node, g)
+                elif c == 1 and j0 != j1:  # A @ v: dA[a, q] += dC[a] v[q], dv[q] += A[a, q] dC[a]; one pass
+                    both = ([f"{d0}[a * {m} + q] {ONCE} ga * {a[1]}[q];"] if d0 else []) + (
+                        [f"{d1}[q] += {a[0]}[a * {m} + q] * ga;"] if d1 else [])
+                    if both:
+                        body.append(f"for (int a = 0; a < {rr}; ++a) {{ const {t} ga = {g}[a]; "
+                                    f"_Pragma(\"omp simd\") for (int q = 0; q < {m}; ++q) {{ {' '.join(both)} }} }}")
+                    d1 = None
+                elif rr == 1 and j0 != j1:  # aᵀ @ B: da[q] += sum_b dC[b] B[q, b], dB[q, b] += a[q] dC[b]; one pass
+                    acc = f"{t} acc = 0; " if d0 else ""
+                    both = (["acc += " + f"{g}[b] * {a[1]}[q * {c} + b];"] if d0 else []) + (
+                        [f"{d1}[q * {c} + b] += aq * {g}[b];"] if d1 else [])
+                    red = '_Pragma("omp simd reduction(+:acc)") ' if d0 else '_Pragma("omp simd") '
+                    if both:
+                        body.append(f"for (int q = 0; q < {m}; ++q) {{ const {t} aq = {a[0]}[q]; {acc}{red}"
+                                    f"for (int b = 0; b < {c}; ++b) {{ {' '.join(both)} }} "
+                                    + (f"{d0}[q] {ONCE} acc; " if d0 else "") + "}")
+                    d1 = None
                 elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) "
                                 f"{{ {t} acc = 0; {SIMD_SUM}"
@@ -377,9 +402,12 @@ class _Emitter:
             lines += [f"    {b}" for b in body]
         lines += [f"    memset(G->v{i}, 0, sizeof G->v{i});" for i in self.state_node.values()
                   if i not in self.written and not self.host[i]]  # a state nothing reads: gradient 0
-        lines = [self.with_refs(line, self.state_refs()) for line in assign_first_writes(lines)]
+        refs = self.state_refs()  # the states and the next states: read in place (the loop keeps them)
+        for k, s in enumerate(ir.states):
+            refs.setdefault(ir.new_state[s], f"nx[{k}]")
+        lines = [self.with_refs(line, refs) for line in assign_first_writes(lines)]
         lines.append("}")
-        self.read = {int(m) for line in lines for m in re.findall(r"V->v(\d+)\[", line)}
+        self.read = sorted({int(m) for line in lines for m in re.findall(r"V->v(\d+)\[", line)})
         return "\n".join(lines)
 
     def groups(self) -> list[list[int]]:
@@ -425,7 +453,7 @@ class _Emitter:
 
         def value(j: int) -> str:  # an argument's value at element e (an outer product: recomputed)
             n = ir.nodes[j]
-            if j in members and n.op == "matmul":
+            if j in members and n.op == "matmul" and not set(n.args) & self.diag:
                 return f"({self.ref(n.args[0])}[a] * {self.ref(n.args[1])}[b])"
             return self.literal("e", j, S)
 
@@ -435,6 +463,24 @@ class _Emitter:
             node, gi = ir.nodes[i], f"g{i}"
             terms = ([f"G->v{i}[e]"] if i in external else []) + contrib[i]
             inner.append(f"const {t} {gi} = {' + '.join(terms)};")
+            if node.op == "matmul" and set(node.args) & self.diag:  # diag(d) @ B or A @ diag(d)
+                left = node.args[0] in self.diag
+                dn, o = (node.args[0], node.args[1]) if left else (node.args[1], node.args[0])
+                dv = ir.nodes[dn].args[0]
+                idx = "a" if left else "b"
+                dd = self.target(dv, pre)
+                if dd and left:  # dd[a] += sum_b g[a, b] B[a, b]
+                    row.append((f"r{i}", f"{dd}[a]"))
+                    inner.append(f"r{i} += {gi} * {value(o)};")
+                elif dd:  # dd[b] += sum_a g[a, b] A[a, b]
+                    inner.append(f"{dd}[b] += {gi} * {value(o)};")
+                term = f"{gi} * {self.ref(dv)}[{idx}]"
+                if o in members:
+                    contrib[o].append(term)
+                    reached.add(o)
+                elif self.gref(o):
+                    mats.setdefault(o, []).append(term)
+                continue
             if node.op == "matmul":  # u @ wᵀ: du[a] += sum_b g[a, b] w[b]; dw[b] += sum_a u[a] g[a, b]
                 u, w = node.args
                 du, dw = self.target(u, pre), self.target(w, pre)
@@ -570,6 +616,13 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
 """
         rebuild = "".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, "
                           f"sizeof V->v{ir.new_state[s]});\n" for k, s in enumerate(ir.states))
+        # the values back() reads (but the states): kept per step of a segment while it is rebuilt
+        kept = max(1, sum(self.size(j) for j in self.read))
+        koff = [sum(self.size(j) for j in self.read[:m]) for m in range(len(self.read))]
+        save = "".join(f"                memcpy(keep + (t - t0) * {kept} + {o}, V->v{j}, sizeof V->v{j});\n"
+                       for j, o in zip(self.read, koff, strict=True))
+        load = "".join(f"                memcpy(V->v{j}, keep + (t - t0) * {kept} + {o}, sizeof V->v{j});\n"
+                       for j, o in zip(self.read, koff, strict=True))
         seeds, seeded = [], set()  # the adjoints of the next states and the output: copied, then added
         for k, s in enumerate(ir.states):
             i = ir.new_state[s]
@@ -590,12 +643,12 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                            const {t} *const *dfin, {t} *const *dinit, {t} *const *gb)
 {{
     cd_mx_vals_{dt} *V = malloc(sizeof *V), *G = malloc(sizeof *G);
-    {t} *seg = malloc((size_t)every * {total} * sizeof({t}));
-    if (!V || !G || !seg) {{ free(V); free(G); free(seg); return 1; }}
+    {t} *seg = malloc((size_t)(every + 1) * {total} * sizeof({t})), *keep = malloc((size_t)every * {kept} * sizeof({t}));
+    if (!V || !G || !seg || !keep) {{ free(V); free(G); free(seg); free(keep); return 1; }}
     const {t} *h[{nn_}] = {{0}};
     {t} *gh[{nn_}] = {{0}};
     {t} ds[{total}];
-    const {t} *stp[{len(sz)}];
+    const {t} *stp[{len(sz)}], *nxp[{len(sz)}];
     for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
 {self.per_state("memcpy(ds + {off}, dfin[{k}] + (n * {H} + hh) * {sz}, {sz} * sizeof({t}));",
                         off, sz, 8)}
@@ -604,28 +657,27 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
             const int64_t t0 = s * every, t1 = t0 + every < L ? t0 + every : L;
 {self.per_state("memcpy(seg + {off}, ck[{k}] + ((s * N + n) * {H} + hh) * {sz}, {sz} * sizeof({t}));",
                         off, sz, 12)}
-            for (int64_t t = t0; t + 1 < t1; ++t) {{
+            for (int64_t t = t0; t < t1; ++t) {{
                 {t} *st = seg + (t - t0) * {total}, *nx = st + {total};
 {self.per_state("stp[{k}] = st + {off};",
                         off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
-                cd_mx_fast_{dt}(V, h, stp);
-{rebuild}            }}
+                cd_mx_bstep_{dt}(V, h, stp);
+{rebuild}{save}            }}
             for (int64_t t = t1 - 1; t >= t0; --t) {{
                 {t} *st = seg + (t - t0) * {total};
-{self.per_state("stp[{k}] = st + {off};",
+{self.per_state("stp[{k}] = st + {off}; nxp[{k}] = st + " + str(total) + " + {off};",
                         off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
                 cd_mx_gat_{dt}(gh, gb, rs, t, N, n, hh);
-                cd_mx_bstep_{dt}(V, h, stp);
-               {seed}
-                cd_mx_back_{dt}(V, G, h, gh, stp);{d_prev}
+{load}               {seed}
+                cd_mx_back_{dt}(V, G, h, gh, stp, nxp);{d_prev}
             }}
         }}
 {self.per_state("memcpy(dinit[{k}] + (n * {H} + hh) * {sz}, ds + {off}, {sz} * sizeof({t}));",
                         off, sz, 8)}
     }}
-    free(V); free(G); free(seg);
+    free(V); free(G); free(seg); free(keep);
     return 0;
 }}
 """
@@ -654,8 +706,9 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
     for dt in C_TYPES:
         em = _Emitter(ir, dims, dt)
         back = em.step_backward()  # first: bstep keeps the values it reads (em.read)
+        keep = {ir.output_node, *ir.new_state.values(), *em.read}
         parts += [helper_functions(dt), em.struct(), em.common(), em.fast_step(),
-                  em.fast_step("bstep", em.read), back, em.loops()]
+                  em.fast_step("bstep", keep), back, em.loops()]
     return "\n".join(parts) + "\n"
 
 
