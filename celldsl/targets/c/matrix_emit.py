@@ -692,8 +692,10 @@ DOT = """static inline {t} cd_mx_dot_{dt}(const {t} *restrict x, const {t} *rest
     int q = 0;
     for (; q + 16 <= n; q += 16) {{ _Pragma("omp simd") for (int l = 0; l < 16; ++l) p[l] += x[q + l] * y[q + l]; }}
     for (int l = 0; q + l < n; ++l) p[l] += x[q + l] * y[q + l];
-    for (int w = 8; w >= 1; w /= 2) for (int l = 0; l < w; ++l) p[l] += p[l + w];
-    return p[0];
+    for (int l = 0; l < 8; ++l) p[l] += p[l + 8];
+    for (int l = 0; l < 4; ++l) p[l] += p[l + 4];
+    for (int l = 0; l < 2; ++l) p[l] += p[l + 2];
+    return p[0] + p[1];
 }}
 """
 
