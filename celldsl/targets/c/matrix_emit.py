@@ -206,14 +206,14 @@ class _Emitter:
         values kept in registers unless a later node or `keep` (default: the output and the next
         states) reads them. The backward's step ("bstep") keeps the values its adjoints read."""
         ir, t = self.ir, self.t
-        refs = self.state_refs()
+        refs = {**self.state_refs(), **{i: f"ns[{k}]" for i, k in self.new_in_place().items()}}
         users: dict[int, set[int]] = {}
         for i in self.c_nodes:
             for j in ir.nodes[i].args:
                 users.setdefault(j, set()).add(i)
         keep = {ir.output_node, *ir.new_state.values()} if keep is None else keep
         lines = [f"static inline void cd_mx_{name}_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
-                 f"const {t} *const *h, const {t} *const *st)", "{"]
+                 f"const {t} *const *h, const {t} *const *st, {t} *const *ns)", "{"]
         group: list[int] = []
         shape: tuple[int, int] | None = None
 
@@ -246,7 +246,7 @@ class _Emitter:
                     expr = CPrinter(names, self.dt).doprint(node.expr)
                 body.append(f"const {t} t{i} = {expr};")
                 if i in keep or users.get(i, set()) - members:
-                    body.append(f"V->v{i}[e] = t{i};")
+                    body.append(f"{ref(i)}[e] = t{i};")
             lines.append(f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") "
                          f"for (int b = 0; b < {c}; ++b) "
                          f"{{ const int e = a * {c} + b; {' '.join(body)} }} }}")
@@ -273,8 +273,19 @@ class _Emitter:
         lines.append("}")
         return "\n".join(lines)
 
+    def new_in_place(self) -> dict[int, int]:
+        """The next states the step writes straight into the loop's next-state buffers ns[k] (node ->
+        k): each C node (not a state) that is the next value of a state, for the first such state."""
+        out: dict[int, int] = {}
+        for k, s in enumerate(self.ir.states):
+            i = self.ir.new_state[s]
+            if not self.host[i] and self.ir.nodes[i].op != "state" and i not in out:
+                out[i] = k
+        return out
+
     def with_refs(self, line: str, refs: dict[int, str]) -> str:
         for i, r in refs.items():
+            line = line.replace(f"memset(V->v{i}, 0, sizeof(V->v{i}))", f"memset({r}, 0, {self.size(i)} * sizeof({self.t}))")
             line = line.replace(f"V->v{i}[", f"{r}[")
         return line
 
@@ -576,20 +587,35 @@ class _Emitter:
         off = [sum(sz[:k]) for k in range(len(sz))]
         o = ir.output_node
         ow = self.size(o)
-        copy_new = "".join(f" memcpy(st + {off[k]}, V->v{ir.new_state[s]}, sizeof V->v{ir.new_state[s]});"
-                           for k, s in enumerate(ir.states))
-        st_ptrs = "{" + ", ".join(f"st + {off[k]}" for k in range(len(sz))) + "}"
+        in_place = self.new_in_place()
+        state_index = {s: k for k, s in enumerate(ir.states)}
+
+        def ptr(i: int, st: str, nx: str) -> str:  # where node i's value is after the step
+            if i in in_place:
+                return f"{nx} + {off[in_place[i]]}"
+            if ir.nodes[i].op == "state":
+                return f"{st} + {off[state_index[ir.nodes[i].name]]}"
+            return f"V->v{i}"
+
+        def copy_new(indent: int) -> str:  # the next states the step did not write in place
+            return "".join(" " * indent + f"memcpy(nx + {off[k]}, {ptr(ir.new_state[s], 'st', 'nx')}, "
+                           f"{sz[k]} * sizeof({t}));\n"
+                           for k, s in enumerate(ir.states) if in_place.get(ir.new_state[s]) != k)
+
+        pointers = self.per_state("stp[{k}] = st + {off}; nsp[{k}] = nx + {off};", off, sz, 12)
         fwd = f"""
 int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int64_t *rs, const int64_t *hs,
                           {t} *const *s0, {t} *const *s1, {t} *out, const int64_t *lengths, int64_t every,
                           {t} *const *ck)
 {{
     cd_mx_vals_{dt} *V = malloc(sizeof *V);
-    if (!V) return 1;
+    {t} *buf = malloc(2 * {total} * sizeof({t}));  /* this step's states and the next's, swapped */
+    if (!V || !buf) {{ free(V); free(buf); return 1; }}
     const {t} *h[{nn_}] = {{0}};
-    {t} st[{total}];
-    const {t} *stp[{len(sz)}] = {st_ptrs};
+    const {t} *stp[{len(sz)}];
+    {t} *nsp[{len(sz)}];
     for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
+        {t} *st = buf, *nx = buf + {total};
 {self.per_state("memcpy(st + {off}, s0[{k}] + (n * {H} + hh) * {sz}, {sz} * sizeof({t}));",
                         off, sz, 8)}
         const int64_t L = lengths ? lengths[n] : T;
@@ -598,19 +624,20 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
 {self.per_state("memcpy(ck[{k}] + ((t / every * N + n) * {H} + hh) * {sz}, st + {off}, {sz} * sizeof({t}));",
                         off, sz, 16)}
             }}
+{pointers}
             cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
-            cd_mx_fast_{dt}(V, h, stp);
-            memcpy(out + ((t * N + n) * {H} + hh) * {ow}, V->v{o}, sizeof V->v{o});{copy_new}
+            cd_mx_fast_{dt}(V, h, stp, nsp);
+            memcpy(out + ((t * N + n) * {H} + hh) * {ow}, {ptr(o, 'st', 'nx')}, {ow} * sizeof({t}));
+{copy_new(12)}            {{ {t} *swap = st; st = nx; nx = swap; }}
         }}
 {self.per_state("memcpy(s1[{k}] + (n * {H} + hh) * {sz}, st + {off}, {sz} * sizeof({t}));",
                         off, sz, 8)}
     }}
-    free(V);
+    free(V); free(buf);
     return 0;
 }}
 """
-        rebuild = "".join(f"                memcpy(nx + {off[k]}, V->v{ir.new_state[s]}, "
-                          f"sizeof V->v{ir.new_state[s]});\n" for k, s in enumerate(ir.states))
+        rebuild = copy_new(16)
         # the values back() reads (but the states): kept per step of a segment while it is rebuilt
         kept = max(1, sum(self.size(j) for j in self.read))
         koff = [sum(self.size(j) for j in self.read[:m]) for m in range(len(self.read))]
@@ -644,6 +671,7 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
     {t} *gh[{nn_}] = {{0}};
     {t} ds[{total}];
     const {t} *stp[{len(sz)}], *nxp[{len(sz)}];
+    {t} *nsp[{len(sz)}];
     for (int64_t n = 0; n < N; ++n) for (int64_t hh = 0; hh < {H}; ++hh) {{
 {self.per_state("memcpy(ds + {off}, dfin[{k}] + (n * {H} + hh) * {sz}, {sz} * sizeof({t}));",
                         off, sz, 8)}
@@ -654,10 +682,10 @@ int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const in
                         off, sz, 12)}
             for (int64_t t = t0; t < t1; ++t) {{
                 {t} *st = seg + (t - t0) * {total}, *nx = st + {total};
-{self.per_state("stp[{k}] = st + {off};",
+{self.per_state("stp[{k}] = st + {off}; nsp[{k}] = nx + {off};",
                         off, sz, 16)}
                 cd_mx_at_{dt}(h, hv, rs, hs, t, N, n, hh);
-                cd_mx_bstep_{dt}(V, h, stp);
+                cd_mx_bstep_{dt}(V, h, stp, nsp);
 {rebuild}{save}            }}
             for (int64_t t = t1 - 1; t >= t0; --t) {{
                 {t} *st = seg + (t - t0) * {total};
