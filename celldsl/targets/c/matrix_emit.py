@@ -7,6 +7,13 @@ stays in cache. Sizes are compiled in (one library per cell and sizes), so every
 array. The backward walks time in reverse, recomputing the states of each segment of `every` steps
 from the forward's checkpoint, and sends the host nodes' adjoints back to torch. The source holds
 no text of the cell: nodes are v0, v1, ..., and the cell's name only reaches a sanitised comment.
+
+Speed (docs/benchmarks.md, matrix section): matrix_loop.py hands in the IR after matrix_rewrite.py
+(`S @ (I - β k kᵀ)` as `S - β (S k) kᵀ`); each run of same-shaped elementwise nodes, outer products
+and diag scalings is one loop over the elements forward (fast_step) and backward (group_backward:
+the run's adjoints in registers); the step writes the next states in place; while a segment is
+rebuilt the loop keeps, per step, the few values back() reads (the states it reads in place), so the
+backward runs one step per step, not two; dot products add sixteen partial sums as a tree.
 """
 
 from __future__ import annotations
