@@ -18,7 +18,7 @@ Tables (--tables, comma-separated):
     step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell
           at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
           runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
-    matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/matrix/) at T=1024
+    matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/) at T=1024
           (--matrix-T), N=8, 4 heads, K=V=64, I=256: celldsl.MatrixRecurrent on backend="cpu" (the
           fused C loop, targets/c/matrix_loop.py) vs the textbook einsum loop of
           tests/matrix_references.py (autograd) and torch.compile of that loop's step (issue 26)

@@ -152,6 +152,10 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
                          f"got {heads!r}")
     for w in ir.widths:
         sizes.setdefault(w, hidden_size // heads)
+    missing = [s for s in ir.init_sizes if s not in sizes]
+    if missing:  # a size only an init line reads (chrono's T_max): nothing to derive it from
+        raise ValueError(f"cell {ir.name!r} needs sizes={{{', '.join(repr(s) + ': ...' for s in missing)}}}: "
+                         f"its init lines read {', '.join(missing)}, which does not follow from hidden_size")
     return sizes
 
 
