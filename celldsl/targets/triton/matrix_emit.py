@@ -39,8 +39,8 @@ def refuse(ir: TensorIR) -> None:
                             ir.source, ir.state_locs[s])
     shift = unhoisted_shift(ir)
     if shift is not None:
-        raise CellError("the triton matrix schedule hoists prev() before its loop, and this prev() is of a "
-                        "value that is, or reads, a matrix per step (T matrices); use backend='torch'",
+        raise CellError("the triton matrix schedule cannot run prev() of a value that is, or reads, a matrix "
+                        "per step (hoisted before the loop it would be T matrices); use backend='torch'",
                         ir.source, ir.nodes[shift].loc)
     for node in ir.nodes:
         if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "matmul",
