@@ -7,7 +7,8 @@ keeps the states every `every` steps, and the backward recomputes each segment: 
 apart, and far enough apart that the checkpoints take no more memory than the outputs and one state
 (a state of K x V numbers per head against V outputs per step: every >= K). Beyond the outputs and checkpoints
 the forward keeps the hoisted projections (q, k, v: a few numbers per step and head, as the outputs),
-which the GEMMs' backward reads.
+which the GEMMs' backward reads, and for a cell with prev() the hoisted values that follow it
+(targets/matrix_hoist.py: vectors per step, never a matrix per step) with what autograd keeps of them.
 """
 
 from __future__ import annotations
