@@ -218,3 +218,25 @@ def test_prev_of_a_matrix_per_step_is_refused_located(tmp_path, backend):
         ref.load_state_dict(auto.state_dict())
         x = torch.randn(4, 2, 3, dtype=torch.float64)
         torch.testing.assert_close(auto(x)[0], ref(x)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels' numbers")
+@pytest.mark.parametrize("cell", CELLS)
+def test_triton_gpu_matches_torch(cell, monkeypatch):
+    """On a lent GPU (compiled kernels, not the interpreter): float64 against the torch loop, forward,
+    final states and gradients, packed, with a checkpoint interval that does not divide T."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer, twin = _pair(cell, "triton")
+    layer.loop.checkpoint = 4
+    layer, twin = layer.cuda(), twin.cuda()
+    seqs = [torch.randn(t, I, dtype=torch.float64, device="cuda", requires_grad=True) for t in (9, 2, 5)]
+    results = []
+    for m in (layer, twin):
+        out, finals = m(pack_sequence(seqs, enforce_sorted=False))
+        out = pad_packed_sequence(out)[0]
+        results.append((out, finals, _grads(out.cpu(), [f.cpu() for f in finals], [*seqs, *m.parameters()])))
+    (a, fa, ga), (b, fb, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for u, v in zip([*fa, *ga], [*fb, *gb], strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
