@@ -113,8 +113,8 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
             continue
         m = tiles.mask(k) if k.rows != "?" else None
         if i in read:
-            e = f"tl.load(q{i}_ptr + (xrow * H + h) * {tiles.numel(k)} + {tiles.offs(k)}, mask={m}, other=0.0)"
-            e += ".to(COMPUTE)"
+            at = f"q{i}_ptr + (xrow * H + h) * {tiles.numel(k)} + {tiles.offs(k)}"
+            e = f"tl.load({at}, mask={m}, other=0.0).to(COMPUTE)"
         elif node.op == "input":
             at = f"x_ptr + xrow * {idx['input'][0]} + {tiles.offs(k)}"
             e = f"tl.load({at}, mask={m}, other=0.0).to(COMPUTE)"

@@ -5,9 +5,9 @@ OPT-IN: no GPU has run these kernels yet (MATRIX_SCHEDULE is not in choice.VERIF
 only backend="triton" reaches them; backend="auto" keeps the torch loop on every device. On the CPU
 they run under TRITON_INTERPRET=1. A prev() and what depends on it but on no state is computed by
 torch before the kernels for all steps (targets/matrix_hoist.py, differentiated by autograd); the
-kernels read it per step (q) and write its gradient per step (dq). The forward keeps the states every `checkpoint` steps (not T
-matrices); the backward recomputes each segment from its checkpoint in a scratch of `checkpoint`
-matrices per program.
+kernels read it per step (q) and write its gradient per step (dq). The forward keeps the states
+every `checkpoint` steps (not T matrices); the backward recomputes each segment from its checkpoint
+in a scratch of `checkpoint` matrices per program.
 """
 
 from __future__ import annotations
