@@ -586,7 +586,7 @@ def matrix_tables(args, clock, report: Report) -> None:
     text = f"T={T} N={N} heads={heads} K=V={K} I={I}"
     for cell in MATRIX_CELLS:
         torch.manual_seed(0)
-        layer = MatrixRecurrent(str(ROOT / "cells" / "matrix" / f"{cell}.cell"), I, sizes, backend="cpu")
+        layer = MatrixRecurrent(str(ROOT / "cells" / f"{cell}.cell"), I, sizes, backend="cpu")
         ref, p = matrix_reference(cell, heads), reference_params(layer)
         impls = [Impl(f"celldsl {cell}.cell, backend cpu (fused C loop)", lambda x, m=layer: m(x)[0],
                       layer.parameters(), "celldsl"),
