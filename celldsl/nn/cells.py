@@ -30,6 +30,7 @@ from .arguments import (
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .quantization import WarnsWhenNotQuantized
+from .script_any import PreparesStep, extra_inputs
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
 
@@ -233,7 +234,7 @@ class _Step:
         return list(state)
 
 
-class Cell(_Step, nn.Module):
+class Cell(PreparesStep, _Step, nn.Module):
     """One step of any cell, with the parameters of one layer of Recurrent.
 
     Args:
@@ -313,8 +314,9 @@ class Cell(_Step, nn.Module):
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
 
-    def forward(self, input, state=None, **extra):
-        out, finals = self._step(input, self._state_list(state), extra)
+    def forward(self, input, state=None, extra=None, **named):
+        """The extra inputs by keyword (`ctx=c`) or as a dict (`extra={"ctx": c}`, as scripted)."""
+        out, finals = self._step(input, self._state_list(state), extra_inputs(extra, named))
         return out, (finals[0] if len(finals) == 1 else tuple(finals))
 
     def extra_repr(self) -> str:

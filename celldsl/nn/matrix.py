@@ -84,6 +84,13 @@ class MatrixRecurrent(nn.Module):
             elif init.name in ("zeros", "ones"):
                 view.fill_(float(init.name == "ones"))
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
+        raise RuntimeError(
+            f"torch.jit.script: MatrixRecurrent over the matrix-memory cell {self.ir.name!r} cannot be "
+            "scripted: its time loop is a Python object (targets/*/matrix_loop.py), not the registered op "
+            "celldsl::cell_sequence that scripted layers call. Run it eagerly")
+
     @staticmethod
     def param_name(name: str, layer: int, direction: int) -> str:
         return f"{name}_l{layer}" + ("_reverse" if direction else "")
