@@ -2,8 +2,10 @@
 
 Each row runs a child process per run with its own empty CELLDSL_CACHE, one thread, and times (wall
 clock) `compile_cell` + the layer's construction ("compile"), then the layer's first forward and
-backward on CPU tensors ("first call": the C build of the cell's kernels, the shared GEMM library's
-when the cache lacks it, the GEMM choices measured for the call's shapes, the call). Two settings:
+backward on CPU tensors ("first call": the quick C build of the cell's kernels or matrix loop, the
+GEMM choices measured for the call's shapes, the call; the final libraries build in the background
+and are not waited for). Every zoo cell: cells/*.cell and cells/matrix/*.cell, with a size for every
+width a cell declares; a cell the cpu backend refuses gets a row saying why. Two settings:
 
     empty   the cache is empty: the GEMM library (once per machine and compiler) is built too
     gemm    the cache holds only the GEMM library and its measurements, made beforehand by another
@@ -11,8 +13,8 @@ when the cache lacks it, the GEMM choices measured for the call's shapes, the ca
 
 Run from the repository root (the machine is shared: take the median of several runs):
 
-    .venv/bin/python bench/cold_build.py --runs 3                 # every zoo cell, both settings
-    .venv/bin/python bench/cold_build.py --cells lstm,gru --runs 1
+    .venv/bin/python bench/cold_build.py --runs 1                 # every zoo cell, both settings (~8 min)
+    .venv/bin/python bench/cold_build.py --cells ln_lstm,mlstm,lstm --runs 3
 """
 
 from __future__ import annotations
