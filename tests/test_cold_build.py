@@ -140,7 +140,8 @@ def test_the_cells_quick_build_is_replaced_by_its_full_build(cold):
 
 
 def test_a_failed_full_cell_build_keeps_the_quick_one(cold, monkeypatch):
-    monkeypatch.setattr(fused, "build_library", lambda cell, cache_root=None, **_kw: (None, "the -O3 build failed"))
+    monkeypatch.setattr(fused, "build_library",
+                        lambda cell, cache_root=None, **_kw: (None, "the -O3 build failed"))
     ref, compiled = layer_pair("lstm")
     x = torch.randn(4, 2, 6, requires_grad=True)
     want = ref(x)[0]
@@ -169,7 +170,8 @@ def test_quick_build_at_og_and_background_builds_niced(cold, monkeypatch):
     fused._gemm_builds[loop.waiting].join(timeout=120)
     quick = [c for c in calls if c[2].startswith("quick_kernels")]
     full = [c for c in calls if c[2].startswith(("cpu_kernels", "cpu_gemm"))]
-    assert quick and all("-Og" in extra and "-O1" not in extra and "-O3" not in extra for _cc, extra, _ in quick)
+    assert quick and all("-Og" in extra and "-O1" not in extra and "-O3" not in extra
+                         for _cc, extra, _ in quick)
     assert all(not cc[0].endswith("nice") for cc, _extra, _ in quick)
     assert {name.split("_")[1] for _cc, _extra, name in full} == {"kernels", "gemm"}
     assert all(cc[0].endswith("nice") and cc[1:3] == ["-n", "10"] and "-O3" in extra for cc, extra, _ in full)
@@ -177,7 +179,8 @@ def test_quick_build_at_og_and_background_builds_niced(cold, monkeypatch):
 
 def matrix_pair(backend: str):
     torch.manual_seed(0)
-    return celldsl.MatrixRecurrent("mlstm", 6, {"heads": 2, "K": 3, "V": 4}, backend=backend, dtype=torch.float64)
+    return celldsl.MatrixRecurrent("mlstm", 6, {"heads": 2, "K": 3, "V": 4}, backend=backend,
+                                   dtype=torch.float64)
 
 
 def test_a_matrix_cells_quick_build_is_replaced_by_its_full_build(cold):

@@ -137,7 +137,8 @@ def background_builds() -> bool:
 def quick_attempts(source: str) -> tuple[list[str], ...]:
     """attempts(source) at QUICK_LEVEL (-Og): the same code and flags but the optimisation level,
     built in a fraction of the time (flags.py: ln_lstm's kernels ~4x faster to build than at -O1)."""
-    return tuple([QUICK_LEVEL if flag in ("-O1", "-O3") else flag for flag in extra] for extra in attempts(source))
+    return tuple([QUICK_LEVEL if flag in ("-O1", "-O3") else flag for flag in extra]
+                 for extra in attempts(source))
 
 
 def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, str | None]:
@@ -195,7 +196,8 @@ GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
                 for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles")]
 
 
-def build_gemm_library(cache_root: Path | None = None, background: bool = False) -> tuple[ctypes.CDLL | None, str]:
+def build_gemm_library(cache_root: Path | None = None,
+                       background: bool = False) -> tuple[ctypes.CDLL | None, str]:
     """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why).
     Waits for a build that gemm_library_soon started."""
     root = cache_root or cache.root()
@@ -298,7 +300,8 @@ def _path_lock(path: Path) -> threading.RLock:
         return _path_locks.setdefault(str(path), threading.RLock())
 
 
-def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None, background: bool = False) -> str:
+def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None,
+           background: bool = False) -> str:
     """Compile `source` into `lib_path` and seal it; "" on success, else why it failed. The attempts
     share one deadline (COMPILE_SECONDS), so a pathological file cannot hold the process for long."""
     errors = []
