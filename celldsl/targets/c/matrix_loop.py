@@ -22,7 +22,7 @@ from ... import cache
 from ...lang.errors import CellError
 from ...lang.tensors import ONE
 from ..matrix_hoist import evaluate
-from .fused import build_source_library
+from .fused import cell_library_ready, library_soon
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
 
 EVERY = 32  # the fewest steps between the forward's checkpoints of the states
@@ -57,12 +57,19 @@ class CMatrixLoop:
         return (_rebuild, (self.compiled, self.fallback is not None))
 
     def library(self, dims: dict[str, int]):
+        """(library, why not) for these sizes: a quick build first when the cache lacks the final one,
+        which then builds in the background and is taken between two calls (fused.library_soon)."""
         k = tuple(sorted(dims.items()))
         if k not in self.libs:
-            lib, why = build_source_library(matrix_c_source(self.ir, dims), cache.root() / self.key,
-                                            "cpu_matrix", SYMBOLS)
-            self.libs[k] = (lib, why)
-        return self.libs[k]
+            self.libs[k] = library_soon(matrix_c_source(self.ir, dims), cache.root() / self.key, "cpu_matrix",
+                                        SYMBOLS)
+        lib, why, waiting = self.libs[k]
+        if waiting is not None:
+            done, full = cell_library_ready(waiting)
+            if done:  # a failed final build keeps the quick one
+                lib = full or lib
+                self.libs[k] = (lib, why, None)
+        return lib, why
 
     def as4(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A parameter ([heads, ...] or shared) as [1, heads or 1, rows, cols]."""
