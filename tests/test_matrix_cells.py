@@ -16,7 +16,7 @@ from celldsl.nn.matrix import MatrixRecurrent
 HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
 
 
-def _ref_params(layer, cell):
+def ref_params(layer, cell):
     """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
     p = {}
     for stored, t in layer.named_parameters():
@@ -58,7 +58,7 @@ def test_matches_reference(cell, steps):
                                requires_grad=True) for s in layer.ir.states)
     out, finals = layer(x, state0)
     finals = [f[0] for f in finals]
-    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer, cell), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = REFERENCES[cell](ref_params(layer, cell), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -166,11 +166,11 @@ def test_layer_arguments():
         layer(torch.randn(2, 3, I), (torch.zeros(3, 2, 3, 4),))
 
 
-@pytest.mark.parametrize("make", [lambda: celldsl.Cell("gla", 4, 8)])  # Recurrent runs them: test_matrix_zoo.py
-def test_cell_points_at_matrix_recurrent(make):
-    with pytest.raises(ValueError, match=r"has matrix states \(one matrix per head\); run it with "
-                                         r"celldsl.MatrixRecurrent\(cell, input_size, sizes=\{'heads': 16"):
-        make()
+def test_cell_of_a_matrix_cell_is_its_step():
+    """celldsl.Cell builds a matrix cell's MatrixCell (tests/test_matrix_step.py runs it)."""
+    from celldsl.nn.matrix import MatrixCell
+
+    assert type(celldsl.Cell("gla", 4, 8)) is MatrixCell and type(celldsl.Cell("gru", 4, 8)) is celldsl.Cell
 
 
 def test_matrix_recurrent_is_exported():

@@ -13,7 +13,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..compiler import compile_cell
+from ..compiler import CompiledMatrixCell, compile_cell
 from ..lang.errors import CellTensorError
 from ..ops import run
 from ..ops.function import loop_for, register, split_params
@@ -28,6 +28,7 @@ from .arguments import (
     extra_input_sizes,
 )
 from .autocasting import autocast_dtype, result_dtype, without_autocast
+from .matrix import MatrixCell
 from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .quantization import WarnsWhenNotQuantized
 from .script_any import PreparesStep, extra_inputs
@@ -257,6 +258,13 @@ class Cell(PreparesStep, _Step, nn.Module):
         >>> y, h = step(torch.randn(4, 8))
         >>> y, h = step(torch.randn(4, 8), h)
     """
+
+    def __new__(cls, *args, **kwargs):
+        """Cell(a matrix-memory cell, ...) is that cell's MatrixCell (nn/matrix.py): one step of its layer."""
+        cell = args[0] if args else kwargs.get("cell")
+        if cls is Cell and cell is not None and isinstance(compile_cell(cell), CompiledMatrixCell):
+            return MatrixCell(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
                  device=None, dtype=None, input_sizes: dict[str, int] | None = None,

@@ -1,4 +1,5 @@
-"""`MatrixRecurrent`: the layer of a matrix-memory cell (mLSTM, GLA, DeltaNet; lang/tensors.py).
+"""`MatrixRecurrent`: the layer of a matrix-memory cell (mLSTM, GLA, DeltaNet; lang/tensors.py), and
+`MatrixCell`: one step of it (what `celldsl.Cell` builds for such a cell).
 
 Layers, directions, batch_first and PackedSequence as torch.nn.LSTM. Parameters are named as the cell
 names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols] without "1" axes
@@ -17,6 +18,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..compiler import CompiledMatrixCell, compile_cell
+from ..lang.errors import CellError, CellTensorError
+from .arguments import check_layer_arguments
 from .inits import init_value
 
 
@@ -51,6 +54,7 @@ class MatrixRecurrent(nn.Module):
         self.num_directions = 2 if bidirectional else 1
         self.bidirectional, self.batch_first = bidirectional, batch_first
         self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for triton
+        self.backend = backend
         out = self.ir.nodes[self.ir.output_node].kind
         width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
         self.output_size = sizes["heads"] * (1 if width == "1" else sizes.get(width, input_size))
@@ -59,30 +63,8 @@ class MatrixRecurrent(nn.Module):
                             for k in range(num_layers)]
         for k in range(num_layers):
             for d in range(self.num_directions):
-                for name in self.ir.params:
-                    shape = self.ir.param_shape(name, self.layer_sizes[k])
-                    bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
-                    p = torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)
-                    self.register_parameter(self.param_name(name, k, d), nn.Parameter(p))
-                self._initialise(k, d)
-
-    @torch.no_grad()
-    def _initialise(self, layer: int, direction: int) -> None:
-        """The cell's `init` lines, in text order, on one layer and direction's parameters."""
-        views = {n: getattr(self, self.param_name(n, layer, direction)) for n in self.ir.params}
-        sizes = {"I": self.layer_sizes[layer][self.ir.inputs[0]], **self.layer_sizes[layer]}
-        for name, init in self.ir.inits.items():
-            view = views[name]
-            if init.kind == "expr":
-                view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
-            elif init.kind == "constant":
-                view.fill_(init.number)
-            elif init.kind == "call" and init.name == "uniform":
-                view.uniform_(-init.number, init.number)
-            elif init.kind == "call":
-                view.normal_(0.0, init.number)
-            elif init.name in ("zeros", "ones"):
-                view.fill_(float(init.name == "ones"))
+                for name, p in new_parameters(self.ir, self.layer_sizes[k], device, dtype).items():
+                    self.register_parameter(self.param_name(name, k, d), p)
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
@@ -94,6 +76,15 @@ class MatrixRecurrent(nn.Module):
     @staticmethod
     def param_name(name: str, layer: int, direction: int) -> str:
         return f"{name}_l{layer}" + ("_reverse" if direction else "")
+
+    def cell(self, layer: int = 0, direction: int = 0) -> MatrixCell:
+        """Layer `layer`'s one-step MatrixCell (direction 1: the reverse one) whose parameters are this
+        layer's own Parameter objects: training either trains both."""
+        if layer not in range(self.num_layers) or direction not in range(self.num_directions):
+            raise IndexError(f"this layer has {self.num_layers} layer(s) and {self.num_directions} "
+                             f"direction(s), got layer={layer}, direction={direction}")
+        params = {n: getattr(self, self.param_name(n, layer, direction)) for n in self.ir.params}
+        return MatrixCell.sharing(self.compiled, self.layer_sizes[layer], self.backend, params)
 
     def forward(self, x, state=None):
         packed = isinstance(x, PackedSequence)
@@ -132,6 +123,163 @@ class MatrixRecurrent(nn.Module):
         elif self.batch_first:
             x = x.transpose(0, 1)
         return x, finals
+
+
+class MatrixCell(nn.Module):
+    """One step of a matrix-memory cell: `celldsl.Cell(cell, input_size, hidden_size, sizes=...)`.
+
+    forward(input, state=None) -> (output, new states): input [N, I] or [I] unbatched; state a tuple in
+    the order of the cell's `state` line (a lone tensor for a one-state cell), each [N, heads, rows,
+    cols] without its "1" axes ([heads, rows, cols] unbatched), zeros when None; output [N, hidden_size]
+    ([hidden_size]); the new states always a tuple, as MatrixRecurrent returns them. sizes default as
+    in celldsl.Recurrent (heads = 1, every width = hidden_size / heads). The step is the layer's loop
+    over T = 1 (torch, cpu or triton), so it gives one step of MatrixRecurrent's numbers and its
+    derived backward. Parameters are named as the cell names them (W_q, b_i, ...)."""
+
+    def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
+                 device=None, dtype=None, input_sizes=None, sizes=None):
+        super().__init__()
+        check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
+        compiled = compile_cell(cell)
+        if not isinstance(compiled, CompiledMatrixCell):
+            raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Cell")
+        for name, given in (("bias=False", bias is False), ("input_sizes", bool(input_sizes))):
+            if given:
+                raise ValueError(f"cell {compiled.name!r} has matrix states; its Cell does not take {name} "
+                                 "yet")
+        sizes = {**matrix_sizes(compiled.ir, hidden_size, sizes), compiled.ir.inputs[0]: input_size}
+        self._setup(compiled, sizes, backend)
+        if self.hidden_size != hidden_size:
+            raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {self.hidden_size} "
+                             f"wide with these sizes, but hidden_size is {hidden_size}; give "
+                             f"hidden_size={self.hidden_size}")
+        for name, p in new_parameters(self.ir, sizes, device, dtype).items():
+            self.register_parameter(name, p)
+
+    def _setup(self, compiled, sizes: dict[str, int], backend: str) -> None:
+        shift = next((n for n in compiled.ir.nodes if n.op == "shift"), None)
+        if shift is not None:  # prev(x) of a step would read zeros, not the last step's input: refused
+            raise CellError("a one-step Cell cannot run prev(): it reads earlier steps' inputs, which a step "
+                            "does not carry yet; run the sequence with celldsl.Recurrent", compiled.ir.source,
+                            shift.loc)
+        self.compiled, self.ir, self.sizes, self.backend = compiled, compiled.ir, dict(sizes), backend
+        self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for what cannot run
+        self.input_size = sizes[self.ir.inputs[0]]
+        out = self.ir.nodes[self.ir.output_node].kind
+        width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
+        self.hidden_size = sizes["heads"] * (1 if width == "1" else sizes[width])
+        self.state_shapes = [tuple(self.ir.state_shape(s, sizes)) for s in self.ir.states]
+
+    @classmethod
+    def sharing(cls, compiled, sizes: dict[str, int], backend: str, parameters: dict) -> MatrixCell:
+        """A MatrixCell whose parameters are the given ones, not copies (MatrixRecurrent.cell(k))."""
+        step = cls.__new__(cls)
+        nn.Module.__init__(step)
+        step._setup(compiled, sizes, backend)
+        for name in step.ir.params:
+            step.register_parameter(name, parameters[name])
+        return step
+
+    def forward(self, input, state=None):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"MatrixCell: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise CellTensorError(f"MatrixCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        unbatched = input.dim() == 1
+        x = input[None] if unbatched else input
+        params = [getattr(self, n) for n in self.ir.params]
+        self._check_input(x, params[0] if params else None)
+        states = self._states(state, x, unbatched)
+        out, finals = self.loop.run(x[None], states, params, self.sizes, None)
+        if unbatched:
+            return out[0, 0], tuple(f[0] for f in finals)
+        return out[0], tuple(finals)
+
+    def _check_input(self, x: torch.Tensor, weight) -> None:
+        """torch.nn's cell checks and wording: the input's width, dtype and device."""
+        if x.shape[1] != self.input_size:
+            raise CellTensorError(f"input has inconsistent input_size: got {x.shape[1]} expected "
+                                  f"{self.input_size}")
+        if weight is not None and x.dtype != weight.dtype:
+            raise CellTensorError(f"MatrixCell input dtype ({x.dtype}) does not match weight dtype "
+                                  f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                                  f"model: model.to({x.dtype})")
+        if weight is not None and x.device != weight.device:
+            raise CellTensorError("Input and parameter tensors are not at the same device, found input "
+                                  f"tensor at {x.device} and parameter tensor at {weight.device}")
+
+    def _states(self, state, x: torch.Tensor, unbatched: bool) -> list[torch.Tensor]:
+        """The caller's states as [N, heads, rows, cols] tensors (zeros when None), each checked."""
+        names, N = self.ir.states, x.shape[0]
+        if state is None:
+            return [x.new_zeros(N, *shape) for shape in self.state_shapes]
+        if isinstance(state, torch.Tensor) and len(names) == 1:
+            state = (state,)
+        if not isinstance(state, tuple | list) or not all(isinstance(s, torch.Tensor) for s in state):
+            raise TypeError(f"MatrixCell: the state must be a tuple of {len(names)} tensors "
+                            f"({', '.join(names)}), got {type(state).__name__}")
+        if len(state) != len(names):
+            raise CellTensorError(f"cell {self.ir.name!r} carries {len(names)} state(s) "
+                                  f"({', '.join(names)}): expected {len(names)} state tensor(s), got "
+                                  f"{len(state)}")
+        checked = []
+        for name, s, shape in zip(names, state, self.state_shapes, strict=True):
+            want = shape if unbatched else (N, *shape)
+            if s.dim() != len(want):
+                kind = "unbatched 1-D" if unbatched else "batched 2-D"
+                raise CellTensorError(f"For {kind} input, state {name} should be {len(want)}-D {list(want)} "
+                                      f"but got {s.dim()}-D {list(s.shape)}")
+            if not unbatched and s.shape[0] != N:
+                raise CellTensorError(f"Input batch size {N} doesn't match state {name} batch size "
+                                      f"{s.shape[0]}")
+            if tuple(s.shape) != tuple(want):
+                raise CellTensorError(f"state {name} has inconsistent shape: got {list(s.shape)}, expected "
+                                      f"{list(want)} (heads, rows, cols without the 1 axes)")
+            if s.dtype != x.dtype or s.device != x.device:
+                raise CellTensorError(f"state {name} is {s.dtype} on {s.device} but the input is {x.dtype} "
+                                      f"on {x.device}: the states must have the input's dtype and device")
+            checked.append(s[None] if unbatched else s)
+        return checked
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
+        raise RuntimeError(f"torch.jit.script: the MatrixCell of {self.ir.name!r} cannot be scripted: its "
+                           "step is a Python loop object (targets/*/matrix_loop.py). Run it eagerly")
+
+    def extra_repr(self) -> str:
+        sizes = {k: v for k, v in self.sizes.items() if k != self.ir.inputs[0]}
+        s = f"{self.ir.name!r}, {self.input_size}, {self.hidden_size}, sizes={sizes}"
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+
+
+def new_parameters(ir, sizes: dict[str, int], device=None, dtype=None) -> dict[str, nn.Parameter]:
+    """One layer and direction's parameters by the cell's names: U(-1/sqrt(cols), 1/sqrt(cols)), then
+    the cell's `init` lines in text order."""
+    params = {}
+    for name in ir.params:
+        shape = ir.param_shape(name, sizes)
+        bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
+        params[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
+    initialise(ir, params, sizes)
+    return params
+
+
+@torch.no_grad()
+def initialise(ir, views: dict[str, torch.Tensor], sizes: dict[str, int]) -> None:
+    """The cell's `init` lines, in text order, on one layer and direction's parameters."""
+    sizes = {"I": sizes[ir.inputs[0]], **sizes}
+    for name, init in ir.inits.items():
+        view = views[name]
+        if init.kind == "expr":
+            view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
+        elif init.kind == "constant":
+            view.fill_(init.number)
+        elif init.kind == "call" and init.name == "uniform":
+            view.uniform_(-init.number, init.number)
+        elif init.kind == "call":
+            view.normal_(0.0, init.number)
+        elif init.name in ("zeros", "ones"):
+            view.fill_(float(init.name == "ones"))
 
 
 def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:
