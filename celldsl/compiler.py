@@ -171,9 +171,11 @@ class CompiledMatrixCell(CompiledSource):
 
     def explain(self) -> str:
         ir = self.ir
-        lines = [f"cell {ir.name}: a matrix-memory cell", f"  file: {printable(ir.source.filename)}",
-                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):"]
-        lines += [f"  {s}  [{ir.kinds[s].words()}]" for s in ir.states]
+        what = "a matrix-memory cell" if ir.heads else "a cell with shaped parameters (one head; H: hidden_size)"
+        lines = [f"cell {ir.name}: {what}", f"  file: {printable(ir.source.filename)}",
+                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):" if ir.heads else "states:"]
+        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head') if not ir.heads else ir.kinds[s].words()}]"
+                  for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
         lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py), "
                   "triton (opt-in: backend='triton')"]

@@ -87,7 +87,7 @@ def run_list(args: argparse.Namespace) -> int:
     """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line; then
     cells/matrix/'s (issue 26's zoo), those with matrix states marked (`explain` names their backends)."""
     from ..lang.syntax import parse
-    from ..lang.tensors import is_matrix_cell
+    from ..lang.tensors import has_heads, is_matrix_cell
 
     paths = [ZOO / f"{name}.cell" for name in zoo_names()] + sorted((ZOO / "matrix").glob("*.cell"))
     width = max(len(p.stem) for p in paths)
@@ -96,7 +96,7 @@ def run_list(args: argparse.Namespace) -> int:
             print(path.stem)
             continue
         module = parse(path.read_text(encoding="utf-8"), str(path))
-        mark = "[matrix state] " if is_matrix_cell(module) else ""  # `explain` says which backends run it
+        mark = "[matrix state] " if is_matrix_cell(module) and has_heads(module) else ""  # `explain` says which backends run it
         print(f"{path.stem:{width}s}  {mark}{module.doc or ''}")
     return 0
 
