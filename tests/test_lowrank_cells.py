@@ -280,9 +280,99 @@ def test_what_ordinary_cells_do_elsewhere_is_refused_by_name():
     assert "parameter groups are not supported in a cell with shaped parameters" in group
 
 
+def test_unshaped_chain_points_at_declaring_shapes():
+    """Without shapes a cell is elementwise, where W_a2 @ (W_a1 @ x) is refused: the hint says how to
+    write it."""
+    text = _error(LOWRANK.replace(" : (R, x)", "").replace(" : (h, R)", "").replace(" : (h, h)", "")
+                  .replace("param b : h", "param b"))
+    assert text.startswith("<cell>:8:11: error: a matrix product of an input-only expression")
+    assert "declare them (param W_1 : (R, x), param W_2 : (h, R): a rank-R bottleneck)" in text
+
+
 def test_a_matrix_memory_cell_still_needs_its_state_shapes():
     """`state h` unshaped means an H-vector only where no value is per head (one meaning: a matrix
     cell's widths default to hidden_size / heads, so its states say their shapes)."""
     text = _error(LOWRANK.replace("param b : h", "param b : h per head"))
     assert text.startswith("<cell>:3:7: error: state 'h' needs its shape in a matrix-memory cell")
     assert "may leave it unshaped" in text
+
+
+PROJECTED = """cell lstmp
+input x
+state h : P
+state c
+output h
+param W_i, W_f, W_g, W_o : (c, x)
+param U_i, U_f, U_g, U_o : (c, h)
+param b_i, b_f, b_g, b_o : c
+param W_hr : (h, c)
+i = sigmoid(W_i @ x + U_i @ h + b_i)
+f = sigmoid(W_f @ x + U_f @ h + b_f)
+g = tanh(W_g @ x + U_g @ h + b_g)
+o = sigmoid(W_o @ x + U_o @ h + b_o)
+c' = f * c + i * g
+h' = W_hr @ (o * tanh(c'))
+"""
+
+COUNTER = """cell counter
+input x
+state h
+state m : 1
+output h
+param W : (h, x)
+param a : (R, x)
+m' = m + sum(a @ x)
+h' = tanh(W @ x + h * m')
+"""
+
+
+def ref_projected(p, x, h, c):
+    outs = []
+    for t in range(x.shape[0]):
+        gate = {k: x[t] @ p[f"W_{k}"].T + h @ p[f"U_{k}"].T + p[f"b_{k}"] for k in "ifgo"}
+        c = torch.sigmoid(gate["f"]) * c + torch.sigmoid(gate["i"]) * torch.tanh(gate["g"])
+        h = (torch.sigmoid(gate["o"]) * torch.tanh(c)) @ p["W_hr"].T
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+def ref_counter(p, x, h, m):
+    outs = []
+    for t in range(x.shape[0]):
+        m = m + (x[t] @ p["a"].T).sum(-1, keepdim=True)
+        h = torch.tanh(x[t] @ p["W"].T + h * m)
+        outs.append(h)
+    return torch.stack(outs), (h, m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["projected", "counter"])
+def test_declared_state_widths(name, backend):
+    """`state h : P` is a P-vector (a state's name in a shape stands for P: W_hr : (h, c) is P x H, as
+    celldsl.LSTM's proj_size) and `state m : 1` one number per sequence, [L * D, N, 1] as in an
+    elementwise cell; several states come back as a tuple in the `state` line's order."""
+    text, ref, sizes, widths = {"projected": (PROJECTED, ref_projected, {"P": 2}, (2, H)),
+                                "counter": (COUNTER, ref_counter, {"R": 2}, (H, 1))}[name]
+    torch.manual_seed(6)
+    layer = celldsl.Recurrent(text, I, H, sizes=sizes, backend=backend, dtype=torch.float64)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    s0 = tuple(torch.randn(1, N, w, dtype=torch.float64, requires_grad=True) for w in widths)
+    out, finals = layer(x, s0)
+    ref_out, ref_finals = ref(_params(layer), x, *(s[0] for s in s0))
+    assert out.shape == (T, N, widths[0]) and [f.shape for f in finals] == [s.shape for s in s0]
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for a, b in zip(finals, ref_finals, strict=True):
+        torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    wrt = [x, *s0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + sum((f * f).sum() for f in finals), wrt)
+    want = torch.autograd.grad((ref_out * g).sum() + sum((f * f).sum() for f in ref_finals), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_docs_example_shapes():
+    """docs/language.md's example, as printed there."""
+    layer = celldsl.Recurrent(LOWRANK, 32, 64, sizes={"R": 4}, num_layers=2, bidirectional=True)
+    out, h = layer(torch.randn(6, 2, 32))
+    assert out.shape == (6, 2, 128) and h.shape == (4, 2, 64) and layer.W_a1_l0.shape == (4, 32)

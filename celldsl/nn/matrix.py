@@ -9,7 +9,7 @@ never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
 
 A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
 projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
-[L * D, N, H] (no heads axis), and a single state is returned as a tensor, not a tuple of one.
+[L * D, N, H] (no heads axis; `state m : 1` is [L * D, N, 1]), and a single state is returned as a tensor, not a tuple of one.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class MatrixRecurrent(nn.Module):
             raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
                              f"or a PackedSequence, got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
-        shapes = [(LD, N, *self.ir.state_shape(s, self.layer_sizes[0])[1 - self.ir.heads:])
-                  for s in self.ir.states]
+        inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # the loops' [heads, ...]
+        shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
@@ -125,11 +125,11 @@ class MatrixRecurrent(nn.Module):
                 i = k * self.num_directions + d
                 params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
                 seq = x if d == 0 else _reverse(x, lengths)
-                init = [s[i] if self.ir.heads else s[i].unsqueeze(1) for s in state]  # one head's axis
+                init = [s[i].reshape(N, *sh) for s, sh in zip(state, inner, strict=True)]
                 out, last = self.loop.run(seq, init, params, self.layer_sizes[k], lengths)
                 outs.append(out if d == 0 else _reverse(out, lengths))
-                for f, s in zip(finals, last, strict=True):
-                    f.append(s if self.ir.heads else s.squeeze(1))
+                for f, s, sh in zip(finals, last, shapes, strict=True):
+                    f.append(s.reshape(sh[1:]))
             x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         finals = tuple(torch.stack(f) for f in finals)
         if packed:
