@@ -171,11 +171,12 @@ class CompiledMatrixCell(CompiledSource):
 
     def explain(self) -> str:
         ir = self.ir
-        what = "a matrix-memory cell" if ir.heads else "a cell with shaped parameters (one head; H: hidden_size)"
+        what, states = "a matrix-memory cell", "states (per head):"
+        if not ir.heads:  # one head (lang/tensors.py): its states are the layer's vectors, no heads
+            what, states = "a cell with shaped parameters (one head; H is hidden_size)", "states:"
         lines = [f"cell {ir.name}: {what}", f"  file: {printable(ir.source.filename)}",
-                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):" if ir.heads else "states:"]
-        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head') if not ir.heads else ir.kinds[s].words()}]"
-                  for s in ir.states]
+                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], states]
+        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head' * (not ir.heads))}]" for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
         lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py), "
                   "triton (opt-in: backend='triton')"]

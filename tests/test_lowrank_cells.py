@@ -376,3 +376,65 @@ def test_docs_example_shapes():
     layer = celldsl.Recurrent(LOWRANK, 32, 64, sizes={"R": 4}, num_layers=2, bidirectional=True)
     out, h = layer(torch.randn(6, 2, 32))
     assert out.shape == (6, 2, 128) and h.shape == (4, 2, 64) and layer.W_a1_l0.shape == (4, 32)
+
+
+def ref_flstm(p, x, h, c):
+    """cells/matrix/flstm.cell from Kuchaiev and Ginsburg 2017: W [x, h] with W = W2 W1 (W1 [R, I + H],
+    W2 [4H, R], gates i, f, o, g), then torch.nn.LSTM's c and h."""
+    W1 = torch.cat([p["W1_x"], p["W1_h"]], 1)
+    W2 = torch.cat([p[f"W2_{k}"] for k in "ifog"], 0)
+    b = torch.cat([p[f"b_{k}"] for k in "ifog"])
+    outs = []
+    for t in range(x.shape[0]):
+        gates = torch.cat([x[t], h], 1) @ (W2 @ W1).T + b
+        i, f, o, g = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zoo_flstm_matches_reference(backend):
+    """The zoo's F-LSTM (found by name), forward, final states and gradients, and gradcheck."""
+    torch.manual_seed(7)
+    layer = celldsl.Recurrent("flstm", I, H, sizes={"R": 2}, backend=backend, dtype=torch.float64)
+    assert layer.W1_h_l0.shape == (2, H) and layer.W2_g_l0.shape == (H, 2)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    s0 = tuple(torch.randn(1, N, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out, finals = layer(x, s0)
+    ref_out, ref_finals = ref_flstm(_params(layer), x, *(s[0] for s in s0))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for a, b in zip(finals, ref_finals, strict=True):
+        torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    wrt = [x, *s0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + sum((f * f).sum() for f in finals), wrt)
+    want = torch.autograd.grad((ref_out * g).sum() + sum((f * f).sum() for f in ref_finals), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+
+    def run(x, h0, c0, *ps):
+        out, (h, c) = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x, (h0, c0)))
+        return out, h, c
+
+    small = [t[:3, :2] if t is x else t[:, :2] for t in (x, *s0)]  # 3 steps, 2 sequences
+    assert torch.autograd.gradcheck(run, (*(t.detach().requires_grad_() for t in small), *params))
+
+
+def test_zoo_flstm_on_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(8)
+    layer = celldsl.Recurrent("flstm", I, H, sizes={"R": 2}, backend="triton", dtype=torch.float64)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    out, (h, c) = layer(x)
+    zeros = torch.zeros(N, H, dtype=torch.float64)
+    ref_out, (ref_h, ref_c) = ref_flstm(_params(layer), x, zeros, zeros)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(c[0], ref_c, rtol=1e-10, atol=1e-10)
+    wrt = [x, *layer.parameters()]
+    for a, b in zip(torch.autograd.grad(out.sum() + c.sum(), wrt), torch.autograd.grad(ref_out.sum() + ref_c.sum(), wrt),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

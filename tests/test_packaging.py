@@ -49,12 +49,13 @@ def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
     matrix = sorted(p.stem for p in (resources.ZOO / "matrix").glob("*.cell"))  # issue 26's zoo, after
-    assert names == resources.zoo_names() + matrix and len(names) == 31 + 10
+    assert names == resources.zoo_names() + matrix and len(names) == 31 + 11
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 41
+    assert len(lines) == 42
     assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state] mLSTM")
     assert "[matrix" not in lines[names.index("lru")]  # an elementwise cell: every backend
+    assert "[matrix" not in lines[names.index("flstm")]  # shaped parameters, no matrix state
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
 

@@ -47,8 +47,8 @@ def test_every_matrix_cell_is_run_or_refused():
     from celldsl.compiler import CompiledMatrixCell
     from celldsl.resources import ZOO
 
-    matrix = sorted(p.stem for p in (ZOO / "matrix").glob("*.cell")
-                    if isinstance(compile_cell(str(p)), CompiledMatrixCell))
+    matrix = sorted(p.stem for p in (ZOO / "matrix").glob("*.cell")  # no heads (flstm): test_lowrank_cells.py
+                    if isinstance(compile_cell(str(p)), CompiledMatrixCell) and compile_cell(str(p)).ir.heads)
     assert matrix == sorted([*CELLS, *REFUSED])
 
 

@@ -96,7 +96,8 @@ def run_list(args: argparse.Namespace) -> int:
             print(path.stem)
             continue
         module = parse(path.read_text(encoding="utf-8"), str(path))
-        mark = "[matrix state] " if is_matrix_cell(module) and has_heads(module) else ""  # `explain` says which backends run it
+        matrix = is_matrix_cell(module) and has_heads(module)  # shaped parameters alone are no matrix state
+        mark = "[matrix state] " if matrix else ""  # `explain` says which backends run it
         print(f"{path.stem:{width}s}  {mark}{module.doc or ''}")
     return 0
 
