@@ -438,3 +438,12 @@ def test_zoo_flstm_on_triton_interpreter(monkeypatch):
     for a, b in zip(torch.autograd.grad(out.sum() + c.sum(), wrt), torch.autograd.grad(ref_out.sum() + ref_c.sum(), wrt),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("old", "new", "where", "says"), [
+    ("state h", "state h : 2", "3:11", "a width is a name (H, P) or 1, not '2'"),
+    ("param b : h", "param b : vector", "7:11", "parameter 'b' needs its shape: this cell declares shapes"),
+    ("U @ h", "U @ z", "8:35", "unknown name 'z'"),
+])
+def test_more_mistakes_are_located(old, new, where, says):
+    assert _error(LOWRANK.replace(old, new)).startswith(f"<cell>:{where}: error: {says}")
