@@ -176,7 +176,8 @@ class CompiledMatrixCell(CompiledSource):
             what, states = "a cell with shaped parameters (one head; H is hidden_size)", "states:"
         lines = [f"cell {ir.name}: {what}", f"  file: {printable(ir.source.filename)}",
                  "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], states]
-        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head' * (not ir.heads))}]" for s in ir.states]
+        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head' * (not ir.heads))}]"
+                  for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
         lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py), "
                   "triton (opt-in: backend='triton')"]

@@ -161,9 +161,9 @@ class _Builder:
 
     def shaped_example(self) -> str:
         """Where a cell without heads declared its first shape: why it runs as a cell of shaped values."""
-        first = next((n, k) for n, k, _ in self.m.params if isinstance(k, ast.PerHead))
-        return (f"this cell declares shapes (line {first[1].loc.line}: 'param {first[0].text} : ({first[1].rows}, "
-                f"{first[1].cols})'), so each parameter declares its own")
+        name, shape = next((n, k) for n, k, _ in self.m.params if isinstance(k, ast.PerHead))
+        return (f"this cell declares shapes (line {shape.loc.line}: 'param {name.text} : ({shape.rows}, "
+                f"{shape.cols})'), so each parameter declares its own")
 
     def add(self, node: Node) -> int:
         self.nodes.append(node)
@@ -222,8 +222,8 @@ class _Builder:
                 continue
             if not isinstance(kind, ast.PerHead) and not self.headed:
                 state = m.states[0].text if m.states else "h"
-                self.error(f"parameter '{n.text}' needs its shape: {self.shaped_example()}: 'param {n.text} : "
-                           f"({state}, {state})' (a matrix; a state's name stands for its width, H), "
+                self.error(f"parameter '{n.text}' needs its shape: {self.shaped_example()}: 'param {n.text} "
+                           f": ({state}, {state})' (a matrix; a state's name stands for its width, H), "
                            f"': {state}' (a vector) or ': scalar'", n.loc if kind is None else kind.name.loc)
             if not isinstance(kind, ast.PerHead):
                 self.error(f"parameter '{n.text}' needs its shape in a matrix-memory cell: 'param {n.text} "
@@ -277,8 +277,8 @@ class _Builder:
                         other = self.kinds[name]
                         if not other.scalar and other != mine:
                             self.error(f"'{n.text}' is {self.words(mine)}, but its init expression reads "
-                                       f"'{name}', {self.words(other)}; an init expression reads values of its "
-                                       "shape or numbers", loc)
+                                       f"'{name}', {self.words(other)}; an init expression reads values of "
+                                       "its shape or numbers", loc)
                     self.init_sizes.extend(w for w in reads.sizes if w not in self.init_sizes)
                 self.inits[n.text] = value
 

@@ -9,7 +9,8 @@ never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
 
 A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
 projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
-[L * D, N, H] (no heads axis; `state m : 1` is [L * D, N, 1]), and a single state is returned as a tensor, not a tuple of one.
+[L * D, N, H] (no heads axis; `state m : 1` is [L * D, N, 1]), and a single state is returned as a
+tensor, not a tuple of one.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class MatrixRecurrent(nn.Module):
             raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
                              f"or a PackedSequence, got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
-        inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # the loops' [heads, ...]
+        inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # loops': [heads, ..]
         shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
