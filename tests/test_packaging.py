@@ -48,13 +48,14 @@ def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
 def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == resources.zoo_names() and len(names) == 41  # the matrix-memory cells among them
+    assert names == resources.zoo_names() and len(names) == 42  # the matrix-memory cells among them
     assert not (resources.ZOO / "matrix").exists(), "every zoo cell is cells/<name>.cell (issue 26's command)"
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 41
+    assert len(lines) == 42
     assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state] mLSTM")
     assert "[matrix" not in lines[names.index("lru")]  # an elementwise cell: every backend
+    assert "[matrix" not in lines[names.index("flstm")]  # shaped parameters, no matrix state
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
 

@@ -48,8 +48,8 @@ def test_every_matrix_cell_runs():
     from celldsl.compiler import CompiledMatrixCell
     from celldsl.resources import ZOO
 
-    matrix = sorted(p.stem for p in ZOO.glob("*.cell")
-                    if isinstance(compile_cell(str(p)), CompiledMatrixCell))
+    matrix = sorted(p.stem for p in ZOO.glob("*.cell")  # no heads (flstm): test_lowrank_cells.py
+                    if isinstance(compile_cell(str(p)), CompiledMatrixCell) and compile_cell(str(p)).ir.heads)
     assert matrix == sorted([*CELLS, *PREV_CELLS])
     for cell in matrix:
         assert isinstance(compile_cell(f"cells/{cell}.cell").loop("triton"), TritonMatrixLoop)

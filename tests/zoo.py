@@ -7,7 +7,9 @@ same ways (its reference on every backend, packed and bidirectional, gradcheck):
 reason and the file. MATRIX are the matrix-memory cells (a matrix state per head, run by
 MatrixRecurrent, no plan, no kernels/ file): tests/test_matrix_cells.py, test_matrix_zoo.py,
 test_matrix_cpu.py, test_triton_matrix.py and test_matrix_fuzz.py run each against its einsum
-reference (tests/matrix_references.py); tests/test_zoo_partition.py checks that these lists cover
+reference (tests/matrix_references.py). SHAPED are ordinary cells with shaped parameters (a rank-R
+bottleneck: one head on the matrix path, no plan, no kernels/ file): tests/test_lowrank_cells.py
+runs each against a loop of its paper's equations. tests/test_zoo_partition.py checks that these lists cover
 the zoo and that each named file names its cells.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 CELLS = Path(__file__).resolve().parents[1] / "cells"
 ZOO = sorted(p.stem for p in CELLS.glob("*.cell"))
 MATRIX = ["deltanet", "gated_deltanet", "gla", "hgrn2", "m2rnn", "mamba", "mlstm", "rwkv6"]
-ELEMENTWISE = [c for c in ZOO if c not in MATRIX]  # a plan, a kernels/ file, every backend
+SHAPED = ["flstm"]
+ELEMENTWISE = [c for c in ZOO if c not in MATRIX + SHAPED]  # a plan, a kernels/ file, every backend
 SPECIAL = {  # stem -> (why a generic test cannot build it, the test file that runs it)
     "lstm_proj": ("a declared width: sizes={'P': ...}", "test_language2.py"),
     "slstm_heads": ("a hidden size that divides by its 4 heads", "test_language2.py"),

@@ -87,7 +87,7 @@ def run_list(args: argparse.Namespace) -> int:
     """One line per zoo cell, sorted: its name (what Recurrent and `celldsl check` accept) and doc line,
     cells with matrix states marked (`explain` names their backends)."""
     from ..lang.syntax import parse
-    from ..lang.tensors import is_matrix_cell
+    from ..lang.tensors import has_heads, is_matrix_cell
 
     paths = [zoo_file(name) for name in zoo_names()]
     width = max(len(p.stem) for p in paths)
@@ -96,11 +96,12 @@ def run_list(args: argparse.Namespace) -> int:
             print(path.stem)
             continue
         module = parse(path.read_text(encoding="utf-8"), str(path))
-        matrix = is_matrix_cell(module)
+        in_matrix_path = is_matrix_cell(module)
         if args.elementwise:  # the names `celldsl compile` takes (kernels/ holds exactly these)
-            if not matrix:
+            if not in_matrix_path:
                 print(path.stem)
             continue
+        matrix = in_matrix_path and has_heads(module)  # shaped parameters alone are no matrix state
         mark = "[matrix state] " if matrix else ""  # `explain` says which backends run it
         print(f"{path.stem:{width}s}  {mark}{module.doc or ''}")
     return 0

@@ -7,6 +7,11 @@ names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols]
 W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
 tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise; backend="triton" (opt-in,
 never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
+
+A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
+projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
+[L * D, N, H] (no heads axis; `state m : 1` is [L * D, N, 1]), and a single state is returned as a
+tensor, not a tuple of one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class MatrixRecurrent(nn.Module):
     x: [T, N, I] ([N, T, I] with batch_first) or a PackedSequence; output [T, N, D * heads * width of
     the output] (D = 2 if bidirectional), packed like x. state: a tuple in the order of the cell's
     `state` line, each [L * D, N, heads, rows, cols] without its "1" axes (C : (V, K) per head is
-    [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads"."""
+    [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads" (a
+    cell without heads: "H" and its declared widths; its states have no heads axis)."""
 
     def __init__(self, cell, input_size: int, sizes: dict[str, int], *, num_layers: int = 1,
                  bidirectional: bool = False, batch_first: bool = False, backend: str = "auto",
@@ -39,6 +45,11 @@ class MatrixRecurrent(nn.Module):
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
         self.compiled, self.ir = compiled, compiled.ir
+        if not self.ir.heads:  # one head, and the layout of torch.nn.RNN's states (see the module)
+            if sizes.get("heads", 1) != 1:
+                raise ValueError(f"cell {self.ir.name!r} has no 'per head' values; it runs as one head, so "
+                                 f"sizes has no 'heads' (got {sizes['heads']!r})")
+            sizes = {**sizes, "heads": 1}
         needed = ["heads", *self.ir.widths, *self.ir.init_sizes]
         missing = [w for w in needed if w not in sizes]
         if missing:
@@ -98,7 +109,8 @@ class MatrixRecurrent(nn.Module):
             raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
                              f"or a PackedSequence, got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
-        shapes = [(LD, N, *self.ir.state_shape(s, self.layer_sizes[0])) for s in self.ir.states]
+        inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # loops': [heads, ..]
+        shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
@@ -112,16 +124,19 @@ class MatrixRecurrent(nn.Module):
                 i = k * self.num_directions + d
                 params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
                 seq = x if d == 0 else _reverse(x, lengths)
-                out, last = self.loop.run(seq, [s[i] for s in state], params, self.layer_sizes[k], lengths)
+                init = [s[i].reshape(N, *sh) for s, sh in zip(state, inner, strict=True)]
+                out, last = self.loop.run(seq, init, params, self.layer_sizes[k], lengths)
                 outs.append(out if d == 0 else _reverse(out, lengths))
-                for f, s in zip(finals, last, strict=True):
-                    f.append(s)
+                for f, s, sh in zip(finals, last, shapes, strict=True):
+                    f.append(s.reshape(sh[1:]))
             x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         finals = tuple(torch.stack(f) for f in finals)
         if packed:
             x = pack_padded_sequence(x, lengths, enforce_sorted=False)
         elif self.batch_first:
             x = x.transpose(0, 1)
+        if not self.ir.heads and len(finals) == 1:
+            return x, finals[0]
         return x, finals
 
 
@@ -297,6 +312,8 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
     `sizes` gives ("heads", K, V, ...); "heads" defaults to 1 and every other width to hidden_size /
     heads, so the output (heads x its width) is hidden_size wide unless `sizes` says otherwise."""
     sizes = dict(sizes or {})
+    if not ir.heads:
+        return plain_sizes(ir, hidden_size, sizes)
     unknown = sorted(set(sizes) - {"heads", *ir.widths, *ir.init_sizes})
     if unknown:
         raise ValueError(f"cell {ir.name!r} has the sizes heads, {', '.join(ir.widths) or '(no widths)'}; "
@@ -312,6 +329,25 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
         raise ValueError(f"cell {ir.name!r} needs sizes={{{', '.join(repr(s) + ': ...' for s in missing)}}}: "
                          f"its init lines read {', '.join(missing)}, which does not follow from hidden_size")
     return sizes
+
+
+def plain_sizes(ir, hidden_size: int, sizes: dict) -> dict[str, int]:
+    """The sizes of a cell without heads: H is hidden_size and every other width is given, as an
+    elementwise cell's declared widths are (no default: a rank R has no natural value)."""
+    if "H" in sizes or "heads" in sizes:
+        name = "H" if "H" in sizes else "heads"
+        raise ValueError(f"cell {ir.name!r} has no 'per head' values: it runs as one head and H is "
+                         f"hidden_size; sizes has no {name!r}")
+    declared = [w for w in dict.fromkeys([*ir.widths, *ir.init_sizes]) if w != "H"]
+    unknown = sorted(set(sizes) - set(declared))
+    if unknown:
+        raise ValueError(f"cell {ir.name!r} has the sizes {', '.join(declared) or '(none)'} (H is "
+                         f"hidden_size); unknown: {', '.join(unknown)}")
+    missing = [w for w in declared if w not in sizes]
+    if missing:
+        raise ValueError(f"cell {ir.name!r} declares the width(s) {', '.join(missing)}; give their sizes, "
+                         f"e.g. sizes={{{', '.join(repr(w) + ': 16' for w in missing)}}}")
+    return {**sizes, "heads": 1, "H": hidden_size}
 
 
 def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int = 1, bias: bool = True,
@@ -331,7 +367,7 @@ def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int
     layer = MatrixRecurrent(compiled, input_size, matrix_sizes(compiled.ir, hidden_size, sizes),
                             num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
                             backend=backend, device=device, dtype=dtype)
-    if layer.output_size != hidden_size:
+    if compiled.ir.heads and layer.output_size != hidden_size:  # one head: the output's width is its own
         raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {layer.output_size} "
                          f"wide with these sizes, but hidden_size is {hidden_size}; give "
                          f"hidden_size={layer.output_size}")
