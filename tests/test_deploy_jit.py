@@ -495,3 +495,46 @@ def test_scripting_a_matrix_memory_cell_says_why_not(name):
     with pytest.raises(RuntimeError, match=f"MatrixRecurrent over the matrix-memory cell '{name}' cannot be "
                                            "scripted: its time loop is a Python object"):
         torch.jit.script(Holder())
+
+
+SEVEN_STATES = """cell seven
+input x
+state a, b, c, d, e, f, g
+output a
+param weight_ih = [W]
+a' = tanh(W @ x + b)
+b' = a + c
+c' = b
+d' = c
+e' = d
+f' = e
+g' = f
+"""
+
+
+def test_scripting_a_cell_with_more_states_than_a_typed_tuple_says_so():
+    with pytest.raises(RuntimeError, match="carries 7 states; a scripted layer takes at most 6"):
+        torch.jit.script(celldsl.Recurrent(SEVEN_STATES, 4, 4, backend="torch"))
+
+
+def test_the_scripted_layers_eager_copy_runs_packed_sequences():
+    """After scripting a parent, its attribute is the scriptable copy: eagerly it is still the layer
+    (a PackedSequence runs)."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"rnn": celldsl.Recurrent("mut3", 4, 4, backend="torch")})
+    x = torch.randn(5, 2, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    want = holder["rnn"](packed)[0].data
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = holder["rnn"]
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    parent = Parent()
+    torch.jit.script(parent)
+    assert type(parent.rnn) is not celldsl.Recurrent and isinstance(parent.rnn, celldsl.Recurrent)
+    torch.testing.assert_close(parent.rnn(packed)[0].data, want)
