@@ -80,7 +80,7 @@ class MatrixRecurrent(nn.Module):
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
         raise RuntimeError(
-            f"torch.jit.script: MatrixRecurrent over the matrix-memory cell {self.ir.name!r} cannot be "
+            f"torch.jit.script: MatrixRecurrent over cell {self.ir.name!r} (the matrix path) cannot be "
             "scripted: its time loop is a Python object (targets/*/matrix_loop.py), not the registered op "
             "celldsl::cell_sequence that scripted layers call. Run it eagerly")
 
