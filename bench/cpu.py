@@ -18,7 +18,7 @@ Tables (--tables, comma-separated):
     step  one step with the state in and out: celldsl.LSTMCell / GRUCell vs torch.nn.LSTMCell / GRUCell
           at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
           runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
-    matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/matrix/) at T=1024
+    matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/) at T=1024
           (--matrix-T), N=8, 4 heads, K=V=64, I=256, and mamba (one head) at D=256, N_s=16, R=16,
           I=O=256: celldsl.MatrixRecurrent on backend="cpu" (the fused C loop,
           targets/c/matrix_loop.py) vs the textbook einsum loop of tests/matrix_references.py
@@ -606,7 +606,7 @@ def matrix_tables(args, clock, report: Report) -> None:
             text = f"T={T} N={N} heads={heads} K=V={K} I={I}"
         torch.manual_seed(0)
         try:
-            layer = MatrixRecurrent(str(ROOT / "cells" / "matrix" / f"{cell}.cell"), I, sizes, backend="cpu")
+            layer = MatrixRecurrent(str(ROOT / "cells" / f"{cell}.cell"), I, sizes, backend="cpu")
         except CellError as exc:  # a cell the cpu backend refuses: say why, measure the others
             why = str(exc).splitlines()[0]
             print(f"\n{cell} (matrix memory), {text}: not measured: {why}")

@@ -23,6 +23,7 @@ import re
 import sympy as sp
 
 from ...lang.tensors import ONE, TensorIR
+from ..matrix_hoist import hoisted, unhoisted_shift
 from .emit import C_TYPES, CPrinter, helper_functions
 
 SIMD_SUM = '_Pragma("omp simd reduction(+:acc)") '  # a sum vectorised (-fopenmp-simd)
@@ -36,21 +37,27 @@ def host_nodes(ir: TensorIR) -> list[bool]:
     """Per node: computed by torch before the loop rather than in the C loop: the leaves, and the
     projections (a product of host nodes, one of them free of the input: `W @ x`, `W2 @ (W1 @ x)`)
     and their transposes. A product of two input-dependent values (`k @ vᵀ`) runs in the loop: hoisted
-    it would be a matrix per step."""
+    it would be a matrix per step. Also what matrix_hoist.hoisted names: a prev() (the loop holds one
+    step) and what depends on it but on no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
     out: list[bool] = []
     inputs: list[bool] = []
-    for node in ir.nodes:
+    shifted = hoisted(ir)
+    for i, node in enumerate(ir.nodes):
         inputs.append(node.op == "input" or any(inputs[j] for j in node.args))
         host = node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args))
         if node.op == "matmul" and all(inputs[j] for j in node.args):
             host = False
-        out.append(host)
+        out.append(host or shifted[i])
     return out
 
 
 def blocker(ir: TensorIR) -> tuple[str, int | None]:
     """Why the C loop cannot run this cell ("" when it can), and the node to point at (or None)."""
     host = host_nodes(ir)
+    shift = unhoisted_shift(ir)
+    if shift is not None:
+        return "prev() of a value that is, or reads, a matrix per step (hoisted before the loop it would " \
+               "be T matrices)", shift
     for i, node in enumerate(ir.nodes):
         if not host[i] and node.op not in C_OPS:
             return f"its operation {node.op!r} has no C form", i
