@@ -665,7 +665,7 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
             seeds.append(f" memcpy(G->v{i}, ds + {off[k]}, sizeof G->v{i});" if i not in seeded else
                          f" for (int e = 0; e < {sz[k]}; ++e) G->v{i}[e] += ds[{off[k]} + e];")
             seeded.add(i)
-        at = f"dout + ((t * N + n) * {H} + hh) * {ow}"
+        at = f"(dout + ((t * N + n) * {H} + hh) * {ow})"
         seeds.append(f" memcpy(G->v{o}, {at}, sizeof G->v{o});" if o not in seeded else
                      f" for (int e = 0; e < {ow}; ++e) G->v{o}[e] += {at}[e];")
         seed = "".join(seeds)
