@@ -38,7 +38,7 @@ def layer(cell: str, backend: str, sizes, I, device, dtype):
     from celldsl.nn.matrix import MatrixRecurrent
 
     torch.manual_seed(0)
-    return MatrixRecurrent(str(ROOT / "cells" / "matrix" / f"{cell}.cell"), I, sizes, backend=backend,
+    return MatrixRecurrent(str(ROOT / "cells" / f"{cell}.cell"), I, sizes, backend=backend,
                            device=device, dtype=dtype)
 
 

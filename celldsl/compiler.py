@@ -171,9 +171,13 @@ class CompiledMatrixCell(CompiledSource):
 
     def explain(self) -> str:
         ir = self.ir
-        lines = [f"cell {ir.name}: a matrix-memory cell", f"  file: {printable(ir.source.filename)}",
-                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], "states (per head):"]
-        lines += [f"  {s}  [{ir.kinds[s].words()}]" for s in ir.states]
+        what, states = "a matrix-memory cell", "states (per head):"
+        if not ir.heads:  # one head (lang/tensors.py): its states are the layer's vectors, no heads
+            what, states = "a cell with shaped parameters (one head; H is hidden_size)", "states:"
+        lines = [f"cell {ir.name}: {what}", f"  file: {printable(ir.source.filename)}",
+                 "", "inputs:", *[f"  {x}  [{x}]" for x in ir.inputs], states]
+        lines += [f"  {s}  [{ir.kinds[s].words().removesuffix(' per head' * (not ir.heads))}]"
+                  for s in ir.states]
         lines += ["parameters:", *[f"  {p}  [{ir.kinds[p].words()}]" for p in ir.params]]
         lines += ["backends: torch (the einsum loop), cpu (the fused C loop; targets/c/matrix_loop.py), "
                   "triton (opt-in: backend='triton')"]

@@ -356,7 +356,9 @@ def build_plan(ir: CellIR) -> Plan:
         elif inner:
             raise CellError(
                 "a matrix product of an input-only expression that itself contains a matrix product "
-                "(two chained input projections) is not supported; compute it outside the cell",
+                "(two chained input projections) is not supported where the parameters' shapes are "
+                "inferred; declare them (param W_1 : (R, x), param W_2 : (h, R): a rank-R bottleneck) and "
+                "the cell runs with shaped parameters, or compute it outside the cell",
                 ir.source,
                 product.loc,
             )

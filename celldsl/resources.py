@@ -2,8 +2,8 @@
 
 A source checkout keeps them at the top level (cells/, grammars/, kernels/); an installed wheel
 carries them inside the package (pyproject's package-dir mapping puts cells/ at celldsl/zoo/,
-grammars/ at celldsl/grammars/, kernels/ at celldsl/kernels/). importlib.resources finds the installed copy; a checkout falls back to its own
-folders.
+grammars/ at celldsl/grammars/, kernels/ at celldsl/kernels/). importlib.resources finds the
+installed copy; a checkout falls back to its own folders.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ KERNELS = folder("kernels", "kernels")
 
 
 def zoo_file(name: str) -> Path | None:
-    """The shipped cell of a zoo name ("lstm", or a matrix-memory cell of cells/matrix/ such as
-    "mlstm"), or None."""
-    for path in (ZOO / f"{name}.cell", ZOO / "matrix" / f"{name}.cell"):
-        if path.is_file():
-            return path
-    return None
+    """The shipped cell of a zoo name ("lstm", "mlstm"), or None. The one resolver of zoo names: every
+    zoo cell, elementwise or matrix-memory, is cells/<name>.cell."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        return None  # a name, never a path: "matrix/mlstm" or "../x" is not in the zoo
+    path = ZOO / f"{name}.cell"
+    return path if path.is_file() else None
 
 
 def zoo_names() -> list[str]:

@@ -19,6 +19,9 @@ import warnings
 def register_ops() -> None:
     """Register the ops now (imports torch)."""
     from . import ops  # noqa: F401  (registering them is what importing the package does)
+    from .export import onnx_hook
+
+    onnx_hook.install()  # plain torch.onnx.export finds the op's translation (export/onnx_hook.py)
 
 
 def install() -> None:

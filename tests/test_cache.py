@@ -28,12 +28,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from zoo import ELEMENTWISE
 
 from celldsl import cache, compile_cell
 from celldsl.targets.c import fused as cpu_fused
 
 ROOT = Path(__file__).resolve().parents[1]
-ZOO = sorted(p.stem for p in (ROOT / "cells").glob("*.cell"))
+ZOO = ELEMENTWISE  # found by key with their plans' GEMMs counted: a matrix cell (tests/zoo.py) has no plan
 needs_cc = pytest.mark.skipif(cpu_fused.compiler() is None, reason="needs a C compiler to build the kernels")
 
 COMPILE_SCRIPT = r"""

@@ -109,6 +109,10 @@ def test_deterministic_mode_builds_every_library_up_front(cold):
     torch.use_deterministic_algorithms(True, warn_only=True)
     loop = fused.cpu_loop(compile_cell("gru"))
     assert loop.lib is not None and loop.waiting is None and loop.cell_waiting is None
+    layer = matrix_pair("cpu")
+    layer(torch.randn(3, 2, 6, dtype=torch.float64))
+    (lib, _why, waiting), = layer.loop.libs.values()
+    assert lib is not None and waiting is None and "cpu_matrix" in lib._name
     assert not fused._gemm_builds and not fused._cell_builds
 
 
@@ -136,7 +140,8 @@ def test_the_cells_quick_build_is_replaced_by_its_full_build(cold):
 
 
 def test_a_failed_full_cell_build_keeps_the_quick_one(cold, monkeypatch):
-    monkeypatch.setattr(fused, "build_library", lambda cell, cache_root=None: (None, "the -O3 build failed"))
+    monkeypatch.setattr(fused, "build_library",
+                        lambda cell, cache_root=None, **_kw: (None, "the -O3 build failed"))
     ref, compiled = layer_pair("lstm")
     x = torch.randn(4, 2, 6, requires_grad=True)
     want = ref(x)[0]
@@ -148,3 +153,55 @@ def test_a_failed_full_cell_build_keeps_the_quick_one(cold, monkeypatch):
         out, _dx = run(loop, ref, x.detach())
         torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
     assert loop.cell_waiting is None and loop.cell_lib is quick
+
+
+def test_quick_build_at_og_and_background_builds_niced(cold, monkeypatch):
+    """The first build is the quick one (-Og, flags.QUICK_LEVEL), run at the process's priority; the
+    final libraries (the cell's and the GEMM's, -O3) build under `nice`, so they take the CPU the first
+    calls leave. Each compiler command is recorded as _compile receives it."""
+    if fused.shutil.which("nice") is None:
+        pytest.fail("no `nice` on PATH: background builds run at the process's priority here")
+    calls = []
+    real = fused._compile
+    monkeypatch.setattr(fused, "_compile", lambda cc, src, out, extra, seconds:
+                        calls.append((list(cc), list(extra), out.name)) or real(cc, src, out, extra, seconds))
+    loop = fused.cpu_loop(compile_cell("gru"))
+    fused._cell_builds[loop.cell_waiting][0].join(timeout=120)
+    fused._gemm_builds[loop.waiting].join(timeout=120)
+    quick = [c for c in calls if c[2].startswith("quick_kernels")]
+    full = [c for c in calls if c[2].startswith(("cpu_kernels", "cpu_gemm"))]
+    assert quick and all("-Og" in extra and "-O1" not in extra and "-O3" not in extra
+                         for _cc, extra, _ in quick)
+    assert all(not cc[0].endswith("nice") for cc, _extra, _ in quick)
+    assert {name.split("_")[1] for _cc, _extra, name in full} == {"kernels", "gemm"}
+    assert all(cc[0].endswith("nice") and cc[1:3] == ["-n", "10"] and "-O3" in extra for cc, extra, _ in full)
+
+
+def matrix_pair(backend: str):
+    torch.manual_seed(0)
+    return celldsl.MatrixRecurrent("mlstm", 6, {"heads": 2, "K": 3, "V": 4}, backend=backend,
+                                   dtype=torch.float64)
+
+
+def test_a_matrix_cells_quick_build_is_replaced_by_its_full_build(cold):
+    """The matrix-memory cells' C loop (targets/c/matrix_loop.py) too: a quick library for the first
+    calls, the final one taken between two calls once its background build is done; both give the
+    torch loop's numbers (reference: backend="torch" with the same parameters)."""
+    ref, layer = matrix_pair("torch"), matrix_pair("cpu")
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
+    want = ref(x)[0]
+    want_dx, = torch.autograd.grad(want.sum(), x)
+    results, names = [], []
+    for _ in range(2):
+        out = layer(x)[0]
+        dx, = torch.autograd.grad(out.sum(), x)
+        results.append((out, dx))
+        (lib, _why, waiting), = layer.loop.libs.values()
+        names.append(lib._name)
+        if waiting is not None:
+            fused._cell_builds[waiting][0].join(timeout=120)
+    assert "quick_matrix" in names[0] and "cpu_matrix" in names[1]
+    for out, dx in results:
+        torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-9, atol=1e-10)

@@ -28,7 +28,7 @@ import torch
 from test_cpu_fused import cell_text, make_layer, max_err, rel_err, run_loop, use_loop
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
-from zoo import ZOO
+from zoo import ELEMENTWISE, LAYER_ARGS
 
 from celldsl import Recurrent, compile_cell
 from celldsl.ops.function import split_params
@@ -241,8 +241,10 @@ def test_gradcheck_through_each_loop(stem, backend):
 # the cells the native loop cannot express run the Python loop (or, with heads, TorchLoop's plain
 # loop), each with its reason (targets/c/emit_loop.native_blocker)
 NOT_NATIVE = {"ln_gru": "mean or sum over a row", "ln_lstm": "mean or sum over a row",
-              "lstm_proj": "width P", "phased_lstm": "one value per row", "slstm_heads": "heads"}
-ZOO_LAYERS = {"lstm_proj": (6, {"sizes": {"P": 3}}), "slstm_heads": (8, {})}  # stem -> (H, layer args)
+              "lstm_proj": "width P", "lru": "width P", "phased_lstm": "one value per row",
+              "slstm_heads": "heads"}
+ZOO_LAYERS = {"slstm_heads": (8, {})}  # stem -> (H, layer args); LAYER_ARGS: the sizes some cells need
+ZOO = ELEMENTWISE  # the matrix cells' C loop against torch's: tests/test_matrix_cpu.py
 
 
 @pytest.mark.parametrize("stem", ZOO)
@@ -266,7 +268,7 @@ def test_every_zoo_cell_on_either_loop_equals_the_torch_backend(stem, monkeypatc
     loop cannot express runs the Python loop on the native GEMM."""
     from celldsl.ops.function import cell_for
 
-    hidden, kwargs = ZOO_LAYERS.get(stem, (5, {}))
+    hidden, kwargs = ZOO_LAYERS.get(stem, (5 if stem != "lstm_proj" else 6, LAYER_ARGS.get(stem, {})))
     input_size = hidden if compile_cell(stem).ir.needs_hidden_size else 4
     torch.manual_seed(0)
     ref = Recurrent(stem, input_size, hidden, backend="torch", dtype=torch.float64, **kwargs)

@@ -283,3 +283,268 @@ def test_scripted_layer_output_takes_inplace_writes():
         grads.append([xs.grad] + [p.grad for p in module.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+# ---- Recurrent and Cell over any cell (celldsl/nn/script_any.py) ---------------------------------------
+
+from celldsl.compiler import compile_cell  # noqa: E402
+from celldsl.resources import zoo_names  # noqa: E402
+
+ELEMENTWISE_ZOO = [n for n in zoo_names() if getattr(compile_cell(n), "plan", None) is not None]
+MATRIX_ZOO = [n for n in zoo_names() if n not in ELEMENTWISE_ZOO]
+ONE_LAYER = {"mut1", "mut2", "sru"}  # x read elementwise with H: layer 1's 2H-wide input does not fit
+OPTIONS = {"phased_lstm": {"input_sizes": {"t": 1}}, "lstm_proj": {"sizes": {"P": 3}},
+           "lru": {"sizes": {"P": 3}}, "chrono_lstm": {"sizes": {"T_max": 10}}}
+F64 = torch.float64
+
+
+def _layer(name, backend="torch", **kwargs):
+    torch.manual_seed(0)
+    layers = 1 if name in ONE_LAYER else 2
+    options = {"num_layers": layers, "bidirectional": True, "batch_first": True, **kwargs}
+    return celldsl.Recurrent(name, 4, 4, backend=backend, dtype=F64, **OPTIONS.get(name, {}), **options)
+
+
+def _extras(module, x_time_major, step=False):
+    """The extra inputs of the module's cell (phased_lstm's time stamp), eager keywords."""
+    names = module.compiled.ir.inputs[1:]
+    T, N = x_time_major.shape[:2]
+    return {n: torch.rand((N, 1) if step else (N, T, 1), dtype=F64).cumsum(0) for n in names}
+
+
+def _run_and_grad(module, args, kwargs, tensors):
+    for p in module.parameters():
+        p.grad = None
+    got = _flat(module(*args, **kwargs))
+    sum((g * g).sum() for g in got).backward()
+    return [g.detach() for g in got] + [t.grad for t in tensors] + [p.grad for p in module.parameters()]
+
+
+def _states(module, N, layered=True):
+    sizes = module._sizes(0) if layered else module._sizes()
+    L = module.num_layers * module.num_directions if layered else None
+    widths = [sizes[module.compiled.ir.width(s)] for s in module.compiled.states]
+    shapes = [((L, N) if layered else (N,)) + (w,) for w in widths]
+    return [torch.randn(s, dtype=F64) * 0.5 for s in shapes]
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE_ZOO)
+def test_scripted_recurrent_and_cell_match_eager_for_every_zoo_cell(name):
+    """torch.jit.script of Recurrent (2 layers, bidirectional, batch_first, states given) and of Cell:
+    outputs, final states and every gradient as the eager module's, float64. Before: a RuntimeError
+    from TorchScript ("Compiled functions can't take variable number of arguments")."""
+    layer = _layer(name)
+    scripted = torch.jit.script(layer)
+    x = torch.randn(3, 5, 4, dtype=F64)  # [N, T, I]
+    extra = _extras(layer, x.transpose(0, 1))
+    states = _states(layer, 3)  # every state the cell carries (prev(...) states included)
+    results = []
+    for module, kwargs in ((layer, extra), (scripted, {"extra": extra} if extra else {})):
+        xs, hs = x.clone().requires_grad_(), [s.clone().requires_grad_() for s in states]
+        state = hs[0] if len(hs) == 1 else tuple(hs)
+        results.append(_run_and_grad(module, (xs, state), kwargs, [xs, *hs]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+    torch.manual_seed(1)
+    step = celldsl.Cell(name, 4, 4, backend="torch", dtype=F64, **OPTIONS.get(name, {}))
+    scripted_step = torch.jit.script(step)
+    x = torch.randn(3, 4, dtype=F64)
+    extra = _extras(step, x[None], step=True)
+    states = _states(step, 3, layered=False)
+    results = []
+    for module, kwargs in ((step, extra), (scripted_step, {"extra": extra} if extra else {})):
+        xs, hs = x.clone().requires_grad_(), [s.clone().requires_grad_() for s in states]
+        state = hs[0] if len(hs) == 1 else tuple(hs)
+        results.append(_run_and_grad(module, (xs, state), kwargs, [xs, *hs]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE_ZOO)
+def test_parameter_program_replays_op_params(name):
+    """The scripted layer's parameter program (script_programs.py) gives op_params' list exactly,
+    bias=False (zeros) included."""
+    from celldsl.nn.script_programs import run_program
+
+    for bias in (True, False):
+        layer = _layer(name, bias=bias)
+        copy = layer.__prepare_scriptable__()
+        x = torch.randn(2, 3, 4, dtype=F64)
+        for idx, (lay, d) in enumerate(layer._positions()):
+            want = layer._weights(lay, d, like=x)
+            got = run_program(copy._script_programs[idx], copy._script_floats[idx], copy._script_stored, x)
+            assert len(got) == len(want)
+            for a, b in zip(got, want, strict=True):
+                assert a.shape == b.shape and torch.equal(a, b)
+
+
+class AnyCellModel(nn.Module):
+    """A model a user scripts: a Recurrent over a zoo cell torch.nn lacks, unbatched and batched, and a
+    Cell with an extra input (phased_lstm's time stamp) called from the scripted forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = celldsl.Recurrent("greff_fgr", 4, 5, num_layers=2, bidirectional=True, dtype=F64)
+        self.step = celldsl.Cell("phased_lstm", 10, 3, input_sizes={"t": 1}, dtype=F64)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        out, (c, y, pi, pf, po) = self.rnn(x)
+        h, (c2, h2) = self.step(out[-1], None, {"t": t})
+        return out, c, y, h, c2, h2, self.rnn(x[:, 0])[0]
+
+
+def _any_model_inputs():
+    torch.manual_seed(2)
+    return torch.randn(6, 3, 4, dtype=F64), torch.rand(3, 1, dtype=F64)
+
+
+def test_script_a_model_holding_recurrent_and_cell_twice():
+    """Scripted twice in one process (the second model another instance of the same class), on the
+    default backend (the C kernels on CPU); values and gradients as eager. The eager model still runs
+    after scripting (torch.jit.script puts its scriptable copy of each layer in the parent), with the
+    eager keywords, and pickles as celldsl's own classes."""
+    import pickle
+
+    torch.manual_seed(0)
+    eager = AnyCellModel()
+    x, t = _any_model_inputs()
+    want = _run_and_grad(eager, (x, t), {}, [])
+    first = torch.jit.script(eager)
+    assert "ops.celldsl.cell_sequence" in first.rnn.script_forward.code  # the registered op itself
+    assert "ops.celldsl.cell_sequence" in first.step.script_step.code
+    second = torch.jit.script(AnyCellModel())
+    second.load_state_dict(eager.state_dict())
+    for scripted in (first, second, torch.jit.script(eager)):
+        got = _run_and_grad(scripted, (x, t), {}, [])
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+    again = _run_and_grad(eager, (x, t), {}, [])
+    for a, b in zip(want, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    out, _ = eager.step(x[0, :, :].repeat(1, 3)[:, :10], t=t)  # the eager keyword still works
+    assert out.shape == (3, 3)
+    copy = pickle.loads(pickle.dumps(eager))
+    assert type(copy.rnn) is celldsl.Recurrent and type(copy.step) is celldsl.Cell
+    assert torch.equal(copy(x, t)[0], eager(x, t)[0])
+
+
+def test_scripted_any_cell_saves_and_loads_in_a_fresh_process(tmp_path):
+    """celldsl.save_torchscript / load_torchscript of the scripted model: a fresh process with an
+    empty cache gives the eager numbers and gradients (float64)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from celldsl.export.programs import save_torchscript
+
+    torch.manual_seed(0)
+    eager = AnyCellModel()
+    x, t = _any_model_inputs()
+    want = _run_and_grad(eager, (x, t), {}, [])
+    save_torchscript(torch.jit.script(eager), tmp_path / "model.pt")
+    torch.save({"x": x, "t": t, "want": want}, tmp_path / "io.pt")
+    code = textwrap.dedent("""
+        import torch
+        import celldsl
+        io = torch.load("io.pt")
+        model = celldsl.load_torchscript("model.pt")
+        got = list(model(io["x"], io["t"]))
+        sum((g * g).sum() for g in got).backward()
+        got = [g.detach() for g in got] + [p.grad for p in model.parameters()]
+        print(len(got) == len(io["want"]) and all(torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+                                                  for a, b in zip(got, io["want"])))
+    """)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "CELLDSL_CACHE": str(tmp_path / "empty_cache")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_scripted_recurrent_refuses_bad_input_with_torch_messages():
+    """Scripted, the checks raise as TorchScript raises (torch.jit.Error, the Python type named in it)
+    with torch.nn's wording."""
+    scripted = torch.jit.script(celldsl.Recurrent("mut3", 4, 4, backend="torch"))
+    wrong_size = "RuntimeError: input.size\\(-1\\) must be equal to input_size. Expected 4, got 3"
+    with pytest.raises(torch.jit.Error, match=wrong_size):
+        scripted(torch.randn(5, 2, 3))
+    wrong_state = "RuntimeError: Expected hidden\\[0\\] size \\[1, 2, 4\\], got \\[1, 3, 4\\]"
+    with pytest.raises(torch.jit.Error, match=wrong_state):
+        scripted(torch.randn(5, 2, 4), torch.randn(1, 3, 4))
+    step = torch.jit.script(celldsl.Cell("phased_lstm", 4, 4, input_sizes={"t": 1}, backend="torch"))
+    with pytest.raises(torch.jit.Error, match="ValueError: cell 'phased_lstm' takes the extra input 't'"):
+        step(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("name", MATRIX_ZOO)
+def test_scripting_a_matrix_memory_cell_says_why_not(name):
+    """A matrix-memory (or shaped) cell's layer runs a Python loop, not the op: refused when
+    torch.jit.script starts, naming the module and the reason (before: TorchScript's error deep in
+    its forward). Its Cell (MatrixCell) too."""
+    ir = compile_cell(name).ir
+    sizes = {"heads": 1, **{w: 2 for w in (*ir.widths, *ir.init_sizes)}}
+    layer = celldsl.MatrixRecurrent(name, 4, sizes)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x)[0]
+
+    with pytest.raises(RuntimeError, match=f"MatrixRecurrent over cell '{name}' \\(the matrix path\\) cannot "
+                                           "be scripted: its time loop is a Python object"):
+        torch.jit.script(Holder())
+    nodes = compile_cell(name).ir.nodes
+    nodes = nodes.values() if isinstance(nodes, dict) else nodes
+    if not any(n.op == "shift" for n in nodes):  # prev(): no one-step Cell (refused when built)
+        with pytest.raises(RuntimeError, match=f"the MatrixCell of '{name}' cannot be scripted"):
+            torch.jit.script(layer.cell(0))
+
+
+SEVEN_STATES = """cell seven
+input x
+state a, b, c, d, e, f, g
+output a
+param weight_ih = [W]
+a' = tanh(W @ x + b)
+b' = a + c
+c' = b
+d' = c
+e' = d
+f' = e
+g' = f
+"""
+
+
+def test_scripting_a_cell_with_more_states_than_a_typed_tuple_says_so():
+    with pytest.raises(RuntimeError, match="carries 7 states; a scripted layer takes at most 6"):
+        torch.jit.script(celldsl.Recurrent(SEVEN_STATES, 4, 4, backend="torch"))
+
+
+def test_the_scripted_layers_eager_copy_runs_packed_sequences():
+    """After scripting a parent, its attribute is the scriptable copy: eagerly it is still the layer
+    (a PackedSequence runs)."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"rnn": celldsl.Recurrent("mut3", 4, 4, backend="torch")})
+    x = torch.randn(5, 2, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    want = holder["rnn"](packed)[0].data
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = holder["rnn"]
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    parent = Parent()
+    torch.jit.script(parent)
+    assert type(parent.rnn) is not celldsl.Recurrent and isinstance(parent.rnn, celldsl.Recurrent)
+    torch.testing.assert_close(parent.rnn(packed)[0].data, want)

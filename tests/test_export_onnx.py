@@ -8,15 +8,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import zoo
 from test_export_c import HOISTED, KITCHEN, ROW_STATE, inputs, reference
 
 from celldsl.cli.main import main
 from celldsl.export.model import ExportError, load_cell
 from celldsl.export.onnx_graph import OnnxPrinter, onnx_model
-from celldsl.resources import zoo_names
 
-ELEMENTWISE = {"mut1", "mut2", "mut3", "indrnn", "mingru", "minlstm", "sru", "qrnn_f", "antisymmetric_rnn"}
-OPTIONS = {"lstm_proj": {"sizes": "P=3"}}
+ELEMENTWISE = {"mut1", "mut2", "mut3", "indrnn", "mingru", "minlstm", "sru", "qrnn_f", "antisymmetric_rnn",
+               "lru"}
+OPTIONS = zoo.LAYER_ARGS  # the sizes some cells need
 
 
 def cell_of(name: str):
@@ -44,7 +45,7 @@ def check(cell, dtype: str, tol: float):
             torch.testing.assert_close(got, w, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", zoo_names())
+@pytest.mark.parametrize("name", zoo.ELEMENTWISE)  # matrix cells: refused (test_export_c.py)
 def test_every_zoo_cell_runs_in_onnxruntime(name):
     check(cell_of(name), "f32", 2e-4)
 

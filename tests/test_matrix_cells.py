@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
+from zoo import MATRIX
 
 import celldsl
 from celldsl.compiler import CompiledMatrixCell, compile_cell
@@ -15,7 +16,7 @@ from celldsl.nn.matrix import MatrixRecurrent
 HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
 
 
-def _ref_params(layer, cell):
+def ref_params(layer, cell):
     """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
     p = {}
     for stored, t in layer.named_parameters():
@@ -44,7 +45,7 @@ REFERENCES = {
 
 def _layer(cell, seed=0):
     torch.manual_seed(seed)
-    return MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64,
+    return MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64,
                            backend="torch")  # the cpu backend: tests/test_matrix_cpu.py
 
 
@@ -57,7 +58,7 @@ def test_matches_reference(cell, steps):
                                requires_grad=True) for s in layer.ir.states)
     out, finals = layer(x, state0)
     finals = [f[0] for f in finals]
-    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer, cell), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = REFERENCES[cell](ref_params(layer, cell), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -97,43 +98,79 @@ def test_backward_does_not_run_autograd_through_the_loop():
 def test_triton_is_opt_in(cell):
     """backend="triton" builds the generated Triton loop (tests/test_triton_matrix.py runs it); "auto"
     never picks it (no GPU has verified it)."""
-    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="triton")
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="triton")
     assert type(layer.loop).__name__ == "TritonMatrixLoop"
-    auto = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    auto = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
     assert type(auto.loop).__name__ != "TritonMatrixLoop"
 
 
 def test_auto_runs_the_c_loop_with_torch_behind_it():
-    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    layer = MatrixRecurrent("cells/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
     assert type(layer.loop).__name__ == "CMatrixLoop" and layer.loop.fallback is layer.compiled.torch_loop
     assert layer.W_a1_l0.shape == (R, I)
     out, (S,) = layer(torch.randn(T, N, I))
     assert out.shape == (T, N, HEADS * V) and S.shape == (1, N, HEADS, K, V)
 
 
+@pytest.mark.parametrize("cell", MATRIX)
+def test_recurrent_without_sizes_is_one_head_of_hidden_size(cell):
+    """celldsl.Recurrent(cell, I, H) for any matrix cell: heads = 1 and every width = H (docs/language.md),
+    so the output is H wide and each state is one head of H-sized rows and columns."""
+    layer = celldsl.Recurrent(cell, 5, 6)
+    assert layer.layer_sizes == [{"heads": 1, **{w: 6 for w in layer.ir.widths}, "x": 5}]
+    out, states = layer(torch.randn(3, 2, 5))
+    assert out.shape == (3, 2, 6)
+    for name, state in zip(layer.ir.states, states, strict=True):
+        kind = layer.ir.kinds[name]
+        assert state.shape == (1, 2, 1, *[6 for d in (kind.rows, kind.cols) if d != "1"])
+
+
+INIT_SIZE = """cell decayed
+input x
+state S : (K, V) per head
+output o
+param W_k : (K, x) per head
+param W_v : (V, x) per head
+param b : K per head
+init b = log(uniform(1, T_max - 1))
+k = W_k @ x
+v = W_v @ x
+S' = diag(sigmoid(b)) @ S + k @ vᵀ
+o = kᵀ @ S'
+"""
+
+
+def test_recurrent_names_the_sizes_that_do_not_follow_from_hidden_size():
+    needs = r"'decayed' needs sizes=\{'T_max': ...\}: its init lines read T_max"
+    with pytest.raises(ValueError, match=needs):
+        celldsl.Recurrent(INIT_SIZE, 4, 6)
+    assert celldsl.Recurrent(INIT_SIZE, 4, 6, sizes={"T_max": 10}).layer_sizes == [
+        {"T_max": 10, "heads": 1, "K": 6, "V": 6, "x": 4}]
+
+
 def test_compile_cell_gives_a_matrix_cell():
-    compiled = compile_cell("mlstm")  # a zoo name finds cells/matrix/
+    compiled = compile_cell("mlstm")  # a zoo name finds cells/
     assert isinstance(compiled, CompiledMatrixCell) and compiled.states == ["C", "n", "m"]
     assert "a (V, K) matrix per head" in compiled.explain()
 
 
 def test_layer_arguments():
     with pytest.raises(ValueError, match="needs the sizes 'V'"):
-        MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "R": 2})
+        MatrixRecurrent("cells/gla.cell", I, {"heads": 2, "K": 3, "R": 2})
     with pytest.raises(ValueError, match="no matrix state; use celldsl.Recurrent"):
         MatrixRecurrent("cells/lstm.cell", I, {"heads": 2})
-    layer = MatrixRecurrent("cells/matrix/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2})
+    layer = MatrixRecurrent("cells/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2})
     with pytest.raises(ValueError, match=r"x must be \[T, N, 6\]"):
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="state must be 1 tensor"):
         layer(torch.randn(2, 3, I), (torch.zeros(3, 2, 3, 4),))
 
 
-@pytest.mark.parametrize("make", [lambda: celldsl.Cell("gla", 4, 8)])  # Recurrent runs them: test_matrix_zoo.py
-def test_cell_points_at_matrix_recurrent(make):
-    with pytest.raises(ValueError, match=r"has matrix states \(one matrix per head\); run it with "
-                                         r"celldsl.MatrixRecurrent\(cell, input_size, sizes=\{'heads': 16"):
-        make()
+def test_cell_of_a_matrix_cell_is_its_step():
+    """celldsl.Cell builds a matrix cell's MatrixCell (tests/test_matrix_step.py runs it)."""
+    from celldsl.nn.matrix import MatrixCell
+
+    assert type(celldsl.Cell("gla", 4, 8)) is MatrixCell and type(celldsl.Cell("gru", 4, 8)) is celldsl.Cell
 
 
 def test_matrix_recurrent_is_exported():
@@ -141,7 +178,7 @@ def test_matrix_recurrent_is_exported():
 
 
 def test_the_docs_example_is_the_zoo_cell():
-    """docs/language.md's matrix-memory example is cells/matrix/mlstm.cell's statements, comments aside."""
+    """docs/language.md's matrix-memory example is cells/mlstm.cell's statements, comments aside."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -152,7 +189,7 @@ def test_the_docs_example_is_the_zoo_cell():
         lines = (line.split("#")[0].strip() for line in text.splitlines())
         return [" ".join(line.split()) for line in lines if line and not line.startswith(("doc ", "cite "))]
 
-    assert statements(block) == statements((root / "cells" / "matrix" / "mlstm.cell").read_text())
+    assert statements(block) == statements((root / "cells" / "mlstm.cell").read_text())
 
 
 def test_the_docs_layer_shapes():
@@ -184,7 +221,7 @@ def _params_of(layer, cell, layer_index, direction):
 def test_two_layers_bidirectional_batch_first(cell):
     """Layer 1 reads both directions of layer 0 side by side; the reverse direction reads time backwards."""
     torch.manual_seed(2)
-    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, num_layers=2,
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V}, num_layers=2,
                             bidirectional=True, batch_first=True, dtype=torch.float64)
     x = torch.randn(N, T, I, dtype=torch.float64, requires_grad=True)
     out, finals = layer(x)
@@ -210,7 +247,7 @@ def test_packed_sequences_run_each_sequence_over_its_own_length(cell, bidirectio
     from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
     torch.manual_seed(3)
-    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
                             bidirectional=bidirectional, dtype=torch.float64)
     seqs = [torch.randn(n, I, dtype=torch.float64, requires_grad=True) for n in (3, 5, 1)]
     out, finals = layer(pack_sequence(seqs, enforce_sorted=False))
@@ -277,13 +314,13 @@ def test_the_command_line(capsys, tmp_path):
     """check and explain work on matrix cells; compile (the Triton target's tool) refuses at the state."""
     from celldsl.cli.main import main
 
-    assert main(["check", "cells/matrix/gla.cell", "cells/matrix/deltanet.cell"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["cells/matrix/gla.cell: ok", "cells/matrix/deltanet.cell: ok"]
-    assert main(["explain", "cells/matrix/deltanet.cell"]) == 0
+    assert main(["check", "cells/gla.cell", "cells/deltanet.cell"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["cells/gla.cell: ok", "cells/deltanet.cell: ok"]
+    assert main(["explain", "cells/deltanet.cell"]) == 0
     assert "S  [a (V, K) matrix per head]" in capsys.readouterr().out
-    assert main(["compile", "cells/matrix/deltanet.cell", "-o", str(tmp_path / "k")]) == 1
+    assert main(["compile", "cells/deltanet.cell", "-o", str(tmp_path / "k")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("cells/matrix/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
+    assert err.startswith("cells/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
     assert not (tmp_path / "k").exists()
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zoo import CELLS, MATRIX
 
 from celldsl import compile_cell
 from celldsl.lang.errors import CellError, CellWarning
 
-CELLS = Path(__file__).resolve().parents[1] / "cells" / "matrix"
-ZOO = {p.stem: p.read_text() for p in sorted(CELLS.glob("*.cell"))}
+# issue 26's cells: the matrix-memory ones and lru, chrono_lstm (sin/cos, init expressions); the
+# elementwise zoo is fuzzed by tests/test_fuzz.py too
+ZOO = {name: (CELLS / f"{name}.cell").read_text() for name in [*MATRIX, "chrono_lstm", "lru"]}
 TOKEN = re.compile(r"[^\W\d]\w*|\d+\.?\d*(?:[eE][-+]?\d+)?|\*\*|\n|\S")
 VOCAB = sorted({t for text in ZOO.values() for t in TOKEN.findall(text)}) + [
     "per", "head", "(", ")", ",", "1", "K", "V", "x", "I", "eye", "diag", "norm", "sum", "mean", "ᵀ", "^T",

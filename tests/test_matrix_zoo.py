@@ -388,7 +388,7 @@ def test_labs_train_a_matrix_cell(tmp_path):
                 "train",
                 "mqar",
                 "--cell",
-                "cells/matrix/mlstm.cell",
+                "cells/mlstm.cell",
                 "--steps",
                 "3",
                 "--hidden",

@@ -24,7 +24,7 @@ def test_pyproject_lists_every_package_and_maps_the_data_folders():
     data = {"celldsl.zoo": "cells", "celldsl.grammars": "grammars", "celldsl.kernels": "kernels"}
     assert set(config["packages"]) == code | set(data), "pyproject's packages must list every package"
     assert config["package-dir"] == data
-    assert config["package-data"] == {"celldsl.zoo": ["*.cell", "matrix/*.cell"], "celldsl.grammars": ["*.lark"],
+    assert config["package-data"] == {"celldsl.zoo": ["*.cell"], "celldsl.grammars": ["*.lark"],
                                       "celldsl.labs.seq2seq": ["cells/*.cell"]}
     modules = {p.stem for p in (ROOT / "celldsl").glob("*.py")}
     assert not modules & {name.split(".")[1] for name in data}, "a data folder would shadow a module"
@@ -48,13 +48,14 @@ def test_an_installed_copy_wins_over_the_checkout(tmp_path, monkeypatch):
 def test_celldsl_list_names_every_zoo_cell_with_its_doc(capsys):
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    matrix = sorted(p.stem for p in (resources.ZOO / "matrix").glob("*.cell"))  # issue 26's zoo, after
-    assert names == resources.zoo_names() + matrix and len(names) == 31 + 10
+    assert names == resources.zoo_names() and len(names) == 42  # the matrix-memory cells among them
+    assert not (resources.ZOO / "matrix").exists(), "every zoo cell is cells/<name>.cell (issue 26's command)"
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 41
+    assert len(lines) == 42
     assert lines[names.index("mlstm")].split(None, 1)[1].startswith("[matrix state] mLSTM")
     assert "[matrix" not in lines[names.index("lru")]  # an elementwise cell: every backend
+    assert "[matrix" not in lines[names.index("flstm")]  # shaped parameters, no matrix state
     lstm = lines[names.index("lstm")].split(None, 1)
     assert lstm == ["lstm", "torch.nn.LSTM cell: gates i, f, g, o; no peepholes"]
 
@@ -66,9 +67,10 @@ def test_celldsl_check_takes_zoo_names(capsys):
 
 def test_celldsl_check_takes_every_name_celldsl_list_prints(capsys):
     """CI checks the installed zoo with `celldsl check $(celldsl list --names)`: every listed name,
-    the matrix-memory cells of cells/matrix/ included, resolves to its shipped file."""
+    the matrix-memory cells included, resolves to its shipped file cells/<name>.cell."""
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
     assert "mlstm" in names and "lstm" in names
     assert main(["check", "-q", *names]) == 0, capsys.readouterr().err
-    assert all(resources.zoo_file(name) is not None for name in names)
+    assert all(resources.zoo_file(name) == resources.ZOO / f"{name}.cell" for name in names)
+    assert resources.zoo_file("matrix/mlstm") is None and resources.zoo_file("no_such_cell") is None

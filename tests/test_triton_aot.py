@@ -20,9 +20,10 @@ kernel of every zoo cell for cuda:90 (about four minutes more), the same as
 import os
 
 import pytest
+from zoo import ELEMENTWISE
 
 from celldsl.cli.compile import aot_compile, main, parse_target
-from celldsl.compiler import ZOO, compile_cell
+from celldsl.compiler import compile_cell
 from celldsl.targets.triton.emit import kernel_names
 
 TARGETS = [("cuda", 80), ("cuda", 90)]
@@ -110,7 +111,7 @@ def test_persistent_kernel_ptx_has_the_grid_barrier():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", sorted(p.stem for p in ZOO.glob("*.cell")))
+@pytest.mark.parametrize("cell", ELEMENTWISE)  # matrix cells: tests/test_triton_matrix.py
 def test_every_zoo_kernel_compiles_for_sm80_and_sm90(cell):
     check_built(cell, aot_compile(cell, TARGETS, schedules=False))
 
@@ -119,7 +120,7 @@ def test_every_zoo_kernel_compiles_for_sm80_and_sm90(cell):
 @pytest.mark.skipif(not EVERY_CELL, reason="CELLDSL_EVERY_CELL=1 runs it (four minutes on 2 cores); CI "
                     "compiles one cell per kind of each schedule (test_every_schedule_compiles_...)")
 def test_every_zoo_schedule_kernel_compiles_for_sm90():
-    for cell in sorted(p.stem for p in ZOO.glob("*.cell")):
+    for cell in ELEMENTWISE:  # the matrix cells' kernels: tests/test_triton_matrix.py
         built = aot_compile(cell, [("cuda", 90)], sizes=SMALL)
         check_schedules(cell, [b for b in built if b.schedule != "graphed"], targets=[("cuda", 90)])
 

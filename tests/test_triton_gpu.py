@@ -8,16 +8,17 @@ test bounds each backend's error against a float32 run. Skipped, with the reason
 
 import pytest
 import torch
+from zoo import ELEMENTWISE, LAYER_ARGS
 
 import celldsl
-from celldsl.compiler import ZOO, compile_cell
+from celldsl.compiler import compile_cell
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)"),
 ]
 
-ZOO_CELLS = sorted(p.stem for p in ZOO.glob("*.cell"))
+ZOO_CELLS = ELEMENTWISE  # the matrix cells' Triton schedule: tests/test_triton_matrix.py
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +43,9 @@ def _pair(cell, dtype):
     H = 48
     I = H if compile_cell(cell).ir.needs_hidden_size else 40
     torch.manual_seed(0)
-    ref = celldsl.Recurrent(cell, I, H, backend="torch", device="cuda", dtype=dtype)
-    tri = celldsl.Recurrent(cell, I, H, backend="triton", device="cuda", dtype=dtype)
+    args = LAYER_ARGS.get(cell, {})
+    ref = celldsl.Recurrent(cell, I, H, backend="torch", device="cuda", dtype=dtype, **args)
+    tri = celldsl.Recurrent(cell, I, H, backend="triton", device="cuda", dtype=dtype, **args)
     tri.load_state_dict(ref.state_dict())
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(6, 5, I, generator=g, device="cuda").to(dtype)

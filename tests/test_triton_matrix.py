@@ -1,6 +1,6 @@
 """The Triton schedule of matrix-memory cells (targets/triton/matrix_emit.py, matrix_loop.py) on the
-interpreter (TRITON_INTERPRET=1), in float64: every cells/matrix cell against the einsum references of
-tests/matrix_references.py (written from the papers) and against backend="torch": outputs, final
+interpreter (TRITON_INTERPRET=1), in float64: every matrix-state zoo cell against the einsum references
+of tests/matrix_references.py (written from the papers) and against backend="torch": outputs, final
 states and the gradients of the input, the initial states and the parameters; multi-head with
 K != V != heads; T = 1; a checkpoint interval that does not divide T; packed, bidirectional, 2 layers.
 AOT: the kernels compile for sm_80 and sm_90 (one cell by default, the rest `slow`).
@@ -40,33 +40,24 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-REFUSED = {"mamba": "prev(", "rwkv6": "prev("}  # cells the emitter refuses, and what it points at
+PREV_CELLS = ("mamba", "rwkv6")  # prev(): run against their references in tests/test_matrix_prev.py
 
 
-def test_every_matrix_cell_is_run_or_refused():
+def test_every_matrix_cell_runs():
+    """Every zoo matrix cell has a Triton loop; those with prev() are tested in test_matrix_prev.py."""
     from celldsl.compiler import CompiledMatrixCell
     from celldsl.resources import ZOO
 
-    matrix = sorted(p.stem for p in (ZOO / "matrix").glob("*.cell")
-                    if isinstance(compile_cell(str(p)), CompiledMatrixCell))
-    assert matrix == sorted([*CELLS, *REFUSED])
-
-
-@pytest.mark.parametrize("cell", sorted(REFUSED))
-def test_refuses_prev_located(cell):
-    """prev() (an earlier step's input projection) is refused at its place, never run wrong."""
-    compiled = compile_cell(f"cells/matrix/{cell}.cell")
-    with pytest.raises(CellError) as err:
-        compiled.loop("triton")
-    text = str(err.value)
-    assert f"{cell}.cell:" in text and "prev()" in text and "backend='torch'" in text
-    line = int(text.split(f"{cell}.cell:")[1].split(":")[0])
-    assert REFUSED[cell] in open(f"cells/matrix/{cell}.cell", encoding="utf-8").read().splitlines()[line - 1]
+    matrix = sorted(p.stem for p in ZOO.glob("*.cell")  # no heads (flstm): test_lowrank_cells.py
+                    if isinstance(compile_cell(str(p)), CompiledMatrixCell) and compile_cell(str(p)).ir.heads)
+    assert matrix == sorted([*CELLS, *PREV_CELLS])
+    for cell in matrix:
+        assert isinstance(compile_cell(f"cells/{cell}.cell").loop("triton"), TritonMatrixLoop)
 
 
 def _layer(cell, backend="triton", checkpoint=2, seed=0, **kw):
     torch.manual_seed(seed)
-    layer = MatrixRecurrent(f"cells/matrix/{cell}.cell", I, SIZES, dtype=torch.float64, backend=backend, **kw)
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, SIZES, dtype=torch.float64, backend=backend, **kw)
     if backend == "triton":
         assert isinstance(layer.loop, TritonMatrixLoop)
         layer.loop.checkpoint = checkpoint
@@ -189,7 +180,7 @@ def test_float32_storage():
 def test_opt_in_only():
     """No GPU has run the schedule: it is not verified, and backend="auto" never picks it."""
     assert MATRIX_SCHEDULE not in VERIFIED_ON_HARDWARE
-    compiled = compile_cell("cells/matrix/gla.cell")
+    compiled = compile_cell("cells/gla.cell")
     assert not isinstance(compiled.loop("auto"), TritonMatrixLoop)
     assert isinstance(compiled.loop("triton"), TritonMatrixLoop)
 
@@ -201,18 +192,18 @@ def test_refuses_a_state_shared_by_the_heads():
 
     from celldsl.targets.triton.matrix_emit import matrix_triton_source
 
-    ir = compile_cell("cells/matrix/gla.cell").ir
+    ir = compile_cell("cells/gla.cell").ir
     kinds = {**ir.kinds, "S": dataclasses.replace(ir.kinds["S"], head=False)}
     with pytest.raises(CellError) as err:
         matrix_triton_source(dataclasses.replace(ir, kinds=kinds))
     assert "gla.cell:" in str(err.value) and "not per head" in str(err.value)
     line = int(str(err.value).split("gla.cell:")[1].split(":")[0])
-    assert open("cells/matrix/gla.cell", encoding="utf-8").read().splitlines()[line - 1].startswith("state S")
+    assert open("cells/gla.cell", encoding="utf-8").read().splitlines()[line - 1].startswith("state S")
 
 
 def test_no_cell_name_in_the_source():
     """States, parameters and widths are numbered: no name from the cell text reaches the kernels."""
-    text = (open("cells/matrix/gla.cell", encoding="utf-8").read()
+    text = (open("cells/gla.cell", encoding="utf-8").read()
             .replace("W_a1", "zq_lowrank").replace("S'", "zq_mem'").replace("S +", "zq_mem +")
             .replace("state S", "state zq_mem"))
     loop = compile_source("renamed.cell", text).loop("triton")
@@ -221,7 +212,7 @@ def test_no_cell_name_in_the_source():
 
 # ---- AOT: the kernels are valid Triton for sm_80 and sm_90 (no GPU) ---------------------------------
 
-AOT_SIZES = {"heads": 4, "K": 16, "V": 32, "R": 16, "x": 64}
+AOT_SIZES = {"heads": 4, "K": 16, "V": 32, "R": 16, "x": 64, "R_d": 16, "D": 64, "N_s": 16, "O": 64}
 
 
 def _aot(cell):
@@ -229,7 +220,7 @@ def _aot(cell):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    loop = compile_cell(f"cells/matrix/{cell}.cell").loop("triton")
+    loop = compile_cell(f"cells/{cell}.cell").loop("triton")
     built = []
     for name, fn, signature, constexprs in aot_jobs(loop, AOT_SIZES):
         for capability in (80, 90):
@@ -251,8 +242,13 @@ def test_aot_gla(aot_env):
     _aot("gla")
 
 
+def test_aot_rwkv6(aot_env):
+    """A cell with prev(): its kernels read the hoisted values (q) and write their gradients (dq)."""
+    _aot("rwkv6")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", [c for c in CELLS if c != "gla"])
+@pytest.mark.parametrize("cell", [c for c in [*CELLS, *PREV_CELLS] if c not in ("gla", "rwkv6")])
 def test_aot_every_cell(aot_env, cell):
     _aot(cell)
 

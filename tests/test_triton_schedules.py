@@ -21,16 +21,17 @@ import re
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import ELEMENTWISE, LAYER_ARGS
 
 import celldsl
-from celldsl.compiler import ZOO, compile_cell
+from celldsl.compiler import compile_cell
 from celldsl.ops.function import split_params
 from celldsl.targets.triton.applies import SCHEDULES, declines
 from celldsl.targets.triton.choice import ASSUMED, choose
 from celldsl.targets.triton.columns import ColumnLoop
 from celldsl.targets.triton.schedules import DenseLoop
 
-ZOO_CELLS = sorted(p.stem for p in ZOO.glob("*.cell"))
+ZOO_CELLS = ELEMENTWISE  # the matrix cells' Triton schedule: tests/test_triton_matrix.py
 PAIRS = [(c, s) for c in ZOO_CELLS for s in SCHEDULES
          if s != "graphed" and declines(compile_cell(c).plan)[s] is None]
 
@@ -55,7 +56,7 @@ def run_both(cell, schedule, H, N, T, dtype, packed, chunk=None, seed=0, I=None)
     compiled = compile_cell(cell)
     I = I or (H if compiled.ir.needs_hidden_size else H + 2)
     torch.manual_seed(seed)
-    layer = celldsl.Recurrent(cell, I, H, backend="torch", dtype=dtype)
+    layer = celldsl.Recurrent(cell, I, H, backend="torch", dtype=dtype, **LAYER_ARGS.get(cell, {}))
     ref, loop = compiled.torch_loop, make_loop(compiled, schedule)
     if chunk is not None:
         loop.chunk = chunk
@@ -138,7 +139,7 @@ def test_every_dense_and_column_cell_has_its_schedules():
     assert {c for c, s in PAIRS if s == "persistent"} == dense == {c for c, s in PAIRS if s == "fused_step"}
     assert {c for c, s in PAIRS if s == "time_loop"} == COLUMN_CELLS
     assert {c for c, s in PAIRS if s == "scan"} == COLUMN_CELLS - {"indrnn", "sru"}
-    assert len(dense) == 20
+    assert len(dense) == 21  # chrono_lstm (an LSTM, T_max sized: LAYER_ARGS) among them
     assert set(EACH) <= set(PAIRS) and {s for _, s in EACH} == set(SCHEDULES) - {"graphed"}
     assert {c for c, _ in EACH} >= COLUMN_CELLS | set(DENSE_KINDS) | set(DENSE_ONCE)
 

@@ -14,9 +14,10 @@ import faulthandler
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import ELEMENTWISE, LAYER_ARGS
 
 import celldsl
-from celldsl.compiler import ZOO, compile_cell
+from celldsl.compiler import compile_cell
 from celldsl.targets.triton.applies import SCHEDULES, declines
 
 pytestmark = [
@@ -25,7 +26,7 @@ pytestmark = [
 ]
 
 HANG_SECONDS = 600  # compiling a cell's kernels takes seconds; a step of these sizes microseconds
-ZOO_CELLS = sorted(p.stem for p in ZOO.glob("*.cell"))
+ZOO_CELLS = ELEMENTWISE  # the matrix cells' Triton schedule: tests/test_triton_matrix.py
 PAIRS = [(c, s) for c in ZOO_CELLS for s in SCHEDULES
          if s != "graphed" and declines(compile_cell(c).plan)[s] is None]
 IDS = [f"{c}-{s}" for c, s in PAIRS]
@@ -43,8 +44,10 @@ def compiled_mode_and_watchdog(monkeypatch):
 def _layers(cell, schedule, dtype, H=48, I=40):
     I = H if compile_cell(cell).ir.needs_hidden_size else I
     torch.manual_seed(0)
-    ref = celldsl.Recurrent(cell, I, H, backend="torch", device="cuda", dtype=dtype)
-    tri = celldsl.Recurrent(cell, I, H, backend="triton", schedule=schedule, device="cuda", dtype=dtype)
+    args = LAYER_ARGS.get(cell, {})
+    ref = celldsl.Recurrent(cell, I, H, backend="torch", device="cuda", dtype=dtype, **args)
+    tri = celldsl.Recurrent(cell, I, H, backend="triton", schedule=schedule, device="cuda", dtype=dtype,
+                            **args)
     tri.load_state_dict(ref.state_dict())
     return ref, tri, I
 
@@ -95,7 +98,8 @@ def test_schedule_half_no_worse_than_torch_backend(cell, schedule, dtype):
     torch backend's own plus one rounding of the result's scale: fp32 accumulation and pointwise math
     (and the fp32 cell state of the dense kernels) should make it smaller, never much larger."""
     ref, tri, I = _layers(cell, schedule, dtype)
-    exact = celldsl.Recurrent(cell, I, ref.hidden_size, backend="torch", device="cuda")
+    exact = celldsl.Recurrent(cell, I, ref.hidden_size, backend="torch", device="cuda",
+                              **LAYER_ARGS.get(cell, {}))
     exact.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     x, states = _inputs(ref, I, dtype)
     want = _run(exact, x.float(), tuple(s.float() for s in states))

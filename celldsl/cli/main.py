@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..compiler import ZOO, compile_cell
+from ..compiler import compile_cell
 from ..lang.errors import CellError, CellWarning, printable
 from ..resources import zoo_file, zoo_names
 
@@ -84,19 +84,25 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """One line per zoo cell: its name (what Recurrent and `celldsl check` accept) and doc line; then
-    cells/matrix/'s (issue 26's zoo), those with matrix states marked (`explain` names their backends)."""
+    """One line per zoo cell, sorted: its name (what Recurrent and `celldsl check` accept) and doc line,
+    cells with matrix states marked (`explain` names their backends)."""
     from ..lang.syntax import parse
-    from ..lang.tensors import is_matrix_cell
+    from ..lang.tensors import has_heads, is_matrix_cell
 
-    paths = [ZOO / f"{name}.cell" for name in zoo_names()] + sorted((ZOO / "matrix").glob("*.cell"))
+    paths = [zoo_file(name) for name in zoo_names()]
     width = max(len(p.stem) for p in paths)
     for path in paths:
-        if args.names:
+        if args.names and not args.elementwise:
             print(path.stem)
             continue
         module = parse(path.read_text(encoding="utf-8"), str(path))
-        mark = "[matrix state] " if is_matrix_cell(module) else ""  # `explain` says which backends run it
+        in_matrix_path = is_matrix_cell(module)
+        if args.elementwise:  # the names `celldsl compile` takes (kernels/ holds exactly these)
+            if not in_matrix_path:
+                print(path.stem)
+            continue
+        matrix = in_matrix_path and has_heads(module)  # shaped parameters alone are no matrix state
+        mark = "[matrix state] " if matrix else ""  # `explain` says which backends run it
         print(f"{path.stem:{width}s}  {mark}{module.doc or ''}")
     return 0
 
@@ -142,6 +148,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the zoo's cells", description="The cells shipped with celldsl, "
                        "by the name Recurrent(...) and `celldsl check` accept, with their doc lines.")
     p.add_argument("--names", action="store_true", help="names only, one per line")
+    p.add_argument("--elementwise", action="store_true", help="names only, of the cells without matrix "
+                   "states (those `celldsl compile` takes)")
     p.set_defaults(func=run_list)
 
     if command not in COMPILER_COMMANDS:

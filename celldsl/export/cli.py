@@ -67,10 +67,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _cell_arg(name: str):
     """A path, or a zoo name when no such file exists (as `celldsl check` takes them)."""
-    from ..compiler import ZOO
+    from ..resources import zoo_file
 
-    if not os.path.exists(name) and os.sep not in name and (ZOO / f"{name}.cell").exists():
-        return ZOO / f"{name}.cell"
+    if not os.path.exists(name) and os.sep not in name and zoo_file(name) is not None:
+        return zoo_file(name)
     if not os.path.exists(name):
         from .model import ExportError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..compiler import CompiledCell, compile_cell
+from ..compiler import CompiledCell, CompiledMatrixCell, compile_cell
 from ..lang.errors import CellError
 from ..nn.parameters import op_params, stores_of
 from ..targets.loop import input_columns
@@ -88,6 +88,11 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     from ..nn.layers import Recurrent
 
     compiled = compile_cell(cell)
+    if isinstance(compiled, CompiledMatrixCell):  # no C or ONNX printer for matrix states yet
+        ir, first = compiled.ir, compiled.ir.states[0]
+        raise CellError(f"an export does not take matrix-memory cells yet (state '{first}' is "
+                        f"{ir.kinds[first].words()}); run it with celldsl.Recurrent", ir.source,
+                        ir.state_locs[first])
     if isinstance(input_sizes, str) or input_sizes is None:
         input_sizes = _sizes_arg(input_sizes, "--input-sizes")
     if isinstance(sizes, str) or sizes is None:

@@ -2,6 +2,7 @@
 into the same ONNX Scan that `celldsl export --onnx` writes (onnx_graph.py), built from the cell the
 op's key names and the weights the op receives as graph values.
 
+    torch.onnx.export(model, (x,), "model.onnx")  # `import celldsl` registered it (onnx_hook.py)
     torch.onnx.export(model, (x,), "model.onnx", dynamo=True,
                       custom_translation_table=celldsl.export.torch_onnx.translation_table())
 

@@ -70,6 +70,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         + "; ".join(f"{n} ({PRESETS[n].task})" for n in preset_names()),
     )
     p.add_argument("--layers", type=POSITIVE_INT, help="stacked recurrent layers (default 1)")
+    p.add_argument(
+        "--width",
+        type=POSITIVE_INT,
+        metavar="D",
+        help="model width: the embedding (or input projection) size; default the hidden size",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        action="append",
+        dest="size",
+        metavar="NAME=N",
+        help="a size of the cell, repeatable: a matrix cell's heads, K, V, R (default heads=1 and every "
+        "width hidden/heads)",
+    )
     p.add_argument("--steps", type=COUNT, help="training steps (default: the task's)")
     p.add_argument("--batch", type=POSITIVE_INT, help="sequences per step (default: the task's)")
     p.add_argument("--lr", type=POSITIVE, help="learning rate (default: the task's)")
@@ -123,6 +138,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _size(text: str) -> tuple[str, int]:
+    name, eq, value = text.partition("=")
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not eq or not name.strip() or not name.strip().isidentifier() or number < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=N with N a positive integer (e.g. heads=4), got {text!r}"
+        )
+    return name.strip(), number
+
+
+def _sizes(pairs: list[tuple[str, int]] | None, usage) -> dict[str, int] | None:
+    """--size given as NAME=N pairs -> {name: N}; a name given twice is a usage error."""
+    sizes: dict[str, int] = {}
+    for name, value in pairs or []:
+        if name in sizes:
+            usage(f"argument --size: {name} given twice")
+        sizes[name] = value
+    return sizes or None
+
+
 def _hidden_list(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",")]
@@ -172,7 +210,8 @@ def _checked_settings(args: argparse.Namespace, extra: tuple[str, ...], usage) -
 def run_train(args: argparse.Namespace, usage) -> int:
     from .train import SET_LR_NEEDS_RESUME, TrainConfig, train
 
-    s = _checked_settings(args, ("hidden", "set_lr"), usage)
+    s = _checked_settings(args, ("hidden", "set_lr", "width"), usage)
+    s["sizes"] = _sizes(args.size, usage)
     if s["set_lr"] is not None and not s["resume"]:
         usage(SET_LR_NEEDS_RESUME)
     summary = train(TrainConfig(cell=args.cell, seed=args.seed, **s))
@@ -187,12 +226,20 @@ def run_train(args: argparse.Namespace, usage) -> int:
 def run_compare(args: argparse.Namespace, usage) -> int:
     from .compare import CompareConfig, compare
 
-    s = _checked_settings(args, ("hidden", "param_budget"), usage)
+    s = _checked_settings(args, ("hidden", "param_budget", "width", "state_size"), usage)
+    s["sizes"] = _sizes(args.size, usage)
     if isinstance(s["hidden"], int):  # a preset's single size
         s["hidden"] = [s["hidden"]]
     if args.hidden or args.param_budget:  # the command line's choice replaces the preset's
         s["hidden"], s["param_budget"] = args.hidden, args.param_budget
+    if s["state_size"] and (s["param_budget"] or (s["hidden"] and len(s["hidden"]) > 1)):
+        usage("argument --state-size: not allowed with --param-budget or one --hidden per cell")
+    if s["state_size"] and args.hidden and args.width:
+        usage("argument --state-size: give the model width with --width or --hidden, not both")
     result = compare(CompareConfig(cells=args.cells, seeds=args.seeds, seed=args.seed, **s))
+    diverged = [r["cell"] for r in result["rows"] if any(d is not None for d in r["diverged_at"])]
+    if diverged:
+        print(f"diverged: {', '.join(diverged)} (see the table)", file=sys.stderr)
     print(result["table"])
     print(f"wrote {result['plot']} and results.md / results.json next to it")
     return 0
@@ -230,6 +277,14 @@ def register(subparsers) -> None:
     )
     size.add_argument(
         "--hidden", type=_hidden_list, metavar="H", help="hidden size, or one per cell: 100,46,36"
+    )
+    p.add_argument(
+        "--state-size",
+        type=POSITIVE_INT,
+        metavar="S",
+        help="size every cell so one layer's recurrent state holds about S numbers per sequence (LSTM: "
+        "hidden S/2 for h and c; a matrix cell: heads x K x V, its output --width wide), in a model "
+        "--width wide (default: --hidden, else the task's); the table lists the sizes chosen",
     )
     p.add_argument(
         "--seeds", type=POSITIVE_INT, default=1, metavar="K", help="runs per cell, seeds --seed .. --seed+K-1"

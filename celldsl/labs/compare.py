@@ -1,8 +1,13 @@
 """Train several cells on one task and write a comparison: a markdown table and one plot.
 
-Hidden sizes come from `--hidden` (one value for all cells, or one per cell) or from a parameter
+Hidden sizes come from `--hidden` (one value for all cells, or one per cell), from a parameter
 budget, as Chung et al. 2014 did (about 20k parameters per model on the music data): each cell
-gets the largest hidden size whose whole model (recurrent layer + readout) fits the budget.
+gets the largest hidden size whose whole model (recurrent layer + readout) fits the budget, or
+from a state size (`--state-size S`, as Arora et al. 2023/2024 compare recall): each cell is sized
+so one layer's recurrent state holds about S numbers per sequence, in a model of one width.
+
+A run whose loss stops being finite is kept in the table as diverged (with its step); the other
+runs go on.
 
 Output directory layout:
 
@@ -19,14 +24,15 @@ first one (stats.py: Welch's t-test, Bonferroni-corrected, as Greff et al. 2015)
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_json, atomic_write_text
-from .model import hidden_for_budget
+from .model import hidden_for_budget, sizes_for_state
 from .tasks import make_task
-from .train import TrainConfig, train
+from .train import Diverged, TrainConfig, train
 
 
 @dataclass
@@ -35,6 +41,9 @@ class CompareConfig:
     cells: list[str]
     hidden: list[int] | None = None  # one for all, or one per cell
     param_budget: int | None = None
+    state_size: int | None = None  # numbers of recurrent state per layer (model.sizes_for_state)
+    width: int | None = None  # model width; with state_size default: one --hidden, else the task's
+    sizes: dict[str, int] | None = None  # cell sizes (heads, K, V, ...), each given to the cells that have it
     seeds: int = 1
     seed: int = 0  # seeds used: seed, seed+1, ..., seed+seeds-1
     layers: int = 1
@@ -89,19 +98,52 @@ def hidden_sizes(cfg: CompareConfig) -> list[int]:
     return list(cfg.hidden)
 
 
+def shapes(cfg: CompareConfig) -> list[tuple[int, int | None, dict[str, int] | None]]:
+    """(hidden, model width, cell sizes) per cell: from the state size, or hidden_sizes() with
+    --width and --size as given (each size given only to the cells that declare it)."""
+    if cfg.state_size:
+        if cfg.param_budget or (cfg.hidden and len(cfg.hidden) > 1):
+            raise ValueError("--state-size sizes every cell: give no --param-budget or per-cell --hidden")
+        default = cfg.hidden[0] if cfg.hidden else make_task(cfg.task, cfg.task_options).defaults.hidden
+        width = cfg.width or default
+        chosen = [sizes_for_state(c, cfg.state_size, width, cfg.sizes) for c in cfg.cells]
+        return [(h, width, s or None) for h, s, _ in chosen]
+    hidden = hidden_sizes(cfg)
+    if not cfg.sizes:
+        return [(h, cfg.width, None) for h in hidden]
+    own = [_declared_sizes(c) for c in cfg.cells]
+    unknown = sorted(set(cfg.sizes) - set().union(*own))
+    if unknown:
+        raise ValueError(f"--size {', '.join(unknown)}: no cell here declares it")
+    mine = [{k: v for k, v in cfg.sizes.items() if k in o} or None for o in own]
+    return [(h, cfg.width, m) for h, m in zip(hidden, mine, strict=True)]
+
+
+def _declared_sizes(cell: str) -> set[str]:
+    import celldsl
+
+    ir = celldsl.compile_cell(cell).ir
+    if isinstance(ir.widths, dict):  # a vector cell (nn/arguments.declared_width_sizes)
+        return {*ir.widths.values(), *getattr(ir, "init_sizes", ())} - {"H", "row", *ir.inputs}
+    return {"heads", *ir.widths, *ir.init_sizes}
+
+
 def compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run every (cell, seed), then write results.md, results.json and curves.png."""
+    """Run every (cell, seed), then write results.md, results.json and curves.png; a run that
+    diverges is recorded as such (train.Diverged) and the others go on."""
     if cfg.seeds < 1:
         raise ValueError("seeds must be at least 1")
     out = Path(cfg.out or Path("runs") / f"compare-{cfg.task}")
-    sizes = hidden_sizes(cfg)
     runs: dict[str, list[dict]] = {}
-    for cell, label, hidden in zip(cfg.cells, labels_for(cfg.cells), sizes, strict=True):
+    chosen = shapes(cfg)
+    for cell, label, (hidden, width, sizes) in zip(cfg.cells, labels_for(cfg.cells), chosen, strict=True):
         for k in range(cfg.seeds):
             run = TrainConfig(
                 task=cfg.task,
                 cell=cell,
                 hidden=hidden,
+                width=width,
+                sizes=sizes,
                 layers=cfg.layers,
                 steps=cfg.steps,
                 batch=cfg.batch,
@@ -124,7 +166,12 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 pictures=cfg.pictures,
                 progress=cfg.progress,
             )
-            runs.setdefault(label, []).append(train(run))
+            try:
+                summary = train(run)
+            except Diverged as err:
+                print(f"{label} seed {run.seed}: {err}; recorded as diverged", file=sys.stderr)
+                summary = err.summary
+            runs.setdefault(label, []).append(summary)
     return write_results(cfg, runs, out)
 
 
@@ -178,54 +225,74 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
 
     task = make_task(cfg.task, cfg.task_options)
     metric = task.metric
-    first = next(iter(runs.values()))[0]
+    done = [r for s in runs.values() for r in s if "diverged_at" not in r]
+    first = done[0] if done else next(iter(runs.values()))[0]
     sets = [k[: -len(metric) - 1] for k in first["final"] if k.endswith("_" + metric)]
     extras = [k for k in first["extras"] if k.endswith(metric)]
     has_valid = "best_valid" in first
+    shaped = bool(cfg.state_size or cfg.sizes or cfg.width)
+    diverged = len(done) < sum(len(s) for s in runs.values())
 
     also = [f"test_{m}" for m in task.also_report if f"test_{m}" in first["final"]]
-    header = ["cell", "hidden", "parameters"] + [f"{s} {metric}" for s in sets]
+    header = ["cell", "hidden"] + (["width", "sizes", "state/layer"] if shaped else []) + ["parameters"]
+    header += [f"{s} {metric}" for s in sets]
     header += [a.replace("_", " ", 1) for a in also]
     header += ([f"test {metric} at best valid"] if has_valid else []) + extras
     steps_differ = len({r["steps"] for s in runs.values() for r in s}) > 1
-    header += (["steps"] if steps_differ else []) + ["time/step (ms)", "seeds"]
+    header += (["steps"] if steps_differ else []) + (["diverged at step"] if diverged else [])
+    header += ["time/step (ms)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for label, summaries in runs.items():
+        fin = [r for r in summaries if "diverged_at" not in r]  # the runs that finished
         row = {
             "cell": label,
             "file": summaries[0]["cell"],
             "hidden": summaries[0]["hidden"],
+            "width": summaries[0].get("width"),
+            "sizes": summaries[0].get("sizes"),
+            "state_per_layer": summaries[0].get("state_per_layer"),
             "parameters": summaries[0]["parameters"],
-            **{f"{s}_{metric}": [r["final"][f"{s}_{metric}"] for r in summaries] for s in sets},
-            **{a: [r["final"][a] for r in summaries] for a in also},
-            **{e: [r["extras"][e] for r in summaries] for e in extras},
+            **{f"{s}_{metric}": [r["final"][f"{s}_{metric}"] for r in fin] for s in sets},
+            **{a: [r["final"][a] for r in fin] for a in also},
+            **{e: [r["extras"][e] for r in fin] for e in extras},
             "time_per_step_ms": [
                 1000 * r["time_per_step_s"] if r["time_per_step_s"] else None for r in summaries
             ],
             "seeds": [r["config"]["seed"] for r in summaries],
+            "diverged_at": [r.get("diverged_at") for r in summaries],
         }
         if has_valid:
-            row["test_at_best_valid"] = [r["best_valid"][f"test_{metric}"] for r in summaries]
+            row["test_at_best_valid"] = [r["best_valid"][f"test_{metric}"] for r in fin]
         rows.append(row)
-        cells = [label, str(row["hidden"]), str(row["parameters"])] + [
-            fmt(row[f"{s}_{metric}"]) for s in sets
-        ]
-        cells += [fmt(row[a]) for a in also]
-        cells += ([fmt(row["test_at_best_valid"])] if has_valid else []) + [fmt(row[e]) for e in extras]
+        show = fmt if fin else (lambda _: "diverged")
+        cells = [label, str(row["hidden"])]
+        if shaped:
+            sizes = " ".join(f"{k}={v}" for k, v in (row["sizes"] or {}).items()) or "—"
+            cells += [str(row["width"] or row["hidden"]), sizes, str(row["state_per_layer"])]
+        cells += [str(row["parameters"])] + [show(row[f"{s}_{metric}"]) for s in sets]
+        cells += [show(row[a]) for a in also]
+        cells += ([show(row["test_at_best_valid"])] if has_valid else []) + [show(row[e]) for e in extras]
         row["steps"] = [r["steps"] for r in summaries]
         cells += [fmt(row["steps"])] if steps_differ else []
+        cells += [", ".join("—" if d is None else str(d) for d in row["diverged_at"])] if diverged else []
         cells += [fmt(row["time_per_step_ms"]), str(len(summaries))]
         lines.append("| " + " | ".join(cells) + " |")
 
     c = first["config"]
-    how = f"a parameter budget of {cfg.param_budget}" if cfg.param_budget else "--hidden"
+    how = (
+        f"a state size of {cfg.state_size} numbers per layer (model width {rows[0]['width']})"
+        if cfg.state_size
+        else f"a parameter budget of {cfg.param_budget}"
+        if cfg.param_budget
+        else "--hidden"
+    )
     better = "higher" if task.higher_is_better else "lower"
     seeds = ", ".join(map(str, rows[0]["seeds"]))
     score_key = "test_at_best_valid" if has_valid else f"test_{metric}"
     what = f"test {metric}" + (" at the best validation point" if has_valid else "")
-    scores = {row["cell"]: row[score_key] for row in rows}
-    enough = len(rows) > 1 and all(len(v) > 1 and None not in v for v in scores.values())
+    scores = {row["cell"]: row[score_key] for row in rows if row.get(score_key)}
+    enough = len(scores) > 1 and all(len(v) > 1 and None not in v for v in scores.values())
     comparisons = against_reference(scores) if enough else []
     ending = (
         "final values at the end of each run (early stopping: see the steps column)"
@@ -241,6 +308,14 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
             f"`{metric}`: {better} is better; mean ± sample std over seeds {seeds}; "
             f"{ending}. Time/step: forward + backward + update on "
             f"{first['device']} (torch {first['torch']}), data generation excluded.",
+            *(
+                [
+                    "Diverged: a run whose training loss stopped being finite, at the step given; the "
+                    "means and the test of significance use the runs that finished."
+                ]
+                if diverged
+                else []
+            ),
             _settings_line(c, how),
             "",
             *markdown(comparisons, what),
@@ -256,10 +331,12 @@ def write_results(cfg: CompareConfig, runs: dict[str, list[dict]], out: Path) ->
         f"{cfg.task}: test {metric}",
         out / "curves.png",
     )
-    boxes = score_boxes(scores, f"{what} ({better} is better)", f"{cfg.task}: {what}", out / "scores.png")
+    boxes = None
+    if scores:
+        boxes = score_boxes(scores, f"{what} ({better} is better)", f"{cfg.task}: {what}", out / "scores.png")
     result = {
         "task": cfg.task, "metric": metric, "rows": rows, "table": text, "plot": str(plot),
-        "scores_plot": str(boxes), "significance": [vars(c) for c in comparisons],
+        "scores_plot": str(boxes) if boxes else None, "significance": [vars(c) for c in comparisons],
     }  # fmt: skip
     atomic_write_json(out / "results.json", {k: v for k, v in result.items() if k != "table"})
     return result

@@ -51,6 +51,8 @@ class TrainConfig:
     cell: str
     hidden: int | None = None
     layers: int = 1
+    width: int | None = None  # the model width (embedding / input projection); None: hidden
+    sizes: dict[str, int] | None = None  # the cell's own sizes (a matrix cell's heads, K, V)
     steps: int | None = None
     batch: int | None = None
     lr: float | None = None
@@ -101,8 +103,8 @@ class TrainConfig:
 
 # settings that must match between a checkpoint and the run resuming from it
 IDENTITY = (
-    "task", "cell", "hidden", "layers", "batch", "lr", "seed", "optimizer", "clip", "clip_value",
-    "weight_noise", "task_options",
+    "task", "cell", "hidden", "layers", "width", "sizes", "batch", "lr", "seed", "optimizer", "clip",
+    "clip_value", "weight_noise", "task_options",
 )  # fmt: skip
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 SET_LR_NEEDS_RESUME = (
@@ -159,6 +161,12 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ValueError(f"--set-lr must be positive, got {cfg.set_lr}")
     if not 0 < cfg.lr_factor < 1:
         raise ValueError(f"--lr-factor must be between 0 and 1 (a drop), got {cfg.lr_factor}")
+    width = cfg.width
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"--width must be a positive integer, got {cfg.width!r}")
+    for name, value in (cfg.sizes or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--size {name}: expected a positive integer, got {value!r}")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -187,7 +195,8 @@ def _train(task: Task, cfg: TrainConfig, out: Path, device: torch.device) -> dic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_gen = seed_everything(cfg.seed)
-    model = task.build_model(cfg.cell, cfg.hidden, cfg.layers, device=device)
+    shape = {k: v for k, v in (("width", cfg.width), ("sizes", cfg.sizes)) if v}
+    model = task.build_model(cfg.cell, cfg.hidden, cfg.layers, device=device, **shape)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     step, history, train_seconds = 0, [], 0.0
     loss_sum, loss_count = 0.0, 0
@@ -280,7 +289,11 @@ def _train(task: Task, cfg: TrainConfig, out: Path, device: torch.device) -> dic
                 value = loss.detach().item()
                 loss_sum, loss_count = loss_sum + value, loss_count + 1
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"training loss is {value} at step {step}; try a smaller --lr")
+                    progress.close()
+                    raise Diverged(
+                        f"training loss is {value} at step {step}; try a smaller --lr",
+                        _diverged(task, cfg, out, model, history, step, device, train_seconds),
+                    )
                 progress.step(value, cfg.batch * step / max(train_seconds, 1e-9))
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     row = record()
@@ -485,33 +498,60 @@ class Progress:
         self.bar.close()
 
 
-def _finish(
-    task: Task, cfg: TrainConfig, out: Path, model, history, train_seconds: float, device, lr_schedule: list
-) -> dict[str, Any]:
-    from .plots import learning_curve
+class Diverged(FloatingPointError):
+    """The training loss stopped being a finite number; `summary` is the run as far as it went
+    (written to metrics.json too), with `diverged_at` the step, so a comparison can list it."""
 
-    final = {k: v for k, v in history[-1].items() if k not in ("step", "sequences", "time_per_step_s", "lr")}
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _diverged(task: Task, cfg: TrainConfig, out: Path, model, history, step: int, device, seconds) -> dict:
+    summary = _summary(task, cfg, model, history, seconds, device, [[0, cfg.lr]])
+    summary.update(steps=step, diverged_at=step, final={}, extras={}, time_per_step_s=seconds / step)
+    atomic_write_json(out / "metrics.json", summary)
+    return summary
+
+
+def _summary(task: Task, cfg: TrainConfig, model, history, train_seconds: float, device, lr_schedule) -> dict:
+    from .model import state_per_layer
+
     steps_done = history[-1]["step"]
-    summary: dict[str, Any] = {
+    layer_input = getattr(getattr(model, "rnn", None), "input_size", None)
+    state = state_per_layer(cfg.cell, layer_input, cfg.hidden, cfg.sizes) if layer_input else None
+    return {
         "task": cfg.task,
         "cell": cfg.cell,
         "cell_name": Path(cfg.cell).stem,
         "hidden": cfg.hidden,
         "layers": cfg.layers,
+        "width": cfg.width,
+        "sizes": cfg.sizes,
+        # numbers of recurrent state per layer and sequence (None for a model without one .rnn)
+        "state_per_layer": state,
         "parameters": count_parameters(model),
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
         "steps": steps_done,
         "train_seconds": train_seconds,
         "time_per_step_s": train_seconds / steps_done if steps_done else None,
-        "final": final,
-        "extras": task.extras(model, device),
         "device": str(device),
         "torch": torch.__version__,
         "config": asdict(cfg),
         "lr_schedule": lr_schedule,  # [step, learning rate from that step on]
         "history": history,
     }
+
+
+def _finish(
+    task: Task, cfg: TrainConfig, out: Path, model, history, train_seconds: float, device, lr_schedule: list
+) -> dict[str, Any]:
+    from .plots import learning_curve
+
+    final = {k: v for k, v in history[-1].items() if k not in ("step", "sequences", "time_per_step_s", "lr")}
+    summary = _summary(task, cfg, model, history, train_seconds, device, lr_schedule)
+    summary.update(final=final, extras=task.extras(model, device))
     valid = [r for r in history[1:] or history if r.get("valid_" + task.metric) is not None]
     if valid:  # rows of a run begun before its task had a valid set have none
         pick = max if task.higher_is_better else min

@@ -14,6 +14,11 @@ time every value is a tensor [N, heads or 1, rows, cols], so the operations are 
   head), `diag`.
 
 `build_tensor_ir` checks the kinds and reports every mistake at its place, with a hint.
+
+A cell with shaped parameters but no `per head` anywhere (`param W_a1 : (R, x)`, a low-rank bottleneck
+or a chained input projection in an ordinary cell) is built here too, as one head: a state without a
+shape is a vector of the layer's hidden size H (`state h : P`: of width P), and a state's name in a
+shape stands for its width (`param U : (h, h)` is H x H). `TensorIR.heads` is False for such a cell.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class TensorIR:
     widths: list[str] = field(default_factory=list)  # width names the layer must size
     inits: dict = field(default_factory=dict)  # parameter -> ast.InitValue of its `init` line, text order
     init_sizes: list[str] = field(default_factory=list)  # sizes only init expressions read (sizes= gives them)
+    heads: bool = True  # False: no `per head` in the cell: one head, H is the layer's hidden size
 
     def param_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
         """How a parameter is stored: [heads, rows, cols] without its "1" axes; [rows, cols] when the
@@ -103,8 +109,10 @@ def is_matrix_cell(module: ast.Module) -> bool:
     )
 
 
-def _kind(per: ast.PerHead) -> Kind:
-    return Kind(per.rows, per.cols or ONE, per.head)
+def has_heads(module: ast.Module) -> bool:
+    """Whether the cell writes `per head` anywhere (else it is one head: an ordinary cell with shapes)."""
+    shapes = [*module.widths.values(), *(k for _, k, _ in module.params)]
+    return any(isinstance(s, ast.PerHead) and s.head for s in shapes)
 
 
 class _Builder:
@@ -120,19 +128,42 @@ class _Builder:
         self.updates = {n.text: (n, e) for n, e in module.updates}
         self.built: dict[str, int] = {}
         self.building: set[str] = set()
+        self.headed = has_heads(module)
+        self.what = "a matrix-memory cell" if self.headed else "a cell with shaped parameters"
+        # one head: a state's name in a shape stands for its width (H unless `state h : P` says so)
+        self.alias = {} if self.headed else {
+            n.text: module.widths[n.text].text if isinstance(module.widths.get(n.text), ast.Name) else "H"
+            for n in module.states}
         shapes = [*module.widths.values(), *(k for _, k, _ in module.params)]
-        self.width_names = {w for s in shapes if isinstance(s, ast.PerHead) for w in (s.rows, s.cols)} - {ONE, None}
-        self.width_names -= {n.text for n in module.inputs}
-        self.width_names |= {k.name.text for _, k, _ in module.params if isinstance(k, ast.ParamKind)
-                             and k.count is None and k.name.text not in ("scalar", "vector", "matrix")
-                             and k.name.text.isidentifier() and k.name.text not in {n.text for n in module.inputs}}
+        names = {w for s in shapes if isinstance(s, ast.PerHead) for w in (s.rows, s.cols)}
+        names |= {k.name.text for _, k, _ in module.params if isinstance(k, ast.ParamKind) and k.count is None
+                  and k.name.text not in ("scalar", "vector", "matrix") and k.name.text.isidentifier()}
+        names |= set() if self.headed else {"H", *self.alias.values()}
+        self.width_names = {self.width(w) for w in names} - {ONE, None, *(n.text for n in module.inputs)}
+
+    def width(self, name: str | None) -> str | None:
+        """A width name as written, or the width of the state it names (a cell without heads)."""
+        return self.alias.get(name, name)
+
+    def kind_of(self, per: ast.PerHead) -> Kind:
+        return Kind(self.width(per.rows), self.width(per.cols) or ONE, per.head)
+
+    def words(self, k: Kind) -> str:
+        """k in words; "per head" only where the cell has heads (one head is no head to the user)."""
+        return k.words() if self.headed else Kind(k.rows, k.cols, False).words()
 
     def error(self, message: str, loc: Loc | None) -> None:
         raise CellError(message, self.source, loc)
 
     def is_width(self, name: str) -> bool:
         """A width name of the cell (K, V, R) or an input's name: `param mu : x` is a shared vector."""
-        return name in self.width_names or name in {n.text for n in self.m.inputs}
+        return self.width(name) in self.width_names or name in {n.text for n in self.m.inputs}
+
+    def shaped_example(self) -> str:
+        """Where a cell without heads declared its first shape: why it runs as a cell of shaped values."""
+        name, shape = next((n, k) for n, k, _ in self.m.params if isinstance(k, ast.PerHead))
+        return (f"this cell declares shapes (line {shape.loc.line}: 'param {name.text} : ({shape.rows}, "
+                f"{shape.cols})'), so each parameter declares its own")
 
     def add(self, node: Node) -> int:
         self.nodes.append(node)
@@ -146,41 +177,59 @@ class _Builder:
             self.error("the file must start with 'cell NAME'", Loc(1, 1))
         if len(m.inputs) != 1:
             where = m.inputs[1].loc if m.inputs else (m.name.loc if m.name else Loc(1, 1))
-            self.error("a matrix-memory cell reads one input for now (input x); extra inputs run on "
+            self.error(f"{self.what} reads one input for now (input x); extra inputs run on "
                        "elementwise cells only", where)
         if not m.states:
-            self.error("a matrix-memory cell needs a state: 'state C : (V, K) per head'", m.name.loc)
+            self.error(f"{self.what} needs a state: " + ("'state C : (V, K) per head'" if self.headed
+                                                         else "'state h'"), m.name.loc)
         for n in m.inputs:
             w = m.widths.get(n.text)
             if isinstance(w, ast.PerHead):
                 self.error(f"input '{n.text}' is one per sequence, shared by the heads; declare it without "
                            "'per head' (its projections are per head: W_q @ x with W_q : (K, I) per head)", w.loc)
             if w is not None:
-                self.error(f"a matrix-memory cell reads its input '{n.text}' whole; remove ': {w.text}'", w.loc)
+                self.error(f"{self.what} reads its input '{n.text}' whole; remove ': {w.text}'", w.loc)
             self.kinds[n.text] = Kind(n.text, ONE, False)
             self.leaf[n.text] = self.add(Node("input", (), self.kinds[n.text], n.loc, name=n.text))
         for n in m.states:
             w = m.widths.get(n.text)
+            if not self.headed:  # one head: h is an H-vector, `state h : P` a P-vector, `: 1` a number
+                width = self.alias[n.text]
+                if width != ONE and not width.isidentifier():
+                    self.error(f"a width is a name (H, P) or 1, not '{width}'", w.loc)
+                self.kinds[n.text] = Kind(width, ONE, True)
+                self.leaf[n.text] = self.add(Node("state", (), self.kinds[n.text], n.loc, name=n.text))
+                continue
             if not isinstance(w, ast.PerHead):
                 self.error(f"state '{n.text}' needs its shape in a matrix-memory cell: 'state {n.text} : "
-                           "(V, K) per head' (a matrix), ': K per head' (a vector) or ': 1 per head'",
+                           "(V, K) per head' (a matrix), ': K per head' (a vector) or ': 1 per head' (a "
+                           "cell without 'per head' anywhere may leave it unshaped: an H-vector)",
                            n.loc if w is None else w.loc)
-            self.kinds[n.text] = _kind(w)
+            self.kinds[n.text] = self.kind_of(w)
             self.leaf[n.text] = self.add(Node("state", (), self.kinds[n.text], n.loc, name=n.text))
         for n, kind, group in m.params:
             if group is not None:
-                self.error("parameter groups are not supported in a matrix-memory cell; declare each "
+                self.error(f"parameter groups are not supported in {self.what}; declare each "
                            "parameter with its shape", group.loc)
             if isinstance(kind, ast.ParamKind) and kind.count is None and self.is_width(kind.name.text):
-                # `param mu_x : x`: one vector shared by the heads (RWKV-6's token-shift mixes)
-                self.kinds[n.text] = Kind(kind.name.text, ONE, False)
+                # `param mu_x : x`: one vector shared by the heads (RWKV-6's token-shift mixes); `: h`
+                self.kinds[n.text] = Kind(self.width(kind.name.text), ONE, False)
                 self.leaf[n.text] = self.add(Node("param", (), self.kinds[n.text], n.loc, name=n.text))
                 continue
+            if isinstance(kind, ast.ParamKind) and kind.count is None and kind.name.text == "scalar":
+                self.kinds[n.text] = Kind(ONE, ONE, False)  # one number, shared by the heads
+                self.leaf[n.text] = self.add(Node("param", (), self.kinds[n.text], n.loc, name=n.text))
+                continue
+            if not isinstance(kind, ast.PerHead) and not self.headed:
+                state = m.states[0].text if m.states else "h"
+                self.error(f"parameter '{n.text}' needs its shape: {self.shaped_example()}: 'param {n.text} "
+                           f": ({state}, {state})' (a matrix; a state's name stands for its width, H), "
+                           f"': {state}' (a vector) or ': scalar'", n.loc if kind is None else kind.name.loc)
             if not isinstance(kind, ast.PerHead):
                 self.error(f"parameter '{n.text}' needs its shape in a matrix-memory cell: 'param {n.text} "
                            ": (K, I) per head' (a matrix), ': K per head' (a vector) or ': 1 per head'",
                            n.loc if kind is None else kind.name.loc)
-            self.kinds[n.text] = _kind(kind)
+            self.kinds[n.text] = self.kind_of(kind)
             self.leaf[n.text] = self.add(Node("param", (), self.kinds[n.text], n.loc, name=n.text))
         seen: dict[str, Loc] = {}
         for n in [*m.inputs, *m.states, *(p for p, _, _ in m.params), *(d for d, _ in m.definitions)]:
@@ -207,7 +256,7 @@ class _Builder:
                 if value.kind == "named" and value.name in params:  # init b = a: a parameter's value
                     value = ast.InitValue("expr", None, None, value.loc, ast.Var(value.name, value.loc))
                 if value.kind == "named" and value.name not in ("zeros", "ones", "default"):
-                    self.error(f"unknown initialiser '{value.name}' in a matrix-memory cell; expected a "
+                    self.error(f"unknown initialiser '{value.name}' in {self.what}; expected a "
                                "number, zeros, ones, default, uniform(a), normal(std) or an init expression",
                                value.loc)
                 if value.kind == "call" and value.name not in ("uniform", "normal"):
@@ -227,9 +276,9 @@ class _Builder:
                     for name, loc in reads.params:
                         other = self.kinds[name]
                         if not other.scalar and other != mine:
-                            self.error(f"'{n.text}' is {mine.words()}, but its init expression reads "
-                                       f"'{name}', {other.words()}; an init expression reads values of its "
-                                       "shape or numbers", loc)
+                            self.error(f"'{n.text}' is {self.words(mine)}, but its init expression reads "
+                                       f"'{name}', {self.words(other)}; an init expression reads values of "
+                                       "its shape or numbers", loc)
                     self.init_sizes.extend(w for w in reads.sizes if w not in self.init_sizes)
                 self.inits[n.text] = value
 
@@ -326,7 +375,7 @@ class _Builder:
             steps = int(k.text)
         a = self.expr(e.args[0])
         if self.depends_on_state(a):
-            self.error("prev() in a matrix-memory cell reads a value that depends on no state (the input or "
+            self.error(f"prev() in {self.what} reads a value that depends on no state (the input or "
                        "its projections); a state's previous value is the state itself", e.loc)
         if self.nodes[a].op in ("const", "size", "eye"):
             self.error("prev() of a constant: write the constant (it is the same at every step)", e.loc)
@@ -345,7 +394,7 @@ class _Builder:
             k = self.nodes[a].kind
             if e.func == "diag":
                 if k.cols != ONE or k.rows == ONE:
-                    self.error(f"diag() takes a vector, got {k.words()}", e.loc)
+                    self.error(f"diag() takes a vector, got {self.words(k)}", e.loc)
                 return self.add(Node("diag", (a,), Kind(k.rows, k.rows, k.head), e.loc))
             if e.func == "norm":
                 sq = self.pointwise(lambda x: x * x, [a], e.loc)
@@ -353,7 +402,7 @@ class _Builder:
             return self.add(Node(e.func, (a,), Kind(ONE, ONE, k.head), e.loc))
         if e.func not in FUNCTIONS or e.func in REDUCTIONS:
             known = sorted({*FUNCTIONS, "diag", "norm", "prev"} - {"layernorm"})
-            self.error(f"unknown function '{e.func}' in a matrix-memory cell (known: {', '.join(known)})", e.loc)
+            self.error(f"unknown function '{e.func}' in {self.what} (known: {', '.join(known)})", e.loc)
         arity, fn = FUNCTIONS[e.func]
         if len(e.args) != arity:
             self.error(f"{e.func}() takes {arity} argument{'s' * (arity > 1)}, got {len(e.args)}", e.loc)
@@ -381,7 +430,11 @@ class _Builder:
                 if shape.cols == ONE and k.cols != ONE or k.cols == ONE and shape.cols != ONE:
                     hint = ("; to scale a matrix's rows write diag(a) @ S, for an outer product v @ kᵀ, "
                             "for a dot product kᵀ @ q")
-                self.error(f"elementwise operation on {shape.words()} and {k.words()}: elementwise "
+                elif not self.headed:
+                    hint = (f"; widths are names: the {shape.rows}-vector and the {k.rows}-vector are one width "
+                            f"only if the parameters that make them say so (in a cell without heads a state's "
+                            f"name in a shape stands for its width: W : (h, x) makes an H-vector)")
+                self.error(f"elementwise operation on {self.words(shape)} and {self.words(k)}: elementwise "
                            f"operands have one shape, or one of them is one number{hint}", loc)
         head = any(k.head for k in kinds)
         kind = Kind(shape.rows, shape.cols, head) if shape else Kind(ONE, ONE, head)
@@ -412,8 +465,8 @@ class _Builder:
                 hint = f"; did you mean {'a transposed vector' if ka.rows != ONE else 'a vector'} on the left (kᵀ @ q)?"
             elif kb.rows == ONE and ka.cols != ONE:
                 hint = "; for an outer product write v @ kᵀ"
-            self.error(f"@ needs the left side's columns to match the right side's rows: {ka.words()} @ "
-                       f"{kb.words()}{hint}", loc)
+            self.error(f"@ needs the left side's columns to match the right side's rows: {self.words(ka)} @ "
+                       f"{self.words(kb)}{hint}", loc)
         return self.add(Node("matmul", (a, b), Kind(ka.rows, kb.cols, ka.head or kb.head), loc))
 
 
@@ -474,7 +527,7 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
         b.built[s + "'"] = i
         got, want = b.nodes[i].kind, b.kinds[s]
         if (got.rows, got.cols) != (want.rows, want.cols) and not got.scalar:
-            b.errors.append(CellError(f"{s}' is {got.words()}, but state '{s}' is declared {want.words()}",
+            b.errors.append(CellError(f"{s}' is {b.words(got)}, but state '{s}' is declared {b.words(want)}",
                                       source, n.loc))
         new_state[s] = i
     for name, (n, _) in b.defs.items():  # every equation is checked, also one nothing reads
@@ -495,7 +548,7 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     out = b.built[output] if output in b.built else b.value(m.output.text, m.output.loc)
     ko = b.nodes[out].kind
     if ko.cols != ONE and ko.rows != ONE:
-        b.error(f"the output must be a vector per head (the layer concatenates the heads), not {ko.words()}; "
+        b.error(f"the output must be a vector per head (the layer concatenates the heads), not {b.words(ko)}; "
                 "read the matrix with a query (C @ q)", m.output.loc if m.output else Loc(1, 1))
     _warn_unused(b, [*new_state.values(), out], source)
     widths = sorted({w for k in b.kinds.values() for w in (k.rows, k.cols)} - {ONE, *[n.text for n in m.inputs]})
@@ -503,4 +556,5 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
         name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
         kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=b.nodes,
         new_state=new_state, output_node=out, widths=widths, inits=b.inits, init_sizes=b.init_sizes,
+        heads=b.headed,
     )

@@ -13,7 +13,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..compiler import compile_cell
+from ..compiler import CompiledMatrixCell, compile_cell
 from ..lang.errors import CellTensorError
 from ..ops import run
 from ..ops.function import loop_for, register, split_params
@@ -28,9 +28,11 @@ from .arguments import (
     extra_input_sizes,
 )
 from .autocasting import autocast_dtype, result_dtype, without_autocast
+from .matrix import MatrixCell
 from .parameters import checked_shape, initialize, member, op_params, stores_of
 from .prepared import Layout, apply_prepared
 from .quantization import WarnsWhenNotQuantized
+from .script_any import PreparesStep, extra_inputs
 from .scripting import ScriptableCell
 from .stack import resolve_backend, zoo_cell
 
@@ -270,7 +272,7 @@ class _Step:
         return list(state)
 
 
-class Cell(_Step, nn.Module):
+class Cell(PreparesStep, _Step, nn.Module):
     """One step of any cell, with the parameters of one layer of Recurrent.
 
     Args:
@@ -293,6 +295,13 @@ class Cell(_Step, nn.Module):
         >>> y, h = step(torch.randn(4, 8))
         >>> y, h = step(torch.randn(4, 8), h)
     """
+
+    def __new__(cls, *args, **kwargs):
+        """Cell(a matrix-memory cell, ...) is that cell's MatrixCell (nn/matrix.py): one step of its layer."""
+        cell = args[0] if args else kwargs.get("cell")
+        if cls is Cell and cell is not None and isinstance(compile_cell(cell), CompiledMatrixCell):
+            return MatrixCell(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
                  device=None, dtype=None, input_sizes: dict[str, int] | None = None,
@@ -350,8 +359,9 @@ class Cell(_Step, nn.Module):
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
 
-    def forward(self, input, state=None, **extra):
-        out, finals = self._step(input, self._state_list(state), extra)
+    def forward(self, input, state=None, extra=None, **named):
+        """The extra inputs by keyword (`ctx=c`) or as a dict (`extra={"ctx": c}`, as scripted)."""
+        out, finals = self._step(input, self._state_list(state), extra_inputs(extra, named))
         return out, (finals[0] if len(finals) == 1 else tuple(finals))
 
     def extra_repr(self) -> str:

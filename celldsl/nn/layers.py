@@ -25,13 +25,14 @@ from .arguments import (
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
 from .matrix import matrix_recurrent
 from .parameters import initialize, stores_of
+from .script_any import PreparesLayer, extra_inputs
 from .stack import RecurrentStack
 from .torch_layers import GRU, LSTM, RNN
 
 __all__ = ["GRU", "LSTM", "RNN", "Cell", "GRUCell", "LSTMCell", "RNNCell", "Recurrent"]
 
 
-class Recurrent(RecurrentStack, nn.Module):
+class Recurrent(PreparesLayer, RecurrentStack, nn.Module):
     """A multi-layer recurrent layer running any cell, with the arguments and results of torch.nn.LSTM.
 
     Args:
@@ -166,7 +167,10 @@ class Recurrent(RecurrentStack, nn.Module):
         return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
                             self.input_sizes, parameters, self.width_sizes)
 
-    def forward(self, input, state=None, **extra):
+    def forward(self, input, state=None, extra=None, **named):
+        """The extra inputs by keyword (`ctx=c`) or as a dict (`extra={"ctx": c}`, what a scripted
+        layer takes: celldsl/nn/script_any.py)."""
+        extra = extra_inputs(extra, named)
         streamed = None if extra else self._streamed(input, state)
         return streamed if streamed is not None else self._run(input, state, extra)
 

@@ -1,4 +1,5 @@
-"""`MatrixRecurrent`: the layer of a matrix-memory cell (mLSTM, GLA, DeltaNet; lang/tensors.py).
+"""`MatrixRecurrent`: the layer of a matrix-memory cell (mLSTM, GLA, DeltaNet; lang/tensors.py), and
+`MatrixCell`: one step of it (what `celldsl.Cell` builds for such a cell).
 
 Layers, directions, batch_first and PackedSequence as torch.nn.LSTM. Parameters are named as the cell
 names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols] without "1" axes
@@ -6,6 +7,11 @@ names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols]
 W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
 tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise; backend="triton" (opt-in,
 never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
+
+A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
+projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
+[L * D, N, H] (no heads axis; `state m : 1` is [L * D, N, 1]), and a single state is returned as a
+tensor, not a tuple of one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..compiler import CompiledMatrixCell, compile_cell
+from ..lang.errors import CellError, CellTensorError
+from .arguments import check_layer_arguments
 from .inits import init_value
 
 
@@ -26,7 +34,8 @@ class MatrixRecurrent(nn.Module):
     x: [T, N, I] ([N, T, I] with batch_first) or a PackedSequence; output [T, N, D * heads * width of
     the output] (D = 2 if bidirectional), packed like x. state: a tuple in the order of the cell's
     `state` line, each [L * D, N, heads, rows, cols] without its "1" axes (C : (V, K) per head is
-    [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads"."""
+    [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads" (a
+    cell without heads: "H" and its declared widths; its states have no heads axis)."""
 
     def __init__(self, cell, input_size: int, sizes: dict[str, int], *, num_layers: int = 1,
                  bidirectional: bool = False, batch_first: bool = False, backend: str = "auto",
@@ -36,6 +45,11 @@ class MatrixRecurrent(nn.Module):
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
         self.compiled, self.ir = compiled, compiled.ir
+        if not self.ir.heads:  # one head, and the layout of torch.nn.RNN's states (see the module)
+            if sizes.get("heads", 1) != 1:
+                raise ValueError(f"cell {self.ir.name!r} has no 'per head' values; it runs as one head, so "
+                                 f"sizes has no 'heads' (got {sizes['heads']!r})")
+            sizes = {**sizes, "heads": 1}
         needed = ["heads", *self.ir.widths, *self.ir.init_sizes]
         missing = [w for w in needed if w not in sizes]
         if missing:
@@ -51,6 +65,7 @@ class MatrixRecurrent(nn.Module):
         self.num_directions = 2 if bidirectional else 1
         self.bidirectional, self.batch_first = bidirectional, batch_first
         self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for triton
+        self.backend = backend
         out = self.ir.nodes[self.ir.output_node].kind
         width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
         self.output_size = sizes["heads"] * (1 if width == "1" else sizes.get(width, input_size))
@@ -59,34 +74,28 @@ class MatrixRecurrent(nn.Module):
                             for k in range(num_layers)]
         for k in range(num_layers):
             for d in range(self.num_directions):
-                for name in self.ir.params:
-                    shape = self.ir.param_shape(name, self.layer_sizes[k])
-                    bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
-                    p = torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)
-                    self.register_parameter(self.param_name(name, k, d), nn.Parameter(p))
-                self._initialise(k, d)
+                for name, p in new_parameters(self.ir, self.layer_sizes[k], device, dtype).items():
+                    self.register_parameter(self.param_name(name, k, d), p)
 
-    @torch.no_grad()
-    def _initialise(self, layer: int, direction: int) -> None:
-        """The cell's `init` lines, in text order, on one layer and direction's parameters."""
-        views = {n: getattr(self, self.param_name(n, layer, direction)) for n in self.ir.params}
-        sizes = {"I": self.layer_sizes[layer][self.ir.inputs[0]], **self.layer_sizes[layer]}
-        for name, init in self.ir.inits.items():
-            view = views[name]
-            if init.kind == "expr":
-                view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
-            elif init.kind == "constant":
-                view.fill_(init.number)
-            elif init.kind == "call" and init.name == "uniform":
-                view.uniform_(-init.number, init.number)
-            elif init.kind == "call":
-                view.normal_(0.0, init.number)
-            elif init.name in ("zeros", "ones"):
-                view.fill_(float(init.name == "ones"))
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
+        raise RuntimeError(
+            f"torch.jit.script: MatrixRecurrent over cell {self.ir.name!r} (the matrix path) cannot be "
+            "scripted: its time loop is a Python object (targets/*/matrix_loop.py), not the registered op "
+            "celldsl::cell_sequence that scripted layers call. Run it eagerly")
 
     @staticmethod
     def param_name(name: str, layer: int, direction: int) -> str:
         return f"{name}_l{layer}" + ("_reverse" if direction else "")
+
+    def cell(self, layer: int = 0, direction: int = 0) -> MatrixCell:
+        """Layer `layer`'s one-step MatrixCell (direction 1: the reverse one) whose parameters are this
+        layer's own Parameter objects: training either trains both."""
+        if layer not in range(self.num_layers) or direction not in range(self.num_directions):
+            raise IndexError(f"this layer has {self.num_layers} layer(s) and {self.num_directions} "
+                             f"direction(s), got layer={layer}, direction={direction}")
+        params = {n: getattr(self, self.param_name(n, layer, direction)) for n in self.ir.params}
+        return MatrixCell.sharing(self.compiled, self.layer_sizes[layer], self.backend, params)
 
     def forward(self, x, state=None):
         packed = isinstance(x, PackedSequence)
@@ -100,7 +109,8 @@ class MatrixRecurrent(nn.Module):
             raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
                              f"or a PackedSequence, got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
-        shapes = [(LD, N, *self.ir.state_shape(s, self.layer_sizes[0])) for s in self.ir.states]
+        inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # loops': [heads, ..]
+        shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
@@ -114,17 +124,177 @@ class MatrixRecurrent(nn.Module):
                 i = k * self.num_directions + d
                 params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
                 seq = x if d == 0 else _reverse(x, lengths)
-                out, last = self.loop.run(seq, [s[i] for s in state], params, self.layer_sizes[k], lengths)
+                init = [s[i].reshape(N, *sh) for s, sh in zip(state, inner, strict=True)]
+                out, last = self.loop.run(seq, init, params, self.layer_sizes[k], lengths)
                 outs.append(out if d == 0 else _reverse(out, lengths))
-                for f, s in zip(finals, last, strict=True):
-                    f.append(s)
+                for f, s, sh in zip(finals, last, shapes, strict=True):
+                    f.append(s.reshape(sh[1:]))
             x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         finals = tuple(torch.stack(f) for f in finals)
         if packed:
             x = pack_padded_sequence(x, lengths, enforce_sorted=False)
         elif self.batch_first:
             x = x.transpose(0, 1)
+        if not self.ir.heads and len(finals) == 1:
+            return x, finals[0]
         return x, finals
+
+
+class MatrixCell(nn.Module):
+    """One step of a matrix-memory cell: `celldsl.Cell(cell, input_size, hidden_size, sizes=...)`.
+
+    forward(input, state=None) -> (output, new states): input [N, I] or [I] unbatched; state a tuple in
+    the order of the cell's `state` line (a lone tensor for a one-state cell), each [N, heads, rows,
+    cols] without its "1" axes ([heads, rows, cols] unbatched), zeros when None; output [N, hidden_size]
+    ([hidden_size]); the new states always a tuple, as MatrixRecurrent returns them. sizes default as
+    in celldsl.Recurrent (heads = 1, every width = hidden_size / heads). The step is the layer's loop
+    over T = 1 (torch, cpu or triton), so it gives one step of MatrixRecurrent's numbers and its
+    derived backward. Parameters are named as the cell names them (W_q, b_i, ...)."""
+
+    def __init__(self, cell, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
+                 device=None, dtype=None, input_sizes=None, sizes=None):
+        super().__init__()
+        check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
+        compiled = compile_cell(cell)
+        if not isinstance(compiled, CompiledMatrixCell):
+            raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Cell")
+        for name, given in (("bias=False", bias is False), ("input_sizes", bool(input_sizes))):
+            if given:
+                raise ValueError(f"cell {compiled.name!r} has matrix states; its Cell does not take {name} "
+                                 "yet")
+        sizes = {**matrix_sizes(compiled.ir, hidden_size, sizes), compiled.ir.inputs[0]: input_size}
+        self._setup(compiled, sizes, backend)
+        if self.hidden_size != hidden_size:
+            raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {self.hidden_size} "
+                             f"wide with these sizes, but hidden_size is {hidden_size}; give "
+                             f"hidden_size={self.hidden_size}")
+        for name, p in new_parameters(self.ir, sizes, device, dtype).items():
+            self.register_parameter(name, p)
+
+    def _setup(self, compiled, sizes: dict[str, int], backend: str) -> None:
+        shift = next((n for n in compiled.ir.nodes if n.op == "shift"), None)
+        if shift is not None:  # prev(x) of a step would read zeros, not the last step's input: refused
+            raise CellError("a one-step Cell cannot run prev(): it reads earlier steps' inputs, which a step "
+                            "does not carry yet; run the sequence with celldsl.Recurrent", compiled.ir.source,
+                            shift.loc)
+        self.compiled, self.ir, self.sizes, self.backend = compiled, compiled.ir, dict(sizes), backend
+        self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for what cannot run
+        self.input_size = sizes[self.ir.inputs[0]]
+        out = self.ir.nodes[self.ir.output_node].kind
+        width = next((w for w in (out.rows, out.cols) if w != "1"), "1")
+        self.hidden_size = sizes["heads"] * (1 if width == "1" else sizes[width])
+        self.state_shapes = [tuple(self.ir.state_shape(s, sizes)) for s in self.ir.states]
+
+    @classmethod
+    def sharing(cls, compiled, sizes: dict[str, int], backend: str, parameters: dict) -> MatrixCell:
+        """A MatrixCell whose parameters are the given ones, not copies (MatrixRecurrent.cell(k))."""
+        step = cls.__new__(cls)
+        nn.Module.__init__(step)
+        step._setup(compiled, sizes, backend)
+        for name in step.ir.params:
+            step.register_parameter(name, parameters[name])
+        return step
+
+    def forward(self, input, state=None):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"MatrixCell: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise CellTensorError(f"MatrixCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        unbatched = input.dim() == 1
+        x = input[None] if unbatched else input
+        params = [getattr(self, n) for n in self.ir.params]
+        self._check_input(x, params[0] if params else None)
+        states = self._states(state, x, unbatched)
+        out, finals = self.loop.run(x[None], states, params, self.sizes, None)
+        if unbatched:
+            return out[0, 0], tuple(f[0] for f in finals)
+        return out[0], tuple(finals)
+
+    def _check_input(self, x: torch.Tensor, weight) -> None:
+        """torch.nn's cell checks and wording: the input's width, dtype and device."""
+        if x.shape[1] != self.input_size:
+            raise CellTensorError(f"input has inconsistent input_size: got {x.shape[1]} expected "
+                                  f"{self.input_size}")
+        if weight is not None and x.dtype != weight.dtype:
+            raise CellTensorError(f"MatrixCell input dtype ({x.dtype}) does not match weight dtype "
+                                  f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                                  f"model: model.to({x.dtype})")
+        if weight is not None and x.device != weight.device:
+            raise CellTensorError("Input and parameter tensors are not at the same device, found input "
+                                  f"tensor at {x.device} and parameter tensor at {weight.device}")
+
+    def _states(self, state, x: torch.Tensor, unbatched: bool) -> list[torch.Tensor]:
+        """The caller's states as [N, heads, rows, cols] tensors (zeros when None), each checked."""
+        names, N = self.ir.states, x.shape[0]
+        if state is None:
+            return [x.new_zeros(N, *shape) for shape in self.state_shapes]
+        if isinstance(state, torch.Tensor) and len(names) == 1:
+            state = (state,)
+        if not isinstance(state, tuple | list) or not all(isinstance(s, torch.Tensor) for s in state):
+            raise TypeError(f"MatrixCell: the state must be a tuple of {len(names)} tensors "
+                            f"({', '.join(names)}), got {type(state).__name__}")
+        if len(state) != len(names):
+            raise CellTensorError(f"cell {self.ir.name!r} carries {len(names)} state(s) "
+                                  f"({', '.join(names)}): expected {len(names)} state tensor(s), got "
+                                  f"{len(state)}")
+        checked = []
+        for name, s, shape in zip(names, state, self.state_shapes, strict=True):
+            want = shape if unbatched else (N, *shape)
+            if s.dim() != len(want):
+                kind = "unbatched 1-D" if unbatched else "batched 2-D"
+                raise CellTensorError(f"For {kind} input, state {name} should be {len(want)}-D {list(want)} "
+                                      f"but got {s.dim()}-D {list(s.shape)}")
+            if not unbatched and s.shape[0] != N:
+                raise CellTensorError(f"Input batch size {N} doesn't match state {name} batch size "
+                                      f"{s.shape[0]}")
+            if tuple(s.shape) != tuple(want):
+                raise CellTensorError(f"state {name} has inconsistent shape: got {list(s.shape)}, expected "
+                                      f"{list(want)} (heads, rows, cols without the 1 axes)")
+            if s.dtype != x.dtype or s.device != x.device:
+                raise CellTensorError(f"state {name} is {s.dtype} on {s.device} but the input is {x.dtype} "
+                                      f"on {x.device}: the states must have the input's dtype and device")
+            checked.append(s[None] if unbatched else s)
+        return checked
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
+        raise RuntimeError(f"torch.jit.script: the MatrixCell of {self.ir.name!r} cannot be scripted: its "
+                           "step is a Python loop object (targets/*/matrix_loop.py). Run it eagerly")
+
+    def extra_repr(self) -> str:
+        sizes = {k: v for k, v in self.sizes.items() if k != self.ir.inputs[0]}
+        s = f"{self.ir.name!r}, {self.input_size}, {self.hidden_size}, sizes={sizes}"
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+
+
+def new_parameters(ir, sizes: dict[str, int], device=None, dtype=None) -> dict[str, nn.Parameter]:
+    """One layer and direction's parameters by the cell's names: U(-1/sqrt(cols), 1/sqrt(cols)), then
+    the cell's `init` lines in text order."""
+    params = {}
+    for name in ir.params:
+        shape = ir.param_shape(name, sizes)
+        bound = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
+        params[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
+    initialise(ir, params, sizes)
+    return params
+
+
+@torch.no_grad()
+def initialise(ir, views: dict[str, torch.Tensor], sizes: dict[str, int]) -> None:
+    """The cell's `init` lines, in text order, on one layer and direction's parameters."""
+    sizes = {"I": sizes[ir.inputs[0]], **sizes}
+    for name, init in ir.inits.items():
+        view = views[name]
+        if init.kind == "expr":
+            view.copy_(init_value(init.expr, view, sizes, views, f"parameter {name!r}"))
+        elif init.kind == "constant":
+            view.fill_(init.number)
+        elif init.kind == "call" and init.name == "uniform":
+            view.uniform_(-init.number, init.number)
+        elif init.kind == "call":
+            view.normal_(0.0, init.number)
+        elif init.name in ("zeros", "ones"):
+            view.fill_(float(init.name == "ones"))
 
 
 def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:
@@ -142,6 +312,8 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
     `sizes` gives ("heads", K, V, ...); "heads" defaults to 1 and every other width to hidden_size /
     heads, so the output (heads x its width) is hidden_size wide unless `sizes` says otherwise."""
     sizes = dict(sizes or {})
+    if not ir.heads:
+        return plain_sizes(ir, hidden_size, sizes)
     unknown = sorted(set(sizes) - {"heads", *ir.widths, *ir.init_sizes})
     if unknown:
         raise ValueError(f"cell {ir.name!r} has the sizes heads, {', '.join(ir.widths) or '(no widths)'}; "
@@ -152,7 +324,30 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
                          f"got {heads!r}")
     for w in ir.widths:
         sizes.setdefault(w, hidden_size // heads)
+    missing = [s for s in ir.init_sizes if s not in sizes]
+    if missing:  # a size only an init line reads (chrono's T_max): nothing to derive it from
+        raise ValueError(f"cell {ir.name!r} needs sizes={{{', '.join(repr(s) + ': ...' for s in missing)}}}: "
+                         f"its init lines read {', '.join(missing)}, which does not follow from hidden_size")
     return sizes
+
+
+def plain_sizes(ir, hidden_size: int, sizes: dict) -> dict[str, int]:
+    """The sizes of a cell without heads: H is hidden_size and every other width is given, as an
+    elementwise cell's declared widths are (no default: a rank R has no natural value)."""
+    if "H" in sizes or "heads" in sizes:
+        name = "H" if "H" in sizes else "heads"
+        raise ValueError(f"cell {ir.name!r} has no 'per head' values: it runs as one head and H is "
+                         f"hidden_size; sizes has no {name!r}")
+    declared = [w for w in dict.fromkeys([*ir.widths, *ir.init_sizes]) if w != "H"]
+    unknown = sorted(set(sizes) - set(declared))
+    if unknown:
+        raise ValueError(f"cell {ir.name!r} has the sizes {', '.join(declared) or '(none)'} (H is "
+                         f"hidden_size); unknown: {', '.join(unknown)}")
+    missing = [w for w in declared if w not in sizes]
+    if missing:
+        raise ValueError(f"cell {ir.name!r} declares the width(s) {', '.join(missing)}; give their sizes, "
+                         f"e.g. sizes={{{', '.join(repr(w) + ': 16' for w in missing)}}}")
+    return {**sizes, "heads": 1, "H": hidden_size}
 
 
 def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int = 1, bias: bool = True,
@@ -172,7 +367,7 @@ def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int
     layer = MatrixRecurrent(compiled, input_size, matrix_sizes(compiled.ir, hidden_size, sizes),
                             num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
                             backend=backend, device=device, dtype=dtype)
-    if layer.output_size != hidden_size:
+    if compiled.ir.heads and layer.output_size != hidden_size:  # one head: the output's width is its own
         raise ValueError(f"cell {compiled.name!r}: its output is heads x its width = {layer.output_size} "
                          f"wide with these sizes, but hidden_size is {hidden_size}; give "
                          f"hidden_size={layer.output_size}")

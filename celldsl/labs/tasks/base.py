@@ -107,12 +107,15 @@ class Task:
         return {}
 
     # -- the model ----------------------------------------------------------------------------
-    def build_model(self, cell: str, hidden: int, layers: int = 1, device=None) -> torch.nn.Module:
+    def build_model(
+        self, cell: str, hidden: int, layers: int = 1, device=None, width=None, sizes=None
+    ) -> torch.nn.Module:
         """The network trained on this task: by default `model.build_model` ([embedding] ->
-        celldsl.Recurrent -> linear readout); a task with another architecture overrides this."""
+        celldsl.Recurrent -> linear readout; `width` and `sizes` as there); a task with another
+        architecture overrides this."""
         from ..model import build_model
 
-        return build_model(cell, self, hidden, layers, device=device)
+        return build_model(cell, self, hidden, layers, device=device, width=width, sizes=sizes)
 
     # -- end-of-run reports -----------------------------------------------------------------
     def extras(self, model: torch.nn.Module, device: torch.device | str) -> dict[str, float]:

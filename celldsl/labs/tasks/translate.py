@@ -156,9 +156,11 @@ class TranslateTask(Task):
         return self._eval
 
     # -- the model ------------------------------------------------------------------------------
-    def build_model(self, cell: str, hidden: int, layers: int = 1, device=None):
+    def build_model(self, cell: str, hidden: int, layers: int = 1, device=None, width=None, sizes=None):
         from ..seq2seq.model import Seq2Seq
 
+        if width is not None or sizes:
+            raise ValueError("translate: its encoder-decoder takes --hidden only, not --width or --size")
         enc_hidden = self.encoder_hidden or hidden // 2
         if hidden < 2:
             raise ValueError("translate: hidden must be at least 2")

@@ -44,7 +44,7 @@ from . import memory, scratch
 from .emit import backward_schedule, c_source, folding, kernel_specs
 from .emit_gemm import gemm_source
 from .emit_loop import native_blocker
-from .flags import ATTEMPTS, BASE_FLAGS, cpu_fingerprint
+from .flags import ATTEMPTS, BACKGROUND_NICE, BASE_FLAGS, QUICK_LEVEL, cpu_fingerprint
 from .gemm import DTYPES
 from .native import BackGemm, NativeLoop, Rows, StepGemm
 
@@ -76,7 +76,7 @@ _lock = threading.RLock()
 _warned: set[str] = set()
 _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
 _gemm_builds: dict[tuple, threading.Thread] = {}  # the same key -> its background build (gemm_library_soon)
-_cell_builds: dict[str, tuple] = {}  # a cell's -O3 library file -> (its build thread, [its result])
+_cell_builds: dict[str, tuple] = {}  # an -O3 library file -> (its build thread, [its result]) (library_soon)
 _path_locks: dict[str, threading.RLock] = {}  # a library file -> the lock its build and load hold
 
 
@@ -110,21 +110,23 @@ def compiler() -> str | None:
     return command[0] if command else None
 
 
-def build_library(cell, cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+def build_library(cell, cache_root: Path | None = None, *, source: str | None = None,
+                  background: bool = False) -> tuple[ctypes.CDLL | None, str]:
     """Compile (or load from the cache) the C kernels of a compiled cell.
 
     Returns (library, "") or (None, why not). Never raises for a missing or failing compiler. A
     library is loaded only after its bytes match the checksum recorded when it was built (a truncated
     or replaced file would crash the process when mapped), and used only when it has every function
-    the loop calls; anything else is rebuilt or refused.
+    the loop calls; anything else is rebuilt or refused. `source`: c_source(cell.plan), when the caller
+    has it; `background`: the compiler runs at a lower priority (a build nobody waits for).
     """
-    return _library(c_source(cell.plan), (cache_root or cache.root()) / cell.key, "cpu_kernels",
-                    cell_symbols(cell.plan))
+    return _library(source or c_source(cell.plan), (cache_root or cache.root()) / cell.key, "cpu_kernels",
+                    cell_symbols(cell.plan), background=background)
 
 
 def background_builds() -> bool:
     """Whether libraries missing from the cache may build in the background while a quicker path runs
-    (the Python loop on torch's GEMMs, the -O1 kernels). Its results agree with the final library's
+    (the Python loop on torch's GEMMs, the quick (-Og) kernels). Its results agree with the final library's
     only up to the order of sums, so the same call could give other last bits once a library is
     swapped in: not with `torch.use_deterministic_algorithms(True)`, which asks for the same numbers
     from the same inputs, nor with CELLDSL_BACKGROUND_BUILD=0."""
@@ -134,30 +136,41 @@ def background_builds() -> bool:
 
 
 def quick_attempts(source: str) -> tuple[list[str], ...]:
-    """attempts(source) at -O1: the same code and flags but the optimisation level, built in a
-    fraction of the time (ln_lstm's kernels: ~3x faster to build, ~3x slower to run)."""
-    return tuple(["-O1" if flag == "-O3" else flag for flag in extra] for extra in attempts(source))
+    """attempts(source) at QUICK_LEVEL (-Og): the same code and flags but the optimisation level,
+    built in a fraction of the time (flags.py: ln_lstm's kernels ~4x faster to build than at -O1)."""
+    return tuple([QUICK_LEVEL if flag in ("-O1", "-O3") else flag for flag in extra]
+                 for extra in attempts(source))
 
 
-def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, tuple | None]:
+def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, str | None]:
     """(library, why not, key of a background build or None): the -O3 library when it is in the
-    cache (or background builds are off: CELLDSL_BACKGROUND_BUILD=0), else the -O1 build of the same
-    source now and the -O3 one in a background thread (`cell_library_ready(key)`), each under its own
-    file's lock, cache checks and seal."""
-    source, folder = c_source(cell.plan), cache.root() / cell.key
+    cache (or background builds are off: CELLDSL_BACKGROUND_BUILD=0), else the quick (-Og) build of the
+    same source now and the -O3 one in a background thread (`cell_library_ready(key)`), each under its
+    own file's lock, cache checks and seal."""
+    source = c_source(cell.plan)
+    return library_soon(source, cache.root() / cell.key, "cpu_kernels", cell_symbols(cell.plan),
+                        full=lambda background: build_library(cell, source=source, background=background))
+
+
+def library_soon(source: str, folder: Path, stem: str, symbols=(), full=None):
+    """(library, why not, key of a background build or None) of any generated source, as
+    cell_library_soon: the final library when it is in the cache or background builds are off, else a
+    quick build now ("quick_" + stem) and the final one in a background thread at a lower priority.
+    `full(background)` builds the final library (default: _library of the same source)."""
+    if full is None:
+        full = lambda background: _library(source, folder, stem, symbols, background=background)  # noqa: E731
     quick = quick_attempts(source)
-    full = _library_path(source, folder, "cpu_kernels")
-    if not background_builds() or full is None or \
-            list(quick) == list(attempts(source)) or _is_built(full):
-        return (*build_library(cell), None)
-    lib, why = _library(source, folder, "quick_kernels", cell_symbols(cell.plan), tries=quick)
+    path = _library_path(source, folder, stem)
+    if not background_builds() or path is None or list(quick) == list(attempts(source)) or _is_built(path):
+        return (*full(False), None)
+    lib, _why = _library(source, folder, "quick_" + stem.removeprefix("cpu_"), symbols, tries=quick)
     if lib is None:
-        return (*build_library(cell), None)
-    key = str(full)
+        return (*full(False), None)
+    key = str(path)
     with _lock:
         if key not in _cell_builds:
             result: list = []
-            thread = threading.Thread(target=lambda: result.append(build_library(cell)),
+            thread = threading.Thread(target=lambda: result.append(full(True)),
                                       name="celldsl-cell-build")  # not a daemon: exit waits for it
             _cell_builds[key] = (thread, result)
             thread.start()
@@ -165,7 +178,7 @@ def cell_library_soon(cell) -> tuple[ctypes.CDLL | None, str, tuple | None]:
 
 
 def cell_library_ready(key: str) -> tuple[bool, ctypes.CDLL | None]:
-    """(done, the -O3 library or None when its build failed) of a build cell_library_soon started."""
+    """(done, the final library or None when its build failed) of a build library_soon started."""
     thread, result = _cell_builds[key]
     if thread.is_alive():
         return False, None
@@ -184,13 +197,14 @@ GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
                 for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles")]
 
 
-def build_gemm_library(cache_root: Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+def build_gemm_library(cache_root: Path | None = None,
+                       background: bool = False) -> tuple[ctypes.CDLL | None, str]:
     """The native GEMM (targets/c/emit_gemm.py), one library for every cell: (library, "") or (None, why).
     Waits for a build that gemm_library_soon started."""
     root = cache_root or cache.root()
     key = (str(root), repr(compiler_command()))
     if key not in _gemm_libraries:
-        result = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm", GEMM_SYMBOLS)
+        result = _library(gemm_source(), root / "cpu_gemm", "cpu_gemm", GEMM_SYMBOLS, background=background)
         with _lock:
             _gemm_libraries.setdefault(key, result)
     return _gemm_libraries[key]
@@ -213,7 +227,7 @@ def gemm_library_soon(cache_root: Path | None = None):
         if not started and path is not None and _is_built(path):
             started = None  # in the cache: load it now
         elif not started:
-            _gemm_builds[key] = threading.Thread(target=build_gemm_library, args=(cache_root,),
+            _gemm_builds[key] = threading.Thread(target=build_gemm_library, args=(cache_root, True),
                                                  name="celldsl-gemm-build")  # not a daemon: exit waits for it (no half-built file left)
             _gemm_builds[key].start()
     if started is None:
@@ -241,9 +255,11 @@ def build_source_library(source: str, folder: Path, stem: str, symbols=()) -> tu
     return _library(source, folder, stem, symbols)
 
 
-def _library(source: str, folder: Path, stem: str, symbols=(), tries=None) -> tuple[ctypes.CDLL | None, str]:
+def _library(source: str, folder: Path, stem: str, symbols=(), tries=None,
+             background: bool = False) -> tuple[ctypes.CDLL | None, str]:
     """Build or load a library; (None, why not) when there is no compiler, it fails, or the library it
-    made lacks one of `symbols` ($CC is no C compiler, or one that left the kernels out)."""
+    made lacks one of `symbols` ($CC is no C compiler, or one that left the kernels out). `background`:
+    the compiler runs niced (flags.BACKGROUND_NICE)."""
     cc, why = compiler_command()
     if cc is None:
         return None, why
@@ -251,7 +267,7 @@ def _library(source: str, folder: Path, stem: str, symbols=(), tries=None) -> tu
     with _path_lock(lib_path):  # one build or load of a file at a time; other files go on meanwhile
         for _attempt in range(2):  # a library that verifies but does not load is rebuilt once
             if not cache.verified(lib_path):
-                error = _build(cc, source, folder, lib_path, tries)
+                error = _build(cc, source, folder, lib_path, tries, background)
                 if error:
                     return None, error
             try:
@@ -285,7 +301,8 @@ def _path_lock(path: Path) -> threading.RLock:
         return _path_locks.setdefault(str(path), threading.RLock())
 
 
-def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None) -> str:
+def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None,
+           background: bool = False) -> str:
     """Compile `source` into `lib_path` and seal it; "" on success, else why it failed. The attempts
     share one deadline (COMPILE_SECONDS), so a pathological file cannot hold the process for long."""
     errors = []
@@ -298,7 +315,7 @@ def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None)
             if left <= 0:
                 errors.append(f"gave up after {COMPILE_SECONDS} s")
                 break
-            err = _compile(cc, src_path, lib_path, extra, left)
+            err = _compile(_niced(cc) if background else cc, src_path, lib_path, extra, left)
             if err is None:
                 cache.seal(lib_path)
                 return ""
@@ -306,6 +323,12 @@ def _build(cc: list[str], source: str, folder: Path, lib_path: Path, tries=None)
     except OSError as exc:  # the cache, not the compiler: a full disk, say (cache.CacheWriteError)
         return f"cannot build in {folder}: {exc}"
     return f"the C compiler {shlex.join(cc)} failed: {errors[-1] if errors else '?'}"
+
+
+def _niced(cc: list[str]) -> list[str]:
+    """cc run by `nice` (its child processes, cc1 and the linker, inherit the priority), when there is one."""
+    nice = shutil.which("nice")
+    return [nice, "-n", str(BACKGROUND_NICE), *cc] if nice else cc
 
 
 def _compile(cc: list[str], src: Path, out: Path, extra: list[str], seconds: float) -> str | None:
@@ -490,11 +513,11 @@ class FusedCPULoop(TorchLoop):
         # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
         self.ran: dict[str, tuple[str, ...] | str] = {}
         self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
-        self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its -O1 build
+        self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its quick (-Og) build
 
     def _take_cell_library(self) -> None:
         """Swap in the cell's -O3 library once built (between two calls, as _take_gemm_library): the
-        same source, so the same kernels and arguments; a failed build keeps the -O1 one."""
+        same source, so the same kernels and arguments; a failed build keeps the quick one."""
         done, lib = cell_library_ready(self.cell_waiting)
         if done:
             self.cell_waiting = None

@@ -7,7 +7,8 @@ keeps the states every `every` steps, and the backward recomputes each segment: 
 apart, and far enough apart that the checkpoints take no more memory than the outputs and one state
 (a state of K x V numbers per head against V outputs per step: every >= K). Beyond the outputs and checkpoints
 the forward keeps the hoisted projections (q, k, v: a few numbers per step and head, as the outputs),
-which the GEMMs' backward reads.
+which the GEMMs' backward reads, and for a cell with prev() the hoisted values that follow it
+(targets/matrix_hoist.py: vectors per step, never a matrix per step) with what autograd keeps of them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from ... import cache
 from ...lang.errors import CellError
 from ...lang.tensors import ONE
-from .fused import build_source_library
+from ..matrix_hoist import evaluate
+from .fused import cell_library_ready, library_soon
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
+from .matrix_rewrite import rewrite
 
 EVERY = 32  # the fewest steps between the forward's checkpoints of the states
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -35,22 +38,13 @@ def refusal(ir, why: str, node: int | None) -> CellError:
                      ir.source, loc)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b on [rows or 1, heads or 1, r, k] x [.., k, c], one GEMM, never copying a parameter over rows."""
-    if a.shape[0] == 1 and b.shape[0] > 1 and b.shape[1] == 1:
-        return torch.einsum("hrk,nkc->nhrc", a[0], b[:, 0])
-    if a.shape[0] == 1 and b.shape[0] > 1:
-        h = max(a.shape[1], b.shape[1])
-        return torch.einsum("hrk,nhkc->nhrc", a[0].expand(h, *a.shape[2:]), b)
-    return a @ b
-
-
 class CMatrixLoop:
     """run(x, states, params, sizes, lengths) as the torch target's MatrixLoop, on the C loop. With a
     `fallback` (backend="auto"), tensors the C loop does not take (not CPU, not float32/64) run there."""
 
     def __init__(self, compiled, fallback=None):
-        self.compiled, self.ir, self.key, self.fallback = compiled, compiled.ir, compiled.key, fallback
+        self.compiled, self.key, self.fallback = compiled, compiled.key, fallback
+        self.ir = rewrite(compiled.ir)  # the same values in fewer operations (matrix_rewrite.py)
         why, node = blocker(self.ir)
         if why and fallback is None:
             raise refusal(self.ir, why, node)
@@ -65,12 +59,19 @@ class CMatrixLoop:
         return (_rebuild, (self.compiled, self.fallback is not None))
 
     def library(self, dims: dict[str, int]):
+        """(library, why not) for these sizes: a quick build first when the cache lacks the final one,
+        which then builds in the background and is taken between two calls (fused.library_soon)."""
         k = tuple(sorted(dims.items()))
         if k not in self.libs:
-            lib, why = build_source_library(matrix_c_source(self.ir, dims), cache.root() / self.key,
-                                            "cpu_matrix", SYMBOLS)
-            self.libs[k] = (lib, why)
-        return self.libs[k]
+            self.libs[k] = library_soon(matrix_c_source(self.ir, dims), cache.root() / self.key, "cpu_matrix",
+                                        SYMBOLS)
+        lib, why, waiting = self.libs[k]
+        if waiting is not None:
+            done, full = cell_library_ready(waiting)
+            if done:  # a failed final build keeps the quick one
+                lib = full or lib
+                self.libs[k] = (lib, why, None)
+        return lib, why
 
     def as4(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A parameter ([heads, ...] or shared) as [1, heads or 1, rows, cols]."""
@@ -83,30 +84,16 @@ class CMatrixLoop:
         return t.reshape(shape)
 
     def hoist(self, x, params, dims) -> list[torch.Tensor]:
-        """The host nodes the C loop reads, as contiguous [T*N or 1, heads or 1, rows, cols] tensors."""
-        ir, vals = self.ir, {}
-        like = dict(dtype=x.dtype, device=x.device)
-        p = dict(zip(ir.params, params, strict=True))
-        for i, node in enumerate(ir.nodes):
-            if not self.host[i]:
-                continue
-            a = [vals.get(j) for j in node.args]
-            if node.op == "input":
-                v = x.reshape(-1, x.shape[-1])[:, None, :, None]
-            elif node.op == "param":
-                v = self.as4(node.name, p[node.name])
-            elif node.op == "const":
-                v = torch.full((1, 1, 1, 1), float(node.value), **like)
-            elif node.op == "size":
-                v = torch.full((1, 1, 1, 1), float(dims[node.name]), **like)
-            elif node.op == "eye":
-                v = torch.eye(dims[node.name], **like)[None, None] if node.name else None
-            elif node.op == "matmul":
-                v = _mm(a[0], a[1])
-            else:  # transpose
-                v = a[0].transpose(-1, -2)
-            vals[i] = v
-        return [vals[j].contiguous() for j in self.used]
+        """The host nodes the C loop reads, as contiguous [T*N or 1, heads or 1, rows, cols] tensors
+        (torch, all steps at once: targets/matrix_hoist.py; autograd takes their gradients on)."""
+        ir = self.ir
+        p4 = [self.as4(n, p) for n, p in zip(ir.params, params, strict=True)]
+        vals = evaluate(ir, self.used, x, p4, dims)
+        out = []
+        for j in self.used:
+            v, k = vals[j], ir.nodes[j].kind
+            out.append(v.expand(*v.shape[:2], *_shape(k, dims)).contiguous())
+        return out
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once."""

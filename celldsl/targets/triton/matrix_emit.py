@@ -17,6 +17,7 @@ import sympy as sp
 
 from ...lang.errors import CellError
 from ...lang.tensors import ONE, TensorIR
+from ..matrix_hoist import hoisted, unhoisted_shift
 from ..printers import python_text
 from .emit_pointwise import TritonPrinter
 
@@ -36,15 +37,23 @@ def refuse(ir: TensorIR) -> None:
             raise CellError(f"the triton matrix schedule keeps one state per (sequence, head); state '{s}' "
                             "is not per head: declare it 'per head' or use backend='torch'",
                             ir.source, ir.state_locs[s])
+    shift = unhoisted_shift(ir)
+    if shift is not None:
+        raise CellError("the triton matrix schedule cannot run prev() of a value that is, or reads, a matrix "
+                        "per step (hoisted before the loop it would be T matrices); use backend='torch'",
+                        ir.source, ir.nodes[shift].loc)
     for node in ir.nodes:
-        if node.op == "shift":
-            raise CellError("the triton matrix schedule does not run prev() yet (a program holds one step "
-                            "of the input; an earlier step's projection would need its own recompute and "
-                            "gradient); use backend='torch' or 'cpu'", ir.source, node.loc)
         if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "matmul",
-                           "transpose", "sum", "mean", "max", "min", "diag"):
+                           "transpose", "sum", "mean", "max", "min", "diag", "shift"):
             raise CellError(f"the triton matrix schedule cannot express '{node.op}'; use backend='torch'",
                             ir.source, node.loc)
+
+
+def given(ir: TensorIR) -> list[int]:
+    """The hoisted nodes (matrix_hoist.hoisted: a prev() and what depends on it but on no state) that
+    the kernels read per step, as [T * N, heads, rows, cols] tensors q{j}, their gradients dq{j}."""
+    up = hoisted(ir)
+    return sorted({j for i, n in enumerate(ir.nodes) if not up[i] for j in n.args if up[j]})
 
 
 class _Tiles:
@@ -90,16 +99,23 @@ def _names(ir: TensorIR, tiles: _Tiles) -> dict:
 
 
 def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
-    """One step: v{i} for every node, from the states s{j} and the input row at step t."""
+    """One step: v{i} for every node, from the states s{j}, the input row at step t and the hoisted
+    values q{j} at that row (the hoisted nodes the kernel does not read are not computed)."""
     idx = _names(ir, tiles)
+    up, read = hoisted(ir), set(given(ir))
     lines = []
     for i, node in enumerate(ir.nodes):
         k = node.kind
         a = [f"v{j}" for j in node.args]
         if node.op == "eye" and k.rows == "?":
             continue  # an identity whose size came later: a resolved copy is the one read
+        if up[i] and i not in read:
+            continue
         m = tiles.mask(k) if k.rows != "?" else None
-        if node.op == "input":
+        if i in read:
+            at = f"q{i}_ptr + (xrow * H + h) * {tiles.numel(k)} + {tiles.offs(k)}"
+            e = f"tl.load({at}, mask={m}, other=0.0).to(COMPUTE)"
+        elif node.op == "input":
             at = f"x_ptr + xrow * {idx['input'][0]} + {tiles.offs(k)}"
             e = f"tl.load({at}, mask={m}, other=0.0).to(COMPUTE)"
         elif node.op == "state":
@@ -165,9 +181,10 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
         lines.append(f"g{j} = g{j} + {contrib}" if j in have else f"g{j} = {contrib}")
         have.add(j)
 
+    up = hoisted(ir)
     for i in range(len(ir.nodes) - 1, -1, -1):
         node = ir.nodes[i]
-        if i not in have or not node.args:
+        if i not in have or not node.args or up[i]:  # a hoisted value's gradient goes back to torch
             continue
         k, g = node.kind, f"g{i}"
         if node.op == "pointwise":
@@ -225,6 +242,7 @@ def _forward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     params = (["x_ptr", "len_ptr", "out_ptr"] + [f"s{j}_in_ptr" for j in range(S)]
               + [f"s{j}_out_ptr" for j in range(S)]
               + [f"c{j}_ptr" for j in range(S)] + [f"p{j}_ptr" for j in range(P)]
+              + [f"q{i}_ptr" for i in given(ir)]
               + ["T", "N", "H", "CKPT", "NC"] + _constexprs(tiles))
     body = _prologue(ir, tiles)
     for j, s in enumerate(ir.states):
@@ -259,6 +277,7 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     params = (["x_ptr", "len_ptr", "dout_ptr", "dx_ptr"] + [f"c{j}_ptr" for j in range(S)]
               + [f"w{j}_ptr" for j in range(S)] + [f"ds{j}_ptr" for j in range(S)]
               + [f"p{j}_ptr" for j in range(P)] + [f"dp{j}_ptr" for j in range(P)]
+              + [f"q{i}_ptr" for i in given(ir)] + [f"dq{i}_ptr" for i in given(ir)]
               + ["T", "N", "H", "CKPT", "NC"] + _constexprs(tiles))
     body = _prologue(ir, tiles)
     for j, s in enumerate(ir.states):  # d_s{j}: the gradient of the state after the step being undone
@@ -315,6 +334,11 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     for j, p in enumerate(ir.params):
         if leaf[p] in have:
             rev.append(f"d_p{j} = d_p{j} + g{leaf[p]}")
+    for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps: seeded with `on`)
+        if i in have:
+            ki = ir.nodes[i].kind
+            at = f"dq{i}_ptr + (xrow * H + h) * {tiles.numel(ki)} + {tiles.offs(ki)}"
+            rev.append(f"tl.store({at}, g{i}.to(dq{i}_ptr.dtype.element_ty), mask={tiles.mask(ki)})")
     xi = leaf[ir.inputs[0]]
     kx = ir.nodes[xi].kind
     at = f"dx_ptr + (xrow * H + h) * {tiles.axis(kx.rows)[0]} + {tiles.offs(kx)}"

@@ -3,9 +3,11 @@
 
 OPT-IN: no GPU has run these kernels yet (MATRIX_SCHEDULE is not in choice.VERIFIED_ON_HARDWARE), so
 only backend="triton" reaches them; backend="auto" keeps the torch loop on every device. On the CPU
-they run under TRITON_INTERPRET=1. The forward keeps the states every `checkpoint` steps (not T
-matrices); the backward recomputes each segment from its checkpoint in a scratch of `checkpoint`
-matrices per program.
+they run under TRITON_INTERPRET=1. A prev() and what depends on it but on no state is computed by
+torch before the kernels for all steps (targets/matrix_hoist.py, differentiated by autograd); the
+kernels read it per step (q) and write its gradient per step (dq). The forward keeps the states
+every `checkpoint` steps (not T matrices); the backward recomputes each segment from its checkpoint
+in a scratch of `checkpoint` matrices per program.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from ... import cache
 from ...lang.tensors import ONE, TensorIR
-from .matrix_emit import matrix_triton_source, widths
+from ..matrix_hoist import as4, evaluate
+from .matrix_emit import given, matrix_triton_source, widths
 from .module import import_module, interpreting
 
 MATRIX_SCHEDULE = "matrix_recurrent"
@@ -40,6 +43,7 @@ class TritonMatrixLoop:
         self.path = cache.root() / "triton" / self.digest[:32] / f"{name}_matrix.py"
         cache.write_if_changed(self.path, self.source)
         self.widths = widths(ir)
+        self.given = given(ir)
 
     def module(self):
         return import_module(self.path, self.digest, interpreting())
@@ -60,10 +64,26 @@ class TritonMatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once (as the torch loop)."""
-        out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
+        q = self.hoist(x, params, sizes)
+        out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params, *q)
         return out[0], tuple(out[1:])
 
-    def launch_forward(self, x, states, params, sizes, lengths):
+    def hoist(self, x, params, sizes) -> list[torch.Tensor]:
+        """The hoisted values the kernels read, [T * N, heads, rows, cols] each (autograd-tracked)."""
+        if not self.given:
+            return []
+        ir = self.ir
+        p4 = [as4(ir, n, p) for n, p in zip(ir.params, params, strict=True)]
+        dims = {**sizes, ir.inputs[0]: x.shape[-1]}
+        vals = evaluate(ir, self.given, x, p4, dims)
+        out = []
+        for j in self.given:
+            k = ir.nodes[j].kind
+            shape = [1 if w == ONE else dims[w] for w in (k.rows, k.cols)]
+            out.append(vals[j].expand(x.shape[0] * x.shape[1], sizes["heads"], *shape).contiguous())
+        return out
+
+    def launch_forward(self, x, states, params, sizes, lengths, q=()):
         ir, T, N, H = self.ir, x.shape[0], x.shape[1], sizes["heads"]
         k = self.checkpoint
         nc = max(-(-T // k), 1)
@@ -79,13 +99,13 @@ class TritonMatrixLoop:
         lens = _lengths(lengths, T, N, x.device)
         if T > 0:
             self.module().matrix_forward_kernel[(N, H)](
-                x, lens, out, *s_in, *s_out, *ckpt, *p, T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
+                x, lens, out, *s_in, *s_out, *ckpt, *p, *q, T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
         else:
             out.zero_()
             s_out = [s.clone() for s in s_in]
         return out, s_out, ckpt
 
-    def launch_backward(self, x, ckpt, params, sizes, lengths, d_out, d_finals):
+    def launch_backward(self, x, ckpt, params, sizes, lengths, d_out, d_finals, q=()):
         ir, T, N, H = self.ir, x.shape[0], x.shape[1], sizes["heads"]
         k = self.checkpoint
         nc = ckpt[0].shape[2]
@@ -93,18 +113,19 @@ class TritonMatrixLoop:
         scratch = [x.new_empty((N, H, k, self.numel(s, sizes))) for s in ir.states]
         dx = x.new_zeros((T, N, H, x.shape[2]))
         dp = [x.new_zeros((N, H, self.numel(n, sizes))) for n in ir.params]
+        dq = [torch.zeros_like(v) for v in q]
         p = [q.contiguous() for q in params]
         lens = _lengths(lengths, T, N, x.device)
         if T > 0:
             self.module().matrix_backward_kernel[(N, H)](
-                x.contiguous(), lens, d_out.contiguous(), dx, *ckpt, *scratch, *d_state, *p, *dp,
+                x.contiguous(), lens, d_out.contiguous(), dx, *ckpt, *scratch, *d_state, *p, *dp, *q, *dq,
                 T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
         d_params = []
         for name, g, q in zip(ir.params, dp, params, strict=True):
             g = g.sum(0)  # over the sequences
             g = g if ir.kinds[name].head else g.sum(0)  # shared by the heads: over the heads too
             d_params.append(g.reshape(q.shape))
-        return dx.sum(2), d_state, d_params
+        return dx.sum(2), d_state, d_params, dq
 
 
 def _lengths(lengths, T: int, N: int, device) -> torch.Tensor:
@@ -117,25 +138,28 @@ def _lengths(lengths, T: int, N: int, device) -> torch.Tensor:
 class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loop, sizes, lengths, n_states, x, *tensors):
-        states, params = list(tensors[:n_states]), list(tensors[n_states:])
-        out, finals, ckpt = loop.launch_forward(x, states, params, sizes, lengths)
+        n_params = len(loop.ir.params)
+        states, params = list(tensors[:n_states]), list(tensors[n_states:n_states + n_params])
+        q = list(tensors[n_states + n_params:])
+        out, finals, ckpt = loop.launch_forward(x, states, params, sizes, lengths, q)
         ctx.loop, ctx.sizes, ctx.lengths, ctx.shapes = loop, sizes, lengths, [s.shape for s in states]
-        ctx.save_for_backward(x, *ckpt, *params)
-        ctx.n_states, ctx.out_shape = n_states, out.shape
+        ctx.save_for_backward(x, *ckpt, *params, *q)
+        ctx.n_states, ctx.n_params, ctx.out_shape = n_states, n_params, out.shape
         return (out, *finals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, *d_finals):
         x, *rest = ctx.saved_tensors
-        ckpt, params = rest[:ctx.n_states], rest[ctx.n_states:]
+        ckpt, params = rest[:ctx.n_states], rest[ctx.n_states:ctx.n_states + ctx.n_params]
+        q = rest[ctx.n_states + ctx.n_params:]
         if d_out is None:
             d_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
         d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
                     for d, shape in zip(d_finals, ctx.shapes, strict=True)]
-        dx, d_state, d_params = ctx.loop.launch_backward(x, list(ckpt), params, ctx.sizes, ctx.lengths,
-                                                         d_out, d_finals)
-        return (None, None, None, None, dx, *d_state, *d_params)
+        dx, d_state, d_params, dq = ctx.loop.launch_backward(x, list(ckpt), params, ctx.sizes, ctx.lengths,
+                                                             d_out, d_finals, q)
+        return (None, None, None, None, dx, *d_state, *d_params, *dq)
 
 
 def aot_jobs(loop: TritonMatrixLoop, sizes: dict[str, int], dtype: str = "float32") -> list[tuple]:

@@ -1,0 +1,517 @@
+"""TorchScript for `Recurrent` and `Cell` over any cell: the module torch.jit.script compiles in their
+place.
+
+Their eager forward takes a cell's extra inputs as keywords (`forward(input, state=None, **extra)`)
+and returns one state or a tuple of as many as the cell carries; TorchScript compiles neither
+`**extra` nor a tuple of a length it cannot see. So `__prepare_scriptable__` (which torch.jit.script
+calls on every module first, using what it returns) gives a copy of the layer, sharing its parameters,
+whose class adds a forward typed for this cell's number of states:
+
+    forward(input, state: Optional[Tuple[Tensor, ...n]] = None, extra: Optional[Dict[str, Tensor]] = None)
+
+(one Tensor for a one-state cell; a cell with prev(...) states takes and returns all of them), with
+the extra inputs by name in `extra`. Scripted, it calls the registered op celldsl::cell_sequence with
+the parameter list replayed by script_programs.run_program. Called eagerly (torch.jit.script replaces a
+submodule inside its parent, so the parent's eager forward then calls the copy) it is the layer's own
+forward, keywords included; it pickles as the layer's own class. Padded input only, as TorchScript's
+nn.LSTM; no autocast in the scripted forward.
+"""
+
+import copyreg
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .parameters import stores_of
+from .script_programs import program, run_program
+
+MAX_STATES = 6  # one class per number of states, each with its own typed forward
+
+
+def _backends(backend: str, schedule: str | None) -> dict[str, str]:
+    """The op's backend for CPU and for CUDA inputs ("" where the layer's backend refuses them), as
+    stack.resolve_backend picks it."""
+    gpu = "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    cpu = {"auto": "cpu", "torch": "torch", "cpu": "cpu", "triton": "triton" if interpreted else ""}[backend]
+    cuda = {"auto": gpu, "torch": "torch", "cpu": "", "triton": "triton"}[backend]
+    if schedule is not None:
+        cpu = "triton:" + schedule if cpu == "triton" else ""
+        cuda = "triton:" + schedule
+    return {"cpu": cpu, "cuda": cuda}
+
+
+def extra_inputs(extra, named: dict) -> dict:
+    """The eager layers' extra inputs: keywords (`ctx=c`), or the dict a scripted layer takes
+    (`extra={"ctx": c}`), so one model's code runs both ways. A tensor passed as `extra=` is the
+    cell's input named "extra"."""
+    if extra is None:
+        return named
+    if isinstance(extra, torch.Tensor):
+        return {**named, "extra": extra}
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict of the cell's extra inputs by name, got "
+                        f"{type(extra).__name__}")
+    both = sorted(set(extra) & set(named))
+    if both:
+        raise ValueError(f"extra input(s) {', '.join(both)} given both in extra= and as keywords")
+    return {**extra, **named}
+
+
+class _Prepares:
+    """What the eager classes add: `__prepare_scriptable__`, returning the scriptable copy."""
+
+    def __prepare_scriptable__(self):
+        compiled = self.compiled
+        if len(compiled.states) > MAX_STATES:
+            raise RuntimeError(f"torch.jit.script: {type(self).__name__} over cell {compiled.name!r} carries "
+                               f"{len(compiled.states)} states; a scripted layer takes at most {MAX_STATES} "
+                               "(its state is a typed tuple). Use torch.jit.trace, which has no such limit")
+        cls = scripted_class(type(self), len(compiled.states))
+        if type(self) is cls:
+            copy = self
+        else:
+            copy = object.__new__(cls)
+            copy.__dict__.update(self.__dict__)  # the same _parameters dict: the same Parameter objects
+        copy._prepare_script()
+        return copy
+
+
+_CLASSES: dict = {}
+
+
+def scripted_class(base: type, n: int) -> type:
+    """The scriptable subclass of `base` (Recurrent or Cell, or a subclass of theirs) for n states."""
+    if getattr(base, "_script_base", None) is not None:
+        return base
+    key = (base, n)
+    if key not in _CLASSES:
+        step = issubclass(base, PreparesStep)
+        forward = (_STEP_FORWARDS if step else _LAYER_FORWARDS)[n - 1]
+        _CLASSES[key] = type(f"Scripted{base.__name__}{n}", (forward, base), {"_script_base": base,
+                                                                            "__module__": __name__})
+    return _CLASSES[key]
+
+
+class _Scripted:
+    """Common to the scriptable copies: pickling as the eager class, keywords in eager calls."""
+
+    __jit_unused_properties__ = ["stores", "num_directions", "__class__"]
+
+    @property
+    def __class__(self):
+        """The eager class (Recurrent, Cell), as pickle sees it: the copy pickles as the layer itself, so
+        torch.load(weights_only=True) with celldsl.safe_globals() loads a model scripted before saving."""
+        return self._script_base
+
+    def __reduce_ex__(self, protocol):
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_script_")}
+        return copyreg.__newobj__, (self._script_base,), state
+
+    def __call__(self, *args, **kwargs):
+        """Eager calls keep the eager API: `layer(x, state, ctx=c)` as well as `extra={"ctx": c}`."""
+        named = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("input", "state", "extra")}
+        if named:
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), **named}
+        return super().__call__(*args, **kwargs)
+
+    def _script_common(self, sizes: dict[str, int]) -> None:
+        compiled = self.compiled
+        self._script_key = compiled.key
+        self._script_name = compiled.name
+        self._script_widths = [sizes[compiled.ir.width(name)] for name in compiled.states]
+        names = list(compiled.ir.inputs[1:])
+        read = set(compiled.plan.inputs_read())
+        self._script_extra_names = names
+        self._script_extra_sizes = [self.input_sizes[name] for name in names]
+        self._script_extra_read = [name in read for name in names]
+        self._script_backends = _backends(self.backend, getattr(self, "schedule", None))
+
+    def _script_position(self, names: dict[str, str], sizes: dict[str, int]) -> None:
+        """Record one layer and direction: its stored tensors (appended to _script_stored) and the
+        program that makes the op's parameters from them. names: store -> attribute name."""
+        stored: dict[str, int | None] = {}
+        shapes = {}
+        for store in stores_of(self.compiled):
+            shape = store.shape(sizes)
+            shapes[store.name] = shape
+            tensor = getattr(self, names[store.name], None)
+            if tensor is None:
+                stored[store.name] = None
+                continue
+            if tuple(tensor.shape) != shape:
+                raise RuntimeError(f"torch.jit.script: parameter {names[store.name]} has shape "
+                                   f"{tuple(tensor.shape)}, the cell needs {shape}")
+            stored[store.name] = len(self._script_stored)
+            self._script_stored.append(tensor)
+        code, floats = program(self.compiled, stored, shapes, sizes)
+        self._script_programs.append(code)
+        self._script_floats.append(floats)
+
+    def _script_backend(self, x: Tensor) -> str:
+        backend = self._script_backends["cpu" if x.device.type == "cpu" else "cuda"]
+        if backend == "":
+            raise RuntimeError("celldsl: this layer's backend does not run tensors on " + str(x.device))
+        return backend
+
+    def _script_extras(self, extra: dict[str, Tensor] | None, forms: list[list[int]], x: Tensor,
+                       unbatched: bool, per_step: bool, batch_first: bool) -> list[Tensor]:
+        """The extra inputs the cell reads, checked, in declaration order: forms[i] the shapes extra
+        input i may have (with -1 for its own size)."""
+        out: list[Tensor] = []
+        names = self._script_extra_names
+        given: dict[str, Tensor] = {} if extra is None else extra
+        for name in given.keys():
+            if name not in names:
+                raise ValueError("cell '" + self._script_name + "' has no extra input '" + name + "'")
+        for i, name in enumerate(names):
+            if name not in given:
+                raise ValueError("cell '" + self._script_name + "' takes the extra input '" + name
+                                 + "' (scripted: extra={'" + name + "': tensor})")
+            e = given[name]
+            size = self._script_extra_sizes[i]
+            ok = False
+            for form in forms:
+                shape = [size if d == -1 else d for d in form]
+                if e.size() == shape:
+                    ok = True
+            if not ok:
+                raise RuntimeError("extra input '" + name + "' has the wrong shape " + str(e.size()))
+            if e.dtype != x.dtype or e.device != x.device:
+                raise RuntimeError("extra input '" + name + "' must have the input's dtype and device")
+            if not self._script_extra_read[i]:
+                continue
+            if per_step:
+                out.append(e.unsqueeze(0) if unbatched else e)
+                continue
+            if unbatched:
+                e = e.unsqueeze(-2)
+            elif e.dim() == 3 and batch_first:
+                e = e.transpose(0, 1)
+            if e.dim() == 2:
+                e = e.expand(x.size(0), x.size(1), size)
+            out.append(e.contiguous())
+        return out
+
+
+class PreparesLayer(_Prepares):
+    """Mixin for Recurrent."""
+
+
+class PreparesStep(_Prepares):
+    """Mixin for Cell."""
+
+
+class _ScriptedLayer(_Scripted):
+    """The scripted forward of Recurrent: its layers and directions, each one call of the op."""
+
+    _script_key: str
+    _script_name: str
+    _script_widths: list[int]
+    _script_extra_names: list[str]
+    _script_extra_sizes: list[int]
+    _script_extra_read: list[bool]
+    _script_backends: dict[str, str]
+    _script_stored: list[Tensor]
+    _script_programs: list[list[int]]
+    _script_floats: list[list[float]]
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    batch_first: bool
+    bidirectional: bool
+    dropout: float
+
+    def _prepare_script(self) -> None:
+        self._script_common(self._sizes(0))
+        self._script_stored, self._script_programs, self._script_floats = [], [], []
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                names = {s.name: self._param_name(s.name, layer, direction) for s in stores_of(self.compiled)}
+                self._script_position(names, self._sizes(layer))
+
+    def _eager(self, input, state, extra):
+        return self._run(input, state, extra_inputs(extra, {}))
+
+    def script_forward(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                       ) -> tuple[Tensor, list[Tensor]]:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
+        unbatched = input.dim() == 2
+        x = input
+        if unbatched:
+            x = x.unsqueeze(0) if self.batch_first else x.unsqueeze(1)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if x.size(2) != self.input_size:
+            raise RuntimeError("input.size(-1) must be equal to input_size. Expected " + str(self.input_size)
+                               + ", got " + str(x.size(2)))
+        x = x.contiguous()
+        D = 2 if self.bidirectional else 1
+        states: list[Tensor] = []
+        for i, width in enumerate(self._script_widths):
+            if i < len(given):
+                s = given[i].unsqueeze(1) if unbatched else given[i]
+                if s.size() != [self.num_layers * D, x.size(1), width]:
+                    raise RuntimeError("Expected hidden[" + str(i) + "] size "
+                                       + str([self.num_layers * D, x.size(1), width]) + ", got "
+                                       + str(s.size()))
+                if s.dtype != x.dtype or s.device != x.device:
+                    raise RuntimeError("the states must have the input's dtype and device")
+            else:
+                s = torch.zeros(self.num_layers * D, x.size(1), width, dtype=x.dtype, device=x.device)
+            states.append(s.contiguous())
+        if unbatched:
+            forms = [[x.size(0), -1], [-1]]
+        elif self.batch_first:
+            forms = [[x.size(1), x.size(0), -1], [x.size(1), -1]]
+        else:
+            forms = [[x.size(0), x.size(1), -1], [x.size(1), -1]]
+        extras = self._script_extras(extra, forms, x, unbatched, False, self.batch_first)
+        backend = self._script_backend(x)
+        finals: list[list[Tensor]] = [[] for _ in self._script_widths]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs: list[Tensor] = []
+            for direction in range(D):
+                idx = layer * D + direction
+                seq = torch.cat([layer_input] + extras, -1) if len(extras) > 0 else layer_input
+                seq = seq if direction == 0 else seq.flip(0)
+                params = run_program(self._script_programs[idx], self._script_floats[idx],
+                                     self._script_stored, x)
+                result = torch.ops.celldsl.cell_sequence(self._script_key, backend, seq,
+                                                         [s[idx] for s in states], params, None)
+                outs.append(result[0] if direction == 0 else result[0].flip(0))
+                for i in range(len(finals)):
+                    finals[i].append(result[1 + i])
+            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+        out = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        stacked = [torch.stack(f) for f in finals]
+        if unbatched:
+            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
+            stacked = [f.squeeze(1) for f in stacked]
+        return out, stacked
+
+
+class _ScriptedStep(_Scripted):
+    """The scripted forward of Cell: one call of the op with T = 1."""
+
+    _script_key: str
+    _script_name: str
+    _script_widths: list[int]
+    _script_extra_names: list[str]
+    _script_extra_sizes: list[int]
+    _script_extra_read: list[bool]
+    _script_backends: dict[str, str]
+    _script_stored: list[Tensor]
+    _script_programs: list[list[int]]
+    _script_floats: list[list[float]]
+    input_size: int
+    hidden_size: int
+
+    def _prepare_script(self) -> None:
+        self._script_common(self._sizes())
+        self._script_stored, self._script_programs, self._script_floats = [], [], []
+        self._script_position({s.name: s.name for s in stores_of(self.compiled)}, self._sizes())
+
+    def _eager(self, input, state, extra):
+        out, finals = self._step(input, self._state_list(state), extra_inputs(extra, {}))
+        return out, (finals[0] if len(finals) == 1 else tuple(finals))
+
+    def script_step(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                    ) -> tuple[Tensor, list[Tensor]]:
+        if input.dim() != 1 and input.dim() != 2:
+            raise ValueError("Expected input to be 1D or 2D, got " + str(input.dim()) + "D instead")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        if x.size(1) != self.input_size:
+            raise RuntimeError("input has inconsistent input_size: got " + str(x.size(1)) + " expected "
+                               + str(self.input_size))
+        states: list[Tensor] = []
+        for i, width in enumerate(self._script_widths):
+            if i < len(given):
+                s = given[i].unsqueeze(0) if unbatched else given[i]
+                if s.size() != [x.size(0), width]:
+                    raise RuntimeError("Expected hx[" + str(i) + "] size " + str([x.size(0), width])
+                                       + ", got "
+                                       + str(s.size()))
+                if s.dtype != x.dtype or s.device != x.device:
+                    raise RuntimeError("the states must have the input's dtype and device")
+            else:
+                s = torch.zeros(x.size(0), width, dtype=x.dtype, device=x.device)
+            states.append(s.contiguous())
+        forms = [[-1]] if unbatched else [[x.size(0), -1]]
+        extras = self._script_extras(extra, forms, x, unbatched, True, False)
+        seq = torch.cat([x] + extras, -1).unsqueeze(0).contiguous()  # T = 1
+        params = run_program(self._script_programs[0], self._script_floats[0], self._script_stored, x)
+        result = torch.ops.celldsl.cell_sequence(self._script_key, self._script_backend(x), seq, states,
+                                                 params, None)
+        out = result[0][0]
+        finals = result[1 : 1 + len(self._script_widths)]
+        if unbatched:
+            return out[0], [f[0] for f in finals]
+        return out, finals
+
+
+# One forward per number of states: TorchScript needs the state's tuple length in the signature.
+# Scripted, each takes the `torch.jit.is_scripting()` branch; eagerly, the layer's own forward.
+
+class _Layer1(_ScriptedLayer):
+    def forward(self, input: Tensor, state: Tensor | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state]
+            out, f = self.script_forward(input, given, extra)
+            return out, f[0]
+        return self._eager(input, state, extra)
+
+
+class _Layer2(_ScriptedLayer):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1]]
+            out, f = self.script_forward(input, given, extra)
+            return out, (f[0], f[1])
+        return self._eager(input, state, extra)
+
+
+class _Layer3(_ScriptedLayer):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2]]
+            out, f = self.script_forward(input, given, extra)
+            return out, (f[0], f[1], f[2])
+        return self._eager(input, state, extra)
+
+
+class _Layer4(_ScriptedLayer):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3]]
+            out, f = self.script_forward(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3])
+        return self._eager(input, state, extra)
+
+
+class _Layer5(_ScriptedLayer):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3], state[4]]
+            out, f = self.script_forward(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3], f[4])
+        return self._eager(input, state, extra)
+
+
+class _Layer6(_ScriptedLayer):
+    def forward(self, input: Tensor,
+                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
+            out, f = self.script_forward(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
+        return self._eager(input, state, extra)
+
+
+class _Step1(_ScriptedStep):
+    def forward(self, input: Tensor, state: Tensor | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state]
+            out, f = self.script_step(input, given, extra)
+            return out, f[0]
+        return self._eager(input, state, extra)
+
+
+class _Step2(_ScriptedStep):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1]]
+            out, f = self.script_step(input, given, extra)
+            return out, (f[0], f[1])
+        return self._eager(input, state, extra)
+
+
+class _Step3(_ScriptedStep):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2]]
+            out, f = self.script_step(input, given, extra)
+            return out, (f[0], f[1], f[2])
+        return self._eager(input, state, extra)
+
+
+class _Step4(_ScriptedStep):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3]]
+            out, f = self.script_step(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3])
+        return self._eager(input, state, extra)
+
+
+class _Step5(_ScriptedStep):
+    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3], state[4]]
+            out, f = self.script_step(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3], f[4])
+        return self._eager(input, state, extra)
+
+
+class _Step6(_ScriptedStep):
+    def forward(self, input: Tensor,
+                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
+                extra: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            given: list[Tensor] = []
+            if state is not None:
+                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
+            out, f = self.script_step(input, given, extra)
+            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
+        return self._eager(input, state, extra)
+
+
+_LAYER_FORWARDS = (_Layer1, _Layer2, _Layer3, _Layer4, _Layer5, _Layer6)
+_STEP_FORWARDS = (_Step1, _Step2, _Step3, _Step4, _Step5, _Step6)
