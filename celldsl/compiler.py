@@ -64,8 +64,9 @@ class CompiledCell(CompiledSource):
                            *(w for w in getattr(self.ir, "init_sizes", ()) if w not in sizes)})
         missing = [w for w in declared if w not in (widths or {})]
         if missing:
-            raise ValueError(f"cell {self.name!r} declares the width(s) {', '.join(missing)}; give their sizes, "
-                             f"e.g. sizes={{{', '.join(repr(w) + ': 16' for w in missing)}}}")
+            example = ", ".join(repr(w) + ": 16" for w in missing)
+            raise ValueError(f"cell {self.name!r} declares the width(s) {', '.join(missing)}; "
+                             f"give their sizes, e.g. sizes={{{example}}}")
         sizes.update({w: widths[w] for w in declared})
         return sizes
 

@@ -114,7 +114,8 @@ class Module:
     states: list[Name] = field(default_factory=list)
     widths: dict[str, Name | PerHead] = field(default_factory=dict)  # state or input -> its declared width
     output: Name | None = None
-    params: list[tuple[Name, ParamKind | PerHead | None, Name | None]] = field(default_factory=list)  # (name, kind, group)
+    # (name, kind, group)
+    params: list[tuple[Name, ParamKind | PerHead | None, Name | None]] = field(default_factory=list)
     groups: list[tuple[Name, list[Name]]] = field(default_factory=list)
     inits: list[tuple[list[Name], InitValue]] = field(default_factory=list)
     definitions: list[tuple[Name, object]] = field(default_factory=list)  # intermediates

@@ -88,7 +88,7 @@ class TensorIR:
     output_node: int = 0
     widths: list[str] = field(default_factory=list)  # width names the layer must size
     inits: dict = field(default_factory=dict)  # parameter -> ast.InitValue of its `init` line, text order
-    init_sizes: list[str] = field(default_factory=list)  # sizes only init expressions read (sizes= gives them)
+    init_sizes: list[str] = field(default_factory=list)  # sizes only init expressions read (from sizes=)
     heads: bool = True  # False: no `per head` in the cell: one head, H is the layer's hidden size
 
     def param_shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -186,7 +186,8 @@ class _Builder:
             w = m.widths.get(n.text)
             if isinstance(w, ast.PerHead):
                 self.error(f"input '{n.text}' is one per sequence, shared by the heads; declare it without "
-                           "'per head' (its projections are per head: W_q @ x with W_q : (K, I) per head)", w.loc)
+                           "'per head' (its projections are per head: W_q @ x with W_q : (K, I) per head)",
+                           w.loc)
             if w is not None:
                 self.error(f"{self.what} reads its input '{n.text}' whole; remove ': {w.text}'", w.loc)
             self.kinds[n.text] = Kind(n.text, ONE, False)
@@ -398,7 +399,8 @@ class _Builder:
                 return self.add(Node("diag", (a,), Kind(k.rows, k.rows, k.head), e.loc))
             if e.func == "norm":
                 sq = self.pointwise(lambda x: x * x, [a], e.loc)
-                return self.pointwise(sp.sqrt, [self.add(Node("sum", (sq,), Kind(ONE, ONE, k.head), e.loc))], e.loc)
+                total = self.add(Node("sum", (sq,), Kind(ONE, ONE, k.head), e.loc))
+                return self.pointwise(sp.sqrt, [total], e.loc)
             return self.add(Node(e.func, (a,), Kind(ONE, ONE, k.head), e.loc))
         if e.func not in FUNCTIONS or e.func in REDUCTIONS:
             known = sorted({*FUNCTIONS, "diag", "norm", "prev"} - {"layernorm"})
@@ -431,9 +433,10 @@ class _Builder:
                     hint = ("; to scale a matrix's rows write diag(a) @ S, for an outer product v @ kᵀ, "
                             "for a dot product kᵀ @ q")
                 elif not self.headed:
-                    hint = (f"; widths are names: the {shape.rows}-vector and the {k.rows}-vector are one width "
-                            f"only if the parameters that make them say so (in a cell without heads a state's "
-                            f"name in a shape stands for its width: W : (h, x) makes an H-vector)")
+                    hint = (f"; widths are names: the {shape.rows}-vector and the {k.rows}-vector "
+                            f"are one width only if the parameters that make them say so "
+                            f"(in a cell without heads a state's name in a shape stands for its width: "
+                            f"W : (h, x) makes an H-vector)")
                 self.error(f"elementwise operation on {self.words(shape)} and {self.words(k)}: elementwise "
                            f"operands have one shape, or one of them is one number{hint}", loc)
         head = any(k.head for k in kinds)
@@ -462,7 +465,8 @@ class _Builder:
         if ka.cols != kb.rows:
             hint = ""
             if ka.cols == ONE and kb.rows != ONE:
-                hint = f"; did you mean {'a transposed vector' if ka.rows != ONE else 'a vector'} on the left (kᵀ @ q)?"
+                left = "a transposed vector" if ka.rows != ONE else "a vector"
+                hint = f"; did you mean {left} on the left (kᵀ @ q)?"
             elif kb.rows == ONE and ka.cols != ONE:
                 hint = "; for an outer product write v @ kᵀ"
             self.error(f"@ needs the left side's columns to match the right side's rows: {self.words(ka)} @ "
@@ -548,10 +552,12 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     out = b.built[output] if output in b.built else b.value(m.output.text, m.output.loc)
     ko = b.nodes[out].kind
     if ko.cols != ONE and ko.rows != ONE:
-        b.error(f"the output must be a vector per head (the layer concatenates the heads), not {b.words(ko)}; "
-                "read the matrix with a query (C @ q)", m.output.loc if m.output else Loc(1, 1))
+        b.error(f"the output must be a vector per head (the layer concatenates the heads), "
+                f"not {b.words(ko)}; read the matrix with a query (C @ q)",
+                m.output.loc if m.output else Loc(1, 1))
     _warn_unused(b, [*new_state.values(), out], source)
-    widths = sorted({w for k in b.kinds.values() for w in (k.rows, k.cols)} - {ONE, *[n.text for n in m.inputs]})
+    used = {w for k in b.kinds.values() for w in (k.rows, k.cols)}
+    widths = sorted(used - {ONE, *[n.text for n in m.inputs]})
     return TensorIR(
         name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
         kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=b.nodes,

@@ -63,8 +63,8 @@ def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     ones = {n for n in names if cell.ir.width(n) == "row"}
     for n in ones:
         if sizes.get(n, 1) != 1:
-            raise ValueError(f"input {n!r} is declared ': 1' (one value per sequence); input_sizes[{n!r}] must be "
-                             f"1, got {sizes[n]!r}")
+            raise ValueError(f"input {n!r} is declared ': 1' (one value per sequence); "
+                             f"input_sizes[{n!r}] must be 1, got {sizes[n]!r}")
     sizes = {n: 1 for n in ones} | dict(sizes)
     unknown = sorted(set(sizes) - set(names))
     missing = [n for n in names if n not in sizes]
@@ -85,7 +85,8 @@ def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
 
 def declared_width_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     """Check `sizes` against the widths the cell declares (`state h : P`): {width: positive int}."""
-    declared = sorted({*cell.ir.widths.values(), *getattr(cell.ir, "init_sizes", ())} - {"H", "row", *cell.ir.inputs})
+    named = {*cell.ir.widths.values(), *getattr(cell.ir, "init_sizes", ())}
+    declared = sorted(named - {"H", "row", *cell.ir.inputs})
     sizes = {} if sizes is None else sizes
     if not isinstance(sizes, dict):
         raise TypeError(f"sizes must be a dict {{width: size}}, got {type(sizes).__name__}")

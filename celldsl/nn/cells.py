@@ -141,7 +141,8 @@ class _Step:
             prepare = getattr(loop, "prepare_train_step" if train else "prepare_step", None)
             if prepare is None:
                 return None
-            zeros = [x.new_zeros(x.shape[0], sizes[compiled.ir.width(n)]) for n in compiled.states[len(states):]]
+            zeros = [x.new_zeros(x.shape[0], sizes[compiled.ir.width(n)])
+                     for n in compiled.states[len(states):]]
             split = split_params(loop, params)
             step = prepare(x[None], [*states, *zeros], *split)
             if not train or step is None:
@@ -185,7 +186,8 @@ class _Step:
         self._check(x, states, autocast=cast is not None)
         N, sizes = x.shape[0], self._sizes()
         states = [s.contiguous() for s in states]
-        states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)]) for name in self.compiled.states[len(states):]]
+        states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)])
+                   for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
         params = op_params(self.compiled, self._stored(like=x), sizes, like=x)
         params = [p if p.dtype == x.dtype else p.to(x.dtype) for p in params]  # differs only under autocast

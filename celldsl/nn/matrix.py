@@ -106,15 +106,16 @@ class MatrixRecurrent(nn.Module):
             x = x.transpose(0, 1)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with batch_first) "
-                             f"or a PackedSequence, got {got}")
+            raise ValueError(f"x must be [T, N, {self.input_size}] "
+                             f"([N, T, {self.input_size}] with batch_first) or a PackedSequence, got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
         inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # loops': [heads, ..]
         shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
-        if len(state) != len(shapes) or any(tuple(s.shape) != sh for s, sh in zip(state, shapes, strict=False)):
+        if len(state) != len(shapes) or any(tuple(s.shape) != sh
+                                            for s, sh in zip(state, shapes, strict=False)):
             raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
                              f"{[tuple(s.shape) for s in state]}")
         finals = [[] for _ in self.ir.states]

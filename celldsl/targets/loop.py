@@ -77,7 +77,7 @@ def shifted_rows(steps: list[int], offsets: list[int], k: int, device) -> torch.
     """For every row of step t, the row of the same sequence at step t - k, or -1 when t < k: [rows].
     (Packed order keeps sequence r at position r of every step it runs in.)"""
     index = []
-    for t, (b, off) in enumerate(zip(steps, offsets, strict=True)):
+    for t, (b, _off) in enumerate(zip(steps, offsets, strict=True)):
         index.append(torch.arange(b) + offsets[t - k] if t >= k else torch.full((b,), -1))
     return torch.cat(index).to(device)
 
@@ -421,7 +421,8 @@ class TorchLoop:
                 for st in steps_of_stage:
                     args = [self._arg(s, rows, X, cur, vectors, scalars, hoisted_blocks, products, env_ops)
                             for s in st.slots]
-                    grads = [final_grads[n] if n in final_grads else dops.pop(n, None) for n, _ in st.pw.outputs]
+                    grads = [final_grads[n] if n in final_grads else dops.pop(n, None)
+                             for n, _ in st.pw.outputs]
                     grads = [g if g is not None else zeros(b, self.width_of[n])
                              for g, (n, _) in zip(grads, st.pw.outputs, strict=True)]
                     width = sizes[st.pw.width]
@@ -458,8 +459,8 @@ class TorchLoop:
                 d_hoisted[gi].append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
             dx_steps.append(dx_t)
             # rows past b did not run at step t: their gradient passes through unchanged
-            dprev = [d if d is not None else zeros(b, self.plan.ir.width(s)) for d, s in zip(dprev, self.states,
-                                                                                               strict=True)]
+            dprev = [d if d is not None else zeros(b, self.plan.ir.width(s))
+                     for d, s in zip(dprev, self.states, strict=True)]
             dstate = [d if b == N else torch.cat([d, ds[b:]]) for d, ds in zip(dprev, dstate, strict=True)]
 
         # weight gradients: one GEMM over all time steps per group

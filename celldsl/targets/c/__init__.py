@@ -49,9 +49,11 @@ class CTarget(Target):
         out = ["", "CPU loop (backend cpu or auto on CPU tensors, with a C compiler; targets/c/fused.py):"]
         blocker = native_blocker(plan)
         if any(g.heads is not None for g in [*plan.hoisted, *plan.gemms]):
-            out.append(f"  the generic torch loop (targets/loop.py): {blocker}; the C kernels take 2-D weights only")
+            out.append(f"  the generic torch loop (targets/loop.py): {blocker}; "
+                       "the C kernels take 2-D weights only")
         elif blocker:
-            out += ["  the Python loop: one C call per pointwise stage and step, each step product on the GEMM",
+            out += ["  the Python loop: one C call per pointwise stage and step, "
+                    "each step product on the GEMM",
                     "  measured fastest at its shape (celldsl's, MKL or oneDNN; targets/c/gemm.py)",
                     f"  not the native loop: {blocker}"]
         elif not plan.gemms:
@@ -59,7 +61,8 @@ class CTarget(Target):
                        "(no step GEMM: the columns are independent)")
         else:
             out += ["  the native loop: every step's GEMMs and pointwise kernels in one C call per layer and",
-                    "  direction, when celldsl's GEMM measures fastest on the step products at the shape (else a",
+                    "  direction, when celldsl's GEMM measures fastest on the step products "
+                    "at the shape (else a",
                     "  Python loop over the steps on the fastest torch GEMM; "
                     "targets/c/gemm.py caches the measurement)"]
         return out

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -227,8 +226,9 @@ def gemm_library_soon(cache_root: Path | None = None):
         if not started and path is not None and _is_built(path):
             started = None  # in the cache: load it now
         elif not started:
+            # not a daemon: exit waits for it (no half-built file left)
             _gemm_builds[key] = threading.Thread(target=build_gemm_library, args=(cache_root, True),
-                                                 name="celldsl-gemm-build")  # not a daemon: exit waits for it (no half-built file left)
+                                                 name="celldsl-gemm-build")
             _gemm_builds[key].start()
     if started is None:
         return build_gemm_library(cache_root)
@@ -618,11 +618,12 @@ class FusedCPULoop(TorchLoop):
         N = states[0].shape[0]
         for name, s in zip(self.states, states, strict=True):
             if tuple(s.shape) != (N, sizes[ir.width(name)]):
-                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = {(N, sizes[ir.width(name)])}, "
-                                 f"got {tuple(s.shape)}")
+                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = "
+                                 f"{(N, sizes[ir.width(name)])}, got {tuple(s.shape)}")
         for name, v in zip(self.vectors, vectors, strict=True):
             if tuple(v.shape) != (sizes[ir.width(name)],):
-                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), got {tuple(v.shape)}")
+                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), "
+                                 f"got {tuple(v.shape)}")
         for name, v in zip(self.scalars, scalars, strict=True):
             if v.numel() != 1:
                 raise ValueError(f"scalar {name!r} must have one element, got shape {tuple(v.shape)}")
@@ -632,13 +633,13 @@ class FusedCPULoop(TorchLoop):
                 if w.dim() != 2 or w.shape[0] != rows:
                     counts = {w: g.widths.count(w) for w in dict.fromkeys(g.widths)}
                     widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
-                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have {widths} = {rows} rows, "
-                                     f"got {tuple(w.shape)}")
+                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have "
+                                     f"{widths} = {rows} rows, got {tuple(w.shape)}")
         for w, g in zip(step_w, self.gemms, strict=True):
             k = sizes.get(g.operand_size)
             if k is not None and w.shape[1] != k:
-                raise ValueError(f"step weight [{', '.join(g.params)}] must have {g.operand_size} = {k} columns, "
-                                 f"got {tuple(w.shape)}")
+                raise ValueError(f"step weight [{', '.join(g.params)}] must have "
+                                 f"{g.operand_size} = {k} columns, got {tuple(w.shape)}")
         if len(self.inputs) > 1:
             cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
             widths = {name: c.stop - c.start for name, c in cols.items()}
@@ -650,8 +651,9 @@ class FusedCPULoop(TorchLoop):
                 if self.where[sym.name].kind != "input" or ir.width(name) == "row":
                     continue
                 if widths[name] != sizes[pw.width]:
-                    raise ValueError(f"this cell uses its input {name!r} elementwise with {pw.width}-wide values: "
-                                     f"it must have {pw.width} = {sizes[pw.width]} features, got {widths[name]}")
+                    raise ValueError(f"this cell uses its input {name!r} elementwise with "
+                                     f"{pw.width}-wide values: it must have {pw.width} = {sizes[pw.width]} "
+                                     f"features, got {widths[name]}")
 
     # ---- argument pointers ----------------------------------------------------------------------
 
@@ -680,7 +682,8 @@ class FusedCPULoop(TorchLoop):
         if slot.kind in ("hoisted", "product"):
             hoisted = slot.kind == "hoisted"
             arg = _Arg.rows((bufs["hoisted"] if hoisted else bufs["step"])[slot.index])
-            arg.base += (bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"])[slot.index][slot.block] * isz
+            blocks = bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"]
+            arg.base += blocks[slot.index][slot.block] * isz
             return arg
         if slot.kind == "vector":
             return _Arg.fixed(bufs["vectors"][slot.index])
@@ -828,7 +831,8 @@ class FusedCPULoop(TorchLoop):
                        for op, w, bias, backend in zip(hoisted_ops, hoisted_w, hoisted_bias, plan.hoisted,
                                                        strict=True)]
         news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
-        out = news[self.output_state] if self.output_state is not None else X.new_empty(rows, self.output_width(sizes))
+        out = (news[self.output_state] if self.output_state is not None
+               else X.new_empty(rows, self.output_width(sizes)))
         step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
         operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
         bufs |= {"news": news, "out": out, "step": step_out,
@@ -986,8 +990,8 @@ class FusedCPULoop(TorchLoop):
         g_out = grad_out.reshape(rows, out_width).contiguous() if grad_out is not None else None
         # d loss / d (state i's new value) at the current step: B[i]; its old value, being written: A[i]
         widths = [sizes[ir.width(s)] for s in self.states]
-        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w) for g, w in zip(grad_states, widths,
-                                                                                             strict=True)]
+        B = [g.contiguous().clone() if g is not None else X.new_zeros(N, w)
+             for g, w in zip(grad_states, widths, strict=True)]
         A = [X.new_empty(N, w) for w in widths]
         d_step = [take(rows, w.shape[0], X.dtype) for w in step_w]
         alias = self.schedule.hoisted_alias
@@ -1167,7 +1171,8 @@ class PreparedStep:
         backends = [cpu_gemm.choose(cpu_gemm.site("step", x.dtype, N, w.shape[1], w.shape[0]), loop.lib,
                                     force=loop.gemm) for w in hoisted_w]
         self.hoisted = [_HoistedInto(op, w.contiguous(), bias, X.new_empty(N, w.shape[0]), loop.lib, backend)
-                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, backends, strict=True)]
+                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, backends,
+                                                        strict=True)]
         ir = loop.plan.ir
         self.news = [X.new_empty(N, sizes[ir.width(s)]) for s in loop.states]
         out = self.news[loop.output_state] if loop.output_state is not None else \
@@ -1446,7 +1451,8 @@ class _HoistedInto:
 
     def __call__(self) -> None:
         if self.backend == "native":
-            self.gemm.gemm(self.a, self.panels, self.out, 0 if self.bias is None else 2, self.bias, self.threads)
+            self.gemm.gemm(self.a, self.panels, self.out, 0 if self.bias is None else 2, self.bias,
+                           self.threads)
         elif self.backend == "onednn":
             self.out.copy_(cpu_gemm.linear(self.a, self.w, self.bias, self.lib, self.backend))
         elif self.bias is None:  # as cpu_gemm.linear's torch GEMM

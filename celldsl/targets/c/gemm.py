@@ -52,7 +52,8 @@ from .flags import ATTEMPTS, BASE_FLAGS, cpu_fingerprint
 BACKENDS = ("native", "mm", "onednn", "onednn_packed")
 KINDS = ("step", "step_backward", "hoisted", "input_grad", "weight_grad")
 CACHE_FILE = "cpu_gemm.json"
-FORMAT = 3  # 3: weight_grad sites, measured with a scratch pool and padded rows (older entries: measured again)
+# 3: weight_grad sites, measured with a scratch pool and padded rows (older entries: measured again)
+FORMAT = 3
 BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
 # rows of a weight gradient per chunk, in bytes of a row of d.T: 1024 floats (a panel of 32 columns,
 # 128 kB, stays in the L2 cache); 256 and 512 ran 5-15% slower at (12800 x 2048 x 512), one thread

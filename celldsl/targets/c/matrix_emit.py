@@ -299,7 +299,8 @@ class _Emitter:
 
     def with_refs(self, line: str, refs: dict[int, str]) -> str:
         for i, r in refs.items():
-            line = line.replace(f"memset(V->v{i}, 0, sizeof(V->v{i}))", f"memset({r}, 0, {self.size(i)} * sizeof({self.t}))")
+            line = line.replace(f"memset(V->v{i}, 0, sizeof(V->v{i}))",
+                                f"memset({r}, 0, {self.size(i)} * sizeof({self.t}))")
             line = line.replace(f"V->v{i}[", f"{r}[")
         return line
 
@@ -327,7 +328,8 @@ class _Emitter:
             return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
                     f"{out}[a * {c} + b] = {a[0]}[a * {c} + b] * {d}[b];"]
         if c == 1:  # a matrix times a vector: dot products along the contiguous rows
-            return [f"    for (int a = 0; a < {r}; ++a) {out}[a] = cd_mx_dot_{self.dt}(&{a[0]}[a * {m}], &{a[1]}[0], {m});"]
+            return [f"    for (int a = 0; a < {r}; ++a) "
+                    f"{out}[a] = cd_mx_dot_{self.dt}(&{a[0]}[a * {m}], &{a[1]}[0], {m});"]
         return [f"    memset({out}, 0, sizeof({out}));",
                 f"    for (int a = 0; a < {r}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                 f"const {self.t} w = {a[0]}[a * {m} + q]; "
@@ -377,9 +379,11 @@ class _Emitter:
                         [f"{d1}[q] += {a[0]}[a * {m} + q] * ga;"] if d1 else [])
                     if both:
                         body.append(f"for (int a = 0; a < {rr}; ++a) {{ const {t} ga = {g}[a]; "
-                                    f"_Pragma(\"omp simd\") for (int q = 0; q < {m}; ++q) {{ {' '.join(both)} }} }}")
+                                    f"_Pragma(\"omp simd\") for (int q = 0; q < {m}; ++q) "
+                                    f"{{ {' '.join(both)} }} }}")
                     d1 = None
-                elif rr == 1 and j0 != j1:  # aᵀ @ B: da[q] += sum_b dC[b] B[q, b], dB[q, b] += a[q] dC[b]; one pass
+                elif rr == 1 and j0 != j1:
+                    # aᵀ @ B: da[q] += sum_b dC[b] B[q, b], dB[q, b] += a[q] dC[b]; one pass
                     acc = f"{t} acc = 0; " if d0 else ""
                     both = (["acc += " + f"{g}[b] * {a[1]}[q * {c} + b];"] if d0 else []) + (
                         [f"{d1}[q * {c} + b] += aq * {g}[b];"] if d1 else [])
@@ -391,7 +395,8 @@ class _Emitter:
                     d1 = None
                 elif d0:  # dA[a, q] += sum_b dC[a, b] B[q, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) "
-                                f"{d0}[a * {m} + q] {ONCE} cd_mx_dot_{t_}(&{g}[a * {c}], &{a[1]}[q * {c}], {c});")
+                                f"{d0}[a * {m} + q] {ONCE} "
+                                f"cd_mx_dot_{t_}(&{g}[a * {c}], &{a[1]}[q * {c}], {c});")
                 if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                                 f"const {t} w = {a[0]}[a * {m} + q]; "
@@ -673,13 +678,15 @@ int64_t cd_mx_forward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int
             (f" memcpy(ds + {off[k]}, G->v{self.state_node[s]}, {sz[k]} * sizeof({t}));"
              if s in self.state_node
              else f" memset(ds + {off[k]}, 0, {sz[k]} * sizeof({t}));") for k, s in enumerate(ir.states))
+        alloc = (f"{t} *seg = malloc((size_t)(every + 1) * {total} * sizeof({t})), "
+                 f"*keep = malloc((size_t)every * {kept} * sizeof({t}));")
         bwd = f"""
 int64_t cd_mx_backward_{dt}(int64_t N, int64_t T, const {t} *const *hv, const int64_t *rs, const int64_t *hs,
                            const {t} *const *ck, const int64_t *lengths, int64_t every, const {t} *dout,
                            const {t} *const *dfin, {t} *const *dinit, {t} *const *gb)
 {{
     cd_mx_vals_{dt} *V = malloc(sizeof *V), *G = malloc(sizeof *G);
-    {t} *seg = malloc((size_t)(every + 1) * {total} * sizeof({t})), *keep = malloc((size_t)every * {kept} * sizeof({t}));
+    {alloc}
     if (!V || !G || !seg || !keep) {{ free(V); free(G); free(seg); free(keep); return 1; }}
     const {t} *h[{nn_}] = {{0}};
     {t} *gh[{nn_}] = {{0}};
@@ -732,7 +739,8 @@ DOT = """static inline {t} cd_mx_dot_{dt}(const {t} *restrict x, const {t} *rest
     /* sixteen partial sums, added up as a tree: a single sum's lanes would be added one after another */
     {t} p[16] = {{0}};
     int q = 0;
-    for (; q + 16 <= n; q += 16) {{ _Pragma("omp simd") for (int l = 0; l < 16; ++l) p[l] += x[q + l] * y[q + l]; }}
+    for (; q + 16 <= n; q += 16) {{ _Pragma("omp simd") \
+for (int l = 0; l < 16; ++l) p[l] += x[q + l] * y[q + l]; }}
     for (int l = 0; q + l < n; ++l) p[l] += x[q + l] * y[q + l];
     for (int l = 0; l < 8; ++l) p[l] += p[l + 8];
     for (int l = 0; l < 4; ++l) p[l] += p[l + 4];

@@ -64,7 +64,8 @@ class _Rewriter:
         if coef.has(syms[k]) or sp.simplify(expr - coef * syms[k]) != 0:
             return None
         names = {syms[m]: sp.Dummy() for m in range(len(args)) if coef.has(syms[m])}
-        coef, scalars = coef.xreplace(names), {d: args[m] for m, d in ((syms.index(s), d) for s, d in names.items())}
+        coef = coef.xreplace(names)
+        scalars = {d: args[m] for m, d in ((syms.index(s), d) for s, d in names.items())}
         j = args[k]
         if self.is_outer(j):
             return j, coef, scalars
@@ -122,7 +123,8 @@ class _Rewriter:
             if new is None:
                 new = self.add(dataclasses.replace(node, args=tuple(self.remap[j] for j in node.args)))
             self.remap[i] = new
-        return self.pruned(ir, {s: self.remap[i] for s, i in ir.new_state.items()}, self.remap[ir.output_node])
+        new_state = {s: self.remap[i] for s, i in ir.new_state.items()}
+        return self.pruned(ir, new_state, self.remap[ir.output_node])
 
     def pruned(self, ir: TensorIR, new_state: dict[str, int], output: int) -> TensorIR:
         live = {*new_state.values(), output}
@@ -131,7 +133,8 @@ class _Rewriter:
                 live.update(self.nodes[i].args)
         keep = [i for i, n in enumerate(self.nodes) if i in live or n.op in LEAF_OPS]
         index = {old: new for new, old in enumerate(keep)}
-        nodes = [dataclasses.replace(self.nodes[i], args=tuple(index[j] for j in self.nodes[i].args)) for i in keep]
+        nodes = [dataclasses.replace(self.nodes[i], args=tuple(index[j] for j in self.nodes[i].args))
+                 for i in keep]
         return dataclasses.replace(ir, nodes=nodes, new_state={s: index[i] for s, i in new_state.items()},
                                    output_node=index[output])
 

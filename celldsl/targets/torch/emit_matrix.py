@@ -25,9 +25,13 @@ def _mm(a, b, like=None):  # a @ b on [N or 1, heads or 1, r, k] x [N or 1, head
     if a.shape[0] == 1 and b.shape[0] == 1:
         return a @ b
     if a.shape[0] == 1:
-        return torch.einsum("hrk,nhkc->nhrc", a[0], b) if rows else torch.einsum("hrk,nhkc->hrc", a[0], b)[None]
+        if rows:
+            return torch.einsum("hrk,nhkc->nhrc", a[0], b)
+        return torch.einsum("hrk,nhkc->hrc", a[0], b)[None]
     if b.shape[0] == 1:
-        return torch.einsum("nhrk,hkc->nhrc", a, b[0]) if rows else torch.einsum("nhrk,hkc->hrc", a, b[0])[None]
+        if rows:
+            return torch.einsum("nhrk,hkc->nhrc", a, b[0])
+        return torch.einsum("nhrk,hkc->hrc", a, b[0])[None]
     return a @ b if rows else torch.einsum("nhrk,nhkc->hrc", a, b)[None]
 
 

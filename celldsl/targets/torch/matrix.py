@@ -150,7 +150,8 @@ class _Function(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
                     for d, shape in zip(d_finals, ctx.shapes, strict=True)]
-        dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals, ctx.lengths)
+        dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals,
+                                                  ctx.lengths)
         d_state = [d.reshape(shape) for d, shape in zip(d_state, ctx.shapes, strict=True)]
         d_params = [d.reshape(p.shape) for d, p in zip(d_params, params, strict=True)]
         return (None, None, None, None, dx, *d_state, *d_params)

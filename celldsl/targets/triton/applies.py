@@ -11,7 +11,8 @@ from ...lang.functions import Reduction
 from ...plan import Plan
 
 SCHEDULES = ("graphed", "persistent", "fused_step", "time_loop", "scan")
-DENSE_ROLES = ("input", "state", "vector", "scalar", "hoisted", "product", "operand")  # a dense tile holds these
+# what a dense tile holds
+DENSE_ROLES = ("input", "state", "vector", "scalar", "hoisted", "product", "operand")
 COLUMN_ROLES = ("input", "state", "vector", "scalar", "hoisted")  # what a column holds
 
 
