@@ -396,7 +396,7 @@ def helper_functions(dtype: str) -> str:
     return _helpers(dtype)
 
 
-def _simd_declarations() -> str:
+def simd_declarations() -> str:
     """Declare libm's functions as having SIMD variants (glibc's libmvec) so that gcc vectorises the
     row loops with them; compiled only with -DCELLDSL_LIBMVEC (see targets/c/fused.py)."""
     lines = ["#ifdef CELLDSL_LIBMVEC"]
@@ -769,7 +769,7 @@ def c_source(plan: Plan) -> str:
     by_name = {pw.name: pw for pw in plan.pointwise}
     header = HEADER.format(name=_comment(plan.ir.name))
     specs = kernel_specs(plan)
-    parts = [header, _simd_declarations(), CALL_AT]
+    parts = [header, simd_declarations(), CALL_AT]
     for dtype in C_TYPES:
         parts.append(_helpers(dtype))
         for spec in specs:
