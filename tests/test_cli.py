@@ -36,7 +36,8 @@ def test_check_passes_every_zoo_cell(capsys):
     assert code == 0
     assert err == ""  # no errors and no warnings in the zoo
     assert out.splitlines() == [f"{f}: ok" for f in ZOO_FILES]
-    assert len(ZOO_FILES) == 42  # the matrix-memory and shaped cells (cells/mlstm.cell, cells/flstm.cell) check as any other
+    # the matrix-memory and shaped cells (cells/mlstm.cell, cells/flstm.cell) check as any other
+    assert len(ZOO_FILES) == 42
 
 
 def test_check_bad_file_prints_position_line_and_caret(tmp_path, capsys):

@@ -23,7 +23,8 @@ def cold(tmp_path, monkeypatch, request):
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(False)
-    request.addfinalizer(lambda: torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1]))
+    request.addfinalizer(lambda: torch.use_deterministic_algorithms(deterministic[0],
+                                                                    warn_only=deterministic[1]))
     monkeypatch.setenv("CELLDSL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CELLDSL_BACKGROUND_BUILD", raising=False)
     monkeypatch.delenv("CELLDSL_CPU_GEMM", raising=False)

@@ -142,9 +142,10 @@ def test_without_celldsls_globals_torch_refuses_by_name(model):
 
 def test_safe_globals_are_the_classes_and_compile_source():
     names = {f"{g.__module__}.{g.__qualname__}" for g in celldsl.safe_globals()}
-    assert names == {"celldsl.nn.torch_layers.LSTM", "celldsl.nn.torch_layers.GRU", "celldsl.nn.torch_layers.RNN",
-                     "celldsl.nn.cells.LSTMCell", "celldsl.nn.cells.GRUCell", "celldsl.nn.cells.RNNCell",
-                     "celldsl.nn.layers.Recurrent", "celldsl.nn.cells.Cell", "celldsl.compiler.compile_source"}
+    assert names == {"celldsl.nn.torch_layers.LSTM", "celldsl.nn.torch_layers.GRU",
+                     "celldsl.nn.torch_layers.RNN", "celldsl.nn.cells.LSTMCell", "celldsl.nn.cells.GRUCell",
+                     "celldsl.nn.cells.RNNCell", "celldsl.nn.layers.Recurrent", "celldsl.nn.cells.Cell",
+                     "celldsl.compiler.compile_source"}
 
 
 class _Evil:

@@ -45,8 +45,9 @@ REFERENCES = {
 
 def _layer(cell, seed=0):
     torch.manual_seed(seed)
-    return MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, dtype=torch.float64,
-                           backend="torch")  # the cpu backend: tests/test_matrix_cpu.py
+    # backend="torch" here; tests/test_matrix_cpu.py tests the cpu backend
+    return MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+                           dtype=torch.float64, backend="torch")
 
 
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
@@ -98,7 +99,8 @@ def test_backward_does_not_run_autograd_through_the_loop():
 def test_triton_is_opt_in(cell):
     """backend="triton" builds the generated Triton loop (tests/test_triton_matrix.py runs it); "auto"
     never picks it (no GPU has verified it)."""
-    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="triton")
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+                            backend="triton")
     assert type(layer.loop).__name__ == "TritonMatrixLoop"
     auto = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
     assert type(auto.loop).__name__ != "TritonMatrixLoop"
@@ -294,8 +296,8 @@ o = S' @ k / norm(k) + mean(x) * (U @ v) + max(S') - min(u')
 @pytest.mark.parametrize(("steps", "batch"), [(1, 1), (4, 3)])
 def test_gradcheck_where_the_input_and_parameters_meet_the_states(steps, batch):
     """x read by a state's update (its gradient gathered over the steps into the hoisted backward), a
-    vector state of the input's width, sum/mean/norm/max/min/diag: the derived backward against finite differences,
-    T = N = 1 too (m2rnn covers a parameter read per step)."""
+    vector state of the input's width, sum/mean/norm/max/min/diag: the derived backward against finite
+    differences, T = N = 1 too (m2rnn covers a parameter read per step)."""
     torch.manual_seed(4)
     layer = MatrixRecurrent(MIXED, 3, {"heads": 2, "K": 2, "V": 3}, dtype=torch.float64)
     x = torch.randn(steps, batch, 3, dtype=torch.float64, requires_grad=True)
@@ -320,7 +322,8 @@ def test_the_command_line(capsys, tmp_path):
     assert "S  [a (V, K) matrix per head]" in capsys.readouterr().out
     assert main(["compile", "cells/deltanet.cell", "-o", str(tmp_path / "k")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("cells/deltanet.cell:14:7: error: the triton backend does not run matrix states yet")
+    assert err.startswith("cells/deltanet.cell:14:7: error: "
+                          "the triton backend does not run matrix states yet")
     assert not (tmp_path / "k").exists()
 
 

@@ -57,7 +57,8 @@ def test_next_states_match_torch(body, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
     got = torch.autograd.grad((out * g).sum() + sum((s * s).sum() for s in fin), [x, *s0, *cpu.parameters()])
-    want = torch.autograd.grad((out_t * g).sum() + sum((s * s).sum() for s in fin_t), [x, *s0, *ref.parameters()])
+    want = torch.autograd.grad((out_t * g).sum() + sum((s * s).sum() for s in fin_t),
+                               [x, *s0, *ref.parameters()])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 

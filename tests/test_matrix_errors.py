@@ -25,10 +25,12 @@ CASES = [
     ("vector-scales-matrix-elementwise", HDR + "a = sigmoid(W_k @ x)\nS' = S * a + v @ kᵀ\no = S' @ q\n",
      "to scale a matrix's rows write diag(a) @ S", 13, 6),
     ("matmul-inner-widths", HDR + "S' = S + v @ kᵀ\no = S' @ v\n",
-     "@ needs the left side's columns to match the right side's rows: a (V, K) matrix per head @ a V-vector", 13, 5),
+     "@ needs the left side's columns to match the right side's rows: "
+     "a (V, K) matrix per head @ a V-vector", 13, 5),
     ("dot-without-transpose", HDR + "s = k @ q\nS' = s * S\no = S' @ q\n",
      "did you mean a transposed vector on the left (kᵀ @ q)?", 12, 5),
-    ("outer-without-transpose", HDR + "S' = S + v @ k\no = S' @ q\n", "@ needs the left side's columns", 12, 10),
+    ("outer-without-transpose", HDR + "S' = S + v @ k\no = S' @ q\n",
+     "@ needs the left side's columns", 12, 10),
     ("update-shape", HDR + "S' = v @ qᵀ @ S @ kᵀ\no = S' @ q\n",
      "@ needs the left side's columns", 12, 6),
     ("state-shape-changes", HDR + "S' = S @ k\no = v\n",
@@ -48,14 +50,16 @@ CASES = [
      "unknown function 'softmax' in a matrix-memory cell", 12, 10),
     ("unknown-name", HDR + "S' = S + u @ kᵀ\no = S' @ q\n", "unknown name 'u'", 12, 10),
     ("cycle", HDR + "a = bb\nbb = a\nS' = S + a * v @ kᵀ\no = S' @ q\n", "depends on itself", 12, 5),
-    ("two-inputs", HDR.replace("input x", "input x, ctx") + OK, "a matrix-memory cell reads one input for now", 2, 10),
+    ("two-inputs", HDR.replace("input x", "input x, ctx") + OK,
+     "a matrix-memory cell reads one input for now", 2, 10),
     ("no-state", "cell t\ninput x\nparam b : 1 per head\no = b\noutput o\n",
      "a matrix-memory cell needs a state", 1, 6),
     ("no-update", HDR + "o = S @ q\n", "state 'S' has no update: write S' = ...", 3, 7),
 ]
 
 
-@pytest.mark.parametrize(("text", "fragment", "line", "column"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("text", "fragment", "line", "column"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_matrix_cell_errors(text, fragment, line, column):
     with pytest.raises(CellError) as info:
         build(text)
@@ -88,7 +92,8 @@ def test_a_good_cell_builds_and_is_a_matrix_cell():
 
 
 def test_unused_names_warn_at_their_place():
-    text = HDR.replace("param b : 1 per head", "param b : 1 per head\nparam u : K per head") + "a = q * 2\n" + OK
+    text = (HDR.replace("param b : 1 per head", "param b : 1 per head\nparam u : K per head")
+            + "a = q * 2\n" + OK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CellWarning)
         build(text)

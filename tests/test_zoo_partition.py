@@ -1,6 +1,7 @@
 """tests/zoo.py's lists cover the zoo: every cells/<name>.cell is an elementwise cell the zoo-wide tests
 build (GENERIC), one with a reason and its own test file (SPECIAL), a matrix-memory cell that its
-own test files run (MATRIX), or an ordinary cell with shaped parameters (SHAPED, test_lowrank_cells.py). A new cell cannot slip past the zoo-wide tests unnoticed."""
+own test files run (MATRIX), or an ordinary cell with shaped parameters (SHAPED,
+test_lowrank_cells.py). A new cell cannot slip past the zoo-wide tests unnoticed."""
 
 from pathlib import Path
 
