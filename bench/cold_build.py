@@ -97,7 +97,8 @@ def gemm_only_cache(folder: Path) -> Path:
     """A cache holding only the GEMM library and its measurements, built by another process."""
     cache = folder / "gemm-only"
     env = dict(os.environ, CELLDSL_CACHE=str(cache), CELLDSL_BACKGROUND_BUILD="0", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", CHILD, "rnn_tanh"], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", CHILD, "rnn_tanh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
     for entry in cache.iterdir():
         if entry.is_dir() and entry.name != "cpu_gemm":
             shutil.rmtree(entry)

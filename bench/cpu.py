@@ -531,7 +531,8 @@ def step_tables(args, clock, report: Report) -> None:
             ours.load_state_dict(ref.state_dict())
             h = torch.randn(1, N, H) if layer else torch.randn(N, H)
             state = (h, torch.randn_like(h)) if name.startswith("LSTM") else h
-            impls = [Impl(f"torch.nn.{name}", lambda x, m=ref, s=state: first(m(x, s)), ref.parameters(), "nn"),
+            impls = [Impl(f"torch.nn.{name}", lambda x, m=ref, s=state: first(m(x, s)), ref.parameters(),
+                          "nn"),
                      Impl(f"celldsl.{name}", lambda x, m=ours, s=state: first(m(x, s)), ours.parameters(),
                           "celldsl")]
             x = torch.randn(1, N, H) if layer else torch.randn(N, H)
@@ -594,9 +595,8 @@ class CompiledSteps:
 
 
 def matrix_tables(args, clock, report: Report) -> None:
-    from celldsl.nn.matrix import MatrixRecurrent
-
     from celldsl.lang.errors import CellError
+    from celldsl.nn.matrix import MatrixRecurrent
 
     T, N, heads, K, I = args.matrix
     D, N_s, R = args.mamba
@@ -624,7 +624,8 @@ def matrix_tables(args, clock, report: Report) -> None:
             try:
                 steps = CompiledSteps(ref, p)
                 steps(torch.randn(2, N, I)).sum().backward()  # compile now, outside the timings
-                impls.append(Impl("torch.compile of the textbook step", steps, layer.parameters(), "compiled"))
+                impls.append(Impl("torch.compile of the textbook step", steps, layer.parameters(),
+                                  "compiled"))
             except Exception as exc:  # noqa: BLE001 - say why the row is missing, keep the others
                 print(f"\n(torch.compile does not run here: {type(exc).__name__}: {str(exc)[:200]})")
         x = torch.randn(T, N, I)

@@ -42,8 +42,8 @@ SMOKE = [(3, 2, 8, 16, False), (3, 2, 8, 16, True)]
 
 def gemm_source_at(rev: str) -> str:
     """targets/c/emit_gemm.py's gemm_source() as it was at `rev`."""
-    text = subprocess.run(["git", "show", f"{rev}:celldsl/targets/c/emit_gemm.py"], capture_output=True, text=True,
-                          check=True, cwd=ROOT).stdout
+    text = subprocess.run(["git", "show", f"{rev}:celldsl/targets/c/emit_gemm.py"], capture_output=True,
+                          text=True, check=True, cwd=ROOT).stdout
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c_gemm_at_rev.py"
         path.write_text(text)
