@@ -84,7 +84,8 @@ def explain(compiled, sizes: dict | None = None) -> str:
         applied = ""
         if kind == "matrix":
             operand = ir.params[members[0]].operand_size
-            applied = ", applied to " + (f"input {operand}" if operand in ir.inputs else _width_words(operand, ir))
+            target = f"input {operand}" if operand in ir.inputs else _width_words(operand, ir)
+            applied = ", applied to " + target
         out.append(f"  {store}{group}  {shape}  ({kind}{applied})")
     out.append(f"  total: {_poly(total)} numbers per layer and direction")
 
@@ -123,7 +124,8 @@ def explain(compiled, sizes: dict | None = None) -> str:
             f"(forward {pw.forward_ops()} ops); gradients of {grads}"
         )
     out.append(f"  total: {bwd_ops} backward ops, {fwd_ops} forward ops")
-    saved = [(what, sum((_size_sym(w, ir) for w in widths), sp.Integer(0))) for what, widths in plan.saved_per_step()]
+    saved = [(what, sum((_size_sym(w, ir) for w in widths), sp.Integer(0)))
+             for what, widths in plan.saved_per_step()]
     total = _compact(sum((w for _, w in saved), sp.Integer(0)))
     out.append(f"  saved per step for the backward ({total} numbers per sequence):")
     out += [f"    {what}  [{_compact(w)}]" for what, w in saved]
@@ -168,7 +170,9 @@ def _size_sym(name: str, ir) -> sp.Expr:
 
 
 def _width_words(name: str, ir) -> str:
-    return "H-wide values" if name == HIDDEN else f"input '{name}'" if name in ir.inputs else f"{name}-wide values"
+    if name == HIDDEN:
+        return "H-wide values"
+    return f"input '{name}'" if name in ir.inputs else f"{name}-wide values"
 
 
 def _width(name: str, ir) -> str:
