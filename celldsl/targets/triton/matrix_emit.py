@@ -1,6 +1,7 @@
 """A matrix-memory cell's IR (lang/tensors.py) -> a Triton module in the style of fused_recurrent.
 
-One program per (sequence, head) keeps every state as a register tile over all T steps; every node of
+One program per (sequence, head, value block) keeps every state as a register tile over all T steps
+(value_width: the rows of a width no node couples, split into blocks; else one block); every node of
 the IR is one line on [rows, cols] tiles padded to powers of two (zeros outside the real widths, so
 products and sums read no padding). The pointwise nodes are printed with the Triton target's printer
 (emit_pointwise.TritonPrinter) from their SymPy expressions, their gradients from the SymPy
@@ -49,6 +50,42 @@ def refuse(ir: TensorIR) -> None:
                             ir.source, node.loc)
 
 
+def split_blocker(ir: TensorIR, w: str) -> int | None:
+    """The first node that couples the value blocks of width w (None: none does, the split is valid).
+    Conservative: a node with w on both axes (a w x w tile mixes rows), a product contracting over w, a
+    reduction of a tile with a w axis, and any node whose operand has a w axis that it has not."""
+    for i, node in enumerate(ir.nodes):
+        k = node.kind
+        if node.op == "eye" and k.rows == "?":
+            continue  # never emitted (a resolved copy is read)
+        axes = (k.rows, k.cols)
+        if "?" in axes or axes == (w, w):
+            return i
+        args = [ir.nodes[j].kind for j in node.args]
+        if node.op == "matmul" and args[0].cols == w:
+            return i
+        if node.op in ("sum", "mean", "max", "min") and any(w in (a.rows, a.cols) for a in args):
+            return i
+        if w not in axes and any(w in (a.rows, a.cols) for a in args):
+            return i
+    return None
+
+
+def value_width(ir: TensorIR) -> str | None:
+    """The width whose rows the states split into independent blocks (one program per block), or None
+    (one program keeps the whole state). Tried in the states' order, rows before columns: the first
+    width of a state that no node couples (split_blocker); never the input's width."""
+    tried = []
+    for s in ir.states:
+        k = ir.kinds[s]
+        for w in (k.rows, k.cols):
+            if w not in (ONE, "?", ir.inputs[0]) and w not in tried:
+                tried.append(w)
+                if split_blocker(ir, w) is None:
+                    return w
+    return None
+
+
 def given(ir: TensorIR) -> list[int]:
     """The hoisted nodes (matrix_hoist.hoisted: a prev() and what depends on it but on no state) that
     the kernels read per step, as [T * N, heads, rows, cols] tensors q{j}, their gradients dq{j}."""
@@ -61,6 +98,14 @@ class _Tiles:
 
     def __init__(self, ir: TensorIR):
         self.index = {w: j for j, w in enumerate(widths(ir))}
+        self.split = value_width(ir)  # this width's axis holds the program's block vb of B{j} indices
+
+    def owned(self, kind) -> str:
+        """The store mask of a tile: a tile without the split axis is the same in every block, so
+        block 0 alone stores it (and alone seeds its adjoint)."""
+        if self.split is not None and self.split in (kind.rows, kind.cols):
+            return self.mask(kind)
+        return f"({self.mask(kind)} & first)"
 
     def axis(self, w: str) -> tuple[str, str, str]:
         if w == ONE:
@@ -220,10 +265,13 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
 
 
 def _prologue(ir: TensorIR, tiles: _Tiles) -> list[str]:
-    lines = ["n = tl.program_id(0)", "h = tl.program_id(1)", "nh = n * H + h",
-             "one_i = tl.arange(0, 1)", "one_m = one_i < 1", "length = tl.load(len_ptr + n)"]
-    for j in tiles.index.values():
-        lines += [f"i{j} = tl.arange(0, B{j})", f"m{j} = i{j} < D{j}"]
+    lines = ["n = tl.program_id(0)", "h = tl.program_id(1)", "vb = tl.program_id(2)", "nh = n * H + h",
+             "nhb = nh * NV + vb",
+             "one_i = tl.arange(0, 1)", "one_m = one_i < 1", "length = tl.load(len_ptr + n)",
+             "first = (one_i[:, None] + vb) == 0"]  # a (1, 1) mask: block 0
+    for w, j in tiles.index.items():
+        start = f"vb * B{j} + " if w == tiles.split else ""
+        lines += [f"i{j} = {start}tl.arange(0, B{j})", f"m{j} = i{j} < D{j}"]
     return lines
 
 
@@ -243,7 +291,7 @@ def _forward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
               + [f"s{j}_out_ptr" for j in range(S)]
               + [f"c{j}_ptr" for j in range(S)] + [f"p{j}_ptr" for j in range(P)]
               + [f"q{i}_ptr" for i in given(ir)]
-              + ["T", "N", "H", "CKPT", "NC"] + _constexprs(tiles))
+              + ["T", "N", "H", "NV", "CKPT", "NC"] + _constexprs(tiles))
     body = _prologue(ir, tiles)
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
@@ -255,20 +303,20 @@ def _forward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
         k = ir.kinds[s]
         at = f"c{j}_ptr + (nh * NC + t // CKPT) * {tiles.numel(k)}"
         loop.append(f"    tl.store({_state_at(ir, tiles, j, at)}, s{j}.to(c{j}_ptr.dtype.element_ty), "
-                    f"mask={tiles.mask(k)})")
+                    f"mask={tiles.owned(k)})")
     loop += _forward_lines(ir, tiles)
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
         loop.append(f"s{j} = tl.where({tiles.mask(k)} & live, v{ir.new_state[s]}, s{j})")
     at = f"out_ptr + (xrow * H + h) * {tiles.numel(out)} + {tiles.offs(out)}"
     loop.append(f"tl.store({at}, tl.where(live, v{ir.output_node}, 0.0).to(out_ptr.dtype.element_ty), "
-                f"mask={tiles.mask(out)})")
+                f"mask={tiles.owned(out)})")
     body.append("for t in range(0, T):")
     body += [f"    {line}" for line in loop]
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
         at = _state_at(ir, tiles, j, f"s{j}_out_ptr + nh * {tiles.numel(k)}")
-        body.append(f"tl.store({at}, s{j}.to(s{j}_out_ptr.dtype.element_ty), mask={tiles.mask(k)})")
+        body.append(f"tl.store({at}, s{j}.to(s{j}_out_ptr.dtype.element_ty), mask={tiles.owned(k)})")
     return _function("matrix_forward_kernel", params, body)
 
 
@@ -276,14 +324,15 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     S, P = len(ir.states), len(ir.params)
     params = (["x_ptr", "len_ptr", "dout_ptr", "dx_ptr"] + [f"c{j}_ptr" for j in range(S)]
               + [f"w{j}_ptr" for j in range(S)] + [f"ds{j}_ptr" for j in range(S)]
+              + [f"dso{j}_ptr" for j in range(S)]
               + [f"p{j}_ptr" for j in range(P)] + [f"dp{j}_ptr" for j in range(P)]
               + [f"q{i}_ptr" for i in given(ir)] + [f"dq{i}_ptr" for i in given(ir)]
-              + ["T", "N", "H", "CKPT", "NC"] + _constexprs(tiles))
+              + ["T", "N", "H", "NV", "CKPT", "NC"] + _constexprs(tiles))
     body = _prologue(ir, tiles)
     for j, s in enumerate(ir.states):  # d_s{j}: the gradient of the state after the step being undone
         k = ir.kinds[s]
         at = _state_at(ir, tiles, j, f"ds{j}_ptr + nh * {tiles.numel(k)}")
-        body.append(f"d_s{j} = tl.load({at}, mask={tiles.mask(k)}, other=0.0).to(COMPUTE)")
+        body.append(f"d_s{j} = tl.load({at}, mask={tiles.owned(k)}, other=0.0).to(COMPUTE)")
     for j, p in enumerate(ir.params):
         body.append(f"d_p{j} = tl.full({tiles.shape(ir.kinds[p])}, 0.0, COMPUTE)")
     fwd = _forward_lines(ir, tiles)
@@ -296,7 +345,7 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     rec = ["t = t0 + j", "live = t < length", "xrow = t * N + n"]
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
-        at = _state_at(ir, tiles, j, f"w{j}_ptr + (nh * CKPT + j) * {tiles.numel(k)}")
+        at = _state_at(ir, tiles, j, f"w{j}_ptr + (nhb * CKPT + j) * {tiles.numel(k)}")
         rec.append(f"tl.store({at}, s{j}.to(w{j}_ptr.dtype.element_ty), mask={tiles.mask(k)})")
     rec += fwd
     for j, s in enumerate(ir.states):
@@ -310,14 +359,14 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
            "on = tl.where(live, 1.0, 0.0).to(COMPUTE)"]
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
-        at = _state_at(ir, tiles, j, f"w{j}_ptr + (nh * CKPT + j) * {tiles.numel(k)}")
+        at = _state_at(ir, tiles, j, f"w{j}_ptr + (nhb * CKPT + j) * {tiles.numel(k)}")
         rev.append(f"s{j} = tl.load({at}, mask={tiles.mask(k)}, other=0.0).to(COMPUTE)")
     rev += fwd
     seeded: set[int] = set()
     out = ir.output_node
     ko = ir.nodes[out].kind
     at = f"dout_ptr + (xrow * H + h) * {tiles.numel(ko)} + {tiles.offs(ko)}"
-    rev.append(f"g{out} = tl.load({at}, mask={tiles.mask(ko)}, other=0.0).to(COMPUTE) * on")
+    rev.append(f"g{out} = tl.load({at}, mask={tiles.owned(ko)}, other=0.0).to(COMPUTE) * on")
     seeded.add(out)
     for j, s in enumerate(ir.states):
         i = ir.new_state[s]
@@ -337,11 +386,11 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps: seeded with `on`)
         if i in have:
             ki = ir.nodes[i].kind
-            at = f"dq{i}_ptr + (xrow * H + h) * {tiles.numel(ki)} + {tiles.offs(ki)}"
+            at = f"dq{i}_ptr + ((xrow * H + h) * NV + vb) * {tiles.numel(ki)} + {tiles.offs(ki)}"
             rev.append(f"tl.store({at}, g{i}.to(dq{i}_ptr.dtype.element_ty), mask={tiles.mask(ki)})")
     xi = leaf[ir.inputs[0]]
     kx = ir.nodes[xi].kind
-    at = f"dx_ptr + (xrow * H + h) * {tiles.axis(kx.rows)[0]} + {tiles.offs(kx)}"
+    at = f"dx_ptr + ((xrow * H + h) * NV + vb) * {tiles.axis(kx.rows)[0]} + {tiles.offs(kx)}"
     value = f"g{xi}" if xi in have else f"tl.full({tiles.shape(kx)}, 0.0, COMPUTE)"
     rev.append(f"tl.store({at}, {value}.to(dx_ptr.dtype.element_ty), mask={tiles.mask(kx)})")
     seg.append("for jj in range(0, L):")
@@ -352,11 +401,11 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     body += [f"    {line}" for line in seg]
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
-        at = _state_at(ir, tiles, j, f"ds{j}_ptr + nh * {tiles.numel(k)}")
-        body.append(f"tl.store({at}, d_s{j}.to(ds{j}_ptr.dtype.element_ty), mask={tiles.mask(k)})")
+        at = _state_at(ir, tiles, j, f"dso{j}_ptr + nhb * {tiles.numel(k)}")
+        body.append(f"tl.store({at}, d_s{j}.to(dso{j}_ptr.dtype.element_ty), mask={tiles.mask(k)})")
     for j, p in enumerate(ir.params):
         k = ir.kinds[p]
-        at = f"dp{j}_ptr + nh * {tiles.numel(k)} + {tiles.offs(k)}"
+        at = f"dp{j}_ptr + nhb * {tiles.numel(k)} + {tiles.offs(k)}"
         body.append(f"tl.store({at}, d_p{j}.to(dp{j}_ptr.dtype.element_ty), mask={tiles.mask(k)})")
     return _function("matrix_backward_kernel", params, body)
 

@@ -1,5 +1,6 @@
 """The Triton loop of a matrix-memory cell: matrix_emit.py's kernels, launched one program per
-(sequence, head), under a torch.autograd.Function.
+(sequence, head, value block) (one block where matrix_emit.value_width finds no split), under a
+torch.autograd.Function. The backward's per-block partial gradients are summed here over the blocks.
 
 OPT-IN: no GPU has run these kernels yet (MATRIX_SCHEDULE is not in choice.VERIFIED_ON_HARDWARE), so
 only backend="triton" reaches them; backend="auto" keeps the torch loop on every device. On the CPU
@@ -19,11 +20,12 @@ import torch
 from ... import cache
 from ...lang.tensors import ONE, TensorIR
 from ..matrix_hoist import as4, evaluate
-from .matrix_emit import given, matrix_triton_source, widths
+from .matrix_emit import given, matrix_triton_source, value_width, widths
 from .module import import_module, interpreting
 
 MATRIX_SCHEDULE = "matrix_recurrent"
 CHECKPOINT = 16  # steps between stored states (the backward's scratch holds this many per program)
+VALUE_BLOCK = 32  # rows of the split width per program (a power of two; matrix_emit.value_width)
 
 
 def _pow2(n: int) -> int:
@@ -33,10 +35,14 @@ def _pow2(n: int) -> int:
 class TritonMatrixLoop:
     """Forward and backward of one matrix-memory cell over [T, N, I] inputs on Triton kernels."""
 
-    def __init__(self, ir: TensorIR, checkpoint: int = CHECKPOINT):
+    def __init__(self, ir: TensorIR, checkpoint: int = CHECKPOINT, value_block: int = VALUE_BLOCK):
         if not isinstance(checkpoint, int) or isinstance(checkpoint, bool) or checkpoint < 1:
             raise ValueError(f"checkpoint must be a positive integer, got {checkpoint!r}")
-        self.ir, self.checkpoint = ir, checkpoint
+        if (not isinstance(value_block, int) or isinstance(value_block, bool) or value_block < 1
+                or value_block & (value_block - 1)):
+            raise ValueError(f"value_block must be a positive power of two, got {value_block!r}")
+        self.ir, self.checkpoint, self.value_block = ir, checkpoint, value_block
+        self.split = value_width(ir)  # None: one program per (sequence, head) holds the whole state
         self.source = matrix_triton_source(ir)  # CellError here for what the emitter cannot express
         self.digest = hashlib.sha256(self.source.encode("utf-8")).hexdigest()
         name = ir.name if ir.name.isidentifier() else "cell"
@@ -54,9 +60,15 @@ class TritonMatrixLoop:
         out = {}
         for j, w in enumerate(self.widths):
             out[f"D{j}"] = sizes[w]
-            out[f"B{j}"] = _pow2(sizes[w])
+            out[f"B{j}"] = min(_pow2(sizes[w]), self.value_block) if w == self.split else _pow2(sizes[w])
         out["COMPUTE"] = tl.float64 if dtype == torch.float64 else tl.float32
         return out
+
+    def blocks(self, sizes: dict[str, int]) -> int:
+        """Programs per (sequence, head): the split width's blocks of value_block rows (1 unsplit)."""
+        if self.split is None:
+            return 1
+        return -(-sizes[self.split] // min(_pow2(sizes[self.split]), self.value_block))
 
     def numel(self, name: str, sizes: dict[str, int]) -> int:
         k = self.ir.kinds[name]
@@ -98,8 +110,9 @@ class TritonMatrixLoop:
         p = [q.contiguous() for q in params]
         lens = _lengths(lengths, T, N, x.device)
         if T > 0:
-            self.module().matrix_forward_kernel[(N, H)](
-                x, lens, out, *s_in, *s_out, *ckpt, *p, *q, T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
+            self.module().matrix_forward_kernel[(N, H, self.blocks(sizes))](
+                x, lens, out, *s_in, *s_out, *ckpt, *p, *q, T, N, H, self.blocks(sizes), k, nc,
+                **self.constexprs(sizes, x.dtype))
         else:
             out.zero_()
             s_out = [s.clone() for s in s_in]
@@ -107,25 +120,31 @@ class TritonMatrixLoop:
 
     def launch_backward(self, x, ckpt, params, sizes, lengths, d_out, d_finals, q=()):
         ir, T, N, H = self.ir, x.shape[0], x.shape[1], sizes["heads"]
-        k = self.checkpoint
+        k, nv = self.checkpoint, self.blocks(sizes)
         nc = ckpt[0].shape[2]
-        d_state = [d.contiguous().clone() for d in d_finals]
-        scratch = [x.new_empty((N, H, k, self.numel(s, sizes))) for s in ir.states]
-        dx = x.new_zeros((T, N, H, x.shape[2]))
-        dp = [x.new_zeros((N, H, self.numel(n, sizes))) for n in ir.params]
-        dq = [torch.zeros_like(v) for v in q]
+        # per value block: each program writes its own partial gradients, summed here (deterministic)
+        d_in = [d.contiguous() for d in d_finals]
+        d_state = [x.new_zeros((N, H, nv, self.numel(s, sizes))) for s in ir.states]
+        scratch = [x.new_empty((N, H, nv, k, self.numel(s, sizes))) for s in ir.states]
+        dx = x.new_zeros((T, N, H, nv, x.shape[2]))
+        dp = [x.new_zeros((N, H, nv, self.numel(n, sizes))) for n in ir.params]
+        dq = [v.new_zeros((v.shape[0], v.shape[1], nv, *v.shape[2:])) for v in q]
         p = [q.contiguous() for q in params]
         lens = _lengths(lengths, T, N, x.device)
         if T > 0:
-            self.module().matrix_backward_kernel[(N, H)](
-                x.contiguous(), lens, d_out.contiguous(), dx, *ckpt, *scratch, *d_state, *p, *dp, *q, *dq,
-                T, N, H, k, nc, **self.constexprs(sizes, x.dtype))
+            self.module().matrix_backward_kernel[(N, H, nv)](
+                x.contiguous(), lens, d_out.contiguous(), dx, *ckpt, *scratch, *d_in, *d_state, *p, *dp, *q,
+                *dq, T, N, H, nv, k, nc, **self.constexprs(sizes, x.dtype))
+            d_state = [d.sum(2).reshape(f.shape) for d, f in zip(d_state, d_finals, strict=True)]
+        else:
+            d_state = [d.clone() for d in d_in]
+        dq = [d.sum(2) for d in dq]
         d_params = []
         for name, g, q in zip(ir.params, dp, params, strict=True):
-            g = g.sum(0)  # over the sequences
+            g = g.sum(2).sum(0)  # over the value blocks, the sequences
             g = g if ir.kinds[name].head else g.sum(0)  # shared by the heads: over the heads too
             d_params.append(g.reshape(q.shape))
-        return dx.sum(2), d_state, d_params, dq
+        return dx.sum((2, 3)), d_state, d_params, dq
 
 
 def _lengths(lengths, T: int, N: int, device) -> torch.Tensor:
