@@ -12,7 +12,7 @@ from pathlib import Path
 import mpmath
 import pytest
 import sympy as sp
-from zoo import ELEMENTWISE, MATRIX
+from zoo import ELEMENTWISE, MATRIX, SHAPED
 from zoo import ZOO as ALL
 
 from celldsl import compile_cell
@@ -36,7 +36,7 @@ def plan_of_text(text: str):
 
 
 def test_the_zoo_is_all_there():
-    assert len(ZOO) == 33 and len(ALL) == 33 + len(MATRIX) == 41
+    assert len(ZOO) == 33 and len(ALL) == 33 + len(MATRIX) + len(SHAPED) == 42
 
 
 # ---- GEMM grouping and stages -------------------------------------------------------------------

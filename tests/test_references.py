@@ -124,12 +124,16 @@ def gen():
 
 def test_every_cell_file_has_a_reference():
     """Here (reference_cells.py), or for issue 26's cells (the matrix ones, lru, chrono_lstm) in
-    matrix_references.py, whose einsum loops test_matrix_cells.py and test_matrix_zoo.py run."""
+    matrix_references.py, whose einsum loops test_matrix_cells.py and test_matrix_zoo.py run, or for
+    the shaped ordinary cells (flstm) in test_lowrank_cells.py, which runs them."""
     import matrix_references
+    import test_lowrank_cells
 
     here = sorted([*REFERENCES, *(c for c in EXTRA_INPUT_REFERENCES if c in ZOO)])
     there = sorted(c for c in ZOO if hasattr(matrix_references, f"ref_{c}"))
-    assert sorted(here + there) == ZOO and not set(here) & set(there)
+    shaped = sorted(c for c in ZOO if hasattr(test_lowrank_cells, f"ref_{c}"))
+    assert sorted(here + there + shaped) == ZOO
+    assert not set(here) & set(there) and not set(here + there) & set(shaped)
 
 
 class RecordingParams(dict):
