@@ -30,14 +30,16 @@ SIMD_SUM = '_Pragma("omp simd reduction(+:acc)") '  # a sum vectorised (-fopenmp
 FIXED = ("const", "size", "eye")  # host nodes without a gradient
 LEAVES = ("input", "param", *FIXED)
 ONCE = "+=\x01"  # a backward loop that adds to every element of its target once (assign_first_writes)
+HOIST_CONSTANT = True  # pointwise values of parameters only are host nodes (a switch for A/B timing)
+OWN_VALUE = True  # a derivative equal to the node's value (exp) reads the value (a switch for A/B timing)
 C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
 
 
 def host_nodes(ir: TensorIR) -> list[bool]:
     """Per node: computed by torch before the loop rather than in the C loop: the leaves, and the
     projections (a product of host nodes, one of them free of the input: `W @ x`, `W2 @ (W1 @ x)`)
-    and their transposes. A product of two input-dependent values (`k @ vᵀ`) runs in the loop: hoisted
-    it would be a matrix per step. Also what matrix_hoist.hoisted names: a prev() (the loop holds one
+    and their transposes, and pointwise values of those free of the input. A product of two
+    input-dependent values (`k @ vᵀ`) runs in the loop: hoisted it would be a matrix per step. Also what matrix_hoist.hoisted names: a prev() (the loop holds one
     step) and what depends on it but on no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
     out: list[bool] = []
     inputs: list[bool] = []
@@ -45,6 +47,8 @@ def host_nodes(ir: TensorIR) -> list[bool]:
     for i, node in enumerate(ir.nodes):
         inputs.append(node.op == "input" or any(inputs[j] for j in node.args))
         host = node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args))
+        if HOIST_CONSTANT and node.op == "pointwise" and not inputs[i] and all(out[j] for j in node.args):
+            host = True  # of parameters only (Mamba's A = -exp(A_log)): once, not per step and element
         if node.op == "matmul" and all(inputs[j] for j in node.args):
             host = False
         out.append(host or shifted[i])
@@ -520,7 +524,13 @@ class _Emitter:
             for k, j in enumerate(node.args):
                 if node.grads[k] == 0 or j in self.diag:
                     continue
-                term = f"{gi} * ({printer.doprint(node.grads[k])})"
+                grad = node.grads[k]
+                # d exp(a) / da = exp(a): the value read, not recomputed (compared as printed: the
+                # expressions may differ in their symbols' assumptions)
+                if OWN_VALUE and str(grad) == str(node.expr):
+                    term = f"{gi} * {value(i)}"
+                else:
+                    term = f"{gi} * ({printer.doprint(grad)})"
                 if j in members:
                     contrib[j].append(term)
                     reached.add(j)
