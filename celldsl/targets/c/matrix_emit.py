@@ -39,8 +39,9 @@ def host_nodes(ir: TensorIR) -> list[bool]:
     """Per node: computed by torch before the loop rather than in the C loop: the leaves, and the
     projections (a product of host nodes, one of them free of the input: `W @ x`, `W2 @ (W1 @ x)`)
     and their transposes, and pointwise values of those free of the input. A product of two
-    input-dependent values (`k @ vᵀ`) runs in the loop: hoisted it would be a matrix per step. Also what matrix_hoist.hoisted names: a prev() (the loop holds one
-    step) and what depends on it but on no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
+    input-dependent values (`k @ vᵀ`) runs in the loop: hoisted it would be a matrix per step. Also
+    what matrix_hoist.hoisted names: a prev() (the loop holds one step) and what depends on it but on
+    no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
     out: list[bool] = []
     inputs: list[bool] = []
     shifted = hoisted(ir)
