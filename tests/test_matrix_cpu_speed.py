@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from celldsl.compiler import compile_cell
 from celldsl.lang.errors import CellWarning
 from celldsl.nn.matrix import MatrixRecurrent
-from celldsl.targets.c.matrix_emit import host_nodes, matrix_c_source
+from celldsl.targets.c.matrix_emit import host_nodes, matrix_c_source, used_host
 from celldsl.targets.c.matrix_rewrite import rewrite, split_output
 
 MAMBA = {"heads": 1, "D": 6, "N_s": 3, "R": 2, "O": 5}
@@ -120,3 +120,15 @@ def test_headed_output_projection(share, tmp_path):
         return (o, *finals)
 
     assert torch.autograd.gradcheck(f, (xs, s0, *params))
+
+
+def test_loop_skips_what_only_torch_or_nothing_reads():
+    ir, _ = split_output(rewrite(compile_cell("mamba").ir))
+    names = {ir.nodes[j].name for j in used_host(ir)}
+    assert "conv_w3" not in names  # conv_w3 * u_in feeds only the hoisted conv sum: torch's alone
+    gla = rewrite(compile_cell("gla").ir)
+    src = matrix_c_source(gla, {"heads": 2, "K": 3, "V": 4, "R": 2, "x": 5})
+    bstep = src[src.index("cd_mx_bstep_f64("):]
+    bstep = bstep[:bstep.index("\n}\n")]
+    assert f"V->v{gla.output_node}[" not in bstep  # the backward's rebuild skips the readout
+    assert f"V->v{gla.output_node}[" in src[src.index("cd_mx_fast_f64("):]
