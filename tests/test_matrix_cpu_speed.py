@@ -17,6 +17,7 @@ from celldsl.lang.errors import CellWarning
 from celldsl.nn.matrix import MatrixRecurrent
 from celldsl.targets.c.matrix_emit import host_nodes, matrix_c_source, used_host
 from celldsl.targets.c.matrix_rewrite import rewrite, split_output
+from celldsl.targets.matrix_hoist import matmul
 
 MAMBA = {"heads": 1, "D": 6, "N_s": 3, "R": 2, "O": 5}
 
@@ -132,3 +133,19 @@ def test_loop_skips_what_only_torch_or_nothing_reads():
     bstep = bstep[:bstep.index("\n}\n")]
     assert f"V->v{gla.output_node}[" not in bstep  # the backward's rebuild skips the readout
     assert f"V->v{gla.output_node}[" in src[src.index("cd_mx_fast_f64("):]
+
+
+def test_hoisted_projection_backward_is_a_view():
+    a = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)  # W: heads 2, 3 x 4
+    b = torch.randn(5, 1, 4, 1, dtype=torch.float64, requires_grad=True)  # x for 5 steps
+    v = matmul(a.detach(), b)  # (x's path only: W's own indexing is one small parameter)
+    torch.testing.assert_close(v, torch.einsum("hrk,nkc->nhrc", a[0], b[:, 0]))
+    seen, todo = set(), [v.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo += [g for g, _ in f.next_functions]
+    names = {type(f).__name__ for f in seen}
+    assert "SelectBackward0" not in names  # its backward zero-fills x's shape per projection
+    assert torch.autograd.gradcheck(matmul, (a, b))
