@@ -63,7 +63,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # W @ x for every step and head: one [rows, k] x [k, heads * r] GEMM whose result is already
         # [rows, heads, r, 1] in memory (an einsum's batched product leaves it permuted: a copy)
         h, r, k = a.shape[1:4]
-        return (b[:, 0, :, 0] @ a[0].reshape(h * r, k).T).view(b.shape[0], h, r, 1)
+        # (b reshaped, not indexed: b[:, 0, :, 0]'s backward zero-fills a buffer and copies into it)
+        return (b.reshape(b.shape[0], k) @ a[0].reshape(h * r, k).T).view(b.shape[0], h, r, 1)
     if a.shape[0] == 1 and b.shape[0] > 1 and b.shape[1] == 1:
         return torch.einsum("hrk,nkc->nhrc", a[0], b[:, 0])
     h = max(a.shape[1], b.shape[1])

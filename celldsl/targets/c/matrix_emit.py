@@ -30,21 +30,27 @@ SIMD_SUM = '_Pragma("omp simd reduction(+:acc)") '  # a sum vectorised (-fopenmp
 FIXED = ("const", "size", "eye")  # host nodes without a gradient
 LEAVES = ("input", "param", *FIXED)
 ONCE = "+=\x01"  # a backward loop that adds to every element of its target once (assign_first_writes)
+HOIST_CONSTANT = True  # pointwise values of parameters only are host nodes (a switch for A/B timing)
+OWN_VALUE = True  # a derivative equal to the node's value (exp) reads the value (a switch for A/B timing)
+PRUNE = True  # the backward's rebuild computes only what it keeps (a switch for A/B timing)
 C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
 
 
 def host_nodes(ir: TensorIR) -> list[bool]:
     """Per node: computed by torch before the loop rather than in the C loop: the leaves, and the
     projections (a product of host nodes, one of them free of the input: `W @ x`, `W2 @ (W1 @ x)`)
-    and their transposes. A product of two input-dependent values (`k @ vᵀ`) runs in the loop: hoisted
-    it would be a matrix per step. Also what matrix_hoist.hoisted names: a prev() (the loop holds one
-    step) and what depends on it but on no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
+    and their transposes, and pointwise values of those free of the input. A product of two
+    input-dependent values (`k @ vᵀ`) runs in the loop: hoisted it would be a matrix per step. Also
+    what matrix_hoist.hoisted names: a prev() (the loop holds one step) and what depends on it but on
+    no state (Mamba's conv taps and Δ, B, C; RWKV-6's lerps)."""
     out: list[bool] = []
     inputs: list[bool] = []
     shifted = hoisted(ir)
     for i, node in enumerate(ir.nodes):
         inputs.append(node.op == "input" or any(inputs[j] for j in node.args))
         host = node.op in LEAVES or (node.op in ("matmul", "transpose") and all(out[j] for j in node.args))
+        if HOIST_CONSTANT and node.op == "pointwise" and not inputs[i] and all(out[j] for j in node.args):
+            host = True  # of parameters only (Mamba's A = -exp(A_log)): once, not per step and element
         if node.op == "matmul" and all(inputs[j] for j in node.args):
             host = False
         out.append(host or shifted[i])
@@ -71,10 +77,22 @@ def blocker(ir: TensorIR) -> tuple[str, int | None]:
     return "", None
 
 
+def loop_nodes(ir: TensorIR) -> list[bool]:
+    """Per node: computed in the C loop: not a host node, and read (through loop nodes) by the output or
+    a next state. A value only host nodes read (Mamba's conv tap on this step's u_in, which the hoisted
+    conv sum reads) is torch's alone: the loop would compute it for nothing and take its operands."""
+    host = host_nodes(ir)
+    live = {ir.output_node, *ir.new_state.values()}
+    for i in range(len(ir.nodes) - 1, -1, -1):
+        if i in live and not host[i]:
+            live.update(ir.nodes[i].args)
+    return [not host[i] and (i in live or n.op == "state" or not PRUNE) for i, n in enumerate(ir.nodes)]
+
+
 def used_host(ir: TensorIR) -> list[int]:
     """The host nodes the C loop reads, in node order."""
-    host = host_nodes(ir)
-    return sorted({j for i, n in enumerate(ir.nodes) if not host[i] for j in n.args if host[j]})
+    host, loop = host_nodes(ir), loop_nodes(ir)
+    return sorted({j for i, n in enumerate(ir.nodes) if loop[i] for j in n.args if host[j]})
 
 
 def assign_first_writes(lines: list[str]) -> list[str]:
@@ -104,7 +122,8 @@ class _Emitter:
         self.t = C_TYPES[dtype]
         self.host = host_nodes(ir)
         self.diag = self.scaling_diags()
-        self.c_nodes = [i for i in range(len(ir.nodes)) if not self.host[i] and i not in self.diag]
+        loop = loop_nodes(ir)
+        self.c_nodes = [i for i in range(len(ir.nodes)) if loop[i] and i not in self.diag]
         self.state_node = {n.name: i for i, n in enumerate(ir.nodes) if n.op == "state"}
 
     def scaling_diags(self) -> set[int]:
@@ -267,9 +286,13 @@ class _Emitter:
             group.clear()
 
         per_node = self.step_lines()
+        needed = set(keep)  # what keep reads: the rebuild skips the rest (the readout of the output)
+        for i in range(len(ir.nodes) - 1, -1, -1):  # (through the diag nodes, which are no c_nodes)
+            if i in needed or not PRUNE:
+                needed.update(ir.nodes[i].args)
         for i in self.c_nodes:
             node = ir.nodes[i]
-            if node.op == "state":
+            if node.op == "state" or (PRUNE and i not in needed):
                 continue
             f = self.fusable(i)
             if f is not None and (not group or f == shape):
@@ -361,7 +384,8 @@ class _Emitter:
                     dj = self.target(j, body)
                     if dj is None or node.grads[k] == 0:
                         continue
-                    d = self.printer(node, S).doprint(node.grads[k])
+                    own = OWN_VALUE and str(node.grads[k]) == str(node.expr)  # exp: its value, read
+                    d = f"V->v{i}[e]" if own else self.printer(node, S).doprint(node.grads[k])
                     if self.size(j) == 1 and S > 1:
                         body.append(f"{{ {t} acc = 0; {SIMD_SUM}"
                                     f"for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
@@ -520,7 +544,13 @@ class _Emitter:
             for k, j in enumerate(node.args):
                 if node.grads[k] == 0 or j in self.diag:
                     continue
-                term = f"{gi} * ({printer.doprint(node.grads[k])})"
+                grad = node.grads[k]
+                # d exp(a) / da = exp(a): the value read, not recomputed (compared as printed: the
+                # expressions may differ in their symbols' assumptions)
+                if OWN_VALUE and str(grad) == str(node.expr):
+                    term = f"{gi} * {value(i)}"
+                else:
+                    term = f"{gi} * ({printer.doprint(grad)})"
                 if j in members:
                     contrib[j].append(term)
                     reached.add(j)
@@ -765,7 +795,7 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
     for dt in C_TYPES:
         em = _Emitter(ir, dims, dt)
         back = em.step_backward()  # first: bstep keeps the values it reads (em.read)
-        keep = {ir.output_node, *ir.new_state.values(), *em.read}
+        keep = {*ir.new_state.values(), *em.read} | ({ir.output_node} if not PRUNE else set())
         parts += [helper_functions(dt), DOT.format(t=em.t, dt=dt), em.struct(), em.common(), em.fast_step(),
                   em.fast_step("bstep", keep), back, em.loops()]
     return "\n".join(parts) + "\n"

@@ -24,7 +24,7 @@ from ...lang.tensors import ONE
 from ..matrix_hoist import evaluate
 from .fused import cell_library_ready, library_soon
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
-from .matrix_rewrite import rewrite
+from .matrix_rewrite import rewrite, split_output
 
 EVERY = 32  # the fewest steps between the forward's checkpoints of the states
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -45,6 +45,7 @@ class CMatrixLoop:
     def __init__(self, compiled, fallback=None):
         self.compiled, self.key, self.fallback = compiled, compiled.key, fallback
         self.ir = rewrite(compiled.ir)  # the same values in fewer operations (matrix_rewrite.py)
+        self.ir, self.post = split_output(self.ir)  # an output W @ v: the loop gives v, torch applies W
         why, node = blocker(self.ir)
         if why and fallback is None:
             raise refusal(self.ir, why, node)
@@ -111,7 +112,18 @@ class CMatrixLoop:
             raise RuntimeError(f"backend='cpu' could not build the matrix loop: {why}")
         host = self.hoist(x, params, dims)
         out = _Function.apply(self, lib, dims, lengths, len(states), x.shape[0], x.shape[1], *states, *host)
-        return out[0], tuple(out[1:])
+        return self.project(out[0], params), tuple(out[1:])
+
+    def project(self, v: torch.Tensor, params) -> torch.Tensor:
+        """The output W @ v of split_output, every step and head at once ([T, N, heads * width])."""
+        if self.post is None:
+            return v
+        w = params[self.ir.params.index(self.post)]  # [rows, cols], or [heads, rows, cols]
+        T, N = v.shape[0], v.shape[1]
+        v = v.reshape(T * N, -1, w.shape[-1])
+        if w.dim() == 2:
+            return (v @ w.t()).reshape(T, N, -1)
+        return torch.matmul(v.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(T, N, -1)
 
 
 def _rebuild(compiled, auto: bool) -> CMatrixLoop:

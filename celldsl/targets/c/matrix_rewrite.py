@@ -4,6 +4,8 @@ fewer operations. The backward is derived from the rewritten IR, so it stays con
 - A product with the identity minus (or plus) a scaled outer product, `A @ (I - c u wᵀ)` (the delta
   rule's `S @ (I - β k kᵀ)`), is computed as `A - c (A u) wᵀ`, and `(I - c u wᵀ) @ A` as
   `A - u (c (wᵀ A))`: O(rows x cols) per step instead of a rows x K x K product.
+- A pointwise node equal to an earlier one (the same operands and expression) is that node: the
+  cell's `exp(dA) * h + (exp(dA) - 1) / A * ...` computes the exponential once, and differentiates it once.
 - Then the nodes nothing reads any more are dropped (the leaves stay: torch hoists them by node).
 """
 
@@ -15,6 +17,8 @@ import sympy as sp
 
 from ...lang.tensors import ONE, Kind, Node, TensorIR
 
+SHARE = True  # equal pointwise nodes merged (Mamba's exp(dA), written twice); a switch for A/B timing
+SPLIT = True  # split_output on (a switch for A/B timing)
 LEAF_OPS = ("input", "state", "param", "const", "size", "eye")
 
 
@@ -118,10 +122,17 @@ class _Rewriter:
         return None
 
     def run(self, ir: TensorIR) -> TensorIR:
+        seen: dict = {}  # a pointwise node's (args, expr, kind) -> its new index: computed once
         for i, node in enumerate(self.old):
             new = self.matmul(i, node) if node.op == "matmul" else None
             if new is None:
-                new = self.add(dataclasses.replace(node, args=tuple(self.remap[j] for j in node.args)))
+                args = tuple(self.remap[j] for j in node.args)
+                key = (args, node.expr, node.kind) if node.op == "pointwise" and SHARE else None
+                new = seen.get(key) if key is not None else None
+                if new is None:
+                    new = self.add(dataclasses.replace(node, args=args))
+                    if key is not None:
+                        seen[key] = new
             self.remap[i] = new
         new_state = {s: self.remap[i] for s, i in ir.new_state.items()}
         return self.pruned(ir, new_state, self.remap[ir.output_node])
@@ -137,6 +148,22 @@ class _Rewriter:
                  for i in keep]
         return dataclasses.replace(ir, nodes=nodes, new_state={s: index[i] for s, i in new_state.items()},
                                    output_node=index[output])
+
+
+def split_output(ir: TensorIR) -> tuple[TensorIR, str | None]:
+    """An output `W @ v` (W a parameter, v a vector the loop computes) as (ir whose output is v, W's
+    name): torch then applies W to every step's v at once, one GEMM, instead of a matrix-vector product
+    per step in the loop forward and two in its backward (Mamba's out_proj). (ir, None) otherwise."""
+    node = ir.nodes[ir.output_node]
+    if node.op != "matmul" or not SPLIT:
+        return ir, None
+    w, v = (ir.nodes[j] for j in node.args)
+    if (w.op != "param" or w.kind.rows == ONE or w.kind.cols == ONE or v.kind.cols != ONE
+            or v.kind.rows == ONE or v.op in LEAF_OPS or not v.kind.head and w.kind.head):
+        return ir, None
+    r = _Rewriter(ir)
+    r.nodes = list(ir.nodes)
+    return r.pruned(ir, dict(ir.new_state), node.args[1]), w.name
 
 
 def rewrite(ir: TensorIR) -> TensorIR:
