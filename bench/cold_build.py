@@ -45,7 +45,10 @@ t0 = time.perf_counter()
 compiled = compile_cell(stem)
 ir = compiled.ir
 extra = {}
-if isinstance(compiled, CompiledMatrixCell):
+if isinstance(compiled, CompiledMatrixCell) and not ir.heads:  # shaped parameters: one head, H wide
+    declared = [w for w in [*ir.widths, *ir.init_sizes] if w not in ("H", "heads")]
+    layer = celldsl.Recurrent(compiled, I, H, backend="cpu", sizes={w: SIZES.get(w, 8) for w in declared})
+elif isinstance(compiled, CompiledMatrixCell):
     needed = ["heads", *ir.widths, *ir.init_sizes]
     try:
         layer = celldsl.MatrixRecurrent(compiled, I, {w: SIZES.get(w, 8) for w in needed}, backend="cpu")
