@@ -98,6 +98,7 @@ class MatrixRecurrent(nn.Module):
         return MatrixCell.sharing(self.compiled, self.layer_sizes[layer], self.backend, params)
 
     def forward(self, x, state=None):
+        refuse_tracing(self.ir.name, self.backend)
         packed = isinstance(x, PackedSequence)
         lengths = None
         if packed:
@@ -197,6 +198,7 @@ class MatrixCell(nn.Module):
         return step
 
     def forward(self, input, state=None):
+        refuse_tracing(self.ir.name, self.backend)
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"MatrixCell: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -296,6 +298,21 @@ def initialise(ir, views: dict[str, torch.Tensor], sizes: dict[str, int]) -> Non
             view.normal_(0.0, init.number)
         elif init.name in ("zeros", "ones"):
             view.fill_(float(init.name == "ones"))
+
+
+def refuse_tracing(cell: str, backend: str) -> None:
+    """torch.export and torch.jit.trace of a matrix-path cell: refused with the reason and what works,
+    not deep in the tracer. The cpu and Triton loops are foreign calls (ctypes, Triton), not registered
+    torch ops, so a tracer cannot see through them; the torch loop exports, unrolled over the example's
+    steps (the program then holds only for that sequence length: torch's guard says so at other ones)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"torch.jit.trace: cell {cell!r} runs on the matrix path, whose loops are not "
+                           "registered torch ops; run it eagerly")
+    if torch.compiler.is_exporting() and backend != "torch":
+        raise RuntimeError(f"torch.export: cell {cell!r} runs on the matrix path, whose {backend!r} loop is "
+                           "a foreign call (ctypes or Triton), not a registered torch op. Build the layer "
+                           "with backend='torch' to export it: the program unrolls the loop over the "
+                           "example's steps and holds for that sequence length only")
 
 
 def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:
