@@ -21,7 +21,7 @@ import torch
 from ... import cache
 from ...lang.errors import CellError
 from ...lang.tensors import ONE
-from ..matrix_hoist import evaluate
+from ..matrix_hoist import as4, evaluate
 from .fused import cell_library_ready, library_soon
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
 from .matrix_rewrite import rewrite, split_output
@@ -74,21 +74,11 @@ class CMatrixLoop:
                 self.libs[k] = (lib, why, None)
         return lib, why
 
-    def as4(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """A parameter ([heads, ...] or shared) as [1, heads or 1, rows, cols]."""
-        k = self.ir.kinds[name]
-        shape = [1, *t.shape] if k.head else [1, 1, *t.shape]
-        if k.rows == ONE:
-            shape.insert(2, 1)
-        if k.cols == ONE:
-            shape.insert(3, 1)
-        return t.reshape(shape)
-
     def hoist(self, x, params, dims) -> list[torch.Tensor]:
         """The host nodes the C loop reads, as contiguous [T*N or 1, heads or 1, rows, cols] tensors
         (torch, all steps at once: targets/matrix_hoist.py; autograd takes their gradients on)."""
         ir = self.ir
-        p4 = [self.as4(n, p) for n, p in zip(ir.params, params, strict=True)]
+        p4 = [as4(ir, n, p) for n, p in zip(ir.params, params, strict=True)]
         vals = evaluate(ir, self.used, x, p4, dims)
         out = []
         for j in self.used:
