@@ -802,3 +802,17 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
 
 
 SYMBOLS = [f"cd_mx_{way}_{dt}" for way in ("forward", "backward") for dt in C_TYPES]
+
+
+class ForwardStep:
+    """The forward step alone, for a time loop written elsewhere (export/c_matrix.py, the standalone
+    library): `source` defines the step's values `cd_mx_vals_<dt>` (`value_count` numbers, one array
+    per C node, fields v<node>), the dot product and `cd_mx_fast_<dt>(V, h, st, ns)`, which reads the
+    host nodes at h[node], the states at st[k] and writes the next states in `in_place` (node -> k)
+    into ns[k]; every other next state and the output are in V (or a state) after the call."""
+
+    def __init__(self, ir: TensorIR, dims: dict[str, int], dtype: str):
+        em = _Emitter(ir, dims, dtype)
+        self.source = "\n".join([DOT.format(t=em.t, dt=dtype), em.struct(), em.fast_step()])
+        self.in_place = em.new_in_place()
+        self.value_count = sum(em.size(i) for i in em.c_nodes)
