@@ -87,7 +87,8 @@ def build(layer, directory: Path, dt: str) -> tuple[Path, Path]:
     exe = directory / "harness"
     # warnings are errors: the library must build cleanly in a user's strict build
     subprocess.run([CC, "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic", "-o", str(exe),
-                    str(directory / "harness.c"), str(paths[0]), "-lm"], check=True, capture_output=True, text=True)
+                    str(directory / "harness.c"), str(paths[0]), "-lm"],
+                   check=True, capture_output=True, text=True)
     return exe, paths[2]
 
 
@@ -225,6 +226,11 @@ def test_cell_name_is_an_identifier_and_comments_are_sanitised():
     name, source, header = matrix_sources(layer.compiled, layer.layer_sizes[0])
     assert name == "celldsl_mega"
     assert all(ord(c) < 128 for c in source + header) and "evil" not in source + header
+    # the cell's other names reach the header's comments only, never the .c
+    text = text.replace("W_k", "zz_secret_key")
+    name, source, header = matrix_sources(compile_cell(text), layer.layer_sizes[0])
+    assert "zz_secret_key" not in source
+    assert all(line.lstrip().startswith("at ") for line in header.splitlines() if "zz_secret_key" in line)
 
 
 def test_what_the_c_loop_cannot_express_is_refused_located(tmp_path):
@@ -253,9 +259,67 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="missing 'x'"):
         write_matrix_library(layer.compiled, sizes_of("gla"), params, "unused")
     with pytest.raises(ValueError, match="parameter 'W_q' must be a tensor of shape"):
-        write_matrix_library(layer.compiled, layer.layer_sizes[0], {**params, "W_q": torch.zeros(2)}, "unused")
+        write_matrix_library(layer.compiled, layer.layer_sizes[0], {**params, "W_q": torch.zeros(2)},
+                             "unused")
     with pytest.raises(TypeError, match="float32 or float64"):
         write_matrix_library(layer.compiled, layer.layer_sizes[0], params, "unused", torch.float16)
     two = MatrixRecurrent("gla", I, sizes_of("gla"), num_layers=2, backend="torch")
     with pytest.raises(ValueError, match="one layer and one direction"):
         write_layer_library(two, "unused")
+
+
+# Values computed before the step in C (the cpu backend's torch side): prev() at several distances, of
+# the input and of a projection, reductions and diag / the identity of host values, shared and per head.
+HOST_FEATURES = [
+    ("W_k @ (x - prev(x, 2))", "g * S + k @ vᵀ", "qᵀ @ S'"),
+    ("tanh(W_k @ prev(x)) + W_k @ x", "diag(sigmoid(k)) @ S + k @ vᵀ", "qᵀ @ tanh(S')"),
+    ("W_k @ x / max(abs(sum(W_k @ prev(x, 4))), 1)", "S - g * k @ (kᵀ @ S) + k @ vᵀ", "qᵀ @ S' * mean(S')"),
+    ("W_k @ x * mean(prev(x, 3)) - min(x)", "(I - g * k @ kᵀ) @ S + g * k @ vᵀ", "qᵀ @ S'"),
+    ("diag(sigmoid(c_k)) @ W_k @ x + prev(W_k @ x)", "g * S + (1 - g) * tanh(S + k @ vᵀ)", "qᵀ @ S'"),
+    ("(eye @ W_k) @ x + 2 ^ sum(c_k)", "g * S + k @ vᵀ", "qᵀ @ S' / max(abs(sum(S')), 1)"),
+]
+
+
+def host_cell(feature: str, update: str, readout: str) -> str:
+    return ("cell rnd\ninput x\nstate S : (K, V) per head\noutput o\n"
+            "param W_q, W_k : (K, x) per head\nparam W_v : (V, x) per head\nparam c_k : K per head\n"
+            "param w_g : x per head\nparam b_g : 1 per head\n"
+            f"q = W_q @ prev(x)\nk = {feature}\nv = W_v @ x\ng = sigmoid(w_gᵀ @ x + b_g)\n"
+            f"S' = {update}\no = {readout}\n")
+
+
+@needs_cc
+@pytest.mark.parametrize("feature,update,readout", HOST_FEATURES)
+def test_values_before_the_step(tmp_path, feature, update, readout):
+    import warnings
+
+    from celldsl.lang.errors import CellWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)  # g is unused by some updates
+        layer = layer_of(host_cell(feature, update, readout), {"heads": 2, "K": 3, "V": 2})
+    check(layer, tmp_path, shapes=((9, 2), (3, 1)))
+
+
+@needs_cc
+def test_two_libraries_link_into_one_program(tmp_path):
+    """Each library defines one external symbol, its forward: two exported cells link together."""
+    nm = shutil.which("nm")
+    objects = []
+    for name in ("gla", "mamba"):
+        paths = write_layer_library(layer_of(name, sizes_of(name)), tmp_path, torch.float32)
+        obj = tmp_path / f"{name}.o"
+        subprocess.run([CC, "-std=c99", "-O1", "-c", "-o", str(obj), str(paths[0])], check=True)
+        objects.append(obj)
+        if nm:
+            out = subprocess.run([nm, "-g", "--defined-only", str(obj)], check=True, capture_output=True,
+                                 text=True).stdout
+            assert [line.split()[-1] for line in out.splitlines()] == [f"celldsl_{name}_forward"]
+    main_c = tmp_path / "main.c"
+    main_c.write_text('#include "celldsl_gla.h"\n#include "celldsl_mamba.h"\n'
+                      "int main(void) { return (celldsl_gla_forward(0, 1, 0, 0, 0, 0, 0, 0) == -1 && "
+                      "celldsl_mamba_forward(1, 0, 0, 0, 0, 0, 0, 0) == -1) ? 0 : 1; }\n")
+    exe = tmp_path / "both"
+    subprocess.run([CC, "-std=c99", "-I", str(tmp_path), "-o", str(exe), str(main_c), *map(str, objects),
+                    "-lm"], check=True)
+    assert subprocess.run([str(exe)]).returncode == 0

@@ -49,7 +49,8 @@ def library_name(ir: TensorIR) -> str:
 
 def refusal(ir: TensorIR, why: str, node: int | None) -> CellError:
     """A located reason: at the node it is about, else at the first state."""
-    loc = ir.nodes[node].loc if node is not None and ir.nodes[node].loc is not None else ir.state_locs[ir.states[0]]
+    loc = ir.nodes[node].loc if node is not None else None
+    loc = loc if loc is not None else ir.state_locs[ir.states[0]]
     return CellError(f"celldsl export --c cannot write this matrix-memory cell: {why}", ir.source, loc)
 
 
@@ -113,7 +114,8 @@ class _Host:
         elif node.op == "eye":
             if node.name is None:
                 raise refusal(ir, "an identity of unknown size", i)
-            body = [f"for (int e = 0; e < {S}; ++e) o[e] = 0;", f"for (int e = 0; e < {r}; ++e) o[e * {r} + e] = 1;"]
+            body = [f"for (int e = 0; e < {S}; ++e) o[e] = 0;",
+                    f"for (int e = 0; e < {r}; ++e) o[e * {r} + e] = 1;"]
         elif node.op == "pointwise":
             syms = sp.symbols(f"a0:{len(node.args)}", real=True)
             names = {s: f"{a[m]}[{'e' if self.size(j) == S and S > 1 else '0'}]"
@@ -126,7 +128,8 @@ class _Host:
                     f"o[a * {c} + b] = acc; }}"]
         elif node.op == "transpose":
             rr, cc = self.shape(node.args[0])
-            body = [f"for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) o[b * {rr} + a] = a0[a * {cc} + b];"]
+            body = [f"for (int a = 0; a < {rr}; ++a) for (int b = 0; b < {cc}; ++b) "
+                    f"o[b * {rr} + a] = a0[a * {cc} + b];"]
         elif node.op in ("sum", "mean"):
             n = self.size(node.args[0])
             div = f" / ({t}){n}" if node.op == "mean" else ""
@@ -136,7 +139,8 @@ class _Host:
             body = [f"{{ {t} acc = a0[0]; for (int e = 1; e < {n}; ++e) "
                     f"if (a0[e] {cmp} acc || a0[e] != a0[e]) acc = a0[e]; o[0] = acc; }}"]
         elif node.op == "diag":
-            body = [f"for (int e = 0; e < {S}; ++e) o[e] = 0;", f"for (int e = 0; e < {r}; ++e) o[e * {r} + e] = a0[e];"]
+            body = [f"for (int e = 0; e < {S}; ++e) o[e] = 0;",
+                    f"for (int e = 0; e < {r}; ++e) o[e * {r} + e] = a0[e];"]
         else:
             raise refusal(ir, f"its operation {node.op!r} has no C form before the step", i)
         args = "".join(f" const {t} *a{m} = v{j} + g * {self.stride(j)};" for m, j in enumerate(node.args))
@@ -147,7 +151,8 @@ class _Host:
 class _Layout:
     """Offsets: the weights (elements of the .bin), the states (x N, per row), the workspace (elements)."""
 
-    def __init__(self, ir: TensorIR, original: TensorIR, dims: dict[str, int], host: _Host, step: ForwardStep):
+    def __init__(self, ir: TensorIR, original: TensorIR, dims: dict[str, int], host: _Host,
+                 step: ForwardStep):
         H = dims["heads"]
         self.weights: list[tuple[str, tuple[int, ...], int]] = []
         at = 0
@@ -185,8 +190,8 @@ def check_sizes(ir: TensorIR, sizes: dict) -> dict[str, int]:
     needed = ["heads", ir.inputs[0], *ir.widths]
     missing = [w for w in needed if w not in sizes]
     if missing:
-        raise ValueError(f"cell {ir.name!r}: sizes must give {', '.join(map(repr, needed))} (the input's size "
-                         f"under its name, as MatrixRecurrent.layer_sizes[0] does); missing "
+        raise ValueError(f"cell {ir.name!r}: sizes must give {', '.join(map(repr, needed))} (the input's "
+                         f"size under its name, as MatrixRecurrent.layer_sizes[0] does); missing "
                          f"{', '.join(map(repr, missing))}")
     bad = {w: v for w, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
     if bad:
@@ -211,7 +216,8 @@ def matrix_sources(compiled, sizes: dict[str, int], dtype: str = "f32") -> tuple
     step = ForwardStep(ir, dims, dtype)
     lay = _Layout(ir, original, dims, host, step)
     name = library_name(original)
-    return name, _source(ir, dims, dtype, name, host, step, lay), _header(ir, original, dims, dtype, name, lay)
+    source = _source(ir, dims, dtype, name, host, step, lay)
+    return name, source, _header(ir, original, dims, dtype, name, lay)
 
 
 def _output_size(ir: TensorIR, dims: dict[str, int]) -> int:
@@ -229,11 +235,11 @@ def _header(ir: TensorIR, original: TensorIR, dims, dtype: str, name: str, lay: 
         f"   x      [T, N, INPUT_SIZE]  time-major: the input {comment(ir.inputs[0])} at every step",
         f"   states [NUM_STATES blocks]: state k is [N, HEADS ({H}), rows, cols] (its own axes as the",
         "            layer's, without the 1 axes) at offset N * STATE<k>_OFFSET elements:",
-        *[f"            {k}: {comment(s)} {_words(ir.kinds[s], dims, ir.heads)}, STATE{k}_SIZE {H * sz} per row, "
-          f"offset N * {H * off}"
+        *[f"            {k}: {comment(s)} {_words(ir.kinds[s], dims, ir.heads)}, STATE{k}_SIZE {H * sz} per "
+          f"row, offset N * {H * off}"
           for k, (s, sz, off) in enumerate(zip(ir.states, lay.state_sizes, lay.state_off, strict=True))],
-        f"   out    [T, N, OUTPUT_SIZE]  the output {comment(ir.output)} ({_words(out_kind, dims, ir.heads)}) of every "
-        "head side by side, at every step",
+        f"   out    [T, N, OUTPUT_SIZE]  the output {comment(ir.output)} "
+        f"({_words(out_kind, dims, ir.heads)}) of every head side by side, at every step",
         "   work   WORKSPACE_PER_ROW * N elements of scratch (the loop runs one sequence at a time and",
         "          uses the first WORKSPACE_PER_ROW; sized per row as every exported cell's)",
         f"   weights: WEIGHT_COUNT {t}s, the .bin file as written (little-endian), the cell's parameters in",
@@ -306,10 +312,10 @@ def _source(ir: TensorIR, dims, dt: str, name: str, host: _Host, step: ForwardSt
     pointers += [f"stp[{k}] = st + {off[k]}; nsp[{k}] = nx + {off[k]};" for k in range(len(ir.states))]
     copies = [f"memcpy(nx + {off[k]}, {where(ir.new_state[s])}, {sz[k]} * sizeof({t}));"
               for k, s in enumerate(ir.states) if step.in_place.get(ir.new_state[s]) != k]
-    load = [f"memcpy(cur + hh * {lay.total} + {off[k]}, state_in + N * {H * off[k]} + (n * {H} + hh) * {sz[k]}, "
-            f"{sz[k]} * sizeof({t}));" for k in range(len(ir.states))]
-    store = [f"memcpy(state_out + N * {H * off[k]} + (n * {H} + hh) * {sz[k]}, cur + hh * {lay.total} + {off[k]}, "
-             f"{sz[k]} * sizeof({t}));" for k in range(len(ir.states))]
+    load = [f"memcpy(cur + hh * {lay.total} + {off[k]}, state_in + N * {H * off[k]} + (n * {H} + hh) * "
+            f"{sz[k]}, {sz[k]} * sizeof({t}));" for k in range(len(ir.states))]
+    store = [f"memcpy(state_out + N * {H * off[k]} + (n * {H} + hh) * {sz[k]}, cur + hh * {lay.total} + "
+             f"{off[k]}, {sz[k]} * sizeof({t}));" for k in range(len(ir.states))]
     rings = [f"memset(ring{i}, 0, {size} * sizeof({t}));" for i, size in lay.ring_size.items()]
     values = f"cd_mx_vals_{dt}"
 
@@ -342,7 +348,8 @@ def _source(ir: TensorIR, dims, dt: str, name: str, host: _Host, step: ForwardSt
         f"                {t} *st = cur + hh * {lay.total}, *nx = nxt + hh * {lay.total};",
         *indent(pointers, 16),
         f"                cd_mx_fast_{dt}(V, h, stp, nsp);",
-        f"                memcpy(out + ((t * N + n) * {H} + hh) * {ow}, {where(ir.output_node)}, {ow} * sizeof({t}));",
+        f"                memcpy(out + ((t * N + n) * {H} + hh) * {ow}, {where(ir.output_node)}, "
+        f"{ow} * sizeof({t}));",
         *indent(copies, 16),
         "            }",
         f"            {{ {t} *swap = cur; cur = nxt; nxt = swap; }}",
@@ -354,8 +361,8 @@ def _source(ir: TensorIR, dims, dt: str, name: str, host: _Host, step: ForwardSt
         "    return 0;",
         "}",
     ]
-    check = (f"typedef char cd_values_fit_{dt}[sizeof({values}) == {step.value_count} * sizeof({t}) ? 1 : -1];"
-             "  /* V lies at the workspace's start */")
+    check = (f"typedef char cd_values_fit_{dt}[sizeof({values}) == {step.value_count} * sizeof({t}) ? 1 "
+             ": -1];  /* V lies at the workspace's start */")
     return "\n".join([
         "/* Generated by celldsl export --c; do not edit. See the header for the layout. */",
         "#include <math.h>",
@@ -391,13 +398,14 @@ def write_matrix_library(compiled, sizes: dict, params: dict, out_dir, dtype=tor
         want, got = tuple(ir.param_shape(p, dims)), params[p]
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise ValueError(f"cell {ir.name!r}: parameter {p!r} must be a tensor of shape {list(want)} at these "
-                             f"sizes, got {shape}")
+            raise ValueError(f"cell {ir.name!r}: parameter {p!r} must be a tensor of shape {list(want)} at "
+                             f"these sizes, got {shape}")
         flat.append(got.detach().to("cpu", torch.float64).reshape(-1))
     name, source, header = matrix_sources(compiled, dims, dt)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    data = (torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)).to(dtype).numpy().astype(np_type)
+    flat = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+    data = flat.to(dtype).numpy().astype(np_type)
     paths = [directory / f"{name}.c", directory / f"{name}.h", directory / f"{name}.bin"]
     paths[0].write_text(source, encoding="ascii")
     paths[1].write_text(header, encoding="ascii")
