@@ -215,6 +215,7 @@ def test_names_that_are_c_keywords_or_generated_names(tmp_path):
     check(layer, tmp_path, shapes=((5, 2), (2, 3)))
     name, source, header = matrix_sources(layer.compiled, layer.layer_sizes[0])
     assert name == "celldsl_int"
+    assert "malloc" not in source and "free(" not in source  # the caller's workspace only
     assert "int celldsl_int_forward(" in header
     assert all(ord(c) < 128 for c in source + header)
 
@@ -263,6 +264,8 @@ def test_bad_arguments_are_refused():
                              "unused")
     with pytest.raises(TypeError, match="float32 or float64"):
         write_matrix_library(layer.compiled, layer.layer_sizes[0], params, "unused", torch.float16)
+    with pytest.raises(ValueError, match="writes a matrix-memory cell"):
+        write_matrix_library(compile_cell("lstm"), {"heads": 1, "x": 3}, {}, "unused")
     two = MatrixRecurrent("gla", I, sizes_of("gla"), num_layers=2, backend="torch")
     with pytest.raises(ValueError, match="one layer and one direction"):
         write_layer_library(two, "unused")

@@ -201,17 +201,15 @@ def check_sizes(ir: TensorIR, sizes: dict) -> dict[str, int]:
 
 def matrix_sources(compiled, sizes: dict[str, int], dtype: str = "f32") -> tuple[str, str, str]:
     """-> (file stem, .c text, .h text) of the cell at these sizes (every width, "heads", the input's)."""
-    original = compiled.ir
+    original = getattr(compiled, "ir", None)
+    if not isinstance(original, TensorIR):
+        raise ValueError("write_matrix_library writes a matrix-memory cell (compile_cell gives a "
+                         "CompiledMatrixCell); an elementwise cell exports with export/c_library.py")
     dims = check_sizes(original, sizes)
     ir = rewrite(original)  # the cpu backend's step: the same values in fewer operations
     why, node = blocker(ir)
     if why:
         raise refusal(ir, why, node)
-    if ir.heads and dims["heads"] > 1:
-        shared = next((s for s in ir.states if not ir.kinds[s].head), None)
-        if shared is not None:
-            raise CellError("celldsl export --c cannot write this matrix-memory cell: state "
-                            f"'{shared}' is shared by the heads", ir.source, ir.state_locs[shared])
     host = _Host(ir, dims)
     step = ForwardStep(ir, dims, dtype)
     lay = _Layout(ir, original, dims, host, step)
@@ -388,6 +386,7 @@ def write_matrix_library(compiled, sizes: dict, params: dict, out_dir, dtype=tor
     if dtype not in DTYPES:
         raise TypeError(f"write_matrix_library writes float32 or float64, got {dtype}")
     dt, np_type = DTYPES[dtype]
+    name, source, header = matrix_sources(compiled, sizes, dt)  # first: nothing is written on a refusal
     ir = compiled.ir
     dims = check_sizes(ir, sizes)
     missing = [p for p in ir.params if p not in params]
@@ -401,7 +400,6 @@ def write_matrix_library(compiled, sizes: dict, params: dict, out_dir, dtype=tor
             raise ValueError(f"cell {ir.name!r}: parameter {p!r} must be a tensor of shape {list(want)} at "
                              f"these sizes, got {shape}")
         flat.append(got.detach().to("cpu", torch.float64).reshape(-1))
-    name, source, header = matrix_sources(compiled, dims, dt)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     flat = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
