@@ -187,6 +187,7 @@ class _Layout:
 
 def check_sizes(ir: TensorIR, sizes: dict) -> dict[str, int]:
     """Every width, "heads" and the input's size, as positive ints."""
+    sizes = sizes if ir.heads else {"heads": 1, **sizes}  # one head (H, its widths): no "heads" to give
     needed = ["heads", ir.inputs[0], *ir.widths]
     missing = [w for w in needed if w not in sizes]
     if missing:
