@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.export import Dim
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from zoo import MATRIX, SHAPED
 
 import celldsl
@@ -226,6 +226,7 @@ def test_scripting_the_same_class_twice_and_the_parent_still_runs_eagerly():
 
 
 def test_a_packed_sequence_under_export_is_refused_with_the_reason():
+    """strict=False (strict=True stops earlier: dynamo does not trace torch's pack_padded_sequence)."""
     layer = layer_of("gla")
 
     class Packed(torch.nn.Module):
@@ -239,6 +240,26 @@ def test_a_packed_sequence_under_export_is_refused_with_the_reason():
     x, lengths = torch.randn(3, 2, I, dtype=torch.float64), torch.tensor([3, 2])
     with pytest.raises(RuntimeError, match="PackedSequence is not exported"):
         torch.export.export(Packed(), (x, lengths), strict=False)
+
+
+def test_a_packed_sequence_traces_and_runs_other_lengths():
+    """A trace keeps the lengths as data: the op takes them (its `lengths` argument)."""
+    layer = layer_of("mlstm", bidirectional=True)
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, lengths):
+            out, states = self.layer(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            return (pad_packed_sequence(out, total_length=x.shape[0])[0], *states)
+
+    x = torch.randn(5, 3, I, dtype=torch.float64)
+    traced = torch.jit.trace(Packed(), (x, torch.tensor([5, 2, 4])))
+    assert len(traced.layer.graph.findAllNodes("celldsl::matrix_sequence")) == 2
+    lengths = torch.tensor([3, 5, 1])
+    torch.testing.assert_close(traced(x, lengths), Packed()(x, lengths), **TOL)
 
 
 def _fresh(script: str, *paths) -> None:

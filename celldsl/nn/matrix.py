@@ -314,7 +314,7 @@ def run_loop(module, x, states, params, sizes: dict[str, int], code: str, length
 def refuse_packed_export(cell: str) -> None:
     """A PackedSequence under torch.export: refused, as for the elementwise layers (its lengths are data
     the exported program cannot guard on)."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_exporting():
         raise RuntimeError(f"cell {cell!r}: a PackedSequence is not exported (its lengths are data); export "
                            "the padded [T, N, I] input and run each length as its own call")
 
