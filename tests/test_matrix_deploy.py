@@ -144,7 +144,8 @@ def test_a_matrix_cell_step_exports_traces_and_scripts(cell):
         hidden = sizes["heads"] * sizes["V"]
         step = celldsl.Cell(cell, I, hidden, sizes=sizes, dtype=torch.float64)
     else:
-        step = celldsl.Cell(cell, I, 3, sizes={k: v for k, v in sizes.items() if k != "H"}, dtype=torch.float64)
+        widths = {k: v for k, v in sizes.items() if k != "H"}
+        step = celldsl.Cell(cell, I, 3, sizes=widths, dtype=torch.float64)
     assert isinstance(step, MatrixCell)
     x = torch.randn(2, I, dtype=torch.float64)
     program = torch.export.export(Model(step), (x,), dynamic_shapes=({0: Dim("N")},))
@@ -305,3 +306,13 @@ def test_a_traced_module_names_its_cell():
     traced = torch.jit.trace(Model(layer), (torch.randn(3, 2, I, dtype=torch.float64),))
     assert torchscript_cell_keys(traced) == [layer.compiled.key]
 
+
+
+def test_torch_compile_fullgraph_trains_through_the_op_and_its_backward():
+    layer = layer_of("mlstm", num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, I, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda x: layer(x)[0], backend="aot_eager", fullgraph=True)
+    g = torch.randn(5, 3, layer.output_size * 2, dtype=torch.float64)
+    got = torch.autograd.grad((compiled(x) * g).sum(), [x, *layer.parameters()])
+    want = torch.autograd.grad((layer(x)[0] * g).sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(got, want, **TOL)

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..compiler import CompiledMatrixCell, compile_cell
 from ..lang.errors import CellError, CellTensorError
 from ..ops import matrix_op
+from ..ops.function import register
 from ..ops.op import plain_eager
 from .arguments import check_layer_arguments
 from .inits import init_value
@@ -48,6 +49,7 @@ class MatrixRecurrent(nn.Module):
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
         self.compiled, self.ir = compiled, compiled.ir
+        register(compiled)  # the op (torch.export, TorchScript) finds the cell by its key
         if not self.ir.heads:  # one head, and the layout of torch.nn.RNN's states (see the module)
             if sizes.get("heads", 1) != 1:
                 raise ValueError(f"cell {self.ir.name!r} has no 'per head' values; it runs as one head, so "
@@ -129,7 +131,8 @@ class MatrixRecurrent(nn.Module):
                 params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
                 seq = x if d == 0 else _reverse(x, lengths)
                 init = [s[i].reshape(N, *sh) for s, sh in zip(state, inner, strict=True)]
-                out, last = run_loop(self, seq, init, params, self.layer_sizes[k], self.size_codes[k], lengths)
+                out, last = run_loop(self, seq, init, params, self.layer_sizes[k], self.size_codes[k],
+                                     lengths)
                 outs.append(out if d == 0 else _reverse(out, lengths))
                 for f, s, sh in zip(finals, last, shapes, strict=True):
                     f.append(s.reshape(sh[1:]))
@@ -182,6 +185,7 @@ class MatrixCell(nn.Module):
                             "does not carry yet; run the sequence with celldsl.Recurrent", compiled.ir.source,
                             shift.loc)
         self.compiled, self.ir, self.sizes, self.backend = compiled, compiled.ir, dict(sizes), backend
+        register(compiled)  # the op (torch.export, TorchScript) finds the cell by its key
         self.size_code = matrix_op.encode_sizes(self.sizes)  # the op's `sizes`
         self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for what cannot run
         self.input_size = sizes[self.ir.inputs[0]]

@@ -157,7 +157,8 @@ class _ScriptedStep(_Scripted):
 
     def script_step(self, input: Tensor, given: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if input.dim() != 1 and input.dim() != 2:
-            raise ValueError("MatrixCell: Expected input to be 1D or 2D, got " + str(input.dim()) + "D instead")
+            raise ValueError("MatrixCell: Expected input to be 1D or 2D, got " + str(input.dim())
+                             + "D instead")
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         if x.size(1) != self.input_size:
@@ -254,7 +255,8 @@ class _Layer5(_ScriptedLayer):
 
 
 class _Layer6(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
+    def forward(self, input: Tensor,
+                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
         if torch.jit.is_scripting():
             given: list[Tensor] = []
@@ -325,7 +327,8 @@ class _Step5(_ScriptedStep):
 
 
 class _Step6(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
+    def forward(self, input: Tensor,
+                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
         if torch.jit.is_scripting():
             given: list[Tensor] = []

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import batching  # noqa: F401  (registers the vmap rules)
-from . import matrix_op  # noqa: F401  (registers celldsl::matrix_sequence)
+from . import batching, matrix_op  # noqa: F401  (register the vmap rules, celldsl::matrix_sequence)
 from .autograd import CellSequence
 from .op import call, cell_sequence
 

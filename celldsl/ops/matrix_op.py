@@ -130,7 +130,8 @@ def matrix_sequence_backward(key: str, backend: str, x: Tensor, states: list[Ten
                  if g is not None and r.requires_grad]
         grads = [None] * len(inputs)
         if pairs:
-            grads = torch.autograd.grad([r for r, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+            grads = torch.autograd.grad([r for r, _ in pairs], inputs, [g for _, g in pairs],
+                                        allow_unused=True)
     flat = [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, inputs, strict=True)]
     return unaliased(flat, [x, *states, *params, grad_out, *grad_finals])
 
