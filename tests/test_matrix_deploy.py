@@ -3,6 +3,7 @@
 the op celldsl::matrix_sequence (celldsl/ops/matrix_op.py), whose programs and scripted modules load
 in a fresh process. The reference is the eager layer (its own loop, not the op)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -263,9 +264,11 @@ def test_a_packed_sequence_traces_and_runs_other_lengths():
     torch.testing.assert_close(traced(x, lengths), Packed()(x, lengths), **TOL)
 
 
-def _fresh(script: str, *paths) -> None:
+def _fresh(script: str, tmp_path, *paths) -> None:
+    """Run `script` in a fresh process with an empty cache: the cells come from the saved file's text."""
+    env = {**os.environ, "CELLDSL_CACHE": str(tmp_path / "empty_cache")}
     done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("same")
 
@@ -288,7 +291,8 @@ def test_a_saved_program_loads_and_runs_in_a_fresh_process(tmp_path):
     celldsl.save_program(program, tmp_path / "m.pt2")
     x2 = torch.randn(5, 3, I, dtype=torch.float64)
     torch.save({"x": x2, "want": model(x2)}, tmp_path / "data.pt")
-    _fresh(FRESH.format(load="load_program", module=".module()"), tmp_path / "m.pt2", tmp_path / "data.pt")
+    _fresh(FRESH.format(load="load_program", module=".module()"), tmp_path, tmp_path / "m.pt2",
+           tmp_path / "data.pt")
 
 
 def test_a_saved_torchscript_module_loads_and_runs_in_a_fresh_process(tmp_path):
@@ -298,7 +302,7 @@ def test_a_saved_torchscript_module_loads_and_runs_in_a_fresh_process(tmp_path):
     celldsl.save_torchscript(scripted, tmp_path / "m.pt")
     x2 = torch.randn(3, 5, I, dtype=torch.float64)
     torch.save({"x": x2, "want": Model(layer)(x2)}, tmp_path / "data.pt")
-    _fresh(FRESH.format(load="load_torchscript", module=""), tmp_path / "m.pt", tmp_path / "data.pt")
+    _fresh(FRESH.format(load="load_torchscript", module=""), tmp_path, tmp_path / "m.pt", tmp_path / "data.pt")
 
 
 def test_a_traced_module_names_its_cell():
