@@ -177,6 +177,8 @@ def test_gradcheck_through_the_op(cell, backend):
                                          encode_sizes(sizes), lengths))
 
         assert torch.autograd.gradcheck(run, (x, *states, *params))
+        args = (layer.compiled.key, backend, x, states, params, encode_sizes(sizes), lengths)
+        torch.library.opcheck(matrix_sequence, args)  # schema, fake kernel, autograd registration
 
 
 def test_gradients_through_a_scripted_layer_match_eager():
