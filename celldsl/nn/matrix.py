@@ -6,7 +6,10 @@ names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols]
 (W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is [heads]; a matrix the heads share,
 W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
 tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise; backend="triton" (opt-in,
-never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
+never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py). Eager calls run the loop
+itself; anything else (torch.export, torch.compile, torch.jit.trace) sees it as one call of the op
+celldsl::matrix_sequence per layer and direction (ops/matrix_op.py); torch.jit.script compiles the
+copies of nn/script_matrix.py.
 
 A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
 projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
