@@ -322,3 +322,19 @@ def test_torch_compile_fullgraph_trains_through_the_op_and_its_backward():
     got = torch.autograd.grad((compiled(x) * g).sum(), [x, *layer.parameters()])
     want = torch.autograd.grad((layer(x)[0] * g).sum(), [x, *layer.parameters()])
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_backward_op_refuses_rather_than_return_zero_gradients(monkeypatch):
+    """If a torch release stops _WithAutograd from turning autograd back on inside the op, the backward
+    raises instead of returning zeros as the gradients (simulated: autograd left off)."""
+    from celldsl.ops import matrix_op
+
+    monkeypatch.setattr(matrix_op, "_WithAutograd", torch.no_grad)
+    layer = layer_of("gla", "cpu")
+    sizes = layer.layer_sizes[0]
+    x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
+    states = [torch.zeros(2, *layer.ir.state_shape(s, sizes), dtype=torch.float64) for s in layer.ir.states]
+    params = [getattr(layer, layer.param_name(n, 0, 0)) for n in layer.ir.params]
+    out = matrix_sequence(layer.compiled.key, "cpu", x, states, params, encode_sizes(sizes), None)[0]
+    with pytest.raises(RuntimeError, match="autograd did not record the loop"):
+        out.sum().backward()

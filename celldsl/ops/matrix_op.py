@@ -126,8 +126,12 @@ def matrix_sequence_backward(key: str, backend: str, x: Tensor, states: list[Ten
     n = len(states)
     with _WithAutograd():
         result = _run(key, backend, inputs[0], inputs[1:1 + n], inputs[1 + n:], sizes, lengths)
-        pairs = [(r, g) for r, g in zip(result, [grad_out, *grad_finals], strict=True)
-                 if g is not None and r.requires_grad]
+        given = [(r, g) for r, g in zip(result, [grad_out, *grad_finals], strict=True) if g is not None]
+        if given and not any(r.requires_grad for r, _ in given):  # never zeros in place of gradients
+            raise RuntimeError("celldsl::matrix_sequence_backward: autograd did not record the loop "
+                               "inside the op (this torch's dispatcher no longer lets _WithAutograd turn it "
+                               "back on), so no gradient could be taken")
+        pairs = [(r, g) for r, g in given if r.requires_grad]
         grads = [None] * len(inputs)
         if pairs:
             grads = torch.autograd.grad([r for r, _ in pairs], inputs, [g for _, g in pairs],
