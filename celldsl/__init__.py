@@ -25,10 +25,10 @@ def safe_globals() -> list:
             model = torch.load(path, weights_only=True)
     """
     from .compiler import compile_source
-    from .nn import layers
+    from .nn import layers, matrix
 
     return [layers.LSTM, layers.GRU, layers.RNN, layers.LSTMCell, layers.GRUCell, layers.RNNCell,
-            layers.Recurrent, layers.Cell, compile_source]
+            layers.Recurrent, layers.Cell, matrix.MatrixRecurrent, matrix.MatrixCell, compile_source]
 
 
 def __getattr__(name: str):

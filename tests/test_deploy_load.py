@@ -145,7 +145,58 @@ def test_safe_globals_are_the_classes_and_compile_source():
     assert names == {"celldsl.nn.torch_layers.LSTM", "celldsl.nn.torch_layers.GRU",
                      "celldsl.nn.torch_layers.RNN", "celldsl.nn.cells.LSTMCell", "celldsl.nn.cells.GRUCell",
                      "celldsl.nn.cells.RNNCell", "celldsl.nn.layers.Recurrent", "celldsl.nn.cells.Cell",
+                     "celldsl.nn.matrix.MatrixRecurrent", "celldsl.nn.matrix.MatrixCell",
                      "celldsl.compiler.compile_source"}
+
+
+MATRIX_MODEL = """
+import torch
+from torch import nn
+import celldsl
+
+class MatrixModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlstm = celldsl.Recurrent("mlstm", 6, 8, num_layers=2, bidirectional=True, sizes={"heads": 2})
+        self.flstm = celldsl.Recurrent("flstm", 16, 8, sizes={"R": 3}, backend="torch")
+        self.step = celldsl.Cell("gla", 8, 8, sizes={"heads": 2})
+
+    def forward(self, x):
+        y, _ = self.mlstm(x)
+        y, (h, c) = self.flstm(y)
+        out, states = self.step(y[-1])
+        return out, h, states[0]
+"""
+
+
+def test_a_model_of_matrix_layers_loads_with_weights_only_in_a_fresh_process(tmp_path):
+    """MatrixRecurrent and MatrixCell (Recurrent/Cell of a matrix-path cell) pickle as tensors, numbers,
+    strings and their cell's text; before, weights_only refused them ('Unsupported global ...
+    MatrixRecurrent') and their IR and loop objects were pickled whole."""
+    (tmp_path / "matrix_model.py").write_text(MATRIX_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import matrix_model
+
+        torch.manual_seed(0)
+        model = matrix_model.MatrixModel()
+        x = torch.randn(5, 3, 6)
+        torch.save(model, tmp_path / "model.pt")
+        torch.save({"x": x, "expected": model(x)}, tmp_path / "io.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("matrix_model", None)
+    code = """
+        import torch
+        import celldsl
+        import matrix_model
+        with torch.serialization.safe_globals([*celldsl.safe_globals(), matrix_model.MatrixModel]):
+            model = torch.load("model.pt", weights_only=True)
+        io = torch.load("io.pt")
+        got = model(io["x"])
+        print(all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(got, io["expected"])))
+    """
+    assert _python(code, tmp_path, {"CELLDSL_CACHE": str(tmp_path / "empty_cache")}) == "True"
 
 
 class _Evil:

@@ -35,7 +35,21 @@ from .inits import init_value
 from .script_matrix import prepare_layer, prepare_step
 
 
-class MatrixRecurrent(nn.Module):
+class PicklesAsText:
+    """torch.save of a matrix layer or cell, loadable with torch.load(weights_only=True): the pickled
+    state is tensors, numbers, strings and the compiled cell (which pickles as compile_source(file name,
+    text), see celldsl.safe_globals); its IR and loop object are rebuilt from it on load."""
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("ir", "loop")}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.ir, self.loop = self.compiled.ir, self.compiled.loop(self.backend)
+        register(self.compiled)  # reachable from the ops again (matrix_sequence names it by key)
+
+
+class MatrixRecurrent(PicklesAsText, nn.Module):
     """forward(x, state=None) -> (output, final states).
 
     x: [T, N, I] ([N, T, I] with batch_first) or a PackedSequence; output [T, N, D * heads * width of
@@ -150,7 +164,7 @@ class MatrixRecurrent(nn.Module):
         return x, finals
 
 
-class MatrixCell(nn.Module):
+class MatrixCell(PicklesAsText, nn.Module):
     """One step of a matrix-memory cell: `celldsl.Cell(cell, input_size, hidden_size, sizes=...)`.
 
     forward(input, state=None) -> (output, new states): input [N, I] or [I] unbatched; state a tuple in
