@@ -47,7 +47,7 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         dtype = "f64" if args.float64 else "f32"
         compiled = compile_cell(_cell_arg(args.cell))
-        if args.onnx is not None and isinstance(compiled, CompiledMatrixCell):  # a matrix state (--c: refused)
+        if args.onnx is not None and isinstance(compiled, CompiledMatrixCell):  # --c: refused in load_cell
             paths = [_matrix_onnx(compiled, args, dtype)]
         else:
             cell = load_cell(compiled, args.input_size, args.hidden_size, args.weights, args.seed,

@@ -98,8 +98,9 @@ def _state_dict(weights) -> dict | None:
     return state
 
 
-def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None, seed: int = 0,
-                     sizes: str | dict | None = None) -> tuple[CompiledMatrixCell, dict[str, int], dict]:
+def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None,
+                     seed: int = 0, sizes: str | dict | None = None
+                     ) -> tuple[CompiledMatrixCell, dict[str, int], dict[str, torch.Tensor]]:
     """A matrix-memory cell with one layer's weights: (the compiled cell, its sizes, including "heads"
     and the input's name, and the float64 parameters by name as MatrixRecurrent stores them). The
     weights come from `weights` (a state_dict of celldsl.Recurrent(cell, input_size, hidden_size,
@@ -128,7 +129,8 @@ def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Pat
         except RuntimeError as err:
             first = " ".join(str(err).split())
             raise ExportError(f"{weights}: does not fit cell {compiled.name!r} with input size {input_size}, "
-                              f"hidden size {hidden_size} and sizes {layer.layer_sizes[0]}: {first[:400]}") from None
+                              f"hidden size {hidden_size} and sizes {layer.layer_sizes[0]}: "
+                              f"{first[:400]}") from None
     params = {n: getattr(layer, layer.param_name(n, 0, 0)).detach().clone() for n in compiled.ir.params}
     return compiled, dict(layer.layer_sizes[0]), params
 

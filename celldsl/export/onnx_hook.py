@@ -87,7 +87,8 @@ def _register(name: str) -> None:
             registry = sys.modules[REGISTRY]
             registry.onnx_impl(torch.ops.celldsl.cell_sequence.default, no_compile=True)(translate)
             if hasattr(torch.ops.celldsl, "matrix_sequence"):  # the matrix path's op, where defined
-                registry.onnx_impl(torch.ops.celldsl.matrix_sequence.default, no_compile=True)(translate_matrix)
+                op = torch.ops.celldsl.matrix_sequence.default
+                registry.onnx_impl(op, no_compile=True)(translate_matrix)
         else:
             torch.onnx.register_custom_op_symbolic(OP, legacy_refusal, 1)
             if hasattr(torch.ops.celldsl, "matrix_sequence"):

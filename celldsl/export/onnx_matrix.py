@@ -124,14 +124,15 @@ class MatrixBuilder:
                 return memo[i]
             node = ir.nodes[i]
             if node.op == "input":
-                out = (main.node("Reshape", [x, main.const([0, 0, 1, self.width(node.kind.rows), 1], True)]), 5)
+                shape = main.const([0, 0, 1, self.width(node.kind.rows), 1], True)
+                out = (main.node("Reshape", [x, shape]), 5)
             elif node.op == "param":
                 out = (params4[param_at[node.name]], 4)
             elif node.op in ("const", "size", "eye"):
                 out = (self.leaf_const(main, node, cache), 4)
             elif node.op == "shift":
                 out = (self.shift(main, x, *value(node.args[0]), int(node.value)), 5)
-            elif node.op == "matmul" and self.projection(node):
+            elif node.op == "matmul" and self.projection(node, value(node.args[0]), value(node.args[1])):
                 out = (self.project(main, value(node.args[0])[0], value(node.args[1])[0], node), 5)
             else:
                 out = self.emit(main, i, [value(j) for j in node.args], cache)
@@ -142,16 +143,11 @@ class MatrixBuilder:
             value(i)
         return memo
 
-    def projection(self, node) -> bool:
-        """A parameter-only matrix times an input-dependent vector shared by the heads: one GEMM
-        [T N, k] @ [k, heads rows] for every step (W_q @ x)."""
-        a, b = (self.ir.nodes[j] for j in node.args)
-        return (not self._reads_input(node.args[0]) and self._reads_input(node.args[1])
-                and not b.kind.head and b.kind.cols == ONE and b.kind.rows != ONE and a.op != "eye")
-
-    def _reads_input(self, i: int) -> bool:
-        node = self.ir.nodes[i]
-        return node.op in ("input", "shift") or any(self._reads_input(j) for j in node.args)
+    def projection(self, node, a: tuple, b: tuple) -> bool:
+        """A parameter-only matrix (rank 4) times an input-dependent vector shared by the heads (rank
+        5): one GEMM [T N, k] @ [k, heads rows] for every step (W_q @ x)."""
+        kb = self.ir.nodes[node.args[1]].kind
+        return a[1] == 4 and b[1] == 5 and not kb.head and kb.cols == ONE and kb.rows != ONE
 
     def project(self, g, w, v, node):
         """w [1, h, r, k] @ v [T, N, 1, k, 1] -> [T, N, h, r, 1] as one MatMul of v [T, N, k] by wᵀ."""
@@ -252,7 +248,8 @@ class MatrixBuilder:
                 raise ExportError(f"cell {ir.name!r}: parameter {name!r} is {list(t.shape)}, expected "
                                   f"{self.stored(name)}")
             weights.append(f"w{k}")
-            initializers.append(numpy_helper.from_array(np.ascontiguousarray(t.numpy(), main.np_type), f"w{k}"))
+            array = np.ascontiguousarray(t.numpy(), main.np_type)
+            initializers.append(numpy_helper.from_array(array, f"w{k}"))
         finals, out = self.scan(main, x, states, weights)
         for k, (f, s) in enumerate(zip(finals, ir.states, strict=True)):
             main.nodes.append(helper.make_node("Identity", [f], [f"state_out_{k}"]))
@@ -266,7 +263,8 @@ class MatrixBuilder:
         return model
 
 
-def matrix_onnx_model(ir: TensorIR, sizes: dict[str, int], params: dict[str, torch.Tensor], dtype: str = "f32"):
+def matrix_onnx_model(ir: TensorIR, sizes: dict[str, int], params: dict[str, torch.Tensor],
+                      dtype: str = "f32"):
     """The checked onnx.ModelProto of one layer, one direction of a matrix-memory cell."""
     import onnx
 
