@@ -1,5 +1,5 @@
-"""`import celldsl` registers celldsl's torch ops (celldsl::cell_sequence and its backward), so that
-a saved torch.export program that calls them loads in a fresh process.
+"""`import celldsl` registers celldsl's torch ops (celldsl::cell_sequence, celldsl::matrix_sequence and
+their backwards), so that a saved torch.export program that calls them loads in a fresh process.
 
 celldsl's own import does not import torch (about a second: `celldsl check` starts without it). So
 the ops are registered at `import celldsl` when torch is already imported, and otherwise right after

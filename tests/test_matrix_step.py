@@ -227,6 +227,9 @@ def test_pickle_and_deepcopy_keep_the_numbers():
         torch.testing.assert_close(other(x)[0], want, rtol=0, atol=0)
 
 
-def test_torch_jit_script_is_refused_with_the_reason():
-    with pytest.raises(RuntimeError, match="the MatrixCell of 'gla' cannot be scripted"):
-        torch.jit.script(celldsl.Cell("gla", 4, 8))
+def test_torch_jit_script_gives_the_eager_step():
+    """Scripted through the op celldsl::matrix_sequence (it was refused); tests/test_matrix_deploy.py
+    has more."""
+    step = celldsl.Cell("gla", 4, 8, dtype=F64)
+    x = torch.randn(N, 4, dtype=F64)
+    torch.testing.assert_close(torch.jit.script(step)(x), step(x), rtol=1e-12, atol=1e-12)

@@ -1,7 +1,8 @@
 """torch.export programs and TorchScript modules that carry their cells: `save_program` and
 `load_program`, `save_torchscript` and `load_torchscript`.
 
-A program calls celldsl::cell_sequence with a cell's cache key. The key digests celldsl's own source,
+A program calls celldsl::cell_sequence (celldsl::matrix_sequence for a matrix-path cell) with a cell's
+cache key. The key digests celldsl's own source,
 so another celldsl version, or another machine's cache, does not know it (plain `torch.export.load`
 then works only where the cache still has the cell). `save_program` writes each cell's file name and
 text beside the program (torch.export's extra_files); `load_program` compiles those texts again
@@ -25,7 +26,8 @@ CELLS_FILE = "celldsl_cells.json"
 def cell_keys(program: torch.export.ExportedProgram) -> list[str]:
     """The keys of the cells a program's graph runs, in order of first use."""
     keys = []
-    targets = (torch.ops.celldsl.cell_sequence.default, torch.ops.celldsl.cell_sequence_backward.default)
+    targets = (torch.ops.celldsl.cell_sequence.default, torch.ops.celldsl.cell_sequence_backward.default,
+               torch.ops.celldsl.matrix_sequence.default, torch.ops.celldsl.matrix_sequence_backward.default)
     for module in program.graph_module.modules():  # strict export keeps autograd.Functions as subgraphs
         graph = getattr(module, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
@@ -76,10 +78,11 @@ def torchscript_cell_keys(module: torch.jit.ScriptModule) -> list[str]:
         graphs = [sub.graph] if hasattr(sub, "graph") else []
         found = [key] if isinstance(key, str) else []
         for graph in graphs:
-            for node in graph.findAllNodes("celldsl::cell_sequence"):
-                value = node.inputsAt(0).toIValue()
-                if isinstance(value, str):
-                    found.append(value)
+            for op in ("celldsl::cell_sequence", "celldsl::matrix_sequence"):
+                for node in graph.findAllNodes(op):
+                    value = node.inputsAt(0).toIValue()
+                    if isinstance(value, str):
+                        found.append(value)
         keys.extend(k for k in found if k not in keys)
     return keys
 

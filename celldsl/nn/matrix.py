@@ -6,7 +6,10 @@ names them plus torch's `_l{layer}` (and `_reverse`), stored [heads, rows, cols]
 (W_q : (K, x) per head is [heads, K, I]; b_i : 1 per head is [heads]; a matrix the heads share,
 W_a1 : (R, x), is [R, I]). backend="auto" runs the C target's fused loop on CPU float32/float64
 tensors (targets/c/matrix_loop.py) and the torch target's loop otherwise; backend="triton" (opt-in,
-never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py).
+never "auto") runs the generated Triton kernels (targets/triton/matrix_loop.py). Eager calls run the loop
+itself; anything else (torch.export, torch.compile, torch.jit.trace) sees it as one call of the op
+celldsl::matrix_sequence per layer and direction (ops/matrix_op.py); torch.jit.script compiles the
+copies of nn/script_matrix.py.
 
 A cell with shaped parameters and no `per head` (ir.heads False: a low-rank bottleneck, a chained input
 projection) runs here as one head, with torch.nn.RNN's conventions: H is hidden_size, its states are
@@ -24,8 +27,12 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..compiler import CompiledMatrixCell, compile_cell
 from ..lang.errors import CellError, CellTensorError
+from ..ops import matrix_op
+from ..ops.function import register
+from ..ops.op import plain_eager
 from .arguments import check_layer_arguments
 from .inits import init_value
+from .script_matrix import prepare_layer, prepare_step
 
 
 class MatrixRecurrent(nn.Module):
@@ -45,6 +52,7 @@ class MatrixRecurrent(nn.Module):
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
         self.compiled, self.ir = compiled, compiled.ir
+        register(compiled)  # the op (torch.export, TorchScript) finds the cell by its key
         if not self.ir.heads:  # one head, and the layout of torch.nn.RNN's states (see the module)
             if sizes.get("heads", 1) != 1:
                 raise ValueError(f"cell {self.ir.name!r} has no 'per head' values; it runs as one head, so "
@@ -72,17 +80,16 @@ class MatrixRecurrent(nn.Module):
         first = self.ir.inputs[0]
         self.layer_sizes = [{**sizes, first: input_size if k == 0 else self.output_size * self.num_directions}
                             for k in range(num_layers)]
+        self.size_codes = [matrix_op.encode_sizes(s) for s in self.layer_sizes]  # the op's `sizes`
         for k in range(num_layers):
             for d in range(self.num_directions):
                 for name, p in new_parameters(self.ir, self.layer_sizes[k], device, dtype).items():
                     self.register_parameter(self.param_name(name, k, d), p)
 
     def __prepare_scriptable__(self):
-        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
-        raise RuntimeError(
-            f"torch.jit.script: MatrixRecurrent over cell {self.ir.name!r} (the matrix path) cannot be "
-            "scripted: its time loop is a Python object (targets/*/matrix_loop.py), not the registered op "
-            "celldsl::cell_sequence that scripted layers call. Run it eagerly")
+        """torch.jit.script calls this first: a copy sharing the parameters whose scripted forward calls
+        the op celldsl::matrix_sequence (nn/script_matrix.py)."""
+        return prepare_layer(self)
 
     @staticmethod
     def param_name(name: str, layer: int, direction: int) -> str:
@@ -98,10 +105,10 @@ class MatrixRecurrent(nn.Module):
         return MatrixCell.sharing(self.compiled, self.layer_sizes[layer], self.backend, params)
 
     def forward(self, x, state=None):
-        refuse_tracing(self.ir.name, self.backend)
         packed = isinstance(x, PackedSequence)
         lengths = None
         if packed:
+            refuse_packed_export(self.ir.name)
             x, lengths = pad_packed_sequence(x)
         elif self.batch_first and isinstance(x, torch.Tensor):
             x = x.transpose(0, 1)
@@ -127,7 +134,8 @@ class MatrixRecurrent(nn.Module):
                 params = [getattr(self, self.param_name(n, k, d)) for n in self.ir.params]
                 seq = x if d == 0 else _reverse(x, lengths)
                 init = [s[i].reshape(N, *sh) for s, sh in zip(state, inner, strict=True)]
-                out, last = self.loop.run(seq, init, params, self.layer_sizes[k], lengths)
+                out, last = run_loop(self, seq, init, params, self.layer_sizes[k], self.size_codes[k],
+                                     lengths)
                 outs.append(out if d == 0 else _reverse(out, lengths))
                 for f, s, sh in zip(finals, last, shapes, strict=True):
                     f.append(s.reshape(sh[1:]))
@@ -180,6 +188,8 @@ class MatrixCell(nn.Module):
                             "does not carry yet; run the sequence with celldsl.Recurrent", compiled.ir.source,
                             shift.loc)
         self.compiled, self.ir, self.sizes, self.backend = compiled, compiled.ir, dict(sizes), backend
+        register(compiled)  # the op (torch.export, TorchScript) finds the cell by its key
+        self.size_code = matrix_op.encode_sizes(self.sizes)  # the op's `sizes`
         self.loop = compiled.loop(backend)  # auto: the C loop on CPU tensors; CellError for what cannot run
         self.input_size = sizes[self.ir.inputs[0]]
         out = self.ir.nodes[self.ir.output_node].kind
@@ -198,7 +208,6 @@ class MatrixCell(nn.Module):
         return step
 
     def forward(self, input, state=None):
-        refuse_tracing(self.ir.name, self.backend)
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"MatrixCell: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -208,7 +217,7 @@ class MatrixCell(nn.Module):
         params = [getattr(self, n) for n in self.ir.params]
         self._check_input(x, params[0] if params else None)
         states = self._states(state, x, unbatched)
-        out, finals = self.loop.run(x[None], states, params, self.sizes, None)
+        out, finals = run_loop(self, x[None], states, params, self.sizes, self.size_code, None)
         if unbatched:
             return out[0, 0], tuple(f[0] for f in finals)
         return out[0], tuple(finals)
@@ -260,9 +269,9 @@ class MatrixCell(nn.Module):
         return checked
 
     def __prepare_scriptable__(self):
-        """torch.jit.script calls this first: refused here, with the reason, not deep in TorchScript."""
-        raise RuntimeError(f"torch.jit.script: the MatrixCell of {self.ir.name!r} cannot be scripted: its "
-                           "step is a Python loop object (targets/*/matrix_loop.py). Run it eagerly")
+        """torch.jit.script calls this first: a copy sharing the parameters whose scripted forward calls
+        the op celldsl::matrix_sequence (nn/script_matrix.py)."""
+        return prepare_step(self)
 
     def extra_repr(self) -> str:
         sizes = {k: v for k, v in self.sizes.items() if k != self.ir.inputs[0]}
@@ -300,19 +309,21 @@ def initialise(ir, views: dict[str, torch.Tensor], sizes: dict[str, int]) -> Non
             view.fill_(float(init.name == "ones"))
 
 
-def refuse_tracing(cell: str, backend: str) -> None:
-    """torch.export and torch.jit.trace of a matrix-path cell: refused with the reason and what works,
-    not deep in the tracer. The cpu and Triton loops are foreign calls (ctypes, Triton), not registered
-    torch ops, so a tracer cannot see through them; the torch loop exports, unrolled over the example's
-    steps (the program then holds only for that sequence length: torch's guard says so at other ones)."""
-    if torch.jit.is_tracing():
-        raise RuntimeError(f"torch.jit.trace: cell {cell!r} runs on the matrix path, whose loops are not "
-                           "registered torch ops; run it eagerly")
-    if torch.compiler.is_exporting() and backend != "torch":
-        raise RuntimeError(f"torch.export: cell {cell!r} runs on the matrix path, whose {backend!r} loop is "
-                           "a foreign call (ctypes or Triton), not a registered torch op. Build the layer "
-                           "with backend='torch' to export it: the program unrolls the loop over the "
-                           "example's steps and holds for that sequence length only")
+def run_loop(module, x, states, params, sizes: dict[str, int], code: str, lengths):
+    """(out, final states) of one layer and direction: the loop itself where nothing but autograd could
+    see the call (ops.op.plain_eager: eager training keeps the loop's own speed), else the registered
+    op celldsl::matrix_sequence, which torch.export, torch.compile and torch.jit.trace see as one call."""
+    if plain_eager([x, *states, *params, lengths]):
+        return module.loop.run(x, states, params, sizes, lengths)
+    return matrix_op.call(module.compiled.key, module.backend, x, states, params, code, lengths)
+
+
+def refuse_packed_export(cell: str) -> None:
+    """A PackedSequence under torch.export: refused, as for the elementwise layers (its lengths are data
+    the exported program cannot guard on)."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(f"cell {cell!r}: a PackedSequence is not exported (its lengths are data); export "
+                           "the padded [T, N, I] input and run each length as its own call")
 
 
 def _reverse(x: torch.Tensor, lengths) -> torch.Tensor:

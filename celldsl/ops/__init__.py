@@ -6,6 +6,7 @@
                  and the op's autograd registration
     batching.py  their vmap rules
     function.py  a cell's key -> its compiled cell and the loop of a backend (asked of the target)
+    matrix_op.py celldsl::matrix_sequence and its backward: the matrix path's loop (nn/matrix.py)
 
 `run` is what the layers call. Importing this package registers the autograd and vmap rules.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import batching  # noqa: F401  (registers the vmap rules)
+from . import batching, matrix_op  # noqa: F401  (register the vmap rules, celldsl::matrix_sequence)
 from .autograd import CellSequence
 from .op import call, cell_sequence
 

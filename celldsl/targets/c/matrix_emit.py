@@ -247,16 +247,13 @@ class _Emitter:
         keep = {ir.output_node, *ir.new_state.values()} if keep is None else keep
         lines = [f"static inline void cd_mx_{name}_{self.dt}(cd_mx_vals_{self.dt} *restrict V, "
                  f"const {t} *const *h, const {t} *const *st, {t} *const *ns)", "{"]
-        group: list[int] = []
-        shape: tuple[int, int] | None = None
 
         def ref(j: int) -> str:
             return refs.get(j, self.ref(j))
 
-        def flush():
-            if not group:
-                return
-            r, c = shape
+        def fused(group: list[int]) -> str:
+            """One loop over the elements of the group's r x c shape, its values in registers."""
+            r, c = self.fusable(group[0])
             members = set(group)
             body = []
             for i in group:
@@ -280,33 +277,20 @@ class _Emitter:
                 body.append(f"const {t} t{i} = {expr};")
                 if i in keep or users.get(i, set()) - members:
                     body.append(f"{ref(i)}[e] = t{i};")
-            lines.append(f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") "
-                         f"for (int b = 0; b < {c}; ++b) "
-                         f"{{ const int e = a * {c} + b; {' '.join(body)} }} }}")
-            group.clear()
+            return (f"    for (int a = 0; a < {r}; ++a) {{ _Pragma(\"omp simd\") "
+                    f"for (int b = 0; b < {c}; ++b) "
+                    f"{{ const int e = a * {c} + b; {' '.join(body)} }} }}")
 
         per_node = self.step_lines()
         needed = set(keep)  # what keep reads: the rebuild skips the rest (the readout of the output)
         for i in range(len(ir.nodes) - 1, -1, -1):  # (through the diag nodes, which are no c_nodes)
             if i in needed or not PRUNE:
                 needed.update(ir.nodes[i].args)
-        for i in self.c_nodes:
-            node = ir.nodes[i]
-            if node.op == "state" or (PRUNE and i not in needed):
-                continue
-            f = self.fusable(i)
-            if f is not None and (not group or f == shape):
-                group.append(i)
-                shape = f
-                continue
-            if group and (f is not None or set(node.args) & set(group)):
-                flush()
-                if f is not None:
-                    group.append(i)
-                    shape = f
-                    continue
-            lines += [self.with_refs(line, refs) for line in per_node[i]]
-        flush()
+        for run in self.runs(lambda i: PRUNE and i not in needed):
+            if self.fusable(run[0]) is not None:
+                lines.append(fused(run))
+            else:
+                lines += [self.with_refs(line, refs) for line in per_node[run[0]]]
         lines.append("}")
         return "\n".join(lines)
 
@@ -459,14 +443,16 @@ class _Emitter:
         self.read = sorted({int(m) for line in lines for m in re.findall(r"V->v(\d+)\[", line)})
         return "\n".join(lines)
 
-    def groups(self) -> list[list[int]]:
-        """The runs of matrix nodes fast_step fuses into one loop, in node order (the same walk)."""
+    def runs(self, skip=lambda i: False) -> list[list[int]]:
+        """The C nodes but the states (and those `skip` drops) in node order, as runs: each run of
+        fusable matrix nodes of one shape that fast_step fuses into one loop is one list, every other
+        node a list of its own. A run ends before a node of another shape, or one that reads it."""
         out: list[list[int]] = []
         group: list[int] = []
         shape = None
         for i in self.c_nodes:
             node = self.ir.nodes[i]
-            if node.op == "state":
+            if node.op == "state" or skip(i):
                 continue
             f = self.fusable(i)
             if f is not None and (not group or f == shape):
@@ -478,9 +464,15 @@ class _Emitter:
                 group = []
                 if f is not None:
                     group, shape = [i], f
+                    continue
+            out.append([i])
         if group:
             out.append(group)
         return out
+
+    def groups(self) -> list[list[int]]:
+        """The runs of matrix nodes fast_step fuses into one loop, in node order (the backward's)."""
+        return [run for run in self.runs() if self.fusable(run[0]) is not None]
 
     def group_backward(self, group: list[int]) -> list[str]:
         """The adjoints of a fused group (pointwise nodes and outer products of one r x c shape) in one
@@ -802,3 +794,17 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
 
 
 SYMBOLS = [f"cd_mx_{way}_{dt}" for way in ("forward", "backward") for dt in C_TYPES]
+
+
+class ForwardStep:
+    """The forward step alone, for a time loop written elsewhere (export/c_matrix.py, the standalone
+    library): `source` defines the step's values `cd_mx_vals_<dt>` (`value_count` numbers, one array
+    per C node, fields v<node>), the dot product and `cd_mx_fast_<dt>(V, h, st, ns)`, which reads the
+    host nodes at h[node], the states at st[k] and writes the next states in `in_place` (node -> k)
+    into ns[k]; every other next state and the output are in V (or a state) after the call."""
+
+    def __init__(self, ir: TensorIR, dims: dict[str, int], dtype: str):
+        em = _Emitter(ir, dims, dtype)
+        self.source = "\n".join([DOT.format(t=em.t, dt=dtype), em.struct(), em.fast_step()])
+        self.in_place = em.new_in_place()
+        self.value_count = sum(em.size(i) for i in em.c_nodes)
