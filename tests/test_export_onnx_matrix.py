@@ -1,9 +1,13 @@
 """`celldsl export CELL --onnx FILE` of matrix-path cells (export/onnx_matrix.py): every MATRIX and SHAPED
 zoo cell, and a user cell, as an ONNX Scan run in onnxruntime at two sequence lengths and batch sizes
 with one model (T and N are dynamic), against celldsl.Recurrent(cell, ..., backend="torch") on the same
-weights; the user cell also against a hand-written einsum loop of its equations."""
+weights; the user cell also against a hand-written einsum loop of its equations. Then plain
+torch.onnx.export of models holding matrix layers (celldsl::matrix_sequence translated to the same
+Scan: export/torch_onnx.py)."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import onnx
@@ -194,3 +198,54 @@ def test_what_the_printer_cannot_express_is_refused_located(monkeypatch):
         matrix_onnx_model(compiled.ir, sizes, params)
     lines = (zoo.CELLS / "m2rnn.cell").read_text(encoding="utf-8").splitlines()
     assert err.value.line == next(i for i, line in enumerate(lines, 1) if line.startswith("H' ="))
+
+
+PLAIN = [("mlstm", {"heads": 2}, "auto"), ("gla", {"heads": 2, "R": 3}, "torch"),
+         ("rwkv6", {"heads": 2, "R": 3, "R_d": 2}, "torch"), ("mamba", SIZES["mamba"], "auto"),
+         ("flstm", {"R": 3}, "torch"), (USER, {"heads": 2}, "torch")]
+
+
+@pytest.mark.parametrize(("name", "sizes", "backend"), PLAIN, ids=["mlstm", "gla", "rwkv6", "mamba", "flstm",
+                                                                    "user"])
+def test_plain_torch_onnx_export_of_matrix_layers(tmp_path, name, sizes, backend):
+    """torch.onnx.export(model, (x,)) with no translation table: each layer and direction's
+    celldsl::matrix_sequence becomes onnx_matrix's Scan (two layers, bidirectional; then batch_first),
+    T and N dynamic, against the model at other T and N than the traced ones (the user cell: the
+    reductions at the exporter's opset, where their axes are an input)."""
+    for layers, bidirectional, batch_first in ((2, True, False), (1, False, True)):
+        torch.manual_seed(0)
+        model = Recurrent(name, I, H, sizes=sizes, num_layers=layers, bidirectional=bidirectional,
+                          batch_first=batch_first, backend=backend).eval()
+        x = torch.randn(3, 6, I) if batch_first else torch.randn(6, 3, I)
+        dims = {0: "N", 1: "T"} if batch_first else {0: "T", 1: "N"}
+        program = torch.onnx.export(model, (x,), dynamic_shapes=(dims,))
+        program.save(str(tmp_path / "model.onnx"))
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert sum(n.op_type == "Scan" for n in onnx.load(str(tmp_path / "model.onnx")).graph.node) == \
+            layers * (1 + bidirectional)
+        for T, N in ((9, 2), (2, 4)):
+            x = torch.randn(N, T, I) if batch_first else torch.randn(T, N, I)
+            with torch.no_grad():
+                out, finals = model(x)
+            finals = finals if isinstance(finals, tuple) else (finals,)
+            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+            assert len(got) == 1 + len(finals)
+            for g, w in zip(got, [out, *finals], strict=True):
+                torch.testing.assert_close(torch.from_numpy(g), w, rtol=2e-4, atol=2e-4)
+
+
+def test_legacy_exporter_refuses_matrix_layers_with_the_reason():
+    """dynamo=False meets celldsl::matrix_sequence: celldsl's refusal naming dynamo=True, not torch's
+    "unrecognized namespace"."""
+    model = Recurrent("mlstm", I, H, sizes={"heads": 2}, backend="torch").eval()
+    with pytest.raises(ExportError, match="dynamo=True"):
+        torch.onnx.export(model, (torch.randn(4, 2, I),), io.BytesIO(), dynamo=False)
+
+
+def test_packed_op_calls_are_refused():
+    """The translation takes padded sequences only: a call with lengths is an ExportError."""
+    from celldsl.export.torch_onnx import matrix_sequence
+
+    layer = Recurrent("mlstm", I, H, sizes={"heads": 2}, backend="torch")
+    with pytest.raises(ExportError, match="padded sequences only"):
+        matrix_sequence(layer.compiled.key, "torch", None, [], [], "heads=2", lengths=object())
