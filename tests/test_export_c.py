@@ -247,15 +247,15 @@ def test_every_zoo_cell_in_c(tmp_path, name):
 
 @pytest.mark.parametrize("name", zoo.MATRIX)
 def test_matrix_cells_are_refused_located(tmp_path, capsys, name):
-    """No C or ONNX printer for matrix states yet: `celldsl export` says so at the first state, exit 1,
+    """No C printer for matrix states yet: `celldsl export --c` says so at the first state, exit 1,
     no traceback (it was an AttributeError)."""
-    with pytest.raises(CellError, match="an export does not take matrix-memory cells yet") as err:
+    with pytest.raises(CellError, match="the C export does not take matrix-memory cells yet") as err:
         load_cell(name, 4, 4)
     lines = (zoo.CELLS / f"{name}.cell").read_text(encoding="utf-8").splitlines()
     assert err.value.line == next(i for i, line in enumerate(lines, 1) if line.startswith("state "))
     assert main(["export", name, "--c", str(tmp_path / "o"), "--input-size", "4", "--hidden-size", "4"]) == 1
     out = capsys.readouterr()
-    assert "an export does not take matrix-memory cells yet" in out.err and "Traceback" not in out.err
+    assert "the C export does not take matrix-memory cells yet" in out.err and "Traceback" not in out.err
 
 
 def test_cell_errors_print_as_check_prints_them(tmp_path, capsys):

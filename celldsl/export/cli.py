@@ -3,6 +3,7 @@
     celldsl export lstm --c out/ --input-size 32 --hidden-size 64 --weights layer.pt
     celldsl export cells/gru.cell --onnx gru.onnx --input-size 32 --hidden-size 64 --seed 0
     celldsl export lstm_proj --onnx p.onnx --input-size 8 --hidden-size 16 --sizes P=4 --float64
+    celldsl export mlstm --onnx m.onnx --input-size 8 --hidden-size 16 --sizes heads=2,K=4
 
 The main CLI calls `register(subparsers)`. Errors print one line `celldsl: error: ...` (a cell file's
 errors print as `celldsl check` prints them) and exit 1. docs/deploy.md has the details.
@@ -40,20 +41,25 @@ def register(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..compiler import CompiledMatrixCell, compile_cell
     from .model import ExportError, load_cell
 
     try:
-        cell = load_cell(_cell_arg(args.cell), args.input_size, args.hidden_size, args.weights, args.seed,
-                         args.input_sizes, args.sizes)
         dtype = "f64" if args.float64 else "f32"
-        if args.c is not None:
-            from .c_library import write_c
-
-            paths = write_c(cell, args.c, dtype)
+        compiled = compile_cell(_cell_arg(args.cell))
+        if args.onnx is not None and isinstance(compiled, CompiledMatrixCell):  # --c: refused in load_cell
+            paths = [_matrix_onnx(compiled, args, dtype)]
         else:
-            from .onnx_graph import write_onnx
+            cell = load_cell(compiled, args.input_size, args.hidden_size, args.weights, args.seed,
+                             args.input_sizes, args.sizes)
+            if args.c is not None:
+                from .c_library import write_c
 
-            paths = [write_onnx(cell, args.onnx, dtype)]
+                paths = write_c(cell, args.c, dtype)
+            else:
+                from .onnx_graph import write_onnx
+
+                paths = [write_onnx(cell, args.onnx, dtype)]
     except CellError as err:
         print(str(err), file=sys.stderr)
         return 1
@@ -63,6 +69,19 @@ def run_export(args: argparse.Namespace) -> int:
     for path in paths:
         print(printable(str(path)))
     return 0
+
+
+def _matrix_onnx(compiled, args, dtype: str):
+    """`--onnx` of a matrix-memory cell (onnx_matrix.py); its layer takes no --input-sizes."""
+    from .model import ExportError, load_matrix_cell
+    from .onnx_matrix import write_matrix_onnx
+
+    if args.input_sizes:
+        raise ExportError(f"cell {compiled.name!r} has matrix states and reads one input: it takes no "
+                          "--input-sizes")
+    compiled, sizes, params = load_matrix_cell(compiled, args.input_size, args.hidden_size, args.weights,
+                                               args.seed, args.sizes)
+    return write_matrix_onnx(compiled.ir, sizes, params, args.onnx, dtype)
 
 
 def _cell_arg(name: str):

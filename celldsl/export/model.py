@@ -80,6 +80,61 @@ def _sizes_arg(text: str | None, what: str) -> dict[str, int]:
     return out
 
 
+def _state_dict(weights) -> dict | None:
+    """One layer, one direction's state_dict from a file (torch.load with weights_only=True), or None."""
+    if weights is None:
+        return None
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ExportError(f"{weights}: cannot load a state_dict with torch.load(weights_only=True): "
+                          f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{weights}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    other = sorted(k for k in state if not k.endswith("_l0"))
+    if other:
+        raise ExportError(f"{weights}: an export takes one layer and one direction (keys ending _l0); "
+                          f"got {', '.join(other[:4])}{'...' if len(other) > 4 else ''}")
+    return state
+
+
+def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None,
+                     seed: int = 0, sizes: str | dict | None = None
+                     ) -> tuple[CompiledMatrixCell, dict[str, int], dict[str, torch.Tensor]]:
+    """A matrix-memory cell with one layer's weights: (the compiled cell, its sizes, including "heads"
+    and the input's name, and the float64 parameters by name as MatrixRecurrent stores them). The
+    weights come from `weights` (a state_dict of celldsl.Recurrent(cell, input_size, hidden_size,
+    sizes=...) with one layer, one direction: keys ending _l0), else a fresh layer after
+    torch.manual_seed(seed)."""
+    from ..nn.layers import Recurrent
+
+    compiled = compile_cell(cell)
+    if not isinstance(compiled, CompiledMatrixCell):
+        raise ExportError(f"cell {compiled.name!r} has no matrix state; load it with load_cell")
+    if isinstance(sizes, str) or sizes is None:
+        sizes = _sizes_arg(sizes, "--sizes")
+    state = _state_dict(weights)
+    torch.manual_seed(seed)
+    try:
+        layer = Recurrent(compiled, input_size, hidden_size, dtype=torch.float64, sizes=sizes or None,
+                          backend="torch")
+    except CellError:
+        raise
+    except (ValueError, TypeError) as err:
+        where = "" if str(err).startswith("cell ") else f"cell {compiled.name!r}: "
+        raise ExportError(f"{where}{err}") from None
+    if state is not None:
+        try:
+            layer.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        except RuntimeError as err:
+            first = " ".join(str(err).split())
+            raise ExportError(f"{weights}: does not fit cell {compiled.name!r} with input size {input_size}, "
+                              f"hidden size {hidden_size} and sizes {layer.layer_sizes[0]}: "
+                              f"{first[:400]}") from None
+    params = {n: getattr(layer, layer.param_name(n, 0, 0)).detach().clone() for n in compiled.ir.params}
+    return compiled, dict(layer.layer_sizes[0]), params
+
+
 def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None, seed: int = 0,
               input_sizes: str | dict | None = None, sizes: str | dict | None = None) -> ExportCell:
     """The cell (a path, zoo name, text or CompiledCell) with one layer's weights: from `weights` (a
@@ -88,29 +143,16 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     from ..nn.layers import Recurrent
 
     compiled = compile_cell(cell)
-    if isinstance(compiled, CompiledMatrixCell):  # no C or ONNX printer for matrix states yet
+    if isinstance(compiled, CompiledMatrixCell):  # the ONNX export takes them: load_matrix_cell
         ir, first = compiled.ir, compiled.ir.states[0]
-        raise CellError(f"an export does not take matrix-memory cells yet (state '{first}' is "
-                        f"{ir.kinds[first].words()}); run it with celldsl.Recurrent", ir.source,
-                        ir.state_locs[first])
+        raise CellError(f"the C export does not take matrix-memory cells yet (state '{first}' is "
+                        f"{ir.kinds[first].words()}); `celldsl export --onnx` writes them, celldsl.Recurrent "
+                        "runs them", ir.source, ir.state_locs[first])
     if isinstance(input_sizes, str) or input_sizes is None:
         input_sizes = _sizes_arg(input_sizes, "--input-sizes")
     if isinstance(sizes, str) or sizes is None:
         sizes = _sizes_arg(sizes, "--sizes")
-    state = None
-    if weights is not None:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise ExportError(f"{weights}: cannot load a state_dict with torch.load(weights_only=True): "
-                              f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ExportError(f"{weights}: expected a state_dict (a dict of tensors), got "
-                              f"{type(state).__name__}")
-        other = sorted(k for k in state if not k.endswith("_l0"))
-        if other:
-            raise ExportError(f"{weights}: an export takes one layer and one direction (keys ending _l0); "
-                              f"got {', '.join(other[:4])}{'...' if len(other) > 4 else ''}")
+    state = _state_dict(weights)
     bias = state is None or any(s.is_bias and f"{s.name}_l0" in state for s in stores_of(compiled)) or \
         not any(s.is_bias for s in stores_of(compiled))
     torch.manual_seed(seed)

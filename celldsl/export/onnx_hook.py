@@ -3,7 +3,8 @@
 torch's exporter (dynamo=True, the default) builds its registry of ONNX translations afresh for every
 export from torch's own table of ATen translations (`torch.onnx._internal.exporter._torchlib.
 _torchlib_registry`) plus the caller's `custom_translation_table`; torch has no public way for a
-library to add to it. celldsl adds its translation of celldsl::cell_sequence (torch_onnx.py) to that
+library to add to it. celldsl adds its translations of celldsl::cell_sequence and
+celldsl::matrix_sequence (torch_onnx.py) to that
 private table through its own decorator (`onnx_impl`), as soon as torch imports the module (never
 importing it itself: onnxscript is slow to import and optional). If a later torch moves it, nothing
 breaks at import: the plain call then fails as before and `translation_table()` still works; the
@@ -21,6 +22,7 @@ import importlib.util
 import sys
 
 OP = "celldsl::cell_sequence"
+MATRIX_OP = "celldsl::matrix_sequence"  # the matrix path's op (one layer, one direction)
 REGISTRY = "torch.onnx._internal.exporter._torchlib._torchlib_registry"
 REGISTRATION = "torch.onnx._internal.exporter._registration"  # imports REGISTRY, which imports it back
 _DONE: set[str] = set()
@@ -46,6 +48,14 @@ def translate(key, backend, x, states, params, batch_sizes=None):
     from .torch_onnx import cell_sequence
 
     return cell_sequence(key, backend, x, states, params, batch_sizes)
+
+
+def translate_matrix(key, backend, x, states, params, sizes, lengths=None):
+    """The exporter's call of celldsl::matrix_sequence: torch_onnx.matrix_sequence (parameter names as
+    the op's schema names them)."""
+    from .torch_onnx import matrix_sequence
+
+    return matrix_sequence(key, backend, x, states, params, sizes, lengths)
 
 
 def legacy_refusal(g, *args):
@@ -76,8 +86,13 @@ def _register(name: str) -> None:
         if name == REGISTRY:
             registry = sys.modules[REGISTRY]
             registry.onnx_impl(torch.ops.celldsl.cell_sequence.default, no_compile=True)(translate)
+            if hasattr(torch.ops.celldsl, "matrix_sequence"):  # the matrix path's op, where defined
+                op = torch.ops.celldsl.matrix_sequence.default
+                registry.onnx_impl(op, no_compile=True)(translate_matrix)
         else:
             torch.onnx.register_custom_op_symbolic(OP, legacy_refusal, 1)
+            if hasattr(torch.ops.celldsl, "matrix_sequence"):
+                torch.onnx.register_custom_op_symbolic(MATRIX_OP, legacy_refusal, 1)
     except Exception as e:  # never break torch's import: the plain call then fails as torch makes it fail
         import warnings
 

@@ -1,6 +1,7 @@
 """torch.onnx.export of models holding celldsl layers: a translation of the op celldsl::cell_sequence
 into the same ONNX Scan that `celldsl export --onnx` writes (onnx_graph.py), built from the cell the
-op's key names and the weights the op receives as graph values.
+op's key names and the weights the op receives as graph values; and of celldsl::matrix_sequence (a
+matrix-memory layer's one layer and direction) into onnx_matrix.py's Scan.
 
     torch.onnx.export(model, (x,), "model.onnx")  # `import celldsl` registered it (onnx_hook.py)
     torch.onnx.export(model, (x,), "model.onnx", dynamo=True,
@@ -8,7 +9,8 @@ op's key names and the weights the op receives as graph values.
 
 Needs the `onnxscript` package (torch's exporter does). The translation adds its nodes through the
 exporter's tracer (as torch's own translations of control flow do), because a Scan has a variable
-number of outputs, which onnxscript's op calls cannot return. Refused: packed sequences.
+number of outputs, which onnxscript's op calls cannot return. Refused: packed sequences (with the
+reason, an ExportError).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..ops.function import cell_for, loop_for, split_params
 from ..targets.loop import input_columns
 from .model import ExportCell, ExportError
 from .onnx_graph import OPSET, Graph, StepBuilder
+from .onnx_matrix import MatrixBuilder
 
 
 class IRGraph(Graph):
@@ -117,11 +120,54 @@ def cell_sequence(key: str, backend: str, x, states, params, batch_sizes=None):
     return [out, *finals]
 
 
+def op_sizes(text: str) -> dict[str, int]:
+    """The op's sizes string "K=4,V=8,heads=2" -> {"K": 4, ...} (split and int: never evaluated)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, eq, value = part.partition("=")
+        if not eq or not value.isdigit():
+            raise ExportError(f"celldsl::matrix_sequence: sizes must be NAME=INT pairs joined by ',', got "
+                              f"{part!r}")
+        out[name] = int(value)
+    return out
+
+
+def matrix_sequence(key: str, backend: str, x, states, params, sizes: str, lengths=None):
+    """celldsl::matrix_sequence as ONNX: [out, *final states], the loop of onnx_matrix.py over the
+    op's states (as the loop takes them) and parameters (as MatrixRecurrent stores them)."""
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter import _core
+
+    compiled = cell_for(key)
+    if lengths is not None:
+        raise ExportError(f"cell {compiled.name!r}: celldsl layers export to ONNX on padded sequences only, "
+                          "not on a PackedSequence")
+    tracer = _core.current_tracer
+    if tracer is None:
+        raise ExportError("celldsl's ONNX translation runs inside torch.onnx.export(dynamo=True) only")
+    dtype = {ir.DataType.FLOAT: "f32", ir.DataType.DOUBLE: "f64"}.get(x.dtype)
+    if dtype is None:
+        raise ExportError(f"cell {compiled.name!r}: the ONNX export runs float32 or float64, got {x.dtype}")
+    width = x.shape[-1]
+    if not isinstance(width, int):
+        raise ExportError(f"cell {compiled.name!r}: the input's feature size must be static")
+    found = {"heads": 1, **op_sizes(sizes), compiled.ir.inputs[0]: width}
+    graph = partial(IRGraph, opset=tracer.opset.version)
+    main = graph(dtype, _COUNTER, nodes=tracer.nodes)
+    builder = MatrixBuilder(compiled.ir, found, dtype, graph, _COUNTER)
+    finals, out = builder.scan(main, x, list(states), list(params))
+    return [out, *finals]
+
+
 _COUNTER = [0]
 
 
 def translation_table() -> dict:
-    """{celldsl's op: its ONNX translation}, for torch.onnx.export's custom_translation_table."""
-    from .. import ops  # noqa: F401 - registers the op
+    """{celldsl's ops: their ONNX translations}, for torch.onnx.export's custom_translation_table
+    (celldsl::matrix_sequence where this celldsl defines it)."""
+    from .. import ops  # noqa: F401 - registers the ops
 
-    return {torch.ops.celldsl.cell_sequence.default: cell_sequence}
+    table = {torch.ops.celldsl.cell_sequence.default: cell_sequence}
+    if hasattr(torch.ops.celldsl, "matrix_sequence"):
+        table[torch.ops.celldsl.matrix_sequence.default] = matrix_sequence
+    return table
