@@ -122,3 +122,21 @@ def test_autocast_packed_sequence_matches_torch_nn(name):
     assert [t.dtype for t in got[1]] == [t.dtype for t in got[0]]
     for a, b in zip(*got, strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("cell, sizes", [("mlstm", {"heads": 2}), ("flstm", {"R": 3})])
+def test_matrix_path_layers_run_in_float32_under_autocast(cell, sizes):
+    """Matrix-path layers (no torch.nn counterpart, and on no autocast list, as any custom op) run
+    under CPU bf16 autocast in their inputs' float32, as autocast leaves an unlisted op: the same values
+    and gradients as without autocast (docs/deploy.md)."""
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent(cell, 6, 8, sizes=sizes)
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    out, _ = layer(x)
+    expected = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, out)
+    for a, b in zip(torch.autograd.grad(got.sum(), [x, *layer.parameters()]), expected, strict=True):
+        torch.testing.assert_close(a, b)

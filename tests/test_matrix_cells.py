@@ -349,3 +349,31 @@ o = v / norm(v) * s'
         outs.append((v / v.norm(dim=-1, keepdim=True) * s[..., None]).reshape(2, -1))
     torch.testing.assert_close(out, torch.stack(outs), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s_final[0], s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_state_or_input_of_another_dtype_is_refused_not_misread(backend):
+    """Before, float64 states with a float32 input ran on the cpu loop, which read the float64 buffers as
+    float32 (outputs in the thousands); torch.nn refuses mixed dtypes, and so do these layers."""
+    from celldsl.lang.errors import CellTensorError
+
+    layer = MatrixRecurrent("cells/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2}, backend=backend)
+    x = torch.randn(5, 3, I)
+    _, states = layer(x)
+    with pytest.raises(CellTensorError, match="state S is torch.float64 .* but the input is torch.float32"):
+        layer(x, tuple(s.double() for s in states))
+    with pytest.raises(CellTensorError, match="parameters are torch.float32"):
+        layer(x.double(), tuple(s.double() for s in states))
+
+
+def test_the_cpu_loop_refuses_buffers_of_another_dtype():
+    """The C loop's last line of defence: it reads raw memory, so every buffer it is handed must have one
+    dtype (here the states float64 and the projections float32, as a caller bypassing the layer's checks
+    or an ambient autocast would hand it)."""
+    layer = MatrixRecurrent("cells/gla.cell", I, {"heads": 2, "K": 3, "V": 4, "R": 2}, backend="cpu")
+    sizes = layer.layer_sizes[0]
+    x = torch.randn(5, 3, I)
+    states = [torch.zeros(3, *layer.ir.state_shape(s, sizes), dtype=torch.float64) for s in layer.ir.states]
+    params = [getattr(layer, layer.param_name(n, 0, 0)) for n in layer.ir.params]
+    with pytest.raises(TypeError, match="contiguous CPU tensors of one dtype"):
+        layer.loop.run(x, states, params, sizes)

@@ -140,6 +140,15 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
                                             for s, sh in zip(state, shapes, strict=False)):
             raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
                              f"{[tuple(s.shape) for s in state]}")
+        weight = next(iter(self.parameters()), None)
+        for name, s in zip(self.ir.states, state, strict=True):  # one dtype and device, as torch.nn's
+            if s.dtype != x.dtype or s.device != x.device:
+                raise CellTensorError(f"state {name} is {s.dtype} on {s.device} but the input is {x.dtype} "
+                                      f"on {x.device}: the states must have the input's dtype and device")
+        if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+            raise CellTensorError(f"input is {x.dtype} on {x.device} but the parameters are {weight.dtype} "
+                                  f"on {weight.device}. Convert the input (x.to({weight.dtype})) or the "
+                                  f"model (model.to({x.dtype}))")
         finals = [[] for _ in self.ir.states]
         for k in range(self.num_layers):
             outs = []

@@ -80,7 +80,10 @@ def output_width(ir, sizes: dict[str, int]) -> int:
 
 
 def _run(key, backend, x, states, params, sizes, lengths):
-    out, finals = loop_of(key, backend).run(x, list(states), list(params), decode_sizes(sizes), lengths)
+    # autocast off: the op computes in its inputs' dtype (autocast has no rule for it, and would otherwise
+    # cast the loop's own GEMMs and hand bfloat16 buffers to a float32 C loop)
+    with torch.autocast(x.device.type, enabled=False):
+        out, finals = loop_of(key, backend).run(x, list(states), list(params), decode_sizes(sizes), lengths)
     return [out, *finals]
 
 

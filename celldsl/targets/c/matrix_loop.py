@@ -134,8 +134,14 @@ class _Function(torch.autograd.Function):
         ir = loop.ir
         states = [s.contiguous() for s in tensors[:n_states]]
         host = list(tensors[n_states:])
-        dt = DTYPES[host[0].dtype] if host else "f64"
         dtype = states[0].dtype
+        wrong = [(k, t.dtype) for k, t in enumerate([*states, *host])
+                 if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"]
+        if wrong or dtype not in DTYPES:  # the C loop reads raw memory: a buffer of another type is garbage
+            raise TypeError("the cpu matrix loop takes contiguous CPU tensors of one dtype (float32 or "
+                            f"float64); the states are {dtype}, and tensors {wrong} are not (states, then "
+                            "the values computed before the loop)")
+        dt = DTYPES[dtype]
         nodes = len(ir.nodes)
         hv, rs, hs = [None] * nodes, [0] * nodes, [0] * nodes
         for j, h in zip(loop.used, host, strict=True):
