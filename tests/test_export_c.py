@@ -15,7 +15,6 @@ import zoo
 from celldsl.cli.main import main
 from celldsl.export.c_library import c_name, c_sources, write_c
 from celldsl.export.model import ExportError, load_cell
-from celldsl.lang.errors import CellError
 
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH (the test compiles the export)")
@@ -245,17 +244,9 @@ def test_every_zoo_cell_in_c(tmp_path, name):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", zoo.MATRIX)
-def test_matrix_cells_are_refused_located(tmp_path, capsys, name):
-    """No C printer for matrix states yet: `celldsl export --c` says so at the first state, exit 1,
-    no traceback (it was an AttributeError)."""
-    with pytest.raises(CellError, match="the C export does not take matrix-memory cells yet") as err:
-        load_cell(name, 4, 4)
-    lines = (zoo.CELLS / f"{name}.cell").read_text(encoding="utf-8").splitlines()
-    assert err.value.line == next(i for i, line in enumerate(lines, 1) if line.startswith("state "))
-    assert main(["export", name, "--c", str(tmp_path / "o"), "--input-size", "4", "--hidden-size", "4"]) == 1
-    out = capsys.readouterr()
-    assert "the C export does not take matrix-memory cells yet" in out.err and "Traceback" not in out.err
+def test_load_cell_points_matrix_cells_to_their_loader():
+    with pytest.raises(ExportError, match="runs on the matrix path: load it with load_matrix_cell"):
+        load_cell("gla", 4, 4)
 
 
 def test_cell_errors_print_as_check_prints_them(tmp_path, capsys):

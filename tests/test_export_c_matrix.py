@@ -326,3 +326,47 @@ def test_two_libraries_link_into_one_program(tmp_path):
     subprocess.run([CC, "-std=c99", "-I", str(tmp_path), "-o", str(exe), str(main_c), *map(str, objects),
                     "-lm"], check=True)
     assert subprocess.run([str(exe)]).returncode == 0
+
+
+@needs_cc
+@pytest.mark.parametrize("dt", ["f32", "f64"])
+def test_celldsl_export_c_of_a_matrix_cell(tmp_path, capsys, dt):
+    """`celldsl export gla --c DIR --weights sd.pt --sizes ...` (before: refused) writes the library of the
+    saved layer's weights; compiled with the harness it gives the layer's numbers."""
+    from celldsl.cli.main import main
+
+    layer = layer_of("gla", sizes_of("gla"), seed=3)
+    torch.save(layer.state_dict(), tmp_path / "sd.pt")
+    sizes = ",".join(f"{k}={v}" for k, v in sizes_of("gla").items())
+    hidden = layer.output_size
+    args = ["export", "gla", "--c", str(tmp_path / "lib"), "--input-size", str(I),
+            "--hidden-size", str(hidden), "--weights", str(tmp_path / "sd.pt"), "--sizes", sizes]
+    args += ["--float64"] if dt == "f64" else []
+    assert main(args) == 0
+    written = capsys.readouterr().out.split()
+    assert [Path(p).name for p in written] == ["celldsl_gla.c", "celldsl_gla.h", "celldsl_gla.bin"]
+    real = "float" if dt == "f32" else "double"
+    harness = HARNESS.replace("NAME", "celldsl_gla").replace("UP_", "CELLDSL_GLA_").replace("REAL", real)
+    (tmp_path / "harness.c").write_text(harness)
+    exe = tmp_path / "harness"
+    subprocess.run([CC, "-std=c99", "-O1", "-I", str(tmp_path / "lib"), "-o", str(exe),
+                    str(tmp_path / "harness.c"), written[0], "-lm"],
+                   check=True, capture_output=True, text=True)
+    x, states = inputs(layer, 6, 2)
+    want_out, want_finals = reference(layer, x, states)
+    out, finals = run_c(exe, Path(written[2]), dt, x, states)
+    tol = DTYPES[dt][2]
+    torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
+    for got, want in zip(finals, want_finals, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_celldsl_export_c_refusals_say_why(tmp_path, capsys):
+    from celldsl.cli.main import main
+
+    base = ["export", "gla", "--c", str(tmp_path / "lib"), "--input-size", "3"]
+    assert main([*base, "--hidden-size", "8", "--sizes", "heads=3"]) == 1
+    assert "celldsl: error:" in capsys.readouterr().err
+    assert main([*base, "--hidden-size", "8", "--input-sizes", "ctx=2"]) == 1
+    assert "takes no --input-sizes" in capsys.readouterr().err
+    assert not (tmp_path / "lib").exists()

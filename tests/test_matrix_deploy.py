@@ -304,7 +304,8 @@ def test_a_saved_torchscript_module_loads_and_runs_in_a_fresh_process(tmp_path):
     celldsl.save_torchscript(scripted, tmp_path / "m.pt")
     x2 = torch.randn(3, 5, I, dtype=torch.float64)
     torch.save({"x": x2, "want": Model(layer)(x2)}, tmp_path / "data.pt")
-    _fresh(FRESH.format(load="load_torchscript", module=""), tmp_path, tmp_path / "m.pt", tmp_path / "data.pt")
+    _fresh(FRESH.format(load="load_torchscript", module=""), tmp_path, tmp_path / "m.pt",
+           tmp_path / "data.pt")
 
 
 def test_a_traced_module_names_its_cell():

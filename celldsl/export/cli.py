@@ -4,6 +4,7 @@
     celldsl export cells/gru.cell --onnx gru.onnx --input-size 32 --hidden-size 64 --seed 0
     celldsl export lstm_proj --onnx p.onnx --input-size 8 --hidden-size 16 --sizes P=4 --float64
     celldsl export mlstm --onnx m.onnx --input-size 8 --hidden-size 16 --sizes heads=2,K=4
+    celldsl export gla --c out/ --input-size 8 --hidden-size 16 --sizes heads=2
 
 The main CLI calls `register(subparsers)`. Errors print one line `celldsl: error: ...` (a cell file's
 errors print as `celldsl check` prints them) and exit 1. docs/deploy.md has the details.
@@ -47,8 +48,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         dtype = "f64" if args.float64 else "f32"
         compiled = compile_cell(_cell_arg(args.cell))
-        if args.onnx is not None and isinstance(compiled, CompiledMatrixCell):  # --c: refused in load_cell
-            paths = [_matrix_onnx(compiled, args, dtype)]
+        if isinstance(compiled, CompiledMatrixCell):
+            paths = _matrix_export(compiled, args, dtype)
         else:
             cell = load_cell(compiled, args.input_size, args.hidden_size, args.weights, args.seed,
                              args.input_sizes, args.sizes)
@@ -71,17 +72,29 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _matrix_onnx(compiled, args, dtype: str):
-    """`--onnx` of a matrix-memory cell (onnx_matrix.py); its layer takes no --input-sizes."""
+def _matrix_export(compiled, args, dtype: str) -> list:
+    """`--onnx` (onnx_matrix.py) or `--c` (c_matrix.py) of a matrix-path cell; its layer takes no
+    --input-sizes."""
+    import torch
+
     from .model import ExportError, load_matrix_cell
-    from .onnx_matrix import write_matrix_onnx
 
     if args.input_sizes:
         raise ExportError(f"cell {compiled.name!r} has matrix states and reads one input: it takes no "
                           "--input-sizes")
     compiled, sizes, params = load_matrix_cell(compiled, args.input_size, args.hidden_size, args.weights,
                                                args.seed, args.sizes)
-    return write_matrix_onnx(compiled.ir, sizes, params, args.onnx, dtype)
+    if args.onnx is not None:
+        from .onnx_matrix import write_matrix_onnx
+
+        return [write_matrix_onnx(compiled.ir, sizes, params, args.onnx, dtype)]
+    from .c_matrix import write_matrix_library
+
+    try:
+        return write_matrix_library(compiled, sizes, params, args.c,
+                                    torch.float64 if dtype == "f64" else torch.float32)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def _cell_arg(name: str):

@@ -143,11 +143,9 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     from ..nn.layers import Recurrent
 
     compiled = compile_cell(cell)
-    if isinstance(compiled, CompiledMatrixCell):  # the ONNX export takes them: load_matrix_cell
-        ir, first = compiled.ir, compiled.ir.states[0]
-        raise CellError(f"the C export does not take matrix-memory cells yet (state '{first}' is "
-                        f"{ir.kinds[first].words()}); `celldsl export --onnx` writes them, celldsl.Recurrent "
-                        "runs them", ir.source, ir.state_locs[first])
+    if isinstance(compiled, CompiledMatrixCell):  # another layout of weights and states
+        raise ExportError(f"cell {compiled.name!r} runs on the matrix path: load it with load_matrix_cell "
+                          "(`celldsl export --c` and `--onnx` do)")
     if isinstance(input_sizes, str) or input_sizes is None:
         input_sizes = _sizes_arg(input_sizes, "--input-sizes")
     if isinstance(sizes, str) or sizes is None:
