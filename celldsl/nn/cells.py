@@ -151,7 +151,7 @@ class _Step:
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
                 return None  # a parameter the cell does not read, or scalars
-            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources)
+            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step)
             return None if layout is None else (step, layout, names)
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message

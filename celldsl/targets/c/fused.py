@@ -1377,8 +1377,9 @@ class PreparedTrainStep(PreparedStep):
     def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
         """The gradients of the forward that made `record` (given the states it took), for grad_out
         (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial state or
-        None, per needs_states], [d hoisted weight], [d step weight], {vector source: its values}).
-        At T = 1 the backward reads the initial states, not the new ones."""
+        None, per needs_states]); the parameters' are then made from the buffers it leaves
+        (`gemm_grad`, `gradients`), only those needed. At T = 1 the backward reads the initial
+        states, not the new ones."""
         if self.holds() is not record:  # another forward ran since, or another's backward restored its values
             self._spill()
             self.holds = weakref.ref(record)
@@ -1405,14 +1406,28 @@ class PreparedTrainStep(PreparedStep):
         if any(needs_states):
             for d, w, i in zip(self.d_step, self.step_w, self.state_of_gemm, strict=True):
                 self.A[i].addmm_(d, w)
-        d_step_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_step_t, self.step_operands, strict=True)]
-        d_hoisted_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_hoist_t, self.hoisted_x, strict=True)]
         dx = None
         if needs_dx:
             for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
                 dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
             if dx is None:
                 dx = torch.zeros_like(self.x[0])
+        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
+        return dx, dstates
+
+    def gemm_grad(self, kind: str, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d rows [N, rows], operand [N, cols]) of hoisted or step GEMM gi: after a backward, its
+        weight's gradient is d.T @ operand and a bias block's the column sums of d. Buffers bound
+        once: their values are the latest backward's."""
+        if kind == "hoisted":
+            return self.d_hoist[gi], self.hoisted_x[gi]
+        return self.d_step[gi], self.step_operands[gi]
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        """The latest backward's parameter gradients, fresh tensors: ([d hoisted weight], [d step
+        weight], {vector source (vector_sources): its values})."""
+        d_step_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_step_t, self.step_operands, strict=True)]
+        d_hoisted_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_hoist_t, self.hoisted_x, strict=True)]
         sources = {}
         for key, _start in self.vector_sources:
             if key not in sources:
@@ -1420,8 +1435,7 @@ class PreparedTrainStep(PreparedStep):
                     sources[key] = self.accumulators[key[1]].to(self.x.dtype, copy=True)
                 else:
                     sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
-        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
-        return dx, dstates, d_hoisted_w, d_step_w, sources
+        return d_hoisted_w, d_step_w, sources
 
 
 class Record:
