@@ -129,21 +129,18 @@ class Layout:
 
 
 class PreparedCall(torch.autograd.Function):
-    """apply(step, layout, full, n_given, distinct, x, *given states, *stored) -> (*new states, out if
-    distinct): one call of a PreparedTrainStep. `full(x, given)` runs the module's full path (the
-    same outputs), for a backward that autograd records."""
+    """apply(step, layout, full, n_given, distinct, (lead, out_lead), x, *given states, *stored) ->
+    (*new states shaped lead + (width,), out shaped out_lead + (width,) if distinct): one call of a
+    PreparedTrainStep. `full(x, given, (lead, out_lead))` runs the module's full path (the same
+    outputs, the same shapes), for a backward that autograd records."""
 
     @staticmethod
-    def forward(ctx, step, layout, full, n_given, distinct, x, *tensors):
+    def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
         given = tensors[:n_given]
-        unbatched = x.dim() == 1
-        news, record = step.forward(x, given)
-        outs = [*news, step.output()] if distinct else news
-        if unbatched:
-            outs = [o[0] for o in outs]  # views of fresh tensors, made plain below
-            outs = [o.clone() for o in outs]
+        news, record = step.forward(x, given, leads[0])
+        outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
-        ctx.n_news, ctx.distinct = len(news), distinct
+        ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
         ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
@@ -159,17 +156,17 @@ class PreparedCall(torch.autograd.Function):
             return (None,) * len(ctx.needs_input_grad)
         given = ctx.saved_tensors[:n_given]  # unpacked: autograd checks their versions
         x = ctx.x
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]
         if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
                                           for g in grads):
-            return (None,) * 5 + _differentiated(ctx.full, x, given, ctx.stored, needs, grads)
+            return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
         dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0], needs_given)
         if dx is not None:
             dx = dx.view(x.shape)
         dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given, strict=False)]
-        return (None,) * 5 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], ctx.step))
+        return (None,) * 6 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], ctx.step))
 
 
 # PreparedCall.apply without torch.autograd.Function.apply's Python layer (unwrapping functorch's dead
@@ -178,11 +175,11 @@ class PreparedCall(torch.autograd.Function):
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
 
 
-def _differentiated(full, x, given, stored, needs, grads) -> tuple:
+def _differentiated(full, x, given, leads, stored, needs, grads) -> tuple:
     """The gradients by autograd through the module's full path, recorded (create_graph)."""
     inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
     with torch.enable_grad():
-        outs = full(x, list(given))[: len(grads)]  # (new states..., out): out only when returned
+        outs = full(x, list(given), leads)[: len(grads)]  # (new states..., out): out only when returned
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)

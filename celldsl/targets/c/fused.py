@@ -1188,29 +1188,51 @@ class PreparedStep:
                                                                   step_bias, run=False)
         self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
+        self._views: dict = {}
 
-    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """The step on x and the given states (copied in; x and the states may also be [I] and [H]
-        each, of an unbatched call at N = 1), into the bound buffers."""
-        self.x.copy_(x)
+    def _as(self, buf: torch.Tensor, shape) -> torch.Tensor:
+        """buf (contiguous) viewed as `shape`, the same elements in the same order (an unbatched
+        call's [I], a layer's [1, N, I] or [N, 1, I] for x [1, N, I]); each view made once."""
+        if buf.shape == shape:
+            return buf
+        key = (id(buf), shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = buf.view(shape)
+        return view
+
+    def _copy_in(self, x: torch.Tensor, states) -> None:
+        """x and the given states into their buffers (the rest of the states zero), each of any shape
+        with the buffer's elements in its order."""
+        self._as(self.x, x.shape).copy_(x)
         for buf, s in zip(self.states, states, strict=False):
-            buf.copy_(s)
+            self._as(buf, s.shape).copy_(s)
         for buf in self.states[len(states):]:
             buf.zero_()
+
+    def _news(self, lead) -> list[torch.Tensor]:
+        """Copies of the new states, each shaped lead + (width,)."""
+        return [self._as(n, (*lead, n.shape[-1])).clone() for n in self.news]
+
+    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """The step on x and the given states (copied in), into the bound buffers."""
+        self._copy_in(x, states)
         for h in self.hoisted:
             h()
         self.native.run_forward(self.prepared)
 
-    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True, lead=None,
+                 out_lead=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
-        shapes and dtype it was made for -> (out [N, width], new states). distinct_out=False: out may
-        be the new state it equals (for a caller that returns only one of them)."""
+        dtype it was made for, or the same elements in other shapes -> (out, new states): the new
+        states shaped lead + (width,), out out_lead + (width,) (both (N,) if None). distinct_out=False:
+        out may be the new state it equals (for a caller that returns only one of them)."""
         self._run(x, states)
-        news = [n.clone() for n in self.news]
+        news = self._news((self.x.shape[1],) if lead is None else lead)
         if not distinct_out and self.output_state is not None:
             return news[self.output_state], news
-        return self.out.clone(), news
+        out_lead = (self.x.shape[1],) if out_lead is None else out_lead
+        return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
 
 
 class PreparedTrainStep(PreparedStep):
@@ -1329,16 +1351,13 @@ class PreparedTrainStep(PreparedStep):
                 added.append((out[:, start : start + n], source))
         return first, added
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], Record]:
-        """Runs the step -> (copies of the new states, the Record its backward takes). The buffers
-        are about to be overwritten: the previous call's values are copied into its Record first,
-        if that Record is still held (its backward may yet run)."""
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
+        """Runs the step on x and the given states (shaped as `__call__` takes them) -> (copies of
+        the new states shaped lead + (width,), the Record its backward takes). The buffers are about
+        to be overwritten: the previous call's values are copied into its Record first, if that
+        Record is still held (its backward may yet run)."""
         self._spill()
-        self.x.copy_(x)
-        for buf, s in zip(self.states, states, strict=False):
-            buf.copy_(s)
-        for buf in self.states[len(states):]:
-            buf.zero_()
+        self._copy_in(x, states)
         for a, w_t, out, bias, added, adds in self.products:
             if adds:
                 out.addmm_(a, w_t)
@@ -1351,7 +1370,7 @@ class PreparedTrainStep(PreparedStep):
         self.native.run_forward(self.forward_call)
         record = Record()
         self.holds = weakref.ref(record)
-        return [n.clone() for n in self.news], record
+        return self._news(lead), record
 
     @staticmethod
     def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
@@ -1363,9 +1382,9 @@ class PreparedTrainStep(PreparedStep):
             return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
         return ("acc", i), 0
 
-    def output(self) -> torch.Tensor:
-        """A copy of the latest forward's output."""
-        return self.out.clone()
+    def output(self, lead) -> torch.Tensor:
+        """A copy of the latest forward's output, shaped lead + (width,)."""
+        return self._as(self.out, (*lead, self.out.shape[-1])).clone()
 
     def _spill(self) -> None:
         """Copies the buffers' values into the Record of the call they belong to, before they are
@@ -1384,7 +1403,7 @@ class PreparedTrainStep(PreparedStep):
             self._spill()
             self.holds = weakref.ref(record)
             for buf, s in zip(self.states, states, strict=False):
-                buf.copy_(s)
+                self._as(buf, s.shape).copy_(s)
             for buf in self.states[len(states):]:
                 buf.zero_()
             for buf, k in zip(self.kept, record.values, strict=True):
@@ -1393,9 +1412,9 @@ class PreparedTrainStep(PreparedStep):
             if g is None:
                 buf.zero_()
             else:
-                buf.copy_(g)
+                self._as(buf, g.shape).copy_(g)
         if grad_out is not None:
-            self.g_out.copy_(grad_out)
+            self._as(self.g_out, grad_out.shape).copy_(grad_out)
             self.g_out_zero = False
         elif not self.g_out_zero:  # the native call only reads it
             self.g_out.zero_()
