@@ -468,6 +468,13 @@ def test_parameter_gradients_by_the_plan_and_the_general_way(name, monkeypatch):
     assert len(got) == 3
     for a, w in zip(got, trained_params_grads(ref, name, x, h), strict=True):
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+    for model in (ref, ours):  # a new parameter object: a new step, whose call passes the new one
+        model.weight_hh = nn.Parameter(model.weight_hh.detach() * 0.5)
+    ours(x, h)
+    for model in (ref, ours):
+        r = model(x, h)
+        (r[0] if isinstance(r, tuple) else r).sum().backward()
+    torch.testing.assert_close(ours.weight_hh.grad, ref.weight_hh.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_backwards_of_steps_of_two_batch_sizes_out_of_order(monkeypatch):

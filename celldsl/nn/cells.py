@@ -120,10 +120,11 @@ class _Step:
         return step(input, tensors[1:], distinct, lead, out_lead)
 
     def _train_call(self, step, layout, names, input, given, leads, distinct):
-        """_replayed under autograd: one PreparedCall."""
-        stored = [self._parameters[n] for n in names]
+        """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of
+        `_replayed` holds their ids, and the entry holds them: the same objects)."""
         distinct = distinct or step.output_state is None
-        outs = apply_prepared(step, layout, self._full_step, len(given), distinct, leads, input, *given, *stored)
+        outs = apply_prepared(step, layout, self._full_step, len(given), distinct, leads, input, *given,
+                              *layout.stored)
         news = list(outs[: len(step.news)])
         return (outs[-1] if distinct else news[step.output_state]), news
 

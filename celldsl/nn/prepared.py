@@ -29,6 +29,7 @@ class Layout:
 
     def __init__(self, stored: list[Tensor], runs: list[list[tuple]], plan: list[tuple | None]):
         self.stored, self.runs, self.plan = stored, runs, plan
+        self.weights = [p for p in stored if p.dim() > 1]  # what PreparedCall saves, as torch.nn's cells
 
     @classmethod
     def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources, step) -> Layout | None:
@@ -146,7 +147,7 @@ class PreparedCall(torch.autograd.Function):
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
         # into them after the call is allowed, as in torch.nn
-        ctx.save_for_backward(*given, *[p for p in ctx.stored if p.dim() > 1])
+        ctx.save_for_backward(*given, *layout.weights)  # ctx.stored's: the same tensors (cells._replayed)
         return tuple(outs)
 
     @staticmethod

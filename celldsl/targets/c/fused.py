@@ -1189,6 +1189,7 @@ class PreparedStep:
         self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
         self._views: dict = {}
+        self._leads: dict = {}
 
     def _as(self, buf: torch.Tensor, shape) -> torch.Tensor:
         """buf (contiguous) viewed as `shape`, the same elements in the same order (an unbatched
@@ -1212,7 +1213,10 @@ class PreparedStep:
 
     def _news(self, lead) -> list[torch.Tensor]:
         """Copies of the new states, each shaped lead + (width,)."""
-        return [self._as(n, (*lead, n.shape[-1])).clone() for n in self.news]
+        views = self._leads.get(lead)
+        if views is None:
+            views = self._leads[lead] = [n.view(*lead, n.shape[-1]) for n in self.news]
+        return [v.clone() for v in views]
 
     def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
         """The step on x and the given states (copied in), into the bound buffers."""
