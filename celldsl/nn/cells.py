@@ -135,8 +135,8 @@ class _Step:
             out, news = self._step(input, given, {}, prepared=False)
             return [*news, out]
         lead, out_lead = leads
-        out, news = self._step(input.reshape(-1, input.shape[-1]), [s.reshape(-1, s.shape[-1]) for s in given],
-                               {}, prepared=False)
+        rows = [s.reshape(-1, s.shape[-1]) for s in given]
+        out, news = self._step(input.reshape(-1, input.shape[-1]), rows, {}, prepared=False)
         return [*[n.reshape(*lead, n.shape[-1]) for n in news], out.reshape(*out_lead, out.shape[-1])]
 
     def _prepare(self, input, given, train: bool = False, layer: bool = False):
@@ -145,7 +145,8 @@ class _Step:
         layer: a layer's step (input [1, N, I] or [N, 1, I]: `_replayed`), checked as [N, I]."""
         compiled = self.compiled
         if layer:
-            if input.dim() != 3 or 1 not in input.shape[:2] or any(s.dim() not in (2, 3) for s in given or []):
+            if input.dim() != 3 or 1 not in input.shape[:2] or \
+                    any(s.dim() not in (2, 3) for s in given or []):
                 return None
             input = input.reshape(-1, input.shape[-1])
             given = [s.reshape(-1, s.shape[-1]) for s in given or []]

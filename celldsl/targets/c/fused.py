@@ -1246,10 +1246,11 @@ class PreparedTrainStep(PreparedStep):
     write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
     torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
     products, the in-step operands); a backward copies the gradients in (and its forward's values,
-    unless the buffers still hold them), runs one native call (the kernels), then one GEMM per weight
-    gradient, the input's, and the initial states' where needed. The gradients are those of the op's
-    parameters (hoisted weights, step weights, vectors by `vector_sources`); nn/prepared.py makes the
-    module's from them. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
+    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
+    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
+    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
+    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
