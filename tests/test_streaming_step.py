@@ -428,3 +428,199 @@ def test_recurrent_on_one_step_replays_its_cells_steps(layers, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CellTensorError, match="give them as a tuple"):
         layer(x, h0)
+
+
+# ---- the fixed cost's shortcuts (nn/prepared.Layout.plan, shaped results, the layer's steps) ---------
+
+
+def trained_params_grads(model, name, x, h, loss_of=None):
+    r = model(x, h)
+    loss = (loss_of or (lambda r: sum((t * (k + 1)).sin().sum() for k, t in enumerate(as_tuple(r)))))(r)
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_parameter_gradients_by_the_plan_and_the_general_way(name, monkeypatch):
+    """Each parameter's gradient made by Layout's plan (one GEMM per weight, column sums per bias,
+    from the step's bound buffers) equals the general way's (PreparedTrainStep.gradients) and
+    torch.nn's, float64; and only the needed ones are made (a frozen bias gets none)."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    ref, ours = pair64(name)
+    x = torch.randn(N, I, dtype=torch.float64)
+    h = tuple(torch.randn(N, H, dtype=torch.float64) for _ in range(2 if name == "LSTMCell" else 1))
+    h = h if name == "LSTMCell" else h[0]
+    ours(x, h)
+    refuse_the_op(monkeypatch, ours)
+    layout = celldsl.nn.cells._PREPARED[ours][True][1][1]
+    assert all(p is not None for p in layout.plan)  # the plan covers torch's cells' parameters
+    planned = trained_params_grads(ours, name, x, h)
+    plan, layout.plan = layout.plan, [None] * len(layout.plan)
+    general = trained_params_grads(ours, name, x, h)
+    layout.plan = plan
+    want = trained_params_grads(ref, name, x, h)
+    for a, b, w in zip(planned, general, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, w, rtol=1e-10, atol=1e-12)
+    ours.bias_hh.requires_grad_(False)
+    ref.bias_hh.requires_grad_(False)
+    ours(x, h)  # a new step (which parameters need a gradient is part of its key)
+    got = trained_params_grads(ours, name, x, h)
+    assert len(got) == 3
+    for a, w in zip(got, trained_params_grads(ref, name, x, h), strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+    for model in (ref, ours):  # a new parameter object: a new step, whose call passes the new one
+        model.weight_hh = nn.Parameter(model.weight_hh.detach() * 0.5)
+    ours(x, h)
+    for model in (ref, ours):
+        r = model(x, h)
+        (r[0] if isinstance(r, tuple) else r).sum().backward()
+    torch.testing.assert_close(ours.weight_hh.grad, ref.weight_hh.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_backwards_of_steps_of_two_batch_sizes_out_of_order(monkeypatch):
+    """A call at N = 1, one at N = 3 (a new prepared step, new buffers), then their backwards in
+    reverse order, .grad accumulating: each call's gradients come from its own step's buffers."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    ref, ours = pair64("GRUCell")
+    xs = [torch.randn(n, I, dtype=torch.float64) for n in (1, N)]
+    hs = [torch.randn(n, H, dtype=torch.float64, requires_grad=True) for n in (1, N)]
+    for model in (ours, ours):  # the first pass makes the steps
+        model.zero_grad()
+        first, second = (model(x, h).sin().sum() for x, h in zip(xs, hs, strict=True))
+        second.backward()
+        first.backward()
+    got = [p.grad.clone() for p in ours.parameters()]
+    ref.zero_grad()
+    for x, h in zip(xs, hs, strict=True):
+        ref(x, h).sin().sum().backward()
+    for g, p in zip(got, ref.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers, batch_first", [(1, False), (1, True), (2, True)])
+def test_gradcheck_and_gradgradcheck_of_a_layer_on_one_step(layers, batch_first, monkeypatch):
+    """float64, a layer on T = 1 (its steps take x [1, N, I] or [N, 1, I] and give [1, N, H] states
+    with no reshape for autograd to record): gradcheck through the prepared backward (gradcheck's
+    perturbations of the parameters are in-place writes: the step reads them live), gradgradcheck
+    through the full path it falls back to (called with the same shapes)."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    layer = celldsl.GRU(3, 4, num_layers=layers, batch_first=batch_first, dtype=torch.float64)
+    x = torch.randn(*((2, 1) if batch_first else (1, 2)), 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(layers, 2, 4, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+
+    def f(x, h, *ps):  # ps: the layer's own parameters
+        return layer(x, h)
+
+    f(x, h, *params)
+    loop = cpu_loop(layer.cell(0))
+    backward = loop.backward
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the op's backward ran: the prepared one was not")
+
+    loop.backward = no_backward
+    try:
+        assert torch.autograd.gradcheck(f, (x, h, *params), check_batched_grad=False)
+    finally:
+        loop.backward = backward
+    assert torch.autograd.gradgradcheck(f, (x, h, *params), check_batched_grad=False)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_layers_output_and_final_state_are_tensors_of_their_own(grad, monkeypatch):
+    """One layer on T = 1: output [1, N, H] ([N, 1, H] batch_first) and h_n [1, N, H] are plain
+    tensors sharing no memory (a write into one changes no other), as torch.nn's."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    for batch_first in (False, True):
+        torch.manual_seed(0)
+        ref = nn.GRU(I, H, batch_first=batch_first, dtype=torch.float64)
+        ours = celldsl.GRU(I, H, batch_first=batch_first, dtype=torch.float64)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(*((N, 1) if batch_first else (1, N)), I, dtype=torch.float64)
+        h0 = torch.randn(1, N, H, dtype=torch.float64)
+        with torch.set_grad_enabled(grad):
+            ours(x, h0)
+            refuse_the_op(monkeypatch, ours.cell(0))
+            out, h = ours(x, h0)
+            want_out, want_h = ref(x, h0)
+        monkeypatch.undo()
+        assert out.shape == want_out.shape and h.shape == want_h.shape
+        assert out._base is None and h._base is None
+        assert out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+        torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h, want_h, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            out.add_(1)
+        torch.testing.assert_close(h, want_h, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_on_one_step_follows_writes_dtype_and_requires_grad_changes(monkeypatch):
+    """Step-by-step training of a GRU layer on T = 1 against torch.nn's: optimizer steps (in-place
+    writes), `.data` writes (no version bump), a bias frozen then trained again, a new parameter
+    object, train/eval, then `.double()`: every output and gradient follows torch.nn's."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    ref, ours = nn.GRU(I, H), celldsl.GRU(I, H)
+    ours.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(1, N, I), torch.randn(1, N, H)
+
+    def step(model, opt, change):
+        opt.zero_grad()
+        out, h = model(x, h0)
+        (out.sin().sum() + h.square().sum()).backward()
+        opt.step()
+        change(model)
+        return out, h, [p.grad for p in model.parameters()]
+
+    def data_write(m):
+        m.weight_hh_l0.data.mul_(0.9)
+
+    def freeze(m):
+        m.bias_ih_l0.requires_grad_(False)
+
+    def thaw(m):
+        m.bias_ih_l0.requires_grad_(True)
+
+    def new_parameter(m):
+        m.weight_ih_l0 = nn.Parameter(m.weight_ih_l0.detach() * 1.1)
+
+    def evaluate(m):
+        m.eval()
+
+    changes = [data_write, freeze, thaw, new_parameter, evaluate]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, ours)]
+    ours(x, h0)
+    refuse_the_op(monkeypatch, ours.cell(0))  # every call below is a prepared step's
+    for change in changes:
+        got, want = step(ours, opts[1], change), step(ref, opts[0], change)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, ours)]  # a new parameter object
+        for g, w in zip([*got[:2], *got[2]], [*want[:2], *want[2]], strict=True):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    ours.load_state_dict(ref.state_dict())  # the same weights: float32 training drifted them apart
+    ref.double()
+    ours.double()
+    x, h0 = x.double(), h0.double()
+    for g, w in zip(ours(x, h0), ref(x, h0), strict=True):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_functional_call_of_a_layer_on_one_step():
+    """torch.func.functional_call swaps plain tensors in for a layer's parameters: a T = 1 call runs
+    the full path (a cell shares nn.Parameters only) with those tensors, as torch.nn's (it raised
+    a TypeError from making the layer's cells); the layer's own steps run again afterwards."""
+    torch.manual_seed(0)
+    ref, ours = nn.GRU(I, H, num_layers=2), celldsl.GRU(I, H, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, N, I)
+    ours(x)
+    swapped = {n: (p.detach() * 0.5).requires_grad_() for n, p in ref.named_parameters()}
+    for got, want in zip(torch.func.functional_call(ours, swapped, (x,)),
+                         torch.func.functional_call(ref, swapped, (x,)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ours(x), ref(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -70,7 +70,7 @@ class _Step:
         the weights' memory behind torch's back (through numpy, ctypes or shared memory)."""
         _PREPARED.pop(self, None)
 
-    def _replayed(self, input, given: list[torch.Tensor] | None):
+    def _replayed(self, input, given: list[torch.Tensor] | None, layer: tuple | None = None):
         """(output, new states) of a call from the loop's prepared step (weights packed, biases added,
         kernel arguments bound: targets/c/fused.PreparedStep; under autograd PreparedTrainStep, its
         backward prepared too, through nn/prepared.PreparedCall), or None: then the full path runs,
@@ -78,7 +78,11 @@ class _Step:
         shapes, dtypes, devices, which tensors need a gradient, and the parameters (object,
         storage, strides and, without autograd, `_version`, which every in-place write and
         optimizer step bumps: the step under autograd reads the weights live) stay the same, so a
-        call that repeats the last one's signature skips the checks it already passed."""
+        call that repeats the last one's signature skips the checks it already passed.
+
+        layer=(lead, out_lead): a layer's one step (nn/stack.py): input [1, N, I] or [N, 1, I],
+        the states [N, H] or [1, N, H]; the new states come shaped lead + (width,), the output
+        out_lead + (width,), a tensor of its own, or (out_lead None) the new state it equals."""
         tensors = [input, *given] if given else [input]
         if not plain_eager(tensors):
             return None
@@ -99,34 +103,53 @@ class _Step:
             entries = _PREPARED[self] = {}
         entry = entries.get(train)
         if entry is None or entry[0] != key:
-            entry = entries[train] = (key, self._prepare(input, given, train))
+            entry = entries[train] = (key, self._prepare(input, given, train, layer is not None))
         step = entry[1]
         if step is None:
             return None
+        if layer is None:
+            lead = out_lead = input.shape[:-1]
+            distinct = self._distinct_output
+        else:
+            lead, out_lead = layer
+            distinct = out_lead is not None
+            if not distinct:
+                out_lead = lead
         if train:
-            return self._train_call(*step, input, tensors[1:])
-        if input.dim() == 1:
-            out, finals = step(input[None, None], [s[None] for s in tensors[1:]], self._distinct_output)
-            return out[0], [f[0] for f in finals]
-        return step(input[None], tensors[1:], self._distinct_output)
+            return self._train_call(*step, input, tensors[1:], (lead, out_lead), distinct)
+        return step(input, tensors[1:], distinct, lead, out_lead)
 
-    def _train_call(self, step, layout, names, input, given):
-        """_replayed under autograd: one PreparedCall."""
-        stored = [self._parameters[n] for n in names]
-        distinct = self._distinct_output or step.output_state is None
-        outs = apply_prepared(step, layout, self._full_step, len(given), distinct, input, *given, *stored)
+    def _train_call(self, step, layout, names, input, given, leads, distinct):
+        """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of
+        `_replayed` holds their ids, and the entry holds them: the same objects)."""
+        distinct = distinct or step.output_state is None
+        outs = apply_prepared(step, layout, self._full_step, len(given), distinct, leads, input, *given,
+                              *layout.stored)
         news = list(outs[: len(step.news)])
         return (outs[-1] if distinct else news[step.output_state]), news
 
-    def _full_step(self, input, given):
-        """The full path's (new states..., out): PreparedCall's backward differentiates it."""
-        out, news = self._step(input, given, {}, prepared=False)
-        return [*news, out]
+    def _full_step(self, input, given, leads):
+        """The full path's (new states..., out), shaped as `_replayed`'s (leads: the states' and the
+        output's leading dimensions): PreparedCall's backward differentiates it."""
+        if input.dim() <= 2:
+            out, news = self._step(input, given, {}, prepared=False)
+            return [*news, out]
+        lead, out_lead = leads
+        rows = [s.reshape(-1, s.shape[-1]) for s in given]
+        out, news = self._step(input.reshape(-1, input.shape[-1]), rows, {}, prepared=False)
+        return [*[n.reshape(*lead, n.shape[-1]) for n in news], out.reshape(*out_lead, out.shape[-1])]
 
-    def _prepare(self, input, given, train: bool = False):
+    def _prepare(self, input, given, train: bool = False, layer: bool = False):
         """The prepared step for these arguments, or None (they fail a check, or the loop has none);
-        under autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters)."""
+        under autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters).
+        layer: a layer's step (input [1, N, I] or [N, 1, I]: `_replayed`), checked as [N, I]."""
         compiled = self.compiled
+        if layer:
+            if input.dim() != 3 or 1 not in input.shape[:2] or \
+                    any(s.dim() not in (2, 3) for s in given or []):
+                return None
+            input = input.reshape(-1, input.shape[-1])
+            given = [s.reshape(-1, s.shape[-1]) for s in given or []]
         if len(compiled.ir.inputs) != 1 or input.dim() not in (1, 2) or \
                 any(s.dim() != input.dim() for s in given or []):
             return None
@@ -151,7 +174,7 @@ class _Step:
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
                 return None  # a parameter the cell does not read, or scalars
-            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources)
+            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step)
             return None if layout is None else (step, layout, names)
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message

@@ -20,13 +20,19 @@ class Layout:
     parameters themselves or views of them (row blocks, vectors), each with its gradient: a hoisted
     or step weight's, or a run of a vector source's values (PreparedTrainStep.vector_sources).
     Adjacent runs of one source merge, so a bias whose vectors are one GEMM's blocks in order takes
-    one slice of that GEMM gradient's column sums."""
+    one slice of that GEMM gradient's column sums.
 
-    def __init__(self, stored: list[Tensor], runs: list[list[tuple]]):
-        self.stored, self.runs = stored, runs
+    `plan` says, per parameter, how a backward makes its gradient from the step's buffers, bound
+    once (PreparedTrainStep.gemm_grad): a whole GEMM weight is one GEMM, d.T @ operand; a vector
+    whose runs are GEMM columns is the column sums of those columns (one cat first if several);
+    anything else (a weight in row blocks, a kernel's accumulator) goes the general way (`_general`)."""
+
+    def __init__(self, stored: list[Tensor], runs: list[list[tuple]], plan: list[tuple | None]):
+        self.stored, self.runs, self.plan = stored, runs, plan
+        self.weights = [p for p in stored if p.dim() > 1]  # what PreparedCall saves, as torch.nn's cells
 
     @classmethod
-    def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources) -> Layout | None:
+    def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources, step) -> Layout | None:
         """The layout, or None where the op's parameters are not plain views partitioning the stored
         tensors (a weight combination, tied weights, a non-contiguous parameter): the full path then."""
         runs: list[list[tuple]] = [[] for _ in stored]
@@ -52,7 +58,7 @@ class Layout:
             if at != p.numel():
                 return None
             runs[j] = cls._merged(rs)
-        return cls(stored, runs)
+        return cls(stored, runs, [cls._planned(p, rs, step) for p, rs in zip(stored, runs, strict=True)])
 
     @staticmethod
     def _merged(rs: list[tuple]) -> list[tuple]:
@@ -66,8 +72,44 @@ class Layout:
             out.append((offset, n, source))
         return out
 
-    def grads(self, needs, d_hoisted: list[Tensor], d_step: list[Tensor], sums: dict) -> list[Tensor | None]:
-        """The stored tensors' gradients (None where not needed)."""
+    @staticmethod
+    def _planned(p: Tensor, rs: list[tuple], step) -> tuple | None:
+        """(0, (d.T, operand), shape): a GEMM weight's gradient; (1, [column views], shape): their
+        column sums; shape: p's where the result's differs (else None); None: `_general`."""
+        if len(rs) == 1 and rs[0][2][0] in ("hoisted", "step"):
+            d, operand = step.gemm_grad(*rs[0][2])
+            shape = (d.shape[1], operand.shape[1])
+            return 0, (d.t(), operand), None if p.shape == shape else p.shape
+        if all(source[0] == "vector" and source[1][0] in ("hoisted", "step") for _o, _n, source in rs):
+            views = [step.gemm_grad(*source[1])[0][:, source[2] : source[2] + n] for _o, n, source in rs]
+            return 1, views, None if p.shape == (p.numel(),) else p.shape
+        return None
+
+    def grads(self, needs, step) -> list[Tensor | None]:
+        """The stored tensors' gradients after step's backward (None where not needed): fresh
+        tensors, which autograd may keep as .grad."""
+        out: list[Tensor | None] = []
+        general = None
+        for j, (need, planned) in enumerate(zip(needs, self.plan, strict=True)):
+            if not need:
+                g = None
+            elif planned is None:
+                if general is None:
+                    general = step.gradients()
+                g = self._general(j, *general)
+            else:
+                kind, operands, shape = planned
+                if kind == 0:
+                    g = torch.mm(*operands)
+                else:
+                    g = (operands[0] if len(operands) == 1 else torch.cat(operands, 1)).sum(0)
+                if shape is not None:
+                    g = g.view(shape)
+            out.append(g)
+        return out
+
+    def _general(self, j: int, d_hoisted: list[Tensor], d_step: list[Tensor], sums: dict) -> Tensor:
+        """Stored tensor j's gradient from the op parameters' gradients (PreparedTrainStep.gradients)."""
         def value(source, n):
             if source[0] == "hoisted":
                 return d_hoisted[source[1]]
@@ -76,44 +118,36 @@ class Layout:
             whole = sums[source[1]]
             return whole if source[2] == 0 and n == whole.shape[0] else whole[source[2] : source[2] + n]
 
-        out = []
-        for p, rs, need in zip(self.stored, self.runs, needs, strict=True):
-            if not need:
-                out.append(None)
-            elif len(rs) == 1:
-                g = value(rs[0][2], rs[0][1])
-                out.append(g if g.shape == p.shape else g.view(p.shape))
-            else:
-                g = p.new_empty(p.shape)
-                flat = g.view(-1)
-                for offset, n, source in rs:
-                    flat[offset : offset + n].copy_(value(source, n).reshape(-1))
-                out.append(g)
-        return out
+        p, rs = self.stored[j], self.runs[j]
+        if len(rs) == 1:
+            g = value(rs[0][2], rs[0][1])
+            return g if g.shape == p.shape else g.view(p.shape)
+        g = p.new_empty(p.shape)
+        flat = g.view(-1)
+        for offset, n, source in rs:
+            flat[offset : offset + n].copy_(value(source, n).reshape(-1))
+        return g
 
 
 class PreparedCall(torch.autograd.Function):
-    """apply(step, layout, full, n_given, distinct, x, *given states, *stored) -> (*new states, out if
-    distinct): one call of a PreparedTrainStep. `full(x, given)` runs the module's full path (the
-    same outputs), for a backward that autograd records."""
+    """apply(step, layout, full, n_given, distinct, (lead, out_lead), x, *given states, *stored) ->
+    (*new states shaped lead + (width,), out shaped out_lead + (width,) if distinct): one call of a
+    PreparedTrainStep. `full(x, given, (lead, out_lead))` runs the module's full path (the same
+    outputs, the same shapes), for a backward that autograd records."""
 
     @staticmethod
-    def forward(ctx, step, layout, full, n_given, distinct, x, *tensors):
+    def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
         given = tensors[:n_given]
-        unbatched = x.dim() == 1
-        news, record = step.forward(x, given)
-        outs = [*news, step.output()] if distinct else news
-        if unbatched:
-            outs = [o[0] for o in outs]  # views of fresh tensors, made plain below
-            outs = [o.clone() for o in outs]
+        news, record = step.forward(x, given, leads[0])
+        outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
-        ctx.n_news, ctx.distinct = len(news), distinct
+        ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
         ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
         # into them after the call is allowed, as in torch.nn
-        ctx.save_for_backward(*given, *[p for p in ctx.stored if p.dim() > 1])
+        ctx.save_for_backward(*given, *layout.weights)  # ctx.stored's: the same tensors (cells._replayed)
         return tuple(outs)
 
     @staticmethod
@@ -123,18 +157,17 @@ class PreparedCall(torch.autograd.Function):
             return (None,) * len(ctx.needs_input_grad)
         given = ctx.saved_tensors[:n_given]  # unpacked: autograd checks their versions
         x = ctx.x
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]
         if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
                                           for g in grads):
-            return (None,) * 5 + _differentiated(ctx.full, x, given, ctx.stored, needs, grads)
+            return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
-        dx, dstates, d_hoisted, d_step, sums = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news],
-                                                                 needs[0], needs_given)
+        dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0], needs_given)
         if dx is not None:
             dx = dx.view(x.shape)
         dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given, strict=False)]
-        return (None,) * 5 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], d_hoisted, d_step, sums))
+        return (None,) * 6 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], ctx.step))
 
 
 # PreparedCall.apply without torch.autograd.Function.apply's Python layer (unwrapping functorch's dead
@@ -143,11 +176,11 @@ class PreparedCall(torch.autograd.Function):
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
 
 
-def _differentiated(full, x, given, stored, needs, grads) -> tuple:
+def _differentiated(full, x, given, leads, stored, needs, grads) -> tuple:
     """The gradients by autograd through the module's full path, recorded (create_graph)."""
     inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
     with torch.enable_grad():
-        outs = full(x, list(given))[: len(grads)]  # (new states..., out): out only when returned
+        outs = full(x, list(given), leads)[: len(grads)]  # (new states..., out): out only when returned
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)

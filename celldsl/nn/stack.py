@@ -97,18 +97,27 @@ class RecurrentStack:
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
         if entry is None or entry[0] != params:
-            entry = _STEPS[self] = (params, [self.cell(k) for k in range(self.num_layers)])
-        x = input[:, 0] if self.batch_first else input[0]
-        finals = []
+            # plain tensors in place of the parameters (torch.func.functional_call): the full path
+            # (a cell's parameters must be nn.Parameters)
+            plain = all(p is None or isinstance(p, torch.nn.Parameter) for p in self._parameters.values())
+            entry = _STEPS[self] = (params, [self.cell(k) for k in range(self.num_layers)] if plain else None)
+        if entry[1] is None:
+            return None
+        # each step takes x as [1, N, I] ([N, 1, I] batch_first) and gives its output in x's shape and
+        # the new states as [1, N, H]: one layer's are the layer's results as they are (no stack, no
+        # unsqueeze: no view or copy for autograd to record); only the last layer's output needs to
+        # be a tensor of its own (with several layers the final states are a concatenation)
+        x, last, finals = input, self.num_layers - 1, []
+        lead = (1, input.shape[0 if self.batch_first else 1])
         for k, step in enumerate(entry[1]):
-            replayed = step._replayed(x, None if given is None else [s[k] for s in given])
+            states = None if given is None else given if last == 0 else [s[k] for s in given]
+            replayed = step._replayed(x, states, (lead, input.shape[:-1]) if k == last else (lead, None))
             if replayed is None:
                 return None
             x, news = replayed
             finals.append(news)
-        output = x.unsqueeze(1 if self.batch_first else 0)
-        final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
-        return output, (final[0] if len(final) == 1 else tuple(final))
+        final = finals[0] if last == 0 else [torch.cat([f[i] for f in finals]) for i in range(len(finals[0]))]
+        return x, (final[0] if len(final) == 1 else tuple(final))
 
     # ---- parameters --------------------------------------------------------------------------
 

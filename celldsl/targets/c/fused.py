@@ -1188,29 +1188,55 @@ class PreparedStep:
                                                                   step_bias, run=False)
         self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
+        self._views: dict = {}
+        self._leads: dict = {}
 
-    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """The step on x and the given states (copied in; x and the states may also be [I] and [H]
-        each, of an unbatched call at N = 1), into the bound buffers."""
-        self.x.copy_(x)
+    def _as(self, buf: torch.Tensor, shape) -> torch.Tensor:
+        """buf (contiguous) viewed as `shape`, the same elements in the same order (an unbatched
+        call's [I], a layer's [1, N, I] or [N, 1, I] for x [1, N, I]); each view made once."""
+        if buf.shape == shape:
+            return buf
+        key = (id(buf), shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = buf.view(shape)
+        return view
+
+    def _copy_in(self, x: torch.Tensor, states) -> None:
+        """x and the given states into their buffers (the rest of the states zero), each of any shape
+        with the buffer's elements in its order."""
+        self._as(self.x, x.shape).copy_(x)
         for buf, s in zip(self.states, states, strict=False):
-            buf.copy_(s)
+            self._as(buf, s.shape).copy_(s)
         for buf in self.states[len(states):]:
             buf.zero_()
+
+    def _news(self, lead) -> list[torch.Tensor]:
+        """Copies of the new states, each shaped lead + (width,)."""
+        views = self._leads.get(lead)
+        if views is None:
+            views = self._leads[lead] = [n.view(*lead, n.shape[-1]) for n in self.news]
+        return [v.clone() for v in views]
+
+    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """The step on x and the given states (copied in), into the bound buffers."""
+        self._copy_in(x, states)
         for h in self.hoisted:
             h()
         self.native.run_forward(self.prepared)
 
-    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True, lead=None,
+                 out_lead=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
-        shapes and dtype it was made for -> (out [N, width], new states). distinct_out=False: out may
-        be the new state it equals (for a caller that returns only one of them)."""
+        dtype it was made for, or the same elements in other shapes -> (out, new states): the new
+        states shaped lead + (width,), out out_lead + (width,) (both (N,) if None). distinct_out=False:
+        out may be the new state it equals (for a caller that returns only one of them)."""
         self._run(x, states)
-        news = [n.clone() for n in self.news]
+        news = self._news((self.x.shape[1],) if lead is None else lead)
         if not distinct_out and self.output_state is not None:
             return news[self.output_state], news
-        return self.out.clone(), news
+        out_lead = (self.x.shape[1],) if out_lead is None else out_lead
+        return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
 
 
 class PreparedTrainStep(PreparedStep):
@@ -1220,10 +1246,11 @@ class PreparedTrainStep(PreparedStep):
     write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
     torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
     products, the in-step operands); a backward copies the gradients in (and its forward's values,
-    unless the buffers still hold them), runs one native call (the kernels), then one GEMM per weight
-    gradient, the input's, and the initial states' where needed. The gradients are those of the op's
-    parameters (hoisted weights, step weights, vectors by `vector_sources`); nn/prepared.py makes the
-    module's from them. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
+    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
+    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
+    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
+    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
@@ -1329,16 +1356,13 @@ class PreparedTrainStep(PreparedStep):
                 added.append((out[:, start : start + n], source))
         return first, added
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], Record]:
-        """Runs the step -> (copies of the new states, the Record its backward takes). The buffers
-        are about to be overwritten: the previous call's values are copied into its Record first,
-        if that Record is still held (its backward may yet run)."""
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
+        """Runs the step on x and the given states (shaped as `__call__` takes them) -> (copies of
+        the new states shaped lead + (width,), the Record its backward takes). The buffers are about
+        to be overwritten: the previous call's values are copied into its Record first, if that
+        Record is still held (its backward may yet run)."""
         self._spill()
-        self.x.copy_(x)
-        for buf, s in zip(self.states, states, strict=False):
-            buf.copy_(s)
-        for buf in self.states[len(states):]:
-            buf.zero_()
+        self._copy_in(x, states)
         for a, w_t, out, bias, added, adds in self.products:
             if adds:
                 out.addmm_(a, w_t)
@@ -1351,7 +1375,7 @@ class PreparedTrainStep(PreparedStep):
         self.native.run_forward(self.forward_call)
         record = Record()
         self.holds = weakref.ref(record)
-        return [n.clone() for n in self.news], record
+        return self._news(lead), record
 
     @staticmethod
     def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
@@ -1363,9 +1387,9 @@ class PreparedTrainStep(PreparedStep):
             return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
         return ("acc", i), 0
 
-    def output(self) -> torch.Tensor:
-        """A copy of the latest forward's output."""
-        return self.out.clone()
+    def output(self, lead) -> torch.Tensor:
+        """A copy of the latest forward's output, shaped lead + (width,)."""
+        return self._as(self.out, (*lead, self.out.shape[-1])).clone()
 
     def _spill(self) -> None:
         """Copies the buffers' values into the Record of the call they belong to, before they are
@@ -1377,13 +1401,14 @@ class PreparedTrainStep(PreparedStep):
     def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
         """The gradients of the forward that made `record` (given the states it took), for grad_out
         (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial state or
-        None, per needs_states], [d hoisted weight], [d step weight], {vector source: its values}).
-        At T = 1 the backward reads the initial states, not the new ones."""
+        None, per needs_states]); the parameters' are then made from the buffers it leaves
+        (`gemm_grad`, `gradients`), only those needed. At T = 1 the backward reads the initial
+        states, not the new ones."""
         if self.holds() is not record:  # another forward ran since, or another's backward restored its values
             self._spill()
             self.holds = weakref.ref(record)
             for buf, s in zip(self.states, states, strict=False):
-                buf.copy_(s)
+                self._as(buf, s.shape).copy_(s)
             for buf in self.states[len(states):]:
                 buf.zero_()
             for buf, k in zip(self.kept, record.values, strict=True):
@@ -1392,9 +1417,9 @@ class PreparedTrainStep(PreparedStep):
             if g is None:
                 buf.zero_()
             else:
-                buf.copy_(g)
+                self._as(buf, g.shape).copy_(g)
         if grad_out is not None:
-            self.g_out.copy_(grad_out)
+            self._as(self.g_out, grad_out.shape).copy_(grad_out)
             self.g_out_zero = False
         elif not self.g_out_zero:  # the native call only reads it
             self.g_out.zero_()
@@ -1405,14 +1430,28 @@ class PreparedTrainStep(PreparedStep):
         if any(needs_states):
             for d, w, i in zip(self.d_step, self.step_w, self.state_of_gemm, strict=True):
                 self.A[i].addmm_(d, w)
-        d_step_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_step_t, self.step_operands, strict=True)]
-        d_hoisted_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_hoist_t, self.hoisted_x, strict=True)]
         dx = None
         if needs_dx:
             for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
                 dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
             if dx is None:
                 dx = torch.zeros_like(self.x[0])
+        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
+        return dx, dstates
+
+    def gemm_grad(self, kind: str, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d rows [N, rows], operand [N, cols]) of hoisted or step GEMM gi: after a backward, its
+        weight's gradient is d.T @ operand and a bias block's the column sums of d. Buffers bound
+        once: their values are the latest backward's."""
+        if kind == "hoisted":
+            return self.d_hoist[gi], self.hoisted_x[gi]
+        return self.d_step[gi], self.step_operands[gi]
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        """The latest backward's parameter gradients, fresh tensors: ([d hoisted weight], [d step
+        weight], {vector source (vector_sources): its values})."""
+        d_step_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_step_t, self.step_operands, strict=True)]
+        d_hoisted_w = [torch.mm(d_t, a) for d_t, a in zip(self.d_hoist_t, self.hoisted_x, strict=True)]
         sources = {}
         for key, _start in self.vector_sources:
             if key not in sources:
@@ -1420,8 +1459,7 @@ class PreparedTrainStep(PreparedStep):
                     sources[key] = self.accumulators[key[1]].to(self.x.dtype, copy=True)
                 else:
                     sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
-        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
-        return dx, dstates, d_hoisted_w, d_step_w, sources
+        return d_hoisted_w, d_step_w, sources
 
 
 class Record:
