@@ -91,6 +91,9 @@ static cd_part cd_part_of(int64_t H, int64_t width)
 """
 
 HELPERS = """
+#ifndef CD_FEW_ROWS
+#define CD_FEW_ROWS 8  /* a batch below this many rows skips the next-tile prefetch */
+#endif
 typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *panel, {t} *c,
                               int64_t ldc, int64_t ncols, int init, const {t} *bias);
 
@@ -120,9 +123,11 @@ static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t t
             const {t} *panel = (const {t} *)g->panels + (j * np + col / NR) * g->K * NR;
             /* Ask for the next tile's output rows, for writing: stores to lines out of cache stall
                the tiles (a 32 x 256 x 1024 product took 100 us a step into moving rows, 80 into
-               fixed ones). The LSTM forward at N=32 ran 3-8% faster (A/B in one process). */
+               fixed ones). The LSTM forward at N=32 ran 3-8% faster (A/B in one process). A batch
+               of a few rows skips it: the next-step requests above cover them, and at N=1 the
+               loop of requests per tile cost the forward 5-7%. */
             const int64_t nj = col + NR < P.u1 ? j : j + 1, ncol = col + NR < P.u1 ? col + NR : P.u0;
-            if (nj < g->blocks)
+            if (nj < g->blocks && b >= CD_FEW_ROWS)
                 for (int64_t i = 0; i < b; ++i)
                     for (int64_t u = 0; u < CD_MIN(NR, H - ncol); u += line)
                         __builtin_prefetch(c + i * g->output.ld + nj * H + ncol + u, 1, 3);
