@@ -2,11 +2,13 @@
 
 The native forward (targets/c/emit_loop.py) asks for the next step's output rows while a step's
 tiles run, a share per tile, this thread's units only, and asks for the next tile's rows only for a
-batch of 8 rows or more (CD_FEW_ROWS). These tests run it where those requests change: batches of 1,
-7, 8 and 33 rows (tiles of 12 rows and a remainder), hidden sizes 37 (a partial last panel of the
-32-wide panels) and 256, packed sequences whose batch shrinks from 10 rows to 1 (steps on either side
-of 8), and 2 threads (each owning its own units); against torch.nn.LSTM, outputs and final states,
-in float64 and float32. The loop that ran must be the native one.
+batch of 8 rows or more (CD_FEW_ROWS); a batch of at most 36 rows runs 12 rows of the operand at a
+time through every panel (CD_STEP_ROWS), a larger one all its rows through each panel. These tests
+run it where those change: batches of 1, 7, 8, 33 (three passes: 12, 12 and 9 rows) and 40 rows (one
+pass), hidden sizes 37 (a partial last panel of the 32-wide panels) and 256, packed sequences whose
+batch shrinks from 10 rows to 1 (steps on either side of 8), and 2 threads (each owning its own
+units); against torch.nn.LSTM, outputs and final states, in float64 and float32. The loop that ran
+must be the native one.
 """
 
 import pytest
@@ -60,7 +62,7 @@ def check(ref, ours, x, dtype, loop, lengths=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("N", "H"), [(1, 37), (7, 37), (8, 37), (33, 37), (33, 256)])
+@pytest.mark.parametrize(("N", "H"), [(1, 37), (7, 37), (8, 37), (33, 37), (33, 256), (40, 37)])
 def test_padded_batches_equal_torch_nn(native_loop, dtype, N, H):
     ref, ours = layers(5, H, dtype)
     x = torch.randn(6, N, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
