@@ -100,11 +100,12 @@ HELPERS = """
 typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *panel, {t} *c,
                               int64_t ldc, int64_t ncols, int init, const {t} *bias);
 
-/* The forward GEMM of step t, this thread's columns of every block. A batch of at most
-   3 * CD_STEP_ROWS rows runs CD_STEP_ROWS rows of the operand at a time through all of them (those
-   rows stay in the L1 cache while the panels stream past): the LSTM forward took 0.98x as long at
-   N=32 and 0.92x at N=16 (A/B in one process), but 1.02x at N=64, where the weights streamed six
-   times a step; a larger batch runs all its rows through each panel in turn. */
+/* The forward GEMM of step t, this thread's columns of every block. A product added onto its
+   hoisted rows (init 1) of at most 3 * CD_STEP_ROWS rows runs CD_STEP_ROWS rows of the operand at a
+   time through all of them (those rows stay in the L1 cache while the panels stream past): the LSTM
+   forward took 0.98-0.99x as long at N=32 (A/B in one process, nine runs). Measured, not modelled:
+   at N=64 (the weights streamed six times a step) it took 1.02x, and the GRU's product (= bias +,
+   into rows of its own) 1.01-1.02x at N=32; those run all their rows through each panel in turn. */
 static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t t, int64_t b, int64_t r,
                               int64_t q, cd_part P)
 {{
@@ -119,7 +120,8 @@ static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t t
        next-tile prefetch below comes too late to hide reading them from memory. The step product
        32 x 256 x 1024 into such rows took 0.89x as long (a C harness, rows streamed out first); the
        LSTM forward at N=32, 0.96-0.98x (A/B in one process). */
-    const int64_t rows = b <= 3 * CD_STEP_ROWS ? CD_STEP_ROWS : b, passes = b > 0 ? (b + rows - 1) / rows : 0;
+    const int64_t rows = b <= 3 * CD_STEP_ROWS && g->init == 1 ? CD_STEP_ROWS : b;
+    const int64_t passes = b > 0 ? (b + rows - 1) / rows : 0;
     const int64_t nb = t + 1 < L->T ? L->steps[t + 1] : 0;
     const int64_t calls = passes * g->blocks * ((P.u1 - P.u0 + NR - 1) / NR);
     {t} *next = nb ? ({t} *)cd_at(&g->output, L->offsets[t + 1], r) : 0;
