@@ -2,8 +2,9 @@
 
 The native forward (targets/c/emit_loop.py) asks for the next step's output rows while a step's
 tiles run, a share per tile, this thread's units only, and asks for the next tile's rows only for a
-batch of 8 rows or more (CD_FEW_ROWS); a batch of at most 36 rows runs 12 rows of the operand at a
-time through every panel (CD_STEP_ROWS), a larger one all its rows through each panel. These tests
+batch of 8 rows or more (CD_FEW_ROWS); a product added onto its hoisted rows (the LSTM's) of at most
+36 rows runs 12 rows of the operand at a time through every panel (CD_STEP_ROWS), a larger one all
+its rows through each panel. These tests
 run it where those change: batches of 1, 7, 8, 33 (three passes: 12, 12 and 9 rows) and 40 rows (one
 pass), hidden sizes 37 (a partial last panel of the 32-wide panels) and 256, packed sequences whose
 batch shrinks from 10 rows to 1 (steps on either side of 8), and 2 threads (each owning its own
