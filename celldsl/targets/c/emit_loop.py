@@ -91,34 +91,64 @@ static cd_part cd_part_of(int64_t H, int64_t width)
 """
 
 HELPERS = """
+#ifndef CD_FEW_ROWS
+#define CD_FEW_ROWS 8  /* a batch below this many rows skips the next-tile prefetch */
+#endif
+#ifndef CD_STEP_ROWS
+#define CD_STEP_ROWS 12  /* rows of a step product's operand per pass (one tile of 12 rows, two of 6) */
+#endif
 typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *panel, {t} *c,
                               int64_t ldc, int64_t ncols, int init, const {t} *bias);
 
-/* The forward GEMM of one step, this thread's columns of every block. */
-static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b, int64_t r, int64_t q,
-                              cd_part P)
+/* The forward GEMM of step t, this thread's columns of every block. A product added onto its
+   hoisted rows (init 1) of at most 3 * CD_STEP_ROWS rows runs CD_STEP_ROWS rows of the operand at a
+   time through all of them (those rows stay in the L1 cache while the panels stream past): the LSTM
+   forward took 0.98-0.99x as long at N=32 (A/B in one process, nine runs). Measured, not modelled:
+   at N=64 (the weights streamed six times a step) it took 1.02x, and the GRU's product (= bias +,
+   into rows of its own) 1.01-1.02x at N=32; those run all their rows through each panel in turn. */
+static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t t, int64_t b, int64_t r,
+                              int64_t q, cd_part P)
 {{
     const cd_tiles_{dt} tiles = (cd_tiles_{dt})(intptr_t)L->tiles;
-    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR;
+    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR, line = 64 / (int64_t)sizeof({t});
+    const int64_t lda = g->operand.ld, ldc = g->output.ld;
     const {t} *a = (const {t} *)cd_at(&g->operand, r, q);
     {t} *c = ({t} *)cd_at(&g->output, r, q);
     const {t} *bias = (const {t} *)g->bias;
-    for (int64_t j = 0; j < g->blocks; ++j)
-        for (int64_t col = P.u0; col < P.u1; col += NR) {{
-            const {t} *panel = (const {t} *)g->panels + (j * np + col / NR) * g->K * NR;
-            /* Ask for the next panel's output rows, for writing: each step writes rows of a buffer of
-               T steps (the hoisted rows the products add to), out of cache, and stores to such lines
-               stall the tiles (a 32 x 256 x 1024 product took 100 us a step into moving rows, 80 into
-               fixed ones). A step ahead is too far: the weight's panels stream through the L2 cache
-               in between. The LSTM forward at N=32 ran 3-8% faster (A/B in one process). */
-            const int64_t nj = col + NR < P.u1 ? j : j + 1, ncol = col + NR < P.u1 ? col + NR : P.u0;
-            if (nj < g->blocks)
-                for (int64_t i = 0; i < b; ++i)
-                    for (int64_t u = 0; u < CD_MIN(NR, H - ncol); u += 64 / (int64_t)sizeof({t}))
-                        __builtin_prefetch(c + i * g->output.ld + nj * H + ncol + u, 1, 3);
-            tiles(b, g->K, a, g->operand.ld, panel, c + j * H + col, g->output.ld, CD_MIN(NR, H - col),
-                  (int)g->init, bias ? bias + j * H + col : 0);
-        }}
+    /* The next step's output rows (this thread's columns), asked for a share per tile of this step:
+       they lie in a buffer of T steps that the hoisted product wrote past the caches, and the
+       next-tile prefetch below comes too late to hide reading them from memory. The step product
+       32 x 256 x 1024 into such rows took 0.89x as long (a C harness, rows streamed out first); the
+       LSTM forward at N=32, 0.96-0.98x (A/B in one process). */
+    const int64_t rows = b <= 3 * CD_STEP_ROWS && g->init == 1 ? CD_STEP_ROWS : b;
+    const int64_t passes = b > 0 ? (b + rows - 1) / rows : 0;
+    const int64_t nb = t + 1 < L->T ? L->steps[t + 1] : 0;
+    const int64_t calls = passes * g->blocks * ((P.u1 - P.u0 + NR - 1) / NR);
+    {t} *next = nb ? ({t} *)cd_at(&g->output, L->offsets[t + 1], r) : 0;
+    int64_t call = 0;
+    for (int64_t i0 = 0; i0 < b; i0 += rows) {{
+        const int64_t m = CD_MIN(rows, b - i0);
+        for (int64_t j = 0; j < g->blocks; ++j)
+            for (int64_t col = P.u0; col < P.u1; col += NR, ++call) {{
+                for (int64_t i = call * nb / calls; i < (call + 1) * nb / calls; ++i)
+                    for (int64_t jj = 0; jj < g->blocks; ++jj)
+                        for (int64_t u = P.u0; u < P.u1; u += line)
+                            __builtin_prefetch(next + i * ldc + jj * H + u, 1, 3);
+                const {t} *panel = (const {t} *)g->panels + (j * np + col / NR) * g->K * NR;
+                /* Ask for the next tile's output rows, for writing: stores to lines out of cache
+                   stall the tiles (a 32 x 256 x 1024 product took 100 us a step into moving rows, 80
+                   into fixed ones). The LSTM forward at N=32 ran 3-8% faster (A/B in one process).
+                   A batch of a few rows skips it: the next-step requests above cover them, and at
+                   N=1 the loop of requests per tile cost the forward 5-7%. */
+                const int64_t nj = col + NR < P.u1 ? j : j + 1, ncol = col + NR < P.u1 ? col + NR : P.u0;
+                if (nj < g->blocks && b >= CD_FEW_ROWS)
+                    for (int64_t i = i0; i < i0 + m; ++i)
+                        for (int64_t u = 0; u < CD_MIN(NR, H - ncol); u += line)
+                            __builtin_prefetch(c + i * ldc + nj * H + ncol + u, 1, 3);
+                tiles(m, g->K, a + i0 * lda, lda, panel, c + i0 * ldc + j * H + col, ldc, CD_MIN(NR, H - col),
+                      (int)g->init, bias ? bias + j * H + col : 0);
+            }}
+    }}
 }}
 
 /* The backward GEMM of one step: this thread's columns (units) of d operand, all of d product. */
@@ -253,7 +283,7 @@ def loop_source(plan: Plan, specs, dtype: str) -> str:
         if gemms:
             forward.append(f"/* stage {stage}: its GEMMs read the whole operand: wait for every thread */")
             forward.append("#pragma omp barrier")
-            forward += [f"cd_step_gemm_{dtype}(L, &g[{gi}], b, r, q, P);" for gi in gemms]
+            forward += [f"cd_step_gemm_{dtype}(L, &g[{gi}], t, b, r, q, P);" for gi in gemms]
         if stage in kernel_of:
             forward.append(f"{names[(stage, False)]}_rows(k[{kernel_of[stage]}], r, q, b, "
                            "P.u0, P.u1, P.slot);")
