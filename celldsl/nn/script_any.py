@@ -5,16 +5,16 @@ Their eager forward takes a cell's extra inputs as keywords (`forward(input, sta
 and returns one state or a tuple of as many as the cell carries; TorchScript compiles neither
 `**extra` nor a tuple of a length it cannot see. So `__prepare_scriptable__` (which torch.jit.script
 calls on every module first, using what it returns) gives a copy of the layer, sharing its parameters,
-whose class adds a forward typed for this cell's number of states:
+whose class adds a forward typed for this cell's number of states (nn/script_arity.py's mixins):
 
     forward(input, state: Optional[Tuple[Tensor, ...n]] = None, extra: Optional[Dict[str, Tensor]] = None)
 
 (one Tensor for a one-state cell; a cell with prev(...) states takes and returns all of them), with
-the extra inputs by name in `extra`. Scripted, it calls the registered op celldsl::cell_sequence with
-the parameter list replayed by script_programs.run_program. Called eagerly (torch.jit.script replaces a
-submodule inside its parent, so the parent's eager forward then calls the copy) it is the layer's own
-forward, keywords included; it pickles as the layer's own class. Padded input only, as TorchScript's
-nn.LSTM; no autocast in the scripted forward.
+the extra inputs by name in `extra`. Scripted, its body (`script_call`) calls the registered op
+celldsl::cell_sequence with the parameter list replayed by script_programs.run_program. Called
+eagerly (torch.jit.script replaces a submodule inside its parent, so the parent's eager forward then
+calls the copy) it is the layer's own forward, keywords included; it pickles as the layer's own class.
+Padded input only, as TorchScript's nn.LSTM; no autocast in the scripted forward.
 """
 
 import copyreg
@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .parameters import stores_of
+from .script_arity import MAX_STATES, arity_forward
 from .script_programs import program, run_program
-
-MAX_STATES = 6  # one class per number of states, each with its own typed forward
 
 
 def _backends(backend: str, schedule: str | None) -> dict[str, str]:
@@ -89,10 +88,9 @@ def scripted_class(base: type, n: int) -> type:
         return base
     key = (base, n)
     if key not in _CLASSES:
-        step = issubclass(base, PreparesStep)
-        forward = (_STEP_FORWARDS if step else _LAYER_FORWARDS)[n - 1]
-        _CLASSES[key] = type(f"Scripted{base.__name__}{n}", (forward, base), {"_script_base": base,
-                                                                            "__module__": __name__})
+        body = _ScriptedStep if issubclass(base, PreparesStep) else _ScriptedLayer
+        _CLASSES[key] = type(f"Scripted{base.__name__}{n}", (arity_forward(n, bare=n == 1), body, base),
+                             {"_script_base": base, "__module__": __name__})
     return _CLASSES[key]
 
 
@@ -236,8 +234,8 @@ class _ScriptedLayer(_Scripted):
     def _eager(self, input, state, extra):
         return self._run(input, state, extra_inputs(extra, {}))
 
-    def script_forward(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
-                       ) -> tuple[Tensor, list[Tensor]]:
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                    ) -> tuple[Tensor, list[Tensor]]:
         if input.dim() != 2 and input.dim() != 3:
             raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
         unbatched = input.dim() == 2
@@ -323,7 +321,7 @@ class _ScriptedStep(_Scripted):
         out, finals = self._step(input, self._state_list(state), extra_inputs(extra, {}))
         return out, (finals[0] if len(finals) == 1 else tuple(finals))
 
-    def script_step(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
                     ) -> tuple[Tensor, list[Tensor]]:
         if input.dim() != 1 and input.dim() != 2:
             raise ValueError("Expected input to be 1D or 2D, got " + str(input.dim()) + "D instead")
@@ -356,162 +354,3 @@ class _ScriptedStep(_Scripted):
         if unbatched:
             return out[0], [f[0] for f in finals]
         return out, finals
-
-
-# One forward per number of states: TorchScript needs the state's tuple length in the signature.
-# Scripted, each takes the `torch.jit.is_scripting()` branch; eagerly, the layer's own forward.
-
-class _Layer1(_ScriptedLayer):
-    def forward(self, input: Tensor, state: Tensor | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state]
-            out, f = self.script_forward(input, given, extra)
-            return out, f[0]
-        return self._eager(input, state, extra)
-
-
-class _Layer2(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1])
-        return self._eager(input, state, extra)
-
-
-class _Layer3(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state, extra)
-
-
-class _Layer4(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state, extra)
-
-
-class _Layer5(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state, extra)
-
-
-class _Layer6(_ScriptedLayer):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state, extra)
-
-
-class _Step1(_ScriptedStep):
-    def forward(self, input: Tensor, state: Tensor | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state]
-            out, f = self.script_step(input, given, extra)
-            return out, f[0]
-        return self._eager(input, state, extra)
-
-
-class _Step2(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1])
-        return self._eager(input, state, extra)
-
-
-class _Step3(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state, extra)
-
-
-class _Step4(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state, extra)
-
-
-class _Step5(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state, extra)
-
-
-class _Step6(_ScriptedStep):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state, extra)
-
-
-_LAYER_FORWARDS = (_Layer1, _Layer2, _Layer3, _Layer4, _Layer5, _Layer6)
-_STEP_FORWARDS = (_Step1, _Step2, _Step3, _Step4, _Step5, _Step6)
