@@ -74,3 +74,28 @@ def test_arity_forward_picks_the_typed_mixin_and_refuses_other_counts():
             arity_forward(bad)
     with pytest.raises(ValueError, match="one state"):
         arity_forward(2, bare=True)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_shared_scripted_loop_drops_out_between_layers_as_torch_nn(bidirectional):
+    """LSTM's and Recurrent's scripted forwards run one loop (nn/scripting.py ScriptedLayers): in
+    training, dropout between layers draws the masks torch.nn.LSTM draws under the same seed; eval
+    drops nothing."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, num_layers=3, dropout=0.5, bidirectional=bidirectional, dtype=torch.float64)
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    for eager in (celldsl.LSTM(I, H, num_layers=3, dropout=0.5, bidirectional=bidirectional,
+                               dtype=torch.float64),
+                  celldsl.Recurrent("lstm", I, H, num_layers=3, dropout=0.5, bidirectional=bidirectional,
+                                    dtype=torch.float64)):
+        eager.load_state_dict(ref.state_dict())
+        scripted = torch.jit.script(eager)
+        for training in (True, False):
+            ref.train(training)
+            scripted.train(training)
+            torch.manual_seed(1)
+            want, (want_h, want_c) = ref(x)
+            torch.manual_seed(1)
+            got, (got_h, got_c) = scripted(x)
+            for a, b in ((got, want), (got_h, want_h), (got_c, want_c)):
+                torch.testing.assert_close(a, b, **TOL)

@@ -22,12 +22,12 @@ import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .parameters import stores_of
 from .script_arity import MAX_STATES, arity_forward
 from .script_programs import program, run_program
+from .scripting import ScriptedLayers
 
 
 def _backends(backend: str, schedule: str | None) -> dict[str, str]:
@@ -203,8 +203,9 @@ class PreparesStep(_Prepares):
     """Mixin for Cell."""
 
 
-class _ScriptedLayer(_Scripted):
-    """The scripted forward of Recurrent: its layers and directions, each one call of the op."""
+class _ScriptedLayer(_Scripted, ScriptedLayers):
+    """The scripted forward of Recurrent: its layers and directions, each one call of the op (the loop
+    LSTM/GRU/RNN's scripted forward runs, nn/scripting.py)."""
 
     _script_key: str
     _script_name: str
@@ -234,20 +235,15 @@ class _ScriptedLayer(_Scripted):
     def _eager(self, input, state, extra):
         return self._run(input, state, extra_inputs(extra, {}))
 
+    def _script_params(self, idx: int, x: Tensor) -> list[Tensor]:
+        return run_program(self._script_programs[idx], self._script_floats[idx], self._script_stored, x)
+
     def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
                     ) -> tuple[Tensor, list[Tensor]]:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
-        unbatched = input.dim() == 2
-        x = input
-        if unbatched:
-            x = x.unsqueeze(0) if self.batch_first else x.unsqueeze(1)
-        if self.batch_first:
-            x = x.transpose(0, 1)
+        x, unbatched = self.script_time_major(input)
         if x.size(2) != self.input_size:
             raise RuntimeError("input.size(-1) must be equal to input_size. Expected " + str(self.input_size)
                                + ", got " + str(x.size(2)))
-        x = x.contiguous()
         D = 2 if self.bidirectional else 1
         states: list[Tensor] = []
         for i, width in enumerate(self._script_widths):
@@ -269,31 +265,7 @@ class _ScriptedLayer(_Scripted):
         else:
             forms = [[x.size(0), x.size(1), -1], [x.size(1), -1]]
         extras = self._script_extras(extra, forms, x, unbatched, False, self.batch_first)
-        backend = self._script_backend(x)
-        finals: list[list[Tensor]] = [[] for _ in self._script_widths]
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs: list[Tensor] = []
-            for direction in range(D):
-                idx = layer * D + direction
-                seq = torch.cat([layer_input] + extras, -1) if len(extras) > 0 else layer_input
-                seq = seq if direction == 0 else seq.flip(0)
-                params = run_program(self._script_programs[idx], self._script_floats[idx],
-                                     self._script_stored, x)
-                result = torch.ops.celldsl.cell_sequence(self._script_key, backend, seq,
-                                                         [s[idx] for s in states], params, None)
-                outs.append(result[0] if direction == 0 else result[0].flip(0))
-                for i in range(len(finals)):
-                    finals[i].append(result[1 + i])
-            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, True)
-        out = layer_input.transpose(0, 1) if self.batch_first else layer_input
-        stacked = [torch.stack(f) for f in finals]
-        if unbatched:
-            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
-            stacked = [f.squeeze(1) for f in stacked]
-        return out, stacked
+        return self.script_layers(x, unbatched, states, extras, self._script_backend(x))
 
 
 class _ScriptedStep(_Scripted):
