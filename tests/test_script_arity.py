@@ -99,3 +99,38 @@ def test_the_shared_scripted_loop_drops_out_between_layers_as_torch_nn(bidirecti
             got, (got_h, got_c) = scripted(x)
             for a, b in ((got, want), (got_h, want_h), (got_c, want_c)):
                 torch.testing.assert_close(a, b, **TOL)
+
+
+class Parent(torch.nn.Module):
+    """A matrix layer and a matrix step, one after the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = _layer()
+        self.step = MatrixCell(LOWRANK, H, H, sizes={"R": 2}, backend="torch", dtype=torch.float64)
+
+    def forward(self, x):
+        out, h = self.layer(x)
+        return self.step(out[-1])[0] + h[0]
+
+
+def test_a_scripted_matrix_parent_pickles_and_loads_as_the_eager_classes(tmp_path):
+    """torch.jit.script puts the copies (nn/script_arity.py PicklesAsEager) in their parent's place;
+    the parent then saves with torch.save and loads with weights_only=True as MatrixRecurrent and
+    MatrixCell, giving the eager numbers."""
+    import pickle
+
+    parent = Parent()
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    want = parent(x)
+    torch.jit.script(parent)
+    assert [type(m).__name__[:8] for m in (parent.layer, parent.step)] == ["Scripted"] * 2
+    torch.testing.assert_close(parent(x), want, **TOL)
+    copy = pickle.loads(pickle.dumps(parent))
+    assert type(copy.layer) is MatrixRecurrent and type(copy.step) is MatrixCell
+    torch.testing.assert_close(copy(x), want, **TOL)
+    torch.save(parent, tmp_path / "parent.pt")
+    with torch.serialization.safe_globals([*celldsl.safe_globals(), Parent]):
+        loaded = torch.load(tmp_path / "parent.pt", weights_only=True)
+    assert type(loaded.layer) is MatrixRecurrent and type(loaded.step) is MatrixCell
+    torch.testing.assert_close(loaded(x), want, **TOL)

@@ -17,7 +17,6 @@ calls the copy) it is the layer's own forward, keywords included; it pickles as 
 Padded input only, as TorchScript's nn.LSTM; no autocast in the scripted forward.
 """
 
-import copyreg
 import importlib.util
 import os
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .parameters import stores_of
-from .script_arity import MAX_STATES, arity_forward
+from .script_arity import MAX_STATES, PicklesAsEager, arity_forward
 from .script_programs import program, run_program
 from .scripting import ScriptedLayers
 
@@ -94,20 +93,11 @@ def scripted_class(base: type, n: int) -> type:
     return _CLASSES[key]
 
 
-class _Scripted:
-    """Common to the scriptable copies: pickling as the eager class, keywords in eager calls."""
+class _Scripted(PicklesAsEager):
+    """Common to the scriptable copies: keywords in eager calls, the cell's extra inputs, the op's
+    backend and parameters."""
 
     __jit_unused_properties__ = ["stores", "num_directions", "__class__"]
-
-    @property
-    def __class__(self):
-        """The eager class (Recurrent, Cell), as pickle sees it: the copy pickles as the layer itself, so
-        torch.load(weights_only=True) with celldsl.safe_globals() loads a model scripted before saving."""
-        return self._script_base
-
-    def __reduce_ex__(self, protocol):
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_script_")}
-        return copyreg.__newobj__, (self._script_base,), state
 
     def __call__(self, *args, **kwargs):
         """Eager calls keep the eager API: `layer(x, state, ctx=c)` as well as `extra={"ctx": c}`."""

@@ -1,4 +1,5 @@
-"""The typed forwards of the scriptable layer copies (nn/script_any.py, nn/script_matrix.py), written once.
+"""What the scriptable layer copies (nn/script_any.py, nn/script_matrix.py) share: their typed
+forwards, written once, and pickling as the eager class.
 
 TorchScript needs a tuple's length in a signature, so each number of states has its own forward:
 
@@ -12,10 +13,31 @@ eagerly (torch.jit.script puts the copy in its parent's place) it calls the body
 `_eager(input, state, extra)`, the layer's own forward.
 """
 
+import copyreg
+
 import torch
 from torch import Tensor
 
 MAX_STATES = 6  # one mixin per number of states
+
+
+class PicklesAsEager:
+    """A copy whose class is made from its eager class `_script_base`: pickle sees the eager class, so
+    the copy pickles as the layer itself, and torch.load(weights_only=True) with celldsl.safe_globals()
+    loads a model scripted before saving."""
+
+    __jit_unused_properties__ = ["__class__"]
+
+    @property
+    def __class__(self):
+        return self._script_base
+
+    def __reduce_ex__(self, protocol):
+        """The eager class's own state (its __getstate__: MatrixRecurrent leaves out its loop, which
+        holds a module), less the copy's _script_ attributes."""
+        state = self._script_base.__getstate__(self)
+        state = {k: v for k, v in state.items() if not k.startswith("_script_")}
+        return copyreg.__newobj__, (self._script_base,), state
 
 
 class BareState:

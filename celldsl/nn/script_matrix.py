@@ -19,13 +19,11 @@ inputs, so anything but None is refused (TypeError). Padded input only (no Packe
 TorchScript's nn.LSTM.
 """
 
-import copyreg
-
 import torch
 from torch import Tensor
 
 from ..ops.matrix_op import encode_sizes
-from .script_arity import MAX_STATES, arity_forward
+from .script_arity import MAX_STATES, PicklesAsEager, arity_forward
 
 
 def prepare_layer(layer):
@@ -73,19 +71,8 @@ def _copy(module, kind, body: type):
     return copy
 
 
-class _Scripted:
-    """Common to the copies: pickled as the eager class; the eager forward where not scripted."""
-
-    __jit_unused_properties__ = ["__class__"]
-
-    @property
-    def __class__(self):
-        """The eager class, as pickle sees it: the copy pickles as the layer itself."""
-        return self._script_base
-
-    def __reduce_ex__(self, protocol):
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_script_")}
-        return copyreg.__newobj__, (self._script_base,), state
+class _Scripted(PicklesAsEager):
+    """Common to the copies: the eager forward where not scripted, the states."""
 
     def _eager(self, input, state, extra):
         if extra is not None:
