@@ -76,14 +76,14 @@ class _Scripted(PicklesAsEager):
 
     def _eager(self, input, state, extra):
         if extra is not None:
-            raise TypeError(f"{self._script_base.__name__}.forward takes no extra inputs (a matrix cell "
-                            "reads only x)")
+            raise TypeError(f"{self._script_base.__name__}: a matrix cell takes no extra inputs (extra must "
+                            "be None)")
         return self._script_base.forward(self, input, state)
 
     def _script_no_extra(self, extra: dict[str, Tensor] | None) -> None:
         """The forward's `extra` (one signature with nn/script_any.py's layers) must be None."""
         if extra is not None:
-            raise TypeError("a matrix cell takes no extra inputs (a matrix cell reads only x)")
+            raise TypeError("a matrix cell takes no extra inputs (extra must be None)")
 
     def _script_state(self, given: list[Tensor], i: int, shape: list[int], x: Tensor) -> Tensor:
         """State i as given (checked) or zeros."""
