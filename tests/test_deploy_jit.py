@@ -411,8 +411,8 @@ def test_script_a_model_holding_recurrent_and_cell_twice():
     x, t = _any_model_inputs()
     want = _run_and_grad(eager, (x, t), {}, [])
     first = torch.jit.script(eager)
-    assert "ops.celldsl.cell_sequence" in first.rnn.script_forward.code  # the registered op itself
-    assert "ops.celldsl.cell_sequence" in first.step.script_step.code
+    assert "ops.celldsl.cell_sequence" in first.rnn.script_layers.code  # the registered op itself
+    assert "ops.celldsl.cell_sequence" in first.step.script_call.code
     second = torch.jit.script(AnyCellModel())
     second.load_state_dict(eager.state_dict())
     for scripted in (first, second, torch.jit.script(eager)):

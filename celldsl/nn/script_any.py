@@ -5,30 +5,28 @@ Their eager forward takes a cell's extra inputs as keywords (`forward(input, sta
 and returns one state or a tuple of as many as the cell carries; TorchScript compiles neither
 `**extra` nor a tuple of a length it cannot see. So `__prepare_scriptable__` (which torch.jit.script
 calls on every module first, using what it returns) gives a copy of the layer, sharing its parameters,
-whose class adds a forward typed for this cell's number of states:
+whose class adds a forward typed for this cell's number of states (nn/script_arity.py's mixins):
 
     forward(input, state: Optional[Tuple[Tensor, ...n]] = None, extra: Optional[Dict[str, Tensor]] = None)
 
 (one Tensor for a one-state cell; a cell with prev(...) states takes and returns all of them), with
-the extra inputs by name in `extra`. Scripted, it calls the registered op celldsl::cell_sequence with
-the parameter list replayed by script_programs.run_program. Called eagerly (torch.jit.script replaces a
-submodule inside its parent, so the parent's eager forward then calls the copy) it is the layer's own
-forward, keywords included; it pickles as the layer's own class. Padded input only, as TorchScript's
-nn.LSTM; no autocast in the scripted forward.
+the extra inputs by name in `extra`. Scripted, its body (`script_call`) calls the registered op
+celldsl::cell_sequence with the parameter list replayed by script_programs.run_program. Called
+eagerly (torch.jit.script replaces a submodule inside its parent, so the parent's eager forward then
+calls the copy) it is the layer's own forward, keywords included; it pickles as the layer's own class.
+Padded input only, as TorchScript's nn.LSTM; no autocast in the scripted forward.
 """
 
-import copyreg
 import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .parameters import stores_of
+from .script_arity import MAX_STATES, PicklesAsEager, arity_forward
 from .script_programs import program, run_program
-
-MAX_STATES = 6  # one class per number of states, each with its own typed forward
+from .scripting import ScriptedLayers
 
 
 def _backends(backend: str, schedule: str | None) -> dict[str, str]:
@@ -89,27 +87,17 @@ def scripted_class(base: type, n: int) -> type:
         return base
     key = (base, n)
     if key not in _CLASSES:
-        step = issubclass(base, PreparesStep)
-        forward = (_STEP_FORWARDS if step else _LAYER_FORWARDS)[n - 1]
-        _CLASSES[key] = type(f"Scripted{base.__name__}{n}", (forward, base), {"_script_base": base,
-                                                                            "__module__": __name__})
+        body = _ScriptedStep if issubclass(base, PreparesStep) else _ScriptedLayer
+        _CLASSES[key] = type(f"Scripted{base.__name__}{n}", (arity_forward(n, bare=n == 1), body, base),
+                             {"_script_base": base, "__module__": __name__})
     return _CLASSES[key]
 
 
-class _Scripted:
-    """Common to the scriptable copies: pickling as the eager class, keywords in eager calls."""
+class _Scripted(PicklesAsEager):
+    """Common to the scriptable copies: keywords in eager calls, the cell's extra inputs, the op's
+    backend and parameters."""
 
     __jit_unused_properties__ = ["stores", "num_directions", "__class__"]
-
-    @property
-    def __class__(self):
-        """The eager class (Recurrent, Cell), as pickle sees it: the copy pickles as the layer itself, so
-        torch.load(weights_only=True) with celldsl.safe_globals() loads a model scripted before saving."""
-        return self._script_base
-
-    def __reduce_ex__(self, protocol):
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_script_")}
-        return copyreg.__newobj__, (self._script_base,), state
 
     def __call__(self, *args, **kwargs):
         """Eager calls keep the eager API: `layer(x, state, ctx=c)` as well as `extra={"ctx": c}`."""
@@ -205,8 +193,9 @@ class PreparesStep(_Prepares):
     """Mixin for Cell."""
 
 
-class _ScriptedLayer(_Scripted):
-    """The scripted forward of Recurrent: its layers and directions, each one call of the op."""
+class _ScriptedLayer(_Scripted, ScriptedLayers):
+    """The scripted forward of Recurrent: its layers and directions, each one call of the op (the loop
+    LSTM/GRU/RNN's scripted forward runs, nn/scripting.py)."""
 
     _script_key: str
     _script_name: str
@@ -236,20 +225,15 @@ class _ScriptedLayer(_Scripted):
     def _eager(self, input, state, extra):
         return self._run(input, state, extra_inputs(extra, {}))
 
-    def script_forward(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
-                       ) -> tuple[Tensor, list[Tensor]]:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
-        unbatched = input.dim() == 2
-        x = input
-        if unbatched:
-            x = x.unsqueeze(0) if self.batch_first else x.unsqueeze(1)
-        if self.batch_first:
-            x = x.transpose(0, 1)
+    def _script_params(self, idx: int, x: Tensor) -> list[Tensor]:
+        return run_program(self._script_programs[idx], self._script_floats[idx], self._script_stored, x)
+
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                    ) -> tuple[Tensor, list[Tensor]]:
+        x, unbatched = self.script_time_major(input)
         if x.size(2) != self.input_size:
             raise RuntimeError("input.size(-1) must be equal to input_size. Expected " + str(self.input_size)
                                + ", got " + str(x.size(2)))
-        x = x.contiguous()
         D = 2 if self.bidirectional else 1
         states: list[Tensor] = []
         for i, width in enumerate(self._script_widths):
@@ -271,31 +255,7 @@ class _ScriptedLayer(_Scripted):
         else:
             forms = [[x.size(0), x.size(1), -1], [x.size(1), -1]]
         extras = self._script_extras(extra, forms, x, unbatched, False, self.batch_first)
-        backend = self._script_backend(x)
-        finals: list[list[Tensor]] = [[] for _ in self._script_widths]
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs: list[Tensor] = []
-            for direction in range(D):
-                idx = layer * D + direction
-                seq = torch.cat([layer_input] + extras, -1) if len(extras) > 0 else layer_input
-                seq = seq if direction == 0 else seq.flip(0)
-                params = run_program(self._script_programs[idx], self._script_floats[idx],
-                                     self._script_stored, x)
-                result = torch.ops.celldsl.cell_sequence(self._script_key, backend, seq,
-                                                         [s[idx] for s in states], params, None)
-                outs.append(result[0] if direction == 0 else result[0].flip(0))
-                for i in range(len(finals)):
-                    finals[i].append(result[1 + i])
-            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, True)
-        out = layer_input.transpose(0, 1) if self.batch_first else layer_input
-        stacked = [torch.stack(f) for f in finals]
-        if unbatched:
-            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
-            stacked = [f.squeeze(1) for f in stacked]
-        return out, stacked
+        return self.script_layers(x, unbatched, states, extras, self._script_backend(x))
 
 
 class _ScriptedStep(_Scripted):
@@ -323,7 +283,7 @@ class _ScriptedStep(_Scripted):
         out, finals = self._step(input, self._state_list(state), extra_inputs(extra, {}))
         return out, (finals[0] if len(finals) == 1 else tuple(finals))
 
-    def script_step(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
                     ) -> tuple[Tensor, list[Tensor]]:
         if input.dim() != 1 and input.dim() != 2:
             raise ValueError("Expected input to be 1D or 2D, got " + str(input.dim()) + "D instead")
@@ -356,162 +316,3 @@ class _ScriptedStep(_Scripted):
         if unbatched:
             return out[0], [f[0] for f in finals]
         return out, finals
-
-
-# One forward per number of states: TorchScript needs the state's tuple length in the signature.
-# Scripted, each takes the `torch.jit.is_scripting()` branch; eagerly, the layer's own forward.
-
-class _Layer1(_ScriptedLayer):
-    def forward(self, input: Tensor, state: Tensor | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state]
-            out, f = self.script_forward(input, given, extra)
-            return out, f[0]
-        return self._eager(input, state, extra)
-
-
-class _Layer2(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1])
-        return self._eager(input, state, extra)
-
-
-class _Layer3(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state, extra)
-
-
-class _Layer4(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state, extra)
-
-
-class _Layer5(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state, extra)
-
-
-class _Layer6(_ScriptedLayer):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_forward(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state, extra)
-
-
-class _Step1(_ScriptedStep):
-    def forward(self, input: Tensor, state: Tensor | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state]
-            out, f = self.script_step(input, given, extra)
-            return out, f[0]
-        return self._eager(input, state, extra)
-
-
-class _Step2(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1])
-        return self._eager(input, state, extra)
-
-
-class _Step3(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state, extra)
-
-
-class _Step4(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state, extra)
-
-
-class _Step5(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state, extra)
-
-
-class _Step6(_ScriptedStep):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
-                extra: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_step(input, given, extra)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state, extra)
-
-
-_LAYER_FORWARDS = (_Layer1, _Layer2, _Layer3, _Layer4, _Layer5, _Layer6)
-_STEP_FORWARDS = (_Step1, _Step2, _Step3, _Step4, _Step5, _Step6)

@@ -2,35 +2,35 @@
 MatrixRecurrent or a MatrixCell.
 
 As for the elementwise layers (nn/script_any.py), `__prepare_scriptable__` returns a copy sharing the
-layer's parameters whose class adds a forward typed for the cell's number of states (TorchScript needs
-a tuple's length in the signature). Scripted, it calls the registered op celldsl::matrix_sequence
-(ops/matrix_op.py) once per layer and direction; called eagerly (torch.jit.script puts the copy in
-its parent's place) it is the layer's own forward; it pickles as the layer's own class.
+layer's parameters whose class adds a forward typed for the cell's number of states (nn/script_arity.py's
+mixins: TorchScript needs a tuple's length in the signature). Scripted, its body (`script_call`) calls
+the registered op celldsl::matrix_sequence (ops/matrix_op.py) once per layer and direction; called
+eagerly (torch.jit.script puts the copy in its parent's place) it is the layer's own forward; it
+pickles as the layer's own class.
 
-    MatrixRecurrent: forward(input, state: Optional[Tuple[Tensor, ...n]] = None)
+    MatrixRecurrent: forward(input, state: Optional[Tuple[Tensor, ...n]] = None, extra=None)
                      -> (output, Tuple[Tensor, ...n]); a cell without heads and one state takes and
                      returns one Tensor, as its eager forward does
-    MatrixCell:      forward(input, state: Optional[Tuple[Tensor, ...n]] = None)
+    MatrixCell:      forward(input, state: Optional[Tuple[Tensor, ...n]] = None, extra=None)
                      -> (output, Tuple[Tensor, ...n])
 
-Padded input only (no PackedSequence), as TorchScript's nn.LSTM.
+`extra` is there only for one signature with the elementwise layers: a matrix cell has no extra
+inputs, so anything but None is refused (TypeError). Padded input only (no PackedSequence), as
+TorchScript's nn.LSTM.
 """
-
-import copyreg
 
 import torch
 from torch import Tensor
 
 from ..ops.matrix_op import encode_sizes
-
-MAX_STATES = 6  # one class per number of states, each with its own typed forward
+from .script_arity import MAX_STATES, PicklesAsEager, arity_forward
 
 
 def prepare_layer(layer):
     """The scriptable copy of a MatrixRecurrent."""
     ir = layer.ir
     kind = "tensor" if not ir.heads and len(ir.states) == 1 else len(ir.states)
-    copy = _copy(layer, kind, _LAYER_FORWARDS)
+    copy = _copy(layer, kind, _ScriptedLayer)
     inner = [list(ir.state_shape(s, layer.layer_sizes[0])) for s in ir.states]
     copy._script_inner = inner
     copy._script_outer = [sh if ir.heads else (sh[1:] or [1]) for sh in inner]
@@ -42,7 +42,7 @@ def prepare_layer(layer):
 
 def prepare_step(step):
     """The scriptable copy of a MatrixCell."""
-    copy = _copy(step, len(step.ir.states), _STEP_FORWARDS)
+    copy = _copy(step, len(step.ir.states), _ScriptedStep)
     copy._script_shapes = [list(s) for s in step.state_shapes]
     copy._script_sizes = [encode_sizes(step.sizes)]
     copy._script_stored = [getattr(step, n) for n in step.ir.params]
@@ -52,7 +52,8 @@ def prepare_step(step):
 _CLASSES: dict = {}
 
 
-def _copy(module, kind, forwards: dict):
+def _copy(module, kind, body: type):
+    """kind: the number of states (a tuple of them), or "tensor": one state as a bare Tensor."""
     if len(module.ir.states) > MAX_STATES:
         raise RuntimeError(f"torch.jit.script: {type(module).__name__} over cell {module.ir.name!r} carries "
                            f"{len(module.ir.states)} states; a scripted layer takes at most {MAX_STATES} "
@@ -60,7 +61,8 @@ def _copy(module, kind, forwards: dict):
     base = getattr(type(module), "_script_base", None) or type(module)
     key = (base, kind)
     if key not in _CLASSES:
-        _CLASSES[key] = type(f"Scripted{base.__name__}{kind}", (forwards[kind], base),
+        forward = arity_forward(1, bare=True) if kind == "tensor" else arity_forward(kind)
+        _CLASSES[key] = type(f"Scripted{base.__name__}{kind}", (forward, body, base),
                              {"_script_base": base, "__module__": __name__})
     copy = object.__new__(_CLASSES[key])
     copy.__dict__.update(module.__dict__)  # the same _parameters dict: the same Parameter objects
@@ -69,22 +71,19 @@ def _copy(module, kind, forwards: dict):
     return copy
 
 
-class _Scripted:
-    """Common to the copies: pickled as the eager class; the eager forward where not scripted."""
+class _Scripted(PicklesAsEager):
+    """Common to the copies: the eager forward where not scripted, the states."""
 
-    __jit_unused_properties__ = ["__class__"]
-
-    @property
-    def __class__(self):
-        """The eager class, as pickle sees it: the copy pickles as the layer itself."""
-        return self._script_base
-
-    def __reduce_ex__(self, protocol):
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_script_")}
-        return copyreg.__newobj__, (self._script_base,), state
-
-    def _eager(self, input, state):
+    def _eager(self, input, state, extra):
+        if extra is not None:
+            raise TypeError(f"{self._script_base.__name__}: a matrix cell takes no extra inputs (extra must "
+                            "be None)")
         return self._script_base.forward(self, input, state)
+
+    def _script_no_extra(self, extra: dict[str, Tensor] | None) -> None:
+        """The forward's `extra` (one signature with nn/script_any.py's layers) must be None."""
+        if extra is not None:
+            raise TypeError("a matrix cell takes no extra inputs (extra must be None)")
 
     def _script_state(self, given: list[Tensor], i: int, shape: list[int], x: Tensor) -> Tensor:
         """State i as given (checked) or zeros."""
@@ -111,7 +110,9 @@ class _ScriptedLayer(_Scripted):
     num_directions: int
     batch_first: bool
 
-    def script_forward(self, input: Tensor, given: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                    ) -> tuple[Tensor, list[Tensor]]:
+        self._script_no_extra(extra)
         if input.dim() != 3 or input.size(2) != self.input_size:
             raise ValueError("x must be [T, N, " + str(self.input_size) + "] ([N, T, " + str(self.input_size)
                              + "] with batch_first), got " + str(input.size()))
@@ -155,7 +156,9 @@ class _ScriptedStep(_Scripted):
     backend: str
     input_size: int
 
-    def script_step(self, input: Tensor, given: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
+                    ) -> tuple[Tensor, list[Tensor]]:
+        self._script_no_extra(extra)
         if input.dim() != 1 and input.dim() != 2:
             raise ValueError("MatrixCell: Expected input to be 1D or 2D, got " + str(input.dim())
                              + "D instead")
@@ -180,164 +183,3 @@ class _ScriptedStep(_Scripted):
                 squeezed.append(f[0])
             return out[0], squeezed
         return out, finals
-
-
-# One forward per number of states: TorchScript needs the state's tuple length in the signature.
-
-class _LayerT(_ScriptedLayer):
-    def forward(self, input: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state]
-            out, f = self.script_forward(input, given)
-            return out, f[0]
-        return self._eager(input, state)
-
-
-class _Layer1(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0],)
-        return self._eager(input, state)
-
-
-class _Layer2(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0], f[1])
-        return self._eager(input, state)
-
-
-class _Layer3(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state)
-
-
-class _Layer4(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state)
-
-
-class _Layer5(_ScriptedLayer):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state)
-
-
-class _Layer6(_ScriptedLayer):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_forward(input, given)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state)
-
-
-class _Step1(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0]]
-            out, f = self.script_step(input, given)
-            return out, (f[0],)
-        return self._eager(input, state)
-
-
-class _Step2(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1]]
-            out, f = self.script_step(input, given)
-            return out, (f[0], f[1])
-        return self._eager(input, state)
-
-
-class _Step3(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2]]
-            out, f = self.script_step(input, given)
-            return out, (f[0], f[1], f[2])
-        return self._eager(input, state)
-
-
-class _Step4(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3]]
-            out, f = self.script_step(input, given)
-            return out, (f[0], f[1], f[2], f[3])
-        return self._eager(input, state)
-
-
-class _Step5(_ScriptedStep):
-    def forward(self, input: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4]]
-            out, f = self.script_step(input, given)
-            return out, (f[0], f[1], f[2], f[3], f[4])
-        return self._eager(input, state)
-
-
-class _Step6(_ScriptedStep):
-    def forward(self, input: Tensor,
-                state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        if torch.jit.is_scripting():
-            given: list[Tensor] = []
-            if state is not None:
-                given = [state[0], state[1], state[2], state[3], state[4], state[5]]
-            out, f = self.script_step(input, given)
-            return out, (f[0], f[1], f[2], f[3], f[4], f[5])
-        return self._eager(input, state)
-
-
-_LAYER_FORWARDS = {"tensor": _LayerT, 1: _Layer1, 2: _Layer2, 3: _Layer3, 4: _Layer4, 5: _Layer5, 6: _Layer6}
-_STEP_FORWARDS = {1: _Step1, 2: _Step2, 3: _Step3, 4: _Step4, 5: _Step5, 6: _Step6}

@@ -3,7 +3,8 @@
 The eager forward (stack.py) is Python that TorchScript cannot compile; under `torch.jit.script` the
 layers' forward takes its `torch.jit.is_scripting()` branch instead: `ScriptableStack.script_forward`,
 the same loop over layers and directions calling `torch.ops.celldsl.cell_sequence` (differentiable:
-the op has its own autograd). What it needs from Python is prepared by `__prepare_scriptable__`,
+the op has its own autograd; `ScriptedLayers`, which Recurrent's scripted copy in nn/script_any.py
+runs too). What it needs from Python is prepared by `__prepare_scriptable__`,
 which torch.jit.script calls first: the cell's key, the state widths, the backend for each device, and
 for each layer and direction a recipe saying which rows of which `_flat_weights` tensor each of the
 op's parameters is (op_params' list, in TorchScript's terms). Padded input only, as TorchScript's
@@ -47,7 +48,54 @@ def _find(flat_weights: list[Tensor], t: Tensor) -> tuple[int, int, int]:
                        "that combines parameters); use torch.jit.trace")
 
 
-class ScriptableStack:
+class ScriptedLayers:
+    """The scripted multi-layer loop, shared by LSTM/GRU/RNN (ScriptableStack) and Recurrent
+    (nn/script_any.py): each layer and direction one call of the op, `_script_params(idx, x)` giving
+    position idx's parameters, dropout between layers in training, as torch.nn.LSTM."""
+
+    def script_time_major(self, input: Tensor) -> tuple[Tensor, bool]:
+        """input [T, N, I] ([N, T, I] batch_first) or [T, I] as [T, N, I], and whether it was unbatched."""
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
+        unbatched = input.dim() == 2
+        x = input
+        if unbatched:
+            x = x.unsqueeze(0) if self.batch_first else x.unsqueeze(1)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        return x.contiguous(), unbatched
+
+    def script_layers(self, x: Tensor, unbatched: bool, states: list[Tensor], extras: list[Tensor],
+                      backend: str) -> tuple[Tensor, list[Tensor]]:
+        """x [T, N, I]; states [L * D, N, width] each; extras [T, N, *] appended to every layer's input.
+        The output and the final states in the layout the input came in."""
+        D = 2 if self.bidirectional else 1
+        finals: list[list[Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs: list[Tensor] = []
+            for direction in range(D):
+                idx = layer * D + direction
+                seq = torch.cat([layer_input] + extras, -1) if len(extras) > 0 else layer_input
+                seq = seq if direction == 0 else seq.flip(0)
+                result = torch.ops.celldsl.cell_sequence(self._script_key, backend, seq,
+                                                         [s[idx] for s in states],
+                                                         self._script_params(idx, x), None)
+                outs.append(result[0] if direction == 0 else result[0].flip(0))
+                for i in range(len(finals)):
+                    finals[i].append(result[1 + i])
+            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+        out = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        stacked = [torch.stack(f) for f in finals]
+        if unbatched:
+            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
+            stacked = [f.squeeze(1) for f in stacked]
+        return out, stacked
+
+
+class ScriptableStack(ScriptedLayers):
     """Mixin for celldsl's LSTM/GRU/RNN: __prepare_scriptable__ and the scripted forward's body."""
 
     def __prepare_scriptable__(self):
@@ -79,15 +127,7 @@ class ScriptableStack:
 
     def script_forward(self, input: Tensor, given: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The forward as TorchScript compiles it: input [T, N, I] ([N, T, I] batch_first) or [T, I]."""
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError("Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead")
-        unbatched = input.dim() == 2
-        x = input
-        if unbatched:
-            x = x.unsqueeze(0) if self.batch_first else x.unsqueeze(1)
-        if self.batch_first:
-            x = x.transpose(0, 1)
-        x = x.contiguous()
+        x, unbatched = self.script_time_major(input)
         D = 2 if self.bidirectional else 1
         states: list[Tensor] = []
         for i, width in enumerate(self._script_widths):
@@ -97,28 +137,7 @@ class ScriptableStack:
                 s = torch.zeros(self.num_layers * D, x.size(1), width, dtype=x.dtype, device=x.device)
             states.append(s.contiguous())
         backend = self._script_backends["cpu" if x.device.type == "cpu" else "cuda"]
-        finals: list[list[Tensor]] = [[] for _ in self._script_widths]
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs: list[Tensor] = []
-            for direction in range(D):
-                idx = layer * D + direction
-                seq = layer_input if direction == 0 else layer_input.flip(0)
-                result = torch.ops.celldsl.cell_sequence(self._script_key, backend, seq,
-                                                         [s[idx] for s in states],
-                                                         self._script_params(idx, x), None)
-                outs.append(result[0] if direction == 0 else result[0].flip(0))
-                for i in range(len(finals)):
-                    finals[i].append(result[1 + i])
-            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, True)
-        out = layer_input.transpose(0, 1) if self.batch_first else layer_input
-        stacked = [torch.stack(f) for f in finals]
-        if unbatched:
-            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
-            stacked = [f.squeeze(1) for f in stacked]
-        return out, stacked
+        return self.script_layers(x, unbatched, states, [], backend)
 
 
 class ScriptableCell:
