@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...lang.tensors import ONE, TensorIR
+from ..matrix_args import check_run
 from .emit_matrix import size_names
 
 
@@ -77,7 +78,7 @@ class MatrixLoop:
             out = vals[ir.output_node]
             out = out.expand(N, sizes["heads"], *out.shape[2:])
             out = out if mask is None else torch.where(mask > 0, out, 0.0)
-            outs.append(out.reshape(N, -1))
+            outs.append(out.flatten(1))  # not reshape(N, -1): N may be 0
         finals = [s.reshape(st.shape) for s, st in zip(s4, states, strict=True)]
         return torch.stack(outs), finals, saved
 
@@ -130,6 +131,7 @@ class MatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states) with the derived backward; lengths as forward."""
+        check_run(self.ir, x, states, params, sizes, lengths)
         out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
         return out[0], tuple(out[1:])
 
