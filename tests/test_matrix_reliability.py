@@ -142,3 +142,38 @@ def test_a_parameter_of_the_wrong_shape_is_refused_not_broadcast(cell, backend):
     p.data = p.data[:1].clone()
     with pytest.raises(CellTensorError, match=f"parameter {name.removesuffix('_l0')} must be"):
         layer(torch.randn(5, 3, I, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["gla", "mlstm", "flstm"])
+def test_an_initial_state_edited_in_place_before_backward_never_changes_the_gradients(cell, backend):
+    """torch.nn.LSTM saves hx, so `out, _ = lstm(x, (h0, c0)); h0.add_(1); out.sum().backward()` fails
+    autograd's version check. Before, the torch loop kept the caller's state tensor unversioned and its
+    backward recomputed step 0 from the edited one: other parameter gradients, silently. Now it raises as
+    torch.nn does; the cpu loop keeps its own copy, so its gradients stay those of the forward."""
+    h0 = torch.zeros(1, 2, 4, requires_grad=False)
+    lstm = torch.nn.LSTM(I, 4)
+    out, _ = lstm(torch.randn(3, 2, I), (h0, h0.clone()))
+    h0.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    layer = _layer(cell, backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    _, finals = layer(x)
+    s0 = tuple(torch.randn_like(s) for s in (finals if isinstance(finals, tuple) else (finals,)))
+    if cell == "mlstm":
+        s0 = (*s0[:2], s0[2].abs())
+    out, _ = layer(x, s0)
+    clean = torch.autograd.grad(out.sum(), list(layer.parameters()))
+    edited = tuple(s.clone() for s in s0)
+    out, _ = layer(x, edited)
+    for s in edited:
+        s.add_(1.0)
+    try:
+        got = torch.autograd.grad(out.sum(), list(layer.parameters()))
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+        assert backend == "torch"
+        return
+    for a, b in zip(got, clean, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

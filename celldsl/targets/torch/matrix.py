@@ -143,13 +143,15 @@ class _Function(torch.autograd.Function):
         out, finals, saved = loop.forward(x, states, params, sizes, lengths)
         ctx.loop, ctx.sizes, ctx.saved, ctx.shapes = loop, sizes, saved, [s.shape for s in states]
         ctx.lengths = lengths
-        ctx.save_for_backward(x, *params)
+        # the initial states too: saved[0] is the caller's tensor, so an in-place edit of it before the
+        # backward must fail autograd's version check (as torch.nn.LSTM's hx), not change the gradients
+        ctx.save_for_backward(x, *params, *states)
         return (out, *finals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, *d_finals):
-        x, *params = ctx.saved_tensors
+        x, *params = ctx.saved_tensors[:len(ctx.saved_tensors) - len(ctx.shapes)]
         d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
                     for d, shape in zip(d_finals, ctx.shapes, strict=True)]
         dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals,
