@@ -177,3 +177,25 @@ def test_an_initial_state_edited_in_place_before_backward_never_changes_the_grad
         return
     for a, b in zip(got, clean, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_of_another_dtype_is_refused_whichever_it_is(backend):
+    """Before, only the first parameter's dtype was compared with the input's: a float64 bias in a float32
+    flstm Cell promoted the step to float64 on the torch loop (a float64 output from a float32 input, where
+    torch.nn.LSTMCell raises); the layer gave a bare "expected scalar type". Now both say what to convert."""
+    for module in (celldsl.Cell("cells/flstm.cell", I, 4, sizes={"R": 3}, backend=backend),
+                   MatrixRecurrent("cells/flstm.cell", I, SIZES["flstm"], backend=backend)):
+        last = list(module.parameters())[-1]
+        last.data = last.data.double()
+        x = torch.randn(2, I) if isinstance(module, celldsl.nn.matrix.MatrixCell) else torch.randn(3, 2, I)
+        with pytest.raises(CellTensorError, match="torch.float64"):
+            module(x)
+
+
+@pytest.mark.parametrize("state", [(None, None), 3, {"h": 1}])
+def test_a_state_that_is_not_tensors_is_a_type_error(state):
+    """Before: AttributeError "'NoneType' object has no attribute 'shape'"; celldsl.LSTM says TypeError."""
+    layer = _layer("flstm", "torch")
+    with pytest.raises(TypeError, match=r"a tuple of 2 tensors \(h, c\)"):
+        layer(torch.randn(3, 2, I, dtype=torch.float64), state)
