@@ -199,3 +199,27 @@ def test_a_state_that_is_not_tensors_is_a_type_error(state):
     layer = _layer("flstm", "torch")
     with pytest.raises(TypeError, match=r"a tuple of 2 tensors \(h, c\)"):
         layer(torch.randn(3, 2, I, dtype=torch.float64), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["gla", "mlstm", "rwkv6"])
+def test_the_padding_past_the_lengths_is_never_read(cell, backend):
+    """celldsl::matrix_sequence with lengths: the steps past a sequence's length are padding, as a
+    PackedSequence's. Before, a NaN or inf there left the outputs alone but turned every parameter's
+    gradient into NaN (the hoisted projections' backward multiplied the padding by a zero gradient)."""
+    layer = _layer(cell, backend)
+    key, op = layer.compiled.key, torch.ops.celldsl.matrix_sequence
+    x, states, _, sizes = _op_args(layer)
+    params = [getattr(layer, layer.param_name(n, 0, 0)) for n in layer.ir.params]
+    lengths = torch.tensor([5, 2, 3])
+    garbage = x.clone()
+    garbage[2:, 1], garbage[3:, 2] = float("nan"), float("inf")
+    results = []
+    for xx in (x, garbage):
+        xx = xx.clone().requires_grad_()
+        out, *finals = op(key, backend, xx, states, params, sizes, lengths)
+        grads = torch.autograd.grad(out.sum() + sum(f.sum() for f in finals), [xx, *params])
+        results.append([out, *finals, *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not results[1][len(finals) + 1][2:, 1].any()  # dx of the padding: 0

@@ -12,10 +12,12 @@ from ..lang.errors import CellTensorError
 from ..lang.tensors import TensorIR
 
 
-def check_run(ir: TensorIR, x, states, params, sizes: dict, lengths) -> None:
-    """CellTensorError (a ValueError and a RuntimeError, as torch's shape errors) unless x is
-    [T >= 1, N, sizes[input]], the states and parameters are the cell's, in its order, of the shapes the
-    sizes give, and lengths is None or N integers in [0, T]."""
+def check_run(ir: TensorIR, x, states, params, sizes: dict, lengths):
+    """x, with its padding (the steps past each sequence's length) zeroed: never read, as a
+    PackedSequence's, where a NaN would otherwise reach the parameters' gradients (0 * NaN). Before that,
+    CellTensorError (a ValueError and a RuntimeError, as torch's shape errors) unless x is [T >= 1, N,
+    sizes[input]], the states and parameters are the cell's, in its order, of the shapes the sizes give,
+    and lengths is None or N integers in [0, T]."""
     where = f"cell {ir.name!r}"
     needed = ["heads", ir.inputs[0], *ir.widths]
     bad = {w: sizes.get(w) for w in needed
@@ -45,3 +47,6 @@ def check_run(ir: TensorIR, x, states, params, sizes: dict, lengths) -> None:
             raise CellTensorError(f"{where}: lengths must be {N} integers (one per sequence), got {got}")
         if N and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise CellTensorError(f"{where}: every length must be in [0, T = {T}], got {lengths.tolist()}")
+        t = torch.arange(T, device=x.device)[:, None, None]
+        x = torch.where(t < lengths.to(x.device)[None, :, None], x, 0)
+    return x

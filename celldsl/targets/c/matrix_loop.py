@@ -89,7 +89,7 @@ class CMatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once."""
-        check_run(self.compiled.ir, x, states, params, sizes, lengths)  # before any raw memory is read
+        x = check_run(self.compiled.ir, x, states, params, sizes, lengths)  # before any raw memory is read
         if self.fallback is not None and (self.why or x.device.type != "cpu" or x.dtype not in DTYPES):
             return self.fallback.run(x, states, params, sizes, lengths)
         if x.device.type != "cpu":

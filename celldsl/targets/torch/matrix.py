@@ -131,7 +131,7 @@ class MatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states) with the derived backward; lengths as forward."""
-        check_run(self.ir, x, states, params, sizes, lengths)
+        x = check_run(self.ir, x, states, params, sizes, lengths)
         out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
         return out[0], tuple(out[1:])
 

@@ -77,7 +77,7 @@ class TritonMatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once (as the torch loop)."""
-        check_run(self.ir, x, states, params, sizes, lengths)
+        x = check_run(self.ir, x, states, params, sizes, lengths)
         q = self.hoist(x, params, sizes)
         out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params, *q)
         return out[0], tuple(out[1:])
