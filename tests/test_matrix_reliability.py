@@ -223,3 +223,32 @@ def test_the_padding_past_the_lengths_is_never_read(cell, backend):
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not results[1][len(finals) + 1][2:, 1].any()  # dx of the padding: 0
+
+
+def test_the_standalone_onnx_model_says_what_is_wrong_with_its_arguments(tmp_path):
+    """export/onnx_matrix.write_matrix_onnx: before, a missing parameter or size was a bare KeyError, an
+    unknown dtype KeyError: 'f16', a bfloat16 model numpy's "Got unsupported ScalarType BFloat16"."""
+    import onnxruntime
+
+    from celldsl.export.model import ExportError
+    from celldsl.export.onnx_matrix import write_matrix_onnx
+
+    layer = MatrixRecurrent("cells/gla.cell", I, SIZES["gla"])
+    sizes = layer.layer_sizes[0]
+    params = {n: getattr(layer, layer.param_name(n, 0, 0)) for n in layer.ir.params}
+    path = tmp_path / "gla.onnx"
+    for bad_sizes, bad_params, dtype, message in (
+            (sizes, {k: v for k, v in params.items() if k != "W_q"}, "f32", "missing or not a tensor: W_q"),
+            ({k: v for k, v in sizes.items() if k != "V"}, params, "f32", r"\{'V': None\}"),
+            ({**sizes, "K": 0}, params, "f32", r"\{'K': 0\}"),
+            (sizes, params, "f16", "'f32' or 'f64', got 'f16'")):
+        with pytest.raises(ExportError, match=message):
+            write_matrix_onnx(layer.ir, bad_sizes, bad_params, path, dtype)
+    write_matrix_onnx(layer.ir, sizes, {k: v.bfloat16() for k, v in params.items()}, path)
+    x = torch.randn(4, 2, I)
+    state = torch.zeros(2, *layer.ir.state_shape("S", sizes))
+    got = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy(), "state_in_0": state.numpy()})
+    rounded = MatrixRecurrent("cells/gla.cell", I, SIZES["gla"])
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in layer.state_dict().items()})
+    want, _ = rounded(x)
+    torch.testing.assert_close(torch.from_numpy(got[-1]), want.detach(), rtol=1e-4, atol=1e-5)
