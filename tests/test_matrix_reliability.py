@@ -252,3 +252,24 @@ def test_the_standalone_onnx_model_says_what_is_wrong_with_its_arguments(tmp_pat
     rounded.load_state_dict({k: v.bfloat16().float() for k, v in layer.state_dict().items()})
     want, _ = rounded(x)
     torch.testing.assert_close(torch.from_numpy(got[-1]), want.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_are_refused_with_a_reason(backend):
+    """Before, torch.func.grad through a matrix layer failed inside the loop with torch's "an
+    autograd.Function ... must override the setup_context staticmethod" (about a private class) and vmap
+    with "Batching rule not implemented for celldsl::matrix_sequence"; functional_call alone works."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = _layer("gla", backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    with pytest.raises(RuntimeError, match="cell 'gla': torch.func transforms .* do not run matrix-path"):
+        grad(lambda p: functional_call(layer, p, (x,))[0].sum())(params)
+    with pytest.raises(RuntimeError, match="cell 'gla': torch.func transforms .* do not run matrix-path"):
+        vmap(lambda xx: layer(xx)[0])(x[None].expand(2, -1, -1, -1))
+    out, _ = functional_call(layer, {k: v * 2 for k, v in params.items()}, (x,))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(out, layer(x)[0])

@@ -344,6 +344,10 @@ def run_loop(module, x, states, params, sizes: dict[str, int], code: str, length
     op celldsl::matrix_sequence, which torch.export, torch.compile and torch.jit.trace see as one call."""
     if plain_eager([x, *states, *params, lengths]):
         return module.loop.run(x, states, params, sizes, lengths)
+    if torch._C._are_functorch_transforms_active():  # the op has no vmap rule, its loops no functorch autograd
+        raise RuntimeError(f"cell {module.ir.name!r}: torch.func transforms (vmap, grad, jacrev, jvp, ...) do "
+                           "not run matrix-path layers yet; use torch.autograd.grad, or a Python loop in "
+                           "place of vmap (torch.func.functional_call alone works)")
     return matrix_op.call(module.compiled.key, module.backend, x, states, params, code, lengths)
 
 
