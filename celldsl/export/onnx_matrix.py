@@ -238,12 +238,24 @@ class MatrixBuilder:
         from onnx import helper, numpy_helper
 
         ir = self.ir
+        if self.dtype not in ("f32", "f64"):
+            raise ExportError(f"cell {ir.name!r}: the ONNX model is 'f32' or 'f64', got {self.dtype!r}")
+        needed = ["heads", ir.inputs[0], *ir.widths]
+        bad = {w: self.sizes.get(w) for w in needed if not isinstance(self.sizes.get(w), int)
+               or isinstance(self.sizes.get(w), bool) or self.sizes[w] < 1}
+        if bad:
+            raise ExportError(f"cell {ir.name!r}: sizes must give {', '.join(needed)} as positive integers, got "
+                              f"{bad}")
+        missing = [p for p in ir.params if not isinstance(params.get(p), torch.Tensor)]
+        if missing:
+            raise ExportError(f"cell {ir.name!r}: params must hold a tensor for each of {', '.join(ir.params)}; "
+                              f"missing or not a tensor: {', '.join(missing)}")
         main = Graph(self.dtype, self.counter)
         x = main.input(["T", "N", self.width(ir.inputs[0])], "x")
         states = [main.input(["N", *self.stored(s)], f"state_in_{k}") for k, s in enumerate(ir.states)]
         initializers, weights = [], []
         for k, name in enumerate(ir.params):
-            t = params[name].detach().cpu()
+            t = params[name].detach().cpu().to(torch.float64)  # numpy has no bfloat16; cast below
             if list(t.shape) != self.stored(name):
                 raise ExportError(f"cell {ir.name!r}: parameter {name!r} is {list(t.shape)}, expected "
                                   f"{self.stored(name)}")

@@ -136,11 +136,15 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
+        if not all(isinstance(s, torch.Tensor) for s in state):
+            raise TypeError(f"the state must be a tensor (one-state cells) or a tuple of {len(shapes)} tensors "
+                            f"({', '.join(self.ir.states)}), got {[type(s).__name__ for s in state]}")
         if len(state) != len(shapes) or any(tuple(s.shape) != sh
                                             for s, sh in zip(state, shapes, strict=False)):
             raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
                              f"{[tuple(s.shape) for s in state]}")
-        weight = next(iter(self.parameters()), None)
+        # every parameter, not the first: a bias of another dtype would promote the loop's values
+        weight = next((p for p in self.parameters() if p.dtype != x.dtype or p.device != x.device), None)
         for name, s in zip(self.ir.states, state, strict=True):  # one dtype and device, as torch.nn's
             if s.dtype != x.dtype or s.device != x.device:
                 raise CellTensorError(f"state {name} is {s.dtype} on {s.device} but the input is {x.dtype} "
@@ -238,7 +242,9 @@ class MatrixCell(PicklesAsText, nn.Module):
         unbatched = input.dim() == 1
         x = input[None] if unbatched else input
         params = [getattr(self, n) for n in self.ir.params]
-        self._check_input(x, params[0] if params else None)
+        # every parameter, not the first: a bias of another dtype would promote the step's values
+        self._check_input(x, next((p for p in params if p.dtype != x.dtype or p.device != x.device),
+                                  params[0] if params else None))
         states = self._states(state, x, unbatched)
         out, finals = run_loop(self, x[None], states, params, self.sizes, self.size_code, None)
         if unbatched:
@@ -338,6 +344,10 @@ def run_loop(module, x, states, params, sizes: dict[str, int], code: str, length
     op celldsl::matrix_sequence, which torch.export, torch.compile and torch.jit.trace see as one call."""
     if plain_eager([x, *states, *params, lengths]):
         return module.loop.run(x, states, params, sizes, lengths)
+    if torch._C._are_functorch_transforms_active():  # the op has no vmap rule, its loops no functorch autograd
+        raise RuntimeError(f"cell {module.ir.name!r}: torch.func transforms (vmap, grad, jacrev, jvp, ...) do "
+                           "not run matrix-path layers yet; use torch.autograd.grad, or a Python loop in "
+                           "place of vmap (torch.func.functional_call alone works)")
     return matrix_op.call(module.compiled.key, module.backend, x, states, params, code, lengths)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..lang.errors import CellTensorError
 from .function import cell_for, unaliased
 
 _LOOPS: dict = {}  # (key, backend) -> the cell's loop on that backend
@@ -79,7 +80,20 @@ def output_width(ir, sizes: dict[str, int]) -> int:
     return width
 
 
+def check_dtypes(x: Tensor, states, params) -> None:
+    """One floating dtype and one device for x, the states and the parameters, as torch.nn's layers ask
+    (the loops would raise torch's bare "expected scalar type" or, on a mixed buffer, refuse late)."""
+    if not x.is_floating_point():
+        raise CellTensorError(f"celldsl::matrix_sequence: x must be a floating-point tensor, got {x.dtype}")
+    for what, tensors in (("state", states), ("parameter", params)):
+        for i, t in enumerate(tensors):
+            if t.dtype != x.dtype or t.device != x.device:
+                raise CellTensorError(f"celldsl::matrix_sequence: {what} {i} is {t.dtype} on {t.device} but x is "
+                                      f"{x.dtype} on {x.device}; give them one dtype and device")
+
+
 def _run(key, backend, x, states, params, sizes, lengths):
+    check_dtypes(x, states, params)
     # autocast off: the op computes in its inputs' dtype (autocast has no rule for it, and would otherwise
     # cast the loop's own GEMMs and hand bfloat16 buffers to a float32 C loop)
     with torch.autocast(x.device.type, enabled=False):

@@ -21,6 +21,7 @@ import torch
 from ... import cache
 from ...lang.errors import CellError
 from ...lang.tensors import ONE
+from ..matrix_args import check_run
 from ..matrix_hoist import as4, evaluate
 from .fused import cell_library_ready, library_soon
 from .matrix_emit import FIXED, SYMBOLS, blocker, host_nodes, matrix_c_source, used_host
@@ -88,6 +89,7 @@ class CMatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once."""
+        x = check_run(self.compiled.ir, x, states, params, sizes, lengths)  # before any raw memory is read
         if self.fallback is not None and (self.why or x.device.type != "cpu" or x.dtype not in DTYPES):
             return self.fallback.run(x, states, params, sizes, lengths)
         if x.device.type != "cpu":
@@ -109,11 +111,11 @@ class CMatrixLoop:
         if self.post is None:
             return v
         w = params[self.ir.params.index(self.post)]  # [rows, cols], or [heads, rows, cols]
-        T, N = v.shape[0], v.shape[1]
-        v = v.reshape(T * N, -1, w.shape[-1])
+        T, N, heads = v.shape[0], v.shape[1], v.shape[2] // w.shape[-1]
+        v = v.reshape(T * N, heads, w.shape[-1])  # sizes, not -1: N may be 0
         if w.dim() == 2:
-            return (v @ w.t()).reshape(T, N, -1)
-        return torch.matmul(v.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(T, N, -1)
+            return (v @ w.t()).reshape(T, N, heads * w.shape[-2])
+        return torch.matmul(v.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(T, N, heads * w.shape[-2])
 
 
 def _rebuild(compiled, auto: bool) -> CMatrixLoop:

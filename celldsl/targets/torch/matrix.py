@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...lang.tensors import ONE, TensorIR
+from ..matrix_args import check_run
 from .emit_matrix import size_names
 
 
@@ -77,7 +78,7 @@ class MatrixLoop:
             out = vals[ir.output_node]
             out = out.expand(N, sizes["heads"], *out.shape[2:])
             out = out if mask is None else torch.where(mask > 0, out, 0.0)
-            outs.append(out.reshape(N, -1))
+            outs.append(out.flatten(1))  # not reshape(N, -1): N may be 0
         finals = [s.reshape(st.shape) for s, st in zip(s4, states, strict=True)]
         return torch.stack(outs), finals, saved
 
@@ -130,6 +131,7 @@ class MatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states) with the derived backward; lengths as forward."""
+        x = check_run(self.ir, x, states, params, sizes, lengths)
         out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params)
         return out[0], tuple(out[1:])
 
@@ -141,13 +143,15 @@ class _Function(torch.autograd.Function):
         out, finals, saved = loop.forward(x, states, params, sizes, lengths)
         ctx.loop, ctx.sizes, ctx.saved, ctx.shapes = loop, sizes, saved, [s.shape for s in states]
         ctx.lengths = lengths
-        ctx.save_for_backward(x, *params)
+        # the initial states too: saved[0] is the caller's tensor, so an in-place edit of it before the
+        # backward must fail autograd's version check (as torch.nn.LSTM's hx), not change the gradients
+        ctx.save_for_backward(x, *params, *states)
         return (out, *finals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, *d_finals):
-        x, *params = ctx.saved_tensors
+        x, *params = ctx.saved_tensors[:len(ctx.saved_tensors) - len(ctx.shapes)]
         d_finals = [d if d is not None else torch.zeros(shape, dtype=x.dtype, device=x.device)
                     for d, shape in zip(d_finals, ctx.shapes, strict=True)]
         dx, d_state, d_params = ctx.loop.backward(x, ctx.saved, params, ctx.sizes, d_out, d_finals,

@@ -19,6 +19,7 @@ import torch
 
 from ... import cache
 from ...lang.tensors import ONE, TensorIR
+from ..matrix_args import check_run
 from ..matrix_hoist import as4, evaluate
 from .matrix_emit import given, matrix_triton_source, value_width, widths
 from .module import import_module, interpreting
@@ -76,6 +77,7 @@ class TritonMatrixLoop:
 
     def run(self, x, states, params, sizes, lengths=None):
         """(outputs [T, N, heads * width], final states), differentiable once (as the torch loop)."""
+        x = check_run(self.ir, x, states, params, sizes, lengths)
         q = self.hoist(x, params, sizes)
         out = _Function.apply(self, sizes, lengths, len(states), x, *states, *params, *q)
         return out[0], tuple(out[1:])
