@@ -123,14 +123,14 @@ def test_native_products_are_the_same_on_any_number_of_threads(dtype):
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_products_with_streaming_stores_equal_the_cached_ones(dtype):
-    # an output of at least CD_STREAM_BYTES (8 MB) is written with streaming stores unless it is
+    # an output of at least CD_STREAM_BYTES (4 MB) is written with streaming stores unless it is
     # added to (init 1): the same tiles in the same order, so bitwise what the product gives in
     # row halves small enough to be written through the caches; rows whose start is not aligned
     # for a vector store (ldc odd) and the narrow last panel go through the plain stores
     native = cpu_gemm.native_gemm(gemm_lib(), dtype)
     gen = torch.Generator().manual_seed(2)
     n = 4 * native.width + 3
-    m = (8 << 20) // (n * torch.empty(0, dtype=dtype).element_size()) + 5
+    m = (4 << 20) // (n * torch.empty(0, dtype=dtype).element_size()) + 5
     a = torch.randn(m, 7, generator=gen, dtype=dtype)
     w = torch.randn(n, 7, generator=gen, dtype=dtype)
     bias = torch.randn(n, generator=gen, dtype=dtype)

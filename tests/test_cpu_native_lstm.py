@@ -10,7 +10,11 @@ pass), hidden sizes 37 (a partial last panel of the 32-wide panels) and 256, pac
 batch shrinks from 10 rows to 1 (steps on either side of 8), and 2 threads (each owning its own
 units); against torch.nn.LSTM, outputs and final states, in float64 and float32. The loop that ran
 must be the native one.
+Its hoisted product, from CD_STREAM_BYTES (targets/c/emit_gemm.py) on, is written with streaming
+stores: T = 70 to 222 steps of 32 rows put it there, in both float types and with a partial panel.
 """
+
+import re
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ import celldsl
 from celldsl.ops.function import cell_for
 from celldsl.targets.c import fused as cpu_fused
 from celldsl.targets.c import native as cpu_native
+from celldsl.targets.c.emit_gemm import ISA
 from celldsl.targets.c.fused import FusedCPULoop
 
 pytestmark = pytest.mark.skipif(cpu_fused.compiler() is None,
@@ -91,3 +96,19 @@ def test_two_threads_equal_torch_nn(native_loop, monkeypatch, N, H):
             (2 if native_loop.native(torch.float64).openmp else 1)
     finally:
         torch.set_num_threads(threads)
+
+
+_MATCH = re.search(r"#define CD_STREAM_BYTES \((\d+) << (\d+)\)", ISA)
+STREAM_BYTES = int(_MATCH[1]) << int(_MATCH[2])  # the output size from which cd_gemm streams
+
+
+@pytest.mark.parametrize(("dtype", "T", "H"), [(torch.float32, 130, 64), (torch.float64, 70, 64),
+                                              (torch.float32, 222, 37)])
+def test_hoisted_product_written_past_the_caches_equals_torch_nn(native_loop, dtype, T, H):
+    """A hoisted product of CD_STREAM_BYTES or more (up to twice that) is written with streaming
+    stores; with H = 37 its last panel is partial (those columns go through a buffer, not streamed)."""
+    size = T * 32 * 4 * H * (8 if dtype == torch.float64 else 4)
+    assert STREAM_BYTES <= size < 2 * STREAM_BYTES
+    ref, ours = layers(5, H, dtype)
+    x = torch.randn(T, 32, 5, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    check(ref, ours, x, dtype, native_loop)

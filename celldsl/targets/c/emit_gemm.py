@@ -59,8 +59,12 @@ do not edit. */
 #define CD_MIN(a, b) ((a) < (b) ? (a) : (b))
 /* rows of A kept in the L2 cache while the panels stream past them (cd_gemm_*) */
 #define CD_L2_BYTES (256 * 1024)
-/* outputs of cd_gemm at least this large are written with streaming stores (CD_STREAM_T) */
-#define CD_STREAM_BYTES (8 << 20)
+/* outputs of cd_gemm at least this large are written with streaming stores (CD_STREAM_T): 4 MB
+   (4x Zen 5's L2) rather than 8: the LSTM forward at T=60 N=32 I=128 H=256 (a 7.5 MB hoisted
+   product) took 0.88-1.01x as long (median 0.96, eight A/B runs in one process, order rotated; the more
+   so the busier the memory), at T=40 (5 MB) 0.94-1.01x (two runs), at T=30 (3.7 MB, now still cached)
+   streamed 0.97-1.02x; cached stores first read each line of the fresh buffer from memory */
+#define CD_STREAM_BYTES (4 << 20)
 #if defined(__AVX__)
 #include <immintrin.h>
 /* Stores that bypass the caches, for outputs far larger than them (cd_gemm): a tile's 12 rows lie
