@@ -13,8 +13,8 @@ from celldsl.nn.matrix import MatrixRecurrent
 
 I = 6
 SIZES = {"gla": {"heads": 2, "K": 3, "V": 4, "R": 2}, "mlstm": {"heads": 2, "K": 3, "V": 4},
-         "mamba": {"heads": 1, "D": 4, "N_s": 3, "R": 2, "O": 5}, "rwkv6": {"heads": 2, "K": 3, "V": 4, "R": 2,
-                                                                            "R_d": 2},
+         "mamba": {"heads": 1, "D": 4, "N_s": 3, "R": 2, "O": 5},
+         "rwkv6": {"heads": 2, "K": 3, "V": 4, "R": 2, "R_d": 2},
          "flstm": {"R": 3, "H": 4}}
 BACKENDS = ["torch", "cpu"]
 
@@ -44,7 +44,8 @@ def test_the_op_refuses_tensors_that_disagree_with_its_sizes(backend):
     x, states, params, sizes = _op_args(layer)
     S, W_q = states[0], params[0]
     bad = {
-        "heads too many": (x, states, params, sizes.replace("heads=2", "heads=3"), r"state S must be \[3, 3, 3, 4\]"),
+        "heads too many": (x, states, params, sizes.replace("heads=2", "heads=3"),
+                           r"state S must be \[3, 3, 3, 4\]"),
         "V too small": (x, states, params, sizes.replace("V=4", "V=2"), r"state S must be \[3, 2, 3, 2\]"),
         "a size missing": (x, states, params, sizes.replace("V=4,", ""), "sizes must give"),
         "a size negative": (x, states, params, sizes.replace("K=3", "K=-3"), "sizes must give"),
@@ -126,7 +127,9 @@ def test_an_empty_batch_runs_as_torch_nn_does(cell, backend):
     assert all(f.shape[:2] == (2, 0) for f in finals)
     grads = torch.autograd.grad(out.sum() + sum(f.sum() for f in finals), [x, *layer.parameters()])
     assert grads[0].shape == x.shape and all(not g.any() for g in grads[1:])
-    step = celldsl.Cell(f"cells/{cell}.cell", I, 8, sizes=SIZES["gla"], backend=backend) if cell == "gla" else None
+    step = None
+    if cell == "gla":
+        step = celldsl.Cell(f"cells/{cell}.cell", I, 8, sizes=SIZES["gla"], backend=backend)
     if step is not None:
         o, s = step(torch.randn(0, I))
         assert o.shape == (0, 8) and s[0].shape == (0, 2, 3, 4)

@@ -244,12 +244,12 @@ class MatrixBuilder:
         bad = {w: self.sizes.get(w) for w in needed if not isinstance(self.sizes.get(w), int)
                or isinstance(self.sizes.get(w), bool) or self.sizes[w] < 1}
         if bad:
-            raise ExportError(f"cell {ir.name!r}: sizes must give {', '.join(needed)} as positive integers, got "
-                              f"{bad}")
+            raise ExportError(f"cell {ir.name!r}: sizes must give {', '.join(needed)} as positive "
+                              f"integers, got {bad}")
         missing = [p for p in ir.params if not isinstance(params.get(p), torch.Tensor)]
         if missing:
-            raise ExportError(f"cell {ir.name!r}: params must hold a tensor for each of {', '.join(ir.params)}; "
-                              f"missing or not a tensor: {', '.join(missing)}")
+            raise ExportError(f"cell {ir.name!r}: params must hold a tensor for each of "
+                              f"{', '.join(ir.params)}; missing or not a tensor: {', '.join(missing)}")
         main = Graph(self.dtype, self.counter)
         x = main.input(["T", "N", self.width(ir.inputs[0])], "x")
         states = [main.input(["N", *self.stored(s)], f"state_in_{k}") for k, s in enumerate(ir.states)]

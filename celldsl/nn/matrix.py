@@ -137,8 +137,9 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
             state = tuple(x.new_zeros(s) for s in shapes)
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
         if not all(isinstance(s, torch.Tensor) for s in state):
-            raise TypeError(f"the state must be a tensor (one-state cells) or a tuple of {len(shapes)} tensors "
-                            f"({', '.join(self.ir.states)}), got {[type(s).__name__ for s in state]}")
+            raise TypeError("the state must be a tensor (one-state cells) or a tuple of "
+                            f"{len(shapes)} tensors ({', '.join(self.ir.states)}), got "
+                            f"{[type(s).__name__ for s in state]}")
         if len(state) != len(shapes) or any(tuple(s.shape) != sh
                                             for s, sh in zip(state, shapes, strict=False)):
             raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
@@ -344,9 +345,9 @@ def run_loop(module, x, states, params, sizes: dict[str, int], code: str, length
     op celldsl::matrix_sequence, which torch.export, torch.compile and torch.jit.trace see as one call."""
     if plain_eager([x, *states, *params, lengths]):
         return module.loop.run(x, states, params, sizes, lengths)
-    if torch._C._are_functorch_transforms_active():  # the op has no vmap rule, its loops no functorch autograd
-        raise RuntimeError(f"cell {module.ir.name!r}: torch.func transforms (vmap, grad, jacrev, jvp, ...) do "
-                           "not run matrix-path layers yet; use torch.autograd.grad, or a Python loop in "
+    if torch._C._are_functorch_transforms_active():  # no vmap rule for the op, no functorch autograd
+        raise RuntimeError(f"cell {module.ir.name!r}: torch.func transforms (vmap, grad, jacrev, jvp, ...) "
+                           "do not run matrix-path layers yet; use torch.autograd.grad, or a Python loop in "
                            "place of vmap (torch.func.functional_call alone works)")
     return matrix_op.call(module.compiled.key, module.backend, x, states, params, code, lengths)
 

@@ -88,8 +88,8 @@ def check_dtypes(x: Tensor, states, params) -> None:
     for what, tensors in (("state", states), ("parameter", params)):
         for i, t in enumerate(tensors):
             if t.dtype != x.dtype or t.device != x.device:
-                raise CellTensorError(f"celldsl::matrix_sequence: {what} {i} is {t.dtype} on {t.device} but x is "
-                                      f"{x.dtype} on {x.device}; give them one dtype and device")
+                raise CellTensorError(f"celldsl::matrix_sequence: {what} {i} is {t.dtype} on {t.device} "
+                                      f"but x is {x.dtype} on {x.device}; give them one dtype and device")
 
 
 def _run(key, backend, x, states, params, sizes, lengths):

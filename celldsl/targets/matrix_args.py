@@ -32,7 +32,8 @@ def check_run(ir: TensorIR, x, states, params, sizes: dict, lengths):
         raise CellTensorError("Expected sequence length to be larger than 0 in RNN")
     for what, names, given, lead in (("state", ir.states, states, [N]), ("parameter", ir.params, params, [])):
         if len(given) != len(names):
-            raise CellTensorError(f"{where} takes {len(names)} {what}(s) ({', '.join(names)}), got {len(given)}")
+            raise CellTensorError(f"{where} takes {len(names)} {what}(s) ({', '.join(names)}), "
+                                  f"got {len(given)}")
         for name, t in zip(names, given, strict=True):
             want = [*lead, *ir.param_shape(name, sizes)]
             if not isinstance(t, torch.Tensor) or list(t.shape) != want:

@@ -115,7 +115,8 @@ class CMatrixLoop:
         v = v.reshape(T * N, heads, w.shape[-1])  # sizes, not -1: N may be 0
         if w.dim() == 2:
             return (v @ w.t()).reshape(T, N, heads * w.shape[-2])
-        return torch.matmul(v.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(T, N, heads * w.shape[-2])
+        out = torch.matmul(v.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+        return out.reshape(T, N, heads * w.shape[-2])
 
 
 def _rebuild(compiled, auto: bool) -> CMatrixLoop:
