@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import celldsl
 from celldsl.ops import op as ops
+from celldsl.ops.function import loop_for
 
 
 class OpLog(TorchDispatchMode):
@@ -66,11 +67,20 @@ def test_plain_eager_calls_the_implementations_and_a_mode_sees_the_op(monkeypatc
 
 
 def test_no_grad_forward_takes_the_fast_path(monkeypatch):
+    """Without the dispatcher, and without the backward's intermediates: the loop's `infer`."""
     layer = celldsl.GRU(4, 6)
-    calls = counting(monkeypatch)
+    calls, ran = counting(monkeypatch), inferring(monkeypatch, layer)
     with torch.no_grad():
         layer(torch.randn(3, 2, 4))
-    assert calls["forward"] == 1
+    assert ran == [1] and calls["forward"] == 0
+
+
+def inferring(monkeypatch, layer) -> list:
+    """A list that gets an entry at each call of the layer's CPU loop's `infer`."""
+    loop = loop_for(layer.compiled.key, "cpu")
+    infer, ran = type(loop).infer, []
+    monkeypatch.setattr(type(loop), "infer", lambda self, *a: ran.append(1) or infer(self, *a))
+    return ran
 
 
 @pytest.mark.parametrize("context", ["dispatch_mode", "function_mode", "autocast", "profiler", "vmap"])
@@ -106,10 +116,10 @@ def test_inference_mode_takes_the_fast_path_and_matches_torch(monkeypatch):
     reference = torch.nn.LSTM(4, 5)
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 2, 4)
-    calls = counting(monkeypatch)
+    calls, ran = counting(monkeypatch), inferring(monkeypatch, layer)
     with torch.inference_mode():
         out, (h, c) = layer(x)
         want, (h_want, c_want) = reference(x)
-    assert calls["forward"] == 1 and out.is_inference()
+    assert ran == [1] and calls["forward"] == 0 and out.is_inference()
     for got, expected in ((out, want), (h, h_want), (c, c_want)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

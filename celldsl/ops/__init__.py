@@ -17,7 +17,7 @@ import torch
 
 from . import batching, matrix_op  # noqa: F401  (register the vmap rules, celldsl::matrix_sequence)
 from .autograd import CellSequence
-from .op import call, cell_sequence
+from .op import infer
 
 
 def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
@@ -26,6 +26,7 @@ def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
     traced = torch._C._get_tracing_state() is not None  # jit.trace: the op itself (its own autograd)
     if torch.is_grad_enabled() and not traced and any(t.requires_grad for t in (x, *states, *params)):
         result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)
-    else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule)
-        result = call(cell_sequence, cell_key, backend, x, list(states), list(params), batch_sizes)
+    else:  # nothing to differentiate: the op alone (vmap still reaches its batching rule), or in
+        # plain eager the loop without the backward's intermediates (op.infer)
+        result = infer(cell_key, backend, x, list(states), list(params), batch_sizes)
     return result[0], list(result[1 : 1 + len(states)])

@@ -19,6 +19,8 @@ Autograd: ops/autograd.py (first order fused, higher orders through the generate
 vmap: ops/batching.py. The layers call `run`, which goes through autograd.CellSequence so that
 torch.func transforms work too.
 
+`infer` runs the loop without keeping the backward's intermediates where no gradient can follow.
+
 `call` runs an op's implementation without the dispatcher when nothing but autograd could see the
 op (`plain_eager`): the dispatcher's path to a Python custom op costs ~0.05-0.1 ms a call, most of
 a step's arithmetic at batch 1 (a decoder stepping token by token pays it every token).
@@ -54,6 +56,20 @@ def call(op, *args):
     tensors = [t for a in args for t in (a if isinstance(a, list) else [a])
                if t is None or isinstance(t, Tensor)]
     return IMPLEMENTATIONS[op](*args) if plain_eager(tensors) else op(*args)
+
+
+def infer(key, backend, x, states, params, batch_sizes) -> list[Tensor]:
+    """[out, *final states] of cell_sequence, for a call no gradient can follow (ops.run: grad mode
+    off, or nothing requires grad). Where `plain_eager`, the loop's `infer` runs: the same numbers
+    without the intermediates only the backward reads. Elsewhere (compile, tracing, vmap, fake
+    tensors) the op runs as ever. The loop's class is asked for `infer`, not the loop: a wrapper
+    that hands its other attributes on (targets/triton) would skip its own forward."""
+    if plain_eager([x, *states, *params, batch_sizes]) and states and states[0].numel():
+        loop = loop_for(key, backend)
+        if getattr(type(loop), "infer", None) is not None:
+            out, finals = loop.infer(x, list(states), *split_params(loop, params), batch_sizes)
+            return unaliased([out, *finals], [x, *states, *params])
+    return call(cell_sequence, key, backend, x, list(states), list(params), batch_sizes)[: 1 + len(states)]
 
 
 def _cell_sequence(key, backend, x, states, params, batch_sizes) -> list[Tensor]:

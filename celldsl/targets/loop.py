@@ -368,6 +368,12 @@ class TorchLoop:
             out = out.view(x.shape[0], x.shape[1], -1)
         return out, finals, saved
 
+    def infer(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        """(out, final states) of `forward`, for a call no backward follows (ops.op.infer): a loop that
+        can skip what only the backward reads overrides it (targets/c/fused.py)."""
+        out, finals, _saved = self.forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
+        return out, finals
+
     # ---- backward ----------------------------------------------------------------------------
 
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,

@@ -507,6 +507,7 @@ class FusedCPULoop(TorchLoop):
         # per GEMM: (operand is a state, state index or operand name)
         self.gemm_operands = [(self.where[g.operand.name].kind == "state", self.where[g.operand.name].index)
                               for g in self.gemms]
+        self.in_place = self._in_place_states(plan)
         self._natives: dict[torch.dtype, NativeLoop] = {}
         self._plans: dict[tuple, _CallPlan | None] = {}  # signature -> call plan (see _call_plan)
         # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
@@ -514,6 +515,24 @@ class FusedCPULoop(TorchLoop):
         self.ran: dict[str, tuple[str, ...] | str] = {}
         self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
         self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its quick (-Og) build
+
+    def _in_place_states(self, plan: Plan) -> list[int]:
+        """The states a forward without saves (`infer`) keeps in one [N, width] buffer, new value over
+        old: not the output, no GEMM's operand (a GEMM reads all of a state's columns while the other
+        threads' kernels would write theirs), and read only by the kernel that writes its new value
+        (whose loads of an element precede its stores: emit.py's element loops). Cells with a
+        `native_blocker` (values of one per row, reductions) keep every state's rows."""
+        if self.native_blocker:
+            return []
+        operands = {index for is_state, index in self.gemm_operands if is_state}
+        kept = []
+        for i, s in enumerate(self.states):
+            writers = [pw for pw in plan.pointwise if any(name == s + "'" for name, _ in pw.outputs)]
+            readers = [pw for pw in plan.pointwise if any(sym.name == s for sym in pw.inputs)]
+            if i != self.output_state and i not in operands and len(writers) == 1 and \
+                    all(pw is writers[0] for pw in readers):
+                kept.append(i)
+        return kept
 
     def _take_cell_library(self) -> None:
         """Swap in the cell's -O3 library once built (between two calls, as _take_gemm_library): the
@@ -676,12 +695,12 @@ class FusedCPULoop(TorchLoop):
         isz = bufs["X"].element_size()
         if slot.kind == "state":  # the previous state: the initial one at the first step
             news = bufs["news"][slot.index]
-            arg = _Arg.rows(news)
+            arg = self._rows(news, bufs)
             arg.first, arg.prev = bufs["states"][slot.index].data_ptr(), True
             return arg
         if slot.kind in ("hoisted", "product"):
             hoisted = slot.kind == "hoisted"
-            arg = _Arg.rows((bufs["hoisted"] if hoisted else bufs["step"])[slot.index])
+            arg = self._rows((bufs["hoisted"] if hoisted else bufs["step"])[slot.index], bufs)
             blocks = bufs["hoisted_blocks"] if hoisted else bufs["step_blocks"]
             arg.base += blocks[slot.index][slot.block] * isz
             return arg
@@ -697,8 +716,14 @@ class FusedCPULoop(TorchLoop):
         if name in bufs["operands"]:
             return _Arg.rows(bufs["operands"][name])
         if name.endswith("'") and name[:-1] in self.states:
-            return _Arg.rows(bufs["news"][self.states.index(name[:-1])])
+            return self._rows(bufs["news"][self.states.index(name[:-1])], bufs)
         return _Arg.rows(bufs["out"])
+
+    @staticmethod
+    def _rows(t: torch.Tensor, bufs: dict) -> _Arg:
+        """Where a step's rows of t are: those of the step in a [rows, ...] buffer; rows 0..b-1 at
+        every step in a buffer of one step ([N, ...], bufs["one_step"]: `infer`)."""
+        return _Arg.fixed(t) if id(t) in bufs.get("one_step", ()) else _Arg.rows(t)
 
     def _operand(self, gi: int, bufs: dict) -> _Arg:
         """The rows step GEMM gi multiplies: a previous state (the initial one at the first step) or
@@ -763,6 +788,20 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return self._forward(plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
 
+    def infer(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        """(out, final states) of `forward`, bit for bit, for a call no backward follows: what only the
+        backward reads is not kept. The states of `in_place` and the native loop's step products live
+        in [N, ...] buffers that every step reuses (in the caches), not in [rows, ...] ones written through
+        memory: at T=100 N=32 H=256 in float32, the LSTM's c (3.3 MB a call) and the GRU's products
+        (9.8 MB)."""
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None:
+            return super().infer(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
+        with torch.no_grad():
+            out, finals, _ = self._forward(plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes,
+                                           save=False)
+        return out, finals
+
     def prepare_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedStep | None:
         """A PreparedStep for one step (x [1, N, I]) of these arguments' shapes and weights, or None
         where it does not apply (the op then runs as usual): the Python loop chosen, extra inputs or
@@ -818,7 +857,8 @@ class FusedCPULoop(TorchLoop):
                 "hoisted_blocks": plan.hoisted_blocks, "step_blocks": plan.step_blocks}
         return bufs, steps, offsets, step_w, sizes
 
-    def _forward(self, plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes):
+    def _forward(self, plan, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes, save: bool = True):
+        """save=False: `infer` (the saved list comes back empty)."""
         N = states[0].shape[0]
         bufs, steps, offsets, step_w, sizes = self._buffers(plan, x, states, hoisted_w, step_w, vectors,
                                                             scalars, batch_sizes)
@@ -830,27 +870,32 @@ class FusedCPULoop(TorchLoop):
         hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, backend)
                        for op, w, bias, backend in zip(hoisted_ops, hoisted_w, hoisted_bias, plan.hoisted,
                                                        strict=True)]
-        news = [X.new_empty(rows, sizes[ir.width(s)]) for s in self.states]
+        news = [X.new_empty(rows if save or i not in self.in_place else N, sizes[ir.width(s)])
+                for i, s in enumerate(self.states)]
         out = (news[self.output_state] if self.output_state is not None
                else X.new_empty(rows, self.output_width(sizes)))
-        step_out = [X.new_empty(0 if gi in self.summed else rows, w.shape[0]) for gi, w in enumerate(step_w)]
+        # the Python loop's products keep their rows: torch's GEMMs (MKL) may round otherwise into
+        # memory aligned otherwise, and `infer` promises forward's numbers bit for bit
+        step_rows = rows if save or not plan.native else N
+        step_out = [X.new_empty(0 if gi in self.summed else step_rows, w.shape[0])
+                    for gi, w in enumerate(step_w)]
         operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
+        one_step = set() if save else {id(t) for t in [*step_out, *news] if t.shape[0] == N < rows}
         bufs |= {"news": news, "out": out, "step": step_out,
-                 "hoisted": hoisted_out, "operands": operands}
+                 "hoisted": hoisted_out, "operands": operands, "one_step": one_step}
         args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
                           for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
         if plan.native:
             self._forward_native(bufs, args, steps, offsets, N, step_w, step_bias)
         else:
             self._forward_python(bufs, args, steps, offsets, N, step_w, step_bias)
-        # the final state of the sequences that end at step t is rows [b_{t+1}, b_t) of its new state
-        if steps[-1] == N:
-            finals = [n[rows - N :].clone() for n in news]
-        else:
-            ends = [*steps[1:], 0]
-            finals = [torch.cat([n[offsets[t] + ends[t] : offsets[t] + steps[t]]
-                                 for t in reversed(range(len(steps))) if ends[t] < steps[t]]) for n in news]
-        saved = (
+        # the final state of the sequences that end at step t is rows [b_{t+1}, b_t) of its new state;
+        # a one-step buffer holds them already (its rows past b_t kept their values after step t)
+        ends = [*steps[1:], 0]
+        finals = [n if id(n) in one_step else n[rows - N :].clone() if steps[-1] == N else
+                  torch.cat([n[offsets[t] + ends[t] : offsets[t] + steps[t]]
+                             for t in reversed(range(len(steps))) if ends[t] < steps[t]]) for n in news]
+        saved = [] if not save else (
             [s for i, s in enumerate(news) if i != self.output_state]
             + step_out
             + [operands[name] for name in self.operand_names]
@@ -867,7 +912,7 @@ class FusedCPULoop(TorchLoop):
             arg = _Arg.rows(bufs["hoisted"][hi])
             arg.base += bufs["hoisted_blocks"][hi][first] * bufs["X"].element_size()
             return arg, 1
-        return _Arg.rows(bufs["step"][gi]), 2 if bufs["step_bias"][gi] is not None else 0
+        return self._rows(bufs["step"][gi], bufs), 2 if bufs["step_bias"][gi] is not None else 0
 
     def _forward_native(self, bufs, args, steps, offsets, N, step_w, step_bias, run: bool = True):
         """Runs the native loop (unless run=False) -> (NativeLoop, its prepared call, the packed
