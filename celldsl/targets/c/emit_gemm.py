@@ -17,6 +17,7 @@ k. NR is two vectors (16 floats with AVX2, 32 with AVX-512), MR what the registe
 Entry points, for T in float (_f32) and double (_f64):
 
     cd_panel_width_T()                       NR, for the caller's buffer sizes
+    cd_tile_height_T()                       MR, the rows of a tile (1 or 2 rows: cd_tile_narrow)
     cd_pack_T(groups, n, K, w, s_n, s_k, s_group, panels, nt)
         B(k, c) = w[g * s_group + c * s_n + k * s_k] for c < n, zero beyond, for each group g;
         group g's panels start at panels + g * ceil(n / NR) * K * NR
@@ -125,6 +126,7 @@ TEMPLATE = """
 typedef {t} cd_vec_{dt} __attribute__((vector_size(CD_VECTOR_BYTES), aligned(sizeof({t}))));
 
 int64_t cd_panel_width_{dt}(void) {{ return CD_NR_{dt}; }}
+int64_t cd_tile_height_{dt}(void) {{ return CD_MR; }}
 
 /* R rows of a tile: zero, the output itself (init 1) or the bias (init 2: one row, R times). A tile
    narrower than NR (the last panel of an H that is no multiple of NR) goes through buf. */

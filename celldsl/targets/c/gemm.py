@@ -155,6 +155,9 @@ class NativeGemm:
         dt = DTYPES[dtype]
         self.dtype = dtype
         self.width = int(getattr(lib, f"cd_panel_width_{dt}")())
+        # 0 for a library without it (an older GEMM source: bench/cpu.py's A/B): no infer chunks
+        height = getattr(lib, f"cd_tile_height_{dt}", None)
+        self.height = int(height()) if height is not None else 0
         self._pack = getattr(lib, f"cd_pack_{dt}")
         self._gemm = getattr(lib, f"cd_gemm_{dt}")
         self._repeat = getattr(lib, f"cd_gemm_repeat_{dt}")

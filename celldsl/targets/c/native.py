@@ -31,7 +31,10 @@ class Loop(ctypes.Structure):
 
     _fields_ = [("T", I64), ("N", I64), ("H", I64), ("nt", I64), ("steps", PTR), ("offsets", PTR),
                 ("gemms", PTR), ("kernels", PTR), ("grads", PTR), ("untouched", PTR),
-                ("n_states", I64), ("out_state", I64), ("g_out", PTR), ("tiles", PTR), ("width", I64)]
+                ("n_states", I64), ("out_state", I64), ("g_out", PTR), ("tiles", PTR), ("width", I64),
+                ("hk", I64), ("hx", PTR), ("hlda", I64), ("hK", I64), ("hpanels", PTR), ("hbias", PTR),
+                ("hinit", I64), ("hblocks", I64), ("hld", I64), ("hmr", I64), ("ring", PTR), ("hr0", I64),
+                ("nre", I64), ("re", PTR), ("re_off", PTR)]
 
 
 class StepGemm(ctypes.Structure):
