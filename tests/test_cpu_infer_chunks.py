@@ -114,3 +114,27 @@ def test_no_chunks_when_ring_bytes_is_zero(chunks):
         out, finals, _ = loop.forward(x, states, *params, batch_sizes)
         inferred = loop.infer(x, states, *params, batch_sizes)
     assert not calls and same([out, *finals], [inferred[0], *inferred[1]])
+
+
+def test_default_ring_at_benchmark_width_equals_no_chunks(chunks, monkeypatch):
+    """The default ring_bytes (tuned at LSTM N=32 H=256) at that width: several chunks, the last one
+    partial, give the unchunked numbers bit for bit, and torch.nn's up to rounding."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    T, N, H = 30, 32, 256
+    steps = FusedCPULoop.ring_bytes // (N * 4 * H * 4)
+    assert 1 < steps < T and T % steps  # several chunks, the last one shorter
+    torch.manual_seed(3)
+    ref = torch.nn.LSTM(16, H)
+    mine = celldsl.LSTM(16, H)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(T, N, 16)
+    with torch.no_grad():
+        expected = ref(x)
+        calls = chunks(FusedCPULoop.ring_bytes)
+        chunked = mine(x)
+        chunks(0)
+        whole = mine(x)
+    assert len(calls) == 1
+    assert same([chunked[0], *chunked[1]], [whole[0], *whole[1]])
+    for u, v in ((expected[0], chunked[0]), (expected[1][0], chunked[1][0]), (expected[1][1], chunked[1][1])):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)

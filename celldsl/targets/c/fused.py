@@ -480,8 +480,11 @@ class FusedCPULoop(TorchLoop):
 
     # bytes of infer's hoisted rows per chunk (see _run_chunked; 0: one hoisted GEMM over all steps).
     # Measured (one thread, A/B in one process): 256 kB, 512 kB and 1 MB took 0.99x, 0.97-0.98x and
-    # 0.97-0.98x the time of no chunks for the LSTM forward N=32 H=256 f32
-    ring_bytes = 512 * 1024
+    # 0.97-0.98x the time of no chunks for the LSTM forward N=32 H=256 f32. Against 512 kB (fewer
+    # chunks: fewer barriers, W_ih's panels read fewer times): 1.5 MB took 0.977-0.989x the time for
+    # that LSTM (12 steps a chunk), 0.95x for the GRU N=32; LSTM N=128 I=H=512 and N=1 the same chunks
+    # (one step; all steps). 2 MB: LSTM N=32 0.98x, but N=128 1.01x (2 steps a chunk).
+    ring_bytes = 1536 * 1024
 
     def __init__(self, plan: Plan, module, lib, gemm_lib=None):
         super().__init__(plan, module)
