@@ -33,11 +33,15 @@ def run():
     layer(x)[0].backward(g)
 for _ in range(3):
     run()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_call = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     run()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"state": memory._state, "faults": faults}))
+    per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median: what every call pays (the bug faulted ~500-1600 pages on every call), not a one-time
+# event such as the -O3 library swapped in by a background build finishing under load
+faults = sorted(per_call)[len(per_call) // 2]
+print(json.dumps({"state": memory._state, "faults": faults, "per_call": per_call}))
 """
 
 
@@ -55,6 +59,7 @@ def test_a_cpu_layer_keeps_freed_memory_and_stops_faulting():
     result = run_python(FAULTS)
     assert result["state"] == ["kept"]
     # the buffers of a call are 100 x 32 x 256 floats (800 pages) each; a handful of faults is noise
+    # (CI once measured a mean of 58 a call under load: a one-time event, which the median ignores)
     assert result["faults"] < 50, result
 
 
