@@ -23,7 +23,7 @@ from .model import ExportCell, ExportError
 TYPES = {"f32": ("float", "<f4", torch.float32), "f64": ("double", "<f8", torch.float64)}
 
 
-def _comment(text: str) -> str:
+def comment(text: str) -> str:
     """Printable ASCII without a comment's end (labels name the cell's parameters)."""
     text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return text.replace("*/", "*?").replace("/*", "/?")
@@ -173,16 +173,16 @@ def _header(cell: ExportCell, name: str, dtype: str, lay: _Layout) -> str:
         "   one layer, one direction, in C99 with libm only.",
         "",
         "   x      [T, N, INPUT_SIZE]  time-major; the cell's inputs side by side, in declaration order:",
-        *[f"            {_comment(n)}: columns [{c.start}, {c.stop})" for n, c in cell.columns.items()],
+        *[f"            {comment(n)}: columns [{c.start}, {c.stop})" for n, c in cell.columns.items()],
         "   states [NUM_STATES blocks]: state k is [N, width_k] at offset N * STATE_OFFSET_k (elements):",
-        *[f"            {k}: {_comment(s)}, width {w}, offset N * {lay.state_at[s]}"
+        *[f"            {k}: {comment(s)}, width {w}, offset N * {lay.state_at[s]}"
           for k, (s, w) in enumerate(zip(ir.states, cell.state_widths(), strict=True))],
-        f"   out    [T, N, OUTPUT_SIZE]  the cell's output {_comment(ir.output)} at every step",
+        f"   out    [T, N, OUTPUT_SIZE]  the cell's output {comment(ir.output)} at every step",
         "   work   WORKSPACE_PER_ROW * N elements of scratch",
         f"   weights: WEIGHT_COUNT {t}s, the .bin file as written (little-endian), tensor by tensor, each",
         "            row-major in the shape given (GEMM weights [rows, K] compute v @ W^T; [G, NH, dh, dh]",
         "            is block-diagonal per head):",
-        *[f"            at {at}: {_comment(label)} {list(shape)}" for label, shape, at in lay.weights],
+        *[f"            at {at}: {comment(label)} {list(shape)}" for label, shape, at in lay.weights],
         "",
         "   state_in and state_out may be the same buffer. Returns 0, or -1 when T < 1 or N < 1. */",
         f"#ifndef {up}_H",

@@ -25,6 +25,7 @@ from ..targets.c.emit import C_TYPES, CPrinter, helper_functions
 from ..targets.c.matrix_emit import ForwardStep, blocker, used_host
 from ..targets.c.matrix_rewrite import rewrite
 from ..targets.printers import identifier
+from .c_library import comment
 
 DTYPES = {torch.float32: ("f32", "<f4"), torch.float64: ("f64", "<f8")}
 
@@ -34,12 +35,6 @@ PRAGMAS = """#if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #pragma GCC diagnostic ignored "-Wunused-variable"
 #endif"""
-
-
-def comment(text: str) -> str:
-    """Printable ASCII without a comment's end (names of the cell's states and parameters)."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
-    return text.replace("*/", "*?").replace("/*", "/?")
 
 
 def library_name(ir: TensorIR) -> str:
