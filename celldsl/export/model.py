@@ -98,26 +98,17 @@ def _state_dict(weights) -> dict | None:
     return state
 
 
-def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None,
-                     seed: int = 0, sizes: str | dict | None = None
-                     ) -> tuple[CompiledMatrixCell, dict[str, int], dict[str, torch.Tensor]]:
-    """A matrix-memory cell with one layer's weights: (the compiled cell, its sizes, including "heads"
-    and the input's name, and the float64 parameters by name as MatrixRecurrent stores them). The
-    weights come from `weights` (a state_dict of celldsl.Recurrent(cell, input_size, hidden_size,
-    sizes=...) with one layer, one direction: keys ending _l0), else a fresh layer after
-    torch.manual_seed(seed)."""
+
+def _float64_layer(compiled, input_size: int, hidden_size: int, seed: int, weights, state, fit, **kwargs):
+    """celldsl.Recurrent(compiled, ...) on the torch backend in float64, initialised after
+    torch.manual_seed(seed), with `state` (a one-layer state_dict, or None) loaded: the layer both
+    loaders read their weights from. Its errors as ExportErrors; `fit(layer)` words the sizes a
+    state_dict must fit."""
     from ..nn.layers import Recurrent
 
-    compiled = compile_cell(cell)
-    if not isinstance(compiled, CompiledMatrixCell):
-        raise ExportError(f"cell {compiled.name!r} has no matrix state; load it with load_cell")
-    if isinstance(sizes, str) or sizes is None:
-        sizes = _sizes_arg(sizes, "--sizes")
-    state = _state_dict(weights)
     torch.manual_seed(seed)
     try:
-        layer = Recurrent(compiled, input_size, hidden_size, dtype=torch.float64, sizes=sizes or None,
-                          backend="torch")
+        layer = Recurrent(compiled, input_size, hidden_size, dtype=torch.float64, backend="torch", **kwargs)
     except CellError:
         raise
     except (ValueError, TypeError) as err:
@@ -128,9 +119,28 @@ def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Pat
             layer.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
         except RuntimeError as err:
             first = " ".join(str(err).split())
-            raise ExportError(f"{weights}: does not fit cell {compiled.name!r} with input size {input_size}, "
-                              f"hidden size {hidden_size} and sizes {layer.layer_sizes[0]}: "
+            raise ExportError(f"{weights}: does not fit cell {compiled.name!r} with {fit(layer)}: "
                               f"{first[:400]}") from None
+    return layer
+
+def load_matrix_cell(cell, input_size: int, hidden_size: int, weights: str | Path | None = None,
+                     seed: int = 0, sizes: str | dict | None = None
+                     ) -> tuple[CompiledMatrixCell, dict[str, int], dict[str, torch.Tensor]]:
+    """A matrix-memory cell with one layer's weights: (the compiled cell, its sizes, including "heads"
+    and the input's name, and the float64 parameters by name as MatrixRecurrent stores them). The
+    weights come from `weights` (a state_dict of celldsl.Recurrent(cell, input_size, hidden_size,
+    sizes=...) with one layer, one direction: keys ending _l0), else a fresh layer after
+    torch.manual_seed(seed)."""
+
+    compiled = compile_cell(cell)
+    if not isinstance(compiled, CompiledMatrixCell):
+        raise ExportError(f"cell {compiled.name!r} has no matrix state; load it with load_cell")
+    if isinstance(sizes, str) or sizes is None:
+        sizes = _sizes_arg(sizes, "--sizes")
+    state = _state_dict(weights)
+    layer = _float64_layer(compiled, input_size, hidden_size, seed, weights, state,
+                           lambda layer: f"input size {input_size}, hidden size {hidden_size} and sizes "
+                                         f"{layer.layer_sizes[0]}", sizes=sizes or None)
     params = {n: getattr(layer, layer.param_name(n, 0, 0)).detach().clone() for n in compiled.ir.params}
     return compiled, dict(layer.layer_sizes[0]), params
 
@@ -140,7 +150,6 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     """The cell (a path, zoo name, text or CompiledCell) with one layer's weights: from `weights` (a
     state_dict file of celldsl.Recurrent(cell, input_size, hidden_size) with one layer, one
     direction), else freshly initialised after torch.manual_seed(seed)."""
-    from ..nn.layers import Recurrent
 
     compiled = compile_cell(cell)
     if isinstance(compiled, CompiledMatrixCell):  # another layout of weights and states
@@ -153,22 +162,9 @@ def load_cell(cell, input_size: int, hidden_size: int, weights: str | Path | Non
     state = _state_dict(weights)
     bias = state is None or any(s.is_bias and f"{s.name}_l0" in state for s in stores_of(compiled)) or \
         not any(s.is_bias for s in stores_of(compiled))
-    torch.manual_seed(seed)
-    try:
-        layer = Recurrent(compiled, input_size, hidden_size, bias=bias, dtype=torch.float64,
-                          input_sizes=input_sizes or None, sizes=sizes or None, backend="torch")
-    except CellError:
-        raise
-    except (ValueError, TypeError) as err:
-        where = "" if str(err).startswith("cell ") else f"cell {compiled.name!r}: "
-        raise ExportError(f"{where}{err}") from None
-    if state is not None:
-        try:
-            layer.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
-        except RuntimeError as err:
-            first = " ".join(str(err).split())
-            raise ExportError(f"{weights}: does not fit cell {compiled.name!r} with input size {input_size} "
-                              f"and hidden size {hidden_size}: {first[:400]}") from None
+    layer = _float64_layer(compiled, input_size, hidden_size, seed, weights, state,
+                           lambda layer: f"input size {input_size} and hidden size {hidden_size}",
+                           bias=bias, input_sizes=input_sizes or None, sizes=sizes or None)
     width_sizes = compiled.sizes(input_size, hidden_size, layer.input_sizes, layer.width_sizes)
     tensors = {}
     for store in stores_of(compiled):
