@@ -151,6 +151,7 @@ class TorchLoop:
         self.where = where
         self.output_state = self.states.index(ir.output) if ir.output in self.states else None
         self.operand_names = [name for name, slot in where.items() if slot.kind == "operand"]
+        self._good_shapes: set = set()  # argument shapes check_shapes passed
 
         def step(pw: Pointwise) -> Step:
             fwd, bwd = getattr(module, f"{pw.name}_forward"), getattr(module, f"{pw.name}_backward")
@@ -164,6 +165,74 @@ class TorchLoop:
         # the width (a name, widths.py) of everything a pointwise function outputs, and of operands
         self.width_of = {s + "'": ir.width(s) for s in self.states} | {ir.output: ir.width(ir.output)}
         self.width_of |= {g.operand.name: g.operand_size for g in [*self.gemms, *self.hoisted]}
+
+    def check_shapes(self, x, states, hoisted_w, step_w, vectors, scalars) -> None:
+        """Refuse tensors whose shapes disagree with the cell (ValueError, naming what was expected). The
+        op can be called with any tensors (torch.ops.celldsl.cell_sequence), and the torch loop would
+        broadcast a [1] bias, or a [1, H] state over N rows, into numbers; the native loop would read
+        out of bounds. A signature that passed is remembered (a failed one is not)."""
+        signature = (tuple(tuple(t.shape) for t in (x, *states, *hoisted_w, *step_w, *vectors, *scalars)),
+                     len(states), len(hoisted_w), len(step_w), len(vectors))
+        if signature in self._good_shapes:
+            return
+        self._check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
+        if len(self._good_shapes) >= 64:
+            self._good_shapes.clear()
+        self._good_shapes.add(signature)
+
+    def _check_shapes(self, x, states, hoisted_w, step_w, vectors, scalars) -> None:
+        if len(states) != len(self.states) or len(vectors) != len(self.vectors) or \
+                len(scalars) != len(self.scalars) or len(step_w) != len(self.gemms) or \
+                len(hoisted_w) != len(self.hoisted):
+            raise ValueError(
+                f"cell {self.plan.ir.name!r} takes {len(self.states)} states, {len(self.hoisted)} hoisted "
+                f"and {len(self.gemms)} step weights, {len(self.vectors)} vectors, {len(self.scalars)} "
+                f"scalars; got {len(states)}, {len(hoisted_w)}, {len(step_w)}, {len(vectors)}, "
+                f"{len(scalars)}")
+        ir = self.plan.ir
+        if states[0].dim() != 2:
+            raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
+        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
+        N = states[0].shape[0]
+        for name, s in zip(self.states, states, strict=True):
+            if tuple(s.shape) != (N, sizes[ir.width(name)]):
+                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = "
+                                 f"{(N, sizes[ir.width(name)])}, got {tuple(s.shape)}")
+        for name, v in zip(self.vectors, vectors, strict=True):
+            if tuple(v.shape) != (sizes[ir.width(name)],):
+                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), "
+                                 f"got {tuple(v.shape)}")
+        for name, v in zip(self.scalars, scalars, strict=True):
+            if v.numel() != 1:
+                raise ValueError(f"scalar {name!r} must have one element, got shape {tuple(v.shape)}")
+        for kind, ws, gemms in (("hoisted", hoisted_w, self.hoisted), ("step", step_w, self.gemms)):
+            for w, g in zip(ws, gemms, strict=True):
+                rows = sum(sizes[b] for b in g.widths)
+                if w.dim() not in (2, 4) or gemm.rows_of(w) != rows:
+                    counts = {w: g.widths.count(w) for w in dict.fromkeys(g.widths)}
+                    widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
+                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have "
+                                     f"{widths} = {rows} rows, got {tuple(w.shape)}")
+        for w, g in zip(step_w, self.gemms, strict=True):
+            k = sizes.get(g.operand_size)
+            cols = w.shape[1] if w.dim() == 2 else w.shape[1] * w.shape[3]
+            if k is not None and cols != k:
+                raise ValueError(f"step weight [{', '.join(g.params)}] must have "
+                                 f"{g.operand_size} = {k} columns, got {tuple(w.shape)}")
+        if len(self.inputs) > 1:
+            cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
+            widths = {name: c.stop - c.start for name, c in cols.items()}
+        else:
+            widths = {self.inputs[0]: x.shape[-1]}
+        for pw in self.plan.pointwise:
+            for sym in pw.inputs:
+                name = self.shifted.get(sym.name, (sym.name,))[0]
+                if self.where[sym.name].kind != "input" or ir.width(name) == "row":
+                    continue
+                if widths[name] != sizes[pw.width]:
+                    raise ValueError(f"this cell uses its input {name!r} elementwise with "
+                                     f"{pw.width}-wide values: it must have {pw.width} = {sizes[pw.width]} "
+                                     f"features, got {widths[name]}")
 
     # ---- sizes -------------------------------------------------------------------------------------
 
@@ -312,6 +381,7 @@ class TorchLoop:
         x [T, N, I] -> out [T, N, width of the output]; packed x [rows, I] with batch_sizes -> out
         [rows, width of the output].
         """
+        self.check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         Xf, steps, offsets = steps_of(x, batch_sizes, states[0].shape[0])
         sizes = self.sizes(states, vectors, hoisted_w, step_w)
         X = self.split_inputs(Xf, sizes, hoisted_w, steps, offsets)
@@ -381,6 +451,7 @@ class TorchLoop:
         """Gradients of everything `forward` took: (dx, d states, d hoisted_w, d step_w, d vectors,
         d scalars). `grad_out` (shaped like out) and entries of `grad_states` may be None (zero).
         needs_dx=False skips the input's projection GEMM over all steps (dx is then not meaningful)."""
+        self.check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         N = states[0].shape[0]
         Xf, steps, offsets = steps_of(x, batch_sizes, N)
         sizes = self.sizes(states, vectors, hoisted_w, step_w)

@@ -37,7 +37,7 @@ import torch
 
 from ... import cache
 from ...plan import Plan
-from ..loop import TorchLoop, fit_gradient, input_columns, steps_of, to_width
+from ..loop import TorchLoop, fit_gradient, steps_of, to_width
 from . import gemm as cpu_gemm
 from . import memory, scratch
 from .emit import backward_schedule, c_source, folding, kernel_specs
@@ -626,61 +626,8 @@ class FusedCPULoop(TorchLoop):
             return False
         if any(w.dim() != 2 for w in (*hoisted_w, *step_w)):
             return False  # block-diagonal GEMMs (heads) run in the plain loop
-        self._check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
+        self.check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         return True
-
-    def _check_shapes(self, x, states, hoisted_w, step_w, vectors, scalars) -> None:
-        if len(states) != len(self.states) or len(vectors) != len(self.vectors) or \
-                len(scalars) != len(self.scalars) or len(step_w) != len(self.gemms) or \
-                len(hoisted_w) != len(self.hoisted):
-            raise ValueError(
-                f"cell {self.plan.ir.name!r} takes {len(self.states)} states, {len(self.hoisted)} hoisted "
-                f"and {len(self.gemms)} step weights, {len(self.vectors)} vectors, {len(self.scalars)} "
-                f"scalars; got {len(states)}, {len(hoisted_w)}, {len(step_w)}, {len(vectors)}, "
-                f"{len(scalars)}")
-        ir = self.plan.ir
-        if states[0].dim() != 2:
-            raise ValueError(f"state {self.states[0]!r} must be [N, width], got {tuple(states[0].shape)}")
-        sizes = self.sizes(states, vectors, hoisted_w, step_w, x)
-        N = states[0].shape[0]
-        for name, s in zip(self.states, states, strict=True):
-            if tuple(s.shape) != (N, sizes[ir.width(name)]):
-                raise ValueError(f"state {name!r} must be [N, {ir.width(name)}] = "
-                                 f"{(N, sizes[ir.width(name)])}, got {tuple(s.shape)}")
-        for name, v in zip(self.vectors, vectors, strict=True):
-            if tuple(v.shape) != (sizes[ir.width(name)],):
-                raise ValueError(f"vector {name!r} must have shape ({sizes[ir.width(name)]},), "
-                                 f"got {tuple(v.shape)}")
-        for name, v in zip(self.scalars, scalars, strict=True):
-            if v.numel() != 1:
-                raise ValueError(f"scalar {name!r} must have one element, got shape {tuple(v.shape)}")
-        for kind, ws, gemms in (("hoisted", hoisted_w, self.hoisted), ("step", step_w, self.gemms)):
-            for w, g in zip(ws, gemms, strict=True):
-                rows = sum(sizes[b] for b in g.widths)
-                if w.dim() != 2 or w.shape[0] != rows:
-                    counts = {w: g.widths.count(w) for w in dict.fromkeys(g.widths)}
-                    widths = " + ".join(f"{n} * {w}" if n > 1 else w for w, n in counts.items())
-                    raise ValueError(f"{kind} weight [{', '.join(g.params)}] must have "
-                                     f"{widths} = {rows} rows, got {tuple(w.shape)}")
-        for w, g in zip(step_w, self.gemms, strict=True):
-            k = sizes.get(g.operand_size)
-            if k is not None and w.shape[1] != k:
-                raise ValueError(f"step weight [{', '.join(g.params)}] must have "
-                                 f"{g.operand_size} = {k} columns, got {tuple(w.shape)}")
-        if len(self.inputs) > 1:
-            cols = input_columns(self.plan, x.shape[-1], sizes, hoisted_w)
-            widths = {name: c.stop - c.start for name, c in cols.items()}
-        else:
-            widths = {self.inputs[0]: x.shape[-1]}
-        for pw in self.plan.pointwise:
-            for sym in pw.inputs:
-                name = self.shifted.get(sym.name, (sym.name,))[0]
-                if self.where[sym.name].kind != "input" or ir.width(name) == "row":
-                    continue
-                if widths[name] != sizes[pw.width]:
-                    raise ValueError(f"this cell uses its input {name!r} elementwise with "
-                                     f"{pw.width}-wide values: it must have {pw.width} = {sizes[pw.width]} "
-                                     f"features, got {widths[name]}")
 
     # ---- argument pointers ----------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class ColumnLoop(TorchLoop):
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, x, states, hoisted_w, step_w, vectors, scalars, batch_sizes=None):
+        self.check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         if self.states_loop is not None:
             return self._projected_forward(x, states, hoisted_w, step_w, vectors, scalars, batch_sizes)
         N, H, X, Xs, steps, offsets, hoisted_out, values = self._common(
@@ -189,6 +190,7 @@ class ColumnLoop(TorchLoop):
     def backward(self, x, states, hoisted_w, step_w, vectors, scalars, out, saved, grad_out, grad_states,
                  batch_sizes=None, needs_dx: bool = True, direct=None):
         """direct: per state, a gradient [rows, H] each new state gets from outside the recurrence."""
+        self.check_shapes(x, states, hoisted_w, step_w, vectors, scalars)
         if self.states_loop is not None:
             return self._projected_backward(x, states, hoisted_w, step_w, vectors, scalars, out, saved,
                                             grad_out, grad_states, batch_sizes, needs_dx)
