@@ -285,6 +285,23 @@ def test_scripted_layer_output_takes_inplace_writes():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
 
+def test_scripted_parameters_change_in_place_as_torch_nn_and_a_new_parameter_is_not_seen_as_torch_nn():
+    """docs/deploy.md: a scripted model sees in-place changes of its parameters, and keeps the Parameter
+    objects it was scripted with when a new one is assigned; torch.nn.LSTM's scripted copy does both."""
+    x = torch.randn(2, 3, 4)
+    seen = {}
+    for kind, module in zip(("torch.nn", "celldsl"), _pair(), strict=True):
+        scripted = torch.jit.script(module)
+        before = scripted(x)[0]
+        with torch.no_grad():
+            scripted.rnn.weight_hh_l0.mul_(0.5)
+        halved = scripted(x)[0]
+        scripted.rnn.weight_hh_l0 = nn.Parameter(torch.zeros(20, 5))
+        replaced = scripted(x)[0]
+        seen[kind] = (torch.equal(before, halved), torch.equal(halved, replaced))
+    assert seen["celldsl"] == seen["torch.nn"] == (False, True)
+
+
 # ---- Recurrent and Cell over any cell (celldsl/nn/script_any.py) ---------------------------------------
 
 from celldsl.compiler import compile_cell  # noqa: E402

@@ -249,3 +249,19 @@ def test_packed_op_calls_are_refused():
     layer = Recurrent("mlstm", I, H, sizes={"heads": 2}, backend="torch")
     with pytest.raises(ExportError, match="padded sequences only"):
         matrix_sequence(layer.compiled.key, "torch", None, [], [], "heads=2", lengths=object())
+
+
+def test_diag_keeps_an_inf_of_the_state_in_its_row():
+    """gla's diag(alpha) @ S as a scaling of S's rows: MatMul with the diagonal matrix added 0 * inf = NaN
+    to every other row of an inf's column (the torch loop, checked against the einsum reference in
+    tests/test_matrix_reliability.py, keeps the inf in its row)."""
+    compiled, sizes, params = load_matrix_cell("gla", I, H, seed=3, sizes=SIZES["gla"])
+    model = matrix_onnx_model(compiled.ir, sizes, params, "f64")
+    x = torch.randn(4, 2, I, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    states = states_of(compiled, sizes, 2, 0)
+    states[0][0, 0, 0, 0] = float("inf")
+    out, finals = run_onnx(model, x, states, "f64")
+    want, want_finals = reference(layer_of(compiled, sizes, params), x, states)
+    assert torch.isinf(want_finals[0]).sum() == 1 and not torch.isnan(want_finals[0]).any()
+    torch.testing.assert_close(finals[0], want_finals[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, equal_nan=True)

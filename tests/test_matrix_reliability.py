@@ -276,3 +276,95 @@ def test_torch_func_transforms_are_refused_with_a_reason(backend):
         for p in layer.parameters():
             p.mul_(2)
     torch.testing.assert_close(out, layer(x)[0])
+
+
+COLUMN_SCALE = """cell colscale
+input x
+state S : (K, V) per head
+output o
+param W_k : (K, x) per head
+param W_v, W_a : (V, x) per head
+k = W_k @ x
+v = W_v @ x
+a = sigmoid(W_a @ x)
+S' = S @ diag(a) + k @ vᵀ
+o = kᵀ @ S'
+"""
+
+
+def _column_scale_reference(layer, x, S):
+    """COLUMN_SCALE's equations as an einsum loop: S_t = S_{t-1} Diag(a_t) + k_t v_tᵀ, o_t = k_tᵀ S_t."""
+    Wk, Wv, Wa = (getattr(layer, layer.param_name(n, 0, 0)) for n in ("W_k", "W_v", "W_a"))
+    outs = []
+    for x_t in x:
+        k, v = torch.einsum("hki,ni->nhk", Wk, x_t), torch.einsum("hvi,ni->nhv", Wv, x_t)
+        a = torch.sigmoid(torch.einsum("hvi,ni->nhv", Wa, x_t))
+        S = S * a[..., None, :] + k[..., None] * v[..., None, :]
+        outs.append(torch.einsum("nhk,nhkv->nhv", k, S).flatten(1))
+    return torch.stack(outs), S
+
+
+@pytest.fixture(params=["torch", "cpu", "triton"])
+def any_backend(request, monkeypatch):
+    if request.param == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real kernels, on the CPU
+    return request.param
+
+
+def test_diag_keeps_an_inf_of_the_state_in_its_row(any_backend):
+    """gla's S' = diag(alpha) @ S + k @ vᵀ: an inf in S stays in its row, as the paper's Diag(alpha) S
+    (the einsum reference) has it. Before, the torch loop and the Triton kernels ran diag(alpha) @ S as a
+    product, which added 0 * inf = NaN to every other row of that column: finite numbers became NaN."""
+    from matrix_references import ref_gla
+
+    layer = _layer("gla", any_backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    S0 = torch.randn(2, *layer.ir.state_shape("S", layer.layer_sizes[0]), dtype=torch.float64)
+    S0[0, 0, 0, 0] = float("inf")
+    with torch.no_grad():
+        out, (S,) = layer(x, S0[None])
+        params = {n: getattr(layer, layer.param_name(n, 0, 0)) for n in layer.ir.params}
+        params = {"W_q": params["W_q"].flatten(0, 1), "W_k": params["W_k"].flatten(0, 1),
+                  "W_v": params["W_v"].flatten(0, 1), "W_a1": params["W_a1"],
+                  "W_a2": params["W_a2"].flatten(0, 1), "b_a": params["b_a"].flatten()}
+        want, (S_want,) = ref_gla(params, x, (S0,), heads=SIZES["gla"]["heads"])
+    assert torch.isinf(S_want).sum() == 1 and not torch.isnan(S_want).any()
+    torch.testing.assert_close(S[0], S_want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_a_product_with_a_diag_on_the_right_scales_columns(any_backend):
+    """S @ diag(a): the same through the other operand (the columns), forward, inf, and gradcheck."""
+    torch.manual_seed(0)
+    layer = MatrixRecurrent(COLUMN_SCALE, I, {"heads": 2, "K": 3, "V": 4}, backend=any_backend,
+                            dtype=torch.float64)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    S0 = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    out, (S,) = layer(x, S0[None])
+    want, S_want = _column_scale_reference(layer, x, S0)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(S[0], S_want, rtol=1e-10, atol=1e-10)
+    S0[1, 1, 2, 3] = float("-inf")
+    with torch.no_grad():
+        out, (S,) = layer(x, S0[None])
+        want, S_want = _column_scale_reference(layer, x, S0)
+    assert torch.isinf(S_want).sum() == 1 and not torch.isnan(S_want).any()
+    torch.testing.assert_close(S[0], S_want, rtol=1e-10, atol=1e-10)
+    x = x[:3].requires_grad_()
+    S0 = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    out, (S,) = layer(x, S0[None])
+    want, S_want = _column_scale_reference(layer, x, S0)
+    g, gS = torch.randn_like(out), torch.randn_like(S_want)
+    wrt = [x, S0, *layer.parameters()]
+    got = torch.autograd.grad((out * g).sum() + (S[0] * gS).sum(), wrt)
+    for a, b in zip(got, torch.autograd.grad((want * g).sum() + (S_want * gS).sum(), wrt), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    if any_backend == "triton":
+        return  # gradcheck through the interpreter takes minutes; the gradients above are the reference's
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+
+    def f(x, S0, *ps):
+        out, finals = layer.loop.run(x, [S0], list(ps), layer.layer_sizes[0])
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(f, (x, S0, *params))

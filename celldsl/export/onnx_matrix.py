@@ -82,6 +82,13 @@ class MatrixBuilder:
             return g.node(op, [v, g.const([-2, -1], True)], keepdims=1)
         return g.node(op, [v], axes=[-2, -1], keepdims=1)
 
+    def diagonal(self, g, d, axis: int):
+        """diag(a)'s diagonal as a column (axis -1) or a row (axis -2): the sums of its rows or columns,
+        exact (every other term is a zero). A product with diag(a) is a scaling by it: the same numbers,
+        but MatMul would add 0 * inf = NaN from every other row where the paper's Diag(a) S keeps an
+        inf in its row (as the torch and C loops do)."""
+        return g.node("ReduceSum", [d, g.const([axis], True)], keepdims=1)
+
     def emit(self, g, i: int, args: list, cache: dict):
         """Node i of an operation (not a leaf) on its arguments' (value, rank) -> (value, rank)."""
         node = self.ir.nodes[i]
@@ -98,6 +105,10 @@ class MatrixBuilder:
                 out = g.node("Reshape", [out, g.const([1, 1, 1, 1], True)])
                 rank = 4
             return out, rank
+        if node.op == "matmul" and self.ir.nodes[node.args[0]].op == "diag":  # diag(d) @ B: B's rows scaled
+            return g.node("Mul", [self.diagonal(g, a[0], -1), a[1]]), rank
+        if node.op == "matmul" and self.ir.nodes[node.args[1]].op == "diag":  # A @ diag(d): columns scaled
+            return g.node("Mul", [a[0], self.diagonal(g, a[1], -2)]), rank
         if node.op == "matmul":
             return g.node("MatMul", a), rank
         if node.op == "transpose":

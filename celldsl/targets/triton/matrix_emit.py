@@ -179,6 +179,10 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
         elif node.op == "pointwise":
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             e = f"tl.where({m}, {TritonPrinter(names).doprint(node.expr)}, 0.0).to(COMPUTE)"
+        elif node.op == "matmul" and ir.nodes[node.args[0]].op == "diag":
+            e = f"{_diagonal(a[0], 1)} * {a[1]}"  # diag(a) @ B scales B's rows (see _diagonal)
+        elif node.op == "matmul" and ir.nodes[node.args[1]].op == "diag":
+            e = f"{a[0]} * {_diagonal(a[1], 0)}"  # A @ diag(a) scales A's columns
         elif node.op == "matmul":
             e = f"tl.reduce({a[0]}[:, :, None] * {a[1]}[None, :, :], 1, combine_add)"
         elif node.op == "transpose":
@@ -198,6 +202,14 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
             raise AssertionError(node.op)
         lines.append(f"v{i} = {e}")
     return lines
+
+
+def _diagonal(d: str, axis: int) -> str:
+    """The diagonal of the diag(a) tile d as a column (axis 1) or a row (axis 0): its sums, exact (every
+    other term is a zero). A product with diag(a) is written as a scaling by it: the same numbers, but a
+    product would add 0 * inf = NaN from every other row, where the paper's Diag(a) S keeps an inf in its
+    row (a diag(a) read from the hoisted values is a K x K tile, so its sums, not a, are at hand)."""
+    return f"tl.reduce({d}, {axis}, combine_add, keep_dims=True)"
 
 
 def _total(expr: str, combine: str = "combine_add") -> str:
@@ -242,8 +254,14 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
                 add(j, _sum_to(contrib, k, ir.nodes[j].kind))
         elif node.op == "matmul":
             j0, j1 = node.args
-            add(j0, f"tl.reduce({g}[:, None, :] * v{j1}[None, :, :], 2, combine_add)")
-            add(j1, f"tl.reduce(v{j0}[:, :, None] * {g}[:, None, :], 0, combine_add)")
+            if ir.nodes[j1].op == "diag":  # dY @ diag(a)ᵀ scales dY's columns
+                add(j0, f"{g} * {_diagonal(f'v{j1}', 0)}")
+            else:
+                add(j0, f"tl.reduce({g}[:, None, :] * v{j1}[None, :, :], 2, combine_add)")
+            if ir.nodes[j0].op == "diag":  # diag(a)ᵀ @ dY scales dY's rows
+                add(j1, f"{_diagonal(f'v{j0}', 1)} * {g}")
+            else:
+                add(j1, f"tl.reduce(v{j0}[:, :, None] * {g}[:, None, :], 0, combine_add)")
         elif node.op == "transpose":
             add(node.args[0], f"tl.trans({g})")
         elif node.op in ("sum", "mean"):
