@@ -14,6 +14,7 @@ import pytest
 import torch
 import zoo
 from c_harness import CC, compile_harness, needs_cc, run_harness
+from matrix_layers import matrix_layer
 
 import celldsl
 from celldsl.compiler import compile_cell
@@ -33,8 +34,7 @@ def sizes_of(name: str) -> dict[str, int]:
 
 
 def layer_of(cell, sizes, seed=0) -> MatrixRecurrent:
-    torch.manual_seed(seed)
-    layer = MatrixRecurrent(cell, I, sizes, backend="torch", dtype=torch.float64)
+    layer = matrix_layer(cell, sizes=sizes, inputs=I, seed=seed)
     with torch.no_grad():  # parameters of ~unit scale (the default init is small: a weak test)
         for p in layer.parameters():
             p.mul_(1.5)
