@@ -14,9 +14,10 @@ from celldsl.compiler import CompiledMatrixCell, compile_cell
 from celldsl.nn.matrix import MatrixRecurrent
 
 T, N = 5, 2  # the sizes: tests/matrix_layers.py
+CELLS = ["deltanet", "gated_deltanet", "gla", "hgrn2", "m2rnn", "mlstm"]  # those with a REFERENCES entry
 
 
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("steps", [1, T])
 def test_matches_reference(cell, steps):
     layer = matrix_layer(f"cells/{cell}.cell")  # the cpu backend: test_matrix_cpu.py
@@ -37,7 +38,7 @@ def test_matches_reference(cell, steps):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(cell):
     layer = matrix_layer(f"cells/{cell}.cell", seed=1)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
@@ -61,7 +62,7 @@ def test_backward_does_not_run_autograd_through_the_loop():
     assert type(out.grad_fn).__name__ == "_FunctionBackward"
 
 
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 def test_triton_is_opt_in(cell):
     """backend="triton" builds the generated Triton loop (tests/test_triton_matrix.py runs it); "auto"
     never picks it (no GPU has verified it)."""
