@@ -1,70 +1,23 @@
 """`celldsl export CELL --c DIR`: the standalone C library, compiled with the system compiler and run by
-a small C harness written here, against the torch backend of celldsl.Recurrent on the same weights."""
+a small C harness (tests/c_harness.py), against the torch backend of celldsl.Recurrent on the same weights."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zoo
+from c_harness import compile_harness, needs_cc, run_harness
 
 from celldsl.cli.main import main
 from celldsl.export.c_library import c_name, c_sources, write_c
 from celldsl.export.model import ExportError, load_cell
 
-CC = shutil.which("cc") or shutil.which("gcc")
-needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH (the test compiles the export)")
-
-HARNESS = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include "NAME.h"
-typedef REAL real;
-static real *load(const char *path, long count)
-{
-    real *p = malloc((size_t)(count > 0 ? count : 1) * sizeof(real));
-    FILE *f = fopen(path, "rb");
-    if (!p || !f || fread(p, sizeof(real), (size_t)count, f) != (size_t)count) {
-        fprintf(stderr, "read %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-    return p;
-}
-int main(int argc, char **argv)
-{
-    long T = atol(argv[4]), N = atol(argv[5]);
-    (void)argc;
-    long nx = T * N * UP_INPUT_SIZE, ns = N * UP_STATE_SIZE, no = T * N * UP_OUTPUT_SIZE;
-    real *w = load(argv[1], UP_WEIGHT_COUNT), *in = load(argv[2], nx + ns);
-    real *out = malloc((size_t)(no + ns) * sizeof(real));
-    real *work = malloc((size_t)(N * UP_WORKSPACE_PER_ROW) * sizeof(real));
-    if (NAME_forward(T, N, in, w, in + nx, out + no, out, work) != 0) return 3;
-    FILE *f = fopen(argv[3], "wb");
-    fwrite(out, sizeof(real), (size_t)(no + ns), f);
-    fclose(f);
-    return 0;
-}
-"""
-
 
 def build(cell, directory: Path, dtype: str) -> Path:
     """Write the library (what `celldsl export --c` writes) and the harness, compile both: the executable."""
-    paths = write_c(cell, directory, dtype)
-    name = paths[0].stem
-    real = "float" if dtype == "f32" else "double"
-    harness = HARNESS.replace("NAME", name).replace("UP_", name.upper() + "_").replace("REAL", real)
-    (directory / "harness.c").write_text(harness)
-    exe = directory / "harness"
-    # warnings are errors: the library must build cleanly in a user's strict build
-    subprocess.run([CC, "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
-                    str(directory / "harness.c"), str(paths[0]), "-lm"],
-                   check=True, capture_output=True, text=True)
-    return exe
+    return compile_harness(write_c(cell, directory, dtype)[0], dtype)
 
 
 def reference(cell, x: torch.Tensor, states: list[torch.Tensor]):
@@ -79,22 +32,9 @@ def reference(cell, x: torch.Tensor, states: list[torch.Tensor]):
     return out, [f[0] for f in final]
 
 
-def run_c(exe: Path, cell, directory: Path, dtype: str, x, states):
-    np_type = np.float32 if dtype == "f32" else np.float64
-    T, N = x.shape[0], x.shape[1]
-    data = np.concatenate([x.numpy().ravel()] + [s.numpy().ravel() for s in states]).astype(np_type)
-    (directory / "in.bin").write_bytes(data.tobytes())
-    weights = directory / f"{c_name(cell)}.bin"
-    subprocess.run([str(exe), str(weights), str(directory / "in.bin"), str(directory / "out.bin"), str(T),
-                    str(N)], check=True, timeout=60)
-    got = np.fromfile(directory / "out.bin", dtype=np_type).astype(np.float64)
-    O = cell.output_width()
-    out = torch.from_numpy(got[: T * N * O].reshape(T, N, O))
-    finals, at = [], T * N * O
-    for w in cell.state_widths():
-        finals.append(torch.from_numpy(got[at: at + N * w].reshape(N, w)))
-        at += N * w
-    return out, finals
+def run_c(exe: Path, cell, dtype: str, x, states):
+    """The harness on the weights file written beside it (NAME.bin)."""
+    return run_harness(exe, exe.parent / f"{c_name(cell)}.bin", dtype, x, states)
 
 
 def inputs(cell, T: int, N: int, seed: int = 1):
@@ -167,7 +107,7 @@ def test_c_library_matches_torch_backend(tmp_path, name, I, extra):
     for dtype, tol in (("f32", 2e-5), ("f64", 1e-12)):
         d = tmp_path / dtype
         exe = build(cell, d, dtype)
-        out, finals = run_c(exe, cell, d, dtype, x, states)
+        out, finals = run_c(exe, cell, dtype, x, states)
         torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
         for got, want in zip(finals, want_final, strict=True):
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -191,7 +131,7 @@ def test_c_library_from_a_state_dict_and_the_command_line(tmp_path, capsys):
         torch.cat([w.reshape(-1) for _, w in cell.weights()]).float().numpy().astype("<f4").tobytes()
     exe = build(cell, tmp_path / "lib", "f32")
     x, states = inputs(cell, 5, 2)
-    out, finals = run_c(exe, cell, tmp_path / "lib", "f32", x, states)
+    out, finals = run_c(exe, cell, "f32", x, states)
     with torch.no_grad():
         want, h = trained.double()(x, states[0][None])
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
@@ -238,7 +178,7 @@ def test_every_zoo_cell_in_c(tmp_path, name):
     cell = load_cell(name, 8 if name in elementwise else 5, 8, seed=4, **zoo.LAYER_ARGS.get(name, {}))
     x, states = inputs(cell, 5, 2)
     want_out, want_final = reference(cell, x, states)
-    out, finals = run_c(build(cell, tmp_path, "f64"), cell, tmp_path, "f64", x, states)
+    out, finals = run_c(build(cell, tmp_path, "f64"), cell, "f64", x, states)
     torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
     for got, want in zip(finals, want_final, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

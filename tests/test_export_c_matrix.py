@@ -1,8 +1,8 @@
 """The standalone C library of a matrix-memory cell (celldsl/export/c_matrix.py): written from a
-MatrixRecurrent's one-layer parameters, compiled with the system compiler and a small C harness written
-here, run at two (T, N), against the torch backend of the same layer (outputs and final states), in
-float32 and float64. Also: a user cell, names that are C keywords or the generated code's own names,
-and the located refusals."""
+MatrixRecurrent's one-layer parameters, compiled with the system compiler and a small C harness
+(tests/c_harness.py), run at two (T, N), against the torch backend of the same layer (outputs and
+final states), in float32 and float64. Also: a user cell, names that are C keywords or the generated
+code's own names, and the located refusals."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zoo
+from c_harness import CC, compile_harness, needs_cc, run_harness
+from matrix_layers import matrix_layer
 
 import celldsl
 from celldsl.compiler import compile_cell
@@ -21,43 +22,7 @@ from celldsl.export.c_matrix import matrix_sources, write_layer_library, write_m
 from celldsl.lang.errors import CellError
 from celldsl.nn.matrix import MatrixRecurrent
 
-CC = shutil.which("cc") or shutil.which("gcc")
-needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH (the test compiles the export)")
-
-HARNESS = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include "NAME.h"
-typedef REAL real;
-static real *load(const char *path, long count)
-{
-    real *p = malloc((size_t)(count > 0 ? count : 1) * sizeof(real));
-    FILE *f = fopen(path, "rb");
-    if (!p || !f || fread(p, sizeof(real), (size_t)count, f) != (size_t)count) {
-        fprintf(stderr, "read %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-    return p;
-}
-int main(int argc, char **argv)
-{
-    long T = atol(argv[4]), N = atol(argv[5]);
-    (void)argc;
-    long nx = T * N * UP_INPUT_SIZE, ns = N * UP_STATE_SIZE, no = T * N * UP_OUTPUT_SIZE;
-    real *w = load(argv[1], UP_WEIGHT_COUNT), *in = load(argv[2], nx + ns);
-    real *out = malloc((size_t)(no + ns) * sizeof(real));
-    real *work = malloc((size_t)(N * UP_WORKSPACE_PER_ROW) * sizeof(real));
-    if (NAME_forward(T, N, in, w, in + nx, out + no, out, work) != 0) return 3;
-    if (NAME_forward(0, N, in, w, in + nx, out + no, out, work) != -1) return 4;
-    FILE *f = fopen(argv[3], "wb");
-    fwrite(out, sizeof(real), (size_t)(no + ns), f);
-    fclose(f);
-    return 0;
-}
-"""
-
-DTYPES = {"f32": (torch.float32, np.float32, 2e-5), "f64": (torch.float64, np.float64, 1e-12)}
+DTYPES = {"f32": (torch.float32, 2e-5), "f64": (torch.float64, 1e-12)}
 WIDTHS = {"K": 3, "V": 4, "R": 2, "R_d": 2, "D": 4, "N_s": 3, "O": 5, "H": 5}
 I = 3
 
@@ -69,8 +34,7 @@ def sizes_of(name: str) -> dict[str, int]:
 
 
 def layer_of(cell, sizes, seed=0) -> MatrixRecurrent:
-    torch.manual_seed(seed)
-    layer = MatrixRecurrent(cell, I, sizes, backend="torch", dtype=torch.float64)
+    layer = matrix_layer(cell, sizes=sizes, inputs=I, seed=seed)
     with torch.no_grad():  # parameters of ~unit scale (the default init is small: a weak test)
         for p in layer.parameters():
             p.mul_(1.5)
@@ -80,16 +44,7 @@ def layer_of(cell, sizes, seed=0) -> MatrixRecurrent:
 def build(layer, directory: Path, dt: str) -> tuple[Path, Path]:
     """Write the library and the harness, compile both: (executable, weights file)."""
     paths = write_layer_library(layer, directory, DTYPES[dt][0])
-    name = paths[0].stem
-    real = "float" if dt == "f32" else "double"
-    harness = HARNESS.replace("NAME", name).replace("UP_", name.upper() + "_").replace("REAL", real)
-    (directory / "harness.c").write_text(harness)
-    exe = directory / "harness"
-    # warnings are errors: the library must build cleanly in a user's strict build
-    subprocess.run([CC, "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic", "-o", str(exe),
-                    str(directory / "harness.c"), str(paths[0]), "-lm"],
-                   check=True, capture_output=True, text=True)
-    return exe, paths[2]
+    return compile_harness(paths[0], dt), paths[2]
 
 
 def inputs(layer, T: int, N: int, seed: int = 1):
@@ -109,32 +64,15 @@ def reference(layer, x, states):
     return out, [f[0] for f in finals]
 
 
-def run_c(exe: Path, weights: Path, dt: str, x, states):
-    np_type = DTYPES[dt][1]
-    T, N = x.shape[0], x.shape[1]
-    d = exe.parent
-    data = np.concatenate([x.numpy().ravel()] + [s.numpy().ravel() for s in states]).astype(np_type)
-    (d / "in.bin").write_bytes(data.tobytes())
-    subprocess.run([str(exe), str(weights), str(d / "in.bin"), str(d / "out.bin"), str(T), str(N)],
-                   check=True, timeout=60)
-    got = torch.from_numpy(np.fromfile(d / "out.bin", dtype=np_type).astype(np.float64))
-    n_out = got.numel() - sum(s.numel() for s in states)
-    out, at, finals = got[:n_out].reshape(T, N, -1), n_out, []
-    for s in states:
-        finals.append(got[at: at + s.numel()].reshape(s.shape))
-        at += s.numel()
-    return out, finals
-
-
 def check(layer, tmp_path: Path, shapes=((7, 3), (1, 2)), dtypes=("f32", "f64")):
     """The library against the layer at each (T, N) and dtype; T = 7 passes prev(x, 3)'s ring twice."""
     for dt in dtypes:
         exe, weights = build(layer, tmp_path / dt, dt)
-        tol = DTYPES[dt][2]
+        tol = DTYPES[dt][1]
         for T, N in shapes:
             x, states = inputs(layer, T, N, seed=T + N)
             want_out, want_finals = reference(layer, x, states)
-            out, finals = run_c(exe, weights, dt, x, states)
+            out, finals = run_harness(exe, weights, dt, x, states)
             torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
             for got, want in zip(finals, want_finals, strict=True):
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -345,17 +283,11 @@ def test_celldsl_export_c_of_a_matrix_cell(tmp_path, capsys, dt):
     assert main(args) == 0
     written = capsys.readouterr().out.split()
     assert [Path(p).name for p in written] == ["celldsl_gla.c", "celldsl_gla.h", "celldsl_gla.bin"]
-    real = "float" if dt == "f32" else "double"
-    harness = HARNESS.replace("NAME", "celldsl_gla").replace("UP_", "CELLDSL_GLA_").replace("REAL", real)
-    (tmp_path / "harness.c").write_text(harness)
-    exe = tmp_path / "harness"
-    subprocess.run([CC, "-std=c99", "-O1", "-I", str(tmp_path / "lib"), "-o", str(exe),
-                    str(tmp_path / "harness.c"), written[0], "-lm"],
-                   check=True, capture_output=True, text=True)
+    exe = compile_harness(Path(written[0]), dt)
     x, states = inputs(layer, 6, 2)
     want_out, want_finals = reference(layer, x, states)
-    out, finals = run_c(exe, Path(written[2]), dt, x, states)
-    tol = DTYPES[dt][2]
+    out, finals = run_harness(exe, Path(written[2]), dt, x, states)
+    tol = DTYPES[dt][1]
     torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
     for got, want in zip(finals, want_finals, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)

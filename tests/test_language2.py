@@ -17,37 +17,19 @@ never from the cell files' text.
 
 import pytest
 import torch
+from every_backend import backend_fixture, perturbed_layer
 from reference_cells import EXTRA_INPUT_REFERENCES, REFERENCES, lin, run
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
 from celldsl import CellError, compile_cell
-from celldsl.targets.c import fused as cpu_fused
 
-BACKENDS = ["torch", "cpu", "triton"]
 T, N, I = 5, 3, 4
 sigmoid, tanh = torch.sigmoid, torch.tanh
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "cpu" and cpu_fused.compiler() is None:
-        pytest.skip("the cpu backend needs a C compiler")
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
-
-
-def layer_of(cell, backend, hidden, **kwargs):
-    torch.manual_seed(0)
-    layer = celldsl.Recurrent(
-        cell, kwargs.pop("input_size", I), hidden, backend=backend, dtype=torch.float64, **kwargs
-    )
-    with torch.no_grad():  # away from the default init, so that gains and shifts matter
-        for p in layer.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return layer
+backend = backend_fixture()
 
 
 def params_of(layer, layer_index=0, direction=0):
@@ -99,7 +81,7 @@ SPECIAL = {  # stem -> (hidden size, layer arguments, extra inputs maker, refere
 @pytest.mark.parametrize("stem", sorted(SPECIAL))
 def test_special_zoo_cell_matches_its_reference(stem, backend):
     hidden, kwargs, extras, reference = SPECIAL[stem]
-    layer = layer_of(stem, backend, hidden, **kwargs)
+    layer = perturbed_layer(stem, backend, I, hidden, **kwargs)
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
     extra = extras(T, N) if extras else {}
     sizes = layer._sizes(0)
@@ -124,7 +106,7 @@ def test_special_zoo_cell_two_bidirectional_packed_layers(stem, backend):
     sequence runs over its own length, the reverse direction backwards. Against the one-layer
     reference composed by hand."""
     hidden, kwargs, extras, reference = SPECIAL[stem]
-    layer = layer_of(stem, backend, hidden, num_layers=2, bidirectional=True, **kwargs)
+    layer = perturbed_layer(stem, backend, I, hidden, num_layers=2, bidirectional=True, **kwargs)
     lengths = [5, 2, 4]
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
     extra = extras(T, N) if extras else {}
@@ -162,7 +144,7 @@ def test_special_zoo_cell_gradcheck(stem, backend):
     hidden, kwargs, extras, _ = SPECIAL[stem]
     hidden = 4 if stem == "slstm_heads" else 3
     kwargs = {"sizes": {"P": 2}} if stem == "lstm_proj" else kwargs
-    layer = layer_of(stem, backend, hidden, input_size=2, **kwargs)
+    layer = perturbed_layer(stem, backend, 2, hidden, **kwargs)
     x = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     extra = extras(2, 2) if extras else {}
     names = [n for n, _ in layer.named_parameters()]
@@ -266,7 +248,7 @@ def ref_transposed(p, x, state):
     ids=["lipschitz", "transposed"],
 )
 def test_combined_and_transposed_matrices_match_their_reference(text, reference, backend):
-    layer = layer_of(text, backend, 5)
+    layer = perturbed_layer(text, backend, I, 5)
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters())
     got = outputs_and_grads(*one_layer(layer(x)), [x, *params])
@@ -376,7 +358,7 @@ def ref_piecewise(p, x, state):
     ids=["reductions", "piecewise"],
 )
 def test_reductions_and_piecewise_functions_match_their_reference(text, reference, states, backend):
-    layer = layer_of(text, backend, 6)
+    layer = perturbed_layer(text, backend, I, 6)
     if "tau" in text:
         with torch.no_grad():
             layer.cell_parameter("tau").copy_(torch.linspace(1.5, 3.0, 6))
@@ -389,7 +371,7 @@ def test_reductions_and_piecewise_functions_match_their_reference(text, referenc
 
 
 def test_reductions_gradcheck(backend):
-    layer = layer_of(NORMED, backend, 4)
+    layer = perturbed_layer(NORMED, backend, I, 4)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
     x = torch.randn(2, 2, I, dtype=torch.float64, requires_grad=True)
@@ -440,7 +422,7 @@ def ref_shifted(p, x, state):
 
 def test_earlier_inputs_match_their_reference_and_restart_at_every_sequence(backend):
     H = I  # prev(x) meets h elementwise
-    layer = layer_of(SHIFTED, backend, H)
+    layer = perturbed_layer(SHIFTED, backend, I, H)
     assert layer.compiled.plan.recurrence == "dense" and len(layer.compiled.plan.hoisted) == 2
     lengths = [5, 1, 3]
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
@@ -476,7 +458,7 @@ h' = tanh(W @ x + U @ h) * sigmoid(t - s) + 0.1 * t
 
 
 def test_an_input_of_one_value_per_sequence_broadcasts_and_gets_its_gradient(backend):
-    layer = layer_of(STAMPED, backend, 5)
+    layer = perturbed_layer(STAMPED, backend, I, 5)
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
     t = torch.randn(T, N, 1, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters())

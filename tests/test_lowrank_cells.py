@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shaped_cells import LOWRANK, H, I, shaped_layer
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import celldsl
 from celldsl.lang.errors import CellError
-
-LOWRANK = """cell lowrank
-input x
-state h
-param W_a1 : (R, x)
-param W_a2 : (h, R)
-param U : (h, h)
-param b : h
-h' = tanh(W_a2 @ (W_a1 @ x) + U @ h + b)
-"""
 
 CHAIN = """cell chain
 input x
@@ -69,14 +60,13 @@ def step_mixed(p, x, h):
 
 CELLS = {"lowrank": (LOWRANK, step_lowrank, {"R": 2}), "chain": (CHAIN, step_chain, {}),
          "mixed": (MIXED, step_mixed, {"D": 3})}
-I, H, T, N = 3, 4, 5, 3
+T, N = 5, 3  # I, H: tests/shaped_cells.py
 BACKENDS = ["torch", "cpu"]
 
 
 def _layer(name, backend, seed=0, **kw):
     text, _, sizes = CELLS[name]
-    torch.manual_seed(seed)
-    return celldsl.Recurrent(text, I, H, sizes=sizes, backend=backend, dtype=torch.float64, **kw)
+    return shaped_layer(text, sizes, backend, seed, **kw)
 
 
 def _params(layer, k=0, d=0):

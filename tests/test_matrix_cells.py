@@ -6,60 +6,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
+from matrix_layers import HEADS, REFERENCES, SIZES, I, K, R, V, matrix_layer, ref_params, reference_layout
 from zoo import MATRIX
 
 import celldsl
 from celldsl.compiler import CompiledMatrixCell, compile_cell
 from celldsl.nn.matrix import MatrixRecurrent
 
-HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
+T, N = 5, 2  # the sizes: tests/matrix_layers.py
+CELLS = ["deltanet", "gated_deltanet", "gla", "hgrn2", "m2rnn", "mlstm"]  # those with a REFERENCES entry
 
 
-def ref_params(layer, cell):
-    """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if name == "W" or not kind.head:  # M2RNN's [heads, V, V]; GLA's shared W_a1 [R, I]: as stored
-            p[name] = t
-        elif kind.cols != "1":  # a matrix per head [heads, rows, I] -> [heads * rows, I]
-            p[name] = t.reshape(-1, t.shape[-1])
-        elif kind.rows not in ("1", "x"):  # a K- or V-vector per head -> [heads * K]
-            p[name] = t.reshape(-1)
-        else:  # w_i : x per head is [heads, I], b_i : 1 per head is [heads], as the references
-            p[name] = t
-    return p
-
-
-REFERENCES = {
-    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=True),
-    "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
-    "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
-    "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
-    "hgrn2": lambda p, x, s: ref_hgrn2(p, x, s, heads=HEADS),
-    "m2rnn": lambda p, x, s: ref_m2rnn(p, x, s, heads=HEADS),
-}
-
-
-def _layer(cell, seed=0):
-    torch.manual_seed(seed)
-    # backend="torch" here; tests/test_matrix_cpu.py tests the cpu backend
-    return MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
-                           dtype=torch.float64, backend="torch")
-
-
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("steps", [1, T])
 def test_matches_reference(cell, steps):
-    layer = _layer(cell)
+    layer = matrix_layer(f"cells/{cell}.cell")  # the cpu backend: test_matrix_cpu.py
     x = torch.randn(steps, N, I, dtype=torch.float64, requires_grad=True)
     state0 = tuple(torch.randn(1, N, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
                                requires_grad=True) for s in layer.ir.states)
     out, finals = layer(x, state0)
     finals = [f[0] for f in finals]
-    ref_out, ref_finals = REFERENCES[cell](ref_params(layer, cell), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = REFERENCES[cell](ref_params(layer), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -71,9 +38,9 @@ def test_matches_reference(cell, steps):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(cell):
-    layer = _layer(cell, seed=1)
+    layer = matrix_layer(f"cells/{cell}.cell", seed=1)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
     state0 = tuple(torch.randn(2, *layer.ir.state_shape(s, layer.layer_sizes[0]), dtype=torch.float64,
                                requires_grad=True) for s in layer.ir.states)
@@ -90,24 +57,23 @@ def test_gradcheck(cell):
 def test_backward_does_not_run_autograd_through_the_loop():
     """The derived backward (a reverse-time recurrence) gives first-order gradients; the output's
     graph is one node, not T steps of torch ops."""
-    layer = _layer("deltanet")
+    layer = matrix_layer("cells/deltanet.cell")
     out, _ = layer(torch.randn(T, N, I, dtype=torch.float64, requires_grad=True))
     assert type(out.grad_fn).__name__ == "_FunctionBackward"
 
 
-@pytest.mark.parametrize("cell", sorted(REFERENCES))
+@pytest.mark.parametrize("cell", CELLS)
 def test_triton_is_opt_in(cell):
     """backend="triton" builds the generated Triton loop (tests/test_triton_matrix.py runs it); "auto"
     never picks it (no GPU has verified it)."""
-    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
-                            backend="triton")
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, SIZES, backend="triton")
     assert type(layer.loop).__name__ == "TritonMatrixLoop"
-    auto = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    auto = MatrixRecurrent(f"cells/{cell}.cell", I, SIZES, backend="auto")
     assert type(auto.loop).__name__ != "TritonMatrixLoop"
 
 
 def test_auto_runs_the_c_loop_with_torch_behind_it():
-    layer = MatrixRecurrent("cells/gla.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R}, backend="auto")
+    layer = MatrixRecurrent("cells/gla.cell", I, SIZES, backend="auto")
     assert type(layer.loop).__name__ == "CMatrixLoop" and layer.loop.fallback is layer.compiled.torch_loop
     assert layer.W_a1_l0.shape == (R, I)
     out, (S,) = layer(torch.randn(T, N, I))
@@ -204,19 +170,7 @@ def test_the_docs_layer_shapes():
 def _params_of(layer, cell, layer_index, direction):
     """One layer and direction's parameters in the references' layout."""
     suffix = f"_l{layer_index}" + ("_reverse" if direction else "")
-    p = {}
-    for name in layer.ir.params:
-        t = getattr(layer, name + suffix)
-        kind = layer.ir.kinds[name]
-        if name == "W" or not kind.head:
-            p[name] = t
-        elif kind.cols != "1":
-            p[name] = t.reshape(-1, t.shape[-1])
-        elif kind.rows not in ("1", "x"):
-            p[name] = t.reshape(-1)
-        else:
-            p[name] = t
-    return p
+    return {name: reference_layout(layer.ir, name, getattr(layer, name + suffix)) for name in layer.ir.params}
 
 
 @pytest.mark.parametrize("cell", ["deltanet", "mlstm"])
@@ -249,7 +203,7 @@ def test_packed_sequences_run_each_sequence_over_its_own_length(cell, bidirectio
     from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
     torch.manual_seed(3)
-    layer = MatrixRecurrent(f"cells/{cell}.cell", I, {"heads": HEADS, "K": K, "V": V, "R": R},
+    layer = MatrixRecurrent(f"cells/{cell}.cell", I, SIZES,
                             bidirectional=bidirectional, dtype=torch.float64)
     seqs = [torch.randn(n, I, dtype=torch.float64, requires_grad=True) for n in (3, 5, 1)]
     out, finals = layer(pack_sequence(seqs, enforce_sorted=False))

@@ -12,40 +12,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
+from matrix_layers import HEADS, REFERENCES, SIZES, I, V, ref_params
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from celldsl.lang.errors import CellError, CellWarning
 from celldsl.nn.matrix import MatrixRecurrent
 
-HEADS, K, V, I, R = 3, 4, 5, 6, 2  # K != V != heads != I; R: GLA's gate rank
-SIZES = {"heads": HEADS, "K": K, "V": V, "R": R}
-REFERENCES = {
-    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=True),
-    "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
-    "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
-    "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
-    "hgrn2": lambda p, x, s: ref_hgrn2(p, x, s, heads=HEADS),
-    "m2rnn": lambda p, x, s: ref_m2rnn(p, x, s, heads=HEADS),
-}
 CELLS = sorted(REFERENCES)
-
-
-def ref_params(layer):
-    """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if name == "W" or not kind.head:  # M2RNN's [heads, V, V]; GLA's shared W_a1 [R, I]: as stored
-            p[name] = t
-        elif kind.cols != "1":
-            p[name] = t.reshape(-1, t.shape[-1])
-        elif kind.rows not in ("1", "x"):
-            p[name] = t.reshape(-1)
-        else:
-            p[name] = t
-    return p
 
 
 def pair(cell, dtype=torch.float64, seed=0, **kw):

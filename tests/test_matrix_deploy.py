@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matrix_layers import matrix_layer
 from torch.export import Dim
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from zoo import MATRIX, SHAPED
@@ -37,8 +38,7 @@ def sizes_of(cell: str) -> dict:
 
 
 def layer_of(cell: str, backend: str = "auto", seed: int = 0, **kw) -> celldsl.MatrixRecurrent:
-    torch.manual_seed(seed)
-    return celldsl.MatrixRecurrent(cell, I, sizes_of(cell), dtype=torch.float64, backend=backend, **kw)
+    return matrix_layer(cell, backend, sizes=sizes_of(cell), inputs=I, seed=seed, **kw)
 
 
 class Model(torch.nn.Module):

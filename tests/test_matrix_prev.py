@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from matrix_layers import matrix_layer, random_states, ref_params, weighted_grads
 from matrix_references import ref_mamba, ref_rwkv6
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
@@ -35,39 +36,19 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _layer(cell, backend, seed=0, **kw):
-    torch.manual_seed(seed)
-    layer = MatrixRecurrent(cell, I, SIZES[cell], backend=backend, dtype=torch.float64, **kw)
-    if backend == "triton":
-        layer.loop.checkpoint = 2  # segments of 2: T = 5 ends in a segment of one step
-    return layer
-
-
 def _pair(cell, backend, **kw):
-    layer, twin = _layer(cell, backend, **kw), _layer(cell, "torch", **kw)
+    """The cell on `backend` (Triton: segments of 2 steps, so T = 5 ends in a segment of one step) and
+    its torch twin with the same parameters."""
+    layer = matrix_layer(cell, backend, sizes=SIZES[cell], inputs=I, checkpoint=2, **kw)
+    twin = matrix_layer(cell, "torch", sizes=SIZES[cell], inputs=I, **kw)
     twin.load_state_dict(layer.state_dict())
     want = {"cpu": "CMatrixLoop", "triton": "TritonMatrixLoop"}[backend]
     assert type(layer.loop).__name__ == want
     return layer, twin
 
 
-def _ref_params(layer):
-    """The layer's parameters in the references' layout ([heads * rows, cols] per-head matrices)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if not kind.head:
-            p[name] = t
-        elif kind.cols != "1":
-            p[name] = t.reshape(-1, t.shape[-1])
-        else:
-            p[name] = t.reshape(-1)
-    return p
-
-
 def _reference(cell, layer, x, s0):
-    p = _ref_params(layer)
+    p = ref_params(layer)
     if cell == "rwkv6":
         out, (S, _x_prev) = ref_rwkv6(p, x, (s0, torch.zeros_like(x[0])), heads=SIZES[cell]["heads"])
         return out, S
@@ -78,33 +59,19 @@ def _reference(cell, layer, x, s0):
     return out, h.reshape(s0.shape)
 
 
-def _state(layer, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = layer.ir.state_shape(layer.ir.states[0], layer.layer_sizes[0])
-    return torch.randn(layer.num_layers * layer.num_directions, n, *shape, generator=g,
-                       dtype=torch.float64).mul_(0.5).requires_grad_()
-
-
-def _grads(out, finals, wrt, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in finals)
-    return torch.autograd.grad(loss, wrt)
-
-
 def _check(backend, cell, steps, n):
     layer, twin = _pair(cell, backend)
     x = torch.randn(steps, n, I, dtype=torch.float64, requires_grad=True)
-    s0 = _state(layer, n)
+    (s0,) = random_states(layer, n)
     out, (final,) = layer(x, (s0,))
     twin_out, (twin_final,) = twin(x, (s0,))
     ref_out, ref_final = _reference(cell, layer, x, s0[0])
     for want, want_final in ((ref_out, ref_final), (twin_out, twin_final[0])):
         torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(final[0], want_final, rtol=1e-10, atol=1e-10)
-    got = _grads(out, [final[0]], [x, s0, *layer.parameters()])
-    want = _grads(ref_out, [ref_final], [x, s0, *layer.parameters()])
-    twin_got = _grads(twin_out, [twin_final[0]], [x, s0, *twin.parameters()])
+    got = weighted_grads(out, [final[0]], [x, s0, *layer.parameters()])
+    want = weighted_grads(ref_out, [ref_final], [x, s0, *layer.parameters()])
+    twin_got = weighted_grads(twin_out, [twin_final[0]], [x, s0, *twin.parameters()])
     for a, b, c in zip(got, want, twin_got, strict=True):
         assert steps < 4 or a.abs().sum() > 0  # all reach the loss (the taps 3 back from T = 4 on)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -127,7 +94,7 @@ def test_triton_matches_reference_and_torch(cell, steps, interpreter):
 def test_cpu_gradcheck(cell):
     layer, _ = _pair(cell, "cpu", seed=1)
     x = torch.randn(4, 2, I, dtype=torch.float64, requires_grad=True)
-    s0 = _state(layer, 2)[0].detach().requires_grad_()
+    s0 = random_states(layer, 2)[0][0].detach().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
 
     def f(x, s, *ps):
@@ -143,7 +110,7 @@ def _packed(layer, twin, lengths):
     for m in (layer, twin):
         out, finals = m(pack_sequence(seqs, enforce_sorted=False))
         out = pad_packed_sequence(out)[0]
-        results.append((out, finals, _grads(out, finals, [*seqs, *m.parameters()])))
+        results.append((out, finals, weighted_grads(out, finals, [*seqs, *m.parameters()])))
     (a, fa, ga), (b, fb, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for u, v in zip([*fa, *ga], [*fb, *gb], strict=True):
@@ -235,7 +202,8 @@ def test_triton_gpu_matches_torch(cell, monkeypatch):
     for m in (layer, twin):
         out, finals = m(pack_sequence(seqs, enforce_sorted=False))
         out = pad_packed_sequence(out)[0]
-        results.append((out, finals, _grads(out.cpu(), [f.cpu() for f in finals], [*seqs, *m.parameters()])))
+        grads = weighted_grads(out.cpu(), [f.cpu() for f in finals], [*seqs, *m.parameters()])
+        results.append((out, finals, grads))
     (a, fa, ga), (b, fb, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for u, v in zip([*fa, *ga], [*fb, *gb], strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from matrix_layers import matrix_layer
 
 import celldsl
 from celldsl.lang.errors import CellTensorError
@@ -20,8 +21,7 @@ BACKENDS = ["torch", "cpu"]
 
 
 def _layer(cell, backend, **kw):
-    torch.manual_seed(0)
-    return MatrixRecurrent(f"cells/{cell}.cell", I, SIZES[cell], backend=backend, dtype=torch.float64, **kw)
+    return matrix_layer(f"cells/{cell}.cell", backend, sizes=SIZES[cell], inputs=I, **kw)
 
 
 def _op_args(layer):

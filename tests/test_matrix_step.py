@@ -11,21 +11,15 @@ import pickle
 
 import pytest
 import torch
-from test_matrix_cells import REFERENCES, ref_params
+from matrix_layers import HEADS, REFERENCES, SIZES, I, K, V, matrix_layer, ref_params
 
 import celldsl
 from celldsl.lang.errors import CellError
-from celldsl.nn.matrix import MatrixCell, MatrixRecurrent
+from celldsl.nn.matrix import MatrixCell
 
-HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 4, 2, 2  # K != V != heads != I; R: GLA's gate rank
-SIZES = {"heads": HEADS, "K": K, "V": V, "R": R}
+T, N = 4, 2  # the sizes: tests/matrix_layers.py
 MLSTM = {"heads": HEADS, "K": K, "V": V}
 F64 = torch.float64
-
-
-def _layer(cell, backend="torch", seed=0, **kw):
-    torch.manual_seed(seed)
-    return MatrixRecurrent(cell, I, SIZES, dtype=F64, backend=backend, **kw)
 
 
 def _step(cell, layer, backend):
@@ -53,14 +47,14 @@ def _unroll(step, x, state):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("cell", sorted(REFERENCES))
 def test_steps_match_the_reference(cell, backend):
-    layer = _layer(cell)
+    layer = matrix_layer(cell)
     step = _step(cell, layer, backend)
     assert type(step) is MatrixCell and type(step.loop).__name__ == {"torch": "MatrixLoop",
                                                                        "cpu": "CMatrixLoop"}[backend]
     x = torch.randn(T, N, I, dtype=F64, requires_grad=True)
     state0 = _states(layer)
     out, finals = _unroll(step, x, state0)
-    ref_out, ref_finals = REFERENCES[cell](ref_params(step, cell), x, state0)
+    ref_out, ref_finals = REFERENCES[cell](ref_params(step), x, state0)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -82,7 +76,7 @@ def interpreter(monkeypatch):
 def test_step_by_step_equals_the_sequence_layer(cell, backend, interpreter):
     """layer.cell() shares the layer's parameters; T calls of it give the layer's output and final
     states on each backend (the layer on the same backend)."""
-    layer = _layer(cell, backend)
+    layer = matrix_layer(cell, backend)
     step = layer.cell()
     assert all(getattr(step, n) is getattr(layer, f"{n}_l0") for n in layer.ir.params)
     x = torch.randn(T, N, I, dtype=F64)
@@ -95,7 +89,7 @@ def test_step_by_step_equals_the_sequence_layer(cell, backend, interpreter):
 
 
 def test_cell_of_a_deeper_layer_and_the_reverse_direction():
-    layer = _layer("gla", num_layers=2, bidirectional=True)
+    layer = matrix_layer("gla", num_layers=2, bidirectional=True)
     step = layer.cell(1, 1)
     assert step.input_size == 2 * layer.output_size and step.W_q is layer.W_q_l1_reverse
     with pytest.raises(IndexError, match="2 layer"):
@@ -105,7 +99,7 @@ def test_cell_of_a_deeper_layer_and_the_reverse_direction():
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("cell", ["mlstm", "deltanet"])
 def test_gradcheck(cell, backend):
-    step = _step(cell, _layer(cell, seed=2), backend)
+    step = _step(cell, matrix_layer(cell, seed=2), backend)
     x = torch.randn(N, I, dtype=F64, requires_grad=True)
     state0 = tuple((0.5 * torch.randn(N, *shape, dtype=F64)).requires_grad_() for shape in step.state_shapes)
     names = list(step.ir.params)

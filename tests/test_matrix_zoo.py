@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from matrix_layers import matrix_layer, ref_params
 from matrix_references import chrono_init, ref_chrono_lstm, ref_lru
 
 import celldsl
@@ -211,21 +212,6 @@ MATRIX_SIZES = {
 }
 
 
-def _matrix_ref_params(layer):
-    """The layer's parameters in the references' layout ([heads * rows, cols] per-head matrices)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if not kind.head:
-            p[name] = t
-        elif kind.cols != "1":
-            p[name] = t.reshape(-1, t.shape[-1])
-        else:
-            p[name] = t.reshape(-1)
-    return p
-
-
 def _rwkv6_ref(p, x, s):
     from matrix_references import ref_rwkv6
 
@@ -245,15 +231,10 @@ def _mamba_ref(p, x, s):
     return out, (h,)
 
 
-def _matrix_layer(cell, seed=0):
-    torch.manual_seed(seed)
-    return celldsl.MatrixRecurrent(cell, MI, MATRIX_SIZES[cell], dtype=torch.float64, backend="torch")
-
-
 @pytest.mark.parametrize("steps", [1, T])
 @pytest.mark.parametrize("cell", ["rwkv6", "mamba"])
 def test_matrix_zoo_matches_reference(cell, steps):
-    layer = _matrix_layer(cell)
+    layer = matrix_layer(cell, sizes=MATRIX_SIZES[cell], inputs=MI)
     x = torch.randn(steps, N, MI, dtype=torch.float64, requires_grad=True)
     state0 = tuple(
         torch.randn(
@@ -263,7 +244,7 @@ def test_matrix_zoo_matches_reference(cell, steps):
     )
     out, finals = layer(x, state0)
     ref = {"rwkv6": _rwkv6_ref, "mamba": _mamba_ref}[cell]
-    ref_out, ref_finals = ref(_matrix_ref_params(layer), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = ref(ref_params(layer), x, tuple(s[0] for s in state0))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for a, b in zip(finals, ref_finals, strict=True):
         torch.testing.assert_close(a[0], b.reshape(a[0].shape), rtol=1e-10, atol=1e-10)
@@ -277,7 +258,7 @@ def test_matrix_zoo_matches_reference(cell, steps):
 
 @pytest.mark.parametrize("cell", ["rwkv6", "mamba"])
 def test_matrix_zoo_gradcheck(cell):
-    layer = _matrix_layer(cell, seed=1)
+    layer = matrix_layer(cell, sizes=MATRIX_SIZES[cell], inputs=MI, seed=1)
     x = torch.randn(3, 2, MI, dtype=torch.float64, requires_grad=True)
     state0 = tuple(
         torch.randn(

@@ -18,35 +18,22 @@ import warnings
 
 import pytest
 import torch
+from every_backend import backend_fixture, perturbed_layer
 from reference_cells import lin
 
-import celldsl
 from celldsl import CellError, compile_cell
-from celldsl.targets.c import fused as cpu_fused
 
-BACKENDS = ["torch", "cpu", "triton"]
 T, N, I, H = 4, 3, 2, 3
 F64 = torch.float64
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "cpu" and cpu_fused.compiler() is None:
-        pytest.skip("the cpu backend needs a C compiler")
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
+backend = backend_fixture()
 
 
 def layer_of(text, backend):
-    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = celldsl.Recurrent(text, I, H, backend=backend, dtype=F64)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return layer
+        return perturbed_layer(text, backend, I, H)
 
 
 def initial_states(layer):

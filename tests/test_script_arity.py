@@ -8,27 +8,18 @@ import typing
 
 import pytest
 import torch
+from shaped_cells import LOWRANK, H, I, shaped_layer
 
 import celldsl
 from celldsl.nn.matrix import MatrixCell, MatrixRecurrent
 from celldsl.nn.script_arity import MAX_STATES, BareState, States1, arity_forward
 
-LOWRANK = """cell lowrank
-input x
-state h
-param W_a1 : (R, x)
-param W_a2 : (h, R)
-param U : (h, h)
-param b : h
-h' = tanh(W_a2 @ (W_a1 @ x) + U @ h + b)
-"""
-I, H, T, N = 3, 4, 5, 2
+T, N = 5, 2  # I, H: tests/shaped_cells.py
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def _layer(**kw) -> MatrixRecurrent:
-    torch.manual_seed(0)
-    layer = celldsl.Recurrent(LOWRANK, I, H, sizes={"R": 2}, backend="torch", dtype=torch.float64, **kw)
+    layer = shaped_layer(LOWRANK, {"R": 2}, **kw)
     assert isinstance(layer, MatrixRecurrent)
     return layer
 

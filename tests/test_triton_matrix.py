@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix_references import ref_deltanet, ref_gated_deltanet, ref_gla, ref_hgrn2, ref_m2rnn, ref_mlstm
+from matrix_layers import REFERENCES, I, matrix_layer, random_states, ref_params, weighted_grads
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from celldsl.compiler import compile_cell, compile_source
 from celldsl.lang.errors import CellError
-from celldsl.nn.matrix import MatrixRecurrent
 from celldsl.targets.triton.choice import VERIFIED_ON_HARDWARE
 from celldsl.targets.triton.matrix_loop import MATRIX_SCHEDULE, TritonMatrixLoop, aot_jobs
 
-HEADS, K, V, I, T, N, R = 3, 4, 5, 6, 5, 2, 2  # K != V != heads != I; R: GLA's gate rank
-SIZES = {"heads": HEADS, "K": K, "V": V, "R": R}
-
-REFERENCES = {
-    "mlstm": lambda p, x, s: ref_mlstm(p, x, s, heads=HEADS, stabilized=True),
-    "gla": lambda p, x, s: ref_gla(p, x, s, heads=HEADS),
-    "deltanet": lambda p, x, s: ref_deltanet(p, x, s, heads=HEADS),
-    "gated_deltanet": lambda p, x, s: ref_gated_deltanet(p, x, s, heads=HEADS),
-    "hgrn2": lambda p, x, s: ref_hgrn2(p, x, s, heads=HEADS),
-    "m2rnn": lambda p, x, s: ref_m2rnn(p, x, s, heads=HEADS),
-}
+T, N = 5, 2  # the sizes: tests/matrix_layers.py
 CELLS = sorted(REFERENCES)
 
 
@@ -55,42 +44,9 @@ def test_every_matrix_cell_runs():
         assert isinstance(compile_cell(f"cells/{cell}.cell").loop("triton"), TritonMatrixLoop)
 
 
-def _layer(cell, backend="triton", checkpoint=2, seed=0, **kw):
-    torch.manual_seed(seed)
-    layer = MatrixRecurrent(f"cells/{cell}.cell", I, SIZES, dtype=torch.float64, backend=backend, **kw)
-    if backend == "triton":
-        assert isinstance(layer.loop, TritonMatrixLoop)
-        layer.loop.checkpoint = checkpoint
-    return layer
-
-
-def _ref_params(layer):
-    """The layer's parameters in the references' layout ([heads * rows, I] matrices, head-major)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if name == "W" or not kind.head or kind.rows == "x" or (kind.rows == "1" and kind.cols == "1"):
-            p[name] = t  # M2RNN's [heads, V, V], a shared W_a1, w_i [heads, I], b_i [heads]: as stored
-        elif kind.cols != "1":
-            p[name] = t.reshape(-1, t.shape[-1])
-        else:
-            p[name] = t.reshape(-1)
-    return p
-
-
-def _states(layer, n=N, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(layer.num_layers * layer.num_directions, n,
-                             *layer.ir.state_shape(s, layer.layer_sizes[0]), generator=g,
-                             dtype=torch.float64).mul_(0.5).requires_grad_() for s in layer.ir.states)
-
-
-def _grads(out, finals, wrt, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in finals)
-    return torch.autograd.grad(loss, wrt)
+def _layer(cell, backend="triton", checkpoint=2, **kw):
+    """The zoo cell on the Triton loop in segments of `checkpoint` steps (or on `backend`)."""
+    return matrix_layer(f"cells/{cell}.cell", backend, checkpoint=checkpoint, **kw)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -99,18 +55,18 @@ def test_matches_reference_and_torch(cell, steps):
     """checkpoint=2 does not divide T=5 (segments 2, 2, 1); at T=1 the one segment is one step."""
     layer, twin = _layer(cell), _layer(cell, backend="torch")
     x = torch.randn(steps, N, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     out, finals = layer(x, state0)
-    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = REFERENCES[cell](ref_params(layer), x, tuple(s[0] for s in state0))
     torch_out, torch_finals = twin(x, state0)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, torch_out, rtol=1e-12, atol=1e-12)
     for a, b, c in zip(finals, ref_finals, torch_finals, strict=True):
         torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
-    got = _grads(out, finals, [x, *state0, *layer.parameters()])
-    want = _grads(ref_out, [f[None] for f in ref_finals], [x, *state0, *layer.parameters()])
-    twin_got = _grads(torch_out, torch_finals, [x, *state0, *twin.parameters()])
+    got = weighted_grads(out, finals, [x, *state0, *layer.parameters()])
+    want = weighted_grads(ref_out, [f[None] for f in ref_finals], [x, *state0, *layer.parameters()])
+    twin_got = weighted_grads(torch_out, torch_finals, [x, *state0, *twin.parameters()])
     for a, b, c in zip(got, want, twin_got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
@@ -121,12 +77,12 @@ def test_checkpoint_interval(checkpoint):
     """Any interval gives the same gradients: 3 and 4 do not divide T=7, 16 is one segment longer than T."""
     layer, twin = _layer("mlstm", checkpoint=checkpoint), _layer("mlstm", backend="torch")
     x = torch.randn(7, N, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     out, finals = layer(x, state0)
     want_out, want_finals = twin(x, state0)
     torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
-    got = _grads(out, finals, [x, *state0, *layer.parameters()])
-    want = _grads(want_out, want_finals, [x, *state0, *twin.parameters()])
+    got = weighted_grads(out, finals, [x, *state0, *layer.parameters()])
+    want = weighted_grads(want_out, want_finals, [x, *state0, *twin.parameters()])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -139,12 +95,12 @@ def test_packed_bidirectional_two_layers(cell):
     twin = _layer(cell, backend="torch", num_layers=2, bidirectional=True)
     lengths = torch.tensor([4, 1, 3])
     x = torch.randn(4, 3, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer, n=3)
+    state0 = random_states(layer, 3)
     results = []
     for m in (layer, twin):
         out, finals = m(pack_padded_sequence(x, lengths, enforce_sorted=False), state0)
         out = pad_packed_sequence(out)[0]
-        results.append((out, finals, _grads(out, finals, [x, *state0, *m.parameters()])))
+        results.append((out, finals, weighted_grads(out, finals, [x, *state0, *m.parameters()])))
     (a, fa, ga), (b, fb, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for u, v in zip([*fa, *ga], [*fb, *gb], strict=True):
@@ -157,7 +113,7 @@ def test_gradcheck():
     parameters' gradients are compared with the references and the torch loop in float64 above)."""
     layer = _layer("gated_deltanet", checkpoint=2)
     x = torch.randn(3, 1, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer, n=1)
+    state0 = random_states(layer, 1)
     params = [p.detach() for p in layer.parameters()]
 
     def run(x, s):
@@ -265,8 +221,8 @@ def test_gpu_matches_torch(cell, monkeypatch):
     out, finals = layer(x)
     want, want_finals = twin(x)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    got = _grads(out.cpu(), [f.cpu() for f in finals], [x, *layer.parameters()])
-    ref = _grads(want.cpu(), [f.cpu() for f in want_finals], [x, *twin.parameters()])
+    got = weighted_grads(out.cpu(), [f.cpu() for f in finals], [x, *layer.parameters()])
+    ref = weighted_grads(want.cpu(), [f.cpu() for f in want_finals], [x, *twin.parameters()])
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 

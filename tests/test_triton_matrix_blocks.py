@@ -15,10 +15,10 @@ import dataclasses
 
 import pytest
 import torch
-from test_triton_matrix import AOT_SIZES, REFERENCES, SIZES, I, N
+from matrix_layers import REFERENCES, I, matrix_layer, random_states, ref_params, weighted_grads
+from test_triton_matrix import AOT_SIZES, N
 
 from celldsl.compiler import compile_cell
-from celldsl.nn.matrix import MatrixRecurrent
 from celldsl.targets.triton.matrix_emit import split_blocker, value_width
 from celldsl.targets.triton.matrix_loop import TritonMatrixLoop, aot_jobs
 
@@ -28,40 +28,9 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _layer(cell, backend="triton", sizes=SIZES, inputs=I, seed=0):
-    torch.manual_seed(seed)
-    layer = MatrixRecurrent(f"cells/{cell}.cell", inputs, sizes, dtype=torch.float64, backend=backend)
-    if backend == "triton":
-        assert isinstance(layer.loop, TritonMatrixLoop)
-        layer.loop.checkpoint = 2
-    return layer
-
-
-def _ref_params(layer):
-    """The layer's parameters in the references' layout (as tests/test_triton_matrix.py)."""
-    p = {}
-    for stored, t in layer.named_parameters():
-        name = stored.removesuffix("_l0")
-        kind = layer.ir.kinds[name]
-        if not kind.head or kind.rows == "x" or (kind.rows == "1" and kind.cols == "1"):
-            p[name] = t
-        else:
-            p[name] = t.reshape(-1, t.shape[-1]) if kind.cols != "1" else t.reshape(-1)
-    return p
-
-
-def _states(layer, n=N, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(layer.num_layers * layer.num_directions, n,
-                             *layer.ir.state_shape(s, layer.layer_sizes[0]), generator=g,
-                             dtype=torch.float64).mul_(0.5).requires_grad_() for s in layer.ir.states)
-
-
-def _grads(out, finals, wrt, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in finals)
-    return torch.autograd.grad(loss, wrt)
+def _layer(cell, backend="triton", **kw):
+    """The zoo cell on the Triton loop in segments of 2 steps (or on `backend`)."""
+    return matrix_layer(f"cells/{cell}.cell", backend, checkpoint=2, **kw)
 
 
 @pytest.mark.parametrize(("cell", "block"), [("gla", 2), ("mlstm", 4), ("deltanet", 2)])
@@ -72,9 +41,9 @@ def test_split_matches_reference_and_torch(cell, block):
     sizes = layer.layer_sizes[0]
     assert layer.loop.split == "V" and layer.loop.blocks(sizes) == -(-5 // block) > 1
     x = torch.randn(3, N, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     out, finals = layer(x, state0)
-    ref_out, ref_finals = REFERENCES[cell](_ref_params(layer), x, tuple(s[0] for s in state0))
+    ref_out, ref_finals = REFERENCES[cell](ref_params(layer), x, tuple(s[0] for s in state0))
     torch_out, torch_finals = twin(x, state0)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, torch_out, rtol=1e-12, atol=1e-12)
@@ -82,9 +51,9 @@ def test_split_matches_reference_and_torch(cell, block):
         torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
     wrt = [x, *state0, *layer.parameters()]
-    got = _grads(out, finals, wrt)
-    want = _grads(ref_out, [f[None] for f in ref_finals], wrt)
-    twin_got = _grads(torch_out, torch_finals, [x, *state0, *twin.parameters()])
+    got = weighted_grads(out, finals, wrt)
+    want = weighted_grads(ref_out, [f[None] for f in ref_finals], wrt)
+    twin_got = weighted_grads(torch_out, torch_finals, [x, *state0, *twin.parameters()])
     for a, b, c in zip(got, want, twin_got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
@@ -98,12 +67,12 @@ def test_split_packed_sequences():
     layer.loop.value_block = 2
     lengths = torch.tensor([3, 1])
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     results = []
     for m in (layer, twin):
         out, finals = m(pack_padded_sequence(x, lengths, enforce_sorted=False), state0)
         out = pad_packed_sequence(out)[0]
-        results.append((out, finals, _grads(out, finals, [x, *state0, *m.parameters()])))
+        results.append((out, finals, weighted_grads(out, finals, [x, *state0, *m.parameters()])))
     (a, fa, ga), (b, fb, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for u, v in zip([*fa, *ga], [*fb, *gb], strict=True):
@@ -119,14 +88,14 @@ def test_split_with_hoisted_values():
     layer.loop.value_block = 2
     assert layer.loop.split == "V" and layer.loop.blocks(layer.layer_sizes[0]) == 2
     x = torch.randn(3, N, 5, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     out, finals = layer(x, state0)
     want, want_finals = twin(x, state0)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(finals, want_finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    got = _grads(out, finals, [x, *state0, *layer.parameters()])
-    ref = _grads(want, want_finals, [x, *state0, *twin.parameters()])
+    got = weighted_grads(out, finals, [x, *state0, *layer.parameters()])
+    ref = weighted_grads(want, want_finals, [x, *state0, *twin.parameters()])
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -153,12 +122,12 @@ def test_unsplit_cell_runs_single_block():
     layer, twin = _layer("m2rnn"), _layer("m2rnn", backend="torch")
     layer.loop.value_block = 2
     x = torch.randn(2, N, I, dtype=torch.float64, requires_grad=True)
-    state0 = _states(layer)
+    state0 = random_states(layer, N)
     out, finals = layer(x, state0)
     want, want_finals = twin(x, state0)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    got = _grads(out, finals, [x, *state0, *layer.parameters()])
-    ref = _grads(want, want_finals, [x, *state0, *twin.parameters()])
+    got = weighted_grads(out, finals, [x, *state0, *layer.parameters()])
+    ref = weighted_grads(want, want_finals, [x, *state0, *twin.parameters()])
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -216,7 +185,7 @@ def test_gpu_split_matches_torch(cell, monkeypatch):
     out, finals = layer(x)
     want, want_finals = twin(x)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    got = _grads(out.cpu(), [f.cpu() for f in finals], [x, *layer.parameters()])
-    ref = _grads(want.cpu(), [f.cpu() for f in want_finals], [x, *twin.parameters()])
+    got = weighted_grads(out.cpu(), [f.cpu() for f in finals], [x, *layer.parameters()])
+    ref = weighted_grads(want.cpu(), [f.cpu() for f in want_finals], [x, *twin.parameters()])
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -42,8 +42,9 @@ def test_each_special_cell_is_run_by_the_file_it_names(cell):
 
 @pytest.mark.parametrize("cell", MATRIX)
 def test_each_matrix_cell_has_a_reference_test(cell):
-    """Each is compared with its einsum reference (test_matrix_cells.py's REFERENCES, or the zoo
-    file's rwkv6/mamba tests) and fuzzed (test_matrix_fuzz.py takes MATRIX)."""
+    """Each is compared with its einsum reference (test_matrix_cells.py's CELLS, with the REFERENCES
+    of tests/matrix_layers.py, or the zoo file's rwkv6/mamba tests) and fuzzed (test_matrix_fuzz.py
+    takes MATRIX)."""
     texts = {f: (TESTS / f).read_text(encoding="utf-8") for f in [*MATRIX_FILES, "test_matrix_zoo.py"]}
     assert f'"{cell}"' in texts["test_matrix_cells.py"] + texts["test_matrix_zoo.py"]
     assert "MATRIX" in texts["test_matrix_fuzz.py"]
