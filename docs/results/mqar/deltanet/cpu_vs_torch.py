@@ -1,5 +1,9 @@
-import torch, copy
+import copy
+
+import torch
+
 from celldsl.nn.matrix import MatrixRecurrent
+
 torch.manual_seed(0)
 for cell in ["deltanet", "gla"]:
     a = MatrixRecurrent(f"cells/{cell}.cell", 32, {"heads": 1, "K": 8, "V": 32, "R": 32}, backend="cpu", num_layers=2)
