@@ -72,3 +72,19 @@ def weighted_grads(out, finals, wrt, seed=2):
     loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
     loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in finals)
     return torch.autograd.grad(loss, wrt)
+
+
+# A user cell whose product has diag() on the right (S @ diag(a) scales S's columns): no zoo cell has one
+# (test_matrix_reliability.py runs it on every backend, test_triton_matrix.py compiles its kernels).
+COLUMN_SCALE = """cell colscale
+input x
+state S : (K, V) per head
+output o
+param W_k : (K, x) per head
+param W_v, W_a : (V, x) per head
+k = W_k @ x
+v = W_v @ x
+a = sigmoid(W_a @ x)
+S' = S @ diag(a) + k @ vᵀ
+o = kᵀ @ S'
+"""

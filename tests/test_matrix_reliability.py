@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix_layers import matrix_layer
+from matrix_layers import COLUMN_SCALE, matrix_layer
 
 import celldsl
 from celldsl.lang.errors import CellTensorError
@@ -278,18 +278,6 @@ def test_torch_func_transforms_are_refused_with_a_reason(backend):
     torch.testing.assert_close(out, layer(x)[0])
 
 
-COLUMN_SCALE = """cell colscale
-input x
-state S : (K, V) per head
-output o
-param W_k : (K, x) per head
-param W_v, W_a : (V, x) per head
-k = W_k @ x
-v = W_v @ x
-a = sigmoid(W_a @ x)
-S' = S @ diag(a) + k @ vᵀ
-o = kᵀ @ S'
-"""
 
 
 def _column_scale_reference(layer, x, S):

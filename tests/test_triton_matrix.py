@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix_layers import REFERENCES, I, matrix_layer, random_states, ref_params, weighted_grads
+from matrix_layers import COLUMN_SCALE, REFERENCES, I, matrix_layer, random_states, ref_params, weighted_grads
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from celldsl.compiler import compile_cell, compile_source
@@ -171,12 +171,13 @@ def test_no_cell_name_in_the_source():
 AOT_SIZES = {"heads": 4, "K": 16, "V": 32, "R": 16, "x": 64, "R_d": 16, "D": 64, "N_s": 16, "O": 64}
 
 
-def _aot(cell):
+def _aot(cell, text=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    loop = compile_cell(f"cells/{cell}.cell").loop("triton")
+    compiled = compile_cell(f"cells/{cell}.cell") if text is None else compile_source(f"{cell}.cell", text)
+    loop = compiled.loop("triton")
     built = []
     for name, fn, signature, constexprs in aot_jobs(loop, AOT_SIZES):
         for capability in (80, 90):
@@ -201,6 +202,11 @@ def test_aot_gla(aot_env):
 def test_aot_rwkv6(aot_env):
     """A cell with prev(): its kernels read the hoisted values (q) and write their gradients (dq)."""
     _aot("rwkv6")
+
+
+def test_aot_a_product_with_a_diag_on_the_right(aot_env):
+    """S @ diag(a) (a scaling of the columns by the diag tile's column sums; gla covers diag(a) @ S)."""
+    _aot("colscale", COLUMN_SCALE)
 
 
 @pytest.mark.slow
