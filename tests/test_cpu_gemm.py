@@ -13,6 +13,7 @@
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -350,3 +351,14 @@ def test_a_cache_file_that_is_not_a_private_regular_file_is_measured_again(priva
     assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
     entry = read_choices(private_cache)[site.key]  # measured here, not read from the planted file
     assert entry["choice"] == done[0] and 123.0 not in entry["seconds"].values()
+
+
+def test_native_is_kept_unless_another_gemm_is_clearly_faster():
+    """gemm.preferred: a tie by the micro-benchmark's noise must not send a layer off the native loop
+    (its chunks, fused steps and no Python per step are worth more than a few percent of one product)."""
+    margin = cpu_gemm.NATIVE_MARGIN
+    assert cpu_gemm.preferred({"native": 1.0 * margin, "onednn": 1.0, "mm": 2.0}) == "native"
+    assert cpu_gemm.preferred({"native": 1.01 * margin, "onednn": 1.0, "mm": 2.0}) == "onednn"
+    assert cpu_gemm.preferred({"native": 0.5, "onednn": 1.0}) == "native"
+    assert cpu_gemm.preferred({"mm": 1.2, "onednn": 1.0}) == "onednn"
+    assert cpu_gemm.preferred({"native": math.inf, "mm": 3.0}) == "mm"
