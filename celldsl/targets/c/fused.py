@@ -193,7 +193,8 @@ def cell_symbols(plan: Plan) -> list[str]:
 
 
 GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
-                for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles")]
+                for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles",
+                             "fused_tiles")]
 
 
 def build_gemm_library(cache_root: Path | None = None,
@@ -485,6 +486,8 @@ class FusedCPULoop(TorchLoop):
     # that LSTM (12 steps a chunk), 0.95x for the GRU N=32; LSTM N=128 I=H=512 and N=1 the same chunks
     # (one step; all steps). 2 MB: LSTM N=32 0.98x, but N=128 1.01x (2 steps a chunk).
     ring_bytes = 1536 * 1024
+    # infer's LSTM steps with fused tiles (see _run_chunked); False: the chunks' two GEMMs (A/B runs)
+    fused_steps = True
 
     def __init__(self, plan: Plan, module, lib, gemm_lib=None):
         super().__init__(plan, module)
@@ -992,6 +995,15 @@ class FusedCPULoop(TorchLoop):
         loop.hinit, loop.hblocks, loop.hld = 2 if bias is not None else 0, blocks, w.shape[0]
         loop.hmr, loop.ring, loop.nre = native.gemm.height, ring[2:].data_ptr(), len(rebased)
         loop.re, loop.re_off = ctypes.addressof(ptrs), ctypes.addressof(offs)
+        # the LSTM's shape: one step GEMM adds onto all of the hoisted rows, in the first stage, with
+        # no kernel before it (nothing reads those rows earlier in a step): it may run fused with them
+        # (cd_fused_gemm in targets/c/emit_loop.py). Not the GRU's: its step product has rows of its own.
+        onto = [gi for gi, g in enumerate(gemms) if g.init == 1 and lo <= g.output.base < hi]
+        if self.fused_steps and native.fused_tiles and len(onto) == 1 and gemms[onto[0]].output.base == lo \
+                and gemms[onto[0]].blocks == blocks and self.gemms[onto[0]].stage == 1 \
+                and not self.plan.pointwise_of_stage(0):
+            loop.ftiles, loop.fgemm = native.fused_tiles, onto[0]
+        self.ran["fused"] = bool(loop.ftiles)
         native.run_forward(prepared)
         del panels, ring, ptrs, offs
 
