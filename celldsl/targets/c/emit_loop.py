@@ -136,10 +136,11 @@ typedef void (*cd_fused_tiles_{dt})(int64_t M, int64_t K1, const {t} *a1, int64_
 /* Step GEMM L->fgemm at a step that cd_fuses: its output rows (all hoisted blocks, in the ring) =
    (bias + x_t @ W_ih.T) + operand @ W_hh.T, one fused tile per rows and panel (cd_fused_tiles_T)
    instead of the chunk's projection tiles (K = I, stored to the ring) and the step's tiles (K = H,
-   loading those rows back). All the step's rows (up to CD_FUSED_ROWS) go through each panel pair
-   in turn: the LSTM step loop at N=32 (a C harness, bench/fused_proto) took 0.98x the time so
-   against 0.99-1.00x with 12 rows a pass; no prefetches (the output rows are not read: asking for
-   the next tile's took 1.00x). W_ih's panels are read every step instead of once a chunk. */
+   loading those rows back). W_ih's panels are then read every step instead of once a chunk. All
+   the step's rows (up to CD_FUSED_ROWS) go through each panel pair in turn. The LSTM step loop at
+   N=32 I=128 H=256 (a C harness, bench/fused_proto, against the chunks and cd_step_gemm's tiles)
+   took 0.97-0.99x the time so, 1.00x with 12 rows a pass (as cd_step_gemm), 0.98x with 16; asking
+   for the next tile's output rows (cd_step_gemm's prefetch) 1.00x, for the next panel pair 1.05x. */
 static void cd_fused_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b, int64_t r, int64_t q,
                                cd_part P)
 {{

@@ -522,8 +522,9 @@ class FusedCPULoop(TorchLoop):
         self._natives: dict[torch.dtype, NativeLoop] = {}
         self._plans: dict[tuple, _CallPlan | None] = {}  # signature -> call plan (see _call_plan)
         # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
-        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
-        self.ran: dict[str, tuple[str, ...] | str] = {}
+        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends;
+        # "fused" -> whether infer's chunks ran with fused LSTM steps (_run_chunked)
+        self.ran: dict[str, tuple[str, ...] | str | bool] = {}
         self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
         self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its quick (-Og) build
 
@@ -973,6 +974,7 @@ class FusedCPULoop(TorchLoop):
         computed chunk by chunk into a ring of about ring_bytes: every argument that points into
         them is handed to the loop, which rebases it onto the ring at each chunk."""
         loop, keep = prepared[0], prepared[1]
+        self.ran["fused"] = False
         lo, hi = hoisted.data_ptr(), hoisted.data_ptr() + hoisted.numel() * hoisted.element_size()
         blocks, row = w.shape[0] // H, w.shape[0] * a.element_size()
         k = max(1, min(loop.T, self.ring_bytes // max(1, N * row)))
@@ -1003,7 +1005,7 @@ class FusedCPULoop(TorchLoop):
                 and gemms[onto[0]].blocks == blocks and self.gemms[onto[0]].stage == 1 \
                 and not self.plan.pointwise_of_stage(0):
             loop.ftiles, loop.fgemm = native.fused_tiles, onto[0]
-        self.ran["fused"] = bool(loop.ftiles)
+            self.ran["fused"] = True
         native.run_forward(prepared)
         del panels, ring, ptrs, offs
 
