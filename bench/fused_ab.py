@@ -1,6 +1,6 @@
 """A/B in one process: celldsl.LSTM inference with fused steps (FusedCPULoop.fused_steps) vs without
 (the chunked projection and the step tiles) vs torch.nn; order rotated, process CPU time, medians.
-Usage: fused_ab.py lstm32[,lstm64,...]  (REPEATS=21 by default)."""
+Usage: fused_ab.py lstm32[,lstm64,...]  (REPEATS=21 by default; THREADS=2; CLOCK=wall for wall time)."""
 import os
 import statistics
 import sys
@@ -16,6 +16,7 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 cfgs = {"lstm32": (100, 32, 128, 256), "lstm1": (100, 1, 128, 256), "lstm64": (100, 64, 128, 256),
         "lstm33": (100, 33, 128, 256), "lstm128": (100, 128, 512, 512), "lstm16": (100, 16, 128, 256)}
 repeats = int(os.environ.get("REPEATS", "21"))
+clock = time.perf_counter if os.environ.get("CLOCK") == "wall" else time.process_time
 for name in sys.argv[1].split(","):
     T, N, I, H = cfgs[name]
     ref = torch.nn.LSTM(I, H)
@@ -35,17 +36,17 @@ for name in sys.argv[1].split(","):
         for _ in range(3):
             for f in impls.values():
                 f()
-        t0 = time.process_time()
+        t0 = clock()
         impls["nn"]()
-        reps = max(1, int(0.05 / (time.process_time() - t0)))
+        reps = max(1, int(0.05 / (clock() - t0)))
         times = {n: [] for n in impls}
         names = list(impls)
         for r in range(repeats):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.process_time()
+                t0 = clock()
                 for _ in range(reps):
                     impls[n]()
-                times[n].append((time.process_time() - t0) / reps)
+                times[n].append((clock() - t0) / reps)
     med = {n: statistics.median(v) for n, v in times.items()}
     print(name, f"reps={reps} repeats={repeats}", " | ".join(
         f"{n} {med[n] * 1e3:.3f}ms {med[n] / med['nn']:.3f}x nn {med[n] / med['two']:.3f}x two" for n in names),

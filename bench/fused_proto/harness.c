@@ -17,7 +17,10 @@ extern float expf(float);
 #pragma omp declare simd notinbranch
 extern float tanhf(float);
 
-enum { T = 100, N = 32, I = 128, H = 256, G = 4 * H, HK = 12 };
+#ifndef NN
+#define NN 32
+#endif
+enum { T = 100, N = NN, I = 128, H = 256, G = 4 * H, HK = 12 };
 typedef float f;
 static f *X, *Wih, *Whh, *bias, *Pih, *Phh, *ring, *gates, *out, *cst, *h0;
 

@@ -130,7 +130,7 @@ typedef void (*cd_fused_tiles_{dt})(int64_t M, int64_t K1, const {t} *a1, int64_
                                     const {t} *bias, int64_t K2, const {t} *a2, int64_t lda2,
                                     const {t} *panel2, {t} *c, int64_t ldc, int64_t ncols);
 #ifndef CD_FUSED_ROWS
-#define CD_FUSED_ROWS 32  /* rows of a fused step per pass over the panels */
+#define CD_FUSED_ROWS 48  /* rows of a fused step per pass over the panels */
 #endif
 
 /* Step GEMM L->fgemm at a step that cd_fuses: its output rows (all hoisted blocks, in the ring) =
@@ -140,7 +140,9 @@ typedef void (*cd_fused_tiles_{dt})(int64_t M, int64_t K1, const {t} *a1, int64_
    the step's rows (up to CD_FUSED_ROWS) go through each panel pair in turn. The LSTM step loop at
    N=32 I=128 H=256 (a C harness, bench/fused_proto, against the chunks and cd_step_gemm's tiles)
    took 0.97-0.99x the time so, 1.00x with 12 rows a pass (as cd_step_gemm), 0.98x with 16; asking
-   for the next tile's output rows (cd_step_gemm's prefetch) 1.00x, for the next panel pair 1.05x. */
+   for the next tile's output rows (cd_step_gemm's prefetch) 1.00x, for the next panel pair 1.05x.
+   48 rows a pass rather than 32: at N=48 0.963-0.965x against 0.968-0.977x with 24 (the same
+   harness), at N=64 64 rows as 32 (0.94x); N=33 in one pass, not two of 16 and 17. */
 static void cd_fused_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b, int64_t r, int64_t q,
                                cd_part P)
 {{
