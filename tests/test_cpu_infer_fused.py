@@ -22,6 +22,12 @@ from celldsl.targets.c.fused import FusedCPULoop
 pytestmark = pytest.mark.skipif(cpu_fused.compiler() is None, reason="needs a C compiler for the kernels")
 
 
+def fuses(loop, dtype) -> bool:
+    """Whether the GEMM library has the fused tiles (AVX-512 builds only): otherwise the chunks run
+    their two GEMMs, and every test here still checks the numbers."""
+    return loop.native(dtype).fused_tiles is not None
+
+
 def infer_and_forward(loop, layer, T, N, packed, seed=0):
     x, states, params, batch_sizes = args_for(layer, T=T, N=N, packed=packed, seed=seed)
     with torch.no_grad():
@@ -40,7 +46,7 @@ def test_fused_steps_equal_forward_bit_for_bit(dtype, ring_bytes, monkeypatch):
     for N in (1, 2, 3, 13, 14, 32, 33, 37, 64):
         for T, packed in ((7, False), (11, True)):
             want, got = infer_and_forward(loop, layer, T, N, packed, seed=N + T)
-            assert loop.ran["fused"]
+            assert loop.ran["fused"] == fuses(loop, dtype)
             assert same(want, got), (N, T, packed)
 
 
@@ -53,7 +59,7 @@ def test_fused_steps_off_gives_the_same_numbers(monkeypatch):
     for on in (False, True):
         monkeypatch.setattr(FusedCPULoop, "fused_steps", on)
         want, got = infer_and_forward(loop, layer, T=9, N=32, packed=False)
-        assert loop.ran["fused"] is on and same(want, got)
+        assert loop.ran["fused"] == (on and fuses(loop, torch.float32)) and same(want, got)
         results.append(got)
     assert same(*results)
 
@@ -80,7 +86,7 @@ def test_fused_steps_two_threads(monkeypatch):
         torch.set_num_threads(2)
         for N, packed in ((32, False), (33, True), (13, False)):
             want, got = infer_and_forward(loop, layer, T=9, N=N, packed=packed, seed=N)
-            assert loop.ran["fused"] and same(want, got), (N, packed)
+            assert loop.ran["fused"] == fuses(loop, torch.float32) and same(want, got), (N, packed)
     finally:
         torch.set_num_threads(before)
 
@@ -94,7 +100,7 @@ def test_fused_lstm_matches_torch_nn(dtype, packed, monkeypatch):
     monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")  # the chunks need the native hoisted GEMM
     calls = []
     run = FusedCPULoop._run_chunked
-    monkeypatch.setattr(FusedCPULoop, "_run_chunked", lambda self, *a: calls.append(self.ran) or run(self, *a))
+    monkeypatch.setattr(FusedCPULoop, "_run_chunked", lambda self, *a: calls.append(self) or run(self, *a))
     torch.manual_seed(4)
     ref = torch.nn.LSTM(24, 256, num_layers=2, dtype=dtype)
     mine = celldsl.LSTM(24, 256, num_layers=2, dtype=dtype)
@@ -106,9 +112,19 @@ def test_fused_lstm_matches_torch_nn(dtype, packed, monkeypatch):
         x = pack_padded_sequence(x, torch.tensor(lengths))
     with torch.no_grad():
         (a, (ha, ca)), (b, (hb, cb)) = ref(x), mine(x)
-    assert len(calls) == 2 and all(ran["fused"] for ran in calls)  # one per layer
+    assert len(calls) == 2 and all(loop.ran["fused"] == fuses(loop, dtype) for loop in calls)  # one per layer
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     if packed:
         a, b = a.data, b.data
     for u, v in ((a, b), (ha, hb), (ca, cb)):
         torch.testing.assert_close(u, v, **tol)
+
+
+def test_fused_tiles_exactly_on_avx512():
+    """The GEMM library (-march=native) has the fused tiles where the CPU has AVX-512, so the tests
+    above run the fused steps there, and only there."""
+    from celldsl.targets.c.flags import cpu_fingerprint
+
+    layer = make_layer("lstm", dtype=torch.float32, hidden=8, tag="fused isa")
+    loop = fused_loop(layer)
+    assert fuses(loop, torch.float32) == ("avx512f" in cpu_fingerprint().split())

@@ -1,7 +1,8 @@
 /* Build: PYTHONPATH=$PWD python -c "from celldsl.targets.c.emit_gemm import gemm_source; open('bench/fused_proto/gemm.h', 'w').write(gemm_source())"
    then gcc -std=gnu99 -O3 -march=native -fopenmp-simd -ffp-contract=fast -fno-math-errno -fno-trapping-math
    -DROWS=32 -DFR=8 -o harness harness.c -lmvec -lm; ./harness 21  (ROWS: rows of a step per pass, FR: rows per fused tile;
-   -DBRING: gates into a ring of HK steps; -DPF: prefetch the next tile's output rows; -DPF2=k: the next panel pair) */
+   -DBRING: gates into a ring of HK steps; -DPF: prefetch the next tile's output rows; -DPF2=k: the next panel pair;
+   -DLIBFUSED: the library's cd_fused_tiles instead of proto_tile_fused, which assumes AVX-512; -DNN=n: N) */
 /* A/B of the LSTM inference step loop at T=100 N=32 I=128 H=256, one thread:
    A: the current scheme (chunked hoisted projection into a ring + step tiles init 1, prefetches),
    B: one fused tile per (rows, panel) over [x_t | h_{t-1}], gates into an [N, 4H] buffer.
@@ -48,7 +49,7 @@ static volatile tiles_fn tiles_ptr = cd_tiles_f32;
 static void run_a(void)
 {
     const tiles_fn tiles = tiles_ptr;
-    const int64_t NR = 32, np = H / NR, line = 16;
+    const int64_t NR = CD_NR_f32, np = H / NR, line = 16;
     memset(cst, 0, sizeof(f) * N * H);
     for (int64_t t = 0; t < T; ++t) {
         if (t % HK == 0) {
@@ -132,12 +133,21 @@ void proto_fused_tiles(int64_t M, int64_t K1, const f *a1, int64_t lda1, const f
 }
 typedef void (*fused_fn)(int64_t, int64_t, const f *, int64_t, const f *, const f *, int64_t, const f *, int64_t,
                          const f *, f *, int64_t);
+#ifdef LIBFUSED  /* the GEMM library's cd_fused_tiles (its CD_FR, any vector width) */
+static void lib_fused(int64_t M, int64_t K1, const f *a1, int64_t lda1, const f *p1, const f *b, int64_t K2,
+                      const f *a2, int64_t lda2, const f *p2, f *c, int64_t ldc)
+{
+    cd_fused_tiles_f32(M, K1, a1, lda1, p1, b, K2, a2, lda2, p2, c, ldc, CD_NR_f32);
+}
+static volatile fused_fn fused_ptr = lib_fused;
+#else
 static volatile fused_fn fused_ptr = proto_fused_tiles;
+#endif
 
 static void run_b(void)
 {
     const fused_fn fused = fused_ptr;
-    const int64_t NR = 32, np = H / NR, line = 16;
+    const int64_t NR = CD_NR_f32, np = H / NR, line = 16;
     memset(cst, 0, sizeof(f) * N * H);
     for (int64_t t = 0; t < T; ++t) {
         const f *a = t ? out + (t - 1) * N * H : h0, *x = X + t * N * I;

@@ -32,7 +32,8 @@ Entry points, for T in float (_f32) and double (_f64):
         rows 0..M of one panel: what the native loop of a cell (targets/c/emit_loop.py) calls per step
     cd_fused_tiles_T(M, K1, a1, lda1, panel1, bias, K2, a2, lda2, panel2, c, ldc, ncols)
         c = (bias + a1 @ panel1) + a2 @ panel2 on rows 0..M (3 or more): infer's LSTM step, the input
-        projection and the step product in one pass, bit for bit cd_tiles_T's two products
+        projection and the step product in one pass, bit for bit cd_tiles_T's two products (AVX-512
+        builds only: where it was measured faster)
 
 It is its own library, built once per machine (fused.build_gemm_library), not part of
 every cell's: it is the slowest part to compile.
@@ -52,9 +53,11 @@ do not edit. */
 #if defined(__AVX512F__)
 #define CD_VECTOR_BYTES 64
 #define CD_MR 12
-/* rows of a fused tile (cd_fused_tiles): 8 rather than 12, four tiles over a step of 32 rows; the
-   LSTM step loop at N=32 I=128 H=256 (a C harness, bench/fused_proto) took 0.973-0.978x the time of
-   the chunked projection and step tiles with 8, 0.978-0.985x with 12 (12, 12, 8), 1.3x with 6 */
+/* rows of a fused tile (cd_fused_tiles, AVX-512 only): 8 rather than 12, four tiles over a step of
+   32 rows; the LSTM step loop at N=32 I=128 H=256 (a C harness, bench/fused_proto) took 0.973-0.978x
+   the time of the chunked projection and step tiles with 8, 0.978-0.985x with 12 (12, 12, 8), 1.3x
+   with 6. Built for AVX2 (-mno-avx512f, same CPU), 6-row fused tiles took 0.98-1.01x at N=30-64:
+   no gain worth a path there, unmeasured on an AVX2 CPU. */
 #define CD_FR 8
 #elif defined(__AVX__)
 #define CD_VECTOR_BYTES 32
@@ -62,9 +65,6 @@ do not edit. */
 #else
 #define CD_VECTOR_BYTES 16
 #define CD_MR 6
-#endif
-#ifndef CD_FR
-#define CD_FR CD_MR
 #endif
 #define CD_INLINE static inline __attribute__((always_inline))
 #define CD_MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -303,6 +303,7 @@ CD_INLINE void cd_tile_products_{dt}(const int R, int64_t K, const {t} *a, int64
     }}
 }}
 
+#ifdef CD_FR
 /* c = (bias + a1 @ panel1) + a2 @ panel2 on R rows: what cd_tile computes as two tiles, a1's (init
    2, or 0 without bias) and then a2's added onto it (init 1: products from 0, the old value after
    them), bit for bit, in one tile: its two partial sums are never stored and loaded back, and a step
@@ -352,6 +353,7 @@ void cd_fused_tiles_{dt}(int64_t M, int64_t K1, const {t} *a1, int64_t lda1, con
         }}
     }}
 }}
+#endif
 
 /* dst[j * ldd + i] = src[i * lds + j] for i0 <= i < i1, j < cols: blocks of 64 columns (with at most
    64 rows they stay in the L1 cache), each in register transposes. cd_pack's B = W.T is this for one

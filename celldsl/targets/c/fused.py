@@ -193,8 +193,7 @@ def cell_symbols(plan: Plan) -> list[str]:
 
 
 GEMM_SYMBOLS = [f"cd_{name}_{dt}" for dt in DTYPES.values()
-                for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles",
-                             "fused_tiles")]
+                for name in ("panel_width", "pack", "gemm", "gemm_repeat", "transpose_matrix", "tiles")]
 
 
 def build_gemm_library(cache_root: Path | None = None,

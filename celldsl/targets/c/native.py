@@ -58,7 +58,8 @@ class NativeLoop:
         dt = DTYPES[dtype]
         self.gemm = native_gemm(gemm_lib, dtype)
         self.tiles = ctypes.cast(getattr(gemm_lib, f"cd_tiles_{dt}"), PTR).value
-        # None for a GEMM library without it (an older source: bench/cpu.py's A/B): no fused steps
+        # None for a GEMM library without it (built without AVX-512, or an older source: bench/cpu.py's
+        # A/B): no fused steps
         fused = getattr(gemm_lib, f"cd_fused_tiles_{dt}", None)
         self.fused_tiles = ctypes.cast(fused, PTR).value if fused is not None else None
         self._forward = getattr(lib, f"cd_forward_{dt}")
