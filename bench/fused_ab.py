@@ -24,12 +24,12 @@ for name in sys.argv[1].split(","):
     m.load_state_dict(ref.state_dict())
     x = torch.randn(T, N, I)
 
-    def mk(fused):
-        def f():
+    def mk(fused, m=m, x=x):
+        def run():
             FusedCPULoop.fused_steps = fused
             return m(x)[0]
-        return f
-    impls = {"nn": lambda: ref(x)[0], "two": mk(False), "fused": mk(True)}
+        return run
+    impls = {"nn": lambda ref=ref, x=x: ref(x)[0], "two": mk(False), "fused": mk(True)}
     with torch.no_grad():
         outs = {n: f() for n, f in impls.items()}
         assert torch.equal(outs["two"], outs["fused"])
@@ -49,5 +49,6 @@ for name in sys.argv[1].split(","):
                 times[n].append((clock() - t0) / reps)
     med = {n: statistics.median(v) for n, v in times.items()}
     print(name, f"reps={reps} repeats={repeats}", " | ".join(
-        f"{n} {med[n] * 1e3:.3f}ms {med[n] / med['nn']:.3f}x nn {med[n] / med['two']:.3f}x two" for n in names),
+        f"{n} {med[n] * 1e3:.3f}ms {med[n] / med['nn']:.3f}x nn {med[n] / med['two']:.3f}x two"
+        for n in names),
         flush=True)

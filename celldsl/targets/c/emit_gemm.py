@@ -349,7 +349,9 @@ void cd_fused_tiles_{dt}(int64_t M, int64_t K1, const {t} *a1, int64_t lda1, con
         CD_FUSED_CASE(6) CD_FUSED_CASE(7)
 #endif
 #undef CD_FUSED_CASE
-        default: cd_tile_fused_{dt}(CD_FR, K1, x, lda1, panel1, bias, K2, h, lda2, panel2, ci, ldc, ncols); break;
+        default:
+            cd_tile_fused_{dt}(CD_FR, K1, x, lda1, panel1, bias, K2, h, lda2, panel2, ci, ldc, ncols);
+            break;
         }}
     }}
 }}

@@ -147,7 +147,8 @@ static void cd_fused_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t 
                                cd_part P)
 {{
     const cd_fused_tiles_{dt} fused = (cd_fused_tiles_{dt})(intptr_t)L->ftiles;
-    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR, passes = (b + CD_FUSED_ROWS - 1) / CD_FUSED_ROWS;
+    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR;
+    const int64_t passes = (b + CD_FUSED_ROWS - 1) / CD_FUSED_ROWS;
     const int64_t lda = g->operand.ld, ldc = g->output.ld, ldx = L->hlda;
     const {t} *a = (const {t} *)cd_at(&g->operand, r, q), *x = (const {t} *)L->hx + r * ldx;
     {t} *c = ({t} *)cd_at(&g->output, r, q);
@@ -158,8 +159,9 @@ static void cd_fused_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t 
             for (int64_t col = P.u0; col < P.u1; col += NR) {{
                 const int64_t p = j * np + col / NR;
                 fused(m, L->hK, x + i0 * ldx, ldx, (const {t} *)L->hpanels + p * L->hK * NR,
-                      bias ? bias + j * H + col : 0, g->K, a + i0 * lda, lda, (const {t} *)g->panels + p * g->K * NR,
-                      c + i0 * ldc + j * H + col, ldc, CD_MIN(NR, H - col));
+                      bias ? bias + j * H + col : 0, g->K, a + i0 * lda, lda,
+                      (const {t} *)g->panels + p * g->K * NR, c + i0 * ldc + j * H + col, ldc,
+                      CD_MIN(NR, H - col));
             }}
     }}
 }}
