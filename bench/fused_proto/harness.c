@@ -2,7 +2,8 @@
    then gcc -std=gnu99 -O3 -march=native -fopenmp-simd -ffp-contract=fast -fno-math-errno -fno-trapping-math
    -DROWS=32 -DFR=8 -o harness harness.c -lmvec -lm; ./harness 21  (ROWS: rows of a step per pass, FR: rows per fused tile;
    -DBRING: gates into a ring of HK steps; -DPF: prefetch the next tile's output rows; -DPF2=k: the next panel pair;
-   -DLIBFUSED: the library's cd_fused_tiles instead of proto_tile_fused, which assumes AVX-512; -DNN=n: N) */
+   -DLIBFUSED: the library's cd_fused_tiles instead of proto_tile_fused, which assumes AVX-512; -DNN=n: N;
+   -DPFOUT=k: ask for the step's h rows during its GEMM, for writing) */
 /* A/B of the LSTM inference step loop at T=100 N=32 I=128 H=256, one thread:
    A: the current scheme (chunked hoisted projection into a ring + step tiles init 1, prefetches),
    B: one fused tile per (rows, panel) over [x_t | h_{t-1}], gates into an [N, 4H] buffer.
@@ -169,6 +170,14 @@ static void run_b(void)
                                 __builtin_prefetch(c + i * G + nj * H + ncol + u, 1, 3);
 #endif
                     const int64_t p = j * np + col / NR;
+#ifdef PFOUT  /* this step's h rows, which the pointwise writes next: a share per panel call */
+                    {
+                        f *o = out + t * N * H;
+                        const int64_t lines = N * H / 16, calls = 4 * np;
+                        for (int64_t l = lines * p / calls; l < lines * (p + 1) / calls; ++l)
+                            __builtin_prefetch(o + l * 16, 1, PFOUT);
+                    }
+#endif
 #ifdef PF2
                     if (p + 1 < 4 * np) {
                         for (int64_t u = 0; u < I * NR; u += 16) __builtin_prefetch(Pih + (p + 1) * I * NR + u, 0, PF2);
