@@ -307,8 +307,8 @@ CD_INLINE void cd_tile_products_{dt}(const int R, int64_t K, const {t} *a, int64
 /* c = (bias + a1 @ panel1) + a2 @ panel2 on R rows: what cd_tile computes as two tiles, a1's (init
    2, or 0 without bias) and then a2's added onto it (init 1: products from 0, the old value after
    them), bit for bit, in one tile: its two partial sums are never stored and loaded back, and a step
-   costs half the tiles (init, store, call). a2's sum is kept (in memory: 12 rows of both sums take
-   48 vector registers) while a1's accumulates. */
+   costs half the tiles (init, store, call). a2's sum is kept (in memory: 8 rows of both sums would
+   take all 32 vector registers) while a1's accumulates. */
 CD_INLINE void cd_tile_fused_{dt}(const int R, int64_t K1, const {t} *a1, int64_t lda1, const {t} *panel1,
                                  const {t} *bias, int64_t K2, const {t} *a2, int64_t lda2,
                                  const {t} *panel2, {t} *c, int64_t ldc, int64_t ncols)
