@@ -30,6 +30,10 @@ Entry points, for T in float (_f32) and double (_f64):
 
     cd_tiles_T(M, K, a, lda, panel, c, ldc, ncols, init, bias)
         rows 0..M of one panel: what the native loop of a cell (targets/c/emit_loop.py) calls per step
+    cd_fused_tiles_T(M, K1, a1, lda1, panel1, bias, K2, a2, lda2, panel2, c, ldc, ncols)
+        c = (bias + a1 @ panel1) + a2 @ panel2 on rows 0..M (3 or more): infer's LSTM step, the input
+        projection and the step product in one pass, bit for bit cd_tiles_T's two products (AVX-512
+        builds only: where it was measured faster)
 
 It is its own library, built once per machine (fused.build_gemm_library), not part of
 every cell's: it is the slowest part to compile.
@@ -49,6 +53,12 @@ do not edit. */
 #if defined(__AVX512F__)
 #define CD_VECTOR_BYTES 64
 #define CD_MR 12
+/* rows of a fused tile (cd_fused_tiles, AVX-512 only): 8 rather than 12, four tiles over a step of
+   32 rows; the LSTM step loop at N=32 I=128 H=256 (a C harness, bench/fused_proto) took 0.973-0.978x
+   the time of the chunked projection and step tiles with 8, 0.978-0.985x with 12 (12, 12, 8), 1.3x
+   with 6. Built for AVX2 (-mno-avx512f, same CPU), 6-row fused tiles took 0.98-1.01x at N=30-64:
+   no gain worth a path there, unmeasured on an AVX2 CPU. */
+#define CD_FR 8
 #elif defined(__AVX__)
 #define CD_VECTOR_BYTES 32
 #define CD_MR 6
@@ -277,6 +287,75 @@ void cd_tiles_{dt}(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *p
 {{
     cd_tile_rows_{dt}(M, K, a, lda, panel, c, ldc, ncols, init, bias, 0);
 }}
+
+/* acc += a[0..R, 0..K) @ panel: cd_tile's products, one rank-1 update per k, k in order. */
+CD_INLINE void cd_tile_products_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, const {t} *panel,
+                                    cd_vec_{dt} acc[][2])
+{{
+    for (int64_t k = 0; k < K; ++k) {{
+        const cd_vec_{dt} b0 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt});
+        const cd_vec_{dt} b1 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt} + CD_W_{dt});
+        for (int i = 0; i < R; ++i) {{
+            const {t} x = a[i * lda + k];
+            acc[i][0] += x * b0;
+            acc[i][1] += x * b1;
+        }}
+    }}
+}}
+
+#ifdef CD_FR
+/* c = (bias + a1 @ panel1) + a2 @ panel2 on R rows: what cd_tile computes as two tiles, a1's (init
+   2, or 0 without bias) and then a2's added onto it (init 1: products from 0, the old value after
+   them), bit for bit, in one tile: its two partial sums are never stored and loaded back, and a step
+   costs half the tiles (init, store, call). a2's sum is kept (in memory: 8 rows of both sums would
+   take all 32 vector registers) while a1's accumulates. */
+CD_INLINE void cd_tile_fused_{dt}(const int R, int64_t K1, const {t} *a1, int64_t lda1, const {t} *panel1,
+                                 const {t} *bias, int64_t K2, const {t} *a2, int64_t lda2,
+                                 const {t} *panel2, {t} *c, int64_t ldc, int64_t ncols)
+{{
+    cd_vec_{dt} acc[CD_MR][2], step[CD_MR][2];
+    cd_tile_init_{dt}(R, acc, c, ldc, ncols, 0, 0);
+    cd_tile_products_{dt}(R, K2, a2, lda2, panel2, acc);
+    for (int i = 0; i < R; ++i) {{
+        step[i][0] = acc[i][0];
+        step[i][1] = acc[i][1];
+    }}
+    cd_tile_init_{dt}(R, acc, c, ldc, ncols, bias ? 2 : 0, bias);
+    cd_tile_products_{dt}(R, K1, a1, lda1, panel1, acc);
+    for (int i = 0; i < R; ++i) {{
+        acc[i][0] = step[i][0] + acc[i][0];
+        acc[i][1] = step[i][1] + acc[i][1];
+    }}
+    cd_tile_store_{dt}(R, acc, c, ldc, ncols, 0);
+}}
+
+/* Rows 0..M of one fused panel pair: ceil(M / CD_FR) tiles of even height, so none has 1 or 2
+   rows when M >= 3 (the caller's part: cd_tile_rows would run such rows through cd_tile_narrow, whose
+   sums go in another order). */
+void cd_fused_tiles_{dt}(int64_t M, int64_t K1, const {t} *a1, int64_t lda1, const {t} *panel1,
+                         const {t} *bias, int64_t K2, const {t} *a2, int64_t lda2, const {t} *panel2,
+                         {t} *c, int64_t ldc, int64_t ncols)
+{{
+    const int64_t n = (M + CD_FR - 1) / CD_FR;
+    for (int64_t s = 0; s < n; ++s) {{
+        const int64_t i = M * s / n;
+        const {t} *x = a1 + i * lda1, *h = a2 + i * lda2;
+        {t} *ci = c + i * ldc;
+        switch (M * (s + 1) / n - i) {{
+#define CD_FUSED_CASE(R) \
+        case R: cd_tile_fused_{dt}(R, K1, x, lda1, panel1, bias, K2, h, lda2, panel2, ci, ldc, ncols); break;
+        CD_FUSED_CASE(1) CD_FUSED_CASE(2) CD_FUSED_CASE(3) CD_FUSED_CASE(4) CD_FUSED_CASE(5)
+#if CD_FR > 6
+        CD_FUSED_CASE(6) CD_FUSED_CASE(7)
+#endif
+#undef CD_FUSED_CASE
+        default:
+            cd_tile_fused_{dt}(CD_FR, K1, x, lda1, panel1, bias, K2, h, lda2, panel2, ci, ldc, ncols);
+            break;
+        }}
+    }}
+}}
+#endif
 
 /* dst[j * ldd + i] = src[i * lds + j] for i0 <= i < i1, j < cols: blocks of 64 columns (with at most
    64 rows they stay in the L1 cache), each in register transposes. cd_pack's B = W.T is this for one

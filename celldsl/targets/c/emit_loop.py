@@ -61,6 +61,10 @@ typedef struct {
     int64_t nre;
     cd_rows *const *re;              /* the arguments that address the hoisted rows */
     const int64_t *re_off;           /* their byte offset in the hoisted rows */
+    /* infer with chunks only: cd_fused_tiles_T of the GEMM library, or NULL; step GEMM `fgemm` adds
+       onto all of the hoisted rows (the LSTM's), and runs fused with them where cd_fuses says */
+    const void *ftiles;
+    int64_t fgemm;
 } cd_loop;
 
 typedef struct {
@@ -87,6 +91,18 @@ typedef struct {
 /* This thread's hidden units: whole panels of `width` columns, split evenly over the team. */
 typedef struct { int64_t u0, u1, slot; } cd_part;
 
+/* Whether step t runs the fused tiles (L->ftiles): its hoisted rows and step products are then
+   computed in one pass, bit for bit the numbers of the two GEMMs, which hold for rows that both
+   run through tiles of 3 or more rows (cd_tile_T): not the last b % MR rows of a step when that is
+   1 or 2 (cd_step_gemm's tiles run those through cd_tile_narrow_T), nor the last M % MR rows of the
+   hoisted GEMM's M rows (the same). Those steps take the two GEMMs. */
+static int cd_fuses(const cd_loop *L, int64_t t)
+{
+    const int64_t M = L->offsets[L->T - 1] + L->steps[L->T - 1], MR = L->hmr, b = L->steps[t];
+    const int64_t tail = M % MR == 1 || M % MR == 2 ? M % MR : 0;
+    return L->ftiles && b % MR != 1 && b % MR != 2 && L->offsets[t] + b <= M - tail;
+}
+
 static cd_part cd_part_of(int64_t H, int64_t width)
 {
     int64_t tid = 0, team = 1;
@@ -110,6 +126,45 @@ HELPERS = """
 #endif
 typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *panel, {t} *c,
                               int64_t ldc, int64_t ncols, int init, const {t} *bias);
+typedef void (*cd_fused_tiles_{dt})(int64_t M, int64_t K1, const {t} *a1, int64_t lda1, const {t} *panel1,
+                                    const {t} *bias, int64_t K2, const {t} *a2, int64_t lda2,
+                                    const {t} *panel2, {t} *c, int64_t ldc, int64_t ncols);
+#ifndef CD_FUSED_ROWS
+#define CD_FUSED_ROWS 48  /* rows of a fused step per pass over the panels */
+#endif
+
+/* Step GEMM L->fgemm at a step that cd_fuses: its output rows (all hoisted blocks, in the ring) =
+   (bias + x_t @ W_ih.T) + operand @ W_hh.T, one fused tile per rows and panel (cd_fused_tiles_T)
+   instead of the chunk's projection tiles (K = I, stored to the ring) and the step's tiles (K = H,
+   loading those rows back). W_ih's panels are then read every step instead of once a chunk. All
+   the step's rows (up to CD_FUSED_ROWS) go through each panel pair in turn. The LSTM step loop at
+   N=32 I=128 H=256 (a C harness, bench/fused_proto, against the chunks and cd_step_gemm's tiles)
+   took 0.97-0.99x the time so, 1.00x with 12 rows a pass (as cd_step_gemm), 0.98x with 16; asking
+   for the next tile's output rows (cd_step_gemm's prefetch) 1.00x, for the next panel pair 1.05x.
+   48 rows a pass rather than 32: at N=48 0.963-0.965x against 0.968-0.977x with 24 (the same
+   harness), at N=64 64 rows as 32 (0.94x); N=33 in one pass, not two of 16 and 17. */
+static void cd_fused_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t b, int64_t r, int64_t q,
+                               cd_part P)
+{{
+    const cd_fused_tiles_{dt} fused = (cd_fused_tiles_{dt})(intptr_t)L->ftiles;
+    const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR;
+    const int64_t passes = (b + CD_FUSED_ROWS - 1) / CD_FUSED_ROWS;
+    const int64_t lda = g->operand.ld, ldc = g->output.ld, ldx = L->hlda;
+    const {t} *a = (const {t} *)cd_at(&g->operand, r, q), *x = (const {t} *)L->hx + r * ldx;
+    {t} *c = ({t} *)cd_at(&g->output, r, q);
+    const {t} *bias = (const {t} *)L->hbias;
+    for (int64_t s = 0; s < passes; ++s) {{  /* of even height: 3 rows or more when b is */
+        const int64_t i0 = b * s / passes, m = b * (s + 1) / passes - i0;
+        for (int64_t j = 0; j < g->blocks; ++j)
+            for (int64_t col = P.u0; col < P.u1; col += NR) {{
+                const int64_t p = j * np + col / NR;
+                fused(m, L->hK, x + i0 * ldx, ldx, (const {t} *)L->hpanels + p * L->hK * NR,
+                      bias ? bias + j * H + col : 0, g->K, a + i0 * lda, lda,
+                      (const {t} *)g->panels + p * g->K * NR, c + i0 * ldc + j * H + col, ldc,
+                      CD_MIN(NR, H - col));
+            }}
+    }}
+}}
 
 /* The forward GEMM of step t, this thread's columns of every block. A product added onto its
    hoisted rows (init 1) of at most 3 * CD_STEP_ROWS rows runs CD_STEP_ROWS rows of the operand at a
@@ -120,6 +175,10 @@ typedef void (*cd_tiles_{dt})(int64_t M, int64_t K, const {t} *a, int64_t lda, c
 static void cd_step_gemm_{dt}(const cd_loop *L, const cd_step_gemm *g, int64_t t, int64_t b, int64_t r,
                               int64_t q, cd_part P)
 {{
+    if (L->ftiles && g == (const cd_step_gemm *)L->gemms + L->fgemm && cd_fuses(L, t)) {{
+        cd_fused_gemm_{dt}(L, g, b, r, q, P);
+        return;
+    }}
     const cd_tiles_{dt} tiles = (cd_tiles_{dt})(intptr_t)L->tiles;
     const int64_t H = L->H, NR = L->width, np = (H + NR - 1) / NR, line = 64 / (int64_t)sizeof({t});
     const int64_t lda = g->operand.ld, ldc = g->output.ld;
@@ -197,23 +256,13 @@ static void cd_hoist_wide_{dt}(const cd_loop *L, int64_t lo, int64_t hi, cd_part
         cd_hoist_span_{dt}(L, lo, hi, P);
 }}
 
-/* The chunk of steps [t, t + hk): waits for every thread (they all read the arguments it rebases
-   onto the ring) and computes this thread's columns of the chunk's rows. Rows of 1 or 2 left before
-   the narrow tail (or the tail itself) are computed with up to 2 rows of a neighbouring chunk, which
-   the ring has room for on either side. Returns the step after the chunk. */
-static int64_t cd_hoist_chunk_{dt}(cd_loop *L, int64_t t, cd_part P)
+/* This thread's columns of the hoisted rows [r0, r1) into the ring. Rows of 1 or 2 left before the
+   narrow tail (or the tail itself) are computed with up to 2 rows of a neighbour (a neighbouring chunk
+   or step, not run yet), which the ring has room for on either side. */
+static void cd_hoist_rows_{dt}(const cd_loop *L, int64_t r0, int64_t r1, cd_part P)
 {{
     const int64_t M = L->offsets[L->T - 1] + L->steps[L->T - 1], MR = L->hmr;
     const int64_t tail = M % MR == 1 || M % MR == 2 ? M % MR : 0, wide_end = M - tail;
-    const int64_t t1 = CD_MIN(t + L->hk, L->T), r0 = L->offsets[t];
-    const int64_t r1 = L->offsets[t1 - 1] + L->steps[t1 - 1];
-#pragma omp barrier
-#pragma omp single
-    {{
-        L->hr0 = r0;
-        for (int64_t i = 0; i < L->nre; ++i)
-            L->re[i]->base = (int64_t)(intptr_t)L->ring + L->re_off[i] - r0 * L->re[i]->row_bytes;
-    }}
     const int64_t we = CD_MIN(r1, wide_end);
     if (we - r0 == 1 || we - r0 == 2) {{
         const int64_t lo = we >= 3 ? we - 3 : 0;  /* wide_end >= 3: a multiple of MR, or M itself */
@@ -222,6 +271,32 @@ static int64_t cd_hoist_chunk_{dt}(cd_loop *L, int64_t t, cd_part P)
         cd_hoist_wide_{dt}(L, r0, we, P);
     if (r1 > wide_end)
         cd_hoist_span_{dt}(L, wide_end, M, P);
+}}
+
+/* The chunk of steps [t, t + hk): waits for every thread (they all read the arguments it rebases
+   onto the ring) and computes this thread's columns of the chunk's rows, but those of the steps
+   that run fused (cd_fuses): the other steps' rows in runs of consecutive steps (one step at a time,
+   N=1's forward took 1.3x as long: a tile of 3 rows for each row). Returns the step after the chunk. */
+static int64_t cd_hoist_chunk_{dt}(cd_loop *L, int64_t t, cd_part P)
+{{
+    const int64_t t1 = CD_MIN(t + L->hk, L->T), r0 = L->offsets[t];
+#pragma omp barrier
+#pragma omp single
+    {{
+        L->hr0 = r0;
+        for (int64_t i = 0; i < L->nre; ++i)
+            L->re[i]->base = (int64_t)(intptr_t)L->ring + L->re_off[i] - r0 * L->re[i]->row_bytes;
+    }}
+    if (!L->ftiles)
+        cd_hoist_rows_{dt}(L, r0, L->offsets[t1 - 1] + L->steps[t1 - 1], P);
+    else
+        for (int64_t s = t, e; s < t1; s = e) {{
+            for (e = s; e < t1 && !cd_fuses(L, e); ++e)
+                ;
+            if (e > s)
+                cd_hoist_rows_{dt}(L, L->offsets[s], L->offsets[e - 1] + L->steps[e - 1], P);
+            e += e == s;  /* past a fused step */
+        }}
     return t1;
 }}
 

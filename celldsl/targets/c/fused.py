@@ -485,6 +485,8 @@ class FusedCPULoop(TorchLoop):
     # that LSTM (12 steps a chunk), 0.95x for the GRU N=32; LSTM N=128 I=H=512 and N=1 the same chunks
     # (one step; all steps). 2 MB: LSTM N=32 0.98x, but N=128 1.01x (2 steps a chunk).
     ring_bytes = 1536 * 1024
+    # infer's LSTM steps with fused tiles (see _run_chunked); False: the chunks' two GEMMs (A/B runs)
+    fused_steps = True
 
     def __init__(self, plan: Plan, module, lib, gemm_lib=None):
         super().__init__(plan, module)
@@ -519,8 +521,9 @@ class FusedCPULoop(TorchLoop):
         self._natives: dict[torch.dtype, NativeLoop] = {}
         self._plans: dict[tuple, _CallPlan | None] = {}  # signature -> call plan (see _call_plan)
         # what ran last, for tests and `explain`-style questions: "forward"/"backward" -> "native" or
-        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends
-        self.ran: dict[str, tuple[str, ...] | str] = {}
+        # the torch backends of the step products, e.g. ("mm",) ; "hoisted" -> the hoisted backends;
+        # "fused" -> whether infer's chunks ran with fused LSTM steps (_run_chunked)
+        self.ran: dict[str, tuple[str, ...] | str | bool] = {}
         self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
         self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its quick (-Og) build
 
@@ -917,6 +920,7 @@ class FusedCPULoop(TorchLoop):
         computed chunk by chunk into a ring of about ring_bytes: every argument that points into
         them is handed to the loop, which rebases it onto the ring at each chunk."""
         loop, keep = prepared[0], prepared[1]
+        self.ran["fused"] = False
         lo, hi = hoisted.data_ptr(), hoisted.data_ptr() + hoisted.numel() * hoisted.element_size()
         blocks, row = w.shape[0] // H, w.shape[0] * a.element_size()
         k = max(1, min(loop.T, self.ring_bytes // max(1, N * row)))
@@ -939,6 +943,15 @@ class FusedCPULoop(TorchLoop):
         loop.hinit, loop.hblocks, loop.hld = 2 if bias is not None else 0, blocks, w.shape[0]
         loop.hmr, loop.ring, loop.nre = native.gemm.height, ring[2:].data_ptr(), len(rebased)
         loop.re, loop.re_off = ctypes.addressof(ptrs), ctypes.addressof(offs)
+        # the LSTM's shape: one step GEMM adds onto all of the hoisted rows, in the first stage, with
+        # no kernel before it (nothing reads those rows earlier in a step): it may run fused with them
+        # (cd_fused_gemm in targets/c/emit_loop.py). Not the GRU's: its step product has rows of its own.
+        onto = [gi for gi, g in enumerate(gemms) if g.init == 1 and lo <= g.output.base < hi]
+        if self.fused_steps and native.fused_tiles and len(onto) == 1 and gemms[onto[0]].output.base == lo \
+                and gemms[onto[0]].blocks == blocks and self.gemms[onto[0]].stage == 1 \
+                and not self.plan.pointwise_of_stage(0):
+            loop.ftiles, loop.fgemm = native.fused_tiles, onto[0]
+            self.ran["fused"] = True
         native.run_forward(prepared)
         del panels, ring, ptrs, offs
 

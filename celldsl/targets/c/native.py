@@ -34,7 +34,7 @@ class Loop(ctypes.Structure):
                 ("n_states", I64), ("out_state", I64), ("g_out", PTR), ("tiles", PTR), ("width", I64),
                 ("hk", I64), ("hx", PTR), ("hlda", I64), ("hK", I64), ("hpanels", PTR), ("hbias", PTR),
                 ("hinit", I64), ("hblocks", I64), ("hld", I64), ("hmr", I64), ("ring", PTR), ("hr0", I64),
-                ("nre", I64), ("re", PTR), ("re_off", PTR)]
+                ("nre", I64), ("re", PTR), ("re_off", PTR), ("ftiles", PTR), ("fgemm", I64)]
 
 
 class StepGemm(ctypes.Structure):
@@ -58,6 +58,10 @@ class NativeLoop:
         dt = DTYPES[dtype]
         self.gemm = native_gemm(gemm_lib, dtype)
         self.tiles = ctypes.cast(getattr(gemm_lib, f"cd_tiles_{dt}"), PTR).value
+        # None for a GEMM library without it (built without AVX-512, or an older source: bench/cpu.py's
+        # A/B): no fused steps
+        fused = getattr(gemm_lib, f"cd_fused_tiles_{dt}", None)
+        self.fused_tiles = ctypes.cast(fused, PTR).value if fused is not None else None
         self._forward = getattr(lib, f"cd_forward_{dt}")
         self._backward = getattr(lib, f"cd_backward_{dt}")
         for fn in (self._forward, self._backward):
