@@ -165,6 +165,11 @@ class NativeGemm:
         for fn, n in ((self._pack, 9), (self._gemm, 11), (self._repeat, 12), (self._transpose, 7)):
             fn.argtypes = [ctypes.c_int64] * n
             fn.restype = None
+        # None for a library without it (an older GEMM source)
+        self._rows = getattr(lib, f"cd_gemm_rows_{dt}", None)
+        if self._rows is not None:
+            self._rows.argtypes = [ctypes.c_int64] * 12
+            self._rows.restype = None
 
     def panels(self, n: int) -> int:
         return -(-n // self.width)
@@ -198,6 +203,21 @@ class NativeGemm:
             self._repeat(reps, *args)
         else:
             self._gemm(*args)
+
+    @property
+    def has_rows(self) -> bool:
+        return self._rows is not None
+
+    def rows(self, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, init: int = 0,
+             bias: torch.Tensor | None = None, threads: int = 1):
+        """A call with no arguments that computes out (init 0: =, 1: +=, 2: = bias +, 3: += bias +)
+        a @ w.T, w [n, K] read row-major as it is (no packing: a weight that may change between calls),
+        from the memory of these tensors at that time; a, w and out with unit column stride, bias
+        contiguous."""
+        M, K = a.shape
+        return functools.partial(self._rows, M, w.shape[0], K, a.data_ptr(), a.stride(0), w.data_ptr(),
+                                 w.stride(0), out.data_ptr(), out.stride(0), init,
+                                 bias.data_ptr() if bias is not None else 0, threads)
 
     def transpose(self, t: torch.Tensor, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
         """t.T, contiguous (into `out` [c, r] when given); t [r, c] with unit column stride."""
