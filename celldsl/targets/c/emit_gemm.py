@@ -28,9 +28,11 @@ Entry points, for T in float (_f32) and double (_f64):
     cd_transpose_matrix_T(rows, cols, src, lds, dst, ldd, nt)
         dst[j * ldd + i] = src[i * lds + j]: d.T for a weight gradient d.T @ a (targets/c/gemm.py)
 
-    cd_gemm_rows_T(M, n, K, a, lda, w, ldw, c, ldc, init, bias, nt)
-        c[i, j] (init as cd_gemm; 3: += bias[j] +) sum_k a[i * lda + k] * w[j * ldw + k]: the weight as it is,
+    cd_gemm_rows_T(M, n, K, a, lda, w, ldw, c, ldc, init, bias, bias2, nt)
+        c[i, j] (init as cd_gemm; 3: += bias[j] +) (bias2[j] +, if given) sum_k a[i * lda + k] *
+        w[j * ldw + k]: the weight as it is,
         no packing (a streaming step that reads its weights live: targets/c/fused.PreparedStep)
+    cd_gemm_rows_list_T(count, args)         cd_gemm_rows `count` times, 13 arguments each from args
 
     cd_tiles_T(M, K, a, lda, panel, c, ldc, ncols, init, bias)
         rows 0..M of one panel: what the native loop of a cell (targets/c/emit_loop.py) calls per step
@@ -444,7 +446,8 @@ CD_INLINE void cd_sum4_{dt}(const cd_vec_{dt} acc[4], {t} out[4])
 /* c[i, j0..j0+4) for the R rows of a tile, 4 rows of w; U sets of accumulators over k (U = 2: twice
    the independent multiply-add chains, for one or two rows of a) */
 CD_INLINE void cd_rows_tile_{dt}(const int R, const int U, int64_t K, const {t} *a, int64_t lda,
-                                const {t} *w, int64_t ldw, {t} *c, int64_t ldc, int init, const {t} *bias)
+                                const {t} *w, int64_t ldw, {t} *c, int64_t ldc, int init, const {t} *bias,
+                                const {t} *bias2)
 {{
     cd_vec_{dt} acc[2][4][4];
     for (int u = 0; u < U; ++u)
@@ -479,31 +482,35 @@ CD_INLINE void cd_rows_tile_{dt}(const int R, const int U, int64_t K, const {t} 
             for (int64_t kk = k; kk < K; ++kk)
                 s[q] += a[i * lda + kk] * w[q * ldw + kk];
             {t} *out = c + i * ldc + q;
+            if (bias2)
+                s[q] += bias2[q];
             *out = init == 1 ? *out + s[q] : init == 2 ? bias[q] + s[q]
                  : init == 3 ? *out + bias[q] + s[q] : s[q];
         }}
     }}
 }}
 
-/* c (init 0: =, 1: +=, 2: = bias +, 3: += bias +) a [M, K] @ w[n, K].T with w's rows ldw apart:
+/* c (init 0: =, 1: +=, 2: = bias +, 3: += bias +) (bias2 +, unless null) a [M, K] @ w[n, K].T with w's
+   rows ldw apart (two vectors in the kernel: torch's b_ih + b_hh, with no pass of their own):
    blocks of 4 rows of w over nt threads, each block over every tile of up to 4 rows of a (a few
    rows: they stay in the L1 cache). The rows of w past the last whole block, one at a time. */
 void cd_gemm_rows_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, const {t} *w,
-                       int64_t ldw, {t} *c, int64_t ldc, int64_t init, const {t} *bias, int64_t nt)
+                       int64_t ldw, {t} *c, int64_t ldc, int64_t init, const {t} *bias, const {t} *bias2,
+                       int64_t nt)
 {{
     const int64_t blocks = n / 4;
 #pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
     for (int64_t jb = 0; jb < blocks; ++jb) {{
         const int64_t j = jb * 4;
-        const {t} *wj = w + j * ldw, *bj = bias ? bias + j : 0;
+        const {t} *wj = w + j * ldw, *bj = bias ? bias + j : 0, *b2j = bias2 ? bias2 + j : 0;
         for (int64_t i = 0; i < M; i += 4) {{
             const {t} *ai = a + i * lda;
             {t} *ci = c + i * ldc + j;
             switch (CD_MIN(M - i, 4)) {{
-            case 1: cd_rows_tile_{dt}(1, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj); break;
-            case 2: cd_rows_tile_{dt}(2, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj); break;
-            case 3: cd_rows_tile_{dt}(3, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj); break;
-            default: cd_rows_tile_{dt}(4, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj); break;
+            case 1: cd_rows_tile_{dt}(1, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            case 2: cd_rows_tile_{dt}(2, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            case 3: cd_rows_tile_{dt}(3, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            default: cd_rows_tile_{dt}(4, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
             }}
         }}
     }}
@@ -513,8 +520,21 @@ void cd_gemm_rows_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t ld
             for (int64_t k = 0; k < K; ++k)
                 s += a[i * lda + k] * w[j * ldw + k];
             {t} *out = c + i * ldc + j;
+            s += bias2 ? bias2[j] : 0;
             *out = init == 1 ? *out + s : init == 2 ? bias[j] + s : init == 3 ? *out + bias[j] + s : s;
         }}
+}}
+
+/* cd_gemm_rows `count` times, call i's 13 arguments at args[13 * i ...] (pointers as integers): the
+   GEMMs of a streaming step in one call from Python (a ctypes call of 13 arguments costs ~2 us) */
+void cd_gemm_rows_list_{dt}(int64_t count, const int64_t *args)
+{{
+    for (int64_t i = 0; i < count; ++i) {{
+        const int64_t *p = args + 13 * i;
+        cd_gemm_rows_{dt}(p[0], p[1], p[2], (const {t} *)(intptr_t)p[3], p[4], (const {t} *)(intptr_t)p[5],
+                          p[6], ({t} *)(intptr_t)p[7], p[8], p[9], (const {t} *)(intptr_t)p[10],
+                          (const {t} *)(intptr_t)p[11], p[12]);
+    }}
 }}
 """
 

@@ -1253,8 +1253,9 @@ class PreparedStep:
             list(step_w)
         self._held = (bufs, panels, packed_w, step_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
-        self.calls = [self._bound(*p) for p in self._products(loop, plan, bufs, hoisted_w, step_w, vectors,
-                                                              on_states)]
+        self._rows_gemm = cpu_gemm.native_gemm(loop.lib, x.dtype) if loop.lib is not None else None
+        products = self._products(loop, plan, bufs, hoisted_w, step_w, vectors, on_states)
+        self.calls, self._held_views = self._calls([self._bound(*p) for p in products])
         self._views: dict = {}
         self._leads: dict = {}
 
@@ -1290,10 +1291,36 @@ class PreparedStep:
                 products.append((operand, w, bufs["step"][gi], first, added, False, _LiveGemm.of(loop, w, N)))
         return products
 
+    def _calls(self, bound: list) -> tuple[list, list]:
+        """The products' operations in order as calls without arguments, each run of row-major
+        products one native call (cd_gemm_rows_list)."""
+        calls, held, rows = [], [], []
+        for ops, tensors in bound:
+            held += tensors
+            for kind, op in ops:
+                if kind == "rows":
+                    rows.append(op)
+                    continue
+                if rows:
+                    calls.append(self._rows_gemm.rows(rows))
+                    rows = []
+                calls.append(op)
+        if rows:
+            calls.append(self._rows_gemm.rows(rows))
+        return calls, held
+
     @staticmethod
-    def _bound(a, w, out, bias, added, adds, native):
-        """One product of `_products` as a call without arguments, reading w and the vectors as
-        they are at that time."""
+    def _bound(a, w, out, bias, added, adds, native) -> tuple[list, list]:
+        """One product of `_products` as ([("rows", row-major kernel arguments) or ("call", a call
+        without arguments)], the tensors the arguments point into), reading w and the vectors as
+        they are when it runs."""
+        if native is not None and native.rowwise:
+            return _rowwise_segments(a, w, out, bias, added, adds, native)
+        return [("call", PreparedStep._torch_or_packed(a, w, out, bias, added, adds, native))], []
+
+    @staticmethod
+    def _torch_or_packed(a, w, out, bias, added, adds, native):
+        """A product on w packed at the call (native) or torch's GEMM, its vectors added by torch."""
         if native is not None:
             init = 1 if adds else 0 if bias is None else 2
             if adds and added and added[0][0] is out:  # += bias + a @ w.T in one call
@@ -1588,7 +1615,9 @@ class _LiveGemm:
     w packed into panels of its own at every call, then the panel kernel (at N = 32, a 1024 x 256
     weight: ~27 us to pack, ~70 us the product, against ~175 us for torch's and ~135 us row-major)."""
 
-    ROWWISE_ROWS = 12  # measured crossover (one thread, AVX-512): row-major 69 us at 16 rows, packed 27 + 38
+    # measured crossover (one thread, AVX-512, 1024 x 256): row-major 44 us at 8 rows, 64 at 12; packed
+    # 27 + 20 at 8, 27 + 28 at 12
+    ROWWISE_ROWS = 8
 
     def __init__(self, gemm, w: torch.Tensor, rows: int, threads: int):
         self.gemm, self.threads = gemm, threads
@@ -1609,11 +1638,8 @@ class _LiveGemm:
         return cls(cpu_gemm.native_gemm(loop.lib, w.dtype), w, rows, torch.get_num_threads())
 
     def bind(self, a, w, out, init: int, bias):
-        """out (init 0: =, 1: +=, 2: = bias +, 3: += bias +) a @ w.T as a call without arguments, on
-        the memory of these tensors (the caller's buffers, the parameters: a new storage makes a
-        new prepared step) as it is at the call."""
-        if self.rowwise:
-            return self.gemm.rows(a, w, out, init, bias, self.threads)
+        """out (init 0: =, 1: +=, 2: = bias +, 3: += bias +) a @ w.T on w packed at the call, as a
+        call without arguments (the row-major kernel's products: PreparedStep._calls)."""
         n, k = w.shape
 
         def run():
@@ -1622,3 +1648,27 @@ class _LiveGemm:
             if init == 3:
                 out.add_(bias)
         return run
+
+
+def _rowwise_segments(a, w, out, bias, added, adds: bool, native: _LiveGemm) -> list:
+    """out (=, or += where adds) a @ w.T + its vectors (bias over all columns, added over some) as
+    products of the row-major kernel (NativeGemm.rows_call), one per run of columns that the same
+    vectors cover, each taking two vectors itself (torch's b_ih + b_hh: no pass of their own); a
+    third, if any, is added after by torch. -> [("rows", arguments) or ("call", callable)] and the
+    tensors the arguments point into."""
+    size = out.element_size()
+    terms = [(0, out.shape[1], bias)] if bias is not None else []
+    for cols, v in added:
+        start = (cols.data_ptr() - out.data_ptr()) // size
+        terms.append((start, start + cols.shape[1], v))
+    cuts = sorted({0, out.shape[1], *[t[0] for t in terms], *[t[1] for t in terms]})
+    ops, held = [], []
+    for p, q in zip(cuts, cuts[1:], strict=False):
+        vs = [v[p - s : q - s] for s, e, v in terms if s <= p and q <= e]
+        cols = out[:, p:q]
+        held += [w[p:q], cols, *vs]
+        init = (1 if adds else 0) if not vs else (3 if adds else 2)
+        ops.append(("rows", native.gemm.rows_call(a, w[p:q], cols, init, vs[0] if vs else None,
+                                                  native.threads, vs[1] if len(vs) > 1 else None)))
+        ops += [("call", functools.partial(torch.Tensor.add_, cols, v)) for v in vs[2:]]
+    return ops, held
