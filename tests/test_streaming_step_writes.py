@@ -16,6 +16,7 @@ from torch import nn
 import celldsl
 from celldsl.ops.function import loop_for
 from celldsl.targets.c import fused
+from celldsl.targets.c import gemm as cpu_gemm
 
 I, H = 24, 21  # H: the GEMM kernels' tails (rows of w past a block of 4, k past a vector) run too
 MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
@@ -184,3 +185,35 @@ def test_flatten_parameters_is_not_needed_after_a_write_torch_does_not_count(mon
         assert not torch.allclose(got, before)
         ours.flatten_parameters()
         assert torch.equal(ours(x, h), got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_row_major_kernel_against_torch(dtype):
+    """cd_gemm_rows (targets/c/emit_gemm.py), the streaming step's GEMM on a weight as it is: every
+    row count of a tile and past it, the tails (rows of w past a block of 4, k past a vector), each
+    init, a second vector, strided rows (views of a larger tensor), one and two threads, several
+    products in one call, against torch in float64."""
+    lib, why = fused.build_gemm_library()
+    if lib is None:
+        pytest.fail(f"the GEMM library did not build: {why}")
+    gemm = cpu_gemm.native_gemm(lib, dtype)
+    gen = torch.Generator().manual_seed(0)
+    tol = TOL[dtype] if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for M, n, K in [(1, 1, 1), (1, 84, 24), (2, 63, 21), (3, 5, 33), (4, 8, 16), (5, 13, 100), (8, 64, 7),
+                    (9, 20, 64), (1, 3, 0)]:
+        a = torch.randn(M, K + 3, generator=gen, dtype=dtype)[:, 1 : K + 1]  # rows K + 3 apart
+        w = torch.randn(n + 2, K + 5, generator=gen, dtype=dtype)[1 : n + 1, 2 : K + 2]
+        b1, b2 = torch.randn(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype)
+        for init in range(4):
+            for bias2 in (None, b2):
+                for threads in (1, 2):
+                    out = torch.randn(M, n + 4, generator=gen, dtype=dtype)[:, 2 : n + 2]
+                    want = (out.clone() if init in (1, 3) else 0) + (b1 if init in (2, 3) else 0) \
+                        + (0 if bias2 is None else bias2) + a @ w.t()
+                    # the same product twice in one call: += twice where it adds
+                    again = init in (1, 3)
+                    calls = [cpu_gemm.NativeGemm.rows_call(a, w, out, init, b1, threads, bias2)] * (1 + again)
+                    gemm.rows(calls)()
+                    if again:
+                        want = want + (b1 if init == 3 else 0) + (0 if bias2 is None else bias2) + a @ w.t()
+                    torch.testing.assert_close(out, want, **tol, msg=lambda m, c=(M, n, K, init): f"{c}: {m}")
