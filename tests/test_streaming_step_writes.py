@@ -54,24 +54,41 @@ def flat(r):
     return [t for item in r for t in flat(item)]
 
 
-def refuse_the_op(monkeypatch, cell):
-    """From now on the op's loop must not run: every call replays the prepared step."""
-    loop = loop_for(cell.compiled.key, "cpu")
-    if not isinstance(loop, fused.FusedCPULoop):
-        pytest.fail(f"the C kernels did not build: {fused.build_library(cell.compiled)[1]}")
+class Guard:
+    """While on (`with guard:`), the op's loop of these cells must not run (forward: the full path
+    under autograd, infer: without): every call replays the prepared step. Off, the references'
+    full paths run on the same loops."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the op's loop ran: the prepared step was not replayed")
+    def __init__(self, monkeypatch, *cells):
+        self.on = False
+        for cell in cells:
+            loop = loop_for(cell.compiled.key, "cpu")
+            if not isinstance(loop, fused.FusedCPULoop):
+                pytest.fail(f"the C kernels did not build: {fused.build_library(cell.compiled)[1]}")
+            for name in ("forward", "infer"):
+                monkeypatch.setattr(loop, name, self._guarded(getattr(loop, name)))
 
-    monkeypatch.setattr(loop, "forward", refuse)
+    def _guarded(self, method):
+        def run(*args, **kwargs):
+            if self.on:
+                raise AssertionError("the op's loop ran: the prepared step was not replayed")
+            return method(*args, **kwargs)
+        return run
+
+    def __enter__(self):
+        self.on = True
+
+    def __exit__(self, *exc):
+        self.on = False
 
 
-def written(ours, ref, call, want_of, mode, dtype):
+def written(ours, ref, call, want_of, mode, dtype, guard):
     """Each write on each parameter of `ours` (and of `ref`, when given), one after the other, each
-    between two replayed calls: the call after it must give want_of()'s numbers."""
+    between two replayed calls (`guard`: no call of ours runs the op): the call after it must give
+    want_of()'s numbers."""
     gen = torch.Generator().manual_seed(1)
     names = [n for n, _ in ours.named_parameters()]
-    with MODES[mode]():
+    with MODES[mode](), guard:
         call(ours)
         call(ours)  # the prepared step, replayed
     for write in WRITES:
@@ -81,7 +98,7 @@ def written(ours, ref, call, want_of, mode, dtype):
             write(p, new)
             if ref is not None:
                 write(ref.get_parameter(name), new)
-            with MODES[mode]():
+            with MODES[mode](), guard:
                 got = flat(call(ours))
             want = flat(want_of())
             for g, w in zip(got, want, strict=True):
@@ -107,8 +124,7 @@ def test_a_cell_sees_every_write_without_autograd(name, n, dtype, mode, monkeypa
     x, hx = torch.randn(n, I, dtype=dtype), nonzero_state(name, n, dtype)
     with MODES[mode]():
         ours(x, hx)
-    refuse_the_op(monkeypatch, ours)
-    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype)
+    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype, Guard(monkeypatch, ours))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -125,9 +141,8 @@ def test_a_layer_on_one_step_sees_every_write_without_autograd(name, layers, n, 
     x, hx = torch.randn(1, n, I, dtype=dtype), nonzero_state(name, n, dtype, layers)
     with MODES[mode]():
         ours(x, hx)
-    for k in range(layers):
-        refuse_the_op(monkeypatch, ours.cell(k))
-    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype)
+    guard = Guard(monkeypatch, *[ours.cell(k) for k in range(layers)])
+    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype, guard)
 
 
 # the zoo: a step GEMM inside the step (mut1, mut3, vanilla_rnn, gru_cho: packed again at every call),
@@ -154,7 +169,7 @@ def test_a_zoo_cell_sees_every_write_without_autograd(cell, dtype, n, mode, monk
     given = state[0] if len(state) == 1 else tuple(state)
     with MODES[mode]():
         ours(x, given)
-    refuse_the_op(monkeypatch, ours)
+    guard = Guard(monkeypatch, ours)
 
     def full_path():
         fresh = celldsl.Cell(cell, H, H, dtype=dtype)
@@ -163,7 +178,7 @@ def test_a_zoo_cell_sees_every_write_without_autograd(cell, dtype, n, mode, monk
             out, news = fresh._step(x, list(state), {}, prepared=False)
         return [out, *news]
 
-    written(ours, None, lambda m: m(x, given), full_path, mode, dtype)
+    written(ours, None, lambda m: m(x, given), full_path, mode, dtype, guard)
 
 
 def test_flatten_parameters_is_not_needed_after_a_write_torch_does_not_count(monkeypatch):
@@ -217,3 +232,34 @@ def test_the_row_major_kernel_against_torch(dtype):
                     if again:
                         want = want + (b1 if init == 3 else 0) + (0 if bias2 is None else bias2) + a @ w.t()
                     torch.testing.assert_close(out, want, **tol, msg=lambda m, c=(M, n, K, init): f"{c}: {m}")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bias_false_unbatched_and_a_stacked_zoo_layer_see_writes(mode, monkeypatch):
+    """The same writes on torch.nn.LSTMCell(bias=False) with an unbatched input, and on a
+    two-layer Recurrent of the zoo's gru_cho (a step GEMM inside the step, op weights that are blocks
+    of several parameters) on T = 1, float64, against the full path of a fresh layer."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    torch.manual_seed(0)
+    dtype = torch.float64
+    ref = nn.LSTMCell(I, H, bias=False, dtype=dtype)
+    ours = celldsl.LSTMCell(I, H, bias=False, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x, hx = torch.randn(I, dtype=dtype), (torch.randn(H, dtype=dtype), torch.randn(H, dtype=dtype))
+    with MODES[mode]():
+        ours(x, hx)
+    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype, Guard(monkeypatch, ours))
+
+    layer = celldsl.Recurrent("gru_cho", H, H, num_layers=2, dtype=dtype)
+    x, h0 = torch.randn(1, 5, H, dtype=dtype), torch.randn(2, 5, H, dtype=dtype)
+    with MODES[mode]():
+        layer(x, h0)
+    guard = Guard(monkeypatch, layer.cell(0), layer.cell(1))
+
+    def full_path():
+        fresh = celldsl.Recurrent("gru_cho", H, H, num_layers=2, dtype=dtype)
+        fresh.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            return fresh._run(x, h0, {})
+
+    written(layer, None, lambda m: m(x, h0), full_path, mode, dtype, guard)
