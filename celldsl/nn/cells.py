@@ -129,9 +129,11 @@ class _Step:
         """The op tensors `derived` (not views of parameters: a combination, blocks of several
         parameters) computed again from the parameters as they are, into the tensors the prepared
         step reads (`held`: its op parameter list)."""
-        fresh = op_params(self.compiled, self._stored(like=like), self._sizes(), like=like)
+        fresh = op_params(self.compiled, self._stored(like=like), self._sizes(), like=like,
+                          into={i: held[i] for i in derived})
         for i in derived:
-            held[i].copy_(fresh[i])
+            if fresh[i] is not held[i]:
+                held[i].copy_(fresh[i])
 
     def _train_call(self, step, layout, names, input, given, leads, distinct):
         """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of

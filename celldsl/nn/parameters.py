@@ -103,13 +103,17 @@ def checked_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]
 
 
 def op_params(
-    cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int], like: torch.Tensor
+    cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int], like: torch.Tensor,
+    into: dict[int, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The op's flat parameter list (concatenated hoisted and step GEMM weights, vectors, scalars:
     TorchLoop's argument order) from the stored tensors by store name. A combination of matrices
     (`(W - Wᵀ - gamma * eye) @ h`) is built here from its parts, so autograd takes the weight's
     gradient through it; blocks with heads stack to [G, NH, d, d] (targets/gemm.py). `like` (the
-    input) gives the identity's dtype and device: a cell may have no stored tensor at all."""
+    input) gives the identity's dtype and device: a cell may have no stored tensor at all. into:
+    {index in the list: tensor} for GEMM weights made of blocks, written block by block into that
+    tensor (a streaming step's copy, made again at every call: nn/cells._Step._refresh) rather than
+    concatenated into a new one."""
     members = {m: (store, tensors[store.name]) for store in stores_of(cell) for m in store.members}
     products = {p.symbol: p for p in cell.ir.products.values()}
 
@@ -132,17 +136,23 @@ def op_params(
             total = part if total is None else total + part
         return total
 
-    def gemm_weight(gemm):
+    def gemm_weight(gemm, out=None):
         store, tensor = members.get(gemm.params[0], (None, None))
         if store is not None and store.members == gemm.params and not store.heads:
             return tensor
         blocks = [weight(products[sym]) for sym in gemm.products]
-        return torch.stack(blocks) if blocks[0].dim() == 3 else torch.cat(blocks)
+        if out is None:
+            return torch.stack(blocks) if blocks[0].dim() == 3 else torch.cat(blocks)
+        parts = out.unbind(0) if blocks[0].dim() == 3 else out.split([b.shape[0] for b in blocks])
+        for part, block in zip(parts, blocks, strict=True):
+            part.copy_(block)
+        return out
 
-    plan, params = cell.plan, cell.ir.params
+    plan, params, into = cell.plan, cell.ir.params, into or {}
+    nh = len(plan.hoisted)
     return (
-        [gemm_weight(g) for g in plan.hoisted]
-        + [gemm_weight(g) for g in plan.gemms]
+        [gemm_weight(g, into.get(i)) for i, g in enumerate(plan.hoisted)]
+        + [gemm_weight(g, into.get(nh + i)) for i, g in enumerate(plan.gemms)]
         + [view(n) for n, p in params.items() if p.kind == "vector"]
         + [view(n) for n, p in params.items() if p.kind == "scalar"]
     )
