@@ -177,8 +177,8 @@ class _Step:
             self._check(x, states)
             backend = resolve_backend(self.backend, x)
             sizes = self._sizes()
-            stored = self._stored(like=x)
-            params = op_params(compiled, stored, sizes, like=x)
+            stored, blocks = self._stored(like=x), {}
+            params = op_params(compiled, stored, sizes, like=x, blocks=blocks)
             loop = loop_for(compiled.key, backend)
             prepare = getattr(loop, "prepare_train_step" if train else "prepare_step", None)
             if prepare is None:
@@ -191,9 +191,14 @@ class _Step:
                 return None
             if not train:
                 bases = {id(t) for t in stored.values()}
-                derived = [i for i, q in enumerate(params)
-                           if id(q if q._base is None else q._base) not in bases]
-                return step, params, derived
+
+                def viewed(q):
+                    return id(q if q._base is None else q._base) in bases
+                derived = [i for i, q in enumerate(params) if not viewed(q)]
+                # a weight made of blocks that are views: the step reads them where it can
+                live = step.read_blocks({i: blocks[i] for i in derived
+                                         if i in blocks and all(viewed(b) for b in blocks[i])})
+                return step, params, [i for i in derived if i not in live]
             names = [s.name for s in stores_of(compiled) if self._parameters.get(s.name) is not None]
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:

@@ -1254,16 +1254,17 @@ class PreparedStep:
         self._held = (bufs, panels, packed_w, step_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
         self._rows_gemm = cpu_gemm.native_gemm(loop.lib, x.dtype) if loop.lib is not None else None
-        products = self._products(loop, plan, bufs, hoisted_w, step_w, vectors, on_states)
-        self.calls, self._held_views = self._calls([self._bound(*p) for p in products])
+        self._made = self._products(loop, plan, bufs, hoisted_w, step_w, vectors, on_states)
+        self.calls, self._held_views = self._calls([self._bound(*p) for _i, p in self._made])
         self._views: dict = {}
         self._leads: dict = {}
 
     def _products(self, loop, plan, bufs, hoisted_w, step_w, vectors, on_states) -> list:
-        """The GEMMs run before the native call, each (operand, live weight w [n, k], output, bias or
-        None, [(output columns, live vector)] added after, whether it adds onto its output, the
-        native GEMM (`_LiveGemm`) or None for torch's): the hoisted ones, then the step ones on a
-        state (whose operands are the initial states)."""
+        """The GEMMs run before the native call, each (the weight's index in the op's parameter
+        list, (operand, live weight w [n, k], output, bias or None, [(output columns, live vector)]
+        added after, whether it adds onto its output, the native GEMM (`_LiveGemm`) or None for
+        torch's)): the hoisted ones, then the step ones on a state (whose operands are the initial
+        states)."""
         N = self.x.shape[1]
         # per GEMM: (a live vector covering its bias or None, [(its output's columns, a live vector)])
         biases = {key: self._bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out)
@@ -1272,8 +1273,8 @@ class PreparedStep:
                   if key in loop.folded_blocks}
         products = []
         for gi, (a, w, out) in enumerate(zip(self.hoisted_x, hoisted_w, self.hoisted_out, strict=True)):
-            products.append((a, w, out, *biases.get(("hoisted", gi), (None, [])), False,
-                             _LiveGemm.of(loop, w, N)))
+            products.append((gi, (a, w, out, *biases.get(("hoisted", gi), (None, [])), False,
+                                  _LiveGemm.of(loop, w, N))))
         self.step_operands = []
         for gi, w in enumerate(step_w):
             operand = self.states[loop.gemm_operands[gi][1]] if gi in on_states else None
@@ -1286,9 +1287,10 @@ class PreparedStep:
                 start = plan.hoisted_blocks[hi][block]
                 out = self.hoisted_out[hi][:, start : start + w.shape[0]]
                 added = [(out, first), *added] if first is not None else added
-                products.append((operand, w, out, None, added, True, _LiveGemm.of(loop, w, N)))
+                product = (operand, w, out, None, added, True, _LiveGemm.of(loop, w, N))
             else:
-                products.append((operand, w, bufs["step"][gi], first, added, False, _LiveGemm.of(loop, w, N)))
+                product = (operand, w, bufs["step"][gi], first, added, False, _LiveGemm.of(loop, w, N))
+            products.append((len(hoisted_w) + gi, product))
         return products
 
     def _calls(self, bound: list) -> tuple[list, list]:
@@ -1309,13 +1311,31 @@ class PreparedStep:
             calls.append(self._rows_gemm.rows(rows))
         return calls, held
 
+    def read_blocks(self, blocks: dict[int, list[torch.Tensor]]) -> set[int]:
+        """Weights given as their row blocks ({index in the op's parameter list: [blocks]}, views of
+        the module's parameters: the weight is their concatenation, a copy) read block by block,
+        live, where every product on them is row-major and none runs in the native call -> the
+        indices now read live: their copy is no longer read, and needs no refreshing."""
+        in_loop = {len(self._hoisted_w) + gi for gi, *_rest in self.in_loop}
+        live = set()
+        for i, parts in blocks.items():
+            uses = [p for j, p in self._made if j == i]
+            if uses and i not in in_loop and all(p[6] is not None and p[6].rowwise for p in uses) \
+                    and all(b.dim() == 2 and b.stride(1) == 1 for b in parts):
+                live.add(i)
+        if live:
+            self._blocks = {i: blocks[i] for i in live}
+            self.calls, self._held_views = self._calls([self._bound(*p, blocks=self._blocks.get(i))
+                                                        for i, p in self._made])
+        return live
+
     @staticmethod
-    def _bound(a, w, out, bias, added, adds, native) -> tuple[list, list]:
+    def _bound(a, w, out, bias, added, adds, native, blocks=None) -> tuple[list, list]:
         """One product of `_products` as ([("rows", row-major kernel arguments) or ("call", a call
-        without arguments)], the tensors the arguments point into), reading w and the vectors as
-        they are when it runs."""
+        without arguments)], the tensors the arguments point into), reading w (or its row blocks,
+        where given) and the vectors as they are when it runs."""
         if native is not None and native.rowwise:
-            return _rowwise_segments(a, w, out, bias, added, adds, native)
+            return _rowwise_segments(a, w, out, bias, added, adds, native, blocks)
         return [("call", PreparedStep._torch_or_packed(a, w, out, bias, added, adds, native))], []
 
     @staticmethod
@@ -1650,25 +1670,34 @@ class _LiveGemm:
         return run
 
 
-def _rowwise_segments(a, w, out, bias, added, adds: bool, native: _LiveGemm) -> list:
+def _rowwise_segments(a, w, out, bias, added, adds: bool, native: _LiveGemm, blocks=None) -> list:
     """out (=, or += where adds) a @ w.T + its vectors (bias over all columns, added over some) as
     products of the row-major kernel (NativeGemm.rows_call), one per run of columns that the same
     vectors cover, each taking two vectors itself (torch's b_ih + b_hh: no pass of their own); a
     third, if any, is added after by torch. -> [("rows", arguments) or ("call", callable)] and the
-    tensors the arguments point into."""
+    tensors the arguments point into. blocks: w's rows as views of other tensors, read in their
+    place (a run of columns never spans two)."""
     size = out.element_size()
+    starts = [0]
+    for b in blocks or []:
+        starts.append(starts[-1] + b.shape[0])
     terms = [(0, out.shape[1], bias)] if bias is not None else []
     for cols, v in added:
         start = (cols.data_ptr() - out.data_ptr()) // size
         terms.append((start, start + cols.shape[1], v))
-    cuts = sorted({0, out.shape[1], *[t[0] for t in terms], *[t[1] for t in terms]})
+    cuts = sorted({0, out.shape[1], *[t[0] for t in terms], *[t[1] for t in terms], *starts})
     ops, held = [], []
     for p, q in zip(cuts, cuts[1:], strict=False):
         vs = [v[p - s : q - s] for s, e, v in terms if s <= p and q <= e]
         cols = out[:, p:q]
-        held += [w[p:q], cols, *vs]
+        if blocks:
+            k = max(j for j, start in enumerate(starts[:-1]) if start <= p)
+            rows = blocks[k][p - starts[k] : q - starts[k]]
+        else:
+            rows = w[p:q]
+        held += [rows, cols, *vs]
         init = (1 if adds else 0) if not vs else (3 if adds else 2)
-        ops.append(("rows", native.gemm.rows_call(a, w[p:q], cols, init, vs[0] if vs else None,
+        ops.append(("rows", native.gemm.rows_call(a, rows, cols, init, vs[0] if vs else None,
                                                   native.threads, vs[1] if len(vs) > 1 else None)))
         ops += [("call", functools.partial(torch.Tensor.add_, cols, v)) for v in vs[2:]]
     return ops, held
