@@ -80,9 +80,11 @@ class _Step:
         storage, shape, strides) stay the same, so a call that repeats the last one's signature
         skips the checks it already passed. Both steps read the parameters' values live at every
         call (nothing computed from them is kept), so a write torch does not count (`p.data.mul_()`,
-        numpy) is seen as in torch.nn; an op weight that is not a view of a parameter (a
-        combination such as W - Wᵀ, blocks of several parameters) is computed again before every
-        call without autograd (`_refresh`), and under autograd such a cell takes the full path.
+        numpy) is seen as in torch.nn. Without autograd, an op weight that is not a view of a
+        parameter is read as its blocks where they are views and the step's products on it are
+        row-major (PreparedStep.read_blocks: blocks of several parameters), else computed again
+        before every call (`_refresh`: a combination such as W - Wᵀ); under autograd such a cell
+        takes the full path.
 
         layer=(lead, out_lead): a layer's one step (nn/stack.py): input [1, N, I] or [N, 1, I],
         the states [N, H] or [1, N, H]; the new states come shaped lead + (width,), the output

@@ -1216,8 +1216,9 @@ class PreparedStep:
     value computed inside the step (`in_loop`) stays in the native call, its weight packed again and
     its bias added up again at every call. So a write torch does not count (`p.data.mul_()`, numpy,
     WGAN clipping, a target network's soft update) is seen at the next call. Its owner
-    (nn/cells.py) makes a new one when a parameter's storage, shape or strides change, and refreshes
-    the op tensors that are not views of parameters (a weight combination) before each call."""
+    (nn/cells.py) makes a new one when a parameter's storage, shape or strides change; an op weight
+    that is no view of a parameter is a copy: made of blocks that are views, the step reads the blocks
+    in its place where it can (`read_blocks`), else the owner makes the copy again before each call."""
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         self.x = torch.empty(x.shape, dtype=x.dtype)
