@@ -65,20 +65,26 @@ class _Step:
         return "hidden" if len(self.compiled.states) == 1 else f"hx[{i}]"
 
     def flatten_parameters(self) -> None:
-        """Forget the prepared step (see `_replayed`). Not needed after anything torch counts
-        (optimizer steps, in-place ops, `.data =`, load_state_dict, `.to()`); call it after writing
-        the weights' memory behind torch's back (through numpy, ctypes or shared memory)."""
+        """Forget the prepared step (see `_replayed`): the next call makes it again, after all the
+        full path's checks. Never needed for the numbers: the prepared step reads the parameters
+        live at every call, so any write into them (in place, through `.data`, numpy, ctypes or
+        shared memory) is seen at the next call; kept for torch.nn's API."""
         _PREPARED.pop(self, None)
 
     def _replayed(self, input, given: list[torch.Tensor] | None, layer: tuple | None = None):
-        """(output, new states) of a call from the loop's prepared step (weights packed, biases added,
-        kernel arguments bound: targets/c/fused.PreparedStep; under autograd PreparedTrainStep, its
-        backward prepared too, through nn/prepared.PreparedCall), or None: then the full path runs,
-        with all its checks. The step is made by that full path's checks and kept while the call's
-        shapes, dtypes, devices, which tensors need a gradient, and the parameters (object,
-        storage, strides and, without autograd, `_version`, which every in-place write and
-        optimizer step bumps: the step under autograd reads the weights live) stay the same, so a
-        call that repeats the last one's signature skips the checks it already passed.
+        """(output, new states) of a call from the loop's prepared step (kernel arguments bound:
+        targets/c/fused.PreparedStep; under autograd PreparedTrainStep, its backward prepared too,
+        through nn/prepared.PreparedCall), or None: then the full path runs, with all its checks.
+        The step is made by that full path's checks and kept while the call's shapes, dtypes,
+        devices, which tensors need a gradient, inference mode, and the parameters (object,
+        storage, shape, strides) stay the same, so a call that repeats the last one's signature
+        skips the checks it already passed. Both steps read the parameters' values live at every
+        call (nothing computed from them is kept), so a write torch does not count (`p.data.mul_()`,
+        numpy) is seen as in torch.nn. Without autograd, an op weight that is not a view of a
+        parameter is read as its blocks where they are views and the step's products on it are
+        row-major (PreparedStep.read_blocks: blocks of several parameters), else computed again
+        before every call (`_refresh`: a combination such as W - Wᵀ); under autograd such a cell
+        takes the full path.
 
         layer=(lead, out_lead): a layer's one step (nn/stack.py): input [1, N, I] or [N, 1, I],
         the states [N, H] or [1, N, H]; the new states come shaped lead + (width,), the output
@@ -91,12 +97,11 @@ class _Step:
                                              any(p is not None and p.requires_grad for p in params))
         try:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
-                   torch.get_num_threads(),
+                   torch.get_num_threads(), torch.is_inference_mode_enabled(),
                    *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
-                   *[p if p is None else (id(p), p.data_ptr(), 0 if train else p._version, p.shape,
-                                          p.stride(), p.requires_grad)
+                   *[p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.requires_grad)
                      for p in params])
-        except RuntimeError:  # inference tensors have no version counter: no prepared step for them
+        except RuntimeError:  # a tensor without storage (meta, a wrapper subclass): the full path
             return None
         entries = _PREPARED.get(self)
         if entries is None:
@@ -117,7 +122,20 @@ class _Step:
                 out_lead = lead
         if train:
             return self._train_call(*step, input, tensors[1:], (lead, out_lead), distinct)
+        step, held, derived = step
+        if derived:
+            self._refresh(held, derived, input)
         return step(input, tensors[1:], distinct, lead, out_lead)
+
+    def _refresh(self, held: list[torch.Tensor], derived: list[int], like: torch.Tensor) -> None:
+        """The op tensors `derived` (not views of parameters: a combination, blocks of several
+        parameters) computed again from the parameters as they are, into the tensors the prepared
+        step reads (`held`: its op parameter list)."""
+        fresh = op_params(self.compiled, self._stored(like=like), self._sizes(), like=like,
+                          into={i: held[i] for i in derived})
+        for i in derived:
+            if fresh[i] is not held[i]:
+                held[i].copy_(fresh[i])
 
     def _train_call(self, step, layout, names, input, given, leads, distinct):
         """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of
@@ -140,8 +158,10 @@ class _Step:
         return [*[n.reshape(*lead, n.shape[-1]) for n in news], out.reshape(*out_lead, out.shape[-1])]
 
     def _prepare(self, input, given, train: bool = False, layer: bool = False):
-        """The prepared step for these arguments, or None (they fail a check, or the loop has none);
-        under autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters).
+        """The prepared step for these arguments, or None (they fail a check, or the loop has none):
+        without autograd (PreparedStep, the op parameters it reads, the indices of those that are
+        not views of a stored tensor: `_refresh` computes them again before every call); under
+        autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters).
         layer: a layer's step (input [1, N, I] or [N, 1, I]: `_replayed`), checked as [N, I]."""
         compiled = self.compiled
         if layer:
@@ -159,7 +179,8 @@ class _Step:
             self._check(x, states)
             backend = resolve_backend(self.backend, x)
             sizes = self._sizes()
-            params = op_params(compiled, self._stored(like=x), sizes, like=x)
+            stored, blocks = self._stored(like=x), {}
+            params = op_params(compiled, stored, sizes, like=x, blocks=blocks)
             loop = loop_for(compiled.key, backend)
             prepare = getattr(loop, "prepare_train_step" if train else "prepare_step", None)
             if prepare is None:
@@ -168,8 +189,18 @@ class _Step:
                      for n in compiled.states[len(states):]]
             split = split_params(loop, params)
             step = prepare(x[None], [*states, *zeros], *split)
-            if not train or step is None:
-                return step
+            if step is None:
+                return None
+            if not train:
+                bases = {id(t) for t in stored.values()}
+
+                def viewed(q):
+                    return id(q if q._base is None else q._base) in bases
+                derived = [i for i, q in enumerate(params) if not viewed(q)]
+                # a weight made of blocks that are views: the step reads them where it can
+                live = step.read_blocks({i: blocks[i] for i in derived
+                                         if i in blocks and all(viewed(b) for b in blocks[i])})
+                return step, params, [i for i in derived if i not in live]
             names = [s.name for s in stores_of(compiled) if self._parameters.get(s.name) is not None]
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:

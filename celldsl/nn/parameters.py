@@ -103,13 +103,18 @@ def checked_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]
 
 
 def op_params(
-    cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int], like: torch.Tensor
+    cell: CompiledCell, tensors: dict[str, torch.Tensor], sizes: dict[str, int], like: torch.Tensor,
+    into: dict[int, torch.Tensor] | None = None, blocks: dict[int, list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """The op's flat parameter list (concatenated hoisted and step GEMM weights, vectors, scalars:
     TorchLoop's argument order) from the stored tensors by store name. A combination of matrices
     (`(W - Wᵀ - gamma * eye) @ h`) is built here from its parts, so autograd takes the weight's
     gradient through it; blocks with heads stack to [G, NH, d, d] (targets/gemm.py). `like` (the
-    input) gives the identity's dtype and device: a cell may have no stored tensor at all."""
+    input) gives the identity's dtype and device: a cell may have no stored tensor at all. into:
+    {index in the list: tensor} for GEMM weights made of blocks, written block by block into that
+    tensor (a streaming step's copy, made again at every call: nn/cells._Step._refresh) rather than
+    concatenated into a new one. blocks: a dict that receives, by index, the blocks of each GEMM
+    weight made of blocks (views of the stored tensors, or combinations), in order."""
     members = {m: (store, tensors[store.name]) for store in stores_of(cell) for m in store.members}
     products = {p.symbol: p for p in cell.ir.products.values()}
 
@@ -132,17 +137,26 @@ def op_params(
             total = part if total is None else total + part
         return total
 
-    def gemm_weight(gemm):
+    def gemm_weight(gemm, index):
         store, tensor = members.get(gemm.params[0], (None, None))
         if store is not None and store.members == gemm.params and not store.heads:
             return tensor
-        blocks = [weight(products[sym]) for sym in gemm.products]
-        return torch.stack(blocks) if blocks[0].dim() == 3 else torch.cat(blocks)
+        made = [weight(products[sym]) for sym in gemm.products]
+        if blocks is not None:
+            blocks[index] = made
+        out = into.get(index)
+        if out is None:
+            return torch.stack(made) if made[0].dim() == 3 else torch.cat(made)
+        parts = out.unbind(0) if made[0].dim() == 3 else out.split([b.shape[0] for b in made])
+        for part, block in zip(parts, made, strict=True):
+            part.copy_(block)
+        return out
 
-    plan, params = cell.plan, cell.ir.params
+    plan, params, into = cell.plan, cell.ir.params, into or {}
+    nh = len(plan.hoisted)
     return (
-        [gemm_weight(g) for g in plan.hoisted]
-        + [gemm_weight(g) for g in plan.gemms]
+        [gemm_weight(g, i) for i, g in enumerate(plan.hoisted)]
+        + [gemm_weight(g, nh + i) for i, g in enumerate(plan.gemms)]
         + [view(n) for n, p in params.items() if p.kind == "vector"]
         + [view(n) for n, p in params.items() if p.kind == "scalar"]
     )

@@ -28,6 +28,12 @@ Entry points, for T in float (_f32) and double (_f64):
     cd_transpose_matrix_T(rows, cols, src, lds, dst, ldd, nt)
         dst[j * ldd + i] = src[i * lds + j]: d.T for a weight gradient d.T @ a (targets/c/gemm.py)
 
+    cd_gemm_rows_T(M, n, K, a, lda, w, ldw, c, ldc, init, bias, bias2, nt)
+        c[i, j] (init as cd_gemm; 3: += bias[j] +) (bias2[j] +, if given) sum_k a[i * lda + k] *
+        w[j * ldw + k]: the weight as it is,
+        no packing (a streaming step that reads its weights live: targets/c/fused.PreparedStep)
+    cd_gemm_rows_list_T(count, args)         cd_gemm_rows `count` times, 13 arguments each from args
+
     cd_tiles_T(M, K, a, lda, panel, c, ldc, ncols, init, bias)
         rows 0..M of one panel: what the native loop of a cell (targets/c/emit_loop.py) calls per step
     cd_fused_tiles_T(M, K1, a1, lda1, panel1, bias, K2, a2, lda2, panel2, c, ldc, ncols)
@@ -461,6 +467,153 @@ void cd_gemm_repeat_{dt}(int64_t reps, int64_t M, int64_t n, int64_t K, const {t
 {{
     for (int64_t r = 0; r < reps; ++r)
         cd_gemm_{dt}(M, n, K, a, lda, panels, c, ldc, init, bias, nt);
+}}
+
+/* ---- the weight read row-major, as it is (no packing): for a step of a few rows whose weight may
+   have changed since the last call (a prepared streaming step reads the parameters live:
+   targets/c/fused.py PreparedStep). c[i, j] (init 0: =, 1: +=, 2: = bias[j] +) sum_k a[i, k] * w[j, k]:
+   a tile of R rows of a and 4 rows of w keeps R x 4 (x U) vectors summed over k, each the partial sums
+   of one output; a fold tree (cd_fold) then adds them up, 4 outputs per vector, so an output costs
+   about two vector operations, not one per lane. ---- */
+#ifndef CD_INT_f32  /* the lane index of a shuffle mask, as wide as a lane (defined once, for both types) */
+#define CD_INT_f32 int32_t
+#define CD_INT_f64 int64_t
+#endif
+typedef CD_INT_{dt} cd_mask_{dt} __attribute__((vector_size(CD_VECTOR_BYTES)));
+
+/* x and y each hold segments of 2b lanes, the partial sums of one output per segment: the result holds
+   x's segments, then y's, each folded to b lanes (its first half plus its second). */
+#ifndef __clang__
+CD_INLINE cd_vec_{dt} cd_fold_{dt}(cd_vec_{dt} x, cd_vec_{dt} y, const int b)
+{{
+    /* the masks from constants only, so that the compiler folds them (a loop over lanes stayed one) */
+    static const CD_INT_{dt} iota[16] = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}};
+    cd_mask_{dt} l, m1, m2;
+    memcpy(&l, iota, sizeof l);
+    const int half = CD_W_{dt} / 2;
+    const cd_mask_{dt} off = (l >= half) & CD_W_{dt}, j = l % half;
+    m1 = off + j / b * (2 * b) + j % b;
+    m2 = m1 + b;
+    return __builtin_shuffle(x, y, m1) + __builtin_shuffle(x, y, m2);
+}}
+#endif
+
+/* out[q] = the sum of acc[q]'s lanes, q < 4 */
+CD_INLINE void cd_sum4_{dt}(const cd_vec_{dt} acc[4], {t} out[4])
+{{
+#ifndef __clang__  /* __builtin_shuffle is GCC's; clang adds the lanes one by one */
+    if (CD_W_{dt} < 4)
+#endif
+    {{
+        for (int q = 0; q < 4; ++q) {{
+            out[q] = 0;
+            for (int l = 0; l < CD_W_{dt}; ++l)
+                out[q] += acc[q][l];
+        }}
+        return;
+    }}
+#ifndef __clang__
+    cd_vec_{dt} z = cd_fold_{dt}(cd_fold_{dt}(acc[0], acc[1], CD_W_{dt} / 2),
+                                 cd_fold_{dt}(acc[2], acc[3], CD_W_{dt} / 2), CD_W_{dt} / 4);
+    for (int b = CD_W_{dt} / 8; b >= 1; b /= 2)  /* 4 segments of 2b lanes -> of b lanes */
+        z = cd_fold_{dt}(z, z, b);
+    for (int q = 0; q < 4; ++q)
+        out[q] = z[q];
+#endif
+}}
+
+/* c[i, j0..j0+4) for the R rows of a tile, 4 rows of w; U sets of accumulators over k (U = 2: twice
+   the independent multiply-add chains, for one or two rows of a) */
+CD_INLINE void cd_rows_tile_{dt}(const int R, const int U, int64_t K, const {t} *a, int64_t lda,
+                                const {t} *w, int64_t ldw, {t} *c, int64_t ldc, int init, const {t} *bias,
+                                const {t} *bias2)
+{{
+    cd_vec_{dt} acc[2][4][4];
+    for (int u = 0; u < U; ++u)
+        for (int i = 0; i < R; ++i)
+            for (int q = 0; q < 4; ++q)
+                acc[u][i][q] = (cd_vec_{dt}){{0}};
+    int64_t k = 0;
+    for (; k + U * CD_W_{dt} <= K; k += U * CD_W_{dt})
+        for (int u = 0; u < U; ++u) {{
+            const int64_t ku = k + u * CD_W_{dt};
+            cd_vec_{dt} wv[4], av[4];
+            for (int q = 0; q < 4; ++q)
+                wv[q] = *(const cd_vec_{dt} *)(w + q * ldw + ku);
+            for (int i = 0; i < R; ++i)
+                av[i] = *(const cd_vec_{dt} *)(a + i * lda + ku);
+            for (int i = 0; i < R; ++i)
+                for (int q = 0; q < 4; ++q)
+                    acc[u][i][q] += av[i] * wv[q];
+        }}
+    for (; k + CD_W_{dt} <= K; k += CD_W_{dt})
+        for (int i = 0; i < R; ++i)
+            for (int q = 0; q < 4; ++q)
+                acc[0][i][q] += *(const cd_vec_{dt} *)(a + i * lda + k)
+                                * *(const cd_vec_{dt} *)(w + q * ldw + k);
+    for (int i = 0; i < R; ++i) {{
+        if (U == 2)
+            for (int q = 0; q < 4; ++q)
+                acc[0][i][q] += acc[1][i][q];
+        {t} s[4];
+        cd_sum4_{dt}(acc[0][i], s);
+        for (int q = 0; q < 4; ++q) {{
+            for (int64_t kk = k; kk < K; ++kk)
+                s[q] += a[i * lda + kk] * w[q * ldw + kk];
+            {t} *out = c + i * ldc + q;
+            if (bias2)
+                s[q] += bias2[q];
+            *out = init == 1 ? *out + s[q] : init == 2 ? bias[q] + s[q]
+                 : init == 3 ? *out + bias[q] + s[q] : s[q];
+        }}
+    }}
+}}
+
+/* c (init 0: =, 1: +=, 2: = bias +, 3: += bias +) (bias2 +, unless null) a [M, K] @ w[n, K].T with w's
+   rows ldw apart (two vectors in the kernel: torch's b_ih + b_hh, with no pass of their own):
+   blocks of 4 rows of w over nt threads, each block over every tile of up to 4 rows of a (a few
+   rows: they stay in the L1 cache). The rows of w past the last whole block, one at a time. */
+void cd_gemm_rows_{dt}(int64_t M, int64_t n, int64_t K, const {t} *a, int64_t lda, const {t} *w,
+                       int64_t ldw, {t} *c, int64_t ldc, int64_t init, const {t} *bias, const {t} *bias2,
+                       int64_t nt)
+{{
+    const int64_t blocks = n / 4;
+#pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
+    for (int64_t jb = 0; jb < blocks; ++jb) {{
+        const int64_t j = jb * 4;
+        const {t} *wj = w + j * ldw, *bj = bias ? bias + j : 0, *b2j = bias2 ? bias2 + j : 0;
+        for (int64_t i = 0; i < M; i += 4) {{
+            const {t} *ai = a + i * lda;
+            {t} *ci = c + i * ldc + j;
+            switch (CD_MIN(M - i, 4)) {{
+            case 1: cd_rows_tile_{dt}(1, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            case 2: cd_rows_tile_{dt}(2, 2, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            case 3: cd_rows_tile_{dt}(3, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            default: cd_rows_tile_{dt}(4, 1, K, ai, lda, wj, ldw, ci, ldc, (int)init, bj, b2j); break;
+            }}
+        }}
+    }}
+    for (int64_t j = blocks * 4; j < n; ++j)
+        for (int64_t i = 0; i < M; ++i) {{
+            {t} s = 0;
+            for (int64_t k = 0; k < K; ++k)
+                s += a[i * lda + k] * w[j * ldw + k];
+            {t} *out = c + i * ldc + j;
+            s += bias2 ? bias2[j] : 0;
+            *out = init == 1 ? *out + s : init == 2 ? bias[j] + s : init == 3 ? *out + bias[j] + s : s;
+        }}
+}}
+
+/* cd_gemm_rows `count` times, call i's 13 arguments at args[13 * i ...] (pointers as integers): the
+   GEMMs of a streaming step in one call from Python (a ctypes call of 13 arguments costs ~2 us) */
+void cd_gemm_rows_list_{dt}(int64_t count, const int64_t *args)
+{{
+    for (int64_t i = 0; i < count; ++i) {{
+        const int64_t *p = args + 13 * i;
+        cd_gemm_rows_{dt}(p[0], p[1], p[2], (const {t} *)(intptr_t)p[3], p[4], (const {t} *)(intptr_t)p[5],
+                          p[6], ({t} *)(intptr_t)p[7], p[8], p[9], (const {t} *)(intptr_t)p[10],
+                          (const {t} *)(intptr_t)p[11], p[12]);
+    }}
 }}
 """
 

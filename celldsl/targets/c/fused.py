@@ -763,7 +763,10 @@ class FusedCPULoop(TorchLoop):
     def prepare_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedStep | None:
         """A PreparedStep for one step (x [1, N, I]) of these arguments' shapes and weights, or None
         where it does not apply (the op then runs as usual): the Python loop chosen, extra inputs or
-        prev(x) or hoisted operands computed from x, an empty batch. Checks the shapes as `forward`."""
+        prev(x) or hoisted operands computed from x, an empty batch, a vector or scalar that is not
+        contiguous (the kernels read them in place, at every call). Checks the shapes as `forward`."""
+        if not all(v.is_contiguous() for v in [*vectors, *scalars]):
+            return None
         plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
         if plan is None or not plan.native or x.dim() != 3 or x.shape[0] != 1 or states[0].numel() == 0 \
                 or len(self.inputs) != 1 or self.shifted or self.hoist:
@@ -1215,26 +1218,30 @@ class FusedCPULoop(TorchLoop):
 
 class PreparedStep:
     """One step (T = 1) of a cell bound once to its own buffers, for a decoder that calls a cell once
-    per token: the step weights packed, the biases added up and every kernel argument bound when it
-    is made, so a call copies x and the states in, runs the hoisted GEMMs and one native call, and
-    returns copies of the results. No autograd. It reads the weights as they were when it was made:
-    its owner (nn/cells.py) makes a new one when a weight's version, storage or shape changes."""
+    per token: every kernel argument is bound when it is made, so a call copies x and the states in,
+    runs the GEMMs and one native call, and returns copies of the results. No autograd.
+
+    It reads the tensors it was given (the module's parameters or views of them) live, at every call,
+    as torch.nn does: nothing computed from their values is kept across calls. The hoisted GEMMs and
+    the step GEMMs on a state run before the native call on the weights as they are (`products`:
+    torch's GEMM, or for a few rows the native row-major one, which reads the weight unpacked), their
+    biases added up again at every call, and the native call skips those step GEMMs; a step GEMM on a
+    value computed inside the step (`in_loop`) stays in the native call, its weight packed again and
+    its bias added up again at every call. So a write torch does not count (`p.data.mul_()`, numpy,
+    WGAN clipping, a target network's soft update) is seen at the next call. Its owner
+    (nn/cells.py) makes a new one when a parameter's storage, shape or strides change; an op weight
+    that is no view of a parameter is a copy: made of blocks that are views, the step reads the blocks
+    in its place where it can (`read_blocks`), else the owner makes the copy again before each call."""
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         self.x = torch.empty(x.shape, dtype=x.dtype)
         self.states = [torch.empty(s.shape, dtype=s.dtype) for s in states]
-        bufs, steps, offsets, step_w, sizes = loop._buffers(plan, self.x, self.states, hoisted_w, step_w,
-                                                            vectors, scalars, None)
+        bufs, steps, offsets, packed_w, sizes = loop._buffers(plan, self.x, self.states, hoisted_w, step_w,
+                                                              vectors, scalars, None)
         X, N = bufs["X"], self.x.shape[1]
-        hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
-        operands = loop._hoisted_operands(bufs["xs"], bufs["vectors"], bufs["scalars"])
-        # the GEMM for a step's product, not the call plan's hoisted one: that one pays the packing
-        # of the weights at every call, this one once (at N = 1 the native GEMV wins by ~3x then)
-        backends = [cpu_gemm.choose(cpu_gemm.site("step", x.dtype, N, w.shape[1], w.shape[0]), loop.lib,
-                                    force=loop.gemm) for w in hoisted_w]
-        self.hoisted = [_HoistedInto(op, w.contiguous(), bias, X.new_empty(N, w.shape[0]), loop.lib, backend)
-                        for op, w, bias, backend in zip(operands, hoisted_w, hoisted_bias, backends,
-                                                        strict=True)]
+        _hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
+        self.hoisted_x = loop._hoisted_operands(bufs["xs"], bufs["vectors"], bufs["scalars"])  # views of x
+        self.hoisted_out = [X.new_empty(N, w.shape[0]) for w in hoisted_w]
         ir = loop.plan.ir
         self.news = [X.new_empty(N, sizes[ir.width(s)]) for s in loop.states]
         out = self.news[loop.output_state] if loop.output_state is not None else \
@@ -1243,144 +1250,135 @@ class PreparedStep:
         step_out = [X.new_empty(0 if gi in loop.summed else N, w.shape[0]) for gi, w in enumerate(step_w)]
         named = {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names}
         bufs |= {"news": self.news, "out": out, "step": step_out, "operands": named,
-                 "hoisted": [h.out for h in self.hoisted]}
+                 "hoisted": self.hoisted_out}
         args = {pw.name: [loop._input(a.name, bufs) if a.part == "input" else loop._output(a.name, bufs)
                           for a in loop.kernels[(pw.name, False)].spec.args] for pw in loop.plan.pointwise}
-        self.native, self.prepared, panels = loop._forward_native(bufs, args, steps, offsets, N, step_w,
-                                                                  step_bias, run=False)
-        self._held = (bufs, panels, step_w, step_bias, hoisted_bias)  # what the pointers point into
+        # the step GEMMs on a value made inside the step run in the native call, on panels and a bias
+        # of their own that every call fills again (`_refill`)
+        in_loop = [gi for gi, (is_state, _i) in enumerate(loop.gemm_operands) if not is_state]
+        step_bias = [b.clone() if gi in in_loop and b is not None else b for gi, b in enumerate(step_bias)]
+        self.native, prepared, panels = loop._forward_native(bufs, args, steps, offsets, N, packed_w,
+                                                             step_bias, run=False)
+        self.prepared = prepared
+        on_states = [gi for gi in range(len(step_w)) if gi not in in_loop]
+        self.forward_call = self.native.skipping(prepared, StepGemm, len(step_w), on_states)
+        self.in_loop = [(gi, step_w[gi], panels[gi], step_bias[gi]) for gi in in_loop]
+        self._loop, self._vectors, self._hoisted_w, self._step_w = loop, list(vectors), list(hoisted_w), \
+            list(step_w)
+        self._held = (bufs, panels, packed_w, step_bias)  # what the pointers point into
         self._steps = (steps, offsets, args)
+        self._rows_gemm = cpu_gemm.native_gemm(loop.lib, x.dtype) if loop.lib is not None else None
+        self._made = self._products(loop, plan, bufs, hoisted_w, step_w, vectors, on_states)
+        self.calls, self._held_views = self._calls([self._bound(*p) for _i, p in self._made])
         self._views: dict = {}
         self._leads: dict = {}
 
-    def _as(self, buf: torch.Tensor, shape) -> torch.Tensor:
-        """buf (contiguous) viewed as `shape`, the same elements in the same order (an unbatched
-        call's [I], a layer's [1, N, I] or [N, 1, I] for x [1, N, I]); each view made once."""
-        if buf.shape == shape:
-            return buf
-        key = (id(buf), shape)
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = buf.view(shape)
-        return view
-
-    def _copy_in(self, x: torch.Tensor, states) -> None:
-        """x and the given states into their buffers (the rest of the states zero), each of any shape
-        with the buffer's elements in its order."""
-        self._as(self.x, x.shape).copy_(x)
-        for buf, s in zip(self.states, states, strict=False):
-            self._as(buf, s.shape).copy_(s)
-        for buf in self.states[len(states):]:
-            buf.zero_()
-
-    def _news(self, lead) -> list[torch.Tensor]:
-        """Copies of the new states, each shaped lead + (width,)."""
-        views = self._leads.get(lead)
-        if views is None:
-            views = self._leads[lead] = [n.view(*lead, n.shape[-1]) for n in self.news]
-        return [v.clone() for v in views]
-
-    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """The step on x and the given states (copied in), into the bound buffers."""
-        self._copy_in(x, states)
-        for h in self.hoisted:
-            h()
-        self.native.run_forward(self.prepared)
-
-    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True, lead=None,
-                 out_lead=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
-        dtype it was made for, or the same elements in other shapes -> (out, new states): the new
-        states shaped lead + (width,), out out_lead + (width,) (both (N,) if None). distinct_out=False:
-        out may be the new state it equals (for a caller that returns only one of them)."""
-        self._run(x, states)
-        news = self._news((self.x.shape[1],) if lead is None else lead)
-        if not distinct_out and self.output_state is not None:
-            return news[self.output_state], news
-        out_lead = (self.x.shape[1],) if out_lead is None else out_lead
-        return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
-
-
-class PreparedTrainStep(PreparedStep):
-    """A PreparedStep for a call under autograd. Its buffers and kernel arguments are bound once,
-    forward and backward, but it reads the weights live: the GEMMs are torch's on the tensors it was
-    given (the module's parameters or views of them), the biases added up again at every call, so a
-    write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
-    torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
-    products, the in-step operands); a backward copies the gradients in (and its forward's values,
-    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
-    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
-    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
-    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
-    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
-
-    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
-        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
-        bufs, _panels, _step_w, _step_bias, _hoisted_bias = self._held
-        steps, offsets, _args = self._steps
-        X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
-        self.hoisted_w, self.step_w = list(hoisted_w), list(step_w)  # live: not copies
-        every = list(range(len(step_w)))
-        self.forward_call = self.native.skipping(self.prepared, StepGemm, len(step_w), every)
-        self.hoisted_out = [h.out for h in self.hoisted]
-        self.hoisted_x = [h.a for h in self.hoisted]
+    def _products(self, loop, plan, bufs, hoisted_w, step_w, vectors, on_states) -> list:
+        """The GEMMs run before the native call, each (the weight's index in the op's parameter
+        list, (operand, live weight w [n, k], output, bias or None, [(output columns, live vector)]
+        added after, whether it adds onto its output, the native GEMM (`_LiveGemm`) or None for
+        torch's)): the hoisted ones, then the step ones on a state (whose operands are the initial
+        states)."""
+        N = self.x.shape[1]
         # per GEMM: (a live vector covering its bias or None, [(its output's columns, a live vector)])
         biases = {key: self._bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out)
                   for key, out in [*[(("hoisted", gi), o) for gi, o in enumerate(self.hoisted_out)],
                                    *[(("step", gi), o) for gi, o in enumerate(bufs["step"])]]
                   if key in loop.folded_blocks}
-        # the GEMMs' (operand, W.T (a live view), output, bias, added columns, whether it adds on):
-        # the hoisted ones, then the step ones (whose operands are the initial states)
-        self.products = []
+        products = []
         for gi, (a, w, out) in enumerate(zip(self.hoisted_x, hoisted_w, self.hoisted_out, strict=True)):
-            self.products.append((a, w.t(), out, *biases.get(("hoisted", gi), (None, [])), False))
+            products.append((gi, (a, w, out, *biases.get(("hoisted", gi), (None, [])), False,
+                                  _LiveGemm.of(loop, w, N))))
         self.step_operands = []
         for gi, w in enumerate(step_w):
-            operand = self.states[loop.gemm_operands[gi][1]]
+            operand = self.states[loop.gemm_operands[gi][1]] if gi in on_states else None
             self.step_operands.append(operand)
+            if gi not in on_states:
+                continue
+            first, added = biases.get(("step", gi), (None, []))
             if gi in loop.summed:
-                hi, first = loop.summed[gi]
-                start = plan.hoisted_blocks[hi][first]
+                hi, block = loop.summed[gi]
+                start = plan.hoisted_blocks[hi][block]
                 out = self.hoisted_out[hi][:, start : start + w.shape[0]]
-                first, added = biases.get(("step", gi), (None, []))
                 added = [(out, first), *added] if first is not None else added
-                self.products.append((operand, w.t(), out, None, added, True))
+                product = (operand, w, out, None, added, True, _LiveGemm.of(loop, w, N))
             else:
-                first, added = biases.get(("step", gi), (None, []))
-                self.products.append((operand, w.t(), bufs["step"][gi], first, added, False))
+                product = (operand, w, bufs["step"][gi], first, added, False, _LiveGemm.of(loop, w, N))
+            products.append((len(hoisted_w) + gi, product))
+        return products
 
-        widths = [s.shape[1] for s in self.states]
-        A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
-        d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
-        alias = loop.schedule.hoisted_alias
-        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0])
-                   for i, w in enumerate(hoisted_w)]
-        self.g_out = X.new_zeros(N, loop.output_width(sizes))
-        self.g_out_zero = True
-        accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
-        grads = {"out": self.g_out, "zeros": self.g_out, "step": d_step, "hoisted": d_hoist, "x": {},
-                 "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
-                 "vectors": accumulators, "scalars": []}
-        args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
-                for pw in loop.plan.pointwise}
-        self.back_native, prepared, back_panels = loop._backward_native(
-            bufs, grads, args, A, B, steps, offsets, N, _step_w, run=False)
-        # the state GEMMs' d operands (d initial states) run here, with torch, where needed: at
-        # T = 1 the backward's GEMMs only add onto the d initial states, so the native call runs none
-        self.backward_call = self.back_native.skipping(prepared, BackGemm, len(step_w), every)
-        self._held_back = (grads, args, back_panels)
-        self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
-        self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
-        # the accumulators the kernels add into (zeroed per call); the others are GEMM columns' sums
-        self.accumulated = [accumulators[i] for i in range(len(vectors))
-                            if i not in loop.folded and i not in loop.same_vectors]
-        self.accumulators = accumulators
-        self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
-        self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
-        # what a backward reads besides the initial states (x: a copy, the caller may write into x)
-        self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
-                     *bufs["operands"].values()]
-        self.holds = _dead  # the Record of the call whose values the buffers hold
+    def _calls(self, bound: list) -> tuple[list, list]:
+        """The products' operations in order as calls without arguments, each run of row-major
+        products one native call (cd_gemm_rows_list)."""
+        calls, held, rows = [], [], []
+        for ops, tensors in bound:
+            held += tensors
+            for kind, op in ops:
+                if kind == "rows":
+                    rows.append(op)
+                    continue
+                if rows:
+                    calls.append(self._rows_gemm.rows(rows))
+                    rows = []
+                calls.append(op)
+        if rows:
+            calls.append(self._rows_gemm.rows(rows))
+        return calls, held
+
+    def read_blocks(self, blocks: dict[int, list[torch.Tensor]]) -> set[int]:
+        """Weights given as their row blocks ({index in the op's parameter list: [blocks]}, views of
+        the module's parameters: the weight is their concatenation, a copy) read block by block,
+        live, where every product on them is row-major and none runs in the native call -> the
+        indices now read live: their copy is no longer read, and needs no refreshing."""
+        in_loop = {len(self._hoisted_w) + gi for gi, *_rest in self.in_loop}
+        live = set()
+        for i, parts in blocks.items():
+            uses = [p for j, p in self._made if j == i]
+            if uses and i not in in_loop and all(p[6] is not None and p[6].rowwise for p in uses) \
+                    and all(b.dim() == 2 and b.stride(1) == 1 for b in parts):
+                live.add(i)
+        if live:
+            self._blocks = {i: blocks[i] for i in live}
+            self.calls, self._held_views = self._calls([self._bound(*p, blocks=self._blocks.get(i))
+                                                        for i, p in self._made])
+        return live
+
+    @staticmethod
+    def _bound(a, w, out, bias, added, adds, native, blocks=None) -> tuple[list, list]:
+        """One product of `_products` as ([("rows", row-major kernel arguments) or ("call", a call
+        without arguments)], the tensors the arguments point into), reading w (or its row blocks,
+        where given) and the vectors as they are when it runs."""
+        if native is not None and native.rowwise:
+            return _rowwise_segments(a, w, out, bias, added, adds, native, blocks)
+        return [("call", PreparedStep._torch_or_packed(a, w, out, bias, added, adds, native))], []
+
+    @staticmethod
+    def _torch_or_packed(a, w, out, bias, added, adds, native):
+        """A product on w packed at the call (native) or torch's GEMM, its vectors added by torch."""
+        if native is not None:
+            init = 1 if adds else 0 if bias is None else 2
+            if adds and added and added[0][0] is out:  # += bias + a @ w.T in one call
+                init, bias, added = 3, added[0][1], added[1:]
+            gemm = native.bind(a, w, out, init, bias)
+            if not added:
+                return gemm
+
+            def run_native():
+                gemm()
+                for cols, v in added:
+                    cols.add_(v)
+            return run_native
+
+        def run_torch():
+            if adds:
+                out.addmm_(a, w.t())
+            elif bias is None:
+                torch.mm(a, w.t(), out=out)
+            else:
+                torch.addmm(bias, a, w.t(), out=out)
+            for cols, v in added:
+                cols.add_(v)
+        return run_torch
 
     @staticmethod
     def _bias_terms(loop, key, bufs, hoisted_w, step_w, vectors, out) -> tuple:
@@ -1418,23 +1416,130 @@ class PreparedTrainStep(PreparedStep):
                 added.append((out[:, start : start + n], source))
         return first, added
 
+    def _as(self, buf: torch.Tensor, shape) -> torch.Tensor:
+        """buf (contiguous) viewed as `shape`, the same elements in the same order (an unbatched
+        call's [I], a layer's [1, N, I] or [N, 1, I] for x [1, N, I]); each view made once."""
+        if buf.shape == shape:
+            return buf
+        key = (id(buf), shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = buf.view(shape)
+        return view
+
+    def _copy_in(self, x: torch.Tensor, states) -> None:
+        """x and the given states into their buffers (the rest of the states zero), each of any shape
+        with the buffer's elements in its order."""
+        self._as(self.x, x.shape).copy_(x)
+        for buf, s in zip(self.states, states, strict=False):
+            self._as(buf, s.shape).copy_(s)
+        for buf in self.states[len(states):]:
+            buf.zero_()
+
+    def _news(self, lead) -> list[torch.Tensor]:
+        """Copies of the new states, each shaped lead + (width,)."""
+        views = self._leads.get(lead)
+        if views is None:
+            views = self._leads[lead] = [n.view(*lead, n.shape[-1]) for n in self.news]
+        return [v.clone() for v in views]
+
+    def _refill(self) -> None:
+        """The in-loop step GEMMs' panels and biases from the weights and vectors as they are now."""
+        loop, bufs = self._loop, self._held[0]
+        _hoisted, biases = loop._biases(self._vectors, bufs, self._hoisted_w, self._step_w)
+        for gi, w, panels, bias in self.in_loop:
+            groups = len(loop.gemms[gi].products)
+            n, k = w.shape[0] // groups, w.shape[1]
+            w = w.contiguous()
+            self.native.gemm.pack(w, groups, n, k, k, 1, n * k, self.prepared[0].nt, panels)
+            if bias is not None:
+                bias.copy_(biases[gi])
+
+    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """The step on x and the given states (copied in), into the bound buffers, on the weights
+        as they are now."""
+        self._copy_in(x, states)
+        for call in self.calls:
+            call()
+        if self.in_loop:
+            self._refill()
+        self.native.run_forward(self.forward_call)
+
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor], distinct_out: bool = True, lead=None,
+                 out_lead=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [1, N, I] and the first len(states) states [N, width] (the rest start at zero), of the
+        dtype it was made for, or the same elements in other shapes -> (out, new states): the new
+        states shaped lead + (width,), out out_lead + (width,) (both (N,) if None). distinct_out=False:
+        out may be the new state it equals (for a caller that returns only one of them)."""
+        self._run(x, states)
+        news = self._news((self.x.shape[1],) if lead is None else lead)
+        if not distinct_out and self.output_state is not None:
+            return news[self.output_state], news
+        out_lead = (self.x.shape[1],) if out_lead is None else out_lead
+        return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
+
+
+class PreparedTrainStep(PreparedStep):
+    """A PreparedStep for a call under autograd. Its buffers and kernel arguments are bound once,
+    forward and backward, but it reads the weights live: the GEMMs are torch's on the tensors it was
+    given (the module's parameters or views of them), the biases added up again at every call, so a
+    write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
+    torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
+    products, the in-step operands); a backward copies the gradients in (and its forward's values,
+    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
+    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
+    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
+    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
+    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
+        bufs, _panels, _step_w, _step_bias = self._held
+        steps, offsets, _args = self._steps
+        X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
+        self.hoisted_w, self.step_w = list(hoisted_w), list(step_w)  # live: not copies
+        every = list(range(len(step_w)))
+
+        widths = [s.shape[1] for s in self.states]
+        A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
+        d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
+        alias = loop.schedule.hoisted_alias
+        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0])
+                   for i, w in enumerate(hoisted_w)]
+        self.g_out = X.new_zeros(N, loop.output_width(sizes))
+        self.g_out_zero = True
+        accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
+        grads = {"out": self.g_out, "zeros": self.g_out, "step": d_step, "hoisted": d_hoist, "x": {},
+                 "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
+                 "vectors": accumulators, "scalars": []}
+        args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
+                for pw in loop.plan.pointwise}
+        self.back_native, prepared, back_panels = loop._backward_native(
+            bufs, grads, args, A, B, steps, offsets, N, _step_w, run=False)
+        # the state GEMMs' d operands (d initial states) run here, with torch, where needed: at
+        # T = 1 the backward's GEMMs only add onto the d initial states, so the native call runs none
+        self.backward_call = self.back_native.skipping(prepared, BackGemm, len(step_w), every)
+        self._held_back = (grads, args, back_panels)
+        self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
+        self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
+        # the accumulators the kernels add into (zeroed per call); the others are GEMM columns' sums
+        self.accumulated = [accumulators[i] for i in range(len(vectors))
+                            if i not in loop.folded and i not in loop.same_vectors]
+        self.accumulators = accumulators
+        self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
+        self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
+        # what a backward reads besides the initial states (x: a copy, the caller may write into x)
+        self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
+                     *bufs["operands"].values()]
+        self.holds = _dead  # the Record of the call whose values the buffers hold
+
     def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
         """Runs the step on x and the given states (shaped as `__call__` takes them) -> (copies of
         the new states shaped lead + (width,), the Record its backward takes). The buffers are about
         to be overwritten: the previous call's values are copied into its Record first, if that
         Record is still held (its backward may yet run)."""
         self._spill()
-        self._copy_in(x, states)
-        for a, w_t, out, bias, added, adds in self.products:
-            if adds:
-                out.addmm_(a, w_t)
-            elif bias is None:
-                torch.mm(a, w_t, out=out)
-            else:
-                torch.addmm(bias, a, w_t, out=out)
-            for cols, v in added:
-                cols.add_(v)
-        self.native.run_forward(self.forward_call)
+        self._run(x, states)
         record = Record()
         self.holds = weakref.ref(record)
         return self._news(lead), record
@@ -1538,24 +1643,75 @@ def _dead():
     return None
 
 
-class _HoistedInto:
-    """out = a @ w.T (+ bias) into a fixed buffer, with the GEMM the call plan chose (the native one
-    packs w once), so the numbers are those of cpu_gemm.linear."""
+class _LiveGemm:
+    """out (init 0: =, 1: +=, 2: = bias +) a @ w.T with the native GEMM on the weight as it is at the
+    call: for a few rows (at most ROWWISE_ROWS) the kernel that reads w row-major (cd_gemm_rows), else
+    w packed into panels of its own at every call, then the panel kernel (at N = 32, a 1024 x 256
+    weight: ~27 us to pack, ~70 us the product, against ~175 us for torch's and ~135 us row-major)."""
 
-    def __init__(self, a, w, bias, out, lib, backend: str):
-        self.a, self.w, self.bias, self.out, self.lib, self.backend = a, w, bias, out, lib, backend
-        if backend == "native":
-            self.threads = torch.get_num_threads()
-            self.gemm = cpu_gemm.native_gemm(lib, a.dtype)
-            self.panels = self.gemm.pack_transposed(w, 1, self.threads)
+    # measured crossover (one thread, AVX-512, 1024 x 256): row-major 44 us at 8 rows, 64 at 12; packed
+    # 27 + 20 at 8, 27 + 28 at 12
+    ROWWISE_ROWS = 8
 
-    def __call__(self) -> None:
-        if self.backend == "native":
-            self.gemm.gemm(self.a, self.panels, self.out, 0 if self.bias is None else 2, self.bias,
-                           self.threads)
-        elif self.backend == "onednn":
-            self.out.copy_(cpu_gemm.linear(self.a, self.w, self.bias, self.lib, self.backend))
-        elif self.bias is None:  # as cpu_gemm.linear's torch GEMM
-            torch.mm(self.a, self.w.t(), out=self.out)
+    def __init__(self, gemm, w: torch.Tensor, rows: int, threads: int):
+        self.gemm, self.threads = gemm, threads
+        self.rowwise = rows <= self.ROWWISE_ROWS and gemm.has_rows
+        self.panels = None if self.rowwise else \
+            torch.empty(gemm.panels(w.shape[0]) * gemm.width * w.shape[1], dtype=w.dtype)
+
+    @classmethod
+    def of(cls, loop: FusedCPULoop, w: torch.Tensor, rows: int) -> _LiveGemm | None:
+        """The native GEMM for a product of `rows` rows on w, or None where torch's runs it: the
+        GEMM chosen for the shape is not the native one (cpu_gemm.choose, or CELLDSL_CPU_GEMM), or w's
+        columns are not contiguous."""
+        if loop.lib is None or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] == 0:
+            return None
+        site = cpu_gemm.site("step", w.dtype, rows, w.shape[1], w.shape[0])
+        if cpu_gemm.choose(site, loop.lib, force=loop.gemm) != "native":
+            return None
+        return cls(cpu_gemm.native_gemm(loop.lib, w.dtype), w, rows, torch.get_num_threads())
+
+    def bind(self, a, w, out, init: int, bias):
+        """out (init 0: =, 1: +=, 2: = bias +, 3: += bias +) a @ w.T on w packed at the call, as a
+        call without arguments (the row-major kernel's products: PreparedStep._calls)."""
+        n, k = w.shape
+
+        def run():
+            self.gemm.pack(w, 1, n, k, w.stride(0), 1, 0, self.threads, self.panels)
+            self.gemm.gemm(a, self.panels, out, 1 if init == 3 else init, bias, self.threads)
+            if init == 3:
+                out.add_(bias)
+        return run
+
+
+def _rowwise_segments(a, w, out, bias, added, adds: bool, native: _LiveGemm, blocks=None) -> list:
+    """out (=, or += where adds) a @ w.T + its vectors (bias over all columns, added over some) as
+    products of the row-major kernel (NativeGemm.rows_call), one per run of columns that the same
+    vectors cover, each taking two vectors itself (torch's b_ih + b_hh: no pass of their own); a
+    third, if any, is added after by torch. -> [("rows", arguments) or ("call", callable)] and the
+    tensors the arguments point into. blocks: w's rows as views of other tensors, read in their
+    place (a run of columns never spans two)."""
+    size = out.element_size()
+    starts = [0]
+    for b in blocks or []:
+        starts.append(starts[-1] + b.shape[0])
+    terms = [(0, out.shape[1], bias)] if bias is not None else []
+    for cols, v in added:
+        start = (cols.data_ptr() - out.data_ptr()) // size
+        terms.append((start, start + cols.shape[1], v))
+    cuts = sorted({0, out.shape[1], *[t[0] for t in terms], *[t[1] for t in terms], *starts})
+    ops, held = [], []
+    for p, q in zip(cuts, cuts[1:], strict=False):
+        vs = [v[p - s : q - s] for s, e, v in terms if s <= p and q <= e]
+        cols = out[:, p:q]
+        if blocks:
+            k = max(j for j, start in enumerate(starts[:-1]) if start <= p)
+            rows = blocks[k][p - starts[k] : q - starts[k]]
         else:
-            torch.addmm(self.bias, self.a, self.w.t(), out=self.out)
+            rows = w[p:q]
+        held += [rows, cols, *vs]
+        init = (1 if adds else 0) if not vs else (3 if adds else 2)
+        ops.append(("rows", native.gemm.rows_call(a, rows, cols, init, vs[0] if vs else None,
+                                                  native.threads, vs[1] if len(vs) > 1 else None)))
+        ops += [("call", functools.partial(torch.Tensor.add_, cols, v)) for v in vs[2:]]
+    return ops, held

@@ -165,6 +165,11 @@ class NativeGemm:
         for fn, n in ((self._pack, 9), (self._gemm, 11), (self._repeat, 12), (self._transpose, 7)):
             fn.argtypes = [ctypes.c_int64] * n
             fn.restype = None
+        # None for a library without it (an older GEMM source)
+        self._rows = getattr(lib, f"cd_gemm_rows_list_{dt}", None)
+        if self._rows is not None:
+            self._rows.argtypes = [ctypes.c_int64, ctypes.c_void_p]
+            self._rows.restype = None
 
     def panels(self, n: int) -> int:
         return -(-n // self.width)
@@ -198,6 +203,31 @@ class NativeGemm:
             self._repeat(reps, *args)
         else:
             self._gemm(*args)
+
+    @property
+    def has_rows(self) -> bool:
+        return self._rows is not None
+
+    @staticmethod
+    def rows_call(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, init: int = 0,
+                  bias: torch.Tensor | None = None, threads: int = 1,
+                  bias2: torch.Tensor | None = None) -> tuple[int, ...]:
+        """The arguments of one row-major product (`rows`): out (init 0: =, 1: +=, 2: = bias +,
+        3: += bias +) (bias2 +, if given) a @ w.T, w [n, K] read as it is, no packing (a weight that
+        may change between calls); a, w and out with unit column stride, the biases contiguous. They
+        hold the tensors' addresses: the caller keeps the tensors."""
+        M, K = a.shape
+        return (M, w.shape[0], K, a.data_ptr(), a.stride(0), w.data_ptr(), w.stride(0), out.data_ptr(),
+                out.stride(0), init, bias.data_ptr() if bias is not None else 0,
+                bias2.data_ptr() if bias2 is not None else 0, threads)
+
+    def rows(self, calls: list[tuple[int, ...]]):
+        """A call without arguments that runs these products (`rows_call`) in order, in one native
+        call, on the memory of their tensors as it is at that time."""
+        args = (ctypes.c_int64 * (13 * len(calls)))(*[v for call in calls for v in call])
+        run = functools.partial(self._rows, len(calls), ctypes.addressof(args))
+        run.args_array = args  # kept alive with the call
+        return run
 
     def transpose(self, t: torch.Tensor, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
         """t.T, contiguous (into `out` [c, r] when given); t [r, c] with unit column stride."""
