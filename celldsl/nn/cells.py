@@ -120,12 +120,18 @@ class _Step:
             distinct = out_lead is not None
             if not distinct:
                 out_lead = lead
-        if train:
-            return self._train_call(*step, input, tensors[1:], (lead, out_lead), distinct)
-        step, held, derived = step
-        if derived:
-            self._refresh(held, derived, input)
-        return step(input, tensors[1:], distinct, lead, out_lead)
+        lock = step[0].lock
+        if not lock.acquire(blocking=False):
+            return None  # another thread is in this step (its buffers): this call takes the full path
+        try:
+            if train:
+                return self._train_call(*step, input, tensors[1:], (lead, out_lead), distinct)
+            step, held, derived = step
+            if derived:
+                self._refresh(held, derived, input)
+            return step(input, tensors[1:], distinct, lead, out_lead)
+        finally:
+            lock.release()
 
     def _refresh(self, held: list[torch.Tensor], derived: list[int], like: torch.Tensor) -> None:
         """The op tensors `derived` (not views of parameters: a combination, blocks of several

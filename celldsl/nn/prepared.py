@@ -163,11 +163,13 @@ class PreparedCall(torch.autograd.Function):
             return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
-        dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0], needs_given)
+        with ctx.step.lock:  # its buffers: another thread may be running the step (cells._replayed)
+            dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0], needs_given)
+            dparams = ctx.layout.grads(needs[1 + n_given :], ctx.step)
         if dx is not None:
             dx = dx.view(x.shape)
         dgiven = [d.view(s.shape) if d is not None else None for d, s in zip(dstates, given, strict=False)]
-        return (None,) * 6 + (dx, *dgiven, *ctx.layout.grads(needs[1 + n_given :], ctx.step))
+        return (None,) * 6 + (dx, *dgiven, *dparams)
 
 
 # PreparedCall.apply without torch.autograd.Function.apply's Python layer (unwrapping functorch's dead

@@ -1272,6 +1272,9 @@ class PreparedStep:
         self.calls, self._held_views = self._calls([self._bound(*p) for _i, p in self._made])
         self._views: dict = {}
         self._leads: dict = {}
+        # held by a call while it uses the buffers (nn/cells.py, nn/prepared.py): the native call lets
+        # go of the GIL, and two threads in one step wrote each other's inputs (tests/test_threads.py)
+        self.lock = threading.RLock()
 
     def _products(self, loop, plan, bufs, hoisted_w, step_w, vectors, on_states) -> list:
         """The GEMMs run before the native call, each (the weight's index in the op's parameter
