@@ -164,7 +164,8 @@ class PreparedCall(torch.autograd.Function):
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
         with ctx.step.lock:  # its buffers: another thread may be running the step (cells._replayed)
-            dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0], needs_given)
+            dx, dstates = ctx.step.backward(ctx.record, given, grad_out, grads[:n_news], needs[0],
+                                            needs_given)
             dparams = ctx.layout.grads(needs[1 + n_given :], ctx.step)
         if dx is not None:
             dx = dx.view(x.shape)
