@@ -68,8 +68,13 @@ MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on o
 # forced onto the Python loop, the LSTM at T=100 N=1 took 9.55 ms against the native loop's 5.20
 # (43 us a step) while the micro-benchmark had the two step GEMMs within 1 us of each other (38.1
 # and 37.3 us), and chose the Python loop. Counted at about half of that, to stay on the safe side
-# for a faster machine.
+# for a faster machine. It grows with the step too (its values go through memory between the torch
+# GEMM and the C kernels): at T=100 N=128 I=H=512 the micro-benchmark had oneDNN's packed GEMM at
+# 1.21 ms a step against native's 1.33, and the Python loop took 295-315 ms a call against 231-250 in
+# the native loop, ~0.75 ms a step more. So the torch GEMMs must win by PYTHON_STEP_FACTOR too (that
+# step's cost beyond its GEMM is ~60% of the GEMM's, N=1's ~110%: counted at half of the smaller).
 PYTHON_STEP_SECONDS = 20e-6
+PYTHON_STEP_FACTOR = 1.3
 CALL_PLANS = 64  # signatures a loop remembers the call plan of
 _lock = threading.RLock()
 _warned: set[str] = set()
@@ -713,18 +718,18 @@ class FusedCPULoop(TorchLoop):
         (`self.native_blocker`) or without the GEMM library; a cell without a state GEMM always
         (unless a torch backend is forced), else when the native GEMM is the fastest on the step
         products (kind "step" or "step_backward"; cpu_gemm measures it once per shape) once the
-        Python loop's own cost per step (PYTHON_STEP_SECONDS) is counted."""
+        Python loop's own cost per step (PYTHON_STEP_FACTOR, PYTHON_STEP_SECONDS) is counted."""
         force = self.gemm or cpu_gemm.forced()
         if self.lib is None or self.native_blocker:
             return False
         if force is not None or not step_w:
             return force in (None, "native")
-        native, other = 0.0, PYTHON_STEP_SECONDS
+        native, other = 0.0, 0.0
         for w in step_w:
             seconds = cpu_gemm.timings(cpu_gemm.site(kind, dtype, n, w.shape[1], w.shape[0]), self.lib)
             native += seconds.get("native", math.inf)
             other += min(s for name, s in seconds.items() if name != "native")
-        return native <= other
+        return native <= PYTHON_STEP_FACTOR * other + PYTHON_STEP_SECONDS
 
     def _products(self, kind: str, dtype: torch.dtype, n: int, step_w) -> list:
         """The GEMM of each step product for the Python loop, chosen per shape: a torch one, or the
