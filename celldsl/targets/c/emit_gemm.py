@@ -202,13 +202,11 @@ CD_INLINE void cd_tile_add_output_{dt}(const int R, cd_vec_{dt} acc[][2], const 
     }}
 }}
 
-/* c[0..R, 0..ncols) (init) a[0..R, 0..K) @ panel: one rank-1 update of R x 2 vectors per k. R is a
-   constant at every call site, so the accumulators live in registers. */
-CD_INLINE void cd_tile_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, const {t} *panel,
-                           {t} *c, int64_t ldc, int64_t ncols, int init, const {t} *bias, const int stream)
+/* acc += a[0..R, 0..K) @ panel: one rank-1 update of R x 2 vectors per k, k in order (the products
+   of cd_tile and cd_tile_fused) */
+CD_INLINE void cd_tile_products_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, const {t} *panel,
+                                    cd_vec_{dt} acc[][2])
 {{
-    cd_vec_{dt} acc[CD_MR][2];
-    cd_tile_init_{dt}(R, acc, c, ldc, ncols, init == 1 ? 0 : init, bias);
     for (int64_t k = 0; k < K; ++k) {{
         const cd_vec_{dt} b0 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt});
         const cd_vec_{dt} b1 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt} + CD_W_{dt});
@@ -218,6 +216,16 @@ CD_INLINE void cd_tile_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, c
             acc[i][1] += x * b1;
         }}
     }}
+}}
+
+/* c[0..R, 0..ncols) (init) a[0..R, 0..K) @ panel (cd_tile_products). R is a constant at every call
+   site, so the accumulators live in registers. */
+CD_INLINE void cd_tile_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, const {t} *panel,
+                           {t} *c, int64_t ldc, int64_t ncols, int init, const {t} *bias, const int stream)
+{{
+    cd_vec_{dt} acc[CD_MR][2];
+    cd_tile_init_{dt}(R, acc, c, ldc, ncols, init == 1 ? 0 : init, bias);
+    cd_tile_products_{dt}(R, K, a, lda, panel, acc);
     cd_tile_add_output_{dt}(R, acc, c, ldc, ncols, init);
     cd_tile_store_{dt}(R, acc, c, ldc, ncols, stream);
 }}
@@ -292,21 +300,6 @@ void cd_tiles_{dt}(int64_t M, int64_t K, const {t} *a, int64_t lda, const {t} *p
                    {t} *c, int64_t ldc, int64_t ncols, int init, const {t} *bias)
 {{
     cd_tile_rows_{dt}(M, K, a, lda, panel, c, ldc, ncols, init, bias, 0);
-}}
-
-/* acc += a[0..R, 0..K) @ panel: cd_tile's products, one rank-1 update per k, k in order. */
-CD_INLINE void cd_tile_products_{dt}(const int R, int64_t K, const {t} *a, int64_t lda, const {t} *panel,
-                                    cd_vec_{dt} acc[][2])
-{{
-    for (int64_t k = 0; k < K; ++k) {{
-        const cd_vec_{dt} b0 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt});
-        const cd_vec_{dt} b1 = *(const cd_vec_{dt} *)(panel + k * CD_NR_{dt} + CD_W_{dt});
-        for (int i = 0; i < R; ++i) {{
-            const {t} x = a[i * lda + k];
-            acc[i][0] += x * b0;
-            acc[i][1] += x * b1;
-        }}
-    }}
 }}
 
 #ifdef CD_FR
