@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from every_backend import backend_fixture
 from matrix_layers import COLUMN_SCALE, matrix_layer
 
 import celldsl
@@ -292,11 +293,7 @@ def _column_scale_reference(layer, x, S):
     return torch.stack(outs), S
 
 
-@pytest.fixture(params=["torch", "cpu", "triton"])
-def any_backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real kernels, on the CPU
-    return request.param
+any_backend = backend_fixture()  # torch, cpu and triton (its interpreter)
 
 
 def test_diag_keeps_an_inf_of_the_state_in_its_row(any_backend):

@@ -8,11 +8,12 @@ for the good case is the layer itself (whose numbers are tested against torch.nn
 
 import pytest
 import torch
+from every_backend import backend_fixture
 
 import celldsl
 from celldsl.ops import run
 
-BACKENDS = ["torch", "cpu", "triton"]
+backend = backend_fixture()  # torch, cpu and triton (its interpreter)
 
 
 def op_arguments(backend):
@@ -43,14 +44,6 @@ def bad_cases(x, h0, params):
     ]
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real kernels, on the CPU
-    return request.param
-
-
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_the_op_with_its_layers_arguments_gives_the_layers_numbers(backend):
     layer, x, h0, params = op_arguments(backend)
     out, finals = run(layer.compiled.key, backend, x, [h0], params)
@@ -60,7 +53,6 @@ def test_the_op_with_its_layers_arguments_gives_the_layers_numbers(backend):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["infer", "grad"])
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_the_op_refuses_arguments_of_the_wrong_shapes(backend, grad):
     layer, x, h0, params = op_arguments(backend)
     for what, xi, states, ps in bad_cases(x, h0, params):
