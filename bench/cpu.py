@@ -19,6 +19,9 @@ Tables (--tables, comma-separated):
           and celldsl.LSTM / GRU on T = 1 vs torch.nn.LSTM / GRU
           at N=32 and N=1, I=H=256 (a decoder's call; issue 27: no more than torch.nn's). The forward
           runs under torch.no_grad(), so celldsl replays its prepared step (nn/cells.py)
+    small small layers, where a call's fixed cost (Python, argument checks, packing) outweighs its
+          arithmetic: celldsl.LSTM / GRU vs torch.nn at (T=10, N=8, I=H=64) and (T=100, N=1, I=H=32);
+          the target is torch.nn's time (the fixed cost per call is the known gap, docs/benchmarks.md)
     matrix (only when named) the matrix-memory cells mlstm, gla, deltanet (cells/) at T=1024
           (--matrix-T), N=8, 4 heads, K=V=64, I=256, and mamba (one head) at D=256, N_s=16, R=16,
           I=O=256: celldsl.MatrixRecurrent on backend="cpu" (the fused C loop,
@@ -73,8 +76,9 @@ import reference_cells  # noqa: E402
 import celldsl  # noqa: E402
 from celldsl.compiler import ZOO  # noqa: E402
 
-TABLES = ("nn", "zoo", "long", "step", "matrix")
-DEFAULT_TABLES = ("nn", "zoo", "long", "step")  # matrix: named explicitly (it compiles three T=1 loops)
+TABLES = ("nn", "zoo", "long", "step", "small", "matrix")
+# matrix: named explicitly (it compiles three T=1 loops)
+DEFAULT_TABLES = ("nn", "zoo", "long", "step", "small")
 MATRIX_CELLS = ("mlstm", "gla", "deltanet", "mamba")
 LONG_CELLS = ("indrnn", "sru", "mingru", "minlstm")
 
@@ -471,6 +475,21 @@ def nn_tables(args, clock, report: Report) -> None:
             report.at_most(f"{what}, forward+backward", fwdbwd, 0.9)
 
 
+SMALL_SIZES = ((10, 8, 64, 64), (100, 1, 32, 32))
+
+
+def small_tables(args, clock, report: Report) -> None:
+    """Small layers: the fixed cost of a call, not the arithmetic, sets the time."""
+    for cell in ("lstm", "gru"):
+        for T, N, I, H in SMALL_SIZES if not args.smoke else SMALL_SIZES[:1]:
+            impls, diffs, ours = run_rows(cell, T, N, I, H, ("nn", "celldsl"), args, clock)
+            base = impls[0]
+            table(f"{cell.upper()}, {size_text(T, N, I, H)}", impls, diffs, base)
+            what = f"{ours.label} / {base.label} at {size_text(T, N, I, H)}"
+            for key, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+                report.at_most(f"{what}, {label}", ms(ours, key) / ms(base, key), 1.0)
+
+
 def zoo_cells() -> list[str]:
     """The zoo cells a generic layer builds (tests/zoo.py's GENERIC: lstm_proj, slstm_heads and
     phased_lstm need sizes, heads or an extra input the table does not give)."""
@@ -716,7 +735,7 @@ def main(argv=None) -> int:
           f"interleaved runs after {args.warmup} warm-up runs")
     report = Report()
     for name, run in (("nn", nn_tables), ("zoo", zoo_tables), ("long", long_tables), ("step", step_tables),
-                      ("matrix", matrix_tables)):
+                      ("small", small_tables), ("matrix", matrix_tables)):
         if name in args.tables:
             run(args, clock, report)
     end = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

@@ -31,9 +31,10 @@ def test_bench_prints_every_table_row_and_target(capsys):
     assert f"command: `python bench/cpu.py {' '.join(argv)}`" in text
     assert "load average" in text and "torch CPU capability" in text
     titles = re.findall(r"^(LSTM|GRU|indrnn|sru|mingru|minlstm), T=\d+ N=\d+", text, flags=re.M)
-    assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2
+    assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2 + ["LSTM", "GRU"]
     rows = table_rows(text)
-    nn_rows, zoo_rows, long_rows, step_rows = rows[:16], rows[16:19], rows[19:-16], rows[-16:]
+    nn_rows, zoo_rows, long_rows = rows[:16], rows[16:19], rows[19:-20]
+    step_rows, small_rows = rows[-20:-4], rows[-4:]
     labels = ["torch.nn.", "celldsl.", "Python loop", "textbook"]
     for i, row in enumerate(nn_rows):
         assert labels[i % 4] in row[0], row
@@ -45,14 +46,17 @@ def test_bench_prints_every_table_row_and_target(capsys):
     assert [r[0] for r in step_rows] == [
         f"{lib}.{name}" for name in steps for _ in range(2) for lib in ("torch.nn", "celldsl")
     ]
-    for row in nn_rows + long_rows + step_rows:
+    assert [r[0].split(" ")[0] for r in small_rows] == [
+        "torch.nn.LSTM", "celldsl.LSTM", "torch.nn.GRU", "celldsl.GRU"]
+    for row in nn_rows + long_rows + step_rows + small_rows:
         fwd, fwdbwd, r1, r2, diff = (float(c) for c in row[-5:])
         assert fwd > 0 and fwdbwd > 0 and r1 > 0 and r2 > 0
         assert diff < 1e-4, row  # the same weights and equations: the same outputs
     for row in zoo_rows:
         assert float(row[-1]) < 1e-4, row
     targets = re.findall(r"^- .*: (met|MISSED by \d+%)$", text, flags=re.M)
-    assert len(targets) == 5 + 3 + 2 + 4 + 16  # the step table: 4 modules x 2 batches x fwd, fwd+bwd
+    # the step table: 4 modules x 2 batches x fwd, fwd+bwd; the small one: 2 layers x fwd, fwd+bwd
+    assert len(targets) == 5 + 3 + 2 + 4 + 16 + 4
 
 
 def test_bench_rejects_unknown_tables_cells_and_clocks():
