@@ -17,7 +17,8 @@ from torch.nn.utils.rnn import PackedSequence
 from ..compiler import CompiledCell, compile_cell
 from ..lang.errors import CellTensorError
 from ..ops import run
-from ..ops.function import register
+from ..ops.function import loop_for, register, split_params
+from ..ops.op import plain_eager
 from ..resources import ZOO
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, member, op_params, stores_of
@@ -27,6 +28,8 @@ _ZOO_CELLS: dict[str, CompiledCell] = {}
 # layer -> (its parameters' ids, one cell per layer sharing them): the one-step path (`_streamed`); kept
 # out of the module (a submodule attribute would enter state_dict, pickles and deepcopies)
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# layer -> (its last inference call's signature, its layers' prepared sequences or None): `_sequenced`
+_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def zoo_cell(stem: str) -> CompiledCell:
@@ -80,20 +83,15 @@ class RecurrentStack:
         `cell(k)`'s `_replayed` in nn/cells.py: with or without autograd), or None: then the full
         path runs, with its checks and messages (a layer's step refuses what its cell's checks
         refuse)."""
-        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
-                or input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional \
+        if not isinstance(input, torch.Tensor) or input.dim() != 3 or self.bidirectional \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
                 or (self.dropout and self.training and self.num_layers > 1):
             return None
-        given = None
-        if state is not None:  # the shapes _given_states accepts, else its message
-            declared, names = self.compiled.ir.declared_states, self.compiled.states
-            given = [state] if isinstance(state, torch.Tensor) and declared == 1 else \
-                list(state) if isinstance(state, (tuple, list)) and declared > 1 else []
-            if len(given) not in (declared, len(names)) or not all(
-                    isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers
-                    for s in given):
-                return None
+        given = self._given_list(state)
+        if given is False:
+            return None
+        if input.shape[1 if self.batch_first else 0] != 1:
+            return self._sequenced(input, given)
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
         if entry is None or entry[0] != params:
@@ -118,6 +116,110 @@ class RecurrentStack:
             finals.append(news)
         final = finals[0] if last == 0 else [torch.cat([f[i] for f in finals]) for i in range(len(finals[0]))]
         return x, (final[0] if len(final) == 1 else tuple(final))
+
+    def _given_list(self, state):
+        """The states a one-step or prepared call was given, as a list of [L, N, width] tensors, None
+        for none, or False for any other form (the full path then checks it, with its message)."""
+        if state is None:
+            return None
+        declared, names = self.compiled.ir.declared_states, self.compiled.states
+        given = [state] if isinstance(state, torch.Tensor) and declared == 1 else \
+            list(state) if isinstance(state, (tuple, list)) and declared > 1 else []
+        if len(given) not in (declared, len(names)) or not all(
+                isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers
+                for s in given):
+            return False
+        return given
+
+    def _sequenced(self, input, given):
+        """(output, final states) of a small inference call on the CPU (padded input [T, N, I], T > 1,
+        no autograd) from each layer's prepared sequence (targets/c/fused.PreparedSequence: its kernel
+        arguments bound once), or None: then the full path runs, with its checks and messages. The
+        sequences are made after that path's checks pass and kept while the call's shapes, dtypes,
+        the threads, inference mode and the parameters (object, storage, shape, strides) stay the
+        same; they read the parameters' values live at every call."""
+        tensors = [input, *(given or [])]
+        params = list(self._parameters.values())
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*tensors, *params]):
+            return None
+        if not plain_eager(tensors) or input.device.type != "cpu" or self.backend not in ("auto", "cpu"):
+            return None
+        try:
+            key = (input.shape, input.dtype, self.batch_first, torch.get_num_threads(),
+                   torch.is_inference_mode_enabled(), self.training,
+                   *[(s.shape, s.dtype, s.device) for s in given or []],
+                   *[p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params])
+        except RuntimeError:  # a tensor without storage (a wrapper subclass): the full path
+            return None
+        entry = _SEQUENCES.get(self)
+        if entry is None or entry[0] != key:
+            entry = _SEQUENCES[self] = (key, self._prepare_sequences(input, given))
+        sequences = entry[1]
+        if sequences is None:
+            return None
+        lock = sequences[0][0].lock
+        if not lock.acquire(blocking=False):
+            return None  # another thread is in these buffers: this call takes the full path
+        try:
+            x, finals = input.transpose(0, 1) if self.batch_first else input, []
+            for k, (sequence, held, derived) in enumerate(sequences):
+                if derived:
+                    self._refresh_derived(k, held, derived)
+                x, news = sequence(x, [] if given is None else [s[k] for s in given])
+                finals.append(news)
+        finally:
+            lock.release()
+        final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
+        return x.transpose(0, 1) if self.batch_first else x, (final[0] if len(final) == 1 else tuple(final))
+
+    def _prepare_sequences(self, input, given):
+        """Per layer (its PreparedSequence for calls like this one, the op parameters it reads, the
+        indices of those that are no views of stored tensors: blocks of several parameters, or a
+        combination such as W - Wᵀ, made again before every call), or None where a layer has none or
+        the call fails a check (the full path raises it again, with its message). Every stored tensor
+        must be a registered nn.Parameter (not a parametrization's tensor, made anew at each call)."""
+        x = input.transpose(0, 1) if self.batch_first else input
+        try:
+            self._check_input(x, None)
+            self._initial_states(given, x, x.shape[1], False)
+        except (CellTensorError, ValueError, TypeError):
+            return None
+        names = [self._param_name(st.name, k, 0) for st in stores_of(self.compiled)
+                 for k in range(self.num_layers)]
+        if not all(isinstance(self._parameters.get(n), torch.nn.Parameter) or
+                   (n not in self._parameters and getattr(self, n, None) is None) for n in names):
+            return None
+        loop = loop_for(self.compiled.key, "cpu")
+        prepare = getattr(loop, "prepare_sequence", None)
+        if prepare is None:
+            return None
+        sequences, shape = [], x.shape
+        for k in range(self.num_layers):
+            like = torch.empty(*shape[:2], self._layer_input_size(k), dtype=x.dtype)  # layer k's input
+            sizes, stored = self._sizes(k), self._stored(k, 0, like=like)
+            bases = {id(t) for t in stored.values()}
+            params = op_params(self.compiled, stored, sizes, like=like)
+            derived = [i for i, q in enumerate(params) if id(q if q._base is None else q._base) not in bases]
+            states = [like.new_zeros(shape[1], sizes[self.compiled.ir.width(n)])
+                      for n in self.compiled.states]
+            sequence = prepare(like, states, *split_params(loop, params))
+            if sequence is None:
+                return None
+            sequences.append((sequence, params, derived))
+            shape = (*shape[:2], sequence.out.shape[-1])
+        for sequence, _params, _derived in sequences[1:]:
+            sequence.lock = sequences[0][0].lock  # one lock for the stack's buffers
+        return sequences
+
+    def _refresh_derived(self, layer: int, held: list[torch.Tensor], derived: list[int]) -> None:
+        """The op parameters `derived` of one layer made again from the parameters as they are, into
+        the tensors its prepared sequence reads (`held`)."""
+        like = held[0]
+        fresh = op_params(self.compiled, self._stored(layer, 0, like=like), self._sizes(layer), like=like,
+                          into={i: held[i] for i in derived})
+        for i in derived:
+            if fresh[i] is not held[i]:
+                held[i].copy_(fresh[i])
 
     # ---- parameters --------------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ MIN_PARALLEL = 4096  # elements of a step (n * H) below which a kernel runs on o
 PYTHON_STEP_SECONDS = 20e-6
 PYTHON_STEP_FACTOR = 1.3
 CALL_PLANS = 64  # signatures a loop remembers the call plan of
+# a PreparedSequence's limit, in elements of x and of the states over all steps (rows * (I + widths)).
+# Its time against the op's infer, LSTM and GRU at one thread (bench in docs/benchmarks.md): 0.36-0.38x
+# at 10-15 K elements, 0.74 at 100-150 K, 0.84-0.90 at 160-250 K, 0.93-1.02 at 400-600 K, 1.12 at
+# 1.2-2 M (its copies in and out, and no in-cache projection chunks or fused step tiles)
+SEQUENCE_ELEMENTS = 1 << 18
 _lock = threading.RLock()
 _warned: set[str] = set()
 _gemm_libraries: dict[tuple, tuple] = {}  # (cache root, compiler) -> build_gemm_library's result
@@ -779,6 +784,20 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return PreparedStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
 
+    def prepare_sequence(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedSequence | None:
+        """A PreparedSequence for inference calls on a padded x [T, N, I] of these arguments' shapes
+        and weights, or None where it does not apply: as prepare_step's, and a call too large for
+        its copies in and out to be cheap (SEQUENCE_ELEMENTS). Checks the shapes as `forward`."""
+        if not all(v.is_contiguous() for v in [*vectors, *scalars]) or x.dim() != 3 or \
+                x.shape[0] * x.shape[1] * (x.shape[2] + sum(s.shape[-1] for s in states)) > SEQUENCE_ELEMENTS:
+            return None
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None or not plan.native or states[0].numel() == 0 or x.shape[0] == 0 \
+                or len(self.inputs) != 1 or self.shifted or self.hoist:
+            return None
+        with torch.no_grad():
+            return PreparedSequence(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
+
     def prepare_train_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedTrainStep | None:
         """A PreparedTrainStep (a step whose backward is prepared too), or None where it does not
         apply: where prepare_step does not, and for cells with scalar parameters, an input read
@@ -830,7 +849,6 @@ class FusedCPULoop(TorchLoop):
                                                             scalars, batch_sizes)
         X, states, vectors, scalars = bufs["X"], bufs["states"], bufs["vectors"], bufs["scalars"]
         rows = X.shape[0]
-        ir = self.plan.ir
         hoisted_ops = self._hoisted_operands(bufs["xs"], vectors, scalars)
         hoisted_bias, step_bias = self._biases(vectors, bufs, hoisted_w, step_w)
         chunk = not save and plan.native and self._chunked(hoisted_ops, hoisted_w, plan, bufs)
@@ -840,21 +858,9 @@ class FusedCPULoop(TorchLoop):
             hoisted_out = [cpu_gemm.linear(op, w, bias, self.lib, backend)
                            for op, w, bias, backend in zip(hoisted_ops, hoisted_w, hoisted_bias, plan.hoisted,
                                                            strict=True)]
-        news = [X.new_empty(rows if save or i not in self.in_place else N, sizes[ir.width(s)])
-                for i, s in enumerate(self.states)]
-        out = (news[self.output_state] if self.output_state is not None
-               else X.new_empty(rows, self.output_width(sizes)))
-        # the Python loop's products keep their rows: torch's GEMMs (MKL) may round otherwise into
-        # memory aligned otherwise, and `infer` promises forward's numbers bit for bit
-        step_rows = rows if save or not plan.native else N
-        step_out = [X.new_empty(0 if gi in self.summed else step_rows, w.shape[0])
-                    for gi, w in enumerate(step_w)]
-        operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
-        one_step = set() if save else {id(t) for t in [*step_out, *news] if t.shape[0] == N < rows}
-        bufs |= {"news": news, "out": out, "step": step_out,
-                 "hoisted": hoisted_out, "operands": operands, "one_step": one_step}
-        args = {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
-                          for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
+        args = self._bind_outputs(bufs, N, step_w, hoisted_out, save, plan.native)
+        news, out, step_out, operands, one_step = (bufs[k] for k in ("news", "out", "step", "operands",
+                                                                     "one_step"))
         if plan.native and chunk:
             native, prepared, panels = self._forward_native(bufs, args, steps, offsets, N, step_w, step_bias,
                                                             run=False)
@@ -879,6 +885,28 @@ class FusedCPULoop(TorchLoop):
         if batch_sizes is None:
             out = out.view(x.shape[0], x.shape[1], -1)
         return out, finals, saved
+
+    def _bind_outputs(self, bufs, N: int, step_w, hoisted_out, save: bool, native: bool) -> dict:
+        """A call's new states, output, step products and operands, put into bufs -> the kernels'
+        arguments (pointers into bufs) by pointwise kernel. save=False (`infer`): the states of
+        `in_place` and the native loop's step products get buffers of one step."""
+        X, sizes, ir = bufs["X"], bufs["sizes"], self.plan.ir
+        rows = X.shape[0]
+        news = [X.new_empty(rows if save or i not in self.in_place else N, sizes[ir.width(s)])
+                for i, s in enumerate(self.states)]
+        out = (news[self.output_state] if self.output_state is not None
+               else X.new_empty(rows, self.output_width(sizes)))
+        # the Python loop's products keep their rows: torch's GEMMs (MKL) may round otherwise into
+        # memory aligned otherwise, and `infer` promises forward's numbers bit for bit
+        step_rows = rows if save or not native else N
+        step_out = [X.new_empty(0 if gi in self.summed else step_rows, w.shape[0])
+                    for gi, w in enumerate(step_w)]
+        operands = {name: X.new_empty(rows, sizes[self.width_of[name]]) for name in self.operand_names}
+        one_step = set() if save else {id(t) for t in [*step_out, *news] if t.shape[0] == N < rows}
+        bufs |= {"news": news, "out": out, "step": step_out,
+                 "hoisted": hoisted_out, "operands": operands, "one_step": one_step}
+        return {pw.name: [self._input(a.name, bufs) if a.part == "input" else self._output(a.name, bufs)
+                          for a in self.kernels[(pw.name, False)].spec.args] for pw in self.plan.pointwise}
 
     def _step_output(self, gi: int, bufs: dict) -> tuple[_Arg, int]:
         """Where step GEMM gi writes, and how (1: adds onto its hoisted rows; 2: = bias +; 0: =)."""
@@ -1487,6 +1515,63 @@ class PreparedStep:
             return news[self.output_state], news
         out_lead = (self.x.shape[1],) if out_lead is None else out_lead
         return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
+
+
+class PreparedSequence:
+    """FusedCPULoop.infer on a padded sequence with its kernel arguments bound once, to buffers of its
+    own, for calls of one signature: binding them is most of a small call's time (a layer's call at
+    T=10 N=8 H=64 spent ~110 us there, ~50 us in the native loop). Like PreparedStep, it reads the
+    weights and vectors live at every call: the hoisted GEMMs run on them, the step GEMMs' panels are
+    packed again and their biases added up again, and the kernels read the vectors in place (they
+    must be contiguous); the numbers are infer's, bit for bit, but for the hoisted product, which
+    infer may compute chunk by chunk (bit for bit the same). A call copies x and the states in and
+    its results out, so its owner (nn/stack.py) keeps it for small calls (SEQUENCE_ELEMENTS) and
+    holds `lock` while it runs."""
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        self.loop, self.plan = loop, plan
+        self.x = torch.empty(x.shape, dtype=x.dtype)
+        self.states = [torch.empty(s.shape, dtype=s.dtype) for s in states]
+        bufs, steps, offsets, packed_w, _sizes = loop._buffers(plan, self.x, self.states, hoisted_w, step_w,
+                                                               vectors, scalars, None)
+        X, N = bufs["X"], self.x.shape[1]
+        self.hoisted_ops = loop._hoisted_operands(bufs["xs"], bufs["vectors"], bufs["scalars"])  # views of X
+        self.hoisted_out = [X.new_empty(X.shape[0], w.shape[0]) for w in hoisted_w]
+        _hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
+        self.step_bias = [None if b is None else b.clone() for b in step_bias]  # filled at every call
+        args = loop._bind_outputs(bufs, N, packed_w, self.hoisted_out, False, True)
+        self.native, self.prepared, self.panels = loop._forward_native(
+            bufs, args, steps, offsets, N, packed_w, self.step_bias, run=False)
+        self.news, self.out, self.one_step = bufs["news"], bufs["out"], bufs["one_step"]
+        self.hoisted_w, self.step_w, self.vectors = list(hoisted_w), list(step_w), bufs["vectors"]
+        self._held = (bufs, args)  # what the bound pointers point into
+        self.lock = threading.Lock()  # not re-entrant: a nested call takes the full path
+
+    def __call__(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """x [T, N, I] (any strides) and the first len(states) states [N, width] (the rest start at
+        zero) -> (out [T, N, width], final states [N, width]), tensors of their own."""
+        loop, T, N = self.loop, self.x.shape[0], self.x.shape[1]
+        self.x.copy_(x)
+        for buf, s in zip(self.states, states, strict=False):
+            buf.copy_(s)
+        for buf in self.states[len(states):]:
+            buf.zero_()
+        bufs = self._held[0]
+        hoisted_bias, step_bias = loop._biases(self.vectors, bufs, self.hoisted_w, self.step_w)
+        for op, w, bias, out, backend in zip(self.hoisted_ops, self.hoisted_w, hoisted_bias, self.hoisted_out,
+                                             self.plan.hoisted, strict=True):
+            out.copy_(cpu_gemm.linear(op, w, bias, loop.lib, backend))
+        nt = self.prepared[0].nt
+        for gi, (w, panels) in enumerate(zip(self.step_w, self.panels, strict=True)):
+            groups = len(loop.gemms[gi].products)
+            n, k = w.shape[0] // groups, w.shape[1]
+            self.native.gemm.pack(w.contiguous(), groups, n, k, k, 1, n * k, nt, panels)
+            if self.step_bias[gi] is not None:
+                self.step_bias[gi].copy_(step_bias[gi])
+        self.native.run_forward(self.prepared)
+        rows = self.x.shape[0] * N
+        finals = [n.clone() if id(n) in self.one_step else n[rows - N :].clone() for n in self.news]
+        return self.out.view(T, N, -1).clone(), finals
 
 
 class PreparedTrainStep(PreparedStep):

@@ -1,0 +1,165 @@
+"""A small inference call of a layer (T > 1, no autograd, CPU) replays each layer's prepared sequence
+(targets/c/fused.PreparedSequence, nn/stack.RecurrentStack._sequenced): kernel arguments bound once,
+the parameters read live at every call. The references: torch.nn's layers given the same writes, and
+the layer's own full path (bit for bit: the same kernels on the same numbers)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_streaming_step_writes import MODES, Guard, flat, nonzero_state, written
+from torch import nn
+from zoo import GENERIC
+
+import celldsl
+from celldsl.nn import stack
+from celldsl.targets.c import fused
+
+I, H, T = 24, 21, 6
+
+
+@pytest.fixture(autouse=True)
+def native_loops(monkeypatch):
+    """The native loop at every size (otherwise cpu_gemm's measurements choose, per machine)."""
+    monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")
+    if fused.compiler() is None:
+        pytest.skip("no C compiler: the cpu backend's kernels cannot be built")
+
+
+def full_path(monkeypatch, module, *args):
+    """The layer's result without the prepared sequences (the op's infer, as before they existed)."""
+    with monkeypatch.context() as m:
+        m.setattr(stack.RecurrentStack, "_sequenced", lambda self, input, given: None)
+        return module(*args)
+
+
+def replayed(module) -> bool:
+    entry = stack._SEQUENCES.get(module)
+    return entry is not None and entry[1] is not None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_a_layer_sequence_sees_every_write_without_autograd(name, layers, n, dtype, mode, monkeypatch):
+    """p.data.mul_(), .data.copy_(), numpy writes and `p.data = new` between replayed calls: each
+    call after a write gives torch.nn's numbers for the written weights (the guard fails the test if
+    any call of ours runs the op instead of the prepared sequences)."""
+    torch.manual_seed(0)
+    kw = {"num_layers": layers, "dtype": dtype}
+    ref, ours = getattr(nn, name)(I, H, **kw), getattr(celldsl, name)(I, H, **kw)
+    ours.load_state_dict(ref.state_dict())
+    x, hx = torch.randn(T, n, I, dtype=dtype), nonzero_state(name, n, dtype, layers)
+    with MODES[mode]():
+        ours(x, hx)  # the first call checks the arguments and prepares the sequences
+    assert replayed(ours)
+    written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype, Guard(monkeypatch, ours))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_replayed_calls_are_the_full_paths_numbers_bit_for_bit(name, given, batch_first, monkeypatch):
+    torch.manual_seed(0)
+    ours = getattr(celldsl, name)(I, H, num_layers=2, batch_first=batch_first)
+    with torch.no_grad():
+        for call in range(3):  # new inputs and states at every call, into the same bound buffers
+            x = torch.randn(3, T, I) if batch_first else torch.randn(T, 3, I)
+            hx = nonzero_state(name, 3, torch.float32, 2) if given else None
+            got, want = flat(ours(x, hx)), flat(full_path(monkeypatch, ours, x, hx))
+            assert replayed(ours)
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape and torch.equal(g, w), f"call {call}"
+
+
+@pytest.mark.parametrize("cell", GENERIC)
+def test_zoo_layers_replay_their_full_paths_numbers(cell, monkeypatch):
+    """Every generic zoo cell: the prepared sequences where the cell has them (every op parameter a
+    view of a stored one: not antisymmetric_rnn's W - Wᵀ), bit for bit the full path's numbers."""
+    torch.manual_seed(0)
+    width = H if celldsl.compile_cell(cell).ir.needs_hidden_size else I
+    layer = celldsl.Recurrent(cell, width, H, num_layers=2)
+    x = torch.randn(T, 4, width)
+    with torch.no_grad():
+        for _ in range(2):
+            got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w)
+            x = torch.randn(T, 4, width)
+
+
+def test_two_threads_on_one_layer_each_get_their_own_numbers():
+    """The buffers are the layer's: a call that finds them in use takes the full path."""
+    torch.manual_seed(0)
+    layer = celldsl.LSTM(I, H, num_layers=2, dtype=torch.float64)
+    inputs = [torch.randn(T, 2, I, dtype=torch.float64) for _ in range(8)]
+    with torch.no_grad():
+        want = [flat(layer(x)) for x in inputs]
+    assert replayed(layer)
+    failures = []
+
+    def work(order):
+        with torch.no_grad():
+            for _ in range(25):
+                for i in order:
+                    got = flat(layer(inputs[i]))
+                    if not all(torch.equal(g, w) for g, w in zip(got, want[i], strict=True)):
+                        failures.append(i)
+    threads = [threading.Thread(target=work, args=(order,)) for order in (range(8), reversed(range(8)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_what_is_not_replayed_still_gives_torch_nn_numbers():
+    """Autograd, a large call, and a parametrized weight (a tensor made anew at every call) take the
+    full path."""
+    torch.manual_seed(0)
+    ref, ours = nn.LSTM(I, H, dtype=torch.float64), celldsl.LSTM(I, H, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, 3, I, dtype=torch.float64, requires_grad=True)
+    out = ours(x)[0]
+    assert not replayed(ours)
+    out.sum().backward()
+    x_ref = x.detach().requires_grad_(True)
+    ref(x_ref)[0].sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    big = torch.randn(fused.SEQUENCE_ELEMENTS // (I + 2 * H) + 1, 1, I, dtype=torch.float64)  # T large
+    with torch.no_grad():
+        torch.testing.assert_close(ours(big)[0], ref(big)[0])
+    assert not replayed(ours)
+    nn.utils.parametrizations.weight_norm(ours, "weight_hh_l0")
+    nn.utils.parametrizations.weight_norm(ref, "weight_hh_l0")
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.parametrizations.weight_hh_l0.original0.mul_(0.5)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+        assert not replayed(ours)
+        for m in (ours, ref):
+            m.parametrizations.weight_hh_l0.original0.mul_(3.0)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("cell", ["mut1", "gru_cho", "greff_vanilla", "antisymmetric_rnn", "sru"])
+def test_weights_made_of_several_parameters_are_made_again_at_every_call(cell, monkeypatch):
+    """A GEMM weight that is a concatenation of parameters, or W - Wᵀ - γI, is a copy: the call after
+    a write the copy cannot see (`p.data.mul_`) must still give the full path's numbers."""
+    torch.manual_seed(0)
+    width = H if celldsl.compile_cell(cell).ir.needs_hidden_size else I
+    layer = celldsl.Recurrent(cell, width, H, dtype=torch.float64)
+    x = torch.randn(T, 3, width, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        assert replayed(layer)
+        for name, p in layer.named_parameters():
+            p.data.mul_(0.5)
+            got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w), name
