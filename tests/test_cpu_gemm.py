@@ -362,3 +362,25 @@ def test_native_is_kept_unless_another_gemm_is_clearly_faster():
     assert cpu_gemm.preferred({"native": 0.5, "onednn": 1.0}) == "native"
     assert cpu_gemm.preferred({"mm": 1.2, "onednn": 1.0}) == "onednn"
     assert cpu_gemm.preferred({"native": math.inf, "mm": 3.0}) == "mm"
+
+
+@needs_cc
+@pytest.mark.parametrize(("m", "k", "n", "threads"), [(3, 16, 16, 1), (1, 64, 256, 1), (64, 256, 1024, 2)])
+def test_a_product_is_timed_on_the_threads_it_runs_on(private_cache, monkeypatch, m, k, n, threads):
+    """A small product runs the native kernel on one thread (native_threads: the native loop's rule
+    too) and is measured so; timed on a team of two, a tiny product on a busy 2-core machine took
+    milliseconds a call (the team waits for its second core), and the remembered timing sent small
+    cells to the Python loop."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    lib = gemm_lib()
+    seen = []
+    gemm = cpu_gemm.NativeGemm.gemm
+    monkeypatch.setattr(cpu_gemm.NativeGemm, "gemm",
+                        lambda self, *a, **kw: seen.append(a[5] if len(a) > 5 else kw["threads"]) or
+                        gemm(self, *a, **kw))
+    site = cpu_gemm.site("step", torch.float32, m, k, n)
+    assert site.threads == 2
+    cpu_gemm.measure(site, lib, ["native"])
+    w = torch.randn(n, k)
+    cpu_gemm.product("native", "step", w, m, lib)(torch.randn(m, k), torch.empty(m, n))
+    assert seen and set(seen) == {threads}

@@ -52,14 +52,20 @@ from .flags import ATTEMPTS, BASE_FLAGS, cpu_fingerprint
 BACKENDS = ("native", "mm", "onednn", "onednn_packed")
 KINDS = ("step", "step_backward", "hoisted", "input_grad", "weight_grad")
 CACHE_FILE = "cpu_gemm.json"
-# 3: weight_grad sites, measured with a scratch pool and padded rows (older entries: measured again)
-FORMAT = 3
+# 3: weight_grad sites, measured with a scratch pool and padded rows; 4: small products measured on the
+# one thread they run on (`native_threads`; older entries: measured again)
+FORMAT = 4
 BIG_ROWS = 4096  # products over all rows are measured at min(rows rounded up to a power of 2, this)
 # rows of a weight gradient per chunk, in bytes of a row of d.T: 1024 floats (a panel of 32 columns,
 # 128 kB, stays in the L2 cache); 256 and 512 ran 5-15% slower at (12800 x 2048 x 512), one thread
 WEIGHT_GRAD_CHUNK_BYTES = 4096
 TRANSPOSE_PAD = 16  # elements of padding per row of d.T (see WeightGrads)
 SECONDS_PER_TIMING = 2e-3  # one timing repeats a product for at least this long
+# multiply-adds of a product below which the native kernels run on one thread: a team's barrier costs
+# more than it saves, and on a busy machine a team waits for its second core for a scheduler's time
+# slice. Measured on two threads, a 3 x 16 x 16 step product took 6.7 ms a call on a loaded 2-core
+# machine (one thread: ~1.5 us); remembered, such a timing sent small cells to the Python loop.
+MIN_PARALLEL_WORK = 1 << 16
 ROUNDS = 5  # interleaved rounds; the minimum of the rounds is kept (the least disturbed run)
 ONEDNN_SCHEMAS = {
     "_linear_pointwise": "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, "
@@ -299,7 +305,9 @@ class NativeProduct:
 
     backend = "native"
 
-    def __init__(self, lib, kind: str, w: torch.Tensor, threads: int):
+    def __init__(self, lib, kind: str, w: torch.Tensor, threads: int, rows: int | None = None):
+        """rows: of the operands it will multiply (None: unknown, `threads` threads)."""
+        threads = threads if rows is None else native_threads(rows * w.numel(), threads)
         self.native, self.threads = native_gemm(lib, w.dtype), threads
         w = w.contiguous()
         self.panels = self.native.pack_transposed(w, 1, threads) if kind in ("step", "hoisted") else \
@@ -309,10 +317,16 @@ class NativeProduct:
         self.native.gemm(a, self.panels, out, init, bias.contiguous() if init == 2 else None, self.threads)
 
 
+def native_threads(macs: int, threads: int) -> int:
+    """The threads the native kernels use for a product of `macs` multiply-adds: one below
+    MIN_PARALLEL_WORK (the native loop's steps follow the same rule: native.NativeLoop.threads)."""
+    return 1 if macs < MIN_PARALLEL_WORK else threads
+
+
 def product(backend: str, kind: str, w: torch.Tensor, batch: int, lib) -> TorchProduct | NativeProduct:
     """A step product of `kind` with weight w run by `backend` (what `choose` returned)."""
     if backend == "native":
-        return NativeProduct(lib, kind, w, torch.get_num_threads())
+        return NativeProduct(lib, kind, w, torch.get_num_threads(), rows=batch)
     return TorchProduct(backend, kind, w, batch)
 
 
@@ -450,9 +464,12 @@ def measure(s: Site, lib, names: list[str]) -> dict[str, float]:
     clock = time.thread_time if s.threads == 1 else time.perf_counter
     reps = {}
     for name, run in runs.items():
-        start = clock()
-        run(1)
-        reps[name] = max(1, min(1000, int(SECONDS_PER_TIMING / max(clock() - start, 1e-7))))
+        once = math.inf
+        for _ in range(3):  # the least disturbed of three calls sets the repeats (one stalled call: 1)
+            start = clock()
+            run(1)
+            once = min(once, clock() - start)
+        reps[name] = max(1, min(1000, int(SECONDS_PER_TIMING / max(once, 1e-7))))
     best = {name: math.inf for name in runs}
     for _ in range(ROUNDS):
         for name, run in runs.items():
@@ -478,7 +495,7 @@ def _runner(name, s: Site, lib, a, w, bias):
     transposed = s.kind == "step"
     out = a.new_empty(s.m, s.n if transposed else s.k)
     if name == "native":
-        product = NativeProduct(lib, s.kind, w, s.threads)
+        product = NativeProduct(lib, s.kind, w, s.threads, rows=s.m)  # the threads it will run on
 
         def run(reps):
             product.native.gemm(a, product.panels, out, 0, None, product.threads, reps=reps)

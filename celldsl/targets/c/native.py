@@ -13,10 +13,10 @@ import ctypes
 
 import torch
 
-from .gemm import DTYPES, native_gemm
+from .gemm import DTYPES, MIN_PARALLEL_WORK, native_gemm
 
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
-MIN_STEP_WORK = 1 << 16  # multiply-adds of a step below which the native loop runs on one thread
+MIN_STEP_WORK = MIN_PARALLEL_WORK  # multiply-adds of a step below which the native loop runs on one thread
 MIN_ELEMENTWISE_WORK = 1 << 14  # elements of a whole sequence, for cells without a state GEMM
 
 
