@@ -85,7 +85,11 @@ def test_chunks_two_threads_equal_forward(stem, chunks, monkeypatch):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lstm_chunks_match_torch_nn(dtype, packed, ring_bytes, chunks, monkeypatch):
+    from celldsl.targets.c import fused as cpu_fused
+
     monkeypatch.setenv("CELLDSL_CPU_GEMM", "native")  # the chunks need the native hoisted GEMM
+    # the op's infer, not the prepared sequence a call this small replays (tests/test_prepared_sequence.py)
+    monkeypatch.setattr(cpu_fused, "SEQUENCE_ELEMENTS", 0)
     calls = chunks(ring_bytes)
     torch.manual_seed(2)
     ref = torch.nn.LSTM(13, 37, num_layers=2, dtype=dtype)
