@@ -186,3 +186,70 @@ def test_mod_in_the_matrix_c_export_is_the_cells_formula(tmp_path):
     want_out, want_S = modmat_reference(layer, x)
     torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(finals[0], want_S, rtol=1e-10, atol=1e-10)
+
+
+# ---- `celldsl export`: bad arguments are one located line -----------------------------------------
+
+
+def export_error(capsys, tmp_path, *args) -> str:
+    """`celldsl export lstm --c DIR --input-size 4 --hidden-size 5 ARGS...`: exit 1 and its one line."""
+    from celldsl.cli.main import main
+
+    code = main(["export", "lstm", "--c", str(tmp_path / "out"), "--input-size", "4", "--hidden-size", "5",
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("celldsl: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_a_state_dict_keyed_by_other_than_names_is_refused(tmp_path, capsys):
+    """Before: "celldsl: internal error: AttributeError: 'int' object has no attribute 'endswith'"."""
+    torch.save({1: torch.zeros(2)}, tmp_path / "sd.pt")
+    assert "sd.pt: expected a state_dict (tensors by parameter name), got the key 1" in \
+        export_error(capsys, tmp_path, "--weights", str(tmp_path / "sd.pt"))
+
+
+def test_complex_weights_are_refused_not_made_real(tmp_path, capsys):
+    """Before: exported with the imaginary parts dropped (torch's load_state_dict only warns)."""
+    torch.manual_seed(0)
+    sd = celldsl.Recurrent("lstm", 4, 5).state_dict()
+    sd["weight_hh_l0"] = sd["weight_hh_l0"].to(torch.complex64)
+    torch.save(sd, tmp_path / "sd.pt")
+    assert "sd.pt: the weights must be real numbers; weight_hh_l0 is complex64" in \
+        export_error(capsys, tmp_path, "--weights", str(tmp_path / "sd.pt"))
+
+
+def test_a_size_given_twice_is_refused(tmp_path, capsys):
+    """Before: --sizes P=3,P=4 exported with P = 4, silently."""
+    from celldsl.cli.main import main
+
+    code = main(["export", "lstm_proj", "--c", str(tmp_path / "out"), "--input-size", "4",
+                 "--hidden-size", "5", "--sizes", "P=3,P=4"])
+    assert code == 1 and capsys.readouterr().err == "celldsl: error: --sizes gives 'P' twice\n"
+
+
+def test_a_seed_out_of_torchs_range_says_so(tmp_path, capsys):
+    """Before: "celldsl: error: Overflow when unpacking long long", which names no argument."""
+    assert "the seed must be an integer from -2^63 to 2^64 - 1, got 99999999999999999999" in \
+        export_error(capsys, tmp_path, "--seed", "99999999999999999999")
+
+
+def test_sizes_memory_cannot_hold_are_an_error_not_a_bug(tmp_path, capsys):
+    """Before: "celldsl: internal error: RuntimeError: ... can't allocate memory (this is a bug...)"."""
+    from celldsl.cli.main import main
+
+    code = main(["export", "lstm", "--c", str(tmp_path / "out"), "--input-size", "100000000", "--hidden-size",
+                 "100000000"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("celldsl: error: cell 'lstm': cannot build its layer at input size "
+                                        "100000000 and hidden size 100000000: "), err
+
+
+def test_a_file_that_cannot_be_written_is_named_first(tmp_path, capsys):
+    """Before: "celldsl: error: [Errno 17] File exists: '...'" (the errno first, the path quoted last)."""
+    from celldsl.cli.main import main
+
+    (tmp_path / "taken").write_text("")
+    code = main(["export", "lstm", "--c", str(tmp_path / "taken"), "--input-size", "4", "--hidden-size", "5"])
+    assert code == 1 and capsys.readouterr().err == f"celldsl: error: {tmp_path / 'taken'}: File exists\n"
