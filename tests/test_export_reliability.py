@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from c_harness import compile_harness, needs_cc, run_harness
+from c_harness import CC, compile_harness, needs_cc, run_harness
 
 import celldsl
 from celldsl.export.c_library import c_name, write_c
@@ -253,3 +253,29 @@ def test_a_file_that_cannot_be_written_is_named_first(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     code = main(["export", "lstm", "--c", str(tmp_path / "taken"), "--input-size", "4", "--hidden-size", "5"])
     assert code == 1 and capsys.readouterr().err == f"celldsl: error: {tmp_path / 'taken'}: File exists\n"
+
+
+# ---- non-finite values travel through the exports as through the layer ----------------------------
+
+
+@pytest.mark.parametrize("name", ["lstm", "qrnn", "ln_gru"])
+def test_inf_and_nan_in_the_input_and_the_state_reach_the_same_outputs(tmp_path, name):
+    """The C and ONNX exports (H = 17, no multiple of a vector width; I != H) against the torch
+    backend: the same NaN and inf positions, and the same finite values elsewhere."""
+    from test_export_c import inputs, reference
+
+    cell = load_cell(name, 5, 17, seed=2)
+    x, states = inputs(cell, 4, 3)
+    x[0, 0, 0], x[1, 2, 4] = float("inf"), float("nan")
+    states[0][1, 3] = float("-inf")
+    want_out, want_finals = reference(cell, x, states)
+    assert want_out.isnan().any() and want_out.isfinite().any()  # else the test could not fail
+    s = session(onnx_model(cell, "f64"))
+    got = s.run(None, {"x": x.numpy(), **{f"state_in_{k}": v.numpy() for k, v in enumerate(states)}})
+    results = [("onnx", torch.from_numpy(got[-1]), [torch.from_numpy(g) for g in got[:-1]])]
+    if CC is not None:  # the C export needs a compiler on PATH; onnxruntime runs regardless
+        exe = compile_harness(write_c(cell, tmp_path, "f64")[0], "f64")
+        results.append(("c", *run_harness(exe, tmp_path / f"{c_name(cell)}.bin", "f64", x, states)))
+    for _, out, finals in results:
+        for got_t, want_t in zip([out, *finals], [want_out, *want_finals], strict=True):
+            torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12, equal_nan=True)
