@@ -65,7 +65,10 @@ def run_export(args: argparse.Namespace) -> int:
         print(str(err), file=sys.stderr)
         return 1
     except (ExportError, OSError) as err:
-        print(f"celldsl: error: {printable(' '.join(str(err).split()))}", file=sys.stderr)
+        text = str(err)
+        if isinstance(err, OSError) and err.strerror:  # the file first, no "[Errno 28]"
+            text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+        print(f"celldsl: error: {printable(' '.join(text.split()))}", file=sys.stderr)
         return 1
     for path in paths:
         print(printable(str(path)))

@@ -76,6 +76,8 @@ def _sizes_arg(text: str | None, what: str) -> dict[str, int]:
         if not eq or not value.strip().isdigit() or int(value) <= 0:
             raise ExportError(f"{what} must be NAME=SIZE,... with positive integer sizes, got "
                               f"{part.strip()!r}")
+        if name.strip() in out:
+            raise ExportError(f"{what} gives {name.strip()!r} twice")
         out[name.strip()] = int(value)
     return out
 
@@ -91,6 +93,14 @@ def _state_dict(weights) -> dict | None:
                           f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ExportError(f"{weights}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ExportError(f"{weights}: expected a state_dict (tensors by parameter name), got the key "
+                          f"{odd!r}")
+    unreal = sorted(k for k, v in state.items() if v.is_complex() or v.dtype == torch.bool)
+    if unreal:  # load_state_dict would drop the imaginary part with a warning only
+        raise ExportError(f"{weights}: the weights must be real numbers; {unreal[0]} is "
+                          f"{str(state[unreal[0]].dtype).removeprefix('torch.')}")
     other = sorted(k for k in state if not k.endswith("_l0"))
     if other:
         raise ExportError(f"{weights}: an export takes one layer and one direction (keys ending _l0); "
@@ -106,6 +116,8 @@ def _float64_layer(compiled, input_size: int, hidden_size: int, seed: int, weigh
     state_dict must fit."""
     from ..nn.layers import Recurrent
 
+    if not -2**63 <= seed < 2**64:  # torch.manual_seed's range; else "Overflow when unpacking long long"
+        raise ExportError(f"the seed must be an integer from -2^63 to 2^64 - 1, got {seed}")
     torch.manual_seed(seed)
     try:
         layer = Recurrent(compiled, input_size, hidden_size, dtype=torch.float64, backend="torch", **kwargs)
@@ -114,6 +126,9 @@ def _float64_layer(compiled, input_size: int, hidden_size: int, seed: int, weigh
     except (ValueError, TypeError) as err:
         where = "" if str(err).startswith("cell ") else f"cell {compiled.name!r}: "
         raise ExportError(f"{where}{err}") from None
+    except RuntimeError as err:  # sizes the memory cannot hold: torch's allocator raises RuntimeError
+        raise ExportError(f"cell {compiled.name!r}: cannot build its layer at input size {input_size} and "
+                          f"hidden size {hidden_size}: {(str(err).splitlines() or [''])[0]}") from None
     if state is not None:
         try:
             layer.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})

@@ -182,7 +182,7 @@ class OnnxPrinter:
         if name == "where":
             nonzero = g.node("Not", [g.node("Equal", [args[0], g.const(0.0)])])
             return g.node("Where", [nonzero, args[1], args[2]])
-        if name == "mod":  # torch.remainder: a - b floor(a / b)
+        if name == "mod":  # as written, a - b floor(a / b), as every backend computes it
             a, b = args
             return g.node("Sub", [a, g.node("Mul", [b, g.node("Floor", [g.node("Div", [a, b])])])])
         if name == "sqrt":

@@ -206,7 +206,8 @@ class floor(CellFunction):  # noqa: N801
 
 
 class mod(CellFunction):  # noqa: N801
-    """a - b * floor(a / b): the remainder with the sign of b, as torch.remainder and Python's %."""
+    """a - b * floor(a / b): the remainder with the sign of b, computed as written by every backend
+    (torch.remainder and Python's % differ where a / b rounds to an integer, and for an infinite b)."""
 
     nargs = 2
 

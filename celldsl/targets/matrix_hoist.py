@@ -152,6 +152,10 @@ def _minimum(a, b):
     return torch.where(b < a, b, a)
 
 
+def _mod(a, b):  # as written (lang/functions.mod), as the C, Triton and ONNX printers compute it
+    return a - b * torch.floor(a / b)
+
+
 def _where(c, a, b):
     t = _first(c, a, b)
     return torch.where(_tensor(c, t) != 0, _tensor(a, t), _tensor(b, t))
@@ -167,7 +171,7 @@ def _compare(op):
 TORCH = {  # the cell language's functions (lang/functions.py) on tensors, by class name
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp, "log": torch.log, "sin": torch.sin,
     "cos": torch.cos, "relu": torch.relu, "softplus": F.softplus, "logsigmoid": F.logsigmoid,
-    "Abs": torch.abs, "sign": torch.sign, "floor": torch.floor, "mod": torch.remainder,
+    "Abs": torch.abs, "sign": torch.sign, "floor": torch.floor, "mod": _mod,
     "step": lambda v: (v > 0).to(v.dtype), "maximum": _maximum, "minimum": _minimum, "where": _where,
     "less": _compare(operator.lt), "less_equal": _compare(operator.le),
 }

@@ -35,7 +35,7 @@ class TorchPrinter(TargetPrinter):
         "less_equal": "_less_equal({}, {})",
         "where": "_where({}, {}, {})",
         "floor": "torch.floor({})",
-        "mod": "torch.remainder({}, {})",
+        "mod": "_mod({}, {})",
     }
 
     def __init__(self, names, shapes=None, ref: str = ""):
@@ -83,6 +83,10 @@ def _minimum(a, b):
     if not isinstance(a, torch.Tensor):
         a, b = b, a
     return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
+
+
+def _mod(a, b):  # as written (lang/functions.mod), as the C, Triton and ONNX printers compute it
+    return a - b * torch.floor(a / b)
 
 
 def _rowmean(x):  # the mean over a row's elements, kept as a column so it broadcasts back
