@@ -97,9 +97,13 @@ class RecurrentStack:
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
         if entry is None or entry[0] != params:
-            # plain tensors in place of the parameters (torch.func.functional_call): the full path
-            # (a cell's parameters must be nn.Parameters)
-            plain = all(p is None or isinstance(p, torch.nn.Parameter) for p in self._parameters.values())
+            # plain tensors in place of the parameters (torch.func.functional_call), or a weight that
+            # a parametrization or weight_norm computes at each call: the full path (a cell shares
+            # the layer's nn.Parameters, and would keep one computed weight)
+            plain = all(p is None or isinstance(p, torch.nn.Parameter) for p in self._parameters.values()) \
+                and all(isinstance(getattr(self, self._param_name(s.name, k, 0), None), (torch.nn.Parameter,
+                                                                                       type(None)))
+                        for s in stores_of(self.compiled) for k in range(self.num_layers))
             entry = _STEPS[self] = (params, [self.cell(k) for k in range(self.num_layers)] if plain else None)
         if entry[1] is None:
             return None

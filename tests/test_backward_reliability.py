@@ -1,0 +1,92 @@
+"""Training paths that the layers must get right or refuse like torch: gradients of LSTM/GRU/RNN and
+their cells against torch.nn's (same state_dict, float64) for the ways a training loop meets them.
+
+A weight that a parametrization or weight_norm computes is not a Parameter the layer holds: a layer's
+one-step path (nn/stack.py `_streamed`, which shares the layer's Parameters with per-layer cells) must
+leave it to the full path, not crash on it or keep one computed weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from every_backend import backend_fixture
+from torch import nn
+
+import celldsl
+
+backend = backend_fixture()
+DT = torch.float64
+
+
+def torch_pair(kind, backend, *args, **kwargs):
+    """torch.nn.<kind> and celldsl's with the same state_dict, float64."""
+    torch.manual_seed(1)
+    ref = getattr(nn, kind)(*args, dtype=DT, **kwargs)
+    ours = getattr(celldsl, kind)(*args, dtype=DT, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def weight_normed(module, name, style):
+    if style == "parametrize":
+        nn.utils.parametrizations.weight_norm(module, name)
+    else:
+        with warnings.catch_warnings():  # torch.nn.utils.weight_norm is deprecated, still used
+            warnings.simplefilter("ignore")
+            nn.utils.weight_norm(module, name)
+
+
+@pytest.mark.parametrize("style", ["parametrize", "weight_norm"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_a_weight_normed_layer_on_one_step_matches_torch(kind, style, backend):
+    """A decoder loop of a 2-layer layer whose weight_hh_l1 is weight-normed, on T = 1: the outputs
+    and every gradient as torch.nn's; then, without autograd, a write into the normed weight's
+    parameters between steps is seen. Before: TypeError from the one-step path (cell(k) could not
+    share the computed weight)."""
+    ref, ours = torch_pair(kind, backend, 5, 7, num_layers=2)
+    for m in (ref, ours):
+        weight_normed(m, "weight_hh_l1", style)
+    torch.manual_seed(2)
+    xs = torch.randn(4, 3, 5, dtype=DT)
+    results = []
+    for m in (ref, ours):
+        state, outs = None, []
+        for t in range(4):
+            out, state = m(xs[t : t + 1], state)
+            outs.append(out)
+        loss = sum((o * (i + 1)).pow(2).sum() for i, o in enumerate(outs))
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        with torch.no_grad():
+            state, frozen = None, []
+            for t in range(4):
+                out, state = m(xs[t : t + 1], state)
+                frozen.append(out)
+                for name, p in m.named_parameters():
+                    if "weight_hh_l1" in name:
+                        p.mul_(1.1)
+        results.append([torch.cat(outs).detach(), *grads, torch.cat(frozen)])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("style", ["parametrize", "weight_norm"])
+def test_a_weight_normed_recurrent_on_one_step_matches_its_full_path(style, backend):
+    """celldsl.Recurrent("gru"): a T = 1 call of a weight-normed layer gives torch.nn.GRU's output and
+    gradients with the weight it computes. Before: TypeError from the one-step path."""
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent("gru", 5, 7, num_layers=2, backend=backend, dtype=DT)
+    weight_normed(layer, "weight_hh_l1", style)
+    ref = nn.GRU(5, 7, num_layers=2, dtype=DT)
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if "_g" not in k and "_v" not in k
+                         and "original" not in k} | {"weight_hh_l1": layer.weight_hh_l1.detach()})
+    x = torch.randn(1, 3, 5, dtype=DT)
+    out, h = layer(x)
+    grads = torch.autograd.grad((out ** 2).sum() + h.sum(), [layer.weight_ih_l0, layer.weight_ih_l1])
+    want_out, want_h = ref(x)
+    want = torch.autograd.grad((want_out ** 2).sum() + want_h.sum(), [ref.weight_ih_l0, ref.weight_ih_l1])
+    torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
