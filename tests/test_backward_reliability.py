@@ -90,3 +90,29 @@ def test_a_weight_normed_recurrent_on_one_step_matches_its_full_path(style, back
     torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
     for g, w in zip(grads, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("stem", ["qrnn", "qrnn_f"])
+def test_a_step_of_a_cell_reading_prev_of_its_input_is_refused_with_its_place(stem, backend):
+    """prev(x) of an input is x of the step before; a one-step Cell carries states, not inputs, so its
+    steps read zeros there: stepping it through a sequence gave other outputs and gradients than the
+    layer, silently. Cell(...) and layer.cell(k) now refuse it at the first prev(x) of the text (as
+    MatrixCell does); the layer itself, on T = 1 too, still runs it (zero before each sequence)."""
+    line = {"qrnn": 20, "qrnn_f": 16}[stem]  # the first prev(x) of the text: z's
+    with pytest.raises(celldsl.CellError, match=rf"{stem}\.cell:{line}:17: error: a one-step Cell cannot run "
+                                                 r"prev\(x\)") as caught:
+        celldsl.Cell(stem, 4, 4, backend=backend)
+    assert "W_z1 @ prev(x)" in str(caught.value)
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent(stem, 4, 4, backend=backend, dtype=DT)
+    with pytest.raises(celldsl.CellError, match="one-step Cell cannot run prev"):
+        layer.cell(0)
+    x = torch.randn(1, 2, 4, dtype=DT)
+    out, _ = layer(x)  # T = 1: the layer's own step, prev(x) = 0 as at the start of every sequence
+    with torch.no_grad():
+        p = dict(layer.named_parameters())
+        z = torch.tanh(x[0] @ p["W_z2_l0"].T + p["b_z_l0"])
+        f = torch.sigmoid(x[0] @ p["W_f2_l0"].T + p["b_f_l0"])
+        c = (1 - f) * z
+        want = c if stem == "qrnn_f" else torch.sigmoid(x[0] @ p["W_o2_l0"].T + p["b_o_l0"]) * c
+    torch.testing.assert_close(out[0], want, rtol=1e-12, atol=1e-12)

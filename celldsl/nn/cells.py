@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compiler import CompiledMatrixCell, compile_cell
-from ..lang.errors import CellTensorError
+from ..lang.errors import CellError, CellTensorError
 from ..ops import run
 from ..ops.function import loop_for, register, split_params
 from ..ops.op import plain_eager
@@ -40,6 +40,16 @@ from .stack import resolve_backend, zoo_cell
 # (`_Step._replayed`); kept out of the module's __dict__, so pickling, deepcopy and state_dict never
 # see it
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_no_shifted_input(compiled) -> None:
+    """A one-step Cell cannot read prev(x) of an input: a step carries states, not earlier inputs, so it
+    would read zeros at every step, not the input of the step before (MatrixCell refuses it too). A
+    layer reads x's rows shifted within each sequence instead."""
+    for name in compiled.ir.shifted:
+        raise CellError(f"a one-step Cell cannot run {name}: it reads earlier steps' inputs, which a step "
+                        "does not carry; run the sequence with celldsl.Recurrent", compiled.ir.source,
+                        compiled.ir.locations.get(name))
 
 
 class _Step:
@@ -372,6 +382,7 @@ class Cell(PreparesStep, _Step, nn.Module):
         check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
         self.compiled = compile_cell(cell)
         check_not_matrix(self.compiled)
+        check_no_shifted_input(self.compiled)
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
         self.width_sizes = declared_width_sizes(self.compiled, sizes)
@@ -391,6 +402,7 @@ class Cell(PreparesStep, _Step, nn.Module):
     def sharing(cls, compiled, input_size: int, hidden_size: int, backend: str, input_sizes: dict[str, int],
                 parameters: dict[str, nn.Parameter], width_sizes: dict[str, int] | None = None) -> Cell:
         """A Cell whose parameters are the given ones, not copies (Recurrent.cell(k))."""
+        check_no_shifted_input(compiled)
         step = cls.__new__(cls)
         nn.Module.__init__(step)
         step.compiled, step.input_sizes = compiled, dict(input_sizes)

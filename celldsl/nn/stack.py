@@ -83,7 +83,8 @@ class RecurrentStack:
         if not isinstance(input, torch.Tensor) or input.dim() != 3 \
                 or input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
-                or (self.dropout and self.training and self.num_layers > 1):
+                or (self.dropout and self.training and self.num_layers > 1) \
+                or self.compiled.ir.shifted:  # prev(x): a Cell refuses it
             return None
         given = None
         if state is not None:  # the shapes _given_states accepts, else its message
