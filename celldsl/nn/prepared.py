@@ -143,6 +143,7 @@ class PreparedCall(torch.autograd.Function):
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
         ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
+        ctx.versions = [t._version for t in (x, *ctx.stored)]  # what that backward reads: unchanged?
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
@@ -160,6 +161,7 @@ class PreparedCall(torch.autograd.Function):
         needs = ctx.needs_input_grad[6:]
         if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
                                           for g in grads):
+            _check_unchanged([x, *ctx.stored], ctx.versions)
             return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
@@ -177,6 +179,19 @@ class PreparedCall(torch.autograd.Function):
 # wrappers, binding default arguments): its callers have checked that no torch.func transform is
 # active and that every tensor is a plain one (ops/op.plain_eager). ~1.5 us of a ~50 us call.
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
+
+
+def _check_unchanged(tensors: list[Tensor], versions: list[int]) -> None:
+    """A recorded backward runs the full path again on x and the parameters: one written in place since
+    the forward would give the gradients of other numbers, so it is autograd's error, as for a saved
+    tensor (the first-order backward reads the step's own copies and may run after such writes)."""
+    for t, version in zip(tensors, versions, strict=True):
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"{version} instead. (celldsl: a backward that autograd records, create_graph=True, "
+                "recomputes a streaming step from its input and parameters; write into them after it)")
 
 
 def _differentiated(full, x, given, leads, stored, needs, grads) -> tuple:
