@@ -132,7 +132,7 @@ class Layout:
 class PreparedCall(torch.autograd.Function):
     """apply(step, layout, full, n_given, distinct, (lead, out_lead), x, *given states, *stored) ->
     (*new states shaped lead + (width,), out shaped out_lead + (width,) if distinct): one call of a
-    PreparedTrainStep. `full(x, given, (lead, out_lead))` runs the module's full path (the same
+    PreparedTrainStep. `full(x, given, (lead, out_lead), stored)` runs the module's full path (the same
     outputs, the same shapes), for a backward that autograd records."""
 
     @staticmethod
@@ -195,10 +195,15 @@ def _check_unchanged(tensors: list[Tensor], versions: list[int]) -> None:
 
 
 def _differentiated(full, x, given, leads, stored, needs, grads) -> tuple:
-    """The gradients by autograd through the module's full path, recorded (create_graph)."""
-    inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
+    """The gradients by autograd through the module's full path, recorded (create_graph). The full path
+    reads views of x, the states and the parameters, nodes of their own: autograd.grad then sums the
+    paths through this step only, not those through the states' history (an earlier step reading the
+    same x or weights, whose own backward adds its share), and higher orders still reach x and the rest."""
     with torch.enable_grad():
-        outs = full(x, list(given), leads)[: len(grads)]  # (new states..., out): out only when returned
+        views = [t.view_as(t) for t in (x, *given, *stored)]
+        inputs = [v for v, need in zip(views, needs, strict=True) if need]
+        n = 1 + len(given)
+        outs = full(views[0], views[1:n], leads, views[n:])[: len(grads)]  # (new states..., out if returned)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)
