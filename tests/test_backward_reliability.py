@@ -177,3 +177,17 @@ def test_a_gradient_penalty_through_steps_sharing_their_input_matches_torch(kind
         results.append([*first, *second])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", [lambda: celldsl.LSTM(3, 4, num_layers=2),
+                                  lambda: celldsl.Recurrent("gru", 3, 4)], ids=["LSTM", "Recurrent"])
+def test_cell_of_a_weight_normed_layer_says_why_it_cannot_share_the_weight(make):
+    """layer.cell(k) shares the layer's Parameters; a computed weight is refused with its name (before:
+    torch's setattr TypeError naming the cell's weight_hh, not the layer's weight_hh_l0)."""
+    layer = make()
+    nn.utils.parametrizations.weight_norm(layer, "weight_hh_l0")
+    with pytest.raises(TypeError, match=r"cell\(\): weight_hh_l0 is a tensor computed from the layer's "
+                                        r"parameters .* call the layer on a length-1 sequence instead"):
+        layer.cell(0)
+    if layer.num_layers > 1:
+        assert layer.cell(1).weight_hh is layer.weight_hh_l1  # the other layer's weights are Parameters

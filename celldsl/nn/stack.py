@@ -194,6 +194,17 @@ class RecurrentStack:
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
 
+    def _shared(self, name: str) -> torch.nn.Parameter | None:
+        """Parameter `name` for a cell(k) to share (None: bias=False). A weight that a parametrization
+        or weight_norm computes at each call, or that functional_call gives, is no Parameter of the
+        layer: a cell sharing it would keep one value of it, so cell(k) refuses it."""
+        p = getattr(self, name, None)
+        if p is None or isinstance(p, torch.nn.Parameter):
+            return p
+        raise TypeError(f"{type(self).__name__}.cell(): {name} is a tensor computed from the layer's "
+                        "parameters (a parametrization, weight_norm or functional_call), not a Parameter; a "
+                        "cell shares the layer's Parameters: call the layer on a length-1 sequence instead")
+
     def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The op's flat parameter list for one layer and direction."""
         like = self._like(like)
