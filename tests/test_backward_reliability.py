@@ -191,3 +191,27 @@ def test_cell_of_a_weight_normed_layer_says_why_it_cannot_share_the_weight(make)
         layer.cell(0)
     if layer.num_layers > 1:
         assert layer.cell(1).weight_hh is layer.weight_hh_l1  # the other layer's weights are Parameters
+
+
+def test_a_recorded_backward_of_a_step_on_an_inference_tensor_is_autograds_error(backend):
+    """An input made under inference_mode has no version to check: a step's first-order backward (the
+    step's own copy of it) runs, with torch.nn's gradients; a recorded one raises torch's error for
+    inference tensors (torch.nn's forward raises it already), never a bare one from its version."""
+    ref, ours = torch_pair("LSTMCell", backend, 5, 7)
+    torch.manual_seed(5)
+    x = torch.randn(3, 5, dtype=DT)
+    with torch.inference_mode():
+        frozen = x.clone()
+    ours(frozen)[0].pow(2).sum().backward()
+    ref(x)[0].pow(2).sum().backward()
+    for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+    h = ours(frozen)[0]
+    try:
+        got = torch.autograd.grad(h.pow(2).sum(), list(ours.parameters()), create_graph=True)
+    except RuntimeError as e:
+        assert "Inference tensors cannot be saved for backward" in str(e)
+        return
+    want = torch.autograd.grad(ref(x)[0].pow(2).sum(), list(ref.parameters()), create_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)

@@ -137,13 +137,13 @@ class PreparedCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
-        given = tensors[:n_given]
+        given, stored = tensors[:n_given], tensors[n_given:]
+        ctx.versions = _versions([x, *stored])  # what a recorded backward reads: unchanged then?
         news, record = step.forward(x, given, leads[0])
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
-        ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
-        ctx.versions = [t._version for t in (x, *ctx.stored)]  # what that backward reads: unchanged?
+        ctx.x, ctx.stored = x, stored  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
@@ -181,11 +181,27 @@ class PreparedCall(torch.autograd.Function):
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
 
 
-def _check_unchanged(tensors: list[Tensor], versions: list[int]) -> None:
+def _versions(tensors: list[Tensor]) -> list[int | None]:
+    """The tensors' version counters (None: an inference tensor, which has none)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [None if t.is_inference() else t._version for t in tensors]
+
+
+def _check_unchanged(tensors: list[Tensor], versions: list[int | None]) -> None:
     """A recorded backward runs the full path again on x and the parameters: one written in place since
     the forward would give the gradients of other numbers, so it is autograd's error, as for a saved
-    tensor (the first-order backward reads the step's own copies and may run after such writes)."""
+    tensor (the first-order backward reads the step's own copies and may run after such writes). An
+    inference tensor has no version to compare: autograd's error for it, as torch.nn's forward gives."""
     for t, version in zip(tensors, versions, strict=True):
+        if version is None:
+            raise RuntimeError(
+                "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
+                "inference mode in computation tracked by autograd. To work around this, you can make a "
+                "clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` instead of "
+                "`torch.inference_mode()`. (celldsl: a backward that autograd records, create_graph=True, "
+                "recomputes a streaming step from its input and parameters)")
         if t._version != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
