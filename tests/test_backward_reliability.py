@@ -1,9 +1,11 @@
-"""Training paths that the layers must get right or refuse like torch: gradients of LSTM/GRU/RNN and
-their cells against torch.nn's (same state_dict, float64) for the ways a training loop meets them.
+"""Training paths that the layers must get right or refuse like torch: gradients of LSTM/GRU/RNN, their
+cells and zoo cells against torch.nn's (same state_dict, float64) or the cell's equations, for the
+ways a training loop meets them, on every backend (tests/every_backend.py):
 
-A weight that a parametrization or weight_norm computes is not a Parameter the layer holds: a layer's
-one-step path (nn/stack.py `_streamed`, which shares the layer's Parameters with per-layer cells) must
-leave it to the full path, not crash on it or keep one computed weight.
+- a weight that a parametrization or weight_norm computes, on a layer's one-step path and cell(k);
+- a one-step Cell of a cell reading prev(x) of its input (refused, located);
+- the streaming step's recorded backward (create_graph=True): writes since the forward, several
+  steps sharing their input and weights (gradient penalties), inference tensors.
 """
 
 from __future__ import annotations

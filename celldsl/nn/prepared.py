@@ -147,7 +147,8 @@ class PreparedCall(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
-        # into them after the call is allowed, as in torch.nn
+        # into them after the call is allowed, as in torch.nn, before a first-order backward (a
+        # recorded one reads x and the biases again: `_check_unchanged`)
         ctx.save_for_backward(*given, *layout.weights)  # ctx.stored's: the same tensors (cells._replayed)
         return tuple(outs)
 
