@@ -154,6 +154,7 @@ class _Builder:
         self.prev_states: dict[str, str] = {}  # intermediate -> carried state name
         self.prev_uses: dict[str, Loc] = {}  # intermediate -> its first prev(...) in the text
         self.shifted: dict[str, tuple[str, int]] = {}  # "prev(x)" -> (input, k): earlier inputs read
+        self.shift_uses: dict[str, Loc] = {}  # "prev(x)" -> its first use in the text
         self.reduced: dict[sp.Basic, tuple[str, list[Loc]]] = {}  # mean(v) -> (v's width class, places)
         self.widths = Widths(list(self.inputs))
         self.width_of: dict[str, str] = {}  # input or state -> its width (declared, or H / its name)
@@ -673,6 +674,9 @@ class _Builder:
             k = int(value)
         name = f"prev({target})" if k == 1 else f"prev({target}, {k})"
         self.shifted[name] = (target, k)
+        first = self.shift_uses.get(name)
+        if first is None or (node.loc.line, node.loc.column) < (first.line, first.column):
+            self.shift_uses[name] = node.loc
         return symbol(name), self.widths.named(self.width_of.get(target, target), node.loc)
 
     def matmul(self, node: ast.BinOp) -> tuple[sp.Expr, str]:
@@ -1036,7 +1040,7 @@ class _Builder:
             },
             same_widths={pair: loc for pair, loc in self._constraints().items()},
             locations={n.text: n.loc for n in [*self.m.inputs, *self.m.states]}
-            | {n: p.loc for n, p in self.params.items()},
+            | {n: p.loc for n, p in self.params.items()} | {n: self.shift_uses[n] for n in self.shifted},
         )
 
     def count_step(self, value: sp.Expr, loc: Loc) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compiler import CompiledMatrixCell, compile_cell
-from ..lang.errors import CellTensorError
+from ..lang.errors import CellError, CellTensorError
 from ..ops import run
 from ..ops.function import loop_for, register, split_params
 from ..ops.op import plain_eager
@@ -42,6 +42,16 @@ from .stack import resolve_backend, zoo_cell
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def check_no_shifted_input(compiled) -> None:
+    """A one-step Cell cannot read prev(x) of an input: a step carries states, not earlier inputs, so it
+    would read zeros at every step, not the input of the step before (MatrixCell refuses it too). A
+    layer reads x's rows shifted within each sequence instead."""
+    for name in compiled.ir.shifted:
+        raise CellError(f"a one-step Cell cannot run {name}: it reads earlier steps' inputs, which a step "
+                        "does not carry; run the sequence with celldsl.Recurrent", compiled.ir.source,
+                        compiled.ir.locations.get(name))
+
+
 class _Step:
     """Mixin for an nn.Module with `compiled`, input_size, hidden_size, backend, input_sizes and its
     parameters by store name (weight_ih, ...: torch.nn's cell names); a store it lacks runs as zeros."""
@@ -49,10 +59,12 @@ class _Step:
     autocast_keeps_input_dtype = True  # under CPU autocast, as torch.nn.LSTMCell/GRUCell (autocasting.py)
     _distinct_output = True  # forward returns both the output and the states: never one tensor twice
 
-    def _stored(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _stored(self, like: torch.Tensor, given: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The stored tensors by name; given: some of them in place of the module's (`_full_step`)."""
         tensors, sizes = {}, self._sizes()
         for store in stores_of(self.compiled):
-            tensor = getattr(self, store.name, None)
+            tensor = given[store.name] if given and store.name in given else getattr(self, store.name, None)
             tensors[store.name] = checked_shape(store.name, tensor, store.shape(sizes), like)
         return tensors
 
@@ -152,15 +164,17 @@ class _Step:
         news = list(outs[: len(step.news)])
         return (outs[-1] if distinct else news[step.output_state]), news
 
-    def _full_step(self, input, given, leads):
+    def _full_step(self, input, given, leads, stored):
         """The full path's (new states..., out), shaped as `_replayed`'s (leads: the states' and the
-        output's leading dimensions): PreparedCall's backward differentiates it."""
+        output's leading dimensions), reading `stored` (the Layout's tensors, in its order) in place
+        of the module's: PreparedCall's backward differentiates it."""
+        stored = dict(zip(self._stored_names(), stored, strict=True))
         if input.dim() <= 2:
-            out, news = self._step(input, given, {}, prepared=False)
+            out, news = self._step(input, given, {}, prepared=False, stored=stored)
             return [*news, out]
         lead, out_lead = leads
         rows = [s.reshape(-1, s.shape[-1]) for s in given]
-        out, news = self._step(input.reshape(-1, input.shape[-1]), rows, {}, prepared=False)
+        out, news = self._step(input.reshape(-1, input.shape[-1]), rows, {}, prepared=False, stored=stored)
         return [*[n.reshape(*lead, n.shape[-1]) for n in news], out.reshape(*out_lead, out.shape[-1])]
 
     def _prepare(self, input, given, train: bool = False, layer: bool = False):
@@ -207,7 +221,7 @@ class _Step:
                 live = step.read_blocks({i: blocks[i] for i in derived
                                          if i in blocks and all(viewed(b) for b in blocks[i])})
                 return step, params, [i for i in derived if i not in live]
-            names = [s.name for s in stores_of(compiled) if self._parameters.get(s.name) is not None]
+            names = self._stored_names()
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
                 return None  # a parameter the cell does not read, or scalars
@@ -216,9 +230,14 @@ class _Step:
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message
 
-    def _step(self, input, given: list[torch.Tensor] | None, extra: dict, prepared: bool = True):
+    def _stored_names(self) -> list[str]:
+        """The stores the module holds (not left out by bias=False), in the cell's order: a Layout's."""
+        return [s.name for s in stores_of(self.compiled) if self._parameters.get(s.name) is not None]
+
+    def _step(self, input, given: list[torch.Tensor] | None, extra: dict, prepared: bool = True,
+              stored: dict[str, torch.Tensor] | None = None):
         """-> (output [N, H], all new states [N, H]); [H] each for unbatched input [I]. prepared=False:
-        the full path, never the prepared step."""
+        the full path, never the prepared step; stored: tensors in place of the module's, by name."""
         if not extra and prepared and isinstance(input, torch.Tensor):
             replayed = self._replayed(input, given)
             if replayed is not None:
@@ -249,7 +268,7 @@ class _Step:
         states += [x.new_zeros(N, sizes[self.compiled.ir.width(name)])
                    for name in self.compiled.states[len(states):]]
         seq = torch.cat([x, *self._extras(extra, x, unbatched)], dim=-1)[None]  # [T = 1, N, I + C]
-        params = op_params(self.compiled, self._stored(like=x), sizes, like=x)
+        params = op_params(self.compiled, self._stored(like=x, given=stored), sizes, like=x)
         params = [p if p.dtype == x.dtype else p.to(x.dtype) for p in params]  # differs only under autocast
         with without_autocast(x, cast):
             out, finals = run(self.compiled.key, resolve_backend(self.backend, x), seq, states, params)
@@ -372,6 +391,7 @@ class Cell(PreparesStep, _Step, nn.Module):
         check_layer_arguments(input_size, hidden_size, bias=bias, backend=backend)
         self.compiled = compile_cell(cell)
         check_not_matrix(self.compiled)
+        check_no_shifted_input(self.compiled)
         register(self.compiled)
         self.input_sizes = extra_input_sizes(self.compiled, input_sizes)
         self.width_sizes = declared_width_sizes(self.compiled, sizes)
@@ -391,6 +411,7 @@ class Cell(PreparesStep, _Step, nn.Module):
     def sharing(cls, compiled, input_size: int, hidden_size: int, backend: str, input_sizes: dict[str, int],
                 parameters: dict[str, nn.Parameter], width_sizes: dict[str, int] | None = None) -> Cell:
         """A Cell whose parameters are the given ones, not copies (Recurrent.cell(k))."""
+        check_no_shifted_input(compiled)
         step = cls.__new__(cls)
         nn.Module.__init__(step)
         step.compiled, step.input_sizes = compiled, dict(input_sizes)

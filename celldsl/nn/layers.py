@@ -161,7 +161,7 @@ class Recurrent(PreparesLayer, RecurrentStack, nn.Module):
         self._check_position(layer, direction)
         parameters = {}
         for store in stores_of(self.compiled):
-            p = getattr(self, self._param_name(store.name, layer, direction), None)
+            p = self._shared(self._param_name(store.name, layer, direction))
             if p is not None:
                 parameters[store.name] = p
         return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,

@@ -132,21 +132,23 @@ class Layout:
 class PreparedCall(torch.autograd.Function):
     """apply(step, layout, full, n_given, distinct, (lead, out_lead), x, *given states, *stored) ->
     (*new states shaped lead + (width,), out shaped out_lead + (width,) if distinct): one call of a
-    PreparedTrainStep. `full(x, given, (lead, out_lead))` runs the module's full path (the same
+    PreparedTrainStep. `full(x, given, (lead, out_lead), stored)` runs the module's full path (the same
     outputs, the same shapes), for a backward that autograd records."""
 
     @staticmethod
     def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
-        given = tensors[:n_given]
+        given, stored = tensors[:n_given], tensors[n_given:]
+        ctx.versions = _versions([x, *stored])  # what a recorded backward reads: unchanged then?
         news, record = step.forward(x, given, leads[0])
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
-        ctx.x, ctx.stored = x, tensors[n_given:]  # for a recorded backward only (x: the step keeps a copy)
+        ctx.x, ctx.stored = x, stored  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
         # the states and the weights as torch.nn's cells save them (a write into one of them before
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
-        # into them after the call is allowed, as in torch.nn
+        # into them after the call is allowed, as in torch.nn, before a first-order backward (a
+        # recorded one reads x and the biases again: `_check_unchanged`)
         ctx.save_for_backward(*given, *layout.weights)  # ctx.stored's: the same tensors (cells._replayed)
         return tuple(outs)
 
@@ -160,6 +162,7 @@ class PreparedCall(torch.autograd.Function):
         needs = ctx.needs_input_grad[6:]
         if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
                                           for g in grads):
+            _check_unchanged([x, *ctx.stored], ctx.versions)
             return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
         needs_given = needs[1 : 1 + n_given]
@@ -179,11 +182,45 @@ class PreparedCall(torch.autograd.Function):
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
 
 
+def _versions(tensors: list[Tensor]) -> list[int | None]:
+    """The tensors' version counters (None: an inference tensor, which has none)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [None if t.is_inference() else t._version for t in tensors]
+
+
+def _check_unchanged(tensors: list[Tensor], versions: list[int | None]) -> None:
+    """A recorded backward runs the full path again on x and the parameters: one written in place since
+    the forward would give the gradients of other numbers, so it is autograd's error, as for a saved
+    tensor (the first-order backward reads the step's own copies and may run after such writes). An
+    inference tensor has no version to compare: autograd's error for it, as torch.nn's forward gives."""
+    for t, version in zip(tensors, versions, strict=True):
+        if version is None:
+            raise RuntimeError(
+                "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
+                "inference mode in computation tracked by autograd. To work around this, you can make a "
+                "clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` instead of "
+                "`torch.inference_mode()`. (celldsl: a backward that autograd records, create_graph=True, "
+                "recomputes a streaming step from its input and parameters)")
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"{version} instead. (celldsl: a backward that autograd records, create_graph=True, "
+                "recomputes a streaming step from its input and parameters; write into them after it)")
+
+
 def _differentiated(full, x, given, leads, stored, needs, grads) -> tuple:
-    """The gradients by autograd through the module's full path, recorded (create_graph)."""
-    inputs = [t for t, need in zip((x, *given, *stored), needs, strict=True) if need]
+    """The gradients by autograd through the module's full path, recorded (create_graph). The full path
+    reads views of x, the states and the parameters, nodes of their own: autograd.grad then sums the
+    paths through this step only, not those through the states' history (an earlier step reading the
+    same x or weights, whose own backward adds its share), and higher orders still reach x and the rest."""
     with torch.enable_grad():
-        outs = full(x, list(given), leads)[: len(grads)]  # (new states..., out): out only when returned
+        views = [t.view_as(t) for t in (x, *given, *stored)]
+        inputs = [v for v, need in zip(views, needs, strict=True) if need]
+        n = 1 + len(given)
+        outs = full(views[0], views[1:n], leads, views[n:])[: len(grads)]  # (new states..., out if returned)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)

@@ -85,7 +85,8 @@ class RecurrentStack:
         refuse)."""
         if not isinstance(input, torch.Tensor) or input.dim() != 3 or self.bidirectional \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
-                or (self.dropout and self.training and self.num_layers > 1):
+                or (self.dropout and self.training and self.num_layers > 1) \
+                or self.compiled.ir.shifted:  # prev(x): a Cell refuses it
             return None
         given = self._given_list(state)
         if given is False:
@@ -95,9 +96,13 @@ class RecurrentStack:
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
         if entry is None or entry[0] != params:
-            # plain tensors in place of the parameters (torch.func.functional_call): the full path
-            # (a cell's parameters must be nn.Parameters)
-            plain = all(p is None or isinstance(p, torch.nn.Parameter) for p in self._parameters.values())
+            # plain tensors in place of the parameters (torch.func.functional_call), or a weight that
+            # a parametrization or weight_norm computes at each call: the full path (a cell shares
+            # the layer's nn.Parameters, and would keep one computed weight)
+            plain = all(p is None or isinstance(p, torch.nn.Parameter) for p in self._parameters.values()) \
+                and all(isinstance(getattr(self, self._param_name(s.name, k, 0), None), (torch.nn.Parameter,
+                                                                                       type(None)))
+                        for s in stores_of(self.compiled) for k in range(self.num_layers))
             entry = _STEPS[self] = (params, [self.cell(k) for k in range(self.num_layers)] if plain else None)
         if entry[1] is None:
             return None
@@ -290,6 +295,17 @@ class RecurrentStack:
                 return member(store, name, tensor, self._sizes(layer))
         names = ", ".join(m for s in stores_of(self.compiled) for m in s.members)
         raise ValueError(f"cell {self.compiled.name!r} has no parameter {name!r}; it has: {names}")
+
+    def _shared(self, name: str) -> torch.nn.Parameter | None:
+        """Parameter `name` for a cell(k) to share (None: bias=False). A weight that a parametrization
+        or weight_norm computes at each call, or that functional_call gives, is no Parameter of the
+        layer: a cell sharing it would keep one value of it, so cell(k) refuses it."""
+        p = getattr(self, name, None)
+        if p is None or isinstance(p, torch.nn.Parameter):
+            return p
+        raise TypeError(f"{type(self).__name__}.cell(): {name} is a tensor computed from the layer's "
+                        "parameters (a parametrization, weight_norm or functional_call), not a Parameter; a "
+                        "cell shares the layer's Parameters: call the layer on a length-1 sequence instead")
 
     def _weights(self, layer: int, direction: int, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The op's flat parameter list for one layer and direction."""

@@ -70,13 +70,13 @@ class _TorchRNN(WarnsWhenNotQuantized, ScriptableStack, RecurrentStack):
         cell class) a celldsl.Cell of cells/lstm_proj.cell."""
         self._check_position(layer, direction)
         if self.stem == "lstm_proj":
-            parameters = {s.name: getattr(self, self._param_name(s.name, layer, direction))
+            parameters = {s.name: self._shared(self._param_name(s.name, layer, direction))
                           for s in self.stores if hasattr(self, self._param_name(s.name, layer, direction))}
             return Cell.sharing(self.compiled, self._layer_input_size(layer), self.hidden_size, self.backend,
                                 {}, parameters, self.width_sizes)
         step = self._make_cell(self._layer_input_size(layer))
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            p = getattr(self, self._param_name(name, layer, direction), None)
+            p = self._shared(self._param_name(name, layer, direction))
             if p is not None:
                 setattr(step, name, p)
         return step
