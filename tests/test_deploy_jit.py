@@ -364,7 +364,9 @@ def test_scripted_recurrent_and_cell_match_eager_for_every_zoo_cell(name):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
     torch.manual_seed(1)
-    if compile_cell(name).ir.shifted:  # prev(x): a one-step Cell refuses it (tests/test_backward_reliability.py)
+    if compile_cell(name).ir.shifted:  # prev(x): a one-step Cell refuses it (test_backward_reliability.py)
+        with pytest.raises(celldsl.CellError, match="one-step Cell cannot run prev"):
+            celldsl.Cell(name, 4, 4, backend="torch", dtype=F64, **OPTIONS.get(name, {}))
         return
     step = celldsl.Cell(name, 4, 4, backend="torch", dtype=F64, **OPTIONS.get(name, {}))
     scripted_step = torch.jit.script(step)

@@ -28,7 +28,8 @@ UNARY = {
     "softplus": torch.nn.functional.softplus,
     "logsigmoid": torch.nn.functional.logsigmoid,
 }
-BINARY = {"max": torch.maximum, "min": torch.minimum, "mod": torch.remainder}
+BINARY = {"max": torch.maximum, "min": torch.minimum,
+          "mod": lambda a, b: a - b * torch.floor(a / b)}  # as written, as every backend's step computes it
 
 
 def init_value(

@@ -82,7 +82,7 @@ class RecurrentStack:
         projection, no dropout running, no extra input) from each layer's prepared step (its
         `cell(k)`'s `_replayed` in nn/cells.py: with or without autograd), or None: then the full
         path runs, with its checks and messages (a layer's step refuses what its cell's checks
-        refuse)."""
+        refuse). A longer padded call goes to `_sequenced`."""
         if not isinstance(input, torch.Tensor) or input.dim() != 3 or self.bidirectional \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
                 or (self.dropout and self.training and self.num_layers > 1) \

@@ -78,7 +78,7 @@ def sign(x):
 
 @triton.jit
 def mod(a, b):
-    # a - b * floor(a / b): the remainder with the sign of b, as torch.remainder
+    # a - b * floor(a / b): the remainder with the sign of b, as written (lang/functions.mod)
     return a - b * tl.floor(a / b)
 
 
