@@ -217,3 +217,28 @@ def test_a_recorded_backward_of_a_step_on_an_inference_tensor_is_autograds_error
     want = torch.autograd.grad(ref(x)[0].pow(2).sum(), list(ref.parameters()), create_graph=True)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("kind", ["GRU on T=4", "GRU on T=1", "GRUCell", "gla"])
+def test_forward_mode_tangents_are_refused_not_dropped(kind, grad, backend):
+    """A dual input (torch.autograd.forward_ad) gave a result without a tangent, where torch.nn's has
+    one: the op has no forward-mode rule, and a custom op called without autograd drops tangents
+    without a word. Now every path raises NotImplementedError, as torch does for an op without one."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    if kind == "gla":
+        from test_matrix_deploy import I, layer_of
+
+        module, shape = layer_of("gla", backend), (4, 2, I)
+    elif kind == "GRUCell":
+        module, shape = celldsl.GRUCell(6, 5, backend=backend, dtype=DT), (2, 6)
+    else:
+        module, shape = celldsl.GRU(6, 5, backend=backend, dtype=DT), (4 if kind.endswith("4") else 1, 2, 6)
+    x = torch.randn(*shape, dtype=DT)
+    module(x)  # no dual level: runs
+    with fwAD.dual_level(), torch.set_grad_enabled(grad):
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            module(dual)

@@ -29,7 +29,7 @@ from ..compiler import CompiledMatrixCell, compile_cell
 from ..lang.errors import CellError, CellTensorError
 from ..ops import matrix_op
 from ..ops.function import register
-from ..ops.op import plain_eager
+from ..ops.op import plain_eager, refuse_tangents
 from .arguments import check_layer_arguments
 from .inits import init_value
 from .script_matrix import prepare_layer, prepare_step
@@ -343,6 +343,7 @@ def run_loop(module, x, states, params, sizes: dict[str, int], code: str, length
     """(out, final states) of one layer and direction: the loop itself where nothing but autograd could
     see the call (ops.op.plain_eager: eager training keeps the loop's own speed), else the registered
     op celldsl::matrix_sequence, which torch.export, torch.compile and torch.jit.trace see as one call."""
+    refuse_tangents([x, *states, *params], f"cell {module.ir.name!r}")
     if plain_eager([x, *states, *params, lengths]):
         return module.loop.run(x, states, params, sizes, lengths)
     if torch._C._are_functorch_transforms_active():  # no vmap rule for the op, no functorch autograd

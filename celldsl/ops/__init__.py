@@ -17,12 +17,13 @@ import torch
 
 from . import batching, matrix_op  # noqa: F401  (register the vmap rules, celldsl::matrix_sequence)
 from .autograd import CellSequence
-from .op import infer
+from .op import infer, refuse_tangents
 
 
 def run(cell_key: str, backend: str, x, states, params, batch_sizes=None):
     """(out, final states) of one direction of one layer: differentiable to any order, traceable by
     torch.compile, and under torch.func transforms (vmap, grad, jacrev)."""
+    refuse_tangents([x, *states, *params], "celldsl's cell op (a layer, Recurrent, a Cell)")
     traced = torch._C._get_tracing_state() is not None  # jit.trace: the op itself (its own autograd)
     if torch.is_grad_enabled() and not traced and any(t.requires_grad for t in (x, *states, *params)):
         result = CellSequence.apply(cell_key, backend, len(states), batch_sizes, x, *states, *params)

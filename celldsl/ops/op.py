@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .function import loop_for, split_params, unaliased
 
@@ -41,12 +42,26 @@ def plain_eager(tensors) -> bool:
     (torch.Tensor or nn.Parameter: no subclass, no meta tensor). Only then may `call` skip it."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
+    if forward_ad._current_level >= 0:  # a dual level is open: the op's own path refuses tangents
+        return False
     if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() or \
             torch._C._is_torch_function_mode_enabled() or torch._C._is_any_autocast_enabled() or \
             torch.autograd.profiler._is_profiler_enabled:
         return False
     return all(t is None or (type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
                for t in tensors)
+
+
+def refuse_tangents(tensors, what: str) -> None:
+    """torch's error for an op without a forward-mode AD rule, where an input carries a tangent
+    (torch.autograd.forward_ad): a custom op called without autograd drops it without a word, and
+    the result would have none where torch.nn's has one."""
+    if forward_ad._current_level < 0:
+        return
+    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{what} has no forward-mode AD rule (torch.autograd.forward_ad): "
+                                  "differentiate in reverse mode (torch.autograd.grad, torch.func.vjp, "
+                                  "jacrev)")
 
 
 def call(op, *args):
