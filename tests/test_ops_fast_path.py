@@ -76,7 +76,11 @@ def test_no_grad_forward_takes_the_fast_path(monkeypatch):
 
 
 def inferring(monkeypatch, layer) -> list:
-    """A list that gets an entry at each call of the layer's CPU loop's `infer`."""
+    """A list that gets an entry at each call of the layer's CPU loop's `infer` (the op's path: not
+    the prepared sequence a call this small replays, tests/test_prepared_sequence.py)."""
+    from celldsl.targets.c import fused
+
+    monkeypatch.setattr(fused, "SEQUENCE_ELEMENTS", 0)
     loop = loop_for(layer.compiled.key, "cpu")
     infer, ran = type(loop).infer, []
     monkeypatch.setattr(type(loop), "infer", lambda self, *a: ran.append(1) or infer(self, *a))

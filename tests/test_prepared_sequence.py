@@ -15,6 +15,7 @@ from zoo import GENERIC
 
 import celldsl
 from celldsl.nn import stack
+from celldsl.ops.function import loop_for
 from celldsl.targets.c import fused
 
 I, H, T = 24, 21, 6
@@ -36,8 +37,9 @@ def full_path(monkeypatch, module, *args):
 
 
 def replayed(module) -> bool:
+    """Whether the module's last inference call had prepared sequences (its most recent signature)."""
     entry = stack._SEQUENCES.get(module)
-    return entry is not None and entry[1] is not None
+    return entry is not None and bool(entry[1]) and list(entry[1].values())[-1] is not None
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -163,3 +165,79 @@ def test_weights_made_of_several_parameters_are_made_again_at_every_call(cell, m
             got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
             for g, w in zip(got, want, strict=True):
                 assert torch.equal(g, w), name
+
+
+def test_a_changed_gemm_choice_or_library_makes_the_sequences_again(monkeypatch):
+    """The sequences are bound to the loop's libraries and GEMM choices (FusedCPULoop.revision): a
+    background -O3 build swapped in, or CELLDSL_CPU_GEMM set, makes them again, so replayed calls keep
+    the full path's numbers (bound to the quick -Og kernels, they differed in the last bits once the
+    -O3 ones were in) and its errors."""
+    torch.manual_seed(0)
+    layer = celldsl.LSTM(I, H)
+    x = torch.randn(T, 4, I)
+    loop = loop_for(layer.compiled.key, "cpu")
+    with torch.no_grad():
+        layer(x)
+        first = stack._SEQUENCES[layer][1]
+        assert replayed(layer) and len(first) == 1
+        monkeypatch.setattr(fused, "cell_library_ready", lambda key: (True, loop.cell_lib))
+        monkeypatch.setattr(loop, "cell_waiting", "a background build")
+        got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert len(stack._SEQUENCES[layer][1]) == 2  # a second signature: the swap's revision
+        monkeypatch.setenv("CELLDSL_CPU_GEMM", "mm")
+        got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        monkeypatch.setenv("CELLDSL_CPU_GEMM", "bogus")
+        with pytest.raises(ValueError, match="CELLDSL_CPU_GEMM"):
+            layer(x)
+
+
+def test_alternating_batch_sizes_keep_both_signatures(monkeypatch):
+    torch.manual_seed(0)
+    layer = celldsl.GRU(I, H)
+    made = []
+    prepare = stack.RecurrentStack._prepare_sequences
+    monkeypatch.setattr(stack.RecurrentStack, "_prepare_sequences",
+                        lambda self, *a: made.append(1) or prepare(self, *a))
+    with torch.no_grad():
+        for _ in range(3):
+            for n in (8, 5):
+                x = torch.randn(T, n, I)
+                got, want = flat(layer(x)), flat(full_path(monkeypatch, layer, x))
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert len(made) == 2
+
+
+def test_converted_parameters_are_let_go():
+    """After .double() (the same Parameter objects, new storage) the float32 sequences, which hold views
+    of the old weights, are dropped at the next call, even one that takes the full path."""
+    layer = celldsl.LSTM(I, H)
+    with torch.no_grad():
+        layer(torch.randn(T, 2, I))
+    assert replayed(layer)
+    layer.double()
+    x = torch.randn(T, 2, I, dtype=torch.float64, requires_grad=True)
+    layer(x)[0].sum().backward()  # autograd: the full path
+    assert layer not in stack._SEQUENCES
+
+
+def test_a_subclass_with_its_own_float64_head_runs_as_torch_nn():
+    """The checks look at the tensors the layer reads, as torch.nn's do (its _flat_weights), not at a
+    child module's parameters: a float64 head beside a float32 layer is no error on either path."""
+    class Tagger(celldsl.GRU):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.head = nn.Linear(8, 3, dtype=torch.float64)
+
+    class TorchTagger(nn.GRU):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.head = nn.Linear(8, 3, dtype=torch.float64)
+
+    ours, ref = Tagger(), TorchTagger()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])  # with autograd: the full path

@@ -34,7 +34,7 @@ from .prepared import Layout, apply_prepared
 from .quantization import WarnsWhenNotQuantized
 from .script_any import PreparesStep, extra_inputs
 from .scripting import ScriptableCell
-from .stack import resolve_backend, zoo_cell
+from .stack import loop_revision, resolve_backend, zoo_cell
 
 # module -> {under autograd: (key, prepared step or None)} of its last call without and with autograd
 # (`_Step._replayed`); kept out of the module's __dict__, so pickling, deepcopy and state_dict never
@@ -110,6 +110,7 @@ class _Step:
         try:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(), torch.is_inference_mode_enabled(),
+                   loop_revision(self.compiled.key, self.backend, input),
                    *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
                    *[p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.requires_grad)
                      for p in params])

@@ -28,8 +28,10 @@ _ZOO_CELLS: dict[str, CompiledCell] = {}
 # layer -> (its parameters' ids, one cell per layer sharing them): the one-step path (`_streamed`); kept
 # out of the module (a submodule attribute would enter state_dict, pickles and deepcopies)
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# layer -> (its last inference call's signature, its layers' prepared sequences or None): `_sequenced`
+# layer -> (its parameters' identities, {an inference call's signature: its layers' prepared sequences
+# or None}): `_sequenced`, a few signatures per layer (a caller alternating two batch sizes)
 _SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SEQUENCE_SIGNATURES = 4
 
 
 def zoo_cell(stem: str) -> CompiledCell:
@@ -63,6 +65,17 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if x.device.type == "cpu":
         return "cpu"
     return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+
+
+def loop_revision(cell_key: str, backend: str, x: torch.Tensor):
+    """The revision of the loop a call on x runs (FusedCPULoop.revision: its C libraries and GEMM
+    choices; a prepared call is made again when it changes), or None for a loop without one."""
+    try:
+        loop = loop_for(cell_key, resolve_backend(backend, x))
+    except CellTensorError:
+        return None
+    revision = getattr(loop, "revision", None)
+    return revision() if revision is not None else None
 
 
 class RecurrentStack:
@@ -142,24 +155,38 @@ class RecurrentStack:
         arguments bound once), or None: then the full path runs, with its checks and messages. The
         sequences are made after that path's checks pass and kept while the call's shapes, dtypes,
         the threads, inference mode and the parameters (object, storage, shape, strides) stay the
-        same; they read the parameters' values live at every call."""
+        same (and the loop's libraries and GEMM choices: `revision`); they read the parameters' values
+        live at every call."""
         tensors = [input, *(given or [])]
         params = list(self._parameters.values())
+        try:
+            held = tuple(p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
+                         for p in params)
+        except RuntimeError:  # a tensor without storage (a wrapper subclass): the full path
+            return None
+        entries = _SEQUENCES.get(self)
+        if entries is not None and entries[0] != held:  # moved, converted, replaced: let go of the old
+            del _SEQUENCES[self]
+            entries = None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*tensors, *params]):
             return None
         if not plain_eager(tensors) or input.device.type != "cpu" or self.backend not in ("auto", "cpu"):
             return None
-        try:
-            key = (input.shape, input.dtype, self.batch_first, torch.get_num_threads(),
-                   torch.is_inference_mode_enabled(), self.training,
-                   *[(s.shape, s.dtype, s.device) for s in given or []],
-                   *[p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params])
-        except RuntimeError:  # a tensor without storage (a wrapper subclass): the full path
+        revision = getattr(loop_for(self.compiled.key, "cpu"), "revision", None)
+        if revision is None:  # no C kernels here: the op's torch loop
             return None
-        entry = _SEQUENCES.get(self)
-        if entry is None or entry[0] != key:
-            entry = _SEQUENCES[self] = (key, self._prepare_sequences(input, given))
-        sequences = entry[1]
+        key = (input.shape, input.dtype, self.batch_first, torch.get_num_threads(),
+               torch.is_inference_mode_enabled(), self.training, revision(),
+               *[(s.shape, s.dtype, s.device) for s in given or []])
+        if entries is None:
+            entries = _SEQUENCES[self] = (held, {})
+        signatures = entries[1]
+        sequences = signatures.pop(key, False)  # False: not prepared yet (None: prepared, none)
+        if sequences is False:
+            sequences = self._prepare_sequences(input, given)
+            while len(signatures) >= SEQUENCE_SIGNATURES:
+                signatures.pop(next(iter(signatures)))  # the least recently used
+        signatures[key] = sequences  # last: the most recently used
         if sequences is None:
             return None
         lock = sequences[0][0].lock
@@ -447,7 +474,7 @@ class RecurrentStack:
     def _check_input(self, x: torch.Tensor, batch_sizes, autocast: bool = False) -> None:
         """x: time-major padded [T, N, I] or packed [rows, I]; like torch.nn.RNNBase.check_input.
         Under autocast the weights are cast to x's dtype, so their dtype is not checked."""
-        params = list(self.named_parameters())
+        params = self._used_tensors()
         if params and not autocast:
             w = params[0][1]
             if x.dtype != w.dtype:
@@ -471,6 +498,13 @@ class RecurrentStack:
             raise CellTensorError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
+
+    def _used_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of what the layer's op reads, as torch.nn's checks see `_flat_weights`:
+        getattr, so a parametrization's tensor, not a child module's parameters (a subclass's head)."""
+        names = [self._param_name(s.name, k, d) for k in range(self.num_layers)
+                 for d in range(self.num_directions) for s in stores_of(self.compiled)]
+        return [(n, t) for n in names if isinstance(t := getattr(self, n, None), torch.Tensor)]
 
     def _initial_states(self, given, x, batch: int, unbatched: bool) -> list[torch.Tensor]:
         """All carried states [L*D, N, width]: the given ones checked (unbatched ones get N = 1), the

@@ -536,6 +536,7 @@ class FusedCPULoop(TorchLoop):
         self.ran: dict[str, tuple[str, ...] | str | bool] = {}
         self.waiting = None  # the key of the GEMM library's background build (cpu_loop), until taken
         self.cell_waiting = None  # the key of the cell's -O3 build, while `lib` is its quick (-Og) build
+        self._swaps = 0  # libraries swapped in so far (`revision`)
 
     def _in_place_states(self, plan: Plan) -> list[int]:
         """The states a forward without saves (`infer`) keeps in one [N, width] buffer, new value over
@@ -558,7 +559,10 @@ class FusedCPULoop(TorchLoop):
     def _take_cell_library(self) -> None:
         """Swap in the cell's -O3 library once built (between two calls, as _take_gemm_library): the
         same source, so the same kernels and arguments; a failed build keeps the quick one."""
-        done, lib = cell_library_ready(self.cell_waiting)
+        key = self.cell_waiting  # read once: another thread may take it meanwhile
+        if key is None:
+            return
+        done, lib = cell_library_ready(key)
         if done:
             self.cell_waiting = None
             if lib is not None:
@@ -566,17 +570,33 @@ class FusedCPULoop(TorchLoop):
                 self.kernels = {(s.pointwise, s.backward): _Kernel(lib, s) for s in kernel_specs(self.plan)}
                 self._natives = {}
                 self._plans.clear()
+                self._swaps += 1
 
     def _take_gemm_library(self) -> None:
         """Use the GEMM library once its background build is done (between two calls: a call runs on
         the GEMMs it started with; either loop's backward takes either's forward). The choices made
         without it are dropped, so the next call measures the native GEMM too."""
-        done, lib = gemm_library_ready(self.waiting)
+        key = self.waiting  # read once: another thread may take it meanwhile
+        if key is None:
+            return
+        done, lib = gemm_library_ready(key)
         if done:
             self.waiting = None
             if lib is not None:
                 self.lib, self._natives = lib, {}
                 self._plans.clear()
+                self._swaps += 1
+
+    def revision(self) -> tuple:
+        """What a prepared call (PreparedStep, PreparedSequence) was bound to and must be made again
+        when it changes: the libraries (a background -O3 build is swapped in here, as at any call: the
+        quick -Og kernels round otherwise) and the GEMM choices (measurements, CELLDSL_CPU_GEMM,
+        `gemm`)."""
+        if self.waiting is not None:
+            self._take_gemm_library()
+        if self.cell_waiting is not None:
+            self._take_cell_library()
+        return self._swaps, cpu_gemm.generation(), cpu_gemm.forced(), self.gemm
 
     def native(self, dtype: torch.dtype) -> NativeLoop:
         if dtype not in self._natives:
@@ -1764,7 +1784,8 @@ class _LiveGemm:
         site = cpu_gemm.site("step", w.dtype, rows, w.shape[1], w.shape[0])
         if cpu_gemm.choose(site, loop.lib, force=loop.gemm) != "native":
             return None
-        return cls(cpu_gemm.native_gemm(loop.lib, w.dtype), w, rows, torch.get_num_threads())
+        threads = cpu_gemm.native_threads(rows * w.numel(), torch.get_num_threads())
+        return cls(cpu_gemm.native_gemm(loop.lib, w.dtype), w, rows, threads)
 
     def bind(self, a, w, out, init: int, bias):
         """out (init 0: =, 1: +=, 2: = bias +, 3: += bias +) a @ w.T on w packed at the call, as a
