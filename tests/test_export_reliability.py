@@ -82,6 +82,19 @@ def test_mod_on_each_eager_backend_is_the_cells_formula(backend):
     torch.testing.assert_close(h[0], want_h, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mod_in_an_init_line_is_the_cells_formula(tmp_path, dtype):
+    """`init b = mod(-140, 0.7)`: the formula's 0, as the step computes mod, not torch.remainder's 0.7 -
+    9e-15 (nn/inits.py used torch.remainder)."""
+    path = tmp_path / "mod_init.cell"
+    path.write_text("cell mod_init\ninput x\nstate h\noutput h\nparam W, U\nparam b\n"
+                    "init b = mod(-140, 0.7)\nh' = tanh(W @ x + U @ h + b)\n")
+    layer = celldsl.Recurrent(str(path), 3, 4, dtype=dtype)
+    a, b = torch.tensor(-140.0, dtype=dtype), torch.tensor(0.7, dtype=dtype)
+    assert torch.equal(layer.cell_parameter("b"), formula_mod(a, b).expand(4))
+    assert not torch.equal(torch.remainder(a, b), formula_mod(a, b))  # the case that tells them apart
+
+
 def test_mod_in_the_onnx_export_is_the_cells_formula():
     cell = load_cell(MOD_CELL, 10, 10, seed=0)
     x = mod_inputs()
