@@ -241,3 +241,24 @@ def test_a_subclass_with_its_own_float64_head_runs_as_torch_nn():
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], ref(x)[0])
     torch.testing.assert_close(ours(x)[0], ref(x)[0])  # with autograd: the full path
+
+
+def test_the_one_step_path_is_made_again_after_a_library_swap(monkeypatch):
+    """The T = 1 prepared step (nn/cells.py) follows the loop's revision too: bound to the quick -Og
+    kernels it gave other last bits than the full path once the -O3 library was swapped in."""
+    from celldsl.nn import cells
+
+    torch.manual_seed(0)
+    cell = celldsl.LSTMCell(I, H)
+    x, hx = torch.randn(3, I), (torch.randn(3, H), torch.randn(3, H))
+    loop = loop_for(cell.compiled.key, "cpu")
+    with torch.no_grad():
+        cell(x, hx)
+        first = cells._PREPARED[cell][False]
+        cell(x, hx)
+        assert cells._PREPARED[cell][False] is first  # replayed
+        monkeypatch.setattr(fused, "cell_library_ready", lambda key: (True, loop.cell_lib))
+        monkeypatch.setattr(loop, "cell_waiting", "a background build")
+        got = cell(x, hx)
+        assert cells._PREPARED[cell][False] is not first  # made again on the swapped-in library
+        assert all(torch.equal(g, w) for g, w in zip(got, cell(x, hx), strict=True))

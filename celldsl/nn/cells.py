@@ -110,7 +110,6 @@ class _Step:
         try:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(), torch.is_inference_mode_enabled(),
-                   loop_revision(self.compiled.key, self.backend, input),
                    *[(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors],
                    *[p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.requires_grad)
                      for p in params])
@@ -120,8 +119,11 @@ class _Step:
         if entries is None:
             entries = _PREPARED[self] = {}
         entry = entries.get(train)
-        if entry is None or entry[0] != key:
-            entry = entries[train] = (key, self._prepare(input, given, train, layer is not None))
+        # the loop's revision (its libraries, GEMM choices) as the step was made, asked of that loop:
+        # the key's backend and device pick the same one
+        if entry is None or entry[0] != key or (entry[2] is not None and entry[2]() != entry[3]):
+            revision = loop_revision(self.compiled.key, self.backend, input)
+            entry = entries[train] = (key, self._prepare(input, given, train, layer is not None), *revision)
         step = entry[1]
         if step is None:
             return None

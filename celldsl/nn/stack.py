@@ -67,15 +67,16 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
 
 
-def loop_revision(cell_key: str, backend: str, x: torch.Tensor):
-    """The revision of the loop a call on x runs (FusedCPULoop.revision: its C libraries and GEMM
-    choices; a prepared call is made again when it changes), or None for a loop without one."""
+def loop_revision(cell_key: str, backend: str, x: torch.Tensor) -> tuple:
+    """(the loop's `revision` method, its value now) for the loop a call on x runs
+    (FusedCPULoop.revision: its C libraries and GEMM choices; a prepared call is made again when it
+    changes), or (None, None) for a loop without one."""
     try:
         loop = loop_for(cell_key, resolve_backend(backend, x))
     except CellTensorError:
-        return None
+        return None, None
     revision = getattr(loop, "revision", None)
-    return revision() if revision is not None else None
+    return revision, (revision() if revision is not None else None)
 
 
 class RecurrentStack:
