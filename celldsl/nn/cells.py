@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .matrix import MatrixCell
-from .parameters import checked_shape, initialize, member, op_params, stores_of
+from .parameters import checked_shape, initialize, member, op_params, refresh_copies, stores_of
 from .prepared import Layout, apply_prepared
 from .quantization import WarnsWhenNotQuantized
 from .script_any import PreparesStep, extra_inputs
@@ -152,11 +152,7 @@ class _Step:
         """The op tensors `derived` (not views of parameters: a combination, blocks of several
         parameters) computed again from the parameters as they are, into the tensors the prepared
         step reads (`held`: its op parameter list)."""
-        fresh = op_params(self.compiled, self._stored(like=like), self._sizes(), like=like,
-                          into={i: held[i] for i in derived})
-        for i in derived:
-            if fresh[i] is not held[i]:
-                held[i].copy_(fresh[i])
+        refresh_copies(self.compiled, self._stored(like=like), self._sizes(), like, held, derived)
 
     def _train_call(self, step, layout, names, input, given, leads, distinct):
         """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of

@@ -162,6 +162,17 @@ def op_params(
     )
 
 
+def refresh_copies(cell: CompiledCell, stored: dict[str, torch.Tensor], sizes: dict[str, int],
+                   like: torch.Tensor, held: list[torch.Tensor], copies: list[int]) -> None:
+    """The op parameters `copies` of a prepared call (no views of the stored tensors: blocks of several
+    parameters, a combination such as W - Wᵀ) made again from the stored tensors as they are now,
+    into the tensors the call reads (`held`: its op parameter list)."""
+    fresh = op_params(cell, stored, sizes, like=like, into={i: held[i] for i in copies})
+    for i in copies:
+        if fresh[i] is not held[i]:
+            held[i].copy_(fresh[i])
+
+
 def coefficient(expr: sp.Expr, scalars: dict[str, torch.Tensor]):
     """A combination's coefficient (numbers and scalar parameters: ir.MatrixTerm.coef) as a tensor or
     a number, differentiable in the scalar parameters."""

@@ -21,7 +21,7 @@ from ..ops.function import loop_for, register, split_params
 from ..ops.op import plain_eager
 from ..resources import ZOO
 from .autocasting import autocast_dtype, result_dtype, without_autocast
-from .parameters import checked_shape, member, op_params, stores_of
+from .parameters import checked_shape, member, op_params, refresh_copies, stores_of
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 
@@ -248,11 +248,8 @@ class RecurrentStack:
         """The op parameters `derived` of one layer made again from the parameters as they are, into
         the tensors its prepared sequence reads (`held`)."""
         like = held[0]
-        fresh = op_params(self.compiled, self._stored(layer, 0, like=like), self._sizes(layer), like=like,
-                          into={i: held[i] for i in derived})
-        for i in derived:
-            if fresh[i] is not held[i]:
-                held[i].copy_(fresh[i])
+        refresh_copies(self.compiled, self._stored(layer, 0, like=like), self._sizes(layer), like, held,
+                       derived)
 
     # ---- parameters --------------------------------------------------------------------------
 

@@ -1506,10 +1506,7 @@ class PreparedStep:
         loop, bufs = self._loop, self._held[0]
         _hoisted, biases = loop._biases(self._vectors, bufs, self._hoisted_w, self._step_w)
         for gi, w, panels, bias in self.in_loop:
-            groups = len(loop.gemms[gi].products)
-            n, k = w.shape[0] // groups, w.shape[1]
-            w = w.contiguous()
-            self.native.gemm.pack(w, groups, n, k, k, 1, n * k, self.prepared[0].nt, panels)
+            _pack_step_weight(loop, self.native, gi, w, panels, self.prepared[0].nt)
             if bias is not None:
                 bias.copy_(biases[gi])
 
@@ -1535,6 +1532,15 @@ class PreparedStep:
             return news[self.output_state], news
         out_lead = (self.x.shape[1],) if out_lead is None else out_lead
         return self._as(self.out, (*out_lead, self.out.shape[-1])).clone(), news
+
+
+def _pack_step_weight(loop: FusedCPULoop, native: NativeLoop, gi: int, w: torch.Tensor, panels: torch.Tensor,
+                      threads: int) -> None:
+    """Step GEMM gi's weight as it is now into the panels `_forward_native` packed it into at first
+    (a prepared call's, filled again at every call)."""
+    groups = len(loop.gemms[gi].products)
+    n, k = w.shape[0] // groups, w.shape[1]
+    native.gemm.pack(w.contiguous(), groups, n, k, k, 1, n * k, threads, panels)
 
 
 class PreparedSequence:
@@ -1581,11 +1587,8 @@ class PreparedSequence:
         for op, w, bias, out, backend in zip(self.hoisted_ops, self.hoisted_w, hoisted_bias, self.hoisted_out,
                                              self.plan.hoisted, strict=True):
             out.copy_(cpu_gemm.linear(op, w, bias, loop.lib, backend))
-        nt = self.prepared[0].nt
         for gi, (w, panels) in enumerate(zip(self.step_w, self.panels, strict=True)):
-            groups = len(loop.gemms[gi].products)
-            n, k = w.shape[0] // groups, w.shape[1]
-            self.native.gemm.pack(w.contiguous(), groups, n, k, k, 1, n * k, nt, panels)
+            _pack_step_weight(loop, self.native, gi, w, panels, self.prepared[0].nt)
             if self.step_bias[gi] is not None:
                 self.step_bias[gi].copy_(step_bias[gi])
         self.native.run_forward(self.prepared)
