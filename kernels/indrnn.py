@@ -52,7 +52,7 @@ lib = shared_helpers()
 @triton.jit
 def stage0_step(W_mm, b, h, u):
     # -> the outputs: (h_new)
-    return (tl.maximum(W_mm + b + h*u, 0.0),)
+    return (tl.maximum(W_mm + b + h*u, 0.0, propagate_nan=tl.PropagateNan.ALL),)
 
 
 @triton.jit

@@ -53,7 +53,7 @@ lib = shared_helpers()
 @triton.jit
 def stage1_step(W_hh_mm, W_ih_mm, b_hh, b_ih):
     # -> the outputs: (h_new)
-    return (tl.maximum(W_hh_mm + W_ih_mm + b_hh + b_ih, 0.0),)
+    return (tl.maximum(W_hh_mm + W_ih_mm + b_hh + b_ih, 0.0, propagate_nan=tl.PropagateNan.ALL),)
 
 
 @triton.jit

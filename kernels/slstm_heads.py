@@ -58,7 +58,7 @@ def stage1_step(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z_mm, 
     # -> the outputs: (h_new, c_new, n_new, m_new)
     t0 = m + lib.logsigmoid(R_f_mm + W_f_mm + b_f)
     t1 = R_i_mm + W_i_mm + b_i
-    t2 = tl.maximum(t0, t1)
+    t2 = tl.maximum(t0, t1, propagate_nan=tl.PropagateNan.ALL)
     t3 = -t2
     t4 = tl.exp(t0 + t3)
     t5 = tl.exp(t1 + t3)
@@ -157,7 +157,7 @@ def stage1_step_grad(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z
     # -> gradient of every input that needs one: (d_R_f_mm, d_R_i_mm, d_R_o_mm, d_R_z_mm, d_c, d_m, d_n)
     t0 = m + lib.logsigmoid(R_f_mm + W_f_mm + b_f)
     t1 = R_i_mm + W_i_mm + b_i
-    t2 = tl.maximum(t0, t1)
+    t2 = tl.maximum(t0, t1, propagate_nan=tl.PropagateNan.ALL)
     t3 = -t2
     t4 = tl.exp(t0 + t3)
     t5 = tl.exp(t1 + t3)

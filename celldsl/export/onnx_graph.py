@@ -174,7 +174,7 @@ class OnnxPrinter:
             x = args[0]
             return g.node("Sub", [g.node("Min", [x, g.const(0.0)]), self._log1p_exp_minus_abs(x)])
         if name == "step":
-            return self._cast(g.node("Greater", [args[0], g.const(0.0)]))
+            return self._cast(g.node("Not", [g.node("LessOrEqual", [args[0], g.const(0.0)])]))  # 1 at NaN
         if name in ("maximum", "minimum"):
             return g.node("Max" if name == "maximum" else "Min", args)
         if name in ("less", "less_equal"):

@@ -120,7 +120,9 @@ class logsigmoid(CellFunction):  # noqa: N801
 
 
 class step(CellFunction):  # noqa: N801
-    """1 where the argument is > 0, else 0: the derivative of relu and of max/min."""
+    """0 where the argument is <= 0, else 1: the derivative of relu and of max/min. 1 at NaN, as torch's
+    relu backward (threshold_backward) passes the gradient through a NaN: a NaN in the input then
+    gives the gradients torch.nn gives."""
 
     nargs = 1
 
@@ -129,7 +131,7 @@ class step(CellFunction):  # noqa: N801
 
     @staticmethod
     def numeric(x):
-        return 1.0 if x > 0 else 0.0
+        return 0.0 if x <= 0 else 1.0
 
 
 class maximum(CellFunction):  # noqa: N801

@@ -378,7 +378,7 @@ static inline {t} cd_sigmoid_{s}({t} x) {{ return 1 / (1 + exp{f}(-x)); }}
 static inline {t} cd_relu_{s}({t} x) {{ return x < 0 ? 0 : x; }}
 static inline {t} cd_softplus_{s}({t} x) {{ return x > 20 ? x : log1p{f}(exp{f}(x)); }}
 static inline {t} cd_logsigmoid_{s}({t} x) {{ return (x < 0 ? x : 0) - log1p{f}(exp{f}(-fabs{f}(x))); }}
-static inline {t} cd_step_{s}({t} x) {{ return x > 0 ? 1 : 0; }}
+static inline {t} cd_step_{s}({t} x) {{ return x <= 0 ? 0 : 1; }}
 static inline {t} cd_maximum_{s}({t} a, {t} b) {{ return (a != a || a > b) ? a : b; }}
 static inline {t} cd_minimum_{s}({t} a, {t} b) {{ return (a != a || a < b) ? a : b; }}
 static inline {t} cd_less_{s}({t} a, {t} b) {{ return a < b ? 1 : 0; }}

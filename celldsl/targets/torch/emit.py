@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _step(x):
-    return (x > 0).to(x.dtype)
+def _step(x):  # 1 at NaN (lang/functions.step)
+    return (~(x <= 0)).to(x.dtype)
 
 
 def _maximum(a, b):  # max(h, 0.5): torch.maximum takes tensors only

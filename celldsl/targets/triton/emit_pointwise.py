@@ -26,7 +26,7 @@ class TritonPrinter(TargetPrinter):
     functions = {
         "sigmoid": "lib.sigmoid({})",
         "tanh": "lib.tanh({})",
-        "relu": "tl.maximum({}, 0.0)",
+        "relu": "tl.maximum({}, 0.0, propagate_nan=tl.PropagateNan.ALL)",  # NaN stays NaN, as torch's
         "exp": "tl.exp({})",
         "log": "tl.log({})",
         "sin": "tl.sin({})",
@@ -37,8 +37,8 @@ class TritonPrinter(TargetPrinter):
         "sign": "lib.sign({})",
         "sqrt": "tl.sqrt({})",
         "step": "lib.step({})",
-        "maximum": "tl.maximum({}, {})",
-        "minimum": "tl.minimum({}, {})",
+        "maximum": "tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)",
+        "minimum": "tl.minimum({}, {}, propagate_nan=tl.PropagateNan.ALL)",
         "pow": "lib.pow({}, {})",
         "where": "tl.where(({0}) != 0, {1}, {2}).to(({0}).dtype)",
         "floor": "tl.floor({})",

@@ -66,9 +66,10 @@ def logsigmoid(x):
 
 @triton.jit
 def step(x):
-    # 1 where x > 0, else 0: the derivative of relu and of max/min (in x's dtype: a float literal is
-    # fp32, and a product with another literal would then round to fp32 in an fp64 kernel)
-    return tl.where(x > 0, 1.0, 0.0).to(x.dtype)
+    # 0 where x <= 0, else 1 (1 at NaN, as functions.step): the derivative of relu and of max/min (in
+    # x's dtype: a float literal is fp32, and a product with another literal would then round to fp32
+    # in an fp64 kernel)
+    return tl.where(x <= 0, 0.0, 1.0).to(x.dtype)
 
 
 @triton.jit
