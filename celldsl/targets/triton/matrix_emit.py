@@ -446,7 +446,8 @@ def matrix_triton_source(ir: TensorIR) -> str:
                       lines=True)
     header = (f'"""{doc}\n"""\n\nimport triton\nimport triton.language as tl\n\n'
               "from celldsl.targets.triton.module import shared_helpers\n\nlib = shared_helpers()\n")
+    keep = "propagate_nan=tl.PropagateNan.ALL"  # a NaN wins, as in torch.amax / amin
     combine = ("@triton.jit\ndef combine_add(a, b):\n    return a + b\n\n\n"
-               "@triton.jit\ndef combine_max(a, b):\n    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)\n\n\n"
-               "@triton.jit\ndef combine_min(a, b):\n    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)\n")
+               f"@triton.jit\ndef combine_max(a, b):\n    return tl.maximum(a, b, {keep})\n\n\n"
+               f"@triton.jit\ndef combine_min(a, b):\n    return tl.minimum(a, b, {keep})\n")
     return "\n\n".join([header, combine, _forward_kernel(ir, tiles), _backward_kernel(ir, tiles)])
