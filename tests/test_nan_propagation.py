@@ -29,7 +29,8 @@ def poisoned(T, N, width, dtype=torch.float64):
 def assert_same(got, want, what):
     """The same NaN and infinity positions, and the finite values close."""
     assert got.shape == want.shape, what
-    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at {got.isnan().sum()} places, want {want.isnan().sum()}"
+    assert torch.equal(got.isnan(), want.isnan()), \
+        f"{what}: NaN at {got.isnan().sum()} places, want {want.isnan().sum()}"
     assert torch.equal(got.isinf(), want.isinf()), f"{what}: infinities differ"
     assert torch.equal(got[got.isinf()], want[want.isinf()]), f"{what}: infinities' signs differ"
     finite = got.isfinite()
