@@ -45,33 +45,39 @@ def replayed(module) -> bool:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 5])
-@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize(("layers", "bidirectional"), [(1, False), (2, False), (1, True), (2, True)])
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
-def test_a_layer_sequence_sees_every_write_without_autograd(name, layers, n, dtype, mode, monkeypatch):
+def test_a_layer_sequence_sees_every_write_without_autograd(name, layers, bidirectional, n, dtype, mode,
+                                                            monkeypatch):
     """p.data.mul_(), .data.copy_(), numpy writes and `p.data = new` between replayed calls: each
     call after a write gives torch.nn's numbers for the written weights (the guard fails the test if
-    any call of ours runs the op instead of the prepared sequences)."""
+    any call of ours runs the op instead of the prepared sequences). Bidirectional layers replay a
+    sequence per direction, the reverse one on the input reversed in time."""
     torch.manual_seed(0)
-    kw = {"num_layers": layers, "dtype": dtype}
+    kw = {"num_layers": layers, "dtype": dtype, "bidirectional": bidirectional}
     ref, ours = getattr(nn, name)(I, H, **kw), getattr(celldsl, name)(I, H, **kw)
     ours.load_state_dict(ref.state_dict())
-    x, hx = torch.randn(T, n, I, dtype=dtype), nonzero_state(name, n, dtype, layers)
+    x, hx = torch.randn(T, n, I, dtype=dtype), nonzero_state(name, n, dtype, layers * (1 + bidirectional))
     with MODES[mode]():
         ours(x, hx)  # the first call checks the arguments and prepares the sequences
     assert replayed(ours)
     written(ours, ref, lambda m: m(x, hx), lambda: ref(x, hx), mode, dtype, Guard(monkeypatch, ours))
 
 
+@pytest.mark.parametrize(("steps", "bidirectional"), [(T, False), (T, True), (1, True)])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
-def test_replayed_calls_are_the_full_paths_numbers_bit_for_bit(name, given, batch_first, monkeypatch):
+def test_replayed_calls_are_the_full_paths_numbers_bit_for_bit(name, given, batch_first, steps, bidirectional,
+                                                               monkeypatch):
+    """T = 1 replays a sequence where the layer is bidirectional (a one-step call of a unidirectional
+    layer takes the prepared step: tests/test_streaming_step.py)."""
     torch.manual_seed(0)
-    ours = getattr(celldsl, name)(I, H, num_layers=2, batch_first=batch_first)
+    ours = getattr(celldsl, name)(I, H, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
     with torch.no_grad():
         for call in range(3):  # new inputs and states at every call, into the same bound buffers
-            x = torch.randn(3, T, I) if batch_first else torch.randn(T, 3, I)
-            hx = nonzero_state(name, 3, torch.float32, 2) if given else None
+            x = torch.randn(3, steps, I) if batch_first else torch.randn(steps, 3, I)
+            hx = nonzero_state(name, 3, torch.float32, 2 * (1 + bidirectional)) if given else None
             got, want = flat(ours(x, hx)), flat(full_path(monkeypatch, ours, x, hx))
             assert replayed(ours)
             assert len(got) == len(want)

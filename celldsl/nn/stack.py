@@ -96,8 +96,8 @@ class RecurrentStack:
         projection, no dropout running, no extra input) from each layer's prepared step (its
         `cell(k)`'s `_replayed` in nn/cells.py: with or without autograd), or None: then the full
         path runs, with its checks and messages (a layer's step refuses what its cell's checks
-        refuse). A longer padded call goes to `_sequenced`."""
-        if not isinstance(input, torch.Tensor) or input.dim() != 3 or self.bidirectional \
+        refuse). A longer padded call, or a bidirectional one, goes to `_sequenced`."""
+        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
                 or (self.dropout and self.training and self.num_layers > 1) \
                 or self.compiled.ir.shifted:  # prev(x): a Cell refuses it
@@ -105,7 +105,7 @@ class RecurrentStack:
         given = self._given_list(state)
         if given is False:
             return None
-        if input.shape[1 if self.batch_first else 0] != 1:
+        if input.shape[1 if self.batch_first else 0] != 1 or self.bidirectional:
             return self._sequenced(input, given)
         params = tuple(id(p) for p in self._parameters.values())
         entry = _STEPS.get(self)
@@ -145,15 +145,18 @@ class RecurrentStack:
         given = [state] if isinstance(state, torch.Tensor) and declared == 1 else \
             list(state) if isinstance(state, (tuple, list)) and declared > 1 else []
         if len(given) not in (declared, len(names)) or not all(
-                isinstance(s, torch.Tensor) and s.dim() == 3 and s.shape[0] == self.num_layers
+                isinstance(s, torch.Tensor) and s.dim() == 3
+                and s.shape[0] == self.num_layers * self.num_directions
                 for s in given):
             return False
         return given
 
     def _sequenced(self, input, given):
-        """(output, final states) of a small inference call on the CPU (padded input [T, N, I], T > 1,
-        no autograd) from each layer's prepared sequence (targets/c/fused.PreparedSequence: its kernel
-        arguments bound once), or None: then the full path runs, with its checks and messages. The
+        """(output, final states) of a small inference call on the CPU (padded input [T, N, I], T > 1
+        or bidirectional, no autograd) from each layer's and direction's prepared sequence
+        (targets/c/fused.PreparedSequence: its kernel arguments bound once; direction 1 runs on the
+        input reversed in time and its output is reversed back, as the full path's `_layers`), or
+        None: then the full path runs, with its checks and messages. The
         sequences are made after that path's checks pass and kept while the call's shapes, dtypes,
         the threads, inference mode and the parameters (object, storage, shape, strides) stay the
         same (and the loop's libraries and GEMM choices: `revision`); they read the parameters' values
@@ -195,30 +198,39 @@ class RecurrentStack:
             return None  # another thread is in these buffers: this call takes the full path
         try:
             x, finals = input.transpose(0, 1) if self.batch_first else input, []
-            for k, (sequence, held, derived) in enumerate(sequences):
-                if derived:
-                    self._refresh_derived(k, held, derived)
-                x, news = sequence(x, [] if given is None else [s[k] for s in given])
-                finals.append(news)
+            directions = self.num_directions
+            for k in range(self.num_layers):
+                outs = []
+                for d in range(directions):
+                    idx = k * directions + d
+                    sequence, held, derived = sequences[idx]
+                    if derived:
+                        self._refresh_derived(k, d, held, derived)
+                    states = [] if given is None else [s[idx] for s in given]
+                    out, news = sequence(x if d == 0 else x.flip(0), states)
+                    outs.append(out if d == 0 else out.flip(0))
+                    finals.append(news)
+                x = outs[0] if directions == 1 else torch.cat(outs, dim=-1)
         finally:
             lock.release()
         final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
         return x.transpose(0, 1) if self.batch_first else x, (final[0] if len(final) == 1 else tuple(final))
 
     def _prepare_sequences(self, input, given):
-        """Per layer (its PreparedSequence for calls like this one, the op parameters it reads, the
-        indices of those that are no views of stored tensors: blocks of several parameters, or a
-        combination such as W - Wᵀ, made again before every call), or None where a layer has none or
-        the call fails a check (the full path raises it again, with its message). Every stored tensor
-        must be a registered nn.Parameter (not a parametrization's tensor, made anew at each call)."""
+        """Per layer and direction, in h_n's order (its PreparedSequence for calls like this one, the
+        op parameters it reads, the indices of those that are no views of stored tensors: blocks of
+        several parameters, or a combination such as W - Wᵀ, made again before every call), or None
+        where a layer has none or the call fails a check (the full path raises it again, with its
+        message). Every stored tensor must be a registered nn.Parameter (not a parametrization's
+        tensor, made anew at each call)."""
         x = input.transpose(0, 1) if self.batch_first else input
         try:
             self._check_input(x, None)
             self._initial_states(given, x, x.shape[1], False)
         except (CellTensorError, ValueError, TypeError):
             return None
-        names = [self._param_name(st.name, k, 0) for st in stores_of(self.compiled)
-                 for k in range(self.num_layers)]
+        names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)
+                 for k in range(self.num_layers) for d in range(self.num_directions)]
         if not all(isinstance(self._parameters.get(n), torch.nn.Parameter) or
                    (n not in self._parameters and getattr(self, n, None) is None) for n in names):
             return None
@@ -229,27 +241,31 @@ class RecurrentStack:
         sequences, shape = [], x.shape
         for k in range(self.num_layers):
             like = torch.empty(*shape[:2], self._layer_input_size(k), dtype=x.dtype)  # layer k's input
-            sizes, stored = self._sizes(k), self._stored(k, 0, like=like)
-            bases = {id(t) for t in stored.values()}
-            params = op_params(self.compiled, stored, sizes, like=like)
-            derived = [i for i, q in enumerate(params) if id(q if q._base is None else q._base) not in bases]
-            states = [like.new_zeros(shape[1], sizes[self.compiled.ir.width(n)])
-                      for n in self.compiled.states]
-            sequence = prepare(like, states, *split_params(loop, params))
-            if sequence is None:
-                return None
-            sequences.append((sequence, params, derived))
-            shape = (*shape[:2], sequence.out.shape[-1])
+            sizes = self._sizes(k)
+            for d in range(self.num_directions):
+                stored = self._stored(k, d, like=like)
+                bases = {id(t) for t in stored.values()}
+                params = op_params(self.compiled, stored, sizes, like=like)
+                derived = [i for i, q in enumerate(params)
+                           if id(q if q._base is None else q._base) not in bases]
+                states = [like.new_zeros(shape[1], sizes[self.compiled.ir.width(n)])
+                          for n in self.compiled.states]
+                sequence = prepare(like, states, *split_params(loop, params))
+                if sequence is None:
+                    return None
+                sequences.append((sequence, params, derived))
+            shape = (*shape[:2], sequence.out.shape[-1] * self.num_directions)
         for sequence, _params, _derived in sequences[1:]:
             sequence.lock = sequences[0][0].lock  # one lock for the stack's buffers
         return sequences
 
-    def _refresh_derived(self, layer: int, held: list[torch.Tensor], derived: list[int]) -> None:
-        """The op parameters `derived` of one layer made again from the parameters as they are, into
-        the tensors its prepared sequence reads (`held`)."""
+    def _refresh_derived(self, layer: int, direction: int, held: list[torch.Tensor],
+                         derived: list[int]) -> None:
+        """The op parameters `derived` of one layer and direction made again from the parameters as
+        they are, into the tensors its prepared sequence reads (`held`)."""
         like = held[0]
-        refresh_copies(self.compiled, self._stored(layer, 0, like=like), self._sizes(layer), like, held,
-                       derived)
+        refresh_copies(self.compiled, self._stored(layer, direction, like=like), self._sizes(layer), like,
+                       held, derived)
 
     # ---- parameters --------------------------------------------------------------------------
 
