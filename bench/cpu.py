@@ -312,13 +312,13 @@ def cell_text(cell: str) -> str:
     return (ZOO / f"{cell}.cell").read_text()
 
 
-def library_layer(cell: str, I: int, H: int):
+def library_layer(cell: str, I: int, H: int, **kw):
     """The layer as the library builds it."""
     if cell == "lstm":
-        return celldsl.LSTM(I, H)
+        return celldsl.LSTM(I, H, **kw)
     if cell == "gru":
-        return celldsl.GRU(I, H)
-    return celldsl.Recurrent(cell, I, H)
+        return celldsl.GRU(I, H, **kw)
+    return celldsl.Recurrent(cell, I, H, **kw)
 
 
 def python_loop_layer(cell: str, I: int, H: int):
@@ -335,17 +335,18 @@ def python_loop_layer(cell: str, I: int, H: int):
     return layer
 
 
-def impls_for(cell: str, I: int, H: int, N: int, rows: tuple[str, ...]) -> list[Impl]:
-    """rows: a subset of nn, celldsl, python, textbook, compiled, in the order wanted."""
+def impls_for(cell: str, I: int, H: int, N: int, rows: tuple[str, ...], **kw) -> list[Impl]:
+    """rows: a subset of nn, celldsl, python, textbook, compiled, in the order wanted; kw: the layers'
+    options (nn and celldsl rows only)."""
     torch.manual_seed(0)
     impls: list[Impl] = []
     ref = None
     if "nn" in rows:
-        ref = (nn.LSTM if cell == "lstm" else nn.GRU)(I, H)
+        ref = (nn.LSTM if cell == "lstm" else nn.GRU)(I, H, **kw)
         onednn = " (oneDNN)" if torch.backends.mkldnn.is_available() else ""
         impls.append(Impl(f"torch.nn.{cell.upper()}{onednn}", lambda x, m=ref: m(x)[0], ref.parameters(),
                           "nn"))
-    layer = library_layer(cell, I, H)
+    layer = library_layer(cell, I, H, **kw)
     if ref is not None:
         layer.load_state_dict(ref.state_dict())
     name = {"lstm": "celldsl.LSTM", "gru": "celldsl.GRU"}.get(cell, f"celldsl {cell}.cell")
@@ -446,8 +447,8 @@ def table(title: str, impls: list[Impl], diffs: dict[str, float], base: Impl) ->
               f"| {diffs[impl.label]:.1e} |")
 
 
-def run_rows(cell, T, N, I, H, rows, args, clock):
-    impls = impls_for(cell, I, H, N, rows)
+def run_rows(cell, T, N, I, H, rows, args, clock, **kw):
+    impls = impls_for(cell, I, H, N, rows, **kw)
     x = torch.randn(T, N, I)
     measure(impls, x, args.repeats, args.warmup, clock, ("fwd", "fwdbwd"))
     ours = next(i for i in impls if i.kind == "celldsl")
@@ -476,18 +477,22 @@ def nn_tables(args, clock, report: Report) -> None:
 
 
 SMALL_SIZES = ((10, 8, 64, 64), (100, 1, 32, 32))
+SMALL_BIDIRECTIONAL = (20, 8, 64, 64)  # a tagger's BiLSTM: two layers, both directions
 
 
 def small_tables(args, clock, report: Report) -> None:
     """Small layers: the fixed cost of a call, not the arithmetic, sets the time."""
-    for cell in ("lstm", "gru"):
-        for T, N, I, H in SMALL_SIZES if not args.smoke else SMALL_SIZES[:1]:
-            impls, diffs, ours = run_rows(cell, T, N, I, H, ("nn", "celldsl"), args, clock)
-            base = impls[0]
-            table(f"{cell.upper()}, {size_text(T, N, I, H)}", impls, diffs, base)
-            what = f"{ours.label} / {base.label} at {size_text(T, N, I, H)}"
-            for key, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
-                report.at_most(f"{what}, {label}", ms(ours, key) / ms(base, key), 1.0)
+    sizes = SMALL_SIZES if not args.smoke else SMALL_SIZES[:1]
+    runs = [(cell, size, {}) for cell in ("lstm", "gru") for size in sizes]
+    runs.append(("lstm", SMALL_BIDIRECTIONAL, {"bidirectional": True, "num_layers": 2}))
+    for cell, (T, N, I, H), kw in runs:
+        impls, diffs, ours = run_rows(cell, T, N, I, H, ("nn", "celldsl"), args, clock, **kw)
+        base = impls[0]
+        options = ", bidirectional, 2 layers" if kw else ""
+        table(f"{cell.upper()}{options}, {size_text(T, N, I, H)}", impls, diffs, base)
+        what = f"{ours.label}{options} / {base.label} at {size_text(T, N, I, H)}"
+        for key, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+            report.at_most(f"{what}, {label}", ms(ours, key) / ms(base, key), 1.0)
 
 
 def zoo_cells() -> list[str]:

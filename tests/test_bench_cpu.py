@@ -33,8 +33,8 @@ def test_bench_prints_every_table_row_and_target(capsys):
     titles = re.findall(r"^(LSTM|GRU|indrnn|sru|mingru|minlstm), T=\d+ N=\d+", text, flags=re.M)
     assert titles == ["LSTM", "GRU", "LSTM", "LSTM"] + list(bench.LONG_CELLS) * 2 + ["LSTM", "GRU"]
     rows = table_rows(text)
-    nn_rows, zoo_rows, long_rows = rows[:16], rows[16:19], rows[19:-20]
-    step_rows, small_rows = rows[-20:-4], rows[-4:]
+    nn_rows, zoo_rows, long_rows = rows[:16], rows[16:19], rows[19:-22]
+    step_rows, small_rows = rows[-22:-6], rows[-6:]
     labels = ["torch.nn.", "celldsl.", "Python loop", "textbook"]
     for i, row in enumerate(nn_rows):
         assert labels[i % 4] in row[0], row
@@ -47,7 +47,8 @@ def test_bench_prints_every_table_row_and_target(capsys):
         f"{lib}.{name}" for name in steps for _ in range(2) for lib in ("torch.nn", "celldsl")
     ]
     assert [r[0].split(" ")[0] for r in small_rows] == [
-        "torch.nn.LSTM", "celldsl.LSTM", "torch.nn.GRU", "celldsl.GRU"]
+        "torch.nn.LSTM", "celldsl.LSTM", "torch.nn.GRU", "celldsl.GRU", "torch.nn.LSTM", "celldsl.LSTM"]
+    assert "LSTM, bidirectional, 2 layers, T=20 N=8 I=64 H=64" in text
     for row in nn_rows + long_rows + step_rows + small_rows:
         fwd, fwdbwd, r1, r2, diff = (float(c) for c in row[-5:])
         assert fwd > 0 and fwdbwd > 0 and r1 > 0 and r2 > 0
@@ -55,8 +56,8 @@ def test_bench_prints_every_table_row_and_target(capsys):
     for row in zoo_rows:
         assert float(row[-1]) < 1e-4, row
     targets = re.findall(r"^- .*: (met|MISSED by \d+%)$", text, flags=re.M)
-    # the step table: 4 modules x 2 batches x fwd, fwd+bwd; the small one: 2 layers x fwd, fwd+bwd
-    assert len(targets) == 5 + 3 + 2 + 4 + 16 + 4
+    # the step table: 4 modules x 2 batches x fwd, fwd+bwd; the small one: 3 layers x fwd, fwd+bwd
+    assert len(targets) == 5 + 3 + 2 + 4 + 16 + 6
 
 
 def test_bench_rejects_unknown_tables_cells_and_clocks():
