@@ -495,10 +495,8 @@ class _Builder:
         return self.add(Node("matmul", (a, b), kind, loc))
 
     def scale(self, a: int, b: int, kind: Kind, loc: Loc) -> int:
-        """A product with diag(d) as what it is, a broadcast product a * b (one operand a column or row
-        vector along the other's rows or columns): never a product with a matrix of zeros, which adds
-        0 * inf = NaN from every other row where the paper's Diag(d) S keeps an inf in its row. Its local
-        derivatives are those of a0 * a1; the broadcast operand's is summed back to its shape."""
+        """A product with diag(d) as the broadcast product a * b it is (see `scale` in the module
+        docstring): its local derivatives are those of a0 * a1."""
         s0, s1 = sp.symbols("a0:2", real=True)
         return self.add(Node("scale", (a, b), kind, loc, expr=s0 * s1, grads=(s1, s0)))
 
