@@ -241,3 +241,23 @@ def test_c_export_keeps_an_inf_in_its_row(name, tmp_path):
     for got, w in zip(finals, want_finals, strict=True):
         torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_plain_torch_onnx_export_of_a_diag_used_as_a_matrix(tmp_path):
+    """torch.onnx.export's translation (export/torch_onnx.py: the same printer on onnx_ir) of DIAG_PRODUCT,
+    whose diag(d) is a matrix (a Where on the identity), against the layer in onnxruntime."""
+    import onnxruntime as ort
+
+    from celldsl import Recurrent
+
+    torch.manual_seed(0)
+    model = Recurrent(DIAG_PRODUCT, I, 6, sizes={"heads": 2}, backend="torch").eval()
+    program = torch.onnx.export(model, (torch.randn(5, 2, I),), dynamic_shapes=({0: "T", 1: "N"},))
+    program.save(str(tmp_path / "model.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, I)
+    with torch.no_grad():
+        out, finals = model(x)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for g, w in zip(got, [out, *finals], strict=True):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=2e-4, atol=2e-4)
