@@ -205,7 +205,7 @@ def test_aot_rwkv6(aot_env):
 
 
 def test_aot_a_product_with_a_diag_on_the_right(aot_env):
-    """S @ diag(a) (a scaling of the columns by the diag tile's column sums; gla covers diag(a) @ S)."""
+    """S @ diag(a) (the IR's scale(S, aᵀ): S's columns times a row tile; gla covers diag(a) @ S)."""
     _aot("colscale", COLUMN_SCALE)
 
 

@@ -110,9 +110,11 @@ def test_split_decision():
     blocker = ir.nodes[split_blocker(ir, "V")]  # the first of them: W, a V x V tile (mixes rows)
     assert (blocker.op, blocker.kind.rows, blocker.kind.cols) == ("param", "V", "V")
     assert any(n.op == "matmul" and ir.nodes[n.args[0]].kind.cols == "V" for n in ir.nodes)  # H @ W
-    # gla's K rows: diag(alpha) is K x K (and `qᵀ @ S'` contracts K), so K is not split, V is
+    # gla's K rows: `qᵀ @ S'` contracts K (diag(alpha) @ S is a scale node: row by row), so K is not
+    # split, V is
     gla = compile_cell("cells/gla.cell").ir
-    assert gla.nodes[split_blocker(gla, "K")].op == "diag"
+    blocker = gla.nodes[split_blocker(gla, "K")]
+    assert blocker.op == "matmul" and gla.nodes[blocker.args[0]].kind.cols == "K"
     loop = TritonMatrixLoop(ir, value_block=2)
     assert loop.split is None and loop.blocks({"heads": 3, "K": 4, "V": 5}) == 1
 

@@ -22,7 +22,7 @@ import torch
 from ..lang.errors import CellError
 from ..lang.tensors import ONE, TensorIR
 from ..targets.c.emit import C_TYPES, CPrinter, helper_functions
-from ..targets.c.matrix_emit import ForwardStep, blocker, used_host
+from ..targets.c.matrix_emit import ForwardStep, blocker, broadcast_index, used_host
 from ..targets.c.matrix_rewrite import rewrite
 from ..targets.printers import identifier
 from .c_library import comment
@@ -116,12 +116,12 @@ class _Host:
             names = {s: f"{a[m]}[{'e' if self.size(j) == S and S > 1 else '0'}]"
                      for m, (s, j) in enumerate(zip(syms, node.args, strict=True))}
             body = [f"for (int e = 0; e < {S}; ++e) o[e] = {CPrinter(names, dt).doprint(node.expr)};"]
-        elif node.op == "matmul" and ir.nodes[node.args[0]].op == "diag":  # rows scaled: no 0 * inf
+        elif node.op == "scale":  # a broadcast product: a column (a0[a]) or row (a0[b]) vector's elements
+            syms = sp.symbols(f"a0:{len(node.args)}", real=True)
+            names = {s: f"{a[m]}[{broadcast_index(self.shape(j), (r, c), f'a * {c} + b')}]"
+                     for m, (s, j) in enumerate(zip(syms, node.args, strict=True))}
             body = [f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                    f"o[a * {c} + b] = a0[a * {r} + a] * a1[a * {c} + b];"]
-        elif node.op == "matmul" and ir.nodes[node.args[1]].op == "diag":  # columns scaled
-            body = [f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                    f"o[a * {c} + b] = a0[a * {c} + b] * a1[b * {c} + b];"]
+                    f"o[a * {c} + b] = {CPrinter(names, dt).doprint(node.expr)};"]
         elif node.op == "matmul":
             m = self.shape(node.args[0])[1]
             body = [f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) {{ {t} acc = 0; "

@@ -2,8 +2,8 @@
 depend on no state (the input's projections, prev(...) shifts, the parameters' own arithmetic) are
 computed before the loop for every step at once, the rest is a `Scan` whose body is the cell's step,
 one ONNX operator or a few per IR node: `@` a MatMul, `ᵀ` a Transpose, sum/mean/max/min a Reduce*,
-diag(a) a Mul by the identity, pointwise nodes printed from their SymPy expressions by onnx_graph's
-printer.
+diag(a) a Where on the identity, pointwise nodes (and scale nodes, the IR's `diag(a) @ S`: a broadcast
+Mul) printed from their SymPy expressions by onnx_graph's printer.
 
 Values are tensors [N, heads or 1, rows, cols] in the loop (as targets/torch/matrix.py runs them) and
 [T, N, heads or 1, rows, cols] before it (a parameter-only value [1, heads or 1, rows, cols]). The
@@ -82,19 +82,12 @@ class MatrixBuilder:
             return g.node(op, [v, g.const([-2, -1], True)], keepdims=1)
         return g.node(op, [v], axes=[-2, -1], keepdims=1)
 
-    def diagonal(self, g, d, axis: int):
-        """diag(a)'s diagonal as a column (axis -1) or a row (axis -2): the sums of its rows or columns,
-        exact (every other term is a zero). A product with diag(a) is a scaling by it: the same numbers,
-        but MatMul would add 0 * inf = NaN from every other row where the paper's Diag(a) S keeps an
-        inf in its row (as the torch and C loops do)."""
-        return g.node("ReduceSum", [d, g.const([axis], True)], keepdims=1)
-
     def emit(self, g, i: int, args: list, cache: dict):
         """Node i of an operation (not a leaf) on its arguments' (value, rank) -> (value, rank)."""
         node = self.ir.nodes[i]
         rank = max((r for _, r in args), default=4)
         a = [v for v, _ in args]
-        if node.op == "pointwise":
+        if node.op in ("pointwise", "scale"):  # scale: a Mul whose vector broadcasts (lang/tensors.py)
             symbols = sp.symbols(f"a0:{len(a)}", real=True)
             printer = OnnxPrinter(g, dict(zip(symbols, a, strict=True)), f"cell {self.ir.name!r}")
             try:
@@ -105,10 +98,6 @@ class MatrixBuilder:
                 out = g.node("Reshape", [out, g.const([1, 1, 1, 1], True)])
                 rank = 4
             return out, rank
-        if node.op == "matmul" and self.ir.nodes[node.args[0]].op == "diag":  # diag(d) @ B: B's rows scaled
-            return g.node("Mul", [self.diagonal(g, a[0], -1), a[1]]), rank
-        if node.op == "matmul" and self.ir.nodes[node.args[1]].op == "diag":  # A @ diag(d): columns scaled
-            return g.node("Mul", [a[0], self.diagonal(g, a[1], -2)]), rank
         if node.op == "matmul":
             return g.node("MatMul", a), rank
         if node.op == "transpose":
@@ -116,10 +105,10 @@ class MatrixBuilder:
             return g.node("Transpose", a, perm=perm), rank
         if node.op in ("sum", "mean", "max", "min"):
             return self.reduce(g, "Reduce" + node.op.capitalize(), a[0]), rank
-        if node.op == "diag":  # [.., r, 1] * I[r, r]: the vector on the diagonal
+        if node.op == "diag":  # [.., r, 1] where I[r, r] is 1, else 0 (a Mul by I: 0 * inf = NaN off it)
             eye = self.const4(g, np.eye(self.width(node.kind.rows))[None, None], cache,
                               ("eye", self.width(node.kind.rows)))
-            return g.node("Mul", [a[0], eye]), rank
+            return g.node("Where", [g.node("Equal", [eye, g.const(1.0)]), a[0], g.const(0.0)]), rank
         self.refuse(node, f"the operation {node.op!r} has no ONNX spelling here")
 
     # ---- before the loop: every step at once ---------------------------------------------------

@@ -11,7 +11,14 @@ time every value is a tensor [N, heads or 1, rows, cols], so the operations are 
 - `matmul` (`@`): rows x inner times inner x cols; `v @ kᵀ` is the outer product, `kᵀ @ q` the dot
   product, `C @ q` and `qᵀ @ S` a matrix times a vector; `diag(a)` and the identity `I` are matrices;
 - `transpose` (`kᵀ`), `sum`, `mean`, `max`, `min` (over all of a value's elements: one number per
-  head), `diag`.
+  head), `diag`;
+- `scale`: what a product with `diag(d)` becomes here, once for every printer: `diag(d) @ S` is
+  scale(d, S), S's rows scaled by the column d, and `S @ diag(d)` is scale(S, dᵀ), its columns scaled
+  by the row dᵀ: a broadcast product a0 * a1 (its `expr` and `grads`, as a pointwise node's; the
+  vector's gradient is summed back along the axis it broadcasts over), never a product with a matrix
+  of zeros (0 * inf = NaN from every other row, where the paper's Diag(d) S keeps an inf in its row).
+  The diag node, then read by no node, is dropped; a diag(d) used as a matrix (`diag(d) + I`, the right
+  side of `diag(a) @ diag(b)`, a state) stays a diag node.
 
 `build_tensor_ir` checks the kinds and reports every mistake at its place, with a hint.
 
@@ -23,6 +30,7 @@ shape stands for its width (`param U : (h, h)` is H x H). `TensorIR.heads` is Fa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -64,6 +72,8 @@ class Kind:
 class Node:
     op: str  # input | state | param | const | size | eye | pointwise | matmul | transpose | sum | mean | max
     # | min | diag | shift (prev(v, k): args (v,), value k; v depends on no state, so it is hoisted)
+    # | scale (a product with diag(d): a0 * a1, one of them a column (row) vector along the other's rows
+    # (columns); see _Builder.scale)
     args: tuple
     kind: Kind
     loc: Loc | None
@@ -128,6 +138,7 @@ class _Builder:
         self.updates = {n.text: (n, e) for n, e in module.updates}
         self.built: dict[str, int] = {}
         self.building: set[str] = set()
+        self.scaled_diags: set[int] = set()  # diag nodes a product read: made scale nodes (see scale)
         self.headed = has_heads(module)
         self.what = "a matrix-memory cell" if self.headed else "a cell with shaped parameters"
         # one head: a state's name in a shape stands for its width (H unless `state h : P` says so)
@@ -471,7 +482,23 @@ class _Builder:
                 hint = "; for an outer product write v @ kᵀ"
             self.error(f"@ needs the left side's columns to match the right side's rows: {self.words(ka)} @ "
                        f"{self.words(kb)}{hint}", loc)
-        return self.add(Node("matmul", (a, b), Kind(ka.rows, kb.cols, ka.head or kb.head), loc))
+        kind = Kind(ka.rows, kb.cols, ka.head or kb.head)
+        if self.nodes[a].op == "diag":  # diag(d) @ B: B's rows scaled by the column d
+            self.scaled_diags.add(a)
+            return self.scale(self.nodes[a].args[0], b, kind, loc)
+        if self.nodes[b].op == "diag":  # A @ diag(d): A's columns scaled by the row dᵀ
+            self.scaled_diags.add(b)
+            d = self.nodes[b].args[0]
+            kd = self.nodes[d].kind
+            row = self.add(Node("transpose", (d,), Kind(kd.cols, kd.rows, kd.head), loc))
+            return self.scale(a, row, kind, loc)
+        return self.add(Node("matmul", (a, b), kind, loc))
+
+    def scale(self, a: int, b: int, kind: Kind, loc: Loc) -> int:
+        """A product with diag(d) as the broadcast product a * b it is (see `scale` in the module
+        docstring): its local derivatives are those of a0 * a1."""
+        s0, s1 = sp.symbols("a0:2", real=True)
+        return self.add(Node("scale", (a, b), kind, loc, expr=s0 * s1, grads=(s1, s0)))
 
 
 def _less(a, b):
@@ -558,9 +585,19 @@ def build_tensor_ir(module: ast.Module, source: Source) -> TensorIR:
     _warn_unused(b, [*new_state.values(), out], source)
     used = {w for k in b.kinds.values() for w in (k.rows, k.cols)}
     widths = sorted(used - {ONE, *[n.text for n in m.inputs]})
+    nodes, index = _without(b.nodes, b.scaled_diags - {*new_state.values(), out})
     return TensorIR(
         name=m.name.text, source=source, inputs=[n.text for n in m.inputs], states=states, state_locs=locs,
-        kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=b.nodes,
-        new_state=new_state, output_node=out, widths=widths, inits=b.inits, init_sizes=b.init_sizes,
-        heads=b.headed,
+        kinds=b.kinds, params=[n.text for n, _, _ in m.params], output=output, nodes=nodes,
+        new_state={s: index[i] for s, i in new_state.items()}, output_node=index[out], widths=widths,
+        inits=b.inits, init_sizes=b.init_sizes, heads=b.headed,
     )
+
+
+def _without(nodes: list[Node], drop: set[int]) -> tuple[list[Node], dict[int, int]]:
+    """nodes without those of `drop` that no node reads (a diag(d) only products read: they read d now),
+    renumbered; and old index -> new index."""
+    read = {j for n in nodes for j in n.args}
+    keep = [i for i in range(len(nodes)) if i not in drop or i in read]
+    index = {old: new for new, old in enumerate(keep)}
+    return [dataclasses.replace(nodes[i], args=tuple(index[j] for j in nodes[i].args)) for i in keep], index

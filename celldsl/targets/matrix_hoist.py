@@ -106,14 +106,10 @@ def evaluate(ir: TensorIR, wanted, x: torch.Tensor, params: list, dims: dict[str
             v = torch.full((1, 1, 1, 1), float(dims[node.name]), **like)
         elif node.op == "eye":
             v = torch.eye(dims[node.name], **like)[None, None] if node.name else None
-        elif node.op == "pointwise":
+        elif node.op in ("pointwise", "scale"):  # scale: a broadcast product (lang/tensors.py)
             symbols = sp.symbols(f"a0:{len(node.args)}", real=True)
             v = _value(node.expr, dict(zip(symbols, a, strict=True)))
             v = v if isinstance(v, torch.Tensor) else torch.full((1, 1, 1, 1), float(v), **like)
-        elif node.op == "matmul" and ir.nodes[node.args[0]].op == "diag":  # rows scaled: no 0 * inf
-            v = a[0].diagonal(dim1=-2, dim2=-1)[..., None] * a[1]
-        elif node.op == "matmul" and ir.nodes[node.args[1]].op == "diag":  # columns scaled
-            v = a[0] * a[1].diagonal(dim1=-2, dim2=-1)[..., None, :]
         elif node.op == "matmul":
             v = matmul(a[0], a[1])
         elif node.op == "transpose":

@@ -10,10 +10,11 @@ no text of the cell: nodes are v0, v1, ..., and the cell's name only reaches a s
 
 Speed (docs/benchmarks.md, matrix section): matrix_loop.py hands in the IR after matrix_rewrite.py
 (`S @ (I - β k kᵀ)` as `S - β (S k) kᵀ`); each run of same-shaped elementwise nodes, outer products
-and diag scalings is one loop over the elements forward (fast_step) and backward (group_backward:
-the run's adjoints in registers); the step writes the next states in place; while a segment is
-rebuilt the loop keeps, per step, the few values back() reads (the states it reads in place), so the
-backward runs one step per step, not two; dot products add sixteen partial sums as a tree.
+and scalings (the IR's scale nodes: `diag(d) @ S`) is one loop over the elements forward (fast_step)
+and backward (group_backward: the run's adjoints in registers); the step writes the next states in
+place; while a segment is rebuilt the loop keeps, per step, the few values back() reads (the states
+it reads in place), so the backward runs one step per step, not two; dot products add sixteen partial
+sums as a tree.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ONCE = "+=\x01"  # a backward loop that adds to every element of its target once
 HOIST_CONSTANT = True  # pointwise values of parameters only are host nodes (a switch for A/B timing)
 OWN_VALUE = True  # a derivative equal to the node's value (exp) reads the value (a switch for A/B timing)
 PRUNE = True  # the backward's rebuild computes only what it keeps (a switch for A/B timing)
-C_OPS = ("state", "pointwise", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
+C_OPS = ("state", "pointwise", "scale", "matmul", "transpose", "sum", "mean", "max", "min", "diag")
 
 
 def host_nodes(ir: TensorIR) -> list[bool]:
@@ -116,27 +117,24 @@ def _size(w: str, dims: dict[str, int]) -> int:
     return 1 if w == ONE else dims[w]
 
 
+def broadcast_index(shape: tuple[int, int], out: tuple[int, int], e: str = "e") -> str:
+    """The index of an operand of this shape at element e = (a, b) of an `out` node: a number [0], one
+    of the same shape [e], a scale node's column vector [a] (along the rows) or row vector [b]."""
+    if shape == (1, 1):
+        return "0"
+    if shape == out:
+        return e
+    return "a" if shape[1] == 1 else "b"
+
+
 class _Emitter:
     def __init__(self, ir: TensorIR, dims: dict[str, int], dtype: str):
         self.ir, self.dims, self.dt = ir, dims, dtype
         self.t = C_TYPES[dtype]
         self.host = host_nodes(ir)
-        self.diag = self.scaling_diags()
         loop = loop_nodes(ir)
-        self.c_nodes = [i for i in range(len(ir.nodes)) if loop[i] and i not in self.diag]
+        self.c_nodes = [i for i in range(len(ir.nodes)) if loop[i]]
         self.state_node = {n.name: i for i, n in enumerate(ir.nodes) if n.op == "state"}
-
-    def scaling_diags(self) -> set[int]:
-        """diag(a) nodes only ever multiplied with a non-diagonal matrix: never built, the product
-        scales rows (diag(a) @ S) or columns (S @ diag(a)) instead of a K x K x V product."""
-        ir = self.ir
-        diags = {i for i, n in enumerate(ir.nodes) if n.op == "diag" and not self.host[i]}
-        for n in ir.nodes:
-            for j in n.args:
-                if j in diags and (n.op != "matmul" or any(ir.nodes[a].op == "diag" for a in n.args if a != j)
-                                   or n.args[0] == n.args[1]):
-                    diags.discard(j)
-        return diags - {ir.output_node, *ir.new_state.values()}
 
     def shape(self, i: int) -> tuple[int, int]:
         k = self.ir.nodes[i].kind
@@ -158,12 +156,14 @@ class _Emitter:
         fields = "".join(f" {self.t} v{i}[{self.size(i)}];" for i in self.c_nodes)
         return f"typedef struct {{{fields} }} cd_mx_vals_{self.dt};"
 
-    def literal(self, e: str, j: int, out_size: int) -> str:
-        return f"{self.ref(j)}[{e if self.size(j) == out_size and out_size > 1 else '0'}]"
+    def literal(self, e: str, j: int, out: tuple[int, int]) -> str:
+        """Operand j at element e (a, b) of a node of shape `out` (broadcast_index)."""
+        return f"{self.ref(j)}[{broadcast_index(self.shape(j), out, e)}]"
 
-    def printer(self, node, out_size: int, e: str = "e") -> CPrinter:
+    def printer(self, node, e: str = "e") -> CPrinter:
         syms = sp.symbols(f"a0:{len(node.args)}", real=True)
-        names = {s: self.literal(e, j, out_size) for s, j in zip(syms, node.args, strict=True)}
+        out = (_size(node.kind.rows, self.dims), _size(node.kind.cols, self.dims))
+        names = {s: self.literal(e, j, out) for s, j in zip(syms, node.args, strict=True)}
         return CPrinter(names, self.dt)
 
     # ---- forward -------------------------------------------------------------------------
@@ -190,8 +190,11 @@ class _Emitter:
             if node.op == "state":
                 lines.append(f"    memcpy({out}, st[{state_index[node.name]}], sizeof({out}));")
             elif node.op == "pointwise":
-                expr = self.printer(node, S).doprint(node.expr)
+                expr = self.printer(node).doprint(node.expr)
                 lines.append(f"    for (int e = 0; e < {S}; ++e) {out}[e] = {expr};")
+            elif node.op == "scale":  # a broadcast product: a vector operand read at [a] or [b]
+                expr = self.printer(node).doprint(node.expr)
+                lines.append(f"    {_elements(r, _c, f'{out}[e] = {expr};')}")
             elif node.op == "matmul":
                 lines += self.matmul(i, out, a)
             elif node.op == "transpose":
@@ -221,9 +224,9 @@ class _Emitter:
             return None
         if node.op == "pointwise" and all(self.size(j) in (1, r * c) for j in node.args):
             return r, c
-        if node.op == "matmul" and not set(node.args) & self.diag and self.shape(node.args[0])[1] == 1:
+        if node.op == "matmul" and self.shape(node.args[0])[1] == 1:
             return r, c
-        if node.op == "matmul" and len(set(node.args) & self.diag) == 1:  # diag(d) @ S, S @ diag(d)
+        if node.op == "scale":  # diag(d) @ S, S @ diag(d)
             return r, c
         return None
 
@@ -258,20 +261,15 @@ class _Emitter:
             body = []
             for i in group:
                 node = ir.nodes[i]
-                if node.op == "matmul" and set(node.args) & self.diag:  # a row or column scaling
-                    j0, j1 = node.args
-                    left = j0 in self.diag
-                    d = f"{ref(ir.nodes[j0 if left else j1].args[0])}[{'a' if left else 'b'}]"
-                    o = j1 if left else j0
-                    expr = f"{d} * {f't{o}' if o in members else f'{ref(o)}[e]'}"
-                elif node.op == "matmul":
+                if node.op == "matmul":
                     j0, j1 = node.args
                     a0 = f"t{j0}" if j0 in members else f"{ref(j0)}[a]"
                     a1 = f"t{j1}" if j1 in members else f"{ref(j1)}[b]"
                     expr = f"{a0} * {a1}"
                 else:
                     syms = sp.symbols(f"a0:{len(node.args)}", real=True)
-                    names = {sym: f"t{j}" if j in members else f"{ref(j)}[{'e' if self.size(j) > 1 else '0'}]"
+                    names = {sym: f"t{j}" if j in members else
+                             f"{ref(j)}[{broadcast_index(self.shape(j), (r, c))}]"
                              for sym, j in zip(syms, node.args, strict=True)}
                     expr = CPrinter(names, self.dt).doprint(node.expr)
                 body.append(f"const {t} t{i} = {expr};")
@@ -283,7 +281,7 @@ class _Emitter:
 
         per_node = self.step_lines()
         needed = set(keep)  # what keep reads: the rebuild skips the rest (the readout of the output)
-        for i in range(len(ir.nodes) - 1, -1, -1):  # (through the diag nodes, which are no c_nodes)
+        for i in range(len(ir.nodes) - 1, -1, -1):
             if i in needed or not PRUNE:
                 needed.update(ir.nodes[i].args)
         for run in self.runs(lambda i: PRUNE and i not in needed):
@@ -326,14 +324,6 @@ class _Emitter:
         j0, j1 = self.ir.nodes[i].args
         r, m = self.shape(j0)
         _, c = self.shape(j1)
-        if j0 in self.diag:  # diag(d) @ B: B's rows scaled
-            d = self.ref(self.ir.nodes[j0].args[0])
-            return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                    f"{out}[a * {c} + b] = {d}[a] * {a[1]}[a * {c} + b];"]
-        if j1 in self.diag:  # A @ diag(d): A's columns scaled
-            d = self.ref(self.ir.nodes[j1].args[0])
-            return [f"    for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                    f"{out}[a * {c} + b] = {a[0]}[a * {c} + b] * {d}[b];"]
         if c == 1:  # a matrix times a vector: dot products along the contiguous rows
             return [f"    for (int a = 0; a < {r}; ++a) "
                     f"{out}[a] = cd_mx_dot_{self.dt}(&{a[0]}[a * {m}], &{a[1]}[0], {m});"]
@@ -363,14 +353,17 @@ class _Emitter:
             S, (r, c) = self.size(i), self.shape(i)
             g, a = f"G->v{i}", [self.ref(j) for j in node.args]
             body: list[str] = []
-            if node.op == "pointwise":
+            if node.op in ("pointwise", "scale"):
                 for k, j in enumerate(node.args):
                     dj = self.target(j, body)
                     if dj is None or node.grads[k] == 0:
                         continue
                     own = OWN_VALUE and str(node.grads[k]) == str(node.expr)  # exp: its value, read
-                    d = f"V->v{i}[e]" if own else self.printer(node, S).doprint(node.grads[k])
-                    if self.size(j) == 1 and S > 1:
+                    d = f"V->v{i}[e]" if own else self.printer(node).doprint(node.grads[k])
+                    if node.op == "scale":  # summed back to the operand's shape (broadcast_index)
+                        at = broadcast_index(self.shape(j), (r, c))
+                        body.append(_elements(r, c, f"{dj}[{at}] += {g}[e] * ({d});"))
+                    elif self.size(j) == 1 and S > 1:
                         body.append(f"{{ {t} acc = 0; {SIMD_SUM}"
                                     f"for (int e = 0; e < {S}; ++e) acc += {g}[e] * ({d}); "
                                     f"{dj}[0] += acc; }}")
@@ -380,9 +373,7 @@ class _Emitter:
                 j0, j1 = node.args
                 rr, m = self.shape(j0)
                 d0, d1 = self.target(j0, body), self.target(j1, body)
-                if j0 in self.diag or j1 in self.diag:
-                    body += self.diag_backward(node, g)
-                elif c == 1 and j0 != j1:  # A @ v: dA[a, q] += dC[a] v[q], dv[q] += A[a, q] dC[a]; one pass
+                if c == 1 and j0 != j1:  # A @ v: dA[a, q] += dC[a] v[q], dv[q] += A[a, q] dC[a]; one pass
                     both = ([f"{d0}[a * {m} + q] {ONCE} ga * {a[1]}[q];"] if d0 else []) + (
                         [f"{d1}[q] += {a[0]}[a * {m} + q] * ga;"] if d1 else [])
                     if both:
@@ -405,7 +396,7 @@ class _Emitter:
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) "
                                 f"{d0}[a * {m} + q] {ONCE} "
                                 f"cd_mx_dot_{t_}(&{g}[a * {c}], &{a[1]}[q * {c}], {c});")
-                if d1 and j0 not in self.diag and j1 not in self.diag:  # dB[q, b] += sum_a A[a, q] dC[a, b]
+                if d1:  # dB[q, b] += sum_a A[a, q] dC[a, b]
                     body.append(f"for (int a = 0; a < {rr}; ++a) for (int q = 0; q < {m}; ++q) {{ "
                                 f"const {t} w = {a[0]}[a * {m} + q]; "
                                 f"for (int b = 0; b < {c}; ++b) "
@@ -494,9 +485,9 @@ class _Emitter:
 
         def value(j: int) -> str:  # an argument's value at element e (an outer product: recomputed)
             n = ir.nodes[j]
-            if j in members and n.op == "matmul" and not set(n.args) & self.diag:
+            if j in members and n.op == "matmul":
                 return f"({self.ref(n.args[0])}[a] * {self.ref(n.args[1])}[b])"
-            return self.literal("e", j, S)
+            return self.literal("e", j, (r, c))
 
         for i in reversed(group):
             if i not in reached:
@@ -504,24 +495,6 @@ class _Emitter:
             node, gi = ir.nodes[i], f"g{i}"
             terms = ([f"G->v{i}[e]"] if i in external else []) + contrib[i]
             inner.append(f"const {t} {gi} = {' + '.join(terms)};")
-            if node.op == "matmul" and set(node.args) & self.diag:  # diag(d) @ B or A @ diag(d)
-                left = node.args[0] in self.diag
-                dn, o = (node.args[0], node.args[1]) if left else (node.args[1], node.args[0])
-                dv = ir.nodes[dn].args[0]
-                idx = "a" if left else "b"
-                dd = self.target(dv, pre)
-                if dd and left:  # dd[a] += sum_b g[a, b] B[a, b]
-                    row.append((f"r{i}", f"{dd}[a]"))
-                    inner.append(f"r{i} += {gi} * {value(o)};")
-                elif dd:  # dd[b] += sum_a g[a, b] A[a, b]
-                    inner.append(f"{dd}[b] += {gi} * {value(o)};")
-                term = f"{gi} * {self.ref(dv)}[{idx}]"
-                if o in members:
-                    contrib[o].append(term)
-                    reached.add(o)
-                elif self.gref(o):
-                    mats.setdefault(o, []).append(term)
-                continue
             if node.op == "matmul":  # u @ wᵀ: du[a] += sum_b g[a, b] w[b]; dw[b] += sum_a u[a] g[a, b]
                 u, w = node.args
                 du, dw = self.target(u, pre), self.target(w, pre)
@@ -534,7 +507,7 @@ class _Emitter:
             syms = sp.symbols(f"a0:{len(node.args)}", real=True)
             printer = CPrinter({sy: value(j) for sy, j in zip(syms, node.args, strict=True)}, self.dt)
             for k, j in enumerate(node.args):
-                if node.grads[k] == 0 or j in self.diag:
+                if node.grads[k] == 0:
                     continue
                 grad = node.grads[k]
                 # d exp(a) / da = exp(a): the value read, not recomputed (compared as printed: the
@@ -551,6 +524,13 @@ class _Emitter:
                     if dj:
                         scalars.append((f"s{i}_{k}", f"{dj}[0]"))
                         inner.append(f"s{i}_{k} += {term};")
+                elif self.size(j) != S:  # a scale node's column (row) vector: summed along its row (column)
+                    dj = self.target(j, pre)
+                    if dj and self.shape(j)[1] == 1:
+                        row.append((f"r{i}_{k}", f"{dj}[a]"))
+                        inner.append(f"r{i}_{k} += {term};")
+                    elif dj:
+                        inner.append(f"{dj}[b] += {term};")
                 elif self.host[j]:
                     if self.gref(j):
                         mats.setdefault(j, []).append(term)
@@ -577,30 +557,10 @@ class _Emitter:
     def target(self, j: int, body: list[str]) -> str | None:
         """Where node j's adjoint adds up (gref); a C node's array is zeroed before its first use
         (only the arrays the step reaches, each while it is in cache, instead of all of G)."""
-        if j in self.diag:  # never built: diag_backward sends its adjoint to its argument
-            return None
         if not self.host[j] and j not in self.written:
             self.written.add(j)
             body.append(f"memset(G->v{j}, 0, sizeof G->v{j});")
         return self.gref(j)
-
-    def diag_backward(self, node, g: str) -> list[str]:
-        """diag(d) @ B: dd[a] += sum_b dC[a, b] B[a, b], dB[a, b] += d[a] dC[a, b]; A @ diag(d) alike."""
-        j0, j1 = node.args
-        left = j0 in self.diag
-        dn, other = (j0, j1) if left else (j1, j0)
-        out: list[str] = []
-        d, gd = self.ref(self.ir.nodes[dn].args[0]), self.target(self.ir.nodes[dn].args[0], out)
-        o, go = self.ref(other), self.target(other, out)
-        r, c = self.shape(other)
-        at = "a" if left else "b"
-        if gd:
-            out.append(f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                       f"{gd}[{at}] += {g}[a * {c} + b] * {o}[a * {c} + b];")
-        if go:
-            out.append(f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
-                       f"{go}[a * {c} + b] += {d}[{at}] * {g}[a * {c} + b];")
-        return out
 
     # ---- the loops -----------------------------------------------------------------------
 
@@ -791,6 +751,12 @@ def matrix_c_source(ir: TensorIR, dims: dict[str, int]) -> str:
         parts += [helper_functions(dt), DOT.format(t=em.t, dt=dt), em.struct(), em.common(), em.fast_step(),
                   em.fast_step("bstep", keep), back, em.loops()]
     return "\n".join(parts) + "\n"
+
+
+def _elements(r: int, c: int, body: str) -> str:
+    """A loop over the elements (a, b) of an r x c value, e = a * c + b."""
+    return (f"for (int a = 0; a < {r}; ++a) for (int b = 0; b < {c}; ++b) "
+            f"{{ const int e = a * {c} + b; {body} }}")
 
 
 SYMBOLS = [f"cd_mx_{way}_{dt}" for way in ("forward", "backward") for dt in C_TYPES]

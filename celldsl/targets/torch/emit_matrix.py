@@ -108,13 +108,9 @@ def _forward_lines(ir: TensorIR, selected: list[bool], x: str | None) -> list[st
             e = "None"
         elif node.op == "eye":
             e = f"torch.eye(dims[{dims[node.name]}], **like)[None, None]"
-        elif node.op == "pointwise":
+        elif node.op in ("pointwise", "scale"):  # scale: a broadcast product (lang/tensors.py)
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             e = TorchPrinter(names).doprint(node.expr)
-        elif node.op == "matmul" and _diag_arg(ir, node.args[0]) is not None:
-            e = f"v{_diag_arg(ir, node.args[0])} * {a[1]}"  # diag(a) @ B: B's rows scaled (see _diag_arg)
-        elif node.op == "matmul" and _diag_arg(ir, node.args[1]) is not None:
-            e = f"{a[0]} * v{_diag_arg(ir, node.args[1])}.transpose(-1, -2)"  # A @ diag(a): columns scaled
         elif node.op == "matmul":
             e = f"_mm({a[0]}, {a[1]})"
         elif node.op == "transpose":
@@ -145,7 +141,7 @@ def _backward_lines(ir: TensorIR, selected: list[bool], name: str, extra: str = 
             continue
         lines = []
         a = [f"v{j}" for j in node.args]
-        if node.op == "pointwise":
+        if node.op in ("pointwise", "scale"):  # _add sums a broadcast operand's gradient to its shape
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             printer = TorchPrinter(names)
             for k, j in enumerate(node.args):
@@ -154,13 +150,9 @@ def _backward_lines(ir: TensorIR, selected: list[bool], name: str, extra: str = 
                 lines.append(f"_add(g, {j}, g[{i}] * ({printer.doprint(node.grads[k])}), v{j})")
         elif node.op == "matmul":
             j0, j1 = node.args
-            if j0 not in fixed and _diag_arg(ir, j1) is not None:  # dY @ diag(a)ᵀ scales dY's columns
-                lines.append(f"_add(g, {j0}, g[{i}] * v{_diag_arg(ir, j1)}.transpose(-1, -2), v{j0})")
-            elif j0 not in fixed:
+            if j0 not in fixed:
                 lines.append(f"_add(g, {j0}, _mm(g[{i}], {a[1]}.transpose(-1, -2), v{j0}), v{j0})")
-            if j1 not in fixed and _diag_arg(ir, j0) is not None:  # diag(a)ᵀ @ dY scales dY's rows
-                lines.append(f"_add(g, {j1}, v{_diag_arg(ir, j0)} * g[{i}], v{j1})")
-            elif j1 not in fixed:
+            if j1 not in fixed:
                 lines.append(f"_add(g, {j1}, _mm({a[0]}.transpose(-1, -2), g[{i}], v{j1}), v{j1})")
         elif node.op == "transpose":
             lines.append(f"_add(g, {node.args[0]}, g[{i}].transpose(-1, -2), v{node.args[0]})")
@@ -184,14 +176,6 @@ def _backward_lines(ir: TensorIR, selected: list[bool], name: str, extra: str = 
             out += [f"        {line}" for line in lines]
     out.append("    return g")
     return out
-
-
-def _diag_arg(ir: TensorIR, j: int) -> int | None:
-    """The vector node of node j when j is diag(vector), else None. A product with diag(a) is written as
-    a scaling: the same numbers (the other terms are exact zeros), but a product would add 0 * inf =
-    NaN from every other row, where the paper's Diag(a) S (and the C loop) keep an inf in its row."""
-    node = ir.nodes[j]
-    return node.args[0] if node.op == "diag" else None
 
 
 def _symbols(node) -> list:

@@ -44,7 +44,7 @@ def refuse(ir: TensorIR) -> None:
                         "per step (hoisted before the loop it would be T matrices); use backend='torch'",
                         ir.source, ir.nodes[shift].loc)
     for node in ir.nodes:
-        if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "matmul",
+        if node.op not in ("input", "state", "param", "const", "size", "eye", "pointwise", "scale", "matmul",
                            "transpose", "sum", "mean", "max", "min", "diag", "shift"):
             raise CellError(f"the triton matrix schedule cannot express '{node.op}'; use backend='torch'",
                             ir.source, node.loc)
@@ -176,13 +176,9 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
         elif node.op == "eye":
             _, ri, _ = tiles.axis(k.rows)
             e = f"tl.where({m} & ({ri}[:, None] == {ri}[None, :]), 1.0, 0.0).to(COMPUTE)"
-        elif node.op == "pointwise":
+        elif node.op in ("pointwise", "scale"):  # scale: a (B, 1) or (1, B) tile broadcasts
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             e = f"tl.where({m}, {TritonPrinter(names).doprint(node.expr)}, 0.0).to(COMPUTE)"
-        elif node.op == "matmul" and ir.nodes[node.args[0]].op == "diag":
-            e = f"{_diagonal(a[0], 1)} * {a[1]}"  # diag(a) @ B scales B's rows (see _diagonal)
-        elif node.op == "matmul" and ir.nodes[node.args[1]].op == "diag":
-            e = f"{a[0]} * {_diagonal(a[1], 0)}"  # A @ diag(a) scales A's columns
         elif node.op == "matmul":
             e = f"tl.reduce({a[0]}[:, :, None] * {a[1]}[None, :, :], 1, combine_add)"
         elif node.op == "transpose":
@@ -204,14 +200,6 @@ def _forward_lines(ir: TensorIR, tiles: _Tiles) -> list[str]:
     return lines
 
 
-def _diagonal(d: str, axis: int) -> str:
-    """The diagonal of the diag(a) tile d as a column (axis 1) or a row (axis 0): its sums, exact (every
-    other term is a zero). A product with diag(a) is written as a scaling by it: the same numbers, but a
-    product would add 0 * inf = NaN from every other row, where the paper's Diag(a) S keeps an inf in its
-    row (a diag(a) read from the hoisted values is a K x K tile, so its sums, not a, are at hand)."""
-    return f"tl.reduce({d}, {axis}, combine_add, keep_dims=True)"
-
-
 def _total(expr: str, combine: str = "combine_add") -> str:
     """A tile reduced over all its elements to a (1, 1) tile. tl.reduce with the module's own combine
     functions, not tl.sum: the standard library's jit functions exist in the mode triton was first
@@ -220,9 +208,14 @@ def _total(expr: str, combine: str = "combine_add") -> str:
 
 
 def _sum_to(expr: str, node_kind, arg_kind) -> str:
-    """The backward of a broadcast: a (1, 1) operand of a larger node gets the sum of its gradient."""
+    """The backward of a broadcast: an operand of one column (row) of a node of several gets its gradient
+    summed over the columns (rows): a (1, 1) operand the sum of all of it, a scale node's vector its
+    rows' (columns') sums."""
     if arg_kind.scalar and not node_kind.scalar:
         return _total(expr)
+    for axis, (a, n) in ((1, (arg_kind.cols, node_kind.cols)), (0, (arg_kind.rows, node_kind.rows))):
+        if a == ONE and n != ONE:
+            expr = f"tl.reduce({expr}, {axis}, combine_add, keep_dims=True)"
     return expr
 
 
@@ -244,7 +237,7 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
         if i not in have or not node.args or up[i]:  # a hoisted value's gradient goes back to torch
             continue
         k, g = node.kind, f"g{i}"
-        if node.op == "pointwise":
+        if node.op in ("pointwise", "scale"):
             names = {s: f"v{j}" for s, j in zip(_symbols(node), node.args, strict=True)}
             printer = TritonPrinter(names)
             for d, j in zip(node.grads, node.args, strict=True):
@@ -254,14 +247,8 @@ def _backward_lines(ir: TensorIR, tiles: _Tiles, seeded: set[int]) -> tuple[list
                 add(j, _sum_to(contrib, k, ir.nodes[j].kind))
         elif node.op == "matmul":
             j0, j1 = node.args
-            if ir.nodes[j1].op == "diag":  # dY @ diag(a)ᵀ scales dY's columns
-                add(j0, f"{g} * {_diagonal(f'v{j1}', 0)}")
-            else:
-                add(j0, f"tl.reduce({g}[:, None, :] * v{j1}[None, :, :], 2, combine_add)")
-            if ir.nodes[j0].op == "diag":  # diag(a)ᵀ @ dY scales dY's rows
-                add(j1, f"{_diagonal(f'v{j0}', 1)} * {g}")
-            else:
-                add(j1, f"tl.reduce(v{j0}[:, :, None] * {g}[:, None, :], 0, combine_add)")
+            add(j0, f"tl.reduce({g}[:, None, :] * v{j1}[None, :, :], 2, combine_add)")
+            add(j1, f"tl.reduce(v{j0}[:, :, None] * {g}[:, None, :], 0, combine_add)")
         elif node.op == "transpose":
             add(node.args[0], f"tl.trans({g})")
         elif node.op in ("sum", "mean"):
