@@ -111,6 +111,7 @@ def test_layers_run_infer_without_grad_bit_for_bit(kind, dtype, packed, monkeypa
     calls = []
     infer = FusedCPULoop.infer
     monkeypatch.setattr(FusedCPULoop, "infer", lambda self, *a: calls.append(1) or infer(self, *a))
+    monkeypatch.setattr(cpu_fused, "SEQUENCE_ELEMENTS", 0)  # the op's infer, not the prepared sequences
     trained = _flat(layer(x))  # parameters require grad: the saving forward
     assert not calls
     with torch.no_grad():
