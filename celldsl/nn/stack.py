@@ -156,11 +156,10 @@ class RecurrentStack:
         or bidirectional, no autograd) from each layer's and direction's prepared sequence
         (targets/c/fused.PreparedSequence: its kernel arguments bound once; direction 1 runs on the
         input reversed in time and its output is reversed back, as the full path's `_layers`), or
-        None: then the full path runs, with its checks and messages. The
-        sequences are made after that path's checks pass and kept while the call's shapes, dtypes,
-        the threads, inference mode and the parameters (object, storage, shape, strides) stay the
-        same (and the loop's libraries and GEMM choices: `revision`); they read the parameters' values
-        live at every call."""
+        None: then the full path runs, with its checks and messages. The sequences are made after
+        that path's checks pass and kept while the call's shapes, dtypes, the threads, inference mode
+        and the parameters (object, storage, shape, strides) stay the same (and the loop's libraries
+        and GEMM choices: `revision`); they read the parameters' values live at every call."""
         tensors = [input, *(given or [])]
         params = list(self._parameters.values())
         try:
