@@ -96,23 +96,26 @@ class MatrixLoop:
         masks = self.masks(x, lengths)
         for t in range(T - 1, -1, -1):
             mask = masks[t]
-            vals = self.module.step(self.rows(hoisted, t, N), saved[t])
+            # masks by torch.where, never by a product: 0 * inf is NaN. A finished sequence's step runs on
+            # zero states (its gradients are exact zeros, where an inf it carries gave 0 * inf = NaN)
+            live = saved[t] if mask is None else [torch.where(mask > 0, s, 0.0) for s in saved[t]]
+            vals = self.module.step(self.rows(hoisted, t, N), live)
             grads = [None] * len(vals)
             for n, d in zip(ir.states, d_state, strict=True):
                 i = ir.new_state[n]
-                d = sum_to(d if mask is None else d * mask, vals[i].shape)
+                d = sum_to(d if mask is None else torch.where(mask > 0, d, 0.0), vals[i].shape)
                 grads[i] = d if grads[i] is None else grads[i] + d
             if d_out is not None:
                 o = ir.output_node
                 g_out = d_out[t].reshape(N, heads, *vals[o].shape[2:])
-                g_out = sum_to(g_out if mask is None else g_out * mask, vals[o].shape)
+                g_out = sum_to(g_out if mask is None else torch.where(mask > 0, g_out, 0.0), vals[o].shape)
                 grads[o] = g_out if grads[o] is None else grads[o] + g_out
             adj = self.module.step_backward(vals, grads)
             kept = d_state  # a finished sequence's state passes through its padded steps unchanged
             d_state = [adj[leaves[n]].expand_as(saved[t][k]) if adj[leaves[n]] is not None
                        else torch.zeros_like(saved[t][k]) for k, n in enumerate(ir.states)]
             if mask is not None:
-                d_state = [d + (1 - mask) * k for d, k in zip(d_state, kept, strict=True)]
+                d_state = [torch.where(mask > 0, d, k) for d, k in zip(d_state, kept, strict=True)]
             for i, v in enumerate(hoisted):
                 if v is None or adj[i] is None:
                     continue
