@@ -19,20 +19,6 @@ from celldsl.nn.matrix import MatrixRecurrent
 
 backend = backend_fixture()
 NAN, INF = float("nan"), float("inf")
-# Fixed in files another change owns (the probe report's patch): strict, so each turns into a failure
-# (XPASS) once its fix lands and its marker must go.
-PENDING = {
-    "cpu": "targets/c/matrix_emit.py: max/min's backward adds g / cnt only where an element equals the "
-           "result (a NaN result: nothing, gradient 0); torch adds g * hit / cnt (0 / 0 = NaN)",
-    "triton": "targets/triton/matrix_emit.py: the backward masks by products (`* on`, `(1 - on) *`) and "
-              "runs padded steps on the carried states: 0 * inf = NaN",
-    "onnx": "export/onnx_matrix.py: onnxruntime's ReduceMax / ReduceMin drop a NaN at some places",
-}
-
-
-def pending(request, key):
-    if key in PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[key]))
 
 SPREAD = """cell spread
 input x
@@ -81,8 +67,7 @@ def assert_same(got, want, what):
     torch.testing.assert_close(got.nan_to_num(0, 1e300, -1e300), want.nan_to_num(0, 1e300, -1e300), msg=what)
 
 
-def test_reductions_and_carried_infs_on_every_backend(backend, request):
-    pending(request, backend)
+def test_reductions_and_carried_infs_on_every_backend(backend):
     torch.manual_seed(0)
     layer = MatrixRecurrent(SPREAD, 4, {"heads": 2, "V": V, "K": K}, dtype=torch.float64, backend=backend)
     N = V + 3
@@ -103,8 +88,7 @@ def test_reductions_and_carried_infs_on_every_backend(backend, request):
 
 
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
-def test_onnx_max_and_min_keep_a_nan_wherever_it_is(dtype, request):
-    pending(request, "onnx")
+def test_onnx_max_and_min_keep_a_nan_wherever_it_is(dtype):
     compiled, sizes, params = load_matrix_cell(SPREAD, I, 2 * V, seed=3, sizes={"heads": 2, "V": V, "K": K})
     model = matrix_onnx_model(compiled.ir, sizes, params, dtype)
     N = V + 3
@@ -120,12 +104,10 @@ def test_onnx_max_and_min_keep_a_nan_wherever_it_is(dtype, request):
         assert_same(out, want_out, "output")
 
 
-def test_packed_sequences_carry_an_inf_as_each_sequence_alone(backend, request):
+def test_packed_sequences_carry_an_inf_as_each_sequence_alone(backend):
     """A finished sequence's padded steps pass its state's gradient through unchanged: the torch and Triton
     loops masked by products (d * mask, (1 - mask) * d) and ran the padded steps' reverse mode on the
-    carried states, so an inf there gave 0 * inf = NaN in the gradients of x, v0 and W. (The cpu backend's
-    gradients differ from the hand loop's by its max/min backward, PENDING's.)"""
-    pending(request, backend)
+    carried states, so an inf there gave 0 * inf = NaN in the gradients of x, v0 and W."""
     torch.manual_seed(0)
     layer = MatrixRecurrent(SPREAD, 4, {"heads": 2, "V": V, "K": K}, dtype=torch.float64, backend=backend)
     lengths, g = [3, 1, 2], torch.Generator().manual_seed(1)

@@ -78,6 +78,12 @@ class MatrixBuilder:
         return self.const4(g, np.eye(d)[None, None], cache, ("eye", d))
 
     def reduce(self, g, op: str, v):
+        if op in ("ReduceMax", "ReduceMin"):  # onnxruntime's drop a NaN at some places; torch.amax not
+            nans = self.reduce(g, "ReduceSum", g.node("Where", [g.node("IsNaN", [v]), v, g.const(0.0)]))
+            return g.node("Where", [g.node("IsNaN", [nans]), nans, self.plain_reduce(g, op, v)])
+        return self.plain_reduce(g, op, v)
+
+    def plain_reduce(self, g, op: str, v):
         if op == "ReduceSum" or g.opset >= 18:  # ReduceSum's axes are an input from opset 13, the rest's 18
             return g.node(op, [v, g.const([-2, -1], True)], keepdims=1)
         return g.node(op, [v], axes=[-2, -1], keepdims=1)

@@ -417,8 +417,8 @@ class _Emitter:
                 if d0:
                     body.append(f"{{ {t} cnt = 0; for (int e = 0; e < {n}; ++e) "
                                 f"cnt += {a[0]}[e] == V->v{i}[0]; "
-                                f"for (int e = 0; e < {n}; ++e) "
-                                f"if ({a[0]}[e] == V->v{i}[0]) {d0}[e] += {g}[0] / cnt; }}")
+                                f"for (int e = 0; e < {n}; ++e) "  # 0 / 0 = NaN where a NaN won, as torch
+                                f"{d0}[e] += {g}[0] * ({a[0]}[e] == V->v{i}[0]) / cnt; }}")
             elif node.op == "diag":
                 d0 = self.target(node.args[0], body)
                 if d0:

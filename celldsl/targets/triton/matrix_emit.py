@@ -360,22 +360,23 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     seg += [f"    {line}" for line in rec]
     seg.append("tl.debug_barrier()")
     # 2. the segment backwards: step t's values from the state before it, then its reverse mode
-    rev = ["j = L - 1 - jj", "t = t0 + j", "live = t < length", "xrow = t * N + n",
-           "on = tl.where(live, 1.0, 0.0).to(COMPUTE)"]
+    rev = ["j = L - 1 - jj", "t = t0 + j", "live = t < length", "xrow = t * N + n"]
     for j, s in enumerate(ir.states):
         k = ir.kinds[s]
         at = _state_at(ir, tiles, j, f"w{j}_ptr + (nhb * CKPT + j) * {tiles.numel(k)}")
-        rev.append(f"s{j} = tl.load({at}, mask={tiles.mask(k)}, other=0.0).to(COMPUTE)")
+        # a finished sequence's step runs on zeros: its gradients are exact zeros (0 * inf = NaN)
+        rev.append(f"s{j} = tl.where(live, tl.load({at}, mask={tiles.mask(k)}, other=0.0).to(COMPUTE), 0.0)")
     rev += fwd
     seeded: set[int] = set()
     out = ir.output_node
     ko = ir.nodes[out].kind
     at = f"dout_ptr + (xrow * H + h) * {tiles.numel(ko)} + {tiles.offs(ko)}"
-    rev.append(f"g{out} = tl.load({at}, mask={tiles.owned(ko)}, other=0.0).to(COMPUTE) * on")
+    # tl.where, not `* on`: 0 * inf is NaN (an inf gradient carried past a step or a padded one)
+    rev.append(f"g{out} = tl.where(live, tl.load({at}, mask={tiles.owned(ko)}, other=0.0).to(COMPUTE), 0.0)")
     seeded.add(out)
     for j, s in enumerate(ir.states):
         i = ir.new_state[s]
-        seed = _sum_to(f"d_s{j} * on", ir.kinds[s], ir.nodes[i].kind)
+        seed = _sum_to(f"tl.where(live, d_s{j}, 0.0)", ir.kinds[s], ir.nodes[i].kind)
         rev.append(f"g{i} = g{i} + {seed}" if i in seeded else f"g{i} = {seed}")
         seeded.add(i)
     back, have = _backward_lines(ir, tiles, seeded)
@@ -384,11 +385,11 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
     for j, s in enumerate(ir.states):  # a finished sequence's state passes through its padded steps
         i = leaf[s]
         step = f"tl.where({tiles.mask(ir.kinds[s])}, g{i}, 0.0)" if i in have else "0.0"
-        rev.append(f"d_s{j} = {step} + (1.0 - on) * d_s{j}")
+        rev.append(f"d_s{j} = tl.where(live, {step}, d_s{j})")
     for j, p in enumerate(ir.params):
         if leaf[p] in have:
             rev.append(f"d_p{j} = d_p{j} + g{leaf[p]}")
-    for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps: seeded with `on`)
+    for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps: seeded by `live`)
         if i in have:
             ki = ir.nodes[i].kind
             at = f"dq{i}_ptr + ((xrow * H + h) * NV + vb) * {tiles.numel(ki)} + {tiles.offs(ki)}"
