@@ -19,7 +19,7 @@ Pointwise functions (a kernel each way; the loop runs the GEMMs between them)
 
     stage1: R_f@ (product), R_i@ (product), R_o@ (product), R_z@ (product), W_f@ (hoisted), W_i@ (hoisted), W_o@ (hoisted), W_z@ (hoisted), b_f (vector), b_i (vector), b_o (vector), b_z (vector), c (state), m (state), n (state)
         -> h', c', n', m'
-        forward 25 ops, backward 67 ops; the backward recomputes: logsigmoid(R_f@ + W_f@ + b_f), maximum(%t0, %t1), exp(%t0 + %t3), exp(%t1 + %t3), tanh(R_z@ + W_z@ + b_z), step(-%t0 + %t1), sigmoid(R_o@ + W_o@ + b_o), sigmoid(-R_f@ - W_f@ - b_f)
+        forward 25 ops, backward 68 ops; the backward recomputes: logsigmoid(R_f@ + W_f@ + b_f), maximum(%t0, %t1), exp(%t0 + %t3), exp(%t1 + %t3), tanh(R_z@ + W_z@ + b_z), sigmoid(R_o@ + W_o@ + b_o), less(%t0, %t1), sigmoid(-R_f@ - W_f@ - b_f), step(-%t0 + %t1)
 
 How to read this file. The time loop (celldsl/targets/loop.py) is the same for every cell and
 backend: the hoisted GEMMs once, then per step GEMM stages (torch.mm) alternating with the pointwise
@@ -163,22 +163,21 @@ def stage1_step_grad(R_f_mm, R_i_mm, R_o_mm, R_z_mm, W_f_mm, W_i_mm, W_o_mm, W_z
     t5 = tl.exp(t1 + t3)
     t6 = t5 + t4*n
     t7 = t4*c + t5*lib.tanh(R_z_mm + W_z_mm + b_z)
-    u0 = lib.step(t1 - t0)
-    u1 = lib.sigmoid(R_o_mm + W_o_mm + b_o)
-    u2 = u1*grad_h_new
-    u3 = u2/t6
-    u4 = u3 + grad_c_new
-    u5 = grad_n_new - t7*u2/(t6*t6)
-    u6 = (u4*c + u5*n)*tl.exp(t0 + t3)
-    u7 = lib.tanh(R_z_mm + W_z_mm + b_z)
-    u8 = (u5 + u4*u7)*tl.exp(t1 + t3)
-    u9 = grad_m_new - u6 - u8
-    u10 = u6 + u9*(1.0 - u0)
-    u11 = u10*lib.sigmoid(-R_f_mm - W_f_mm - b_f)
-    u12 = u8 + u0*u9
-    u13 = t7*u3*(1.0 - u1)
-    u14 = t5*u4*(1.0 - (u7*u7))
-    return (u11, u12, u13, u14, t4*u4, u10, t4*u5,)
+    u0 = lib.sigmoid(R_o_mm + W_o_mm + b_o)
+    u1 = u0*grad_h_new
+    u2 = u1/t6
+    u3 = u2 + grad_c_new
+    u4 = grad_n_new - t7*u1/(t6*t6)
+    u5 = (u3*c + u4*n)*tl.exp(t0 + t3)
+    u6 = lib.tanh(R_z_mm + W_z_mm + b_z)
+    u7 = (u4 + u3*u6)*tl.exp(t1 + t3)
+    u8 = grad_m_new - u5 - u7
+    u9 = u5 + u8*(1.0 - tl.where(t0 < t1, 1.0, 0.0).to((t0).dtype))
+    u10 = u9*lib.sigmoid(-R_f_mm - W_f_mm - b_f)
+    u11 = u7 + u8*lib.step(t1 - t0)
+    u12 = t7*u2*(1.0 - u0)
+    u13 = t5*u3*(1.0 - (u6*u6))
+    return (u10, u11, u12, u13, t4*u3, u9, t4*u4,)
 
 
 @triton.jit

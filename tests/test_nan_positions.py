@@ -132,3 +132,45 @@ def test_packed_sequences_carry_an_inf_as_each_sequence_alone(backend):
     assert sum(w.isnan().sum() for w in want) > 0 and sum(w.isinf().sum() for w in want) > 0
     for name, a, w in zip(["x0", "x1", "x2", "v0", "S0", "W", "W_k"], got, want, strict=True):
         assert_same(a, w, f"gradient of {name} on {backend}")
+
+
+NORMED = """cell normed
+input x
+state S : (K, K) per head
+output o
+param W_k : (K, x) per head
+k = W_k @ x
+S' = 0.9 * S + k @ kᵀ
+o = S' @ k / sqrt(sum(S' * S'))
+"""
+
+
+def test_packed_sequences_of_a_cell_singular_at_zero_as_each_sequence_alone(backend):
+    """A step that is NaN at a zero state and input (a norm divides): a finished sequence's padded
+    steps must take no part in the backward. Running them on zero states (the first fix for the inf
+    above) made every W_k gradient NaN on the torch and Triton backends."""
+    torch.manual_seed(0)
+    layer = MatrixRecurrent(NORMED, 4, {"heads": 2, "K": 3}, dtype=torch.float64, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    lengths = [3, 1, 2]
+    S0 = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    seqs = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in lengths]
+    leaves = [s.clone().requires_grad_() for s in [*seqs, S0]]
+    out, (final,) = layer(pack_sequence(leaves[:3], enforce_sorted=False), (leaves[3][None],))
+    padded, _ = pad_packed_sequence(out)
+    loss = sum(padded[:n, i].sum() for i, n in enumerate(lengths)) + final.sum()
+    got = torch.autograd.grad(loss, [*leaves, layer.W_k_l0])
+    params = layer.W_k_l0.detach().clone().requires_grad_()
+    ref = [s.clone().requires_grad_() for s in [*seqs, S0]]
+    loss = 0
+    for i, x in enumerate(ref[:3]):  # each sequence alone, unpadded, by hand
+        S = ref[3][i]
+        for x_t in x:
+            k = torch.einsum("hki,i->hk", params, x_t)
+            S = 0.9 * S + k[:, :, None] * k[:, None, :]
+            loss = loss + (torch.einsum("hab,hb->ha", S, k) / S.pow(2).sum((-2, -1)).sqrt()[:, None]).sum()
+        loss = loss + S.sum()
+    want = torch.autograd.grad(loss, [*ref, params])
+    for name, a, w in zip(["x0", "x1", "x2", "S0", "W_k"], got, want, strict=True):
+        assert not a.isnan().any(), f"gradient of {name} on {backend}: NaN"
+        torch.testing.assert_close(a, w, msg=f"gradient of {name} on {backend}")

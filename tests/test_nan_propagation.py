@@ -119,3 +119,31 @@ def test_matrix_zoo_on_nan_and_inf_as_the_torch_backend(cell, other, monkeypatch
         got[b] = {"out": out.detach(), "dx": xg.grad, **{n: p.grad for n, p in layer.named_parameters()}}
     for key, value in got[other].items():
         assert_same(value, got["torch"][key], f"{cell} on {other}: {key}")
+
+
+MAX_MIN = """cell m
+input x
+state h
+param W : (h, x)
+h' = max(W @ x + h, 0.5) + min(h, -0.5)
+"""
+
+
+def test_max_and_min_of_a_nan_give_both_arguments_the_gradient(backend):
+    """torch.maximum / minimum at a NaN pass the gradient to both arguments (neither a < b nor a > b).
+    max(a, b)'s derivative in a was 1 - step(b - a): with step(NaN) = 1, a NaN state got 0."""
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent(MAX_MIN, 3, 2, backend=backend, dtype=torch.float64)
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    h0 = torch.tensor([[[float("nan"), 0.3]]], dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x, h0)
+    (got,) = torch.autograd.grad(out.sum(), [h0])
+    W = layer.W_l0.detach()
+    h0_ref = h0.detach().clone().requires_grad_()
+    h, outs = h0_ref[0], []
+    for x_t in x:
+        h = torch.maximum(x_t @ W.T + h, torch.tensor(0.5, dtype=torch.float64)) + \
+            torch.minimum(h, torch.tensor(-0.5, dtype=torch.float64))
+        outs.append(h)
+    (want,) = torch.autograd.grad(torch.stack(outs).sum(), [h0_ref])
+    assert_same(got, want, f"d h0 on {backend}")

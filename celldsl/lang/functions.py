@@ -141,7 +141,7 @@ class maximum(CellFunction):  # noqa: N801
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return step(b - a) if argindex == 2 else 1 - step(b - a)
+        return step(b - a) if argindex == 2 else 1 - less(a, b)
 
     numeric = staticmethod(max)
 
@@ -151,7 +151,7 @@ class minimum(CellFunction):  # noqa: N801
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return step(a - b) if argindex == 2 else 1 - step(a - b)
+        return step(a - b) if argindex == 2 else 1 - less(b, a)
 
     numeric = staticmethod(min)
 

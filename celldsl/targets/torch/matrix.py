@@ -96,26 +96,37 @@ class MatrixLoop:
         masks = self.masks(x, lengths)
         for t in range(T - 1, -1, -1):
             mask = masks[t]
-            # masks by torch.where, never by a product: 0 * inf is NaN. A finished sequence's step runs on
-            # zero states (its gradients are exact zeros, where an inf it carries gave 0 * inf = NaN)
-            live = saved[t] if mask is None else [torch.where(mask > 0, s, 0.0) for s in saved[t]]
-            vals = self.module.step(self.rows(hoisted, t, N), live)
+            # a finished sequence takes no part in a padded step: its reverse mode runs on the live rows
+            # only (zero rows there could give 0 * NaN: the norm of a zero state; carried values 0 * inf), and
+            # its state's gradient passes through unchanged
+            idx = None if mask is None else mask.flatten().nonzero().flatten()
+            def pick(v, idx=idx):
+                return v if idx is None or v is None or v.shape[0] == 1 else v[idx]
+            live = [pick(s) for s in saved[t]]
+            vals = self.module.step([pick(v) for v in self.rows(hoisted, t, N)], live)
+            n = N if idx is None else idx.numel()
             grads = [None] * len(vals)
-            for n, d in zip(ir.states, d_state, strict=True):
-                i = ir.new_state[n]
-                d = sum_to(d if mask is None else torch.where(mask > 0, d, 0.0), vals[i].shape)
+            for nm, d in zip(ir.states, d_state, strict=True):
+                i = ir.new_state[nm]
+                d = sum_to(pick(d), vals[i].shape)
                 grads[i] = d if grads[i] is None else grads[i] + d
             if d_out is not None:
                 o = ir.output_node
-                g_out = d_out[t].reshape(N, heads, *vals[o].shape[2:])
-                g_out = sum_to(g_out if mask is None else torch.where(mask > 0, g_out, 0.0), vals[o].shape)
+                g_out = pick(d_out[t].reshape(N, heads, *vals[o].shape[2:]))
+                g_out = sum_to(g_out, vals[o].shape)
                 grads[o] = g_out if grads[o] is None else grads[o] + g_out
             adj = self.module.step_backward(vals, grads)
-            kept = d_state  # a finished sequence's state passes through its padded steps unchanged
-            d_state = [adj[leaves[n]].expand_as(saved[t][k]) if adj[leaves[n]] is not None
-                       else torch.zeros_like(saved[t][k]) for k, n in enumerate(ir.states)]
-            if mask is not None:
-                d_state = [torch.where(mask > 0, d, k) for d, k in zip(d_state, kept, strict=True)]
+            kept = d_state
+            d_live = [adj[leaves[nm]].expand_as(live[k]) if adj[leaves[nm]] is not None
+                      else torch.zeros_like(live[k]) for k, nm in enumerate(ir.states)]
+            if idx is None:
+                d_state = d_live
+            else:
+                d_state = []
+                for k, dl in zip(kept, d_live, strict=True):
+                    full = k.expand(N, *dl.shape[1:]).clone()
+                    full[idx] = dl
+                    d_state.append(full)
             for i, v in enumerate(hoisted):
                 if v is None or adj[i] is None:
                     continue
@@ -124,7 +135,11 @@ class MatrixLoop:
                 else:
                     if G[i] is None:
                         G[i] = torch.zeros_like(v)
-                    G[i][t * N:(t + 1) * N] += adj[i]
+                    a = adj[i].expand(n, *v.shape[1:])
+                    if idx is None:
+                        G[i][t * N:(t + 1) * N] += a
+                    else:
+                        G[i][t * N + idx] += a
         adj = self.module.hoist_backward(hoisted, G, N)
         d_params = [adj[leaves[n]] if adj[leaves[n]] is not None else torch.zeros_like(p)
                     for n, p in zip(ir.params, p4, strict=True)]

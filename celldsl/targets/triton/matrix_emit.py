@@ -388,16 +388,17 @@ def _backward_kernel(ir: TensorIR, tiles: _Tiles) -> str:
         rev.append(f"d_s{j} = tl.where(live, {step}, d_s{j})")
     for j, p in enumerate(ir.params):
         if leaf[p] in have:
-            rev.append(f"d_p{j} = d_p{j} + g{leaf[p]}")
-    for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps: seeded by `live`)
+            rev.append(f"d_p{j} = d_p{j} + tl.where(live, g{leaf[p]}, 0.0)")
+    for i in given(ir):  # a hoisted value's gradient at this step (0 on padded steps)
         if i in have:
             ki = ir.nodes[i].kind
             at = f"dq{i}_ptr + ((xrow * H + h) * NV + vb) * {tiles.numel(ki)} + {tiles.offs(ki)}"
-            rev.append(f"tl.store({at}, g{i}.to(dq{i}_ptr.dtype.element_ty), mask={tiles.mask(ki)})")
+            value = f"tl.where(live, g{i}, 0.0)"  # a padded step's values may be NaN (zero states)
+            rev.append(f"tl.store({at}, {value}.to(dq{i}_ptr.dtype.element_ty), mask={tiles.mask(ki)})")
     xi = leaf[ir.inputs[0]]
     kx = ir.nodes[xi].kind
     at = f"dx_ptr + ((xrow * H + h) * NV + vb) * {tiles.axis(kx.rows)[0]} + {tiles.offs(kx)}"
-    value = f"g{xi}" if xi in have else f"tl.full({tiles.shape(kx)}, 0.0, COMPUTE)"
+    value = f"tl.where(live, g{xi}, 0.0)" if xi in have else f"tl.full({tiles.shape(kx)}, 0.0, COMPUTE)"
     rev.append(f"tl.store({at}, {value}.to(dx_ptr.dtype.element_ty), mask={tiles.mask(kx)})")
     seg.append("for jj in range(0, L):")
     seg += [f"    {line}" for line in rev]
