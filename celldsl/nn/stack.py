@@ -228,10 +228,9 @@ class RecurrentStack:
             self._initial_states(given, x, x.shape[1], False)
         except (CellTensorError, ValueError, TypeError):
             return None
-        names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)
-                 for k in range(self.num_layers) for d in range(self.num_directions)]
         if not all(isinstance(self._parameters.get(n), torch.nn.Parameter) or
-                   (n not in self._parameters and getattr(self, n, None) is None) for n in names):
+                   (n not in self._parameters and getattr(self, n, None) is None)
+                   for n in self._stored_names()):
             return None
         loop = loop_for(self.compiled.key, "cpu")
         prepare = getattr(loop, "prepare_sequence", None)
@@ -515,9 +514,12 @@ class RecurrentStack:
     def _used_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of what the layer's op reads, as torch.nn's checks see `_flat_weights`:
         getattr, so a parametrization's tensor, not a child module's parameters (a subclass's head)."""
-        names = [self._param_name(s.name, k, d) for k in range(self.num_layers)
-                 for d in range(self.num_directions) for s in stores_of(self.compiled)]
-        return [(n, t) for n in names if isinstance(t := getattr(self, n, None), torch.Tensor)]
+        return [(n, t) for n in self._stored_names() if isinstance(t := getattr(self, n, None), torch.Tensor)]
+
+    def _stored_names(self) -> list[str]:
+        """The names of every layer's and direction's stored tensors, in torch.nn's `_flat_weights` order."""
+        return [self._param_name(s.name, k, d) for k in range(self.num_layers)
+                for d in range(self.num_directions) for s in stores_of(self.compiled)]
 
     def _initial_states(self, given, x, batch: int, unbatched: bool) -> list[torch.Tensor]:
         """All carried states [L*D, N, width]: the given ones checked (unbatched ones get N = 1), the

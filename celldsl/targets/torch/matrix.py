@@ -26,6 +26,11 @@ def sum_to(g: torch.Tensor, shape) -> torch.Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
+def _live_rows(v, live: torch.Tensor | None):
+    """The rows `live` of a per-sequence value (all of them for None; a value of one row, whole)."""
+    return v if live is None or v is None or v.shape[0] == 1 else v[live]
+
+
 class MatrixLoop:
     """Forward and backward of one matrix-memory cell over [T, N, I] inputs, on plain torch."""
 
@@ -97,36 +102,26 @@ class MatrixLoop:
         for t in range(T - 1, -1, -1):
             mask = masks[t]
             # a finished sequence takes no part in a padded step: its reverse mode runs on the live rows
-            # only (zero rows there could give 0 * NaN: the norm of a zero state; carried values 0 * inf), and
-            # its state's gradient passes through unchanged
-            idx = None if mask is None else mask.flatten().nonzero().flatten()
-            def pick(v, idx=idx):
-                return v if idx is None or v is None or v.shape[0] == 1 else v[idx]
-            live = [pick(s) for s in saved[t]]
-            vals = self.module.step([pick(v) for v in self.rows(hoisted, t, N)], live)
-            n = N if idx is None else idx.numel()
+            # only (zero rows there could give 0 * NaN: the norm of a zero state; carried values 0 * inf),
+            # and its state's gradient passes through unchanged
+            live = None if mask is None else mask.flatten().nonzero().flatten()  # None: every row
+            states = [_live_rows(s, live) for s in saved[t]]
+            vals = self.module.step([_live_rows(v, live) for v in self.rows(hoisted, t, N)], states)
             grads = [None] * len(vals)
-            for nm, d in zip(ir.states, d_state, strict=True):
-                i = ir.new_state[nm]
-                d = sum_to(pick(d), vals[i].shape)
+            for name, d in zip(ir.states, d_state, strict=True):
+                i = ir.new_state[name]
+                d = sum_to(_live_rows(d, live), vals[i].shape)
                 grads[i] = d if grads[i] is None else grads[i] + d
             if d_out is not None:
                 o = ir.output_node
-                g_out = pick(d_out[t].reshape(N, heads, *vals[o].shape[2:]))
+                g_out = _live_rows(d_out[t].reshape(N, heads, *vals[o].shape[2:]), live)
                 g_out = sum_to(g_out, vals[o].shape)
                 grads[o] = g_out if grads[o] is None else grads[o] + g_out
             adj = self.module.step_backward(vals, grads)
-            kept = d_state
-            d_live = [adj[leaves[nm]].expand_as(live[k]) if adj[leaves[nm]] is not None
-                      else torch.zeros_like(live[k]) for k, nm in enumerate(ir.states)]
-            if idx is None:
-                d_state = d_live
-            else:
-                d_state = []
-                for k, dl in zip(kept, d_live, strict=True):
-                    full = k.expand(N, *dl.shape[1:]).clone()
-                    full[idx] = dl
-                    d_state.append(full)
+            d_live = [adj[leaves[name]].expand_as(s) if adj[leaves[name]] is not None else torch.zeros_like(s)
+                      for s, name in zip(states, ir.states, strict=True)]
+            d_state = d_live if live is None else [kept.expand(N, *d.shape[1:]).index_copy(0, live, d)
+                                                   for kept, d in zip(d_state, d_live, strict=True)]
             for i, v in enumerate(hoisted):
                 if v is None or adj[i] is None:
                     continue
@@ -135,11 +130,8 @@ class MatrixLoop:
                 else:
                     if G[i] is None:
                         G[i] = torch.zeros_like(v)
-                    a = adj[i].expand(n, *v.shape[1:])
-                    if idx is None:
-                        G[i][t * N:(t + 1) * N] += a
-                    else:
-                        G[i][t * N + idx] += a
+                    rows = slice(t * N, (t + 1) * N) if live is None else t * N + live
+                    G[i][rows] += adj[i].expand(N if live is None else live.numel(), *v.shape[1:])
         adj = self.module.hoist_backward(hoisted, G, N)
         d_params = [adj[leaves[n]] if adj[leaves[n]] is not None else torch.zeros_like(p)
                     for n, p in zip(ir.params, p4, strict=True)]
