@@ -268,3 +268,29 @@ def test_the_one_step_path_is_made_again_after_a_library_swap(monkeypatch):
         got = cell(x, hx)
         assert cells._PREPARED[cell][False] is not first  # made again on the swapped-in library
         assert all(torch.equal(g, w) for g, w in zip(got, cell(x, hx), strict=True))
+
+
+class _Untouchable:
+    """A cache that fails the test on any read: under tracing no prepared call may be looked up."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a cache was read while compiling ({name})")
+
+
+@pytest.mark.parametrize(("t", "bidirectional"), [(1, False), (4, False), (4, True)])
+def test_compiling_never_reads_the_prepared_caches(t, bidirectional, monkeypatch):
+    """Under torch.compile/torch.export the layer takes the full path before it reads _STEPS or
+    _SEQUENCES: a strict torch.export that traced the cache lookup guarded on the weak
+    dictionary's keys, and a key collected before the guards were built failed the export (CI,
+    IndexError in a guard). Here the compiling flag is set and the caches refuse every read."""
+    layer = celldsl.LSTM(I, H, bidirectional=bidirectional)
+    x = torch.randn(t, 2, I)
+    with torch.no_grad():
+        expected = layer(x)[0]
+    monkeypatch.setattr(stack, "_STEPS", _Untouchable())
+    monkeypatch.setattr(stack, "_SEQUENCES", _Untouchable())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layer._streamed(x, None) is None
+    monkeypatch.undo()
+    with torch.no_grad():  # the caches still serve the eager call (the -O3 build may have come in)
+        torch.testing.assert_close(layer(x)[0], expected)

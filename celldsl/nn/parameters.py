@@ -54,7 +54,10 @@ class Store:
 
 def stores_of(cell: CompiledCell) -> tuple[Store, ...]:
     """The cell's stores in the order of its parameters; computed once per compiled cell (a layer asks
-    at every call)."""
+    at every call). Under torch.compile/export they are computed, not looked up: dynamo would guard
+    on the weak dictionary's keys, and one collected before the guards are built fails the trace."""
+    if torch.compiler.is_compiling():
+        return tuple(_stores(cell))
     stores = _STORES.get(cell)
     if stores is None:
         stores = _STORES[cell] = tuple(_stores(cell))

@@ -96,8 +96,12 @@ class RecurrentStack:
         projection, no dropout running, no extra input) from each layer's prepared step (its
         `cell(k)`'s `_replayed` in nn/cells.py: with or without autograd), or None: then the full
         path runs, with its checks and messages (a layer's step refuses what its cell's checks
-        refuse). A longer padded call, or a bidirectional one, goes to `_sequenced`."""
-        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
+        refuse). A longer padded call, or a bidirectional one, goes to `_sequenced`.
+
+        Under torch.compile, torch.export or jit tracing the full path runs before any cache is
+        read: dynamo would otherwise guard on the weak dictionaries' keys, and a key collected
+        between tracing and guard building failed the export (IndexError in a guard)."""
+        if not isinstance(input, torch.Tensor) or not plain_eager([input]) or input.dim() != 3 \
                 or getattr(self, "proj_size", 0) or getattr(self, "schedule", None) is not None \
                 or (self.dropout and self.training and self.num_layers > 1) \
                 or self.compiled.ir.shifted:  # prev(x): a Cell refuses it
