@@ -461,3 +461,33 @@ def test_prev_with_packed_sequences_two_layers_bidirectional(cell):
         assert out[len(s) :, n].abs().max() == 0 if len(s) < out.shape[0] else True
         for f, a in zip(finals, alone_finals, strict=True):
             torch.testing.assert_close(f[:, n], a[:, 0], rtol=1e-10, atol=1e-10)
+
+
+MLSTM_SIZES = {"heads": 2, "K": 3, "V": 3}
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: celldsl.MatrixRecurrent("mlstm", 6, 8), TypeError,
+         r"sizes must be a dict \{width: size\}, got int"),
+        (lambda: celldsl.MatrixRecurrent("mlstm", 6, None), ValueError, "needs the sizes 'heads', 'K', 'V'"),
+        (lambda: celldsl.MatrixRecurrent("mlstm", 6, MLSTM_SIZES, batch_first=1), TypeError,
+         "batch_first should be of type bool, got: int"),
+        (lambda: celldsl.Recurrent("mlstm", 6, 12, sizes=0), TypeError, "sizes must be a dict"),
+        (lambda: celldsl.Recurrent("mlstm", 6, 12, sizes="heads"), TypeError, "sizes must be a dict"),
+        (lambda: celldsl.Recurrent("mlstm", 6, "12"), TypeError,
+         "hidden_size should be of type int, got: str"),
+        (lambda: celldsl.Recurrent("mlstm", 6, 12, batch_first=None), TypeError,
+         "batch_first should be of type bool, got: NoneType"),
+        (lambda: celldsl.Recurrent("mlstm", 6, 12, num_layers=0), ValueError,
+         "num_layers must be greater than zero"),
+    ],
+    ids=["sizes-int", "sizes-none", "batch-first-int", "recurrent-sizes-0", "recurrent-sizes-str",
+         "hidden-size-str", "recurrent-batch-first-none", "num-layers-0"],
+)
+def test_matrix_layer_arguments_of_a_wrong_type_say_what_was_expected(make, error, match):
+    """A wrong type is torch.nn's TypeError with what was expected (was: "argument of type 'int' is not
+    iterable"; sizes=0 read as no sizes; a string split into characters; batch_first=1 taken)."""
+    with pytest.raises(error, match=match):
+        make()

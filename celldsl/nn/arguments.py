@@ -53,13 +53,21 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
 
 
+def size_dict(sizes, what: str, keys: str) -> dict:
+    """`sizes=`/`input_sizes=` as a dict, {} for None: anything else (0, a string, a list) is a
+    TypeError that says what was expected, never read as no sizes or split into characters."""
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict):
+        raise TypeError(f"{what} must be a dict {{{keys}: size}}, got {type(sizes).__name__}")
+    return sizes
+
+
 def extra_input_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     """Check `input_sizes` against the cell's inputs after the first: {name: positive int}. An input
     declared `: 1` (one value per sequence) has size 1 without being given."""
     names = cell.ir.inputs[1:]
-    sizes = {} if sizes is None else sizes
-    if not isinstance(sizes, dict):
-        raise TypeError(f"input_sizes must be a dict {{input name: size}}, got {type(sizes).__name__}")
+    sizes = size_dict(sizes, "input_sizes", "input name")
     ones = {n for n in names if cell.ir.width(n) == "row"}
     for n in ones:
         if sizes.get(n, 1) != 1:
@@ -87,9 +95,7 @@ def declared_width_sizes(cell: CompiledCell, sizes) -> dict[str, int]:
     """Check `sizes` against the widths the cell declares (`state h : P`): {width: positive int}."""
     named = {*cell.ir.widths.values(), *getattr(cell.ir, "init_sizes", ())}
     declared = sorted(named - {"H", "row", *cell.ir.inputs})
-    sizes = {} if sizes is None else sizes
-    if not isinstance(sizes, dict):
-        raise TypeError(f"sizes must be a dict {{width: size}}, got {type(sizes).__name__}")
+    sizes = size_dict(sizes, "sizes", "width")
     unknown = sorted(set(sizes) - set(declared))
     missing = [w for w in declared if w not in sizes]
     if unknown or missing:

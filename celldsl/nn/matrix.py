@@ -30,7 +30,7 @@ from ..lang.errors import CellError, CellTensorError
 from ..ops import matrix_op
 from ..ops.function import register
 from ..ops.op import plain_eager, refuse_tangents
-from .arguments import check_layer_arguments
+from .arguments import check_layer_arguments, size_dict
 from .inits import init_value
 from .script_matrix import prepare_layer, prepare_step
 
@@ -62,6 +62,9 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
                  bidirectional: bool = False, batch_first: bool = False, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
+        sizes = size_dict(sizes, "sizes", "width")
+        if not isinstance(batch_first, bool):  # torch.nn.RNNBase's check
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
         compiled = compile_cell(cell)
         if not isinstance(compiled, CompiledMatrixCell):
             raise ValueError(f"cell {compiled.name!r} has no matrix state; use celldsl.Recurrent")
@@ -375,7 +378,7 @@ def matrix_sizes(ir, hidden_size: int, sizes: dict | None) -> dict[str, int]:
     """The sizes of a matrix-memory cell built by celldsl.Recurrent(cell, input_size, hidden_size): what
     `sizes` gives ("heads", K, V, ...); "heads" defaults to 1 and every other width to hidden_size /
     heads, so the output (heads x its width) is hidden_size wide unless `sizes` says otherwise."""
-    sizes = dict(sizes or {})
+    sizes = dict(size_dict(sizes, "sizes", "width"))
     if not ir.heads:
         return plain_sizes(ir, hidden_size, sizes)
     unknown = sorted(set(sizes) - {"heads", *ir.widths, *ir.init_sizes})
@@ -420,9 +423,9 @@ def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int
                      schedule=None) -> MatrixRecurrent:
     """celldsl.Recurrent for a matrix-memory cell: a MatrixRecurrent whose output is hidden_size wide
     (checked); the arguments a matrix layer does not have yet are refused, not ignored."""
+    # torch.nn's checks and errors (dropout and bias are refused below unless they are the defaults)
+    check_layer_arguments(input_size, hidden_size, num_layers, bias is True, batch_first, backend=backend)
     compiled = compile_cell(cell)
-    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
-        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
     refused = {"bias": bias is not True, "dropout": dropout != 0, "input_sizes": bool(input_sizes),
                "schedule": schedule is not None}
     for name, bad in refused.items():
