@@ -339,3 +339,30 @@ def test_the_backward_op_refuses_rather_than_return_zero_gradients(monkeypatch):
     out = matrix_sequence(layer.compiled.key, "cpu", x, states, params, encode_sizes(sizes), None)[0]
     with pytest.raises(RuntimeError, match="autograd did not record the loop"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("cell", ["gla", "mlstm", "flstm"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_an_unbatched_call_is_the_batched_call_of_one_sequence(cell, batch_first, backend):
+    """x [T, I] and states without their batch axis, as torch.nn's layers take them (was refused):
+    the batched call on N = 1, squeezed, eagerly (values and gradients) and scripted. Two layers,
+    bidirectional, given states."""
+    layer = layer_of(cell, backend, num_layers=2, bidirectional=True, batch_first=batch_first)
+    layer = layer.double()
+    x = torch.randn(3, I, dtype=torch.float64, requires_grad=True)
+    zeros = flat(layer(x.detach().unsqueeze(0 if batch_first else 1)))[1:]
+    states = [torch.randn_like(s[:, 0]).requires_grad_() for s in zeros]
+    given = tuple(states) if isinstance(layer(x)[1], tuple) else states[0]
+    got = flat(layer(x, given))
+    batched = tuple(s.unsqueeze(1) for s in states) if isinstance(given, tuple) else states[0].unsqueeze(1)
+    want = flat(layer(x.unsqueeze(0 if batch_first else 1), batched))
+    want = (want[0].squeeze(0 if batch_first else 1), *(s.squeeze(1) for s in want[1:]))
+    assert [t.shape for t in got] == [t.shape for t in want] and got[0].shape == (3, layer.output_size * 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    gs = [torch.randn_like(t) for t in got]
+    grads = torch.autograd.grad(got, [x, *states], gs)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, [x, *states], gs), **TOL)
+    torch.testing.assert_close(flat(torch.jit.script(layer)(x, given)), got, **TOL)
+    with pytest.raises(ValueError, match="state must be"):
+        layer(x, batched)  # an unbatched x takes states without the batch axis, as torch.nn's

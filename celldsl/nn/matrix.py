@@ -52,8 +52,9 @@ class PicklesAsText:
 class MatrixRecurrent(PicklesAsText, nn.Module):
     """forward(x, state=None) -> (output, final states).
 
-    x: [T, N, I] ([N, T, I] with batch_first) or a PackedSequence; output [T, N, D * heads * width of
-    the output] (D = 2 if bidirectional), packed like x. state: a tuple in the order of the cell's
+    x: [T, N, I] ([N, T, I] with batch_first), [T, I] unbatched (its states without the N axis, as
+    torch.nn's) or a PackedSequence; output [T, N, D * heads * width of the output] (D = 2 if
+    bidirectional), packed like x. state: a tuple in the order of the cell's
     `state` line, each [L * D, N, heads, rows, cols] without its "1" axes (C : (V, K) per head is
     [L * D, N, heads, V, K]); zeros when None. sizes: every width the cell declares, and "heads" (a
     cell without heads: "H" and its declared widths; its states have no heads axis)."""
@@ -112,6 +113,22 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
     def param_name(name: str, layer: int, direction: int) -> str:
         return f"{name}_l{layer}" + ("_reverse" if direction else "")
 
+    def _check_state(self, state: tuple, shapes: list[tuple]) -> None:
+        if not all(isinstance(s, torch.Tensor) for s in state):
+            raise TypeError("the state must be a tensor (one-state cells) or a tuple of "
+                            f"{len(shapes)} tensors ({', '.join(self.ir.states)}), got "
+                            f"{[type(s).__name__ for s in state]}")
+        if len(state) != len(shapes) or any(tuple(s.shape) != sh
+                                            for s, sh in zip(state, shapes, strict=False)):
+            raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
+                             f"{[tuple(s.shape) for s in state]}")
+
+    def _batched_state(self, state, shapes: list[tuple]):
+        """An unbatched call's states (no N axis, checked against `shapes`) with N = 1 put back."""
+        given = tuple(state) if isinstance(state, tuple | list) else (state,)
+        self._check_state(given, shapes)
+        return tuple(s.unsqueeze(1) for s in given)
+
     def cell(self, layer: int = 0, direction: int = 0) -> MatrixCell:
         """Layer `layer`'s one-step MatrixCell (direction 1: the reverse one) whose parameters are this
         layer's own Parameter objects: training either trains both."""
@@ -123,30 +140,29 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
 
     def forward(self, x, state=None):
         packed = isinstance(x, PackedSequence)
-        lengths = None
+        unbatched = isinstance(x, torch.Tensor) and x.dim() == 2  # [T, I], states without N: torch.nn's
+        lengths, given = None, x
         if packed:
             refuse_packed_export(self.ir.name)
             x, lengths = pad_packed_sequence(x)
+        elif unbatched:
+            x = x.unsqueeze(1)
         elif self.batch_first and isinstance(x, torch.Tensor):
             x = x.transpose(0, 1)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be [T, N, {self.input_size}] "
-                             f"([N, T, {self.input_size}] with batch_first) or a PackedSequence, got {got}")
+            got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(f"x must be [T, N, {self.input_size}] ([N, T, {self.input_size}] with "
+                             f"batch_first), [T, {self.input_size}] unbatched, or a PackedSequence, "
+                             f"got {got}")
         N, LD = x.shape[1], self.num_layers * self.num_directions
         inner = [self.ir.state_shape(s, self.layer_sizes[0]) for s in self.ir.states]  # loops': [heads, ..]
         shapes = [(LD, N, *(sh if self.ir.heads else sh[1:] or (1,))) for sh in inner]  # no heads: [H], [1]
         if state is None:
             state = tuple(x.new_zeros(s) for s in shapes)
+        elif unbatched:
+            state = self._batched_state(state, [sh[:1] + sh[2:] for sh in shapes])
         state = tuple(state) if isinstance(state, tuple | list) else (state,)
-        if not all(isinstance(s, torch.Tensor) for s in state):
-            raise TypeError("the state must be a tensor (one-state cells) or a tuple of "
-                            f"{len(shapes)} tensors ({', '.join(self.ir.states)}), got "
-                            f"{[type(s).__name__ for s in state]}")
-        if len(state) != len(shapes) or any(tuple(s.shape) != sh
-                                            for s, sh in zip(state, shapes, strict=False)):
-            raise ValueError(f"state must be {len(shapes)} tensor(s) of shapes {shapes}, got "
-                             f"{[tuple(s.shape) for s in state]}")
+        self._check_state(state, shapes)
         # every parameter, not the first: a bias of another dtype would promote the loop's values
         weight = next((p for p in self.parameters() if p.dtype != x.dtype or p.device != x.device), None)
         for name, s in zip(self.ir.states, state, strict=True):  # one dtype and device, as torch.nn's
@@ -174,6 +190,8 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
         finals = tuple(torch.stack(f) for f in finals)
         if packed:
             x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        elif unbatched:
+            x, finals = x.squeeze(1), tuple(f.squeeze(1) for f in finals)
         elif self.batch_first:
             x = x.transpose(0, 1)
         if not self.ir.heads and len(finals) == 1:

@@ -113,15 +113,19 @@ class _ScriptedLayer(_Scripted):
     def script_call(self, input: Tensor, given: list[Tensor], extra: dict[str, Tensor] | None
                     ) -> tuple[Tensor, list[Tensor]]:
         self._script_no_extra(extra)
-        if input.dim() != 3 or input.size(2) != self.input_size:
+        unbatched = input.dim() == 2  # [T, I], states without N (torch.nn's unbatched call)
+        if (input.dim() != 3 and not unbatched) or input.size(-1) != self.input_size:
             raise ValueError("x must be [T, N, " + str(self.input_size) + "] ([N, T, " + str(self.input_size)
-                             + "] with batch_first), got " + str(input.size()))
-        x = input.transpose(0, 1) if self.batch_first else input
+                             + "] with batch_first) or [T, " + str(self.input_size) + "] unbatched, got "
+                             + str(input.size()))
+        x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
         N = x.size(1)
         D = self.num_directions
         states: list[Tensor] = []
         for i in range(len(self._script_outer)):
-            states.append(self._script_state(given, i, [self.num_layers * D, N] + self._script_outer[i], x))
+            lead = [self.num_layers * D] if unbatched else [self.num_layers * D, N]
+            s = self._script_state(given, i, lead + self._script_outer[i], x)
+            states.append(s.unsqueeze(1) if unbatched else s)
         finals: list[list[Tensor]] = []
         for _ in range(len(states)):
             finals.append(torch.jit.annotate(list[Tensor], []))
@@ -141,10 +145,10 @@ class _ScriptedLayer(_Scripted):
                 for i in range(len(states)):
                     finals[i].append(result[1 + i].reshape([N] + self._script_outer[i]))
             x = outs[0] if D == 1 else torch.cat(outs, -1)
-        out = x.transpose(0, 1) if self.batch_first else x
+        out = x.squeeze(1) if unbatched else x.transpose(0, 1) if self.batch_first else x
         stacked: list[Tensor] = []
         for f in finals:
-            stacked.append(torch.stack(f))
+            stacked.append(torch.stack(f).squeeze(1) if unbatched else torch.stack(f))
         return out, stacked
 
 
