@@ -49,6 +49,9 @@ def run_layer(layer, x):
 
 
 def test_plain_eager_calls_the_implementations_and_a_mode_sees_the_op(monkeypatch):
+    from celldsl.targets.c import fused
+
+    monkeypatch.setattr(fused, "SEQUENCE_ELEMENTS", 0)  # the op's path, not a prepared training sequence
     torch.manual_seed(0)
     layer = celldsl.LSTM(5, 7)
     x = torch.randn(4, 3, 5, requires_grad=True)

@@ -6,6 +6,7 @@ the layer's own full path (bit for bit: the same kernels on the same numbers).""
 from __future__ import annotations
 
 import threading
+import unittest.mock
 
 import pytest
 import torch
@@ -34,6 +35,11 @@ def full_path(monkeypatch, module, *args):
     with monkeypatch.context() as m:
         m.setattr(stack.RecurrentStack, "_sequenced", lambda self, input, given: None)
         return module(*args)
+
+
+def fused_off():
+    """No prepared sequence applies inside (every call is over SEQUENCE_ELEMENTS)."""
+    return unittest.mock.patch.object(fused, "SEQUENCE_ELEMENTS", 0)
 
 
 def replayed(module) -> bool:
@@ -127,18 +133,12 @@ def test_two_threads_on_one_layer_each_get_their_own_numbers():
 
 
 def test_what_is_not_replayed_still_gives_torch_nn_numbers():
-    """Autograd, a large call, and a parametrized weight (a tensor made anew at every call) take the
-    full path."""
+    """A large call and a parametrized weight (a tensor made anew at every call) take the full path
+    (a call under autograd replays training sequences: tests/test_prepared_training.py)."""
     torch.manual_seed(0)
     ref, ours = nn.LSTM(I, H, dtype=torch.float64), celldsl.LSTM(I, H, dtype=torch.float64)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(T, 3, I, dtype=torch.float64, requires_grad=True)
-    out = ours(x)[0]
-    assert not replayed(ours)
-    out.sum().backward()
-    x_ref = x.detach().requires_grad_(True)
-    ref(x_ref)[0].sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    x = torch.randn(T, 3, I, dtype=torch.float64)
     big = torch.randn(fused.SEQUENCE_ELEMENTS // (I + 2 * H) + 1, 1, I, dtype=torch.float64)  # T large
     with torch.no_grad():
         torch.testing.assert_close(ours(big)[0], ref(big)[0])
@@ -217,15 +217,17 @@ def test_alternating_batch_sizes_keep_both_signatures(monkeypatch):
 
 def test_converted_parameters_are_let_go():
     """After .double() (the same Parameter objects, new storage) the float32 sequences, which hold views
-    of the old weights, are dropped at the next call, even one that takes the full path."""
+    of the old weights, are dropped at the next call, even one that takes the full path (here: too
+    large for a sequence)."""
     layer = celldsl.LSTM(I, H)
     with torch.no_grad():
         layer(torch.randn(T, 2, I))
     assert replayed(layer)
     layer.double()
     x = torch.randn(T, 2, I, dtype=torch.float64, requires_grad=True)
-    layer(x)[0].sum().backward()  # autograd: the full path
-    assert layer not in stack._SEQUENCES
+    with fused_off():
+        layer(x)[0].sum().backward()
+    assert all(key[1] == torch.float64 for key in stack._SEQUENCES[layer][1])
 
 
 def test_a_subclass_with_its_own_float64_head_runs_as_torch_nn():

@@ -32,14 +32,30 @@ class Layout:
         self.weights = [p for p in stored if p.dim() > 1]  # what PreparedCall saves, as torch.nn's cells
 
     @classmethod
-    def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources, step) -> Layout | None:
+    def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources, step,
+           blocks: dict[int, list[Tensor]] | None = None) -> Layout | None:
         """The layout, or None where the op's parameters are not plain views partitioning the stored
-        tensors (a weight combination, tied weights, a non-contiguous parameter): the full path then."""
+        tensors (a weight combination, tied weights, a non-contiguous parameter): the full path then.
+        blocks (parameters.op_params'): a GEMM weight that is a copy made of row blocks (a cell's
+        W_z, W_i, ... stored apart, one GEMM), by its index in the op's list: each block a plain view
+        of a stored tensor, whose gradient is those rows of the weight's ("hoisted", gi, first, rows)."""
         runs: list[list[tuple]] = [[] for _ in stored]
         sources = [*[("hoisted", gi) for gi in range(len(hoisted_w))],
                    *[("step", gi) for gi in range(len(step_w))],
                    *[("vector", *vector_sources[i]) for i in range(len(vectors))]]
-        for q, source in zip([*hoisted_w, *step_w, *vectors], sources, strict=True):
+        parts = []  # (a plain view of a stored tensor, where its gradient comes from)
+        for index, (q, source) in enumerate(zip([*hoisted_w, *step_w, *vectors], sources, strict=True)):
+            made = (blocks or {}).get(index)
+            if made is None:
+                parts.append((q, source))
+                continue
+            first = 0
+            for block in made:
+                if block.dim() != 2:
+                    return None
+                parts.append((block, (*source, first, block.shape[0])))
+                first += block.shape[0]
+        for q, source in parts:
             base = q if q._base is None else q._base
             j = next((j for j, p in enumerate(stored) if p is base), None)
             if j is None:
@@ -77,7 +93,10 @@ class Layout:
         """(0, (d.T, operand), shape): a GEMM weight's gradient; (1, [column views], shape): their
         column sums; shape: p's where the result's differs (else None); None: `_general`."""
         if len(rs) == 1 and rs[0][2][0] in ("hoisted", "step"):
-            d, operand = step.gemm_grad(*rs[0][2])
+            source = rs[0][2]
+            d, operand = step.gemm_grad(*source[:2])
+            if len(source) == 4:  # a block of the weight's rows
+                d = d[:, source[2] : source[2] + source[3]]
             shape = (d.shape[1], operand.shape[1])
             return 0, (d.t(), operand), None if p.shape == shape else p.shape
         if all(source[0] == "vector" and source[1][0] in ("hoisted", "step") for _o, _n, source in rs):
@@ -111,10 +130,9 @@ class Layout:
     def _general(self, j: int, d_hoisted: list[Tensor], d_step: list[Tensor], sums: dict) -> Tensor:
         """Stored tensor j's gradient from the op parameters' gradients (PreparedTrainStep.gradients)."""
         def value(source, n):
-            if source[0] == "hoisted":
-                return d_hoisted[source[1]]
-            if source[0] == "step":
-                return d_step[source[1]]
+            if source[0] in ("hoisted", "step"):
+                g = (d_hoisted if source[0] == "hoisted" else d_step)[source[1]]
+                return g if len(source) == 2 else g[source[2] : source[2] + source[3]]
             whole = sums[source[1]]
             return whole if source[2] == 0 and n == whole.shape[0] else whole[source[2] : source[2] + n]
 
@@ -139,6 +157,7 @@ class PreparedCall(torch.autograd.Function):
     def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
         given, stored = tensors[:n_given], tensors[n_given:]
         ctx.versions = _versions([x, *stored])  # what a recorded backward reads: unchanged then?
+        ctx.saves_x = step.saves_input
         news, record = step.forward(x, given, leads[0])
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
@@ -149,7 +168,9 @@ class PreparedCall(torch.autograd.Function):
         # the backward is autograd's error); the outputs, x and the biases are not saved: writing
         # into them after the call is allowed, as in torch.nn, before a first-order backward (a
         # recorded one reads x and the biases again: `_check_unchanged`)
-        ctx.save_for_backward(*given, *layout.weights)  # ctx.stored's: the same tensors (cells._replayed)
+        # a layer's sequence saves x too, as torch.nn's layers do: a write into it before the backward
+        # is autograd's error there (the sequence keeps a copy; a cell's step allows the write)
+        ctx.save_for_backward(*given, *layout.weights, *([x] if ctx.saves_x else []))
         return tuple(outs)
 
     @staticmethod
@@ -160,8 +181,7 @@ class PreparedCall(torch.autograd.Function):
         given = ctx.saved_tensors[:n_given]  # unpacked: autograd checks their versions
         x = ctx.x
         needs = ctx.needs_input_grad[6:]
-        if torch.is_grad_enabled() or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
-                                          for g in grads):
+        if torch.is_grad_enabled() or any(g is not None and _batched(g) for g in grads):
             _check_unchanged([x, *ctx.stored], ctx.versions)
             return (None,) * 6 + _differentiated(ctx.full, x, given, ctx.leads, ctx.stored, needs, grads)
         grad_out = grads[n_news] if ctx.distinct else None
@@ -180,6 +200,13 @@ class PreparedCall(torch.autograd.Function):
 # wrappers, binding default arguments): its callers have checked that no torch.func transform is
 # active and that every tensor is a plain one (ops/op.plain_eager). ~1.5 us of a ~50 us call.
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
+
+
+def _batched(g: Tensor) -> bool:
+    """A gradient that torch's older vmap (is_grads_batched) or torch.func.vmap batches: the buffers
+    of a prepared backward hold one sample, so the full path's backward runs (its batching rule)."""
+    functorch = torch._C._functorch
+    return functorch.is_legacy_batchedtensor(g) or functorch.is_functorch_wrapped_tensor(g)
 
 
 def _versions(tensors: list[Tensor]) -> list[int | None]:

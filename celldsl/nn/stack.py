@@ -22,6 +22,7 @@ from ..ops.op import plain_eager
 from ..resources import ZOO
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, member, op_params, refresh_copies, stores_of
+from .prepared import Layout, apply_prepared
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 
@@ -175,22 +176,22 @@ class RecurrentStack:
         if entries is not None and entries[0] != held:  # moved, converted, replaced: let go of the old
             del _SEQUENCES[self]
             entries = None
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*tensors, *params]):
-            return None
+        train = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in [*tensors, *params])
         if not plain_eager(tensors) or input.device.type != "cpu" or self.backend not in ("auto", "cpu"):
             return None
         revision = getattr(loop_for(self.compiled.key, "cpu"), "revision", None)
         if revision is None:  # no C kernels here: the op's torch loop
             return None
         key = (input.shape, input.dtype, self.batch_first, torch.get_num_threads(),
-               torch.is_inference_mode_enabled(), self.training, revision(),
+               torch.is_inference_mode_enabled(), self.training, train, revision(),
                *[(s.shape, s.dtype, s.device) for s in given or []])
         if entries is None:
             entries = _SEQUENCES[self] = (held, {})
         signatures = entries[1]
         sequences = signatures.pop(key, False)  # False: not prepared yet (None: prepared, none)
         if sequences is False:
-            sequences = self._prepare_sequences(input, given)
+            sequences = self._prepare_sequences(input, given, train)
             while len(signatures) >= SEQUENCE_SIGNATURES:
                 signatures.pop(next(iter(signatures)))  # the least recently used
         signatures[key] = sequences  # last: the most recently used
@@ -206,11 +207,22 @@ class RecurrentStack:
                 outs = []
                 for d in range(directions):
                     idx = k * directions + d
-                    sequence, held, derived = sequences[idx]
-                    if derived:
-                        self._refresh_derived(k, d, held, derived)
                     states = [] if given is None else [s[idx] for s in given]
-                    out, news = sequence(x if d == 0 else x.flip(0), states)
+                    seq = x if d == 0 else x.flip(0)
+                    if train:
+                        sequence, layout, held, derived = sequences[idx]
+                        if derived:
+                            with torch.no_grad():
+                                self._refresh_derived(k, d, held, derived)
+                        leads = ((seq.shape[1],), seq.shape[:2])  # the final states', the output's
+                        results = apply_prepared(sequence, layout, self._full_sequence(k, d), len(states),
+                                                 True, leads, seq, *states, *layout.stored)
+                        out, news = results[-1], list(results[:-1])
+                    else:
+                        sequence, held, derived = sequences[idx]
+                        if derived:
+                            self._refresh_derived(k, d, held, derived)
+                        out, news = sequence(seq, states)
                     outs.append(out if d == 0 else out.flip(0))
                     finals.append(news)
                 x = outs[0] if directions == 1 else torch.cat(outs, dim=-1)
@@ -219,13 +231,16 @@ class RecurrentStack:
         final = [torch.stack([f[i] for f in finals]) for i in range(len(finals[0]))]
         return x.transpose(0, 1) if self.batch_first else x, (final[0] if len(final) == 1 else tuple(final))
 
-    def _prepare_sequences(self, input, given):
+    def _prepare_sequences(self, input, given, train: bool = False):
         """Per layer and direction, in h_n's order (its PreparedSequence for calls like this one, the
         op parameters it reads, the indices of those that are no views of stored tensors: blocks of
         several parameters, or a combination such as W - Wᵀ, made again before every call), or None
         where a layer has none or the call fails a check (the full path raises it again, with its
         message). Every stored tensor must be a registered nn.Parameter (not a parametrization's
-        tensor, made anew at each call)."""
+        tensor, made anew at each call). train (a call under autograd): (its PreparedTrainSequence,
+        the nn/prepared.Layout of its stored parameters, the op parameters, the copies among them)
+        each, and None unless every op parameter is a plain view of a stored one or a GEMM weight
+        made of such views (W_z, W_i, ... stored apart: a copy, made again before each call)."""
         x = input.transpose(0, 1) if self.batch_first else input
         try:
             self._check_input(x, None)
@@ -237,7 +252,7 @@ class RecurrentStack:
                    for n in self._stored_names()):
             return None
         loop = loop_for(self.compiled.key, "cpu")
-        prepare = getattr(loop, "prepare_sequence", None)
+        prepare = getattr(loop, "prepare_train_sequence" if train else "prepare_sequence", None)
         if prepare is None:
             return None
         sequences, shape = [], x.shape
@@ -247,19 +262,52 @@ class RecurrentStack:
             for d in range(self.num_directions):
                 stored = self._stored(k, d, like=like)
                 bases = {id(t) for t in stored.values()}
-                params = op_params(self.compiled, stored, sizes, like=like)
+                blocks: dict[int, list[torch.Tensor]] = {}
+                params = op_params(self.compiled, stored, sizes, like=like, blocks=blocks)
                 derived = [i for i, q in enumerate(params)
                            if id(q if q._base is None else q._base) not in bases]
+                if train:  # the copies the sequence reads, made again before each call (no autograd)
+                    params = [q.detach() if i in derived else q for i, q in enumerate(params)]
                 states = [like.new_zeros(shape[1], sizes[self.compiled.ir.width(n)])
                           for n in self.compiled.states]
-                sequence = prepare(like, states, *split_params(loop, params))
+                split = split_params(loop, params)
+                sequence = prepare(like, states, *split)
                 if sequence is None:
                     return None
-                sequences.append((sequence, params, derived))
+                if not train:
+                    sequences.append((sequence, params, derived))
+                    continue
+                names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)]
+                held = [self._parameters[n] for n in names if self._parameters.get(n) is not None]
+                layout = Layout.of(held, *split[:3], sequence.vector_sources, sequence,
+                                   {i: blocks[i] for i in derived if i in blocks})
+                if layout is None or split[3]:  # not views or blocks of the parameters, or scalars
+                    return None
+                sequences.append((sequence, layout, params, derived))
             shape = (*shape[:2], sequence.out.shape[-1] * self.num_directions)
-        for sequence, _params, _derived in sequences[1:]:
-            sequence.lock = sequences[0][0].lock  # one lock for the stack's buffers
+        for entry in sequences[1:]:
+            entry[0].lock = sequences[0][0].lock  # one lock for the stack's buffers
         return sequences
+
+    def _full_sequence(self, layer: int, direction: int):
+        """full(x, given, (lead, out_lead), stored) for nn/prepared.PreparedCall: the op's full path on
+        one layer and direction, reading `stored` (its Layout's tensors) in place of the module's
+        parameters -> [final states shaped lead + (width,)..., output]. A backward that autograd
+        records (create_graph) differentiates it."""
+        def full(x, given, leads, stored):
+            names = [self._param_name(st.name, layer, direction) for st in stores_of(self.compiled)]
+            present = iter(stored)
+            tensors = self._stored(layer, direction, like=x)
+            for st, name in zip(stores_of(self.compiled), names, strict=True):
+                if self._parameters.get(name) is not None:
+                    tensors[st.name] = next(present)
+            sizes = self._sizes(layer)
+            states = [*given, *[x.new_zeros(x.shape[1], sizes[self.compiled.ir.width(n)])
+                                for n in self.compiled.states[len(given):]]]
+            weights = op_params(self.compiled, tensors, sizes, like=x)
+            out, last = run(self.compiled.key, "cpu", x, states, weights, None)
+            return [*[s.view(*leads[0], s.shape[-1]) for s in last], out]
+        return full
 
     def _refresh_derived(self, layer: int, direction: int, held: list[torch.Tensor],
                          derived: list[int]) -> None:

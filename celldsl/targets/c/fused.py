@@ -836,6 +836,24 @@ class FusedCPULoop(TorchLoop):
         with torch.no_grad():
             return PreparedTrainStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
 
+    def prepare_train_sequence(self, x, states, hoisted_w, step_w, vectors, scalars
+                               ) -> PreparedTrainSequence | None:
+        """A PreparedTrainSequence (a padded sequence under autograd, its backward prepared too), or
+        None where it does not apply: where prepare_sequence or prepare_train_step does not."""
+        if self.scalars or self.dx_from_kernels or \
+                not all(is_state for is_state, _i in self.gemm_operands) or \
+                any(self.where[g.operand.name].kind != "input" for g in self.hoisted) or \
+                not all(v.is_contiguous() for v in vectors) or x.dim() != 3 or \
+                x.shape[0] * x.shape[1] * (x.shape[2] + sum(s.shape[-1] for s in states)) > SEQUENCE_ELEMENTS:
+            return None
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None or not plan.native or states[0].numel() == 0 or x.shape[0] == 0 \
+                or len(self.inputs) != 1 or self.shifted or self.hoist or \
+                not self.runs_native("step_backward", x.dtype, states[0].shape[0], step_w):
+            return None
+        with torch.no_grad():
+            return PreparedTrainSequence(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
+
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
         """(X [rows, I], steps, offsets, states, vectors, scalars), contiguous as the kernels read them."""
@@ -1554,7 +1572,9 @@ class PreparedSequence:
     its results out, so its owner (nn/stack.py) keeps it for small calls (SEQUENCE_ELEMENTS) and
     holds `lock` while it runs."""
 
-    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars,
+                 save: bool = False):
+        """save: keep every step's values, as `forward` does (PreparedTrainSequence), not `infer`'s."""
         self.loop, self.plan = loop, plan
         self.x = torch.empty(x.shape, dtype=x.dtype)
         self.states = [torch.empty(s.shape, dtype=s.dtype) for s in states]
@@ -1565,7 +1585,7 @@ class PreparedSequence:
         self.hoisted_out = [X.new_empty(X.shape[0], w.shape[0]) for w in hoisted_w]
         _hoisted_bias, step_bias = loop._biases(bufs["vectors"], bufs, hoisted_w, step_w)
         self.step_bias = [None if b is None else b.clone() for b in step_bias]  # filled at every call
-        args = loop._bind_outputs(bufs, N, packed_w, self.hoisted_out, False, True)
+        args = loop._bind_outputs(bufs, N, packed_w, self.hoisted_out, save, True)
         self.native, self.prepared, self.panels = loop._forward_native(
             bufs, args, steps, offsets, N, packed_w, self.step_bias, run=False)
         self.news, self.out, self.one_step = bufs["news"], bufs["out"], bufs["one_step"]
@@ -1576,7 +1596,16 @@ class PreparedSequence:
     def __call__(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
         """x [T, N, I] (any strides) and the first len(states) states [N, width] (the rest start at
         zero) -> (out [T, N, width], final states [N, width]), tensors of their own."""
-        loop, T, N = self.loop, self.x.shape[0], self.x.shape[1]
+        self._run(x, states)
+        T, N = self.x.shape[0], self.x.shape[1]
+        rows = T * N
+        finals = [n.clone() if id(n) in self.one_step else n[rows - N :].clone() for n in self.news]
+        return self.out.view(T, N, -1).clone(), finals
+
+    def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """The sequence on x and the given states (copied in), into the bound buffers, on the
+        weights and vectors as they are now."""
+        loop = self.loop
         self.x.copy_(x)
         for buf, s in zip(self.states, states, strict=False):
             buf.copy_(s)
@@ -1592,9 +1621,6 @@ class PreparedSequence:
             if self.step_bias[gi] is not None:
                 self.step_bias[gi].copy_(step_bias[gi])
         self.native.run_forward(self.prepared)
-        rows = self.x.shape[0] * N
-        finals = [n.clone() if id(n) in self.one_step else n[rows - N :].clone() for n in self.news]
-        return self.out.view(T, N, -1).clone(), finals
 
 
 class PreparedTrainStep(PreparedStep):
@@ -1609,6 +1635,8 @@ class PreparedTrainStep(PreparedStep):
     weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
     one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
     module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+
+    saves_input = False  # a cell's input may be written after the call (the step keeps a copy)
 
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
@@ -1745,6 +1773,125 @@ class PreparedTrainStep(PreparedStep):
                 else:
                     sources[key] = (self.d_hoist if key[0] == "hoisted" else self.d_step)[key[1]].sum(0)
         return d_hoisted_w, d_step_w, sources
+
+
+class PreparedTrainSequence(PreparedSequence):
+    """A PreparedSequence for a call under autograd (a small layer's training call: nn/stack.py, through
+    nn/prepared.PreparedCall, the same Function as PreparedTrainStep's). The forward keeps every
+    step's values in its buffers, as FusedCPULoop.forward saves them (`kept`); the backward is bound
+    once too: it copies the gradients in, repacks the step weights as they are now, runs one native
+    call over the steps, then torch's GEMMs for the input's gradient. The op parameters' gradients
+    are read off its buffers (`gemm_grad`, `gradients`) as PreparedTrainStep's, so nn/prepared.Layout
+    makes the module's. As there, a later forward first copies the buffers into the earlier call's
+    Record while that call's backward may still run, and a backward of an earlier call copies its
+    values back. Every step GEMM multiplies a state and every hoisted GEMM the input
+    (FusedCPULoop.prepare_train_sequence)."""
+
+    saves_input = True  # nn/prepared.PreparedCall saves x: a write into it is autograd's error, as torch.nn's
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars, save=True)
+        bufs, _args = self._held
+        X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
+        rows, steps, offsets = X.shape[0], [N] * self.x.shape[0], list(range(0, X.shape[0], N))
+        self.output_state = loop.output_state
+        widths = [s.shape[1] for s in self.states]
+        A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
+        d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
+        alias = loop.schedule.hoisted_alias
+        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
+                   for i, w in enumerate(hoisted_w)]
+        self.g_out = X.new_zeros(rows, loop.output_width(sizes))
+        self.g_out_zero = True
+        accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
+        grads = {"out": self.g_out, "zeros": self.g_out[:N], "step": d_step, "hoisted": d_hoist, "x": {},
+                 "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
+                 "vectors": accumulators, "scalars": []}
+        args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
+                for pw in loop.plan.pointwise}
+        packed_w = [w.contiguous() for w in step_w]
+        self.back_native, self.back_prepared, self.back_panels = loop._backward_native(
+            bufs, grads, args, A, B, steps, offsets, N, packed_w, run=False)
+        self._held_back = (grads, args)
+        self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
+        self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
+        # the initial states' gradients: the buffers the last step (t = 0) wrote (A, B swap per step)
+        self.d_initial = A if len(steps) % 2 == 1 else B
+        self.accumulated = [accumulators[i] for i in range(len(vectors))
+                            if i not in loop.folded and i not in loop.same_vectors]
+        self.accumulators = accumulators
+        self.vector_sources = [PreparedTrainStep._source(loop, i, bufs) for i in range(len(vectors))]
+        # a step GEMM's operand rows: the initial state, then every new state but the last
+        news = bufs["news"]
+        self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
+        self.previous = {i: X.new_empty(rows, widths[i]) for i in set(self.state_of_gemm)}
+        self.step_operands = [self.previous[i] for i in self.state_of_gemm]
+        self.hoisted_x = self.hoisted_ops
+        # what a backward reads (x and the initial states: copies, the caller may write into them)
+        self.kept = [self.x, *self.states, *[n for n in news if n.numel()],
+                     *[t for t in bufs["step"] if t.numel()], *bufs["operands"].values(), *self.hoisted_out]
+        self.holds = _dead  # the Record of the call whose values the buffers hold
+
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
+        """Runs the sequence on x [T, N, I] and the given states [N, width] (the rest zero) -> (copies
+        of the final states shaped lead + (width,), the Record its backward takes)."""
+        self._spill()
+        self._run(x, states)
+        record = Record()
+        self.holds = weakref.ref(record)
+        N = self.x.shape[1]
+        return [n[n.shape[0] - N :].view(*lead, n.shape[-1]).clone() for n in self.news], record
+
+    def output(self, lead) -> torch.Tensor:
+        """A copy of the latest forward's output, shaped lead + (width,) (lead: (T, N))."""
+        return self.out.view(*lead, self.out.shape[-1]).clone()
+
+    _spill = PreparedTrainStep._spill
+
+    def backward(self, record: Record, states, grad_out, grad_finals, needs_dx: bool, needs_states):
+        """The gradients of the forward that made `record`, for grad_out ([T, N, width] or None: zero)
+        and the final states' gradients (None: zero) -> (dx [T * N, I] or None, [d initial state or
+        None, per needs_states]); the parameters' are then made from its buffers (`gemm_grad`,
+        `gradients`), only those needed. `states` is PreparedTrainStep.backward's argument: unused
+        here, the record's copies hold the initial states."""
+        if self.holds() is not record:  # another forward ran since, or another's backward restored its values
+            self._spill()
+            self.holds = weakref.ref(record)
+            for buf, k in zip(self.kept, record.values, strict=True):
+                buf.copy_(k)
+        for buf, g in zip(self.B, grad_finals, strict=True):
+            if g is None:
+                buf.zero_()
+            else:
+                buf.copy_(g.reshape(buf.shape))
+        if grad_out is not None:
+            self.g_out.copy_(grad_out.reshape(self.g_out.shape))
+            self.g_out_zero = False
+        elif not self.g_out_zero:  # the native call only reads it
+            self.g_out.zero_()
+            self.g_out_zero = True
+        for acc in self.accumulated:
+            acc.zero_()
+        nt = self.back_prepared[0].nt
+        for w, panels in zip(self.step_w, self.back_panels, strict=True):  # the weights as they are now
+            k, n = w.shape
+            self.back_native.gemm.pack(w.contiguous(), 1, n, k, 1, n, 0, nt, panels)
+        self.back_native.run_backward(self.back_prepared)
+        N, rows = self.x.shape[1], self.g_out.shape[0]
+        for i, prev in self.previous.items():
+            prev[:N].copy_(self.states[i])
+            prev[N:].copy_(self.news[i][: rows - N])
+        dx = None
+        if needs_dx:
+            for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
+                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
+            if dx is None:
+                dx = torch.zeros_like(self.x).view(rows, -1)
+        dstates = [a.clone() if need else None for a, need in zip(self.d_initial, needs_states, strict=False)]
+        return dx, dstates
+
+    gemm_grad = PreparedTrainStep.gemm_grad
+    gradients = PreparedTrainStep.gradients
 
 
 class Record:
