@@ -303,3 +303,65 @@ def test_a_cell_stored_in_blocks_sees_every_write(cell, monkeypatch):
             opt.step()
     for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("cell", ["greff_vanilla", "mingru"])
+def test_a_step_of_a_cell_stored_in_blocks_trains_as_its_full_path(cell, monkeypatch):
+    """celldsl.Cell over a cell whose GEMM weight is a copy of parameters stored apart, stepped under
+    autograd (the streaming step, nn/cells.py): four steps and one backward through them, then a
+    write torch does not count and again: the full path's gradients, with the op's loop refused."""
+    import copy
+
+    from celldsl.nn import cells
+
+    torch.manual_seed(0)
+    ours = celldsl.Cell(cell, I, H, dtype=torch.float64)
+    ref = copy.deepcopy(ours)
+    xs = torch.randn(4, 3, I, dtype=torch.float64)
+
+    def bptt(model):
+        x = xs.clone().requires_grad_()
+        state, loss = None, 0
+        for t in range(x.shape[0]):
+            out, state = model(x[t], state)
+            loss = loss + (out * (t + 1)).sin().sum()
+        return [loss, *torch.autograd.grad(loss, [x, *model.parameters()])]
+
+    def full(model):
+        with monkeypatch.context() as m:
+            m.setattr(cells._Step, "_replayed", lambda self, *a, **k: None)
+            return bptt(model)
+
+    bptt(ours)
+    guard = LoopGuard(monkeypatch, ours)
+    for write in (None, *[name for name, _ in ours.named_parameters()]):
+        if write is not None:
+            ours.get_parameter(write).data.mul_(0.5)
+            ref.get_parameter(write).data.mul_(0.5)
+        with guard:
+            got = bptt(ours)
+        assert cells._PREPARED[ours][True][1] is not None  # the prepared step ran
+        for g, w in zip(got, full(ref), strict=True):
+            torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_a_cell_without_step_products_replays_its_step(cell, monkeypatch):
+    """minGRU and minLSTM have no GEMM on a state: their prepared step had nothing to skip and failed
+    to build (a TypeError caught as "not prepared"), so every step took the full path. Without
+    autograd the replayed step gives the full path's numbers, with the op's loop refused."""
+    from celldsl.nn import cells
+
+    torch.manual_seed(0)
+    step = celldsl.Cell(cell, I, H, dtype=torch.float64)
+    x, h = torch.randn(3, I, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
+    with torch.no_grad():
+        step(x, h)
+        with LoopGuard(monkeypatch, step):
+            got = step(x, h)
+        assert cells._PREPARED[step][False][1] is not None
+        with monkeypatch.context() as m:
+            m.setattr(cells._Step, "_replayed", lambda self, *a, **k: None)
+            want = step(x, h)
+    for g, w in zip(as_list(got[1]) + [got[0]], as_list(want[1]) + [want[0]], strict=True):
+        torch.testing.assert_close(g, w, **TOL)

@@ -154,9 +154,13 @@ class _Step:
         step reads (`held`: its op parameter list)."""
         refresh_copies(self.compiled, self._stored(like=like), self._sizes(), like, held, derived)
 
-    def _train_call(self, step, layout, names, input, given, leads, distinct):
+    def _train_call(self, step, layout, held, derived, input, given, leads, distinct):
         """_replayed under autograd: one PreparedCall. The parameters are the layout's (the key of
-        `_replayed` holds their ids, and the entry holds them: the same objects)."""
+        `_replayed` holds their ids, and the entry holds them: the same objects); the op weights
+        `derived` (blocks of several parameters) are made again first, outside autograd."""
+        if derived:
+            with torch.no_grad():
+                self._refresh(held, derived, input)
         distinct = distinct or step.output_state is None
         outs = apply_prepared(step, layout, self._full_step, len(given), distinct, leads, input, *given,
                               *layout.stored)
@@ -180,7 +184,8 @@ class _Step:
         """The prepared step for these arguments, or None (they fail a check, or the loop has none):
         without autograd (PreparedStep, the op parameters it reads, the indices of those that are
         not views of a stored tensor: `_refresh` computes them again before every call); under
-        autograd (train) (PreparedTrainStep, its Layout, the names of the stored parameters).
+        autograd (train) (PreparedTrainStep, its Layout, the op parameters, the indices of the copies
+        among them: GEMM weights made of blocks of several parameters, made again before every call).
         layer: a layer's step (input [1, N, I] or [N, 1, I]: `_replayed`), checked as [N, I]."""
         compiled = self.compiled
         if layer:
@@ -200,6 +205,13 @@ class _Step:
             sizes = self._sizes()
             stored, blocks = self._stored(like=x), {}
             params = op_params(compiled, stored, sizes, like=x, blocks=blocks)
+            bases = {id(t) for t in stored.values()}
+
+            def viewed(q):
+                return id(q if q._base is None else q._base) in bases
+            derived = [i for i, q in enumerate(params) if not viewed(q)]
+            if train:  # the copies the step reads, made again before each call outside autograd
+                params = [q.detach() if i in derived else q for i, q in enumerate(params)]
             loop = loop_for(compiled.key, backend)
             prepare = getattr(loop, "prepare_train_step" if train else "prepare_step", None)
             if prepare is None:
@@ -211,11 +223,6 @@ class _Step:
             if step is None:
                 return None
             if not train:
-                bases = {id(t) for t in stored.values()}
-
-                def viewed(q):
-                    return id(q if q._base is None else q._base) in bases
-                derived = [i for i, q in enumerate(params) if not viewed(q)]
                 # a weight made of blocks that are views: the step reads them where it can
                 live = step.read_blocks({i: blocks[i] for i in derived
                                          if i in blocks and all(viewed(b) for b in blocks[i])})
@@ -224,8 +231,9 @@ class _Step:
             stored = [self._parameters[n] for n in names]
             if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
                 return None  # a parameter the cell does not read, or scalars
-            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step)
-            return None if layout is None else (step, layout, names)
+            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step,
+                               {i: blocks[i] for i in derived if i in blocks})
+            return None if layout is None else (step, layout, params, derived)
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message
 

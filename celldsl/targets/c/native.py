@@ -126,6 +126,8 @@ class NativeLoop:
         GEMMs `skipped` do nothing (no blocks: the forward leaves the output as it is; the backward
         writes zeros, or adds nothing): for a caller that runs those products itself."""
         loop, keep, _ = prepared
+        if not gemms:  # a cell without step GEMMs (minGRU): nothing to skip
+            return prepared
         copies = [cls.from_buffer_copy(g) for g in (cls * gemms).from_address(loop.gemms)]
         for i in skipped:
             copies[i].blocks = 0
