@@ -364,5 +364,5 @@ def test_an_unbatched_call_is_the_batched_call_of_one_sequence(cell, batch_first
     grads = torch.autograd.grad(got, [x, *states], gs)
     torch.testing.assert_close(grads, torch.autograd.grad(want, [x, *states], gs), **TOL)
     torch.testing.assert_close(flat(torch.jit.script(layer)(x, given)), got, **TOL)
-    with pytest.raises(ValueError, match="state must be"):
+    with pytest.raises(RuntimeError, match="For unbatched 2-D input, the states should have no batch axis"):
         layer(x, batched)  # an unbatched x takes states without the batch axis, as torch.nn's

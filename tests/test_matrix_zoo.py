@@ -482,9 +482,10 @@ MLSTM_SIZES = {"heads": 2, "K": 3, "V": 3}
          "batch_first should be of type bool, got: NoneType"),
         (lambda: celldsl.Recurrent("mlstm", 6, 12, num_layers=0), ValueError,
          "num_layers must be greater than zero"),
+        (lambda: celldsl.Recurrent("mlstm", 6, 12, bias=None), TypeError, "bias should be of type bool"),
     ],
     ids=["sizes-int", "sizes-none", "batch-first-int", "recurrent-sizes-0", "recurrent-sizes-str",
-         "hidden-size-str", "recurrent-batch-first-none", "num-layers-0"],
+         "hidden-size-str", "recurrent-batch-first-none", "num-layers-0", "bias-none"],
 )
 def test_matrix_layer_arguments_of_a_wrong_type_say_what_was_expected(make, error, match):
     """A wrong type is torch.nn's TypeError with what was expected (was: "argument of type 'int' is not

@@ -365,3 +365,63 @@ def test_a_cell_without_step_products_replays_its_step(cell, monkeypatch):
             want = step(x, h)
     for g, w in zip(as_list(got[1]) + [got[0]], as_list(want[1]) + [want[0]], strict=True):
         torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("module", ["layer", "cell"])
+@pytest.mark.parametrize(("cell", "vector"), [("indrnn", "u"), ("greff_vanilla", "p_i")])
+def test_a_vector_the_backward_reads_written_in_place_is_refused(cell, vector, module):
+    """indrnn's u or a peephole, written in place between forward and backward: the backward's
+    kernels read it, so it is autograd's error, as on the full path (was: the old forward mixed with
+    the new vector, the gradient of neither)."""
+    torch.manual_seed(0)
+    layer = module == "layer"
+    m = (celldsl.Recurrent if layer else celldsl.Cell)(cell, I, H, dtype=torch.float64)
+    x = torch.randn(*((T, 3) if layer else (3,)), I, dtype=torch.float64)
+    name = f"{vector}_l0" if layer else vector
+    m(x)[0].sum().backward()  # the second call replays
+    out = m(x)[0]
+    with torch.no_grad():
+        getattr(m, name).mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.square().sum().backward()
+
+
+def test_unfreezing_a_parameter_prepares_again(tmp_path, monkeypatch):
+    """A cell reading W plainly and inside W - Wᵀ: prepared while W is frozen, the combination needs no
+    gradient; after W.requires_grad_(True) the call must not reuse that Layout (was: W's gradient
+    without the combination's share). The full path is the reference."""
+    path = tmp_path / "mixed.cell"
+    path.write_text("cell mixed\ninput x\nstate h\noutput h\nparam W, V, b\n"
+                    "h' = tanh(W @ h + V @ x + b) + 0.1 * tanh((W - Wᵀ) @ h)\n")
+    torch.manual_seed(0)
+    layer = celldsl.Recurrent(str(path), I, H, dtype=torch.float64)
+    x = torch.randn(T, 3, I, dtype=torch.float64)
+    layer.W_l0.requires_grad_(False)
+    layer(x)[0].sum().backward()
+    assert replayed_training(layer)
+    layer.W_l0.requires_grad_(True)
+    got = grads_of(layer, x, None)
+    with monkeypatch.context() as m:
+        m.setattr(stack.RecurrentStack, "_sequenced", lambda self, input, given: None)
+        want = grads_of(layer, x, None)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def test_a_kept_loss_keeps_no_copy_of_the_buffers():
+    """A loop that keeps each step's loss after its backward (logging): autograd has freed that call's
+    saved tensors, so the next call copies nothing into its record (was: one copy of every step's
+    values per kept loss, ~0.6 MB an iteration here)."""
+    import gc
+
+    _ref, ours = pair("LSTM", dtype=torch.float32, num_layers=2, bidirectional=True)
+    opt = torch.optim.SGD(ours.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ours(torch.randn(T, 4, I))[0].square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss)
+    assert replayed_training(ours)
+    assert not [r for r in gc.get_objects() if type(r) is fused.Record and r.values is not None]

@@ -124,8 +124,13 @@ class MatrixRecurrent(PicklesAsText, nn.Module):
                              f"{[tuple(s.shape) for s in state]}")
 
     def _batched_state(self, state, shapes: list[tuple]):
-        """An unbatched call's states (no N axis, checked against `shapes`) with N = 1 put back."""
+        """An unbatched call's states (no N axis, checked against `shapes`) with N = 1 put back. A
+        batched state is torch.nn's RuntimeError for an unbatched input's hx (CellTensorError)."""
         given = tuple(state) if isinstance(state, tuple | list) else (state,)
+        if all(isinstance(s, torch.Tensor) for s in given) and len(given) == len(shapes) and \
+                any(s.dim() != len(sh) for s, sh in zip(given, shapes, strict=True)):
+            raise CellTensorError(f"For unbatched 2-D input, the states should have no batch axis: shapes "
+                                  f"{shapes}, got {[tuple(s.shape) for s in given]}")
         self._check_state(given, shapes)
         return tuple(s.unsqueeze(1) for s in given)
 
@@ -442,7 +447,7 @@ def matrix_recurrent(cell, input_size: int, hidden_size: int, *, num_layers: int
     """celldsl.Recurrent for a matrix-memory cell: a MatrixRecurrent whose output is hidden_size wide
     (checked); the arguments a matrix layer does not have yet are refused, not ignored."""
     # torch.nn's checks and errors (dropout and bias are refused below unless they are the defaults)
-    check_layer_arguments(input_size, hidden_size, num_layers, bias is True, batch_first, backend=backend)
+    check_layer_arguments(input_size, hidden_size, num_layers, bias, batch_first, backend=backend)
     compiled = compile_cell(cell)
     refused = {"bias": bias is not True, "dropout": dropout != 0, "input_sizes": bool(input_sizes),
                "schedule": schedule is not None}

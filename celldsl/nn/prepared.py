@@ -1,15 +1,19 @@
-"""The streaming step under autograd: a prepared step (targets/c/fused.PreparedTrainStep) as an
-autograd.Function, so a decoder or a step-by-step training loop that calls a Cell once per token pays
-one native call per step, forward and backward, instead of the op's full path (its checks, the
-parameter list, packing the weights, binding every kernel argument, at every call).
+"""Prepared calls under autograd: a prepared step or sequence (targets/c/fused.PreparedTrainStep,
+PreparedTrainSequence) as an autograd.Function, so a decoder or a step-by-step training loop that
+calls a Cell once per token, or a small layer's training call, pays one native call forward and one
+backward instead of the op's full path (its checks, the parameter list, packing the weights, binding
+every kernel argument, at every call).
 
 The Function takes the module's own parameters (weight_ih, ...), not the op's views of them, so
-autograd records one node per step; `Layout` makes each parameter's gradient from the op's
-gradients. A backward that autograd records (create_graph=True) or that torch's older vmap batches
-runs the module's full path again and differentiates it, so higher orders are those of the full path.
+autograd records one node per call; `Layout` makes each parameter's gradient from the op's
+gradients. A backward that autograd records (create_graph=True) or whose gradients a vmap batches
+(torch's older one, torch.func's) runs the module's full path again and differentiates it, so higher
+orders are those of the full path.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -29,7 +33,12 @@ class Layout:
 
     def __init__(self, stored: list[Tensor], runs: list[list[tuple]], plan: list[tuple | None]):
         self.stored, self.runs, self.plan = stored, runs, plan
-        self.weights = [p for p in stored if p.dim() > 1]  # what PreparedCall saves, as torch.nn's cells
+        # what PreparedCall saves: the weights, as torch.nn's cells, and the vectors the backward's
+        # kernels read (their gradient is a kernel's accumulator: indrnn's u, a peephole), as the full
+        # path saves them; a bias folded into a GEMM is not read by the backward
+        self.weights = [p for p, rs in zip(stored, runs, strict=True)
+                        if p.dim() > 1 or any(source[0] == "vector" and source[1][0] == "acc"
+                                              for _o, _n, source in rs)]
 
     @classmethod
     def of(cls, stored: list[Tensor], hoisted_w, step_w, vectors, vector_sources, step,
@@ -150,8 +159,9 @@ class Layout:
 class PreparedCall(torch.autograd.Function):
     """apply(step, layout, full, n_given, distinct, (lead, out_lead), x, *given states, *stored) ->
     (*new states shaped lead + (width,), out shaped out_lead + (width,) if distinct): one call of a
-    PreparedTrainStep. `full(x, given, (lead, out_lead), stored)` runs the module's full path (the same
-    outputs, the same shapes), for a backward that autograd records."""
+    PreparedTrainStep (a step: the new states) or a PreparedTrainSequence (a layer and direction:
+    the final states, out_lead (T, N)). `full(x, given, (lead, out_lead), stored)` runs the module's
+    full path (the same outputs, the same shapes), for a backward that autograd records."""
 
     @staticmethod
     def forward(ctx, step, layout, full, n_given, distinct, leads, x, *tensors):
@@ -159,18 +169,23 @@ class PreparedCall(torch.autograd.Function):
         ctx.versions = _versions([x, *stored])  # what a recorded backward reads: unchanged then?
         ctx.saves_x = step.saves_input
         news, record = step.forward(x, given, leads[0])
+        # the record is needed while autograd keeps this call's saved tensors: a sentinel among them
+        # tells the step when they are freed (after a backward without retain_graph), so a later
+        # call does not copy its buffers into a record no backward will read
+        alive = torch.empty(0)
+        record.alive = weakref.ref(alive)
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
         ctx.x, ctx.stored = x, stored  # for a recorded backward only (x: the step keeps a copy)
         ctx.set_materialize_grads(False)
-        # the states and the weights as torch.nn's cells save them (a write into one of them before
-        # the backward is autograd's error); the outputs, x and the biases are not saved: writing
-        # into them after the call is allowed, as in torch.nn, before a first-order backward (a
-        # recorded one reads x and the biases again: `_check_unchanged`)
-        # a layer's sequence saves x too, as torch.nn's layers do: a write into it before the backward
-        # is autograd's error there (the sequence keeps a copy; a cell's step allows the write)
-        ctx.save_for_backward(*given, *layout.weights, *([x] if ctx.saves_x else []))
+        # saved, so that a write into one of them before the backward is autograd's error: the
+        # states, the weights (as torch.nn's cells save them) and the vectors the backward reads
+        # (Layout.weights), and a layer's input (as torch.nn's layers; the prepared call keeps a copy,
+        # so a step allows the write, as torch.nn's cells). The outputs and the folded biases are not:
+        # writing into them after the call is allowed, as in torch.nn, before a first-order backward
+        # (a recorded one reads x and the parameters again: `_check_unchanged`)
+        ctx.save_for_backward(*given, *layout.weights, *([x] if ctx.saves_x else []), alive)
         return tuple(outs)
 
     @staticmethod

@@ -29,8 +29,9 @@ _ZOO_CELLS: dict[str, CompiledCell] = {}
 # layer -> (its parameters' ids, one cell per layer sharing them): the one-step path (`_streamed`); kept
 # out of the module (a submodule attribute would enter state_dict, pickles and deepcopies)
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# layer -> (its parameters' identities, {an inference call's signature: its layers' prepared sequences
-# or None}): `_sequenced`, a few signatures per layer (a caller alternating two batch sizes)
+# layer -> (its parameters' identities, {a call's signature: its layers' prepared sequences, for
+# inference or training, or None}): `_sequenced`, a few signatures per layer (a caller alternating two
+# batch sizes)
 _SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SEQUENCE_SIGNATURES = 4
 
@@ -157,23 +158,25 @@ class RecurrentStack:
         return given
 
     def _sequenced(self, input, given):
-        """(output, final states) of a small inference call on the CPU (padded input [T, N, I], T > 1
-        or bidirectional, no autograd) from each layer's and direction's prepared sequence
-        (targets/c/fused.PreparedSequence: its kernel arguments bound once; direction 1 runs on the
-        input reversed in time and its output is reversed back, as the full path's `_layers`), or
-        None: then the full path runs, with its checks and messages. The sequences are made after
-        that path's checks pass and kept while the call's shapes, dtypes, the threads, inference mode
-        and the parameters (object, storage, shape, strides) stay the same (and the loop's libraries
-        and GEMM choices: `revision`); they read the parameters' values live at every call."""
+        """(output, final states) of a small call on the CPU (padded input [T, N, I], T > 1 or
+        bidirectional) from each layer's and direction's prepared sequence (targets/c/fused:
+        PreparedSequence, its kernel arguments bound once; under autograd PreparedTrainSequence,
+        through nn/prepared.PreparedCall; direction 1 runs on the input reversed in time and its
+        output is reversed back, as the full path's `_layers`), or None: then the full path runs,
+        with its checks and messages. The sequences are made after that path's checks pass and kept
+        while the call's shapes, dtypes, the threads, inference mode, autograd and the parameters
+        (object, storage, shape, strides, requires_grad) stay the same (and the loop's libraries and
+        GEMM choices: `revision`); they read the parameters' values live at every call."""
         tensors = [input, *(given or [])]
         params = list(self._parameters.values())
         try:
-            held = tuple(p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
-                         for p in params)
+            identities = tuple(p if p is None else (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype,
+                                                    p.device, p.requires_grad)  # a training Layout reads it
+                               for p in params)
         except RuntimeError:  # a tensor without storage (a wrapper subclass): the full path
             return None
         entries = _SEQUENCES.get(self)
-        if entries is not None and entries[0] != held:  # moved, converted, replaced: let go of the old
+        if entries is not None and entries[0] != identities:  # moved, converted, replaced: let go of the old
             del _SEQUENCES[self]
             entries = None
         train = torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -187,7 +190,7 @@ class RecurrentStack:
                torch.is_inference_mode_enabled(), self.training, train, revision(),
                *[(s.shape, s.dtype, s.device) for s in given or []])
         if entries is None:
-            entries = _SEQUENCES[self] = (held, {})
+            entries = _SEQUENCES[self] = (identities, {})
         signatures = entries[1]
         sequences = signatures.pop(key, False)  # False: not prepared yet (None: prepared, none)
         if sequences is False:
@@ -209,20 +212,17 @@ class RecurrentStack:
                     idx = k * directions + d
                     states = [] if given is None else [s[idx] for s in given]
                     seq = x if d == 0 else x.flip(0)
-                    if train:
-                        sequence, layout, held, derived = sequences[idx]
-                        if derived:
-                            with torch.no_grad():
-                                self._refresh_derived(k, d, held, derived)
+                    sequence, weights, derived, layout = sequences[idx]
+                    if derived:  # outside autograd: the copies are no part of the graph
+                        with torch.no_grad():
+                            self._refresh_derived(k, d, weights, derived)
+                    if layout is None:
+                        out, news = sequence(seq, states)
+                    else:
                         leads = ((seq.shape[1],), seq.shape[:2])  # the final states', the output's
                         results = apply_prepared(sequence, layout, self._full_sequence(k, d), len(states),
                                                  True, leads, seq, *states, *layout.stored)
                         out, news = results[-1], list(results[:-1])
-                    else:
-                        sequence, held, derived = sequences[idx]
-                        if derived:
-                            self._refresh_derived(k, d, held, derived)
-                        out, news = sequence(seq, states)
                     outs.append(out if d == 0 else out.flip(0))
                     finals.append(news)
                 x = outs[0] if directions == 1 else torch.cat(outs, dim=-1)
@@ -234,13 +234,13 @@ class RecurrentStack:
     def _prepare_sequences(self, input, given, train: bool = False):
         """Per layer and direction, in h_n's order (its PreparedSequence for calls like this one, the
         op parameters it reads, the indices of those that are no views of stored tensors: blocks of
-        several parameters, or a combination such as W - Wᵀ, made again before every call), or None
-        where a layer has none or the call fails a check (the full path raises it again, with its
-        message). Every stored tensor must be a registered nn.Parameter (not a parametrization's
-        tensor, made anew at each call). train (a call under autograd): (its PreparedTrainSequence,
-        the nn/prepared.Layout of its stored parameters, the op parameters, the copies among them)
-        each, and None unless every op parameter is a plain view of a stored one or a GEMM weight
-        made of such views (W_z, W_i, ... stored apart: a copy, made again before each call)."""
+        several parameters, or a combination such as W - Wᵀ, made again before every call, and None),
+        or None where a layer has none or the call fails a check (the full path raises it again,
+        with its message). Every stored tensor must be a registered nn.Parameter (not a
+        parametrization's tensor, made anew at each call). train (a call under autograd): a
+        PreparedTrainSequence and the nn/prepared.Layout of its parameters in place of None, and
+        None unless every op parameter is a plain view of a stored one or a GEMM weight made of such
+        views (W_z, W_i, ... stored apart: a copy, made again before each call)."""
         x = input.transpose(0, 1) if self.batch_first else input
         try:
             self._check_input(x, None)
@@ -274,16 +274,15 @@ class RecurrentStack:
                 sequence = prepare(like, states, *split)
                 if sequence is None:
                     return None
-                if not train:
-                    sequences.append((sequence, params, derived))
-                    continue
-                names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)]
-                held = [self._parameters[n] for n in names if self._parameters.get(n) is not None]
-                layout = Layout.of(held, *split[:3], sequence.vector_sources, sequence,
-                                   {i: blocks[i] for i in derived if i in blocks})
-                if layout is None or split[3]:  # not views or blocks of the parameters, or scalars
-                    return None
-                sequences.append((sequence, layout, params, derived))
+                layout = None
+                if train:
+                    names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)]
+                    parameters = [self._parameters[n] for n in names if self._parameters.get(n) is not None]
+                    layout = Layout.of(parameters, *split[:3], sequence.vector_sources, sequence,
+                                       {i: blocks[i] for i in derived if i in blocks})
+                    if layout is None or split[3]:  # not views or blocks of the parameters, or scalars
+                        return None
+                sequences.append((sequence, params, derived, layout))
             shape = (*shape[:2], sequence.out.shape[-1] * self.num_directions)
         for entry in sequences[1:]:
             entry[0].lock = sequences[0][0].lock  # one lock for the stack's buffers

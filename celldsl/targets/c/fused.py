@@ -1706,9 +1706,10 @@ class PreparedTrainStep(PreparedStep):
 
     def _spill(self) -> None:
         """Copies the buffers' values into the Record of the call they belong to, before they are
-        overwritten, if that call's backward may yet run (its Record is alive) and has no copy yet."""
+        overwritten, if that call's backward may yet run (its Record and the tensors autograd saved
+        for it are alive) and it has no copy yet."""
         held = self.holds()
-        if held is not None and held.values is None:
+        if held is not None and held.needed():
             held.values = [k.clone() for k in self.kept]
 
     def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
@@ -1895,13 +1896,19 @@ class PreparedTrainSequence(PreparedSequence):
 
 
 class Record:
-    """One PreparedTrainStep call, for its backward: `values` holds copies of what the backward
-    reads once a later call overwrote the step's buffers (None while they still hold them)."""
+    """One PreparedTrainStep's or PreparedTrainSequence's call, for its backward: `values` holds copies
+    of what the backward reads once a later call overwrote the buffers (None while they still hold
+    them); `alive` (set by nn/prepared.PreparedCall) a weak reference to a tensor autograd keeps
+    while that backward may still run."""
 
-    __slots__ = ("values", "__weakref__")
+    __slots__ = ("values", "alive", "__weakref__")
 
     def __init__(self):
         self.values = None
+        self.alive = None
+
+    def needed(self) -> bool:
+        return self.values is None and (self.alive is None or self.alive() is not None)
 
 
 def _dead():
