@@ -1623,49 +1623,35 @@ class PreparedSequence:
         self.native.run_forward(self.prepared)
 
 
-class PreparedTrainStep(PreparedStep):
-    """A PreparedStep for a call under autograd. Its buffers and kernel arguments are bound once,
-    forward and backward, but it reads the weights live: the GEMMs are torch's on the tensors it was
-    given (the module's parameters or views of them), the biases added up again at every call, so a
-    write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
-    torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
-    products, the in-step operands); a backward copies the gradients in (and its forward's values,
-    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
-    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
-    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
-    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
-    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+class _TrainBackward:
+    """What PreparedTrainStep and PreparedTrainSequence share: the backward's buffers and kernel
+    arguments bound once over `rows` rows (N for a step, T * N for a sequence), the gradients copied
+    in before each backward, the records' protocol (a forward's values copied into its Record before
+    a later call overwrites them), and the parameters' gradients read off the buffers (`gemm_grad`,
+    `gradients`: nn/prepared.Layout)."""
 
-    saves_input = False  # a cell's input may be written after the call (the step keeps a copy)
-
-    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
-        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
-        bufs, _panels, _step_w, _step_bias = self._held
-        steps, offsets, _args = self._steps
+    def _bind_backward(self, loop: FusedCPULoop, bufs: dict, steps, offsets, rows: int, hoisted_w, step_w,
+                       vectors):
+        """Binds the backward -> (its NativeLoop, prepared call, packed panels)."""
         X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
         self.hoisted_w, self.step_w = list(hoisted_w), list(step_w)  # live: not copies
-        every = list(range(len(step_w)))
-
         widths = [s.shape[1] for s in self.states]
         A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
-        d_step = [X.new_empty(N, w.shape[0]) for w in step_w]
+        d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
         alias = loop.schedule.hoisted_alias
-        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(N, w.shape[0])
+        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
                    for i, w in enumerate(hoisted_w)]
-        self.g_out = X.new_zeros(N, loop.output_width(sizes))
+        self.g_out = X.new_zeros(rows, loop.output_width(sizes))
         self.g_out_zero = True
         accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
-        grads = {"out": self.g_out, "zeros": self.g_out, "step": d_step, "hoisted": d_hoist, "x": {},
+        grads = {"out": self.g_out, "zeros": self.g_out[:N], "step": d_step, "hoisted": d_hoist, "x": {},
                  "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
                  "vectors": accumulators, "scalars": []}
         args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
                 for pw in loop.plan.pointwise}
-        self.back_native, prepared, back_panels = loop._backward_native(
-            bufs, grads, args, A, B, steps, offsets, N, _step_w, run=False)
-        # the state GEMMs' d operands (d initial states) run here, with torch, where needed: at
-        # T = 1 the backward's GEMMs only add onto the d initial states, so the native call runs none
-        self.backward_call = self.back_native.skipping(prepared, BackGemm, len(step_w), every)
-        self._held_back = (grads, args, back_panels)
+        native, prepared, panels = loop._backward_native(bufs, grads, args, A, B, steps, offsets, N,
+                                                         [w.contiguous() for w in step_w], run=False)
+        self._held_back = (grads, args, panels)  # what the bound pointers point into
         self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
         self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
         # the accumulators the kernels add into (zeroed per call); the others are GEMM columns' sums
@@ -1673,36 +1659,15 @@ class PreparedTrainStep(PreparedStep):
                             if i not in loop.folded and i not in loop.same_vectors]
         self.accumulators = accumulators
         self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
-        self.vector_sources = [self._source(loop, i, bufs) for i in range(len(vectors))]
-        # what a backward reads besides the initial states (x: a copy, the caller may write into x)
-        self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
-                     *bufs["operands"].values()]
+        self.vector_sources = [_vector_source(loop, i, bufs) for i in range(len(vectors))]
         self.holds = _dead  # the Record of the call whose values the buffers hold
+        return native, prepared, panels
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
-        """Runs the step on x and the given states (shaped as `__call__` takes them) -> (copies of
-        the new states shaped lead + (width,), the Record its backward takes). The buffers are about
-        to be overwritten: the previous call's values are copied into its Record first, if that
-        Record is still held (its backward may yet run)."""
-        self._spill()
-        self._run(x, states)
+    def _record(self) -> Record:
+        """A new call's Record, after the previous call's values were copied into its own (`_spill`)."""
         record = Record()
         self.holds = weakref.ref(record)
-        return self._news(lead), record
-
-    @staticmethod
-    def _source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
-        """Where vector i's gradient is: (("hoisted" or "step", GEMM), first column) of a GEMM
-        gradient's column sums, or (("acc", j), 0): accumulator j."""
-        i = loop.same_vectors.get(i, i)
-        if i in loop.folded:
-            kind, gi, block = loop.folded[i]
-            return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
-        return ("acc", i), 0
-
-    def output(self, lead) -> torch.Tensor:
-        """A copy of the latest forward's output, shaped lead + (width,)."""
-        return self._as(self.out, (*lead, self.out.shape[-1])).clone()
+        return record
 
     def _spill(self) -> None:
         """Copies the buffers' values into the Record of the call they belong to, before they are
@@ -1712,49 +1677,36 @@ class PreparedTrainStep(PreparedStep):
         if held is not None and held.needed():
             held.values = [k.clone() for k in self.kept]
 
-    def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
-        """The gradients of the forward that made `record` (given the states it took), for grad_out
-        (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial state or
-        None, per needs_states]); the parameters' are then made from the buffers it leaves
-        (`gemm_grad`, `gradients`), only those needed. At T = 1 the backward reads the initial
-        states, not the new ones."""
-        if self.holds() is not record:  # another forward ran since, or another's backward restored its values
-            self._spill()
-            self.holds = weakref.ref(record)
-            for buf, s in zip(self.states, states, strict=False):
-                self._as(buf, s.shape).copy_(s)
-            for buf in self.states[len(states):]:
-                buf.zero_()
-            for buf, k in zip(self.kept, record.values, strict=True):
-                buf.copy_(k)
+    def _restore(self, record: Record) -> bool:
+        """Makes the buffers hold `record`'s call's values (copied back, after the values they hold
+        were spilled) -> whether they had to be copied."""
+        if self.holds() is record:
+            return False
+        self._spill()
+        self.holds = weakref.ref(record)
+        for buf, k in zip(self.kept, record.values, strict=True):
+            buf.copy_(k)
+        return True
+
+    def _take_gradients(self, grad_out, grad_news) -> None:
+        """grad_out and the new (final) states' gradients into their buffers (None: zeros), and the
+        accumulators zeroed, for one backward."""
         for buf, g in zip(self.B, grad_news, strict=True):
             if g is None:
                 buf.zero_()
             else:
-                self._as(buf, g.shape).copy_(g)
+                buf.copy_(g.reshape(buf.shape))
         if grad_out is not None:
-            self._as(self.g_out, grad_out.shape).copy_(grad_out)
+            self.g_out.copy_(grad_out.reshape(self.g_out.shape))
             self.g_out_zero = False
         elif not self.g_out_zero:  # the native call only reads it
             self.g_out.zero_()
             self.g_out_zero = True
         for acc in self.accumulated:
             acc.zero_()
-        self.back_native.run_backward(self.backward_call)
-        if any(needs_states):
-            for d, w, i in zip(self.d_step, self.step_w, self.state_of_gemm, strict=True):
-                self.A[i].addmm_(d, w)
-        dx = None
-        if needs_dx:
-            for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
-                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
-            if dx is None:
-                dx = torch.zeros_like(self.x[0])
-        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
-        return dx, dstates
 
     def gemm_grad(self, kind: str, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d rows [N, rows], operand [N, cols]) of hoisted or step GEMM gi: after a backward, its
+        """(d rows [rows, out], operand [rows, cols]) of hoisted or step GEMM gi: after a backward, its
         weight's gradient is d.T @ operand and a bias block's the column sums of d. Buffers bound
         once: their values are the latest backward's."""
         if kind == "hoisted":
@@ -1776,7 +1728,85 @@ class PreparedTrainStep(PreparedStep):
         return d_hoisted_w, d_step_w, sources
 
 
-class PreparedTrainSequence(PreparedSequence):
+def _vector_source(loop: FusedCPULoop, i: int, bufs: dict) -> tuple:
+    """Where vector i's gradient is: (("hoisted" or "step", GEMM), first column) of a GEMM gradient's
+    column sums, or (("acc", j), 0): accumulator j."""
+    i = loop.same_vectors.get(i, i)
+    if i in loop.folded:
+        kind, gi, block = loop.folded[i]
+        return (kind, gi), bufs[f"{kind}_blocks"][gi][block]
+    return ("acc", i), 0
+
+
+class PreparedTrainStep(PreparedStep, _TrainBackward):
+    """A PreparedStep for a call under autograd. Its buffers and kernel arguments are bound once,
+    forward and backward, but it reads the weights live: the GEMMs are torch's on the tensors it was
+    given (the module's parameters or views of them), the biases added up again at every call, so a
+    write torch does not count (`p.data.add_(...)`, gradcheck's perturbations) is seen as in
+    torch.nn. `forward` hands back copies of what the backward reads (the hoisted rows, the step
+    products, the in-step operands); a backward copies the gradients in (and its forward's values,
+    unless the buffers still hold them), runs one native call (the kernels), then the GEMMs of the
+    input's and the initial states' gradients where needed. The op parameters' gradients (hoisted
+    weights, step weights, vectors by `vector_sources`) are then read off its buffers (`gemm_grad`:
+    one GEMM per weight, column sums per bias) or made by `gradients`; nn/prepared.Layout makes the
+    module's, only those needed. Every step GEMM must multiply a state (FusedCPULoop.prepare_train_step)."""
+
+    saves_input = False  # a cell's input may be written after the call (the step keeps a copy)
+
+    def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
+        super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars)
+        bufs, _panels, _step_w, _step_bias = self._held
+        steps, offsets, _args = self._steps
+        self.back_native, prepared, _panels = self._bind_backward(loop, bufs, steps, offsets, self.x.shape[1],
+                                                                  hoisted_w, step_w, vectors)
+        # the state GEMMs' d operands (d initial states) run here, with torch, where needed: at
+        # T = 1 the backward's GEMMs only add onto the d initial states, so the native call runs none
+        every = list(range(len(step_w)))
+        self.backward_call = self.back_native.skipping(prepared, BackGemm, len(step_w), every)
+        # what a backward reads besides the initial states (x: a copy, the caller may write into x)
+        self.kept = [self.x, *bufs["hoisted"], *[s for s in bufs["step"] if s.numel()],
+                     *bufs["operands"].values()]
+
+    def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
+        """Runs the step on x and the given states (shaped as `__call__` takes them) -> (copies of
+        the new states shaped lead + (width,), the Record its backward takes). The buffers are about
+        to be overwritten: the previous call's values are copied into its Record first, if that
+        Record is still held (its backward may yet run)."""
+        self._spill()
+        self._run(x, states)
+        return self._news(lead), self._record()
+
+    def output(self, lead) -> torch.Tensor:
+        """A copy of the latest forward's output, shaped lead + (width,)."""
+        return self._as(self.out, (*lead, self.out.shape[-1])).clone()
+
+    def backward(self, record: Record, states, grad_out, grad_news, needs_dx: bool, needs_states):
+        """The gradients of the forward that made `record` (given the states it took), for grad_out
+        (None: zero) and the new states' gradients (None: zero) -> (dx or None, [d initial state or
+        None, per needs_states]); the parameters' are then made from the buffers it leaves
+        (`gemm_grad`, `gradients`), only those needed. At T = 1 the backward reads the initial
+        states, not the new ones."""
+        if self._restore(record):
+            for buf, s in zip(self.states, states, strict=False):
+                self._as(buf, s.shape).copy_(s)
+            for buf in self.states[len(states):]:
+                buf.zero_()
+        self._take_gradients(grad_out, grad_news)
+        self.back_native.run_backward(self.backward_call)
+        if any(needs_states):
+            for d, w, i in zip(self.d_step, self.step_w, self.state_of_gemm, strict=True):
+                self.A[i].addmm_(d, w)
+        dx = None
+        if needs_dx:
+            for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
+                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
+            if dx is None:
+                dx = torch.zeros_like(self.x[0])
+        dstates = [a.clone() if need else None for a, need in zip(self.A, needs_states, strict=False)]
+        return dx, dstates
+
+
+class PreparedTrainSequence(PreparedSequence, _TrainBackward):
     """A PreparedSequence for a call under autograd (a small layer's training call: nn/stack.py, through
     nn/prepared.PreparedCall, the same Function as PreparedTrainStep's). The forward keeps every
     step's values in its buffers, as FusedCPULoop.forward saves them (`kept`); the backward is bound
@@ -1793,86 +1823,41 @@ class PreparedTrainSequence(PreparedSequence):
     def __init__(self, loop: FusedCPULoop, plan, x, states, hoisted_w, step_w, vectors, scalars):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars, save=True)
         bufs, _args = self._held
-        X, N, sizes = bufs["X"], self.x.shape[1], bufs["sizes"]
-        rows, steps, offsets = X.shape[0], [N] * self.x.shape[0], list(range(0, X.shape[0], N))
+        N, rows = self.x.shape[1], bufs["X"].shape[0]
         self.output_state = loop.output_state
-        widths = [s.shape[1] for s in self.states]
-        A, B = [X.new_empty(N, w) for w in widths], [X.new_empty(N, w) for w in widths]
-        d_step = [X.new_empty(rows, w.shape[0]) for w in step_w]
-        alias = loop.schedule.hoisted_alias
-        d_hoist = [d_step[alias[i]] if i in alias else X.new_empty(rows, w.shape[0])
-                   for i, w in enumerate(hoisted_w)]
-        self.g_out = X.new_zeros(rows, loop.output_width(sizes))
-        self.g_out_zero = True
-        accumulators = [torch.zeros(v.shape[0], dtype=torch.float64) for v in vectors]
-        grads = {"out": self.g_out, "zeros": self.g_out[:N], "step": d_step, "hoisted": d_hoist, "x": {},
-                 "ops": {name: X.new_empty(N, sizes[loop.width_of[name]]) for name in loop.operand_names},
-                 "vectors": accumulators, "scalars": []}
-        args = {pw.name: [loop._bind_backward(pw, a, b, bufs, grads) for a, b in ((A, B), (B, A))]
-                for pw in loop.plan.pointwise}
-        packed_w = [w.contiguous() for w in step_w]
-        self.back_native, self.back_prepared, self.back_panels = loop._backward_native(
-            bufs, grads, args, A, B, steps, offsets, N, packed_w, run=False)
-        self._held_back = (grads, args)
-        self.A, self.B, self.d_step, self.d_hoist = A, B, d_step, d_hoist
-        self.d_step_t, self.d_hoist_t = [d.t() for d in d_step], [d.t() for d in d_hoist]
+        self.back_native, self.back_prepared, self.back_panels = self._bind_backward(
+            loop, bufs, [N] * self.x.shape[0], list(range(0, rows, N)), rows, hoisted_w, step_w, vectors)
         # the initial states' gradients: the buffers the last step (t = 0) wrote (A, B swap per step)
-        self.d_initial = A if len(steps) % 2 == 1 else B
-        self.accumulated = [accumulators[i] for i in range(len(vectors))
-                            if i not in loop.folded and i not in loop.same_vectors]
-        self.accumulators = accumulators
-        self.vector_sources = [PreparedTrainStep._source(loop, i, bufs) for i in range(len(vectors))]
+        self.d_initial = self.A if self.x.shape[0] % 2 == 1 else self.B
         # a step GEMM's operand rows: the initial state, then every new state but the last
-        news = bufs["news"]
-        self.state_of_gemm = [i for _is_state, i in loop.gemm_operands]
-        self.previous = {i: X.new_empty(rows, widths[i]) for i in set(self.state_of_gemm)}
+        widths = [s.shape[1] for s in self.states]
+        self.previous = {i: bufs["X"].new_empty(rows, widths[i]) for i in set(self.state_of_gemm)}
         self.step_operands = [self.previous[i] for i in self.state_of_gemm]
         self.hoisted_x = self.hoisted_ops
         # what a backward reads (x and the initial states: copies, the caller may write into them)
-        self.kept = [self.x, *self.states, *[n for n in news if n.numel()],
+        self.kept = [self.x, *self.states, *[n for n in self.news if n.numel()],
                      *[t for t in bufs["step"] if t.numel()], *bufs["operands"].values(), *self.hoisted_out]
-        self.holds = _dead  # the Record of the call whose values the buffers hold
 
     def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
         """Runs the sequence on x [T, N, I] and the given states [N, width] (the rest zero) -> (copies
         of the final states shaped lead + (width,), the Record its backward takes)."""
         self._spill()
         self._run(x, states)
-        record = Record()
-        self.holds = weakref.ref(record)
         N = self.x.shape[1]
-        return [n[n.shape[0] - N :].view(*lead, n.shape[-1]).clone() for n in self.news], record
+        return [n[n.shape[0] - N :].view(*lead, n.shape[-1]).clone() for n in self.news], self._record()
 
     def output(self, lead) -> torch.Tensor:
         """A copy of the latest forward's output, shaped lead + (width,) (lead: (T, N))."""
         return self.out.view(*lead, self.out.shape[-1]).clone()
 
-    _spill = PreparedTrainStep._spill
-
     def backward(self, record: Record, states, grad_out, grad_finals, needs_dx: bool, needs_states):
         """The gradients of the forward that made `record`, for grad_out ([T, N, width] or None: zero)
         and the final states' gradients (None: zero) -> (dx [T * N, I] or None, [d initial state or
         None, per needs_states]); the parameters' are then made from its buffers (`gemm_grad`,
-        `gradients`), only those needed. `states` is PreparedTrainStep.backward's argument: unused
-        here, the record's copies hold the initial states."""
-        if self.holds() is not record:  # another forward ran since, or another's backward restored its values
-            self._spill()
-            self.holds = weakref.ref(record)
-            for buf, k in zip(self.kept, record.values, strict=True):
-                buf.copy_(k)
-        for buf, g in zip(self.B, grad_finals, strict=True):
-            if g is None:
-                buf.zero_()
-            else:
-                buf.copy_(g.reshape(buf.shape))
-        if grad_out is not None:
-            self.g_out.copy_(grad_out.reshape(self.g_out.shape))
-            self.g_out_zero = False
-        elif not self.g_out_zero:  # the native call only reads it
-            self.g_out.zero_()
-            self.g_out_zero = True
-        for acc in self.accumulated:
-            acc.zero_()
+        `gradients`), only those needed. `states` (PreparedTrainStep.backward's argument) is not
+        read: the buffers, or the record's copies, hold the initial states."""
+        self._restore(record)
+        self._take_gradients(grad_out, grad_finals)
         nt = self.back_prepared[0].nt
         for w, panels in zip(self.step_w, self.back_panels, strict=True):  # the weights as they are now
             k, n = w.shape
@@ -1890,9 +1875,6 @@ class PreparedTrainSequence(PreparedSequence):
                 dx = torch.zeros_like(self.x).view(rows, -1)
         dstates = [a.clone() if need else None for a, need in zip(self.d_initial, needs_states, strict=False)]
         return dx, dstates
-
-    gemm_grad = PreparedTrainStep.gemm_grad
-    gradients = PreparedTrainStep.gradients
 
 
 class Record:
