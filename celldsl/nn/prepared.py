@@ -99,15 +99,16 @@ class Layout:
 
     @staticmethod
     def _planned(p: Tensor, rs: list[tuple], step) -> tuple | None:
-        """(0, (d.T, operand), shape): a GEMM weight's gradient; (1, [column views], shape): their
-        column sums; shape: p's where the result's differs (else None); None: `_general`."""
+        """(0, (d, operand), shape): a GEMM weight's gradient, step.weight_grad(d, operand) (d.T @
+        operand); (1, [column views], shape): their column sums; shape: p's where the result's differs
+        (else None); None: `_general`."""
         if len(rs) == 1 and rs[0][2][0] in ("hoisted", "step"):
             source = rs[0][2]
             d, operand = step.gemm_grad(*source[:2])
             if len(source) == 4:  # a block of the weight's rows
                 d = d[:, source[2] : source[2] + source[3]]
             shape = (d.shape[1], operand.shape[1])
-            return 0, (d.t(), operand), None if p.shape == shape else p.shape
+            return 0, (d, operand), None if p.shape == shape else p.shape
         if all(source[0] == "vector" and source[1][0] in ("hoisted", "step") for _o, _n, source in rs):
             views = [step.gemm_grad(*source[1])[0][:, source[2] : source[2] + n] for _o, n, source in rs]
             return 1, views, None if p.shape == (p.numel(),) else p.shape
@@ -128,7 +129,7 @@ class Layout:
             else:
                 kind, operands, shape = planned
                 if kind == 0:
-                    g = torch.mm(*operands)
+                    g = step.weight_grad(*operands)
                 else:
                     g = (operands[0] if len(operands) == 1 else torch.cat(operands, 1)).sum(0)
                 if shape is not None:

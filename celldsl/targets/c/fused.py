@@ -1705,6 +1705,11 @@ class _TrainBackward:
         for acc in self.accumulated:
             acc.zero_()
 
+    @staticmethod
+    def weight_grad(d: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+        """d.T @ operand, a weight's gradient (nn/prepared.Layout), as a new tensor: torch's GEMM."""
+        return torch.mm(d.t(), operand)
+
     def gemm_grad(self, kind: str, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(d rows [rows, out], operand [rows, cols]) of hoisted or step GEMM gi: after a backward, its
         weight's gradient is d.T @ operand and a bias block's the column sums of d. Buffers bound
@@ -1834,9 +1839,30 @@ class PreparedTrainSequence(PreparedSequence, _TrainBackward):
         self.previous = {i: bufs["X"].new_empty(rows, widths[i]) for i in set(self.state_of_gemm)}
         self.step_operands = [self.previous[i] for i in self.state_of_gemm]
         self.hoisted_x = self.hoisted_ops
+        self._backends: dict[tuple, str] = {}
         # what a backward reads (x and the initial states: copies, the caller may write into them)
         self.kept = [self.x, *self.states, *[n for n in self.news if n.numel()],
                      *[t for t in bufs["step"] if t.numel()], *bufs["operands"].values(), *self.hoisted_out]
+
+    def _backend(self, kind: str, m: int, k: int, n: int) -> str:
+        """The GEMM backend measured fastest for a product of the backward, as FusedCPULoop.backward's
+        (at T * N rows the native GEMM took 0.65x torch's time for [160, 256].T @ [160, 128], and an
+        LSTM at T=20 N=16 H=256 took 1.35x the full path's time on torch's GEMMs alone); chosen once
+        per shape: a change of the choices (the loop's revision) makes a new sequence."""
+        key = (kind, m, k, n)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = cpu_gemm.choose(cpu_gemm.site(kind, self.x.dtype, m, k, n),
+                                                            self.loop.lib, force=self.loop.gemm)
+        return backend
+
+    def weight_grad(self, d: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+        """d.T @ operand as a new tensor, on the backend chosen for its shape; a block of d's columns
+        (a weight stored in blocks) on torch's."""
+        backend = self._backend("weight_grad", d.shape[0], operand.shape[1], d.shape[1])
+        if backend != "native" or not d.is_contiguous():
+            return torch.mm(d.t(), operand)
+        return cpu_gemm.WeightGrads(d, self.loop.lib, backend)(operand)
 
     def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
         """Runs the sequence on x [T, N, I] and the given states [N, width] (the rest zero) -> (copies
@@ -1868,9 +1894,11 @@ class PreparedTrainSequence(PreparedSequence, _TrainBackward):
             prev[:N].copy_(self.states[i])
             prev[N:].copy_(self.news[i][: rows - N])
         dx = None
-        if needs_dx:
+        if needs_dx:  # d hoisted rows @ W, with the backend measured fastest for its shape
             for d, w in zip(self.d_hoist, self.hoisted_w, strict=True):
-                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
+                d_x = cpu_gemm.matmul(d, w, self.loop.lib, self._backend("input_grad", d.shape[0], w.shape[1],
+                                                                         w.shape[0]))
+                dx = d_x if dx is None else dx.add_(d_x)
             if dx is None:
                 dx = torch.zeros_like(self.x).view(rows, -1)
         dstates = [a.clone() if need else None for a, need in zip(self.d_initial, needs_states, strict=False)]
