@@ -425,3 +425,67 @@ def test_a_kept_loss_keeps_no_copy_of_the_buffers():
         losses.append(loss)
     assert replayed_training(ours)
     assert not [r for r in gc.get_objects() if type(r) is fused.Record and r.values is not None]
+
+
+@pytest.mark.parametrize("module", ["LSTM", "LSTMCell"])
+def test_checkpoint_and_a_pack_hook_give_torch_nn_gradients(module, monkeypatch):
+    """torch.utils.checkpoint (non-reentrant) and a saved_tensors_hooks pack hook that copies: autograd
+    keeps what the hook made, not the call's sentinel, so the record must be kept for as long as the
+    graph (was: a TypeError at the backward, the record's values never copied)."""
+    from torch.utils.checkpoint import checkpoint
+
+    kw = {} if module == "LSTMCell" else {"num_layers": 2}
+    ref, ours = pair(module, **kw)
+    x = torch.randn(*((3,) if module == "LSTMCell" else (T, 3)), I, dtype=torch.float64)
+
+    def loss(m, x):
+        return m(x)[0].sin().sum()
+
+    def two_checkpoints(m):
+        return checkpoint(loss, m, x, use_reentrant=False) + checkpoint(loss, m, 2 * x, use_reentrant=False)
+
+    def two_calls_hooked(m):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            return loss(m, x) + loss(m, 2 * x)
+
+    loss(ours, x).backward()
+    for make in (two_checkpoints, two_calls_hooked):
+        with LoopGuard(monkeypatch, ours):
+            got = torch.autograd.grad(make(ours), list(ours.parameters()))
+        for g, w in zip(got, torch.autograd.grad(make(ref), list(ref.parameters())), strict=True):
+            torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("module", ["layer", "cell"])
+def test_a_block_stored_weight_is_the_forwards_in_its_backward(module, monkeypatch):
+    """greff_vanilla (its GEMM weight a copy of W_z, W_i, ...): call A, a write torch does not count,
+    call B (which refills the copy), then A's backward: A's weights, as the full path's saved copy
+    (was: B's weights, every gradient off)."""
+    import copy
+
+    from celldsl.nn import cells
+
+    torch.manual_seed(0)
+    layer = module == "layer"
+    base = (celldsl.Recurrent if layer else celldsl.Cell)("greff_vanilla", I, H, dtype=torch.float64)
+    xs = torch.randn(2, *((T, 3) if layer else (3,)), I, dtype=torch.float64)
+
+    def scenario(m):
+        x = xs[0].clone().requires_grad_()
+        out = m(x)[0]
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.data.mul_(0.5)
+        m(xs[1].clone().requires_grad_())  # the same signature as A's: the same prepared call
+        return torch.autograd.grad(out.sin().sum(), [x, *m.parameters()])
+
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    ours(xs[0])[0].sum().backward()
+    with LoopGuard(monkeypatch, ours):
+        got = scenario(ours)
+    with monkeypatch.context() as m:
+        m.setattr(stack.RecurrentStack, "_sequenced", lambda self, input, given: None)
+        m.setattr(cells._Step, "_replayed", lambda self, *a, **k: None)
+        want = scenario(ref)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)

@@ -159,6 +159,7 @@ class _Step:
         `_replayed` holds their ids, and the entry holds them: the same objects); the op weights
         `derived` (blocks of several parameters) are made again first, outside autograd."""
         if derived:
+            step.spill()  # an earlier call's backward reads its own copies
             with torch.no_grad():
                 self._refresh(held, derived, input)
         distinct = distinct or step.output_state is None
@@ -233,7 +234,10 @@ class _Step:
                 return None  # a parameter the cell does not read, or scalars
             layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step,
                                {i: blocks[i] for i in derived if i in blocks})
-            return None if layout is None else (step, layout, params, derived)
+            if layout is None:
+                return None
+            step.keep_also([params[i] for i in derived])
+            return step, layout, params, derived
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message
 

@@ -172,9 +172,12 @@ class PreparedCall(torch.autograd.Function):
         news, record = step.forward(x, given, leads[0])
         # the record is needed while autograd keeps this call's saved tensors: a sentinel among them
         # tells the step when they are freed (after a backward without retain_graph), so a later
-        # call does not copy its buffers into a record no backward will read
+        # call does not copy its buffers into a record no backward will read. Under a pack hook
+        # (torch.utils.checkpoint, offloading) autograd keeps what the hook made instead, and the
+        # sentinel says nothing: the record is then kept for as long as ctx
         alive = torch.empty(0)
-        record.alive = weakref.ref(alive)
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            record.alive = weakref.ref(alive)
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads

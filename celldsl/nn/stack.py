@@ -214,6 +214,8 @@ class RecurrentStack:
                     seq = x if d == 0 else x.flip(0)
                     sequence, weights, derived, layout = sequences[idx]
                     if derived:  # outside autograd: the copies are no part of the graph
+                        if layout is not None:  # an earlier call's backward reads its own copies
+                            sequence.spill()
                         with torch.no_grad():
                             self._refresh_derived(k, d, weights, derived)
                     if layout is None:
@@ -282,6 +284,7 @@ class RecurrentStack:
                                        {i: blocks[i] for i in derived if i in blocks})
                     if layout is None or split[3]:  # not views or blocks of the parameters, or scalars
                         return None
+                    sequence.keep_also([params[i] for i in derived])
                 sequences.append((sequence, params, derived, layout))
             shape = (*shape[:2], sequence.out.shape[-1] * self.num_directions)
         for entry in sequences[1:]:

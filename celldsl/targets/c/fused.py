@@ -1664,15 +1664,16 @@ class _TrainBackward:
         return native, prepared, panels
 
     def _record(self) -> Record:
-        """A new call's Record, after the previous call's values were copied into its own (`_spill`)."""
+        """A new call's Record, after the previous call's values were copied into its own (`spill`)."""
         record = Record()
         self.holds = weakref.ref(record)
         return record
 
-    def _spill(self) -> None:
+    def spill(self) -> None:
         """Copies the buffers' values into the Record of the call they belong to, before they are
         overwritten, if that call's backward may yet run (its Record and the tensors autograd saved
-        for it are alive) and it has no copy yet."""
+        for it are alive) and it has no copy yet. A caller that refills a buffer itself (`keep_also`)
+        calls it first."""
         held = self.holds()
         if held is not None and held.needed():
             held.values = [k.clone() for k in self.kept]
@@ -1682,11 +1683,22 @@ class _TrainBackward:
         were spilled) -> whether they had to be copied."""
         if self.holds() is record:
             return False
-        self._spill()
+        if record.values is None:  # not spilled: its saved tensors were freed (Record.needed)
+            raise RuntimeError("Trying to backward through the graph a second time (or directly access "
+                               "saved tensors after they have already been freed). Specify retain_graph=True "
+                               "if you need to backward through the graph a second time. (celldsl: a "
+                               "prepared call's values were released)")
+        self.spill()
         self.holds = weakref.ref(record)
         for buf, k in zip(self.kept, record.values, strict=True):
             buf.copy_(k)
         return True
+
+    def keep_also(self, tensors: list[torch.Tensor]) -> None:
+        """Tensors the backward reads that the caller refills before each forward (a GEMM weight
+        copied from parameters stored apart): kept with each call's values, so an earlier call's
+        backward reads that call's weights, not those of a later forward."""
+        self.kept = [*self.kept, *tensors]
 
     def _take_gradients(self, grad_out, grad_news) -> None:
         """grad_out and the new (final) states' gradients into their buffers (None: zeros), and the
@@ -1777,7 +1789,7 @@ class PreparedTrainStep(PreparedStep, _TrainBackward):
         the new states shaped lead + (width,), the Record its backward takes). The buffers are about
         to be overwritten: the previous call's values are copied into its Record first, if that
         Record is still held (its backward may yet run)."""
-        self._spill()
+        self.spill()
         self._run(x, states)
         return self._news(lead), self._record()
 
@@ -1859,15 +1871,15 @@ class PreparedTrainSequence(PreparedSequence, _TrainBackward):
     def weight_grad(self, d: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
         """d.T @ operand as a new tensor, on the backend chosen for its shape; a block of d's columns
         (a weight stored in blocks) on torch's."""
-        backend = self._backend("weight_grad", d.shape[0], operand.shape[1], d.shape[1])
-        if backend != "native" or not d.is_contiguous():
+        if not d.is_contiguous() or \
+                self._backend("weight_grad", d.shape[0], operand.shape[1], d.shape[1]) != "native":
             return torch.mm(d.t(), operand)
-        return cpu_gemm.WeightGrads(d, self.loop.lib, backend)(operand)
+        return cpu_gemm.WeightGrads(d, self.loop.lib, "native")(operand)
 
     def forward(self, x: torch.Tensor, states: list[torch.Tensor], lead) -> tuple[list[torch.Tensor], Record]:
         """Runs the sequence on x [T, N, I] and the given states [N, width] (the rest zero) -> (copies
         of the final states shaped lead + (width,), the Record its backward takes)."""
-        self._spill()
+        self.spill()
         self._run(x, states)
         N = self.x.shape[1]
         return [n[n.shape[0] - N :].view(*lead, n.shape[-1]).clone() for n in self.news], self._record()
