@@ -30,7 +30,7 @@ from .arguments import (
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .matrix import MatrixCell
 from .parameters import checked_shape, initialize, member, op_params, refresh_copies, stores_of
-from .prepared import Layout, apply_prepared
+from .prepared import Layout, apply_prepared, saved_tensor_hooks
 from .quantization import WarnsWhenNotQuantized
 from .script_any import PreparesStep, extra_inputs
 from .scripting import ScriptableCell
@@ -107,6 +107,8 @@ class _Step:
         params = self._parameters.values()
         train = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
                                              any(p is not None and p.requires_grad for p in params))
+        if train and saved_tensor_hooks():
+            return None
         try:
             key = (self.backend, self.input_size, self.hidden_size, self.__dict__.get("nonlinearity"),
                    torch.get_num_threads(), torch.is_inference_mode_enabled(),

@@ -172,12 +172,10 @@ class PreparedCall(torch.autograd.Function):
         news, record = step.forward(x, given, leads[0])
         # the record is needed while autograd keeps this call's saved tensors: a sentinel among them
         # tells the step when they are freed (after a backward without retain_graph), so a later
-        # call does not copy its buffers into a record no backward will read. Under a pack hook
-        # (torch.utils.checkpoint, offloading) autograd keeps what the hook made instead, and the
-        # sentinel says nothing: the record is then kept for as long as ctx
+        # call does not copy its buffers into a record no backward will read (no pack hook runs
+        # here: `saved_tensor_hooks`)
         alive = torch.empty(0)
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
-            record.alive = weakref.ref(alive)
+        record.alive = weakref.ref(alive)
         outs = (*news, step.output(leads[1])) if distinct else news
         ctx.step, ctx.layout, ctx.full, ctx.n_given, ctx.record = step, layout, full, n_given, record
         ctx.n_news, ctx.distinct, ctx.leads = len(news), distinct, leads
@@ -219,6 +217,16 @@ class PreparedCall(torch.autograd.Function):
 # wrappers, binding default arguments): its callers have checked that no torch.func transform is
 # active and that every tensor is a plain one (ops/op.plain_eager). ~1.5 us of a ~50 us call.
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
+
+
+def saved_tensor_hooks() -> bool:
+    """Whether a saved-tensors pack hook is active (torch.utils.checkpoint without reentrance,
+    offloading, torch.autograd.graph.saved_tensors_hooks): then a prepared training call is not made.
+    Under such a hook autograd keeps what the hook made, not the call's tensors: a copying hook
+    differentiates the weights as they were at the forward and checkpoint recomputes the forward
+    with the weights as they are at the backward, while a prepared backward reads its own record
+    and the live weights (after a write between the two, the gradient of neither)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _batched(g: Tensor) -> bool:

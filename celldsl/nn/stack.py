@@ -22,7 +22,7 @@ from ..ops.op import plain_eager
 from ..resources import ZOO
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, member, op_params, refresh_copies, stores_of
-from .prepared import Layout, apply_prepared
+from .prepared import Layout, apply_prepared, saved_tensor_hooks
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 
@@ -181,6 +181,8 @@ class RecurrentStack:
             entries = None
         train = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in [*tensors, *params])
+        if train and saved_tensor_hooks():
+            return None
         if not plain_eager(tensors) or input.device.type != "cpu" or self.backend not in ("auto", "cpu"):
             return None
         revision = getattr(loop_for(self.compiled.key, "cpu"), "revision", None)
