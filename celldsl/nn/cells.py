@@ -30,7 +30,7 @@ from .arguments import (
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .matrix import MatrixCell
 from .parameters import checked_shape, initialize, member, op_params, refresh_copies, stores_of
-from .prepared import Layout, apply_prepared, saved_tensor_hooks
+from .prepared import apply_prepared, saved_tensor_hooks, training_layout
 from .quantization import WarnsWhenNotQuantized
 from .script_any import PreparesStep, extra_inputs
 from .scripting import ScriptableCell
@@ -232,14 +232,10 @@ class _Step:
                 return step, params, [i for i in derived if i not in live]
             names = self._stored_names()
             stored = [self._parameters[n] for n in names]
-            if len(stored) != sum(p is not None for p in self._parameters.values()) or split[3]:
-                return None  # a parameter the cell does not read, or scalars
-            layout = Layout.of(stored, split[0], split[1], split[2], step.vector_sources, step,
-                               {i: blocks[i] for i in derived if i in blocks})
-            if layout is None:
-                return None
-            step.keep_also([params[i] for i in derived])
-            return step, layout, params, derived
+            if len(stored) != sum(p is not None for p in self._parameters.values()):
+                return None  # a parameter the cell does not read
+            layout = training_layout(step, stored, params, split, blocks, derived)
+            return None if layout is None else (step, layout, params, derived)
         except (CellTensorError, ValueError, TypeError):
             return None  # the full path raises it again, with its message
 

@@ -219,6 +219,21 @@ class PreparedCall(torch.autograd.Function):
 apply_prepared = super(torch.autograd.Function, PreparedCall).apply
 
 
+def training_layout(step, stored: list[Tensor], params: list[Tensor], split, blocks: dict[int, list[Tensor]],
+                    copies: list[int]) -> Layout | None:
+    """The Layout of a prepared training call (step: a PreparedTrainStep or PreparedTrainSequence made
+    on the op parameters `params`, `split` by ops/function.split_params) over the module's `stored`
+    parameters, or None where it cannot be made (a weight combination, scalars): the full path then.
+    `copies`, the indices of the op weights made of blocks of several parameters (refilled before
+    each call), are kept with each call's values, so an earlier call's backward reads its own."""
+    layout = Layout.of(stored, *split[:3], step.vector_sources, step,
+                       {i: blocks[i] for i in copies if i in blocks})
+    if layout is None or split[3]:
+        return None
+    step.keep_also([params[i] for i in copies])
+    return layout
+
+
 def saved_tensor_hooks() -> bool:
     """Whether a saved-tensors pack hook is active (torch.utils.checkpoint without reentrance,
     offloading, torch.autograd.graph.saved_tensors_hooks): then a prepared training call is not made.

@@ -22,7 +22,7 @@ from ..ops.op import plain_eager
 from ..resources import ZOO
 from .autocasting import autocast_dtype, result_dtype, without_autocast
 from .parameters import checked_shape, member, op_params, refresh_copies, stores_of
-from .prepared import Layout, apply_prepared, saved_tensor_hooks
+from .prepared import apply_prepared, saved_tensor_hooks, training_layout
 
 _ZOO_CELLS: dict[str, CompiledCell] = {}
 
@@ -280,13 +280,11 @@ class RecurrentStack:
                     return None
                 layout = None
                 if train:
-                    names = [self._param_name(st.name, k, d) for st in stores_of(self.compiled)]
-                    parameters = [self._parameters[n] for n in names if self._parameters.get(n) is not None]
-                    layout = Layout.of(parameters, *split[:3], sequence.vector_sources, sequence,
-                                       {i: blocks[i] for i in derived if i in blocks})
-                    if layout is None or split[3]:  # not views or blocks of the parameters, or scalars
+                    parameters = [self._parameters[n] for n in self._position_names(k, d)
+                                  if self._parameters.get(n) is not None]
+                    layout = training_layout(sequence, parameters, params, split, blocks, derived)
+                    if layout is None:
                         return None
-                    sequence.keep_also([params[i] for i in derived])
                 sequences.append((sequence, params, derived, layout))
             shape = (*shape[:2], sequence.out.shape[-1] * self.num_directions)
         for entry in sequences[1:]:
@@ -299,7 +297,7 @@ class RecurrentStack:
         parameters -> [final states shaped lead + (width,)..., output]. A backward that autograd
         records (create_graph) differentiates it."""
         def full(x, given, leads, stored):
-            names = [self._param_name(st.name, layer, direction) for st in stores_of(self.compiled)]
+            names = self._position_names(layer, direction)
             present = iter(stored)
             tensors = self._stored(layer, direction, like=x)
             for st, name in zip(stores_of(self.compiled), names, strict=True):
@@ -574,8 +572,12 @@ class RecurrentStack:
 
     def _stored_names(self) -> list[str]:
         """The names of every layer's and direction's stored tensors, in torch.nn's `_flat_weights` order."""
-        return [self._param_name(s.name, k, d) for k in range(self.num_layers)
-                for d in range(self.num_directions) for s in stores_of(self.compiled)]
+        return [n for k in range(self.num_layers) for d in range(self.num_directions)
+                for n in self._position_names(k, d)]
+
+    def _position_names(self, layer: int, direction: int) -> list[str]:
+        """The names of one layer's and direction's stored tensors, in the cell's store order."""
+        return [self._param_name(s.name, layer, direction) for s in stores_of(self.compiled)]
 
     def _initial_states(self, given, x, batch: int, unbatched: bool) -> list[torch.Tensor]:
         """All carried states [L*D, N, width]: the given ones checked (unbatched ones get N = 1), the

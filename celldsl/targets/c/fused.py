@@ -820,18 +820,11 @@ class FusedCPULoop(TorchLoop):
 
     def prepare_train_step(self, x, states, hoisted_w, step_w, vectors, scalars) -> PreparedTrainStep | None:
         """A PreparedTrainStep (a step whose backward is prepared too), or None where it does not
-        apply: where prepare_step does not, and for cells with scalar parameters, an input read
-        elementwise (its gradient comes from the kernels), a hoisted GEMM on anything but the input,
-        a step GEMM on anything but a state, or the Python loop chosen for the backward."""
-        if self.scalars or self.dx_from_kernels or \
-                not all(is_state for is_state, _i in self.gemm_operands) or \
-                not all(v.is_contiguous() for v in vectors) or \
-                any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
+        apply: where prepare_step or `_train_plan` does not."""
+        if x.dim() != 3 or x.shape[0] != 1:
             return None
-        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
-        if plan is None or not plan.native or x.dim() != 3 or x.shape[0] != 1 or states[0].numel() == 0 \
-                or len(self.inputs) != 1 or self.shifted or self.hoist or \
-                not self.runs_native("step_backward", x.dtype, states[0].shape[0], step_w):
+        plan = self._train_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None:
             return None
         with torch.no_grad():
             return PreparedTrainStep(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
@@ -839,20 +832,33 @@ class FusedCPULoop(TorchLoop):
     def prepare_train_sequence(self, x, states, hoisted_w, step_w, vectors, scalars
                                ) -> PreparedTrainSequence | None:
         """A PreparedTrainSequence (a padded sequence under autograd, its backward prepared too), or
-        None where it does not apply: where prepare_sequence or prepare_train_step does not."""
-        if self.scalars or self.dx_from_kernels or \
-                not all(is_state for is_state, _i in self.gemm_operands) or \
-                any(self.where[g.operand.name].kind != "input" for g in self.hoisted) or \
-                not all(v.is_contiguous() for v in vectors) or x.dim() != 3 or \
+        None where it does not apply: where prepare_sequence or `_train_plan` does not."""
+        if x.dim() != 3 or \
                 x.shape[0] * x.shape[1] * (x.shape[2] + sum(s.shape[-1] for s in states)) > SEQUENCE_ELEMENTS:
             return None
-        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
-        if plan is None or not plan.native or states[0].numel() == 0 or x.shape[0] == 0 \
-                or len(self.inputs) != 1 or self.shifted or self.hoist or \
-                not self.runs_native("step_backward", x.dtype, states[0].shape[0], step_w):
+        plan = self._train_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None:
             return None
         with torch.no_grad():
             return PreparedTrainSequence(self, plan, x, states, hoisted_w, step_w, vectors, scalars)
+
+    def _train_plan(self, x, states, hoisted_w, step_w, vectors, scalars) -> _CallPlan | None:
+        """The call plan of a prepared training call (x [T, N, I], T > 0), or None where one does not
+        apply: cells with scalar parameters, an input read elementwise (its gradient comes from the
+        kernels), a hoisted GEMM on anything but the input, a step GEMM on anything but a state, a
+        vector that is not contiguous, extra inputs or prev(x) or hoisted operands computed from x, an
+        empty batch, or the Python loop chosen for either direction."""
+        if self.scalars or self.dx_from_kernels or \
+                not all(is_state for is_state, _i in self.gemm_operands) or \
+                not all(v.is_contiguous() for v in vectors) or \
+                any(self.where[g.operand.name].kind != "input" for g in self.hoisted):
+            return None
+        plan = self._call_plan(x, states, hoisted_w, step_w, vectors, scalars)
+        if plan is None or not plan.native or x.shape[0] == 0 or states[0].numel() == 0 \
+                or len(self.inputs) != 1 or self.shifted or self.hoist or \
+                not self.runs_native("step_backward", x.dtype, states[0].shape[0], step_w):
+            return None
+        return plan
 
     @staticmethod
     def _contiguous(x, states, vectors, scalars, batch_sizes):
@@ -1841,7 +1847,6 @@ class PreparedTrainSequence(PreparedSequence, _TrainBackward):
         super().__init__(loop, plan, x, states, hoisted_w, step_w, vectors, scalars, save=True)
         bufs, _args = self._held
         N, rows = self.x.shape[1], bufs["X"].shape[0]
-        self.output_state = loop.output_state
         self.back_native, self.back_prepared, self.back_panels = self._bind_backward(
             loop, bufs, [N] * self.x.shape[0], list(range(0, rows, N)), rows, hoisted_w, step_w, vectors)
         # the initial states' gradients: the buffers the last step (t = 0) wrote (A, B swap per step)
@@ -1898,8 +1903,7 @@ class PreparedTrainSequence(PreparedSequence, _TrainBackward):
         self._take_gradients(grad_out, grad_finals)
         nt = self.back_prepared[0].nt
         for w, panels in zip(self.step_w, self.back_panels, strict=True):  # the weights as they are now
-            k, n = w.shape
-            self.back_native.gemm.pack(w.contiguous(), 1, n, k, 1, n, 0, nt, panels)
+            self.back_native.gemm.pack_plain(w.contiguous(), nt, panels)
         self.back_native.run_backward(self.back_prepared)
         N, rows = self.x.shape[1], self.g_out.shape[0]
         for i, prev in self.previous.items():

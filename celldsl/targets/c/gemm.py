@@ -194,10 +194,11 @@ class NativeGemm:
         n, k = w.shape[0] // groups, w.shape[1]
         return self.pack(w, groups, n, k, k, 1, n * k, threads)
 
-    def pack_plain(self, w: torch.Tensor, threads: int = 1) -> torch.Tensor:
-        """Panels of B = w for w [k, n] contiguous: out (+)= d @ w."""
+    def pack_plain(self, w: torch.Tensor, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Panels of B = w for w [k, n] contiguous: out (+)= d @ w (into `out` when given: a prepared
+        call's panels, packed again at every call)."""
         k, n = w.shape
-        return self.pack(w, 1, n, k, 1, n, 0, threads)
+        return self.pack(w, 1, n, k, 1, n, 0, threads, out)
 
     def gemm(self, a: torch.Tensor, panels: torch.Tensor, out: torch.Tensor, init: int = 0,
              bias: torch.Tensor | None = None, threads: int = 1, reps: int = 0) -> None:
